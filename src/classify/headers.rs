@@ -1,0 +1,611 @@
+//! Parsing what upstreams say about their limits: `Retry-After`, `retry-after-ms`,
+//! OpenAI `x-ratelimit-*`, Anthropic `anthropic-ratelimit-*`, Gemini `retryDelay`.
+//!
+//! Every parser is total: garbage, negative numbers, overflow (`10^30` seconds) or
+//! non-UTF-8 bytes give `None` or a value clamped to [`MAX_HINT`] — never a panic.
+//! A proptest feeds arbitrary bytes to each of them.
+//!
+//! Wall-clock formats (HTTP-date, RFC 3339 instants) need "now"; every function
+//! that reads one takes `now: SystemTime` so tests are deterministic. This is the
+//! only place the crate reads wall-clock time — all waiting goes through
+//! `tokio::time`.
+//!
+//! We parse Go-style durations (`6m0s`, `1.5s`, `12ms`, `1h2m3.5s`, as OpenAI sends
+//! them) ourselves: `humantime` rejects fractional units like `1.5s`. HTTP-dates go
+//! through `httpdate` and RFC 3339 instants through `humantime`.
+//!
+//! ```
+//! use semaforo::classify::headers::{RateLimitInfo, parse_go_duration};
+//! use std::time::{Duration, SystemTime};
+//!
+//! let headers = [
+//!     ("x-ratelimit-limit-tokens", "30000"),
+//!     ("x-ratelimit-remaining-tokens", "27000"),
+//!     ("x-ratelimit-reset-tokens", "6m0s"),
+//!     ("retry-after-ms", "1500"),
+//! ];
+//! let info = RateLimitInfo::from_headers(&headers[..], SystemTime::now());
+//! let tokens = info.tokens.unwrap();
+//! assert_eq!(tokens.limit, Some(30_000));
+//! assert_eq!(tokens.remaining, Some(27_000));
+//! assert_eq!(tokens.reset, Some(Duration::from_secs(360)));
+//! assert_eq!(info.retry_after, Some(Duration::from_millis(1500)));
+//! assert_eq!(parse_go_duration("1h2m3.5s"), Some(Duration::from_millis(3_723_500)));
+//! ```
+
+use std::time::{Duration, SystemTime};
+
+/// The longest wait any parser returns; larger values are clamped to it
+/// (366 days — longer than any provider's quota period).
+pub const MAX_HINT: Duration = Duration::from_secs(366 * 24 * 3600);
+
+const MAX_HINT_NANOS: u128 = MAX_HINT.as_nanos();
+
+/// Read access to response headers by case-insensitive name.
+///
+/// Implemented for `http::HeaderMap` (feature `http`) and for slices, arrays and
+/// vectors of `(name, value)` pairs, so the parsers work with any HTTP client.
+pub trait HeaderSource {
+    /// The first value of header `name` (ASCII case-insensitive), as raw bytes.
+    fn header_bytes(&self, name: &str) -> Option<&[u8]>;
+}
+
+impl<T: HeaderSource + ?Sized> HeaderSource for &T {
+    fn header_bytes(&self, name: &str) -> Option<&[u8]> {
+        (**self).header_bytes(name)
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<[u8]>> HeaderSource for [(K, V)] {
+    fn header_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(k, _)| k.as_ref().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_ref())
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<[u8]>, const N: usize> HeaderSource for [(K, V); N] {
+    fn header_bytes(&self, name: &str) -> Option<&[u8]> {
+        self[..].header_bytes(name)
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<[u8]>> HeaderSource for Vec<(K, V)> {
+    fn header_bytes(&self, name: &str) -> Option<&[u8]> {
+        self[..].header_bytes(name)
+    }
+}
+
+#[cfg(feature = "http")]
+impl HeaderSource for http::HeaderMap {
+    fn header_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+}
+
+fn trimmed_str(value: &[u8]) -> Option<&str> {
+    let s = std::str::from_utf8(value).ok()?.trim();
+    (!s.is_empty()).then_some(s)
+}
+
+fn clamp_nanos(nanos: u128) -> Duration {
+    if nanos >= MAX_HINT_NANOS {
+        MAX_HINT
+    } else {
+        // < MAX_HINT_NANOS, so it fits: secs < 2^26, nanos part < 10^9.
+        Duration::new(
+            (nanos / 1_000_000_000) as u64,
+            (nanos % 1_000_000_000) as u32,
+        )
+    }
+}
+
+/// Parses a non-negative decimal number (`"7"`, `"1.5"`) times `unit_nanos`.
+/// Saturates at [`MAX_HINT`]; `None` for anything else (sign, exponent, garbage).
+fn parse_decimal(s: &str, unit_nanos: u128) -> Option<Duration> {
+    let s = s.strip_prefix('+').unwrap_or(s);
+    let (int, frac) = match s.split_once('.') {
+        Some((i, f)) => (i, f),
+        None => (s, ""),
+    };
+    if int.is_empty() && frac.is_empty() {
+        return None;
+    }
+    if !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(clamp_nanos(decimal_nanos(int, frac, unit_nanos)))
+}
+
+/// `int.frac × unit_nanos`, saturating (inputs are ASCII digits only).
+fn decimal_nanos(int: &str, frac: &str, unit_nanos: u128) -> u128 {
+    let mut total: u128 = 0;
+    for b in int.bytes() {
+        total = total
+            .saturating_mul(10)
+            .saturating_add(u128::from(b - b'0'));
+        if total >= MAX_HINT_NANOS {
+            return MAX_HINT_NANOS;
+        }
+    }
+    total = total.saturating_mul(unit_nanos);
+    // Fractional part: digits beyond nanosecond precision are ignored.
+    let mut scale = unit_nanos;
+    for b in frac.bytes().take(30) {
+        scale /= 10;
+        if scale == 0 {
+            break;
+        }
+        total = total.saturating_add(u128::from(b - b'0') * scale);
+    }
+    total
+}
+
+/// `Retry-After` as delta-seconds (`"7"`; a decimal `"1.5"` is accepted too).
+pub fn parse_delta_seconds(value: &[u8]) -> Option<Duration> {
+    parse_decimal(trimmed_str(value)?, 1_000_000_000)
+}
+
+/// `retry-after-ms` (OpenAI, Azure): milliseconds, integer or decimal.
+pub fn parse_retry_after_ms(value: &[u8]) -> Option<Duration> {
+    parse_decimal(trimmed_str(value)?, 1_000_000)
+}
+
+/// `Retry-After` in either form: delta-seconds or an HTTP-date (RFC 9110), the
+/// latter measured from `now` (a date in the past means "now": `Duration::ZERO`).
+///
+/// ```
+/// use semaforo::classify::headers::parse_retry_after;
+/// use std::time::{Duration, SystemTime, UNIX_EPOCH};
+///
+/// let now = UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+/// assert_eq!(parse_retry_after(b"120", now), Some(Duration::from_secs(120)));
+/// assert_eq!(
+///     parse_retry_after(b"Sun, 06 Nov 1994 08:50:37 GMT", now),
+///     Some(Duration::from_secs(60))
+/// );
+/// assert_eq!(parse_retry_after(b"soon", now), None);
+/// ```
+pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
+    let s = trimmed_str(value)?;
+    if let Some(d) = parse_decimal(s, 1_000_000_000) {
+        return Some(d);
+    }
+    let at = httpdate::parse_http_date(s).ok()?;
+    Some(until(at, now))
+}
+
+fn until(at: SystemTime, now: SystemTime) -> Duration {
+    at.duration_since(now)
+        .map(|d| d.min(MAX_HINT))
+        .unwrap_or(Duration::ZERO)
+}
+
+/// A Go `time.Duration` string as OpenAI writes its reset headers and Gemini its
+/// `retryDelay`: `"6m0s"`, `"1.5s"`, `"12ms"`, `"1h2m3.5s"`, `"500us"`, `"0"`.
+/// Negative durations are `None`; huge ones clamp to [`MAX_HINT`].
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let s = s.strip_prefix('+').unwrap_or(s);
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return None;
+    }
+    let mut rest = s;
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, after) = rest.split_at(num_len);
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
+        let (unit, next) = after.split_at(unit_len);
+        let unit_nanos: u128 = match unit {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            _ => return None,
+        };
+        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+        if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
+            return None;
+        }
+        total = total.saturating_add(decimal_nanos(int, frac, unit_nanos));
+        rest = next;
+    }
+    Some(clamp_nanos(total))
+}
+
+/// An RFC 3339 instant (`2024-05-01T12:00:30Z`, `…+02:00`, fractional seconds
+/// allowed) as the time left until it, from `now` (past instants give zero).
+pub fn parse_rfc3339_until(value: &[u8], now: SystemTime) -> Option<Duration> {
+    let s = trimmed_str(value)?;
+    // humantime accepts only UTC (`Z`); apply a numeric offset ourselves.
+    let (base, offset_secs): (std::borrow::Cow<'_, str>, i64) = match s.len().checked_sub(6) {
+        Some(i)
+            if s.is_char_boundary(i)
+                && matches!(s.as_bytes()[i], b'+' | b'-')
+                && s.as_bytes().get(i + 3) == Some(&b':') =>
+        {
+            let (head, off) = s.split_at(i);
+            let sign = if off.starts_with('-') { -1 } else { 1 };
+            let hh: i64 = off.get(1..3)?.parse().ok()?;
+            let mm: i64 = off.get(4..6)?.parse().ok()?;
+            if hh > 23 || mm > 59 {
+                return None;
+            }
+            (format!("{head}Z").into(), sign * (hh * 3600 + mm * 60))
+        }
+        _ => (s.into(), 0),
+    };
+    let utc_as_if_local = humantime::parse_rfc3339_weak(&base).ok()?;
+    // `12:00+02:00` is 10:00 UTC: subtract a positive offset.
+    let at = if offset_secs >= 0 {
+        utc_as_if_local.checked_sub(Duration::from_secs(offset_secs.unsigned_abs()))?
+    } else {
+        utc_as_if_local.checked_add(Duration::from_secs(offset_secs.unsigned_abs()))?
+    };
+    Some(until(at, now))
+}
+
+/// A reset value in any of the forms providers use: a Go duration (OpenAI), an
+/// RFC 3339 instant (Anthropic) or plain seconds.
+pub fn parse_reset(value: &[u8], now: SystemTime) -> Option<Duration> {
+    let s = trimmed_str(value)?;
+    parse_decimal(s, 1_000_000_000)
+        .or_else(|| parse_go_duration(s))
+        .or_else(|| parse_rfc3339_until(value, now))
+}
+
+/// The wait an upstream asked for: `retry-after-ms` when present (more precise),
+/// else `Retry-After` (seconds or HTTP-date).
+pub fn retry_after_from_headers<H: HeaderSource + ?Sized>(
+    headers: &H,
+    now: SystemTime,
+) -> Option<Duration> {
+    headers
+        .header_bytes("retry-after-ms")
+        .and_then(parse_retry_after_ms)
+        .or_else(|| {
+            headers
+                .header_bytes("retry-after")
+                .and_then(|v| parse_retry_after(v, now))
+        })
+}
+
+fn parse_count(value: &[u8]) -> Option<u64> {
+    let s = trimmed_str(value)?;
+    if !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// One limit window as an upstream reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateLimitWindow {
+    /// The window's capacity (`x-ratelimit-limit-tokens`).
+    pub limit: Option<u64>,
+    /// What is left now (`x-ratelimit-remaining-tokens`).
+    pub remaining: Option<u64>,
+    /// Time until the window is full again (`x-ratelimit-reset-tokens`).
+    pub reset: Option<Duration>,
+}
+
+impl RateLimitWindow {
+    fn read<H: HeaderSource + ?Sized>(
+        h: &H,
+        limit: &str,
+        remaining: &str,
+        reset: &str,
+        now: SystemTime,
+    ) -> Option<Self> {
+        let w = RateLimitWindow {
+            limit: h.header_bytes(limit).and_then(parse_count),
+            remaining: h.header_bytes(remaining).and_then(parse_count),
+            reset: h.header_bytes(reset).and_then(|v| parse_reset(v, now)),
+        };
+        (w != RateLimitWindow::default()).then_some(w)
+    }
+}
+
+/// What an upstream's headers say about its limits; the pacer uses it to stay
+/// no more optimistic than the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateLimitInfo {
+    /// Requests window (OpenAI `x-ratelimit-*-requests`, Anthropic `anthropic-ratelimit-requests-*`).
+    pub requests: Option<RateLimitWindow>,
+    /// Tokens window (OpenAI `x-ratelimit-*-tokens`, Anthropic `anthropic-ratelimit-tokens-*`).
+    pub tokens: Option<RateLimitWindow>,
+    /// Anthropic input-tokens window (`anthropic-ratelimit-input-tokens-*`).
+    pub input_tokens: Option<RateLimitWindow>,
+    /// Anthropic output-tokens window (`anthropic-ratelimit-output-tokens-*`).
+    pub output_tokens: Option<RateLimitWindow>,
+    /// `retry-after-ms` or `Retry-After`.
+    pub retry_after: Option<Duration>,
+}
+
+impl RateLimitInfo {
+    /// Reads OpenAI and Anthropic rate-limit headers (whichever are present).
+    pub fn from_headers<H: HeaderSource + ?Sized>(headers: &H, now: SystemTime) -> Self {
+        let openai = |dim: &str| {
+            RateLimitWindow::read(
+                headers,
+                &format!("x-ratelimit-limit-{dim}"),
+                &format!("x-ratelimit-remaining-{dim}"),
+                &format!("x-ratelimit-reset-{dim}"),
+                now,
+            )
+        };
+        let anthropic = |dim: &str| {
+            RateLimitWindow::read(
+                headers,
+                &format!("anthropic-ratelimit-{dim}-limit"),
+                &format!("anthropic-ratelimit-{dim}-remaining"),
+                &format!("anthropic-ratelimit-{dim}-reset"),
+                now,
+            )
+        };
+        RateLimitInfo {
+            requests: openai("requests").or_else(|| anthropic("requests")),
+            tokens: openai("tokens").or_else(|| anthropic("tokens")),
+            input_tokens: anthropic("input-tokens"),
+            output_tokens: anthropic("output-tokens"),
+            retry_after: retry_after_from_headers(headers, now),
+        }
+    }
+
+    /// `true` when no header was recognised.
+    pub fn is_empty(&self) -> bool {
+        *self == RateLimitInfo::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::UNIX_EPOCH;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = at(784_111_777);
+        assert_eq!(parse_retry_after(b"7", now), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(b" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after(b"1.5", now),
+            Some(Duration::from_millis(1500))
+        );
+        // RFC 9110's own example date.
+        assert_eq!(
+            parse_retry_after(b"Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after(b"Fri, 31 Dec 1999 23:59:59 GMT", at(946_684_799 - 30)),
+            Some(Duration::from_secs(30))
+        );
+        // in the past: retry now
+        assert_eq!(
+            parse_retry_after(b"Sun, 06 Nov 1994 08:49:37 GMT", at(900_000_000)),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after(b"-5", now), None);
+        assert_eq!(parse_retry_after(b"", now), None);
+        assert_eq!(parse_retry_after(b"1e3", now), None);
+        assert_eq!(parse_retry_after(b"\xff\xfe", now), None);
+        assert_eq!(
+            parse_retry_after(b"1000000000000000000000000000000", now),
+            Some(MAX_HINT)
+        );
+        assert_eq!(
+            parse_retry_after(b"3600", now),
+            Some(Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
+    fn retry_after_ms() {
+        assert_eq!(
+            parse_retry_after_ms(b"1500"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_retry_after_ms(b"12.5"),
+            Some(Duration::from_micros(12_500))
+        );
+        assert_eq!(parse_retry_after_ms(b"abc"), None);
+        let h = [("Retry-After", "7"), ("retry-after-ms", "6500")];
+        assert_eq!(
+            retry_after_from_headers(&h[..], at(0)),
+            Some(Duration::from_millis(6500))
+        );
+        let h = [("Retry-After", "7")];
+        assert_eq!(
+            retry_after_from_headers(&h[..], at(0)),
+            Some(Duration::from_secs(7))
+        );
+    }
+
+    #[test]
+    fn go_durations_as_openai_writes_them() {
+        let d = parse_go_duration;
+        assert_eq!(d("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(d("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(d("12ms"), Some(Duration::from_millis(12)));
+        assert_eq!(d("1h2m3.5s"), Some(Duration::from_millis(3_723_500)));
+        assert_eq!(d("13s"), Some(Duration::from_secs(13)));
+        assert_eq!(d("0.013s"), Some(Duration::from_millis(13)));
+        assert_eq!(d("500us"), Some(Duration::from_micros(500)));
+        assert_eq!(d("500µs"), Some(Duration::from_micros(500)));
+        assert_eq!(d("7ns"), Some(Duration::from_nanos(7)));
+        assert_eq!(d("0"), Some(Duration::ZERO));
+        assert_eq!(d("-1s"), None);
+        assert_eq!(d("1x"), None);
+        assert_eq!(d("s"), None);
+        assert_eq!(d("1.2.3s"), None);
+        assert_eq!(d("12"), None);
+        assert_eq!(d("99999999999999999999999999999h"), Some(MAX_HINT));
+    }
+
+    #[test]
+    fn rfc3339_reset_instants() {
+        // 2024-05-01T12:00:00Z = 1714564800
+        let now = at(1_714_564_800);
+        assert_eq!(
+            parse_rfc3339_until(b"2024-05-01T12:00:30Z", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_rfc3339_until(b"2024-05-01T12:00:00.250Z", now),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_rfc3339_until(b"2024-05-01T14:01:00+02:00", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_rfc3339_until(b"2024-05-01T11:01:00-01:00", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_rfc3339_until(b"2024-05-01T11:00:00Z", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_rfc3339_until(b"yesterday", now), None);
+        assert_eq!(parse_rfc3339_until(b"2024-05-01T14:01:00+99:00", now), None);
+    }
+
+    #[test]
+    fn openai_headers_from_its_docs() {
+        // The sample from OpenAI's rate-limit guide.
+        let h = [
+            ("x-ratelimit-limit-requests", "60"),
+            ("x-ratelimit-limit-tokens", "150000"),
+            ("x-ratelimit-remaining-requests", "59"),
+            ("x-ratelimit-remaining-tokens", "149984"),
+            ("x-ratelimit-reset-requests", "1s"),
+            ("x-ratelimit-reset-tokens", "6m0s"),
+        ];
+        let info = RateLimitInfo::from_headers(&h[..], at(0));
+        assert_eq!(
+            info.requests,
+            Some(RateLimitWindow {
+                limit: Some(60),
+                remaining: Some(59),
+                reset: Some(Duration::from_secs(1))
+            })
+        );
+        assert_eq!(
+            info.tokens,
+            Some(RateLimitWindow {
+                limit: Some(150_000),
+                remaining: Some(149_984),
+                reset: Some(Duration::from_secs(360))
+            })
+        );
+        assert_eq!(info.retry_after, None);
+        assert!(!info.is_empty());
+    }
+
+    #[test]
+    fn anthropic_headers_from_its_docs() {
+        let now = at(1_714_564_800); // 2024-05-01T12:00:00Z
+        let h = vec![
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "49"),
+            ("anthropic-ratelimit-requests-reset", "2024-05-01T12:00:01Z"),
+            ("anthropic-ratelimit-tokens-limit", "40000"),
+            ("anthropic-ratelimit-tokens-remaining", "39000"),
+            ("anthropic-ratelimit-tokens-reset", "2024-05-01T12:00:45Z"),
+            ("anthropic-ratelimit-input-tokens-limit", "30000"),
+            ("anthropic-ratelimit-input-tokens-remaining", "29500"),
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "2024-05-01T12:00:02Z",
+            ),
+            ("anthropic-ratelimit-output-tokens-limit", "8000"),
+            ("anthropic-ratelimit-output-tokens-remaining", "7500"),
+            (
+                "anthropic-ratelimit-output-tokens-reset",
+                "2024-05-01T12:00:03Z",
+            ),
+            ("retry-after", "45"),
+        ];
+        let info = RateLimitInfo::from_headers(&h, now);
+        let req = info.requests.unwrap();
+        assert_eq!(
+            (req.limit, req.remaining, req.reset),
+            (Some(50), Some(49), Some(Duration::from_secs(1)))
+        );
+        let tok = info.tokens.unwrap();
+        assert_eq!(
+            (tok.limit, tok.remaining, tok.reset),
+            (Some(40_000), Some(39_000), Some(Duration::from_secs(45)))
+        );
+        assert_eq!(
+            info.input_tokens.unwrap().reset,
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(info.output_tokens.unwrap().remaining, Some(7500));
+        assert_eq!(info.retry_after, Some(Duration::from_secs(45)));
+    }
+
+    #[test]
+    fn garbage_headers_give_nothing() {
+        let h = [
+            ("x-ratelimit-limit-tokens", "lots"),
+            ("x-ratelimit-remaining-tokens", "-3"),
+            ("x-ratelimit-reset-tokens", "whenever"),
+            ("retry-after", "later"),
+        ];
+        assert!(RateLimitInfo::from_headers(&h[..], at(0)).is_empty());
+        let h = [("x-ratelimit-limit-tokens", "99999999999999999999999999")];
+        assert!(RateLimitInfo::from_headers(&h[..], at(0)).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn every_parser_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..64), secs in any::<u64>()) {
+            let now = UNIX_EPOCH.checked_add(Duration::from_secs(secs % (1u64 << 40))).unwrap_or(UNIX_EPOCH);
+            for d in [
+                parse_delta_seconds(&bytes),
+                parse_retry_after_ms(&bytes),
+                parse_retry_after(&bytes, now),
+                parse_rfc3339_until(&bytes, now),
+                parse_reset(&bytes, now),
+                std::str::from_utf8(&bytes).ok().and_then(parse_go_duration),
+            ].into_iter().flatten() {
+                prop_assert!(d <= MAX_HINT);
+            }
+            let h = [("retry-after", &bytes[..]), ("x-ratelimit-reset-tokens", &bytes[..]),
+                     ("anthropic-ratelimit-tokens-reset", &bytes[..]), ("x-ratelimit-limit-requests", &bytes[..])];
+            let _ = RateLimitInfo::from_headers(&h[..], now);
+        }
+
+        #[test]
+        fn structured_strings_are_total(s in "[0-9.hmsunµ+\\-:TZ ]{0,40}") {
+            let now = UNIX_EPOCH;
+            if let Some(d) = parse_go_duration(&s) { prop_assert!(d <= MAX_HINT); }
+            if let Some(d) = parse_reset(s.as_bytes(), now) { prop_assert!(d <= MAX_HINT); }
+            if let Some(d) = parse_retry_after(s.as_bytes(), now) { prop_assert!(d <= MAX_HINT); }
+        }
+
+        #[test]
+        fn delta_seconds_roundtrip(n in 0u64..(366 * 24 * 3600)) {
+            prop_assert_eq!(parse_delta_seconds(n.to_string().as_bytes()), Some(Duration::from_secs(n)));
+            prop_assert_eq!(parse_retry_after_ms(n.to_string().as_bytes()), Some(Duration::from_millis(n)));
+        }
+    }
+}

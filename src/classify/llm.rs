@@ -1,0 +1,415 @@
+//! Classification of LLM provider responses: status, headers **and** error body
+//! (feature `llm`).
+//!
+//! The status code alone lies about LLM errors: OpenAI answers `429` both for
+//! "slow down" (`rate_limit_exceeded`, retry in 6 s) and for "your monthly quota is
+//! spent" (`insufficient_quota`, retrying is useless until billing changes) and for
+//! "this single request is larger than your whole TPM limit" (`Request too large`).
+//! Gemini answers `429 RESOURCE_EXHAUSTED` for per-minute and per-day quotas alike.
+//! Only the body tells them apart.
+
+use super::headers::{parse_go_duration, retry_after_from_headers, HeaderSource};
+use super::http::status_class;
+use super::{classify_error, AsErrorRef, Class, Classify};
+use serde_json::Value;
+use std::time::{Duration, SystemTime};
+
+/// Classifies OpenAI, Anthropic and Gemini responses, reading the error body.
+///
+/// Rules, in order:
+/// 1. the status gives the base class ([`status_class`]), with `retry-after-ms` /
+///    `Retry-After`;
+/// 2. the error body refines it:
+///    - OpenAI `insufficient_quota`, `Request too large…`, `context_length_exceeded`,
+///      `content_policy_violation` / `content_filter` → `Permanent` (even on 429);
+///      `rate_limit_exceeded` → `Throttled` (delay from headers, else from
+///      "Please try again in 6s");
+///    - Anthropic `overloaded_error` → `Overloaded`, `rate_limit_error` →
+///      `Throttled`, `billing_error` or a credit/spend-limit message → `Permanent`,
+///      `api_error` / `timeout_error` → `Transient`;
+///    - Gemini `RESOURCE_EXHAUSTED` → `Throttled` with `RetryInfo.retryDelay`, but a
+///      per-day quota violation (`…PerDay…`) → `Permanent`; `UNAVAILABLE` →
+///      `Overloaded`;
+/// 3. `x-should-retry: false` makes any failure `Permanent`; `x-should-retry: true`
+///    makes a `Permanent` failure `Transient` (the header wins, as in OpenAI's SDKs).
+///
+/// ```
+/// use semaforo::classify::{Class, LlmClassifier};
+///
+/// let body = br#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+/// let no_headers: [(&str, &str); 0] = [];
+/// assert_eq!(LlmClassifier::new().classify_parts(429, &no_headers[..], body), Class::Permanent);
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LlmClassifier {
+    _private: (),
+}
+
+/// The fields of a provider error body that classification reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProviderError {
+    /// OpenAI `error.code`.
+    pub code: Option<String>,
+    /// OpenAI `error.type` or Anthropic `error.type`.
+    pub kind: Option<String>,
+    /// Gemini `error.status` (`RESOURCE_EXHAUSTED`).
+    pub status: Option<String>,
+    /// `error.message`.
+    pub message: Option<String>,
+    /// Gemini `RetryInfo.retryDelay`, or OpenAI's "Please try again in 6s".
+    pub retry_delay: Option<Duration>,
+    /// A Gemini quota violation whose id names a per-day quota.
+    pub per_day_quota: bool,
+}
+
+impl ProviderError {
+    /// Parses an OpenAI, Anthropic or Gemini error body; `None` if it is not one.
+    pub fn parse(body: &[u8]) -> Option<Self> {
+        let v: Value = serde_json::from_slice(body).ok()?;
+        let err = v.get("error")?;
+        let s = |k: &str| err.get(k).and_then(Value::as_str).map(str::to_owned);
+        let message = s("message");
+        let mut pe = ProviderError {
+            code: match err.get("code") {
+                Some(Value::String(c)) => Some(c.clone()),
+                _ => None,
+            },
+            kind: s("type"),
+            status: s("status"),
+            retry_delay: None,
+            per_day_quota: false,
+            message,
+        };
+        if let Some(details) = err.get("details").and_then(Value::as_array) {
+            for d in details {
+                if let Some(delay) = d.get("retryDelay").and_then(Value::as_str) {
+                    pe.retry_delay = parse_go_duration(delay);
+                }
+                if let Some(violations) = d.get("violations").and_then(Value::as_array) {
+                    pe.per_day_quota |= violations.iter().any(|viol| {
+                        ["quotaId", "quotaMetric"].iter().any(|k| {
+                            viol.get(*k)
+                                .and_then(Value::as_str)
+                                .is_some_and(|id| id.contains("PerDay") || id.contains("per_day"))
+                        })
+                    });
+                }
+            }
+        }
+        if pe.retry_delay.is_none() {
+            pe.retry_delay = pe.message.as_deref().and_then(try_again_in);
+        }
+        Some(pe)
+    }
+
+    fn is(&self, field: &Option<String>, value: &str) -> bool {
+        field.as_deref() == Some(value)
+    }
+
+    fn message_has(&self, needle: &str) -> bool {
+        self.message
+            .as_deref()
+            .is_some_and(|m| m.to_ascii_lowercase().contains(needle))
+    }
+
+    /// The class this body implies, given the class the status implied.
+    fn refine(&self, base: Class, header_retry_after: Option<Duration>) -> Class {
+        let ra = header_retry_after.or(self.retry_delay);
+        let code_or_kind = |v: &str| self.is(&self.code, v) || self.is(&self.kind, v);
+
+        // Permanent whatever the status: retrying cannot help.
+        if code_or_kind("insufficient_quota")
+            || code_or_kind("billing_error")
+            || code_or_kind("context_length_exceeded")
+            || code_or_kind("content_policy_violation")
+            || code_or_kind("content_filter")
+            || self.message_has("request too large")
+            || self.message_has("maximum context length")
+            || self.message_has("credit balance is too low")
+            || self.message_has("reached your specified api usage limits")
+            || self.message_has("spend limit")
+            || self.per_day_quota
+        {
+            return Class::Permanent;
+        }
+        if code_or_kind("rate_limit_exceeded") || code_or_kind("rate_limit_error") {
+            return Class::Throttled { retry_after: ra };
+        }
+        if code_or_kind("overloaded_error") || self.is(&self.status, "UNAVAILABLE") {
+            return Class::Overloaded { retry_after: ra };
+        }
+        if self.is(&self.status, "RESOURCE_EXHAUSTED") {
+            return Class::Throttled { retry_after: ra };
+        }
+        if code_or_kind("api_error")
+            || code_or_kind("timeout_error")
+            || code_or_kind("server_error")
+            || self.is(&self.status, "INTERNAL")
+            || self.is(&self.status, "DEADLINE_EXCEEDED")
+        {
+            return Class::Transient;
+        }
+        // Unknown body: keep what the status said, adding a delay the body gave.
+        match base {
+            Class::Throttled { retry_after } => Class::Throttled {
+                retry_after: retry_after.or(ra),
+            },
+            Class::Overloaded { retry_after } => Class::Overloaded {
+                retry_after: retry_after.or(ra),
+            },
+            other => other,
+        }
+    }
+}
+
+/// OpenAI's "Please try again in 6s." / "try again in 20ms" in a message.
+fn try_again_in(message: &str) -> Option<Duration> {
+    let idx = message.find("try again in ")?;
+    let rest = &message[idx + "try again in ".len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '\u{b5}'))
+        .unwrap_or(rest.len());
+    let token = rest[..end].trim_end_matches('.');
+    parse_go_duration(token)
+}
+
+impl LlmClassifier {
+    /// A classifier with the default rules.
+    pub fn new() -> Self {
+        LlmClassifier::default()
+    }
+
+    /// Classifies a response from its status, headers and (error) body bytes.
+    pub fn classify_parts<H: HeaderSource + ?Sized>(
+        &self,
+        status: u16,
+        headers: &H,
+        body: &[u8],
+    ) -> Class {
+        self.classify_parts_at(status, headers, body, SystemTime::now())
+    }
+
+    /// As [`classify_parts`](Self::classify_parts), with an explicit wall-clock
+    /// `now` for HTTP-date `Retry-After` values.
+    pub fn classify_parts_at<H: HeaderSource + ?Sized>(
+        &self,
+        status: u16,
+        headers: &H,
+        body: &[u8],
+        now: SystemTime,
+    ) -> Class {
+        let header_ra = retry_after_from_headers(headers, now);
+        let base = status_class(status, header_ra);
+        let class = if base.is_success() {
+            base
+        } else {
+            match ProviderError::parse(body) {
+                Some(pe) => pe.refine(base, header_ra),
+                None => base,
+            }
+        };
+        apply_should_retry(class, headers.header_bytes("x-should-retry"))
+    }
+
+    /// Classifies an error payload on its own, e.g. the data of an SSE
+    /// `event: error` that arrived mid-stream after a `200` (no status to go by:
+    /// an unrecognised body is `Transient`).
+    pub fn classify_error_body(&self, body: &[u8]) -> Class {
+        match ProviderError::parse(body) {
+            Some(pe) => pe.refine(Class::Transient, None),
+            None => Class::Transient,
+        }
+    }
+}
+
+fn apply_should_retry(class: Class, header: Option<&[u8]>) -> Class {
+    if class.is_success() {
+        return class;
+    }
+    let value = header
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::trim);
+    match value {
+        Some(v) if v.eq_ignore_ascii_case("false") => Class::Permanent,
+        Some(v) if v.eq_ignore_ascii_case("true") && class == Class::Permanent => Class::Transient,
+        _ => class,
+    }
+}
+
+/// `http::Response<B>` with a body already in memory (`Bytes`, `Vec<u8>`, `String`).
+impl<B: AsRef<[u8]>, Err: AsErrorRef> Classify<http::Response<B>, Err> for LlmClassifier {
+    fn classify(&self, result: Result<&http::Response<B>, &Err>) -> Class {
+        match result {
+            Ok(res) => {
+                self.classify_parts(res.status().as_u16(), res.headers(), res.body().as_ref())
+            }
+            Err(e) => classify_error(e.as_error_ref()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NONE: [(&str, &str); 0] = [];
+
+    fn c(status: u16, headers: &[(&str, &str)], body: &str) -> Class {
+        LlmClassifier::new().classify_parts_at(
+            status,
+            headers,
+            body.as_bytes(),
+            SystemTime::UNIX_EPOCH,
+        )
+    }
+
+    // Bodies below are the samples from each provider's error documentation.
+
+    #[test]
+    fn openai_rate_limit_is_throttled_with_delay() {
+        let body = r#"{"error":{"message":"Rate limit reached for gpt-4 in organization org-abc on tokens per min (TPM): Limit 10000, Used 9000, Requested 2000. Please try again in 6s. Visit https://platform.openai.com/account/rate-limits to learn more.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#;
+        assert_eq!(
+            c(429, &NONE, body),
+            Class::Throttled {
+                retry_after: Some(Duration::from_secs(6))
+            }
+        );
+        // headers win over the message
+        assert_eq!(
+            c(429, &[("retry-after-ms", "1200")], body),
+            Class::Throttled {
+                retry_after: Some(Duration::from_millis(1200))
+            }
+        );
+        let body_ms = r#"{"error":{"message":"Rate limit reached for requests. Please try again in 20ms.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+        assert_eq!(
+            c(429, &NONE, body_ms),
+            Class::Throttled {
+                retry_after: Some(Duration::from_millis(20))
+            }
+        );
+    }
+
+    #[test]
+    fn openai_permanent_429s_and_400s() {
+        let quota = r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+        assert_eq!(c(429, &NONE, quota), Class::Permanent);
+        let too_large = r#"{"error":{"message":"Request too large for gpt-4 in organization org-abc on tokens per min (TPM): Limit 10000, Requested 15000. The input or output tokens must be reduced in order to run successfully.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#;
+        assert_eq!(c(429, &NONE, too_large), Class::Permanent);
+        let context = r#"{"error":{"message":"This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens. Please reduce the length of the messages.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
+        assert_eq!(c(400, &NONE, context), Class::Permanent);
+        let policy = r#"{"error":{"message":"Your request was rejected as a result of our safety system.","type":"invalid_request_error","param":null,"code":"content_policy_violation"}}"#;
+        assert_eq!(c(400, &NONE, policy), Class::Permanent);
+    }
+
+    #[test]
+    fn x_should_retry_wins() {
+        let server = r#"{"error":{"message":"The server had an error while processing your request. Sorry about that!","type":"server_error","param":null,"code":null}}"#;
+        assert_eq!(c(500, &NONE, server), Class::Transient);
+        assert_eq!(
+            c(500, &[("x-should-retry", "false")], server),
+            Class::Permanent
+        );
+        assert_eq!(
+            c(429, &[("x-should-retry", "false")], "{}"),
+            Class::Permanent
+        );
+        assert_eq!(
+            c(409, &[("x-should-retry", "true")], "{}"),
+            Class::Transient
+        );
+        assert_eq!(c(200, &[("x-should-retry", "false")], "{}"), Class::Success);
+    }
+
+    #[test]
+    fn anthropic_errors() {
+        let overloaded =
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        assert_eq!(
+            c(529, &NONE, overloaded),
+            Class::Overloaded { retry_after: None }
+        );
+        let rate = r#"{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"}}"#;
+        assert_eq!(
+            c(429, &[("retry-after", "30")], rate),
+            Class::Throttled {
+                retry_after: Some(Duration::from_secs(30))
+            }
+        );
+        let credit = r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}"#;
+        assert_eq!(c(400, &NONE, credit), Class::Permanent);
+        let spend = r#"{"type":"error","error":{"type":"rate_limit_error","message":"You have reached your specified API usage limits. You will regain access on 2025-01-01 at 00:00 UTC."}}"#;
+        assert_eq!(c(429, &NONE, spend), Class::Permanent);
+        let billing = r#"{"type":"error","error":{"type":"billing_error","message":"There's an issue with your account's billing."}}"#;
+        assert_eq!(c(402, &NONE, billing), Class::Permanent);
+        let api =
+            r#"{"type":"error","error":{"type":"api_error","message":"Internal server error"}}"#;
+        assert_eq!(c(500, &NONE, api), Class::Transient);
+    }
+
+    #[test]
+    fn gemini_resource_exhausted() {
+        let per_minute = r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaDimensions":{"location":"global","model":"gemini-2.0-flash"},"quotaValue":"15"}]},{"@type":"type.googleapis.com/google.rpc.Help","links":[{"description":"Learn more about Gemini API quotas","url":"https://ai.google.dev/gemini-api/docs/rate-limits"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"13s"}]}}"#;
+        assert_eq!(
+            c(429, &NONE, per_minute),
+            Class::Throttled {
+                retry_after: Some(Duration::from_secs(13))
+            }
+        );
+        let per_day = per_minute.replace("PerMinutePerProject", "PerDayPerProject");
+        assert_eq!(c(429, &NONE, &per_day), Class::Permanent);
+        let unavailable = r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
+        assert_eq!(
+            c(503, &NONE, unavailable),
+            Class::Overloaded { retry_after: None }
+        );
+    }
+
+    #[test]
+    fn garbage_bodies_fall_back_to_status() {
+        assert_eq!(
+            c(429, &NONE, "<html>Too Many Requests</html>"),
+            Class::Throttled { retry_after: None }
+        );
+        assert_eq!(c(502, &NONE, ""), Class::Transient);
+        assert_eq!(c(404, &NONE, r#"{"error": 5}"#), Class::Permanent);
+    }
+
+    #[test]
+    fn mid_stream_error_event() {
+        let data =
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        assert_eq!(
+            LlmClassifier::new().classify_error_body(data),
+            Class::Overloaded { retry_after: None }
+        );
+        assert_eq!(
+            LlmClassifier::new().classify_error_body(b"garbage"),
+            Class::Transient
+        );
+    }
+
+    #[test]
+    fn classify_trait_on_http_response() {
+        let res = http::Response::builder()
+            .status(429)
+            .header("retry-after", "2")
+            .body(br#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#.to_vec())
+            .unwrap();
+        assert_eq!(
+            LlmClassifier::new().classify(Ok::<_, &std::io::Error>(&res)),
+            Class::Throttled {
+                retry_after: Some(Duration::from_secs(2))
+            }
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(status in 0u16..1000, body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), h in ".{0,20}") {
+            let headers = [("retry-after", h.as_str()), ("x-should-retry", h.as_str())];
+            let _ = LlmClassifier::new().classify_parts_at(status, &headers[..], &body, SystemTime::UNIX_EPOCH);
+            let _ = LlmClassifier::new().classify_error_body(&body);
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! Classify a result once, before anyone decides anything about it.
+//!
+//! Retry, breaker, pace and metrics all read the same [`Class`]; none of them
+//! re-parses status codes or error bodies. A [`Classify`] implementation turns a
+//! typed `Result<&Res, &Err>` into a `Class`; any `Fn(Result<&Res, &Err>) -> Class`
+//! closure is one.
+//!
+//! Shipped classifiers:
+//! - [`classify_error`] / [`ErrorClassifier`]: any error, by walking its `source()`
+//!   chain for [`std::io::Error`], [`tokio::time::error::Elapsed`] and [`Rejected`];
+//! - [`HttpClassifier`] (feature `http`): `http::Response` status and headers;
+//! - [`LlmClassifier`] (feature `llm`): also reads OpenAI, Anthropic and Gemini
+//!   error bodies (quota vs rate limit vs overload).
+//!
+//! Header parsing (`Retry-After`, `retry-after-ms`, `x-ratelimit-*`,
+//! `anthropic-ratelimit-*`, Gemini `retryDelay`) lives in [`headers`].
+//!
+//! ```
+//! use semaforo::classify::{Class, Classify};
+//!
+//! // A closure is a classifier: here a status code in the Ok value.
+//! let by_status = |r: Result<&u16, &std::io::Error>| match r {
+//!     Ok(200..=299) => Class::Success,
+//!     Ok(429) => Class::Throttled { retry_after: None },
+//!     Ok(_) => Class::Permanent,
+//!     Err(e) => semaforo::classify::classify_io_error(e),
+//! };
+//! assert_eq!(by_status.classify(Ok(&429)), Class::Throttled { retry_after: None });
+//! ```
+
+pub mod headers;
+#[cfg(feature = "http")]
+mod http;
+#[cfg(feature = "llm")]
+mod llm;
+
+#[cfg(feature = "http")]
+pub use self::http::{status_class, HttpClassifier};
+#[cfg(feature = "llm")]
+pub use self::llm::{LlmClassifier, ProviderError};
+pub use headers::{RateLimitInfo, RateLimitWindow};
+
+use crate::error::{RejectKind, Rejected};
+use std::error::Error as StdError;
+use std::io;
+use std::time::Duration;
+
+/// What a result means for everyone who reacts to it.
+///
+/// | class | retry | breaker (default) | pace |
+/// |---|---|---|---|
+/// | `Success` | no | success | reconcile |
+/// | `Throttled` | after `retry_after` | **not** a failure | pause everyone |
+/// | `Overloaded` | backoff (×1.5) | failure | — |
+/// | `Transient` | backoff | failure | — |
+/// | `Infrastructure` | backoff | failure | — |
+/// | `Permanent` | never | **not** a failure | — |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    /// The call did what was asked.
+    Success,
+    /// The upstream asks us to slow down (HTTP 429, `rate_limit_error`,
+    /// `RESOURCE_EXHAUSTED` with a retry delay).
+    Throttled {
+        /// How long the upstream asked us to wait, if it said.
+        retry_after: Option<Duration>,
+    },
+    /// The upstream is over capacity (HTTP 503, Anthropic 529 `overloaded_error`).
+    Overloaded {
+        /// How long the upstream asked us to wait, if it said.
+        retry_after: Option<Duration>,
+    },
+    /// A passing failure: timeout, 500/502/504/408, a stream cut mid-way.
+    Transient,
+    /// The path to the upstream is broken: connection refused or reset, DNS, TLS,
+    /// a pool or a local dependency down.
+    Infrastructure,
+    /// Retrying cannot help: bad request, auth, not found, quota used up for the
+    /// billing period, context too long, content filtered.
+    Permanent,
+}
+
+impl Class {
+    /// `true` for [`Class::Success`].
+    pub fn is_success(&self) -> bool {
+        matches!(self, Class::Success)
+    }
+
+    /// `true` when another attempt may succeed (everything but `Success` and `Permanent`).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Class::Success | Class::Permanent)
+    }
+
+    /// `true` for the classes a circuit breaker counts as upstream failures by
+    /// default: `Overloaded`, `Transient`, `Infrastructure`. Throttling means
+    /// "slow down", not "broken"; a permanent error is the caller's fault.
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            Class::Overloaded { .. } | Class::Transient | Class::Infrastructure
+        )
+    }
+
+    /// The wait the upstream asked for (`Throttled` and `Overloaded` only).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Class::Throttled { retry_after } | Class::Overloaded { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A short stable label for logs and metrics (`"throttled"`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Class::Success => "success",
+            Class::Throttled { .. } => "throttled",
+            Class::Overloaded { .. } => "overloaded",
+            Class::Transient => "transient",
+            Class::Infrastructure => "infrastructure",
+            Class::Permanent => "permanent",
+        }
+    }
+}
+
+/// Maps a typed result to a [`Class`].
+///
+/// Implemented for every `Fn(Result<&Res, &Err>) -> Class`.
+pub trait Classify<Res, Err> {
+    /// Classifies one result.
+    fn classify(&self, result: Result<&Res, &Err>) -> Class;
+}
+
+impl<F, Res, Err> Classify<Res, Err> for F
+where
+    F: Fn(Result<&Res, &Err>) -> Class,
+{
+    fn classify(&self, result: Result<&Res, &Err>) -> Class {
+        self(result)
+    }
+}
+
+/// Any `Ok` is a success; an error is classified by [`classify_error`].
+///
+/// ```
+/// use semaforo::classify::{Class, Classify, ErrorClassifier};
+/// use std::io;
+///
+/// let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+/// assert_eq!(ErrorClassifier.classify(Err::<&(), _>(&refused)), Class::Infrastructure);
+/// assert_eq!(ErrorClassifier.classify(Ok::<_, &io::Error>(&())), Class::Success);
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ErrorClassifier;
+
+impl<Res, Err> Classify<Res, Err> for ErrorClassifier
+where
+    Err: AsErrorRef,
+{
+    fn classify(&self, result: Result<&Res, &Err>) -> Class {
+        match result {
+            Ok(_) => Class::Success,
+            Err(e) => classify_error(e.as_error_ref()),
+        }
+    }
+}
+
+/// Borrow an error as `&dyn Error`, so one classifier serves `BoxError`,
+/// `io::Error` and the crate's own errors.
+///
+/// Implemented for the boxed error types and the std/tokio errors the crate
+/// classifies. For your own error type, implement it in one line
+/// (`fn as_error_ref(&self) -> &(dyn Error + 'static) { self }`). A blanket impl
+/// for every `E: Error` is impossible next to the one for `BoxError` (coherence).
+pub trait AsErrorRef {
+    /// The error as a trait object.
+    fn as_error_ref(&self) -> &(dyn StdError + 'static);
+}
+
+macro_rules! as_error_ref_boxed {
+    ($($t:ty),*) => {$(
+        impl AsErrorRef for $t {
+            fn as_error_ref(&self) -> &(dyn StdError + 'static) {
+                self.as_ref()
+            }
+        }
+    )*};
+}
+as_error_ref_boxed!(
+    Box<dyn StdError + Send + Sync + 'static>,
+    Box<dyn StdError + Send + 'static>,
+    Box<dyn StdError + 'static>
+);
+
+macro_rules! as_error_ref_self {
+    ($($t:ty),*) => {$(
+        impl AsErrorRef for $t {
+            fn as_error_ref(&self) -> &(dyn StdError + 'static) {
+                self
+            }
+        }
+    )*};
+}
+as_error_ref_self!(io::Error, tokio::time::error::Elapsed, Rejected);
+#[cfg(feature = "http")]
+as_error_ref_self!(::http::Error);
+
+/// Classifies an error by walking its `source()` chain.
+///
+/// - [`Rejected`] from a semaforo layer: `Timeout` → `Transient`; `CircuitOpen` →
+///   `Overloaded` (with its retry_after); `QueueFull`, `QueueTimeout`,
+///   `QuotaExceeded`, `BudgetExceeded` → `Throttled` (local back-pressure is
+///   "slow down", never an upstream failure); `ShuttingDown` and
+///   `RetryBudgetExhausted` → `Permanent` (trying again now cannot help).
+/// - an [`std::io::Error`] → see [`classify_io_error`].
+/// - a tokio [`Elapsed`](tokio::time::error::Elapsed) → `Transient`.
+/// - anything else: `Transient` (unknown failures are retried, within the retry budget).
+pub fn classify_error(err: &(dyn StdError + 'static)) -> Class {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    for _ in 0..64 {
+        let Some(e) = cur else { break };
+        if let Some(r) = e.downcast_ref::<Rejected>() {
+            return classify_rejected(r);
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return classify_io_error(io);
+        }
+        if e.is::<tokio::time::error::Elapsed>() {
+            return Class::Transient;
+        }
+        cur = e.source();
+    }
+    Class::Transient
+}
+
+fn classify_rejected(r: &Rejected) -> Class {
+    let retry_after = r.retry_after();
+    match r.kind() {
+        RejectKind::Timeout => Class::Transient,
+        RejectKind::CircuitOpen => Class::Overloaded { retry_after },
+        RejectKind::QueueFull
+        | RejectKind::QueueTimeout
+        | RejectKind::QuotaExceeded
+        | RejectKind::BudgetExceeded => Class::Throttled { retry_after },
+        RejectKind::ShuttingDown | RejectKind::RetryBudgetExhausted => Class::Permanent,
+    }
+}
+
+/// Classifies an I/O error.
+///
+/// Connection refused / reset / aborted, broken pipe, unreachable host or network,
+/// address problems and DNS failures → `Infrastructure`; timed out, interrupted,
+/// would-block and unexpected EOF (a stream cut mid-way) → `Transient`; invalid
+/// input, permission denied, not found, unsupported → `Permanent`; anything else →
+/// `Transient`.
+///
+/// DNS failures have no `ErrorKind` of their own in std; they are recognised by
+/// the resolver's message ("failed to lookup address", "Name or service not known").
+pub fn classify_io_error(err: &io::Error) -> Class {
+    use io::ErrorKind as K;
+    match err.kind() {
+        K::ConnectionRefused
+        | K::ConnectionReset
+        | K::ConnectionAborted
+        | K::NotConnected
+        | K::BrokenPipe
+        | K::AddrInUse
+        | K::AddrNotAvailable => Class::Infrastructure,
+        K::TimedOut | K::Interrupted | K::WouldBlock | K::UnexpectedEof => Class::Transient,
+        K::InvalidInput | K::PermissionDenied | K::NotFound | K::Unsupported => Class::Permanent,
+        _ => {
+            if looks_like_dns_failure(err) || looks_like_unreachable(err) {
+                Class::Infrastructure
+            } else {
+                Class::Transient
+            }
+        }
+    }
+}
+
+fn looks_like_dns_failure(err: &io::Error) -> bool {
+    let msg = err.to_string().to_ascii_lowercase();
+    msg.contains("failed to lookup address")
+        || msg.contains("name or service not known")
+        || msg.contains("no such host")
+        || msg.contains("temporary failure in name resolution")
+        || msg.contains("dns")
+}
+
+fn looks_like_unreachable(err: &io::Error) -> bool {
+    // `HostUnreachable`/`NetworkUnreachable`/`NetworkDown` are stable only since
+    // Rust 1.83; match on the OS error code so older toolchains classify them too.
+    #[cfg(unix)]
+    {
+        // ENETDOWN 100, ENETUNREACH 101, EHOSTUNREACH 113 on Linux; 50/51/65 on BSD/macOS.
+        matches!(
+            err.raw_os_error(),
+            Some(100 | 101 | 113) if cfg!(target_os = "linux")
+        ) || matches!(
+            err.raw_os_error(),
+            Some(50 | 51 | 65) if cfg!(any(target_os = "macos", target_os = "freebsd"))
+        )
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = err;
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BoxError;
+
+    #[test]
+    fn io_errors_by_kind() {
+        let c = |k| classify_io_error(&io::Error::from(k));
+        assert_eq!(c(io::ErrorKind::ConnectionRefused), Class::Infrastructure);
+        assert_eq!(c(io::ErrorKind::ConnectionReset), Class::Infrastructure);
+        assert_eq!(c(io::ErrorKind::TimedOut), Class::Transient);
+        assert_eq!(c(io::ErrorKind::UnexpectedEof), Class::Transient);
+        assert_eq!(c(io::ErrorKind::PermissionDenied), Class::Permanent);
+        let dns =
+            io::Error::other("failed to lookup address information: Name or service not known");
+        assert_eq!(classify_io_error(&dns), Class::Infrastructure);
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            classify_io_error(&io::Error::from_raw_os_error(113)),
+            Class::Infrastructure
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn elapsed_is_transient() {
+        let elapsed = tokio::time::timeout(Duration::from_millis(1), std::future::pending::<()>())
+            .await
+            .unwrap_err();
+        let boxed: BoxError = Box::new(elapsed);
+        assert_eq!(classify_error(boxed.as_ref()), Class::Transient);
+    }
+
+    #[test]
+    fn rejections_are_not_upstream_failures_except_timeout() {
+        let r = |k| classify_error(&Rejected::new("x", k).with_retry_after(Duration::from_secs(3)));
+        let ra = Some(Duration::from_secs(3));
+        assert_eq!(r(RejectKind::Timeout), Class::Transient);
+        assert_eq!(
+            r(RejectKind::QueueFull),
+            Class::Throttled { retry_after: ra }
+        );
+        assert_eq!(
+            r(RejectKind::CircuitOpen),
+            Class::Overloaded { retry_after: ra }
+        );
+        assert_eq!(r(RejectKind::ShuttingDown), Class::Permanent);
+        assert!(!r(RejectKind::BudgetExceeded).is_upstream_failure());
+    }
+
+    #[test]
+    fn io_error_found_inside_a_wrapper() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("request failed")]
+        struct Wrap(#[source] io::Error);
+        let e: BoxError = Box::new(Wrap(io::ErrorKind::ConnectionRefused.into()));
+        assert_eq!(
+            ErrorClassifier.classify(Err::<&(), _>(&e)),
+            Class::Infrastructure
+        );
+    }
+
+    #[test]
+    fn class_helpers() {
+        assert!(Class::Transient.is_retryable());
+        assert!(!Class::Permanent.is_retryable());
+        assert!(!Class::Throttled { retry_after: None }.is_upstream_failure());
+        assert!(Class::Infrastructure.is_upstream_failure());
+        assert_eq!(
+            Class::Overloaded {
+                retry_after: Some(Duration::from_secs(1))
+            }
+            .retry_after(),
+            Some(Duration::from_secs(1))
+        );
+    }
+}

@@ -1,0 +1,279 @@
+//! The error model shared by every layer.
+//!
+//! Layers are generic over the inner service's error and return [`BoxError`], the
+//! tower convention. When a layer refuses a call *itself* (no work done, the inner
+//! service never called) the boxed error is a [`Rejected`]: it says which layer
+//! refused, why ([`RejectKind`]) and, when it knows, after how long a retry can
+//! succeed — everything a server needs to answer `429`/`503` with `Retry-After`.
+//!
+//! Bad configuration is never a panic: builders return a [`ConfigError`].
+
+use std::borrow::Cow;
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The boxed error every semaforo service returns (`Box<dyn Error + Send + Sync>`).
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Why a layer refused a call without calling the inner service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectKind {
+    /// The bulkhead's wait queue was full.
+    QueueFull,
+    /// The caller waited in the bulkhead queue longer than its `max_wait`.
+    QueueTimeout,
+    /// A keyed or global admission quota was spent.
+    QuotaExceeded,
+    /// The outbound budget (requests or tokens per minute) cannot serve the call in time.
+    BudgetExceeded,
+    /// The circuit breaker is open (or half-open with every probe slot taken).
+    CircuitOpen,
+    /// The retry budget is spent; the last real error is the source.
+    RetryBudgetExhausted,
+    /// The service is shutting down (or the bulkhead was closed).
+    ShuttingDown,
+    /// A deadline expired.
+    Timeout,
+}
+
+impl RejectKind {
+    /// A short lower-case description used in `Display` ("queue full").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectKind::QueueFull => "queue full",
+            RejectKind::QueueTimeout => "queue wait timed out",
+            RejectKind::QuotaExceeded => "quota exceeded",
+            RejectKind::BudgetExceeded => "budget exceeded",
+            RejectKind::CircuitOpen => "circuit open",
+            RejectKind::RetryBudgetExhausted => "retry budget exhausted",
+            RejectKind::ShuttingDown => "shutting down",
+            RejectKind::Timeout => "timed out",
+        }
+    }
+}
+
+impl fmt::Display for RejectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A call refused by a semaforo layer, before any work was done.
+///
+/// `Display` names the layer, its instance name and the limit, e.g.
+/// `bulkhead 'openai': queue full (45/45)`.
+///
+/// ```
+/// use semaforo::{BoxError, RejectKind, Rejected};
+/// use std::time::Duration;
+///
+/// let err: BoxError = Rejected::new("bulkhead", RejectKind::QueueFull)
+///     .with_name("openai")
+///     .with_detail("45/45")
+///     .with_retry_after(Duration::from_secs(2))
+///     .into();
+/// let rejected = Rejected::from_box(&err).expect("a rejection");
+/// assert_eq!(rejected.kind(), RejectKind::QueueFull);
+/// assert_eq!(rejected.retry_after(), Some(Duration::from_secs(2)));
+/// assert_eq!(err.to_string(), "bulkhead 'openai': queue full (45/45), retry after 2s");
+/// ```
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    layer: &'static str,
+    name: Option<Arc<str>>,
+    kind: RejectKind,
+    retry_after: Option<Duration>,
+    detail: Option<Cow<'static, str>>,
+    source: Option<Arc<dyn StdError + Send + Sync + 'static>>,
+}
+
+impl Rejected {
+    /// A rejection by `layer` (e.g. `"bulkhead"`) for `kind`.
+    pub fn new(layer: &'static str, kind: RejectKind) -> Self {
+        Rejected {
+            layer,
+            name: None,
+            kind,
+            retry_after: None,
+            detail: None,
+            source: None,
+        }
+    }
+
+    /// Names the layer instance (`.name("openai")` on the layer's builder).
+    pub fn with_name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets the instance name from an optional shared name (no allocation).
+    pub fn with_name_opt(mut self, name: Option<&Arc<str>>) -> Self {
+        self.name = name.cloned();
+        self
+    }
+
+    /// Says after how long a retry may succeed.
+    pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
+        self.retry_after = Some(retry_after);
+        self
+    }
+
+    /// Adds the limit that was hit, shown in parentheses (`"45/45"`).
+    pub fn with_detail(mut self, detail: impl Into<Cow<'static, str>>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// Attaches the underlying error (e.g. the last real error when a retry budget ran out).
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(Arc::from(source.into()));
+        self
+    }
+
+    /// Why the call was refused.
+    pub fn kind(&self) -> RejectKind {
+        self.kind
+    }
+
+    /// After how long a retry may succeed, when the layer knows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The kind of layer that refused (`"bulkhead"`, `"breaker"`, ...).
+    pub fn layer(&self) -> &'static str {
+        self.layer
+    }
+
+    /// The layer instance's name, if it was given one.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The limit that was hit, as shown in `Display`.
+    pub fn detail(&self) -> Option<&str> {
+        self.detail.as_deref()
+    }
+
+    /// Finds a `Rejected` in a boxed error or anywhere in its `source()` chain.
+    pub fn from_box(err: &BoxError) -> Option<&Rejected> {
+        Self::find(err.as_ref())
+    }
+
+    /// Finds a `Rejected` in `err` or anywhere in its `source()` chain.
+    pub fn find<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a Rejected> {
+        let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+        // Bounded walk: a malicious or cyclic `source()` chain must not hang us.
+        for _ in 0..64 {
+            let e = cur?;
+            if let Some(r) = e.downcast_ref::<Rejected>() {
+                return Some(r);
+            }
+            cur = e.source();
+        }
+        None
+    }
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.layer)?;
+        if let Some(name) = &self.name {
+            write!(f, " '{name}'")?;
+        }
+        write!(f, ": {}", self.kind)?;
+        if let Some(detail) = &self.detail {
+            write!(f, " ({detail})")?;
+        }
+        if let Some(ra) = self.retry_after {
+            write!(f, ", retry after {ra:?}")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for Rejected {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+/// A builder was given a configuration it cannot honour.
+///
+/// ```
+/// use semaforo::backoff::Backoff;
+/// let err = Backoff::exponential(std::time::Duration::from_secs(1)).factor(0.5).build().unwrap_err();
+/// assert!(err.to_string().contains("factor"));
+/// ```
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid {component} configuration: `{field}` {reason}")]
+pub struct ConfigError {
+    /// The component being built (`"backoff"`, `"bulkhead"`).
+    pub component: &'static str,
+    /// The offending setting.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: Cow<'static, str>,
+}
+
+impl ConfigError {
+    pub(crate) fn new(
+        component: &'static str,
+        field: &'static str,
+        reason: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        ConfigError {
+            component,
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapper")]
+    struct Wrapper(#[source] Rejected);
+
+    #[test]
+    fn display_names_layer_instance_and_limit() {
+        let r = Rejected::new("bulkhead", RejectKind::QueueFull)
+            .with_name("openai")
+            .with_detail("45/45");
+        assert_eq!(r.to_string(), "bulkhead 'openai': queue full (45/45)");
+        let r = Rejected::new("breaker", RejectKind::CircuitOpen)
+            .with_retry_after(Duration::from_secs(300));
+        assert_eq!(r.to_string(), "breaker: circuit open, retry after 300s");
+    }
+
+    #[test]
+    fn from_box_finds_rejection_in_source_chain() {
+        let inner = Rejected::new("quota", RejectKind::QuotaExceeded)
+            .with_retry_after(Duration::from_millis(1500));
+        let err: BoxError = Box::new(Wrapper(inner));
+        let found = Rejected::from_box(&err).expect("found in chain");
+        assert_eq!(found.kind(), RejectKind::QuotaExceeded);
+        assert_eq!(found.retry_after(), Some(Duration::from_millis(1500)));
+
+        let other: BoxError = "plain".into();
+        assert!(Rejected::from_box(&other).is_none());
+    }
+
+    #[test]
+    fn source_is_kept() {
+        let r =
+            Rejected::new("retry", RejectKind::RetryBudgetExhausted).with_source("upstream 503");
+        assert_eq!(
+            r.source().map(|s| s.to_string()).as_deref(),
+            Some("upstream 503")
+        );
+    }
+}

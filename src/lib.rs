@@ -1,0 +1,10 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod classify;
+mod error;
+
+pub use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
