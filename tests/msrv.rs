@@ -13,7 +13,10 @@ fn version(s: &str) -> [u64; 3] {
 }
 
 fn host_triple() -> String {
-    let out = Command::new("rustc").arg("-vV").output().expect("rustc -vV runs");
+    let out = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("rustc -vV runs");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("host: "))
@@ -24,12 +27,22 @@ fn host_triple() -> String {
 #[test]
 fn no_runtime_dependency_needs_a_newer_rust_than_ours() {
     let out = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--offline", "--all-features"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--offline",
+            "--all-features",
+        ])
         .args(["--filter-platform", &host_triple()])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata is JSON");
     let packages = meta["packages"].as_array().expect("packages");
     let by_id = |id: &str| packages.iter().find(|p| p["id"] == id);
@@ -66,6 +79,13 @@ fn no_runtime_dependency_needs_a_newer_rust_than_ours() {
             }
         }
     }
-    assert!(seen.len() > 5, "walked the dependency graph ({} packages)", seen.len());
-    assert!(too_new.is_empty(), "dependencies newer than our MSRV: {too_new:?}");
+    assert!(
+        seen.len() > 5,
+        "walked the dependency graph ({} packages)",
+        seen.len()
+    );
+    assert!(
+        too_new.is_empty(),
+        "dependencies newer than our MSRV: {too_new:?}"
+    );
 }
