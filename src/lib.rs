@@ -4,7 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod bulkhead;
 pub mod classify;
+pub mod guard;
 mod error;
 
 pub use crate::error::{BoxError, ConfigError, RejectKind, Rejected};

@@ -1,0 +1,166 @@
+use super::layer::Release;
+use super::queue::{BulkheadPermit, Waiter};
+use super::ticket::{QueueTicket, TicketStatus};
+use crate::error::{BoxError, Rejected};
+use pin_project::pin_project;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+/// The response future of [`BulkheadService`](super::BulkheadService).
+///
+/// Dropping it at any point gives back what it holds: its place in line, a
+/// permit granted but not yet used, or the permit of a running call.
+#[pin_project]
+pub struct ResponseFuture<S: Service<Req>, Req, R> {
+    #[pin]
+    state: State<S, Req>,
+    _release: PhantomData<fn() -> R>,
+}
+
+#[pin_project(project = StateProj)]
+enum State<S: Service<Req>, Req> {
+    /// In line; after the grant, waiting for the inner service to be ready.
+    Queued {
+        waiter: Waiter,
+        permit: Option<BulkheadPermit>,
+        svc: S,
+        req: Option<Req>,
+        ticket: Option<QueueTicket>,
+        enqueued_at: Instant,
+        #[pin]
+        timeout: Option<Sleep>,
+    },
+    Calling {
+        #[pin]
+        fut: S::Future,
+        permit: Option<BulkheadPermit>,
+    },
+    Rejected {
+        rejected: Option<Rejected>,
+    },
+}
+
+impl<S: Service<Req>, Req, R> ResponseFuture<S, Req, R> {
+    pub(crate) fn calling(fut: S::Future, permit: BulkheadPermit) -> Self {
+        Self::with(State::Calling {
+            fut,
+            permit: Some(permit),
+        })
+    }
+
+    pub(crate) fn queued(waiter: Waiter, svc: S, req: Req, ticket: Option<QueueTicket>) -> Self {
+        let timeout = waiter.deadline.map(tokio::time::sleep_until);
+        Self::with(State::Queued {
+            waiter,
+            permit: None,
+            svc,
+            req: Some(req),
+            ticket,
+            enqueued_at: Instant::now(),
+            timeout,
+        })
+    }
+
+    pub(crate) fn rejected(rejected: Rejected) -> Self {
+        Self::with(State::Rejected {
+            rejected: Some(rejected),
+        })
+    }
+
+    fn with(state: State<S, Req>) -> Self {
+        ResponseFuture {
+            state,
+            _release: PhantomData,
+        }
+    }
+}
+
+impl<S, Req, R> Future for ResponseFuture<S, Req, R>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    R: Release<S::Response>,
+{
+    type Output = Result<R::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                StateProj::Calling { fut, permit } => {
+                    let result = ready!(fut.poll(cx));
+                    let Some(permit) = permit.take() else {
+                        return Poll::Ready(Err("bulkhead future polled after completion".into()));
+                    };
+                    return Poll::Ready(match result {
+                        Ok(res) => Ok(R::attach(res, permit)),
+                        Err(e) => Err(e.into()),
+                    });
+                }
+                StateProj::Queued {
+                    waiter,
+                    permit,
+                    svc,
+                    req,
+                    ticket,
+                    enqueued_at,
+                    timeout,
+                } => {
+                    if permit.is_none() {
+                        let got = match waiter.poll_permit(cx) {
+                            Poll::Ready(r) => r,
+                            Poll::Pending => {
+                                let expired = timeout
+                                    .as_pin_mut()
+                                    .is_some_and(|sleep| sleep.poll(cx).is_ready());
+                                if !expired {
+                                    return Poll::Pending;
+                                }
+                                waiter.expire(enqueued_at.elapsed())
+                            }
+                        };
+                        match got {
+                            Ok(p) => {
+                                if let Some(t) = ticket {
+                                    t.finished(TicketStatus::Admitted);
+                                }
+                                *permit = Some(p);
+                            }
+                            Err(rejected) => {
+                                if let Some(t) = ticket {
+                                    t.finished(TicketStatus::Rejected(rejected.kind()));
+                                }
+                                return Poll::Ready(Err(rejected.into()));
+                            }
+                        }
+                    }
+                    if let Err(e) = ready!(svc.poll_ready(cx)) {
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    let Some(request) = req.take() else {
+                        return Poll::Ready(Err("bulkhead future polled after completion".into()));
+                    };
+                    let fut = svc.call(request);
+                    let permit = permit.take();
+                    state.set(State::Calling { fut, permit });
+                }
+                StateProj::Rejected { rejected } => {
+                    return Poll::Ready(Err(match rejected.take() {
+                        Some(r) => r.into(),
+                        None => "bulkhead future polled after completion".into(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+impl<S: Service<Req>, Req, R> std::fmt::Debug for ResponseFuture<S, Req, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("bulkhead::ResponseFuture").finish_non_exhaustive()
+    }
+}

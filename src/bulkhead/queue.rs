@@ -1,0 +1,661 @@
+//! The shared state of one bulkhead: permits, the waiting line, partitions.
+//!
+//! **Fast path.** One `AtomicU64` packs `in_flight` (bits 0–31), the number of
+//! *eligible* waiters (bits 32–62) and a `closed` flag (bit 63). A call with no
+//! partition key is admitted by one compare-and-swap when nobody waits and a
+//! permit is free; its release is one `fetch_sub` that takes the lock only if
+//! someone waits. No allocation, no lock, no clock read.
+//!
+//! **Slow path.** Everything else happens under one `Mutex<Queue>`: the waiting
+//! line (an [`OrderTree`] keyed by `(rank, seq)`), per-partition counters and
+//! parked waiters, waiter slots. The waiter bits of the atomic change only under
+//! that lock, so a release that sees "no waiters" can never miss one: a caller
+//! that enqueues registers itself with a CAS on the same word.
+
+use super::order::OrderTree;
+use super::ticket::{QueueStatus, TicketStatus};
+use crate::error::{RejectKind, Rejected};
+use slab::Slab;
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const IN_FLIGHT_MASK: u64 = 0xFFFF_FFFF;
+const WAITER: u64 = 1 << 32;
+const WAITERS_MASK: u64 = 0x7FFF_FFFF << 32;
+const CLOSED: u64 = 1 << 63;
+
+/// The largest `max_concurrent` / `max_queue` the packed state word can count.
+pub(crate) const MAX_COUNT: u32 = 0x7FFF_FFFF;
+
+fn in_flight(s: u64) -> u32 {
+    (s & IN_FLIGHT_MASK) as u32
+}
+
+fn waiters(s: u64) -> u32 {
+    ((s & WAITERS_MASK) >> 32) as u32
+}
+
+/// Sort key of a waiter: `(rank, seq, slot)`. Lower rank is served first; `seq`
+/// keeps FIFO order among equal ranks; `slot` finds the waiter.
+type LineKey = (i128, u64, u32);
+
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) name: Option<Arc<str>>,
+    pub(crate) max_queue: u32,
+    pub(crate) max_wait: Option<Duration>,
+    pub(crate) aging: Option<Duration>,
+    pub(crate) max_per_key: Option<u32>,
+    pub(crate) expected_service: Option<Duration>,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    queue_full: AtomicU64,
+    queue_timeout: AtomicU64,
+    shutting_down: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Waiting,
+    Granted,
+    Rejected(RejectKind),
+}
+
+#[derive(Debug)]
+struct Slot {
+    seq: u64,
+    rank: i128,
+    partition: Option<u64>,
+    /// In the global line (eligible) rather than parked behind its partition's cap.
+    promoted: bool,
+    state: SlotState,
+    waker: Option<Waker>,
+}
+
+#[derive(Debug, Default)]
+struct Partition {
+    in_flight: u32,
+    promoted: u32,
+    parked: BTreeMap<(i128, u64), u32>,
+}
+
+impl Partition {
+    fn is_idle(&self) -> bool {
+        self.in_flight == 0 && self.promoted == 0 && self.parked.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct Queue {
+    slots: Slab<Slot>,
+    line: OrderTree<LineKey>,
+    partitions: HashMap<u64, Partition>,
+    parked_total: u32,
+    next_seq: u64,
+    /// Smoothed duration of calls admitted from the line (seconds).
+    service_ewma: Option<f64>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    state: AtomicU64,
+    limit: AtomicU32,
+    queue: Mutex<Queue>,
+    stats: Stats,
+    pub(crate) cfg: Config,
+    pub(crate) hasher: RandomState,
+    epoch: Instant,
+}
+
+/// What `acquire` decided.
+pub(crate) enum Acquire {
+    Admitted(BulkheadPermit),
+    Queued(Waiter),
+    Rejected(Rejected),
+}
+
+impl Shared {
+    pub(crate) fn new(cfg: Config, limit: u32) -> Self {
+        Shared {
+            state: AtomicU64::new(0),
+            limit: AtomicU32::new(limit),
+            queue: Mutex::new(Queue {
+                slots: Slab::new(),
+                line: OrderTree::new(),
+                partitions: HashMap::new(),
+                parked_total: 0,
+                next_seq: 0,
+                service_ewma: None,
+            }),
+            stats: Stats::default(),
+            cfg,
+            hasher: RandomState::new(),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // No code panics while holding this lock; if a user's waker did, the
+        // queue is still consistent, so recover instead of propagating poison.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lock-free admission: free permit, nobody waiting, not closed.
+    #[inline]
+    pub(crate) fn try_fast(&self) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let mut s = self.state.load(Ordering::Relaxed);
+        loop {
+            if s & (CLOSED | WAITERS_MASK) != 0 || in_flight(s) >= limit {
+                return false;
+            }
+            match self
+                .state
+                .compare_exchange_weak(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(actual) => s = actual,
+            }
+        }
+    }
+
+    fn rejection(&self, kind: RejectKind) -> Rejected {
+        Rejected::new("bulkhead", kind).with_name_opt(self.cfg.name.as_ref())
+    }
+
+    fn rank(&self, priority: i32, now: Instant) -> i128 {
+        match self.cfg.aging {
+            // Strict priority: higher first, FIFO (by seq) within a priority.
+            None => -i128::from(priority),
+            // Aging: served in order of "virtual arrival" = arrival − priority × step,
+            // so a waiter is overtaken only by callers that arrived less than
+            // Δpriority × step after it. Independent of "now": a static sort key.
+            Some(step) => {
+                let arrival = now.saturating_duration_since(self.epoch).as_nanos() as i128;
+                arrival - i128::from(priority) * step.as_nanos() as i128
+            }
+        }
+    }
+
+    /// Admission under the lock: direct if possible, else a place in line.
+    pub(crate) fn acquire_slow(
+        self: &Arc<Self>,
+        priority: i32,
+        partition: Option<u64>,
+    ) -> Acquire {
+        let mut q = self.lock();
+        let limit = self.limit.load(Ordering::Relaxed);
+        let cap = self.cfg.max_per_key.unwrap_or(u32::MAX);
+        let key_has_room = match partition {
+            None => true,
+            Some(k) => q
+                .partitions
+                .get(&k)
+                .is_none_or(|p| p.in_flight.saturating_add(p.promoted) < cap),
+        };
+        if key_has_room {
+            let mut s = self.state.load(Ordering::Acquire);
+            loop {
+                if s & CLOSED != 0 {
+                    drop(q);
+                    self.stats.shutting_down.fetch_add(1, Ordering::Relaxed);
+                    return Acquire::Rejected(self.rejection(RejectKind::ShuttingDown));
+                }
+                if waiters(s) != 0 || in_flight(s) >= limit {
+                    break;
+                }
+                match self.state.compare_exchange_weak(
+                    s,
+                    s + 1,
+                    Ordering::Acquire,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => {
+                        if let Some(k) = partition {
+                            q.partitions.entry(k).or_default().in_flight += 1;
+                        }
+                        return Acquire::Admitted(BulkheadPermit::new(self.clone(), partition, None));
+                    }
+                    Err(actual) => s = actual,
+                }
+            }
+        } else if self.state.load(Ordering::Acquire) & CLOSED != 0 {
+            drop(q);
+            self.stats.shutting_down.fetch_add(1, Ordering::Relaxed);
+            return Acquire::Rejected(self.rejection(RejectKind::ShuttingDown));
+        }
+
+        let waiting = q.line.len() as u32 + q.parked_total;
+        if waiting >= self.cfg.max_queue {
+            let retry_after = Self::drain_interval(&q, &self.cfg, limit);
+            drop(q);
+            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            let mut r = self
+                .rejection(RejectKind::QueueFull)
+                .with_detail(format!("{waiting}/{}", self.cfg.max_queue));
+            if let Some(ra) = retry_after {
+                r = r.with_retry_after(ra);
+            }
+            return Acquire::Rejected(r);
+        }
+
+        let now = Instant::now();
+        let rank = self.rank(priority, now);
+        let seq = q.next_seq;
+        q.next_seq += 1;
+        let slot = q.slots.insert(Slot {
+            seq,
+            rank,
+            partition,
+            promoted: key_has_room,
+            state: SlotState::Waiting,
+            waker: None,
+        }) as u32;
+        if key_has_room {
+            q.line.insert((rank, seq, slot));
+            self.state.fetch_add(WAITER, Ordering::AcqRel);
+            if let Some(k) = partition {
+                q.partitions.entry(k).or_default().promoted += 1;
+            }
+        } else if let Some(k) = partition {
+            q.partitions.entry(k).or_default().parked.insert((rank, seq), slot);
+            q.parked_total += 1;
+        }
+        // A release may have freed a permit between our check and the enqueue
+        // (it will dispatch too, but do not make it wait for us).
+        self.dispatch(&mut q);
+        Acquire::Queued(Waiter {
+            shared: self.clone(),
+            slot,
+            seq,
+            done: false,
+            deadline: self.cfg.max_wait.map(|w| now + w),
+        })
+    }
+
+    /// Hands free permits to the first eligible waiters. Caller holds the lock.
+    fn dispatch(&self, q: &mut Queue) {
+        let limit = self.limit.load(Ordering::Relaxed);
+        loop {
+            let s = self.state.load(Ordering::Acquire);
+            if s & CLOSED != 0 || waiters(s) == 0 || in_flight(s) >= limit {
+                return;
+            }
+            let Some(key) = q.line.first() else {
+                return; // unreachable: waiters(s) == line.len() under the lock
+            };
+            if self
+                .state
+                .compare_exchange(s, s + 1 - WAITER, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            q.line.remove(&key);
+            let slot = &mut q.slots[key.2 as usize];
+            slot.state = SlotState::Granted;
+            slot.promoted = false;
+            let partition = slot.partition;
+            if let Some(w) = slot.waker.take() {
+                w.wake();
+            }
+            if let Some(k) = partition {
+                if let Some(p) = q.partitions.get_mut(&k) {
+                    p.promoted -= 1;
+                    p.in_flight += 1;
+                }
+            }
+        }
+    }
+
+    /// Moves parked waiters of partition `k` into the line while it has room.
+    fn promote(&self, q: &mut Queue, k: u64) {
+        let cap = self.cfg.max_per_key.unwrap_or(u32::MAX);
+        loop {
+            let Some(p) = q.partitions.get_mut(&k) else { return };
+            if p.in_flight.saturating_add(p.promoted) >= cap {
+                return;
+            }
+            let Some(((rank, seq), slot)) = p.parked.pop_first() else {
+                if p.is_idle() {
+                    q.partitions.remove(&k);
+                }
+                return;
+            };
+            p.promoted += 1;
+            q.parked_total -= 1;
+            q.slots[slot as usize].promoted = true;
+            q.line.insert((rank, seq, slot));
+            self.state.fetch_add(WAITER, Ordering::AcqRel);
+        }
+    }
+
+    /// Gives back one permit.
+    fn release(&self, partition: Option<u64>, granted_at: Option<Instant>) {
+        if partition.is_none() && granted_at.is_none() {
+            let prev = self.state.fetch_sub(1, Ordering::AcqRel);
+            if waiters(prev) == 0 {
+                return;
+            }
+            let mut q = self.lock();
+            self.dispatch(&mut q);
+            return;
+        }
+        let mut q = self.lock();
+        if let Some(t) = granted_at {
+            let secs = t.elapsed().as_secs_f64();
+            q.service_ewma = Some(match q.service_ewma {
+                None => secs,
+                Some(avg) => avg + 0.2 * (secs - avg),
+            });
+        }
+        self.release_locked(&mut q, partition);
+    }
+
+    /// Gives back one permit; the caller holds the lock.
+    fn release_locked(&self, q: &mut Queue, partition: Option<u64>) {
+        self.state.fetch_sub(1, Ordering::AcqRel);
+        if let Some(k) = partition {
+            if let Some(p) = q.partitions.get_mut(&k) {
+                p.in_flight = p.in_flight.saturating_sub(1);
+            }
+            self.promote(q, k);
+        }
+        self.dispatch(q);
+    }
+
+    /// Removes a waiter that is leaving the line (dropped or timed out).
+    /// Returns its state before removal and its partition; a `Granted` waiter's
+    /// permit is the caller's to take or give back.
+    fn remove_waiter(
+        &self,
+        q: &mut Queue,
+        slot_id: u32,
+        seq: u64,
+    ) -> Option<(SlotState, Option<u64>)> {
+        let slot = q.slots.get(slot_id as usize).filter(|s| s.seq == seq)?;
+        let (state, promoted, rank, partition) = (slot.state, slot.promoted, slot.rank, slot.partition);
+        q.slots.remove(slot_id as usize);
+        match state {
+            SlotState::Waiting if promoted => {
+                q.line.remove(&(rank, seq, slot_id));
+                self.state.fetch_sub(WAITER, Ordering::AcqRel);
+                if let Some(k) = partition {
+                    if let Some(p) = q.partitions.get_mut(&k) {
+                        p.promoted -= 1;
+                    }
+                    self.promote(q, k);
+                }
+            }
+            SlotState::Waiting => {
+                if let Some(k) = partition {
+                    if let Some(p) = q.partitions.get_mut(&k) {
+                        p.parked.remove(&(rank, seq));
+                        q.parked_total -= 1;
+                        if p.is_idle() {
+                            q.partitions.remove(&k);
+                        }
+                    }
+                }
+            }
+            SlotState::Granted | SlotState::Rejected(_) => {}
+        }
+        Some((state, partition))
+    }
+
+    /// Retry-after hint for a full queue: the time between two admissions.
+    fn drain_interval(q: &Queue, cfg: &Config, limit: u32) -> Option<Duration> {
+        let s = q.service_ewma.or(cfg.expected_service.map(|d| d.as_secs_f64()))?;
+        Duration::try_from_secs_f64(s / f64::from(limit.max(1))).ok()
+    }
+
+    /// ETA for position `pos` (1-based): `ceil(pos / limit) × service time`.
+    fn eta(q: &Queue, cfg: &Config, limit: u32, pos: u32) -> Option<Duration> {
+        let s = q.service_ewma.or(cfg.expected_service.map(|d| d.as_secs_f64()))?;
+        let rounds = pos.div_ceil(limit.max(1));
+        Duration::try_from_secs_f64(s * f64::from(rounds)).ok()
+    }
+
+    fn position(q: &Queue, slot: &Slot, slot_id: u32) -> u32 {
+        if slot.promoted {
+            q.line.rank(&(slot.rank, slot.seq, slot_id)) as u32 + 1
+        } else {
+            // Parked behind its partition's cap: everyone in the line, then its
+            // partition's waiters ahead of it.
+            let ahead = slot
+                .partition
+                .and_then(|k| q.partitions.get(&k))
+                .map_or(0, |p| p.parked.range(..(slot.rank, slot.seq)).count());
+            q.line.len() as u32 + ahead as u32 + 1
+        }
+    }
+
+    pub(crate) fn status(&self, slot_id: u32, seq: u64) -> Option<TicketStatus> {
+        let q = self.lock();
+        let slot = q.slots.get(slot_id as usize).filter(|s| s.seq == seq)?;
+        Some(match slot.state {
+            SlotState::Waiting => {
+                let position = Self::position(&q, slot, slot_id);
+                let limit = self.limit.load(Ordering::Relaxed);
+                TicketStatus::Waiting(QueueStatus {
+                    position,
+                    waiting: q.line.len() as u32 + q.parked_total,
+                    eta: Self::eta(&q, &self.cfg, limit, position),
+                })
+            }
+            SlotState::Granted => TicketStatus::Admitted,
+            SlotState::Rejected(kind) => TicketStatus::Rejected(kind),
+        })
+    }
+
+    pub(crate) fn set_limit(&self, limit: u32) {
+        self.limit.store(limit.min(MAX_COUNT), Ordering::Relaxed);
+        let mut q = self.lock();
+        self.dispatch(&mut q);
+    }
+
+    pub(crate) fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Rejects every waiter with `ShuttingDown` and refuses new calls.
+    pub(crate) fn close(&self) -> usize {
+        self.state.fetch_or(CLOSED, Ordering::AcqRel);
+        let mut q = self.lock();
+        let mut released = 0;
+        for (_, slot) in q.slots.iter_mut() {
+            if slot.state == SlotState::Waiting {
+                slot.state = SlotState::Rejected(RejectKind::ShuttingDown);
+                slot.promoted = false;
+                released += 1;
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+        let in_line = q.line.len() as u64;
+        q.line.clear();
+        self.state.fetch_sub(in_line * WAITER, Ordering::AcqRel);
+        q.parked_total = 0;
+        q.partitions.retain(|_, p| {
+            p.parked.clear();
+            p.promoted = 0;
+            p.in_flight > 0
+        });
+        self.stats
+            .shutting_down
+            .fetch_add(released as u64, Ordering::Relaxed);
+        released
+    }
+
+    pub(crate) fn snapshot(&self) -> super::BulkheadSnapshot {
+        let q = self.lock();
+        let s = self.state.load(Ordering::Acquire);
+        super::BulkheadSnapshot {
+            in_flight: in_flight(s),
+            waiting: q.line.len() as u32 + q.parked_total,
+            limit: self.limit.load(Ordering::Relaxed),
+            max_queue: self.cfg.max_queue,
+            partitions: q.partitions.len(),
+            rejected_queue_full: self.stats.queue_full.load(Ordering::Relaxed),
+            rejected_queue_timeout: self.stats.queue_timeout.load(Ordering::Relaxed),
+            rejected_shutting_down: self.stats.shutting_down.load(Ordering::Relaxed),
+            closed: s & CLOSED != 0,
+            service_time: q
+                .service_ewma
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .or(self.cfg.expected_service),
+        }
+    }
+}
+
+/// A caller's place in line. Dropping it leaves the line (or gives back a
+/// permit that was granted but not yet taken).
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    shared: Arc<Shared>,
+    slot: u32,
+    seq: u64,
+    done: bool,
+    pub(crate) deadline: Option<Instant>,
+}
+
+impl Waiter {
+    pub(crate) fn id(&self) -> (u32, u64) {
+        (self.slot, self.seq)
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Ready with a permit once granted, or with the rejection (closed).
+    pub(crate) fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<Result<BulkheadPermit, Rejected>> {
+        if self.done {
+            return Poll::Ready(Err(self.shared.rejection(RejectKind::ShuttingDown)));
+        }
+        let mut q = self.shared.lock();
+        let Some(slot) = q
+            .slots
+            .get_mut(self.slot as usize)
+            .filter(|s| s.seq == self.seq)
+        else {
+            self.done = true;
+            return Poll::Ready(Err(self.shared.rejection(RejectKind::ShuttingDown)));
+        };
+        match slot.state {
+            SlotState::Waiting => {
+                match &mut slot.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    w => *w = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            SlotState::Granted => {
+                let partition = slot.partition;
+                q.slots.remove(self.slot as usize);
+                self.done = true;
+                drop(q);
+                Poll::Ready(Ok(BulkheadPermit::new(
+                    self.shared.clone(),
+                    partition,
+                    Some(Instant::now()),
+                )))
+            }
+            SlotState::Rejected(kind) => {
+                q.slots.remove(self.slot as usize);
+                self.done = true;
+                drop(q);
+                Poll::Ready(Err(self.shared.rejection(kind)))
+            }
+        }
+    }
+
+    /// The `max_wait` deadline passed: leave the line with `QueueTimeout` — unless
+    /// a permit was granted in the meantime, which is then taken.
+    pub(crate) fn expire(&mut self, waited: Duration) -> Result<BulkheadPermit, Rejected> {
+        let shared = self.shared.clone();
+        let mut q = shared.lock();
+        let position = q
+            .slots
+            .get(self.slot as usize)
+            .filter(|s| s.seq == self.seq)
+            .map_or(1, |slot| Shared::position(&q, slot, self.slot));
+        let before = shared.remove_waiter(&mut q, self.slot, self.seq);
+        self.done = true;
+        match before {
+            Some((SlotState::Granted, partition)) => {
+                drop(q);
+                Ok(BulkheadPermit::new(shared, partition, Some(Instant::now())))
+            }
+            Some((SlotState::Rejected(kind), _)) => Err(shared.rejection(kind)),
+            _ => {
+                let eta = Shared::eta(&q, &shared.cfg, shared.limit(), position);
+                shared.dispatch(&mut q);
+                drop(q);
+                shared.stats.queue_timeout.fetch_add(1, Ordering::Relaxed);
+                let mut r = shared
+                    .rejection(RejectKind::QueueTimeout)
+                    .with_detail(format!("waited {waited:?}, position {position}"));
+                if let Some(eta) = eta {
+                    r = r.with_retry_after(eta);
+                }
+                Err(r)
+            }
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut q = self.shared.lock();
+        match self.shared.remove_waiter(&mut q, self.slot, self.seq) {
+            // Granted but never taken: give the permit back.
+            Some((SlotState::Granted, partition)) => self.shared.release_locked(&mut q, partition),
+            _ => self.shared.dispatch(&mut q),
+        }
+    }
+}
+
+/// A bulkhead permit: one of the `max_concurrent` slots. Released on drop.
+///
+/// With [`OnStreamEnd`](super::OnStreamEnd) / [`OnBodyEnd`](super::OnBodyEnd) the
+/// permit rides inside the response body until its last chunk.
+#[derive(Debug)]
+pub struct BulkheadPermit {
+    shared: Arc<Shared>,
+    partition: Option<u64>,
+    granted_at: Option<Instant>,
+}
+
+impl BulkheadPermit {
+    pub(crate) fn new(shared: Arc<Shared>, partition: Option<u64>, granted_at: Option<Instant>) -> Self {
+        BulkheadPermit {
+            shared,
+            partition,
+            granted_at,
+        }
+    }
+}
+
+impl Drop for BulkheadPermit {
+    fn drop(&mut self) {
+        self.shared.release(self.partition, self.granted_at);
+    }
+}
+
+impl crate::guard::Guard for BulkheadPermit {
+    fn finish(self, _end: crate::guard::StreamEnd) {
+        drop(self);
+    }
+}

@@ -1,0 +1,99 @@
+use super::future::ResponseFuture;
+use super::layer::{Release, RequestInfo};
+use super::queue::{Acquire, BulkheadPermit, Shared};
+use super::ticket::TicketStatus;
+use crate::error::BoxError;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower_service::Service;
+
+/// The service made by [`BulkheadLayer`](super::BulkheadLayer).
+///
+/// `poll_ready` only asks the inner service; it never takes a permit (a clone
+/// that is polled ready and then dropped or left idle holds nothing — the
+/// tower#408 trap). The permit is taken in `call`: at once when one is free,
+/// otherwise in the response future, in line.
+pub struct BulkheadService<S, X, R> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) info: X,
+    pub(crate) _release: PhantomData<fn() -> R>,
+}
+
+impl<S: Clone, X: Clone, R> Clone for BulkheadService<S, X, R> {
+    fn clone(&self) -> Self {
+        BulkheadService {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            info: self.info.clone(),
+            _release: PhantomData,
+        }
+    }
+}
+
+impl<S: fmt::Debug, X: fmt::Debug, R> fmt::Debug for BulkheadService<S, X, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BulkheadService")
+            .field("inner", &self.inner)
+            .field("name", &self.shared.cfg.name)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl<S, Req, X, R> Service<Req> for BulkheadService<S, X, R>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    X: RequestInfo<Req>,
+    R: Release<S::Response>,
+{
+    type Response = R::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, R>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let partition = self.info.partition(&req, &self.shared.hasher);
+        let ticket = self.info.ticket(&req);
+        if partition.is_none() && self.shared.try_fast() {
+            // `self.inner` was polled ready by our `poll_ready`: call it now.
+            let permit = BulkheadPermit::new(self.shared.clone(), None, None);
+            if let Some(t) = &ticket {
+                t.finished(TicketStatus::Admitted);
+            }
+            return ResponseFuture::calling(self.inner.call(req), permit);
+        }
+        let priority = self.info.priority(&req);
+        match self.shared.acquire_slow(priority, partition) {
+            Acquire::Admitted(permit) => {
+                if let Some(t) = &ticket {
+                    t.finished(TicketStatus::Admitted);
+                }
+                ResponseFuture::calling(self.inner.call(req), permit)
+            }
+            Acquire::Queued(waiter) => {
+                if let Some(t) = &ticket {
+                    t.queued(waiter.shared(), waiter.id());
+                }
+                // Take the service that was polled ready; leave a clone for the
+                // next `poll_ready`. It is polled ready again once in line is over.
+                let clone = self.inner.clone();
+                let svc = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::queued(waiter, svc, req, ticket)
+            }
+            Acquire::Rejected(rejected) => {
+                if let Some(t) = &ticket {
+                    t.finished(TicketStatus::Rejected(rejected.kind()));
+                }
+                ResponseFuture::rejected(rejected)
+            }
+        }
+    }
+}
