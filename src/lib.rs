@@ -6,7 +6,7 @@
 pub mod backoff;
 pub mod bulkhead;
 pub mod classify;
-pub mod guard;
 mod error;
+pub mod guard;
 
 pub use crate::error::{BoxError, ConfigError, RejectKind, Rejected};

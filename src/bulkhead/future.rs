@@ -161,6 +161,7 @@ where
 
 impl<S: Service<Req>, Req, R> std::fmt::Debug for ResponseFuture<S, Req, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("bulkhead::ResponseFuture").finish_non_exhaustive()
+        f.debug_struct("bulkhead::ResponseFuture")
+            .finish_non_exhaustive()
     }
 }

@@ -163,7 +163,10 @@ impl BulkheadBuilder {
         if self.max_concurrent == 0 || self.max_concurrent > MAX_COUNT {
             return err(
                 "max_concurrent",
-                format!("must be between 1 and {MAX_COUNT}, got {}", self.max_concurrent),
+                format!(
+                    "must be between 1 and {MAX_COUNT}, got {}",
+                    self.max_concurrent
+                ),
             );
         }
         if self.max_queue > MAX_COUNT {

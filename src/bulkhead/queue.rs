@@ -185,11 +185,7 @@ impl Shared {
     }
 
     /// Admission under the lock: direct if possible, else a place in line.
-    pub(crate) fn acquire_slow(
-        self: &Arc<Self>,
-        priority: i32,
-        partition: Option<u64>,
-    ) -> Acquire {
+    pub(crate) fn acquire_slow(self: &Arc<Self>, priority: i32, partition: Option<u64>) -> Acquire {
         let mut q = self.lock();
         let limit = self.limit.load(Ordering::Relaxed);
         let cap = self.cfg.max_per_key.unwrap_or(u32::MAX);
@@ -221,7 +217,11 @@ impl Shared {
                         if let Some(k) = partition {
                             q.partitions.entry(k).or_default().in_flight += 1;
                         }
-                        return Acquire::Admitted(BulkheadPermit::new(self.clone(), partition, None));
+                        return Acquire::Admitted(BulkheadPermit::new(
+                            self.clone(),
+                            partition,
+                            None,
+                        ));
                     }
                     Err(actual) => s = actual,
                 }
@@ -265,7 +265,11 @@ impl Shared {
                 q.partitions.entry(k).or_default().promoted += 1;
             }
         } else if let Some(k) = partition {
-            q.partitions.entry(k).or_default().parked.insert((rank, seq), slot);
+            q.partitions
+                .entry(k)
+                .or_default()
+                .parked
+                .insert((rank, seq), slot);
             q.parked_total += 1;
         }
         // A release may have freed a permit between our check and the enqueue
@@ -319,7 +323,9 @@ impl Shared {
     fn promote(&self, q: &mut Queue, k: u64) {
         let cap = self.cfg.max_per_key.unwrap_or(u32::MAX);
         loop {
-            let Some(p) = q.partitions.get_mut(&k) else { return };
+            let Some(p) = q.partitions.get_mut(&k) else {
+                return;
+            };
             if p.in_flight.saturating_add(p.promoted) >= cap {
                 return;
             }
@@ -381,7 +387,8 @@ impl Shared {
         seq: u64,
     ) -> Option<(SlotState, Option<u64>)> {
         let slot = q.slots.get(slot_id as usize).filter(|s| s.seq == seq)?;
-        let (state, promoted, rank, partition) = (slot.state, slot.promoted, slot.rank, slot.partition);
+        let (state, promoted, rank, partition) =
+            (slot.state, slot.promoted, slot.rank, slot.partition);
         q.slots.remove(slot_id as usize);
         match state {
             SlotState::Waiting if promoted => {
@@ -412,13 +419,17 @@ impl Shared {
 
     /// Retry-after hint for a full queue: the time between two admissions.
     fn drain_interval(q: &Queue, cfg: &Config, limit: u32) -> Option<Duration> {
-        let s = q.service_ewma.or(cfg.expected_service.map(|d| d.as_secs_f64()))?;
+        let s = q
+            .service_ewma
+            .or(cfg.expected_service.map(|d| d.as_secs_f64()))?;
         Duration::try_from_secs_f64(s / f64::from(limit.max(1))).ok()
     }
 
     /// ETA for position `pos` (1-based): `ceil(pos / limit) × service time`.
     fn eta(q: &Queue, cfg: &Config, limit: u32, pos: u32) -> Option<Duration> {
-        let s = q.service_ewma.or(cfg.expected_service.map(|d| d.as_secs_f64()))?;
+        let s = q
+            .service_ewma
+            .or(cfg.expected_service.map(|d| d.as_secs_f64()))?;
         let rounds = pos.div_ceil(limit.max(1));
         Duration::try_from_secs_f64(s * f64::from(rounds)).ok()
     }
@@ -537,7 +548,10 @@ impl Waiter {
     }
 
     /// Ready with a permit once granted, or with the rejection (closed).
-    pub(crate) fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<Result<BulkheadPermit, Rejected>> {
+    pub(crate) fn poll_permit(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<BulkheadPermit, Rejected>> {
         if self.done {
             return Poll::Ready(Err(self.shared.rejection(RejectKind::ShuttingDown)));
         }
@@ -639,7 +653,11 @@ pub struct BulkheadPermit {
 }
 
 impl BulkheadPermit {
-    pub(crate) fn new(shared: Arc<Shared>, partition: Option<u64>, granted_at: Option<Instant>) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        partition: Option<u64>,
+        granted_at: Option<Instant>,
+    ) -> Self {
         BulkheadPermit {
             shared,
             partition,

@@ -62,7 +62,11 @@ pub enum TicketStatus {
 #[derive(Debug)]
 enum Link {
     Idle,
-    Queued { shared: Weak<Shared>, slot: u32, seq: u64 },
+    Queued {
+        shared: Weak<Shared>,
+        slot: u32,
+        seq: u64,
+    },
     Done(TicketStatus),
 }
 
@@ -144,7 +148,10 @@ mod tests {
             waiting,
             eta: eta.map(Duration::from_secs),
         };
-        assert_eq!(s(12, 45, Some(40)).to_string(), "you are 12th of 45, about 40 s");
+        assert_eq!(
+            s(12, 45, Some(40)).to_string(),
+            "you are 12th of 45, about 40 s"
+        );
         assert_eq!(s(1, 3, None).to_string(), "you are 1st of 3");
         assert_eq!(s(22, 30, None).to_string(), "you are 22nd of 30");
         assert_eq!(s(13, 30, None).to_string(), "you are 13th of 30");

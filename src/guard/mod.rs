@@ -235,10 +235,19 @@ mod tests {
         let mut pinned = Pin::new(&mut b);
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        assert!(matches!(pinned.as_mut().poll_frame(&mut cx), Poll::Ready(Some(Ok(_)))));
-        assert!(matches!(pinned.as_mut().poll_frame(&mut cx), Poll::Ready(Some(Ok(_)))));
+        assert!(matches!(
+            pinned.as_mut().poll_frame(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
+        assert!(matches!(
+            pinned.as_mut().poll_frame(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
         assert!(seen.lock().unwrap().is_empty());
-        assert!(matches!(pinned.as_mut().poll_frame(&mut cx), Poll::Ready(None)));
+        assert!(matches!(
+            pinned.as_mut().poll_frame(&mut cx),
+            Poll::Ready(None)
+        ));
         assert!(b.is_end_stream());
         assert_eq!(*seen.lock().unwrap(), vec![StreamEnd::Completed]);
     }
