@@ -1,1 +1,206 @@
-fn main() {}
+//! Bulkhead cost next to what people use today, in the same run:
+//! the bare service, a bare `tokio::sync::Semaphore`, and tower's `ConcurrencyLimit`.
+//!
+//! Every call goes through `ready()` then `call()`; everything completes at once,
+//! so futures are driven with `now_or_never` and only the layer's own work is timed.
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
+use futures::FutureExt;
+use semaforo::bulkhead::{Bulkhead, QueueTicket};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+
+fn bare() -> impl Service<
+    u64,
+    Response = u64,
+    Error = Infallible,
+    Future = std::future::Ready<Result<u64, Infallible>>,
+> + Clone {
+    service_fn(|x: u64| std::future::ready(Ok::<_, Infallible>(x + 1)))
+}
+
+fn once<S: Service<u64>>(svc: &mut S, x: u64) -> S::Response
+where
+    S::Error: std::fmt::Debug,
+{
+    let svc = svc
+        .ready()
+        .now_or_never()
+        .expect("ready at once")
+        .expect("no error");
+    svc.call(x)
+        .now_or_never()
+        .expect("completes at once")
+        .expect("ok")
+}
+
+fn uncontended(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("bulkhead/uncontended");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+
+    let mut s = bare();
+    g.bench_function("bare service", |b| b.iter(|| once(&mut s, black_box(1))));
+
+    let sem = Arc::new(tokio::sync::Semaphore::new(1000));
+    let mut s = bare();
+    g.bench_function("tokio Semaphore (acquire+call+release)", |b| {
+        b.iter(|| {
+            let permit = sem.clone().try_acquire_owned().expect("free permit");
+            let r = once(&mut s, black_box(1));
+            drop(permit);
+            r
+        })
+    });
+
+    let mut s = ServiceBuilder::new()
+        .concurrency_limit(1000)
+        .service(bare());
+    g.bench_function("tower ConcurrencyLimit", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+
+    let bh = Bulkhead::builder()
+        .max_concurrent(1000)
+        .max_queue(1000)
+        .build()
+        .unwrap();
+    let mut s = ServiceBuilder::new().layer(bh.layer()).service(bare());
+    g.bench_function("semaforo Bulkhead", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+
+    // Same, with the request-reading closures configured (priority + ticket, no partition).
+    let mut s = ServiceBuilder::new()
+        .layer(bh.layer().priority(|x: &u64| (*x % 3) as i32))
+        .service(bare());
+    g.bench_function("semaforo Bulkhead + priority fn", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+    g.finish();
+}
+
+/// Two threads hammering clones of one limiter (the machine has 2 cores).
+fn contended(c: &mut Criterion) {
+    fn run<S>(svc: S, iters: u64) -> Duration
+    where
+        S: Service<u64, Response = u64> + Clone + Send + 'static,
+        S::Error: std::fmt::Debug,
+    {
+        let start = Instant::now();
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let mut s = svc.clone();
+                std::thread::spawn(move || {
+                    for i in 0..iters / 2 {
+                        black_box(once(&mut s, i));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        start.elapsed()
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("bulkhead/contended_2_threads");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    g.bench_function("tower ConcurrencyLimit", |b| {
+        b.iter_custom(|iters| {
+            let s = ServiceBuilder::new()
+                .concurrency_limit(1000)
+                .service(bare());
+            run(tower::util::BoxCloneSyncService::new(s), iters)
+        })
+    });
+    g.bench_function("semaforo Bulkhead", |b| {
+        b.iter_custom(|iters| {
+            let bh = Bulkhead::builder().max_concurrent(1000).build().unwrap();
+            let s = ServiceBuilder::new().layer(bh.layer()).service(bare());
+            run(tower::util::BoxCloneSyncService::new(s), iters)
+        })
+    });
+    g.finish();
+}
+
+/// Joining and leaving the line, and asking a ticket for its position, with
+/// `n` callers already waiting: O(log n), so 100,000 waiters cost little more than 1,000.
+fn line_operations(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("bulkhead/line");
+    g.warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    for n in [0usize, 1_000, 100_000] {
+        let bh = Bulkhead::builder()
+            .max_concurrent(1)
+            .max_queue(200_000)
+            .build()
+            .unwrap();
+        let mut svc = ServiceBuilder::new()
+            .layer(bh.layer().ticket(|t: &QueueTicket| Some(t.clone())))
+            .service(service_fn(|_t: QueueTicket| {
+                std::future::pending::<Result<(), Infallible>>()
+            }));
+        let holder = svc
+            .ready()
+            .now_or_never()
+            .unwrap()
+            .unwrap()
+            .call(QueueTicket::new());
+        let mut waiting = Vec::with_capacity(n);
+        let middle = QueueTicket::new();
+        for i in 0..n {
+            let t = if i == n / 2 {
+                middle.clone()
+            } else {
+                QueueTicket::new()
+            };
+            waiting.push(svc.ready().now_or_never().unwrap().unwrap().call(t));
+        }
+        g.bench_with_input(BenchmarkId::new("join and leave", n), &n, |b, _| {
+            b.iter(|| {
+                let f = svc
+                    .ready()
+                    .now_or_never()
+                    .unwrap()
+                    .unwrap()
+                    .call(QueueTicket::new());
+                drop(black_box(f));
+            })
+        });
+        if n > 0 {
+            g.bench_with_input(
+                BenchmarkId::new("position of the middle waiter", n),
+                &n,
+                |b, _| b.iter(|| black_box(middle.status())),
+            );
+        }
+        drop(waiting);
+        drop(holder);
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30);
+    targets = uncontended, contended, line_operations
+}
+criterion_main!(benches);

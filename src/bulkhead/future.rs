@@ -23,16 +23,9 @@ pub struct ResponseFuture<S: Service<Req>, Req, R> {
 
 #[pin_project(project = StateProj)]
 enum State<S: Service<Req>, Req> {
-    /// In line; after the grant, waiting for the inner service to be ready.
+    /// In line (boxed: the slow path may allocate, the fast path's future stays small).
     Queued {
-        waiter: Waiter,
-        permit: Option<BulkheadPermit>,
-        svc: S,
-        req: Option<Req>,
-        ticket: Option<QueueTicket>,
-        enqueued_at: Instant,
-        #[pin]
-        timeout: Option<Sleep>,
+        queued: Pin<Box<Queued<S, Req>>>,
     },
     Calling {
         #[pin]
@@ -40,11 +33,25 @@ enum State<S: Service<Req>, Req> {
         permit: Option<BulkheadPermit>,
     },
     Rejected {
-        rejected: Option<Rejected>,
+        rejected: Option<Box<Rejected>>,
     },
 }
 
+/// In line; after the grant, waiting for the inner service to be ready.
+#[pin_project(project = QueuedProj)]
+struct Queued<S, Req> {
+    waiter: Waiter,
+    permit: Option<BulkheadPermit>,
+    svc: S,
+    req: Option<Req>,
+    ticket: Option<QueueTicket>,
+    enqueued_at: Instant,
+    #[pin]
+    timeout: Option<Sleep>,
+}
+
 impl<S: Service<Req>, Req, R> ResponseFuture<S, Req, R> {
+    #[inline]
     pub(crate) fn calling(fut: S::Future, permit: BulkheadPermit) -> Self {
         Self::with(State::Calling {
             fut,
@@ -55,22 +62,25 @@ impl<S: Service<Req>, Req, R> ResponseFuture<S, Req, R> {
     pub(crate) fn queued(waiter: Waiter, svc: S, req: Req, ticket: Option<QueueTicket>) -> Self {
         let timeout = waiter.deadline.map(tokio::time::sleep_until);
         Self::with(State::Queued {
-            waiter,
-            permit: None,
-            svc,
-            req: Some(req),
-            ticket,
-            enqueued_at: Instant::now(),
-            timeout,
+            queued: Box::pin(Queued {
+                waiter,
+                permit: None,
+                svc,
+                req: Some(req),
+                ticket,
+                enqueued_at: Instant::now(),
+                timeout,
+            }),
         })
     }
 
     pub(crate) fn rejected(rejected: Rejected) -> Self {
         Self::with(State::Rejected {
-            rejected: Some(rejected),
+            rejected: Some(Box::new(rejected)),
         })
     }
 
+    #[inline]
     fn with(state: State<S, Req>) -> Self {
         ResponseFuture {
             state,
@@ -87,6 +97,7 @@ where
 {
     type Output = Result<R::Response, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
         loop {
@@ -101,15 +112,16 @@ where
                         Err(e) => Err(e.into()),
                     });
                 }
-                StateProj::Queued {
-                    waiter,
-                    permit,
-                    svc,
-                    req,
-                    ticket,
-                    enqueued_at,
-                    timeout,
-                } => {
+                StateProj::Queued { queued } => {
+                    let QueuedProj {
+                        waiter,
+                        permit,
+                        svc,
+                        req,
+                        ticket,
+                        enqueued_at,
+                        timeout,
+                    } = queued.as_mut().project();
                     if permit.is_none() {
                         let got = match waiter.poll_permit(cx) {
                             Poll::Ready(r) => r,
@@ -150,7 +162,10 @@ where
                 }
                 StateProj::Rejected { rejected } => {
                     return Poll::Ready(Err(match rejected.take() {
-                        Some(r) => r.into(),
+                        Some(r) => {
+                            let boxed: BoxError = r; // unsize, do not box twice
+                            boxed
+                        }
                         None => "bulkhead future polled after completion".into(),
                     }));
                 }

@@ -185,6 +185,7 @@ impl Shared {
     }
 
     /// Admission under the lock: direct if possible, else a place in line.
+    #[cold]
     pub(crate) fn acquire_slow(self: &Arc<Self>, priority: i32, partition: Option<u64>) -> Acquire {
         let mut q = self.lock();
         let limit = self.limit.load(Ordering::Relaxed);
@@ -343,17 +344,23 @@ impl Shared {
         }
     }
 
-    /// Gives back one permit.
-    fn release(&self, partition: Option<u64>, granted_at: Option<Instant>) {
-        if partition.is_none() && granted_at.is_none() {
-            let prev = self.state.fetch_sub(1, Ordering::AcqRel);
-            if waiters(prev) == 0 {
-                return;
-            }
-            let mut q = self.lock();
-            self.dispatch(&mut q);
-            return;
+    /// Gives back a fast-path permit: one `fetch_sub` unless someone waits.
+    #[inline]
+    fn release(&self) {
+        let prev = self.state.fetch_sub(1, Ordering::Release);
+        if waiters(prev) != 0 {
+            self.dispatch_locked();
         }
+    }
+
+    #[cold]
+    fn dispatch_locked(&self) {
+        let mut q = self.lock();
+        self.dispatch(&mut q);
+    }
+
+    #[cold]
+    fn release_slow(&self, partition: Option<u64>, granted_at: Option<Instant>) {
         let mut q = self.lock();
         if let Some(t) = granted_at {
             let secs = t.elapsed().as_secs_f64();
@@ -648,27 +655,46 @@ impl Drop for Waiter {
 #[derive(Debug)]
 pub struct BulkheadPermit {
     shared: Arc<Shared>,
+    /// Only permits from the slow path carry more (boxed, so the fast path's
+    /// permit — and the response future holding it — stays two words).
+    slow: Option<Box<SlowPermit>>,
+}
+
+#[derive(Debug)]
+struct SlowPermit {
     partition: Option<u64>,
     granted_at: Option<Instant>,
 }
 
 impl BulkheadPermit {
+    /// A permit taken on the lock-free path.
+    #[inline]
+    pub(crate) fn fast(shared: Arc<Shared>) -> Self {
+        BulkheadPermit { shared, slow: None }
+    }
+
     pub(crate) fn new(
         shared: Arc<Shared>,
         partition: Option<u64>,
         granted_at: Option<Instant>,
     ) -> Self {
-        BulkheadPermit {
-            shared,
-            partition,
-            granted_at,
-        }
+        let slow = (partition.is_some() || granted_at.is_some()).then(|| {
+            Box::new(SlowPermit {
+                partition,
+                granted_at,
+            })
+        });
+        BulkheadPermit { shared, slow }
     }
 }
 
 impl Drop for BulkheadPermit {
+    #[inline]
     fn drop(&mut self) {
-        self.shared.release(self.partition, self.granted_at);
+        match self.slow.take() {
+            None => self.shared.release(),
+            Some(s) => self.shared.release_slow(s.partition, s.granted_at),
+        }
     }
 }
 

@@ -59,12 +59,13 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let partition = self.info.partition(&req, &self.shared.hasher);
         let ticket = self.info.ticket(&req);
         if partition.is_none() && self.shared.try_fast() {
             // `self.inner` was polled ready by our `poll_ready`: call it now.
-            let permit = BulkheadPermit::new(self.shared.clone(), None, None);
+            let permit = BulkheadPermit::fast(self.shared.clone());
             if let Some(t) = &ticket {
                 t.finished(TicketStatus::Admitted);
             }
