@@ -30,7 +30,11 @@ async fn main() -> Result<(), semaforo::BoxError> {
         Ok::<_, std::io::Error>(format!("plan for teacher {}", req.teacher))
     });
     let mut svc = ServiceBuilder::new()
-        .layer(bulkhead.layer().ticket(|r: &PlanRequest| Some(r.ticket.clone())))
+        .layer(
+            bulkhead
+                .layer()
+                .ticket(|r: &PlanRequest| Some(r.ticket.clone())),
+        )
         .service(provider);
 
     let start = tokio::time::Instant::now();
