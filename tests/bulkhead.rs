@@ -31,6 +31,23 @@ where
     tokio::spawn(fut)
 }
 
+/// Calls `svc` and waits for the answer.
+async fn call<S>(svc: &mut S, job: Job) -> Result<usize, BoxError>
+where
+    S: Service<Job, Response = usize, Error = BoxError>,
+{
+    svc.ready().await?.call(job).await
+}
+
+/// A bulkhead with `limit` permits and a line of `queue`.
+fn line(limit: u32, queue: u32) -> Bulkhead {
+    Bulkhead::builder()
+        .max_concurrent(limit)
+        .max_queue(queue)
+        .build()
+        .unwrap()
+}
+
 #[tokio::test(start_paused = true)]
 async fn seed_000_sunday_night_50_teachers_5_at_a_time() {
     let up = Upstream::default();
@@ -319,11 +336,7 @@ async fn partitions_cap_each_tenant_inside_the_global_limit() {
 #[tokio::test(start_paused = true)]
 async fn set_max_concurrent_grows_and_shrinks_without_cutting_calls() {
     let up = Upstream::default();
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(1)
-        .max_queue(100)
-        .build()
-        .unwrap();
+    let bulkhead = line(1, 100);
     let mut svc = ServiceBuilder::new()
         .layer(bulkhead.layer())
         .service(up.service());
@@ -359,11 +372,7 @@ async fn set_max_concurrent_grows_and_shrinks_without_cutting_calls() {
 #[tokio::test(start_paused = true)]
 async fn close_releases_waiters_at_once_and_lets_running_calls_finish() {
     let up = Upstream::default();
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(2)
-        .max_queue(10)
-        .build()
-        .unwrap();
+    let bulkhead = line(2, 10);
     let mut svc = ServiceBuilder::new()
         .layer(bulkhead.layer())
         .service(up.service());
@@ -413,25 +422,13 @@ async fn poll_ready_holds_no_permit() {
     }
     assert_eq!(bulkhead.snapshot().in_flight, 0);
     let mut one = svc.clone();
-    assert_eq!(
-        one.ready()
-            .await
-            .unwrap()
-            .call(Job::new(1, secs(1)))
-            .await
-            .unwrap(),
-        1
-    );
+    assert_eq!(call(&mut one, Job::new(1, secs(1))).await.unwrap(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn dropping_queued_callers_moves_the_others_up() {
     let up = Upstream::default();
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(1)
-        .max_queue(10)
-        .build()
-        .unwrap();
+    let bulkhead = line(1, 10);
     let mut svc = ServiceBuilder::new()
         .layer(bulkhead.layer().ticket(|j: &Job| Some(j.ticket.clone())))
         .service(up.service());
@@ -462,11 +459,7 @@ async fn dropping_queued_callers_moves_the_others_up() {
 #[tokio::test(start_paused = true)]
 async fn dropping_a_running_call_or_a_granted_waiter_releases_the_permit() {
     let up = Upstream::default();
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(1)
-        .max_queue(10)
-        .build()
-        .unwrap();
+    let bulkhead = line(1, 10);
     let mut svc = ServiceBuilder::new()
         .layer(bulkhead.layer())
         .service(up.service());
@@ -491,15 +484,7 @@ async fn dropping_a_running_call_or_a_granted_waiter_releases_the_permit() {
         (0, 0),
         "and came back when it was dropped"
     );
-    assert_eq!(
-        svc.ready()
-            .await
-            .unwrap()
-            .call(Job::new(2, secs(1)))
-            .await
-            .unwrap(),
-        2
-    );
+    assert_eq!(call(&mut svc, Job::new(2, secs(1))).await.unwrap(), 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -512,14 +497,7 @@ async fn ten_thousand_random_drops_leak_nothing() {
         .max_queue(20_000)
         .build()
         .unwrap();
-    let mut svc = ServiceBuilder::new()
-        .layer(
-            bulkhead
-                .layer()
-                .priority(|j: &Job| j.priority)
-                .partition(|j: &Job| j.tenant),
-        )
-        .service(up.service());
+    let mut svc = support::prioritised_and_partitioned(&bulkhead, &up);
     let mut rng = rand::rngs::SmallRng::seed_from_u64(10_000);
     let mut hs = Vec::new();
     for id in 0..10_000 {

@@ -96,14 +96,7 @@ fn run(setup: Setup, mut callers: Vec<Caller>) -> Result<(), TestCaseError> {
             b = b.max_wait(Duration::from_millis(w));
         }
         let bulkhead = b.build().unwrap();
-        let mut svc = ServiceBuilder::new()
-            .layer(
-                bulkhead
-                    .layer()
-                    .priority(|j: &Job| j.priority)
-                    .partition(|j: &Job| j.tenant),
-            )
-            .service(up.service());
+        let mut svc = support::prioritised_and_partitioned(&bulkhead, &up);
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for (id, c) in callers.iter().enumerate() {

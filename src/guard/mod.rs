@@ -99,6 +99,15 @@ fn finish<G: Guard>(guard: &mut Option<G>, end: StreamEnd) {
     }
 }
 
+/// Releases the guard if `item` is the end (`None`) or an error.
+fn observe<T, E, G: Guard>(guard: &mut Option<G>, item: &Option<Result<T, E>>) {
+    match item {
+        None => finish(guard, StreamEnd::Completed),
+        Some(Err(_)) => finish(guard, StreamEnd::Failed),
+        Some(Ok(_)) => {}
+    }
+}
+
 #[pinned_drop]
 impl<S, G: Guard> PinnedDrop for Guarded<S, G> {
     fn drop(self: Pin<&mut Self>) {
@@ -120,11 +129,7 @@ where
             return Poll::Ready(None);
         }
         let item = std::task::ready!(this.inner.poll_next(cx));
-        match &item {
-            None => finish(this.guard, StreamEnd::Completed),
-            Some(Err(_)) => finish(this.guard, StreamEnd::Failed),
-            Some(Ok(_)) => {}
-        }
+        observe(this.guard, &item);
         Poll::Ready(item)
     }
 
@@ -155,11 +160,7 @@ where
             return Poll::Ready(None);
         }
         let frame = std::task::ready!(this.inner.poll_frame(cx));
-        match &frame {
-            None => finish(this.guard, StreamEnd::Completed),
-            Some(Err(_)) => finish(this.guard, StreamEnd::Failed),
-            Some(Ok(_)) => {}
-        }
+        observe(this.guard, &frame);
         Poll::Ready(frame)
     }
 

@@ -1,7 +1,8 @@
 //! Test helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use semaforo::bulkhead::QueueTicket;
+use semaforo::bulkhead::{Bulkhead, QueueTicket};
+use semaforo::BoxError;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -102,4 +103,24 @@ impl Upstream {
             .map(|s| s.0)
             .collect()
     }
+}
+
+/// `up` behind `bulkhead`, reading each job's priority and tenant.
+pub fn prioritised_and_partitioned(
+    bulkhead: &Bulkhead,
+    up: &Upstream,
+) -> impl tower::Service<
+    Job,
+    Response = usize,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<usize, BoxError>> + Send + 'static,
+> + Clone {
+    tower::ServiceBuilder::new()
+        .layer(
+            bulkhead
+                .layer()
+                .priority(|j: &Job| j.priority)
+                .partition(|j: &Job| j.tenant),
+        )
+        .service(up.service())
 }
