@@ -1,0 +1,468 @@
+//! The breaker's state machine.
+//!
+//! One `AtomicU32` packs the state (bits 0–1), the manual mode (bits 2–3) and a
+//! generation (bits 4–31) bumped at every transition. The closed-state admission
+//! is one load of it; a success in the closed state is at most one more load (and
+//! a store only when it ends a run of failures). Transitions, the open deadline and
+//! half-open probe accounting live under a mutex that the healthy path never takes.
+//! A result carries the generation it was admitted in, so a slow call that started
+//! before a transition cannot count in the next state.
+
+use super::window::{Counts, Window};
+use super::{BreakerSnapshot, BreakerState, Mode, Transition};
+use crate::classify::Class;
+use crate::error::{RejectKind, Rejected};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+const STATE_MASK: u32 = 0b11;
+const MODE_SHIFT: u32 = 2;
+const MODE_MASK: u32 = 0b11 << MODE_SHIFT;
+
+const CLOSED: u32 = 0;
+const OPEN: u32 = 1;
+const HALF_OPEN: u32 = 2;
+
+fn state_of(w: u32) -> BreakerState {
+    match w & STATE_MASK {
+        CLOSED => BreakerState::Closed,
+        OPEN => BreakerState::Open,
+        _ => BreakerState::HalfOpen,
+    }
+}
+
+fn mode_of(w: u32) -> Mode {
+    match (w & MODE_MASK) >> MODE_SHIFT {
+        0 => Mode::Normal,
+        1 => Mode::ForcedOpen,
+        2 => Mode::Disabled,
+        _ => Mode::MetricsOnly,
+    }
+}
+
+fn mode_bits(m: Mode) -> u32 {
+    (match m {
+        Mode::Normal => 0,
+        Mode::ForcedOpen => 1,
+        Mode::Disabled => 2,
+        Mode::MetricsOnly => 3,
+    }) << MODE_SHIFT
+}
+
+fn gen_of(w: u32) -> u32 {
+    w >> 4
+}
+
+pub(crate) type Listener = Arc<dyn Fn(&Transition) + Send + Sync>;
+pub(crate) type CountsFn = Arc<dyn Fn(&Class) -> bool + Send + Sync>;
+
+pub(crate) struct Config {
+    pub(crate) name: Option<Arc<str>>,
+    pub(crate) consecutive: Option<u32>,
+    pub(crate) failure_rate: Option<f64>,
+    pub(crate) slow: Option<(Duration, f64)>,
+    pub(crate) min_calls: u64,
+    pub(crate) open_for: Duration,
+    pub(crate) open_growth: f64,
+    pub(crate) open_cap: Duration,
+    pub(crate) open_jitter: f64,
+    pub(crate) probes: u32,
+    pub(crate) counts: Option<CountsFn>,
+    pub(crate) listener: Option<Listener>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("name", &self.name)
+            .field("consecutive", &self.consecutive)
+            .field("failure_rate", &self.failure_rate)
+            .field("slow", &self.slow)
+            .field("min_calls", &self.min_calls)
+            .field("open_for", &self.open_for)
+            .field("probes", &self.probes)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    open_until: Instant,
+    reopens: u32,
+    probes_in_flight: u32,
+    probe_successes: u32,
+    since: Instant,
+    rng: SmallRng,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    word: AtomicU32,
+    consecutive: AtomicU32,
+    window: Option<Window>,
+    inner: Mutex<Inner>,
+    rejected: AtomicU64,
+    pub(crate) cfg: Config,
+    watch: watch::Sender<BreakerState>,
+}
+
+/// What admission decided for one call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ticket {
+    pub(crate) gen: u32,
+    pub(crate) probe: bool,
+    /// Record the outcome (false when disabled).
+    pub(crate) record: bool,
+}
+
+impl Shared {
+    pub(crate) fn new(cfg: Config, window: Option<Window>, seed: Option<u64>) -> Self {
+        let now = Instant::now();
+        let rng = match seed {
+            Some(s) => SmallRng::seed_from_u64(s),
+            None => SmallRng::from_rng(&mut rand::rng()),
+        };
+        Shared {
+            word: AtomicU32::new(CLOSED),
+            consecutive: AtomicU32::new(0),
+            window,
+            inner: Mutex::new(Inner {
+                open_until: now,
+                reopens: 0,
+                probes_in_flight: 0,
+                probe_successes: 0,
+                since: now,
+                rng,
+            }),
+            rejected: AtomicU64::new(0),
+            cfg,
+            watch: watch::Sender::new(BreakerState::Closed),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn needs_clock(&self) -> bool {
+        self.cfg.slow.is_some() || self.window.as_ref().is_some_and(Window::needs_clock)
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<BreakerState> {
+        self.watch.subscribe()
+    }
+
+    fn rejection(&self, retry_after: Option<Duration>) -> Rejected {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        let r =
+            Rejected::new("breaker", RejectKind::CircuitOpen).with_name_opt(self.cfg.name.as_ref());
+        match retry_after {
+            Some(d) => r.with_retry_after(d),
+            None => r,
+        }
+    }
+
+    /// Admits a call or refuses it. The closed path is one atomic load.
+    #[inline]
+    pub(crate) fn admit(&self) -> Result<Ticket, Rejected> {
+        let w = self.word.load(Ordering::Acquire);
+        if w & (STATE_MASK | MODE_MASK) == CLOSED {
+            return Ok(Ticket {
+                gen: gen_of(w),
+                probe: false,
+                record: true,
+            });
+        }
+        self.admit_slow(w)
+    }
+
+    #[cold]
+    fn admit_slow(&self, w: u32) -> Result<Ticket, Rejected> {
+        let mode = mode_of(w);
+        match mode {
+            Mode::Disabled => {
+                return Ok(Ticket {
+                    gen: gen_of(w),
+                    probe: false,
+                    record: false,
+                })
+            }
+            Mode::ForcedOpen => return Err(self.rejection(None)),
+            Mode::Normal | Mode::MetricsOnly => {}
+        }
+        let pass = mode == Mode::MetricsOnly;
+        if pass && w & STATE_MASK == CLOSED {
+            return Ok(Ticket {
+                gen: gen_of(w),
+                probe: false,
+                record: true,
+            });
+        }
+        let mut inner = self.lock();
+        let w = self.word.load(Ordering::Acquire);
+        let now = Instant::now();
+        match w & STATE_MASK {
+            CLOSED => Ok(Ticket {
+                gen: gen_of(w),
+                probe: false,
+                record: true,
+            }),
+            OPEN if now < inner.open_until => {
+                if pass {
+                    Ok(Ticket {
+                        gen: gen_of(w),
+                        probe: false,
+                        record: true,
+                    })
+                } else {
+                    Err(self.rejection(Some(inner.open_until - now)))
+                }
+            }
+            _ => {
+                let w = if w & STATE_MASK == OPEN {
+                    inner.probes_in_flight = 0;
+                    inner.probe_successes = 0;
+                    self.transition(&mut inner, w, HALF_OPEN, now, "open duration elapsed")
+                } else {
+                    w
+                };
+                if inner.probes_in_flight + inner.probe_successes < self.cfg.probes {
+                    inner.probes_in_flight += 1;
+                    Ok(Ticket {
+                        gen: gen_of(w),
+                        probe: true,
+                        record: true,
+                    })
+                } else if pass {
+                    Ok(Ticket {
+                        gen: gen_of(w),
+                        probe: false,
+                        record: true,
+                    })
+                } else {
+                    Err(self.rejection(None))
+                }
+            }
+        }
+    }
+
+    /// Moves to `to` (a new generation); caller holds the lock.
+    fn transition(
+        &self,
+        inner: &mut Inner,
+        from_word: u32,
+        to: u32,
+        now: Instant,
+        reason: &'static str,
+    ) -> u32 {
+        let next = ((gen_of(from_word).wrapping_add(1)) << 4) | (from_word & MODE_MASK) | to;
+        self.word.store(next, Ordering::Release);
+        inner.since = now;
+        let t = Transition {
+            from: state_of(from_word),
+            to: state_of(next),
+            at: now,
+            reason,
+        };
+        self.watch.send_replace(t.to);
+        if let Some(l) = &self.cfg.listener {
+            l(&t);
+        }
+        next
+    }
+
+    fn open_duration(&self, inner: &mut Inner) -> Duration {
+        let cfg = &self.cfg;
+        let base = cfg.open_for.as_secs_f64()
+            * cfg
+                .open_growth
+                .powi(i32::try_from(inner.reopens).unwrap_or(i32::MAX));
+        let base = base.min(cfg.open_cap.as_secs_f64());
+        let jittered = if cfg.open_jitter > 0.0 {
+            base * (1.0 + cfg.open_jitter * inner.rng.random::<f64>())
+        } else {
+            base
+        };
+        Duration::try_from_secs_f64(jittered)
+            .unwrap_or(cfg.open_cap)
+            .min(cfg.open_cap.max(cfg.open_for))
+    }
+
+    fn open(&self, inner: &mut Inner, w: u32, now: Instant, reason: &'static str) {
+        let d = self.open_duration(inner);
+        inner.open_until = now + d;
+        self.consecutive.store(0, Ordering::Relaxed);
+        if let Some(win) = &self.window {
+            win.reset();
+        }
+        self.transition(inner, w, OPEN, now, reason);
+    }
+
+    /// Whether `class` (and slowness) count as a failure.
+    fn is_failure(&self, class: &Class) -> bool {
+        match &self.cfg.counts {
+            Some(f) => f(class),
+            None => class.is_upstream_failure(),
+        }
+    }
+
+    pub(crate) fn is_slow(&self, elapsed: Option<Duration>) -> bool {
+        match (self.cfg.slow, elapsed) {
+            (Some((threshold, _)), Some(e)) => e >= threshold,
+            _ => false,
+        }
+    }
+
+    /// Records one outcome. The closed-state success with no window configured
+    /// is one load (and a store only if it ends a failure run).
+    #[inline]
+    pub(crate) fn record(&self, t: Ticket, class: &Class, elapsed: Option<Duration>) {
+        if !t.record {
+            return;
+        }
+        let failed = self.is_failure(class);
+        let slow = self.is_slow(elapsed);
+        if t.probe {
+            return self.record_probe(t, failed || slow);
+        }
+        let w = self.word.load(Ordering::Acquire);
+        if gen_of(w) != t.gen || w & STATE_MASK != CLOSED {
+            return; // admitted in an earlier state: it says nothing about this one
+        }
+        let mut trip: Option<&'static str> = None;
+        if let Some(n) = self.cfg.consecutive {
+            if failed {
+                if self.consecutive.fetch_add(1, Ordering::AcqRel) + 1 >= n {
+                    trip = Some("consecutive failures");
+                }
+            } else if self.consecutive.load(Ordering::Relaxed) != 0 {
+                self.consecutive.store(0, Ordering::Relaxed);
+            }
+        }
+        if let Some(win) = &self.window {
+            let now = win.needs_clock().then(Instant::now);
+            win.record(failed, slow, now);
+            if trip.is_none() && (failed || slow) {
+                trip = self.rate_trip(win.counts(now));
+            }
+        }
+        if let Some(reason) = trip {
+            self.trip(t.gen, reason);
+        }
+    }
+
+    fn rate_trip(&self, c: Counts) -> Option<&'static str> {
+        if c.total < self.cfg.min_calls {
+            return None;
+        }
+        if self.cfg.failure_rate.is_some_and(|r| c.failure_rate() >= r) {
+            return Some("failure rate");
+        }
+        if self.cfg.slow.is_some_and(|(_, r)| c.slow_rate() >= r) {
+            return Some("slow-call rate");
+        }
+        None
+    }
+
+    #[cold]
+    fn trip(&self, gen: u32, reason: &'static str) {
+        let mut inner = self.lock();
+        let w = self.word.load(Ordering::Acquire);
+        if gen_of(w) == gen && w & STATE_MASK == CLOSED {
+            inner.reopens = 0;
+            self.open(&mut inner, w, Instant::now(), reason);
+        }
+    }
+
+    #[cold]
+    fn record_probe(&self, t: Ticket, failed: bool) {
+        let mut inner = self.lock();
+        let w = self.word.load(Ordering::Acquire);
+        if gen_of(w) != t.gen || w & STATE_MASK != HALF_OPEN {
+            return;
+        }
+        inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+        let now = Instant::now();
+        if failed {
+            inner.reopens = inner.reopens.saturating_add(1);
+            self.open(&mut inner, w, now, "probe failed");
+        } else {
+            inner.probe_successes += 1;
+            if inner.probe_successes >= self.cfg.probes {
+                inner.reopens = 0;
+                self.consecutive.store(0, Ordering::Relaxed);
+                if let Some(win) = &self.window {
+                    win.reset();
+                }
+                self.transition(&mut inner, w, CLOSED, now, "probes succeeded");
+            }
+        }
+    }
+
+    /// A probe's future was dropped before it finished: free its slot, count nothing.
+    #[cold]
+    pub(crate) fn abandon_probe(&self, t: Ticket) {
+        let mut inner = self.lock();
+        let w = self.word.load(Ordering::Acquire);
+        if gen_of(w) == t.gen && w & STATE_MASK == HALF_OPEN {
+            inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+        }
+    }
+
+    pub(crate) fn set_mode(&self, mode: Mode) {
+        let _inner = self.lock();
+        let w = self.word.load(Ordering::Acquire);
+        self.word
+            .store((w & !MODE_MASK) | mode_bits(mode), Ordering::Release);
+    }
+
+    pub(crate) fn reset(&self) {
+        let mut inner = self.lock();
+        let w = self.word.load(Ordering::Acquire);
+        inner.reopens = 0;
+        inner.probes_in_flight = 0;
+        inner.probe_successes = 0;
+        self.consecutive.store(0, Ordering::Relaxed);
+        if let Some(win) = &self.window {
+            win.reset();
+        }
+        let w = w & !MODE_MASK; // back to Normal
+        self.word.store(w, Ordering::Release);
+        self.transition(&mut inner, w, CLOSED, Instant::now(), "reset");
+    }
+
+    pub(crate) fn state(&self) -> BreakerState {
+        state_of(self.word.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn snapshot(&self) -> BreakerSnapshot {
+        let inner = self.lock();
+        let w = self.word.load(Ordering::Acquire);
+        let now = Instant::now();
+        let counts = self
+            .window
+            .as_ref()
+            .map(|win| win.counts(win.needs_clock().then_some(now)))
+            .unwrap_or_default();
+        BreakerSnapshot {
+            state: state_of(w),
+            mode: mode_of(w),
+            consecutive_failures: self.consecutive.load(Ordering::Relaxed),
+            calls_in_window: counts.total,
+            failures_in_window: counts.failures,
+            slow_in_window: counts.slow,
+            failure_rate: counts.failure_rate(),
+            slow_rate: counts.slow_rate(),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            time_in_state: now.saturating_duration_since(inner.since),
+            retry_after: (w & STATE_MASK == OPEN && now < inner.open_until)
+                .then(|| inner.open_until - now),
+        }
+    }
+}

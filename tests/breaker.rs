@@ -1,0 +1,441 @@
+//! Breaker behaviour under paused time: seeds 003 and 004, class awareness,
+//! rate and slow-call policies, half-open probes and drops, manual modes, events.
+
+use semaforo::breaker::{Breaker, BreakerState, Transition};
+use semaforo::classify::Class;
+use semaforo::{BoxError, RejectKind, Rejected};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// An upstream told what to answer: the request is the class of the outcome and
+/// how long it takes. Counts the calls that reach it.
+#[derive(Clone, Default)]
+struct Upstream {
+    calls: Arc<AtomicUsize>,
+}
+
+type Step = (Class, Duration);
+
+impl Upstream {
+    fn behind(
+        &self,
+        breaker: &Breaker,
+    ) -> impl Service<
+        Step,
+        Response = Class,
+        Error = BoxError,
+        Future = impl std::future::Future<Output = Result<Class, BoxError>> + Send,
+    > + Clone {
+        let calls = self.calls.clone();
+        ServiceBuilder::new()
+            .layer(
+                breaker
+                    .layer()
+                    .classify(|r: Result<&Class, &std::io::Error>| {
+                        r.map_or(Class::Transient, |c| *c)
+                    }),
+            )
+            .service(tower::service_fn(move |(class, work): Step| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(work).await;
+                    Ok::<_, std::io::Error>(class)
+                }
+            }))
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+async fn step<S>(svc: &mut S, class: Class) -> Result<Class, BoxError>
+where
+    S: Service<Step, Response = Class, Error = BoxError>,
+{
+    svc.ready()
+        .await?
+        .call((class, Duration::from_millis(10)))
+        .await
+}
+
+const OVERLOADED: Class = Class::Overloaded { retry_after: None };
+const THROTTLED: Class = Class::Throttled { retry_after: None };
+
+#[tokio::test(start_paused = true)]
+async fn seed_003_004_five_failures_open_five_minutes_then_one_probe() {
+    let up = Upstream::default();
+    let breaker = Breaker::builder()
+        .name("claude")
+        .consecutive_failures(5)
+        .open_for(secs(300))
+        .build()
+        .unwrap();
+    let mut svc = up.behind(&breaker);
+    for i in 0..4 {
+        step(&mut svc, OVERLOADED).await.unwrap();
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Closed,
+            "after {} failures",
+            i + 1
+        );
+    }
+    step(&mut svc, OVERLOADED).await.unwrap();
+    assert_eq!(
+        breaker.state(),
+        BreakerState::Open,
+        "5th consecutive Overloaded opens it"
+    );
+    let opened_at = Instant::now();
+    assert_eq!(up.calls(), 5);
+
+    // During the 5 minutes: fail fast, no inner call, retry_after counts down.
+    for t in [0u64, 60, 299] {
+        tokio::time::sleep_until(opened_at + secs(t)).await;
+        let t0 = Instant::now();
+        let err = step(&mut svc, Class::Success).await.unwrap_err();
+        assert!(t0.elapsed() < Duration::from_millis(1));
+        let r = Rejected::from_box(&err).unwrap();
+        assert_eq!(r.kind(), RejectKind::CircuitOpen);
+        assert_eq!(r.retry_after(), Some(secs(300 - t)));
+    }
+    assert_eq!(up.calls(), 5, "no request reached the upstream while open");
+
+    // After 5 minutes: one probe passes, others are refused meanwhile.
+    tokio::time::sleep_until(opened_at + secs(300)).await;
+    let mut probe_svc = svc.clone();
+    let probe = tokio::spawn(async move { step(&mut probe_svc, Class::Success).await });
+    tokio::task::yield_now().await;
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+    let err = step(&mut svc, Class::Success).await.unwrap_err();
+    assert_eq!(
+        Rejected::from_box(&err).unwrap().kind(),
+        RejectKind::CircuitOpen
+    );
+    probe.await.unwrap().unwrap();
+    assert_eq!(
+        breaker.state(),
+        BreakerState::Closed,
+        "the probe's success closes it"
+    );
+    assert_eq!(up.calls(), 6);
+    step(&mut svc, Class::Success).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn fifty_throttled_results_leave_it_closed() {
+    let up = Upstream::default();
+    let breaker = Breaker::builder().consecutive_failures(5).build().unwrap();
+    let mut svc = up.behind(&breaker);
+    for _ in 0..50 {
+        step(&mut svc, THROTTLED).await.unwrap();
+    }
+    for _ in 0..50 {
+        step(&mut svc, Class::Permanent).await.unwrap();
+    }
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    assert_eq!(breaker.snapshot().consecutive_failures, 0);
+    // ...and a success resets a failure run.
+    for _ in 0..4 {
+        step(&mut svc, Class::Transient).await.unwrap();
+    }
+    step(&mut svc, Class::Success).await.unwrap();
+    for _ in 0..4 {
+        step(&mut svc, Class::Infrastructure).await.unwrap();
+    }
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    step(&mut svc, Class::Infrastructure).await.unwrap();
+    assert_eq!(breaker.state(), BreakerState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_reopens_and_the_open_time_grows_capped() {
+    let up = Upstream::default();
+    let breaker = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(secs(10))
+        .open_growth(2.0, secs(35))
+        .build()
+        .unwrap();
+    let mut svc = up.behind(&breaker);
+    step(&mut svc, OVERLOADED).await.unwrap();
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        let err = step(&mut svc, Class::Success).await.unwrap_err();
+        let wait = Rejected::from_box(&err).unwrap().retry_after().unwrap();
+        waits.push(wait);
+        tokio::time::sleep(wait).await;
+        step(&mut svc, OVERLOADED).await.unwrap(); // the probe fails
+        assert_eq!(breaker.state(), BreakerState::Open);
+    }
+    // 10 s, then ×2 per re-open, capped at 35 s (10 ms of the probe's own work elapsed before re-opening).
+    assert_eq!(waits, vec![secs(10), secs(20), secs(35), secs(35)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn jitter_spreads_the_open_time_within_its_bound() {
+    let mut seen = Vec::new();
+    for seed in 0..20 {
+        let up = Upstream::default();
+        let breaker = Breaker::builder()
+            .consecutive_failures(1)
+            .open_for(secs(100))
+            .open_jitter(0.2)
+            .seed(seed)
+            .build()
+            .unwrap();
+        let mut svc = up.behind(&breaker);
+        step(&mut svc, OVERLOADED).await.unwrap();
+        let ra = breaker.snapshot().retry_after.unwrap();
+        assert!(ra >= secs(100) && ra <= secs(120), "{ra:?}");
+        seen.push(ra);
+    }
+    seen.sort();
+    seen.dedup();
+    assert!(seen.len() > 10, "instances do not probe in lockstep");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_probe_frees_its_slot_and_counts_nothing() {
+    let up = Upstream::default();
+    let breaker = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(secs(10))
+        .half_open_probes(2)
+        .build()
+        .unwrap();
+    let mut svc = up.behind(&breaker);
+    step(&mut svc, OVERLOADED).await.unwrap();
+    tokio::time::sleep(secs(10)).await;
+    // Two probes start; a third caller is refused.
+    let p1 = svc.ready().await.unwrap().call((Class::Success, secs(5)));
+    let p2 = svc.ready().await.unwrap().call((Class::Success, secs(5)));
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+    assert!(step(&mut svc, Class::Success).await.is_err());
+    // Dropping one frees its slot: the next caller is a probe.
+    drop(p1);
+    let p3 = svc.ready().await.unwrap().call((Class::Success, secs(1)));
+    assert!(
+        step(&mut svc, Class::Success).await.is_err(),
+        "still only 2 probe slots"
+    );
+    p3.await.unwrap();
+    assert_eq!(breaker.state(), BreakerState::HalfOpen, "1 of 2 successes");
+    p2.await.unwrap();
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    // A probe dropped at each await point of an unfinished call leaves no trace.
+    step(&mut svc, OVERLOADED).await.unwrap();
+    tokio::time::sleep(secs(10)).await;
+    let fut = svc.ready().await.unwrap().call((OVERLOADED, secs(5)));
+    let mut fut = Box::pin(fut);
+    assert!(futures::poll!(fut.as_mut()).is_pending());
+    drop(fut); // a failure that never finished: not counted
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+    step(&mut svc, Class::Success).await.unwrap();
+    step(&mut svc, Class::Success).await.unwrap();
+    assert_eq!(breaker.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failure_rate_over_a_count_window_with_min_calls() {
+    let up = Upstream::default();
+    let breaker = Breaker::builder()
+        .no_consecutive_failures()
+        .failure_rate(0.5)
+        .window_calls(10)
+        .min_calls(10)
+        .build()
+        .unwrap();
+    let mut svc = up.behind(&breaker);
+    // 5 failures in the first 9 calls: under min_calls, stays closed.
+    for i in 0..9 {
+        let c = if i % 2 == 0 {
+            Class::Transient
+        } else {
+            Class::Success
+        };
+        step(&mut svc, c).await.unwrap();
+    }
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    assert_eq!(breaker.snapshot().failures_in_window, 5);
+    step(&mut svc, Class::Success).await.unwrap(); // 10 calls, 50 % — but a success never trips
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    step(&mut svc, Class::Transient).await.unwrap(); // window: 5 fail of 10 → 50 %
+    assert_eq!(breaker.state(), BreakerState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failure_rate_over_a_time_window_forgets_old_failures() {
+    let up = Upstream::default();
+    let breaker = Breaker::builder()
+        .no_consecutive_failures()
+        .failure_rate(0.5)
+        .window_time(secs(60), 6)
+        .min_calls(4)
+        .build()
+        .unwrap();
+    let mut svc = up.behind(&breaker);
+    step(&mut svc, Class::Transient).await.unwrap();
+    step(&mut svc, Class::Transient).await.unwrap();
+    step(&mut svc, Class::Success).await.unwrap();
+    tokio::time::sleep(secs(70)).await; // the two failures left the window
+    step(&mut svc, Class::Success).await.unwrap();
+    step(&mut svc, Class::Success).await.unwrap();
+    step(&mut svc, Class::Success).await.unwrap();
+    step(&mut svc, Class::Transient).await.unwrap(); // 1 of 4
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    step(&mut svc, Class::Transient).await.unwrap();
+    step(&mut svc, Class::Transient).await.unwrap(); // 3 of 6 = 50 %
+    assert_eq!(breaker.state(), BreakerState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_calls_trip_their_own_rate() {
+    let up = Upstream::default();
+    let breaker = Breaker::builder()
+        .no_consecutive_failures()
+        .slow_calls(secs(2), 0.6)
+        .window_calls(5)
+        .min_calls(5)
+        .build()
+        .unwrap();
+    let mut svc = up.behind(&breaker);
+    for work in [1u64, 3, 3, 1] {
+        svc.ready()
+            .await
+            .unwrap()
+            .call((Class::Success, secs(work)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    svc.ready()
+        .await
+        .unwrap()
+        .call((Class::Success, secs(3)))
+        .await
+        .unwrap(); // 3 slow of 5
+    assert_eq!(breaker.state(), BreakerState::Open);
+    assert_eq!(breaker.snapshot().state, BreakerState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn manual_modes() {
+    let up = Upstream::default();
+    let breaker = Breaker::builder().consecutive_failures(1).build().unwrap();
+    let mut svc = up.behind(&breaker);
+    breaker.force_open();
+    assert!(step(&mut svc, Class::Success).await.is_err());
+    assert_eq!(up.calls(), 0);
+    breaker.disable();
+    for _ in 0..10 {
+        step(&mut svc, OVERLOADED).await.unwrap();
+    }
+    assert_eq!(
+        breaker.state(),
+        BreakerState::Closed,
+        "disabled records nothing"
+    );
+    breaker.metrics_only();
+    step(&mut svc, OVERLOADED).await.unwrap();
+    assert_eq!(
+        breaker.state(),
+        BreakerState::Open,
+        "metrics-only runs the state machine"
+    );
+    step(&mut svc, Class::Success).await.unwrap(); // ...but never refuses
+    breaker.reset();
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    step(&mut svc, OVERLOADED).await.unwrap();
+    assert!(
+        step(&mut svc, Class::Success).await.is_err(),
+        "normal again after reset"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_transition_is_observable() {
+    let up = Upstream::default();
+    let seen: Arc<Mutex<Vec<Transition>>> = Arc::default();
+    let breaker = Breaker::builder()
+        .consecutive_failures(2)
+        .open_for(secs(30))
+        .on_transition({
+            let seen = seen.clone();
+            move |t| seen.lock().unwrap().push(*t)
+        })
+        .build()
+        .unwrap();
+    let mut rx = breaker.subscribe();
+    let mut svc = up.behind(&breaker);
+    step(&mut svc, OVERLOADED).await.unwrap();
+    step(&mut svc, OVERLOADED).await.unwrap();
+    assert!(rx.has_changed().unwrap());
+    assert_eq!(*rx.borrow_and_update(), BreakerState::Open);
+    tokio::time::sleep(secs(30)).await;
+    step(&mut svc, Class::Success).await.unwrap();
+    let got: Vec<_> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| (t.from, t.to, t.reason))
+        .collect();
+    use BreakerState::*;
+    assert_eq!(
+        got,
+        vec![
+            (Closed, Open, "consecutive failures"),
+            (Open, HalfOpen, "open duration elapsed"),
+            (HalfOpen, Closed, "probes succeeded"),
+        ]
+    );
+    assert_eq!(*rx.borrow_and_update(), Closed);
+}
+
+#[test]
+fn bad_configuration_is_an_error() {
+    let field = |b: semaforo::breaker::BreakerBuilder| b.build().unwrap_err().field;
+    assert_eq!(
+        field(Breaker::builder().consecutive_failures(0)),
+        "consecutive_failures"
+    );
+    assert_eq!(field(Breaker::builder().failure_rate(1.5)), "failure_rate");
+    assert_eq!(
+        field(Breaker::builder().failure_rate(f64::NAN)),
+        "failure_rate"
+    );
+    assert_eq!(
+        field(Breaker::builder().no_consecutive_failures()),
+        "policy"
+    );
+    assert_eq!(field(Breaker::builder().window_calls(0)), "window_calls");
+    assert_eq!(
+        field(Breaker::builder().window_time(Duration::ZERO, 5)),
+        "window_time"
+    );
+    assert_eq!(
+        field(Breaker::builder().open_for(Duration::ZERO)),
+        "open_for"
+    );
+    assert_eq!(
+        field(Breaker::builder().open_growth(0.5, secs(10))),
+        "open_growth"
+    );
+    assert_eq!(
+        field(Breaker::builder().open_growth(2.0, secs(1))),
+        "open_growth"
+    );
+    assert_eq!(field(Breaker::builder().open_jitter(2.0)), "open_jitter");
+    assert_eq!(
+        field(Breaker::builder().half_open_probes(0)),
+        "half_open_probes"
+    );
+}
