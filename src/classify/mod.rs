@@ -200,7 +200,12 @@ macro_rules! as_error_ref_self {
         }
     )*};
 }
-as_error_ref_self!(io::Error, tokio::time::error::Elapsed, Rejected);
+as_error_ref_self!(
+    io::Error,
+    tokio::time::error::Elapsed,
+    Rejected,
+    std::convert::Infallible
+);
 #[cfg(feature = "http")]
 as_error_ref_self!(::http::Error);
 

@@ -1,0 +1,174 @@
+//! Closed-breaker cost next to the peers doing the same job, in the same run:
+//! tower-resilience's `CircuitBreaker` (a tower layer) and failsafe's futures
+//! `CircuitBreaker` (wrapping the same bare service future).
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use failsafe::futures::CircuitBreaker as _;
+use futures::FutureExt;
+use semaforo::breaker::Breaker;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+
+fn bare() -> impl Service<
+    u64,
+    Response = u64,
+    Error = Infallible,
+    Future = std::future::Ready<Result<u64, Infallible>>,
+> + Clone {
+    service_fn(|x: u64| std::future::ready(Ok::<_, Infallible>(x + 1)))
+}
+
+fn once<S: Service<u64>>(svc: &mut S, x: u64) -> S::Response
+where
+    S::Error: std::fmt::Debug,
+{
+    let svc = svc
+        .ready()
+        .now_or_never()
+        .expect("ready at once")
+        .expect("no error");
+    svc.call(x)
+        .now_or_never()
+        .expect("completes at once")
+        .expect("ok")
+}
+
+fn semaforo_consecutive() -> Breaker {
+    Breaker::builder().consecutive_failures(5).build().unwrap()
+}
+
+fn semaforo_rate() -> Breaker {
+    Breaker::builder()
+        .consecutive_failures(5)
+        .failure_rate(0.5)
+        .window_calls(100)
+        .build()
+        .unwrap()
+}
+
+fn tower_resilience_layer() -> tower_resilience::circuitbreaker::CircuitBreakerLayer<
+    tower_resilience::circuitbreaker::DefaultClassifier,
+> {
+    tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+        .failure_rate_threshold(0.5)
+        .sliding_window_size(100)
+        .build()
+        .unwrap()
+}
+
+fn closed(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("breaker/closed_uncontended");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+
+    let mut s = bare();
+    g.bench_function("bare service", |b| b.iter(|| once(&mut s, black_box(1))));
+
+    let br = semaforo_consecutive();
+    let mut s = ServiceBuilder::new().layer(br.layer()).service(bare());
+    g.bench_function("semaforo Breaker (consecutive)", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+
+    let br = semaforo_rate();
+    let mut s = ServiceBuilder::new().layer(br.layer()).service(bare());
+    g.bench_function("semaforo Breaker (consecutive + rate window 100)", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+
+    let mut s = ServiceBuilder::new()
+        .layer(tower_resilience_layer())
+        .service(bare());
+    g.bench_function("tower-resilience CircuitBreaker", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+
+    let cb = failsafe::Config::new().build();
+    let mut s = bare();
+    g.bench_function("failsafe CircuitBreaker", |b| {
+        b.iter(|| {
+            let svc = s.ready().now_or_never().unwrap().unwrap();
+            let fut = svc.call(black_box(1));
+            cb.call(fut).now_or_never().unwrap().unwrap()
+        })
+    });
+    g.finish();
+}
+
+fn contended(c: &mut Criterion) {
+    fn run<S>(svc: S, iters: u64) -> Duration
+    where
+        S: Service<u64, Response = u64> + Clone + Send + 'static,
+        S::Error: std::fmt::Debug,
+    {
+        let start = Instant::now();
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let mut s = svc.clone();
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    let _g = rt.enter();
+                    // Locks inside a peer may make a call wait under contention:
+                    // drive every call (ours too) with the same executor.
+                    for i in 0..iters / 2 {
+                        black_box(futures::executor::block_on(async {
+                            s.ready().await.unwrap().call(i).await.unwrap()
+                        }));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        start.elapsed()
+    }
+    let mut g = c.benchmark_group("breaker/closed_contended_2_threads");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    g.bench_function("semaforo Breaker (consecutive)", |b| {
+        b.iter_custom(|iters| {
+            let br = semaforo_consecutive();
+            run(
+                ServiceBuilder::new().layer(br.layer()).service(bare()),
+                iters,
+            )
+        })
+    });
+    g.bench_function("semaforo Breaker (consecutive + rate window 100)", |b| {
+        b.iter_custom(|iters| {
+            let br = semaforo_rate();
+            run(
+                ServiceBuilder::new().layer(br.layer()).service(bare()),
+                iters,
+            )
+        })
+    });
+    g.bench_function("tower-resilience CircuitBreaker", |b| {
+        b.iter_custom(|iters| {
+            run(
+                ServiceBuilder::new()
+                    .layer(tower_resilience_layer())
+                    .service(bare()),
+                iters,
+            )
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30);
+    targets = closed, contended
+}
+criterion_main!(benches);
