@@ -439,3 +439,71 @@ fn bad_configuration_is_an_error() {
         "half_open_probes"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn keyed_breakers_isolate_upstreams_and_stay_bounded() {
+    let per_model = Breaker::builder()
+        .consecutive_failures(2)
+        .keyed::<&'static str>(3)
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            per_model
+                .layer(|(model, _): &(&'static str, Class)| *model)
+                .classify(|r: Result<&Class, &std::io::Error>| r.map_or(Class::Transient, |c| *c)),
+        )
+        .service(tower::service_fn({
+            let calls = calls.clone();
+            move |(_, class): (&'static str, Class)| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move { Ok::<_, std::io::Error>(class) }
+            }
+        }));
+    for _ in 0..2 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(("gpt-4o", OVERLOADED))
+            .await
+            .unwrap();
+    }
+    assert_eq!(per_model.get(&"gpt-4o").state(), BreakerState::Open);
+    assert!(svc
+        .ready()
+        .await
+        .unwrap()
+        .call(("gpt-4o", Class::Success))
+        .await
+        .is_err());
+    svc.ready()
+        .await
+        .unwrap()
+        .call(("gpt-4o-mini", Class::Success))
+        .await
+        .unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "the open model got no call, the other did"
+    );
+    // Bounded: many more keys evict closed breakers, never the open one.
+    for m in ["a", "b", "c", "d", "e", "f"] {
+        svc.ready()
+            .await
+            .unwrap()
+            .call((m, Class::Success))
+            .await
+            .unwrap();
+        assert!(per_model.len() <= 3);
+    }
+    assert_eq!(per_model.get(&"gpt-4o").state(), BreakerState::Open);
+    assert!(per_model
+        .snapshots()
+        .iter()
+        .any(|(k, s)| *k == "gpt-4o" && s.state == BreakerState::Open));
+    assert_eq!(
+        Breaker::builder().keyed::<u32>(0).unwrap_err().field,
+        "keyed"
+    );
+}

@@ -55,9 +55,11 @@
 //! ```
 
 mod core;
+mod keyed;
 mod service;
 mod window;
 
+pub use keyed::{KeyedBreaker, KeyedBreakerLayer, KeyedBreakerService};
 pub use service::{BreakerLayer, BreakerService, ResponseFuture};
 
 use self::core::{Config, Shared};
@@ -150,6 +152,7 @@ enum WindowKind {
 }
 
 /// Builder for a [`Breaker`]; [`build`](Self::build) validates it.
+#[derive(Clone)]
 #[must_use = "call .build() to get a Breaker"]
 pub struct BreakerBuilder {
     name: Option<Arc<str>>,
@@ -277,8 +280,22 @@ impl BreakerBuilder {
         self
     }
 
+    /// One breaker per key (upstream host, model name), each configured like
+    /// this one, at most `max_keys` of them (see [`KeyedBreaker`]).
+    pub fn keyed<K>(self, max_keys: usize) -> Result<KeyedBreaker<K>, ConfigError>
+    where
+        K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        KeyedBreaker::new(self, max_keys)
+    }
+
     /// Validates and builds.
     pub fn build(self) -> Result<Breaker, ConfigError> {
+        self.validate()?;
+        Ok(self.assemble())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
         let err = |field, reason: String| Err(ConfigError::new("breaker", field, reason));
         let rate_ok = |r: f64| r.is_finite() && r > 0.0 && r <= 1.0;
         if self.consecutive == Some(0) {
@@ -340,6 +357,12 @@ impl BreakerBuilder {
         if self.probes == 0 {
             return err("half_open_probes", "must be at least 1".into());
         }
+        Ok(())
+    }
+
+    /// Builds a validated configuration (infallible).
+    fn assemble(self) -> Breaker {
+        let open_cap = self.open_cap.unwrap_or(self.open_for);
         let needs_window = self.failure_rate.is_some() || self.slow.is_some();
         let window = needs_window.then(|| match self.window.unwrap_or(WindowKind::Count(100)) {
             WindowKind::Count(n) => Window::count(n),
@@ -363,9 +386,9 @@ impl BreakerBuilder {
             counts: self.counts,
             listener: self.listener,
         };
-        Ok(Breaker {
+        Breaker {
             shared: Arc::new(Shared::new(cfg, window, self.seed)),
-        })
+        }
     }
 }
 

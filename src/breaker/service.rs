@@ -85,27 +85,43 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.shared.admit() {
-            Ok(ticket) => {
-                let start = self.shared.needs_clock().then(Instant::now);
-                ResponseFuture {
-                    state: State::Running {
-                        fut: self.inner.call(req),
-                        call: Some(Call {
-                            shared: self.shared.clone(),
-                            ticket,
-                            start,
-                        }),
-                        classify: self.classify.clone(),
-                    },
-                }
-            }
-            Err(rejected) => ResponseFuture {
-                state: State::Rejected {
-                    rejected: Some(Box::new(rejected)),
+        call_through(&self.shared, &mut self.inner, &self.classify, req)
+    }
+}
+
+/// Admits (or refuses) one call through `shared` and calls `inner` — the one
+/// call path of the single and the keyed breaker.
+#[inline]
+pub(crate) fn call_through<S, C, Req>(
+    shared: &Arc<Shared>,
+    inner: &mut S,
+    classify: &C,
+    req: Req,
+) -> ResponseFuture<S::Future, C>
+where
+    S: Service<Req>,
+    C: Clone,
+{
+    match shared.admit() {
+        Ok(ticket) => {
+            let start = shared.needs_clock().then(Instant::now);
+            ResponseFuture {
+                state: State::Running {
+                    fut: inner.call(req),
+                    call: Some(Call {
+                        shared: shared.clone(),
+                        ticket,
+                        start,
+                    }),
+                    classify: classify.clone(),
                 },
-            },
+            }
         }
+        Err(rejected) => ResponseFuture {
+            state: State::Rejected {
+                rejected: Some(Box::new(rejected)),
+            },
+        },
     }
 }
 

@@ -1,0 +1,219 @@
+//! One breaker per key: an upstream host, a model name, a region.
+//!
+//! When one model or host of a provider is down, the others keep working; a
+//! single breaker would cut them all. The map is bounded: past `max_keys`, a new
+//! key evicts a closed breaker (an open one is never forgotten, or a failing
+//! upstream could be retried at full rate just by being evicted).
+
+use super::service::{call_through, ResponseFuture};
+use super::{Breaker, BreakerBuilder, BreakerSnapshot, BreakerState};
+use crate::classify::{Classify, ErrorClassifier};
+use crate::error::{BoxError, ConfigError};
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use tower_layer::Layer;
+use tower_service::Service;
+
+struct Map<K> {
+    template: BreakerBuilder,
+    max_keys: usize,
+    breakers: RwLock<HashMap<K, Breaker>>,
+}
+
+/// A bounded set of breakers, one per key, all configured alike.
+///
+/// ```
+/// use semaforo::breaker::{Breaker, BreakerState};
+///
+/// let per_model = Breaker::builder().consecutive_failures(3).keyed::<String>(1_000)?;
+/// let gpt = per_model.get(&"gpt-4o".to_string());
+/// assert_eq!(gpt.state(), BreakerState::Closed);
+/// assert_eq!(per_model.len(), 1);
+/// # Ok::<(), semaforo::ConfigError>(())
+/// ```
+pub struct KeyedBreaker<K> {
+    map: Arc<Map<K>>,
+}
+
+impl<K> Clone for KeyedBreaker<K> {
+    fn clone(&self) -> Self {
+        KeyedBreaker {
+            map: self.map.clone(),
+        }
+    }
+}
+
+impl<K> fmt::Debug for KeyedBreaker<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedBreaker")
+            .field("max_keys", &self.map.max_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedBreaker<K> {
+    pub(crate) fn new(template: BreakerBuilder, max_keys: usize) -> Result<Self, ConfigError> {
+        if max_keys == 0 {
+            return Err(ConfigError::new(
+                "breaker",
+                "keyed",
+                "max_keys must be at least 1",
+            ));
+        }
+        // Validated once, here, so `get` cannot fail later.
+        template.validate()?;
+        Ok(KeyedBreaker {
+            map: Arc::new(Map {
+                template,
+                max_keys,
+                breakers: RwLock::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The breaker for `key`, created on first use.
+    pub fn get(&self, key: &K) -> Breaker {
+        if let Some(b) = self
+            .map
+            .breakers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+        {
+            return b.clone();
+        }
+        let mut map = self.map.breakers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = map.get(key) {
+            return b.clone();
+        }
+        if map.len() >= self.map.max_keys {
+            let victim = map
+                .iter()
+                .find(|(_, b)| b.state() == BreakerState::Closed)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = victim {
+                map.remove(&k);
+            }
+        }
+        let breaker = self.map.template.clone().assemble();
+        map.insert(key.clone(), breaker.clone());
+        breaker
+    }
+
+    /// Keys tracked now.
+    pub fn len(&self) -> usize {
+        self.map
+            .breakers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// `true` when no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every key's snapshot (for a deep health check).
+    pub fn snapshots(&self) -> Vec<(K, BreakerSnapshot)> {
+        self.map
+            .breakers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, b)| (k.clone(), b.snapshot()))
+            .collect()
+    }
+
+    /// A layer that picks each request's breaker with `key`.
+    pub fn layer<Req, F>(&self, key: F) -> KeyedBreakerLayer<K, F, ErrorClassifier>
+    where
+        F: Fn(&Req) -> K + Clone,
+    {
+        KeyedBreakerLayer {
+            keyed: self.clone(),
+            key,
+            classify: ErrorClassifier,
+        }
+    }
+}
+
+/// The layer of a [`KeyedBreaker`].
+#[derive(Clone)]
+pub struct KeyedBreakerLayer<K, F, C> {
+    keyed: KeyedBreaker<K>,
+    key: F,
+    classify: C,
+}
+
+impl<K, F, C> KeyedBreakerLayer<K, F, C> {
+    /// Replaces the classifier (see [`BreakerLayer::classify`](super::BreakerLayer::classify)).
+    pub fn classify<C2>(self, classify: C2) -> KeyedBreakerLayer<K, F, C2> {
+        KeyedBreakerLayer {
+            keyed: self.keyed,
+            key: self.key,
+            classify,
+        }
+    }
+}
+
+impl<K, F, C> fmt::Debug for KeyedBreakerLayer<K, F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedBreakerLayer").finish_non_exhaustive()
+    }
+}
+
+impl<S, K, F: Clone, C: Clone> Layer<S> for KeyedBreakerLayer<K, F, C> {
+    type Service = KeyedBreakerService<S, K, F, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeyedBreakerService {
+            inner,
+            keyed: self.keyed.clone(),
+            key: self.key.clone(),
+            classify: self.classify.clone(),
+        }
+    }
+}
+
+/// The service of a [`KeyedBreakerLayer`].
+#[derive(Clone)]
+pub struct KeyedBreakerService<S, K, F, C> {
+    inner: S,
+    keyed: KeyedBreaker<K>,
+    key: F,
+    classify: C,
+}
+
+impl<S: fmt::Debug, K, F, C> fmt::Debug for KeyedBreakerService<S, K, F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedBreakerService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K, F, C, Req> Service<Req> for KeyedBreakerService<S, K, F, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    F: Fn(&Req) -> K,
+    C: Classify<S::Response, S::Error> + Clone,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let breaker = self.keyed.get(&(self.key)(&req));
+        call_through(&breaker.shared, &mut self.inner, &self.classify, req)
+    }
+}
