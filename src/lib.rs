@@ -9,5 +9,6 @@ pub mod bulkhead;
 pub mod classify;
 mod error;
 pub mod guard;
+pub mod retry;
 
 pub use crate::error::{BoxError, ConfigError, RejectKind, Rejected};

@@ -211,6 +211,7 @@ as_error_ref_self!(::http::Error);
 
 /// Classifies an error by walking its `source()` chain.
 ///
+/// - [`RetryAfterTooLong`](crate::retry::RetryAfterTooLong) → `Throttled` with its wait.
 /// - [`Rejected`] from a semaforo layer: `Timeout` → `Transient`; `CircuitOpen` →
 ///   `Overloaded` (with its retry_after); `QueueFull`, `QueueTimeout`,
 ///   `QuotaExceeded`, `BudgetExceeded` → `Throttled` (local back-pressure is
@@ -225,6 +226,11 @@ pub fn classify_error(err: &(dyn StdError + 'static)) -> Class {
         let Some(e) = cur else { break };
         if let Some(r) = e.downcast_ref::<Rejected>() {
             return classify_rejected(r);
+        }
+        if let Some(r) = e.downcast_ref::<crate::retry::RetryAfterTooLong>() {
+            return Class::Throttled {
+                retry_after: Some(r.retry_after),
+            };
         }
         if let Some(io) = e.downcast_ref::<io::Error>() {
             return classify_io_error(io);

@@ -1,0 +1,112 @@
+//! Retry on the success path (the call that does not fail) next to
+//! `tower::retry::Retry` with an equivalent policy, in the same run.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use futures::FutureExt;
+use semaforo::retry::Retry;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+
+fn bare() -> impl Service<
+    u64,
+    Response = u64,
+    Error = Infallible,
+    Future = std::future::Ready<Result<u64, Infallible>>,
+> + Clone {
+    service_fn(|x: u64| std::future::ready(Ok::<_, Infallible>(x + 1)))
+}
+
+fn once<S: Service<u64>>(svc: &mut S, x: u64) -> S::Response
+where
+    S::Error: std::fmt::Debug,
+{
+    let svc = svc
+        .ready()
+        .now_or_never()
+        .expect("ready at once")
+        .expect("no error");
+    svc.call(x)
+        .now_or_never()
+        .expect("completes at once")
+        .expect("ok")
+}
+
+/// tower's equivalent: up to 3 attempts, exponential backoff on errors.
+#[derive(Clone)]
+struct Attempts {
+    left: u32,
+    delay: Duration,
+}
+
+impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for Attempts {
+    type Future = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        match result {
+            Ok(_) => None,
+            Err(_) if self.left > 1 => {
+                self.left -= 1;
+                let d = self.delay;
+                self.delay *= 2;
+                Some(Box::pin(tokio::time::sleep(d)))
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+}
+
+fn success_path(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("retry/success_path");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+
+    let mut s = bare();
+    g.bench_function("bare service", |b| b.iter(|| once(&mut s, black_box(1))));
+
+    let policy = Attempts {
+        left: 3,
+        delay: Duration::from_millis(500),
+    };
+    let mut s = ServiceBuilder::new()
+        .layer(tower::retry::RetryLayer::new(policy))
+        .service(bare());
+    g.bench_function("tower Retry (3 attempts)", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+
+    let retry = Retry::builder()
+        .max_attempts(3)
+        .no_budget()
+        .build()
+        .unwrap();
+    let mut s = ServiceBuilder::new().layer(retry.layer()).service(bare());
+    g.bench_function("semaforo Retry (3 attempts, no budget)", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+
+    let retry = Retry::builder().max_attempts(3).build().unwrap();
+    let mut s = ServiceBuilder::new().layer(retry.layer()).service(bare());
+    g.bench_function("semaforo Retry (3 attempts, budget)", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30);
+    targets = success_path
+}
+criterion_main!(benches);

@@ -1,0 +1,209 @@
+//! A retry budget: retries may add at most `ratio` of the recent request rate,
+//! plus a floor per second, so a fleet of clients cannot triple the load on an
+//! upstream that is already failing.
+//!
+//! Why not tower's `TpsBudget`: it keeps deposits as integers scaled by
+//! `1 / ratio`, so a small ratio truncates (tower#857) — 0.01 behaves like 0 or
+//! like "unlimited" depending on traffic. Here the arithmetic is in `f64`.
+//!
+//! Cost: every request is one relaxed `fetch_add`; the clock is read and the
+//! lock taken only when a retry asks to withdraw.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const BUCKETS: usize = 10;
+
+/// A retry budget shared by every clone of a retry layer (and, if you pass the
+/// same `Arc<RetryBudget>` to several layers, by all of them).
+///
+/// ```
+/// use semaforo::retry::RetryBudget;
+/// use std::time::Duration;
+///
+/// // Retries may add 20 % of the requests of the last 10 s, plus 1 per second.
+/// let budget = RetryBudget::new(0.2, 1.0, Duration::from_secs(10))?;
+/// # Ok::<(), semaforo::ConfigError>(())
+/// ```
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    floor_per_sec: f64,
+    window: Duration,
+    requests: AtomicU64,
+    state: Mutex<State>,
+    exhausted: AtomicU64,
+}
+
+#[derive(Debug)]
+struct State {
+    /// `(when, requests counter then)`, oldest first; the first one anchors the window.
+    samples: Vec<(Instant, u64)>,
+    /// Retries per bucket: `(bucket number, count)`.
+    retries: [(u64, u64); BUCKETS],
+    epoch: Instant,
+}
+
+impl RetryBudget {
+    /// `ratio` of the requests seen over `window` (e.g. 0.2 = 20 %), plus
+    /// `floor_per_sec` retries per second, may be retried.
+    pub fn new(
+        ratio: f64,
+        floor_per_sec: f64,
+        window: Duration,
+    ) -> Result<Self, crate::ConfigError> {
+        let err =
+            |field, reason: String| Err(crate::ConfigError::new("retry budget", field, reason));
+        if !ratio.is_finite() || ratio < 0.0 {
+            return err(
+                "ratio",
+                format!("must be a finite number >= 0, got {ratio}"),
+            );
+        }
+        if !floor_per_sec.is_finite() || floor_per_sec < 0.0 {
+            return err(
+                "floor_per_sec",
+                format!("must be a finite number >= 0, got {floor_per_sec}"),
+            );
+        }
+        if window < Duration::from_millis(BUCKETS as u64) {
+            return err(
+                "window",
+                format!("must be at least {BUCKETS} ms, got {window:?}"),
+            );
+        }
+        let now = Instant::now();
+        Ok(RetryBudget {
+            ratio,
+            floor_per_sec,
+            window,
+            requests: AtomicU64::new(0),
+            state: Mutex::new(State {
+                samples: vec![(now, 0)],
+                retries: [(0, 0); BUCKETS],
+                epoch: now,
+            }),
+            exhausted: AtomicU64::new(0),
+        })
+    }
+
+    /// Counts one original request (not a retry).
+    #[inline]
+    pub fn deposit(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Asks for one retry; `false` when the budget is spent.
+    pub fn try_withdraw(&self) -> bool {
+        let now = Instant::now();
+        let total = self.requests.load(Ordering::Relaxed);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket_len = self.window / BUCKETS as u32;
+        let bucket = (now.saturating_duration_since(st.epoch).as_nanos()
+            / bucket_len.as_nanos().max(1)) as u64;
+
+        // Requests in the window: since the newest sample at least `window` old
+        // (scaled down to the window when that sample is older still).
+        let horizon = now.checked_sub(self.window);
+        let keep_from = st
+            .samples
+            .iter()
+            .rposition(|(t, _)| horizon.is_none_or(|h| *t <= h))
+            .unwrap_or(0);
+        st.samples.drain(..keep_from);
+        let (t0, c0) = st.samples[0];
+        let elapsed = now.saturating_duration_since(t0);
+        let mut recent = (total - c0) as f64;
+        if elapsed > self.window {
+            recent *= self.window.as_secs_f64() / elapsed.as_secs_f64();
+        }
+        if st
+            .samples
+            .last()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= bucket_len)
+        {
+            st.samples.push((now, total));
+        }
+
+        let oldest_bucket = (bucket + 1).saturating_sub(BUCKETS as u64);
+        let spent: u64 = st
+            .retries
+            .iter()
+            .filter(|(b, _)| *b >= oldest_bucket && *b <= bucket)
+            .map(|(_, n)| n)
+            .sum();
+        let allowed = self.ratio * recent + self.floor_per_sec * self.window.as_secs_f64();
+        if (spent + 1) as f64 > allowed {
+            drop(st);
+            self.exhausted.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let slot = &mut st.retries[(bucket % BUCKETS as u64) as usize];
+        if slot.0 != bucket {
+            *slot = (bucket, 0);
+        }
+        slot.1 += 1;
+        true
+    }
+
+    /// Retries refused so far because the budget was spent.
+    pub fn exhausted(&self) -> u64 {
+        self.exhausted.load(Ordering::Relaxed)
+    }
+
+    /// Original requests counted so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn small_ratios_are_not_truncated() {
+        let b = RetryBudget::new(0.01, 0.0, Duration::from_secs(10)).unwrap();
+        for _ in 0..1000 {
+            b.deposit();
+        }
+        let granted = (0..100).filter(|_| b.try_withdraw()).count();
+        assert_eq!(granted, 10, "1 % of 1,000");
+        assert_eq!(b.exhausted(), 90);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn floor_allows_retries_at_low_traffic_and_the_window_slides() {
+        let b = RetryBudget::new(0.2, 1.0, Duration::from_secs(10)).unwrap();
+        b.deposit();
+        let granted = (0..50).filter(|_| b.try_withdraw()).count();
+        assert_eq!(
+            granted, 10,
+            "floor: 1/s over 10 s (0.2 of 1 request adds nothing whole)"
+        );
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(b.try_withdraw(), "old retries left the window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_requests_stop_counting() {
+        let b = RetryBudget::new(0.5, 0.0, Duration::from_secs(10)).unwrap();
+        for _ in 0..100 {
+            b.deposit();
+        }
+        assert!(b.try_withdraw());
+        tokio::time::advance(Duration::from_secs(100)).await;
+        // 100 requests over 100 s → 10 in a 10 s window → 5 retries.
+        let granted = (0..50).filter(|_| b.try_withdraw()).count();
+        assert_eq!(granted, 5);
+    }
+
+    #[test]
+    fn bad_configuration() {
+        assert!(RetryBudget::new(-0.1, 0.0, Duration::from_secs(1)).is_err());
+        assert!(RetryBudget::new(0.1, f64::NAN, Duration::from_secs(1)).is_err());
+        assert!(RetryBudget::new(0.1, 1.0, Duration::ZERO).is_err());
+    }
+}

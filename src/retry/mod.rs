@@ -1,0 +1,366 @@
+//! Retry by error class, with backoff, `Retry-After`, a retry budget and a
+//! total deadline.
+//!
+//! Decisions come from the [`Class`] of each result (an `Ok` response can fail
+//! too: a `429` is `Ok(response)` classified `Throttled`):
+//!
+//! | class | decision |
+//! |---|---|
+//! | `Success` | return it |
+//! | `Permanent` | return it at once, never retried |
+//! | `Throttled` | wait `max(retry_after, backoff)`; a `retry_after` above the ceiling (default 60 s) is returned at once, with that `retry_after` attached ([`RetryAfterTooLong`]), instead of sleeping for an hour |
+//! | `Overloaded`, `Transient`, `Infrastructure` | backoff (per-class multipliers from [`Backoff`]) |
+//!
+//! - `max_attempts` counts every attempt (default 3). A total `deadline` bounds
+//!   the whole call: no sleep ends past it, no attempt starts with less than
+//!   `min_attempt_time` left, and a running attempt is cut at it
+//!   ([`RejectKind::Timeout`](crate::RejectKind::Timeout)).
+//! - A [`RetryBudget`] shared by every clone caps retries at a ratio of recent
+//!   requests (default 20 % over 10 s) plus a floor (default 1/s): a failing
+//!   upstream sees at most ~1.2× its normal load, not 3×. When it is spent the
+//!   last real result is returned, not a new error, and counted.
+//! - Retrying needs a copy of the request: `Req: Clone`, or your own
+//!   [`RequestPolicy`] (which also says which requests may be retried and can
+//!   tell the inner service the attempt number). Nothing is cloned when
+//!   `max_attempts` is 1 or the request is not retryable.
+//! - For `http::Request` ([`HttpRequests`], feature `http`): idempotent methods
+//!   are retried, `POST` only with an `Idempotency-Key` header or when allowed.
+//!   LLM completions are `POST` but safe to retry *before any output reached the
+//!   caller* — which is all this layer ever retries: once it has returned a
+//!   (streamed) response, a later failure in the stream is the caller's, never
+//!   retried here.
+//! - Dropping the future (during an attempt or a backoff sleep) stops everything.
+//!
+//! ```
+//! use semaforo::backoff::{Backoff, Jitter};
+//! use semaforo::retry::Retry;
+//! use std::time::Duration;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), semaforo::BoxError> {
+//! // Seed 001: 3 attempts, exponential backoff from 2 s.
+//! let retry = Retry::builder()
+//!     .max_attempts(3)
+//!     .backoff(Backoff::exponential(Duration::from_secs(2)).jitter(Jitter::None).build()?)
+//!     .build()?;
+//! let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+//! let mut svc = ServiceBuilder::new().layer(retry.layer()).service(service_fn({
+//!     let attempts = attempts.clone();
+//!     move |job: &'static str| {
+//!         let n = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+//!         async move {
+//!             if n < 2 { Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)) } else { Ok(job) }
+//!         }
+//!     }
+//! }));
+//! let t0 = tokio::time::Instant::now();
+//! assert_eq!(svc.ready().await?.call("financial-analysis").await?, "financial-analysis");
+//! assert_eq!(t0.elapsed(), Duration::from_secs(6)); // waited 2 s, then 4 s
+//! # Ok(()) }
+//! ```
+
+mod budget;
+mod service;
+
+pub use budget::RetryBudget;
+#[cfg(feature = "http")]
+pub use service::HttpRequests;
+pub use service::{
+    CloneRequests, RequestFns, RequestPolicy, ResponseFuture, RetryLayer, RetryService,
+};
+
+use crate::backoff::{Backoff, Jitter};
+use crate::classify::{Class, ErrorClassifier};
+use crate::error::{BoxError, ConfigError};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The attempt number (1-based), put in `http::Request` extensions by
+/// [`HttpRequests`] so the inner service can see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Attempt(pub u32);
+
+/// One retry about to happen, as given to [`RetryBuilder::on_retry`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryEvent {
+    /// The attempt that failed (1 = the first).
+    pub attempt: u32,
+    /// How it failed.
+    pub class: Class,
+    /// The wait before the next attempt.
+    pub delay: Duration,
+}
+
+/// The upstream asked to wait longer than the retry ceiling: returned at once
+/// instead of sleeping, with the wait it asked for.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "upstream asked to retry after {retry_after:?}, above the retry ceiling {ceiling:?}: {source}"
+)]
+pub struct RetryAfterTooLong {
+    /// What the upstream asked for.
+    pub retry_after: Duration,
+    /// The configured ceiling.
+    pub ceiling: Duration,
+    /// The upstream's error.
+    #[source]
+    pub source: BoxError,
+}
+
+type EventFn = Arc<dyn Fn(&RetryEvent) + Send + Sync>;
+
+/// What the layer decided after one attempt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Decision {
+    Return,
+    TooLong(Duration),
+    Retry(Duration),
+}
+
+pub(crate) struct Shared {
+    pub(crate) name: Option<Arc<str>>,
+    pub(crate) max_attempts: u32,
+    pub(crate) backoff: Backoff,
+    pub(crate) ceiling: Duration,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) min_attempt_time: Duration,
+    pub(crate) budget: Option<Arc<RetryBudget>>,
+    pub(crate) on_retry: Option<EventFn>,
+    pub(crate) retries: AtomicU64,
+    pub(crate) gave_up_budget: AtomicU64,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("name", &self.name)
+            .field("max_attempts", &self.max_attempts)
+            .field("backoff", &self.backoff)
+            .field("ceiling", &self.ceiling)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// The decision after attempt `attempt` (1-based) ended in `class`.
+    /// `left` is the time left before the deadline, if there is one.
+    pub(crate) fn decide<R: rand::Rng + ?Sized>(
+        &self,
+        class: &Class,
+        attempt: u32,
+        prev_delay: Duration,
+        left: Option<Duration>,
+        rng: &mut R,
+    ) -> Decision {
+        if !class.is_retryable() || attempt >= self.max_attempts {
+            return Decision::Return;
+        }
+        let backoff = self
+            .backoff
+            .delay_for(class, attempt.saturating_sub(1), prev_delay, rng);
+        let delay = match class.retry_after() {
+            Some(ra) if ra > self.ceiling => return Decision::TooLong(ra),
+            Some(ra) => ra.max(backoff),
+            None => backoff,
+        };
+        if let Some(left) = left {
+            // Never sleep past the deadline, never start an attempt without time for it.
+            if delay.saturating_add(self.min_attempt_time) >= left {
+                return Decision::Return;
+            }
+        }
+        if let Some(b) = &self.budget {
+            if !b.try_withdraw() {
+                self.gave_up_budget.fetch_add(1, Ordering::Relaxed);
+                return Decision::Return;
+            }
+        }
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = &self.on_retry {
+            f(&RetryEvent {
+                attempt,
+                class: *class,
+                delay,
+            });
+        }
+        Decision::Retry(delay)
+    }
+}
+
+/// A retry policy; make layers with [`Retry::layer`]. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    shared: Arc<Shared>,
+}
+
+/// Builder for [`Retry`]; [`build`](Self::build) validates it.
+#[must_use = "call .build() to get a Retry"]
+pub struct RetryBuilder {
+    name: Option<Arc<str>>,
+    max_attempts: u32,
+    backoff: Option<Backoff>,
+    ceiling: Duration,
+    deadline: Option<Duration>,
+    min_attempt_time: Duration,
+    budget: BudgetChoice,
+    on_retry: Option<EventFn>,
+}
+
+enum BudgetChoice {
+    Default,
+    None,
+    Shared(Arc<RetryBudget>),
+}
+
+impl fmt::Debug for RetryBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryBuilder")
+            .field("max_attempts", &self.max_attempts)
+            .field("backoff", &self.backoff)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default retry-after ceiling: a longer wait is returned to the caller.
+pub const DEFAULT_RETRY_AFTER_CEILING: Duration = Duration::from_secs(60);
+
+impl RetryBuilder {
+    /// Names the layer in errors and events.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Attempts in total, the first included (default 3; 1 = no retry).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// The backoff between attempts (default: exponential from 500 ms, ×2,
+    /// full jitter, capped at 30 s).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = Some(backoff);
+        self
+    }
+
+    /// A `Retry-After` longer than this is returned at once (default 60 s).
+    pub fn retry_after_ceiling(mut self, ceiling: Duration) -> Self {
+        self.ceiling = ceiling;
+        self
+    }
+
+    /// The most a call may take, all attempts and waits included.
+    pub fn deadline(mut self, total: Duration) -> Self {
+        self.deadline = Some(total);
+        self
+    }
+
+    /// Do not start an attempt with less time than this left before the deadline.
+    pub fn min_attempt_time(mut self, d: Duration) -> Self {
+        self.min_attempt_time = d;
+        self
+    }
+
+    /// Share this budget (across layers too). Default: a budget of its own,
+    /// 20 % of the last 10 s of requests plus 1 retry per second.
+    pub fn budget(mut self, budget: Arc<RetryBudget>) -> Self {
+        self.budget = BudgetChoice::Shared(budget);
+        self
+    }
+
+    /// No budget: every failure may be retried up to `max_attempts`.
+    pub fn no_budget(mut self) -> Self {
+        self.budget = BudgetChoice::None;
+        self
+    }
+
+    /// Called before every retry, with the class, the attempt and the delay.
+    pub fn on_retry(mut self, f: impl Fn(&RetryEvent) + Send + Sync + 'static) -> Self {
+        self.on_retry = Some(Arc::new(f));
+        self
+    }
+
+    /// Validates and builds.
+    pub fn build(self) -> Result<Retry, ConfigError> {
+        if self.max_attempts == 0 {
+            return Err(ConfigError::new(
+                "retry",
+                "max_attempts",
+                "must be at least 1",
+            ));
+        }
+        let backoff = match self.backoff {
+            Some(b) => b,
+            None => Backoff::exponential(Duration::from_millis(500))
+                .jitter(Jitter::Full)
+                .cap(Duration::from_secs(30))
+                .build()?,
+        };
+        let budget = match self.budget {
+            BudgetChoice::Default => Some(Arc::new(RetryBudget::new(
+                0.2,
+                1.0,
+                Duration::from_secs(10),
+            )?)),
+            BudgetChoice::None => None,
+            BudgetChoice::Shared(b) => Some(b),
+        };
+        Ok(Retry {
+            shared: Arc::new(Shared {
+                name: self.name,
+                max_attempts: self.max_attempts,
+                backoff,
+                ceiling: self.ceiling,
+                deadline: self.deadline,
+                min_attempt_time: self.min_attempt_time,
+                budget,
+                on_retry: self.on_retry,
+                retries: AtomicU64::new(0),
+                gave_up_budget: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+impl Retry {
+    /// Starts a builder.
+    pub fn builder() -> RetryBuilder {
+        RetryBuilder {
+            name: None,
+            max_attempts: 3,
+            backoff: None,
+            ceiling: DEFAULT_RETRY_AFTER_CEILING,
+            deadline: None,
+            min_attempt_time: Duration::ZERO,
+            budget: BudgetChoice::Default,
+            on_retry: None,
+        }
+    }
+
+    /// A layer retrying `Clone` requests, classifying with [`ErrorClassifier`]
+    /// (set another with [`RetryLayer::classify`], the request policy with
+    /// [`RetryLayer::requests`]).
+    pub fn layer(&self) -> RetryLayer<ErrorClassifier, CloneRequests> {
+        RetryLayer::new(self.shared.clone(), ErrorClassifier, CloneRequests)
+    }
+
+    /// Retries made so far.
+    pub fn retries(&self) -> u64 {
+        self.shared.retries.load(Ordering::Relaxed)
+    }
+
+    /// Failures returned without retry because the budget was spent.
+    pub fn gave_up_on_budget(&self) -> u64 {
+        self.shared.gave_up_budget.load(Ordering::Relaxed)
+    }
+
+    /// The budget, if any.
+    pub fn budget(&self) -> Option<&Arc<RetryBudget>> {
+        self.shared.budget.as_ref()
+    }
+}

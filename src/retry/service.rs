@@ -1,0 +1,443 @@
+use super::{Decision, RetryAfterTooLong, Shared};
+use crate::classify::Classify;
+use crate::error::{BoxError, RejectKind, Rejected};
+use pin_project::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// How requests are retried: whether one may be, how to copy it, and how to
+/// tell the inner service which attempt it is.
+pub trait RequestPolicy<Req> {
+    /// May this request be retried at all? (default: yes)
+    fn retryable(&self, _req: &Req) -> bool {
+        true
+    }
+
+    /// A copy for another attempt; `None` when it cannot be copied (no retry).
+    fn clone_request(&self, req: &Req) -> Option<Req>;
+
+    /// Called before each attempt (1-based), e.g. to mark the attempt number.
+    fn on_attempt(&self, _req: &mut Req, _attempt: u32) {}
+}
+
+/// Retries any `Req: Clone`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CloneRequests;
+
+impl<Req: Clone> RequestPolicy<Req> for CloneRequests {
+    #[inline]
+    fn clone_request(&self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+}
+
+type CloneFn<Req> = Arc<dyn Fn(&Req) -> Option<Req> + Send + Sync>;
+type PredFn<Req> = Arc<dyn Fn(&Req) -> bool + Send + Sync>;
+type AttemptFn<Req> = Arc<dyn Fn(&mut Req, u32) + Send + Sync>;
+
+/// A [`RequestPolicy`] from closures.
+///
+/// ```
+/// use semaforo::retry::RequestFns;
+///
+/// #[derive(Debug)]
+/// struct Job { id: u32, attempt: u32 }
+/// let policy = RequestFns::new(|j: &Job| Some(Job { id: j.id, attempt: j.attempt }))
+///     .retryable(|j: &Job| j.id != 0)
+///     .on_attempt(|j: &mut Job, n| j.attempt = n);
+/// # let _ = policy;
+/// ```
+pub struct RequestFns<Req> {
+    clone: CloneFn<Req>,
+    retryable: Option<PredFn<Req>>,
+    on_attempt: Option<AttemptFn<Req>>,
+}
+
+impl<Req> Clone for RequestFns<Req> {
+    fn clone(&self) -> Self {
+        RequestFns {
+            clone: self.clone.clone(),
+            retryable: self.retryable.clone(),
+            on_attempt: self.on_attempt.clone(),
+        }
+    }
+}
+
+impl<Req> fmt::Debug for RequestFns<Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestFns").finish_non_exhaustive()
+    }
+}
+
+impl<Req> RequestFns<Req> {
+    /// Copies requests with `clone`.
+    pub fn new(clone: impl Fn(&Req) -> Option<Req> + Send + Sync + 'static) -> Self {
+        RequestFns {
+            clone: Arc::new(clone),
+            retryable: None,
+            on_attempt: None,
+        }
+    }
+
+    /// Only requests for which `f` is true are retried.
+    pub fn retryable(mut self, f: impl Fn(&Req) -> bool + Send + Sync + 'static) -> Self {
+        self.retryable = Some(Arc::new(f));
+        self
+    }
+
+    /// Called before each attempt with the attempt number (1-based).
+    pub fn on_attempt(mut self, f: impl Fn(&mut Req, u32) + Send + Sync + 'static) -> Self {
+        self.on_attempt = Some(Arc::new(f));
+        self
+    }
+}
+
+impl<Req> RequestPolicy<Req> for RequestFns<Req> {
+    fn retryable(&self, req: &Req) -> bool {
+        self.retryable.as_ref().is_none_or(|f| f(req))
+    }
+
+    fn clone_request(&self, req: &Req) -> Option<Req> {
+        (self.clone)(req)
+    }
+
+    fn on_attempt(&self, req: &mut Req, attempt: u32) {
+        if let Some(f) = &self.on_attempt {
+            f(req, attempt)
+        }
+    }
+}
+
+/// `http::Request` policy (feature `http`): retries idempotent methods, `POST`
+/// and `PATCH` only with an `Idempotency-Key` header (or with
+/// [`allow_non_idempotent`](Self::allow_non_idempotent)), and puts the attempt
+/// number in the request extensions as [`Attempt`](crate::retry::Attempt).
+#[cfg(feature = "http")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpRequests {
+    allow_non_idempotent: bool,
+}
+
+#[cfg(feature = "http")]
+impl HttpRequests {
+    /// Retry every method (LLM completions: a `POST` is safe to retry before
+    /// any output reached the caller).
+    pub fn allow_non_idempotent(mut self) -> Self {
+        self.allow_non_idempotent = true;
+        self
+    }
+}
+
+#[cfg(feature = "http")]
+impl<B: Clone> RequestPolicy<http::Request<B>> for HttpRequests {
+    fn retryable(&self, req: &http::Request<B>) -> bool {
+        use http::Method;
+        self.allow_non_idempotent
+            || matches!(
+                *req.method(),
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::PUT
+                    | Method::DELETE
+                    | Method::TRACE
+            )
+            || req.headers().contains_key("idempotency-key")
+    }
+
+    fn clone_request(&self, req: &http::Request<B>) -> Option<http::Request<B>> {
+        Some(req.clone())
+    }
+
+    fn on_attempt(&self, req: &mut http::Request<B>, attempt: u32) {
+        req.extensions_mut().insert(super::Attempt(attempt));
+    }
+}
+
+/// The tower [`Layer`] of a [`Retry`](super::Retry).
+pub struct RetryLayer<C, P> {
+    shared: Arc<Shared>,
+    classify: C,
+    requests: P,
+}
+
+impl<C: Clone, P: Clone> Clone for RetryLayer<C, P> {
+    fn clone(&self) -> Self {
+        RetryLayer {
+            shared: self.shared.clone(),
+            classify: self.classify.clone(),
+            requests: self.requests.clone(),
+        }
+    }
+}
+
+impl<C, P> fmt::Debug for RetryLayer<C, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryLayer")
+            .field("retry", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C, P> RetryLayer<C, P> {
+    pub(crate) fn new(shared: Arc<Shared>, classify: C, requests: P) -> Self {
+        RetryLayer {
+            shared,
+            classify,
+            requests,
+        }
+    }
+
+    /// Replaces the classifier.
+    pub fn classify<C2>(self, classify: C2) -> RetryLayer<C2, P> {
+        RetryLayer::new(self.shared, classify, self.requests)
+    }
+
+    /// Replaces the request policy (default [`CloneRequests`]).
+    pub fn requests<P2>(self, requests: P2) -> RetryLayer<C, P2> {
+        RetryLayer::new(self.shared, self.classify, requests)
+    }
+}
+
+impl<S, C: Clone, P: Clone> Layer<S> for RetryLayer<C, P> {
+    type Service = RetryService<S, C, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RetryService {
+            inner,
+            shared: self.shared.clone(),
+            classify: self.classify.clone(),
+            requests: self.requests.clone(),
+        }
+    }
+}
+
+/// The service of a [`RetryLayer`].
+pub struct RetryService<S, C, P> {
+    inner: S,
+    shared: Arc<Shared>,
+    classify: C,
+    requests: P,
+}
+
+impl<S: Clone, C: Clone, P: Clone> Clone for RetryService<S, C, P> {
+    fn clone(&self) -> Self {
+        RetryService {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            classify: self.classify.clone(),
+            requests: self.requests.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C, P> fmt::Debug for RetryService<S, C, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryService")
+            .field("inner", &self.inner)
+            .field("retry", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, C, P, Req> Service<Req> for RetryService<S, C, P>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response, S::Error> + Clone,
+    P: RequestPolicy<Req> + Clone,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, C, P>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        if let Some(b) = &self.shared.budget {
+            b.deposit();
+        }
+        let backup = if self.shared.max_attempts > 1 && self.requests.retryable(&req) {
+            self.requests.clone_request(&req)
+        } else {
+            None
+        };
+        self.requests.on_attempt(&mut req, 1);
+        // Boxed: only calls with a deadline pay for (and allocate) the timer.
+        let deadline = self
+            .shared
+            .deadline
+            .map(|d| Box::pin(tokio::time::sleep(d)));
+        let (fut, retry) = match backup {
+            None => (self.inner.call(req), None),
+            Some(backup) => {
+                // Keep the service that was polled ready for this and later
+                // attempts; leave a clone for the next `poll_ready`.
+                let clone = self.inner.clone();
+                let mut svc = std::mem::replace(&mut self.inner, clone);
+                let fut = svc.call(req);
+                let retry = Retrying {
+                    svc,
+                    backup: Some(backup),
+                    requests: self.requests.clone(),
+                    shared: self.shared.clone(),
+                    attempt: 1,
+                    prev_delay: Duration::ZERO,
+                };
+                (fut, Some(retry))
+            }
+        };
+        ResponseFuture {
+            fut: Some(fut),
+            retry,
+            sleep: None,
+            deadline,
+            classify: self.classify.clone(),
+            _req: PhantomData,
+        }
+    }
+}
+
+/// What a retryable call keeps between attempts.
+struct Retrying<S, Req, P> {
+    svc: S,
+    backup: Option<Req>,
+    requests: P,
+    shared: Arc<Shared>,
+    attempt: u32,
+    prev_delay: Duration,
+}
+
+/// The response future of [`RetryService`].
+#[pin_project]
+pub struct ResponseFuture<S: Service<Req>, Req, C, P> {
+    #[pin]
+    fut: Option<S::Future>,
+    retry: Option<Retrying<S, Req, P>>,
+    /// The backoff timer, allocated only when a retry waits.
+    sleep: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    classify: C,
+    _req: PhantomData<fn(Req)>,
+}
+
+impl<S: Service<Req>, Req, C, P> fmt::Debug for ResponseFuture<S, Req, C, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("retry::ResponseFuture")
+            .finish_non_exhaustive()
+    }
+}
+
+fn deadline_error(shared: Option<&Arc<Shared>>, total: Option<Duration>) -> BoxError {
+    let mut r = Rejected::new("retry", RejectKind::Timeout);
+    if let Some(s) = shared {
+        r = r.with_name_opt(s.name.as_ref());
+    }
+    if let Some(t) = total {
+        r = r.with_detail(format!("deadline {t:?}"));
+    }
+    r.into()
+}
+
+impl<S, Req, C, P> Future for ResponseFuture<S, Req, C, P>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response, S::Error>,
+    P: RequestPolicy<Req>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            if let Some(d) = this.deadline.as_mut() {
+                if d.as_mut().poll(cx).is_ready() {
+                    let shared = this.retry.as_ref().map(|r| &r.shared);
+                    let total = shared.and_then(|s| s.deadline);
+                    return Poll::Ready(Err(deadline_error(shared, total)));
+                }
+            }
+            if let Some(fut) = this.fut.as_mut().as_pin_mut() {
+                let result = ready!(fut.poll(cx));
+                this.fut.set(None);
+                let Some(retry) = this.retry.as_mut() else {
+                    return Poll::Ready(result.map_err(Into::into));
+                };
+                let class = this.classify.classify(result.as_ref());
+                if !class.is_retryable() {
+                    // The common case decides without a clock read or an RNG.
+                    return Poll::Ready(result.map_err(Into::into));
+                }
+                let left = this
+                    .deadline
+                    .as_ref()
+                    .map(|d| d.deadline().saturating_duration_since(Instant::now()));
+                let decision = retry.shared.decide(
+                    &class,
+                    retry.attempt,
+                    retry.prev_delay,
+                    left,
+                    &mut rand::rng(),
+                );
+                match decision {
+                    Decision::Return => return Poll::Ready(result.map_err(Into::into)),
+                    Decision::TooLong(retry_after) => {
+                        return Poll::Ready(result.map_err(|e| {
+                            RetryAfterTooLong {
+                                retry_after,
+                                ceiling: retry.shared.ceiling,
+                                source: e.into(),
+                            }
+                            .into()
+                        }))
+                    }
+                    Decision::Retry(delay) => {
+                        retry.prev_delay = delay;
+                        retry.attempt += 1;
+                        match this.sleep.as_mut() {
+                            Some(s) => s.as_mut().reset(Instant::now() + delay),
+                            None => *this.sleep = Some(Box::pin(tokio::time::sleep(delay))),
+                        }
+                    }
+                }
+            }
+            if let Some(s) = this.sleep.as_mut() {
+                if !s.is_elapsed() {
+                    ready!(s.as_mut().poll(cx));
+                }
+            }
+            let Some(retry) = this.retry.as_mut() else {
+                return Poll::Ready(Err("retry future polled after completion".into()));
+            };
+            if let Err(e) = ready!(retry.svc.poll_ready(cx)) {
+                return Poll::Ready(Err(e.into()));
+            }
+            let mut req = if retry.attempt >= retry.shared.max_attempts {
+                retry.backup.take()
+            } else {
+                retry
+                    .backup
+                    .as_ref()
+                    .and_then(|b| retry.requests.clone_request(b))
+            };
+            let Some(mut req) = req.take() else {
+                return Poll::Ready(Err("retry: the request could not be copied".into()));
+            };
+            retry.requests.on_attempt(&mut req, retry.attempt);
+            let fut = retry.svc.call(req);
+            this.fut.set(Some(fut));
+        }
+    }
+}
