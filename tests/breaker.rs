@@ -507,3 +507,68 @@ async fn keyed_breakers_isolate_upstreams_and_stay_bounded() {
         "keyed"
     );
 }
+
+mod streamed {
+    use super::*;
+    use futures::stream::{self, BoxStream, StreamExt};
+
+    type Chunks = BoxStream<'static, Result<u32, std::io::Error>>;
+
+    /// A 200 whose stream fails after its first chunk (an SSE `event: error`).
+    fn failing_stream() -> impl Service<
+        (),
+        Response = Chunks,
+        Error = std::io::Error,
+        Future = futures::future::Ready<Result<Chunks, std::io::Error>>,
+    > + Clone {
+        tower::service_fn(|_: ()| {
+            let s = stream::iter(vec![Ok(1), Err(std::io::Error::other("event: error"))]).boxed();
+            futures::future::ready(Ok::<_, std::io::Error>(s))
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_mid_stream_failure_counts_even_though_the_response_was_ok() {
+        let breaker = Breaker::builder().consecutive_failures(2).build().unwrap();
+        let mut svc = ServiceBuilder::new()
+            .layer(breaker.layer().record_on_stream_end())
+            .service(failing_stream());
+        for i in 0..2 {
+            let mut s = svc.ready().await.unwrap().call(()).await.unwrap();
+            assert_eq!(
+                breaker.snapshot().consecutive_failures,
+                i,
+                "nothing recorded at the headers"
+            );
+            while s.next().await.is_some() {}
+        }
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Open,
+            "two streams failed mid-way"
+        );
+        // Recording at the response instead sees only successes.
+        let breaker = Breaker::builder().consecutive_failures(2).build().unwrap();
+        let mut svc = ServiceBuilder::new()
+            .layer(breaker.layer())
+            .service(failing_stream());
+        for _ in 0..2 {
+            let s = svc.ready().await.unwrap().call(()).await.unwrap();
+            let _ = s.collect::<Vec<_>>().await;
+        }
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_stream_counts_nothing() {
+        let breaker = Breaker::builder().consecutive_failures(1).build().unwrap();
+        let mut svc = ServiceBuilder::new()
+            .layer(breaker.layer().record_on_stream_end())
+            .service(failing_stream());
+        let mut s = svc.ready().await.unwrap().call(()).await.unwrap();
+        assert!(s.next().await.unwrap().is_ok());
+        drop(s);
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        assert_eq!(breaker.snapshot().consecutive_failures, 0);
+    }
+}

@@ -9,6 +9,7 @@ use super::service::{call_through, ResponseFuture};
 use super::{Breaker, BreakerBuilder, BreakerSnapshot, BreakerState};
 use crate::classify::{Classify, ErrorClassifier};
 use crate::error::{BoxError, ConfigError};
+use crate::guard::OnResponse;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
@@ -206,7 +207,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, C>;
+    type Future = ResponseFuture<S::Future, C, OnResponse>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)

@@ -60,7 +60,7 @@ mod service;
 mod window;
 
 pub use keyed::{KeyedBreaker, KeyedBreakerLayer, KeyedBreakerService};
-pub use service::{BreakerLayer, BreakerService, ResponseFuture};
+pub use service::{BreakerLayer, BreakerOutcome, BreakerService, ResponseFuture};
 
 use self::core::{Config, Shared};
 use self::window::Window;
@@ -419,6 +419,7 @@ impl Breaker {
         BreakerLayer {
             shared: self.shared.clone(),
             classify: ErrorClassifier,
+            _hold: std::marker::PhantomData,
         }
     }
 

@@ -1,9 +1,11 @@
 use super::core::{Shared, Ticket};
-use crate::classify::Classify;
+use crate::classify::{Class, Classify};
 use crate::error::{BoxError, Rejected};
+use crate::guard::{Guard, Hold, OnResponse, OnStreamEnd, StreamEnd};
 use pin_project::pin_project;
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -13,25 +15,58 @@ use tower_service::Service;
 
 /// The tower [`Layer`] of a [`Breaker`](super::Breaker); all services it makes
 /// share the breaker's state.
-#[derive(Clone)]
-pub struct BreakerLayer<C> {
+pub struct BreakerLayer<C, R = OnResponse> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) classify: C,
+    pub(crate) _hold: PhantomData<fn() -> R>,
 }
 
-impl<C> BreakerLayer<C> {
-    /// Replaces the classifier (default [`ErrorClassifier`](crate::classify::ErrorClassifier):
-    /// every `Ok` is a success). Use [`HttpClassifier`](crate::classify) or
-    /// `LlmClassifier` for HTTP responses, or a closure.
-    pub fn classify<C2>(self, classify: C2) -> BreakerLayer<C2> {
+impl<C: Clone, R> Clone for BreakerLayer<C, R> {
+    fn clone(&self) -> Self {
         BreakerLayer {
-            shared: self.shared,
-            classify,
+            shared: self.shared.clone(),
+            classify: self.classify.clone(),
+            _hold: PhantomData,
         }
     }
 }
 
-impl<C> fmt::Debug for BreakerLayer<C> {
+impl<C, R> BreakerLayer<C, R> {
+    /// Replaces the classifier (default [`ErrorClassifier`](crate::classify::ErrorClassifier):
+    /// every `Ok` is a success). Use [`HttpClassifier`](crate::classify) or
+    /// `LlmClassifier` for HTTP responses, or a closure.
+    pub fn classify<C2>(self, classify: C2) -> BreakerLayer<C2, R> {
+        BreakerLayer {
+            shared: self.shared,
+            classify,
+            _hold: PhantomData,
+        }
+    }
+
+    fn hold<R2>(self) -> BreakerLayer<C, R2> {
+        BreakerLayer {
+            shared: self.shared,
+            classify: self.classify,
+            _hold: PhantomData,
+        }
+    }
+
+    /// The response is a `Stream` of `Result`s: record the outcome when it ends.
+    /// A stream that fails mid-way counts as a `Transient` failure even though
+    /// the response itself looked fine; one that is dropped counts as nothing.
+    pub fn record_on_stream_end(self) -> BreakerLayer<C, OnStreamEnd> {
+        self.hold()
+    }
+
+    /// As [`record_on_stream_end`](Self::record_on_stream_end), for an
+    /// `http::Response` body (feature `http`).
+    #[cfg(feature = "http")]
+    pub fn record_on_body_end(self) -> BreakerLayer<C, crate::guard::OnBodyEnd> {
+        self.hold()
+    }
+}
+
+impl<C, R> fmt::Debug for BreakerLayer<C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BreakerLayer")
             .field("name", &self.shared.cfg.name)
@@ -39,27 +74,39 @@ impl<C> fmt::Debug for BreakerLayer<C> {
     }
 }
 
-impl<S, C: Clone> Layer<S> for BreakerLayer<C> {
-    type Service = BreakerService<S, C>;
+impl<S, C: Clone, R> Layer<S> for BreakerLayer<C, R> {
+    type Service = BreakerService<S, C, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
         BreakerService {
             inner,
             shared: self.shared.clone(),
             classify: self.classify.clone(),
+            _hold: PhantomData,
         }
     }
 }
 
 /// The service made by [`BreakerLayer`].
-#[derive(Clone)]
-pub struct BreakerService<S, C> {
+pub struct BreakerService<S, C, R = OnResponse> {
     inner: S,
     shared: Arc<Shared>,
     classify: C,
+    _hold: PhantomData<fn() -> R>,
 }
 
-impl<S: fmt::Debug, C> fmt::Debug for BreakerService<S, C> {
+impl<S: Clone, C: Clone, R> Clone for BreakerService<S, C, R> {
+    fn clone(&self) -> Self {
+        BreakerService {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            classify: self.classify.clone(),
+            _hold: PhantomData,
+        }
+    }
+}
+
+impl<S: fmt::Debug, C, R> fmt::Debug for BreakerService<S, C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BreakerService")
             .field("inner", &self.inner)
@@ -68,15 +115,16 @@ impl<S: fmt::Debug, C> fmt::Debug for BreakerService<S, C> {
     }
 }
 
-impl<S, C, Req> Service<Req> for BreakerService<S, C>
+impl<S, C, R, Req> Service<Req> for BreakerService<S, C, R>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
     C: Classify<S::Response, S::Error> + Clone,
+    R: Hold<S::Response>,
 {
-    type Response = S::Response;
+    type Response = R::Response<BreakerOutcome>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, C>;
+    type Future = ResponseFuture<S::Future, C, R>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -92,12 +140,12 @@ where
 /// Admits (or refuses) one call through `shared` and calls `inner` — the one
 /// call path of the single and the keyed breaker.
 #[inline]
-pub(crate) fn call_through<S, C, Req>(
+pub(crate) fn call_through<S, C, R, Req>(
     shared: &Arc<Shared>,
     inner: &mut S,
     classify: &C,
     req: Req,
-) -> ResponseFuture<S::Future, C>
+) -> ResponseFuture<S::Future, C, R>
 where
     S: Service<Req>,
     C: Clone,
@@ -115,12 +163,14 @@ where
                     }),
                     classify: classify.clone(),
                 },
+                _hold: PhantomData,
             }
         }
         Err(rejected) => ResponseFuture {
             state: State::Rejected {
                 rejected: Some(Box::new(rejected)),
             },
+            _hold: PhantomData,
         },
     }
 }
@@ -133,6 +183,15 @@ struct Call {
     start: Option<Instant>,
 }
 
+impl Call {
+    #[inline]
+    fn record(mut self, class: &Class) {
+        let elapsed = self.start.map(|s| s.elapsed());
+        self.shared.record(self.ticket, class, elapsed);
+        self.ticket.probe = false; // recorded: nothing to give back on drop
+    }
+}
+
 impl Drop for Call {
     fn drop(&mut self) {
         if self.ticket.probe {
@@ -141,11 +200,42 @@ impl Drop for Call {
     }
 }
 
+/// A call's outcome, recorded when the response (or its stream) is over:
+/// completed → the response's class; failed mid-stream → `Transient`; dropped →
+/// nothing (a probe's slot is given back).
+pub struct BreakerOutcome {
+    call: Option<Call>,
+    class: Class,
+}
+
+impl fmt::Debug for BreakerOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BreakerOutcome")
+            .field("class", &self.class)
+            .field("pending", &self.call.is_some())
+            .finish()
+    }
+}
+
+impl Guard for BreakerOutcome {
+    #[inline]
+    fn finish(mut self, end: StreamEnd) {
+        if let Some(call) = self.call.take() {
+            match end {
+                StreamEnd::Completed => call.record(&self.class),
+                StreamEnd::Failed => call.record(&Class::Transient),
+                StreamEnd::Dropped => drop(call),
+            }
+        }
+    }
+}
+
 /// The response future of [`BreakerService`].
 #[pin_project]
-pub struct ResponseFuture<F, C> {
+pub struct ResponseFuture<F, C, R = OnResponse> {
     #[pin]
     state: State<F, C>,
+    _hold: PhantomData<fn() -> R>,
 }
 
 #[pin_project(project = StateProj)]
@@ -161,13 +251,14 @@ enum State<F, C> {
     },
 }
 
-impl<F, C, T, E> Future for ResponseFuture<F, C>
+impl<F, C, R, T, E> Future for ResponseFuture<F, C, R>
 where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
     C: Classify<T, E>,
+    R: Hold<T>,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<R::Response<BreakerOutcome>, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -178,13 +269,28 @@ where
                 classify,
             } => {
                 let result = ready!(fut.poll(cx));
-                if let Some(mut c) = call.take() {
-                    let class = classify.classify(result.as_ref());
-                    let elapsed = c.start.map(|s| s.elapsed());
-                    c.shared.record(c.ticket, &class, elapsed);
-                    c.ticket.probe = false; // recorded: nothing to give back on drop
-                }
-                Poll::Ready(result.map_err(Into::into))
+                let class = classify.classify(result.as_ref());
+                Poll::Ready(match result {
+                    Ok(res) => {
+                        // A failed response is over now; a good one may still stream.
+                        let call = call.take();
+                        let outcome = if class.is_success() {
+                            BreakerOutcome { call, class }
+                        } else {
+                            if let Some(c) = call {
+                                c.record(&class);
+                            }
+                            BreakerOutcome { call: None, class }
+                        };
+                        Ok(R::hold(res, outcome))
+                    }
+                    Err(e) => {
+                        if let Some(c) = call.take() {
+                            c.record(&class);
+                        }
+                        Err(e.into())
+                    }
+                })
             }
             StateProj::Rejected { rejected } => Poll::Ready(Err(match rejected.take() {
                 Some(r) => {
@@ -197,7 +303,7 @@ where
     }
 }
 
-impl<F, C> fmt::Debug for ResponseFuture<F, C> {
+impl<F, C, R> fmt::Debug for ResponseFuture<F, C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("breaker::ResponseFuture")
             .finish_non_exhaustive()

@@ -1,7 +1,7 @@
-use super::layer::Release;
 use super::queue::{BulkheadPermit, Waiter};
 use super::ticket::{QueueTicket, TicketStatus};
 use crate::error::{BoxError, Rejected};
+use crate::guard::Hold;
 use pin_project::pin_project;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -93,9 +93,9 @@ impl<S, Req, R> Future for ResponseFuture<S, Req, R>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
-    R: Release<S::Response>,
+    R: Hold<S::Response>,
 {
-    type Output = Result<R::Response, BoxError>;
+    type Output = Result<R::Response<BulkheadPermit>, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -108,7 +108,7 @@ where
                         return Poll::Ready(Err("bulkhead future polled after completion".into()));
                     };
                     return Poll::Ready(match result {
-                        Ok(res) => Ok(R::attach(res, permit)),
+                        Ok(res) => Ok(R::hold(res, permit)),
                         Err(e) => Err(e.into()),
                     });
                 }

@@ -1,7 +1,10 @@
-use super::queue::{BulkheadPermit, Shared};
+use super::queue::Shared;
 use super::service::BulkheadService;
 use super::ticket::QueueTicket;
-use crate::guard::Guarded;
+#[cfg(feature = "http")]
+use crate::guard::OnBodyEnd;
+use crate::guard::OnResponse;
+use crate::guard::OnStreamEnd;
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
@@ -79,53 +82,6 @@ impl<Req> RequestInfo<Req> for InfoFns<Req> {
 
     fn ticket(&self, req: &Req) -> Option<QueueTicket> {
         self.ticket.as_ref().and_then(|f| f(req))
-    }
-}
-
-/// When the permit is given back.
-pub trait Release<Res> {
-    /// The response type the caller sees.
-    type Response;
-    /// Attaches (or drops) the permit.
-    fn attach(res: Res, permit: BulkheadPermit) -> Self::Response;
-}
-
-/// Release the permit when the inner future resolves (default).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct OnResponse;
-
-impl<Res> Release<Res> for OnResponse {
-    type Response = Res;
-    fn attach(res: Res, permit: BulkheadPermit) -> Res {
-        drop(permit);
-        res
-    }
-}
-
-/// The response is a `Stream` of `Result`s: hold the permit until the stream
-/// ends, fails or is dropped (a streamed LLM answer keeps its slot until its last
-/// chunk).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct OnStreamEnd;
-
-impl<S> Release<S> for OnStreamEnd {
-    type Response = Guarded<S, BulkheadPermit>;
-    fn attach(res: S, permit: BulkheadPermit) -> Self::Response {
-        Guarded::new(res, permit)
-    }
-}
-
-/// The response is an `http::Response<B>`: hold the permit until the body ends,
-/// fails or is dropped (feature `http`).
-#[cfg(feature = "http")]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct OnBodyEnd;
-
-#[cfg(feature = "http")]
-impl<B> Release<http::Response<B>> for OnBodyEnd {
-    type Response = http::Response<Guarded<B, BulkheadPermit>>;
-    fn attach(res: http::Response<B>, permit: BulkheadPermit) -> Self::Response {
-        res.map(|body| Guarded::new(body, permit))
     }
 }
 

@@ -72,9 +72,7 @@ mod service;
 mod ticket;
 
 pub use future::ResponseFuture;
-#[cfg(feature = "http")]
-pub use layer::OnBodyEnd;
-pub use layer::{BulkheadLayer, InfoFns, NoInfo, OnResponse, OnStreamEnd, Release, RequestInfo};
+pub use layer::{BulkheadLayer, InfoFns, NoInfo, RequestInfo};
 pub use queue::BulkheadPermit;
 pub use service::BulkheadService;
 pub use ticket::{QueueStatus, QueueTicket, TicketStatus};

@@ -650,7 +650,7 @@ impl Drop for Waiter {
 
 /// A bulkhead permit: one of the `max_concurrent` slots. Released on drop.
 ///
-/// With [`OnStreamEnd`](super::OnStreamEnd) / [`OnBodyEnd`](super::OnBodyEnd) the
+/// With [`OnStreamEnd`](crate::guard::OnStreamEnd) / `OnBodyEnd` the
 /// permit rides inside the response body until its last chunk.
 #[derive(Debug)]
 pub struct BulkheadPermit {

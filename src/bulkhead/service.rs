@@ -1,8 +1,9 @@
 use super::future::ResponseFuture;
-use super::layer::{Release, RequestInfo};
+use super::layer::RequestInfo;
 use super::queue::{Acquire, BulkheadPermit, Shared};
 use super::ticket::TicketStatus;
 use crate::error::BoxError;
+use crate::guard::Hold;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -48,9 +49,9 @@ where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     X: RequestInfo<Req>,
-    R: Release<S::Response>,
+    R: Hold<S::Response>,
 {
-    type Response = R::Response;
+    type Response = R::Response<BulkheadPermit>;
     type Error = BoxError;
     type Future = ResponseFuture<S, Req, R>;
 

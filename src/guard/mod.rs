@@ -173,6 +173,59 @@ where
     }
 }
 
+/// When a layer lets go of what it holds for a call: at the response, or at
+/// the end of the streamed body. Every layer that holds something per call
+/// (bulkhead permit, breaker outcome, shutdown in-flight count) takes one of
+/// these modes as a type parameter.
+pub trait Hold<Res> {
+    /// The response type the caller sees, holding a `G`.
+    type Response<G: Guard>;
+    /// Attaches `guard` to `res` (or finishes it at once).
+    fn hold<G: Guard>(res: Res, guard: G) -> Self::Response<G>;
+}
+
+/// Finish the guard when the response arrives (the default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OnResponse;
+
+impl<Res> Hold<Res> for OnResponse {
+    type Response<G: Guard> = Res;
+
+    #[inline]
+    fn hold<G: Guard>(res: Res, guard: G) -> Res {
+        guard.finish(StreamEnd::Completed);
+        res
+    }
+}
+
+/// The response is a `Stream` of `Result`s: finish the guard when it ends,
+/// fails or is dropped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OnStreamEnd;
+
+impl<S> Hold<S> for OnStreamEnd {
+    type Response<G: Guard> = Guarded<S, G>;
+
+    fn hold<G: Guard>(res: S, guard: G) -> Guarded<S, G> {
+        Guarded::new(res, guard)
+    }
+}
+
+/// The response is an `http::Response<B>`: finish the guard when its body
+/// ends, fails or is dropped (feature `http`).
+#[cfg(feature = "http")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OnBodyEnd;
+
+#[cfg(feature = "http")]
+impl<B> Hold<http::Response<B>> for OnBodyEnd {
+    type Response<G: Guard> = http::Response<Guarded<B, G>>;
+
+    fn hold<G: Guard>(res: http::Response<B>, guard: G) -> Self::Response<G> {
+        res.map(|body| Guarded::new(body, guard))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
