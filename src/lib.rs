@@ -10,5 +10,6 @@ pub mod classify;
 mod error;
 pub mod guard;
 pub mod retry;
+pub mod timeout;
 
 pub use crate::error::{BoxError, ConfigError, RejectKind, Rejected};

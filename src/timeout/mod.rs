@@ -1,0 +1,160 @@
+//! Timeouts for one attempt, for the whole call, for the first chunk of a
+//! streamed answer and for the gaps between chunks.
+//!
+//! An LLM answer is finished when its last chunk arrives, and it can stall half
+//! way. tower's `Timeout` stops at the response headers; this one can follow the
+//! body. Seed 004 runs long generations with a 30 min read timeout and a 20 min
+//! "no progress" timeout: that is [`TimeoutBuilder::total`] and
+//! [`TimeoutBuilder::idle`].
+//!
+//! | limit | measured from | to |
+//! |---|---|---|
+//! | `attempt` | the call | the response (headers) |
+//! | `total` | the call | the end of the body / stream |
+//! | `first_chunk` | the response | the first chunk or frame |
+//! | `idle` | a chunk | the next one |
+//!
+//! Expiry is a [`Rejected`](crate::Rejected) of kind
+//! [`Timeout`](crate::RejectKind::Timeout) (classified `Transient`) whose text
+//! names the limit ("timeout 'openai': timed out (no progress for 1200s)"); inside a
+//! stream it arrives as the stream's last item, an `Err`, so layers above (a
+//! bulkhead holding its permit, a breaker recording at the end) see a failure.
+//!
+//! ```
+//! use semaforo::timeout::Timeout;
+//! use std::time::Duration;
+//! use futures::{stream, StreamExt};
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), semaforo::BoxError> {
+//! let timeout = Timeout::builder()
+//!     .name("openai")
+//!     .attempt(Duration::from_secs(30))   // seed 004: connect/response 30 s
+//!     .idle(Duration::from_secs(20 * 60)) // no progress for 20 min
+//!     .total(Duration::from_secs(30 * 60))
+//!     .build()?;
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(timeout.layer().streams())
+//!     .service(service_fn(|_: ()| async {
+//!         Ok::<_, std::io::Error>(stream::iter(vec![Ok::<_, std::io::Error>("hola")]))
+//!     }));
+//! let chunks: Vec<_> = svc.ready().await?.call(()).await?.collect().await;
+//! assert_eq!(chunks.len(), 1);
+//! # Ok(()) }
+//! ```
+
+mod service;
+mod timed;
+
+#[cfg(feature = "http")]
+pub use service::WholeBody;
+pub use service::{ResponseFuture, Timed, TimeoutLayer, TimeoutService, Whole, WholeStream};
+#[cfg(feature = "http")]
+pub use timed::TimedBody;
+pub use timed::TimedStream;
+
+use crate::error::ConfigError;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The configured limits (see the table in the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// From the call to the response.
+    pub attempt: Option<Duration>,
+    /// From the call to the end of the body or stream.
+    pub total: Option<Duration>,
+    /// From the response to its first chunk.
+    pub first_chunk: Option<Duration>,
+    /// Between two chunks.
+    pub idle: Option<Duration>,
+}
+
+/// A set of timeouts; make layers with [`Timeout::layer`].
+#[derive(Debug, Clone)]
+pub struct Timeout {
+    limits: Limits,
+    name: Option<Arc<str>>,
+}
+
+/// Builder for [`Timeout`]; [`build`](Self::build) validates it.
+#[derive(Debug, Clone, Default)]
+#[must_use = "call .build() to get a Timeout"]
+pub struct TimeoutBuilder {
+    limits: Limits,
+    name: Option<Arc<str>>,
+}
+
+impl TimeoutBuilder {
+    /// Names the layer in errors.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// From the call to the response.
+    pub fn attempt(mut self, d: Duration) -> Self {
+        self.limits.attempt = Some(d);
+        self
+    }
+
+    /// From the call to the end of the streamed body (or the response, for
+    /// responses that are not streamed).
+    pub fn total(mut self, d: Duration) -> Self {
+        self.limits.total = Some(d);
+        self
+    }
+
+    /// From the response to its first chunk (default: the idle limit).
+    pub fn first_chunk(mut self, d: Duration) -> Self {
+        self.limits.first_chunk = Some(d);
+        self
+    }
+
+    /// The longest gap between two chunks ("no progress").
+    pub fn idle(mut self, d: Duration) -> Self {
+        self.limits.idle = Some(d);
+        self
+    }
+
+    /// Validates and builds: at least one limit, none of them zero.
+    pub fn build(self) -> Result<Timeout, ConfigError> {
+        let l = self.limits;
+        if l == Limits::default() {
+            return Err(ConfigError::new(
+                "timeout",
+                "limits",
+                "set at least one of attempt, total, first_chunk, idle",
+            ));
+        }
+        for (field, v) in [
+            ("attempt", l.attempt),
+            ("total", l.total),
+            ("first_chunk", l.first_chunk),
+            ("idle", l.idle),
+        ] {
+            if v == Some(Duration::ZERO) {
+                return Err(ConfigError::new("timeout", field, "must be above zero"));
+            }
+        }
+        Ok(Timeout {
+            limits: l,
+            name: self.name,
+        })
+    }
+}
+
+impl Timeout {
+    /// Starts a builder.
+    pub fn builder() -> TimeoutBuilder {
+        TimeoutBuilder::default()
+    }
+
+    /// A layer for plain responses: `attempt` and `total` bound the call.
+    /// Use [`TimeoutLayer::streams`] or [`TimeoutLayer::bodies`] to follow a
+    /// streamed answer to its end.
+    pub fn layer(&self) -> TimeoutLayer<Whole> {
+        TimeoutLayer::new(self.limits, self.name.clone())
+    }
+}

@@ -1,0 +1,233 @@
+use super::timed::TimedStream;
+use super::Limits;
+use crate::error::{BoxError, RejectKind, Rejected};
+use pin_project::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// How the response is followed after it arrives.
+pub trait Timed<Res> {
+    /// What the caller receives.
+    type Response;
+    /// Wraps the response under the limits that still apply.
+    fn wrap(res: Res, limits: Limits, started: Instant, name: Option<Arc<str>>) -> Self::Response;
+}
+
+/// The response is the whole answer: only `attempt` and `total` apply.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Whole;
+
+impl<Res> Timed<Res> for Whole {
+    type Response = Res;
+    fn wrap(res: Res, _: Limits, _: Instant, _: Option<Arc<str>>) -> Res {
+        res
+    }
+}
+
+/// The response is a `Stream` of `Result`s, followed to its end ([`TimedStream`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WholeStream;
+
+impl<S> Timed<S> for WholeStream {
+    type Response = TimedStream<S>;
+    fn wrap(res: S, limits: Limits, started: Instant, name: Option<Arc<str>>) -> TimedStream<S> {
+        TimedStream::new(res, limits, started, name)
+    }
+}
+
+/// The response is an `http::Response<B>` whose body is followed to its end
+/// ([`TimedBody`](super::TimedBody), feature `http`).
+#[cfg(feature = "http")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WholeBody;
+
+#[cfg(feature = "http")]
+impl<B> Timed<http::Response<B>> for WholeBody {
+    type Response = http::Response<super::timed::TimedBody<B>>;
+    fn wrap(
+        res: http::Response<B>,
+        limits: Limits,
+        started: Instant,
+        name: Option<Arc<str>>,
+    ) -> Self::Response {
+        res.map(|b| super::timed::TimedBody::new(b, limits, started, name))
+    }
+}
+
+/// The tower [`Layer`] of a [`Timeout`](super::Timeout).
+pub struct TimeoutLayer<M> {
+    limits: Limits,
+    name: Option<Arc<str>>,
+    _mode: PhantomData<fn() -> M>,
+}
+
+impl<M> Clone for TimeoutLayer<M> {
+    fn clone(&self) -> Self {
+        TimeoutLayer::new(self.limits, self.name.clone())
+    }
+}
+
+impl<M> fmt::Debug for TimeoutLayer<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TimeoutLayer")
+            .field("limits", &self.limits)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl<M> TimeoutLayer<M> {
+    pub(crate) fn new(limits: Limits, name: Option<Arc<str>>) -> Self {
+        TimeoutLayer {
+            limits,
+            name,
+            _mode: PhantomData,
+        }
+    }
+
+    /// Follow a `Stream` response to its end (first-chunk, idle and total limits).
+    pub fn streams(self) -> TimeoutLayer<WholeStream> {
+        TimeoutLayer::new(self.limits, self.name)
+    }
+
+    /// Follow an `http::Response` body to its end (feature `http`).
+    #[cfg(feature = "http")]
+    pub fn bodies(self) -> TimeoutLayer<WholeBody> {
+        TimeoutLayer::new(self.limits, self.name)
+    }
+}
+
+impl<S, M> Layer<S> for TimeoutLayer<M> {
+    type Service = TimeoutService<S, M>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TimeoutService {
+            inner,
+            limits: self.limits,
+            name: self.name.clone(),
+            _mode: PhantomData,
+        }
+    }
+}
+
+/// The service of a [`TimeoutLayer`].
+pub struct TimeoutService<S, M> {
+    inner: S,
+    limits: Limits,
+    name: Option<Arc<str>>,
+    _mode: PhantomData<fn() -> M>,
+}
+
+impl<S: Clone, M> Clone for TimeoutService<S, M> {
+    fn clone(&self) -> Self {
+        TimeoutService {
+            inner: self.inner.clone(),
+            limits: self.limits,
+            name: self.name.clone(),
+            _mode: PhantomData,
+        }
+    }
+}
+
+impl<S: fmt::Debug, M> fmt::Debug for TimeoutService<S, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TimeoutService")
+            .field("inner", &self.inner)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl<S, M, Req> Service<Req> for TimeoutService<S, M>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    M: Timed<S::Response>,
+{
+    type Response = M::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, M>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let started = Instant::now();
+        let l = self.limits;
+        // Until the response: the attempt limit, or the total one if sooner.
+        let until_response = match (l.attempt, l.total) {
+            (Some(a), Some(t)) if t < a => Some((t, "total")),
+            (Some(a), _) => Some((a, "attempt")),
+            (None, Some(t)) => Some((t, "total")),
+            (None, None) => None,
+        };
+        ResponseFuture {
+            fut: self.inner.call(req),
+            sleep: until_response.map(|(d, _)| tokio::time::sleep_until(started + d)),
+            which: until_response,
+            limits: l,
+            started,
+            name: self.name.clone(),
+            _mode: PhantomData,
+        }
+    }
+}
+
+/// The response future of [`TimeoutService`].
+#[pin_project]
+pub struct ResponseFuture<F, M> {
+    #[pin]
+    fut: F,
+    #[pin]
+    sleep: Option<Sleep>,
+    which: Option<(Duration, &'static str)>,
+    limits: Limits,
+    started: Instant,
+    name: Option<Arc<str>>,
+    _mode: PhantomData<fn() -> M>,
+}
+
+impl<F, M> fmt::Debug for ResponseFuture<F, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("timeout::ResponseFuture")
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, M, T, E> Future for ResponseFuture<F, M>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    M: Timed<T>,
+{
+    type Output = Result<M::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(result) = this.fut.poll(cx) {
+            return Poll::Ready(match result {
+                Ok(res) => Ok(M::wrap(res, *this.limits, *this.started, this.name.clone())),
+                Err(e) => Err(e.into()),
+            });
+        }
+        if let Some(sleep) = this.sleep.as_pin_mut() {
+            if sleep.poll(cx).is_ready() {
+                let (d, which) = this.which.unwrap_or((Duration::ZERO, "attempt"));
+                return Poll::Ready(Err(Rejected::new("timeout", RejectKind::Timeout)
+                    .with_name_opt(this.name.as_ref())
+                    .with_detail(format!("{which} {d:?}"))
+                    .into()));
+            }
+        }
+        Poll::Pending
+    }
+}

@@ -1,0 +1,236 @@
+//! Deadlines on a streamed response: time to first chunk, idle gap between
+//! chunks, and a total deadline — for `Stream`s of `Result`s and for
+//! `http_body::Body` (feature `http`).
+//!
+//! One timer per stream, re-armed lazily: a chunk only records the time it
+//! arrived; the timer is moved when it fires early (the deadline moved on since)
+//! or must fire sooner. A steady stream pays one clock read per chunk, not a
+//! timer re-registration.
+
+use super::Limits;
+use crate::error::{BoxError, RejectKind, Rejected};
+use futures_core::Stream;
+use pin_project::pin_project;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+/// Which deadline expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    FirstChunk(Duration),
+    Idle(Duration),
+    Total(Duration),
+}
+
+/// The deadline bookkeeping shared by [`TimedStream`] and [`TimedBody`].
+/// The timer is boxed (one allocation per streamed response) so the wrapped
+/// stream stays `Unpin` when the inner one is: `.next().await` just works.
+#[derive(Debug)]
+struct Watch {
+    timer: Pin<Box<Sleep>>,
+    limits: Limits,
+    /// When the whole call must be over (from the call's start).
+    total_at: Option<Instant>,
+    /// When the response arrived or the last chunk did.
+    last_progress: Instant,
+    got_first: bool,
+    done: bool,
+    name: Option<Arc<str>>,
+}
+
+impl Watch {
+    fn new(limits: Limits, started: Instant, name: Option<Arc<str>>) -> Self {
+        let now = Instant::now();
+        let total_at = limits.total.map(|t| started + t);
+        let first = [
+            limits.first_chunk.or(limits.idle).map(|d| now + d),
+            total_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(now);
+        Watch {
+            timer: Box::pin(tokio::time::sleep_until(first)),
+            limits,
+            total_at,
+            last_progress: now,
+            got_first: false,
+            done: false,
+            name,
+        }
+    }
+
+    /// The earliest deadline now, and what it is.
+    fn deadline(&self) -> Option<(Instant, Expired)> {
+        let gap = if self.got_first {
+            self.limits.idle.map(|d| (d, Expired::Idle(d)))
+        } else {
+            self.limits
+                .first_chunk
+                .or(self.limits.idle)
+                .map(|d| (d, Expired::FirstChunk(d)))
+        };
+        let gap = gap.map(|(d, e)| (self.last_progress + d, e));
+        let total = self
+            .total_at
+            .zip(self.limits.total)
+            .map(|(at, d)| (at, Expired::Total(d)));
+        match (gap, total) {
+            (Some(g), Some(t)) => Some(if t.0 <= g.0 { t } else { g }),
+            (g, t) => g.or(t),
+        }
+    }
+
+    fn progress(&mut self) {
+        self.got_first = true;
+        if self.limits.idle.is_some() || self.limits.first_chunk.is_some() {
+            self.last_progress = Instant::now();
+        }
+    }
+
+    /// Called when the inner stream is pending: `Some(error)` once a deadline passed.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<BoxError> {
+        loop {
+            let (at, what) = self.deadline()?;
+            if Instant::now() >= at {
+                self.done = true;
+                return Some(timeout_error(self.name.as_ref(), what));
+            }
+            if self.timer.deadline() != at {
+                self.timer.as_mut().reset(at);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+        }
+    }
+}
+
+fn timeout_error(name: Option<&Arc<str>>, what: Expired) -> BoxError {
+    let detail = match what {
+        Expired::FirstChunk(d) => format!("no first chunk within {d:?}"),
+        Expired::Idle(d) => format!("no progress for {d:?}"),
+        Expired::Total(d) => format!("total {d:?}"),
+    };
+    Rejected::new("timeout", RejectKind::Timeout)
+        .with_name_opt(name)
+        .with_detail(detail)
+        .into()
+}
+
+/// A `Stream` of `Result`s under first-chunk, idle and total deadlines. A
+/// deadline that passes yields one `Err` (a [`Rejected`] of kind `Timeout`,
+/// classified `Transient`) and ends the stream.
+#[pin_project]
+#[derive(Debug)]
+pub struct TimedStream<S> {
+    #[pin]
+    inner: S,
+    watch: Watch,
+}
+
+impl<S> TimedStream<S> {
+    pub(crate) fn new(inner: S, limits: Limits, started: Instant, name: Option<Arc<str>>) -> Self {
+        TimedStream {
+            inner,
+            watch: Watch::new(limits, started, name),
+        }
+    }
+}
+
+impl<S, T, E> Stream for TimedStream<S>
+where
+    S: Stream<Item = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Item = Result<T, BoxError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.project();
+        if this.watch.done {
+            return Poll::Ready(None);
+        }
+        match this.inner.poll_next(cx) {
+            Poll::Ready(Some(item)) => {
+                this.watch.progress();
+                Poll::Ready(Some(item.map_err(Into::into)))
+            }
+            Poll::Ready(None) => {
+                this.watch.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.watch.poll_expired(cx) {
+                Some(err) => Poll::Ready(Some(Err(err))),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// An `http_body::Body` under first-frame, idle and total deadlines (feature
+/// `http`). A deadline that passes ends the body with a `Timeout` error.
+#[cfg(feature = "http")]
+#[pin_project]
+#[derive(Debug)]
+pub struct TimedBody<B> {
+    #[pin]
+    inner: B,
+    watch: Watch,
+}
+
+#[cfg(feature = "http")]
+impl<B> TimedBody<B> {
+    pub(crate) fn new(inner: B, limits: Limits, started: Instant, name: Option<Arc<str>>) -> Self {
+        TimedBody {
+            inner,
+            watch: Watch::new(limits, started, name),
+        }
+    }
+}
+
+#[cfg(feature = "http")]
+impl<B> http_body::Body for TimedBody<B>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if this.watch.done {
+            return Poll::Ready(None);
+        }
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(frame)) => {
+                this.watch.progress();
+                Poll::Ready(Some(frame.map_err(Into::into)))
+            }
+            Poll::Ready(None) => {
+                this.watch.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.watch.poll_expired(cx) {
+                Some(err) => Poll::Ready(Some(Err(err))),
+                None => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.watch.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
