@@ -9,6 +9,7 @@ pub mod bulkhead;
 pub mod classify;
 mod error;
 pub mod guard;
+pub mod pace;
 pub mod retry;
 pub mod timeout;
 

@@ -124,3 +124,4 @@ pub fn prioritised_and_partitioned(
         )
         .service(up.service())
 }
+pub mod provider;

@@ -1,0 +1,71 @@
+//! Uncontended reserve-and-go: the pacer (RPM + TPM reserved together) next to
+//! governor's direct `check_n` on one cell, in the same run.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use futures::FutureExt;
+use governor::{Quota, RateLimiter};
+use semaforo::pace::{Cost, Pace};
+use std::convert::Infallible;
+use std::num::NonZeroU32;
+use std::time::Duration;
+use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+
+fn once<S: Service<u64>>(svc: &mut S, x: u64) -> S::Response
+where
+    S::Error: std::fmt::Debug,
+{
+    let svc = svc
+        .ready()
+        .now_or_never()
+        .expect("ready at once")
+        .expect("no error");
+    svc.call(x)
+        .now_or_never()
+        .expect("completes at once")
+        .expect("ok")
+}
+
+fn reserve(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("pace/reserve_and_go");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+
+    let limiter = RateLimiter::direct(Quota::per_second(NonZeroU32::new(u32::MAX).unwrap()));
+    let n = NonZeroU32::new(7).unwrap();
+    g.bench_function("governor direct check_n (1 cell)", |b| {
+        b.iter(|| black_box(limiter.check_n(n)))
+    });
+
+    let tokens = RateLimiter::direct(Quota::per_second(NonZeroU32::new(u32::MAX).unwrap()));
+    let requests = RateLimiter::direct(Quota::per_second(NonZeroU32::new(u32::MAX).unwrap()));
+    g.bench_function("governor direct check_n ×2 (RPM + TPM cells)", |b| {
+        b.iter(|| black_box((requests.check(), tokens.check_n(n))))
+    });
+
+    let pace = Pace::builder()
+        .requests_per_minute(u32::MAX as u64 * 60)
+        .tokens_per_minute(u32::MAX as u64 * 60)
+        .build()
+        .unwrap();
+    let mut s = ServiceBuilder::new()
+        .layer(pace.layer().weigh(|_: &u64| Cost::tokens(7)))
+        .service(service_fn(|x: u64| {
+            std::future::ready(Ok::<_, Infallible>(x))
+        }));
+    g.bench_function("semaforo Pace layer (RPM + TPM, call included)", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30);
+    targets = reserve
+}
+criterion_main!(benches);

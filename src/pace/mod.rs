@@ -1,0 +1,272 @@
+//! Pace outbound calls to an upstream's budget: requests **and** tokens per
+//! minute at once, with reservations, reconciliation and feedback.
+//!
+//! Seed 000: 50 teachers × 2,000 tokens against a 30,000 tokens/min, 500
+//! requests/min tier. A concurrency cap does not respect a tokens-per-minute
+//! budget — 100,000 tokens need at least ~3.3 minutes whatever the concurrency.
+//! The pacer does:
+//!
+//! - **Several dimensions at once** (requests/min, tokens/min, per day…), each a
+//!   GCRA cell whose burst is the whole window (as OpenAI's buckets are). A call's
+//!   cost (`weigh(&Req)`: requests = 1, tokens = prompt estimate + `max_tokens`)
+//!   is reserved on all of them together, then the call goes.
+//! - **A FIFO line**: when the budget is spent, callers wait in arrival order and
+//!   each reserves when it reaches the head and fits, so the upstream sees a
+//!   smooth rate within its burst. A caller that leaves the line held nothing and
+//!   everyone behind it moves up.
+//! - **`max_wait`**: a call that would start later than that is refused at once
+//!   with [`RejectKind::BudgetExceeded`](crate::RejectKind::BudgetExceeded) and the
+//!   exact `retry_after`, reserving nothing. A cost larger than a dimension's
+//!   whole burst can never fit: refused at once too, without `retry_after`.
+//! - **Reconcile**: when the response says what the call really cost
+//!   (`usage.total_tokens`), the estimate is replaced — refund or debt.
+//! - **Learn from the upstream**: a `Throttled` result pauses every dispatch until
+//!   its `retry_after` (one 429 must not become 50) and cuts the rate ×0.75 (not
+//!   below 25 %); each success gives back 2 % — AIMD, as TCP does, because a
+//!   configured budget can be optimistic (a shared org key, a tier that changed).
+//!   Rate-limit headers (`x-ratelimit-remaining-*`) lower our count of what is
+//!   left whenever the upstream knows better.
+//!
+//! Why our own GCRA and not governor: governor cannot reserve a future slot for
+//! a waiter, refund an estimate or take a debt, and its cells are independent —
+//! checking RPM then TPM can consume one and fail the other.
+//!
+//! ```
+//! use semaforo::pace::{Cost, Pace};
+//! use std::time::Duration;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), semaforo::BoxError> {
+//! let pace = Pace::builder()
+//!     .name("openai")
+//!     .requests_per_minute(500)
+//!     .tokens_per_minute(30_000)
+//!     .max_wait(Duration::from_secs(300))
+//!     .build()?;
+//! let mut llm = ServiceBuilder::new()
+//!     .layer(pace.layer().weigh(|max_tokens: &u64| Cost::tokens(*max_tokens)))
+//!     .service(service_fn(|n: u64| async move { Ok::<_, std::io::Error>(n) }));
+//! let t0 = tokio::time::Instant::now();
+//! for _ in 0..16 {
+//!     llm.ready().await?.call(2_000).await?; // 15 fit in the burst, the 16th waits 4 s
+//! }
+//! assert_eq!(t0.elapsed(), Duration::from_secs(4));
+//! # Ok(()) }
+//! ```
+
+mod service;
+mod state;
+
+pub use service::{Observed, PaceLayer, PaceService, ResponseFuture, Weigh};
+
+use crate::error::ConfigError;
+use state::{Dim, State};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What one call costs on each kind of dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Cost {
+    /// Requests (usually 1).
+    pub requests: u32,
+    /// Tokens (prompt + completion).
+    pub tokens: u64,
+}
+
+impl Cost {
+    /// One request of `tokens` tokens.
+    pub fn tokens(tokens: u64) -> Self {
+        Cost {
+            requests: 1,
+            tokens,
+        }
+    }
+}
+
+/// What a dimension counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unit {
+    /// Requests.
+    Requests,
+    /// Tokens.
+    Tokens,
+}
+
+/// One dimension's state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DimSnapshot {
+    /// What it counts.
+    pub unit: Unit,
+    /// Its window (a minute, a day).
+    pub per: Duration,
+    /// Its burst.
+    pub capacity: f64,
+    /// Units available now.
+    pub available: f64,
+    /// When it is full again.
+    pub full_at: Instant,
+}
+
+/// The pacer's state at one instant.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct PaceSnapshot {
+    /// Each dimension.
+    pub dims: Vec<DimSnapshot>,
+    /// Callers in line.
+    pub waiting: usize,
+    /// When the head of the line can go.
+    pub next_start: Option<Instant>,
+    /// Dispatch paused after a 429 until then.
+    pub paused_until: Option<Instant>,
+    /// The AIMD share of the configured rate in use (1.0 = all of it).
+    pub rate_factor: f64,
+    /// Throttled results seen.
+    pub throttled: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) name: Option<Arc<str>>,
+    pub(crate) max_wait: Option<Duration>,
+    state: Mutex<State>,
+    /// The AIMD factor is below 1: successes must be recorded to recover.
+    pub(crate) slowed: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// An outbound budget. Cheap to clone; clones and layers share it.
+#[derive(Debug, Clone)]
+pub struct Pace {
+    shared: Arc<Shared>,
+}
+
+/// Builder for [`Pace`]; [`build`](Self::build) validates it.
+#[derive(Debug, Clone, Default)]
+#[must_use = "call .build() to get a Pace"]
+pub struct PaceBuilder {
+    name: Option<Arc<str>>,
+    dims: Vec<(Unit, u64, Duration, Option<u64>)>,
+    max_wait: Option<Duration>,
+}
+
+impl PaceBuilder {
+    /// Names the pacer in errors.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// `n` requests per minute (burst: `n`).
+    pub fn requests_per_minute(self, n: u64) -> Self {
+        self.limit(Unit::Requests, n, Duration::from_secs(60))
+    }
+
+    /// `n` tokens per minute (burst: `n`).
+    pub fn tokens_per_minute(self, n: u64) -> Self {
+        self.limit(Unit::Tokens, n, Duration::from_secs(60))
+    }
+
+    /// `n` requests per day.
+    pub fn requests_per_day(self, n: u64) -> Self {
+        self.limit(Unit::Requests, n, Duration::from_secs(86_400))
+    }
+
+    /// `n` tokens per day.
+    pub fn tokens_per_day(self, n: u64) -> Self {
+        self.limit(Unit::Tokens, n, Duration::from_secs(86_400))
+    }
+
+    /// Any dimension: `n` units per `per`, burst `n`.
+    pub fn limit(mut self, unit: Unit, n: u64, per: Duration) -> Self {
+        self.dims.push((unit, n, per, None));
+        self
+    }
+
+    /// Sets the burst of the dimension added last (default: its whole window).
+    pub fn burst(mut self, burst: u64) -> Self {
+        if let Some(d) = self.dims.last_mut() {
+            d.3 = Some(burst);
+        }
+        self
+    }
+
+    /// Refuse a call that would wait longer than this (default: wait as long as it takes).
+    pub fn max_wait(mut self, d: Duration) -> Self {
+        self.max_wait = Some(d);
+        self
+    }
+
+    /// Validates and builds: at least one dimension, each with a rate and a
+    /// period above zero and a burst of at least 1.
+    pub fn build(self) -> Result<Pace, ConfigError> {
+        if self.dims.is_empty() {
+            return Err(ConfigError::new(
+                "pace",
+                "limits",
+                "set at least one limit (e.g. tokens_per_minute)",
+            ));
+        }
+        let mut dims = Vec::with_capacity(self.dims.len());
+        for (unit, n, per, burst) in self.dims {
+            if n == 0 || per.is_zero() {
+                return Err(ConfigError::new(
+                    "pace",
+                    "limit",
+                    format!("{n} per {per:?} can never admit anything"),
+                ));
+            }
+            let capacity = burst.unwrap_or(n);
+            if capacity == 0 {
+                return Err(ConfigError::new("pace", "burst", "must be at least 1"));
+            }
+            dims.push(Dim {
+                unit,
+                per,
+                capacity: capacity as f64,
+                secs_per_unit: per.as_secs_f64() / n as f64,
+            });
+        }
+        Ok(Pace {
+            shared: Arc::new(Shared {
+                name: self.name,
+                max_wait: self.max_wait,
+                state: Mutex::new(State::new(dims)),
+                slowed: std::sync::atomic::AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+impl Pace {
+    /// Starts a builder.
+    pub fn builder() -> PaceBuilder {
+        PaceBuilder::default()
+    }
+
+    /// A layer weighing every request as one request of zero tokens; set the
+    /// weight with [`PaceLayer::weigh`].
+    pub fn layer(
+        &self,
+    ) -> PaceLayer<service::OneRequest, service::NoObserve, crate::classify::ErrorClassifier> {
+        PaceLayer::new(self.shared.clone())
+    }
+
+    /// The state now, per dimension.
+    pub fn snapshot(&self) -> PaceSnapshot {
+        self.shared.lock().snapshot(Instant::now())
+    }
+
+    /// Tell the pacer what the upstream's headers said (for code that calls the
+    /// upstream outside the layer).
+    pub fn learn(&self, info: &crate::classify::RateLimitInfo) {
+        self.shared.lock().learn(info, Instant::now());
+    }
+}

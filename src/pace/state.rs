@@ -1,0 +1,318 @@
+//! The pacer's state: one GCRA cell per dimension and a FIFO line of waiters.
+//!
+//! Each dimension (requests/min, tokens/min, tokens/day…) is a GCRA cell: a
+//! "theoretical arrival time" `tat` at which its bucket would be full again, with
+//! capacity `C` and `T` seconds per unit. A cost `n` fits at
+//! `tat − (C − n)·T`; reserving it moves `tat` to `max(tat, start) + n·T`. A call's
+//! cost is reserved on every dimension at once, at the latest of their start
+//! times, so no dimension is ever overdrawn.
+//!
+//! Waiting callers stand in one FIFO line and reserve only when they reach its
+//! head and their cost fits: a caller that leaves the line (dropped, timed out)
+//! never held anything, and everyone behind it moves up. The head sleeps until
+//! its start instant; the others sleep until the one before them leaves.
+
+use super::{Cost, DimSnapshot, PaceSnapshot, Unit};
+use crate::classify::RateLimitInfo;
+use slab::Slab;
+use std::collections::BTreeMap;
+use std::task::Waker;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// AIMD after a 429: the effective rate is multiplied by this...
+pub(crate) const DECREASE: f64 = 0.75;
+/// ...never below this share of the configured rate...
+pub(crate) const FLOOR: f64 = 0.25;
+/// ...and recovers by this much per successful response.
+pub(crate) const INCREASE: f64 = 0.02;
+/// The pause after a 429 that gave no `retry_after`.
+pub(crate) const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub(crate) struct Dim {
+    pub(crate) unit: Unit,
+    pub(crate) per: Duration,
+    /// Capacity (burst), in units.
+    pub(crate) capacity: f64,
+    /// Seconds per unit at the configured rate.
+    pub(crate) secs_per_unit: f64,
+}
+
+impl Dim {
+    pub(crate) fn amount(&self, cost: &Cost) -> f64 {
+        match self.unit {
+            Unit::Requests => f64::from(cost.requests),
+            Unit::Tokens => cost.tokens as f64,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Waiting {
+    seq: u64,
+    cost: Cost,
+    waker: Option<Waker>,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) dims: Vec<Dim>,
+    /// Per dimension, seconds since `epoch`.
+    tat: Vec<f64>,
+    line: BTreeMap<u64, u32>,
+    waiting: Slab<Waiting>,
+    queued: Vec<f64>,
+    next_seq: u64,
+    paused_until: Option<Instant>,
+    /// AIMD share of the configured rate, in [FLOOR, 1].
+    factor: f64,
+    epoch: Instant,
+    pub(crate) throttled: u64,
+}
+
+/// When a reservation can start, and which dimension decides it.
+pub(crate) enum Fit {
+    Now,
+    At(Instant),
+}
+
+fn secs(epoch: Instant, t: Instant) -> f64 {
+    t.saturating_duration_since(epoch).as_secs_f64()
+}
+
+impl State {
+    pub(crate) fn new(dims: Vec<Dim>) -> Self {
+        let n = dims.len();
+        State {
+            dims,
+            tat: vec![0.0; n],
+            line: BTreeMap::new(),
+            waiting: Slab::new(),
+            queued: vec![0.0; n],
+            next_seq: 0,
+            paused_until: None,
+            factor: 1.0,
+            epoch: Instant::now(),
+            throttled: 0,
+        }
+    }
+
+    fn spu(&self, d: usize) -> f64 {
+        self.dims[d].secs_per_unit / self.factor
+    }
+
+    fn instant(&self, s: f64) -> Instant {
+        // Round up to the next microsecond: never start early.
+        let micros = (s * 1e6).ceil();
+        self.epoch + Duration::from_micros(micros.max(0.0) as u64)
+    }
+
+    /// Earliest start for `cost` after everything in `extra` (per dimension)
+    /// has been reserved, in seconds since the epoch.
+    fn start_secs(&self, cost: &Cost, extra: Option<&[f64]>, now: f64) -> f64 {
+        let mut start = now;
+        if let Some(p) = self.paused_until {
+            start = start.max(secs(self.epoch, p));
+        }
+        for (d, dim) in self.dims.iter().enumerate() {
+            let t = self.spu(d);
+            let ahead = extra.map_or(0.0, |e| e[d]);
+            let tat = self.tat[d].max(now) + ahead * t;
+            let n = dim.amount(cost);
+            start = start.max(tat - (dim.capacity - n) * t);
+        }
+        start
+    }
+
+    fn reserve_at(&mut self, cost: &Cost, start: f64) {
+        for d in 0..self.dims.len() {
+            let n = self.dims[d].amount(cost);
+            let t = self.spu(d);
+            self.tat[d] = self.tat[d].max(start) + n * t;
+        }
+    }
+
+    /// Reserve now if nobody waits and it fits.
+    pub(crate) fn try_now(&mut self, cost: &Cost, now: Instant) -> Fit {
+        let n = secs(self.epoch, now);
+        let s = self.start_secs(cost, None, n);
+        if self.line.is_empty() && s <= n {
+            self.reserve_at(cost, n);
+            return Fit::Now;
+        }
+        // Where it would start after everyone in line.
+        let s = self.start_secs(cost, Some(&self.queued), n);
+        Fit::At(self.instant(s))
+    }
+
+    pub(crate) fn enqueue(&mut self, cost: Cost) -> (u32, u64) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let slot = self.waiting.insert(Waiting {
+            seq,
+            cost,
+            waker: None,
+        }) as u32;
+        self.line.insert(seq, slot);
+        for (d, dim) in self.dims.iter().enumerate() {
+            self.queued[d] += dim.amount(&cost);
+        }
+        (slot, seq)
+    }
+
+    fn unqueue(&mut self, slot: u32, seq: u64) -> bool {
+        match self.waiting.get(slot as usize) {
+            Some(w) if w.seq == seq => {}
+            _ => return false,
+        }
+        let w = self.waiting.remove(slot as usize);
+        self.line.remove(&seq);
+        for (d, dim) in self.dims.iter().enumerate() {
+            self.queued[d] = (self.queued[d] - dim.amount(&w.cost)).max(0.0);
+        }
+        true
+    }
+
+    fn wake_head(&mut self) {
+        if let Some((_, slot)) = self.line.first_key_value() {
+            if let Some(w) = self
+                .waiting
+                .get_mut(*slot as usize)
+                .and_then(|w| w.waker.take())
+            {
+                w.wake();
+            }
+        }
+    }
+
+    /// A waiter's turn: `Ok(())` once reserved, else when to look again
+    /// (`None`: not at the head; wait to be woken).
+    pub(crate) fn poll_turn(
+        &mut self,
+        slot: u32,
+        seq: u64,
+        waker: &Waker,
+        now: Instant,
+    ) -> Result<(), Option<Instant>> {
+        let head = self.line.first_key_value().map(|(s, _)| *s);
+        let Some(w) = self.waiting.get_mut(slot as usize).filter(|w| w.seq == seq) else {
+            return Ok(()); // not in line any more (closed): let the caller through
+        };
+        if head != Some(seq) {
+            match &mut w.waker {
+                Some(existing) if existing.will_wake(waker) => {}
+                other => *other = Some(waker.clone()),
+            }
+            return Err(None);
+        }
+        let cost = w.cost;
+        let n = secs(self.epoch, now);
+        let s = self.start_secs(&cost, None, n);
+        if s <= n {
+            self.unqueue(slot, seq);
+            self.reserve_at(&cost, n);
+            self.wake_head();
+            Ok(())
+        } else {
+            if let Some(w) = self.waiting.get_mut(slot as usize) {
+                w.waker = Some(waker.clone());
+            }
+            Err(Some(self.instant(s)))
+        }
+    }
+
+    /// A waiter left the line without reserving.
+    pub(crate) fn leave(&mut self, slot: u32, seq: u64) {
+        let was_head = self.line.first_key_value().map(|(s, _)| *s) == Some(seq);
+        if self.unqueue(slot, seq) && was_head {
+            self.wake_head();
+        }
+    }
+
+    /// Replaces an estimate by the real cost: refund or debt on every cell.
+    pub(crate) fn reconcile(&mut self, estimate: &Cost, real: &Cost) {
+        for d in 0..self.dims.len() {
+            let delta = self.dims[d].amount(real) - self.dims[d].amount(estimate);
+            self.tat[d] += delta * self.spu(d);
+        }
+        self.wake_head();
+    }
+
+    /// The upstream said 429: pause every dispatch and slow down.
+    pub(crate) fn throttled(&mut self, retry_after: Option<Duration>, now: Instant) {
+        self.throttled += 1;
+        let until = now + retry_after.unwrap_or(DEFAULT_PAUSE);
+        if self.paused_until.is_none_or(|p| p < until) {
+            self.paused_until = Some(until);
+        }
+        self.factor = (self.factor * DECREASE).max(FLOOR);
+    }
+
+    pub(crate) fn is_slowed(&self) -> bool {
+        self.factor < 1.0
+    }
+
+    pub(crate) fn succeeded(&mut self) {
+        if self.factor < 1.0 {
+            self.factor = (self.factor + INCREASE).min(1.0);
+        }
+    }
+
+    /// Never more optimistic than the upstream: if it reports fewer units left
+    /// than we think, take its word.
+    pub(crate) fn learn(&mut self, info: &RateLimitInfo, now: Instant) {
+        let n = secs(self.epoch, now);
+        for d in 0..self.dims.len() {
+            let window = match self.dims[d].unit {
+                Unit::Requests => info.requests,
+                Unit::Tokens => info.tokens,
+            };
+            // Only the per-minute windows are reported by providers.
+            if self.dims[d].per > Duration::from_secs(60) {
+                continue;
+            }
+            let Some(remaining) = window.and_then(|w| w.remaining) else {
+                continue;
+            };
+            let t = self.spu(d);
+            let ours = self.dims[d].capacity - (self.tat[d] - n).max(0.0) / t;
+            let theirs = remaining as f64;
+            if theirs < ours {
+                self.tat[d] = n + (self.dims[d].capacity - theirs) * t;
+            }
+        }
+    }
+
+    pub(crate) fn snapshot(&self, now: Instant) -> PaceSnapshot {
+        let n = secs(self.epoch, now);
+        let dims = self
+            .dims
+            .iter()
+            .enumerate()
+            .map(|(d, dim)| {
+                let t = self.spu(d);
+                DimSnapshot {
+                    unit: dim.unit,
+                    per: dim.per,
+                    capacity: dim.capacity,
+                    available: (dim.capacity - (self.tat[d] - n).max(0.0) / t).max(0.0),
+                    full_at: self.instant(self.tat[d].max(n)),
+                }
+            })
+            .collect();
+        let next_start = self.line.first_key_value().and_then(|(_, slot)| {
+            self.waiting
+                .get(*slot as usize)
+                .map(|w| self.instant(self.start_secs(&w.cost, None, n)))
+        });
+        PaceSnapshot {
+            dims,
+            waiting: self.line.len(),
+            next_start,
+            paused_until: self.paused_until.filter(|p| *p > now),
+            rate_factor: self.factor,
+            throttled: self.throttled,
+        }
+    }
+}

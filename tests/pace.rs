@@ -1,0 +1,369 @@
+//! Seed 000 against a simulated provider (30,000 TPM / 500 RPM buckets, 429s
+//! with OpenAI's headers), under paused time; `max_wait`, cancellation.
+
+mod support;
+
+use semaforo::backoff::{Backoff, Jitter};
+use semaforo::pace::{Cost, Pace};
+use semaforo::retry::Retry;
+use semaforo::{BoxError, RejectKind, Rejected};
+use std::time::Duration;
+use support::provider::{Chat, Provider, Reply};
+use tokio::time::Instant;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+const SERVICE: Duration = Duration::from_secs(1);
+
+/// The provider's own bound for `n` calls of `tokens` each arriving at t = 0:
+/// the last is admitted when its tokens have refilled, then takes `SERVICE`.
+fn bound(n: u64, tokens: u64, tpm: u64) -> Duration {
+    let deficit = (n * tokens).saturating_sub(tpm) as f64;
+    Duration::from_secs_f64(deficit / (tpm as f64 / 60.0)) + SERVICE
+}
+
+/// Fires `n` calls at once through `svc`; returns (ok, failed, makespan).
+async fn sunday_night<S>(svc: S, n: usize, chat: Chat) -> (usize, usize, Duration)
+where
+    S: Service<Chat, Response = Reply, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let mut svc = svc.clone();
+        tasks.push(tokio::spawn(
+            async move { svc.ready().await?.call(chat).await },
+        ));
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) if r.status == 200 => ok += 1,
+            _ => failed += 1,
+        }
+    }
+    (ok, failed, t0.elapsed())
+}
+
+fn pace(tpm: u64) -> Pace {
+    Pace::builder()
+        .name("openai")
+        .requests_per_minute(500)
+        .tokens_per_minute(tpm)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_pace_most_of_50_teachers_get_429() {
+    let provider = Provider::new(30_000, 500, SERVICE);
+    let svc = tower::util::MapErr::new(provider.service(), BoxError::from);
+    let (ok, failed, _) = sunday_night(
+        svc,
+        50,
+        Chat {
+            estimate: 2_000,
+            real: 2_000,
+        },
+    )
+    .await;
+    assert_eq!(ok, 15, "30,000 tokens fit 15 plans");
+    assert!(failed >= 30, "seed 000 saw 35 of 50 fail; we see {failed}");
+    assert_eq!(provider.throttled(), 35);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_pace_50_of_50_and_zero_429s_near_the_providers_bound() {
+    let provider = Provider::new(30_000, 500, SERVICE);
+    let pace = pace(30_000);
+    let svc = ServiceBuilder::new()
+        .layer(pace.layer().weigh(|c: &Chat| Cost::tokens(c.estimate)))
+        .service(provider.service());
+    let (ok, failed, makespan) = sunday_night(
+        svc,
+        50,
+        Chat {
+            estimate: 2_000,
+            real: 2_000,
+        },
+    )
+    .await;
+    assert_eq!((ok, failed), (50, 0));
+    assert_eq!(provider.throttled(), 0, "zero 429s");
+    let bound = bound(50, 2_000, 30_000);
+    assert_eq!(bound, Duration::from_secs(141));
+    assert!(
+        makespan <= bound.mul_f64(1.05),
+        "makespan {makespan:?} vs bound {bound:?}"
+    );
+    // The first 15 go at once, then one every 4 s, in arrival order.
+    let admitted = provider.admitted();
+    let t0 = admitted[0].0;
+    assert!(admitted[..15].iter().all(|a| a.0 == t0));
+    assert!(admitted
+        .windows(2)
+        .skip(15)
+        .all(|w| w[1].0 - w[0].0 >= Duration::from_millis(3_999)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn twenty_percent_too_optimistic_but_learning_at_most_3_429s() {
+    let provider = Provider::new(30_000, 500, SERVICE);
+    let pace = pace(36_000);
+    let retry = Retry::builder()
+        .max_attempts(6)
+        .backoff(
+            Backoff::exponential(Duration::from_millis(500))
+                .jitter(Jitter::Full)
+                .build()
+                .unwrap(),
+        )
+        .retry_after_ceiling(Duration::from_secs(300))
+        .no_budget()
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(retry.layer().classify(|r: Result<&Reply, &BoxError>| {
+            r.map_or(semaforo::classify::Class::Transient, Reply::class)
+        }))
+        .layer(
+            pace.layer()
+                .weigh(|c: &Chat| Cost::tokens(c.estimate))
+                .observe(Reply::observed)
+                .classify(|r: Result<&Reply, &std::io::Error>| {
+                    r.map_or(semaforo::classify::Class::Transient, Reply::class)
+                }),
+        )
+        .service(provider.service());
+    let (ok, failed, makespan) = sunday_night(
+        svc,
+        50,
+        Chat {
+            estimate: 2_000,
+            real: 2_000,
+        },
+    )
+    .await;
+    assert_eq!((ok, failed), (50, 0));
+    eprintln!(
+        "OPTIMISTIC: 429s={} makespan={makespan:?}",
+        provider.throttled()
+    );
+    assert!(
+        provider.throttled() <= 3,
+        "{} provider 429s",
+        provider.throttled()
+    );
+    assert!(
+        makespan <= bound(50, 2_000, 30_000).mul_f64(1.15),
+        "makespan {makespan:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn estimates_twice_too_high_reconciled_stay_within_10_percent() {
+    async fn run(estimate: u64, reconcile: bool) -> Duration {
+        let provider = Provider::new(30_000, 500, SERVICE);
+        let pace = pace(30_000);
+        let layer = pace.layer().weigh(|c: &Chat| Cost::tokens(c.estimate));
+        let (ok, _, makespan) = if reconcile {
+            let svc = ServiceBuilder::new()
+                .layer(layer.observe(Reply::observed))
+                .service(provider.service());
+            sunday_night(
+                svc,
+                50,
+                Chat {
+                    estimate,
+                    real: 2_000,
+                },
+            )
+            .await
+        } else {
+            let svc = ServiceBuilder::new()
+                .layer(layer)
+                .service(provider.service());
+            sunday_night(
+                svc,
+                50,
+                Chat {
+                    estimate,
+                    real: 2_000,
+                },
+            )
+            .await
+        };
+        assert_eq!(ok, 50);
+        assert_eq!(provider.throttled(), 0);
+        makespan
+    }
+    let exact = run(2_000, false).await;
+    let reconciled = run(4_000, true).await;
+    let unreconciled = run(4_000, false).await;
+    eprintln!("RECONCILE: exact={exact:?} reconciled={reconciled:?} unreconciled={unreconciled:?}");
+    assert!(
+        reconciled <= exact.mul_f64(1.1),
+        "reconciled {reconciled:?} vs exact {exact:?}"
+    );
+    assert!(
+        unreconciled >= exact.mul_f64(1.8),
+        "without reconciliation it is ~2× slower: {unreconciled:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_refuses_at_once_with_the_exact_retry_after() {
+    let pace = Pace::builder()
+        .tokens_per_minute(6_000)
+        .max_wait(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(pace.layer().weigh(|n: &u64| Cost::tokens(*n)))
+        .service(tower::service_fn(|n: u64| async move {
+            Ok::<_, std::io::Error>(n)
+        }));
+    svc.ready().await.unwrap().call(6_000).await.unwrap(); // empties the bucket (100 tokens/s)
+    svc.ready().await.unwrap().call(0).await.unwrap();
+    let t0 = Instant::now();
+    // 1,500 tokens are ready in 15 s: 5 s past max_wait.
+    let err = svc.ready().await.unwrap().call(1_500).await.unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    let r = Rejected::from_box(&err).unwrap();
+    assert_eq!(r.kind(), RejectKind::BudgetExceeded);
+    assert_eq!(r.retry_after(), Some(Duration::from_secs(5)));
+    assert_eq!(pace.snapshot().waiting, 0, "reserved nothing");
+    // 1,000 tokens (10 s) are within max_wait: it waits exactly that.
+    svc.ready().await.unwrap().call(1_000).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(10));
+    // A cost above the burst can never fit.
+    let err = svc.ready().await.unwrap().call(6_001).await.unwrap_err();
+    let r = Rejected::from_box(&err).unwrap();
+    assert_eq!(r.retry_after(), None);
+    assert!(err.to_string().contains("can never fit"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_answer_pauses_everyone() {
+    let pace = Pace::builder().requests_per_minute(6_000).build().unwrap();
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t0 = Instant::now();
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            pace.layer()
+                .classify(|r: Result<&bool, &std::io::Error>| match r {
+                    Ok(true) => semaforo::classify::Class::Throttled {
+                        retry_after: Some(Duration::from_secs(7)),
+                    },
+                    _ => semaforo::classify::Class::Success,
+                }),
+        )
+        .service(tower::service_fn({
+            let calls = calls.clone();
+            move |throttle: bool| {
+                calls.lock().unwrap().push(t0.elapsed());
+                async move { Ok::<_, std::io::Error>(throttle) }
+            }
+        }));
+    svc.ready().await.unwrap().call(true).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let mut s = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            s.ready().await.unwrap().call(false).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let calls = calls.lock().unwrap().clone();
+    assert!(
+        calls[1..].iter().all(|t| *t >= Duration::from_secs(7)),
+        "{calls:?}"
+    );
+    let snap = pace.snapshot();
+    assert_eq!(snap.throttled, 1);
+    assert!(snap.rate_factor < 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_waiters_let_the_others_move_up_and_nothing_leaks() {
+    use rand::{Rng, SeedableRng};
+    async fn run(drop_half: bool) -> (Vec<Duration>, semaforo::pace::PaceSnapshot) {
+        let pace = Pace::builder().tokens_per_minute(60_000).build().unwrap(); // 1,000 tokens/s
+        let svc = ServiceBuilder::new()
+            .layer(pace.layer().weigh(|n: &u64| Cost::tokens(*n)))
+            .service(tower::service_fn(|n: u64| async move {
+                Ok::<_, std::io::Error>(n)
+            }));
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..1_000 {
+            let mut s = svc.clone();
+            let drop_at = (drop_half && i % 2 == 1)
+                .then(|| Duration::from_millis(rng.random_range(0..100_000)));
+            tasks.push(tokio::spawn(async move {
+                let call = async { s.ready().await.unwrap().call(500).await.unwrap() };
+                match drop_at {
+                    Some(d) => tokio::time::timeout(d, call)
+                        .await
+                        .ok()
+                        .map(|_| t0.elapsed()),
+                    None => {
+                        call.await;
+                        Some(t0.elapsed())
+                    }
+                }
+            }));
+        }
+        let mut done = Vec::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let r = t.await.unwrap();
+            if !drop_half || i % 2 == 0 {
+                done.push(r.unwrap());
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        (done, pace.snapshot())
+    }
+    let (all, _) = run(false).await;
+    let (kept, snap) = run(true).await;
+    // The callers that stayed finish earlier than the same callers did with nobody leaving.
+    let same_callers: Vec<_> = all.iter().step_by(2).copied().collect();
+    assert_eq!(kept.len(), same_callers.len());
+    assert!(kept.last().unwrap() < same_callers.last().unwrap());
+    let earlier = kept
+        .iter()
+        .zip(&same_callers)
+        .filter(|(k, a)| k < a)
+        .count();
+    assert!(earlier > 400, "{earlier} of 500 moved up");
+    assert_eq!(snap.waiting, 0);
+    assert_eq!(
+        snap.dims[0].available, snap.dims[0].capacity,
+        "back to full capacity"
+    );
+}
+
+#[test]
+fn bad_configuration_is_an_error() {
+    assert_eq!(Pace::builder().build().unwrap_err().field, "limits");
+    assert_eq!(
+        Pace::builder()
+            .tokens_per_minute(0)
+            .build()
+            .unwrap_err()
+            .field,
+        "limit"
+    );
+    assert_eq!(
+        Pace::builder()
+            .tokens_per_minute(10)
+            .burst(0)
+            .build()
+            .unwrap_err()
+            .field,
+        "burst"
+    );
+}
