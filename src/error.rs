@@ -88,6 +88,18 @@ pub struct Rejected {
     retry_after: Option<Duration>,
     detail: Option<Cow<'static, str>>,
     source: Option<Arc<dyn StdError + Send + Sync + 'static>>,
+    policy: Option<Arc<RateLimitPolicy>>,
+}
+
+/// The limit a rejection enforced, for `RateLimit-Policy` headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitPolicy {
+    /// The policy's name (a plan: "free", "pro").
+    pub name: Arc<str>,
+    /// Calls (or units) allowed per window.
+    pub quota: u64,
+    /// The window.
+    pub window: Duration,
 }
 
 impl Rejected {
@@ -100,7 +112,57 @@ impl Rejected {
             retry_after: None,
             detail: None,
             source: None,
+            policy: None,
         }
+    }
+
+    /// Attaches the limit that was enforced (see [`http_headers`](Self::http_headers)).
+    pub fn with_policy(mut self, policy: Arc<RateLimitPolicy>) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// The limit that was enforced, if the layer said.
+    pub fn policy(&self) -> Option<&RateLimitPolicy> {
+        self.policy.as_deref()
+    }
+
+    /// The headers of a `429`/`503` answer: `Retry-After` (whole seconds, rounded
+    /// up) and, when the policy is known, the IETF `RateLimit-Policy` and
+    /// `RateLimit` fields (draft-ietf-httpapi-ratelimit-headers).
+    ///
+    /// ```
+    /// use semaforo::{RateLimitPolicy, RejectKind, Rejected};
+    /// use std::{sync::Arc, time::Duration};
+    ///
+    /// let r = Rejected::new("quota", RejectKind::QuotaExceeded)
+    ///     .with_retry_after(Duration::from_millis(1_500))
+    ///     .with_policy(Arc::new(RateLimitPolicy { name: "free".into(), quota: 60, window: Duration::from_secs(60) }));
+    /// assert_eq!(r.http_headers(), vec![
+    ///     ("retry-after", "2".to_string()),
+    ///     ("ratelimit-policy", "\"free\";q=60;w=60".to_string()),
+    ///     ("ratelimit", "\"free\";r=0;t=2".to_string()),
+    /// ]);
+    /// ```
+    pub fn http_headers(&self) -> Vec<(&'static str, String)> {
+        let secs = self
+            .retry_after
+            .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
+        let mut h = Vec::with_capacity(3);
+        if let Some(s) = secs {
+            h.push(("retry-after", s.to_string()));
+        }
+        if let Some(p) = &self.policy {
+            h.push((
+                "ratelimit-policy",
+                format!("\"{}\";q={};w={}", p.name, p.quota, p.window.as_secs()),
+            ));
+            h.push((
+                "ratelimit",
+                format!("\"{}\";r=0;t={}", p.name, secs.unwrap_or(0)),
+            ));
+        }
+        h
     }
 
     /// Names the layer instance (`.name("openai")` on the layer's builder).

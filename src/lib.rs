@@ -10,7 +10,8 @@ pub mod classify;
 mod error;
 pub mod guard;
 pub mod pace;
+pub mod quota;
 pub mod retry;
 pub mod timeout;
 
-pub use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
+pub use crate::error::{BoxError, ConfigError, RateLimitPolicy, RejectKind, Rejected};

@@ -1,0 +1,359 @@
+//! Keyed admission quotas per user, tenant, API key or plan — fail fast,
+//! before any expensive work (seed 002), with the exact `retry_after`.
+//!
+//! Seeds: 003 (Free 60/min, Pro 1000/min), 004 (3 per hour per user, a global
+//! 1000/min per endpoint), 001 (limits per subscription tier).
+//!
+//! - A closure reads the key (and its plan) from each request. Each plan is a
+//!   governor keyed limiter; a user whose plan changes is checked against the new
+//!   plan from its next call.
+//! - An optional **global** limit sits beside the keyed ones: a call must pass
+//!   both, and a call refused by one consumes nothing from the other. governor
+//!   cannot give a token back, so the global cell is our own small GCRA that can:
+//!   it is taken first and returned if the keyed check refuses.
+//! - **Weighted cost** (`cost(&Req)`): a cost that can never fit a burst is a
+//!   clear `QuotaExceeded` without `retry_after`, not an endless wait.
+//! - Refusals are [`RejectKind::QuotaExceeded`](crate::RejectKind::QuotaExceeded)
+//!   with the exact `retry_after` governor computes, and the policy, so
+//!   [`Rejected::http_headers`](crate::Rejected::http_headers) gives `Retry-After`,
+//!   `RateLimit` and `RateLimit-Policy` for a 429 in one line.
+//! - **All time from `tokio::time`**: governor reads a clock we give it, backed by
+//!   `tokio::time::Instant`, so tests run a one-hour quota on paused time in
+//!   milliseconds, and a server's quotas follow the same clock as its timeouts.
+//! - **Memory**: governor's keyed state grows with every key ever seen. Keys idle
+//!   for longer than their refill period are indistinguishable from new ones;
+//!   they are swept every 65,536 calls (and by [`Quota::evict_idle`]).
+//!
+//! ```
+//! use semaforo::quota::{Quota, Rate};
+//! use semaforo::{RejectKind, Rejected};
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), semaforo::BoxError> {
+//! let quota = Quota::builder()
+//!     .name("api")
+//!     .plan("free", Rate::per_minute(60))
+//!     .plan("pro", Rate::per_minute(1_000))
+//!     .build()?;
+//! let free = quota.plan_id("free").unwrap();
+//! let mut api = ServiceBuilder::new()
+//!     .layer(quota.layer(move |user: &&'static str| (*user, free)))
+//!     .service(service_fn(|_: &'static str| async { Ok::<_, std::io::Error>("ok") }));
+//! for _ in 0..60 {
+//!     api.ready().await?.call("ana").await?;
+//! }
+//! let err = api.ready().await?.call("ana").await.unwrap_err();
+//! let r = Rejected::from_box(&err).unwrap();
+//! assert_eq!(r.kind(), RejectKind::QuotaExceeded);
+//! assert_eq!(r.retry_after(), Some(std::time::Duration::from_secs(1)));
+//! api.ready().await?.call("luis").await?; // other keys are not affected
+//! # Ok(()) }
+//! ```
+
+mod cell;
+mod service;
+
+pub use service::{QuotaCost, QuotaLayer, QuotaService, ResponseFuture, UnitCost};
+
+use crate::error::{ConfigError, RateLimitPolicy};
+use cell::Cell;
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::RateLimiter;
+use std::hash::Hash;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// governor's clock, read from `tokio::time` (pausable in tests).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioClock;
+
+impl Clock for TokioClock {
+    type Instant = std::time::Instant;
+
+    fn now(&self) -> Self::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+
+type Limiter<K> =
+    RateLimiter<K, DefaultKeyedStateStore<K>, TokioClock, NoOpMiddleware<std::time::Instant>>;
+
+/// A rate: `count` per `per`, with a burst (default `count`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Calls (or cost units) per window.
+    pub count: u32,
+    /// The window.
+    pub per: Duration,
+    /// How many may come at once.
+    pub burst: u32,
+}
+
+impl Rate {
+    /// `count` per `per`, burst `count`.
+    pub fn new(count: u32, per: Duration) -> Self {
+        Rate {
+            count,
+            per,
+            burst: count,
+        }
+    }
+
+    /// `count` per second.
+    pub fn per_second(count: u32) -> Self {
+        Rate::new(count, Duration::from_secs(1))
+    }
+
+    /// `count` per minute.
+    pub fn per_minute(count: u32) -> Self {
+        Rate::new(count, Duration::from_secs(60))
+    }
+
+    /// `count` per hour.
+    pub fn per_hour(count: u32) -> Self {
+        Rate::new(count, Duration::from_secs(3600))
+    }
+
+    /// Sets the burst.
+    pub fn burst(mut self, burst: u32) -> Self {
+        self.burst = burst;
+        self
+    }
+
+    fn validate(&self, what: &'static str) -> Result<(), ConfigError> {
+        if self.count == 0 || self.per.is_zero() || self.burst == 0 {
+            return Err(ConfigError::new(
+                "quota",
+                what,
+                format!(
+                    "{} per {:?} with burst {} can never admit anything",
+                    self.count, self.per, self.burst
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn governor(&self) -> Option<governor::Quota> {
+        let quota = governor::Quota::with_period(self.per / self.count)?;
+        Some(quota.allow_burst(NonZeroU32::new(self.burst)?))
+    }
+}
+
+/// A plan's handle, from [`Quota::plan_id`]: cheap to copy into a key closure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PlanId(usize);
+
+pub(crate) struct Plan<K: Hash + Eq + Clone> {
+    pub(crate) name: Arc<str>,
+    pub(crate) rate: Rate,
+    pub(crate) policy: Arc<RateLimitPolicy>,
+    pub(crate) limiter: Limiter<K>,
+}
+
+pub(crate) struct Shared<K: Hash + Eq + Clone> {
+    pub(crate) name: Option<Arc<str>>,
+    pub(crate) plans: Vec<Plan<K>>,
+    pub(crate) global: Option<(Arc<RateLimitPolicy>, Cell)>,
+    calls: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    sweeping: AtomicBool,
+}
+
+impl<K: Hash + Eq + Clone> Shared<K> {
+    /// Counts a call; every 65,536 calls, sweeps idle keys (one caller at a
+    /// time). Admissions are derived (`calls − rejected`): one atomic per call.
+    #[inline]
+    pub(crate) fn tick(&self) {
+        if self.calls.fetch_add(1, Ordering::Relaxed) & 0xFFFF == 0xFFFF {
+            self.sweep();
+        }
+    }
+
+    #[cold]
+    fn sweep(&self) {
+        if self.sweeping.swap(true, Ordering::Acquire) {
+            return;
+        }
+        for p in &self.plans {
+            p.limiter.retain_recent();
+            p.limiter.shrink_to_fit();
+        }
+        self.sweeping.store(false, Ordering::Release);
+    }
+}
+
+/// Keyed quotas. Cheap to clone; clones and layers share the state.
+pub struct Quota<K: Hash + Eq + Clone> {
+    shared: Arc<Shared<K>>,
+}
+
+impl<K: Hash + Eq + Clone> Clone for Quota<K> {
+    fn clone(&self) -> Self {
+        Quota {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> std::fmt::Debug for Quota<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quota")
+            .field("name", &self.shared.name)
+            .field(
+                "plans",
+                &self
+                    .shared
+                    .plans
+                    .iter()
+                    .map(|p| (&p.name, p.rate))
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builder for [`Quota`]; [`build`](Self::build) validates it.
+#[derive(Debug, Clone, Default)]
+#[must_use = "call .build() to get a Quota"]
+pub struct QuotaBuilder {
+    name: Option<Arc<str>>,
+    plans: Vec<(Arc<str>, Rate)>,
+    global: Option<Rate>,
+}
+
+impl QuotaBuilder {
+    /// Names the quota in errors and `RateLimit-Policy`.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Adds a plan (the first one added is the default plan).
+    pub fn plan(mut self, name: impl Into<Arc<str>>, rate: Rate) -> Self {
+        self.plans.push((name.into(), rate));
+        self
+    }
+
+    /// A limit for all keys together (seed 004: 1000/min per endpoint).
+    pub fn global(mut self, rate: Rate) -> Self {
+        self.global = Some(rate);
+        self
+    }
+
+    /// Validates and builds.
+    pub fn build<K: Hash + Eq + Clone>(self) -> Result<Quota<K>, ConfigError> {
+        if self.plans.is_empty() {
+            return Err(ConfigError::new("quota", "plan", "add at least one plan"));
+        }
+        let mut plans = Vec::with_capacity(self.plans.len());
+        for (name, rate) in self.plans {
+            rate.validate("plan")?;
+            if plans.iter().any(|p: &Plan<K>| p.name == name) {
+                return Err(ConfigError::new(
+                    "quota",
+                    "plan",
+                    format!("plan '{name}' is defined twice"),
+                ));
+            }
+            let quota = rate.governor().ok_or_else(|| {
+                ConfigError::new("quota", "plan", format!("plan '{name}' rate is too fine"))
+            })?;
+            plans.push(Plan {
+                policy: Arc::new(RateLimitPolicy {
+                    name: name.clone(),
+                    quota: u64::from(rate.count),
+                    window: rate.per,
+                }),
+                name,
+                rate,
+                limiter: RateLimiter::new(quota, DefaultKeyedStateStore::default(), TokioClock),
+            });
+        }
+        let global = match self.global {
+            Some(rate) => {
+                rate.validate("global")?;
+                let policy = RateLimitPolicy {
+                    name: Arc::from("global"),
+                    quota: u64::from(rate.count),
+                    window: rate.per,
+                };
+                Some((Arc::new(policy), Cell::new(rate)))
+            }
+            None => None,
+        };
+        Ok(Quota {
+            shared: Arc::new(Shared {
+                name: self.name,
+                plans,
+                global,
+                calls: AtomicU64::new(0),
+                rejected: AtomicU64::new(0),
+                sweeping: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+/// Counts for a health endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QuotaSnapshot {
+    /// Keys tracked, all plans together.
+    pub keys: usize,
+    /// Calls admitted so far.
+    pub admitted: u64,
+    /// Calls refused so far.
+    pub rejected: u64,
+}
+
+impl Quota<()> {
+    /// Starts a builder; the key type is chosen by [`QuotaBuilder::build`]
+    /// (usually inferred from the layer's key closure).
+    pub fn builder() -> QuotaBuilder {
+        QuotaBuilder::default()
+    }
+}
+
+impl<K: Hash + Eq + Clone> Quota<K> {
+    /// The id of plan `name`.
+    pub fn plan_id(&self, name: &str) -> Option<PlanId> {
+        self.shared
+            .plans
+            .iter()
+            .position(|p| &*p.name == name)
+            .map(PlanId)
+    }
+
+    /// A layer reading `(key, plan)` from each request, every call costing 1.
+    pub fn layer<Req, F>(&self, key: F) -> QuotaLayer<K, F, service::UnitCost>
+    where
+        F: Fn(&Req) -> (K, PlanId),
+    {
+        QuotaLayer::new(self.shared.clone(), key)
+    }
+
+    /// Sweeps keys idle for longer than their refill period now.
+    pub fn evict_idle(&self) {
+        self.shared.sweep();
+    }
+
+    /// Keys tracked and admission counts.
+    pub fn snapshot(&self) -> QuotaSnapshot {
+        let rejected = self.shared.rejected.load(Ordering::Relaxed);
+        QuotaSnapshot {
+            keys: self.shared.plans.iter().map(|p| p.limiter.len()).sum(),
+            admitted: self
+                .shared
+                .calls
+                .load(Ordering::Relaxed)
+                .saturating_sub(rejected),
+            rejected,
+        }
+    }
+}
