@@ -9,6 +9,8 @@ pub mod bulkhead;
 pub mod classify;
 mod error;
 pub mod guard;
+#[cfg(feature = "llm")]
+pub mod llm;
 pub mod pace;
 pub mod quota;
 pub mod retry;

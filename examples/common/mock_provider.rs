@@ -1,0 +1,266 @@
+//! An in-process, OpenAI-compatible mock provider (axum), shared by the
+//! `llm_client` example and the tests. Not a published API.
+//!
+//! `POST /v1/chat/completions` enforces requests-per-minute and
+//! tokens-per-minute buckets (refilled continuously, like OpenAI's), answers
+//! `429` with OpenAI's error body and `x-ratelimit-*` / `retry-after` headers
+//! when a request does not fit, sends `x-ratelimit-*` on every answer, and can
+//! inject `529 overloaded_error`, `500`s and a full outage (`503`) from a seeded
+//! RNG. `time_scale` makes "a minute" last `60 / time_scale` seconds.
+#![allow(dead_code)]
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct MockConfig {
+    pub tokens_per_minute: u64,
+    pub requests_per_minute: u64,
+    /// A simulated minute lasts `60 / time_scale` real seconds.
+    pub time_scale: f64,
+    /// How long a completion takes, in simulated time.
+    pub service_time: Duration,
+    /// Share of admitted calls answered `529 overloaded_error`.
+    pub overloaded_rate: f64,
+    /// Share of admitted calls answered `500`.
+    pub server_error_rate: f64,
+    pub seed: u64,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig {
+            tokens_per_minute: 30_000,
+            requests_per_minute: 500,
+            time_scale: 1.0,
+            service_time: Duration::from_secs(5),
+            overloaded_rate: 0.0,
+            server_error_rate: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub completed: AtomicU64,
+    pub throttled: AtomicU64,
+    pub overloaded: AtomicU64,
+    pub server_errors: AtomicU64,
+    pub unavailable: AtomicU64,
+    pub tokens: AtomicU64,
+}
+
+impl Stats {
+    pub fn get(v: &AtomicU64) -> u64 {
+        v.load(Ordering::SeqCst)
+    }
+}
+
+struct Bucket {
+    capacity: f64,
+    per_sec: f64,
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant) {
+        self.level = (self.level + (now - self.at).as_secs_f64() * self.per_sec).min(self.capacity);
+        self.at = now;
+    }
+    fn secs_until(&self, n: f64) -> f64 {
+        ((n - self.level) / self.per_sec).max(0.0)
+    }
+}
+
+struct Inner {
+    cfg: MockConfig,
+    tokens: Mutex<(Bucket, Bucket)>,
+    rng: Mutex<rand::rngs::SmallRng>,
+    stats: Arc<Stats>,
+    down: Arc<AtomicBool>,
+}
+
+/// A running mock provider.
+pub struct MockProvider {
+    pub addr: SocketAddr,
+    pub stats: Arc<Stats>,
+    /// Set to answer every call `503` (a provider outage).
+    pub down: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockProvider {
+    pub async fn start(cfg: MockConfig) -> std::io::Result<MockProvider> {
+        let scale = cfg.time_scale;
+        let now = Instant::now();
+        let bucket = |per_minute: u64| Bucket {
+            capacity: per_minute as f64,
+            per_sec: per_minute as f64 / 60.0 * scale,
+            level: per_minute as f64,
+            at: now,
+        };
+        let stats = Arc::new(Stats::default());
+        let down = Arc::new(AtomicBool::new(false));
+        let inner = Arc::new(Inner {
+            tokens: Mutex::new((
+                bucket(cfg.tokens_per_minute),
+                bucket(cfg.requests_per_minute),
+            )),
+            rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(cfg.seed)),
+            stats: stats.clone(),
+            down: down.clone(),
+            cfg,
+        });
+        let app = Router::new()
+            .route("/v1/chat/completions", post(completions))
+            .with_state(inner);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(MockProvider {
+            addr,
+            stats,
+            down,
+            task,
+        })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for MockProvider {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn millis(secs: f64) -> String {
+    format!("{}ms", (secs * 1000.0).ceil() as u64)
+}
+
+fn rate_headers(h: &mut HeaderMap, tokens: &Bucket, requests: &Bucket) {
+    let mut put = |k: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(k, v);
+        }
+    };
+    put("x-ratelimit-limit-tokens", format!("{}", tokens.capacity));
+    put(
+        "x-ratelimit-remaining-tokens",
+        format!("{}", tokens.level.max(0.0).floor() as u64),
+    );
+    put(
+        "x-ratelimit-reset-tokens",
+        millis(tokens.secs_until(tokens.capacity)),
+    );
+    put(
+        "x-ratelimit-limit-requests",
+        format!("{}", requests.capacity),
+    );
+    put(
+        "x-ratelimit-remaining-requests",
+        format!("{}", requests.level.max(0.0).floor() as u64),
+    );
+    put(
+        "x-ratelimit-reset-requests",
+        millis(requests.secs_until(requests.capacity)),
+    );
+}
+
+fn error(status: u16, body: Value, headers: HeaderMap) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, headers, Json(body)).into_response()
+}
+
+async fn completions(State(s): State<Arc<Inner>>, Json(req): Json<Value>) -> Response {
+    s.stats.requests.fetch_add(1, Ordering::SeqCst);
+    if s.down.load(Ordering::SeqCst) {
+        s.stats.unavailable.fetch_add(1, Ordering::SeqCst);
+        let body = json!({"error": {"message": "The server is temporarily unavailable.", "type": "server_error", "param": null, "code": null}});
+        return error(503, body, HeaderMap::new());
+    }
+    let max_tokens = req
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(1_000);
+    let prompt_chars: usize = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(|m| {
+            m.iter()
+                .filter_map(|x| x.get("content").and_then(Value::as_str))
+                .map(str::len)
+                .sum()
+        })
+        .unwrap_or(0);
+    let prompt = prompt_chars as u64 / 4;
+    let cost = (prompt + max_tokens) as f64;
+    let mut headers = HeaderMap::new();
+    {
+        let mut b = s.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        b.0.refill(now);
+        b.1.refill(now);
+        if b.0.level < cost || b.1.level < 1.0 {
+            let wait = b.0.secs_until(cost).max(b.1.secs_until(1.0));
+            rate_headers(&mut headers, &b.0, &b.1);
+            drop(b);
+            s.stats.throttled.fetch_add(1, Ordering::SeqCst);
+            if let Ok(v) = HeaderValue::from_str(&format!("{}", (wait * 1000.0).ceil() as u64)) {
+                headers.insert("retry-after-ms", v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&format!("{}", wait.ceil() as u64)) {
+                headers.insert("retry-after", v);
+            }
+            let body = json!({"error": {
+                "message": format!("Rate limit reached for gpt-4o-mini in organization org-mock on tokens per min (TPM): Limit {}, Used {}, Requested {}. Please try again in {}.",
+                    s.cfg.tokens_per_minute, (s.cfg.tokens_per_minute as f64 - 0.0) as u64, cost as u64, millis(wait)),
+                "type": "tokens", "param": null, "code": "rate_limit_exceeded"}});
+            return error(429, body, headers);
+        }
+        b.0.level -= cost;
+        b.1.level -= 1.0;
+        rate_headers(&mut headers, &b.0, &b.1);
+    }
+    let roll: f64 = s.rng.lock().unwrap_or_else(|e| e.into_inner()).random();
+    let real = Duration::from_secs_f64(s.cfg.service_time.as_secs_f64() / s.cfg.time_scale);
+    if roll < s.cfg.overloaded_rate {
+        s.stats.overloaded.fetch_add(1, Ordering::SeqCst);
+        let body = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
+        return error(529, body, headers);
+    }
+    if roll < s.cfg.overloaded_rate + s.cfg.server_error_rate {
+        s.stats.server_errors.fetch_add(1, Ordering::SeqCst);
+        let body = json!({"error": {"message": "The server had an error while processing your request. Sorry about that!", "type": "server_error", "param": null, "code": null}});
+        return error(500, body, headers);
+    }
+    tokio::time::sleep(real).await;
+    s.stats.completed.fetch_add(1, Ordering::SeqCst);
+    s.stats
+        .tokens
+        .fetch_add(prompt + max_tokens, Ordering::SeqCst);
+    let body = json!({
+        "id": "chatcmpl-mock", "object": "chat.completion",
+        "model": req.get("model").cloned().unwrap_or(json!("gpt-4o-mini")),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Plan de clase: el ciclo del agua…"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": max_tokens, "total_tokens": prompt + max_tokens}
+    });
+    (StatusCode::OK, headers, Json(body)).into_response()
+}

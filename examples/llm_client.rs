@@ -1,0 +1,398 @@
+//! Seed 000's Sunday night: 50 teachers each ask for a 2,000-token lesson plan at
+//! once, against a 30,000 tokens/min, 500 requests/min tier.
+//!
+//! Phase 1 calls the provider directly (as the seed's app did: most get 429).
+//! Phase 2 goes through the semaforo LLM stack: everyone waits their turn, sees
+//! it, and gets a plan. Then one table compares them.
+//!
+//! ```text
+//! cargo run --example llm_client                      # against the in-process mock (time ×10)
+//! cargo run --example llm_client -- --base-url https://api.openai.com --time-scale 1   # real server, OPENAI_API_KEY
+//! ```
+
+#[path = "common/mock_provider.rs"]
+mod mock_provider;
+
+use bytes::Bytes;
+use clap::Parser;
+use futures::future::BoxFuture;
+use indicatif::{ProgressBar, ProgressStyle};
+use mock_provider::{MockConfig, MockProvider, Stats};
+use semaforo::bulkhead::{Bulkhead, QueueTicket, TicketStatus};
+use semaforo::llm::{LlmStack, Tier};
+use semaforo::BoxError;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+/// Seed 000's Sunday night, without and with semaforo.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// An OpenAI-compatible server (e.g. https://api.openai.com). Without it, an
+    /// in-process mock provider is started. The key comes from OPENAI_API_KEY.
+    #[arg(long)]
+    base_url: Option<String>,
+    /// The model to ask.
+    #[arg(long, default_value = "gpt-4o-mini")]
+    model: String,
+    /// How many teachers press "generate" at once.
+    #[arg(long, default_value_t = 50)]
+    teachers: usize,
+    /// Tokens per plan (prompt + max_tokens).
+    #[arg(long, default_value_t = 2_000)]
+    tokens: u64,
+    /// The tier's tokens per minute.
+    #[arg(long, default_value_t = 30_000)]
+    tpm: u64,
+    /// The tier's requests per minute.
+    #[arg(long, default_value_t = 500)]
+    rpm: u64,
+    /// How many times faster than real time the mock runs (a "minute" lasts 60/N s).
+    /// Use 1 with --base-url.
+    #[arg(long, default_value_t = 10.0)]
+    time_scale: f64,
+    /// At most this many calls in flight in phase 2 (seed 000's semáforo: 5).
+    #[arg(long, default_value_t = 5)]
+    max_concurrent: u32,
+    /// Skip phase 1 (the direct calls), e.g. against a real, paid server.
+    #[arg(long)]
+    skip_direct: bool,
+}
+
+/// Statuses the HTTP client saw.
+#[derive(Debug, Default)]
+struct Seen {
+    ok: AtomicU64,
+    throttled: AtomicU64,
+    other: AtomicU64,
+}
+
+/// A minimal OpenAI-compatible HTTP client as a tower service (reqwest underneath).
+#[derive(Clone)]
+struct HttpClient {
+    client: reqwest::Client,
+    base: Arc<str>,
+    key: Option<Arc<str>>,
+    seen: Arc<Seen>,
+}
+
+impl Service<http::Request<Bytes>> for HttpClient {
+    type Response = http::Response<Bytes>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<http::Response<Bytes>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Bytes>) -> Self::Future {
+        let url = format!("{}{}", self.base, req.uri().path());
+        let mut builder = self
+            .client
+            .post(url)
+            .header("content-type", "application/json");
+        if let Some(k) = &self.key {
+            builder = builder.bearer_auth(k);
+        }
+        let builder = builder.body(req.into_body());
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            let res = builder.send().await?;
+            let status = res.status().as_u16();
+            match status {
+                200..=299 => &seen.ok,
+                429 => &seen.throttled,
+                _ => &seen.other,
+            }
+            .fetch_add(1, Ordering::Relaxed);
+            let mut out = http::Response::builder().status(status);
+            for (k, v) in res.headers() {
+                out = out.header(k.as_str(), v.as_bytes());
+            }
+            Ok(out.body(res.bytes().await?)?)
+        })
+    }
+}
+
+fn request(
+    model: &str,
+    tokens: u64,
+    teacher: usize,
+    ticket: Option<QueueTicket>,
+) -> http::Request<Bytes> {
+    let prompt = format!("Plan de clase {teacher}: el ciclo del agua, 4º grado.");
+    let max_tokens = tokens.saturating_sub(prompt.len() as u64 / 4).max(1);
+    let body = serde_json::json!({
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": prompt}],
+    });
+    let mut req = http::Request::post("/v1/chat/completions")
+        .body(Bytes::from(body.to_string()))
+        .expect("a valid request");
+    if let Some(t) = ticket {
+        req.extensions_mut().insert(t);
+    }
+    req
+}
+
+struct Phase {
+    name: &'static str,
+    ok: usize,
+    failed: usize,
+    provider_429: u64,
+    retries: u64,
+    latencies: Vec<Duration>,
+    makespan: Duration,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+async fn direct(client: HttpClient, args: &Args) -> Phase {
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for teacher in 1..=args.teachers {
+        let mut c = client.clone();
+        let req = request(&args.model, args.tokens, teacher, None);
+        tasks.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let res = c.call(req).await;
+            (res.map(|r| r.status().as_u16()), start.elapsed())
+        }));
+    }
+    let mut phase = Phase {
+        name: "direct",
+        ok: 0,
+        failed: 0,
+        provider_429: 0,
+        retries: 0,
+        latencies: Vec::new(),
+        makespan: Duration::ZERO,
+    };
+    for t in tasks {
+        match t.await {
+            Ok((Ok(200), latency)) => {
+                phase.ok += 1;
+                phase.latencies.push(latency);
+            }
+            _ => phase.failed += 1,
+        }
+    }
+    phase.makespan = t0.elapsed();
+    phase.provider_429 = client.seen.throttled.load(Ordering::Relaxed);
+    phase
+}
+
+async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, BoxError> {
+    let stack = LlmStack::openai(Tier {
+        requests_per_minute: args.rpm,
+        tokens_per_minute: args.tpm,
+    })
+    .time_scale(scale)
+    .bulkhead(
+        Bulkhead::builder()
+            .name("openai")
+            .max_concurrent(args.max_concurrent)
+            .max_queue(args.teachers as u32)
+            .expected_service_time(Duration::from_secs_f64(5.0 / scale))
+            .build()?,
+    )
+    .build()?;
+    let svc = ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(client.clone());
+
+    let bar = ProgressBar::new(args.teachers as u64);
+    bar.set_style(
+        ProgressStyle::with_template("  {bar:30} {pos}/{len} plans · {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    let mut tickets = Vec::new();
+    for teacher in 1..=args.teachers {
+        let ticket = QueueTicket::new();
+        tickets.push(ticket.clone());
+        let mut svc = svc.clone();
+        let req = request(&args.model, args.tokens, teacher, Some(ticket));
+        tasks.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let res = async { svc.ready().await?.call(req).await }.await;
+            (res.map(|r| r.status().as_u16()), start.elapsed())
+        }));
+    }
+    // What the last teacher sees while the others are served.
+    let watch = {
+        let bar = bar.clone();
+        let tickets = tickets.clone();
+        tokio::spawn(async move {
+            loop {
+                let waiting = tickets
+                    .iter()
+                    .filter(|t| matches!(t.status(), TicketStatus::Waiting(_)))
+                    .count();
+                let last = tickets.iter().rev().find_map(|t| t.queue_status());
+                let msg = match last {
+                    Some(mut s) => {
+                        s.eta = s.eta.map(|e| e.mul_f64(scale));
+                        format!("{waiting} waiting · the last teacher sees: \"{s}\"")
+                    }
+                    None => format!("{waiting} waiting"),
+                };
+                bar.set_message(msg);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut phase = Phase {
+        name: "semaforo",
+        ok: 0,
+        failed: 0,
+        provider_429: 0,
+        retries: 0,
+        latencies: Vec::new(),
+        makespan: Duration::ZERO,
+    };
+    for t in tasks {
+        match t.await {
+            Ok((Ok(200), latency)) => {
+                phase.ok += 1;
+                phase.latencies.push(latency);
+            }
+            _ => phase.failed += 1,
+        }
+        bar.inc(1);
+    }
+    watch.abort();
+    bar.finish_and_clear();
+    phase.makespan = t0.elapsed();
+    phase.provider_429 = client.seen.throttled.load(Ordering::Relaxed);
+    phase.retries = stack.retry.retries();
+    Ok(phase)
+}
+
+fn print_table(phases: &[Phase], scale: f64, bound: Duration, teachers: usize) {
+    let s = |d: Duration| format!("{:.1} s", d.as_secs_f64() * scale);
+    println!();
+    println!(
+        "| phase    | succeeded | failed | provider 429s | retries | p50      | p95      | makespan | bound    |"
+    );
+    println!(
+        "|----------|-----------|--------|---------------|---------|----------|----------|----------|----------|"
+    );
+    for p in phases {
+        let mut l = p.latencies.clone();
+        l.sort();
+        println!(
+            "| {:<8} | {:>6}/{:<2} | {:>6} | {:>13} | {:>7} | {:>8} | {:>8} | {:>8} | {:>8} |",
+            p.name,
+            p.ok,
+            teachers,
+            p.failed,
+            p.provider_429,
+            p.retries,
+            s(percentile(&l, 0.50)),
+            s(percentile(&l, 0.95)),
+            s(p.makespan),
+            s(bound),
+        );
+    }
+    println!();
+    println!("Times are simulated seconds (the mock runs {scale}× faster than real time). The bound is what");
+    println!(
+        "the tier allows: the first plans fit the token bucket, then one every tokens/(TPM/60) s,"
+    );
+    println!("plus one plan's generation time.");
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args = Args::parse();
+    if !(args.time_scale.is_finite() && args.time_scale > 0.0) {
+        eprintln!("error: --time-scale must be a number above 0");
+        std::process::exit(2);
+    }
+    let key: Option<Arc<str>> = std::env::var("OPENAI_API_KEY").ok().map(Arc::from);
+    let service_time = Duration::from_secs(5);
+    let (scale, mocks) = match &args.base_url {
+        Some(_) => (args.time_scale, None),
+        None => (args.time_scale, Some(())),
+    };
+    let mock_cfg = MockConfig {
+        tokens_per_minute: args.tpm,
+        requests_per_minute: args.rpm,
+        time_scale: scale,
+        service_time,
+        ..MockConfig::default()
+    };
+    let client = |base: String| HttpClient {
+        client: reqwest::Client::new(),
+        base: Arc::from(base.trim_end_matches('/')),
+        key: key.clone(),
+        seen: Arc::new(Seen::default()),
+    };
+
+    println!(
+        "Sunday night: {} teachers × {} tokens at once, tier {} TPM / {} RPM{}.",
+        args.teachers,
+        args.tokens,
+        args.tpm,
+        args.rpm,
+        if mocks.is_some() {
+            format!(" (mock provider, time ×{scale})")
+        } else {
+            String::new()
+        }
+    );
+    let mut phases = Vec::new();
+    let mut provider_stats: Vec<Arc<Stats>> = Vec::new();
+
+    if !args.skip_direct {
+        println!("Phase 1: calling the provider directly…");
+        let (base, _mock) = match &args.base_url {
+            Some(b) => (b.clone(), None),
+            None => {
+                let m = MockProvider::start(mock_cfg.clone()).await?;
+                provider_stats.push(m.stats.clone());
+                (m.base_url(), Some(m))
+            }
+        };
+        phases.push(direct(client(base), &args).await);
+    }
+
+    println!("Phase 2: through semaforo (bulkhead → retry → breaker → pace → timeout)…");
+    let (base, _mock) = match &args.base_url {
+        Some(b) => (b.clone(), None),
+        None => {
+            let m = MockProvider::start(mock_cfg.clone()).await?;
+            provider_stats.push(m.stats.clone());
+            (m.base_url(), Some(m))
+        }
+    };
+    phases.push(stacked(client(base), &args, scale).await?);
+
+    let n = args.teachers as u64;
+    let deficit = (n * args.tokens).saturating_sub(args.tpm) as f64;
+    let bound = Duration::from_secs_f64(deficit / (args.tpm as f64 / 60.0) / scale)
+        + if mocks.is_some() {
+            service_time.div_f64(scale)
+        } else {
+            Duration::ZERO
+        };
+    print_table(&phases, scale, bound, args.teachers);
+    if let Some(p) = phases.last() {
+        if p.ok < args.teachers {
+            std::process::exit(1);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,384 @@
+//! The LLM client preset: every layer in the right order, configured for an
+//! OpenAI-compatible API (feature `llm`).
+//!
+//! ```text
+//! bulkhead → retry (with budget) → breaker → pace → attempt timeout → your HTTP client
+//! ```
+//!
+//! Why this order (and what breaks if you change it):
+//! - **bulkhead outermost** (after shutdown and per-user quota, which belong to
+//!   the server in front of it): it bounds concurrency across retries — a retry
+//!   waits in the same line instead of adding a call. Inside retry, every retry
+//!   would take a fresh slot and a failing upstream would see 3× the concurrency.
+//! - **retry outside the breaker**: the breaker sees every attempt; an open
+//!   breaker's refusal (`CircuitOpen`, with a retry-after) is what retry reads to
+//!   stop. Inside the breaker, one logical call would be one outcome and a dying
+//!   upstream would take 3× longer to trip it.
+//! - **pace inside retry**: every attempt pays for its tokens. Outside, retries
+//!   would be free and would blow the tokens-per-minute budget exactly when the
+//!   upstream is already saying 429.
+//! - **timeout innermost**: it bounds one attempt; the retry's own deadline
+//!   bounds the whole call.
+//!
+//! The request is an `http::Request<Bytes>` with an OpenAI-style JSON body; the
+//! response an `http::Response<Bytes>`. The cost is the prompt estimate
+//! (characters ÷ 4) plus `max_tokens`, reconciled with `usage.total_tokens`; the pacer learns from
+//! `x-ratelimit-*` headers; results are classified by
+//! [`LlmClassifier`](crate::classify::LlmClassifier). A
+//! [`QueueTicket`](crate::bulkhead::QueueTicket) in the request's extensions
+//! reports its place in line. Every part can be replaced with one you built
+//! (`.bulkhead(...)`, `.retry(...)`...), and switched off by giving a pass-through
+//! configuration (e.g. `Retry` with one attempt, `Breaker::disable`).
+//!
+//! Streaming responses are not in the preset yet: put
+//! `bulkhead.layer().release_on_body_end()` and `timeout.layer().bodies()` in your
+//! own stack for them.
+//!
+//! ```
+//! use semaforo::llm::{LlmStack, Tier};
+//! use bytes::Bytes;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), semaforo::BoxError> {
+//! let stack = LlmStack::openai(Tier { requests_per_minute: 500, tokens_per_minute: 30_000 }).build()?;
+//! let http_client = service_fn(|_req: http::Request<Bytes>| async {
+//!     let body = r#"{"choices":[],"usage":{"total_tokens":12}}"#;
+//!     Ok::<_, std::io::Error>(http::Response::new(Bytes::from_static(body.as_bytes())))
+//! });
+//! let mut llm = ServiceBuilder::new().layer(stack.layer()).service(http_client);
+//! let req = http::Request::post("/v1/chat/completions")
+//!     .body(Bytes::from_static(br#"{"model":"gpt-4o-mini","max_tokens":100,"messages":[{"role":"user","content":"hola"}]}"#))?;
+//! let res = llm.ready().await?.call(req).await?;
+//! assert_eq!(res.status(), 200);
+//! # Ok(()) }
+//! ```
+
+use crate::backoff::{Backoff, Jitter};
+use crate::breaker::{Breaker, BreakerService};
+use crate::bulkhead::{Bulkhead, BulkheadService, InfoFns};
+use crate::classify::{LlmClassifier, RateLimitInfo};
+use crate::error::ConfigError;
+use crate::guard::OnResponse;
+use crate::pace::{Cost, Observed, Pace, PaceService};
+use crate::retry::{HttpRequests, Retry, RetryService};
+use crate::timeout::{Timeout, TimeoutService, Whole};
+use bytes::Bytes;
+use std::time::{Duration, SystemTime};
+use tower_layer::Layer;
+
+/// A provider tier: the limits of your API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tier {
+    /// Requests per minute (RPM).
+    pub requests_per_minute: u64,
+    /// Tokens per minute (TPM).
+    pub tokens_per_minute: u64,
+}
+
+/// The preset's parts. Build with [`LlmStack::openai`].
+#[derive(Debug, Clone)]
+pub struct LlmStack {
+    /// Concurrency and the fair line.
+    pub bulkhead: Bulkhead,
+    /// Classified retry with its budget.
+    pub retry: Retry,
+    /// The circuit breaker.
+    pub breaker: Breaker,
+    /// The RPM + TPM pacer.
+    pub pace: Pace,
+    /// The per-attempt timeout.
+    pub timeout: Timeout,
+}
+
+/// Builder for [`LlmStack`].
+#[derive(Debug)]
+#[must_use = "call .build() to get an LlmStack"]
+pub struct LlmStackBuilder {
+    name: String,
+    tier: Tier,
+    time_scale: f64,
+    bulkhead: Option<Bulkhead>,
+    retry: Option<Retry>,
+    breaker: Option<Breaker>,
+    pace: Option<Pace>,
+    timeout: Option<Timeout>,
+}
+
+impl LlmStack {
+    /// Defaults for an OpenAI-compatible API on `tier`: 8 concurrent calls and a
+    /// line of 1,000 (waiting at most 10 min); 4 attempts with full-jitter backoff
+    /// from 1 s (Retry-After honoured up to 60 s), a 20 % retry budget; a breaker
+    /// opening after 5 consecutive upstream failures for 30 s; the tier's RPM and
+    /// TPM paced with a 10 min `max_wait`; 120 s per attempt.
+    pub fn openai(tier: Tier) -> LlmStackBuilder {
+        LlmStackBuilder {
+            name: "openai".into(),
+            tier,
+            time_scale: 1.0,
+            bulkhead: None,
+            retry: None,
+            breaker: None,
+            pace: None,
+            timeout: None,
+        }
+    }
+
+    /// The layer, in the order of the module docs.
+    pub fn layer(&self) -> LlmLayer {
+        LlmLayer {
+            stack: self.clone(),
+        }
+    }
+}
+
+impl LlmStackBuilder {
+    /// Names every part ("openai" by default) in errors.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Runs the default timings `factor` times faster (a mock provider whose
+    /// "minute" lasts 6 s has a factor of 10). Limits are per real minute.
+    pub fn time_scale(mut self, factor: f64) -> Self {
+        self.time_scale = factor;
+        self
+    }
+
+    /// Replaces the bulkhead.
+    pub fn bulkhead(mut self, b: Bulkhead) -> Self {
+        self.bulkhead = Some(b);
+        self
+    }
+
+    /// Replaces the retry policy (`max_attempts(1)` switches retries off).
+    pub fn retry(mut self, r: Retry) -> Self {
+        self.retry = Some(r);
+        self
+    }
+
+    /// Replaces the breaker (`Breaker::disable` switches it off).
+    pub fn breaker(mut self, b: Breaker) -> Self {
+        self.breaker = Some(b);
+        self
+    }
+
+    /// Replaces the pacer.
+    pub fn pace(mut self, p: Pace) -> Self {
+        self.pace = Some(p);
+        self
+    }
+
+    /// Replaces the timeout.
+    pub fn timeout(mut self, t: Timeout) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// Builds the parts not given.
+    pub fn build(self) -> Result<LlmStack, ConfigError> {
+        let scale = self.time_scale;
+        if !scale.is_finite() || scale <= 0.0 {
+            return Err(ConfigError::new(
+                "llm stack",
+                "time_scale",
+                format!("must be > 0, got {scale}"),
+            ));
+        }
+        let t = |secs: f64| Duration::from_secs_f64(secs / scale);
+        let name = self.name.as_str();
+        let bulkhead = match self.bulkhead {
+            Some(b) => b,
+            None => Bulkhead::builder()
+                .name(name)
+                .max_concurrent(8)
+                .max_queue(1_000)
+                .max_wait(t(600.0))
+                .build()?,
+        };
+        let retry = match self.retry {
+            Some(r) => r,
+            None => Retry::builder()
+                .name(name)
+                .max_attempts(4)
+                .backoff(
+                    Backoff::exponential(t(1.0))
+                        .cap(t(30.0))
+                        .jitter(Jitter::Full)
+                        .build()?,
+                )
+                .retry_after_ceiling(t(60.0))
+                .build()?,
+        };
+        let breaker = match self.breaker {
+            Some(b) => b,
+            None => Breaker::builder()
+                .name(name)
+                .consecutive_failures(5)
+                .open_for(t(30.0))
+                .open_jitter(0.1)
+                .build()?,
+        };
+        let per_minute = |n: u64| (n as f64 * scale).round() as u64;
+        let pace = match self.pace {
+            Some(p) => p,
+            None => Pace::builder()
+                .name(name)
+                .requests_per_minute(per_minute(self.tier.requests_per_minute))
+                .burst(self.tier.requests_per_minute)
+                .tokens_per_minute(per_minute(self.tier.tokens_per_minute))
+                .burst(self.tier.tokens_per_minute)
+                .max_wait(t(600.0))
+                .build()?,
+        };
+        let timeout = match self.timeout {
+            Some(t) => t,
+            None => Timeout::builder().name(name).attempt(t(120.0)).build()?,
+        };
+        Ok(LlmStack {
+            bulkhead,
+            retry,
+            breaker,
+            pace,
+            timeout,
+        })
+    }
+}
+
+/// Estimated cost of an OpenAI-style request: prompt characters ÷ 4 plus
+/// `max_tokens` (or `max_completion_tokens`; 1,000 when absent).
+pub fn estimate_cost(body: &[u8]) -> Cost {
+    let v: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => return Cost::tokens(body.len() as u64 / 4 + 1_000),
+    };
+    let max = v
+        .get("max_tokens")
+        .or_else(|| v.get("max_completion_tokens"))
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(1_000);
+    let prompt_chars: usize = v
+        .get("messages")
+        .and_then(serde_json::Value::as_array)
+        .map(|m| {
+            m.iter()
+                .filter_map(|msg| msg.get("content").and_then(serde_json::Value::as_str))
+                .map(str::len)
+                .sum()
+        })
+        .unwrap_or(0);
+    Cost::tokens(prompt_chars as u64 / 4 + max)
+}
+
+/// The real cost (`usage.total_tokens`) and rate-limit headers of a response.
+pub fn observe_response(res: &http::Response<Bytes>) -> Observed {
+    let usage = serde_json::from_slice::<serde_json::Value>(res.body())
+        .ok()
+        .and_then(|v| {
+            v.pointer("/usage/total_tokens")
+                .and_then(serde_json::Value::as_u64)
+        })
+        .filter(|_| res.status().is_success())
+        .map(Cost::tokens);
+    let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
+    Observed {
+        usage,
+        info: (!info.is_empty()).then_some(info),
+    }
+}
+
+type Weigh = fn(&http::Request<Bytes>) -> Cost;
+type Observe = fn(&http::Response<Bytes>) -> Observed;
+
+fn weigh(req: &http::Request<Bytes>) -> Cost {
+    estimate_cost(req.body())
+}
+
+/// The preset as one tower [`Layer`].
+#[derive(Debug, Clone)]
+pub struct LlmLayer {
+    stack: LlmStack,
+}
+
+/// The service [`LlmLayer`] makes around a client `S`.
+pub type LlmService<S> = BulkheadService<
+    RetryService<
+        BreakerService<
+            PaceService<TimeoutService<S, Whole>, Weigh, Observe, LlmClassifier>,
+            LlmClassifier,
+            OnResponse,
+        >,
+        LlmClassifier,
+        HttpRequests,
+    >,
+    InfoFns<http::Request<Bytes>>,
+    OnResponse,
+>;
+
+impl<S> Layer<S> for LlmLayer {
+    type Service = LlmService<S>;
+
+    fn layer(&self, client: S) -> Self::Service {
+        let s = &self.stack;
+        let timed = s.timeout.layer().layer(client);
+        let paced = s
+            .pace
+            .layer()
+            .weigh(weigh as Weigh)
+            .observe(observe_response as Observe)
+            .classify(LlmClassifier::new())
+            .layer(timed);
+        let guarded = s
+            .breaker
+            .layer()
+            .classify(LlmClassifier::new())
+            .layer(paced);
+        let retried = s
+            .retry
+            .layer()
+            .classify(LlmClassifier::new())
+            .requests(HttpRequests::default().allow_non_idempotent())
+            .layer(guarded);
+        s.bulkhead.layer().ticket_from_extensions().layer(retried)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_estimate_reads_max_tokens_and_prompt() {
+        let body = br#"{"max_tokens":2000,"messages":[{"role":"user","content":"abcdefgh"}]}"#;
+        assert_eq!(estimate_cost(body), Cost::tokens(2_002));
+        assert_eq!(estimate_cost(b"not json"), Cost::tokens(1_002));
+    }
+
+    #[test]
+    fn observe_reads_usage_and_headers() {
+        let res = http::Response::builder()
+            .header("x-ratelimit-remaining-tokens", "100")
+            .body(Bytes::from_static(br#"{"usage":{"total_tokens":42}}"#))
+            .unwrap();
+        let o = observe_response(&res);
+        assert_eq!(o.usage, Some(Cost::tokens(42)));
+        assert_eq!(o.info.unwrap().tokens.unwrap().remaining, Some(100));
+    }
+
+    #[test]
+    fn bad_time_scale_is_an_error() {
+        let tier = Tier {
+            requests_per_minute: 1,
+            tokens_per_minute: 1,
+        };
+        assert_eq!(
+            LlmStack::openai(tier)
+                .time_scale(0.0)
+                .build()
+                .unwrap_err()
+                .field,
+            "time_scale"
+        );
+    }
+}
