@@ -10,20 +10,20 @@
 //! cargo run --example llm_client -- --base-url https://api.openai.com --time-scale 1   # real server, OPENAI_API_KEY
 //! ```
 
+#[path = "common/http_client.rs"]
+mod http_client;
 #[path = "common/mock_provider.rs"]
 mod mock_provider;
 
-use bytes::Bytes;
 use clap::Parser;
-use futures::future::BoxFuture;
+use http_client::{chat_request, HttpClient};
 use indicatif::{ProgressBar, ProgressStyle};
 use mock_provider::{MockConfig, MockProvider, Stats};
 use semaforo::bulkhead::{Bulkhead, QueueTicket, TicketStatus};
 use semaforo::llm::{LlmStack, Tier};
 use semaforo::BoxError;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -62,83 +62,6 @@ struct Args {
     skip_direct: bool,
 }
 
-/// Statuses the HTTP client saw.
-#[derive(Debug, Default)]
-struct Seen {
-    ok: AtomicU64,
-    throttled: AtomicU64,
-    other: AtomicU64,
-}
-
-/// A minimal OpenAI-compatible HTTP client as a tower service (reqwest underneath).
-#[derive(Clone)]
-struct HttpClient {
-    client: reqwest::Client,
-    base: Arc<str>,
-    key: Option<Arc<str>>,
-    seen: Arc<Seen>,
-}
-
-impl Service<http::Request<Bytes>> for HttpClient {
-    type Response = http::Response<Bytes>;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<http::Response<Bytes>, BoxError>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<Bytes>) -> Self::Future {
-        let url = format!("{}{}", self.base, req.uri().path());
-        let mut builder = self
-            .client
-            .post(url)
-            .header("content-type", "application/json");
-        if let Some(k) = &self.key {
-            builder = builder.bearer_auth(k);
-        }
-        let builder = builder.body(req.into_body());
-        let seen = self.seen.clone();
-        Box::pin(async move {
-            let res = builder.send().await?;
-            let status = res.status().as_u16();
-            match status {
-                200..=299 => &seen.ok,
-                429 => &seen.throttled,
-                _ => &seen.other,
-            }
-            .fetch_add(1, Ordering::Relaxed);
-            let mut out = http::Response::builder().status(status);
-            for (k, v) in res.headers() {
-                out = out.header(k.as_str(), v.as_bytes());
-            }
-            Ok(out.body(res.bytes().await?)?)
-        })
-    }
-}
-
-fn request(
-    model: &str,
-    tokens: u64,
-    teacher: usize,
-    ticket: Option<QueueTicket>,
-) -> http::Request<Bytes> {
-    let prompt = format!("Plan de clase {teacher}: el ciclo del agua, 4º grado.");
-    let max_tokens = tokens.saturating_sub(prompt.len() as u64 / 4).max(1);
-    let body = serde_json::json!({
-        "model": model,
-        "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": prompt}],
-    });
-    let mut req = http::Request::post("/v1/chat/completions")
-        .body(Bytes::from(body.to_string()))
-        .expect("a valid request");
-    if let Some(t) = ticket {
-        req.extensions_mut().insert(t);
-    }
-    req
-}
-
 struct Phase {
     name: &'static str,
     ok: usize,
@@ -162,7 +85,7 @@ async fn direct(client: HttpClient, args: &Args) -> Phase {
     let mut tasks = Vec::new();
     for teacher in 1..=args.teachers {
         let mut c = client.clone();
-        let req = request(&args.model, args.tokens, teacher, None);
+        let req = chat_request(&args.model, args.tokens, teacher, None);
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
             let res = c.call(req).await;
@@ -223,7 +146,7 @@ async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, B
         let ticket = QueueTicket::new();
         tickets.push(ticket.clone());
         let mut svc = svc.clone();
-        let req = request(&args.model, args.tokens, teacher, Some(ticket));
+        let req = chat_request(&args.model, args.tokens, teacher, Some(ticket));
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
             let res = async { svc.ready().await?.call(req).await }.await;
@@ -334,12 +257,7 @@ async fn main() -> Result<(), BoxError> {
         service_time,
         ..MockConfig::default()
     };
-    let client = |base: String| HttpClient {
-        client: reqwest::Client::new(),
-        base: Arc::from(base.trim_end_matches('/')),
-        key: key.clone(),
-        seen: Arc::new(Seen::default()),
-    };
+    let client = |base: String| HttpClient::new(&base, key.clone());
 
     println!(
         "Sunday night: {} teachers × {} tokens at once, tier {} TPM / {} RPM{}.",

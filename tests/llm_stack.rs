@@ -1,0 +1,252 @@
+//! The LLM preset end to end over real HTTP on 127.0.0.1, against the mock
+//! provider with time compressed (a simulated minute lasts 60 / SCALE seconds).
+
+#[path = "../examples/common/http_client.rs"]
+mod http_client;
+#[path = "../examples/common/mock_provider.rs"]
+mod mock_provider;
+
+use http_client::{chat_request, HttpClient};
+use mock_provider::{MockConfig, MockProvider, Stats};
+use semaforo::breaker::{Breaker, BreakerState};
+use semaforo::bulkhead::Bulkhead;
+use semaforo::llm::{LlmStack, Tier};
+use semaforo::retry::Retry;
+use semaforo::{BoxError, RejectKind, Rejected};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+const TIER: Tier = Tier {
+    requests_per_minute: 500,
+    tokens_per_minute: 30_000,
+};
+
+/// The tier's bound for 50 × 2,000 tokens, plus one plan's 5 s, in simulated time.
+const BOUND: Duration = Duration::from_secs(145);
+
+async fn mock(scale: f64, overloaded: f64, errors: f64) -> MockProvider {
+    MockProvider::start(MockConfig {
+        time_scale: scale,
+        overloaded_rate: overloaded,
+        server_error_rate: errors,
+        seed: 7,
+        ..MockConfig::default()
+    })
+    .await
+    .expect("mock provider starts")
+}
+
+/// 50 teachers at once; returns (succeeded, simulated makespan).
+async fn sunday_night<S>(svc: S, scale: f64) -> (usize, Duration)
+where
+    S: Service<
+            http::Request<bytes::Bytes>,
+            Response = http::Response<bytes::Bytes>,
+            Error = BoxError,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (1..=50)
+        .map(|i| {
+            let mut svc = svc.clone();
+            tokio::spawn(async move {
+                svc.ready()
+                    .await?
+                    .call(chat_request("gpt-4o-mini", 2_000, i, None))
+                    .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap(), Ok(r) if r.status() == 200) {
+            ok += 1;
+        }
+    }
+    (ok, t0.elapsed().mul_f64(scale))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_000_direct_fails_stacked_succeeds_near_the_bound() {
+    let scale = 20.0;
+    let direct = mock(scale, 0.0, 0.0).await;
+    let (ok, _) = sunday_night(HttpClient::new(&direct.base_url(), None), scale).await;
+    assert!(
+        50 - ok >= 30,
+        "direct: {} of 50 failed (seed 000 saw 35)",
+        50 - ok
+    );
+    assert_eq!(Stats::get(&direct.stats.throttled), 35);
+
+    let provider = mock(scale, 0.0, 0.0).await;
+    let stack = LlmStack::openai(TIER).time_scale(scale).build().unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(HttpClient::new(&provider.base_url(), None));
+    let (ok, makespan) = sunday_night(svc, scale).await;
+    assert_eq!(ok, 50);
+    assert_eq!(
+        Stats::get(&provider.stats.throttled),
+        0,
+        "zero provider 429s"
+    );
+    assert!(
+        makespan <= BOUND.mul_f64(1.1),
+        "makespan {makespan:?} vs bound {BOUND:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_529s_and_500s_are_retried_and_429s_never_open_the_breaker() {
+    let scale = 20.0;
+    // 10 % overloaded, 5 % server errors; and a tier configured 50 % too optimistic,
+    // so the provider answers 429 too.
+    let provider = mock(scale, 0.10, 0.05).await;
+    let opened = Arc::new(AtomicUsize::new(0));
+    let breaker = Breaker::builder()
+        .consecutive_failures(5)
+        .open_for(Duration::from_secs_f64(30.0 / scale))
+        .on_transition({
+            let opened = opened.clone();
+            move |t| {
+                if t.to == BreakerState::Open {
+                    opened.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let optimistic = Tier {
+        requests_per_minute: 500,
+        tokens_per_minute: 45_000,
+    };
+    let stack = LlmStack::openai(optimistic)
+        .time_scale(scale)
+        .breaker(breaker)
+        .retry(
+            Retry::builder()
+                .max_attempts(8)
+                .retry_after_ceiling(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let client = HttpClient::new(&provider.base_url(), None);
+    let svc = ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(client.clone());
+    let (ok, _) = sunday_night(svc, scale).await;
+    assert_eq!(ok, 50, "50/50 through retries");
+    assert!(
+        Stats::get(&provider.stats.throttled) > 0,
+        "the optimistic tier did meet 429s"
+    );
+    assert!(Stats::get(&provider.stats.overloaded) + Stats::get(&provider.stats.server_errors) > 0);
+    assert_eq!(opened.load(Ordering::SeqCst), 0, "the breaker never opened");
+    // The retry budget: 20 % of the requests plus 1 per second over its 10 s window.
+    let retries = stack.retry.retries() as f64;
+    let budget = stack.retry.budget().unwrap();
+    assert!(
+        retries <= 0.2 * budget.requests() as f64 + 10.0 * 2.0,
+        "{retries} retries"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_down_breaker_opens_fails_fast_and_recovers_within_a_probe() {
+    let scale = 60.0; // 5 simulated minutes = 5 s
+    let provider = mock(scale, 0.0, 0.0).await;
+    let open_for = Duration::from_secs_f64(30.0 / scale);
+    let breaker = Breaker::builder()
+        .consecutive_failures(5)
+        .open_for(open_for)
+        .build()
+        .unwrap();
+    let stack = LlmStack::openai(TIER)
+        .time_scale(scale)
+        .breaker(breaker.clone())
+        .retry(Retry::builder().max_attempts(1).build().unwrap()) // see the breaker itself
+        .bulkhead(
+            Bulkhead::builder()
+                .max_concurrent(8)
+                .max_queue(100)
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(HttpClient::new(&provider.base_url(), None));
+    provider.down.store(true, Ordering::SeqCst);
+    let outage_end = Instant::now() + Duration::from_secs(5);
+    let (mut fast_rejections, mut slowest_rejection) = (0, Duration::ZERO);
+    let mut reached_while_open = 0;
+    let mut n = 0;
+    while Instant::now() < outage_end {
+        n += 1;
+        let before = Stats::get(&provider.stats.requests);
+        // Open and not yet due for a probe (with a margin for the call's own time).
+        let was_open = breaker
+            .snapshot()
+            .retry_after
+            .is_some_and(|d| d > Duration::from_millis(20));
+        let t0 = Instant::now();
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(chat_request("m", 100, n, None))
+            .await;
+        let took = t0.elapsed();
+        if let Err(e) = &res {
+            if Rejected::from_box(e).is_some_and(|r| r.kind() == RejectKind::CircuitOpen) {
+                fast_rejections += 1;
+                slowest_rejection = slowest_rejection.max(took);
+            }
+        }
+        if was_open {
+            reached_while_open += Stats::get(&provider.stats.requests) - before;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        fast_rejections > 100,
+        "{fast_rejections} calls refused by the open breaker"
+    );
+    assert!(
+        slowest_rejection < Duration::from_millis(5),
+        "slowest refusal {slowest_rejection:?}"
+    );
+    assert_eq!(
+        reached_while_open, 0,
+        "no request reached the provider while open"
+    );
+    // The provider comes back: traffic recovers within one probe period.
+    provider.down.store(false, Ordering::SeqCst);
+    let back = Instant::now();
+    loop {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(chat_request("m", 100, 0, None))
+            .await;
+        if matches!(res, Ok(r) if r.status() == 200) {
+            break;
+        }
+        assert!(
+            back.elapsed() < open_for + Duration::from_millis(300),
+            "not recovered after {:?}",
+            back.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(breaker.state(), BreakerState::Closed);
+}
