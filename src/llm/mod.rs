@@ -24,7 +24,7 @@
 //! response an `http::Response<Bytes>`. The cost is the prompt estimate
 //! (characters ÷ 4) plus `max_tokens`, reconciled with `usage.total_tokens`; the pacer learns from
 //! `x-ratelimit-*` headers; results are classified by
-//! [`LlmClassifier`](crate::classify::LlmClassifier). A
+//! [`LlmClassifier`]. A
 //! [`QueueTicket`](crate::bulkhead::QueueTicket) in the request's extensions
 //! reports its place in line. Every part can be replaced with one you built
 //! (`.bulkhead(...)`, `.retry(...)`...), and switched off by giving a pass-through
