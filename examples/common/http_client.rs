@@ -101,3 +101,43 @@ pub fn chat_request(
     }
     req
 }
+
+/// The same client for streamed answers: the body arrives chunk by chunk.
+#[derive(Clone)]
+pub struct StreamingClient(pub HttpClient);
+
+impl Service<http::Request<Bytes>> for StreamingClient {
+    type Response = http::Response<semaforo::llm::StreamBody>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Self::Response, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Bytes>) -> Self::Future {
+        use futures::StreamExt;
+        let c = &self.0;
+        let url = format!("{}{}", c.base, req.uri().path());
+        let mut builder = c
+            .client
+            .post(url)
+            .header("content-type", "application/json");
+        if let Some(k) = &c.key {
+            builder = builder.bearer_auth(k);
+        }
+        let builder = builder.body(req.into_body());
+        Box::pin(async move {
+            let res = builder.send().await?;
+            let mut out = http::Response::builder().status(res.status().as_u16());
+            for (k, v) in res.headers() {
+                out = out.header(k.as_str(), v.as_bytes());
+            }
+            let frames = res
+                .bytes_stream()
+                .map(|chunk| chunk.map(http_body::Frame::data));
+            let body = semaforo::llm::StreamBody::new(http_body_util::StreamBody::new(frames));
+            Ok(out.body(body)?)
+        })
+    }
+}

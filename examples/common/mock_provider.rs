@@ -34,6 +34,16 @@ pub struct MockConfig {
     pub overloaded_rate: f64,
     /// Share of admitted calls answered `500`.
     pub server_error_rate: f64,
+    /// Share of streamed answers that fail mid-way with an SSE `event: error`
+    /// (after a third of their chunks).
+    pub midstream_error_rate: f64,
+    /// Share of answers whose first byte is late by `slow_first_byte` (simulated).
+    pub slow_first_byte_rate: f64,
+    pub slow_first_byte: Duration,
+    /// Chunks in a streamed answer.
+    pub chunks: u32,
+    /// The share of `max_tokens` an answer really uses (its `usage`).
+    pub completion_share: f64,
     pub seed: u64,
 }
 
@@ -46,6 +56,11 @@ impl Default for MockConfig {
             service_time: Duration::from_secs(5),
             overloaded_rate: 0.0,
             server_error_rate: 0.0,
+            midstream_error_rate: 0.0,
+            slow_first_byte_rate: 0.0,
+            slow_first_byte: Duration::from_secs(30),
+            chunks: 20,
+            completion_share: 1.0,
             seed: 0,
         }
     }
@@ -59,6 +74,8 @@ pub struct Stats {
     pub overloaded: AtomicU64,
     pub server_errors: AtomicU64,
     pub unavailable: AtomicU64,
+    pub midstream_errors: AtomicU64,
+    /// Tokens of completed answers (what the provider bills).
     pub tokens: AtomicU64,
 }
 
@@ -251,7 +268,32 @@ async fn completions(State(s): State<Arc<Inner>>, Json(req): Json<Value>) -> Res
         let body = json!({"error": {"message": "The server had an error while processing your request. Sorry about that!", "type": "server_error", "param": null, "code": null}});
         return error(500, body, headers);
     }
-    tokio::time::sleep(real).await;
+    let (slow, midstream) = {
+        let mut rng = s.rng.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            rng.random::<f64>() < s.cfg.slow_first_byte_rate,
+            rng.random::<f64>() < s.cfg.midstream_error_rate,
+        )
+    };
+    let first_byte_delay = if slow {
+        Duration::from_secs_f64(s.cfg.slow_first_byte.as_secs_f64() / s.cfg.time_scale)
+    } else {
+        Duration::ZERO
+    };
+    let completion = (max_tokens as f64 * s.cfg.completion_share).round() as u64;
+    if req.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+        return stream(
+            s,
+            req,
+            prompt,
+            completion,
+            headers,
+            real,
+            first_byte_delay,
+            midstream,
+        );
+    }
+    tokio::time::sleep(real + first_byte_delay).await;
     s.stats.completed.fetch_add(1, Ordering::SeqCst);
     s.stats
         .tokens
@@ -263,4 +305,59 @@ async fn completions(State(s): State<Arc<Inner>>, Json(req): Json<Value>) -> Res
         "usage": {"prompt_tokens": prompt, "completion_tokens": max_tokens, "total_tokens": prompt + max_tokens}
     });
     (StatusCode::OK, headers, Json(body)).into_response()
+}
+
+/// An SSE answer: `chunks` deltas spread over the service time, the last one
+/// with `usage` (as OpenAI sends with `stream_options.include_usage`), then
+/// `data: [DONE]` — or an `event: error` a third of the way.
+#[allow(clippy::too_many_arguments)]
+fn stream(
+    s: Arc<Inner>,
+    req: Value,
+    prompt: u64,
+    max_tokens: u64,
+    mut headers: HeaderMap,
+    service: Duration,
+    first_byte_delay: Duration,
+    fail: bool,
+) -> Response {
+    let chunks = s.cfg.chunks.max(1);
+    let gap = service / chunks;
+    let model = req.get("model").cloned().unwrap_or(json!("gpt-4o-mini"));
+    let body = futures::stream::unfold(0u32, move |i| {
+        let s = s.clone();
+        let model = model.clone();
+        async move {
+            if i > chunks {
+                return None;
+            }
+            tokio::time::sleep(if i == 0 { first_byte_delay + gap } else { gap }).await;
+            let text = if fail && i == chunks / 3 {
+                s.stats.midstream_errors.fetch_add(1, Ordering::SeqCst);
+                let err = json!({"error": {"message": "The server had an error while streaming.", "type": "server_error", "param": null, "code": null}});
+                return Some((
+                    Ok::<_, std::io::Error>(format!("event: error\ndata: {err}\n\n")),
+                    chunks + 1,
+                ));
+            } else if i == chunks {
+                s.stats.completed.fetch_add(1, Ordering::SeqCst);
+                s.stats
+                    .tokens
+                    .fetch_add(prompt + max_tokens, Ordering::SeqCst);
+                let last = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model, "choices": [],
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": max_tokens, "total_tokens": prompt + max_tokens}});
+                format!("data: {last}\n\ndata: [DONE]\n\n")
+            } else {
+                let delta = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
+                    "choices": [{"index": 0, "delta": {"content": "agua "}}]});
+                format!("data: {delta}\n\n")
+            };
+            Some((Ok(text), i + 1))
+        }
+    });
+    headers.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    (StatusCode::OK, headers, axum::body::Body::from_stream(body)).into_response()
 }

@@ -236,6 +236,23 @@ fn apply_should_retry(class: Class, header: Option<&[u8]>) -> Class {
     }
 }
 
+/// Classifies a streamed `http::Response<B>` by its status and headers only
+/// (its body has not arrived yet): [`LlmClassifier`] rules without the body.
+/// A failure in the stream itself is recorded when the stream ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LlmHeadClassifier;
+
+impl<B, Err: AsErrorRef> Classify<http::Response<B>, Err> for LlmHeadClassifier {
+    fn classify(&self, result: Result<&http::Response<B>, &Err>) -> Class {
+        match result {
+            Ok(res) => {
+                LlmClassifier::new().classify_parts(res.status().as_u16(), res.headers(), b"")
+            }
+            Err(e) => classify_error(e.as_error_ref()),
+        }
+    }
+}
+
 /// `http::Response<B>` with a body already in memory (`Bytes`, `Vec<u8>`, `String`).
 impl<B: AsRef<[u8]>, Err: AsErrorRef> Classify<http::Response<B>, Err> for LlmClassifier {
     fn classify(&self, result: Result<&http::Response<B>, &Err>) -> Class {

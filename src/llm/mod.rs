@@ -30,9 +30,12 @@
 //! (`.bulkhead(...)`, `.retry(...)`...), and switched off by giving a pass-through
 //! configuration (e.g. `Retry` with one attempt, `Breaker::disable`).
 //!
-//! Streaming responses are not in the preset yet: put
-//! `bulkhead.layer().release_on_body_end()` and `timeout.layer().bodies()` in your
-//! own stack for them.
+//! For streamed answers (`"stream": true`, SSE), [`LlmStack::stream_layer`] keeps
+//! the bulkhead permit and the breaker's verdict until the body's last chunk (a
+//! failure mid-stream counts as one), bounds the time to the first chunk and the
+//! gaps between chunks, and reconciles the pacer with the `usage` of the last SSE
+//! chunk (OpenAI's `stream_options.include_usage`). A stream is never retried
+//! once its headers reached the caller.
 //!
 //! ```
 //! use semaforo::llm::{LlmStack, Tier};
@@ -57,12 +60,12 @@
 use crate::backoff::{Backoff, Jitter};
 use crate::breaker::{Breaker, BreakerService};
 use crate::bulkhead::{Bulkhead, BulkheadService, InfoFns};
-use crate::classify::{LlmClassifier, RateLimitInfo};
+use crate::classify::{LlmClassifier, LlmHeadClassifier, RateLimitInfo};
 use crate::error::ConfigError;
-use crate::guard::OnResponse;
-use crate::pace::{Cost, Observed, Pace, PaceService};
+use crate::guard::{OnBodyEnd, OnResponse};
+use crate::pace::{Cost, Observed, Pace, PaceService, UsageFromBody};
 use crate::retry::{HttpRequests, Retry, RetryService};
-use crate::timeout::{Timeout, TimeoutService, Whole};
+use crate::timeout::{Timeout, TimeoutService, Whole, WholeBody};
 use bytes::Bytes;
 use std::time::{Duration, SystemTime};
 use tower_layer::Layer;
@@ -89,6 +92,9 @@ pub struct LlmStack {
     pub pace: Pace,
     /// The per-attempt timeout.
     pub timeout: Timeout,
+    /// The timeouts of streamed answers: to the headers, to the first chunk,
+    /// between chunks.
+    pub stream_timeout: Timeout,
 }
 
 /// Builder for [`LlmStack`].
@@ -103,6 +109,7 @@ pub struct LlmStackBuilder {
     breaker: Option<Breaker>,
     pace: Option<Pace>,
     timeout: Option<Timeout>,
+    stream_timeout: Option<Timeout>,
 }
 
 impl LlmStack {
@@ -121,12 +128,20 @@ impl LlmStack {
             breaker: None,
             pace: None,
             timeout: None,
+            stream_timeout: None,
         }
     }
 
     /// The layer, in the order of the module docs.
     pub fn layer(&self) -> LlmLayer {
         LlmLayer {
+            stack: self.clone(),
+        }
+    }
+
+    /// The layer for streamed answers (see the module docs).
+    pub fn stream_layer(&self) -> LlmStreamLayer {
+        LlmStreamLayer {
             stack: self.clone(),
         }
     }
@@ -173,6 +188,12 @@ impl LlmStackBuilder {
     /// Replaces the timeout.
     pub fn timeout(mut self, t: Timeout) -> Self {
         self.timeout = Some(t);
+        self
+    }
+
+    /// Replaces the timeout of streamed answers (use `first_chunk` and `idle`).
+    pub fn stream_timeout(mut self, t: Timeout) -> Self {
+        self.stream_timeout = Some(t);
         self
     }
 
@@ -236,12 +257,22 @@ impl LlmStackBuilder {
             Some(t) => t,
             None => Timeout::builder().name(name).attempt(t(120.0)).build()?,
         };
+        let stream_timeout = match self.stream_timeout {
+            Some(t) => t,
+            None => Timeout::builder()
+                .name(name)
+                .attempt(t(120.0))
+                .first_chunk(t(60.0))
+                .idle(t(30.0))
+                .build()?,
+        };
         Ok(LlmStack {
             bulkhead,
             retry,
             breaker,
             pace,
             timeout,
+            stream_timeout,
         })
     }
 }
@@ -269,6 +300,38 @@ pub fn estimate_cost(body: &[u8]) -> Cost {
         })
         .unwrap_or(0);
     Cost::tokens(prompt_chars as u64 / 4 + max)
+}
+
+/// Finds `usage.total_tokens` in SSE bytes: `chunk` is appended to `buf`, the
+/// complete lines are read (`data: {...}`) and dropped from `buf`.
+pub fn sse_usage(buf: &mut Vec<u8>, chunk: &[u8]) -> Option<Cost> {
+    buf.extend_from_slice(chunk);
+    let end = buf.iter().rposition(|b| *b == b'\n')?;
+    let mut found = None;
+    for line in buf[..end].split(|b| *b == b'\n') {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) {
+            if let Some(total) = v
+                .pointer("/usage/total_tokens")
+                .and_then(serde_json::Value::as_u64)
+            {
+                found = Some(Cost::tokens(total));
+            }
+        }
+    }
+    buf.drain(..=end);
+    found
+}
+
+/// Rate-limit headers only (for streamed answers: the usage comes in the body).
+pub fn observe_headers<B>(res: &http::Response<B>) -> Observed {
+    let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
+    Observed {
+        usage: None,
+        info: (!info.is_empty()).then_some(info),
+    }
 }
 
 /// The real cost (`usage.total_tokens`) and rate-limit headers of a response.
@@ -344,9 +407,281 @@ impl<S> Layer<S> for LlmLayer {
     }
 }
 
+/// The streaming preset as one tower [`Layer`], for clients answering
+/// `http::Response<B>` with a streamed body `B`.
+#[derive(Debug, Clone)]
+pub struct LlmStreamLayer {
+    stack: LlmStack,
+}
+
+/// The service [`LlmStreamLayer`] makes around a client `S`.
+pub type LlmStreamService<S> = BulkheadService<
+    RetryService<
+        BreakerService<
+            PaceService<
+                TimeoutService<SseErrors<S>, WholeBody>,
+                Weigh,
+                HeadObserve,
+                LlmHeadClassifier,
+                UsageFromBody,
+            >,
+            LlmHeadClassifier,
+            OnBodyEnd,
+        >,
+        LlmHeadClassifier,
+        HttpRequests,
+    >,
+    InfoFns<http::Request<Bytes>>,
+    OnBodyEnd,
+>;
+
+/// [`observe_headers`] as a plain function pointer (one per body type).
+pub type HeadObserve = fn(&http::Response<crate::timeout::TimedBody<StreamBody>>) -> Observed;
+
+/// The body type [`LlmStreamLayer`] accepts from the client: a boxed
+/// `http_body` of `Bytes`.
+pub type StreamBody = http_body_util_box::BoxBody;
+
+mod http_body_util_box {
+    //! A boxed body without depending on `http-body-util`.
+    use crate::error::BoxError;
+    use bytes::Bytes;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// `Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>`.
+    pub struct BoxBody(
+        Pin<Box<dyn http_body::Body<Data = Bytes, Error = BoxError> + Send + 'static>>,
+    );
+
+    impl BoxBody {
+        /// Boxes `body`.
+        pub fn new<B>(body: B) -> Self
+        where
+            B: http_body::Body<Data = Bytes> + Send + 'static,
+            B::Error: Into<BoxError>,
+        {
+            BoxBody(Box::pin(MapErr(body)))
+        }
+    }
+
+    impl std::fmt::Debug for BoxBody {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("BoxBody")
+        }
+    }
+
+    #[pin_project::pin_project]
+    struct MapErr<B>(#[pin] B);
+
+    impl<B> http_body::Body for MapErr<B>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+            self.project().0.poll_frame(cx).map_err(Into::into)
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_end_stream()
+        }
+    }
+
+    impl http_body::Body for BoxBody {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+            self.0.as_mut().poll_frame(cx)
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_end_stream()
+        }
+    }
+}
+
+/// Turns an SSE `event: error` in a streamed answer into an error of the body
+/// (after handing over the event's bytes), so the layers above — the breaker's
+/// verdict, the bulkhead's permit — see the failure the `200` hid.
+#[derive(Debug, Clone)]
+pub struct SseErrors<S> {
+    inner: S,
+}
+
+impl<S, Req> tower_service::Service<Req> for SseErrors<S>
+where
+    S: tower_service::Service<Req, Response = http::Response<StreamBody>>,
+{
+    type Response = http::Response<StreamBody>;
+    type Error = S::Error;
+    type Future = sse::MapBody<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        sse::MapBody {
+            fut: self.inner.call(req),
+        }
+    }
+}
+
+mod sse {
+    use super::StreamBody;
+    use crate::classify::LlmClassifier;
+    use crate::error::BoxError;
+    use bytes::Bytes;
+    use pin_project::pin_project;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{ready, Context, Poll};
+
+    /// The future of [`SseErrors`](super::SseErrors).
+    #[pin_project]
+    #[derive(Debug)]
+    pub struct MapBody<F> {
+        #[pin]
+        pub(super) fut: F,
+    }
+
+    impl<F, E> Future for MapBody<F>
+    where
+        F: Future<Output = Result<http::Response<StreamBody>, E>>,
+    {
+        type Output = Result<http::Response<StreamBody>, E>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let res = ready!(self.project().fut.poll(cx))?;
+            Poll::Ready(Ok(res.map(|b| {
+                StreamBody::new(ErrorEvents {
+                    inner: b,
+                    failed: None,
+                })
+            })))
+        }
+    }
+
+    /// A mid-stream `event: error`, classified by [`LlmClassifier::classify_error_body`].
+    #[derive(Debug, thiserror::Error)]
+    #[error("the stream failed mid-way ({class}): {data}", class = .class.as_str())]
+    pub struct StreamFailed {
+        /// The error event's class.
+        pub class: crate::classify::Class,
+        /// Its data.
+        pub data: String,
+    }
+
+    #[pin_project]
+    struct ErrorEvents {
+        #[pin]
+        inner: StreamBody,
+        failed: Option<Option<StreamFailed>>,
+    }
+
+    impl http_body::Body for ErrorEvents {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+            let this = self.project();
+            if let Some(failed) = this.failed {
+                return Poll::Ready(failed.take().map(|e| Err(e.into())));
+            }
+            let frame = ready!(this.inner.poll_frame(cx));
+            if let Some(Ok(f)) = &frame {
+                if let Some(data) = f.data_ref() {
+                    if let Some(at) = data.windows(12).position(|w| w == b"event: error") {
+                        let payload = data[at..]
+                            .split(|b| *b == b'\n')
+                            .find_map(|l| l.strip_prefix(b"data:"))
+                            .unwrap_or_default()
+                            .trim_ascii();
+                        *this.failed = Some(Some(StreamFailed {
+                            class: LlmClassifier::new().classify_error_body(payload),
+                            data: String::from_utf8_lossy(payload).into_owned(),
+                        }));
+                    }
+                }
+            }
+            Poll::Ready(frame)
+        }
+    }
+}
+
+pub use sse::StreamFailed;
+
+impl<S> Layer<S> for LlmStreamLayer {
+    type Service = LlmStreamService<S>;
+
+    fn layer(&self, client: S) -> Self::Service {
+        let s = &self.stack;
+        let timed = s
+            .stream_timeout
+            .layer()
+            .bodies()
+            .layer(SseErrors { inner: client });
+        let paced = s
+            .pace
+            .layer()
+            .weigh(weigh as Weigh)
+            .observe(observe_headers::<crate::timeout::TimedBody<StreamBody>> as HeadObserve)
+            .classify(LlmHeadClassifier)
+            .deliver(UsageFromBody::new(sse_usage))
+            .layer(timed);
+        let guarded = s
+            .breaker
+            .layer()
+            .classify(LlmHeadClassifier)
+            .record_on_body_end()
+            .layer(paced);
+        let retried = s
+            .retry
+            .layer()
+            .classify(LlmHeadClassifier)
+            .requests(HttpRequests::default().allow_non_idempotent())
+            .layer(guarded);
+        s.bulkhead
+            .layer()
+            .ticket_from_extensions()
+            .release_on_body_end()
+            .layer(retried)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sse_usage_is_found_across_split_frames() {
+        let mut buf = Vec::new();
+        assert_eq!(
+            sse_usage(
+                &mut buf,
+                b"data: {\"choices\":[]}\n\ndata: {\"usage\":{\"total_"
+            ),
+            None
+        );
+        assert_eq!(
+            sse_usage(&mut buf, b"tokens\":2010}}\n\ndata: [DONE]\n\n"),
+            Some(Cost::tokens(2_010))
+        );
+        assert!(buf.is_empty());
+    }
 
     #[test]
     fn cost_estimate_reads_max_tokens_and_prompt() {

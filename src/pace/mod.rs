@@ -58,7 +58,12 @@
 mod service;
 mod state;
 
-pub use service::{Observed, PaceLayer, PaceService, ResponseFuture, Weigh};
+pub use service::{
+    AtResponse, Deliver, Observed, PaceLayer, PaceService, Pending, PendingRef, ResponseFuture,
+    ScanFn, Weigh,
+};
+#[cfg(feature = "http")]
+pub use service::{UsageBody, UsageFromBody};
 
 use crate::error::ConfigError;
 use state::{Dim, State};

@@ -69,16 +69,183 @@ impl<Res> Observe<Res> for NoObserve {
     }
 }
 
+/// A call whose real cost is not known yet (a streamed answer): reconcile it
+/// when the usage shows up.
+#[derive(Debug)]
+pub struct Pending {
+    shared: Arc<Shared>,
+    estimate: Cost,
+}
+
+impl Pending {
+    /// Replaces the estimate by the real cost.
+    pub fn reconcile(self, real: Cost) {
+        self.shared.lock().reconcile(&self.estimate, &real);
+    }
+}
+
+/// A borrowed [`Pending`]: turned into one only by deliveries that need it, so
+/// the default costs nothing.
+#[derive(Debug)]
+pub struct PendingRef<'a> {
+    shared: &'a Arc<Shared>,
+    estimate: Cost,
+}
+
+impl PendingRef<'_> {
+    /// Keeps the reconciliation for later.
+    pub fn keep(self) -> Pending {
+        Pending {
+            shared: self.shared.clone(),
+            estimate: self.estimate,
+        }
+    }
+}
+
+/// How the response is handed back.
+pub trait Deliver<Res> {
+    /// What the caller receives.
+    type Response;
+    /// Hands `res` back; `pending` can be kept to reconcile the cost later.
+    fn deliver(&self, res: Res, pending: PendingRef<'_>) -> Self::Response;
+}
+
+/// As is: the usage, if any, was read from the response by `observe` (default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AtResponse;
+
+impl<Res> Deliver<Res> for AtResponse {
+    type Response = Res;
+    #[inline]
+    fn deliver(&self, res: Res, _pending: PendingRef<'_>) -> Res {
+        res
+    }
+}
+
+/// A streamed `http` body whose usage arrives in its frames (an SSE answer's
+/// last chunk): each frame goes through `scan`, with a buffer for lines split
+/// across frames; the last usage found is reconciled when the body ends, fails
+/// or is dropped (feature `http`).
+#[cfg(feature = "http")]
+#[derive(Debug, Clone, Copy)]
+pub struct UsageFromBody {
+    scan: ScanFn,
+}
+
+/// Reads usage from body bytes: appends `chunk` to `buf`, consumes the complete
+/// lines it can, returns a usage when one was found.
+pub type ScanFn = fn(buf: &mut Vec<u8>, chunk: &[u8]) -> Option<Cost>;
+
+#[cfg(feature = "http")]
+impl UsageFromBody {
+    /// Scans frames with `scan`.
+    pub fn new(scan: ScanFn) -> Self {
+        UsageFromBody { scan }
+    }
+}
+
+#[cfg(feature = "http")]
+impl<B> Deliver<http::Response<B>> for UsageFromBody {
+    type Response = http::Response<UsageBody<B>>;
+
+    fn deliver(&self, res: http::Response<B>, pending: PendingRef<'_>) -> Self::Response {
+        let scan = self.scan;
+        let pending = pending.keep();
+        res.map(|inner| UsageBody {
+            inner,
+            scan,
+            buf: Vec::new(),
+            found: None,
+            pending: Some(pending),
+        })
+    }
+}
+
+/// The body of [`UsageFromBody`].
+#[cfg(feature = "http")]
+#[pin_project(PinnedDrop)]
+pub struct UsageBody<B> {
+    #[pin]
+    inner: B,
+    scan: ScanFn,
+    buf: Vec<u8>,
+    found: Option<Cost>,
+    pending: Option<Pending>,
+}
+
+#[cfg(feature = "http")]
+impl<B> fmt::Debug for UsageBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UsageBody")
+            .field("found", &self.found)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "http")]
+fn settle(pending: &mut Option<Pending>, found: Option<Cost>) {
+    if let (Some(p), Some(real)) = (pending.take(), found) {
+        p.reconcile(real);
+    }
+}
+
+#[cfg(feature = "http")]
+#[pinned_drop]
+impl<B> PinnedDrop for UsageBody<B> {
+    fn drop(self: Pin<&mut Self>) {
+        let this = self.project();
+        settle(this.pending, *this.found);
+    }
+}
+
+#[cfg(feature = "http")]
+impl<B> http_body::Body for UsageBody<B>
+where
+    B: http_body::Body,
+    B::Data: AsRef<[u8]>,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    if let Some(c) = (this.scan)(this.buf, data.as_ref()) {
+                        *this.found = Some(c);
+                    }
+                }
+            }
+            None | Some(Err(_)) => settle(this.pending, *this.found),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The tower [`Layer`] of a [`Pace`](super::Pace).
 #[derive(Clone)]
-pub struct PaceLayer<W, O, C> {
+pub struct PaceLayer<W, O, C, D = AtResponse> {
     shared: Arc<Shared>,
     weigh: W,
     observe: O,
     classify: C,
+    deliver: D,
 }
 
-impl<W, O, C> fmt::Debug for PaceLayer<W, O, C> {
+impl<W, O, C, D> fmt::Debug for PaceLayer<W, O, C, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PaceLayer")
             .field("name", &self.shared.name)
@@ -93,45 +260,61 @@ impl PaceLayer<OneRequest, NoObserve, crate::classify::ErrorClassifier> {
             weigh: OneRequest,
             observe: NoObserve,
             classify: crate::classify::ErrorClassifier,
+            deliver: AtResponse,
         }
     }
 }
 
-impl<W, O, C> PaceLayer<W, O, C> {
+impl<W, O, C, D> PaceLayer<W, O, C, D> {
     /// How much each request costs (an estimate is fine: see [`observe`](Self::observe)).
-    pub fn weigh<W2>(self, weigh: W2) -> PaceLayer<W2, O, C> {
+    pub fn weigh<W2>(self, weigh: W2) -> PaceLayer<W2, O, C, D> {
         PaceLayer {
             shared: self.shared,
             weigh,
             observe: self.observe,
             classify: self.classify,
+            deliver: self.deliver,
         }
     }
 
     /// What each response says: real usage (reconciled against the estimate)
     /// and rate-limit headers.
-    pub fn observe<O2>(self, observe: O2) -> PaceLayer<W, O2, C> {
+    pub fn observe<O2>(self, observe: O2) -> PaceLayer<W, O2, C, D> {
         PaceLayer {
             shared: self.shared,
             weigh: self.weigh,
             observe,
             classify: self.classify,
+            deliver: self.deliver,
         }
     }
 
     /// How results are classified (a `Throttled` one pauses and slows the pacer).
-    pub fn classify<C2>(self, classify: C2) -> PaceLayer<W, O, C2> {
+    pub fn classify<C2>(self, classify: C2) -> PaceLayer<W, O, C2, D> {
         PaceLayer {
             shared: self.shared,
             weigh: self.weigh,
             observe: self.observe,
             classify,
+            deliver: self.deliver,
+        }
+    }
+
+    /// How the response is handed back (e.g. [`UsageFromBody`] for streamed
+    /// answers whose usage comes last).
+    pub fn deliver<D2>(self, deliver: D2) -> PaceLayer<W, O, C, D2> {
+        PaceLayer {
+            shared: self.shared,
+            weigh: self.weigh,
+            observe: self.observe,
+            classify: self.classify,
+            deliver,
         }
     }
 }
 
-impl<S, W: Clone, O: Clone, C: Clone> Layer<S> for PaceLayer<W, O, C> {
-    type Service = PaceService<S, W, O, C>;
+impl<S, W: Clone, O: Clone, C: Clone, D: Clone> Layer<S> for PaceLayer<W, O, C, D> {
+    type Service = PaceService<S, W, O, C, D>;
 
     fn layer(&self, inner: S) -> Self::Service {
         PaceService {
@@ -140,21 +323,23 @@ impl<S, W: Clone, O: Clone, C: Clone> Layer<S> for PaceLayer<W, O, C> {
             weigh: self.weigh.clone(),
             observe: self.observe.clone(),
             classify: self.classify.clone(),
+            deliver: self.deliver.clone(),
         }
     }
 }
 
 /// The service of a [`PaceLayer`].
 #[derive(Clone)]
-pub struct PaceService<S, W, O, C> {
+pub struct PaceService<S, W, O, C, D = AtResponse> {
     inner: S,
     shared: Arc<Shared>,
     weigh: W,
     observe: O,
     classify: C,
+    deliver: D,
 }
 
-impl<S: fmt::Debug, W, O, C> fmt::Debug for PaceService<S, W, O, C> {
+impl<S: fmt::Debug, W, O, C, D> fmt::Debug for PaceService<S, W, O, C, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PaceService")
             .field("inner", &self.inner)
@@ -163,17 +348,18 @@ impl<S: fmt::Debug, W, O, C> fmt::Debug for PaceService<S, W, O, C> {
     }
 }
 
-impl<S, W, O, C, Req> Service<Req> for PaceService<S, W, O, C>
+impl<S, W, O, C, D, Req> Service<Req> for PaceService<S, W, O, C, D>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     W: Weigh<Req>,
     O: Observe<S::Response> + Clone,
     C: Classify<S::Response, S::Error> + Clone,
+    D: Deliver<S::Response> + Clone,
 {
-    type Response = S::Response;
+    type Response = D::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req, O, C>;
+    type Future = ResponseFuture<S, Req, O, C, D>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -211,6 +397,7 @@ where
             cost,
             observe: self.observe.clone(),
             classify: self.classify.clone(),
+            deliver: self.deliver.clone(),
         }
     }
 }
@@ -276,13 +463,14 @@ struct Waiting<S, Req> {
 /// line (holding nothing); dropped while calling, the tokens stay spent (the
 /// upstream may have done the work).
 #[pin_project(PinnedDrop)]
-pub struct ResponseFuture<S: Service<Req>, Req, O, C> {
+pub struct ResponseFuture<S: Service<Req>, Req, O, C, D = AtResponse> {
     #[pin]
     state: State<S, Req>,
     shared: Arc<Shared>,
     cost: Cost,
     observe: O,
     classify: C,
+    deliver: D,
 }
 
 #[pin_project(project = StateProj)]
@@ -300,7 +488,7 @@ enum State<S: Service<Req>, Req> {
 }
 
 #[pinned_drop]
-impl<S: Service<Req>, Req, O, C> PinnedDrop for ResponseFuture<S, Req, O, C> {
+impl<S: Service<Req>, Req, O, C, D> PinnedDrop for ResponseFuture<S, Req, O, C, D> {
     fn drop(self: Pin<&mut Self>) {
         let this = self.project();
         if let StateProj::Waiting { waiting: Some(w) } = this.state.project() {
@@ -309,7 +497,7 @@ impl<S: Service<Req>, Req, O, C> PinnedDrop for ResponseFuture<S, Req, O, C> {
     }
 }
 
-impl<S: Service<Req>, Req, O, C> fmt::Debug for ResponseFuture<S, Req, O, C> {
+impl<S: Service<Req>, Req, O, C, D> fmt::Debug for ResponseFuture<S, Req, O, C, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("pace::ResponseFuture")
             .field("cost", &self.cost)
@@ -317,14 +505,15 @@ impl<S: Service<Req>, Req, O, C> fmt::Debug for ResponseFuture<S, Req, O, C> {
     }
 }
 
-impl<S, Req, O, C> Future for ResponseFuture<S, Req, O, C>
+impl<S, Req, O, C, D> Future for ResponseFuture<S, Req, O, C, D>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
     O: Observe<S::Response>,
     C: Classify<S::Response, S::Error>,
+    D: Deliver<S::Response>,
 {
-    type Output = Result<S::Response, BoxError>;
+    type Output = Result<D::Response, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -383,9 +572,11 @@ where
                             .slowed
                             .load(std::sync::atomic::Ordering::Relaxed)
                         && observed.is_none_or(|o| o.usage.is_none() && o.info.is_none());
+                    let (shared, estimate, delivery) = (&*this.shared, *this.cost, &*this.deliver);
+                    let deliver = |res| delivery.deliver(res, PendingRef { shared, estimate });
                     if nothing_to_learn {
                         // The healthy path takes no lock on the way out.
-                        return Poll::Ready(result.map_err(Into::into));
+                        return Poll::Ready(result.map(deliver).map_err(Into::into));
                     }
                     let mut st = this.shared.lock();
                     match class {
@@ -407,7 +598,7 @@ where
                         }
                     }
                     drop(st);
-                    return Poll::Ready(result.map_err(Into::into));
+                    return Poll::Ready(result.map(deliver).map_err(Into::into));
                 }
             }
         }
