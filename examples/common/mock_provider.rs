@@ -299,7 +299,7 @@ async fn completions(State(s): State<Arc<Inner>>, Json(req): Json<Value>) -> Res
         .tokens
         .fetch_add(prompt + max_tokens, Ordering::SeqCst);
     let body = json!({
-        "id": "chatcmpl-mock", "object": "chat.completion",
+        "id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000u64,
         "model": req.get("model").cloned().unwrap_or(json!("gpt-4o-mini")),
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Plan de clase: el ciclo del agua…"}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": prompt, "completion_tokens": max_tokens, "total_tokens": prompt + max_tokens}
@@ -344,11 +344,11 @@ fn stream(
                 s.stats
                     .tokens
                     .fetch_add(prompt + max_tokens, Ordering::SeqCst);
-                let last = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model, "choices": [],
+                let last = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u64, "model": model, "choices": [],
                     "usage": {"prompt_tokens": prompt, "completion_tokens": max_tokens, "total_tokens": prompt + max_tokens}});
                 format!("data: {last}\n\ndata: [DONE]\n\n")
             } else {
-                let delta = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
+                let delta = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u64, "model": model,
                     "choices": [{"index": 0, "delta": {"content": "agua "}}]});
                 format!("data: {delta}\n\n")
             };
