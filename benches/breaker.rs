@@ -2,37 +2,15 @@
 //! tower-resilience's `CircuitBreaker` (a tower layer) and failsafe's futures
 //! `CircuitBreaker` (wrapping the same bare service future).
 
+mod common;
+use common::{bare, once};
+
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use failsafe::futures::CircuitBreaker as _;
 use futures::FutureExt;
 use semaforo::breaker::Breaker;
-use std::convert::Infallible;
 use std::time::{Duration, Instant};
-use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
-
-fn bare() -> impl Service<
-    u64,
-    Response = u64,
-    Error = Infallible,
-    Future = std::future::Ready<Result<u64, Infallible>>,
-> + Clone {
-    service_fn(|x: u64| std::future::ready(Ok::<_, Infallible>(x + 1)))
-}
-
-fn once<S: Service<u64>>(svc: &mut S, x: u64) -> S::Response
-where
-    S::Error: std::fmt::Debug,
-{
-    let svc = svc
-        .ready()
-        .now_or_never()
-        .expect("ready at once")
-        .expect("no error");
-    svc.call(x)
-        .now_or_never()
-        .expect("completes at once")
-        .expect("ok")
-}
+use tower::{Service, ServiceBuilder, ServiceExt};
 
 fn semaforo_consecutive() -> Breaker {
     Breaker::builder().consecutive_failures(5).build().unwrap()

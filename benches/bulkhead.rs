@@ -4,6 +4,9 @@
 //! Every call goes through `ready()` then `call()`; everything completes at once,
 //! so futures are driven with `now_or_never` and only the layer's own work is timed.
 
+mod common;
+use common::{bare, once};
+
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use futures::FutureExt;
 use semaforo::bulkhead::{Bulkhead, QueueTicket};
@@ -11,30 +14,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
-
-fn bare() -> impl Service<
-    u64,
-    Response = u64,
-    Error = Infallible,
-    Future = std::future::Ready<Result<u64, Infallible>>,
-> + Clone {
-    service_fn(|x: u64| std::future::ready(Ok::<_, Infallible>(x + 1)))
-}
-
-fn once<S: Service<u64>>(svc: &mut S, x: u64) -> S::Response
-where
-    S::Error: std::fmt::Debug,
-{
-    let svc = svc
-        .ready()
-        .now_or_never()
-        .expect("ready at once")
-        .expect("no error");
-    svc.call(x)
-        .now_or_never()
-        .expect("completes at once")
-        .expect("ok")
-}
 
 fn uncontended(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -1,29 +1,16 @@
 //! Uncontended reserve-and-go: the pacer (RPM + TPM reserved together) next to
 //! governor's direct `check_n` on one cell, in the same run.
 
+mod common;
+use common::once;
+
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use futures::FutureExt;
 use governor::{Quota, RateLimiter};
 use semaforo::pace::{Cost, Pace};
 use std::convert::Infallible;
 use std::num::NonZeroU32;
 use std::time::Duration;
-use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
-
-fn once<S: Service<u64>>(svc: &mut S, x: u64) -> S::Response
-where
-    S::Error: std::fmt::Debug,
-{
-    let svc = svc
-        .ready()
-        .now_or_never()
-        .expect("ready at once")
-        .expect("no error");
-    svc.call(x)
-        .now_or_never()
-        .expect("completes at once")
-        .expect("ok")
-}
+use tower::{service_fn, ServiceBuilder};
 
 fn reserve(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -1,26 +1,16 @@
 //! Quota admission next to governor's own keyed `check_key` in the same run:
 //! a hot key, a new key each call, and a hot key with 1,000,000 keys present.
 
+mod common;
+use common::try_once;
+
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
-use futures::FutureExt;
 use governor::{Quota as GQuota, RateLimiter};
 use semaforo::quota::{PlanId, Quota, Rate};
 use std::convert::Infallible;
 use std::num::NonZeroU32;
 use std::time::Duration;
-use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
-
-fn once<S: Service<u64>>(svc: &mut S, x: u64) -> Result<S::Response, S::Error>
-where
-    S::Error: std::fmt::Debug,
-{
-    let svc = svc
-        .ready()
-        .now_or_never()
-        .expect("ready at once")
-        .expect("no error");
-    svc.call(x).now_or_never().expect("completes at once")
-}
+use tower::{service_fn, ServiceBuilder};
 
 fn admission(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -49,7 +39,7 @@ fn admission(c: &mut Criterion) {
             std::future::ready(Ok::<_, Infallible>(x))
         }));
     g.bench_function("hot key/semaforo Quota layer (call included)", |b| {
-        b.iter(|| black_box(once(&mut s, 1).is_ok()))
+        b.iter(|| black_box(try_once(&mut s, 1).is_ok()))
     });
 
     let gov = RateLimiter::keyed(GQuota::per_second(big));
@@ -73,7 +63,7 @@ fn admission(c: &mut Criterion) {
     g.bench_function("new key/semaforo Quota layer (call included)", |b| {
         b.iter(|| {
             k += 1;
-            black_box(once(&mut s, k).is_ok())
+            black_box(try_once(&mut s, k).is_ok())
         })
     });
 
@@ -89,7 +79,7 @@ fn admission(c: &mut Criterion) {
         }));
     for k in 0..1_000_000u64 {
         let _ = gov.check_key(&k);
-        let _ = once(&mut s, k);
+        let _ = try_once(&mut s, k);
     }
     g.bench_function("1M keys, hot key/governor keyed check_key", |b| {
         b.iter(|| black_box(gov.check_key(&500_000u64)))
@@ -99,7 +89,7 @@ fn admission(c: &mut Criterion) {
         |b| {
             b.iter_batched(
                 || 500_000u64,
-                |k| black_box(once(&mut s, k).is_ok()),
+                |k| black_box(try_once(&mut s, k).is_ok()),
                 BatchSize::SmallInput,
             )
         },

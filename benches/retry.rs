@@ -1,38 +1,15 @@
 //! Retry on the success path (the call that does not fail) next to
 //! `tower::retry::Retry` with an equivalent policy, in the same run.
 
+mod common;
+use common::{bare, once};
+
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use futures::FutureExt;
 use semaforo::retry::Retry;
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
-use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
-
-fn bare() -> impl Service<
-    u64,
-    Response = u64,
-    Error = Infallible,
-    Future = std::future::Ready<Result<u64, Infallible>>,
-> + Clone {
-    service_fn(|x: u64| std::future::ready(Ok::<_, Infallible>(x + 1)))
-}
-
-fn once<S: Service<u64>>(svc: &mut S, x: u64) -> S::Response
-where
-    S::Error: std::fmt::Debug,
-{
-    let svc = svc
-        .ready()
-        .now_or_never()
-        .expect("ready at once")
-        .expect("no error");
-    svc.call(x)
-        .now_or_never()
-        .expect("completes at once")
-        .expect("ok")
-}
+use tower::ServiceBuilder;
 
 /// tower's equivalent: up to 3 attempts, exponential backoff on errors.
 #[derive(Clone)]

@@ -93,6 +93,29 @@ impl Watch {
         }
     }
 
+    /// Follows one poll of the inner stream or body: an item is progress, the end
+    /// is the end, and while it is pending the deadlines are checked.
+    fn step<T, E: Into<BoxError>>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<Option<Result<T, E>>>,
+    ) -> Poll<Option<Result<T, BoxError>>> {
+        match polled {
+            Poll::Ready(Some(item)) => {
+                self.progress();
+                Poll::Ready(Some(item.map_err(Into::into)))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => match self.poll_expired(cx) {
+                Some(err) => Poll::Ready(Some(Err(err))),
+                None => Poll::Pending,
+            },
+        }
+    }
+
     /// Called when the inner stream is pending: `Some(error)` once a deadline passed.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<BoxError> {
         loop {
@@ -155,20 +178,8 @@ where
         if this.watch.done {
             return Poll::Ready(None);
         }
-        match this.inner.poll_next(cx) {
-            Poll::Ready(Some(item)) => {
-                this.watch.progress();
-                Poll::Ready(Some(item.map_err(Into::into)))
-            }
-            Poll::Ready(None) => {
-                this.watch.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => match this.watch.poll_expired(cx) {
-                Some(err) => Poll::Ready(Some(Err(err))),
-                None => Poll::Pending,
-            },
-        }
+        let polled = this.inner.poll_next(cx);
+        this.watch.step(cx, polled)
     }
 }
 
@@ -210,20 +221,8 @@ where
         if this.watch.done {
             return Poll::Ready(None);
         }
-        match this.inner.poll_frame(cx) {
-            Poll::Ready(Some(frame)) => {
-                this.watch.progress();
-                Poll::Ready(Some(frame.map_err(Into::into)))
-            }
-            Poll::Ready(None) => {
-                this.watch.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => match this.watch.poll_expired(cx) {
-                Some(err) => Poll::Ready(Some(Err(err))),
-                None => Poll::Pending,
-            },
-        }
+        let polled = this.inner.poll_frame(cx);
+        this.watch.step(cx, polled)
     }
 
     fn is_end_stream(&self) -> bool {

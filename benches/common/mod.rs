@@ -1,0 +1,47 @@
+//! What every bench shares: the bare service and one uncontended call through
+//! `ready()` + `call()`, driven with `now_or_never` (everything completes at once,
+//! so only the layers' own work is timed).
+#![allow(dead_code)]
+
+use futures::FutureExt;
+use std::convert::Infallible;
+use tower::{service_fn, Service, ServiceExt};
+
+/// A service that answers at once.
+pub fn bare() -> impl Service<
+    u64,
+    Response = u64,
+    Error = Infallible,
+    Future = std::future::Ready<Result<u64, Infallible>>,
+> + Clone {
+    service_fn(|x: u64| std::future::ready(Ok::<_, Infallible>(x + 1)))
+}
+
+/// One call, expected to succeed.
+pub fn once<S: Service<u64>>(svc: &mut S, x: u64) -> S::Response
+where
+    S::Error: std::fmt::Debug,
+{
+    try_once(svc, x).expect("ok")
+}
+
+/// One call, success or not.
+pub fn try_once<S: Service<u64>>(svc: &mut S, x: u64) -> Result<S::Response, S::Error>
+where
+    S::Error: std::fmt::Debug,
+{
+    let svc = svc
+        .ready()
+        .now_or_never()
+        .expect("ready at once")
+        .expect("no error");
+    svc.call(x).now_or_never().expect("completes at once")
+}
+
+/// A current-thread runtime (entered by the caller) for layers that need tokio's clock.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
