@@ -72,6 +72,33 @@ struct Phase {
     makespan: Duration,
 }
 
+/// What one call ended with: its status (or error) and how long it took.
+type Outcome = Result<(Result<u16, BoxError>, Duration), tokio::task::JoinError>;
+
+impl Phase {
+    fn new(name: &'static str) -> Self {
+        Phase {
+            name,
+            ok: 0,
+            failed: 0,
+            provider_429: 0,
+            retries: 0,
+            latencies: Vec::new(),
+            makespan: Duration::ZERO,
+        }
+    }
+
+    fn record(&mut self, outcome: Outcome) {
+        match outcome {
+            Ok((Ok(200), latency)) => {
+                self.ok += 1;
+                self.latencies.push(latency);
+            }
+            _ => self.failed += 1,
+        }
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -92,23 +119,9 @@ async fn direct(client: HttpClient, args: &Args) -> Phase {
             (res.map(|r| r.status().as_u16()), start.elapsed())
         }));
     }
-    let mut phase = Phase {
-        name: "direct",
-        ok: 0,
-        failed: 0,
-        provider_429: 0,
-        retries: 0,
-        latencies: Vec::new(),
-        makespan: Duration::ZERO,
-    };
+    let mut phase = Phase::new("direct");
     for t in tasks {
-        match t.await {
-            Ok((Ok(200), latency)) => {
-                phase.ok += 1;
-                phase.latencies.push(latency);
-            }
-            _ => phase.failed += 1,
-        }
+        phase.record(t.await);
     }
     phase.makespan = t0.elapsed();
     phase.provider_429 = client.seen.throttled.load(Ordering::Relaxed);
@@ -176,23 +189,9 @@ async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, B
             }
         })
     };
-    let mut phase = Phase {
-        name: "semaforo",
-        ok: 0,
-        failed: 0,
-        provider_429: 0,
-        retries: 0,
-        latencies: Vec::new(),
-        makespan: Duration::ZERO,
-    };
+    let mut phase = Phase::new("semaforo");
     for t in tasks {
-        match t.await {
-            Ok((Ok(200), latency)) => {
-                phase.ok += 1;
-                phase.latencies.push(latency);
-            }
-            _ => phase.failed += 1,
-        }
+        phase.record(t.await);
         bar.inc(1);
     }
     watch.abort();
