@@ -14,6 +14,7 @@ pub mod llm;
 pub mod pace;
 pub mod quota;
 pub mod retry;
+pub mod shutdown;
 pub mod timeout;
 
 pub use crate::error::{BoxError, ConfigError, RateLimitPolicy, RejectKind, Rejected};

@@ -26,11 +26,11 @@ const TIER: Tier = Tier {
 /// The tier's bound for 50 × 2,000 tokens, plus one plan's 5 s, in simulated time.
 const BOUND: Duration = Duration::from_secs(145);
 
-async fn mock(scale: f64, overloaded: f64, errors: f64) -> MockProvider {
+async fn mock(scale: f64, overloaded: f64, midstream: f64) -> MockProvider {
     MockProvider::start(MockConfig {
         time_scale: scale,
         overloaded_rate: overloaded,
-        server_error_rate: errors,
+        midstream_error_rate: midstream,
         seed: 7,
         ..MockConfig::default()
     })
@@ -102,9 +102,9 @@ async fn seed_000_direct_fails_stacked_succeeds_near_the_bound() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn injected_529s_and_500s_are_retried_and_429s_never_open_the_breaker() {
+async fn injected_529s_and_midstream_errors_are_retried_and_429s_never_open_the_breaker() {
     let scale = 20.0;
-    // 10 % overloaded, 5 % server errors; and a tier configured 50 % too optimistic,
+    // 10 % overloaded, 5 % cut mid-body; and a tier configured 50 % too optimistic,
     // so the provider answers 429 too.
     let provider = mock(scale, 0.10, 0.05).await;
     let opened = Arc::new(AtomicUsize::new(0));
@@ -147,7 +147,8 @@ async fn injected_529s_and_500s_are_retried_and_429s_never_open_the_breaker() {
         Stats::get(&provider.stats.throttled) > 0,
         "the optimistic tier did meet 429s"
     );
-    assert!(Stats::get(&provider.stats.overloaded) + Stats::get(&provider.stats.server_errors) > 0);
+    assert!(Stats::get(&provider.stats.overloaded) > 0);
+    assert!(Stats::get(&provider.stats.midstream_errors) > 0);
     assert_eq!(opened.load(Ordering::SeqCst), 0, "the breaker never opened");
     // The retry budget: 20 % of the requests plus 1 per second over its 10 s window.
     let retries = stack.retry.retries() as f64;

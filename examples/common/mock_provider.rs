@@ -34,8 +34,8 @@ pub struct MockConfig {
     pub overloaded_rate: f64,
     /// Share of admitted calls answered `500`.
     pub server_error_rate: f64,
-    /// Share of streamed answers that fail mid-way with an SSE `event: error`
-    /// (after a third of their chunks).
+    /// Share of answers that fail mid-way: a streamed one with an SSE
+    /// `event: error` after a third of its chunks, a plain one cut mid-body.
     pub midstream_error_rate: f64,
     /// Share of answers whose first byte is late by `slow_first_byte` (simulated).
     pub slow_first_byte_rate: f64,
@@ -294,6 +294,20 @@ async fn completions(State(s): State<Arc<Inner>>, Json(req): Json<Value>) -> Res
         );
     }
     tokio::time::sleep(real + first_byte_delay).await;
+    if midstream {
+        // The body is cut half-way: the client sees a broken response, not a 200.
+        s.stats.midstream_errors.fetch_add(1, Ordering::SeqCst);
+        let parts: Vec<Result<String, std::io::Error>> = vec![
+            Ok("{\"id\": \"chatcmpl-mock\", \"choices\": [".into()),
+            Err(std::io::Error::other("connection reset mid-body")),
+        ];
+        return (
+            StatusCode::OK,
+            headers,
+            axum::body::Body::from_stream(futures::stream::iter(parts)),
+        )
+            .into_response();
+    }
     s.stats.completed.fetch_add(1, Ordering::SeqCst);
     s.stats
         .tokens

@@ -2,12 +2,14 @@
 //! OpenAI-compatible API (feature `llm`).
 //!
 //! ```text
-//! bulkhead → retry (with budget) → breaker → pace → attempt timeout → your HTTP client
+//! shutdown → bulkhead → retry (with budget) → breaker → pace → attempt timeout → your HTTP client
 //! ```
 //!
 //! Why this order (and what breaks if you change it):
-//! - **bulkhead outermost** (after shutdown and per-user quota, which belong to
-//!   the server in front of it): it bounds concurrency across retries — a retry
+//! - **shutdown outermost**, so draining sees every call and refuses new ones
+//!   before they queue anywhere. A per-user [`quota`](crate::quota) belongs right
+//!   after it, in the server in front of the client (it needs the user's key).
+//! - **bulkhead next**: it bounds concurrency across retries — a retry
 //!   waits in the same line instead of adding a call. Inside retry, every retry
 //!   would take a fresh slot and a failing upstream would see 3× the concurrency.
 //! - **retry outside the breaker**: the breaker sees every attempt; an open
@@ -65,6 +67,7 @@ use crate::error::ConfigError;
 use crate::guard::{OnBodyEnd, OnResponse};
 use crate::pace::{Cost, Observed, Pace, PaceService, UsageFromBody};
 use crate::retry::{HttpRequests, Retry, RetryService};
+use crate::shutdown::{Shutdown, ShutdownService};
 use crate::timeout::{Timeout, TimeoutService, Whole, WholeBody};
 use bytes::Bytes;
 use std::time::{Duration, SystemTime};
@@ -82,6 +85,8 @@ pub struct Tier {
 /// The preset's parts. Build with [`LlmStack::openai`].
 #[derive(Debug, Clone)]
 pub struct LlmStack {
+    /// Graceful shutdown; it closes the bulkhead's line when triggered.
+    pub shutdown: Shutdown,
     /// Concurrency and the fair line.
     pub bulkhead: Bulkhead,
     /// Classified retry with its budget.
@@ -104,6 +109,7 @@ pub struct LlmStackBuilder {
     name: String,
     tier: Tier,
     time_scale: f64,
+    shutdown: Option<Shutdown>,
     bulkhead: Option<Bulkhead>,
     retry: Option<Retry>,
     breaker: Option<Breaker>,
@@ -123,6 +129,7 @@ impl LlmStack {
             name: "openai".into(),
             tier,
             time_scale: 1.0,
+            shutdown: None,
             bulkhead: None,
             retry: None,
             breaker: None,
@@ -158,6 +165,12 @@ impl LlmStackBuilder {
     /// "minute" lasts 6 s has a factor of 10). Limits are per real minute.
     pub fn time_scale(mut self, factor: f64) -> Self {
         self.time_scale = factor;
+        self
+    }
+
+    /// Uses this shutdown (e.g. the server's own) instead of a new one.
+    pub fn shutdown(mut self, s: Shutdown) -> Self {
+        self.shutdown = Some(s);
         self
     }
 
@@ -266,7 +279,10 @@ impl LlmStackBuilder {
                 .idle(t(30.0))
                 .build()?,
         };
+        let shutdown = self.shutdown.unwrap_or_default();
+        shutdown.watch_bulkhead(&bulkhead);
         Ok(LlmStack {
+            shutdown,
             bulkhead,
             retry,
             breaker,
@@ -365,7 +381,10 @@ pub struct LlmLayer {
 }
 
 /// The service [`LlmLayer`] makes around a client `S`.
-pub type LlmService<S> = BulkheadService<
+pub type LlmService<S> = ShutdownService<LlmInner<S>, OnResponse>;
+
+/// [`LlmService`] below the shutdown layer.
+pub type LlmInner<S> = BulkheadService<
     RetryService<
         BreakerService<
             PaceService<TimeoutService<S, Whole>, Weigh, Observe, LlmClassifier>,
@@ -403,7 +422,8 @@ impl<S> Layer<S> for LlmLayer {
             .classify(LlmClassifier::new())
             .requests(HttpRequests::default().allow_non_idempotent())
             .layer(guarded);
-        s.bulkhead.layer().ticket_from_extensions().layer(retried)
+        let limited = s.bulkhead.layer().ticket_from_extensions().layer(retried);
+        s.shutdown.layer().layer(limited)
     }
 }
 
@@ -415,7 +435,10 @@ pub struct LlmStreamLayer {
 }
 
 /// The service [`LlmStreamLayer`] makes around a client `S`.
-pub type LlmStreamService<S> = BulkheadService<
+pub type LlmStreamService<S> = ShutdownService<LlmStreamInner<S>, OnBodyEnd>;
+
+/// [`LlmStreamService`] below the shutdown layer.
+pub type LlmStreamInner<S> = BulkheadService<
     RetryService<
         BreakerService<
             PaceService<
@@ -654,11 +677,13 @@ impl<S> Layer<S> for LlmStreamLayer {
             .classify(LlmHeadClassifier)
             .requests(HttpRequests::default().allow_non_idempotent())
             .layer(guarded);
-        s.bulkhead
+        let limited = s
+            .bulkhead
             .layer()
             .ticket_from_extensions()
             .release_on_body_end()
-            .layer(retried)
+            .layer(retried);
+        s.shutdown.layer().release_on_body_end().layer(limited)
     }
 }
 

@@ -1,0 +1,252 @@
+//! Graceful shutdown: stop admitting, let running calls finish up to a
+//! deadline, cancel the rest cleanly, and report what happened.
+//!
+//! Seed 003: on SIGTERM stop accepting, finish in-flight work within 30 s, close
+//! connections. axum's and hyper-util's graceful shutdown wait forever (no
+//! deadline), and a streamed response keeps them waiting.
+//!
+//! - [`Shutdown::layer`] goes **outermost**, so it sees every call. After
+//!   [`trigger`](Shutdown::trigger), new calls get
+//!   [`RejectKind::ShuttingDown`](crate::RejectKind::ShuttingDown) at once (with a
+//!   retry-after hint for the load balancer's next pick), and readiness turns false
+//!   the same instant ([`Shutdown::readiness`]), so traffic moves away before
+//!   draining starts.
+//! - In-flight calls are counted until their response — or, with
+//!   `release_on_stream_end` / `release_on_body_end`, until the streamed body ends.
+//! - [`drain`](Shutdown::drain) waits for them up to a deadline; at the deadline
+//!   the calls still waiting for their response are cancelled (their inner futures
+//!   dropped, the caller answered `ShuttingDown`), and the report counts
+//!   completed, cancelled, refused and released-from-queue calls — each once.
+//! - Bulkheads registered with [`watch_bulkhead`](Shutdown::watch_bulkhead) are
+//!   closed at the trigger: their queued callers are answered `ShuttingDown` at
+//!   once, never left hanging.
+//! - [`signal`] resolves on SIGTERM or Ctrl-C (feature `signal`).
+//!
+//! ```
+//! use semaforo::shutdown::Shutdown;
+//! use std::time::Duration;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), semaforo::BoxError> {
+//! let shutdown = Shutdown::new();
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(shutdown.layer())
+//!     .service(service_fn(|_: ()| async {
+//!         tokio::time::sleep(Duration::from_secs(5)).await;
+//!         Ok::<_, std::io::Error>("done")
+//!     }));
+//! let running = tokio::spawn(svc.ready().await?.call(()));
+//! tokio::task::yield_now().await;
+//! shutdown.trigger();
+//! assert!(!shutdown.is_ready());
+//! assert!(svc.ready().await?.call(()).await.is_err()); // refused after the trigger
+//! let report = shutdown.drain(Duration::from_secs(30)).await;
+//! assert_eq!((report.completed, report.cancelled, report.rejected), (1, 0, 1));
+//! assert_eq!(running.await?.unwrap(), "done");
+//! # Ok(()) }
+//! ```
+
+mod service;
+
+pub use service::{InFlight, ResponseFuture, ShutdownLayer, ShutdownService};
+
+use crate::bulkhead::Bulkhead;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) triggered: AtomicBool,
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) completed: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    released: AtomicU64,
+    pub(crate) idle: Notify,
+    pub(crate) cancel: CancellationToken,
+    ready: watch::Sender<bool>,
+    bulkheads: Mutex<Vec<Bulkhead>>,
+    pub(crate) retry_after: Duration,
+}
+
+/// What a drain did. Every call admitted before the trigger is in exactly one
+/// of `completed` and `cancelled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DrainReport {
+    /// Calls that finished (their response, or their stream, ended).
+    pub completed: u64,
+    /// Calls cut at the deadline.
+    pub cancelled: u64,
+    /// Calls refused after the trigger.
+    pub rejected: u64,
+    /// Callers waiting in a watched bulkhead's line, answered `ShuttingDown`.
+    pub queued_released: u64,
+    /// Streamed bodies still open at the deadline (their permits are released
+    /// when the client lets go of them).
+    pub still_streaming: u64,
+}
+
+/// A shutdown switch and drain. Cheap to clone; clones share it.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    shared: Arc<Shared>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown::new()
+    }
+}
+
+impl Shutdown {
+    /// A running (not triggered) shutdown; refusals after the trigger suggest
+    /// retrying in 1 s (on another instance).
+    pub fn new() -> Self {
+        Shutdown::with_retry_after(Duration::from_secs(1))
+    }
+
+    /// As [`new`](Self::new), with the retry-after hint of refusals.
+    pub fn with_retry_after(retry_after: Duration) -> Self {
+        Shutdown {
+            shared: Arc::new(Shared {
+                triggered: AtomicBool::new(false),
+                in_flight: AtomicU64::new(0),
+                completed: AtomicU64::new(0),
+                cancelled: AtomicU64::new(0),
+                rejected: AtomicU64::new(0),
+                released: AtomicU64::new(0),
+                idle: Notify::new(),
+                cancel: CancellationToken::new(),
+                ready: watch::Sender::new(true),
+                bulkheads: Mutex::new(Vec::new()),
+                retry_after,
+            }),
+        }
+    }
+
+    /// The layer; put it outermost.
+    pub fn layer(&self) -> ShutdownLayer {
+        ShutdownLayer::new(self.shared.clone())
+    }
+
+    /// Closes `bulkhead` at the trigger (its waiters are released at once).
+    pub fn watch_bulkhead(&self, bulkhead: &Bulkhead) {
+        self.shared
+            .bulkheads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(bulkhead.clone());
+    }
+
+    /// Stop admitting: readiness turns false, new calls are refused, watched
+    /// bulkheads release their lines. Idempotent.
+    pub fn trigger(&self) {
+        if self.shared.triggered.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.shared.ready.send_replace(false);
+        let bulkheads = std::mem::take(
+            &mut *self
+                .shared
+                .bulkheads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for b in bulkheads {
+            self.shared
+                .released
+                .fetch_add(b.close() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// `true` until the trigger: the shallow readiness check.
+    pub fn is_ready(&self) -> bool {
+        !self.shared.triggered.load(Ordering::Acquire)
+    }
+
+    /// A `watch` of readiness, for a `/readyz` endpoint or a load balancer hook.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.shared.ready.subscribe()
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> u64 {
+        self.shared.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Triggers (if not yet), waits for in-flight calls up to `deadline`, then
+    /// cancels the ones still waiting for their response and reports.
+    pub async fn drain(&self, deadline: Duration) -> DrainReport {
+        self.trigger();
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let idle = self.shared.idle.notified();
+            if self.in_flight() == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(until, idle).await.is_err() {
+                break;
+            }
+        }
+        if self.in_flight() > 0 {
+            self.shared.cancel.cancel();
+            // Cancelled futures finish at their next poll; give them that poll.
+            yield_once().await;
+        }
+        DrainReport {
+            completed: self.shared.completed.load(Ordering::Acquire),
+            cancelled: self.shared.cancelled.load(Ordering::Acquire),
+            rejected: self.shared.rejected.load(Ordering::Acquire),
+            queued_released: self.shared.released.load(Ordering::Acquire),
+            still_streaming: self.in_flight(),
+        }
+    }
+}
+
+/// Lets other tasks run once (without needing tokio's `rt` feature).
+async fn yield_once() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Resolves on SIGTERM or Ctrl-C (Ctrl-C only outside unix). Feature `signal`.
+#[cfg(feature = "signal")]
+pub async fn signal() {
+    use std::future::Future;
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal as unix_signal, SignalKind};
+        match unix_signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+                std::future::poll_fn(|cx| {
+                    if term.poll_recv(cx).is_ready() {
+                        return std::task::Poll::Ready(());
+                    }
+                    ctrl_c.as_mut().poll(cx).map(|_| ())
+                })
+                .await;
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

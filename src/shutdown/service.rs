@@ -1,0 +1,254 @@
+use super::Shared;
+use crate::error::{BoxError, RejectKind, Rejected};
+use crate::guard::{Guard, Hold, OnResponse, OnStreamEnd, StreamEnd};
+use pin_project::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// One admitted call, counted until its response (or stream) is over.
+#[derive(Debug)]
+pub struct InFlight {
+    shared: Arc<Shared>,
+    cancelled: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let counter = if self.cancelled {
+            &self.shared.cancelled
+        } else {
+            &self.shared.completed
+        };
+        counter.fetch_add(1, Ordering::AcqRel);
+        if self.shared.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.idle.notify_waiters();
+        }
+    }
+}
+
+impl Guard for InFlight {
+    fn finish(self, _end: StreamEnd) {
+        drop(self);
+    }
+}
+
+/// The tower [`Layer`] of a [`Shutdown`](super::Shutdown).
+pub struct ShutdownLayer<R = OnResponse> {
+    shared: Arc<Shared>,
+    _hold: PhantomData<fn() -> R>,
+}
+
+impl<R> Clone for ShutdownLayer<R> {
+    fn clone(&self) -> Self {
+        ShutdownLayer {
+            shared: self.shared.clone(),
+            _hold: PhantomData,
+        }
+    }
+}
+
+impl<R> fmt::Debug for ShutdownLayer<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShutdownLayer").finish_non_exhaustive()
+    }
+}
+
+impl ShutdownLayer {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        ShutdownLayer {
+            shared,
+            _hold: PhantomData,
+        }
+    }
+}
+
+impl<R> ShutdownLayer<R> {
+    /// Count a call until its `Stream` response ends.
+    pub fn release_on_stream_end(self) -> ShutdownLayer<OnStreamEnd> {
+        ShutdownLayer {
+            shared: self.shared,
+            _hold: PhantomData,
+        }
+    }
+
+    /// Count a call until its `http::Response` body ends (feature `http`).
+    #[cfg(feature = "http")]
+    pub fn release_on_body_end(self) -> ShutdownLayer<crate::guard::OnBodyEnd> {
+        ShutdownLayer {
+            shared: self.shared,
+            _hold: PhantomData,
+        }
+    }
+}
+
+impl<S, R> Layer<S> for ShutdownLayer<R> {
+    type Service = ShutdownService<S, R>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ShutdownService {
+            inner,
+            shared: self.shared.clone(),
+            _hold: PhantomData,
+        }
+    }
+}
+
+/// The service of a [`ShutdownLayer`].
+pub struct ShutdownService<S, R = OnResponse> {
+    inner: S,
+    shared: Arc<Shared>,
+    _hold: PhantomData<fn() -> R>,
+}
+
+impl<S: Clone, R> Clone for ShutdownService<S, R> {
+    fn clone(&self) -> Self {
+        ShutdownService {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            _hold: PhantomData,
+        }
+    }
+}
+
+impl<S: fmt::Debug, R> fmt::Debug for ShutdownService<S, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShutdownService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, R, Req> Service<Req> for ShutdownService<S, R>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    R: Hold<S::Response>,
+{
+    type Response = R::Response<InFlight>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, R>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        // Count first, then look: a call that slips past a concurrent trigger
+        // is counted, and the drain waits for it.
+        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        let in_flight = InFlight {
+            shared: self.shared.clone(),
+            cancelled: false,
+        };
+        if self.shared.triggered.load(Ordering::Acquire) {
+            // Not admitted: undo without counting it as completed.
+            std::mem::forget(in_flight);
+            if self.shared.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.shared.idle.notify_waiters();
+            }
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            let r = Rejected::new("shutdown", RejectKind::ShuttingDown)
+                .with_retry_after(self.shared.retry_after);
+            return ResponseFuture {
+                state: State::Rejected {
+                    rejected: Some(Box::new(r)),
+                },
+                _hold: PhantomData,
+            };
+        }
+        ResponseFuture {
+            state: State::Running {
+                fut: self.inner.call(req),
+                in_flight: Some(in_flight),
+                cancelled: None,
+            },
+            _hold: PhantomData,
+        }
+    }
+}
+
+/// The response future of [`ShutdownService`].
+#[pin_project]
+pub struct ResponseFuture<F, R = OnResponse> {
+    #[pin]
+    state: State<F>,
+    _hold: PhantomData<fn() -> R>,
+}
+
+#[pin_project(project = StateProj)]
+enum State<F> {
+    Running {
+        #[pin]
+        fut: F,
+        in_flight: Option<InFlight>,
+        /// Armed the first time the call has to wait.
+        cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    },
+    Rejected {
+        rejected: Option<Box<Rejected>>,
+    },
+}
+
+impl<F, R> fmt::Debug for ResponseFuture<F, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("shutdown::ResponseFuture")
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, R, T, E> Future for ResponseFuture<F, R>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    R: Hold<T>,
+{
+    type Output = Result<R::Response<InFlight>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Rejected { rejected } => Poll::Ready(Err(match rejected.take() {
+                Some(r) => {
+                    let boxed: BoxError = r;
+                    boxed
+                }
+                None => "shutdown future polled after completion".into(),
+            })),
+            StateProj::Running {
+                fut,
+                in_flight,
+                cancelled,
+            } => {
+                if let Poll::Ready(result) = fut.poll(cx) {
+                    let Some(guard) = in_flight.take() else {
+                        return Poll::Ready(Err("shutdown future polled after completion".into()));
+                    };
+                    return Poll::Ready(match result {
+                        Ok(res) => Ok(R::hold(res, guard)),
+                        Err(e) => Err(e.into()),
+                    });
+                }
+                let Some(guard) = in_flight.as_mut() else {
+                    return Poll::Pending;
+                };
+                let wait = cancelled
+                    .get_or_insert_with(|| Box::pin(guard.shared.cancel.clone().cancelled_owned()));
+                ready!(wait.as_mut().poll(cx));
+                // The drain deadline passed: give up on the inner call.
+                if let Some(mut g) = in_flight.take() {
+                    g.cancelled = true;
+                }
+                Poll::Ready(Err(Rejected::new("shutdown", RejectKind::ShuttingDown)
+                    .with_detail("cancelled at the drain deadline")
+                    .into()))
+            }
+        }
+    }
+}

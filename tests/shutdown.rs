@@ -1,0 +1,196 @@
+//! Graceful shutdown under paused time: refusal after the trigger, readiness,
+//! drain with a deadline, cancellation, released queues, streamed bodies, and
+//! a report that counts every call once.
+
+use futures::stream::{self, BoxStream, StreamExt};
+use semaforo::bulkhead::Bulkhead;
+use semaforo::shutdown::Shutdown;
+use semaforo::{BoxError, RejectKind, Rejected};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn kind(e: &BoxError) -> RejectKind {
+    Rejected::from_box(e).expect("a rejection").kind()
+}
+
+/// A call that works for `n` seconds.
+fn worker() -> impl Service<
+    u64,
+    Response = u64,
+    Error = std::io::Error,
+    Future = futures::future::BoxFuture<'static, Result<u64, std::io::Error>>,
+> + Clone {
+    tower::service_fn(|n: u64| {
+        Box::pin(async move {
+            tokio::time::sleep(secs(n)).await;
+            Ok(n)
+        }) as futures::future::BoxFuture<'static, _>
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn hundred_in_flight_drain_within_the_deadline_and_the_rest_is_cancelled() {
+    let shutdown = Shutdown::new();
+    let svc = ServiceBuilder::new()
+        .layer(shutdown.layer())
+        .service(worker());
+    let mut readiness = shutdown.readiness();
+    // 100 calls: 90 take 1..=20 s, 10 take 60 s.
+    let mut tasks = Vec::new();
+    for i in 0..100u64 {
+        let mut s = svc.clone();
+        let work = if i < 90 { 1 + i % 20 } else { 60 };
+        tasks.push(tokio::spawn(
+            async move { s.ready().await?.call(work).await },
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(shutdown.in_flight(), 100);
+    let t0 = Instant::now();
+    shutdown.trigger();
+    assert!(!shutdown.is_ready(), "readiness flips at once");
+    assert!(readiness.has_changed().unwrap());
+    assert!(!*readiness.borrow_and_update());
+    // New calls are refused at once, with a retry-after hint.
+    let mut late = svc.clone();
+    let err = late.ready().await.unwrap().call(1).await.unwrap_err();
+    assert_eq!(kind(&err), RejectKind::ShuttingDown);
+    assert_eq!(
+        Rejected::from_box(&err).unwrap().retry_after(),
+        Some(secs(1))
+    );
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+
+    let report = shutdown.drain(secs(30)).await;
+    assert_eq!(t0.elapsed(), secs(30), "the drain ends at its deadline");
+    let (mut ok, mut cancelled) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(kind(&e), RejectKind::ShuttingDown);
+                cancelled += 1;
+            }
+        }
+    }
+    assert_eq!((ok, cancelled), (90, 10));
+    assert_eq!(
+        (report.completed, report.cancelled, report.rejected),
+        (90, 10, 1),
+        "{report:?}"
+    );
+    assert_eq!(report.still_streaming, 0);
+    assert_eq!(shutdown.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_with_nothing_left_returns_at_once() {
+    let shutdown = Shutdown::new();
+    let mut svc = ServiceBuilder::new()
+        .layer(shutdown.layer())
+        .service(worker());
+    svc.ready().await.unwrap().call(2).await.unwrap();
+    let t0 = Instant::now();
+    let report = shutdown.drain(secs(30)).await;
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert_eq!((report.completed, report.cancelled), (1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_callers_of_a_watched_bulkhead_are_released_never_left_hanging() {
+    let shutdown = Shutdown::new();
+    let bulkhead = Bulkhead::builder()
+        .max_concurrent(2)
+        .max_queue(10)
+        .build()
+        .unwrap();
+    shutdown.watch_bulkhead(&bulkhead);
+    let svc = ServiceBuilder::new()
+        .layer(shutdown.layer())
+        .layer(bulkhead.layer())
+        .service(worker());
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..7 {
+        let mut s = svc.clone();
+        tasks.push(tokio::spawn(async move { s.ready().await?.call(5).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(bulkhead.snapshot().waiting, 5);
+    let report = shutdown.drain(secs(30)).await;
+    assert_eq!(report.queued_released, 5);
+    let mut released_at_once = 0;
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            assert_eq!(kind(&e), RejectKind::ShuttingDown);
+            released_at_once += 1;
+        }
+    }
+    assert_eq!(released_at_once, 5);
+    // The two running ones finished (5 s); the five released ones ended too.
+    assert_eq!(t0.elapsed(), secs(5));
+    assert_eq!((report.completed, report.cancelled), (7, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn streamed_answers_are_counted_until_their_last_chunk() {
+    type Chunks = BoxStream<'static, Result<u32, std::io::Error>>;
+    let shutdown = Shutdown::new();
+    let svc = tower::service_fn(|secs_long: u64| {
+        let s: Chunks = stream::iter(0..secs_long as u32)
+            .then(|i| async move {
+                tokio::time::sleep(secs(1)).await;
+                Ok(i)
+            })
+            .boxed();
+        futures::future::ready(Ok::<_, std::io::Error>(s))
+    });
+    let mut svc = ServiceBuilder::new()
+        .layer(shutdown.layer().release_on_stream_end())
+        .service(svc);
+    let short = svc.ready().await.unwrap().call(10).await.unwrap();
+    let long = svc.ready().await.unwrap().call(100).await.unwrap();
+    assert_eq!(
+        shutdown.in_flight(),
+        2,
+        "headers are in, the streams are not over"
+    );
+    let reader = |mut s: semaforo::guard::Guarded<Chunks, semaforo::shutdown::InFlight>| async move {
+        let mut n = 0;
+        while let Some(Ok(_)) = s.next().await {
+            n += 1;
+        }
+        n
+    };
+    let short = tokio::spawn(reader(short));
+    let long = tokio::spawn(reader(long));
+    let report = shutdown.drain(secs(30)).await;
+    assert_eq!(short.await.unwrap(), 10);
+    assert_eq!(report.completed, 1);
+    assert_eq!(
+        report.still_streaming, 1,
+        "the 100 s stream was still open at the deadline"
+    );
+    long.abort();
+    let _ = long.await;
+    assert_eq!(shutdown.in_flight(), 0, "released when the client let go");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_call_is_not_left_counted() {
+    let shutdown = Shutdown::new();
+    let mut svc = ServiceBuilder::new()
+        .layer(shutdown.layer())
+        .service(worker());
+    let fut = svc.ready().await.unwrap().call(100);
+    let _ = tokio::time::timeout(secs(1), fut).await;
+    assert_eq!(shutdown.in_flight(), 0);
+    let t0 = Instant::now();
+    shutdown.drain(secs(30)).await;
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+}
