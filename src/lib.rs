@@ -9,6 +9,7 @@ pub mod bulkhead;
 pub mod classify;
 mod error;
 pub mod guard;
+pub mod health;
 #[cfg(feature = "llm")]
 pub mod llm;
 pub mod pace;

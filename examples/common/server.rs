@@ -1,0 +1,202 @@
+//! The axum server of `examples/axum_server.rs`, shared with the tests: an
+//! expensive backend of capacity K guarded by shutdown → per-API-key quota →
+//! bulkhead (fail fast when the line is full) → timeout.
+#![allow(dead_code)]
+
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use semaforo::bulkhead::Bulkhead;
+use semaforo::health::Health;
+use semaforo::quota::{Quota, Rate};
+use semaforo::shutdown::Shutdown;
+use semaforo::timeout::Timeout;
+use semaforo::{BoxError, RejectKind, Rejected};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tower::ServiceBuilder;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Calls the backend handles at full speed; beyond that every call slows down
+    /// in proportion (a CPU- or pool-bound backend).
+    pub capacity: usize,
+    /// One call's work at full speed.
+    pub service_time: Duration,
+    /// Callers allowed to wait for a slot.
+    pub queue: u32,
+    /// Calls per minute per API key.
+    pub per_key_per_minute: u32,
+    /// The whole call's limit.
+    pub timeout: Duration,
+    /// Without the semaforo layers (to show the collapse).
+    pub unguarded: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            capacity: 50,
+            service_time: Duration::from_millis(100),
+            queue: 200,
+            per_key_per_minute: 6_000,
+            timeout: Duration::from_secs(10),
+            unguarded: false,
+        }
+    }
+}
+
+/// Handles on the guards, for health checks, shutdown and assertions.
+#[derive(Clone)]
+pub struct Guards {
+    pub shutdown: Shutdown,
+    pub bulkhead: Bulkhead,
+    pub quota: Quota<String>,
+    pub health: Health,
+    /// `(status, time in the server)` of every `/work` answer.
+    pub answers: Arc<std::sync::Mutex<Vec<(u16, Duration)>>>,
+}
+
+#[derive(Clone)]
+struct Backend {
+    busy: Arc<AtomicUsize>,
+    cfg: ServerConfig,
+}
+
+/// The expensive backend: past its capacity, everyone slows down.
+async fn work(State(b): State<Backend>) -> Response {
+    let n = b.busy.fetch_add(1, Ordering::SeqCst) + 1;
+    let slowdown = (n as f64 / b.cfg.capacity as f64).max(1.0);
+    tokio::time::sleep(b.cfg.service_time.mul_f64(slowdown)).await;
+    b.busy.fetch_sub(1, Ordering::SeqCst);
+    (StatusCode::OK, "done").into_response()
+}
+
+/// Any refusal becomes 429 (quota) or 503 (everything else), with
+/// `Retry-After` and the `RateLimit` headers.
+pub async fn refusal(err: BoxError) -> Response {
+    let Some(r) = Rejected::from_box(&err) else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response();
+    };
+    let status = match r.kind() {
+        RejectKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+        RejectKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut res = (status, r.to_string()).into_response();
+    for (name, value) in r.http_headers() {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            res.headers_mut().insert(name, v);
+        }
+    }
+    res
+}
+
+pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
+    let shutdown = Shutdown::new();
+    let quota = Quota::builder()
+        .name("api")
+        .plan("default", Rate::per_minute(cfg.per_key_per_minute))
+        .build::<String>()?;
+    let plan = quota.plan_id("default").ok_or("no default plan")?;
+    let bulkhead = Bulkhead::builder()
+        .name("backend")
+        .max_concurrent(cfg.capacity as u32)
+        .max_queue(cfg.queue)
+        .expected_service_time(cfg.service_time)
+        .build()?;
+    shutdown.watch_bulkhead(&bulkhead);
+    let timeout = Timeout::builder()
+        .name("backend")
+        .total(cfg.timeout)
+        .build()?;
+    let health = Health::new(&shutdown)
+        .bulkhead("backend", &bulkhead)
+        .quota("api", &quota);
+    let backend = Backend {
+        busy: Arc::new(AtomicUsize::new(0)),
+        cfg: cfg.clone(),
+    };
+    let work_route = if cfg.unguarded {
+        post(work)
+    } else {
+        post(work).route_layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(refusal))
+                .layer(shutdown.layer())
+                .layer(quota.layer(move |req: &axum::extract::Request| {
+                    let key = req
+                        .headers()
+                        .get("x-api-key")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("anonymous")
+                        .to_owned();
+                    (key, plan)
+                }))
+                .layer(bulkhead.layer())
+                .layer(timeout.layer()),
+        )
+    };
+    let readyz = {
+        let health = health.clone();
+        move || async move {
+            if health.is_ready() {
+                (StatusCode::OK, "ready")
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+            }
+        }
+    };
+    let healthz = {
+        let health = health.clone();
+        move || async move {
+            let r = health.report();
+            Json(serde_json::json!({
+                "status": format!("{:?}", r.status).to_lowercase(),
+                "ready": r.ready,
+                "in_flight": r.in_flight,
+                "components": r.components.iter().map(|c| serde_json::json!({
+                    "name": c.name, "kind": c.kind,
+                    "status": format!("{:?}", c.status).to_lowercase(),
+                    "details": c.details.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+                })).collect::<Vec<_>>(),
+            }))
+        }
+    };
+    let answers: Arc<std::sync::Mutex<Vec<(u16, Duration)>>> = Arc::default();
+    let timing = {
+        let answers = answers.clone();
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let answers = answers.clone();
+            async move {
+                let t0 = tokio::time::Instant::now();
+                let res = next.run(req).await;
+                answers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((res.status().as_u16(), t0.elapsed()));
+                res
+            }
+        }
+    };
+    let work_route = work_route.layer(axum::middleware::from_fn(timing));
+    let router = Router::new()
+        .route("/work", work_route)
+        .route("/readyz", get(readyz))
+        .route("/healthz", get(healthz))
+        .with_state(backend);
+    Ok((
+        router,
+        Guards {
+            shutdown,
+            bulkhead,
+            quota,
+            health,
+            answers,
+        },
+    ))
+}

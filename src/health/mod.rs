@@ -1,0 +1,231 @@
+//! Health checks: a shallow readiness (is this instance taking traffic?) and a
+//! deep report of every registered guard (breakers, bulkheads, quotas, pacers),
+//! serialisable to JSON with the `serde` feature.
+//!
+//! Seed 003 asks for both: the shallow one for the load balancer (it turns
+//! not-ready the moment shutdown is triggered, so traffic leaves before the
+//! drain), the deep one for people and dashboards.
+//!
+//! ```
+//! use semaforo::breaker::Breaker;
+//! use semaforo::bulkhead::Bulkhead;
+//! use semaforo::health::{Health, Status};
+//! use semaforo::shutdown::Shutdown;
+//!
+//! let shutdown = Shutdown::new();
+//! let breaker = Breaker::builder().name("payments").build()?;
+//! let health = Health::new(&shutdown)
+//!     .breaker("payments", &breaker)
+//!     .bulkhead("backend", &Bulkhead::builder().max_concurrent(50).build()?);
+//! let report = health.report();
+//! assert!(report.ready);
+//! assert_eq!(report.status, Status::Ok);
+//! breaker.force_open();
+//! assert_eq!(health.report().status, Status::Degraded);
+//! shutdown.trigger();
+//! assert!(!health.is_ready());
+//! # Ok::<(), semaforo::ConfigError>(())
+//! ```
+
+use crate::breaker::{Breaker, BreakerState, Mode};
+use crate::bulkhead::Bulkhead;
+use crate::pace::Pace;
+use crate::quota::Quota;
+use crate::shutdown::Shutdown;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+
+/// Overall or per-component status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum Status {
+    /// Working normally.
+    Ok,
+    /// Working, but protecting itself (a breaker open, a line full, a pacer paused).
+    Degraded,
+    /// Not taking traffic (shutting down).
+    Down,
+}
+
+/// One component's state.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Component {
+    /// The name it was registered under.
+    pub name: String,
+    /// `"breaker"`, `"bulkhead"`, `"quota"`, `"pace"`.
+    pub kind: &'static str,
+    /// Its status.
+    pub status: Status,
+    /// Its numbers, as `(label, value)` pairs.
+    pub details: Vec<(&'static str, f64)>,
+}
+
+/// The deep health report.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct HealthReport {
+    /// The worst component status (or `Down` when shutting down).
+    pub status: Status,
+    /// The shallow readiness.
+    pub ready: bool,
+    /// Calls in flight through the shutdown layer.
+    pub in_flight: u64,
+    /// Every registered component.
+    pub components: Vec<Component>,
+}
+
+type Probe = Arc<dyn Fn() -> Component + Send + Sync>;
+
+/// Aggregates registered guards into one report.
+#[derive(Clone)]
+pub struct Health {
+    shutdown: Shutdown,
+    probes: Vec<Probe>,
+}
+
+impl fmt::Debug for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Health")
+            .field("components", &self.probes.len())
+            .finish()
+    }
+}
+
+impl Health {
+    /// Health of an instance that drains with `shutdown`.
+    pub fn new(shutdown: &Shutdown) -> Self {
+        Health {
+            shutdown: shutdown.clone(),
+            probes: Vec::new(),
+        }
+    }
+
+    fn with(mut self, probe: impl Fn() -> Component + Send + Sync + 'static) -> Self {
+        self.probes.push(Arc::new(probe));
+        self
+    }
+
+    /// Reports a breaker: degraded while not closed or forced open.
+    pub fn breaker(self, name: &str, breaker: &Breaker) -> Self {
+        let (name, b) = (name.to_owned(), breaker.clone());
+        self.with(move || {
+            let s = b.snapshot();
+            let degraded = s.state != BreakerState::Closed || s.mode == Mode::ForcedOpen;
+            Component {
+                name: name.clone(),
+                kind: "breaker",
+                status: if degraded {
+                    Status::Degraded
+                } else {
+                    Status::Ok
+                },
+                details: vec![
+                    ("open", f64::from(u8::from(s.state == BreakerState::Open))),
+                    ("failure_rate", s.failure_rate),
+                    ("consecutive_failures", f64::from(s.consecutive_failures)),
+                    ("rejected", s.rejected as f64),
+                ],
+            }
+        })
+    }
+
+    /// Reports a bulkhead: degraded while its line is full.
+    pub fn bulkhead(self, name: &str, bulkhead: &Bulkhead) -> Self {
+        let (name, b) = (name.to_owned(), bulkhead.clone());
+        self.with(move || {
+            let s = b.snapshot();
+            let full = s.max_queue > 0 && s.waiting >= s.max_queue;
+            Component {
+                name: name.clone(),
+                kind: "bulkhead",
+                status: if full || s.closed {
+                    Status::Degraded
+                } else {
+                    Status::Ok
+                },
+                details: vec![
+                    ("in_flight", f64::from(s.in_flight)),
+                    ("limit", f64::from(s.limit)),
+                    ("waiting", f64::from(s.waiting)),
+                    ("rejected_queue_full", s.rejected_queue_full as f64),
+                    ("rejected_queue_timeout", s.rejected_queue_timeout as f64),
+                ],
+            }
+        })
+    }
+
+    /// Reports a quota's keys and counts (always `Ok`: refusing over-quota
+    /// callers is its job, not a fault).
+    pub fn quota<K: Hash + Eq + Clone + Send + Sync + 'static>(
+        self,
+        name: &str,
+        quota: &Quota<K>,
+    ) -> Self {
+        let (name, q) = (name.to_owned(), quota.clone());
+        self.with(move || {
+            let s = q.snapshot();
+            Component {
+                name: name.clone(),
+                kind: "quota",
+                status: Status::Ok,
+                details: vec![
+                    ("keys", s.keys as f64),
+                    ("admitted", s.admitted as f64),
+                    ("rejected", s.rejected as f64),
+                ],
+            }
+        })
+    }
+
+    /// Reports a pacer: degraded while paused after a 429.
+    pub fn pace(self, name: &str, pace: &Pace) -> Self {
+        let (name, p) = (name.to_owned(), pace.clone());
+        self.with(move || {
+            let s = p.snapshot();
+            let mut details = vec![
+                ("waiting", s.waiting as f64),
+                ("rate_factor", s.rate_factor),
+                ("throttled", s.throttled as f64),
+            ];
+            details.extend(s.dims.iter().map(|d| ("available", d.available)));
+            Component {
+                name: name.clone(),
+                kind: "pace",
+                status: if s.paused_until.is_some() {
+                    Status::Degraded
+                } else {
+                    Status::Ok
+                },
+                details,
+            }
+        })
+    }
+
+    /// The shallow check: `false` from the moment shutdown is triggered.
+    pub fn is_ready(&self) -> bool {
+        self.shutdown.is_ready()
+    }
+
+    /// The deep report.
+    pub fn report(&self) -> HealthReport {
+        let components: Vec<Component> = self.probes.iter().map(|p| p()).collect();
+        let ready = self.shutdown.is_ready();
+        let worst = components
+            .iter()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(Status::Ok);
+        HealthReport {
+            status: if ready { worst } else { Status::Down },
+            ready,
+            in_flight: self.shutdown.in_flight(),
+            components,
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Seed 002's overload and seed 003's shutdown on a real axum server over TCP
+//! (127.0.0.1), and the example binary receiving a real SIGTERM.
+
+#[path = "../examples/common/server.rs"]
+mod server;
+
+use server::{app, ServerConfig};
+use std::time::{Duration, Instant};
+
+async fn serve(cfg: ServerConfig) -> (String, server::Guards) {
+    let (router, guards) = app(cfg).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    (format!("http://{addr}"), guards)
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    ok: Vec<Duration>,
+    refused: Vec<Duration>,
+    refused_without_retry_after: usize,
+    other: usize,
+    no_answer: usize,
+}
+
+/// `n` clients at once, each one POST with a client timeout.
+async fn storm(base: &str, n: usize, client_timeout: Duration) -> Tally {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(client_timeout)
+        .build()
+        .unwrap();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (client, url) = (client.clone(), format!("{base}/work"));
+            tokio::spawn(async move {
+                let t0 = Instant::now();
+                let res = client
+                    .post(url)
+                    .header("x-api-key", format!("key-{}", i % 20))
+                    .send()
+                    .await;
+                (res, t0.elapsed())
+            })
+        })
+        .collect();
+    let mut t = Tally::default();
+    for task in tasks {
+        match task.await.unwrap() {
+            (Ok(r), d) if r.status() == 200 => t.ok.push(d),
+            (Ok(r), d) if r.status() == 429 || r.status() == 503 => {
+                if !r.headers().contains_key("retry-after") {
+                    t.refused_without_retry_after += 1;
+                }
+                t.refused.push(d);
+            }
+            (Ok(_), _) => t.other += 1,
+            (Err(_), _) => t.no_answer += 1,
+        }
+    }
+    t
+}
+
+fn p99(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v.get(((v.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
+        .copied()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_002_a_thousand_clients_guarded_and_unguarded() {
+    let cfg = ServerConfig::default(); // capacity 50, 100 ms, line of 200
+    let bound = cfg
+        .service_time
+        .mul_f64(cfg.queue as f64 / cfg.capacity as f64); // 400 ms
+    let (base, guards) = serve(cfg.clone()).await;
+    let t = storm(&base, 1_000, Duration::from_secs(10)).await;
+    // Times measured in the server, from the request to its answer (the client
+    // side adds a 1,000-connection storm on 2 cores).
+    let answers = guards.answers.lock().unwrap().clone();
+    let mut ok: Vec<Duration> = answers.iter().filter(|a| a.0 == 200).map(|a| a.1).collect();
+    let refused: Vec<Duration> = answers
+        .iter()
+        .filter(|a| a.0 == 429 || a.0 == 503)
+        .map(|a| a.1)
+        .collect();
+    eprintln!(
+        "guarded: {} ok, {} refused, {} other, {} unanswered; in the server p99 ok {:?}, slowest refusal {:?}",
+        t.ok.len(), t.refused.len(), t.other, t.no_answer, p99(&mut ok.clone()), refused.iter().max()
+    );
+    assert_eq!(t.no_answer, 0, "every client gets an answer");
+    assert_eq!(t.ok.len() + t.refused.len() + t.other, 1_000);
+    let admitted = t.ok.len() + t.other;
+    assert!(
+        t.ok.len() as f64 >= 0.99 * admitted as f64,
+        "{} of {admitted} admitted calls succeeded",
+        t.ok.len()
+    );
+    assert!(
+        t.ok.len() >= 250,
+        "capacity + line were used: {}",
+        t.ok.len()
+    );
+    assert_eq!(t.refused_without_retry_after, 0);
+    assert!(
+        refused.iter().all(|d| *d < Duration::from_millis(50)),
+        "a refusal took {:?}",
+        refused.iter().max()
+    );
+    let p99_ok = p99(&mut ok);
+    assert!(
+        p99_ok <= (bound + cfg.service_time) * 2,
+        "p99 {p99_ok:?} vs 2 × ({bound:?} + one call)"
+    );
+    assert_eq!(guards.bulkhead.snapshot().in_flight, 0);
+
+    // The same load without the layers: everyone is admitted, everyone slows down.
+    let (base, _) = serve(ServerConfig {
+        unguarded: true,
+        ..cfg
+    })
+    .await;
+    let u = storm(&base, 1_000, Duration::from_secs(1)).await;
+    eprintln!(
+        "unguarded: {} ok within 1 s, {} unanswered",
+        u.ok.len(),
+        u.no_answer
+    );
+    // Seed 002's collapse: everyone admitted, everyone slowed down, a third or
+    // more left without an answer (the guarded server answered all 1,000).
+    assert!(
+        u.no_answer >= 250,
+        "only {} of 1,000 went unanswered within 1 s",
+        u.no_answer
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_readiness_flips_in_flight_finish_new_calls_refused() {
+    let cfg = ServerConfig {
+        service_time: Duration::from_millis(500),
+        capacity: 200,
+        ..ServerConfig::default()
+    };
+    let (base, guards) = serve(cfg).await;
+    let client = reqwest::Client::new();
+    let calls: Vec<_> = (0..100)
+        .map(|_| {
+            let (c, url) = (client.clone(), format!("{base}/work"));
+            tokio::spawn(async move { c.post(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    while guards.shutdown.in_flight() < 100 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let shutdown = guards.shutdown.clone();
+    let drain = tokio::spawn(async move { shutdown.drain(Duration::from_secs(5)).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503,
+        "readiness flips at once"
+    );
+    let late = client.post(format!("{base}/work")).send().await.unwrap();
+    assert_eq!(late.status(), 503);
+    assert!(late.headers().contains_key("retry-after"));
+    let report = drain.await.unwrap();
+    let mut ok = 0;
+    for c in calls {
+        if matches!(c.await.unwrap(), Ok(200)) {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 100, "every in-flight call finished with 200");
+    assert_eq!(
+        (report.completed, report.cancelled, report.rejected),
+        (100, 0, 1),
+        "{report:?}"
+    );
+    let health: serde_json::Value = client
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "down");
+    assert_eq!(health["ready"], false);
+}
+
+#[test]
+fn the_example_exits_0_after_draining_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().unwrap();
+    let examples = exe.parent().unwrap().parent().unwrap().join("examples");
+    let bin = examples.join(format!("axum_server{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() {
+        panic!("{} not built (cargo test builds examples)", bin.display());
+    }
+    let mut child = Command::new(&bin)
+        .args(["--port", "0", "--drain-secs", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("listening on http://127.0.0.1:"), "{line}");
+    let t0 = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    out.read_line(&mut rest).unwrap();
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exit status {exit}");
+    assert!(rest.starts_with("drained: 0 completed"), "{rest}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "exited within deadline + 1 s: {:?}",
+        t0.elapsed()
+    );
+}
