@@ -148,10 +148,23 @@ async fn shutdown_readiness_flips_in_flight_finish_new_calls_refused() {
     };
     let (base, guards) = serve(cfg).await;
     let client = reqwest::Client::new();
-    let calls: Vec<_> = (0..100)
+    let calls: Vec<_> = (0..90)
         .map(|_| {
             let (c, url) = (client.clone(), format!("{base}/work"));
             tokio::spawn(async move { c.post(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    // And 10 streamed answers: 5 of 1 s, 5 of 30 s (longer than the deadline).
+    let streams: Vec<_> = (0..10)
+        .map(|i| {
+            let secs = if i < 5 { 1 } else { 30 };
+            let (c, url) = (client.clone(), format!("{base}/stream?secs={secs}"));
+            tokio::spawn(async move {
+                let res = c.get(url).send().await?;
+                let status = res.status().as_u16();
+                let body = res.text().await?;
+                Ok::<_, reqwest::Error>((secs, status, body))
+            })
         })
         .collect();
     while guards.shutdown.in_flight() < 100 {
@@ -167,6 +180,7 @@ async fn shutdown_readiness_flips_in_flight_finish_new_calls_refused() {
         200
     );
     let shutdown = guards.shutdown.clone();
+    let t0 = Instant::now();
     let drain = tokio::spawn(async move { shutdown.drain(Duration::from_secs(5)).await });
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(
@@ -183,18 +197,42 @@ async fn shutdown_readiness_flips_in_flight_finish_new_calls_refused() {
     assert_eq!(late.status(), 503);
     assert!(late.headers().contains_key("retry-after"));
     let report = drain.await.unwrap();
+    let drained_in = t0.elapsed();
     let mut ok = 0;
     for c in calls {
         if matches!(c.await.unwrap(), Ok(200)) {
             ok += 1;
         }
     }
-    assert_eq!(ok, 100, "every in-flight call finished with 200");
+    assert_eq!(ok, 90, "every in-flight call finished with 200");
+    let mut cut = 0;
+    for s in streams {
+        let (secs, status, body) = s.await.unwrap().unwrap();
+        assert_eq!(status, 200);
+        if secs == 1 {
+            assert!(
+                !body.contains("event: error"),
+                "a short stream finished normally"
+            );
+        } else {
+            assert!(
+                body.ends_with(semaforo::shutdown::DRAIN_EVENT),
+                "a long stream ends with an error event: {body}"
+            );
+            cut += 1;
+        }
+    }
+    assert_eq!(cut, 5);
+    assert!(
+        drained_in >= Duration::from_secs(5) && drained_in < Duration::from_secs(6),
+        "{drained_in:?}"
+    );
     assert_eq!(
         (report.completed, report.cancelled, report.rejected),
-        (100, 0, 1),
+        (95, 5, 1),
         "{report:?}"
     );
+    assert_eq!(report.still_streaming, 0);
     let health: serde_json::Value = client
         .get(format!("{base}/healthz"))
         .send()

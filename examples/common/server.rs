@@ -76,6 +76,30 @@ async fn work(State(b): State<Backend>) -> Response {
     (StatusCode::OK, "done").into_response()
 }
 
+#[derive(serde::Deserialize)]
+struct StreamParams {
+    secs: u64,
+}
+
+/// `secs` SSE chunks, one a second.
+async fn stream_answer(axum::extract::Query(p): axum::extract::Query<StreamParams>) -> Response {
+    let chunks = futures::stream::unfold(0u64, move |i| async move {
+        if i >= p.secs {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Some((
+            Ok::<_, std::io::Error>(format!("data: {{\"chunk\": {i}}}\n\n")),
+            i + 1,
+        ))
+    });
+    (
+        [("content-type", "text/event-stream")],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response()
+}
+
 /// Any refusal becomes 429 (quota) or 503 (everything else), with
 /// `Retry-After` and the `RateLimit` headers.
 pub async fn refusal(err: BoxError) -> Response {
@@ -184,8 +208,21 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
         }
     };
     let work_route = work_route.layer(axum::middleware::from_fn(timing));
+    // A streamed answer (`?secs=N` chunks, one a second), counted until its last
+    // chunk and cut with an SSE error event at the drain deadline.
+    let stream_route = get(stream_answer).route_layer(
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(refusal))
+            .layer(tower::util::MapResponseLayer::new(
+                |r: http::Response<semaforo::shutdown::DrainingBody<axum::body::Body>>| {
+                    r.map(axum::body::Body::new)
+                },
+            ))
+            .layer(shutdown.layer().cut_bodies_at_deadline()),
+    );
     let router = Router::new()
         .route("/work", work_route)
+        .route("/stream", stream_route)
         .route("/readyz", get(readyz))
         .route("/healthz", get(healthz))
         .with_state(backend);

@@ -49,7 +49,9 @@
 
 mod service;
 
-pub use service::{InFlight, ResponseFuture, ShutdownLayer, ShutdownService};
+#[cfg(feature = "http")]
+pub use service::{CutAtDeadline, DrainingBody, DRAIN_EVENT};
+pub use service::{HoldInFlight, InFlight, ResponseFuture, ShutdownLayer, ShutdownService};
 
 use crate::bulkhead::Bulkhead;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,8 +87,8 @@ pub struct DrainReport {
     pub rejected: u64,
     /// Callers waiting in a watched bulkhead's line, answered `ShuttingDown`.
     pub queued_released: u64,
-    /// Streamed bodies still open at the deadline (their permits are released
-    /// when the client lets go of them).
+    /// Streamed bodies still open after the deadline (not cut: use
+    /// `cut_bodies_at_deadline`; they are counted when the client lets go).
     pub still_streaming: u64,
 }
 
@@ -194,8 +196,14 @@ impl Shutdown {
         }
         if self.in_flight() > 0 {
             self.shared.cancel.cancel();
-            // Cancelled futures finish at their next poll; give them that poll.
-            yield_once().await;
+            // Cancelled futures and cut bodies finish at their next poll; wait
+            // (briefly) for them to be counted.
+            for _ in 0..100 {
+                if self.in_flight() == 0 {
+                    break;
+                }
+                yield_once().await;
+            }
         }
         DrainReport {
             completed: self.shared.completed.load(Ordering::Acquire),

@@ -87,6 +87,17 @@ impl<R> ShutdownLayer<R> {
             _hold: PhantomData,
         }
     }
+
+    /// Count a call until its `http::Response` body ends — and at the drain
+    /// deadline end a body still streaming with a final SSE `event: error`
+    /// (a clean end the client can read, not a connection reset). Feature `http`.
+    #[cfg(feature = "http")]
+    pub fn cut_bodies_at_deadline(self) -> ShutdownLayer<CutAtDeadline> {
+        ShutdownLayer {
+            shared: self.shared,
+            _hold: PhantomData,
+        }
+    }
 }
 
 impl<S, R> Layer<S> for ShutdownLayer<R> {
@@ -126,13 +137,115 @@ impl<S: fmt::Debug, R> fmt::Debug for ShutdownService<S, R> {
     }
 }
 
+/// How the shutdown layer hands a response back with its [`InFlight`] count:
+/// every [`Hold`] mode of the shared guard, plus [`CutAtDeadline`].
+pub trait HoldInFlight<Res> {
+    /// What the caller receives.
+    type Response;
+    /// Attaches the count to the response.
+    fn hold(res: Res, in_flight: InFlight) -> Self::Response;
+}
+
+impl<Res, H: Hold<Res>> HoldInFlight<Res> for H {
+    type Response = H::Response<InFlight>;
+    fn hold(res: Res, in_flight: InFlight) -> Self::Response {
+        H::hold(res, in_flight)
+    }
+}
+
+/// See [`ShutdownLayer::cut_bodies_at_deadline`].
+#[cfg(feature = "http")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CutAtDeadline;
+
+#[cfg(feature = "http")]
+impl<B> HoldInFlight<http::Response<B>> for CutAtDeadline {
+    type Response = http::Response<DrainingBody<B>>;
+    fn hold(res: http::Response<B>, in_flight: InFlight) -> Self::Response {
+        res.map(|inner| DrainingBody {
+            inner,
+            cancelled: None,
+            in_flight: Some(in_flight),
+            cut: false,
+        })
+    }
+}
+
+/// A body counted in flight until it ends, cut with an SSE error event at the
+/// drain deadline (see [`ShutdownLayer::cut_bodies_at_deadline`]).
+#[cfg(feature = "http")]
+#[pin_project]
+pub struct DrainingBody<B> {
+    #[pin]
+    inner: B,
+    cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    in_flight: Option<InFlight>,
+    cut: bool,
+}
+
+#[cfg(feature = "http")]
+impl<B> fmt::Debug for DrainingBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DrainingBody")
+            .field("cut", &self.cut)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The event that ends a body cut at the drain deadline.
+#[cfg(feature = "http")]
+pub const DRAIN_EVENT: &str = "event: error\ndata: {\"error\":{\"type\":\"shutting_down\",\"message\":\"the server is shutting down\"}}\n\n";
+
+#[cfg(feature = "http")]
+impl<B> http_body::Body for DrainingBody<B>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
+        let this = self.project();
+        if *this.cut {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            if matches!(frame, None | Some(Err(_))) {
+                this.in_flight.take();
+            }
+            return Poll::Ready(frame);
+        }
+        let Some(guard) = this.in_flight.as_mut() else {
+            return Poll::Pending;
+        };
+        let wait = this
+            .cancelled
+            .get_or_insert_with(|| Box::pin(guard.shared.cancel.clone().cancelled_owned()));
+        ready!(wait.as_mut().poll(cx));
+        if let Some(mut g) = this.in_flight.take() {
+            g.cancelled = true;
+        }
+        *this.cut = true;
+        Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+            DRAIN_EVENT.as_bytes(),
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.cut || self.inner.is_end_stream()
+    }
+}
+
 impl<S, R, Req> Service<Req> for ShutdownService<S, R>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
-    R: Hold<S::Response>,
+    R: HoldInFlight<S::Response>,
 {
-    type Response = R::Response<InFlight>;
+    type Response = R::Response;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future, R>;
 
@@ -208,9 +321,9 @@ impl<F, R, T, E> Future for ResponseFuture<F, R>
 where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
-    R: Hold<T>,
+    R: HoldInFlight<T>,
 {
-    type Output = Result<R::Response<InFlight>, BoxError>;
+    type Output = Result<R::Response, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
