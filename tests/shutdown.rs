@@ -194,3 +194,45 @@ async fn a_dropped_call_is_not_left_counted() {
     shutdown.drain(secs(30)).await;
     assert_eq!(t0.elapsed(), Duration::ZERO);
 }
+
+#[tokio::test(start_paused = true)]
+async fn callers_waiting_for_pace_are_released_at_the_trigger() {
+    use semaforo::pace::{Cost, Pace};
+    let shutdown = Shutdown::new();
+    let pace = Pace::builder().tokens_per_minute(6_000).build().unwrap(); // 100 tokens/s
+    shutdown.watch_pace(&pace);
+    let svc = ServiceBuilder::new()
+        .layer(shutdown.layer())
+        .layer(pace.layer().weigh(|n: &u64| Cost::tokens(*n)))
+        .service(tower::service_fn(|n: u64| async move {
+            Ok::<_, std::io::Error>(n)
+        }));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut s = svc.clone();
+        // 6,000 tokens each: the first goes, the others would wait 60, 120, 180 s.
+        tasks.push(tokio::spawn(
+            async move { s.ready().await?.call(6_000).await },
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(pace.snapshot().waiting, 3);
+    let t0 = Instant::now();
+    let report = shutdown.drain(secs(30)).await;
+    assert_eq!(
+        t0.elapsed(),
+        Duration::ZERO,
+        "nobody left waiting for the budget"
+    );
+    assert_eq!(report.queued_released, 3);
+    let mut released = 0;
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            assert_eq!(kind(&e), RejectKind::ShuttingDown);
+            released += 1;
+        }
+    }
+    assert_eq!(released, 3);
+    assert_eq!((report.completed, report.cancelled), (4, 0));
+    assert_eq!(pace.snapshot().waiting, 0);
+}

@@ -281,6 +281,7 @@ impl LlmStackBuilder {
         };
         let shutdown = self.shutdown.unwrap_or_default();
         shutdown.watch_bulkhead(&bulkhead);
+        shutdown.watch_pace(&pace);
         Ok(LlmStack {
             shutdown,
             bulkhead,

@@ -269,6 +269,13 @@ impl Pace {
         self.shared.lock().snapshot(Instant::now())
     }
 
+    /// Answers every caller in line `ShuttingDown` at once and refuses new
+    /// calls (used by [`Shutdown::watch_pace`](crate::shutdown::Shutdown::watch_pace)).
+    /// Returns how many waiters were released.
+    pub fn close(&self) -> usize {
+        self.shared.lock().close()
+    }
+
     /// Tell the pacer what the upstream's headers said (for code that calls the
     /// upstream outside the layer).
     pub fn learn(&self, info: &crate::classify::RateLimitInfo) {

@@ -419,6 +419,11 @@ impl Shared {
                 .with_detail(detail)
         };
         let mut st = self.lock();
+        if st.closed {
+            return Admit::Rejected(
+                Rejected::new("pace", RejectKind::ShuttingDown).with_name_opt(self.name.as_ref()),
+            );
+        }
         for dim in &st.dims {
             let n = dim.amount(cost);
             if n > dim.capacity {
@@ -532,10 +537,21 @@ where
                     let Some(w) = waiting.as_mut() else {
                         return Poll::Ready(Err("pace future polled after completion".into()));
                     };
-                    let turn =
-                        this.shared
-                            .lock()
-                            .poll_turn(w.slot, w.seq, cx.waker(), Instant::now());
+                    let turn = {
+                        let mut st = this.shared.lock();
+                        if st.closed {
+                            st.leave(w.slot, w.seq);
+                            drop(st);
+                            *waiting = None;
+                            return Poll::Ready(Err(Rejected::new(
+                                "pace",
+                                RejectKind::ShuttingDown,
+                            )
+                            .with_name_opt(this.shared.name.as_ref())
+                            .into()));
+                        }
+                        st.poll_turn(w.slot, w.seq, cx.waker(), Instant::now())
+                    };
                     match turn {
                         Ok(()) => {}
                         Err(None) => return Poll::Pending,

@@ -69,6 +69,8 @@ pub(crate) struct State {
     factor: f64,
     epoch: Instant,
     pub(crate) throttled: u64,
+    /// Closed by a shutdown: waiters are answered `ShuttingDown`, new calls refused.
+    pub(crate) closed: bool,
 }
 
 /// When a reservation can start, and which dimension decides it.
@@ -95,6 +97,7 @@ impl State {
             factor: 1.0,
             epoch: Instant::now(),
             throttled: 0,
+            closed: false,
         }
     }
 
@@ -184,6 +187,18 @@ impl State {
                 w.wake();
             }
         }
+    }
+
+    /// Closes the line: every waiter is woken to leave with `ShuttingDown`.
+    pub(crate) fn close(&mut self) -> usize {
+        self.closed = true;
+        let waiting = self.line.len();
+        for (_, w) in self.waiting.iter_mut() {
+            if let Some(waker) = w.waker.take() {
+                waker.wake();
+            }
+        }
+        waiting
     }
 
     /// A waiter's turn: `Ok(())` once reserved, else when to look again

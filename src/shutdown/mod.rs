@@ -54,6 +54,7 @@ pub use service::{CutAtDeadline, DrainingBody, DRAIN_EVENT};
 pub use service::{HoldInFlight, InFlight, ResponseFuture, ShutdownLayer, ShutdownService};
 
 use crate::bulkhead::Bulkhead;
+use crate::pace::Pace;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -72,6 +73,7 @@ pub(crate) struct Shared {
     pub(crate) cancel: CancellationToken,
     ready: watch::Sender<bool>,
     bulkheads: Mutex<Vec<Bulkhead>>,
+    paces: Mutex<Vec<Pace>>,
     pub(crate) retry_after: Duration,
 }
 
@@ -85,7 +87,7 @@ pub struct DrainReport {
     pub cancelled: u64,
     /// Calls refused after the trigger.
     pub rejected: u64,
-    /// Callers waiting in a watched bulkhead's line, answered `ShuttingDown`.
+    /// Callers waiting in a watched bulkhead's or pacer's line, answered `ShuttingDown`.
     pub queued_released: u64,
     /// Streamed bodies still open after the deadline (not cut: use
     /// `cut_bodies_at_deadline`; they are counted when the client lets go).
@@ -125,6 +127,7 @@ impl Shutdown {
                 cancel: CancellationToken::new(),
                 ready: watch::Sender::new(true),
                 bulkheads: Mutex::new(Vec::new()),
+                paces: Mutex::new(Vec::new()),
                 retry_after,
             }),
         }
@@ -142,6 +145,15 @@ impl Shutdown {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(bulkhead.clone());
+    }
+
+    /// Closes `pace` at the trigger (its waiters are released at once).
+    pub fn watch_pace(&self, pace: &Pace) {
+        self.shared
+            .paces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pace.clone());
     }
 
     /// Stop admitting: readiness turns false, new calls are refused, watched
@@ -162,6 +174,13 @@ impl Shutdown {
             self.shared
                 .released
                 .fetch_add(b.close() as u64, Ordering::Relaxed);
+        }
+        let paces =
+            std::mem::take(&mut *self.shared.paces.lock().unwrap_or_else(|e| e.into_inner()));
+        for p in paces {
+            self.shared
+                .released
+                .fetch_add(p.close() as u64, Ordering::Relaxed);
         }
     }
 
