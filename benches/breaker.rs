@@ -3,13 +3,13 @@
 //! `CircuitBreaker` (wrapping the same bare service future).
 
 mod common;
-use common::{bare, once};
+use common::{bare, once, two_threads};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use failsafe::futures::CircuitBreaker as _;
 use futures::FutureExt;
 use semaforo::breaker::Breaker;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 fn semaforo_consecutive() -> Breaker {
@@ -80,43 +80,13 @@ fn closed(c: &mut Criterion) {
 }
 
 fn contended(c: &mut Criterion) {
-    fn run<S>(svc: S, iters: u64) -> Duration
-    where
-        S: Service<u64, Response = u64> + Clone + Send + 'static,
-        S::Error: std::fmt::Debug,
-    {
-        let start = Instant::now();
-        let threads: Vec<_> = (0..2)
-            .map(|_| {
-                let mut s = svc.clone();
-                std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .unwrap();
-                    let _g = rt.enter();
-                    // Locks inside a peer may make a call wait under contention:
-                    // drive every call (ours too) with the same executor.
-                    for i in 0..iters / 2 {
-                        black_box(futures::executor::block_on(async {
-                            s.ready().await.unwrap().call(i).await.unwrap()
-                        }));
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        start.elapsed()
-    }
     let mut g = c.benchmark_group("breaker/closed_contended_2_threads");
     g.warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
     g.bench_function("semaforo Breaker (consecutive)", |b| {
         b.iter_custom(|iters| {
             let br = semaforo_consecutive();
-            run(
+            two_threads(
                 ServiceBuilder::new().layer(br.layer()).service(bare()),
                 iters,
             )
@@ -125,7 +95,7 @@ fn contended(c: &mut Criterion) {
     g.bench_function("semaforo Breaker (consecutive + rate window 100)", |b| {
         b.iter_custom(|iters| {
             let br = semaforo_rate();
-            run(
+            two_threads(
                 ServiceBuilder::new().layer(br.layer()).service(bare()),
                 iters,
             )
@@ -133,7 +103,7 @@ fn contended(c: &mut Criterion) {
     });
     g.bench_function("tower-resilience CircuitBreaker", |b| {
         b.iter_custom(|iters| {
-            run(
+            two_threads(
                 ServiceBuilder::new()
                     .layer(tower_resilience_layer())
                     .service(bare()),

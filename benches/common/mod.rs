@@ -45,3 +45,32 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("a runtime")
 }
+
+/// `iters` calls split over 2 threads hammering clones of `svc` (the machine
+/// has 2 cores). Every call is driven by `block_on`: a peer's lock may make a
+/// call wait under contention, so everyone gets the same executor.
+pub fn two_threads<S>(svc: S, iters: u64) -> std::time::Duration
+where
+    S: Service<u64, Response = u64> + Clone + Send + 'static,
+    S::Error: std::fmt::Debug,
+{
+    let start = std::time::Instant::now();
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let mut s = svc.clone();
+            std::thread::spawn(move || {
+                let rt = runtime();
+                let _g = rt.enter();
+                for i in 0..iters / 2 {
+                    std::hint::black_box(futures::executor::block_on(async {
+                        s.ready().await.expect("ready").call(i).await.expect("ok")
+                    }));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a bench thread");
+    }
+    start.elapsed()
+}

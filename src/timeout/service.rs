@@ -17,8 +17,14 @@ use tower_service::Service;
 pub trait Timed<Res> {
     /// What the caller receives.
     type Response;
-    /// Wraps the response under the limits that still apply.
-    fn wrap(res: Res, limits: Limits, started: Instant, name: Option<Arc<str>>) -> Self::Response;
+    /// Wraps the response under the limits that still apply; `started` is when
+    /// the call began (`None`: it answered at its first poll, i.e. now).
+    fn wrap(
+        res: Res,
+        limits: Limits,
+        started: Option<Instant>,
+        name: Option<Arc<str>>,
+    ) -> Self::Response;
 }
 
 /// The response is the whole answer: only `attempt` and `total` apply.
@@ -27,7 +33,8 @@ pub struct Whole;
 
 impl<Res> Timed<Res> for Whole {
     type Response = Res;
-    fn wrap(res: Res, _: Limits, _: Instant, _: Option<Arc<str>>) -> Res {
+    #[inline]
+    fn wrap(res: Res, _: Limits, _: Option<Instant>, _: Option<Arc<str>>) -> Res {
         res
     }
 }
@@ -38,8 +45,13 @@ pub struct WholeStream;
 
 impl<S> Timed<S> for WholeStream {
     type Response = TimedStream<S>;
-    fn wrap(res: S, limits: Limits, started: Instant, name: Option<Arc<str>>) -> TimedStream<S> {
-        TimedStream::new(res, limits, started, name)
+    fn wrap(
+        res: S,
+        limits: Limits,
+        started: Option<Instant>,
+        name: Option<Arc<str>>,
+    ) -> TimedStream<S> {
+        TimedStream::new(res, limits, started.unwrap_or_else(Instant::now), name)
     }
 }
 
@@ -55,9 +67,10 @@ impl<B> Timed<http::Response<B>> for WholeBody {
     fn wrap(
         res: http::Response<B>,
         limits: Limits,
-        started: Instant,
+        started: Option<Instant>,
         name: Option<Arc<str>>,
     ) -> Self::Response {
+        let started = started.unwrap_or_else(Instant::now);
         res.map(|b| super::timed::TimedBody::new(b, limits, started, name))
     }
 }
@@ -160,8 +173,8 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let started = Instant::now();
         let l = self.limits;
         // Until the response: the attempt limit, or the total one if sooner.
         let until_response = match (l.attempt, l.total) {
@@ -172,10 +185,10 @@ where
         };
         ResponseFuture {
             fut: self.inner.call(req),
-            sleep: until_response.map(|(d, _)| tokio::time::sleep_until(started + d)),
+            sleep: None,
             which: until_response,
             limits: l,
-            started,
+            started: None,
             name: self.name.clone(),
             _mode: PhantomData,
         }
@@ -187,11 +200,12 @@ where
 pub struct ResponseFuture<F, M> {
     #[pin]
     fut: F,
-    #[pin]
-    sleep: Option<Sleep>,
+    /// Armed at the first `Pending`: a call that answers at once reads no clock
+    /// and registers no timer (the limit counts from that first poll).
+    sleep: Option<Pin<Box<Sleep>>>,
     which: Option<(Duration, &'static str)>,
     limits: Limits,
-    started: Instant,
+    started: Option<Instant>,
     name: Option<Arc<str>>,
     _mode: PhantomData<fn() -> M>,
 }
@@ -219,8 +233,14 @@ where
                 Err(e) => Err(e.into()),
             });
         }
-        if let Some(sleep) = this.sleep.as_pin_mut() {
-            if sleep.poll(cx).is_ready() {
+        let started = *this.started.get_or_insert_with(Instant::now);
+        if this.sleep.is_none() {
+            *this.sleep = this
+                .which
+                .map(|(d, _)| Box::pin(tokio::time::sleep_until(started + d)));
+        }
+        if let Some(sleep) = this.sleep.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
                 let (d, which) = this.which.unwrap_or((Duration::ZERO, "attempt"));
                 return Poll::Ready(Err(Rejected::new("timeout", RejectKind::Timeout)
                     .with_name_opt(this.name.as_ref())

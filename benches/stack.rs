@@ -1,0 +1,130 @@
+//! The whole client stack next to the bare service and to an equivalent stack
+//! built from peers, in the same run, uncontended and with 2 threads.
+//!
+//! semaforo: shutdown → bulkhead → retry (budget) → breaker → pace (RPM + TPM) →
+//! attempt timeout. Peers: tower's ConcurrencyLimit → tower RateLimit → tower
+//! Retry → tower-resilience CircuitBreaker → tower Timeout (uncontended
+//! only: tower's `RateLimit` is not `Clone`, so the peer stack cannot be shared
+//! by two threads without a `Buffer`, which would measure the buffer).
+
+mod common;
+use common::{bare, once, two_threads};
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use semaforo::breaker::Breaker;
+use semaforo::bulkhead::Bulkhead;
+use semaforo::pace::{Cost, Pace};
+use semaforo::retry::Retry;
+use semaforo::shutdown::Shutdown;
+use semaforo::timeout::Timeout;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+use tower::{Service, ServiceBuilder};
+
+fn semaforo_stack(
+) -> impl Service<u64, Response = u64, Error = semaforo::BoxError, Future = impl Future + Send>
+       + Clone
+       + Send
+       + 'static {
+    let big = u32::MAX as u64 * 60;
+    ServiceBuilder::new()
+        .layer(Shutdown::new().layer())
+        .layer(
+            Bulkhead::builder()
+                .max_concurrent(1_000)
+                .max_queue(1_000)
+                .build()
+                .unwrap()
+                .layer(),
+        )
+        .layer(Retry::builder().max_attempts(3).build().unwrap().layer())
+        .layer(Breaker::builder().build().unwrap().layer())
+        .layer(
+            Pace::builder()
+                .requests_per_minute(big)
+                .tokens_per_minute(big)
+                .build()
+                .unwrap()
+                .layer()
+                .weigh(|_: &u64| Cost::tokens(7)),
+        )
+        .layer(
+            Timeout::builder()
+                .attempt(Duration::from_secs(30))
+                .build()
+                .unwrap()
+                .layer(),
+        )
+        .service(bare())
+}
+
+#[derive(Clone)]
+struct Attempts(u32);
+
+impl<Res, E> tower::retry::Policy<u64, Res, E> for Attempts {
+    type Future = Pin<Box<dyn Future<Output = ()> + Send>>;
+    fn retry(&mut self, _req: &mut u64, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        match result {
+            Err(_) if self.0 > 1 => {
+                self.0 -= 1;
+                Some(Box::pin(tokio::time::sleep(Duration::from_millis(500))))
+            }
+            _ => None,
+        }
+    }
+    fn clone_request(&mut self, req: &u64) -> Option<u64> {
+        Some(*req)
+    }
+}
+
+/// Not `Clone` (tower's `RateLimit` is not): measured uncontended only.
+fn peer_stack() -> impl Service<u64, Response = u64, Error = impl std::fmt::Debug> {
+    let breaker = tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+        .failure_rate_threshold(0.5)
+        .build()
+        .unwrap();
+    // tower's Retry needs a `Clone` inner service and `RateLimit` is not one,
+    // so the rate limit sits outside the retry here.
+    ServiceBuilder::new()
+        .concurrency_limit(1_000)
+        .rate_limit(u64::MAX / 4, Duration::from_secs(1))
+        .layer(tower::retry::RetryLayer::new(Attempts(3)))
+        .layer(breaker)
+        .timeout(Duration::from_secs(30))
+        .service(bare())
+}
+
+fn stacks(c: &mut Criterion) {
+    let rt = common::runtime();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("stack/uncontended");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let mut s = bare();
+    g.bench_function("bare service", |b| b.iter(|| once(&mut s, black_box(1))));
+    let mut s = semaforo_stack();
+    g.bench_function("semaforo (6 layers)", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+    let mut s = peer_stack();
+    g.bench_function("tower + tower-resilience (5 layers)", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("stack/contended_2_threads");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    g.bench_function("semaforo (6 layers)", |b| {
+        b.iter_custom(|iters| two_threads(semaforo_stack(), iters))
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20);
+    targets = stacks
+}
+criterion_main!(benches);
