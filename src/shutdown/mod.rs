@@ -77,6 +77,10 @@ pub(crate) struct Shared {
     pub(crate) retry_after: Duration,
 }
 
+/// How long a drain waits, after cancelling at its deadline, for the cancelled
+/// calls and cut bodies to unwind and be counted.
+pub const UNWIND: Duration = Duration::from_secs(1);
+
 /// What a drain did. Every call admitted before the trigger is in exactly one
 /// of `completed` and `cancelled`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -200,7 +204,8 @@ impl Shutdown {
     }
 
     /// Triggers (if not yet), waits for in-flight calls up to `deadline`, then
-    /// cancels the ones still waiting for their response and reports.
+    /// cancels the rest (calls still waiting for their response, bodies cut with
+    /// `cut_bodies_at_deadline`), lets them unwind (at most [`UNWIND`]) and reports.
     pub async fn drain(&self, deadline: Duration) -> DrainReport {
         self.trigger();
         let until = tokio::time::Instant::now() + deadline;
@@ -215,13 +220,19 @@ impl Shutdown {
         }
         if self.in_flight() > 0 {
             self.shared.cancel.cancel();
-            // Cancelled futures and cut bodies finish at their next poll; wait
-            // (briefly) for them to be counted.
-            for _ in 0..100 {
+            // Cancelled futures and cut bodies finish at their next poll, which
+            // other tasks (a server's connections) run: give them up to
+            // `UNWIND` to be counted.
+            let until = tokio::time::Instant::now() + UNWIND;
+            loop {
+                let idle = self.shared.idle.notified();
                 if self.in_flight() == 0 {
                     break;
                 }
                 yield_once().await;
+                if self.in_flight() == 0 || tokio::time::timeout_at(until, idle).await.is_err() {
+                    break;
+                }
             }
         }
         DrainReport {
