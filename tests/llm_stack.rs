@@ -251,3 +251,72 @@ async fn provider_down_breaker_opens_fails_fast_and_recovers_within_a_probe() {
     }
     assert_eq!(breaker.state(), BreakerState::Closed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_over_quota_is_refused_before_the_line_and_the_budget() {
+    use semaforo::quota::{HeaderKey, Quota, Rate};
+    let provider = mock(20.0, 0.0, 0.0).await;
+    let quota = Quota::builder()
+        .plan("teacher", Rate::per_minute(2))
+        .build::<String>()
+        .unwrap();
+    let plan = quota.plan_id("teacher").unwrap();
+    let stack = LlmStack::openai(TIER)
+        .time_scale(20.0)
+        .quota(
+            quota,
+            HeaderKey::new(http::HeaderName::from_static("x-user"), plan),
+        )
+        .build()
+        .unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(HttpClient::new(&provider.base_url(), None));
+    let as_user = |user: &str| {
+        let mut req = chat_request("gpt-4o-mini", 500, 1, None);
+        req.headers_mut()
+            .insert("x-user", http::HeaderValue::from_str(user).unwrap());
+        req
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            svc.ready()
+                .await
+                .unwrap()
+                .call(as_user("ana"))
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let before = Stats::get(&provider.stats.requests);
+    let t0 = Instant::now();
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(as_user("ana"))
+        .await
+        .unwrap_err();
+    assert!(t0.elapsed() < Duration::from_millis(5));
+    assert_eq!(
+        Rejected::from_box(&err).unwrap().kind(),
+        RejectKind::QuotaExceeded
+    );
+    assert_eq!(
+        Stats::get(&provider.stats.requests),
+        before,
+        "nothing reached the provider"
+    );
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(as_user("luis"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}

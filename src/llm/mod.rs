@@ -2,13 +2,15 @@
 //! OpenAI-compatible API (feature `llm`).
 //!
 //! ```text
-//! shutdown → bulkhead → retry (with budget) → breaker → pace → attempt timeout → your HTTP client
+//! shutdown → quota → bulkhead → retry (with budget) → breaker → pace → attempt timeout → your HTTP client
 //! ```
 //!
 //! Why this order (and what breaks if you change it):
 //! - **shutdown outermost**, so draining sees every call and refuses new ones
-//!   before they queue anywhere. A per-user [`quota`](crate::quota) belongs right
-//!   after it, in the server in front of the client (it needs the user's key).
+//!   before they queue anywhere.
+//! - **quota next** (off unless [`LlmStackBuilder::quota`] is set): a user over
+//!   their quota is refused at once, before taking a place in line or a token of
+//!   the shared budget.
 //! - **bulkhead next**: it bounds concurrency across retries — a retry
 //!   waits in the same line instead of adding a call. Inside retry, every retry
 //!   would take a fresh slot and a failing upstream would see 3× the concurrency.
@@ -66,6 +68,7 @@ use crate::classify::{LlmClassifier, LlmHeadClassifier, RateLimitInfo};
 use crate::error::ConfigError;
 use crate::guard::{OnBodyEnd, OnResponse};
 use crate::pace::{Cost, Observed, Pace, PaceService, UsageFromBody};
+use crate::quota::{HeaderKey, PlanId, Quota, QuotaLayer, QuotaService, UnitCost};
 use crate::retry::{HttpRequests, Retry, RetryService};
 use crate::shutdown::{Shutdown, ShutdownService};
 use crate::timeout::{Timeout, TimeoutService, Whole, WholeBody};
@@ -85,8 +88,10 @@ pub struct Tier {
 /// The preset's parts. Build with [`LlmStack::openai`].
 #[derive(Debug, Clone)]
 pub struct LlmStack {
-    /// Graceful shutdown; it closes the bulkhead's line when triggered.
+    /// Graceful shutdown; it closes the bulkhead's and the pacer's lines when triggered.
     pub shutdown: Shutdown,
+    /// Per-user quota, keyed by a request header (none by default).
+    pub quota: Option<(Quota<String>, HeaderKey)>,
     /// Concurrency and the fair line.
     pub bulkhead: Bulkhead,
     /// Classified retry with its budget.
@@ -110,6 +115,7 @@ pub struct LlmStackBuilder {
     tier: Tier,
     time_scale: f64,
     shutdown: Option<Shutdown>,
+    quota: Option<(Quota<String>, HeaderKey)>,
     bulkhead: Option<Bulkhead>,
     retry: Option<Retry>,
     breaker: Option<Breaker>,
@@ -130,6 +136,7 @@ impl LlmStack {
             tier,
             time_scale: 1.0,
             shutdown: None,
+            quota: None,
             bulkhead: None,
             retry: None,
             breaker: None,
@@ -143,6 +150,16 @@ impl LlmStack {
     pub fn layer(&self) -> LlmLayer {
         LlmLayer {
             stack: self.clone(),
+        }
+    }
+
+    fn quota_layer(&self) -> QuotaLayer<String, HeaderKey, UnitCost> {
+        match &self.quota {
+            Some((quota, key)) => quota.layer(key.clone()),
+            None => QuotaLayer::pass_through(HeaderKey::new(
+                http::HeaderName::from_static("x-api-key"),
+                PlanId::FIRST,
+            )),
         }
     }
 
@@ -171,6 +188,12 @@ impl LlmStackBuilder {
     /// Uses this shutdown (e.g. the server's own) instead of a new one.
     pub fn shutdown(mut self, s: Shutdown) -> Self {
         self.shutdown = Some(s);
+        self
+    }
+
+    /// Adds a per-user quota, keyed by a request header (see [`HeaderKey`]).
+    pub fn quota(mut self, quota: Quota<String>, key: HeaderKey) -> Self {
+        self.quota = Some((quota, key));
         self
     }
 
@@ -284,6 +307,7 @@ impl LlmStackBuilder {
         shutdown.watch_pace(&pace);
         Ok(LlmStack {
             shutdown,
+            quota: self.quota,
             bulkhead,
             retry,
             breaker,
@@ -382,7 +406,8 @@ pub struct LlmLayer {
 }
 
 /// The service [`LlmLayer`] makes around a client `S`.
-pub type LlmService<S> = ShutdownService<LlmInner<S>, OnResponse>;
+pub type LlmService<S> =
+    ShutdownService<QuotaService<LlmInner<S>, String, HeaderKey, UnitCost>, OnResponse>;
 
 /// [`LlmService`] below the shutdown layer.
 pub type LlmInner<S> = BulkheadService<
@@ -424,7 +449,7 @@ impl<S> Layer<S> for LlmLayer {
             .requests(HttpRequests::default().allow_non_idempotent())
             .layer(guarded);
         let limited = s.bulkhead.layer().ticket_from_extensions().layer(retried);
-        s.shutdown.layer().layer(limited)
+        s.shutdown.layer().layer(s.quota_layer().layer(limited))
     }
 }
 
@@ -436,7 +461,8 @@ pub struct LlmStreamLayer {
 }
 
 /// The service [`LlmStreamLayer`] makes around a client `S`.
-pub type LlmStreamService<S> = ShutdownService<LlmStreamInner<S>, OnBodyEnd>;
+pub type LlmStreamService<S> =
+    ShutdownService<QuotaService<LlmStreamInner<S>, String, HeaderKey, UnitCost>, OnBodyEnd>;
 
 /// [`LlmStreamService`] below the shutdown layer.
 pub type LlmStreamInner<S> = BulkheadService<
@@ -684,7 +710,10 @@ impl<S> Layer<S> for LlmStreamLayer {
             .ticket_from_extensions()
             .release_on_body_end()
             .layer(retried);
-        s.shutdown.layer().release_on_body_end().layer(limited)
+        s.shutdown
+            .layer()
+            .release_on_body_end()
+            .layer(s.quota_layer().layer(limited))
     }
 }
 

@@ -54,7 +54,9 @@
 mod cell;
 mod service;
 
-pub use service::{QuotaCost, QuotaLayer, QuotaService, ResponseFuture, UnitCost};
+#[cfg(feature = "http")]
+pub use service::HeaderKey;
+pub use service::{QuotaCost, QuotaKey, QuotaLayer, QuotaService, ResponseFuture, UnitCost};
 
 use crate::error::{ConfigError, RateLimitPolicy};
 use cell::Cell;
@@ -148,6 +150,11 @@ impl Rate {
 /// A plan's handle, from [`Quota::plan_id`]: cheap to copy into a key closure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PlanId(usize);
+
+impl PlanId {
+    /// The first plan added to a quota.
+    pub const FIRST: PlanId = PlanId(0);
+}
 
 pub(crate) struct Plan<K: Hash + Eq + Clone> {
     pub(crate) name: Arc<str>,
@@ -331,10 +338,9 @@ impl<K: Hash + Eq + Clone> Quota<K> {
     }
 
     /// A layer reading `(key, plan)` from each request, every call costing 1.
-    pub fn layer<Req, F>(&self, key: F) -> QuotaLayer<K, F, service::UnitCost>
-    where
-        F: Fn(&Req) -> (K, PlanId),
-    {
+    /// `key` is any [`QuotaKey`]: a closure `|req: &Req| (key, plan)` (annotate its
+    /// argument) or a [`HeaderKey`].
+    pub fn layer<F>(&self, key: F) -> QuotaLayer<K, F, service::UnitCost> {
         QuotaLayer::new(self.shared.clone(), key)
     }
 

@@ -14,6 +14,49 @@ use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
+/// Where a request's key and plan come from. Implemented for every
+/// `Fn(&Req) -> (K, PlanId)` and for [`HeaderKey`].
+pub trait QuotaKey<Req, K> {
+    /// The key and plan of `req`.
+    fn key(&self, req: &Req) -> (K, PlanId);
+}
+
+impl<Req, K, F: Fn(&Req) -> (K, PlanId)> QuotaKey<Req, K> for F {
+    #[inline]
+    fn key(&self, req: &Req) -> (K, PlanId) {
+        self(req)
+    }
+}
+
+/// The key is an `http::Request` header (an API key, a user id), every key on
+/// one plan; requests without the header share the key `"anonymous"`.
+#[cfg(feature = "http")]
+#[derive(Debug, Clone)]
+pub struct HeaderKey {
+    header: http::HeaderName,
+    plan: PlanId,
+}
+
+#[cfg(feature = "http")]
+impl HeaderKey {
+    /// Keys from `header` (e.g. `x-api-key`) on `plan`.
+    pub fn new(header: http::HeaderName, plan: PlanId) -> Self {
+        HeaderKey { header, plan }
+    }
+}
+
+#[cfg(feature = "http")]
+impl<B> QuotaKey<http::Request<B>, String> for HeaderKey {
+    fn key(&self, req: &http::Request<B>) -> (String, PlanId) {
+        let key = req
+            .headers()
+            .get(&self.header)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("anonymous");
+        (key.to_owned(), self.plan)
+    }
+}
+
 /// Every call costs 1.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UnitCost;
@@ -39,7 +82,8 @@ impl<Req, F: Fn(&Req) -> u32> QuotaCost<Req> for F {
 
 /// The tower [`Layer`] of a [`Quota`](super::Quota).
 pub struct QuotaLayer<K: Hash + Eq + Clone, F, W> {
-    shared: Arc<Shared<K>>,
+    /// `None`: a pass-through (a preset with its quota switched off).
+    shared: Option<Arc<Shared<K>>>,
     key: F,
     cost: W,
 }
@@ -57,7 +101,7 @@ impl<K: Hash + Eq + Clone, F: Clone, W: Clone> Clone for QuotaLayer<K, F, W> {
 impl<K: Hash + Eq + Clone, F, W> fmt::Debug for QuotaLayer<K, F, W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QuotaLayer")
-            .field("name", &self.shared.name)
+            .field("name", &self.shared.as_ref().map(|s| &s.name))
             .finish_non_exhaustive()
     }
 }
@@ -65,7 +109,16 @@ impl<K: Hash + Eq + Clone, F, W> fmt::Debug for QuotaLayer<K, F, W> {
 impl<K: Hash + Eq + Clone, F> QuotaLayer<K, F, UnitCost> {
     pub(crate) fn new(shared: Arc<Shared<K>>, key: F) -> Self {
         QuotaLayer {
-            shared,
+            shared: Some(shared),
+            key,
+            cost: UnitCost,
+        }
+    }
+
+    /// A layer that admits everything: the quota slot of a preset, switched off.
+    pub fn pass_through(key: F) -> Self {
+        QuotaLayer {
+            shared: None,
             key,
             cost: UnitCost,
         }
@@ -99,7 +152,7 @@ impl<S, K: Hash + Eq + Clone, F: Clone, W: Clone> Layer<S> for QuotaLayer<K, F, 
 /// The service of a [`QuotaLayer`].
 pub struct QuotaService<S, K: Hash + Eq + Clone, F, W> {
     inner: S,
-    shared: Arc<Shared<K>>,
+    shared: Option<Arc<Shared<K>>>,
     key: F,
     cost: W,
 }
@@ -180,7 +233,7 @@ where
     S: Service<Req>,
     S::Error: Into<BoxError>,
     K: Hash + Eq + Clone,
-    F: Fn(&Req) -> (K, PlanId),
+    F: QuotaKey<Req, K>,
     W: QuotaCost<Req>,
 {
     type Response = S::Response;
@@ -194,8 +247,13 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let (key, plan) = (self.key)(&req);
-        match self.shared.admit(&key, plan, self.cost.cost(&req)) {
+        let Some(shared) = &self.shared else {
+            return ResponseFuture::Called {
+                fut: self.inner.call(req),
+            };
+        };
+        let (key, plan) = self.key.key(&req);
+        match shared.admit(&key, plan, self.cost.cost(&req)) {
             Ok(()) => ResponseFuture::Called {
                 fut: self.inner.call(req),
             },
