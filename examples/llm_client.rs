@@ -286,7 +286,7 @@ async fn main() -> Result<(), BoxError> {
         phases.push(direct(client(base), &args).await);
     }
 
-    println!("Phase 2: through semaforo (bulkhead → retry → breaker → pace → timeout)…");
+    println!("Phase 2: through semaforo (shutdown → quota → bulkhead → retry → breaker → pace → timeout)…");
     let (base, _mock) = match &args.base_url {
         Some(b) => (b.clone(), None),
         None => {

@@ -292,13 +292,9 @@ where
                     }
                 })
             }
-            StateProj::Rejected { rejected } => Poll::Ready(Err(match rejected.take() {
-                Some(r) => {
-                    let boxed: BoxError = r; // unsize, do not box twice
-                    boxed
-                }
-                None => "breaker future polled after completion".into(),
-            })),
+            StateProj::Rejected { rejected } => {
+                Poll::Ready(Err(crate::error::take_rejection(rejected, "breaker")))
+            }
         }
     }
 }

@@ -161,13 +161,7 @@ where
                     state.set(State::Calling { fut, permit });
                 }
                 StateProj::Rejected { rejected } => {
-                    return Poll::Ready(Err(match rejected.take() {
-                        Some(r) => {
-                            let boxed: BoxError = r; // unsize, do not box twice
-                            boxed
-                        }
-                        None => "bulkhead future polled after completion".into(),
-                    }));
+                    return Poll::Ready(Err(crate::error::take_rejection(rejected, "bulkhead")));
                 }
             }
         }

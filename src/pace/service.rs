@@ -525,13 +525,7 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Rejected { rejected } => {
-                    return Poll::Ready(Err(match rejected.take() {
-                        Some(r) => {
-                            let boxed: BoxError = r;
-                            boxed
-                        }
-                        None => "pace future polled after completion".into(),
-                    }))
+                    return Poll::Ready(Err(crate::error::take_rejection(rejected, "pace")))
                 }
                 StateProj::Waiting { waiting } => {
                     let Some(w) = waiting.as_mut() else {

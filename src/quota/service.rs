@@ -298,13 +298,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             Proj::Called { fut } => fut.poll(cx).map_err(Into::into),
-            Proj::Rejected { rejected } => Poll::Ready(Err(match rejected.take() {
-                Some(r) => {
-                    let boxed: BoxError = r;
-                    boxed
-                }
-                None => "quota future polled after completion".into(),
-            })),
+            Proj::Rejected { rejected } => {
+                Poll::Ready(Err(crate::error::take_rejection(rejected, "quota")))
+            }
         }
     }
 }

@@ -327,13 +327,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Rejected { rejected } => Poll::Ready(Err(match rejected.take() {
-                Some(r) => {
-                    let boxed: BoxError = r;
-                    boxed
-                }
-                None => "shutdown future polled after completion".into(),
-            })),
+            StateProj::Rejected { rejected } => {
+                Poll::Ready(Err(crate::error::take_rejection(rejected, "shutdown")))
+            }
             StateProj::Running {
                 fut,
                 in_flight,
