@@ -18,7 +18,7 @@ mod mock_provider;
 use clap::Parser;
 use http_client::{chat_request, HttpClient};
 use indicatif::{ProgressBar, ProgressStyle};
-use mock_provider::{MockConfig, MockProvider, Stats};
+use mock_provider::{MockConfig, MockProvider};
 use semaforo::bulkhead::{Bulkhead, QueueTicket, TicketStatus};
 use semaforo::llm::{LlmStack, Tier};
 use semaforo::BoxError;
@@ -236,6 +236,21 @@ fn print_table(phases: &[Phase], scale: f64, bound: Duration, teachers: usize) {
     println!("plus one plan's generation time.");
 }
 
+/// The server each phase calls: `--base-url`, or a fresh mock (kept alive by
+/// the returned handle) so both phases start from a full bucket.
+async fn provider(
+    args: &Args,
+    cfg: &MockConfig,
+) -> Result<(String, Option<MockProvider>), BoxError> {
+    match &args.base_url {
+        Some(b) => Ok((b.clone(), None)),
+        None => {
+            let m = MockProvider::start(cfg.clone()).await?;
+            Ok((m.base_url(), Some(m)))
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
@@ -245,10 +260,8 @@ async fn main() -> Result<(), BoxError> {
     }
     let key: Option<Arc<str>> = std::env::var("OPENAI_API_KEY").ok().map(Arc::from);
     let service_time = Duration::from_secs(5);
-    let (scale, mocks) = match &args.base_url {
-        Some(_) => (args.time_scale, None),
-        None => (args.time_scale, Some(())),
-    };
+    let scale = args.time_scale;
+    let mocked = args.base_url.is_none();
     let mock_cfg = MockConfig {
         tokens_per_minute: args.tpm,
         requests_per_minute: args.rpm,
@@ -264,43 +277,28 @@ async fn main() -> Result<(), BoxError> {
         args.tokens,
         args.tpm,
         args.rpm,
-        if mocks.is_some() {
+        if mocked {
             format!(" (mock provider, time ×{scale})")
         } else {
             String::new()
         }
     );
     let mut phases = Vec::new();
-    let mut provider_stats: Vec<Arc<Stats>> = Vec::new();
 
     if !args.skip_direct {
         println!("Phase 1: calling the provider directly…");
-        let (base, _mock) = match &args.base_url {
-            Some(b) => (b.clone(), None),
-            None => {
-                let m = MockProvider::start(mock_cfg.clone()).await?;
-                provider_stats.push(m.stats.clone());
-                (m.base_url(), Some(m))
-            }
-        };
+        let (base, _mock) = provider(&args, &mock_cfg).await?;
         phases.push(direct(client(base), &args).await);
     }
 
     println!("Phase 2: through semaforo (shutdown → quota → bulkhead → retry → breaker → pace → timeout)…");
-    let (base, _mock) = match &args.base_url {
-        Some(b) => (b.clone(), None),
-        None => {
-            let m = MockProvider::start(mock_cfg.clone()).await?;
-            provider_stats.push(m.stats.clone());
-            (m.base_url(), Some(m))
-        }
-    };
+    let (base, _mock) = provider(&args, &mock_cfg).await?;
     phases.push(stacked(client(base), &args, scale).await?);
 
     let n = args.teachers as u64;
     let deficit = (n * args.tokens).saturating_sub(args.tpm) as f64;
     let bound = Duration::from_secs_f64(deficit / (args.tpm as f64 / 60.0) / scale)
-        + if mocks.is_some() {
+        + if mocked {
             service_time.div_f64(scale)
         } else {
             Duration::ZERO
