@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use semaforo::quota::{PlanId, Quota, Rate};
 use semaforo::{BoxError, RejectKind, Rejected};
 use std::time::Duration;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 type Req = (u32, PlanId, u32);
 
@@ -307,4 +307,281 @@ fn bad_configuration_is_an_error() {
         ),
         "global"
     );
+}
+
+// ---- Wait mode -------------------------------------------------------------
+
+/// `(key, plan, cost, seq)`.
+type Seq = (u32, PlanId, u32, u32);
+type Log = std::sync::Arc<std::sync::Mutex<Vec<(u32, u32, Duration)>>>;
+
+/// A clonable service recording `(key, seq, since start)` of each admitted call.
+fn recording(
+    quota: &Quota<u32>,
+) -> (
+    impl Service<Seq, Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static,
+    Log,
+) {
+    let log: Log = Default::default();
+    let t0 = tokio::time::Instant::now();
+    let l = log.clone();
+    let svc = ServiceBuilder::new()
+        .layer(quota.layer(|r: &Seq| (r.0, r.1)).cost(|r: &Seq| r.2))
+        .service(tower::service_fn(move |r: Seq| {
+            l.lock().unwrap().push((r.0, r.3, t0.elapsed()));
+            async { Ok::<_, std::io::Error>(()) }
+        }));
+    (svc, log)
+}
+
+fn spawn_call<S>(svc: &S, req: Seq) -> tokio::task::JoinHandle<Result<(), Rejected>>
+where
+    S: Service<Seq, Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static,
+{
+    let mut svc = svc.clone();
+    tokio::spawn(async move {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(req)
+            .await
+            .map_err(|e| Rejected::from_box(&e).expect("rejection").clone())
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_admits_in_arrival_order_at_the_refill_instants() {
+    let quota: Quota<u32> = Quota::builder()
+        .plan("p", Rate::per_second(1).burst(1))
+        .wait(Duration::from_secs(9))
+        .build()
+        .unwrap();
+    let p = quota.plan_id("p").unwrap();
+    let (svc, log) = recording(&quota);
+    let mut calls = Vec::new();
+    // Ten calls of key 1, 100 ms apart: the first passes, the rest queue
+    // (call k would wait k − 0.1·k s; its estimate at arrival is k s ≤ 9 s).
+    for seq in 0..10 {
+        if seq > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        calls.push(spawn_call(&svc, (1, p, 1, seq)));
+    }
+    // At 0.95 s nine calls are in line ahead of this one: 10 s > max_wait.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(quota.snapshot().waiting, 9, "{:?}", quota.snapshot());
+    let over = spawn_call(&svc, (1, p, 1, 99)).await.unwrap().unwrap_err();
+    assert_eq!(over.kind(), RejectKind::QuotaExceeded);
+    assert_eq!(over.retry_after(), Some(Duration::from_secs(10)));
+    // Another key is not held up by key 1's line.
+    spawn_call(&svc, (2, p, 1, 0)).await.unwrap().unwrap();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    let got: Vec<_> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.0 == 1)
+        .map(|e| (e.1, e.2.as_millis()))
+        .collect();
+    let want: Vec<_> = (0..10).map(|s| (s, u128::from(s) * 1_000)).collect();
+    assert_eq!(got, want, "FIFO, one per second from 0 s");
+    let snap = quota.snapshot();
+    assert_eq!((snap.admitted, snap.rejected, snap.waiting), (11, 1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_a_dropped_waiter_lets_the_next_move_up() {
+    let quota: Quota<u32> = Quota::builder()
+        .plan("p", Rate::per_second(1).burst(1))
+        .wait(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let p = quota.plan_id("p").unwrap();
+    let (svc, log) = recording(&quota);
+    let first = spawn_call(&svc, (1, p, 1, 0));
+    tokio::task::yield_now().await;
+    let second = spawn_call(&svc, (1, p, 1, 1));
+    tokio::task::yield_now().await;
+    let third = spawn_call(&svc, (1, p, 1, 2));
+    tokio::task::yield_now().await;
+    assert_eq!(quota.snapshot().waiting, 2);
+    // The front of the line (sleeping until 1 s) goes away at 0.5 s.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    second.abort();
+    assert!(second.await.unwrap_err().is_cancelled());
+    first.await.unwrap().unwrap();
+    third.await.unwrap().unwrap();
+    let got: Vec<_> = log.lock().unwrap().iter().map(|e| (e.1, e.2)).collect();
+    assert_eq!(got, [(0, Duration::ZERO), (2, Duration::from_secs(1))]);
+    assert_eq!(quota.snapshot().waiting, 0);
+}
+
+/// Drop the future at each point it can wait: behind another call, at the
+/// front asleep until its cost fits, and waiting for the inner service to be
+/// ready. Each time the line is left clean and the next call's turn is exact.
+#[tokio::test(start_paused = true)]
+async fn wait_mode_drop_at_each_await_point() {
+    use std::future::Future;
+    use std::task::{Context, Poll};
+    let quota: Quota<u32> = Quota::builder()
+        .plan("p", Rate::per_second(1).burst(1))
+        .wait(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let p = quota.plan_id("p").unwrap();
+    // An inner service that is not ready until `open` is set.
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    #[derive(Clone)]
+    struct Gate(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Service<Seq> for Gate {
+        type Response = ();
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<(), BoxError>>;
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+                Poll::Ready(Ok(()))
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+        fn call(&mut self, _: Seq) -> Self::Future {
+            std::future::ready(Ok(()))
+        }
+    }
+    let mut svc = quota.layer(|r: &Seq| (r.0, r.1)).layer(Gate(open.clone()));
+    let waker = futures::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    svc.ready().await.unwrap().call((1, p, 1, 0)).await.unwrap(); // t = 0: burst used
+                                                                  // 1. At the front, asleep until 1 s; 2. behind it.
+    let mut front = Box::pin(svc.call((1, p, 1, 1)));
+    let mut behind = Box::pin(svc.call((1, p, 1, 2)));
+    assert!(front.as_mut().poll(&mut cx).is_pending());
+    assert!(behind.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(quota.snapshot().waiting, 2);
+    drop(behind);
+    assert_eq!(quota.snapshot().waiting, 1);
+    drop(front);
+    assert_eq!(quota.snapshot().waiting, 0);
+    // Nothing was taken by the dropped calls: the next one passes at 1 s.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    svc.ready().await.unwrap().call((1, p, 1, 3)).await.unwrap();
+    // 3. Admitted, waiting for the inner service to be ready, then dropped.
+    open.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut admitted = Box::pin(svc.call((1, p, 1, 4)));
+    assert!(admitted.as_mut().poll(&mut cx).is_pending());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        admitted.as_mut().poll(&mut cx).is_pending(),
+        "inner not ready"
+    );
+    assert_eq!(quota.snapshot().waiting, 0, "admitted: out of the line");
+    drop(admitted);
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Its token was spent (governor cannot give it back): the next fits at 3 s.
+    let t = tokio::time::Instant::now();
+    svc.ready().await.unwrap().call((1, p, 1, 5)).await.unwrap();
+    assert_eq!(t.elapsed(), Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_refuses_at_max_wait_when_another_key_takes_the_global_turn() {
+    // Global 1/s; each key could go 100/s. Key 1's second call waits for the
+    // global limit; key 2's call, queued 0.2 s later, competes at 1 s. Whoever
+    // loses would need until 2 s, past both deadlines (1.5 s and 1.7 s).
+    let quota: Quota<u32> = Quota::builder()
+        .plan("p", Rate::per_second(100).burst(10))
+        .global(Rate::per_second(1).burst(1))
+        .wait(Duration::from_millis(1_500))
+        .build()
+        .unwrap();
+    let p = quota.plan_id("p").unwrap();
+    let (svc, log) = recording(&quota);
+    spawn_call(&svc, (1, p, 1, 0)).await.unwrap().unwrap();
+    let a = spawn_call(&svc, (1, p, 1, 1));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = spawn_call(&svc, (2, p, 1, 0));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert!(a.is_ok() != b.is_ok(), "exactly one of them: {a:?} {b:?}");
+    let lost = a.err().or(b.err()).unwrap();
+    assert_eq!(lost.retry_after(), Some(Duration::from_secs(1)));
+    assert!(lost.detail().unwrap().contains("max_wait"), "{lost}");
+    assert_eq!(
+        log.lock().unwrap().last().unwrap().2,
+        Duration::from_secs(1)
+    );
+    assert_eq!(quota.snapshot().waiting, 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Wait mode keeps the rate bound per key and globally, admits each key's
+    /// calls in arrival order, and no call waits longer than `max_wait`.
+    #[test]
+    fn wait_mode_keeps_the_bound_fifo_and_max_wait(
+        arrivals in prop::collection::vec((0u64..20_000, 0u32..3, 1u32..4), 1..80),
+        global_on in any::<bool>(),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        rt.block_on(async move {
+            let (per_key, global) = (Rate::per_minute(30).burst(5), Rate::per_minute(60).burst(8));
+            let max_wait = Duration::from_secs(3);
+            let mut b = Quota::builder().plan("p", per_key).wait(max_wait);
+            if global_on {
+                b = b.global(global);
+            }
+            let quota: Quota<u32> = b.build().unwrap();
+            let p = quota.plan_id("p").unwrap();
+            let (svc, log) = recording(&quota);
+            let mut sorted = arrivals;
+            sorted.sort_by_key(|a| a.0);
+            let t0 = tokio::time::Instant::now();
+            let mut calls = Vec::new();
+            for (seq, (at, key, cost)) in sorted.iter().enumerate() {
+                tokio::time::sleep_until(t0 + Duration::from_millis(*at)).await;
+                calls.push(spawn_call(&svc, (*key, p, *cost, seq as u32)));
+                tokio::task::yield_now().await;
+            }
+            for c in calls {
+                let _ = c.await.unwrap();
+            }
+            let log = log.lock().unwrap().clone();
+            // (admitted at ms, key, cost), in admission order.
+            let adm: Vec<(u64, u32, u32)> = log.iter().map(|&(key, seq, at)| {
+                let (arrived, _, cost) = sorted[seq as usize];
+                let at = at.as_millis() as u64;
+                assert!(at >= arrived && at - arrived <= max_wait.as_millis() as u64,
+                    "call {seq} arrived at {arrived} ms, admitted at {at} ms");
+                (at, key, cost)
+            }).collect();
+            let check = |adm: &[(u64, u32, u32)], rate: Rate| -> Result<(), TestCaseError> {
+                let per_ms = rate.count as f64 / rate.per.as_millis() as f64;
+                for i in 0..adm.len() {
+                    let mut sum = 0.0;
+                    for j in i..adm.len() {
+                        sum += adm[j].2 as f64;
+                        let w = (adm[j].0 - adm[i].0) as f64;
+                        prop_assert!(sum <= per_ms * w + rate.burst as f64 + 1e-9, "{sum} in {w} ms");
+                    }
+                }
+                Ok(())
+            };
+            if global_on {
+                check(&adm, global)?;
+            }
+            for key in 0..3 {
+                let mine: Vec<_> = adm.iter().copied().filter(|a| a.1 == key).collect();
+                check(&mine, per_key)?;
+                let seqs: Vec<u32> = log.iter().filter(|e| e.0 == key).map(|e| e.1).collect();
+                let mut in_order = seqs.clone();
+                in_order.sort_unstable();
+                prop_assert_eq!(seqs, in_order, "key {} out of arrival order", key);
+            }
+            prop_assert_eq!(quota.snapshot().waiting, 0);
+            Ok(())
+        })?;
+    }
 }

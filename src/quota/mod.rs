@@ -53,6 +53,7 @@
 
 mod cell;
 mod service;
+mod wait;
 
 #[cfg(feature = "http")]
 pub use service::HeaderKey;
@@ -167,6 +168,9 @@ pub(crate) struct Shared<K: Hash + Eq + Clone> {
     pub(crate) name: Option<Arc<str>>,
     pub(crate) plans: Vec<Plan<K>>,
     pub(crate) global: Option<(Arc<RateLimitPolicy>, Cell)>,
+    /// Wait mode: how long a call over its quota may wait in its key's line.
+    pub(crate) max_wait: Option<Duration>,
+    pub(crate) lines: wait::Lines<K>,
     calls: AtomicU64,
     pub(crate) rejected: AtomicU64,
     sweeping: AtomicBool,
@@ -232,6 +236,7 @@ pub struct QuotaBuilder {
     name: Option<Arc<str>>,
     plans: Vec<(Arc<str>, Rate)>,
     global: Option<Rate>,
+    max_wait: Option<Duration>,
 }
 
 impl QuotaBuilder {
@@ -253,10 +258,29 @@ impl QuotaBuilder {
         self
     }
 
+    /// Wait mode: a call over its quota waits, first come first served per
+    /// key, for at most `max_wait`, instead of failing at once. A call whose
+    /// wait would be longer is refused at arrival with the estimate as
+    /// `retry_after`; one that reaches `max_wait` in line is refused then.
+    /// The line is per key: with a [`global`](Self::global) limit, the call at
+    /// the front of one key's line and a call of another key compete for the
+    /// global limit at the instant each checks.
+    pub fn wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = Some(max_wait);
+        self
+    }
+
     /// Validates and builds.
     pub fn build<K: Hash + Eq + Clone>(self) -> Result<Quota<K>, ConfigError> {
         if self.plans.is_empty() {
             return Err(ConfigError::new("quota", "plan", "add at least one plan"));
+        }
+        if self.max_wait.is_some_and(|w| w.is_zero()) {
+            return Err(ConfigError::new(
+                "quota",
+                "wait",
+                "a max_wait of 0 never waits: leave wait unset to fail fast",
+            ));
         }
         let mut plans = Vec::with_capacity(self.plans.len());
         for (name, rate) in self.plans {
@@ -299,6 +323,8 @@ impl QuotaBuilder {
                 name: self.name,
                 plans,
                 global,
+                max_wait: self.max_wait,
+                lines: wait::Lines::new(),
                 calls: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
                 sweeping: AtomicBool::new(false),
@@ -317,6 +343,8 @@ pub struct QuotaSnapshot {
     pub admitted: u64,
     /// Calls refused so far.
     pub rejected: u64,
+    /// Calls waiting in line now (wait mode).
+    pub waiting: usize,
 }
 
 impl Quota<()> {
@@ -358,8 +386,10 @@ impl<K: Hash + Eq + Clone> Quota<K> {
                 .shared
                 .calls
                 .load(Ordering::Relaxed)
-                .saturating_sub(rejected),
+                .saturating_sub(rejected)
+                .saturating_sub(self.shared.lines.waiting() as u64),
             rejected,
+            waiting: self.shared.lines.waiting(),
         }
     }
 }

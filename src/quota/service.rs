@@ -1,3 +1,4 @@
+use super::wait::Turn;
 use super::{PlanId, Shared, TokioClock};
 use crate::error::{BoxError, RejectKind, Rejected};
 use governor::clock::Clock;
@@ -9,7 +10,8 @@ use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -176,61 +178,107 @@ impl<S: fmt::Debug, K: Hash + Eq + Clone, F, W> fmt::Debug for QuotaService<S, K
     }
 }
 
+/// Why a cost does not fit now.
+pub(crate) enum Refusal {
+    /// It fits after this long (`true`: the global limit is the one short).
+    Wait(Duration, bool),
+    /// It can never fit (already counted and described).
+    Never(Rejected),
+}
+
 impl<K: Hash + Eq + Clone> Shared<K> {
     /// Admits `cost` for `key` on `plan` and the global limit, or refuses.
     #[inline]
     pub(crate) fn admit(&self, key: &K, plan: PlanId, cost: u32) -> Result<(), Rejected> {
         self.tick();
+        match self.check(key, plan, cost) {
+            Ok(()) => Ok(()),
+            Err(Refusal::Wait(wait, global)) => Err(self.refusal(plan, global, wait, "")),
+            Err(Refusal::Never(r)) => Err(r),
+        }
+    }
+
+    fn plan(&self, plan: PlanId) -> &super::Plan<K> {
+        self.plans.get(plan.0).unwrap_or(&self.plans[0])
+    }
+
+    /// How long one unit of `plan` takes to refill.
+    pub(crate) fn unit(&self, plan: PlanId) -> Duration {
+        let rate = self.plan(plan).rate;
+        rate.per / rate.count
+    }
+
+    /// A counted `QuotaExceeded` refusal of a cost that fits after `wait`.
+    #[cold]
+    pub(crate) fn refusal(
+        &self,
+        plan: PlanId,
+        global: bool,
+        wait: Duration,
+        why: &'static str,
+    ) -> Rejected {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        let plan = self.plan(plan);
+        let (policy, what) = match (&self.global, global) {
+            (Some((policy, _)), true) => (policy, "global limit".to_owned()),
+            _ => (&plan.policy, format!("plan '{}'", plan.name)),
+        };
+        let detail = if why.is_empty() {
+            what
+        } else {
+            format!("{what}: {why}")
+        };
+        Rejected::new("quota", RejectKind::QuotaExceeded)
+            .with_name_opt(self.name.as_ref())
+            .with_policy(policy.clone())
+            .with_detail(detail)
+            .with_retry_after(wait)
+    }
+
+    /// Takes `cost` from the global limit and `key`'s plan, or neither.
+    #[inline]
+    pub(crate) fn check(&self, key: &K, plan_id: PlanId, cost: u32) -> Result<(), Refusal> {
         let Some(n) = NonZeroU32::new(cost) else {
             return Ok(());
         };
-        let plan = self.plans.get(plan.0).unwrap_or(&self.plans[0]);
-        let reject = |policy: &Arc<crate::RateLimitPolicy>| {
-            self.rejected.fetch_add(1, Ordering::Relaxed);
+        let plan = self.plan(plan_id);
+        if cost > plan.rate.burst {
+            return Err(self.never(plan, cost));
+        }
+        if let Some((_, cell)) = &self.global {
+            if let Err(wait) = cell.take(cost, Instant::now()) {
+                return Err(Refusal::Wait(wait, true));
+            }
+        }
+        let refused = match plan.limiter.check_key_n(key, n) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(not_until)) => Refusal::Wait(not_until.wait_time_from(TokioClock.now()), false),
+            Err(_insufficient) => self.never(plan, cost),
+        };
+        if let Some((_, cell)) = &self.global {
+            cell.give_back(cost);
+        }
+        Err(refused)
+    }
+
+    #[cold]
+    fn never(&self, plan: &super::Plan<K>, cost: u32) -> Refusal {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        Refusal::Never(
             Rejected::new("quota", RejectKind::QuotaExceeded)
                 .with_name_opt(self.name.as_ref())
-                .with_policy(policy.clone())
-        };
-        if cost > plan.rate.burst {
-            return Err(reject(&plan.policy).with_detail(format!(
-                "a cost of {cost} can never fit plan '{}' (burst {})",
-                plan.name, plan.rate.burst
-            )));
-        }
-        if let Some((policy, cell)) = &self.global {
-            if let Err(wait) = cell.take(cost, Instant::now()) {
-                return Err(reject(policy)
-                    .with_detail("global limit")
-                    .with_retry_after(wait));
-            }
-        }
-        match plan.limiter.check_key_n(key, n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => {
-                if let Some((_, cell)) = &self.global {
-                    cell.give_back(cost);
-                }
-                let wait = not_until.wait_time_from(TokioClock.now());
-                Err(reject(&plan.policy)
-                    .with_detail(format!("plan '{}'", plan.name))
-                    .with_retry_after(wait))
-            }
-            Err(_insufficient) => {
-                if let Some((_, cell)) = &self.global {
-                    cell.give_back(cost);
-                }
-                Err(reject(&plan.policy).with_detail(format!(
-                    "a cost of {cost} can never fit plan '{}'",
-                    plan.name
-                )))
-            }
-        }
+                .with_policy(plan.policy.clone())
+                .with_detail(format!(
+                    "a cost of {cost} can never fit plan '{}' (burst {})",
+                    plan.name, plan.rate.burst
+                )),
+        )
     }
 }
 
 impl<S, K, F, W, Req> Service<Req> for QuotaService<S, K, F, W>
 where
-    S: Service<Req>,
+    S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     K: Hash + Eq + Clone,
     F: QuotaKey<Req, K>,
@@ -238,7 +286,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S, Req, K>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -248,58 +296,218 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let Some(shared) = &self.shared else {
-            return ResponseFuture::Called {
-                fut: self.inner.call(req),
-            };
+            return ResponseFuture::called(self.inner.call(req));
         };
         let (key, plan) = self.key.key(&req);
-        match shared.admit(&key, plan, self.cost.cost(&req)) {
-            Ok(()) => ResponseFuture::Called {
-                fut: self.inner.call(req),
+        let cost = self.cost.cost(&req);
+        let Some(max_wait) = shared.max_wait else {
+            return match shared.admit(&key, plan, cost) {
+                Ok(()) => ResponseFuture::called(self.inner.call(req)),
+                Err(r) => ResponseFuture::rejected(r),
+            };
+        };
+        shared.tick();
+        match shared
+            .lines
+            .admit_or_join(shared, &key, plan, cost, max_wait)
+        {
+            Ok(None) => ResponseFuture::called(self.inner.call(req)),
+            Ok(Some(id)) => {
+                // The ready service stays here; the waiter readies its own clone
+                // once admitted (holding readiness through a wait could hold a
+                // permit of an inner limiter).
+                let svc = self.inner.clone();
+                ResponseFuture::waiting(Waiting {
+                    shared: shared.clone(),
+                    key,
+                    plan,
+                    id,
+                    in_line: true,
+                    svc,
+                    req: Some(req),
+                    sleep: tokio::time::sleep_until(Instant::now() + max_wait),
+                    deadline: Instant::now() + max_wait,
+                })
+            }
+            Err(r) => ResponseFuture::rejected(r),
+        }
+    }
+}
+
+/// The response future of [`QuotaService`].
+///
+/// Dropping it while it waits takes it out of its key's line (the next one
+/// moves up).
+#[pin_project]
+pub struct ResponseFuture<S: Service<Req>, Req, K: Hash + Eq + Clone> {
+    #[pin]
+    state: State<S, Req, K>,
+}
+
+#[pin_project(project = Proj)]
+enum State<S: Service<Req>, Req, K: Hash + Eq + Clone> {
+    /// Admitted: the inner call.
+    Called {
+        #[pin]
+        fut: S::Future,
+    },
+    /// In its key's line (boxed: the fast path's future stays small).
+    Waiting {
+        waiting: Pin<Box<Waiting<S, Req, K>>>,
+    },
+    /// Refused at once.
+    Rejected { rejected: Option<Box<Rejected>> },
+}
+
+/// A call in its key's line.
+#[pin_project(PinnedDrop)]
+struct Waiting<S, Req, K: Hash + Eq + Clone> {
+    shared: Arc<Shared<K>>,
+    key: K,
+    plan: PlanId,
+    id: u64,
+    in_line: bool,
+    svc: S,
+    req: Option<Req>,
+    deadline: Instant,
+    /// Until the cost fits (at the front) or until the deadline (behind).
+    #[pin]
+    sleep: tokio::time::Sleep,
+}
+
+#[pin_project::pinned_drop]
+impl<S, Req, K: Hash + Eq + Clone> PinnedDrop for Waiting<S, Req, K> {
+    fn drop(self: Pin<&mut Self>) {
+        if self.in_line {
+            self.shared.lines.leave(&self.key, self.id);
+        }
+    }
+}
+
+impl<S: Service<Req>, Req, K: Hash + Eq + Clone> Waiting<S, Req, K> {
+    /// Ready once admitted (`Ok`) or refused.
+    fn poll_turn(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Rejected>> {
+        let mut this = self.project();
+        loop {
+            if !*this.in_line {
+                return Poll::Ready(Ok(()));
+            }
+            let turn = this.shared.lines.poll_front(
+                this.shared,
+                this.key,
+                *this.plan,
+                *this.id,
+                cx.waker(),
+            );
+            let now = Instant::now();
+            match turn {
+                Turn::Admitted => *this.in_line = false,
+                Turn::Refused(r) => {
+                    *this.in_line = false;
+                    return Poll::Ready(Err(r));
+                }
+                Turn::Sleep(wait, global) => {
+                    if now + wait > *this.deadline {
+                        this.shared.lines.leave(this.key, *this.id);
+                        *this.in_line = false;
+                        return Poll::Ready(Err(this.shared.refusal(
+                            *this.plan,
+                            global,
+                            wait,
+                            "max_wait reached",
+                        )));
+                    }
+                    this.sleep.as_mut().reset(now + wait);
+                    if this.sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+                Turn::Behind => {
+                    if this.sleep.deadline() != *this.deadline {
+                        this.sleep.as_mut().reset(*this.deadline);
+                    }
+                    if this.sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.shared.lines.leave(this.key, *this.id);
+                    *this.in_line = false;
+                    let unit = this.shared.unit(*this.plan);
+                    return Poll::Ready(Err(this.shared.refusal(
+                        *this.plan,
+                        false,
+                        unit,
+                        "max_wait reached",
+                    )));
+                }
+            }
+        }
+    }
+}
+
+impl<S: Service<Req>, Req, K: Hash + Eq + Clone> ResponseFuture<S, Req, K> {
+    #[inline]
+    fn called(fut: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Called { fut },
+        }
+    }
+
+    fn waiting(waiting: Waiting<S, Req, K>) -> Self {
+        ResponseFuture {
+            state: State::Waiting {
+                waiting: Box::pin(waiting),
             },
-            Err(r) => ResponseFuture::Rejected {
+        }
+    }
+
+    #[cold]
+    fn rejected(r: Rejected) -> Self {
+        ResponseFuture {
+            state: State::Rejected {
                 rejected: Some(Box::new(r)),
             },
         }
     }
 }
 
-/// The response future of [`QuotaService`].
-#[pin_project(project = Proj)]
-pub enum ResponseFuture<F> {
-    /// Admitted: the inner call.
-    Called {
-        /// The inner future.
-        #[pin]
-        fut: F,
-    },
-    /// Refused at once.
-    Rejected {
-        /// The refusal.
-        rejected: Option<Box<Rejected>>,
-    },
-}
-
-impl<F> fmt::Debug for ResponseFuture<F> {
+impl<S: Service<Req>, Req, K: Hash + Eq + Clone> fmt::Debug for ResponseFuture<S, Req, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("quota::ResponseFuture")
             .finish_non_exhaustive()
     }
 }
 
-impl<F, T, E> Future for ResponseFuture<F>
+impl<S, Req, K> Future for ResponseFuture<S, Req, K>
 where
-    F: Future<Output = Result<T, E>>,
-    E: Into<BoxError>,
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    K: Hash + Eq + Clone,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<S::Response, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            Proj::Called { fut } => fut.poll(cx).map_err(Into::into),
-            Proj::Rejected { rejected } => {
-                Poll::Ready(Err(crate::error::take_rejection(rejected, "quota")))
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                Proj::Called { fut } => return fut.poll(cx).map_err(Into::into),
+                Proj::Waiting { waiting } => {
+                    if let Err(r) = ready!(waiting.as_mut().poll_turn(cx)) {
+                        return Poll::Ready(Err(r.into()));
+                    }
+                    let w = waiting.as_mut().project();
+                    if let Err(e) = ready!(w.svc.poll_ready(cx)) {
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    let Some(req) = w.req.take() else {
+                        return Poll::Ready(Err("quota future polled after completion".into()));
+                    };
+                    let fut = w.svc.call(req);
+                    state.set(State::Called { fut });
+                }
+                Proj::Rejected { rejected } => {
+                    return Poll::Ready(Err(crate::error::take_rejection(rejected, "quota")))
+                }
             }
         }
     }

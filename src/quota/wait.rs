@@ -1,0 +1,203 @@
+//! Wait mode: a call over its quota waits in its key's line, up to `max_wait`,
+//! instead of failing at once.
+//!
+//! Each key with waiters has a FIFO line; only the call at the front checks the
+//! limiter (sleeping until governor says its cost fits), so later calls of the
+//! same key cannot overtake it. A call that arrives while its key has a line
+//! joins the back even if a token is free this instant: the front was promised
+//! that token. Keys without waiters never touch the lines (one atomic load).
+
+use super::service::Refusal;
+use super::{PlanId, Shared};
+use crate::error::Rejected;
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::Waker;
+use std::time::Duration;
+
+/// One waiting call.
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    cost: u32,
+    waker: Option<Waker>,
+}
+
+#[derive(Debug)]
+struct Inner<K> {
+    next_id: u64,
+    lines: HashMap<K, VecDeque<Entry>>,
+}
+
+/// The lines of every key with waiters.
+#[derive(Debug)]
+pub(crate) struct Lines<K> {
+    /// Waiting calls, all keys: 0 lets a call skip the lock.
+    waiting: AtomicUsize,
+    inner: Mutex<Inner<K>>,
+}
+
+/// Where a call stands after [`Lines::poll_front`].
+pub(crate) enum Turn {
+    /// Admitted: it left the line.
+    Admitted,
+    /// At the front, its cost fits in this long (`true`: held by the global limit).
+    Sleep(Duration, bool),
+    /// Behind others; woken when it reaches the front.
+    Behind,
+    /// Refused (it left the line).
+    Refused(Rejected),
+}
+
+impl<K: Hash + Eq + Clone> Lines<K> {
+    pub(crate) fn new() -> Self {
+        Lines {
+            waiting: AtomicUsize::new(0),
+            inner: Mutex::new(Inner {
+                next_id: 0,
+                lines: HashMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner<K>> {
+        // Every critical section leaves the map consistent, so a poisoned lock
+        // (a panic in a user's `Waker`) is safe to keep using.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Calls waiting now, all keys.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Admits `cost` at once, or puts the call in `key`'s line if its wait fits
+    /// `max_wait` (`Ok(Some(id))`), or refuses.
+    pub(crate) fn admit_or_join(
+        &self,
+        shared: &Shared<K>,
+        key: &K,
+        plan: PlanId,
+        cost: u32,
+        max_wait: Duration,
+    ) -> Result<Option<u64>, Rejected> {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            match shared.check(key, plan, cost) {
+                Ok(()) => return Ok(None),
+                Err(Refusal::Never(never)) => return Err(never),
+                Err(Refusal::Wait(..)) => {}
+            }
+        }
+        let mut inner = self.lock();
+        let ahead: u64 = match inner.lines.get(key) {
+            Some(line) if !line.is_empty() => line.iter().map(|e| u64::from(e.cost)).sum(),
+            _ => {
+                // No line for this key: check again under the lock (a line may
+                // just have emptied).
+                match shared.check(key, plan, cost) {
+                    Ok(()) => return Ok(None),
+                    Err(Refusal::Never(never)) => return Err(never),
+                    Err(Refusal::Wait(wait, global)) if wait > max_wait => {
+                        return Err(shared.refusal(
+                            plan,
+                            global,
+                            wait,
+                            "waiting would exceed max_wait",
+                        ))
+                    }
+                    Err(Refusal::Wait(..)) => 0,
+                }
+            }
+        };
+        if ahead > 0 {
+            // Those ahead need their cost refilled before ours fits.
+            let unit = shared.unit(plan);
+            let estimate = unit.saturating_mul(
+                u32::try_from(ahead.saturating_add(u64::from(cost))).unwrap_or(u32::MAX),
+            );
+            if estimate > max_wait {
+                return Err(shared.refusal(plan, false, estimate, "waiting would exceed max_wait"));
+            }
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner
+            .lines
+            .entry(key.clone())
+            .or_default()
+            .push_back(Entry {
+                id,
+                cost,
+                waker: None,
+            });
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        Ok(Some(id))
+    }
+
+    /// The call `id` of `key`'s line: if it is at the front, checks the limiter.
+    pub(crate) fn poll_front(
+        &self,
+        shared: &Shared<K>,
+        key: &K,
+        plan: PlanId,
+        id: u64,
+        waker: &Waker,
+    ) -> Turn {
+        let mut inner = self.lock();
+        let Some(line) = inner.lines.get_mut(key) else {
+            return Turn::Refused(shared.refusal(plan, false, Duration::ZERO, "left the line"));
+        };
+        match line.front() {
+            Some(front) if front.id == id => {}
+            _ => {
+                if let Some(e) = line.iter_mut().find(|e| e.id == id) {
+                    match &e.waker {
+                        Some(w) if w.will_wake(waker) => {}
+                        _ => e.waker = Some(waker.clone()),
+                    }
+                }
+                return Turn::Behind;
+            }
+        }
+        let cost = line.front().map_or(0, |e| e.cost);
+        match shared.check(key, plan, cost) {
+            Ok(()) => {
+                self.remove(&mut inner, key, id);
+                Turn::Admitted
+            }
+            Err(Refusal::Wait(wait, global)) => Turn::Sleep(wait, global),
+            Err(Refusal::Never(never)) => {
+                self.remove(&mut inner, key, id);
+                Turn::Refused(never)
+            }
+        }
+    }
+
+    /// Takes the call `id` out of `key`'s line (admitted, timed out or dropped)
+    /// and wakes the new front.
+    pub(crate) fn leave(&self, key: &K, id: u64) {
+        let mut inner = self.lock();
+        self.remove(&mut inner, key, id);
+    }
+
+    fn remove(&self, inner: &mut Inner<K>, key: &K, id: u64) {
+        let Some(line) = inner.lines.get_mut(key) else {
+            return;
+        };
+        let Some(at) = line.iter().position(|e| e.id == id) else {
+            return;
+        };
+        line.remove(at);
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        if at == 0 {
+            if let Some(w) = line.front_mut().and_then(|e| e.waker.take()) {
+                w.wake();
+            }
+        }
+        if line.is_empty() {
+            inner.lines.remove(key);
+        }
+    }
+}
