@@ -5,7 +5,7 @@
 mod common;
 use common::{bare, once, two_threads};
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use failsafe::futures::CircuitBreaker as _;
 use futures::FutureExt;
 use semaforo::breaker::Breaker;
@@ -28,11 +28,49 @@ fn semaforo_rate() -> Breaker {
 fn tower_resilience_layer() -> tower_resilience::circuitbreaker::CircuitBreakerLayer<
     tower_resilience::circuitbreaker::DefaultClassifier,
 > {
+    tower_resilience_window(100)
+}
+
+fn tower_resilience_window(
+    n: usize,
+) -> tower_resilience::circuitbreaker::CircuitBreakerLayer<
+    tower_resilience::circuitbreaker::DefaultClassifier,
+> {
     tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
         .failure_rate_threshold(0.5)
-        .sliding_window_size(100)
+        .sliding_window_size(n)
         .build()
         .unwrap()
+}
+
+/// The closed path's cost against the failure-rate window's size.
+fn window_size(c: &mut Criterion) {
+    let rt = common::runtime();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("breaker/window_size");
+    g.warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    for n in [10usize, 100, 1_000, 10_000] {
+        let br = Breaker::builder()
+            .consecutive_failures(5)
+            .failure_rate(0.5)
+            .window_calls(n as u32)
+            .build()
+            .unwrap();
+        let mut s = ServiceBuilder::new().layer(br.layer()).service(bare());
+        g.bench_with_input(BenchmarkId::new("semaforo Breaker", n), &n, |b, _| {
+            b.iter(|| once(&mut s, black_box(1)))
+        });
+        let mut s = ServiceBuilder::new()
+            .layer(tower_resilience_window(n))
+            .service(bare());
+        g.bench_with_input(
+            BenchmarkId::new("tower-resilience CircuitBreaker", n),
+            &n,
+            |b, _| b.iter(|| once(&mut s, black_box(1))),
+        );
+    }
+    g.finish();
 }
 
 fn closed(c: &mut Criterion) {
@@ -117,6 +155,6 @@ fn contended(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30);
-    targets = closed, contended
+    targets = closed, window_size, contended
 }
 criterion_main!(benches);

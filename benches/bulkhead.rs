@@ -1,5 +1,6 @@
 //! Bulkhead cost next to what people use today, in the same run:
-//! the bare service, a bare `tokio::sync::Semaphore`, and tower's `ConcurrencyLimit`.
+//! the bare service, a bare `tokio::sync::Semaphore`, tower's `ConcurrencyLimit` and
+//! tower-resilience's `Bulkhead`; then the line's cost against its length (0 → 100,000).
 //!
 //! Every call goes through `ready()` then `call()`; everything completes at once,
 //! so futures are driven with `now_or_never` and only the layer's own work is timed.
@@ -14,6 +15,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+
+fn tower_resilience_bulkhead() -> tower_resilience::bulkhead::BulkheadLayer {
+    tower_resilience::bulkhead::BulkheadLayer::builder()
+        .max_concurrent_calls(1000)
+        .build()
+        .unwrap()
+}
 
 fn uncontended(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -43,6 +51,13 @@ fn uncontended(c: &mut Criterion) {
         .concurrency_limit(1000)
         .service(bare());
     g.bench_function("tower ConcurrencyLimit", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+
+    let mut s = ServiceBuilder::new()
+        .layer(tower_resilience_bulkhead())
+        .service(bare());
+    g.bench_function("tower-resilience Bulkhead", |b| {
         b.iter(|| once(&mut s, black_box(1)))
     });
 
@@ -101,6 +116,14 @@ fn contended(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let s = ServiceBuilder::new()
                 .concurrency_limit(1000)
+                .service(bare());
+            run(tower::util::BoxCloneSyncService::new(s), iters)
+        })
+    });
+    g.bench_function("tower-resilience Bulkhead", |b| {
+        b.iter_custom(|iters| {
+            let s = ServiceBuilder::new()
+                .layer(tower_resilience_bulkhead())
                 .service(bare());
             run(tower::util::BoxCloneSyncService::new(s), iters)
         })

@@ -34,6 +34,14 @@ fn reserve(c: &mut Criterion) {
         b.iter(|| black_box((requests.check(), tokens.check_n(n))))
     });
 
+    let limiter = RateLimiter::direct_with_clock(
+        Quota::per_second(NonZeroU32::new(u32::MAX).unwrap()),
+        semaforo::quota::TokioClock,
+    );
+    g.bench_function("governor direct check_n (1 cell, tokio clock)", |b| {
+        b.iter(|| black_box(limiter.check_n(n)))
+    });
+
     let pace = Pace::builder()
         .requests_per_minute(u32::MAX as u64 * 60)
         .tokens_per_minute(u32::MAX as u64 * 60)

@@ -1,105 +1,167 @@
-//! Quota admission next to governor's own keyed `check_key` in the same run:
-//! a hot key, a new key each call, and a hot key with 1,000,000 keys present.
+//! Quota admission next to governor's own keyed `check_key` in the same run: a
+//! hot key, a new key each call, and the hot key's cost against the number of
+//! keys present (1 → 1,000,000). governor runs twice: with its default clock
+//! (quanta, a TSC read) and with the tokio clock our layer must use so quotas
+//! follow paused time in tests; the difference is the price of that clock.
+//! Then one global limit: tower's `RateLimit`, tower-resilience's
+//! `RateLimiter`, governor direct, and a one-key semaforo quota.
 
 mod common;
-use common::try_once;
+use common::{bare, once, try_once};
 
-use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota as GQuota, RateLimiter};
-use semaforo::quota::{PlanId, Quota, Rate};
-use std::convert::Infallible;
+use semaforo::quota::{PlanId, Quota, Rate, TokioClock};
 use std::num::NonZeroU32;
 use std::time::Duration;
-use tower::{service_fn, ServiceBuilder};
+use tower::ServiceBuilder;
 
-fn admission(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let _guard = rt.enter();
-    let mut g = c.benchmark_group("quota");
-    g.warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
-    let big = NonZeroU32::new(u32::MAX).unwrap();
+type TokioKeyed =
+    RateLimiter<u64, DefaultKeyedStateStore<u64>, TokioClock, NoOpMiddleware<std::time::Instant>>;
 
-    let gov = RateLimiter::keyed(GQuota::per_second(big));
-    g.bench_function("hot key/governor keyed check_key", |b| {
-        b.iter(|| black_box(gov.check_key(&7u64)))
-    });
+fn big() -> NonZeroU32 {
+    NonZeroU32::new(u32::MAX).expect("non-zero")
+}
 
+fn governor_tokio_keyed() -> TokioKeyed {
+    RateLimiter::new(
+        GQuota::per_second(big()),
+        DefaultKeyedStateStore::default(),
+        TokioClock,
+    )
+}
+
+fn quota() -> (Quota<u64>, PlanId) {
     let quota = Quota::builder()
         .plan("p", Rate::new(u32::MAX, Duration::from_secs(60)))
         .build::<u64>()
-        .unwrap();
-    let plan = quota.plan_id("p").unwrap();
-    let mut s = ServiceBuilder::new()
-        .layer(quota.layer(move |_: &u64| (7u64, plan)))
-        .service(service_fn(|x: u64| {
-            std::future::ready(Ok::<_, Infallible>(x))
-        }));
-    g.bench_function("hot key/semaforo Quota layer (call included)", |b| {
-        b.iter(|| black_box(try_once(&mut s, 1).is_ok()))
-    });
+        .expect("valid quota");
+    let plan = quota.plan_id("p").expect("plan p");
+    (quota, plan)
+}
 
-    let gov = RateLimiter::keyed(GQuota::per_second(big));
+/// A quota layer keyed by the request itself.
+fn keyed_by_request(
+    quota: &Quota<u64>,
+    plan: PlanId,
+) -> impl tower::Service<u64, Response = u64, Error = semaforo::BoxError> {
+    ServiceBuilder::new()
+        .layer(quota.layer(move |x: &u64| (*x, plan)))
+        .service(bare())
+}
+
+fn admission(c: &mut Criterion) {
+    let rt = common::runtime();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("quota/hot_key");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let gov = RateLimiter::keyed(GQuota::per_second(big()));
+    g.bench_function("governor keyed check_key", |b| {
+        b.iter(|| black_box(gov.check_key(&7u64)))
+    });
+    let gov = governor_tokio_keyed();
+    g.bench_function("governor keyed check_key (tokio clock)", |b| {
+        b.iter(|| black_box(gov.check_key(&7u64)))
+    });
+    let (q, plan) = quota();
+    let mut s = keyed_by_request(&q, plan);
+    g.bench_function("semaforo Quota layer (call included)", |b| {
+        b.iter(|| once(&mut s, black_box(7)))
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("quota/new_key");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let gov = RateLimiter::keyed(GQuota::per_second(big()));
     let mut k = 0u64;
-    g.bench_function("new key/governor keyed check_key", |b| {
+    g.bench_function("governor keyed check_key", |b| {
         b.iter(|| {
             k += 1;
             black_box(gov.check_key(&k))
         })
     });
-    let quota = Quota::builder()
-        .plan("p", Rate::new(u32::MAX, Duration::from_secs(60)))
-        .build::<u64>()
-        .unwrap();
-    let mut s = ServiceBuilder::new()
-        .layer(quota.layer(move |x: &u64| (*x, PlanId::clone(&plan))))
-        .service(service_fn(|x: u64| {
-            std::future::ready(Ok::<_, Infallible>(x))
-        }));
+    let (q, plan) = quota();
+    let mut s = keyed_by_request(&q, plan);
     let mut k = 0u64;
-    g.bench_function("new key/semaforo Quota layer (call included)", |b| {
+    g.bench_function("semaforo Quota layer (call included)", |b| {
         b.iter(|| {
             k += 1;
             black_box(try_once(&mut s, k).is_ok())
         })
     });
+    g.finish();
 
-    let gov = RateLimiter::keyed(GQuota::per_second(big));
-    let quota = Quota::builder()
-        .plan("p", Rate::new(u32::MAX, Duration::from_secs(60)))
-        .build::<u64>()
-        .unwrap();
-    let mut s = ServiceBuilder::new()
-        .layer(quota.layer(move |x: &u64| (*x, plan)))
-        .service(service_fn(|x: u64| {
-            std::future::ready(Ok::<_, Infallible>(x))
-        }));
-    for k in 0..1_000_000u64 {
-        let _ = gov.check_key(&k);
-        let _ = try_once(&mut s, k);
+    // The hot key's cost as the store grows.
+    let mut g = c.benchmark_group("quota/keys_present");
+    g.warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    for n in [1u64, 1_000, 100_000, 1_000_000] {
+        let gov = RateLimiter::keyed(GQuota::per_second(big()));
+        let (q, plan) = quota();
+        let mut s = keyed_by_request(&q, plan);
+        for k in 0..n {
+            let _ = gov.check_key(&k);
+            let _ = try_once(&mut s, k);
+        }
+        let hot = n / 2;
+        g.bench_with_input(
+            BenchmarkId::new("governor keyed check_key", n),
+            &hot,
+            |b, hot| b.iter(|| black_box(gov.check_key(hot))),
+        );
+        g.bench_with_input(
+            BenchmarkId::new("semaforo Quota layer (call included)", n),
+            &hot,
+            |b, hot| b.iter(|| once(&mut s, black_box(*hot))),
+        );
     }
-    g.bench_function("1M keys, hot key/governor keyed check_key", |b| {
-        b.iter(|| black_box(gov.check_key(&500_000u64)))
+    g.finish();
+}
+
+/// One limit for all calls: what tower and tower-resilience offer.
+fn one_limit(c: &mut Criterion) {
+    let rt = common::runtime();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("rate_limit/one_limit");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let gov = RateLimiter::direct(GQuota::per_second(big()));
+    g.bench_function("governor direct check", |b| {
+        b.iter(|| black_box(gov.check()))
     });
-    g.bench_function(
-        "1M keys, hot key/semaforo Quota layer (call included)",
-        |b| {
-            b.iter_batched(
-                || 500_000u64,
-                |k| black_box(try_once(&mut s, k).is_ok()),
-                BatchSize::SmallInput,
-            )
-        },
-    );
+    let mut s = ServiceBuilder::new()
+        .rate_limit(u64::MAX / 4, Duration::from_secs(1))
+        .service(bare());
+    g.bench_function("tower RateLimit", |b| b.iter(|| once(&mut s, black_box(1))));
+    let mut s = ServiceBuilder::new()
+        .layer(
+            tower_resilience::ratelimiter::RateLimiterLayer::builder()
+                .limit_for_period(usize::MAX / 4)
+                .refresh_period(Duration::from_secs(1))
+                .build()
+                .expect("valid rate limiter"),
+        )
+        .service(bare());
+    g.bench_function("tower-resilience RateLimiter", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+    let (q, plan) = quota();
+    let mut s = ServiceBuilder::new()
+        .layer(q.layer(move |_: &u64| (0u64, plan)))
+        .service(bare());
+    g.bench_function("semaforo Quota layer, one key", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
     g.finish();
 }
 
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30);
-    targets = admission
+    targets = admission, one_limit
 }
 criterion_main!(benches);

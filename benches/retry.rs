@@ -6,6 +6,7 @@ use common::{bare, once};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use semaforo::retry::Retry;
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -60,6 +61,18 @@ fn success_path(c: &mut Criterion) {
         .layer(tower::retry::RetryLayer::new(policy))
         .service(bare());
     g.bench_function("tower Retry (3 attempts)", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+
+    let mut s = ServiceBuilder::new()
+        .layer(
+            tower_resilience::retry::RetryLayer::<u64, u64, Infallible>::builder()
+                .max_attempts(3)
+                .exponential_backoff(Duration::from_millis(500))
+                .build(),
+        )
+        .service(bare());
+    g.bench_function("tower-resilience Retry (3 attempts)", |b| {
         b.iter(|| once(&mut s, black_box(1)))
     });
 

@@ -3,9 +3,9 @@
 //!
 //! semaforo: shutdown → bulkhead → retry (budget) → breaker → pace (RPM + TPM) →
 //! attempt timeout. Peers: tower's ConcurrencyLimit → tower RateLimit → tower
-//! Retry → tower-resilience CircuitBreaker → tower Timeout (uncontended
-//! only: tower's `RateLimit` is not `Clone`, so the peer stack cannot be shared
-//! by two threads without a `Buffer`, which would measure the buffer).
+//! Retry → tower-resilience CircuitBreaker → tower Timeout. tower's `RateLimit` is not `Clone`, so
+//! the peer stack shared by two threads uses tower-resilience's `RateLimiter`
+//! in its place (a `Buffer` would measure the buffer).
 
 mod common;
 use common::{bare, once, two_threads};
@@ -95,6 +95,28 @@ fn peer_stack() -> impl Service<u64, Response = u64, Error = impl std::fmt::Debu
         .service(bare())
 }
 
+/// The same, with tower-resilience's `RateLimiter` (which is `Clone`) in
+/// place of tower's `RateLimit`, so two threads can share it.
+fn peer_stack_clone(
+) -> impl Service<u64, Response = u64, Error = impl std::fmt::Debug> + Clone + Send + 'static {
+    let breaker = tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+        .failure_rate_threshold(0.5)
+        .build()
+        .unwrap();
+    let rate = tower_resilience::ratelimiter::RateLimiterLayer::builder()
+        .limit_for_period(usize::MAX / 4)
+        .refresh_period(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    ServiceBuilder::new()
+        .concurrency_limit(1_000)
+        .layer(tower::retry::RetryLayer::new(Attempts(3)))
+        .layer(breaker)
+        .layer(rate)
+        .timeout(Duration::from_secs(30))
+        .service(bare())
+}
+
 fn stacks(c: &mut Criterion) {
     let rt = common::runtime();
     let _guard = rt.enter();
@@ -111,6 +133,10 @@ fn stacks(c: &mut Criterion) {
     g.bench_function("tower + tower-resilience (5 layers)", |b| {
         b.iter(|| once(&mut s, black_box(1)))
     });
+    let mut s = peer_stack_clone();
+    g.bench_function("tower + tower-resilience (5 layers, Clone)", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("stack/contended_2_threads");
@@ -118,6 +144,9 @@ fn stacks(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(2));
     g.bench_function("semaforo (6 layers)", |b| {
         b.iter_custom(|iters| two_threads(semaforo_stack(), iters))
+    });
+    g.bench_function("tower + tower-resilience (5 layers, Clone)", |b| {
+        b.iter_custom(|iters| two_threads(peer_stack_clone(), iters))
     });
     g.finish();
 }
