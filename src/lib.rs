@@ -12,6 +12,7 @@ pub mod guard;
 pub mod health;
 #[cfg(feature = "llm")]
 pub mod llm;
+pub mod observe;
 pub mod pace;
 pub mod quota;
 pub mod retry;

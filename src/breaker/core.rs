@@ -12,6 +12,7 @@ use super::window::{Counts, Window};
 use super::{BreakerSnapshot, BreakerState, Mode, Transition};
 use crate::classify::Class;
 use crate::error::{RejectKind, Rejected};
+use crate::observe::{EventKind, Observer};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::fmt;
@@ -63,7 +64,7 @@ pub(crate) type Listener = Arc<dyn Fn(&Transition) + Send + Sync>;
 pub(crate) type CountsFn = Arc<dyn Fn(&Class) -> bool + Send + Sync>;
 
 pub(crate) struct Config {
-    pub(crate) name: Option<Arc<str>>,
+    pub(crate) obs: Observer,
     pub(crate) consecutive: Option<u32>,
     pub(crate) failure_rate: Option<f64>,
     pub(crate) slow: Option<(Duration, f64)>,
@@ -80,7 +81,7 @@ pub(crate) struct Config {
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
-            .field("name", &self.name)
+            .field("name", &self.obs.name)
             .field("consecutive", &self.consecutive)
             .field("failure_rate", &self.failure_rate)
             .field("slow", &self.slow)
@@ -110,6 +111,9 @@ pub(crate) struct Shared {
     rejected: AtomicU64,
     pub(crate) cfg: Config,
     watch: watch::Sender<BreakerState>,
+    /// Latency by class (feature `metrics`).
+    #[cfg(feature = "metrics")]
+    pub(crate) call_seconds: crate::observe::CallSeconds,
 }
 
 /// What admission decided for one call.
@@ -143,6 +147,8 @@ impl Shared {
             rejected: AtomicU64::new(0),
             cfg,
             watch: watch::Sender::new(BreakerState::Closed),
+            #[cfg(feature = "metrics")]
+            call_seconds: Default::default(),
         }
     }
 
@@ -151,7 +157,10 @@ impl Shared {
     }
 
     pub(crate) fn needs_clock(&self) -> bool {
-        self.cfg.slow.is_some() || self.window.as_ref().is_some_and(Window::needs_clock)
+        // With `metrics`, every call's latency is recorded by class.
+        cfg!(feature = "metrics")
+            || self.cfg.slow.is_some()
+            || self.window.as_ref().is_some_and(Window::needs_clock)
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<BreakerState> {
@@ -160,12 +169,14 @@ impl Shared {
 
     fn rejection(&self, retry_after: Option<Duration>) -> Rejected {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        let r =
-            Rejected::new("breaker", RejectKind::CircuitOpen).with_name_opt(self.cfg.name.as_ref());
-        match retry_after {
+        let r = Rejected::new("breaker", RejectKind::CircuitOpen)
+            .with_name_opt(self.cfg.obs.name.as_ref());
+        let r = match retry_after {
             Some(d) => r.with_retry_after(d),
             None => r,
-        }
+        };
+        self.cfg.obs.rejected(&r);
+        r
     }
 
     /// Admits a call or refuses it. The closed path is one atomic load.
@@ -274,6 +285,14 @@ impl Shared {
         if let Some(l) = &self.cfg.listener {
             l(&t);
         }
+        self.cfg.obs.emit(
+            "breaker",
+            EventKind::BreakerTransition {
+                from: t.from,
+                to: t.to,
+                reason,
+            },
+        );
         next
     }
 

@@ -68,6 +68,7 @@ use crate::classify::{Class, ErrorClassifier};
 use crate::error::ConfigError;
 #[cfg(doc)]
 use crate::error::RejectKind;
+use crate::observe::{Event, ListenerSlot, Observer};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -156,6 +157,7 @@ enum WindowKind {
 #[must_use = "call .build() to get a Breaker"]
 pub struct BreakerBuilder {
     name: Option<Arc<str>>,
+    on_event: ListenerSlot,
     consecutive: Option<u32>,
     failure_rate: Option<f64>,
     slow: Option<(Duration, f64)>,
@@ -188,6 +190,13 @@ impl BreakerBuilder {
     /// Names the breaker in errors and events.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Calls `f` for each of this breaker's events (transitions, refusals
+    /// while open); see [`observe`](crate::observe).
+    pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        self.on_event.set(f);
         self
     }
 
@@ -373,7 +382,7 @@ impl BreakerBuilder {
             Duration::try_from_secs_f64(open_cap.as_secs_f64() * (1.0 + self.open_jitter))
                 .unwrap_or(open_cap);
         let cfg = Config {
-            name: self.name,
+            obs: Observer::new(self.name, self.on_event.0),
             consecutive: self.consecutive,
             failure_rate: self.failure_rate,
             slow: self.slow,
@@ -397,6 +406,7 @@ impl Breaker {
     pub fn builder() -> BreakerBuilder {
         BreakerBuilder {
             name: None,
+            on_event: ListenerSlot::default(),
             consecutive: Some(5),
             failure_rate: None,
             slow: None,

@@ -69,7 +69,7 @@ impl<C, R> BreakerLayer<C, R> {
 impl<C, R> fmt::Debug for BreakerLayer<C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BreakerLayer")
-            .field("name", &self.shared.cfg.name)
+            .field("name", &self.shared.cfg.obs.name)
             .finish_non_exhaustive()
     }
 }
@@ -110,7 +110,7 @@ impl<S: fmt::Debug, C, R> fmt::Debug for BreakerService<S, C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BreakerService")
             .field("inner", &self.inner)
-            .field("name", &self.shared.cfg.name)
+            .field("name", &self.shared.cfg.obs.name)
             .finish_non_exhaustive()
     }
 }
@@ -187,6 +187,15 @@ impl Call {
     #[inline]
     fn record(mut self, class: &Class) {
         let elapsed = self.start.map(|s| s.elapsed());
+        #[cfg(feature = "metrics")]
+        if let Some(took) = elapsed {
+            self.shared.call_seconds.record(
+                "breaker",
+                self.shared.cfg.obs.name.as_deref(),
+                class,
+                took,
+            );
+        }
         self.shared.record(self.ticket, class, elapsed);
         self.ticket.probe = false; // recorded: nothing to give back on drop
     }

@@ -2,6 +2,7 @@ use super::queue::{BulkheadPermit, Waiter};
 use super::ticket::{QueueTicket, TicketStatus};
 use crate::error::{BoxError, Rejected};
 use crate::guard::Hold;
+use crate::observe::EventKind;
 use pin_project::pin_project;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -40,6 +41,8 @@ enum State<S: Service<Req>, Req> {
 /// In line; after the grant, waiting for the inner service to be ready.
 #[pin_project(project = QueuedProj)]
 struct Queued<S, Req> {
+    /// `semaforo.wait`, entered while this call waits.
+    span: tracing::Span,
     waiter: Waiter,
     permit: Option<BulkheadPermit>,
     svc: S,
@@ -63,6 +66,7 @@ impl<S: Service<Req>, Req, R> ResponseFuture<S, Req, R> {
         let timeout = waiter.deadline.map(tokio::time::sleep_until);
         Self::with(State::Queued {
             queued: Box::pin(Queued {
+                span: waiter.shared().cfg.obs.span("bulkhead", "wait"),
                 waiter,
                 permit: None,
                 svc,
@@ -114,6 +118,7 @@ where
                 }
                 StateProj::Queued { queued } => {
                     let QueuedProj {
+                        span,
                         waiter,
                         permit,
                         svc,
@@ -122,6 +127,7 @@ where
                         enqueued_at,
                         timeout,
                     } = queued.as_mut().project();
+                    let _in_span = span.clone().entered();
                     if permit.is_none() {
                         let got = match waiter.poll_permit(cx) {
                             Poll::Ready(r) => r,
@@ -140,6 +146,12 @@ where
                                 if let Some(t) = ticket {
                                     t.finished(TicketStatus::Admitted);
                                 }
+                                waiter.shared().cfg.obs.emit(
+                                    "bulkhead",
+                                    EventKind::Admitted {
+                                        waited: enqueued_at.elapsed(),
+                                    },
+                                );
                                 *permit = Some(p);
                             }
                             Err(rejected) => {

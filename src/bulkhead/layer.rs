@@ -106,7 +106,7 @@ impl<X: Clone, R> Clone for BulkheadLayer<X, R> {
 impl<X: fmt::Debug, R> fmt::Debug for BulkheadLayer<X, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BulkheadLayer")
-            .field("name", &self.shared.cfg.name)
+            .field("name", &self.shared.cfg.obs.name)
             .field("info", &self.info)
             .field("release", &std::any::type_name::<R>())
             .finish()

@@ -80,6 +80,7 @@ pub use ticket::{QueueStatus, QueueTicket, TicketStatus};
 use crate::error::ConfigError;
 #[cfg(doc)]
 use crate::error::RejectKind;
+use crate::observe::{Event, ListenerSlot, Observer};
 use queue::{Config, Shared, MAX_COUNT};
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -97,6 +98,7 @@ pub struct Bulkhead {
 #[must_use = "call .build() to get a Bulkhead"]
 pub struct BulkheadBuilder {
     name: Option<Arc<str>>,
+    listener: ListenerSlot,
     max_concurrent: u32,
     max_queue: u32,
     max_wait: Option<Duration>,
@@ -112,6 +114,13 @@ impl BulkheadBuilder {
     /// Names this bulkhead in errors ("bulkhead 'openai': queue full (45/45)").
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Calls `f` for each of this bulkhead's events (queued, admitted after a
+    /// wait, rejected); see [`observe`](crate::observe).
+    pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        self.listener.set(f);
         self
     }
 
@@ -183,7 +192,7 @@ impl BulkheadBuilder {
             return err("max_per_key", "must be at least 1".into());
         }
         let cfg = Config {
-            name: self.name,
+            obs: Observer::new(self.name, self.listener.0),
             max_queue: self.max_queue,
             max_wait: self.max_wait,
             aging: self.aging,
@@ -200,6 +209,7 @@ impl Bulkhead {
     /// Starts a builder (`max_concurrent` must be set).
     pub fn builder() -> BulkheadBuilder {
         BulkheadBuilder {
+            listener: ListenerSlot::default(),
             name: None,
             max_concurrent: 0,
             max_queue: 0,
@@ -240,7 +250,7 @@ impl Bulkhead {
 
     /// The name given to the builder.
     pub fn name(&self) -> Option<&str> {
-        self.shared.cfg.name.as_deref()
+        self.shared.cfg.obs.name.as_deref()
     }
 }
 

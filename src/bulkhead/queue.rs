@@ -15,6 +15,7 @@
 use super::order::OrderTree;
 use super::ticket::{QueueStatus, TicketStatus};
 use crate::error::{RejectKind, Rejected};
+use crate::observe::{EventKind, Observer};
 use slab::Slab;
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
@@ -46,7 +47,7 @@ type LineKey = (i128, u64, u32);
 
 #[derive(Debug)]
 pub(crate) struct Config {
-    pub(crate) name: Option<Arc<str>>,
+    pub(crate) obs: Observer,
     pub(crate) max_queue: u32,
     pub(crate) max_wait: Option<Duration>,
     pub(crate) aging: Option<Duration>,
@@ -167,7 +168,13 @@ impl Shared {
     }
 
     fn rejection(&self, kind: RejectKind) -> Rejected {
-        Rejected::new("bulkhead", kind).with_name_opt(self.cfg.name.as_ref())
+        Rejected::new("bulkhead", kind).with_name_opt(self.cfg.obs.name.as_ref())
+    }
+
+    /// Hands `r` out, telling the observers.
+    fn refuse(&self, r: Rejected) -> Rejected {
+        self.cfg.obs.rejected(&r);
+        r
     }
 
     fn rank(&self, priority: i32, now: Instant) -> i128 {
@@ -203,7 +210,9 @@ impl Shared {
                 if s & CLOSED != 0 {
                     drop(q);
                     self.stats.shutting_down.fetch_add(1, Ordering::Relaxed);
-                    return Acquire::Rejected(self.rejection(RejectKind::ShuttingDown));
+                    return Acquire::Rejected(
+                        self.refuse(self.rejection(RejectKind::ShuttingDown)),
+                    );
                 }
                 if waiters(s) != 0 || in_flight(s) >= limit {
                     break;
@@ -230,7 +239,7 @@ impl Shared {
         } else if self.state.load(Ordering::Acquire) & CLOSED != 0 {
             drop(q);
             self.stats.shutting_down.fetch_add(1, Ordering::Relaxed);
-            return Acquire::Rejected(self.rejection(RejectKind::ShuttingDown));
+            return Acquire::Rejected(self.refuse(self.rejection(RejectKind::ShuttingDown)));
         }
 
         let waiting = q.line.len() as u32 + q.parked_total;
@@ -244,7 +253,7 @@ impl Shared {
             if let Some(ra) = retry_after {
                 r = r.with_retry_after(ra);
             }
-            return Acquire::Rejected(r);
+            return Acquire::Rejected(self.refuse(r));
         }
 
         let now = Instant::now();
@@ -273,9 +282,18 @@ impl Shared {
                 .insert((rank, seq), slot);
             q.parked_total += 1;
         }
+        let position = if key_has_room {
+            q.line.rank(&(rank, seq, slot))
+        } else {
+            waiting as usize
+        };
         // A release may have freed a permit between our check and the enqueue
         // (it will dispatch too, but do not make it wait for us).
         self.dispatch(&mut q);
+        drop(q);
+        self.cfg
+            .obs
+            .emit("bulkhead", EventKind::Queued { position });
         Acquire::Queued(Waiter {
             shared: self.clone(),
             slot,
@@ -594,7 +612,7 @@ impl Waiter {
                 q.slots.remove(self.slot as usize);
                 self.done = true;
                 drop(q);
-                Poll::Ready(Err(self.shared.rejection(kind)))
+                Poll::Ready(Err(self.shared.refuse(self.shared.rejection(kind))))
             }
         }
     }
@@ -616,7 +634,10 @@ impl Waiter {
                 drop(q);
                 Ok(BulkheadPermit::new(shared, partition, Some(Instant::now())))
             }
-            Some((SlotState::Rejected(kind), _)) => Err(shared.rejection(kind)),
+            Some((SlotState::Rejected(kind), _)) => {
+                drop(q);
+                Err(shared.refuse(shared.rejection(kind)))
+            }
             _ => {
                 let eta = Shared::eta(&q, &shared.cfg, shared.limit(), position);
                 shared.dispatch(&mut q);
@@ -628,7 +649,7 @@ impl Waiter {
                 if let Some(eta) = eta {
                     r = r.with_retry_after(eta);
                 }
-                Err(r)
+                Err(shared.refuse(r))
             }
         }
     }

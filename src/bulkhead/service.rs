@@ -38,7 +38,7 @@ impl<S: fmt::Debug, X: fmt::Debug, R> fmt::Debug for BulkheadService<S, X, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BulkheadService")
             .field("inner", &self.inner)
-            .field("name", &self.shared.cfg.name)
+            .field("name", &self.shared.cfg.obs.name)
             .field("info", &self.info)
             .finish()
     }

@@ -193,7 +193,10 @@ impl Health {
                 ("rate_factor", s.rate_factor),
                 ("throttled", s.throttled as f64),
             ];
-            details.extend(s.dims.iter().map(|d| ("available", d.available)));
+            details.extend(s.dims.iter().map(|d| match d.unit {
+                crate::pace::Unit::Requests => ("available_requests", d.available),
+                crate::pace::Unit::Tokens => ("available_tokens", d.available),
+            }));
             Component {
                 name: name.clone(),
                 kind: "pace",
@@ -210,6 +213,45 @@ impl Health {
     /// The shallow check: `false` from the moment shutdown is triggered.
     pub fn is_ready(&self) -> bool {
         self.shutdown.is_ready()
+    }
+
+    /// Sets the gauges of every registered component from one report:
+    /// `semaforo_<kind>_<detail>{name}` (e.g. `semaforo_bulkhead_in_flight`,
+    /// `semaforo_breaker_open`, `semaforo_pace_available_tokens`), plus
+    /// `semaforo_in_flight` and `semaforo_ready` of the shutdown layer. See
+    /// [`observe`](crate::observe) for the counters and histograms.
+    #[cfg(feature = "metrics")]
+    pub fn record_metrics(&self) {
+        let report = self.report();
+        metrics::gauge!("semaforo_in_flight").set(report.in_flight as f64);
+        metrics::gauge!("semaforo_ready").set(f64::from(u8::from(report.ready)));
+        for c in &report.components {
+            for (detail, value) in &c.details {
+                metrics::gauge!(format!("semaforo_{}_{detail}", c.kind), "name" => c.name.clone())
+                    .set(*value);
+            }
+        }
+    }
+
+    /// Calls [`record_metrics`](Self::record_metrics) every `every` on the
+    /// current tokio runtime, until the returned handle is aborted or dropped
+    /// with the runtime. Outside a tokio runtime it returns the error instead.
+    #[cfg(feature = "metrics")]
+    pub fn spawn_metrics(
+        &self,
+        every: std::time::Duration,
+    ) -> Result<tokio::task::JoinHandle<()>, tokio::runtime::TryCurrentError> {
+        let runtime = tokio::runtime::Handle::try_current()?;
+        let health = self.clone();
+        let every = every.max(std::time::Duration::from_millis(1));
+        Ok(runtime.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                health.record_metrics();
+            }
+        }))
     }
 
     /// The deep report.

@@ -67,6 +67,7 @@ use crate::bulkhead::{Bulkhead, BulkheadService, InfoFns};
 use crate::classify::{LlmClassifier, LlmHeadClassifier, RateLimitInfo};
 use crate::error::ConfigError;
 use crate::guard::{OnBodyEnd, OnResponse};
+use crate::observe::{Event, ListenerSlot};
 use crate::pace::{Cost, Observed, Pace, PaceService, UsageFromBody};
 use crate::quota::{HeaderKey, PlanId, Quota, QuotaLayer, QuotaService, UnitCost};
 use crate::retry::{HttpRequests, Retry, RetryService};
@@ -122,6 +123,7 @@ pub struct LlmStackBuilder {
     pace: Option<Pace>,
     timeout: Option<Timeout>,
     stream_timeout: Option<Timeout>,
+    listener: ListenerSlot,
 }
 
 impl LlmStack {
@@ -144,6 +146,7 @@ impl LlmStack {
             pace: None,
             timeout: None,
             stream_timeout: None,
+            listener: ListenerSlot::default(),
         }
     }
 
@@ -176,6 +179,14 @@ impl LlmStackBuilder {
     /// Names every part ("openai" by default) in errors.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
+        self
+    }
+
+    /// Calls `f` for the events of every part this builder makes, and of the
+    /// shutdown (parts given ready-made keep their own listeners); see
+    /// [`observe`](crate::observe).
+    pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        self.listener.set(f);
         self
     }
 
@@ -246,9 +257,22 @@ impl LlmStackBuilder {
         }
         let t = |secs: f64| Duration::from_secs_f64(secs / scale);
         let name = self.name.as_str();
+        let listener = self.listener.0.clone();
+        // Passes the preset's listener to a part's builder.
+        macro_rules! heard {
+            ($builder:expr) => {
+                match &listener {
+                    Some(l) => {
+                        let l = l.clone();
+                        $builder.on_event(move |e: &Event<'_>| l(e))
+                    }
+                    None => $builder,
+                }
+            };
+        }
         let bulkhead = match self.bulkhead {
             Some(b) => b,
-            None => Bulkhead::builder()
+            None => heard!(Bulkhead::builder())
                 .name(name)
                 .max_concurrent(8)
                 .max_queue(1_000)
@@ -257,7 +281,7 @@ impl LlmStackBuilder {
         };
         let retry = match self.retry {
             Some(r) => r,
-            None => Retry::builder()
+            None => heard!(Retry::builder())
                 .name(name)
                 .max_attempts(4)
                 .backoff(
@@ -271,7 +295,7 @@ impl LlmStackBuilder {
         };
         let breaker = match self.breaker {
             Some(b) => b,
-            None => Breaker::builder()
+            None => heard!(Breaker::builder())
                 .name(name)
                 .consecutive_failures(5)
                 .open_for(t(30.0))
@@ -281,7 +305,7 @@ impl LlmStackBuilder {
         let per_minute = |n: u64| (n as f64 * scale).round() as u64;
         let pace = match self.pace {
             Some(p) => p,
-            None => Pace::builder()
+            None => heard!(Pace::builder())
                 .name(name)
                 .requests_per_minute(per_minute(self.tier.requests_per_minute))
                 .burst(self.tier.requests_per_minute)
@@ -296,11 +320,14 @@ impl LlmStackBuilder {
         };
         let timeout = match self.timeout {
             Some(t) => t,
-            None => Timeout::builder().name(name).attempt(t(120.0)).build()?,
+            None => heard!(Timeout::builder())
+                .name(name)
+                .attempt(t(120.0))
+                .build()?,
         };
         let stream_timeout = match self.stream_timeout {
             Some(t) => t,
-            None => Timeout::builder()
+            None => heard!(Timeout::builder())
                 .name(name)
                 .attempt(t(120.0))
                 .first_chunk(t(60.0))
@@ -308,6 +335,9 @@ impl LlmStackBuilder {
                 .build()?,
         };
         let shutdown = self.shutdown.unwrap_or_default();
+        if let Some(l) = listener {
+            shutdown.on_event(move |e: &Event<'_>| l(e));
+        }
         shutdown.watch_bulkhead(&bulkhead);
         shutdown.watch_pace(&pace);
         Ok(LlmStack {

@@ -66,6 +66,7 @@ pub use service::{
 pub use service::{UsageBody, UsageFromBody};
 
 use crate::error::ConfigError;
+use crate::observe::{Event, ListenerSlot, Observer};
 use state::{Dim, State};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -134,7 +135,7 @@ pub struct PaceSnapshot {
 
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) name: Option<Arc<str>>,
+    pub(crate) obs: Observer,
     pub(crate) max_wait: Option<Duration>,
     state: Mutex<State>,
     /// The AIMD factor is below 1: successes must be recorded to recover.
@@ -158,6 +159,7 @@ pub struct Pace {
 #[must_use = "call .build() to get a Pace"]
 pub struct PaceBuilder {
     name: Option<Arc<str>>,
+    listener: ListenerSlot,
     dims: Vec<(Unit, u64, Duration, Option<u64>)>,
     max_wait: Option<Duration>,
 }
@@ -166,6 +168,14 @@ impl PaceBuilder {
     /// Names the pacer in errors.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Calls `f` for each of this pacer's events (queued, admitted after a
+    /// wait, rejected, paused by the upstream, resumed); see
+    /// [`observe`](crate::observe).
+    pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        self.listener.set(f);
         self
     }
 
@@ -241,7 +251,7 @@ impl PaceBuilder {
         }
         Ok(Pace {
             shared: Arc::new(Shared {
-                name: self.name,
+                obs: Observer::new(self.name, self.listener.0),
                 max_wait: self.max_wait,
                 state: Mutex::new(State::new(dims)),
                 slowed: std::sync::atomic::AtomicBool::new(false),

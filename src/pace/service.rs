@@ -2,6 +2,7 @@ use super::state::Fit;
 use super::{Cost, Shared};
 use crate::classify::{Class, Classify, RateLimitInfo};
 use crate::error::{BoxError, RejectKind, Rejected};
+use crate::observe::EventKind;
 use pin_project::{pin_project, pinned_drop};
 use std::fmt;
 use std::future::Future;
@@ -248,7 +249,7 @@ pub struct PaceLayer<W, O, C, D = AtResponse> {
 impl<W, O, C, D> fmt::Debug for PaceLayer<W, O, C, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PaceLayer")
-            .field("name", &self.shared.name)
+            .field("name", &self.shared.obs.name)
             .finish_non_exhaustive()
     }
 }
@@ -343,7 +344,7 @@ impl<S: fmt::Debug, W, O, C, D> fmt::Debug for PaceService<S, W, O, C, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PaceService")
             .field("inner", &self.inner)
-            .field("name", &self.shared.name)
+            .field("name", &self.shared.obs.name)
             .finish_non_exhaustive()
     }
 }
@@ -379,6 +380,9 @@ where
                 let svc = std::mem::replace(&mut self.inner, clone);
                 State::Waiting {
                     waiting: Some(Box::new(Waiting {
+                        span: self.shared.obs.span("pace", "wait"),
+                        since: Instant::now(),
+                        admitted: false,
                         slot,
                         seq,
                         svc,
@@ -387,9 +391,12 @@ where
                     })),
                 }
             }
-            Admit::Rejected(r) => State::Rejected {
-                rejected: Some(Box::new(r)),
-            },
+            Admit::Rejected(r) => {
+                self.shared.obs.rejected(&r);
+                State::Rejected {
+                    rejected: Some(Box::new(r)),
+                }
+            }
         };
         ResponseFuture {
             state,
@@ -415,14 +422,18 @@ impl Shared {
     pub(crate) fn admit(&self, cost: &Cost, now: Instant) -> Admit {
         let rejected = |detail: String| {
             Rejected::new("pace", RejectKind::BudgetExceeded)
-                .with_name_opt(self.name.as_ref())
+                .with_name_opt(self.obs.name.as_ref())
                 .with_detail(detail)
         };
         let mut st = self.lock();
         if st.closed {
             return Admit::Rejected(
-                Rejected::new("pace", RejectKind::ShuttingDown).with_name_opt(self.name.as_ref()),
+                Rejected::new("pace", RejectKind::ShuttingDown)
+                    .with_name_opt(self.obs.name.as_ref()),
             );
+        }
+        if st.resume_if_due(now) {
+            self.obs.emit("pace", EventKind::PaceResumed);
         }
         for dim in &st.dims {
             let n = dim.amount(cost);
@@ -447,7 +458,10 @@ impl Shared {
                             .with_retry_after(wait - max),
                     ),
                     None => {
+                        let position = st.line_len();
                         let (slot, seq) = st.enqueue(*cost);
+                        drop(st);
+                        self.obs.emit("pace", EventKind::Queued { position });
                         Admit::Queued(slot, seq)
                     }
                 }
@@ -457,6 +471,10 @@ impl Shared {
 }
 
 struct Waiting<S, Req> {
+    /// `semaforo.wait`, entered while this call waits.
+    span: tracing::Span,
+    since: Instant,
+    admitted: bool,
     slot: u32,
     seq: u64,
     svc: S,
@@ -531,23 +549,38 @@ where
                     let Some(w) = waiting.as_mut() else {
                         return Poll::Ready(Err("pace future polled after completion".into()));
                     };
-                    let turn = {
+                    let _in_span = w.span.clone().entered();
+                    let now = Instant::now();
+                    let (turn, resumed) = {
                         let mut st = this.shared.lock();
                         if st.closed {
                             st.leave(w.slot, w.seq);
                             drop(st);
                             *waiting = None;
-                            return Poll::Ready(Err(Rejected::new(
-                                "pace",
-                                RejectKind::ShuttingDown,
-                            )
-                            .with_name_opt(this.shared.name.as_ref())
-                            .into()));
+                            let r = Rejected::new("pace", RejectKind::ShuttingDown)
+                                .with_name_opt(this.shared.obs.name.as_ref());
+                            this.shared.obs.rejected(&r);
+                            return Poll::Ready(Err(r.into()));
                         }
-                        st.poll_turn(w.slot, w.seq, cx.waker(), Instant::now())
+                        let turn = st.poll_turn(w.slot, w.seq, cx.waker(), now);
+                        let resumed = turn.is_ok() && st.resume_if_due(now);
+                        (turn, resumed)
                     };
+                    if resumed {
+                        this.shared.obs.emit("pace", EventKind::PaceResumed);
+                    }
                     match turn {
-                        Ok(()) => {}
+                        Ok(()) => {
+                            if !w.admitted {
+                                w.admitted = true;
+                                this.shared.obs.emit(
+                                    "pace",
+                                    EventKind::Admitted {
+                                        waited: now - w.since,
+                                    },
+                                );
+                            }
+                        }
                         Err(None) => return Poll::Pending,
                         Err(Some(at)) => {
                             match w.sleep.as_mut() {
@@ -589,9 +622,10 @@ where
                         return Poll::Ready(result.map(deliver).map_err(Into::into));
                     }
                     let mut st = this.shared.lock();
+                    let mut paused = None;
                     match class {
                         Class::Throttled { retry_after } => {
-                            st.throttled(retry_after, Instant::now())
+                            paused = st.throttled(retry_after, Instant::now())
                         }
                         Class::Success => st.succeeded(),
                         _ => {}
@@ -608,6 +642,15 @@ where
                         }
                     }
                     drop(st);
+                    if let Some(pause) = paused {
+                        this.shared.obs.emit(
+                            "pace",
+                            EventKind::PacePaused {
+                                pause,
+                                reason: "throttled by the upstream",
+                            },
+                        );
+                    }
                     return Poll::Ready(result.map(deliver).map_err(Into::into));
                 }
             }

@@ -149,6 +149,22 @@ impl State {
         Fit::At(self.instant(s))
     }
 
+    /// Calls in line now.
+    pub(crate) fn line_len(&self) -> usize {
+        self.line.len()
+    }
+
+    /// Ends a pause that has run out; `true` once, when it does.
+    pub(crate) fn resume_if_due(&mut self, now: Instant) -> bool {
+        match self.paused_until {
+            Some(p) if p <= now => {
+                self.paused_until = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn enqueue(&mut self, cost: Cost) -> (u32, u64) {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -254,14 +270,22 @@ impl State {
         self.wake_head();
     }
 
-    /// The upstream said 429: pause every dispatch and slow down.
-    pub(crate) fn throttled(&mut self, retry_after: Option<Duration>, now: Instant) {
+    /// The upstream said 429: pause every dispatch and slow down. Returns the
+    /// pause when this starts one (not when it only extends a running one).
+    pub(crate) fn throttled(
+        &mut self,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) -> Option<Duration> {
         self.throttled += 1;
-        let until = now + retry_after.unwrap_or(DEFAULT_PAUSE);
+        let pause = retry_after.unwrap_or(DEFAULT_PAUSE);
+        let until = now + pause;
+        let started = self.paused_until.is_none_or(|p| p <= now);
         if self.paused_until.is_none_or(|p| p < until) {
             self.paused_until = Some(until);
         }
         self.factor = (self.factor * DECREASE).max(FLOOR);
+        started.then_some(pause)
     }
 
     pub(crate) fn is_slowed(&self) -> bool {

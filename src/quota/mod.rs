@@ -60,6 +60,7 @@ pub use service::HeaderKey;
 pub use service::{QuotaCost, QuotaKey, QuotaLayer, QuotaService, ResponseFuture, UnitCost};
 
 use crate::error::{ConfigError, RateLimitPolicy};
+use crate::observe::{Event, ListenerSlot, Observer};
 use cell::Cell;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
@@ -165,7 +166,7 @@ pub(crate) struct Plan<K: Hash + Eq + Clone> {
 }
 
 pub(crate) struct Shared<K: Hash + Eq + Clone> {
-    pub(crate) name: Option<Arc<str>>,
+    pub(crate) obs: Observer,
     pub(crate) plans: Vec<Plan<K>>,
     pub(crate) global: Option<(Arc<RateLimitPolicy>, Cell)>,
     /// Wait mode: how long a call over its quota may wait in its key's line.
@@ -215,7 +216,7 @@ impl<K: Hash + Eq + Clone> Clone for Quota<K> {
 impl<K: Hash + Eq + Clone> std::fmt::Debug for Quota<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Quota")
-            .field("name", &self.shared.name)
+            .field("name", &self.shared.obs.name)
             .field(
                 "plans",
                 &self
@@ -234,6 +235,7 @@ impl<K: Hash + Eq + Clone> std::fmt::Debug for Quota<K> {
 #[must_use = "call .build() to get a Quota"]
 pub struct QuotaBuilder {
     name: Option<Arc<str>>,
+    listener: ListenerSlot,
     plans: Vec<(Arc<str>, Rate)>,
     global: Option<Rate>,
     max_wait: Option<Duration>,
@@ -243,6 +245,13 @@ impl QuotaBuilder {
     /// Names the quota in errors and `RateLimit-Policy`.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Calls `f` for each of this quota's events (rejected; queued and
+    /// admitted in wait mode); see [`observe`](crate::observe).
+    pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        self.listener.set(f);
         self
     }
 
@@ -320,7 +329,7 @@ impl QuotaBuilder {
         };
         Ok(Quota {
             shared: Arc::new(Shared {
-                name: self.name,
+                obs: Observer::new(self.name, self.listener.0),
                 plans,
                 global,
                 max_wait: self.max_wait,

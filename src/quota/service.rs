@@ -1,6 +1,7 @@
 use super::wait::Turn;
 use super::{PlanId, Shared, TokioClock};
 use crate::error::{BoxError, RejectKind, Rejected};
+use crate::observe::EventKind;
 use governor::clock::Clock;
 use pin_project::pin_project;
 use std::fmt;
@@ -103,7 +104,7 @@ impl<K: Hash + Eq + Clone, F: Clone, W: Clone> Clone for QuotaLayer<K, F, W> {
 impl<K: Hash + Eq + Clone, F, W> fmt::Debug for QuotaLayer<K, F, W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QuotaLayer")
-            .field("name", &self.shared.as_ref().map(|s| &s.name))
+            .field("name", &self.shared.as_ref().map(|s| &s.obs.name))
             .finish_non_exhaustive()
     }
 }
@@ -228,11 +229,13 @@ impl<K: Hash + Eq + Clone> Shared<K> {
         } else {
             format!("{what}: {why}")
         };
-        Rejected::new("quota", RejectKind::QuotaExceeded)
-            .with_name_opt(self.name.as_ref())
+        let r = Rejected::new("quota", RejectKind::QuotaExceeded)
+            .with_name_opt(self.obs.name.as_ref())
             .with_policy(policy.clone())
             .with_detail(detail)
-            .with_retry_after(wait)
+            .with_retry_after(wait);
+        self.obs.rejected(&r);
+        r
     }
 
     /// Takes `cost` from the global limit and `key`'s plan, or neither.
@@ -264,15 +267,15 @@ impl<K: Hash + Eq + Clone> Shared<K> {
     #[cold]
     fn never(&self, plan: &super::Plan<K>, cost: u32) -> Refusal {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        Refusal::Never(
-            Rejected::new("quota", RejectKind::QuotaExceeded)
-                .with_name_opt(self.name.as_ref())
-                .with_policy(plan.policy.clone())
-                .with_detail(format!(
-                    "a cost of {cost} can never fit plan '{}' (burst {})",
-                    plan.name, plan.rate.burst
-                )),
-        )
+        let r = Rejected::new("quota", RejectKind::QuotaExceeded)
+            .with_name_opt(self.obs.name.as_ref())
+            .with_policy(plan.policy.clone())
+            .with_detail(format!(
+                "a cost of {cost} can never fit plan '{}' (burst {})",
+                plan.name, plan.rate.burst
+            ));
+        self.obs.rejected(&r);
+        Refusal::Never(r)
     }
 }
 
@@ -317,7 +320,10 @@ where
                 // once admitted (holding readiness through a wait could hold a
                 // permit of an inner limiter).
                 let svc = self.inner.clone();
+                let now = Instant::now();
                 ResponseFuture::waiting(Waiting {
+                    span: shared.obs.span("quota", "wait"),
+                    since: now,
                     shared: shared.clone(),
                     key,
                     plan,
@@ -325,8 +331,8 @@ where
                     in_line: true,
                     svc,
                     req: Some(req),
-                    sleep: tokio::time::sleep_until(Instant::now() + max_wait),
-                    deadline: Instant::now() + max_wait,
+                    sleep: tokio::time::sleep_until(now + max_wait),
+                    deadline: now + max_wait,
                 })
             }
             Err(r) => ResponseFuture::rejected(r),
@@ -362,6 +368,9 @@ enum State<S: Service<Req>, Req, K: Hash + Eq + Clone> {
 /// A call in its key's line.
 #[pin_project(PinnedDrop)]
 struct Waiting<S, Req, K: Hash + Eq + Clone> {
+    /// `semaforo.wait`, entered while this call waits.
+    span: tracing::Span,
+    since: Instant,
     shared: Arc<Shared<K>>,
     key: K,
     plan: PlanId,
@@ -388,6 +397,7 @@ impl<S: Service<Req>, Req, K: Hash + Eq + Clone> Waiting<S, Req, K> {
     /// Ready once admitted (`Ok`) or refused.
     fn poll_turn(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Rejected>> {
         let mut this = self.project();
+        let _in_span = this.span.enter();
         loop {
             if !*this.in_line {
                 return Poll::Ready(Ok(()));
@@ -401,7 +411,15 @@ impl<S: Service<Req>, Req, K: Hash + Eq + Clone> Waiting<S, Req, K> {
             );
             let now = Instant::now();
             match turn {
-                Turn::Admitted => *this.in_line = false,
+                Turn::Admitted => {
+                    *this.in_line = false;
+                    this.shared.obs.emit(
+                        "quota",
+                        EventKind::Admitted {
+                            waited: now - *this.since,
+                        },
+                    );
+                }
                 Turn::Refused(r) => {
                     *this.in_line = false;
                     return Poll::Ready(Err(r));

@@ -10,6 +10,7 @@
 use super::service::Refusal;
 use super::{PlanId, Shared};
 use crate::error::Rejected;
+use crate::observe::EventKind;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -123,16 +124,16 @@ impl<K: Hash + Eq + Clone> Lines<K> {
         }
         let id = inner.next_id;
         inner.next_id += 1;
-        inner
-            .lines
-            .entry(key.clone())
-            .or_default()
-            .push_back(Entry {
-                id,
-                cost,
-                waker: None,
-            });
+        let line = inner.lines.entry(key.clone()).or_default();
+        let position = line.len();
+        line.push_back(Entry {
+            id,
+            cost,
+            waker: None,
+        });
         self.waiting.fetch_add(1, Ordering::AcqRel);
+        drop(inner);
+        shared.obs.emit("quota", EventKind::Queued { position });
         Ok(Some(id))
     }
 

@@ -72,7 +72,8 @@ pub use service::{
 
 use crate::backoff::{Backoff, Jitter};
 use crate::classify::{Class, ErrorClassifier};
-use crate::error::{BoxError, ConfigError};
+use crate::error::{BoxError, ConfigError, RejectKind};
+use crate::observe::{Event, EventKind, ListenerSlot, Observer};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -121,7 +122,7 @@ pub(crate) enum Decision {
 }
 
 pub(crate) struct Shared {
-    pub(crate) name: Option<Arc<str>>,
+    pub(crate) obs: Observer,
     pub(crate) max_attempts: u32,
     pub(crate) backoff: Backoff,
     pub(crate) ceiling: Duration,
@@ -136,7 +137,7 @@ pub(crate) struct Shared {
 impl fmt::Debug for Shared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
-            .field("name", &self.name)
+            .field("name", &self.obs.name)
             .field("max_attempts", &self.max_attempts)
             .field("backoff", &self.backoff)
             .field("ceiling", &self.ceiling)
@@ -176,10 +177,25 @@ impl Shared {
         if let Some(b) = &self.budget {
             if !b.try_withdraw() {
                 self.gave_up_budget.fetch_add(1, Ordering::Relaxed);
+                self.obs.emit(
+                    "retry",
+                    EventKind::Rejected {
+                        kind: RejectKind::RetryBudgetExhausted,
+                        retry_after: None,
+                    },
+                );
                 return Decision::Return;
             }
         }
         self.retries.fetch_add(1, Ordering::Relaxed);
+        self.obs.emit(
+            "retry",
+            EventKind::Retried {
+                class: *class,
+                attempt,
+                delay,
+            },
+        );
         if let Some(f) = &self.on_retry {
             f(&RetryEvent {
                 attempt,
@@ -201,6 +217,7 @@ pub struct Retry {
 #[must_use = "call .build() to get a Retry"]
 pub struct RetryBuilder {
     name: Option<Arc<str>>,
+    listener: ListenerSlot,
     max_attempts: u32,
     backoff: Option<Backoff>,
     ceiling: Duration,
@@ -232,6 +249,14 @@ impl RetryBuilder {
     /// Names the layer in errors and events.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Calls `f` for each of this layer's events (retried; rejected when the
+    /// retry budget is spent or the deadline passes); see
+    /// [`observe`](crate::observe).
+    pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        self.listener.set(f);
         self
     }
 
@@ -312,7 +337,7 @@ impl RetryBuilder {
         };
         Ok(Retry {
             shared: Arc::new(Shared {
-                name: self.name,
+                obs: Observer::new(self.name, self.listener.0),
                 max_attempts: self.max_attempts,
                 backoff,
                 ceiling: self.ceiling,
@@ -332,6 +357,7 @@ impl Retry {
     pub fn builder() -> RetryBuilder {
         RetryBuilder {
             name: None,
+            listener: ListenerSlot::default(),
             max_attempts: 3,
             backoff: None,
             ceiling: DEFAULT_RETRY_AFTER_CEILING,

@@ -294,6 +294,7 @@ where
                     shared: self.shared.clone(),
                     attempt: 1,
                     prev_delay: Duration::ZERO,
+                    span: None,
                 };
                 (fut, Some(retry))
             }
@@ -317,6 +318,8 @@ struct Retrying<S, Req, P> {
     shared: Arc<Shared>,
     attempt: u32,
     prev_delay: Duration,
+    /// `semaforo.retry`, from the first retry on.
+    span: Option<tracing::Span>,
 }
 
 /// The response future of [`RetryService`].
@@ -342,10 +345,13 @@ impl<S: Service<Req>, Req, C, P> fmt::Debug for ResponseFuture<S, Req, C, P> {
 fn deadline_error(shared: Option<&Arc<Shared>>, total: Option<Duration>) -> BoxError {
     let mut r = Rejected::new("retry", RejectKind::Timeout);
     if let Some(s) = shared {
-        r = r.with_name_opt(s.name.as_ref());
+        r = r.with_name_opt(s.obs.name.as_ref());
     }
     if let Some(t) = total {
         r = r.with_detail(format!("deadline {t:?}"));
+    }
+    if let Some(s) = shared {
+        s.obs.rejected(&r);
     }
     r.into()
 }
@@ -361,6 +367,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let mut _in_span = this
+            .retry
+            .as_ref()
+            .and_then(|r| r.span.clone())
+            .map(tracing::Span::entered);
         loop {
             if let Some(d) = this.deadline.as_mut() {
                 if d.as_mut().poll(cx).is_ready() {
@@ -404,6 +415,11 @@ where
                         }))
                     }
                     Decision::Retry(delay) => {
+                        if retry.span.is_none() {
+                            let span = retry.shared.obs.span("retry", "retry");
+                            _in_span = Some(span.clone().entered());
+                            retry.span = Some(span);
+                        }
                         retry.prev_delay = delay;
                         retry.attempt += 1;
                         match this.sleep.as_mut() {

@@ -54,6 +54,7 @@ pub use service::{CutAtDeadline, DrainingBody, DRAIN_EVENT};
 pub use service::{HoldInFlight, InFlight, ResponseFuture, ShutdownLayer, ShutdownService};
 
 use crate::bulkhead::Bulkhead;
+use crate::observe::{Event, EventKind, ListenerSlot, Observer, ShutdownPhase};
 use crate::pace::Pace;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -75,6 +76,20 @@ pub(crate) struct Shared {
     bulkheads: Mutex<Vec<Bulkhead>>,
     paces: Mutex<Vec<Pace>>,
     pub(crate) retry_after: Duration,
+    listener: std::sync::RwLock<ListenerSlot>,
+}
+
+impl Shared {
+    /// Emits `kind` (phases and refusals: never on a call that passes).
+    pub(crate) fn emit(&self, kind: EventKind) {
+        let listener = self
+            .listener
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone();
+        Observer::new(None, listener).emit("shutdown", kind);
+    }
 }
 
 /// How long a drain waits, after cancelling at its deadline, for the cancelled
@@ -133,8 +148,20 @@ impl Shutdown {
                 bulkheads: Mutex::new(Vec::new()),
                 paces: Mutex::new(Vec::new()),
                 retry_after,
+                listener: std::sync::RwLock::new(ListenerSlot::default()),
             }),
         }
+    }
+
+    /// Calls `f` for each shutdown event (draining, drained or cut, refusals
+    /// after the trigger); see [`observe`](crate::observe). Replaces an
+    /// earlier listener; clones share it.
+    pub fn on_event(&self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) {
+        *self
+            .shared
+            .listener
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = ListenerSlot(Some(Arc::new(f)));
     }
 
     /// The layer; put it outermost.
@@ -167,6 +194,9 @@ impl Shutdown {
             return;
         }
         self.shared.ready.send_replace(false);
+        self.shared.emit(EventKind::Shutdown {
+            phase: ShutdownPhase::Draining,
+        });
         let bulkheads = std::mem::take(
             &mut *self
                 .shared
@@ -218,7 +248,8 @@ impl Shutdown {
                 break;
             }
         }
-        if self.in_flight() > 0 {
+        let cut = self.in_flight() > 0;
+        if cut {
             self.shared.cancel.cancel();
             // Cancelled futures and cut bodies finish at their next poll, which
             // other tasks (a server's connections) run: give them up to
@@ -235,6 +266,13 @@ impl Shutdown {
                 }
             }
         }
+        self.shared.emit(EventKind::Shutdown {
+            phase: if cut {
+                ShutdownPhase::Cut
+            } else {
+                ShutdownPhase::Drained
+            },
+        });
         DrainReport {
             completed: self.shared.completed.load(Ordering::Acquire),
             cancelled: self.shared.cancelled.load(Ordering::Acquire),

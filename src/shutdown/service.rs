@@ -270,6 +270,10 @@ where
             self.shared.rejected.fetch_add(1, Ordering::Relaxed);
             let r = Rejected::new("shutdown", RejectKind::ShuttingDown)
                 .with_retry_after(self.shared.retry_after);
+            self.shared.emit(crate::observe::EventKind::Rejected {
+                kind: r.kind(),
+                retry_after: r.retry_after(),
+            });
             return ResponseFuture {
                 state: State::Rejected {
                     rejected: Some(Box::new(r)),

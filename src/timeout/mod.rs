@@ -55,6 +55,7 @@ pub use timed::TimedBody;
 pub use timed::TimedStream;
 
 use crate::error::ConfigError;
+use crate::observe::{Event, ListenerSlot, Observer};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,7 +76,7 @@ pub struct Limits {
 #[derive(Debug, Clone)]
 pub struct Timeout {
     limits: Limits,
-    name: Option<Arc<str>>,
+    obs: Option<Arc<Observer>>,
 }
 
 /// Builder for [`Timeout`]; [`build`](Self::build) validates it.
@@ -84,12 +85,19 @@ pub struct Timeout {
 pub struct TimeoutBuilder {
     limits: Limits,
     name: Option<Arc<str>>,
+    listener: ListenerSlot,
 }
 
 impl TimeoutBuilder {
     /// Names the layer in errors.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Calls `f` each time a limit expires; see [`observe`](crate::observe).
+    pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        self.listener.set(f);
         self
     }
 
@@ -138,10 +146,13 @@ impl TimeoutBuilder {
                 return Err(ConfigError::new("timeout", field, "must be above zero"));
             }
         }
-        Ok(Timeout {
-            limits: l,
-            name: self.name,
-        })
+        // Unnamed and unheard: nothing to carry per call (tracing still sees
+        // each expiry).
+        let obs = match (self.name, self.listener.0) {
+            (None, None) => None,
+            (name, listener) => Some(Arc::new(Observer::new(name, listener))),
+        };
+        Ok(Timeout { limits: l, obs })
     }
 }
 
@@ -155,6 +166,6 @@ impl Timeout {
     /// Use [`TimeoutLayer::streams`] or [`TimeoutLayer::bodies`] to follow a
     /// streamed answer to its end.
     pub fn layer(&self) -> TimeoutLayer<Whole> {
-        TimeoutLayer::new(self.limits, self.name.clone())
+        TimeoutLayer::new(self.limits, self.obs.clone())
     }
 }

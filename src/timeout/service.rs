@@ -1,6 +1,7 @@
 use super::timed::TimedStream;
 use super::Limits;
 use crate::error::{BoxError, RejectKind, Rejected};
+use crate::observe::Observer;
 use pin_project::pin_project;
 use std::fmt;
 use std::future::Future;
@@ -23,7 +24,7 @@ pub trait Timed<Res> {
         res: Res,
         limits: Limits,
         started: Option<Instant>,
-        name: Option<Arc<str>>,
+        obs: Option<Arc<Observer>>,
     ) -> Self::Response;
 }
 
@@ -34,7 +35,7 @@ pub struct Whole;
 impl<Res> Timed<Res> for Whole {
     type Response = Res;
     #[inline]
-    fn wrap(res: Res, _: Limits, _: Option<Instant>, _: Option<Arc<str>>) -> Res {
+    fn wrap(res: Res, _: Limits, _: Option<Instant>, _: Option<Arc<Observer>>) -> Res {
         res
     }
 }
@@ -49,9 +50,9 @@ impl<S> Timed<S> for WholeStream {
         res: S,
         limits: Limits,
         started: Option<Instant>,
-        name: Option<Arc<str>>,
+        obs: Option<Arc<Observer>>,
     ) -> TimedStream<S> {
-        TimedStream::new(res, limits, started.unwrap_or_else(Instant::now), name)
+        TimedStream::new(res, limits, started.unwrap_or_else(Instant::now), obs)
     }
 }
 
@@ -68,23 +69,23 @@ impl<B> Timed<http::Response<B>> for WholeBody {
         res: http::Response<B>,
         limits: Limits,
         started: Option<Instant>,
-        name: Option<Arc<str>>,
+        obs: Option<Arc<Observer>>,
     ) -> Self::Response {
         let started = started.unwrap_or_else(Instant::now);
-        res.map(|b| super::timed::TimedBody::new(b, limits, started, name))
+        res.map(|b| super::timed::TimedBody::new(b, limits, started, obs))
     }
 }
 
 /// The tower [`Layer`] of a [`Timeout`](super::Timeout).
 pub struct TimeoutLayer<M> {
     limits: Limits,
-    name: Option<Arc<str>>,
+    obs: Option<Arc<Observer>>,
     _mode: PhantomData<fn() -> M>,
 }
 
 impl<M> Clone for TimeoutLayer<M> {
     fn clone(&self) -> Self {
-        TimeoutLayer::new(self.limits, self.name.clone())
+        TimeoutLayer::new(self.limits, self.obs.clone())
     }
 }
 
@@ -92,29 +93,29 @@ impl<M> fmt::Debug for TimeoutLayer<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TimeoutLayer")
             .field("limits", &self.limits)
-            .field("name", &self.name)
+            .field("name", &self.obs.as_ref().and_then(|o| o.name.clone()))
             .finish()
     }
 }
 
 impl<M> TimeoutLayer<M> {
-    pub(crate) fn new(limits: Limits, name: Option<Arc<str>>) -> Self {
+    pub(crate) fn new(limits: Limits, obs: Option<Arc<Observer>>) -> Self {
         TimeoutLayer {
             limits,
-            name,
+            obs,
             _mode: PhantomData,
         }
     }
 
     /// Follow a `Stream` response to its end (first-chunk, idle and total limits).
     pub fn streams(self) -> TimeoutLayer<WholeStream> {
-        TimeoutLayer::new(self.limits, self.name)
+        TimeoutLayer::new(self.limits, self.obs)
     }
 
     /// Follow an `http::Response` body to its end (feature `http`).
     #[cfg(feature = "http")]
     pub fn bodies(self) -> TimeoutLayer<WholeBody> {
-        TimeoutLayer::new(self.limits, self.name)
+        TimeoutLayer::new(self.limits, self.obs)
     }
 }
 
@@ -125,7 +126,7 @@ impl<S, M> Layer<S> for TimeoutLayer<M> {
         TimeoutService {
             inner,
             limits: self.limits,
-            name: self.name.clone(),
+            obs: self.obs.clone(),
             _mode: PhantomData,
         }
     }
@@ -135,7 +136,7 @@ impl<S, M> Layer<S> for TimeoutLayer<M> {
 pub struct TimeoutService<S, M> {
     inner: S,
     limits: Limits,
-    name: Option<Arc<str>>,
+    obs: Option<Arc<Observer>>,
     _mode: PhantomData<fn() -> M>,
 }
 
@@ -144,7 +145,7 @@ impl<S: Clone, M> Clone for TimeoutService<S, M> {
         TimeoutService {
             inner: self.inner.clone(),
             limits: self.limits,
-            name: self.name.clone(),
+            obs: self.obs.clone(),
             _mode: PhantomData,
         }
     }
@@ -189,7 +190,7 @@ where
             which: until_response,
             limits: l,
             started: None,
-            name: self.name.clone(),
+            obs: self.obs.clone(),
             _mode: PhantomData,
         }
     }
@@ -206,7 +207,7 @@ pub struct ResponseFuture<F, M> {
     which: Option<(Duration, &'static str)>,
     limits: Limits,
     started: Option<Instant>,
-    name: Option<Arc<str>>,
+    obs: Option<Arc<Observer>>,
     _mode: PhantomData<fn() -> M>,
 }
 
@@ -229,7 +230,7 @@ where
         let this = self.project();
         if let Poll::Ready(result) = this.fut.poll(cx) {
             return Poll::Ready(match result {
-                Ok(res) => Ok(M::wrap(res, *this.limits, *this.started, this.name.clone())),
+                Ok(res) => Ok(M::wrap(res, *this.limits, *this.started, this.obs.clone())),
                 Err(e) => Err(e.into()),
             });
         }
@@ -242,10 +243,11 @@ where
         if let Some(sleep) = this.sleep.as_mut() {
             if sleep.as_mut().poll(cx).is_ready() {
                 let (d, which) = this.which.unwrap_or((Duration::ZERO, "attempt"));
-                return Poll::Ready(Err(Rejected::new("timeout", RejectKind::Timeout)
-                    .with_name_opt(this.name.as_ref())
-                    .with_detail(format!("{which} {d:?}"))
-                    .into()));
+                let r = Rejected::new("timeout", RejectKind::Timeout)
+                    .with_name_opt(this.obs.as_ref().and_then(|o| o.name.as_ref()))
+                    .with_detail(format!("{which} {d:?}"));
+                super::timed::observe(this.obs.as_deref(), &r);
+                return Poll::Ready(Err(r.into()));
             }
         }
         Poll::Pending

@@ -9,6 +9,7 @@
 
 use super::Limits;
 use crate::error::{BoxError, RejectKind, Rejected};
+use crate::observe::Observer;
 use futures_core::Stream;
 use pin_project::pin_project;
 use std::future::Future;
@@ -39,11 +40,11 @@ struct Watch {
     last_progress: Instant,
     got_first: bool,
     done: bool,
-    name: Option<Arc<str>>,
+    obs: Option<Arc<Observer>>,
 }
 
 impl Watch {
-    fn new(limits: Limits, started: Instant, name: Option<Arc<str>>) -> Self {
+    fn new(limits: Limits, started: Instant, obs: Option<Arc<Observer>>) -> Self {
         let now = Instant::now();
         let total_at = limits.total.map(|t| started + t);
         let first = [
@@ -61,7 +62,7 @@ impl Watch {
             last_progress: now,
             got_first: false,
             done: false,
-            name,
+            obs,
         }
     }
 
@@ -122,7 +123,7 @@ impl Watch {
             let (at, what) = self.deadline()?;
             if Instant::now() >= at {
                 self.done = true;
-                return Some(timeout_error(self.name.as_ref(), what));
+                return Some(timeout_error(self.obs.as_ref(), what));
             }
             if self.timer.deadline() != at {
                 self.timer.as_mut().reset(at);
@@ -134,16 +135,25 @@ impl Watch {
     }
 }
 
-fn timeout_error(name: Option<&Arc<str>>, what: Expired) -> BoxError {
+/// Tells the layer's observers (or, unnamed and unheard, tracing alone).
+pub(crate) fn observe(obs: Option<&Observer>, r: &Rejected) {
+    match obs {
+        Some(o) => o.rejected(r),
+        None => Observer::default().rejected(r),
+    }
+}
+
+fn timeout_error(obs: Option<&Arc<Observer>>, what: Expired) -> BoxError {
     let detail = match what {
         Expired::FirstChunk(d) => format!("no first chunk within {d:?}"),
         Expired::Idle(d) => format!("no progress for {d:?}"),
         Expired::Total(d) => format!("total {d:?}"),
     };
-    Rejected::new("timeout", RejectKind::Timeout)
-        .with_name_opt(name)
-        .with_detail(detail)
-        .into()
+    let r = Rejected::new("timeout", RejectKind::Timeout)
+        .with_name_opt(obs.and_then(|o| o.name.as_ref()))
+        .with_detail(detail);
+    observe(obs.map(|o| &**o), &r);
+    r.into()
 }
 
 /// A `Stream` of `Result`s under first-chunk, idle and total deadlines. A
@@ -158,10 +168,15 @@ pub struct TimedStream<S> {
 }
 
 impl<S> TimedStream<S> {
-    pub(crate) fn new(inner: S, limits: Limits, started: Instant, name: Option<Arc<str>>) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        limits: Limits,
+        started: Instant,
+        obs: Option<Arc<Observer>>,
+    ) -> Self {
         TimedStream {
             inner,
-            watch: Watch::new(limits, started, name),
+            watch: Watch::new(limits, started, obs),
         }
     }
 }
@@ -196,10 +211,15 @@ pub struct TimedBody<B> {
 
 #[cfg(feature = "http")]
 impl<B> TimedBody<B> {
-    pub(crate) fn new(inner: B, limits: Limits, started: Instant, name: Option<Arc<str>>) -> Self {
+    pub(crate) fn new(
+        inner: B,
+        limits: Limits,
+        started: Instant,
+        obs: Option<Arc<Observer>>,
+    ) -> Self {
         TimedBody {
             inner,
-            watch: Watch::new(limits, started, name),
+            watch: Watch::new(limits, started, obs),
         }
     }
 }

@@ -1,0 +1,432 @@
+//! One event model for every layer, delivered three ways: a `tracing` event, an
+//! optional listener callback, and (feature `metrics`) the `metrics` facade.
+//!
+//! Events happen at **transitions** — a call queued, admitted after a wait,
+//! refused, retried; a breaker changing state; a pacer pausing after a 429 or
+//! resuming; shutdown phases — never for a call that simply passes. A call that
+//! passes every layer at once costs nothing here, whatever is listening.
+//!
+//! # tracing
+//!
+//! Target `semaforo`, fields `layer` (`"bulkhead"`, `"quota"`, …), `name` (the
+//! instance's [`name`](crate::bulkhead::BulkheadBuilder::name), empty when
+//! unnamed) and the event's own fields. Levels: what can happen once per call
+//! (queued, admitted after a wait, rejected, retried) is `DEBUG`; a breaker
+//! opening and a pacer pausing are `WARN`; recoveries and shutdown phases are
+//! `INFO`. So `INFO` never logs per call. A call that waits in a line or retries
+//! runs inside a `DEBUG` span `semaforo.wait` / `semaforo.retry` with the same
+//! `layer` and `name` fields, so the inner service's own events nest under it.
+//!
+//! # Listener
+//!
+//! Every builder takes `.on_event(|e: &Event| …)`; the LLM preset passes one
+//! listener to all its layers. The listener runs inline, on the thread that
+//! caused the event: keep it short (push to a channel if it must do more).
+//!
+//! # Metrics (feature `metrics`)
+//!
+//! Recorded through the [`metrics`](https://docs.rs/metrics) facade, so any
+//! exporter works (Prometheus, StatsD, …). Labels: `layer`, `name`, plus the
+//! ones listed.
+//!
+//! | name | type | extra labels | from |
+//! |---|---|---|---|
+//! | `semaforo_rejected_total` | counter | `kind` (`queue_full`, `quota_exceeded`, …) | every refusal |
+//! | `semaforo_queued_total` | counter | | calls that had to wait |
+//! | `semaforo_wait_seconds` | histogram | | wait of each call admitted after waiting |
+//! | `semaforo_retries_total` | counter | `class` (`throttled`, `overloaded`, …) | every retry |
+//! | `semaforo_breaker_transitions_total` | counter | `to` (`open`, `half_open`, `closed`) | breaker |
+//! | `semaforo_pace_pauses_total` | counter | `reason` | pacer paused by the upstream |
+//! | `semaforo_shutdown_phase` | gauge | | 0 serving, 1 draining, 2 drained |
+//! | `semaforo_call_seconds` | histogram | `class` (`success`, `throttled`, …) | latency of each call the breaker classified |
+//!
+//! Levels — in flight, queue depth, breaker state, pace capacity, quota keys —
+//! are sampled rather than counted per call: register the layers with a
+//! [`Health`](crate::health::Health) and call
+//! [`Health::record_metrics`](crate::health::Health::record_metrics) (or
+//! [`spawn_metrics`](crate::health::Health::spawn_metrics)), which sets
+//! `semaforo_<kind>_<detail>` gauges labelled `name`, e.g.
+//! `semaforo_bulkhead_in_flight`, `semaforo_bulkhead_waiting`,
+//! `semaforo_breaker_open`, `semaforo_breaker_failure_rate`,
+//! `semaforo_pace_available_tokens`, `semaforo_pace_available_requests`,
+//! `semaforo_pace_waiting`, `semaforo_quota_keys`, and `semaforo_in_flight`,
+//! `semaforo_ready` for the shutdown layer.
+//!
+//! ```
+//! use semaforo::breaker::Breaker;
+//! use semaforo::observe::{Event, EventKind};
+//! use std::sync::{Arc, Mutex};
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), semaforo::BoxError> {
+//! let seen = Arc::new(Mutex::new(Vec::new()));
+//! let log = seen.clone();
+//! let breaker = Breaker::builder()
+//!     .name("payments")
+//!     .consecutive_failures(1)
+//!     .on_event(move |e: &Event| log.lock().unwrap().push((e.layer, e.kind.clone())))
+//!     .build()?;
+//! let svc = breaker.layer().layer(service_fn(|_: ()| async {
+//!     Err::<(), _>(std::io::Error::from(std::io::ErrorKind::TimedOut))
+//! }));
+//! let _ = svc.clone().oneshot(()).await; // fails: the breaker opens
+//! let _ = svc.oneshot(()).await; // refused
+//! let seen = seen.lock().unwrap();
+//! assert!(matches!(seen[0], ("breaker", EventKind::BreakerTransition { .. })));
+//! assert!(matches!(seen[1], ("breaker", EventKind::Rejected { .. })));
+//! # Ok(()) }
+//! ```
+
+use crate::breaker::BreakerState;
+use crate::classify::Class;
+use crate::error::{RejectKind, Rejected};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// A call had to wait (bulkhead line, quota wait mode, pacer reservation);
+    /// `position` is its place in line at arrival (0 = next).
+    Queued {
+        /// Callers ahead of it.
+        position: usize,
+    },
+    /// A call that waited was let through.
+    Admitted {
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// A call was refused without reaching the inner service.
+    Rejected {
+        /// Why.
+        kind: RejectKind,
+        /// When to come back, if known.
+        retry_after: Option<Duration>,
+    },
+    /// A failed attempt will be retried.
+    Retried {
+        /// How the attempt failed.
+        class: Class,
+        /// The attempt that failed (1 = the first).
+        attempt: u32,
+        /// The wait before the next attempt.
+        delay: Duration,
+    },
+    /// A breaker changed state.
+    BreakerTransition {
+        /// The state left.
+        from: BreakerState,
+        /// The state entered.
+        to: BreakerState,
+        /// Why ("consecutive failures", "open duration elapsed", …).
+        reason: &'static str,
+    },
+    /// A pacer stopped dispatching.
+    PacePaused {
+        /// For how long.
+        pause: Duration,
+        /// Why ("throttled by the upstream").
+        reason: &'static str,
+    },
+    /// A pacer dispatches again after a pause.
+    PaceResumed,
+    /// A shutdown phase began.
+    Shutdown {
+        /// Which one.
+        phase: ShutdownPhase,
+    },
+}
+
+/// The phases of a graceful shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ShutdownPhase {
+    /// Triggered: new calls are refused, calls in flight go on.
+    Draining,
+    /// Every call in flight finished before the deadline.
+    Drained,
+    /// The deadline came first: the calls still running were cut.
+    Cut,
+}
+
+/// One event, as given to listeners.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Event<'a> {
+    /// The layer: `"bulkhead"`, `"quota"`, `"pace"`, `"retry"`, `"breaker"`,
+    /// `"timeout"`, `"shutdown"`.
+    pub layer: &'static str,
+    /// The instance's name, if it was given one.
+    pub name: Option<&'a str>,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// A listener: called inline for every event of the layers it was given to.
+pub type Listener = Arc<dyn Fn(&Event<'_>) + Send + Sync>;
+
+/// A builder's listener slot (`Debug` without showing the closure).
+#[derive(Clone, Default)]
+pub(crate) struct ListenerSlot(pub(crate) Option<Listener>);
+
+impl fmt::Debug for ListenerSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Some(listener)"
+        } else {
+            "None"
+        })
+    }
+}
+
+impl ListenerSlot {
+    pub(crate) fn set(&mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) {
+        self.0 = Some(Arc::new(f));
+    }
+}
+
+/// A layer instance's name and listener: what every layer emits through.
+/// Built by the layers' builders from `.name(…)` and `.on_event(…)`.
+#[derive(Clone, Default)]
+pub struct Observer {
+    pub(crate) name: Option<Arc<str>>,
+    pub(crate) listener: Option<Listener>,
+}
+
+impl fmt::Debug for Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Observer")
+            .field("name", &self.name)
+            .field("listener", &self.listener.is_some())
+            .finish()
+    }
+}
+
+impl Observer {
+    pub(crate) fn new(name: Option<Arc<str>>, listener: Option<Listener>) -> Self {
+        Observer { name, listener }
+    }
+
+    /// Emits `kind` from `layer`: tracing, metrics, then the listener.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn emit(&self, layer: &'static str, kind: EventKind) {
+        let event = Event {
+            layer,
+            name: self.name.as_deref(),
+            kind,
+        };
+        trace(&event);
+        #[cfg(feature = "metrics")]
+        metrics_out::record(&event);
+        if let Some(listener) = &self.listener {
+            listener(&event);
+        }
+    }
+
+    /// Emits the refusal `r`.
+    #[inline]
+    pub(crate) fn rejected(&self, r: &Rejected) {
+        self.emit(
+            r.layer(),
+            EventKind::Rejected {
+                kind: r.kind(),
+                retry_after: r.retry_after(),
+            },
+        );
+    }
+
+    /// The span a waiting or retrying call runs in.
+    pub(crate) fn span(&self, layer: &'static str, what: &'static str) -> tracing::Span {
+        let name = self.name.as_deref().unwrap_or("");
+        match what {
+            "retry" => tracing::debug_span!(target: "semaforo", "semaforo.retry", layer, name),
+            _ => tracing::debug_span!(target: "semaforo", "semaforo.wait", layer, name),
+        }
+    }
+}
+
+/// A stable snake-case label for a rejection kind.
+pub fn reject_label(kind: RejectKind) -> &'static str {
+    match kind {
+        RejectKind::QueueFull => "queue_full",
+        RejectKind::QueueTimeout => "queue_timeout",
+        RejectKind::QuotaExceeded => "quota_exceeded",
+        RejectKind::BudgetExceeded => "budget_exceeded",
+        RejectKind::CircuitOpen => "circuit_open",
+        RejectKind::RetryBudgetExhausted => "retry_budget_exhausted",
+        RejectKind::ShuttingDown => "shutting_down",
+        RejectKind::Timeout => "timeout",
+    }
+}
+
+/// A stable snake-case label for a breaker state.
+pub fn state_label(state: BreakerState) -> &'static str {
+    match state {
+        BreakerState::Closed => "closed",
+        BreakerState::Open => "open",
+        BreakerState::HalfOpen => "half_open",
+    }
+}
+
+fn trace(e: &Event<'_>) {
+    let (layer, name) = (e.layer, e.name.unwrap_or(""));
+    match &e.kind {
+        EventKind::Queued { position } => {
+            tracing::debug!(target: "semaforo", layer, name, position, "queued")
+        }
+        EventKind::Admitted { waited } => {
+            tracing::debug!(target: "semaforo", layer, name, ?waited, "admitted after waiting")
+        }
+        EventKind::Rejected { kind, retry_after } => tracing::debug!(
+            target: "semaforo",
+            layer,
+            name,
+            kind = reject_label(*kind),
+            ?retry_after,
+            "rejected"
+        ),
+        EventKind::Retried {
+            class,
+            attempt,
+            delay,
+        } => tracing::debug!(
+            target: "semaforo",
+            layer,
+            name,
+            class = class.as_str(),
+            attempt,
+            ?delay,
+            "retrying"
+        ),
+        EventKind::BreakerTransition { from, to, reason } => {
+            let (from, to) = (state_label(*from), state_label(*to));
+            if to == "open" {
+                tracing::warn!(target: "semaforo", layer, name, from, to, reason, "breaker opened")
+            } else {
+                tracing::info!(target: "semaforo", layer, name, from, to, reason, "breaker state")
+            }
+        }
+        EventKind::PacePaused { pause, reason } => {
+            tracing::warn!(target: "semaforo", layer, name, ?pause, reason, "pacer paused")
+        }
+        EventKind::PaceResumed => tracing::info!(target: "semaforo", layer, name, "pacer resumed"),
+        EventKind::Shutdown { phase } => {
+            tracing::info!(target: "semaforo", layer, name, phase = ?phase, "shutdown")
+        }
+    }
+}
+
+#[cfg(feature = "metrics")]
+mod metrics_out {
+    use super::{reject_label, state_label, Event, EventKind, ShutdownPhase};
+
+    pub(super) fn record(e: &Event<'_>) {
+        let (layer, name) = (e.layer, e.name.unwrap_or("").to_owned());
+        match &e.kind {
+            EventKind::Queued { .. } => {
+                metrics::counter!("semaforo_queued_total", "layer" => layer, "name" => name)
+                    .increment(1)
+            }
+            EventKind::Admitted { waited } => {
+                metrics::histogram!("semaforo_wait_seconds", "layer" => layer, "name" => name)
+                    .record(waited.as_secs_f64())
+            }
+            EventKind::Rejected { kind, .. } => metrics::counter!(
+                "semaforo_rejected_total",
+                "layer" => layer,
+                "name" => name,
+                "kind" => reject_label(*kind)
+            )
+            .increment(1),
+            EventKind::Retried { class, .. } => metrics::counter!(
+                "semaforo_retries_total",
+                "layer" => layer,
+                "name" => name,
+                "class" => class.as_str()
+            )
+            .increment(1),
+            EventKind::BreakerTransition { to, .. } => metrics::counter!(
+                "semaforo_breaker_transitions_total",
+                "layer" => layer,
+                "name" => name,
+                "to" => state_label(*to)
+            )
+            .increment(1),
+            EventKind::PacePaused { reason, .. } => metrics::counter!(
+                "semaforo_pace_pauses_total",
+                "layer" => layer,
+                "name" => name,
+                "reason" => *reason
+            )
+            .increment(1),
+            EventKind::PaceResumed => {}
+            EventKind::Shutdown { phase } => {
+                let v = match phase {
+                    ShutdownPhase::Draining => 1.0,
+                    ShutdownPhase::Drained | ShutdownPhase::Cut => 2.0,
+                };
+                metrics::gauge!("semaforo_shutdown_phase", "layer" => layer, "name" => name).set(v)
+            }
+        }
+    }
+}
+
+/// `semaforo_call_seconds` by class for one layer instance. The handles are
+/// made at the first call and kept (no allocation per call afterwards), so the
+/// recorder must be installed before the first call.
+#[cfg(feature = "metrics")]
+#[derive(Default)]
+pub(crate) struct CallSeconds(std::sync::OnceLock<Vec<metrics::Histogram>>);
+
+#[cfg(feature = "metrics")]
+impl fmt::Debug for CallSeconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CallSeconds")
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl CallSeconds {
+    const CLASSES: [Class; 6] = [
+        Class::Success,
+        Class::Throttled { retry_after: None },
+        Class::Overloaded { retry_after: None },
+        Class::Transient,
+        Class::Infrastructure,
+        Class::Permanent,
+    ];
+
+    pub(crate) fn record(
+        &self,
+        layer: &'static str,
+        name: Option<&str>,
+        class: &Class,
+        took: Duration,
+    ) {
+        let handles = self.0.get_or_init(|| {
+            Self::CLASSES
+                .iter()
+                .map(|c| {
+                    metrics::histogram!(
+                        "semaforo_call_seconds",
+                        "layer" => layer,
+                        "name" => name.unwrap_or("").to_owned(),
+                        "class" => c.as_str()
+                    )
+                })
+                .collect()
+        });
+        let i = Self::CLASSES
+            .iter()
+            .position(|c| c.as_str() == class.as_str())
+            .unwrap_or(0);
+        if let Some(h) = handles.get(i) {
+            h.record(took.as_secs_f64());
+        }
+    }
+}
