@@ -9,6 +9,8 @@ use std::time::Duration;
 
 fn delays(c: &mut Criterion) {
     let mut g = c.benchmark_group("backoff/delay");
+    g.warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
     let mut rng = SmallRng::seed_from_u64(1);
     for (name, jitter) in [
         ("none", Jitter::None),

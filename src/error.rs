@@ -37,6 +37,9 @@ pub enum RejectKind {
     ShuttingDown,
     /// A deadline expired.
     Timeout,
+    /// The shared limiter's backend (Redis) did not answer in time and the
+    /// failure policy is `FailClosed`.
+    BackendUnavailable,
 }
 
 impl RejectKind {
@@ -51,6 +54,7 @@ impl RejectKind {
             RejectKind::RetryBudgetExhausted => "retry budget exhausted",
             RejectKind::ShuttingDown => "shutting down",
             RejectKind::Timeout => "timed out",
+            RejectKind::BackendUnavailable => "limiter backend unavailable",
         }
     }
 }

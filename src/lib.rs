@@ -15,6 +15,8 @@ pub mod llm;
 pub mod observe;
 pub mod pace;
 pub mod quota;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod retry;
 pub mod shutdown;
 pub mod timeout;

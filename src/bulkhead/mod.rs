@@ -243,6 +243,17 @@ impl Bulkhead {
         self.shared.close()
     }
 
+    /// Takes a slot now without a call (released when the permit drops), or
+    /// refuses with `QueueFull` when none is free or callers are waiting (they
+    /// come first).
+    pub fn try_permit(&self) -> Result<BulkheadPermit, crate::Rejected> {
+        if self.shared.try_fast() {
+            Ok(BulkheadPermit::fast(self.shared.clone()))
+        } else {
+            Err(self.shared.refuse_now(crate::RejectKind::QueueFull))
+        }
+    }
+
     /// Counts for a health endpoint (one short lock).
     pub fn snapshot(&self) -> BulkheadSnapshot {
         self.shared.snapshot()

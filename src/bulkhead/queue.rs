@@ -171,6 +171,14 @@ impl Shared {
         Rejected::new("bulkhead", kind).with_name_opt(self.cfg.obs.name.as_ref())
     }
 
+    /// A counted refusal of `kind`, told to the observers.
+    pub(crate) fn refuse_now(&self, kind: RejectKind) -> Rejected {
+        if kind == RejectKind::QueueFull {
+            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+        self.refuse(self.rejection(kind))
+    }
+
     /// Hands `r` out, telling the observers.
     fn refuse(&self, r: Rejected) -> Rejected {
         self.cfg.obs.rejected(&r);

@@ -247,6 +247,7 @@ fn classify_rejected(r: &Rejected) -> Class {
     let retry_after = r.retry_after();
     match r.kind() {
         RejectKind::Timeout => Class::Transient,
+        RejectKind::BackendUnavailable => Class::Infrastructure,
         RejectKind::CircuitOpen => Class::Overloaded { retry_after },
         RejectKind::QueueFull
         | RejectKind::QueueTimeout

@@ -261,6 +261,7 @@ pub fn reject_label(kind: RejectKind) -> &'static str {
         RejectKind::RetryBudgetExhausted => "retry_budget_exhausted",
         RejectKind::ShuttingDown => "shutting_down",
         RejectKind::Timeout => "timeout",
+        RejectKind::BackendUnavailable => "backend_unavailable",
     }
 }
 

@@ -59,8 +59,8 @@ mod service;
 mod state;
 
 pub use service::{
-    AtResponse, Deliver, Observed, PaceLayer, PaceService, Pending, PendingRef, ResponseFuture,
-    ScanFn, Weigh,
+    AtResponse, Deliver, NoObserve, Observed, OneRequest, PaceLayer, PaceService, Pending,
+    PendingRef, ResponseFuture, ScanFn, Weigh,
 };
 #[cfg(feature = "http")]
 pub use service::{UsageBody, UsageFromBody};
@@ -217,6 +217,29 @@ impl PaceBuilder {
     pub fn max_wait(mut self, d: Duration) -> Self {
         self.max_wait = Some(d);
         self
+    }
+
+    /// The dimensions: `(unit, n, per, burst)`.
+    #[cfg(feature = "redis")]
+    pub(crate) fn dims(&self) -> &[(Unit, u64, Duration, Option<u64>)] {
+        &self.dims
+    }
+
+    #[cfg(feature = "redis")]
+    pub(crate) fn max_wait_value(&self) -> Option<Duration> {
+        self.max_wait
+    }
+
+    /// The same limits times `share` (each at least 1): one instance's part.
+    #[cfg(feature = "redis")]
+    pub(crate) fn scaled(&self, share: f64) -> PaceBuilder {
+        let mut b = self.clone();
+        let part = |n: u64| ((n as f64 * share).floor() as u64).max(1);
+        for d in &mut b.dims {
+            d.3 = Some(part(d.3.unwrap_or(d.1)));
+            d.1 = part(d.1);
+        }
+        b
     }
 
     /// Validates and builds: at least one dimension, each with a rate and a

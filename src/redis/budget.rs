@@ -1,0 +1,395 @@
+//! A pace / quota budget whose GCRA cells live in Redis.
+
+use super::{pair, scripts, unavailable, FailurePolicy, RedisBackend};
+use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
+use crate::pace::{Cost, Pace, PaceBuilder, Unit, Weigh};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// One dimension's cell parameters.
+#[derive(Debug, Clone, Copy)]
+struct Dim {
+    unit: Unit,
+    /// µs per unit.
+    per_unit_us: f64,
+    /// Burst, in units.
+    burst: f64,
+}
+
+impl Dim {
+    fn amount(&self, cost: &Cost) -> f64 {
+        match self.unit {
+            Unit::Requests => f64::from(cost.requests),
+            Unit::Tokens => cost.tokens as f64,
+        }
+    }
+
+    fn label(&self, per: Duration) -> String {
+        let unit = match self.unit {
+            Unit::Requests => "requests",
+            Unit::Tokens => "tokens",
+        };
+        format!("{unit}-per-{}s", per.as_secs())
+    }
+}
+
+struct Inner {
+    backend: RedisBackend,
+    name: Arc<str>,
+    dims: Vec<(Dim, String)>,
+    max_wait: Option<Duration>,
+    policy: FailurePolicy,
+    /// The fallback of `FailurePolicy::Local`.
+    local: Option<Pace>,
+}
+
+/// A budget (RPM, TPM, per day…) shared by every instance using the same
+/// Redis and name. Cheap to clone.
+#[derive(Clone)]
+pub struct Budget {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("redis::Budget")
+            .field("name", &self.inner.name)
+            .field("dims", &self.inner.dims.len())
+            .field("policy", &self.inner.policy)
+            .finish()
+    }
+}
+
+/// Builder for [`Budget`].
+#[derive(Debug, Clone)]
+#[must_use = "call .build() to get a Budget"]
+pub struct BudgetBuilder {
+    backend: RedisBackend,
+    name: Arc<str>,
+    limits: PaceBuilder,
+    policy: FailurePolicy,
+}
+
+impl BudgetBuilder {
+    /// What callers get while Redis does not answer (default `FailClosed`).
+    pub fn failure_policy(mut self, p: FailurePolicy) -> Self {
+        self.policy = p;
+        self
+    }
+
+    /// Validates (as [`PaceBuilder::build`] does) and builds.
+    pub fn build(self) -> Result<Budget, ConfigError> {
+        self.policy.validate("redis budget")?;
+        if self.name.is_empty() || self.name.contains(['{', '}']) {
+            return Err(ConfigError::new(
+                "redis budget",
+                "name",
+                "must be non-empty, without braces",
+            ));
+        }
+        let limits = self.limits;
+        // The same validation as a local pacer.
+        limits.clone().build()?;
+        let dims = limits
+            .dims()
+            .iter()
+            .map(|&(unit, n, per, burst)| {
+                let d = Dim {
+                    unit,
+                    per_unit_us: per.as_micros() as f64 / n as f64,
+                    burst: burst.unwrap_or(n) as f64,
+                };
+                (d, d.label(per))
+            })
+            .collect();
+        let local = match self.policy {
+            FailurePolicy::Local { share } => Some(limits.scaled(share).build()?),
+            _ => None,
+        };
+        Ok(Budget {
+            inner: Arc::new(Inner {
+                backend: self.backend,
+                name: self.name,
+                dims,
+                max_wait: limits.max_wait_value(),
+                policy: self.policy,
+                local,
+            }),
+        })
+    }
+}
+
+/// What [`Budget::reserve`] granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Grant {
+    /// Reserved in Redis: start after this wait.
+    Redis(Duration),
+    /// Redis did not answer; the policy admits the call (`FailOpen`).
+    Open,
+    /// Redis did not answer; the call goes through the local limiter
+    /// (`FailurePolicy::Local`).
+    Local,
+}
+
+impl Budget {
+    /// A budget named `name` (instances sharing a name share the budget), with
+    /// the dimensions and `max_wait` of `limits` — the same builder as a local
+    /// [`Pace`](crate::pace::Pace).
+    pub fn builder(
+        backend: &RedisBackend,
+        name: impl Into<Arc<str>>,
+        limits: PaceBuilder,
+    ) -> BudgetBuilder {
+        BudgetBuilder {
+            backend: backend.clone(),
+            name: name.into(),
+            limits,
+            policy: FailurePolicy::FailClosed,
+        }
+    }
+
+    fn keys(&self, key: Option<&str>) -> Vec<String> {
+        let b = &self.inner.backend;
+        self.inner
+            .dims
+            .iter()
+            .map(|(_, label)| match key {
+                // The hash tag keeps a key's cells on one cluster slot.
+                Some(k) => b.key(&["budget", &self.inner.name, &format!("{{{k}}}"), label]),
+                None => b.key(&["budget", &format!("{{{}}}", self.inner.name), label]),
+            })
+            .collect()
+    }
+
+    fn refused(&self, detail: String) -> Rejected {
+        Rejected::new("pace", RejectKind::BudgetExceeded)
+            .with_name(self.inner.name.clone())
+            .with_detail(detail)
+    }
+
+    /// Reserves `cost` (for `key`, or the whole budget with `None`) on every
+    /// dimension at once: `Ok` with the wait before the call may start, or
+    /// `BudgetExceeded` with the exact `retry_after` when the wait would pass
+    /// `max_wait` (nothing is reserved then). A cost above a burst is refused
+    /// without `retry_after`. While Redis does not answer, the failure policy
+    /// decides.
+    pub async fn reserve(&self, key: Option<&str>, cost: &Cost) -> Result<Grant, Rejected> {
+        let mut args = Vec::with_capacity(1 + 3 * self.inner.dims.len());
+        // No max_wait: any wait (10¹⁸ µs is 31,000 years).
+        let max_wait = self.inner.max_wait.map_or(1e18, |d| d.as_micros() as f64);
+        args.push(max_wait.to_string());
+        for (d, label) in &self.inner.dims {
+            let n = d.amount(cost);
+            if n > d.burst {
+                return Err(self.refused(format!(
+                    "a cost of {n} can never fit a burst of {} ({label})",
+                    d.burst
+                )));
+            }
+            args.extend([d.per_unit_us, d.burst, n].map(|x| x.to_string()));
+        }
+        let result = self
+            .inner
+            .backend
+            .eval(&scripts::RESERVE, self.keys(key), args)
+            .await;
+        match result.map(|v| pair(&v)) {
+            Ok(Some((1, wait_us))) => {
+                Ok(Grant::Redis(Duration::from_micros(wait_us.max(0) as u64)))
+            }
+            Ok(Some((_, retry_us))) => {
+                let wait = Duration::from_micros(retry_us.max(0) as u64);
+                Err(self
+                    .refused(format!(
+                        "would wait longer than max_wait {:?}",
+                        self.inner.max_wait.unwrap_or_default()
+                    ))
+                    .with_retry_after(wait))
+            }
+            Ok(None) => self.on_failure("unexpected script reply".into()),
+            Err(e) => self.on_failure(e),
+        }
+    }
+
+    fn on_failure(&self, cause: BoxError) -> Result<Grant, Rejected> {
+        match self.inner.policy {
+            FailurePolicy::FailOpen => Ok(Grant::Open),
+            FailurePolicy::FailClosed => Err(unavailable("pace", &self.inner.name, cause)),
+            FailurePolicy::Local { .. } => Ok(Grant::Local),
+        }
+    }
+
+    /// Moves the cells by `real − estimate` (a refund when the call used less
+    /// than reserved, a debt when more): reconciliation with the real usage.
+    /// Best effort: an error (Redis down) is returned and changes nothing.
+    pub async fn adjust(
+        &self,
+        key: Option<&str>,
+        estimate: &Cost,
+        real: &Cost,
+    ) -> Result<(), BoxError> {
+        let mut args = Vec::with_capacity(2 * self.inner.dims.len());
+        for (d, _) in &self.inner.dims {
+            args.extend(
+                [d.per_unit_us, d.amount(real) - d.amount(estimate)].map(|x| x.to_string()),
+            );
+        }
+        self.inner
+            .backend
+            .eval(&scripts::ADJUST, self.keys(key), args)
+            .await
+            .map(|_| ())
+    }
+
+    /// The local limiter of `FailurePolicy::Local`.
+    pub fn local(&self) -> Option<&Pace> {
+        self.inner.local.as_ref()
+    }
+
+    /// A layer: one shared budget, every request costing one request; set the
+    /// weight with [`BudgetLayer::weigh`] and a key with [`BudgetLayer::key`].
+    pub fn layer(&self) -> BudgetLayer<crate::pace::OneRequest, NoKey> {
+        BudgetLayer {
+            budget: self.clone(),
+            weigh: crate::pace::OneRequest,
+            key: NoKey,
+        }
+    }
+}
+
+/// Where a request's budget key comes from (`None`: the whole budget).
+pub trait BudgetKey<Req> {
+    /// The key of `req`.
+    fn key(&self, req: &Req) -> Option<String>;
+}
+
+/// One budget for every request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoKey;
+
+impl<Req> BudgetKey<Req> for NoKey {
+    fn key(&self, _: &Req) -> Option<String> {
+        None
+    }
+}
+
+impl<Req, F: Fn(&Req) -> Option<String>> BudgetKey<Req> for F {
+    fn key(&self, req: &Req) -> Option<String> {
+        self(req)
+    }
+}
+
+/// The tower layer of a [`Budget`].
+#[derive(Debug, Clone)]
+pub struct BudgetLayer<W, K> {
+    budget: Budget,
+    weigh: W,
+    key: K,
+}
+
+impl<W, K> BudgetLayer<W, K> {
+    /// Weighs each request (e.g. its token estimate).
+    pub fn weigh<W2>(self, weigh: W2) -> BudgetLayer<W2, K> {
+        BudgetLayer {
+            budget: self.budget,
+            weigh,
+            key: self.key,
+        }
+    }
+
+    /// Keys each request (a user, a tenant): each key gets the whole budget
+    /// for itself — a distributed keyed quota.
+    pub fn key<K2>(self, key: K2) -> BudgetLayer<W, K2> {
+        BudgetLayer {
+            budget: self.budget,
+            weigh: self.weigh,
+            key,
+        }
+    }
+}
+
+impl<S, W: Clone, K: Clone> Layer<S> for BudgetLayer<W, K> {
+    type Service = BudgetService<S, W, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BudgetService {
+            inner,
+            budget: self.budget.clone(),
+            weigh: self.weigh.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// The service of a [`BudgetLayer`].
+#[derive(Debug, Clone)]
+pub struct BudgetService<S, W, K> {
+    inner: S,
+    budget: Budget,
+    weigh: W,
+    key: K,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
+
+impl<S, W, K, Req> Service<Req> for BudgetService<S, W, K>
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    S::Response: Send + 'static,
+    W: Weigh<Req> + Clone + Send + 'static,
+    K: BudgetKey<Req>,
+    Req: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BoxFuture<S::Response>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let cost = self.weigh.weigh(&req);
+        let key = self.key.key(&req);
+        let budget = self.budget.clone();
+        let weigh = self.weigh.clone();
+        // A fresh clone is readied after the wait (readiness held through a
+        // wait could hold an inner limiter's permit).
+        let mut svc = self.inner.clone();
+        Box::pin(async move {
+            match budget.reserve(key.as_deref(), &cost).await? {
+                Grant::Redis(wait) => {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                Grant::Open => {}
+                Grant::Local => {
+                    if let Some(local) = budget.local() {
+                        // The local pacer learns nothing from results here.
+                        let classify = |r: Result<&S::Response, &S::Error>| match r {
+                            Ok(_) => crate::classify::Class::Success,
+                            Err(_) => crate::classify::Class::Transient,
+                        };
+                        let mut paced = local.layer().weigh(weigh).classify(classify).layer(svc);
+                        std::future::poll_fn(|cx| paced.poll_ready(cx)).await?;
+                        return paced.call(req).await;
+                    }
+                }
+            }
+            std::future::poll_fn(|cx| svc.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+            svc.call(req).await.map_err(Into::into)
+        })
+    }
+}

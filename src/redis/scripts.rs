@@ -1,0 +1,136 @@
+//! The Lua scripts: one round trip per operation, Redis `TIME` the only clock.
+//!
+//! Loaded through `redis::Script`, which sends `EVALSHA` and, on `NOSCRIPT`
+//! (after a `SCRIPT FLUSH` or a failover), loads the script and retries — so
+//! a flush never reaches a caller.
+
+use redis::Script;
+use std::sync::LazyLock;
+
+/// Reserves a cost on every GCRA cell at once, or nothing.
+///
+/// KEYS: one cell per dimension. ARGV[1]: the longest wait accepted (µs);
+/// then per cell: µs per unit, burst (units), cost (units).
+/// Returns `{1, wait_us}` (reserved: start after `wait_us`) or
+/// `{0, retry_after_us}` (refused, nothing reserved).
+pub(crate) static RESERVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local max_wait = tonumber(ARGV[1])
+local start = now
+local tats = {}
+for i = 1, #KEYS do
+  local per = tonumber(ARGV[i * 3 - 1])
+  local burst = tonumber(ARGV[i * 3])
+  local cost = tonumber(ARGV[i * 3 + 1])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  tats[i] = tat
+  local s = tat + (cost - burst) * per
+  if s > start then start = s end
+end
+local wait = start - now
+if wait > max_wait then
+  return {0, math.ceil(wait - max_wait)}
+end
+for i = 1, #KEYS do
+  local per = tonumber(ARGV[i * 3 - 1])
+  local cost = tonumber(ARGV[i * 3 + 1])
+  local new = tats[i] + cost * per
+  local ttl = math.ceil((new - now) / 1000) + 1000
+  redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', ttl)
+end
+return {1, math.ceil(wait)}
+",
+    )
+});
+
+/// Moves cells by a signed number of units: a refund (negative) or a debt.
+///
+/// KEYS: the cells. ARGV per cell: µs per unit, units. A refund never takes
+/// a cell below "full now"; an idle (expired) cell has nothing to refund.
+pub(crate) static ADJUST: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, #KEYS do
+  local per = tonumber(ARGV[i * 2 - 1])
+  local units = tonumber(ARGV[i * 2])
+  local cur = redis.call('GET', KEYS[i])
+  if cur or units > 0 then
+    local tat = tonumber(cur or now)
+    if tat < now then tat = now end
+    local new = tat + units * per
+    if new > now then
+      local ttl = math.ceil((new - now) / 1000) + 1000
+      redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', ttl)
+    else
+      redis.call('DEL', KEYS[i])
+    end
+  end
+end
+return 1
+",
+    )
+});
+
+/// Takes a lease in a semaphore (a sorted set of holders scored by expiry).
+///
+/// KEYS[1]: the set. ARGV: limit, lease (ms), holder id.
+/// Returns `{1, 0}` (held, or renewed if it already was) or `{0, ms}` until
+/// the earliest lease expires.
+pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) or redis.call('ZCARD', KEYS[1]) < limit then
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], lease * 2)
+  return {1, 0}
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {0, math.max(1, tonumber(first[2]) - now)}
+",
+    )
+});
+
+/// Extends a lease that is still held. KEYS[1]: the set. ARGV: lease (ms),
+/// holder id. Returns 1, or 0 if the lease was lost (expired and taken).
+pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not score or tonumber(score) <= now then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], lease * 2)
+return 1
+",
+    )
+});
+
+/// Gives a lease back. KEYS[1]: the set. ARGV[1]: holder id.
+pub(crate) static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new("return redis.call('ZREM', KEYS[1], ARGV[1])"));
+
+/// Live leases. KEYS[1]: the set. Returns how many have not expired.
+pub(crate) static COUNT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+",
+    )
+});

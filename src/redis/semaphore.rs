@@ -1,0 +1,388 @@
+//! A concurrency limit shared by a fleet: leases in a Redis sorted set.
+
+use super::{pair, scripts, unavailable, FailurePolicy, RedisBackend};
+use crate::bulkhead::Bulkhead;
+use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
+use rand::Rng;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+struct Inner {
+    backend: RedisBackend,
+    name: Arc<str>,
+    key: String,
+    limit: u32,
+    lease: Duration,
+    max_wait: Duration,
+    policy: FailurePolicy,
+    local: Option<Bulkhead>,
+    /// Unique per process and semaphore: holder ids are `{instance}:{n}`.
+    instance: u64,
+    next: AtomicU64,
+}
+
+/// `limit` slots shared by every instance using the same Redis and name.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Semaphore {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Semaphore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("redis::Semaphore")
+            .field("name", &self.inner.name)
+            .field("limit", &self.inner.limit)
+            .field("lease", &self.inner.lease)
+            .finish()
+    }
+}
+
+/// Builder for [`Semaphore`].
+#[derive(Debug, Clone)]
+#[must_use = "call .build() to get a Semaphore"]
+pub struct SemaphoreBuilder {
+    backend: RedisBackend,
+    name: Arc<str>,
+    limit: u32,
+    lease: Duration,
+    max_wait: Duration,
+    policy: FailurePolicy,
+}
+
+impl SemaphoreBuilder {
+    /// How long a slot stays taken without renewal (default 30 s): a crashed
+    /// holder's slot comes back after it. Live holders renew every third.
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.lease = d;
+        self
+    }
+
+    /// How long a caller may wait for a slot (default 0: fail fast). Waiting
+    /// callers poll Redis with jittered backoff (not a FIFO line).
+    pub fn max_wait(mut self, d: Duration) -> Self {
+        self.max_wait = d;
+        self
+    }
+
+    /// What callers get while Redis does not answer (default `FailClosed`).
+    pub fn failure_policy(mut self, p: FailurePolicy) -> Self {
+        self.policy = p;
+        self
+    }
+
+    /// Validates and builds.
+    pub fn build(self) -> Result<Semaphore, ConfigError> {
+        let err =
+            |field, msg: &str| Err(ConfigError::new("redis semaphore", field, msg.to_owned()));
+        if self.limit == 0 {
+            return err("limit", "must be at least 1");
+        }
+        if self.lease < Duration::from_millis(30) {
+            return err(
+                "lease",
+                "must be at least 30 ms (it is renewed every third)",
+            );
+        }
+        if self.name.is_empty() {
+            return err("name", "must be non-empty");
+        }
+        self.policy.validate("redis semaphore")?;
+        let local = match self.policy {
+            FailurePolicy::Local { share } => Some(
+                Bulkhead::builder()
+                    .name(self.name.clone())
+                    .max_concurrent(((f64::from(self.limit) * share).floor() as u32).max(1))
+                    .max_queue(0)
+                    .build()?,
+            ),
+            _ => None,
+        };
+        let key = self.backend.key(&["sem", &format!("{{{}}}", self.name)]);
+        Ok(Semaphore {
+            inner: Arc::new(Inner {
+                backend: self.backend,
+                name: self.name,
+                key,
+                limit: self.limit,
+                lease: self.lease,
+                max_wait: self.max_wait,
+                policy: self.policy,
+                local,
+                instance: rand::rng().random(),
+                next: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+/// A held slot. Renewed in the background while held; released when dropped
+/// (or, if the process dies, when its lease runs out).
+pub struct Lease {
+    kind: LeaseKind,
+}
+
+enum LeaseKind {
+    Redis {
+        sem: Semaphore,
+        holder: String,
+        renew: tokio::task::JoinHandle<()>,
+    },
+    /// `FailOpen` while Redis was down: holds nothing.
+    Open,
+    /// `FailurePolicy::Local`: a permit of the local bulkhead.
+    Local {
+        _permit: crate::bulkhead::BulkheadPermit,
+    },
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            LeaseKind::Redis { holder, .. } => holder.as_str(),
+            LeaseKind::Open => "open (Redis unavailable)",
+            LeaseKind::Local { .. } => "local (Redis unavailable)",
+        };
+        f.debug_struct("Lease").field("holder", &kind).finish()
+    }
+}
+
+impl Lease {
+    /// `true` if the slot is held in Redis (not a failure-policy stand-in).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.kind, LeaseKind::Redis { .. })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let LeaseKind::Redis { sem, holder, renew } = &mut self.kind {
+            renew.abort();
+            // Give the slot back now; if that fails (or no runtime is left),
+            // the lease expires by itself.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (sem, holder) = (sem.clone(), std::mem::take(holder));
+                rt.spawn(async move {
+                    let key = sem.inner.key.clone();
+                    let _ = sem
+                        .inner
+                        .backend
+                        .eval(&scripts::RELEASE, vec![key], vec![holder])
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+impl Semaphore {
+    /// A semaphore of `limit` slots named `name` (instances sharing a name
+    /// share the slots).
+    pub fn builder(
+        backend: &RedisBackend,
+        name: impl Into<Arc<str>>,
+        limit: u32,
+    ) -> SemaphoreBuilder {
+        SemaphoreBuilder {
+            backend: backend.clone(),
+            name: name.into(),
+            limit,
+            lease: Duration::from_secs(30),
+            max_wait: Duration::ZERO,
+            policy: FailurePolicy::FailClosed,
+        }
+    }
+
+    /// Takes a slot, waiting up to `max_wait`; `QueueFull` (or `QueueTimeout`
+    /// after a wait) with a `retry_after` when none frees up. While Redis does
+    /// not answer, the failure policy decides.
+    pub async fn acquire(&self) -> Result<Lease, Rejected> {
+        let inner = &self.inner;
+        let holder = format!(
+            "{:x}:{}",
+            inner.instance,
+            inner.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let lease_ms = inner.lease.as_millis().to_string();
+        let deadline = Instant::now() + inner.max_wait;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let reply = self.try_acquire(&holder, &lease_ms).await;
+            match reply {
+                Ok(None) => return Ok(self.held(holder)),
+                Ok(Some(free_in)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let kind = if inner.max_wait.is_zero() {
+                            RejectKind::QueueFull
+                        } else {
+                            RejectKind::QueueTimeout
+                        };
+                        return Err(Rejected::new("bulkhead", kind)
+                            .with_name(inner.name.clone())
+                            .with_detail(format!("{} of {} slots held", inner.limit, inner.limit))
+                            .with_retry_after(free_in));
+                    }
+                    // Jittered, growing pauses, never past the deadline nor
+                    // past the earliest lease expiry.
+                    let jitter = rand::rng().random_range(0.5..1.5);
+                    let sleep = pause.mul_f64(jitter).min(free_in).min(deadline - now);
+                    tokio::time::sleep(sleep).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(cause) => return self.on_failure(cause).await,
+            }
+        }
+    }
+
+    /// One acquire script call: `Ok(None)` held, `Ok(Some(d))` full (the
+    /// earliest lease ends in `d`).
+    async fn try_acquire(
+        &self,
+        holder: &str,
+        lease_ms: &str,
+    ) -> Result<Option<Duration>, BoxError> {
+        let v = self
+            .inner
+            .backend
+            .eval(
+                &scripts::ACQUIRE,
+                vec![self.inner.key.clone()],
+                vec![
+                    self.inner.limit.to_string(),
+                    lease_ms.to_owned(),
+                    holder.to_owned(),
+                ],
+            )
+            .await?;
+        match pair(&v) {
+            Some((1, _)) => Ok(None),
+            Some((_, ms)) => Ok(Some(Duration::from_millis(ms.max(1) as u64))),
+            None => Err("unexpected script reply".into()),
+        }
+    }
+
+    fn held(&self, holder: String) -> Lease {
+        let sem = self.clone();
+        let h = holder.clone();
+        let renew = tokio::spawn(async move {
+            let every = sem.inner.lease / 3;
+            let lease_ms = sem.inner.lease.as_millis().to_string();
+            loop {
+                tokio::time::sleep(every).await;
+                let _ = sem
+                    .inner
+                    .backend
+                    .eval(
+                        &scripts::RENEW,
+                        vec![sem.inner.key.clone()],
+                        vec![lease_ms.clone(), h.clone()],
+                    )
+                    .await;
+            }
+        });
+        Lease {
+            kind: LeaseKind::Redis {
+                sem: self.clone(),
+                holder,
+                renew,
+            },
+        }
+    }
+
+    async fn on_failure(&self, cause: BoxError) -> Result<Lease, Rejected> {
+        match self.inner.policy {
+            FailurePolicy::FailOpen => Ok(Lease {
+                kind: LeaseKind::Open,
+            }),
+            FailurePolicy::FailClosed => Err(unavailable("bulkhead", &self.inner.name, cause)),
+            FailurePolicy::Local { .. } => match &self.inner.local {
+                Some(b) => b.try_permit().map(|p| Lease {
+                    kind: LeaseKind::Local { _permit: p },
+                }),
+                None => Err(unavailable("bulkhead", &self.inner.name, cause)),
+            },
+        }
+    }
+
+    /// Holders now, read from Redis (expired leases not counted).
+    pub async fn holders(&self) -> Result<u64, BoxError> {
+        let v = self
+            .inner
+            .backend
+            .eval(&scripts::COUNT, vec![self.inner.key.clone()], Vec::new())
+            .await?;
+        match v {
+            redis::Value::Int(n) => Ok(n.max(0) as u64),
+            _ => Err("unexpected script reply".into()),
+        }
+    }
+
+    /// A layer holding a slot for each call until its response.
+    pub fn layer(&self) -> SemaphoreLayer {
+        SemaphoreLayer { sem: self.clone() }
+    }
+}
+
+/// The tower layer of a [`Semaphore`].
+#[derive(Debug, Clone)]
+pub struct SemaphoreLayer {
+    sem: Semaphore,
+}
+
+impl<S> Layer<S> for SemaphoreLayer {
+    type Service = SemaphoreService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SemaphoreService {
+            inner,
+            sem: self.sem.clone(),
+        }
+    }
+}
+
+/// The service of a [`SemaphoreLayer`].
+#[derive(Debug, Clone)]
+pub struct SemaphoreService<S> {
+    inner: S,
+    sem: Semaphore,
+}
+
+impl<S, Req> Service<Req> for SemaphoreService<S>
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    S::Response: Send + 'static,
+    Req: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let sem = self.sem.clone();
+        let mut svc = self.inner.clone();
+        Box::pin(async move {
+            let lease = sem.acquire().await?;
+            std::future::poll_fn(|cx| svc.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+            let res = svc.call(req).await.map_err(Into::into);
+            drop(lease);
+            res
+        })
+    }
+}

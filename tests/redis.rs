@@ -1,0 +1,424 @@
+//! The Redis backend against a throwaway `redis-server` (started here; see
+//! `tests/support/redis_server.rs`): four instances sharing one TPM budget,
+//! 2,000 contenders for 500 distributed slots, each failure policy with Redis
+//! killed mid-run and started again, `SCRIPT FLUSH` mid-run, and a crashed
+//! holder's slot coming back after its lease.
+//!
+//! Redis `TIME` is the clock, so these run in real time, with windows of
+//! seconds instead of minutes.
+#![cfg(feature = "redis")]
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use redis_server::RedisServer;
+use semaforo::pace::{Cost, Pace, Unit};
+use semaforo::redis::{Budget, FailurePolicy, Grant, RedisBackend, Semaphore};
+use semaforo::{BoxError, RejectKind, Rejected};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tower::{service_fn, Layer, ServiceExt};
+
+async fn backend(server: &RedisServer) -> RedisBackend {
+    RedisBackend::connect(server.url()).await.expect("connects")
+}
+
+/// 30,000 tokens per 6 s (a minute at ×10), burst 30,000: what one account allows.
+fn tpm() -> semaforo::pace::PaceBuilder {
+    Pace::builder()
+        .limit(Unit::Tokens, 30_000, Duration::from_secs(6))
+        .max_wait(Duration::ZERO)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_instances_share_one_tpm_budget() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let t0 = Instant::now();
+    let run_for = Duration::from_secs(6);
+    let admitted: Arc<Mutex<Vec<(Duration, u64)>>> = Default::default();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        // Separate connections, as four processes would have.
+        let budget = Budget::builder(&backend(&server).await, "tpm", tpm())
+            .build()
+            .unwrap();
+        let admitted = admitted.clone();
+        tasks.push(tokio::spawn(async move {
+            while t0.elapsed() < run_for {
+                match budget.reserve(None, &Cost::tokens(500)).await {
+                    Ok(Grant::Redis(wait)) => {
+                        assert_eq!(wait, Duration::ZERO, "max_wait 0 never reserves ahead");
+                        admitted.lock().unwrap().push((t0.elapsed(), 500));
+                    }
+                    Ok(other) => panic!("Redis is up: {other:?}"),
+                    Err(r) => {
+                        assert_eq!(r.kind(), RejectKind::BudgetExceeded);
+                        let ra = r.retry_after().expect("an exact retry_after");
+                        assert!(ra <= Duration::from_millis(100), "{ra:?}");
+                        tokio::time::sleep(ra.max(Duration::from_millis(1))).await;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let adm = admitted.lock().unwrap().clone();
+    let total: u64 = adm.iter().map(|a| a.1).sum();
+    let elapsed = adm.last().unwrap().0.as_secs_f64();
+    let rate = 30_000.0 / 6.0;
+    let bound = rate * elapsed + 30_000.0;
+    // The four together stay within one account's budget (one request of
+    // slack for the time between Redis' TIME and our clock)…
+    assert!(total as f64 <= bound + 500.0, "{total} > {bound}");
+    // …and use it: a local limiter each would have let through 4×.
+    assert!(total as f64 >= 0.9 * bound, "{total} of {bound}");
+    // In every window, admitted ≤ rate · W + burst.
+    for i in 0..adm.len() {
+        let mut sum = 0.0;
+        for j in i..adm.len() {
+            sum += adm[j].1 as f64;
+            let w = (adm[j].0 - adm[i].0).as_secs_f64();
+            assert!(sum <= rate * w + 30_000.0 + 500.0, "{sum} in {w} s");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_slots_never_more_than_five_hundred_holders() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let mut sems = Vec::new();
+    for _ in 0..4 {
+        // 2,000 tasks polling at once on 2 cores (a debug build, tests in
+        // parallel): Redis answers within 50 ms on a quiet machine, not here.
+        // This test is about the limit, so calls get a generous deadline.
+        let redis = RedisBackend::builder(server.url())
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap();
+        sems.push(
+            Semaphore::builder(&redis, "db", 500)
+                .lease(Duration::from_secs(5))
+                .max_wait(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        );
+    }
+    let watcher = sems[0].clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let max_in_redis = Arc::new(AtomicU32::new(0));
+    let monitor = {
+        let (done, max) = (done.clone(), max_in_redis.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                let n = watcher.holders().await.unwrap() as u32;
+                max.fetch_max(n, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let holding = Arc::new(AtomicU32::new(0));
+    let max_holding = Arc::new(AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..2_000 {
+        let sem = sems[i % 4].clone();
+        let (holding, max_holding) = (holding.clone(), max_holding.clone());
+        tasks.push(tokio::spawn(async move {
+            let lease = sem.acquire().await.expect("a slot within 30 s");
+            assert!(lease.is_shared());
+            let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+            max_holding.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            holding.fetch_sub(1, Ordering::SeqCst);
+            drop(lease);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    monitor.await.unwrap();
+    let (held, in_redis) = (
+        max_holding.load(Ordering::SeqCst),
+        max_in_redis.load(Ordering::SeqCst),
+    );
+    assert!(held <= 500, "{held} holders at once");
+    assert!(in_redis <= 500, "{in_redis} holders in Redis");
+    // Waiters poll (jittered backoff up to 100 ms), so slots sit free for a
+    // moment between holders; still, most are in use at the peak.
+    assert!(held >= 300, "the slots were used: {held}");
+}
+
+/// A budget of 20 requests per second (burst 20), failing fast.
+fn twenty_per_second() -> semaforo::pace::PaceBuilder {
+    Pace::builder()
+        .limit(Unit::Requests, 20, Duration::from_secs(1))
+        .max_wait(Duration::ZERO)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_failure_policy_when_redis_stops_then_recovery() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    if std::env::var("REDIS_URL").is_ok() {
+        return; // cannot stop a server we did not start
+    }
+    let redis = RedisBackend::builder(server.url())
+        .timeout(Duration::from_millis(50))
+        .breaker(3, Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let budget = |name: &str, p: FailurePolicy| {
+        Budget::builder(&redis, name.to_owned(), twenty_per_second())
+            .failure_policy(p)
+            .build()
+            .unwrap()
+    };
+    let open = budget("open", FailurePolicy::FailOpen);
+    let closed = budget("closed", FailurePolicy::FailClosed);
+    let local = budget("local", FailurePolicy::Local { share: 0.5 });
+    for b in [&open, &closed, &local] {
+        assert!(matches!(
+            b.reserve(None, &Cost::tokens(0)).await,
+            Ok(Grant::Redis(_))
+        ));
+    }
+
+    server.stop();
+    let slowest = |calls: &[Duration]| calls.iter().copied().max().unwrap();
+    let mut took = Vec::new();
+    // FailOpen: everything admitted.
+    for _ in 0..10 {
+        let t = Instant::now();
+        assert_eq!(
+            open.reserve(None, &Cost::tokens(0)).await.unwrap(),
+            Grant::Open
+        );
+        took.push(t.elapsed());
+    }
+    // FailClosed: everything refused as BackendUnavailable.
+    for _ in 0..10 {
+        let t = Instant::now();
+        let r = closed.reserve(None, &Cost::tokens(0)).await.unwrap_err();
+        assert_eq!(r.kind(), RejectKind::BackendUnavailable);
+        took.push(t.elapsed());
+    }
+    // Local: this instance's half of the budget (burst 10), then refusals.
+    let admitted = Arc::new(AtomicU32::new(0));
+    let n = admitted.clone();
+    let svc = local.layer().layer(service_fn(move |_: u32| {
+        n.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, BoxError>(()) }
+    }));
+    let mut refused = 0;
+    for _ in 0..15 {
+        let t = Instant::now();
+        match svc.clone().oneshot(1).await {
+            Ok(()) => {}
+            Err(e) => {
+                assert_eq!(
+                    Rejected::from_box(&e).map(|r| r.kind()),
+                    Some(RejectKind::BudgetExceeded)
+                );
+                refused += 1;
+            }
+        }
+        took.push(t.elapsed());
+    }
+    assert_eq!((admitted.load(Ordering::SeqCst), refused), (10, 5));
+    // No call waited more than the timeout + 10 ms; after the breaker opened
+    // (3 failures), calls cost nothing.
+    assert!(slowest(&took) <= Duration::from_millis(60), "{took:?}");
+    assert!(slowest(&took[3..]) <= Duration::from_millis(5), "{took:?}");
+
+    // Back up: the limiter recovers by itself (after the breaker's open time,
+    // its probe reaches Redis).
+    server.restart();
+    let t = Instant::now();
+    loop {
+        if let Ok(Grant::Redis(_)) = closed.reserve(None, &Cost::tokens(0)).await {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "did not recover");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(
+        open.reserve(None, &Cost::tokens(0)).await,
+        Ok(Grant::Redis(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_flush_mid_run_reaches_no_caller() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let redis = backend(&server).await;
+    let budget = Budget::builder(
+        &redis,
+        "flush",
+        Pace::builder().requests_per_minute(1_000_000),
+    )
+    .build()
+    .unwrap();
+    let sem = Semaphore::builder(&redis, "flush", 10).build().unwrap();
+    let mut raw = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for i in 0..200 {
+        if i % 50 == 25 {
+            let _: () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        }
+        assert!(matches!(
+            budget.reserve(None, &Cost::tokens(0)).await,
+            Ok(Grant::Redis(_))
+        ));
+        assert!(sem.acquire().await.unwrap().is_shared());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_holders_slot_returns_after_its_lease() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let lease = Duration::from_millis(300);
+    // A "process" that takes the only slot and dies: its runtime is shut
+    // down, so nothing renews or releases the lease.
+    let url = server.url().to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let redis = RedisBackend::connect(&url).await.unwrap();
+            let sem = Semaphore::builder(&redis, "one", 1)
+                .lease(lease)
+                .build()
+                .unwrap();
+            std::mem::forget(sem.acquire().await.unwrap());
+        });
+        rt.shutdown_background();
+    })
+    .join()
+    .unwrap();
+    let crashed_at = Instant::now();
+
+    let sem = Semaphore::builder(&backend(&server).await, "one", 1)
+        .lease(lease)
+        .build()
+        .unwrap();
+    let r = sem.acquire().await.unwrap_err();
+    assert_eq!(r.kind(), RejectKind::QueueFull);
+    let ra = r.retry_after().unwrap();
+    assert!(ra <= lease, "{ra:?}");
+    tokio::time::sleep(ra + Duration::from_millis(20)).await;
+    let held = sem.acquire().await.unwrap();
+    assert!(crashed_at.elapsed() <= lease + Duration::from_millis(200));
+
+    // A live holder renews: its slot stays taken well past one lease.
+    tokio::time::sleep(lease * 3).await;
+    assert_eq!(
+        sem.acquire().await.unwrap_err().kind(),
+        RejectKind::QueueFull
+    );
+    drop(held);
+    // Released on drop (not after the lease).
+    let t = Instant::now();
+    loop {
+        if sem.acquire().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_wait_in_order_and_refunds_free_capacity() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let redis = backend(&server).await;
+    // 10 requests per second, burst 1, waiting up to 1 s.
+    let budget = Budget::builder(
+        &redis,
+        "order",
+        Pace::builder()
+            .limit(Unit::Requests, 10, Duration::from_secs(1))
+            .burst(1)
+            .max_wait(Duration::from_secs(1)),
+    )
+    .build()
+    .unwrap();
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        match budget.reserve(None, &Cost::tokens(0)).await.unwrap() {
+            Grant::Redis(w) => waits.push(w.as_millis() as i64),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Each reservation starts 100 ms after the previous one (minus the few
+    // ms between the calls).
+    for (i, w) in waits.iter().enumerate() {
+        let want = 100 * i as i64;
+        assert!((want - 10..=want).contains(w), "{waits:?}");
+    }
+    // Six more (the 11th starts at ~1 s); the 12th would wait past 1 s:
+    // refused, nothing reserved.
+    for _ in 0..6 {
+        budget.reserve(None, &Cost::tokens(0)).await.unwrap();
+    }
+    let r = budget.reserve(None, &Cost::tokens(0)).await.unwrap_err();
+    assert_eq!(r.kind(), RejectKind::BudgetExceeded);
+    assert!(r.retry_after().unwrap() <= Duration::from_millis(100));
+    // A cost above the burst can never fit: no retry_after.
+    let big = Cost {
+        requests: 2,
+        tokens: 0,
+    };
+    assert_eq!(
+        budget.reserve(None, &big).await.unwrap_err().retry_after(),
+        None
+    );
+    // Refunding 5 requests brings the next start 500 ms closer.
+    budget
+        .adjust(
+            None,
+            &Cost {
+                requests: 5,
+                tokens: 0,
+            },
+            &Cost::default(),
+        )
+        .await
+        .unwrap();
+    match budget.reserve(None, &Cost::tokens(0)).await.unwrap() {
+        Grant::Redis(w) => assert!(w <= Duration::from_millis(610), "{w:?}"),
+        other => panic!("{other:?}"),
+    }
+    // Keys are separate budgets (a distributed quota per user).
+    for user in ["ana", "luis"] {
+        assert_eq!(
+            budget.reserve(Some(user), &Cost::tokens(0)).await.unwrap(),
+            Grant::Redis(Duration::ZERO)
+        );
+    }
+}
