@@ -9,6 +9,8 @@ use semaforo::retry::Retry;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use tower::retry::budget::{Budget as _, TpsBudget};
 use std::time::Duration;
 use tower::ServiceBuilder;
 
@@ -40,6 +42,33 @@ impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for Attempts {
     }
 }
 
+/// tower's equivalent of our default (a retry budget): the same attempts,
+/// with tower's own `TpsBudget` — deposited on every call, withdrawn per retry.
+#[derive(Clone)]
+struct Budgeted {
+    attempts: Attempts,
+    budget: Arc<TpsBudget>,
+}
+
+impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for Budgeted {
+    type Future = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn retry(&mut self, req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        match result {
+            Ok(_) => {
+                self.budget.deposit();
+                None
+            }
+            Err(_) if self.budget.withdraw() => self.attempts.retry(req, result),
+            Err(_) => None,
+        }
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+}
+
 fn success_path(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -61,6 +90,20 @@ fn success_path(c: &mut Criterion) {
         .layer(tower::retry::RetryLayer::new(policy))
         .service(bare());
     g.bench_function("tower Retry (3 attempts)", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+
+    let policy = Budgeted {
+        attempts: Attempts {
+            left: 3,
+            delay: Duration::from_millis(500),
+        },
+        budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 1, 0.2)),
+    };
+    let mut s = ServiceBuilder::new()
+        .layer(tower::retry::RetryLayer::new(policy))
+        .service(bare());
+    g.bench_function("tower Retry (3 attempts, TpsBudget)", |b| {
         b.iter(|| once(&mut s, black_box(1)))
     });
 

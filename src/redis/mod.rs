@@ -65,7 +65,8 @@ mod budget;
 mod scripts;
 mod semaphore;
 
-pub use budget::{Budget, BudgetBuilder, BudgetLayer, BudgetService, Grant};
+pub use budget::{Budget, BudgetBuilder, BudgetKey, BudgetLayer, BudgetService, Grant, NoKey};
+pub use scripts::RESERVE_LUA;
 pub use semaphore::{Lease, Semaphore, SemaphoreBuilder, SemaphoreLayer, SemaphoreService};
 
 use crate::breaker::{Breaker, BreakerService};

@@ -13,9 +13,10 @@ use std::sync::LazyLock;
 /// then per cell: µs per unit, burst (units), cost (units).
 /// Returns `{1, wait_us}` (reserved: start after `wait_us`) or
 /// `{0, retry_after_us}` (refused, nothing reserved).
-pub(crate) static RESERVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+pub(crate) static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESERVE_LUA));
+
+/// The Lua source of the budget's reserve script (for audits and benchmarks).
+pub const RESERVE_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local max_wait = tonumber(ARGV[1])
@@ -43,9 +44,7 @@ for i = 1, #KEYS do
   redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', ttl)
 end
 return {1, math.ceil(wait)}
-",
-    )
-});
+";
 
 /// Moves cells by a signed number of units: a refund (negative) or a debt.
 ///
