@@ -10,8 +10,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use tower::retry::budget::{Budget as _, TpsBudget};
 use std::time::Duration;
+use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::ServiceBuilder;
 
 /// tower's equivalent: up to 3 attempts, exponential backoff on errors.

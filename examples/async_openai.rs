@@ -52,7 +52,7 @@ struct Args {
     #[arg(long, default_value_t = 30_000)]
     tpm: u64,
     /// How many times faster than real time the mock runs.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = mock_provider::time_scale)]
     time_scale: f64,
 }
 
@@ -89,10 +89,6 @@ fn observe(res: &CreateChatCompletionResponse) -> Observed {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    if !(args.time_scale.is_finite() && args.time_scale > 0.0) {
-        eprintln!("error: --time-scale must be a number above 0");
-        std::process::exit(2);
-    }
     let scale = if args.base_url.is_some() {
         1.0
     } else {

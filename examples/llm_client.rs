@@ -52,7 +52,7 @@ struct Args {
     rpm: u64,
     /// How many times faster than real time the mock runs (a "minute" lasts 60/N s).
     /// Use 1 with --base-url.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = mock_provider::time_scale)]
     time_scale: f64,
     /// At most this many calls in flight in phase 2 (seed 000's semáforo: 5).
     #[arg(long, default_value_t = 5)]
@@ -254,10 +254,6 @@ async fn provider(
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    if !(args.time_scale.is_finite() && args.time_scale > 0.0) {
-        eprintln!("error: --time-scale must be a number above 0");
-        std::process::exit(2);
-    }
     let key: Option<Arc<str>> = std::env::var("OPENAI_API_KEY").ok().map(Arc::from);
     let service_time = Duration::from_secs(5);
     let scale = args.time_scale;

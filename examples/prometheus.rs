@@ -32,7 +32,7 @@ struct Args {
     #[arg(long, default_value_t = 2_000)]
     tokens: u64,
     /// How many times faster than real time the mock runs.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = mock_provider::time_scale)]
     time_scale: f64,
     /// Keep serving `/metrics` after the load, until Ctrl-C.
     #[arg(long)]
@@ -42,10 +42,6 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    if !(args.time_scale.is_finite() && args.time_scale > 0.0) {
-        eprintln!("error: --time-scale must be a number above 0");
-        std::process::exit(2);
-    }
     println!(
         "Serving http://{}/metrics; sending {} requests of {} tokens through the LLM stack…",
         args.listen, args.calls, args.tokens

@@ -65,6 +65,19 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buffer {
     }
 }
 
+/// A DEBUG-level subscriber writing into a buffer, set for this thread.
+fn capture(with_target: bool) -> (Buffer, tracing::subscriber::DefaultGuard) {
+    let buffer = Buffer::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(buffer.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .without_time()
+        .with_target(with_target)
+        .finish();
+    (buffer, tracing::subscriber::set_default(subscriber))
+}
+
 fn timed_out() -> io::Error {
     io::Error::from(io::ErrorKind::TimedOut)
 }
@@ -204,15 +217,7 @@ const EXPECTED: &[&str] = &[
 #[tokio::test(start_paused = true)]
 async fn listener_and_tracing_see_the_exact_sequence() {
     let seen: Seen = Default::default();
-    let buffer = Buffer::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(buffer.clone())
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .without_time()
-        .with_target(false)
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (buffer, _default) = capture(false);
     scenario(&seen).await;
 
     let seen = seen.lock().unwrap().clone();
@@ -250,14 +255,7 @@ async fn listener_and_tracing_see_the_exact_sequence() {
 
 #[tokio::test(start_paused = true)]
 async fn a_waiting_call_runs_in_a_span_with_the_layer_name() {
-    let buffer = Buffer::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(buffer.clone())
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .without_time()
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (buffer, _default) = capture(true);
     let bulkhead = Bulkhead::builder()
         .name("db")
         .max_concurrent(1)

@@ -217,6 +217,24 @@ async fn a_million_idle_keys_are_evicted() {
     assert!(keys <= 1, "the store still holds {keys} keys");
 }
 
+/// `(admitted at ms, key, cost)`: the admitted cost in every window W is at
+/// most `rate · W + burst`.
+fn within_rate(adm: &[(u64, u32, u32)], rate: Rate) -> Result<(), TestCaseError> {
+    let per_ms = rate.count as f64 / rate.per.as_millis() as f64;
+    for i in 0..adm.len() {
+        let mut sum = 0.0;
+        for j in i..adm.len() {
+            sum += adm[j].2 as f64;
+            let w = (adm[j].0 - adm[i].0) as f64;
+            prop_assert!(
+                sum <= per_ms * w + rate.burst as f64 + 1e-9,
+                "{sum} in {w} ms"
+            );
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
@@ -255,24 +273,12 @@ proptest! {
                     admitted
                 }
             };
-            let check = |adm: &[(u64, u32, u32)], rate: Rate| -> Result<(), TestCaseError> {
-                let per_ms = rate.count as f64 / rate.per.as_millis() as f64;
-                for i in 0..adm.len() {
-                    let mut sum = 0.0;
-                    for j in i..adm.len() {
-                        sum += adm[j].2 as f64;
-                        let w = (adm[j].0 - adm[i].0) as f64;
-                        prop_assert!(sum <= per_ms * w + rate.burst as f64 + 1e-9, "{sum} in {w} ms");
-                    }
-                }
-                Ok(())
-            };
             let with_global = run(true, None).await;
-            check(&with_global, global)?;
+            within_rate(&with_global, global)?;
             let alone = run(false, None).await;
             for key in 0..4 {
                 let mine: Vec<_> = with_global.iter().copied().filter(|a| a.1 == key).collect();
-                check(&mine, per_key)?;
+                within_rate(&mine, per_key)?;
                 // Without the global limit, a key admits exactly what it admits alone.
                 let in_crowd: Vec<_> = alone.iter().copied().filter(|a| a.1 == key).collect();
                 let by_itself = run(false, Some(key)).await;
@@ -557,24 +563,12 @@ proptest! {
                     "call {seq} arrived at {arrived} ms, admitted at {at} ms");
                 (at, key, cost)
             }).collect();
-            let check = |adm: &[(u64, u32, u32)], rate: Rate| -> Result<(), TestCaseError> {
-                let per_ms = rate.count as f64 / rate.per.as_millis() as f64;
-                for i in 0..adm.len() {
-                    let mut sum = 0.0;
-                    for j in i..adm.len() {
-                        sum += adm[j].2 as f64;
-                        let w = (adm[j].0 - adm[i].0) as f64;
-                        prop_assert!(sum <= per_ms * w + rate.burst as f64 + 1e-9, "{sum} in {w} ms");
-                    }
-                }
-                Ok(())
-            };
             if global_on {
-                check(&adm, global)?;
+                within_rate(&adm, global)?;
             }
             for key in 0..3 {
                 let mine: Vec<_> = adm.iter().copied().filter(|a| a.1 == key).collect();
-                check(&mine, per_key)?;
+                within_rate(&mine, per_key)?;
                 let seqs: Vec<u32> = log.iter().filter(|e| e.0 == key).map(|e| e.1).collect();
                 let mut in_order = seqs.clone();
                 in_order.sort_unstable();

@@ -22,6 +22,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// clap's parser for `--time-scale`: a finite number above 0.
+pub fn time_scale(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("must be a number above 0, got {s}")),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MockConfig {
     pub tokens_per_minute: u64,
