@@ -18,8 +18,12 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 use tower::ServiceBuilder;
 
-type TokioKeyed =
-    RateLimiter<u64, DefaultKeyedStateStore<u64>, TokioClock, NoOpMiddleware<std::time::Instant>>;
+type TokioKeyed = RateLimiter<
+    u64,
+    DefaultKeyedStateStore<u64>,
+    TokioClock,
+    NoOpMiddleware<governor::nanos::Nanos>,
+>;
 
 fn big() -> NonZeroU32 {
     NonZeroU32::new(u32::MAX).expect("non-zero")
@@ -29,7 +33,7 @@ fn governor_tokio_keyed() -> TokioKeyed {
     RateLimiter::new(
         GQuota::per_second(big()),
         DefaultKeyedStateStore::default(),
-        TokioClock,
+        TokioClock::new(),
     )
 }
 

@@ -64,6 +64,7 @@ use crate::observe::{Event, ListenerSlot, Observer};
 use cell::Cell;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::RateLimiter;
 use std::hash::Hash;
@@ -72,20 +73,39 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// governor's clock, read from `tokio::time` (pausable in tests).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TokioClock;
+/// governor's clock, read from `tokio::time` (pausable in tests), as
+/// nanoseconds since the clock was made: governor's own arithmetic on them is
+/// plain `u64` math (on `std::time::Instant` it costs a few ns per check).
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    epoch: tokio::time::Instant,
+}
 
-impl Clock for TokioClock {
-    type Instant = std::time::Instant;
-
-    fn now(&self) -> Self::Instant {
-        tokio::time::Instant::now().into_std()
+impl TokioClock {
+    /// A clock starting now (on tokio's clock, paused or not).
+    pub fn new() -> Self {
+        TokioClock {
+            epoch: tokio::time::Instant::now(),
+        }
     }
 }
 
-type Limiter<K> =
-    RateLimiter<K, DefaultKeyedStateStore<K>, TokioClock, NoOpMiddleware<std::time::Instant>>;
+impl Default for TokioClock {
+    fn default() -> Self {
+        TokioClock::new()
+    }
+}
+
+impl Clock for TokioClock {
+    type Instant = Nanos;
+
+    #[inline]
+    fn now(&self) -> Nanos {
+        Nanos::from(tokio::time::Instant::now().saturating_duration_since(self.epoch))
+    }
+}
+
+type Limiter<K> = RateLimiter<K, DefaultKeyedStateStore<K>, TokioClock, NoOpMiddleware<Nanos>>;
 
 /// A rate: `count` per `per`, with a burst (default `count`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,6 +312,7 @@ impl QuotaBuilder {
             ));
         }
         let mut plans = Vec::with_capacity(self.plans.len());
+        let clock = TokioClock::new();
         for (name, rate) in self.plans {
             rate.validate("plan")?;
             if plans.iter().any(|p: &Plan<K>| p.name == name) {
@@ -312,7 +333,7 @@ impl QuotaBuilder {
                 }),
                 name,
                 rate,
-                limiter: RateLimiter::new(quota, DefaultKeyedStateStore::default(), TokioClock),
+                limiter: RateLimiter::new(quota, DefaultKeyedStateStore::default(), clock),
             });
         }
         let global = match self.global {

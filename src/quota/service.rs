@@ -1,5 +1,5 @@
 use super::wait::Turn;
-use super::{PlanId, Shared, TokioClock};
+use super::{PlanId, Shared};
 use crate::error::{BoxError, RejectKind, Rejected};
 use crate::observe::EventKind;
 use governor::clock::Clock;
@@ -253,9 +253,17 @@ impl<K: Hash + Eq + Clone> Shared<K> {
                 return Err(Refusal::Wait(wait, true));
             }
         }
-        let refused = match plan.limiter.check_key_n(key, n) {
+        // `check_key` is governor's cheaper path for the common cost of 1.
+        let checked = if cost == 1 {
+            Ok(plan.limiter.check_key(key))
+        } else {
+            plan.limiter.check_key_n(key, n)
+        };
+        let refused = match checked {
             Ok(Ok(())) => return Ok(()),
-            Ok(Err(not_until)) => Refusal::Wait(not_until.wait_time_from(TokioClock.now()), false),
+            Ok(Err(not_until)) => {
+                Refusal::Wait(not_until.wait_time_from(plan.limiter.clock().now()), false)
+            }
             Err(_insufficient) => self.never(plan, cost),
         };
         if let Some((_, cell)) = &self.global {
