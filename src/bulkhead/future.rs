@@ -116,68 +116,84 @@ where
                         Err(e) => Err(e.into()),
                     });
                 }
-                StateProj::Queued { queued } => {
-                    let QueuedProj {
-                        span,
-                        waiter,
-                        permit,
-                        svc,
-                        req,
-                        ticket,
-                        enqueued_at,
-                        timeout,
-                    } = queued.as_mut().project();
-                    let _in_span = span.clone().entered();
-                    if permit.is_none() {
-                        let got = match waiter.poll_permit(cx) {
-                            Poll::Ready(r) => r,
-                            Poll::Pending => {
-                                let expired = timeout
-                                    .as_pin_mut()
-                                    .is_some_and(|sleep| sleep.poll(cx).is_ready());
-                                if !expired {
-                                    return Poll::Pending;
-                                }
-                                waiter.expire(enqueued_at.elapsed())
-                            }
-                        };
-                        match got {
-                            Ok(p) => {
-                                if let Some(t) = ticket {
-                                    t.finished(TicketStatus::Admitted);
-                                }
-                                waiter.shared().cfg.obs.emit(
-                                    "bulkhead",
-                                    EventKind::Admitted {
-                                        waited: enqueued_at.elapsed(),
-                                    },
-                                );
-                                *permit = Some(p);
-                            }
-                            Err(rejected) => {
-                                if let Some(t) = ticket {
-                                    t.finished(TicketStatus::Rejected(rejected.kind()));
-                                }
-                                return Poll::Ready(Err(rejected.into()));
-                            }
-                        }
-                    }
-                    if let Err(e) = ready!(svc.poll_ready(cx)) {
-                        return Poll::Ready(Err(e.into()));
-                    }
-                    let Some(request) = req.take() else {
-                        return Poll::Ready(Err("bulkhead future polled after completion".into()));
-                    };
-                    let fut = svc.call(request);
-                    let permit = permit.take();
-                    state.set(State::Calling { fut, permit });
-                }
+                StateProj::Queued { queued } => match ready!(poll_queued(queued.as_mut(), cx)) {
+                    Ok((fut, permit)) => state.set(State::Calling { fut, permit }),
+                    Err(e) => return Poll::Ready(Err(e)),
+                },
                 StateProj::Rejected { rejected } => {
                     return Poll::Ready(Err(crate::error::take_rejection(rejected, "bulkhead")));
                 }
             }
         }
     }
+}
+
+/// The inner call and the permit it runs under.
+type Called<F> = (F, Option<BulkheadPermit>);
+
+/// The slow path, out of line so the fast path's `poll` stays small: wait for
+/// a permit (or the deadline), then for the inner service, then call it.
+#[inline(never)]
+fn poll_queued<S, Req>(
+    queued: Pin<&mut Queued<S, Req>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Called<S::Future>, BoxError>>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    let QueuedProj {
+        span,
+        waiter,
+        permit,
+        svc,
+        req,
+        ticket,
+        enqueued_at,
+        timeout,
+    } = queued.project();
+    let _in_span = span.enter();
+    if permit.is_none() {
+        let got = match waiter.poll_permit(cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                let expired = timeout
+                    .as_pin_mut()
+                    .is_some_and(|sleep| sleep.poll(cx).is_ready());
+                if !expired {
+                    return Poll::Pending;
+                }
+                waiter.expire(enqueued_at.elapsed())
+            }
+        };
+        match got {
+            Ok(p) => {
+                if let Some(t) = ticket {
+                    t.finished(TicketStatus::Admitted);
+                }
+                waiter.shared().cfg.obs.emit(
+                    "bulkhead",
+                    EventKind::Admitted {
+                        waited: enqueued_at.elapsed(),
+                    },
+                );
+                *permit = Some(p);
+            }
+            Err(rejected) => {
+                if let Some(t) = ticket {
+                    t.finished(TicketStatus::Rejected(rejected.kind()));
+                }
+                return Poll::Ready(Err(rejected.into()));
+            }
+        }
+    }
+    if let Err(e) = ready!(svc.poll_ready(cx)) {
+        return Poll::Ready(Err(e.into()));
+    }
+    let Some(request) = req.take() else {
+        return Poll::Ready(Err("bulkhead future polled after completion".into()));
+    };
+    Poll::Ready(Ok((svc.call(request), permit.take())))
 }
 
 impl<S: Service<Req>, Req, R> std::fmt::Debug for ResponseFuture<S, Req, R> {

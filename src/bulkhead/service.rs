@@ -44,6 +44,48 @@ impl<S: fmt::Debug, X: fmt::Debug, R> fmt::Debug for BulkheadService<S, X, R> {
     }
 }
 
+impl<S, X, R> BulkheadService<S, X, R> {
+    /// Admission under the lock, a place in line, or a refusal: out of line so
+    /// the free-permit path of `call` stays small enough to inline.
+    #[inline(never)]
+    fn call_slow<Req>(
+        &mut self,
+        req: Req,
+        partition: Option<u64>,
+        ticket: Option<super::QueueTicket>,
+    ) -> ResponseFuture<S, Req, R>
+    where
+        S: Service<Req> + Clone,
+        X: RequestInfo<Req>,
+    {
+        let priority = self.info.priority(&req);
+        match self.shared.acquire_slow(priority, partition) {
+            Acquire::Admitted(permit) => {
+                if let Some(t) = &ticket {
+                    t.finished(TicketStatus::Admitted);
+                }
+                ResponseFuture::calling(self.inner.call(req), permit)
+            }
+            Acquire::Queued(waiter) => {
+                if let Some(t) = &ticket {
+                    t.queued(waiter.shared(), waiter.id());
+                }
+                // Take the service that was polled ready; leave a clone for the
+                // next `poll_ready`. It is polled ready again once in line is over.
+                let clone = self.inner.clone();
+                let svc = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::queued(waiter, svc, req, ticket)
+            }
+            Acquire::Rejected(rejected) => {
+                if let Some(t) = &ticket {
+                    t.finished(TicketStatus::Rejected(rejected.kind()));
+                }
+                ResponseFuture::rejected(rejected)
+            }
+        }
+    }
+}
+
 impl<S, Req, X, R> Service<Req> for BulkheadService<S, X, R>
 where
     S: Service<Req> + Clone,
@@ -72,30 +114,6 @@ where
             }
             return ResponseFuture::calling(self.inner.call(req), permit);
         }
-        let priority = self.info.priority(&req);
-        match self.shared.acquire_slow(priority, partition) {
-            Acquire::Admitted(permit) => {
-                if let Some(t) = &ticket {
-                    t.finished(TicketStatus::Admitted);
-                }
-                ResponseFuture::calling(self.inner.call(req), permit)
-            }
-            Acquire::Queued(waiter) => {
-                if let Some(t) = &ticket {
-                    t.queued(waiter.shared(), waiter.id());
-                }
-                // Take the service that was polled ready; leave a clone for the
-                // next `poll_ready`. It is polled ready again once in line is over.
-                let clone = self.inner.clone();
-                let svc = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::queued(waiter, svc, req, ticket)
-            }
-            Acquire::Rejected(rejected) => {
-                if let Some(t) = &ticket {
-                    t.finished(TicketStatus::Rejected(rejected.kind()));
-                }
-                ResponseFuture::rejected(rejected)
-            }
-        }
+        self.call_slow(req, partition, ticket)
     }
 }

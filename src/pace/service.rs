@@ -373,24 +373,7 @@ where
             Admit::Now => State::Calling {
                 fut: self.inner.call(req),
             },
-            Admit::Queued(slot, seq) => {
-                // Keep the service polled ready for when our turn comes; leave
-                // a clone for the next `poll_ready`.
-                let clone = self.inner.clone();
-                let svc = std::mem::replace(&mut self.inner, clone);
-                State::Waiting {
-                    waiting: Some(Box::new(Waiting {
-                        span: self.shared.obs.span("pace", "wait"),
-                        since: Instant::now(),
-                        admitted: false,
-                        slot,
-                        seq,
-                        svc,
-                        req: Some(req),
-                        sleep: None,
-                    })),
-                }
-            }
+            Admit::Queued(slot, seq) => self.waiting(slot, seq, req),
             Admit::Rejected(r) => {
                 self.shared.obs.rejected(&r);
                 State::Rejected {
@@ -405,6 +388,32 @@ where
             observe: self.observe.clone(),
             classify: self.classify.clone(),
             deliver: self.deliver.clone(),
+        }
+    }
+}
+
+impl<S: Clone, W, O, C, D> PaceService<S, W, O, C, D> {
+    /// A place in line (out of line, so the reserve-and-go `call` stays small).
+    #[inline(never)]
+    fn waiting<Req>(&mut self, slot: u32, seq: u64, req: Req) -> State<S, Req>
+    where
+        S: Service<Req>,
+    {
+        // Keep the service polled ready for when our turn comes; leave a clone
+        // for the next `poll_ready`.
+        let clone = self.inner.clone();
+        let svc = std::mem::replace(&mut self.inner, clone);
+        State::Waiting {
+            waiting: Some(Box::new(Waiting {
+                span: self.shared.obs.span("pace", "wait"),
+                since: Instant::now(),
+                admitted: false,
+                slot,
+                seq,
+                svc,
+                req: Some(req),
+                sleep: None,
+            })),
         }
     }
 }

@@ -67,6 +67,9 @@ pub(crate) struct State {
     paused_until: Option<Instant>,
     /// AIMD share of the configured rate, in [FLOOR, 1].
     factor: f64,
+    /// Seconds per unit now (`secs_per_unit / factor`), per dimension:
+    /// recomputed when the factor changes, not on every reservation.
+    spu: Vec<f64>,
     epoch: Instant,
     pub(crate) throttled: u64,
     /// Closed by a shutdown: waiters are answered `ShuttingDown`, new calls refused.
@@ -86,7 +89,9 @@ fn secs(epoch: Instant, t: Instant) -> f64 {
 impl State {
     pub(crate) fn new(dims: Vec<Dim>) -> Self {
         let n = dims.len();
+        let spu = dims.iter().map(|d| d.secs_per_unit).collect();
         State {
+            spu,
             dims,
             tat: vec![0.0; n],
             line: BTreeMap::new(),
@@ -102,7 +107,23 @@ impl State {
     }
 
     fn spu(&self, d: usize) -> f64 {
-        self.dims[d].secs_per_unit / self.factor
+        self.spu[d]
+    }
+
+    fn set_factor(&mut self, factor: f64) {
+        self.factor = factor;
+        for (spu, d) in self.spu.iter_mut().zip(&self.dims) {
+            *spu = d.secs_per_unit / factor;
+        }
+    }
+
+    /// A start `s` is due at `now` (`n` seconds since the epoch) — also when
+    /// float rounding puts `s` a hair after `n` although the instant we
+    /// would sleep until, `instant(s)`, has come: without this, a waiter woken
+    /// at `instant(s)` would find itself not due and sleep until the same
+    /// instant again, forever (found by `tests/pace_props.rs`).
+    fn due(&self, s: f64, n: f64, now: Instant) -> bool {
+        s <= n || self.instant(s) <= now
     }
 
     fn instant(&self, s: f64) -> Instant {
@@ -140,7 +161,7 @@ impl State {
     pub(crate) fn try_now(&mut self, cost: &Cost, now: Instant) -> Fit {
         let n = secs(self.epoch, now);
         let s = self.start_secs(cost, None, n);
-        if self.line.is_empty() && s <= n {
+        if self.line.is_empty() && self.due(s, n, now) {
             self.reserve_at(cost, n);
             return Fit::Now;
         }
@@ -240,7 +261,7 @@ impl State {
         let cost = w.cost;
         let n = secs(self.epoch, now);
         let s = self.start_secs(&cost, None, n);
-        if s <= n {
+        if self.due(s, n, now) {
             self.unqueue(slot, seq);
             self.reserve_at(&cost, n);
             self.wake_head();
@@ -284,7 +305,7 @@ impl State {
         if self.paused_until.is_none_or(|p| p < until) {
             self.paused_until = Some(until);
         }
-        self.factor = (self.factor * DECREASE).max(FLOOR);
+        self.set_factor((self.factor * DECREASE).max(FLOOR));
         started.then_some(pause)
     }
 
@@ -294,7 +315,7 @@ impl State {
 
     pub(crate) fn succeeded(&mut self) {
         if self.factor < 1.0 {
-            self.factor = (self.factor + INCREASE).min(1.0);
+            self.set_factor((self.factor + INCREASE).min(1.0));
         }
     }
 

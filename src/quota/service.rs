@@ -317,6 +317,27 @@ where
                 Err(r) => ResponseFuture::rejected(r),
             };
         };
+        self.call_waiting(req, key, plan, cost, max_wait)
+    }
+}
+
+impl<S, K: Hash + Eq + Clone, F, W> QuotaService<S, K, F, W> {
+    /// Wait mode, out of line so the fail-fast `call` stays small.
+    #[inline(never)]
+    fn call_waiting<Req>(
+        &mut self,
+        req: Req,
+        key: K,
+        plan: PlanId,
+        cost: u32,
+        max_wait: Duration,
+    ) -> ResponseFuture<S, Req, K>
+    where
+        S: Service<Req> + Clone,
+    {
+        let Some(shared) = &self.shared else {
+            return ResponseFuture::called(self.inner.call(req));
+        };
         shared.tick();
         match shared
             .lines
