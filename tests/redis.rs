@@ -20,6 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tower::{service_fn, Layer, ServiceExt};
 
+/// One Redis test at a time: the fault test measures latencies, and the
+/// 2,000-task semaphore test would load the machine under it.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn backend(server: &RedisServer) -> RedisBackend {
     RedisBackend::connect(server.url()).await.expect("connects")
 }
@@ -33,6 +37,7 @@ fn tpm() -> semaforo::pace::PaceBuilder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_instances_share_one_tpm_budget() {
+    let _serial = SERIAL.lock().await;
     let Some(server) = RedisServer::start() else {
         return;
     };
@@ -90,6 +95,7 @@ async fn four_instances_share_one_tpm_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_slots_never_more_than_five_hundred_holders() {
+    let _serial = SERIAL.lock().await;
     let Some(server) = RedisServer::start() else {
         return;
     };
@@ -165,6 +171,7 @@ fn twenty_per_second() -> semaforo::pace::PaceBuilder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_policy_when_redis_stops_then_recovery() {
+    let _serial = SERIAL.lock().await;
     let Some(mut server) = RedisServer::start() else {
         return;
     };
@@ -259,6 +266,7 @@ async fn each_failure_policy_when_redis_stops_then_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn script_flush_mid_run_reaches_no_caller() {
+    let _serial = SERIAL.lock().await;
     let Some(server) = RedisServer::start() else {
         return;
     };
@@ -294,6 +302,7 @@ async fn script_flush_mid_run_reaches_no_caller() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_holders_slot_returns_after_its_lease() {
+    let _serial = SERIAL.lock().await;
     let Some(server) = RedisServer::start() else {
         return;
     };
@@ -353,6 +362,7 @@ async fn a_crashed_holders_slot_returns_after_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_wait_in_order_and_refunds_free_capacity() {
+    let _serial = SERIAL.lock().await;
     let Some(server) = RedisServer::start() else {
         return;
     };
