@@ -14,7 +14,7 @@
 //! - `max_attempts` counts every attempt (default 3). A total `deadline` bounds
 //!   the whole call: no sleep ends past it, no attempt starts with less than
 //!   `min_attempt_time` left, and a running attempt is cut at it
-//!   ([`RejectKind::Timeout`](crate::RejectKind::Timeout)).
+//!   ([`RejectKind::Timeout`]).
 //! - A [`RetryBudget`] shared by every clone caps retries at a ratio of recent
 //!   requests (default 20 % over 10 s) plus a floor (default 1/s): a failing
 //!   upstream sees at most ~1.2× its normal load, not 3×. When it is spent the
