@@ -340,6 +340,17 @@ fn recording(
     (svc, log)
 }
 
+/// One call per second per key, burst 1, waiting up to `max_wait`.
+fn one_per_second(max_wait: Duration) -> (Quota<u32>, PlanId) {
+    let quota: Quota<u32> = Quota::builder()
+        .plan("p", Rate::per_second(1).burst(1))
+        .wait(max_wait)
+        .build()
+        .unwrap();
+    let p = quota.plan_id("p").unwrap();
+    (quota, p)
+}
+
 fn spawn_call<S>(svc: &S, req: Seq) -> tokio::task::JoinHandle<Result<(), Rejected>>
 where
     S: Service<Seq, Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static,
@@ -357,12 +368,7 @@ where
 
 #[tokio::test(start_paused = true)]
 async fn wait_mode_admits_in_arrival_order_at_the_refill_instants() {
-    let quota: Quota<u32> = Quota::builder()
-        .plan("p", Rate::per_second(1).burst(1))
-        .wait(Duration::from_secs(9))
-        .build()
-        .unwrap();
-    let p = quota.plan_id("p").unwrap();
+    let (quota, p) = one_per_second(Duration::from_secs(9));
     let (svc, log) = recording(&quota);
     let mut calls = Vec::new();
     // Ten calls of key 1, 100 ms apart: the first passes, the rest queue
@@ -399,12 +405,7 @@ async fn wait_mode_admits_in_arrival_order_at_the_refill_instants() {
 
 #[tokio::test(start_paused = true)]
 async fn wait_mode_a_dropped_waiter_lets_the_next_move_up() {
-    let quota: Quota<u32> = Quota::builder()
-        .plan("p", Rate::per_second(1).burst(1))
-        .wait(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let p = quota.plan_id("p").unwrap();
+    let (quota, p) = one_per_second(Duration::from_secs(10));
     let (svc, log) = recording(&quota);
     let first = spawn_call(&svc, (1, p, 1, 0));
     tokio::task::yield_now().await;
@@ -431,12 +432,7 @@ async fn wait_mode_a_dropped_waiter_lets_the_next_move_up() {
 async fn wait_mode_drop_at_each_await_point() {
     use std::future::Future;
     use std::task::{Context, Poll};
-    let quota: Quota<u32> = Quota::builder()
-        .plan("p", Rate::per_second(1).burst(1))
-        .wait(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let p = quota.plan_id("p").unwrap();
+    let (quota, p) = one_per_second(Duration::from_secs(10));
     // An inner service that is not ready until `open` is set.
     let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     #[derive(Clone)]

@@ -24,6 +24,12 @@ use tower::{service_fn, Layer, ServiceExt};
 /// 2,000-task semaphore test would load the machine under it.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// This test's turn and its own server (`None`: Redis tests skipped).
+async fn setup() -> Option<(tokio::sync::MutexGuard<'static, ()>, RedisServer)> {
+    let turn = SERIAL.lock().await;
+    RedisServer::start().map(|server| (turn, server))
+}
+
 async fn backend(server: &RedisServer) -> RedisBackend {
     RedisBackend::connect(server.url()).await.expect("connects")
 }
@@ -37,8 +43,7 @@ fn tpm() -> semaforo::pace::PaceBuilder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_instances_share_one_tpm_budget() {
-    let _serial = SERIAL.lock().await;
-    let Some(server) = RedisServer::start() else {
+    let Some((_serial, server)) = setup().await else {
         return;
     };
     let t0 = Instant::now();
@@ -95,8 +100,7 @@ async fn four_instances_share_one_tpm_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_slots_never_more_than_five_hundred_holders() {
-    let _serial = SERIAL.lock().await;
-    let Some(server) = RedisServer::start() else {
+    let Some((_serial, server)) = setup().await else {
         return;
     };
     let mut sems = Vec::new();
@@ -171,8 +175,7 @@ fn twenty_per_second() -> semaforo::pace::PaceBuilder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_policy_when_redis_stops_then_recovery() {
-    let _serial = SERIAL.lock().await;
-    let Some(mut server) = RedisServer::start() else {
+    let Some((_serial, mut server)) = setup().await else {
         return;
     };
     if std::env::var("REDIS_URL").is_ok() {
@@ -266,8 +269,7 @@ async fn each_failure_policy_when_redis_stops_then_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn script_flush_mid_run_reaches_no_caller() {
-    let _serial = SERIAL.lock().await;
-    let Some(server) = RedisServer::start() else {
+    let Some((_serial, server)) = setup().await else {
         return;
     };
     let redis = backend(&server).await;
@@ -302,8 +304,7 @@ async fn script_flush_mid_run_reaches_no_caller() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_holders_slot_returns_after_its_lease() {
-    let _serial = SERIAL.lock().await;
-    let Some(server) = RedisServer::start() else {
+    let Some((_serial, server)) = setup().await else {
         return;
     };
     let lease = Duration::from_millis(300);
@@ -362,8 +363,7 @@ async fn a_crashed_holders_slot_returns_after_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_wait_in_order_and_refunds_free_capacity() {
-    let _serial = SERIAL.lock().await;
-    let Some(server) = RedisServer::start() else {
+    let Some((_serial, server)) = setup().await else {
         return;
     };
     let redis = backend(&server).await;
