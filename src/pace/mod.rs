@@ -100,6 +100,24 @@ pub enum Unit {
     Tokens,
 }
 
+impl Unit {
+    /// `"requests"` or `"tokens"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Requests => "requests",
+            Unit::Tokens => "tokens",
+        }
+    }
+
+    /// How many of this unit `cost` counts.
+    pub(crate) fn amount(self, cost: &Cost) -> f64 {
+        match self {
+            Unit::Requests => f64::from(cost.requests),
+            Unit::Tokens => cost.tokens as f64,
+        }
+    }
+}
+
 /// One dimension's state.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DimSnapshot {

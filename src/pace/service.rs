@@ -447,10 +447,7 @@ impl Shared {
         for dim in &st.dims {
             let n = dim.amount(cost);
             if n > dim.capacity {
-                let unit = match dim.unit {
-                    super::Unit::Requests => "requests",
-                    super::Unit::Tokens => "tokens",
-                };
+                let unit = dim.unit.as_str();
                 return Admit::Rejected(rejected(format!(
                     "a cost of {n} {unit} can never fit a burst of {} per {:?}",
                     dim.capacity, dim.per

@@ -41,10 +41,7 @@ pub(crate) struct Dim {
 
 impl Dim {
     pub(crate) fn amount(&self, cost: &Cost) -> f64 {
-        match self.unit {
-            Unit::Requests => f64::from(cost.requests),
-            Unit::Tokens => cost.tokens as f64,
-        }
+        self.unit.amount(cost)
     }
 }
 

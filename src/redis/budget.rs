@@ -24,18 +24,11 @@ struct Dim {
 
 impl Dim {
     fn amount(&self, cost: &Cost) -> f64 {
-        match self.unit {
-            Unit::Requests => f64::from(cost.requests),
-            Unit::Tokens => cost.tokens as f64,
-        }
+        self.unit.amount(cost)
     }
 
     fn label(&self, per: Duration) -> String {
-        let unit = match self.unit {
-            Unit::Requests => "requests",
-            Unit::Tokens => "tokens",
-        };
-        format!("{unit}-per-{}s", per.as_secs())
+        format!("{}-per-{}s", self.unit.as_str(), per.as_secs())
     }
 }
 
