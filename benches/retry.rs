@@ -42,6 +42,45 @@ impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for Attempts {
     }
 }
 
+/// tower's equivalent with the same reach as ours without a budget: its
+/// configuration and its count of retries are shared by every clone (ours:
+/// `Retry::retries()`), so the policy holds them in an `Arc`, as a tower policy
+/// that is configured once and observed from outside does.
+#[derive(Clone)]
+struct SharedAttempts {
+    config: Arc<AttemptsConfig>,
+    left: u32,
+}
+
+struct AttemptsConfig {
+    first_delay: Duration,
+    retries: std::sync::atomic::AtomicU64,
+}
+
+impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for SharedAttempts {
+    type Future = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        match result {
+            Ok(_) => None,
+            Err(_) if self.left > 1 => {
+                self.left -= 1;
+                let n = self
+                    .config
+                    .retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let d = self.config.first_delay * 2u32.saturating_pow(n as u32 % 8);
+                Some(Box::pin(tokio::time::sleep(d)))
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+}
+
 /// tower's equivalent of our default (a retry budget): the same attempts,
 /// with tower's own `TpsBudget` — deposited on every call, withdrawn per retry.
 #[derive(Clone)]
@@ -92,6 +131,21 @@ fn success_path(c: &mut Criterion) {
     g.bench_function("tower Retry (3 attempts)", |b| {
         b.iter(|| once(&mut s, black_box(1)))
     });
+
+    let policy = SharedAttempts {
+        config: Arc::new(AttemptsConfig {
+            first_delay: Duration::from_millis(500),
+            retries: std::sync::atomic::AtomicU64::new(0),
+        }),
+        left: 3,
+    };
+    let mut s = ServiceBuilder::new()
+        .layer(tower::retry::RetryLayer::new(policy))
+        .service(bare());
+    g.bench_function(
+        "tower Retry (3 attempts, shared config and retry count)",
+        |b| b.iter(|| once(&mut s, black_box(1))),
+    );
 
     let policy = Budgeted {
         attempts: Attempts {

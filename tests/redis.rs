@@ -432,3 +432,224 @@ async fn reservations_wait_in_order_and_refunds_free_capacity() {
         );
     }
 }
+
+/// A raw connection to the test's server, for what the scenario does behind
+/// semaforo's back (pausing Redis, deleting a key, reading a cell).
+async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a raw connection")
+}
+
+/// Keeps Redis busy (nothing else runs) for ARGV[1] µs.
+const SPIN_LUA: &str = r"
+local t = redis.call('TIME')
+local start = tonumber(t[1]) * 1000000 + tonumber(t[2])
+repeat
+  t = redis.call('TIME')
+until tonumber(t[1]) * 1000000 + tonumber(t[2]) - start >= tonumber(ARGV[1])
+";
+
+/// Redis `TIME` in µs.
+async fn redis_now_us(conn: &mut redis::aio::MultiplexedConnection) -> i64 {
+    let (s, us): (i64, i64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    s * 1_000_000 + us
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_dropped_while_it_waits_gives_its_reservation_back() {
+    let Some((_serial, server)) = setup().await else {
+        return;
+    };
+    let redis = backend(&server).await;
+    let mut conn = raw(&server).await;
+    // 10 requests per second, burst 1: each reservation starts 100 ms after
+    // the one before.
+    let budget = Budget::builder(
+        &redis,
+        "dropped",
+        Pace::builder()
+            .limit(Unit::Requests, 10, Duration::from_secs(1))
+            .burst(1)
+            .max_wait(Duration::from_secs(5)),
+    )
+    .build()
+    .unwrap();
+    let cell = "semaforo:budget:{dropped}:requests-per-1s";
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let svc = budget.layer().layer(service_fn(move |_: ()| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, BoxError>(()) }
+    }));
+    let t0 = redis_now_us(&mut conn).await;
+    // The first call starts at once and spends its reservation.
+    svc.clone().oneshot(()).await.unwrap();
+    // Five more reserve 100…500 ms ahead; their callers give up after 50 ms.
+    let waiting: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(svc.clone().oneshot(())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for w in &waiting {
+        w.abort();
+    }
+    for w in waiting {
+        assert!(w.await.unwrap_err().is_cancelled());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // The refunds land in the background: the cell goes back to the first
+    // call's reservation (t0 + 100 ms) instead of staying at t0 + 600 ms.
+    let given_back = Instant::now();
+    loop {
+        let tat: Option<i64> = redis::cmd("GET")
+            .arg(cell)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let tat = tat.unwrap_or(0);
+        if tat <= t0 + 150_000 {
+            break;
+        }
+        assert!(
+            given_back.elapsed() < Duration::from_millis(500),
+            "reservations not given back: the cell is {} ms ahead of t0",
+            (tat - t0) / 1000
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // So the next caller waits at most the first call's 100 ms, not 600.
+    match budget.reserve(None, &Cost::tokens(0)).await.unwrap() {
+        Grant::Redis(w) => assert!(w <= Duration::from_millis(100), "{w:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_that_times_out_or_is_dropped_leaves_no_lease_behind() {
+    let Some((_serial, server)) = setup().await else {
+        return;
+    };
+    // A breaker that stays closed: this test is about leases, not outages.
+    let redis = RedisBackend::builder(server.url())
+        .breaker(100, Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let mut conn = raw(&server).await;
+    let sem = Semaphore::builder(&redis, "orphans", 1)
+        .lease(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    // Loads the scripts (a first call's EVALSHA would only meet NOSCRIPT).
+    drop(sem.acquire().await.unwrap());
+    while sem.holders().await.unwrap() != 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Redis is busy for 300 ms (a script that spins): the acquire scripts
+    // run after their callers gave up (one timed out at 50 ms, one was
+    // dropped at 10 ms). Left alone, the first would hold the only slot for
+    // 30 s, for nobody.
+    let busy = tokio::spawn(async move {
+        let () = redis::cmd("EVAL")
+            .arg(SPIN_LUA)
+            .arg(0)
+            .arg(300_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let r = sem.acquire().await.unwrap_err();
+    assert_eq!(r.kind(), RejectKind::BackendUnavailable);
+    let dropped = tokio::time::timeout(Duration::from_millis(10), sem.acquire()).await;
+    assert!(dropped.is_err(), "the second acquire was dropped in flight");
+    busy.await.unwrap();
+    // Redis answers again: no lease is left, the slot can be taken.
+    let resumed = Instant::now();
+    loop {
+        if let Ok(0) = sem.holders().await {
+            break;
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_millis(500),
+            "a lease nobody holds is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let lease = sem.acquire().await.unwrap();
+    assert!(lease.is_shared());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_ran_out_is_reported_lost() {
+    let Some((_serial, server)) = setup().await else {
+        return;
+    };
+    let redis = backend(&server).await;
+    let mut conn = raw(&server).await;
+    let sem = Semaphore::builder(&redis, "lost", 1)
+        .lease(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let lease = sem.acquire().await.unwrap();
+    // Renewed every 100 ms: still held after two leases.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!lease.is_lost());
+    assert_eq!(sem.holders().await.unwrap(), 1);
+    // The lease disappears behind its holder's back (as when it runs out
+    // while Redis is unreachable): the next renewal finds it gone.
+    let () = redis::cmd("DEL")
+        .arg("semaforo:sem:{lost}")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let deleted = Instant::now();
+    while !lease.is_lost() {
+        assert!(
+            deleted.elapsed() < Duration::from_millis(300),
+            "the lost lease was not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // It is not renewed back into existence.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(sem.holders().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_holds_its_slot_to_the_last_chunk() {
+    use futures::StreamExt;
+    let Some((_serial, server)) = setup().await else {
+        return;
+    };
+    let redis = backend(&server).await;
+    let sem = Semaphore::builder(&redis, "streams", 1).build().unwrap();
+    let svc = sem
+        .layer()
+        .release_on_stream_end()
+        .layer(service_fn(|n: u32| async move {
+            Ok::<_, BoxError>(futures::stream::iter((0..n).map(Ok::<u32, BoxError>)))
+        }));
+    let mut answer = svc.clone().oneshot(3).await.unwrap();
+    assert_eq!(answer.next().await.unwrap().unwrap(), 0);
+    // Headers came, chunks are still coming: the only slot is still taken.
+    let Err(refused) = svc.clone().oneshot(1).await else {
+        panic!("the slot is held");
+    };
+    assert_eq!(
+        Rejected::from_box(&refused).unwrap().kind(),
+        RejectKind::QueueFull
+    );
+    assert_eq!(sem.holders().await.unwrap(), 1);
+    while answer.next().await.is_some() {}
+    // The last chunk released it (in the background, one round trip).
+    let ended = Instant::now();
+    while sem.holders().await.unwrap() != 0 {
+        assert!(ended.elapsed() < Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut again = svc.oneshot(2).await.unwrap();
+    assert_eq!(again.next().await.unwrap().unwrap(), 0);
+}

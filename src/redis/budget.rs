@@ -1,6 +1,6 @@
 //! A pace / quota budget whose GCRA cells live in Redis.
 
-use super::{pair, scripts, unavailable, FailurePolicy, RedisBackend};
+use super::{in_background, pair, scripts, unavailable, FailurePolicy, RedisBackend};
 use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
 use crate::pace::{Cost, Pace, PaceBuilder, Unit, Weigh};
 use std::fmt;
@@ -359,8 +359,17 @@ where
         // wait could hold an inner limiter's permit).
         let mut svc = self.inner.clone();
         Box::pin(async move {
+            let mut unstarted = None;
             match budget.reserve(key.as_deref(), &cost).await? {
                 Grant::Redis(wait) => {
+                    // From here until the inner call starts, a drop (or a
+                    // failed `poll_ready`) gives the reservation back.
+                    unstarted = Some(Unstarted {
+                        budget: budget.clone(),
+                        key,
+                        cost,
+                        spent: false,
+                    });
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
@@ -382,7 +391,39 @@ where
             std::future::poll_fn(|cx| svc.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
+            if let Some(u) = unstarted {
+                u.started();
+            }
             svc.call(req).await.map_err(Into::into)
         })
+    }
+}
+
+/// A reservation in Redis for a call that has not started: refunded (in the
+/// background) when dropped, so a caller that gives up while it waits frees
+/// its place for the next reservation, as with a local [`Pace`].
+struct Unstarted {
+    budget: Budget,
+    key: Option<String>,
+    cost: Cost,
+    spent: bool,
+}
+
+impl Unstarted {
+    /// The call started: the reservation is spent.
+    fn started(mut self) {
+        self.spent = true;
+    }
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        if self.spent {
+            return;
+        }
+        let (budget, key, cost) = (self.budget.clone(), self.key.take(), self.cost);
+        in_background(async move {
+            let _ = budget.adjust(key.as_deref(), &cost, &Cost::default()).await;
+        });
     }
 }

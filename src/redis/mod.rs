@@ -14,10 +14,15 @@
 //!   start; `max_wait` refuses with the exact `retry_after`; a refund or a
 //!   debt moves the cells), keyed or not, so it also serves as a distributed
 //!   [`Quota`](crate::quota::Quota). Idle cells expire (their TTL is the time
-//!   until they are full again).
+//!   until they are full again). A call through the layer that is dropped
+//!   while it waits for its start gives its reservation back (in the
+//!   background), so the next reservation is not held back by it.
 //! - **A lease semaphore**: holders sit in a sorted set scored by lease expiry;
 //!   a crashed holder's slot comes back when its lease runs out; a live holder
-//!   renews every third of its lease; a dropped lease is released.
+//!   renews every third of its lease; a dropped lease is released; an acquire
+//!   that times out or is dropped while its script is in flight releases
+//!   whatever that script took; a lease found gone at renewal is reported
+//!   ([`Lease::is_lost`], and a WARN log).
 //! - **When Redis is slow or down**: every call has a tight timeout (50 ms by
 //!   default) and runs through a semaforo [`Breaker`] (3 failures open it for
 //!   1 s), so an outage costs at most a few timeouts, then nothing per call.
@@ -284,6 +289,15 @@ impl RedisBackend {
         let mut svc = self.svc.clone();
         std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
         svc.call(Eval { script, keys, args }).await
+    }
+}
+
+/// Runs `work` on the current tokio runtime, if there is one: the clean-up a
+/// `Drop` starts and cannot wait for (without a runtime, leases and
+/// reservations run out by themselves).
+fn in_background(work: impl Future<Output = ()> + Send + 'static) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(work);
     }
 }
 

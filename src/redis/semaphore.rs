@@ -1,13 +1,15 @@
 //! A concurrency limit shared by a fleet: leases in a Redis sorted set.
 
-use super::{pair, scripts, unavailable, FailurePolicy, RedisBackend};
+use super::{in_background, pair, scripts, unavailable, FailurePolicy, RedisBackend};
 use crate::bulkhead::Bulkhead;
 use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
+use crate::guard::{Guard, Hold, OnResponse, OnStreamEnd, StreamEnd};
 use rand::Rng;
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -135,6 +137,8 @@ enum LeaseKind {
         sem: Semaphore,
         holder: String,
         renew: tokio::task::JoinHandle<()>,
+        /// Set by the renewal task when the lease was found gone.
+        lost: Arc<AtomicBool>,
     },
     /// `FailOpen` while Redis was down: holds nothing.
     Open,
@@ -162,23 +166,51 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// `true` once a renewal found the lease gone (it ran out while Redis was
+    /// unreachable or paused, and the slot may now be someone else's): the
+    /// limit no longer counts this holder. Logged at WARN (target `semaforo`).
+    pub fn is_lost(&self) -> bool {
+        match &self.kind {
+            LeaseKind::Redis { lost, .. } => lost.load(Ordering::Relaxed),
+            _ => false,
+        }
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let LeaseKind::Redis { sem, holder, renew } = &mut self.kind {
+        if let LeaseKind::Redis {
+            sem, holder, renew, ..
+        } = &mut self.kind
+        {
             renew.abort();
             // Give the slot back now; if that fails (or no runtime is left),
             // the lease expires by itself.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let (sem, holder) = (sem.clone(), std::mem::take(holder));
-                rt.spawn(async move {
-                    let key = sem.inner.key.clone();
-                    let _ = sem
-                        .inner
-                        .backend
-                        .eval(&scripts::RELEASE, vec![key], vec![holder])
-                        .await;
-                });
-            }
+            sem.release_in_background(std::mem::take(holder));
+        }
+    }
+}
+
+/// A holder id whose acquire script may have run without its reply reaching
+/// us (the call timed out, failed, or was dropped in flight): released unless
+/// [`settled`](Self::settled), so no slot stays taken by nobody for a lease.
+struct InFlight<'a> {
+    sem: &'a Semaphore,
+    holder: &'a str,
+    settled: bool,
+}
+
+impl InFlight<'_> {
+    fn settled(mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.sem.release_in_background(self.holder.to_owned());
         }
     }
 }
@@ -215,7 +247,17 @@ impl Semaphore {
         let deadline = Instant::now() + inner.max_wait;
         let mut pause = Duration::from_millis(2);
         loop {
+            let in_flight = InFlight {
+                sem: self,
+                holder: &holder,
+                settled: false,
+            };
             let reply = self.try_acquire(&holder, &lease_ms).await;
+            if reply.is_ok() {
+                in_flight.settled();
+            } else {
+                drop(in_flight);
+            }
             match reply {
                 Ok(None) => return Ok(self.held(holder)),
                 Ok(Some(free_in)) => {
@@ -273,12 +315,14 @@ impl Semaphore {
     fn held(&self, holder: String) -> Lease {
         let sem = self.clone();
         let h = holder.clone();
+        let lost = Arc::new(AtomicBool::new(false));
+        let lost_flag = lost.clone();
         let renew = tokio::spawn(async move {
             let every = sem.inner.lease / 3;
             let lease_ms = sem.inner.lease.as_millis().to_string();
             loop {
                 tokio::time::sleep(every).await;
-                let _ = sem
+                let renewed = sem
                     .inner
                     .backend
                     .eval(
@@ -287,6 +331,19 @@ impl Semaphore {
                         vec![lease_ms.clone(), h.clone()],
                     )
                     .await;
+                // An error (Redis slow or down) may leave the lease valid:
+                // the next renewal tries again. A `0` is final.
+                if let Ok(redis::Value::Int(0)) = renewed {
+                    lost_flag.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        target: "semaforo",
+                        layer = "redis_semaphore",
+                        name = &*sem.inner.name,
+                        holder = %h,
+                        "lease lost: it ran out before it could be renewed",
+                    );
+                    return;
+                }
             }
         });
         Lease {
@@ -294,8 +351,22 @@ impl Semaphore {
                 sem: self.clone(),
                 holder,
                 renew,
+                lost,
             },
         }
+    }
+
+    /// Removes `holder`'s lease (if Redis has one) without waiting.
+    fn release_in_background(&self, holder: String) {
+        let sem = self.clone();
+        in_background(async move {
+            let key = sem.inner.key.clone();
+            let _ = sem
+                .inner
+                .backend
+                .eval(&scripts::RELEASE, vec![key], vec![holder])
+                .await;
+        });
     }
 
     async fn on_failure(&self, cause: BoxError) -> Result<Lease, Rejected> {
@@ -326,47 +397,119 @@ impl Semaphore {
         }
     }
 
-    /// A layer holding a slot for each call until its response.
+    /// A layer holding a slot for each call until its response (see
+    /// [`SemaphoreLayer::release_on_stream_end`] for streamed answers).
     pub fn layer(&self) -> SemaphoreLayer {
-        SemaphoreLayer { sem: self.clone() }
+        SemaphoreLayer {
+            sem: self.clone(),
+            _hold: PhantomData,
+        }
     }
 }
 
-/// The tower layer of a [`Semaphore`].
-#[derive(Debug, Clone)]
-pub struct SemaphoreLayer {
+/// The tower layer of a [`Semaphore`]: each call holds a slot until its
+/// response (default) or, with [`release_on_stream_end`](Self::release_on_stream_end)
+/// / [`release_on_body_end`](Self::release_on_body_end), until its streamed
+/// answer ends, fails or is dropped — an LLM answer is not over at its headers.
+pub struct SemaphoreLayer<H = OnResponse> {
     sem: Semaphore,
+    _hold: PhantomData<fn() -> H>,
 }
 
-impl<S> Layer<S> for SemaphoreLayer {
-    type Service = SemaphoreService<S>;
+impl<H> Clone for SemaphoreLayer<H> {
+    fn clone(&self) -> Self {
+        SemaphoreLayer {
+            sem: self.sem.clone(),
+            _hold: PhantomData,
+        }
+    }
+}
+
+impl<H> fmt::Debug for SemaphoreLayer<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SemaphoreLayer")
+            .field("sem", &self.sem)
+            .finish()
+    }
+}
+
+impl<H> SemaphoreLayer<H> {
+    fn with_hold<H2>(self) -> SemaphoreLayer<H2> {
+        SemaphoreLayer {
+            sem: self.sem,
+            _hold: PhantomData,
+        }
+    }
+
+    /// Hold each slot until the response `Stream` ends, fails or is dropped.
+    pub fn release_on_stream_end(self) -> SemaphoreLayer<OnStreamEnd> {
+        self.with_hold()
+    }
+
+    /// Hold each slot until the `http::Response` body ends, fails or is
+    /// dropped (feature `http`).
+    #[cfg(feature = "http")]
+    pub fn release_on_body_end(self) -> SemaphoreLayer<crate::guard::OnBodyEnd> {
+        self.with_hold()
+    }
+}
+
+impl<S, H> Layer<S> for SemaphoreLayer<H> {
+    type Service = SemaphoreService<S, H>;
 
     fn layer(&self, inner: S) -> Self::Service {
         SemaphoreService {
             inner,
             sem: self.sem.clone(),
+            _hold: PhantomData,
         }
     }
 }
 
 /// The service of a [`SemaphoreLayer`].
-#[derive(Debug, Clone)]
-pub struct SemaphoreService<S> {
+pub struct SemaphoreService<S, H = OnResponse> {
     inner: S,
     sem: Semaphore,
+    _hold: PhantomData<fn() -> H>,
 }
 
-impl<S, Req> Service<Req> for SemaphoreService<S>
+impl<S: Clone, H> Clone for SemaphoreService<S, H> {
+    fn clone(&self) -> Self {
+        SemaphoreService {
+            inner: self.inner.clone(),
+            sem: self.sem.clone(),
+            _hold: PhantomData,
+        }
+    }
+}
+
+impl<S: fmt::Debug, H> fmt::Debug for SemaphoreService<S, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SemaphoreService")
+            .field("inner", &self.inner)
+            .field("sem", &self.sem)
+            .finish()
+    }
+}
+
+/// A lease is released when the guarded response is over, however it ended.
+impl Guard for Lease {
+    fn finish(self, _end: StreamEnd) {}
+}
+
+impl<S, H, Req> Service<Req> for SemaphoreService<S, H>
 where
     S: Service<Req> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
     S::Response: Send + 'static,
+    H: Hold<S::Response>,
+    H::Response<Lease>: Send + 'static,
     Req: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = H::Response<Lease>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -380,9 +523,8 @@ where
             std::future::poll_fn(|cx| svc.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
-            let res = svc.call(req).await.map_err(Into::into);
-            drop(lease);
-            res
+            let res = svc.call(req).await.map_err(Into::into)?;
+            Ok(H::hold(res, lease))
         })
     }
 }
