@@ -264,6 +264,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, mut req: Req) -> Self::Future {
         if let Some(b) = &self.shared.budget {
             b.deposit();
@@ -293,8 +294,7 @@ where
                     requests: self.requests.clone(),
                     shared: self.shared.clone(),
                     attempt: 1,
-                    prev_delay: Duration::ZERO,
-                    span: None,
+                    backing_off: None,
                 };
                 (fut, Some(retry))
             }
@@ -302,7 +302,6 @@ where
         ResponseFuture {
             fut: Some(fut),
             retry,
-            sleep: None,
             deadline,
             classify: self.classify.clone(),
             _req: PhantomData,
@@ -317,9 +316,9 @@ struct Retrying<S, Req, P> {
     requests: P,
     shared: Arc<Shared>,
     attempt: u32,
-    prev_delay: Duration,
-    /// `semaforo.retry`, from the first retry on.
-    span: Option<tracing::Span>,
+    /// Allocated at the first retry, so a call that does not fail carries
+    /// (and moves, and drops) none of it.
+    backing_off: Option<Box<BackingOff>>,
 }
 
 /// The response future of [`RetryService`].
@@ -328,8 +327,6 @@ pub struct ResponseFuture<S: Service<Req>, Req, C, P> {
     #[pin]
     fut: Option<S::Future>,
     retry: Option<Retrying<S, Req, P>>,
-    /// The backoff timer, allocated only when a retry waits.
-    sleep: Option<Pin<Box<Sleep>>>,
     deadline: Option<Pin<Box<Sleep>>>,
     classify: C,
     _req: PhantomData<fn(Req)>,
@@ -339,6 +336,65 @@ impl<S: Service<Req>, Req, C, P> fmt::Debug for ResponseFuture<S, Req, C, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("retry::ResponseFuture")
             .finish_non_exhaustive()
+    }
+}
+
+/// The decision after `retry`'s latest attempt ended in `class`.
+fn decide<S, Req, P>(
+    retry: &Retrying<S, Req, P>,
+    class: &crate::classify::Class,
+    left: Option<Duration>,
+) -> Decision {
+    retry.shared.decide(
+        class,
+        retry.attempt,
+        retry
+            .backing_off
+            .as_ref()
+            .map_or(Duration::ZERO, |b| b.prev_delay),
+        left,
+        &mut rand::rng(),
+    )
+}
+
+/// The error returned when the upstream asks for a wait above the ceiling.
+fn too_long<S, Req, P>(
+    retry: &Retrying<S, Req, P>,
+    retry_after: Duration,
+    e: impl Into<BoxError>,
+) -> BoxError {
+    RetryAfterTooLong {
+        retry_after,
+        ceiling: retry.shared.ceiling,
+        source: e.into(),
+    }
+    .into()
+}
+
+/// What a call keeps once it has been retried: the backoff timer, the last
+/// delay (decorrelated jitter grows from it) and the `semaforo.retry` span.
+struct BackingOff {
+    sleep: Pin<Box<Sleep>>,
+    prev_delay: Duration,
+    span: tracing::Span,
+}
+
+/// Counts the next attempt and arms the backoff timer (allocated at the
+/// first retry, with the span).
+fn start_sleep<S, Req, P>(retry: &mut Retrying<S, Req, P>, delay: Duration) {
+    retry.attempt += 1;
+    match retry.backing_off.as_mut() {
+        Some(b) => {
+            b.prev_delay = delay;
+            b.sleep.as_mut().reset(Instant::now() + delay);
+        }
+        None => {
+            retry.backing_off = Some(Box::new(BackingOff {
+                sleep: Box::pin(tokio::time::sleep(delay)),
+                prev_delay: delay,
+                span: retry.shared.obs.span("retry", "retry"),
+            }))
+        }
     }
 }
 
@@ -365,13 +421,71 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The common case: the first attempt, no deadline, and its result
+        // (success or not worth a retry) returned as it is.
+        let first = self.retry.as_ref().is_none_or(|r| r.backing_off.is_none());
+        if first && self.deadline.is_none() {
+            let this = self.as_mut().project();
+            if let Some(fut) = this.fut.as_pin_mut() {
+                let result = ready!(fut.poll(cx));
+                let retryable =
+                    this.retry.is_some() && this.classify.classify(result.as_ref()).is_retryable();
+                if !retryable {
+                    self.project().fut.set(None);
+                    return Poll::Ready(result.map_err(Into::into));
+                }
+                return self.retry_after(cx, result);
+            }
+        }
+        self.poll_attempts(cx)
+    }
+}
+
+impl<S, Req, C, P> ResponseFuture<S, Req, C, P>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response, S::Error>,
+    P: RequestPolicy<Req>,
+{
+    /// The first attempt failed in a retryable way (fast path above): decide,
+    /// then go on as [`poll_attempts`](Self::poll_attempts).
+    #[inline(never)]
+    fn retry_after(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        result: Result<S::Response, S::Error>,
+    ) -> Poll<Result<S::Response, BoxError>> {
+        let mut this = self.as_mut().project();
+        this.fut.set(None);
+        let Some(retry) = this.retry.as_mut() else {
+            return Poll::Ready(result.map_err(Into::into));
+        };
+        let class = this.classify.classify(result.as_ref());
+        match decide(retry, &class, None) {
+            Decision::Return => return Poll::Ready(result.map_err(Into::into)),
+            Decision::TooLong(retry_after) => {
+                return Poll::Ready(result.map_err(|e| too_long(retry, retry_after, e)))
+            }
+            Decision::Retry(delay) => start_sleep(retry, delay),
+        }
+        self.poll_attempts(cx)
+    }
+
+    /// Every attempt after the first, the backoff sleeps and the deadline.
+    #[inline(never)]
+    fn poll_attempts(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<S::Response, BoxError>> {
         let mut this = self.project();
         let mut _in_span = this
             .retry
             .as_ref()
-            .and_then(|r| r.span.clone())
-            .map(tracing::Span::entered);
+            .and_then(|r| r.backing_off.as_ref())
+            .map(|b| b.span.clone().entered());
         loop {
             if let Some(d) = this.deadline.as_mut() {
                 if d.as_mut().poll(cx).is_ready() {
@@ -395,48 +509,27 @@ where
                     .deadline
                     .as_ref()
                     .map(|d| d.deadline().saturating_duration_since(Instant::now()));
-                let decision = retry.shared.decide(
-                    &class,
-                    retry.attempt,
-                    retry.prev_delay,
-                    left,
-                    &mut rand::rng(),
-                );
-                match decision {
+                match decide(retry, &class, left) {
                     Decision::Return => return Poll::Ready(result.map_err(Into::into)),
                     Decision::TooLong(retry_after) => {
-                        return Poll::Ready(result.map_err(|e| {
-                            RetryAfterTooLong {
-                                retry_after,
-                                ceiling: retry.shared.ceiling,
-                                source: e.into(),
-                            }
-                            .into()
-                        }))
+                        return Poll::Ready(result.map_err(|e| too_long(retry, retry_after, e)))
                     }
                     Decision::Retry(delay) => {
-                        if retry.span.is_none() {
-                            let span = retry.shared.obs.span("retry", "retry");
-                            _in_span = Some(span.clone().entered());
-                            retry.span = Some(span);
-                        }
-                        retry.prev_delay = delay;
-                        retry.attempt += 1;
-                        match this.sleep.as_mut() {
-                            Some(s) => s.as_mut().reset(Instant::now() + delay),
-                            None => *this.sleep = Some(Box::pin(tokio::time::sleep(delay))),
+                        start_sleep(retry, delay);
+                        if _in_span.is_none() {
+                            _in_span = retry.backing_off.as_ref().map(|b| b.span.clone().entered());
                         }
                     }
-                }
-            }
-            if let Some(s) = this.sleep.as_mut() {
-                if !s.is_elapsed() {
-                    ready!(s.as_mut().poll(cx));
                 }
             }
             let Some(retry) = this.retry.as_mut() else {
                 return Poll::Ready(Err("retry future polled after completion".into()));
             };
+            if let Some(b) = retry.backing_off.as_mut() {
+                if !b.sleep.is_elapsed() {
+                    ready!(b.sleep.as_mut().poll(cx));
+                }
+            }
             if let Err(e) = ready!(retry.svc.poll_ready(cx)) {
                 return Poll::Ready(Err(e.into()));
             }
