@@ -3,6 +3,7 @@
 //! keys present (1 → 1,000,000). governor runs twice: with its default clock
 //! (quanta, a TSC read) and with the tokio clock our layer must use so quotas
 //! follow paused time in tests; the difference is the price of that clock.
+//! Two threads on their own hot keys show what the layer shares between cores.
 //! Then one global limit: tower's `RateLimit`, tower-resilience's
 //! `RateLimiter`, governor direct, and a one-key semaforo quota.
 
@@ -163,9 +164,63 @@ fn one_limit(c: &mut Criterion) {
     g.finish();
 }
 
+/// `iters` calls split over 2 threads, each on its own hot key (two users on
+/// two cores): what stays shared between them is the limiter's own state.
+/// `make` gives each thread its caller.
+fn two_hot_keys<F: FnMut(u64) + Send + 'static>(iters: u64, make: impl Fn() -> F) -> Duration {
+    let callers: Vec<F> = (0..2).map(|_| make()).collect();
+    let start = std::time::Instant::now();
+    let threads: Vec<_> = callers
+        .into_iter()
+        .zip(1u64..)
+        .map(|(mut call, key)| {
+            std::thread::spawn(move || {
+                let rt = common::runtime();
+                let _g = rt.enter();
+                for _ in 0..iters / 2 {
+                    call(black_box(key));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a bench thread");
+    }
+    start.elapsed()
+}
+
+fn contended(c: &mut Criterion) {
+    let mut g = c.benchmark_group("quota/two_threads_own_keys");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let gov = std::sync::Arc::new(RateLimiter::keyed(GQuota::per_second(big())));
+    g.bench_function("governor keyed check_key", |b| {
+        b.iter_custom(|iters| {
+            two_hot_keys(iters, || {
+                let gov = gov.clone();
+                move |k| {
+                    black_box(gov.check_key(&k).is_ok());
+                }
+            })
+        })
+    });
+    let (q, plan) = quota();
+    g.bench_function("semaforo Quota layer (call included)", |b| {
+        b.iter_custom(|iters| {
+            two_hot_keys(iters, || {
+                let mut s = keyed_by_request(&q, plan);
+                move |k| {
+                    once(&mut s, k);
+                }
+            })
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30);
-    targets = admission, one_limit
+    targets = admission, one_limit, contended
 }
 criterion_main!(benches);
