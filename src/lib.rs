@@ -19,6 +19,7 @@ pub mod quota;
 pub mod redis;
 pub mod retry;
 pub mod shutdown;
+mod striped;
 pub mod timeout;
 
 pub use crate::error::{BoxError, ConfigError, RateLimitPolicy, RejectKind, Rejected};

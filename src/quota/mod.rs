@@ -53,7 +53,6 @@
 //! ```
 
 mod cell;
-mod count;
 mod service;
 mod wait;
 
@@ -194,7 +193,7 @@ pub(crate) struct Shared<K: Hash + Eq + Clone> {
     /// Wait mode: how long a call over its quota may wait in its key's line.
     pub(crate) max_wait: Option<Duration>,
     pub(crate) lines: wait::Lines<K>,
-    calls: count::StripedCount,
+    calls: crate::striped::StripedCount,
     pub(crate) rejected: AtomicU64,
     sweeping: AtomicBool,
 }
@@ -358,7 +357,7 @@ impl QuotaBuilder {
                 global,
                 max_wait: self.max_wait,
                 lines: wait::Lines::new(),
-                calls: count::StripedCount::default(),
+                calls: crate::striped::StripedCount::default(),
                 rejected: AtomicU64::new(0),
                 sweeping: AtomicBool::new(false),
             }),

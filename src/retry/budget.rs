@@ -6,9 +6,11 @@
 //! `1 / ratio`, so a small ratio truncates (tower#857) — 0.01 behaves like 0 or
 //! like "unlimited" depending on traffic. Here the arithmetic is in `f64`.
 //!
-//! Cost: every request is one relaxed `fetch_add`; the clock is read and the
-//! lock taken only when a retry asks to withdraw.
+//! Cost: every request is one relaxed `fetch_add` on a counter stripe of its
+//! thread's own (cores do not share it); the clock is read and the lock taken
+//! only when a retry asks to withdraw.
 
+use crate::striped::StripedCount;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -32,7 +34,7 @@ pub struct RetryBudget {
     ratio: f64,
     floor_per_sec: f64,
     window: Duration,
-    requests: AtomicU64,
+    requests: StripedCount,
     state: Mutex<State>,
     exhausted: AtomicU64,
 }
@@ -79,7 +81,7 @@ impl RetryBudget {
             ratio,
             floor_per_sec,
             window,
-            requests: AtomicU64::new(0),
+            requests: StripedCount::default(),
             state: Mutex::new(State {
                 samples: vec![(now, 0)],
                 retries: [(0, 0); BUCKETS],
@@ -92,13 +94,13 @@ impl RetryBudget {
     /// Counts one original request (not a retry).
     #[inline]
     pub fn deposit(&self) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.requests.add_one();
     }
 
     /// Asks for one retry; `false` when the budget is spent.
     pub fn try_withdraw(&self) -> bool {
         let now = Instant::now();
-        let total = self.requests.load(Ordering::Relaxed);
+        let total = self.requests.sum();
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let bucket_len = self.window / BUCKETS as u32;
         let bucket = (now.saturating_duration_since(st.epoch).as_nanos()
@@ -155,7 +157,7 @@ impl RetryBudget {
 
     /// Original requests counted so far.
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.requests.sum()
     }
 }
 

@@ -1,8 +1,9 @@
-//! The quota's call count: bumped by every call on every thread, read only by
-//! snapshots. One atomic for all cores would move its cache line from core
-//! to core on every call (two threads on two hot keys each paid 128 ns a call
-//! instead of 73 alone, where governor's keyed check scales); each thread adds
-//! to a stripe of its own instead, and a snapshot sums the stripes.
+//! Counts bumped by every call on every thread and read seldom (the quota's
+//! call count, the retry budget's requests). One atomic for all cores would
+//! move its cache line from core to core on every call (two threads on two
+//! quota keys each paid 128 ns a call instead of 73 alone, where governor's
+//! keyed check scales); each thread adds to a stripe of its own instead, and a
+//! reader sums the stripes.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
