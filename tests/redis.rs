@@ -653,3 +653,75 @@ async fn a_streamed_answer_holds_its_slot_to_the_last_chunk() {
     let mut again = svc.oneshot(2).await.unwrap();
     assert_eq!(again.next().await.unwrap().unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_dropped_while_its_service_is_not_ready_gives_its_reservation_back() {
+    let Some((_serial, server)) = setup().await else {
+        return;
+    };
+    let redis = backend(&server).await;
+    let mut conn = raw(&server).await;
+    let budget = Budget::builder(
+        &redis,
+        "unready",
+        Pace::builder()
+            .limit(Unit::Requests, 10, Duration::from_secs(1))
+            .burst(1)
+            .max_wait(Duration::from_secs(5)),
+    )
+    .build()
+    .unwrap();
+    // A service ready once (when the caller checks), then never again (an
+    // inner limit that filled up meanwhile).
+    #[derive(Clone)]
+    struct ReadyOnce(Arc<AtomicU32>);
+    impl tower::Service<()> for ReadyOnce {
+        type Response = ();
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<(), BoxError>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                std::task::Poll::Ready(Ok(()))
+            } else {
+                std::task::Poll::Pending
+            }
+        }
+        fn call(&mut self, _: ()) -> Self::Future {
+            unreachable!("not ready when the call would start")
+        }
+    }
+    let polls = Arc::new(AtomicU32::new(0));
+    let svc = budget.layer().layer(ReadyOnce(polls.clone()));
+    // Reserved at once (the cell is full), then stuck before the call starts.
+    let stuck = tokio::spawn(svc.oneshot(()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stuck.abort();
+    assert!(stuck.await.unwrap_err().is_cancelled());
+    assert_eq!(
+        polls.load(Ordering::SeqCst),
+        2,
+        "reserved, then stuck in poll_ready"
+    );
+    // Refunded: the cell is full again (its key gone) instead of 100 ms ahead
+    // for another second.
+    let cell = "semaforo:budget:{unready}:requests-per-1s";
+    let dropped = Instant::now();
+    loop {
+        let tat: Option<i64> = redis::cmd("GET")
+            .arg(cell)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if tat.is_none() {
+            break;
+        }
+        assert!(
+            dropped.elapsed() < Duration::from_millis(500),
+            "the reservation of a call that never started was kept"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
