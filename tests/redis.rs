@@ -458,6 +458,47 @@ async fn redis_now_us(conn: &mut redis::aio::MultiplexedConnection) -> i64 {
     s * 1_000_000 + us
 }
 
+/// 10 requests per second, burst 1, waiting up to 5 s: each reservation
+/// starts 100 ms after the one before.
+fn ten_per_second(redis: &RedisBackend, name: &str) -> Budget {
+    Budget::builder(
+        redis,
+        name.to_owned(),
+        Pace::builder()
+            .limit(Unit::Requests, 10, Duration::from_secs(1))
+            .burst(1)
+            .max_wait(Duration::from_secs(5)),
+    )
+    .build()
+    .unwrap()
+}
+
+/// Reads budget `name`'s request cell (its TAT in µs; `None`: full) until
+/// `refunded` holds, for at most 500 ms (refunds land in the background).
+async fn until_refunded(
+    conn: &mut redis::aio::MultiplexedConnection,
+    name: &str,
+    refunded: impl Fn(Option<i64>) -> bool,
+) {
+    let cell = format!("semaforo:budget:{{{name}}}:requests-per-1s");
+    let dropped = Instant::now();
+    loop {
+        let tat: Option<i64> = redis::cmd("GET")
+            .arg(&cell)
+            .query_async(conn)
+            .await
+            .unwrap();
+        if refunded(tat) {
+            return;
+        }
+        assert!(
+            dropped.elapsed() < Duration::from_millis(500),
+            "reservations not given back: the cell is at {tat:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_dropped_while_it_waits_gives_its_reservation_back() {
     let Some((_serial, server)) = setup().await else {
@@ -465,19 +506,7 @@ async fn a_call_dropped_while_it_waits_gives_its_reservation_back() {
     };
     let redis = backend(&server).await;
     let mut conn = raw(&server).await;
-    // 10 requests per second, burst 1: each reservation starts 100 ms after
-    // the one before.
-    let budget = Budget::builder(
-        &redis,
-        "dropped",
-        Pace::builder()
-            .limit(Unit::Requests, 10, Duration::from_secs(1))
-            .burst(1)
-            .max_wait(Duration::from_secs(5)),
-    )
-    .build()
-    .unwrap();
-    let cell = "semaforo:budget:{dropped}:requests-per-1s";
+    let budget = ten_per_second(&redis, "dropped");
     let calls = Arc::new(AtomicU32::new(0));
     let counted = calls.clone();
     let svc = budget.layer().layer(service_fn(move |_: ()| {
@@ -501,24 +530,7 @@ async fn a_call_dropped_while_it_waits_gives_its_reservation_back() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     // The refunds land in the background: the cell goes back to the first
     // call's reservation (t0 + 100 ms) instead of staying at t0 + 600 ms.
-    let given_back = Instant::now();
-    loop {
-        let tat: Option<i64> = redis::cmd("GET")
-            .arg(cell)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let tat = tat.unwrap_or(0);
-        if tat <= t0 + 150_000 {
-            break;
-        }
-        assert!(
-            given_back.elapsed() < Duration::from_millis(500),
-            "reservations not given back: the cell is {} ms ahead of t0",
-            (tat - t0) / 1000
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_refunded(&mut conn, "dropped", |tat| tat.unwrap_or(0) <= t0 + 150_000).await;
     // So the next caller waits at most the first call's 100 ms, not 600.
     match budget.reserve(None, &Cost::tokens(0)).await.unwrap() {
         Grant::Redis(w) => assert!(w <= Duration::from_millis(100), "{w:?}"),
@@ -661,16 +673,7 @@ async fn a_call_dropped_while_its_service_is_not_ready_gives_its_reservation_bac
     };
     let redis = backend(&server).await;
     let mut conn = raw(&server).await;
-    let budget = Budget::builder(
-        &redis,
-        "unready",
-        Pace::builder()
-            .limit(Unit::Requests, 10, Duration::from_secs(1))
-            .burst(1)
-            .max_wait(Duration::from_secs(5)),
-    )
-    .build()
-    .unwrap();
+    let budget = ten_per_second(&redis, "unready");
     // A service ready once (when the caller checks), then never again (an
     // inner limit that filled up meanwhile).
     #[derive(Clone)]
@@ -707,21 +710,5 @@ async fn a_call_dropped_while_its_service_is_not_ready_gives_its_reservation_bac
     );
     // Refunded: the cell is full again (its key gone) instead of 100 ms ahead
     // for another second.
-    let cell = "semaforo:budget:{unready}:requests-per-1s";
-    let dropped = Instant::now();
-    loop {
-        let tat: Option<i64> = redis::cmd("GET")
-            .arg(cell)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if tat.is_none() {
-            break;
-        }
-        assert!(
-            dropped.elapsed() < Duration::from_millis(500),
-            "the reservation of a call that never started was kept"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_refunded(&mut conn, "unready", |tat| tat.is_none()).await;
 }
