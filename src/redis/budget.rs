@@ -172,7 +172,10 @@ impl Budget {
     /// `BudgetExceeded` with the exact `retry_after` when the wait would pass
     /// `max_wait` (nothing is reserved then). A cost above a burst is refused
     /// without `retry_after`. While Redis does not answer, the failure policy
-    /// decides.
+    /// decides. A caller that gives up after a `Grant::Redis` should hand the
+    /// cost back with [`adjust`](Self::adjust) (`real` = zero); the
+    /// [layer](Self::layer) does that by itself for calls dropped before they
+    /// start.
     pub async fn reserve(&self, key: Option<&str>, cost: &Cost) -> Result<Grant, Rejected> {
         let mut args = Vec::with_capacity(1 + 3 * self.inner.dims.len());
         // No max_wait: any wait (10¹⁸ µs is 31,000 years).
