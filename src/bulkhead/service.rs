@@ -70,10 +70,11 @@ impl<S, X, R> BulkheadService<S, X, R> {
                 if let Some(t) = &ticket {
                     t.queued(waiter.shared(), waiter.id());
                 }
-                // Take the service that was polled ready; leave a clone for the
-                // next `poll_ready`. It is polled ready again once in line is over.
-                let clone = self.inner.clone();
-                let svc = std::mem::replace(&mut self.inner, clone);
+                // A waiter must not hold the inner service's readiness (an
+                // inner `Buffer` slot, a limiter's permit): the service polled
+                // ready stays for the next caller, and this call carries a
+                // fresh clone that it polls ready once its wait is over.
+                let svc = self.inner.clone();
                 ResponseFuture::queued(waiter, svc, req, ticket)
             }
             Acquire::Rejected(rejected) => {

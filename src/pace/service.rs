@@ -399,10 +399,10 @@ impl<S: Clone, W, O, C, D> PaceService<S, W, O, C, D> {
     where
         S: Service<Req>,
     {
-        // Keep the service polled ready for when our turn comes; leave a clone
-        // for the next `poll_ready`.
-        let clone = self.inner.clone();
-        let svc = std::mem::replace(&mut self.inner, clone);
+        // A waiter must not hold the inner service's readiness: the service
+        // polled ready stays for the next caller, and this call carries a fresh
+        // clone that it polls ready once its turn has come.
+        let svc = self.inner.clone();
         State::Waiting {
             waiting: Some(Box::new(Waiting {
                 span: self.shared.obs.span("pace", "wait"),
