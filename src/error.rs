@@ -82,7 +82,7 @@ impl fmt::Display for RejectKind {
 /// let rejected = Rejected::from_box(&err).expect("a rejection");
 /// assert_eq!(rejected.kind(), RejectKind::QueueFull);
 /// assert_eq!(rejected.retry_after(), Some(Duration::from_secs(2)));
-/// assert_eq!(err.to_string(), "bulkhead 'openai': queue full (45/45), retry after 2s");
+/// assert_eq!(err.to_string(), "bulkhead 'openai': queue full (45/45), retry after 2 s");
 /// ```
 #[derive(Debug, Clone)]
 pub struct Rejected {
@@ -151,7 +151,7 @@ impl Rejected {
     pub fn http_headers(&self) -> Vec<(&'static str, String)> {
         let secs = self
             .retry_after
-            .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
+            .map(|d| d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0)));
         let mut h = Vec::with_capacity(3);
         if let Some(s) = secs {
             h.push(("retry-after", s.to_string()));
@@ -255,7 +255,7 @@ impl fmt::Display for Rejected {
             write!(f, " ({detail})")?;
         }
         if let Some(ra) = self.retry_after {
-            write!(f, ", retry after {ra:?}")?;
+            write!(f, ", retry after {}", crate::time::Human(ra))?;
         }
         Ok(())
     }
@@ -327,7 +327,7 @@ mod tests {
         assert_eq!(r.to_string(), "bulkhead 'openai': queue full (45/45)");
         let r = Rejected::new("breaker", RejectKind::CircuitOpen)
             .with_retry_after(Duration::from_secs(300));
-        assert_eq!(r.to_string(), "breaker: circuit open, retry after 300s");
+        assert_eq!(r.to_string(), "breaker: circuit open, retry after 5 min");
     }
 
     #[test]

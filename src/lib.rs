@@ -20,6 +20,7 @@ pub mod redis;
 pub mod retry;
 pub mod shutdown;
 mod striped;
+mod time;
 pub mod timeout;
 
 pub use crate::error::{BoxError, ConfigError, RateLimitPolicy, RejectKind, Rejected};

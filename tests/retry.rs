@@ -333,7 +333,7 @@ async fn deadline_is_respected_to_the_millisecond() {
     assert_eq!(r.kind(), RejectKind::Timeout);
     assert_eq!(
         err.to_string(),
-        "retry 'openai': timed out (deadline 10.25s)"
+        "retry 'openai': timed out (deadline 10.25 s)"
     );
 }
 

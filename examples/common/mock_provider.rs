@@ -52,6 +52,9 @@ pub struct MockConfig {
     pub chunks: u32,
     /// The share of `max_tokens` an answer really uses (its `usage`).
     pub completion_share: f64,
+    /// Another client of the same account spent the whole token bucket just
+    /// before our first request arrived (it refills from there).
+    pub spent_before_first_request: bool,
     pub seed: u64,
 }
 
@@ -69,6 +72,7 @@ impl Default for MockConfig {
             slow_first_byte: Duration::from_secs(30),
             chunks: 20,
             completion_share: 1.0,
+            spent_before_first_request: false,
             seed: 0,
         }
     }
@@ -116,6 +120,8 @@ struct Inner {
     rng: Mutex<rand::rngs::SmallRng>,
     stats: Arc<Stats>,
     down: Arc<AtomicBool>,
+    /// A request has been seen (for `spent_before_first_request`).
+    seen: AtomicBool,
 }
 
 /// A running mock provider.
@@ -147,6 +153,7 @@ impl MockProvider {
             rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(cfg.seed)),
             stats: stats.clone(),
             down: down.clone(),
+            seen: AtomicBool::new(false),
             cfg,
         });
         let app = Router::new()
@@ -236,13 +243,16 @@ async fn completions(State(s): State<Arc<Inner>>, Json(req): Json<Value>) -> Res
         })
         .unwrap_or(0);
     let prompt = prompt_chars as u64 / 4;
-    let cost = (prompt + max_tokens) as f64;
+    let cost = prompt.saturating_add(max_tokens) as f64;
     let mut headers = HeaderMap::new();
     {
         let mut b = s.tokens.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         b.0.refill(now);
         b.1.refill(now);
+        if s.cfg.spent_before_first_request && !s.seen.swap(true, Ordering::SeqCst) {
+            b.0.level = 0.0;
+        }
         if b.0.level < cost || b.1.level < 1.0 {
             let wait = b.0.secs_until(cost).max(b.1.secs_until(1.0));
             rate_headers(&mut headers, &b.0, &b.1);

@@ -173,7 +173,14 @@ impl BackoffBuilder {
         }
         let cap = self.cap.unwrap_or(DEFAULT_CAP.max(self.base));
         if cap < self.base {
-            return err("cap", format!("({cap:?}) is below base ({:?})", self.base));
+            return err(
+                "cap",
+                format!(
+                    "({}) is below base ({})",
+                    crate::time::Human(cap),
+                    crate::time::Human(self.base)
+                ),
+            );
         }
         if let Jitter::Proportional { min, max } = self.jitter {
             if !(min.is_finite() && max.is_finite()) || min < 0.0 || min > max || max > 100.0 {

@@ -315,7 +315,7 @@ impl Shared {
 
     fn open(&self, inner: &mut Inner, w: u32, now: Instant, reason: &'static str) {
         let d = self.open_duration(inner);
-        inner.open_until = now + d;
+        inner.open_until = crate::time::after(now, d);
         self.consecutive.store(0, Ordering::Relaxed);
         if let Some(win) = &self.window {
             win.reset();

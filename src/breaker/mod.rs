@@ -333,7 +333,10 @@ impl BreakerBuilder {
             Some(WindowKind::Time(len, b)) if len.is_zero() || b == 0 || b > 3600 => {
                 return err(
                     "window_time",
-                    format!("needs a length above zero and 1..=3600 buckets, got {len:?} / {b}"),
+                    format!(
+                        "needs a length above zero and 1..=3600 buckets, got {} / {b}",
+                        crate::time::Human(len)
+                    ),
                 )
             }
             _ => {}
@@ -354,7 +357,11 @@ impl BreakerBuilder {
         if open_cap < self.open_for {
             return err(
                 "open_growth",
-                format!("cap {open_cap:?} is below open_for {:?}", self.open_for),
+                format!(
+                    "cap {} is below open_for {}",
+                    crate::time::Human(open_cap),
+                    crate::time::Human(self.open_for)
+                ),
             );
         }
         if !self.open_jitter.is_finite() || !(0.0..=1.0).contains(&self.open_jitter) {

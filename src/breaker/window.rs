@@ -62,7 +62,8 @@ impl Window {
 
     pub(crate) fn time(len: Duration, buckets: u32, epoch: Instant) -> Self {
         Window::Time(TimeWindow {
-            bucket_nanos: (len.as_nanos() / u128::from(buckets)).max(1) as u64,
+            bucket_nanos: u64::try_from((len.as_nanos() / u128::from(buckets)).max(1))
+                .unwrap_or(u64::MAX),
             buckets: (0..buckets).map(|_| Bucket::default()).collect(),
             epoch,
         })
@@ -171,8 +172,10 @@ pub(crate) struct TimeWindow {
 
 impl TimeWindow {
     fn bucket_no(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.epoch).as_nanos() / u128::from(self.bucket_nanos))
-            as u64
+        u64::try_from(
+            now.saturating_duration_since(self.epoch).as_nanos() / u128::from(self.bucket_nanos),
+        )
+        .unwrap_or(u64::MAX)
     }
 
     fn record(&self, code: u8, now: Instant) {

@@ -307,7 +307,7 @@ impl Shared {
             slot,
             seq,
             done: false,
-            deadline: self.cfg.max_wait.map(|w| now + w),
+            deadline: self.cfg.max_wait.map(|w| crate::time::after(now, w)),
         })
     }
 
@@ -653,7 +653,10 @@ impl Waiter {
                 shared.stats.queue_timeout.fetch_add(1, Ordering::Relaxed);
                 let mut r = shared
                     .rejection(RejectKind::QueueTimeout)
-                    .with_detail(format!("waited {waited:?}, position {position}"));
+                    .with_detail(format!(
+                        "waited {}, position {position}",
+                        crate::time::Human(waited)
+                    ));
                 if let Some(eta) = eta {
                     r = r.with_retry_after(eta);
                 }

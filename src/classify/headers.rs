@@ -171,8 +171,30 @@ pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
     if let Some(d) = parse_decimal(s, 1_000_000_000) {
         return Some(d);
     }
-    let at = httpdate::parse_http_date(s).ok()?;
-    Some(until(at, now))
+    match httpdate::parse_http_date(s) {
+        Ok(at) => Some(until(at, now)),
+        // `httpdate` refuses years before 1970; such a date is in the past,
+        // and a date in the past means "now", as documented above.
+        Err(_) if http_date_before_1970(s) => Some(Duration::ZERO),
+        Err(_) => None,
+    }
+}
+
+/// `true` for a well-formed IMF-fixdate (`Sun, 06 Nov 1900 08:49:37 GMT`)
+/// whose year is before 1970.
+fn http_date_before_1970(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() != 29 || !s.is_ascii() || &b[3..5] != b", " || !s.ends_with(" GMT") {
+        return false;
+    }
+    let year = &s[12..16];
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    digits(12..16)
+        && digits(5..7)
+        && digits(17..19)
+        && digits(20..22)
+        && digits(23..25)
+        && year.parse::<u32>().is_ok_and(|y| y < 1970)
 }
 
 fn until(at: SystemTime, now: SystemTime) -> Duration {
@@ -280,6 +302,29 @@ pub fn retry_after_from_headers<H: HeaderSource + ?Sized>(
         })
 }
 
+/// The wait a `429` implies: `retry-after-ms` / `Retry-After` when present,
+/// else the longest reset among the rate-limit windows its headers report as
+/// spent (`x-ratelimit-remaining-tokens: 0` with `x-ratelimit-reset-tokens:
+/// 1m30.5s` → 90.5 s; Anthropic's `anthropic-ratelimit-*` alike). A window's
+/// reset is the time until it is full again (OpenAI's and Anthropic's
+/// definition), so this errs on the long side; ceilings apply as for
+/// `Retry-After`.
+///
+/// ```
+/// use semaforo::classify::headers::throttle_wait_from_headers;
+/// use std::time::{Duration, SystemTime};
+///
+/// let h = [("x-ratelimit-remaining-tokens", "0"), ("x-ratelimit-reset-tokens", "1m30.5s")];
+/// assert_eq!(throttle_wait_from_headers(&h[..], SystemTime::now()), Some(Duration::from_millis(90_500)));
+/// ```
+pub fn throttle_wait_from_headers<H: HeaderSource + ?Sized>(
+    headers: &H,
+    now: SystemTime,
+) -> Option<Duration> {
+    retry_after_from_headers(headers, now)
+        .or_else(|| RateLimitInfo::from_headers(headers, now).exhausted_reset())
+}
+
 fn parse_count(value: &[u8]) -> Option<u64> {
     let s = trimmed_str(value)?;
     if !s.bytes().all(|b| b.is_ascii_digit()) {
@@ -360,6 +405,26 @@ impl RateLimitInfo {
             output_tokens: anthropic("output-tokens"),
             retry_after: retry_after_from_headers(headers, now),
         }
+    }
+
+    /// The longest `reset` among the windows with nothing `remaining`: when
+    /// everything that is spent is back. `None` when no window is spent.
+    pub fn exhausted_reset(&self) -> Option<Duration> {
+        self.windows()
+            .filter(|w| w.remaining == Some(0))
+            .filter_map(|w| w.reset)
+            .max()
+    }
+
+    fn windows(&self) -> impl Iterator<Item = &RateLimitWindow> {
+        [
+            &self.requests,
+            &self.tokens,
+            &self.input_tokens,
+            &self.output_tokens,
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// `true` when no header was recognised.

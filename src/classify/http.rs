@@ -1,6 +1,6 @@
 //! Classification of `http::Response` by status and headers (feature `http`).
 
-use super::headers::retry_after_from_headers;
+use super::headers::{retry_after_from_headers, throttle_wait_from_headers};
 use super::{classify_error, AsErrorRef, Class, Classify};
 use std::time::{Duration, SystemTime};
 
@@ -50,7 +50,9 @@ impl HttpClassifier {
     /// Classifies a status and its headers.
     pub fn classify_parts(&self, status: http::StatusCode, headers: &http::HeaderMap) -> Class {
         let code = status.as_u16();
-        let retry_after = if matches!(code, 429 | 503 | 529) {
+        let retry_after = if code == 429 {
+            throttle_wait_from_headers(headers, SystemTime::now())
+        } else if matches!(code, 503 | 529) {
             retry_after_from_headers(headers, SystemTime::now())
         } else {
             None

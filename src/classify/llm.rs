@@ -8,10 +8,11 @@
 //! Gemini answers `429 RESOURCE_EXHAUSTED` for per-minute and per-day quotas alike.
 //! Only the body tells them apart.
 
-use super::headers::{parse_go_duration, retry_after_from_headers, HeaderSource};
+use super::headers::{
+    parse_go_duration, retry_after_from_headers, throttle_wait_from_headers, HeaderSource,
+};
 use super::http::status_class;
 use super::{classify_error, AsErrorRef, Class, Classify};
-use serde_json::Value;
 use std::time::{Duration, SystemTime};
 
 /// Classifies OpenAI, Anthropic and Gemini responses, reading the error body.
@@ -62,39 +63,53 @@ pub struct ProviderError {
     pub per_day_quota: bool,
 }
 
+/// The largest error body [`ProviderError::parse`] reads (64 KiB). A larger
+/// body is not inspected: its response is classified from its status and
+/// headers alone, and it still reaches the caller whole and untouched.
+pub const MAX_ERROR_BODY: usize = 64 * 1024;
+
 impl ProviderError {
-    /// Parses an OpenAI, Anthropic or Gemini error body; `None` if it is not one.
+    /// Parses an OpenAI, Anthropic or Gemini error body — a JSON object with an
+    /// `error` field, or (Gemini) an array whose first element is one; `None`
+    /// if it is not one, or if it is longer than [`MAX_ERROR_BODY`].
+    ///
+    /// Only the fields listed on this struct are read, borrowed from `body`
+    /// (typed deserialization: the rest of the document is skipped, never
+    /// built into a tree).
+    ///
+    /// ```
+    /// use semaforo::classify::ProviderError;
+    /// use std::time::Duration;
+    ///
+    /// let gemini = br#"[{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"0.5s"}]}}]"#;
+    /// let e = ProviderError::parse(gemini).unwrap();
+    /// assert_eq!(e.status.as_deref(), Some("RESOURCE_EXHAUSTED"));
+    /// assert_eq!(e.retry_delay, Some(Duration::from_millis(500)));
+    /// ```
     pub fn parse(body: &[u8]) -> Option<Self> {
-        let v: Value = serde_json::from_slice(body).ok()?;
-        let err = v.get("error")?;
-        let s = |k: &str| err.get(k).and_then(Value::as_str).map(str::to_owned);
-        let message = s("message");
+        if body.len() > MAX_ERROR_BODY {
+            return None;
+        }
+        let err = wire::error_of(body)?;
+        let own = |c: Option<std::borrow::Cow<'_, str>>| c.map(std::borrow::Cow::into_owned);
         let mut pe = ProviderError {
-            code: match err.get("code") {
-                Some(Value::String(c)) => Some(c.clone()),
-                _ => None,
-            },
-            kind: s("type"),
-            status: s("status"),
+            code: own(err.code.and_then(wire::Code::into_str)),
+            kind: own(err.kind),
+            status: own(err.status),
             retry_delay: None,
             per_day_quota: false,
-            message,
+            message: own(err.message),
         };
-        if let Some(details) = err.get("details").and_then(Value::as_array) {
-            for d in details {
-                if let Some(delay) = d.get("retryDelay").and_then(Value::as_str) {
-                    pe.retry_delay = parse_go_duration(delay);
-                }
-                if let Some(violations) = d.get("violations").and_then(Value::as_array) {
-                    pe.per_day_quota |= violations.iter().any(|viol| {
-                        ["quotaId", "quotaMetric"].iter().any(|k| {
-                            viol.get(*k)
-                                .and_then(Value::as_str)
-                                .is_some_and(|id| id.contains("PerDay") || id.contains("per_day"))
-                        })
-                    });
-                }
+        for d in err.details.into_iter().flatten() {
+            if let Some(delay) = d.retry_delay {
+                pe.retry_delay = parse_go_duration(&delay);
             }
+            pe.per_day_quota |= d.violations.into_iter().flatten().any(|v| {
+                [v.quota_id, v.quota_metric]
+                    .iter()
+                    .flatten()
+                    .any(|id| id.contains("PerDay") || id.contains("per_day"))
+            });
         }
         if pe.retry_delay.is_none() {
             pe.retry_delay = pe.message.as_deref().and_then(try_again_in);
@@ -106,16 +121,15 @@ impl ProviderError {
         field.as_deref() == Some(value)
     }
 
-    fn message_has(&self, needle: &str) -> bool {
-        self.message
-            .as_deref()
-            .is_some_and(|m| m.to_ascii_lowercase().contains(needle))
+    fn message_has(&self, lower: &Option<String>, needle: &str) -> bool {
+        lower.as_deref().is_some_and(|m| m.contains(needle))
     }
 
     /// The class this body implies, given the class the status implied.
     fn refine(&self, base: Class, header_retry_after: Option<Duration>) -> Class {
         let ra = header_retry_after.or(self.retry_delay);
         let code_or_kind = |v: &str| self.is(&self.code, v) || self.is(&self.kind, v);
+        let lower = self.message.as_deref().map(str::to_ascii_lowercase);
 
         // Permanent whatever the status: retrying cannot help.
         if code_or_kind("insufficient_quota")
@@ -123,11 +137,11 @@ impl ProviderError {
             || code_or_kind("context_length_exceeded")
             || code_or_kind("content_policy_violation")
             || code_or_kind("content_filter")
-            || self.message_has("request too large")
-            || self.message_has("maximum context length")
-            || self.message_has("credit balance is too low")
-            || self.message_has("reached your specified api usage limits")
-            || self.message_has("spend limit")
+            || self.message_has(&lower, "request too large")
+            || self.message_has(&lower, "maximum context length")
+            || self.message_has(&lower, "credit balance is too low")
+            || self.message_has(&lower, "reached your specified api usage limits")
+            || self.message_has(&lower, "spend limit")
             || self.per_day_quota
         {
             return Class::Permanent;
@@ -198,7 +212,11 @@ impl LlmClassifier {
         body: &[u8],
         now: SystemTime,
     ) -> Class {
-        let header_ra = retry_after_from_headers(headers, now);
+        let header_ra = if status == 429 {
+            throttle_wait_from_headers(headers, now)
+        } else {
+            retry_after_from_headers(headers, now)
+        };
         let base = status_class(status, header_ra);
         let class = if base.is_success() {
             base
@@ -428,5 +446,129 @@ mod tests {
             let _ = LlmClassifier::new().classify_parts_at(status, &headers[..], &body, SystemTime::UNIX_EPOCH);
             let _ = LlmClassifier::new().classify_error_body(&body);
         }
+    }
+}
+
+/// The wire shapes of provider error bodies, borrowed from the bytes.
+mod wire {
+    use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
+    use serde::Deserialize;
+    use std::borrow::Cow;
+    use std::fmt;
+
+    #[derive(Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow, default)]
+        error: Option<ErrorObject<'a>>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct ErrorObject<'a> {
+        #[serde(borrow, default)]
+        pub(super) code: Option<Code<'a>>,
+        #[serde(borrow, default, rename = "type")]
+        pub(super) kind: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub(super) status: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub(super) message: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub(super) details: Option<Vec<Detail<'a>>>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Detail<'a> {
+        #[serde(borrow, default, rename = "retryDelay")]
+        pub(super) retry_delay: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub(super) violations: Option<Vec<Violation<'a>>>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Violation<'a> {
+        #[serde(borrow, default, rename = "quotaId")]
+        pub(super) quota_id: Option<Cow<'a, str>>,
+        #[serde(borrow, default, rename = "quotaMetric")]
+        pub(super) quota_metric: Option<Cow<'a, str>>,
+    }
+
+    /// `error.code`: a string (OpenAI) or a number (Gemini's HTTP status).
+    pub(super) enum Code<'a> {
+        Text(Cow<'a, str>),
+        Number,
+    }
+
+    impl<'a> Code<'a> {
+        pub(super) fn into_str(self) -> Option<Cow<'a, str>> {
+            match self {
+                Code::Text(t) => Some(t),
+                Code::Number => None,
+            }
+        }
+    }
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Code<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<'a>(std::marker::PhantomData<&'a ()>);
+            impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+                type Value = Code<'a>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a string or a number")
+                }
+                fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Code<'a>, E> {
+                    Ok(Code::Text(Cow::Borrowed(v)))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Code<'a>, E> {
+                    Ok(Code::Text(Cow::Owned(v.to_owned())))
+                }
+                fn visit_u64<E: de::Error>(self, _: u64) -> Result<Code<'a>, E> {
+                    Ok(Code::Number)
+                }
+                fn visit_i64<E: de::Error>(self, _: i64) -> Result<Code<'a>, E> {
+                    Ok(Code::Number)
+                }
+                fn visit_f64<E: de::Error>(self, _: f64) -> Result<Code<'a>, E> {
+                    Ok(Code::Number)
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<Code<'a>, E> {
+                    Ok(Code::Number)
+                }
+            }
+            d.deserialize_any(V(std::marker::PhantomData))
+        }
+    }
+
+    /// The first element of a JSON array, the rest skipped.
+    struct First<T>(Option<T>);
+
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for First<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<T>(std::marker::PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+                type Value = First<T>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("an array")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<First<T>, A::Error> {
+                    let first = seq.next_element()?;
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(First(first))
+                }
+            }
+            d.deserialize_seq(V(std::marker::PhantomData))
+        }
+    }
+
+    /// The `error` object of a body: `{"error":{…}}` or `[{"error":{…}}, …]`.
+    pub(super) fn error_of(body: &[u8]) -> Option<ErrorObject<'_>> {
+        let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+        let envelope = if *first == b'[' {
+            serde_json::from_slice::<First<Envelope<'_>>>(body)
+                .ok()?
+                .0?
+        } else {
+            serde_json::from_slice::<Envelope<'_>>(body).ok()?
+        };
+        envelope.error
     }
 }

@@ -37,7 +37,7 @@ mod llm;
 #[cfg(feature = "http")]
 pub use self::http::{status_class, HttpClassifier};
 #[cfg(feature = "llm")]
-pub use self::llm::{LlmClassifier, LlmHeadClassifier, ProviderError};
+pub use self::llm::{LlmClassifier, LlmHeadClassifier, ProviderError, MAX_ERROR_BODY};
 pub use headers::{RateLimitInfo, RateLimitWindow};
 
 use crate::error::{RejectKind, Rejected};

@@ -57,6 +57,14 @@ impl<F: FnOnce(StreamEnd) + Send + 'static> Guard for F {
     }
 }
 
+impl<G: Guard> Guard for Option<G> {
+    fn finish(self, end: StreamEnd) {
+        if let Some(g) = self {
+            g.finish(end);
+        }
+    }
+}
+
 impl<A: Guard, B: Guard> Guard for (A, B) {
     fn finish(self, end: StreamEnd) {
         self.0.finish(end);
@@ -80,6 +88,20 @@ impl<S, G: Guard> Guarded<S, G> {
             inner,
             guard: Some(guard),
         }
+    }
+
+    /// Wraps an `http_body::Body`, holding `guard` until its end; a body that
+    /// is already at its end (empty: hyper will never poll it) completes at once.
+    #[cfg(feature = "http")]
+    pub fn new_body(inner: S, guard: G) -> Self
+    where
+        S: http_body::Body,
+    {
+        let mut g = Guarded::new(inner, guard);
+        if g.inner.is_end_stream() {
+            finish(&mut g.guard, StreamEnd::Completed);
+        }
+        g
     }
 
     /// The wrapped body or stream.
@@ -159,8 +181,15 @@ where
         if this.guard.is_none() {
             return Poll::Ready(None);
         }
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        let mut inner = this.inner;
+        let frame = std::task::ready!(inner.as_mut().poll_frame(cx));
         observe(this.guard, &frame);
+        // hyper (and `http_body_util::BodyExt::collect`) stop polling once
+        // `is_end_stream()` is true after the last frame, then drop the body:
+        // a body that says it has ended has completed.
+        if matches!(frame, Some(Ok(_))) && inner.is_end_stream() {
+            finish(this.guard, StreamEnd::Completed);
+        }
         Poll::Ready(frame)
     }
 
@@ -218,11 +247,11 @@ impl<S> Hold<S> for OnStreamEnd {
 pub struct OnBodyEnd;
 
 #[cfg(feature = "http")]
-impl<B> Hold<http::Response<B>> for OnBodyEnd {
+impl<B: http_body::Body> Hold<http::Response<B>> for OnBodyEnd {
     type Response<G: Guard> = http::Response<Guarded<B, G>>;
 
     fn hold<G: Guard>(res: http::Response<B>, guard: G) -> Self::Response<G> {
-        res.map(|body| Guarded::new(body, guard))
+        res.map(|body| Guarded::new_body(body, guard))
     }
 }
 

@@ -69,12 +69,20 @@ use crate::error::ConfigError;
 use crate::guard::{OnBodyEnd, OnResponse};
 use crate::observe::{Event, ListenerSlot};
 use crate::pace::{Cost, Observed, Pace, PaceService, UsageFromBody};
+
+mod cost;
+mod sse;
+
 use crate::quota::{HeaderKey, PlanId, Quota, QuotaLayer, QuotaService, UnitCost};
 use crate::retry::{HttpRequests, Retry, RetryService};
 use crate::shutdown::{Shutdown, ShutdownService};
 use crate::timeout::{Timeout, TimeoutService, Whole, WholeBody};
 use bytes::Bytes;
-use std::time::{Duration, SystemTime};
+pub use cost::{estimate_cost, usage_tokens, DEFAULT_MAX_OUTPUT, NON_TEXT_PART_TOKENS};
+pub use sse::{
+    SseEvent, SseParser, SseWatch, SseWatchBody, StreamFailed, WatchFuture, DEFAULT_MAX_LINE,
+};
+use std::time::SystemTime;
 use tower_layer::Layer;
 
 /// A provider tier: the limits of your API key.
@@ -192,6 +200,7 @@ impl LlmStackBuilder {
 
     /// Runs the default timings `factor` times faster (a mock provider whose
     /// "minute" lasts 6 s has a factor of 10). Limits are per real minute.
+    /// `build()` refuses a factor outside [0.001, 1,000,000] (or not finite).
     pub fn time_scale(mut self, factor: f64) -> Self {
         self.time_scale = factor;
         self
@@ -248,14 +257,14 @@ impl LlmStackBuilder {
     /// Builds the parts not given.
     pub fn build(self) -> Result<LlmStack, ConfigError> {
         let scale = self.time_scale;
-        if !scale.is_finite() || scale <= 0.0 {
+        if !(MIN_SCALE..=MAX_SCALE).contains(&scale) {
             return Err(ConfigError::new(
                 "llm stack",
                 "time_scale",
-                format!("must be > 0, got {scale}"),
+                format!("must be in [{MIN_SCALE}, {MAX_SCALE}], got {scale}"),
             ));
         }
-        let t = |secs: f64| Duration::from_secs_f64(secs / scale);
+        let t = |secs: f64| crate::time::secs_f64(secs / scale);
         let name = self.name.as_str();
         let listener = self.listener.0.clone();
         // Passes the preset's listener to a part's builder.
@@ -314,8 +323,11 @@ impl LlmStackBuilder {
                 // arrives, later than we reserved it, and the first requests of a
                 // burst arrive latest (new connections). 1,500 tokens of a 30k tier
                 // absorb 3 s of such skew; the long-run rate stays the tier's.
-                .burst(self.tier.tokens_per_minute * 95 / 100)
+                .burst(percent(self.tier.tokens_per_minute, 95))
                 .max_wait(t(600.0))
+                .max_pause(t(60.0))
+                // The provider announces its limits per (its) minute.
+                .header_window(t(60.0))
                 .build()?,
         };
         let timeout = match self.timeout {
@@ -353,52 +365,13 @@ impl LlmStackBuilder {
     }
 }
 
-/// Estimated cost of an OpenAI-style request: prompt characters ÷ 4 plus
-/// `max_tokens` (or `max_completion_tokens`; 1,000 when absent).
-pub fn estimate_cost(body: &[u8]) -> Cost {
-    let v: serde_json::Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(_) => return Cost::tokens(body.len() as u64 / 4 + 1_000),
-    };
-    let max = v
-        .get("max_tokens")
-        .or_else(|| v.get("max_completion_tokens"))
-        .and_then(serde_json::Value::as_u64)
-        .unwrap_or(1_000);
-    let prompt_chars: usize = v
-        .get("messages")
-        .and_then(serde_json::Value::as_array)
-        .map(|m| {
-            m.iter()
-                .filter_map(|msg| msg.get("content").and_then(serde_json::Value::as_str))
-                .map(str::len)
-                .sum()
-        })
-        .unwrap_or(0);
-    Cost::tokens(prompt_chars as u64 / 4 + max)
-}
+/// The smallest and largest [`LlmStackBuilder::time_scale`].
+const MIN_SCALE: f64 = 1e-3;
+const MAX_SCALE: f64 = 1e6;
 
-/// Finds `usage.total_tokens` in SSE bytes: `chunk` is appended to `buf`, the
-/// complete lines are read (`data: {...}`) and dropped from `buf`.
-pub fn sse_usage(buf: &mut Vec<u8>, chunk: &[u8]) -> Option<Cost> {
-    buf.extend_from_slice(chunk);
-    let end = buf.iter().rposition(|b| *b == b'\n')?;
-    let mut found = None;
-    for line in buf[..end].split(|b| *b == b'\n') {
-        let Some(data) = line.strip_prefix(b"data:") else {
-            continue;
-        };
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) {
-            if let Some(total) = v
-                .pointer("/usage/total_tokens")
-                .and_then(serde_json::Value::as_u64)
-            {
-                found = Some(Cost::tokens(total));
-            }
-        }
-    }
-    buf.drain(..=end);
-    found
+/// `p` % of `n`, rounded down, without overflow.
+fn percent(n: u64, p: u8) -> u64 {
+    u64::try_from(u128::from(n) * u128::from(p) / 100).unwrap_or(u64::MAX)
 }
 
 /// Rate-limit headers only (for streamed answers: the usage comes in the body).
@@ -410,15 +383,24 @@ pub fn observe_headers<B>(res: &http::Response<B>) -> Observed {
     }
 }
 
-/// The real cost (`usage.total_tokens`) and rate-limit headers of a response.
+/// [`observe_headers`] for any body type (the streaming preset's).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ObserveHeaders;
+
+impl<B> crate::pace::Observe<http::Response<B>> for ObserveHeaders {
+    fn observe(&self, res: &http::Response<B>) -> Observed {
+        observe_headers(res)
+    }
+}
+
+/// The real cost ([`usage_tokens`] of a successful answer's body) and the
+/// rate-limit headers of a response.
 pub fn observe_response(res: &http::Response<Bytes>) -> Observed {
-    let usage = serde_json::from_slice::<serde_json::Value>(res.body())
-        .ok()
-        .and_then(|v| {
-            v.pointer("/usage/total_tokens")
-                .and_then(serde_json::Value::as_u64)
-        })
-        .filter(|_| res.status().is_success())
+    let usage = res
+        .status()
+        .is_success()
+        .then(|| usage_tokens(res.body()))
+        .flatten()
         .map(Cost::tokens);
     let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
     Observed {
@@ -504,9 +486,9 @@ pub type LlmStreamInner<S> = BulkheadService<
     RetryService<
         BreakerService<
             PaceService<
-                TimeoutService<SseErrors<S>, WholeBody>,
+                TimeoutService<SseWatch<S>, WholeBody>,
                 Weigh,
-                HeadObserve,
+                ObserveHeaders,
                 LlmHeadClassifier,
                 UsageFromBody,
             >,
@@ -520,11 +502,9 @@ pub type LlmStreamInner<S> = BulkheadService<
     OnBodyEnd,
 >;
 
-/// [`observe_headers`] as a plain function pointer (one per body type).
-pub type HeadObserve = fn(&http::Response<crate::timeout::TimedBody<StreamBody>>) -> Observed;
-
-/// The body type [`LlmStreamLayer`] accepts from the client: a boxed
-/// `http_body` of `Bytes`.
+/// A boxed body of `Bytes` a client can answer with (any
+/// `http_body::Body<Data = Bytes>` works with [`LlmStreamLayer`]; this one
+/// names a single type for clients that build bodies of several kinds).
 pub type StreamBody = http_body_util_box::BoxBody;
 
 mod http_body_util_box {
@@ -575,6 +555,9 @@ mod http_body_util_box {
         fn is_end_stream(&self) -> bool {
             self.0.is_end_stream()
         }
+        fn size_hint(&self) -> http_body::SizeHint {
+            self.0.size_hint()
+        }
     }
 
     impl http_body::Body for BoxBody {
@@ -589,125 +572,11 @@ mod http_body_util_box {
         fn is_end_stream(&self) -> bool {
             self.0.is_end_stream()
         }
-    }
-}
-
-/// Turns an SSE `event: error` in a streamed answer into an error of the body
-/// (after handing over the event's bytes), so the layers above — the breaker's
-/// verdict, the bulkhead's permit — see the failure the `200` hid.
-#[derive(Debug, Clone)]
-pub struct SseErrors<S> {
-    inner: S,
-}
-
-impl<S, Req> tower_service::Service<Req> for SseErrors<S>
-where
-    S: tower_service::Service<Req, Response = http::Response<StreamBody>>,
-{
-    type Response = http::Response<StreamBody>;
-    type Error = S::Error;
-    type Future = sse::MapBody<S::Future>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        sse::MapBody {
-            fut: self.inner.call(req),
+        fn size_hint(&self) -> http_body::SizeHint {
+            self.0.size_hint()
         }
     }
 }
-
-mod sse {
-    use super::StreamBody;
-    use crate::classify::LlmClassifier;
-    use crate::error::BoxError;
-    use bytes::Bytes;
-    use pin_project::pin_project;
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::task::{ready, Context, Poll};
-
-    /// The future of [`SseErrors`](super::SseErrors).
-    #[pin_project]
-    #[derive(Debug)]
-    pub struct MapBody<F> {
-        #[pin]
-        pub(super) fut: F,
-    }
-
-    impl<F, E> Future for MapBody<F>
-    where
-        F: Future<Output = Result<http::Response<StreamBody>, E>>,
-    {
-        type Output = Result<http::Response<StreamBody>, E>;
-
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-            let res = ready!(self.project().fut.poll(cx))?;
-            Poll::Ready(Ok(res.map(|b| {
-                StreamBody::new(ErrorEvents {
-                    inner: b,
-                    failed: None,
-                })
-            })))
-        }
-    }
-
-    /// A mid-stream `event: error`, classified by [`LlmClassifier::classify_error_body`].
-    #[derive(Debug, thiserror::Error)]
-    #[error("the stream failed mid-way ({class}): {data}", class = .class.as_str())]
-    pub struct StreamFailed {
-        /// The error event's class.
-        pub class: crate::classify::Class,
-        /// Its data.
-        pub data: String,
-    }
-
-    #[pin_project]
-    struct ErrorEvents {
-        #[pin]
-        inner: StreamBody,
-        failed: Option<Option<StreamFailed>>,
-    }
-
-    impl http_body::Body for ErrorEvents {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-            let this = self.project();
-            if let Some(failed) = this.failed {
-                return Poll::Ready(failed.take().map(|e| Err(e.into())));
-            }
-            let frame = ready!(this.inner.poll_frame(cx));
-            if let Some(Ok(f)) = &frame {
-                if let Some(data) = f.data_ref() {
-                    if let Some(at) = data.windows(12).position(|w| w == b"event: error") {
-                        let payload = data[at..]
-                            .split(|b| *b == b'\n')
-                            .find_map(|l| l.strip_prefix(b"data:"))
-                            .unwrap_or_default()
-                            .trim_ascii();
-                        *this.failed = Some(Some(StreamFailed {
-                            class: LlmClassifier::new().classify_error_body(payload),
-                            data: String::from_utf8_lossy(payload).into_owned(),
-                        }));
-                    }
-                }
-            }
-            Poll::Ready(frame)
-        }
-    }
-}
-
-pub use sse::StreamFailed;
 
 impl<S> Layer<S> for LlmStreamLayer {
     type Service = LlmStreamService<S>;
@@ -718,14 +587,14 @@ impl<S> Layer<S> for LlmStreamLayer {
             .stream_timeout
             .layer()
             .bodies()
-            .layer(SseErrors { inner: client });
+            .layer(SseWatch::new(client));
         let paced = s
             .pace
             .layer()
             .weigh(weigh as Weigh)
-            .observe(observe_headers::<crate::timeout::TimedBody<StreamBody>> as HeadObserve)
+            .observe(ObserveHeaders)
             .classify(LlmHeadClassifier)
-            .deliver(UsageFromBody::new(sse_usage))
+            .deliver(UsageFromBody)
             .layer(timed);
         let guarded = s
             .breaker
@@ -755,30 +624,6 @@ impl<S> Layer<S> for LlmStreamLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sse_usage_is_found_across_split_frames() {
-        let mut buf = Vec::new();
-        assert_eq!(
-            sse_usage(
-                &mut buf,
-                b"data: {\"choices\":[]}\n\ndata: {\"usage\":{\"total_"
-            ),
-            None
-        );
-        assert_eq!(
-            sse_usage(&mut buf, b"tokens\":2010}}\n\ndata: [DONE]\n\n"),
-            Some(Cost::tokens(2_010))
-        );
-        assert!(buf.is_empty());
-    }
-
-    #[test]
-    fn cost_estimate_reads_max_tokens_and_prompt() {
-        let body = br#"{"max_tokens":2000,"messages":[{"role":"user","content":"abcdefgh"}]}"#;
-        assert_eq!(estimate_cost(body), Cost::tokens(2_002));
-        assert_eq!(estimate_cost(b"not json"), Cost::tokens(1_002));
-    }
 
     #[test]
     fn observe_reads_usage_and_headers() {

@@ -59,11 +59,11 @@ mod service;
 mod state;
 
 pub use service::{
-    AtResponse, Deliver, NoObserve, Observed, OneRequest, PaceLayer, PaceService, Pending,
-    PendingRef, ResponseFuture, ScanFn, Weigh,
+    AtResponse, Deliver, NoObserve, Observe, Observed, OneRequest, PaceLayer, PaceService, Pending,
+    PendingRef, ResponseFuture, UsageCell, Weigh,
 };
 #[cfg(feature = "http")]
-pub use service::{UsageBody, UsageFromBody};
+pub use service::{Reconcile, UsageFromBody};
 
 use crate::error::ConfigError;
 use crate::observe::{Event, ListenerSlot, Observer};
@@ -180,6 +180,10 @@ pub struct PaceBuilder {
     listener: ListenerSlot,
     dims: Vec<(Unit, u64, Duration, Option<u64>)>,
     max_wait: Option<Duration>,
+    max_pause: Option<Duration>,
+    header_window: Option<Duration>,
+    /// `burst` was called before any limit: an error at `build`.
+    stray_burst: bool,
 }
 
 impl PaceBuilder {
@@ -224,10 +228,29 @@ impl PaceBuilder {
     }
 
     /// Sets the burst of the dimension added last (default: its whole window).
+    /// Called before any limit, it makes [`build`](Self::build) fail.
     pub fn burst(mut self, burst: u64) -> Self {
-        if let Some(d) = self.dims.last_mut() {
-            d.3 = Some(burst);
+        match self.dims.last_mut() {
+            Some(d) => d.3 = Some(burst),
+            None => self.stray_burst = true,
         }
+        self
+    }
+
+    /// The longest pause one `429` imposes on every caller (default 60 s). A
+    /// longer `Retry-After` (a daily quota, a date a year away) still reaches
+    /// the caller that got it, through its own error or the retry layer's
+    /// ceiling; everyone else waits at most this long.
+    pub fn max_pause(mut self, d: Duration) -> Self {
+        self.max_pause = Some(d);
+        self
+    }
+
+    /// The window the upstream's announced limits (`x-ratelimit-limit-*`)
+    /// count over (default 60 s, as OpenAI and Anthropic report them). A mock
+    /// provider whose minute lasts 6 s has a window of 6 s.
+    pub fn header_window(mut self, d: Duration) -> Self {
+        self.header_window = Some(d);
         self
     }
 
@@ -263,6 +286,20 @@ impl PaceBuilder {
     /// Validates and builds: at least one dimension, each with a rate and a
     /// period above zero and a burst of at least 1.
     pub fn build(self) -> Result<Pace, ConfigError> {
+        if self.stray_burst {
+            return Err(ConfigError::new(
+                "pace",
+                "burst",
+                "set a limit first: burst applies to the limit added last",
+            ));
+        }
+        if self.header_window.is_some_and(|w| w.is_zero()) {
+            return Err(ConfigError::new(
+                "pace",
+                "header_window",
+                "must be above zero",
+            ));
+        }
         if self.dims.is_empty() {
             return Err(ConfigError::new(
                 "pace",
@@ -276,25 +313,36 @@ impl PaceBuilder {
                 return Err(ConfigError::new(
                     "pace",
                     "limit",
-                    format!("{n} per {per:?} can never admit anything"),
+                    format!(
+                        "{n} per {} can never admit anything",
+                        crate::time::Human(per)
+                    ),
                 ));
             }
             let capacity = burst.unwrap_or(n);
             if capacity == 0 {
                 return Err(ConfigError::new("pace", "burst", "must be at least 1"));
             }
+            let secs_per_unit = per.as_secs_f64() / n as f64;
             dims.push(Dim {
                 unit,
                 per,
                 capacity: capacity as f64,
-                secs_per_unit: per.as_secs_f64() / n as f64,
+                secs_per_unit,
+                configured_capacity: capacity as f64,
+                configured_spu: secs_per_unit,
             });
         }
         Ok(Pace {
             shared: Arc::new(Shared {
                 obs: Observer::new(self.name, self.listener.0),
                 max_wait: self.max_wait,
-                state: Mutex::new(State::new(dims)),
+                state: Mutex::new({
+                    let mut st = State::new(dims);
+                    st.max_pause = self.max_pause.unwrap_or(state::DEFAULT_MAX_PAUSE);
+                    st.header_window = self.header_window.unwrap_or(state::DEFAULT_HEADER_WINDOW);
+                    st
+                }),
                 slowed: std::sync::atomic::AtomicBool::new(false),
             }),
         })

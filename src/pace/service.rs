@@ -81,7 +81,9 @@ pub struct Pending {
 impl Pending {
     /// Replaces the estimate by the real cost.
     pub fn reconcile(self, real: Cost) {
-        self.shared.lock().reconcile(&self.estimate, &real);
+        self.shared
+            .lock()
+            .reconcile(&self.estimate, &real, Instant::now());
     }
 }
 
@@ -123,116 +125,74 @@ impl<Res> Deliver<Res> for AtResponse {
     }
 }
 
-/// A streamed `http` body whose usage arrives in its frames (an SSE answer's
-/// last chunk): each frame goes through `scan`, with a buffer for lines split
-/// across frames; the last usage found is reconciled when the body ends, fails
-/// or is dropped (feature `http`).
-#[cfg(feature = "http")]
-#[derive(Debug, Clone, Copy)]
-pub struct UsageFromBody {
-    scan: ScanFn,
+/// Where the real cost of a streamed answer is left by whoever reads its body
+/// (e.g. the LLM preset's SSE watch), for the pacer to reconcile when the
+/// body ends. Cheap to clone; clones share the slot. Put one in the response's
+/// extensions and [`UsageFromBody`] finds it.
+///
+/// ```
+/// use semaforo::pace::{Cost, UsageCell};
+/// let cell = UsageCell::new();
+/// assert_eq!(cell.get(), None);
+/// cell.clone().set(Cost::tokens(2_010));
+/// assert_eq!(cell.get(), Some(Cost::tokens(2_010)));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct UsageCell(Arc<std::sync::Mutex<Option<Cost>>>);
+
+impl UsageCell {
+    /// An empty cell.
+    pub fn new() -> Self {
+        UsageCell::default()
+    }
+
+    /// Records the real cost (the last one set wins).
+    pub fn set(&self, cost: Cost) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(cost);
+    }
+
+    /// The real cost, if one was set.
+    pub fn get(&self) -> Option<Cost> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
-/// Reads usage from body bytes: appends `chunk` to `buf`, consumes the complete
-/// lines it can, returns a usage when one was found.
-pub type ScanFn = fn(buf: &mut Vec<u8>, chunk: &[u8]) -> Option<Cost>;
+/// A streamed `http` answer whose usage arrives in its body: the pacer keeps
+/// the call's estimate and, when the body ends, fails or is dropped (through
+/// the one body tap, [`guard::Guarded`](crate::guard::Guarded)), reconciles it
+/// with the cost left in the response's [`UsageCell`] extension (nothing to
+/// reconcile when there is no cell or it stayed empty) (feature `http`).
+#[cfg(feature = "http")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UsageFromBody;
+
+/// The guard [`UsageFromBody`] holds until the body ends.
+#[cfg(feature = "http")]
+#[derive(Debug)]
+pub struct Reconcile {
+    pending: Pending,
+    cell: UsageCell,
+}
 
 #[cfg(feature = "http")]
-impl UsageFromBody {
-    /// Scans frames with `scan`.
-    pub fn new(scan: ScanFn) -> Self {
-        UsageFromBody { scan }
+impl crate::guard::Guard for Reconcile {
+    fn finish(self, _end: crate::guard::StreamEnd) {
+        if let Some(real) = self.cell.get() {
+            self.pending.reconcile(real);
+        }
     }
 }
 
 #[cfg(feature = "http")]
 impl<B> Deliver<http::Response<B>> for UsageFromBody {
-    type Response = http::Response<UsageBody<B>>;
+    type Response = http::Response<crate::guard::Guarded<B, Option<Reconcile>>>;
 
     fn deliver(&self, res: http::Response<B>, pending: PendingRef<'_>) -> Self::Response {
-        let scan = self.scan;
-        let pending = pending.keep();
-        res.map(|inner| UsageBody {
-            inner,
-            scan,
-            buf: Vec::new(),
-            found: None,
-            pending: Some(pending),
-        })
-    }
-}
-
-/// The body of [`UsageFromBody`].
-#[cfg(feature = "http")]
-#[pin_project(PinnedDrop)]
-pub struct UsageBody<B> {
-    #[pin]
-    inner: B,
-    scan: ScanFn,
-    buf: Vec<u8>,
-    found: Option<Cost>,
-    pending: Option<Pending>,
-}
-
-#[cfg(feature = "http")]
-impl<B> fmt::Debug for UsageBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UsageBody")
-            .field("found", &self.found)
-            .finish_non_exhaustive()
-    }
-}
-
-#[cfg(feature = "http")]
-fn settle(pending: &mut Option<Pending>, found: Option<Cost>) {
-    if let (Some(p), Some(real)) = (pending.take(), found) {
-        p.reconcile(real);
-    }
-}
-
-#[cfg(feature = "http")]
-#[pinned_drop]
-impl<B> PinnedDrop for UsageBody<B> {
-    fn drop(self: Pin<&mut Self>) {
-        let this = self.project();
-        settle(this.pending, *this.found);
-    }
-}
-
-#[cfg(feature = "http")]
-impl<B> http_body::Body for UsageBody<B>
-where
-    B: http_body::Body,
-    B::Data: AsRef<[u8]>,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(data) = f.data_ref() {
-                    if let Some(c) = (this.scan)(this.buf, data.as_ref()) {
-                        *this.found = Some(c);
-                    }
-                }
-            }
-            None | Some(Err(_)) => settle(this.pending, *this.found),
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        let guard = res.extensions().get::<UsageCell>().map(|cell| Reconcile {
+            pending: pending.keep(),
+            cell: cell.clone(),
+        });
+        res.map(|body| crate::guard::Guarded::new(body, guard))
     }
 }
 
@@ -449,8 +409,9 @@ impl Shared {
             if n > dim.capacity {
                 let unit = dim.unit.as_str();
                 return Admit::Rejected(rejected(format!(
-                    "a cost of {n} {unit} can never fit a burst of {} per {:?}",
-                    dim.capacity, dim.per
+                    "a cost of {n} {unit} can never fit a burst of {} per {}",
+                    dim.capacity,
+                    crate::time::Human(dim.per)
                 )));
             }
         }
@@ -460,8 +421,12 @@ impl Shared {
                 let wait = start.saturating_duration_since(now);
                 match self.max_wait.filter(|m| wait > *m) {
                     Some(max) => Admit::Rejected(
-                        rejected(format!("would wait {wait:?}, max_wait {max:?}"))
-                            .with_retry_after(wait - max),
+                        rejected(format!(
+                            "would wait {}, max_wait {}",
+                            crate::time::Human(wait),
+                            crate::time::Human(max)
+                        ))
+                        .with_retry_after(wait - max),
                     ),
                     None => {
                         let position = st.line_len();
@@ -629,9 +594,11 @@ where
                     }
                     let mut st = this.shared.lock();
                     let mut paused = None;
+                    let now = Instant::now();
                     match class {
                         Class::Throttled { retry_after } => {
-                            paused = st.throttled(retry_after, Instant::now())
+                            let info = observed.as_ref().and_then(|o| o.info.as_ref());
+                            paused = st.throttled(retry_after, this.cost, info, now)
                         }
                         Class::Success => st.succeeded(),
                         _ => {}
@@ -641,10 +608,10 @@ where
                         .store(st.is_slowed(), std::sync::atomic::Ordering::Relaxed);
                     if let Some(o) = observed {
                         if let Some(real) = o.usage {
-                            st.reconcile(this.cost, &real);
+                            st.reconcile(this.cost, &real, now);
                         }
                         if let Some(info) = o.info {
-                            st.learn(&info, Instant::now());
+                            st.learn(&info, now);
                         }
                     }
                     drop(st);

@@ -28,6 +28,10 @@ pub(crate) const FLOOR: f64 = 0.25;
 pub(crate) const INCREASE: f64 = 0.02;
 /// The pause after a 429 that gave no `retry_after`.
 pub(crate) const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
+/// The longest pause one 429 can impose on every caller, by default.
+pub(crate) const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(60);
+/// The window upstreams' `x-ratelimit-limit-*` counts refer to, by default.
+pub(crate) const DEFAULT_HEADER_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub(crate) struct Dim {
@@ -35,8 +39,12 @@ pub(crate) struct Dim {
     pub(crate) per: Duration,
     /// Capacity (burst), in units.
     pub(crate) capacity: f64,
-    /// Seconds per unit at the configured rate.
+    /// Seconds per unit at the rate in force: the configured one, or slower
+    /// when the upstream announced a lower limit.
     pub(crate) secs_per_unit: f64,
+    /// As configured (what a higher announced limit brings back).
+    pub(crate) configured_capacity: f64,
+    pub(crate) configured_spu: f64,
 }
 
 impl Dim {
@@ -71,6 +79,10 @@ pub(crate) struct State {
     pub(crate) throttled: u64,
     /// Closed by a shutdown: waiters are answered `ShuttingDown`, new calls refused.
     pub(crate) closed: bool,
+    /// The longest pause one 429 imposes.
+    pub(crate) max_pause: Duration,
+    /// The window of the limits upstreams announce.
+    pub(crate) header_window: Duration,
 }
 
 /// When a reservation can start, and which dimension decides it.
@@ -100,6 +112,8 @@ impl State {
             epoch: Instant::now(),
             throttled: 0,
             closed: false,
+            max_pause: DEFAULT_MAX_PAUSE,
+            header_window: DEFAULT_HEADER_WINDOW,
         }
     }
 
@@ -126,7 +140,7 @@ impl State {
     fn instant(&self, s: f64) -> Instant {
         // Round up to the next microsecond: never start early.
         let micros = (s * 1e6).ceil();
-        self.epoch + Duration::from_micros(micros.max(0.0) as u64)
+        crate::time::after(self.epoch, Duration::from_micros(micros.max(0.0) as u64))
     }
 
     /// Earliest start for `cost` after everything in `extra` (per dimension)
@@ -280,30 +294,75 @@ impl State {
     }
 
     /// Replaces an estimate by the real cost: refund or debt on every cell.
-    pub(crate) fn reconcile(&mut self, estimate: &Cost, real: &Cost) {
+    /// A debt (a server-reported usage above the estimate) can at most empty
+    /// a cell: a usage of `u64::MAX` tokens does not stall the pacer for ages.
+    pub(crate) fn reconcile(&mut self, estimate: &Cost, real: &Cost, now: Instant) {
+        let n = secs(self.epoch, now);
         for d in 0..self.dims.len() {
             let delta = self.dims[d].amount(real) - self.dims[d].amount(estimate);
-            self.tat[d] += delta * self.spu(d);
+            let t = self.spu(d);
+            let empty = self.tat[d].max(n) + self.dims[d].capacity * t;
+            self.tat[d] = (self.tat[d] + delta * t).min(empty.max(self.tat[d]));
         }
         self.wake_head();
     }
 
-    /// The upstream said 429: pause every dispatch and slow down. Returns the
-    /// pause when this starts one (not when it only extends a running one).
+    /// The upstream said 429 for a call of `cost`. Returns the pause when this
+    /// starts one (not when it only extends a running one).
+    ///
+    /// The upstream did not count the refused call: its reservation is given
+    /// back. A 429 its rate-limit headers explain (a window with less left
+    /// than the call needs) is a fact about the upstream's bucket, synced by
+    /// [`learn`](Self::learn): pause for the `retry_after` it gave, keep the
+    /// rate. Only a 429 the headers do not explain cuts the rate (AIMD).
+    /// No pause is longer than `max_pause`.
     pub(crate) fn throttled(
         &mut self,
         retry_after: Option<Duration>,
+        cost: &Cost,
+        info: Option<&RateLimitInfo>,
         now: Instant,
     ) -> Option<Duration> {
         self.throttled += 1;
-        let pause = retry_after.unwrap_or(DEFAULT_PAUSE);
-        let until = now + pause;
+        // Tokens back; the request itself stays counted (OpenAI: "unsuccessful
+        // requests contribute to your per-minute limit").
+        let counted = Cost {
+            requests: cost.requests,
+            tokens: 0,
+        };
+        self.reconcile(cost, &counted, now);
+        let explained = info.is_some_and(|i| self.explains(i, cost));
+        let pause = match (retry_after, explained) {
+            (Some(ra), _) => ra,
+            (None, true) => Duration::ZERO,
+            (None, false) => DEFAULT_PAUSE,
+        }
+        .min(self.max_pause);
+        if !explained {
+            self.set_factor((self.factor * DECREASE).max(FLOOR));
+        }
+        if pause.is_zero() {
+            return None;
+        }
+        let until = crate::time::after(now, pause);
         let started = self.paused_until.is_none_or(|p| p <= now);
         if self.paused_until.is_none_or(|p| p < until) {
             self.paused_until = Some(until);
         }
-        self.set_factor((self.factor * DECREASE).max(FLOOR));
         started.then_some(pause)
+    }
+
+    /// The headers show a window we pace with less left than `cost` needs.
+    fn explains(&self, info: &RateLimitInfo, cost: &Cost) -> bool {
+        self.dims.iter().any(|dim| {
+            let window = match dim.unit {
+                Unit::Requests => info.requests,
+                Unit::Tokens => info.tokens,
+            };
+            window
+                .and_then(|w| w.remaining)
+                .is_some_and(|left| (left as f64) < dim.amount(cost).max(1.0))
+        })
     }
 
     pub(crate) fn is_slowed(&self) -> bool {
@@ -316,10 +375,13 @@ impl State {
         }
     }
 
-    /// Never more optimistic than the upstream: if it reports fewer units left
-    /// than we think, take its word.
+    /// Never more optimistic than the upstream: a limit it announces below
+    /// ours lowers ours (rate and burst in proportion, for that dimension,
+    /// until it announces otherwise — never above what was configured); if
+    /// it reports fewer units left than we think, take its word.
     pub(crate) fn learn(&mut self, info: &RateLimitInfo, now: Instant) {
         let n = secs(self.epoch, now);
+        let mut changed = false;
         for d in 0..self.dims.len() {
             let window = match self.dims[d].unit {
                 Unit::Requests => info.requests,
@@ -329,15 +391,32 @@ impl State {
             if self.dims[d].per > Duration::from_secs(60) {
                 continue;
             }
+            if let Some(limit) = window.and_then(|w| w.limit).filter(|l| *l > 0) {
+                let dim = &mut self.dims[d];
+                let announced = self.header_window.as_secs_f64() / limit as f64;
+                let spu = announced.max(dim.configured_spu);
+                if spu != dim.secs_per_unit {
+                    dim.secs_per_unit = spu;
+                    dim.capacity = (dim.configured_capacity * dim.configured_spu / spu).max(1.0);
+                    changed = true;
+                }
+            }
             let Some(remaining) = window.and_then(|w| w.remaining) else {
                 continue;
             };
+            if changed {
+                self.set_factor(self.factor);
+                changed = false;
+            }
             let t = self.spu(d);
             let ours = self.dims[d].capacity - (self.tat[d] - n).max(0.0) / t;
             let theirs = remaining as f64;
             if theirs < ours {
                 self.tat[d] = n + (self.dims[d].capacity - theirs) * t;
             }
+        }
+        if changed {
+            self.set_factor(self.factor);
         }
     }
 

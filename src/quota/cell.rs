@@ -17,7 +17,8 @@ pub(crate) struct Cell {
 
 impl Cell {
     pub(crate) fn new(rate: Rate) -> Self {
-        let unit_ns = (rate.per.as_nanos() / u128::from(rate.count)).max(1) as u64;
+        let unit_ns = u64::try_from((rate.per.as_nanos() / u128::from(rate.count)).max(1))
+            .unwrap_or(u64::MAX);
         Cell {
             tat: AtomicU64::new(0),
             unit_ns,

@@ -156,8 +156,10 @@ impl Rate {
                 "quota",
                 what,
                 format!(
-                    "{} per {:?} with burst {} can never admit anything",
-                    self.count, self.per, self.burst
+                    "{} per {} with burst {} can never admit anything",
+                    self.count,
+                    crate::time::Human(self.per),
+                    self.burst
                 ),
             ));
         }

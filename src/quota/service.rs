@@ -360,8 +360,8 @@ impl<S, K: Hash + Eq + Clone, F, W> QuotaService<S, K, F, W> {
                     in_line: true,
                     svc,
                     req: Some(req),
-                    sleep: tokio::time::sleep_until(now + max_wait),
-                    deadline: now + max_wait,
+                    sleep: crate::time::sleep_for(now, max_wait),
+                    deadline: crate::time::after(now, max_wait),
                 })
             }
             Err(r) => ResponseFuture::rejected(r),
@@ -454,7 +454,7 @@ impl<S: Service<Req>, Req, K: Hash + Eq + Clone> Waiting<S, Req, K> {
                     return Poll::Ready(Err(r));
                 }
                 Turn::Sleep(wait, global) => {
-                    if now + wait > *this.deadline {
+                    if crate::time::after(now, wait) > *this.deadline {
                         this.shared.lines.leave(this.key, *this.id);
                         *this.in_line = false;
                         return Poll::Ready(Err(this.shared.refusal(
@@ -464,7 +464,7 @@ impl<S: Service<Req>, Req, K: Hash + Eq + Clone> Waiting<S, Req, K> {
                             "max_wait reached",
                         )));
                     }
-                    this.sleep.as_mut().reset(now + wait);
+                    this.sleep.as_mut().reset(crate::time::after(now, wait));
                     if this.sleep.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }

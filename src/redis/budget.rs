@@ -179,7 +179,10 @@ impl Budget {
     pub async fn reserve(&self, key: Option<&str>, cost: &Cost) -> Result<Grant, Rejected> {
         let mut args = Vec::with_capacity(1 + 3 * self.inner.dims.len());
         // No max_wait: any wait (10¹⁸ µs is 31,000 years).
-        let max_wait = self.inner.max_wait.map_or(1e18, |d| d.as_micros() as f64);
+        let max_wait = self
+            .inner
+            .max_wait
+            .map_or(1e18, |d| (d.as_micros() as f64).min(1e18));
         args.push(max_wait.to_string());
         for (d, label) in &self.inner.dims {
             let n = d.amount(cost);
@@ -204,8 +207,8 @@ impl Budget {
                 let wait = Duration::from_micros(retry_us.max(0) as u64);
                 Err(self
                     .refused(format!(
-                        "would wait longer than max_wait {:?}",
-                        self.inner.max_wait.unwrap_or_default()
+                        "would wait longer than max_wait {}",
+                        crate::time::Human(self.inner.max_wait.unwrap_or_default())
                     ))
                     .with_retry_after(wait))
             }

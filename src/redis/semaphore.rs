@@ -60,6 +60,9 @@ pub struct SemaphoreBuilder {
     policy: FailurePolicy,
 }
 
+/// The longest lease [`SemaphoreBuilder::build`] accepts.
+const MAX_LEASE: Duration = Duration::from_secs(365 * 86_400);
+
 impl SemaphoreBuilder {
     /// How long a slot stays taken without renewal (default 30 s): a crashed
     /// holder's slot comes back after it. Live holders renew every third.
@@ -93,6 +96,11 @@ impl SemaphoreBuilder {
                 "lease",
                 "must be at least 30 ms (it is renewed every third)",
             );
+        }
+        if self.lease > MAX_LEASE {
+            // Redis keeps scores as doubles and `PEXPIRE` takes an i64 of ms:
+            // a lease of years would overflow its arithmetic.
+            return err("lease", "must be at most 365 days");
         }
         if self.name.is_empty() {
             return err("name", "must be non-empty");
@@ -244,7 +252,7 @@ impl Semaphore {
             inner.next.fetch_add(1, Ordering::Relaxed)
         );
         let lease_ms = inner.lease.as_millis().to_string();
-        let deadline = Instant::now() + inner.max_wait;
+        let deadline = crate::time::after(Instant::now(), inner.max_wait);
         let mut pause = Duration::from_millis(2);
         loop {
             let in_flight = InFlight {
@@ -276,7 +284,9 @@ impl Semaphore {
                     // Jittered, growing pauses, never past the deadline nor
                     // past the earliest lease expiry.
                     let jitter = rand::rng().random_range(0.5..1.5);
-                    let sleep = pause.mul_f64(jitter).min(free_in).min(deadline - now);
+                    let sleep = crate::time::mul(pause, jitter)
+                        .min(free_in)
+                        .min(deadline.saturating_duration_since(now));
                     tokio::time::sleep(sleep).await;
                     pause = (pause * 2).min(Duration::from_millis(100));
                 }

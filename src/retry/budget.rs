@@ -73,7 +73,10 @@ impl RetryBudget {
         if window < Duration::from_millis(BUCKETS as u64) {
             return err(
                 "window",
-                format!("must be at least {BUCKETS} ms, got {window:?}"),
+                format!(
+                    "must be at least {BUCKETS} ms, got {}",
+                    crate::time::Human(window)
+                ),
             );
         }
         let now = Instant::now();

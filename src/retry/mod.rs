@@ -99,7 +99,7 @@ pub struct RetryEvent {
 /// instead of sleeping, with the wait it asked for.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "upstream asked to retry after {retry_after:?}, above the retry ceiling {ceiling:?}: {source}"
+    "upstream asked to retry after {}, above the retry ceiling {}: {source}", crate::time::Human(*.retry_after), crate::time::Human(*.ceiling)
 )]
 pub struct RetryAfterTooLong {
     /// What the upstream asked for.

@@ -386,7 +386,9 @@ fn start_sleep<S, Req, P>(retry: &mut Retrying<S, Req, P>, delay: Duration) {
     match retry.backing_off.as_mut() {
         Some(b) => {
             b.prev_delay = delay;
-            b.sleep.as_mut().reset(Instant::now() + delay);
+            b.sleep
+                .as_mut()
+                .reset(crate::time::after(Instant::now(), delay));
         }
         None => {
             retry.backing_off = Some(Box::new(BackingOff {
@@ -404,7 +406,7 @@ fn deadline_error(shared: Option<&Arc<Shared>>, total: Option<Duration>) -> BoxE
         r = r.with_name_opt(s.obs.name.as_ref());
     }
     if let Some(t) = total {
-        r = r.with_detail(format!("deadline {t:?}"));
+        r = r.with_detail(format!("deadline {}", crate::time::Human(t)));
     }
     if let Some(s) = shared {
         s.obs.rejected(&r);

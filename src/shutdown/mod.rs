@@ -238,7 +238,7 @@ impl Shutdown {
     /// `cut_bodies_at_deadline`), lets them unwind (at most [`UNWIND`]) and reports.
     pub async fn drain(&self, deadline: Duration) -> DrainReport {
         self.trigger();
-        let until = tokio::time::Instant::now() + deadline;
+        let until = crate::time::after(tokio::time::Instant::now(), deadline);
         loop {
             let idle = self.shared.idle.notified();
             if self.in_flight() == 0 {

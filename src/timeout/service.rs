@@ -238,14 +238,14 @@ where
         if this.sleep.is_none() {
             *this.sleep = this
                 .which
-                .map(|(d, _)| Box::pin(tokio::time::sleep_until(started + d)));
+                .map(|(d, _)| Box::pin(crate::time::sleep_for(started, d)));
         }
         if let Some(sleep) = this.sleep.as_mut() {
             if sleep.as_mut().poll(cx).is_ready() {
                 let (d, which) = this.which.unwrap_or((Duration::ZERO, "attempt"));
                 let r = Rejected::new("timeout", RejectKind::Timeout)
                     .with_name_opt(this.obs.as_ref().and_then(|o| o.name.as_ref()))
-                    .with_detail(format!("{which} {d:?}"));
+                    .with_detail(format!("{which} {}", crate::time::Human(d)));
                 super::timed::observe(this.obs.as_deref(), &r);
                 return Poll::Ready(Err(r.into()));
             }

@@ -46,9 +46,12 @@ struct Watch {
 impl Watch {
     fn new(limits: Limits, started: Instant, obs: Option<Arc<Observer>>) -> Self {
         let now = Instant::now();
-        let total_at = limits.total.map(|t| started + t);
+        let total_at = limits.total.map(|t| crate::time::after(started, t));
         let first = [
-            limits.first_chunk.or(limits.idle).map(|d| now + d),
+            limits
+                .first_chunk
+                .or(limits.idle)
+                .map(|d| crate::time::after(now, d)),
             total_at,
         ]
         .into_iter()
@@ -76,7 +79,7 @@ impl Watch {
                 .or(self.limits.idle)
                 .map(|d| (d, Expired::FirstChunk(d)))
         };
-        let gap = gap.map(|(d, e)| (self.last_progress + d, e));
+        let gap = gap.map(|(d, e)| (crate::time::after(self.last_progress, d), e));
         let total = self
             .total_at
             .zip(self.limits.total)
@@ -145,9 +148,9 @@ pub(crate) fn observe(obs: Option<&Observer>, r: &Rejected) {
 
 fn timeout_error(obs: Option<&Arc<Observer>>, what: Expired) -> BoxError {
     let detail = match what {
-        Expired::FirstChunk(d) => format!("no first chunk within {d:?}"),
-        Expired::Idle(d) => format!("no progress for {d:?}"),
-        Expired::Total(d) => format!("total {d:?}"),
+        Expired::FirstChunk(d) => format!("no first chunk within {}", crate::time::Human(d)),
+        Expired::Idle(d) => format!("no progress for {}", crate::time::Human(d)),
+        Expired::Total(d) => format!("total {}", crate::time::Human(d)),
     };
     let r = Rejected::new("timeout", RejectKind::Timeout)
         .with_name_opt(obs.and_then(|o| o.name.as_ref()))

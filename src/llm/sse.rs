@@ -1,0 +1,493 @@
+//! Server-sent events, parsed once, by the spec.
+//!
+//! [`SseParser`] follows the WHATWG HTML "Server-sent events" parsing rules
+//! (§9.2.6, "Interpreting an event stream"): a leading UTF-8 BOM is dropped;
+//! lines end at CRLF, LF or CR (also when the CR and the LF arrive in different
+//! chunks); a line starting with `:` is a comment; a field is the text before
+//! the first `:` of a line, its value what follows (one leading space removed);
+//! `data` lines accumulate (joined by LF); a blank line dispatches the event;
+//! an event not ended by a blank line when the stream ends is discarded.
+//!
+//! It is incremental and linear: every byte is examined once, a line is
+//! copied at most once (only when it is split across chunks), and a line or an
+//! event longer than the parser's cap is dropped (its bytes skipped, counted
+//! in [`SseParser::dropped`]) instead of growing a buffer without limit.
+//!
+//! [`SseWatch`] is the one body wrapper of the streaming preset that reads
+//! the events: it turns an error event into an error of the body (after handing
+//! over the event's bytes) and reports the last `usage` it saw.
+
+use super::cost::Payload;
+use crate::classify::{Class, LlmClassifier};
+use crate::error::BoxError;
+use crate::pace::{Cost, UsageCell};
+use bytes::Bytes;
+use pin_project::pin_project;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+/// The longest line (and event) an [`SseParser`] keeps by default: 1 MiB.
+pub const DEFAULT_MAX_LINE: usize = 1 << 20;
+
+/// One dispatched event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseEvent<'a> {
+    /// The `event:` field (`"message"` when the event had none).
+    pub event: &'a [u8],
+    /// The `data:` lines, joined by `\n`.
+    pub data: &'a [u8],
+}
+
+/// An incremental SSE parser (see the [module docs](self)).
+///
+/// ```
+/// use semaforo::llm::SseParser;
+///
+/// let mut p = SseParser::new();
+/// let mut seen = Vec::new();
+/// for chunk in [&b"\xEF\xBB\xBFdata: hel"[..], b"lo\r", b"\n\r\n: comment\nevent: error\ndata: {}\n\n"] {
+///     p.feed(chunk, |e| seen.push((e.event.to_vec(), e.data.to_vec())));
+/// }
+/// assert_eq!(seen, vec![
+///     (b"message".to_vec(), b"hello".to_vec()),
+///     (b"error".to_vec(), b"{}".to_vec()),
+/// ]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct SseParser {
+    /// A line split across chunks.
+    line: Vec<u8>,
+    /// The data of the event being read (each line followed by `\n`).
+    data: Vec<u8>,
+    event: Vec<u8>,
+    /// The previous chunk ended in CR: a LF starting this one is its pair.
+    after_cr: bool,
+    /// The current line (or event) went over the cap: skip it.
+    skipping_line: bool,
+    skipping_event: bool,
+    /// How much of a BOM has been seen at the start (3 when decided).
+    bom: u8,
+    max_line: usize,
+    scanned: u64,
+    dropped: u64,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        SseParser::new()
+    }
+}
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+impl SseParser {
+    /// A parser keeping lines and events up to [`DEFAULT_MAX_LINE`] bytes.
+    pub fn new() -> Self {
+        SseParser::with_max_line(DEFAULT_MAX_LINE)
+    }
+
+    /// A parser keeping lines and events up to `max` bytes (at least 1).
+    pub fn with_max_line(max: usize) -> Self {
+        SseParser {
+            line: Vec::new(),
+            data: Vec::new(),
+            event: Vec::new(),
+            after_cr: false,
+            skipping_line: false,
+            skipping_event: false,
+            bom: 0,
+            max_line: max.max(1),
+            scanned: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Bytes examined so far (never more than the bytes fed).
+    pub fn scanned(&self) -> u64 {
+        self.scanned
+    }
+
+    /// Lines or events dropped because they were longer than the cap.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Feeds the next chunk; `on_event` is called for every event it completes.
+    pub fn feed(&mut self, mut chunk: &[u8], mut on_event: impl FnMut(SseEvent<'_>)) {
+        self.scanned = self.scanned.saturating_add(chunk.len() as u64);
+        // A BOM at the very start of the stream, possibly split across chunks.
+        while self.bom < 3 {
+            let Some((&b, rest)) = chunk.split_first() else {
+                return;
+            };
+            if b == BOM[self.bom as usize] {
+                self.bom += 1;
+                chunk = rest;
+            } else {
+                // Not a BOM: what was taken for its start is line content.
+                let taken = self.bom as usize;
+                self.bom = 3;
+                if taken > 0 {
+                    self.push_partial(&BOM[..taken]);
+                }
+            }
+        }
+        if self.after_cr {
+            self.after_cr = false;
+            if let Some(rest) = chunk.strip_prefix(b"\n") {
+                chunk = rest;
+            }
+        }
+        while !chunk.is_empty() {
+            match chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+                None => {
+                    self.push_partial(chunk);
+                    return;
+                }
+                Some(at) => {
+                    let (line, rest) = chunk.split_at(at);
+                    let ending = rest[0];
+                    let mut rest = &rest[1..];
+                    if ending == b'\r' {
+                        match rest.first() {
+                            Some(b'\n') => rest = &rest[1..],
+                            Some(_) => {}
+                            None => self.after_cr = true,
+                        }
+                    }
+                    if self.line.is_empty() && !self.skipping_line {
+                        self.line_done(line, &mut on_event);
+                    } else {
+                        self.push_partial(line);
+                        let whole = std::mem::take(&mut self.line);
+                        let skipping = std::mem::replace(&mut self.skipping_line, false);
+                        if !skipping {
+                            self.line_done(&whole, &mut on_event);
+                        }
+                        // Keep the allocation for the next split line.
+                        self.line = whole;
+                        self.line.clear();
+                    }
+                    chunk = rest;
+                }
+            }
+        }
+    }
+
+    /// Part of a line whose end has not arrived.
+    fn push_partial(&mut self, part: &[u8]) {
+        if self.skipping_line {
+            return;
+        }
+        if self.line.len().saturating_add(part.len()) > self.max_line {
+            self.line.clear();
+            self.skipping_line = true;
+            self.dropped += 1;
+            return;
+        }
+        self.line.extend_from_slice(part);
+    }
+
+    fn line_done(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent<'_>)) {
+        if line.len() > self.max_line {
+            self.dropped += 1;
+            return;
+        }
+        if line.is_empty() {
+            self.dispatch(on_event);
+            return;
+        }
+        if line[0] == b':' {
+            return;
+        }
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"data" => {
+                if self.skipping_event {
+                    return;
+                }
+                if self.data.len().saturating_add(value.len()) >= self.max_line {
+                    self.data.clear();
+                    self.skipping_event = true;
+                    self.dropped += 1;
+                    return;
+                }
+                self.data.extend_from_slice(value);
+                self.data.push(b'\n');
+            }
+            b"event" => {
+                self.event.clear();
+                self.event.extend_from_slice(value);
+            }
+            // `id`, `retry` and unknown fields: nothing the layers need.
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, on_event: &mut impl FnMut(SseEvent<'_>)) {
+        let skipped = std::mem::replace(&mut self.skipping_event, false);
+        if !skipped && !self.data.is_empty() {
+            let data = &self.data[..self.data.len() - 1];
+            let event = if self.event.is_empty() {
+                &b"message"[..]
+            } else {
+                &self.event[..]
+            };
+            on_event(SseEvent { event, data });
+        }
+        self.data.clear();
+        self.event.clear();
+    }
+}
+
+/// A streamed answer that failed after its `200`: an SSE `event: error`, or a
+/// `data:` payload whose JSON has a top-level `error` (the form
+/// OpenAI-compatible servers such as vLLM and SGLang send), classified by
+/// [`LlmClassifier::classify_error_body`].
+#[derive(Debug, thiserror::Error)]
+#[error("the stream failed mid-way ({class}): {data}", class = .class.as_str())]
+pub struct StreamFailed {
+    /// The error event's class.
+    pub class: Class,
+    /// Its data (at most the first 4 KiB, lossily decoded).
+    pub data: String,
+}
+
+/// How much of an error event's data [`StreamFailed`] keeps.
+const KEPT_ERROR_DATA: usize = 4 * 1024;
+
+/// What the watch found in one event.
+fn inspect(ev: SseEvent<'_>, usage: &mut Option<u64>) -> Option<StreamFailed> {
+    let payload = if ev.data.first() == Some(&b'{') {
+        serde_json::from_slice::<Payload<'_>>(ev.data).ok()
+    } else {
+        None
+    };
+    if let Some(u) = payload.as_ref().and_then(|p| p.usage) {
+        *usage = Some(u);
+    }
+    let failed = ev.event == b"error" || payload.is_some_and(|p| p.error);
+    failed.then(|| {
+        let kept = &ev.data[..ev.data.len().min(KEPT_ERROR_DATA)];
+        StreamFailed {
+            class: LlmClassifier::new().classify_error_body(ev.data),
+            data: String::from_utf8_lossy(kept).into_owned(),
+        }
+    })
+}
+
+/// The body of [`SseWatch`]: the inner body's frames, unchanged, read by one
+/// [`SseParser`]; an error event ends it with a [`StreamFailed`] error after
+/// the frame that carried it; the last `usage` seen goes to the response's
+/// [`UsageCell`] (for the pacer's reconciliation).
+#[pin_project]
+pub struct SseWatchBody<B> {
+    #[pin]
+    inner: B,
+    parser: SseParser,
+    usage: UsageCell,
+    failed: Option<StreamFailed>,
+    done: bool,
+}
+
+impl<B> std::fmt::Debug for SseWatchBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseWatchBody")
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> http_body::Body for SseWatchBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(this.failed.take().map(|e| Err(e.into())));
+        }
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    let mut usage = None;
+                    let mut failed = None;
+                    this.parser.feed(data, |ev| {
+                        if failed.is_none() {
+                            failed = inspect(ev, &mut usage);
+                        }
+                    });
+                    if let Some(u) = usage {
+                        this.usage.set(Cost::tokens(u));
+                    }
+                    if failed.is_some() {
+                        *this.failed = failed;
+                        *this.done = true;
+                    }
+                }
+            }
+            Some(Err(_)) | None => *this.done = true,
+        }
+        Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // A failure still to be reported is not the end.
+        if self.done {
+            return self.failed.is_none();
+        }
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        if self.done {
+            return http_body::SizeHint::with_exact(0);
+        }
+        self.inner.size_hint()
+    }
+}
+
+/// A tower layer adapter that wraps every response body in a
+/// [`SseWatchBody`] and puts its [`UsageCell`] in the response's extensions.
+#[derive(Debug, Clone)]
+pub struct SseWatch<S> {
+    inner: S,
+}
+
+impl<S> SseWatch<S> {
+    /// Watches the bodies of `inner`'s answers.
+    pub fn new(inner: S) -> Self {
+        SseWatch { inner }
+    }
+}
+
+impl<S, Req, B> tower_service::Service<Req> for SseWatch<S>
+where
+    S: tower_service::Service<Req, Response = http::Response<B>>,
+{
+    type Response = http::Response<SseWatchBody<B>>;
+    type Error = S::Error;
+    type Future = WatchFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        WatchFuture {
+            fut: self.inner.call(req),
+        }
+    }
+}
+
+/// The future of [`SseWatch`].
+#[pin_project]
+#[derive(Debug)]
+pub struct WatchFuture<F> {
+    #[pin]
+    fut: F,
+}
+
+impl<F, B, E> Future for WatchFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<SseWatchBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut res = ready!(self.project().fut.poll(cx))?;
+        let usage = UsageCell::new();
+        res.extensions_mut().insert(usage.clone());
+        Poll::Ready(Ok(res.map(|inner| SseWatchBody {
+            inner,
+            parser: SseParser::new(),
+            usage,
+            failed: None,
+            done: false,
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(chunks: &[&[u8]]) -> Vec<(String, String)> {
+        let mut p = SseParser::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            p.feed(c, |e| {
+                out.push((
+                    String::from_utf8_lossy(e.event).into_owned(),
+                    String::from_utf8_lossy(e.data).into_owned(),
+                ))
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn spec_examples() {
+        // The spec's own examples (WHATWG HTML §9.2.6).
+        assert_eq!(
+            events(&[b"data: YHOO\ndata: +2\ndata: 10\n\n"]),
+            vec![("message".into(), "YHOO\n+2\n10".into())]
+        );
+        assert_eq!(
+            events(&[b": test stream\n\ndata: first event\nid: 1\n\ndata:second event\nid\n\ndata:  third event\n"]),
+            vec![
+                ("message".into(), "first event".into()),
+                ("message".into(), "second event".into()),
+            ],
+            "the third event has no blank line: discarded"
+        );
+        assert_eq!(
+            events(&[b"data\n\ndata\ndata\n\ndata:"]),
+            vec![
+                ("message".into(), "".into()),
+                ("message".into(), "\n".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn crlf_split_across_chunks_is_one_line_end() {
+        assert_eq!(
+            events(&[b"data: a\r", b"\n\r", b"\ndata: b\r\r"]),
+            vec![
+                ("message".into(), "a".into()),
+                ("message".into(), "b".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn long_lines_are_dropped_not_kept() {
+        let mut p = SseParser::with_max_line(16);
+        let mut seen = Vec::new();
+        let long = vec![b'x'; 1000];
+        p.feed(b"data: ", |_| ());
+        for _ in 0..1000 {
+            p.feed(&long, |_| ());
+        }
+        p.feed(b"\n\ndata: ok\n\n", |e| seen.push(e.data.to_vec()));
+        assert_eq!(seen, vec![b"ok".to_vec()]);
+        assert_eq!(p.dropped(), 1);
+        assert!(p.line.capacity() <= 16 * 2);
+    }
+}
