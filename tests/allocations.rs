@@ -15,16 +15,39 @@ struct Counting;
 
 thread_local! {
     static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    /// Bytes this thread holds now, and the most it held since the last reset.
+    static LIVE: Cell<i64> = const { Cell::new(0) };
+    static PEAK: Cell<i64> = const { Cell::new(0) };
+}
+
+fn grow(by: i64) {
+    LIVE.with(|l| {
+        let now = l.get() + by;
+        l.set(now);
+        PEAK.with(|p| p.set(p.get().max(now)));
+    });
 }
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.with(|a| a.set(a.get() + 1));
+        grow(layout.size() as i64);
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        grow(-(layout.size() as i64));
         unsafe { System.dealloc(ptr, layout) }
     }
+}
+
+/// The most bytes this thread held at once while running `f`, above what it
+/// held before.
+fn peak_bytes<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let before = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(before));
+    let out = f();
+    let peak = PEAK.with(Cell::get);
+    (out, (peak - before).max(0) as u64)
 }
 
 #[global_allocator]
@@ -124,4 +147,72 @@ fn hot_paths_do_not_allocate() {
 
     // A sanity check that the counter sees allocations at all.
     assert!(allocations(|| drop(std::hint::black_box(Box::new(1u64)))) >= 1);
+}
+
+/// Sizes that come from outside are bounded: bodies are read for the few fields
+/// needed (typed, borrowed), never built into a JSON tree; an SSE line without
+/// an end does not grow a buffer; bytes are scanned once.
+#[cfg(feature = "llm")]
+#[test]
+fn outside_sizes_cost_bounded_memory_and_linear_scans() {
+    use semaforo::classify::{Class, LlmClassifier, ProviderError};
+    use semaforo::llm::{estimate_cost, usage_tokens, SseParser, DEFAULT_MAX_LINE};
+
+    // A 50 MB error body: not inspected (over the 64 KiB cap): its class is
+    // the status's, and nothing is allocated for it.
+    let message = "x".repeat(50 << 20);
+    let big_error = format!(r#"{{"error":{{"type":"insufficient_quota","message":"{message}"}}}}"#);
+    let no_headers: [(&str, &str); 0] = [];
+    let (class, peak) = peak_bytes(|| {
+        LlmClassifier::new().classify_parts(429, &no_headers[..], big_error.as_bytes())
+    });
+    assert_eq!(class, Class::Throttled { retry_after: None });
+    assert!(peak < 4 * 1024, "{peak} bytes for a 50 MB error body");
+    assert_eq!(ProviderError::parse(big_error.as_bytes()), None);
+    drop((message, big_error));
+
+    // A 39 MB embeddings answer: usage read, nothing of the rest kept.
+    let vector = "0.0123,".repeat(39 << 17);
+    let answer =
+        format!(r#"{{"data":[{{"embedding":[{vector}0.1]}}],"usage":{{"total_tokens":8}}}}"#);
+    let (usage, peak) = peak_bytes(|| usage_tokens(answer.as_bytes()));
+    assert_eq!(usage, Some(8));
+    assert!(
+        peak < 4 * 1024,
+        "{peak} bytes for a {} byte answer",
+        answer.len()
+    );
+    drop(answer);
+
+    // A 40,000-character prompt in content parts: estimated without copying it.
+    let text = "a".repeat(40_000);
+    let req = format!(
+        r#"{{"max_tokens":100,"messages":[{{"role":"user","content":[{{"type":"text","text":"{text}"}}]}}]}}"#
+    );
+    let (cost, peak) = peak_bytes(|| estimate_cost(req.as_bytes()));
+    assert_eq!(cost.tokens, 10_100);
+    assert!(peak < 4 * 1024, "{peak} bytes to estimate a 40 kB prompt");
+
+    // 32 MB of SSE without a newline, in 64 KiB chunks: every byte examined
+    // once, the line buffer never above the cap.
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut parser = SseParser::new();
+    let (events, peak) = peak_bytes(|| {
+        let mut events = 0;
+        parser.feed(b"data: ", |_| events += 1);
+        for _ in 0..512 {
+            parser.feed(&chunk, |_| events += 1);
+        }
+        parser.feed(b"\n\ndata: ok\n\n", |_| events += 1);
+        events
+    });
+    assert_eq!(
+        events, 1,
+        "the over-long event is dropped, the next one read"
+    );
+    assert_eq!(parser.scanned(), 6 + 32 * 1024 * 1024 + 12);
+    assert!(
+        peak <= 2 * DEFAULT_MAX_LINE as u64,
+        "{peak} bytes held for a 32 MB line (cap {DEFAULT_MAX_LINE})"
+    );
 }

@@ -572,3 +572,184 @@ mod streamed {
         assert_eq!(breaker.snapshot().consecutive_failures, 0);
     }
 }
+
+// ---- Faults found from outside (correctness issue, §3) ----
+
+/// A half-open probe that never ends (never completes, never dropped) does not
+/// keep the breaker half-open for ever: after `open_for` the next call opens it
+/// again, and recovery goes on; every refusal meanwhile carries a `retry_after`.
+#[tokio::test(start_paused = true)]
+async fn a_hung_probe_does_not_block_recovery() {
+    let breaker = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(secs(10))
+        .build()
+        .unwrap();
+    let up = Upstream::default();
+    let mut svc = up.behind(&breaker);
+    step(&mut svc, OVERLOADED).await.unwrap();
+    assert_eq!(breaker.state(), BreakerState::Open);
+    tokio::time::sleep(secs(10)).await;
+    // The probe hangs: its future is kept alive, never polled to the end.
+    let hung = svc
+        .ready()
+        .await
+        .unwrap()
+        .call((Class::Success, secs(1_000_000)));
+    let mut hung = Box::pin(hung);
+    assert!(futures::poll!(hung.as_mut()).is_pending());
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+    // While the probe runs, refusals say when to come back.
+    let err = step(&mut svc, Class::Success).await.unwrap_err();
+    let r = Rejected::from_box(&err).unwrap();
+    assert_eq!(r.kind(), RejectKind::CircuitOpen);
+    assert_eq!(r.retry_after(), Some(secs(10)));
+    // An hour later: the next call re-opens (the probe timed out)...
+    tokio::time::sleep(secs(3_600)).await;
+    let err = step(&mut svc, Class::Success).await.unwrap_err();
+    let r = Rejected::from_box(&err).unwrap();
+    assert_eq!(breaker.state(), BreakerState::Open);
+    assert!(r
+        .retry_after()
+        .is_some_and(|d| d > Duration::ZERO && d <= secs(10)));
+    // ...and after the open time a fresh probe closes it.
+    tokio::time::sleep(r.retry_after().unwrap()).await;
+    assert_eq!(
+        step(&mut svc, Class::Success).await.unwrap(),
+        Class::Success
+    );
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    drop(hung);
+}
+
+/// `failure_rate` over a count window smaller than the default `min_calls`
+/// trips; an explicit `min_calls` above the window is refused by `build()`.
+#[tokio::test(start_paused = true)]
+async fn min_calls_never_exceeds_a_count_window() {
+    let breaker = Breaker::builder()
+        .no_consecutive_failures()
+        .failure_rate(0.5)
+        .window_calls(5)
+        .build()
+        .unwrap();
+    let up = Upstream::default();
+    let mut svc = up.behind(&breaker);
+    for _ in 0..5 {
+        let _ = step(&mut svc, OVERLOADED).await;
+    }
+    assert_eq!(breaker.state(), BreakerState::Open, "5 failures of 5 calls");
+    let e = Breaker::builder()
+        .failure_rate(0.5)
+        .window_calls(5)
+        .min_calls(6)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field, "min_calls");
+}
+
+/// A listener that calls back into the breaker when it hears of a transition
+/// runs after the breaker's lock is released (no deadlock).
+#[tokio::test(start_paused = true)]
+async fn a_listener_may_call_back_into_the_breaker() {
+    let seen: Arc<Mutex<Vec<BreakerState>>> = Arc::default();
+    let slot: Arc<Mutex<Option<Breaker>>> = Arc::default();
+    let breaker = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(secs(5))
+        .on_transition({
+            let (seen, slot) = (seen.clone(), slot.clone());
+            move |_t: &Transition| {
+                if let Some(b) = slot.lock().unwrap().as_ref() {
+                    seen.lock().unwrap().push(b.snapshot().state);
+                }
+            }
+        })
+        .on_event({
+            let slot = slot.clone();
+            move |_e| {
+                if let Some(b) = slot.lock().unwrap().as_ref() {
+                    let _ = b.snapshot();
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    *slot.lock().unwrap() = Some(breaker.clone());
+    let up = Upstream::default();
+    let mut svc = up.behind(&breaker);
+    step(&mut svc, OVERLOADED).await.unwrap();
+    let _ = step(&mut svc, Class::Success).await; // refused: open
+    tokio::time::sleep(secs(5)).await;
+    step(&mut svc, Class::Success).await.unwrap();
+    breaker.reset();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+            BreakerState::Closed,
+            BreakerState::Closed
+        ]
+    );
+    slot.lock().unwrap().take();
+}
+
+/// Streamed bodies consumed the way hyper's server does (it stops polling
+/// once `is_end_stream()` is true after the last frame, then drops the body):
+/// five successful probes through `record_on_body_end()` close the breaker.
+#[tokio::test(start_paused = true)]
+async fn bodies_read_to_is_end_stream_count_as_completed() {
+    use bytes::Bytes;
+    use http_body::Body;
+    use http_body_util::BodyExt;
+    let breaker = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(secs(5))
+        .half_open_probes(5)
+        .build()
+        .unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            breaker
+                .layer()
+                .classify(semaforo::classify::HttpClassifier)
+                .record_on_body_end(),
+        )
+        .service(tower::service_fn(|fail: bool| async move {
+            let status = if fail { 503 } else { 200 };
+            Ok::<_, std::io::Error>(
+                http::Response::builder()
+                    .status(status)
+                    .body(http_body_util::Full::new(Bytes::from_static(
+                        b"data: done\n\n",
+                    )))
+                    .unwrap(),
+            )
+        }));
+    let res = svc.ready().await.unwrap().call(true).await.unwrap();
+    drop(res.into_body().collect().await);
+    assert_eq!(breaker.state(), BreakerState::Open);
+    tokio::time::sleep(secs(5)).await;
+    let mut bodies = Vec::new();
+    for _ in 0..5 {
+        let mut body = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(false)
+            .await
+            .unwrap()
+            .into_body();
+        // hyper: poll frames until `is_end_stream()`, then drop.
+        while !body.is_end_stream() {
+            let frame =
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+            if frame.is_none() {
+                break;
+            }
+        }
+        bodies.push(body);
+    }
+    drop(bodies);
+    assert_eq!(breaker.state(), BreakerState::Closed);
+}

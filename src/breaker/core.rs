@@ -98,6 +98,8 @@ struct Inner {
     reopens: u32,
     probes_in_flight: u32,
     probe_successes: u32,
+    /// When the latest probe was let through.
+    last_probe_at: Instant,
     since: Instant,
     rng: SmallRng,
 }
@@ -114,6 +116,19 @@ pub(crate) struct Shared {
     /// Latency by class (feature `metrics`).
     #[cfg(feature = "metrics")]
     pub(crate) call_seconds: crate::observe::CallSeconds,
+}
+
+/// Transitions made under the lock, told to the listeners after it (at most
+/// two per locked section: open → half-open → open).
+#[derive(Default)]
+struct Announce([Option<Transition>; 2]);
+
+impl Announce {
+    fn push(&mut self, t: Transition) {
+        if let Some(slot) = self.0.iter_mut().find(|s| s.is_none()) {
+            *slot = Some(t);
+        }
+    }
 }
 
 /// What admission decided for one call.
@@ -141,6 +156,7 @@ impl Shared {
                 reopens: 0,
                 probes_in_flight: 0,
                 probe_successes: 0,
+                last_probe_at: now,
                 since: now,
                 rng,
             }),
@@ -218,7 +234,8 @@ impl Shared {
         let mut inner = self.lock();
         let w = self.word.load(Ordering::Acquire);
         let now = Instant::now();
-        match w & STATE_MASK {
+        let mut news = Announce::default();
+        let decision = match w & STATE_MASK {
             CLOSED => Ok(Ticket {
                 gen: gen_of(w),
                 probe: false,
@@ -232,19 +249,28 @@ impl Shared {
                         record: true,
                     })
                 } else {
-                    Err(self.rejection(Some(inner.open_until - now)))
+                    Err(Some(inner.open_until - now))
                 }
             }
             _ => {
                 let w = if w & STATE_MASK == OPEN {
                     inner.probes_in_flight = 0;
                     inner.probe_successes = 0;
-                    self.transition(&mut inner, w, HALF_OPEN, now, "open duration elapsed")
+                    self.transition(
+                        &mut inner,
+                        w,
+                        HALF_OPEN,
+                        now,
+                        "open duration elapsed",
+                        &mut news,
+                    )
                 } else {
                     w
                 };
+                let probes_due = crate::time::after(inner.last_probe_at, self.cfg.open_for);
                 if inner.probes_in_flight + inner.probe_successes < self.cfg.probes {
                     inner.probes_in_flight += 1;
+                    inner.last_probe_at = now;
                     Ok(Ticket {
                         gen: gen_of(w),
                         probe: true,
@@ -256,14 +282,43 @@ impl Shared {
                         probe: false,
                         record: true,
                     })
+                } else if inner.probes_in_flight > 0 && now >= probes_due {
+                    // The probes outlived `open_for`: a hung upstream. Count it
+                    // as a failed probe and open again, so that recovery goes on
+                    // (their late results belong to an old generation).
+                    inner.reopens = inner.reopens.saturating_add(1);
+                    self.open(&mut inner, w, now, "probe timed out", &mut news);
+                    Err(Some(inner.open_until.saturating_duration_since(now)))
                 } else {
-                    Err(self.rejection(None))
+                    Err(Some(probes_due.saturating_duration_since(now)))
                 }
             }
+        };
+        drop(inner);
+        self.announce(news);
+        decision.map_err(|retry_after| self.rejection(retry_after))
+    }
+
+    /// Tells the listeners of the transitions made under the lock, once it is
+    /// released (a listener may call back into the breaker).
+    fn announce(&self, news: Announce) {
+        for t in news.0.into_iter().flatten() {
+            if let Some(l) = &self.cfg.listener {
+                l(&t);
+            }
+            self.cfg.obs.emit(
+                "breaker",
+                EventKind::BreakerTransition {
+                    from: t.from,
+                    to: t.to,
+                    reason: t.reason,
+                },
+            );
         }
     }
 
-    /// Moves to `to` (a new generation); caller holds the lock.
+    /// Moves to `to` (a new generation); caller holds the lock, and
+    /// [`announce`](Self::announce)s `news` once it has released it.
     fn transition(
         &self,
         inner: &mut Inner,
@@ -271,6 +326,7 @@ impl Shared {
         to: u32,
         now: Instant,
         reason: &'static str,
+        news: &mut Announce,
     ) -> u32 {
         let next = ((gen_of(from_word).wrapping_add(1)) << 4) | (from_word & MODE_MASK) | to;
         self.word.store(next, Ordering::Release);
@@ -282,17 +338,7 @@ impl Shared {
             reason,
         };
         self.watch.send_replace(t.to);
-        if let Some(l) = &self.cfg.listener {
-            l(&t);
-        }
-        self.cfg.obs.emit(
-            "breaker",
-            EventKind::BreakerTransition {
-                from: t.from,
-                to: t.to,
-                reason,
-            },
-        );
+        news.push(t);
         next
     }
 
@@ -313,14 +359,21 @@ impl Shared {
             .min(cfg.open_cap.max(cfg.open_for))
     }
 
-    fn open(&self, inner: &mut Inner, w: u32, now: Instant, reason: &'static str) {
+    fn open(
+        &self,
+        inner: &mut Inner,
+        w: u32,
+        now: Instant,
+        reason: &'static str,
+        news: &mut Announce,
+    ) {
         let d = self.open_duration(inner);
         inner.open_until = crate::time::after(now, d);
         self.consecutive.store(0, Ordering::Relaxed);
         if let Some(win) = &self.window {
             win.reset();
         }
-        self.transition(inner, w, OPEN, now, reason);
+        self.transition(inner, w, OPEN, now, reason, news);
     }
 
     /// Whether `class` (and slowness) count as a failure.
@@ -393,10 +446,13 @@ impl Shared {
     fn trip(&self, gen: u32, reason: &'static str) {
         let mut inner = self.lock();
         let w = self.word.load(Ordering::Acquire);
+        let mut news = Announce::default();
         if gen_of(w) == gen && w & STATE_MASK == CLOSED {
             inner.reopens = 0;
-            self.open(&mut inner, w, Instant::now(), reason);
+            self.open(&mut inner, w, Instant::now(), reason, &mut news);
         }
+        drop(inner);
+        self.announce(news);
     }
 
     #[cold]
@@ -408,20 +464,23 @@ impl Shared {
         }
         inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
         let now = Instant::now();
+        let mut news = Announce::default();
         if failed {
             inner.reopens = inner.reopens.saturating_add(1);
-            self.open(&mut inner, w, now, "probe failed");
+            self.open(&mut inner, w, now, "probe failed", &mut news);
         } else {
-            inner.probe_successes += 1;
+            inner.probe_successes = inner.probe_successes.saturating_add(1);
             if inner.probe_successes >= self.cfg.probes {
                 inner.reopens = 0;
                 self.consecutive.store(0, Ordering::Relaxed);
                 if let Some(win) = &self.window {
                     win.reset();
                 }
-                self.transition(&mut inner, w, CLOSED, now, "probes succeeded");
+                self.transition(&mut inner, w, CLOSED, now, "probes succeeded", &mut news);
             }
         }
+        drop(inner);
+        self.announce(news);
     }
 
     /// A probe's future was dropped before it finished: free its slot, count nothing.
@@ -453,7 +512,10 @@ impl Shared {
         }
         let w = w & !MODE_MASK; // back to Normal
         self.word.store(w, Ordering::Release);
-        self.transition(&mut inner, w, CLOSED, Instant::now(), "reset");
+        let mut news = Announce::default();
+        self.transition(&mut inner, w, CLOSED, Instant::now(), "reset", &mut news);
+        drop(inner);
+        self.announce(news);
     }
 
     pub(crate) fn state(&self) -> BreakerState {

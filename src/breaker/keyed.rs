@@ -91,9 +91,12 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedBreaker<K> {
             return b.clone();
         }
         if map.len() >= self.map.max_keys {
+            // A closed breaker's state is cheapest to lose; with none, any:
+            // `max_keys` bounds the memory whatever the keys' states.
             let victim = map
                 .iter()
                 .find(|(_, b)| b.state() == BreakerState::Closed)
+                .or_else(|| map.iter().next())
                 .map(|(k, _)| k.clone());
             if let Some(k) = victim {
                 map.remove(&k);

@@ -140,6 +140,9 @@ pub struct BreakerSnapshot {
     pub retry_after: Option<Duration>,
 }
 
+/// `min_calls` when not set.
+const DEFAULT_MIN_CALLS: u64 = 10;
+
 /// A circuit breaker. Cheap to clone; clones and layers share its state.
 #[derive(Debug, Clone)]
 pub struct Breaker {
@@ -162,7 +165,7 @@ pub struct BreakerBuilder {
     failure_rate: Option<f64>,
     slow: Option<(Duration, f64)>,
     window: Option<WindowKind>,
-    min_calls: u64,
+    min_calls: Option<u64>,
     open_for: Duration,
     open_growth: f64,
     open_cap: Option<Duration>,
@@ -237,9 +240,12 @@ impl BreakerBuilder {
         self
     }
 
-    /// Calls the window must hold before a rate can trip (default 10).
+    /// Calls the window must hold before a rate can trip (default 10, or the
+    /// window's size when a [`window_calls`](Self::window_calls) window is
+    /// smaller). Set above a count window's size, `build()` refuses it: such a
+    /// breaker could never trip on a rate.
     pub fn min_calls(mut self, n: u64) -> Self {
-        self.min_calls = n;
+        self.min_calls = Some(n);
         self
     }
 
@@ -264,7 +270,12 @@ impl BreakerBuilder {
         self
     }
 
-    /// Probe calls let through when half-open; that many successes close it (default 1).
+    /// Probe calls let through when half-open; that many successes close it
+    /// (default 1). A probe still running `open_for` after it was let through
+    /// no longer blocks recovery: the next call re-opens the breaker (counted
+    /// as a failed probe), and half-open starts again with fresh probes after
+    /// the open time. Calls refused while the probes run carry a `retry_after`
+    /// (when the probes' time is up).
     pub fn half_open_probes(mut self, n: u32) -> Self {
         self.probes = n;
         self
@@ -277,7 +288,9 @@ impl BreakerBuilder {
         self
     }
 
-    /// Called at every transition (under the breaker's lock: keep it short).
+    /// Called at every transition, after the breaker's lock is released: the
+    /// listener may call back into the breaker (`snapshot()`, `state()`,
+    /// `reset()`…).
     pub fn on_transition(mut self, f: impl Fn(&Transition) + Send + Sync + 'static) -> Self {
         self.listener = Some(Arc::new(f));
         self
@@ -341,8 +354,15 @@ impl BreakerBuilder {
             }
             _ => {}
         }
-        if self.min_calls == 0 {
-            return err("min_calls", "must be at least 1".into());
+        match (self.min_calls, self.window) {
+            (Some(0), _) => return err("min_calls", "must be at least 1".into()),
+            (Some(m), Some(WindowKind::Count(n))) if m > u64::from(n) => {
+                return err(
+                    "min_calls",
+                    format!("{m} is more than the window holds ({n} calls): it could never trip"),
+                )
+            }
+            _ => {}
         }
         if self.open_for.is_zero() {
             return err("open_for", "must be above zero".into());
@@ -393,7 +413,10 @@ impl BreakerBuilder {
             consecutive: self.consecutive,
             failure_rate: self.failure_rate,
             slow: self.slow,
-            min_calls: self.min_calls,
+            min_calls: self.min_calls.unwrap_or(match self.window {
+                Some(WindowKind::Count(n)) => DEFAULT_MIN_CALLS.min(u64::from(n)),
+                _ => DEFAULT_MIN_CALLS,
+            }),
             open_for: self.open_for,
             open_growth: self.open_growth,
             open_cap,
@@ -418,7 +441,7 @@ impl Breaker {
             failure_rate: None,
             slow: None,
             window: None,
-            min_calls: 10,
+            min_calls: None,
             open_for: Duration::from_secs(300),
             open_growth: 1.0,
             open_cap: None,

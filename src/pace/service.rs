@@ -401,43 +401,52 @@ impl Shared {
                     .with_name_opt(self.obs.name.as_ref()),
             );
         }
-        if st.resume_if_due(now) {
-            self.obs.emit("pace", EventKind::PaceResumed);
-        }
-        for dim in &st.dims {
-            let n = dim.amount(cost);
-            if n > dim.capacity {
-                let unit = dim.unit.as_str();
-                return Admit::Rejected(rejected(format!(
-                    "a cost of {n} {unit} can never fit a burst of {} per {}",
-                    dim.capacity,
-                    crate::time::Human(dim.per)
-                )));
+        // Events are emitted once the lock is released (a listener may call
+        // back into the pacer).
+        let resumed = st.resume_if_due(now);
+        let mut queued_at = None;
+        let decision = 'decide: {
+            for dim in &st.dims {
+                let n = dim.amount(cost);
+                if n > dim.capacity {
+                    let unit = dim.unit.as_str();
+                    break 'decide Admit::Rejected(rejected(format!(
+                        "a cost of {n} {unit} can never fit a burst of {} per {}",
+                        dim.capacity,
+                        crate::time::Human(dim.per)
+                    )));
+                }
             }
-        }
-        match st.try_now(cost, now) {
-            Fit::Now => Admit::Now,
-            Fit::At(start) => {
-                let wait = start.saturating_duration_since(now);
-                match self.max_wait.filter(|m| wait > *m) {
-                    Some(max) => Admit::Rejected(
-                        rejected(format!(
-                            "would wait {}, max_wait {}",
-                            crate::time::Human(wait),
-                            crate::time::Human(max)
-                        ))
-                        .with_retry_after(wait - max),
-                    ),
-                    None => {
-                        let position = st.line_len();
-                        let (slot, seq) = st.enqueue(*cost);
-                        drop(st);
-                        self.obs.emit("pace", EventKind::Queued { position });
-                        Admit::Queued(slot, seq)
+            match st.try_now(cost, now) {
+                Fit::Now => Admit::Now,
+                Fit::At(start) => {
+                    let wait = start.saturating_duration_since(now);
+                    match self.max_wait.filter(|m| wait > *m) {
+                        Some(max) => Admit::Rejected(
+                            rejected(format!(
+                                "would wait {}, max_wait {}",
+                                crate::time::Human(wait),
+                                crate::time::Human(max)
+                            ))
+                            .with_retry_after(wait - max),
+                        ),
+                        None => {
+                            queued_at = Some(st.line_len());
+                            let (slot, seq) = st.enqueue(*cost);
+                            Admit::Queued(slot, seq)
+                        }
                     }
                 }
             }
+        };
+        drop(st);
+        if resumed {
+            self.obs.emit("pace", EventKind::PaceResumed);
         }
+        if let Some(position) = queued_at {
+            self.obs.emit("pace", EventKind::Queued { position });
+        }
+        decision
     }
 }
 

@@ -194,8 +194,10 @@ impl<K: Hash + Eq + Clone> Shared<K> {
         self.tick();
         match self.check(key, plan, cost) {
             Ok(()) => Ok(()),
-            Err(Refusal::Wait(wait, global)) => Err(self.refusal(plan, global, wait, "")),
-            Err(Refusal::Never(r)) => Err(r),
+            Err(Refusal::Wait(wait, global)) => {
+                Err(self.told(self.refusal(plan, global, wait, "")))
+            }
+            Err(Refusal::Never(r)) => Err(self.told(r)),
         }
     }
 
@@ -234,6 +236,12 @@ impl<K: Hash + Eq + Clone> Shared<K> {
             .with_policy(policy.clone())
             .with_detail(detail)
             .with_retry_after(wait);
+        r
+    }
+
+    /// Tells the listeners of a refusal (never under a lock: a listener may
+    /// call back into the quota) and hands it on.
+    pub(crate) fn told(&self, r: Rejected) -> Rejected {
         self.obs.rejected(&r);
         r
     }
@@ -282,7 +290,6 @@ impl<K: Hash + Eq + Clone> Shared<K> {
                 "a cost of {cost} can never fit plan '{}' (burst {})",
                 plan.name, plan.rate.burst
             ));
-        self.obs.rejected(&r);
         Refusal::Never(r)
     }
 }
@@ -364,7 +371,7 @@ impl<S, K: Hash + Eq + Clone, F, W> QuotaService<S, K, F, W> {
                     deadline: crate::time::after(now, max_wait),
                 })
             }
-            Err(r) => ResponseFuture::rejected(r),
+            Err(r) => ResponseFuture::rejected(shared.told(r)),
         }
     }
 }
@@ -451,18 +458,16 @@ impl<S: Service<Req>, Req, K: Hash + Eq + Clone> Waiting<S, Req, K> {
                 }
                 Turn::Refused(r) => {
                     *this.in_line = false;
-                    return Poll::Ready(Err(r));
+                    return Poll::Ready(Err(this.shared.told(r)));
                 }
                 Turn::Sleep(wait, global) => {
                     if crate::time::after(now, wait) > *this.deadline {
                         this.shared.lines.leave(this.key, *this.id);
                         *this.in_line = false;
-                        return Poll::Ready(Err(this.shared.refusal(
-                            *this.plan,
-                            global,
-                            wait,
-                            "max_wait reached",
-                        )));
+                        let r = this
+                            .shared
+                            .refusal(*this.plan, global, wait, "max_wait reached");
+                        return Poll::Ready(Err(this.shared.told(r)));
                     }
                     this.sleep.as_mut().reset(crate::time::after(now, wait));
                     if this.sleep.as_mut().poll(cx).is_pending() {
@@ -479,12 +484,10 @@ impl<S: Service<Req>, Req, K: Hash + Eq + Clone> Waiting<S, Req, K> {
                     this.shared.lines.leave(this.key, *this.id);
                     *this.in_line = false;
                     let unit = this.shared.unit(*this.plan);
-                    return Poll::Ready(Err(this.shared.refusal(
-                        *this.plan,
-                        false,
-                        unit,
-                        "max_wait reached",
-                    )));
+                    let r = this
+                        .shared
+                        .refusal(*this.plan, false, unit, "max_wait reached");
+                    return Poll::Ready(Err(this.shared.told(r)));
                 }
             }
         }

@@ -1,0 +1,229 @@
+//! Streamed LLM answers: SSE is parsed by the spec, once, in one place
+//! (`semaforo::llm::SseParser`), and the streaming preset reads errors and usage
+//! from real events only.
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use proptest::prelude::*;
+use semaforo::llm::{LlmStack, SseParser, StreamBody, Tier};
+use semaforo::BoxError;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+/// An event as a test writes it.
+#[derive(Debug, Clone, PartialEq)]
+struct Ev {
+    event: Option<String>,
+    data: Vec<String>,
+}
+
+fn text() -> impl Strategy<Value = String> {
+    // Printable ASCII (no line ends), with the words that fooled the old scanner.
+    prop_oneof![
+        "[ -~]{0,12}",
+        Just("event: error".to_owned()),
+        Just(" lead".to_owned()),
+        Just("a:b".to_owned()),
+    ]
+}
+
+fn event() -> impl Strategy<Value = Ev> {
+    (
+        proptest::option::of(prop_oneof![
+            Just("error"),
+            Just("message_delta"),
+            Just("ping")
+        ]),
+        proptest::collection::vec(text(), 1..4),
+    )
+        .prop_map(|(event, data)| Ev {
+            event: event.map(str::to_owned),
+            data,
+        })
+}
+
+/// The stream's bytes: optional BOM, comments between events, one line end.
+fn render(events: &[Ev], eol: &str, bom: bool, comments: bool) -> Vec<u8> {
+    let mut out = String::new();
+    if bom {
+        out.push('\u{feff}');
+    }
+    for e in events {
+        if comments {
+            out.push_str(": keep-alive");
+            out.push_str(eol);
+        }
+        if let Some(name) = &e.event {
+            out.push_str("event: ");
+            out.push_str(name);
+            out.push_str(eol);
+        }
+        for d in &e.data {
+            out.push_str("data: ");
+            out.push_str(d);
+            out.push_str(eol);
+        }
+        out.push_str(eol);
+    }
+    out.into_bytes()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever the frame split points, line ends, comments and BOM, the
+    /// events parsed are the events written (multi-line data joined by LF).
+    #[test]
+    fn events_survive_any_framing(
+        events in proptest::collection::vec(event(), 0..8),
+        eol in prop_oneof![Just("\n"), Just("\r\n"), Just("\r")],
+        bom in any::<bool>(),
+        comments in any::<bool>(),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
+    ) {
+        let bytes = render(&events, eol, bom, comments);
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        at.push(0);
+        at.push(bytes.len());
+        at.sort_unstable();
+        let mut parser = SseParser::new();
+        let mut seen = Vec::new();
+        for w in at.windows(2) {
+            parser.feed(&bytes[w[0]..w[1]], |e| {
+                seen.push((
+                    String::from_utf8(e.event.to_vec()).unwrap(),
+                    String::from_utf8(e.data.to_vec()).unwrap(),
+                ))
+            });
+        }
+        let expected: Vec<(String, String)> = events
+            .iter()
+            .map(|e| (e.event.clone().unwrap_or_else(|| "message".into()), e.data.join("\n")))
+            .collect();
+        prop_assert_eq!(seen, expected);
+        prop_assert_eq!(parser.scanned(), bytes.len() as u64);
+    }
+}
+
+/// A client answering 200 with these SSE frames.
+fn client(
+    frames: &'static [&'static [u8]],
+) -> impl Service<
+    http::Request<Bytes>,
+    Response = http::Response<StreamBody>,
+    Error = BoxError,
+    Future = impl Send,
+> + Clone
+       + Send {
+    tower::service_fn(move |_req: http::Request<Bytes>| async move {
+        let chunks = futures::stream::iter(
+            frames
+                .iter()
+                .map(|f| Ok::<_, BoxError>(http_body::Frame::data(Bytes::from_static(f)))),
+        );
+        Ok::<_, BoxError>(http::Response::new(StreamBody::new(
+            http_body_util::StreamBody::new(chunks),
+        )))
+    })
+}
+
+fn stack() -> LlmStack {
+    LlmStack::openai(Tier {
+        requests_per_minute: 500,
+        tokens_per_minute: 30_000,
+    })
+    .build()
+    .unwrap()
+}
+
+fn request() -> http::Request<Bytes> {
+    http::Request::post("/v1/chat/completions")
+        .body(Bytes::from_static(
+            br#"{"model":"m","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"hola"}]}"#,
+        ))
+        .unwrap()
+}
+
+/// Reads a body to its end; the error it ended with, if any.
+async fn drain<B>(body: B) -> Option<BoxError>
+where
+    B: http_body::Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut body = body;
+    loop {
+        match body.frame().await {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Some(e.into()),
+            None => return None,
+        }
+    }
+}
+
+/// vLLM and SGLang report a failure after the 200 as a plain `data:` payload
+/// with an `error` object (no `event:` line): a failure the breaker counts.
+#[tokio::test(start_paused = true)]
+async fn a_data_error_payload_is_a_failure() {
+    static FRAMES: &[&[u8]] = &[
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"hola\"}}]}\n\n",
+        b"data: {\"error\":{\"type\":\"server_error\",\"message\":\"engine died\"}}\n\n",
+    ];
+    let stack = stack();
+    let mut svc = ServiceBuilder::new()
+        .layer(stack.stream_layer())
+        .service(client(FRAMES));
+    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+    let err = drain(res.into_body()).await.expect("the stream failed");
+    assert!(err.to_string().contains("engine died"), "{err}");
+    let failed = err
+        .downcast_ref::<semaforo::llm::StreamFailed>()
+        .expect("a StreamFailed");
+    assert_eq!(failed.class, semaforo::classify::Class::Transient);
+    assert_eq!(stack.breaker.snapshot().consecutive_failures, 1);
+}
+
+/// Words that look like an SSE field inside a `data:` payload are content, even
+/// split across frames: the answer is untouched and counts as a success.
+#[tokio::test(start_paused = true)]
+async fn event_error_inside_the_text_is_untouched() {
+    static FRAMES: &[&[u8]] = &[
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"write event: error\\n\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"to the log, then eve",
+        b"nt: err",
+        b"or again\"}}]}\n\ndata: {\"usage\":{\"total_tokens\":12}}\n\ndata: [DONE]\n\n",
+    ];
+    let stack = stack();
+    let mut svc = ServiceBuilder::new()
+        .layer(stack.stream_layer())
+        .service(client(FRAMES));
+    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let whole: Vec<u8> = FRAMES.concat();
+    assert_eq!(&body[..], &whole[..], "untouched");
+    let snap = stack.breaker.snapshot();
+    assert_eq!(snap.consecutive_failures, 0);
+    assert_eq!(snap.state, semaforo::breaker::BreakerState::Closed);
+}
+
+/// An `event: error` split across frames (the field name in one, its data in
+/// the next) is still seen.
+#[tokio::test(start_paused = true)]
+async fn an_error_event_split_across_frames_is_seen() {
+    static FRAMES: &[&[u8]] = &[
+        b"data: {\"choices\":[]}\n\neve",
+        b"nt: error\r\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}",
+        b"\r\n\r\n",
+    ];
+    let stack = stack();
+    let mut svc = ServiceBuilder::new()
+        .layer(stack.stream_layer())
+        .service(client(FRAMES));
+    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+    let err = drain(res.into_body()).await.expect("the stream failed");
+    let failed = err
+        .downcast_ref::<semaforo::llm::StreamFailed>()
+        .expect("a StreamFailed");
+    assert_eq!(
+        failed.class,
+        semaforo::classify::Class::Overloaded { retry_after: None }
+    );
+    assert_eq!(stack.breaker.snapshot().consecutive_failures, 1);
+}
