@@ -7,6 +7,7 @@ use semaforo::backoff::{Backoff, Jitter};
 use semaforo::pace::{Cost, Pace};
 use semaforo::retry::Retry;
 use semaforo::{BoxError, RejectKind, Rejected};
+use std::sync::Arc;
 use std::time::Duration;
 use support::provider::{Chat, Provider, Reply};
 use tokio::time::Instant;
@@ -366,4 +367,163 @@ fn bad_configuration_is_an_error() {
             .field,
         "burst"
     );
+}
+
+// ---- The pacer believes the server over its configuration (correctness §7) ----
+
+/// The preset's shape: RPM and TPM, 95 % of the TPM as burst.
+fn preset_like(tpm: u64) -> Pace {
+    Pace::builder()
+        .requests_per_minute(500)
+        .tokens_per_minute(tpm)
+        .burst(tpm * 95 / 100)
+        .build()
+        .unwrap()
+}
+
+/// Retry (429s honoured up to 300 s) over the pacer over the provider.
+fn retried(
+    pace: &Pace,
+    provider: &Provider,
+) -> impl Service<
+    Chat,
+    Response = Reply,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<Reply, BoxError>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    let retry = Retry::builder()
+        .max_attempts(8)
+        .backoff(
+            Backoff::exponential(Duration::from_millis(500))
+                .jitter(Jitter::Full)
+                .build()
+                .unwrap(),
+        )
+        .retry_after_ceiling(Duration::from_secs(300))
+        .no_budget()
+        .build()
+        .unwrap();
+    ServiceBuilder::new()
+        .layer(retry.layer().classify(|r: Result<&Reply, &BoxError>| {
+            r.map_or(semaforo::classify::Class::Transient, Reply::class)
+        }))
+        .layer(
+            pace.layer()
+                .weigh(|c: &Chat| Cost::tokens(c.estimate))
+                .observe(Reply::observed)
+                .classify(|r: Result<&Reply, &std::io::Error>| {
+                    r.map_or(semaforo::classify::Class::Transient, Reply::class)
+                }),
+        )
+        .service(provider.service())
+}
+
+const PLAN: Chat = Chat {
+    estimate: 2_000,
+    real: 2_000,
+};
+
+/// The provider allows 24,000 TPM, the pacer is configured for 30,000: the
+/// limit every answer announces lowers ours. Only calls dispatched before the
+/// first answer can meet a 429; the makespan is the real limit's bound.
+#[tokio::test(start_paused = true)]
+async fn an_announced_limit_below_the_configured_one_lowers_it() {
+    let provider = Provider::new(24_000, 500, SERVICE);
+    let pace = preset_like(30_000);
+    let t0 = Instant::now();
+    let (ok, failed, makespan) = sunday_night(retried(&pace, &provider), 50, PLAN).await;
+    assert_eq!((ok, failed), (50, 0));
+    let late: Vec<_> = provider
+        .throttled_at()
+        .into_iter()
+        .filter(|at| *at > t0)
+        .collect();
+    assert!(late.is_empty(), "429s after the first answer: {late:?}");
+    assert!(provider.throttled() <= 2, "{} 429s", provider.throttled());
+    let bound = bound(50, 2_000, 24_000);
+    assert_eq!(bound, Duration::from_secs(191));
+    assert!(
+        makespan <= bound.mul_f64(1.05),
+        "makespan {makespan:?} vs the real limit's bound {bound:?}"
+    );
+    let tokens = pace.snapshot().dims[1];
+    assert_eq!(tokens.capacity, 22_800.0, "burst lowered in proportion");
+    assert_eq!(
+        pace.snapshot().rate_factor,
+        1.0,
+        "no 429 it could not explain"
+    );
+}
+
+/// The provider's bucket was spent by another client before the run: the
+/// 429s say so (remaining 0, reset), so the pacer syncs to the bucket and
+/// keeps its rate. The run takes what the provider allows from that state.
+#[tokio::test(start_paused = true)]
+async fn a_bucket_spent_by_someone_else_is_synced_not_a_reason_to_slow_down() {
+    let provider = Provider::new(30_000, 500, SERVICE);
+    provider.spend_all_tokens();
+    let pace = preset_like(30_000);
+    let (ok, failed, makespan) = sunday_night(retried(&pace, &provider), 50, PLAN).await;
+    assert_eq!((ok, failed), (50, 0));
+    // From an empty bucket: 100,000 tokens at 500 a second, plus one answer.
+    let allowed = Duration::from_secs(200) + SERVICE;
+    assert!(
+        makespan <= allowed.mul_f64(1.1),
+        "makespan {makespan:?} vs {allowed:?} allowed"
+    );
+    assert_eq!(pace.snapshot().rate_factor, 1.0, "the rate was kept");
+    assert!(provider.throttled() >= 1, "the spent bucket was met");
+}
+
+/// One 429 whose `Retry-After` is a year away does not stop everyone for a
+/// year: the pause is at most `max_pause` (60 s by default).
+#[tokio::test(start_paused = true)]
+async fn a_year_long_retry_after_pauses_everyone_at_most_max_pause() {
+    let pace = Pace::builder()
+        .requests_per_minute(600)
+        .max_wait(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            pace.layer()
+                .classify(|r: Result<&semaforo::classify::Class, &std::io::Error>| {
+                    r.map_or(semaforo::classify::Class::Transient, |c| *c)
+                }),
+        )
+        .service(tower::service_fn(move |_: ()| {
+            let year = first.swap(false, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                Ok::<_, std::io::Error>(if year {
+                    semaforo::classify::Class::Throttled {
+                        retry_after: Some(Duration::from_secs(366 * 86_400)),
+                    }
+                } else {
+                    semaforo::classify::Class::Success
+                })
+            }
+        }));
+    let t0 = Instant::now();
+    svc.ready().await.unwrap().call(()).await.unwrap();
+    let paused = pace.snapshot().paused_until.expect("paused");
+    assert_eq!(paused - t0, Duration::from_secs(60));
+    // The next caller waits the minute, not the year.
+    svc.ready().await.unwrap().call(()).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(60));
+    // A custom classifier's Duration::MAX does not panic.
+    let pace = Pace::builder().requests_per_minute(60).build().unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(pace.layer().classify(|_: Result<&(), &std::io::Error>| {
+            semaforo::classify::Class::Throttled {
+                retry_after: Some(Duration::MAX),
+            }
+        }))
+        .service(tower::service_fn(|_: ()| async {
+            Ok::<_, std::io::Error>(())
+        }));
+    svc.ready().await.unwrap().call(()).await.unwrap();
+    assert!(pace.snapshot().paused_until.is_some());
 }

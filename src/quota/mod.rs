@@ -163,6 +163,21 @@ impl Rate {
                 ),
             ));
         }
+        // The GCRA counts in u64 nanoseconds (about 584 years): a refill
+        // period per unit, and a burst's worth of them, must fit.
+        let unit = self.per / self.count;
+        if unit.saturating_mul(self.burst) > MAX_PERIOD {
+            return Err(ConfigError::new(
+                "quota",
+                what,
+                format!(
+                    "{} per {} with burst {}: a full burst must refill within 100 years",
+                    self.count,
+                    crate::time::Human(self.per),
+                    self.burst
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -171,6 +186,9 @@ impl Rate {
         Some(quota.allow_burst(NonZeroU32::new(self.burst)?))
     }
 }
+
+/// The longest refill of a full burst a [`Rate`] may have.
+const MAX_PERIOD: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// A plan's handle, from [`Quota::plan_id`]: cheap to copy into a key closure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

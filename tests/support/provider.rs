@@ -81,6 +81,8 @@ pub struct Books {
     pub throttled: usize,
     /// (admission instant, tokens) of every accepted call.
     pub admitted: Vec<(Instant, u64)>,
+    /// When each 429 was answered.
+    pub throttled_at: Vec<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +105,7 @@ impl Provider {
                 accepted: 0,
                 throttled: 0,
                 admitted: Vec::new(),
+                throttled_at: Vec::new(),
             })),
             service_time,
         }
@@ -138,6 +141,7 @@ impl Provider {
                         b.admitted.push((now, chat.real));
                     } else {
                         b.throttled += 1;
+                        b.throttled_at.push(now);
                     }
                     let mut h = vec![
                         (
@@ -192,6 +196,18 @@ impl Provider {
                 })
             }
         })
+    }
+
+    /// Another client of the account spends the whole token bucket now.
+    pub fn spend_all_tokens(&self) {
+        let mut b = self.books.lock().unwrap();
+        let now = Instant::now();
+        b.tokens.refill(now);
+        b.tokens.level = 0.0;
+    }
+
+    pub fn throttled_at(&self) -> Vec<Instant> {
+        self.books.lock().unwrap().throttled_at.clone()
     }
 
     pub fn accepted(&self) -> usize {

@@ -1,0 +1,177 @@
+//! What the LLM preset reads from requests, headers and bodies: the cost
+//! estimate counts every kind of prompt text, a 429's headers give its wait,
+//! Gemini's array-wrapped errors are understood, past dates mean "now".
+
+use bytes::Bytes;
+use semaforo::classify::headers::parse_retry_after;
+use semaforo::classify::{Class, HttpClassifier, LlmClassifier};
+use semaforo::llm::{estimate_cost, LlmStack, Tier};
+use semaforo::pace::Cost;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+const NONE: [(&str, &str); 0] = [];
+
+fn chat(content: serde_json::Value, max_tokens: u64) -> Vec<u8> {
+    serde_json::json!({
+        "model": "gpt-4o-mini",
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": content}],
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[test]
+fn content_parts_count_like_plain_content() {
+    let text = "a".repeat(40_000);
+    let plain = chat(serde_json::json!(text), 100);
+    let parts = chat(serde_json::json!([{"type": "text", "text": text}]), 100);
+    assert_eq!(estimate_cost(&plain), Cost::tokens(10_100));
+    assert_eq!(estimate_cost(&parts), Cost::tokens(10_100));
+    // A system prompt and tool definitions count too.
+    let with_system = serde_json::json!({
+        "max_tokens": 100,
+        "messages": [
+            {"role": "system", "content": "b".repeat(4_000)},
+            {"role": "user", "content": [{"type": "text", "text": text}]}
+        ],
+        "tools": [{"type": "function", "function": {"name": "lookup", "description": "c".repeat(3_994)}}]
+    });
+    assert_eq!(
+        estimate_cost(with_system.to_string().as_bytes()),
+        Cost::tokens(10_100 + 1_000 + 1_000)
+    );
+}
+
+#[test]
+fn request_numbers_never_wrap() {
+    // `max_tokens` of u64::MAX: a cost no budget admits, not a wrapped tiny one.
+    let body = chat(serde_json::json!("a".repeat(400)), u64::MAX);
+    assert_eq!(estimate_cost(&body), Cost::tokens(u64::MAX));
+}
+
+/// Twenty 40,000-character prompts in content parts on a 30k TPM tier: the
+/// pacer sees 10,100 tokens each, so only two go out at once.
+#[tokio::test(start_paused = true)]
+async fn twenty_big_prompts_in_parts_do_not_go_out_at_once() {
+    let stack = LlmStack::openai(Tier {
+        requests_per_minute: 500,
+        tokens_per_minute: 30_000,
+    })
+    .build()
+    .unwrap();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let client = tower::service_fn({
+        let sent = sent.clone();
+        move |_req: http::Request<Bytes>| {
+            sent.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_secs(1_000)).await;
+                Ok::<_, std::io::Error>(http::Response::new(Bytes::new()))
+            }
+        }
+    });
+    let svc = ServiceBuilder::new().layer(stack.layer()).service(client);
+    let text = "a".repeat(40_000);
+    let body = Bytes::from(chat(
+        serde_json::json!([{"type": "text", "text": text}]),
+        100,
+    ));
+    for _ in 0..20 {
+        let req = http::Request::post("/v1/chat/completions")
+            .body(body.clone())
+            .unwrap();
+        let svc = svc.clone();
+        tokio::spawn(svc.oneshot(req));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        2,
+        "28,500-token burst / 10,100"
+    );
+}
+
+/// A 429 with no `Retry-After` whose rate-limit headers say a window is spent
+/// waits for that window's reset.
+#[test]
+fn a_spent_window_gives_the_429_its_wait() {
+    let headers = [
+        ("x-ratelimit-limit-tokens", "30000"),
+        ("x-ratelimit-remaining-tokens", "0"),
+        ("x-ratelimit-reset-tokens", "1m30.5s"),
+        ("x-ratelimit-remaining-requests", "499"),
+        ("x-ratelimit-reset-requests", "120ms"),
+    ];
+    let expected = Class::Throttled {
+        retry_after: Some(Duration::from_millis(90_500)),
+    };
+    assert_eq!(
+        LlmClassifier::new().classify_parts(429, &headers[..], b""),
+        expected
+    );
+    let mut res = http::Response::builder().status(429);
+    for (k, v) in headers {
+        res = res.header(k, v);
+    }
+    let res = res.body(()).unwrap();
+    assert_eq!(
+        semaforo::classify::Classify::classify(&HttpClassifier, Ok::<_, &std::io::Error>(&res)),
+        expected
+    );
+    // Anthropic's headers alike.
+    let anthropic = [
+        ("anthropic-ratelimit-output-tokens-remaining", "0"),
+        ("anthropic-ratelimit-output-tokens-reset", "12"),
+    ];
+    assert_eq!(
+        LlmClassifier::new().classify_parts(429, &anthropic[..], b""),
+        Class::Throttled {
+            retry_after: Some(Duration::from_secs(12))
+        }
+    );
+    // Nothing spent: no wait invented.
+    assert_eq!(
+        LlmClassifier::new().classify_parts(429, &headers[3..], b""),
+        Class::Throttled { retry_after: None }
+    );
+}
+
+#[test]
+fn gemini_errors_wrapped_in_an_array() {
+    let per_minute = br#"[{"error":{"code":429,"message":"Resource has been exhausted","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"0.5s"}]}}]"#;
+    assert_eq!(
+        LlmClassifier::new().classify_parts(429, &NONE[..], per_minute),
+        Class::Throttled {
+            retry_after: Some(Duration::from_millis(500))
+        }
+    );
+    let per_day = br#"[{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"40s"}]}}]"#;
+    assert_eq!(
+        LlmClassifier::new().classify_parts(429, &NONE[..], per_day),
+        Class::Permanent
+    );
+}
+
+/// An HTTP date before 1970 is in the past: "retry now", as documented.
+#[test]
+fn a_date_in_the_past_means_now() {
+    let now = UNIX_EPOCH + Duration::from_secs(1_764_000_000);
+    assert_eq!(
+        parse_retry_after(b"Mon, 01 Jan 1900 00:00:00 GMT", now),
+        Some(Duration::ZERO)
+    );
+    assert_eq!(
+        parse_retry_after(b"Thu, 01 Jan 1970 00:00:01 GMT", now),
+        Some(Duration::ZERO)
+    );
+    // Still no hint for garbage.
+    assert_eq!(
+        parse_retry_after(b"Mon, 01 Jan 19x0 00:00:00 GMT", now),
+        None
+    );
+    let _ = SystemTime::now();
+}
