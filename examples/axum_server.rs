@@ -34,13 +34,15 @@ async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
     let (router, guards) = app(ServerConfig::default())?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
+    // Handlers in place before we say we listen: an early SIGTERM still drains.
+    let stop = semaforo::shutdown::signal()?;
     println!("listening on http://{}", listener.local_addr()?);
     std::io::stdout().flush()?;
     let shutdown = guards.shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {
-                semaforo::shutdown::signal().await;
+                stop.await;
                 shutdown.trigger(); // readiness flips, new calls are refused
             })
             .await

@@ -6,8 +6,8 @@
 //! it, and gets a plan. Then one table compares them.
 //!
 //! ```text
-//! cargo run --example llm_client                      # against the in-process mock (time ×10)
-//! cargo run --example llm_client -- --base-url https://api.openai.com --time-scale 1   # real server, OPENAI_API_KEY
+//! cargo run --example llm_client                                    # the in-process mock (time ×10)
+//! cargo run --example llm_client -- --base-url https://api.openai.com/v1   # a real server, OPENAI_API_KEY
 //! ```
 
 #[path = "common/http_client.rs"]
@@ -31,7 +31,8 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// An OpenAI-compatible server (e.g. https://api.openai.com). Without it, an
+    /// An OpenAI-compatible server, as OpenAI's SDKs spell it (e.g.
+    /// https://api.openai.com/v1; without `/v1` works too). Without it, an
     /// in-process mock provider is started. The key comes from OPENAI_API_KEY.
     #[arg(long)]
     base_url: Option<String>,
@@ -50,10 +51,10 @@ struct Args {
     /// The tier's requests per minute.
     #[arg(long, default_value_t = 500)]
     rpm: u64,
-    /// How many times faster than real time the mock runs (a "minute" lasts 60/N s).
-    /// Use 1 with --base-url.
-    #[arg(long, default_value_t = 10.0, value_parser = mock_provider::time_scale)]
-    time_scale: f64,
+    /// How many times faster than real time the mock runs (a "minute" lasts
+    /// 60/N s). Default: 10 with the mock, 1 (real time) with --base-url.
+    #[arg(long, value_parser = mock_provider::time_scale)]
+    time_scale: Option<f64>,
     /// At most this many calls in flight in phase 2 (seed 000's semáforo: 5).
     #[arg(long, default_value_t = 5)]
     max_concurrent: u32,
@@ -66,14 +67,18 @@ struct Phase {
     name: &'static str,
     ok: usize,
     failed: usize,
+    /// Why calls failed: `status 404` or the error, with how many.
+    failures: std::collections::BTreeMap<String, usize>,
+    /// The first failed answer's body (its first 300 characters).
+    first_failure: Option<String>,
     provider_429: u64,
     retries: u64,
     latencies: Vec<Duration>,
     makespan: Duration,
 }
 
-/// What one call ended with: its status (or error) and how long it took.
-type Outcome = Result<(Result<u16, BoxError>, Duration), tokio::task::JoinError>;
+/// What one call ended with: its status and body (or error) and how long it took.
+type Outcome = Result<(Result<(u16, bytes::Bytes), BoxError>, Duration), tokio::task::JoinError>;
 
 impl Phase {
     fn new(name: &'static str) -> Self {
@@ -81,6 +86,8 @@ impl Phase {
             name,
             ok: 0,
             failed: 0,
+            failures: Default::default(),
+            first_failure: None,
             provider_429: 0,
             retries: 0,
             latencies: Vec::new(),
@@ -89,13 +96,29 @@ impl Phase {
     }
 
     fn record(&mut self, outcome: Outcome) {
-        match outcome {
-            Ok((Ok(200), latency)) => {
+        let (why, body) = match outcome {
+            Ok((Ok((200, _)), latency)) => {
                 self.ok += 1;
                 self.latencies.push(latency);
+                return;
             }
-            _ => self.failed += 1,
+            Ok((Ok((status, body)), _)) => (format!("status {status}"), Some(body)),
+            Ok((Err(e), _)) => (e.to_string(), None),
+            Err(e) => (format!("task failed: {e}"), None),
+        };
+        self.failed += 1;
+        if self.first_failure.is_none() {
+            let text = body
+                .map(|b| {
+                    String::from_utf8_lossy(&b)
+                        .chars()
+                        .take(300)
+                        .collect::<String>()
+                })
+                .unwrap_or_default();
+            self.first_failure = Some(format!("{why} {text}").trim_end().to_owned());
         }
+        *self.failures.entry(why).or_default() += 1;
     }
 }
 
@@ -116,7 +139,10 @@ async fn direct(client: HttpClient, args: &Args) -> Phase {
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
             let res = c.call(req).await;
-            (res.map(|r| r.status().as_u16()), start.elapsed())
+            (
+                res.map(|r| (r.status().as_u16(), r.into_body())),
+                start.elapsed(),
+            )
         }));
     }
     let mut phase = Phase::new("direct");
@@ -163,7 +189,10 @@ async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, B
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
             let res = async { svc.ready().await?.call(req).await }.await;
-            (res.map(|r| r.status().as_u16()), start.elapsed())
+            (
+                res.map(|r| (r.status().as_u16(), r.into_body())),
+                start.elapsed(),
+            )
         }));
     }
     // What the last teacher sees while the others are served.
@@ -202,7 +231,38 @@ async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, B
     Ok(phase)
 }
 
-fn print_table(phases: &[Phase], scale: f64, bound: Duration, teachers: usize) {
+/// The tier's bound for a phase: the last plan can start once the tokens the
+/// bucket did not hold have refilled, then takes one plan's generation time
+/// (the phase's fastest successful call) — computed the same way for the mock
+/// and for a real server.
+fn bound(args: &Args, scale: f64, phase: &Phase) -> Duration {
+    let n = args.teachers as u64;
+    let deficit = n.saturating_mul(args.tokens).saturating_sub(args.tpm) as f64;
+    let refill = deficit / (args.tpm.max(1) as f64 / 60.0) / scale;
+    let generation = phase.latencies.iter().min().copied().unwrap_or_default();
+    Duration::from_secs_f64(refill) + generation
+}
+
+fn print_failures(phases: &[Phase]) {
+    for p in phases.iter().filter(|p| p.failed > 0) {
+        let reasons: Vec<String> = p
+            .failures
+            .iter()
+            .map(|(why, n)| format!("{why} ×{n}"))
+            .collect();
+        println!(
+            "{}: {} calls failed: {}",
+            p.name,
+            p.failed,
+            reasons.join(", ")
+        );
+        if let Some(first) = &p.first_failure {
+            println!("  first: {first}");
+        }
+    }
+}
+
+fn print_table(phases: &[Phase], scale: f64, bounds: &[Duration], teachers: usize, mocked: bool) {
     let s = |d: Duration| format!("{:.1} s", d.as_secs_f64() * scale);
     println!();
     println!(
@@ -211,7 +271,8 @@ fn print_table(phases: &[Phase], scale: f64, bound: Duration, teachers: usize) {
     println!(
         "|----------|-----------|--------|---------------|---------|----------|----------|----------|----------|"
     );
-    for p in phases {
+    for (p, bound) in phases.iter().zip(bounds) {
+        let bound = *bound;
         let mut l = p.latencies.clone();
         l.sort();
         println!(
@@ -229,11 +290,16 @@ fn print_table(phases: &[Phase], scale: f64, bound: Duration, teachers: usize) {
         );
     }
     println!();
-    println!("Times are simulated seconds (the mock runs {scale}× faster than real time). The bound is what");
+    if mocked {
+        println!("Times are simulated seconds (the mock runs {scale}× faster than real time).");
+    } else {
+        println!("Times are real seconds.");
+    }
     println!(
-        "the tier allows: the first plans fit the token bucket, then one every tokens/(TPM/60) s,"
+        "The bound is what the tier allows: the first plans fit the token bucket, then one every"
     );
-    println!("plus one plan's generation time.");
+    println!("tokens/(TPM/60) s, plus one plan's generation time (the phase's fastest call).");
+    print_failures(phases);
 }
 
 /// The server each phase calls: `--base-url`, or a fresh mock (kept alive by
@@ -256,8 +322,9 @@ async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
     let key: Option<Arc<str>> = std::env::var("OPENAI_API_KEY").ok().map(Arc::from);
     let service_time = Duration::from_secs(5);
-    let scale = args.time_scale;
     let mocked = args.base_url.is_none();
+    // The mock's minute can be shortened; a real server runs in real time.
+    let scale = args.time_scale.unwrap_or(if mocked { 10.0 } else { 1.0 });
     let mock_cfg = MockConfig {
         tokens_per_minute: args.tpm,
         requests_per_minute: args.rpm,
@@ -291,15 +358,8 @@ async fn main() -> Result<(), BoxError> {
     let (base, _mock) = provider(&args, &mock_cfg).await?;
     phases.push(stacked(client(base), &args, scale).await?);
 
-    let n = args.teachers as u64;
-    let deficit = (n * args.tokens).saturating_sub(args.tpm) as f64;
-    let bound = Duration::from_secs_f64(deficit / (args.tpm as f64 / 60.0) / scale)
-        + if mocked {
-            service_time.div_f64(scale)
-        } else {
-            Duration::ZERO
-        };
-    print_table(&phases, scale, bound, args.teachers);
+    let bounds: Vec<Duration> = phases.iter().map(|p| bound(&args, scale, p)).collect();
+    print_table(&phases, scale, &bounds, args.teachers, mocked);
     if let Some(p) = phases.last() {
         if p.ok < args.teachers {
             std::process::exit(1);

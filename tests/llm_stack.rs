@@ -334,3 +334,34 @@ async fn a_user_over_quota_is_refused_before_the_line_and_the_budget() {
         200
     );
 }
+
+/// The base URL as OpenAI's SDKs spell it (`…/v1`) reaches the same endpoint
+/// as the bare host: no `/v1/v1/chat/completions` 404s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_url_with_v1_reaches_the_endpoint() {
+    use http_client::endpoint;
+    assert_eq!(
+        endpoint("http://127.0.0.1:8080/v1", "/v1/chat/completions"),
+        "http://127.0.0.1:8080/v1/chat/completions"
+    );
+    assert_eq!(
+        endpoint("https://api.openai.com/v1/", "/v1/chat/completions"),
+        "https://api.openai.com/v1/chat/completions"
+    );
+    assert_eq!(
+        endpoint("http://127.0.0.1:8080", "/v1/chat/completions"),
+        "http://127.0.0.1:8080/v1/chat/completions"
+    );
+    assert_eq!(
+        endpoint("http://proxy/openai", "/v1/chat/completions"),
+        "http://proxy/openai/v1/chat/completions"
+    );
+    let provider = mock(20.0, 0.0, 0.0).await;
+    for base in [provider.base_url(), format!("{}/v1", provider.base_url())] {
+        let res = HttpClient::new(&base, None)
+            .oneshot(chat_request("gpt-4o-mini", 100, 1, None))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{base}");
+    }
+}

@@ -50,7 +50,7 @@ impl Service<http::Request<Bytes>> for HttpClient {
     }
 
     fn call(&mut self, req: http::Request<Bytes>) -> Self::Future {
-        let url = format!("{}{}", self.base, req.uri().path());
+        let url = endpoint(&self.base, req.uri().path());
         let mut builder = self
             .client
             .post(url)
@@ -75,6 +75,25 @@ impl Service<http::Request<Bytes>> for HttpClient {
             }
             Ok(out.body(res.bytes().await?)?)
         })
+    }
+}
+
+/// `base` + `path`, accepting the base URL as OpenAI's SDKs spell it: with
+/// `https://api.openai.com/v1` and `/v1/chat/completions`, the `/v1` is not
+/// repeated.
+pub fn endpoint(base: &str, path: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let (_, last) = base.rsplit_once('/').unwrap_or(("", base));
+    let doubled = !last.is_empty()
+        && !last.contains(':')
+        && path
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(last))
+            .is_some_and(|rest| rest.starts_with('/'));
+    if doubled {
+        format!("{base}{}", &path[1 + last.len()..])
+    } else {
+        format!("{base}{path}")
     }
 }
 
@@ -118,7 +137,7 @@ impl Service<http::Request<Bytes>> for StreamingClient {
     fn call(&mut self, req: http::Request<Bytes>) -> Self::Future {
         use futures::StreamExt;
         let c = &self.0;
-        let url = format!("{}{}", c.base, req.uri().path());
+        let url = endpoint(&c.base, req.uri().path());
         let mut builder = c
             .client
             .post(url)

@@ -68,6 +68,8 @@ pub(crate) struct Shared {
     pub(crate) in_flight: AtomicU64,
     pub(crate) completed: AtomicU64,
     pub(crate) cancelled: AtomicU64,
+    /// `completed` when the trigger came: the drain reports only what ended after it.
+    completed_at_trigger: AtomicU64,
     pub(crate) rejected: AtomicU64,
     released: AtomicU64,
     pub(crate) idle: Notify,
@@ -96,11 +98,15 @@ impl Shared {
 /// calls and cut bodies to unwind and be counted.
 pub const UNWIND: Duration = Duration::from_secs(1);
 
-/// What a drain did. Every call admitted before the trigger is in exactly one
-/// of `completed` and `cancelled`.
+/// What a drain did. Every call in flight when the trigger came (admitted by
+/// the shutdown layer, not yet over) is in exactly one of `completed`,
+/// `cancelled` and `still_streaming`; calls that ended before the trigger are
+/// in none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DrainReport {
-    /// Calls that finished (their response, or their stream, ended).
+    /// Calls in flight at the trigger that finished during the drain (their
+    /// response, or their stream, ended — with an answer or an error,
+    /// including a waiter released from a line with `ShuttingDown`).
     pub completed: u64,
     /// Calls cut at the deadline.
     pub cancelled: u64,
@@ -140,6 +146,7 @@ impl Shutdown {
                 in_flight: AtomicU64::new(0),
                 completed: AtomicU64::new(0),
                 cancelled: AtomicU64::new(0),
+                completed_at_trigger: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
                 released: AtomicU64::new(0),
                 idle: Notify::new(),
@@ -193,6 +200,10 @@ impl Shutdown {
         if self.shared.triggered.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.shared.completed_at_trigger.store(
+            self.shared.completed.load(Ordering::Acquire),
+            Ordering::Release,
+        );
         self.shared.ready.send_replace(false);
         self.shared.emit(EventKind::Shutdown {
             phase: ShutdownPhase::Draining,
@@ -274,7 +285,11 @@ impl Shutdown {
             },
         });
         DrainReport {
-            completed: self.shared.completed.load(Ordering::Acquire),
+            completed: self
+                .shared
+                .completed
+                .load(Ordering::Acquire)
+                .saturating_sub(self.shared.completed_at_trigger.load(Ordering::Acquire)),
             cancelled: self.shared.cancelled.load(Ordering::Acquire),
             rejected: self.shared.rejected.load(Ordering::Acquire),
             queued_released: self.shared.released.load(Ordering::Acquire),
@@ -298,31 +313,83 @@ async fn yield_once() {
     .await
 }
 
-/// Resolves on SIGTERM or Ctrl-C (Ctrl-C only outside unix). Feature `signal`.
+/// Installs handlers for SIGTERM and Ctrl-C (SIGINT) **now**, and returns a
+/// future that resolves when either arrives (Ctrl-C only outside unix).
+/// Feature `signal`.
+///
+/// Call it before you announce that you are listening: a SIGTERM that
+/// arrives after `signal()` returned is never lost (it is not a lazy `async
+/// fn` that installs its handlers at the first poll).
+///
+/// # Errors
+///
+/// The error of installing a handler (no signal driver: a runtime built
+/// without `enable_io`/`enable_all`, or an OS refusal). It is an error, not
+/// a shutdown: without handlers, the default action of the signal applies.
+///
+/// # Panics
+///
+/// None. It must be called within a tokio runtime (as every tokio signal).
+///
+/// ```no_run
+/// # async fn serve() -> std::io::Result<()> {
+/// let stop = semaforo::shutdown::signal()?; // handlers in place from here
+/// println!("listening");
+/// stop.await;
+/// # Ok(()) }
+/// ```
 #[cfg(feature = "signal")]
-pub async fn signal() {
-    use std::future::Future;
+pub fn signal() -> std::io::Result<Signal> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal as unix_signal, SignalKind};
-        match unix_signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
-                std::future::poll_fn(|cx| {
-                    if term.poll_recv(cx).is_ready() {
-                        return std::task::Poll::Ready(());
-                    }
-                    ctrl_c.as_mut().poll(cx).map(|_| ())
-                })
-                .await;
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+        Ok(Signal {
+            term: unix_signal(SignalKind::terminate())?,
+            int: unix_signal(SignalKind::interrupt())?,
+        })
+    }
+    #[cfg(windows)]
+    {
+        Ok(Signal {
+            ctrl_c: tokio::signal::windows::ctrl_c()?,
+        })
+    }
+}
+
+/// The future of [`signal()`]: ready when SIGTERM or Ctrl-C arrives.
+/// Cancel safe: dropping it removes nothing but this listener.
+#[cfg(feature = "signal")]
+#[derive(Debug)]
+#[must_use = "a Signal does nothing unless awaited"]
+pub struct Signal {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(windows)]
+    ctrl_c: tokio::signal::windows::CtrlC,
+}
+
+#[cfg(feature = "signal")]
+impl std::future::Future for Signal {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        #[cfg(unix)]
+        {
+            if self.term.poll_recv(cx).is_ready() || self.int.poll_recv(cx).is_ready() {
+                return std::task::Poll::Ready(());
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        #[cfg(windows)]
+        {
+            if self.ctrl_c.poll_recv(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
     }
 }
