@@ -216,3 +216,54 @@ fn outside_sizes_cost_bounded_memory_and_linear_scans() {
         "{peak} bytes held for a 32 MB line (cap {DEFAULT_MAX_LINE})"
     );
 }
+
+/// No request pays for sweeping a quota's idle keys: 65,536 calls on one hot
+/// key with 200,000 idle keys present (the count that asks for a sweep)
+/// allocate nothing on the calling thread — the sweep (which rebuilds the
+/// store) runs on the quota's own thread.
+#[test]
+fn no_request_pays_for_the_quota_sweep() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Generous enough that the hot key is never refused (a refusal
+        // allocates its error).
+        let quota: Quota<u32> = Quota::builder()
+            .plan("user", Rate::per_second(1_000_000))
+            .build()
+            .unwrap();
+        let user = quota.plan_id("user").unwrap();
+        let mut svc = ServiceBuilder::new()
+            .layer(quota.layer(move |k: &u64| (*k as u32, user)))
+            .service(bare());
+        for k in 0..200_000u64 {
+            svc.ready().await.unwrap().call(k).await.unwrap();
+        }
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        let sweeps = quota.snapshot().sweeps;
+        let n = allocations(|| {
+            for _ in 0..65_536 {
+                assert_eq!(call_quiet(&mut svc), Some(7));
+            }
+        });
+        assert_eq!(n, 0, "the calling thread allocated {n} times");
+        let mut swept = false;
+        for _ in 0..2_000 {
+            if quota.snapshot().sweeps > sweeps && quota.snapshot().keys <= 1 {
+                swept = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(swept, "{:?}", quota.snapshot());
+    });
+}
+
+/// One call, refused or not.
+fn call_quiet<S: Service<u64, Response = u64>>(svc: &mut S) -> Option<u64> {
+    let svc = svc.ready().now_or_never()?.ok()?;
+    svc.call(7).now_or_never()?.ok()
+}

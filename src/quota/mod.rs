@@ -21,9 +21,14 @@
 //!   `tokio::time::Instant`, so tests run a one-hour quota on paused time in
 //!   milliseconds, and a server's quotas follow the same clock as its timeouts.
 //! - **Memory**: governor's keyed state grows with every key ever seen. Keys idle
-//!   for longer than their refill period are indistinguishable from new ones;
-//!   they are swept every 65,536 calls of a thread (and by
-//!   [`Quota::evict_idle`]).
+//!   for longer than their refill period (the time a full burst takes to come
+//!   back) are indistinguishable from new ones; a background thread of the
+//!   quota sweeps them every half of the shortest refill period (at least
+//!   every second, at most every 10 minutes) and after every 65,536 calls of
+//!   a thread, so an idle key is gone 1× to 1.5× its refill period after its
+//!   last call. No request pays for a sweep: a call visits no key but its own
+//!   (K = 1). [`Quota::evict_idle`] sweeps at once, on the caller.
+//!   (Where no thread can be started, the 65,536th call sweeps.)
 //!
 //! ```
 //! use semaforo::quota::{Quota, Rate};
@@ -97,12 +102,23 @@ impl Default for TokioClock {
     }
 }
 
+thread_local! {
+    /// The instant a background sweep evaluates idleness at (the tokio time of
+    /// the call that asked for it: the sweeper thread has no runtime, and a
+    /// paused test clock is the runtime's).
+    static SWEEP_NOW: std::cell::Cell<Option<tokio::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
 impl Clock for TokioClock {
     type Instant = Nanos;
 
     #[inline]
     fn now(&self) -> Nanos {
-        Nanos::from(tokio::time::Instant::now().saturating_duration_since(self.epoch))
+        let now = SWEEP_NOW
+            .with(std::cell::Cell::get)
+            .unwrap_or_else(tokio::time::Instant::now);
+        Nanos::from(now.saturating_duration_since(self.epoch))
     }
 }
 
@@ -216,19 +232,35 @@ pub(crate) struct Shared<K: Hash + Eq + Clone> {
     calls: crate::striped::StripedCount,
     pub(crate) rejected: AtomicU64,
     sweeping: AtomicBool,
+    /// Nudges the background sweeper (with the caller's tokio time).
+    sweeper: Option<std::sync::mpsc::SyncSender<tokio::time::Instant>>,
+    sweeps: AtomicU64,
 }
 
 impl<K: Hash + Eq + Clone> Shared<K> {
-    /// Counts a call; every 65,536 calls of a thread, sweeps idle keys (one
-    /// caller at a time). Admissions are derived (`calls − rejected`): one
-    /// atomic per call, on a cache line of the calling thread's own.
+    /// Counts a call; every 65,536 calls of a thread, asks the background
+    /// sweeper to sweep idle keys. Admissions are derived (`calls − rejected`):
+    /// one atomic per call, on a cache line of the calling thread's own.
     #[inline]
     pub(crate) fn tick(&self) {
         if self.calls.add_one() & 0xFFFF == 0 {
-            self.sweep();
+            self.nudge();
         }
     }
 
+    #[cold]
+    fn nudge(&self) {
+        match &self.sweeper {
+            // A sweep already asked for is enough: never block the caller.
+            Some(tx) => {
+                let _ = tx.try_send(tokio::time::Instant::now());
+            }
+            None => self.sweep(),
+        }
+    }
+
+    /// Drops the keys idle for longer than their refill period (one sweep at a
+    /// time; a sweep asked for meanwhile is skipped).
     #[cold]
     fn sweep(&self) {
         if self.sweeping.swap(true, Ordering::Acquire) {
@@ -238,8 +270,54 @@ impl<K: Hash + Eq + Clone> Shared<K> {
             p.limiter.retain_recent();
             p.limiter.shrink_to_fit();
         }
+        self.sweeps.fetch_add(1, Ordering::Relaxed);
         self.sweeping.store(false, Ordering::Release);
     }
+}
+
+/// The sweeper thread of a quota: sweeps when nudged and every `every`; ends
+/// when the quota is dropped (its sender with it).
+fn spawn_sweeper<K>(
+    shared: std::sync::Weak<Shared<K>>,
+    every: Duration,
+) -> Option<std::sync::mpsc::SyncSender<tokio::time::Instant>>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    use std::sync::mpsc::RecvTimeoutError;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<tokio::time::Instant>(1);
+    // Timed sweeps read the clock of the runtime the quota was built in (a
+    // paused test clock included); without one, only the nudges (which carry
+    // their caller's time) sweep: the real clock could run ahead of a paused
+    // one and drop a key whose bucket is not full yet.
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    let wait = if runtime.is_some() {
+        every
+    } else {
+        Duration::MAX
+    };
+    let spawned = std::thread::Builder::new()
+        .name("semaforo-quota-sweep".into())
+        .spawn(move || loop {
+            let at = match rx.recv_timeout(wait) {
+                Ok(at) => at,
+                Err(RecvTimeoutError::Timeout) => match &runtime {
+                    Some(rt) => {
+                        let _in = rt.enter();
+                        tokio::time::Instant::now()
+                    }
+                    None => continue,
+                },
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            SWEEP_NOW.with(|n| n.set(Some(at)));
+            shared.sweep();
+            SWEEP_NOW.with(|n| n.set(None));
+        });
+    spawned.ok().map(|_| tx)
 }
 
 /// Keyed quotas. Cheap to clone; clones and layers share the state.
@@ -322,7 +400,9 @@ impl QuotaBuilder {
     }
 
     /// Validates and builds.
-    pub fn build<K: Hash + Eq + Clone>(self) -> Result<Quota<K>, ConfigError> {
+    pub fn build<K: Hash + Eq + Clone + Send + Sync + 'static>(
+        self,
+    ) -> Result<Quota<K>, ConfigError> {
         if self.plans.is_empty() {
             return Err(ConfigError::new("quota", "plan", "add at least one plan"));
         }
@@ -370,8 +450,15 @@ impl QuotaBuilder {
             }
             None => None,
         };
+        // Half the shortest refill period of a full burst, in [1 s, 10 min].
+        let every = plans
+            .iter()
+            .map(|p| (p.rate.per / p.rate.count).saturating_mul(p.rate.burst) / 2)
+            .min()
+            .unwrap_or(Duration::MAX)
+            .clamp(Duration::from_secs(1), Duration::from_secs(600));
         Ok(Quota {
-            shared: Arc::new(Shared {
+            shared: Arc::new_cyclic(|weak| Shared {
                 obs: Observer::new(self.name, self.listener.0),
                 plans,
                 global,
@@ -380,6 +467,8 @@ impl QuotaBuilder {
                 calls: crate::striped::StripedCount::default(),
                 rejected: AtomicU64::new(0),
                 sweeping: AtomicBool::new(false),
+                sweeper: spawn_sweeper(weak.clone(), every),
+                sweeps: AtomicU64::new(0),
             }),
         })
     }
@@ -397,6 +486,8 @@ pub struct QuotaSnapshot {
     pub rejected: u64,
     /// Calls waiting in line now (wait mode).
     pub waiting: usize,
+    /// Sweeps of idle keys done so far (background and `evict_idle`).
+    pub sweeps: u64,
 }
 
 impl Quota<()> {
@@ -442,6 +533,7 @@ impl<K: Hash + Eq + Clone> Quota<K> {
                 .saturating_sub(self.shared.lines.waiting() as u64),
             rejected,
             waiting: self.shared.lines.waiting(),
+            sweeps: self.shared.sweeps.load(Ordering::Relaxed),
         }
     }
 }
