@@ -133,7 +133,8 @@ impl SseParser {
                 }
             }
         }
-        if self.after_cr {
+        if self.after_cr && !chunk.is_empty() {
+            // (An empty chunk between the CR and its LF changes nothing.)
             self.after_cr = false;
             if let Some(rest) = chunk.strip_prefix(b"\n") {
                 chunk = rest;
@@ -468,7 +469,7 @@ mod tests {
     #[test]
     fn crlf_split_across_chunks_is_one_line_end() {
         assert_eq!(
-            events(&[b"data: a\r", b"\n\r", b"\ndata: b\r\r"]),
+            events(&[b"data: a\r", b"", b"\n\r", b"\ndata: b\r\r"]),
             vec![
                 ("message".into(), "a".into()),
                 ("message".into(), "b".into())
