@@ -161,9 +161,30 @@ async fn five_hundred_slots_never_more_than_five_hundred_holders() {
     );
     assert!(held <= 500, "{held} holders at once");
     assert!(in_redis <= 500, "{in_redis} holders in Redis");
-    // Waiters poll (jittered backoff up to 100 ms), so slots sit free for a
-    // moment between holders; still, most are in use at the peak.
-    assert!(held >= 300, "the slots were used: {held}");
+    // How many held at once during the storm depends on the machine's load
+    // (waiters poll with jittered backoff); what the semaphore guarantees is
+    // its capacity: after the storm, 500 leases held together, spread over
+    // the 4 instances, and the 501st refused.
+    let mut leases = Vec::new();
+    for i in 0..500 {
+        leases.push(sems[i % 4].acquire().await.expect("a free slot"));
+    }
+    let full = Semaphore::builder(&sems_backend(&server).await, "db", 500)
+        .lease(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let err = full.acquire().await.unwrap_err();
+    assert_eq!(err.kind(), RejectKind::QueueFull, "{err}");
+    drop(leases);
+}
+
+/// One more connection to `server`.
+async fn sems_backend(server: &RedisServer) -> RedisBackend {
+    RedisBackend::builder(server.url())
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap()
 }
 
 /// A budget of 20 requests per second (burst 20), failing fast.
