@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod bulkhead;
 pub mod classify;
 mod error;
+pub mod eta;
 pub mod guard;
 pub mod health;
 #[cfg(feature = "llm")]

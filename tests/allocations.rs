@@ -199,11 +199,12 @@ fn outside_sizes_cost_bounded_memory_and_linear_scans() {
     let mut parser = SseParser::new();
     let (events, peak) = peak_bytes(|| {
         let mut events = 0;
-        parser.feed(b"data: ", |_| events += 1);
+        let mut count = |e: semaforo::llm::SseEvent<'_>| events += usize::from(!e.truncated);
+        parser.feed(b"data: ", &mut count);
         for _ in 0..512 {
-            parser.feed(&chunk, |_| events += 1);
+            parser.feed(&chunk, &mut count);
         }
-        parser.feed(b"\n\ndata: ok\n\n", |_| events += 1);
+        parser.feed(b"\n\ndata: ok\n\n", &mut count);
         events
     });
     assert_eq!(

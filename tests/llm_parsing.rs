@@ -175,3 +175,48 @@ fn a_date_in_the_past_means_now() {
     );
     let _ = SystemTime::now();
 }
+
+/// One odd field does not hide what the rest of an error body says.
+#[test]
+fn provider_errors_are_read_leniently() {
+    let permanent = [
+        r#"{"error":{"type":"insufficient_quota","message":5}}"#,
+        r#"{"error":{"type":"insufficient_quota","details":"x"}}"#,
+        r#"{"error":{"type":"insufficient_quota","details":[5,{"retryDelay":5}]}}"#,
+        r#"{"error":{"code":true,"type":"insufficient_quota","status":429}}"#,
+        r#"{"error":"insufficient_quota"}"#,
+    ];
+    for body in permanent {
+        assert_eq!(
+            LlmClassifier::new().classify_parts(429, &NONE[..], body.as_bytes()),
+            Class::Permanent,
+            "{body}"
+        );
+    }
+    // "5μs" with a Greek mu, as some servers write it.
+    let body = r#"{"error":{"code":"rate_limit_exceeded","message":"Please try again in 5μs."}}"#;
+    assert_eq!(
+        LlmClassifier::new().classify_parts(429, &NONE[..], body.as_bytes()),
+        Class::Throttled {
+            retry_after: Some(Duration::from_micros(5))
+        }
+    );
+}
+
+/// A `max_tokens` written as a string counts as the number it says.
+#[test]
+fn numbers_written_as_strings_count() {
+    let body = br#"{"max_tokens":"100000","messages":[{"role":"user","content":"abcd"}]}"#;
+    assert_eq!(estimate_cost(body), Cost::tokens(100_001));
+}
+
+/// A tier of 1 token per minute builds (its 95 % burst rounds to at least 1).
+#[test]
+fn a_tiny_tier_builds() {
+    LlmStack::openai(Tier {
+        requests_per_minute: 1,
+        tokens_per_minute: 1,
+    })
+    .build()
+    .unwrap();
+}

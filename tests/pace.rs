@@ -527,3 +527,149 @@ async fn a_year_long_retry_after_pauses_everyone_at_most_max_pause() {
     svc.ready().await.unwrap().call(()).await.unwrap();
     assert!(pace.snapshot().paused_until.is_some());
 }
+
+/// Seed 000 with queue tickets: the pacer, not the bulkhead's permits, decides
+/// who goes next, and each ticket's ETA comes from the pacer's projected
+/// starts (the bulkhead is given the pacer as its ETA source). For every
+/// ticket that really waits 10 s or more, the ETA at enqueue and at every
+/// later look is within ±20 % (or ±2 s) of the wait that was left, and it
+/// never increases.
+#[tokio::test(start_paused = true)]
+async fn queue_ticket_etas_follow_the_pacer() {
+    use semaforo::bulkhead::{Bulkhead, QueueTicket, TicketStatus};
+    let service = Duration::from_secs(5);
+    let provider = Provider::new(30_000, 500, service);
+    let pace = preset_like(30_000);
+    let bulkhead = Bulkhead::builder()
+        .max_concurrent(5)
+        .max_queue(50)
+        .expected_service_time(service)
+        .build()
+        .unwrap();
+    bulkhead.set_eta_source(Some(Arc::new(pace.clone())));
+    let inner = provider.service();
+    let svc = ServiceBuilder::new()
+        .layer(
+            bulkhead
+                .layer()
+                .ticket(|r: &(Chat, QueueTicket)| Some(r.1.clone())),
+        )
+        .map_request(|r: (Chat, QueueTicket)| r.0)
+        .layer(
+            pace.layer()
+                .weigh(|c: &Chat| Cost::tokens(c.estimate))
+                .observe(Reply::observed),
+        )
+        .service(inner);
+    let t0 = Instant::now();
+    let mut tickets = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let ticket = QueueTicket::new();
+        tickets.push(ticket.clone());
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(svc.oneshot((PLAN, ticket))));
+        tokio::task::yield_now().await;
+    }
+    // Look at every ticket every 100 ms until it is admitted.
+    let mut looks: Vec<Vec<(Instant, Duration)>> = vec![Vec::new(); tickets.len()];
+    let mut admitted: Vec<Option<Instant>> = vec![None; tickets.len()];
+    while admitted.iter().any(Option::is_none) {
+        let now = Instant::now();
+        for (i, t) in tickets.iter().enumerate() {
+            match t.status() {
+                TicketStatus::Waiting(s) => looks[i].push((now, s.eta.expect("an ETA"))),
+                TicketStatus::Admitted if admitted[i].is_none() => admitted[i] = Some(now),
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let mut checked = 0;
+    for (i, seen) in looks.iter().enumerate() {
+        let at = admitted[i].unwrap();
+        if at - t0 < Duration::from_secs(10) || seen.is_empty() {
+            continue;
+        }
+        checked += 1;
+        let mut last = Duration::MAX;
+        for (when, eta) in seen {
+            let left = at - *when;
+            let tolerance = left.mul_f64(0.2).max(Duration::from_secs(2));
+            let off = if *eta > left {
+                *eta - left
+            } else {
+                left - *eta
+            };
+            assert!(
+                off <= tolerance,
+                "ticket {i} at {:?}: ETA {eta:?}, really {left:?}",
+                *when - t0
+            );
+            assert!(*eta <= last, "ticket {i}: the ETA rose from {last:?} to {eta:?} at {:?}; admitted at {:?}; looks {:?}", *when - t0, at - t0, seen.iter().map(|(w, e)| ((*w - t0).as_secs_f64(), e.as_secs_f64())).collect::<Vec<_>>());
+            last = *eta;
+        }
+    }
+    assert!(checked >= 35, "{checked} tickets waited 10 s or more");
+}
+
+/// A single very low announced limit does not lock the pacer out: calls that
+/// no longer fit the learned burst wait (they can reach the upstream and
+/// learn a new limit), they are not refused for good; and a server-reported
+/// usage of u64::MAX tokens at most empties the cells.
+#[tokio::test(start_paused = true)]
+async fn a_tiny_announced_limit_slows_but_never_locks_out() {
+    use semaforo::classify::{RateLimitInfo, RateLimitWindow};
+    let pace = Pace::builder()
+        .tokens_per_minute(30_000)
+        .max_wait(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    pace.learn(&RateLimitInfo {
+        tokens: Some(RateLimitWindow {
+            limit: Some(500),
+            remaining: Some(500),
+            reset: None,
+        }),
+        ..RateLimitInfo::default()
+    });
+    let mut svc = ServiceBuilder::new()
+        .layer(pace.layer().weigh(|n: &u64| Cost::tokens(*n)))
+        .service(tower::service_fn(|n: u64| async move {
+            Ok::<_, std::io::Error>(n)
+        }));
+    let t0 = Instant::now();
+    assert_eq!(svc.ready().await.unwrap().call(1_000).await.unwrap(), 1_000);
+    // 500 tokens in the bucket (full), 1,000 asked: it goes, leaving a debt
+    // of 500 that the next call waits out (at 500 a minute).
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    svc.ready().await.unwrap().call(1).await.unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_secs(60) && t0.elapsed() <= Duration::from_secs(61),
+        "{:?}",
+        t0.elapsed()
+    );
+
+    // A debt of u64::MAX tokens empties the cell, no more.
+    let pace = Pace::builder().tokens_per_minute(60_000).build().unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            pace.layer()
+                .weigh(|n: &u64| Cost::tokens(*n))
+                .observe(|_: &u64| semaforo::pace::Observed {
+                    usage: Some(Cost::tokens(u64::MAX)),
+                    info: None,
+                }),
+        )
+        .service(tower::service_fn(|n: u64| async move {
+            Ok::<_, std::io::Error>(n)
+        }));
+    svc.ready().await.unwrap().call(1_000).await.unwrap();
+    let t0 = Instant::now();
+    svc.ready().await.unwrap().call(1_000).await.unwrap();
+    // Empty bucket, 1,000 tokens at 1,000 a second.
+    assert_eq!(t0.elapsed(), Duration::from_secs(1));
+}

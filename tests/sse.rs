@@ -227,3 +227,77 @@ async fn an_error_event_split_across_frames_is_seen() {
     );
     assert_eq!(stack.breaker.snapshot().consecutive_failures, 1);
 }
+
+/// Anthropic reports a stream's input tokens in `message_start` (nested in
+/// `message`) and its output tokens in the last `message_delta`: the pacer
+/// is charged both, not the output alone.
+#[tokio::test(start_paused = true)]
+async fn anthropic_stream_usage_counts_input_and_output() {
+    static FRAMES: &[&[u8]] = &[
+        b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":10000,\"output_tokens\":1}}}\n\n",
+        b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"hola\"}}\n\n",
+        b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    ];
+    let pace = semaforo::pace::Pace::builder()
+        .tokens_per_day(1_000_000)
+        .build()
+        .unwrap();
+    let stack = LlmStack::openai(Tier {
+        requests_per_minute: 500,
+        tokens_per_minute: 30_000,
+    })
+    .pace(pace.clone())
+    .build()
+    .unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(stack.stream_layer())
+        .service(client(FRAMES));
+    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert!(drain(res.into_body()).await.is_none());
+    let dim = pace.snapshot().dims[0];
+    let charged = dim.capacity - dim.available;
+    assert!(
+        (charged - 10_015.0).abs() < 1.0,
+        "charged {charged} tokens for 10,000 in + 15 out"
+    );
+}
+
+/// A payload with an `error` is a failure even when another field has an
+/// unexpected type, and data that starts with a space is still read.
+#[tokio::test(start_paused = true)]
+async fn an_error_payload_with_odd_fields_is_still_an_error() {
+    static FRAMES: &[&[u8]] = &[
+        b"data: {\"choices\":[]}\n\n",
+        b"data:  {\"error\":{\"type\":\"server_error\",\"message\":\"gone\"},\"usage\":\"n/a\"}\n\n",
+    ];
+    let stack = stack();
+    let mut svc = ServiceBuilder::new()
+        .layer(stack.stream_layer())
+        .service(client(FRAMES));
+    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+    let err = drain(res.into_body()).await.expect("the stream failed");
+    assert!(err.to_string().contains("gone"), "{err}");
+    assert_eq!(stack.breaker.snapshot().consecutive_failures, 1);
+}
+
+/// An `event: error` whose data is over the parser's cap is still a failure.
+#[tokio::test(start_paused = true)]
+async fn an_error_event_over_the_cap_is_still_a_failure() {
+    let huge: &'static [u8] = Box::leak(
+        format!("event: error\ndata: {}\n\n", "x".repeat(2 << 20))
+            .into_bytes()
+            .into_boxed_slice(),
+    );
+    let frames: &'static [&'static [u8]] =
+        Box::leak(vec![&b"data: {}\n\n"[..], huge].into_boxed_slice());
+    let stack = stack();
+    let mut svc = ServiceBuilder::new()
+        .layer(stack.stream_layer())
+        .service(client(frames));
+    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert!(
+        drain(res.into_body()).await.is_some(),
+        "the failure was seen"
+    );
+    assert_eq!(stack.breaker.snapshot().consecutive_failures, 1);
+}

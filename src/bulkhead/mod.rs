@@ -237,6 +237,16 @@ impl Bulkhead {
         self.shared.set_limit(n);
     }
 
+    /// Lets `source` (a layer below that decides when admitted calls really
+    /// start, such as a [`Pace`](crate::pace::Pace)) estimate the waits shown
+    /// on [`QueueTicket`]s: a waiter is admitted when a permit frees, i.e.
+    /// `expected_service_time` (or the smoothed hold time) after the call
+    /// ahead of it starts at the source. `None` goes back to this bulkhead's
+    /// own estimate. The LLM preset wires its pacer here.
+    pub fn set_eta_source(&self, source: Option<Arc<dyn crate::eta::EtaSource>>) {
+        self.shared.set_eta_source(source);
+    }
+
     /// Answers every waiting caller `ShuttingDown` at once and refuses new calls;
     /// running calls finish. Returns how many waiters were released.
     pub fn close(&self) -> usize {

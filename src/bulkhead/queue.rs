@@ -30,6 +30,9 @@ const WAITER: u64 = 1 << 32;
 const WAITERS_MASK: u64 = 0x7FFF_FFFF << 32;
 const CLOSED: u64 = 1 << 63;
 
+/// The furthest position an ETA from a source is simulated for.
+const ETA_STEPS: u32 = 100_000;
+
 /// The largest `max_concurrent` / `max_queue` the packed state word can count.
 pub(crate) const MAX_COUNT: u32 = 0x7FFF_FFFF;
 
@@ -113,6 +116,8 @@ pub(crate) struct Shared {
     pub(crate) cfg: Config,
     pub(crate) hasher: RandomState,
     epoch: Instant,
+    /// What decides when admitted calls really start (the preset's pacer).
+    eta_source: std::sync::RwLock<Option<Arc<dyn crate::eta::EtaSource>>>,
 }
 
 /// What `acquire` decided.
@@ -139,7 +144,15 @@ impl Shared {
             cfg,
             hasher: RandomState::new(),
             epoch: Instant::now(),
+            eta_source: std::sync::RwLock::new(None),
         }
+    }
+
+    pub(crate) fn set_eta_source(&self, source: Option<Arc<dyn crate::eta::EtaSource>>) {
+        *self
+            .eta_source
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = source;
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -484,19 +497,50 @@ impl Shared {
     pub(crate) fn status(&self, slot_id: u32, seq: u64) -> Option<TicketStatus> {
         let q = self.lock();
         let slot = q.slots.get(slot_id as usize).filter(|s| s.seq == seq)?;
-        Some(match slot.state {
+        let mut status = match slot.state {
             SlotState::Waiting => {
                 let position = Self::position(&q, slot, slot_id);
                 let limit = self.limit.load(Ordering::Relaxed);
-                TicketStatus::Waiting(QueueStatus {
+                QueueStatus {
                     position,
                     waiting: q.line.len() as u32 + q.parked_total,
                     eta: Self::eta(&q, &self.cfg, limit, position),
-                })
+                }
             }
-            SlotState::Granted => TicketStatus::Admitted,
-            SlotState::Rejected(kind) => TicketStatus::Rejected(kind),
-        })
+            SlotState::Granted => return Some(TicketStatus::Admitted),
+            SlotState::Rejected(kind) => return Some(TicketStatus::Rejected(kind)),
+        };
+        let service = self.cfg.expected_service.or(q
+            .service_ewma
+            .and_then(|s| Duration::try_from_secs_f64(s).ok()));
+        drop(q);
+        // With a source below (a pacer), its projected starts decide; asked
+        // without our lock held (the source takes its own).
+        if let (Some(service), Some(source)) = (service, self.eta_source()) {
+            let now = Instant::now();
+            let mut projection = source.projection(now);
+            let in_flight = in_flight(self.state.load(Ordering::Acquire));
+            let limit = self.limit.load(Ordering::Relaxed);
+            if let Some(at) = crate::eta::admission(
+                &mut *projection,
+                now,
+                limit,
+                in_flight,
+                status.position,
+                service,
+                ETA_STEPS,
+            ) {
+                status.eta = Some(at.saturating_duration_since(now));
+            }
+        }
+        Some(TicketStatus::Waiting(status))
+    }
+
+    fn eta_source(&self) -> Option<Arc<dyn crate::eta::EtaSource>> {
+        self.eta_source
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub(crate) fn set_limit(&self, limit: u32) {

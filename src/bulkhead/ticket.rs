@@ -20,9 +20,14 @@ pub struct QueueStatus {
     pub position: u32,
     /// How many callers wait in all.
     pub waiting: u32,
-    /// Expected wait from here: `ceil(position / max_concurrent) × service time`,
-    /// where the service time is the smoothed duration of calls admitted from the
-    /// line (or the configured `expected_service_time` until one finished).
+    /// Expected wait from here. By default `ceil(position / max_concurrent) ×
+    /// service time`, where the service time is the smoothed duration of calls
+    /// admitted from the line (or the configured `expected_service_time` until
+    /// one finished). With an ETA source below the bulkhead
+    /// ([`Bulkhead::set_eta_source`](super::Bulkhead::set_eta_source), which
+    /// the LLM preset sets to its pacer): when the permit this caller waits
+    /// for frees, i.e. one service time after the call ahead of it starts at
+    /// the source, as the source projects its starts.
     pub eta: Option<Duration>,
 }
 

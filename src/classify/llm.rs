@@ -91,22 +91,22 @@ impl ProviderError {
             return None;
         }
         let err = wire::error_of(body)?;
-        let own = |c: Option<std::borrow::Cow<'_, str>>| c.map(std::borrow::Cow::into_owned);
+        let own = |t: wire::Text<'_>| t.0.map(std::borrow::Cow::into_owned);
         let mut pe = ProviderError {
-            code: own(err.code.and_then(wire::Code::into_str)),
+            code: own(err.code),
             kind: own(err.kind),
             status: own(err.status),
             retry_delay: None,
             per_day_quota: false,
             message: own(err.message),
         };
-        for d in err.details.into_iter().flatten() {
-            if let Some(delay) = d.retry_delay {
+        for d in err.details.0 {
+            if let Some(delay) = d.retry_delay.0 {
                 pe.retry_delay = parse_go_duration(&delay);
             }
-            pe.per_day_quota |= d.violations.into_iter().flatten().any(|v| {
-                [v.quota_id, v.quota_metric]
-                    .iter()
+            pe.per_day_quota |= d.violations.0.iter().any(|v| {
+                [&v.quota_id.0, &v.quota_metric.0]
+                    .into_iter()
                     .flatten()
                     .any(|id| id.contains("PerDay") || id.contains("per_day"))
             });
@@ -181,7 +181,7 @@ fn try_again_in(message: &str) -> Option<Duration> {
     let idx = message.find("try again in ")?;
     let rest = &message[idx + "try again in ".len()..];
     let end = rest
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '\u{b5}'))
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '\u{b5}' || c == '\u{3bc}'))
         .unwrap_or(rest.len());
     let token = rest[..end].trim_end_matches('.');
     parse_go_duration(token)
@@ -451,88 +451,231 @@ mod tests {
 
 /// The wire shapes of provider error bodies, borrowed from the bytes.
 mod wire {
-    use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
+    use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
     use serde::Deserialize;
     use std::borrow::Cow;
     use std::fmt;
 
-    #[derive(Deserialize)]
+    /// `{"error": …}`: an object, or (some proxies) a bare string.
     struct Envelope<'a> {
-        #[serde(borrow, default)]
         error: Option<ErrorObject<'a>>,
     }
 
-    #[derive(Deserialize)]
-    pub(super) struct ErrorObject<'a> {
-        #[serde(borrow, default)]
-        pub(super) code: Option<Code<'a>>,
-        #[serde(borrow, default, rename = "type")]
-        pub(super) kind: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        pub(super) status: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        pub(super) message: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        pub(super) details: Option<Vec<Detail<'a>>>,
-    }
-
-    #[derive(Deserialize)]
-    pub(super) struct Detail<'a> {
-        #[serde(borrow, default, rename = "retryDelay")]
-        pub(super) retry_delay: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        pub(super) violations: Option<Vec<Violation<'a>>>,
-    }
-
-    #[derive(Deserialize)]
-    pub(super) struct Violation<'a> {
-        #[serde(borrow, default, rename = "quotaId")]
-        pub(super) quota_id: Option<Cow<'a, str>>,
-        #[serde(borrow, default, rename = "quotaMetric")]
-        pub(super) quota_metric: Option<Cow<'a, str>>,
-    }
-
-    /// `error.code`: a string (OpenAI) or a number (Gemini's HTTP status).
-    pub(super) enum Code<'a> {
-        Text(Cow<'a, str>),
-        Number,
-    }
-
-    impl<'a> Code<'a> {
-        pub(super) fn into_str(self) -> Option<Cow<'a, str>> {
-            match self {
-                Code::Text(t) => Some(t),
-                Code::Number => None,
-            }
-        }
-    }
-
-    impl<'de: 'a, 'a> Deserialize<'de> for Code<'a> {
+    impl<'de: 'a, 'a> Deserialize<'de> for Envelope<'a> {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             struct V<'a>(std::marker::PhantomData<&'a ()>);
             impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-                type Value = Code<'a>;
+                type Value = Envelope<'a>;
                 fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a string or a number")
+                    f.write_str("an object")
                 }
-                fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Code<'a>, E> {
-                    Ok(Code::Text(Cow::Borrowed(v)))
+                fn visit_map<A: MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Envelope<'a>, A::Error> {
+                    let mut error = None;
+                    while let Some(key) = map.next_key::<Text<'de>>()? {
+                        if key.0.as_deref() == Some("error") {
+                            if let Some(e) = map.next_value::<Maybe<'a>>()?.0 {
+                                error = Some(e);
+                            }
+                        } else {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                    Ok(Envelope { error })
                 }
-                fn visit_str<E: de::Error>(self, v: &str) -> Result<Code<'a>, E> {
-                    Ok(Code::Text(Cow::Owned(v.to_owned())))
+            }
+            d.deserialize_map(V(std::marker::PhantomData))
+        }
+    }
+
+    /// The fields read from an error object; any of them of an unexpected
+    /// type is skipped, never a reason to miss the others.
+    #[derive(Deserialize, Default)]
+    pub(super) struct ErrorObject<'a> {
+        #[serde(borrow, default)]
+        pub(super) code: Text<'a>,
+        #[serde(borrow, default, rename = "type")]
+        pub(super) kind: Text<'a>,
+        #[serde(borrow, default)]
+        pub(super) status: Text<'a>,
+        #[serde(borrow, default)]
+        pub(super) message: Text<'a>,
+        #[serde(borrow, default)]
+        pub(super) details: Seq<Detail<'a>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    pub(super) struct Detail<'a> {
+        #[serde(borrow, default, rename = "retryDelay")]
+        pub(super) retry_delay: Text<'a>,
+        #[serde(borrow, default)]
+        pub(super) violations: Seq<Violation<'a>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    pub(super) struct Violation<'a> {
+        #[serde(borrow, default, rename = "quotaId")]
+        pub(super) quota_id: Text<'a>,
+        #[serde(borrow, default, rename = "quotaMetric")]
+        pub(super) quota_metric: Text<'a>,
+    }
+
+    /// Skips a value of any type (the visitor methods shared by the lenient
+    /// readers below).
+    macro_rules! skip_others {
+        ($out:expr) => {
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok($out)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok($out)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok($out)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok($out)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok($out)
+            }
+        };
+    }
+
+    /// A string (borrowed unless it holds escapes), or nothing when the
+    /// value is of another type (a number, an object…: skipped).
+    #[derive(Default)]
+    pub(super) struct Text<'a>(pub(super) Option<Cow<'a, str>>);
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<'a>(std::marker::PhantomData<&'a ()>);
+            impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+                type Value = Text<'a>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
                 }
-                fn visit_u64<E: de::Error>(self, _: u64) -> Result<Code<'a>, E> {
-                    Ok(Code::Number)
+                fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'a>, E> {
+                    Ok(Text(Some(Cow::Borrowed(v))))
                 }
-                fn visit_i64<E: de::Error>(self, _: i64) -> Result<Code<'a>, E> {
-                    Ok(Code::Number)
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'a>, E> {
+                    Ok(Text(Some(Cow::Owned(v.to_owned()))))
                 }
-                fn visit_f64<E: de::Error>(self, _: f64) -> Result<Code<'a>, E> {
-                    Ok(Code::Number)
+                skip_others!(Text(None));
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Text<'a>, A::Error> {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(Text(None))
                 }
-                fn visit_unit<E: de::Error>(self) -> Result<Code<'a>, E> {
-                    Ok(Code::Number)
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Text<'a>, A::Error> {
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(Text(None))
                 }
+            }
+            d.deserialize_any(V(std::marker::PhantomData))
+        }
+    }
+
+    /// The `error` value: an object, a bare string (read as its `type`), or
+    /// nothing for a value of another type.
+    pub(super) struct Maybe<'a>(pub(super) Option<ErrorObject<'a>>);
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Maybe<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<'a>(std::marker::PhantomData<&'a ()>);
+            impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+                type Value = Maybe<'a>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Maybe<'a>, A::Error> {
+                    ErrorObject::deserialize(de::value::MapAccessDeserializer::new(map))
+                        .map(|e| Maybe(Some(e)))
+                }
+                fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Maybe<'a>, E> {
+                    Ok(Maybe(Some(ErrorObject {
+                        kind: Text(Some(Cow::Borrowed(v))),
+                        ..ErrorObject::default()
+                    })))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Maybe<'a>, E> {
+                    Ok(Maybe(Some(ErrorObject {
+                        kind: Text(Some(Cow::Owned(v.to_owned()))),
+                        ..ErrorObject::default()
+                    })))
+                }
+                skip_others!(Maybe(None));
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Maybe<'a>, A::Error> {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(Maybe(None))
+                }
+            }
+            d.deserialize_any(V(std::marker::PhantomData))
+        }
+    }
+
+    /// The objects of an array (other elements, or a value that is not an
+    /// array, skipped).
+    pub(super) struct Seq<T>(pub(super) Vec<T>);
+
+    impl<T> Default for Seq<T> {
+        fn default() -> Self {
+            Seq(Vec::new())
+        }
+    }
+
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Seq<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<T>(std::marker::PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+                type Value = Seq<T>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Seq<T>, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some(Elem(x)) = seq.next_element::<Elem<T>>()? {
+                        out.extend(x);
+                    }
+                    Ok(Seq(out))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Seq<T>, A::Error> {
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(Seq(Vec::new()))
+                }
+                fn visit_str<E: de::Error>(self, _: &str) -> Result<Seq<T>, E> {
+                    Ok(Seq(Vec::new()))
+                }
+                skip_others!(Seq(Vec::new()));
+            }
+            d.deserialize_any(V(std::marker::PhantomData))
+        }
+    }
+
+    /// One array element: an object read as `T`, anything else skipped.
+    struct Elem<T>(Option<T>);
+
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Elem<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<T>(std::marker::PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+                type Value = Elem<T>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Elem<T>, A::Error> {
+                    T::deserialize(de::value::MapAccessDeserializer::new(map))
+                        .map(|t| Elem(Some(t)))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Elem<T>, A::Error> {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(Elem(None))
+                }
+                fn visit_str<E: de::Error>(self, _: &str) -> Result<Elem<T>, E> {
+                    Ok(Elem(None))
+                }
+                skip_others!(Elem(None));
             }
             d.deserialize_any(V(std::marker::PhantomData))
         }

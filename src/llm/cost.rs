@@ -73,14 +73,19 @@ pub fn estimate_cost(body: &[u8]) -> Cost {
 /// assert_eq!(usage_tokens(b"not json"), None);
 /// ```
 pub fn usage_tokens(body: &[u8]) -> Option<u64> {
-    serde_json::from_slice::<Payload<'_>>(body).ok()?.usage
+    serde_json::from_slice::<Payload<'_>>(body).ok()?.total()
 }
 
 /// One JSON answer or SSE `data:` payload: its usage, and whether it is an
-/// error (a top-level `error` that is not `null`).
+/// error (a top-level `error` that is not `null`). A field of an unexpected
+/// type is skipped, never a reason to miss the rest.
 #[derive(Debug, Default)]
 pub(crate) struct Payload<'a> {
+    /// A total (`total_tokens`, `totalTokenCount`, or prompt + completion).
     pub(crate) usage: Option<u64>,
+    /// Anthropic's parts: input tokens (`message_start`), output tokens.
+    pub(crate) input: Option<u64>,
+    pub(crate) output: Option<u64>,
     pub(crate) error: bool,
     pub(crate) _body: std::marker::PhantomData<&'a ()>,
 }
@@ -98,8 +103,16 @@ impl<'de> Deserialize<'de> for Payload<'de> {
                 while let Some(key) = map.next_key::<Key<'de>>()? {
                     match &*key.0 {
                         "usage" | "usageMetadata" => {
-                            if let Some(u) = map.next_value::<Option<Usage>>()? {
-                                p.usage = u.total().or(p.usage);
+                            if let Lenient(Some(u)) = map.next_value::<Lenient<Usage>>()? {
+                                p.take(&u);
+                            }
+                        }
+                        // Anthropic's `message_start` nests the input's usage.
+                        "message" => {
+                            if let Lenient(Some(m)) = map.next_value::<Lenient<Message>>()? {
+                                if let Some(u) = m.usage {
+                                    p.take(&u);
+                                }
                             }
                         }
                         "error" => p.error |= !map.next_value::<IsNull>()?.0,
@@ -112,6 +125,75 @@ impl<'de> Deserialize<'de> for Payload<'de> {
             }
         }
         d.deserialize_map(V)
+    }
+}
+
+impl Payload<'_> {
+    fn take(&mut self, u: &Usage) {
+        let n = |c: Option<Count>| c.map(|c| c.0);
+        self.usage = n(u.total_tokens).or(n(u.total_token_count)).or(self.usage);
+        if let (Some(p), Some(c)) = (n(u.prompt_tokens), n(u.completion_tokens)) {
+            self.usage = self.usage.or(Some(p.saturating_add(c)));
+        }
+        self.input = n(u.input_tokens).or(self.input);
+        self.output = n(u.output_tokens).or(self.output);
+    }
+
+    /// The total: the one reported, else the sum of the parts.
+    pub(crate) fn total(&self) -> Option<u64> {
+        self.usage.or(match (self.input, self.output) {
+            (None, None) => None,
+            (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
+        })
+    }
+}
+
+/// Anthropic's `message` object (of `message_start`): its `usage`.
+#[derive(Deserialize, Default)]
+struct Message {
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+/// A value read if it has the expected shape, skipped (as `None`) if not.
+struct Lenient<T>(Option<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Only objects are tried: anything else is skipped.
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Lenient<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Lenient<T>, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(|t| Lenient(Some(t)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Lenient<T>, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Lenient(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Lenient<T>, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Lenient<T>, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Lenient<T>, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Lenient<T>, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Lenient<T>, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Lenient<T>, E> {
+                Ok(Lenient(None))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
     }
 }
 
@@ -147,33 +229,91 @@ impl<'de> Deserialize<'de> for IsNull {
     }
 }
 
-#[derive(Deserialize, Default)]
+/// A `usage` object; fields of an unexpected type are skipped, a repeated
+/// one counts as its last value.
+#[derive(Default)]
 struct Usage {
-    #[serde(default)]
     total_tokens: Option<Count>,
-    #[serde(default)]
     prompt_tokens: Option<Count>,
-    #[serde(default)]
     completion_tokens: Option<Count>,
-    #[serde(default)]
     input_tokens: Option<Count>,
-    #[serde(default)]
     output_tokens: Option<Count>,
-    #[serde(default, rename = "totalTokenCount")]
     total_token_count: Option<Count>,
 }
 
-impl Usage {
-    fn total(&self) -> Option<u64> {
-        let sum = |a: Option<Count>, b: Option<Count>| match (a, b) {
-            (None, None) => None,
-            (a, b) => Some(a.map_or(0, |c| c.0).saturating_add(b.map_or(0, |c| c.0))),
-        };
-        self.total_tokens
-            .or(self.total_token_count)
-            .map(|c| c.0)
-            .or_else(|| sum(self.prompt_tokens, self.completion_tokens))
-            .or_else(|| sum(self.input_tokens, self.output_tokens))
+impl<'de> Deserialize<'de> for Usage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Usage;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a usage object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Usage, A::Error> {
+                let mut u = Usage::default();
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    let slot = match &*key.0 {
+                        "total_tokens" => &mut u.total_tokens,
+                        "prompt_tokens" => &mut u.prompt_tokens,
+                        "completion_tokens" => &mut u.completion_tokens,
+                        "input_tokens" => &mut u.input_tokens,
+                        "output_tokens" => &mut u.output_tokens,
+                        "totalTokenCount" => &mut u.total_token_count,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if let Loose(Some(c)) = map.next_value::<Loose>()? {
+                        *slot = Some(c);
+                    }
+                }
+                Ok(u)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A [`Count`] if the value is one, else nothing (the value skipped).
+struct Loose(Option<Count>);
+
+impl<'de> Deserialize<'de> for Loose {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Loose;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Loose, E> {
+                Ok(Loose(Some(Count(v))))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Loose, E> {
+                Ok(Loose(Some(Count(u64::try_from(v).unwrap_or(0)))))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Loose, E> {
+                Ok(Loose(Some(Count(v.max(0.0).ceil() as u64))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Loose, E> {
+                Ok(Loose(v.trim().parse::<u64>().ok().map(Count)))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Loose, E> {
+                Ok(Loose(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Loose, E> {
+                Ok(Loose(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Loose(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Loose, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Loose(None))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -199,6 +339,14 @@ impl<'de> Deserialize<'de> for Count {
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
                 // `as` saturates (and NaN is 0).
                 Ok(Count(v.max(0.0).ceil() as u64))
+            }
+            // A number written as a string ("100000"): what it says.
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Count, E> {
+                let v = v.trim();
+                v.parse::<u64>()
+                    .map(Count)
+                    .or_else(|_| v.parse::<f64>().map(|f| Count(f.max(0.0).ceil() as u64)))
+                    .map_err(|_| E::custom("not a number"))
             }
         }
         d.deserialize_any(V)

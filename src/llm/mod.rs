@@ -352,6 +352,9 @@ impl LlmStackBuilder {
         }
         shutdown.watch_bulkhead(&bulkhead);
         shutdown.watch_pace(&pace);
+        // The pacer, not the permits, decides who goes next when tokens run
+        // short: the queue tickets' ETAs come from its reservations.
+        bulkhead.set_eta_source(Some(std::sync::Arc::new(pace.clone())));
         Ok(LlmStack {
             shutdown,
             quota: self.quota,
@@ -369,9 +372,11 @@ impl LlmStackBuilder {
 const MIN_SCALE: f64 = 1e-3;
 const MAX_SCALE: f64 = 1e6;
 
-/// `p` % of `n`, rounded down, without overflow.
+/// `p` % of `n`, rounded down (at least 1), without overflow.
 fn percent(n: u64, p: u8) -> u64 {
-    u64::try_from(u128::from(n) * u128::from(p) / 100).unwrap_or(u64::MAX)
+    u64::try_from(u128::from(n) * u128::from(p) / 100)
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// Rate-limit headers only (for streamed answers: the usage comes in the body).

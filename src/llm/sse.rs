@@ -35,8 +35,11 @@ pub const DEFAULT_MAX_LINE: usize = 1 << 20;
 pub struct SseEvent<'a> {
     /// The `event:` field (`"message"` when the event had none).
     pub event: &'a [u8],
-    /// The `data:` lines, joined by `\n`.
+    /// The `data:` lines, joined by `\n` (empty when `truncated`).
     pub data: &'a [u8],
+    /// A line of the event was longer than the parser's cap: its data was
+    /// dropped.
+    pub truncated: bool,
 }
 
 /// An incremental SSE parser (see the [module docs](self)).
@@ -184,6 +187,8 @@ impl SseParser {
         if self.line.len().saturating_add(part.len()) > self.max_line {
             self.line.clear();
             self.skipping_line = true;
+            // The event the line belongs to is incomplete: drop it whole.
+            self.skipping_event = true;
             self.dropped += 1;
             return;
         }
@@ -192,6 +197,7 @@ impl SseParser {
 
     fn line_done(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent<'_>)) {
         if line.len() > self.max_line {
+            self.skipping_event = true;
             self.dropped += 1;
             return;
         }
@@ -214,7 +220,8 @@ impl SseParser {
                 if self.skipping_event {
                     return;
                 }
-                if self.data.len().saturating_add(value.len()) >= self.max_line {
+                // The joined data is what is kept: its lines plus the LFs between.
+                if self.data.len().saturating_add(value.len()) > self.max_line {
                     self.data.clear();
                     self.skipping_event = true;
                     self.dropped += 1;
@@ -234,14 +241,26 @@ impl SseParser {
 
     fn dispatch(&mut self, on_event: &mut impl FnMut(SseEvent<'_>)) {
         let skipped = std::mem::replace(&mut self.skipping_event, false);
-        if !skipped && !self.data.is_empty() {
+        let event = if self.event.is_empty() {
+            &b"message"[..]
+        } else {
+            &self.event[..]
+        };
+        if skipped {
+            // Over the cap: its data is gone, but that it happened (and its
+            // type: an `error` still is one) is told.
+            on_event(SseEvent {
+                event,
+                data: b"",
+                truncated: true,
+            });
+        } else if !self.data.is_empty() {
             let data = &self.data[..self.data.len() - 1];
-            let event = if self.event.is_empty() {
-                &b"message"[..]
-            } else {
-                &self.event[..]
-            };
-            on_event(SseEvent { event, data });
+            on_event(SseEvent {
+                event,
+                data,
+                truncated: false,
+            });
         }
         self.data.clear();
         self.event.clear();
@@ -265,16 +284,20 @@ pub struct StreamFailed {
 const KEPT_ERROR_DATA: usize = 4 * 1024;
 
 /// What the watch found in one event.
-fn inspect(ev: SseEvent<'_>, usage: &mut Option<u64>) -> Option<StreamFailed> {
-    let payload = if ev.data.first() == Some(&b'{') {
-        serde_json::from_slice::<Payload<'_>>(ev.data).ok()
+fn inspect(ev: SseEvent<'_>, usage: &mut UsageSeen) -> Option<StreamFailed> {
+    let data = ev.data.trim_ascii_start();
+    let payload = if data.first() == Some(&b'{') {
+        serde_json::from_slice::<Payload<'_>>(data).ok()
     } else {
         None
     };
-    if let Some(u) = payload.as_ref().and_then(|p| p.usage) {
-        *usage = Some(u);
+    if let Some(p) = &payload {
+        usage.add(p);
     }
     let failed = ev.event == b"error" || payload.is_some_and(|p| p.error);
+    if ev.truncated && !failed {
+        return None;
+    }
     failed.then(|| {
         let kept = &ev.data[..ev.data.len().min(KEPT_ERROR_DATA)];
         StreamFailed {
@@ -294,8 +317,40 @@ pub struct SseWatchBody<B> {
     inner: B,
     parser: SseParser,
     usage: UsageCell,
+    seen: UsageSeen,
     failed: Option<StreamFailed>,
     done: bool,
+}
+
+/// The usage a stream reported so far: OpenAI's and Gemini's totals (the
+/// last one wins), or Anthropic's input tokens (`message_start`) and output
+/// tokens (the last `message_delta`).
+#[derive(Debug, Default, Clone, Copy)]
+struct UsageSeen {
+    total: Option<u64>,
+    input: Option<u64>,
+    output: Option<u64>,
+}
+
+impl UsageSeen {
+    fn add(&mut self, p: &Payload<'_>) {
+        if let Some(t) = p.usage {
+            self.total = Some(t);
+        }
+        if let Some(i) = p.input {
+            self.input = Some(i);
+        }
+        if let Some(o) = p.output {
+            self.output = Some(o);
+        }
+    }
+
+    fn total(&self) -> Option<u64> {
+        self.total.or(match (self.input, self.output) {
+            (None, None) => None,
+            (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
+        })
+    }
 }
 
 impl<B> std::fmt::Debug for SseWatchBody<B> {
@@ -326,14 +381,14 @@ where
         match &frame {
             Some(Ok(f)) => {
                 if let Some(data) = f.data_ref() {
-                    let mut usage = None;
                     let mut failed = None;
+                    let seen = &mut *this.seen;
                     this.parser.feed(data, |ev| {
                         if failed.is_none() {
-                            failed = inspect(ev, &mut usage);
+                            failed = inspect(ev, seen);
                         }
                     });
-                    if let Some(u) = usage {
+                    if let Some(u) = this.seen.total() {
                         this.usage.set(Cost::tokens(u));
                     }
                     if failed.is_some() {
@@ -418,6 +473,7 @@ where
             inner,
             parser: SseParser::new(),
             usage,
+            seen: UsageSeen::default(),
             failed: None,
             done: false,
         })))
@@ -478,6 +534,31 @@ mod tests {
     }
 
     #[test]
+    fn an_event_with_a_line_over_the_cap_is_dropped_whole_and_one_at_the_cap_kept() {
+        let mut p = SseParser::with_max_line(32);
+        let mut seen = Vec::new();
+        let long = format!("data: {}\n", "x".repeat(100));
+        for chunk in [
+            "event: error\ndata: {\"a\":\n",
+            long.as_str(),
+            "data: 1}\n\n",
+        ] {
+            p.feed(chunk.as_bytes(), |e| {
+                seen.push((e.event.to_vec(), e.data.to_vec(), e.truncated))
+            });
+        }
+        assert_eq!(seen, vec![(b"error".to_vec(), Vec::new(), true)]);
+        // 16 bytes of joined data with a cap of 16: kept.
+        let mut p = SseParser::with_max_line(16);
+        let mut seen = Vec::new();
+        p.feed(b"data:aaaaaaa\ndata:bbbbbbbb\n\n", |e| {
+            seen.push(e.data.to_vec())
+        });
+        assert_eq!(seen, vec![b"aaaaaaa\nbbbbbbbb".to_vec()]);
+        assert_eq!(p.dropped(), 0);
+    }
+
+    #[test]
     fn long_lines_are_dropped_not_kept() {
         let mut p = SseParser::with_max_line(16);
         let mut seen = Vec::new();
@@ -486,8 +567,10 @@ mod tests {
         for _ in 0..1000 {
             p.feed(&long, |_| ());
         }
-        p.feed(b"\n\ndata: ok\n\n", |e| seen.push(e.data.to_vec()));
-        assert_eq!(seen, vec![b"ok".to_vec()]);
+        p.feed(b"\n\ndata: ok\n\n", |e| {
+            seen.push((e.truncated, e.data.to_vec()))
+        });
+        assert_eq!(seen, vec![(true, Vec::new()), (false, b"ok".to_vec())]);
         assert_eq!(p.dropped(), 1);
         assert!(p.line.capacity() <= 16 * 2);
     }

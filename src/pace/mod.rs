@@ -349,6 +349,14 @@ impl PaceBuilder {
     }
 }
 
+impl crate::eta::EtaSource for Pace {
+    /// The pacer's line and cells played forward: when each call waiting in
+    /// it, then each further call of the typical (smoothed) cost, could start.
+    fn projection(&self, now: Instant) -> Box<dyn crate::eta::Projection + '_> {
+        Box::new(self.shared.lock().projection(now))
+    }
+}
+
 impl Pace {
     /// Starts a builder.
     pub fn builder() -> PaceBuilder {
@@ -378,6 +386,7 @@ impl Pace {
     /// Tell the pacer what the upstream's headers said (for code that calls the
     /// upstream outside the layer).
     pub fn learn(&self, info: &crate::classify::RateLimitInfo) {
-        self.shared.lock().learn(info, Instant::now());
+        let now = Instant::now();
+        self.shared.lock().learn(info, now, now);
     }
 }

@@ -328,7 +328,8 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let cost = self.weigh.weigh(&req);
-        let decision = self.shared.admit(&cost, Instant::now());
+        let now = Instant::now();
+        let decision = self.shared.admit(&cost, now);
         let state = match decision {
             Admit::Now => State::Calling {
                 fut: self.inner.call(req),
@@ -344,6 +345,7 @@ where
         ResponseFuture {
             state,
             shared: self.shared.clone(),
+            sent: now,
             cost,
             observe: self.observe.clone(),
             classify: self.classify.clone(),
@@ -406,13 +408,16 @@ impl Shared {
         let resumed = st.resume_if_due(now);
         let mut queued_at = None;
         let decision = 'decide: {
+            // Against the configured burst: a lower limit the upstream announced
+            // makes a call wait longer, never refused for good (the next answer
+            // may announce more).
             for dim in &st.dims {
                 let n = dim.amount(cost);
-                if n > dim.capacity {
+                if n > dim.configured_capacity {
                     let unit = dim.unit.as_str();
                     break 'decide Admit::Rejected(rejected(format!(
                         "a cost of {n} {unit} can never fit a burst of {} per {}",
-                        dim.capacity,
+                        dim.configured_capacity,
                         crate::time::Human(dim.per)
                     )));
                 }
@@ -470,6 +475,8 @@ pub struct ResponseFuture<S: Service<Req>, Req, O, C, D = AtResponse> {
     #[pin]
     state: State<S, Req>,
     shared: Arc<Shared>,
+    /// When the call was sent (what the upstream's counts refer to).
+    sent: Instant,
     cost: Cost,
     observe: O,
     classify: C,
@@ -583,6 +590,7 @@ where
                     };
                     let fut = w.svc.call(req);
                     *waiting = None;
+                    *this.sent = now;
                     this.state.set(State::Calling { fut });
                 }
                 StateProj::Calling { fut } => {
@@ -620,7 +628,7 @@ where
                             st.reconcile(this.cost, &real, now);
                         }
                         if let Some(info) = o.info {
-                            st.learn(&info, now);
+                            st.learn(&info, now, *this.sent);
                         }
                     }
                     drop(st);

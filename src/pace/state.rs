@@ -83,7 +83,14 @@ pub(crate) struct State {
     pub(crate) max_pause: Duration,
     /// The window of the limits upstreams announce.
     pub(crate) header_window: Duration,
+    /// When the most recent calls started (for ETAs of lines above).
+    recent: std::collections::VecDeque<Instant>,
+    /// A typical call's cost (smoothed), for projecting calls not seen yet.
+    typical: Option<(f64, f64)>,
 }
+
+/// How many recent starts the pacer remembers for projections.
+const RECENT: usize = 256;
 
 /// When a reservation can start, and which dimension decides it.
 pub(crate) enum Fit {
@@ -114,6 +121,45 @@ impl State {
             closed: false,
             max_pause: DEFAULT_MAX_PAUSE,
             header_window: DEFAULT_HEADER_WINDOW,
+            recent: std::collections::VecDeque::new(),
+            typical: None,
+        }
+    }
+
+    /// A call of `cost` started at `now`.
+    fn started(&mut self, cost: &Cost, now: Instant) {
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(now);
+        let (r, t) = (f64::from(cost.requests), cost.tokens as f64);
+        self.typical = Some(match self.typical {
+            None => (r, t),
+            Some((r0, t0)) => (r0 + 0.2 * (r - r0), t0 + 0.2 * (t - t0)),
+        });
+    }
+
+    /// A copy of the state to play forward (see [`crate::eta`]).
+    pub(crate) fn projection(&self, now: Instant) -> Projection {
+        let queued = self
+            .line
+            .values()
+            .filter_map(|slot| self.waiting.get(*slot as usize).map(|w| w.cost))
+            .collect();
+        let typical = self.typical.map(|(r, t)| Cost {
+            requests: r.round() as u32,
+            tokens: t.round() as u64,
+        });
+        let n = secs(self.epoch, now);
+        Projection {
+            dims: self.dims.clone(),
+            tat: self.tat.iter().map(|t| t.max(n)).collect(),
+            spu: self.spu.clone(),
+            paused: self.paused_until.map(|p| secs(self.epoch, p)),
+            epoch: self.epoch,
+            queued,
+            typical,
+            recent: self.recent.iter().copied().collect(),
         }
     }
 
@@ -154,7 +200,9 @@ impl State {
             let t = self.spu(d);
             let ahead = extra.map_or(0.0, |e| e[d]);
             let tat = self.tat[d].max(now) + ahead * t;
-            let n = dim.amount(cost);
+            // A cost above the burst (a lower limit the upstream announced)
+            // starts once the bucket is full, and leaves a debt.
+            let n = dim.amount(cost).min(dim.capacity);
             start = start.max(tat - (dim.capacity - n) * t);
         }
         start
@@ -174,6 +222,7 @@ impl State {
         let s = self.start_secs(cost, None, n);
         if self.line.is_empty() && self.due(s, n, now) {
             self.reserve_at(cost, n);
+            self.started(cost, now);
             return Fit::Now;
         }
         // Where it would start after everyone in line.
@@ -275,6 +324,7 @@ impl State {
         if self.due(s, n, now) {
             self.unqueue(slot, seq);
             self.reserve_at(&cost, n);
+            self.started(&cost, now);
             self.wake_head();
             Ok(())
         } else {
@@ -301,7 +351,7 @@ impl State {
         for d in 0..self.dims.len() {
             let delta = self.dims[d].amount(real) - self.dims[d].amount(estimate);
             let t = self.spu(d);
-            let empty = self.tat[d].max(n) + self.dims[d].capacity * t;
+            let empty = n + self.dims[d].capacity * t;
             self.tat[d] = (self.tat[d] + delta * t).min(empty.max(self.tat[d]));
         }
         self.wake_head();
@@ -378,9 +428,12 @@ impl State {
     /// Never more optimistic than the upstream: a limit it announces below
     /// ours lowers ours (rate and burst in proportion, for that dimension,
     /// until it announces otherwise — never above what was configured); if
-    /// it reports fewer units left than we think, take its word.
-    pub(crate) fn learn(&mut self, info: &RateLimitInfo, now: Instant) {
+    /// it reports fewer units left than we think, take its word. Its
+    /// `remaining` is what it had when the call arrived (`sent`, the moment
+    /// providers count a request), refilled at the rate since then.
+    pub(crate) fn learn(&mut self, info: &RateLimitInfo, now: Instant, sent: Instant) {
         let n = secs(self.epoch, now);
+        let since = now.saturating_duration_since(sent).as_secs_f64();
         let mut changed = false;
         for d in 0..self.dims.len() {
             let window = match self.dims[d].unit {
@@ -410,7 +463,7 @@ impl State {
             }
             let t = self.spu(d);
             let ours = self.dims[d].capacity - (self.tat[d] - n).max(0.0) / t;
-            let theirs = remaining as f64;
+            let theirs = (remaining as f64 + since / t).min(self.dims[d].capacity);
             if theirs < ours {
                 self.tat[d] = n + (self.dims[d].capacity - theirs) * t;
             }
@@ -450,5 +503,54 @@ impl State {
             rate_factor: self.factor,
             throttled: self.throttled,
         }
+    }
+}
+
+/// The pacer's state played forward for an ETA: the calls in its line, then
+/// calls of the typical cost, each reserved on a copy of the cells.
+#[derive(Debug)]
+pub(crate) struct Projection {
+    dims: Vec<Dim>,
+    tat: Vec<f64>,
+    spu: Vec<f64>,
+    paused: Option<f64>,
+    epoch: Instant,
+    queued: std::collections::VecDeque<Cost>,
+    typical: Option<Cost>,
+    recent: Vec<Instant>,
+}
+
+impl crate::eta::Projection for Projection {
+    fn started(&self) -> &[Instant] {
+        &self.recent
+    }
+
+    fn waiting(&self) -> usize {
+        self.queued.len()
+    }
+
+    fn next_start(&mut self, not_before: Instant) -> Option<Instant> {
+        let cost = match self.queued.pop_front() {
+            Some(c) => c,
+            None => self.typical?,
+        };
+        let n = secs(self.epoch, not_before);
+        let mut start = n.max(self.paused.unwrap_or(0.0));
+        for (d, dim) in self.dims.iter().enumerate() {
+            let amount = dim.amount(&cost);
+            if amount > dim.configured_capacity {
+                return None;
+            }
+            let fits = amount.min(dim.capacity);
+            start = start.max(self.tat[d] - (dim.capacity - fits) * self.spu[d]);
+        }
+        for (d, dim) in self.dims.iter().enumerate() {
+            self.tat[d] = self.tat[d].max(start) + dim.amount(&cost) * self.spu[d];
+        }
+        let micros = (start * 1e6).ceil().max(0.0) as u64;
+        Some(crate::time::after(
+            self.epoch,
+            Duration::from_micros(micros),
+        ))
     }
 }
