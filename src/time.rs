@@ -28,6 +28,7 @@ pub(crate) fn sleep_for(now: Instant, d: Duration) -> tokio::time::Sleep {
 
 /// `d × factor` for a finite, non-negative factor, saturated at
 /// `Duration::MAX` (a NaN or negative factor gives zero).
+#[cfg(any(feature = "redis", test))]
 #[inline]
 pub(crate) fn mul(d: Duration, factor: f64) -> Duration {
     secs_f64(d.as_secs_f64() * factor)

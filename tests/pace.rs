@@ -599,11 +599,7 @@ async fn queue_ticket_etas_follow_the_pacer() {
         for (when, eta) in seen {
             let left = at - *when;
             let tolerance = left.mul_f64(0.2).max(Duration::from_secs(2));
-            let off = if *eta > left {
-                *eta - left
-            } else {
-                left - *eta
-            };
+            let off = eta.abs_diff(left);
             assert!(
                 off <= tolerance,
                 "ticket {i} at {:?}: ETA {eta:?}, really {left:?}",

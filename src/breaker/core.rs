@@ -354,9 +354,7 @@ impl Shared {
         } else {
             base
         };
-        Duration::try_from_secs_f64(jittered)
-            .unwrap_or(cfg.open_cap)
-            .min(cfg.open_cap.max(cfg.open_for))
+        crate::time::secs_f64(jittered).min(cfg.open_cap.max(cfg.open_for))
     }
 
     fn open(

@@ -42,7 +42,10 @@ pub struct SseEvent<'a> {
     pub truncated: bool,
 }
 
-/// An incremental SSE parser (see the [module docs](self)).
+/// An incremental SSE parser, by the WHATWG rules: a leading BOM dropped,
+/// CRLF / LF / CR line ends (also split across chunks), `:` comments, `data`
+/// lines joined by LF, a blank line dispatching, an unfinished event at the
+/// end discarded; linear in the bytes fed, with lines and events capped.
 ///
 /// ```
 /// use semaforo::llm::SseParser;
