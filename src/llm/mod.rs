@@ -25,21 +25,29 @@
 //!   bounds the whole call.
 //!
 //! The request is an `http::Request<Bytes>` with an OpenAI-style JSON body; the
-//! response an `http::Response<Bytes>`. The cost is the prompt estimate
-//! (characters ÷ 4) plus `max_tokens`, reconciled with `usage.total_tokens`; the pacer learns from
-//! `x-ratelimit-*` headers; results are classified by
+//! response an `http::Response<Bytes>`. The cost is [`estimate_cost`] (the
+//! prompt's characters ÷ 4 — plain content, content parts, system prompt,
+//! tools — plus `max_tokens`), reconciled with the answer's [`usage_tokens`];
+//! bodies are read for those fields only (typed, borrowed: never a JSON
+//! tree). The pacer learns from `x-ratelimit-*` headers (announced limits
+//! lower the configured ones; a 429 the headers explain syncs the bucket
+//! instead of cutting the rate); results are classified by
 //! [`LlmClassifier`]. A
 //! [`QueueTicket`](crate::bulkhead::QueueTicket) in the request's extensions
-//! reports its place in line. Every part can be replaced with one you built
+//! reports its place in line, with an ETA from the pacer's projected starts
+//! (the preset makes its pacer the bulkhead's [`EtaSource`](crate::eta::EtaSource)). Every part can be replaced with one you built
 //! (`.bulkhead(...)`, `.retry(...)`...), and switched off by giving a pass-through
 //! configuration (e.g. `Retry` with one attempt, `Breaker::disable`).
 //!
 //! For streamed answers (`"stream": true`, SSE), [`LlmStack::stream_layer`] keeps
 //! the bulkhead permit and the breaker's verdict until the body's last chunk (a
-//! failure mid-stream counts as one), bounds the time to the first chunk and the
-//! gaps between chunks, and reconciles the pacer with the `usage` of the last SSE
-//! chunk (OpenAI's `stream_options.include_usage`). A stream is never retried
-//! once its headers reached the caller.
+//! failure mid-stream counts as one: an `event: error`, or a `data:` payload
+//! with an `error` object as vLLM and SGLang send), bounds the time to the
+//! first chunk and the gaps between chunks, and reconciles the pacer with the
+//! stream's usage (OpenAI's `stream_options.include_usage`, Anthropic's
+//! `message_start` + `message_delta`). The events are read once, by one
+//! [`SseParser`] in [`SseWatch`]. A stream is never retried once its headers
+//! reached the caller.
 //!
 //! ```
 //! use semaforo::llm::{LlmStack, Tier};
