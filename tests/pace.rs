@@ -111,31 +111,7 @@ async fn with_pace_50_of_50_and_zero_429s_near_the_providers_bound() {
 async fn twenty_percent_too_optimistic_but_learning_at_most_3_429s() {
     let provider = Provider::new(30_000, 500, SERVICE);
     let pace = pace(36_000);
-    let retry = Retry::builder()
-        .max_attempts(6)
-        .backoff(
-            Backoff::exponential(Duration::from_millis(500))
-                .jitter(Jitter::Full)
-                .build()
-                .unwrap(),
-        )
-        .retry_after_ceiling(Duration::from_secs(300))
-        .no_budget()
-        .build()
-        .unwrap();
-    let svc = ServiceBuilder::new()
-        .layer(retry.layer().classify(|r: Result<&Reply, &BoxError>| {
-            r.map_or(semaforo::classify::Class::Transient, Reply::class)
-        }))
-        .layer(
-            pace.layer()
-                .weigh(|c: &Chat| Cost::tokens(c.estimate))
-                .observe(Reply::observed)
-                .classify(|r: Result<&Reply, &std::io::Error>| {
-                    r.map_or(semaforo::classify::Class::Transient, Reply::class)
-                }),
-        )
-        .service(provider.service());
+    let svc = retried(&pace, &provider, 6);
     let (ok, failed, makespan) = sunday_night(
         svc,
         50,
@@ -385,6 +361,7 @@ fn preset_like(tpm: u64) -> Pace {
 fn retried(
     pace: &Pace,
     provider: &Provider,
+    attempts: u32,
 ) -> impl Service<
     Chat,
     Response = Reply,
@@ -394,7 +371,7 @@ fn retried(
        + Send
        + 'static {
     let retry = Retry::builder()
-        .max_attempts(8)
+        .max_attempts(attempts)
         .backoff(
             Backoff::exponential(Duration::from_millis(500))
                 .jitter(Jitter::Full)
@@ -433,7 +410,7 @@ async fn an_announced_limit_below_the_configured_one_lowers_it() {
     let provider = Provider::new(24_000, 500, SERVICE);
     let pace = preset_like(30_000);
     let t0 = Instant::now();
-    let (ok, failed, makespan) = sunday_night(retried(&pace, &provider), 50, PLAN).await;
+    let (ok, failed, makespan) = sunday_night(retried(&pace, &provider, 8), 50, PLAN).await;
     assert_eq!((ok, failed), (50, 0));
     let late: Vec<_> = provider
         .throttled_at()
@@ -465,7 +442,7 @@ async fn a_bucket_spent_by_someone_else_is_synced_not_a_reason_to_slow_down() {
     let provider = Provider::new(30_000, 500, SERVICE);
     provider.spend_all_tokens();
     let pace = preset_like(30_000);
-    let (ok, failed, makespan) = sunday_night(retried(&pace, &provider), 50, PLAN).await;
+    let (ok, failed, makespan) = sunday_night(retried(&pace, &provider, 8), 50, PLAN).await;
     assert_eq!((ok, failed), (50, 0));
     // From an empty bucket: 100,000 tokens at 500 a second, plus one answer.
     let allowed = Duration::from_secs(200) + SERVICE;

@@ -143,6 +143,16 @@ fn request() -> http::Request<Bytes> {
         .unwrap()
 }
 
+/// One streamed call through `stack`'s streaming preset to a client answering
+/// `frames`; the error its body ended with, if any.
+async fn stream_through(stack: &LlmStack, frames: &'static [&'static [u8]]) -> Option<BoxError> {
+    let svc = ServiceBuilder::new()
+        .layer(stack.stream_layer())
+        .service(client(frames));
+    let res = svc.oneshot(request()).await.unwrap();
+    drain(res.into_body()).await
+}
+
 /// Reads a body to its end; the error it ended with, if any.
 async fn drain<B>(body: B) -> Option<BoxError>
 where
@@ -168,11 +178,9 @@ async fn a_data_error_payload_is_a_failure() {
         b"data: {\"error\":{\"type\":\"server_error\",\"message\":\"engine died\"}}\n\n",
     ];
     let stack = stack();
-    let mut svc = ServiceBuilder::new()
-        .layer(stack.stream_layer())
-        .service(client(FRAMES));
-    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
-    let err = drain(res.into_body()).await.expect("the stream failed");
+    let err = stream_through(&stack, FRAMES)
+        .await
+        .expect("the stream failed");
     assert!(err.to_string().contains("engine died"), "{err}");
     let failed = err
         .downcast_ref::<semaforo::llm::StreamFailed>()
@@ -213,11 +221,9 @@ async fn an_error_event_split_across_frames_is_seen() {
         b"\r\n\r\n",
     ];
     let stack = stack();
-    let mut svc = ServiceBuilder::new()
-        .layer(stack.stream_layer())
-        .service(client(FRAMES));
-    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
-    let err = drain(res.into_body()).await.expect("the stream failed");
+    let err = stream_through(&stack, FRAMES)
+        .await
+        .expect("the stream failed");
     let failed = err
         .downcast_ref::<semaforo::llm::StreamFailed>()
         .expect("a StreamFailed");
@@ -249,11 +255,7 @@ async fn anthropic_stream_usage_counts_input_and_output() {
     .pace(pace.clone())
     .build()
     .unwrap();
-    let mut svc = ServiceBuilder::new()
-        .layer(stack.stream_layer())
-        .service(client(FRAMES));
-    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
-    assert!(drain(res.into_body()).await.is_none());
+    assert!(stream_through(&stack, FRAMES).await.is_none());
     let dim = pace.snapshot().dims[0];
     let charged = dim.capacity - dim.available;
     assert!(
@@ -271,11 +273,9 @@ async fn an_error_payload_with_odd_fields_is_still_an_error() {
         b"data:  {\"error\":{\"type\":\"server_error\",\"message\":\"gone\"},\"usage\":\"n/a\"}\n\n",
     ];
     let stack = stack();
-    let mut svc = ServiceBuilder::new()
-        .layer(stack.stream_layer())
-        .service(client(FRAMES));
-    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
-    let err = drain(res.into_body()).await.expect("the stream failed");
+    let err = stream_through(&stack, FRAMES)
+        .await
+        .expect("the stream failed");
     assert!(err.to_string().contains("gone"), "{err}");
     assert_eq!(stack.breaker.snapshot().consecutive_failures, 1);
 }
@@ -291,12 +291,8 @@ async fn an_error_event_over_the_cap_is_still_a_failure() {
     let frames: &'static [&'static [u8]] =
         Box::leak(vec![&b"data: {}\n\n"[..], huge].into_boxed_slice());
     let stack = stack();
-    let mut svc = ServiceBuilder::new()
-        .layer(stack.stream_layer())
-        .service(client(frames));
-    let res = svc.ready().await.unwrap().call(request()).await.unwrap();
     assert!(
-        drain(res.into_body()).await.is_some(),
+        stream_through(&stack, frames).await.is_some(),
         "the failure was seen"
     );
     assert_eq!(stack.breaker.snapshot().consecutive_failures, 1);

@@ -451,6 +451,7 @@ mod tests {
 
 /// The wire shapes of provider error bodies, borrowed from the bytes.
 mod wire {
+    use crate::classify::skip_others;
     use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
     use serde::Deserialize;
     use std::borrow::Cow;
@@ -520,28 +521,6 @@ mod wire {
         pub(super) quota_id: Text<'a>,
         #[serde(borrow, default, rename = "quotaMetric")]
         pub(super) quota_metric: Text<'a>,
-    }
-
-    /// Skips a value of any type (the visitor methods shared by the lenient
-    /// readers below).
-    macro_rules! skip_others {
-        ($out:expr) => {
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok($out)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok($out)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok($out)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok($out)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok($out)
-            }
-        };
     }
 
     /// A string (borrowed unless it holds escapes), or nothing when the

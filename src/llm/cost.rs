@@ -7,6 +7,7 @@
 //! (a `max_tokens` of `u64::MAX` is a cost of `u64::MAX`, which no budget
 //! admits — never a wrapped tiny cost).
 
+use crate::classify::skip_others;
 use crate::pace::Cost;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -174,24 +175,10 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
                 Ok(Lenient(None))
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Lenient<T>, E> {
-                Ok(Lenient(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Lenient<T>, E> {
-                Ok(Lenient(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Lenient<T>, E> {
-                Ok(Lenient(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Lenient<T>, E> {
-                Ok(Lenient(None))
-            }
             fn visit_str<E: de::Error>(self, _: &str) -> Result<Lenient<T>, E> {
                 Ok(Lenient(None))
             }
-            fn visit_unit<E: de::Error>(self) -> Result<Lenient<T>, E> {
-                Ok(Lenient(None))
-            }
+            skip_others!(Lenient(None));
         }
         d.deserialize_any(V(std::marker::PhantomData))
     }
