@@ -319,6 +319,33 @@ fn looks_like_unreachable(err: &io::Error) -> bool {
     }
 }
 
+/// Lenient JSON readers (feature `llm`) skip a value of an unexpected type
+/// instead of failing the whole document: the `visit_*` methods for the
+/// scalar types, all answering `$out`.
+#[cfg(feature = "llm")]
+macro_rules! skip_others {
+    ($out:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($out)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($out)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($out)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($out)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($out)
+        }
+    };
+}
+
+#[cfg(feature = "llm")]
+pub(crate) use skip_others;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,30 +422,3 @@ mod tests {
         );
     }
 }
-
-/// Lenient JSON readers (feature `llm`) skip a value of an unexpected type
-/// instead of failing the whole document: the `visit_*` methods for the
-/// scalar types, all answering `$out`.
-#[cfg(feature = "llm")]
-macro_rules! skip_others {
-    ($out:expr) => {
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-            Ok($out)
-        }
-        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-            Ok($out)
-        }
-        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-            Ok($out)
-        }
-        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-            Ok($out)
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok($out)
-        }
-    };
-}
-
-#[cfg(feature = "llm")]
-pub(crate) use skip_others;
