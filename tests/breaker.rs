@@ -681,6 +681,8 @@ async fn a_listener_may_call_back_into_the_breaker() {
     let _ = step(&mut svc, Class::Success).await; // refused: open
     tokio::time::sleep(secs(5)).await;
     step(&mut svc, Class::Success).await.unwrap();
+    breaker.reset(); // already closed: nothing to tell
+    breaker.force_open();
     breaker.reset();
     assert_eq!(
         *seen.lock().unwrap(),
@@ -752,4 +754,57 @@ async fn bodies_read_to_is_end_stream_count_as_completed() {
     }
     drop(bodies);
     assert_eq!(breaker.state(), BreakerState::Closed);
+}
+
+/// Transitions reach the listeners in the order they were made, also when a
+/// listener is slow and another thread moves the breaker meanwhile; a
+/// listener that resets the breaker on `Closed` does not loop.
+#[test]
+fn listeners_hear_transitions_in_order() {
+    let log: Arc<Mutex<Vec<(BreakerState, BreakerState)>>> = Arc::default();
+    let slot: Arc<Mutex<Option<Breaker>>> = Arc::default();
+    let breaker = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(Duration::from_millis(1))
+        .on_transition({
+            let (log, slot) = (log.clone(), slot.clone());
+            move |t: &Transition| {
+                log.lock().unwrap().push((t.from, t.to));
+                if t.to == BreakerState::HalfOpen {
+                    // A slow listener: another thread fails the probe meanwhile.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if t.to == BreakerState::Closed {
+                    if let Some(b) = slot.lock().unwrap().as_ref() {
+                        b.reset();
+                    }
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    *slot.lock().unwrap() = Some(breaker.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let up = Upstream::default();
+        let svc = up.behind(&breaker);
+        step(&mut svc.clone(), OVERLOADED).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The probe (whose admission moves the breaker to half-open, with a
+        // slow listener) and, on another task, a failure right behind it.
+        let probe = tokio::spawn(svc.clone().oneshot((OVERLOADED, Duration::ZERO)));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let _ = probe.await;
+    });
+    let log = log.lock().unwrap().clone();
+    for w in log.windows(2) {
+        assert_eq!(w[0].1, w[1].0, "out of order: {log:?}");
+    }
+    assert_eq!(log.last().map(|t| t.1), Some(breaker.state()), "{log:?}");
+    breaker.reset();
+    slot.lock().unwrap().take();
 }

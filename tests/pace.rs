@@ -646,3 +646,40 @@ async fn a_tiny_announced_limit_slows_but_never_locks_out() {
     // Empty bucket, 1,000 tokens at 1,000 a second.
     assert_eq!(t0.elapsed(), Duration::from_secs(1));
 }
+
+/// A brief, very low announced limit (a glitch) followed by the normal one:
+/// the debt a large call left is rescaled to the restored rate, not waited
+/// out at the glitch's rate for weeks.
+#[tokio::test(start_paused = true)]
+async fn a_restored_limit_rescales_what_is_owed() {
+    use semaforo::classify::{RateLimitInfo, RateLimitWindow};
+    let announce = |limit: u64, remaining: Option<u64>| RateLimitInfo {
+        tokens: Some(RateLimitWindow {
+            limit: Some(limit),
+            remaining,
+            reset: None,
+        }),
+        ..RateLimitInfo::default()
+    };
+    let pace = Pace::builder()
+        .tokens_per_minute(100_000)
+        .max_wait(Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(pace.layer().weigh(|n: &u64| Cost::tokens(*n)))
+        .service(tower::service_fn(|n: u64| async move {
+            Ok::<_, std::io::Error>(n)
+        }));
+    pace.learn(&announce(1, None));
+    svc.ready().await.unwrap().call(50_000).await.unwrap();
+    pace.learn(&announce(100_000, None));
+    let t0 = Instant::now();
+    svc.ready().await.unwrap().call(1).await.unwrap();
+    // 50,000 tokens owed at 100,000 a minute: 30 s.
+    assert!(
+        t0.elapsed() <= Duration::from_secs(31),
+        "{:?}",
+        t0.elapsed()
+    );
+}

@@ -260,3 +260,23 @@ async fn callers_waiting_for_pace_are_released_at_the_trigger() {
     assert_eq!((report.completed, report.cancelled), (3, 0));
     assert_eq!(pace.snapshot().waiting, 0);
 }
+
+/// `signal()` answers an error, never a panic, where it cannot install its
+/// handlers; in a runtime with IO it installs them at once.
+#[cfg(all(feature = "signal", unix))]
+#[test]
+fn signal_reports_what_keeps_it_from_installing() {
+    let e = semaforo::shutdown::signal().unwrap_err();
+    assert!(e.to_string().contains("tokio runtime"), "{e}");
+    let no_io = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let e = no_io.block_on(async { semaforo::shutdown::signal().unwrap_err() });
+    assert!(e.to_string().contains("IO driver"), "{e}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async { semaforo::shutdown::signal().unwrap() });
+}

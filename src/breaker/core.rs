@@ -111,6 +111,10 @@ pub(crate) struct Shared {
     window: Option<Window>,
     inner: Mutex<Inner>,
     rejected: AtomicU64,
+    /// Transitions made, not yet told to the listeners (in order).
+    announcements: Mutex<std::collections::VecDeque<Transition>>,
+    /// A thread is telling them.
+    announcing: std::sync::atomic::AtomicBool,
     pub(crate) cfg: Config,
     watch: watch::Sender<BreakerState>,
     /// Latency by class (feature `metrics`).
@@ -118,18 +122,11 @@ pub(crate) struct Shared {
     pub(crate) call_seconds: crate::observe::CallSeconds,
 }
 
-/// Transitions made under the lock, told to the listeners after it (at most
-/// two per locked section: open → half-open → open).
+/// A locked section's promise to [`Shared::announce`] the transitions it made
+/// once the lock is released.
 #[derive(Default)]
-struct Announce([Option<Transition>; 2]);
-
-impl Announce {
-    fn push(&mut self, t: Transition) {
-        if let Some(slot) = self.0.iter_mut().find(|s| s.is_none()) {
-            *slot = Some(t);
-        }
-    }
-}
+#[must_use = "announce the transitions once the lock is released"]
+struct Announce(());
 
 /// What admission decided for one call.
 #[derive(Debug, Clone, Copy)]
@@ -161,6 +158,8 @@ impl Shared {
                 rng,
             }),
             rejected: AtomicU64::new(0),
+            announcements: Mutex::new(std::collections::VecDeque::new()),
+            announcing: std::sync::atomic::AtomicBool::new(false),
             cfg,
             watch: watch::Sender::new(BreakerState::Closed),
             #[cfg(feature = "metrics")]
@@ -300,21 +299,38 @@ impl Shared {
     }
 
     /// Tells the listeners of the transitions made under the lock, once it is
-    /// released (a listener may call back into the breaker).
-    fn announce(&self, news: Announce) {
-        for t in news.0.into_iter().flatten() {
-            if let Some(l) = &self.cfg.listener {
-                l(&t);
+    /// released (a listener may call back into the breaker), in the order they
+    /// were made: transitions are queued under the lock, and one thread at a
+    /// time delivers the queue (a transition made meanwhile, by another thread
+    /// or by a listener itself, is delivered by the thread already delivering,
+    /// after the current one).
+    fn announce(&self, _news: Announce) {
+        loop {
+            if self.announcing.swap(true, Ordering::AcqRel) {
+                return;
             }
-            self.cfg.obs.emit(
-                "breaker",
-                EventKind::BreakerTransition {
-                    from: t.from,
-                    to: t.to,
-                    reason: t.reason,
-                },
-            );
+            while let Some(t) = self.queued().pop_front() {
+                if let Some(l) = &self.cfg.listener {
+                    l(&t);
+                }
+                self.cfg.obs.emit(
+                    "breaker",
+                    EventKind::BreakerTransition {
+                        from: t.from,
+                        to: t.to,
+                        reason: t.reason,
+                    },
+                );
+            }
+            self.announcing.store(false, Ordering::Release);
+            if self.queued().is_empty() {
+                return;
+            }
         }
+    }
+
+    fn queued(&self) -> MutexGuard<'_, std::collections::VecDeque<Transition>> {
+        self.announcements.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Moves to `to` (a new generation); caller holds the lock, and
@@ -338,7 +354,8 @@ impl Shared {
             reason,
         };
         self.watch.send_replace(t.to);
-        news.push(t);
+        let _ = news;
+        self.queued().push_back(t);
         next
     }
 
@@ -507,6 +524,11 @@ impl Shared {
         self.consecutive.store(0, Ordering::Relaxed);
         if let Some(win) = &self.window {
             win.reset();
+        }
+        // Already closed and in normal mode: nothing changes, nothing to tell
+        // (a listener that resets on `Closed` must not loop for ever).
+        if w & (STATE_MASK | MODE_MASK) == CLOSED {
+            return;
         }
         let w = w & !MODE_MASK; // back to Normal
         self.word.store(w, Ordering::Release);

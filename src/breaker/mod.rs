@@ -271,10 +271,12 @@ impl BreakerBuilder {
     }
 
     /// Probe calls let through when half-open; that many successes close it
-    /// (default 1). A probe still running `open_for` after it was let through
-    /// no longer blocks recovery: the next call re-opens the breaker (counted
-    /// as a failed probe), and half-open starts again with fresh probes after
-    /// the open time. Calls refused while the probes run carry a `retry_after`
+    /// (default 1). Probes still running `open_for` after the latest of them
+    /// was let through no longer block recovery: the next call re-opens the
+    /// breaker (counted as a failed probe), and half-open starts again with
+    /// fresh probes after the open time. (With several probes, a hung one is
+    /// found at most `probes × open_for` after it started.) A probe whose
+    /// future is dropped frees its slot and counts nothing. Calls refused while the probes run carry a `retry_after`
     /// (when the probes' time is up).
     pub fn half_open_probes(mut self, n: u32) -> Self {
         self.probes = n;

@@ -30,8 +30,9 @@ const WAITER: u64 = 1 << 32;
 const WAITERS_MASK: u64 = 0x7FFF_FFFF << 32;
 const CLOSED: u64 = 1 << 63;
 
-/// The furthest position an ETA from a source is simulated for.
-const ETA_STEPS: u32 = 100_000;
+/// The furthest position an ETA from a source is simulated for (further
+/// back, the bulkhead's own estimate): a look costs O(position).
+const ETA_STEPS: u32 = 10_000;
 
 /// The largest `max_concurrent` / `max_queue` the packed state word can count.
 pub(crate) const MAX_COUNT: u32 = 0x7FFF_FFFF;

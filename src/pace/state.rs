@@ -91,6 +91,9 @@ pub(crate) struct State {
 
 /// How many recent starts the pacer remembers for projections.
 const RECENT: usize = 256;
+/// How many calls of its line a projection copies (the bulkhead simulates
+/// at most 10,000 positions).
+const PROJECTED: usize = 10_000;
 
 /// When a reservation can start, and which dimension decides it.
 pub(crate) enum Fit {
@@ -141,9 +144,12 @@ impl State {
 
     /// A copy of the state to play forward (see [`crate::eta`]).
     pub(crate) fn projection(&self, now: Instant) -> Projection {
+        // The calls a projection can be asked about (see `eta`): the first
+        // ones in line are copied, the rest counted.
         let queued = self
             .line
             .values()
+            .take(PROJECTED)
             .filter_map(|slot| self.waiting.get(*slot as usize).map(|w| w.cost))
             .collect();
         let typical = self.typical.map(|(r, t)| Cost {
@@ -158,6 +164,7 @@ impl State {
             paused: self.paused_until.map(|p| secs(self.epoch, p)),
             epoch: self.epoch,
             queued,
+            waiting: self.line.len(),
             typical,
             recent: self.recent.iter().copied().collect(),
         }
@@ -449,6 +456,11 @@ impl State {
                 let announced = self.header_window.as_secs_f64() / limit as f64;
                 let spu = announced.max(dim.configured_spu);
                 if spu != dim.secs_per_unit {
+                    // What is owed (units not yet refilled) is kept in units:
+                    // at the new rate it refills in the new time.
+                    if self.tat[d] > n {
+                        self.tat[d] = n + (self.tat[d] - n) * spu / dim.secs_per_unit;
+                    }
                     dim.secs_per_unit = spu;
                     dim.capacity = (dim.configured_capacity * dim.configured_spu / spu).max(1.0);
                     changed = true;
@@ -516,6 +528,7 @@ pub(crate) struct Projection {
     paused: Option<f64>,
     epoch: Instant,
     queued: std::collections::VecDeque<Cost>,
+    waiting: usize,
     typical: Option<Cost>,
     recent: Vec<Instant>,
 }
@@ -526,7 +539,7 @@ impl crate::eta::Projection for Projection {
     }
 
     fn waiting(&self) -> usize {
-        self.queued.len()
+        self.waiting
     }
 
     fn next_start(&mut self, not_before: Instant) -> Option<Instant> {

@@ -323,13 +323,14 @@ async fn yield_once() {
 ///
 /// # Errors
 ///
-/// The error of installing a handler (no signal driver: a runtime built
-/// without `enable_io`/`enable_all`, or an OS refusal). It is an error, not
-/// a shutdown: without handlers, the default action of the signal applies.
+/// Called outside a tokio runtime, or in one built without its IO driver
+/// (`enable_io` / `enable_all`), or when the OS refuses a handler. It is an
+/// error, not a shutdown: without handlers, the default action of the signal
+/// applies.
 ///
 /// # Panics
 ///
-/// None. It must be called within a tokio runtime (as every tokio signal).
+/// None.
 ///
 /// ```no_run
 /// # async fn serve() -> std::io::Result<()> {
@@ -340,20 +341,34 @@ async fn yield_once() {
 /// ```
 #[cfg(feature = "signal")]
 pub fn signal() -> std::io::Result<Signal> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal as unix_signal, SignalKind};
-        Ok(Signal {
-            term: unix_signal(SignalKind::terminate())?,
-            int: unix_signal(SignalKind::interrupt())?,
-        })
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(std::io::Error::other(
+            "shutdown::signal() needs a tokio runtime",
+        ));
     }
-    #[cfg(windows)]
-    {
-        Ok(Signal {
-            ctrl_c: tokio::signal::windows::ctrl_c()?,
-        })
-    }
+    // tokio panics (instead of answering an error) in a runtime without its
+    // IO driver: turn that into the error it is.
+    let install = || -> std::io::Result<Signal> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal as unix_signal, SignalKind};
+            Ok(Signal {
+                term: unix_signal(SignalKind::terminate())?,
+                int: unix_signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(windows)]
+        {
+            Ok(Signal {
+                ctrl_c: tokio::signal::windows::ctrl_c()?,
+            })
+        }
+    };
+    std::panic::catch_unwind(install).unwrap_or_else(|_| {
+        Err(std::io::Error::other(
+            "shutdown::signal() needs a tokio runtime with its IO driver enabled",
+        ))
+    })
 }
 
 /// The future of [`signal()`]: ready when SIGTERM or Ctrl-C arrives.
