@@ -220,3 +220,43 @@ fn a_tiny_tier_builds() {
     .build()
     .unwrap();
 }
+
+/// An error body over the inspection cap (64 KiB) is not read: the answer is
+/// classified by its status (a 400: `Permanent`, not retried) and reaches the
+/// caller whole and untouched.
+#[tokio::test(start_paused = true)]
+async fn a_body_over_the_cap_reaches_the_caller_untouched() {
+    let stack = LlmStack::openai(Tier {
+        requests_per_minute: 500,
+        tokens_per_minute: 30_000,
+    })
+    .build()
+    .unwrap();
+    let huge = Bytes::from(format!(
+        r#"{{"error":{{"type":"rate_limit_exceeded","message":"{}"}}}}"#,
+        "x".repeat(100 * 1024)
+    ));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let client = tower::service_fn({
+        let (huge, calls) = (huge.clone(), calls.clone());
+        move |_req: http::Request<Bytes>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let body = huge.clone();
+            async move {
+                Ok::<_, std::io::Error>(http::Response::builder().status(400).body(body).unwrap())
+            }
+        }
+    });
+    let req = http::Request::post("/v1/chat/completions")
+        .body(Bytes::from_static(br#"{"max_tokens":10,"messages":[]}"#))
+        .unwrap();
+    let res = ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(client)
+        .oneshot(req)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(res.body(), &huge, "whole and untouched");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "Permanent: not retried");
+}
