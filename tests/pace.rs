@@ -417,6 +417,11 @@ async fn an_announced_limit_below_the_configured_one_lowers_it() {
         .into_iter()
         .filter(|at| *at > t0)
         .collect();
+    eprintln!(
+        "STRICTER TIER: 429s={} makespan={makespan:?} bound={:?}",
+        provider.throttled(),
+        bound(50, 2_000, 24_000)
+    );
     assert!(late.is_empty(), "429s after the first answer: {late:?}");
     assert!(provider.throttled() <= 2, "{} 429s", provider.throttled());
     let bound = bound(50, 2_000, 24_000);
@@ -446,6 +451,11 @@ async fn a_bucket_spent_by_someone_else_is_synced_not_a_reason_to_slow_down() {
     assert_eq!((ok, failed), (50, 0));
     // From an empty bucket: 100,000 tokens at 500 a second, plus one answer.
     let allowed = Duration::from_secs(200) + SERVICE;
+    eprintln!(
+        "SPENT BUCKET: 429s={} makespan={makespan:?} allowed={allowed:?} rate_factor={}",
+        provider.throttled(),
+        pace.snapshot().rate_factor
+    );
     assert!(
         makespan <= allowed.mul_f64(1.1),
         "makespan {makespan:?} vs {allowed:?} allowed"
