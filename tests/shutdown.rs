@@ -283,3 +283,41 @@ fn signal_reports_what_keeps_it_from_installing() {
         assert!(installed.is_ok());
     });
 }
+
+/// Listeners add up: a shutdown with its own listener, given to the LLM
+/// preset that has one too, tells both.
+#[cfg(feature = "llm")]
+#[test]
+fn listeners_add_up() {
+    use semaforo::llm::{LlmStack, Tier};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (mine, preset) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let shutdown = Shutdown::new();
+    shutdown.on_event({
+        let mine = mine.clone();
+        move |_| {
+            mine.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let _stack = LlmStack::openai(Tier {
+        requests_per_minute: 1,
+        tokens_per_minute: 1_000,
+    })
+    .shutdown(shutdown.clone())
+    .on_event({
+        let preset = preset.clone();
+        move |_| {
+            preset.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .build()
+    .unwrap();
+    shutdown.trigger();
+    assert_eq!(
+        mine.load(Ordering::SeqCst),
+        1,
+        "the shutdown's own listener"
+    );
+    assert_eq!(preset.load(Ordering::SeqCst), 1, "the preset's listener");
+}

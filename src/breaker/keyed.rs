@@ -147,6 +147,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedBreaker<K> {
 
 /// The layer of a [`KeyedBreaker`].
 #[derive(Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct KeyedBreakerLayer<K, F, C> {
     keyed: KeyedBreaker<K>,
     key: F,
@@ -219,5 +220,22 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let breaker = self.keyed.get(&(self.key)(&req));
         call_through(&breaker.shared, &mut self.inner, &self.classify, req)
+    }
+}
+
+impl<S, K, F, C> KeyedBreakerService<S, K, F, C> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }

@@ -198,6 +198,7 @@ impl BreakerBuilder {
 
     /// Calls `f` for each of this breaker's events (transitions, refusals
     /// while open); see [`observe`](crate::observe).
+    /// Listeners add up: a second `on_event` keeps the first (both are called, in order).
     pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
         self.on_event.set(f);
         self

@@ -15,6 +15,7 @@ use tower_service::Service;
 
 /// The tower [`Layer`] of a [`Breaker`](super::Breaker); all services it makes
 /// share the breaker's state.
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct BreakerLayer<C, R = OnResponse> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) classify: C,
@@ -312,5 +313,22 @@ impl<F, C, R> fmt::Debug for ResponseFuture<F, C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("breaker::ResponseFuture")
             .finish_non_exhaustive()
+    }
+}
+
+impl<S, C, R> BreakerService<S, C, R> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }

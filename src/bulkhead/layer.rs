@@ -87,6 +87,7 @@ impl<Req> RequestInfo<Req> for InfoFns<Req> {
 
 /// The tower [`Layer`] of a [`Bulkhead`](super::Bulkhead); every service it
 /// makes shares the bulkhead's permits and line.
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct BulkheadLayer<X = NoInfo, R = OnResponse> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) info: X,

@@ -119,6 +119,7 @@ impl BulkheadBuilder {
 
     /// Calls `f` for each of this bulkhead's events (queued, admitted after a
     /// wait, rejected); see [`observe`](crate::observe).
+    /// Listeners add up: a second `on_event` keeps the first (both are called, in order).
     pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
         self.listener.set(f);
         self

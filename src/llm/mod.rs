@@ -201,6 +201,7 @@ impl LlmStackBuilder {
     /// Calls `f` for the events of every part this builder makes, and of the
     /// shutdown (parts given ready-made keep their own listeners); see
     /// [`observe`](crate::observe).
+    /// Listeners add up: a second `on_event` keeps the first (both are called, in order).
     pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
         self.listener.set(f);
         self
@@ -431,6 +432,7 @@ fn weigh(req: &http::Request<Bytes>) -> Cost {
 
 /// The preset as one tower [`Layer`].
 #[derive(Debug, Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct LlmLayer {
     stack: LlmStack,
 }
@@ -486,6 +488,7 @@ impl<S> Layer<S> for LlmLayer {
 /// The streaming preset as one tower [`Layer`], for clients answering
 /// `http::Response<B>` with a streamed body `B`.
 #[derive(Debug, Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct LlmStreamLayer {
     stack: LlmStack,
 }

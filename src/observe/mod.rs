@@ -184,8 +184,16 @@ impl fmt::Debug for ListenerSlot {
 }
 
 impl ListenerSlot {
+    /// Adds `f`: listeners are additive, each called in the order given (a
+    /// second `.on_event(…)` never silences the first).
     pub(crate) fn set(&mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) {
-        self.0 = Some(Arc::new(f));
+        self.0 = Some(match self.0.take() {
+            None => Arc::new(f),
+            Some(before) => Arc::new(move |e: &Event<'_>| {
+                before(e);
+                f(e);
+            }),
+        });
     }
 }
 

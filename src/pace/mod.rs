@@ -196,6 +196,7 @@ impl PaceBuilder {
     /// Calls `f` for each of this pacer's events (queued, admitted after a
     /// wait, rejected, paused by the upstream, resumed); see
     /// [`observe`](crate::observe).
+    /// Listeners add up: a second `on_event` keeps the first (both are called, in order).
     pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
         self.listener.set(f);
         self

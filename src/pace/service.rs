@@ -198,6 +198,7 @@ impl<B> Deliver<http::Response<B>> for UsageFromBody {
 
 /// The tower [`Layer`] of a [`Pace`](super::Pace).
 #[derive(Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct PaceLayer<W, O, C, D = AtResponse> {
     shared: Arc<Shared>,
     weigh: W,
@@ -645,5 +646,22 @@ where
                 }
             }
         }
+    }
+}
+
+impl<S, W, O, C, D> PaceService<S, W, O, C, D> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }

@@ -370,6 +370,7 @@ impl QuotaBuilder {
 
     /// Calls `f` for each of this quota's events (rejected; queued and
     /// admitted in wait mode); see [`observe`](crate::observe).
+    /// Listeners add up: a second `on_event` keeps the first (both are called, in order).
     pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
         self.listener.set(f);
         self

@@ -84,6 +84,7 @@ impl<Req, F: Fn(&Req) -> u32> QuotaCost<Req> for F {
 }
 
 /// The tower [`Layer`] of a [`Quota`](super::Quota).
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct QuotaLayer<K: Hash + Eq + Clone, F, W> {
     /// `None`: a pass-through (a preset with its quota switched off).
     shared: Option<Arc<Shared<K>>>,
@@ -560,5 +561,22 @@ where
                 }
             }
         }
+    }
+}
+
+impl<S, K: Hash + Eq + Clone, F, W> QuotaService<S, K, F, W> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }

@@ -287,6 +287,7 @@ impl<Req, F: Fn(&Req) -> Option<String>> BudgetKey<Req> for F {
 
 /// The tower layer of a [`Budget`].
 #[derive(Debug, Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct BudgetLayer<W, K> {
     budget: Budget,
     weigh: W,
@@ -431,5 +432,22 @@ impl Drop for Unstarted {
         in_background(async move {
             let _ = budget.adjust(key.as_deref(), &cost, &Cost::default()).await;
         });
+    }
+}
+
+impl<S, W, K> BudgetService<S, W, K> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }

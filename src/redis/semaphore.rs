@@ -421,6 +421,7 @@ impl Semaphore {
 /// response (default) or, with [`release_on_stream_end`](Self::release_on_stream_end)
 /// / [`release_on_body_end`](Self::release_on_body_end), until its streamed
 /// answer ends, fails or is dropped — an LLM answer is not over at its headers.
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct SemaphoreLayer<H = OnResponse> {
     sem: Semaphore,
     _hold: PhantomData<fn() -> H>,
@@ -536,5 +537,22 @@ where
             let res = svc.call(req).await.map_err(Into::into)?;
             Ok(H::hold(res, lease))
         })
+    }
+}
+
+impl<S, H> SemaphoreService<S, H> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }

@@ -255,6 +255,7 @@ impl RetryBuilder {
     /// Calls `f` for each of this layer's events (retried; rejected when the
     /// retry budget is spent or the deadline passes); see
     /// [`observe`](crate::observe).
+    /// Listeners add up: a second `on_event` keeps the first (both are called, in order).
     pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
         self.listener.set(f);
         self

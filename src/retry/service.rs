@@ -163,6 +163,7 @@ impl<B: Clone> RequestPolicy<http::Request<B>> for HttpRequests {
 }
 
 /// The tower [`Layer`] of a [`Retry`](super::Retry).
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct RetryLayer<C, P> {
     shared: Arc<Shared>,
     classify: C,
@@ -550,5 +551,22 @@ where
             let fut = retry.svc.call(req);
             this.fut.set(Some(fut));
         }
+    }
+}
+
+impl<S, C, P> RetryService<S, C, P> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }

@@ -161,14 +161,14 @@ impl Shutdown {
     }
 
     /// Calls `f` for each shutdown event (draining, drained or cut, refusals
-    /// after the trigger); see [`observe`](crate::observe). Replaces an
-    /// earlier listener; clones share it.
+    /// after the trigger); see [`observe`](crate::observe). Clones share them.
+    /// Listeners add up: a second `on_event` keeps the first (both are called, in order).
     pub fn on_event(&self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) {
-        *self
-            .shared
+        self.shared
             .listener
             .write()
-            .unwrap_or_else(|e| e.into_inner()) = ListenerSlot(Some(Arc::new(f)));
+            .unwrap_or_else(|e| e.into_inner())
+            .set(f);
     }
 
     /// The layer; put it outermost.

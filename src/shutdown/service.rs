@@ -41,6 +41,7 @@ impl Guard for InFlight {
 }
 
 /// The tower [`Layer`] of a [`Shutdown`](super::Shutdown).
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct ShutdownLayer<R = OnResponse> {
     shared: Arc<Shared>,
     _hold: PhantomData<fn() -> R>,
@@ -363,5 +364,22 @@ where
                     .into()))
             }
         }
+    }
+}
+
+impl<S, R> ShutdownService<S, R> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }

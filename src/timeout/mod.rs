@@ -96,6 +96,7 @@ impl TimeoutBuilder {
     }
 
     /// Calls `f` each time a limit expires; see [`observe`](crate::observe).
+    /// Listeners add up: a second `on_event` keeps the first (both are called, in order).
     pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
         self.listener.set(f);
         self

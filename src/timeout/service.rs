@@ -77,6 +77,7 @@ impl<B> Timed<http::Response<B>> for WholeBody {
 }
 
 /// The tower [`Layer`] of a [`Timeout`](super::Timeout).
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct TimeoutLayer<M> {
     limits: Limits,
     obs: Option<Arc<Observer>>,
@@ -251,5 +252,22 @@ where
             }
         }
         Poll::Pending
+    }
+}
+
+impl<S, M> TimeoutService<S, M> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }

@@ -1,0 +1,65 @@
+//! Tower conventions every service of ours follows: `get_ref`, `get_mut` and
+//! `into_inner` reach the wrapped service.
+
+use semaforo::breaker::Breaker;
+use semaforo::bulkhead::Bulkhead;
+use semaforo::pace::Pace;
+use semaforo::quota::{Quota, Rate};
+use semaforo::retry::Retry;
+use semaforo::shutdown::Shutdown;
+use semaforo::timeout::Timeout;
+use tower::Layer;
+
+/// A wrapped service with something to find.
+#[derive(Clone, Debug, PartialEq)]
+struct Marked(u32);
+
+macro_rules! reaches_inner {
+    ($svc:expr) => {{
+        let mut svc = $svc;
+        assert_eq!(svc.get_ref(), &Marked(7));
+        svc.get_mut().0 = 8;
+        assert_eq!(svc.into_inner(), Marked(8));
+    }};
+}
+
+#[tokio::test]
+async fn every_service_reaches_its_inner_service() {
+    let inner = Marked(7);
+    reaches_inner!(Bulkhead::builder()
+        .max_concurrent(1)
+        .build()
+        .unwrap()
+        .layer()
+        .layer(inner.clone()));
+    reaches_inner!(Breaker::builder()
+        .consecutive_failures(1)
+        .build()
+        .unwrap()
+        .layer()
+        .layer(inner.clone()));
+    reaches_inner!(Pace::builder()
+        .requests_per_minute(1)
+        .build()
+        .unwrap()
+        .layer()
+        .layer(inner.clone()));
+    reaches_inner!(Retry::builder()
+        .build()
+        .unwrap()
+        .layer()
+        .layer(inner.clone()));
+    reaches_inner!(Timeout::builder()
+        .attempt(std::time::Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .layer()
+        .layer(inner.clone()));
+    reaches_inner!(Shutdown::new().layer().layer(inner.clone()));
+    let quota: Quota<u8> = Quota::builder()
+        .plan("p", Rate::per_second(1))
+        .build()
+        .unwrap();
+    let plan = quota.plan_id("p").unwrap();
+    reaches_inner!(quota.layer(move |_: &()| (0u8, plan)).layer(inner.clone()));
+}
