@@ -43,7 +43,7 @@ impl fmt::Display for QueueStatus {
         };
         write!(f, "you are {p}{suffix} of {}", self.waiting)?;
         if let Some(eta) = self.eta {
-            write!(f, ", about {} s", eta.as_secs_f64().round() as u64)?;
+            write!(f, ", about {}", crate::time::Human(eta))?;
         }
         Ok(())
     }
