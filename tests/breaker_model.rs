@@ -154,6 +154,8 @@ impl Model {
                 self.probe_successes = 0;
             }
             BreakerState::HalfOpen => {}
+            // (`BreakerState` may grow: the model knows these three.)
+            _ => {}
         }
         if self.probes_in_flight + self.probe_successes < self.cfg.probes {
             self.probes_in_flight += 1;

@@ -43,6 +43,7 @@ use std::time::Duration;
 
 /// How randomness is added to the exponential delay `d = min(ceiling, base·factorⁿ)`.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[non_exhaustive]
 pub enum Jitter {
     /// Exactly `d`.
     None,

@@ -76,6 +76,7 @@ use tokio::time::Instant;
 
 /// The breaker's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum BreakerState {
     /// Calls pass; outcomes are recorded.
     Closed,
@@ -87,6 +88,7 @@ pub enum BreakerState {
 
 /// A manual override of the state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Mode {
     /// The state machine decides.
     Normal,

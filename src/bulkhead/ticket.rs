@@ -51,6 +51,7 @@ impl fmt::Display for QueueStatus {
 
 /// What a ticket knows about its request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TicketStatus {
     /// Not (yet) seen by a bulkhead.
     Idle,

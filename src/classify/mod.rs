@@ -56,6 +56,7 @@ use std::time::Duration;
 /// | `Infrastructure` | backoff | failure | — |
 /// | `Permanent` | never | **not** a failure | — |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Class {
     /// The call did what was asked.
     Success,

@@ -30,6 +30,7 @@ use std::task::{Context, Poll};
 
 /// How a guarded body or stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum StreamEnd {
     /// It produced its last item or frame.
     Completed,

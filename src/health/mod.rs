@@ -43,6 +43,7 @@ use std::sync::Arc;
     derive(serde::Serialize),
     serde(rename_all = "snake_case")
 )]
+#[non_exhaustive]
 pub enum Status {
     /// Working normally.
     Ok,

@@ -93,6 +93,7 @@ impl Cost {
 
 /// What a dimension counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Unit {
     /// Requests.
     Requests,

@@ -91,6 +91,7 @@ use tower_service::Service;
 
 /// What a caller gets while Redis does not answer in time.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum FailurePolicy {
     /// Admit every call (availability first; no limit during the outage).
     FailOpen,
