@@ -63,3 +63,41 @@ async fn every_service_reaches_its_inner_service() {
     let plan = quota.plan_id("p").unwrap();
     reaches_inner!(quota.layer(move |_: &()| (0u8, plan)).layer(inner.clone()));
 }
+
+#[test]
+fn every_handle_has_the_name_it_was_built_with() {
+    use std::time::Duration;
+    let b = Bulkhead::builder()
+        .name("db")
+        .max_concurrent(1)
+        .build()
+        .unwrap();
+    assert_eq!(b.name(), Some("db"));
+    let br = Breaker::builder()
+        .name("api")
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    assert_eq!(br.name(), Some("api"));
+    let p = Pace::builder()
+        .name("openai")
+        .requests_per_minute(1)
+        .build()
+        .unwrap();
+    assert_eq!(p.name(), Some("openai"));
+    let r = Retry::builder().name("openai").build().unwrap();
+    assert_eq!(r.name(), Some("openai"));
+    let t = Timeout::builder()
+        .name("openai")
+        .attempt(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    assert_eq!(t.name(), Some("openai"));
+    let q: Quota<u8> = Quota::builder()
+        .name("users")
+        .plan("p", Rate::per_second(1))
+        .build()
+        .unwrap();
+    assert_eq!(q.name(), Some("users"));
+    assert_eq!(Retry::builder().build().unwrap().name(), None);
+}

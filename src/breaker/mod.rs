@@ -437,6 +437,11 @@ impl BreakerBuilder {
 }
 
 impl Breaker {
+    /// The name given to the builder.
+    pub fn name(&self) -> Option<&str> {
+        self.shared.cfg.obs.name.as_deref()
+    }
+
     /// Starts a builder with seed 003's defaults: 5 consecutive failures, open 5 minutes, 1 probe.
     pub fn builder() -> BreakerBuilder {
         BreakerBuilder {

@@ -360,6 +360,11 @@ impl crate::eta::EtaSource for Pace {
 }
 
 impl Pace {
+    /// The name given to the builder.
+    pub fn name(&self) -> Option<&str> {
+        self.shared.obs.name.as_deref()
+    }
+
     /// Starts a builder.
     pub fn builder() -> PaceBuilder {
         PaceBuilder::default()

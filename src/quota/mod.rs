@@ -500,6 +500,11 @@ impl Quota<()> {
 }
 
 impl<K: Hash + Eq + Clone> Quota<K> {
+    /// The name given to the builder.
+    pub fn name(&self) -> Option<&str> {
+        self.shared.obs.name.as_deref()
+    }
+
     /// The id of plan `name`.
     pub fn plan_id(&self, name: &str) -> Option<PlanId> {
         self.shared

@@ -132,6 +132,11 @@ pub enum Grant {
 }
 
 impl Budget {
+    /// The name given to the builder (it also names the Redis keys).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
     /// A budget named `name` (instances sharing a name share the budget), with
     /// the dimensions and `max_wait` of `limits` — the same builder as a local
     /// [`Pace`](crate::pace::Pace).

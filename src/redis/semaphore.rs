@@ -224,6 +224,11 @@ impl Drop for InFlight<'_> {
 }
 
 impl Semaphore {
+    /// The name given to the builder (it also names the Redis keys).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
     /// A semaphore of `limit` slots named `name` (instances sharing a name
     /// share the slots).
     pub fn builder(

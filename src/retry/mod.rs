@@ -354,6 +354,11 @@ impl RetryBuilder {
 }
 
 impl Retry {
+    /// The name given to the builder.
+    pub fn name(&self) -> Option<&str> {
+        self.shared.obs.name.as_deref()
+    }
+
     /// Starts a builder.
     pub fn builder() -> RetryBuilder {
         RetryBuilder {

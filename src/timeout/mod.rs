@@ -158,6 +158,11 @@ impl TimeoutBuilder {
 }
 
 impl Timeout {
+    /// The name given to the builder.
+    pub fn name(&self) -> Option<&str> {
+        self.obs.as_ref().and_then(|o| o.name.as_deref())
+    }
+
     /// Starts a builder.
     pub fn builder() -> TimeoutBuilder {
         TimeoutBuilder::default()
