@@ -386,7 +386,7 @@ async fn every_transition_is_observable() {
         .lock()
         .unwrap()
         .iter()
-        .map(|t| (t.from, t.to, t.reason))
+        .map(|t| (t.from, t.to, t.reason.as_str()))
         .collect();
     use BreakerState::*;
     assert_eq!(

@@ -12,7 +12,7 @@ use super::window::{Counts, Window};
 use super::{BreakerSnapshot, BreakerState, Mode, Transition};
 use crate::classify::Class;
 use crate::error::{RejectKind, Rejected};
-use crate::observe::{EventKind, Observer};
+use crate::observe::{EventKind, Observer, TransitionReason};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::fmt;
@@ -260,7 +260,7 @@ impl Shared {
                         w,
                         HALF_OPEN,
                         now,
-                        "open duration elapsed",
+                        TransitionReason::OpenElapsed,
                         &mut news,
                     )
                 } else {
@@ -286,7 +286,13 @@ impl Shared {
                     // as a failed probe and open again, so that recovery goes on
                     // (their late results belong to an old generation).
                     inner.reopens = inner.reopens.saturating_add(1);
-                    self.open(&mut inner, w, now, "probe timed out", &mut news);
+                    self.open(
+                        &mut inner,
+                        w,
+                        now,
+                        TransitionReason::ProbeTimedOut,
+                        &mut news,
+                    );
                     Err(Some(inner.open_until.saturating_duration_since(now)))
                 } else {
                     Err(Some(probes_due.saturating_duration_since(now)))
@@ -341,7 +347,7 @@ impl Shared {
         from_word: u32,
         to: u32,
         now: Instant,
-        reason: &'static str,
+        reason: TransitionReason,
         news: &mut Announce,
     ) -> u32 {
         let next = ((gen_of(from_word).wrapping_add(1)) << 4) | (from_word & MODE_MASK) | to;
@@ -379,7 +385,7 @@ impl Shared {
         inner: &mut Inner,
         w: u32,
         now: Instant,
-        reason: &'static str,
+        reason: TransitionReason,
         news: &mut Announce,
     ) {
         let d = self.open_duration(inner);
@@ -422,11 +428,11 @@ impl Shared {
         if gen_of(w) != t.gen || w & STATE_MASK != CLOSED {
             return; // admitted in an earlier state: it says nothing about this one
         }
-        let mut trip: Option<&'static str> = None;
+        let mut trip: Option<TransitionReason> = None;
         if let Some(n) = self.cfg.consecutive {
             if failed {
                 if self.consecutive.fetch_add(1, Ordering::AcqRel) + 1 >= n {
-                    trip = Some("consecutive failures");
+                    trip = Some(TransitionReason::ConsecutiveFailures);
                 }
             } else if self.consecutive.load(Ordering::Relaxed) != 0 {
                 self.consecutive.store(0, Ordering::Relaxed);
@@ -444,21 +450,21 @@ impl Shared {
         }
     }
 
-    fn rate_trip(&self, c: Counts) -> Option<&'static str> {
+    fn rate_trip(&self, c: Counts) -> Option<TransitionReason> {
         if c.total < self.cfg.min_calls {
             return None;
         }
         if self.cfg.failure_rate.is_some_and(|r| c.failure_rate() >= r) {
-            return Some("failure rate");
+            return Some(TransitionReason::FailureRate);
         }
         if self.cfg.slow.is_some_and(|(_, r)| c.slow_rate() >= r) {
-            return Some("slow-call rate");
+            return Some(TransitionReason::SlowCallRate);
         }
         None
     }
 
     #[cold]
-    fn trip(&self, gen: u32, reason: &'static str) {
+    fn trip(&self, gen: u32, reason: TransitionReason) {
         let mut inner = self.lock();
         let w = self.word.load(Ordering::Acquire);
         let mut news = Announce::default();
@@ -482,7 +488,7 @@ impl Shared {
         let mut news = Announce::default();
         if failed {
             inner.reopens = inner.reopens.saturating_add(1);
-            self.open(&mut inner, w, now, "probe failed", &mut news);
+            self.open(&mut inner, w, now, TransitionReason::ProbeFailed, &mut news);
         } else {
             inner.probe_successes = inner.probe_successes.saturating_add(1);
             if inner.probe_successes >= self.cfg.probes {
@@ -491,7 +497,14 @@ impl Shared {
                 if let Some(win) = &self.window {
                     win.reset();
                 }
-                self.transition(&mut inner, w, CLOSED, now, "probes succeeded", &mut news);
+                self.transition(
+                    &mut inner,
+                    w,
+                    CLOSED,
+                    now,
+                    TransitionReason::ProbesSucceeded,
+                    &mut news,
+                );
             }
         }
         drop(inner);
@@ -533,7 +546,14 @@ impl Shared {
         let w = w & !MODE_MASK; // back to Normal
         self.word.store(w, Ordering::Release);
         let mut news = Announce::default();
-        self.transition(&mut inner, w, CLOSED, Instant::now(), "reset", &mut news);
+        self.transition(
+            &mut inner,
+            w,
+            CLOSED,
+            Instant::now(),
+            TransitionReason::Reset,
+            &mut news,
+        );
         drop(inner);
         self.announce(news);
     }

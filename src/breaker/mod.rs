@@ -109,9 +109,8 @@ pub struct Transition {
     pub to: BreakerState,
     /// When (tokio clock).
     pub at: Instant,
-    /// Why: "consecutive failures", "failure rate", "slow-call rate",
-    /// "open duration elapsed", "probe failed", "probes succeeded", "reset".
-    pub reason: &'static str,
+    /// Why.
+    pub reason: crate::observe::TransitionReason,
 }
 
 /// A breaker's state and counts at one instant.

@@ -122,15 +122,15 @@ pub enum EventKind {
         from: BreakerState,
         /// The state entered.
         to: BreakerState,
-        /// Why ("consecutive failures", "open duration elapsed", …).
-        reason: &'static str,
+        /// Why.
+        reason: TransitionReason,
     },
     /// A pacer stopped dispatching.
     PacePaused {
         /// For how long.
         pause: Duration,
-        /// Why ("throttled by the upstream").
-        reason: &'static str,
+        /// Why.
+        reason: PauseReason,
     },
     /// A pacer dispatches again after a pause.
     PaceResumed,
@@ -139,6 +139,75 @@ pub enum EventKind {
         /// Which one.
         phase: ShutdownPhase,
     },
+}
+
+/// Why a breaker changed state. `Display` / [`as_str`](Self::as_str) give the
+/// words used in logs and metrics ("consecutive failures", …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransitionReason {
+    /// Closed → open: a run of failures reached `consecutive_failures`.
+    ConsecutiveFailures,
+    /// Closed → open: the window's failure rate reached `failure_rate`.
+    FailureRate,
+    /// Closed → open: the window's slow-call rate reached its threshold.
+    SlowCallRate,
+    /// Open → half-open: the open time is over.
+    OpenElapsed,
+    /// Half-open → open: a probe failed.
+    ProbeFailed,
+    /// Half-open → open: the probes outlived `open_for` (a hung upstream).
+    ProbeTimedOut,
+    /// Half-open → closed: enough probes succeeded.
+    ProbesSucceeded,
+    /// `Breaker::reset`.
+    Reset,
+}
+
+impl TransitionReason {
+    /// The words for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransitionReason::ConsecutiveFailures => "consecutive failures",
+            TransitionReason::FailureRate => "failure rate",
+            TransitionReason::SlowCallRate => "slow-call rate",
+            TransitionReason::OpenElapsed => "open duration elapsed",
+            TransitionReason::ProbeFailed => "probe failed",
+            TransitionReason::ProbeTimedOut => "probe timed out",
+            TransitionReason::ProbesSucceeded => "probes succeeded",
+            TransitionReason::Reset => "reset",
+        }
+    }
+}
+
+impl fmt::Display for TransitionReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a pacer stopped dispatching. `Display` / [`as_str`](Self::as_str)
+/// give the words used in logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PauseReason {
+    /// The upstream answered 429 (with or without a `retry_after`).
+    Throttled,
+}
+
+impl PauseReason {
+    /// The words for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::Throttled => "throttled by the upstream",
+        }
+    }
+}
+
+impl fmt::Display for PauseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The phases of a graceful shutdown.
@@ -315,13 +384,13 @@ fn trace(e: &Event<'_>) {
         EventKind::BreakerTransition { from, to, reason } => {
             let (from, to) = (state_label(*from), state_label(*to));
             if to == "open" {
-                tracing::warn!(target: "semaforo", layer, name, from, to, reason, "breaker opened")
+                tracing::warn!(target: "semaforo", layer, name, from, to, reason = reason.as_str(), "breaker opened")
             } else {
-                tracing::info!(target: "semaforo", layer, name, from, to, reason, "breaker state")
+                tracing::info!(target: "semaforo", layer, name, from, to, reason = reason.as_str(), "breaker state")
             }
         }
         EventKind::PacePaused { pause, reason } => {
-            tracing::warn!(target: "semaforo", layer, name, ?pause, reason, "pacer paused")
+            tracing::warn!(target: "semaforo", layer, name, ?pause, reason = reason.as_str(), "pacer paused")
         }
         EventKind::PaceResumed => tracing::info!(target: "semaforo", layer, name, "pacer resumed"),
         EventKind::Shutdown { phase } => {
@@ -370,7 +439,7 @@ mod metrics_out {
                 "semaforo_pace_pauses_total",
                 "layer" => layer,
                 "name" => name,
-                "reason" => *reason
+                "reason" => reason.as_str()
             )
             .increment(1),
             EventKind::PaceResumed => {}

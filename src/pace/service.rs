@@ -638,7 +638,7 @@ where
                             "pace",
                             EventKind::PacePaused {
                                 pause,
-                                reason: "throttled by the upstream",
+                                reason: crate::observe::PauseReason::Throttled,
                             },
                         );
                     }
