@@ -43,6 +43,27 @@ pub enum RejectKind {
 }
 
 impl RejectKind {
+    /// The HTTP status a server answers this refusal with:
+    ///
+    /// | kind | status |
+    /// |---|---|
+    /// | `QuotaExceeded` (the caller's own limit) | 429 Too Many Requests |
+    /// | `Timeout` | 504 Gateway Timeout |
+    /// | every other kind (the server's capacity, budget, breaker, shutdown, backend) | 503 Service Unavailable |
+    ///
+    /// ```
+    /// use semaforo::RejectKind;
+    /// assert_eq!(RejectKind::QuotaExceeded.http_status(), 429);
+    /// assert_eq!(RejectKind::QueueFull.http_status(), 503);
+    /// ```
+    pub fn http_status(self) -> u16 {
+        match self {
+            RejectKind::QuotaExceeded => 429,
+            RejectKind::Timeout => 504,
+            _ => 503,
+        }
+    }
+
     /// A short lower-case description used in `Display` ("queue full").
     pub fn as_str(self) -> &'static str {
         match self {
@@ -107,6 +128,34 @@ pub struct RateLimitPolicy {
 }
 
 impl Rejected {
+    /// The whole HTTP answer to this refusal in one call (feature `http`): the
+    /// status of [`RejectKind::http_status`] and the headers of
+    /// [`http_headers`](Self::http_headers) (`Retry-After` in whole seconds,
+    /// rounded up, never 0 for a positive wait; `RateLimit-Policy` and
+    /// `RateLimit` when the policy is known), around `body`.
+    ///
+    /// ```
+    /// use semaforo::{RejectKind, Rejected};
+    /// use std::time::Duration;
+    ///
+    /// let r = Rejected::new("bulkhead", RejectKind::QueueFull).with_retry_after(Duration::from_millis(1));
+    /// let res = r.http_response(r.to_string());
+    /// assert_eq!(res.status(), 503);
+    /// assert_eq!(res.headers()["retry-after"], "1");
+    /// ```
+    #[cfg(feature = "http")]
+    pub fn http_response<B>(&self, body: B) -> http::Response<B> {
+        let mut res = http::Response::new(body);
+        *res.status_mut() = http::StatusCode::from_u16(self.kind().http_status())
+            .unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+        for (name, value) in self.http_headers() {
+            if let Ok(v) = http::HeaderValue::from_str(&value) {
+                res.headers_mut().insert(name, v);
+            }
+        }
+        res
+    }
+
     /// A rejection by `layer` (e.g. `"bulkhead"`) for `kind`.
     pub fn new(layer: &'static str, kind: RejectKind) -> Self {
         Rejected {

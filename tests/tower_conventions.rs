@@ -101,3 +101,34 @@ fn every_handle_has_the_name_it_was_built_with() {
     assert_eq!(q.name(), Some("users"));
     assert_eq!(Retry::builder().build().unwrap().name(), None);
 }
+
+/// Every refusal maps to a documented status and headers in one call.
+#[cfg(feature = "http")]
+#[test]
+fn every_reject_kind_maps_to_a_status_and_headers() {
+    use semaforo::{RejectKind, Rejected};
+    use std::time::Duration;
+    let table = [
+        (RejectKind::QueueFull, 503),
+        (RejectKind::QueueTimeout, 503),
+        (RejectKind::QuotaExceeded, 429),
+        (RejectKind::BudgetExceeded, 503),
+        (RejectKind::CircuitOpen, 503),
+        (RejectKind::RetryBudgetExhausted, 503),
+        (RejectKind::ShuttingDown, 503),
+        (RejectKind::Timeout, 504),
+        (RejectKind::BackendUnavailable, 503),
+    ];
+    for (kind, status) in table {
+        let r = Rejected::new("layer", kind).with_retry_after(Duration::from_nanos(1));
+        let res = r.http_response(());
+        assert_eq!(res.status().as_u16(), status, "{kind:?}");
+        assert_eq!(
+            res.headers()["retry-after"],
+            "1",
+            "never 0 for a positive wait"
+        );
+        let res = Rejected::new("layer", kind).http_response(());
+        assert!(res.headers().get("retry-after").is_none());
+    }
+}

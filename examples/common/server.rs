@@ -5,7 +5,7 @@
 
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -14,7 +14,7 @@ use semaforo::health::Health;
 use semaforo::quota::{Quota, Rate};
 use semaforo::shutdown::Shutdown;
 use semaforo::timeout::Timeout;
-use semaforo::{BoxError, RejectKind, Rejected};
+use semaforo::{BoxError, Rejected};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,18 +106,7 @@ pub async fn refusal(err: BoxError) -> Response {
     let Some(r) = Rejected::from_box(&err) else {
         return (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response();
     };
-    let status = match r.kind() {
-        RejectKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
-        RejectKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    let mut res = (status, r.to_string()).into_response();
-    for (name, value) in r.http_headers() {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            res.headers_mut().insert(name, v);
-        }
-    }
-    res
+    r.http_response(r.to_string()).into_response()
 }
 
 pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
