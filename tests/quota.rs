@@ -586,3 +586,39 @@ proptest! {
         })?;
     }
 }
+
+/// A "60 per minute" plan, back-to-back calls for a minute: 60 at once, then
+/// one a second (the 61st at 1 s), 119 in the minute — what `Rate`'s docs
+/// say; with `burst(1)`, 60.
+#[tokio::test(start_paused = true)]
+async fn what_a_60_per_minute_plan_admits_in_a_minute() {
+    for (rate, expected) in [
+        (Rate::per_minute(60), 119),
+        (Rate::per_minute(60).burst(1), 60),
+    ] {
+        let quota: Quota<u32> = Quota::builder().plan("p", rate).build().unwrap();
+        let plan = quota.plan_id("p").unwrap();
+        let mut svc = api(&quota);
+        let t0 = tokio::time::Instant::now();
+        let mut admitted = 0;
+        let mut at_61 = None;
+        while t0.elapsed() < Duration::from_secs(60) {
+            match hit(&mut svc, 1, plan).await {
+                Ok(_) => {
+                    admitted += 1;
+                    if admitted == 61 {
+                        at_61 = Some(t0.elapsed());
+                    }
+                }
+                Err(e) => {
+                    let wait = e.retry_after().unwrap();
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        assert_eq!(admitted, expected, "{rate:?}");
+        if rate.burst == 60 {
+            assert_eq!(at_61, Some(Duration::from_secs(1)));
+        }
+    }
+}

@@ -125,13 +125,29 @@ impl Clock for TokioClock {
 type Limiter<K> = RateLimiter<K, DefaultKeyedStateStore<K>, TokioClock, NoOpMiddleware<Nanos>>;
 
 /// A rate: `count` per `per`, with a burst (default `count`).
+///
+/// **What a plan admits.** A rate is a GCRA (a token bucket of `burst`
+/// tokens refilled at `count / per`): over any window of length `W` it admits
+/// at most `count · W / per + burst`. A "60 per minute" plan (`burst` 60 by
+/// default) therefore lets a caller that sends one request after another
+/// through 60 at once and then one a second: the 61st at 1 s, and up to 119
+/// (60 + 59 refills) within the first minute. To admit at most 60 in any
+/// minute, give it a burst of 1 ([`burst`](Self::burst)): one a second, 60
+/// in the minute (61 counting both ends of a closed 60 s window).
+///
+/// ```
+/// use semaforo::quota::Rate;
+/// let smooth = Rate::per_minute(60).burst(1);
+/// assert_eq!((smooth.count, smooth.burst), (60, 1));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
     /// Calls (or cost units) per window.
     pub count: u32,
     /// The window.
     pub per: Duration,
-    /// How many may come at once.
+    /// How many may come at once (default `count`): what a window can admit
+    /// above the rate (see the type's docs for a 60/min plan).
     pub burst: u32,
 }
 
@@ -376,7 +392,10 @@ impl QuotaBuilder {
         self
     }
 
-    /// Adds a plan (the first one added is the default plan).
+    /// Adds a plan (the first one added is the default plan). A plan admits
+    /// at most `rate · W + burst` in any window `W`: `Rate::per_minute(60)`
+    /// admits up to 119 in a caller's first minute (see [`Rate`]); add
+    /// `.burst(1)` for at most 60.
     pub fn plan(mut self, name: impl Into<Arc<str>>, rate: Rate) -> Self {
         self.plans.push((name.into(), rate));
         self
