@@ -1,7 +1,48 @@
-#![doc = include_str!("../README.md")]
+//! Tower middleware that keeps a service alive when what it calls — an LLM
+//! API, a database, a payment provider — is slower, smaller or flakier than
+//! the traffic it gets.
+//!
+//! Each capability is a tower [`Layer`](tower_layer::Layer) with a handle
+//! that builds it, shares its state across clones and reports on it; a
+//! refusal is a [`Rejected`] with a [`RejectKind`] and a `retry_after`, never a
+//! panic; builders validate and return a [`ConfigError`]; all time goes through
+//! `tokio::time`, so tests run hours of traffic on a paused clock.
+//!
+//! | module | what it does |
+//! |---|---|
+//! | [`classify`] | the [`Class`](classify::Class) of a result (`Throttled`, `Overloaded`, `Transient`, `Infrastructure`, `Permanent`), HTTP and LLM-provider classifiers, rate-limit headers |
+//! | [`bulkhead`] | concurrency limit with a fair bounded line, priorities, partitions, queue tickets with ETAs |
+//! | [`quota`] | keyed admission limits per user / tenant / plan, and a global one |
+//! | [`pace`] | an upstream's budget (requests and tokens per minute or day), reserved before the call, learned from its headers |
+//! | [`breaker`] | a circuit breaker that counts only upstream failures |
+//! | [`retry`] | retry by class with backoff, `Retry-After`, a budget and a deadline |
+//! | [`timeout`] | attempt, total, first-chunk and idle limits that follow a stream to its end |
+//! | [`shutdown`] | stop admitting, drain with a deadline, release every line, report |
+//! | [`health`] | shallow readiness and a deep report |
+//! | [`observe`] | one event model: `tracing`, listeners, metrics |
+//! | [`guard`] | the one body tap: hold something until a body or stream ends |
+//! | [`eta`] | how a layer below tells a line above when calls will start |
+//! | `llm` | the LLM client preset and its SSE reader (feature `llm`, default) |
+//! | `redis` | a budget and a semaphore shared by a fleet (feature `redis`) |
+//!
+//! The LLM preset's order, and why: `shutdown → quota → bulkhead → retry →
+//! breaker → pace → attempt timeout → client` (see the `llm` module docs).
+//!
+//! Start with `cargo run --example llm_client` (seed 000's Sunday night
+//! against an in-process mock provider, without and with the stack) and the
+//! README's quick start; `examples/axum_server.rs` is the server template.
+//!
+//! Features: `llm` and `signal` by default; `http`, `serde`, `metrics`,
+//! `redis` on request.
+
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
+
+// The README's examples run as doctests (the crate root has its own docs).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 pub mod backoff;
 pub mod breaker;

@@ -183,7 +183,82 @@ impl LlmStack {
         }
     }
 
-    /// The layer for streamed answers (see the module docs).
+    /// The layer for streamed answers (see the module docs). The client below
+    /// answers `http::Response<B>` with **any** body `B: http_body::Body<Data =
+    /// Bytes>` whose error converts into a [`BoxError`](crate::BoxError)
+    /// (`http_body_util::Full`, `StreamBody`, hyper's `Incoming`, or our
+    /// boxed [`StreamBody`] when a client builds bodies of several kinds).
+    /// The caller gets the same body wrapped: it holds the bulkhead permit and
+    /// the breaker's verdict until its end, and ends with a [`StreamFailed`]
+    /// error when the stream reports a failure.
+    ///
+    /// A streamed completion, with an in-memory client:
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::{BodyExt, Full};
+    /// use semaforo::llm::{LlmStack, Tier};
+    /// use tower::{service_fn, ServiceBuilder, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), semaforo::BoxError> {
+    /// let stack = LlmStack::openai(Tier { requests_per_minute: 500, tokens_per_minute: 30_000 }).build()?;
+    /// let client = service_fn(|_req: http::Request<Bytes>| async {
+    ///     let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"hola\"}}]}\n\n\
+    ///                data: {\"usage\":{\"total_tokens\":12}}\n\ndata: [DONE]\n\n";
+    ///     Ok::<_, std::io::Error>(http::Response::new(Full::new(Bytes::from(sse))))
+    /// });
+    /// let llm = ServiceBuilder::new().layer(stack.stream_layer()).service(client);
+    /// let req = http::Request::post("/v1/chat/completions")
+    ///     .body(Bytes::from_static(br#"{"model":"gpt-4o-mini","stream":true,"max_tokens":100,"messages":[]}"#))?;
+    /// let res = llm.oneshot(req).await?;
+    /// let text = res.into_body().collect().await?.to_bytes();
+    /// assert!(text.ends_with(b"data: [DONE]\n\n"));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// With reqwest (its `stream` feature): the response's byte stream becomes
+    /// the body.
+    ///
+    /// ```no_run
+    /// use bytes::Bytes;
+    /// use futures::TryStreamExt;
+    /// use semaforo::llm::{LlmStack, StreamBody, Tier};
+    /// use tower::{service_fn, ServiceBuilder, ServiceExt};
+    ///
+    /// # async fn run() -> Result<(), semaforo::BoxError> {
+    /// let http = reqwest::Client::new();
+    /// let client = service_fn(move |req: http::Request<Bytes>| {
+    ///     let http = http.clone();
+    ///     async move {
+    ///         let res = http
+    ///             .post(format!("https://api.openai.com{}", req.uri().path()))
+    ///             .bearer_auth(std::env::var("OPENAI_API_KEY")?)
+    ///             .header("content-type", "application/json")
+    ///             .body(req.into_body())
+    ///             .send()
+    ///             .await?;
+    ///         let mut out = http::Response::builder().status(res.status().as_u16());
+    ///         for (k, v) in res.headers() {
+    ///             out = out.header(k.as_str(), v.as_bytes());
+    ///         }
+    ///         let frames = res.bytes_stream().map_ok(http_body::Frame::data);
+    ///         Ok::<_, semaforo::BoxError>(out.body(StreamBody::new(http_body_util::StreamBody::new(frames)))?)
+    ///     }
+    /// });
+    /// let stack = LlmStack::openai(Tier { requests_per_minute: 500, tokens_per_minute: 30_000 }).build()?;
+    /// let llm = ServiceBuilder::new().layer(stack.stream_layer()).service(client);
+    /// let req = http::Request::post("/v1/chat/completions").body(Bytes::from_static(
+    ///     br#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hola"}]}"#,
+    /// ))?;
+    /// let mut body = llm.oneshot(req).await?.into_body();
+    /// while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+    ///     if let Some(chunk) = frame?.data_ref() {
+    ///         print!("{}", String::from_utf8_lossy(chunk));
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn stream_layer(&self) -> LlmStreamLayer {
         LlmStreamLayer {
             stack: self.clone(),
