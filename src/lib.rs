@@ -62,6 +62,13 @@ pub mod redis;
 pub mod retry;
 pub mod shutdown;
 mod striped;
+
+/// Traits that exist for the crate's own wiring (how a layer holds its
+/// guard, times a response, counts a call in flight) are sealed: users pick
+/// one of the types given, they do not implement them.
+mod sealed {
+    pub trait Sealed {}
+}
 mod time;
 pub mod timeout;
 

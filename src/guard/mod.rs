@@ -207,7 +207,7 @@ where
 /// the end of the streamed body. Every layer that holds something per call
 /// (bulkhead permit, breaker outcome, shutdown in-flight count) takes one of
 /// these modes as a type parameter.
-pub trait Hold<Res> {
+pub trait Hold<Res>: crate::sealed::Sealed {
     /// The response type the caller sees, holding a `G`.
     type Response<G: Guard>;
     /// Attaches `guard` to `res` (or finishes it at once).
@@ -217,6 +217,11 @@ pub trait Hold<Res> {
 /// Finish the guard when the response arrives (the default).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OnResponse;
+
+impl crate::sealed::Sealed for OnResponse {}
+impl crate::sealed::Sealed for OnStreamEnd {}
+#[cfg(feature = "http")]
+impl crate::sealed::Sealed for OnBodyEnd {}
 
 impl<Res> Hold<Res> for OnResponse {
     type Response<G: Guard> = Res;

@@ -140,7 +140,7 @@ impl<S: fmt::Debug, R> fmt::Debug for ShutdownService<S, R> {
 
 /// How the shutdown layer hands a response back with its [`InFlight`] count:
 /// every [`Hold`] mode of the shared guard, plus [`CutAtDeadline`].
-pub trait HoldInFlight<Res> {
+pub trait HoldInFlight<Res>: crate::sealed::Sealed {
     /// What the caller receives.
     type Response;
     /// Attaches the count to the response.
@@ -158,6 +158,9 @@ impl<Res, H: Hold<Res>> HoldInFlight<Res> for H {
 #[cfg(feature = "http")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CutAtDeadline;
+
+#[cfg(feature = "http")]
+impl crate::sealed::Sealed for CutAtDeadline {}
 
 #[cfg(feature = "http")]
 impl<B> HoldInFlight<http::Response<B>> for CutAtDeadline {

@@ -15,7 +15,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 /// How the response is followed after it arrives.
-pub trait Timed<Res> {
+pub trait Timed<Res>: crate::sealed::Sealed {
     /// What the caller receives.
     type Response;
     /// Wraps the response under the limits that still apply; `started` is when
@@ -31,6 +31,11 @@ pub trait Timed<Res> {
 /// The response is the whole answer: only `attempt` and `total` apply.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Whole;
+
+impl crate::sealed::Sealed for Whole {}
+impl crate::sealed::Sealed for WholeStream {}
+#[cfg(feature = "http")]
+impl crate::sealed::Sealed for WholeBody {}
 
 impl<Res> Timed<Res> for Whole {
     type Response = Res;
