@@ -44,6 +44,30 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+/// `get_ref` / `get_mut` / `into_inner` on a service whose wrapped service
+/// is its `inner` field (tower's convention), written once.
+macro_rules! inner_access {
+    ([$($g:tt)*] $ty:ty) => {
+        impl<$($g)*> $ty {
+            /// The wrapped service.
+            pub fn get_ref(&self) -> &S {
+                &self.inner
+            }
+
+            /// The wrapped service, mutably.
+            pub fn get_mut(&mut self) -> &mut S {
+                &mut self.inner
+            }
+
+            /// The wrapped service, unwrapped.
+            pub fn into_inner(self) -> S {
+                self.inner
+            }
+        }
+    };
+}
+pub(crate) use inner_access;
+
 pub mod backoff;
 pub mod breaker;
 pub mod bulkhead;

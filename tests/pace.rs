@@ -46,6 +46,23 @@ where
     (ok, failed, t0.elapsed())
 }
 
+/// `pace` over a service that answers at once; each `u64` request costs that
+/// many tokens.
+fn by_tokens(
+    pace: &Pace,
+) -> impl Service<
+    u64,
+    Response = u64,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<u64, BoxError>> + Send,
+> + Clone {
+    ServiceBuilder::new()
+        .layer(pace.layer().weigh(|n: &u64| Cost::tokens(*n)))
+        .service(tower::service_fn(|n: u64| async move {
+            Ok::<_, std::io::Error>(n)
+        }))
+}
+
 fn pace(tpm: u64) -> Pace {
     Pace::builder()
         .name("openai")
@@ -195,11 +212,7 @@ async fn max_wait_refuses_at_once_with_the_exact_retry_after() {
         .max_wait(Duration::from_secs(10))
         .build()
         .unwrap();
-    let mut svc = ServiceBuilder::new()
-        .layer(pace.layer().weigh(|n: &u64| Cost::tokens(*n)))
-        .service(tower::service_fn(|n: u64| async move {
-            Ok::<_, std::io::Error>(n)
-        }));
+    let mut svc = by_tokens(&pace);
     svc.ready().await.unwrap().call(6_000).await.unwrap(); // empties the bucket (100 tokens/s)
     svc.ready().await.unwrap().call(0).await.unwrap();
     let t0 = Instant::now();
@@ -619,11 +632,7 @@ async fn a_tiny_announced_limit_slows_but_never_locks_out() {
         }),
         ..RateLimitInfo::default()
     });
-    let mut svc = ServiceBuilder::new()
-        .layer(pace.layer().weigh(|n: &u64| Cost::tokens(*n)))
-        .service(tower::service_fn(|n: u64| async move {
-            Ok::<_, std::io::Error>(n)
-        }));
+    let mut svc = by_tokens(&pace);
     let t0 = Instant::now();
     assert_eq!(svc.ready().await.unwrap().call(1_000).await.unwrap(), 1_000);
     // 500 tokens in the bucket (full), 1,000 asked: it goes, leaving a debt
@@ -676,11 +685,7 @@ async fn a_restored_limit_rescales_what_is_owed() {
         .max_wait(Duration::from_secs(3_600))
         .build()
         .unwrap();
-    let mut svc = ServiceBuilder::new()
-        .layer(pace.layer().weigh(|n: &u64| Cost::tokens(*n)))
-        .service(tower::service_fn(|n: u64| async move {
-            Ok::<_, std::io::Error>(n)
-        }));
+    let mut svc = by_tokens(&pace);
     pace.learn(&announce(1, None));
     svc.ready().await.unwrap().call(50_000).await.unwrap();
     pace.learn(&announce(100_000, None));

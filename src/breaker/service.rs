@@ -316,19 +316,4 @@ impl<F, C, R> fmt::Debug for ResponseFuture<F, C, R> {
     }
 }
 
-impl<S, C, R> BreakerService<S, C, R> {
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The wrapped service, unwrapped.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
+crate::inner_access!([S, C, R] BreakerService<S, C, R>);

@@ -483,22 +483,7 @@ where
     }
 }
 
-impl<S> SseWatch<S> {
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The wrapped service, unwrapped.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
+crate::inner_access!([S] SseWatch<S>);
 
 #[cfg(test)]
 mod tests {

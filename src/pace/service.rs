@@ -649,19 +649,4 @@ where
     }
 }
 
-impl<S, W, O, C, D> PaceService<S, W, O, C, D> {
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The wrapped service, unwrapped.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
+crate::inner_access!([S, W, O, C, D] PaceService<S, W, O, C, D>);

@@ -440,19 +440,4 @@ impl Drop for Unstarted {
     }
 }
 
-impl<S, W, K> BudgetService<S, W, K> {
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The wrapped service, unwrapped.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
+crate::inner_access!([S, W, K] BudgetService<S, W, K>);

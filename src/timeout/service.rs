@@ -260,19 +260,4 @@ where
     }
 }
 
-impl<S, M> TimeoutService<S, M> {
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The wrapped service, unwrapped.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
+crate::inner_access!([S, M] TimeoutService<S, M>);
