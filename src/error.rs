@@ -360,6 +360,22 @@ impl ConfigError {
     }
 }
 
+/// The upstream asked to wait longer than the retry ceiling: returned at once
+/// instead of sleeping, with the wait it asked for.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "upstream asked to retry after {}, above the retry ceiling {}: {source}", crate::time::Human(*.retry_after), crate::time::Human(*.ceiling)
+)]
+pub struct RetryAfterTooLong {
+    /// What the upstream asked for.
+    pub retry_after: Duration,
+    /// The configured ceiling.
+    pub ceiling: Duration,
+    /// The upstream's error.
+    #[source]
+    pub source: BoxError,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

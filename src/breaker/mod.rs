@@ -74,17 +74,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// The breaker's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum BreakerState {
-    /// Calls pass; outcomes are recorded.
-    Closed,
-    /// Calls are refused until the open time ends.
-    Open,
-    /// A few probe calls pass to test the upstream.
-    HalfOpen,
-}
+/// The breaker's state (defined with the event model, which reports it;
+/// the same type).
+pub use crate::observe::BreakerState;
 
 /// A manual override of the state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

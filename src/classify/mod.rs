@@ -212,7 +212,7 @@ as_error_ref_self!(::http::Error);
 
 /// Classifies an error by walking its `source()` chain.
 ///
-/// - [`RetryAfterTooLong`](crate::retry::RetryAfterTooLong) → `Throttled` with its wait.
+/// - [`RetryAfterTooLong`](crate::error::RetryAfterTooLong) → `Throttled` with its wait.
 /// - [`Rejected`] from a semaforo layer: `Timeout` → `Transient`; `CircuitOpen` →
 ///   `Overloaded` (with its retry_after); `QueueFull`, `QueueTimeout`,
 ///   `QuotaExceeded`, `BudgetExceeded` → `Throttled` (local back-pressure is
@@ -228,7 +228,7 @@ pub fn classify_error(err: &(dyn StdError + 'static)) -> Class {
         if let Some(r) = e.downcast_ref::<Rejected>() {
             return classify_rejected(r);
         }
-        if let Some(r) = e.downcast_ref::<crate::retry::RetryAfterTooLong>() {
+        if let Some(r) = e.downcast_ref::<crate::error::RetryAfterTooLong>() {
             return Class::Throttled {
                 retry_after: Some(r.retry_after),
             };

@@ -78,7 +78,6 @@
 //! # Ok(()) }
 //! ```
 
-use crate::breaker::BreakerState;
 use crate::classify::Class;
 use crate::error::{RejectKind, Rejected};
 use std::fmt;
@@ -139,6 +138,18 @@ pub enum EventKind {
         /// Which one.
         phase: ShutdownPhase,
     },
+}
+
+/// The breaker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BreakerState {
+    /// Calls pass; outcomes are recorded.
+    Closed,
+    /// Calls are refused until the open time ends.
+    Open,
+    /// A few probe calls pass to test the upstream.
+    HalfOpen,
 }
 
 /// Why a breaker changed state. `Display` / [`as_str`](Self::as_str) give the

@@ -72,7 +72,7 @@ pub use service::{
 
 use crate::backoff::{Backoff, Jitter};
 use crate::classify::{Class, ErrorClassifier};
-use crate::error::{BoxError, ConfigError, RejectKind};
+use crate::error::{ConfigError, RejectKind};
 use crate::observe::{Event, EventKind, ListenerSlot, Observer};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,21 +95,7 @@ pub struct RetryEvent {
     pub delay: Duration,
 }
 
-/// The upstream asked to wait longer than the retry ceiling: returned at once
-/// instead of sleeping, with the wait it asked for.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "upstream asked to retry after {}, above the retry ceiling {}: {source}", crate::time::Human(*.retry_after), crate::time::Human(*.ceiling)
-)]
-pub struct RetryAfterTooLong {
-    /// What the upstream asked for.
-    pub retry_after: Duration,
-    /// The configured ceiling.
-    pub ceiling: Duration,
-    /// The upstream's error.
-    #[source]
-    pub source: BoxError,
-}
+pub use crate::error::RetryAfterTooLong;
 
 type EventFn = Arc<dyn Fn(&RetryEvent) + Send + Sync>;
 
