@@ -227,7 +227,7 @@ async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, B
     bar.finish_and_clear();
     phase.makespan = t0.elapsed();
     phase.provider_429 = client.seen.throttled.load(Ordering::Relaxed);
-    phase.retries = stack.retry.retries();
+    phase.retries = stack.retry().retries();
     Ok(phase)
 }
 

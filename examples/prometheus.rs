@@ -51,7 +51,7 @@ async fn main() -> Result<(), BoxError> {
         "{} succeeded, {} failed, {} retries; health: {:?}.",
         s.succeeded,
         s.failed,
-        s.stack.retry.retries(),
+        s.stack.retry().retries(),
         s.health.report().status
     );
     let body = reqwest::get(format!("http://{}/metrics", args.listen))

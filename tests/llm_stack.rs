@@ -165,8 +165,8 @@ async fn injected_529s_and_midstream_errors_are_retried_and_429s_never_open_the_
     assert!(Stats::get(&provider.stats.midstream_errors) > 0);
     assert_eq!(opened.load(Ordering::SeqCst), 0, "the breaker never opened");
     // The retry budget: 20 % of the requests plus 1 per second over its 10 s window.
-    let retries = stack.retry.retries() as f64;
-    let budget = stack.retry.budget().unwrap();
+    let retries = stack.retry().retries() as f64;
+    let budget = stack.retry().budget().unwrap();
     assert!(
         retries <= 0.2 * budget.requests() as f64 + 10.0 * 2.0,
         "{retries} retries"

@@ -76,14 +76,14 @@ async fn slots_are_held_to_the_last_chunk_and_usage_reconciles_within_1_percent(
     let res = one.ready().await.unwrap().call(streamed(0)).await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(
-        stack.bulkhead.snapshot().in_flight,
+        stack.bulkhead().snapshot().in_flight,
         1,
         "held after the headers"
     );
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert!(body.ends_with(b"data: [DONE]\n\n"));
     assert_eq!(
-        stack.bulkhead.snapshot().in_flight,
+        stack.bulkhead().snapshot().in_flight,
         0,
         "released at the last chunk"
     );
@@ -116,7 +116,7 @@ async fn slots_are_held_to_the_last_chunk_and_usage_reconciles_within_1_percent(
         billed < 11.0 * 2_000.0 * 0.6,
         "the estimates were 2× too high: {billed}"
     );
-    assert_eq!(stack.bulkhead.snapshot().in_flight, 0);
+    assert_eq!(stack.bulkhead().snapshot().in_flight, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +128,7 @@ async fn a_failure_mid_stream_reaches_the_breaker() {
         .service(StreamingClient(HttpClient::new(&mock.base_url(), None)));
     let res = svc.ready().await.unwrap().call(streamed(1)).await.unwrap();
     assert_eq!(res.status(), 200, "the headers said all is well");
-    assert_eq!(stack.breaker.snapshot().consecutive_failures, 0);
+    assert_eq!(stack.breaker().snapshot().consecutive_failures, 0);
     let mut body = res.into_body();
     let mut seen = Vec::new();
     let err = loop {
@@ -148,10 +148,10 @@ async fn a_failure_mid_stream_reaches_the_breaker() {
     );
     drop(body);
     assert_eq!(
-        stack.breaker.snapshot().consecutive_failures,
+        stack.breaker().snapshot().consecutive_failures,
         1,
         "the failure reached the breaker"
     );
-    assert_eq!(stack.bulkhead.snapshot().in_flight, 0);
+    assert_eq!(stack.bulkhead().snapshot().in_flight, 0);
     assert_eq!(Stats::get(&mock.stats.midstream_errors), 1);
 }

@@ -77,6 +77,6 @@ async fn the_documented_series_exist_with_plausible_values() {
     // Nothing was refused or retried on this healthy run.
     assert!(!body.contains("semaforo_rejected_total"), "{body}");
     assert!(!body.contains("semaforo_retries_total"), "{body}");
-    assert_eq!(s.stack.retry.retries(), 0);
+    assert_eq!(s.stack.retry().retries(), 0);
     assert!(s.health.is_ready());
 }

@@ -186,7 +186,7 @@ async fn a_data_error_payload_is_a_failure() {
         .downcast_ref::<semaforo::llm::StreamFailed>()
         .expect("a StreamFailed");
     assert_eq!(failed.class, semaforo::classify::Class::Transient);
-    assert_eq!(stack.breaker.snapshot().consecutive_failures, 1);
+    assert_eq!(stack.breaker().snapshot().consecutive_failures, 1);
 }
 
 /// Words that look like an SSE field inside a `data:` payload are content, even
@@ -206,7 +206,7 @@ async fn event_error_inside_the_text_is_untouched() {
     let body = res.into_body().collect().await.unwrap().to_bytes();
     let whole: Vec<u8> = FRAMES.concat();
     assert_eq!(&body[..], &whole[..], "untouched");
-    let snap = stack.breaker.snapshot();
+    let snap = stack.breaker().snapshot();
     assert_eq!(snap.consecutive_failures, 0);
     assert_eq!(snap.state, semaforo::breaker::BreakerState::Closed);
 }
@@ -231,7 +231,7 @@ async fn an_error_event_split_across_frames_is_seen() {
         failed.class,
         semaforo::classify::Class::Overloaded { retry_after: None }
     );
-    assert_eq!(stack.breaker.snapshot().consecutive_failures, 1);
+    assert_eq!(stack.breaker().snapshot().consecutive_failures, 1);
 }
 
 /// Anthropic reports a stream's input tokens in `message_start` (nested in
@@ -277,7 +277,7 @@ async fn an_error_payload_with_odd_fields_is_still_an_error() {
         .await
         .expect("the stream failed");
     assert!(err.to_string().contains("gone"), "{err}");
-    assert_eq!(stack.breaker.snapshot().consecutive_failures, 1);
+    assert_eq!(stack.breaker().snapshot().consecutive_failures, 1);
 }
 
 /// An `event: error` whose data is over the parser's cap is still a failure.
@@ -295,5 +295,5 @@ async fn an_error_event_over_the_cap_is_still_a_failure() {
         stream_through(&stack, frames).await.is_some(),
         "the failure was seen"
     );
-    assert_eq!(stack.breaker.snapshot().consecutive_failures, 1);
+    assert_eq!(stack.breaker().snapshot().consecutive_failures, 1);
 }

@@ -102,26 +102,65 @@ pub struct Tier {
     pub tokens_per_minute: u64,
 }
 
-/// The preset's parts. Build with [`LlmStack::openai`].
+/// The preset's parts. Build with [`LlmStack::openai`]; read each part with
+/// its getter (to watch it, or to register it with a
+/// [`Health`](crate::health::Health)). The parts are fixed at `build()`
+/// (the shutdown is wired to the bulkhead's and the pacer's lines, and the
+/// pacer is the bulkhead's ETA source): give a part of your own to the
+/// builder instead.
 #[derive(Debug, Clone)]
 pub struct LlmStack {
+    shutdown: Shutdown,
+    quota: Option<(Quota<String>, HeaderKey)>,
+    bulkhead: Bulkhead,
+    retry: Retry,
+    breaker: Breaker,
+    pace: Pace,
+    timeout: Timeout,
+    stream_timeout: Timeout,
+}
+
+impl LlmStack {
     /// Graceful shutdown; it closes the bulkhead's and the pacer's lines when triggered.
-    pub shutdown: Shutdown,
-    /// Per-user quota, keyed by a request header (none by default).
-    pub quota: Option<(Quota<String>, HeaderKey)>,
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
+    /// The per-user quota and the header it is keyed by, if one was given.
+    pub fn quota(&self) -> Option<&Quota<String>> {
+        self.quota.as_ref().map(|(q, _)| q)
+    }
+
     /// Concurrency and the fair line.
-    pub bulkhead: Bulkhead,
+    pub fn bulkhead(&self) -> &Bulkhead {
+        &self.bulkhead
+    }
+
     /// Classified retry with its budget.
-    pub retry: Retry,
+    pub fn retry(&self) -> &Retry {
+        &self.retry
+    }
+
     /// The circuit breaker.
-    pub breaker: Breaker,
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
     /// The RPM + TPM pacer.
-    pub pace: Pace,
+    pub fn pace(&self) -> &Pace {
+        &self.pace
+    }
+
     /// The per-attempt timeout.
-    pub timeout: Timeout,
+    pub fn timeout(&self) -> &Timeout {
+        &self.timeout
+    }
+
     /// The timeouts of streamed answers: to the headers, to the first chunk,
     /// between chunks.
-    pub stream_timeout: Timeout,
+    pub fn stream_timeout(&self) -> &Timeout {
+        &self.stream_timeout
+    }
 }
 
 /// Builder for [`LlmStack`].
