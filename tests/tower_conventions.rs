@@ -132,3 +132,18 @@ fn every_reject_kind_maps_to_a_status_and_headers() {
         assert!(res.headers().get("retry-after").is_none());
     }
 }
+
+/// The health report serializes as JSON objects of named fields.
+#[cfg(feature = "serde")]
+#[tokio::test]
+async fn health_serializes_as_named_fields() {
+    use semaforo::health::Health;
+    let shutdown = Shutdown::new();
+    let bulkhead = Bulkhead::builder().max_concurrent(3).build().unwrap();
+    let report = Health::new(&shutdown).bulkhead("db", &bulkhead).report();
+    let json = serde_json::to_value(&report).unwrap();
+    let details = &json["components"][0]["details"];
+    assert!(details.is_object(), "{json}");
+    assert_eq!(details["limit"], 3.0, "{json}");
+    assert_eq!(json["ready"], true);
+}

@@ -63,8 +63,24 @@ pub struct Component {
     pub kind: &'static str,
     /// Its status.
     pub status: Status,
-    /// Its numbers, as `(label, value)` pairs.
+    /// Its numbers, as `(label, value)` pairs (serialized as a JSON object
+    /// of named fields: `{"in_flight": 3, "waiting": 0, …}`).
+    #[cfg_attr(feature = "serde", serde(serialize_with = "details_as_object"))]
     pub details: Vec<(&'static str, f64)>,
+}
+
+/// `[("in_flight", 3.0), …]` as `{"in_flight": 3.0, …}`.
+#[cfg(feature = "serde")]
+fn details_as_object<S: serde::Serializer>(
+    details: &[(&'static str, f64)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(details.len()))?;
+    for (name, value) in details {
+        map.serialize_entry(name, value)?;
+    }
+    map.end()
 }
 
 /// The deep health report.
