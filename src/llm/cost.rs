@@ -140,6 +140,14 @@ impl Payload<'_> {
         self.output = n(u.output_tokens).or(self.output);
     }
 
+    /// Keeps what a later payload of the same stream reports (the last value
+    /// of each part wins).
+    pub(crate) fn absorb(&mut self, later: &Payload<'_>) {
+        self.usage = later.usage.or(self.usage);
+        self.input = later.input.or(self.input);
+        self.output = later.output.or(self.output);
+    }
+
     /// The total: the one reported, else the sum of the parts.
     pub(crate) fn total(&self) -> Option<u64> {
         self.usage.or(match (self.input, self.output) {

@@ -287,7 +287,7 @@ pub struct StreamFailed {
 const KEPT_ERROR_DATA: usize = 4 * 1024;
 
 /// What the watch found in one event.
-fn inspect(ev: SseEvent<'_>, usage: &mut UsageSeen) -> Option<StreamFailed> {
+fn inspect(ev: SseEvent<'_>, usage: &mut Payload<'static>) -> Option<StreamFailed> {
     let data = ev.data.trim_ascii_start();
     let payload = if data.first() == Some(&b'{') {
         serde_json::from_slice::<Payload<'_>>(data).ok()
@@ -295,7 +295,7 @@ fn inspect(ev: SseEvent<'_>, usage: &mut UsageSeen) -> Option<StreamFailed> {
         None
     };
     if let Some(p) = &payload {
-        usage.add(p);
+        usage.absorb(p);
     }
     let failed = ev.event == b"error" || payload.is_some_and(|p| p.error);
     if ev.truncated && !failed {
@@ -320,40 +320,11 @@ pub struct SseWatchBody<B> {
     inner: B,
     parser: SseParser,
     usage: UsageCell,
-    seen: UsageSeen,
+    /// The usage reported so far: OpenAI's and Gemini's totals, Anthropic's
+    /// input (`message_start`) and output (the last `message_delta`).
+    seen: Payload<'static>,
     failed: Option<StreamFailed>,
     done: bool,
-}
-
-/// The usage a stream reported so far: OpenAI's and Gemini's totals (the
-/// last one wins), or Anthropic's input tokens (`message_start`) and output
-/// tokens (the last `message_delta`).
-#[derive(Debug, Default, Clone, Copy)]
-struct UsageSeen {
-    total: Option<u64>,
-    input: Option<u64>,
-    output: Option<u64>,
-}
-
-impl UsageSeen {
-    fn add(&mut self, p: &Payload<'_>) {
-        if let Some(t) = p.usage {
-            self.total = Some(t);
-        }
-        if let Some(i) = p.input {
-            self.input = Some(i);
-        }
-        if let Some(o) = p.output {
-            self.output = Some(o);
-        }
-    }
-
-    fn total(&self) -> Option<u64> {
-        self.total.or(match (self.input, self.output) {
-            (None, None) => None,
-            (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
-        })
-    }
 }
 
 impl<B> std::fmt::Debug for SseWatchBody<B> {
@@ -476,7 +447,7 @@ where
             inner,
             parser: SseParser::new(),
             usage,
-            seen: UsageSeen::default(),
+            seen: Payload::default(),
             failed: None,
             done: false,
         })))

@@ -105,6 +105,45 @@ fn secs(epoch: Instant, t: Instant) -> f64 {
     t.saturating_duration_since(epoch).as_secs_f64()
 }
 
+/// `s` seconds after `epoch`, rounded up to the next microsecond: never
+/// start early.
+fn instant_at(epoch: Instant, s: f64) -> Instant {
+    let micros = (s * 1e6).ceil();
+    crate::time::after(epoch, Duration::from_micros(micros.max(0.0) as u64))
+}
+
+/// The GCRA rule, for the pacer and its projections alike: the earliest
+/// start (seconds since the epoch) of `cost` on cells `tat` at `spu` seconds
+/// per unit, not before `now` nor a pause, after `extra[d]` units already in
+/// line. A cost above a burst (a lower limit the upstream announced) starts
+/// once the bucket is full, and leaves a debt.
+fn earliest(
+    dims: &[Dim],
+    tat: &[f64],
+    spu: &[f64],
+    cost: &Cost,
+    now: f64,
+    paused: Option<f64>,
+    extra: Option<&[f64]>,
+) -> f64 {
+    let mut start = now.max(paused.unwrap_or(0.0));
+    for (d, dim) in dims.iter().enumerate() {
+        let t = spu[d];
+        let ahead = extra.map_or(0.0, |e| e[d]);
+        let full = tat[d].max(now) + ahead * t;
+        let n = dim.amount(cost).min(dim.capacity);
+        start = start.max(full - (dim.capacity - n) * t);
+    }
+    start
+}
+
+/// Reserves `cost` on every cell from `start`.
+fn reserve(dims: &[Dim], tat: &mut [f64], spu: &[f64], cost: &Cost, start: f64) {
+    for (d, dim) in dims.iter().enumerate() {
+        tat[d] = tat[d].max(start) + dim.amount(cost) * spu[d];
+    }
+}
+
 impl State {
     pub(crate) fn new(dims: Vec<Dim>) -> Self {
         let n = dims.len();
@@ -191,36 +230,18 @@ impl State {
     }
 
     fn instant(&self, s: f64) -> Instant {
-        // Round up to the next microsecond: never start early.
-        let micros = (s * 1e6).ceil();
-        crate::time::after(self.epoch, Duration::from_micros(micros.max(0.0) as u64))
+        instant_at(self.epoch, s)
     }
 
     /// Earliest start for `cost` after everything in `extra` (per dimension)
     /// has been reserved, in seconds since the epoch.
     fn start_secs(&self, cost: &Cost, extra: Option<&[f64]>, now: f64) -> f64 {
-        let mut start = now;
-        if let Some(p) = self.paused_until {
-            start = start.max(secs(self.epoch, p));
-        }
-        for (d, dim) in self.dims.iter().enumerate() {
-            let t = self.spu(d);
-            let ahead = extra.map_or(0.0, |e| e[d]);
-            let tat = self.tat[d].max(now) + ahead * t;
-            // A cost above the burst (a lower limit the upstream announced)
-            // starts once the bucket is full, and leaves a debt.
-            let n = dim.amount(cost).min(dim.capacity);
-            start = start.max(tat - (dim.capacity - n) * t);
-        }
-        start
+        let paused = self.paused_until.map(|p| secs(self.epoch, p));
+        earliest(&self.dims, &self.tat, &self.spu, cost, now, paused, extra)
     }
 
     fn reserve_at(&mut self, cost: &Cost, start: f64) {
-        for d in 0..self.dims.len() {
-            let n = self.dims[d].amount(cost);
-            let t = self.spu(d);
-            self.tat[d] = self.tat[d].max(start) + n * t;
-        }
+        reserve(&self.dims, &mut self.tat, &self.spu, cost, start);
     }
 
     /// Reserve now if nobody waits and it fits.
@@ -547,23 +568,24 @@ impl crate::eta::Projection for Projection {
             Some(c) => c,
             None => self.typical?,
         };
+        if self
+            .dims
+            .iter()
+            .any(|dim| dim.amount(&cost) > dim.configured_capacity)
+        {
+            return None;
+        }
         let n = secs(self.epoch, not_before);
-        let mut start = n.max(self.paused.unwrap_or(0.0));
-        for (d, dim) in self.dims.iter().enumerate() {
-            let amount = dim.amount(&cost);
-            if amount > dim.configured_capacity {
-                return None;
-            }
-            let fits = amount.min(dim.capacity);
-            start = start.max(self.tat[d] - (dim.capacity - fits) * self.spu[d]);
-        }
-        for (d, dim) in self.dims.iter().enumerate() {
-            self.tat[d] = self.tat[d].max(start) + dim.amount(&cost) * self.spu[d];
-        }
-        let micros = (start * 1e6).ceil().max(0.0) as u64;
-        Some(crate::time::after(
-            self.epoch,
-            Duration::from_micros(micros),
-        ))
+        let start = earliest(
+            &self.dims,
+            &self.tat,
+            &self.spu,
+            &cost,
+            n,
+            self.paused,
+            None,
+        );
+        reserve(&self.dims, &mut self.tat, &self.spu, &cost, start);
+        Some(instant_at(self.epoch, start))
     }
 }
