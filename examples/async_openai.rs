@@ -29,7 +29,7 @@ use mock_provider::{MockConfig, MockProvider, Stats};
 use semaforo::backoff::{Backoff, Jitter};
 use semaforo::breaker::Breaker;
 use semaforo::bulkhead::Bulkhead;
-use semaforo::classify::{classify_error, Class, LlmClassifier};
+use semaforo::classify::{classify_error, Class, LlmClassifier, Permanent};
 use semaforo::pace::{Cost, Observed, Pace};
 use semaforo::retry::Retry;
 use semaforo::timeout::Timeout;
@@ -66,7 +66,7 @@ fn classify(r: Result<&CreateChatCompletionResponse, &OpenAIError>) -> Class {
         }
         Err(OpenAIError::Reqwest(e)) => classify_error(e),
         Err(OpenAIError::StreamError(_)) => Class::Transient,
-        Err(_) => Class::Permanent, // bad arguments, undecodable answers: retrying cannot help
+        Err(_) => Class::permanent(Permanent::InvalidRequest), // bad arguments, undecodable answers: retrying cannot help
     }
 }
 

@@ -2,7 +2,7 @@
 //! rate and slow-call policies, half-open probes and drops, manual modes, events.
 
 use semaforo::breaker::{Breaker, BreakerState, Transition};
-use semaforo::classify::Class;
+use semaforo::classify::{Class, Permanent};
 use semaforo::{BoxError, RejectKind, Rejected};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -139,7 +139,9 @@ async fn fifty_throttled_results_leave_it_closed() {
         step(&mut svc, THROTTLED).await.unwrap();
     }
     for _ in 0..50 {
-        step(&mut svc, Class::Permanent).await.unwrap();
+        step(&mut svc, Class::permanent(Permanent::InvalidRequest))
+            .await
+            .unwrap();
     }
     assert_eq!(breaker.state(), BreakerState::Closed);
     assert_eq!(breaker.snapshot().consecutive_failures, 0);

@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use semaforo::breaker::{Breaker, BreakerState};
-use semaforo::classify::Class;
+use semaforo::classify::{Class, Permanent};
 use semaforo::{BoxError, Rejected};
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -50,7 +50,7 @@ fn class() -> impl Strategy<Value = Class> {
         1 => Just(Class::Throttled { retry_after: None }),
         2 => Just(Class::Overloaded { retry_after: None }),
         2 => Just(Class::Transient),
-        1 => Just(Class::Permanent),
+        1 => Just(Class::permanent(Permanent::Other)),
     ]
 }
 

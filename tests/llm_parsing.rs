@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use semaforo::classify::headers::parse_retry_after;
-use semaforo::classify::{Class, HttpClassifier, LlmClassifier};
+use semaforo::classify::{Class, HttpClassifier, LlmClassifier, Permanent};
 use semaforo::llm::{estimate_cost, LlmStack, Tier};
 use semaforo::pace::Cost;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -152,7 +152,9 @@ fn gemini_errors_wrapped_in_an_array() {
     let per_day = br#"[{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"40s"}]}}]"#;
     assert_eq!(
         LlmClassifier::new().classify_parts(429, &NONE[..], per_day),
-        Class::Permanent
+        Class::Permanent {
+            reason: Permanent::QuotaExhausted
+        }
     );
 }
 
@@ -189,7 +191,9 @@ fn provider_errors_are_read_leniently() {
     for body in permanent {
         assert_eq!(
             LlmClassifier::new().classify_parts(429, &NONE[..], body.as_bytes()),
-            Class::Permanent,
+            Class::Permanent {
+                reason: Permanent::QuotaExhausted
+            },
             "{body}"
         );
     }

@@ -2,7 +2,7 @@
 //! deadlines, budgets, request policies, cancellation.
 
 use semaforo::backoff::{Backoff, Jitter};
-use semaforo::classify::Class;
+use semaforo::classify::{Class, Permanent};
 use semaforo::retry::{Retry, RetryAfterTooLong, RetryBudget, RetryEvent};
 use semaforo::{BoxError, RejectKind, Rejected};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -283,11 +283,14 @@ async fn retry_after_an_hour_returns_at_once_with_the_hint() {
 
 #[tokio::test(start_paused = true)]
 async fn permanent_is_never_retried() {
-    let up = Scripted::new(vec![Class::Permanent; 3], Duration::ZERO);
+    let up = Scripted::new(
+        vec![Class::permanent(Permanent::InvalidRequest); 3],
+        Duration::ZERO,
+    );
     let retry = Retry::builder().max_attempts(5).build().unwrap();
     assert_eq!(
         once(&mut stack(&retry, &up)).await.unwrap(),
-        Class::Permanent
+        Class::permanent(Permanent::InvalidRequest)
     );
     assert_eq!(up.starts().len(), 1);
     assert_eq!(retry.retries(), 0);

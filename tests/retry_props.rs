@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use semaforo::backoff::{Backoff, Jitter};
-use semaforo::classify::Class;
+use semaforo::classify::{Class, Permanent};
 use semaforo::retry::Retry;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +15,7 @@ fn class() -> impl Strategy<Value = Class> {
     let ra = prop::option::of((0u64..20_000).prop_map(Duration::from_millis));
     prop_oneof![
         2 => Just(Class::Success),
-        1 => Just(Class::Permanent),
+        1 => Just(Class::permanent(Permanent::Other)),
         2 => Just(Class::Transient),
         1 => Just(Class::Infrastructure),
         2 => ra.clone().prop_map(|retry_after| Class::Throttled { retry_after }),

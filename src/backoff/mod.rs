@@ -107,7 +107,7 @@ fn override_index(class: &Class) -> Option<usize> {
         Class::Overloaded { .. } => Some(1),
         Class::Transient => Some(2),
         Class::Infrastructure => Some(3),
-        Class::Success | Class::Permanent => None,
+        Class::Success | Class::Permanent { .. } => None,
     }
 }
 

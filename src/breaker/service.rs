@@ -278,8 +278,8 @@ where
                 call,
                 classify,
             } => {
-                let result = ready!(fut.poll(cx));
-                let class = classify.classify(result.as_ref());
+                let mut result = ready!(fut.poll(cx));
+                let class = classify.classify_and_carry(result.as_mut().map_err(|e| &*e));
                 Poll::Ready(match result {
                     Ok(res) => {
                         // A failed response is over now; a good one may still stream.

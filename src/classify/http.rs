@@ -1,19 +1,22 @@
 //! Classification of `http::Response` by status and headers (feature `http`).
 
 use super::headers::{retry_after_from_headers, throttle_wait_from_headers};
-use super::{classify_error, AsErrorRef, Class, Classify};
+use super::{classify_error, AsErrorRef, Class, Classify, Permanent};
 use std::time::{Duration, SystemTime};
 
 /// The class of an HTTP status, with the `retry_after` the headers gave.
 ///
 /// 1xx–3xx → `Success`; 429 → `Throttled`; 503 and 529 → `Overloaded`;
-/// 408, 500, 502, 504 and other 5xx → `Transient`; other 4xx → `Permanent`.
+/// 408, 500, 502, 504 and other 5xx → `Transient`; other 4xx → `Permanent`, with
+/// the reason the status names (400 and 422 `InvalidRequest`, 401
+/// `Authentication`, 403 `PermissionDenied`, 404 `NotFound`, 413
+/// `RequestTooLarge`, the rest `Other`).
 ///
 /// ```
-/// use semaforo::classify::{status_class, Class};
+/// use semaforo::classify::{status_class, Class, Permanent};
 /// assert_eq!(status_class(429, None), Class::Throttled { retry_after: None });
 /// assert_eq!(status_class(529, None), Class::Overloaded { retry_after: None });
-/// assert_eq!(status_class(404, None), Class::Permanent);
+/// assert_eq!(status_class(404, None), Class::Permanent { reason: Permanent::NotFound });
 /// ```
 pub fn status_class(status: u16, retry_after: Option<Duration>) -> Class {
     match status {
@@ -21,7 +24,12 @@ pub fn status_class(status: u16, retry_after: Option<Duration>) -> Class {
         429 => Class::Throttled { retry_after },
         503 | 529 => Class::Overloaded { retry_after },
         408 => Class::Transient,
-        400..=499 => Class::Permanent,
+        400 | 422 => Class::permanent(Permanent::InvalidRequest),
+        401 => Class::permanent(Permanent::Authentication),
+        403 => Class::permanent(Permanent::PermissionDenied),
+        404 => Class::permanent(Permanent::NotFound),
+        413 => Class::permanent(Permanent::RequestTooLarge),
+        400..=499 => Class::permanent(Permanent::Other),
         _ => Class::Transient,
     }
 }
@@ -64,9 +72,79 @@ impl HttpClassifier {
 impl<B, Err: AsErrorRef> Classify<http::Response<B>, Err> for HttpClassifier {
     fn classify(&self, result: Result<&http::Response<B>, &Err>) -> Class {
         match result {
-            Ok(res) => self.classify_parts(res.status(), res.headers()),
+            Ok(res) => Classified::read::<Self, _>(res)
+                .unwrap_or_else(|| self.classify_parts(res.status(), res.headers())),
             Err(e) => classify_error(e.as_error_ref()),
         }
+    }
+
+    fn classify_and_carry(&self, result: Result<&mut http::Response<B>, &Err>) -> Class {
+        match result {
+            Ok(res) => Classified::carry::<Self, _>(res, |res| {
+                self.classify_parts(res.status(), res.headers())
+            }),
+            Err(e) => classify_error(e.as_error_ref()),
+        }
+    }
+}
+
+/// The class the innermost classifying layer gave a failed `http::Response`,
+/// carried outward in its extensions so no layer classifies it again (see
+/// [`Classify`](super::Classify#classified-once)).
+///
+/// Recorded by the shipped HTTP classifiers for every class but `Success`, and
+/// read back only by a classifier of the same type (an outer layer with a
+/// different classifier classifies on its own, and records its class in
+/// place of the inner one). Read it in your own code with
+/// [`Classified::of`].
+///
+/// ```
+/// use semaforo::classify::{Class, Classified, Classify, HttpClassifier};
+///
+/// let mut res = http::Response::builder().status(503).body(()).unwrap();
+/// let class = HttpClassifier.classify_and_carry(Ok::<_, &std::io::Error>(&mut res));
+/// assert_eq!(class, Class::Overloaded { retry_after: None });
+/// assert_eq!(Classified::of(&res), Some(class));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classified {
+    class: Class,
+    by: std::any::TypeId,
+}
+
+impl Classified {
+    /// The class recorded on `res`, by whichever classifier recorded it.
+    pub fn of<B>(res: &http::Response<B>) -> Option<Class> {
+        res.extensions().get::<Classified>().map(|c| c.class)
+    }
+
+    /// The class recorded on `res` by a classifier of type `C`.
+    #[inline]
+    pub(crate) fn read<C: 'static, B>(res: &http::Response<B>) -> Option<Class> {
+        res.extensions()
+            .get::<Classified>()
+            .filter(|c| c.by == std::any::TypeId::of::<C>())
+            .map(|c| c.class)
+    }
+
+    /// The class recorded by `C`, or `classify(res)` recorded for the layers
+    /// outside when it is a failure.
+    #[inline]
+    pub(crate) fn carry<C: 'static, B>(
+        res: &mut http::Response<B>,
+        classify: impl FnOnce(&http::Response<B>) -> Class,
+    ) -> Class {
+        if let Some(class) = Self::read::<C, B>(res) {
+            return class;
+        }
+        let class = classify(res);
+        if !class.is_success() {
+            res.extensions_mut().insert(Classified {
+                class,
+                by: std::any::TypeId::of::<C>(),
+            });
+        }
+        class
     }
 }
 
@@ -93,8 +171,16 @@ mod tests {
         for s in [500, 502, 504, 408] {
             assert_eq!(c(s), Class::Transient, "{s}");
         }
-        for s in [400, 401, 403, 404, 422] {
-            assert_eq!(c(s), Class::Permanent, "{s}");
+        for (s, reason) in [
+            (400, Permanent::InvalidRequest),
+            (401, Permanent::Authentication),
+            (403, Permanent::PermissionDenied),
+            (404, Permanent::NotFound),
+            (413, Permanent::RequestTooLarge),
+            (422, Permanent::InvalidRequest),
+            (418, Permanent::Other),
+        ] {
+            assert_eq!(c(s), Class::permanent(reason), "{s}");
         }
     }
 

@@ -11,8 +11,8 @@
 use super::headers::{
     parse_go_duration, retry_after_from_headers, throttle_wait_from_headers, HeaderSource,
 };
-use super::http::status_class;
-use super::{classify_error, AsErrorRef, Class, Classify};
+use super::http::{status_class, Classified};
+use super::{classify_error, AsErrorRef, Class, Classify, Permanent};
 use std::time::{Duration, SystemTime};
 
 /// Classifies OpenAI, Anthropic and Gemini responses, reading the error body.
@@ -22,7 +22,9 @@ use std::time::{Duration, SystemTime};
 ///    `Retry-After`;
 /// 2. the error body refines it:
 ///    - OpenAI `insufficient_quota`, `Request too large…`, `context_length_exceeded`,
-///      `content_policy_violation` / `content_filter` → `Permanent` (even on 429);
+///      `content_policy_violation` / `content_filter` → `Permanent` (even on 429),
+///      with its [`Permanent`] reason (`QuotaExhausted`, `RequestTooLarge`,
+///      `ContextLengthExceeded`, `ContentPolicy`);
 ///      `rate_limit_exceeded` → `Throttled` (delay from headers, else from
 ///      "Please try again in 6s");
 ///    - Anthropic `overloaded_error` → `Overloaded`, `rate_limit_error` →
@@ -35,11 +37,14 @@ use std::time::{Duration, SystemTime};
 ///    makes a `Permanent` failure `Transient` (the header wins, as in OpenAI's SDKs).
 ///
 /// ```
-/// use semaforo::classify::{Class, LlmClassifier};
+/// use semaforo::classify::{Class, LlmClassifier, Permanent};
 ///
 /// let body = br#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
 /// let no_headers: [(&str, &str); 0] = [];
-/// assert_eq!(LlmClassifier::new().classify_parts(429, &no_headers[..], body), Class::Permanent);
+/// assert_eq!(
+///     LlmClassifier::new().classify_parts(429, &no_headers[..], body),
+///     Class::Permanent { reason: Permanent::QuotaExhausted }
+/// );
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LlmClassifier {
@@ -132,19 +137,27 @@ impl ProviderError {
         let lower = self.message.as_deref().map(str::to_ascii_lowercase);
 
         // Permanent whatever the status: retrying cannot help.
-        if code_or_kind("insufficient_quota")
+        let permanent = if code_or_kind("insufficient_quota")
             || code_or_kind("billing_error")
-            || code_or_kind("context_length_exceeded")
-            || code_or_kind("content_policy_violation")
-            || code_or_kind("content_filter")
-            || self.message_has(&lower, "request too large")
-            || self.message_has(&lower, "maximum context length")
             || self.message_has(&lower, "credit balance is too low")
             || self.message_has(&lower, "reached your specified api usage limits")
             || self.message_has(&lower, "spend limit")
             || self.per_day_quota
         {
-            return Class::Permanent;
+            Some(Permanent::QuotaExhausted)
+        } else if code_or_kind("context_length_exceeded")
+            || self.message_has(&lower, "maximum context length")
+        {
+            Some(Permanent::ContextLengthExceeded)
+        } else if code_or_kind("content_policy_violation") || code_or_kind("content_filter") {
+            Some(Permanent::ContentPolicy)
+        } else if self.message_has(&lower, "request too large") {
+            Some(Permanent::RequestTooLarge)
+        } else {
+            None
+        };
+        if let Some(reason) = permanent {
+            return Class::permanent(reason);
         }
         if code_or_kind("rate_limit_exceeded") || code_or_kind("rate_limit_error") {
             return Class::Throttled { retry_after: ra };
@@ -200,6 +213,9 @@ impl LlmClassifier {
         headers: &H,
         body: &[u8],
     ) -> Class {
+        if (100..400).contains(&status) {
+            return Class::Success; // no clock read, no header lookup
+        }
         self.classify_parts_at(status, headers, body, SystemTime::now())
     }
 
@@ -212,6 +228,9 @@ impl LlmClassifier {
         body: &[u8],
         now: SystemTime,
     ) -> Class {
+        if (100..400).contains(&status) {
+            return Class::Success;
+        }
         let header_ra = if status == 429 {
             throttle_wait_from_headers(headers, now)
         } else {
@@ -248,8 +267,12 @@ fn apply_should_retry(class: Class, header: Option<&[u8]>) -> Class {
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::trim);
     match value {
-        Some(v) if v.eq_ignore_ascii_case("false") => Class::Permanent,
-        Some(v) if v.eq_ignore_ascii_case("true") && class == Class::Permanent => Class::Transient,
+        Some(v) if v.eq_ignore_ascii_case("false") => match class {
+            // A reason the body gave is more precise than the header's.
+            Class::Permanent { .. } => class,
+            _ => Class::permanent(Permanent::DoNotRetry),
+        },
+        Some(v) if v.eq_ignore_ascii_case("true") && !class.is_retryable() => Class::Transient,
         _ => class,
     }
 }
@@ -263,23 +286,43 @@ pub struct LlmHeadClassifier;
 impl<B, Err: AsErrorRef> Classify<http::Response<B>, Err> for LlmHeadClassifier {
     fn classify(&self, result: Result<&http::Response<B>, &Err>) -> Class {
         match result {
-            Ok(res) => {
-                LlmClassifier::new().classify_parts(res.status().as_u16(), res.headers(), b"")
-            }
+            Ok(res) => Classified::read::<Self, _>(res).unwrap_or_else(|| head(res)),
             Err(e) => classify_error(e.as_error_ref()),
         }
     }
+
+    fn classify_and_carry(&self, result: Result<&mut http::Response<B>, &Err>) -> Class {
+        match result {
+            Ok(res) => Classified::carry::<Self, _>(res, head),
+            Err(e) => classify_error(e.as_error_ref()),
+        }
+    }
+}
+
+fn head<B>(res: &http::Response<B>) -> Class {
+    LlmClassifier::new().classify_parts(res.status().as_u16(), res.headers(), b"")
 }
 
 /// `http::Response<B>` with a body already in memory (`Bytes`, `Vec<u8>`, `String`).
 impl<B: AsRef<[u8]>, Err: AsErrorRef> Classify<http::Response<B>, Err> for LlmClassifier {
     fn classify(&self, result: Result<&http::Response<B>, &Err>) -> Class {
         match result {
-            Ok(res) => {
-                self.classify_parts(res.status().as_u16(), res.headers(), res.body().as_ref())
-            }
+            Ok(res) => Classified::read::<Self, _>(res).unwrap_or_else(|| self.whole(res)),
             Err(e) => classify_error(e.as_error_ref()),
         }
+    }
+
+    fn classify_and_carry(&self, result: Result<&mut http::Response<B>, &Err>) -> Class {
+        match result {
+            Ok(res) => Classified::carry::<Self, _>(res, |res| self.whole(res)),
+            Err(e) => classify_error(e.as_error_ref()),
+        }
+    }
+}
+
+impl LlmClassifier {
+    fn whole<B: AsRef<[u8]>>(&self, res: &http::Response<B>) -> Class {
+        self.classify_parts(res.status().as_u16(), res.headers(), res.body().as_ref())
     }
 }
 
@@ -288,6 +331,10 @@ mod tests {
     use super::*;
 
     const NONE: [(&str, &str); 0] = [];
+
+    fn perm(reason: Permanent) -> Class {
+        Class::permanent(reason)
+    }
 
     fn c(status: u16, headers: &[(&str, &str)], body: &str) -> Class {
         LlmClassifier::new().classify_parts_at(
@@ -328,13 +375,16 @@ mod tests {
     #[test]
     fn openai_permanent_429s_and_400s() {
         let quota = r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
-        assert_eq!(c(429, &NONE, quota), Class::Permanent);
+        assert_eq!(c(429, &NONE, quota), perm(Permanent::QuotaExhausted));
         let too_large = r#"{"error":{"message":"Request too large for gpt-4 in organization org-abc on tokens per min (TPM): Limit 10000, Requested 15000. The input or output tokens must be reduced in order to run successfully.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#;
-        assert_eq!(c(429, &NONE, too_large), Class::Permanent);
+        assert_eq!(c(429, &NONE, too_large), perm(Permanent::RequestTooLarge));
         let context = r#"{"error":{"message":"This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens. Please reduce the length of the messages.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
-        assert_eq!(c(400, &NONE, context), Class::Permanent);
+        assert_eq!(
+            c(400, &NONE, context),
+            perm(Permanent::ContextLengthExceeded)
+        );
         let policy = r#"{"error":{"message":"Your request was rejected as a result of our safety system.","type":"invalid_request_error","param":null,"code":"content_policy_violation"}}"#;
-        assert_eq!(c(400, &NONE, policy), Class::Permanent);
+        assert_eq!(c(400, &NONE, policy), perm(Permanent::ContentPolicy));
     }
 
     #[test]
@@ -343,17 +393,23 @@ mod tests {
         assert_eq!(c(500, &NONE, server), Class::Transient);
         assert_eq!(
             c(500, &[("x-should-retry", "false")], server),
-            Class::Permanent
+            perm(Permanent::DoNotRetry)
         );
         assert_eq!(
             c(429, &[("x-should-retry", "false")], "{}"),
-            Class::Permanent
+            perm(Permanent::DoNotRetry)
         );
         assert_eq!(
             c(409, &[("x-should-retry", "true")], "{}"),
             Class::Transient
         );
         assert_eq!(c(200, &[("x-should-retry", "false")], "{}"), Class::Success);
+        // A reason the body gave is kept.
+        let context = r#"{"error":{"message":"too long","type":"invalid_request_error","code":"context_length_exceeded"}}"#;
+        assert_eq!(
+            c(400, &[("x-should-retry", "false")], context),
+            perm(Permanent::ContextLengthExceeded)
+        );
     }
 
     #[test]
@@ -372,11 +428,11 @@ mod tests {
             }
         );
         let credit = r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}"#;
-        assert_eq!(c(400, &NONE, credit), Class::Permanent);
+        assert_eq!(c(400, &NONE, credit), perm(Permanent::QuotaExhausted));
         let spend = r#"{"type":"error","error":{"type":"rate_limit_error","message":"You have reached your specified API usage limits. You will regain access on 2025-01-01 at 00:00 UTC."}}"#;
-        assert_eq!(c(429, &NONE, spend), Class::Permanent);
+        assert_eq!(c(429, &NONE, spend), perm(Permanent::QuotaExhausted));
         let billing = r#"{"type":"error","error":{"type":"billing_error","message":"There's an issue with your account's billing."}}"#;
-        assert_eq!(c(402, &NONE, billing), Class::Permanent);
+        assert_eq!(c(402, &NONE, billing), perm(Permanent::QuotaExhausted));
         let api =
             r#"{"type":"error","error":{"type":"api_error","message":"Internal server error"}}"#;
         assert_eq!(c(500, &NONE, api), Class::Transient);
@@ -392,7 +448,7 @@ mod tests {
             }
         );
         let per_day = per_minute.replace("PerMinutePerProject", "PerDayPerProject");
-        assert_eq!(c(429, &NONE, &per_day), Class::Permanent);
+        assert_eq!(c(429, &NONE, &per_day), perm(Permanent::QuotaExhausted));
         let unavailable = r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
         assert_eq!(
             c(503, &NONE, unavailable),
@@ -407,7 +463,7 @@ mod tests {
             Class::Throttled { retry_after: None }
         );
         assert_eq!(c(502, &NONE, ""), Class::Transient);
-        assert_eq!(c(404, &NONE, r#"{"error": 5}"#), Class::Permanent);
+        assert_eq!(c(404, &NONE, r#"{"error": 5}"#), perm(Permanent::NotFound));
     }
 
     #[test]

@@ -16,13 +16,13 @@
 //! `anthropic-ratelimit-*`, Gemini `retryDelay`) lives in [`headers`].
 //!
 //! ```
-//! use semaforo::classify::{Class, Classify};
+//! use semaforo::classify::{Class, Classify, Permanent};
 //!
 //! // A closure is a classifier: here a status code in the Ok value.
 //! let by_status = |r: Result<&u16, &std::io::Error>| match r {
 //!     Ok(200..=299) => Class::Success,
 //!     Ok(429) => Class::Throttled { retry_after: None },
-//!     Ok(_) => Class::Permanent,
+//!     Ok(_) => Class::permanent(Permanent::InvalidRequest),
 //!     Err(e) => semaforo::classify::classify_io_error(e),
 //! };
 //! assert_eq!(by_status.classify(Ok(&429)), Class::Throttled { retry_after: None });
@@ -35,7 +35,7 @@ mod http;
 mod llm;
 
 #[cfg(feature = "http")]
-pub use self::http::{status_class, HttpClassifier};
+pub use self::http::{status_class, Classified, HttpClassifier};
 #[cfg(feature = "llm")]
 pub use self::llm::{LlmClassifier, LlmHeadClassifier, ProviderError, MAX_ERROR_BODY};
 pub use headers::{RateLimitInfo, RateLimitWindow};
@@ -77,11 +77,101 @@ pub enum Class {
     /// a pool or a local dependency down.
     Infrastructure,
     /// Retrying cannot help: bad request, auth, not found, quota used up for the
-    /// billing period, context too long, content filtered.
-    Permanent,
+    /// billing period, context too long, content filtered. The
+    /// [`reason`](Permanent) says which, so a router or a fallback can act on it
+    /// (another model for a context too long, another key for a spent quota).
+    Permanent {
+        /// Why retrying the same call cannot help.
+        reason: Permanent,
+    },
+}
+
+/// Why a [`Class::Permanent`] result cannot be retried.
+///
+/// Grows with the providers' error vocabulary (`#[non_exhaustive]`): match
+/// with a `_` arm.
+///
+/// ```
+/// use semaforo::classify::{status_class, Class, Permanent};
+///
+/// assert_eq!(status_class(401, None), Class::Permanent { reason: Permanent::Authentication });
+/// assert_eq!(status_class(401, None).permanent_reason(), Some(Permanent::Authentication));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Permanent {
+    /// The request is malformed or names something invalid (HTTP 400, 422).
+    InvalidRequest,
+    /// The credentials are missing or wrong (HTTP 401).
+    Authentication,
+    /// The credentials may not do this (HTTP 403).
+    PermissionDenied,
+    /// The resource or model does not exist (HTTP 404).
+    NotFound,
+    /// The request is larger than the upstream accepts at all (HTTP 413;
+    /// OpenAI's "Request too large" 429: one request above the whole
+    /// tokens-per-minute limit).
+    RequestTooLarge,
+    /// The prompt is longer than the model's context window
+    /// (`context_length_exceeded`, "maximum context length").
+    ContextLengthExceeded,
+    /// The content was refused by a safety filter (`content_policy_violation`,
+    /// `content_filter`).
+    ContentPolicy,
+    /// The billing quota, credit or per-day quota is used up
+    /// (`insufficient_quota`, `billing_error`, Gemini `…PerDay…`): retrying is
+    /// useless until the period or the plan changes.
+    QuotaExhausted,
+    /// The upstream said not to retry (`x-should-retry: false`).
+    DoNotRetry,
+    /// This process is shutting down ([`RejectKind::ShuttingDown`]).
+    ShuttingDown,
+    /// The retry budget is spent ([`RejectKind::RetryBudgetExhausted`]).
+    RetryBudgetExhausted,
+    /// Any other permanent failure (another 4xx, an unsupported operation).
+    Other,
+}
+
+impl Permanent {
+    /// A short stable label for logs and metrics (`"context_length_exceeded"`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Permanent::InvalidRequest => "invalid_request",
+            Permanent::Authentication => "authentication",
+            Permanent::PermissionDenied => "permission_denied",
+            Permanent::NotFound => "not_found",
+            Permanent::RequestTooLarge => "request_too_large",
+            Permanent::ContextLengthExceeded => "context_length_exceeded",
+            Permanent::ContentPolicy => "content_policy",
+            Permanent::QuotaExhausted => "quota_exhausted",
+            Permanent::DoNotRetry => "do_not_retry",
+            Permanent::ShuttingDown => "shutting_down",
+            Permanent::RetryBudgetExhausted => "retry_budget_exhausted",
+            Permanent::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for Permanent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Class {
+    /// `Class::Permanent { reason }`.
+    pub const fn permanent(reason: Permanent) -> Class {
+        Class::Permanent { reason }
+    }
+
+    /// The reason of a [`Class::Permanent`]; `None` for every other class.
+    pub fn permanent_reason(&self) -> Option<Permanent> {
+        match self {
+            Class::Permanent { reason } => Some(*reason),
+            _ => None,
+        }
+    }
+
     /// `true` for [`Class::Success`].
     pub fn is_success(&self) -> bool {
         matches!(self, Class::Success)
@@ -89,7 +179,7 @@ impl Class {
 
     /// `true` when another attempt may succeed (everything but `Success` and `Permanent`).
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Class::Success | Class::Permanent)
+        !matches!(self, Class::Success | Class::Permanent { .. })
     }
 
     /// `true` for the classes a circuit breaker counts as upstream failures by
@@ -118,7 +208,7 @@ impl Class {
             Class::Overloaded { .. } => "overloaded",
             Class::Transient => "transient",
             Class::Infrastructure => "infrastructure",
-            Class::Permanent => "permanent",
+            Class::Permanent { .. } => "permanent",
         }
     }
 }
@@ -126,9 +216,32 @@ impl Class {
 /// Maps a typed result to a [`Class`].
 ///
 /// Implemented for every `Fn(Result<&Res, &Err>) -> Class`.
+///
+/// # Classified once
+///
+/// The layers call [`classify_and_carry`](Self::classify_and_carry) on the
+/// result they pass outward. The shipped HTTP classifiers
+/// ([`HttpClassifier`], [`LlmClassifier`], [`LlmHeadClassifier`]) record a
+/// failure's class in the response's extensions as [`Classified`], and read
+/// it back instead of classifying again: in a stack of retry, breaker and
+/// pacer, an error body is parsed once, by the innermost layer, whatever the
+/// number of layers that read its class. A success is not recorded (its
+/// class costs a status check; recording it would allocate on the healthy
+/// path). An `Err` is classified by its type (a `source()` walk, no parsing)
+/// wherever it is read. A classifier of your own can do the same for its
+/// response type by overriding `classify_and_carry`.
 pub trait Classify<Res, Err> {
     /// Classifies one result.
     fn classify(&self, result: Result<&Res, &Err>) -> Class;
+
+    /// Classifies a result on its way outward, and may record the class on the
+    /// response so the layers outside read it instead of classifying again
+    /// (see [the trait docs](Classify#classified-once)). The default is
+    /// [`classify`](Self::classify).
+    #[inline]
+    fn classify_and_carry(&self, result: Result<&mut Res, &Err>) -> Class {
+        self.classify(result.map(|r| &*r))
+    }
 }
 
 impl<F, Res, Err> Classify<Res, Err> for F
@@ -254,7 +367,8 @@ fn classify_rejected(r: &Rejected) -> Class {
         | RejectKind::QueueTimeout
         | RejectKind::QuotaExceeded
         | RejectKind::BudgetExceeded => Class::Throttled { retry_after },
-        RejectKind::ShuttingDown | RejectKind::RetryBudgetExhausted => Class::Permanent,
+        RejectKind::ShuttingDown => Class::permanent(Permanent::ShuttingDown),
+        RejectKind::RetryBudgetExhausted => Class::permanent(Permanent::RetryBudgetExhausted),
     }
 }
 
@@ -279,7 +393,10 @@ pub fn classify_io_error(err: &io::Error) -> Class {
         | K::AddrInUse
         | K::AddrNotAvailable => Class::Infrastructure,
         K::TimedOut | K::Interrupted | K::WouldBlock | K::UnexpectedEof => Class::Transient,
-        K::InvalidInput | K::PermissionDenied | K::NotFound | K::Unsupported => Class::Permanent,
+        K::InvalidInput => Class::permanent(Permanent::InvalidRequest),
+        K::PermissionDenied => Class::permanent(Permanent::PermissionDenied),
+        K::NotFound => Class::permanent(Permanent::NotFound),
+        K::Unsupported => Class::permanent(Permanent::Other),
         _ => {
             if looks_like_dns_failure(err) || looks_like_unreachable(err) {
                 Class::Infrastructure
@@ -359,7 +476,10 @@ mod tests {
         assert_eq!(c(io::ErrorKind::ConnectionReset), Class::Infrastructure);
         assert_eq!(c(io::ErrorKind::TimedOut), Class::Transient);
         assert_eq!(c(io::ErrorKind::UnexpectedEof), Class::Transient);
-        assert_eq!(c(io::ErrorKind::PermissionDenied), Class::Permanent);
+        assert_eq!(
+            c(io::ErrorKind::PermissionDenied),
+            Class::permanent(Permanent::PermissionDenied)
+        );
         let dns =
             io::Error::other("failed to lookup address information: Name or service not known");
         assert_eq!(classify_io_error(&dns), Class::Infrastructure);
@@ -392,7 +512,10 @@ mod tests {
             r(RejectKind::CircuitOpen),
             Class::Overloaded { retry_after: ra }
         );
-        assert_eq!(r(RejectKind::ShuttingDown), Class::Permanent);
+        assert_eq!(
+            r(RejectKind::ShuttingDown),
+            Class::permanent(Permanent::ShuttingDown)
+        );
         assert!(!r(RejectKind::BudgetExceeded).is_upstream_failure());
     }
 
@@ -411,7 +534,7 @@ mod tests {
     #[test]
     fn class_helpers() {
         assert!(Class::Transient.is_retryable());
-        assert!(!Class::Permanent.is_retryable());
+        assert!(!Class::permanent(Permanent::Other).is_retryable());
         assert!(!Class::Throttled { retry_after: None }.is_upstream_failure());
         assert!(Class::Infrastructure.is_upstream_failure());
         assert_eq!(

@@ -487,7 +487,7 @@ impl CallSeconds {
         Class::Overloaded { retry_after: None },
         Class::Transient,
         Class::Infrastructure,
-        Class::Permanent,
+        Class::permanent(crate::classify::Permanent::Other),
     ];
 
     pub(crate) fn record(

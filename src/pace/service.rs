@@ -595,8 +595,10 @@ where
                     this.state.set(State::Calling { fut });
                 }
                 StateProj::Calling { fut } => {
-                    let result = ready!(fut.poll(cx));
-                    let class = this.classify.classify(result.as_ref());
+                    let mut result = ready!(fut.poll(cx));
+                    let class = this
+                        .classify
+                        .classify_and_carry(result.as_mut().map_err(|e| &*e));
                     let observed = result.as_ref().ok().map(|r| this.observe.observe(r));
                     let nothing_to_learn = class.is_success()
                         && !this

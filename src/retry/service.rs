@@ -424,66 +424,12 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
-    #[inline]
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // The common case: the first attempt, no deadline, and its result
-        // (success or not worth a retry) returned as it is.
-        let first = self.retry.as_ref().is_none_or(|r| r.backing_off.is_none());
-        if first && self.deadline.is_none() {
-            let this = self.as_mut().project();
-            if let Some(fut) = this.fut.as_pin_mut() {
-                let result = ready!(fut.poll(cx));
-                let retryable =
-                    this.retry.is_some() && this.classify.classify(result.as_ref()).is_retryable();
-                if !retryable {
-                    self.project().fut.set(None);
-                    return Poll::Ready(result.map_err(Into::into));
-                }
-                return self.retry_after(cx, result);
-            }
-        }
-        self.poll_attempts(cx)
-    }
-}
-
-impl<S, Req, C, P> ResponseFuture<S, Req, C, P>
-where
-    S: Service<Req>,
-    S::Error: Into<BoxError>,
-    C: Classify<S::Response, S::Error>,
-    P: RequestPolicy<Req>,
-{
-    /// The first attempt failed in a retryable way (fast path above): decide,
-    /// then go on as [`poll_attempts`](Self::poll_attempts).
-    #[inline(never)]
-    fn retry_after(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        result: Result<S::Response, S::Error>,
-    ) -> Poll<Result<S::Response, BoxError>> {
-        let mut this = self.as_mut().project();
-        this.fut.set(None);
-        let Some(retry) = this.retry.as_mut() else {
-            return Poll::Ready(result.map_err(Into::into));
-        };
-        let class = this.classify.classify(result.as_ref());
-        match decide(retry, &class, None) {
-            Decision::Return => return Poll::Ready(result.map_err(Into::into)),
-            Decision::TooLong(retry_after) => {
-                return Poll::Ready(result.map_err(|e| too_long(retry, retry_after, e)))
-            }
-            Decision::Retry(delay) => start_sleep(retry, delay),
-        }
-        self.poll_attempts(cx)
-    }
-
-    /// Every attempt after the first, the backoff sleeps and the deadline.
-    #[inline(never)]
-    fn poll_attempts(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<S::Response, BoxError>> {
+    /// One state machine: each attempt's result is classified once (and the
+    /// class carried outward, see [`Classify::classify_and_carry`]); a call
+    /// that is not retryable returns its first result unclassified.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        // Inside the `semaforo.retry` span once the call has been retried.
         let mut _in_span = this
             .retry
             .as_ref()
@@ -498,12 +444,14 @@ where
                 }
             }
             if let Some(fut) = this.fut.as_mut().as_pin_mut() {
-                let result = ready!(fut.poll(cx));
+                let mut result = ready!(fut.poll(cx));
                 this.fut.set(None);
                 let Some(retry) = this.retry.as_mut() else {
                     return Poll::Ready(result.map_err(Into::into));
                 };
-                let class = this.classify.classify(result.as_ref());
+                let class = this
+                    .classify
+                    .classify_and_carry(result.as_mut().map_err(|e| &*e));
                 if !class.is_retryable() {
                     // The common case decides without a clock read or an RNG.
                     return Poll::Ready(result.map_err(Into::into));
