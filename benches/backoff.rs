@@ -2,7 +2,7 @@
 //! to be far below the sleep it computes; it is here to catch regressions).
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use rand::rngs::SmallRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use semaforo::backoff::{Backoff, Jitter};
 use semaforo::classify::Class;
 use std::time::Duration;
@@ -27,11 +27,11 @@ fn delays(c: &mut Criterion) {
         let class = Class::Throttled { retry_after: None };
         g.bench_function(name, |bench| {
             bench.iter(|| {
-                b.delay_for(
+                b.delay_for_drawn(
                     black_box(&class),
                     black_box(5),
                     Duration::from_secs(1),
-                    &mut rng,
+                    rng.random(),
                 )
             })
         });

@@ -36,7 +36,7 @@ fn reserve(c: &mut Criterion) {
 
     let limiter = RateLimiter::direct_with_clock(
         Quota::per_second(NonZeroU32::new(u32::MAX).unwrap()),
-        semaforo::quota::TokioClock::new(),
+        common::TokioClock::new(),
     );
     g.bench_function("governor direct check_n (1 cell, tokio clock)", |b| {
         b.iter(|| black_box(limiter.check_n(n)))

@@ -10,11 +10,12 @@
 mod common;
 use common::{bare, once, try_once};
 
+use common::TokioClock;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota as GQuota, RateLimiter};
-use semaforo::quota::{PlanId, Quota, Rate, TokioClock};
+use semaforo::quota::{PlanId, Quota, Rate};
 use std::num::NonZeroU32;
 use std::time::Duration;
 use tower::ServiceBuilder;

@@ -1,8 +1,9 @@
 //! Breaker behaviour under paused time: seeds 003 and 004, class awareness,
 //! rate and slow-call policies, half-open probes and drops, manual modes, events.
 
-use semaforo::breaker::{Breaker, BreakerState, Transition};
+use semaforo::breaker::{Breaker, BreakerState};
 use semaforo::classify::{Class, Permanent};
+use semaforo::observe::{EventKind, TransitionReason};
 use semaforo::{BoxError, RejectKind, Rejected};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -366,13 +367,17 @@ async fn manual_modes() {
 #[tokio::test(start_paused = true)]
 async fn every_transition_is_observable() {
     let up = Upstream::default();
-    let seen: Arc<Mutex<Vec<Transition>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<(BreakerState, BreakerState, TransitionReason)>>> = Arc::default();
     let breaker = Breaker::builder()
         .consecutive_failures(2)
         .open_for(secs(30))
-        .on_transition({
+        .on_event({
             let seen = seen.clone();
-            move |t| seen.lock().unwrap().push(*t)
+            move |e| {
+                if let EventKind::BreakerTransition { from, to, reason } = e.kind {
+                    seen.lock().unwrap().push((from, to, reason))
+                }
+            }
         })
         .build()
         .unwrap();
@@ -388,7 +393,7 @@ async fn every_transition_is_observable() {
         .lock()
         .unwrap()
         .iter()
-        .map(|t| (t.from, t.to, t.reason.as_str()))
+        .map(|(from, to, reason)| (*from, *to, reason.as_str()))
         .collect();
     use BreakerState::*;
     assert_eq!(
@@ -658,9 +663,12 @@ async fn a_listener_may_call_back_into_the_breaker() {
     let breaker = Breaker::builder()
         .consecutive_failures(1)
         .open_for(secs(5))
-        .on_transition({
+        .on_event({
             let (seen, slot) = (seen.clone(), slot.clone());
-            move |_t: &Transition| {
+            move |e| {
+                if !matches!(e.kind, EventKind::BreakerTransition { .. }) {
+                    return;
+                }
                 if let Some(b) = slot.lock().unwrap().as_ref() {
                     seen.lock().unwrap().push(b.snapshot().state);
                 }
@@ -768,15 +776,18 @@ fn listeners_hear_transitions_in_order() {
     let breaker = Breaker::builder()
         .consecutive_failures(1)
         .open_for(Duration::from_millis(1))
-        .on_transition({
+        .on_event({
             let (log, slot) = (log.clone(), slot.clone());
-            move |t: &Transition| {
-                log.lock().unwrap().push((t.from, t.to));
-                if t.to == BreakerState::HalfOpen {
+            move |e| {
+                let EventKind::BreakerTransition { from, to, .. } = e.kind else {
+                    return;
+                };
+                log.lock().unwrap().push((from, to));
+                if to == BreakerState::HalfOpen {
                     // A slow listener: another thread fails the probe meanwhile.
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                if t.to == BreakerState::Closed {
+                if to == BreakerState::Closed {
                     if let Some(b) = slot.lock().unwrap().as_ref() {
                         b.reset();
                     }

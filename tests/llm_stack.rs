@@ -11,6 +11,7 @@ use mock_provider::{MockConfig, MockProvider, Stats};
 use semaforo::breaker::{Breaker, BreakerState};
 use semaforo::bulkhead::Bulkhead;
 use semaforo::llm::{LlmStack, Tier};
+use semaforo::observe::EventKind;
 use semaforo::retry::Retry;
 use semaforo::{BoxError, RejectKind, Rejected};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -125,10 +126,14 @@ async fn injected_529s_and_midstream_errors_are_retried_and_429s_never_open_the_
     let breaker = Breaker::builder()
         .consecutive_failures(5)
         .open_for(Duration::from_secs_f64(30.0 / scale))
-        .on_transition({
+        .on_event({
             let opened = opened.clone();
-            move |t| {
-                if t.to == BreakerState::Open {
+            move |e| {
+                if let EventKind::BreakerTransition {
+                    to: BreakerState::Open,
+                    ..
+                } = e.kind
+                {
                     opened.fetch_add(1, Ordering::SeqCst);
                 }
             }

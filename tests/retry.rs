@@ -3,7 +3,8 @@
 
 use semaforo::backoff::{Backoff, Jitter};
 use semaforo::classify::{Class, Permanent};
-use semaforo::retry::{Retry, RetryAfterTooLong, RetryBudget, RetryEvent};
+use semaforo::observe::EventKind;
+use semaforo::retry::{Retry, RetryAfterTooLong, RetryBudget};
 use semaforo::{BoxError, RejectKind, Rejected};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -413,7 +414,7 @@ async fn dropping_during_backoff_stops_everything() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_events_say_class_attempt_and_delay() {
-    let events: Arc<Mutex<Vec<RetryEvent>>> = Arc::default();
+    let events: Arc<Mutex<Vec<(u32, Class, Duration)>>> = Arc::default();
     let up = Scripted::new(
         vec![
             Class::Infrastructure,
@@ -423,19 +424,23 @@ async fn retry_events_say_class_attempt_and_delay() {
     );
     let retry = Retry::builder()
         .backoff(no_jitter(secs(1)))
-        .on_retry({
+        .on_event({
             let events = events.clone();
-            move |e| events.lock().unwrap().push(*e)
+            move |e| {
+                if let EventKind::Retried {
+                    class,
+                    attempt,
+                    delay,
+                } = e.kind
+                {
+                    events.lock().unwrap().push((attempt, class, delay))
+                }
+            }
         })
         .build()
         .unwrap();
     once(&mut stack(&retry, &up)).await.unwrap();
-    let got: Vec<_> = events
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|e| (e.attempt, e.class, e.delay))
-        .collect();
+    let got = events.lock().unwrap().clone();
     assert_eq!(
         got,
         vec![

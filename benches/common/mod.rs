@@ -74,3 +74,29 @@ where
     }
     start.elapsed()
 }
+
+/// governor's clock read from `tokio::time`, as semaforo's quota reads it (so
+/// the peer is timed on the same clock; semaforo's own is internal).
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    epoch: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock starting now.
+    pub fn new() -> Self {
+        TokioClock {
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl governor::clock::Clock for TokioClock {
+    type Instant = governor::nanos::Nanos;
+
+    fn now(&self) -> governor::nanos::Nanos {
+        governor::nanos::Nanos::from(
+            tokio::time::Instant::now().saturating_duration_since(self.epoch),
+        )
+    }
+}

@@ -13,7 +13,6 @@
 //! ```
 //! use semaforo::backoff::{Backoff, Jitter};
 //! use semaforo::classify::Class;
-//! use rand::SeedableRng;
 //! use std::time::Duration;
 //!
 //! let seed_004 = Backoff::exponential(Duration::from_secs(60))
@@ -25,10 +24,11 @@
 //!     .overloaded(1.5, Duration::from_secs(600))  // overloaded ×1.5, max 10 min
 //!     .build()?;
 //!
-//! let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
-//! let first = seed_004.delay(0, Duration::ZERO, &mut rng);
+//! let first = seed_004.delay(0, Duration::ZERO);
 //! assert!(first >= Duration::from_secs(66) && first <= Duration::from_secs(78));
-//! let throttled = seed_004.delay_for(&Class::Throttled { retry_after: None }, 5, Duration::ZERO, &mut rng);
+//! // The longest first wait: the jitter's random number at its top.
+//! assert_eq!(seed_004.delay_drawn(0, Duration::ZERO, 1.0), Duration::from_secs(78));
+//! let throttled = seed_004.delay_for(&Class::Throttled { retry_after: None }, 5, Duration::ZERO);
 //! assert!(throttled >= Duration::from_secs(660) && throttled <= Duration::from_secs(780));
 //! # Ok::<(), semaforo::ConfigError>(())
 //! ```
@@ -38,7 +38,8 @@
 
 use crate::classify::Class;
 use crate::error::ConfigError;
-use rand::Rng;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use std::time::Duration;
 
 /// How randomness is added to the exponential delay `d = min(ceiling, base·factorⁿ)`.
@@ -264,20 +265,32 @@ impl Backoff {
         (self.base * self.factor.powi(n)).min(self.ceiling)
     }
 
-    /// The delay before retry `n` (0-based). `prev` is the previous delay (only
+    /// The delay before retry `n` (0-based), jittered with a draw from the
+    /// thread's random generator. `prev` is the previous delay (only
     /// [`Jitter::Decorrelated`] reads it; pass `Duration::ZERO` the first time).
-    pub fn delay<R: Rng + ?Sized>(&self, retry: u32, prev: Duration, rng: &mut R) -> Duration {
+    pub fn delay(&self, retry: u32, prev: Duration) -> Duration {
+        self.delay_drawn(retry, prev, rand::random())
+    }
+
+    /// [`delay`](Self::delay) with the jitter's random number given: `draw` is
+    /// uniform in `[0, 1]` (clamped; NaN counts as 0) — 0 gives the shortest
+    /// delay of the jitter's range, 1 the longest. For reproducible schedules
+    /// and tests.
+    pub fn delay_drawn(&self, retry: u32, prev: Duration, draw: f64) -> Duration {
+        let u = if draw.is_nan() {
+            0.0
+        } else {
+            draw.clamp(0.0, 1.0)
+        };
         let d = self.exp_secs(retry);
         let secs = match self.jitter {
             Jitter::None => d,
-            Jitter::Full => d * rng.random::<f64>(),
-            Jitter::Equal => d / 2.0 + d / 2.0 * rng.random::<f64>(),
-            Jitter::Proportional { min, max } => {
-                d * (1.0 + min + (max - min) * rng.random::<f64>())
-            }
+            Jitter::Full => d * u,
+            Jitter::Equal => d / 2.0 + d / 2.0 * u,
+            Jitter::Proportional { min, max } => d * (1.0 + min + (max - min) * u),
             Jitter::Decorrelated => {
                 let hi = (prev.as_secs_f64() * 3.0).max(self.base);
-                self.base + (hi - self.base) * rng.random::<f64>()
+                self.base + (hi - self.base) * u
             }
         };
         to_duration(secs, self.cap)
@@ -285,14 +298,20 @@ impl Backoff {
 
     /// [`delay`](Self::delay) adjusted for the class of the failure (its
     /// multiplier and cap, when one was configured).
-    pub fn delay_for<R: Rng + ?Sized>(
+    pub fn delay_for(&self, class: &Class, retry: u32, prev: Duration) -> Duration {
+        self.delay_for_drawn(class, retry, prev, rand::random())
+    }
+
+    /// [`delay_for`](Self::delay_for) with the jitter's random number given
+    /// (see [`delay_drawn`](Self::delay_drawn)).
+    pub fn delay_for_drawn(
         &self,
         class: &Class,
         retry: u32,
         prev: Duration,
-        rng: &mut R,
+        draw: f64,
     ) -> Duration {
-        let d = self.delay(retry, prev, rng);
+        let d = self.delay_drawn(retry, prev, draw);
         match override_index(class).and_then(|i| self.overrides[i]) {
             Some(o) => to_duration(d.as_secs_f64() * o.multiplier, o.cap),
             None => d,
@@ -307,47 +326,54 @@ impl Backoff {
     }
 
     /// The endless sequence of delays for failures of one class, threading the
-    /// previous delay through (for decorrelated jitter).
+    /// previous delay through (for decorrelated jitter), with draws from a
+    /// generator seeded by the thread's.
     ///
     /// ```
     /// use semaforo::backoff::{Backoff, Jitter};
     /// use semaforo::classify::Class;
     /// use std::time::Duration;
     ///
-    /// // Seed 001: 3 attempts, exponential from 2 s → waits of 2 s then 4 s.
+    /// // 3 attempts, exponential from 2 s: waits of 2 s then 4 s.
     /// let b = Backoff::exponential(Duration::from_secs(2)).jitter(Jitter::None).build()?;
-    /// let waits: Vec<_> = b.delays(Class::Transient, rand::rng()).take(2).collect();
+    /// let waits: Vec<_> = b.delays(Class::Transient).take(2).collect();
     /// assert_eq!(waits, [Duration::from_secs(2), Duration::from_secs(4)]);
     /// # Ok::<(), semaforo::ConfigError>(())
     /// ```
-    pub fn delays<R: Rng>(&self, class: Class, rng: R) -> Delays<'_, R> {
+    pub fn delays(&self, class: Class) -> Delays<'_> {
+        self.delays_seeded(class, rand::random())
+    }
+
+    /// [`delays`](Self::delays), reproducible: the same `seed` gives the same
+    /// sequence (on the same version of this crate).
+    pub fn delays_seeded(&self, class: Class, seed: u64) -> Delays<'_> {
         Delays {
             backoff: self,
             class,
             retry: 0,
             prev: Duration::ZERO,
-            rng,
+            rng: SmallRng::seed_from_u64(seed),
         }
     }
 }
 
-/// Iterator returned by [`Backoff::delays`].
+/// Iterator returned by [`Backoff::delays`]: endless.
 #[derive(Debug)]
-pub struct Delays<'a, R> {
+pub struct Delays<'a> {
     backoff: &'a Backoff,
     class: Class,
     retry: u32,
     prev: Duration,
-    rng: R,
+    rng: SmallRng,
 }
 
-impl<R: Rng> Iterator for Delays<'_, R> {
+impl Iterator for Delays<'_> {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
         let d = self
             .backoff
-            .delay_for(&self.class, self.retry, self.prev, &mut self.rng);
+            .delay_for_drawn(&self.class, self.retry, self.prev, self.rng.random());
         self.retry = self.retry.saturating_add(1);
         self.prev = d;
         Some(d)
@@ -359,24 +385,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use rand::rngs::SmallRng;
-    use rand::SeedableRng;
-
-    /// An RNG that always returns the same word: 0 gives the lower bound of
-    /// every jitter, `u64::MAX` the upper.
-    struct Fixed(u64);
-    impl rand::RngCore for Fixed {
-        fn next_u32(&mut self) -> u32 {
-            self.0 as u32
-        }
-        fn next_u64(&mut self) -> u64 {
-            self.0
-        }
-        fn fill_bytes(&mut self, dst: &mut [u8]) {
-            dst.fill(self.0 as u8)
-        }
-    }
-    const LOW: u64 = 0;
-    const HIGH: u64 = u64::MAX;
+    use rand::{Rng, SeedableRng};
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
@@ -389,10 +398,7 @@ mod tests {
             .jitter(Jitter::None)
             .build()
             .unwrap();
-        let waits: Vec<_> = b
-            .delays(Class::Transient, SmallRng::seed_from_u64(1))
-            .take(2)
-            .collect();
+        let waits: Vec<_> = b.delays_seeded(Class::Transient, 1).take(2).collect();
         assert_eq!(waits, vec![secs(2), secs(4)]);
         // Attempts start at 0 s, 2 s and 6 s.
         let starts: Vec<_> = waits
@@ -426,8 +432,8 @@ mod tests {
         let b = seed_004(secs(390));
         let bounds = |class: Class, n| {
             (
-                b.delay_for(&class, n, Duration::ZERO, &mut Fixed(LOW)),
-                b.delay_for(&class, n, Duration::ZERO, &mut Fixed(HIGH)),
+                b.delay_for_drawn(&class, n, Duration::ZERO, 0.0),
+                b.delay_for_drawn(&class, n, Duration::ZERO, 1.0),
             )
         };
         let t = Class::Transient;
@@ -447,9 +453,9 @@ mod tests {
 
         // With the cap at 300 s, jitter never lifts a delay above it.
         let b = seed_004(secs(300));
-        assert_eq!(b.delay(2, Duration::ZERO, &mut Fixed(LOW)), secs(264));
-        assert_eq!(b.delay(2, Duration::ZERO, &mut Fixed(HIGH)), secs(300));
-        assert_eq!(b.delay(3, Duration::ZERO, &mut Fixed(LOW)), secs(300));
+        assert_eq!(b.delay_drawn(2, Duration::ZERO, 0.0), secs(264));
+        assert_eq!(b.delay_drawn(2, Duration::ZERO, 1.0), secs(300));
+        assert_eq!(b.delay_drawn(3, Duration::ZERO, 0.0), secs(300));
     }
 
     #[test]
@@ -461,14 +467,8 @@ mod tests {
             .build()
             .unwrap();
         let th = Class::Throttled { retry_after: None };
-        assert_eq!(
-            b.delay_for(&th, 0, Duration::ZERO, &mut Fixed(LOW)),
-            secs(800)
-        );
-        assert_eq!(
-            b.delay_for(&th, 1, Duration::ZERO, &mut Fixed(LOW)),
-            secs(900)
-        );
+        assert_eq!(b.delay_for_drawn(&th, 0, Duration::ZERO, 0.0), secs(800));
+        assert_eq!(b.delay_for_drawn(&th, 1, Duration::ZERO, 0.0), secs(900));
         assert_eq!(b.cap_for(&th), secs(900));
         assert_eq!(b.cap_for(&Class::Transient), secs(600));
     }
@@ -525,18 +525,21 @@ mod tests {
                 .build()
                 .unwrap();
             for n in [0, 1, 10_000, u32::MAX] {
-                let _ = huge.delay(n, Duration::MAX, &mut rng);
+                let _ = huge.delay_drawn(n, Duration::MAX, rng.random());
             }
             let zero = Backoff::exponential(Duration::ZERO)
                 .jitter(jitter)
                 .build()
                 .unwrap();
-            assert_eq!(zero.delay(10_000, Duration::ZERO, &mut rng), Duration::ZERO);
+            assert_eq!(
+                zero.delay_drawn(10_000, Duration::ZERO, rng.random()),
+                Duration::ZERO
+            );
             let normal = Backoff::exponential(secs(1))
                 .jitter(jitter)
                 .build()
                 .unwrap();
-            assert!(normal.delay(10_000, Duration::MAX, &mut rng) <= DEFAULT_CAP);
+            assert!(normal.delay_drawn(10_000, Duration::MAX, rng.random()) <= DEFAULT_CAP);
         }
     }
 
@@ -546,14 +549,8 @@ mod tests {
             .jitter(Jitter::Full)
             .build()
             .unwrap();
-        let a: Vec<_> = b
-            .delays(Class::Transient, SmallRng::seed_from_u64(42))
-            .take(10)
-            .collect();
-        let c: Vec<_> = b
-            .delays(Class::Transient, SmallRng::seed_from_u64(42))
-            .take(10)
-            .collect();
+        let a: Vec<_> = b.delays_seeded(Class::Transient, 42).take(10).collect();
+        let c: Vec<_> = b.delays_seeded(Class::Transient, 42).take(10).collect();
         assert_eq!(a, c);
     }
 
@@ -585,7 +582,7 @@ mod tests {
             let cap = base + Duration::from_millis(extra_cap_ms);
             let b = Backoff::exponential(base).factor(factor).cap(cap).jitter(jitter).build().unwrap();
             let mut rng = SmallRng::seed_from_u64(seed);
-            let d = b.delay(retry, Duration::from_millis(prev_ms), &mut rng);
+            let d = b.delay_drawn(retry, Duration::from_millis(prev_ms), rng.random());
             prop_assert!(d <= cap, "{d:?} > cap {cap:?}");
             let exp = b.exponential_delay(retry);
             match jitter {
@@ -611,7 +608,7 @@ mod tests {
             let base = Duration::from_millis(base_ms);
             let cap = base + Duration::from_millis(extra);
             let b = Backoff::exponential(base).cap(cap).jitter(Jitter::Decorrelated).build().unwrap();
-            for d in b.delays(Class::Transient, SmallRng::seed_from_u64(seed)).take(50) {
+            for d in b.delays_seeded(Class::Transient, seed).take(50) {
                 prop_assert!(d >= base && d <= cap, "{d:?} not in [{base:?}, {cap:?}]");
             }
         }
@@ -626,7 +623,7 @@ mod tests {
                 (Class::Throttled { retry_after: None }, 2.0, 900.0),
                 (Class::Overloaded { retry_after: None }, 1.5, 600.0),
             ] {
-                let d = b.delay_for(&class, n, Duration::ZERO, &mut rng).as_secs_f64();
+                let d = b.delay_for_drawn(&class, n, Duration::ZERO, rng.random()).as_secs_f64();
                 let lo = ((exp * 1.1).min(300.0) * mult).min(class_cap);
                 let hi = ((exp * 1.3).min(300.0) * mult).min(class_cap);
                 prop_assert!(d + 1e-6 >= lo && d <= hi + 1e-6, "{class:?} n={n}: {d} not in [{lo}, {hi}]");

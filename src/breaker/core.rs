@@ -60,7 +60,6 @@ fn gen_of(w: u32) -> u32 {
     w >> 4
 }
 
-pub(crate) type Listener = Arc<dyn Fn(&Transition) + Send + Sync>;
 pub(crate) type CountsFn = Arc<dyn Fn(&Class) -> bool + Send + Sync>;
 
 pub(crate) struct Config {
@@ -75,7 +74,6 @@ pub(crate) struct Config {
     pub(crate) open_jitter: f64,
     pub(crate) probes: u32,
     pub(crate) counts: Option<CountsFn>,
-    pub(crate) listener: Option<Listener>,
 }
 
 impl fmt::Debug for Config {
@@ -316,9 +314,6 @@ impl Shared {
                 return;
             }
             while let Some(t) = self.queued().pop_front() {
-                if let Some(l) = &self.cfg.listener {
-                    l(&t);
-                }
                 self.cfg.obs.emit(
                     "breaker",
                     EventKind::BreakerTransition {
@@ -356,7 +351,6 @@ impl Shared {
         let t = Transition {
             from: state_of(from_word),
             to: state_of(next),
-            at: now,
             reason,
         };
         self.watch.send_replace(t.to);

@@ -20,8 +20,11 @@
 //! - **Manual**: [`Breaker::force_open`], [`Breaker::disable`] (always closed,
 //!   records nothing), [`Breaker::metrics_only`] (runs the state machine, never
 //!   refuses — a shadow mode for tuning), [`Breaker::reset`].
-//! - **Events**: [`BreakerBuilder::on_transition`] callback and
-//!   [`Breaker::subscribe`] (a `tokio::sync::watch` of the state);
+//! - **Events**: [`BreakerBuilder::on_event`] hears every transition
+//!   ([`EventKind::BreakerTransition`](crate::observe::EventKind::BreakerTransition),
+//!   told after the breaker's lock is released, in order: a listener may call
+//!   back into the breaker) and every refusal; [`Breaker::subscribe`] (a
+//!   `tokio::sync::watch` of the state);
 //!   [`Breaker::snapshot`] for deep health checks.
 //!
 //! Cost: admission in the closed state is one atomic load; a success is one more
@@ -92,17 +95,16 @@ pub enum Mode {
     MetricsOnly,
 }
 
-/// A state change, as given to [`BreakerBuilder::on_transition`].
+/// A state change, queued under the breaker's lock and told to the
+/// listeners once it is released (as an [`EventKind::BreakerTransition`](crate::observe::EventKind::BreakerTransition)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transition {
+pub(crate) struct Transition {
     /// The state left.
-    pub from: BreakerState,
+    pub(crate) from: BreakerState,
     /// The state entered.
-    pub to: BreakerState,
-    /// When (tokio clock).
-    pub at: Instant,
+    pub(crate) to: BreakerState,
     /// Why.
-    pub reason: crate::observe::TransitionReason,
+    pub(crate) reason: crate::observe::TransitionReason,
 }
 
 /// A breaker's state and counts at one instant.
@@ -165,7 +167,6 @@ pub struct BreakerBuilder {
     open_jitter: f64,
     probes: u32,
     counts: Option<self::core::CountsFn>,
-    listener: Option<self::core::Listener>,
     seed: Option<u64>,
 }
 
@@ -281,14 +282,6 @@ impl BreakerBuilder {
     /// `Overloaded`, `Transient`, `Infrastructure`).
     pub fn counts(mut self, f: impl Fn(&Class) -> bool + Send + Sync + 'static) -> Self {
         self.counts = Some(Arc::new(f));
-        self
-    }
-
-    /// Called at every transition, after the breaker's lock is released: the
-    /// listener may call back into the breaker (`snapshot()`, `state()`,
-    /// `reset()`…).
-    pub fn on_transition(mut self, f: impl Fn(&Transition) + Send + Sync + 'static) -> Self {
-        self.listener = Some(Arc::new(f));
         self
     }
 
@@ -419,7 +412,6 @@ impl BreakerBuilder {
             open_jitter: self.open_jitter,
             probes: self.probes,
             counts: self.counts,
-            listener: self.listener,
         };
         Breaker {
             shared: Arc::new(Shared::new(cfg, window, self.seed)),
@@ -449,7 +441,6 @@ impl Breaker {
             open_jitter: 0.0,
             probes: 1,
             counts: None,
-            listener: None,
             seed: None,
         }
     }

@@ -82,14 +82,16 @@ use std::time::Duration;
 /// governor's clock, read from `tokio::time` (pausable in tests), as
 /// nanoseconds since the clock was made: governor's own arithmetic on them is
 /// plain `u64` math (on `std::time::Instant` it costs a few ns per check).
+///
+/// Internal: governor is a 0.x crate and stays out of the public API.
 #[derive(Debug, Clone, Copy)]
-pub struct TokioClock {
+pub(crate) struct TokioClock {
     epoch: tokio::time::Instant,
 }
 
 impl TokioClock {
     /// A clock starting now (on tokio's clock, paused or not).
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         TokioClock {
             epoch: tokio::time::Instant::now(),
         }

@@ -84,20 +84,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Attempt(pub u32);
 
-/// One retry about to happen, as given to [`RetryBuilder::on_retry`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryEvent {
-    /// The attempt that failed (1 = the first).
-    pub attempt: u32,
-    /// How it failed.
-    pub class: Class,
-    /// The wait before the next attempt.
-    pub delay: Duration,
-}
-
 pub use crate::error::RetryAfterTooLong;
-
-type EventFn = Arc<dyn Fn(&RetryEvent) + Send + Sync>;
 
 /// What the layer decided after one attempt.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -115,7 +102,6 @@ pub(crate) struct Shared {
     pub(crate) deadline: Option<Duration>,
     pub(crate) min_attempt_time: Duration,
     pub(crate) budget: Option<Arc<RetryBudget>>,
-    pub(crate) on_retry: Option<EventFn>,
     pub(crate) retries: AtomicU64,
     pub(crate) gave_up_budget: AtomicU64,
 }
@@ -146,9 +132,12 @@ impl Shared {
         if !class.is_retryable() || attempt >= self.max_attempts {
             return Decision::Return;
         }
-        let backoff = self
-            .backoff
-            .delay_for(class, attempt.saturating_sub(1), prev_delay, rng);
+        let backoff = self.backoff.delay_for_drawn(
+            class,
+            attempt.saturating_sub(1),
+            prev_delay,
+            rng.random(),
+        );
         let delay = match class.retry_after() {
             Some(ra) if ra > self.ceiling => return Decision::TooLong(ra),
             Some(ra) => ra.max(backoff),
@@ -182,13 +171,6 @@ impl Shared {
                 delay,
             },
         );
-        if let Some(f) = &self.on_retry {
-            f(&RetryEvent {
-                attempt,
-                class: *class,
-                delay,
-            });
-        }
         Decision::Retry(delay)
     }
 }
@@ -210,7 +192,6 @@ pub struct RetryBuilder {
     deadline: Option<Duration>,
     min_attempt_time: Duration,
     budget: BudgetChoice,
-    on_retry: Option<EventFn>,
 }
 
 enum BudgetChoice {
@@ -291,12 +272,6 @@ impl RetryBuilder {
         self
     }
 
-    /// Called before every retry, with the class, the attempt and the delay.
-    pub fn on_retry(mut self, f: impl Fn(&RetryEvent) + Send + Sync + 'static) -> Self {
-        self.on_retry = Some(Arc::new(f));
-        self
-    }
-
     /// Validates and builds.
     pub fn build(self) -> Result<Retry, ConfigError> {
         if self.max_attempts == 0 {
@@ -331,7 +306,6 @@ impl RetryBuilder {
                 deadline: self.deadline,
                 min_attempt_time: self.min_attempt_time,
                 budget,
-                on_retry: self.on_retry,
                 retries: AtomicU64::new(0),
                 gave_up_budget: AtomicU64::new(0),
             }),
@@ -356,7 +330,6 @@ impl Retry {
             deadline: None,
             min_attempt_time: Duration::ZERO,
             budget: BudgetChoice::Default,
-            on_retry: None,
         }
     }
 

@@ -1,0 +1,86 @@
+//! The LLM preset (`LlmStack::layer`) around a client that answers at once:
+//! a success (`usage` read from the body) and a failed call (a 400 whose error
+//! body says the context is too long: classified by the pacer, the breaker and
+//! retry — parsed once since 1.0, three times before).
+
+mod common;
+
+use bytes::Bytes;
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use futures::FutureExt;
+use semaforo::llm::{LlmStack, Tier};
+use std::convert::Infallible;
+use tower::{service_fn, Service, ServiceExt};
+
+const REQUEST: &[u8] =
+    br#"{"model":"gpt-4o-mini","max_tokens":100,"messages":[{"role":"user","content":"hola, que tal?"}]}"#;
+const SUCCESS: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Bien, gracias."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}"#;
+const CONTEXT: &[u8] = br#"{"error":{"message":"This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens. Please reduce the length of the messages.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
+
+fn client(
+    status: u16,
+    body: &'static [u8],
+) -> impl Service<
+    http::Request<Bytes>,
+    Response = http::Response<Bytes>,
+    Error = Infallible,
+    Future = std::future::Ready<Result<http::Response<Bytes>, Infallible>>,
+> + Clone {
+    service_fn(move |_req: http::Request<Bytes>| {
+        let mut res = http::Response::new(Bytes::from_static(body));
+        *res.status_mut() = http::StatusCode::from_u16(status).expect("a status");
+        std::future::ready(Ok::<_, Infallible>(res))
+    })
+}
+
+fn call<S>(svc: &mut S) -> u16
+where
+    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>>,
+    S::Error: std::fmt::Debug,
+{
+    let req = http::Request::post("/v1/chat/completions")
+        .body(Bytes::from_static(REQUEST))
+        .expect("a request");
+    let svc = svc
+        .ready()
+        .now_or_never()
+        .expect("ready at once")
+        .expect("no error");
+    let res = svc
+        .call(req)
+        .now_or_never()
+        .expect("completes at once")
+        .expect("an answer");
+    res.status().as_u16()
+}
+
+fn preset(c: &mut Criterion) {
+    let rt = common::runtime();
+    let _rt = rt.enter();
+    // Limits far above what a benchmark sends: the pacer never waits.
+    let tier = Tier {
+        requests_per_minute: 1 << 40,
+        tokens_per_minute: 1 << 50,
+    };
+    let mut g = c.benchmark_group("llm/preset");
+    let stack = LlmStack::openai(tier).build().expect("a stack");
+    let mut ok = tower::ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(client(200, SUCCESS));
+    g.bench_function("success", |b| b.iter(|| black_box(call(&mut ok))));
+    let stack = LlmStack::openai(tier).build().expect("a stack");
+    let mut failed = tower::ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(client(400, CONTEXT));
+    g.bench_function("failed call (400, error body)", |b| {
+        b.iter(|| black_box(call(&mut failed)))
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30);
+    targets = preset
+}
+criterion_main!(benches);
