@@ -61,11 +61,7 @@ fn uncontended(c: &mut Criterion) {
         b.iter(|| once(&mut s, black_box(1)))
     });
 
-    let bh = Bulkhead::builder()
-        .max_concurrent(1000)
-        .max_queue(1000)
-        .build()
-        .unwrap();
+    let bh = Bulkhead::builder(1000).max_queue(1000).build().unwrap();
     let mut s = ServiceBuilder::new().layer(bh.layer()).service(bare());
     g.bench_function("semaforo Bulkhead", |b| {
         b.iter(|| once(&mut s, black_box(1)))
@@ -130,7 +126,7 @@ fn contended(c: &mut Criterion) {
     });
     g.bench_function("semaforo Bulkhead", |b| {
         b.iter_custom(|iters| {
-            let bh = Bulkhead::builder().max_concurrent(1000).build().unwrap();
+            let bh = Bulkhead::builder(1000).build().unwrap();
             let s = ServiceBuilder::new().layer(bh.layer()).service(bare());
             run(tower::util::BoxCloneSyncService::new(s), iters)
         })
@@ -150,11 +146,7 @@ fn line_operations(c: &mut Criterion) {
     g.warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1));
     for n in [0usize, 1_000, 100_000] {
-        let bh = Bulkhead::builder()
-            .max_concurrent(1)
-            .max_queue(200_000)
-            .build()
-            .unwrap();
+        let bh = Bulkhead::builder(1).max_queue(200_000).build().unwrap();
         let mut svc = ServiceBuilder::new()
             .layer(bh.layer().ticket(|t: &QueueTicket| Some(t.clone())))
             .service(service_fn(|_t: QueueTicket| {

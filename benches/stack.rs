@@ -31,8 +31,7 @@ fn semaforo_stack(
     ServiceBuilder::new()
         .layer(Shutdown::new().layer())
         .layer(
-            Bulkhead::builder()
-                .max_concurrent(1_000)
+            Bulkhead::builder(1_000)
                 .max_queue(1_000)
                 .build()
                 .unwrap()

@@ -45,7 +45,7 @@ fn per_chunk(c: &mut Criterion) {
         .unwrap();
     let mut svc = timeout
         .layer()
-        .streams()
+        .until_stream_end()
         .layer(service_fn(|_: ()| async { Ok::<_, Infallible>(chunks()) }));
     g.bench_function("timeout TimedStream (idle + total)", |b| {
         b.iter(|| {

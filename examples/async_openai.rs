@@ -129,13 +129,7 @@ async fn main() -> Result<(), BoxError> {
 
     let t = |secs: f64| Duration::from_secs_f64(secs / scale);
     let llm = ServiceBuilder::new()
-        .layer(
-            Bulkhead::builder()
-                .max_concurrent(5)
-                .max_queue(1_000)
-                .build()?
-                .layer(),
-        )
+        .layer(Bulkhead::builder(5).max_queue(1_000).build()?.layer())
         .layer(
             Retry::builder()
                 .max_attempts(4)

@@ -161,9 +161,8 @@ async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, B
     })
     .time_scale(scale)
     .bulkhead(
-        Bulkhead::builder()
+        Bulkhead::builder(args.max_concurrent)
             .name("openai")
-            .max_concurrent(args.max_concurrent)
             .max_queue(args.teachers as u32)
             .expected_service_time(Duration::from_secs_f64(5.0 / scale))
             .build()?,

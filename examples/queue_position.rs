@@ -18,9 +18,8 @@ struct PlanRequest {
 
 #[tokio::main(flavor = "current_thread", start_paused = true)]
 async fn main() -> Result<(), semaforo::BoxError> {
-    let bulkhead = Bulkhead::builder()
+    let bulkhead = Bulkhead::builder(5)
         .name("openai")
-        .max_concurrent(5)
         .max_queue(45)
         .expected_service_time(Duration::from_secs(10))
         .build()?;

@@ -85,11 +85,7 @@ fn hot_paths_do_not_allocate() {
         .unwrap();
     let _guard = rt.enter();
 
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(10)
-        .max_queue(10)
-        .build()
-        .unwrap();
+    let bulkhead = Bulkhead::builder(10).max_queue(10).build().unwrap();
     let mut s = ServiceBuilder::new()
         .layer(bulkhead.layer())
         .service(bare());

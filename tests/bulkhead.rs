@@ -41,19 +41,14 @@ where
 
 /// A bulkhead with `limit` permits and a line of `queue`.
 fn line(limit: u32, queue: u32) -> Bulkhead {
-    Bulkhead::builder()
-        .max_concurrent(limit)
-        .max_queue(queue)
-        .build()
-        .unwrap()
+    Bulkhead::builder(limit).max_queue(queue).build().unwrap()
 }
 
 #[tokio::test(start_paused = true)]
 async fn seed_000_sunday_night_50_teachers_5_at_a_time() {
     let up = Upstream::default();
-    let bulkhead = Bulkhead::builder()
+    let bulkhead = Bulkhead::builder(5)
         .name("openai")
-        .max_concurrent(5)
         .max_queue(45)
         .expected_service_time(secs(10))
         .build()
@@ -91,7 +86,7 @@ async fn seed_000_sunday_night_50_teachers_5_at_a_time() {
     let watcher = tokio::spawn({
         let tickets = tickets.clone();
         async move {
-            let mut last: Vec<Option<u32>> = tickets
+            let mut last: Vec<Option<u64>> = tickets
                 .iter()
                 .map(|t| t.queue_status().map(|s| s.position))
                 .collect();
@@ -151,9 +146,8 @@ async fn seed_000_sunday_night_50_teachers_5_at_a_time() {
 #[tokio::test(start_paused = true)]
 async fn queue_full_rejects_at_once_without_calling_inner() {
     let up = Upstream::default();
-    let bulkhead = Bulkhead::builder()
+    let bulkhead = Bulkhead::builder(1)
         .name("openai")
-        .max_concurrent(1)
         .max_queue(1)
         .expected_service_time(secs(4))
         .build()
@@ -194,8 +188,7 @@ async fn queue_full_rejects_at_once_without_calling_inner() {
 #[tokio::test(start_paused = true)]
 async fn queue_timeout_after_max_wait_with_retry_after() {
     let up = Upstream::default();
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(1)
+    let bulkhead = Bulkhead::builder(1)
         .max_queue(10)
         .max_wait(secs(5))
         .expected_service_time(secs(30))
@@ -224,8 +217,7 @@ async fn queue_timeout_after_max_wait_with_retry_after() {
 #[tokio::test(start_paused = true)]
 async fn strict_priority_then_fifo_within_priority() {
     let up = Upstream::default();
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(1)
+    let bulkhead = Bulkhead::builder(1)
         .max_queue(100)
         .priority_aging(None)
         .build()
@@ -252,8 +244,7 @@ async fn strict_priority_then_fifo_within_priority() {
 async fn starvation_guard_bounds_how_long_low_priority_waits() {
     async fn low_priority_start(aging: Option<Duration>) -> Duration {
         let up = Upstream::default();
-        let bulkhead = Bulkhead::builder()
-            .max_concurrent(1)
+        let bulkhead = Bulkhead::builder(1)
             .max_queue(1000)
             .priority_aging(aging)
             .build()
@@ -294,8 +285,7 @@ async fn starvation_guard_bounds_how_long_low_priority_waits() {
 #[tokio::test(start_paused = true)]
 async fn partitions_cap_each_tenant_inside_the_global_limit() {
     let up = Upstream::default();
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(4)
+    let bulkhead = Bulkhead::builder(4)
         .max_per_key(2)
         .max_queue(100)
         .build()
@@ -411,7 +401,7 @@ async fn close_releases_waiters_at_once_and_lets_running_calls_finish() {
 #[tokio::test(start_paused = true)]
 async fn poll_ready_holds_no_permit() {
     let up = Upstream::default();
-    let bulkhead = Bulkhead::builder().max_concurrent(1).build().unwrap();
+    let bulkhead = Bulkhead::builder(1).build().unwrap();
     let svc = ServiceBuilder::new()
         .layer(bulkhead.layer())
         .service(up.service());
@@ -491,8 +481,7 @@ async fn dropping_a_running_call_or_a_granted_waiter_releases_the_permit() {
 async fn ten_thousand_random_drops_leak_nothing() {
     use rand::{Rng, SeedableRng};
     let up = Upstream::default();
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(7)
+    let bulkhead = Bulkhead::builder(7)
         .max_per_key(3)
         .max_queue(20_000)
         .build()
@@ -535,11 +524,7 @@ mod streamed {
     type Chunks = BoxStream<'static, Result<u32, std::io::Error>>;
 
     fn bulkhead() -> Bulkhead {
-        Bulkhead::builder()
-            .max_concurrent(1)
-            .max_queue(1)
-            .build()
-            .unwrap()
+        Bulkhead::builder(1).max_queue(1).build().unwrap()
     }
 
     /// A service answering a stream of 3 chunks, 1 s apart; `fail` makes the 2nd an error.
@@ -639,7 +624,7 @@ mod streamed {
 #[tokio::test(start_paused = true)]
 async fn http_body_holds_the_slot_until_it_ends() {
     use http_body_util::BodyExt;
-    let bh = Bulkhead::builder().max_concurrent(1).build().unwrap();
+    let bh = Bulkhead::builder(1).build().unwrap();
     let mut svc = ServiceBuilder::new()
         .layer(bh.layer().release_on_body_end())
         .service(tower::service_fn(|_req: http::Request<()>| async {
@@ -663,25 +648,12 @@ async fn http_body_holds_the_slot_until_it_ends() {
 #[test]
 fn bad_configuration_is_an_error_not_a_panic() {
     let field = |b: semaforo::bulkhead::BulkheadBuilder| b.build().unwrap_err().field;
-    assert_eq!(field(Bulkhead::builder()), "max_concurrent");
+    assert_eq!(field(Bulkhead::builder(0)), "max_concurrent");
+    assert_eq!(field(Bulkhead::builder(u32::MAX)), "max_concurrent");
+    assert_eq!(field(Bulkhead::builder(1).max_queue(u32::MAX)), "max_queue");
     assert_eq!(
-        field(Bulkhead::builder().max_concurrent(u32::MAX)),
-        "max_concurrent"
-    );
-    assert_eq!(
-        field(Bulkhead::builder().max_concurrent(1).max_queue(u32::MAX)),
-        "max_queue"
-    );
-    assert_eq!(
-        field(
-            Bulkhead::builder()
-                .max_concurrent(1)
-                .max_wait(Duration::ZERO)
-        ),
+        field(Bulkhead::builder(1).max_wait(Duration::ZERO)),
         "max_wait"
     );
-    assert_eq!(
-        field(Bulkhead::builder().max_concurrent(1).max_per_key(0)),
-        "max_per_key"
-    );
+    assert_eq!(field(Bulkhead::builder(1).max_per_key(0)), "max_per_key");
 }

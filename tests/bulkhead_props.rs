@@ -85,8 +85,7 @@ fn run(setup: Setup, mut callers: Vec<Caller>) -> Result<(), TestCaseError> {
         .unwrap();
     rt.block_on(async move {
         let up = Upstream::default();
-        let mut b = Bulkhead::builder()
-            .max_concurrent(setup.limit)
+        let mut b = Bulkhead::builder(setup.limit)
             .max_queue(setup.max_queue)
             .priority_aging(setup.aging_ms.map(Duration::from_millis));
         if let Some(k) = setup.per_key {
@@ -107,12 +106,12 @@ fn run(setup: Setup, mut callers: Vec<Caller>) -> Result<(), TestCaseError> {
             let fut = svc.ready().await.unwrap().call(job);
             let snap = bulkhead.snapshot();
             prop_assert!(
-                snap.waiting <= setup.max_queue,
+                snap.waiting <= u64::from(setup.max_queue),
                 "line {} > {}",
                 snap.waiting,
                 setup.max_queue
             );
-            prop_assert!(snap.in_flight <= setup.limit);
+            prop_assert!(snap.in_flight <= u64::from(setup.limit));
             let drop_after = c.drop_after_ms.map(Duration::from_millis);
             tasks.push(tokio::spawn(async move {
                 let res = match drop_after {
@@ -242,8 +241,7 @@ impl Service<u32> for Gate {
 async fn drop_at_each_await_point_releases_everything() {
     use futures::FutureExt;
     for stage in ["in line", "granted, inner not ready", "inner call running"] {
-        let bh = Bulkhead::builder()
-            .max_concurrent(1)
+        let bh = Bulkhead::builder(1)
             .max_queue(4)
             .max_wait(Duration::from_secs(60))
             .build()

@@ -84,8 +84,7 @@ proptest! {
     #[test]
     fn bulkhead_waits_take_any_duration(wait in extreme(), service in extreme()) {
         runtime().block_on(async {
-            let Ok(b) = Bulkhead::builder()
-                .max_concurrent(1)
+            let Ok(b) = Bulkhead::builder(1)
                 .max_queue(4)
                 .max_wait(wait)
                 .expected_service_time(service)
@@ -172,7 +171,7 @@ proptest! {
         runtime().block_on(async {
             let built: Result<Quota<u8>, _> = Quota::builder()
                 .plan("p", Rate::new(1, per).burst(1))
-                .wait(wait)
+                .max_wait(wait)
                 .build();
             if let Ok(q) = built {
                 let plan = q.plan_id("p").unwrap();

@@ -192,13 +192,7 @@ async fn provider_down_breaker_opens_fails_fast_and_recovers_within_a_probe() {
         .time_scale(scale)
         .breaker(breaker.clone())
         .retry(Retry::builder().max_attempts(1).build().unwrap()) // see the breaker itself
-        .bulkhead(
-            Bulkhead::builder()
-                .max_concurrent(8)
-                .max_queue(100)
-                .build()
-                .unwrap(),
-        )
+        .bulkhead(Bulkhead::builder(8).max_queue(100).build().unwrap())
         .build()
         .unwrap();
     let mut svc = ServiceBuilder::new()

@@ -50,13 +50,7 @@ fn stack(pace: Pace) -> LlmStack {
     })
     .time_scale(SCALE)
     .pace(pace)
-    .bulkhead(
-        Bulkhead::builder()
-            .max_concurrent(3)
-            .max_queue(100)
-            .build()
-            .unwrap(),
-    )
+    .bulkhead(Bulkhead::builder(3).max_queue(100).build().unwrap())
     .build()
     .unwrap()
 }

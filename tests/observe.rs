@@ -85,9 +85,8 @@ fn timed_out() -> io::Error {
 async fn scenario(seen: &Seen) {
     // 1. Bulkhead: one slot, a line of one. A holds the slot for 5 s, B waits,
     //    C finds the line full.
-    let bulkhead = Bulkhead::builder()
+    let bulkhead = Bulkhead::builder(1)
         .name("db")
-        .max_concurrent(1)
         .max_queue(1)
         .on_event(listener(seen))
         .build()
@@ -256,9 +255,8 @@ async fn listener_and_tracing_see_the_exact_sequence() {
 #[tokio::test(start_paused = true)]
 async fn a_waiting_call_runs_in_a_span_with_the_layer_name() {
     let (buffer, _default) = capture(true);
-    let bulkhead = Bulkhead::builder()
+    let bulkhead = Bulkhead::builder(1)
         .name("db")
-        .max_concurrent(1)
         .max_queue(5)
         .build()
         .unwrap();

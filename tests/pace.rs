@@ -540,8 +540,7 @@ async fn queue_ticket_etas_follow_the_pacer() {
     let service = Duration::from_secs(5);
     let provider = Provider::new(30_000, 500, service);
     let pace = preset_like(30_000);
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(5)
+    let bulkhead = Bulkhead::builder(5)
         .max_queue(50)
         .expected_service_time(service)
         .build()

@@ -355,7 +355,7 @@ fn recording(
 fn one_per_second(max_wait: Duration) -> (Quota<u32>, PlanId) {
     let quota: Quota<u32> = Quota::builder()
         .plan("p", Rate::per_second(1).burst(1))
-        .wait(max_wait)
+        .max_wait(max_wait)
         .build()
         .unwrap();
     let p = quota.plan_id("p").unwrap();
@@ -507,7 +507,7 @@ async fn wait_mode_refuses_at_max_wait_when_another_key_takes_the_global_turn() 
     let quota: Quota<u32> = Quota::builder()
         .plan("p", Rate::per_second(100).burst(10))
         .global(Rate::per_second(1).burst(1))
-        .wait(Duration::from_millis(1_500))
+        .max_wait(Duration::from_millis(1_500))
         .build()
         .unwrap();
     let p = quota.plan_id("p").unwrap();
@@ -542,7 +542,7 @@ proptest! {
         rt.block_on(async move {
             let (per_key, global) = (Rate::per_minute(30).burst(5), Rate::per_minute(60).burst(8));
             let max_wait = Duration::from_secs(3);
-            let mut b = Quota::builder().plan("p", per_key).wait(max_wait);
+            let mut b = Quota::builder().plan("p", per_key).max_wait(max_wait);
             if global_on {
                 b = b.global(global);
             }

@@ -57,11 +57,7 @@ fn kind(e: &BoxError) -> Option<RejectKind> {
 
 #[tokio::test(start_paused = true)]
 async fn bulkhead_waiters_do_not_hold_a_buffer_slot() {
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(1)
-        .max_queue(5)
-        .build()
-        .unwrap();
+    let bulkhead = Bulkhead::builder(1).max_queue(5).build().unwrap();
     let svc = bulkhead.layer().layer_service(buffered(2));
     let t0 = Instant::now();
     let callers = spawn_callers(&svc, 7);
@@ -127,7 +123,7 @@ async fn quota_waiters_do_not_hold_a_buffer_slot() {
     // The quota's wait mode already does it right; kept here so it stays so.
     let quota: Quota<u32> = Quota::builder()
         .plan("one per second", Rate::per_second(1).burst(1))
-        .wait(Duration::from_secs(60))
+        .max_wait(Duration::from_secs(60))
         .build()
         .unwrap();
     let plan = quota.plan_id("one per second").unwrap();

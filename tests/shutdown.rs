@@ -127,11 +127,7 @@ async fn the_report_counts_what_the_drain_finished_not_every_call_since_start() 
 #[tokio::test(start_paused = true)]
 async fn queued_callers_of_a_watched_bulkhead_are_released_never_left_hanging() {
     let shutdown = Shutdown::new();
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(2)
-        .max_queue(10)
-        .build()
-        .unwrap();
+    let bulkhead = Bulkhead::builder(2).max_queue(10).build().unwrap();
     shutdown.watch_bulkhead(&bulkhead);
     let svc = ServiceBuilder::new()
         .layer(shutdown.layer())

@@ -48,7 +48,7 @@ async fn run(
     gaps: Vec<Duration>,
 ) -> (Vec<Duration>, Option<(Duration, BoxError)>) {
     let mut svc = ServiceBuilder::new()
-        .layer(timeout.layer().streams())
+        .layer(timeout.layer().until_stream_end())
         .service(upstream());
     let t0 = Instant::now();
     let mut s = match svc.ready().await.unwrap().call((headers, gaps)).await {
@@ -157,18 +157,14 @@ async fn total_timeout_cuts_a_stream_that_keeps_producing() {
 
 #[tokio::test(start_paused = true)]
 async fn a_streamed_bulkhead_slot_is_released_at_the_timeout() {
-    let bulkhead = Bulkhead::builder()
-        .max_concurrent(1)
-        .max_queue(1)
-        .build()
-        .unwrap();
+    let bulkhead = Bulkhead::builder(1).max_queue(1).build().unwrap();
     let timeout = Timeout::builder()
         .idle(Duration::from_secs(10))
         .build()
         .unwrap();
     let mut svc = ServiceBuilder::new()
         .layer(bulkhead.layer().release_on_stream_end())
-        .layer(timeout.layer().streams())
+        .layer(timeout.layer().until_stream_end())
         .service(upstream());
     let t0 = Instant::now();
     let mut s = svc

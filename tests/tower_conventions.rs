@@ -26,8 +26,7 @@ macro_rules! reaches_inner {
 #[tokio::test]
 async fn every_service_reaches_its_inner_service() {
     let inner = Marked(7);
-    reaches_inner!(Bulkhead::builder()
-        .max_concurrent(1)
+    reaches_inner!(Bulkhead::builder(1)
         .build()
         .unwrap()
         .layer()
@@ -67,11 +66,7 @@ async fn every_service_reaches_its_inner_service() {
 #[test]
 fn every_handle_has_the_name_it_was_built_with() {
     use std::time::Duration;
-    let b = Bulkhead::builder()
-        .name("db")
-        .max_concurrent(1)
-        .build()
-        .unwrap();
+    let b = Bulkhead::builder(1).name("db").build().unwrap();
     assert_eq!(b.name(), Some("db"));
     let br = Breaker::builder()
         .name("api")
@@ -139,7 +134,7 @@ fn every_reject_kind_maps_to_a_status_and_headers() {
 async fn health_serializes_as_named_fields() {
     use semaforo::health::Health;
     let shutdown = Shutdown::new();
-    let bulkhead = Bulkhead::builder().max_concurrent(3).build().unwrap();
+    let bulkhead = Bulkhead::builder(3).build().unwrap();
     let report = Health::new(&shutdown).bulkhead("db", &bulkhead).report();
     let json = serde_json::to_value(&report).unwrap();
     let details = &json["components"][0]["details"];

@@ -48,9 +48,8 @@ pub async fn run(
         .name("openai")
         .time_scale(time_scale)
         .bulkhead(
-            Bulkhead::builder()
+            Bulkhead::builder(5)
                 .name("openai")
-                .max_concurrent(5)
                 .max_queue(calls as u32)
                 .build()?,
         )

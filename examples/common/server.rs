@@ -116,9 +116,8 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
         .plan("default", Rate::per_minute(cfg.per_key_per_minute))
         .build::<String>()?;
     let plan = quota.plan_id("default").ok_or("no default plan")?;
-    let bulkhead = Bulkhead::builder()
+    let bulkhead = Bulkhead::builder(cfg.capacity as u32)
         .name("backend")
-        .max_concurrent(cfg.capacity as u32)
         .max_queue(cfg.queue)
         .expected_service_time(cfg.service_time)
         .build()?;

@@ -46,9 +46,9 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), semaforo::BoxError> {
-//! let bulkhead = Bulkhead::builder()
+//! let bulkhead = Bulkhead::builder(5)
 //!     .name("openai")
-//!     .max_concurrent(5)
+//!
 //!     .max_queue(45)
 //!     .max_wait(Duration::from_secs(120))
 //!     .build()?;
@@ -122,12 +122,6 @@ impl BulkheadBuilder {
     /// Listeners add up: a second `on_event` keeps the first (both are called, in order).
     pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
         self.listener.set(f);
-        self
-    }
-
-    /// Calls allowed in the inner service at once (required, 1 ..= 2³¹−1).
-    pub fn max_concurrent(mut self, n: u32) -> Self {
-        self.max_concurrent = n;
         self
     }
 
@@ -207,12 +201,28 @@ impl BulkheadBuilder {
 }
 
 impl Bulkhead {
-    /// Starts a builder (`max_concurrent` must be set).
-    pub fn builder() -> BulkheadBuilder {
+    /// Starts a builder for a bulkhead letting `max_concurrent` calls into the
+    /// inner service at once (1 ..= 2³¹−1, checked by
+    /// [`build`](BulkheadBuilder::build)).
+    ///
+    /// ```
+    /// use semaforo::bulkhead::Bulkhead;
+    /// use std::time::Duration;
+    ///
+    /// // 5 at once, 45 more waiting at most 30 s each, the rest refused.
+    /// let bulkhead = Bulkhead::builder(5)
+    ///     .name("openai")
+    ///     .max_queue(45)
+    ///     .max_wait(Duration::from_secs(30))
+    ///     .build()?;
+    /// assert_eq!(bulkhead.snapshot().limit, 5);
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
+    pub fn builder(max_concurrent: u32) -> BulkheadBuilder {
         BulkheadBuilder {
             listener: ListenerSlot::default(),
             name: None,
-            max_concurrent: 0,
+            max_concurrent,
             max_queue: 0,
             max_wait: None,
             aging: Some(DEFAULT_PRIORITY_AGING),
@@ -276,20 +286,20 @@ impl Bulkhead {
     }
 }
 
-/// A bulkhead's state at one instant.
+/// A bulkhead's state at one instant (counts are `u64`, as in every snapshot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BulkheadSnapshot {
     /// Permits held (calls running, or streams not finished).
-    pub in_flight: u32,
+    pub in_flight: u64,
     /// Callers waiting in line.
-    pub waiting: u32,
+    pub waiting: u64,
     /// The current `max_concurrent`.
-    pub limit: u32,
+    pub limit: u64,
     /// The configured `max_queue`.
-    pub max_queue: u32,
+    pub max_queue: u64,
     /// Partition keys with running or waiting calls.
-    pub partitions: usize,
+    pub partitions: u64,
     /// Calls refused because the line was full.
     pub rejected_queue_full: u64,
     /// Callers that waited `max_wait` and gave up.

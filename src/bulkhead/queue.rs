@@ -503,8 +503,8 @@ impl Shared {
                 let position = Self::position(&q, slot, slot_id);
                 let limit = self.limit.load(Ordering::Relaxed);
                 QueueStatus {
-                    position,
-                    waiting: q.line.len() as u32 + q.parked_total,
+                    position: u64::from(position),
+                    waiting: q.line.len() as u64 + u64::from(q.parked_total),
                     eta: Self::eta(&q, &self.cfg, limit, position),
                 }
             }
@@ -527,7 +527,7 @@ impl Shared {
                 now,
                 limit,
                 in_flight,
-                status.position,
+                u32::try_from(status.position).unwrap_or(u32::MAX),
                 service,
                 ETA_STEPS,
             ) {
@@ -588,11 +588,11 @@ impl Shared {
         let q = self.lock();
         let s = self.state.load(Ordering::Acquire);
         super::BulkheadSnapshot {
-            in_flight: in_flight(s),
-            waiting: q.line.len() as u32 + q.parked_total,
-            limit: self.limit.load(Ordering::Relaxed),
-            max_queue: self.cfg.max_queue,
-            partitions: q.partitions.len(),
+            in_flight: u64::from(in_flight(s)),
+            waiting: q.line.len() as u64 + u64::from(q.parked_total),
+            limit: u64::from(self.limit.load(Ordering::Relaxed)),
+            max_queue: u64::from(self.cfg.max_queue),
+            partitions: q.partitions.len() as u64,
             rejected_queue_full: self.stats.queue_full.load(Ordering::Relaxed),
             rejected_queue_timeout: self.stats.queue_timeout.load(Ordering::Relaxed),
             rejected_shutting_down: self.stats.shutting_down.load(Ordering::Relaxed),

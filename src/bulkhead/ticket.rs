@@ -17,9 +17,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueStatus {
     /// 1-based position: 1 is served next.
-    pub position: u32,
+    pub position: u64,
     /// How many callers wait in all.
-    pub waiting: u32,
+    pub waiting: u64,
     /// Expected wait from here. By default `ceil(position / max_concurrent) ×
     /// service time`, where the service time is the smoothed duration of calls
     /// admitted from the line (or the configured `expected_service_time` until

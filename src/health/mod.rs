@@ -16,7 +16,7 @@
 //! let breaker = Breaker::builder().name("payments").build()?;
 //! let health = Health::new(&shutdown)
 //!     .breaker("payments", &breaker)
-//!     .bulkhead("backend", &Bulkhead::builder().max_concurrent(50).build()?);
+//!     .bulkhead("backend", &Bulkhead::builder(50).build()?);
 //! let report = health.report();
 //! assert!(report.ready);
 //! assert_eq!(report.status, Status::Ok);
@@ -167,9 +167,9 @@ impl Health {
                     Status::Ok
                 },
                 details: vec![
-                    ("in_flight", f64::from(s.in_flight)),
-                    ("limit", f64::from(s.limit)),
-                    ("waiting", f64::from(s.waiting)),
+                    ("in_flight", s.in_flight as f64),
+                    ("limit", s.limit as f64),
+                    ("waiting", s.waiting as f64),
                     ("rejected_queue_full", s.rejected_queue_full as f64),
                     ("rejected_queue_timeout", s.rejected_queue_timeout as f64),
                 ],

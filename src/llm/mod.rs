@@ -404,9 +404,8 @@ impl LlmStackBuilder {
         }
         let bulkhead = match self.bulkhead {
             Some(b) => b,
-            None => heard!(Bulkhead::builder())
+            None => heard!(Bulkhead::builder(8))
                 .name(name)
-                .max_concurrent(8)
                 .max_queue(1_000)
                 .max_wait(t(600.0))
                 .build()?,
@@ -716,7 +715,7 @@ impl<S> Layer<S> for LlmStreamLayer {
         let timed = s
             .stream_timeout
             .layer()
-            .bodies()
+            .until_body_end()
             .layer(SseWatch::new(client));
         let paced = s
             .pace

@@ -141,7 +141,7 @@ pub struct PaceSnapshot {
     /// Each dimension.
     pub dims: Vec<DimSnapshot>,
     /// Callers in line.
-    pub waiting: usize,
+    pub waiting: u64,
     /// When the head of the line can go.
     pub next_start: Option<Instant>,
     /// Dispatch paused after a 429 until then.

@@ -530,7 +530,7 @@ impl State {
         });
         PaceSnapshot {
             dims,
-            waiting: self.line.len(),
+            waiting: self.line.len() as u64,
             next_start,
             paused_until: self.paused_until.filter(|p| *p > now),
             rate_factor: self.factor,

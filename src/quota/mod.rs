@@ -416,7 +416,7 @@ impl QuotaBuilder {
     /// The line is per key: with a [`global`](Self::global) limit, the call at
     /// the front of one key's line and a call of another key compete for the
     /// global limit at the instant each checks.
-    pub fn wait(mut self, max_wait: Duration) -> Self {
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.max_wait = Some(max_wait);
         self
     }
@@ -501,13 +501,13 @@ impl QuotaBuilder {
 #[non_exhaustive]
 pub struct QuotaSnapshot {
     /// Keys tracked, all plans together.
-    pub keys: usize,
+    pub keys: u64,
     /// Calls admitted so far.
     pub admitted: u64,
     /// Calls refused so far.
     pub rejected: u64,
     /// Calls waiting in line now (wait mode).
-    pub waiting: usize,
+    pub waiting: u64,
     /// Sweeps of idle keys done so far (background and `evict_idle`).
     pub sweeps: u64,
 }
@@ -551,7 +551,12 @@ impl<K: Hash + Eq + Clone> Quota<K> {
     pub fn snapshot(&self) -> QuotaSnapshot {
         let rejected = self.shared.rejected.load(Ordering::Relaxed);
         QuotaSnapshot {
-            keys: self.shared.plans.iter().map(|p| p.limiter.len()).sum(),
+            keys: self
+                .shared
+                .plans
+                .iter()
+                .map(|p| p.limiter.len() as u64)
+                .sum(),
             admitted: self
                 .shared
                 .calls
@@ -559,7 +564,7 @@ impl<K: Hash + Eq + Clone> Quota<K> {
                 .saturating_sub(rejected)
                 .saturating_sub(self.shared.lines.waiting() as u64),
             rejected,
-            waiting: self.shared.lines.waiting(),
+            waiting: self.shared.lines.waiting() as u64,
             sweeps: self.shared.sweeps.load(Ordering::Relaxed),
         }
     }

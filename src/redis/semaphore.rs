@@ -21,7 +21,7 @@ struct Inner {
     backend: RedisBackend,
     name: Arc<str>,
     key: String,
-    limit: u32,
+    max_concurrent: u32,
     lease: Duration,
     max_wait: Duration,
     policy: FailurePolicy,
@@ -31,7 +31,7 @@ struct Inner {
     next: AtomicU64,
 }
 
-/// `limit` slots shared by every instance using the same Redis and name.
+/// `max_concurrent` slots shared by every instance using the same Redis and name.
 /// Cheap to clone.
 #[derive(Clone)]
 pub struct Semaphore {
@@ -42,7 +42,7 @@ impl fmt::Debug for Semaphore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("redis::Semaphore")
             .field("name", &self.inner.name)
-            .field("limit", &self.inner.limit)
+            .field("max_concurrent", &self.inner.max_concurrent)
             .field("lease", &self.inner.lease)
             .finish()
     }
@@ -54,7 +54,7 @@ impl fmt::Debug for Semaphore {
 pub struct SemaphoreBuilder {
     backend: RedisBackend,
     name: Arc<str>,
-    limit: u32,
+    max_concurrent: u32,
     lease: Duration,
     max_wait: Duration,
     policy: FailurePolicy,
@@ -88,8 +88,8 @@ impl SemaphoreBuilder {
     pub fn build(self) -> Result<Semaphore, ConfigError> {
         let err =
             |field, msg: &str| Err(ConfigError::new("redis semaphore", field, msg.to_owned()));
-        if self.limit == 0 {
-            return err("limit", "must be at least 1");
+        if self.max_concurrent == 0 {
+            return err("max_concurrent", "must be at least 1");
         }
         if self.lease < Duration::from_millis(30) {
             return err(
@@ -108,9 +108,8 @@ impl SemaphoreBuilder {
         self.policy.validate("redis semaphore")?;
         let local = match self.policy {
             FailurePolicy::Local { share } => Some(
-                Bulkhead::builder()
+                Bulkhead::builder(((f64::from(self.max_concurrent) * share).floor() as u32).max(1))
                     .name(self.name.clone())
-                    .max_concurrent(((f64::from(self.limit) * share).floor() as u32).max(1))
                     .max_queue(0)
                     .build()?,
             ),
@@ -122,7 +121,7 @@ impl SemaphoreBuilder {
                 backend: self.backend,
                 name: self.name,
                 key,
-                limit: self.limit,
+                max_concurrent: self.max_concurrent,
                 lease: self.lease,
                 max_wait: self.max_wait,
                 policy: self.policy,
@@ -229,17 +228,17 @@ impl Semaphore {
         &self.inner.name
     }
 
-    /// A semaphore of `limit` slots named `name` (instances sharing a name
+    /// A semaphore of `max_concurrent` slots named `name` (instances sharing a name
     /// share the slots).
     pub fn builder(
         backend: &RedisBackend,
         name: impl Into<Arc<str>>,
-        limit: u32,
+        max_concurrent: u32,
     ) -> SemaphoreBuilder {
         SemaphoreBuilder {
             backend: backend.clone(),
             name: name.into(),
-            limit,
+            max_concurrent,
             lease: Duration::from_secs(30),
             max_wait: Duration::ZERO,
             policy: FailurePolicy::FailClosed,
@@ -283,7 +282,10 @@ impl Semaphore {
                         };
                         return Err(Rejected::new("bulkhead", kind)
                             .with_name(inner.name.clone())
-                            .with_detail(format!("{} of {} slots held", inner.limit, inner.limit))
+                            .with_detail(format!(
+                                "{} of {} slots held",
+                                inner.max_concurrent, inner.max_concurrent
+                            ))
                             .with_retry_after(free_in));
                     }
                     // Jittered, growing pauses, never past the deadline nor
@@ -314,7 +316,7 @@ impl Semaphore {
                 &scripts::ACQUIRE,
                 vec![self.inner.key.clone()],
                 vec![
-                    self.inner.limit.to_string(),
+                    self.inner.max_concurrent.to_string(),
                     lease_ms.to_owned(),
                     holder.to_owned(),
                 ],

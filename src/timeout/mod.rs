@@ -35,7 +35,7 @@
 //!     .total(Duration::from_secs(30 * 60))
 //!     .build()?;
 //! let mut svc = ServiceBuilder::new()
-//!     .layer(timeout.layer().streams())
+//!     .layer(timeout.layer().until_stream_end())
 //!     .service(service_fn(|_: ()| async {
 //!         Ok::<_, std::io::Error>(stream::iter(vec![Ok::<_, std::io::Error>("hola")]))
 //!     }));
@@ -169,7 +169,7 @@ impl Timeout {
     }
 
     /// A layer for plain responses: `attempt` and `total` bound the call.
-    /// Use [`TimeoutLayer::streams`] or [`TimeoutLayer::bodies`] to follow a
+    /// Use [`TimeoutLayer::until_stream_end`] or [`TimeoutLayer::until_body_end`] to follow a
     /// streamed answer to its end.
     pub fn layer(&self) -> TimeoutLayer<Whole> {
         TimeoutLayer::new(self.limits, self.obs.clone())

@@ -114,13 +114,13 @@ impl<M> TimeoutLayer<M> {
     }
 
     /// Follow a `Stream` response to its end (first-chunk, idle and total limits).
-    pub fn streams(self) -> TimeoutLayer<WholeStream> {
+    pub fn until_stream_end(self) -> TimeoutLayer<WholeStream> {
         TimeoutLayer::new(self.limits, self.obs)
     }
 
     /// Follow an `http::Response` body to its end (feature `http`).
     #[cfg(feature = "http")]
-    pub fn bodies(self) -> TimeoutLayer<WholeBody> {
+    pub fn until_body_end(self) -> TimeoutLayer<WholeBody> {
         TimeoutLayer::new(self.limits, self.obs)
     }
 }
