@@ -1,4 +1,6 @@
-//! The semaforo layers around async-openai's client (`cargo run --example async_openai`).
+//! The semaforo layers around async-openai's client
+//! (`cargo run --example async_openai --features semaforo-examples/async-openai`:
+//! async-openai is large, so the other examples do not compile it).
 //!
 //! async-openai retries 429s and 5xx itself, with its own exponential backoff and
 //! no budget; stacked under our retry, every failure would be retried twice over.
