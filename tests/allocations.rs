@@ -42,6 +42,7 @@ unsafe impl GlobalAlloc for Counting {
 
 /// The most bytes this thread held at once while running `f`, above what it
 /// held before.
+#[cfg_attr(not(feature = "llm"), allow(dead_code))]
 fn peak_bytes<T>(f: impl FnOnce() -> T) -> (T, u64) {
     let before = LIVE.with(Cell::get);
     PEAK.with(|p| p.set(before));

@@ -709,6 +709,7 @@ async fn a_listener_may_call_back_into_the_breaker() {
 /// Streamed bodies consumed the way hyper's server does (it stops polling
 /// once `is_end_stream()` is true after the last frame, then drops the body):
 /// five successful probes through `record_on_body_end()` close the breaker.
+#[cfg(feature = "http")]
 #[tokio::test(start_paused = true)]
 async fn bodies_read_to_is_end_stream_count_as_completed() {
     use bytes::Bytes;

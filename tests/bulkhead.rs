@@ -74,7 +74,7 @@ async fn seed_000_sunday_night_50_teachers_5_at_a_time() {
             assert_eq!(st.position as usize, id - 4, "teacher {id}");
             assert_eq!(st.waiting, 45);
             // ETA: ceil(position / 5) × 10 s.
-            assert_eq!(st.eta, Some(secs(10 * (st.position as u64).div_ceil(5))));
+            assert_eq!(st.eta, Some(secs(10 * st.position.div_ceil(5))));
         }
     }
     assert_eq!(
