@@ -3,9 +3,10 @@
 //! from real events only.
 
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use proptest::prelude::*;
-use semaforo::llm::{LlmStack, SseParser, StreamBody, Tier};
+use semaforo::llm::{LlmStack, SseParser, Tier};
 use semaforo::BoxError;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -109,7 +110,7 @@ fn client(
     frames: &'static [&'static [u8]],
 ) -> impl Service<
     http::Request<Bytes>,
-    Response = http::Response<StreamBody>,
+    Response = http::Response<UnsyncBoxBody<Bytes, BoxError>>,
     Error = BoxError,
     Future = impl Send,
 > + Clone
@@ -120,9 +121,9 @@ fn client(
                 .iter()
                 .map(|f| Ok::<_, BoxError>(http_body::Frame::data(Bytes::from_static(f)))),
         );
-        Ok::<_, BoxError>(http::Response::new(StreamBody::new(
-            http_body_util::StreamBody::new(chunks),
-        )))
+        Ok::<_, BoxError>(http::Response::new(
+            http_body_util::StreamBody::new(chunks).boxed_unsync(),
+        ))
     })
 }
 

@@ -5,6 +5,8 @@
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt as _;
 use semaforo::bulkhead::QueueTicket;
 use semaforo::BoxError;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -121,12 +123,13 @@ pub fn chat_request(
     req
 }
 
-/// The same client for streamed answers: the body arrives chunk by chunk.
+/// The same client for streamed answers: the body arrives chunk by chunk
+/// (any `http_body::Body<Data = Bytes>` works; boxed here to name its type).
 #[derive(Clone)]
 pub struct StreamingClient(pub HttpClient);
 
 impl Service<http::Request<Bytes>> for StreamingClient {
-    type Response = http::Response<semaforo::llm::StreamBody>;
+    type Response = http::Response<UnsyncBoxBody<Bytes, reqwest::Error>>;
     type Error = BoxError;
     type Future = BoxFuture<'static, Result<Self::Response, BoxError>>;
 
@@ -155,7 +158,7 @@ impl Service<http::Request<Bytes>> for StreamingClient {
             let frames = res
                 .bytes_stream()
                 .map(|chunk| chunk.map(http_body::Frame::data));
-            let body = semaforo::llm::StreamBody::new(http_body_util::StreamBody::new(frames));
+            let body = http_body_util::StreamBody::new(frames).boxed_unsync();
             Ok(out.body(body)?)
         })
     }

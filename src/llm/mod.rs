@@ -32,7 +32,7 @@
 //! tree). The pacer learns from `x-ratelimit-*` headers (announced limits
 //! lower the configured ones; a 429 the headers explain syncs the bucket
 //! instead of cutting the rate); results are classified by
-//! [`LlmClassifier`]. A
+//! [`LlmClassifier`](crate::classify::LlmClassifier). A
 //! [`QueueTicket`](crate::bulkhead::QueueTicket) in the request's extensions
 //! reports its place in line, with an ETA from the pacer's projected starts
 //! (the preset makes its pacer the bulkhead's [`EtaSource`](crate::eta::EtaSource)). Every part can be replaced with one you built
@@ -70,28 +70,28 @@
 //! ```
 
 use crate::backoff::{Backoff, Jitter};
-use crate::breaker::{Breaker, BreakerService};
-use crate::bulkhead::{Bulkhead, BulkheadService, InfoFns};
-use crate::classify::{LlmClassifier, LlmHeadClassifier, RateLimitInfo};
+use crate::breaker::Breaker;
+use crate::bulkhead::Bulkhead;
 use crate::error::ConfigError;
-use crate::guard::{OnBodyEnd, OnResponse};
 use crate::observe::{Event, ListenerSlot};
-use crate::pace::{Cost, Observed, Pace, PaceService, UsageFromBody};
+use crate::pace::Pace;
+use crate::quota::{HeaderKey, PlanId, Quota, QuotaLayer, UnitCost};
+use crate::retry::Retry;
+use crate::shutdown::Shutdown;
+use crate::timeout::Timeout;
 
 mod cost;
+mod service;
 mod sse;
 
-use crate::quota::{HeaderKey, PlanId, Quota, QuotaLayer, QuotaService, UnitCost};
-use crate::retry::{HttpRequests, Retry, RetryService};
-use crate::shutdown::{Shutdown, ShutdownService};
-use crate::timeout::{Timeout, TimeoutService, Whole, WholeBody};
-use bytes::Bytes;
 pub use cost::{estimate_cost, usage_tokens, DEFAULT_MAX_OUTPUT, NON_TEXT_PART_TOKENS};
+pub use service::{
+    observe_headers, observe_response, LlmFuture, LlmLayer, LlmService, LlmStreamBody,
+    LlmStreamFuture, LlmStreamLayer, LlmStreamService, ObserveHeaders,
+};
 pub use sse::{
     SseEvent, SseParser, SseWatch, SseWatchBody, StreamFailed, WatchFuture, DEFAULT_MAX_LINE,
 };
-use std::time::SystemTime;
-use tower_layer::Layer;
 
 /// A provider tier: the limits of your API key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,8 +225,9 @@ impl LlmStack {
     /// The layer for streamed answers (see the module docs). The client below
     /// answers `http::Response<B>` with **any** body `B: http_body::Body<Data =
     /// Bytes>` whose error converts into a [`BoxError`](crate::BoxError)
-    /// (`http_body_util::Full`, `StreamBody`, hyper's `Incoming`, or our
-    /// boxed [`StreamBody`] when a client builds bodies of several kinds).
+    /// (`http_body_util::Full`, `http_body_util::StreamBody`, hyper's
+    /// `Incoming`, or `http_body_util::combinators::UnsyncBoxBody` when a client
+    /// builds bodies of several kinds).
     /// The caller gets the same body wrapped: it holds the bulkhead permit and
     /// the breaker's verdict until its end, and ends with a [`StreamFailed`]
     /// error when the stream reports a failure.
@@ -262,7 +263,8 @@ impl LlmStack {
     /// ```no_run
     /// use bytes::Bytes;
     /// use futures::TryStreamExt;
-    /// use semaforo::llm::{LlmStack, StreamBody, Tier};
+    /// use http_body_util::BodyExt as _;
+    /// use semaforo::llm::{LlmStack, Tier};
     /// use tower::{service_fn, ServiceBuilder, ServiceExt};
     ///
     /// # async fn run() -> Result<(), semaforo::BoxError> {
@@ -282,7 +284,8 @@ impl LlmStack {
     ///             out = out.header(k.as_str(), v.as_bytes());
     ///         }
     ///         let frames = res.bytes_stream().map_ok(http_body::Frame::data);
-    ///         Ok::<_, semaforo::BoxError>(out.body(StreamBody::new(http_body_util::StreamBody::new(frames)))?)
+    ///         // Any body of `Bytes` works; boxed, one type names every answer.
+    ///         Ok::<_, semaforo::BoxError>(out.body(http_body_util::StreamBody::new(frames).boxed_unsync())?)
     ///     }
     /// });
     /// let stack = LlmStack::openai(Tier { requests_per_minute: 500, tokens_per_minute: 30_000 }).build()?;
@@ -501,258 +504,11 @@ fn percent(n: u64, p: u8) -> u64 {
         .max(1)
 }
 
-/// Rate-limit headers only (for streamed answers: the usage comes in the body).
-pub fn observe_headers<B>(res: &http::Response<B>) -> Observed {
-    let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
-    Observed {
-        usage: None,
-        info: (!info.is_empty()).then_some(info),
-    }
-}
-
-/// [`observe_headers`] for any body type (the streaming preset's).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ObserveHeaders;
-
-impl<B> crate::pace::Observe<http::Response<B>> for ObserveHeaders {
-    fn observe(&self, res: &http::Response<B>) -> Observed {
-        observe_headers(res)
-    }
-}
-
-/// The real cost ([`usage_tokens`] of a successful answer's body) and the
-/// rate-limit headers of a response.
-pub fn observe_response(res: &http::Response<Bytes>) -> Observed {
-    let usage = res
-        .status()
-        .is_success()
-        .then(|| usage_tokens(res.body()))
-        .flatten()
-        .map(Cost::tokens);
-    let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
-    Observed {
-        usage,
-        info: (!info.is_empty()).then_some(info),
-    }
-}
-
-type Weigh = fn(&http::Request<Bytes>) -> Cost;
-type Observe = fn(&http::Response<Bytes>) -> Observed;
-
-fn weigh(req: &http::Request<Bytes>) -> Cost {
-    estimate_cost(req.body())
-}
-
-/// The preset as one tower [`Layer`].
-#[derive(Debug, Clone)]
-#[must_use = "a layer does nothing until it wraps a service"]
-pub struct LlmLayer {
-    stack: LlmStack,
-}
-
-/// The service [`LlmLayer`] makes around a client `S`.
-pub type LlmService<S> =
-    ShutdownService<QuotaService<LlmInner<S>, String, HeaderKey, UnitCost>, OnResponse>;
-
-/// [`LlmService`] below the shutdown layer.
-pub type LlmInner<S> = BulkheadService<
-    RetryService<
-        BreakerService<
-            PaceService<TimeoutService<S, Whole>, Weigh, Observe, LlmClassifier>,
-            LlmClassifier,
-            OnResponse,
-        >,
-        LlmClassifier,
-        HttpRequests,
-    >,
-    InfoFns<http::Request<Bytes>>,
-    OnResponse,
->;
-
-impl<S> Layer<S> for LlmLayer {
-    type Service = LlmService<S>;
-
-    fn layer(&self, client: S) -> Self::Service {
-        let s = &self.stack;
-        let timed = s.timeout.layer().layer(client);
-        let paced = s
-            .pace
-            .layer()
-            .weigh(weigh as Weigh)
-            .observe(observe_response as Observe)
-            .classify(LlmClassifier::new())
-            .layer(timed);
-        let guarded = s
-            .breaker
-            .layer()
-            .classify(LlmClassifier::new())
-            .layer(paced);
-        let retried = s
-            .retry
-            .layer()
-            .classify(LlmClassifier::new())
-            .requests(HttpRequests::default().allow_non_idempotent())
-            .layer(guarded);
-        let limited = s.bulkhead.layer().ticket_from_extensions().layer(retried);
-        s.shutdown.layer().layer(s.quota_layer().layer(limited))
-    }
-}
-
-/// The streaming preset as one tower [`Layer`], for clients answering
-/// `http::Response<B>` with a streamed body `B`.
-#[derive(Debug, Clone)]
-#[must_use = "a layer does nothing until it wraps a service"]
-pub struct LlmStreamLayer {
-    stack: LlmStack,
-}
-
-/// The service [`LlmStreamLayer`] makes around a client `S`.
-pub type LlmStreamService<S> =
-    ShutdownService<QuotaService<LlmStreamInner<S>, String, HeaderKey, UnitCost>, OnBodyEnd>;
-
-/// [`LlmStreamService`] below the shutdown layer.
-pub type LlmStreamInner<S> = BulkheadService<
-    RetryService<
-        BreakerService<
-            PaceService<
-                TimeoutService<SseWatch<S>, WholeBody>,
-                Weigh,
-                ObserveHeaders,
-                LlmHeadClassifier,
-                UsageFromBody,
-            >,
-            LlmHeadClassifier,
-            OnBodyEnd,
-        >,
-        LlmHeadClassifier,
-        HttpRequests,
-    >,
-    InfoFns<http::Request<Bytes>>,
-    OnBodyEnd,
->;
-
-/// A boxed body of `Bytes` a client can answer with (any
-/// `http_body::Body<Data = Bytes>` works with [`LlmStreamLayer`]; this one
-/// names a single type for clients that build bodies of several kinds).
-pub type StreamBody = http_body_util_box::BoxBody;
-
-mod http_body_util_box {
-    //! A boxed body without depending on `http-body-util`.
-    use crate::error::BoxError;
-    use bytes::Bytes;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    /// `Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>`.
-    pub struct BoxBody(
-        Pin<Box<dyn http_body::Body<Data = Bytes, Error = BoxError> + Send + 'static>>,
-    );
-
-    impl BoxBody {
-        /// Boxes `body`.
-        pub fn new<B>(body: B) -> Self
-        where
-            B: http_body::Body<Data = Bytes> + Send + 'static,
-            B::Error: Into<BoxError>,
-        {
-            BoxBody(Box::pin(MapErr(body)))
-        }
-    }
-
-    impl std::fmt::Debug for BoxBody {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("BoxBody")
-        }
-    }
-
-    #[pin_project::pin_project]
-    struct MapErr<B>(#[pin] B);
-
-    impl<B> http_body::Body for MapErr<B>
-    where
-        B: http_body::Body<Data = Bytes>,
-        B::Error: Into<BoxError>,
-    {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-            self.project().0.poll_frame(cx).map_err(Into::into)
-        }
-        fn is_end_stream(&self) -> bool {
-            self.0.is_end_stream()
-        }
-        fn size_hint(&self) -> http_body::SizeHint {
-            self.0.size_hint()
-        }
-    }
-
-    impl http_body::Body for BoxBody {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-            self.0.as_mut().poll_frame(cx)
-        }
-        fn is_end_stream(&self) -> bool {
-            self.0.is_end_stream()
-        }
-        fn size_hint(&self) -> http_body::SizeHint {
-            self.0.size_hint()
-        }
-    }
-}
-
-impl<S> Layer<S> for LlmStreamLayer {
-    type Service = LlmStreamService<S>;
-
-    fn layer(&self, client: S) -> Self::Service {
-        let s = &self.stack;
-        let timed = s
-            .stream_timeout
-            .layer()
-            .until_body_end()
-            .layer(SseWatch::new(client));
-        let paced = s
-            .pace
-            .layer()
-            .weigh(weigh as Weigh)
-            .observe(ObserveHeaders)
-            .classify(LlmHeadClassifier)
-            .deliver(UsageFromBody)
-            .layer(timed);
-        let guarded = s
-            .breaker
-            .layer()
-            .classify(LlmHeadClassifier)
-            .record_on_body_end()
-            .layer(paced);
-        let retried = s
-            .retry
-            .layer()
-            .classify(LlmHeadClassifier)
-            .requests(HttpRequests::default().allow_non_idempotent())
-            .layer(guarded);
-        let limited = s
-            .bulkhead
-            .layer()
-            .ticket_from_extensions()
-            .release_on_body_end()
-            .layer(retried);
-        s.shutdown
-            .layer()
-            .release_on_body_end()
-            .layer(s.quota_layer().layer(limited))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pace::Cost;
+    use bytes::Bytes;
 
     #[test]
     fn observe_reads_usage_and_headers() {

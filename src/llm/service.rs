@@ -1,0 +1,470 @@
+//! The preset's tower pieces: [`LlmLayer`] / [`LlmService`] / [`LlmFuture`]
+//! for whole answers, [`LlmStreamLayer`] / [`LlmStreamService`] /
+//! [`LlmStreamFuture`] / [`LlmStreamBody`] for streamed ones. Named types over
+//! the stack of layers inside (no boxing): the stack is an implementation
+//! detail, free to change without breaking a user's code.
+
+use super::{estimate_cost, usage_tokens, LlmStack, SseWatch, SseWatchBody};
+use crate::breaker::{BreakerOutcome, BreakerService};
+use crate::bulkhead::{BulkheadPermit, BulkheadService, InfoFns};
+use crate::classify::{LlmClassifier, LlmHeadClassifier, RateLimitInfo};
+use crate::error::BoxError;
+use crate::guard::{Guarded, OnBodyEnd, OnResponse};
+use crate::pace::{Cost, Observed, PaceService, Reconcile, UsageFromBody};
+use crate::quota::{HeaderKey, QuotaService, UnitCost};
+use crate::retry::{HttpRequests, RetryService};
+use crate::shutdown::{InFlight, ShutdownService};
+use crate::timeout::{TimedBody, TimeoutService, Whole, WholeBody};
+use bytes::Bytes;
+use pin_project::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// Rate-limit headers only (for streamed answers: the usage comes in the body).
+pub fn observe_headers<B>(res: &http::Response<B>) -> Observed {
+    let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
+    Observed {
+        usage: None,
+        info: (!info.is_empty()).then_some(info),
+    }
+}
+
+/// [`observe_headers`] for any body type (the streaming preset's).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ObserveHeaders;
+
+impl<B> crate::pace::Observe<http::Response<B>> for ObserveHeaders {
+    fn observe(&self, res: &http::Response<B>) -> Observed {
+        observe_headers(res)
+    }
+}
+
+/// The real cost ([`usage_tokens`] of a successful answer's body) and the
+/// rate-limit headers of a response.
+pub fn observe_response(res: &http::Response<Bytes>) -> Observed {
+    let usage = res
+        .status()
+        .is_success()
+        .then(|| usage_tokens(res.body()))
+        .flatten()
+        .map(Cost::tokens);
+    let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
+    Observed {
+        usage,
+        info: (!info.is_empty()).then_some(info),
+    }
+}
+
+type Weigh = fn(&http::Request<Bytes>) -> Cost;
+type Observe = fn(&http::Response<Bytes>) -> Observed;
+
+fn weigh(req: &http::Request<Bytes>) -> Cost {
+    estimate_cost(req.body())
+}
+
+/// The preset as one tower [`Layer`].
+/// The preset as one tower [`Layer`]: see [`LlmStack::layer`].
+#[derive(Debug, Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
+pub struct LlmLayer {
+    pub(super) stack: LlmStack,
+}
+
+/// The stack inside [`LlmService`].
+type Inner<S> = ShutdownService<
+    QuotaService<
+        BulkheadService<
+            RetryService<
+                BreakerService<
+                    PaceService<TimeoutService<S, Whole>, Weigh, Observe, LlmClassifier>,
+                    LlmClassifier,
+                    OnResponse,
+                >,
+                LlmClassifier,
+                HttpRequests,
+            >,
+            InfoFns<http::Request<Bytes>>,
+            OnResponse,
+        >,
+        String,
+        HeaderKey,
+        UnitCost,
+    >,
+    OnResponse,
+>;
+
+/// The service [`LlmLayer`] makes around an HTTP client `S` answering
+/// `http::Response<Bytes>`: takes an `http::Request<Bytes>`, answers an
+/// `http::Response<Bytes>` or a [`BoxError`] (a [`Rejected`](crate::Rejected)
+/// when a layer refused the call).
+///
+/// To keep one in a struct, name it (`LlmService<MyClient>`), or box it
+/// when the client's type is unnameable (a closure): tower's
+/// `BoxCloneSyncService` gives one type for any stack, ours or not (one
+/// allocation per call):
+///
+/// ```
+/// use bytes::Bytes;
+/// use semaforo::llm::{LlmStack, Tier};
+/// use tower::util::BoxCloneSyncService;
+/// use tower::{service_fn, Layer};
+///
+/// type Llm = BoxCloneSyncService<http::Request<Bytes>, http::Response<Bytes>, semaforo::BoxError>;
+///
+/// struct AppState {
+///     llm: Llm,
+/// }
+///
+/// # fn main() -> Result<(), semaforo::BoxError> {
+/// let stack = LlmStack::openai(Tier { requests_per_minute: 500, tokens_per_minute: 30_000 }).build()?;
+/// let client = service_fn(|_req: http::Request<Bytes>| async {
+///     Ok::<_, std::io::Error>(http::Response::new(Bytes::new()))
+/// });
+/// let state = AppState { llm: BoxCloneSyncService::new(stack.layer().layer(client)) };
+/// # let _ = state.llm;
+/// # Ok(()) }
+/// ```
+pub struct LlmService<S> {
+    inner: Inner<S>,
+}
+
+impl<S: Clone> Clone for LlmService<S> {
+    fn clone(&self) -> Self {
+        LlmService {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for LlmService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LlmService")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl<S> Service<http::Request<Bytes>> for LlmService<S>
+where
+    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = http::Response<Bytes>;
+    type Error = BoxError;
+    type Future = LlmFuture<S>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, req: http::Request<Bytes>) -> Self::Future {
+        LlmFuture {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+/// The response future of [`LlmService`]. Dropping it at any point
+/// releases what the call held (its place in line, permit, reservation).
+#[pin_project]
+pub struct LlmFuture<S>
+where
+    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    #[pin]
+    inner: <Inner<S> as Service<http::Request<Bytes>>>::Future,
+}
+
+impl<S> Future for LlmFuture<S>
+where
+    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<http::Response<Bytes>, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+impl<S> fmt::Debug for LlmFuture<S>
+where
+    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LlmFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for LlmLayer {
+    type Service = LlmService<S>;
+
+    fn layer(&self, client: S) -> Self::Service {
+        let s = &self.stack;
+        let timed = s.timeout.layer().layer(client);
+        let paced = s
+            .pace
+            .layer()
+            .weigh(weigh as Weigh)
+            .observe(observe_response as Observe)
+            .classify(LlmClassifier::new())
+            .layer(timed);
+        let guarded = s
+            .breaker
+            .layer()
+            .classify(LlmClassifier::new())
+            .layer(paced);
+        let retried = s
+            .retry
+            .layer()
+            .classify(LlmClassifier::new())
+            .requests(HttpRequests::default().allow_non_idempotent())
+            .layer(guarded);
+        let limited = s.bulkhead.layer().ticket_from_extensions().layer(retried);
+        LlmService {
+            inner: s.shutdown.layer().layer(s.quota_layer().layer(limited)),
+        }
+    }
+}
+
+/// The streaming preset as one tower [`Layer`], for clients answering
+/// `http::Response<B>` with a streamed body `B`.
+
+/// The streaming preset as one tower [`Layer`]: see [`LlmStack::stream_layer`].
+#[derive(Debug, Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
+pub struct LlmStreamLayer {
+    pub(super) stack: LlmStack,
+}
+
+/// The stack inside [`LlmStreamService`].
+type StreamInner<S> = ShutdownService<
+    QuotaService<
+        BulkheadService<
+            RetryService<
+                BreakerService<
+                    PaceService<
+                        TimeoutService<SseWatch<S>, WholeBody>,
+                        Weigh,
+                        ObserveHeaders,
+                        LlmHeadClassifier,
+                        UsageFromBody,
+                    >,
+                    LlmHeadClassifier,
+                    OnBodyEnd,
+                >,
+                LlmHeadClassifier,
+                HttpRequests,
+            >,
+            InfoFns<http::Request<Bytes>>,
+            OnBodyEnd,
+        >,
+        String,
+        HeaderKey,
+        UnitCost,
+    >,
+    OnBodyEnd,
+>;
+
+/// The body inside [`LlmStreamBody`], innermost first: the SSE watch, the
+/// chunk timeouts, the pacer's reconciliation, the breaker's verdict, the
+/// bulkhead's permit, the shutdown's in-flight count.
+type StreamInnerBody<B> = Guarded<
+    Guarded<
+        Guarded<Guarded<TimedBody<SseWatchBody<B>>, Option<Reconcile>>, BreakerOutcome>,
+        BulkheadPermit,
+    >,
+    InFlight,
+>;
+
+/// The service [`LlmStreamLayer`] makes around an HTTP client `S` answering
+/// `http::Response<B>` with a streamed body `B` (any `http_body::Body<Data =
+/// Bytes>` whose error converts into a [`BoxError`]). It answers
+/// `http::Response<LlmStreamBody<B>>`.
+pub struct LlmStreamService<S> {
+    inner: StreamInner<S>,
+}
+
+impl<S: Clone> Clone for LlmStreamService<S> {
+    fn clone(&self) -> Self {
+        LlmStreamService {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for LlmStreamService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LlmStreamService")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl<S, B> Service<http::Request<Bytes>> for LlmStreamService<S>
+where
+    S: Service<http::Request<Bytes>, Response = http::Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Response = http::Response<LlmStreamBody<B>>;
+    type Error = BoxError;
+    type Future = LlmStreamFuture<S, B>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, req: http::Request<Bytes>) -> Self::Future {
+        LlmStreamFuture {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+/// The response future of [`LlmStreamService`].
+#[pin_project]
+pub struct LlmStreamFuture<S, B>
+where
+    S: Service<http::Request<Bytes>, Response = http::Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    #[pin]
+    inner: <StreamInner<S> as Service<http::Request<Bytes>>>::Future,
+}
+
+impl<S, B> Future for LlmStreamFuture<S, B>
+where
+    S: Service<http::Request<Bytes>, Response = http::Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<http::Response<LlmStreamBody<B>>, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project()
+            .inner
+            .poll(cx)
+            .map_ok(|res| res.map(|inner| LlmStreamBody { inner }))
+    }
+}
+
+impl<S, B> fmt::Debug for LlmStreamFuture<S, B>
+where
+    S: Service<http::Request<Bytes>, Response = http::Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LlmStreamFuture").finish_non_exhaustive()
+    }
+}
+
+/// The body of a streamed answer through [`LlmStreamService`]: the client's
+/// body `B`, frame for frame, holding the bulkhead permit, the breaker's
+/// verdict and the shutdown's in-flight count until its end (the last frame,
+/// an error, or a drop), bounded by the first-chunk and idle timeouts, and
+/// ending with a [`StreamFailed`](super::StreamFailed) error when the stream
+/// reports a failure.
+#[pin_project]
+pub struct LlmStreamBody<B> {
+    #[pin]
+    inner: StreamInnerBody<B>,
+}
+
+impl<B> fmt::Debug for LlmStreamBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LlmStreamBody").finish_non_exhaustive()
+    }
+}
+
+impl<B> http_body::Body for LlmStreamBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    #[inline]
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<S> Layer<S> for LlmStreamLayer {
+    type Service = LlmStreamService<S>;
+
+    fn layer(&self, client: S) -> Self::Service {
+        let s = &self.stack;
+        let timed = s
+            .stream_timeout
+            .layer()
+            .until_body_end()
+            .layer(SseWatch::new(client));
+        let paced = s
+            .pace
+            .layer()
+            .weigh(weigh as Weigh)
+            .observe(ObserveHeaders)
+            .classify(LlmHeadClassifier)
+            .deliver(UsageFromBody)
+            .layer(timed);
+        let guarded = s
+            .breaker
+            .layer()
+            .classify(LlmHeadClassifier)
+            .record_on_body_end()
+            .layer(paced);
+        let retried = s
+            .retry
+            .layer()
+            .classify(LlmHeadClassifier)
+            .requests(HttpRequests::default().allow_non_idempotent())
+            .layer(guarded);
+        let limited = s
+            .bulkhead
+            .layer()
+            .ticket_from_extensions()
+            .release_on_body_end()
+            .layer(retried);
+        LlmStreamService {
+            inner: s
+                .shutdown
+                .layer()
+                .release_on_body_end()
+                .layer(s.quota_layer().layer(limited)),
+        }
+    }
+}
