@@ -237,9 +237,6 @@ impl<S> Layer<S> for LlmLayer {
     }
 }
 
-/// The streaming preset as one tower [`Layer`], for clients answering
-/// `http::Response<B>` with a streamed body `B`.
-
 /// The streaming preset as one tower [`Layer`]: see [`LlmStack::stream_layer`].
 #[derive(Debug, Clone)]
 #[must_use = "a layer does nothing until it wraps a service"]
