@@ -67,7 +67,6 @@ fn weigh(req: &http::Request<Bytes>) -> Cost {
     estimate_cost(req.body())
 }
 
-/// The preset as one tower [`Layer`].
 /// The preset as one tower [`Layer`]: see [`LlmStack::layer`].
 #[derive(Debug, Clone)]
 #[must_use = "a layer does nothing until it wraps a service"]
