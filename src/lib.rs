@@ -72,6 +72,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod bulkhead;
 pub mod classify;
+mod close;
 mod error;
 pub mod eta;
 pub mod guard;

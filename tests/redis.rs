@@ -733,3 +733,62 @@ async fn a_call_dropped_while_its_service_is_not_ready_gives_its_reservation_bac
     // for another second.
     until_refunded(&mut conn, "unready", |tat| tat.is_none()).await;
 }
+
+/// A shutdown closes the fleet's lines like the local ones: callers waiting
+/// for their reserved start or for a slot are answered `ShuttingDown` at the
+/// trigger (the reservations given back), not at the end of their wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_releases_callers_waiting_on_redis() {
+    let Some((_serial, server)) = setup().await else {
+        return;
+    };
+    let redis = backend(&server).await;
+    let mut conn = raw(&server).await;
+    let shutdown = semaforo::shutdown::Shutdown::new();
+    let budget = ten_per_second(&redis, "closed");
+    let sem = Semaphore::builder(&redis, "closed", 1)
+        .max_wait(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    shutdown.watch(budget.clone());
+    shutdown.watch(sem.clone());
+    let svc = budget
+        .layer()
+        .layer(service_fn(|_: ()| async { Ok::<_, BoxError>(()) }));
+    let t0 = redis_now_us(&mut conn).await;
+    svc.clone().oneshot(()).await.unwrap();
+    // Four calls reserve 100…400 ms ahead; one acquirer waits for the slot.
+    let paced: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(svc.clone().oneshot(())))
+        .collect();
+    let held = sem.acquire().await.unwrap();
+    let waiter = tokio::spawn({
+        let sem = sem.clone();
+        async move { sem.acquire().await }
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let triggered = Instant::now();
+    shutdown.trigger();
+    for p in paced {
+        let err = p.await.unwrap().unwrap_err();
+        assert_eq!(
+            Rejected::from_box(&err).map(Rejected::kind),
+            Some(RejectKind::ShuttingDown),
+            "{err}"
+        );
+    }
+    let err = waiter.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), RejectKind::ShuttingDown, "{err}");
+    // Answered at the trigger, not after 100 ms of budget or 30 s of slot.
+    assert!(
+        triggered.elapsed() < Duration::from_millis(90),
+        "{:?}",
+        triggered.elapsed()
+    );
+    // The four reservations are given back: the cell returns to the first call's.
+    until_refunded(&mut conn, "closed", |tat| tat.unwrap_or(0) <= t0 + 150_000).await;
+    // Closed: nobody waits any more.
+    let err = sem.acquire().await.unwrap_err();
+    assert_eq!(err.kind(), RejectKind::ShuttingDown);
+    drop(held);
+}

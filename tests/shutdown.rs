@@ -128,7 +128,7 @@ async fn the_report_counts_what_the_drain_finished_not_every_call_since_start() 
 async fn queued_callers_of_a_watched_bulkhead_are_released_never_left_hanging() {
     let shutdown = Shutdown::new();
     let bulkhead = Bulkhead::builder(2).max_queue(10).build().unwrap();
-    shutdown.watch_bulkhead(&bulkhead);
+    shutdown.watch(bulkhead.clone());
     let svc = ServiceBuilder::new()
         .layer(shutdown.layer())
         .layer(bulkhead.layer())
@@ -219,7 +219,7 @@ async fn callers_waiting_for_pace_are_released_at_the_trigger() {
     use semaforo::pace::{Cost, Pace};
     let shutdown = Shutdown::new();
     let pace = Pace::builder().tokens_per_minute(6_000).build().unwrap(); // 100 tokens/s
-    shutdown.watch_pace(&pace);
+    shutdown.watch(pace.clone());
     let svc = ServiceBuilder::new()
         .layer(shutdown.layer())
         .layer(pace.layer().weigh(|n: &u64| Cost::tokens(*n)))
@@ -255,6 +255,68 @@ async fn callers_waiting_for_pace_are_released_at_the_trigger() {
     // The first call ended before the trigger; the three released ended in it.
     assert_eq!((report.completed, report.cancelled), (3, 0));
     assert_eq!(pace.snapshot().waiting, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_waiting_in_a_quota_line_are_released_at_the_trigger() {
+    use semaforo::quota::{Quota, Rate};
+    let shutdown = Shutdown::new();
+    // 1 call per 10 s per key, waiting up to 60 s.
+    let quota = Quota::builder()
+        .plan("p", Rate::new(1, secs(10)))
+        .max_wait(secs(60))
+        .build::<u64>()
+        .unwrap();
+    let plan = quota.plan_id("p").unwrap();
+    shutdown.watch(quota.clone());
+    let svc = ServiceBuilder::new()
+        .layer(shutdown.layer())
+        .layer(quota.layer(move |_: &u64| (7u64, plan)))
+        .service(tower::service_fn(|n: u64| async move {
+            Ok::<_, std::io::Error>(n)
+        }));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut s = svc.clone();
+        // Key 7: the first goes, the others would wait 10, 20, 30 s.
+        tasks.push(tokio::spawn(async move { s.ready().await?.call(1).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(quota.snapshot().waiting, 3);
+    let t0 = Instant::now();
+    let report = shutdown.drain(secs(30)).await;
+    assert_eq!(t0.elapsed(), Duration::ZERO, "nobody left waiting in line");
+    assert_eq!(report.queued_released, 3);
+    let mut released = 0;
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            assert_eq!(kind(&e), RejectKind::ShuttingDown);
+            released += 1;
+        }
+    }
+    assert_eq!(released, 3);
+    assert_eq!(quota.snapshot().waiting, 0);
+    // Closed: a call over its quota is refused at once instead of waiting;
+    // one within its quota (another key) still passes the quota.
+    let mut inner = ServiceBuilder::new()
+        .layer(quota.layer(move |k: &u64| (*k, plan)))
+        .service(tower::service_fn(|n: u64| async move {
+            Ok::<_, std::io::Error>(n)
+        }));
+    let t0 = Instant::now();
+    let err = inner.ready().await.unwrap().call(7).await.unwrap_err();
+    assert_eq!(kind(&err), RejectKind::ShuttingDown);
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert_eq!(inner.ready().await.unwrap().call(8).await.unwrap(), 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_line_watched_after_the_trigger_is_closed_at_once() {
+    let shutdown = Shutdown::new();
+    shutdown.trigger();
+    let bulkhead = Bulkhead::builder(1).max_queue(10).build().unwrap();
+    shutdown.watch(bulkhead.clone());
+    assert!(bulkhead.snapshot().closed);
 }
 
 /// `signal()` answers an error, never a panic, where it cannot install its

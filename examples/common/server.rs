@@ -121,7 +121,8 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
         .max_queue(cfg.queue)
         .expected_service_time(cfg.service_time)
         .build()?;
-    shutdown.watch_bulkhead(&bulkhead);
+    shutdown.watch(bulkhead.clone());
+    shutdown.watch(quota.clone());
     let timeout = Timeout::builder()
         .name("backend")
         .total(cfg.timeout)

@@ -259,9 +259,11 @@ impl Bulkhead {
     }
 
     /// Answers every waiting caller `ShuttingDown` at once and refuses new calls;
-    /// running calls finish. Returns how many waiters were released.
-    pub fn close(&self) -> usize {
-        self.shared.close()
+    /// running calls finish. Returns how many waiters were released. (A
+    /// [`Shutdown`](crate::shutdown::Shutdown) calls it at its trigger once
+    /// given the bulkhead with [`watch`](crate::shutdown::Shutdown::watch).)
+    pub fn close(&self) -> u64 {
+        self.shared.close() as u64
     }
 
     /// Takes a slot now without a call (released when the permit drops), or
@@ -310,4 +312,10 @@ pub struct BulkheadSnapshot {
     pub closed: bool,
     /// The service time the ETA uses.
     pub service_time: Option<Duration>,
+}
+
+impl crate::close::Close for Bulkhead {
+    fn close(&self) -> u64 {
+        Bulkhead::close(self)
+    }
 }

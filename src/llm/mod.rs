@@ -475,8 +475,11 @@ impl LlmStackBuilder {
         if let Some(l) = listener {
             shutdown.on_event(move |e: &Event<'_>| l(e));
         }
-        shutdown.watch_bulkhead(&bulkhead);
-        shutdown.watch_pace(&pace);
+        shutdown.watch(bulkhead.clone());
+        shutdown.watch(pace.clone());
+        if let Some((quota, _)) = &self.quota {
+            shutdown.watch(quota.clone());
+        }
         // The pacer, not the permits, decides who goes next when tokens run
         // short: the queue tickets' ETAs come from its reservations.
         bulkhead.set_eta_source(Some(std::sync::Arc::new(pace.clone())));

@@ -384,10 +384,12 @@ impl Pace {
     }
 
     /// Answers every caller in line `ShuttingDown` at once and refuses new
-    /// calls (used by [`Shutdown::watch_pace`](crate::shutdown::Shutdown::watch_pace)).
-    /// Returns how many waiters were released.
-    pub fn close(&self) -> usize {
-        self.shared.lock().close()
+    /// calls (a [`Shutdown`](crate::shutdown::Shutdown) calls it at its
+    /// trigger once given the pacer with
+    /// [`watch`](crate::shutdown::Shutdown::watch)). Returns how many waiters
+    /// were released.
+    pub fn close(&self) -> u64 {
+        self.shared.lock().close() as u64
     }
 
     /// Tell the pacer what the upstream's headers said (for code that calls the
@@ -395,5 +397,11 @@ impl Pace {
     pub fn learn(&self, info: &crate::classify::RateLimitInfo) {
         let now = Instant::now();
         self.shared.lock().learn(info, now, now);
+    }
+}
+
+impl crate::close::Close for Pace {
+    fn close(&self) -> u64 {
+        Pace::close(self)
     }
 }

@@ -547,6 +547,16 @@ impl<K: Hash + Eq + Clone> Quota<K> {
         self.shared.sweep();
     }
 
+    /// Closes the wait mode's lines: every caller waiting in one is answered
+    /// `ShuttingDown` at once, and from now on a call over its quota is
+    /// refused (`ShuttingDown`) instead of waiting; calls within their quota
+    /// still pass. Returns how many waiters were released. (A
+    /// [`Shutdown`](crate::shutdown::Shutdown) calls it at its trigger once
+    /// given the quota with [`watch`](crate::shutdown::Shutdown::watch).)
+    pub fn close(&self) -> u64 {
+        self.shared.lines.close()
+    }
+
     /// Keys tracked and admission counts.
     pub fn snapshot(&self) -> QuotaSnapshot {
         let rejected = self.shared.rejected.load(Ordering::Relaxed);
@@ -567,5 +577,11 @@ impl<K: Hash + Eq + Clone> Quota<K> {
             waiting: self.shared.lines.waiting() as u64,
             sweeps: self.shared.sweeps.load(Ordering::Relaxed),
         }
+    }
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> crate::close::Close for Quota<K> {
+    fn close(&self) -> u64 {
+        Quota::close(self)
     }
 }

@@ -30,6 +30,8 @@ struct Entry {
 struct Inner<K> {
     next_id: u64,
     lines: HashMap<K, VecDeque<Entry>>,
+    /// Closed by a shutdown: nobody waits any more.
+    closed: bool,
 }
 
 /// The lines of every key with waiters.
@@ -59,6 +61,7 @@ impl<K: Hash + Eq + Clone> Lines<K> {
             inner: Mutex::new(Inner {
                 next_id: 0,
                 lines: HashMap::new(),
+                closed: false,
             }),
         }
     }
@@ -92,6 +95,9 @@ impl<K: Hash + Eq + Clone> Lines<K> {
             }
         }
         let mut inner = self.lock();
+        if inner.closed {
+            return Err(shutting_down(shared));
+        }
         let ahead: u64 = match inner.lines.get(key) {
             Some(line) if !line.is_empty() => line.iter().map(|e| u64::from(e.cost)).sum(),
             _ => {
@@ -147,20 +153,24 @@ impl<K: Hash + Eq + Clone> Lines<K> {
         waker: &Waker,
     ) -> Turn {
         let mut inner = self.lock();
+        if inner.closed {
+            self.remove(&mut inner, key, id);
+            return Turn::Refused(shutting_down(shared));
+        }
         let Some(line) = inner.lines.get_mut(key) else {
             return Turn::Refused(shared.refusal(plan, false, Duration::ZERO, "left the line"));
         };
-        match line.front() {
-            Some(front) if front.id == id => {}
-            _ => {
-                if let Some(e) = line.iter_mut().find(|e| e.id == id) {
-                    match &e.waker {
-                        Some(w) if w.will_wake(waker) => {}
-                        _ => e.waker = Some(waker.clone()),
-                    }
-                }
-                return Turn::Behind;
+        let at_front = line.front().is_some_and(|front| front.id == id);
+        // Every waiter leaves its waker (the front one too: a close wakes it
+        // from its sleep).
+        if let Some(e) = line.iter_mut().find(|e| e.id == id) {
+            match &e.waker {
+                Some(w) if w.will_wake(waker) => {}
+                _ => e.waker = Some(waker.clone()),
             }
+        }
+        if !at_front {
+            return Turn::Behind;
         }
         let cost = line.front().map_or(0, |e| e.cost);
         match shared.check(key, plan, cost) {
@@ -174,6 +184,29 @@ impl<K: Hash + Eq + Clone> Lines<K> {
                 Turn::Refused(never)
             }
         }
+    }
+
+    /// Closes every line: each waiter is woken and refused `ShuttingDown`,
+    /// and no call waits from now on. Returns how many were waiting (0 when
+    /// closed already).
+    pub(crate) fn close(&self) -> u64 {
+        let mut inner = self.lock();
+        if inner.closed {
+            return 0;
+        }
+        inner.closed = true;
+        let wakers: Vec<Waker> = inner
+            .lines
+            .values_mut()
+            .flat_map(|line| line.iter_mut().filter_map(|e| e.waker.take()))
+            .collect();
+        let waiting = inner.lines.values().map(|l| l.len() as u64).sum();
+        drop(inner);
+        // Woken outside the lock: a waker may run the task inline.
+        for w in wakers {
+            w.wake();
+        }
+        waiting
     }
 
     /// Takes the call `id` out of `key`'s line (admitted, timed out or dropped)
@@ -201,4 +234,11 @@ impl<K: Hash + Eq + Clone> Lines<K> {
             inner.lines.remove(key);
         }
     }
+}
+
+/// The refusal of a call that would wait in a closed line.
+fn shutting_down<K: Hash + Eq + Clone>(shared: &Shared<K>) -> Rejected {
+    Rejected::new("quota", crate::RejectKind::ShuttingDown)
+        .with_name_opt(shared.obs.name.as_ref())
+        .with_detail("the quota's lines are closed")
 }

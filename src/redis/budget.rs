@@ -40,6 +40,8 @@ struct Inner {
     policy: FailurePolicy,
     /// The fallback of `FailurePolicy::Local`.
     local: Option<Pace>,
+    /// Closed by a shutdown: calls waiting for their reserved start give up.
+    closing: crate::close::Closing,
 }
 
 /// A budget (RPM, TPM, per day…) shared by every instance using the same
@@ -113,6 +115,7 @@ impl BudgetBuilder {
                 max_wait: limits.max_wait_value(),
                 policy: self.policy,
                 local,
+                closing: crate::close::Closing::default(),
             }),
         })
     }
@@ -252,6 +255,21 @@ impl Budget {
             .map(|_| ())
     }
 
+    /// Answers every call waiting for its reserved start (through the
+    /// [layer](Self::layer)) `ShuttingDown` now, giving its reservation back,
+    /// and lets no call wait from now on. Returns how many were waiting. (A
+    /// [`Shutdown`](crate::shutdown::Shutdown) calls it at its trigger once
+    /// given the budget with [`watch`](crate::shutdown::Shutdown::watch).)
+    pub fn close(&self) -> u64 {
+        self.inner.closing.close()
+    }
+
+    fn shutting_down(&self) -> Rejected {
+        Rejected::new("pace", crate::RejectKind::ShuttingDown)
+            .with_name(self.inner.name.clone())
+            .with_detail("the budget is closed")
+    }
+
     /// The local limiter of `FailurePolicy::Local`.
     pub fn local(&self) -> Option<&Pace> {
         self.inner.local.as_ref()
@@ -382,8 +400,10 @@ where
                         cost,
                         spent: false,
                     });
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
+                    // A close wakes the wait: the reservation goes back (the
+                    // `Unstarted` drop) and the caller is answered at once.
+                    if !wait.is_zero() && !budget.inner.closing.sleep(wait).await {
+                        return Err(budget.shutting_down().into());
                     }
                 }
                 Grant::Open => {}
@@ -441,3 +461,9 @@ impl Drop for Unstarted {
 }
 
 crate::inner_access!([S, W, K] BudgetService<S, W, K>);
+
+impl crate::close::Close for Budget {
+    fn close(&self) -> u64 {
+        Budget::close(self)
+    }
+}

@@ -29,6 +29,8 @@ struct Inner {
     /// Unique per process and semaphore: holder ids are `{instance}:{n}`.
     instance: u64,
     next: AtomicU64,
+    /// Closed by a shutdown: waiting acquirers give up, nobody waits again.
+    closing: crate::close::Closing,
 }
 
 /// `max_concurrent` slots shared by every instance using the same Redis and name.
@@ -128,6 +130,7 @@ impl SemaphoreBuilder {
                 local,
                 instance: rand::rng().random(),
                 next: AtomicU64::new(0),
+                closing: crate::close::Closing::default(),
             }),
         })
     }
@@ -228,6 +231,21 @@ impl Semaphore {
         &self.inner.name
     }
 
+    /// Answers every acquirer waiting for a slot `ShuttingDown` now, and
+    /// refuses every acquire from now on, as [`Bulkhead::close`] does (held
+    /// leases are kept until released). Returns how many were waiting. (A
+    /// [`Shutdown`](crate::shutdown::Shutdown) calls it at its trigger once
+    /// given the semaphore with [`watch`](crate::shutdown::Shutdown::watch).)
+    pub fn close(&self) -> u64 {
+        self.inner.closing.close()
+    }
+
+    fn shutting_down(&self) -> Rejected {
+        Rejected::new("bulkhead", RejectKind::ShuttingDown)
+            .with_name(self.inner.name.clone())
+            .with_detail("the semaphore is closed")
+    }
+
     /// A semaphore of `max_concurrent` slots named `name` (instances sharing a name
     /// share the slots).
     pub fn builder(
@@ -259,6 +277,9 @@ impl Semaphore {
         let deadline = crate::time::after(Instant::now(), inner.max_wait);
         let mut pause = Duration::from_millis(2);
         loop {
+            if inner.closing.is_closed() {
+                return Err(self.shutting_down());
+            }
             let in_flight = InFlight {
                 sem: self,
                 holder: &holder,
@@ -294,7 +315,9 @@ impl Semaphore {
                     let sleep = crate::time::mul(pause, jitter)
                         .min(free_in)
                         .min(deadline.saturating_duration_since(now));
-                    tokio::time::sleep(sleep).await;
+                    if !inner.closing.sleep(sleep).await {
+                        return Err(self.shutting_down());
+                    }
                     pause = (pause * 2).min(Duration::from_millis(100));
                 }
                 Err(cause) => return self.on_failure(cause).await,
@@ -548,3 +571,9 @@ where
 }
 
 crate::inner_access!([S, H] SemaphoreService<S, H>);
+
+impl crate::close::Close for Semaphore {
+    fn close(&self) -> u64 {
+        Semaphore::close(self)
+    }
+}

@@ -17,9 +17,10 @@
 //!   the calls still waiting for their response are cancelled (their inner futures
 //!   dropped, the caller answered `ShuttingDown`), and the report counts
 //!   completed, cancelled, refused and released-from-queue calls — each once.
-//! - Bulkheads registered with [`watch_bulkhead`](Shutdown::watch_bulkhead) are
-//!   closed at the trigger: their queued callers are answered `ShuttingDown` at
-//!   once, never left hanging.
+//! - Lines registered with [`watch`](Shutdown::watch) — a bulkhead's, a
+//!   pacer's, a quota's wait mode, the Redis semaphore's and budget's, or any
+//!   [`Close`] of yours — are closed at the trigger: their waiting callers are
+//!   answered `ShuttingDown` at once, never left hanging.
 //! - [`signal`] resolves on SIGTERM or Ctrl-C (feature `signal`).
 //!
 //! ```
@@ -50,17 +51,26 @@
 mod service;
 
 #[cfg(feature = "http")]
+pub use crate::close::Close;
 pub use service::{CutAtDeadline, DrainingBody, DRAIN_EVENT};
 pub use service::{HoldInFlight, InFlight, ResponseFuture, ShutdownLayer, ShutdownService};
 
-use crate::bulkhead::Bulkhead;
 use crate::observe::{Event, EventKind, ListenerSlot, Observer, ShutdownPhase};
-use crate::pace::Pace;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
+
+/// The lines to close at the trigger.
+#[derive(Default)]
+struct Lines(Vec<Box<dyn Close>>);
+
+impl std::fmt::Debug for Lines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} lines", self.0.len())
+    }
+}
 
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -75,8 +85,8 @@ pub(crate) struct Shared {
     pub(crate) idle: Notify,
     pub(crate) cancel: CancellationToken,
     ready: watch::Sender<bool>,
-    bulkheads: Mutex<Vec<Bulkhead>>,
-    paces: Mutex<Vec<Pace>>,
+    /// The lines closed at the trigger.
+    lines: Mutex<Lines>,
     pub(crate) retry_after: Duration,
     listener: std::sync::RwLock<ListenerSlot>,
 }
@@ -152,8 +162,7 @@ impl Shutdown {
                 idle: Notify::new(),
                 cancel: CancellationToken::new(),
                 ready: watch::Sender::new(true),
-                bulkheads: Mutex::new(Vec::new()),
-                paces: Mutex::new(Vec::new()),
+                lines: Mutex::new(Lines::default()),
                 retry_after,
                 listener: std::sync::RwLock::new(ListenerSlot::default()),
             }),
@@ -176,26 +185,38 @@ impl Shutdown {
         ShutdownLayer::new(self.shared.clone())
     }
 
-    /// Closes `bulkhead` at the trigger (its waiters are released at once).
-    pub fn watch_bulkhead(&self, bulkhead: &Bulkhead) {
-        self.shared
-            .bulkheads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(bulkhead.clone());
-    }
-
-    /// Closes `pace` at the trigger (its waiters are released at once).
-    pub fn watch_pace(&self, pace: &Pace) {
-        self.shared
-            .paces
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(pace.clone());
+    /// Closes `line` at the trigger: its waiters are answered
+    /// `ShuttingDown` at once (counted in [`DrainReport::queued_released`]),
+    /// never left hanging. Given after the trigger, it is closed now.
+    ///
+    /// ```
+    /// use semaforo::bulkhead::Bulkhead;
+    /// use semaforo::pace::Pace;
+    /// use semaforo::shutdown::Shutdown;
+    ///
+    /// let shutdown = Shutdown::new();
+    /// let bulkhead = Bulkhead::builder(5).max_queue(45).build()?;
+    /// let pace = Pace::builder().tokens_per_minute(30_000).build()?;
+    /// shutdown.watch(bulkhead.clone());
+    /// shutdown.watch(pace.clone());
+    /// shutdown.trigger();
+    /// assert!(bulkhead.snapshot().closed);
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
+    pub fn watch(&self, line: impl Close + 'static) {
+        let mut lines = self.shared.lines.lock().unwrap_or_else(|e| e.into_inner());
+        if self.shared.triggered.load(Ordering::Acquire) {
+            drop(lines);
+            self.shared
+                .released
+                .fetch_add(line.close(), Ordering::Relaxed);
+            return;
+        }
+        lines.0.push(Box::new(line));
     }
 
     /// Stop admitting: readiness turns false, new calls are refused, watched
-    /// bulkheads release their lines. Idempotent.
+    /// lines are closed. Idempotent.
     pub fn trigger(&self) {
         if self.shared.triggered.swap(true, Ordering::AcqRel) {
             return;
@@ -208,24 +229,12 @@ impl Shutdown {
         self.shared.emit(EventKind::Shutdown {
             phase: ShutdownPhase::Draining,
         });
-        let bulkheads = std::mem::take(
-            &mut *self
-                .shared
-                .bulkheads
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for b in bulkheads {
+        let lines =
+            std::mem::take(&mut *self.shared.lines.lock().unwrap_or_else(|e| e.into_inner()));
+        for line in lines.0 {
             self.shared
                 .released
-                .fetch_add(b.close() as u64, Ordering::Relaxed);
-        }
-        let paces =
-            std::mem::take(&mut *self.shared.paces.lock().unwrap_or_else(|e| e.into_inner()));
-        for p in paces {
-            self.shared
-                .released
-                .fetch_add(p.close() as u64, Ordering::Relaxed);
+                .fetch_add(line.close(), Ordering::Relaxed);
         }
     }
 
