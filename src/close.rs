@@ -2,7 +2,9 @@
 //! holds callers in line (bulkhead, pacer, quota wait mode, the Redis
 //! semaphore and budget). Shutdown knows this trait, not the layers.
 
+#[cfg(feature = "redis")]
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+#[cfg(feature = "redis")]
 use std::time::Duration;
 
 /// A layer's waiting line, closed by a [`Shutdown`](crate::shutdown::Shutdown)
@@ -23,6 +25,7 @@ pub trait Close: Send + Sync {
 
 /// A closed flag that wakes the callers sleeping on it (for lines that wait by
 /// sleeping rather than in a queue: the Redis semaphore and budget).
+#[cfg(feature = "redis")]
 #[derive(Debug, Default)]
 pub(crate) struct Closing {
     closed: AtomicBool,
@@ -30,6 +33,7 @@ pub(crate) struct Closing {
     notify: tokio::sync::Notify,
 }
 
+#[cfg(feature = "redis")]
 impl Closing {
     /// Closes; returns how many callers were sleeping on it (0 if it was
     /// closed already).
@@ -62,15 +66,17 @@ impl Closing {
 }
 
 /// Counts a sleeper out when its sleep ends or is dropped.
+#[cfg(feature = "redis")]
 struct Awake<'a>(&'a AtomicU64);
 
+#[cfg(feature = "redis")]
 impl Drop for Awake<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "redis"))]
 mod tests {
     use super::*;
     use std::sync::Arc;

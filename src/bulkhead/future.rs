@@ -1,5 +1,6 @@
-use super::queue::{BulkheadPermit, Waiter};
+use super::permit::BulkheadPermit;
 use super::ticket::{QueueTicket, TicketStatus};
+use super::waiter::Waiter;
 use crate::error::{BoxError, Rejected};
 use crate::guard::Hold;
 use crate::observe::EventKind;

@@ -67,13 +67,15 @@
 mod future;
 mod layer;
 mod order;
+mod permit;
 mod queue;
 mod service;
 mod ticket;
+mod waiter;
 
 pub use future::ResponseFuture;
 pub use layer::{BulkheadLayer, InfoFns, NoInfo, RequestInfo};
-pub use queue::BulkheadPermit;
+pub use permit::BulkheadPermit;
 pub use service::BulkheadService;
 pub use ticket::{QueueStatus, QueueTicket, TicketStatus};
 

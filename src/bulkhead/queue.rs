@@ -13,7 +13,9 @@
 //! that enqueues registers itself with a CAS on the same word.
 
 use super::order::OrderTree;
-use super::ticket::{QueueStatus, TicketStatus};
+use super::permit::BulkheadPermit;
+use super::waiter::Waiter;
+
 use crate::error::{RejectKind, Rejected};
 use crate::observe::{EventKind, Observer};
 use slab::Slab;
@@ -21,33 +23,33 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::Waker;
 use std::time::Duration;
 use tokio::time::Instant;
 
-const IN_FLIGHT_MASK: u64 = 0xFFFF_FFFF;
-const WAITER: u64 = 1 << 32;
-const WAITERS_MASK: u64 = 0x7FFF_FFFF << 32;
-const CLOSED: u64 = 1 << 63;
+pub(super) const IN_FLIGHT_MASK: u64 = 0xFFFF_FFFF;
+pub(super) const WAITER: u64 = 1 << 32;
+pub(super) const WAITERS_MASK: u64 = 0x7FFF_FFFF << 32;
+pub(super) const CLOSED: u64 = 1 << 63;
 
 /// The furthest position an ETA from a source is simulated for (further
 /// back, the bulkhead's own estimate): a look costs O(position).
-const ETA_STEPS: u32 = 10_000;
+pub(super) const ETA_STEPS: u32 = 10_000;
 
 /// The largest `max_concurrent` / `max_queue` the packed state word can count.
 pub(crate) const MAX_COUNT: u32 = 0x7FFF_FFFF;
 
-fn in_flight(s: u64) -> u32 {
+pub(super) fn in_flight(s: u64) -> u32 {
     (s & IN_FLIGHT_MASK) as u32
 }
 
-fn waiters(s: u64) -> u32 {
+pub(super) fn waiters(s: u64) -> u32 {
     ((s & WAITERS_MASK) >> 32) as u32
 }
 
 /// Sort key of a waiter: `(rank, seq, slot)`. Lower rank is served first; `seq`
 /// keeps FIFO order among equal ranks; `slot` finds the waiter.
-type LineKey = (i128, u64, u32);
+pub(super) type LineKey = (i128, u64, u32);
 
 #[derive(Debug)]
 pub(crate) struct Config {
@@ -60,65 +62,65 @@ pub(crate) struct Config {
 }
 
 #[derive(Debug, Default)]
-struct Stats {
-    queue_full: AtomicU64,
-    queue_timeout: AtomicU64,
-    shutting_down: AtomicU64,
+pub(super) struct Stats {
+    pub(super) queue_full: AtomicU64,
+    pub(super) queue_timeout: AtomicU64,
+    pub(super) shutting_down: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SlotState {
+pub(super) enum SlotState {
     Waiting,
     Granted,
     Rejected(RejectKind),
 }
 
 #[derive(Debug)]
-struct Slot {
-    seq: u64,
-    rank: i128,
-    partition: Option<u64>,
+pub(super) struct Slot {
+    pub(super) seq: u64,
+    pub(super) rank: i128,
+    pub(super) partition: Option<u64>,
     /// In the global line (eligible) rather than parked behind its partition's cap.
-    promoted: bool,
-    state: SlotState,
-    waker: Option<Waker>,
+    pub(super) promoted: bool,
+    pub(super) state: SlotState,
+    pub(super) waker: Option<Waker>,
 }
 
 #[derive(Debug, Default)]
-struct Partition {
-    in_flight: u32,
-    promoted: u32,
-    parked: BTreeMap<(i128, u64), u32>,
+pub(super) struct Partition {
+    pub(super) in_flight: u32,
+    pub(super) promoted: u32,
+    pub(super) parked: BTreeMap<(i128, u64), u32>,
 }
 
 impl Partition {
-    fn is_idle(&self) -> bool {
+    pub(super) fn is_idle(&self) -> bool {
         self.in_flight == 0 && self.promoted == 0 && self.parked.is_empty()
     }
 }
 
 #[derive(Debug)]
-struct Queue {
-    slots: Slab<Slot>,
-    line: OrderTree<LineKey>,
-    partitions: HashMap<u64, Partition>,
-    parked_total: u32,
-    next_seq: u64,
+pub(super) struct Queue {
+    pub(super) slots: Slab<Slot>,
+    pub(super) line: OrderTree<LineKey>,
+    pub(super) partitions: HashMap<u64, Partition>,
+    pub(super) parked_total: u32,
+    pub(super) next_seq: u64,
     /// Smoothed duration of calls admitted from the line (seconds).
-    service_ewma: Option<f64>,
+    pub(super) service_ewma: Option<f64>,
 }
 
 #[derive(Debug)]
 pub(crate) struct Shared {
-    state: AtomicU64,
-    limit: AtomicU32,
-    queue: Mutex<Queue>,
-    stats: Stats,
+    pub(super) state: AtomicU64,
+    pub(super) limit: AtomicU32,
+    pub(super) queue: Mutex<Queue>,
+    pub(super) stats: Stats,
     pub(crate) cfg: Config,
     pub(crate) hasher: RandomState,
-    epoch: Instant,
+    pub(super) epoch: Instant,
     /// What decides when admitted calls really start (the preset's pacer).
-    eta_source: std::sync::RwLock<Option<Arc<dyn crate::eta::EtaSource>>>,
+    pub(super) eta_source: std::sync::RwLock<Option<Arc<dyn crate::eta::EtaSource>>>,
 }
 
 /// What `acquire` decided.
@@ -156,7 +158,7 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = source;
     }
 
-    fn lock(&self) -> MutexGuard<'_, Queue> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Queue> {
         // No code panics while holding this lock; if a user's waker did, the
         // queue is still consistent, so recover instead of propagating poison.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
@@ -181,7 +183,7 @@ impl Shared {
         }
     }
 
-    fn rejection(&self, kind: RejectKind) -> Rejected {
+    pub(super) fn rejection(&self, kind: RejectKind) -> Rejected {
         Rejected::new("bulkhead", kind).with_name_opt(self.cfg.obs.name.as_ref())
     }
 
@@ -194,12 +196,12 @@ impl Shared {
     }
 
     /// Hands `r` out, telling the observers.
-    fn refuse(&self, r: Rejected) -> Rejected {
+    pub(super) fn refuse(&self, r: Rejected) -> Rejected {
         self.cfg.obs.rejected(&r);
         r
     }
 
-    fn rank(&self, priority: i32, now: Instant) -> i128 {
+    pub(super) fn rank(&self, priority: i32, now: Instant) -> i128 {
         match self.cfg.aging {
             // Strict priority: higher first, FIFO (by seq) within a priority.
             None => -i128::from(priority),
@@ -326,7 +328,7 @@ impl Shared {
     }
 
     /// Hands free permits to the first eligible waiters. Caller holds the lock.
-    fn dispatch(&self, q: &mut Queue) {
+    pub(super) fn dispatch(&self, q: &mut Queue) {
         let limit = self.limit.load(Ordering::Relaxed);
         loop {
             let s = self.state.load(Ordering::Acquire);
@@ -361,7 +363,7 @@ impl Shared {
     }
 
     /// Moves parked waiters of partition `k` into the line while it has room.
-    fn promote(&self, q: &mut Queue, k: u64) {
+    pub(super) fn promote(&self, q: &mut Queue, k: u64) {
         let cap = self.cfg.max_per_key.unwrap_or(u32::MAX);
         loop {
             let Some(p) = q.partitions.get_mut(&k) else {
@@ -386,7 +388,7 @@ impl Shared {
 
     /// Gives back a fast-path permit: one `fetch_sub` unless someone waits.
     #[inline]
-    fn release(&self) {
+    pub(super) fn release(&self) {
         let prev = self.state.fetch_sub(1, Ordering::Release);
         if waiters(prev) != 0 {
             self.dispatch_locked();
@@ -394,13 +396,13 @@ impl Shared {
     }
 
     #[cold]
-    fn dispatch_locked(&self) {
+    pub(super) fn dispatch_locked(&self) {
         let mut q = self.lock();
         self.dispatch(&mut q);
     }
 
     #[cold]
-    fn release_slow(&self, partition: Option<u64>, granted_at: Option<Instant>) {
+    pub(super) fn release_slow(&self, partition: Option<u64>, granted_at: Option<Instant>) {
         let mut q = self.lock();
         if let Some(t) = granted_at {
             let secs = t.elapsed().as_secs_f64();
@@ -413,7 +415,7 @@ impl Shared {
     }
 
     /// Gives back one permit; the caller holds the lock.
-    fn release_locked(&self, q: &mut Queue, partition: Option<u64>) {
+    pub(super) fn release_locked(&self, q: &mut Queue, partition: Option<u64>) {
         self.state.fetch_sub(1, Ordering::AcqRel);
         if let Some(k) = partition {
             if let Some(p) = q.partitions.get_mut(&k) {
@@ -427,7 +429,7 @@ impl Shared {
     /// Removes a waiter that is leaving the line (dropped or timed out).
     /// Returns its state before removal and its partition; a `Granted` waiter's
     /// permit is the caller's to take or give back.
-    fn remove_waiter(
+    pub(super) fn remove_waiter(
         &self,
         q: &mut Queue,
         slot_id: u32,
@@ -462,86 +464,6 @@ impl Shared {
             SlotState::Granted | SlotState::Rejected(_) => {}
         }
         Some((state, partition))
-    }
-
-    /// Retry-after hint for a full queue: the time between two admissions.
-    fn drain_interval(q: &Queue, cfg: &Config, limit: u32) -> Option<Duration> {
-        let s = q
-            .service_ewma
-            .or(cfg.expected_service.map(|d| d.as_secs_f64()))?;
-        Duration::try_from_secs_f64(s / f64::from(limit.max(1))).ok()
-    }
-
-    /// ETA for position `pos` (1-based): `ceil(pos / limit) × service time`.
-    fn eta(q: &Queue, cfg: &Config, limit: u32, pos: u32) -> Option<Duration> {
-        let s = q
-            .service_ewma
-            .or(cfg.expected_service.map(|d| d.as_secs_f64()))?;
-        let rounds = pos.div_ceil(limit.max(1));
-        Duration::try_from_secs_f64(s * f64::from(rounds)).ok()
-    }
-
-    fn position(q: &Queue, slot: &Slot, slot_id: u32) -> u32 {
-        if slot.promoted {
-            q.line.rank(&(slot.rank, slot.seq, slot_id)) as u32 + 1
-        } else {
-            // Parked behind its partition's cap: everyone in the line, then its
-            // partition's waiters ahead of it.
-            let ahead = slot
-                .partition
-                .and_then(|k| q.partitions.get(&k))
-                .map_or(0, |p| p.parked.range(..(slot.rank, slot.seq)).count());
-            q.line.len() as u32 + ahead as u32 + 1
-        }
-    }
-
-    pub(crate) fn status(&self, slot_id: u32, seq: u64) -> Option<TicketStatus> {
-        let q = self.lock();
-        let slot = q.slots.get(slot_id as usize).filter(|s| s.seq == seq)?;
-        let mut status = match slot.state {
-            SlotState::Waiting => {
-                let position = Self::position(&q, slot, slot_id);
-                let limit = self.limit.load(Ordering::Relaxed);
-                QueueStatus {
-                    position: u64::from(position),
-                    waiting: q.line.len() as u64 + u64::from(q.parked_total),
-                    eta: Self::eta(&q, &self.cfg, limit, position),
-                }
-            }
-            SlotState::Granted => return Some(TicketStatus::Admitted),
-            SlotState::Rejected(kind) => return Some(TicketStatus::Rejected(kind)),
-        };
-        let service = self.cfg.expected_service.or(q
-            .service_ewma
-            .and_then(|s| Duration::try_from_secs_f64(s).ok()));
-        drop(q);
-        // With a source below (a pacer), its projected starts decide; asked
-        // without our lock held (the source takes its own).
-        if let (Some(service), Some(source)) = (service, self.eta_source()) {
-            let now = Instant::now();
-            let mut projection = source.projection(now);
-            let in_flight = in_flight(self.state.load(Ordering::Acquire));
-            let limit = self.limit.load(Ordering::Relaxed);
-            if let Some(at) = crate::eta::admission(
-                &mut *projection,
-                now,
-                limit,
-                in_flight,
-                u32::try_from(status.position).unwrap_or(u32::MAX),
-                service,
-                ETA_STEPS,
-            ) {
-                status.eta = Some(at.saturating_duration_since(now));
-            }
-        }
-        Some(TicketStatus::Waiting(status))
-    }
-
-    fn eta_source(&self) -> Option<Arc<dyn crate::eta::EtaSource>> {
-        self.eta_source
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
     }
 
     pub(crate) fn set_limit(&self, limit: u32) {
@@ -602,181 +524,5 @@ impl Shared {
                 .and_then(|s| Duration::try_from_secs_f64(s).ok())
                 .or(self.cfg.expected_service),
         }
-    }
-}
-
-/// A caller's place in line. Dropping it leaves the line (or gives back a
-/// permit that was granted but not yet taken).
-#[derive(Debug)]
-pub(crate) struct Waiter {
-    shared: Arc<Shared>,
-    slot: u32,
-    seq: u64,
-    done: bool,
-    pub(crate) deadline: Option<Instant>,
-}
-
-impl Waiter {
-    pub(crate) fn id(&self) -> (u32, u64) {
-        (self.slot, self.seq)
-    }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
-
-    /// Ready with a permit once granted, or with the rejection (closed).
-    pub(crate) fn poll_permit(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<BulkheadPermit, Rejected>> {
-        if self.done {
-            return Poll::Ready(Err(self.shared.rejection(RejectKind::ShuttingDown)));
-        }
-        let mut q = self.shared.lock();
-        let Some(slot) = q
-            .slots
-            .get_mut(self.slot as usize)
-            .filter(|s| s.seq == self.seq)
-        else {
-            self.done = true;
-            return Poll::Ready(Err(self.shared.rejection(RejectKind::ShuttingDown)));
-        };
-        match slot.state {
-            SlotState::Waiting => {
-                match &mut slot.waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    w => *w = Some(cx.waker().clone()),
-                }
-                Poll::Pending
-            }
-            SlotState::Granted => {
-                let partition = slot.partition;
-                q.slots.remove(self.slot as usize);
-                self.done = true;
-                drop(q);
-                Poll::Ready(Ok(BulkheadPermit::new(
-                    self.shared.clone(),
-                    partition,
-                    Some(Instant::now()),
-                )))
-            }
-            SlotState::Rejected(kind) => {
-                q.slots.remove(self.slot as usize);
-                self.done = true;
-                drop(q);
-                Poll::Ready(Err(self.shared.refuse(self.shared.rejection(kind))))
-            }
-        }
-    }
-
-    /// The `max_wait` deadline passed: leave the line with `QueueTimeout` — unless
-    /// a permit was granted in the meantime, which is then taken.
-    pub(crate) fn expire(&mut self, waited: Duration) -> Result<BulkheadPermit, Rejected> {
-        let shared = self.shared.clone();
-        let mut q = shared.lock();
-        let position = q
-            .slots
-            .get(self.slot as usize)
-            .filter(|s| s.seq == self.seq)
-            .map_or(1, |slot| Shared::position(&q, slot, self.slot));
-        let before = shared.remove_waiter(&mut q, self.slot, self.seq);
-        self.done = true;
-        match before {
-            Some((SlotState::Granted, partition)) => {
-                drop(q);
-                Ok(BulkheadPermit::new(shared, partition, Some(Instant::now())))
-            }
-            Some((SlotState::Rejected(kind), _)) => {
-                drop(q);
-                Err(shared.refuse(shared.rejection(kind)))
-            }
-            _ => {
-                let eta = Shared::eta(&q, &shared.cfg, shared.limit(), position);
-                shared.dispatch(&mut q);
-                drop(q);
-                shared.stats.queue_timeout.fetch_add(1, Ordering::Relaxed);
-                let mut r = shared
-                    .rejection(RejectKind::QueueTimeout)
-                    .with_detail(format!(
-                        "waited {}, position {position}",
-                        crate::time::Human(waited)
-                    ));
-                if let Some(eta) = eta {
-                    r = r.with_retry_after(eta);
-                }
-                Err(shared.refuse(r))
-            }
-        }
-    }
-}
-
-impl Drop for Waiter {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let mut q = self.shared.lock();
-        match self.shared.remove_waiter(&mut q, self.slot, self.seq) {
-            // Granted but never taken: give the permit back.
-            Some((SlotState::Granted, partition)) => self.shared.release_locked(&mut q, partition),
-            _ => self.shared.dispatch(&mut q),
-        }
-    }
-}
-
-/// A bulkhead permit: one of the `max_concurrent` slots. Released on drop.
-///
-/// With [`OnStreamEnd`](crate::guard::OnStreamEnd) / `OnBodyEnd` the
-/// permit rides inside the response body until its last chunk.
-#[derive(Debug)]
-pub struct BulkheadPermit {
-    shared: Arc<Shared>,
-    /// Only permits from the slow path carry more (boxed, so the fast path's
-    /// permit — and the response future holding it — stays two words).
-    slow: Option<Box<SlowPermit>>,
-}
-
-#[derive(Debug)]
-struct SlowPermit {
-    partition: Option<u64>,
-    granted_at: Option<Instant>,
-}
-
-impl BulkheadPermit {
-    /// A permit taken on the lock-free path.
-    #[inline]
-    pub(crate) fn fast(shared: Arc<Shared>) -> Self {
-        BulkheadPermit { shared, slow: None }
-    }
-
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        partition: Option<u64>,
-        granted_at: Option<Instant>,
-    ) -> Self {
-        let slow = (partition.is_some() || granted_at.is_some()).then(|| {
-            Box::new(SlowPermit {
-                partition,
-                granted_at,
-            })
-        });
-        BulkheadPermit { shared, slow }
-    }
-}
-
-impl Drop for BulkheadPermit {
-    #[inline]
-    fn drop(&mut self) {
-        match self.slow.take() {
-            None => self.shared.release(),
-            Some(s) => self.shared.release_slow(s.partition, s.granted_at),
-        }
-    }
-}
-
-impl crate::guard::Guard for BulkheadPermit {
-    fn finish(self, _end: crate::guard::StreamEnd) {
-        drop(self);
     }
 }

@@ -1,6 +1,7 @@
 use super::future::ResponseFuture;
 use super::layer::RequestInfo;
-use super::queue::{Acquire, BulkheadPermit, Shared};
+use super::permit::BulkheadPermit;
+use super::queue::{Acquire, Shared};
 use super::ticket::TicketStatus;
 use crate::error::BoxError;
 use crate::guard::Hold;

@@ -7,11 +7,13 @@
 //! Asking costs one lock and O(log n): nothing is pushed to every waiter each time
 //! the line moves, so 100,000 waiters cost nothing until someone looks.
 
-use super::queue::Shared;
+use super::queue::{in_flight, Config, Queue, Shared, Slot, SlotState, ETA_STEPS};
 use crate::error::RejectKind;
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// A caller's place in the line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +142,89 @@ impl QueueTicket {
             TicketStatus::Waiting(s) => Some(s),
             _ => None,
         }
+    }
+}
+
+/// Positions and ETAs: what a ticket reads from the line.
+impl Shared {
+    /// Retry-after hint for a full queue: the time between two admissions.
+    pub(super) fn drain_interval(q: &Queue, cfg: &Config, limit: u32) -> Option<Duration> {
+        let s = q
+            .service_ewma
+            .or(cfg.expected_service.map(|d| d.as_secs_f64()))?;
+        Duration::try_from_secs_f64(s / f64::from(limit.max(1))).ok()
+    }
+
+    /// ETA for position `pos` (1-based): `ceil(pos / limit) × service time`.
+    pub(super) fn eta(q: &Queue, cfg: &Config, limit: u32, pos: u32) -> Option<Duration> {
+        let s = q
+            .service_ewma
+            .or(cfg.expected_service.map(|d| d.as_secs_f64()))?;
+        let rounds = pos.div_ceil(limit.max(1));
+        Duration::try_from_secs_f64(s * f64::from(rounds)).ok()
+    }
+
+    pub(super) fn position(q: &Queue, slot: &Slot, slot_id: u32) -> u32 {
+        if slot.promoted {
+            q.line.rank(&(slot.rank, slot.seq, slot_id)) as u32 + 1
+        } else {
+            // Parked behind its partition's cap: everyone in the line, then its
+            // partition's waiters ahead of it.
+            let ahead = slot
+                .partition
+                .and_then(|k| q.partitions.get(&k))
+                .map_or(0, |p| p.parked.range(..(slot.rank, slot.seq)).count());
+            q.line.len() as u32 + ahead as u32 + 1
+        }
+    }
+
+    pub(crate) fn status(&self, slot_id: u32, seq: u64) -> Option<TicketStatus> {
+        let q = self.lock();
+        let slot = q.slots.get(slot_id as usize).filter(|s| s.seq == seq)?;
+        let mut status = match slot.state {
+            SlotState::Waiting => {
+                let position = Self::position(&q, slot, slot_id);
+                let limit = self.limit.load(Ordering::Relaxed);
+                QueueStatus {
+                    position: u64::from(position),
+                    waiting: q.line.len() as u64 + u64::from(q.parked_total),
+                    eta: Self::eta(&q, &self.cfg, limit, position),
+                }
+            }
+            SlotState::Granted => return Some(TicketStatus::Admitted),
+            SlotState::Rejected(kind) => return Some(TicketStatus::Rejected(kind)),
+        };
+        let service = self.cfg.expected_service.or(q
+            .service_ewma
+            .and_then(|s| Duration::try_from_secs_f64(s).ok()));
+        drop(q);
+        // With a source below (a pacer), its projected starts decide; asked
+        // without our lock held (the source takes its own).
+        if let (Some(service), Some(source)) = (service, self.eta_source()) {
+            let now = Instant::now();
+            let mut projection = source.projection(now);
+            let in_flight = in_flight(self.state.load(Ordering::Acquire));
+            let limit = self.limit.load(Ordering::Relaxed);
+            if let Some(at) = crate::eta::admission(
+                &mut *projection,
+                now,
+                limit,
+                in_flight,
+                u32::try_from(status.position).unwrap_or(u32::MAX),
+                service,
+                ETA_STEPS,
+            ) {
+                status.eta = Some(at.saturating_duration_since(now));
+            }
+        }
+        Some(TicketStatus::Waiting(status))
+    }
+
+    fn eta_source(&self) -> Option<Arc<dyn crate::eta::EtaSource>> {
+        self.eta_source
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 

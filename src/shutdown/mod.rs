@@ -50,8 +50,8 @@
 
 mod service;
 
-#[cfg(feature = "http")]
 pub use crate::close::Close;
+#[cfg(feature = "http")]
 pub use service::{CutAtDeadline, DrainingBody, DRAIN_EVENT};
 pub use service::{HoldInFlight, InFlight, ResponseFuture, ShutdownLayer, ShutdownService};
 

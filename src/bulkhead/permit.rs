@@ -1,0 +1,61 @@
+//! A bulkhead permit: one of its `max_concurrent` slots.
+
+use super::queue::Shared;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// A bulkhead permit: one of the `max_concurrent` slots. Released on drop.
+///
+/// With [`OnStreamEnd`](crate::guard::OnStreamEnd) / `OnBodyEnd` the
+/// permit rides inside the response body until its last chunk.
+#[derive(Debug)]
+pub struct BulkheadPermit {
+    shared: Arc<Shared>,
+    /// Only permits from the slow path carry more (boxed, so the fast path's
+    /// permit — and the response future holding it — stays two words).
+    slow: Option<Box<SlowPermit>>,
+}
+
+#[derive(Debug)]
+struct SlowPermit {
+    partition: Option<u64>,
+    granted_at: Option<Instant>,
+}
+
+impl BulkheadPermit {
+    /// A permit taken on the lock-free path.
+    #[inline]
+    pub(crate) fn fast(shared: Arc<Shared>) -> Self {
+        BulkheadPermit { shared, slow: None }
+    }
+
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        partition: Option<u64>,
+        granted_at: Option<Instant>,
+    ) -> Self {
+        let slow = (partition.is_some() || granted_at.is_some()).then(|| {
+            Box::new(SlowPermit {
+                partition,
+                granted_at,
+            })
+        });
+        BulkheadPermit { shared, slow }
+    }
+}
+
+impl Drop for BulkheadPermit {
+    #[inline]
+    fn drop(&mut self) {
+        match self.slow.take() {
+            None => self.shared.release(),
+            Some(s) => self.shared.release_slow(s.partition, s.granted_at),
+        }
+    }
+}
+
+impl crate::guard::Guard for BulkheadPermit {
+    fn finish(self, _end: crate::guard::StreamEnd) {
+        drop(self);
+    }
+}
