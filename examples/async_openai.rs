@@ -32,7 +32,7 @@ use semaforo::backoff::{Backoff, Jitter};
 use semaforo::breaker::Breaker;
 use semaforo::bulkhead::Bulkhead;
 use semaforo::classify::{classify_error, Class, LlmClassifier, Permanent};
-use semaforo::pace::{Cost, Observed, Pace};
+use semaforo::pace::{Cost, Limit, Observed, Pace};
 use semaforo::retry::Retry;
 use semaforo::timeout::Timeout;
 use semaforo::BoxError;
@@ -154,8 +154,7 @@ async fn main() -> Result<(), BoxError> {
         )
         .layer(
             Pace::builder()
-                .tokens_per_minute((args.tpm as f64 * scale) as u64)
-                .burst(args.tpm)
+                .limit(Limit::tokens_per_minute((args.tpm as f64 * scale) as u64).burst(args.tpm))
                 .build()?
                 .layer()
                 .weigh(weigh)

@@ -1,4 +1,4 @@
-//! Seed 000's Sunday night: 50 teachers each ask for a 2,000-token lesson plan at
+//! Sunday night in a classroom: 50 teachers each ask for a 2,000-token lesson plan at
 //! once, against a 30,000 tokens/min, 500 requests/min tier.
 //!
 //! Phase 1 calls the provider directly (as the seed's app did: most get 429).
@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
-/// Seed 000's Sunday night, without and with semaforo.
+/// Sunday night in a classroom, without and with semaforo.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
@@ -55,7 +55,7 @@ struct Args {
     /// 60/N s). Default: 10 with the mock, 1 (real time) with --base-url.
     #[arg(long, value_parser = mock_provider::time_scale)]
     time_scale: Option<f64>,
-    /// At most this many calls in flight in phase 2 (seed 000's semáforo: 5).
+    /// At most this many calls in flight in phase 2 (the classroom's queue manager: 5).
     #[arg(long, default_value_t = 5)]
     max_concurrent: u32,
     /// Skip phase 1 (the direct calls), e.g. against a real, paid server.

@@ -1,4 +1,4 @@
-//! Seed 000's "Sunday night": 50 teachers press "generate" at once, the provider
+//! Sunday night in a classroom: 50 teachers press "generate" at once, the provider
 //! takes 5 at a time, each plan takes 10 s. Everyone else waits in line and sees
 //! where they stand — "you are 12th of 45, about 30 s".
 //!

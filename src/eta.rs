@@ -3,7 +3,7 @@
 //! (the bulkhead) what it would do with the calls that line will send.
 //!
 //! It knows no layer: the bulkhead asks any [`EtaSource`] it was given for a
-//! [`Projection`], and the LLM preset wires its pacer in (seed 000's case,
+//! [`Projection`], and the LLM preset wires its pacer in (the classroom case,
 //! where the token budget, not the number of permits, decides who goes next).
 //! A projection reserves nothing: it plays the source's rules forward on a
 //! copy of its state.

@@ -28,7 +28,7 @@
 //! The LLM preset's order, and why: `shutdown → quota → bulkhead → retry →
 //! breaker → pace → attempt timeout → client` (see the `llm` module docs).
 //!
-//! Start with `cargo run --example llm_client` (seed 000's Sunday night
+//! Start with `cargo run --example llm_client` (the Sunday-night classroom scenario
 //! against an in-process mock provider, without and with the stack) and the
 //! README's quick start; `examples/axum_server.rs` is the server template.
 //!

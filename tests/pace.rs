@@ -4,7 +4,7 @@
 mod support;
 
 use semaforo::backoff::{Backoff, Jitter};
-use semaforo::pace::{Cost, Pace};
+use semaforo::pace::{Cost, Limit, Pace};
 use semaforo::retry::Retry;
 use semaforo::{BoxError, RejectKind, Rejected};
 use std::sync::Arc;
@@ -349,8 +349,7 @@ fn bad_configuration_is_an_error() {
     );
     assert_eq!(
         Pace::builder()
-            .tokens_per_minute(10)
-            .burst(0)
+            .limit(Limit::tokens_per_minute(10).burst(0))
             .build()
             .unwrap_err()
             .field,
@@ -364,8 +363,7 @@ fn bad_configuration_is_an_error() {
 fn preset_like(tpm: u64) -> Pace {
     Pace::builder()
         .requests_per_minute(500)
-        .tokens_per_minute(tpm)
-        .burst(tpm * 95 / 100)
+        .limit(Limit::tokens_per_minute(tpm).burst(tpm * 95 / 100))
         .build()
         .unwrap()
 }

@@ -3,7 +3,7 @@
 //! in arrival order.
 
 use proptest::prelude::*;
-use semaforo::pace::{Cost, Pace};
+use semaforo::pace::{Cost, Limit, Pace};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -22,8 +22,8 @@ proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
         rt.block_on(async move {
             let pace = Pace::builder()
-                .tokens_per_minute(tpm).burst(token_burst)
-                .requests_per_minute(rpm).burst(5)
+                .limit(Limit::tokens_per_minute(tpm).burst(token_burst))
+                .limit(Limit::requests_per_minute(rpm).burst(5))
                 .build().unwrap();
             let log: Arc<Mutex<Vec<(usize, Instant, u64)>>> = Arc::default();
             let svc = ServiceBuilder::new()

@@ -5,7 +5,7 @@
 //! instead of joining our line or being refused at once.
 
 use semaforo::bulkhead::Bulkhead;
-use semaforo::pace::Pace;
+use semaforo::pace::{Limit, Pace};
 use semaforo::quota::{Quota, Rate};
 use semaforo::{BoxError, RejectKind, Rejected};
 use std::time::Duration;
@@ -91,8 +91,7 @@ async fn bulkhead_waiters_do_not_hold_a_buffer_slot() {
 async fn pace_waiters_do_not_hold_a_buffer_slot() {
     // One request per second, no burst: 1 goes now, 6 wait in the pacer's line.
     let pace = Pace::builder()
-        .requests_per_minute(60)
-        .burst(1)
+        .limit(Limit::requests_per_minute(60).burst(1))
         .build()
         .unwrap();
     let svc = pace.layer().layer_service(buffered(2));

@@ -12,7 +12,7 @@
 mod redis_server;
 
 use redis_server::RedisServer;
-use semaforo::pace::{Cost, Pace, Unit};
+use semaforo::pace::{Cost, Limit, Pace, Unit};
 use semaforo::redis::{Budget, FailurePolicy, Grant, RedisBackend, Semaphore};
 use semaforo::{BoxError, RejectKind, Rejected};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -37,7 +37,7 @@ async fn backend(server: &RedisServer) -> RedisBackend {
 /// 30,000 tokens per 6 s (a minute at ×10), burst 30,000: what one account allows.
 fn tpm() -> semaforo::pace::PaceBuilder {
     Pace::builder()
-        .limit(Unit::Tokens, 30_000, Duration::from_secs(6))
+        .limit(Limit::new(Unit::Tokens, 30_000, Duration::from_secs(6)))
         .max_wait(Duration::ZERO)
 }
 
@@ -190,7 +190,7 @@ async fn sems_backend(server: &RedisServer) -> RedisBackend {
 /// A budget of 20 requests per second (burst 20), failing fast.
 fn twenty_per_second() -> semaforo::pace::PaceBuilder {
     Pace::builder()
-        .limit(Unit::Requests, 20, Duration::from_secs(1))
+        .limit(Limit::new(Unit::Requests, 20, Duration::from_secs(1)))
         .max_wait(Duration::ZERO)
 }
 
@@ -393,8 +393,7 @@ async fn reservations_wait_in_order_and_refunds_free_capacity() {
         &redis,
         "order",
         Pace::builder()
-            .limit(Unit::Requests, 10, Duration::from_secs(1))
-            .burst(1)
+            .limit(Limit::new(Unit::Requests, 10, Duration::from_secs(1)).burst(1))
             .max_wait(Duration::from_secs(1)),
     )
     .build()
@@ -486,8 +485,7 @@ fn ten_per_second(redis: &RedisBackend, name: &str) -> Budget {
         redis,
         name.to_owned(),
         Pace::builder()
-            .limit(Unit::Requests, 10, Duration::from_secs(1))
-            .burst(1)
+            .limit(Limit::new(Unit::Requests, 10, Duration::from_secs(1)).burst(1))
             .max_wait(Duration::from_secs(5)),
     )
     .build()

@@ -7,7 +7,7 @@
 //! **The cap holds after jitter.** Some crates add jitter on top of the cap, so a
 //! "5-minute cap" waits 6.5 minutes; here no delay is ever above the cap you set.
 //! To reproduce a schedule that deliberately goes past its exponential ceiling
-//! (seed 004: `min(300 s, 2ⁿ·60 s)` plus 10–30 %), set the ceiling and the cap
+//! (a job pipeline's `min(300 s, 2ⁿ·60 s)` plus 10–30 %), set the ceiling and the cap
 //! separately:
 //!
 //! ```
@@ -15,7 +15,7 @@
 //! use semaforo::classify::Class;
 //! use std::time::Duration;
 //!
-//! let seed_004 = Backoff::exponential(Duration::from_secs(60))
+//! let pipeline = Backoff::exponential(Duration::from_secs(60))
 //!     .factor(2.0)
 //!     .ceiling(Duration::from_secs(300)) // min(300, 2^n · 60) before jitter
 //!     .cap(Duration::from_secs(390))     // 300 + 30 %: the most it ever waits
@@ -24,11 +24,11 @@
 //!     .overloaded(1.5, Duration::from_secs(600))  // overloaded ×1.5, max 10 min
 //!     .build()?;
 //!
-//! let first = seed_004.delay(0, Duration::ZERO);
+//! let first = pipeline.delay(0, Duration::ZERO);
 //! assert!(first >= Duration::from_secs(66) && first <= Duration::from_secs(78));
 //! // The longest first wait: the jitter's random number at its top.
-//! assert_eq!(seed_004.delay_drawn(0, Duration::ZERO, 1.0), Duration::from_secs(78));
-//! let throttled = seed_004.delay_for(&Class::Throttled { retry_after: None }, 5, Duration::ZERO);
+//! assert_eq!(pipeline.delay_drawn(0, Duration::ZERO, 1.0), Duration::from_secs(78));
+//! let throttled = pipeline.delay_for(&Class::Throttled { retry_after: None }, 5, Duration::ZERO);
 //! assert!(throttled >= Duration::from_secs(660) && throttled <= Duration::from_secs(780));
 //! # Ok::<(), semaforo::ConfigError>(())
 //! ```
@@ -57,7 +57,7 @@ pub enum Jitter {
     /// always within `[base, cap]`. Needs the previous delay: pass it to
     /// [`Backoff::delay`] or use [`Backoff::delays`].
     Decorrelated,
-    /// `d` plus a uniform `[min, max]` fraction of `d` (seed 004: 10–30 %).
+    /// `d` plus a uniform `[min, max]` fraction of `d` (e.g. 10–30 %).
     Proportional {
         /// Smallest added fraction (0.10 = +10 %).
         min: f64,
@@ -69,7 +69,7 @@ pub enum Jitter {
 /// A per-class adjustment applied after jitter and cap: `min(cap, delay × multiplier)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ClassOverride {
-    /// Multiplies the delay (seed 004: rate limit ×2, overloaded ×1.5).
+    /// Multiplies the delay (e.g. rate limit ×2, overloaded ×1.5).
     pub multiplier: f64,
     /// The cap for this class (replaces the general cap).
     pub cap: Duration,
@@ -162,9 +162,13 @@ impl BackoffBuilder {
         self
     }
 
-    /// Validates and builds. Errors: factor not finite or < 1; cap below base;
-    /// proportional jitter bounds negative, not finite, min > max or max > 100;
-    /// a class multiplier not finite or ≤ 0.
+    /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] when the factor is not finite or below 1, the cap is
+    /// below the base, proportional jitter bounds are negative, not finite,
+    /// `min > max` or `max > 100`, or a class multiplier is not finite or ≤ 0.
     pub fn build(self) -> Result<Backoff, ConfigError> {
         let err = |field, reason: String| Err(ConfigError::new("backoff", field, reason));
         if !self.factor.is_finite() || self.factor < 1.0 {

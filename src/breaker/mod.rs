@@ -1,6 +1,6 @@
 //! A circuit breaker that understands error classes.
 //!
-//! Seeds 003 and 004: 5 failures in a row → open for 5 minutes, then probe. The
+//! A common production policy: 5 failures in a row → open for 5 minutes, then probe. The
 //! trap they fell into: counting `429 Too Many Requests` as a failure opens the
 //! breaker exactly when the caller should merely slow down. Here results are
 //! [classified](crate::classify) first, and by default only `Overloaded`,
@@ -39,7 +39,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), semaforo::BoxError> {
-//! // Seed 003: 5 consecutive failures → open for 5 minutes.
+//! // 5 consecutive failures → open for 5 minutes.
 //! let breaker = Breaker::builder()
 //!     .name("payments")
 //!     .consecutive_failures(5)
@@ -198,7 +198,7 @@ impl BreakerBuilder {
         self
     }
 
-    /// Open after `n` failures in a row (default 5, as in seeds 003 and 004).
+    /// Open after `n` failures in a row (default 5).
     pub fn consecutive_failures(mut self, n: u32) -> Self {
         self.consecutive = Some(n);
         self
@@ -301,6 +301,16 @@ impl BreakerBuilder {
     }
 
     /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the field: `consecutive_failures` 0,
+    /// `failure_rate` or the `slow_calls` rate outside (0, 1], `policy` (no
+    /// trip policy left), `window_calls` outside 1..=1,000,000, `window_time`
+    /// (zero length, or buckets outside 1..=3600), `min_calls` 0 or above a
+    /// count window's size, `open_for` zero, `open_growth` (factor below 1,
+    /// cap below `open_for`), `open_jitter` outside [0, 1],
+    /// `half_open_probes` 0.
     pub fn build(self) -> Result<Breaker, ConfigError> {
         self.validate()?;
         Ok(self.assemble())
@@ -425,7 +435,7 @@ impl Breaker {
         self.shared.cfg.obs.name.as_deref()
     }
 
-    /// Starts a builder with seed 003's defaults: 5 consecutive failures, open 5 minutes, 1 probe.
+    /// Starts a builder with common production defaults: 5 consecutive failures, open 5 minutes, 1 probe.
     pub fn builder() -> BreakerBuilder {
         BreakerBuilder {
             name: None,

@@ -1,12 +1,12 @@
 //! A concurrency semaphore with a fair, bounded, observable line — "El Semáforo".
 //!
-//! Seed 000: 50 teachers press "generate" at once against a provider that takes
+//! The classroom scenario: 50 teachers press "generate" at once against a provider that takes
 //! 5. The fix: at most 5 calls at a time; the rest wait **in order** and see
 //! their place ("Turno: 4/12").
 //!
 //! - At most `max_concurrent` calls run in the inner service; up to `max_queue`
 //!   callers wait in line; one more gets [`RejectKind::QueueFull`] at once,
-//!   without touching the inner service (fail fast before expensive work, seed 002).
+//!   without touching the inner service (fail fast before expensive work).
 //!   A caller that waited `max_wait` gets [`RejectKind::QueueTimeout`] with a
 //!   `retry_after` estimate.
 //! - **Order**: FIFO. With [`BulkheadLayer::priority`], higher priorities first,
@@ -160,8 +160,12 @@ impl BulkheadBuilder {
         self
     }
 
-    /// Validates and builds. Errors: `max_concurrent` 0 or above 2³¹−1,
-    /// `max_queue` above 2³¹−1, `max_wait` zero, `max_per_key` 0.
+    /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the field: `max_concurrent` 0 or above
+    /// 2³¹−1, `max_queue` above 2³¹−1, `max_wait` zero, `max_per_key` 0.
     pub fn build(self) -> Result<Bulkhead, ConfigError> {
         let err = |field, reason: String| Err(ConfigError::new("bulkhead", field, reason));
         if self.max_concurrent == 0 || self.max_concurrent > MAX_COUNT {

@@ -3,7 +3,7 @@
 //! A [`QueueTicket`] is created by the code that sends a request and travels
 //! with it (in a field, or in `http::Request` extensions). The bulkhead links it
 //! to the caller's place in line; anyone holding a clone can ask for the status
-//! at any time — the pull model of seed 000's front end, which polled every 3 s.
+//! at any time — the pull model of a web front end polling every 3 s.
 //! Asking costs one lock and O(log n): nothing is pushed to every waiter each time
 //! the line moves, so 100,000 waiters cost nothing until someone looks.
 

@@ -2,7 +2,7 @@
 //! deep report of every registered guard (breakers, bulkheads, quotas, pacers),
 //! serialisable to JSON with the `serde` feature.
 //!
-//! Seed 003 asks for both: the shallow one for the load balancer (it turns
+//! A production service needs both: the shallow one for the load balancer (it turns
 //! not-ready the moment shutdown is triggered, so traffic leaves before the
 //! drain), the deep one for people and dashboards.
 //!

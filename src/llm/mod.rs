@@ -74,7 +74,7 @@ use crate::breaker::Breaker;
 use crate::bulkhead::Bulkhead;
 use crate::error::ConfigError;
 use crate::observe::{Event, ListenerSlot};
-use crate::pace::Pace;
+use crate::pace::{Limit, Pace};
 use crate::quota::{HeaderKey, PlanId, Quota, QuotaLayer, UnitCost};
 use crate::retry::Retry;
 use crate::shutdown::Shutdown;
@@ -380,7 +380,15 @@ impl LlmStackBuilder {
         self
     }
 
-    /// Builds the parts not given.
+    /// Builds the parts not given, and wires them: the shutdown closes the
+    /// bulkhead's, the pacer's and the quota's lines; the pacer is the
+    /// bulkhead's ETA source.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] on `time_scale` outside [0.001, 1,000,000] (or not
+    /// finite), or the error of a part's builder (a tier of 0 requests or
+    /// tokens per minute: the pacer's `limit`).
     pub fn build(self) -> Result<LlmStack, ConfigError> {
         let scale = self.time_scale;
         if !(MIN_SCALE..=MAX_SCALE).contains(&scale) {
@@ -441,14 +449,18 @@ impl LlmStackBuilder {
             Some(p) => p,
             None => heard!(Pace::builder())
                 .name(name)
-                .requests_per_minute(per_minute(self.tier.requests_per_minute))
-                .burst(self.tier.requests_per_minute)
-                .tokens_per_minute(per_minute(self.tier.tokens_per_minute))
+                .limit(
+                    Limit::requests_per_minute(per_minute(self.tier.requests_per_minute))
+                        .burst(self.tier.requests_per_minute),
+                )
                 // 5 % headroom on the burst: the provider counts a request when it
                 // arrives, later than we reserved it, and the first requests of a
                 // burst arrive latest (new connections). 1,500 tokens of a 30k tier
                 // absorb 3 s of such skew; the long-run rate stays the tier's.
-                .burst(percent(self.tier.tokens_per_minute, 95))
+                .limit(
+                    Limit::tokens_per_minute(per_minute(self.tier.tokens_per_minute))
+                        .burst(percent(self.tier.tokens_per_minute, 95)),
+                )
                 .max_wait(t(600.0))
                 .max_pause(t(60.0))
                 // The provider announces its limits per (its) minute.

@@ -1,7 +1,7 @@
 //! Pace outbound calls to an upstream's budget: requests **and** tokens per
 //! minute at once, with reservations, reconciliation and feedback.
 //!
-//! Seed 000: 50 teachers × 2,000 tokens against a 30,000 tokens/min, 500
+//! The classroom scenario: 50 teachers × 2,000 tokens against a 30,000 tokens/min, 500
 //! requests/min tier. A concurrency cap does not respect a tokens-per-minute
 //! budget — 100,000 tokens need at least ~3.3 minutes whatever the concurrency.
 //! The pacer does:
@@ -179,12 +179,80 @@ pub struct Pace {
 pub struct PaceBuilder {
     name: Option<Arc<str>>,
     listener: ListenerSlot,
-    dims: Vec<(Unit, u64, Duration, Option<u64>)>,
+    dims: Vec<Limit>,
     max_wait: Option<Duration>,
     max_pause: Option<Duration>,
     header_window: Option<Duration>,
-    /// `burst` was called before any limit: an error at `build`.
-    stray_burst: bool,
+}
+
+/// One limit of a pacer: `n` units per period, with a burst (default `n`:
+/// a whole period's worth at once). GCRA: a unit becomes available every
+/// `per / n`, and at most `burst` accumulate.
+///
+/// ```
+/// use semaforo::pace::{Limit, Unit};
+/// use std::time::Duration;
+///
+/// let tpm = Limit::tokens_per_minute(30_000).burst(28_500);
+/// let rps = Limit::new(Unit::Requests, 10, Duration::from_secs(1)).burst(1);
+/// # let _ = (tpm, rps);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub(crate) unit: Unit,
+    pub(crate) n: u64,
+    pub(crate) per: Duration,
+    pub(crate) burst: Option<u64>,
+}
+
+impl Limit {
+    /// `n` units per `per`; [`PaceBuilder::build`] refuses `n` = 0 and a zero
+    /// period.
+    pub fn new(unit: Unit, n: u64, per: Duration) -> Limit {
+        Limit {
+            unit,
+            n,
+            per,
+            burst: None,
+        }
+    }
+
+    /// `n` requests per minute.
+    pub fn requests_per_minute(n: u64) -> Limit {
+        Limit::new(Unit::Requests, n, Duration::from_secs(60))
+    }
+
+    /// `n` tokens per minute.
+    pub fn tokens_per_minute(n: u64) -> Limit {
+        Limit::new(Unit::Tokens, n, Duration::from_secs(60))
+    }
+
+    /// `n` requests per day.
+    pub fn requests_per_day(n: u64) -> Limit {
+        Limit::new(Unit::Requests, n, Duration::from_secs(86_400))
+    }
+
+    /// `n` tokens per day.
+    pub fn tokens_per_day(n: u64) -> Limit {
+        Limit::new(Unit::Tokens, n, Duration::from_secs(86_400))
+    }
+
+    /// At most `burst` units at once (default `n`); at least 1, checked by
+    /// [`PaceBuilder::build`]. A cost above the burst can never be paid.
+    pub fn burst(mut self, burst: u64) -> Limit {
+        self.burst = Some(burst);
+        self
+    }
+
+    /// What it counts.
+    pub fn unit(&self) -> Unit {
+        self.unit
+    }
+
+    /// The burst in effect (`n` unless set).
+    pub fn capacity(&self) -> u64 {
+        self.burst.unwrap_or(self.n)
+    }
 }
 
 impl PaceBuilder {
@@ -203,39 +271,43 @@ impl PaceBuilder {
         self
     }
 
-    /// `n` requests per minute (burst: `n`).
+    /// `n` requests per minute (burst: `n`); shorthand for
+    /// `.limit(Limit::requests_per_minute(n))`.
     pub fn requests_per_minute(self, n: u64) -> Self {
-        self.limit(Unit::Requests, n, Duration::from_secs(60))
+        self.limit(Limit::requests_per_minute(n))
     }
 
     /// `n` tokens per minute (burst: `n`).
     pub fn tokens_per_minute(self, n: u64) -> Self {
-        self.limit(Unit::Tokens, n, Duration::from_secs(60))
+        self.limit(Limit::tokens_per_minute(n))
     }
 
-    /// `n` requests per day.
+    /// `n` requests per day (burst: `n`).
     pub fn requests_per_day(self, n: u64) -> Self {
-        self.limit(Unit::Requests, n, Duration::from_secs(86_400))
+        self.limit(Limit::requests_per_day(n))
     }
 
-    /// `n` tokens per day.
+    /// `n` tokens per day (burst: `n`).
     pub fn tokens_per_day(self, n: u64) -> Self {
-        self.limit(Unit::Tokens, n, Duration::from_secs(86_400))
+        self.limit(Limit::tokens_per_day(n))
     }
 
-    /// Any dimension: `n` units per `per`, burst `n`.
-    pub fn limit(mut self, unit: Unit, n: u64, per: Duration) -> Self {
-        self.dims.push((unit, n, per, None));
-        self
-    }
-
-    /// Sets the burst of the dimension added last (default: its whole window).
-    /// Called before any limit, it makes [`build`](Self::build) fail.
-    pub fn burst(mut self, burst: u64) -> Self {
-        match self.dims.last_mut() {
-            Some(d) => d.3 = Some(burst),
-            None => self.stray_burst = true,
-        }
+    /// Adds a limit (any unit, period and burst): every call must fit all of
+    /// them.
+    ///
+    /// ```
+    /// use semaforo::pace::{Limit, Pace};
+    ///
+    /// // 30,000 tokens a minute, at most 28,500 in one burst; 500 requests a minute.
+    /// let pace = Pace::builder()
+    ///     .limit(Limit::tokens_per_minute(30_000).burst(28_500))
+    ///     .requests_per_minute(500)
+    ///     .build()?;
+    /// # let _ = pace;
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
+    pub fn limit(mut self, limit: Limit) -> Self {
+        self.dims.push(limit);
         self
     }
 
@@ -262,9 +334,9 @@ impl PaceBuilder {
         self
     }
 
-    /// The dimensions: `(unit, n, per, burst)`.
+    /// The limits, in the order given.
     #[cfg(feature = "redis")]
-    pub(crate) fn dims(&self) -> &[(Unit, u64, Duration, Option<u64>)] {
+    pub(crate) fn dims(&self) -> &[Limit] {
         &self.dims
     }
 
@@ -279,22 +351,19 @@ impl PaceBuilder {
         let mut b = self.clone();
         let part = |n: u64| ((n as f64 * share).floor() as u64).max(1);
         for d in &mut b.dims {
-            d.3 = Some(part(d.3.unwrap_or(d.1)));
-            d.1 = part(d.1);
+            d.burst = Some(part(d.capacity()));
+            d.n = part(d.n);
         }
         b
     }
 
-    /// Validates and builds: at least one dimension, each with a rate and a
-    /// period above zero and a burst of at least 1.
+    /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] on `limits` (none given), `limit` (a rate of 0 or a
+    /// zero period), `burst` (0) or `header_window` (zero).
     pub fn build(self) -> Result<Pace, ConfigError> {
-        if self.stray_burst {
-            return Err(ConfigError::new(
-                "pace",
-                "burst",
-                "set a limit first: burst applies to the limit added last",
-            ));
-        }
         if self.header_window.is_some_and(|w| w.is_zero()) {
             return Err(ConfigError::new(
                 "pace",
@@ -310,7 +379,13 @@ impl PaceBuilder {
             ));
         }
         let mut dims = Vec::with_capacity(self.dims.len());
-        for (unit, n, per, burst) in self.dims {
+        for Limit {
+            unit,
+            n,
+            per,
+            burst,
+        } in self.dims
+        {
             if n == 0 || per.is_zero() {
                 return Err(ConfigError::new(
                     "pace",

@@ -1,5 +1,5 @@
 //! Keyed admission quotas per user, tenant, API key or plan — fail fast,
-//! before any expensive work (seed 002), with the exact `retry_after`.
+//! before any expensive work, with the exact `retry_after`.
 //!
 //! Seeds: 003 (Free 60/min, Pro 1000/min), 004 (3 per hour per user, a global
 //! 1000/min per endpoint), 001 (limits per subscription tier).
@@ -403,7 +403,7 @@ impl QuotaBuilder {
         self
     }
 
-    /// A limit for all keys together (seed 004: 1000/min per endpoint).
+    /// A limit for all keys together (e.g. 1000/min per endpoint).
     pub fn global(mut self, rate: Rate) -> Self {
         self.global = Some(rate);
         self
@@ -421,7 +421,14 @@ impl QuotaBuilder {
         self
     }
 
-    /// Validates and builds.
+    /// Validates and builds. Starts the quota's background sweeper thread
+    /// (it ends when the last handle is dropped).
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the field: `plan` (no plan, a plan defined
+    /// twice, a rate of 0, a zero or too fine period, a refill above 100
+    /// years), `global` (the same for the global limit), `max_wait` (zero).
     pub fn build<K: Hash + Eq + Clone + Send + Sync + 'static>(
         self,
     ) -> Result<Quota<K>, ConfigError> {
@@ -431,8 +438,8 @@ impl QuotaBuilder {
         if self.max_wait.is_some_and(|w| w.is_zero()) {
             return Err(ConfigError::new(
                 "quota",
-                "wait",
-                "a max_wait of 0 never waits: leave wait unset to fail fast",
+                "max_wait",
+                "a max_wait of 0 never waits: leave max_wait unset to fail fast",
             ));
         }
         let mut plans = Vec::with_capacity(self.plans.len());

@@ -79,6 +79,12 @@ impl BudgetBuilder {
     }
 
     /// Validates (as [`PaceBuilder::build`] does) and builds.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`PaceBuilder::build`], and a [`ConfigError`] on `name`
+    /// (empty, or with braces) or `failure_policy` (a `Local` share outside
+    /// (0, 1]).
     pub fn build(self) -> Result<Budget, ConfigError> {
         self.policy.validate("redis budget")?;
         if self.name.is_empty() || self.name.contains(['{', '}']) {
@@ -94,13 +100,13 @@ impl BudgetBuilder {
         let dims = limits
             .dims()
             .iter()
-            .map(|&(unit, n, per, burst)| {
+            .map(|limit| {
                 let d = Dim {
-                    unit,
-                    per_unit_us: per.as_micros() as f64 / n as f64,
-                    burst: burst.unwrap_or(n) as f64,
+                    unit: limit.unit,
+                    per_unit_us: limit.per.as_micros() as f64 / limit.n as f64,
+                    burst: limit.capacity() as f64,
                 };
-                (d, d.label(per))
+                (d, d.label(limit.per))
             })
             .collect();
         let local = match self.policy {

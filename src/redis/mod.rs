@@ -3,7 +3,7 @@
 //!
 //! Four instances each pacing 30k TPM send 120k TPM to a 30k account; a
 //! [`Budget`] in Redis makes them one pacer, a [`Semaphore`] one concurrency
-//! limit (seed 002's 500 slots across servers).
+//! limit (500 slots shared across servers).
 //!
 //! - **One round trip per operation**: each acquire is one Lua script
 //!   (`EVALSHA`, reloaded by itself after `SCRIPT FLUSH`), and Redis `TIME` is
@@ -214,6 +214,16 @@ impl RedisBackendBuilder {
     }
 
     /// Validates, connects (Redis must answer now) and builds.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`](crate::ConfigError) (boxed) on `timeout` zero, or
+    /// the connection's error when Redis does not answer.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future abandons the connection attempt; nothing is left
+    /// behind.
     pub async fn connect(self) -> Result<RedisBackend, BoxError> {
         if self.timeout.is_zero() {
             return Err(ConfigError::new("redis", "timeout", "must be above zero").into());

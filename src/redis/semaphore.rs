@@ -87,6 +87,12 @@ impl SemaphoreBuilder {
     }
 
     /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the field: `max_concurrent` 0, `lease` below
+    /// 30 ms or above 365 days, `name` empty, `failure_policy` (a `Local`
+    /// share outside (0, 1]).
     pub fn build(self) -> Result<Semaphore, ConfigError> {
         let err =
             |field, msg: &str| Err(ConfigError::new("redis semaphore", field, msg.to_owned()));

@@ -39,7 +39,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), semaforo::BoxError> {
-//! // Seed 001: 3 attempts, exponential backoff from 2 s.
+//! // A job queue's policy: 3 attempts, exponential backoff from 2 s.
 //! let retry = Retry::builder()
 //!     .max_attempts(3)
 //!     .backoff(Backoff::exponential(Duration::from_secs(2)).jitter(Jitter::None).build()?)
@@ -273,6 +273,10 @@ impl RetryBuilder {
     }
 
     /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] on `max_attempts` 0.
     pub fn build(self) -> Result<Retry, ConfigError> {
         if self.max_attempts == 0 {
             return Err(ConfigError::new(

@@ -1,7 +1,7 @@
 //! Graceful shutdown: stop admitting, let running calls finish up to a
 //! deadline, cancel the rest cleanly, and report what happened.
 //!
-//! Seed 003: on SIGTERM stop accepting, finish in-flight work within 30 s, close
+//! On SIGTERM: stop accepting, finish in-flight work within 30 s, close
 //! connections. axum's and hyper-util's graceful shutdown wait forever (no
 //! deadline), and a streamed response keeps them waiting.
 //!

@@ -3,7 +3,7 @@
 //!
 //! An LLM answer is finished when its last chunk arrives, and it can stall half
 //! way. tower's `Timeout` stops at the response headers; this one can follow the
-//! body. Seed 004 runs long generations with a 30 min read timeout and a 20 min
+//! body. A long-generation pipeline runs with a 30 min read timeout and a 20 min
 //! "no progress" timeout: that is [`TimeoutBuilder::total`] and
 //! [`TimeoutBuilder::idle`].
 //!
@@ -30,7 +30,7 @@
 //! # async fn main() -> Result<(), semaforo::BoxError> {
 //! let timeout = Timeout::builder()
 //!     .name("openai")
-//!     .attempt(Duration::from_secs(30))   // seed 004: connect/response 30 s
+//!     .attempt(Duration::from_secs(30))   // connect/response 30 s
 //!     .idle(Duration::from_secs(20 * 60)) // no progress for 20 min
 //!     .total(Duration::from_secs(30 * 60))
 //!     .build()?;
@@ -127,7 +127,12 @@ impl TimeoutBuilder {
         self
     }
 
-    /// Validates and builds: at least one limit, none of them zero.
+    /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] on `limits` (none of `attempt`, `total`,
+    /// `first_chunk`, `idle` set) or on the limit that is zero.
     pub fn build(self) -> Result<Timeout, ConfigError> {
         let l = self.limits;
         if l == Limits::default() {
