@@ -1,8 +1,8 @@
 //! The LLM stack under the mock load, its metrics served for Prometheus.
 //!
 //! ```text
-//! cargo run --example prometheus            # then: curl localhost:9000/metrics
-//! cargo run --example prometheus -- --serve # keep serving after the load
+//! cargo run --example prometheus --features semaforo-examples/metrics            # then: curl localhost:9000/metrics
+//! cargo run --example prometheus --features semaforo-examples/metrics -- --serve # keep serving after the load
 //! ```
 //!
 //! Metric names and labels are listed in `semaforo::observe`.

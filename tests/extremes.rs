@@ -142,7 +142,7 @@ proptest! {
     fn pacers_take_any_duration_and_count(per in extreme(), wait in extreme(), pause in extreme(), hint in extreme(), n in prop_oneof![Just(1u64), Just(u64::MAX), any::<u64>()], tokens in prop_oneof![Just(0u64), Just(u64::MAX), any::<u64>()]) {
         runtime().block_on(async {
             let Ok(pace) = Pace::builder()
-                .limit(semaforo::pace::Unit::Tokens, n, per)
+                .limit(semaforo::pace::Limit::new(semaforo::pace::Unit::Tokens, n, per))
                 .max_wait(wait)
                 .max_pause(pause)
                 .build()

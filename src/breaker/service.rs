@@ -16,7 +16,7 @@ use tower_service::Service;
 /// The tower [`Layer`] of a [`Breaker`](super::Breaker); all services it makes
 /// share the breaker's state.
 #[must_use = "a layer does nothing until it wraps a service"]
-pub struct BreakerLayer<C, R = OnResponse> {
+pub struct BreakerLayer<C = crate::classify::ErrorClassifier, R = OnResponse> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) classify: C,
     pub(crate) _hold: PhantomData<fn() -> R>,
@@ -89,7 +89,7 @@ impl<S, C: Clone, R> Layer<S> for BreakerLayer<C, R> {
 }
 
 /// The service made by [`BreakerLayer`].
-pub struct BreakerService<S, C, R = OnResponse> {
+pub struct BreakerService<S, C = crate::classify::ErrorClassifier, R = OnResponse> {
     inner: S,
     shared: Arc<Shared>,
     classify: C,

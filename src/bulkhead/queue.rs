@@ -39,10 +39,12 @@ pub(super) const ETA_STEPS: u32 = 10_000;
 /// The largest `max_concurrent` / `max_queue` the packed state word can count.
 pub(crate) const MAX_COUNT: u32 = 0x7FFF_FFFF;
 
+#[inline]
 pub(super) fn in_flight(s: u64) -> u32 {
     (s & IN_FLIGHT_MASK) as u32
 }
 
+#[inline]
 pub(super) fn waiters(s: u64) -> u32 {
     ((s & WAITERS_MASK) >> 32) as u32
 }
@@ -158,6 +160,7 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = source;
     }
 
+    #[inline]
     pub(super) fn lock(&self) -> MutexGuard<'_, Queue> {
         // No code panics while holding this lock; if a user's waker did, the
         // queue is still consistent, so recover instead of propagating poison.
@@ -183,6 +186,7 @@ impl Shared {
         }
     }
 
+    #[inline]
     pub(super) fn rejection(&self, kind: RejectKind) -> Rejected {
         Rejected::new("bulkhead", kind).with_name_opt(self.cfg.obs.name.as_ref())
     }
@@ -196,11 +200,13 @@ impl Shared {
     }
 
     /// Hands `r` out, telling the observers.
+    #[inline]
     pub(super) fn refuse(&self, r: Rejected) -> Rejected {
         self.cfg.obs.rejected(&r);
         r
     }
 
+    #[inline]
     pub(super) fn rank(&self, priority: i32, now: Instant) -> i128 {
         match self.cfg.aging {
             // Strict priority: higher first, FIFO (by seq) within a priority.
@@ -472,6 +478,7 @@ impl Shared {
         self.dispatch(&mut q);
     }
 
+    #[inline]
     pub(crate) fn limit(&self) -> u32 {
         self.limit.load(Ordering::Relaxed)
     }

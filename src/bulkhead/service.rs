@@ -17,7 +17,7 @@ use tower_service::Service;
 /// that is polled ready and then dropped or left idle holds nothing — the
 /// tower#408 trap). The permit is taken in `call`: at once when one is free,
 /// otherwise in the response future, in line.
-pub struct BulkheadService<S, X, R> {
+pub struct BulkheadService<S, X = super::NoInfo, R = crate::guard::OnResponse> {
     pub(crate) inner: S,
     pub(crate) shared: Arc<Shared>,
     pub(crate) info: X,

@@ -148,6 +148,7 @@ impl QueueTicket {
 /// Positions and ETAs: what a ticket reads from the line.
 impl Shared {
     /// Retry-after hint for a full queue: the time between two admissions.
+    #[inline]
     pub(super) fn drain_interval(q: &Queue, cfg: &Config, limit: u32) -> Option<Duration> {
         let s = q
             .service_ewma
@@ -156,6 +157,7 @@ impl Shared {
     }
 
     /// ETA for position `pos` (1-based): `ceil(pos / limit) × service time`.
+    #[inline]
     pub(super) fn eta(q: &Queue, cfg: &Config, limit: u32, pos: u32) -> Option<Duration> {
         let s = q
             .service_ewma
@@ -164,6 +166,7 @@ impl Shared {
         Duration::try_from_secs_f64(s * f64::from(rounds)).ok()
     }
 
+    #[inline]
     pub(super) fn position(q: &Queue, slot: &Slot, slot_id: u32) -> u32 {
         if slot.promoted {
             q.line.rank(&(slot.rank, slot.seq, slot_id)) as u32 + 1

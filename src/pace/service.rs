@@ -199,7 +199,12 @@ impl<B> Deliver<http::Response<B>> for UsageFromBody {
 /// The tower [`Layer`] of a [`Pace`](super::Pace).
 #[derive(Clone)]
 #[must_use = "a layer does nothing until it wraps a service"]
-pub struct PaceLayer<W, O, C, D = AtResponse> {
+pub struct PaceLayer<
+    W = OneRequest,
+    O = NoObserve,
+    C = crate::classify::ErrorClassifier,
+    D = AtResponse,
+> {
     shared: Arc<Shared>,
     weigh: W,
     observe: O,
@@ -292,7 +297,13 @@ impl<S, W: Clone, O: Clone, C: Clone, D: Clone> Layer<S> for PaceLayer<W, O, C, 
 
 /// The service of a [`PaceLayer`].
 #[derive(Clone)]
-pub struct PaceService<S, W, O, C, D = AtResponse> {
+pub struct PaceService<
+    S,
+    W = OneRequest,
+    O = NoObserve,
+    C = crate::classify::ErrorClassifier,
+    D = AtResponse,
+> {
     inner: S,
     shared: Arc<Shared>,
     weigh: W,

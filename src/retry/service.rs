@@ -164,7 +164,7 @@ impl<B: Clone> RequestPolicy<http::Request<B>> for HttpRequests {
 
 /// The tower [`Layer`] of a [`Retry`](super::Retry).
 #[must_use = "a layer does nothing until it wraps a service"]
-pub struct RetryLayer<C, P> {
+pub struct RetryLayer<C = crate::classify::ErrorClassifier, P = CloneRequests> {
     shared: Arc<Shared>,
     classify: C,
     requests: P,
@@ -222,7 +222,7 @@ impl<S, C: Clone, P: Clone> Layer<S> for RetryLayer<C, P> {
 }
 
 /// The service of a [`RetryLayer`].
-pub struct RetryService<S, C, P> {
+pub struct RetryService<S, C = crate::classify::ErrorClassifier, P = CloneRequests> {
     inner: S,
     shared: Arc<Shared>,
     classify: C,

@@ -83,7 +83,7 @@ impl<B> Timed<http::Response<B>> for WholeBody {
 
 /// The tower [`Layer`] of a [`Timeout`](super::Timeout).
 #[must_use = "a layer does nothing until it wraps a service"]
-pub struct TimeoutLayer<M> {
+pub struct TimeoutLayer<M = Whole> {
     limits: Limits,
     obs: Option<Arc<Observer>>,
     _mode: PhantomData<fn() -> M>,
@@ -139,7 +139,7 @@ impl<S, M> Layer<S> for TimeoutLayer<M> {
 }
 
 /// The service of a [`TimeoutLayer`].
-pub struct TimeoutService<S, M> {
+pub struct TimeoutService<S, M = Whole> {
     inner: S,
     limits: Limits,
     obs: Option<Arc<Observer>>,
