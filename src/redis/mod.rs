@@ -217,7 +217,7 @@ impl RedisBackendBuilder {
     ///
     /// # Errors
     ///
-    /// A [`ConfigError`](crate::ConfigError) (boxed) on `timeout` zero, or
+    /// A [`ConfigError`] (boxed) on `timeout` zero, or
     /// the connection's error when Redis does not answer.
     ///
     /// # Cancel safety
