@@ -154,3 +154,42 @@ async fn the_preset_hands_the_caller_the_class_with_its_reason() {
         })
     );
 }
+
+/// A layer in between that rewrites the status (a fallback answering 200 for
+/// a 503) makes the inner record stale: the outer layer classifies the
+/// response it sees (found by an outside attacker).
+#[tokio::test(start_paused = true)]
+async fn a_rewritten_status_is_classified_again() {
+    use semaforo::breaker::BreakerState;
+    use semaforo::classify::HttpClassifier;
+    let outer = Breaker::builder().consecutive_failures(1).build().unwrap();
+    let inner = Breaker::builder()
+        .consecutive_failures(100)
+        .build()
+        .unwrap();
+    let upstream = service_fn(|_: ()| async {
+        Ok::<_, std::io::Error>(http::Response::builder().status(503).body(()).unwrap())
+    });
+    let svc = ServiceBuilder::new()
+        .layer(outer.layer().classify(HttpClassifier))
+        .map_response(|mut r: http::Response<()>| {
+            *r.status_mut() = http::StatusCode::OK;
+            r
+        })
+        .layer(inner.layer().classify(HttpClassifier))
+        .service(upstream);
+    let res = svc.oneshot(()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(outer.state(), BreakerState::Closed, "a 200 is a success");
+    assert_eq!(Classified::of(&res), None, "the 503's record is stale");
+    // And a 500 turned into a 400 is read as the 400 it is now.
+    let mut res = http::Response::builder().status(500).body(()).unwrap();
+    HttpClassifier.classify_and_carry(Ok::<_, &std::io::Error>(&mut res));
+    *res.status_mut() = http::StatusCode::BAD_REQUEST;
+    assert_eq!(
+        HttpClassifier.classify_and_carry(Ok::<_, &std::io::Error>(&mut res)),
+        Class::Permanent {
+            reason: Permanent::InvalidRequest
+        }
+    );
+}

@@ -319,6 +319,57 @@ async fn a_line_watched_after_the_trigger_is_closed_at_once() {
     assert!(bulkhead.snapshot().closed);
 }
 
+/// Closing is idempotent and counts every waiter once, however often a line
+/// is closed or watched; a closed quota still lets a call within its quota
+/// through, even while an old waiter has not been polled yet (both found by
+/// an outside attacker).
+#[tokio::test(start_paused = true)]
+async fn a_second_close_releases_and_counts_nobody() {
+    use futures::FutureExt;
+    use semaforo::pace::Pace;
+    use semaforo::quota::{PlanId, Quota, Rate};
+    let echo = || tower::service_fn(|n: u32| async move { Ok::<_, std::io::Error>(n) });
+    // The pacer: one request a minute, two waiting.
+    let pace = Pace::builder().requests_per_minute(1).build().unwrap();
+    let mut svc = tower::Layer::layer(&pace.layer(), echo());
+    svc.ready().await.unwrap().call(1).await.unwrap();
+    let mut w1 = Box::pin(svc.ready().await.unwrap().call(2));
+    let mut w2 = Box::pin(svc.ready().await.unwrap().call(3));
+    assert!((&mut w1).now_or_never().is_none());
+    assert!((&mut w2).now_or_never().is_none());
+    let shutdown = Shutdown::new();
+    shutdown.watch(pace.clone());
+    shutdown.trigger();
+    shutdown.watch(pace.clone()); // watched again after the trigger
+    assert_eq!(pace.close(), 0);
+    for w in [w1, w2] {
+        let e = tokio::time::timeout(secs(1), w)
+            .await
+            .expect("no hang")
+            .unwrap_err();
+        assert_eq!(kind(&e), RejectKind::ShuttingDown);
+    }
+    assert_eq!(shutdown.drain(secs(1)).await.queued_released, 2);
+    assert_eq!(pace.snapshot().waiting, 0);
+
+    // The quota: key 1 has a waiter that is not polled again before key 2 calls.
+    let quota = Quota::builder()
+        .plan("p", Rate::per_second(1).burst(1))
+        .max_wait(secs(60))
+        .build::<u32>()
+        .unwrap();
+    let mut svc = tower::Layer::layer(&quota.layer(|n: &u32| (*n, PlanId::FIRST)), echo());
+    svc.ready().await.unwrap().call(1).await.unwrap();
+    let mut waiter = Box::pin(svc.ready().await.unwrap().call(1));
+    assert!((&mut waiter).now_or_never().is_none());
+    assert_eq!(quota.close(), 1);
+    assert_eq!(quota.close(), 0);
+    assert_eq!(svc.ready().await.unwrap().call(2).await.unwrap(), 2);
+    let e = waiter.await.unwrap_err();
+    assert_eq!(kind(&e), RejectKind::ShuttingDown);
+    assert_eq!(quota.snapshot().waiting, 0);
+}
+
 /// `signal()` answers an error, never a panic, where it cannot install its
 /// handlers; in a runtime with IO it installs them at once.
 #[cfg(all(feature = "signal", unix))]

@@ -93,10 +93,13 @@ impl<B, Err: AsErrorRef> Classify<http::Response<B>, Err> for HttpClassifier {
 /// [`Classify`](super::Classify#classified-once)).
 ///
 /// Recorded by the shipped HTTP classifiers for every class but `Success`, and
-/// read back only by a classifier of the same type (an outer layer with a
-/// different classifier classifies on its own, and records its class in
-/// place of the inner one). Read it in your own code with
-/// [`Classified::of`].
+/// read back only by a classifier of the same type and for the same status.
+/// An outer layer with a different classifier classifies on its own (and
+/// records its class in place of the inner one); a layer in between that
+/// rewrites the status makes the record stale (it is ignored), and one that
+/// rewrites an error body under the same status should remove it
+/// (`res.extensions_mut().remove::<Classified>()`). Read it in your own code
+/// with [`Classified::of`].
 ///
 /// ```
 /// use semaforo::classify::{Class, Classified, Classify, HttpClassifier};
@@ -110,12 +113,19 @@ impl<B, Err: AsErrorRef> Classify<http::Response<B>, Err> for HttpClassifier {
 pub struct Classified {
     class: Class,
     by: std::any::TypeId,
+    /// The status it was given for: a layer in between that rewrites the
+    /// status (a fallback answering 200) makes the record stale.
+    status: http::StatusCode,
 }
 
 impl Classified {
-    /// The class recorded on `res`, by whichever classifier recorded it.
+    /// The class recorded on `res`, by whichever classifier recorded it
+    /// (`None` when the status changed since).
     pub fn of<B>(res: &http::Response<B>) -> Option<Class> {
-        res.extensions().get::<Classified>().map(|c| c.class)
+        res.extensions()
+            .get::<Classified>()
+            .filter(|c| c.status == res.status())
+            .map(|c| c.class)
     }
 
     /// The class recorded on `res` by a classifier of type `C`.
@@ -123,7 +133,7 @@ impl Classified {
     pub(crate) fn read<C: 'static, B>(res: &http::Response<B>) -> Option<Class> {
         res.extensions()
             .get::<Classified>()
-            .filter(|c| c.by == std::any::TypeId::of::<C>())
+            .filter(|c| c.by == std::any::TypeId::of::<C>() && c.status == res.status())
             .map(|c| c.class)
     }
 
@@ -139,9 +149,11 @@ impl Classified {
         }
         let class = classify(res);
         if !class.is_success() {
+            let status = res.status();
             res.extensions_mut().insert(Classified {
                 class,
                 by: std::any::TypeId::of::<C>(),
+                status,
             });
         }
         class

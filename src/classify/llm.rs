@@ -146,7 +146,13 @@ impl ProviderError {
         {
             Some(Permanent::QuotaExhausted)
         } else if code_or_kind("context_length_exceeded")
+            // OpenAI: "This model's maximum context length is 8192 tokens".
             || self.message_has(&lower, "maximum context length")
+            // Anthropic: "prompt is too long: 215000 tokens > 200000 maximum".
+            || self.message_has(&lower, "prompt is too long")
+            // Gemini: "The input token count (…) exceeds the maximum number
+            // of tokens allowed (…)".
+            || self.message_has(&lower, "exceeds the maximum number of tokens")
         {
             Some(Permanent::ContextLengthExceeded)
         } else if code_or_kind("content_policy_violation") || code_or_kind("content_filter") {
@@ -433,6 +439,8 @@ mod tests {
         assert_eq!(c(429, &NONE, spend), perm(Permanent::QuotaExhausted));
         let billing = r#"{"type":"error","error":{"type":"billing_error","message":"There's an issue with your account's billing."}}"#;
         assert_eq!(c(402, &NONE, billing), perm(Permanent::QuotaExhausted));
+        let long = r#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 215000 tokens > 200000 maximum"}}"#;
+        assert_eq!(c(400, &NONE, long), perm(Permanent::ContextLengthExceeded));
         let api =
             r#"{"type":"error","error":{"type":"api_error","message":"Internal server error"}}"#;
         assert_eq!(c(500, &NONE, api), Class::Transient);
@@ -449,6 +457,8 @@ mod tests {
         );
         let per_day = per_minute.replace("PerMinutePerProject", "PerDayPerProject");
         assert_eq!(c(429, &NONE, &per_day), perm(Permanent::QuotaExhausted));
+        let long = r#"{"error":{"code":400,"message":"The input token count (1200000) exceeds the maximum number of tokens allowed (1048576).","status":"INVALID_ARGUMENT"}}"#;
+        assert_eq!(c(400, &NONE, long), perm(Permanent::ContextLengthExceeded));
         let unavailable = r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
         assert_eq!(
             c(503, &NONE, unavailable),

@@ -552,7 +552,9 @@ where
                     let now = Instant::now();
                     let (turn, resumed) = {
                         let mut st = this.shared.lock();
-                        if st.closed {
+                        // A caller that had its turn (reserved, now readying
+                        // the inner service) is past the line: it goes on.
+                        if st.closed && !w.admitted {
                             st.leave(w.slot, w.seq);
                             drop(st);
                             *waiting = None;

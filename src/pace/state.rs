@@ -316,6 +316,11 @@ impl State {
 
     /// Closes the line: every waiter is woken to leave with `ShuttingDown`.
     pub(crate) fn close(&mut self) -> usize {
+        if self.closed {
+            // Its waiters were counted by the first close (they leave the
+            // line when they next wake).
+            return 0;
+        }
         self.closed = true;
         let waiting = self.line.len();
         for (_, w) in self.waiting.iter_mut() {

@@ -96,7 +96,12 @@ impl<K: Hash + Eq + Clone> Lines<K> {
         }
         let mut inner = self.lock();
         if inner.closed {
-            return Err(shutting_down(shared));
+            // Nobody waits any more; a call within its quota still passes.
+            return match shared.check(key, plan, cost) {
+                Ok(()) => Ok(None),
+                Err(Refusal::Never(never)) => Err(never),
+                Err(Refusal::Wait(..)) => Err(shutting_down(shared)),
+            };
         }
         let ahead: u64 = match inner.lines.get(key) {
             Some(line) if !line.is_empty() => line.iter().map(|e| u64::from(e.cost)).sum(),
