@@ -370,6 +370,68 @@ async fn a_second_close_releases_and_counts_nobody() {
     assert_eq!(quota.snapshot().waiting, 0);
 }
 
+/// A pacer caller that had its turn (its tokens reserved) and is readying the
+/// inner service when the shutdown closes the line is past the line: it goes
+/// on, and is not counted as released (found by an outside attacker).
+#[tokio::test(start_paused = true)]
+async fn a_caller_past_the_pacers_line_goes_on_at_the_close() {
+    use semaforo::pace::Pace;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+
+    /// Not ready until opened.
+    #[derive(Clone, Default)]
+    struct Gate(Arc<(AtomicBool, Mutex<Option<Waker>>)>);
+    impl Service<u32> for Gate {
+        type Response = u32;
+        type Error = std::io::Error;
+        type Future = std::future::Ready<Result<u32, std::io::Error>>;
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+            if self.0 .0.load(Ordering::SeqCst) {
+                return Poll::Ready(Ok(()));
+            }
+            *self.0 .1.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+        fn call(&mut self, n: u32) -> Self::Future {
+            std::future::ready(Ok(n))
+        }
+    }
+
+    let gate = Gate::default();
+    // One request a second, no burst.
+    let pace = Pace::builder()
+        .limit(semaforo::pace::Limit::requests_per_minute(60).burst(1))
+        .build()
+        .unwrap();
+    let shutdown = Shutdown::new();
+    shutdown.watch(pace.clone());
+    let mut svc = tower::Layer::layer(&pace.layer(), gate.clone());
+    gate.0 .0.store(true, Ordering::SeqCst);
+    svc.ready().await.unwrap().call(1).await.unwrap(); // spends the second
+    let ready = svc.ready().await.unwrap();
+    let call = ready.call(7); // waits ~1 s in the pacer's line
+    gate.0 .0.store(false, Ordering::SeqCst);
+    let call = tokio::spawn(call);
+    // Its turn comes (reserved); the inner service is not ready.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(pace.snapshot().waiting, 0, "out of the line");
+    assert!(!call.is_finished());
+    shutdown.trigger();
+    gate.0 .0.store(true, Ordering::SeqCst);
+    if let Some(w) = gate.0 .1.lock().unwrap().take() {
+        w.wake();
+    }
+    let report = shutdown.drain(secs(1)).await;
+    assert_eq!(
+        call.await.unwrap().unwrap(),
+        7,
+        "it had its turn: it goes on"
+    );
+    assert_eq!(report.queued_released, 0);
+}
+
 /// `signal()` answers an error, never a panic, where it cannot install its
 /// handlers; in a runtime with IO it installs them at once.
 #[cfg(all(feature = "signal", unix))]
