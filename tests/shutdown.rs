@@ -18,6 +18,18 @@ fn kind(e: &BoxError) -> RejectKind {
     Rejected::from_box(e).expect("a rejection").kind()
 }
 
+/// How many of `tasks` were answered `ShuttingDown` (any other error fails).
+async fn shut_out<T>(tasks: Vec<tokio::task::JoinHandle<Result<T, BoxError>>>) -> usize {
+    let mut refused = 0;
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            assert_eq!(kind(&e), RejectKind::ShuttingDown);
+            refused += 1;
+        }
+    }
+    refused
+}
+
 /// A call that works for `n` seconds.
 fn worker() -> impl Service<
     u64,
@@ -143,13 +155,7 @@ async fn queued_callers_of_a_watched_bulkhead_are_released_never_left_hanging() 
     assert_eq!(bulkhead.snapshot().waiting, 5);
     let report = shutdown.drain(secs(30)).await;
     assert_eq!(report.queued_released, 5);
-    let mut released_at_once = 0;
-    for t in tasks {
-        if let Err(e) = t.await.unwrap() {
-            assert_eq!(kind(&e), RejectKind::ShuttingDown);
-            released_at_once += 1;
-        }
-    }
+    let released_at_once = shut_out(tasks).await;
     assert_eq!(released_at_once, 5);
     // The two running ones finished (5 s); the five released ones ended too.
     assert_eq!(t0.elapsed(), secs(5));
@@ -244,13 +250,7 @@ async fn callers_waiting_for_pace_are_released_at_the_trigger() {
         "nobody left waiting for the budget"
     );
     assert_eq!(report.queued_released, 3);
-    let mut released = 0;
-    for t in tasks {
-        if let Err(e) = t.await.unwrap() {
-            assert_eq!(kind(&e), RejectKind::ShuttingDown);
-            released += 1;
-        }
-    }
+    let released = shut_out(tasks).await;
     assert_eq!(released, 3);
     // The first call ended before the trigger; the three released ended in it.
     assert_eq!((report.completed, report.cancelled), (3, 0));
@@ -287,13 +287,7 @@ async fn callers_waiting_in_a_quota_line_are_released_at_the_trigger() {
     let report = shutdown.drain(secs(30)).await;
     assert_eq!(t0.elapsed(), Duration::ZERO, "nobody left waiting in line");
     assert_eq!(report.queued_released, 3);
-    let mut released = 0;
-    for t in tasks {
-        if let Err(e) = t.await.unwrap() {
-            assert_eq!(kind(&e), RejectKind::ShuttingDown);
-            released += 1;
-        }
-    }
+    let released = shut_out(tasks).await;
     assert_eq!(released, 3);
     assert_eq!(quota.snapshot().waiting, 0);
     // Closed: a call over its quota is refused at once instead of waiting;
