@@ -436,6 +436,21 @@ impl Breaker {
     }
 
     /// Starts a builder with common production defaults: 5 consecutive failures, open 5 minutes, 1 probe.
+    ///
+    /// ```
+    /// use semaforo::breaker::{Breaker, BreakerState};
+    /// use std::time::Duration;
+    ///
+    /// let breaker = Breaker::builder()
+    ///     .name("payments")
+    ///     .consecutive_failures(5)
+    ///     .failure_rate(0.5)
+    ///     .window_calls(100)
+    ///     .open_for(Duration::from_secs(30))
+    ///     .build()?;
+    /// assert_eq!(breaker.state(), BreakerState::Closed);
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
     pub fn builder() -> BreakerBuilder {
         BreakerBuilder {
             name: None,

@@ -55,6 +55,20 @@ use std::time::Duration;
 /// | `Transient` | backoff | failure | — |
 /// | `Infrastructure` | backoff | failure | — |
 /// | `Permanent` | never | **not** a failure | — |
+///
+/// ```
+/// use semaforo::classify::{Class, Permanent};
+/// use std::time::Duration;
+///
+/// let throttled = Class::Throttled { retry_after: Some(Duration::from_secs(6)) };
+/// assert!(throttled.is_retryable() && !throttled.is_upstream_failure());
+/// assert_eq!(throttled.retry_after(), Some(Duration::from_secs(6)));
+/// let refused = Class::permanent(Permanent::Authentication);
+/// match refused {
+///     Class::Permanent { reason: Permanent::Authentication } => { /* check the key */ }
+///     other => panic!("{other:?}"),
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Class {
@@ -92,10 +106,12 @@ pub enum Class {
 /// with a `_` arm.
 ///
 /// ```
-/// use semaforo::classify::{status_class, Class, Permanent};
+/// use semaforo::classify::{Class, Permanent};
 ///
-/// assert_eq!(status_class(401, None), Class::Permanent { reason: Permanent::Authentication });
-/// assert_eq!(status_class(401, None).permanent_reason(), Some(Permanent::Authentication));
+/// let class = Class::permanent(Permanent::ContextLengthExceeded);
+/// assert_eq!(class, Class::Permanent { reason: Permanent::ContextLengthExceeded });
+/// assert_eq!(class.permanent_reason(), Some(Permanent::ContextLengthExceeded));
+/// assert_eq!(class.permanent_reason().map(|r| r.as_str()), Some("context_length_exceeded"));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]

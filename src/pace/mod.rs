@@ -440,7 +440,24 @@ impl Pace {
         self.shared.obs.name.as_deref()
     }
 
-    /// Starts a builder.
+    /// Starts a builder; give it at least one limit.
+    ///
+    /// ```
+    /// use semaforo::pace::{Cost, Pace};
+    /// use std::time::Duration;
+    ///
+    /// // A 500 RPM / 30,000 TPM tier; a call waits at most 2 minutes for its turn.
+    /// let pace = Pace::builder()
+    ///     .name("openai")
+    ///     .requests_per_minute(500)
+    ///     .tokens_per_minute(30_000)
+    ///     .max_wait(Duration::from_secs(120))
+    ///     .build()?;
+    /// // Each request weighs its estimated tokens.
+    /// let layer = pace.layer().weigh(|prompt: &String| Cost::tokens(prompt.len() as u64 / 4 + 500));
+    /// # let _ = layer;
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
     pub fn builder() -> PaceBuilder {
         PaceBuilder::default()
     }

@@ -522,6 +522,21 @@ pub struct QuotaSnapshot {
 impl Quota<()> {
     /// Starts a builder; the key type is chosen by [`QuotaBuilder::build`]
     /// (usually inferred from the layer's key closure).
+    ///
+    /// ```
+    /// use semaforo::quota::{Quota, Rate};
+    ///
+    /// // Per-user plans: Free 60/min, Pro 1000/min.
+    /// let quota = Quota::builder()
+    ///     .name("api")
+    ///     .plan("free", Rate::per_minute(60))
+    ///     .plan("pro", Rate::per_minute(1_000))
+    ///     .build::<String>()?;
+    /// let free = quota.plan_id("free").expect("defined above");
+    /// let layer = quota.layer(move |user: &String| (user.clone(), free));
+    /// # let _ = layer;
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
     pub fn builder() -> QuotaBuilder {
         QuotaBuilder::default()
     }

@@ -323,7 +323,25 @@ impl Retry {
         self.shared.obs.name.as_deref()
     }
 
-    /// Starts a builder.
+    /// Starts a builder (3 attempts, exponential backoff from 500 ms with
+    /// full jitter capped at 30 s, a retry budget of its own).
+    ///
+    /// ```
+    /// use semaforo::backoff::Backoff;
+    /// use semaforo::retry::Retry;
+    /// use std::time::Duration;
+    ///
+    /// // A job queue's policy: 3 attempts, exponential backoff from 2 s, 1 min in all.
+    /// let retry = Retry::builder()
+    ///     .name("jobs")
+    ///     .max_attempts(3)
+    ///     .backoff(Backoff::exponential(Duration::from_secs(2)).build()?)
+    ///     .deadline(Duration::from_secs(60))
+    ///     .build()?;
+    /// let layer = retry.layer(); // classify with `.classify(...)`, copy requests with `.requests(...)`
+    /// # let _ = layer;
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
     pub fn builder() -> RetryBuilder {
         RetryBuilder {
             name: None,

@@ -168,7 +168,21 @@ impl Timeout {
         self.obs.as_ref().and_then(|o| o.name.as_deref())
     }
 
-    /// Starts a builder.
+    /// Starts a builder; give it at least one limit.
+    ///
+    /// ```
+    /// use semaforo::timeout::Timeout;
+    /// use std::time::Duration;
+    ///
+    /// // A streamed generation: 30 s to the first chunk, 20 s of silence at most.
+    /// let timeout = Timeout::builder()
+    ///     .first_chunk(Duration::from_secs(30))
+    ///     .idle(Duration::from_secs(20))
+    ///     .build()?;
+    /// let layer = timeout.layer().until_stream_end();
+    /// # let _ = layer;
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
     pub fn builder() -> TimeoutBuilder {
         TimeoutBuilder::default()
     }
