@@ -234,8 +234,11 @@ async fn provider_down_breaker_opens_fails_fast_and_recovers_within_a_probe() {
         fast_rejections > 100,
         "{fast_rejections} calls refused by the open breaker"
     );
+    // A refusal makes no network call (`reached_while_open` below counts any
+    // that did); its wall time on a loaded 2-core machine is scheduling
+    // noise (7 ms seen under a clean-clone CI), far below a round trip.
     assert!(
-        slowest_rejection < Duration::from_millis(5),
+        slowest_rejection < Duration::from_millis(50),
         "slowest refusal {slowest_rejection:?}"
     );
     assert_eq!(
@@ -312,7 +315,8 @@ async fn a_user_over_quota_is_refused_before_the_line_and_the_budget() {
         .call(as_user("ana"))
         .await
         .unwrap_err();
-    assert!(t0.elapsed() < Duration::from_millis(5));
+    // Refused before any network call: scheduling noise only on a loaded machine.
+    assert!(t0.elapsed() < Duration::from_millis(50));
     assert_eq!(
         Rejected::from_box(&err).unwrap().kind(),
         RejectKind::QuotaExceeded
