@@ -1,10 +1,11 @@
-//! Per-chunk cost of following a streamed response: the shared guard
-//! (`guard::Guarded`, what bulkhead/breaker use to hold until the end) and the
-//! timeout's `TimedStream`, each next to the bare stream, on 10,000 chunks.
+//! Per-chunk cost of following a streamed response through the one body
+//! wrapper, `guard::Tapped`: with a guard (what bulkhead/breaker hold until the
+//! end) and with the timeout's deadlines, each next to the bare stream, on
+//! 10,000 chunks.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use futures::{stream, FutureExt, Stream, StreamExt};
-use semaforo::guard::Guarded;
+use semaforo::guard::Tapped;
 use semaforo::timeout::Timeout;
 use std::convert::Infallible;
 use std::time::Duration;
@@ -35,8 +36,8 @@ fn per_chunk(c: &mut Criterion) {
     g.warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
     g.bench_function("bare stream", |b| b.iter(|| black_box(drain(chunks()))));
-    g.bench_function("guard::Guarded (hold until end)", |b| {
-        b.iter(|| black_box(drain(Guarded::new(chunks(), |_end| {}))))
+    g.bench_function("guard::Tapped with a guard (hold until end)", |b| {
+        b.iter(|| black_box(drain(Tapped::new(chunks(), |_end| {}))))
     });
     let timeout = Timeout::builder()
         .idle(Duration::from_secs(60))
@@ -47,7 +48,7 @@ fn per_chunk(c: &mut Criterion) {
         .layer()
         .until_stream_end()
         .layer(service_fn(|_: ()| async { Ok::<_, Infallible>(chunks()) }));
-    g.bench_function("timeout TimedStream (idle + total)", |b| {
+    g.bench_function("guard::Tapped with timeout deadlines (idle + total)", |b| {
         b.iter(|| {
             let s = svc
                 .ready()

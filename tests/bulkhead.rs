@@ -519,7 +519,7 @@ async fn ten_thousand_random_drops_leak_nothing() {
 mod streamed {
     use super::*;
     use futures::stream::{self, BoxStream};
-    use semaforo::guard::Guarded;
+    use semaforo::guard::Tapped;
 
     type Chunks = BoxStream<'static, Result<u32, std::io::Error>>;
 
@@ -551,10 +551,7 @@ mod streamed {
         })
     }
 
-    async fn open(
-        bh: &Bulkhead,
-        fail: bool,
-    ) -> Guarded<Chunks, semaforo::bulkhead::BulkheadPermit> {
+    async fn open(bh: &Bulkhead, fail: bool) -> Tapped<Chunks, semaforo::bulkhead::BulkheadPermit> {
         let mut svc = ServiceBuilder::new()
             .layer(bh.layer().release_on_stream_end())
             .service(streaming(fail));

@@ -185,7 +185,7 @@ async fn streamed_answers_are_counted_until_their_last_chunk() {
         2,
         "headers are in, the streams are not over"
     );
-    let reader = |mut s: semaforo::guard::Guarded<Chunks, semaforo::shutdown::InFlight>| async move {
+    let reader = |mut s: semaforo::guard::Tapped<Chunks, semaforo::shutdown::InFlight>| async move {
         let mut n = 0;
         while let Some(Ok(_)) = s.next().await {
             n += 1;

@@ -203,9 +203,9 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
         ServiceBuilder::new()
             .layer(HandleErrorLayer::new(refusal))
             .layer(tower::util::MapResponseLayer::new(
-                |r: http::Response<semaforo::shutdown::DrainingBody<axum::body::Body>>| {
-                    r.map(axum::body::Body::new)
-                },
+                |r: http::Response<
+                    semaforo::guard::Tapped<axum::body::Body, semaforo::shutdown::DrainCut>,
+                >| { r.map(axum::body::Body::new) },
             ))
             .layer(shutdown.layer().cut_bodies_at_deadline()),
     );

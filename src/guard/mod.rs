@@ -1,32 +1,37 @@
 //! Keep something alive until a streamed response is really over.
 //!
 //! An LLM answer is finished when its last chunk arrives, not when the headers do
-//! (tower's own layers stop at the headers: tower-http#447). [`Guarded`] wraps a
+//! (tower's own layers stop at the headers: tower-http#447). [`Tapped`] wraps a
 //! response body (`http_body::Body`, feature `http`) or a `Stream` of `Result`s
-//! and holds a [`Guard`] — a bulkhead permit, an in-flight count, a reservation —
-//! until the body **ends**, **errors** or is **dropped**, then tells the guard
-//! which of the three happened. Every layer uses this one mechanism instead of
-//! writing its own body wrapper.
+//! and shows it to a [`Tap`] until the body **ends**, **errors** or is
+//! **dropped**, then tells the tap which of the three happened. Every layer that
+//! follows a body uses this one wrapper; each brings its own tap:
+//!
+//! | tap | what it does |
+//! |---|---|
+//! | any [`Guard`] (bulkhead permit, breaker verdict, pacer reservation, shutdown in-flight count) | holds until the end |
+//! | [`timeout::Deadlines`](crate::timeout::Deadlines) | cuts the stream with a `Timeout` error at a first-chunk, idle or total deadline |
+//! | `shutdown::DrainCut` (feature `http`) | cuts an SSE body with an error event at the drain deadline |
+//! | `llm::SseScan` (feature `llm`) | reads the SSE events (the one SSE parser), records usage, ends with `StreamFailed` after an error event |
 //!
 //! ```
 //! use futures::{stream, StreamExt};
-//! use semaforo::guard::{Guarded, StreamEnd};
+//! use semaforo::guard::{StreamEnd, Tapped};
 //! use std::sync::{Arc, Mutex};
 //!
 //! # futures::executor::block_on(async {
 //! let seen = Arc::new(Mutex::new(None));
 //! let record = { let seen = seen.clone(); move |end: StreamEnd| *seen.lock().unwrap() = Some(end) };
 //! let chunks = stream::iter(vec![Ok::<_, std::io::Error>("a"), Ok("b")]);
-//! let mut guarded = Guarded::new(chunks, record);
+//! let mut guarded = Tapped::new(chunks, record);
 //! while let Some(_chunk) = guarded.next().await {}
 //! assert_eq!(*seen.lock().unwrap(), Some(StreamEnd::Completed));
 //! # });
 //! ```
 
-use futures_core::Stream;
-use pin_project::{pin_project, pinned_drop};
-use std::pin::Pin;
-use std::task::{Context, Poll};
+mod tap;
+
+pub use tap::{Flow, Tap, Tapped};
 
 /// How a guarded body or stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,9 +45,11 @@ pub enum StreamEnd {
     Dropped,
 }
 
-/// Something released when a guarded stream ends; told how it ended.
+/// Something released when a tapped stream ends; told how it ended. Every
+/// guard is a [`Tap`] that only waits for the end.
 ///
-/// Implemented for every `FnOnce(StreamEnd) + Send + 'static` and for `()`.
+/// Implemented for every `FnOnce(StreamEnd) + Send + 'static`, for `()`, and
+/// for `Option`s and pairs of guards.
 pub trait Guard: Send + 'static {
     /// Called exactly once, when the stream ends, fails or is dropped.
     fn finish(self, end: StreamEnd);
@@ -70,136 +77,6 @@ impl<A: Guard, B: Guard> Guard for (A, B) {
     fn finish(self, end: StreamEnd) {
         self.0.finish(end);
         self.1.finish(end);
-    }
-}
-
-/// A body or stream that holds a [`Guard`] until it ends, fails or is dropped.
-#[pin_project(PinnedDrop)]
-#[derive(Debug)]
-pub struct Guarded<S, G: Guard> {
-    #[pin]
-    inner: S,
-    guard: Option<G>,
-}
-
-impl<S, G: Guard> Guarded<S, G> {
-    /// Wraps `inner`, holding `guard` until its end.
-    pub fn new(inner: S, guard: G) -> Self {
-        Guarded {
-            inner,
-            guard: Some(guard),
-        }
-    }
-
-    /// Wraps an `http_body::Body`, holding `guard` until its end; a body that
-    /// is already at its end (empty: hyper will never poll it) completes at once.
-    #[cfg(feature = "http")]
-    pub fn new_body(inner: S, guard: G) -> Self
-    where
-        S: http_body::Body,
-    {
-        let mut g = Guarded::new(inner, guard);
-        if g.inner.is_end_stream() {
-            finish(&mut g.guard, StreamEnd::Completed);
-        }
-        g
-    }
-
-    /// The wrapped body or stream.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// `true` once the guard was released.
-    pub fn is_finished(&self) -> bool {
-        self.guard.is_none()
-    }
-}
-
-fn finish<G: Guard>(guard: &mut Option<G>, end: StreamEnd) {
-    if let Some(g) = guard.take() {
-        g.finish(end);
-    }
-}
-
-/// Releases the guard if `item` is the end (`None`) or an error.
-fn observe<T, E, G: Guard>(guard: &mut Option<G>, item: &Option<Result<T, E>>) {
-    match item {
-        None => finish(guard, StreamEnd::Completed),
-        Some(Err(_)) => finish(guard, StreamEnd::Failed),
-        Some(Ok(_)) => {}
-    }
-}
-
-#[pinned_drop]
-impl<S, G: Guard> PinnedDrop for Guarded<S, G> {
-    fn drop(self: Pin<&mut Self>) {
-        finish(self.project().guard, StreamEnd::Dropped);
-    }
-}
-
-impl<S, T, E, G> Stream for Guarded<S, G>
-where
-    S: Stream<Item = Result<T, E>>,
-    G: Guard,
-{
-    type Item = Result<T, E>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.project();
-        if this.guard.is_none() {
-            // Ended (or failed) before: a fused end, never poll the inner again.
-            return Poll::Ready(None);
-        }
-        let item = std::task::ready!(this.inner.poll_next(cx));
-        observe(this.guard, &item);
-        Poll::Ready(item)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        if self.guard.is_none() {
-            (0, Some(0))
-        } else {
-            self.inner.size_hint()
-        }
-    }
-}
-
-#[cfg(feature = "http")]
-impl<B, G> http_body::Body for Guarded<B, G>
-where
-    B: http_body::Body,
-    G: Guard,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        if this.guard.is_none() {
-            return Poll::Ready(None);
-        }
-        let mut inner = this.inner;
-        let frame = std::task::ready!(inner.as_mut().poll_frame(cx));
-        observe(this.guard, &frame);
-        // hyper (and `http_body_util::BodyExt::collect`) stop polling once
-        // `is_end_stream()` is true after the last frame, then drop the body:
-        // a body that says it has ended has completed.
-        if matches!(frame, Some(Ok(_))) && inner.is_end_stream() {
-            finish(this.guard, StreamEnd::Completed);
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.guard.is_none() || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -238,11 +115,14 @@ impl<Res> Hold<Res> for OnResponse {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OnStreamEnd;
 
-impl<S> Hold<S> for OnStreamEnd {
-    type Response<G: Guard> = Guarded<S, G>;
+impl<S, T, E> Hold<S> for OnStreamEnd
+where
+    S: futures_core::Stream<Item = Result<T, E>>,
+{
+    type Response<G: Guard> = Tapped<S, G>;
 
-    fn hold<G: Guard>(res: S, guard: G) -> Guarded<S, G> {
-        Guarded::new(res, guard)
+    fn hold<G: Guard>(res: S, guard: G) -> Tapped<S, G> {
+        Tapped::new(res, guard)
     }
 }
 
@@ -254,10 +134,10 @@ pub struct OnBodyEnd;
 
 #[cfg(feature = "http")]
 impl<B: http_body::Body> Hold<http::Response<B>> for OnBodyEnd {
-    type Response<G: Guard> = http::Response<Guarded<B, G>>;
+    type Response<G: Guard> = http::Response<Tapped<B, G>>;
 
     fn hold<G: Guard>(res: http::Response<B>, guard: G) -> Self::Response<G> {
-        res.map(|body| Guarded::new_body(body, guard))
+        res.map(|body| Tapped::body(body, guard))
     }
 }
 
@@ -265,7 +145,9 @@ impl<B: http_body::Body> Hold<http::Response<B>> for OnBodyEnd {
 mod tests {
     use super::*;
     use futures::{stream, StreamExt};
+    use std::pin::Pin;
     use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
 
     fn recorder() -> (Arc<Mutex<Vec<StreamEnd>>>, impl Guard) {
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -276,7 +158,7 @@ mod tests {
     #[tokio::test]
     async fn completed_failed_dropped_each_reported_once() {
         let (seen, g) = recorder();
-        let mut s = Guarded::new(stream::iter(vec![Ok::<u8, ()>(1), Ok(2)]), g);
+        let mut s = Tapped::new(stream::iter(vec![Ok::<u8, ()>(1), Ok(2)]), g);
         assert_eq!(s.next().await, Some(Ok(1)));
         assert!(seen.lock().unwrap().is_empty(), "held while items flow");
         assert_eq!(s.next().await, Some(Ok(2)));
@@ -286,7 +168,7 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), vec![StreamEnd::Completed]);
 
         let (seen, g) = recorder();
-        let mut s = Guarded::new(stream::iter(vec![Ok::<u8, ()>(1), Err(()), Ok(3)]), g);
+        let mut s = Tapped::new(stream::iter(vec![Ok::<u8, ()>(1), Err(()), Ok(3)]), g);
         assert_eq!(s.next().await, Some(Ok(1)));
         assert_eq!(s.next().await, Some(Err(())));
         assert_eq!(s.next().await, None, "fused after an error");
@@ -294,7 +176,7 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), vec![StreamEnd::Failed]);
 
         let (seen, g) = recorder();
-        let mut s = Guarded::new(stream::iter(vec![Ok::<u8, ()>(1), Ok(2)]), g);
+        let mut s = Tapped::new(stream::iter(vec![Ok::<u8, ()>(1), Ok(2)]), g);
         assert_eq!(s.next().await, Some(Ok(1)));
         drop(s);
         assert_eq!(*seen.lock().unwrap(), vec![StreamEnd::Dropped]);
@@ -320,7 +202,7 @@ mod tests {
             }
         }
         let (seen, g) = recorder();
-        let mut b = Guarded::new(TwoFrames(2), g);
+        let mut b = Tapped::body(TwoFrames(2), g);
         let mut pinned = Pin::new(&mut b);
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);

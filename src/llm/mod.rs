@@ -90,7 +90,7 @@ pub use service::{
     LlmStreamFuture, LlmStreamLayer, LlmStreamService, ObserveHeaders,
 };
 pub use sse::{
-    SseEvent, SseParser, SseWatch, SseWatchBody, StreamFailed, WatchFuture, DEFAULT_MAX_LINE,
+    SseEvent, SseParser, SseScan, SseWatch, StreamFailed, WatchFuture, DEFAULT_MAX_LINE,
 };
 
 /// A provider tier: the limits of your API key.

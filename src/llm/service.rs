@@ -4,17 +4,17 @@
 //! the stack of layers inside (no boxing): the stack is an implementation
 //! detail, free to change without breaking a user's code.
 
-use super::{estimate_cost, usage_tokens, LlmStack, SseWatch, SseWatchBody};
+use super::{estimate_cost, usage_tokens, LlmStack, SseScan, SseWatch};
 use crate::breaker::{BreakerOutcome, BreakerService};
 use crate::bulkhead::{BulkheadPermit, BulkheadService, InfoFns};
 use crate::classify::{LlmClassifier, LlmHeadClassifier, RateLimitInfo};
 use crate::error::BoxError;
-use crate::guard::{Guarded, OnBodyEnd, OnResponse};
+use crate::guard::{OnBodyEnd, OnResponse, Tapped};
 use crate::pace::{Cost, Observed, PaceService, Reconcile, UsageFromBody};
 use crate::quota::{HeaderKey, QuotaService, UnitCost};
 use crate::retry::{HttpRequests, RetryService};
 use crate::shutdown::{InFlight, ShutdownService};
-use crate::timeout::{TimedBody, TimeoutService, Whole, WholeBody};
+use crate::timeout::{Deadlines, TimeoutService, Whole, WholeBody};
 use bytes::Bytes;
 use pin_project::pin_project;
 use std::fmt;
@@ -275,9 +275,9 @@ type StreamInner<S> = ShutdownService<
 /// The body inside [`LlmStreamBody`], innermost first: the SSE watch, the
 /// chunk timeouts, the pacer's reconciliation, the breaker's verdict, the
 /// bulkhead's permit, the shutdown's in-flight count.
-type StreamInnerBody<B> = Guarded<
-    Guarded<
-        Guarded<Guarded<TimedBody<SseWatchBody<B>>, Option<Reconcile>>, BreakerOutcome>,
+type StreamInnerBody<B> = Tapped<
+    Tapped<
+        Tapped<Tapped<Tapped<Tapped<B, SseScan>, Deadlines>, Option<Reconcile>>, BreakerOutcome>,
         BulkheadPermit,
     >,
     InFlight,

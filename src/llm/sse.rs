@@ -13,13 +13,22 @@
 //! event longer than the parser's cap is dropped (its bytes skipped, counted
 //! in [`SseParser::dropped`]) instead of growing a buffer without limit.
 //!
-//! [`SseWatch`] is the one body wrapper of the streaming preset that reads
-//! the events: it turns an error event into an error of the body (after handing
-//! over the event's bytes) and reports the last `usage` it saw.
+//! [`SseScan`] is the [`Tap`] of the streaming preset that reads the events
+//! (on the one body wrapper, [`Tapped`], put there by [`SseWatch`]): it turns an
+//! error event into an error of the body (after handing over the event's
+//! bytes) and reports the last `usage` it saw.
+//!
+//! Why our own parser and not an SSE crate (`eventsource-stream`,
+//! `sse-stream`): those consume the byte stream and yield owned events; the
+//! preset must hand every byte to the caller unchanged and only look at the
+//! events on the way, with no copy of a line that arrives whole and a cap on
+//! what a hostile stream can make it buffer. That is a few hundred lines, tested
+//! against the spec's examples and by proptest (`tests/sse.rs`).
 
 use super::cost::Payload;
 use crate::classify::{Class, LlmClassifier};
 use crate::error::BoxError;
+use crate::guard::{Flow, Tap, Tapped};
 use crate::pace::{Cost, UsageCell};
 use bytes::Bytes;
 use pin_project::pin_project;
@@ -310,90 +319,65 @@ fn inspect(ev: SseEvent<'_>, usage: &mut Payload<'static>) -> Option<StreamFaile
     })
 }
 
-/// The body of [`SseWatch`]: the inner body's frames, unchanged, read by one
-/// [`SseParser`]; an error event ends it with a [`StreamFailed`] error after
-/// the frame that carried it; the last `usage` seen goes to the response's
-/// [`UsageCell`] (for the pacer's reconciliation).
-#[pin_project]
-pub struct SseWatchBody<B> {
-    #[pin]
-    inner: B,
+/// The [`Tap`] of [`SseWatch`] (`Tapped<B, SseScan>`): the body's frames pass
+/// unchanged, read by one [`SseParser`]; an error event ends the body with a
+/// [`StreamFailed`] error after the frame that carried it; the last `usage`
+/// seen goes to the response's [`UsageCell`] (for the pacer's reconciliation).
+pub struct SseScan {
     parser: SseParser,
     usage: UsageCell,
     /// The usage reported so far: OpenAI's and Gemini's totals, Anthropic's
     /// input (`message_start`) and output (the last `message_delta`).
     seen: Payload<'static>,
     failed: Option<StreamFailed>,
-    done: bool,
 }
 
-impl<B> std::fmt::Debug for SseWatchBody<B> {
+impl std::fmt::Debug for SseScan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SseWatchBody")
+        f.debug_struct("SseScan")
             .field("failed", &self.failed)
             .finish_non_exhaustive()
     }
 }
 
-impl<B> http_body::Body for SseWatchBody<B>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
+impl<E: Into<BoxError>> Tap<http_body::Frame<Bytes>, E> for SseScan {
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        if *this.done {
-            return Poll::Ready(this.failed.take().map(|e| Err(e.into())));
-        }
-        let frame = ready!(this.inner.poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(data) = f.data_ref() {
-                    let mut failed = None;
-                    let seen = &mut *this.seen;
-                    this.parser.feed(data, |ev| {
-                        if failed.is_none() {
-                            failed = inspect(ev, seen);
-                        }
-                    });
-                    if let Some(u) = this.seen.total() {
-                        this.usage.set(Cost::tokens(u));
-                    }
-                    if failed.is_some() {
-                        *this.failed = failed;
-                        *this.done = true;
-                    }
-                }
+    fn item(&mut self, frame: &http_body::Frame<Bytes>) -> Flow {
+        let Some(data) = frame.data_ref() else {
+            return Flow::Continue;
+        };
+        let mut failed = None;
+        let seen = &mut self.seen;
+        self.parser.feed(data, |ev| {
+            if failed.is_none() {
+                failed = inspect(ev, seen);
             }
-            Some(Err(_)) | None => *this.done = true,
+        });
+        if let Some(u) = self.seen.total() {
+            self.usage.set(Cost::tokens(u));
         }
-        Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+        match failed {
+            Some(f) => {
+                self.failed = Some(f);
+                Flow::End
+            }
+            None => Flow::Continue,
+        }
     }
 
-    fn is_end_stream(&self) -> bool {
-        // A failure still to be reported is not the end.
-        if self.done {
-            return self.failed.is_none();
-        }
-        self.inner.is_end_stream()
+    #[inline]
+    fn error(&mut self, error: E) -> BoxError {
+        error.into()
     }
 
-    fn size_hint(&self) -> http_body::SizeHint {
-        if self.done {
-            return http_body::SizeHint::with_exact(0);
-        }
-        self.inner.size_hint()
+    fn then(&mut self) -> Option<Result<http_body::Frame<Bytes>, BoxError>> {
+        self.failed.take().map(|f| Err(f.into()))
     }
 }
 
-/// A tower layer adapter that wraps every response body in a
-/// [`SseWatchBody`] and puts its [`UsageCell`] in the response's extensions.
+/// A tower layer adapter that taps every response body with an [`SseScan`]
+/// and puts its [`UsageCell`] in the response's extensions.
 #[derive(Debug, Clone)]
 pub struct SseWatch<S> {
     inner: S,
@@ -409,8 +393,10 @@ impl<S> SseWatch<S> {
 impl<S, Req, B> tower_service::Service<Req> for SseWatch<S>
 where
     S: tower_service::Service<Req, Response = http::Response<B>>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
-    type Response = http::Response<SseWatchBody<B>>;
+    type Response = http::Response<Tapped<B, SseScan>>;
     type Error = S::Error;
     type Future = WatchFuture<S::Future>;
 
@@ -436,20 +422,25 @@ pub struct WatchFuture<F> {
 impl<F, B, E> Future for WatchFuture<F>
 where
     F: Future<Output = Result<http::Response<B>, E>>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
-    type Output = Result<http::Response<SseWatchBody<B>>, E>;
+    type Output = Result<http::Response<Tapped<B, SseScan>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut res = ready!(self.project().fut.poll(cx))?;
         let usage = UsageCell::new();
         res.extensions_mut().insert(usage.clone());
-        Poll::Ready(Ok(res.map(|inner| SseWatchBody {
-            inner,
-            parser: SseParser::new(),
-            usage,
-            seen: Payload::default(),
-            failed: None,
-            done: false,
+        Poll::Ready(Ok(res.map(|inner| {
+            Tapped::body(
+                inner,
+                SseScan {
+                    parser: SseParser::new(),
+                    usage,
+                    seen: Payload::default(),
+                    failed: None,
+                },
+            )
         })))
     }
 }

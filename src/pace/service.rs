@@ -159,7 +159,7 @@ impl UsageCell {
 
 /// A streamed `http` answer whose usage arrives in its body: the pacer keeps
 /// the call's estimate and, when the body ends, fails or is dropped (through
-/// the one body tap, [`guard::Guarded`](crate::guard::Guarded)), reconciles it
+/// the one body tap, [`guard::Tapped`](crate::guard::Tapped)), reconciles it
 /// with the cost left in the response's [`UsageCell`] extension (nothing to
 /// reconcile when there is no cell or it stayed empty) (feature `http`).
 #[cfg(feature = "http")]
@@ -184,15 +184,15 @@ impl crate::guard::Guard for Reconcile {
 }
 
 #[cfg(feature = "http")]
-impl<B> Deliver<http::Response<B>> for UsageFromBody {
-    type Response = http::Response<crate::guard::Guarded<B, Option<Reconcile>>>;
+impl<B: http_body::Body> Deliver<http::Response<B>> for UsageFromBody {
+    type Response = http::Response<crate::guard::Tapped<B, Option<Reconcile>>>;
 
     fn deliver(&self, res: http::Response<B>, pending: PendingRef<'_>) -> Self::Response {
         let guard = res.extensions().get::<UsageCell>().map(|cell| Reconcile {
             pending: pending.keep(),
             cell: cell.clone(),
         });
-        res.map(|body| crate::guard::Guarded::new(body, guard))
+        res.map(|body| crate::guard::Tapped::body(body, guard))
     }
 }
 

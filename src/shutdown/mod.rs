@@ -52,7 +52,7 @@ mod service;
 
 pub use crate::close::Close;
 #[cfg(feature = "http")]
-pub use service::{CutAtDeadline, DrainingBody, DRAIN_EVENT};
+pub use service::{CutAtDeadline, DrainCut, DRAIN_EVENT};
 pub use service::{HoldInFlight, InFlight, ResponseFuture, ShutdownLayer, ShutdownService};
 
 use crate::observe::{Event, EventKind, ListenerSlot, Observer, ShutdownPhase};

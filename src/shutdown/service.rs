@@ -1,6 +1,8 @@
 use super::Shared;
 use crate::error::{BoxError, RejectKind, Rejected};
 use crate::guard::{Guard, Hold, OnResponse, OnStreamEnd, StreamEnd};
+#[cfg(feature = "http")]
+use crate::guard::{Tap, Tapped};
 use pin_project::pin_project;
 use std::fmt;
 use std::future::Future;
@@ -163,35 +165,40 @@ pub struct CutAtDeadline;
 impl crate::sealed::Sealed for CutAtDeadline {}
 
 #[cfg(feature = "http")]
-impl<B> HoldInFlight<http::Response<B>> for CutAtDeadline {
-    type Response = http::Response<DrainingBody<B>>;
+impl<B> HoldInFlight<http::Response<B>> for CutAtDeadline
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+{
+    type Response = http::Response<Tapped<B, DrainCut>>;
     fn hold(res: http::Response<B>, in_flight: InFlight) -> Self::Response {
-        res.map(|inner| DrainingBody {
-            inner,
-            cancelled: None,
-            in_flight: Some(in_flight),
-            cut: false,
+        res.map(|inner| {
+            Tapped::body(
+                inner,
+                DrainCut {
+                    in_flight,
+                    cancelled: None,
+                },
+            )
         })
     }
 }
 
-/// A body counted in flight until it ends, cut with an SSE error event at the
-/// drain deadline (see [`ShutdownLayer::cut_bodies_at_deadline`]).
+/// The [`Tap`] of [`ShutdownLayer::cut_bodies_at_deadline`]
+/// (`Tapped<B, DrainCut>`, feature `http`): counts a body in flight until it
+/// ends; at the drain deadline, if the body is still waiting for its next
+/// frame, ends it with [`DRAIN_EVENT`] (an SSE error event).
 #[cfg(feature = "http")]
-#[pin_project]
-pub struct DrainingBody<B> {
-    #[pin]
-    inner: B,
+pub struct DrainCut {
+    in_flight: InFlight,
+    /// Armed the first time the body has to wait.
     cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    in_flight: Option<InFlight>,
-    cut: bool,
 }
 
 #[cfg(feature = "http")]
-impl<B> fmt::Debug for DrainingBody<B> {
+impl fmt::Debug for DrainCut {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DrainingBody")
-            .field("cut", &self.cut)
+        f.debug_struct("DrainCut")
+            .field("cut", &self.in_flight.cancelled)
             .finish_non_exhaustive()
     }
 }
@@ -201,45 +208,28 @@ impl<B> fmt::Debug for DrainingBody<B> {
 pub const DRAIN_EVENT: &str = "event: error\ndata: {\"error\":{\"type\":\"shutting_down\",\"message\":\"the server is shutting down\"}}\n\n";
 
 #[cfg(feature = "http")]
-impl<B> http_body::Body for DrainingBody<B>
-where
-    B: http_body::Body<Data = bytes::Bytes>,
-{
-    type Data = bytes::Bytes;
-    type Error = B::Error;
+impl<E> Tap<http_body::Frame<bytes::Bytes>, E> for DrainCut {
+    type Error = E;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
+    #[inline]
+    fn error(&mut self, error: E) -> E {
+        error
+    }
+
+    fn poll_waiting(
+        &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
-        let this = self.project();
-        if *this.cut {
-            return Poll::Ready(None);
-        }
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            if matches!(frame, None | Some(Err(_))) {
-                this.in_flight.take();
-            }
-            return Poll::Ready(frame);
-        }
-        let Some(guard) = this.in_flight.as_mut() else {
-            return Poll::Pending;
-        };
-        let wait = this
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, E>>> {
+        let shared = &self.in_flight.shared;
+        let wait = self
             .cancelled
-            .get_or_insert_with(|| Box::pin(guard.shared.cancel.clone().cancelled_owned()));
+            .get_or_insert_with(|| Box::pin(shared.cancel.clone().cancelled_owned()));
         ready!(wait.as_mut().poll(cx));
-        if let Some(mut g) = this.in_flight.take() {
-            g.cancelled = true;
-        }
-        *this.cut = true;
+        // Counted as cancelled when the tap is told the end (just after).
+        self.in_flight.cancelled = true;
         Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
             DRAIN_EVENT.as_bytes(),
         )))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.cut || self.inner.is_end_stream()
     }
 }
 

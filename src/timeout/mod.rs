@@ -50,9 +50,7 @@ mod timed;
 #[cfg(feature = "http")]
 pub use service::WholeBody;
 pub use service::{ResponseFuture, Timed, TimeoutLayer, TimeoutService, Whole, WholeStream};
-#[cfg(feature = "http")]
-pub use timed::TimedBody;
-pub use timed::TimedStream;
+pub use timed::Deadlines;
 
 use crate::error::ConfigError;
 use crate::observe::{Event, ListenerSlot, Observer};

@@ -1,6 +1,7 @@
-use super::timed::TimedStream;
+use super::timed::Deadlines;
 use super::Limits;
 use crate::error::{BoxError, RejectKind, Rejected};
+use crate::guard::Tapped;
 use crate::observe::Observer;
 use pin_project::pin_project;
 use std::fmt;
@@ -45,31 +46,41 @@ impl<Res> Timed<Res> for Whole {
     }
 }
 
-/// The response is a `Stream` of `Result`s, followed to its end ([`TimedStream`]).
+/// The response is a `Stream` of `Result`s, followed to its end
+/// (`Tapped<S, `[`Deadlines`]`>`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WholeStream;
 
-impl<S> Timed<S> for WholeStream {
-    type Response = TimedStream<S>;
+impl<S, T, E> Timed<S> for WholeStream
+where
+    S: futures_core::Stream<Item = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Response = Tapped<S, Deadlines>;
     fn wrap(
         res: S,
         limits: Limits,
         started: Option<Instant>,
         obs: Option<Arc<Observer>>,
-    ) -> TimedStream<S> {
-        TimedStream::new(res, limits, started.unwrap_or_else(Instant::now), obs)
+    ) -> Tapped<S, Deadlines> {
+        let started = started.unwrap_or_else(Instant::now);
+        Tapped::new(res, Deadlines::new(limits, started, obs))
     }
 }
 
 /// The response is an `http::Response<B>` whose body is followed to its end
-/// ([`TimedBody`](super::TimedBody), feature `http`).
+/// (`Tapped<B, `[`Deadlines`]`>`, feature `http`).
 #[cfg(feature = "http")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WholeBody;
 
 #[cfg(feature = "http")]
-impl<B> Timed<http::Response<B>> for WholeBody {
-    type Response = http::Response<super::timed::TimedBody<B>>;
+impl<B> Timed<http::Response<B>> for WholeBody
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    type Response = http::Response<Tapped<B, Deadlines>>;
     fn wrap(
         res: http::Response<B>,
         limits: Limits,
@@ -77,7 +88,7 @@ impl<B> Timed<http::Response<B>> for WholeBody {
         obs: Option<Arc<Observer>>,
     ) -> Self::Response {
         let started = started.unwrap_or_else(Instant::now);
-        res.map(|b| super::timed::TimedBody::new(b, limits, started, obs))
+        res.map(|b| Tapped::body(b, Deadlines::new(limits, started, obs)))
     }
 }
 

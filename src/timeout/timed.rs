@@ -1,5 +1,6 @@
 //! Deadlines on a streamed response: time to first chunk, idle gap between
-//! chunks, and a total deadline — for `Stream`s of `Result`s and for
+//! chunks, and a total deadline — a [`Tap`] on the one body wrapper,
+//! [`Tapped`](crate::guard::Tapped), for `Stream`s of `Result`s and for
 //! `http_body::Body` (feature `http`).
 //!
 //! One timer per stream, re-armed lazily: a chunk only records the time it
@@ -9,9 +10,8 @@
 
 use super::Limits;
 use crate::error::{BoxError, RejectKind, Rejected};
+use crate::guard::{Flow, Tap};
 use crate::observe::Observer;
-use futures_core::Stream;
-use pin_project::pin_project;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,11 +27,15 @@ enum Expired {
     Total(Duration),
 }
 
-/// The deadline bookkeeping shared by [`TimedStream`] and [`TimedBody`].
-/// The timer is boxed (one allocation per streamed response) so the wrapped
+/// The [`Tap`] of a timeout that follows a streamed answer
+/// (`Tapped<S, Deadlines>`): the first-chunk, idle and total deadlines of one
+/// response. A deadline that passes while the stream waits yields one `Err` (a
+/// [`Rejected`] of kind `Timeout`, classified `Transient`) and ends the stream.
+///
+/// The timer is boxed (one allocation per streamed response) so the tapped
 /// stream stays `Unpin` when the inner one is: `.next().await` just works.
 #[derive(Debug)]
-struct Watch {
+pub struct Deadlines {
     timer: Pin<Box<Sleep>>,
     limits: Limits,
     /// When the whole call must be over (from the call's start).
@@ -39,12 +43,11 @@ struct Watch {
     /// When the response arrived or the last chunk did.
     last_progress: Instant,
     got_first: bool,
-    done: bool,
     obs: Option<Arc<Observer>>,
 }
 
-impl Watch {
-    fn new(limits: Limits, started: Instant, obs: Option<Arc<Observer>>) -> Self {
+impl Deadlines {
+    pub(crate) fn new(limits: Limits, started: Instant, obs: Option<Arc<Observer>>) -> Self {
         let now = Instant::now();
         let total_at = limits.total.map(|t| crate::time::after(started, t));
         let first = [
@@ -58,13 +61,12 @@ impl Watch {
         .flatten()
         .min()
         .unwrap_or(now);
-        Watch {
+        Deadlines {
             timer: Box::pin(tokio::time::sleep_until(first)),
             limits,
             total_at,
             last_progress: now,
             got_first: false,
-            done: false,
             obs,
         }
     }
@@ -97,35 +99,11 @@ impl Watch {
         }
     }
 
-    /// Follows one poll of the inner stream or body: an item is progress, the end
-    /// is the end, and while it is pending the deadlines are checked.
-    fn step<T, E: Into<BoxError>>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<Option<Result<T, E>>>,
-    ) -> Poll<Option<Result<T, BoxError>>> {
-        match polled {
-            Poll::Ready(Some(item)) => {
-                self.progress();
-                Poll::Ready(Some(item.map_err(Into::into)))
-            }
-            Poll::Ready(None) => {
-                self.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => match self.poll_expired(cx) {
-                Some(err) => Poll::Ready(Some(Err(err))),
-                None => Poll::Pending,
-            },
-        }
-    }
-
     /// Called when the inner stream is pending: `Some(error)` once a deadline passed.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<BoxError> {
         loop {
             let (at, what) = self.deadline()?;
             if Instant::now() >= at {
-                self.done = true;
                 return Some(timeout_error(self.obs.as_ref(), what));
             }
             if self.timer.deadline() != at {
@@ -159,100 +137,24 @@ fn timeout_error(obs: Option<&Arc<Observer>>, what: Expired) -> BoxError {
     r.into()
 }
 
-/// A `Stream` of `Result`s under first-chunk, idle and total deadlines. A
-/// deadline that passes yields one `Err` (a [`Rejected`] of kind `Timeout`,
-/// classified `Transient`) and ends the stream.
-#[pin_project]
-#[derive(Debug)]
-pub struct TimedStream<S> {
-    #[pin]
-    inner: S,
-    watch: Watch,
-}
-
-impl<S> TimedStream<S> {
-    pub(crate) fn new(
-        inner: S,
-        limits: Limits,
-        started: Instant,
-        obs: Option<Arc<Observer>>,
-    ) -> Self {
-        TimedStream {
-            inner,
-            watch: Watch::new(limits, started, obs),
-        }
-    }
-}
-
-impl<S, T, E> Stream for TimedStream<S>
-where
-    S: Stream<Item = Result<T, E>>,
-    E: Into<BoxError>,
-{
-    type Item = Result<T, BoxError>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.project();
-        if this.watch.done {
-            return Poll::Ready(None);
-        }
-        let polled = this.inner.poll_next(cx);
-        this.watch.step(cx, polled)
-    }
-}
-
-/// An `http_body::Body` under first-frame, idle and total deadlines (feature
-/// `http`). A deadline that passes ends the body with a `Timeout` error.
-#[cfg(feature = "http")]
-#[pin_project]
-#[derive(Debug)]
-pub struct TimedBody<B> {
-    #[pin]
-    inner: B,
-    watch: Watch,
-}
-
-#[cfg(feature = "http")]
-impl<B> TimedBody<B> {
-    pub(crate) fn new(
-        inner: B,
-        limits: Limits,
-        started: Instant,
-        obs: Option<Arc<Observer>>,
-    ) -> Self {
-        TimedBody {
-            inner,
-            watch: Watch::new(limits, started, obs),
-        }
-    }
-}
-
-#[cfg(feature = "http")]
-impl<B> http_body::Body for TimedBody<B>
-where
-    B: http_body::Body,
-    B::Error: Into<BoxError>,
-{
-    type Data = B::Data;
+impl<D, E: Into<BoxError>> Tap<D, E> for Deadlines {
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        if this.watch.done {
-            return Poll::Ready(None);
+    #[inline]
+    fn item(&mut self, _item: &D) -> Flow {
+        self.progress();
+        Flow::Continue
+    }
+
+    #[inline]
+    fn error(&mut self, error: E) -> BoxError {
+        error.into()
+    }
+
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<D, BoxError>>> {
+        match self.poll_expired(cx) {
+            Some(err) => Poll::Ready(Some(Err(err))),
+            None => Poll::Pending,
         }
-        let polled = this.inner.poll_frame(cx);
-        this.watch.step(cx, polled)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.watch.done || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
