@@ -1,7 +1,10 @@
 //! The LLM preset (`LlmStack::layer`) around a client that answers at once:
 //! a success (`usage` read from the body) and a failed call (a 400 whose error
 //! body says the context is too long: classified by the pacer, the breaker and
-//! retry — parsed once since 1.0, three times before).
+//! retry — parsed once since 1.0, three times before); and a streamed answer
+//! (`LlmStack::stream_layer`, 100 SSE events with usage at the end) read to
+//! its end, every event through the preset's body taps (SSE reader, chunk
+//! deadlines, pacer reconciliation, breaker, bulkhead, shutdown).
 
 mod common;
 
@@ -76,6 +79,76 @@ fn preset(c: &mut Criterion) {
         b.iter(|| black_box(call(&mut failed)))
     });
     g.finish();
+
+    let mut g = c.benchmark_group("llm/stream");
+    let stack = LlmStack::openai(tier).build().expect("a stack");
+    let mut streamed = tower::ServiceBuilder::new()
+        .layer(stack.stream_layer())
+        .service(service_fn(|_req: http::Request<Bytes>| {
+            std::future::ready(Ok::<_, Infallible>(http::Response::new(sse_body())))
+        }));
+    g.throughput(criterion::Throughput::Elements(EVENTS as u64));
+    g.bench_function("100 events, read to the end", |b| {
+        b.iter(|| black_box(read_stream(&mut streamed)))
+    });
+    g.finish();
+}
+
+const EVENTS: usize = 100;
+
+/// A streamed completion: one frame per event, usage in the last one.
+fn sse_body() -> http_body_util::StreamBody<
+    futures::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>,
+> {
+    let mut frames: Vec<_> = (0..EVENTS - 1)
+        .map(|_| {
+            Ok(http_body::Frame::data(Bytes::from_static(
+                br#"data: {"choices":[{"index":0,"delta":{"content":"hola"}}]}
+
+"#,
+            )))
+        })
+        .collect();
+    frames.push(Ok(http_body::Frame::data(Bytes::from_static(
+        br#"data: {"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":99,"total_tokens":111}}
+
+data: [DONE]
+
+"#,
+    ))));
+    http_body_util::StreamBody::new(futures::stream::iter(frames))
+}
+
+fn read_stream<S, B>(svc: &mut S) -> usize
+where
+    S: Service<http::Request<Bytes>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    use http_body_util::BodyExt;
+    let req = http::Request::post("/v1/chat/completions")
+        .body(Bytes::from_static(
+            br#"{"model":"gpt-4o-mini","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"hola"}]}"#,
+        ))
+        .expect("a request");
+    let svc = svc
+        .ready()
+        .now_or_never()
+        .expect("ready at once")
+        .expect("no error");
+    let mut body = svc
+        .call(req)
+        .now_or_never()
+        .expect("completes at once")
+        .expect("an answer")
+        .into_body();
+    let mut frames = 0;
+    while let Some(frame) = body.frame().now_or_never().expect("a frame at once") {
+        frame.expect("no error");
+        frames += 1;
+    }
+    frames
 }
 
 criterion_group! {
