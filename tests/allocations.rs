@@ -187,7 +187,7 @@ fn outside_sizes_cost_bounded_memory_and_linear_scans() {
         r#"{{"max_tokens":100,"messages":[{{"role":"user","content":[{{"type":"text","text":"{text}"}}]}}]}}"#
     );
     let (cost, peak) = peak_bytes(|| estimate_cost(req.as_bytes()));
-    assert_eq!(cost.tokens, 10_100);
+    assert_eq!(cost.total_tokens(), 10_100);
     assert!(peak < 4 * 1024, "{peak} bytes to estimate a 40 kB prompt");
 
     // 32 MB of SSE without a newline, in 64 KiB chunks: every byte examined

@@ -430,24 +430,14 @@ async fn reservations_wait_in_order_and_refunds_free_capacity() {
     assert_eq!(r.kind(), RejectKind::BudgetExceeded);
     assert!(r.retry_after().unwrap() <= Duration::from_millis(100));
     // A cost above the burst can never fit: no retry_after.
-    let big = Cost {
-        requests: 2,
-        tokens: 0,
-    };
+    let big = Cost::requests(2);
     assert_eq!(
         budget.reserve(None, &big).await.unwrap_err().retry_after(),
         None
     );
     // Refunding 5 requests brings the next start 500 ms closer.
     budget
-        .adjust(
-            None,
-            &Cost {
-                requests: 5,
-                tokens: 0,
-            },
-            &Cost::default(),
-        )
+        .adjust(None, &Cost::requests(5), &Cost::default())
         .await
         .unwrap();
     match budget.reserve(None, &Cost::tokens(0)).await.unwrap() {

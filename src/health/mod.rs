@@ -69,6 +69,62 @@ pub struct Component {
     pub details: Vec<(&'static str, f64)>,
 }
 
+/// The health label of a pacer dimension: `available_{unit}` for a minute
+/// (the window providers announce), with `_per_second`, `_per_10s`,
+/// `_per_hour`, `_per_day` or `_other_window` for the others.
+fn available_label(unit: crate::pace::Unit, per: std::time::Duration) -> &'static str {
+    use crate::pace::Unit;
+    const LABELS: [[&str; 6]; 4] = [
+        [
+            "available_requests",
+            "available_requests_per_second",
+            "available_requests_per_10s",
+            "available_requests_per_hour",
+            "available_requests_per_day",
+            "available_requests_other_window",
+        ],
+        [
+            "available_tokens",
+            "available_tokens_per_second",
+            "available_tokens_per_10s",
+            "available_tokens_per_hour",
+            "available_tokens_per_day",
+            "available_tokens_other_window",
+        ],
+        [
+            "available_input_tokens",
+            "available_input_tokens_per_second",
+            "available_input_tokens_per_10s",
+            "available_input_tokens_per_hour",
+            "available_input_tokens_per_day",
+            "available_input_tokens_other_window",
+        ],
+        [
+            "available_output_tokens",
+            "available_output_tokens_per_second",
+            "available_output_tokens_per_10s",
+            "available_output_tokens_per_hour",
+            "available_output_tokens_per_day",
+            "available_output_tokens_other_window",
+        ],
+    ];
+    let row = match unit {
+        Unit::Requests => 0,
+        Unit::Tokens => 1,
+        Unit::InputTokens => 2,
+        Unit::OutputTokens => 3,
+    };
+    let col = match per.as_millis() {
+        60_000 => 0,
+        1_000 => 1,
+        10_000 => 2,
+        3_600_000 => 3,
+        86_400_000 => 4,
+        _ => 5,
+    };
+    LABELS[row][col]
+}
+
 /// `[("in_flight", 3.0), …]` as `{"in_flight": 3.0, …}`.
 #[cfg(feature = "serde")]
 fn details_as_object<S: serde::Serializer>(
@@ -210,10 +266,15 @@ impl Health {
                 ("rate_factor", s.rate_factor),
                 ("throttled", s.throttled as f64),
             ];
-            details.extend(s.dims.iter().map(|d| match d.unit {
-                crate::pace::Unit::Requests => ("available_requests", d.available),
-                crate::pace::Unit::Tokens => ("available_tokens", d.available),
-            }));
+            for d in &s.dims {
+                let label = available_label(d.unit, d.per);
+                // Two windows of one label (two "other" windows): the
+                // binding one, the smaller, is what a reader needs.
+                match details.iter_mut().find(|(l, _)| *l == label) {
+                    Some((_, v)) => *v = v.min(d.available),
+                    None => details.push((label, d.available)),
+                }
+            }
             Component {
                 name: name.clone(),
                 kind: "pace",

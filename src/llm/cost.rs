@@ -23,10 +23,11 @@ pub const NON_TEXT_PART_TOKENS: u64 = 765;
 /// `max_completion_tokens` / `max_output_tokens`).
 pub const DEFAULT_MAX_OUTPUT: u64 = 1_000;
 
-/// Estimated cost of an OpenAI-style (or Anthropic / Gemini) request, in
-/// tokens: the prompt's characters ÷ 4, plus the output it may produce
-/// (`max_tokens`, `max_completion_tokens` or `max_output_tokens`, whichever is
-/// largest; [`DEFAULT_MAX_OUTPUT`] when none is set), times `n` choices.
+/// Estimated cost of an OpenAI-style (or Anthropic / Gemini) request, split
+/// as providers count it: input tokens, the prompt's characters ÷ 4; output
+/// tokens, what it may produce (`max_tokens`, `max_completion_tokens` or
+/// `max_output_tokens`, whichever is largest; [`DEFAULT_MAX_OUTPUT`] when none
+/// is set) times `n` choices.
 ///
 /// The prompt is every string in `messages` (plain `content` and the `text` of
 /// content parts alike), `system`, `tools`, `functions`, `input`, `prompt`,
@@ -44,21 +45,36 @@ pub const DEFAULT_MAX_OUTPUT: u64 = 1_000;
 ///
 /// let plain = br#"{"max_tokens":100,"messages":[{"role":"user","content":"abcdefgh"}]}"#;
 /// let parts = br#"{"max_tokens":100,"messages":[{"role":"user","content":[{"type":"text","text":"abcdefgh"}]}]}"#;
-/// assert_eq!(estimate_cost(plain), Cost::tokens(102));
-/// assert_eq!(estimate_cost(parts), Cost::tokens(102));
+/// assert_eq!(estimate_cost(plain), Cost::split(2, 100));
+/// assert_eq!(estimate_cost(parts), Cost::split(2, 100));
 /// ```
 pub fn estimate_cost(body: &[u8]) -> Cost {
+    estimate_cost_with(body, DEFAULT_MAX_OUTPUT)
+}
+
+/// [`estimate_cost`] with `unset_max_output` output tokens reserved for a
+/// request that sets no maximum (a [`Profile`](super::Profile) gives its
+/// model's largest output here).
+///
+/// ```
+/// use semaforo::llm::estimate_cost_with;
+/// use semaforo::pace::Cost;
+///
+/// let body = br#"{"messages":[{"role":"user","content":"abcdefgh"}]}"#;
+/// assert_eq!(estimate_cost_with(body, 16_384), Cost::split(2, 16_384));
+/// ```
+pub fn estimate_cost_with(body: &[u8], unset_max_output: u64) -> Cost {
     match serde_json::from_slice::<RequestShape>(body) {
         Ok(r) => {
             let prompt = r.prompt.chars / 4;
             let parts = r.prompt.non_text.saturating_mul(NON_TEXT_PART_TOKENS);
             let output = r
                 .max_output
-                .unwrap_or(DEFAULT_MAX_OUTPUT)
+                .unwrap_or(unset_max_output)
                 .saturating_mul(r.n.unwrap_or(1).max(1));
-            Cost::tokens(prompt.saturating_add(parts).saturating_add(output))
+            Cost::split(prompt.saturating_add(parts), output)
         }
-        Err(_) => Cost::tokens((body.len() as u64 / 4).saturating_add(DEFAULT_MAX_OUTPUT)),
+        Err(_) => Cost::split(body.len() as u64 / 4, unset_max_output),
     }
 }
 
@@ -77,6 +93,33 @@ pub fn usage_tokens(body: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Payload<'_>>(body).ok()?.total()
 }
 
+/// The cost an answer reports, split as providers count it (see [`Cost`]):
+///
+/// | provider | input (not cached) | cached input | output |
+/// |---|---|---|---|
+/// | OpenAI Chat Completions | `prompt_tokens` − `prompt_tokens_details.cached_tokens` | `cached_tokens` | `completion_tokens` |
+/// | OpenAI Responses | `input_tokens` − `input_tokens_details.cached_tokens` | `cached_tokens` | `output_tokens` |
+/// | Anthropic | `input_tokens` + `cache_creation_input_tokens` | `cache_read_input_tokens` | `output_tokens` |
+/// | Gemini | `promptTokenCount` − `cachedContentTokenCount` | `cachedContentTokenCount` | `candidatesTokenCount` + `thoughtsTokenCount` |
+///
+/// A reported total the parts do not explain counts as output; a total
+/// alone counts as input ([`Cost::tokens`]). `None` when the body is not JSON
+/// or reports no usage. Sources: OpenAI's "Prompt caching" guide, Anthropic's
+/// "Prompt caching" (the three input fields), Gemini's `UsageMetadata`.
+///
+/// ```
+/// use semaforo::llm::usage_cost;
+/// use semaforo::pace::Cost;
+///
+/// let openai = br#"{"usage":{"prompt_tokens":1200,"completion_tokens":300,"total_tokens":1500,"prompt_tokens_details":{"cached_tokens":1000}}}"#;
+/// assert_eq!(usage_cost(openai), Some(Cost::split(200, 300).with_cached_input(1_000)));
+/// let anthropic = br#"{"usage":{"input_tokens":50,"cache_creation_input_tokens":150,"cache_read_input_tokens":1000,"output_tokens":300}}"#;
+/// assert_eq!(usage_cost(anthropic), Some(Cost::split(200, 300).with_cached_input(1_000)));
+/// ```
+pub fn usage_cost(body: &[u8]) -> Option<Cost> {
+    serde_json::from_slice::<Payload<'_>>(body).ok()?.cost()
+}
+
 /// One JSON answer or SSE `data:` payload: its usage, and whether it is an
 /// error (a top-level `error` that is not `null`). A field of an unexpected
 /// type is skipped, never a reason to miss the rest.
@@ -84,8 +127,12 @@ pub fn usage_tokens(body: &[u8]) -> Option<u64> {
 pub(crate) struct Payload<'a> {
     /// A total (`total_tokens`, `totalTokenCount`, or prompt + completion).
     pub(crate) usage: Option<u64>,
-    /// Anthropic's parts: input tokens (`message_start`), output tokens.
+    /// Input tokens not read from a cache (Anthropic's arrive in
+    /// `message_start`).
     pub(crate) input: Option<u64>,
+    /// Input tokens read from a cache.
+    pub(crate) cached: Option<u64>,
+    /// Output tokens (Anthropic's last `message_delta` has the final count).
     pub(crate) output: Option<u64>,
     pub(crate) error: bool,
     pub(crate) _body: std::marker::PhantomData<&'a ()>,
@@ -136,8 +183,48 @@ impl Payload<'_> {
         if let (Some(p), Some(c)) = (n(u.prompt_tokens), n(u.completion_tokens)) {
             self.usage = self.usage.or(Some(p.saturating_add(c)));
         }
-        self.input = n(u.input_tokens).or(self.input);
-        self.output = n(u.output_tokens).or(self.output);
+        // Cached input inside the prompt count (OpenAI, Gemini) or beside it (Anthropic).
+        let inside = n(u.cached_tokens).or(n(u.cached_content_token_count));
+        let anthropic =
+            u.cache_read_input_tokens.is_some() || u.cache_creation_input_tokens.is_some();
+        let prompt = n(u.prompt_tokens).or(n(u.prompt_token_count));
+        if let Some(p) = prompt {
+            let cached = inside.unwrap_or(0).min(p);
+            self.input = Some(p - cached);
+            self.cached = Some(cached);
+        } else if let Some(i) = n(u.input_tokens) {
+            if anthropic {
+                self.input = Some(i.saturating_add(n(u.cache_creation_input_tokens).unwrap_or(0)));
+                self.cached = Some(n(u.cache_read_input_tokens).unwrap_or(0));
+            } else {
+                let cached = inside.unwrap_or(0).min(i);
+                self.input = Some(i - cached);
+                self.cached = Some(cached);
+            }
+        }
+        let gemini_out = match (n(u.candidates_token_count), n(u.thoughts_token_count)) {
+            (None, None) => None,
+            (c, t) => Some(c.unwrap_or(0).saturating_add(t.unwrap_or(0))),
+        };
+        self.output = n(u.completion_tokens)
+            .or(n(u.output_tokens))
+            .or(gemini_out)
+            .or(self.output);
+    }
+
+    /// The cost reported: the parts, with what a reported total has beyond
+    /// them as output; a total alone as unsplit tokens.
+    pub(crate) fn cost(&self) -> Option<Cost> {
+        if self.input.is_none() && self.output.is_none() {
+            return self.usage.map(Cost::tokens);
+        }
+        let (input, cached) = (self.input.unwrap_or(0), self.cached.unwrap_or(0));
+        let mut output = self.output.unwrap_or(0);
+        let parts = input.saturating_add(cached).saturating_add(output);
+        if let Some(total) = self.usage {
+            output = output.saturating_add(total.saturating_sub(parts));
+        }
+        Some(Cost::split(input, output).with_cached_input(cached))
     }
 
     /// Keeps what a later payload of the same stream reports (the last value
@@ -145,15 +232,13 @@ impl Payload<'_> {
     pub(crate) fn absorb(&mut self, later: &Payload<'_>) {
         self.usage = later.usage.or(self.usage);
         self.input = later.input.or(self.input);
+        self.cached = later.cached.or(self.cached);
         self.output = later.output.or(self.output);
     }
 
     /// The total: the one reported, else the sum of the parts.
     pub(crate) fn total(&self) -> Option<u64> {
-        self.usage.or(match (self.input, self.output) {
-            (None, None) => None,
-            (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
-        })
+        self.usage.or_else(|| self.cost().map(|c| c.total_tokens()))
     }
 }
 
@@ -234,6 +319,14 @@ struct Usage {
     input_tokens: Option<Count>,
     output_tokens: Option<Count>,
     total_token_count: Option<Count>,
+    /// `prompt_tokens_details.cached_tokens` / `input_tokens_details.cached_tokens`.
+    cached_tokens: Option<Count>,
+    cache_read_input_tokens: Option<Count>,
+    cache_creation_input_tokens: Option<Count>,
+    prompt_token_count: Option<Count>,
+    cached_content_token_count: Option<Count>,
+    candidates_token_count: Option<Count>,
+    thoughts_token_count: Option<Count>,
 }
 
 impl<'de> Deserialize<'de> for Usage {
@@ -254,6 +347,20 @@ impl<'de> Deserialize<'de> for Usage {
                         "input_tokens" => &mut u.input_tokens,
                         "output_tokens" => &mut u.output_tokens,
                         "totalTokenCount" => &mut u.total_token_count,
+                        "cache_read_input_tokens" => &mut u.cache_read_input_tokens,
+                        "cache_creation_input_tokens" => &mut u.cache_creation_input_tokens,
+                        "promptTokenCount" => &mut u.prompt_token_count,
+                        "cachedContentTokenCount" => &mut u.cached_content_token_count,
+                        "candidatesTokenCount" => &mut u.candidates_token_count,
+                        "thoughtsTokenCount" => &mut u.thoughts_token_count,
+                        "prompt_tokens_details" | "input_tokens_details" => {
+                            if let Lenient(Some(d)) = map.next_value::<Lenient<Details>>()? {
+                                if let Some(c) = d.cached_tokens.0 {
+                                    u.cached_tokens = Some(c);
+                                }
+                            }
+                            continue;
+                        }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
@@ -270,7 +377,15 @@ impl<'de> Deserialize<'de> for Usage {
     }
 }
 
+/// OpenAI's `prompt_tokens_details` / `input_tokens_details`.
+#[derive(Deserialize, Default)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Loose,
+}
+
 /// A [`Count`] if the value is one, else nothing (the value skipped).
+#[derive(Default)]
 struct Loose(Option<Count>);
 
 impl<'de> Deserialize<'de> for Loose {
@@ -493,18 +608,19 @@ mod tests {
         let parts = format!(
             r#"{{"model":"m","max_tokens":100,"messages":[{{"role":"user","content":[{{"type":"text","text":"{text}"}}]}}]}}"#
         );
-        assert_eq!(estimate_cost(plain.as_bytes()), Cost::tokens(10_100));
-        assert_eq!(estimate_cost(parts.as_bytes()), Cost::tokens(10_100));
+        assert_eq!(estimate_cost(plain.as_bytes()), Cost::split(10_000, 100));
+        assert_eq!(estimate_cost(parts.as_bytes()), Cost::split(10_000, 100));
     }
 
     #[test]
     fn overflowing_numbers_saturate() {
         let body = br#"{"max_tokens":18446744073709551615,"n":3,"messages":[{"role":"user","content":"abcdefgh"}]}"#;
-        assert_eq!(estimate_cost(body), Cost::tokens(u64::MAX));
+        assert_eq!(estimate_cost(body), Cost::split(2, u64::MAX));
+        assert_eq!(estimate_cost(body).total_tokens(), u64::MAX);
         let body = br#"{"max_tokens":1e300,"messages":[]}"#;
-        assert_eq!(estimate_cost(body), Cost::tokens(u64::MAX));
+        assert_eq!(estimate_cost(body), Cost::split(0, u64::MAX));
         let body = br#"{"max_tokens":-5,"messages":[]}"#;
-        assert_eq!(estimate_cost(body), Cost::tokens(0));
+        assert_eq!(estimate_cost(body), Cost::split(0, 0));
         assert_eq!(
             usage_tokens(
                 br#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":9}}"#
@@ -521,14 +637,47 @@ mod tests {
         );
         assert_eq!(
             estimate_cost(body.as_bytes()),
-            Cost::tokens(10 + 1 + NON_TEXT_PART_TOKENS)
+            Cost::split(1 + NON_TEXT_PART_TOKENS, 10)
         );
     }
 
     #[test]
     fn system_and_tools_count() {
         let body = br#"{"max_tokens":0,"system":"abcd","tools":[{"type":"function","function":{"name":"abcd","description":"abcdefgh"}}],"messages":[]}"#;
-        assert_eq!(estimate_cost(body), Cost::tokens(4));
+        assert_eq!(estimate_cost(body), Cost::split(4, 0));
+    }
+
+    #[test]
+    fn usage_is_split_as_each_provider_reports_it() {
+        let cost = |b: &[u8]| usage_cost(b).unwrap();
+        // OpenAI Responses: cached inside input_tokens.
+        assert_eq!(
+            cost(br#"{"usage":{"input_tokens":1200,"input_tokens_details":{"cached_tokens":1000},"output_tokens":300,"total_tokens":1500}}"#),
+            Cost::split(200, 300).with_cached_input(1_000)
+        );
+        // Anthropic without caching fields: all input is uncached.
+        assert_eq!(
+            cost(br#"{"usage":{"input_tokens":40,"output_tokens":2}}"#),
+            Cost::split(40, 2)
+        );
+        // Gemini: thoughts are output; a total beyond the parts too.
+        assert_eq!(
+            cost(br#"{"usageMetadata":{"promptTokenCount":100,"cachedContentTokenCount":60,"candidatesTokenCount":20,"thoughtsTokenCount":5,"totalTokenCount":130}}"#),
+            Cost::split(40, 30).with_cached_input(60)
+        );
+        // A total alone: unsplit.
+        assert_eq!(cost(br#"{"usage":{"total_tokens":42}}"#), Cost::tokens(42));
+        // Cached above the prompt (a broken server) cannot make input negative.
+        assert_eq!(
+            cost(br#"{"usage":{"prompt_tokens":10,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":99}}}"#),
+            Cost::split(0, 1).with_cached_input(10)
+        );
+        // Odd shapes are skipped, not fatal.
+        assert_eq!(
+            cost(br#"{"usage":{"prompt_tokens":10,"completion_tokens":1,"prompt_tokens_details":"x"}}"#),
+            Cost::split(10, 1)
+        );
+        assert_eq!(usage_cost(br#"{"usage":{}}"#), None);
     }
 
     #[test]

@@ -27,7 +27,7 @@
 //! The request is an `http::Request<Bytes>` with an OpenAI-style JSON body; the
 //! response an `http::Response<Bytes>`. The cost is [`estimate_cost`] (the
 //! prompt's characters ÷ 4 — plain content, content parts, system prompt,
-//! tools — plus `max_tokens`), reconciled with the answer's [`usage_tokens`];
+//! tools — plus `max_tokens`), reconciled with the answer's [`usage_cost`];
 //! bodies are read for those fields only (typed, borrowed: never a JSON
 //! tree). The pacer learns from `x-ratelimit-*` headers (announced limits
 //! lower the configured ones; a 429 the headers explain syncs the bucket
@@ -74,17 +74,22 @@ use crate::breaker::Breaker;
 use crate::bulkhead::Bulkhead;
 use crate::error::ConfigError;
 use crate::observe::{Event, ListenerSlot};
-use crate::pace::{Limit, Pace};
+use crate::pace::{Pace, Unit};
 use crate::quota::{HeaderKey, PlanId, Quota, QuotaLayer, UnitCost};
 use crate::retry::Retry;
 use crate::shutdown::Shutdown;
 use crate::timeout::Timeout;
 
 mod cost;
+mod profile;
 mod service;
 mod sse;
 
-pub use cost::{estimate_cost, usage_tokens, DEFAULT_MAX_OUTPUT, NON_TEXT_PART_TOKENS};
+pub use cost::{
+    estimate_cost, estimate_cost_with, usage_cost, usage_tokens, DEFAULT_MAX_OUTPUT,
+    NON_TEXT_PART_TOKENS,
+};
+pub use profile::Profile;
 pub use service::{
     observe_headers, observe_response, LlmFuture, LlmLayer, LlmService, LlmStreamBody,
     LlmStreamFuture, LlmStreamLayer, LlmStreamService, ObserveHeaders,
@@ -110,6 +115,8 @@ pub struct Tier {
 /// builder instead.
 #[derive(Debug, Clone)]
 pub struct LlmStack {
+    /// Output reserved for a request without `max_tokens`.
+    unset_max_output: u64,
     shutdown: Shutdown,
     quota: Option<(Quota<String>, HeaderKey)>,
     bulkhead: Bulkhead,
@@ -168,7 +175,7 @@ impl LlmStack {
 #[must_use = "call .build() to get an LlmStack"]
 pub struct LlmStackBuilder {
     name: String,
-    tier: Tier,
+    profile: Profile,
     time_scale: f64,
     shutdown: Option<Shutdown>,
     quota: Option<(Quota<String>, HeaderKey)>,
@@ -189,9 +196,32 @@ impl LlmStack {
     /// TPM paced with a 10 min `max_wait` (the token burst keeps 5 % headroom);
     /// 120 s per attempt.
     pub fn openai(tier: Tier) -> LlmStackBuilder {
+        LlmStack::with_profile(Profile::openai(tier))
+    }
+
+    /// The same defaults for an Anthropic account: `rpm` requests, `itpm`
+    /// input tokens (not read from the cache) and `otpm` output tokens per
+    /// minute (see [`Profile::anthropic`]).
+    pub fn anthropic(rpm: u64, itpm: u64, otpm: u64) -> LlmStackBuilder {
+        LlmStack::with_profile(Profile::anthropic(rpm, itpm, otpm))
+    }
+
+    /// The same defaults for an Azure OpenAI deployment with
+    /// `tokens_per_minute` of quota, paced over Azure's 10 s windows (see
+    /// [`Profile::azure_openai`]).
+    pub fn azure_openai(tokens_per_minute: u64) -> LlmStackBuilder {
+        LlmStack::with_profile(Profile::azure_openai(tokens_per_minute))
+    }
+
+    /// The same defaults, pacing the limits of `profile` (named after its
+    /// provider): every call must fit every limit, each call's output is
+    /// reserved at its `max_tokens` (the profile's largest output when
+    /// unset) and reconciled with the answer's `usage`, input read from the
+    /// cache counted only where the provider counts it.
+    pub fn with_profile(profile: Profile) -> LlmStackBuilder {
         LlmStackBuilder {
-            name: "openai".into(),
-            tier,
+            name: profile.provider().into(),
+            profile,
             time_scale: 1.0,
             shutdown: None,
             quota: None,
@@ -444,28 +474,19 @@ impl LlmStackBuilder {
                 .open_jitter(0.1)
                 .build()?,
         };
-        let per_minute = |n: u64| (n as f64 * scale).round() as u64;
         let pace = match self.pace {
             Some(p) => p,
-            None => heard!(Pace::builder())
-                .name(name)
-                .limit(
-                    Limit::requests_per_minute(per_minute(self.tier.requests_per_minute))
-                        .burst(self.tier.requests_per_minute),
-                )
-                // 5 % headroom on the burst: the provider counts a request when it
-                // arrives, later than we reserved it, and the first requests of a
-                // burst arrive latest (new connections). 1,500 tokens of a 30k tier
-                // absorb 3 s of such skew; the long-run rate stays the tier's.
-                .limit(
-                    Limit::tokens_per_minute(per_minute(self.tier.tokens_per_minute))
-                        .burst(percent(self.tier.tokens_per_minute, 95)),
-                )
-                .max_wait(t(600.0))
-                .max_pause(t(60.0))
-                // The provider announces its limits per (its) minute.
-                .header_window(t(60.0))
-                .build()?,
+            None => {
+                let mut b = heard!(Pace::builder()).name(name);
+                for limit in self.profile.scaled_limits(scale) {
+                    b = b.limit(limit);
+                }
+                b.max_wait(t(600.0))
+                    .max_pause(t(60.0))
+                    // The provider announces its limits per (its) minute.
+                    .header_window(t(60.0))
+                    .build()?
+            }
         };
         let timeout = match self.timeout {
             Some(t) => t,
@@ -495,7 +516,19 @@ impl LlmStackBuilder {
         // The pacer, not the permits, decides who goes next when tokens run
         // short: the queue tickets' ETAs come from its reservations.
         bulkhead.set_eta_source(Some(std::sync::Arc::new(pace.clone())));
+        // A request without `max_tokens` reserves the profile's largest
+        // output, capped at half the smallest burst that counts output: a
+        // prompt of up to the other half still fits (above a burst, a call
+        // could never be paid).
+        let unset_max_output = self
+            .profile
+            .limits()
+            .iter()
+            .filter(|l| matches!(l.unit(), Unit::Tokens | Unit::OutputTokens))
+            .map(|l| (l.capacity() / 2).max(1))
+            .fold(self.profile.unset_max_output(), u64::min);
         Ok(LlmStack {
+            unset_max_output,
             shutdown,
             quota: self.quota,
             bulkhead,
@@ -511,13 +544,6 @@ impl LlmStackBuilder {
 /// The smallest and largest [`LlmStackBuilder::time_scale`].
 const MIN_SCALE: f64 = 1e-3;
 const MAX_SCALE: f64 = 1e6;
-
-/// `p` % of `n`, rounded down (at least 1), without overflow.
-fn percent(n: u64, p: u8) -> u64 {
-    u64::try_from(u128::from(n) * u128::from(p) / 100)
-        .unwrap_or(u64::MAX)
-        .max(1)
-}
 
 #[cfg(test)]
 mod tests {

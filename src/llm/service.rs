@@ -4,7 +4,7 @@
 //! the stack of layers inside (no boxing): the stack is an implementation
 //! detail, free to change without breaking a user's code.
 
-use super::{estimate_cost, usage_tokens, LlmStack, SseScan, SseWatch};
+use super::{estimate_cost_with, usage_cost, LlmStack, SseScan, SseWatch};
 use crate::breaker::{BreakerOutcome, BreakerService};
 use crate::bulkhead::{BulkheadPermit, BulkheadService, InfoFns};
 use crate::classify::{LlmClassifier, LlmHeadClassifier, RateLimitInfo};
@@ -44,15 +44,14 @@ impl<B> crate::pace::Observe<http::Response<B>> for ObserveHeaders {
     }
 }
 
-/// The real cost ([`usage_tokens`] of a successful answer's body) and the
+/// The real cost ([`usage_cost`] of a successful answer's body) and the
 /// rate-limit headers of a response.
 pub fn observe_response(res: &http::Response<Bytes>) -> Observed {
     let usage = res
         .status()
         .is_success()
-        .then(|| usage_tokens(res.body()))
-        .flatten()
-        .map(Cost::tokens);
+        .then(|| usage_cost(res.body()))
+        .flatten();
     let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
     Observed {
         usage,
@@ -60,12 +59,21 @@ pub fn observe_response(res: &http::Response<Bytes>) -> Observed {
     }
 }
 
-type Weigh = fn(&http::Request<Bytes>) -> Cost;
-type Observe = fn(&http::Response<Bytes>) -> Observed;
-
-fn weigh(req: &http::Request<Bytes>) -> Cost {
-    estimate_cost(req.body())
+/// The preset's estimate: [`estimate_cost_with`] the profile's output for a
+/// request without `max_tokens`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Weigh {
+    unset_max_output: u64,
 }
+
+impl crate::pace::Weigh<http::Request<Bytes>> for Weigh {
+    #[inline]
+    fn weigh(&self, req: &http::Request<Bytes>) -> Cost {
+        estimate_cost_with(req.body(), self.unset_max_output)
+    }
+}
+
+type Observe = fn(&http::Response<Bytes>) -> Observed;
 
 /// The preset as one tower [`Layer`]: see [`LlmStack::layer`].
 #[derive(Debug, Clone)]
@@ -214,7 +222,9 @@ impl<S> Layer<S> for LlmLayer {
         let paced = s
             .pace
             .layer()
-            .weigh(weigh as Weigh)
+            .weigh(Weigh {
+                unset_max_output: s.unset_max_output,
+            })
             .observe(observe_response as Observe)
             .classify(LlmClassifier::new())
             .layer(timed);
@@ -432,7 +442,9 @@ impl<S> Layer<S> for LlmStreamLayer {
         let paced = s
             .pace
             .layer()
-            .weigh(weigh as Weigh)
+            .weigh(Weigh {
+                unset_max_output: s.unset_max_output,
+            })
             .observe(ObserveHeaders)
             .classify(LlmHeadClassifier)
             .deliver(UsageFromBody)

@@ -354,8 +354,8 @@ impl<E: Into<BoxError>> Tap<http_body::Frame<Bytes>, E> for SseScan {
                 failed = inspect(ev, seen);
             }
         });
-        if let Some(u) = self.seen.total() {
-            self.usage.set(Cost::tokens(u));
+        if let Some(c) = self.seen.cost() {
+            self.usage.set(c);
         }
         match failed {
             Some(f) => {

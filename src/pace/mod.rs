@@ -6,10 +6,13 @@
 //! budget — 100,000 tokens need at least ~3.3 minutes whatever the concurrency.
 //! The pacer does:
 //!
-//! - **Several dimensions at once** (requests/min, tokens/min, per day…), each a
-//!   GCRA cell whose burst is the whole window (as OpenAI's buckets are). A call's
-//!   cost (`weigh(&Req)`: requests = 1, tokens = prompt estimate + `max_tokens`)
-//!   is reserved on all of them together, then the call goes.
+//! - **Several dimensions at once** (requests, all tokens, input tokens not
+//!   read from the cache, output tokens — per minute, per 10 s, per day…), each
+//!   a GCRA cell whose burst is the whole window by default (as OpenAI's buckets
+//!   are) or what [`Limit::burst`] says (Azure's 10 s windows). A call's
+//!   [`Cost`] (`weigh(&Req)`: one request, input estimate, output at
+//!   `max_tokens`) is reserved on all of them together, then the call goes.
+//!   Provider profiles (`llm::Profile`, feature `llm`) give each provider's set.
 //! - **A FIFO line**: when the budget is spent, callers wait in arrival order and
 //!   each reserves when it reaches the head and fits, so the upstream sees a
 //!   smooth rate within its burst. A caller that leaves the line held nothing and
@@ -18,8 +21,9 @@
 //!   with [`RejectKind::BudgetExceeded`](crate::RejectKind::BudgetExceeded) and the
 //!   exact `retry_after`, reserving nothing. A cost larger than a dimension's
 //!   whole burst can never fit: refused at once too, without `retry_after`.
-//! - **Reconcile**: when the response says what the call really cost
-//!   (`usage.total_tokens`), the estimate is replaced — refund or debt.
+//! - **Reconcile**: when the response says what the call really cost (its
+//!   `usage`: input, cached input, output), the estimate is replaced on every
+//!   dimension — refund or debt.
 //! - **Learn from the upstream**: a `Throttled` result pauses every dispatch until
 //!   its `retry_after` (one 429 must not become 50) and cuts the rate ×0.75 (not
 //!   below 25 %); each success gives back 2 % — AIMD, as TCP does, because a
@@ -65,6 +69,7 @@ pub use service::{
 #[cfg(feature = "http")]
 pub use service::{Reconcile, UsageFromBody};
 
+use crate::classify::RateLimitInfo;
 use crate::error::ConfigError;
 use crate::observe::{Event, ListenerSlot, Observer};
 use state::{Dim, State};
@@ -72,49 +77,135 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// What one call costs on each kind of dimension.
+/// What one call costs on each kind of dimension: requests, and tokens split
+/// the way providers count them — input not read from a cache, input read
+/// from a cache, and output.
+///
+/// Which parts a dimension counts is its [`Unit`]: OpenAI's TPM counts every
+/// token (cached input included); Anthropic's ITPM counts input not read from
+/// the cache (`input_tokens` + `cache_creation_input_tokens`: "cache read
+/// tokens no longer count towards ITPM" for current models, Anthropic's "Rate
+/// limits" page) and its OTPM the output. An estimate reserves output at the
+/// request's `max_tokens`; the answer's `usage` replaces it.
+///
+/// Every sum saturates: a cost of `u64::MAX` tokens is one no budget admits.
+///
+/// ```
+/// use semaforo::pace::{Cost, Unit};
+///
+/// // 1,200 prompt tokens of which 1,000 from the cache, 300 output.
+/// let real = Cost::split(200, 300).with_cached_input(1_000);
+/// assert_eq!(real.amount(Unit::Tokens), 1_500);      // OpenAI TPM
+/// assert_eq!(real.amount(Unit::InputTokens), 200);   // Anthropic ITPM
+/// assert_eq!(real.amount(Unit::OutputTokens), 300);  // Anthropic OTPM
+/// assert_eq!(Cost::tokens(700).amount(Unit::Tokens), 700);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[non_exhaustive]
 pub struct Cost {
     /// Requests (usually 1).
     pub requests: u32,
-    /// Tokens (prompt + completion).
-    pub tokens: u64,
+    /// Input (prompt) tokens not read from the provider's prompt cache;
+    /// also tokens of a [`Cost::tokens`] estimate that does not split.
+    pub input_tokens: u64,
+    /// Input tokens read from the provider's prompt cache.
+    pub cached_input_tokens: u64,
+    /// Output (completion) tokens.
+    pub output_tokens: u64,
 }
 
 impl Cost {
-    /// One request of `tokens` tokens.
+    /// One request of `tokens` tokens, not split between input and output
+    /// (counted as input: a per-output dimension sees none of them).
     pub fn tokens(tokens: u64) -> Self {
         Cost {
             requests: 1,
-            tokens,
+            input_tokens: tokens,
+            ..Cost::default()
+        }
+    }
+
+    /// One request of `input` input tokens (not from a cache) and `output`
+    /// output tokens.
+    pub fn split(input: u64, output: u64) -> Self {
+        Cost {
+            requests: 1,
+            input_tokens: input,
+            output_tokens: output,
+            ..Cost::default()
+        }
+    }
+
+    /// `n` requests and no tokens.
+    pub fn requests(n: u32) -> Self {
+        Cost {
+            requests: n,
+            ..Cost::default()
+        }
+    }
+
+    /// The same with `n` input tokens read from the prompt cache.
+    pub fn with_cached_input(mut self, n: u64) -> Self {
+        self.cached_input_tokens = n;
+        self
+    }
+
+    /// Every token: input (cached or not) and output, saturating.
+    pub fn total_tokens(&self) -> u64 {
+        self.input_tokens
+            .saturating_add(self.cached_input_tokens)
+            .saturating_add(self.output_tokens)
+    }
+
+    /// How many of `unit` this cost counts.
+    pub fn amount(&self, unit: Unit) -> u64 {
+        match unit {
+            Unit::Requests => u64::from(self.requests),
+            Unit::Tokens => self.total_tokens(),
+            Unit::InputTokens => self.input_tokens,
+            Unit::OutputTokens => self.output_tokens,
         }
     }
 }
 
-/// What a dimension counts.
+/// What a dimension counts (see [`Cost`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Unit {
     /// Requests.
     Requests,
-    /// Tokens.
+    /// Every token: input, cached input and output (OpenAI's TPM, Gemini's).
     Tokens,
+    /// Input tokens not read from the prompt cache (Anthropic's ITPM).
+    InputTokens,
+    /// Output tokens (Anthropic's OTPM).
+    OutputTokens,
 }
 
 impl Unit {
-    /// `"requests"` or `"tokens"`.
+    /// `"requests"`, `"tokens"`, `"input_tokens"` or `"output_tokens"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Unit::Requests => "requests",
             Unit::Tokens => "tokens",
+            Unit::InputTokens => "input_tokens",
+            Unit::OutputTokens => "output_tokens",
         }
     }
 
     /// How many of this unit `cost` counts.
+    #[inline]
     pub(crate) fn amount(self, cost: &Cost) -> f64 {
+        cost.amount(self) as f64
+    }
+
+    /// The window of this unit in an upstream's rate-limit headers.
+    pub(crate) fn window(self, info: &RateLimitInfo) -> Option<crate::classify::RateLimitWindow> {
         match self {
-            Unit::Requests => f64::from(cost.requests),
-            Unit::Tokens => cost.tokens as f64,
+            Unit::Requests => info.requests,
+            Unit::Tokens => info.tokens,
+            Unit::InputTokens => info.input_tokens,
+            Unit::OutputTokens => info.output_tokens,
         }
     }
 }
@@ -227,6 +318,17 @@ impl Limit {
         Limit::new(Unit::Tokens, n, Duration::from_secs(60))
     }
 
+    /// `n` input tokens (not read from the prompt cache) per minute:
+    /// Anthropic's ITPM.
+    pub fn input_tokens_per_minute(n: u64) -> Limit {
+        Limit::new(Unit::InputTokens, n, Duration::from_secs(60))
+    }
+
+    /// `n` output tokens per minute: Anthropic's OTPM.
+    pub fn output_tokens_per_minute(n: u64) -> Limit {
+        Limit::new(Unit::OutputTokens, n, Duration::from_secs(60))
+    }
+
     /// `n` requests per day.
     pub fn requests_per_day(n: u64) -> Limit {
         Limit::new(Unit::Requests, n, Duration::from_secs(86_400))
@@ -247,6 +349,21 @@ impl Limit {
     /// What it counts.
     pub fn unit(&self) -> Unit {
         self.unit
+    }
+
+    /// Units per window (`n`).
+    pub fn rate(&self) -> u64 {
+        self.n
+    }
+
+    /// The window.
+    pub fn per(&self) -> Duration {
+        self.per
+    }
+
+    /// The burst if one was set.
+    pub(crate) fn explicit_burst(&self) -> Option<u64> {
+        self.burst
     }
 
     /// The burst in effect (`n` unless set).
@@ -280,6 +397,17 @@ impl PaceBuilder {
     /// `n` tokens per minute (burst: `n`).
     pub fn tokens_per_minute(self, n: u64) -> Self {
         self.limit(Limit::tokens_per_minute(n))
+    }
+
+    /// `n` input tokens (not from the prompt cache) per minute (burst: `n`):
+    /// Anthropic's ITPM.
+    pub fn input_tokens_per_minute(self, n: u64) -> Self {
+        self.limit(Limit::input_tokens_per_minute(n))
+    }
+
+    /// `n` output tokens per minute (burst: `n`): Anthropic's OTPM.
+    pub fn output_tokens_per_minute(self, n: u64) -> Self {
+        self.limit(Limit::output_tokens_per_minute(n))
     }
 
     /// `n` requests per day (burst: `n`).

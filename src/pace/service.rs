@@ -31,17 +31,14 @@ pub struct OneRequest;
 
 impl<Req> Weigh<Req> for OneRequest {
     fn weigh(&self, _req: &Req) -> Cost {
-        Cost {
-            requests: 1,
-            tokens: 0,
-        }
+        Cost::requests(1)
     }
 }
 
 /// What a response tells the pacer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Observed {
-    /// What the call really cost (`usage.total_tokens`), to replace the estimate.
+    /// What the call really cost (the answer's `usage`), to replace the estimate.
     pub usage: Option<Cost>,
     /// The upstream's rate-limit headers.
     pub info: Option<RateLimitInfo>,

@@ -85,8 +85,9 @@ pub(crate) struct State {
     pub(crate) header_window: Duration,
     /// When the most recent calls started (for ETAs of lines above).
     recent: std::collections::VecDeque<Instant>,
-    /// A typical call's cost (smoothed), for projecting calls not seen yet.
-    typical: Option<(f64, f64)>,
+    /// A typical call's cost (smoothed, per part: requests, input, cached
+    /// input, output), for projecting calls not seen yet.
+    typical: Option<[f64; 4]>,
 }
 
 /// How many recent starts the pacer remembers for projections.
@@ -99,6 +100,16 @@ const PROJECTED: usize = 10_000;
 pub(crate) enum Fit {
     Now,
     At(Instant),
+}
+
+/// A cost's parts as numbers (requests, input, cached input, output).
+fn parts(c: &Cost) -> [f64; 4] {
+    [
+        f64::from(c.requests),
+        c.input_tokens as f64,
+        c.cached_input_tokens as f64,
+        c.output_tokens as f64,
+    ]
 }
 
 fn secs(epoch: Instant, t: Instant) -> f64 {
@@ -174,10 +185,15 @@ impl State {
             self.recent.pop_front();
         }
         self.recent.push_back(now);
-        let (r, t) = (f64::from(cost.requests), cost.tokens as f64);
+        let now = parts(cost);
         self.typical = Some(match self.typical {
-            None => (r, t),
-            Some((r0, t0)) => (r0 + 0.2 * (r - r0), t0 + 0.2 * (t - t0)),
+            None => now,
+            Some(mut t) => {
+                for (t, x) in t.iter_mut().zip(now) {
+                    *t += 0.2 * (x - *t);
+                }
+                t
+            }
         });
     }
 
@@ -191,9 +207,11 @@ impl State {
             .take(PROJECTED)
             .filter_map(|slot| self.waiting.get(*slot as usize).map(|w| w.cost))
             .collect();
-        let typical = self.typical.map(|(r, t)| Cost {
+        let typical = self.typical.map(|[r, i, c, o]| Cost {
             requests: r.round() as u32,
-            tokens: t.round() as u64,
+            input_tokens: i.round() as u64,
+            cached_input_tokens: c.round() as u64,
+            output_tokens: o.round() as u64,
         });
         let n = secs(self.epoch, now);
         Projection {
@@ -409,10 +427,7 @@ impl State {
         self.throttled += 1;
         // Tokens back; the request itself stays counted (OpenAI: "unsuccessful
         // requests contribute to your per-minute limit").
-        let counted = Cost {
-            requests: cost.requests,
-            tokens: 0,
-        };
+        let counted = Cost::requests(cost.requests);
         self.reconcile(cost, &counted, now);
         let explained = info.is_some_and(|i| self.explains(i, cost));
         let pause = match (retry_after, explained) {
@@ -438,11 +453,8 @@ impl State {
     /// The headers show a window we pace with less left than `cost` needs.
     fn explains(&self, info: &RateLimitInfo, cost: &Cost) -> bool {
         self.dims.iter().any(|dim| {
-            let window = match dim.unit {
-                Unit::Requests => info.requests,
-                Unit::Tokens => info.tokens,
-            };
-            window
+            dim.unit
+                .window(info)
                 .and_then(|w| w.remaining)
                 .is_some_and(|left| (left as f64) < dim.amount(cost).max(1.0))
         })
@@ -469,10 +481,7 @@ impl State {
         let since = now.saturating_duration_since(sent).as_secs_f64();
         let mut changed = false;
         for d in 0..self.dims.len() {
-            let window = match self.dims[d].unit {
-                Unit::Requests => info.requests,
-                Unit::Tokens => info.tokens,
-            };
+            let window = self.dims[d].unit.window(info);
             // Only the per-minute windows are reported by providers.
             if self.dims[d].per > Duration::from_secs(60) {
                 continue;

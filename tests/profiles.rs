@@ -1,0 +1,411 @@
+//! Provider profiles: each account paced the way its provider counts — an
+//! Anthropic account by requests, input tokens not read from the cache and
+//! output tokens; an Azure OpenAI deployment over its 10 s windows — against
+//! a simulated account enforcing exactly that (tokio time, paused).
+
+#[path = "support/account.rs"]
+mod account;
+
+use account::{Account, Counts, Shape};
+use bytes::Bytes;
+use proptest::prelude::*;
+use semaforo::classify::RateLimitInfo;
+use semaforo::llm::{LlmStack, Profile, Tier};
+use semaforo::pace::{Cost, Pace, Unit};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+const SERVICE: Duration = Duration::from_secs(2);
+
+fn chat(prompt_chars: usize, max_tokens: u64) -> http::Request<Bytes> {
+    let body = format!(
+        r#"{{"model":"m","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(prompt_chars)
+    );
+    http::Request::post("/v1/messages")
+        .body(Bytes::from(body))
+        .expect("a request")
+}
+
+/// `n` calls at once through `stack`; (calls answered 200, makespan to the
+/// last answer).
+async fn run(
+    stack: &LlmStack,
+    account: &Account,
+    n: usize,
+    prompt_chars: usize,
+    max_tokens: u64,
+) -> (usize, Duration) {
+    let svc = ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(account.service());
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move { svc.oneshot(chat(prompt_chars, max_tokens)).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if let Ok(Ok(r)) = t.await {
+            ok += usize::from(r.status() == 200);
+        }
+    }
+    (ok, t0.elapsed())
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// 50 RPM, 30,000 ITPM, 8,000 OTPM; 50 calls of 500 input tokens asking for
+/// 1,000 output tokens each.
+fn anthropic_account(output_share: f64, cached_share: f64) -> Account {
+    let mut a = Account::new(
+        Shape::Anthropic,
+        &[
+            (Counts::Requests, 50, 50),
+            (Counts::Input, 30_000, 30_000),
+            (Counts::Output, 8_000, 8_000),
+        ],
+        SERVICE,
+    );
+    a.output_share = output_share;
+    a.cached_share = cached_share;
+    a
+}
+
+#[tokio::test(start_paused = true)]
+async fn anthropic_otpm_binds_and_is_paced_to_its_bound() {
+    let account = anthropic_account(1.0, 0.0);
+    let stack = LlmStack::anthropic(50, 30_000, 8_000).build().unwrap();
+    let (ok, makespan) = run(&stack, &account, 50, 2_000, 1_000).await;
+    // 50,000 output tokens; the provider admits 8,000 at once and 8,000 a
+    // minute after: the last call cannot start before 315 s.
+    let bound = (50_000.0 - 8_000.0) / (8_000.0 / 60.0) + secs(SERVICE);
+    assert_eq!((ok, account.throttled()), (50, 0));
+    assert!(
+        secs(makespan) >= bound - 1e-3,
+        "{makespan:?} beat the provider's bound {bound}"
+    );
+    assert!(
+        secs(makespan) <= 1.05 * bound,
+        "{makespan:?} vs OTPM bound {bound:.1} s"
+    );
+    // The input (25,000 tokens) never came near its 30,000 a minute.
+    assert_eq!(account.charged(Counts::Input), 25_000.0);
+
+    // The same account paced as an OpenAI-shaped tier (RPM + one TPM of
+    // input + output) bursts past the output limit: the provider says 429.
+    let account = anthropic_account(1.0, 0.0);
+    let openai_shaped = LlmStack::openai(Tier {
+        requests_per_minute: 50,
+        tokens_per_minute: 38_000,
+    })
+    .build()
+    .unwrap();
+    let _ = run(&openai_shaped, &account, 50, 2_000, 1_000).await;
+    assert!(account.throttled() > 0, "one TPM cannot see the OTPM");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shorter_answers_give_their_output_back() {
+    let full = anthropic_account(1.0, 0.0);
+    let stack = LlmStack::anthropic(50, 30_000, 8_000).build().unwrap();
+    let (_, long) = run(&stack, &full, 50, 2_000, 1_000).await;
+    let half = anthropic_account(0.5, 0.0);
+    let stack = LlmStack::anthropic(50, 30_000, 8_000).build().unwrap();
+    let (ok, short) = run(&stack, &half, 50, 2_000, 1_000).await;
+    assert_eq!((ok, half.throttled()), (50, 0));
+    assert_eq!(
+        half.charged(Counts::Output),
+        25_000.0,
+        "the provider billed half"
+    );
+    // Half the output: the makespan falls by more than 40 %, because the
+    // pacer takes back what each answer did not use.
+    assert!(
+        secs(short) <= 0.6 * secs(long),
+        "{short:?} with half the output vs {long:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn cached_input_is_not_charged_to_the_itpm() {
+    // ITPM binds: 50 prompts of 4,000 tokens, little output.
+    let account = |cached| {
+        let mut a = Account::new(
+            Shape::Anthropic,
+            &[
+                (Counts::Requests, 1_000, 1_000),
+                (Counts::Input, 30_000, 30_000),
+                (Counts::Output, 100_000, 100_000),
+            ],
+            SERVICE,
+        );
+        a.cached_share = cached;
+        a
+    };
+    let stack = || LlmStack::anthropic(1_000, 30_000, 100_000).build().unwrap();
+    let plain = account(0.0);
+    let (ok, uncached) = run(&stack(), &plain, 50, 16_000, 100).await;
+    assert_eq!((ok, plain.throttled()), (50, 0));
+    let bound = (200_000.0 - 30_000.0) / 500.0 + secs(SERVICE);
+    assert!(secs(uncached) <= 1.05 * bound, "{uncached:?} vs {bound}");
+
+    // Half of each prompt read from the cache: the provider charges 2,000
+    // input tokens a call, and so does the pacer once the usage says so.
+    let cached = account(0.5);
+    let (ok, with_cache) = run(&stack(), &cached, 50, 16_000, 100).await;
+    assert_eq!((ok, cached.throttled()), (50, 0));
+    assert_eq!(cached.charged(Counts::Input), 100_000.0);
+    let bound = (100_000.0 - 30_000.0) / 500.0 + secs(SERVICE);
+    assert!(
+        secs(with_cache) <= 1.1 * bound,
+        "{with_cache:?} vs the cached bound {bound}"
+    );
+}
+
+/// Azure: 60,000 TPM, so 360 RPM; both evaluated over 10 s windows, enforced
+/// as buckets of a sixth of the minute refilling at the per-minute rate.
+fn azure_account() -> Account {
+    Account::new(
+        Shape::OpenAi,
+        &[
+            (Counts::Requests, 60, 360),
+            (Counts::Tokens, 10_000, 60_000),
+        ],
+        SERVICE,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn azure_ten_second_windows_are_not_burst() {
+    let account = azure_account();
+    let stack = LlmStack::azure_openai(60_000).build().unwrap();
+    // 60 calls of 400 + 500 tokens: 54,000, within the minute's 60,000.
+    let (ok, makespan) = run(&stack, &account, 60, 1_600, 500).await;
+    let bound = (54_000.0 - 10_000.0) / 1_000.0 + secs(SERVICE);
+    assert_eq!((ok, account.throttled()), (60, 0));
+    assert!(secs(makespan) <= 1.05 * bound, "{makespan:?} vs {bound}");
+
+    // Paced as the per-minute tier it nominally is, the burst earns 429s.
+    let account = azure_account();
+    let minute = LlmStack::openai(Tier {
+        requests_per_minute: 360,
+        tokens_per_minute: 60_000,
+    })
+    .build()
+    .unwrap();
+    let _ = run(&minute, &account, 60, 1_600, 500).await;
+    assert!(account.throttled() > 0);
+}
+
+fn available(pace: &Pace, unit: Unit) -> f64 {
+    pace.snapshot()
+        .dims
+        .iter()
+        .find(|d| d.unit == unit)
+        .map(|d| d.available)
+        .expect("a dimension of that unit")
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_profile_learns_from_its_own_headers_and_only_lowers() {
+    let now = SystemTime::now();
+    let stack = LlmStack::anthropic(50, 30_000, 8_000).build().unwrap();
+    let pace = stack.pace();
+    pace.learn(&RateLimitInfo::from_headers(
+        &[
+            ("anthropic-ratelimit-output-tokens-remaining", "100"),
+            ("anthropic-ratelimit-input-tokens-remaining", "5000"),
+            ("anthropic-ratelimit-requests-remaining", "7"),
+        ],
+        now,
+    ));
+    assert!((available(pace, Unit::OutputTokens) - 100.0).abs() < 1.0);
+    assert!((available(pace, Unit::InputTokens) - 5_000.0).abs() < 1.0);
+    assert!((available(pace, Unit::Requests) - 7.0).abs() < 1.0);
+    // A higher count does not raise ours.
+    pace.learn(&RateLimitInfo::from_headers(
+        &[("anthropic-ratelimit-output-tokens-remaining", "8000")],
+        now,
+    ));
+    assert!(available(pace, Unit::OutputTokens) < 101.0);
+
+    let stack = LlmStack::azure_openai(60_000).build().unwrap();
+    let pace = stack.pace();
+    assert!(
+        (available(pace, Unit::Tokens) - 9_500.0).abs() < 1.0,
+        "a tenth-of-a-minute burst with headroom"
+    );
+    pace.learn(&RateLimitInfo::from_headers(
+        &[
+            ("x-ratelimit-remaining-tokens", "1200"),
+            ("x-ratelimit-remaining-requests", "3"),
+        ],
+        now,
+    ));
+    assert!((available(pace, Unit::Tokens) - 1_200.0).abs() < 1.0);
+    assert!((available(pace, Unit::Requests) - 3.0).abs() < 1.0);
+}
+
+#[test]
+fn profiles_have_the_documented_limits() {
+    let a = Profile::anthropic(50, 30_000, 8_000);
+    let got: Vec<_> = a
+        .limits()
+        .iter()
+        .map(|l| (l.unit(), l.rate(), l.per(), l.capacity()))
+        .collect();
+    let minute = Duration::from_secs(60);
+    assert_eq!(
+        got,
+        vec![
+            (Unit::Requests, 50, minute, 50),
+            (Unit::InputTokens, 30_000, minute, 28_500),
+            (Unit::OutputTokens, 8_000, minute, 7_600),
+        ]
+    );
+    let z = Profile::azure_openai(60_000);
+    let got: Vec<_> = z
+        .limits()
+        .iter()
+        .map(|l| (l.unit(), l.rate(), l.capacity()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(Unit::Requests, 360, 60), (Unit::Tokens, 60_000, 9_500)]
+    );
+    // Tiny and huge quotas: no zero burst, no overflow.
+    let z = Profile::azure_openai(1);
+    assert!(z
+        .limits()
+        .iter()
+        .all(|l| l.capacity() >= 1 && l.rate() >= 1));
+    let z = Profile::azure_openai(u64::MAX);
+    assert!(z.limits().iter().all(|l| l.capacity() >= 1));
+    assert!(LlmStack::with_profile(Profile::azure_openai(u64::MAX))
+        .build()
+        .is_ok());
+    // A zero limit is a configuration error, not a pacer that never admits.
+    assert!(LlmStack::anthropic(50, 0, 8_000).build().is_err());
+    // Without max_tokens, the profile's largest output is reserved…
+    assert_eq!(
+        Profile::openai(Tier {
+            requests_per_minute: 1,
+            tokens_per_minute: 1
+        })
+        .unset_max_output(),
+        16_384
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_without_max_tokens_reserves_the_largest_output_within_half_a_burst() {
+    let reserved = |stack: LlmStack| async move {
+        let svc = ServiceBuilder::new()
+            .layer(stack.layer())
+            .service(tower::service_fn(|_req: http::Request<Bytes>| async {
+                Ok::<_, std::io::Error>(http::Response::new(Bytes::new()))
+            }));
+        let before = available(stack.pace(), Unit::Tokens);
+        let req = http::Request::post("/v1/chat/completions")
+            .body(Bytes::from_static(
+                br#"{"messages":[{"role":"user","content":"abcdefgh"}]}"#,
+            ))
+            .unwrap();
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        (before - available(stack.pace(), Unit::Tokens)).round() as u64
+    };
+    // 2 input tokens + 16,384 (gpt-4o's largest output) on a 100k tier…
+    let big = LlmStack::openai(Tier {
+        requests_per_minute: 500,
+        tokens_per_minute: 100_000,
+    })
+    .build()
+    .unwrap();
+    assert_eq!(reserved(big).await, 2 + 16_384);
+    // …but on a 10k tier (burst 9,500) at most 4,750: the call still goes.
+    let small = LlmStack::openai(Tier {
+        requests_per_minute: 500,
+        tokens_per_minute: 10_000,
+    })
+    .build()
+    .unwrap();
+    assert_eq!(reserved(small).await, 2 + 4_750);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// For every dimension of every profile: the cost admitted in any window
+    /// W stays within `rate · W + burst`, whatever the split of the costs.
+    #[test]
+    fn every_dimension_of_every_profile_stays_within_rate_and_burst(
+        which in 0usize..3,
+        calls in prop::collection::vec((0u64..30_000, 0u64..4_000, 0u64..4_000, 0u64..2_000), 1..40),
+        a in 20u64..200,
+        b in 5_000u64..60_000,
+        c in 2_000u64..20_000,
+    ) {
+        let profile = match which {
+            0 => Profile::openai(Tier { requests_per_minute: a, tokens_per_minute: b }),
+            1 => Profile::azure_openai(b),
+            _ => Profile::anthropic(a, b, c),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        rt.block_on(async move {
+            let mut builder = Pace::builder();
+            for l in profile.limits() {
+                builder = builder.limit(*l);
+            }
+            let pace = builder.build().unwrap();
+            let log: Arc<Mutex<Vec<(Instant, Cost)>>> = Arc::default();
+            let svc = ServiceBuilder::new()
+                .layer(pace.layer().weigh(|c: &Cost| *c))
+                .service(tower::service_fn({
+                    let log = log.clone();
+                    move |c: Cost| {
+                        log.lock().unwrap().push((Instant::now(), c));
+                        async move { Ok::<_, std::io::Error>(()) }
+                    }
+                }));
+            let mut calls = calls;
+            calls.sort_by_key(|c| c.0);
+            let t0 = Instant::now();
+            let mut tasks = Vec::new();
+            let mut refused = 0;
+            for (at_ms, input, cached, output) in calls.iter().copied() {
+                tokio::time::sleep_until(t0 + Duration::from_millis(at_ms)).await;
+                let cost = Cost::split(input, output).with_cached_input(cached);
+                let mut s = svc.clone();
+                let fut = s.ready().await.unwrap().call(cost);
+                tasks.push(tokio::spawn(fut));
+            }
+            for t in tasks {
+                // A cost above a burst is refused at once, never admitted.
+                refused += usize::from(t.await.unwrap().is_err());
+            }
+            let log = log.lock().unwrap().clone();
+            prop_assert_eq!(log.len() + refused, calls.len());
+            for l in profile.limits() {
+                let rate = l.rate() as f64 / l.per().as_secs_f64();
+                let burst = l.capacity() as f64;
+                for i in 0..log.len() {
+                    let mut sum = 0.0;
+                    for j in i..log.len() {
+                        sum += log[j].1.amount(l.unit()) as f64;
+                        let w = (log[j].0 - log[i].0).as_secs_f64() + 1e-6;
+                        prop_assert!(sum <= rate * w + burst + 1e-6, "{:?}: {sum} in {w}s", l.unit());
+                    }
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
