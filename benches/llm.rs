@@ -96,10 +96,11 @@ fn preset(c: &mut Criterion) {
 
 const EVENTS: usize = 100;
 
+type Frames =
+    futures::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>;
+
 /// A streamed completion: one frame per event, usage in the last one.
-fn sse_body() -> http_body_util::StreamBody<
-    futures::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>,
-> {
+fn sse_body() -> http_body_util::StreamBody<Frames> {
     let mut frames: Vec<_> = (0..EVENTS - 1)
         .map(|_| {
             Ok(http_body::Frame::data(Bytes::from_static(

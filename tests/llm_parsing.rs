@@ -29,8 +29,8 @@ fn content_parts_count_like_plain_content() {
     let text = "a".repeat(40_000);
     let plain = chat(serde_json::json!(text), 100);
     let parts = chat(serde_json::json!([{"type": "text", "text": text}]), 100);
-    assert_eq!(estimate_cost(&plain), Cost::tokens(10_100));
-    assert_eq!(estimate_cost(&parts), Cost::tokens(10_100));
+    assert_eq!(estimate_cost(&plain), Cost::split(10_000, 100));
+    assert_eq!(estimate_cost(&parts), Cost::split(10_000, 100));
     // A system prompt and tool definitions count too.
     let with_system = serde_json::json!({
         "max_tokens": 100,
@@ -42,7 +42,7 @@ fn content_parts_count_like_plain_content() {
     });
     assert_eq!(
         estimate_cost(with_system.to_string().as_bytes()),
-        Cost::tokens(10_100 + 1_000 + 1_000)
+        Cost::split(10_000 + 1_000 + 1_000, 100)
     );
 }
 
@@ -50,7 +50,11 @@ fn content_parts_count_like_plain_content() {
 fn request_numbers_never_wrap() {
     // `max_tokens` of u64::MAX: a cost no budget admits, not a wrapped tiny one.
     let body = chat(serde_json::json!("a".repeat(400)), u64::MAX);
-    assert_eq!(estimate_cost(&body), Cost::tokens(u64::MAX));
+    let cost = estimate_cost(&body);
+    assert_eq!(
+        (cost.output_tokens, cost.total_tokens()),
+        (u64::MAX, u64::MAX)
+    );
 }
 
 /// Twenty 40,000-character prompts in content parts on a 30k TPM tier: the
@@ -211,7 +215,7 @@ fn provider_errors_are_read_leniently() {
 #[test]
 fn numbers_written_as_strings_count() {
     let body = br#"{"max_tokens":"100000","messages":[{"role":"user","content":"abcd"}]}"#;
-    assert_eq!(estimate_cost(body), Cost::tokens(100_001));
+    assert_eq!(estimate_cost(body), Cost::split(1, 100_000));
 }
 
 /// A tier of 1 token per minute builds (its 95 % burst rounds to at least 1).

@@ -86,7 +86,8 @@ async fn anthropic_otpm_binds_and_is_paced_to_its_bound() {
     // 50,000 output tokens; the provider admits 8,000 at once and 8,000 a
     // minute after: the last call cannot start before 315 s.
     let bound = (50_000.0 - 8_000.0) / (8_000.0 / 60.0) + secs(SERVICE);
-    assert_eq!((ok, account.throttled()), (50, 0));
+    eprintln!("anthropic OTPM: makespan {makespan:?}, bound {bound:.1} s");
+    assert_eq!((ok, account.accepted(), account.throttled()), (50, 50, 0));
     assert!(
         secs(makespan) >= bound - 1e-3,
         "{makespan:?} beat the provider's bound {bound}"
@@ -107,7 +108,11 @@ async fn anthropic_otpm_binds_and_is_paced_to_its_bound() {
     })
     .build()
     .unwrap();
-    let _ = run(&openai_shaped, &account, 50, 2_000, 1_000).await;
+    let (ok, _) = run(&openai_shaped, &account, 50, 2_000, 1_000).await;
+    eprintln!(
+        "anthropic OTPM paced as one TPM: {ok} ok, {} 429s",
+        account.throttled()
+    );
     assert!(account.throttled() > 0, "one TPM cannot see the OTPM");
 }
 
@@ -154,6 +159,7 @@ async fn cached_input_is_not_charged_to_the_itpm() {
     let (ok, uncached) = run(&stack(), &plain, 50, 16_000, 100).await;
     assert_eq!((ok, plain.throttled()), (50, 0));
     let bound = (200_000.0 - 30_000.0) / 500.0 + secs(SERVICE);
+    eprintln!("ITPM, no cache: {uncached:?}, bound {bound:.1} s");
     assert!(secs(uncached) <= 1.05 * bound, "{uncached:?} vs {bound}");
 
     // Half of each prompt read from the cache: the provider charges 2,000
@@ -163,6 +169,7 @@ async fn cached_input_is_not_charged_to_the_itpm() {
     assert_eq!((ok, cached.throttled()), (50, 0));
     assert_eq!(cached.charged(Counts::Input), 100_000.0);
     let bound = (100_000.0 - 30_000.0) / 500.0 + secs(SERVICE);
+    eprintln!("ITPM, half cached: {with_cache:?}, bound {bound:.1} s");
     assert!(
         secs(with_cache) <= 1.1 * bound,
         "{with_cache:?} vs the cached bound {bound}"
@@ -189,6 +196,7 @@ async fn azure_ten_second_windows_are_not_burst() {
     // 60 calls of 400 + 500 tokens: 54,000, within the minute's 60,000.
     let (ok, makespan) = run(&stack, &account, 60, 1_600, 500).await;
     let bound = (54_000.0 - 10_000.0) / 1_000.0 + secs(SERVICE);
+    eprintln!("azure: {makespan:?}, bound {bound:.1} s");
     assert_eq!((ok, account.throttled()), (60, 0));
     assert!(secs(makespan) <= 1.05 * bound, "{makespan:?} vs {bound}");
 
@@ -200,7 +208,11 @@ async fn azure_ten_second_windows_are_not_burst() {
     })
     .build()
     .unwrap();
-    let _ = run(&minute, &account, 60, 1_600, 500).await;
+    let (ok, _) = run(&minute, &account, 60, 1_600, 500).await;
+    eprintln!(
+        "azure paced per minute: {ok} ok, {} 429s",
+        account.throttled()
+    );
     assert!(account.throttled() > 0);
 }
 
@@ -408,4 +420,30 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+/// Time running 10× faster (a mock whose minute lasts 6 s): ten times the
+/// rate, the same bursts, the same window names.
+#[test]
+fn a_time_scale_speeds_the_rate_not_the_burst() {
+    let stack = LlmStack::anthropic(50, 30_000, 8_000)
+        .time_scale(10.0)
+        .build()
+        .unwrap();
+    let dims = stack.pace().snapshot().dims;
+    let got: Vec<_> = dims.iter().map(|d| (d.unit, d.per, d.capacity)).collect();
+    let minute = Duration::from_secs(60);
+    assert_eq!(
+        got,
+        vec![
+            (Unit::Requests, minute, 50.0),
+            (Unit::InputTokens, minute, 28_500.0),
+            (Unit::OutputTokens, minute, 7_600.0),
+        ]
+    );
+    // A rate of 1 a minute at a thousandth of the speed still admits.
+    assert!(LlmStack::anthropic(1, 1, 1)
+        .time_scale(0.001)
+        .build()
+        .is_ok());
 }

@@ -145,9 +145,7 @@ impl<B: http_body::Body> Hold<http::Response<B>> for OnBodyEnd {
 mod tests {
     use super::*;
     use futures::{stream, StreamExt};
-    use std::pin::Pin;
     use std::sync::{Arc, Mutex};
-    use std::task::{Context, Poll};
 
     fn recorder() -> (Arc<Mutex<Vec<StreamEnd>>>, impl Guard) {
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -186,6 +184,8 @@ mod tests {
     #[tokio::test]
     async fn http_body_end_is_reported() {
         use http_body::Body;
+        use std::pin::Pin;
+        use std::task::{Context, Poll};
         struct TwoFrames(u8);
         impl Body for TwoFrames {
             type Data = &'static [u8];

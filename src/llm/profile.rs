@@ -132,17 +132,23 @@ impl Profile {
     }
 
     /// The limits with time running `scale` times faster (a mock provider
-    /// whose minute lasts 6 s: 10): the same counts over shorter windows.
+    /// whose minute lasts 6 s: 10): `scale` times the rate over the same
+    /// window, so a limit keeps its name (per minute, per day); a rate that
+    /// would round to 0 keeps its count over a window `scale` times shorter.
     pub(super) fn scaled_limits(&self, scale: f64) -> Vec<Limit> {
         self.limits
             .iter()
             .map(|l| {
-                let per = crate::time::secs_f64(l.per().as_secs_f64() / scale);
-                let mut s = Limit::new(l.unit(), l.rate(), per.max(Duration::from_nanos(1)));
-                if let Some(b) = l.explicit_burst() {
-                    s = s.burst(b);
+                // The burst is a count of units: time running faster does
+                // not change it.
+                let rate = (l.rate() as f64 * scale).round();
+                if rate >= 1.0 && rate < u64::MAX as f64 {
+                    Limit::new(l.unit(), rate as u64, l.per()).burst(l.capacity())
+                } else {
+                    let per = crate::time::secs_f64(l.per().as_secs_f64() / scale);
+                    Limit::new(l.unit(), l.rate(), per.max(Duration::from_nanos(1)))
+                        .burst(l.capacity())
                 }
-                s
             })
             .collect()
     }

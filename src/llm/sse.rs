@@ -29,7 +29,7 @@ use super::cost::Payload;
 use crate::classify::{Class, LlmClassifier};
 use crate::error::BoxError;
 use crate::guard::{Flow, Tap, Tapped};
-use crate::pace::{Cost, UsageCell};
+use crate::pace::UsageCell;
 use bytes::Bytes;
 use pin_project::pin_project;
 use std::future::Future;

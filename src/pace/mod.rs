@@ -361,11 +361,6 @@ impl Limit {
         self.per
     }
 
-    /// The burst if one was set.
-    pub(crate) fn explicit_burst(&self) -> Option<u64> {
-        self.burst
-    }
-
     /// The burst in effect (`n` unless set).
     pub fn capacity(&self) -> u64 {
         self.burst.unwrap_or(self.n)

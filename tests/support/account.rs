@@ -65,7 +65,6 @@ struct Books {
     buckets: Vec<Bucket>,
     accepted: usize,
     throttled: usize,
-    last_done: Option<Instant>,
 }
 
 /// What one request costs the provider.
@@ -106,7 +105,6 @@ impl Account {
                     .collect(),
                 accepted: 0,
                 throttled: 0,
-                last_done: None,
             })),
             service_time,
             shape,
@@ -121,10 +119,6 @@ impl Account {
 
     pub fn throttled(&self) -> usize {
         self.inner.lock().unwrap().throttled
-    }
-
-    pub fn last_done(&self) -> Option<Instant> {
-        self.inner.lock().unwrap().last_done
     }
 
     /// Units of `counts` charged (net of give-backs) over the run.
@@ -255,7 +249,6 @@ impl Account {
                         x.charged.push((now, -n));
                     }
                 }
-                b.last_done = Some(now);
                 let (input, cached, output) =
                     (asked.input as u64, asked.cached as u64, used as u64);
                 let usage = match me.shape {
