@@ -271,15 +271,23 @@ fn profiles_have_the_documented_limits() {
     let got: Vec<_> = a
         .limits()
         .iter()
-        .map(|l| (l.unit(), l.rate(), l.per(), l.capacity()))
+        .map(|l| {
+            (
+                l.unit(),
+                l.rate(),
+                l.per(),
+                l.capacity(),
+                l.headroom_percent(),
+            )
+        })
         .collect();
     let minute = Duration::from_secs(60);
     assert_eq!(
         got,
         vec![
-            (Unit::Requests, 50, minute, 50),
-            (Unit::InputTokens, 30_000, minute, 28_500),
-            (Unit::OutputTokens, 8_000, minute, 7_600),
+            (Unit::Requests, 50, minute, 50, 0),
+            (Unit::InputTokens, 30_000, minute, 30_000, 5),
+            (Unit::OutputTokens, 8_000, minute, 8_000, 5),
         ]
     );
     let z = Profile::azure_openai(60_000);
@@ -290,7 +298,7 @@ fn profiles_have_the_documented_limits() {
         .collect();
     assert_eq!(
         got,
-        vec![(Unit::Requests, 360, 60), (Unit::Tokens, 60_000, 9_500)]
+        vec![(Unit::Requests, 360, 60), (Unit::Tokens, 60_000, 10_000)]
     );
     // Tiny and huge quotas: no zero burst, no overflow.
     let z = Profile::azure_openai(1);
@@ -446,4 +454,116 @@ fn a_time_scale_speeds_the_rate_not_the_burst() {
         .time_scale(0.001)
         .build()
         .is_ok());
+}
+
+/// A call of the whole limit is paid, not refused: the headroom only
+/// plans; one call above what it leaves waits for a full bucket. A call
+/// above the whole limit is refused at once, never retried.
+#[tokio::test(start_paused = true)]
+async fn a_call_of_the_whole_limit_goes_and_one_above_is_refused_at_once() {
+    let account = anthropic_account(1.0, 0.0);
+    let stack = LlmStack::anthropic(50, 30_000, 8_000).build().unwrap();
+    let (ok, makespan) = run(&stack, &account, 2, 40, 8_000).await;
+    assert_eq!((ok, account.throttled()), (2, 0));
+    // The second waits for the first's 8,000 output tokens to refill: 60 s.
+    assert!(
+        secs(makespan) >= 60.0 && secs(makespan) <= 60.0 + 1.05 * secs(SERVICE),
+        "{makespan:?}"
+    );
+
+    let svc = ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(account.service());
+    let t0 = Instant::now();
+    let err = svc.oneshot(chat(40, 8_001)).await.unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::ZERO, "refused at once, not retried");
+    assert_eq!(
+        semaforo::classify::classify_error(err.as_ref()),
+        semaforo::classify::Class::permanent(semaforo::classify::Permanent::RequestTooLarge)
+    );
+    assert_eq!(account.accepted(), 2, "the provider never saw it");
+}
+
+/// The output a request without `max_tokens` reserves is capped by the pacer
+/// really in use, for all its choices together.
+#[tokio::test(start_paused = true)]
+async fn the_unset_output_cap_follows_the_pacer_in_use_and_all_choices() {
+    let reserved = |stack: LlmStack, body: &'static [u8]| async move {
+        let svc = ServiceBuilder::new()
+            .layer(stack.layer())
+            .service(tower::service_fn(|_req: http::Request<Bytes>| async {
+                Ok::<_, std::io::Error>(http::Response::new(Bytes::new()))
+            }));
+        let before = available(stack.pace(), Unit::Tokens);
+        let req = http::Request::post("/v1/chat/completions")
+            .body(Bytes::from_static(body))
+            .unwrap();
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        (before - available(stack.pace(), Unit::Tokens)).round() as u64
+    };
+    let tier = Tier {
+        requests_per_minute: 500,
+        tokens_per_minute: 30_000,
+    };
+    // A pacer of our own with a 10,000 burst: half of it, not of the profile's.
+    let own = Pace::builder()
+        .requests_per_minute(500)
+        .tokens_per_minute(10_000)
+        .build()
+        .unwrap();
+    let stack = LlmStack::openai(tier).pace(own).build().unwrap();
+    let body = br#"{"messages":[{"role":"user","content":"abcd"}]}"#;
+    assert_eq!(reserved(stack, body).await, 1 + 5_000);
+    // Three choices without max_tokens: the cap holds for the three.
+    let small = LlmStack::openai(Tier {
+        requests_per_minute: 500,
+        tokens_per_minute: 10_000,
+    })
+    .build()
+    .unwrap();
+    let body = br#"{"n":3,"messages":[{"role":"user","content":"abcd"}]}"#;
+    assert_eq!(reserved(small, body).await, 1 + 4_750);
+}
+
+/// A streamed answer cut short keeps its estimate: Anthropic's
+/// `message_start` says 1 output token, but the provider counts what it
+/// generated before the client let go.
+#[tokio::test(start_paused = true)]
+async fn a_stream_dropped_before_its_final_usage_keeps_the_estimate() {
+    use http_body_util::BodyExt;
+    let stack = LlmStack::anthropic(50, 30_000, 8_000).build().unwrap();
+    let events = [
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"hola\"}}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":900}}\n\n",
+    ];
+    let client = tower::service_fn(move |_req: http::Request<Bytes>| async move {
+        let frames = futures::stream::iter(
+            events.map(|e| Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(e)))),
+        );
+        Ok::<_, std::io::Error>(http::Response::new(http_body_util::StreamBody::new(frames)))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(stack.stream_layer())
+        .service(client);
+    let full = available(stack.pace(), Unit::OutputTokens);
+    // Read two events, then let go.
+    let mut body = svc
+        .clone()
+        .oneshot(chat(40, 1_000))
+        .await
+        .unwrap()
+        .into_body();
+    body.frame().await.unwrap().unwrap();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    let kept = full - available(stack.pace(), Unit::OutputTokens);
+    assert!((kept - 1_000.0).abs() < 1.0, "estimate kept: {kept}");
+    // Read to the end: the final usage (900) replaces the estimate.
+    let before = available(stack.pace(), Unit::OutputTokens);
+    let body = svc.oneshot(chat(40, 1_000)).await.unwrap().into_body();
+    body.collect().await.unwrap();
+    let charged = before - available(stack.pace(), Unit::OutputTokens);
+    assert!((charged - 900.0).abs() < 1.0, "reconciled: {charged}");
 }

@@ -486,3 +486,74 @@ fn listeners_add_up() {
     );
     assert_eq!(preset.load(Ordering::SeqCst), 1, "the preset's listener");
 }
+
+/// At the drain deadline only an event stream is cut with the drain event;
+/// a plain body, or an event stream that sent its trailers, is never
+/// appended to (it stays counted until it ends).
+#[cfg(feature = "http")]
+#[tokio::test(start_paused = true)]
+async fn only_an_event_stream_without_trailers_is_cut_with_the_drain_event() {
+    use bytes::Bytes;
+    use http_body::{Body, Frame};
+    use http_body_util::BodyExt;
+    use semaforo::shutdown::DRAIN_EVENT;
+
+    type Frames = BoxStream<'static, Result<Frame<Bytes>, std::io::Error>>;
+    // One data frame (and trailers if asked), then nothing for ever.
+    let body = |trailers: bool| {
+        let mut frames = vec![Ok(Frame::data(Bytes::from_static(b"data: a\n\n")))];
+        if trailers {
+            frames.push(Ok(Frame::trailers(http::HeaderMap::new())));
+        }
+        http_body_util::StreamBody::new(
+            stream::iter(frames).chain(stream::pending()).boxed() as Frames
+        )
+    };
+    for (content_type, trailers, cut) in [
+        ("text/event-stream", false, true),
+        ("Text/Event-Stream; charset=utf-8", false, true),
+        ("application/json", false, false),
+        ("text/event-stream", true, false),
+    ] {
+        let shutdown = Shutdown::new();
+        let svc = ServiceBuilder::new()
+            .layer(shutdown.layer().cut_bodies_at_deadline())
+            .service(tower::service_fn(move |_: ()| async move {
+                Ok::<_, std::io::Error>(
+                    http::Response::builder()
+                        .header("content-type", content_type)
+                        .body(body(trailers))
+                        .unwrap(),
+                )
+            }));
+        let mut res = svc.oneshot(()).await.unwrap().into_body();
+        let first = res.frame().await.unwrap().unwrap();
+        assert_eq!(first.data_ref().map(|d| &d[..]), Some(&b"data: a\n\n"[..]));
+        if trailers {
+            assert!(res.frame().await.unwrap().unwrap().is_trailers());
+        }
+        let reader = tokio::spawn(async move {
+            let next = res.frame().await;
+            (
+                next.map(|f| f.map(|f| f.into_data().ok())),
+                res.is_end_stream(),
+            )
+        });
+        let report = shutdown.drain(secs(1)).await;
+        if cut {
+            let (next, ended) = reader.await.unwrap();
+            let data = next.unwrap().unwrap().unwrap();
+            assert_eq!(&data[..], DRAIN_EVENT.as_bytes(), "{content_type}");
+            assert!(ended);
+            assert_eq!(report.cancelled, 1);
+        } else {
+            tokio::time::sleep(secs(60)).await;
+            assert!(
+                !reader.is_finished(),
+                "{content_type}, trailers {trailers}: never cut"
+            );
+            assert_eq!(report.cancelled, 0);
+            reader.abort();
+        }
+    }
+}

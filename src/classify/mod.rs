@@ -345,7 +345,9 @@ as_error_ref_self!(::http::Error);
 /// - [`Rejected`] from a semaforo layer: `Timeout` → `Transient`; `CircuitOpen` →
 ///   `Overloaded` (with its retry_after); `QueueFull`, `QueueTimeout`,
 ///   `QuotaExceeded`, `BudgetExceeded` → `Throttled` (local back-pressure is
-///   "slow down", never an upstream failure); `ShuttingDown` and
+///   "slow down", never an upstream failure) — except a quota or budget
+///   refusal without `retry_after`, a cost above a burst that can never fit:
+///   `Permanent` (`RequestTooLarge`); `ShuttingDown` and
 ///   `RetryBudgetExhausted` → `Permanent` (trying again now cannot help).
 /// - an [`std::io::Error`] → see [`classify_io_error`].
 /// - a tokio [`Elapsed`](tokio::time::error::Elapsed) → `Transient`.
@@ -379,6 +381,10 @@ fn classify_rejected(r: &Rejected) -> Class {
         RejectKind::Timeout => Class::Transient,
         RejectKind::BackendUnavailable => Class::Infrastructure,
         RejectKind::CircuitOpen => Class::Overloaded { retry_after },
+        // No time after which it fits: a cost above a burst, refused for good.
+        RejectKind::QuotaExceeded | RejectKind::BudgetExceeded if retry_after.is_none() => {
+            Class::permanent(Permanent::RequestTooLarge)
+        }
         RejectKind::QueueFull
         | RejectKind::QueueTimeout
         | RejectKind::QuotaExceeded
@@ -533,6 +539,17 @@ mod tests {
             Class::permanent(Permanent::ShuttingDown)
         );
         assert!(!r(RejectKind::BudgetExceeded).is_upstream_failure());
+        assert_eq!(
+            r(RejectKind::QuotaExceeded),
+            Class::Throttled { retry_after: ra }
+        );
+        // No retry_after: a cost that can never fit, not worth a retry.
+        for k in [RejectKind::QuotaExceeded, RejectKind::BudgetExceeded] {
+            assert_eq!(
+                classify_error(&Rejected::new("x", k)),
+                Class::permanent(Permanent::RequestTooLarge)
+            );
+        }
     }
 
     #[test]

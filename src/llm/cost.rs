@@ -64,17 +64,24 @@ pub fn estimate_cost(body: &[u8]) -> Cost {
 /// assert_eq!(estimate_cost_with(body, 16_384), Cost::split(2, 16_384));
 /// ```
 pub fn estimate_cost_with(body: &[u8], unset_max_output: u64) -> Cost {
+    estimate_capped(body, unset_max_output, u64::MAX)
+}
+
+/// [`estimate_cost_with`], the output of a request that sets no maximum
+/// (all its `n` choices together) at most `unset_cap`.
+pub(crate) fn estimate_capped(body: &[u8], unset_max_output: u64, unset_cap: u64) -> Cost {
     match serde_json::from_slice::<RequestShape>(body) {
         Ok(r) => {
             let prompt = r.prompt.chars / 4;
             let parts = r.prompt.non_text.saturating_mul(NON_TEXT_PART_TOKENS);
-            let output = r
-                .max_output
-                .unwrap_or(unset_max_output)
-                .saturating_mul(r.n.unwrap_or(1).max(1));
+            let choices = r.n.unwrap_or(1).max(1);
+            let output = match r.max_output {
+                Some(max) => max.saturating_mul(choices),
+                None => unset_max_output.saturating_mul(choices).min(unset_cap),
+            };
             Cost::split(prompt.saturating_add(parts), output)
         }
-        Err(_) => Cost::split(body.len() as u64 / 4, unset_max_output),
+        Err(_) => Cost::split(body.len() as u64 / 4, unset_max_output.min(unset_cap)),
     }
 }
 
@@ -100,7 +107,7 @@ pub fn usage_tokens(body: &[u8]) -> Option<u64> {
 /// | OpenAI Chat Completions | `prompt_tokens` − `prompt_tokens_details.cached_tokens` | `cached_tokens` | `completion_tokens` |
 /// | OpenAI Responses | `input_tokens` − `input_tokens_details.cached_tokens` | `cached_tokens` | `output_tokens` |
 /// | Anthropic | `input_tokens` + `cache_creation_input_tokens` | `cache_read_input_tokens` | `output_tokens` |
-/// | Gemini | `promptTokenCount` − `cachedContentTokenCount` | `cachedContentTokenCount` | `candidatesTokenCount` + `thoughtsTokenCount` |
+/// | Gemini | `promptTokenCount` + `toolUsePromptTokenCount` − `cachedContentTokenCount` | `cachedContentTokenCount` | `candidatesTokenCount` + `thoughtsTokenCount` |
 ///
 /// A reported total the parts do not explain counts as output; a total
 /// alone counts as input ([`Cost::tokens`]). `None` when the body is not JSON
@@ -163,6 +170,17 @@ impl<'de> Deserialize<'de> for Payload<'de> {
                                 }
                             }
                         }
+                        // OpenAI's Responses API streams its usage and its
+                        // failure inside `response` (`response.completed`,
+                        // `response.failed`).
+                        "response" => {
+                            if let Lenient(Some(r)) = map.next_value::<Lenient<ResponseObject>>()? {
+                                if let Some(Lenient(Some(u))) = r.usage {
+                                    p.take(&u);
+                                }
+                                p.error |= r.error.is_some();
+                            }
+                        }
                         "error" => p.error |= !map.next_value::<IsNull>()?.0,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
@@ -187,12 +205,15 @@ impl Payload<'_> {
         let inside = n(u.cached_tokens).or(n(u.cached_content_token_count));
         let anthropic =
             u.cache_read_input_tokens.is_some() || u.cache_creation_input_tokens.is_some();
-        let prompt = n(u.prompt_tokens).or(n(u.prompt_token_count));
+        // Gemini's tool-use prompt is input the parts do not list.
+        let prompt = n(u.prompt_tokens)
+            .or(n(u.prompt_token_count))
+            .map(|p| p.saturating_add(n(u.tool_use_prompt_token_count).unwrap_or(0)));
         if let Some(p) = prompt {
             let cached = inside.unwrap_or(0).min(p);
             self.input = Some(p - cached);
             self.cached = Some(cached);
-        } else if let Some(i) = n(u.input_tokens) {
+        } else if let Some(i) = n(u.input_tokens).or(anthropic.then_some(0)) {
             if anthropic {
                 self.input = Some(i.saturating_add(n(u.cache_creation_input_tokens).unwrap_or(0)));
                 self.cached = Some(n(u.cache_read_input_tokens).unwrap_or(0));
@@ -240,6 +261,16 @@ impl Payload<'_> {
     pub(crate) fn total(&self) -> Option<u64> {
         self.usage.or_else(|| self.cost().map(|c| c.total_tokens()))
     }
+}
+
+/// The Responses API's `response` object: its `usage` and `error`.
+#[derive(Deserialize, Default)]
+struct ResponseObject {
+    #[serde(default)]
+    usage: Option<Lenient<Usage>>,
+    /// Present and not `null` when the response failed.
+    #[serde(default)]
+    error: Option<IgnoredAny>,
 }
 
 /// Anthropic's `message` object (of `message_start`): its `usage`.
@@ -327,6 +358,7 @@ struct Usage {
     cached_content_token_count: Option<Count>,
     candidates_token_count: Option<Count>,
     thoughts_token_count: Option<Count>,
+    tool_use_prompt_token_count: Option<Count>,
 }
 
 impl<'de> Deserialize<'de> for Usage {
@@ -353,6 +385,7 @@ impl<'de> Deserialize<'de> for Usage {
                         "cachedContentTokenCount" => &mut u.cached_content_token_count,
                         "candidatesTokenCount" => &mut u.candidates_token_count,
                         "thoughtsTokenCount" => &mut u.thoughts_token_count,
+                        "toolUsePromptTokenCount" => &mut u.tool_use_prompt_token_count,
                         "prompt_tokens_details" | "input_tokens_details" => {
                             if let Lenient(Some(d)) = map.next_value::<Lenient<Details>>()? {
                                 if let Some(c) = d.cached_tokens.0 {
@@ -648,8 +681,46 @@ mod tests {
     }
 
     #[test]
+    fn anthropic_stream_usage_is_joined_across_events() {
+        let start: Payload<'_> = serde_json::from_slice(
+            br#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":50,"cache_creation_input_tokens":150,"cache_read_input_tokens":1000,"output_tokens":1}}}"#,
+        )
+        .unwrap();
+        let delta: Payload<'_> = serde_json::from_slice(
+            br#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":300}}"#,
+        )
+        .unwrap();
+        let mut seen = Payload::default();
+        seen.absorb(&start);
+        assert_eq!(
+            seen.cost(),
+            Some(Cost::split(200, 1).with_cached_input(1_000))
+        );
+        seen.absorb(&delta);
+        assert_eq!(
+            seen.cost(),
+            Some(Cost::split(200, 300).with_cached_input(1_000))
+        );
+        assert_eq!(seen.total(), Some(1_500));
+    }
+
+    #[test]
     fn usage_is_split_as_each_provider_reports_it() {
         let cost = |b: &[u8]| usage_cost(b).unwrap();
+        // OpenAI Responses, streamed: the usage is inside `response`.
+        assert_eq!(
+            cost(br#"{"type":"response.completed","response":{"id":"r","error":null,"usage":{"input_tokens":1200,"input_tokens_details":{"cached_tokens":1000},"output_tokens":300,"total_tokens":1500}}}"#),
+            Cost::split(200, 300).with_cached_input(1_000)
+        );
+        let failed: Payload<'_> = serde_json::from_slice(
+            br#"{"type":"response.failed","response":{"status":"failed","error":{"code":"server_error","message":"boom"}}}"#,
+        )
+        .unwrap();
+        assert!(failed.error);
+        let created: Payload<'_> =
+            serde_json::from_slice(br#"{"type":"response.created","response":{"status":"in_progress","error":null,"usage":null}}"#)
+                .unwrap();
+        assert!(!created.error);
         // OpenAI Responses: cached inside input_tokens.
         assert_eq!(
             cost(br#"{"usage":{"input_tokens":1200,"input_tokens_details":{"cached_tokens":1000},"output_tokens":300,"total_tokens":1500}}"#),

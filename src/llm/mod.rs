@@ -115,8 +115,8 @@ pub struct Tier {
 /// builder instead.
 #[derive(Debug, Clone)]
 pub struct LlmStack {
-    /// Output reserved for a request without `max_tokens`.
-    unset_max_output: u64,
+    /// The pacer's estimate of a request.
+    weigh: service::Weigh,
     shutdown: Shutdown,
     quota: Option<(Quota<String>, HeaderKey)>,
     bulkhead: Bulkhead,
@@ -355,7 +355,8 @@ impl LlmStackBuilder {
     }
 
     /// Runs the default timings `factor` times faster (a mock provider whose
-    /// "minute" lasts 6 s has a factor of 10). Limits are per real minute.
+    /// "minute" lasts 6 s has a factor of 10). The limits then count per
+    /// simulated minute: 60 RPM at a factor of 10 is 10 requests a real second.
     /// `build()` refuses a factor outside [0.001, 1,000,000] (or not finite).
     pub fn time_scale(mut self, factor: f64) -> Self {
         self.time_scale = factor;
@@ -517,18 +518,22 @@ impl LlmStackBuilder {
         // short: the queue tickets' ETAs come from its reservations.
         bulkhead.set_eta_source(Some(std::sync::Arc::new(pace.clone())));
         // A request without `max_tokens` reserves the profile's largest
-        // output, capped at half the smallest burst that counts output: a
-        // prompt of up to the other half still fits (above a burst, a call
-        // could never be paid).
-        let unset_max_output = self
-            .profile
-            .limits()
+        // output (for all its choices), capped at half the smallest burst of
+        // the pacer in use that counts output: a prompt of up to the other
+        // half still fits (above a burst, a call could never be paid).
+        let unset_cap = pace
+            .snapshot()
+            .dims
             .iter()
-            .filter(|l| matches!(l.unit(), Unit::Tokens | Unit::OutputTokens))
-            .map(|l| (l.capacity() / 2).max(1))
-            .fold(self.profile.unset_max_output(), u64::min);
+            .filter(|d| matches!(d.unit, Unit::Tokens | Unit::OutputTokens))
+            .map(|d| (d.capacity / 2.0).floor().max(1.0) as u64)
+            .min()
+            .unwrap_or(u64::MAX);
         Ok(LlmStack {
-            unset_max_output,
+            weigh: service::Weigh {
+                unset_max_output: self.profile.unset_max_output(),
+                unset_cap,
+            },
             shutdown,
             quota: self.quota,
             bulkhead,

@@ -16,9 +16,10 @@ use std::time::Duration;
 /// | [`azure_openai`](Self::azure_openai) | TPM and RPM = 6 per 1,000 TPM, each a bucket of 1/6 of the minute's limit refilling at the per-minute rate | Azure OpenAI "Quota management": "RPM … 6 RPM per 1,000 TPM"; quota "evaluated over small periods of time (1 or 10 seconds)" |
 /// | [`anthropic`](Self::anthropic) | RPM, ITPM (input not read from the cache), OTPM; token buckets refilled continuously up to the limit | Anthropic "Rate limits": "cache read tokens no longer count towards ITPM" (current models), "OTPM … estimated based on `max_tokens`" |
 ///
-/// Token limits keep 5 % headroom on their burst (a provider counts a
-/// request when it arrives, later than we reserved it, and the first requests
-/// of a burst arrive latest); the long-run rate stays the provider's.
+/// Token limits plan with 5 % [headroom](Limit::headroom) on their burst (a
+/// provider counts a request when it arrives, later than we reserved it, and
+/// the first requests of a burst arrive latest); the long-run rate stays the
+/// provider's, and one call may still cost the whole burst.
 ///
 /// ```
 /// use semaforo::llm::{LlmStack, Profile};
@@ -38,16 +39,8 @@ pub struct Profile {
     max_output: u64,
 }
 
-/// Headroom kept on token bursts, in percent.
-const TOKEN_BURST_PERCENT: u8 = 95;
-
-/// `p` % of `n`, rounded down, at least 1 (a burst of 0 admits nothing),
-/// without overflow.
-pub(super) fn percent(n: u64, p: u8) -> u64 {
-    u64::try_from(u128::from(n) * u128::from(p) / 100)
-        .unwrap_or(u64::MAX)
-        .max(1)
-}
+/// Headroom kept on token bursts, in percent ([`Limit::headroom`]).
+const TOKEN_HEADROOM: u8 = 5;
 
 impl Profile {
     /// An OpenAI account on `tier`: requests and tokens per minute (output
@@ -60,8 +53,7 @@ impl Profile {
             provider: "openai",
             limits: vec![
                 Limit::requests_per_minute(tier.requests_per_minute),
-                Limit::tokens_per_minute(tier.tokens_per_minute)
-                    .burst(percent(tier.tokens_per_minute, TOKEN_BURST_PERCENT)),
+                Limit::tokens_per_minute(tier.tokens_per_minute).headroom(TOKEN_HEADROOM),
             ],
             max_output: 16_384,
         }
@@ -79,7 +71,8 @@ impl Profile {
             limits: vec![
                 Limit::requests_per_minute(rpm).burst((rpm / 6).max(1)),
                 Limit::tokens_per_minute(tokens_per_minute)
-                    .burst(percent(tokens_per_minute / 6, TOKEN_BURST_PERCENT)),
+                    .burst((tokens_per_minute / 6).max(1))
+                    .headroom(TOKEN_HEADROOM),
             ],
             max_output: 16_384,
         }
@@ -93,8 +86,8 @@ impl Profile {
             provider: "anthropic",
             limits: vec![
                 Limit::requests_per_minute(rpm),
-                Limit::input_tokens_per_minute(itpm).burst(percent(itpm, TOKEN_BURST_PERCENT)),
-                Limit::output_tokens_per_minute(otpm).burst(percent(otpm, TOKEN_BURST_PERCENT)),
+                Limit::input_tokens_per_minute(itpm).headroom(TOKEN_HEADROOM),
+                Limit::output_tokens_per_minute(otpm).headroom(TOKEN_HEADROOM),
             ],
             max_output: 8_192,
         }
@@ -133,22 +126,25 @@ impl Profile {
 
     /// The limits with time running `scale` times faster (a mock provider
     /// whose minute lasts 6 s: 10): `scale` times the rate over the same
-    /// window, so a limit keeps its name (per minute, per day); a rate that
-    /// would round to 0 keeps its count over a window `scale` times shorter.
+    /// window when that is a whole count, so a limit keeps its name (per
+    /// minute, per day); else the same count over a window `scale` times
+    /// shorter. Bursts and headroom are counts: unchanged.
     pub(super) fn scaled_limits(&self, scale: f64) -> Vec<Limit> {
         self.limits
             .iter()
             .map(|l| {
                 // The burst is a count of units: time running faster does
                 // not change it.
-                let rate = (l.rate() as f64 * scale).round();
-                if rate >= 1.0 && rate < u64::MAX as f64 {
-                    Limit::new(l.unit(), rate as u64, l.per()).burst(l.capacity())
+                let exact = l.rate() as f64 * scale;
+                let scaled = if exact >= 1.0 && exact.fract() == 0.0 && exact < u64::MAX as f64 {
+                    Limit::new(l.unit(), exact as u64, l.per())
                 } else {
+                    // A rate that is not a whole count: the same count over a
+                    // window `scale` times shorter (exact).
                     let per = crate::time::secs_f64(l.per().as_secs_f64() / scale);
                     Limit::new(l.unit(), l.rate(), per.max(Duration::from_nanos(1)))
-                        .burst(l.capacity())
-                }
+                };
+                scaled.burst(l.capacity()).headroom(l.headroom_percent())
             })
             .collect()
     }

@@ -4,7 +4,8 @@
 //! the stack of layers inside (no boxing): the stack is an implementation
 //! detail, free to change without breaking a user's code.
 
-use super::{estimate_cost_with, usage_cost, LlmStack, SseScan, SseWatch};
+use super::cost::estimate_capped;
+use super::{usage_cost, LlmStack, SseScan, SseWatch};
 use crate::breaker::{BreakerOutcome, BreakerService};
 use crate::bulkhead::{BulkheadPermit, BulkheadService, InfoFns};
 use crate::classify::{LlmClassifier, LlmHeadClassifier, RateLimitInfo};
@@ -59,17 +60,19 @@ pub fn observe_response(res: &http::Response<Bytes>) -> Observed {
     }
 }
 
-/// The preset's estimate: [`estimate_cost_with`] the profile's output for a
-/// request without `max_tokens`.
+/// The preset's estimate: [`estimate_cost_with`](super::estimate_cost_with)
+/// the profile's output for a request without `max_tokens`, at most
+/// `unset_cap` for all its choices.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Weigh {
-    unset_max_output: u64,
+    pub(super) unset_max_output: u64,
+    pub(super) unset_cap: u64,
 }
 
 impl crate::pace::Weigh<http::Request<Bytes>> for Weigh {
     #[inline]
     fn weigh(&self, req: &http::Request<Bytes>) -> Cost {
-        estimate_cost_with(req.body(), self.unset_max_output)
+        estimate_capped(req.body(), self.unset_max_output, self.unset_cap)
     }
 }
 
@@ -222,9 +225,7 @@ impl<S> Layer<S> for LlmLayer {
         let paced = s
             .pace
             .layer()
-            .weigh(Weigh {
-                unset_max_output: s.unset_max_output,
-            })
+            .weigh(s.weigh)
             .observe(observe_response as Observe)
             .classify(LlmClassifier::new())
             .layer(timed);
@@ -442,9 +443,7 @@ impl<S> Layer<S> for LlmStreamLayer {
         let paced = s
             .pace
             .layer()
-            .weigh(Weigh {
-                unset_max_output: s.unset_max_output,
-            })
+            .weigh(s.weigh)
             .observe(ObserveHeaders)
             .classify(LlmHeadClassifier)
             .deliver(UsageFromBody)

@@ -306,7 +306,9 @@ fn inspect(ev: SseEvent<'_>, usage: &mut Payload<'static>) -> Option<StreamFaile
     if let Some(p) = &payload {
         usage.absorb(p);
     }
-    let failed = ev.event == b"error" || payload.is_some_and(|p| p.error);
+    // `error` (OpenAI, Anthropic), `response.failed` (OpenAI's Responses API).
+    let failed =
+        ev.event == b"error" || ev.event == b"response.failed" || payload.is_some_and(|p| p.error);
     if ev.truncated && !failed {
         return None;
     }
@@ -523,6 +525,23 @@ mod tests {
         });
         assert_eq!(seen, vec![b"aaaaaaa\nbbbbbbbb".to_vec()]);
         assert_eq!(p.dropped(), 0);
+    }
+
+    #[test]
+    fn responses_api_failures_are_failures() {
+        let mut usage = Payload::default();
+        let ev = SseEvent {
+            event: b"response.failed",
+            data: br#"{"type":"response.failed","response":{"status":"failed","error":{"code":"server_error","message":"boom"}}}"#,
+            truncated: false,
+        };
+        assert!(inspect(ev, &mut usage).is_some());
+        let ev = SseEvent {
+            event: b"response.output_text.delta",
+            data: br#"{"type":"response.output_text.delta","delta":"error"}"#,
+            truncated: false,
+        };
+        assert!(inspect(ev, &mut usage).is_none());
     }
 
     #[test]

@@ -294,6 +294,8 @@ pub struct Limit {
     pub(crate) n: u64,
     pub(crate) per: Duration,
     pub(crate) burst: Option<u64>,
+    /// Percent of the burst kept unused when planning.
+    pub(crate) headroom: u8,
 }
 
 impl Limit {
@@ -305,6 +307,7 @@ impl Limit {
             n,
             per,
             burst: None,
+            headroom: 0,
         }
     }
 
@@ -346,9 +349,41 @@ impl Limit {
         self
     }
 
+    /// Plans with `percent` % of the burst kept unused (at most 50), for the
+    /// skew between our reservation and the moment the upstream counts the
+    /// call (it arrives later; the first calls of a burst latest): the long-run
+    /// rate stays `n` per window. A single call costing more than the rest,
+    /// up to the whole burst, is not refused: it waits for a full bucket and
+    /// leaves a debt (the upstream would take it).
+    ///
+    /// ```
+    /// use semaforo::pace::{Limit, Pace, Unit};
+    ///
+    /// // 8,000 output tokens a minute; plan with 7,600 at once.
+    /// let pace = Pace::builder().limit(Limit::output_tokens_per_minute(8_000).headroom(5)).build()?;
+    /// assert_eq!(pace.snapshot().dims[0].capacity, 7_600.0);
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
+    pub fn headroom(mut self, percent: u8) -> Limit {
+        self.headroom = percent;
+        self
+    }
+
     /// What it counts.
     pub fn unit(&self) -> Unit {
         self.unit
+    }
+
+    /// The share of the burst kept unused when planning, in percent.
+    pub fn headroom_percent(&self) -> u8 {
+        self.headroom
+    }
+
+    /// The burst planned with: the burst less the headroom, at least 1.
+    pub(crate) fn planned(&self) -> u64 {
+        let b = self.capacity();
+        let kept = u128::from(b) * u128::from(100 - self.headroom.min(50)) / 100;
+        u64::try_from(kept).unwrap_or(u64::MAX).max(1)
     }
 
     /// Units per window (`n`).
@@ -474,7 +509,8 @@ impl PaceBuilder {
         let mut b = self.clone();
         let part = |n: u64| ((n as f64 * share).floor() as u64).max(1);
         for d in &mut b.dims {
-            d.burst = Some(part(d.capacity()));
+            d.burst = Some(part(d.planned()));
+            d.headroom = 0;
             d.n = part(d.n);
         }
         b
@@ -485,7 +521,8 @@ impl PaceBuilder {
     /// # Errors
     ///
     /// A [`ConfigError`] on `limits` (none given), `limit` (a rate of 0 or a
-    /// zero period), `burst` (0) or `header_window` (zero).
+    /// zero period), `burst` (0), `headroom` (above 50 %) or `header_window`
+    /// (zero).
     pub fn build(self) -> Result<Pace, ConfigError> {
         if self.header_window.is_some_and(|w| w.is_zero()) {
             return Err(ConfigError::new(
@@ -502,13 +539,14 @@ impl PaceBuilder {
             ));
         }
         let mut dims = Vec::with_capacity(self.dims.len());
-        for Limit {
-            unit,
-            n,
-            per,
-            burst,
-        } in self.dims
-        {
+        for limit in self.dims {
+            let Limit {
+                unit,
+                n,
+                per,
+                burst,
+                headroom,
+            } = limit;
             if n == 0 || per.is_zero() {
                 return Err(ConfigError::new(
                     "pace",
@@ -519,18 +557,26 @@ impl PaceBuilder {
                     ),
                 ));
             }
-            let capacity = burst.unwrap_or(n);
-            if capacity == 0 {
+            if burst == Some(0) {
                 return Err(ConfigError::new("pace", "burst", "must be at least 1"));
             }
+            if headroom > 50 {
+                return Err(ConfigError::new(
+                    "pace",
+                    "headroom",
+                    format!("at most 50 %, got {headroom} %"),
+                ));
+            }
+            let capacity = limit.planned() as f64;
             let secs_per_unit = per.as_secs_f64() / n as f64;
             dims.push(Dim {
                 unit,
                 per,
-                capacity: capacity as f64,
+                capacity,
                 secs_per_unit,
-                configured_capacity: capacity as f64,
+                configured_capacity: capacity,
                 configured_spu: secs_per_unit,
+                largest_cost: limit.capacity() as f64,
             });
         }
         Ok(Pace {

@@ -158,7 +158,8 @@ impl UsageCell {
 /// the call's estimate and, when the body ends, fails or is dropped (through
 /// the one body tap, [`guard::Tapped`](crate::guard::Tapped)), reconciles it
 /// with the cost left in the response's [`UsageCell`] extension (nothing to
-/// reconcile when there is no cell or it stayed empty) (feature `http`).
+/// reconcile when there is no cell or it stayed empty, or when the body did
+/// not end whole: the estimate stands) (feature `http`).
 #[cfg(feature = "http")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UsageFromBody;
@@ -173,7 +174,14 @@ pub struct Reconcile {
 
 #[cfg(feature = "http")]
 impl crate::guard::Guard for Reconcile {
-    fn finish(self, _end: crate::guard::StreamEnd) {
+    /// Only a body that ended whole has its final usage: one cut short
+    /// (dropped, failed, timed out) may hold a placeholder (Anthropic's
+    /// `message_start` says 1 output token) while the provider counts what it
+    /// generated, so the estimate stands.
+    fn finish(self, end: crate::guard::StreamEnd) {
+        if end != crate::guard::StreamEnd::Completed {
+            return;
+        }
         if let Some(real) = self.cell.get() {
             self.pending.reconcile(real);
         }
@@ -422,11 +430,11 @@ impl Shared {
             // may announce more).
             for dim in &st.dims {
                 let n = dim.amount(cost);
-                if n > dim.configured_capacity {
+                if n > dim.largest_cost {
                     let unit = dim.unit.as_str();
                     break 'decide Admit::Rejected(rejected(format!(
                         "a cost of {n} {unit} can never fit a burst of {} per {}",
-                        dim.configured_capacity,
+                        dim.largest_cost,
                         crate::time::Human(dim.per)
                     )));
                 }

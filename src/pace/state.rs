@@ -45,6 +45,10 @@ pub(crate) struct Dim {
     /// As configured (what a higher announced limit brings back).
     pub(crate) configured_capacity: f64,
     pub(crate) configured_spu: f64,
+    /// The largest cost one call may have: the whole configured burst,
+    /// headroom included (above the planned capacity, a call waits for a
+    /// full bucket and leaves a debt).
+    pub(crate) largest_cost: f64,
 }
 
 impl Dim {
@@ -585,7 +589,7 @@ impl crate::eta::Projection for Projection {
         if self
             .dims
             .iter()
-            .any(|dim| dim.amount(&cost) > dim.configured_capacity)
+            .any(|dim| dim.amount(&cost) > dim.largest_cost)
         {
             return None;
         }

@@ -18,8 +18,11 @@ struct Dim {
     unit: Unit,
     /// µs per unit.
     per_unit_us: f64,
-    /// Burst, in units.
+    /// Burst planned with, in units (the headroom taken off).
     burst: f64,
+    /// The largest cost of one call (the whole burst): above `burst`, a call
+    /// waits for the bucket to be full and for what it costs beyond.
+    largest: f64,
 }
 
 impl Dim {
@@ -104,7 +107,8 @@ impl BudgetBuilder {
                 let d = Dim {
                     unit: limit.unit,
                     per_unit_us: limit.per.as_micros() as f64 / limit.n as f64,
-                    burst: limit.capacity() as f64,
+                    burst: limit.planned() as f64,
+                    largest: limit.capacity() as f64,
                 };
                 (d, d.label(limit.per))
             })
@@ -200,10 +204,10 @@ impl Budget {
         args.push(max_wait.to_string());
         for (d, label) in &self.inner.dims {
             let n = d.amount(cost);
-            if n > d.burst {
+            if n > d.largest {
                 return Err(self.refused(format!(
                     "a cost of {n} can never fit a burst of {} ({label})",
-                    d.burst
+                    d.largest
                 )));
             }
             args.extend([d.per_unit_us, d.burst, n].map(|x| x.to_string()));

@@ -1,8 +1,8 @@
 use super::Shared;
 use crate::error::{BoxError, RejectKind, Rejected};
-use crate::guard::{Guard, Hold, OnResponse, OnStreamEnd, StreamEnd};
 #[cfg(feature = "http")]
-use crate::guard::{Tap, Tapped};
+use crate::guard::{Flow, Tap, Tapped};
+use crate::guard::{Guard, Hold, OnResponse, OnStreamEnd, StreamEnd};
 use pin_project::pin_project;
 use std::fmt;
 use std::future::Future;
@@ -92,8 +92,10 @@ impl<R> ShutdownLayer<R> {
     }
 
     /// Count a call until its `http::Response` body ends — and at the drain
-    /// deadline end a body still streaming with a final SSE `event: error`
-    /// (a clean end the client can read, not a connection reset). Feature `http`.
+    /// deadline end an event stream (`Content-Type: text/event-stream`) still
+    /// streaming with a final SSE `event: error` (a clean end the client can
+    /// read, not a connection reset). Other bodies are counted until they end,
+    /// never cut. Feature `http`.
     #[cfg(feature = "http")]
     pub fn cut_bodies_at_deadline(self) -> ShutdownLayer<CutAtDeadline> {
         ShutdownLayer {
@@ -171,12 +173,25 @@ where
 {
     type Response = http::Response<Tapped<B, DrainCut>>;
     fn hold(res: http::Response<B>, in_flight: InFlight) -> Self::Response {
+        // Only an event stream can end with an event; any other body is
+        // counted in flight to its end, never cut (a cut plain body would be
+        // a truncated one the client takes for whole).
+        let sse = res
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.trim_start()
+                    .get(..17)
+                    .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+            });
         res.map(|inner| {
             Tapped::body(
                 inner,
                 DrainCut {
                     in_flight,
                     cancelled: None,
+                    may_cut: sse,
                 },
             )
         })
@@ -185,13 +200,18 @@ where
 
 /// The [`Tap`] of [`ShutdownLayer::cut_bodies_at_deadline`]
 /// (`Tapped<B, DrainCut>`, feature `http`): counts a body in flight until it
-/// ends; at the drain deadline, if the body is still waiting for its next
-/// frame, ends it with [`DRAIN_EVENT`] (an SSE error event).
+/// ends; at the drain deadline, if the body is an event stream (its
+/// `Content-Type` is `text/event-stream`) still waiting for its next frame and
+/// has sent no trailers, ends it with [`DRAIN_EVENT`] (an SSE error event).
+/// Other bodies are never cut: they stay counted until they end.
 #[cfg(feature = "http")]
 pub struct DrainCut {
     in_flight: InFlight,
     /// Armed the first time the body has to wait.
     cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// An event stream (`text/event-stream`) that has sent no trailers:
+    /// an event may still be appended.
+    may_cut: bool,
 }
 
 #[cfg(feature = "http")]
@@ -212,6 +232,15 @@ impl<E> Tap<http_body::Frame<bytes::Bytes>, E> for DrainCut {
     type Error = E;
 
     #[inline]
+    fn item(&mut self, frame: &http_body::Frame<bytes::Bytes>) -> Flow {
+        if frame.is_trailers() {
+            // Nothing may follow trailers.
+            self.may_cut = false;
+        }
+        Flow::Continue
+    }
+
+    #[inline]
     fn error(&mut self, error: E) -> E {
         error
     }
@@ -220,6 +249,9 @@ impl<E> Tap<http_body::Frame<bytes::Bytes>, E> for DrainCut {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, E>>> {
+        if !self.may_cut {
+            return Poll::Pending;
+        }
         let shared = &self.in_flight.shared;
         let wait = self
             .cancelled
