@@ -298,3 +298,74 @@ async fn an_error_event_over_the_cap_is_still_a_failure() {
     );
     assert_eq!(stack.breaker().snapshot().consecutive_failures, 1);
 }
+
+/// A stack whose breaker opens after 3 consecutive failures.
+fn touchy() -> LlmStack {
+    LlmStack::openai(Tier {
+        requests_per_minute: 500,
+        tokens_per_minute: 30_000,
+    })
+    .breaker(
+        semaforo::breaker::Breaker::builder()
+            .consecutive_failures(3)
+            .build()
+            .unwrap(),
+    )
+    .build()
+    .unwrap()
+}
+
+/// A failure found mid-stream counts by its class: a content-policy error is
+/// the request's fault (`Permanent`) and never trips the breaker; a server
+/// error does.
+#[tokio::test(start_paused = true)]
+async fn a_mid_stream_failure_counts_by_its_class() {
+    use semaforo::breaker::BreakerState;
+    static POLICY: &[&[u8]] = &[
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"ho\"}}]}\n\n",
+        b"event: error\ndata: {\"error\":{\"type\":\"invalid_request_error\",\"code\":\"content_filter\",\"message\":\"blocked by the content policy\"}}\n\n",
+    ];
+    static SERVER: &[&[u8]] = &[
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"ho\"}}]}\n\n",
+        b"event: error\ndata: {\"error\":{\"type\":\"server_error\",\"message\":\"boom\"}}\n\n",
+    ];
+    let stack = touchy();
+    for _ in 0..5 {
+        assert!(stream_through(&stack, POLICY).await.is_some());
+    }
+    assert_eq!(stack.breaker().state(), BreakerState::Closed);
+    for _ in 0..3 {
+        assert!(stream_through(&stack, SERVER).await.is_some());
+    }
+    assert_eq!(stack.breaker().state(), BreakerState::Open);
+}
+
+/// A reader that stops at the frame carrying the error event (SDKs raise,
+/// then close) still has the failure counted.
+#[tokio::test(start_paused = true)]
+async fn a_failure_counts_when_the_reader_lets_go_at_the_error_event() {
+    use semaforo::breaker::BreakerState;
+    static SERVER: &[&[u8]] = &[
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"ho\"}}]}\n\n",
+        b"event: error\ndata: {\"error\":{\"type\":\"server_error\",\"message\":\"boom\"}}\n\n",
+        b"data: [DONE]\n\n",
+    ];
+    let stack = touchy();
+    for _ in 0..3 {
+        let svc = ServiceBuilder::new()
+            .layer(stack.stream_layer())
+            .service(client(SERVER));
+        let mut body = svc.oneshot(request()).await.unwrap().into_body();
+        loop {
+            let frame = body.frame().await.unwrap().unwrap();
+            if frame
+                .data_ref()
+                .is_some_and(|d| d.starts_with(b"event: error"))
+            {
+                break;
+            }
+        }
+        drop(body);
+    }
+    assert_eq!(stack.breaker().state(), BreakerState::Open);
+}

@@ -216,6 +216,9 @@ impl Drop for Call {
 pub struct BreakerOutcome {
     call: Option<Call>,
     class: Class,
+    /// A failure a reader of the body found (see
+    /// [`BodyFailure`](crate::classify::BodyFailure)).
+    failure: Option<crate::classify::BodyFailure>,
 }
 
 impl fmt::Debug for BreakerOutcome {
@@ -231,6 +234,12 @@ impl Guard for BreakerOutcome {
     #[inline]
     fn finish(mut self, end: StreamEnd) {
         if let Some(call) = self.call.take() {
+            // A failure found in the body counts by its class, also when the
+            // reader let go at it.
+            if let Some(class) = self.failure.as_ref().and_then(|f| f.get()) {
+                call.record(&class);
+                return;
+            }
             match end {
                 StreamEnd::Completed => call.record(&self.class),
                 StreamEnd::Failed => call.record(&Class::Transient),
@@ -285,12 +294,20 @@ where
                         // A failed response is over now; a good one may still stream.
                         let call = call.take();
                         let outcome = if class.is_success() {
-                            BreakerOutcome { call, class }
+                            BreakerOutcome {
+                                call,
+                                class,
+                                failure: R::body_failure(&res),
+                            }
                         } else {
                             if let Some(c) = call {
                                 c.record(&class);
                             }
-                            BreakerOutcome { call: None, class }
+                            BreakerOutcome {
+                                call: None,
+                                class,
+                                failure: None,
+                            }
                         };
                         Ok(R::hold(res, outcome))
                     }

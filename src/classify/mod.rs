@@ -339,6 +339,45 @@ as_error_ref_self!(
 #[cfg(feature = "http")]
 as_error_ref_self!(::http::Error);
 
+/// Where a reader of a streamed body leaves the class of a failure it found
+/// in the body after a successful status (an SSE `event: error` after a
+/// `200`), for the layers that record the call when the body is over (the
+/// breaker's `record_on_body_end`): the failure counts by its class — a
+/// content-policy error is `Permanent` and never trips a breaker — and
+/// counts also when the reader lets go of the body at the error, before
+/// the body's own error reaches it. Cheap to clone; clones share the slot.
+/// The LLM preset's SSE reader puts one in the response's extensions.
+///
+/// ```
+/// use semaforo::classify::{BodyFailure, Class};
+/// let seen = BodyFailure::new();
+/// assert_eq!(seen.get(), None);
+/// seen.clone().set(Class::Transient);
+/// assert_eq!(seen.get(), Some(Class::Transient));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct BodyFailure(std::sync::Arc<std::sync::Mutex<Option<Class>>>);
+
+impl BodyFailure {
+    /// An empty slot.
+    pub fn new() -> Self {
+        BodyFailure::default()
+    }
+
+    /// Records the failure's class (the first one set stays: a body fails once).
+    pub fn set(&self, class: Class) {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(class);
+        }
+    }
+
+    /// The class of the failure found, if any.
+    pub fn get(&self) -> Option<Class> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Classifies an error by walking its `source()` chain.
 ///
 /// - [`RetryAfterTooLong`](crate::error::RetryAfterTooLong) → `Throttled` with its wait.

@@ -89,6 +89,12 @@ pub trait Hold<Res>: crate::sealed::Sealed {
     type Response<G: Guard>;
     /// Attaches `guard` to `res` (or finishes it at once).
     fn hold<G: Guard>(res: Res, guard: G) -> Self::Response<G>;
+    /// Where a reader of the body leaves a failure it finds in it (the
+    /// response's [`BodyFailure`](crate::classify::BodyFailure) extension).
+    #[inline]
+    fn body_failure(_res: &Res) -> Option<crate::classify::BodyFailure> {
+        None
+    }
 }
 
 /// Finish the guard when the response arrives (the default).
@@ -138,6 +144,10 @@ impl<B: http_body::Body> Hold<http::Response<B>> for OnBodyEnd {
 
     fn hold<G: Guard>(res: http::Response<B>, guard: G) -> Self::Response<G> {
         res.map(|body| Tapped::body(body, guard))
+    }
+
+    fn body_failure(res: &http::Response<B>) -> Option<crate::classify::BodyFailure> {
+        res.extensions().get().cloned()
     }
 }
 

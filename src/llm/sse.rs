@@ -26,7 +26,7 @@
 //! against the spec's examples and by proptest (`tests/sse.rs`).
 
 use super::cost::Payload;
-use crate::classify::{Class, LlmClassifier};
+use crate::classify::{BodyFailure, Class, LlmClassifier};
 use crate::error::BoxError;
 use crate::guard::{Flow, Tap, Tapped};
 use crate::pace::UsageCell;
@@ -328,6 +328,8 @@ fn inspect(ev: SseEvent<'_>, usage: &mut Payload<'static>) -> Option<StreamFaile
 pub struct SseScan {
     parser: SseParser,
     usage: UsageCell,
+    /// Where the failure found is left for the breaker.
+    failure: BodyFailure,
     /// The usage reported so far: OpenAI's and Gemini's totals, Anthropic's
     /// input (`message_start`) and output (the last `message_delta`).
     seen: Payload<'static>,
@@ -361,6 +363,7 @@ impl<E: Into<BoxError>> Tap<http_body::Frame<Bytes>, E> for SseScan {
         }
         match failed {
             Some(f) => {
+                self.failure.set(f.class);
                 self.failed = Some(f);
                 Flow::End
             }
@@ -379,7 +382,7 @@ impl<E: Into<BoxError>> Tap<http_body::Frame<Bytes>, E> for SseScan {
 }
 
 /// A tower layer adapter that taps every response body with an [`SseScan`]
-/// and puts its [`UsageCell`] in the response's extensions.
+/// and puts a [`BodyFailure`] and its [`UsageCell`] in the response's extensions.
 #[derive(Debug, Clone)]
 pub struct SseWatch<S> {
     inner: S,
@@ -432,13 +435,16 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut res = ready!(self.project().fut.poll(cx))?;
         let usage = UsageCell::new();
+        let failure = BodyFailure::new();
         res.extensions_mut().insert(usage.clone());
+        res.extensions_mut().insert(failure.clone());
         Poll::Ready(Ok(res.map(|inner| {
             Tapped::body(
                 inner,
                 SseScan {
                     parser: SseParser::new(),
                     usage,
+                    failure,
                     seen: Payload::default(),
                     failed: None,
                 },
