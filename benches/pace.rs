@@ -6,7 +6,20 @@ use common::once;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use governor::{Quota, RateLimiter};
-use semaforo::pace::{Cost, Pace};
+use semaforo::pace::{Cost, KeyedPace, Pace, PaceKey};
+use std::borrow::Cow;
+
+const MODELS: [&str; 3] = ["gpt-4o", "gpt-4o-mini", "o3-mini"];
+
+/// The model of a request: given, not parsed.
+#[derive(Clone, Copy)]
+struct Model;
+
+impl PaceKey<u64> for Model {
+    fn key<'a>(&self, req: &'a u64) -> Option<Cow<'a, str>> {
+        Some(Cow::Borrowed(MODELS[(*req % 3) as usize]))
+    }
+}
 use std::convert::Infallible;
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -55,6 +68,35 @@ fn reserve(c: &mut Criterion) {
     g.bench_function("semaforo Pace layer (RPM + TPM, call included)", |b| {
         b.iter(|| once(&mut s, black_box(1)))
     });
+
+    // The same limits per model, three models; the key is given (a static
+    // name), not parsed from a body.
+    let per_model = || {
+        Pace::builder()
+            .requests_per_minute(u32::MAX as u64 * 60)
+            .tokens_per_minute(u32::MAX as u64 * 60)
+    };
+    let keyed = KeyedPace::builder(per_model())
+        .key(MODELS[0], per_model())
+        .key(MODELS[1], per_model())
+        .key(MODELS[2], per_model())
+        .build()
+        .unwrap();
+    let mut k = ServiceBuilder::new()
+        .layer(keyed.layer().key(Model).weigh(|_: &u64| Cost::tokens(7)))
+        .service(service_fn(|x: u64| {
+            std::future::ready(Ok::<_, Infallible>(x))
+        }));
+    let mut i = 0u64;
+    g.bench_function(
+        "semaforo KeyedPace layer (3 models, RPM + TPM each, call included)",
+        |b| {
+            b.iter(|| {
+                i = i.wrapping_add(1);
+                once(&mut k, black_box(i))
+            })
+        },
+    );
     g.finish();
 }
 

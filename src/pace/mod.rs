@@ -59,8 +59,11 @@
 //! # Ok(()) }
 //! ```
 
+mod keyed;
 mod service;
 mod state;
+
+pub use keyed::{KeyedPace, KeyedPaceBuilder, KeyedPaceLayer, KeyedPaceService, NoKey, PaceKey};
 
 pub use service::{
     AtResponse, Deliver, NoObserve, Observe, Observed, OneRequest, PaceLayer, PaceService, Pending,
@@ -407,6 +410,10 @@ impl PaceBuilder {
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into());
         self
+    }
+
+    pub(crate) fn has_name(&self) -> bool {
+        self.name.is_some()
     }
 
     /// Calls `f` for each of this pacer's events (queued, admitted after a

@@ -345,55 +345,78 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let cost = self.weigh.weigh(&req);
-        let now = Instant::now();
-        let decision = self.shared.admit(&cost, now);
-        let state = match decision {
-            Admit::Now => State::Calling {
-                fut: self.inner.call(req),
-            },
-            Admit::Queued(slot, seq) => self.waiting(slot, seq, req),
-            Admit::Rejected(r) => {
-                self.shared.obs.rejected(&r);
-                State::Rejected {
-                    rejected: Some(Box::new(r)),
-                }
-            }
-        };
-        ResponseFuture {
-            state,
-            shared: self.shared.clone(),
-            sent: now,
+        call_through(
+            self.shared.clone(),
+            &mut self.inner,
             cost,
-            observe: self.observe.clone(),
-            classify: self.classify.clone(),
-            deliver: self.deliver.clone(),
-        }
+            req,
+            self.observe.clone(),
+            self.classify.clone(),
+            self.deliver.clone(),
+        )
     }
 }
 
-impl<S: Clone, W, O, C, D> PaceService<S, W, O, C, D> {
-    /// A place in line (out of line, so the reserve-and-go `call` stays small).
-    #[inline(never)]
-    fn waiting<Req>(&mut self, slot: u32, seq: u64, req: Req) -> State<S, Req>
-    where
-        S: Service<Req>,
-    {
-        // A waiter must not hold the inner service's readiness: the service
-        // polled ready stays for the next caller, and this call carries a fresh
-        // clone that it polls ready once its turn has come.
-        let svc = self.inner.clone();
-        State::Waiting {
-            waiting: Some(Box::new(Waiting {
-                span: self.shared.obs.span("pace", "wait"),
-                since: Instant::now(),
-                admitted: false,
-                slot,
-                seq,
-                svc,
-                req: Some(req),
-                sleep: None,
-            })),
+/// Admits (or refuses) one call of `cost` through the pacer `shared` and
+/// calls `inner` — the one call path of the single and the keyed pacer.
+#[inline]
+pub(crate) fn call_through<S, Req, O, C, D>(
+    shared: Arc<Shared>,
+    inner: &mut S,
+    cost: Cost,
+    req: Req,
+    observe: O,
+    classify: C,
+    deliver: D,
+) -> ResponseFuture<S, Req, O, C, D>
+where
+    S: Service<Req> + Clone,
+{
+    let now = Instant::now();
+    let state = match shared.admit(&cost, now) {
+        Admit::Now => State::Calling {
+            fut: inner.call(req),
+        },
+        Admit::Queued(slot, seq) => waiting(&shared, inner, slot, seq, req),
+        Admit::Rejected(r) => {
+            shared.obs.rejected(&r);
+            State::Rejected {
+                rejected: Some(Box::new(r)),
+            }
         }
+    };
+    ResponseFuture {
+        state,
+        shared,
+        sent: now,
+        cost,
+        observe,
+        classify,
+        deliver,
+    }
+}
+
+/// A place in line (out of line, so the reserve-and-go path stays small).
+#[inline(never)]
+fn waiting<S, Req>(shared: &Shared, inner: &S, slot: u32, seq: u64, req: Req) -> State<S, Req>
+where
+    S: Service<Req> + Clone,
+{
+    // A waiter must not hold the inner service's readiness: the service
+    // polled ready stays for the next caller, and this call carries a fresh
+    // clone that it polls ready once its turn has come.
+    let svc = inner.clone();
+    State::Waiting {
+        waiting: Some(Box::new(Waiting {
+            span: shared.obs.span("pace", "wait"),
+            since: Instant::now(),
+            admitted: false,
+            slot,
+            seq,
+            svc,
+            req: Some(req),
+            sleep: None,
+        })),
     }
 }
 

@@ -1,0 +1,448 @@
+//! One pacer per key — a model, a deployment — given per key or built from a
+//! template, behind one layer.
+//!
+//! Providers limit each model on its own: one API key, three models, three
+//! budgets. A [`KeyedPace`] keeps one [`Pace`] per key, read from each request
+//! by a [`PaceKey`], so a model at its limit makes only its own callers wait.
+//! A limit the models share (an org-wide TPM) is a plain [`Pace`] layered
+//! below this one: a call reserves on its model's pacer, then on the shared
+//! one (the model first, so a call waiting for its model holds none of the
+//! shared budget).
+//!
+//! ```
+//! use semaforo::pace::{Cost, KeyedPace, Pace};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), semaforo::BoxError> {
+//! // 10,000 tokens a minute for each model not named, 30,000 for gpt-4o,
+//! // and 50,000 a minute for all of them together.
+//! let models = KeyedPace::builder(Pace::builder().tokens_per_minute(10_000))
+//!     .key("gpt-4o", Pace::builder().tokens_per_minute(30_000))
+//!     .build()?;
+//! let org = Pace::builder().tokens_per_minute(50_000).build()?;
+//! let llm = ServiceBuilder::new()
+//!     .layer(
+//!         models
+//!             .layer()
+//!             .key(|(model, _): &(&'static str, u64)| Some(model.to_string()))
+//!             .weigh(|(_, tokens): &(&'static str, u64)| Cost::tokens(*tokens)),
+//!     )
+//!     .layer(org.layer().weigh(|(_, tokens): &(&'static str, u64)| Cost::tokens(*tokens)))
+//!     .service(service_fn(|(_, n): (&'static str, u64)| async move { Ok::<_, std::io::Error>(n) }));
+//! assert_eq!(llm.clone().oneshot(("gpt-4o", 25_000)).await?, 25_000);
+//! assert_eq!(models.keys(), vec!["gpt-4o".to_string()]);
+//! # Ok(()) }
+//! ```
+
+use super::service::{call_through, AtResponse, NoObserve, OneRequest, ResponseFuture};
+use super::{Deliver, Observe, Pace, PaceBuilder, Shared, Weigh};
+use crate::classify::Classify;
+use crate::error::{BoxError, ConfigError};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// Reads the key of a request (its model). Implemented for every
+/// `Fn(&Req) -> Option<String>`; `None` (no key) is paced by the overflow
+/// pacer (see [`KeyedPaceBuilder::max_keys`]).
+pub trait PaceKey<Req> {
+    /// The key of `req`, borrowed from it where it can be.
+    fn key<'a>(&self, req: &'a Req) -> Option<Cow<'a, str>>;
+}
+
+impl<Req, F: Fn(&Req) -> Option<String>> PaceKey<Req> for F {
+    #[inline]
+    fn key<'a>(&self, req: &'a Req) -> Option<Cow<'a, str>> {
+        self(req).map(Cow::Owned)
+    }
+}
+
+/// No key: every request is paced by the overflow pacer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoKey;
+
+impl<Req> PaceKey<Req> for NoKey {
+    #[inline]
+    fn key<'a>(&self, _req: &'a Req) -> Option<Cow<'a, str>> {
+        None
+    }
+}
+
+/// One [`Pace`] per key; cheap to clone, clones share the pacers.
+#[derive(Clone)]
+pub struct KeyedPace {
+    inner: Arc<Keyed>,
+}
+
+struct Keyed {
+    name: Option<Arc<str>>,
+    /// Given per key at build time.
+    given: HashMap<String, Pace>,
+    /// Built from the template on first use.
+    built: Mutex<HashMap<String, Pace>>,
+    template: PaceBuilder,
+    max_keys: usize,
+    /// Requests without a key, and keys past `max_keys`.
+    overflow: Pace,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl fmt::Debug for KeyedPace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedPace")
+            .field("name", &self.inner.name)
+            .field("keys", &self.keys())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builder for [`KeyedPace`]; [`build`](Self::build) validates it.
+#[derive(Debug, Clone)]
+#[must_use = "call .build() to get a KeyedPace"]
+pub struct KeyedPaceBuilder {
+    name: Option<Arc<str>>,
+    template: PaceBuilder,
+    given: Vec<(String, PaceBuilder)>,
+    max_keys: usize,
+}
+
+/// How many keys a [`KeyedPace`] builds from its template, by default.
+const DEFAULT_MAX_KEYS: usize = 1_024;
+
+impl KeyedPaceBuilder {
+    /// Names the keyed pacer in errors (each key's pacer is named
+    /// `name/key`, unless its builder has a name).
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The pacer of `key` (a model with limits of its own).
+    pub fn key(mut self, key: impl Into<String>, pace: PaceBuilder) -> Self {
+        self.given.push((key.into(), pace));
+        self
+    }
+
+    /// How many keys not given get a pacer of their own from the template
+    /// (default 1,024); the keys past it, and requests without a key, share
+    /// one more pacer built from the template. Memory stays bounded whatever
+    /// keys the requests carry.
+    pub fn max_keys(mut self, n: usize) -> Self {
+        self.max_keys = n;
+        self
+    }
+
+    /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// The [`ConfigError`] of the template's or a key's pacer builder, or
+    /// `key` when a key is given twice.
+    pub fn build(self) -> Result<KeyedPace, ConfigError> {
+        let named = |b: PaceBuilder, key: &str| match (&self.name, b.has_name()) {
+            (Some(n), false) => b.name(format!("{n}/{key}")),
+            _ => b,
+        };
+        let overflow = named(self.template.clone(), "*").build()?;
+        let mut given = HashMap::with_capacity(self.given.len());
+        for (key, b) in self.given {
+            let pace = named(b, &key).build()?;
+            if given.insert(key.clone(), pace).is_some() {
+                return Err(ConfigError::new(
+                    "keyed pace",
+                    "key",
+                    format!("'{key}' is given twice"),
+                ));
+            }
+        }
+        Ok(KeyedPace {
+            inner: Arc::new(Keyed {
+                name: self.name,
+                given,
+                built: Mutex::new(HashMap::new()),
+                template: self.template,
+                max_keys: self.max_keys,
+                overflow,
+                closed: std::sync::atomic::AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+impl KeyedPace {
+    /// A keyed pacer whose keys not given are paced by a pacer built from
+    /// `template`.
+    pub fn builder(template: PaceBuilder) -> KeyedPaceBuilder {
+        KeyedPaceBuilder {
+            name: None,
+            template,
+            given: Vec::new(),
+            max_keys: DEFAULT_MAX_KEYS,
+        }
+    }
+
+    /// The name given to the builder.
+    pub fn name(&self) -> Option<&str> {
+        self.inner.name.as_deref()
+    }
+
+    /// The pacer of `key` (built from the template on first use; `None` and
+    /// keys past `max_keys`: the overflow pacer).
+    pub fn get(&self, key: Option<&str>) -> Pace {
+        self.pick(key)
+    }
+
+    /// The keys with a pacer of their own, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.inner.given.keys().cloned().collect();
+        keys.extend(self.built().keys().cloned());
+        keys.sort();
+        keys
+    }
+
+    /// A layer pacing every request by the pacer of its key; set the key with
+    /// [`KeyedPaceLayer::key`] and the cost with [`KeyedPaceLayer::weigh`].
+    pub fn layer(&self) -> KeyedPaceLayer {
+        KeyedPaceLayer {
+            keyed: self.clone(),
+            key: NoKey,
+            weigh: OneRequest,
+            observe: NoObserve,
+            classify: crate::classify::ErrorClassifier,
+            deliver: AtResponse,
+        }
+    }
+
+    fn built(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pace>> {
+        self.inner.built.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pick(&self, key: Option<&str>) -> Pace {
+        let Some(key) = key else {
+            return self.inner.overflow.clone();
+        };
+        if let Some(p) = self.inner.given.get(key) {
+            return p.clone();
+        }
+        let mut built = self.built();
+        if let Some(p) = built.get(key) {
+            return p.clone();
+        }
+        if built.len() >= self.inner.max_keys {
+            return self.inner.overflow.clone();
+        }
+        let b = match (&self.inner.name, self.inner.template.has_name()) {
+            (Some(n), false) => self.inner.template.clone().name(format!("{n}/{key}")),
+            _ => self.inner.template.clone(),
+        };
+        // The template was built once already (the overflow pacer): it builds.
+        let Ok(pace) = b.build() else {
+            return self.inner.overflow.clone();
+        };
+        if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+            pace.close();
+        }
+        built.insert(key.to_owned(), pace.clone());
+        pace
+    }
+
+    fn shared_for(&self, key: Option<&str>) -> Arc<Shared> {
+        self.pick(key).shared
+    }
+}
+
+impl crate::close::Close for KeyedPace {
+    /// Closes every key's pacer (and the ones built later); returns how many
+    /// waiters were released.
+    fn close(&self) -> u64 {
+        // Set first: a pacer built from now on is closed when built.
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let mut released = self.inner.overflow.close();
+        for p in self.inner.given.values() {
+            released = released.saturating_add(p.close());
+        }
+        let built: Vec<Pace> = self.built().values().cloned().collect();
+        for p in built {
+            released = released.saturating_add(p.close());
+        }
+        released
+    }
+}
+
+/// The tower [`Layer`] of a [`KeyedPace`]: the same adapters as
+/// [`PaceLayer`](super::PaceLayer), and [`key`](Self::key).
+#[derive(Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
+pub struct KeyedPaceLayer<
+    K = NoKey,
+    W = OneRequest,
+    O = NoObserve,
+    C = crate::classify::ErrorClassifier,
+    D = AtResponse,
+> {
+    keyed: KeyedPace,
+    key: K,
+    weigh: W,
+    observe: O,
+    classify: C,
+    deliver: D,
+}
+
+impl<K, W, O, C, D> fmt::Debug for KeyedPaceLayer<K, W, O, C, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedPaceLayer")
+            .field("name", &self.keyed.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, W, O, C, D> KeyedPaceLayer<K, W, O, C, D> {
+    /// How the key (the model) is read from each request.
+    pub fn key<K2>(self, key: K2) -> KeyedPaceLayer<K2, W, O, C, D> {
+        KeyedPaceLayer {
+            keyed: self.keyed,
+            key,
+            weigh: self.weigh,
+            observe: self.observe,
+            classify: self.classify,
+            deliver: self.deliver,
+        }
+    }
+
+    /// How much each request costs (see [`PaceLayer::weigh`](super::PaceLayer::weigh)).
+    pub fn weigh<W2>(self, weigh: W2) -> KeyedPaceLayer<K, W2, O, C, D> {
+        KeyedPaceLayer {
+            keyed: self.keyed,
+            key: self.key,
+            weigh,
+            observe: self.observe,
+            classify: self.classify,
+            deliver: self.deliver,
+        }
+    }
+
+    /// What each response says (see [`PaceLayer::observe`](super::PaceLayer::observe)).
+    pub fn observe<O2>(self, observe: O2) -> KeyedPaceLayer<K, W, O2, C, D> {
+        KeyedPaceLayer {
+            keyed: self.keyed,
+            key: self.key,
+            weigh: self.weigh,
+            observe,
+            classify: self.classify,
+            deliver: self.deliver,
+        }
+    }
+
+    /// How results are classified (see [`PaceLayer::classify`](super::PaceLayer::classify)).
+    pub fn classify<C2>(self, classify: C2) -> KeyedPaceLayer<K, W, O, C2, D> {
+        KeyedPaceLayer {
+            keyed: self.keyed,
+            key: self.key,
+            weigh: self.weigh,
+            observe: self.observe,
+            classify,
+            deliver: self.deliver,
+        }
+    }
+
+    /// How the response is handed back (see [`PaceLayer::deliver`](super::PaceLayer::deliver)).
+    pub fn deliver<D2>(self, deliver: D2) -> KeyedPaceLayer<K, W, O, C, D2> {
+        KeyedPaceLayer {
+            keyed: self.keyed,
+            key: self.key,
+            weigh: self.weigh,
+            observe: self.observe,
+            classify: self.classify,
+            deliver,
+        }
+    }
+}
+
+impl<S, K: Clone, W: Clone, O: Clone, C: Clone, D: Clone> Layer<S>
+    for KeyedPaceLayer<K, W, O, C, D>
+{
+    type Service = KeyedPaceService<S, K, W, O, C, D>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeyedPaceService {
+            inner,
+            keyed: self.keyed.clone(),
+            key: self.key.clone(),
+            weigh: self.weigh.clone(),
+            observe: self.observe.clone(),
+            classify: self.classify.clone(),
+            deliver: self.deliver.clone(),
+        }
+    }
+}
+
+/// The service of a [`KeyedPaceLayer`]; its future is the pacer's own
+/// [`ResponseFuture`] (the same waiting, cancel safety and learning).
+#[derive(Clone)]
+pub struct KeyedPaceService<
+    S,
+    K = NoKey,
+    W = OneRequest,
+    O = NoObserve,
+    C = crate::classify::ErrorClassifier,
+    D = AtResponse,
+> {
+    inner: S,
+    keyed: KeyedPace,
+    key: K,
+    weigh: W,
+    observe: O,
+    classify: C,
+    deliver: D,
+}
+
+impl<S: fmt::Debug, K, W, O, C, D> fmt::Debug for KeyedPaceService<S, K, W, O, C, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedPaceService")
+            .field("inner", &self.inner)
+            .field("name", &self.keyed.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K, W, O, C, D, Req> Service<Req> for KeyedPaceService<S, K, W, O, C, D>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    K: PaceKey<Req>,
+    W: Weigh<Req>,
+    O: Observe<S::Response> + Clone,
+    C: Classify<S::Response, S::Error> + Clone,
+    D: Deliver<S::Response> + Clone,
+{
+    type Response = D::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, O, C, D>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let shared = self.keyed.shared_for(self.key.key(&req).as_deref());
+        let cost = self.weigh.weigh(&req);
+        call_through(
+            shared,
+            &mut self.inner,
+            cost,
+            req,
+            self.observe.clone(),
+            self.classify.clone(),
+            self.deliver.clone(),
+        )
+    }
+}
+
+crate::inner_access!([S, K, W, O, C, D] KeyedPaceService<S, K, W, O, C, D>);

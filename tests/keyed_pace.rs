@@ -1,0 +1,243 @@
+//! One pacer per model behind one layer, with a limit the models share:
+//! each model paced by its own budget, the sum by the shared one, and a model
+//! at its limit holding back no other model (tokio time, paused).
+
+use proptest::prelude::*;
+use semaforo::pace::{Cost, KeyedPace, Pace, PaceBuilder};
+use semaforo::shutdown::Close;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+type Call = (String, u64);
+type Log = Arc<Mutex<Vec<(String, Instant, u64)>>>;
+
+fn tpm(n: u64) -> PaceBuilder {
+    Pace::builder().tokens_per_minute(n)
+}
+
+/// The keyed pacer over the shared one over a service that logs each start.
+fn stack(
+    models: &KeyedPace,
+    shared: &Pace,
+    log: &Log,
+) -> impl Service<Call, Response = (), Error = semaforo::BoxError, Future = impl Send> + Clone + Send
+{
+    let log = log.clone();
+    ServiceBuilder::new()
+        .layer(
+            models
+                .layer()
+                .key(|(m, _): &Call| Some(m.clone()))
+                .weigh(|(_, t): &Call| Cost::tokens(*t)),
+        )
+        .layer(shared.layer().weigh(|(_, t): &Call| Cost::tokens(*t)))
+        .service(tower::service_fn(move |(m, t): Call| {
+            log.lock().unwrap().push((m, Instant::now(), t));
+            async { Ok::<_, std::io::Error>(()) }
+        }))
+}
+
+/// Every window of the log within `rate·W + burst`, for the calls `pick` selects.
+fn within(
+    log: &[(String, Instant, u64)],
+    pick: impl Fn(&str) -> bool,
+    per_minute: u64,
+    burst: u64,
+) -> Result<(), String> {
+    let calls: Vec<_> = log.iter().filter(|c| pick(&c.0)).collect();
+    let rate = per_minute as f64 / 60.0;
+    for i in 0..calls.len() {
+        let mut sum = 0.0;
+        for c in &calls[i..] {
+            sum += c.2 as f64;
+            let w = (c.1 - calls[i].1).as_secs_f64() + 1e-6;
+            if sum > rate * w + burst as f64 + 1e-6 {
+                return Err(format!(
+                    "{sum} tokens in {w} s (rate {per_minute}/min, burst {burst})"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_models_each_paced_by_its_own_budget_and_all_by_the_shared_one() {
+    let models = KeyedPace::builder(tpm(5_000))
+        .name("openai")
+        .key("gpt-4o", tpm(10_000))
+        .key("gpt-4o-mini", tpm(20_000))
+        .build()
+        .unwrap();
+    let shared = tpm(25_000).build().unwrap();
+    let log: Log = Arc::default();
+    let svc = stack(&models, &shared, &log);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for m in ["gpt-4o", "gpt-4o-mini", "o3-mini"] {
+        for _ in 0..20 {
+            let svc = svc.clone();
+            tasks.push(tokio::spawn(svc.oneshot((m.to_string(), 1_000))));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 60);
+    within(&log, |m| m == "gpt-4o", 10_000, 10_000).unwrap();
+    within(&log, |m| m == "gpt-4o-mini", 20_000, 20_000).unwrap();
+    within(&log, |m| m == "o3-mini", 5_000, 5_000).unwrap();
+    within(&log, |_| true, 25_000, 25_000).unwrap();
+    // The model not named got a pacer of its own from the template.
+    assert_eq!(models.keys(), ["gpt-4o", "gpt-4o-mini", "o3-mini"]);
+    assert_eq!(models.get(Some("o3-mini")).name(), Some("openai/o3-mini"));
+    // 60,000 tokens against 25,000 a minute shared: at least 84 s.
+    let last = log.iter().map(|c| c.1).max().unwrap() - t0;
+    assert!(last >= Duration::from_secs(84), "{last:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_at_its_limit_holds_back_no_other_model() {
+    let models = KeyedPace::builder(tpm(10_000)).build().unwrap();
+    let shared = tpm(1_000_000).build().unwrap();
+    let log: Log = Arc::default();
+    let svc = stack(&models, &shared, &log);
+    // 100 calls of a busy model: minutes of backlog in its line.
+    let busy: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(svc.clone().oneshot(("busy".to_string(), 1_000))))
+        .collect();
+    tokio::task::yield_now().await;
+    let t0 = Instant::now();
+    for _ in 0..5 {
+        svc.clone()
+            .oneshot(("quiet".to_string(), 1_000))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        t0.elapsed(),
+        Duration::ZERO,
+        "the quiet model waited for the busy one"
+    );
+    for t in busy {
+        t.abort();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn keys_past_max_keys_and_requests_without_a_key_share_the_overflow_pacer() {
+    let models = KeyedPace::builder(tpm(1_000)).max_keys(2).build().unwrap();
+    for k in ["a", "b", "c", "d"] {
+        let p = models.get(Some(k));
+        p.snapshot();
+    }
+    assert_eq!(models.keys(), ["a", "b"]);
+    // "c", "d" and no key: one pacer. Spending it through one spends it for all.
+    let log: Log = Arc::default();
+    let shared = tpm(1_000_000).build().unwrap();
+    let svc = stack(&models, &shared, &log);
+    svc.clone().oneshot(("c".to_string(), 1_000)).await.unwrap();
+    let t0 = Instant::now();
+    svc.clone().oneshot(("d".to_string(), 1_000)).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(60));
+    assert!(models.get(None).snapshot().dims[0].available < 1.0);
+    // A key of its own is not touched.
+    let t0 = Instant::now();
+    svc.oneshot(("a".to_string(), 1_000)).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_closes_every_key_and_the_ones_built_after() {
+    let models = KeyedPace::builder(tpm(1_000))
+        .key("given", tpm(1_000))
+        .build()
+        .unwrap();
+    let shared = tpm(1_000_000).build().unwrap();
+    let log: Log = Arc::default();
+    let svc = stack(&models, &shared, &log);
+    // One call spends each bucket; the next of each waits in its line.
+    for m in ["given", "built"] {
+        svc.clone().oneshot((m.to_string(), 1_000)).await.unwrap();
+    }
+    let waiting: Vec<_> = ["given", "built"]
+        .map(|m| tokio::spawn(svc.clone().oneshot((m.to_string(), 1_000))))
+        .into();
+    tokio::task::yield_now().await;
+    assert_eq!(models.close(), 2);
+    for t in waiting {
+        let e = t.await.unwrap().unwrap_err();
+        assert_eq!(
+            semaforo::Rejected::from_box(&e).unwrap().kind(),
+            semaforo::RejectKind::ShuttingDown
+        );
+    }
+    // A model first seen after the close is refused too.
+    let e = svc.oneshot(("late".to_string(), 1)).await.unwrap_err();
+    assert_eq!(
+        semaforo::Rejected::from_box(&e).unwrap().kind(),
+        semaforo::RejectKind::ShuttingDown
+    );
+    assert_eq!(models.close(), 0, "a second close releases nobody");
+}
+
+#[test]
+fn bad_configuration_is_an_error() {
+    let twice = KeyedPace::builder(tpm(1_000))
+        .key("m", tpm(10))
+        .key("m", tpm(20))
+        .build();
+    assert!(twice.is_err());
+    assert!(
+        KeyedPace::builder(Pace::builder()).build().is_err(),
+        "a template without limits"
+    );
+    assert!(KeyedPace::builder(tpm(1_000))
+        .key("m", tpm(0))
+        .build()
+        .is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Whatever the keys, costs and arrivals: each key's calls within its
+    /// budget, all calls within the shared one.
+    #[test]
+    fn every_key_and_the_sum_stay_within_rate_and_burst(
+        calls in prop::collection::vec((0usize..4, 0u64..20_000, 1u64..3_000), 1..50),
+        per_key in 3_000u64..10_000,
+        shared_tpm in 3_000u64..20_000,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        rt.block_on(async move {
+            let models = KeyedPace::builder(tpm(per_key)).max_keys(3).build().unwrap();
+            let shared = tpm(shared_tpm).build().unwrap();
+            let log: Log = Arc::default();
+            let svc = stack(&models, &shared, &log);
+            let mut calls = calls;
+            calls.sort_by_key(|c| c.1);
+            let t0 = Instant::now();
+            let mut tasks = Vec::new();
+            for (k, at, tokens) in calls.iter().copied() {
+                tokio::time::sleep_until(t0 + Duration::from_millis(at)).await;
+                tasks.push(tokio::spawn(svc.clone().oneshot((format!("m{k}"), tokens))));
+            }
+            for t in tasks {
+                t.await.unwrap().unwrap();
+            }
+            let log = log.lock().unwrap().clone();
+            prop_assert_eq!(log.len(), calls.len());
+            // m0..m2 have pacers of their own; m3 is past max_keys (overflow).
+            for k in 0..4 {
+                let key = format!("m{k}");
+                within(&log, |m| m == key, per_key, per_key).map_err(TestCaseError::fail)?;
+            }
+            within(&log, |_| true, shared_tpm, shared_tpm).map_err(TestCaseError::fail)?;
+            Ok(())
+        })?;
+    }
+}
