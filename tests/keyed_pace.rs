@@ -17,10 +17,9 @@ fn tpm(n: u64) -> PaceBuilder {
     Pace::builder().tokens_per_minute(n)
 }
 
-/// The keyed pacer over the shared one over a service that logs each start.
+/// The keyed pacer over a service that logs each start.
 fn stack(
     models: &KeyedPace,
-    shared: &Pace,
     log: &Log,
 ) -> impl Service<Call, Response = (), Error = semaforo::BoxError, Future = impl Send> + Clone + Send
 {
@@ -32,7 +31,6 @@ fn stack(
                 .key(|(m, _): &Call| Some(m.clone()))
                 .weigh(|(_, t): &Call| Cost::tokens(*t)),
         )
-        .layer(shared.layer().weigh(|(_, t): &Call| Cost::tokens(*t)))
         .service(tower::service_fn(move |(m, t): Call| {
             log.lock().unwrap().push((m, Instant::now(), t));
             async { Ok::<_, std::io::Error>(()) }
@@ -69,11 +67,11 @@ async fn three_models_each_paced_by_its_own_budget_and_all_by_the_shared_one() {
         .name("openai")
         .key("gpt-4o", tpm(10_000))
         .key("gpt-4o-mini", tpm(20_000))
+        .shared(tpm(25_000))
         .build()
         .unwrap();
-    let shared = tpm(25_000).build().unwrap();
     let log: Log = Arc::default();
-    let svc = stack(&models, &shared, &log);
+    let svc = stack(&models, &log);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for m in ["gpt-4o", "gpt-4o-mini", "o3-mini"] {
@@ -101,10 +99,12 @@ async fn three_models_each_paced_by_its_own_budget_and_all_by_the_shared_one() {
 
 #[tokio::test(start_paused = true)]
 async fn a_model_at_its_limit_holds_back_no_other_model() {
-    let models = KeyedPace::builder(tpm(10_000)).build().unwrap();
-    let shared = tpm(1_000_000).build().unwrap();
+    let models = KeyedPace::builder(tpm(10_000))
+        .shared(tpm(1_000_000))
+        .build()
+        .unwrap();
     let log: Log = Arc::default();
-    let svc = stack(&models, &shared, &log);
+    let svc = stack(&models, &log);
     // 100 calls of a busy model: minutes of backlog in its line.
     let busy: Vec<_> = (0..100)
         .map(|_| tokio::spawn(svc.clone().oneshot(("busy".to_string(), 1_000))))
@@ -137,8 +137,7 @@ async fn keys_past_max_keys_and_requests_without_a_key_share_the_overflow_pacer(
     assert_eq!(models.keys(), ["a", "b"]);
     // "c", "d" and no key: one pacer. Spending it through one spends it for all.
     let log: Log = Arc::default();
-    let shared = tpm(1_000_000).build().unwrap();
-    let svc = stack(&models, &shared, &log);
+    let svc = stack(&models, &log);
     svc.clone().oneshot(("c".to_string(), 1_000)).await.unwrap();
     let t0 = Instant::now();
     svc.clone().oneshot(("d".to_string(), 1_000)).await.unwrap();
@@ -156,9 +155,8 @@ async fn a_shutdown_closes_every_key_and_the_ones_built_after() {
         .key("given", tpm(1_000))
         .build()
         .unwrap();
-    let shared = tpm(1_000_000).build().unwrap();
     let log: Log = Arc::default();
-    let svc = stack(&models, &shared, &log);
+    let svc = stack(&models, &log);
     // One call spends each bucket; the next of each waits in its line.
     for m in ["given", "built"] {
         svc.clone().oneshot((m.to_string(), 1_000)).await.unwrap();
@@ -214,10 +212,13 @@ proptest! {
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
         rt.block_on(async move {
-            let models = KeyedPace::builder(tpm(per_key)).max_keys(3).build().unwrap();
-            let shared = tpm(shared_tpm).build().unwrap();
+            let models = KeyedPace::builder(tpm(per_key))
+                .max_keys(3)
+                .shared(tpm(shared_tpm))
+                .build()
+                .unwrap();
             let log: Log = Arc::default();
-            let svc = stack(&models, &shared, &log);
+            let svc = stack(&models, &log);
             let mut calls = calls;
             calls.sort_by_key(|c| c.1);
             let t0 = Instant::now();

@@ -4,10 +4,12 @@
 //! Providers limit each model on its own: one API key, three models, three
 //! budgets. A [`KeyedPace`] keeps one [`Pace`] per key, read from each request
 //! by a [`PaceKey`], so a model at its limit makes only its own callers wait.
-//! A limit the models share (an org-wide TPM) is a plain [`Pace`] layered
-//! below this one: a call reserves on its model's pacer, then on the shared
-//! one (the model first, so a call waiting for its model holds none of the
-//! shared budget).
+//! A limit the models share (an org-wide TPM) is given with
+//! [`KeyedPaceBuilder::shared`]: a call reserves on its model's cells and the
+//! shared cells at the same instant, waiting in its model's line (so a call
+//! waiting for its model holds none of the shared budget). Two pacers layered
+//! one below the other would not do: the lower one's line releases a model's
+//! calls bunched, past the model's own limit.
 //!
 //! ```
 //! use semaforo::pace::{Cost, KeyedPace, Pace};
@@ -19,8 +21,8 @@
 //! // and 50,000 a minute for all of them together.
 //! let models = KeyedPace::builder(Pace::builder().tokens_per_minute(10_000))
 //!     .key("gpt-4o", Pace::builder().tokens_per_minute(30_000))
+//!     .shared(Pace::builder().tokens_per_minute(50_000))
 //!     .build()?;
-//! let org = Pace::builder().tokens_per_minute(50_000).build()?;
 //! let llm = ServiceBuilder::new()
 //!     .layer(
 //!         models
@@ -28,7 +30,6 @@
 //!             .key(|(model, _): &(&'static str, u64)| Some(model.to_string()))
 //!             .weigh(|(_, tokens): &(&'static str, u64)| Cost::tokens(*tokens)),
 //!     )
-//!     .layer(org.layer().weigh(|(_, tokens): &(&'static str, u64)| Cost::tokens(*tokens)))
 //!     .service(service_fn(|(_, n): (&'static str, u64)| async move { Ok::<_, std::io::Error>(n) }));
 //! assert_eq!(llm.clone().oneshot(("gpt-4o", 25_000)).await?, 25_000);
 //! assert_eq!(models.keys(), vec!["gpt-4o".to_string()]);
@@ -89,6 +90,8 @@ struct Keyed {
     max_keys: usize,
     /// Requests without a key, and keys past `max_keys`.
     overflow: Pace,
+    /// The cells every key's calls also reserve on.
+    shared: Option<Pace>,
     closed: std::sync::atomic::AtomicBool,
 }
 
@@ -109,6 +112,7 @@ pub struct KeyedPaceBuilder {
     template: PaceBuilder,
     given: Vec<(String, PaceBuilder)>,
     max_keys: usize,
+    shared: Option<PaceBuilder>,
 }
 
 /// How many keys a [`KeyedPace`] builds from its template, by default.
@@ -128,6 +132,14 @@ impl KeyedPaceBuilder {
         self
     }
 
+    /// Limits every key's calls share (an org-wide TPM): each call reserves
+    /// on them and on its key's limits at the same instant. Its `max_wait`,
+    /// pause and header learning are not used (a key's own apply).
+    pub fn shared(mut self, limits: PaceBuilder) -> Self {
+        self.shared = Some(limits);
+        self
+    }
+
     /// How many keys not given get a pacer of their own from the template
     /// (default 1,024); the keys past it, and requests without a key, share
     /// one more pacer built from the template. Memory stays bounded whatever
@@ -144,9 +156,23 @@ impl KeyedPaceBuilder {
     /// The [`ConfigError`] of the template's or a key's pacer builder, or
     /// `key` when a key is given twice.
     pub fn build(self) -> Result<KeyedPace, ConfigError> {
-        let named = |b: PaceBuilder, key: &str| match (&self.name, b.has_name()) {
-            (Some(n), false) => b.name(format!("{n}/{key}")),
-            _ => b,
+        let shared = match self.shared {
+            Some(b) => Some(
+                match &self.name {
+                    Some(n) if !b.has_name() => b.name(format!("{n}/shared")),
+                    _ => b,
+                }
+                .build()?,
+            ),
+            None => None,
+        };
+        let parent = shared.as_ref().map(|p| p.shared.clone());
+        let named = |b: PaceBuilder, key: &str| {
+            match (&self.name, b.has_name()) {
+                (Some(n), false) => b.name(format!("{n}/{key}")),
+                _ => b,
+            }
+            .with_parent(parent.clone())
         };
         let overflow = named(self.template.clone(), "*").build()?;
         let mut given = HashMap::with_capacity(self.given.len());
@@ -168,6 +194,7 @@ impl KeyedPaceBuilder {
                 template: self.template,
                 max_keys: self.max_keys,
                 overflow,
+                shared,
                 closed: std::sync::atomic::AtomicBool::new(false),
             }),
         })
@@ -183,6 +210,7 @@ impl KeyedPace {
             template,
             given: Vec::new(),
             max_keys: DEFAULT_MAX_KEYS,
+            shared: None,
         }
     }
 
@@ -195,6 +223,11 @@ impl KeyedPace {
     /// keys past `max_keys`: the overflow pacer).
     pub fn get(&self, key: Option<&str>) -> Pace {
         self.pick(key)
+    }
+
+    /// The shared limits, if given (to watch them, or for a health check).
+    pub fn shared(&self) -> Option<&Pace> {
+        self.inner.shared.as_ref()
     }
 
     /// The keys with a pacer of their own, sorted.
@@ -239,7 +272,8 @@ impl KeyedPace {
         let b = match (&self.inner.name, self.inner.template.has_name()) {
             (Some(n), false) => self.inner.template.clone().name(format!("{n}/{key}")),
             _ => self.inner.template.clone(),
-        };
+        }
+        .with_parent(self.inner.shared.as_ref().map(|p| p.shared.clone()));
         // The template was built once already (the overflow pacer): it builds.
         let Ok(pace) = b.build() else {
             return self.inner.overflow.clone();

@@ -253,11 +253,23 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     /// The AIMD factor is below 1: successes must be recorded to recover.
     pub(crate) slowed: std::sync::atomic::AtomicBool,
+    /// A pacer shared below this one (a [`KeyedPace`]'s shared limits): a
+    /// call reserves on both at the same instant. Locked after this one's
+    /// state, never the other way round.
+    pub(crate) parent: Option<Arc<Shared>>,
 }
 
 impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces an estimate by the real cost, here and on the parent.
+    pub(crate) fn reconcile(&self, estimate: &Cost, real: &Cost, now: Instant) {
+        self.lock().reconcile(estimate, real, now);
+        if let Some(p) = &self.parent {
+            p.lock().reconcile(estimate, real, now);
+        }
     }
 }
 
@@ -277,6 +289,7 @@ pub struct PaceBuilder {
     max_wait: Option<Duration>,
     max_pause: Option<Duration>,
     header_window: Option<Duration>,
+    parent: Option<Arc<Shared>>,
 }
 
 /// One limit of a pacer: `n` units per period, with a burst (default `n`:
@@ -414,6 +427,12 @@ impl PaceBuilder {
 
     pub(crate) fn has_name(&self) -> bool {
         self.name.is_some()
+    }
+
+    /// Reserves every call on `parent` too, at the same instant.
+    pub(crate) fn with_parent(mut self, parent: Option<Arc<Shared>>) -> Self {
+        self.parent = parent;
+        self
     }
 
     /// Calls `f` for each of this pacer's events (queued, admitted after a
@@ -597,6 +616,7 @@ impl PaceBuilder {
                     st
                 }),
                 slowed: std::sync::atomic::AtomicBool::new(false),
+                parent: self.parent,
             }),
         })
     }

@@ -78,9 +78,7 @@ pub struct Pending {
 impl Pending {
     /// Replaces the estimate by the real cost.
     pub fn reconcile(self, real: Cost) {
-        self.shared
-            .lock()
-            .reconcile(&self.estimate, &real, Instant::now());
+        self.shared.reconcile(&self.estimate, &real, Instant::now());
     }
 }
 
@@ -451,18 +449,19 @@ impl Shared {
             // Against the configured burst: a lower limit the upstream announced
             // makes a call wait longer, never refused for good (the next answer
             // may announce more).
-            for dim in &st.dims {
-                let n = dim.amount(cost);
-                if n > dim.largest_cost {
-                    let unit = dim.unit.as_str();
-                    break 'decide Admit::Rejected(rejected(format!(
-                        "a cost of {n} {unit} can never fit a burst of {} per {}",
-                        dim.largest_cost,
-                        crate::time::Human(dim.per)
-                    )));
-                }
+            let mut parent = self.parent.as_ref().map(|p| p.lock());
+            let never = st
+                .never_fits(cost)
+                .or_else(|| parent.as_deref().and_then(|p| p.never_fits(cost)));
+            if let Some((n, dim)) = never {
+                let unit = dim.unit.as_str();
+                break 'decide Admit::Rejected(rejected(format!(
+                    "a cost of {n} {unit} can never fit a burst of {} per {}",
+                    dim.largest_cost,
+                    crate::time::Human(dim.per)
+                )));
             }
-            match st.try_now(cost, now) {
+            match st.try_now(cost, now, parent.as_deref_mut()) {
                 Fit::Now => Admit::Now,
                 Fit::At(start) => {
                     let wait = start.saturating_duration_since(now);
@@ -591,7 +590,9 @@ where
                             this.shared.obs.rejected(&r);
                             return Poll::Ready(Err(r.into()));
                         }
-                        let turn = st.poll_turn(w.slot, w.seq, cx.waker(), now);
+                        let mut parent = this.shared.parent.as_ref().map(|p| p.lock());
+                        let turn =
+                            st.poll_turn(w.slot, w.seq, cx.waker(), now, parent.as_deref_mut());
                         let resumed = turn.is_ok() && st.resume_if_due(now);
                         (turn, resumed)
                     };
@@ -676,6 +677,15 @@ where
                         }
                     }
                     drop(st);
+                    // A pacer shared below keyed ones counts the same cost.
+                    if let Some(parent) = &this.shared.parent {
+                        let mut p = parent.lock();
+                        if matches!(class, Class::Throttled { .. }) {
+                            p.reconcile(this.cost, &Cost::requests(this.cost.requests), now);
+                        } else if let Some(real) = observed.as_ref().and_then(|o| o.usage) {
+                            p.reconcile(this.cost, &real, now);
+                        }
+                    }
                     if let Some(pause) = paused {
                         this.shared.obs.emit(
                             "pace",

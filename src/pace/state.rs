@@ -266,18 +266,47 @@ impl State {
         reserve(&self.dims, &mut self.tat, &self.spu, cost, start);
     }
 
-    /// Reserve now if nobody waits and it fits.
-    pub(crate) fn try_now(&mut self, cost: &Cost, now: Instant) -> Fit {
+    /// Reserve now if nobody waits and it fits — here and on the cells of
+    /// `parent` (a pacer shared below keyed ones), together.
+    pub(crate) fn try_now(&mut self, cost: &Cost, now: Instant, parent: Option<&mut State>) -> Fit {
         let n = secs(self.epoch, now);
         let s = self.start_secs(cost, None, n);
-        if self.line.is_empty() && self.due(s, n, now) {
+        let parent_at = parent.as_deref().map(|p| p.cells_due(cost, now));
+        if self.line.is_empty() && self.due(s, n, now) && parent_at.is_none_or(|(due, _)| due) {
             self.reserve_at(cost, n);
+            if let Some(p) = parent {
+                p.reserve_cells(cost, now);
+            }
             self.started(cost, now);
             return Fit::Now;
         }
         // Where it would start after everyone in line.
         let s = self.start_secs(cost, Some(&self.queued), n);
-        Fit::At(self.instant(s))
+        let at = self.instant(s);
+        Fit::At(parent_at.map_or(at, |(_, p)| at.max(p)))
+    }
+
+    /// For a parent: whether `cost` fits its cells now (its line is not
+    /// looked at: a parent has no callers of its own), and when it will.
+    pub(crate) fn cells_due(&self, cost: &Cost, now: Instant) -> (bool, Instant) {
+        let n = secs(self.epoch, now);
+        let s = self.start_secs(cost, None, n);
+        (self.due(s, n, now), self.instant(s))
+    }
+
+    /// For a parent: reserves `cost` on its cells now.
+    pub(crate) fn reserve_cells(&mut self, cost: &Cost, now: Instant) {
+        let n = secs(self.epoch, now);
+        self.reserve_at(cost, n);
+        self.started(cost, now);
+    }
+
+    /// A cost above one of the cells' largest: it can never be paid.
+    pub(crate) fn never_fits(&self, cost: &Cost) -> Option<(f64, &Dim)> {
+        self.dims.iter().find_map(|dim| {
+            let n = dim.amount(cost);
+            (n > dim.largest_cost).then_some((n, dim))
+        })
     }
 
     /// Calls in line now.
@@ -361,6 +390,7 @@ impl State {
         seq: u64,
         waker: &Waker,
         now: Instant,
+        parent: Option<&mut State>,
     ) -> Result<(), Option<Instant>> {
         let head = self.line.first_key_value().map(|(s, _)| *s);
         let Some(w) = self.waiting.get_mut(slot as usize).filter(|w| w.seq == seq) else {
@@ -376,9 +406,13 @@ impl State {
         let cost = w.cost;
         let n = secs(self.epoch, now);
         let s = self.start_secs(&cost, None, n);
-        if self.due(s, n, now) {
+        let parent_at = parent.as_deref().map(|p| p.cells_due(&cost, now));
+        if self.due(s, n, now) && parent_at.is_none_or(|(due, _)| due) {
             self.unqueue(slot, seq);
             self.reserve_at(&cost, n);
+            if let Some(p) = parent {
+                p.reserve_cells(&cost, now);
+            }
             self.started(&cost, now);
             self.wake_head();
             Ok(())
@@ -386,7 +420,10 @@ impl State {
             if let Some(w) = self.waiting.get_mut(slot as usize) {
                 w.waker = Some(waker.clone());
             }
-            Err(Some(self.instant(s)))
+            let at = self.instant(s);
+            // Not before the parent's cells have room (they may move: the
+            // head looks again then).
+            Err(Some(parent_at.map_or(at, |(_, p)| at.max(p))))
         }
     }
 
