@@ -6,10 +6,14 @@
 //! by a [`PaceKey`], so a model at its limit makes only its own callers wait.
 //! A limit the models share (an org-wide TPM) is given with
 //! [`KeyedPaceBuilder::shared`]: a call reserves on its model's cells and the
-//! shared cells at the same instant, waiting in its model's line (so a call
-//! waiting for its model holds none of the shared budget). Two pacers layered
-//! one below the other would not do: the lower one's line releases a model's
-//! calls bunched, past the model's own limit.
+//! shared cells at the same instant. It waits in its model's line until its
+//! model's cells have room (holding none of the shared budget meanwhile),
+//! then in one line across models for the shared cells, first come first
+//! served — a large call is not passed for ever by a stream of small ones of
+//! another model, and a refund on the shared cells wakes whoever is next.
+//! `max_wait` counts the wait for both. Two pacers layered one below the
+//! other would not do: the lower one's line releases a model's calls bunched,
+//! past the model's own limit.
 //!
 //! ```
 //! use semaforo::pace::{Cost, KeyedPace, Pace};

@@ -541,7 +541,9 @@ impl<S: Service<Req>, Req, O, C, D> PinnedDrop for ResponseFuture<S, Req, O, C, 
     fn drop(self: Pin<&mut Self>) {
         let this = self.project();
         if let StateProj::Waiting { waiting: Some(w) } = this.state.project() {
-            this.shared.lock().leave(w.slot, w.seq);
+            let mut st = this.shared.lock();
+            let mut parent = this.shared.parent.as_ref().map(|p| p.lock());
+            st.leave(w.slot, w.seq, parent.as_deref_mut());
         }
     }
 }
@@ -582,7 +584,9 @@ where
                         // A caller that had its turn (reserved, now readying
                         // the inner service) is past the line: it goes on.
                         if st.closed && !w.admitted {
-                            st.leave(w.slot, w.seq);
+                            let mut parent = this.shared.parent.as_ref().map(|p| p.lock());
+                            st.leave(w.slot, w.seq, parent.as_deref_mut());
+                            drop(parent);
                             drop(st);
                             *waiting = None;
                             let r = Rejected::new("pace", RejectKind::ShuttingDown)

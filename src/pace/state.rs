@@ -62,6 +62,9 @@ struct Waiting {
     seq: u64,
     cost: Cost,
     waker: Option<Waker>,
+    /// Its place in the parent's line (a keyed pacer's shared cells), taken
+    /// once it is the head here and its own cells have room.
+    parent_ticket: Option<(u32, u64)>,
 }
 
 #[derive(Debug)]
@@ -72,6 +75,9 @@ pub(crate) struct State {
     line: BTreeMap<u64, u32>,
     waiting: Slab<Waiting>,
     queued: Vec<f64>,
+    /// The parts (requests, input, cached input, output) of every cost in
+    /// line: what the line will take from a parent's cells.
+    queued_parts: [f64; 4],
     next_seq: u64,
     paused_until: Option<Instant>,
     /// AIMD share of the configured rate, in [FLOOR, 1].
@@ -104,6 +110,16 @@ const PROJECTED: usize = 10_000;
 pub(crate) enum Fit {
     Now,
     At(Instant),
+}
+
+/// How many of `unit` costs adding up to `parts` count.
+fn amount_of_parts(unit: Unit, [r, i, c, o]: &[f64; 4]) -> f64 {
+    match unit {
+        Unit::Requests => *r,
+        Unit::Tokens => i + c + o,
+        Unit::InputTokens => *i,
+        Unit::OutputTokens => *o,
+    }
 }
 
 /// A cost's parts as numbers (requests, input, cached input, output).
@@ -170,6 +186,7 @@ impl State {
             line: BTreeMap::new(),
             waiting: Slab::new(),
             queued: vec![0.0; n],
+            queued_parts: [0.0; 4],
             next_seq: 0,
             paused_until: None,
             factor: 1.0,
@@ -271,8 +288,11 @@ impl State {
     pub(crate) fn try_now(&mut self, cost: &Cost, now: Instant, parent: Option<&mut State>) -> Fit {
         let n = secs(self.epoch, now);
         let s = self.start_secs(cost, None, n);
-        let parent_at = parent.as_deref().map(|p| p.cells_due(cost, now));
-        if self.line.is_empty() && self.due(s, n, now) && parent_at.is_none_or(|(due, _)| due) {
+        // The parent's cells are free for it when nobody waits for them.
+        let parent_free = parent
+            .as_deref()
+            .is_none_or(|p| p.line.is_empty() && p.cells_due(cost, now).0);
+        if self.line.is_empty() && self.due(s, n, now) && parent_free {
             self.reserve_at(cost, n);
             if let Some(p) = parent {
                 p.reserve_cells(cost, now);
@@ -280,10 +300,27 @@ impl State {
             self.started(cost, now);
             return Fit::Now;
         }
-        // Where it would start after everyone in line.
+        // Where it would start after everyone in line — and, on the
+        // parent's cells, after everyone in the parent's line and in ours.
         let s = self.start_secs(cost, Some(&self.queued), n);
         let at = self.instant(s);
-        Fit::At(parent_at.map_or(at, |(_, p)| at.max(p)))
+        Fit::At(match parent {
+            Some(p) => at.max(p.start_after(cost, &self.queued_parts, now)),
+            None => at,
+        })
+    }
+
+    /// For a parent: when `cost` could start on its cells after its line and
+    /// a line of a key whose costs add up to `parts`.
+    fn start_after(&self, cost: &Cost, parts: &[f64; 4], now: Instant) -> Instant {
+        let n = secs(self.epoch, now);
+        let extra: Vec<f64> = self
+            .dims
+            .iter()
+            .zip(&self.queued)
+            .map(|(dim, q)| q + amount_of_parts(dim.unit, parts))
+            .collect();
+        self.instant(self.start_secs(cost, Some(&extra), n))
     }
 
     /// For a parent: whether `cost` fits its cells now (its line is not
@@ -332,10 +369,14 @@ impl State {
             seq,
             cost,
             waker: None,
+            parent_ticket: None,
         }) as u32;
         self.line.insert(seq, slot);
         for (d, dim) in self.dims.iter().enumerate() {
             self.queued[d] += dim.amount(&cost);
+        }
+        for (q, x) in self.queued_parts.iter_mut().zip(parts(&cost)) {
+            *q += x;
         }
         (slot, seq)
     }
@@ -350,7 +391,25 @@ impl State {
         for (d, dim) in self.dims.iter().enumerate() {
             self.queued[d] = (self.queued[d] - dim.amount(&w.cost)).max(0.0);
         }
+        for (q, x) in self.queued_parts.iter_mut().zip(parts(&w.cost)) {
+            *q = (*q - x).max(0.0);
+        }
         true
+    }
+
+    /// The head of the line, if any.
+    fn head(&self) -> Option<u64> {
+        self.line.first_key_value().map(|(s, _)| *s)
+    }
+
+    /// For a parent: the waker of a ticket in its line.
+    fn set_waker(&mut self, slot: u32, seq: u64, waker: &Waker) {
+        if let Some(w) = self.waiting.get_mut(slot as usize).filter(|w| w.seq == seq) {
+            match &mut w.waker {
+                Some(existing) if existing.will_wake(waker) => {}
+                other => *other = Some(waker.clone()),
+            }
+        }
     }
 
     fn wake_head(&mut self) {
@@ -404,32 +463,87 @@ impl State {
             return Err(None);
         }
         let cost = w.cost;
+        let ticket = w.parent_ticket;
         let n = secs(self.epoch, now);
         let s = self.start_secs(&cost, None, n);
-        let parent_at = parent.as_deref().map(|p| p.cells_due(&cost, now));
-        if self.due(s, n, now) && parent_at.is_none_or(|(due, _)| due) {
-            self.unqueue(slot, seq);
-            self.reserve_at(&cost, n);
-            if let Some(p) = parent {
-                p.reserve_cells(&cost, now);
+        let own_due = self.due(s, n, now);
+        let Some(p) = parent else {
+            if own_due {
+                self.unqueue(slot, seq);
+                self.reserve_at(&cost, n);
+                self.started(&cost, now);
+                self.wake_head();
+                return Ok(());
             }
-            self.started(&cost, now);
-            self.wake_head();
-            Ok(())
-        } else {
-            if let Some(w) = self.waiting.get_mut(slot as usize) {
-                w.waker = Some(waker.clone());
+            self.keep_waker(slot, waker);
+            return Err(Some(self.instant(s)));
+        };
+        if !own_due {
+            // Its own cells first: in the parent's line it would hold back
+            // every other key while it waits for them.
+            if let Some((ps, pq)) = ticket {
+                p.leave(ps, pq, None);
+                if let Some(w) = self.waiting.get_mut(slot as usize) {
+                    w.parent_ticket = None;
+                }
             }
-            let at = self.instant(s);
-            // Not before the parent's cells have room (they may move: the
-            // head looks again then).
-            Err(Some(parent_at.map_or(at, |(_, p)| at.max(p))))
+            self.keep_waker(slot, waker);
+            return Err(Some(self.instant(s)));
+        }
+        // Own cells have room: its turn on the parent's cells comes in the
+        // parent's line, first come first served across keys.
+        let (ps, pq) = match ticket {
+            Some(t) => t,
+            None => {
+                let t = p.enqueue(cost);
+                if let Some(w) = self.waiting.get_mut(slot as usize) {
+                    w.parent_ticket = Some(t);
+                }
+                t
+            }
+        };
+        // Woken by either: the parent's line moving, or a close here.
+        p.set_waker(ps, pq, waker);
+        if p.head() != Some(pq) {
+            self.keep_waker(slot, waker);
+            return Err(None);
+        }
+        let (due, at) = p.cells_due(&cost, now);
+        if !due {
+            self.keep_waker(slot, waker);
+            return Err(Some(at));
+        }
+        p.unqueue(ps, pq);
+        p.reserve_cells(&cost, now);
+        p.wake_head();
+        self.unqueue(slot, seq);
+        self.reserve_at(&cost, n);
+        self.started(&cost, now);
+        self.wake_head();
+        Ok(())
+    }
+
+    fn keep_waker(&mut self, slot: u32, waker: &Waker) {
+        if let Some(w) = self.waiting.get_mut(slot as usize) {
+            match &mut w.waker {
+                Some(existing) if existing.will_wake(waker) => {}
+                other => *other = Some(waker.clone()),
+            }
         }
     }
 
-    /// A waiter left the line without reserving.
-    pub(crate) fn leave(&mut self, slot: u32, seq: u64) {
-        let was_head = self.line.first_key_value().map(|(s, _)| *s) == Some(seq);
+    /// A waiter left the line without reserving (and the parent's line, if
+    /// it had a place there).
+    pub(crate) fn leave(&mut self, slot: u32, seq: u64, parent: Option<&mut State>) {
+        let ticket = self
+            .waiting
+            .get(slot as usize)
+            .filter(|w| w.seq == seq)
+            .and_then(|w| w.parent_ticket);
+        if let (Some((ps, pq)), Some(p)) = (ticket, parent) {
+            p.leave(ps, pq, None);
+        }
+        let was_head = self.head() == Some(seq);
         if self.unqueue(slot, seq) && was_head {
             self.wake_head();
         }
