@@ -242,3 +242,22 @@ proptest! {
         })?;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn peek_builds_nothing_and_a_shared_refusal_names_the_shared_pacer() {
+    let models = KeyedPace::builder(tpm(80_000))
+        .name("org")
+        .shared(tpm(50_000))
+        .build()
+        .unwrap();
+    assert!(models.peek("haiku").is_none());
+    assert!(models.keys().is_empty(), "peek took no place");
+    let log: Log = Arc::default();
+    let e = stack(&models, &log)
+        .oneshot(("haiku".to_string(), 60_000))
+        .await
+        .unwrap_err();
+    let r = semaforo::Rejected::from_box(&e).unwrap();
+    assert_eq!(r.name(), Some("org/shared"), "{r}");
+    assert!(models.peek("haiku").is_some(), "the call built its pacer");
+}

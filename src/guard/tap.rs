@@ -22,9 +22,17 @@ pub enum Flow {
 /// end the stream after an item or while the inner one is waiting (a deadline,
 /// a drain), and is told once how the stream ended.
 ///
-/// `D` is the item type (for a body, `http_body::Frame<B::Data>`), `E` the inner
-/// error type. Every [`Guard`] is a tap that only waits for the end and keeps
-/// the error type.
+/// `D` is the item type (for a body, `http_body::Frame<B::Data>` from the
+/// `http-body` crate), `E` the inner error type. Every [`Guard`] is a tap that
+/// only waits for the end and keeps the error type (a blanket impl: a type
+/// that is a `Guard` cannot also implement `Tap` itself).
+///
+/// The end a tap is told: [`StreamEnd::Completed`] when the inner stream
+/// ends, or a body's last frame says `is_end_stream()`, or the tap ends it
+/// (after [`Flow::End`] or a cut from [`poll_waiting`](Self::poll_waiting))
+/// with nothing or an `Ok` item appended; [`StreamEnd::Failed`] when an error
+/// is yielded (the inner one, or an `Err` the tap appended);
+/// [`StreamEnd::Dropped`] when it is dropped before any of those.
 ///
 /// ```
 /// use futures::{stream, StreamExt};

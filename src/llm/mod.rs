@@ -1,5 +1,6 @@
 //! The LLM client preset: every layer in the right order, configured for an
-//! OpenAI-compatible API (feature `llm`).
+//! OpenAI-compatible API, an Azure OpenAI deployment or an Anthropic account
+//! ([`Profile`], feature `llm`).
 //!
 //! ```text
 //! shutdown → quota → bulkhead → retry (with budget) → breaker → pace → attempt timeout → your HTTP client
@@ -24,12 +25,15 @@
 //! - **timeout innermost**: it bounds one attempt; the retry's own deadline
 //!   bounds the whole call.
 //!
-//! The request is an `http::Request<Bytes>` with an OpenAI-style JSON body; the
-//! response an `http::Response<Bytes>`. The cost is [`estimate_cost`] (the
-//! prompt's characters ÷ 4 — plain content, content parts, system prompt,
-//! tools — plus `max_tokens`), reconciled with the answer's [`usage_cost`];
-//! bodies are read for those fields only (typed, borrowed: never a JSON
-//! tree). The pacer learns from `x-ratelimit-*` headers (announced limits
+//! The request is an `http::Request<Bytes>` with an OpenAI-, Anthropic- or
+//! Gemini-style JSON body; the response an `http::Response<Bytes>`. The cost
+//! is [`estimate_cost`] (input: the prompt's characters ÷ 4 — plain content,
+//! content parts, system prompt, tools; output: `max_tokens`), charged to the
+//! profile's limits as each provider counts (see [`Profile`] and
+//! [`Cost`](crate::pace::Cost)) and reconciled with the answer's
+//! [`usage_cost`]; bodies are read for those fields only (typed, borrowed:
+//! never a JSON tree). The pacer learns from `x-ratelimit-*` and
+//! `anthropic-ratelimit-*` headers (announced limits
 //! lower the configured ones; a 429 the headers explain syncs the bucket
 //! instead of cutting the rate); results are classified by
 //! [`LlmClassifier`](crate::classify::LlmClassifier). A
@@ -107,7 +111,9 @@ pub struct Tier {
     pub tokens_per_minute: u64,
 }
 
-/// The preset's parts. Build with [`LlmStack::openai`]; read each part with
+/// The preset's parts. Build with [`LlmStack::openai`],
+/// [`LlmStack::anthropic`], [`LlmStack::azure_openai`] or
+/// [`LlmStack::with_profile`]; read each part with
 /// its getter (to watch it, or to register it with a
 /// [`Health`](crate::health::Health)). The parts are fixed at `build()`
 /// (the shutdown is wired to the bulkhead's and the pacer's lines, and the
@@ -153,7 +159,8 @@ impl LlmStack {
         &self.breaker
     }
 
-    /// The RPM + TPM pacer.
+    /// The pacer: the profile's limits (RPM and TPM for OpenAI; RPM, ITPM
+    /// and OTPM for Anthropic…).
     pub fn pace(&self) -> &Pace {
         &self.pace
     }

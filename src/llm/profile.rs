@@ -80,7 +80,8 @@ impl Profile {
 
     /// An Anthropic account: `rpm` requests, `itpm` input tokens (not read
     /// from the prompt cache) and `otpm` output tokens per minute. Anthropic
-    /// requires `max_tokens` on every request; one without it reserves 8,192.
+    /// requires `max_tokens` on every request; one without it reserves 8,192
+    /// (capped by the preset: see [`max_output`](Self::max_output)).
     pub fn anthropic(rpm: u64, itpm: u64, otpm: u64) -> Profile {
         Profile {
             provider: "anthropic",
@@ -101,9 +102,11 @@ impl Profile {
     }
 
     /// The output tokens a request without `max_tokens` reserves (your
-    /// model's largest output). The preset caps it at half the smallest
-    /// burst of a limit that counts output, so a prompt of up to the other
-    /// half still fits: a call above a burst could never be paid.
+    /// model's largest output). The preset caps it, for all of a request's `n`
+    /// choices together, at half the smallest planned burst (headroom taken
+    /// off: [`DimSnapshot::capacity`](crate::pace::DimSnapshot::capacity)) of
+    /// the pacer's limits that count output, so a prompt of up to the other
+    /// half still fits: 3,800 on an 8,000 OTPM Anthropic account.
     pub fn max_output(mut self, tokens: u64) -> Profile {
         self.max_output = tokens;
         self

@@ -54,7 +54,26 @@ use tower_service::Service;
 
 /// Reads the key of a request (its model). Implemented for every
 /// `Fn(&Req) -> Option<String>`; `None` (no key) is paced by the overflow
-/// pacer (see [`KeyedPaceBuilder::max_keys`]).
+/// pacer (see [`KeyedPaceBuilder::max_keys`]), which also reserves on the
+/// shared limits. Implement it to borrow the key instead of allocating:
+///
+/// ```
+/// use semaforo::pace::PaceKey;
+/// use std::borrow::Cow;
+///
+/// struct Chat { model: String, prompt: String }
+///
+/// #[derive(Clone)]
+/// struct ByModel;
+/// impl PaceKey<Chat> for ByModel {
+///     fn key<'a>(&self, req: &'a Chat) -> Option<Cow<'a, str>> {
+///         Some(Cow::Borrowed(&req.model))
+///     }
+/// }
+/// let chat = Chat { model: "gpt-4o".into(), prompt: String::new() };
+/// assert_eq!(ByModel.key(&chat).as_deref(), Some("gpt-4o"));
+/// # let _ = chat.prompt;
+/// ```
 pub trait PaceKey<Req> {
     /// The key of `req`, borrowed from it where it can be.
     fn key<'a>(&self, req: &'a Req) -> Option<Cow<'a, str>>;
@@ -223,10 +242,21 @@ impl KeyedPace {
         self.inner.name.as_deref()
     }
 
-    /// The pacer of `key` (built from the template on first use; `None` and
-    /// keys past `max_keys`: the overflow pacer).
+    /// The pacer `key`'s calls use, as a call would get it: built from the
+    /// template on first use (taking one of the `max_keys` places); `None`,
+    /// and keys past `max_keys`, get the overflow pacer. To look without
+    /// building, use [`peek`](Self::peek).
     pub fn get(&self, key: Option<&str>) -> Pace {
         self.pick(key)
+    }
+
+    /// The pacer of `key` if it has one of its own (given, or built by a
+    /// call), without building one.
+    pub fn peek(&self, key: &str) -> Option<Pace> {
+        if let Some(p) = self.inner.given.get(key) {
+            return Some(p.clone());
+        }
+        self.built().get(key).cloned()
     }
 
     /// The shared limits, if given (to watch them, or for a health check).
@@ -234,7 +264,8 @@ impl KeyedPace {
         self.inner.shared.as_ref()
     }
 
-    /// The keys with a pacer of their own, sorted.
+    /// The keys with a pacer of their own (the given ones, and the ones
+    /// built by calls), sorted.
     pub fn keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self.inner.given.keys().cloned().collect();
         keys.extend(self.built().keys().cloned());

@@ -220,9 +220,12 @@ pub struct DimSnapshot {
     pub unit: Unit,
     /// Its window (a minute, a day).
     pub per: Duration,
-    /// Its burst.
+    /// The burst it plans with: the limit's burst less its
+    /// [headroom](Limit::headroom) (a call may still cost the whole burst).
     pub capacity: f64,
-    /// Units available now.
+    /// Units available now (never below 0: a debt, left by a call above the
+    /// planned burst or a usage above its estimate, shows as 0 and as a later
+    /// `full_at`).
     pub available: f64,
     /// When it is full again.
     pub full_at: Instant,
@@ -365,7 +368,8 @@ impl Limit {
         self
     }
 
-    /// Plans with `percent` % of the burst kept unused (at most 50), for the
+    /// Plans with `percent` % of the burst kept unused (default 0, at most 50;
+    /// the planned burst is rounded down, at least 1), for the
     /// skew between our reservation and the moment the upstream counts the
     /// call (it arrives later; the first calls of a burst latest): the long-run
     /// rate stays `n` per window. A single call costing more than the rest,
@@ -412,7 +416,8 @@ impl Limit {
         self.per
     }
 
-    /// The burst in effect (`n` unless set).
+    /// The burst, headroom included (`n` unless set): the largest cost one
+    /// call may have.
     pub fn capacity(&self) -> u64 {
         self.burst.unwrap_or(self.n)
     }

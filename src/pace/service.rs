@@ -450,16 +450,26 @@ impl Shared {
             // makes a call wait longer, never refused for good (the next answer
             // may announce more).
             let mut parent = self.parent.as_ref().map(|p| p.lock());
-            let never = st
-                .never_fits(cost)
-                .or_else(|| parent.as_deref().and_then(|p| p.never_fits(cost)));
-            if let Some((n, dim)) = never {
+            // Named after the pacer whose burst it is (a keyed pacer's own, or
+            // the shared one).
+            let never = st.never_fits(cost).map(|x| (x, self)).or_else(|| {
+                let p = self.parent.as_deref()?;
+                parent
+                    .as_deref()
+                    .and_then(|st| st.never_fits(cost))
+                    .map(|x| (x, p))
+            });
+            if let Some(((n, dim), whose)) = never {
                 let unit = dim.unit.as_str();
-                break 'decide Admit::Rejected(rejected(format!(
-                    "a cost of {n} {unit} can never fit a burst of {} per {}",
-                    dim.largest_cost,
-                    crate::time::Human(dim.per)
-                )));
+                break 'decide Admit::Rejected(
+                    Rejected::new("pace", RejectKind::BudgetExceeded)
+                        .with_name_opt(whose.obs.name.as_ref())
+                        .with_detail(format!(
+                            "a cost of {n} {unit} can never fit a burst of {} per {}",
+                            dim.largest_cost,
+                            crate::time::Human(dim.per)
+                        )),
+                );
             }
             match st.try_now(cost, now, parent.as_deref_mut()) {
                 Fit::Now => Admit::Now,
