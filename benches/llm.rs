@@ -78,6 +78,14 @@ fn preset(c: &mut Criterion) {
     g.bench_function("failed call (400, error body)", |b| {
         b.iter(|| black_box(call(&mut failed)))
     });
+    // The model read from a 2 KB request body (a per-model pacer's key).
+    let body = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}}],"max_tokens":100,"model":"gpt-4o-mini"}}"#,
+        "a".repeat(2_000)
+    );
+    g.bench_function("model read from a 2 KB body (ModelField)", |b| {
+        b.iter(|| black_box(semaforo::llm::ModelField::read(black_box(body.as_bytes())).is_some()))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("llm/stream");

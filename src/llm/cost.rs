@@ -310,7 +310,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
 
 /// An object key, borrowed from the body unless it holds escapes (serde's own
 /// `Cow<str>` always copies).
-struct Key<'de>(Cow<'de, str>);
+pub(super) struct Key<'de>(pub(super) Cow<'de, str>);
 
 impl<'de> Deserialize<'de> for Key<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -85,6 +85,7 @@ use crate::shutdown::Shutdown;
 use crate::timeout::Timeout;
 
 mod cost;
+mod model;
 mod profile;
 mod service;
 mod sse;
@@ -93,6 +94,7 @@ pub use cost::{
     estimate_cost, estimate_cost_with, usage_cost, usage_tokens, DEFAULT_MAX_OUTPUT,
     NON_TEXT_PART_TOKENS,
 };
+pub use model::ModelField;
 pub use profile::Profile;
 pub use service::{
     observe_headers, observe_response, LlmFuture, LlmLayer, LlmService, LlmStreamBody,
