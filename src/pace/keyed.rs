@@ -47,7 +47,7 @@ use crate::error::{BoxError, ConfigError};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -108,7 +108,8 @@ struct Keyed {
     /// Given per key at build time.
     given: HashMap<String, Pace>,
     /// Built from the template on first use.
-    built: Mutex<HashMap<String, Pace>>,
+    /// Read on every call (many readers), written once per new key.
+    built: RwLock<HashMap<String, Pace>>,
     template: PaceBuilder,
     max_keys: usize,
     /// Requests without a key, and keys past `max_keys`.
@@ -213,7 +214,7 @@ impl KeyedPaceBuilder {
             inner: Arc::new(Keyed {
                 name: self.name,
                 given,
-                built: Mutex::new(HashMap::new()),
+                built: RwLock::new(HashMap::new()),
                 template: self.template,
                 max_keys: self.max_keys,
                 overflow,
@@ -286,8 +287,8 @@ impl KeyedPace {
         }
     }
 
-    fn built(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pace>> {
-        self.inner.built.lock().unwrap_or_else(|e| e.into_inner())
+    fn built(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Pace>> {
+        self.inner.built.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn pick(&self, key: Option<&str>) -> Pace {
@@ -297,7 +298,12 @@ impl KeyedPace {
         if let Some(p) = self.inner.given.get(key) {
             return p.clone();
         }
-        let mut built = self.built();
+        // A key seen before: a shared read, no writer in the way.
+        if let Some(p) = self.built().get(key) {
+            return p.clone();
+        }
+        let mut built = self.inner.built.write().unwrap_or_else(|e| e.into_inner());
+        // Built by another caller between the read and the write.
         if let Some(p) = built.get(key) {
             return p.clone();
         }
