@@ -233,7 +233,7 @@ async fn llm_preset_takes_extreme_requests_and_answers() {
             .expect("answered within the hour");
         assert!(res.is_ok() || res.is_err());
         assert!(t0.elapsed() < Duration::from_secs(3_600));
-        let paused = stack.pace().snapshot().paused_until;
+        let paused = stack.pace().overflow().snapshot().paused_until;
         assert!(
             paused.is_none_or(|p| p - tokio::time::Instant::now() <= Duration::from_secs(60)),
             "paused {paused:?}"

@@ -229,7 +229,7 @@ fn available(pace: &Pace, unit: Unit) -> f64 {
 async fn each_profile_learns_from_its_own_headers_and_only_lowers() {
     let now = SystemTime::now();
     let stack = LlmStack::anthropic(50, 30_000, 8_000).build().unwrap();
-    let pace = stack.pace();
+    let pace = &stack.pace().get(Some("m"));
     pace.learn(&RateLimitInfo::from_headers(
         &[
             ("anthropic-ratelimit-output-tokens-remaining", "100"),
@@ -249,7 +249,7 @@ async fn each_profile_learns_from_its_own_headers_and_only_lowers() {
     assert!(available(pace, Unit::OutputTokens) < 101.0);
 
     let stack = LlmStack::azure_openai(60_000).build().unwrap();
-    let pace = stack.pace();
+    let pace = &stack.pace().get(Some("m"));
     assert!(
         (available(pace, Unit::Tokens) - 9_500.0).abs() < 1.0,
         "a tenth-of-a-minute burst with headroom"
@@ -332,7 +332,7 @@ async fn a_request_without_max_tokens_reserves_the_largest_output_within_half_a_
             .service(tower::service_fn(|_req: http::Request<Bytes>| async {
                 Ok::<_, std::io::Error>(http::Response::new(Bytes::new()))
             }));
-        let before = available(stack.pace(), Unit::Tokens);
+        let before = available(stack.pace().overflow(), Unit::Tokens);
         let req = http::Request::post("/v1/chat/completions")
             .body(Bytes::from_static(
                 br#"{"messages":[{"role":"user","content":"abcdefgh"}]}"#,
@@ -340,7 +340,7 @@ async fn a_request_without_max_tokens_reserves_the_largest_output_within_half_a_
             .unwrap();
         let res = svc.oneshot(req).await.unwrap();
         assert_eq!(res.status(), 200);
-        (before - available(stack.pace(), Unit::Tokens)).round() as u64
+        (before - available(stack.pace().overflow(), Unit::Tokens)).round() as u64
     };
     // 2 input tokens + 16,384 (gpt-4o's largest output) on a 100k tier…
     let big = LlmStack::openai(Tier {
@@ -438,7 +438,7 @@ fn a_time_scale_speeds_the_rate_not_the_burst() {
         .time_scale(10.0)
         .build()
         .unwrap();
-    let dims = stack.pace().snapshot().dims;
+    let dims = stack.pace().get(Some("m")).snapshot().dims;
     let got: Vec<_> = dims.iter().map(|d| (d.unit, d.per, d.capacity)).collect();
     let minute = Duration::from_secs(60);
     assert_eq!(
@@ -494,13 +494,13 @@ async fn the_unset_output_cap_follows_the_pacer_in_use_and_all_choices() {
             .service(tower::service_fn(|_req: http::Request<Bytes>| async {
                 Ok::<_, std::io::Error>(http::Response::new(Bytes::new()))
             }));
-        let before = available(stack.pace(), Unit::Tokens);
+        let before = available(stack.pace().overflow(), Unit::Tokens);
         let req = http::Request::post("/v1/chat/completions")
             .body(Bytes::from_static(body))
             .unwrap();
         let res = svc.oneshot(req).await.unwrap();
         assert_eq!(res.status(), 200);
-        (before - available(stack.pace(), Unit::Tokens)).round() as u64
+        (before - available(stack.pace().overflow(), Unit::Tokens)).round() as u64
     };
     let tier = Tier {
         requests_per_minute: 500,
@@ -547,7 +547,7 @@ async fn a_stream_dropped_before_its_final_usage_keeps_the_estimate() {
     let svc = ServiceBuilder::new()
         .layer(stack.stream_layer())
         .service(client);
-    let full = available(stack.pace(), Unit::OutputTokens);
+    let full = available(&stack.pace().get(Some("m")), Unit::OutputTokens);
     // Read two events, then let go.
     let mut body = svc
         .clone()
@@ -558,12 +558,12 @@ async fn a_stream_dropped_before_its_final_usage_keeps_the_estimate() {
     body.frame().await.unwrap().unwrap();
     body.frame().await.unwrap().unwrap();
     drop(body);
-    let kept = full - available(stack.pace(), Unit::OutputTokens);
+    let kept = full - available(&stack.pace().get(Some("m")), Unit::OutputTokens);
     assert!((kept - 1_000.0).abs() < 1.0, "estimate kept: {kept}");
     // Read to the end: the final usage (900) replaces the estimate.
-    let before = available(stack.pace(), Unit::OutputTokens);
+    let before = available(&stack.pace().get(Some("m")), Unit::OutputTokens);
     let body = svc.oneshot(chat(40, 1_000)).await.unwrap().into_body();
     body.collect().await.unwrap();
-    let charged = before - available(stack.pace(), Unit::OutputTokens);
+    let charged = before - available(&stack.pace().get(Some("m")), Unit::OutputTokens);
     assert!((charged - 900.0).abs() < 1.0, "reconciled: {charged}");
 }

@@ -53,7 +53,8 @@ async fn the_documented_series_exist_with_plausible_values() {
     assert_eq!(get(r#"semaforo_bulkhead_limit{name="openai"}"#), 5.0);
     assert_eq!(get(r#"semaforo_bulkhead_waiting{name="openai"}"#), 0.0);
     assert_eq!(get(r#"semaforo_breaker_open{name="openai"}"#), 0.0);
-    let tokens = get(r#"semaforo_pace_available_tokens{name="openai"}"#);
+    // One pacer per model: its component is named `openai/<model>`.
+    let tokens = get(r#"semaforo_pace_available_tokens{name="openai/gpt-4o-mini"}"#);
     assert!((0.0..=30_000.0).contains(&tokens), "{tokens}");
     // 20 calls, 5 at a time: 15 waited in the bulkhead's line.
     assert_eq!(

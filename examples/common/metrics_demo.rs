@@ -57,7 +57,7 @@ pub async fn run(
     let health = Health::new(stack.shutdown())
         .bulkhead("openai", stack.bulkhead())
         .breaker("openai", stack.breaker())
-        .pace("openai", stack.pace());
+        .keyed_pace("openai", stack.pace());
     let sampler = health.spawn_metrics(Duration::from_millis(100))?;
     let client = HttpClient::new(&mock.base_url(), None);
     let svc = ServiceBuilder::new().layer(stack.layer()).service(client);

@@ -29,7 +29,7 @@
 
 use crate::breaker::{Breaker, BreakerState, Mode};
 use crate::bulkhead::Bulkhead;
-use crate::pace::Pace;
+use crate::pace::{KeyedPace, Pace};
 use crate::quota::Quota;
 use crate::shutdown::Shutdown;
 use std::fmt;
@@ -139,6 +139,35 @@ fn details_as_object<S: serde::Serializer>(
     map.end()
 }
 
+/// A pacer as a component: degraded while paused after a 429.
+fn pace_component(name: String, p: &Pace) -> Component {
+    let s = p.snapshot();
+    let mut details = vec![
+        ("waiting", s.waiting as f64),
+        ("rate_factor", s.rate_factor),
+        ("throttled", s.throttled as f64),
+    ];
+    for d in &s.dims {
+        let label = available_label(d.unit, d.per);
+        // Two windows of one label (two "other" windows): the binding one,
+        // the smaller, is what a reader needs.
+        match details.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, v)) => *v = v.min(d.available),
+            None => details.push((label, d.available)),
+        }
+    }
+    Component {
+        name,
+        kind: "pace",
+        status: if s.paused_until.is_some() {
+            Status::Degraded
+        } else {
+            Status::Ok
+        },
+        details,
+    }
+}
+
 /// The deep health report.
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -153,7 +182,8 @@ pub struct HealthReport {
     pub components: Vec<Component>,
 }
 
-type Probe = Arc<dyn Fn() -> Component + Send + Sync>;
+/// Adds its components to a report.
+type Probe = Arc<dyn Fn(&mut Vec<Component>) + Send + Sync>;
 
 /// Aggregates registered guards into one report.
 #[derive(Clone)]
@@ -180,7 +210,8 @@ impl Health {
     }
 
     fn with(mut self, probe: impl Fn() -> Component + Send + Sync + 'static) -> Self {
-        self.probes.push(Arc::new(probe));
+        self.probes
+            .push(Arc::new(move |out: &mut Vec<Component>| out.push(probe())));
         self
     }
 
@@ -259,33 +290,21 @@ impl Health {
     /// Reports a pacer: degraded while paused after a 429.
     pub fn pace(self, name: &str, pace: &Pace) -> Self {
         let (name, p) = (name.to_owned(), pace.clone());
-        self.with(move || {
-            let s = p.snapshot();
-            let mut details = vec![
-                ("waiting", s.waiting as f64),
-                ("rate_factor", s.rate_factor),
-                ("throttled", s.throttled as f64),
-            ];
-            for d in &s.dims {
-                let label = available_label(d.unit, d.per);
-                // Two windows of one label (two "other" windows): the
-                // binding one, the smaller, is what a reader needs.
-                match details.iter_mut().find(|(l, _)| *l == label) {
-                    Some((_, v)) => *v = v.min(d.available),
-                    None => details.push((label, d.available)),
-                }
+        self.with(move || pace_component(name.clone(), &p))
+    }
+
+    /// Reports a keyed pacer (one per model): one `pace` component per key
+    /// that has a pacer when the report is made, named `name/key` (the
+    /// overflow pacer `name/*`, the shared limits `name/shared`), each as
+    /// [`pace`](Self::pace) reports it.
+    pub fn keyed_pace(mut self, name: &str, pace: &KeyedPace) -> Self {
+        let (name, p) = (name.to_owned(), pace.clone());
+        self.probes.push(Arc::new(move |out: &mut Vec<Component>| {
+            for (key, pace) in p.pacers() {
+                out.push(pace_component(format!("{name}/{key}"), &pace));
             }
-            Component {
-                name: name.clone(),
-                kind: "pace",
-                status: if s.paused_until.is_some() {
-                    Status::Degraded
-                } else {
-                    Status::Ok
-                },
-                details,
-            }
-        })
+        }));
+        self
     }
 
     /// The shallow check: `false` from the moment shutdown is triggered.
@@ -334,7 +353,10 @@ impl Health {
 
     /// The deep report.
     pub fn report(&self) -> HealthReport {
-        let components: Vec<Component> = self.probes.iter().map(|p| p()).collect();
+        let mut components: Vec<Component> = Vec::with_capacity(self.probes.len());
+        for p in &self.probes {
+            p(&mut components);
+        }
         let ready = self.shutdown.is_ready();
         let worst = components
             .iter()

@@ -70,8 +70,8 @@ pub fn estimate_cost_with(body: &[u8], unset_max_output: u64) -> Cost {
 /// [`estimate_cost_with`], the output of a request that sets no maximum
 /// (all its `n` choices together) at most `unset_cap`.
 pub(crate) fn estimate_capped(body: &[u8], unset_max_output: u64, unset_cap: u64) -> Cost {
-    match serde_json::from_slice::<RequestShape>(body) {
-        Ok(r) => {
+    match read_request(body) {
+        Some(r) => {
             let prompt = r.prompt.chars / 4;
             let parts = r.prompt.non_text.saturating_mul(NON_TEXT_PART_TOKENS);
             let choices = r.n.unwrap_or(1).max(1);
@@ -81,8 +81,14 @@ pub(crate) fn estimate_capped(body: &[u8], unset_max_output: u64, unset_cap: u64
             };
             Cost::split(prompt.saturating_add(parts), output)
         }
-        Err(_) => Cost::split(body.len() as u64 / 4, unset_max_output.min(unset_cap)),
+        None => Cost::split(body.len() as u64 / 4, unset_max_output.min(unset_cap)),
     }
+}
+
+/// The parts of a JSON request the estimate reads; `None` when `body` is
+/// not a JSON object.
+pub(super) fn read_request(body: &[u8]) -> Option<RequestShape> {
+    serde_json::from_slice::<RequestShape>(body).ok()
 }
 
 /// The total tokens an answer reports: OpenAI's `usage.total_tokens` (or
@@ -498,10 +504,11 @@ impl<'de> Deserialize<'de> for Count {
 
 /// The parts of a request the estimate reads.
 #[derive(Default)]
-struct RequestShape {
-    prompt: Text,
-    max_output: Option<u64>,
-    n: Option<u64>,
+pub(super) struct RequestShape {
+    pub(super) model: Option<Box<str>>,
+    pub(super) prompt: Text,
+    pub(super) max_output: Option<u64>,
+    pub(super) n: Option<u64>,
 }
 
 impl<'de> Deserialize<'de> for RequestShape {
@@ -526,6 +533,9 @@ impl<'de> Deserialize<'de> for RequestShape {
                             }
                         }
                         "n" => r.n = map.next_value::<Option<Count>>()?.map(|c| c.0),
+                        "model" => {
+                            r.model = map.next_value::<ModelName>()?.0;
+                        }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -538,12 +548,40 @@ impl<'de> Deserialize<'de> for RequestShape {
     }
 }
 
+/// A string `model`, kept; any other value skipped.
+struct ModelName(Option<Box<str>>);
+
+impl<'de> Deserialize<'de> for ModelName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ModelName;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ModelName, E> {
+                Ok(ModelName(Some(v.into())))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ModelName, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(ModelName(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ModelName, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(ModelName(None))
+            }
+            skip_others!(ModelName(None));
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// The text in a JSON value: characters of every string (not of the values
 /// of `role` and `type`), and the count of non-text parts (values skipped).
 #[derive(Default)]
-struct Text {
-    chars: u64,
-    non_text: u64,
+pub(super) struct Text {
+    pub(super) chars: u64,
+    pub(super) non_text: u64,
 }
 
 /// Keys whose value is an image, audio clip or file, not text.

@@ -78,7 +78,7 @@ use crate::breaker::Breaker;
 use crate::bulkhead::Bulkhead;
 use crate::error::ConfigError;
 use crate::observe::{Event, ListenerSlot};
-use crate::pace::{Pace, Unit};
+use crate::pace::{KeyedPace, Limit, Pace, PaceBuilder, Unit};
 use crate::quota::{HeaderKey, PlanId, Quota, QuotaLayer, UnitCost};
 use crate::retry::Retry;
 use crate::shutdown::Shutdown;
@@ -87,6 +87,7 @@ use crate::timeout::Timeout;
 mod cost;
 mod model;
 mod profile;
+mod prompt;
 mod service;
 mod sse;
 
@@ -96,6 +97,7 @@ pub use cost::{
 };
 pub use model::ModelField;
 pub use profile::Profile;
+pub use prompt::{CharsPerToken, Prompt, TokenEstimator};
 pub use service::{
     observe_headers, observe_response, LlmFuture, LlmLayer, LlmService, LlmStreamBody,
     LlmStreamFuture, LlmStreamLayer, LlmStreamService, ObserveHeaders,
@@ -130,7 +132,7 @@ pub struct LlmStack {
     bulkhead: Bulkhead,
     retry: Retry,
     breaker: Breaker,
-    pace: Pace,
+    pace: KeyedPace,
     timeout: Timeout,
     stream_timeout: Timeout,
 }
@@ -161,10 +163,19 @@ impl LlmStack {
         &self.breaker
     }
 
-    /// The pacer: the profile's limits (RPM and TPM for OpenAI; RPM, ITPM
-    /// and OTPM for Anthropic…).
-    pub fn pace(&self) -> &Pace {
+    /// The pacer, one per model (the request's `model` field): the
+    /// profile given for that model with [`LlmStackBuilder::model`], else
+    /// the stack's profile (RPM and TPM for OpenAI; RPM, ITPM and OTPM for
+    /// Anthropic…); requests without a model share the overflow pacer
+    /// ([`KeyedPace::overflow`]). Read one model's with
+    /// [`KeyedPace::peek`], every one with [`KeyedPace::pacers`].
+    pub fn pace(&self) -> &KeyedPace {
         &self.pace
+    }
+
+    /// The estimator of the prompts' tokens (to read what it learned).
+    pub fn estimator(&self) -> &std::sync::Arc<dyn TokenEstimator> {
+        &self.weigh.estimator
     }
 
     /// The per-attempt timeout.
@@ -191,7 +202,10 @@ pub struct LlmStackBuilder {
     bulkhead: Option<Bulkhead>,
     retry: Option<Retry>,
     breaker: Option<Breaker>,
-    pace: Option<Pace>,
+    pace: Option<KeyedPace>,
+    models: Vec<(String, Profile)>,
+    shared: Vec<Limit>,
+    estimator: Option<std::sync::Arc<dyn TokenEstimator>>,
     timeout: Option<Timeout>,
     stream_timeout: Option<Timeout>,
     listener: ListenerSlot,
@@ -238,6 +252,9 @@ impl LlmStack {
             retry: None,
             breaker: None,
             pace: None,
+            models: Vec::new(),
+            shared: Vec::new(),
+            estimator: None,
             timeout: None,
             stream_timeout: None,
             listener: ListenerSlot::default(),
@@ -402,9 +419,54 @@ impl LlmStackBuilder {
         self
     }
 
-    /// Replaces the pacer.
-    pub fn pace(mut self, p: Pace) -> Self {
-        self.pace = Some(p);
+    /// Replaces the pacer: a [`KeyedPace`] (one pacer per model, keyed by
+    /// the request's `model`), or one [`Pace`] for every model. The profiles
+    /// then only give each model's output reserved without `max_tokens`.
+    pub fn pace(mut self, p: impl Into<KeyedPace>) -> Self {
+        self.pace = Some(p.into());
+        self
+    }
+
+    /// Paces the requests whose `model` field is `model` by `profile`'s
+    /// limits (and its output reserved without `max_tokens`), in a pacer of
+    /// their own: providers limit each model on its own, and a model at its
+    /// limit then holds back only its own callers. Every other model gets a
+    /// pacer of its own with the stack's profile (up to 1,024 models; the
+    /// rest, and requests without a model, share one more). A model given
+    /// twice keeps the last profile.
+    ///
+    /// ```
+    /// use semaforo::llm::{LlmStack, Profile, Tier};
+    /// use semaforo::pace::Limit;
+    ///
+    /// let stack = LlmStack::openai(Tier { requests_per_minute: 500, tokens_per_minute: 30_000 })
+    ///     .model("gpt-4o", Profile::openai(Tier { requests_per_minute: 5_000, tokens_per_minute: 450_000 }))
+    ///     // The organisation's 600,000 tokens a minute, shared by every model.
+    ///     .shared_limit(Limit::tokens_per_minute(600_000))
+    ///     .build()?;
+    /// assert!(stack.pace().peek("gpt-4o").is_some());
+    /// assert!(stack.pace().shared().is_some());
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
+    pub fn model(mut self, model: impl Into<String>, profile: Profile) -> Self {
+        let model = model.into();
+        self.models.retain(|(m, _)| *m != model);
+        self.models.push((model, profile));
+        self
+    }
+
+    /// A limit every model's calls share (an org-wide TPM, a daily cap): a
+    /// call reserves on it and on its model's limits at the same instant
+    /// (see [`KeyedPaceBuilder::shared`](crate::pace::KeyedPaceBuilder::shared)).
+    pub fn shared_limit(mut self, limit: Limit) -> Self {
+        self.shared.push(limit);
+        self
+    }
+
+    /// Estimates the prompts' tokens with `estimator` (default:
+    /// [`CharsPerToken`], learning each model's ratio from the answers).
+    pub fn estimator(mut self, estimator: impl TokenEstimator) -> Self {
+        self.estimator = Some(std::sync::Arc::new(estimator));
         self
     }
 
@@ -484,18 +546,28 @@ impl LlmStackBuilder {
                 .open_jitter(0.1)
                 .build()?,
         };
+        // One pacer builder per profile, with the preset's waits.
+        let paced = |limits: &[Limit]| -> PaceBuilder {
+            let mut b = heard!(Pace::builder());
+            for limit in profile::scale_limits(limits, scale) {
+                b = b.limit(limit);
+            }
+            b.max_wait(t(600.0))
+                .max_pause(t(60.0))
+                // The provider announces its limits per (its) minute.
+                .header_window(t(60.0))
+        };
         let pace = match self.pace {
             Some(p) => p,
             None => {
-                let mut b = heard!(Pace::builder()).name(name);
-                for limit in self.profile.scaled_limits(scale) {
-                    b = b.limit(limit);
+                let mut b = KeyedPace::builder(paced(self.profile.limits())).name(name);
+                for (model, profile) in &self.models {
+                    b = b.key(model.clone(), paced(profile.limits()));
                 }
-                b.max_wait(t(600.0))
-                    .max_pause(t(60.0))
-                    // The provider announces its limits per (its) minute.
-                    .header_window(t(60.0))
-                    .build()?
+                if !self.shared.is_empty() {
+                    b = b.shared(paced(&self.shared));
+                }
+                b.build()?
             }
         };
         let timeout = match self.timeout {
@@ -526,23 +598,37 @@ impl LlmStackBuilder {
         // The pacer, not the permits, decides who goes next when tokens run
         // short: the queue tickets' ETAs come from its reservations.
         bulkhead.set_eta_source(Some(std::sync::Arc::new(pace.clone())));
-        // A request without `max_tokens` reserves the profile's largest
+        // A request without `max_tokens` reserves its model's largest
         // output (for all its choices), capped at half the smallest burst of
-        // the pacer in use that counts output: a prompt of up to the other
-        // half still fits (above a burst, a call could never be paid).
-        let unset_cap = pace
-            .snapshot()
-            .dims
+        // the pacers it goes through that counts output: a prompt of up to
+        // the other half still fits (above a burst, a call could never be
+        // paid).
+        let shared_cap = pace.shared().map_or(u64::MAX, unset_cap);
+        let cap = |p: &Pace| unset_cap(p).min(shared_cap);
+        let models = self
+            .models
             .iter()
-            .filter(|d| matches!(d.unit, Unit::Tokens | Unit::OutputTokens))
-            .map(|d| (d.capacity / 2.0).floor().max(1.0) as u64)
-            .min()
-            .unwrap_or(u64::MAX);
-        Ok(LlmStack {
-            weigh: service::Weigh {
-                unset_max_output: self.profile.unset_max_output(),
-                unset_cap,
+            .map(|(m, profile)| {
+                let own = pace.peek(m).unwrap_or_else(|| pace.overflow().clone());
+                let unset = service::Unset {
+                    max_output: profile.unset_max_output(),
+                    cap: cap(&own),
+                };
+                (m.clone(), unset)
+            })
+            .collect();
+        let weigh = service::Weigh {
+            default: service::Unset {
+                max_output: self.profile.unset_max_output(),
+                cap: cap(pace.overflow()),
             },
+            models: std::sync::Arc::new(models),
+            estimator: self
+                .estimator
+                .unwrap_or_else(|| std::sync::Arc::new(CharsPerToken::new())),
+        };
+        Ok(LlmStack {
+            weigh,
             shutdown,
             quota: self.quota,
             bulkhead,
@@ -553,6 +639,18 @@ impl LlmStackBuilder {
             stream_timeout,
         })
     }
+}
+
+/// Half the smallest planned burst of `pace`'s limits that count output
+/// (at least 1), `u64::MAX` when none does.
+fn unset_cap(pace: &Pace) -> u64 {
+    pace.snapshot()
+        .dims
+        .iter()
+        .filter(|d| matches!(d.unit, Unit::Tokens | Unit::OutputTokens))
+        .map(|d| (d.capacity / 2.0).floor().max(1.0) as u64)
+        .min()
+        .unwrap_or(u64::MAX)
 }
 
 /// The smallest and largest [`LlmStackBuilder::time_scale`].

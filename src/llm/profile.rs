@@ -29,7 +29,7 @@ use std::time::Duration;
 /// // and an org-wide 60,000 tokens a minute shared with other services.
 /// let profile = Profile::anthropic(50, 30_000, 8_000).limit(Limit::tokens_per_minute(60_000));
 /// let stack = LlmStack::with_profile(profile).name("claude").build()?;
-/// assert_eq!(stack.pace().snapshot().dims.len(), 4);
+/// assert_eq!(stack.pace().overflow().snapshot().dims.len(), 4);
 /// # Ok::<(), semaforo::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,29 +126,29 @@ impl Profile {
     pub fn unset_max_output(&self) -> u64 {
         self.max_output
     }
+}
 
-    /// The limits with time running `scale` times faster (a mock provider
-    /// whose minute lasts 6 s: 10): `scale` times the rate over the same
-    /// window when that is a whole count, so a limit keeps its name (per
-    /// minute, per day); else the same count over a window `scale` times
-    /// shorter. Bursts and headroom are counts: unchanged.
-    pub(super) fn scaled_limits(&self, scale: f64) -> Vec<Limit> {
-        self.limits
-            .iter()
-            .map(|l| {
-                // The burst is a count of units: time running faster does
-                // not change it.
-                let exact = l.rate() as f64 * scale;
-                let scaled = if exact >= 1.0 && exact.fract() == 0.0 && exact < u64::MAX as f64 {
-                    Limit::new(l.unit(), exact as u64, l.per())
-                } else {
-                    // A rate that is not a whole count: the same count over a
-                    // window `scale` times shorter (exact).
-                    let per = crate::time::secs_f64(l.per().as_secs_f64() / scale);
-                    Limit::new(l.unit(), l.rate(), per.max(Duration::from_nanos(1)))
-                };
-                scaled.burst(l.capacity()).headroom(l.headroom_percent())
-            })
-            .collect()
-    }
+/// `limits` with time running `scale` times faster (a mock provider whose
+/// minute lasts 6 s: 10): `scale` times the rate over the same window when
+/// that is a whole count, so a limit keeps its name (per minute, per day);
+/// else the same count over a window `scale` times shorter. Bursts and
+/// headroom are counts: unchanged.
+pub(super) fn scale_limits(limits: &[Limit], scale: f64) -> Vec<Limit> {
+    limits
+        .iter()
+        .map(|l| {
+            // The burst is a count of units: time running faster does
+            // not change it.
+            let exact = l.rate() as f64 * scale;
+            let scaled = if exact >= 1.0 && exact.fract() == 0.0 && exact < u64::MAX as f64 {
+                Limit::new(l.unit(), exact as u64, l.per())
+            } else {
+                // A rate that is not a whole count: the same count over a
+                // window `scale` times shorter (exact).
+                let per = crate::time::secs_f64(l.per().as_secs_f64() / scale);
+                Limit::new(l.unit(), l.rate(), per.max(Duration::from_nanos(1)))
+            };
+            scaled.burst(l.capacity()).headroom(l.headroom_percent())
+        })
+        .collect()
 }

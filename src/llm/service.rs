@@ -4,23 +4,26 @@
 //! the stack of layers inside (no boxing): the stack is an implementation
 //! detail, free to change without breaking a user's code.
 
-use super::cost::estimate_capped;
+use super::prompt::{Asked, Prompt, TokenEstimator};
 use super::{usage_cost, LlmStack, SseScan, SseWatch};
 use crate::breaker::{BreakerOutcome, BreakerService};
 use crate::bulkhead::{BulkheadPermit, BulkheadService, InfoFns};
 use crate::classify::{LlmClassifier, LlmHeadClassifier, RateLimitInfo};
 use crate::error::BoxError;
 use crate::guard::{OnBodyEnd, OnResponse, Tapped};
-use crate::pace::{Cost, Observed, PaceService, Reconcile, UsageFromBody};
+use crate::pace::{Cost, KeyedPaceService, Observed, Reconcile, UsageFromBody};
 use crate::quota::{HeaderKey, QuotaService, UnitCost};
 use crate::retry::{HttpRequests, RetryService};
 use crate::shutdown::{InFlight, ShutdownService};
 use crate::timeout::{Deadlines, TimeoutService, Whole, WholeBody};
 use bytes::Bytes;
 use pin_project::pin_project;
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 use tower_layer::Layer;
@@ -60,23 +63,147 @@ pub fn observe_response(res: &http::Response<Bytes>) -> Observed {
     }
 }
 
-/// The preset's estimate: [`estimate_cost_with`](super::estimate_cost_with)
-/// the profile's output for a request without `max_tokens`, at most
-/// `unset_cap` for all its choices.
+/// The output a request without a maximum reserves, and its cap (see
+/// [`LlmStackBuilder::model`](super::LlmStackBuilder::model)).
 #[derive(Debug, Clone, Copy)]
+pub(super) struct Unset {
+    pub(super) max_output: u64,
+    pub(super) cap: u64,
+}
+
+/// The preset's estimate: the prompt read once (its [`Asked`] extension,
+/// put by [`LlmService`] / [`LlmStreamService`]), its text's tokens from the
+/// estimator, its output from the model's profile.
+#[derive(Debug, Clone)]
 pub(super) struct Weigh {
-    pub(super) unset_max_output: u64,
-    pub(super) unset_cap: u64,
+    pub(super) default: Unset,
+    pub(super) models: Arc<HashMap<String, Unset>>,
+    pub(super) estimator: Arc<dyn TokenEstimator>,
+}
+
+impl Weigh {
+    /// The [`Asked`] of a call: the prompt read once.
+    pub(super) fn ask(&self, body: &Bytes) -> Asked {
+        Asked {
+            prompt: Arc::new(Prompt::read(body.clone())),
+            estimator: self.estimator.clone(),
+        }
+    }
+
+    fn unset(&self, model: Option<&str>) -> Unset {
+        model
+            .and_then(|m| self.models.get(m))
+            .copied()
+            .unwrap_or(self.default)
+    }
 }
 
 impl crate::pace::Weigh<http::Request<Bytes>> for Weigh {
     #[inline]
     fn weigh(&self, req: &http::Request<Bytes>) -> Cost {
-        estimate_capped(req.body(), self.unset_max_output, self.unset_cap)
+        let cost = |p: &Prompt| {
+            let u = self.unset(p.model());
+            p.cost(&*self.estimator, u.max_output, u.cap)
+        };
+        match req.extensions().get::<Asked>() {
+            Some(a) => cost(&a.prompt),
+            // Not through the preset's outer service (parts used alone).
+            None => cost(&Prompt::read(req.body().clone())),
+        }
     }
 }
 
-type Observe = fn(&http::Response<Bytes>) -> Observed;
+/// The preset's pacer key: the request's `model` (read once, in [`Asked`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct AskedModel;
+
+impl crate::pace::PaceKey<http::Request<Bytes>> for AskedModel {
+    #[inline]
+    fn key<'a>(&self, req: &'a http::Request<Bytes>) -> Option<Cow<'a, str>> {
+        match req.extensions().get::<Asked>() {
+            Some(a) => a.prompt.model().map(Cow::Borrowed),
+            None => super::ModelField::read(req.body()),
+        }
+    }
+}
+
+/// The preset's reading of a whole answer: [`observe_response`], and the
+/// billed input taught to the estimator of the prompt (its [`Asked`],
+/// copied to the response by [`Stamp`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct ObserveAnswer;
+
+impl crate::pace::Observe<http::Response<Bytes>> for ObserveAnswer {
+    fn observe(&self, res: &http::Response<Bytes>) -> Observed {
+        let seen = observe_response(res);
+        if let (Some(asked), Some(usage)) = (res.extensions().get::<Asked>(), &seen.usage) {
+            asked.learn(usage);
+        }
+        seen
+    }
+}
+
+/// The innermost piece of the preset: copies the request's [`Asked`] to the
+/// response (where the usage is read). A request without one passes as is.
+#[derive(Debug, Clone)]
+pub(super) struct Stamp<S> {
+    inner: S,
+}
+
+impl<S> Stamp<S> {
+    pub(super) fn new(inner: S) -> Self {
+        Stamp { inner }
+    }
+}
+
+impl<S, B> Service<http::Request<Bytes>> for Stamp<S>
+where
+    S: Service<http::Request<Bytes>, Response = http::Response<B>>,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future = StampFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, req: http::Request<Bytes>) -> Self::Future {
+        let asked = req.extensions().get::<Asked>().cloned();
+        StampFuture {
+            fut: self.inner.call(req),
+            asked,
+        }
+    }
+}
+
+/// The future of [`Stamp`].
+#[pin_project]
+#[derive(Debug)]
+pub(super) struct StampFuture<F> {
+    #[pin]
+    fut: F,
+    asked: Option<Asked>,
+}
+
+impl<F, B, E> Future for StampFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<B>, E>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut res = std::task::ready!(this.fut.poll(cx))?;
+        if let Some(a) = this.asked.take() {
+            res.extensions_mut().insert(a);
+        }
+        Poll::Ready(Ok(res))
+    }
+}
 
 /// The preset as one tower [`Layer`]: see [`LlmStack::layer`].
 #[derive(Debug, Clone)]
@@ -91,7 +218,13 @@ type Inner<S> = ShutdownService<
         BulkheadService<
             RetryService<
                 BreakerService<
-                    PaceService<TimeoutService<S, Whole>, Weigh, Observe, LlmClassifier>,
+                    KeyedPaceService<
+                        TimeoutService<Stamp<S>, Whole>,
+                        AskedModel,
+                        Weigh,
+                        ObserveAnswer,
+                        LlmClassifier,
+                    >,
                     LlmClassifier,
                     OnResponse,
                 >,
@@ -141,12 +274,14 @@ type Inner<S> = ShutdownService<
 /// ```
 pub struct LlmService<S> {
     inner: Inner<S>,
+    weigh: Weigh,
 }
 
 impl<S: Clone> Clone for LlmService<S> {
     fn clone(&self) -> Self {
         LlmService {
             inner: self.inner.clone(),
+            weigh: self.weigh.clone(),
         }
     }
 }
@@ -174,7 +309,9 @@ where
     }
 
     #[inline]
-    fn call(&mut self, req: http::Request<Bytes>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Bytes>) -> Self::Future {
+        let asked = self.weigh.ask(req.body());
+        req.extensions_mut().insert(asked);
         LlmFuture {
             inner: self.inner.call(req),
         }
@@ -221,12 +358,13 @@ impl<S> Layer<S> for LlmLayer {
 
     fn layer(&self, client: S) -> Self::Service {
         let s = &self.stack;
-        let timed = s.timeout.layer().layer(client);
+        let timed = s.timeout.layer().layer(Stamp::new(client));
         let paced = s
             .pace
             .layer()
-            .weigh(s.weigh)
-            .observe(observe_response as Observe)
+            .key(AskedModel)
+            .weigh(s.weigh.clone())
+            .observe(ObserveAnswer)
             .classify(LlmClassifier::new())
             .layer(timed);
         let guarded = s
@@ -243,6 +381,7 @@ impl<S> Layer<S> for LlmLayer {
         let limited = s.bulkhead.layer().ticket_from_extensions().layer(retried);
         LlmService {
             inner: s.shutdown.layer().layer(s.quota_layer().layer(limited)),
+            weigh: s.weigh.clone(),
         }
     }
 }
@@ -260,8 +399,9 @@ type StreamInner<S> = ShutdownService<
         BulkheadService<
             RetryService<
                 BreakerService<
-                    PaceService<
-                        TimeoutService<SseWatch<S>, WholeBody>,
+                    KeyedPaceService<
+                        TimeoutService<SseWatch<Stamp<S>>, WholeBody>,
+                        AskedModel,
                         Weigh,
                         ObserveHeaders,
                         LlmHeadClassifier,
@@ -300,12 +440,14 @@ type StreamInnerBody<B> = Tapped<
 /// `http::Response<LlmStreamBody<B>>`.
 pub struct LlmStreamService<S> {
     inner: StreamInner<S>,
+    weigh: Weigh,
 }
 
 impl<S: Clone> Clone for LlmStreamService<S> {
     fn clone(&self) -> Self {
         LlmStreamService {
             inner: self.inner.clone(),
+            weigh: self.weigh.clone(),
         }
     }
 }
@@ -335,7 +477,9 @@ where
     }
 
     #[inline]
-    fn call(&mut self, req: http::Request<Bytes>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Bytes>) -> Self::Future {
+        let asked = self.weigh.ask(req.body());
+        req.extensions_mut().insert(asked);
         LlmStreamFuture {
             inner: self.inner.call(req),
         }
@@ -439,11 +583,12 @@ impl<S> Layer<S> for LlmStreamLayer {
             .stream_timeout
             .layer()
             .until_body_end()
-            .layer(SseWatch::new(client));
+            .layer(SseWatch::new(Stamp::new(client)));
         let paced = s
             .pace
             .layer()
-            .weigh(s.weigh)
+            .key(AskedModel)
+            .weigh(s.weigh.clone())
             .observe(ObserveHeaders)
             .classify(LlmHeadClassifier)
             .deliver(UsageFromBody)
@@ -472,6 +617,7 @@ impl<S> Layer<S> for LlmStreamLayer {
                 .layer()
                 .release_on_body_end()
                 .layer(s.quota_layer().layer(limited)),
+            weigh: s.weigh.clone(),
         }
     }
 }

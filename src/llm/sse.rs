@@ -26,9 +26,10 @@
 //! against the spec's examples and by proptest (`tests/sse.rs`).
 
 use super::cost::Payload;
+use super::prompt::Asked;
 use crate::classify::{BodyFailure, Class, LlmClassifier};
 use crate::error::BoxError;
-use crate::guard::{Flow, Tap, Tapped};
+use crate::guard::{Flow, StreamEnd, Tap, Tapped};
 use crate::pace::UsageCell;
 use bytes::Bytes;
 use pin_project::pin_project;
@@ -334,6 +335,8 @@ pub struct SseScan {
     /// input (`message_start`) and output (the last `message_delta`).
     seen: Payload<'static>,
     failed: Option<StreamFailed>,
+    /// The preset's prompt, to teach its estimator the billed input.
+    asked: Option<Asked>,
 }
 
 impl std::fmt::Debug for SseScan {
@@ -378,6 +381,17 @@ impl<E: Into<BoxError>> Tap<http_body::Frame<Bytes>, E> for SseScan {
 
     fn then(&mut self) -> Option<Result<http_body::Frame<Bytes>, BoxError>> {
         self.failed.take().map(|f| Err(f.into()))
+    }
+
+    /// A stream that ended whole (no failure) has its final usage: the
+    /// prompt's billed input teaches the estimator.
+    fn end(self, end: StreamEnd) {
+        if end != StreamEnd::Completed || self.failed.is_some() {
+            return;
+        }
+        if let (Some(asked), Some(cost)) = (&self.asked, self.seen.cost()) {
+            asked.learn(&cost);
+        }
     }
 }
 
@@ -438,6 +452,7 @@ where
         let failure = BodyFailure::new();
         res.extensions_mut().insert(usage.clone());
         res.extensions_mut().insert(failure.clone());
+        let asked = res.extensions().get::<Asked>().cloned();
         Poll::Ready(Ok(res.map(|inner| {
             Tapped::body(
                 inner,
@@ -447,6 +462,7 @@ where
                     failure,
                     seen: Payload::default(),
                     failed: None,
+                    asked,
                 },
             )
         })))

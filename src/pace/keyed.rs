@@ -110,7 +110,8 @@ struct Keyed {
     /// Built from the template on first use.
     /// Read on every call (many readers), written once per new key.
     built: RwLock<HashMap<String, Pace>>,
-    template: PaceBuilder,
+    /// `None`: one pacer for every request (`From<Pace>`).
+    template: Option<PaceBuilder>,
     max_keys: usize,
     /// Requests without a key, and keys past `max_keys`.
     overflow: Pace,
@@ -215,7 +216,7 @@ impl KeyedPaceBuilder {
                 name: self.name,
                 given,
                 built: RwLock::new(HashMap::new()),
-                template: self.template,
+                template: Some(self.template),
                 max_keys: self.max_keys,
                 overflow,
                 shared,
@@ -298,9 +299,18 @@ impl KeyedPace {
         if let Some(p) = self.inner.given.get(key) {
             return p.clone();
         }
+        let Some(template) = &self.inner.template else {
+            return self.inner.overflow.clone();
+        };
         // A key seen before: a shared read, no writer in the way.
-        if let Some(p) = self.built().get(key) {
-            return p.clone();
+        {
+            let built = self.built();
+            if let Some(p) = built.get(key) {
+                return p.clone();
+            }
+            if built.len() >= self.inner.max_keys {
+                return self.inner.overflow.clone();
+            }
         }
         let mut built = self.inner.built.write().unwrap_or_else(|e| e.into_inner());
         // Built by another caller between the read and the write.
@@ -310,9 +320,9 @@ impl KeyedPace {
         if built.len() >= self.inner.max_keys {
             return self.inner.overflow.clone();
         }
-        let b = match (&self.inner.name, self.inner.template.has_name()) {
-            (Some(n), false) => self.inner.template.clone().name(format!("{n}/{key}")),
-            _ => self.inner.template.clone(),
+        let b = match (&self.inner.name, template.has_name()) {
+            (Some(n), false) => template.clone().name(format!("{n}/{key}")),
+            _ => template.clone(),
         }
         .with_parent(self.inner.shared.as_ref().map(|p| p.shared.clone()));
         // The template was built once already (the overflow pacer): it builds.
@@ -326,8 +336,83 @@ impl KeyedPace {
         pace
     }
 
+    /// The overflow pacer: requests without a key, and keys past
+    /// `max_keys` (the only pacer of one made `From<Pace>`).
+    pub fn overflow(&self) -> &Pace {
+        &self.inner.overflow
+    }
+
+    /// Every pacer with its key: the given and built keys (sorted), then the
+    /// overflow pacer as `"*"`, then the shared limits as `"shared"` if any
+    /// (for a health check or a dashboard).
+    pub fn pacers(&self) -> Vec<(String, Pace)> {
+        let mut all: Vec<(String, Pace)> = self
+            .inner
+            .given
+            .iter()
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect();
+        all.extend(self.built().iter().map(|(k, p)| (k.clone(), p.clone())));
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all.push(("*".to_owned(), self.inner.overflow.clone()));
+        if let Some(s) = &self.inner.shared {
+            all.push(("shared".to_owned(), s.clone()));
+        }
+        all
+    }
+
     fn shared_for(&self, key: Option<&str>) -> Arc<Shared> {
         self.pick(key).shared
+    }
+}
+
+/// One pacer for every request, whatever its key: what a preset keyed by
+/// model does with a [`Pace`] given whole.
+impl From<Pace> for KeyedPace {
+    fn from(pace: Pace) -> KeyedPace {
+        KeyedPace {
+            inner: Arc::new(Keyed {
+                name: pace.name().map(Arc::from),
+                given: HashMap::new(),
+                built: RwLock::new(HashMap::new()),
+                template: None,
+                max_keys: 0,
+                overflow: pace,
+                shared: None,
+                closed: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
+    }
+}
+
+impl crate::eta::EtaSource for KeyedPace {
+    /// The projection of one key's pacer: the one with the longest line
+    /// (ties: the one that started a call last) — a bulkhead above sees one
+    /// line for every model, and the busiest model's pacer is what holds it
+    /// back. With one model in use, that model's pacer exactly.
+    fn projection(&self, now: tokio::time::Instant) -> Box<dyn crate::eta::Projection + '_> {
+        let mut best: Option<super::state::Projection> = None;
+        let mut consider = |p: &Pace| {
+            let proj = p.shared.lock().projection(now);
+            let rank = |x: &super::state::Projection| {
+                use crate::eta::Projection as _;
+                (x.waiting(), x.started().last().copied())
+            };
+            if best.as_ref().is_none_or(|b| rank(&proj) > rank(b)) {
+                best = Some(proj);
+            }
+        };
+        for p in self.inner.given.values() {
+            consider(p);
+        }
+        for p in self.built().values() {
+            consider(p);
+        }
+        consider(&self.inner.overflow);
+        match best {
+            Some(b) => Box::new(b),
+            None => Box::new(self.inner.overflow.shared.lock().projection(now)),
+        }
     }
 }
 

@@ -6,6 +6,9 @@
 //! back when the answer ends), and answered with `usage` and the provider's
 //! rate-limit headers — or a 429.
 
+// Shared by several test files; each uses a part.
+#![allow(dead_code)]
+
 use bytes::Bytes;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +27,8 @@ pub enum Counts {
 
 #[derive(Debug)]
 struct Bucket {
+    /// The model whose requests it counts; `None`: every request.
+    model: Option<String>,
     counts: Counts,
     capacity: f64,
     per_sec: f64,
@@ -65,6 +70,10 @@ struct Books {
     buckets: Vec<Bucket>,
     accepted: usize,
     throttled: usize,
+    /// Characters per billed prompt token (rounded up).
+    chars_per_token: f64,
+    /// Admissions per model: (instant, model).
+    admitted: Vec<(Instant, String)>,
 }
 
 /// What one request costs the provider.
@@ -89,12 +98,27 @@ impl Charge {
 impl Account {
     /// Buckets of `(counts, capacity, per minute)`.
     pub fn new(shape: Shape, buckets: &[(Counts, u64, u64)], service_time: Duration) -> Self {
+        let scoped: Vec<_> = buckets
+            .iter()
+            .map(|&(c, cap, n)| (None, c, cap, n))
+            .collect();
+        Account::per_model(shape, &scoped, service_time)
+    }
+
+    /// Buckets of `(model, counts, capacity, per minute)`: a bucket with a
+    /// model counts only that model's requests.
+    pub fn per_model(
+        shape: Shape,
+        buckets: &[(Option<&str>, Counts, u64, u64)],
+        service_time: Duration,
+    ) -> Self {
         let now = Instant::now();
         Account {
             inner: Arc::new(Mutex::new(Books {
                 buckets: buckets
                     .iter()
-                    .map(|&(counts, capacity, per_minute)| Bucket {
+                    .map(|&(model, counts, capacity, per_minute)| Bucket {
+                        model: model.map(str::to_owned),
                         counts,
                         capacity: capacity as f64,
                         per_sec: per_minute as f64 / 60.0,
@@ -105,12 +129,29 @@ impl Account {
                     .collect(),
                 accepted: 0,
                 throttled: 0,
+                chars_per_token: 4.0,
+                admitted: Vec::new(),
             })),
             service_time,
             shape,
             cached_share: 0.0,
             output_share: 1.0,
         }
+    }
+
+    /// Bills each prompt `ceil(chars / ratio)` tokens from now on (4.0 at first).
+    pub fn set_chars_per_token(&self, ratio: f64) {
+        self.inner.lock().unwrap().chars_per_token = ratio;
+    }
+
+    /// When each call of `model` was admitted.
+    pub fn admitted(&self, model: &str) -> Vec<Instant> {
+        let b = self.inner.lock().unwrap();
+        b.admitted
+            .iter()
+            .filter(|(_, m)| m == model)
+            .map(|(t, _)| *t)
+            .collect()
     }
 
     pub fn accepted(&self) -> usize {
@@ -132,8 +173,22 @@ impl Account {
             .unwrap_or(0.0)
     }
 
-    fn headers(&self, b: &Books, out: &mut http::response::Builder) {
+    /// The headers of the buckets counting `model`'s requests: its own, and
+    /// the unscoped ones of a kind it has none of.
+    fn headers(&self, b: &Books, model: &str, out: &mut http::response::Builder) {
+        let own = |c: Counts| {
+            b.buckets
+                .iter()
+                .any(|x| x.counts == c && x.model.as_deref() == Some(model))
+        };
         for bucket in &b.buckets {
+            let shown = match &bucket.model {
+                Some(m) => m == model,
+                None => !own(bucket.counts),
+            };
+            if !shown {
+                continue;
+            }
             let (limit, remaining) = match (self.shape, bucket.counts) {
                 (Shape::OpenAi, Counts::Requests) => (
                     "x-ratelimit-limit-requests",
@@ -188,11 +243,13 @@ impl Account {
                     .map(|m| {
                         m.iter()
                             .filter_map(|m| m["content"].as_str())
-                            .map(str::len)
+                            .map(|s| s.chars().count())
                             .sum()
                     })
                     .unwrap_or(0);
-                let prompt = (chars / 4) as f64;
+                let model = body["model"].as_str().unwrap_or("").to_owned();
+                let ratio = me.inner.lock().unwrap().chars_per_token;
+                let prompt = (chars as f64 / ratio).ceil();
                 let max_tokens = body["max_tokens"].as_u64().unwrap_or(0) as f64;
                 let cached = (prompt * me.cached_share).floor();
                 let asked = Charge {
@@ -206,14 +263,20 @@ impl Account {
                     for bucket in &mut b.buckets {
                         bucket.refill(now);
                     }
-                    let fits = b.buckets.iter().all(|x| x.level >= asked.amount(x.counts));
+                    let counts = |x: &Bucket| x.model.as_deref().is_none_or(|m| m == model);
+                    let fits = b
+                        .buckets
+                        .iter()
+                        .filter(|x| counts(x))
+                        .all(|x| x.level >= asked.amount(x.counts));
                     if fits {
-                        for x in &mut b.buckets {
+                        for x in b.buckets.iter_mut().filter(|x| counts(x)) {
                             let n = asked.amount(x.counts);
                             x.level -= n;
                             x.charged.push((now, n));
                         }
                         b.accepted += 1;
+                        b.admitted.push((now, model.clone()));
                     } else {
                         b.throttled += 1;
                     }
@@ -224,7 +287,7 @@ impl Account {
                     let mut out = http::Response::builder()
                         .status(429)
                         .header("retry-after", "1");
-                    me.headers(&b, &mut out);
+                    me.headers(&b, &model, &mut out);
                     return Ok(out
                         .body(Bytes::from_static(
                             br#"{"error":{"type":"rate_limit_error","message":"rate limited"}}"#,
@@ -243,6 +306,9 @@ impl Account {
                 };
                 for x in &mut b.buckets {
                     x.refill(now);
+                    if x.model.as_deref().is_some_and(|m| m != model) {
+                        continue;
+                    }
                     let n = back.amount(x.counts);
                     if x.counts != Counts::Requests && n > 0.0 {
                         x.level = (x.level + n).min(x.capacity);
@@ -262,7 +328,7 @@ impl Account {
                     ),
                 };
                 let mut out = http::Response::builder().status(200);
-                me.headers(&b, &mut out);
+                me.headers(&b, &model, &mut out);
                 Ok(out.body(Bytes::from(usage)).expect("a response"))
             }
         })
