@@ -258,6 +258,9 @@ async fn peek_builds_nothing_and_a_shared_refusal_names_the_shared_pacer() {
         .await
         .unwrap_err();
     let r = semaforo::Rejected::from_box(&e).unwrap();
-    assert_eq!(r.name(), Some("org/shared"), "{r}");
-    assert!(models.peek("haiku").is_some(), "the call built its pacer");
+    assert_eq!(r.name(), Some("org#shared"), "{r}");
+    assert!(
+        models.peek("haiku").is_none(),
+        "a call that could never be paid takes no place among max_keys"
+    );
 }

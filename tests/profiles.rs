@@ -367,22 +367,24 @@ proptest! {
     /// W stays within `rate · W + burst`, whatever the split of the costs.
     #[test]
     fn every_dimension_of_every_profile_stays_within_rate_and_burst(
-        which in 0usize..3,
+        which in 0usize..4,
         calls in prop::collection::vec((0u64..30_000, 0u64..4_000, 0u64..4_000, 0u64..2_000), 1..40),
         a in 20u64..200,
         b in 5_000u64..60_000,
         c in 2_000u64..20_000,
+        d in 3u64..15,
     ) {
         let profile = match which {
             0 => Profile::openai(Tier { requests_per_minute: a, tokens_per_minute: b }),
             1 => Profile::azure_openai(b),
-            _ => Profile::anthropic(a, b, c),
+            2 => Profile::anthropic(a, b, c),
+            _ => Profile::gemini(a, b, d),
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
         rt.block_on(async move {
             let mut builder = Pace::builder();
             for l in profile.limits() {
-                builder = builder.limit(*l);
+                builder = builder.limit(l.clone());
             }
             let pace = builder.build().unwrap();
             let log: Arc<Mutex<Vec<(Instant, Cost)>>> = Arc::default();
@@ -416,6 +418,29 @@ proptest! {
             for l in profile.limits() {
                 let rate = l.rate() as f64 / l.per().as_secs_f64();
                 let burst = l.capacity() as f64;
+                if l.resets_on_calendar() {
+                    // A calendar day (Gemini's RPD, midnight Pacific: 07:00
+                    // or 08:00 UTC): at most the burst before the first of
+                    // those; calls that did not fit wait for midnight.
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs()
+                        % 86_400;
+                    let cut = [7 * 3_600u64, 8 * 3_600]
+                        .iter()
+                        .map(|m| (m + 86_400 - now) % 86_400)
+                        .min()
+                        .unwrap_or(0)
+                        .saturating_sub(2);
+                    let sum: f64 = log
+                        .iter()
+                        .filter(|(at, _)| *at - t0 < Duration::from_secs(cut))
+                        .map(|(_, c)| c.amount(l.unit()) as f64)
+                        .sum();
+                    prop_assert!(sum <= burst, "{sum} in a day of {burst}");
+                    continue;
+                }
                 for i in 0..log.len() {
                     let mut sum = 0.0;
                     for j in i..log.len() {

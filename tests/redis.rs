@@ -790,3 +790,52 @@ async fn a_shutdown_releases_callers_waiting_on_redis() {
     assert_eq!(err.kind(), RejectKind::ShuttingDown);
     drop(held);
 }
+
+/// Spend in dollars shared by a fleet: two instances, one `$1.00` a day;
+/// five calls of `$0.20` between them fit, the sixth is refused on either
+/// with the time until `$0.20` is back; a refund on one frees the dollar for
+/// the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_dollar_a_day() {
+    let Some((_serial, server)) = setup().await else {
+        return;
+    };
+    let dollar = || Pace::builder().limit(Limit::spend_per_day(1_000_000));
+    let a = Budget::builder(&backend(&server).await, "spend", dollar())
+        .build()
+        .unwrap();
+    let b = Budget::builder(&backend(&server).await, "spend", dollar())
+        .build()
+        .unwrap();
+    let call = Cost::split(0, 100_000).with_spend(200_000);
+    for budget in [&a, &b, &a, &b, &a] {
+        assert!(matches!(
+            budget.reserve(Some("team"), &call).await,
+            Ok(Grant::Redis(w)) if w.is_zero()
+        ));
+    }
+    for budget in [&a, &b] {
+        let r = budget.reserve(Some("team"), &call).await.unwrap_err();
+        assert_eq!(r.kind(), RejectKind::BudgetExceeded);
+        // A fifth of a day, less the Redis time that passed (µs rounding).
+        let wait = r.retry_after().unwrap();
+        assert!(
+            wait <= Duration::from_secs(17_280) && wait > Duration::from_secs(17_270),
+            "{wait:?}"
+        );
+    }
+    // Another key has its own dollar.
+    assert!(b.reserve(Some("other"), &call).await.is_ok());
+    // B's last call used $0.05 of its $0.20: $0.15 back, for A too.
+    b.adjust(Some("team"), &call, &call.with_spend(50_000))
+        .await
+        .unwrap();
+    assert!(a
+        .reserve(Some("team"), &Cost::requests(1).with_spend(150_000))
+        .await
+        .is_ok());
+    assert!(a
+        .reserve(Some("team"), &Cost::requests(1).with_spend(1_000))
+        .await
+        .is_err());
+}

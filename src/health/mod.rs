@@ -74,7 +74,7 @@ pub struct Component {
 /// `_per_hour`, `_per_day` or `_other_window` for the others.
 fn available_label(unit: crate::pace::Unit, per: std::time::Duration) -> &'static str {
     use crate::pace::Unit;
-    const LABELS: [[&str; 6]; 4] = [
+    const LABELS: [[&str; 6]; 6] = [
         [
             "available_requests",
             "available_requests_per_second",
@@ -107,12 +107,30 @@ fn available_label(unit: crate::pace::Unit, per: std::time::Duration) -> &'stati
             "available_output_tokens_per_day",
             "available_output_tokens_other_window",
         ],
+        [
+            "available_prompt_tokens",
+            "available_prompt_tokens_per_second",
+            "available_prompt_tokens_per_10s",
+            "available_prompt_tokens_per_hour",
+            "available_prompt_tokens_per_day",
+            "available_prompt_tokens_other_window",
+        ],
+        [
+            "available_spend_micro_dollars",
+            "available_spend_micro_dollars_per_second",
+            "available_spend_micro_dollars_per_10s",
+            "available_spend_micro_dollars_per_hour",
+            "available_spend_micro_dollars_per_day",
+            "available_spend_micro_dollars_other_window",
+        ],
     ];
     let row = match unit {
         Unit::Requests => 0,
         Unit::Tokens => 1,
         Unit::InputTokens => 2,
         Unit::OutputTokens => 3,
+        Unit::PromptTokens => 4,
+        Unit::Spend => 5,
     };
     let col = match per.as_millis() {
         60_000 => 0,
@@ -294,14 +312,19 @@ impl Health {
     }
 
     /// Reports a keyed pacer (one per model): one `pace` component per key
-    /// that has a pacer when the report is made, named `name/key` (the
-    /// overflow pacer `name/*`, the shared limits `name/shared`), each as
+    /// that has a pacer when the report is made, named `name/key`, then the
+    /// overflow pacer as `name#overflow` and the shared limits as
+    /// `name#shared` (never the name of a key), each as
     /// [`pace`](Self::pace) reports it.
     pub fn keyed_pace(mut self, name: &str, pace: &KeyedPace) -> Self {
         let (name, p) = (name.to_owned(), pace.clone());
         self.probes.push(Arc::new(move |out: &mut Vec<Component>| {
             for (key, pace) in p.pacers() {
                 out.push(pace_component(format!("{name}/{key}"), &pace));
+            }
+            out.push(pace_component(format!("{name}#overflow"), p.overflow()));
+            if let Some(shared) = p.shared() {
+                out.push(pace_component(format!("{name}#shared"), shared));
             }
         }));
         self

@@ -133,6 +133,13 @@ pub fn usage_cost(body: &[u8]) -> Option<Cost> {
     serde_json::from_slice::<Payload<'_>>(body).ok()?.cost()
 }
 
+/// [`usage_cost`], and whether the answer reported its input count (a
+/// total alone does not say how much of it was the prompt).
+pub(crate) fn usage_reported(body: &[u8]) -> Option<(Cost, bool)> {
+    let p = serde_json::from_slice::<Payload<'_>>(body).ok()?;
+    Some((p.cost()?, p.input.is_some()))
+}
+
 /// One JSON answer or SSE `data:` payload: its usage, and whether it is an
 /// error (a top-level `error` that is not `null`). A field of an unexpected
 /// type is skipped, never a reason to miss the rest.
@@ -527,12 +534,14 @@ impl<'de> Deserialize<'de> for RequestShape {
                         | "contents" | "systemInstruction" | "system_instruction" => {
                             r.prompt.add(map.next_value::<Text>()?);
                         }
+                        // A value of an unexpected type (`"max_tokens": true`)
+                        // is skipped, not a reason to miss the model.
                         "max_tokens" | "max_completion_tokens" | "max_output_tokens" => {
-                            if let Some(c) = map.next_value::<Option<Count>>()? {
+                            if let Loose(Some(c)) = map.next_value::<Loose>()? {
                                 r.max_output = Some(r.max_output.map_or(c.0, |m| m.max(c.0)));
                             }
                         }
-                        "n" => r.n = map.next_value::<Option<Count>>()?.map(|c| c.0),
+                        "n" => r.n = map.next_value::<Loose>()?.0.map(|c| c.0),
                         "model" => {
                             r.model = map.next_value::<ModelName>()?.0;
                         }

@@ -86,6 +86,7 @@ use crate::timeout::Timeout;
 
 mod cost;
 mod model;
+mod price;
 mod profile;
 mod prompt;
 mod service;
@@ -96,6 +97,7 @@ pub use cost::{
     NON_TEXT_PART_TOKENS,
 };
 pub use model::ModelField;
+pub use price::{Price, PriceTable, DEFAULT_PRICES_DATE};
 pub use profile::Profile;
 pub use prompt::{CharsPerToken, Prompt, TokenEstimator};
 pub use service::{
@@ -206,6 +208,7 @@ pub struct LlmStackBuilder {
     models: Vec<(String, Profile)>,
     shared: Vec<Limit>,
     estimator: Option<std::sync::Arc<dyn TokenEstimator>>,
+    prices: PriceTable,
     timeout: Option<Timeout>,
     stream_timeout: Option<Timeout>,
     listener: ListenerSlot,
@@ -227,6 +230,13 @@ impl LlmStack {
     /// minute (see [`Profile::anthropic`]).
     pub fn anthropic(rpm: u64, itpm: u64, otpm: u64) -> LlmStackBuilder {
         LlmStack::with_profile(Profile::anthropic(rpm, itpm, otpm))
+    }
+
+    /// The same defaults for a Gemini API model: `rpm` requests and `tpm`
+    /// input tokens per minute, `rpd` requests per day reset at midnight
+    /// Pacific time (see [`Profile::gemini`]).
+    pub fn gemini(rpm: u64, tpm: u64, rpd: u64) -> LlmStackBuilder {
+        LlmStack::with_profile(Profile::gemini(rpm, tpm, rpd))
     }
 
     /// The same defaults for an Azure OpenAI deployment with
@@ -255,6 +265,7 @@ impl LlmStack {
             models: Vec::new(),
             shared: Vec::new(),
             estimator: None,
+            prices: PriceTable::defaults(),
             timeout: None,
             stream_timeout: None,
             listener: ListenerSlot::default(),
@@ -421,7 +432,11 @@ impl LlmStackBuilder {
 
     /// Replaces the pacer: a [`KeyedPace`] (one pacer per model, keyed by
     /// the request's `model`), or one [`Pace`] for every model. The profiles
-    /// then only give each model's output reserved without `max_tokens`.
+    /// then only give each model's output reserved without `max_tokens`
+    /// (capped at half the smallest burst counting output of the pacer that
+    /// model goes through); give shared limits to your `KeyedPace`
+    /// ([`KeyedPaceBuilder::shared`](crate::pace::KeyedPaceBuilder::shared)):
+    /// `build()` refuses [`shared_limit`](Self::shared_limit) with it.
     pub fn pace(mut self, p: impl Into<KeyedPace>) -> Self {
         self.pace = Some(p.into());
         self
@@ -463,6 +478,17 @@ impl LlmStackBuilder {
         self
     }
 
+    /// Prices each call's model with `prices` (default:
+    /// [`PriceTable::defaults`]): the spend a [`Limit::spend_per_day`] (in a
+    /// profile, or [`shared_limit`](Self::shared_limit)) counts. A call
+    /// reserves its largest spend (the prompt's estimate and its
+    /// `max_tokens` at the model's prices) and is reconciled with the spend
+    /// of its real usage.
+    pub fn prices(mut self, prices: PriceTable) -> Self {
+        self.prices = prices;
+        self
+    }
+
     /// Estimates the prompts' tokens with `estimator` (default:
     /// [`CharsPerToken`], learning each model's ratio from the answers).
     pub fn estimator(mut self, estimator: impl TokenEstimator) -> Self {
@@ -489,7 +515,8 @@ impl LlmStackBuilder {
     /// # Errors
     ///
     /// A [`ConfigError`] on `time_scale` outside [0.001, 1,000,000] (or not
-    /// finite), or the error of a part's builder (a tier of 0 requests or
+    /// finite), `shared_limit` given with a pacer of your own
+    /// ([`pace`](Self::pace)), or the error of a part's builder (a tier of 0 requests or
     /// tokens per minute: the pacer's `limit`).
     pub fn build(self) -> Result<LlmStack, ConfigError> {
         let scale = self.time_scale;
@@ -558,6 +585,14 @@ impl LlmStackBuilder {
                 .header_window(t(60.0))
         };
         let pace = match self.pace {
+            Some(_) if !self.shared.is_empty() => {
+                return Err(ConfigError::new(
+                    "llm stack",
+                    "shared_limit",
+                    "applies to the pacer the stack builds; with a pacer of your own, \
+                     give it to KeyedPaceBuilder::shared",
+                ));
+            }
             Some(p) => p,
             None => {
                 let mut b = KeyedPace::builder(paced(self.profile.limits())).name(name);
@@ -605,7 +640,16 @@ impl LlmStackBuilder {
         // paid).
         let shared_cap = pace.shared().map_or(u64::MAX, unset_cap);
         let cap = |p: &Pace| unset_cap(p).min(shared_cap);
-        let models = self
+        // Every model with a pacer of its own now (given to the builder, or
+        // to a KeyedPace of the user's) caps at its own burst; models built
+        // later from the template, at the template's (the overflow pacer's).
+        let profile_of = |m: &str| {
+            self.models
+                .iter()
+                .find(|(name, _)| name == m)
+                .map_or(&self.profile, |(_, p)| p)
+        };
+        let mut models: std::collections::HashMap<String, service::Unset> = self
             .models
             .iter()
             .map(|(m, profile)| {
@@ -617,6 +661,13 @@ impl LlmStackBuilder {
                 (m.clone(), unset)
             })
             .collect();
+        for (m, own) in pace.pacers() {
+            let unset = service::Unset {
+                max_output: profile_of(&m).unset_max_output(),
+                cap: cap(&own),
+            };
+            models.insert(m, unset);
+        }
         let weigh = service::Weigh {
             default: service::Unset {
                 max_output: self.profile.unset_max_output(),
@@ -626,6 +677,7 @@ impl LlmStackBuilder {
             estimator: self
                 .estimator
                 .unwrap_or_else(|| std::sync::Arc::new(CharsPerToken::new())),
+            prices: std::sync::Arc::new(self.prices),
         };
         Ok(LlmStack {
             weigh,

@@ -15,6 +15,7 @@ use std::time::Duration;
 /// | [`openai`](Self::openai) | RPM; TPM (every token, cached input included), bursts of a whole minute | OpenAI "Rate limits" guide |
 /// | [`azure_openai`](Self::azure_openai) | TPM and RPM = 6 per 1,000 TPM, each a bucket of 1/6 of the minute's limit refilling at the per-minute rate | Azure OpenAI "Quota management": "RPM … 6 RPM per 1,000 TPM"; quota "evaluated over small periods of time (1 or 10 seconds)" |
 /// | [`anthropic`](Self::anthropic) | RPM, ITPM (input not read from the cache), OTPM; token buckets refilled continuously up to the limit | Anthropic "Rate limits": "cache read tokens no longer count towards ITPM" (current models), "OTPM … estimated based on `max_tokens`" |
+/// | [`gemini`](Self::gemini) | RPM; TPM of input tokens; RPD, reset at midnight Pacific time | Gemini API "Rate limits": "Tokens per minute (input)", "RPD quotas reset at midnight Pacific time" |
 ///
 /// Token limits plan with 5 % [headroom](Limit::headroom) on their burst (a
 /// provider counts a request when it arrives, later than we reserved it, and
@@ -94,6 +95,31 @@ impl Profile {
         }
     }
 
+    /// A Gemini API model of a project: `rpm` requests and `tpm` input tokens
+    /// (cached or not) per minute, and `rpd` requests per day, reset at
+    /// midnight Pacific time (Gemini API "Rate limits": "Tokens per minute
+    /// (input)", "Requests per day (RPD) quotas reset at midnight Pacific
+    /// time"; limits are per project and per model). The Gemini API sends no
+    /// rate-limit headers: the pacer learns from its 429s (`RetryInfo`) only.
+    /// A request without `maxOutputTokens` reserves 65,536 output tokens
+    /// (Gemini 2.5's largest output), for spend limits: the TPM counts input.
+    pub fn gemini(rpm: u64, tpm: u64, rpd: u64) -> Profile {
+        Profile {
+            provider: "gemini",
+            limits: vec![
+                Limit::requests_per_minute(rpm),
+                Limit::new(
+                    crate::pace::Unit::PromptTokens,
+                    tpm,
+                    Duration::from_secs(60),
+                )
+                .headroom(TOKEN_HEADROOM),
+                Limit::requests_per_day(rpd).resets_daily("America/Los_Angeles"),
+            ],
+            max_output: 65_536,
+        }
+    }
+
     /// Adds a limit every call must also fit (e.g. an org-wide TPM, or a
     /// daily cap).
     pub fn limit(mut self, limit: Limit) -> Profile {
@@ -112,7 +138,8 @@ impl Profile {
         self
     }
 
-    /// `"openai"`, `"azure-openai"` or `"anthropic"`: the preset's default name.
+    /// `"openai"`, `"azure-openai"`, `"anthropic"` or `"gemini"`: the
+    /// preset's default name.
     pub fn provider(&self) -> &'static str {
         self.provider
     }
@@ -137,18 +164,27 @@ pub(super) fn scale_limits(limits: &[Limit], scale: f64) -> Vec<Limit> {
     limits
         .iter()
         .map(|l| {
-            // The burst is a count of units: time running faster does
-            // not change it.
+            let mut scaled = l.clone();
+            // A calendar window follows the wall clock: not scaled.
+            if l.resets.is_some() {
+                return scaled;
+            }
             let exact = l.rate() as f64 * scale;
-            let scaled = if exact >= 1.0 && exact.fract() == 0.0 && exact < u64::MAX as f64 {
-                Limit::new(l.unit(), exact as u64, l.per())
+            if exact >= 1.0 && exact.fract() == 0.0 && exact < u64::MAX as f64 {
+                scaled.n = exact as u64;
             } else {
                 // A rate that is not a whole count: the same count over a
                 // window `scale` times shorter (exact).
                 let per = crate::time::secs_f64(l.per().as_secs_f64() / scale);
-                Limit::new(l.unit(), l.rate(), per.max(Duration::from_nanos(1)))
-            };
-            scaled.burst(l.capacity()).headroom(l.headroom_percent())
+                scaled.per = per.max(Duration::from_nanos(1));
+            }
+            // The burst is a count of units: time running faster does not
+            // change it.
+            scaled.burst = Some(l.capacity());
+            scaled.max_wait = l
+                .max_wait
+                .map(|d| crate::time::secs_f64(d.as_secs_f64() / scale));
+            scaled
         })
         .collect()
 }

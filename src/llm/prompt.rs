@@ -18,7 +18,8 @@ use std::sync::{Arc, RwLock};
 /// of content parts alike), `system`, `tools`, `functions`, `input`,
 /// `prompt`, `contents` and `systemInstruction`, except the values of `role`
 /// and `type`; images, audio and files are counted apart. A body that is not
-/// such JSON is all text (its length in bytes) and has no model.
+/// such JSON is all text (its characters), its `model` still read where
+/// the body has one.
 ///
 /// ```
 /// use bytes::Bytes;
@@ -34,7 +35,15 @@ use std::sync::{Arc, RwLock};
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prompt {
+    /// Empty once the request is gone (in [`TokenEstimator::learn`]).
     body: Bytes,
+    facts: Arc<Facts>,
+}
+
+/// What [`Prompt::read`] found; shared by clones (the body is not kept
+/// where only these are needed).
+#[derive(Debug, PartialEq, Eq)]
+struct Facts {
     model: Option<Box<str>>,
     chars: u64,
     non_text_parts: u64,
@@ -42,60 +51,83 @@ pub struct Prompt {
     choices: u64,
 }
 
+/// Model names longer than this (bytes) have no pacer or ratio of their
+/// own: memory stays bounded by the count of models times this.
+pub(crate) const MAX_MODEL_LEN: usize = 256;
+
 impl Prompt {
-    /// Reads `body` (one pass; nothing but these fields is built).
+    /// Reads `body` (one pass; nothing but these fields is built). A field
+    /// of an unexpected type (`"max_tokens": true`) is skipped, not a
+    /// reason to miss the rest.
     pub fn read(body: Bytes) -> Prompt {
-        let shape = read_request(&body);
-        match shape {
-            Some(r) => Prompt {
+        let facts = match read_request(&body) {
+            Some(r) => Facts {
                 model: r.model,
                 chars: r.prompt.chars,
                 non_text_parts: r.prompt.non_text,
                 max_output: r.max_output,
                 choices: r.n.unwrap_or(1).max(1),
-                body,
             },
-            None => Prompt {
-                model: None,
-                chars: body.len() as u64,
+            // Not JSON to us (or JSON serde cannot read whole: a number out
+            // of range, a lone surrogate): all text, the model still found
+            // by a pass that skips what it cannot read.
+            None => Facts {
+                model: super::ModelField::read(&body).map(|m| m.into()),
+                chars: match std::str::from_utf8(&body) {
+                    Ok(text) => text.chars().count() as u64,
+                    Err(_) => body.len() as u64,
+                },
                 non_text_parts: 0,
                 max_output: None,
                 choices: 1,
-                body,
             },
+        };
+        Prompt {
+            body,
+            facts: Arc::new(facts),
         }
     }
 
-    /// The request body (for an estimator with a real tokenizer).
+    /// The same prompt without its body (what learning needs).
+    pub(crate) fn without_body(&self) -> Prompt {
+        Prompt {
+            body: Bytes::new(),
+            facts: self.facts.clone(),
+        }
+    }
+
+    /// The request body (for an estimator with a real tokenizer); empty in
+    /// [`TokenEstimator::learn`] (the request is gone by then).
     pub fn body(&self) -> &Bytes {
         &self.body
     }
 
     /// The `model` field, if the body has a string one.
     pub fn model(&self) -> Option<&str> {
-        self.model.as_deref()
+        self.facts.model.as_deref()
     }
 
-    /// Characters (Unicode scalar values) of the prompt's text.
+    /// Characters (Unicode scalar values) of the prompt's text; of the
+    /// whole body when it is not JSON (its bytes when not UTF-8 either).
     pub fn chars(&self) -> u64 {
-        self.chars
+        self.facts.chars
     }
 
     /// Image, audio and file parts; each is estimated at
     /// [`NON_TEXT_PART_TOKENS`].
     pub fn non_text_parts(&self) -> u64 {
-        self.non_text_parts
+        self.facts.non_text_parts
     }
 
     /// The largest of `max_tokens`, `max_completion_tokens` and
     /// `max_output_tokens`, if any is set.
     pub fn max_output(&self) -> Option<u64> {
-        self.max_output
+        self.facts.max_output
     }
 
     /// `n`, the number of choices asked for (at least 1).
     pub fn choices(&self) -> u64 {
-        self.choices
+        self.facts.choices
     }
 
     /// The estimated cost: input, `estimator`'s tokens for the text plus
@@ -108,20 +140,22 @@ impl Prompt {
         unset_max_output: u64,
         unset_cap: u64,
     ) -> Cost {
-        let parts = self.non_text_parts.saturating_mul(NON_TEXT_PART_TOKENS);
-        let output = match self.max_output {
-            Some(max) => max.saturating_mul(self.choices),
-            None => unset_max_output.saturating_mul(self.choices).min(unset_cap),
+        let parts = self.non_text_parts().saturating_mul(NON_TEXT_PART_TOKENS);
+        let choices = self.choices();
+        let output = match self.max_output() {
+            Some(max) => max.saturating_mul(choices),
+            None => unset_max_output.saturating_mul(choices).min(unset_cap),
         };
         Cost::split(estimator.text_tokens(self).saturating_add(parts), output)
     }
 
     /// Tells `estimator` what the provider billed for this prompt (all its
-    /// input tokens, cached or not), its non-text parts taken off.
+    /// input tokens, cached or not). Only prompts of text alone teach: the
+    /// fixed estimate of an image (its real count depends on its size and
+    /// detail) would be learned as text.
     pub(crate) fn learn(&self, estimator: &dyn TokenEstimator, billed_input: u64) {
-        let parts = self.non_text_parts.saturating_mul(NON_TEXT_PART_TOKENS);
-        if let Some(text) = billed_input.checked_sub(parts).filter(|t| *t > 0) {
-            estimator.learn(self, text);
+        if self.non_text_parts() == 0 && billed_input > 0 {
+            estimator.learn(self, billed_input);
         }
     }
 }
@@ -138,11 +172,24 @@ pub trait TokenEstimator: Send + Sync + fmt::Debug + 'static {
     /// Tokens of the prompt's text (non-text parts are added by the caller).
     fn text_tokens(&self, prompt: &Prompt) -> u64;
 
-    /// The provider billed `text_tokens` for the text of `prompt` (its
-    /// input, cached included, less the non-text parts' estimate; never
-    /// 0). Does nothing by default.
+    /// The provider billed `text_tokens` for `prompt` (its input, cached
+    /// included; never 0), a prompt of text alone whose answer reported its
+    /// input count (a total alone teaches nothing). Its
+    /// [`body`](Prompt::body) is empty here. Does nothing by default.
     fn learn(&self, prompt: &Prompt, text_tokens: u64) {
         let _ = (prompt, text_tokens);
+    }
+}
+
+/// An estimator shared with the caller (to read what it learned):
+/// `LlmStackBuilder::estimator(Arc::clone(&mine))`.
+impl<T: TokenEstimator + ?Sized> TokenEstimator for Arc<T> {
+    fn text_tokens(&self, prompt: &Prompt) -> u64 {
+        (**self).text_tokens(prompt)
+    }
+
+    fn learn(&self, prompt: &Prompt, text_tokens: u64) {
+        (**self).learn(prompt, text_tokens);
     }
 }
 
@@ -156,11 +203,13 @@ pub trait TokenEstimator: Send + Sync + fmt::Debug + 'static {
 /// ratio moves a fifth of the way to it (an exponentially weighted moving
 /// average, α = 0.2): from 4.0 to a model's real 3.2, within 1 % after 20
 /// answers; a change of ratio is followed at the same pace. Prompts without
-/// text, answers without `usage` or with 0 prompt tokens teach nothing.
+/// text or with images, audio or files, answers without `usage`, with a
+/// total alone or with 0 prompt tokens teach nothing.
 /// The estimate is `ceil(chars / ratio)`.
 ///
-/// Up to `max_models` models (default 1,024) learn a ratio of their own;
-/// requests without a model, and models past it, share one more. Reads take
+/// Up to `max_models` models (default 1,024) learn a ratio of their own
+/// (each starting at 4.0); requests without a model, models past the
+/// bound, and names longer than 256 bytes share one more. Reads take
 /// a shared lock and an atomic load; a learned sample is one atomic update.
 ///
 /// ```
@@ -239,10 +288,19 @@ impl CharsPerToken {
         self
     }
 
-    /// The ratio `model` is estimated with now (characters per token).
+    /// The ratio `model` is estimated with now (characters per token): its
+    /// own once it learned; the starting ratio for a model not seen yet
+    /// while there is room for it; the shared one otherwise.
     pub fn ratio(&self, model: Option<&str>) -> f64 {
         let models = self.models.read().unwrap_or_else(|e| e.into_inner());
-        let cell = model.and_then(|m| models.get(m)).map_or(&self.other, |c| c);
+        let cell = match model.filter(|m| m.len() <= MAX_MODEL_LEN) {
+            Some(m) => match models.get(m) {
+                Some(c) => c,
+                None if models.len() < self.max_models => return self.start,
+                None => &self.other,
+            },
+            None => &self.other,
+        };
         f64::from_bits(cell.load(Ordering::Relaxed))
     }
 
@@ -265,11 +323,13 @@ impl TokenEstimator for CharsPerToken {
     }
 
     fn learn(&self, prompt: &Prompt, text_tokens: u64) {
-        if prompt.chars() == 0 || text_tokens == 0 {
+        // Images and files are not text: their tokens would be learned as
+        // characters'.
+        if prompt.chars() == 0 || text_tokens == 0 || prompt.non_text_parts() > 0 {
             return;
         }
         let sample = (prompt.chars() as f64 / text_tokens as f64).clamp(MIN_RATIO, MAX_RATIO);
-        let Some(model) = prompt.model() else {
+        let Some(model) = prompt.model().filter(|m| m.len() <= MAX_MODEL_LEN) else {
             return CharsPerToken::update(&self.other, sample);
         };
         {
@@ -298,15 +358,33 @@ impl TokenEstimator for CharsPerToken {
 /// read once, and the estimator to teach.
 #[derive(Clone, Debug)]
 pub(crate) struct Asked {
-    pub(crate) prompt: Arc<Prompt>,
+    pub(crate) prompt: Prompt,
     pub(crate) estimator: Arc<dyn TokenEstimator>,
+    /// The price of the prompt's model, if known.
+    pub(crate) price: Option<super::Price>,
 }
 
 impl Asked {
-    /// Teaches the estimator what the provider billed for the prompt.
+    /// `cost` with its spend at the model's price (0 without a price).
+    pub(crate) fn priced(&self, cost: Cost) -> Cost {
+        let spend = self.price.map_or(0, |p| p.of(&cost));
+        cost.with_spend(spend)
+    }
+
+    /// Teaches the estimator what the provider billed for the prompt
+    /// (`real` from an answer that reported its input count).
     pub(crate) fn learn(&self, real: &Cost) {
         let billed = real.input_tokens.saturating_add(real.cached_input_tokens);
         self.prompt.learn(&*self.estimator, billed);
+    }
+
+    /// The same without the request body (kept with the response).
+    pub(crate) fn light(&self) -> Asked {
+        Asked {
+            prompt: self.prompt.without_body(),
+            estimator: self.estimator.clone(),
+            price: self.price,
+        }
     }
 }
 

@@ -4,7 +4,9 @@
 //! the stack of layers inside (no boxing): the stack is an implementation
 //! detail, free to change without breaking a user's code.
 
+use super::cost::usage_reported;
 use super::prompt::{Asked, Prompt, TokenEstimator};
+use super::PriceTable;
 use super::{usage_cost, LlmStack, SseScan, SseWatch};
 use crate::breaker::{BreakerOutcome, BreakerService};
 use crate::bulkhead::{BulkheadPermit, BulkheadService, InfoFns};
@@ -79,13 +81,16 @@ pub(super) struct Weigh {
     pub(super) default: Unset,
     pub(super) models: Arc<HashMap<String, Unset>>,
     pub(super) estimator: Arc<dyn TokenEstimator>,
+    pub(super) prices: Arc<PriceTable>,
 }
 
 impl Weigh {
     /// The [`Asked`] of a call: the prompt read once.
     pub(super) fn ask(&self, body: &Bytes) -> Asked {
+        let prompt = Prompt::read(body.clone());
         Asked {
-            prompt: Arc::new(Prompt::read(body.clone())),
+            price: self.prices.for_model(prompt.model()),
+            prompt,
             estimator: self.estimator.clone(),
         }
     }
@@ -101,14 +106,14 @@ impl Weigh {
 impl crate::pace::Weigh<http::Request<Bytes>> for Weigh {
     #[inline]
     fn weigh(&self, req: &http::Request<Bytes>) -> Cost {
-        let cost = |p: &Prompt| {
-            let u = self.unset(p.model());
-            p.cost(&*self.estimator, u.max_output, u.cap)
+        let cost = |a: &Asked| {
+            let u = self.unset(a.prompt.model());
+            a.priced(a.prompt.cost(&*self.estimator, u.max_output, u.cap))
         };
         match req.extensions().get::<Asked>() {
-            Some(a) => cost(&a.prompt),
+            Some(a) => cost(a),
             // Not through the preset's outer service (parts used alone).
-            None => cost(&Prompt::read(req.body().clone())),
+            None => cost(&self.ask(req.body())),
         }
     }
 }
@@ -135,11 +140,25 @@ pub(super) struct ObserveAnswer;
 
 impl crate::pace::Observe<http::Response<Bytes>> for ObserveAnswer {
     fn observe(&self, res: &http::Response<Bytes>) -> Observed {
-        let seen = observe_response(res);
-        if let (Some(asked), Some(usage)) = (res.extensions().get::<Asked>(), &seen.usage) {
-            asked.learn(usage);
+        let Some(asked) = res.extensions().get::<Asked>() else {
+            return observe_response(res);
+        };
+        let reported = res
+            .status()
+            .is_success()
+            .then(|| usage_reported(res.body()))
+            .flatten();
+        let usage = reported.map(|(usage, input_known)| {
+            if input_known {
+                asked.learn(&usage);
+            }
+            asked.priced(usage)
+        });
+        let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
+        Observed {
+            usage,
+            info: (!info.is_empty()).then_some(info),
         }
-        seen
     }
 }
 
@@ -171,7 +190,8 @@ where
 
     #[inline]
     fn call(&mut self, req: http::Request<Bytes>) -> Self::Future {
-        let asked = req.extensions().get::<Asked>().cloned();
+        // Without the body: the response may live long (a stream).
+        let asked = req.extensions().get::<Asked>().map(Asked::light);
         StampFuture {
             fut: self.inner.call(req),
             asked,

@@ -362,7 +362,9 @@ impl<E: Into<BoxError>> Tap<http_body::Frame<Bytes>, E> for SseScan {
             }
         });
         if let Some(c) = self.seen.cost() {
-            self.usage.set(c);
+            // Priced at the model's price, for spend limits.
+            self.usage
+                .set(self.asked.as_ref().map_or(c, |a| a.priced(c)));
         }
         match failed {
             Some(f) => {
@@ -389,7 +391,9 @@ impl<E: Into<BoxError>> Tap<http_body::Frame<Bytes>, E> for SseScan {
         if end != StreamEnd::Completed || self.failed.is_some() {
             return;
         }
-        if let (Some(asked), Some(cost)) = (&self.asked, self.seen.cost()) {
+        // A total alone does not say how much of it was the prompt.
+        if let (Some(asked), Some(cost), Some(_)) = (&self.asked, self.seen.cost(), self.seen.input)
+        {
             asked.learn(&cost);
         }
     }

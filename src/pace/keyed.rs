@@ -140,6 +140,10 @@ pub struct KeyedPaceBuilder {
     shared: Option<PaceBuilder>,
 }
 
+/// Keys longer than this (bytes) get no pacer of their own (the overflow
+/// pacer): memory stays bounded by `max_keys` times this.
+const MAX_KEY_LEN: usize = 256;
+
 /// How many keys a [`KeyedPace`] builds from its template, by default.
 const DEFAULT_MAX_KEYS: usize = 1_024;
 
@@ -166,9 +170,11 @@ impl KeyedPaceBuilder {
     }
 
     /// How many keys not given get a pacer of their own from the template
-    /// (default 1,024); the keys past it, and requests without a key, share
-    /// one more pacer built from the template. Memory stays bounded whatever
-    /// keys the requests carry.
+    /// (default 1,024); the keys past it, keys longer than 256 bytes, and
+    /// requests without a key share one more pacer built from the template.
+    /// A call that could never be paid builds none. Memory stays bounded
+    /// whatever keys the requests carry (1,024 × 256 bytes of names at most,
+    /// each kept twice: the key and its pacer's name).
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;
         self
@@ -184,7 +190,7 @@ impl KeyedPaceBuilder {
         let shared = match self.shared {
             Some(b) => Some(
                 match &self.name {
-                    Some(n) if !b.has_name() => b.name(format!("{n}/shared")),
+                    Some(n) if !b.has_name() => b.name(format!("{n}#shared")),
                     _ => b,
                 }
                 .build()?,
@@ -199,7 +205,13 @@ impl KeyedPaceBuilder {
             }
             .with_parent(parent.clone())
         };
-        let overflow = named(self.template.clone(), "*").build()?;
+        // Named apart from every key (a key is always after a `/`).
+        let overflow = match (&self.name, self.template.has_name()) {
+            (Some(n), false) => self.template.clone().name(format!("{n}#overflow")),
+            _ => self.template.clone(),
+        }
+        .with_parent(parent.clone())
+        .build()?;
         let mut given = HashMap::with_capacity(self.given.len());
         for (key, b) in self.given {
             let pace = named(b, &key).build()?;
@@ -249,7 +261,7 @@ impl KeyedPace {
     /// and keys past `max_keys`, get the overflow pacer. To look without
     /// building, use [`peek`](Self::peek).
     pub fn get(&self, key: Option<&str>) -> Pace {
-        self.pick(key)
+        self.pick(key, None)
     }
 
     /// The pacer of `key` if it has one of its own (given, or built by a
@@ -292,7 +304,10 @@ impl KeyedPace {
         self.inner.built.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn pick(&self, key: Option<&str>) -> Pace {
+    /// The pacer of `key`; a key without one gets one built from the
+    /// template, unless `cost` could never be paid (it is refused: a call
+    /// that never reaches the upstream takes no place among `max_keys`).
+    fn pick(&self, key: Option<&str>, cost: Option<&super::Cost>) -> Pace {
         let Some(key) = key else {
             return self.inner.overflow.clone();
         };
@@ -308,7 +323,7 @@ impl KeyedPace {
             if let Some(p) = built.get(key) {
                 return p.clone();
             }
-            if built.len() >= self.inner.max_keys {
+            if built.len() >= self.inner.max_keys || key.len() > MAX_KEY_LEN {
                 return self.inner.overflow.clone();
             }
         }
@@ -317,8 +332,15 @@ impl KeyedPace {
         if let Some(p) = built.get(key) {
             return p.clone();
         }
-        if built.len() >= self.inner.max_keys {
+        if built.len() >= self.inner.max_keys || key.len() > MAX_KEY_LEN {
             return self.inner.overflow.clone();
+        }
+        if let Some(cost) = cost {
+            let never = |p: &Pace| p.shared.lock().never_fits(cost).is_some();
+            // The overflow pacer has the template's limits.
+            if never(&self.inner.overflow) || self.inner.shared.as_ref().is_some_and(never) {
+                return self.inner.overflow.clone();
+            }
         }
         let b = match (&self.inner.name, template.has_name()) {
             (Some(n), false) => template.clone().name(format!("{n}/{key}")),
@@ -342,9 +364,9 @@ impl KeyedPace {
         &self.inner.overflow
     }
 
-    /// Every pacer with its key: the given and built keys (sorted), then the
-    /// overflow pacer as `"*"`, then the shared limits as `"shared"` if any
-    /// (for a health check or a dashboard).
+    /// Every key's pacer (the given keys and the ones built by calls),
+    /// sorted by key; the overflow pacer and the shared limits are
+    /// [`overflow`](Self::overflow) and [`shared`](Self::shared).
     pub fn pacers(&self) -> Vec<(String, Pace)> {
         let mut all: Vec<(String, Pace)> = self
             .inner
@@ -354,15 +376,11 @@ impl KeyedPace {
             .collect();
         all.extend(self.built().iter().map(|(k, p)| (k.clone(), p.clone())));
         all.sort_by(|a, b| a.0.cmp(&b.0));
-        all.push(("*".to_owned(), self.inner.overflow.clone()));
-        if let Some(s) = &self.inner.shared {
-            all.push(("shared".to_owned(), s.clone()));
-        }
         all
     }
 
-    fn shared_for(&self, key: Option<&str>) -> Arc<Shared> {
-        self.pick(key).shared
+    fn shared_for(&self, key: Option<&str>, cost: &super::Cost) -> Arc<Shared> {
+        self.pick(key, Some(cost)).shared
     }
 }
 
@@ -386,33 +404,78 @@ impl From<Pace> for KeyedPace {
 }
 
 impl crate::eta::EtaSource for KeyedPace {
-    /// The projection of one key's pacer: the one with the longest line
-    /// (ties: the one that started a call last) — a bulkhead above sees one
-    /// line for every model, and the busiest model's pacer is what holds it
-    /// back. With one model in use, that model's pacer exactly.
+    /// Every key's line and the shared cells, played forward: the calls
+    /// waiting in any key's line count as waiting (not running upstream),
+    /// the starts of every key count as started, and each further call is
+    /// played as one of the busiest key (the longest line; ties: the one
+    /// that started a call last) that must also fit the shared cells. A
+    /// bulkhead above sees one line for every model: exact with one model
+    /// in use, an estimate with several.
     fn projection(&self, now: tokio::time::Instant) -> Box<dyn crate::eta::Projection + '_> {
+        use crate::eta::Projection as _;
+        let mut pacers: Vec<Pace> = self.inner.given.values().cloned().collect();
+        pacers.extend(self.built().values().cloned());
+        pacers.push(self.inner.overflow.clone());
+        let mut waiting = 0usize;
+        let mut started = Vec::new();
         let mut best: Option<super::state::Projection> = None;
-        let mut consider = |p: &Pace| {
+        for p in &pacers {
             let proj = p.shared.lock().projection(now);
-            let rank = |x: &super::state::Projection| {
-                use crate::eta::Projection as _;
-                (x.waiting(), x.started().last().copied())
-            };
+            waiting = waiting.saturating_add(proj.waiting());
+            started.extend_from_slice(proj.started());
+            let rank = |x: &super::state::Projection| (x.waiting(), x.started().last().copied());
             if best.as_ref().is_none_or(|b| rank(&proj) > rank(b)) {
                 best = Some(proj);
             }
+        }
+        started.sort();
+        let keep = started.len().saturating_sub(256);
+        started.drain(..keep);
+        let key = match best {
+            Some(b) => b,
+            None => self.inner.overflow.shared.lock().projection(now),
         };
-        for p in self.inner.given.values() {
-            consider(p);
+        Box::new(KeyedProjection {
+            key,
+            shared: self
+                .inner
+                .shared
+                .as_ref()
+                .map(|s| s.shared.lock().projection(now)),
+            waiting,
+            started,
+        })
+    }
+}
+
+/// [`KeyedPace`]'s projection: the busiest key's cells and the shared ones.
+struct KeyedProjection {
+    key: super::state::Projection,
+    shared: Option<super::state::Projection>,
+    waiting: usize,
+    started: Vec<tokio::time::Instant>,
+}
+
+impl crate::eta::Projection for KeyedProjection {
+    fn started(&self) -> &[tokio::time::Instant] {
+        &self.started
+    }
+
+    fn waiting(&self) -> usize {
+        self.waiting
+    }
+
+    fn next_start(&mut self, not_before: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let cost = self.key.pop_cost()?;
+        let mut start = self.key.start_at(&cost, not_before)?;
+        if let Some(shared) = &mut self.shared {
+            // The calls in the shared line are in their key's line too: they
+            // are played from there (the busiest key's), not twice.
+            start = start.max(shared.start_at(&cost, start)?);
+            shared.reserve_from(&cost, start);
         }
-        for p in self.built().values() {
-            consider(p);
-        }
-        consider(&self.inner.overflow);
-        match best {
-            Some(b) => Box::new(b),
-            None => Box::new(self.inner.overflow.shared.lock().projection(now)),
-        }
+        self.key.reserve_from(&cost, start);
+        Some(start)
     }
 }
 
@@ -591,8 +654,8 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let shared = self.keyed.shared_for(self.key.key(&req).as_deref());
         let cost = self.weigh.weigh(&req);
+        let shared = self.keyed.shared_for(self.key.key(&req).as_deref(), &cost);
         call_through(
             shared,
             &mut self.inner,

@@ -59,6 +59,7 @@
 //! # Ok(()) }
 //! ```
 
+mod calendar;
 mod keyed;
 mod service;
 mod state;
@@ -115,6 +116,10 @@ pub struct Cost {
     pub cached_input_tokens: u64,
     /// Output (completion) tokens.
     pub output_tokens: u64,
+    /// What the call costs in money, in micro-dollars (1,000,000 = $1.00):
+    /// what a [`Unit::Spend`] limit counts. The LLM preset prices each call
+    /// from its model's price (`llm::Price`).
+    pub spend: u64,
 }
 
 impl Cost {
@@ -153,6 +158,12 @@ impl Cost {
         self
     }
 
+    /// The same costing `micro_dollars` (1,000,000 = $1.00).
+    pub fn with_spend(mut self, micro_dollars: u64) -> Self {
+        self.spend = micro_dollars;
+        self
+    }
+
     /// Every token: input (cached or not) and output, saturating.
     pub fn total_tokens(&self) -> u64 {
         self.input_tokens
@@ -166,7 +177,9 @@ impl Cost {
             Unit::Requests => u64::from(self.requests),
             Unit::Tokens => self.total_tokens(),
             Unit::InputTokens => self.input_tokens,
+            Unit::PromptTokens => self.input_tokens.saturating_add(self.cached_input_tokens),
             Unit::OutputTokens => self.output_tokens,
+            Unit::Spend => self.spend,
         }
     }
 }
@@ -177,22 +190,30 @@ impl Cost {
 pub enum Unit {
     /// Requests.
     Requests,
-    /// Every token: input, cached input and output (OpenAI's TPM, Gemini's).
+    /// Every token: input, cached input and output (OpenAI's TPM).
     Tokens,
     /// Input tokens not read from the prompt cache (Anthropic's ITPM).
     InputTokens,
     /// Output tokens (Anthropic's OTPM).
     OutputTokens,
+    /// Every input token, read from the cache or not (Gemini's TPM, which
+    /// counts input).
+    PromptTokens,
+    /// Money, in micro-dollars (1,000,000 = $1.00): [`Cost::spend`].
+    Spend,
 }
 
 impl Unit {
-    /// `"requests"`, `"tokens"`, `"input_tokens"` or `"output_tokens"`.
+    /// `"requests"`, `"tokens"`, `"input_tokens"`, `"output_tokens"`,
+    /// `"prompt_tokens"` or `"spend_micro_dollars"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Unit::Requests => "requests",
             Unit::Tokens => "tokens",
             Unit::InputTokens => "input_tokens",
             Unit::OutputTokens => "output_tokens",
+            Unit::PromptTokens => "prompt_tokens",
+            Unit::Spend => "spend_micro_dollars",
         }
     }
 
@@ -209,6 +230,7 @@ impl Unit {
             Unit::Tokens => info.tokens,
             Unit::InputTokens => info.input_tokens,
             Unit::OutputTokens => info.output_tokens,
+            Unit::PromptTokens | Unit::Spend => None,
         }
     }
 }
@@ -307,7 +329,7 @@ pub struct PaceBuilder {
 /// let rps = Limit::new(Unit::Requests, 10, Duration::from_secs(1)).burst(1);
 /// # let _ = (tpm, rps);
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limit {
     pub(crate) unit: Unit,
     pub(crate) n: u64,
@@ -315,6 +337,10 @@ pub struct Limit {
     pub(crate) burst: Option<u64>,
     /// Percent of the burst kept unused when planning.
     pub(crate) headroom: u8,
+    /// A window that resets on the calendar instead of rolling.
+    pub(crate) resets: Option<calendar::Resets>,
+    /// Refuse a call that would wait longer than this for this limit.
+    pub(crate) max_wait: Option<Duration>,
 }
 
 impl Limit {
@@ -327,6 +353,8 @@ impl Limit {
             per,
             burst: None,
             headroom: 0,
+            resets: None,
+            max_wait: None,
         }
     }
 
@@ -361,6 +389,67 @@ impl Limit {
         Limit::new(Unit::Tokens, n, Duration::from_secs(86_400))
     }
 
+    /// `n` micro-dollars of spend a day (1,000,000 = $1.00; a rolling day
+    /// unless [`resets_daily`](Self::resets_daily)): see [`Cost::spend`].
+    /// A call that cannot be paid now is refused at once (a budget, not a
+    /// pace: [`max_wait`](Self::max_wait) of zero), with the exact time until
+    /// enough is back.
+    pub fn spend_per_day(micro_dollars: u64) -> Limit {
+        Limit::new(Unit::Spend, micro_dollars, Duration::from_secs(86_400)).max_wait(Duration::ZERO)
+    }
+
+    /// `n` micro-dollars of spend a month (30 rolling days unless
+    /// [`resets_monthly`](Self::resets_monthly)); refused at once as
+    /// [`spend_per_day`](Self::spend_per_day).
+    pub fn spend_per_month(micro_dollars: u64) -> Limit {
+        Limit::new(Unit::Spend, micro_dollars, Duration::from_secs(30 * 86_400))
+            .max_wait(Duration::ZERO)
+    }
+
+    /// Counts per calendar day in the IANA time zone `zone` (e.g.
+    /// `"America/Los_Angeles"`, `"UTC"`): the whole of `n` (or the burst) is
+    /// available from each midnight there, daylight saving included, instead
+    /// of refilling continuously. A call that does not fit waits for (or,
+    /// within its `max_wait`, is refused until) the next midnight.
+    /// [`PaceBuilder::build`] refuses an unknown zone.
+    ///
+    /// ```
+    /// use semaforo::pace::{Limit, Pace};
+    ///
+    /// // Gemini: requests per day reset at midnight Pacific time.
+    /// let rpd = Limit::requests_per_day(1_000).resets_daily("America/Los_Angeles");
+    /// let pace = Pace::builder().limit(rpd).build()?;
+    /// assert_eq!(pace.snapshot().dims[0].available, 1_000.0);
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
+    pub fn resets_daily(mut self, zone: impl Into<Arc<str>>) -> Limit {
+        self.resets = Some(calendar::Resets {
+            every: calendar::Every::Day,
+            zone: zone.into(),
+        });
+        self
+    }
+
+    /// Counts per calendar month in the IANA time zone `zone`: all of it is
+    /// available from the first of each month at midnight there.
+    pub fn resets_monthly(mut self, zone: impl Into<Arc<str>>) -> Limit {
+        self.resets = Some(calendar::Resets {
+            every: calendar::Every::Month,
+            zone: zone.into(),
+        });
+        self
+    }
+
+    /// Refuses at once a call that would wait longer than `d` for this
+    /// limit ([`RejectKind::BudgetExceeded`](crate::RejectKind::BudgetExceeded)
+    /// with the exact `retry_after`: how long until this limit could take
+    /// it, less `d`), whatever the pacer's own
+    /// [`max_wait`](PaceBuilder::max_wait). Zero: a budget, never waited for.
+    pub fn max_wait(mut self, d: Duration) -> Limit {
+        self.max_wait = Some(d);
+        self
+    }
+
     /// At most `burst` units at once (default `n`); at least 1, checked by
     /// [`PaceBuilder::build`]. A cost above the burst can never be paid.
     pub fn burst(mut self, burst: u64) -> Limit {
@@ -392,6 +481,13 @@ impl Limit {
     /// What it counts.
     pub fn unit(&self) -> Unit {
         self.unit
+    }
+
+    /// Whether its window resets on the calendar
+    /// ([`resets_daily`](Self::resets_daily), [`resets_monthly`](Self::resets_monthly))
+    /// rather than rolling.
+    pub fn resets_on_calendar(&self) -> bool {
+        self.resets.is_some()
     }
 
     /// The share of the burst kept unused when planning, in percent.
@@ -570,13 +666,24 @@ impl PaceBuilder {
             ));
         }
         let mut dims = Vec::with_capacity(self.dims.len());
+        let epoch = Instant::now();
         for limit in self.dims {
+            let calendar = match &limit.resets {
+                Some(r) => Some(
+                    r.resolve(epoch)
+                        .map_err(|e| ConfigError::new("pace", "resets", e))?,
+                ),
+                None => None,
+            };
+            let (planned, largest) = (limit.planned(), limit.capacity());
             let Limit {
                 unit,
                 n,
                 per,
                 burst,
                 headroom,
+                resets: _,
+                max_wait,
             } = limit;
             if n == 0 || per.is_zero() {
                 return Err(ConfigError::new(
@@ -598,7 +705,7 @@ impl PaceBuilder {
                     format!("at most 50 %, got {headroom} %"),
                 ));
             }
-            let capacity = limit.planned() as f64;
+            let capacity = planned as f64;
             let secs_per_unit = per.as_secs_f64() / n as f64;
             dims.push(Dim {
                 unit,
@@ -607,7 +714,9 @@ impl PaceBuilder {
                 secs_per_unit,
                 configured_capacity: capacity,
                 configured_spu: secs_per_unit,
-                largest_cost: limit.capacity() as f64,
+                largest_cost: largest as f64,
+                calendar,
+                max_wait: max_wait.map(|d| d.as_secs_f64()),
             });
         }
         Ok(Pace {

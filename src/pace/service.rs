@@ -471,6 +471,40 @@ impl Shared {
                         )),
                 );
             }
+            // A limit with a max wait of its own (a spend budget): refused
+            // when it could not take the call soon enough.
+            let over = st
+                .over_limit_wait(cost, now)
+                .map(|x| (x, self))
+                .or_else(|| {
+                    let p = self.parent.as_deref()?;
+                    parent
+                        .as_deref()
+                        .and_then(|st| st.over_limit_wait(cost, now))
+                        .map(|x| (x, p))
+                });
+            if let Some(((wait, max, dim), whose)) = over {
+                let late = std::time::Duration::from_micros(
+                    ((wait - max) * 1e6).ceil().clamp(1.0, 1e18) as u64,
+                );
+                break 'decide Admit::Rejected(
+                    Rejected::new("pace", RejectKind::BudgetExceeded)
+                        .with_name_opt(whose.obs.name.as_ref())
+                        .with_detail(format!(
+                            "a cost of {} {} does not fit the limit of {} per {} for {}",
+                            dim.amount(cost),
+                            dim.unit.as_str(),
+                            dim.configured_capacity,
+                            if dim.calendar.is_some() {
+                                "calendar window".to_owned()
+                            } else {
+                                crate::time::Human(dim.per).to_string()
+                            },
+                            crate::time::Human(crate::time::secs_f64(wait)),
+                        ))
+                        .with_retry_after(late),
+                );
+            }
             match st.try_now(cost, now, parent.as_deref_mut()) {
                 Fit::Now => Admit::Now,
                 Fit::At(start) => {

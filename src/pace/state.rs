@@ -49,11 +49,80 @@ pub(crate) struct Dim {
     /// headroom included (above the planned capacity, a call waits for a
     /// full bucket and leaves a debt).
     pub(crate) largest_cost: f64,
+    /// A window that resets on the calendar (its cell counts what was used
+    /// since the window began) instead of a rolling GCRA cell.
+    pub(crate) calendar: Option<super::calendar::Calendar>,
+    /// A call that would wait longer than this (seconds) for this limit is
+    /// refused, whatever the pacer's `max_wait`.
+    pub(crate) max_wait: Option<f64>,
 }
 
 impl Dim {
     pub(crate) fn amount(&self, cost: &Cost) -> f64 {
         self.unit.amount(cost)
+    }
+
+    /// The earliest start (seconds since the epoch) of `n` units on this
+    /// cell, not before `now`, after `ahead` units already in line. A
+    /// rolling cell: the GCRA rule (`tat` its theoretical arrival time, `t`
+    /// seconds per unit). A calendar cell: `tat` is what was used in the
+    /// window ending at `end`; a cost that does not fit waits for the window
+    /// that has room (the next ones assumed of their nominal length).
+    fn start(&self, tat: f64, end: f64, t: f64, n: f64, now: f64, ahead: f64) -> f64 {
+        let n = n.min(self.capacity);
+        match &self.calendar {
+            None => {
+                let full = tat.max(now) + ahead * t;
+                full - (self.capacity - n) * t
+            }
+            Some(cal) => {
+                let (used, end) = if now >= end {
+                    (0.0, cal.next_end(now))
+                } else {
+                    (tat, end)
+                };
+                let need = used + ahead + n;
+                if need <= self.capacity {
+                    return now;
+                }
+                // Whole windows the overflow spills over, the first being
+                // the one starting at `end`.
+                let spill = ((need - self.capacity) / self.capacity).ceil().max(1.0);
+                end + (spill - 1.0) * cal.nominal_secs()
+            }
+        }
+    }
+
+    /// Reserves `n` units on the cell from `start`.
+    fn take(&self, tat: &mut f64, end: &mut f64, t: f64, n: f64, start: f64) {
+        match &self.calendar {
+            None => *tat = tat.max(start) + n * t,
+            Some(cal) => {
+                if start >= *end {
+                    *tat = 0.0;
+                    *end = cal.next_end(start);
+                }
+                *tat += n;
+            }
+        }
+    }
+
+    /// Units available at `now`.
+    fn available(&self, tat: f64, end: f64, t: f64, now: f64) -> f64 {
+        match &self.calendar {
+            None => (self.capacity - (tat - now).max(0.0) / t).max(0.0),
+            Some(_) if now >= end => self.capacity,
+            Some(_) => (self.capacity - tat).max(0.0),
+        }
+    }
+
+    /// When the cell is full again (seconds since the epoch).
+    fn full_at(&self, tat: f64, end: f64, now: f64) -> f64 {
+        match &self.calendar {
+            None => tat.max(now),
+            Some(_) if now >= end || tat <= 0.0 => now,
+            Some(_) => end,
+        }
     }
 }
 
@@ -70,14 +139,18 @@ struct Waiting {
 #[derive(Debug)]
 pub(crate) struct State {
     pub(crate) dims: Vec<Dim>,
-    /// Per dimension, seconds since `epoch`.
+    /// Per dimension, seconds since `epoch` (a calendar window's: units
+    /// used in the window ending at `ends[d]`).
     tat: Vec<f64>,
+    /// Per calendar dimension, the end of its current window (seconds
+    /// since `epoch`); 0 for the others.
+    ends: Vec<f64>,
     line: BTreeMap<u64, u32>,
     waiting: Slab<Waiting>,
     queued: Vec<f64>,
-    /// The parts (requests, input, cached input, output) of every cost in
-    /// line: what the line will take from a parent's cells.
-    queued_parts: [f64; 4],
+    /// The parts (requests, input, cached input, output, spend) of every
+    /// cost in line: what the line will take from a parent's cells.
+    queued_parts: [f64; PARTS],
     next_seq: u64,
     paused_until: Option<Instant>,
     /// AIMD share of the configured rate, in [FLOOR, 1].
@@ -97,8 +170,11 @@ pub(crate) struct State {
     recent: std::collections::VecDeque<Instant>,
     /// A typical call's cost (smoothed, per part: requests, input, cached
     /// input, output), for projecting calls not seen yet.
-    typical: Option<[f64; 4]>,
+    typical: Option<[f64; PARTS]>,
 }
+
+/// The parts of a cost: requests, input, cached input, output, spend.
+const PARTS: usize = 5;
 
 /// How many recent starts the pacer remembers for projections.
 const RECENT: usize = 256;
@@ -113,22 +189,25 @@ pub(crate) enum Fit {
 }
 
 /// How many of `unit` costs adding up to `parts` count.
-fn amount_of_parts(unit: Unit, [r, i, c, o]: &[f64; 4]) -> f64 {
+fn amount_of_parts(unit: Unit, [r, i, c, o, m]: &[f64; PARTS]) -> f64 {
     match unit {
         Unit::Requests => *r,
         Unit::Tokens => i + c + o,
         Unit::InputTokens => *i,
+        Unit::PromptTokens => i + c,
         Unit::OutputTokens => *o,
+        Unit::Spend => *m,
     }
 }
 
-/// A cost's parts as numbers (requests, input, cached input, output).
-fn parts(c: &Cost) -> [f64; 4] {
+/// A cost's parts as numbers (requests, input, cached input, output, spend).
+fn parts(c: &Cost) -> [f64; PARTS] {
     [
         f64::from(c.requests),
         c.input_tokens as f64,
         c.cached_input_tokens as f64,
         c.output_tokens as f64,
+        c.spend as f64,
     ]
 }
 
@@ -148,9 +227,11 @@ fn instant_at(epoch: Instant, s: f64) -> Instant {
 /// per unit, not before `now` nor a pause, after `extra[d]` units already in
 /// line. A cost above a burst (a lower limit the upstream announced) starts
 /// once the bucket is full, and leaves a debt.
+#[allow(clippy::too_many_arguments)]
 fn earliest(
     dims: &[Dim],
     tat: &[f64],
+    ends: &[f64],
     spu: &[f64],
     cost: &Cost,
     now: f64,
@@ -159,19 +240,16 @@ fn earliest(
 ) -> f64 {
     let mut start = now.max(paused.unwrap_or(0.0));
     for (d, dim) in dims.iter().enumerate() {
-        let t = spu[d];
         let ahead = extra.map_or(0.0, |e| e[d]);
-        let full = tat[d].max(now) + ahead * t;
-        let n = dim.amount(cost).min(dim.capacity);
-        start = start.max(full - (dim.capacity - n) * t);
+        start = start.max(dim.start(tat[d], ends[d], spu[d], dim.amount(cost), now, ahead));
     }
     start
 }
 
 /// Reserves `cost` on every cell from `start`.
-fn reserve(dims: &[Dim], tat: &mut [f64], spu: &[f64], cost: &Cost, start: f64) {
+fn reserve(dims: &[Dim], tat: &mut [f64], ends: &mut [f64], spu: &[f64], cost: &Cost, start: f64) {
     for (d, dim) in dims.iter().enumerate() {
-        tat[d] = tat[d].max(start) + dim.amount(cost) * spu[d];
+        dim.take(&mut tat[d], &mut ends[d], spu[d], dim.amount(cost), start);
     }
 }
 
@@ -183,10 +261,12 @@ impl State {
             spu,
             dims,
             tat: vec![0.0; n],
+            // A calendar window's first end is found at its first use.
+            ends: vec![0.0; n],
             line: BTreeMap::new(),
             waiting: Slab::new(),
             queued: vec![0.0; n],
-            queued_parts: [0.0; 4],
+            queued_parts: [0.0; PARTS],
             next_seq: 0,
             paused_until: None,
             factor: 1.0,
@@ -228,16 +308,23 @@ impl State {
             .take(PROJECTED)
             .filter_map(|slot| self.waiting.get(*slot as usize).map(|w| w.cost))
             .collect();
-        let typical = self.typical.map(|[r, i, c, o]| Cost {
+        let typical = self.typical.map(|[r, i, c, o, m]| Cost {
             requests: r.round() as u32,
             input_tokens: i.round() as u64,
             cached_input_tokens: c.round() as u64,
             output_tokens: o.round() as u64,
+            spend: m.round() as u64,
         });
         let n = secs(self.epoch, now);
         Projection {
             dims: self.dims.clone(),
-            tat: self.tat.iter().map(|t| t.max(n)).collect(),
+            tat: self
+                .tat
+                .iter()
+                .zip(&self.dims)
+                .map(|(t, d)| if d.calendar.is_some() { *t } else { t.max(n) })
+                .collect(),
+            ends: self.ends.clone(),
             spu: self.spu.clone(),
             paused: self.paused_until.map(|p| secs(self.epoch, p)),
             epoch: self.epoch,
@@ -276,11 +363,40 @@ impl State {
     /// has been reserved, in seconds since the epoch.
     fn start_secs(&self, cost: &Cost, extra: Option<&[f64]>, now: f64) -> f64 {
         let paused = self.paused_until.map(|p| secs(self.epoch, p));
-        earliest(&self.dims, &self.tat, &self.spu, cost, now, paused, extra)
+        earliest(
+            &self.dims, &self.tat, &self.ends, &self.spu, cost, now, paused, extra,
+        )
     }
 
     fn reserve_at(&mut self, cost: &Cost, start: f64) {
-        reserve(&self.dims, &mut self.tat, &self.spu, cost, start);
+        reserve(
+            &self.dims,
+            &mut self.tat,
+            &mut self.ends,
+            &self.spu,
+            cost,
+            start,
+        );
+    }
+
+    /// A limit with a `max_wait` of its own that `cost` would wait longer
+    /// for, after the calls in line: (the wait, the limit's own max wait,
+    /// the limit).
+    pub(crate) fn over_limit_wait(&self, cost: &Cost, now: Instant) -> Option<(f64, f64, &Dim)> {
+        let n = secs(self.epoch, now);
+        self.dims.iter().enumerate().find_map(|(d, dim)| {
+            let max = dim.max_wait?;
+            let s = dim.start(
+                self.tat[d],
+                self.ends[d],
+                self.spu[d],
+                dim.amount(cost),
+                n,
+                self.queued[d],
+            );
+            let wait = s - n;
+            (wait > max).then_some((wait, max, dim))
+        })
     }
 
     /// Reserve now if nobody waits and it fits — here and on the cells of
@@ -312,7 +428,7 @@ impl State {
 
     /// For a parent: when `cost` could start on its cells after its line and
     /// a line of a key whose costs add up to `parts`.
-    fn start_after(&self, cost: &Cost, parts: &[f64; 4], now: Instant) -> Instant {
+    fn start_after(&self, cost: &Cost, parts: &[f64; PARTS], now: Instant) -> Instant {
         let n = secs(self.epoch, now);
         let extra: Vec<f64> = self
             .dims
@@ -556,6 +672,15 @@ impl State {
         let n = secs(self.epoch, now);
         for d in 0..self.dims.len() {
             let delta = self.dims[d].amount(real) - self.dims[d].amount(estimate);
+            if self.dims[d].calendar.is_some() {
+                // In the window the call was charged to; once it is over,
+                // the next one starts afresh either way.
+                if n < self.ends[d] {
+                    let cap = self.dims[d].capacity;
+                    self.tat[d] = (self.tat[d] + delta).clamp(0.0, cap.max(self.tat[d]));
+                }
+                continue;
+            }
             let t = self.spu(d);
             let empty = n + self.dims[d].capacity * t;
             self.tat[d] = (self.tat[d] + delta * t).min(empty.max(self.tat[d]));
@@ -638,7 +763,7 @@ impl State {
         for d in 0..self.dims.len() {
             let window = self.dims[d].unit.window(info);
             // Only the per-minute windows are reported by providers.
-            if self.dims[d].per > Duration::from_secs(60) {
+            if self.dims[d].per > Duration::from_secs(60) || self.dims[d].calendar.is_some() {
                 continue;
             }
             if let Some(limit) = window.and_then(|w| w.limit).filter(|l| *l > 0) {
@@ -687,8 +812,8 @@ impl State {
                     unit: dim.unit,
                     per: dim.per,
                     capacity: dim.capacity,
-                    available: (dim.capacity - (self.tat[d] - n).max(0.0) / t).max(0.0),
-                    full_at: self.instant(self.tat[d].max(n)),
+                    available: dim.available(self.tat[d], self.ends[d], t, n),
+                    full_at: self.instant(dim.full_at(self.tat[d], self.ends[d], n)),
                 }
             })
             .collect();
@@ -714,6 +839,7 @@ impl State {
 pub(crate) struct Projection {
     dims: Vec<Dim>,
     tat: Vec<f64>,
+    ends: Vec<f64>,
     spu: Vec<f64>,
     paused: Option<f64>,
     epoch: Instant,
@@ -733,14 +859,29 @@ impl crate::eta::Projection for Projection {
     }
 
     fn next_start(&mut self, not_before: Instant) -> Option<Instant> {
-        let cost = match self.queued.pop_front() {
-            Some(c) => c,
-            None => self.typical?,
-        };
+        let cost = self.pop_cost()?;
+        let start = self.start_at(&cost, not_before)?;
+        self.reserve_from(&cost, start);
+        Some(start)
+    }
+}
+
+impl Projection {
+    /// The next call's cost: the next one in line, then typical ones.
+    pub(crate) fn pop_cost(&mut self) -> Option<Cost> {
+        match self.queued.pop_front() {
+            Some(c) => Some(c),
+            None => self.typical,
+        }
+    }
+
+    /// When `cost` could start on these cells, not before `not_before`
+    /// (`None`: it never fits).
+    pub(crate) fn start_at(&self, cost: &Cost, not_before: Instant) -> Option<Instant> {
         if self
             .dims
             .iter()
-            .any(|dim| dim.amount(&cost) > dim.largest_cost)
+            .any(|dim| dim.amount(cost) > dim.largest_cost)
         {
             return None;
         }
@@ -748,13 +889,26 @@ impl crate::eta::Projection for Projection {
         let start = earliest(
             &self.dims,
             &self.tat,
+            &self.ends,
             &self.spu,
-            &cost,
+            cost,
             n,
             self.paused,
             None,
         );
-        reserve(&self.dims, &mut self.tat, &self.spu, &cost, start);
         Some(instant_at(self.epoch, start))
+    }
+
+    /// Reserves `cost` on the copy of the cells from `start`.
+    pub(crate) fn reserve_from(&mut self, cost: &Cost, start: Instant) {
+        let s = secs(self.epoch, start);
+        reserve(
+            &self.dims,
+            &mut self.tat,
+            &mut self.ends,
+            &self.spu,
+            cost,
+            s,
+        );
     }
 }

@@ -86,8 +86,8 @@ impl BudgetBuilder {
     /// # Errors
     ///
     /// Those of [`PaceBuilder::build`], and a [`ConfigError`] on `name`
-    /// (empty, or with braces) or `failure_policy` (a `Local` share outside
-    /// (0, 1]).
+    /// (empty, or with braces), `failure_policy` (a `Local` share outside
+    /// (0, 1]) or `resets` (a calendar window: the Redis cells roll).
     pub fn build(self) -> Result<Budget, ConfigError> {
         self.policy.validate("redis budget")?;
         if self.name.is_empty() || self.name.contains(['{', '}']) {
@@ -100,6 +100,22 @@ impl BudgetBuilder {
         let limits = self.limits;
         // The same validation as a local pacer.
         limits.clone().build()?;
+        if limits.dims().iter().any(|l| l.resets.is_some()) {
+            return Err(ConfigError::new(
+                "redis budget",
+                "resets",
+                "a window that resets on the calendar is paced locally only; \
+                 give the Redis budget a rolling window",
+            ));
+        }
+        // A limit's own max wait (a spend budget's zero) bounds the whole
+        // reservation: the script reserves every cell or none.
+        let max_wait = limits
+            .dims()
+            .iter()
+            .filter_map(|l| l.max_wait)
+            .chain(limits.max_wait_value())
+            .min();
         let dims = limits
             .dims()
             .iter()
@@ -122,7 +138,7 @@ impl BudgetBuilder {
                 backend: self.backend,
                 name: self.name,
                 dims,
-                max_wait: limits.max_wait_value(),
+                max_wait,
                 policy: self.policy,
                 local,
                 closing: crate::close::Closing::default(),
