@@ -7,6 +7,8 @@
 //!
 //! ```text
 //! cargo run --example llm_client                                    # the in-process mock (time ×10)
+//! cargo run --example llm_client -- --provider anthropic            # a mock Anthropic account: RPM, ITPM, OTPM
+//! cargo run --example llm_client -- --provider azure                # a mock Azure deployment: 10 s windows
 //! cargo run --example llm_client -- --base-url https://api.openai.com/v1   # a real server, OPENAI_API_KEY
 //! ```
 
@@ -18,7 +20,7 @@ mod mock_provider;
 use clap::Parser;
 use http_client::{chat_request, HttpClient};
 use indicatif::{ProgressBar, ProgressStyle};
-use mock_provider::{MockConfig, MockProvider};
+use mock_provider::{MockConfig, MockProvider, Shape};
 use semaforo::bulkhead::{Bulkhead, QueueTicket, TicketStatus};
 use semaforo::llm::{LlmStack, Tier};
 use semaforo::BoxError;
@@ -39,6 +41,17 @@ struct Args {
     /// The model to ask.
     #[arg(long, default_value = "gpt-4o-mini")]
     model: String,
+    /// Whose account is paced (and, with the mock, enforced): `openai` (RPM,
+    /// TPM), `anthropic` (RPM, ITPM, OTPM: output charged at max_tokens) or
+    /// `azure` (TPM and 6 RPM per 1,000 TPM, each over 10 s windows).
+    #[arg(long, value_enum, default_value_t = Provider::Openai)]
+    provider: Provider,
+    /// Anthropic's input tokens per minute.
+    #[arg(long, default_value_t = 30_000)]
+    itpm: u64,
+    /// Anthropic's output tokens per minute.
+    #[arg(long, default_value_t = 8_000)]
+    otpm: u64,
     /// How many teachers press "generate" at once.
     #[arg(long, default_value_t = 50)]
     teachers: usize,
@@ -61,6 +74,48 @@ struct Args {
     /// Skip phase 1 (the direct calls), e.g. against a real, paid server.
     #[arg(long)]
     skip_direct: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Provider {
+    Openai,
+    Anthropic,
+    Azure,
+}
+
+impl Provider {
+    fn name(self) -> &'static str {
+        match self {
+            Provider::Openai => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Azure => "azure-openai",
+        }
+    }
+
+    /// Each limit as (units one plan costs, per minute, burst).
+    fn limits(self, args: &Args) -> Vec<(f64, f64, f64)> {
+        let plan = args.tokens as f64;
+        // The prompt is about a dozen tokens; the rest is max_tokens.
+        let (input, output) = (12.0, (args.tokens.saturating_sub(12)) as f64);
+        match self {
+            Provider::Openai => vec![
+                (plan, args.tpm as f64, args.tpm as f64),
+                (1.0, args.rpm as f64, args.rpm as f64),
+            ],
+            Provider::Anthropic => vec![
+                (1.0, args.rpm as f64, args.rpm as f64),
+                (input, args.itpm as f64, args.itpm as f64),
+                (output, args.otpm as f64, args.otpm as f64),
+            ],
+            Provider::Azure => {
+                let rpm = (args.tpm / 1_000 * 6).max(1) as f64;
+                vec![
+                    (plan, args.tpm as f64, (args.tpm / 6).max(1) as f64),
+                    (1.0, rpm, (rpm / 6.0).floor().max(1.0)),
+                ]
+            }
+        }
+    }
 }
 
 struct Phase {
@@ -155,14 +210,19 @@ async fn direct(client: HttpClient, args: &Args) -> Phase {
 }
 
 async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, BoxError> {
-    let stack = LlmStack::openai(Tier {
+    let tier = Tier {
         requests_per_minute: args.rpm,
         tokens_per_minute: args.tpm,
-    })
+    };
+    let stack = match args.provider {
+        Provider::Openai => LlmStack::openai(tier),
+        Provider::Anthropic => LlmStack::anthropic(args.rpm, args.itpm, args.otpm),
+        Provider::Azure => LlmStack::azure_openai(args.tpm),
+    }
     .time_scale(scale)
     .bulkhead(
         Bulkhead::builder(args.max_concurrent)
-            .name("openai")
+            .name(args.provider.name())
             .max_queue(args.teachers as u32)
             .expected_service_time(Duration::from_secs_f64(5.0 / scale))
             .build()?,
@@ -235,9 +295,17 @@ async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, B
 /// (the phase's fastest successful call) — computed the same way for the mock
 /// and for a real server.
 fn bound(args: &Args, scale: f64, phase: &Phase) -> Duration {
-    let n = args.teachers as u64;
-    let deficit = n.saturating_mul(args.tokens).saturating_sub(args.tpm) as f64;
-    let refill = deficit / (args.tpm.max(1) as f64 / 60.0) / scale;
+    let n = args.teachers as f64;
+    // The binding limit: what its burst did not hold, refilled at its rate.
+    let refill = args
+        .provider
+        .limits(args)
+        .iter()
+        .map(|(per_plan, per_minute, burst)| {
+            (n * per_plan - burst).max(0.0) / (per_minute.max(1.0) / 60.0)
+        })
+        .fold(0.0, f64::max)
+        / scale;
     let generation = phase.latencies.iter().min().copied().unwrap_or_default();
     Duration::from_secs_f64(refill) + generation
 }
@@ -327,6 +395,14 @@ async fn main() -> Result<(), BoxError> {
     let mock_cfg = MockConfig {
         tokens_per_minute: args.tpm,
         requests_per_minute: args.rpm,
+        shape: match args.provider {
+            Provider::Openai => Shape::OpenAi,
+            Provider::Anthropic => Shape::Anthropic {
+                input_tokens_per_minute: args.itpm,
+                output_tokens_per_minute: args.otpm,
+            },
+            Provider::Azure => Shape::Azure,
+        },
         time_scale: scale,
         service_time,
         ..MockConfig::default()
@@ -334,11 +410,21 @@ async fn main() -> Result<(), BoxError> {
     let client = |base: String| HttpClient::new(&base, key.clone());
 
     println!(
-        "Sunday night: {} teachers × {} tokens at once, tier {} TPM / {} RPM{}.",
+        "Sunday night: {} teachers × {} tokens at once, {}{}.",
         args.teachers,
         args.tokens,
-        args.tpm,
-        args.rpm,
+        match args.provider {
+            Provider::Openai => format!("tier {} TPM / {} RPM", args.tpm, args.rpm),
+            Provider::Anthropic => format!(
+                "Anthropic {} RPM / {} ITPM / {} OTPM",
+                args.rpm, args.itpm, args.otpm
+            ),
+            Provider::Azure => format!(
+                "Azure OpenAI {} TPM / {} RPM over 10 s windows",
+                args.tpm,
+                (args.tpm / 1_000 * 6).max(1)
+            ),
+        },
         if mocked {
             format!(" (mock provider, time ×{scale})")
         } else {

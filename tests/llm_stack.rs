@@ -368,3 +368,85 @@ async fn a_base_url_with_v1_reaches_the_endpoint() {
         assert_eq!(res.status(), 200, "{base}");
     }
 }
+
+/// `n` calls of 2,000 tokens (a dozen of prompt, the rest `max_tokens`) at
+/// once through `stack` against `provider`; (succeeded, simulated makespan).
+async fn through(
+    stack: &LlmStack,
+    provider: &MockProvider,
+    n: usize,
+    scale: f64,
+) -> (usize, Duration) {
+    let svc = ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(HttpClient::new(&provider.base_url(), None));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (1..=n)
+        .map(|i| {
+            let svc = svc.clone();
+            tokio::spawn(async move { svc.oneshot(chat_request("m", 2_000, i, None)).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if let Ok(Ok(r)) = t.await {
+            ok += usize::from(r.status() == 200);
+        }
+    }
+    (ok, t0.elapsed().mul_f64(scale))
+}
+
+/// The mock enforcing an Anthropic account (RPM, ITPM, OTPM with output
+/// charged at `max_tokens` and given back at the end, `anthropic-ratelimit-*`
+/// headers) and an Azure deployment (10 s windows: buckets of a sixth of the
+/// minute): the preset of each profile meets zero 429s, near the binding
+/// limit's bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_and_azure_shaped_mocks_see_zero_429s_near_the_bound() {
+    use mock_provider::Shape;
+    // Anthropic: 20 × ~1,988 output tokens against 8,000 OTPM: the first
+    // 8,000 at once, the rest at 8,000 a minute (+ one plan's 5 s).
+    let scale = 100.0;
+    let provider = MockProvider::start(MockConfig {
+        time_scale: scale,
+        requests_per_minute: 50,
+        shape: Shape::Anthropic {
+            input_tokens_per_minute: 30_000,
+            output_tokens_per_minute: 8_000,
+        },
+        ..MockConfig::default()
+    })
+    .await
+    .expect("mock provider starts");
+    let stack = LlmStack::anthropic(50, 30_000, 8_000)
+        .time_scale(scale)
+        .build()
+        .unwrap();
+    let (ok, makespan) = through(&stack, &provider, 20, scale).await;
+    let bound = Duration::from_secs_f64((20.0 * 1_988.0 - 8_000.0) / 8_000.0 * 60.0 + 5.0);
+    println!("anthropic: {ok}/20, makespan {makespan:?}, bound {bound:?}");
+    assert_eq!(ok, 20);
+    assert_eq!(Stats::get(&provider.stats.throttled), 0, "zero 429s");
+    assert!(makespan <= bound.mul_f64(1.1), "{makespan:?} vs {bound:?}");
+
+    // Azure: 30 × 2,000 tokens against 30,000 TPM evaluated over 10 s: a
+    // bucket of 5,000, refilled at 30,000 a minute.
+    let scale = 50.0;
+    let provider = MockProvider::start(MockConfig {
+        time_scale: scale,
+        shape: Shape::Azure,
+        ..MockConfig::default()
+    })
+    .await
+    .expect("mock provider starts");
+    let stack = LlmStack::azure_openai(30_000)
+        .time_scale(scale)
+        .build()
+        .unwrap();
+    let (ok, makespan) = through(&stack, &provider, 30, scale).await;
+    let bound = Duration::from_secs_f64((30.0 * 2_000.0 - 5_000.0) / 30_000.0 * 60.0 + 5.0);
+    println!("azure: {ok}/30, makespan {makespan:?}, bound {bound:?}");
+    assert_eq!(ok, 30);
+    assert_eq!(Stats::get(&provider.stats.throttled), 0, "zero 429s");
+    assert!(makespan <= bound.mul_f64(1.1), "{makespan:?} vs {bound:?}");
+}

@@ -1,12 +1,18 @@
 //! An in-process, OpenAI-compatible mock provider (axum), shared by the
 //! `llm_client` example and the tests. Not a published API.
 //!
-//! `POST /v1/chat/completions` enforces requests-per-minute and
-//! tokens-per-minute buckets (refilled continuously, like OpenAI's), answers
-//! `429` with OpenAI's error body and `x-ratelimit-*` / `retry-after` headers
-//! when a request does not fit, sends `x-ratelimit-*` on every answer, and can
-//! inject `529 overloaded_error`, `500`s and a full outage (`503`) from a seeded
-//! RNG. `time_scale` makes "a minute" last `60 / time_scale` seconds.
+//! `POST /v1/chat/completions` (and `/v1/messages`) enforces the limits of a
+//! provider's account ([`Shape`]): OpenAI's requests- and tokens-per-minute
+//! buckets (refilled continuously); Anthropic's requests, input tokens and
+//! output tokens per minute (output charged at `max_tokens` on arrival, the
+//! unused part given back at the end); Azure OpenAI's per-minute limits
+//! evaluated over 10 s (each a bucket of a sixth of the limit refilling at
+//! the per-minute rate). It answers `429` with the provider's error body and
+//! rate-limit headers (`x-ratelimit-*` or `anthropic-ratelimit-*`, and
+//! `retry-after`) when a request does not fit, sends those headers on every
+//! answer, and can inject `529 overloaded_error`, `500`s and a full outage
+//! (`503`) from a seeded RNG. `time_scale` makes "a minute" last
+//! `60 / time_scale` seconds.
 #![allow(dead_code)]
 
 use axum::extract::State;
@@ -30,10 +36,37 @@ pub fn time_scale(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Whose account the mock enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// RPM and TPM (input + output), buckets of a whole minute.
+    OpenAi,
+    /// RPM, input tokens (ITPM) and output tokens (OTPM) per minute.
+    Anthropic {
+        input_tokens_per_minute: u64,
+        output_tokens_per_minute: u64,
+    },
+    /// TPM and RPM = 6 per 1,000 TPM, each evaluated over 10 s: a bucket of
+    /// a sixth of the limit (`requests_per_minute` is not used).
+    Azure,
+}
+
+/// What a bucket counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counts {
+    Requests,
+    /// Input + output.
+    Tokens,
+    Input,
+    Output,
+}
+
 #[derive(Debug, Clone)]
 pub struct MockConfig {
     pub tokens_per_minute: u64,
     pub requests_per_minute: u64,
+    /// The provider's account shape (default: OpenAI).
+    pub shape: Shape,
     /// A simulated minute lasts `60 / time_scale` real seconds.
     pub time_scale: f64,
     /// How long a completion takes, in simulated time.
@@ -63,6 +96,7 @@ impl Default for MockConfig {
         MockConfig {
             tokens_per_minute: 30_000,
             requests_per_minute: 500,
+            shape: Shape::OpenAi,
             time_scale: 1.0,
             service_time: Duration::from_secs(5),
             overloaded_rate: 0.0,
@@ -98,10 +132,29 @@ impl Stats {
 }
 
 struct Bucket {
+    counts: Counts,
+    /// The limit per minute, as announced in headers.
+    per_minute: u64,
     capacity: f64,
     per_sec: f64,
     level: f64,
     at: Instant,
+}
+
+/// Output reserved at `max_tokens` and not generated: back to the buckets
+/// that count output (as Anthropic's OTPM does once the answer ends).
+fn give_back(s: &Inner, unused: u64) {
+    if unused == 0 {
+        return;
+    }
+    let mut b = s.buckets.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    for x in b.iter_mut() {
+        if matches!(x.counts, Counts::Output | Counts::Tokens) {
+            x.refill(now);
+            x.level = (x.level + unused as f64).min(x.capacity);
+        }
+    }
 }
 
 impl Bucket {
@@ -116,7 +169,7 @@ impl Bucket {
 
 struct Inner {
     cfg: MockConfig,
-    tokens: Mutex<(Bucket, Bucket)>,
+    buckets: Mutex<Vec<Bucket>>,
     rng: Mutex<rand::rngs::SmallRng>,
     stats: Arc<Stats>,
     down: Arc<AtomicBool>,
@@ -137,19 +190,41 @@ impl MockProvider {
     pub async fn start(cfg: MockConfig) -> std::io::Result<MockProvider> {
         let scale = cfg.time_scale;
         let now = Instant::now();
-        let bucket = |per_minute: u64| Bucket {
-            capacity: per_minute as f64,
+        // A bucket of `capacity` refilling `per_minute` a (simulated) minute.
+        let bucket = |counts: Counts, per_minute: u64, capacity: u64| Bucket {
+            counts,
+            per_minute,
+            capacity: capacity as f64,
             per_sec: per_minute as f64 / 60.0 * scale,
-            level: per_minute as f64,
+            level: capacity as f64,
             at: now,
+        };
+        let (tpm, rpm) = (cfg.tokens_per_minute, cfg.requests_per_minute);
+        let buckets = match cfg.shape {
+            Shape::OpenAi => vec![
+                bucket(Counts::Tokens, tpm, tpm),
+                bucket(Counts::Requests, rpm, rpm),
+            ],
+            Shape::Anthropic {
+                input_tokens_per_minute: itpm,
+                output_tokens_per_minute: otpm,
+            } => vec![
+                bucket(Counts::Requests, rpm, rpm),
+                bucket(Counts::Input, itpm, itpm),
+                bucket(Counts::Output, otpm, otpm),
+            ],
+            Shape::Azure => {
+                let rpm = (tpm / 1_000 * 6).max(1);
+                vec![
+                    bucket(Counts::Tokens, tpm, (tpm / 6).max(1)),
+                    bucket(Counts::Requests, rpm, (rpm / 6).max(1)),
+                ]
+            }
         };
         let stats = Arc::new(Stats::default());
         let down = Arc::new(AtomicBool::new(false));
         let inner = Arc::new(Inner {
-            tokens: Mutex::new((
-                bucket(cfg.tokens_per_minute),
-                bucket(cfg.requests_per_minute),
-            )),
+            buckets: Mutex::new(buckets),
             rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(cfg.seed)),
             stats: stats.clone(),
             down: down.clone(),
@@ -158,6 +233,7 @@ impl MockProvider {
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(completions))
+            .route("/v1/messages", post(completions))
             .with_state(inner);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -187,33 +263,49 @@ fn millis(secs: f64) -> String {
     format!("{}ms", (secs * 1000.0).ceil() as u64)
 }
 
-fn rate_headers(h: &mut HeaderMap, tokens: &Bucket, requests: &Bucket) {
-    let mut put = |k: &'static str, v: String| {
-        if let Ok(v) = HeaderValue::from_str(&v) {
+/// Each bucket's limit, what is left and when it is full again, under the
+/// provider's own header names.
+fn rate_headers(h: &mut HeaderMap, shape: Shape, buckets: &[Bucket]) {
+    let mut put = |k: String, v: String| {
+        if let (Ok(k), Ok(v)) = (
+            axum::http::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(&v),
+        ) {
             h.insert(k, v);
         }
     };
-    put("x-ratelimit-limit-tokens", format!("{}", tokens.capacity));
-    put(
-        "x-ratelimit-remaining-tokens",
-        format!("{}", tokens.level.max(0.0).floor() as u64),
-    );
-    put(
-        "x-ratelimit-reset-tokens",
-        millis(tokens.secs_until(tokens.capacity)),
-    );
-    put(
-        "x-ratelimit-limit-requests",
-        format!("{}", requests.capacity),
-    );
-    put(
-        "x-ratelimit-remaining-requests",
-        format!("{}", requests.level.max(0.0).floor() as u64),
-    );
-    put(
-        "x-ratelimit-reset-requests",
-        millis(requests.secs_until(requests.capacity)),
-    );
+    for b in buckets {
+        let remaining = format!("{}", b.level.max(0.0).floor() as u64);
+        let full_in = b.secs_until(b.capacity);
+        match shape {
+            Shape::Anthropic { .. } => {
+                let what = match b.counts {
+                    Counts::Requests => "requests",
+                    Counts::Input => "input-tokens",
+                    Counts::Output => "output-tokens",
+                    Counts::Tokens => "tokens",
+                };
+                let _ = full_in;
+                put(
+                    format!("anthropic-ratelimit-{what}-limit"),
+                    b.per_minute.to_string(),
+                );
+                put(format!("anthropic-ratelimit-{what}-remaining"), remaining);
+            }
+            Shape::OpenAi | Shape::Azure => {
+                let what = match b.counts {
+                    Counts::Requests => "requests",
+                    _ => "tokens",
+                };
+                put(
+                    format!("x-ratelimit-limit-{what}"),
+                    b.per_minute.to_string(),
+                );
+                put(format!("x-ratelimit-remaining-{what}"), remaining);
+                put(format!("x-ratelimit-reset-{what}"), millis(full_in));
+            }
+        }
+    }
 }
 
 fn error(status: u16, body: Value, headers: HeaderMap) -> Response {
@@ -243,19 +335,34 @@ async fn completions(State(s): State<Arc<Inner>>, Json(req): Json<Value>) -> Res
         })
         .unwrap_or(0);
     let prompt = prompt_chars as u64 / 4;
-    let cost = prompt.saturating_add(max_tokens) as f64;
+    let amount = |c: Counts| match c {
+        Counts::Requests => 1.0,
+        Counts::Tokens => prompt.saturating_add(max_tokens) as f64,
+        Counts::Input => prompt as f64,
+        Counts::Output => max_tokens as f64,
+    };
     let mut headers = HeaderMap::new();
     {
-        let mut b = s.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = s.buckets.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        b.0.refill(now);
-        b.1.refill(now);
-        if s.cfg.spent_before_first_request && !s.seen.swap(true, Ordering::SeqCst) {
-            b.0.level = 0.0;
+        for x in b.iter_mut() {
+            x.refill(now);
         }
-        if b.0.level < cost || b.1.level < 1.0 {
-            let wait = b.0.secs_until(cost).max(b.1.secs_until(1.0));
-            rate_headers(&mut headers, &b.0, &b.1);
+        if s.cfg.spent_before_first_request && !s.seen.swap(true, Ordering::SeqCst) {
+            for x in b.iter_mut().filter(|x| x.counts != Counts::Requests) {
+                x.level = 0.0;
+            }
+        }
+        let short = b
+            .iter()
+            .find(|x| x.level < amount(x.counts))
+            .map(|x| x.counts);
+        if let Some(which) = short {
+            let wait = b
+                .iter()
+                .map(|x| x.secs_until(amount(x.counts)))
+                .fold(0.0, f64::max);
+            rate_headers(&mut headers, s.cfg.shape, &b);
             drop(b);
             s.stats.throttled.fetch_add(1, Ordering::SeqCst);
             if let Ok(v) = HeaderValue::from_str(&format!("{}", (wait * 1000.0).ceil() as u64)) {
@@ -264,15 +371,22 @@ async fn completions(State(s): State<Arc<Inner>>, Json(req): Json<Value>) -> Res
             if let Ok(v) = HeaderValue::from_str(&format!("{}", wait.ceil() as u64)) {
                 headers.insert("retry-after", v);
             }
-            let body = json!({"error": {
-                "message": format!("Rate limit reached for gpt-4o-mini in organization org-mock on tokens per min (TPM): Limit {}, Used {}, Requested {}. Please try again in {}.",
-                    s.cfg.tokens_per_minute, (s.cfg.tokens_per_minute as f64 - 0.0) as u64, cost as u64, millis(wait)),
-                "type": "tokens", "param": null, "code": "rate_limit_exceeded"}});
+            let body = match s.cfg.shape {
+                Shape::Anthropic { .. } => {
+                    json!({"type": "error", "error": {"type": "rate_limit_error",
+                    "message": format!("This request would exceed the rate limit for your organization of {which:?} per minute. Please try again later.")}})
+                }
+                _ => json!({"error": {
+                    "message": format!("Rate limit reached for gpt-4o-mini in organization org-mock on {which:?} per min: Limit {}, Requested {}. Please try again in {}.",
+                        s.cfg.tokens_per_minute, amount(which) as u64, millis(wait)),
+                    "type": "tokens", "param": null, "code": "rate_limit_exceeded"}}),
+            };
             return error(429, body, headers);
         }
-        b.0.level -= cost;
-        b.1.level -= 1.0;
-        rate_headers(&mut headers, &b.0, &b.1);
+        for x in b.iter_mut() {
+            x.level -= amount(x.counts);
+        }
+        rate_headers(&mut headers, s.cfg.shape, &b);
     }
     let roll: f64 = s.rng.lock().unwrap_or_else(|e| e.into_inner()).random();
     let real = Duration::from_secs_f64(s.cfg.service_time.as_secs_f64() / s.cfg.time_scale);
@@ -305,6 +419,7 @@ async fn completions(State(s): State<Arc<Inner>>, Json(req): Json<Value>) -> Res
             req,
             prompt,
             completion,
+            max_tokens - completion.min(max_tokens),
             headers,
             real,
             first_byte_delay,
@@ -329,13 +444,22 @@ async fn completions(State(s): State<Arc<Inner>>, Json(req): Json<Value>) -> Res
     s.stats.completed.fetch_add(1, Ordering::SeqCst);
     s.stats
         .tokens
-        .fetch_add(prompt + max_tokens, Ordering::SeqCst);
-    let body = json!({
-        "id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000u64,
-        "model": req.get("model").cloned().unwrap_or(json!("gpt-4o-mini")),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Plan de clase: el ciclo del agua…"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": max_tokens, "total_tokens": prompt + max_tokens}
-    });
+        .fetch_add(prompt + completion, Ordering::SeqCst);
+    give_back(&s, max_tokens - completion.min(max_tokens));
+    let model = req.get("model").cloned().unwrap_or(json!("gpt-4o-mini"));
+    let body = match s.cfg.shape {
+        Shape::Anthropic { .. } => json!({
+            "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": "Plan de clase: el ciclo del agua…"}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": prompt, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": completion}
+        }),
+        _ => json!({
+            "id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000u64,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Plan de clase: el ciclo del agua…"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        }),
+    };
     (StatusCode::OK, headers, Json(body)).into_response()
 }
 
@@ -348,6 +472,7 @@ fn stream(
     req: Value,
     prompt: u64,
     max_tokens: u64,
+    unused: u64,
     mut headers: HeaderMap,
     service: Duration,
     first_byte_delay: Duration,
@@ -373,6 +498,7 @@ fn stream(
                 ));
             } else if i == chunks {
                 s.stats.completed.fetch_add(1, Ordering::SeqCst);
+                give_back(&s, unused);
                 s.stats
                     .tokens
                     .fetch_add(prompt + max_tokens, Ordering::SeqCst);
