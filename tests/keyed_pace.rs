@@ -130,7 +130,9 @@ async fn a_model_at_its_limit_holds_back_no_other_model() {
 #[tokio::test(start_paused = true)]
 async fn keys_past_max_keys_and_requests_without_a_key_share_the_overflow_pacer() {
     let models = KeyedPace::builder(tpm(1_000)).max_keys(2).build().unwrap();
-    for k in ["a", "b", "c", "d"] {
+    // Held (by a caller, as a call in flight holds its pacer): not evicted.
+    let held: Vec<_> = ["a", "b"].map(|k| models.get(Some(k))).into();
+    for k in ["c", "d"] {
         let p = models.get(Some(k));
         p.snapshot();
     }
@@ -143,10 +145,42 @@ async fn keys_past_max_keys_and_requests_without_a_key_share_the_overflow_pacer(
     svc.clone().oneshot(("d".to_string(), 1_000)).await.unwrap();
     assert_eq!(t0.elapsed(), Duration::from_secs(60));
     assert!(models.get(None).snapshot().dims[0].available < 1.0);
+    drop(held);
     // A key of its own is not touched.
     let t0 = Instant::now();
     svc.oneshot(("a".to_string(), 1_000)).await.unwrap();
     assert_eq!(t0.elapsed(), Duration::ZERO);
+}
+
+/// When every place is taken, a new key takes the place of idle ones (a
+/// pacer like a new one, held by no call), looked for at most once a second;
+/// a key that spent from the overflow pacer before it got a place starts as
+/// spent as that pacer, not with a fresh budget.
+#[tokio::test(start_paused = true)]
+async fn idle_keys_give_their_place_and_a_late_key_keeps_what_it_spent() {
+    let models = KeyedPace::builder(tpm(1_000)).max_keys(2).build().unwrap();
+    let log: Log = Arc::default();
+    let svc = stack(&models, &log);
+    let t0 = Instant::now();
+    for k in ["a", "b"] {
+        svc.clone().oneshot((k.to_string(), 1_000)).await.unwrap();
+    }
+    // 59.5 s: "a" and "b" are not full yet: "x" finds no place (a sweep ran).
+    tokio::time::sleep_until(t0 + Duration::from_millis(59_500)).await;
+    svc.clone().oneshot(("x".to_string(), 10)).await.unwrap();
+    assert_eq!(models.keys(), ["a", "b"]);
+    // 60 s: "a" and "b" are idle, but a sweep ran half a second ago: "c"
+    // spends 900 on the overflow pacer.
+    tokio::time::sleep_until(t0 + Duration::from_secs(60)).await;
+    svc.clone().oneshot(("c".to_string(), 900)).await.unwrap();
+    assert_eq!(models.keys(), ["a", "b"]);
+    // 61 s: the sweep frees both places; "c" gets one, as spent as the
+    // overflow pacer (about 100 left and 17 refilled), not a fresh 1,000.
+    tokio::time::sleep_until(t0 + Duration::from_secs(61)).await;
+    let c = models.get(Some("c"));
+    assert_eq!(models.keys(), ["c"]);
+    let left = c.snapshot().dims[0].available;
+    assert!((100.0..130.0).contains(&left), "c starts with {left} left");
 }
 
 #[tokio::test(start_paused = true)]
@@ -232,7 +266,8 @@ proptest! {
             }
             let log = log.lock().unwrap().clone();
             prop_assert_eq!(log.len(), calls.len());
-            // m0..m2 have pacers of their own; m3 is past max_keys (overflow).
+            // Three keys have pacers of their own at a time (idle ones give
+            // their place; a key that spent on the overflow pacer keeps it).
             for k in 0..4 {
                 let key = format!("m{k}");
                 within(&log, |m| m == key, per_key, per_key).map_err(TestCaseError::fail)?;

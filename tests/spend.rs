@@ -219,3 +219,67 @@ async fn a_pacer_counts_spend_in_micro_dollars() {
         "{wait:?}"
     );
 }
+
+/// A dollar a day per user (`x-user-id`), around the preset: one user's
+/// budget spent does not touch another's; answers shorter than `max_tokens`
+/// give their difference back to their user; streamed answers too.
+#[tokio::test(start_paused = true)]
+async fn a_dollar_a_day_per_user_around_the_preset() {
+    use http_body_util::{BodyExt, Full};
+    use semaforo::llm::PricedUsage;
+    use semaforo::pace::{KeyedPace, UsageFromBody};
+    let stack = LlmStack::with_profile(Profile::openai(Tier {
+        requests_per_minute: 10_000,
+        tokens_per_minute: 100_000_000,
+    }))
+    .prices(prices())
+    .build()
+    .unwrap();
+    let users = KeyedPace::builder(Pace::builder().limit(Limit::spend_per_day(1_000_000)))
+        .build()
+        .unwrap();
+    let provider = Provider::default();
+    let svc = users
+        .layer()
+        .key(http::HeaderName::from_static("x-user-id"))
+        .weigh(stack.estimate())
+        .observe(PricedUsage)
+        .layer(stack.layer().layer(provider.client()));
+    let as_user = |user: &str| {
+        let mut req = call();
+        req.headers_mut().insert("x-user-id", user.parse().unwrap());
+        req
+    };
+    let left = |user: &str| users.peek(user).unwrap().snapshot().dims[0].available;
+    provider.output.store(100_000, Ordering::SeqCst);
+    for _ in 0..5 {
+        svc.clone().oneshot(as_user("ana")).await.unwrap();
+    }
+    assert!(svc.clone().oneshot(as_user("ana")).await.is_err());
+    // Luis has his own dollar; his short answer gives $0.15 back.
+    provider.output.store(25_000, Ordering::SeqCst);
+    svc.clone().oneshot(as_user("luis")).await.unwrap();
+    assert_eq!(left("luis"), 950_000.0);
+    assert_eq!(left("ana"), 0.0);
+
+    // Streamed: the usage arrives in the body; reconciled when it ends.
+    let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"hola\"}}]}\n\n\
+               data: {\"choices\":[],\"usage\":{\"prompt_tokens\":0,\"completion_tokens\":50000,\"total_tokens\":50000}}\n\n\
+               data: [DONE]\n\n";
+    let streamer = tower::service_fn(move |_req: http::Request<Bytes>| async move {
+        Ok::<_, std::io::Error>(http::Response::new(Full::new(Bytes::from(sse))))
+    });
+    let streams = users
+        .layer()
+        .key(http::HeaderName::from_static("x-user-id"))
+        .weigh(stack.estimate())
+        .observe(semaforo::llm::ObserveHeaders)
+        .deliver(UsageFromBody)
+        .layer(stack.stream_layer().layer(streamer));
+    let res = streams.oneshot(as_user("eva")).await.unwrap();
+    // Reserved $0.20 while the body flows…
+    assert_eq!(left("eva"), 800_000.0);
+    res.into_body().collect().await.unwrap();
+    // …billed 50,000 output tokens: $0.10.
+    assert_eq!(left("eva"), 900_000.0);
+}

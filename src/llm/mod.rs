@@ -101,8 +101,8 @@ pub use price::{Price, PriceTable, DEFAULT_PRICES_DATE};
 pub use profile::Profile;
 pub use prompt::{CharsPerToken, Prompt, TokenEstimator};
 pub use service::{
-    observe_headers, observe_response, LlmFuture, LlmLayer, LlmService, LlmStreamBody,
-    LlmStreamFuture, LlmStreamLayer, LlmStreamService, ObserveHeaders,
+    observe_headers, observe_response, Estimate, LlmFuture, LlmLayer, LlmService, LlmStreamBody,
+    LlmStreamFuture, LlmStreamLayer, LlmStreamService, ObserveHeaders, PricedUsage,
 };
 pub use sse::{
     SseEvent, SseParser, SseScan, SseWatch, StreamFailed, WatchFuture, DEFAULT_MAX_LINE,
@@ -175,9 +175,65 @@ impl LlmStack {
         &self.pace
     }
 
-    /// The estimator of the prompts' tokens (to read what it learned).
+    /// The estimator of the prompts' tokens. To read what a
+    /// [`CharsPerToken`] learned, keep an `Arc` of it and give the builder
+    /// a clone ([`LlmStackBuilder::estimator`] takes any
+    /// `Arc<T: TokenEstimator>`).
     pub fn estimator(&self) -> &std::sync::Arc<dyn TokenEstimator> {
         &self.weigh.estimator
+    }
+
+    /// The stack's estimate of a request (input, output and spend, as its
+    /// own pacer reserves them), for a pacer of your own around the stack:
+    /// with [`PricedUsage`] to reconcile, a per-user spend budget keyed by a
+    /// request header.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use semaforo::llm::{LlmStack, Price, PriceTable, PricedUsage, Tier};
+    /// use semaforo::pace::{KeyedPace, Limit, Pace};
+    /// use tower::{service_fn, ServiceBuilder, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), semaforo::BoxError> {
+    /// let stack = LlmStack::openai(Tier { requests_per_minute: 500, tokens_per_minute: 10_000_000 })
+    ///     .prices(PriceTable::new().price("m", Price::per_million_tokens(1.0, 0.5, 2.0)))
+    ///     .build()?;
+    /// // $1.00 a day for each value of `x-user-id` (at most 10,000 users at once).
+    /// let users = KeyedPace::builder(Pace::builder().limit(Limit::spend_per_day(1_000_000)))
+    ///     .max_keys(10_000)
+    ///     .build()?;
+    /// let client = service_fn(|_req: http::Request<Bytes>| async {
+    ///     let body = r#"{"usage":{"prompt_tokens":0,"completion_tokens":100000}}"#;
+    ///     Ok::<_, std::io::Error>(http::Response::new(Bytes::from_static(body.as_bytes())))
+    /// });
+    /// let llm = ServiceBuilder::new()
+    ///     .layer(
+    ///         users
+    ///             .layer()
+    ///             .key(http::HeaderName::from_static("x-user-id"))
+    ///             .weigh(stack.estimate())
+    ///             .observe(PricedUsage),
+    ///     )
+    ///     .layer(stack.layer())
+    ///     .service(client);
+    /// let call = || {
+    ///     http::Request::post("/v1/chat/completions")
+    ///         .header("x-user-id", "ana")
+    ///         .body(Bytes::from_static(br#"{"model":"m","max_tokens":100000,"messages":[]}"#))
+    /// };
+    /// for _ in 0..5 {
+    ///     llm.clone().oneshot(call()?).await?; // $0.20 each
+    /// }
+    /// let refused = llm.clone().oneshot(call()?).await.unwrap_err();
+    /// assert_eq!(
+    ///     semaforo::Rejected::from_box(&refused).unwrap().kind(),
+    ///     semaforo::RejectKind::BudgetExceeded
+    /// );
+    /// # Ok(()) }
+    /// ```
+    pub fn estimate(&self) -> Estimate {
+        self.weigh.clone()
     }
 
     /// The per-attempt timeout.

@@ -73,18 +73,24 @@ pub(super) struct Unset {
     pub(super) cap: u64,
 }
 
-/// The preset's estimate: the prompt read once (its [`Asked`] extension,
-/// put by [`LlmService`] / [`LlmStreamService`]), its text's tokens from the
-/// estimator, its output from the model's profile.
+/// The preset's estimate of a request, for a pacer of your own around an
+/// [`LlmService`] (see [`LlmStack::estimate`]): its input tokens from the
+/// stack's estimator, its output from its model's profile (`max_tokens`, or
+/// the profile's largest output when unset), its spend at its model's
+/// price. Inside the preset the prompt is read once per call; around it,
+/// once more.
 #[derive(Debug, Clone)]
-pub(super) struct Weigh {
+pub struct Estimate {
     pub(super) default: Unset,
     pub(super) models: Arc<HashMap<String, Unset>>,
     pub(super) estimator: Arc<dyn TokenEstimator>,
     pub(super) prices: Arc<PriceTable>,
 }
 
-impl Weigh {
+/// The preset's name for it.
+pub(super) type Weigh = Estimate;
+
+impl Estimate {
     /// The [`Asked`] of a call: the prompt read once.
     pub(super) fn ask(&self, body: &Bytes) -> Asked {
         let prompt = Prompt::read(body.clone());
@@ -103,7 +109,7 @@ impl Weigh {
     }
 }
 
-impl crate::pace::Weigh<http::Request<Bytes>> for Weigh {
+impl crate::pace::Weigh<http::Request<Bytes>> for Estimate {
     #[inline]
     fn weigh(&self, req: &http::Request<Bytes>) -> Cost {
         let cost = |a: &Asked| {
@@ -132,13 +138,15 @@ impl crate::pace::PaceKey<http::Request<Bytes>> for AskedModel {
     }
 }
 
-/// The preset's reading of a whole answer: [`observe_response`], and the
-/// billed input taught to the estimator of the prompt (its [`Asked`],
-/// copied to the response by [`Stamp`]).
+/// The preset's reading of a whole answer, for a pacer of your own around
+/// an [`LlmService`] (a per-user spend budget, see [`LlmStack::estimate`]):
+/// the rate-limit headers and the real usage ([`observe_response`]), priced
+/// at the model's price (the spend [`Limit::spend_per_day`](crate::pace::Limit::spend_per_day)
+/// counts). The preset's own pacer also teaches its estimator here.
 #[derive(Debug, Clone, Copy, Default)]
-pub(super) struct ObserveAnswer;
+pub struct PricedUsage;
 
-impl crate::pace::Observe<http::Response<Bytes>> for ObserveAnswer {
+impl crate::pace::Observe<http::Response<Bytes>> for PricedUsage {
     fn observe(&self, res: &http::Response<Bytes>) -> Observed {
         let Some(asked) = res.extensions().get::<Asked>() else {
             return observe_response(res);
@@ -242,7 +250,7 @@ type Inner<S> = ShutdownService<
                         TimeoutService<Stamp<S>, Whole>,
                         AskedModel,
                         Weigh,
-                        ObserveAnswer,
+                        PricedUsage,
                         LlmClassifier,
                     >,
                     LlmClassifier,
@@ -384,7 +392,7 @@ impl<S> Layer<S> for LlmLayer {
             .layer()
             .key(AskedModel)
             .weigh(s.weigh.clone())
-            .observe(ObserveAnswer)
+            .observe(PricedUsage)
             .classify(LlmClassifier::new())
             .layer(timed);
         let guarded = s

@@ -86,6 +86,20 @@ impl<Req, F: Fn(&Req) -> Option<String>> PaceKey<Req> for F {
     }
 }
 
+/// The value of a request header as the key (e.g. `x-user-id` for a
+/// per-user budget); no header, or a value that is not visible ASCII, has
+/// no key (feature `http`).
+#[cfg(feature = "http")]
+impl<B> PaceKey<http::Request<B>> for http::HeaderName {
+    #[inline]
+    fn key<'a>(&self, req: &'a http::Request<B>) -> Option<Cow<'a, str>> {
+        req.headers()
+            .get(self)
+            .and_then(|v| v.to_str().ok())
+            .map(Cow::Borrowed)
+    }
+}
+
 /// No key: every request is paced by the overflow pacer.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoKey;
@@ -118,6 +132,11 @@ struct Keyed {
     /// The cells every key's calls also reserve on.
     shared: Option<Pace>,
     closed: std::sync::atomic::AtomicBool,
+    /// When the keys were last swept for idle ones (at most once a second).
+    swept: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// A key was sent to the overflow pacer for want of a place: a key
+    /// built later may have spent from it.
+    overflowed: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for KeyedPace {
@@ -170,8 +189,12 @@ impl KeyedPaceBuilder {
     }
 
     /// How many keys not given get a pacer of their own from the template
-    /// (default 1,024); the keys past it, keys longer than 256 bytes, and
-    /// requests without a key share one more pacer built from the template.
+    /// (default 1,024). When they are all taken, a new key takes the place
+    /// of keys whose pacer is idle — like a new one: nothing in line, every
+    /// cell full again, nothing learned from the upstream, no call holding
+    /// it — looked for at most once a second; the keys past it, keys longer
+    /// than 256 bytes, and requests without a key share one more pacer built
+    /// from the template.
     /// A call that could never be paid builds none. Memory stays bounded
     /// whatever keys the requests carry (1,024 × 256 bytes of names at most,
     /// each kept twice: the key and its pacer's name).
@@ -233,6 +256,8 @@ impl KeyedPaceBuilder {
                 overflow,
                 shared,
                 closed: std::sync::atomic::AtomicBool::new(false),
+                swept: std::sync::Mutex::new(None),
+                overflowed: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -323,7 +348,12 @@ impl KeyedPace {
             if let Some(p) = built.get(key) {
                 return p.clone();
             }
-            if built.len() >= self.inner.max_keys || key.len() > MAX_KEY_LEN {
+            if key.len() > MAX_KEY_LEN
+                || (built.len() >= self.inner.max_keys && !self.may_sweep(false))
+            {
+                self.inner
+                    .overflowed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 return self.inner.overflow.clone();
             }
         }
@@ -332,7 +362,17 @@ impl KeyedPace {
         if let Some(p) = built.get(key) {
             return p.clone();
         }
-        if built.len() >= self.inner.max_keys || key.len() > MAX_KEY_LEN {
+        if built.len() >= self.inner.max_keys && self.may_sweep(true) {
+            // Keys whose pacer is like a new one (nothing in line, every
+            // cell full, nothing learned) and held by no call: forgetting
+            // them changes nothing.
+            let now = tokio::time::Instant::now();
+            built.retain(|_, p| Arc::strong_count(&p.shared) > 1 || !p.shared.lock().is_idle(now));
+        }
+        if built.len() >= self.inner.max_keys {
+            self.inner
+                .overflowed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             return self.inner.overflow.clone();
         }
         if let Some(cost) = cost {
@@ -353,6 +393,17 @@ impl KeyedPace {
         };
         if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
             pace.close();
+        }
+        // It may have spent from the overflow pacer while it had no place:
+        // it starts as spent as that one is (never more than its budget).
+        if self
+            .inner
+            .overflowed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let now = tokio::time::Instant::now();
+            let from = self.inner.overflow.shared.lock();
+            pace.shared.lock().spend_like(&from, now);
         }
         built.insert(key.to_owned(), pace.clone());
         pace
@@ -379,6 +430,19 @@ impl KeyedPace {
         all
     }
 
+    /// Whether a sweep of idle keys is due (one a second at most); `take`
+    /// records one.
+    fn may_sweep(&self, take: bool) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut last = self.inner.swept.lock().unwrap_or_else(|e| e.into_inner());
+        let due = last
+            .is_none_or(|t| now.saturating_duration_since(t) >= std::time::Duration::from_secs(1));
+        if due && take {
+            *last = Some(now);
+        }
+        due
+    }
+
     fn shared_for(&self, key: Option<&str>, cost: &super::Cost) -> Arc<Shared> {
         self.pick(key, Some(cost)).shared
     }
@@ -398,6 +462,8 @@ impl From<Pace> for KeyedPace {
                 overflow: pace,
                 shared: None,
                 closed: std::sync::atomic::AtomicBool::new(false),
+                swept: std::sync::Mutex::new(None),
+                overflowed: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }

@@ -462,6 +462,43 @@ impl State {
         })
     }
 
+    /// Nothing to remember: no one in line, every cell full, no pause, no
+    /// learned limit or cut rate — a pacer like a new one.
+    pub(crate) fn is_idle(&self, now: Instant) -> bool {
+        let n = secs(self.epoch, now);
+        self.line.is_empty()
+            && self.paused_until.is_none_or(|p| p <= now)
+            && self.factor >= 1.0
+            && self.dims.iter().enumerate().all(|(d, dim)| {
+                dim.secs_per_unit == dim.configured_spu
+                    && dim.available(self.tat[d], self.ends[d], self.spu[d], n) >= dim.capacity
+            })
+    }
+
+    /// Starts these cells (the same limits) as spent as `other`'s are at
+    /// `now`, its line's demand included: a key that got a pacer of its own
+    /// may have spent part of the overflow pacer's budget before, or wait
+    /// in its line.
+    pub(crate) fn spend_like(&mut self, other: &State, now: Instant) {
+        let n = secs(self.epoch, now);
+        let on = secs(other.epoch, now);
+        for d in 0..self.dims.len().min(other.dims.len()) {
+            let dim = &self.dims[d];
+            let left = other.dims[d].available(other.tat[d], other.ends[d], other.spu[d], on);
+            // What its line will take counts too: the key may be waiting
+            // there.
+            let spent = (dim.capacity - left).max(0.0) + other.queued[d];
+            match dim.calendar {
+                None => self.tat[d] = self.tat[d].max(n + spent * self.spu[d]),
+                Some(_) if on < other.ends[d] => {
+                    self.tat[d] = spent;
+                    self.ends[d] = secs(self.epoch, other.instant(other.ends[d]));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
     /// Calls in line now.
     pub(crate) fn line_len(&self) -> usize {
         self.line.len()
