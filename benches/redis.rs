@@ -89,11 +89,13 @@ fn acquires(c: &mut Criterion) {
                         (conn.clone(), script.clone(), per.clone(), burst.clone());
                     async move {
                         let _: Vec<i64> = script
-                            .key("semaforo:budget:{bench-bare}:requests-per-60s")
+                            .key("semaforo:budget:{bench-bare}:requests-per-60000000us")
                             .arg("1e18")
                             .arg(per)
                             .arg(burst)
                             .arg(1)
+                            // The cell's own longest wait: none.
+                            .arg("1e18")
                             .invoke_async(&mut conn)
                             .await
                             .expect("EVALSHA");

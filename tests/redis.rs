@@ -499,7 +499,7 @@ async fn until_refunded(
     name: &str,
     refunded: impl Fn(Option<i64>) -> bool,
 ) {
-    let cell = format!("semaforo:budget:{{{name}}}:requests-per-1s");
+    let cell = format!("semaforo:budget:{{{name}}}:requests-per-1000000us");
     let dropped = Instant::now();
     loop {
         let tat: Option<i64> = redis::cmd("GET")

@@ -545,6 +545,16 @@ impl<'de> Deserialize<'de> for RequestShape {
                         "model" => {
                             r.model = map.next_value::<ModelName>()?.0;
                         }
+                        // Gemini's output limit and choices.
+                        "generationConfig" | "generation_config" => {
+                            let g = map.next_value::<GenerationConfig>()?;
+                            if let Some(c) = g.max_output {
+                                r.max_output = Some(r.max_output.map_or(c, |m| m.max(c)));
+                            }
+                            if g.candidates.is_some() {
+                                r.n = g.candidates;
+                            }
+                        }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -554,6 +564,58 @@ impl<'de> Deserialize<'de> for RequestShape {
             }
         }
         d.deserialize_map(V)
+    }
+}
+
+/// Gemini's `generationConfig`: `maxOutputTokens` and `candidateCount`;
+/// any other value skipped.
+#[derive(Default)]
+struct GenerationConfig {
+    max_output: Option<u64>,
+    candidates: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for GenerationConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = GenerationConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<GenerationConfig, A::Error> {
+                let mut g = GenerationConfig::default();
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    match &*key.0 {
+                        "maxOutputTokens" | "max_output_tokens" => {
+                            g.max_output = map.next_value::<Loose>()?.0.map(|c| c.0);
+                        }
+                        "candidateCount" | "candidate_count" => {
+                            g.candidates = map.next_value::<Loose>()?.0.map(|c| c.0);
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(g)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<GenerationConfig, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(GenerationConfig::default())
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<GenerationConfig, E> {
+                Ok(GenerationConfig::default())
+            }
+            skip_others!(GenerationConfig::default());
+        }
+        d.deserialize_any(V)
     }
 }
 

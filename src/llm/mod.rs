@@ -535,11 +535,17 @@ impl LlmStackBuilder {
     }
 
     /// Prices each call's model with `prices` (default:
-    /// [`PriceTable::defaults`]): the spend a [`Limit::spend_per_day`] (in a
-    /// profile, or [`shared_limit`](Self::shared_limit)) counts. A call
-    /// reserves its largest spend (the prompt's estimate and its
-    /// `max_tokens` at the model's prices) and is reconciled with the spend
-    /// of its real usage.
+    /// [`PriceTable::defaults`]): the spend a [`Limit::spend_per_day`]
+    /// counts — per model when it is a limit of a profile (every model name,
+    /// dated snapshots included, gets its own budget, as every limit of a
+    /// profile), for the whole stack when it is a
+    /// [`shared_limit`](Self::shared_limit). A call reserves its estimated
+    /// spend (its prompt's estimate and its `max_tokens` at its model's
+    /// prices: the output is an upper bound, the input an estimate) and is
+    /// reconciled with the spend of its real usage — a debt above the
+    /// estimate is owed in full; a call that failed (not a 429, which gives
+    /// back everything) is billed nothing. A request whose model is not in
+    /// the table costs nothing unless the table has a fallback.
     pub fn prices(mut self, prices: PriceTable) -> Self {
         self.prices = prices;
         self

@@ -7,6 +7,9 @@ use std::collections::HashMap;
 
 /// A model's price, in micro-dollars per million tokens (1,000,000 µ$ =
 /// $1.00): input not read from the cache, input read from the cache, output.
+/// Anthropic's cache writes (`cache_creation_input_tokens`) count as input
+/// (Anthropic bills them 1.25× the input price: a prompt written to the
+/// cache costs up to a quarter more than priced here).
 ///
 /// The spend of a call ([`of`](Self::of)) is `input × input price + cached
 /// × cached price + output × output price`, divided by a million, **rounded
@@ -65,9 +68,9 @@ impl Price {
 
 /// The prices of models, by name: the model of a request is looked up
 /// exactly, then as a dated snapshot of a listed model (`gpt-4o-2024-08-06`
-/// is priced as `gpt-4o`: the name followed by `-` and a digit); a model not
-/// found is priced by the fallback, if one is set, else costs nothing (spend
-/// limits do not see it).
+/// is priced as `gpt-4o`: see [`get`](Self::get)); a model not found is
+/// priced by the fallback, if one is set, else costs nothing (spend limits
+/// do not see it: set a fallback to count every model).
 ///
 /// [`PriceTable::defaults`] lists a few common models; set the prices you
 /// pay with [`price`](Self::price).
@@ -104,6 +107,7 @@ impl PriceTable {
     /// | model | input | cached input | output |
     /// |---|---|---|---|
     /// | `gpt-4o` | 2.50 | 1.25 | 10.00 |
+    /// | `gpt-4o-2024-05-13` | 5.00 | 5.00 | 15.00 |
     /// | `gpt-4o-mini` | 0.15 | 0.075 | 0.60 |
     /// | `gpt-4.1` | 2.00 | 0.50 | 8.00 |
     /// | `gpt-4.1-mini` | 0.40 | 0.10 | 1.60 |
@@ -115,6 +119,8 @@ impl PriceTable {
         let p = Price::per_million_tokens;
         PriceTable::new()
             .price("gpt-4o", p(2.50, 1.25, 10.00))
+            // The first snapshot kept its own price (and no cache discount).
+            .price("gpt-4o-2024-05-13", p(5.00, 5.00, 15.00))
             .price("gpt-4o-mini", p(0.15, 0.075, 0.60))
             .price("gpt-4.1", p(2.00, 0.50, 8.00))
             .price("gpt-4.1-mini", p(0.40, 0.10, 1.60))
@@ -137,8 +143,12 @@ impl PriceTable {
     }
 
     /// The price of `model`: exact, else as a dated snapshot of a listed
-    /// model, else the fallback.
+    /// model (the name followed by `-YYYY-MM-DD` or `-YYYYMMDD`:
+    /// `gpt-4o-2024-08-06`, `claude-3-5-sonnet-20241022`; a version such as
+    /// `claude-opus-4-5` is another model), else the fallback. Gemini's
+    /// `models/` prefix is ignored.
     pub fn get(&self, model: &str) -> Option<Price> {
+        let model = model.strip_prefix("models/").unwrap_or(model);
         if let Some(p) = self.prices.get(model) {
             return Some(*p);
         }
@@ -146,10 +156,11 @@ impl PriceTable {
             .prices
             .iter()
             .filter(|(name, _)| {
-                model.strip_prefix(name.as_str()).is_some_and(|rest| {
-                    rest.strip_prefix('-')
-                        .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
-                })
+                !name.is_empty()
+                    && model
+                        .strip_prefix(name.as_str())
+                        .and_then(|rest| rest.strip_prefix('-'))
+                        .is_some_and(is_date)
             })
             .max_by_key(|(name, _)| name.len())
             .map(|(_, p)| *p);
@@ -162,6 +173,17 @@ impl PriceTable {
             Some(m) => self.get(m),
             None => self.fallback,
         }
+    }
+}
+
+/// `YYYY-MM-DD` or `YYYYMMDD`.
+fn is_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    match b.len() {
+        8 => digits(0..8),
+        10 => digits(0..4) && b[4] == b'-' && digits(5..7) && b[7] == b'-' && digits(8..10),
+        _ => false,
     }
 }
 
@@ -193,6 +215,11 @@ mod tests {
         assert_eq!(t.get("gpt-4o-2024-08-06"), t.get("gpt-4o"));
         assert_eq!(t.get("gpt-4o-mini-2024-07-18"), t.get("gpt-4o-mini"));
         assert_eq!(t.get("gpt-4o-audio-preview"), None);
+        assert_ne!(t.get("gpt-4o-2024-05-13"), t.get("gpt-4o"));
+        assert_eq!(t.get("models/gemini-2.5-pro"), t.get("gemini-2.5-pro"));
+        let opus = PriceTable::new().price("claude-opus-4", Price::default());
+        assert_eq!(opus.get("claude-opus-4-5"), None, "a version, not a date");
+        assert!(opus.get("claude-opus-4-20250514").is_some());
         let f = Price::per_million_tokens(1.0, 1.0, 1.0);
         assert_eq!(t.clone().fallback(f).get("x"), Some(f));
         assert_eq!(t.for_model(None), None);

@@ -51,6 +51,13 @@ struct Facts {
     choices: u64,
 }
 
+/// The model of a Gemini-style path: what follows `/models/`, up to `:`.
+fn model_in_path(path: &str) -> Option<&str> {
+    let (_, rest) = path.split_once("/models/")?;
+    let model = rest.split([':', '/']).next()?;
+    (!model.is_empty()).then_some(model)
+}
+
 /// Model names longer than this (bytes) have no pacer or ratio of their
 /// own: memory stays bounded by the count of models times this.
 pub(crate) const MAX_MODEL_LEN: usize = 256;
@@ -86,6 +93,21 @@ impl Prompt {
             body,
             facts: Arc::new(facts),
         }
+    }
+
+    /// [`read`](Self::read) the request's body; a body without a `model`
+    /// takes it from the path as Gemini's API puts it there
+    /// (`/v1beta/models/gemini-2.5-pro:generateContent`).
+    pub fn read_request(req: &http::Request<Bytes>) -> Prompt {
+        let mut p = Prompt::read(req.body().clone());
+        if p.model().is_none() {
+            if let Some(model) = model_in_path(req.uri().path()) {
+                if let Some(f) = Arc::get_mut(&mut p.facts) {
+                    f.model = Some(model.into());
+                }
+            }
+        }
+        p
     }
 
     /// The same prompt without its body (what learning needs).
@@ -397,6 +419,20 @@ mod tests {
             r#"{{"model":"{model}","messages":[{{"role":"user","content":"{}"}}]}}"#,
             "é".repeat(chars)
         )))
+    }
+
+    #[test]
+    fn gemini_native_requests_name_their_model_in_the_path() {
+        let req = http::Request::post("/v1beta/models/gemini-2.5-pro:generateContent")
+            .body(Bytes::from_static(
+                br#"{"contents":[{"role":"user","parts":[{"text":"hola"}]}],"generationConfig":{"maxOutputTokens":100,"candidateCount":2}}"#,
+            ))
+            .unwrap();
+        let p = Prompt::read_request(&req);
+        assert_eq!(p.model(), Some("gemini-2.5-pro"));
+        assert_eq!((p.max_output(), p.choices(), p.chars()), (Some(100), 2, 4));
+        assert_eq!(model_in_path("/v1/chat/completions"), None);
+        assert_eq!(model_in_path("/v1beta/models/:x"), None);
     }
 
     #[test]

@@ -92,8 +92,8 @@ pub(super) type Weigh = Estimate;
 
 impl Estimate {
     /// The [`Asked`] of a call: the prompt read once.
-    pub(super) fn ask(&self, body: &Bytes) -> Asked {
-        let prompt = Prompt::read(body.clone());
+    pub(super) fn ask(&self, req: &http::Request<Bytes>) -> Asked {
+        let prompt = Prompt::read_request(req);
         Asked {
             price: self.prices.for_model(prompt.model()),
             prompt,
@@ -119,7 +119,7 @@ impl crate::pace::Weigh<http::Request<Bytes>> for Estimate {
         match req.extensions().get::<Asked>() {
             Some(a) => cost(a),
             // Not through the preset's outer service (parts used alone).
-            None => cost(&self.ask(req.body())),
+            None => cost(&self.ask(req)),
         }
     }
 }
@@ -338,7 +338,7 @@ where
 
     #[inline]
     fn call(&mut self, mut req: http::Request<Bytes>) -> Self::Future {
-        let asked = self.weigh.ask(req.body());
+        let asked = self.weigh.ask(&req);
         req.extensions_mut().insert(asked);
         LlmFuture {
             inner: self.inner.call(req),
@@ -506,7 +506,7 @@ where
 
     #[inline]
     fn call(&mut self, mut req: http::Request<Bytes>) -> Self::Future {
-        let asked = self.weigh.ask(req.body());
+        let asked = self.weigh.ask(&req);
         req.extensions_mut().insert(asked);
         LlmStreamFuture {
             inner: self.inner.call(req),

@@ -330,8 +330,9 @@ impl KeyedPace {
     }
 
     /// The pacer of `key`; a key without one gets one built from the
-    /// template, unless `cost` could never be paid (it is refused: a call
-    /// that never reaches the upstream takes no place among `max_keys`).
+    /// template, unless `cost` could never be paid or a budget of the shared
+    /// cells refuses it now (it is refused: a call that never reaches the
+    /// upstream takes no place among `max_keys`).
     fn pick(&self, key: Option<&str>, cost: Option<&super::Cost>) -> Pace {
         let Some(key) = key else {
             return self.inner.overflow.clone();
@@ -377,8 +378,22 @@ impl KeyedPace {
         }
         if let Some(cost) = cost {
             let never = |p: &Pace| p.shared.lock().never_fits(cost).is_some();
+            // Refused by a budget of the shared cells now.
+            let now = tokio::time::Instant::now();
+            let over = |p: &Pace| {
+                p.shared
+                    .lock()
+                    .budget_refusal_with(cost, now, None)
+                    .is_some()
+            };
             // The overflow pacer has the template's limits.
-            if never(&self.inner.overflow) || self.inner.shared.as_ref().is_some_and(never) {
+            if never(&self.inner.overflow)
+                || self
+                    .inner
+                    .shared
+                    .as_ref()
+                    .is_some_and(|p| never(p) || over(p))
+            {
                 return self.inner.overflow.clone();
             }
         }

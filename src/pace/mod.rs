@@ -290,10 +290,10 @@ impl Shared {
     }
 
     /// Replaces an estimate by the real cost, here and on the parent.
-    pub(crate) fn reconcile(&self, estimate: &Cost, real: &Cost, now: Instant) {
-        self.lock().reconcile(estimate, real, now);
+    pub(crate) fn reconcile(&self, estimate: &Cost, real: &Cost, now: Instant, charged: Instant) {
+        self.lock().reconcile(estimate, real, now, charged);
         if let Some(p) = &self.parent {
-            p.lock().reconcile(estimate, real, now);
+            p.lock().reconcile(estimate, real, now, charged);
         }
     }
 }
@@ -407,11 +407,23 @@ impl Limit {
     }
 
     /// Counts per calendar day in the IANA time zone `zone` (e.g.
-    /// `"America/Los_Angeles"`, `"UTC"`): the whole of `n` (or the burst) is
-    /// available from each midnight there, daylight saving included, instead
-    /// of refilling continuously. A call that does not fit waits for (or,
-    /// within its `max_wait`, is refused until) the next midnight.
-    /// [`PaceBuilder::build`] refuses an unknown zone.
+    /// `"America/Los_Angeles"`, `"UTC"`) a per-day limit
+    /// ([`requests_per_day`](Self::requests_per_day),
+    /// [`spend_per_day`](Self::spend_per_day), or any limit `per` one day):
+    /// the whole of `n` (or the burst) is available from each midnight
+    /// there, daylight saving included, instead of refilling continuously.
+    /// A call that does not fit waits for the next midnight — or is refused
+    /// at once, with the time until then, when that is beyond its
+    /// `max_wait`. A call that would wait for a later window than the next is
+    /// estimated as if the line's calls could be split between windows.
+    ///
+    /// The wall clock is read once, when the pacer is built; from there the
+    /// pacer follows `tokio::time` (a monotonic clock: after the machine
+    /// sleeps or its clock is stepped, midnights drift until the pacer is
+    /// built again). The LLM preset's `time_scale`
+    /// does not scale a calendar window.
+    /// [`PaceBuilder::build`] refuses an unknown zone and a limit whose
+    /// period is not a day.
     ///
     /// ```
     /// use semaforo::pace::{Limit, Pace};
@@ -430,8 +442,10 @@ impl Limit {
         self
     }
 
-    /// Counts per calendar month in the IANA time zone `zone`: all of it is
-    /// available from the first of each month at midnight there.
+    /// Counts per calendar month in the IANA time zone `zone` a per-month
+    /// limit (`per` 30 days: [`spend_per_month`](Self::spend_per_month)):
+    /// all of it is available from the first of each month at midnight
+    /// there; as [`resets_daily`](Self::resets_daily) otherwise.
     pub fn resets_monthly(mut self, zone: impl Into<Arc<str>>) -> Limit {
         self.resets = Some(calendar::Resets {
             every: calendar::Every::Month,
@@ -669,10 +683,31 @@ impl PaceBuilder {
         let epoch = Instant::now();
         for limit in self.dims {
             let calendar = match &limit.resets {
-                Some(r) => Some(
-                    r.resolve(epoch)
-                        .map_err(|e| ConfigError::new("pace", "resets", e))?,
-                ),
+                Some(r) => {
+                    // A calendar window is the day (or the month): a limit
+                    // of another period would silently mean something else.
+                    let window = match r.every {
+                        calendar::Every::Day => Duration::from_secs(86_400),
+                        calendar::Every::Month => Duration::from_secs(30 * 86_400),
+                    };
+                    if limit.per != window {
+                        return Err(ConfigError::new(
+                            "pace",
+                            "resets",
+                            format!(
+                                "a limit of {} per {} cannot reset on the calendar: \
+                                 give resets_daily a per-day limit and resets_monthly \
+                                 a per-month one (Limit::requests_per_day, spend_per_month…)",
+                                limit.n,
+                                crate::time::Human(limit.per)
+                            ),
+                        ));
+                    }
+                    Some(
+                        r.resolve(epoch)
+                            .map_err(|e| ConfigError::new("pace", "resets", e))?,
+                    )
+                }
                 None => None,
             };
             let (planned, largest) = (limit.planned(), limit.capacity());

@@ -1,4 +1,4 @@
-use super::state::Fit;
+use super::state::{Fit, Turn};
 use super::{Cost, Shared};
 use crate::classify::{Class, Classify, RateLimitInfo};
 use crate::error::{BoxError, RejectKind, Rejected};
@@ -73,12 +73,15 @@ impl<Res> Observe<Res> for NoObserve {
 pub struct Pending {
     shared: Arc<Shared>,
     estimate: Cost,
+    /// When the call was charged (sent).
+    charged: Instant,
 }
 
 impl Pending {
     /// Replaces the estimate by the real cost.
     pub fn reconcile(self, real: Cost) {
-        self.shared.reconcile(&self.estimate, &real, Instant::now());
+        self.shared
+            .reconcile(&self.estimate, &real, Instant::now(), self.charged);
     }
 }
 
@@ -88,6 +91,7 @@ impl Pending {
 pub struct PendingRef<'a> {
     shared: &'a Arc<Shared>,
     estimate: Cost,
+    charged: Instant,
 }
 
 impl PendingRef<'_> {
@@ -96,6 +100,7 @@ impl PendingRef<'_> {
         Pending {
             shared: self.shared.clone(),
             estimate: self.estimate,
+            charged: self.charged,
         }
     }
 }
@@ -472,37 +477,18 @@ impl Shared {
                 );
             }
             // A limit with a max wait of its own (a spend budget): refused
-            // when it could not take the call soon enough.
-            let over = st
-                .over_limit_wait(cost, now)
-                .map(|x| (x, self))
-                .or_else(|| {
-                    let p = self.parent.as_deref()?;
-                    parent
-                        .as_deref()
-                        .and_then(|st| st.over_limit_wait(cost, now))
-                        .map(|x| (x, p))
-                });
-            if let Some(((wait, max, dim), whose)) = over {
-                let late = std::time::Duration::from_micros(
-                    ((wait - max) * 1e6).ceil().clamp(1.0, 1e18) as u64,
-                );
+            // when it could not take the call soon enough — here or on the
+            // shared cells, whichever keeps it longest.
+            if let Some(r) = st.budget_refusal_with(cost, now, parent.as_deref()) {
+                let whose = match (&self.parent, r.parent) {
+                    (Some(p), true) => &**p,
+                    _ => self,
+                };
                 break 'decide Admit::Rejected(
                     Rejected::new("pace", RejectKind::BudgetExceeded)
                         .with_name_opt(whose.obs.name.as_ref())
-                        .with_detail(format!(
-                            "a cost of {} {} does not fit the limit of {} per {} for {}",
-                            dim.amount(cost),
-                            dim.unit.as_str(),
-                            dim.configured_capacity,
-                            if dim.calendar.is_some() {
-                                "calendar window".to_owned()
-                            } else {
-                                crate::time::Human(dim.per).to_string()
-                            },
-                            crate::time::Human(crate::time::secs_f64(wait)),
-                        ))
-                        .with_retry_after(late),
+                        .with_detail(r.detail.clone())
+                        .with_retry_after(r.retry_after()),
                 );
             }
             match st.try_now(cost, now, parent.as_deref_mut()) {
@@ -648,6 +634,20 @@ where
                         this.shared.obs.emit("pace", EventKind::PaceResumed);
                     }
                     match turn {
+                        Err(Turn::Refused(r)) => {
+                            *waiting = None;
+                            let whose = match (&this.shared.parent, r.parent) {
+                                (Some(p), true) => &**p,
+                                _ => &**this.shared,
+                            };
+                            let after = r.retry_after();
+                            let rejected = Rejected::new("pace", RejectKind::BudgetExceeded)
+                                .with_name_opt(whose.obs.name.as_ref())
+                                .with_detail(r.detail)
+                                .with_retry_after(after);
+                            this.shared.obs.rejected(&rejected);
+                            return Poll::Ready(Err(rejected.into()));
+                        }
                         Ok(()) => {
                             if !w.admitted {
                                 w.admitted = true;
@@ -659,8 +659,8 @@ where
                                 );
                             }
                         }
-                        Err(None) => return Poll::Pending,
-                        Err(Some(at)) => {
+                        Err(Turn::Wait(None)) => return Poll::Pending,
+                        Err(Turn::Wait(Some(at))) => {
                             match w.sleep.as_mut() {
                                 Some(s) => s.as_mut().reset(at),
                                 None => w.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
@@ -697,7 +697,17 @@ where
                             .load(std::sync::atomic::Ordering::Relaxed)
                         && observed.is_none_or(|o| o.usage.is_none() && o.info.is_none());
                     let (shared, estimate, delivery) = (&*this.shared, *this.cost, &*this.deliver);
-                    let deliver = |res| delivery.deliver(res, PendingRef { shared, estimate });
+                    let charged = *this.sent;
+                    let deliver = |res| {
+                        delivery.deliver(
+                            res,
+                            PendingRef {
+                                shared,
+                                estimate,
+                                charged,
+                            },
+                        )
+                    };
                     if nothing_to_learn {
                         // The healthy path takes no lock on the way out.
                         return Poll::Ready(result.map(deliver).map_err(Into::into));
@@ -705,20 +715,29 @@ where
                     let mut st = this.shared.lock();
                     let mut paused = None;
                     let now = Instant::now();
+                    // A call that failed is not billed: its spend comes back
+                    // (its tokens stand: the upstream may have counted them).
+                    let unbilled = (!class.is_success()
+                        && !matches!(class, Class::Throttled { .. })
+                        && this.cost.spend > 0)
+                        .then(|| this.cost.with_spend(0));
                     match class {
                         Class::Throttled { retry_after } => {
                             let info = observed.as_ref().and_then(|o| o.info.as_ref());
-                            paused = st.throttled(retry_after, this.cost, info, now)
+                            paused = st.throttled(retry_after, this.cost, info, now, charged)
                         }
-                        Class::Success => st.succeeded(),
+                        Class::Success => st.succeeded(now),
                         _ => {}
+                    }
+                    if let Some(unbilled) = &unbilled {
+                        st.reconcile(this.cost, unbilled, now, charged);
                     }
                     this.shared
                         .slowed
                         .store(st.is_slowed(), std::sync::atomic::Ordering::Relaxed);
                     if let Some(o) = observed {
                         if let Some(real) = o.usage {
-                            st.reconcile(this.cost, &real, now);
+                            st.reconcile(this.cost, &real, now, charged);
                         }
                         if let Some(info) = o.info {
                             st.learn(&info, now, *this.sent);
@@ -729,9 +748,16 @@ where
                     if let Some(parent) = &this.shared.parent {
                         let mut p = parent.lock();
                         if matches!(class, Class::Throttled { .. }) {
-                            p.reconcile(this.cost, &Cost::requests(this.cost.requests), now);
+                            p.reconcile(
+                                this.cost,
+                                &Cost::requests(this.cost.requests),
+                                now,
+                                charged,
+                            );
                         } else if let Some(real) = observed.as_ref().and_then(|o| o.usage) {
-                            p.reconcile(this.cost, &real, now);
+                            p.reconcile(this.cost, &real, now, charged);
+                        } else if let Some(unbilled) = &unbilled {
+                            p.reconcile(this.cost, unbilled, now, charged);
                         }
                     }
                     if let Some(pause) = paused {

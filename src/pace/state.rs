@@ -182,6 +182,30 @@ const RECENT: usize = 256;
 /// at most 10,000 positions).
 const PROJECTED: usize = 10_000;
 
+/// A call refused by a limit with a `max_wait` of its own (a budget).
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    /// How long until it would be admitted (its wait less the bound).
+    pub(crate) late_secs: f64,
+    /// The limit is the parent's (a keyed pacer's shared cells).
+    pub(crate) parent: bool,
+    pub(crate) detail: String,
+}
+
+impl Refusal {
+    /// `late_secs` rounded up to the microsecond, at least 1 µs.
+    pub(crate) fn retry_after(&self) -> Duration {
+        Duration::from_micros((self.late_secs * 1e6).ceil().clamp(1.0, 1e18) as u64)
+    }
+}
+
+/// A waiter's turn not come: when to look again (`None`: when woken), or
+/// refused at the head of the line by a budget.
+pub(crate) enum Turn {
+    Wait(Option<Instant>),
+    Refused(Refusal),
+}
+
 /// When a reservation can start, and which dimension decides it.
 pub(crate) enum Fit {
     Now,
@@ -339,10 +363,24 @@ impl State {
         self.spu[d]
     }
 
-    fn set_factor(&mut self, factor: f64) {
+    /// The AIMD share of the rate, on the rolling cells that pace an
+    /// upstream (a spend budget and a calendar window are ours: not cut).
+    /// What each cell owes (units not refilled yet) stays owed: a cut rate
+    /// makes it refill slower, never frees units at once.
+    fn set_factor(&mut self, factor: f64, now: Instant) {
+        let n = secs(self.epoch, now);
         self.factor = factor;
-        for (spu, d) in self.spu.iter_mut().zip(&self.dims) {
-            *spu = d.secs_per_unit / factor;
+        for (d, dim) in self.dims.iter().enumerate() {
+            let exempt = dim.calendar.is_some() || dim.unit == Unit::Spend;
+            let spu = if exempt {
+                dim.secs_per_unit
+            } else {
+                dim.secs_per_unit / factor
+            };
+            if spu != self.spu[d] && dim.calendar.is_none() && self.tat[d] > n {
+                self.tat[d] = n + (self.tat[d] - n) * spu / self.spu[d];
+            }
+            self.spu[d] = spu;
         }
     }
 
@@ -379,24 +417,79 @@ impl State {
         );
     }
 
-    /// A limit with a `max_wait` of its own that `cost` would wait longer
-    /// for, after the calls in line: (the wait, the limit's own max wait,
-    /// the limit).
-    pub(crate) fn over_limit_wait(&self, cost: &Cost, now: Instant) -> Option<(f64, f64, &Dim)> {
+    /// The limits with a `max_wait` of their own (budgets) that `cost` would
+    /// wait longer for after `ahead(d, dim)` units already promised: the
+    /// one that would keep it longest past its bound.
+    pub(crate) fn budget_refusal(
+        &self,
+        cost: &Cost,
+        now: Instant,
+        ahead: impl Fn(usize, &Dim) -> f64,
+    ) -> Option<Refusal> {
         let n = secs(self.epoch, now);
-        self.dims.iter().enumerate().find_map(|(d, dim)| {
-            let max = dim.max_wait?;
+        let mut worst: Option<Refusal> = None;
+        for (d, dim) in self.dims.iter().enumerate() {
+            let Some(max) = dim.max_wait else { continue };
             let s = dim.start(
                 self.tat[d],
                 self.ends[d],
                 self.spu[d],
                 dim.amount(cost),
                 n,
-                self.queued[d],
+                ahead(d, dim),
             );
             let wait = s - n;
-            (wait > max).then_some((wait, max, dim))
-        })
+            if wait <= max {
+                continue;
+            }
+            let late = wait - max;
+            if worst.as_ref().is_some_and(|w| w.late_secs >= late) {
+                continue;
+            }
+            let window = if dim.calendar.is_some() {
+                "calendar window".to_owned()
+            } else {
+                crate::time::Human(dim.per).to_string()
+            };
+            worst = Some(Refusal {
+                late_secs: late,
+                parent: false,
+                detail: format!(
+                    "a cost of {} {} does not fit the limit of {} per {} for {}",
+                    dim.amount(cost),
+                    dim.unit.as_str(),
+                    dim.configured_capacity,
+                    window,
+                    crate::time::Human(crate::time::secs_f64(wait)),
+                ),
+            });
+        }
+        worst
+    }
+
+    /// [`budget_refusal`](Self::budget_refusal) of a call joining this
+    /// line now, here and on `parent`'s cells (after its line, and this
+    /// line's demand on them).
+    pub(crate) fn budget_refusal_with(
+        &self,
+        cost: &Cost,
+        now: Instant,
+        parent: Option<&State>,
+    ) -> Option<Refusal> {
+        let own = self.budget_refusal(cost, now, |d, _| self.queued[d]);
+        let theirs = parent.and_then(|p| {
+            p.budget_refusal(cost, now, |d, dim| {
+                p.queued[d] + amount_of_parts(dim.unit, &self.queued_parts)
+            })
+            .map(|mut r| {
+                r.parent = true;
+                r
+            })
+        });
+        match (own, theirs) {
+            (Some(a), Some(b)) => Some(if b.late_secs > a.late_secs { b } else { a }),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Reserve now if nobody waits and it fits — here and on the cells of
@@ -595,7 +688,10 @@ impl State {
     }
 
     /// A waiter's turn: `Ok(())` once reserved, else when to look again
-    /// (`None`: not at the head; wait to be woken).
+    /// (`None`: not at the head; wait to be woken) — or refused at the head
+    /// by a budget (a limit with a `max_wait` of its own) that could not
+    /// take it soon enough (a debt came in while it waited): it has left
+    /// the line then.
     pub(crate) fn poll_turn(
         &mut self,
         slot: u32,
@@ -603,7 +699,7 @@ impl State {
         waker: &Waker,
         now: Instant,
         parent: Option<&mut State>,
-    ) -> Result<(), Option<Instant>> {
+    ) -> Result<(), Turn> {
         let head = self.line.first_key_value().map(|(s, _)| *s);
         let Some(w) = self.waiting.get_mut(slot as usize).filter(|w| w.seq == seq) else {
             return Ok(()); // not in line any more (closed): let the caller through
@@ -613,10 +709,14 @@ impl State {
                 Some(existing) if existing.will_wake(waker) => {}
                 other => *other = Some(waker.clone()),
             }
-            return Err(None);
+            return Err(Turn::Wait(None));
         }
         let cost = w.cost;
         let ticket = w.parent_ticket;
+        if let Some(r) = self.budget_refusal(&cost, now, |_, _| 0.0) {
+            self.leave(slot, seq, parent);
+            return Err(Turn::Refused(r));
+        }
         let n = secs(self.epoch, now);
         let s = self.start_secs(&cost, None, n);
         let own_due = self.due(s, n, now);
@@ -629,7 +729,7 @@ impl State {
                 return Ok(());
             }
             self.keep_waker(slot, waker);
-            return Err(Some(self.instant(s)));
+            return Err(Turn::Wait(Some(self.instant(s))));
         };
         if !own_due {
             // Its own cells first: in the parent's line it would hold back
@@ -641,7 +741,7 @@ impl State {
                 }
             }
             self.keep_waker(slot, waker);
-            return Err(Some(self.instant(s)));
+            return Err(Turn::Wait(Some(self.instant(s))));
         }
         // Own cells have room: its turn on the parent's cells comes in the
         // parent's line, first come first served across keys.
@@ -659,12 +759,17 @@ impl State {
         p.set_waker(ps, pq, waker);
         if p.head() != Some(pq) {
             self.keep_waker(slot, waker);
-            return Err(None);
+            return Err(Turn::Wait(None));
+        }
+        if let Some(mut r) = p.budget_refusal(&cost, now, |_, _| 0.0) {
+            r.parent = true;
+            self.leave(slot, seq, Some(p));
+            return Err(Turn::Refused(r));
         }
         let (due, at) = p.cells_due(&cost, now);
         if !due {
             self.keep_waker(slot, waker);
-            return Err(Some(at));
+            return Err(Turn::Wait(Some(at)));
         }
         p.unqueue(ps, pq);
         p.reserve_cells(&cost, now);
@@ -705,22 +810,44 @@ impl State {
     /// Replaces an estimate by the real cost: refund or debt on every cell.
     /// A debt (a server-reported usage above the estimate) can at most empty
     /// a cell: a usage of `u64::MAX` tokens does not stall the pacer for ages.
-    pub(crate) fn reconcile(&mut self, estimate: &Cost, real: &Cost, now: Instant) {
+    pub(crate) fn reconcile(
+        &mut self,
+        estimate: &Cost,
+        real: &Cost,
+        now: Instant,
+        charged: Instant,
+    ) {
         let n = secs(self.epoch, now);
         for d in 0..self.dims.len() {
             let delta = self.dims[d].amount(real) - self.dims[d].amount(estimate);
-            if self.dims[d].calendar.is_some() {
-                // In the window the call was charged to; once it is over,
-                // the next one starts afresh either way.
-                if n < self.ends[d] {
-                    let cap = self.dims[d].capacity;
-                    self.tat[d] = (self.tat[d] + delta).clamp(0.0, cap.max(self.tat[d]));
+            if delta == 0.0 {
+                continue;
+            }
+            // Money is owed in full: a spend debt is not capped at a cell.
+            let spend = self.dims[d].unit == Unit::Spend;
+            if let Some(cal) = &self.dims[d].calendar {
+                // Only in the window the call was charged to: once that one
+                // is over, the next started afresh either way.
+                let at = secs(self.epoch, charged);
+                if n < self.ends[d] && cal.next_end(at) == self.ends[d] {
+                    let cap = if spend {
+                        f64::MAX
+                    } else {
+                        self.dims[d].capacity.max(self.tat[d])
+                    };
+                    self.tat[d] = (self.tat[d] + delta).clamp(0.0, cap);
                 }
                 continue;
             }
             let t = self.spu(d);
-            let empty = n + self.dims[d].capacity * t;
-            self.tat[d] = (self.tat[d] + delta * t).min(empty.max(self.tat[d]));
+            let moved = self.tat[d] + delta * t;
+            self.tat[d] = if spend {
+                // A refund cannot make the cell fuller than full.
+                moved.max(n.min(self.tat[d]))
+            } else {
+                let empty = n + self.dims[d].capacity * t;
+                moved.min(empty.max(self.tat[d]))
+            };
         }
         self.wake_head();
     }
@@ -740,12 +867,13 @@ impl State {
         cost: &Cost,
         info: Option<&RateLimitInfo>,
         now: Instant,
+        charged: Instant,
     ) -> Option<Duration> {
         self.throttled += 1;
         // Tokens back; the request itself stays counted (OpenAI: "unsuccessful
         // requests contribute to your per-minute limit").
         let counted = Cost::requests(cost.requests);
-        self.reconcile(cost, &counted, now);
+        self.reconcile(cost, &counted, now, charged);
         let explained = info.is_some_and(|i| self.explains(i, cost));
         let pause = match (retry_after, explained) {
             (Some(ra), _) => ra,
@@ -754,7 +882,7 @@ impl State {
         }
         .min(self.max_pause);
         if !explained {
-            self.set_factor((self.factor * DECREASE).max(FLOOR));
+            self.set_factor((self.factor * DECREASE).max(FLOOR), now);
         }
         if pause.is_zero() {
             return None;
@@ -781,9 +909,9 @@ impl State {
         self.factor < 1.0
     }
 
-    pub(crate) fn succeeded(&mut self) {
+    pub(crate) fn succeeded(&mut self, now: Instant) {
         if self.factor < 1.0 {
-            self.set_factor((self.factor + INCREASE).min(1.0));
+            self.set_factor((self.factor + INCREASE).min(1.0), now);
         }
     }
 
@@ -809,10 +937,8 @@ impl State {
                 let spu = announced.max(dim.configured_spu);
                 if spu != dim.secs_per_unit {
                     // What is owed (units not yet refilled) is kept in units:
-                    // at the new rate it refills in the new time.
-                    if self.tat[d] > n {
-                        self.tat[d] = n + (self.tat[d] - n) * spu / dim.secs_per_unit;
-                    }
+                    // at the new rate it refills in the new time
+                    // (`set_factor` moves the cell).
                     dim.secs_per_unit = spu;
                     dim.capacity = (dim.configured_capacity * dim.configured_spu / spu).max(1.0);
                     changed = true;
@@ -822,7 +948,7 @@ impl State {
                 continue;
             };
             if changed {
-                self.set_factor(self.factor);
+                self.set_factor(self.factor, now);
                 changed = false;
             }
             let t = self.spu(d);
@@ -833,7 +959,7 @@ impl State {
             }
         }
         if changed {
-            self.set_factor(self.factor);
+            self.set_factor(self.factor, now);
         }
     }
 

@@ -23,6 +23,8 @@ struct Dim {
     /// The largest cost of one call (the whole burst): above `burst`, a call
     /// waits for the bucket to be full and for what it costs beyond.
     largest: f64,
+    /// The longest wait for this cell (µs): its limit's own `max_wait`.
+    max_wait_us: f64,
 }
 
 impl Dim {
@@ -30,8 +32,15 @@ impl Dim {
         self.unit.amount(cost)
     }
 
-    fn label(&self, per: Duration) -> String {
-        format!("{}-per-{}s", self.unit.as_str(), per.as_secs())
+    /// The cell's name in Redis: unit and window (to the microsecond), and
+    /// its place among the limits when another has the same (two limits of
+    /// one unit and window must not share a cell).
+    fn label(&self, per: Duration, nth: usize) -> String {
+        let micros = per.as_micros();
+        match nth {
+            0 => format!("{}-per-{micros}us", self.unit.as_str()),
+            n => format!("{}-per-{micros}us-{n}", self.unit.as_str()),
+        }
     }
 }
 
@@ -108,27 +117,25 @@ impl BudgetBuilder {
                  give the Redis budget a rolling window",
             ));
         }
-        // A limit's own max wait (a spend budget's zero) bounds the whole
-        // reservation: the script reserves every cell or none.
-        let max_wait = limits
-            .dims()
-            .iter()
-            .filter_map(|l| l.max_wait)
-            .chain(limits.max_wait_value())
-            .min();
-        let dims = limits
-            .dims()
-            .iter()
-            .map(|limit| {
-                let d = Dim {
-                    unit: limit.unit,
-                    per_unit_us: limit.per.as_micros() as f64 / limit.n as f64,
-                    burst: limit.planned() as f64,
-                    largest: limit.capacity() as f64,
-                };
-                (d, d.label(limit.per))
-            })
-            .collect();
+        let mut dims: Vec<(Dim, String)> = Vec::new();
+        for limit in limits.dims() {
+            let d = Dim {
+                unit: limit.unit,
+                per_unit_us: limit.per.as_micros() as f64 / limit.n as f64,
+                burst: limit.planned() as f64,
+                largest: limit.capacity() as f64,
+                max_wait_us: limit
+                    .max_wait
+                    .map_or(1e18, |w| (w.as_micros() as f64).min(1e18)),
+            };
+            let mut nth = 0;
+            let mut label = d.label(limit.per, nth);
+            while dims.iter().any(|(_, l)| *l == label) {
+                nth += 1;
+                label = d.label(limit.per, nth);
+            }
+            dims.push((d, label));
+        }
         let local = match self.policy {
             FailurePolicy::Local { share } => Some(limits.scaled(share).build()?),
             _ => None,
@@ -138,7 +145,7 @@ impl BudgetBuilder {
                 backend: self.backend,
                 name: self.name,
                 dims,
-                max_wait,
+                max_wait: limits.max_wait_value(),
                 policy: self.policy,
                 local,
                 closing: crate::close::Closing::default(),
@@ -226,7 +233,7 @@ impl Budget {
                     d.largest
                 )));
             }
-            args.extend([d.per_unit_us, d.burst, n].map(|x| x.to_string()));
+            args.extend([d.per_unit_us, d.burst, n, d.max_wait_us].map(|x| x.to_string()));
         }
         let result = self
             .inner
@@ -241,7 +248,7 @@ impl Budget {
                 let wait = Duration::from_micros(retry_us.max(0) as u64);
                 Err(self
                     .refused(format!(
-                        "would wait longer than max_wait {}",
+                        "would wait longer than max_wait {} (or a limit's own)",
                         crate::time::Human(self.inner.max_wait.unwrap_or_default())
                     ))
                     .with_retry_after(wait))

@@ -10,9 +10,11 @@ use std::sync::LazyLock;
 /// Reserves a cost on every GCRA cell at once, or nothing.
 ///
 /// KEYS: one cell per dimension. ARGV[1]: the longest wait accepted (µs);
-/// then per cell: µs per unit, burst (units), cost (units).
+/// then per cell: µs per unit, burst (units), cost (units), the longest
+/// wait this cell accepts (µs; a budget's own `max_wait`).
 /// Returns `{1, wait_us}` (reserved: start after `wait_us`) or
-/// `{0, retry_after_us}` (refused, nothing reserved).
+/// `{0, retry_after_us}` (refused, nothing reserved: the longest any bound
+/// is passed by).
 pub(crate) static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESERVE_LUA));
 
 /// The Lua source of the budget's reserve script (for audits and benchmarks).
@@ -21,24 +23,28 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local max_wait = tonumber(ARGV[1])
 local start = now
+local late = 0
 local tats = {}
 for i = 1, #KEYS do
-  local per = tonumber(ARGV[i * 3 - 1])
-  local burst = tonumber(ARGV[i * 3])
-  local cost = tonumber(ARGV[i * 3 + 1])
+  local per = tonumber(ARGV[i * 4 - 2])
+  local burst = tonumber(ARGV[i * 4 - 1])
+  local cost = tonumber(ARGV[i * 4])
+  local cell_max = tonumber(ARGV[i * 4 + 1])
   local tat = tonumber(redis.call('GET', KEYS[i]) or now)
   if tat < now then tat = now end
   tats[i] = tat
   local s = tat + (cost - burst) * per
   if s > start then start = s end
+  if s - now - cell_max > late then late = s - now - cell_max end
 end
 local wait = start - now
-if wait > max_wait then
-  return {0, math.ceil(wait - max_wait)}
+if wait - max_wait > late then late = wait - max_wait end
+if late > 0 then
+  return {0, math.ceil(late)}
 end
 for i = 1, #KEYS do
-  local per = tonumber(ARGV[i * 3 - 1])
-  local cost = tonumber(ARGV[i * 3 + 1])
+  local per = tonumber(ARGV[i * 4 - 2])
+  local cost = tonumber(ARGV[i * 4])
   local new = tats[i] + cost * per
   local ttl = math.ceil((new - now) / 1000) + 1000
   redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', ttl)
