@@ -318,3 +318,40 @@ async fn zero_or_missing_usage_does_not_poison_the_estimate_and_streams_teach_it
     res.into_body().collect().await.unwrap();
     assert_eq!(reserved(&stack, &mut svc, "m", &prompt).await, 1_112); // ceil(4,000 / 3.6)
 }
+
+/// With OpenAI's tokenizer (feature `tiktoken`), an OpenAI model's
+/// reservation is its exact prompt count from the first call (Spanish text
+/// included), and other models fall back to the learning estimate.
+#[cfg(feature = "tiktoken")]
+#[tokio::test(start_paused = true)]
+async fn tiktoken_counts_openai_prompts_exactly_from_the_first_call() {
+    use semaforo::llm::{Prompt, Tiktoken, TokenEstimator};
+    let models = KeyedPace::builder(Pace::builder().tokens_per_minute(10_000_000))
+        .build()
+        .unwrap();
+    let stack = LlmStack::openai(tier(100_000, 1_000_000))
+        .pace(models)
+        .estimator(Tiktoken::new())
+        .build()
+        .unwrap();
+    let account = Account::new(
+        Shape::OpenAi,
+        &[(Counts::Tokens, 1_000_000, 1_000_000)],
+        SERVICE,
+    );
+    let mut svc = ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(account.service());
+    let prompt = "¿Dónde está la biblioteca? El ciclo del agua, cuarto grado. ".repeat(50);
+    let reserved_gpt = reserved(&stack, &mut svc, "gpt-4o-mini", &prompt).await;
+    let exact =
+        Tiktoken::new().text_tokens(&Prompt::read(chat("gpt-4o-mini", &prompt, 0).into_body()));
+    assert_eq!(reserved_gpt, exact);
+    // chars / 4 would be off by far more than the chat format's 6 tokens.
+    let quarter = (prompt.chars().count() as f64 / 4.0).ceil() as u64;
+    println!("tiktoken {exact} tokens vs chars/4 {quarter}");
+    assert!(exact.abs_diff(quarter) > 20, "{exact} vs {quarter}");
+    // A model without a known tokenizer: characters ÷ 4 at first.
+    let other = reserved(&stack, &mut svc, "claude-sonnet-4-5", &prompt).await;
+    assert_eq!(other, quarter);
+}

@@ -737,6 +737,105 @@ impl<'de> Deserialize<'de> for Text {
     }
 }
 
+/// Calls `f` with every string of the prompt of a JSON request (what
+/// [`estimate_cost`] counts the characters of), in order; the number of
+/// `messages` (or Gemini `contents`), `None` when the body is not such JSON.
+#[cfg(feature = "tiktoken")]
+pub(crate) fn prompt_strings(body: &[u8], f: &mut dyn FnMut(&str)) -> Option<u64> {
+    use serde::de::DeserializeSeed;
+    struct Top<'f>(&'f mut dyn FnMut(&str));
+    impl<'de> DeserializeSeed<'de> for Top<'_> {
+        type Value = u64;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+            struct V<'f>(&'f mut dyn FnMut(&str));
+            impl<'de> Visitor<'de> for V<'_> {
+                type Value = u64;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+                    let mut messages = 0;
+                    while let Some(key) = map.next_key::<Key<'de>>()? {
+                        match &*key.0 {
+                            "messages" | "contents" => {
+                                messages += map.next_value_seed(Strings {
+                                    f: &mut *self.0,
+                                    count_items: true,
+                                })?;
+                            }
+                            "system" | "tools" | "functions" | "input" | "prompt"
+                            | "systemInstruction" | "system_instruction" => {
+                                map.next_value_seed(Strings {
+                                    f: &mut *self.0,
+                                    count_items: false,
+                                })?;
+                            }
+                            _ => {
+                                map.next_value::<IgnoredAny>()?;
+                            }
+                        }
+                    }
+                    Ok(messages)
+                }
+            }
+            d.deserialize_map(V(self.0))
+        }
+    }
+    /// The strings of a value (as `Text` counts them); with `count_items`,
+    /// how many items an array has.
+    struct Strings<'f> {
+        f: &'f mut dyn FnMut(&str),
+        count_items: bool,
+    }
+    impl<'de> DeserializeSeed<'de> for Strings<'_> {
+        type Value = u64;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Strings<'_> {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            (self.f)(v);
+            Ok(0)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
+            let mut items = 0;
+            while seq
+                .next_element_seed(Strings {
+                    f: &mut *self.f,
+                    count_items: false,
+                })?
+                .is_some()
+            {
+                items += 1;
+            }
+            Ok(if self.count_items { items } else { 0 })
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+            while let Some(key) = map.next_key::<Key<'de>>()? {
+                if key.0 == "role" || key.0 == "type" || NON_TEXT_KEYS.contains(&&*key.0) {
+                    map.next_value::<IgnoredAny>()?;
+                } else {
+                    map.next_value_seed(Strings {
+                        f: &mut *self.f,
+                        count_items: false,
+                    })?;
+                }
+            }
+            Ok(0)
+        }
+        skip_others!(0);
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let messages = Top(f).deserialize(&mut de).ok()?;
+    de.end().ok()?;
+    Some(messages)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,6 +91,8 @@ mod profile;
 mod prompt;
 mod service;
 mod sse;
+#[cfg(feature = "tiktoken")]
+mod tiktoken;
 
 pub use cost::{
     estimate_cost, estimate_cost_with, usage_cost, usage_tokens, DEFAULT_MAX_OUTPUT,
@@ -107,6 +109,8 @@ pub use service::{
 pub use sse::{
     SseEvent, SseParser, SseScan, SseWatch, StreamFailed, WatchFuture, DEFAULT_MAX_LINE,
 };
+#[cfg(feature = "tiktoken")]
+pub use tiktoken::Tiktoken;
 
 /// A provider tier: the limits of your API key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
