@@ -26,13 +26,18 @@
 //!   bounds the whole call.
 //!
 //! The request is an `http::Request<Bytes>` with an OpenAI-, Anthropic- or
-//! Gemini-style JSON body; the response an `http::Response<Bytes>`. The cost
-//! is [`estimate_cost`] (input: the prompt's characters ÷ 4 — plain content,
-//! content parts, system prompt, tools; output: `max_tokens`), charged to the
+//! Gemini-style JSON body; the response an `http::Response<Bytes>`. The body
+//! is read once per call ([`Prompt`]: model, prompt, `max_tokens`, `n`;
+//! typed and borrowed, never a JSON tree). Each model is paced by a pacer of
+//! its own ([`LlmStackBuilder::model`]: providers limit every model on its
+//! own), under the limits all models share
+//! ([`LlmStackBuilder::shared_limit`]). The cost — input: the prompt's
+//! tokens from a [`TokenEstimator`] (by default [`CharsPerToken`], learning
+//! each model's characters per token from the answers); output:
+//! `max_tokens`; spend: both at the model's [`Price`] — is charged to the
 //! profile's limits as each provider counts (see [`Profile`] and
 //! [`Cost`](crate::pace::Cost)) and reconciled with the answer's
-//! [`usage_cost`]; bodies are read for those fields only (typed, borrowed:
-//! never a JSON tree). The pacer learns from `x-ratelimit-*` and
+//! [`usage_cost`]. The pacer learns from `x-ratelimit-*` and
 //! `anthropic-ratelimit-*` headers (announced limits
 //! lower the configured ones; a 429 the headers explain syncs the bucket
 //! instead of cutting the rate); results are classified by

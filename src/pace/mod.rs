@@ -17,6 +17,12 @@
 //!   each reserves when it reaches the head and fits, so the upstream sees a
 //!   smooth rate within its burst. A caller that leaves the line held nothing and
 //!   everyone behind it moves up.
+//! - **Spend and calendars**: a [`Unit::Spend`] limit counts money
+//!   ([`Cost::spend`], micro-dollars) and refuses at once what it cannot pay
+//!   now ([`Limit::spend_per_day`]: a limit's own [`Limit::max_wait`]); a
+//!   window can reset at a time zone's midnight or first of the month
+//!   ([`Limit::resets_daily`]: Gemini's requests per day, a daily budget)
+//!   instead of rolling.
 //! - **`max_wait`**: a call that would start later than that is refused at once
 //!   with [`RejectKind::BudgetExceeded`](crate::RejectKind::BudgetExceeded) and the
 //!   exact `retry_after`, reserving nothing. A cost larger than a dimension's
