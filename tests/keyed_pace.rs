@@ -299,3 +299,37 @@ async fn peek_builds_nothing_and_a_shared_refusal_names_the_shared_pacer() {
         "a call that could never be paid takes no place among max_keys"
     );
 }
+
+/// `start_for` answers when a call would start without reserving: now on a
+/// full pacer, after its line and the shared cells otherwise; nothing for a
+/// cost above a burst.
+#[tokio::test(start_paused = true)]
+async fn start_for_peeks_without_reserving() {
+    let models = KeyedPace::builder(tpm(1_000))
+        .shared(tpm(1_500))
+        .build()
+        .unwrap();
+    let a = models.get(Some("a"));
+    let t0 = Instant::now();
+    assert_eq!(a.start_for(&Cost::tokens(1_000)), Some(t0));
+    assert_eq!(
+        a.start_for(&Cost::tokens(1_000)),
+        Some(t0),
+        "nothing reserved"
+    );
+    assert_eq!(a.start_for(&Cost::tokens(2_000)), None);
+    let log: Log = Arc::default();
+    let svc = stack(&models, &log);
+    svc.clone().oneshot(("a".to_string(), 1_000)).await.unwrap();
+    // "a" is spent: 500 tokens more refill in 30 s.
+    assert_eq!(
+        a.start_for(&Cost::tokens(500)),
+        Some(t0 + Duration::from_secs(30))
+    );
+    // "b" is full, but the shared cells hold 500: the 500 more refill in 20 s.
+    let b = models.get(Some("b"));
+    assert_eq!(
+        b.start_for(&Cost::tokens(1_000)),
+        Some(t0 + Duration::from_secs(20))
+    );
+}

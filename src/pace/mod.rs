@@ -821,6 +821,34 @@ impl Pace {
         PaceLayer::new(self.shared.clone())
     }
 
+    /// When a call of `cost` arriving now could start, reserving nothing:
+    /// now when nobody waits and it fits, else after everyone in line
+    /// (here and on the shared cells of a [`KeyedPace`]'s key). `None` when
+    /// it would be refused: a cost above a burst, a budget
+    /// ([`Limit::max_wait`]) that could not take it, or a closed pacer. The
+    /// pacer's own `max_wait` is not applied (compare the answer with it).
+    /// For routers: ask several pacers, send to the soonest.
+    ///
+    /// ```
+    /// use semaforo::pace::{Cost, Pace};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), semaforo::BoxError> {
+    /// let pace = Pace::builder().tokens_per_minute(1_000).build()?;
+    /// let now = tokio::time::Instant::now();
+    /// assert_eq!(pace.start_for(&Cost::tokens(1_000)), Some(now));
+    /// assert_eq!(pace.start_for(&Cost::tokens(1_001)), None, "above the burst");
+    /// # Ok(()) }
+    /// ```
+    pub fn start_for(&self, cost: &Cost) -> Option<Instant> {
+        let now = Instant::now();
+        let st = self.shared.lock();
+        match &self.shared.parent {
+            Some(p) => st.peek_start(cost, now, Some(&p.lock())),
+            None => st.peek_start(cost, now, None),
+        }
+    }
+
     /// The state now, per dimension.
     pub fn snapshot(&self) -> PaceSnapshot {
         self.shared.lock().snapshot(Instant::now())

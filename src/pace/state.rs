@@ -492,6 +492,32 @@ impl State {
         }
     }
 
+    /// When `cost` would start if it came now (reserving nothing): at once
+    /// when nobody waits and it fits, else after everyone in line, here and
+    /// on the parent's cells. `None` when it could never be paid or a
+    /// budget would refuse it.
+    pub(crate) fn peek_start(
+        &self,
+        cost: &Cost,
+        now: Instant,
+        parent: Option<&State>,
+    ) -> Option<Instant> {
+        if self.closed
+            || self.never_fits(cost).is_some()
+            || parent.is_some_and(|p| p.never_fits(cost).is_some())
+            || self.budget_refusal_with(cost, now, parent).is_some()
+        {
+            return None;
+        }
+        let n = secs(self.epoch, now);
+        let s = self.start_secs(cost, Some(&self.queued), n);
+        let at = self.instant(s).max(now);
+        Some(match parent {
+            Some(p) => at.max(p.start_after(cost, &self.queued_parts, now)),
+            None => at,
+        })
+    }
+
     /// Reserve now if nobody waits and it fits — here and on the cells of
     /// `parent` (a pacer shared below keyed ones), together.
     pub(crate) fn try_now(&mut self, cost: &Cost, now: Instant, parent: Option<&mut State>) -> Fit {
