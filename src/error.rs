@@ -146,7 +146,7 @@ impl Rejected {
     #[cfg(feature = "http")]
     pub fn http_response<B>(&self, body: B) -> http::Response<B> {
         let mut res = http::Response::new(body);
-        *res.status_mut() = http::StatusCode::from_u16(self.kind().http_status())
+        *res.status_mut() = http::StatusCode::from_u16(self.http_status())
             .unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
         for (name, value) in self.http_headers() {
             if let Ok(v) = http::HeaderValue::from_str(&value) {
@@ -154,6 +154,31 @@ impl Rejected {
             }
         }
         res
+    }
+
+    /// The HTTP status for this refusal: [`RejectKind::http_status`],
+    /// except a quota or budget refusal without `retry_after` — a request
+    /// that can never fit the limit (a cost above its whole burst): 413
+    /// Content Too Large, for no wait would help.
+    ///
+    /// ```
+    /// use semaforo::{RejectKind, Rejected};
+    /// use std::time::Duration;
+    ///
+    /// let never = Rejected::new("pace", RejectKind::BudgetExceeded);
+    /// assert_eq!(never.http_status(), 413);
+    /// let later = never.with_retry_after(Duration::from_secs(1));
+    /// assert_eq!(later.http_status(), 503);
+    /// ```
+    pub fn http_status(&self) -> u16 {
+        match self.kind() {
+            RejectKind::QuotaExceeded | RejectKind::BudgetExceeded
+                if self.retry_after().is_none() =>
+            {
+                413
+            }
+            kind => kind.http_status(),
+        }
     }
 
     /// A rejection by `layer` (e.g. `"bulkhead"`) for `kind`.
@@ -360,14 +385,15 @@ impl ConfigError {
     }
 }
 
-/// The upstream asked to wait longer than the retry ceiling: returned at once
-/// instead of sleeping, with the wait it asked for.
+/// The upstream, or a layer below the retry (a pacer's budget), asked to
+/// wait longer than the retry ceiling: returned at once instead of
+/// sleeping, with the wait it asked for (its error says who).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "upstream asked to retry after {}, above the retry ceiling {}: {source}", crate::time::Human(*.retry_after), crate::time::Human(*.ceiling)
+    "retry after {} is above the retry ceiling {}: {source}", crate::time::Human(*.retry_after), crate::time::Human(*.ceiling)
 )]
 pub struct RetryAfterTooLong {
-    /// What the upstream asked for.
+    /// What the upstream (or the layer below) asked for.
     pub retry_after: Duration,
     /// The configured ceiling.
     pub ceiling: Duration,

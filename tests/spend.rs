@@ -226,8 +226,7 @@ async fn a_pacer_counts_spend_in_micro_dollars() {
 #[tokio::test(start_paused = true)]
 async fn a_dollar_a_day_per_user_around_the_preset() {
     use http_body_util::{BodyExt, Full};
-    use semaforo::llm::PricedUsage;
-    use semaforo::pace::{KeyedPace, UsageFromBody};
+    use semaforo::pace::KeyedPace;
     let stack = LlmStack::with_profile(Profile::openai(Tier {
         requests_per_minute: 10_000,
         tokens_per_minute: 100_000_000,
@@ -239,11 +238,9 @@ async fn a_dollar_a_day_per_user_around_the_preset() {
         .build()
         .unwrap();
     let provider = Provider::default();
-    let svc = users
-        .layer()
-        .key(http::HeaderName::from_static("x-user-id"))
-        .weigh(stack.estimate())
-        .observe(PricedUsage)
+    let user = http::HeaderName::from_static("x-user-id");
+    let svc = stack
+        .budget_layer(&users, user.clone())
         .layer(stack.layer().layer(provider.client()));
     let as_user = |user: &str| {
         let mut req = call();
@@ -269,17 +266,30 @@ async fn a_dollar_a_day_per_user_around_the_preset() {
     let streamer = tower::service_fn(move |_req: http::Request<Bytes>| async move {
         Ok::<_, std::io::Error>(http::Response::new(Full::new(Bytes::from(sse))))
     });
-    let streams = users
-        .layer()
-        .key(http::HeaderName::from_static("x-user-id"))
-        .weigh(stack.estimate())
-        .observe(semaforo::llm::ObserveHeaders)
-        .deliver(UsageFromBody)
+    let streams = stack
+        .stream_budget_layer(&users, user.clone())
         .layer(stack.stream_layer().layer(streamer));
     let res = streams.oneshot(as_user("eva")).await.unwrap();
     // Reserved $0.20 while the body flows…
     assert_eq!(left("eva"), 800_000.0);
     res.into_body().collect().await.unwrap();
     // …billed 50,000 output tokens: $0.10.
+    assert_eq!(left("eva"), 900_000.0);
+
+    // A call the provider refuses (400: nothing billed) costs its user nothing.
+    let refusing = tower::service_fn(|_req: http::Request<Bytes>| async {
+        let body = r#"{"error":{"type":"invalid_request_error","message":"bad"}}"#;
+        Ok::<_, std::io::Error>(
+            http::Response::builder()
+                .status(400)
+                .body(Bytes::from_static(body.as_bytes()))
+                .unwrap(),
+        )
+    });
+    let failing = stack
+        .budget_layer(&users, user)
+        .layer(stack.layer().layer(refusing));
+    let res = failing.oneshot(as_user("eva")).await.unwrap();
+    assert_eq!(res.status(), 400);
     assert_eq!(left("eva"), 900_000.0);
 }

@@ -1,6 +1,6 @@
 //! The LLM client preset: every layer in the right order, configured for an
-//! OpenAI-compatible API, an Azure OpenAI deployment or an Anthropic account
-//! ([`Profile`], feature `llm`).
+//! OpenAI-compatible API, an Azure OpenAI deployment, an Anthropic account or
+//! a Gemini project ([`Profile`], feature `llm`).
 //!
 //! ```text
 //! shutdown → quota → bulkhead → retry (with budget) → breaker → pace → attempt timeout → your HTTP client
@@ -127,8 +127,8 @@ pub struct Tier {
 }
 
 /// The preset's parts. Build with [`LlmStack::openai`],
-/// [`LlmStack::anthropic`], [`LlmStack::azure_openai`] or
-/// [`LlmStack::with_profile`]; read each part with
+/// [`LlmStack::anthropic`], [`LlmStack::azure_openai`],
+/// [`LlmStack::gemini`] or [`LlmStack::with_profile`]; read each part with
 /// its getter (to watch it, or to register it with a
 /// [`Health`](crate::health::Health)). The parts are fixed at `build()`
 /// (the shutdown is wired to the bulkhead's and the pacer's lines, and the
@@ -193,13 +193,24 @@ impl LlmStack {
     }
 
     /// The stack's estimate of a request (input, output and spend, as its
-    /// own pacer reserves them), for a pacer of your own around the stack:
-    /// with [`PricedUsage`] to reconcile, a per-user spend budget keyed by a
-    /// request header.
+    /// own pacer reserves them), for a pacer of your own around the stack;
+    /// [`budget_layer`](Self::budget_layer) puts it in one.
+    pub fn estimate(&self) -> Estimate {
+        self.weigh.clone()
+    }
+
+    /// A budget of your own around the stack's [`layer`](Self::layer) —
+    /// dollars a day per user, keyed by a request header — as the stack's
+    /// own pacer does it: each call reserves its [`estimate`](Self::estimate)
+    /// on the pacer of its key and is reconciled with its priced usage
+    /// ([`PricedUsage`]); a call that failed is billed nothing (a 429 gives
+    /// back everything). Requests without the header share the budget of
+    /// the overflow pacer; keep `max_keys` at least the users active in one
+    /// window of the budget (idle keys give their place).
     ///
     /// ```
     /// use bytes::Bytes;
-    /// use semaforo::llm::{LlmStack, Price, PriceTable, PricedUsage, Tier};
+    /// use semaforo::llm::{LlmStack, Price, PriceTable, Tier};
     /// use semaforo::pace::{KeyedPace, Limit, Pace};
     /// use tower::{service_fn, ServiceBuilder, ServiceExt};
     ///
@@ -208,22 +219,18 @@ impl LlmStack {
     /// let stack = LlmStack::openai(Tier { requests_per_minute: 500, tokens_per_minute: 10_000_000 })
     ///     .prices(PriceTable::new().price("m", Price::per_million_tokens(1.0, 0.5, 2.0)))
     ///     .build()?;
-    /// // $1.00 a day for each value of `x-user-id` (at most 10,000 users at once).
-    /// let users = KeyedPace::builder(Pace::builder().limit(Limit::spend_per_day(1_000_000)))
-    ///     .max_keys(10_000)
-    ///     .build()?;
+    /// // $1.00 a calendar day (UTC) for each value of `x-user-id`.
+    /// let users = KeyedPace::builder(
+    ///     Pace::builder().limit(Limit::spend_per_day(1_000_000).resets_daily("UTC")),
+    /// )
+    /// .max_keys(10_000)
+    /// .build()?;
     /// let client = service_fn(|_req: http::Request<Bytes>| async {
     ///     let body = r#"{"usage":{"prompt_tokens":0,"completion_tokens":100000}}"#;
     ///     Ok::<_, std::io::Error>(http::Response::new(Bytes::from_static(body.as_bytes())))
     /// });
     /// let llm = ServiceBuilder::new()
-    ///     .layer(
-    ///         users
-    ///             .layer()
-    ///             .key(http::HeaderName::from_static("x-user-id"))
-    ///             .weigh(stack.estimate())
-    ///             .observe(PricedUsage),
-    ///     )
+    ///     .layer(stack.budget_layer(&users, http::HeaderName::from_static("x-user-id")))
     ///     .layer(stack.layer())
     ///     .service(client);
     /// let call = || {
@@ -235,14 +242,76 @@ impl LlmStack {
     ///     llm.clone().oneshot(call()?).await?; // $0.20 each
     /// }
     /// let refused = llm.clone().oneshot(call()?).await.unwrap_err();
-    /// assert_eq!(
-    ///     semaforo::Rejected::from_box(&refused).unwrap().kind(),
-    ///     semaforo::RejectKind::BudgetExceeded
-    /// );
+    /// let r = semaforo::Rejected::from_box(&refused).unwrap();
+    /// assert_eq!(r.kind(), semaforo::RejectKind::BudgetExceeded);
+    /// assert!(r.retry_after().is_some()); // until midnight UTC
     /// # Ok(()) }
     /// ```
-    pub fn estimate(&self) -> Estimate {
-        self.weigh.clone()
+    pub fn budget_layer<K>(
+        &self,
+        budget: &KeyedPace,
+        key: K,
+    ) -> crate::pace::KeyedPaceLayer<K, Estimate, PricedUsage, crate::classify::LlmClassifier> {
+        budget
+            .layer()
+            .key(key)
+            .weigh(self.estimate())
+            .observe(PricedUsage)
+            .classify(crate::classify::LlmClassifier::new())
+    }
+
+    /// [`budget_layer`](Self::budget_layer) around the stack's
+    /// [`stream_layer`](Self::stream_layer): a streamed answer is reconciled
+    /// when its body ends whole (cut short, its estimate stands).
+    pub fn stream_budget_layer<K>(
+        &self,
+        budget: &KeyedPace,
+        key: K,
+    ) -> crate::pace::KeyedPaceLayer<
+        K,
+        Estimate,
+        ObserveHeaders,
+        crate::classify::LlmHeadClassifier,
+        crate::pace::UsageFromBody,
+    > {
+        budget
+            .layer()
+            .key(key)
+            .weigh(self.estimate())
+            .observe(ObserveHeaders)
+            .classify(crate::classify::LlmHeadClassifier)
+            .deliver(crate::pace::UsageFromBody)
+    }
+
+    /// Registers every part with `health` under `name`: the bulkhead, the
+    /// breaker, the pacer of every model ([`Health::keyed_pace`](crate::health::Health::keyed_pace))
+    /// and the quota, if any. Build `health` from this stack's
+    /// [`shutdown`](Self::shutdown) (the same one for every stack of a
+    /// process: [`LlmStackBuilder::shutdown`]).
+    ///
+    /// ```
+    /// use semaforo::health::Health;
+    /// use semaforo::llm::{LlmStack, Tier};
+    ///
+    /// let stack = LlmStack::openai(Tier { requests_per_minute: 500, tokens_per_minute: 30_000 }).build()?;
+    /// let health = stack.register_health(Health::new(stack.shutdown()), "openai");
+    /// let names: Vec<String> = health.report().components.into_iter().map(|c| c.name).collect();
+    /// assert_eq!(names, ["openai", "openai", "openai#overflow"]);
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
+    pub fn register_health(
+        &self,
+        health: crate::health::Health,
+        name: &str,
+    ) -> crate::health::Health {
+        let h = health
+            .bulkhead(name, &self.bulkhead)
+            .breaker(name, &self.breaker)
+            .keyed_pace(name, &self.pace);
+        match self.quota() {
+            Some(q) => h.quota(name, q),
+            None => h,
+        }
     }
 
     /// The per-attempt timeout.
@@ -465,7 +534,10 @@ impl LlmStackBuilder {
         self
     }
 
-    /// Uses this shutdown (e.g. the server's own) instead of a new one.
+    /// Uses this shutdown (e.g. the server's own) instead of a new one:
+    /// give one `Shutdown` to every stack of a process, and the same to
+    /// [`Health::new`](crate::health::Health::new), so one trigger drains
+    /// them all and readiness and in-flight counts see every call.
     pub fn shutdown(mut self, s: Shutdown) -> Self {
         self.shutdown = Some(s);
         self
@@ -507,7 +579,9 @@ impl LlmStackBuilder {
         self
     }
 
-    /// Paces the requests whose `model` field is `model` by `profile`'s
+    /// Paces the requests whose model is exactly `model` (the body's `model`
+    /// field, or Gemini's path; a dated snapshot such as `gpt-4o-2024-08-06`
+    /// is another model: give it too if it has these limits) by `profile`'s
     /// limits (and its output reserved without `max_tokens`), in a pacer of
     /// their own: providers limit each model on its own, and a model at its
     /// limit then holds back only its own callers. Every other model gets a
@@ -538,6 +612,8 @@ impl LlmStackBuilder {
     /// A limit every model's calls share (an org-wide TPM, a daily cap): a
     /// call reserves on it and on its model's limits at the same instant
     /// (see [`KeyedPaceBuilder::shared`](crate::pace::KeyedPaceBuilder::shared)).
+    /// It is paced as given: the profiles keep 5 % headroom on their token
+    /// limits, add `.headroom(5)` to yours for the same margin.
     pub fn shared_limit(mut self, limit: Limit) -> Self {
         self.shared.push(limit);
         self

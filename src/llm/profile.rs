@@ -82,7 +82,10 @@ impl Profile {
     /// An Anthropic account: `rpm` requests, `itpm` input tokens (not read
     /// from the prompt cache) and `otpm` output tokens per minute. Anthropic
     /// requires `max_tokens` on every request; one without it reserves 8,192
-    /// (capped by the preset: see [`max_output`](Self::max_output)).
+    /// (capped by the preset: see [`max_output`](Self::max_output)). A
+    /// request whose `max_tokens` is above the OTPM can never be paid (as
+    /// Anthropic counts it): it is refused at once, `BudgetExceeded` without
+    /// `retry_after` (HTTP 413, `Permanent(RequestTooLarge)`).
     pub fn anthropic(rpm: u64, itpm: u64, otpm: u64) -> Profile {
         Profile {
             provider: "anthropic",

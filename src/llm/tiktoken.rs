@@ -14,8 +14,10 @@ use std::sync::Arc;
 /// (OpenAI's `tiktoken` model table); every string of the prompt is
 /// encoded, plus 3 tokens per message and 3 to prime the answer (OpenAI
 /// cookbook, "How to count tokens with tiktoken"). Other models (and bodies
-/// that are not JSON) are estimated by `fallback` (default:
-/// [`CharsPerToken`]), which also learns from every answer.
+/// that are not JSON, and requests without a model: an Azure deployment
+/// named only in its URL) are estimated by `fallback` (default:
+/// [`CharsPerToken`]), which learns from their answers (the models counted
+/// exactly teach it nothing).
 ///
 /// The encodings load once per process (a few milliseconds, on the first
 /// prompt of an OpenAI model); encoding costs about a microsecond per 100

@@ -263,7 +263,8 @@ pub struct DimSnapshot {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct PaceSnapshot {
-    /// Each dimension.
+    /// Each dimension, in the order the limits were given (a profile's
+    /// order: see `llm::Profile`); find one by its `unit` and `per`.
     pub dims: Vec<DimSnapshot>,
     /// Callers in line.
     pub waiting: u64,
@@ -395,11 +396,15 @@ impl Limit {
         Limit::new(Unit::Tokens, n, Duration::from_secs(86_400))
     }
 
-    /// `n` micro-dollars of spend a day (1,000,000 = $1.00; a rolling day
-    /// unless [`resets_daily`](Self::resets_daily)): see [`Cost::spend`].
-    /// A call that cannot be paid now is refused at once (a budget, not a
-    /// pace: [`max_wait`](Self::max_wait) of zero), with the exact time until
-    /// enough is back.
+    /// `n` micro-dollars of spend a day (1,000,000 = $1.00): see
+    /// [`Cost::spend`]. A call that cannot be paid now is refused at once (a
+    /// budget, not a pace: [`max_wait`](Self::max_wait) of zero), with the
+    /// exact time until enough is back.
+    ///
+    /// Rolling, it is a bucket of `n` refilled continuously at `n` a day: a
+    /// full bucket spent at once, then the refill, lets up to about 2 × `n`
+    /// through in 24 hours (never more than `n` plus what 24 h refill). For
+    /// a hard cap per calendar day, add [`resets_daily`](Self::resets_daily).
     pub fn spend_per_day(micro_dollars: u64) -> Limit {
         Limit::new(Unit::Spend, micro_dollars, Duration::from_secs(86_400)).max_wait(Duration::ZERO)
     }
