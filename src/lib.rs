@@ -85,6 +85,7 @@ pub mod quota;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod retry;
+pub mod route;
 pub mod shutdown;
 mod striped;
 

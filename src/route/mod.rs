@@ -1,0 +1,127 @@
+//! Route: one logical upstream over several deployments — two API keys, an
+//! OpenAI and an Azure deployment, a primary and a secondary — chosen per
+//! call by **when the call could start**, with failover by class.
+//!
+//! Every deployment is a service of its own (usually
+//! `breaker → pace → attempt timeout` around its own client, built by you)
+//! and tells the router, through its [`Pace`] and its [`Breaker`], when a
+//! call of this cost could start there ([`Pace::start_for`], reserving
+//! nothing) and whether it is open. For each attempt the router asks every
+//! deployment whose breaker is not open, sends to the soonest (ties: smooth
+//! weighted round robin, so 3:1 weights get 3 calls of 4), and only that
+//! deployment reserves. No load balancer we know of routes by this: a
+//! deployment cooling down after a 429, or whose token budget is spent, is
+//! simply later, and the call goes where it can start now.
+//!
+//! The router **owns the attempt loop** (a deployment must not retry by
+//! itself): a result classified `Overloaded`, `Transient` or
+//! `Infrastructure`, a refusal by a deployment's own layers (its breaker
+//! open, its budget), and a `Throttled` answer send the next attempt to
+//! another deployment at once — no backoff sleep when another can start;
+//! `Success` and `Permanent` answers are returned as they are. A total
+//! deadline bounds everything, the waits in a deployment's line included: a
+//! call whose earliest start is beyond it is refused at once with the exact
+//! `retry_after`.
+//!
+//! Not yet: fallback groups by `Permanent` reason, hedging, streams' first
+//! chunk as the point of no return, routing events and metrics, the LLM
+//! preset.
+//!
+//! ```
+//! use semaforo::pace::{Cost, Pace};
+//! use semaforo::route::{Deployment, Router};
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), semaforo::BoxError> {
+//! // Two deployments of 30,000 tokens a minute, each behind its own pacer.
+//! let deployment = |name: &'static str| -> Result<_, semaforo::BoxError> {
+//!     let pace = Pace::builder().tokens_per_minute(30_000).build()?;
+//!     let client = service_fn(move |_tokens: u64| async move { Ok::<_, std::io::Error>(name) });
+//!     let paced = pace.layer().weigh(|n: &u64| Cost::tokens(*n)).layer(client);
+//!     Ok(Deployment::new(name, tower::util::BoxCloneSyncService::new(paced)).pace(pace))
+//! };
+//! let router = Router::builder()
+//!     .deployment(deployment("a")?)
+//!     .deployment(deployment("b")?)
+//!     .weigh(|tokens: &u64| Cost::tokens(*tokens))
+//!     .build()?;
+//! // The first call of a whole minute's tokens spends one deployment; the
+//! // next goes to the other, which can start it now.
+//! let first = router.clone().oneshot(30_000).await?;
+//! let second = router.clone().oneshot(30_000).await?;
+//! assert_ne!(first, second);
+//! # Ok(()) }
+//! ```
+
+mod service;
+
+pub use service::{RouteFuture, Router, RouterBuilder};
+
+use crate::breaker::Breaker;
+use crate::pace::Pace;
+use std::sync::Arc;
+
+/// One deployment of a [`Router`]: a name (in errors), its service, and what
+/// the router reads to choose — its [`Pace`] (when a call could start) and
+/// its [`Breaker`] (whether it is open). A deployment without a pacer can
+/// always start now; one without a breaker is never open.
+#[derive(Debug, Clone)]
+pub struct Deployment<S> {
+    pub(crate) name: Arc<str>,
+    pub(crate) service: S,
+    pub(crate) pace: Option<Pace>,
+    pub(crate) breaker: Option<Breaker>,
+    pub(crate) weight: u32,
+}
+
+impl<S> Deployment<S> {
+    /// A deployment named `name` calling `service` (its own layers inside:
+    /// breaker, pacer, attempt timeout — no retry).
+    pub fn new(name: impl Into<Arc<str>>, service: S) -> Self {
+        Deployment {
+            name: name.into(),
+            service,
+            pace: None,
+            breaker: None,
+            weight: 1,
+        }
+    }
+
+    /// The pacer in front of this deployment's client (the same one its
+    /// service uses): the router asks it when a call could start.
+    pub fn pace(mut self, pace: Pace) -> Self {
+        self.pace = Some(pace);
+        self
+    }
+
+    /// The breaker in front of this deployment's client (the same one its
+    /// service uses): the router sends nothing to it while it is open.
+    pub fn breaker(mut self, breaker: Breaker) -> Self {
+        self.breaker = Some(breaker);
+        self
+    }
+
+    /// Its share among deployments that could start a call at the same
+    /// time (default 1; at least 1, checked by
+    /// [`RouterBuilder::build`]).
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its service.
+    pub fn service(&self) -> &S {
+        &self.service
+    }
+
+    /// The pacer the router asks, if given.
+    pub fn pacer(&self) -> Option<&Pace> {
+        self.pace.as_ref()
+    }
+}

@@ -1,0 +1,465 @@
+//! The router as a tower [`Service`] and its builder.
+
+use super::Deployment;
+use crate::classify::{Class, Classify, ErrorClassifier};
+use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
+use crate::observe::BreakerState;
+use crate::pace::{OneRequest, Weigh};
+use pin_project::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower_service::Service;
+
+/// Starts closer than this count as a tie (weights decide).
+const TIE: Duration = Duration::from_millis(1);
+
+/// Routes each call to the deployment that could start it soonest; see the
+/// [module docs](super). Cheap to clone; clones share the deployments and
+/// the weighted round robin.
+pub struct Router<S, W = OneRequest, C = ErrorClassifier> {
+    inner: Arc<Inner<S>>,
+    weigh: W,
+    classify: C,
+}
+
+struct Inner<S> {
+    name: Option<Arc<str>>,
+    deployments: Vec<Deployment<S>>,
+    max_attempts: u32,
+    deadline: Option<Duration>,
+    /// Smooth weighted round robin among tied deployments (nginx's).
+    current: Mutex<Vec<i64>>,
+}
+
+impl<S, W: Clone, C: Clone> Clone for Router<S, W, C> {
+    fn clone(&self) -> Self {
+        Router {
+            inner: self.inner.clone(),
+            weigh: self.weigh.clone(),
+            classify: self.classify.clone(),
+        }
+    }
+}
+
+impl<S, W, C> fmt::Debug for Router<S, W, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.inner.deployments.iter().map(|d| d.name()).collect();
+        f.debug_struct("Router")
+            .field("name", &self.inner.name)
+            .field("deployments", &names)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builder for [`Router`]; [`build`](Self::build) validates it.
+#[must_use = "call .build() to get a Router"]
+pub struct RouterBuilder<S, W = OneRequest, C = ErrorClassifier> {
+    name: Option<Arc<str>>,
+    deployments: Vec<Deployment<S>>,
+    max_attempts: u32,
+    deadline: Option<Duration>,
+    weigh: W,
+    classify: C,
+}
+
+impl<S, W, C> fmt::Debug for RouterBuilder<S, W, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterBuilder")
+            .field("name", &self.name)
+            .field("deployments", &self.deployments.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Router<S> {
+    /// Starts a builder: give it deployments, and how a request is weighed
+    /// (the cost its pacers would charge) and a result classified.
+    pub fn builder() -> RouterBuilder<S> {
+        RouterBuilder {
+            name: None,
+            deployments: Vec::new(),
+            max_attempts: 3,
+            deadline: None,
+            weigh: OneRequest,
+            classify: ErrorClassifier,
+        }
+    }
+}
+
+impl<S, W, C> RouterBuilder<S, W, C> {
+    /// Names the router in errors.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Adds a deployment.
+    pub fn deployment(mut self, d: Deployment<S>) -> Self {
+        self.deployments.push(d);
+        self
+    }
+
+    /// Attempts per call, the first included (default 3; at least 1).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// The longest a call may take, from the router's `call` to its answer:
+    /// waits in a deployment's line, attempts and failovers included
+    /// (default: none). A call whose earliest start is beyond it is refused
+    /// at once (`BudgetExceeded` with the exact `retry_after`); one still
+    /// running at it ends with `Timeout`.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.deadline = Some(d);
+        self
+    }
+
+    /// The cost of a request, as the deployments' pacers weigh it (they
+    /// are asked when a call of this cost could start).
+    pub fn weigh<W2>(self, weigh: W2) -> RouterBuilder<S, W2, C> {
+        RouterBuilder {
+            name: self.name,
+            deployments: self.deployments,
+            max_attempts: self.max_attempts,
+            deadline: self.deadline,
+            weigh,
+            classify: self.classify,
+        }
+    }
+
+    /// How a result is classified (what fails over).
+    pub fn classify<C2>(self, classify: C2) -> RouterBuilder<S, W, C2> {
+        RouterBuilder {
+            name: self.name,
+            deployments: self.deployments,
+            max_attempts: self.max_attempts,
+            deadline: self.deadline,
+            weigh: self.weigh,
+            classify,
+        }
+    }
+
+    /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] on `deployments` (none, or two of one name),
+    /// `weight` (0) or `max_attempts` (0).
+    pub fn build(self) -> Result<Router<S, W, C>, ConfigError> {
+        if self.deployments.is_empty() {
+            return Err(ConfigError::new(
+                "router",
+                "deployments",
+                "add at least one",
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err(ConfigError::new(
+                "router",
+                "max_attempts",
+                "must be at least 1",
+            ));
+        }
+        for (i, d) in self.deployments.iter().enumerate() {
+            if d.weight == 0 {
+                return Err(ConfigError::new(
+                    "router",
+                    "weight",
+                    format!("deployment '{}' has weight 0", d.name),
+                ));
+            }
+            if self.deployments[..i].iter().any(|e| e.name == d.name) {
+                return Err(ConfigError::new(
+                    "router",
+                    "deployments",
+                    format!("'{}' is given twice", d.name),
+                ));
+            }
+        }
+        let n = self.deployments.len();
+        Ok(Router {
+            inner: Arc::new(Inner {
+                name: self.name,
+                deployments: self.deployments,
+                max_attempts: self.max_attempts,
+                deadline: self.deadline,
+                current: Mutex::new(vec![0; n]),
+            }),
+            weigh: self.weigh,
+            classify: self.classify,
+        })
+    }
+}
+
+impl<S, W, C> Router<S, W, C> {
+    /// The deployments, in the order given.
+    pub fn deployments(&self) -> &[Deployment<S>] {
+        &self.inner.deployments
+    }
+}
+
+/// Where the next attempt goes, or why none can.
+enum Choice {
+    Go(usize, Instant),
+    /// Every deployment is open or refuses the cost: the soonest one opens
+    /// again after this long, if known.
+    None(Option<Duration>),
+}
+
+impl<S> Inner<S> {
+    /// The deployment that could start `cost` soonest among those not
+    /// `tried` (all of them once every one was tried), breakers open
+    /// skipped; ties by smooth weighted round robin.
+    fn choose(&self, cost: &crate::pace::Cost, tried: &[bool], now: Instant) -> Choice {
+        let all_tried = tried.iter().all(|t| *t);
+        let mut starts: Vec<Option<Instant>> = Vec::with_capacity(self.deployments.len());
+        let mut reopens: Option<Duration> = None;
+        for (i, d) in self.deployments.iter().enumerate() {
+            if tried[i] && !all_tried {
+                starts.push(None);
+                continue;
+            }
+            if let Some(b) = &d.breaker {
+                let s = b.snapshot();
+                if s.state == BreakerState::Open {
+                    if let Some(ra) = s.retry_after {
+                        reopens = Some(reopens.map_or(ra, |r| r.min(ra)));
+                    }
+                    starts.push(None);
+                    continue;
+                }
+            }
+            starts.push(match &d.pace {
+                Some(p) => p.start_for(cost),
+                None => Some(now),
+            });
+        }
+        let Some(first) = starts.iter().flatten().min().copied() else {
+            return Choice::None(reopens);
+        };
+        let tied: Vec<usize> = starts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.filter(|s| *s <= first + TIE).map(|_| i))
+            .collect();
+        let pick = if tied.len() == 1 {
+            tied[0]
+        } else {
+            let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            let total: i64 = tied
+                .iter()
+                .map(|i| i64::from(self.deployments[*i].weight))
+                .sum();
+            let mut best = tied[0];
+            for &i in &tied {
+                current[i] = current[i].saturating_add(i64::from(self.deployments[i].weight));
+                if current[i] > current[best] {
+                    best = i;
+                }
+            }
+            current[best] = current[best].saturating_sub(total);
+            best
+        };
+        Choice::Go(pick, starts[pick].unwrap_or(now))
+    }
+
+    fn rejected(&self, kind: RejectKind) -> Rejected {
+        match &self.name {
+            Some(n) => Rejected::new("route", kind).with_name(n.clone()),
+            None => Rejected::new("route", kind),
+        }
+    }
+}
+
+fn into_box<E: Into<BoxError>>(e: E) -> BoxError {
+    e.into()
+}
+
+/// What the router does after an attempt of this class.
+fn fails_over(class: &Class) -> bool {
+    matches!(
+        class,
+        Class::Overloaded { .. }
+            | Class::Transient
+            | Class::Infrastructure
+            | Class::Throttled { .. }
+    )
+}
+
+/// The response future of [`Router`]: the attempt loop — choose, ready the
+/// chosen deployment's service, call it, fail over by class. Dropping it at
+/// any point drops the attempt in flight (a deployment's layers give back
+/// what it held); nothing else is held between attempts.
+#[pin_project]
+pub struct RouteFuture<S: Service<Req>, Req, C> {
+    inner: Arc<Inner<S>>,
+    req: Req,
+    cost: crate::pace::Cost,
+    classify: C,
+    tried: Vec<bool>,
+    attempts: u32,
+    /// The total deadline, if any (allocated only then).
+    deadline: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
+    svc: Option<(usize, S)>,
+    last: Option<Result<S::Response, BoxError>>,
+    /// `S::Error` into a [`BoxError`], made where `S::Error: Into<BoxError>`
+    /// is known: the future needs no such bound (rustc cannot prove it for
+    /// `S::Error = BoxError` inside a spawned async block).
+    boxed: fn(S::Error) -> BoxError,
+    #[pin]
+    call: Option<S::Future>,
+}
+
+impl<S: Service<Req>, Req, C> fmt::Debug for RouteFuture<S, Req, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteFuture")
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, C> Future for RouteFuture<S, Req, C>
+where
+    S: Service<Req> + Clone,
+    Req: Clone,
+    C: Classify<S::Response, BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            // The total deadline, while an attempt readies or runs.
+            if this.svc.is_some() || this.call.is_some() {
+                if let Some((_, sleep)) = this.deadline.as_mut() {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        this.call.set(None);
+                        *this.svc = None;
+                        return Poll::Ready(Err(this
+                            .inner
+                            .rejected(RejectKind::Timeout)
+                            .with_detail("the call's deadline passed".to_owned())
+                            .into()));
+                    }
+                }
+            }
+            if let Some(fut) = this.call.as_mut().as_pin_mut() {
+                let result = ready!(fut.poll(cx)).map_err(*this.boxed);
+                this.call.set(None);
+                let class = match &result {
+                    Ok(res) => this.classify.classify(Ok(res)),
+                    // A deployment's own refusal (its breaker, its budget):
+                    // another may take the call.
+                    Err(e) if Rejected::find(e.as_ref()).is_some() => Class::Transient,
+                    Err(e) => this.classify.classify(Err(e)),
+                };
+                if !fails_over(&class) || *this.attempts >= this.inner.max_attempts {
+                    return Poll::Ready(result);
+                }
+                *this.last = Some(result);
+                continue;
+            }
+            if let Some((_, svc)) = this.svc.as_mut() {
+                match svc.poll_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) => {
+                        let fut = svc.call(this.req.clone());
+                        *this.svc = None;
+                        this.call.set(Some(fut));
+                    }
+                    Poll::Ready(Err(e)) => {
+                        *this.svc = None;
+                        let e: BoxError = (this.boxed)(e);
+                        if *this.attempts >= this.inner.max_attempts {
+                            return Poll::Ready(Err(e));
+                        }
+                        *this.last = Some(Err(e));
+                    }
+                }
+                continue;
+            }
+            // Choose the next deployment.
+            let now = Instant::now();
+            let (i, start) = match this.inner.choose(this.cost, this.tried, now) {
+                Choice::Go(i, start) => (i, start),
+                Choice::None(reopens) => {
+                    // Every deployment open or refusing: the last answer,
+                    // else a refusal saying when one reopens.
+                    return Poll::Ready(match this.last.take() {
+                        Some(r) => r,
+                        None => {
+                            let mut r = this.inner.rejected(RejectKind::CircuitOpen);
+                            if let Some(ra) = reopens {
+                                r = r.with_retry_after(ra);
+                            }
+                            Err(r
+                                .with_detail("no deployment can take the call".to_owned())
+                                .into())
+                        }
+                    });
+                }
+            };
+            if let Some((dl, _)) = this.deadline.as_ref() {
+                if start > *dl {
+                    let name = &this.inner.deployments[i].name;
+                    return Poll::Ready(Err(this
+                        .inner
+                        .rejected(RejectKind::BudgetExceeded)
+                        .with_retry_after(start.saturating_duration_since(now))
+                        .with_detail(format!(
+                            "the soonest deployment ('{name}') starts after the deadline"
+                        ))
+                        .into()));
+                }
+            }
+            this.tried[i] = true;
+            *this.attempts += 1;
+            *this.svc = Some((i, this.inner.deployments[i].service.clone()));
+        }
+    }
+}
+
+impl<S, W, C, Req> Service<Req> for Router<S, W, C>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    Req: Clone,
+    W: Weigh<Req>,
+    C: Classify<S::Response, BoxError> + Clone,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = RouteFuture<S, Req, C>;
+
+    /// Always ready: each attempt readies the deployment it goes to.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let cost = self.weigh.weigh(&req);
+        let deadline = self.inner.deadline.map(|d| {
+            let at = crate::time::after(Instant::now(), d);
+            (at, Box::pin(tokio::time::sleep_until(at)))
+        });
+        RouteFuture {
+            tried: vec![false; self.inner.deployments.len()],
+            inner: self.inner.clone(),
+            req,
+            cost,
+            classify: self.classify.clone(),
+            attempts: 0,
+            deadline,
+            svc: None,
+            last: None,
+            call: None,
+            boxed: into_box::<S::Error>,
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The router over several deployments (tokio time, paused): the soonest
+//! start wins, failover by class, weights among ties, the total deadline.
+#![cfg(feature = "llm")]
+
+#[path = "support/account.rs"]
+mod account;
+
+use account::{Account, Counts, Shape};
+use bytes::Bytes;
+use semaforo::breaker::Breaker;
+use semaforo::classify::LlmClassifier;
+use semaforo::llm::{estimate_cost, observe_response};
+use semaforo::pace::{Cost, Limit, Observed, Pace};
+use semaforo::route::{Deployment, Router};
+use semaforo::{BoxError, RejectKind, Rejected};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt};
+
+type Client = BoxCloneSyncService<http::Request<Bytes>, http::Response<Bytes>, BoxError>;
+
+const SERVICE: Duration = Duration::from_secs(2);
+
+fn chat(max_tokens: u64) -> http::Request<Bytes> {
+    let body = format!(r#"{{"model":"m","max_tokens":{max_tokens},"messages":[]}}"#);
+    http::Request::post("/v1/chat/completions")
+        .body(Bytes::from(body))
+        .expect("a request")
+}
+
+fn weigh(req: &http::Request<Bytes>) -> Cost {
+    estimate_cost(req.body())
+}
+
+/// A deployment: its pacer (30,000 TPM, 5 % headroom; 500 RPM) in front of
+/// `client`, classified as an LLM answer.
+fn deployment<S>(name: &'static str, client: S, weight: u32) -> (Deployment<Client>, Pace)
+where
+    S: tower::Service<
+            http::Request<Bytes>,
+            Response = http::Response<Bytes>,
+            Error = std::io::Error,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let pace = Pace::builder()
+        .limit(Limit::tokens_per_minute(30_000).headroom(5))
+        .requests_per_minute(500)
+        .build()
+        .unwrap();
+    let paced = pace
+        .layer()
+        .weigh(weigh)
+        .observe(observe_response as fn(&http::Response<Bytes>) -> Observed)
+        .classify(LlmClassifier::new())
+        .layer(client);
+    let d = Deployment::new(name, BoxCloneSyncService::new(paced))
+        .pace(pace.clone())
+        .weight(weight);
+    (d, pace)
+}
+
+/// Seed 000 over two deployments of 30k TPM each: 50 × 2,000 tokens, every
+/// call answered, no 429, near the bound of the combined 60k TPM.
+#[tokio::test(start_paused = true)]
+async fn fifty_teachers_over_two_deployments_near_the_combined_bound() {
+    let accounts = [0, 1].map(|_| {
+        Account::new(
+            Shape::OpenAi,
+            &[
+                (Counts::Tokens, 30_000, 30_000),
+                (Counts::Requests, 500, 500),
+            ],
+            SERVICE,
+        )
+    });
+    let (a, _) = deployment("a", accounts[0].service(), 1);
+    let (b, _) = deployment("b", accounts[1].service(), 1);
+    let router = Router::builder()
+        .deployment(a)
+        .deployment(b)
+        .weigh(weigh)
+        .classify(LlmClassifier::new())
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    // Joined, not spawned: a spawned future of a layer over a service whose
+    // error already is a `BoxError` meets a rustc limitation ("implementation
+    // of `From` is not general enough"), whatever the layer.
+    let calls = (0..50).map(|_| {
+        let r = router.clone();
+        async move {
+            r.oneshot(chat(2_000))
+                .await
+                .map(|res| (res.status(), t0.elapsed()))
+        }
+    });
+    let mut makespan = Duration::ZERO;
+    for done in futures::future::join_all(calls).await {
+        let (status, at) = done.unwrap();
+        assert_eq!(status, 200);
+        makespan = makespan.max(at);
+    }
+    let throttled: usize = accounts.iter().map(Account::throttled).sum();
+    assert_eq!(throttled, 0, "no 429");
+    // 100,000 tokens; each deployment bursts 28,500 (5 % headroom), then
+    // 60,000 a minute together.
+    let bound = (100_000.0 - 2.0 * 28_500.0) / 60_000.0 * 60.0 + SERVICE.as_secs_f64();
+    let got = makespan.as_secs_f64();
+    println!("two deployments: makespan {got:.1} s, bound {bound:.1} s");
+    assert!(got <= 1.05 * bound, "{got} vs {bound}");
+    assert_eq!(accounts[0].accepted() + accounts[1].accepted(), 50);
+}
+
+/// A client answering `status` with `body` (and `retry-after`), counting calls.
+fn answering(
+    status: u16,
+    body: &'static str,
+    retry_after: Option<&'static str>,
+    calls: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    http::Request<Bytes>,
+    Response = http::Response<Bytes>,
+    Error = std::io::Error,
+    Future = impl Send + 'static,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    tower::service_fn(move |_req: http::Request<Bytes>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut res = http::Response::builder().status(status);
+            if let Some(ra) = retry_after {
+                res = res.header("retry-after", ra);
+            }
+            Ok::<_, std::io::Error>(res.body(Bytes::from_static(body.as_bytes())).unwrap())
+        }
+    })
+}
+
+const OK: &str = r#"{"usage":{"prompt_tokens":0,"completion_tokens":10,"total_tokens":10}}"#;
+
+/// A answers 429 with `retry-after: 30`; B can start now: the call goes to
+/// B at once, no 30 s wait. A `Permanent` answer is not retried anywhere.
+#[tokio::test(start_paused = true)]
+async fn a_429_fails_over_at_once_and_a_permanent_answer_is_returned() {
+    let (a_calls, b_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let limited = r#"{"error":{"type":"rate_limit_error","message":"slow down"}}"#;
+    let (a, _) = deployment(
+        "a",
+        answering(429, limited, Some("30"), a_calls.clone()),
+        10,
+    );
+    let (b, _) = deployment("b", answering(200, OK, None, b_calls.clone()), 1);
+    let router = Router::builder()
+        .deployment(a)
+        .deployment(b)
+        .weigh(weigh)
+        .classify(LlmClassifier::new())
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let res = router.clone().oneshot(chat(100)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        (
+            a_calls.load(Ordering::SeqCst),
+            b_calls.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
+    // Two attempts of 100 ms: no backoff, no 30 s wait.
+    assert_eq!(t0.elapsed(), Duration::from_millis(200));
+    // A is paused for 30 s: the next calls go to B without trying A.
+    router.clone().oneshot(chat(100)).await.unwrap();
+    assert_eq!(a_calls.load(Ordering::SeqCst), 1);
+
+    // An invalid key (401): returned as is, never tried elsewhere.
+    let (x_calls, y_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let bad_key = r#"{"error":{"type":"invalid_request_error","code":"invalid_api_key","message":"bad key"}}"#;
+    let (x, _) = deployment("x", answering(401, bad_key, None, x_calls.clone()), 10);
+    let (y, _) = deployment("y", answering(200, OK, None, y_calls.clone()), 1);
+    let router = Router::builder()
+        .deployment(x)
+        .deployment(y)
+        .weigh(weigh)
+        .classify(LlmClassifier::new())
+        .build()
+        .unwrap();
+    let res = router.oneshot(chat(100)).await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        (
+            x_calls.load(Ordering::SeqCst),
+            y_calls.load(Ordering::SeqCst)
+        ),
+        (1, 0)
+    );
+}
+
+/// A answers 529 to everything; its breaker trips after 3: the failures
+/// that reach A are those 3, each failed over to B, and every call succeeds.
+#[tokio::test(start_paused = true)]
+async fn an_overloaded_deployment_trips_its_breaker_and_calls_go_elsewhere() {
+    let (a_calls, b_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let overloaded =
+        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+    let breaker = Breaker::builder()
+        .consecutive_failures(3)
+        .open_for(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (a, pa) = deployment("a", answering(529, overloaded, None, a_calls.clone()), 100);
+    let a = Deployment::new(
+        "a",
+        BoxCloneSyncService::new(
+            breaker
+                .layer()
+                .classify(LlmClassifier::new())
+                .layer(a_service(a)),
+        ),
+    )
+    .breaker(breaker.clone())
+    .pace(pa)
+    .weight(100);
+    let (b, _) = deployment("b", answering(200, OK, None, b_calls.clone()), 1);
+    let router = Router::builder()
+        .deployment(a)
+        .deployment(b)
+        .weigh(weigh)
+        .classify(LlmClassifier::new())
+        .build()
+        .unwrap();
+    for _ in 0..20 {
+        let res = router.clone().oneshot(chat(100)).await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(a_calls.load(Ordering::SeqCst), 3, "the trip threshold");
+    assert_eq!(b_calls.load(Ordering::SeqCst), 20);
+}
+
+fn a_service(d: Deployment<Client>) -> Client {
+    d.service().clone()
+}
+
+/// Two healthy deployments weighted 3:1 with room on both: 75 % ± 5 % of
+/// 1,000 calls go to the first.
+#[tokio::test(start_paused = true)]
+async fn weights_share_the_calls_among_ties() {
+    let (a_calls, b_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, _) = deployment("a", answering(200, OK, None, a_calls.clone()), 3);
+    let (b, _) = deployment("b", answering(200, OK, None, b_calls.clone()), 1);
+    let router = Router::builder()
+        .deployment(a)
+        .deployment(b)
+        .weigh(|_: &http::Request<Bytes>| Cost::requests(0))
+        .classify(LlmClassifier::new())
+        .build()
+        .unwrap();
+    for _ in 0..1_000 {
+        router.clone().oneshot(chat(1)).await.unwrap();
+    }
+    let a = a_calls.load(Ordering::SeqCst);
+    assert!((700..=800).contains(&a), "{a} of 1,000");
+    assert_eq!(a + b_calls.load(Ordering::SeqCst), 1_000);
+}
+
+/// Both deployments' budgets spent for a minute, a deadline of 10 s: the
+/// call is refused at once with the exact wait; dropped while it waits in a
+/// line, it leaves nothing behind.
+#[tokio::test(start_paused = true)]
+async fn the_deadline_refuses_at_once_and_a_dropped_call_leaves_no_trace() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (a, pa) = deployment("a", answering(200, OK, None, calls.clone()), 1);
+    let (b, pb) = deployment("b", answering(200, OK, None, calls.clone()), 1);
+    // Each spent: 28,500 of 28,500 planned.
+    for p in [&pa, &pb] {
+        let spend = p
+            .layer()
+            .weigh(|n: &u64| Cost::tokens(*n))
+            .layer(tower::service_fn(|n: u64| async move {
+                Ok::<_, std::io::Error>(n)
+            }));
+        spend.oneshot(28_500).await.unwrap();
+    }
+    let router = Router::builder()
+        .deployment(a)
+        .deployment(b)
+        .weigh(weigh)
+        .classify(LlmClassifier::new())
+        .deadline(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let err = router.clone().oneshot(chat(15_000)).await.unwrap_err();
+    let r = Rejected::from_box(&err).unwrap();
+    assert_eq!(r.kind(), RejectKind::BudgetExceeded);
+    // 15,000 tokens refill in 30 s.
+    assert_eq!(r.retry_after(), Some(Duration::from_secs(30)));
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+    // Within the deadline, it waits in the soonest line; dropped there, it
+    // holds nothing.
+    let router = Router::builder()
+        .deployment(deployment("c", answering(200, OK, None, calls.clone()), 1).0)
+        .weigh(weigh)
+        .classify(LlmClassifier::new())
+        .build()
+        .unwrap();
+    let pc = router.deployments()[0].pacer().cloned().unwrap();
+    let spend = pc
+        .layer()
+        .weigh(|n: &u64| Cost::tokens(*n))
+        .layer(tower::service_fn(|n: u64| async move {
+            Ok::<_, std::io::Error>(n)
+        }));
+    spend.oneshot(28_500).await.unwrap();
+    let mut waiting = Box::pin(router.clone().oneshot(chat(1_000)));
+    assert!(futures::poll!(waiting.as_mut()).is_pending());
+    assert_eq!(pc.snapshot().waiting, 1);
+    drop(waiting);
+    assert_eq!(pc.snapshot().waiting, 0);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
