@@ -331,3 +331,164 @@ async fn the_deadline_refuses_at_once_and_a_dropped_call_leaves_no_trace() {
     assert_eq!(pc.snapshot().waiting, 0);
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
+
+/// A context-length 400 from the small model: exactly one more call, to
+/// the long-context group, and the caller gets its answer.
+#[tokio::test(start_paused = true)]
+async fn a_context_length_error_falls_back_once_to_the_long_context_group() {
+    use semaforo::classify::Permanent;
+    let (small_calls, long_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let too_long = r#"{"error":{"type":"invalid_request_error","code":"context_length_exceeded","message":"This model's maximum context length is 8192 tokens"}}"#;
+    let (small, _) = deployment(
+        "small",
+        answering(400, too_long, None, small_calls.clone()),
+        1,
+    );
+    let (long, _) = deployment("long", answering(200, OK, None, long_calls.clone()), 1);
+    let router = Router::builder()
+        .deployment(small)
+        .deployment(long.group("long-context"))
+        .fallback(Permanent::ContextLengthExceeded, "long-context")
+        .weigh(weigh)
+        .classify(LlmClassifier::new())
+        .build()
+        .unwrap();
+    let res = router.clone().oneshot(chat(100)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        (
+            small_calls.load(Ordering::SeqCst),
+            long_calls.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
+    // The long-context group is a fallback only: a call that succeeds on the
+    // small model never goes there. A group without deployments is an error.
+    assert!(Router::builder()
+        .deployment(deployment("x", answering(200, OK, None, Arc::default()), 1).0)
+        .fallback(Permanent::ContextLengthExceeded, "nowhere")
+        .build()
+        .is_err());
+}
+
+/// Both deployments answered 429 (`retry-after` 30 s and 5 s): the third
+/// attempt waits for the earlier of the two, not the later.
+#[tokio::test(start_paused = true)]
+async fn both_throttled_the_call_waits_for_the_earlier() {
+    let limited = r#"{"error":{"type":"rate_limit_error","message":"slow down"}}"#;
+    let (a_calls, b_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    // Each answers 429 once, then 200.
+    let once = |ra: &'static str, calls: Arc<AtomicUsize>| {
+        tower::service_fn(move |_req: http::Request<Bytes>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let res = if n == 0 {
+                    http::Response::builder()
+                        .status(429)
+                        .header("retry-after", ra)
+                        .body(Bytes::from_static(limited.as_bytes()))
+                } else {
+                    http::Response::builder().body(Bytes::from_static(OK.as_bytes()))
+                };
+                Ok::<_, std::io::Error>(res.unwrap())
+            }
+        })
+    };
+    let (a, _) = deployment("a", once("30", a_calls.clone()), 1);
+    let (b, _) = deployment("b", once("5", b_calls.clone()), 1);
+    let router = Router::builder()
+        .deployment(a)
+        .deployment(b)
+        .weigh(weigh)
+        .classify(LlmClassifier::new())
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let res = router.oneshot(chat(100)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        t0.elapsed(),
+        Duration::from_secs(5),
+        "the earlier of the two pauses"
+    );
+    assert_eq!(
+        (
+            a_calls.load(Ordering::SeqCst),
+            b_calls.load(Ordering::SeqCst)
+        ),
+        (1, 2)
+    );
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..proptest::prelude::ProptestConfig::default() })]
+
+    /// Over random deployments (budgets, breakers forced open between calls)
+    /// and calls: the router never sends to a deployment whose breaker is
+    /// open, and each deployment admits within its budget (rate·W + burst).
+    #[test]
+    fn never_to_an_open_breaker_and_each_within_its_budget(
+        tpms in proptest::collection::vec(2_000u64..20_000, 2..5),
+        calls in proptest::collection::vec((0u64..3_000, 1u64..2_000, proptest::collection::vec(proptest::bool::ANY, 5)), 1..40),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        rt.block_on(async move {
+            // What the router sent (and whether that breaker was open), and
+            // what each deployment's pacer admitted.
+            let sent: Arc<std::sync::Mutex<Vec<(usize, bool)>>> = Arc::default();
+            let log: Arc<std::sync::Mutex<Vec<(usize, Instant, u64)>>> = Arc::default();
+            let mut breakers = Vec::new();
+            let mut router = Router::builder();
+            for (i, tpm) in tpms.iter().enumerate() {
+                let pace = Pace::builder().tokens_per_minute(*tpm).build().unwrap();
+                let breaker = Breaker::builder().build().unwrap();
+                let admitted = log.clone();
+                let client = tower::service_fn(move |n: u64| {
+                    admitted.lock().unwrap().push((i, Instant::now(), n));
+                    async move { Ok::<_, std::io::Error>(n) }
+                });
+                let paced = pace.layer().weigh(|n: &u64| Cost::tokens(*n)).layer(client);
+                let guarded = breaker.layer().layer(paced);
+                // Outside the breaker: what the router sent, and whether the
+                // breaker was open then.
+                let (sent, b) = (sent.clone(), breaker.clone());
+                let seen = tower::service_fn(move |n: u64| {
+                    let open = b.snapshot().state == semaforo::observe::BreakerState::Open;
+                    sent.lock().unwrap().push((i, open));
+                    guarded.clone().oneshot(n)
+                });
+                router = router.deployment(
+                    Deployment::new(format!("d{i}"), BoxCloneSyncService::new(seen))
+                        .pace(pace)
+                        .breaker(breaker.clone()),
+                );
+                breakers.push(breaker);
+            }
+            let router = router.weigh(|n: &u64| Cost::tokens(*n)).max_attempts(2).build().unwrap();
+            let t0 = Instant::now();
+            for (at_ms, tokens, open) in calls {
+                tokio::time::sleep_until(t0 + Duration::from_millis(at_ms)).await;
+                for (b, o) in breakers.iter().zip(&open) {
+                    if *o { b.force_open() } else { b.reset() }
+                }
+                let _ = router.clone().oneshot(tokens).await;
+            }
+            let sent = sent.lock().unwrap().clone();
+            proptest::prop_assert!(sent.iter().all(|(_, open)| !open), "sent to an open breaker: {sent:?}");
+            let log = log.lock().unwrap().clone();
+            for (i, tpm) in tpms.iter().enumerate() {
+                let mine: Vec<_> = log.iter().filter(|(d, ..)| *d == i).collect();
+                let rate = *tpm as f64 / 60.0;
+                for a in 0..mine.len() {
+                    let mut sum = 0.0;
+                    for b in a..mine.len() {
+                        sum += mine[b].2 as f64;
+                        let w = (mine[b].1 - mine[a].1).as_secs_f64() + 1e-6;
+                        proptest::prop_assert!(sum <= rate * w + *tpm as f64 + 1e-6, "d{i}: {sum} in {w} s");
+                    }
+                }
+            }
+            Ok(())
+        })?;
+    }
+}

@@ -23,7 +23,11 @@
 //! call whose earliest start is beyond it is refused at once with the exact
 //! `retry_after`.
 //!
-//! Not yet: fallback groups by `Permanent` reason, hedging, streams' first
+//! A `Permanent` answer can move the call to another group of deployments
+//! once ([`RouterBuilder::fallback`]): a context-length error from a small
+//! model to a long-context group, a content-policy refusal to another.
+//!
+//! Not yet: hedging, streams' first
 //! chunk as the point of no return, routing events and metrics, the LLM
 //! preset.
 //!
@@ -59,6 +63,9 @@ mod service;
 pub use service::{RouteFuture, Router, RouterBuilder};
 
 use crate::breaker::Breaker;
+
+/// The group of a deployment that names none.
+pub const DEFAULT_GROUP: &str = "default";
 use crate::pace::Pace;
 use std::sync::Arc;
 
@@ -73,6 +80,7 @@ pub struct Deployment<S> {
     pub(crate) pace: Option<Pace>,
     pub(crate) breaker: Option<Breaker>,
     pub(crate) weight: u32,
+    pub(crate) group: Arc<str>,
 }
 
 impl<S> Deployment<S> {
@@ -85,7 +93,17 @@ impl<S> Deployment<S> {
             pace: None,
             breaker: None,
             weight: 1,
+            group: Arc::from(DEFAULT_GROUP),
         }
+    }
+
+    /// The group of deployments it belongs to (default `"default"`): calls
+    /// are routed within the router's first group, and move to another only
+    /// as a fallback ([`RouterBuilder::fallback`]) — a long-context model
+    /// behind a small one.
+    pub fn group(mut self, group: impl Into<Arc<str>>) -> Self {
+        self.group = group.into();
+        self
     }
 
     /// The pacer in front of this deployment's client (the same one its

@@ -30,6 +30,10 @@ pub struct Router<S, W = OneRequest, C = ErrorClassifier> {
 struct Inner<S> {
     name: Option<Arc<str>>,
     deployments: Vec<Deployment<S>>,
+    /// Where a call starts.
+    first_group: Arc<str>,
+    /// A `Permanent` reason → the group its call moves to (once).
+    fallbacks: Vec<(crate::classify::Permanent, Arc<str>)>,
     max_attempts: u32,
     deadline: Option<Duration>,
     /// Smooth weighted round robin among tied deployments (nginx's).
@@ -61,6 +65,8 @@ impl<S, W, C> fmt::Debug for Router<S, W, C> {
 pub struct RouterBuilder<S, W = OneRequest, C = ErrorClassifier> {
     name: Option<Arc<str>>,
     deployments: Vec<Deployment<S>>,
+    first_group: Option<Arc<str>>,
+    fallbacks: Vec<(crate::classify::Permanent, Arc<str>)>,
     max_attempts: u32,
     deadline: Option<Duration>,
     weigh: W,
@@ -83,6 +89,8 @@ impl<S> Router<S> {
         RouterBuilder {
             name: None,
             deployments: Vec::new(),
+            first_group: None,
+            fallbacks: Vec::new(),
             max_attempts: 3,
             deadline: None,
             weigh: OneRequest,
@@ -101,6 +109,25 @@ impl<S, W, C> RouterBuilder<S, W, C> {
     /// Adds a deployment.
     pub fn deployment(mut self, d: Deployment<S>) -> Self {
         self.deployments.push(d);
+        self
+    }
+
+    /// The group calls start in (default: the first deployment's).
+    pub fn group(mut self, group: impl Into<Arc<str>>) -> Self {
+        self.first_group = Some(group.into());
+        self
+    }
+
+    /// A `Permanent` answer of `reason` moves the call to the deployments
+    /// of `group`, once per call (e.g. `ContextLengthExceeded` → a
+    /// long-context group); any other `Permanent` answer is returned as
+    /// it is. The move is one more attempt, within `max_attempts`.
+    pub fn fallback(
+        mut self,
+        reason: crate::classify::Permanent,
+        group: impl Into<Arc<str>>,
+    ) -> Self {
+        self.fallbacks.push((reason, group.into()));
         self
     }
 
@@ -126,6 +153,8 @@ impl<S, W, C> RouterBuilder<S, W, C> {
         RouterBuilder {
             name: self.name,
             deployments: self.deployments,
+            first_group: self.first_group,
+            fallbacks: self.fallbacks,
             max_attempts: self.max_attempts,
             deadline: self.deadline,
             weigh,
@@ -138,6 +167,8 @@ impl<S, W, C> RouterBuilder<S, W, C> {
         RouterBuilder {
             name: self.name,
             deployments: self.deployments,
+            first_group: self.first_group,
+            fallbacks: self.fallbacks,
             max_attempts: self.max_attempts,
             deadline: self.deadline,
             weigh: self.weigh,
@@ -150,7 +181,8 @@ impl<S, W, C> RouterBuilder<S, W, C> {
     /// # Errors
     ///
     /// A [`ConfigError`] on `deployments` (none, or two of one name),
-    /// `weight` (0) or `max_attempts` (0).
+    /// `weight` (0), `max_attempts` (0), or `group` / `fallback` naming a
+    /// group without deployments.
     pub fn build(self) -> Result<Router<S, W, C>, ConfigError> {
         if self.deployments.is_empty() {
             return Err(ConfigError::new(
@@ -182,11 +214,26 @@ impl<S, W, C> RouterBuilder<S, W, C> {
                 ));
             }
         }
+        let first_group = self
+            .first_group
+            .unwrap_or_else(|| self.deployments[0].group.clone());
+        let known = |g: &str| self.deployments.iter().any(|d| &*d.group == g);
+        for g in std::iter::once(&first_group).chain(self.fallbacks.iter().map(|(_, g)| g)) {
+            if !known(g) {
+                return Err(ConfigError::new(
+                    "router",
+                    "group",
+                    format!("no deployment in group '{g}'"),
+                ));
+            }
+        }
         let n = self.deployments.len();
         Ok(Router {
             inner: Arc::new(Inner {
                 name: self.name,
                 deployments: self.deployments,
+                first_group,
+                fallbacks: self.fallbacks,
                 max_attempts: self.max_attempts,
                 deadline: self.deadline,
                 current: Mutex::new(vec![0; n]),
@@ -216,24 +263,33 @@ impl<S> Inner<S> {
     /// The deployment that could start `cost` soonest among those not
     /// `tried` (all of them once every one was tried), breakers open
     /// skipped; ties by smooth weighted round robin.
-    fn choose(&self, cost: &crate::pace::Cost, tried: &[bool], now: Instant) -> Choice {
-        let all_tried = tried.iter().all(|t| *t);
+    fn choose(
+        &self,
+        cost: &crate::pace::Cost,
+        tried: &[bool],
+        group: &str,
+        now: Instant,
+    ) -> Choice {
+        let in_group = |i: usize| &*self.deployments[i].group == group;
+        let all_tried = (0..tried.len()).filter(|i| in_group(*i)).all(|i| tried[i]);
         let mut starts: Vec<Option<Instant>> = Vec::with_capacity(self.deployments.len());
         let mut reopens: Option<Duration> = None;
         for (i, d) in self.deployments.iter().enumerate() {
-            if tried[i] && !all_tried {
+            if !in_group(i) || (tried[i] && !all_tried) {
                 starts.push(None);
                 continue;
             }
-            if let Some(b) = &d.breaker {
-                let s = b.snapshot();
-                if s.state == BreakerState::Open {
-                    if let Some(ra) = s.retry_after {
-                        reopens = Some(reopens.map_or(ra, |r| r.min(ra)));
-                    }
-                    starts.push(None);
-                    continue;
+            // One atomic load; the snapshot (a lock) only for an open one.
+            if let Some(b) = d
+                .breaker
+                .as_ref()
+                .filter(|b| b.state() == BreakerState::Open)
+            {
+                if let Some(ra) = b.snapshot().retry_after {
+                    reopens = Some(reopens.map_or(ra, |r| r.min(ra)));
                 }
+                starts.push(None);
+                continue;
             }
             starts.push(match &d.pace {
                 Some(p) => p.start_for(cost),
@@ -308,6 +364,9 @@ pub struct RouteFuture<S: Service<Req>, Req, C> {
     deadline: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
     svc: Option<(usize, S)>,
     last: Option<Result<S::Response, BoxError>>,
+    /// The group the call is routed in now, and the fallbacks it used.
+    group: Arc<str>,
+    fell_back: Vec<crate::classify::Permanent>,
     /// `S::Error` into a [`BoxError`], made where `S::Error: Into<BoxError>`
     /// is known: the future needs no such bound (rustc cannot prove it for
     /// `S::Error = BoxError` inside a spawned async block).
@@ -359,6 +418,22 @@ where
                     Err(e) if Rejected::find(e.as_ref()).is_some() => Class::Transient,
                     Err(e) => this.classify.classify(Err(e)),
                 };
+                if *this.attempts < this.inner.max_attempts {
+                    if let Class::Permanent { reason } = class {
+                        let to = this
+                            .inner
+                            .fallbacks
+                            .iter()
+                            .find(|(r, _)| *r == reason && !this.fell_back.contains(r));
+                        if let Some((r, group)) = to {
+                            this.fell_back.push(*r);
+                            *this.group = group.clone();
+                            this.tried.iter_mut().for_each(|t| *t = false);
+                            *this.last = Some(result);
+                            continue;
+                        }
+                    }
+                }
                 if !fails_over(&class) || *this.attempts >= this.inner.max_attempts {
                     return Poll::Ready(result);
                 }
@@ -386,7 +461,7 @@ where
             }
             // Choose the next deployment.
             let now = Instant::now();
-            let (i, start) = match this.inner.choose(this.cost, this.tried, now) {
+            let (i, start) = match this.inner.choose(this.cost, this.tried, this.group, now) {
                 Choice::Go(i, start) => (i, start),
                 Choice::None(reopens) => {
                     // Every deployment open or refusing: the last answer,
@@ -458,6 +533,8 @@ where
             deadline,
             svc: None,
             last: None,
+            group: self.inner.first_group.clone(),
+            fell_back: Vec::new(),
             call: None,
             boxed: into_box::<S::Error>,
         }
