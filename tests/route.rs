@@ -492,3 +492,170 @@ proptest::proptest! {
         })?;
     }
 }
+
+/// Hedging at A's tracked p90 after a 50-call warm-up: A answers in 1 s but
+/// one call in 20 takes 10 s; B always 1 s. The p99 is at least halved, at
+/// most 10 % more calls are sent; with B's pacer unable to start, no hedge.
+#[tokio::test(start_paused = true)]
+async fn hedging_halves_the_p99_within_ten_percent_more_calls() {
+    use semaforo::route::Hedge;
+    let run = |hedge: bool, b_spent: bool| async move {
+        let (a_calls, b_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let a_client = {
+            let calls = a_calls.clone();
+            tower::service_fn(move |_req: http::Request<Bytes>| {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let slow = n % 20 == 19;
+                    tokio::time::sleep(Duration::from_secs(if slow { 10 } else { 1 })).await;
+                    Ok::<_, std::io::Error>(http::Response::new(Bytes::from_static(OK.as_bytes())))
+                }
+            })
+        };
+        let b_client = {
+            let calls = b_calls.clone();
+            tower::service_fn(move |_req: http::Request<Bytes>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Ok::<_, std::io::Error>(http::Response::new(Bytes::from_static(OK.as_bytes())))
+                }
+            })
+        };
+        let (a, _) = deployment("a", a_client, 1_000);
+        let (b, _) = deployment("b", b_client, 1);
+        let b = if b_spent {
+            // One request a day, spent: B cannot start anything in the run.
+            let day = Pace::builder().requests_per_day(1).build().unwrap();
+            let spend = day.layer().layer(tower::service_fn(|n: u64| async move {
+                Ok::<_, std::io::Error>(n)
+            }));
+            spend.oneshot(1).await.unwrap();
+            b.pace(day)
+        } else {
+            b
+        };
+        let mut router = Router::builder()
+            .deployment(a)
+            .deployment(b)
+            .weigh(weigh)
+            .classify(LlmClassifier::new());
+        if hedge {
+            router = router.hedge(
+                Hedge::Percentile {
+                    quantile: 0.9,
+                    warm_up: 50,
+                },
+                0.1,
+            );
+        }
+        let router = router.build().unwrap();
+        let mut latencies = Vec::new();
+        for _ in 0..1_000 {
+            let t = Instant::now();
+            router.clone().oneshot(chat(1)).await.unwrap();
+            latencies.push(t.elapsed());
+        }
+        latencies.sort();
+        let p99 = latencies[989];
+        let sent = a_calls.load(Ordering::SeqCst) + b_calls.load(Ordering::SeqCst);
+        (p99, sent)
+    };
+    let (p99_plain, sent_plain) = run(false, false).await;
+    let (p99_hedged, sent_hedged) = run(true, false).await;
+    println!("p99 {p99_plain:?} → {p99_hedged:?}; calls sent {sent_plain} → {sent_hedged}");
+    assert!(
+        p99_hedged * 2 <= p99_plain,
+        "{p99_hedged:?} vs {p99_plain:?}"
+    );
+    assert!(sent_hedged <= 1_100, "{sent_hedged} calls for 1,000");
+    // B cannot start a hedge (its pacer spent for the day): none is sent,
+    // the p99 stays.
+    let (p99_blocked, sent_blocked) = run(true, true).await;
+    println!("b spent: p99 {p99_blocked:?}, calls sent {sent_blocked}");
+    assert_eq!((p99_blocked, sent_blocked), (p99_plain, 1_000));
+}
+
+/// A hedge that fails first does not end the call: A answers 200 after 2 s,
+/// the hedge to B (sent at 500 ms) answers 500 after 100 ms; the caller gets
+/// A's 200 at 2 s, two calls sent. With `Hedge::After(0)` and a 10 % cap,
+/// 1,000 calls send at most 100 hedges.
+#[tokio::test(start_paused = true)]
+async fn a_failed_hedge_waits_for_the_first_attempt_and_the_cap_holds() {
+    use semaforo::route::Hedge;
+    let slow_ok = |calls: Arc<AtomicUsize>| {
+        tower::service_fn(move |_req: http::Request<Bytes>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok::<_, std::io::Error>(http::Response::new(Bytes::from_static(OK.as_bytes())))
+            }
+        })
+    };
+    let (a_calls, b_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, _) = deployment("a", slow_ok(a_calls.clone()), 1_000);
+    let (b, _) = deployment("b", answering(500, "{}", None, b_calls.clone()), 1);
+    let router = Router::builder()
+        .deployment(a)
+        .deployment(b)
+        .weigh(weigh)
+        .classify(LlmClassifier::new())
+        .hedge(Hedge::After(Duration::from_millis(500)), 1.0)
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let res = router.clone().oneshot(chat(1)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(t.elapsed(), Duration::from_secs(2));
+    assert_eq!(
+        (
+            a_calls.load(Ordering::SeqCst),
+            b_calls.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
+
+    // The cap: every call late at once, at most 10 % hedged.
+    let (a_calls, b_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, _) = deployment("a", slow_ok(a_calls.clone()), 1_000);
+    let (b, _) = deployment("b", slow_ok(b_calls.clone()), 1);
+    let router = Router::builder()
+        .deployment(a)
+        .deployment(b)
+        .weigh(weigh)
+        .classify(LlmClassifier::new())
+        .hedge(Hedge::After(Duration::ZERO), 0.1)
+        .build()
+        .unwrap();
+    for _ in 0..200 {
+        router.clone().oneshot(chat(1)).await.unwrap();
+    }
+    let (a_n, b_n) = (
+        a_calls.load(Ordering::SeqCst),
+        b_calls.load(Ordering::SeqCst),
+    );
+    println!("cap: a {a_n}, b {b_n}");
+    assert_eq!(a_n + b_n, 220, "200 calls, 20 hedges (10 %)");
+
+    // Invalid hedges are refused by the builder.
+    for (when, share) in [
+        (Hedge::After(Duration::ZERO), 0.0),
+        (Hedge::After(Duration::ZERO), f64::NAN),
+        (Hedge::After(Duration::ZERO), 1.5),
+        (
+            Hedge::Percentile {
+                quantile: 1.5,
+                warm_up: 0,
+            },
+            0.1,
+        ),
+    ] {
+        let (a, _) = deployment("a", slow_ok(Arc::default()), 1);
+        let err = Router::builder()
+            .deployment(a)
+            .hedge(when, share)
+            .build()
+            .expect_err("refused");
+        assert!(err.to_string().contains("hedge"), "{err}");
+    }
+}

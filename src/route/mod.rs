@@ -27,7 +27,12 @@
 //! once ([`RouterBuilder::fallback`]): a context-length error from a small
 //! model to a long-context group, a content-policy refusal to another.
 //!
-//! Not yet: hedging, streams' first
+//! Hedging ([`RouterBuilder::hedge`]): a first attempt late past a fixed
+//! delay, or past its deployment's tracked percentile, gets a second
+//! attempt on another deployment that can start it now; the first answer
+//! wins, within a cap on the share of hedged calls.
+//!
+//! Not yet: streams' first
 //! chunk as the point of no return, routing events and metrics, the LLM
 //! preset.
 //!
@@ -60,7 +65,7 @@
 
 mod service;
 
-pub use service::{RouteFuture, Router, RouterBuilder};
+pub use service::{Hedge, RouteFuture, Router, RouterBuilder};
 
 use crate::breaker::Breaker;
 

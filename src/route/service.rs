@@ -9,8 +9,9 @@ use pin_project::pin_project;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -38,6 +39,63 @@ struct Inner<S> {
     deadline: Option<Duration>,
     /// Smooth weighted round robin among tied deployments (nginx's).
     current: Mutex<Vec<i64>>,
+    hedge: Option<Hedge>,
+    /// The largest share of calls hedged.
+    hedge_share: f64,
+    /// Calls, and hedges sent (for the hedge cap).
+    calls: AtomicU64,
+    hedged: AtomicU64,
+    /// Recent latencies of successful attempts, per deployment (for a
+    /// percentile hedge delay).
+    latencies: Vec<Mutex<Latencies>>,
+}
+
+/// When a second attempt is sent to another deployment while the first has
+/// not answered (see [`RouterBuilder::hedge`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Hedge {
+    /// After this long.
+    After(Duration),
+    /// After the deployment's latency at `quantile` (0 to 1) of its recent
+    /// successful calls, once it has `warm_up` of them (before: no hedge).
+    Percentile {
+        /// E.g. 0.9 for the p90.
+        quantile: f64,
+        /// Calls seen before hedging starts.
+        warm_up: u32,
+    },
+}
+
+/// The last latencies of a deployment (a ring of 256).
+#[derive(Debug, Default)]
+struct Latencies {
+    ring: Vec<Duration>,
+    next: usize,
+    seen: u64,
+}
+
+const LATENCIES: usize = 256;
+
+impl Latencies {
+    fn record(&mut self, d: Duration) {
+        if self.ring.len() < LATENCIES {
+            self.ring.push(d);
+        } else {
+            self.ring[self.next] = d;
+        }
+        self.next = (self.next + 1) % LATENCIES;
+        self.seen = self.seen.saturating_add(1);
+    }
+
+    fn quantile(&self, q: f64) -> Option<Duration> {
+        if self.ring.is_empty() {
+            return None;
+        }
+        let mut v = self.ring.clone();
+        v.sort_unstable();
+        let i = ((v.len() as f64 - 1.0) * q.clamp(0.0, 1.0)).round() as usize;
+        v.get(i).copied()
+    }
 }
 
 impl<S, W: Clone, C: Clone> Clone for Router<S, W, C> {
@@ -69,6 +127,7 @@ pub struct RouterBuilder<S, W = OneRequest, C = ErrorClassifier> {
     fallbacks: Vec<(crate::classify::Permanent, Arc<str>)>,
     max_attempts: u32,
     deadline: Option<Duration>,
+    hedge: Option<(Hedge, f64)>,
     weigh: W,
     classify: C,
 }
@@ -93,6 +152,7 @@ impl<S> Router<S> {
             fallbacks: Vec::new(),
             max_attempts: 3,
             deadline: None,
+            hedge: None,
             weigh: OneRequest,
             classify: ErrorClassifier,
         }
@@ -147,6 +207,36 @@ impl<S, W, C> RouterBuilder<S, W, C> {
         self
     }
 
+    /// Hedging: when the first attempt has not answered after `when`, a
+    /// second goes to another deployment of the group — only one whose
+    /// breaker is closed and whose pacer can start it **now** (a hedge never
+    /// waits, and never makes anyone wait) — and the first answer wins, the
+    /// other is dropped (its reservation stays charged: the upstream counted
+    /// it). A failed answer while the other attempt runs waits for that
+    /// one. At most `max_share` (in (0, 1]) of calls are hedged, and a hedge
+    /// counts as an attempt (within `max_attempts`). Only a first attempt is
+    /// hedged.
+    ///
+    /// Hedging as in Dean and Barroso, "The Tail at Scale" (CACM 2013):
+    /// hedged requests sent after the 95th-percentile latency cut the tail
+    /// for a few percent more calls.
+    ///
+    /// ```
+    /// # use semaforo::route::{Hedge, Router, Deployment};
+    /// # use std::time::Duration;
+    /// # fn f<S: Clone>(a: Deployment<S>, b: Deployment<S>) {
+    /// let router = Router::builder()
+    ///     .deployment(a)
+    ///     .deployment(b)
+    ///     .hedge(Hedge::Percentile { quantile: 0.95, warm_up: 20 }, 0.05)
+    ///     .build();
+    /// # }
+    /// ```
+    pub fn hedge(mut self, when: Hedge, max_share: f64) -> Self {
+        self.hedge = Some((when, max_share));
+        self
+    }
+
     /// The cost of a request, as the deployments' pacers weigh it (they
     /// are asked when a call of this cost could start).
     pub fn weigh<W2>(self, weigh: W2) -> RouterBuilder<S, W2, C> {
@@ -157,6 +247,7 @@ impl<S, W, C> RouterBuilder<S, W, C> {
             fallbacks: self.fallbacks,
             max_attempts: self.max_attempts,
             deadline: self.deadline,
+            hedge: self.hedge,
             weigh,
             classify: self.classify,
         }
@@ -171,6 +262,7 @@ impl<S, W, C> RouterBuilder<S, W, C> {
             fallbacks: self.fallbacks,
             max_attempts: self.max_attempts,
             deadline: self.deadline,
+            hedge: self.hedge,
             weigh: self.weigh,
             classify,
         }
@@ -181,8 +273,9 @@ impl<S, W, C> RouterBuilder<S, W, C> {
     /// # Errors
     ///
     /// A [`ConfigError`] on `deployments` (none, or two of one name),
-    /// `weight` (0), `max_attempts` (0), or `group` / `fallback` naming a
-    /// group without deployments.
+    /// `weight` (0), `max_attempts` (0), `group` / `fallback` naming a
+    /// group without deployments, or `hedge` (a `max_share` outside
+    /// (0, 1], a quantile outside [0, 1]).
     pub fn build(self) -> Result<Router<S, W, C>, ConfigError> {
         if self.deployments.is_empty() {
             return Err(ConfigError::new(
@@ -227,6 +320,24 @@ impl<S, W, C> RouterBuilder<S, W, C> {
                 ));
             }
         }
+        if let Some((when, share)) = self.hedge {
+            if !(share.is_finite() && share > 0.0 && share <= 1.0) {
+                return Err(ConfigError::new(
+                    "router",
+                    "hedge",
+                    format!("max_share must be in (0, 1], got {share}"),
+                ));
+            }
+            if let Hedge::Percentile { quantile, .. } = when {
+                if !(quantile.is_finite() && (0.0..=1.0).contains(&quantile)) {
+                    return Err(ConfigError::new(
+                        "router",
+                        "hedge",
+                        format!("quantile must be in [0, 1], got {quantile}"),
+                    ));
+                }
+            }
+        }
         let n = self.deployments.len();
         Ok(Router {
             inner: Arc::new(Inner {
@@ -234,6 +345,11 @@ impl<S, W, C> RouterBuilder<S, W, C> {
                 deployments: self.deployments,
                 first_group,
                 fallbacks: self.fallbacks,
+                hedge: self.hedge.map(|(h, _)| h),
+                hedge_share: self.hedge.map_or(0.0, |(_, share)| share),
+                calls: AtomicU64::new(0),
+                hedged: AtomicU64::new(0),
+                latencies: (0..n).map(|_| Mutex::new(Latencies::default())).collect(),
                 max_attempts: self.max_attempts,
                 deadline: self.deadline,
                 current: Mutex::new(vec![0; n]),
@@ -325,6 +441,32 @@ impl<S> Inner<S> {
         Choice::Go(pick, starts[pick].unwrap_or(now))
     }
 
+    /// When the call to deployment `i` started at `at` should be hedged.
+    fn hedge_at(&self, i: usize, at: Instant) -> Option<Instant> {
+        let delay = match self.hedge? {
+            Hedge::After(d) => d,
+            Hedge::Percentile { quantile, warm_up } => {
+                let l = self.latencies[i].lock().unwrap_or_else(|e| e.into_inner());
+                if l.seen < u64::from(warm_up) {
+                    return None;
+                }
+                l.quantile(quantile)?
+            }
+        };
+        Some(crate::time::after(at, delay))
+    }
+
+    /// Takes a place among the hedged calls, within the cap.
+    fn may_hedge(&self) -> bool {
+        let calls = self.calls.load(Ordering::Relaxed) as f64;
+        let hedged = self.hedged.load(Ordering::Relaxed) as f64;
+        if hedged + 1.0 > self.hedge_share * calls {
+            return false;
+        }
+        self.hedged.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     fn rejected(&self, kind: RejectKind) -> Rejected {
         match &self.name {
             Some(n) => Rejected::new("route", kind).with_name(n.clone()),
@@ -371,8 +513,16 @@ pub struct RouteFuture<S: Service<Req>, Req, C> {
     /// is known: the future needs no such bound (rustc cannot prove it for
     /// `S::Error = BoxError` inside a spawned async block).
     boxed: fn(S::Error) -> BoxError,
+    /// The deployment of the call in flight, and when it was sent.
+    current: (usize, Instant),
+    /// When to hedge the call in flight.
+    hedge_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The deployment of the hedge in flight, and when it was sent.
+    hedging: (usize, Instant),
     #[pin]
     call: Option<S::Future>,
+    #[pin]
+    hedge: Option<S::Future>,
 }
 
 impl<S: Service<Req>, Req, C> fmt::Debug for RouteFuture<S, Req, C> {
@@ -395,10 +545,11 @@ where
         let mut this = self.project();
         loop {
             // The total deadline, while an attempt readies or runs.
-            if this.svc.is_some() || this.call.is_some() {
+            if this.svc.is_some() || this.call.is_some() || this.hedge.is_some() {
                 if let Some((_, sleep)) = this.deadline.as_mut() {
                     if sleep.as_mut().poll(cx).is_ready() {
                         this.call.set(None);
+                        this.hedge.set(None);
                         *this.svc = None;
                         return Poll::Ready(Err(this
                             .inner
@@ -408,9 +559,62 @@ where
                     }
                 }
             }
-            if let Some(fut) = this.call.as_mut().as_pin_mut() {
-                let result = ready!(fut.poll(cx)).map_err(*this.boxed);
-                this.call.set(None);
+            if this.call.is_some() || this.hedge.is_some() {
+                let mut finished = None;
+                if let Some(h) = this.hedge.as_mut().as_pin_mut() {
+                    if let Poll::Ready(r) = h.poll(cx) {
+                        finished = Some((r, *this.hedging, true));
+                    }
+                }
+                if finished.is_none() {
+                    if let Some(fut) = this.call.as_mut().as_pin_mut() {
+                        if let Poll::Ready(r) = fut.poll(cx) {
+                            finished = Some((r, *this.current, false));
+                        }
+                    }
+                }
+                // Hedge: the first attempt is late (its answer not in yet),
+                // another deployment can start now.
+                if finished.is_none() && this.hedge.is_none() && this.call.is_some() {
+                    let late = this
+                        .hedge_timer
+                        .as_mut()
+                        .is_some_and(|t| t.as_mut().poll(cx).is_ready());
+                    if late {
+                        *this.hedge_timer = None;
+                        let mut others = this.tried.clone();
+                        others[this.current.0] = true;
+                        let now = Instant::now();
+                        if let Choice::Go(i, start) =
+                            this.inner.choose(this.cost, &others, this.group, now)
+                        {
+                            if i != this.current.0
+                                && start <= now
+                                && *this.attempts < this.inner.max_attempts
+                                && this.inner.may_hedge()
+                            {
+                                let mut svc = this.inner.deployments[i].service.clone();
+                                if let Poll::Ready(Ok(())) = svc.poll_ready(cx) {
+                                    this.tried[i] = true;
+                                    *this.attempts += 1;
+                                    *this.hedging = (i, now);
+                                    this.hedge.set(Some(svc.call(this.req.clone())));
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                }
+                let Some((result, (from, sent), was_hedge)) = finished else {
+                    return Poll::Pending;
+                };
+                if was_hedge {
+                    this.hedge.set(None);
+                } else {
+                    this.call.set(None);
+                }
+                *this.hedge_timer = None;
+                let result = result.map_err(*this.boxed);
                 let class = match &result {
                     Ok(res) => this.classify.classify(Ok(res)),
                     // A deployment's own refusal (its breaker, its budget):
@@ -418,6 +622,27 @@ where
                     Err(e) if Rejected::find(e.as_ref()).is_some() => Class::Transient,
                     Err(e) => this.classify.classify(Err(e)),
                 };
+                if matches!(class, Class::Success) {
+                    let took = Instant::now().saturating_duration_since(sent);
+                    this.inner.latencies[from]
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .record(took);
+                }
+                let in_flight = this.call.is_some() || this.hedge.is_some();
+                if in_flight {
+                    if matches!(class, Class::Success) {
+                        // The first good answer wins; the other attempt is
+                        // dropped (its reservation stays charged).
+                        this.call.set(None);
+                        this.hedge.set(None);
+                        return Poll::Ready(result);
+                    }
+                    // A failed answer while the other attempt still runs:
+                    // wait for that one.
+                    *this.last = Some(result);
+                    continue;
+                }
                 if *this.attempts < this.inner.max_attempts {
                     if let Class::Permanent { reason } = class {
                         let to = this
@@ -441,11 +666,22 @@ where
                 continue;
             }
             if let Some((_, svc)) = this.svc.as_mut() {
-                match svc.poll_ready(cx) {
+                let ready = svc.poll_ready(cx);
+                match ready {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(())) => {
                         let fut = svc.call(this.req.clone());
+                        let i = this.svc.as_ref().map_or(0, |(i, _)| *i);
                         *this.svc = None;
+                        let now = Instant::now();
+                        *this.current = (i, now);
+                        // Only a first attempt is hedged.
+                        if *this.attempts == 1 {
+                            *this.hedge_timer = this
+                                .inner
+                                .hedge_at(i, now)
+                                .map(|at| Box::pin(tokio::time::sleep_until(at)));
+                        }
                         this.call.set(Some(fut));
                     }
                     Poll::Ready(Err(e)) => {
@@ -519,6 +755,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let cost = self.weigh.weigh(&req);
+        self.inner.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = self.inner.deadline.map(|d| {
             let at = crate::time::after(Instant::now(), d);
             (at, Box::pin(tokio::time::sleep_until(at)))
@@ -535,7 +772,11 @@ where
             last: None,
             group: self.inner.first_group.clone(),
             fell_back: Vec::new(),
+            current: (0, Instant::now()),
+            hedge_timer: None,
+            hedging: (0, Instant::now()),
             call: None,
+            hedge: None,
             boxed: into_box::<S::Error>,
         }
     }
