@@ -333,3 +333,43 @@ async fn start_for_peeks_without_reserving() {
         Some(t0 + Duration::from_secs(20))
     );
 }
+
+/// Found by the proptest above: a key that spent on the overflow pacer and
+/// then got a pacer of its own stays within its budget, measured from the
+/// calls' real starts.
+#[tokio::test(start_paused = true)]
+async fn a_key_moved_off_the_overflow_pacer_keeps_its_budget() {
+    let models = KeyedPace::builder(tpm(3_000))
+        .max_keys(3)
+        .shared(tpm(3_987))
+        .build()
+        .unwrap();
+    let log: Log = Arc::default();
+    let svc = stack(&models, &log);
+    let calls = [
+        (2, 2_279, 1_568),
+        (1, 2_279, 1_954),
+        (3, 8_561, 13),
+        (0, 8_561, 2_363),
+        (0, 8_805, 1),
+        (0, 9_805, 2_573),
+    ];
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for (k, at, tokens) in calls {
+        tokio::time::sleep_until(t0 + Duration::from_millis(at)).await;
+        tasks.push(tokio::spawn(svc.clone().oneshot((format!("m{k}"), tokens))));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    for (m, at, n) in &log {
+        println!("{m} {:?} {n}", *at - t0);
+    }
+    for k in 0..4 {
+        let key = format!("m{k}");
+        within(&log, |m| m == key, 3_000, 3_000).unwrap();
+    }
+    within(&log, |_| true, 3_987, 3_987).unwrap();
+}

@@ -316,7 +316,7 @@ async fn the_deadline_refuses_at_once_and_a_dropped_call_leaves_no_trace() {
         .classify(LlmClassifier::new())
         .build()
         .unwrap();
-    let pc = router.deployments()[0].pacer().cloned().unwrap();
+    let pc = router.deployments()[0].pacer().unwrap().overflow().clone();
     let spend = pc
         .layer()
         .weigh(|n: &u64| Cost::tokens(*n))

@@ -378,6 +378,20 @@ impl BodyFailure {
     }
 }
 
+/// A streamed answer that failed after its `200`: an SSE `event: error`, or a
+/// `data:` payload whose JSON has a top-level `error` (the form
+/// OpenAI-compatible servers such as vLLM and SGLang send), classified by
+/// the LLM classifier's `classify_error_body` (the body error of the LLM
+/// preset's streams, feature `llm`; [`classify_error`] answers its class).
+#[derive(Debug, thiserror::Error)]
+#[error("the stream failed mid-way ({class}): {data}", class = .class.as_str())]
+pub struct StreamFailed {
+    /// The error event's class.
+    pub class: Class,
+    /// Its data (at most the first 4 KiB, lossily decoded).
+    pub data: String,
+}
+
 /// Classifies an error by walking its `source()` chain.
 ///
 /// - [`RetryAfterTooLong`](crate::error::RetryAfterTooLong) → `Throttled` with its wait.
@@ -390,6 +404,7 @@ impl BodyFailure {
 ///   `RetryBudgetExhausted` → `Permanent` (trying again now cannot help).
 /// - an [`std::io::Error`] → see [`classify_io_error`].
 /// - a tokio [`Elapsed`](tokio::time::error::Elapsed) → `Transient`.
+/// - a [`StreamFailed`] → its class.
 /// - anything else: `Transient` (unknown failures are retried, within the retry budget).
 pub fn classify_error(err: &(dyn StdError + 'static)) -> Class {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
@@ -408,6 +423,9 @@ pub fn classify_error(err: &(dyn StdError + 'static)) -> Class {
         }
         if e.is::<tokio::time::error::Elapsed>() {
             return Class::Transient;
+        }
+        if let Some(f) = e.downcast_ref::<StreamFailed>() {
+            return f.class;
         }
         cur = e.source();
     }

@@ -94,6 +94,7 @@ mod model;
 mod price;
 mod profile;
 mod prompt;
+mod router;
 mod service;
 mod sse;
 #[cfg(feature = "tiktoken")]
@@ -107,6 +108,10 @@ pub use model::ModelField;
 pub use price::{Price, PriceTable, DEFAULT_PRICES_DATE};
 pub use profile::Profile;
 pub use prompt::{CharsPerToken, Prompt, TokenEstimator};
+pub use router::{
+    LlmDeployment, LlmDeploymentFuture, LlmDeploymentService, LlmRouter, LlmRouterBody,
+    LlmRouterBuilder, LlmStreamRouter,
+};
 pub use service::{
     observe_headers, observe_response, Estimate, LlmFuture, LlmLayer, LlmService, LlmStreamBody,
     LlmStreamFuture, LlmStreamLayer, LlmStreamService, ObserveHeaders, PricedUsage,

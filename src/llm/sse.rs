@@ -27,7 +27,8 @@
 
 use super::cost::Payload;
 use super::prompt::Asked;
-use crate::classify::{BodyFailure, Class, LlmClassifier};
+pub use crate::classify::StreamFailed;
+use crate::classify::{BodyFailure, LlmClassifier};
 use crate::error::BoxError;
 use crate::guard::{Flow, StreamEnd, Tap, Tapped};
 use crate::pace::UsageCell;
@@ -278,19 +279,6 @@ impl SseParser {
         self.data.clear();
         self.event.clear();
     }
-}
-
-/// A streamed answer that failed after its `200`: an SSE `event: error`, or a
-/// `data:` payload whose JSON has a top-level `error` (the form
-/// OpenAI-compatible servers such as vLLM and SGLang send), classified by
-/// [`LlmClassifier::classify_error_body`].
-#[derive(Debug, thiserror::Error)]
-#[error("the stream failed mid-way ({class}): {data}", class = .class.as_str())]
-pub struct StreamFailed {
-    /// The error event's class.
-    pub class: Class,
-    /// Its data (at most the first 4 KiB, lossily decoded).
-    pub data: String,
 }
 
 /// How much of an error event's data [`StreamFailed`] keeps.

@@ -39,6 +39,8 @@
 //! | `semaforo_pace_pauses_total` | counter | `reason` | pacer paused by the upstream |
 //! | `semaforo_shutdown_phase` | gauge | | 0 serving, 1 draining, 2 drained |
 //! | `semaforo_call_seconds` | histogram | `class` (`success`, `throttled`, …) | latency of each call the breaker classified |
+//! | `semaforo_routed_total` | counter | `deployment`, `why` (`first`, `failed_over`, `fell_back`, `hedge`) | every attempt a router sends |
+//! | `semaforo_hedges_settled_total` | counter | `outcome` (`hedge_won`, `hedge_lost`) | hedged calls answered |
 //!
 //! Levels — in flight, queue depth, breaker state, pace capacity, quota keys —
 //! are sampled rather than counted per call: register the layers with a
@@ -138,6 +140,65 @@ pub enum EventKind {
         /// Which one.
         phase: ShutdownPhase,
     },
+    /// A router sent an attempt to a deployment.
+    Routed {
+        /// The deployment's name.
+        deployment: Arc<str>,
+        /// The attempt (1 = the first; a hedge counts as one).
+        attempt: u32,
+        /// Why this attempt.
+        why: RouteReason,
+    },
+    /// A hedged call got its answer, from the hedge or from the attempt it
+    /// hedged; the other attempt was dropped.
+    HedgeSettled {
+        /// The deployment that answered.
+        winner: Arc<str>,
+        /// Whether the hedge answered first.
+        hedge_won: bool,
+    },
+}
+
+/// Why a router sent an attempt where it did (in [`EventKind::Routed`]).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum RouteReason {
+    /// A call's first attempt: to the deployment that could start it
+    /// soonest.
+    First,
+    /// The previous attempt failed with a class that fails over.
+    FailedOver {
+        /// The deployment that failed.
+        from: Arc<str>,
+        /// How.
+        class: Class,
+    },
+    /// The previous attempt answered a `Permanent` reason with a fallback
+    /// group.
+    FellBack {
+        /// The deployment that answered.
+        from: Arc<str>,
+        /// The reason.
+        reason: crate::classify::Permanent,
+    },
+    /// A hedge of a late attempt.
+    Hedge {
+        /// The deployment of the late attempt.
+        from: Arc<str>,
+    },
+}
+
+impl RouteReason {
+    /// A stable snake-case label: `first`, `failed_over`, `fell_back`,
+    /// `hedge`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RouteReason::First => "first",
+            RouteReason::FailedOver { .. } => "failed_over",
+            RouteReason::FellBack { .. } => "fell_back",
+            RouteReason::Hedge { .. } => "hedge",
+        }
+    }
 }
 
 /// The breaker's state.
@@ -238,7 +299,7 @@ pub enum ShutdownPhase {
 #[non_exhaustive]
 pub struct Event<'a> {
     /// The layer: `"bulkhead"`, `"quota"`, `"pace"`, `"retry"`, `"breaker"`,
-    /// `"timeout"`, `"shutdown"`.
+    /// `"timeout"`, `"shutdown"`, `"route"`.
     pub layer: &'static str,
     /// The instance's name, if it was given one.
     pub name: Option<&'a str>,
@@ -407,6 +468,52 @@ fn trace(e: &Event<'_>) {
         EventKind::Shutdown { phase } => {
             tracing::info!(target: "semaforo", layer, name, phase = ?phase, "shutdown")
         }
+        EventKind::Routed {
+            deployment,
+            attempt,
+            why,
+        } => match why {
+            RouteReason::First => {
+                tracing::trace!(target: "semaforo", layer, name, deployment = &**deployment, attempt, "routed")
+            }
+            RouteReason::FailedOver { from, class } => tracing::info!(
+                target: "semaforo",
+                layer,
+                name,
+                deployment = &**deployment,
+                attempt,
+                from = &**from,
+                class = class.as_str(),
+                "failed over"
+            ),
+            RouteReason::FellBack { from, reason } => tracing::info!(
+                target: "semaforo",
+                layer,
+                name,
+                deployment = &**deployment,
+                attempt,
+                from = &**from,
+                reason = reason.as_str(),
+                "fell back"
+            ),
+            RouteReason::Hedge { from } => tracing::debug!(
+                target: "semaforo",
+                layer,
+                name,
+                deployment = &**deployment,
+                attempt,
+                from = &**from,
+                "hedged"
+            ),
+        },
+        EventKind::HedgeSettled { winner, hedge_won } => tracing::debug!(
+            target: "semaforo",
+            layer,
+            name,
+            winner = &**winner,
+            hedge_won,
+            "hedge settled"
+        ),
     }
 }
 
@@ -461,6 +568,23 @@ mod metrics_out {
                 };
                 metrics::gauge!("semaforo_shutdown_phase", "layer" => layer, "name" => name).set(v)
             }
+            EventKind::Routed {
+                deployment, why, ..
+            } => metrics::counter!(
+                "semaforo_routed_total",
+                "layer" => layer,
+                "name" => name,
+                "deployment" => deployment.to_string(),
+                "why" => why.as_str()
+            )
+            .increment(1),
+            EventKind::HedgeSettled { hedge_won, .. } => metrics::counter!(
+                "semaforo_hedges_settled_total",
+                "layer" => layer,
+                "name" => name,
+                "outcome" => if *hedge_won { "hedge_won" } else { "hedge_lost" }
+            )
+            .increment(1),
         }
     }
 }

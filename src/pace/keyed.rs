@@ -376,6 +376,19 @@ impl KeyedPace {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             return self.inner.overflow.clone();
         }
+        // Calls that went to the overflow pacer for want of a place still
+        // wait in its line: this key may be among them. A pacer of its own
+        // now would count their tokens as spent now, while they start
+        // later — its next calls could start early, measured from those
+        // starts. It stays on the overflow pacer until that line is empty.
+        if self
+            .inner
+            .overflowed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && self.inner.overflow.shared.lock().line_len() > 0
+        {
+            return self.inner.overflow.clone();
+        }
         if let Some(cost) = cost {
             let never = |p: &Pace| p.shared.lock().never_fits(cost).is_some();
             // Refused by a budget of the shared cells now.
@@ -422,6 +435,26 @@ impl KeyedPace {
         }
         built.insert(key.to_owned(), pace.clone());
         pace
+    }
+
+    /// When a call of `cost` under `key` could start, reserving nothing and
+    /// building no pacer ([`Pace::start_for`] on the key's pacer, with the
+    /// shared limits): a key without a pacer yet is asked of the shared
+    /// limits alone (its own would be full), no key of the overflow pacer.
+    /// `None` when the call would be refused.
+    pub fn start_for(&self, key: Option<&str>, cost: &super::Cost) -> Option<tokio::time::Instant> {
+        if self.inner.template.is_none() {
+            return self.inner.overflow.start_for(cost);
+        }
+        let key = key.filter(|k| k.len() <= MAX_KEY_LEN);
+        match key.and_then(|k| self.peek(k)) {
+            Some(p) => p.start_for(cost),
+            None if key.is_some() => match &self.inner.shared {
+                Some(s) => s.start_for(cost),
+                None => Some(tokio::time::Instant::now()),
+            },
+            None => self.inner.overflow.start_for(cost),
+        }
     }
 
     /// The overflow pacer: requests without a key, and keys past

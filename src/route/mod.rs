@@ -4,8 +4,8 @@
 //!
 //! Every deployment is a service of its own (usually
 //! `breaker → pace → attempt timeout` around its own client, built by you)
-//! and tells the router, through its [`Pace`] and its [`Breaker`], when a
-//! call of this cost could start there ([`Pace::start_for`], reserving
+//! and tells the router, through its [`Pace`](crate::pace::Pace) and its [`Breaker`], when a
+//! call of this cost could start there ([`Pace::start_for`](crate::pace::Pace::start_for), reserving
 //! nothing) and whether it is open. For each attempt the router asks every
 //! deployment whose breaker is not open, sends to the soonest (ties: smooth
 //! weighted round robin, so 3:1 weights get 3 calls of 4), and only that
@@ -32,9 +32,19 @@
 //! attempt on another deployment that can start it now; the first answer
 //! wins, within a cap on the share of hedged calls.
 //!
-//! Not yet: streams' first
-//! chunk as the point of no return, routing events and metrics, the LLM
-//! preset.
+//! Streams: with [`FirstChunkLayer`] outermost in a deployment (feature
+//! `http`), its answer is held until the body's first chunk, so a stream
+//! that fails before any byte reached the caller (an error event first, a
+//! connection cut) fails over like any other attempt; once the caller has
+//! the response, an error reaches the caller and is never retried.
+//!
+//! Observability: [`RouterBuilder::on_event`] (an
+//! [`EventKind::Routed`](crate::observe::EventKind::Routed) per attempt:
+//! which deployment, why; `HedgeSettled`; refusals), the metrics
+//! `semaforo_routed_total{deployment, why}` and
+//! `semaforo_hedges_settled_total{outcome}` (feature `metrics`), and every
+//! deployment's breaker and pacer in a health report
+//! ([`Router::register_health`]).
 //!
 //! ```
 //! use semaforo::pace::{Cost, Pace};
@@ -63,26 +73,32 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "http")]
+mod first_chunk;
 mod service;
 
+#[cfg(feature = "http")]
+pub use first_chunk::{FirstChunk, FirstChunkBody, FirstChunkFuture, FirstChunkLayer};
 pub use service::{Hedge, RouteFuture, Router, RouterBuilder};
 
 use crate::breaker::Breaker;
 
 /// The group of a deployment that names none.
 pub const DEFAULT_GROUP: &str = "default";
-use crate::pace::Pace;
+use crate::pace::KeyedPace;
 use std::sync::Arc;
 
 /// One deployment of a [`Router`]: a name (in errors), its service, and what
-/// the router reads to choose — its [`Pace`] (when a call could start) and
+/// the router reads to choose — its [`Pace`](crate::pace::Pace) (when a call could start) and
 /// its [`Breaker`] (whether it is open). A deployment without a pacer can
 /// always start now; one without a breaker is never open.
 #[derive(Debug, Clone)]
 pub struct Deployment<S> {
     pub(crate) name: Arc<str>,
     pub(crate) service: S,
-    pub(crate) pace: Option<Pace>,
+    pub(crate) pace: Option<KeyedPace>,
+    /// The key this deployment paces every call under (else the request's).
+    pub(crate) key: Option<Arc<str>>,
     pub(crate) breaker: Option<Breaker>,
     pub(crate) weight: u32,
     pub(crate) group: Arc<str>,
@@ -96,6 +112,7 @@ impl<S> Deployment<S> {
             name: name.into(),
             service,
             pace: None,
+            key: None,
             breaker: None,
             weight: 1,
             group: Arc::from(DEFAULT_GROUP),
@@ -112,9 +129,21 @@ impl<S> Deployment<S> {
     }
 
     /// The pacer in front of this deployment's client (the same one its
-    /// service uses): the router asks it when a call could start.
-    pub fn pace(mut self, pace: Pace) -> Self {
-        self.pace = Some(pace);
+    /// service uses): the router asks it when a call could start. A
+    /// [`KeyedPace`] (one pacer per model, under an account's shared
+    /// limits) is asked under the request's key
+    /// ([`RouterBuilder::key`](crate::route::RouterBuilder::key)) or this
+    /// deployment's own ([`key`](Self::key)); a [`Pace`](crate::pace::Pace) converts.
+    pub fn pace(mut self, pace: impl Into<KeyedPace>) -> Self {
+        self.pace = Some(pace.into());
+        self
+    }
+
+    /// The key this deployment's pacer charges every call to, whatever the
+    /// request's — e.g. the model an Azure deployment serves when the
+    /// request names another.
+    pub fn key(mut self, key: impl Into<Arc<str>>) -> Self {
+        self.key = Some(key.into());
         self
     }
 
@@ -144,7 +173,7 @@ impl<S> Deployment<S> {
     }
 
     /// The pacer the router asks, if given.
-    pub fn pacer(&self) -> Option<&Pace> {
+    pub fn pacer(&self) -> Option<&KeyedPace> {
         self.pace.as_ref()
     }
 }

@@ -3,8 +3,8 @@
 use super::Deployment;
 use crate::classify::{Class, Classify, ErrorClassifier};
 use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
-use crate::observe::BreakerState;
-use crate::pace::{OneRequest, Weigh};
+use crate::observe::{BreakerState, Event, EventKind, ListenerSlot, Observer, RouteReason};
+use crate::pace::{NoKey, OneRequest, PaceKey, Weigh};
 use pin_project::pin_project;
 use std::fmt;
 use std::future::Future;
@@ -22,14 +22,16 @@ const TIE: Duration = Duration::from_millis(1);
 /// Routes each call to the deployment that could start it soonest; see the
 /// [module docs](super). Cheap to clone; clones share the deployments and
 /// the weighted round robin.
-pub struct Router<S, W = OneRequest, C = ErrorClassifier> {
+pub struct Router<S, W = OneRequest, C = ErrorClassifier, K = NoKey> {
     inner: Arc<Inner<S>>,
     weigh: W,
     classify: C,
+    key: K,
 }
 
 struct Inner<S> {
     name: Option<Arc<str>>,
+    observer: Observer,
     deployments: Vec<Deployment<S>>,
     /// Where a call starts.
     first_group: Arc<str>,
@@ -98,17 +100,18 @@ impl Latencies {
     }
 }
 
-impl<S, W: Clone, C: Clone> Clone for Router<S, W, C> {
+impl<S, W: Clone, C: Clone, K: Clone> Clone for Router<S, W, C, K> {
     fn clone(&self) -> Self {
         Router {
             inner: self.inner.clone(),
             weigh: self.weigh.clone(),
             classify: self.classify.clone(),
+            key: self.key.clone(),
         }
     }
 }
 
-impl<S, W, C> fmt::Debug for Router<S, W, C> {
+impl<S, W, C, K> fmt::Debug for Router<S, W, C, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.inner.deployments.iter().map(|d| d.name()).collect();
         f.debug_struct("Router")
@@ -120,7 +123,7 @@ impl<S, W, C> fmt::Debug for Router<S, W, C> {
 
 /// Builder for [`Router`]; [`build`](Self::build) validates it.
 #[must_use = "call .build() to get a Router"]
-pub struct RouterBuilder<S, W = OneRequest, C = ErrorClassifier> {
+pub struct RouterBuilder<S, W = OneRequest, C = ErrorClassifier, K = NoKey> {
     name: Option<Arc<str>>,
     deployments: Vec<Deployment<S>>,
     first_group: Option<Arc<str>>,
@@ -128,11 +131,13 @@ pub struct RouterBuilder<S, W = OneRequest, C = ErrorClassifier> {
     max_attempts: u32,
     deadline: Option<Duration>,
     hedge: Option<(Hedge, f64)>,
+    listener: ListenerSlot,
     weigh: W,
     classify: C,
+    key: K,
 }
 
-impl<S, W, C> fmt::Debug for RouterBuilder<S, W, C> {
+impl<S, W, C, K> fmt::Debug for RouterBuilder<S, W, C, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RouterBuilder")
             .field("name", &self.name)
@@ -153,16 +158,28 @@ impl<S> Router<S> {
             max_attempts: 3,
             deadline: None,
             hedge: None,
+            listener: ListenerSlot::default(),
             weigh: OneRequest,
             classify: ErrorClassifier,
+            key: NoKey,
         }
     }
 }
 
-impl<S, W, C> RouterBuilder<S, W, C> {
+impl<S, W, C, K> RouterBuilder<S, W, C, K> {
     /// Names the router in errors.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Calls `f` for every event of the router (layer `"route"`): each
+    /// attempt sent ([`EventKind::Routed`](crate::observe::EventKind::Routed):
+    /// which deployment, why — first, failed over, fell back, hedge), each
+    /// hedged call answered (`HedgeSettled`: by the hedge or not), and its
+    /// refusals. Listeners add up.
+    pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        self.listener.set(f);
         self
     }
 
@@ -239,7 +256,7 @@ impl<S, W, C> RouterBuilder<S, W, C> {
 
     /// The cost of a request, as the deployments' pacers weigh it (they
     /// are asked when a call of this cost could start).
-    pub fn weigh<W2>(self, weigh: W2) -> RouterBuilder<S, W2, C> {
+    pub fn weigh<W2>(self, weigh: W2) -> RouterBuilder<S, W2, C, K> {
         RouterBuilder {
             name: self.name,
             deployments: self.deployments,
@@ -248,13 +265,15 @@ impl<S, W, C> RouterBuilder<S, W, C> {
             max_attempts: self.max_attempts,
             deadline: self.deadline,
             hedge: self.hedge,
+            listener: self.listener,
             weigh,
             classify: self.classify,
+            key: self.key,
         }
     }
 
     /// How a result is classified (what fails over).
-    pub fn classify<C2>(self, classify: C2) -> RouterBuilder<S, W, C2> {
+    pub fn classify<C2>(self, classify: C2) -> RouterBuilder<S, W, C2, K> {
         RouterBuilder {
             name: self.name,
             deployments: self.deployments,
@@ -263,8 +282,31 @@ impl<S, W, C> RouterBuilder<S, W, C> {
             max_attempts: self.max_attempts,
             deadline: self.deadline,
             hedge: self.hedge,
+            listener: self.listener,
             weigh: self.weigh,
             classify,
+            key: self.key,
+        }
+    }
+
+    /// The key of a request, for deployments paced by a
+    /// [`KeyedPace`](crate::pace::KeyedPace) (one pacer per model): each is
+    /// asked when a call could start under this key (or the deployment's
+    /// own, [`Deployment::key`]). E.g. [`llm::ModelField`](crate::llm::ModelField)
+    /// (feature `llm`).
+    pub fn key<K2>(self, key: K2) -> RouterBuilder<S, W, C, K2> {
+        RouterBuilder {
+            name: self.name,
+            deployments: self.deployments,
+            first_group: self.first_group,
+            fallbacks: self.fallbacks,
+            max_attempts: self.max_attempts,
+            deadline: self.deadline,
+            hedge: self.hedge,
+            listener: self.listener,
+            weigh: self.weigh,
+            classify: self.classify,
+            key,
         }
     }
 
@@ -276,7 +318,7 @@ impl<S, W, C> RouterBuilder<S, W, C> {
     /// `weight` (0), `max_attempts` (0), `group` / `fallback` naming a
     /// group without deployments, or `hedge` (a `max_share` outside
     /// (0, 1], a quantile outside [0, 1]).
-    pub fn build(self) -> Result<Router<S, W, C>, ConfigError> {
+    pub fn build(self) -> Result<Router<S, W, C, K>, ConfigError> {
         if self.deployments.is_empty() {
             return Err(ConfigError::new(
                 "router",
@@ -341,6 +383,7 @@ impl<S, W, C> RouterBuilder<S, W, C> {
         let n = self.deployments.len();
         Ok(Router {
             inner: Arc::new(Inner {
+                observer: Observer::new(self.name.clone(), self.listener.0),
                 name: self.name,
                 deployments: self.deployments,
                 first_group,
@@ -356,14 +399,55 @@ impl<S, W, C> RouterBuilder<S, W, C> {
             }),
             weigh: self.weigh,
             classify: self.classify,
+            key: self.key,
         })
     }
 }
 
-impl<S, W, C> Router<S, W, C> {
+impl<S, W, C, K> Router<S, W, C, K> {
     /// The deployments, in the order given.
     pub fn deployments(&self) -> &[Deployment<S>] {
         &self.inner.deployments
+    }
+
+    /// Registers every deployment's breaker and pacer with `health`, named
+    /// `name/deployment` (a keyed pacer's parts as
+    /// [`Health::keyed_pace`](crate::health::Health::keyed_pace) names them
+    /// under that prefix).
+    ///
+    /// ```
+    /// use semaforo::breaker::Breaker;
+    /// use semaforo::health::Health;
+    /// use semaforo::route::{Deployment, Router};
+    /// use semaforo::shutdown::Shutdown;
+    ///
+    /// # fn main() -> Result<(), semaforo::BoxError> {
+    /// let d = |name: &'static str| -> Result<_, semaforo::BoxError> {
+    ///     let svc = tower::service_fn(|_: ()| async { Ok::<_, std::io::Error>(()) });
+    ///     Ok(Deployment::new(name, svc).breaker(Breaker::builder().build()?))
+    /// };
+    /// let router = Router::builder().deployment(d("a")?).deployment(d("b")?).build()?;
+    /// let health = router.register_health(Health::new(&Shutdown::new()), "llm");
+    /// let names: Vec<String> = health.report().components.into_iter().map(|c| c.name).collect();
+    /// assert_eq!(names, ["llm/a", "llm/b"]);
+    /// # Ok(()) }
+    /// ```
+    pub fn register_health(
+        &self,
+        health: crate::health::Health,
+        name: &str,
+    ) -> crate::health::Health {
+        let mut h = health;
+        for d in &self.inner.deployments {
+            let part = format!("{name}/{}", d.name);
+            if let Some(b) = &d.breaker {
+                h = h.breaker(&part, b);
+            }
+            if let Some(p) = &d.pace {
+                h = h.keyed_pace(&part, p);
+            }
+        }
+        h
     }
 }
 
@@ -382,6 +466,7 @@ impl<S> Inner<S> {
     fn choose(
         &self,
         cost: &crate::pace::Cost,
+        key: Option<&str>,
         tried: &[bool],
         group: &str,
         now: Instant,
@@ -396,19 +481,24 @@ impl<S> Inner<S> {
                 continue;
             }
             // One atomic load; the snapshot (a lock) only for an open one.
+            // An open breaker whose open time is over takes the call (its
+            // half-open probe): it turns half-open only when called.
             if let Some(b) = d
                 .breaker
                 .as_ref()
                 .filter(|b| b.state() == BreakerState::Open)
             {
-                if let Some(ra) = b.snapshot().retry_after {
-                    reopens = Some(reopens.map_or(ra, |r| r.min(ra)));
+                let snap = b.snapshot();
+                if snap.mode == crate::breaker::Mode::ForcedOpen || snap.retry_after.is_some() {
+                    if let Some(ra) = snap.retry_after {
+                        reopens = Some(reopens.map_or(ra, |r| r.min(ra)));
+                    }
+                    starts.push(None);
+                    continue;
                 }
-                starts.push(None);
-                continue;
             }
             starts.push(match &d.pace {
-                Some(p) => p.start_for(cost),
+                Some(p) => p.start_for(d.key.as_deref().or(key), cost),
                 None => Some(now),
             });
         }
@@ -456,6 +546,18 @@ impl<S> Inner<S> {
         Some(crate::time::after(at, delay))
     }
 
+    /// Tells an attempt sent to deployment `i`.
+    fn routed(&self, i: usize, attempt: u32, why: RouteReason) {
+        self.observer.emit(
+            "route",
+            EventKind::Routed {
+                deployment: self.deployments[i].name.clone(),
+                attempt,
+                why,
+            },
+        );
+    }
+
     /// Takes a place among the hedged calls, within the cap.
     fn may_hedge(&self) -> bool {
         let calls = self.calls.load(Ordering::Relaxed) as f64;
@@ -467,11 +569,14 @@ impl<S> Inner<S> {
         true
     }
 
+    /// A refusal of the router's own, told to its listener.
     fn rejected(&self, kind: RejectKind) -> Rejected {
-        match &self.name {
+        let r = match &self.name {
             Some(n) => Rejected::new("route", kind).with_name(n.clone()),
             None => Rejected::new("route", kind),
-        }
+        };
+        self.observer.rejected(&r);
+        r
     }
 }
 
@@ -499,6 +604,8 @@ pub struct RouteFuture<S: Service<Req>, Req, C> {
     inner: Arc<Inner<S>>,
     req: Req,
     cost: crate::pace::Cost,
+    /// The request's pacer key.
+    key: Option<Box<str>>,
     classify: C,
     tried: Vec<bool>,
     attempts: u32,
@@ -519,6 +626,10 @@ pub struct RouteFuture<S: Service<Req>, Req, C> {
     hedge_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The deployment of the hedge in flight, and when it was sent.
     hedging: (usize, Instant),
+    /// A hedge was sent for this call.
+    hedged: bool,
+    /// Why the next attempt is sent (told in its `Routed` event).
+    why: RouteReason,
     #[pin]
     call: Option<S::Future>,
     #[pin]
@@ -585,9 +696,13 @@ where
                         let mut others = this.tried.clone();
                         others[this.current.0] = true;
                         let now = Instant::now();
-                        if let Choice::Go(i, start) =
-                            this.inner.choose(this.cost, &others, this.group, now)
-                        {
+                        if let Choice::Go(i, start) = this.inner.choose(
+                            this.cost,
+                            this.key.as_deref(),
+                            &others,
+                            this.group,
+                            now,
+                        ) {
                             if i != this.current.0
                                 && start <= now
                                 && *this.attempts < this.inner.max_attempts
@@ -598,6 +713,16 @@ where
                                     this.tried[i] = true;
                                     *this.attempts += 1;
                                     *this.hedging = (i, now);
+                                    *this.hedged = true;
+                                    this.inner.routed(
+                                        i,
+                                        *this.attempts,
+                                        RouteReason::Hedge {
+                                            from: this.inner.deployments[this.current.0]
+                                                .name
+                                                .clone(),
+                                        },
+                                    );
                                     this.hedge.set(Some(svc.call(this.req.clone())));
                                     continue;
                                 }
@@ -623,6 +748,15 @@ where
                     Err(e) => this.classify.classify(Err(e)),
                 };
                 if matches!(class, Class::Success) {
+                    if *this.hedged {
+                        this.inner.observer.emit(
+                            "route",
+                            EventKind::HedgeSettled {
+                                winner: this.inner.deployments[from].name.clone(),
+                                hedge_won: was_hedge,
+                            },
+                        );
+                    }
                     let took = Instant::now().saturating_duration_since(sent);
                     this.inner.latencies[from]
                         .lock()
@@ -651,6 +785,10 @@ where
                             .iter()
                             .find(|(r, _)| *r == reason && !this.fell_back.contains(r));
                         if let Some((r, group)) = to {
+                            *this.why = RouteReason::FellBack {
+                                from: this.inner.deployments[from].name.clone(),
+                                reason: *r,
+                            };
                             this.fell_back.push(*r);
                             *this.group = group.clone();
                             this.tried.iter_mut().for_each(|t| *t = false);
@@ -662,6 +800,10 @@ where
                 if !fails_over(&class) || *this.attempts >= this.inner.max_attempts {
                     return Poll::Ready(result);
                 }
+                *this.why = RouteReason::FailedOver {
+                    from: this.inner.deployments[from].name.clone(),
+                    class,
+                };
                 *this.last = Some(result);
                 continue;
             }
@@ -673,6 +815,8 @@ where
                         let fut = svc.call(this.req.clone());
                         let i = this.svc.as_ref().map_or(0, |(i, _)| *i);
                         *this.svc = None;
+                        let why = std::mem::replace(this.why, RouteReason::First);
+                        this.inner.routed(i, *this.attempts, why);
                         let now = Instant::now();
                         *this.current = (i, now);
                         // Only a first attempt is hedged.
@@ -697,25 +841,29 @@ where
             }
             // Choose the next deployment.
             let now = Instant::now();
-            let (i, start) = match this.inner.choose(this.cost, this.tried, this.group, now) {
-                Choice::Go(i, start) => (i, start),
-                Choice::None(reopens) => {
-                    // Every deployment open or refusing: the last answer,
-                    // else a refusal saying when one reopens.
-                    return Poll::Ready(match this.last.take() {
-                        Some(r) => r,
-                        None => {
-                            let mut r = this.inner.rejected(RejectKind::CircuitOpen);
-                            if let Some(ra) = reopens {
-                                r = r.with_retry_after(ra);
+            let (i, start) =
+                match this
+                    .inner
+                    .choose(this.cost, this.key.as_deref(), this.tried, this.group, now)
+                {
+                    Choice::Go(i, start) => (i, start),
+                    Choice::None(reopens) => {
+                        // Every deployment open or refusing: the last answer,
+                        // else a refusal saying when one reopens.
+                        return Poll::Ready(match this.last.take() {
+                            Some(r) => r,
+                            None => {
+                                let mut r = this.inner.rejected(RejectKind::CircuitOpen);
+                                if let Some(ra) = reopens {
+                                    r = r.with_retry_after(ra);
+                                }
+                                Err(r
+                                    .with_detail("no deployment can take the call".to_owned())
+                                    .into())
                             }
-                            Err(r
-                                .with_detail("no deployment can take the call".to_owned())
-                                .into())
-                        }
-                    });
-                }
-            };
+                        });
+                    }
+                };
             if let Some((dl, _)) = this.deadline.as_ref() {
                 if start > *dl {
                     let name = &this.inner.deployments[i].name;
@@ -736,12 +884,13 @@ where
     }
 }
 
-impl<S, W, C, Req> Service<Req> for Router<S, W, C>
+impl<S, W, C, K, Req> Service<Req> for Router<S, W, C, K>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     Req: Clone,
     W: Weigh<Req>,
+    K: PaceKey<Req>,
     C: Classify<S::Response, BoxError> + Clone,
 {
     type Response = S::Response;
@@ -755,6 +904,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let cost = self.weigh.weigh(&req);
+        let key = self.key.key(&req).map(|k| Box::<str>::from(k.as_ref()));
         self.inner.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = self.inner.deadline.map(|d| {
             let at = crate::time::after(Instant::now(), d);
@@ -765,6 +915,7 @@ where
             inner: self.inner.clone(),
             req,
             cost,
+            key,
             classify: self.classify.clone(),
             attempts: 0,
             deadline,
@@ -775,6 +926,8 @@ where
             current: (0, Instant::now()),
             hedge_timer: None,
             hedging: (0, Instant::now()),
+            hedged: false,
+            why: RouteReason::First,
             call: None,
             hedge: None,
             boxed: into_box::<S::Error>,
