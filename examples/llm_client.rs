@@ -9,6 +9,7 @@
 //! cargo run --example llm_client                                    # the in-process mock (time ×10)
 //! cargo run --example llm_client -- --provider anthropic            # a mock Anthropic account: RPM, ITPM, OTPM
 //! cargo run --example llm_client -- --provider azure                # a mock Azure deployment: 10 s windows
+//! cargo run --example llm_client -- --deployments 2                 # phase 2 routed over two accounts of the tier
 //! cargo run --example llm_client -- --base-url https://api.openai.com/v1   # a real server, OPENAI_API_KEY
 //! ```
 
@@ -22,7 +23,8 @@ use http_client::{chat_request, HttpClient};
 use indicatif::{ProgressBar, ProgressStyle};
 use mock_provider::{MockConfig, MockProvider, Shape};
 use semaforo::bulkhead::{Bulkhead, QueueTicket, TicketStatus};
-use semaforo::llm::{LlmStack, Tier};
+use semaforo::llm::{LlmDeployment, LlmStack, LlmStackBuilder, Tier};
+use semaforo::observe::{EventKind, RouteReason};
 use semaforo::BoxError;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -74,6 +76,11 @@ struct Args {
     /// Skip phase 1 (the direct calls), e.g. against a real, paid server.
     #[arg(long)]
     skip_direct: bool,
+    /// Phase 2 over this many accounts of the tier (each its own mock
+    /// provider), through semaforo's router: each call goes to the account
+    /// that could start it soonest. With the mock only.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    deployments: u32,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,12 +216,13 @@ async fn direct(client: HttpClient, args: &Args) -> Phase {
     phase
 }
 
-async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, BoxError> {
+/// The preset for the account of `args`, its time scaled.
+fn stack_builder(args: &Args, scale: f64) -> Result<LlmStackBuilder, BoxError> {
     let tier = Tier {
         requests_per_minute: args.rpm,
         tokens_per_minute: args.tpm,
     };
-    let stack = match args.provider {
+    Ok(match args.provider {
         Provider::Openai => LlmStack::openai(tier),
         Provider::Anthropic => LlmStack::anthropic(args.rpm, args.itpm, args.otpm),
         Provider::Azure => LlmStack::azure_openai(args.tpm),
@@ -226,12 +234,64 @@ async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, B
             .max_queue(args.teachers as u32)
             .expected_service_time(Duration::from_secs_f64(5.0 / scale))
             .build()?,
-    )
-    .build()?;
+    ))
+}
+
+async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, BoxError> {
+    let stack = stack_builder(args, scale)?.build()?;
     let svc = ServiceBuilder::new()
         .layer(stack.layer())
         .service(client.clone());
+    let mut phase = run("semaforo", svc, args, scale).await;
+    phase.provider_429 = client.seen.throttled.load(Ordering::Relaxed);
+    phase.retries = stack.retry().retries();
+    Ok(phase)
+}
 
+/// Phase 2 over `clients` (one per account), through the router preset.
+async fn routed(clients: Vec<HttpClient>, args: &Args, scale: f64) -> Result<Phase, BoxError> {
+    let failovers = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut router = LlmStack::router().on_event({
+        let failovers = failovers.clone();
+        move |e| {
+            if let EventKind::Routed {
+                why: RouteReason::FailedOver { .. },
+                ..
+            } = &e.kind
+            {
+                failovers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    for (i, client) in clients.iter().enumerate() {
+        router = router.deployment(LlmDeployment::new(
+            format!("account-{}", i + 1),
+            stack_builder(args, scale)?,
+            client.clone(),
+        ));
+    }
+    let mut phase = run("router", router.build()?, args, scale).await;
+    phase.provider_429 = clients
+        .iter()
+        .map(|c| c.seen.throttled.load(Ordering::Relaxed))
+        .sum();
+    phase.retries = failovers.load(Ordering::Relaxed);
+    Ok(phase)
+}
+
+/// The teachers' calls through `svc`, all at once, with the last one's view
+/// of the line.
+async fn run<S>(name: &'static str, svc: S, args: &Args, scale: f64) -> Phase
+where
+    S: Service<
+            http::Request<bytes::Bytes>,
+            Response = http::Response<bytes::Bytes>,
+            Error = BoxError,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let bar = ProgressBar::new(args.teachers as u64);
     bar.set_style(
         ProgressStyle::with_template("  {bar:30} {pos}/{len} plans · {msg}")
@@ -243,11 +303,13 @@ async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, B
     for teacher in 1..=args.teachers {
         let ticket = QueueTicket::new();
         tickets.push(ticket.clone());
-        let mut svc = svc.clone();
         let req = chat_request(&args.model, args.tokens, teacher, Some(ticket));
+        // The future made here, then spawned (see the README on rustc and
+        // `BoxError` inner services in spawned async blocks).
+        let call = svc.clone().oneshot(req);
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
-            let res = async { svc.ready().await?.call(req).await }.await;
+            let res = call.await;
             (
                 res.map(|r| (r.status().as_u16(), r.into_body())),
                 start.elapsed(),
@@ -277,7 +339,7 @@ async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, B
             }
         })
     };
-    let mut phase = Phase::new("semaforo");
+    let mut phase = Phase::new(name);
     for t in tasks {
         phase.record(t.await);
         bar.inc(1);
@@ -285,9 +347,7 @@ async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, B
     watch.abort();
     bar.finish_and_clear();
     phase.makespan = t0.elapsed();
-    phase.provider_429 = client.seen.throttled.load(Ordering::Relaxed);
-    phase.retries = stack.retry().retries();
-    Ok(phase)
+    phase
 }
 
 /// The tier's bound for a phase: the last plan can start once the tokens the
@@ -296,13 +356,20 @@ async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, B
 /// and for a real server.
 fn bound(args: &Args, scale: f64, phase: &Phase) -> Duration {
     let n = args.teachers as f64;
+    // The router's phase has `deployments` accounts: each limit that many
+    // times (the direct phase calls one).
+    let accounts = if phase.name == "router" {
+        f64::from(args.deployments)
+    } else {
+        1.0
+    };
     // The binding limit: what its burst did not hold, refilled at its rate.
     let refill = args
         .provider
         .limits(args)
         .iter()
         .map(|(per_plan, per_minute, burst)| {
-            (n * per_plan - burst).max(0.0) / (per_minute.max(1.0) / 60.0)
+            (n * per_plan - burst * accounts).max(0.0) / (per_minute.max(1.0) * accounts / 60.0)
         })
         .fold(0.0, f64::max)
         / scale;
@@ -390,6 +457,9 @@ async fn main() -> Result<(), BoxError> {
     let key: Option<Arc<str>> = std::env::var("OPENAI_API_KEY").ok().map(Arc::from);
     let service_time = Duration::from_secs(5);
     let mocked = args.base_url.is_none();
+    if args.deployments > 1 && !mocked {
+        return Err("--deployments runs against in-process mock accounts; drop --base-url".into());
+    }
     // The mock's minute can be shortened; a real server runs in real time.
     let scale = args.time_scale.unwrap_or(if mocked { 10.0 } else { 1.0 });
     let mock_cfg = MockConfig {
@@ -439,9 +509,26 @@ async fn main() -> Result<(), BoxError> {
         phases.push(direct(client(base), &args).await);
     }
 
-    println!("Phase 2: through semaforo (shutdown → quota → bulkhead → retry → breaker → pace → timeout)…");
-    let (base, _mock) = provider(&args, &mock_cfg).await?;
-    phases.push(stacked(client(base), &args, scale).await?);
+    if args.deployments > 1 {
+        println!(
+            "Phase 2: through semaforo's router over {} accounts (each: bulkhead → breaker → pace → timeout)…",
+            args.deployments
+        );
+        let mut mocks = Vec::new();
+        for i in 0..args.deployments {
+            let cfg = MockConfig {
+                seed: u64::from(i),
+                ..mock_cfg.clone()
+            };
+            mocks.push(MockProvider::start(cfg).await?);
+        }
+        let clients = mocks.iter().map(|m| client(m.base_url())).collect();
+        phases.push(routed(clients, &args, scale).await?);
+    } else {
+        println!("Phase 2: through semaforo (shutdown → quota → bulkhead → retry → breaker → pace → timeout)…");
+        let (base, _mock) = provider(&args, &mock_cfg).await?;
+        phases.push(stacked(client(base), &args, scale).await?);
+    }
 
     let bounds: Vec<Duration> = phases.iter().map(|p| bound(&args, scale, p)).collect();
     print_table(&phases, scale, &bounds, args.teachers, mocked);

@@ -88,6 +88,10 @@ pub struct MockConfig {
     /// Another client of the same account spent the whole token bucket just
     /// before our first request arrived (it refills from there).
     pub spent_before_first_request: bool,
+    /// The model's context window (prompt + `max_tokens`, prompt as
+    /// chars ÷ 4): a longer request is answered `400
+    /// context_length_exceeded`, as OpenAI does.
+    pub max_context: Option<u64>,
     pub seed: u64,
 }
 
@@ -107,6 +111,7 @@ impl Default for MockConfig {
             chunks: 20,
             completion_share: 1.0,
             spent_before_first_request: false,
+            max_context: None,
             seed: 0,
         }
     }
@@ -123,6 +128,10 @@ pub struct Stats {
     pub midstream_errors: AtomicU64,
     /// Tokens of completed answers (what the provider bills).
     pub tokens: AtomicU64,
+    /// Requests refused for their length (`context_length_exceeded`).
+    pub too_long: AtomicU64,
+    /// The `model` of each request received, with how many.
+    pub models: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Stats {
@@ -335,6 +344,24 @@ async fn completions(State(s): State<Arc<Inner>>, Json(req): Json<Value>) -> Res
         })
         .unwrap_or(0);
     let prompt = prompt_chars as u64 / 4;
+    if let Some(model) = req.get("model").and_then(Value::as_str) {
+        *s.stats
+            .models
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(model.to_owned())
+            .or_default() += 1;
+    }
+    if let Some(max) = s.cfg.max_context {
+        let asked = prompt.saturating_add(max_tokens);
+        if asked > max {
+            s.stats.too_long.fetch_add(1, Ordering::SeqCst);
+            let body = json!({"error": {
+                "message": format!("This model's maximum context length is {max} tokens. However, you requested {asked} tokens ({prompt} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion."),
+                "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}});
+            return error(400, body, HeaderMap::new());
+        }
+    }
     let amount = |c: Counts| match c {
         Counts::Requests => 1.0,
         Counts::Tokens => prompt.saturating_add(max_tokens) as f64,
