@@ -222,11 +222,12 @@ impl<B> LlmDeployment<B> {
         self
     }
 
-    /// The model this deployment serves: the request body's `model` is
-    /// replaced by it (the JSON re-serialized; a body without a top-level
-    /// `model`, such as Gemini's, is left as it is) before its stack paces
-    /// it — an Azure deployment's name, a dated snapshot, another
-    /// provider's name for the same model.
+    /// The model this deployment serves: the value of the request body's
+    /// top-level `model` is replaced by it, every other byte left as it was
+    /// (a body that is not a JSON object, or without a top-level `model`
+    /// such as Gemini's, is sent as it is) before its stack paces it — an
+    /// Azure deployment's name, a dated snapshot, another provider's name
+    /// for the same model.
     pub fn model(mut self, model: impl Into<Arc<str>>) -> Self {
         self.model = Some(model.into());
         self
@@ -249,28 +250,81 @@ impl<B> LlmDeployment<B> {
     }
 }
 
-/// Replaces the top-level `model` of a JSON body; anything else is left.
+/// Replaces the value of the top-level `model` of a JSON object body, byte
+/// for byte in place: every other byte stays as it was (key order, number
+/// spellings, whitespace). A body that is not a JSON object, or has no
+/// top-level `model`, is left as it is.
 fn rename_model(req: &mut http::Request<Bytes>, model: &str) {
-    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(req.body()) else {
+    let Some(span) = model_span(req.body()) else {
         return;
     };
-    let Some(obj) = v.as_object_mut() else {
+    let Ok(value) = serde_json::to_vec(model) else {
         return;
     };
-    if !obj.contains_key("model") {
-        return;
-    }
-    obj.insert("model".to_owned(), serde_json::Value::from(model));
-    let Ok(bytes) = serde_json::to_vec(&v) else {
-        return;
-    };
+    let body = req.body();
+    let mut out = Vec::with_capacity(body.len() - span.len() + value.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(&value);
+    out.extend_from_slice(&body[span.end..]);
     if req.headers().contains_key(http::header::CONTENT_LENGTH) {
         req.headers_mut().insert(
             http::header::CONTENT_LENGTH,
-            http::HeaderValue::from(bytes.len()),
+            http::HeaderValue::from(out.len()),
         );
     }
-    *req.body_mut() = Bytes::from(bytes);
+    *req.body_mut() = Bytes::from(out);
+}
+
+/// Where the value of the top-level `model` key is, in a body that is one
+/// JSON object (the first one, if given twice); `None` when the body is
+/// not that or has none. Each key and value is read by serde_json (a string with its
+/// escapes, any value skipped without being built).
+fn model_span(body: &[u8]) -> Option<std::ops::Range<usize>> {
+    use serde::de::IgnoredAny;
+    use std::borrow::Cow;
+    let ws = |mut i: usize| {
+        while body
+            .get(i)
+            .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        {
+            i += 1;
+        }
+        i
+    };
+    // One JSON value starting at `i`: where it ends.
+    fn value_end<'de, T: serde::Deserialize<'de>>(body: &'de [u8], i: usize) -> Option<(T, usize)> {
+        let mut de = serde_json::Deserializer::from_slice(body.get(i..)?).into_iter::<T>();
+        let v = de.next()?.ok()?;
+        Some((v, i + de.byte_offset()))
+    }
+    let mut i = ws(0);
+    if body.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = ws(i + 1);
+    if body.get(i) == Some(&b'}') {
+        return None;
+    }
+    let mut found = None;
+    loop {
+        let (key, end) = value_end::<Cow<'_, str>>(body, i)?;
+        i = ws(end);
+        if body.get(i) != Some(&b':') {
+            return None;
+        }
+        let start = ws(i + 1);
+        let (_, end) = value_end::<IgnoredAny>(body, start)?;
+        if key == "model" && found.is_none() {
+            found = Some(start..end);
+        }
+        i = ws(end);
+        match body.get(i) {
+            Some(b',') => i = ws(i + 1),
+            // The whole body is one object: nothing after it.
+            Some(b'}') if ws(i + 1) == body.len() => return found,
+            _ => return None,
+        }
+    }
 }
 
 /// The rewrite in front of a deployment's stack.
@@ -316,6 +370,7 @@ pub struct LlmRouterBuilder<B = Bytes> {
     max_attempts: Option<u32>,
     deadline: Option<Duration>,
     hedge: Option<(Hedge, f64)>,
+    backoff: Option<Option<crate::backoff::Backoff>>,
     listener: ListenerSlot,
 }
 
@@ -387,6 +442,7 @@ impl<B> LlmRouterBuilder<B> {
             max_attempts: None,
             deadline: None,
             hedge: None,
+            backoff: None,
             listener: ListenerSlot::default(),
         }
     }
@@ -424,6 +480,12 @@ impl<B> LlmRouterBuilder<B> {
     /// See [`RouterBuilder::deadline`](crate::route::RouterBuilder::deadline).
     pub fn deadline(mut self, d: Duration) -> Self {
         self.deadline = Some(d);
+        self
+    }
+
+    /// See [`RouterBuilder::backoff`](crate::route::RouterBuilder::backoff).
+    pub fn backoff(mut self, backoff: Option<crate::backoff::Backoff>) -> Self {
+        self.backoff = Some(backoff);
         self
     }
 
@@ -507,6 +569,9 @@ impl<B> LlmRouterBuilder<B> {
         if let Some((when, share)) = self.hedge {
             builder = builder.hedge(when, share);
         }
+        if let Some(b) = self.backoff {
+            builder = builder.backoff(b);
+        }
         if let Some(l) = self.listener.0 {
             builder = builder.on_event(move |e: &Event<'_>| l(e));
         }
@@ -537,5 +602,46 @@ impl LlmRouterBuilder<LlmRouterBody> {
     /// As [`LlmRouterBuilder::<Bytes>::build`](LlmRouterBuilder::build).
     pub fn build(self) -> Result<LlmStreamRouter, ConfigError> {
         self.router(LlmHeadClassifier)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn renamed(body: &str) -> String {
+        let mut req = http::Request::new(Bytes::from(body.to_owned()));
+        rename_model(&mut req, "gpt-4.1");
+        String::from_utf8(req.body().to_vec()).unwrap_or_default()
+    }
+
+    #[test]
+    fn only_the_model_value_changes() {
+        assert_eq!(
+            renamed(
+                r#"{"z":1,"seed":123456789012345678901234567890,"model" : "gpt-4o","t":1e400}"#
+            ),
+            r#"{"z":1,"seed":123456789012345678901234567890,"model" : "gpt-4.1","t":1e400}"#
+        );
+        assert_eq!(
+            renamed(r#" { "messages":[{"model":"inner"}], "model":"a\"b" } "#),
+            r#" { "messages":[{"model":"inner"}], "model":"gpt-4.1" } "#
+        );
+        // Escaped key, null and numbers are values like any other.
+        assert_eq!(
+            renamed(r#"{"mo\u0064el":null}"#),
+            r#"{"mo\u0064el":"gpt-4.1"}"#
+        );
+        for left in [
+            "",
+            "[]",
+            "not json",
+            r#"{"contents":[]}"#,
+            r#"{"model""#,
+            "{",
+            "{}",
+        ] {
+            assert_eq!(renamed(left), left);
+        }
     }
 }

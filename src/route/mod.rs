@@ -17,11 +17,24 @@
 //! itself): a result classified `Overloaded`, `Transient` or
 //! `Infrastructure`, a refusal by a deployment's own layers (its breaker
 //! open, its budget), and a `Throttled` answer send the next attempt to
-//! another deployment at once — no backoff sleep when another can start;
-//! `Success` and `Permanent` answers are returned as they are. A total
-//! deadline bounds everything, the waits in a deployment's line included: a
-//! call whose earliest start is beyond it is refused at once with the exact
-//! `retry_after`.
+//! another deployment at once — no backoff sleep when another can start
+//! (the one that just failed loses its ties); once every deployment was
+//! tried, the next attempt goes back to one after a backoff by the class
+//! ([`RouterBuilder::backoff`]). A deployment whose `poll_ready` fails is
+//! failed over the same way. `Success` and `Permanent` answers are returned
+//! as they are. A total deadline bounds everything, the waits in a
+//! deployment's line included: a call whose earliest start is beyond it is
+//! refused at once with the exact `retry_after`. A call whose cost no
+//! deployment could ever admit (above every burst) is refused
+//! `BudgetExceeded` without a `retry_after` (classified `Permanent`); when
+//! every deployment's breaker is open, `CircuitOpen` with the soonest
+//! reopen (none for a breaker forced open). At most 16 attempts start in one
+//! poll: a deployment failing at once never holds the executor.
+//!
+//! A deployment whose `poll_ready` stays pending holds the call until the
+//! deadline — unless hedging is on: past the hedge delay, another
+//! deployment that can start the call now takes it (nothing was sent to the
+//! first). Set a deadline.
 //!
 //! A `Permanent` answer can move the call to another group of deployments
 //! once ([`RouterBuilder::fallback`]): a context-length error from a small
@@ -29,8 +42,10 @@
 //!
 //! Hedging ([`RouterBuilder::hedge`]): a first attempt late past a fixed
 //! delay, or past its deployment's tracked percentile, gets a second
-//! attempt on another deployment that can start it now; the first answer
-//! wins, within a cap on the share of hedged calls.
+//! attempt on another deployment that can start it now; the first good
+//! answer wins, within a cap on the share of hedged calls. A failed answer
+//! waits for the other attempt; if both fail, one that does not fail over
+//! (a `Permanent` answer) is the one that decides.
 //!
 //! Streams: with [`FirstChunkLayer`] outermost in a deployment (feature
 //! `http`), its answer is held until the body's first chunk, so a stream

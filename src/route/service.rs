@@ -1,6 +1,7 @@
 //! The router as a tower [`Service`] and its builder.
 
 use super::Deployment;
+use crate::backoff::{Backoff, Jitter};
 use crate::classify::{Class, Classify, ErrorClassifier};
 use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
 use crate::observe::{BreakerState, Event, EventKind, ListenerSlot, Observer, RouteReason};
@@ -32,6 +33,8 @@ pub struct Router<S, W = OneRequest, C = ErrorClassifier, K = NoKey> {
 struct Inner<S> {
     name: Option<Arc<str>>,
     observer: Observer,
+    /// Before a retry of a deployment already tried.
+    backoff: Option<Backoff>,
     deployments: Vec<Deployment<S>>,
     /// Where a call starts.
     first_group: Arc<str>,
@@ -131,6 +134,7 @@ pub struct RouterBuilder<S, W = OneRequest, C = ErrorClassifier, K = NoKey> {
     max_attempts: u32,
     deadline: Option<Duration>,
     hedge: Option<(Hedge, f64)>,
+    backoff: Option<Option<Backoff>>,
     listener: ListenerSlot,
     weigh: W,
     classify: C,
@@ -158,6 +162,7 @@ impl<S> Router<S> {
             max_attempts: 3,
             deadline: None,
             hedge: None,
+            backoff: None,
             listener: ListenerSlot::default(),
             weigh: OneRequest,
             classify: ErrorClassifier,
@@ -254,6 +259,16 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
         self
     }
 
+    /// The wait before an attempt goes back to a deployment already tried
+    /// (every one of the group was): by the last failure's class, as the
+    /// retry layer's (default: exponential from 100 ms, capped at 5 s, full
+    /// jitter). Failing over to a deployment not tried yet never waits but
+    /// for its pacer. `None`: no wait.
+    pub fn backoff(mut self, backoff: Option<Backoff>) -> Self {
+        self.backoff = Some(backoff);
+        self
+    }
+
     /// The cost of a request, as the deployments' pacers weigh it (they
     /// are asked when a call of this cost could start).
     pub fn weigh<W2>(self, weigh: W2) -> RouterBuilder<S, W2, C, K> {
@@ -265,6 +280,7 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
             max_attempts: self.max_attempts,
             deadline: self.deadline,
             hedge: self.hedge,
+            backoff: self.backoff,
             listener: self.listener,
             weigh,
             classify: self.classify,
@@ -282,6 +298,7 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
             max_attempts: self.max_attempts,
             deadline: self.deadline,
             hedge: self.hedge,
+            backoff: self.backoff,
             listener: self.listener,
             weigh: self.weigh,
             classify,
@@ -303,6 +320,7 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
             max_attempts: self.max_attempts,
             deadline: self.deadline,
             hedge: self.hedge,
+            backoff: self.backoff,
             listener: self.listener,
             weigh: self.weigh,
             classify: self.classify,
@@ -380,10 +398,20 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
                 }
             }
         }
+        let backoff = match self.backoff {
+            Some(b) => b,
+            None => Some(
+                Backoff::exponential(Duration::from_millis(100))
+                    .cap(Duration::from_secs(5))
+                    .jitter(Jitter::Full)
+                    .build()?,
+            ),
+        };
         let n = self.deployments.len();
         Ok(Router {
             inner: Arc::new(Inner {
                 observer: Observer::new(self.name.clone(), self.listener.0),
+                backoff,
                 name: self.name,
                 deployments: self.deployments,
                 first_group,
@@ -456,7 +484,12 @@ enum Choice {
     Go(usize, Instant),
     /// Every deployment is open or refuses the cost: the soonest one opens
     /// again after this long, if known.
-    None(Option<Duration>),
+    None {
+        /// The soonest reopen of an open breaker, if known.
+        reopens: Option<Duration>,
+        /// A breaker was open (else every pacer refused the cost).
+        open: bool,
+    },
 }
 
 impl<S> Inner<S> {
@@ -468,15 +501,23 @@ impl<S> Inner<S> {
         cost: &crate::pace::Cost,
         key: Option<&str>,
         tried: &[bool],
+        avoid: Option<usize>,
         group: &str,
         now: Instant,
     ) -> Choice {
         let in_group = |i: usize| &*self.deployments[i].group == group;
         let all_tried = (0..tried.len()).filter(|i| in_group(*i)).all(|i| tried[i]);
+        // Once every one was tried, any may take the call again; the one
+        // that just failed (`avoid`) loses its ties.
+        let candidate = |i: usize| in_group(i) && (all_tried || !tried[i]);
+        if let Some(go) = self.choose_fast(cost, key, &candidate, avoid, now) {
+            return go;
+        }
         let mut starts: Vec<Option<Instant>> = Vec::with_capacity(self.deployments.len());
         let mut reopens: Option<Duration> = None;
+        let mut open = false;
         for (i, d) in self.deployments.iter().enumerate() {
-            if !in_group(i) || (tried[i] && !all_tried) {
+            if !candidate(i) {
                 starts.push(None);
                 continue;
             }
@@ -489,10 +530,13 @@ impl<S> Inner<S> {
                 .filter(|b| b.state() == BreakerState::Open)
             {
                 let snap = b.snapshot();
-                if snap.mode == crate::breaker::Mode::ForcedOpen || snap.retry_after.is_some() {
-                    if let Some(ra) = snap.retry_after {
+                let forced = snap.mode == crate::breaker::Mode::ForcedOpen;
+                if forced || snap.retry_after.is_some() {
+                    // A forced-open breaker reopens only when told.
+                    if let Some(ra) = snap.retry_after.filter(|_| !forced) {
                         reopens = Some(reopens.map_or(ra, |r| r.min(ra)));
                     }
+                    open = true;
                     starts.push(None);
                     continue;
                 }
@@ -503,13 +547,16 @@ impl<S> Inner<S> {
             });
         }
         let Some(first) = starts.iter().flatten().min().copied() else {
-            return Choice::None(reopens);
+            return Choice::None { reopens, open };
         };
-        let tied: Vec<usize> = starts
+        let mut tied: Vec<usize> = starts
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.filter(|s| *s <= first + TIE).map(|_| i))
             .collect();
+        if tied.len() > 1 {
+            tied.retain(|i| Some(*i) != avoid);
+        }
         let pick = if tied.len() == 1 {
             tied[0]
         } else {
@@ -529,6 +576,61 @@ impl<S> Inner<S> {
             best
         };
         Choice::Go(pick, starts[pick].unwrap_or(now))
+    }
+
+    /// The fast path: the deployment smooth weighted round robin would pick
+    /// among every candidate; if its breaker is closed and its pacer can
+    /// start the call now, nothing can start sooner, and the ties it is
+    /// among are every candidate that can start now — the same pick as the
+    /// full scan when all of them can. One pacer asked instead of all.
+    fn choose_fast(
+        &self,
+        cost: &crate::pace::Cost,
+        key: Option<&str>,
+        candidate: &dyn Fn(usize) -> bool,
+        avoid: Option<usize>,
+        now: Instant,
+    ) -> Option<Choice> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut best: Option<(usize, i64)> = None;
+        let mut total: i64 = 0;
+        for (i, d) in self.deployments.iter().enumerate() {
+            if !candidate(i) {
+                continue;
+            }
+            let w = i64::from(d.weight);
+            total = total.saturating_add(w);
+            let c = current[i].saturating_add(w);
+            if best.is_none_or(|(_, bc)| c > bc) {
+                best = Some((i, c));
+            }
+        }
+        let (pick, _) = best?;
+        if Some(pick) == avoid {
+            return None;
+        }
+        let d = &self.deployments[pick];
+        if d.breaker
+            .as_ref()
+            .is_some_and(|b| b.state() != BreakerState::Closed)
+        {
+            return None;
+        }
+        let start = match &d.pace {
+            Some(p) => p.start_for(d.key.as_deref().or(key), cost)?,
+            None => now,
+        };
+        // Within the tie window of now (the pacer reads its own clock).
+        if start > now + TIE {
+            return None;
+        }
+        for (i, d) in self.deployments.iter().enumerate() {
+            if candidate(i) {
+                current[i] = current[i].saturating_add(i64::from(d.weight));
+            }
+        }
+        current[pick] = current[pick].saturating_sub(total);
+        Some(Choice::Go(pick, start))
     }
 
     /// When the call to deployment `i` started at `at` should be hedged.
@@ -558,15 +660,11 @@ impl<S> Inner<S> {
         );
     }
 
-    /// Takes a place among the hedged calls, within the cap.
-    fn may_hedge(&self) -> bool {
+    /// Whether one more hedge stays within the cap (counted when sent).
+    fn hedge_room(&self) -> bool {
         let calls = self.calls.load(Ordering::Relaxed) as f64;
         let hedged = self.hedged.load(Ordering::Relaxed) as f64;
-        if hedged + 1.0 > self.hedge_share * calls {
-            return false;
-        }
-        self.hedged.fetch_add(1, Ordering::Relaxed);
-        true
+        hedged + 1.0 <= self.hedge_share * calls
     }
 
     /// A refusal of the router's own, told to its listener.
@@ -626,10 +724,23 @@ pub struct RouteFuture<S: Service<Req>, Req, C> {
     hedge_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The deployment of the hedge in flight, and when it was sent.
     hedging: (usize, Instant),
-    /// A hedge was sent for this call.
-    hedged: bool,
+    /// The deployments of the hedged attempt and of its hedge, once sent.
+    hedge_pair: Option<(usize, usize)>,
     /// Why the next attempt is sent (told in its `Routed` event).
     why: RouteReason,
+    /// A failed answer kept while the other attempt of a hedge runs: its
+    /// class and deployment.
+    parked: Option<(Class, usize)>,
+    /// The deployment that failed last, and how (the next attempt avoids
+    /// it; a retry of a deployment already tried backs off by the class).
+    last_failed: Option<(usize, Class)>,
+    /// Retries of deployments already tried, and the last backoff.
+    retries: u32,
+    prev_delay: Duration,
+    /// The backoff before the attempt being readied.
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The output was given.
+    done: bool,
     #[pin]
     call: Option<S::Future>,
     #[pin]
@@ -644,6 +755,11 @@ impl<S: Service<Req>, Req, C> fmt::Debug for RouteFuture<S, Req, C> {
     }
 }
 
+/// Attempts started within one poll before the future yields (a
+/// deployment failing at once must not hold the executor for
+/// `max_attempts` calls).
+const ATTEMPTS_PER_POLL: u32 = 16;
+
 impl<S, Req, C> Future for RouteFuture<S, Req, C>
 where
     S: Service<Req> + Clone,
@@ -652,8 +768,30 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.done {
+            return Poll::Ready(Err(
+                "RouteFuture polled after it completed (no call was sent)".into(),
+            ));
+        }
+        let out = self.as_mut().attempts(cx);
+        if out.is_ready() {
+            *self.project().done = true;
+        }
+        out
+    }
+}
+
+impl<S, Req, C> RouteFuture<S, Req, C>
+where
+    S: Service<Req> + Clone,
+    Req: Clone,
+    C: Classify<S::Response, BoxError>,
+{
+    /// The attempt loop.
+    fn attempts(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<S::Response, BoxError>> {
         let mut this = self.project();
+        let mut started = 0u32;
         loop {
             // The total deadline, while an attempt readies or runs.
             if this.svc.is_some() || this.call.is_some() || this.hedge.is_some() {
@@ -696,24 +834,27 @@ where
                         let mut others = this.tried.clone();
                         others[this.current.0] = true;
                         let now = Instant::now();
-                        if let Choice::Go(i, start) = this.inner.choose(
+                        let choice = this.inner.choose(
                             this.cost,
                             this.key.as_deref(),
                             &others,
+                            Some(this.current.0),
                             this.group,
                             now,
-                        ) {
+                        );
+                        if let Choice::Go(i, start) = choice {
                             if i != this.current.0
-                                && start <= now
+                                && start <= now + TIE
                                 && *this.attempts < this.inner.max_attempts
-                                && this.inner.may_hedge()
+                                && this.inner.hedge_room()
                             {
                                 let mut svc = this.inner.deployments[i].service.clone();
                                 if let Poll::Ready(Ok(())) = svc.poll_ready(cx) {
+                                    this.inner.hedged.fetch_add(1, Ordering::Relaxed);
                                     this.tried[i] = true;
                                     *this.attempts += 1;
                                     *this.hedging = (i, now);
-                                    *this.hedged = true;
+                                    *this.hedge_pair = Some((this.current.0, i));
                                     this.inner.routed(
                                         i,
                                         *this.attempts,
@@ -730,7 +871,7 @@ where
                         }
                     }
                 }
-                let Some((result, (from, sent), was_hedge)) = finished else {
+                let Some((result, (mut from, sent), was_hedge)) = finished else {
                     return Poll::Pending;
                 };
                 if was_hedge {
@@ -739,43 +880,52 @@ where
                     this.call.set(None);
                 }
                 *this.hedge_timer = None;
-                let result = result.map_err(*this.boxed);
-                let class = match &result {
-                    Ok(res) => this.classify.classify(Ok(res)),
-                    // A deployment's own refusal (its breaker, its budget):
-                    // another may take the call.
-                    Err(e) if Rejected::find(e.as_ref()).is_some() => Class::Transient,
-                    Err(e) => this.classify.classify(Err(e)),
-                };
+                let mut result = result.map_err(*this.boxed);
+                let mut class = classify_result(this.classify, &result);
                 if matches!(class, Class::Success) {
-                    if *this.hedged {
-                        this.inner.observer.emit(
-                            "route",
-                            EventKind::HedgeSettled {
-                                winner: this.inner.deployments[from].name.clone(),
-                                hedge_won: was_hedge,
-                            },
-                        );
+                    if let Some((a, h)) = this.hedge_pair.take() {
+                        if from == a || from == h {
+                            this.inner.observer.emit(
+                                "route",
+                                EventKind::HedgeSettled {
+                                    winner: this.inner.deployments[from].name.clone(),
+                                    hedge_won: was_hedge,
+                                },
+                            );
+                        }
                     }
                     let took = Instant::now().saturating_duration_since(sent);
                     this.inner.latencies[from]
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .record(took);
+                    // The first good answer wins; another attempt still
+                    // running is dropped (its reservation stays charged).
+                    this.call.set(None);
+                    this.hedge.set(None);
+                    return Poll::Ready(result);
                 }
-                let in_flight = this.call.is_some() || this.hedge.is_some();
-                if in_flight {
-                    if matches!(class, Class::Success) {
-                        // The first good answer wins; the other attempt is
-                        // dropped (its reservation stays charged).
-                        this.call.set(None);
-                        this.hedge.set(None);
-                        return Poll::Ready(result);
-                    }
+                if this.call.is_some() || this.hedge.is_some() {
                     // A failed answer while the other attempt still runs:
-                    // wait for that one.
-                    *this.last = Some(result);
+                    // wait for that one (the first failure that does not
+                    // fail over is kept).
+                    if this.parked.as_ref().is_none_or(|(c, _)| fails_over(c)) {
+                        *this.parked = Some((class, from));
+                        *this.last = Some(result);
+                    }
                     continue;
+                }
+                // Both attempts of a hedge failed: an answer that does not
+                // fail over (a 401, a context-length error) is the one that
+                // decides.
+                if let Some((pc, pfrom)) = this.parked.take() {
+                    if !fails_over(&pc) && fails_over(&class) {
+                        if let Some(parked) = this.last.take() {
+                            result = parked;
+                            class = pc;
+                            from = pfrom;
+                        }
+                    }
                 }
                 if *this.attempts < this.inner.max_attempts {
                     if let Class::Permanent { reason } = class {
@@ -792,6 +942,7 @@ where
                             this.fell_back.push(*r);
                             *this.group = group.clone();
                             this.tried.iter_mut().for_each(|t| *t = false);
+                            *this.last_failed = None;
                             *this.last = Some(result);
                             continue;
                         }
@@ -804,66 +955,127 @@ where
                     from: this.inner.deployments[from].name.clone(),
                     class,
                 };
+                *this.last_failed = Some((from, class));
                 *this.last = Some(result);
                 continue;
             }
-            if let Some((_, svc)) = this.svc.as_mut() {
-                let ready = svc.poll_ready(cx);
-                match ready {
-                    Poll::Pending => return Poll::Pending,
+            if let Some((i, svc)) = this.svc.as_mut() {
+                let i = *i;
+                if let Some(b) = this.backoff.as_mut() {
+                    if b.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    *this.backoff = None;
+                }
+                match svc.poll_ready(cx) {
+                    Poll::Pending => {
+                        // Not ready by the hedge delay: if another
+                        // deployment can start the call now, it goes there
+                        // instead (nothing was sent here).
+                        let late = this
+                            .hedge_timer
+                            .as_mut()
+                            .is_some_and(|t| t.as_mut().poll(cx).is_ready());
+                        if late && *this.attempts < this.inner.max_attempts {
+                            *this.hedge_timer = None;
+                            let mut others = this.tried.clone();
+                            others[i] = true;
+                            let now = Instant::now();
+                            let choice = this.inner.choose(
+                                this.cost,
+                                this.key.as_deref(),
+                                &others,
+                                Some(i),
+                                this.group,
+                                now,
+                            );
+                            if let Choice::Go(j, start) = choice {
+                                if j != i && start <= now + TIE {
+                                    *this.why = RouteReason::FailedOver {
+                                        from: this.inner.deployments[i].name.clone(),
+                                        class: Class::Overloaded { retry_after: None },
+                                    };
+                                    this.tried[j] = true;
+                                    *this.attempts += 1;
+                                    *this.svc =
+                                        Some((j, this.inner.deployments[j].service.clone()));
+                                    continue;
+                                }
+                            }
+                        }
+                        return Poll::Pending;
+                    }
                     Poll::Ready(Ok(())) => {
                         let fut = svc.call(this.req.clone());
-                        let i = this.svc.as_ref().map_or(0, |(i, _)| *i);
                         *this.svc = None;
                         let why = std::mem::replace(this.why, RouteReason::First);
                         this.inner.routed(i, *this.attempts, why);
-                        let now = Instant::now();
-                        *this.current = (i, now);
-                        // Only a first attempt is hedged.
-                        if *this.attempts == 1 {
-                            *this.hedge_timer = this
-                                .inner
-                                .hedge_at(i, now)
-                                .map(|at| Box::pin(tokio::time::sleep_until(at)));
-                        }
+                        *this.current = (i, Instant::now());
                         this.call.set(Some(fut));
                     }
                     Poll::Ready(Err(e)) => {
+                        // The deployment could not take the call: classified
+                        // as its answer would be.
                         *this.svc = None;
-                        let e: BoxError = (this.boxed)(e);
-                        if *this.attempts >= this.inner.max_attempts {
-                            return Poll::Ready(Err(e));
+                        let result: Result<S::Response, BoxError> = Err((this.boxed)(e));
+                        let class = classify_result(this.classify, &result);
+                        if !fails_over(&class) || *this.attempts >= this.inner.max_attempts {
+                            return Poll::Ready(result);
                         }
-                        *this.last = Some(Err(e));
+                        *this.why = RouteReason::FailedOver {
+                            from: this.inner.deployments[i].name.clone(),
+                            class,
+                        };
+                        *this.last_failed = Some((i, class));
+                        *this.last = Some(result);
                     }
                 }
                 continue;
             }
             // Choose the next deployment.
+            if started >= ATTEMPTS_PER_POLL {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            started += 1;
             let now = Instant::now();
-            let (i, start) =
-                match this
-                    .inner
-                    .choose(this.cost, this.key.as_deref(), this.tried, this.group, now)
-                {
-                    Choice::Go(i, start) => (i, start),
-                    Choice::None(reopens) => {
-                        // Every deployment open or refusing: the last answer,
-                        // else a refusal saying when one reopens.
-                        return Poll::Ready(match this.last.take() {
-                            Some(r) => r,
-                            None => {
-                                let mut r = this.inner.rejected(RejectKind::CircuitOpen);
-                                if let Some(ra) = reopens {
-                                    r = r.with_retry_after(ra);
-                                }
-                                Err(r
-                                    .with_detail("no deployment can take the call".to_owned())
-                                    .into())
+            let avoid = this.last_failed.as_ref().map(|(i, _)| *i);
+            let choice = this.inner.choose(
+                this.cost,
+                this.key.as_deref(),
+                this.tried,
+                avoid,
+                this.group,
+                now,
+            );
+            let (i, start) = match choice {
+                Choice::Go(i, start) => (i, start),
+                Choice::None { reopens, open } => {
+                    // Every deployment open or refusing: the last answer,
+                    // else a refusal saying when one reopens, or that the
+                    // cost fits none.
+                    return Poll::Ready(match this.last.take() {
+                        Some(r) => r,
+                        None if open => {
+                            let mut r = this.inner.rejected(RejectKind::CircuitOpen);
+                            if let Some(ra) = reopens {
+                                r = r.with_retry_after(ra);
                             }
-                        });
-                    }
-                };
+                            Err(r
+                                .with_detail("no deployment can take the call".to_owned())
+                                .into())
+                        }
+                        None => Err(this
+                            .inner
+                            .rejected(RejectKind::BudgetExceeded)
+                            .with_detail(
+                                "the call's cost is above what any deployment can ever admit"
+                                    .to_owned(),
+                            )
+                            .into()),
+                    });
+                }
+            };
             if let Some((dl, _)) = this.deadline.as_ref() {
                 if start > *dl {
                     let name = &this.inner.deployments[i].name;
@@ -877,10 +1089,47 @@ where
                         .into()));
                 }
             }
+            // A deployment tried before (every one was): back off by how
+            // the last attempt failed.
+            if this.tried[i] {
+                if let (Some(backoff), Some((_, class))) =
+                    (this.inner.backoff.as_ref(), this.last_failed.as_ref())
+                {
+                    let delay = backoff.delay_for(class, *this.retries, *this.prev_delay);
+                    *this.retries = this.retries.saturating_add(1);
+                    *this.prev_delay = delay;
+                    if !delay.is_zero() {
+                        *this.backoff = Some(Box::pin(tokio::time::sleep_until(
+                            crate::time::after(now, delay),
+                        )));
+                    }
+                }
+            }
             this.tried[i] = true;
             *this.attempts += 1;
+            // Only a first attempt is hedged; its delay runs from now (a
+            // deployment slow to get ready is hedged too).
+            if *this.attempts == 1 {
+                *this.hedge_timer = this
+                    .inner
+                    .hedge_at(i, now)
+                    .map(|at| Box::pin(tokio::time::sleep_until(at)));
+            }
             *this.svc = Some((i, this.inner.deployments[i].service.clone()));
         }
+    }
+}
+
+/// The class of an attempt's result: a deployment's own refusal (its
+/// breaker, its budget) is `Transient` — another may take the call.
+fn classify_result<R, C: Classify<R, BoxError>>(
+    classify: &C,
+    result: &Result<R, BoxError>,
+) -> Class {
+    match result {
+        Ok(res) => classify.classify(Ok(res)),
+        Err(e) if Rejected::find(e.as_ref()).is_some() => Class::Transient,
+        Err(e) => classify.classify(Err(e)),
     }
 }
 
@@ -926,8 +1175,14 @@ where
             current: (0, Instant::now()),
             hedge_timer: None,
             hedging: (0, Instant::now()),
-            hedged: false,
+            hedge_pair: None,
             why: RouteReason::First,
+            parked: None,
+            last_failed: None,
+            retries: 0,
+            prev_delay: Duration::ZERO,
+            backoff: None,
+            done: false,
             call: None,
             hedge: None,
             boxed: into_box::<S::Error>,
