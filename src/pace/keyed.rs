@@ -443,17 +443,27 @@ impl KeyedPace {
     /// limits alone (its own would be full), no key of the overflow pacer.
     /// `None` when the call would be refused.
     pub fn start_for(&self, key: Option<&str>, cost: &super::Cost) -> Option<tokio::time::Instant> {
+        self.start_for_at(key, cost, tokio::time::Instant::now())
+    }
+
+    /// [`start_for`](Self::start_for) with the time read by the caller.
+    pub(crate) fn start_for_at(
+        &self,
+        key: Option<&str>,
+        cost: &super::Cost,
+        now: tokio::time::Instant,
+    ) -> Option<tokio::time::Instant> {
         if self.inner.template.is_none() {
-            return self.inner.overflow.start_for(cost);
+            return self.inner.overflow.start_for_at(cost, now);
         }
         let key = key.filter(|k| k.len() <= MAX_KEY_LEN);
         match key.and_then(|k| self.peek(k)) {
-            Some(p) => p.start_for(cost),
+            Some(p) => p.start_for_at(cost, now),
             None if key.is_some() => match &self.inner.shared {
-                Some(s) => s.start_for(cost),
-                None => Some(tokio::time::Instant::now()),
+                Some(s) => s.start_for_at(cost, now),
+                None => Some(now),
             },
-            None => self.inner.overflow.start_for(cost),
+            None => self.inner.overflow.start_for_at(cost, now),
         }
     }
 

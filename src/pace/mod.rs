@@ -846,7 +846,11 @@ impl Pace {
     /// # Ok(()) }
     /// ```
     pub fn start_for(&self, cost: &Cost) -> Option<Instant> {
-        let now = Instant::now();
+        self.start_for_at(cost, Instant::now())
+    }
+
+    /// [`start_for`](Self::start_for) with the time read by the caller.
+    pub(crate) fn start_for_at(&self, cost: &Cost, now: Instant) -> Option<Instant> {
         let st = self.shared.lock();
         match &self.shared.parent {
             Some(p) => st.peek_start(cost, now, Some(&p.lock())),

@@ -32,6 +32,8 @@ pub struct Router<S, W = OneRequest, C = ErrorClassifier, K = NoKey> {
 
 struct Inner<S> {
     name: Option<Arc<str>>,
+    /// Every deployment is in one group (no group test per deployment).
+    one_group: bool,
     observer: Observer,
     /// Before a retry of a deployment already tried.
     backoff: Option<Backoff>,
@@ -410,6 +412,10 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
         let n = self.deployments.len();
         Ok(Router {
             inner: Arc::new(Inner {
+                one_group: self
+                    .deployments
+                    .iter()
+                    .all(|d| d.group == self.deployments[0].group),
                 observer: Observer::new(self.name.clone(), self.listener.0),
                 backoff,
                 name: self.name,
@@ -479,6 +485,50 @@ impl<S, W, C, K> Router<S, W, C, K> {
     }
 }
 
+/// The deployments a call has tried: a bit set (one word up to 64
+/// deployments, no allocation).
+#[derive(Debug, Clone)]
+enum Tried {
+    Word(u64),
+    Words(Vec<u64>),
+}
+
+impl Tried {
+    fn new(n: usize) -> Tried {
+        if n <= 64 {
+            Tried::Word(0)
+        } else {
+            Tried::Words(vec![0; n.div_ceil(64)])
+        }
+    }
+
+    fn get(&self, i: usize) -> bool {
+        match self {
+            Tried::Word(w) => i < 64 && w & (1u64 << i) != 0,
+            Tried::Words(v) => v.get(i / 64).is_some_and(|w| w & (1u64 << (i % 64)) != 0),
+        }
+    }
+
+    fn set(&mut self, i: usize) {
+        match self {
+            Tried::Word(w) if i < 64 => *w |= 1u64 << i,
+            Tried::Word(_) => {}
+            Tried::Words(v) => {
+                if let Some(w) = v.get_mut(i / 64) {
+                    *w |= 1u64 << (i % 64);
+                }
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Tried::Word(w) => *w = 0,
+            Tried::Words(v) => v.iter_mut().for_each(|w| *w = 0),
+        }
+    }
+}
+
 /// Where the next attempt goes, or why none can.
 enum Choice {
     Go(usize, Instant),
@@ -500,16 +550,21 @@ impl<S> Inner<S> {
         &self,
         cost: &crate::pace::Cost,
         key: Option<&str>,
-        tried: &[bool],
+        tried: &Tried,
         avoid: Option<usize>,
-        group: &str,
+        group: &Arc<str>,
         now: Instant,
     ) -> Choice {
-        let in_group = |i: usize| &*self.deployments[i].group == group;
-        let all_tried = (0..tried.len()).filter(|i| in_group(*i)).all(|i| tried[i]);
+        let one_group = self.one_group;
+        let in_group = |i: usize| {
+            let g = &self.deployments[i].group;
+            one_group || Arc::ptr_eq(g, group) || g == group
+        };
+        let n = self.deployments.len();
+        let all_tried = (0..n).filter(|i| in_group(*i)).all(|i| tried.get(i));
         // Once every one was tried, any may take the call again; the one
         // that just failed (`avoid`) loses its ties.
-        let candidate = |i: usize| in_group(i) && (all_tried || !tried[i]);
+        let candidate = |i: usize| in_group(i) && (all_tried || !tried.get(i));
         if let Some(go) = self.choose_fast(cost, key, &candidate, avoid, now) {
             return go;
         }
@@ -542,7 +597,7 @@ impl<S> Inner<S> {
                 }
             }
             starts.push(match &d.pace {
-                Some(p) => p.start_for(d.key.as_deref().or(key), cost),
+                Some(p) => p.start_for_at(d.key.as_deref().or(key), cost, now),
                 None => Some(now),
             });
         }
@@ -617,7 +672,7 @@ impl<S> Inner<S> {
             return None;
         }
         let start = match &d.pace {
-            Some(p) => p.start_for(d.key.as_deref().or(key), cost)?,
+            Some(p) => p.start_for_at(d.key.as_deref().or(key), cost, now)?,
             None => now,
         };
         // Within the tie window of now (the pacer reads its own clock).
@@ -648,8 +703,23 @@ impl<S> Inner<S> {
         Some(crate::time::after(at, delay))
     }
 
+    /// Whether attempts' latencies are kept (for a percentile hedge).
+    fn tracks_latency(&self) -> bool {
+        matches!(self.hedge, Some(Hedge::Percentile { .. }))
+    }
+
     /// Tells an attempt sent to deployment `i`.
+    #[inline]
     fn routed(&self, i: usize, attempt: u32, why: RouteReason) {
+        // A first attempt is told at the `trace` level: with nobody
+        // listening, nothing is built.
+        if matches!(why, RouteReason::First)
+            && self.observer.listener.is_none()
+            && !cfg!(feature = "metrics")
+            && !tracing::enabled!(target: "semaforo", tracing::Level::TRACE)
+        {
+            return;
+        }
         self.observer.emit(
             "route",
             EventKind::Routed {
@@ -705,7 +775,7 @@ pub struct RouteFuture<S: Service<Req>, Req, C> {
     /// The request's pacer key.
     key: Option<Box<str>>,
     classify: C,
-    tried: Vec<bool>,
+    tried: Tried,
     attempts: u32,
     /// The total deadline, if any (allocated only then).
     deadline: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
@@ -718,12 +788,13 @@ pub struct RouteFuture<S: Service<Req>, Req, C> {
     /// is known: the future needs no such bound (rustc cannot prove it for
     /// `S::Error = BoxError` inside a spawned async block).
     boxed: fn(S::Error) -> BoxError,
-    /// The deployment of the call in flight, and when it was sent.
-    current: (usize, Instant),
+    /// The deployment of the call in flight, and when it was sent (only
+    /// when latencies are tracked, for a percentile hedge).
+    current: (usize, Option<Instant>),
     /// When to hedge the call in flight.
     hedge_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The deployment of the hedge in flight, and when it was sent.
-    hedging: (usize, Instant),
+    hedging: (usize, Option<Instant>),
     /// The deployments of the hedged attempt and of its hedge, once sent.
     hedge_pair: Option<(usize, usize)>,
     /// Why the next attempt is sent (told in its `Routed` event).
@@ -832,7 +903,7 @@ where
                     if late {
                         *this.hedge_timer = None;
                         let mut others = this.tried.clone();
-                        others[this.current.0] = true;
+                        others.set(this.current.0);
                         let now = Instant::now();
                         let choice = this.inner.choose(
                             this.cost,
@@ -851,9 +922,9 @@ where
                                 let mut svc = this.inner.deployments[i].service.clone();
                                 if let Poll::Ready(Ok(())) = svc.poll_ready(cx) {
                                     this.inner.hedged.fetch_add(1, Ordering::Relaxed);
-                                    this.tried[i] = true;
+                                    this.tried.set(i);
                                     *this.attempts += 1;
-                                    *this.hedging = (i, now);
+                                    *this.hedging = (i, Some(now));
                                     *this.hedge_pair = Some((this.current.0, i));
                                     this.inner.routed(
                                         i,
@@ -894,11 +965,13 @@ where
                             );
                         }
                     }
-                    let took = Instant::now().saturating_duration_since(sent);
-                    this.inner.latencies[from]
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .record(took);
+                    if let Some(sent) = sent {
+                        let took = Instant::now().saturating_duration_since(sent);
+                        this.inner.latencies[from]
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .record(took);
+                    }
                     // The first good answer wins; another attempt still
                     // running is dropped (its reservation stays charged).
                     this.call.set(None);
@@ -941,7 +1014,7 @@ where
                             };
                             this.fell_back.push(*r);
                             *this.group = group.clone();
-                            this.tried.iter_mut().for_each(|t| *t = false);
+                            this.tried.clear();
                             *this.last_failed = None;
                             *this.last = Some(result);
                             continue;
@@ -979,7 +1052,7 @@ where
                         if late && *this.attempts < this.inner.max_attempts {
                             *this.hedge_timer = None;
                             let mut others = this.tried.clone();
-                            others[i] = true;
+                            others.set(i);
                             let now = Instant::now();
                             let choice = this.inner.choose(
                                 this.cost,
@@ -995,7 +1068,7 @@ where
                                         from: this.inner.deployments[i].name.clone(),
                                         class: Class::Overloaded { retry_after: None },
                                     };
-                                    this.tried[j] = true;
+                                    this.tried.set(j);
                                     *this.attempts += 1;
                                     *this.svc =
                                         Some((j, this.inner.deployments[j].service.clone()));
@@ -1010,7 +1083,8 @@ where
                         *this.svc = None;
                         let why = std::mem::replace(this.why, RouteReason::First);
                         this.inner.routed(i, *this.attempts, why);
-                        *this.current = (i, Instant::now());
+                        let sent = this.inner.tracks_latency().then(Instant::now);
+                        *this.current = (i, sent);
                         this.call.set(Some(fut));
                     }
                     Poll::Ready(Err(e)) => {
@@ -1091,7 +1165,7 @@ where
             }
             // A deployment tried before (every one was): back off by how
             // the last attempt failed.
-            if this.tried[i] {
+            if this.tried.get(i) {
                 if let (Some(backoff), Some((_, class))) =
                     (this.inner.backoff.as_ref(), this.last_failed.as_ref())
                 {
@@ -1105,7 +1179,7 @@ where
                     }
                 }
             }
-            this.tried[i] = true;
+            this.tried.set(i);
             *this.attempts += 1;
             // Only a first attempt is hedged; its delay runs from now (a
             // deployment slow to get ready is hedged too).
@@ -1154,13 +1228,15 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let cost = self.weigh.weigh(&req);
         let key = self.key.key(&req).map(|k| Box::<str>::from(k.as_ref()));
-        self.inner.calls.fetch_add(1, Ordering::Relaxed);
+        if self.inner.hedge.is_some() {
+            self.inner.calls.fetch_add(1, Ordering::Relaxed);
+        }
         let deadline = self.inner.deadline.map(|d| {
             let at = crate::time::after(Instant::now(), d);
             (at, Box::pin(tokio::time::sleep_until(at)))
         });
         RouteFuture {
-            tried: vec![false; self.inner.deployments.len()],
+            tried: Tried::new(self.inner.deployments.len()),
             inner: self.inner.clone(),
             req,
             cost,
@@ -1172,9 +1248,9 @@ where
             last: None,
             group: self.inner.first_group.clone(),
             fell_back: Vec::new(),
-            current: (0, Instant::now()),
+            current: (0, None),
             hedge_timer: None,
-            hedging: (0, Instant::now()),
+            hedging: (0, None),
             hedge_pair: None,
             why: RouteReason::First,
             parked: None,
