@@ -659,3 +659,122 @@ async fn a_failed_hedge_waits_for_the_first_attempt_and_the_cap_holds() {
         assert!(err.to_string().contains("hedge"), "{err}");
     }
 }
+
+/// The total deadline holds across a deployment's bulkhead line: its one
+/// place is taken by a 60 s call; a second call with a 5 s deadline ends at
+/// 5 s (`Timeout`), not 60 s, and leaves the line.
+#[tokio::test(start_paused = true)]
+async fn the_deadline_holds_across_a_bulkhead_line() {
+    let bulkhead = semaforo::bulkhead::Bulkhead::builder(1)
+        .max_queue(10)
+        .build()
+        .unwrap();
+    let slow = tower::service_fn(|_req: http::Request<Bytes>| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok::<_, std::io::Error>(http::Response::new(Bytes::from_static(OK.as_bytes())))
+    });
+    let svc = BoxCloneSyncService::new(bulkhead.layer().layer(slow));
+    let router = Router::builder()
+        .deployment(Deployment::new("a", svc))
+        .weigh(weigh)
+        .classify(LlmClassifier::new())
+        .deadline(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let first = tokio::spawn(router.clone().oneshot(chat(1)));
+    tokio::task::yield_now().await;
+    let t0 = Instant::now();
+    let e = router.clone().oneshot(chat(1)).await.unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::from_secs(5));
+    let r = Rejected::from_box(&e).unwrap();
+    assert_eq!((r.layer(), r.kind()), ("route", RejectKind::Timeout));
+    assert_eq!(bulkhead.snapshot().waiting, 0, "it left the line");
+    // The first one ran into the same deadline.
+    let e = first.await.unwrap().unwrap_err();
+    assert_eq!(Rejected::from_box(&e).unwrap().kind(), RejectKind::Timeout);
+}
+
+/// One retry budget for failovers: with a budget of nothing (ratio 0, no
+/// floor), a 529 from A is returned as it is (B never called); with room,
+/// it fails over.
+#[tokio::test(start_paused = true)]
+async fn failovers_draw_from_one_retry_budget() {
+    use semaforo::retry::RetryBudget;
+    let overloaded =
+        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+    for (ratio, floor, b_expected, status) in [(0.0, 0.0, 0, 529), (1.0, 10.0, 1, 200)] {
+        let (a_calls, b_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, _) = deployment(
+            "a",
+            answering(529, overloaded, None, a_calls.clone()),
+            1_000,
+        );
+        let (b, _) = deployment("b", answering(200, OK, None, b_calls.clone()), 1);
+        let budget = Arc::new(RetryBudget::new(ratio, floor, Duration::from_secs(10)).unwrap());
+        let router = Router::builder()
+            .deployment(a)
+            .deployment(b)
+            .weigh(weigh)
+            .classify(LlmClassifier::new())
+            .retry_budget(budget.clone())
+            .build()
+            .unwrap();
+        let res = router.oneshot(chat(1)).await.unwrap();
+        assert_eq!(res.status(), status);
+        assert_eq!(
+            (
+                a_calls.load(Ordering::SeqCst),
+                b_calls.load(Ordering::SeqCst)
+            ),
+            (1, b_expected)
+        );
+        assert_eq!(budget.exhausted(), u64::from(b_expected == 0));
+    }
+}
+
+/// Two deployments of one account (two models) share its org-wide limit
+/// through one `KeyedPace` and keep their own per-model ones: after a call
+/// spends the org's 10,000 tokens on A's model, B's model cannot start now
+/// either — the router waits for the earlier, not B at once.
+#[tokio::test(start_paused = true)]
+async fn deployments_of_one_account_share_its_limit() {
+    use semaforo::llm::ModelField;
+    use semaforo::pace::KeyedPace;
+    let account = KeyedPace::builder(Pace::builder().tokens_per_minute(10_000))
+        .shared(Pace::builder().tokens_per_minute(10_000))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let paced = |model: &'static str| {
+        let svc = account
+            .layer()
+            .key(move |_: &http::Request<Bytes>| Some(model.to_owned()))
+            .weigh(weigh)
+            .layer(answering(200, OK, None, calls.clone()));
+        Deployment::new(model, BoxCloneSyncService::new(svc))
+            .pace(account.clone())
+            .key(model)
+    };
+    let router = Router::builder()
+        .deployment(paced("gpt-4o"))
+        .deployment(paced("gpt-4o-mini"))
+        .weigh(weigh)
+        .key(ModelField)
+        .classify(LlmClassifier::new())
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    // ~10,000 tokens: the whole org budget.
+    router.clone().oneshot(chat(9_990)).await.unwrap();
+    let spent = t0.elapsed();
+    router.clone().oneshot(chat(5_000)).await.unwrap();
+    // The second waited for the org budget to refill 5,000 tokens (30 s),
+    // though its model's own pacer was full.
+    let waited = t0.elapsed() - spent;
+    assert!(
+        waited >= Duration::from_secs(29) && waited <= Duration::from_secs(31),
+        "{waited:?}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(account.keys().len(), 2, "{:?}", account.keys());
+}

@@ -371,6 +371,7 @@ pub struct LlmRouterBuilder<B = Bytes> {
     deadline: Option<Duration>,
     hedge: Option<(Hedge, f64)>,
     backoff: Option<Option<crate::backoff::Backoff>>,
+    budget: Option<Arc<crate::retry::RetryBudget>>,
     listener: ListenerSlot,
 }
 
@@ -443,6 +444,7 @@ impl<B> LlmRouterBuilder<B> {
             deadline: None,
             hedge: None,
             backoff: None,
+            budget: None,
             listener: ListenerSlot::default(),
         }
     }
@@ -486,6 +488,12 @@ impl<B> LlmRouterBuilder<B> {
     /// See [`RouterBuilder::backoff`](crate::route::RouterBuilder::backoff).
     pub fn backoff(mut self, backoff: Option<crate::backoff::Backoff>) -> Self {
         self.backoff = Some(backoff);
+        self
+    }
+
+    /// See [`RouterBuilder::retry_budget`](crate::route::RouterBuilder::retry_budget).
+    pub fn retry_budget(mut self, budget: Arc<crate::retry::RetryBudget>) -> Self {
+        self.budget = Some(budget);
         self
     }
 
@@ -571,6 +579,9 @@ impl<B> LlmRouterBuilder<B> {
         }
         if let Some(b) = self.backoff {
             builder = builder.backoff(b);
+        }
+        if let Some(b) = self.budget {
+            builder = builder.retry_budget(b);
         }
         if let Some(l) = self.listener.0 {
             builder = builder.on_event(move |e: &Event<'_>| l(e));

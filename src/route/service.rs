@@ -6,6 +6,7 @@ use crate::classify::{Class, Classify, ErrorClassifier};
 use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
 use crate::observe::{BreakerState, Event, EventKind, ListenerSlot, Observer, RouteReason};
 use crate::pace::{NoKey, OneRequest, PaceKey, Weigh};
+use crate::retry::RetryBudget;
 use pin_project::pin_project;
 use std::fmt;
 use std::future::Future;
@@ -37,6 +38,8 @@ struct Inner<S> {
     observer: Observer,
     /// Before a retry of a deployment already tried.
     backoff: Option<Backoff>,
+    /// What every attempt after a call's first draws from.
+    budget: Option<Arc<RetryBudget>>,
     deployments: Vec<Deployment<S>>,
     /// Where a call starts.
     first_group: Arc<str>,
@@ -137,6 +140,7 @@ pub struct RouterBuilder<S, W = OneRequest, C = ErrorClassifier, K = NoKey> {
     deadline: Option<Duration>,
     hedge: Option<(Hedge, f64)>,
     backoff: Option<Option<Backoff>>,
+    budget: Option<Arc<RetryBudget>>,
     listener: ListenerSlot,
     weigh: W,
     classify: C,
@@ -165,6 +169,7 @@ impl<S> Router<S> {
             deadline: None,
             hedge: None,
             backoff: None,
+            budget: None,
             listener: ListenerSlot::default(),
             weigh: OneRequest,
             classify: ErrorClassifier,
@@ -271,6 +276,16 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
         self
     }
 
+    /// One retry budget for every attempt after a call's first — failover,
+    /// fallback and retry alike (hedges have their own cap): each call
+    /// deposits, each further attempt withdraws, and a call whose budget is
+    /// spent ends with its last answer. Share the `Arc` with other layers to
+    /// bound them together.
+    pub fn retry_budget(mut self, budget: Arc<RetryBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
     /// The cost of a request, as the deployments' pacers weigh it (they
     /// are asked when a call of this cost could start).
     pub fn weigh<W2>(self, weigh: W2) -> RouterBuilder<S, W2, C, K> {
@@ -283,6 +298,7 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
             deadline: self.deadline,
             hedge: self.hedge,
             backoff: self.backoff,
+            budget: self.budget,
             listener: self.listener,
             weigh,
             classify: self.classify,
@@ -301,6 +317,7 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
             deadline: self.deadline,
             hedge: self.hedge,
             backoff: self.backoff,
+            budget: self.budget,
             listener: self.listener,
             weigh: self.weigh,
             classify,
@@ -323,6 +340,7 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
             deadline: self.deadline,
             hedge: self.hedge,
             backoff: self.backoff,
+            budget: self.budget,
             listener: self.listener,
             weigh: self.weigh,
             classify: self.classify,
@@ -418,6 +436,7 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
                     .all(|d| d.group == self.deployments[0].group),
                 observer: Observer::new(self.name.clone(), self.listener.0),
                 backoff,
+                budget: self.budget,
                 name: self.name,
                 deployments: self.deployments,
                 first_group,
@@ -1163,6 +1182,16 @@ where
                         .into()));
                 }
             }
+            // Every attempt after the first draws from the retry budget.
+            if *this.attempts > 0 {
+                if let Some(budget) = &this.inner.budget {
+                    if !budget.try_withdraw() {
+                        if let Some(last) = this.last.take() {
+                            return Poll::Ready(last);
+                        }
+                    }
+                }
+            }
             // A deployment tried before (every one was): back off by how
             // the last attempt failed.
             if this.tried.get(i) {
@@ -1230,6 +1259,9 @@ where
         let key = self.key.key(&req).map(|k| Box::<str>::from(k.as_ref()));
         if self.inner.hedge.is_some() {
             self.inner.calls.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(b) = &self.inner.budget {
+            b.deposit();
         }
         let deadline = self.inner.deadline.map(|d| {
             let at = crate::time::after(Instant::now(), d);
