@@ -406,3 +406,131 @@ async fn a_deployment_that_overloads_is_left_then_gets_its_traffic_back() {
     let after = log.iter().filter(|(t, _)| *t > back).count();
     assert!(after >= 30, "A got {after} calls after it recovered");
 }
+
+/// A streamed request too long for the small model: its 400 (a JSON error
+/// body, not a stream) is read whole and classified by its body, so the
+/// call falls back once to the long-context deployment, renamed.
+#[tokio::test(start_paused = true)]
+async fn a_streamed_context_length_error_falls_back() {
+    let too_long = r#"{"error":{"message":"This model's maximum context length is 128000 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
+    let small_calls = Arc::new(AtomicUsize::new(0));
+    let small = {
+        let calls = small_calls.clone();
+        service_fn(move |_req: http::Request<Bytes>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let frames: Frames = futures::stream::iter([Ok(http_body::Frame::data(
+                    Bytes::from_static(too_long.as_bytes()),
+                ))])
+                .boxed();
+                Ok::<_, std::io::Error>(
+                    http::Response::builder()
+                        .status(400)
+                        .body(StreamBody::new(frames))
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    let long_calls = Arc::new(AtomicUsize::new(0));
+    let router = LlmStack::stream_router()
+        .deployment(LlmDeployment::streaming(
+            "small",
+            LlmStack::openai(TIER),
+            small,
+        ))
+        .deployment(
+            LlmDeployment::streaming(
+                "long",
+                LlmStack::openai(TIER),
+                streaming(vec!["data: [DONE]\n\n"], long_calls.clone()),
+            )
+            .group("long-context")
+            .model("gpt-4.1"),
+        )
+        .fallback(Permanent::ContextLengthExceeded, "long-context")
+        .build()
+        .unwrap();
+    let res = router.oneshot(chat(true)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.into_body().collect().await.unwrap().to_bytes(),
+        "data: [DONE]\n\n"
+    );
+    assert_eq!(
+        (
+            small_calls.load(Ordering::SeqCst),
+            long_calls.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
+}
+
+/// Each preset deployment's bulkhead counts: A (weight 1,000) answers in
+/// 20 s, B in 1 s, both with 2 permits; 20 calls at once. Once A's permits
+/// are taken, calls go to B's line while its wait (callers ahead × 1 s / 2)
+/// is shorter than A's (× 20 s / 2): A gets 2, B 18, and every call on B
+/// ends within 9 s.
+#[tokio::test(start_paused = true)]
+async fn a_full_bulkhead_makes_a_deployment_later() {
+    use semaforo::bulkhead::Bulkhead;
+    let answer_after = |secs: u64, calls: Arc<AtomicUsize>| {
+        service_fn(move |_req: http::Request<Bytes>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+                Ok::<_, std::io::Error>(http::Response::new(Bytes::from_static(OK.as_bytes())))
+            }
+        })
+    };
+    // Each bulkhead's service time as configured (a bulkhead also learns
+    // it from the calls admitted from its line).
+    let two = |name: &str, secs: u64| {
+        Bulkhead::builder(2)
+            .name(name)
+            .max_queue(100)
+            .expected_service_time(Duration::from_secs(secs))
+            .build()
+            .unwrap()
+    };
+    let (a_calls, b_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let router = LlmStack::router()
+        .deployment(
+            LlmDeployment::new(
+                "a",
+                LlmStack::openai(TIER).bulkhead(two("a", 20)),
+                answer_after(20, a_calls.clone()),
+            )
+            .weight(1_000),
+        )
+        .deployment(LlmDeployment::new(
+            "b",
+            LlmStack::openai(TIER).bulkhead(two("b", 1)),
+            answer_after(1, b_calls.clone()),
+        ))
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let call = router.clone().oneshot(chat(false));
+        tasks.push(tokio::spawn(call));
+        tokio::task::yield_now().await;
+    }
+    let mut slowest_b = Duration::ZERO;
+    for t in tasks {
+        let res = t.await.unwrap().unwrap();
+        assert_eq!(res.status(), 200);
+        if t0.elapsed() < Duration::from_secs(20) {
+            slowest_b = slowest_b.max(t0.elapsed());
+        }
+    }
+    assert_eq!(
+        (
+            a_calls.load(Ordering::SeqCst),
+            b_calls.load(Ordering::SeqCst)
+        ),
+        (2, 18)
+    );
+    assert!(slowest_b <= Duration::from_secs(9), "{slowest_b:?}");
+}

@@ -64,6 +64,8 @@
 //! # Ok(()) }
 //! ```
 
+#[allow(dead_code)] // wired into the bulkhead next
+mod adaptive;
 mod future;
 mod layer;
 mod order;
@@ -73,6 +75,7 @@ mod service;
 mod ticket;
 mod waiter;
 
+pub use adaptive::{Aimd, Gradient2, Limit, Vegas};
 pub use future::ResponseFuture;
 pub use layer::{BulkheadLayer, InfoFns, NoInfo, RequestInfo};
 pub use permit::BulkheadPermit;
@@ -286,6 +289,23 @@ impl Bulkhead {
     /// Counts for a health endpoint (one short lock).
     pub fn snapshot(&self) -> BulkheadSnapshot {
         self.shared.snapshot()
+    }
+
+    /// Whether a call could take a permit now (one atomic load): a permit
+    /// is free and nobody waits.
+    pub(crate) fn free_now(&self) -> bool {
+        self.shared.free_now()
+    }
+
+    /// About how long a call arriving now would wait for a permit: the
+    /// callers ahead of it times the service time (smoothed, or the
+    /// configured expected one, else 1 s) over the limit.
+    pub(crate) fn wait_estimate(&self) -> Duration {
+        let s = self.snapshot();
+        let service = s.service_time.unwrap_or(Duration::from_secs(1));
+        let ahead = s.waiting.saturating_add(1);
+        let rounds = ahead.div_ceil(s.limit.max(1));
+        service.saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX))
     }
 
     /// The name given to the builder.

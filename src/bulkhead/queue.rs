@@ -478,6 +478,13 @@ impl Shared {
         self.dispatch(&mut q);
     }
 
+    /// A permit is free and nobody waits (one atomic load).
+    #[inline]
+    pub(crate) fn free_now(&self) -> bool {
+        let s = self.state.load(Ordering::Relaxed);
+        s & (CLOSED | WAITERS_MASK) == 0 && in_flight(s) < self.limit()
+    }
+
     #[inline]
     pub(crate) fn limit(&self) -> u32 {
         self.limit.load(Ordering::Relaxed)

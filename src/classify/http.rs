@@ -137,6 +137,17 @@ impl Classified {
             .map(|c| c.class)
     }
 
+    /// Records `class` as `C`'s for `res` (in place of any record).
+    #[cfg_attr(not(feature = "llm"), allow(dead_code))]
+    pub(crate) fn record<C: 'static, B>(res: &mut http::Response<B>, class: Class) {
+        let status = res.status();
+        res.extensions_mut().insert(Classified {
+            class,
+            by: std::any::TypeId::of::<C>(),
+            status,
+        });
+    }
+
     /// The class recorded by `C`, or `classify(res)` recorded for the layers
     /// outside when it is a failure.
     #[inline]

@@ -2,7 +2,7 @@
 //! an [`LlmStack`] of its own (see [`LlmStack::router`]).
 
 use super::{Estimate, LlmStack, LlmStackBuilder, ModelField};
-use crate::classify::{LlmClassifier, LlmHeadClassifier, Permanent};
+use crate::classify::{Classified, LlmClassifier, LlmHeadClassifier, Permanent};
 use crate::error::{BoxError, ConfigError};
 use crate::observe::{Event, ListenerSlot};
 use crate::retry::Retry;
@@ -123,6 +123,15 @@ type Make<B> = Box<dyn FnOnce(&LlmStack) -> Boxed<B> + Send>;
 /// base URL, its key and auth header (`Authorization: Bearer` or Azure's
 /// `api-key`), Azure's `api-version`; [`map_request`](Self::map_request)
 /// rewrites a request for it, [`model`](Self::model) renames the model.
+/// Requests carry the API's path (`/v1/chat/completions`): a client that
+/// joins a base URL spelled as the SDKs spell it (`https://api.openai.com/v1`)
+/// must not repeat the `/v1`.
+///
+/// The router asks each deployment's pacer, breaker and bulkhead when a
+/// call could start (a deployment whose permits are all taken is later by
+/// its line's wait), and weighs a call as the first deployment's stack
+/// does: give the deployments of one provider one estimator
+/// ([`LlmStackBuilder::estimator`]) so that they weigh alike.
 pub struct LlmDeployment<B = Bytes> {
     name: Arc<str>,
     stack: LlmStackBuilder,
@@ -185,7 +194,20 @@ impl LlmDeployment<LlmRouterBody> {
             stack,
             Box::new(move |stack: &LlmStack| {
                 let held = FirstChunkLayer::new().layer(stack.stream_layer().layer(client));
-                BoxCloneSyncService::new(held.map_response(|res| {
+                BoxCloneSyncService::new(held.map_response(|mut res| {
+                    // An error answer arrives whole: classified by its body
+                    // too (a context-length error falls back), for the
+                    // router's head classifier to read.
+                    if !res.status().is_success() {
+                        if let Some(body) = res.body().whole() {
+                            let class = LlmClassifier::new().classify_parts(
+                                res.status().as_u16(),
+                                res.headers(),
+                                &body,
+                            );
+                            Classified::record::<LlmHeadClassifier, _>(&mut res, class);
+                        }
+                    }
                     res.map(|body| LlmRouterBody {
                         inner: body.boxed_unsync(),
                     })
@@ -372,6 +394,7 @@ pub struct LlmRouterBuilder<B = Bytes> {
     hedge: Option<(Hedge, f64)>,
     backoff: Option<Option<crate::backoff::Backoff>>,
     budget: Option<Arc<crate::retry::RetryBudget>>,
+    shutdown: Option<crate::shutdown::Shutdown>,
     listener: ListenerSlot,
 }
 
@@ -445,6 +468,7 @@ impl<B> LlmRouterBuilder<B> {
             hedge: None,
             backoff: None,
             budget: None,
+            shutdown: None,
             listener: ListenerSlot::default(),
         }
     }
@@ -491,6 +515,16 @@ impl<B> LlmRouterBuilder<B> {
         self
     }
 
+    /// One [`Shutdown`](crate::shutdown::Shutdown) for every deployment's
+    /// stack (each gets its own otherwise): one trigger drains them all, and
+    /// `Health::new(&shutdown)` with
+    /// [`Router::register_health`](crate::route::Router::register_health)
+    /// reports them.
+    pub fn shutdown(mut self, shutdown: crate::shutdown::Shutdown) -> Self {
+        self.shutdown = Some(shutdown);
+        self
+    }
+
     /// See [`RouterBuilder::retry_budget`](crate::route::RouterBuilder::retry_budget).
     pub fn retry_budget(mut self, budget: Arc<crate::retry::RetryBudget>) -> Self {
         self.budget = Some(budget);
@@ -524,7 +558,11 @@ impl<B> LlmRouterBuilder<B> {
                 .name(name.clone())
                 .max_attempts(1)
                 .build()?;
-            let stack = d.stack.name(&*name).retry(single).build().map_err(|e| {
+            let mut stack = d.stack.name(&*name).retry(single);
+            if let Some(s) = &self.shutdown {
+                stack = stack.shutdown(s.clone());
+            }
+            let stack = stack.build().map_err(|e| {
                 ConfigError::new(
                     "llm router",
                     "deployment",
@@ -541,6 +579,7 @@ impl<B> LlmRouterBuilder<B> {
             let mut deployment = Deployment::new(name, service)
                 .pace(stack.pace().clone())
                 .breaker(stack.breaker().clone())
+                .bulkhead(stack.bulkhead().clone())
                 .weight(d.weight);
             if let Some(g) = d.group {
                 deployment = deployment.group(g);

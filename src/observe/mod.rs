@@ -45,8 +45,8 @@
 //! Levels — in flight, queue depth, breaker state, pace capacity, quota keys —
 //! are sampled rather than counted per call: register the layers with a
 //! [`Health`](crate::health::Health) and call
-//! [`Health::record_metrics`](crate::health::Health::record_metrics) (or
-//! [`spawn_metrics`](crate::health::Health::spawn_metrics)), which sets
+//! `Health::record_metrics` (or `Health::spawn_metrics`, both with the
+//! feature), which sets
 //! `semaforo_<kind>_<detail>` gauges labelled `name`, e.g.
 //! `semaforo_bulkhead_in_flight`, `semaforo_bulkhead_waiting`,
 //! `semaforo_breaker_open`, `semaforo_breaker_failure_rate`,

@@ -65,7 +65,9 @@ impl<S> Layer<S> for FirstChunkLayer {
 /// was ready at once after it (up to 16 frames or 64 KiB); a body error
 /// before then is the call's error (so the router classifies it — an LLM
 /// stream's `StreamFailed` by the class of its error event — and may fail
-/// over). Other statuses pass at once, their body untouched. The body it
+/// over). Any other status is answered once its body ended (up to 64 frames
+/// or 64 KiB): an error body is small, and a classifier may read it (the LLM
+/// router preset classifies a context-length error by it). The body it
 /// answers replays the held frames, then the rest.
 ///
 /// Hedging over such deployments hedges a stream whose first chunk is
@@ -141,15 +143,15 @@ where
                 held: VecDeque::new(),
                 rest: Some(Box::pin(body)),
             };
-            if !parts.status.is_success() {
-                return Poll::Ready(Ok(http::Response::from_parts(parts, body)));
-            }
             *this.held = Some((parts, body));
         }
-        let Some((_, body)) = this.held.as_mut() else {
+        let Some((parts, body)) = this.held.as_mut() else {
             return Poll::Ready(Err("FirstChunkFuture polled after it finished".into()));
         };
-        // Until the first data, then whatever is ready at once.
+        // A success: until the first data, then whatever is ready at once.
+        // An error answer: whole (within the same bounds), for a classifier
+        // that reads error bodies.
+        let success = parts.status.is_success();
         loop {
             let got_data = body
                 .held
@@ -161,14 +163,17 @@ where
                 .filter_map(|f| f.data_ref())
                 .map(Bytes::len)
                 .sum();
-            if got_data && (body.held.len() >= HELD_FRAMES || held_bytes >= HELD_BYTES) {
+            if body.held.len() >= HELD_FRAMES * 4 || held_bytes >= HELD_BYTES {
+                break;
+            }
+            if success && got_data && body.held.len() >= HELD_FRAMES {
                 break;
             }
             let Some(rest) = body.rest.as_mut() else {
                 break;
             };
             match rest.as_mut().poll_frame(cx) {
-                Poll::Pending if got_data => break,
+                Poll::Pending if success && got_data => break,
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     body.rest = None;
@@ -200,6 +205,22 @@ where
 pub struct FirstChunkBody<B> {
     held: VecDeque<Frame<Bytes>>,
     rest: Option<Pin<Box<B>>>,
+}
+
+impl<B> FirstChunkBody<B> {
+    /// The whole body, when it was held to its end (its data frames
+    /// joined).
+    #[cfg_attr(not(feature = "llm"), allow(dead_code))]
+    pub(crate) fn whole(&self) -> Option<Bytes> {
+        if self.rest.is_some() {
+            return None;
+        }
+        let mut out = bytes::BytesMut::new();
+        for d in self.held.iter().filter_map(|f| f.data_ref()) {
+            out.extend_from_slice(d);
+        }
+        Some(out.freeze())
+    }
 }
 
 impl<B> fmt::Debug for FirstChunkBody<B> {

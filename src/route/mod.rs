@@ -115,6 +115,7 @@ pub struct Deployment<S> {
     /// The key this deployment paces every call under (else the request's).
     pub(crate) key: Option<Arc<str>>,
     pub(crate) breaker: Option<Breaker>,
+    pub(crate) bulkhead: Option<crate::bulkhead::Bulkhead>,
     pub(crate) weight: u32,
     pub(crate) group: Arc<str>,
 }
@@ -129,6 +130,7 @@ impl<S> Deployment<S> {
             pace: None,
             key: None,
             breaker: None,
+            bulkhead: None,
             weight: 1,
             group: Arc::from(DEFAULT_GROUP),
         }
@@ -166,6 +168,17 @@ impl<S> Deployment<S> {
     /// service uses): the router sends nothing to it while it is open.
     pub fn breaker(mut self, breaker: Breaker) -> Self {
         self.breaker = Some(breaker);
+        self
+    }
+
+    /// The bulkhead in front of this deployment's client (the same one its
+    /// service uses): a deployment whose permits are all taken is later by
+    /// about its line's wait — the callers ahead times its service time
+    /// (learned from the calls admitted from its line, else its
+    /// `expected_service_time`, else 1 s) over its limit — so a call goes to
+    /// one with a free permit first.
+    pub fn bulkhead(mut self, bulkhead: crate::bulkhead::Bulkhead) -> Self {
+        self.bulkhead = Some(bulkhead);
         self
     }
 

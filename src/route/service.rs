@@ -21,6 +21,9 @@ use tower_service::Service;
 /// Starts closer than this count as a tie (weights decide).
 const TIE: Duration = Duration::from_millis(1);
 
+/// The calls the hedge cap looks back on (both counts halve at it).
+const HEDGE_WINDOW: u64 = 1_000;
+
 /// Routes each call to the deployment that could start it soonest; see the
 /// [module docs](super). Cheap to clone; clones share the deployments and
 /// the weighted round robin.
@@ -226,7 +229,10 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
         self
     }
 
-    /// The longest a call may take, from the router's `call` to its answer:
+    /// The longest a call may take, from the router's `call` to its answer
+    /// (for a stream: its response, or its first chunk with
+    /// `FirstChunkLayer`, feature `http`; the rest of the stream is bounded
+    /// by the deployment's own stream timeouts):
     /// waits in a deployment's line, attempts and failovers included
     /// (default: none). A call whose earliest start is beyond it is refused
     /// at once (`BudgetExceeded` with the exact `retry_after`); one still
@@ -242,9 +248,10 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
     /// waits, and never makes anyone wait) — and the first answer wins, the
     /// other is dropped (its reservation stays charged: the upstream counted
     /// it). A failed answer while the other attempt runs waits for that
-    /// one. At most `max_share` (in (0, 1]) of calls are hedged, and a hedge
-    /// counts as an attempt (within `max_attempts`). Only a first attempt is
-    /// hedged.
+    /// one. At most `max_share` (in (0, 1]) of the recent calls are hedged
+    /// (plus one: a fresh router may hedge its first late call; the counts
+    /// halve every 1,000 calls), and a hedge counts as an attempt (within
+    /// `max_attempts`). Only a first attempt is hedged.
     ///
     /// Hedging as in Dean and Barroso, "The Tail at Scale" (CACM 2013):
     /// hedged requests sent after the 95th-percentile latency cut the tail
@@ -463,7 +470,7 @@ impl<S, W, C, K> Router<S, W, C, K> {
         &self.inner.deployments
     }
 
-    /// Registers every deployment's breaker and pacer with `health`, named
+    /// Registers every deployment's bulkhead, breaker and pacer with `health`, named
     /// `name/deployment` (a keyed pacer's parts as
     /// [`Health::keyed_pace`](crate::health::Health::keyed_pace) names them
     /// under that prefix).
@@ -493,6 +500,9 @@ impl<S, W, C, K> Router<S, W, C, K> {
         let mut h = health;
         for d in &self.inner.deployments {
             let part = format!("{name}/{}", d.name);
+            if let Some(b) = &d.bulkhead {
+                h = h.bulkhead(&part, b);
+            }
             if let Some(b) = &d.breaker {
                 h = h.breaker(&part, b);
             }
@@ -615,10 +625,18 @@ impl<S> Inner<S> {
                     continue;
                 }
             }
-            starts.push(match &d.pace {
+            let start = match &d.pace {
                 Some(p) => p.start_for_at(d.key.as_deref().or(key), cost, now),
                 None => Some(now),
-            });
+            };
+            // A full bulkhead: later by about its line's wait.
+            let start = match (&d.bulkhead, start) {
+                (Some(b), Some(s)) if !b.free_now() => {
+                    Some(s.max(crate::time::after(now, b.wait_estimate())))
+                }
+                (_, s) => s,
+            };
+            starts.push(start);
         }
         let Some(first) = starts.iter().flatten().min().copied() else {
             return Choice::None { reopens, open };
@@ -687,6 +705,7 @@ impl<S> Inner<S> {
         if d.breaker
             .as_ref()
             .is_some_and(|b| b.state() != BreakerState::Closed)
+            || d.bulkhead.as_ref().is_some_and(|b| !b.free_now())
         {
             return None;
         }
@@ -749,11 +768,13 @@ impl<S> Inner<S> {
         );
     }
 
-    /// Whether one more hedge stays within the cap (counted when sent).
+    /// Whether one more hedge stays within the cap (counted when sent): at
+    /// most `max_share` of the recent calls, plus one (a fresh router may
+    /// hedge its first late call).
     fn hedge_room(&self) -> bool {
         let calls = self.calls.load(Ordering::Relaxed) as f64;
         let hedged = self.hedged.load(Ordering::Relaxed) as f64;
-        hedged + 1.0 <= self.hedge_share * calls
+        hedged < self.hedge_share * calls + 1.0
     }
 
     /// A refusal of the router's own, told to its listener.
@@ -1258,7 +1279,17 @@ where
         let cost = self.weigh.weigh(&req);
         let key = self.key.key(&req).map(|k| Box::<str>::from(k.as_ref()));
         if self.inner.hedge.is_some() {
-            self.inner.calls.fetch_add(1, Ordering::Relaxed);
+            // The cap counts recent calls: both counts halve every 1,000
+            // calls (a quiet past does not pay for a slow present).
+            if self.inner.calls.fetch_add(1, Ordering::Relaxed) + 1 == HEDGE_WINDOW {
+                self.inner
+                    .calls
+                    .fetch_sub(HEDGE_WINDOW / 2, Ordering::Relaxed);
+                let _ = self
+                    .inner
+                    .hedged
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| Some(h / 2));
+            }
         }
         if let Some(b) = &self.inner.budget {
             b.deposit();
