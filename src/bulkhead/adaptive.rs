@@ -15,7 +15,27 @@
 use std::time::Duration;
 
 /// How a bulkhead's limit is set: fixed, or moved by a controller from the
-/// calls' latencies and drops (see the [module docs](self)).
+/// calls' latencies and drops.
+///
+/// The formulas are Netflix's `concurrency-limits` (`AIMDLimit`,
+/// `VegasLimit`, `Gradient2Limit`), each run once per window of samples
+/// (Netflix's `WindowedLimit`: `max(10, limit / sample_every)` samples, their
+/// average latency, any drop, the most in flight) — moving on every sample
+/// overshoots, as the calls in flight when the limit moved all report the
+/// same load. Vegas and Gradient2 compare latencies with the upstream's
+/// unloaded latency, measured as Envoy's adaptive concurrency filter does:
+/// the limit is pinned to 3 calls until 10 calls ended with at most 3 in
+/// flight, their lowest latency is the baseline, and the limit goes back
+/// where it was — at the start, then every 60 s (a dip of about one
+/// latency's worth of throughput a minute). A drop is an `Overloaded` or
+/// `Transient` answer (a timeout below included); `Throttled`, `Permanent`
+/// and this crate's own refusals are not samples.
+///
+/// Settled bands with a latency of 100 ms up to a capacity `C` and
+/// proportional to the load above it (`tests/adaptive.rs`): AIMD with a
+/// 120 ms threshold, between 0.9 and 1.2 × C; Vegas at C + α … β (α, β
+/// = 2, 4 × log₁₀ limit: C = 50, 53 to 57; C = 20, 23 to 25); Gradient2
+/// with tolerance 1.2 at about 1.2 × C plus its queue size.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Limit {
@@ -105,31 +125,34 @@ impl Default for Aimd {
 
 /// Vegas (Netflix `VegasLimit`): with `rtt₀` the lowest latency seen (the
 /// upstream unloaded) and `rtt` a sample's, the calls queued upstream are
-/// `queue = ⌈limit × (1 − rtt₀ / rtt)⌉`; with `α = 3·log₁₀ limit`,
-/// `β = 6·log₁₀ limit`: a drop takes `log₁₀ limit` off; `queue ≤ log₁₀ limit`
+/// `queue = ⌈limit × (1 − rtt₀ / rtt)⌉`; with `α = a·log₁₀ limit`,
+/// `β = b·log₁₀ limit` (a = 3, b = 6 by default, [`Vegas::queue`]): a drop takes `log₁₀ limit` off; `queue ≤ log₁₀ limit`
 /// adds `β`; `queue < α` adds `log₁₀ limit`; `queue > β` takes `log₁₀ limit`
 /// off; otherwise no change — then the limit moves by `smoothing` of that
-/// step. Settles at the upstream's capacity plus `α … β` queued calls
-/// (capacity 50: about 55 to 60). `rtt₀` is measured again every
-/// `probe_multiplier × limit` samples (the upstream may have changed).
+/// step. A drop multiplies the limit by 0.9 (Netflix's default takes
+/// `log₁₀ limit` off: from far above the capacity that takes minutes).
+/// Settles at the upstream's capacity plus `α … β` queued calls (capacity
+/// 50: about 55 to 60). `rtt₀` is measured by probes (see [`Limit`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Vegas {
     pub(crate) min: u32,
     pub(crate) initial: Option<u32>,
     pub(crate) smoothing: f64,
-    pub(crate) probe_multiplier: u32,
+    pub(crate) alpha: f64,
+    pub(crate) beta: f64,
 }
 
 impl Vegas {
     /// Defaults: min 1, initial the bulkhead's `max_concurrent`, smoothing
-    /// 1.0, probe every 30 × limit samples (Netflix's defaults but the
+    /// 1.0, α = 3 and β = 6 times `log₁₀ limit` (Netflix's defaults but the
     /// initial).
     pub fn new() -> Self {
         Vegas {
             min: 1,
             initial: None,
             smoothing: 1.0,
-            probe_multiplier: 30,
+            alpha: 3.0,
+            beta: 6.0,
         }
     }
 
@@ -151,9 +174,12 @@ impl Vegas {
         self
     }
 
-    /// `rtt₀` is measured again every `m × limit` samples (at least 1).
-    pub fn probe_multiplier(mut self, m: u32) -> Self {
-        self.probe_multiplier = m;
+    /// The queued calls Vegas aims for, as multiples of `log₁₀ limit`: it
+    /// grows below `alpha`, shrinks above `beta` (0 < alpha < beta; default
+    /// 3 and 6). Smaller values settle closer to the capacity.
+    pub fn queue(mut self, alpha: f64, beta: f64) -> Self {
+        self.alpha = alpha;
+        self.beta = beta;
         self
     }
 }
@@ -238,6 +264,69 @@ impl Default for Gradient2 {
     }
 }
 
+/// Checks a strategy's parameters for a bulkhead of at most `max`.
+pub(crate) fn validate(limit: &Limit, max: u32) -> Result<(), crate::ConfigError> {
+    let err = |reason: String| Err(crate::ConfigError::new("bulkhead", "limit", reason));
+    let (min, initial) = match limit {
+        Limit::Fixed => return Ok(()),
+        Limit::Aimd(a) => {
+            if !(a.backoff_ratio > 0.0 && a.backoff_ratio < 1.0) {
+                return err(format!(
+                    "AIMD backoff_ratio must be in (0, 1), got {}",
+                    a.backoff_ratio
+                ));
+            }
+            if a.latency_threshold.is_zero() {
+                return err("AIMD latency_threshold must be above zero".into());
+            }
+            (a.min, a.initial)
+        }
+        Limit::Vegas(v) => {
+            if !(v.smoothing > 0.0 && v.smoothing <= 1.0) {
+                return err(format!(
+                    "Vegas smoothing must be in (0, 1], got {}",
+                    v.smoothing
+                ));
+            }
+            if !(v.alpha.is_finite() && v.beta.is_finite() && v.alpha > 0.0 && v.alpha < v.beta) {
+                return err(format!(
+                    "Vegas queue needs 0 < alpha < beta, got {} and {}",
+                    v.alpha, v.beta
+                ));
+            }
+            (v.min, v.initial)
+        }
+        Limit::Gradient2(g) => {
+            if !(g.smoothing > 0.0 && g.smoothing <= 1.0) {
+                return err(format!(
+                    "Gradient2 smoothing must be in (0, 1], got {}",
+                    g.smoothing
+                ));
+            }
+            if !(g.tolerance.is_finite() && g.tolerance >= 1.0) {
+                return err(format!(
+                    "Gradient2 tolerance must be at least 1, got {}",
+                    g.tolerance
+                ));
+            }
+            (g.min, g.initial)
+        }
+    };
+    if min == 0 || min > max {
+        return err(format!(
+            "min must be between 1 and max_concurrent ({max}), got {min}"
+        ));
+    }
+    if let Some(i) = initial {
+        if i < min || i > max {
+            return err(format!(
+                "initial must be between min ({min}) and max_concurrent ({max}), got {i}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// One call, as a controller sees it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Sample {
@@ -271,6 +360,7 @@ pub(crate) struct Controller {
     window: Window,
     /// The baseline latency (Vegas, Gradient2), and how it is measured.
     probe: Probe,
+    reason: crate::observe::LimitReason,
 }
 
 /// The samples of one window (Netflix's `WindowedLimit`): the limit moves
@@ -338,6 +428,7 @@ impl Controller {
             state,
             window: Window::default(),
             probe,
+            reason: crate::observe::LimitReason::Probe,
         })
     }
 
@@ -350,6 +441,15 @@ impl Controller {
         self.limit.round().clamp(self.min, self.max) as u32
     }
 
+    /// The limit outside a probe (what the line is sized for).
+    pub(crate) fn nominal(&self) -> u32 {
+        let l = match self.probe {
+            Probe::Measuring { restore, .. } => restore,
+            _ => self.limit,
+        };
+        l.round().clamp(self.min, self.max) as u32
+    }
+
     /// A new maximum (`set_max_concurrent`): the limit stays below it.
     pub(crate) fn set_max(&mut self, max: u32) {
         self.max = f64::from(max.max(1)).max(self.min);
@@ -357,6 +457,11 @@ impl Controller {
         if let Probe::Measuring { restore, .. } = &mut self.probe {
             *restore = restore.clamp(self.min, self.max);
         }
+    }
+
+    /// Why the limit last moved.
+    pub(crate) fn reason(&self) -> crate::observe::LimitReason {
+        self.reason
     }
 
     /// Takes one sample of 1 in `sample_every` calls; returns the limit
@@ -380,6 +485,7 @@ impl Controller {
                 }
                 let (base, restore) = (best.max(1e-9), *restore);
                 self.limit = restore;
+                self.reason = crate::observe::LimitReason::Probe;
                 self.probe = Probe::Known {
                     base,
                     next: crate::time::after(s.at, PROBE_INTERVAL),
@@ -394,6 +500,7 @@ impl Controller {
                         seen: 0,
                         best: f64::INFINITY,
                     };
+                    self.reason = crate::observe::LimitReason::Probe;
                     return self.limit();
                 }
             }
@@ -437,7 +544,7 @@ impl Controller {
             }
             State::Vegas { cfg } => {
                 let log = limit.max(1.0).log10().max(1.0);
-                let (alpha, beta) = (3.0 * log, 6.0 * log);
+                let (alpha, beta) = (cfg.alpha * log, cfg.beta * log);
                 let next = if dropped {
                     // Netflix's default takes log₁₀ limit off a drop: from
                     // far above the capacity that takes minutes; a drop
@@ -476,6 +583,13 @@ impl Controller {
             next.clamp(self.min, self.max)
         } else {
             limit
+        };
+        self.reason = if dropped {
+            crate::observe::LimitReason::Dropped
+        } else if self.limit >= limit {
+            crate::observe::LimitReason::Grew
+        } else {
+            crate::observe::LimitReason::Slower
         };
         self.limit()
     }

@@ -1,6 +1,7 @@
 use super::permit::BulkheadPermit;
 use super::ticket::{QueueTicket, TicketStatus};
 use super::waiter::Waiter;
+use crate::classify::{Classify, ErrorClassifier};
 use crate::error::{BoxError, Rejected};
 use crate::guard::Hold;
 use crate::observe::EventKind;
@@ -17,9 +18,11 @@ use tower_service::Service;
 /// Dropping it at any point gives back what it holds: its place in line, a
 /// permit granted but not yet used, or the permit of a running call.
 #[pin_project]
-pub struct ResponseFuture<S: Service<Req>, Req, R> {
+pub struct ResponseFuture<S: Service<Req>, Req, R, C = ErrorClassifier> {
     #[pin]
     state: State<S, Req>,
+    /// Classifies a sampled call for an adaptive limit.
+    classify: C,
     _release: PhantomData<fn() -> R>,
 }
 
@@ -33,6 +36,8 @@ enum State<S: Service<Req>, Req> {
         #[pin]
         fut: S::Future,
         permit: Option<BulkheadPermit>,
+        /// When a sampled call started (adaptive limits only).
+        started: Option<Instant>,
     },
     Rejected {
         rejected: Option<Box<Rejected>>,
@@ -54,71 +59,106 @@ struct Queued<S, Req> {
     timeout: Option<Sleep>,
 }
 
-impl<S: Service<Req>, Req, R> ResponseFuture<S, Req, R> {
+impl<S: Service<Req>, Req, R, C> ResponseFuture<S, Req, R, C> {
     #[inline]
-    pub(crate) fn calling(fut: S::Future, permit: BulkheadPermit) -> Self {
-        Self::with(State::Calling {
-            fut,
-            permit: Some(permit),
-        })
+    pub(crate) fn calling(
+        fut: S::Future,
+        permit: BulkheadPermit,
+        started: Option<Instant>,
+        classify: C,
+    ) -> Self {
+        Self::with(
+            State::Calling {
+                fut,
+                permit: Some(permit),
+                started,
+            },
+            classify,
+        )
     }
 
-    pub(crate) fn queued(waiter: Waiter, svc: S, req: Req, ticket: Option<QueueTicket>) -> Self {
+    pub(crate) fn queued(
+        waiter: Waiter,
+        svc: S,
+        req: Req,
+        ticket: Option<QueueTicket>,
+        classify: C,
+    ) -> Self {
         let timeout = waiter.deadline.map(tokio::time::sleep_until);
-        Self::with(State::Queued {
-            queued: Box::pin(Queued {
-                span: waiter.shared().cfg.obs.span("bulkhead", "wait"),
-                waiter,
-                permit: None,
-                svc,
-                req: Some(req),
-                ticket,
-                enqueued_at: Instant::now(),
-                timeout,
-            }),
-        })
+        Self::with(
+            State::Queued {
+                queued: Box::pin(Queued {
+                    span: waiter.shared().cfg.obs.span("bulkhead", "wait"),
+                    waiter,
+                    permit: None,
+                    svc,
+                    req: Some(req),
+                    ticket,
+                    enqueued_at: Instant::now(),
+                    timeout,
+                }),
+            },
+            classify,
+        )
     }
 
-    pub(crate) fn rejected(rejected: Rejected) -> Self {
-        Self::with(State::Rejected {
-            rejected: Some(Box::new(rejected)),
-        })
+    pub(crate) fn rejected(rejected: Rejected, classify: C) -> Self {
+        Self::with(
+            State::Rejected {
+                rejected: Some(Box::new(rejected)),
+            },
+            classify,
+        )
     }
 
     #[inline]
-    fn with(state: State<S, Req>) -> Self {
+    fn with(state: State<S, Req>, classify: C) -> Self {
         ResponseFuture {
             state,
+            classify,
             _release: PhantomData,
         }
     }
 }
 
-impl<S, Req, R> Future for ResponseFuture<S, Req, R>
+impl<S, Req, R, C> Future for ResponseFuture<S, Req, R, C>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
     R: Hold<S::Response>,
+    C: Classify<S::Response, BoxError>,
 {
     type Output = Result<R::Response<BulkheadPermit>, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
+        let this = self.project();
+        let mut state = this.state;
         loop {
             match state.as_mut().project() {
-                StateProj::Calling { fut, permit } => {
-                    let result = ready!(fut.poll(cx));
+                StateProj::Calling {
+                    fut,
+                    permit,
+                    started,
+                } => {
+                    let result = ready!(fut.poll(cx)).map_err(Into::into);
                     let Some(permit) = permit.take() else {
                         return Poll::Ready(Err("bulkhead future polled after completion".into()));
                     };
-                    return Poll::Ready(match result {
-                        Ok(res) => Ok(R::hold(res, permit)),
-                        Err(e) => Err(e.into()),
-                    });
+                    if let Some(t0) = started.take() {
+                        permit.sample(t0, this.classify, &result);
+                    }
+                    return Poll::Ready(result.map(|res| R::hold(res, permit)));
                 }
                 StateProj::Queued { queued } => match ready!(poll_queued(queued.as_mut(), cx)) {
-                    Ok((fut, permit)) => state.set(State::Calling { fut, permit }),
+                    Ok((fut, permit)) => {
+                        let started = permit.as_ref().and_then(BulkheadPermit::sampling);
+                        state.set(State::Calling {
+                            fut,
+                            permit,
+                            started,
+                        })
+                    }
                     Err(e) => return Poll::Ready(Err(e)),
                 },
                 StateProj::Rejected { rejected } => {
@@ -197,7 +237,7 @@ where
     Poll::Ready(Ok((svc.call(request), permit.take())))
 }
 
-impl<S: Service<Req>, Req, R> std::fmt::Debug for ResponseFuture<S, Req, R> {
+impl<S: Service<Req>, Req, R, C> std::fmt::Debug for ResponseFuture<S, Req, R, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("bulkhead::ResponseFuture")
             .finish_non_exhaustive()

@@ -1,6 +1,7 @@
 use super::queue::Shared;
 use super::service::BulkheadService;
 use super::ticket::QueueTicket;
+use crate::classify::ErrorClassifier;
 #[cfg(feature = "http")]
 use crate::guard::OnBodyEnd;
 use crate::guard::OnResponse;
@@ -88,23 +89,25 @@ impl<Req> RequestInfo<Req> for InfoFns<Req> {
 /// The tower [`Layer`] of a [`Bulkhead`](super::Bulkhead); every service it
 /// makes shares the bulkhead's permits and line.
 #[must_use = "a layer does nothing until it wraps a service"]
-pub struct BulkheadLayer<X = NoInfo, R = OnResponse> {
+pub struct BulkheadLayer<X = NoInfo, R = OnResponse, C = ErrorClassifier> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) info: X,
+    pub(crate) classify: C,
     pub(crate) _release: PhantomData<fn() -> R>,
 }
 
-impl<X: Clone, R> Clone for BulkheadLayer<X, R> {
+impl<X: Clone, R, C: Clone> Clone for BulkheadLayer<X, R, C> {
     fn clone(&self) -> Self {
         BulkheadLayer {
             shared: self.shared.clone(),
             info: self.info.clone(),
+            classify: self.classify.clone(),
             _release: PhantomData,
         }
     }
 }
 
-impl<X: fmt::Debug, R> fmt::Debug for BulkheadLayer<X, R> {
+impl<X: fmt::Debug, R, C> fmt::Debug for BulkheadLayer<X, R, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BulkheadLayer")
             .field("name", &self.shared.cfg.obs.name)
@@ -114,42 +117,58 @@ impl<X: fmt::Debug, R> fmt::Debug for BulkheadLayer<X, R> {
     }
 }
 
-impl<S, X: Clone, R> Layer<S> for BulkheadLayer<X, R> {
-    type Service = BulkheadService<S, X, R>;
+impl<S, X: Clone, R, C: Clone> Layer<S> for BulkheadLayer<X, R, C> {
+    type Service = BulkheadService<S, X, R, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
         BulkheadService {
             inner,
             shared: self.shared.clone(),
             info: self.info.clone(),
+            classify: self.classify.clone(),
             _release: PhantomData,
         }
     }
 }
 
-impl<X, R> BulkheadLayer<X, R> {
-    fn with_release<R2>(self) -> BulkheadLayer<X, R2> {
+impl<X, R, C> BulkheadLayer<X, R, C> {
+    fn with_release<R2>(self) -> BulkheadLayer<X, R2, C> {
         BulkheadLayer {
             shared: self.shared,
             info: self.info,
+            classify: self.classify,
             _release: PhantomData,
         }
     }
 
     /// Hold each permit until the response `Stream` ends, fails or is dropped.
-    pub fn release_on_stream_end(self) -> BulkheadLayer<X, OnStreamEnd> {
+    pub fn release_on_stream_end(self) -> BulkheadLayer<X, OnStreamEnd, C> {
         self.with_release()
     }
 
     /// Hold each permit until the `http::Response` body ends, fails or is dropped.
     #[cfg(feature = "http")]
-    pub fn release_on_body_end(self) -> BulkheadLayer<X, OnBodyEnd> {
+    pub fn release_on_body_end(self) -> BulkheadLayer<X, OnBodyEnd, C> {
         self.with_release()
+    }
+
+    /// How a call's result is classified for an adaptive limit
+    /// ([`BulkheadBuilder::limit`](super::BulkheadBuilder::limit); default
+    /// [`ErrorClassifier`]: an `Ok` is a success). Give the classifier of
+    /// your responses (`HttpClassifier`, `LlmClassifier`: a `529` is then
+    /// a drop). A fixed limit never classifies.
+    pub fn classify<C2>(self, classify: C2) -> BulkheadLayer<X, R, C2> {
+        BulkheadLayer {
+            shared: self.shared,
+            info: self.info,
+            classify,
+            _release: PhantomData,
+        }
     }
 }
 
-impl<R> BulkheadLayer<NoInfo, R> {
-    fn into_fns<Req>(self) -> BulkheadLayer<InfoFns<Req>, R> {
+impl<R, C> BulkheadLayer<NoInfo, R, C> {
+    fn into_fns<Req>(self) -> BulkheadLayer<InfoFns<Req>, R, C> {
         BulkheadLayer {
             shared: self.shared,
             info: InfoFns {
@@ -157,12 +176,13 @@ impl<R> BulkheadLayer<NoInfo, R> {
                 partition: None,
                 ticket: None,
             },
+            classify: self.classify,
             _release: PhantomData,
         }
     }
 
     /// Serve higher priorities first (see the module docs for the starvation guard).
-    pub fn priority<Req, F>(self, f: F) -> BulkheadLayer<InfoFns<Req>, R>
+    pub fn priority<Req, F>(self, f: F) -> BulkheadLayer<InfoFns<Req>, R, C>
     where
         F: Fn(&Req) -> i32 + Send + Sync + 'static,
     {
@@ -171,7 +191,7 @@ impl<R> BulkheadLayer<NoInfo, R> {
 
     /// Partition by a key (tenant, user, API key): each key gets at most the
     /// builder's `max_per_key` permits, inside the global `max_concurrent`.
-    pub fn partition<Req, K, F>(self, f: F) -> BulkheadLayer<InfoFns<Req>, R>
+    pub fn partition<Req, K, F>(self, f: F) -> BulkheadLayer<InfoFns<Req>, R, C>
     where
         K: Hash,
         F: Fn(&Req) -> K + Send + Sync + 'static,
@@ -180,7 +200,7 @@ impl<R> BulkheadLayer<NoInfo, R> {
     }
 
     /// Report each request's place in line to the ticket it carries.
-    pub fn ticket<Req, F>(self, f: F) -> BulkheadLayer<InfoFns<Req>, R>
+    pub fn ticket<Req, F>(self, f: F) -> BulkheadLayer<InfoFns<Req>, R, C>
     where
         F: Fn(&Req) -> Option<QueueTicket> + Send + Sync + 'static,
     {
@@ -188,7 +208,7 @@ impl<R> BulkheadLayer<NoInfo, R> {
     }
 }
 
-impl<Req, R> BulkheadLayer<InfoFns<Req>, R> {
+impl<Req, R, C> BulkheadLayer<InfoFns<Req>, R, C> {
     /// See [`BulkheadLayer::priority`].
     pub fn priority<F>(mut self, f: F) -> Self
     where
@@ -223,9 +243,11 @@ impl<Req, R> BulkheadLayer<InfoFns<Req>, R> {
 }
 
 #[cfg(feature = "http")]
-impl<R> BulkheadLayer<NoInfo, R> {
+impl<R, C> BulkheadLayer<NoInfo, R, C> {
     /// Reads the [`QueueTicket`] from `http::Request` extensions.
-    pub fn ticket_from_extensions<B: 'static>(self) -> BulkheadLayer<InfoFns<http::Request<B>>, R> {
+    pub fn ticket_from_extensions<B: 'static>(
+        self,
+    ) -> BulkheadLayer<InfoFns<http::Request<B>>, R, C> {
         self.ticket(|req: &http::Request<B>| req.extensions().get::<QueueTicket>().cloned())
     }
 }

@@ -64,7 +64,6 @@
 //! # Ok(()) }
 //! ```
 
-#[allow(dead_code)] // wired into the bulkhead next
 mod adaptive;
 mod future;
 mod layer;
@@ -110,6 +109,8 @@ pub struct BulkheadBuilder {
     aging: Option<Duration>,
     max_per_key: Option<u32>,
     expected_service: Option<Duration>,
+    limit: Limit,
+    sample_every: u32,
 }
 
 /// The default priority aging step (see the module docs).
@@ -163,6 +164,39 @@ impl BulkheadBuilder {
         self
     }
 
+    /// How the limit is set: [`Limit::Fixed`] (default: `max_concurrent`), or
+    /// moved by a controller from the calls' latencies and drops —
+    /// [`Aimd`], [`Vegas`], [`Gradient2`] — between its `min` and
+    /// `max_concurrent` (the builder's argument is then the maximum, and the
+    /// start unless the strategy's `initial` says otherwise). A call's result
+    /// is classified by the layer's [`classify`](BulkheadLayer::classify):
+    /// `Overloaded` and `Transient` are drops; `Throttled` (a rate limit is
+    /// the pacer's business), `Permanent` and this crate's own refusals are
+    /// not samples. When the limit falls, the line shrinks with it (it holds
+    /// at most `max_queue × limit / max_concurrent`), shedding its
+    /// lowest-ranked waiters first (`QueueFull`); a newcomer that outranks
+    /// the last waiter of a full line takes its place.
+    ///
+    /// ```
+    /// use semaforo::bulkhead::{Bulkhead, Vegas};
+    ///
+    /// // At most 500 at once, found by Vegas from the calls' latencies.
+    /// let bulkhead = Bulkhead::builder(500).limit(Vegas::new().min(5)).max_queue(1_000).build()?;
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
+    pub fn limit(mut self, limit: impl Into<Limit>) -> Self {
+        self.limit = limit.into();
+        self
+    }
+
+    /// An adaptive limit samples 1 call in `n` (default 1: every call): a
+    /// sample costs two clock reads. The controller moves once per window of
+    /// `max(10, limit / n)` samples.
+    pub fn sample_every(mut self, n: u32) -> Self {
+        self.sample_every = n;
+        self
+    }
+
     /// Validates and builds.
     ///
     /// # Errors
@@ -195,6 +229,10 @@ impl BulkheadBuilder {
         if self.max_per_key == Some(0) {
             return err("max_per_key", "must be at least 1".into());
         }
+        if self.sample_every == 0 {
+            return err("sample_every", "must be at least 1".into());
+        }
+        adaptive::validate(&self.limit, self.max_concurrent)?;
         let cfg = Config {
             obs: Observer::new(self.name, self.listener.0),
             max_queue: self.max_queue,
@@ -203,8 +241,19 @@ impl BulkheadBuilder {
             max_per_key: self.max_per_key,
             expected_service: self.expected_service,
         };
+        let controller = adaptive::Controller::new(&self.limit, self.max_concurrent);
+        let start = controller
+            .as_ref()
+            .map_or(self.max_concurrent, |c| c.limit());
+        let mut shared = Shared::new(cfg, start);
+        shared.adaptive = controller.map(|c| queue::Adaptive {
+            nominal: std::sync::atomic::AtomicU32::new(c.nominal()),
+            ctrl: std::sync::Mutex::new(c),
+            every: self.sample_every,
+            max: self.max_concurrent,
+        });
         Ok(Bulkhead {
-            shared: Arc::new(Shared::new(cfg, self.max_concurrent)),
+            shared: Arc::new(shared),
         })
     }
 }
@@ -237,6 +286,8 @@ impl Bulkhead {
             aging: Some(DEFAULT_PRIORITY_AGING),
             max_per_key: None,
             expected_service: None,
+            limit: Limit::Fixed,
+            sample_every: 1,
         }
     }
 
@@ -246,15 +297,17 @@ impl Bulkhead {
         BulkheadLayer {
             shared: self.shared.clone(),
             info: NoInfo,
+            classify: crate::classify::ErrorClassifier,
             _release: PhantomData,
         }
     }
 
     /// Changes the limit at run time. Growing admits waiters at once; shrinking
     /// cuts no running call, it only admits fewer until in-flight is below the new
-    /// limit. `0` pauses admissions.
+    /// limit. `0` pauses admissions. With an adaptive limit it sets the
+    /// maximum the controller moves under (at least 1).
     pub fn set_max_concurrent(&self, n: u32) {
-        self.shared.set_limit(n);
+        self.shared.set_max(n);
     }
 
     /// Lets `source` (a layer below that decides when admitted calls really

@@ -173,6 +173,18 @@ impl<K: Ord + Copy> OrderTree<K> {
         Some(self.nodes[t as usize].key)
     }
 
+    /// The largest key.
+    pub(crate) fn last(&self) -> Option<K> {
+        let mut t = self.root;
+        if t == NIL {
+            return None;
+        }
+        while self.nodes[t as usize].right != NIL {
+            t = self.nodes[t as usize].right;
+        }
+        Some(self.nodes[t as usize].key)
+    }
+
     /// How many keys are strictly smaller than `key`.
     pub(crate) fn rank(&self, key: &K) -> usize {
         let mut t = self.root;

@@ -44,6 +44,37 @@ impl BulkheadPermit {
     }
 }
 
+impl BulkheadPermit {
+    /// When the call under this permit starts, if it is a sample of an
+    /// adaptive limit.
+    #[inline]
+    pub(crate) fn sampling(&self) -> Option<Instant> {
+        self.shared.sampling()
+    }
+
+    /// The sampled call under this permit ended with `result`.
+    pub(crate) fn sample<Res, C>(
+        &self,
+        started: Instant,
+        classify: &C,
+        result: &Result<Res, crate::BoxError>,
+    ) where
+        C: crate::classify::Classify<Res, crate::BoxError>,
+    {
+        use crate::classify::Class;
+        let class = match result {
+            Ok(res) => Some(classify.classify(Ok(res))),
+            // Our own refusals are no sample — but a timeout below is.
+            Err(e) => match crate::Rejected::find(e.as_ref()) {
+                Some(r) if r.kind() == crate::RejectKind::Timeout => Some(Class::Transient),
+                Some(_) => None,
+                None => Some(classify.classify(Err(e))),
+            },
+        };
+        self.shared.sample(started, class.as_ref());
+    }
+}
+
 impl Drop for BulkheadPermit {
     #[inline]
     fn drop(&mut self) {

@@ -75,6 +75,28 @@ pub(super) enum SlotState {
     Waiting,
     Granted,
     Rejected(RejectKind),
+    /// Shed from a line that shrank with an adaptive limit (`QueueFull`).
+    Shed,
+}
+
+/// An adaptive limit's controller and sampling.
+#[derive(Debug)]
+pub(crate) struct Adaptive {
+    pub(crate) ctrl: Mutex<super::adaptive::Controller>,
+    /// One call in `every` is a sample.
+    pub(crate) every: u32,
+    /// The builder's `max_concurrent` (the line is sized by `nominal`
+    /// over it).
+    pub(crate) max: u32,
+    /// The limit outside a probe: a probe pins the limit low for a moment
+    /// and must not shrink the line.
+    pub(crate) nominal: AtomicU32,
+}
+
+std::thread_local! {
+    /// Calls seen on this thread, for 1-in-N sampling without a shared
+    /// counter.
+    static TICK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 #[derive(Debug)]
@@ -123,6 +145,8 @@ pub(crate) struct Shared {
     pub(super) epoch: Instant,
     /// What decides when admitted calls really start (the preset's pacer).
     pub(super) eta_source: std::sync::RwLock<Option<Arc<dyn crate::eta::EtaSource>>>,
+    /// The controller of an adaptive limit.
+    pub(crate) adaptive: Option<Adaptive>,
 }
 
 /// What `acquire` decided.
@@ -150,6 +174,133 @@ impl Shared {
             hasher: RandomState::new(),
             epoch: Instant::now(),
             eta_source: std::sync::RwLock::new(None),
+            adaptive: None,
+        }
+    }
+
+    /// When a call admitted now starts, if it is a sample of an adaptive
+    /// limit (1 in `every`, counted per thread).
+    #[inline]
+    pub(crate) fn sampling(&self) -> Option<Instant> {
+        let a = self.adaptive.as_ref()?;
+        let take = a.every <= 1
+            || TICK.with(|t| {
+                let n = t.get().wrapping_add(1);
+                t.set(n);
+                n % a.every == 0
+            });
+        take.then(Instant::now)
+    }
+
+    /// A sampled call ended: its latency and class go to the controller,
+    /// which may move the limit.
+    #[cold]
+    pub(crate) fn sample(&self, started: Instant, class: Option<&crate::classify::Class>) {
+        use crate::classify::Class;
+        let Some(a) = &self.adaptive else { return };
+        // Throttled, Permanent and our own refusals are not samples.
+        let dropped = match class {
+            None => return,
+            Some(Class::Success) => false,
+            Some(Class::Overloaded { .. } | Class::Transient | Class::Infrastructure) => true,
+            Some(_) => return,
+        };
+        let now = Instant::now();
+        let sample = super::adaptive::Sample {
+            rtt: now.saturating_duration_since(started),
+            dropped,
+            // The sampled call still holds its permit: it is counted.
+            in_flight: in_flight(self.state.load(Ordering::Relaxed)),
+            at: now,
+        };
+        let (from, to, reason) = {
+            let mut c = a.ctrl.lock().unwrap_or_else(|e| e.into_inner());
+            let from = self.limit();
+            let to = c.sample(sample, a.every);
+            a.nominal.store(c.nominal(), Ordering::Relaxed);
+            (from, to, c.reason())
+        };
+        if from != to {
+            self.apply_limit(to);
+            self.cfg.obs.emit(
+                "bulkhead",
+                EventKind::LimitChanged {
+                    from: u64::from(from),
+                    to: u64::from(to),
+                    reason,
+                },
+            );
+        }
+    }
+
+    /// Sets the limit; an adaptive one that fell sheds the line's
+    /// lowest-ranked waiters beyond its share of `max_queue`.
+    fn apply_limit(&self, limit: u32) {
+        let before = self.limit.swap(limit.min(MAX_COUNT), Ordering::Relaxed);
+        let mut q = self.lock();
+        if limit < before {
+            if let Some(a) = &self.adaptive {
+                let nominal = a.nominal.load(Ordering::Relaxed);
+                let bound = Self::queue_bound(self.cfg.max_queue, nominal, a.max);
+                let mut shed = 0u64;
+                while q.line.len() as u32 + q.parked_total > bound {
+                    if !self.shed_last(&mut q) {
+                        break;
+                    }
+                    shed += 1;
+                }
+                if shed > 0 {
+                    self.stats.queue_full.fetch_add(shed, Ordering::Relaxed);
+                }
+            }
+        }
+        self.dispatch(&mut q);
+    }
+
+    /// The line's bound under an adaptive limit: `max_queue × limit / max`.
+    #[inline]
+    pub(super) fn queue_bound(max_queue: u32, limit: u32, max: u32) -> u32 {
+        let b = u64::from(max_queue) * u64::from(limit) / u64::from(max.max(1));
+        u32::try_from(b).unwrap_or(u32::MAX)
+    }
+
+    /// Refuses the line's last (lowest-ranked) waiter: `false` when the
+    /// line is empty.
+    pub(super) fn shed_last(&self, q: &mut Queue) -> bool {
+        let Some(key) = q.line.last() else {
+            return false;
+        };
+        q.line.remove(&key);
+        self.state.fetch_sub(WAITER, Ordering::AcqRel);
+        let slot = &mut q.slots[key.2 as usize];
+        slot.state = SlotState::Shed;
+        slot.promoted = false;
+        let partition = slot.partition;
+        if let Some(w) = slot.waker.take() {
+            w.wake();
+        }
+        if let Some(k) = partition {
+            if let Some(p) = q.partitions.get_mut(&k) {
+                p.promoted = p.promoted.saturating_sub(1);
+            }
+            self.promote(q, k);
+        }
+        true
+    }
+
+    /// A new maximum: the limit itself, or an adaptive limit's ceiling.
+    pub(crate) fn set_max(&self, n: u32) {
+        match &self.adaptive {
+            None => self.set_limit(n),
+            Some(a) => {
+                let to = {
+                    let mut c = a.ctrl.lock().unwrap_or_else(|e| e.into_inner());
+                    c.set_max(n);
+                    a.nominal.store(c.nominal(), Ordering::Relaxed);
+                    c.limit()
+                };
+                self.apply_limit(to);
+            }
         }
     }
 
@@ -189,6 +340,18 @@ impl Shared {
     #[inline]
     pub(super) fn rejection(&self, kind: RejectKind) -> Rejected {
         Rejected::new("bulkhead", kind).with_name_opt(self.cfg.obs.name.as_ref())
+    }
+
+    /// The refusal of a waiter shed by a falling adaptive limit: come back
+    /// when the line has drained a place.
+    pub(super) fn shed_rejection(&self, q: &Queue) -> Rejected {
+        let mut r = self
+            .rejection(RejectKind::QueueFull)
+            .with_detail("shed: the adaptive limit fell".to_owned());
+        if let Some(ra) = Self::drain_interval(q, &self.cfg, self.limit()) {
+            r = r.with_retry_after(ra);
+        }
+        r
     }
 
     /// A counted refusal of `kind`, told to the observers.
@@ -273,7 +436,25 @@ impl Shared {
         }
 
         let waiting = q.line.len() as u32 + q.parked_total;
-        if waiting >= self.cfg.max_queue {
+        let bound = match &self.adaptive {
+            Some(a) => {
+                Self::queue_bound(self.cfg.max_queue, a.nominal.load(Ordering::Relaxed), a.max)
+            }
+            None => self.cfg.max_queue,
+        };
+        // Under an adaptive limit, a newcomer that outranks the last waiter
+        // of a full line takes its place (the last one is shed).
+        let now = Instant::now();
+        let rank = self.rank(priority, now);
+        let displaced = waiting >= bound
+            && key_has_room
+            && self.adaptive.is_some()
+            && q.line.last().is_some_and(|(r, _, _)| rank < r)
+            && self.shed_last(&mut q);
+        if displaced {
+            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+        if waiting >= bound && !displaced {
             let retry_after = Self::drain_interval(&q, &self.cfg, limit);
             drop(q);
             self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
@@ -286,8 +467,6 @@ impl Shared {
             return Acquire::Rejected(self.refuse(r));
         }
 
-        let now = Instant::now();
-        let rank = self.rank(priority, now);
         let seq = q.next_seq;
         q.next_seq += 1;
         let slot = q.slots.insert(Slot {
@@ -467,7 +646,7 @@ impl Shared {
                     }
                 }
             }
-            SlotState::Granted | SlotState::Rejected(_) => {}
+            SlotState::Granted | SlotState::Rejected(_) | SlotState::Shed => {}
         }
         Some((state, partition))
     }

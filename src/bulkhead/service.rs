@@ -3,6 +3,7 @@ use super::layer::RequestInfo;
 use super::permit::BulkheadPermit;
 use super::queue::{Acquire, Shared};
 use super::ticket::TicketStatus;
+use crate::classify::Classify;
 use crate::error::BoxError;
 use crate::guard::Hold;
 use std::fmt;
@@ -17,25 +18,32 @@ use tower_service::Service;
 /// that is polled ready and then dropped or left idle holds nothing — the
 /// tower#408 trap). The permit is taken in `call`: at once when one is free,
 /// otherwise in the response future, in line.
-pub struct BulkheadService<S, X = super::NoInfo, R = crate::guard::OnResponse> {
+pub struct BulkheadService<
+    S,
+    X = super::NoInfo,
+    R = crate::guard::OnResponse,
+    C = crate::classify::ErrorClassifier,
+> {
     pub(crate) inner: S,
     pub(crate) shared: Arc<Shared>,
     pub(crate) info: X,
+    pub(crate) classify: C,
     pub(crate) _release: PhantomData<fn() -> R>,
 }
 
-impl<S: Clone, X: Clone, R> Clone for BulkheadService<S, X, R> {
+impl<S: Clone, X: Clone, R, C: Clone> Clone for BulkheadService<S, X, R, C> {
     fn clone(&self) -> Self {
         BulkheadService {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
             info: self.info.clone(),
+            classify: self.classify.clone(),
             _release: PhantomData,
         }
     }
 }
 
-impl<S: fmt::Debug, X: fmt::Debug, R> fmt::Debug for BulkheadService<S, X, R> {
+impl<S: fmt::Debug, X: fmt::Debug, R, C> fmt::Debug for BulkheadService<S, X, R, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BulkheadService")
             .field("inner", &self.inner)
@@ -45,7 +53,7 @@ impl<S: fmt::Debug, X: fmt::Debug, R> fmt::Debug for BulkheadService<S, X, R> {
     }
 }
 
-impl<S, X, R> BulkheadService<S, X, R> {
+impl<S, X, R, C: Clone> BulkheadService<S, X, R, C> {
     /// Admission under the lock, a place in line, or a refusal: out of line so
     /// the free-permit path of `call` stays small enough to inline.
     #[inline(never)]
@@ -54,7 +62,7 @@ impl<S, X, R> BulkheadService<S, X, R> {
         req: Req,
         partition: Option<u64>,
         ticket: Option<super::QueueTicket>,
-    ) -> ResponseFuture<S, Req, R>
+    ) -> ResponseFuture<S, Req, R, C>
     where
         S: Service<Req> + Clone,
         X: RequestInfo<Req>,
@@ -65,7 +73,13 @@ impl<S, X, R> BulkheadService<S, X, R> {
                 if let Some(t) = &ticket {
                     t.finished(TicketStatus::Admitted);
                 }
-                ResponseFuture::calling(self.inner.call(req), permit)
+                let started = permit.sampling();
+                ResponseFuture::calling(
+                    self.inner.call(req),
+                    permit,
+                    started,
+                    self.classify.clone(),
+                )
             }
             Acquire::Queued(waiter) => {
                 if let Some(t) = &ticket {
@@ -76,28 +90,29 @@ impl<S, X, R> BulkheadService<S, X, R> {
                 // ready stays for the next caller, and this call carries a
                 // fresh clone that it polls ready once its wait is over.
                 let svc = self.inner.clone();
-                ResponseFuture::queued(waiter, svc, req, ticket)
+                ResponseFuture::queued(waiter, svc, req, ticket, self.classify.clone())
             }
             Acquire::Rejected(rejected) => {
                 if let Some(t) = &ticket {
                     t.finished(TicketStatus::Rejected(rejected.kind()));
                 }
-                ResponseFuture::rejected(rejected)
+                ResponseFuture::rejected(rejected, self.classify.clone())
             }
         }
     }
 }
 
-impl<S, Req, X, R> Service<Req> for BulkheadService<S, X, R>
+impl<S, Req, X, R, C> Service<Req> for BulkheadService<S, X, R, C>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     X: RequestInfo<Req>,
     R: Hold<S::Response>,
+    C: Classify<S::Response, BoxError> + Clone,
 {
     type Response = R::Response<BulkheadPermit>;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req, R>;
+    type Future = ResponseFuture<S, Req, R, C>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -114,10 +129,16 @@ where
             if let Some(t) = &ticket {
                 t.finished(TicketStatus::Admitted);
             }
-            return ResponseFuture::calling(self.inner.call(req), permit);
+            let started = permit.sampling();
+            return ResponseFuture::calling(
+                self.inner.call(req),
+                permit,
+                started,
+                self.classify.clone(),
+            );
         }
         self.call_slow(req, partition, ticket)
     }
 }
 
-crate::inner_access!([S, X, R] BulkheadService<S, X, R>);
+crate::inner_access!([S, X, R, C] BulkheadService<S, X, R, C>);

@@ -196,6 +196,7 @@ impl Shared {
             }
             SlotState::Granted => return Some(TicketStatus::Admitted),
             SlotState::Rejected(kind) => return Some(TicketStatus::Rejected(kind)),
+            SlotState::Shed => return Some(TicketStatus::Rejected(RejectKind::QueueFull)),
         };
         let service = self.cfg.expected_service.or(q
             .service_ewma

@@ -73,6 +73,13 @@ impl Waiter {
                 drop(q);
                 Poll::Ready(Err(self.shared.refuse(self.shared.rejection(kind))))
             }
+            SlotState::Shed => {
+                q.slots.remove(self.slot as usize);
+                self.done = true;
+                let r = self.shared.shed_rejection(&q);
+                drop(q);
+                Poll::Ready(Err(self.shared.refuse(r)))
+            }
         }
     }
 
@@ -96,6 +103,11 @@ impl Waiter {
             Some((SlotState::Rejected(kind), _)) => {
                 drop(q);
                 Err(shared.refuse(shared.rejection(kind)))
+            }
+            Some((SlotState::Shed, _)) => {
+                let r = shared.shed_rejection(&q);
+                drop(q);
+                Err(shared.refuse(r))
             }
             _ => {
                 let eta = Shared::eta(&q, &shared.cfg, shared.limit(), position);

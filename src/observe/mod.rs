@@ -39,6 +39,8 @@
 //! | `semaforo_pace_pauses_total` | counter | `reason` | pacer paused by the upstream |
 //! | `semaforo_shutdown_phase` | gauge | | 0 serving, 1 draining, 2 drained |
 //! | `semaforo_call_seconds` | histogram | `class` (`success`, `throttled`, …) | latency of each call the breaker classified |
+//! | `semaforo_limit_changes_total` | counter | `reason` (`probe`, `grew`, `dropped`, `slower`) | an adaptive bulkhead limit moved |
+//! | `semaforo_adaptive_limit` | gauge | | the adaptive limit after each move |
 //! | `semaforo_routed_total` | counter | `deployment`, `why` (`first`, `failed_over`, `fell_back`, `hedge`) | every attempt a router sends |
 //! | `semaforo_hedges_settled_total` | counter | `outcome` (`hedge_won`, `hedge_lost`) | hedged calls answered |
 //!
@@ -149,6 +151,15 @@ pub enum EventKind {
         /// Why this attempt.
         why: RouteReason,
     },
+    /// An adaptive bulkhead limit moved.
+    LimitChanged {
+        /// The limit before.
+        from: u64,
+        /// The limit now.
+        to: u64,
+        /// Why.
+        reason: LimitReason,
+    },
     /// A hedged call got its answer, from the hedge or from the attempt it
     /// hedged; the other attempt was dropped.
     HedgeSettled {
@@ -157,6 +168,33 @@ pub enum EventKind {
         /// Whether the hedge answered first.
         hedge_won: bool,
     },
+}
+
+/// Why an adaptive limit moved (in [`EventKind::LimitChanged`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LimitReason {
+    /// Measuring the upstream's unloaded latency (pinned low), or back
+    /// from it.
+    Probe,
+    /// Room to grow: no drop, latency within bounds.
+    Grew,
+    /// A call was dropped (`Overloaded`, `Transient`).
+    Dropped,
+    /// The latency rose.
+    Slower,
+}
+
+impl LimitReason {
+    /// A stable snake-case label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitReason::Probe => "probe",
+            LimitReason::Grew => "grew",
+            LimitReason::Dropped => "dropped",
+            LimitReason::Slower => "slower",
+        }
+    }
 }
 
 /// Why a router sent an attempt where it did (in [`EventKind::Routed`]).
@@ -506,6 +544,15 @@ fn trace(e: &Event<'_>) {
                 "hedged"
             ),
         },
+        EventKind::LimitChanged { from, to, reason } => tracing::debug!(
+            target: "semaforo",
+            layer,
+            name,
+            from,
+            to,
+            reason = reason.as_str(),
+            "limit changed"
+        ),
         EventKind::HedgeSettled { winner, hedge_won } => tracing::debug!(
             target: "semaforo",
             layer,
@@ -578,6 +625,17 @@ mod metrics_out {
                 "why" => why.as_str()
             )
             .increment(1),
+            EventKind::LimitChanged { to, reason, .. } => {
+                metrics::counter!(
+                    "semaforo_limit_changes_total",
+                    "layer" => layer,
+                    "name" => name.clone(),
+                    "reason" => reason.as_str()
+                )
+                .increment(1);
+                metrics::gauge!("semaforo_adaptive_limit", "layer" => layer, "name" => name)
+                    .set(*to as f64)
+            }
             EventKind::HedgeSettled { hedge_won, .. } => metrics::counter!(
                 "semaforo_hedges_settled_total",
                 "layer" => layer,
