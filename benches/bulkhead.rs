@@ -67,6 +67,24 @@ fn uncontended(c: &mut Criterion) {
         b.iter(|| once(&mut s, black_box(1)))
     });
 
+    // Adaptive limits: every call sampled (two clock reads, a windowed
+    // controller update under a lock), and 1 in 8.
+    for (label, every) in [
+        ("semaforo Bulkhead, Vegas limit (every call sampled)", 1),
+        ("semaforo Bulkhead, Vegas limit (1 in 8 sampled)", 8),
+    ] {
+        let adaptive = Bulkhead::builder(1000)
+            .max_queue(1000)
+            .limit(semaforo::bulkhead::Vegas::new().initial(1000))
+            .sample_every(every)
+            .build()
+            .unwrap();
+        let mut s = ServiceBuilder::new()
+            .layer(adaptive.layer())
+            .service(bare());
+        g.bench_function(label, |b| b.iter(|| once(&mut s, black_box(1))));
+    }
+
     // Same, with the request-reading closures configured (priority + ticket, no partition).
     let mut s = ServiceBuilder::new()
         .layer(bh.layer().priority(|x: &u64| (*x % 3) as i32))

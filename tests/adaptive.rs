@@ -254,9 +254,10 @@ async fn throttled_answers_and_idle_time_leave_the_limit_alone() {
         );
         tokio::time::sleep(Duration::from_secs(600)).await;
         // Calls after the idle time (Vegas and Gradient2 measure their
-        // baseline again first: pinned to 3 for 10 sampled calls — the 429s
-        // are no samples): back where it was.
-        for _ in 0..20 {
+        // baseline again first: pinned to 3 until 10 calls were sampled — the
+        // 429s are no samples, and sampling is 1 in 8 until the probe starts):
+        // back where it was.
+        for _ in 0..40 {
             svc.clone().oneshot(()).await.unwrap();
         }
         let after_idle = bulkhead.snapshot().limit;

@@ -183,7 +183,10 @@ impl Shared {
     #[inline]
     pub(crate) fn sampling(&self) -> Option<Instant> {
         let a = self.adaptive.as_ref()?;
+        // While a probe pins the limit (it differs from the nominal one),
+        // every call is a sample: the probe ends sooner.
         let take = a.every <= 1
+            || self.limit() != a.nominal.load(Ordering::Relaxed)
             || TICK.with(|t| {
                 let n = t.get().wrapping_add(1);
                 t.set(n);
