@@ -329,3 +329,129 @@ async fn a_falling_limit_sheds_the_lowest_priority_first() {
     let r = bulkhead.snapshot();
     assert_eq!(r.rejected_queue_full, 160);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..Default::default() })]
+
+    /// Whatever the latencies, drops and limit changes: a call is admitted
+    /// only when the calls in flight (itself included) fit the limit of
+    /// that moment, the limit stays within [min, max], and calls of one
+    /// priority are admitted in arrival order.
+    #[test]
+    fn admissions_fit_the_limit_and_keep_arrival_order(
+        calls in proptest::collection::vec((0u64..50, 1u64..400, proptest::bool::ANY), 1..120),
+        maxes in proptest::collection::vec((0u64..3_000, 1u32..40), 0..5),
+        strategy in 0usize..3,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (_, limit) = strategies().swap_remove(strategy);
+            // Every limit in effect, and when: a call granted a permit is
+            // called by its task a moment later (same instant, paused
+            // time), when a sample may have moved the limit already.
+            let changes = Arc::new(Mutex::new(Vec::<(Instant, u64)>::new()));
+            let bulkhead = Bulkhead::builder(30)
+                .limit(limit)
+                .max_queue(10_000)
+                .sample_every(1)
+                .on_event({
+                    let changes = changes.clone();
+                    move |e| {
+                        if let semaforo::observe::EventKind::LimitChanged { from, to, .. } = e.kind {
+                            let now = Instant::now();
+                            changes.lock().unwrap().extend([(now, from), (now, to)]);
+                        }
+                    }
+                })
+                .build()
+                .unwrap();
+            let in_flight = Arc::new(AtomicU32::new(0));
+            let admitted = Arc::new(Mutex::new(Vec::<(usize, Instant)>::new()));
+            let violations = Arc::new(Mutex::new(Vec::<String>::new()));
+            let upstream = {
+                let (in_flight, admitted, violations, bulkhead, changes) = (
+                    in_flight.clone(),
+                    admitted.clone(),
+                    violations.clone(),
+                    bulkhead.clone(),
+                    changes.clone(),
+                );
+                tower::service_fn(move |(id, ms, fail): (usize, u64, bool)| {
+                    let n = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    let now = Instant::now();
+                    let limit = bulkhead.snapshot().limit;
+                    let allowed = changes
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter(|(at, _)| *at == now)
+                        .map(|(_, l)| *l)
+                        .fold(limit, u64::max);
+                    if u64::from(n) > allowed || !(2..=40).contains(&limit) {
+                        violations
+                            .lock()
+                            .unwrap()
+                            .push(format!("{n} in flight, limit {limit} (allowed {allowed})"));
+                    }
+                    admitted.lock().unwrap().push((id, now));
+                    let in_flight = in_flight.clone();
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                        if fail {
+                            Err(Overloaded)
+                        } else {
+                            Ok(())
+                        }
+                    }
+                })
+            };
+            let svc = bulkhead.layer().classify(AnyOverloaded).layer(upstream);
+            let t0 = Instant::now();
+            let mut tasks = Vec::new();
+            let mut arrivals = calls.clone();
+            arrivals.sort_by_key(|c| c.0);
+            for (id, (at, ms, fail)) in arrivals.iter().copied().enumerate() {
+                tokio::time::sleep_until(t0 + Duration::from_millis(at * 10)).await;
+                for (when, max) in &maxes {
+                    if *when / 10 == at {
+                        bulkhead.set_max_concurrent(*max);
+                    }
+                }
+                let call = svc.clone().oneshot((id, ms, fail));
+                tasks.push(tokio::spawn(call));
+                tokio::task::yield_now().await;
+            }
+            for t in tasks {
+                let _ = t.await.unwrap();
+            }
+            let v = violations.lock().unwrap().clone();
+            proptest::prop_assert!(v.is_empty(), "{v:?}");
+            // One priority: admitted in arrival order (ids were given in
+            // arrival order) — calls granted at one instant reach the
+            // upstream in whatever order their tasks run.
+            let mut by_id = admitted.lock().unwrap().clone();
+            by_id.sort_by_key(|(id, _)| *id);
+            let late = by_id.windows(2).find(|w| w[1].1 < w[0].1);
+            proptest::prop_assert!(late.is_none(), "{late:?} admitted out of arrival order");
+            Ok(())
+        })?;
+    }
+}
+
+/// Any error is an overload (the proptest's upstream).
+#[derive(Clone, Copy)]
+struct AnyOverloaded;
+
+impl Classify<(), BoxError> for AnyOverloaded {
+    fn classify(&self, r: Result<&(), &BoxError>) -> Class {
+        match r {
+            Ok(()) => Class::Success,
+            Err(_) => Class::Overloaded { retry_after: None },
+        }
+    }
+}

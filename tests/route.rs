@@ -778,3 +778,44 @@ async fn deployments_of_one_account_share_its_limit() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     assert_eq!(account.keys().len(), 2, "{:?}", account.keys());
 }
+
+/// Preference breaks ties before weights: A (preference 0) takes every
+/// call it can start as soon as B (preference 1, weight 1,000) — 20 of 20
+/// while A has room; once A's tokens are spent, B starts sooner and takes
+/// the call.
+#[tokio::test(start_paused = true)]
+async fn preference_breaks_ties_and_never_delays_a_call() {
+    let (a_calls, b_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, pa) = deployment("a", answering(200, OK, None, a_calls.clone()), 1);
+    let (b, _) = deployment("b", answering(200, OK, None, b_calls.clone()), 1_000);
+    let router = Router::builder()
+        .deployment(a.preference(0))
+        .deployment(b.preference(1))
+        .weigh(weigh)
+        .classify(LlmClassifier::new())
+        .build()
+        .unwrap();
+    for _ in 0..20 {
+        router.clone().oneshot(chat(100)).await.unwrap();
+    }
+    assert_eq!(
+        (
+            a_calls.load(Ordering::SeqCst),
+            b_calls.load(Ordering::SeqCst)
+        ),
+        (20, 0)
+    );
+    // Another client of A's account spends its tokens (28,500 of burst
+    // after the 5 % headroom): A cannot start the next call now, B can.
+    let spend = pa
+        .layer()
+        .weigh(|n: &u64| Cost::tokens(*n))
+        .layer(tower::service_fn(|n: u64| async move {
+            Ok::<_, std::io::Error>(n)
+        }));
+    spend.oneshot(26_000).await.unwrap();
+    let t0 = Instant::now();
+    router.clone().oneshot(chat(5_000)).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_millis(100), "no wait for A");
+    assert_eq!(b_calls.load(Ordering::SeqCst), 1);
+}

@@ -138,6 +138,7 @@ pub struct LlmDeployment<B = Bytes> {
     make: Make<B>,
     group: Option<Arc<str>>,
     weight: u32,
+    preference: u32,
     model: Option<Arc<str>>,
     rewrite: Option<Rewrite>,
 }
@@ -225,6 +226,7 @@ impl<B> LlmDeployment<B> {
             make,
             group: None,
             weight: 1,
+            preference: 0,
             model: None,
             rewrite: None,
         }
@@ -241,6 +243,15 @@ impl<B> LlmDeployment<B> {
     /// time (default 1).
     pub fn weight(mut self, weight: u32) -> Self {
         self.weight = weight;
+        self
+    }
+
+    /// Its rank among deployments that could start a call at the same time
+    /// (default 0, lower first): see
+    /// [`Deployment::preference`](crate::route::Deployment::preference) —
+    /// the cheaper account first, the other only when it starts sooner.
+    pub fn preference(mut self, rank: u32) -> Self {
+        self.preference = rank;
         self
     }
 
@@ -580,7 +591,8 @@ impl<B> LlmRouterBuilder<B> {
                 .pace(stack.pace().clone())
                 .breaker(stack.breaker().clone())
                 .bulkhead(stack.bulkhead().clone())
-                .weight(d.weight);
+                .weight(d.weight)
+                .preference(d.preference);
             if let Some(g) = d.group {
                 deployment = deployment.group(g);
             }

@@ -117,6 +117,7 @@ pub struct Deployment<S> {
     pub(crate) breaker: Option<Breaker>,
     pub(crate) bulkhead: Option<crate::bulkhead::Bulkhead>,
     pub(crate) weight: u32,
+    pub(crate) preference: u32,
     pub(crate) group: Arc<str>,
 }
 
@@ -132,6 +133,7 @@ impl<S> Deployment<S> {
             breaker: None,
             bulkhead: None,
             weight: 1,
+            preference: 0,
             group: Arc::from(DEFAULT_GROUP),
         }
     }
@@ -179,6 +181,16 @@ impl<S> Deployment<S> {
     /// one with a free permit first.
     pub fn bulkhead(mut self, bulkhead: crate::bulkhead::Bulkhead) -> Self {
         self.bulkhead = Some(bulkhead);
+        self
+    }
+
+    /// Its rank among deployments that could start a call at the same time
+    /// (default 0; lower first): a cheaper or nearer deployment takes every
+    /// call it can start as soon as any other, the weights share the calls
+    /// among deployments of one preference. A deployment that can start
+    /// sooner still wins: preference only breaks ties.
+    pub fn preference(mut self, rank: u32) -> Self {
+        self.preference = rank;
         self
     }
 

@@ -649,6 +649,10 @@ impl<S> Inner<S> {
         if tied.len() > 1 {
             tied.retain(|i| Some(*i) != avoid);
         }
+        // Among ties, the most preferred (lowest `preference`) first.
+        if let Some(best) = tied.iter().map(|i| self.deployments[*i].preference).min() {
+            tied.retain(|i| self.deployments[*i].preference == best);
+        }
         let pick = if tied.len() == 1 {
             tied[0]
         } else {
@@ -683,6 +687,16 @@ impl<S> Inner<S> {
         avoid: Option<usize>,
         now: Instant,
     ) -> Option<Choice> {
+        // Only the most preferred candidates: nothing that could tie with
+        // the pick is preferred to it.
+        let preferred = self
+            .deployments
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| candidate(*i))
+            .map(|(_, d)| d.preference)
+            .min()?;
+        let candidate = |i: usize| candidate(i) && self.deployments[i].preference == preferred;
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let mut best: Option<(usize, i64)> = None;
         let mut total: i64 = 0;
