@@ -27,12 +27,36 @@ struct Args {
     /// Seconds to let in-flight calls finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     drain_secs: u64,
+    /// Find the backend's capacity instead of the fixed 50: `vegas`
+    /// (latency grows with load, as here), `aimd` (150 ms threshold) or
+    /// `gradient2`; at most 500 at once.
+    #[arg(long, value_enum)]
+    adaptive: Option<Adaptive>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Adaptive {
+    Aimd,
+    Vegas,
+    Gradient2,
 }
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    let (router, guards) = app(ServerConfig::default())?;
+    let adaptive = args.adaptive.map(|a| -> semaforo::bulkhead::Limit {
+        match a {
+            Adaptive::Aimd => semaforo::bulkhead::Aimd::new()
+                .latency_threshold(Duration::from_millis(150))
+                .into(),
+            Adaptive::Vegas => semaforo::bulkhead::Vegas::new().into(),
+            Adaptive::Gradient2 => semaforo::bulkhead::Gradient2::new().into(),
+        }
+    });
+    let (router, guards) = app(ServerConfig {
+        adaptive,
+        ..ServerConfig::default()
+    })?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
     // Handlers in place before we say we listen: an early SIGTERM still drains.
     let stop = semaforo::shutdown::signal()?;

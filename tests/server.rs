@@ -120,6 +120,32 @@ async fn seed_002_a_thousand_clients_guarded_and_unguarded() {
     assert!(p99_ok <= bound * 2, "p99 {p99_ok:?} vs 2 × {bound:?}");
     assert_eq!(guards.bulkhead.snapshot().in_flight, 0);
 
+    // The same load against an adaptive limit starting at 500 (Vegas): at
+    // least 90 % of the static run's successes, every client answered.
+    let (base, adaptive) = serve(ServerConfig {
+        adaptive: Some(semaforo::bulkhead::Vegas::new().into()),
+        adaptive_max: 500,
+        ..cfg.clone()
+    })
+    .await;
+    let a = storm(&base, 1_000, Duration::from_secs(10)).await;
+    eprintln!(
+        "adaptive: {} ok, {} refused, {} other, {} unanswered; limit now {}",
+        a.ok.len(),
+        a.refused.len(),
+        a.other,
+        a.no_answer,
+        adaptive.bulkhead.snapshot().limit
+    );
+    assert_eq!(a.no_answer, 0, "every client gets an answer");
+    assert!(
+        a.ok.len() as f64 >= 0.9 * t.ok.len() as f64,
+        "adaptive {} ok vs static {}",
+        a.ok.len(),
+        t.ok.len()
+    );
+    assert_eq!(a.refused_without_retry_after, 0);
+
     // The same load without the layers: everyone is admitted, everyone slows down.
     let (base, _) = serve(ServerConfig {
         unguarded: true,

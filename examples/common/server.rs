@@ -35,6 +35,10 @@ pub struct ServerConfig {
     pub timeout: Duration,
     /// Without the semaforo layers (to show the collapse).
     pub unguarded: bool,
+    /// An adaptive limit (the bulkhead's `max_concurrent` is then its
+    /// maximum, `adaptive_max`) instead of the fixed `capacity`.
+    pub adaptive: Option<semaforo::bulkhead::Limit>,
+    pub adaptive_max: u32,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +50,8 @@ impl Default for ServerConfig {
             per_key_per_minute: 6_000,
             timeout: Duration::from_secs(10),
             unguarded: false,
+            adaptive: None,
+            adaptive_max: 500,
         }
     }
 }
@@ -116,11 +122,15 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
         .plan("default", Rate::per_minute(cfg.per_key_per_minute))
         .build::<String>()?;
     let plan = quota.plan_id("default").ok_or("no default plan")?;
-    let bulkhead = Bulkhead::builder(cfg.capacity as u32)
-        .name("backend")
-        .max_queue(cfg.queue)
-        .expected_service_time(cfg.service_time)
-        .build()?;
+    // One builder call switches to an adaptive limit.
+    let bulkhead = match &cfg.adaptive {
+        None => Bulkhead::builder(cfg.capacity as u32),
+        Some(limit) => Bulkhead::builder(cfg.adaptive_max).limit(limit.clone()),
+    }
+    .name("backend")
+    .max_queue(cfg.queue)
+    .expected_service_time(cfg.service_time)
+    .build()?;
     shutdown.watch(bulkhead.clone());
     shutdown.watch(quota.clone());
     let timeout = Timeout::builder()
@@ -150,7 +160,13 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
                         .to_owned();
                     (key, plan)
                 }))
-                .layer(bulkhead.layer())
+                // Answers classified for an adaptive limit (a 5xx or a
+                // timeout below is a drop).
+                .layer(
+                    bulkhead
+                        .layer()
+                        .classify(semaforo::classify::HttpClassifier),
+                )
                 .layer(timeout.layer()),
         )
     };

@@ -341,6 +341,7 @@ pub struct LlmStackBuilder {
     shutdown: Option<Shutdown>,
     quota: Option<(Quota<String>, HeaderKey)>,
     bulkhead: Option<Bulkhead>,
+    adaptive: Option<(u32, crate::bulkhead::Limit)>,
     retry: Option<Retry>,
     breaker: Option<Breaker>,
     pace: Option<KeyedPace>,
@@ -398,6 +399,7 @@ impl LlmStack {
             shutdown: None,
             quota: None,
             bulkhead: None,
+            adaptive: None,
             retry: None,
             breaker: None,
             pace: None,
@@ -560,6 +562,26 @@ impl LlmStackBuilder {
         self
     }
 
+    /// The preset's bulkhead with an adaptive limit: at most
+    /// `max_concurrent` calls, the limit found by `limit` from the calls'
+    /// latencies and drops (`529`, `5xx`, timeouts; `429`s are the pacer's
+    /// and never lower it). For a streamed answer the sample is its time to
+    /// first byte. Which to choose: [`Vegas`](crate::bulkhead::Vegas) when
+    /// the upstream's latency grows with its load (a self-hosted model
+    /// server); [`Aimd`](crate::bulkhead::Aimd) with a latency threshold
+    /// when answers' lengths vary too much for a latency baseline (a hosted
+    /// API: it then reacts to drops); [`Gradient2`](crate::bulkhead::Gradient2)
+    /// between the two. Replaced by [`bulkhead`](Self::bulkhead) if both
+    /// are given.
+    pub fn adaptive_limit(
+        mut self,
+        max_concurrent: u32,
+        limit: impl Into<crate::bulkhead::Limit>,
+    ) -> Self {
+        self.adaptive = Some((max_concurrent, limit.into()));
+        self
+    }
+
     /// Replaces the retry policy (`max_attempts(1)` switches retries off).
     pub fn retry(mut self, r: Retry) -> Self {
         self.retry = Some(r);
@@ -694,10 +716,16 @@ impl LlmStackBuilder {
                 }
             };
         }
-        let bulkhead = match self.bulkhead {
-            Some(b) => b,
-            None => heard!(Bulkhead::builder(8))
+        let bulkhead = match (self.bulkhead, self.adaptive) {
+            (Some(b), _) => b,
+            (None, None) => heard!(Bulkhead::builder(8))
                 .name(name)
+                .max_queue(1_000)
+                .max_wait(t(600.0))
+                .build()?,
+            (None, Some((max, limit))) => heard!(Bulkhead::builder(max))
+                .name(name)
+                .limit(limit)
                 .max_queue(1_000)
                 .max_wait(t(600.0))
                 .build()?,

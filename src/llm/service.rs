@@ -261,6 +261,7 @@ type Inner<S> = ShutdownService<
             >,
             InfoFns<http::Request<Bytes>>,
             OnResponse,
+            LlmClassifier,
         >,
         String,
         HeaderKey,
@@ -406,7 +407,13 @@ impl<S> Layer<S> for LlmLayer {
             .classify(LlmClassifier::new())
             .requests(HttpRequests::default().allow_non_idempotent())
             .layer(guarded);
-        let limited = s.bulkhead.layer().ticket_from_extensions().layer(retried);
+        // An adaptive limit reads each call's class as the breaker does.
+        let limited = s
+            .bulkhead
+            .layer()
+            .ticket_from_extensions()
+            .classify(LlmClassifier::new())
+            .layer(retried);
         LlmService {
             inner: s.shutdown.layer().layer(s.quota_layer().layer(limited)),
             weigh: s.weigh.clone(),
@@ -443,6 +450,7 @@ type StreamInner<S> = ShutdownService<
             >,
             InfoFns<http::Request<Bytes>>,
             OnBodyEnd,
+            LlmHeadClassifier,
         >,
         String,
         HeaderKey,
@@ -633,11 +641,13 @@ impl<S> Layer<S> for LlmStreamLayer {
             .classify(LlmHeadClassifier)
             .requests(HttpRequests::default().allow_non_idempotent())
             .layer(guarded);
+        // An adaptive limit samples a stream's head: its time to first byte.
         let limited = s
             .bulkhead
             .layer()
             .ticket_from_extensions()
             .release_on_body_end()
+            .classify(LlmHeadClassifier)
             .layer(retried);
         LlmStreamService {
             inner: s
