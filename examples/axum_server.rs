@@ -46,11 +46,14 @@ async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
     let adaptive = args.adaptive.map(|a| -> semaforo::bulkhead::Limit {
         match a {
+            // A floor of 10: the backend surely handles 10 (and the
+            // baseline probes of Vegas and Gradient2 take one latency).
             Adaptive::Aimd => semaforo::bulkhead::Aimd::new()
+                .min(10)
                 .latency_threshold(Duration::from_millis(150))
                 .into(),
-            Adaptive::Vegas => semaforo::bulkhead::Vegas::new().into(),
-            Adaptive::Gradient2 => semaforo::bulkhead::Gradient2::new().into(),
+            Adaptive::Vegas => semaforo::bulkhead::Vegas::new().min(10).into(),
+            Adaptive::Gradient2 => semaforo::bulkhead::Gradient2::new().min(10).into(),
         }
     });
     let (router, guards) = app(ServerConfig {

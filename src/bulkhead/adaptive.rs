@@ -24,10 +24,13 @@ use std::time::Duration;
 /// overshoots, as the calls in flight when the limit moved all report the
 /// same load. Vegas and Gradient2 compare latencies with the upstream's
 /// unloaded latency, measured as Envoy's adaptive concurrency filter does:
-/// the limit is pinned to 3 calls until 10 calls ended with at most 3 in
-/// flight, their lowest latency is the baseline, and the limit goes back
-/// where it was — at the start, then every 60 s (a dip of about one
-/// latency's worth of throughput a minute). A drop is an `Overloaded` or
+/// the limit is pinned to 3 calls (or the strategy's `min`, if higher)
+/// until 10 calls ended with no more than that in flight, their lowest
+/// latency is the baseline, and the limit goes back where it was — at the
+/// start, then every 60 s. With a `min` of 10 or more a probe lasts about
+/// one latency; with 3, about four (a storm arriving at a fresh bulkhead
+/// finds a narrow door for that long). Choose `min` at or under what the
+/// upstream surely handles. A drop is an `Overloaded` or
 /// `Transient` answer (a timeout below included); `Throttled`, `Permanent`
 /// and this crate's own refusals are not samples.
 ///

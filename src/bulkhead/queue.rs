@@ -273,15 +273,8 @@ impl Shared {
         let Some(key) = q.line.last() else {
             return false;
         };
-        q.line.remove(&key);
         self.state.fetch_sub(WAITER, Ordering::AcqRel);
-        let slot = &mut q.slots[key.2 as usize];
-        slot.state = SlotState::Shed;
-        slot.promoted = false;
-        let partition = slot.partition;
-        if let Some(w) = slot.waker.take() {
-            w.wake();
-        }
+        let partition = Self::leave_line(q, key, SlotState::Shed);
         if let Some(k) = partition {
             if let Some(p) = q.partitions.get_mut(&k) {
                 p.promoted = p.promoted.saturating_sub(1);
@@ -533,14 +526,7 @@ impl Shared {
             {
                 continue;
             }
-            q.line.remove(&key);
-            let slot = &mut q.slots[key.2 as usize];
-            slot.state = SlotState::Granted;
-            slot.promoted = false;
-            let partition = slot.partition;
-            if let Some(w) = slot.waker.take() {
-                w.wake();
-            }
+            let partition = Self::leave_line(q, key, SlotState::Granted);
             if let Some(k) = partition {
                 if let Some(p) = q.partitions.get_mut(&k) {
                     p.promoted -= 1;
@@ -548,6 +534,19 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Takes `key`'s waiter out of the line into `state` and wakes it;
+    /// returns its partition. The caller counts the waiter bits.
+    fn leave_line(q: &mut Queue, key: LineKey, state: SlotState) -> Option<u64> {
+        q.line.remove(&key);
+        let slot = &mut q.slots[key.2 as usize];
+        slot.state = state;
+        slot.promoted = false;
+        if let Some(w) = slot.waker.take() {
+            w.wake();
+        }
+        slot.partition
     }
 
     /// Moves parked waiters of partition `k` into the line while it has room.

@@ -296,6 +296,29 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
     /// The cost of a request, as the deployments' pacers weigh it (they
     /// are asked when a call of this cost could start).
     pub fn weigh<W2>(self, weigh: W2) -> RouterBuilder<S, W2, C, K> {
+        self.retyped(|_, c, k| (weigh, c, k))
+    }
+
+    /// How a result is classified (what fails over).
+    pub fn classify<C2>(self, classify: C2) -> RouterBuilder<S, W, C2, K> {
+        self.retyped(|w, _, k| (w, classify, k))
+    }
+
+    /// The key of a request, for deployments paced by a
+    /// [`KeyedPace`](crate::pace::KeyedPace) (one pacer per model): each is
+    /// asked when a call could start under this key (or the deployment's
+    /// own, [`Deployment::key`]). E.g. [`llm::ModelField`](crate::llm::ModelField)
+    /// (feature `llm`).
+    pub fn key<K2>(self, key: K2) -> RouterBuilder<S, W, C, K2> {
+        self.retyped(|w, c, _| (w, c, key))
+    }
+
+    /// The same builder with other weigh / classify / key types.
+    fn retyped<W2, C2, K2>(
+        self,
+        f: impl FnOnce(W, C, K) -> (W2, C2, K2),
+    ) -> RouterBuilder<S, W2, C2, K2> {
+        let (weigh, classify, key) = f(self.weigh, self.classify, self.key);
         RouterBuilder {
             name: self.name,
             deployments: self.deployments,
@@ -308,49 +331,7 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
             budget: self.budget,
             listener: self.listener,
             weigh,
-            classify: self.classify,
-            key: self.key,
-        }
-    }
-
-    /// How a result is classified (what fails over).
-    pub fn classify<C2>(self, classify: C2) -> RouterBuilder<S, W, C2, K> {
-        RouterBuilder {
-            name: self.name,
-            deployments: self.deployments,
-            first_group: self.first_group,
-            fallbacks: self.fallbacks,
-            max_attempts: self.max_attempts,
-            deadline: self.deadline,
-            hedge: self.hedge,
-            backoff: self.backoff,
-            budget: self.budget,
-            listener: self.listener,
-            weigh: self.weigh,
             classify,
-            key: self.key,
-        }
-    }
-
-    /// The key of a request, for deployments paced by a
-    /// [`KeyedPace`](crate::pace::KeyedPace) (one pacer per model): each is
-    /// asked when a call could start under this key (or the deployment's
-    /// own, [`Deployment::key`]). E.g. [`llm::ModelField`](crate::llm::ModelField)
-    /// (feature `llm`).
-    pub fn key<K2>(self, key: K2) -> RouterBuilder<S, W, C, K2> {
-        RouterBuilder {
-            name: self.name,
-            deployments: self.deployments,
-            first_group: self.first_group,
-            fallbacks: self.fallbacks,
-            max_attempts: self.max_attempts,
-            deadline: self.deadline,
-            hedge: self.hedge,
-            backoff: self.backoff,
-            budget: self.budget,
-            listener: self.listener,
-            weigh: self.weigh,
-            classify: self.classify,
             key,
         }
     }
