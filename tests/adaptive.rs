@@ -297,8 +297,10 @@ async fn a_falling_limit_sheds_the_lowest_priority_first() {
         tokio::task::yield_now().await;
     }
     assert_eq!(bulkhead.snapshot().waiting, 200);
+    assert_eq!(bulkhead.snapshot().adaptive_limit, Some(100));
     // The limit falls to 20 (as a controller would after overloads).
     bulkhead.set_max_concurrent(20);
+    assert_eq!(bulkhead.snapshot().adaptive_limit, Some(20));
     tokio::task::yield_now().await;
     assert_eq!(
         bulkhead.snapshot().waiting,

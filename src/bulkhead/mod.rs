@@ -394,6 +394,9 @@ pub struct BulkheadSnapshot {
     pub closed: bool,
     /// The service time the ETA uses.
     pub service_time: Option<Duration>,
+    /// An adaptive limit outside its baseline probes (`limit` reads the
+    /// probe's pinned value while one runs); `None` for a fixed limit.
+    pub adaptive_limit: Option<u64>,
 }
 
 impl crate::close::Close for Bulkhead {

@@ -289,6 +289,7 @@ impl Shared {
         match &self.adaptive {
             None => self.set_limit(n),
             Some(a) => {
+                let from = self.limit();
                 let to = {
                     let mut c = a.ctrl.lock().unwrap_or_else(|e| e.into_inner());
                     c.set_max(n);
@@ -296,6 +297,16 @@ impl Shared {
                     c.limit()
                 };
                 self.apply_limit(to);
+                if from != to {
+                    self.cfg.obs.emit(
+                        "bulkhead",
+                        EventKind::LimitChanged {
+                            from: u64::from(from),
+                            to: u64::from(to),
+                            reason: crate::observe::LimitReason::Max,
+                        },
+                    );
+                }
             }
         }
     }
@@ -718,6 +729,10 @@ impl Shared {
                 .service_ewma
                 .and_then(|s| Duration::try_from_secs_f64(s).ok())
                 .or(self.cfg.expected_service),
+            adaptive_limit: self
+                .adaptive
+                .as_ref()
+                .map(|a| u64::from(a.nominal.load(Ordering::Relaxed))),
         }
     }
 }

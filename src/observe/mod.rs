@@ -39,7 +39,7 @@
 //! | `semaforo_pace_pauses_total` | counter | `reason` | pacer paused by the upstream |
 //! | `semaforo_shutdown_phase` | gauge | | 0 serving, 1 draining, 2 drained |
 //! | `semaforo_call_seconds` | histogram | `class` (`success`, `throttled`, …) | latency of each call the breaker classified |
-//! | `semaforo_limit_changes_total` | counter | `reason` (`probe`, `grew`, `dropped`, `slower`) | an adaptive bulkhead limit moved |
+//! | `semaforo_limit_changes_total` | counter | `reason` (`probe`, `grew`, `dropped`, `slower`, `max`) | an adaptive bulkhead limit moved |
 //! | `semaforo_adaptive_limit` | gauge | | the adaptive limit after each move |
 //! | `semaforo_routed_total` | counter | `deployment`, `why` (`first`, `failed_over`, `fell_back`, `hedge`) | every attempt a router sends |
 //! | `semaforo_hedges_settled_total` | counter | `outcome` (`hedge_won`, `hedge_lost`) | hedged calls answered |
@@ -183,6 +183,8 @@ pub enum LimitReason {
     Dropped,
     /// The latency rose.
     Slower,
+    /// `set_max_concurrent` moved the ceiling under it.
+    Max,
 }
 
 impl LimitReason {
@@ -193,6 +195,7 @@ impl LimitReason {
             LimitReason::Grew => "grew",
             LimitReason::Dropped => "dropped",
             LimitReason::Slower => "slower",
+            LimitReason::Max => "max",
         }
     }
 }
