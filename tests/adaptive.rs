@@ -457,3 +457,56 @@ impl Classify<(), BoxError> for AnyOverloaded {
         }
     }
 }
+
+/// A sampled call dropped at each await point — in line, granted but not
+/// yet polled, running — holds nothing afterwards, and the controller
+/// still moves for the calls that end.
+#[tokio::test(start_paused = true)]
+async fn a_sampled_call_dropped_at_every_await_leaves_nothing() {
+    let bulkhead = Bulkhead::builder(2)
+        .limit(Aimd::new().min(1).latency_threshold(Duration::MAX))
+        .sample_every(1)
+        .max_queue(10)
+        .build()
+        .unwrap();
+    let upstream = tower::service_fn(|ms: u64| async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok::<(), Overloaded>(())
+    });
+    let svc = bulkhead.layer().classify(AnyOverloaded).layer(upstream);
+    // Running: two calls hold both permits; drop one mid-call.
+    let mut a = Box::pin(svc.clone().oneshot(1_000));
+    let mut b = Box::pin(svc.clone().oneshot(1_000));
+    assert!(futures::poll!(a.as_mut()).is_pending());
+    assert!(futures::poll!(b.as_mut()).is_pending());
+    // In line: drop it there.
+    let mut c = Box::pin(svc.clone().oneshot(10));
+    assert!(futures::poll!(c.as_mut()).is_pending());
+    assert_eq!(bulkhead.snapshot().waiting, 1);
+    drop(c);
+    assert_eq!(bulkhead.snapshot().waiting, 0);
+    // Granted but never polled again: queued, then a permit frees.
+    let mut d = Box::pin(svc.clone().oneshot(10));
+    assert!(futures::poll!(d.as_mut()).is_pending());
+    drop(a);
+    assert_eq!(bulkhead.snapshot().in_flight, 2, "the permit went to d");
+    drop(d);
+    assert_eq!(bulkhead.snapshot().in_flight, 1);
+    b.await.unwrap();
+    let s = bulkhead.snapshot();
+    assert_eq!((s.in_flight, s.waiting), (0, 0));
+    assert!((1..=2).contains(&s.limit));
+    // Extreme settings build and run: u32::MAX sampling, Duration::MAX.
+    let huge = Bulkhead::builder(u32::MAX >> 1)
+        .limit(Vegas::new())
+        .sample_every(u32::MAX)
+        .build()
+        .unwrap();
+    let svc = huge
+        .layer()
+        .classify(AnyOverloaded)
+        .layer(tower::service_fn(|_: u64| async {
+            Ok::<(), Overloaded>(())
+        }));
+    svc.oneshot(0).await.unwrap();
+}

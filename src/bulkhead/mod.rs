@@ -357,11 +357,7 @@ impl Bulkhead {
     /// callers ahead of it times the service time (smoothed, or the
     /// configured expected one, else 1 s) over the limit.
     pub(crate) fn wait_estimate(&self) -> Duration {
-        let s = self.snapshot();
-        let service = s.service_time.unwrap_or(Duration::from_secs(1));
-        let ahead = s.waiting.saturating_add(1);
-        let rounds = ahead.div_ceil(s.limit.max(1));
-        service.saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX))
+        self.shared.wait_estimate()
     }
 
     /// The name given to the builder.

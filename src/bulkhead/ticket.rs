@@ -156,6 +156,18 @@ impl Shared {
         Duration::try_from_secs_f64(s / f64::from(limit.max(1))).ok()
     }
 
+    /// How long a caller arriving now would wait: the line's own ETA for
+    /// the place after the last waiter, 1 s a round when no service time is
+    /// known yet.
+    pub(crate) fn wait_estimate(&self) -> Duration {
+        let q = self.lock();
+        let waiting = (q.line.len() as u32).saturating_add(q.parked_total);
+        let pos = waiting.saturating_add(1);
+        let limit = self.limit();
+        Self::eta(&q, &self.cfg, limit, pos)
+            .unwrap_or_else(|| Duration::from_secs(u64::from(pos.div_ceil(limit.max(1)))))
+    }
+
     /// ETA for position `pos` (1-based): `ceil(pos / limit) × service time`.
     #[inline]
     pub(super) fn eta(q: &Queue, cfg: &Config, limit: u32, pos: u32) -> Option<Duration> {
