@@ -332,6 +332,53 @@ async fn a_falling_limit_sheds_the_lowest_priority_first() {
     assert_eq!(r.rejected_queue_full, 160);
 }
 
+/// Waiters parked behind their partition's cap count in the line and are
+/// shed like the others when the limit falls: 2 tenants of at most 5 calls
+/// each, 190 parked; the limit falls from 100 to 20, so the line keeps
+/// 200 × 20 / 100 = 40 — the 150 latest arrivals are refused.
+#[tokio::test(start_paused = true)]
+async fn a_falling_limit_sheds_parked_waiters_too() {
+    let bulkhead = Bulkhead::builder(100)
+        .limit(Aimd::new().min(1))
+        .max_queue(200)
+        .max_per_key(5)
+        .build()
+        .unwrap();
+    let upstream = tower::service_fn(move |_: usize| async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok::<(), std::io::Error>(())
+    });
+    let svc = bulkhead
+        .layer()
+        .partition(|id: &usize| id % 2)
+        .layer(upstream);
+    let refused = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for id in 0..200usize {
+        let (svc, refused) = (svc.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = svc.oneshot(id).await {
+                let r = Rejected::from_box(&e).unwrap();
+                assert!(r.retry_after().is_some(), "{r}");
+                refused.lock().unwrap().push(id);
+            }
+        }));
+        tokio::task::yield_now().await;
+    }
+    let snap = bulkhead.snapshot();
+    assert_eq!((snap.in_flight, snap.waiting), (10, 190));
+    bulkhead.set_max_concurrent(20);
+    tokio::task::yield_now().await;
+    assert_eq!(bulkhead.snapshot().waiting, 40);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut refused = refused.lock().unwrap().clone();
+    refused.sort_unstable();
+    assert_eq!(refused, (50..200).collect::<Vec<_>>(), "the latest first");
+    assert_eq!(bulkhead.snapshot().rejected_queue_full, 150);
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..Default::default() })]
 

@@ -250,4 +250,31 @@ impl<R, C> BulkheadLayer<NoInfo, R, C> {
     ) -> BulkheadLayer<InfoFns<http::Request<B>>, R, C> {
         self.ticket(|req: &http::Request<B>| req.extensions().get::<QueueTicket>().cloned())
     }
+
+    /// Reads both the [`QueueTicket`] and the [`Priority`] from
+    /// `http::Request` extensions (no `Priority`: 0). The LLM preset's
+    /// bulkhead reads its requests this way.
+    ///
+    /// ```
+    /// use semaforo::bulkhead::{Bulkhead, Priority};
+    ///
+    /// let bulkhead = Bulkhead::builder(50).max_queue(1_000).min_share(1.., 0.8).build()?;
+    /// let layer = bulkhead.layer().from_extensions::<String>();
+    /// let mut req = http::Request::new(String::from("plan the water cycle"));
+    /// req.extensions_mut().insert(Priority(1)); // interactive
+    /// # let _ = layer;
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
+    pub fn from_extensions<B: 'static>(self) -> BulkheadLayer<InfoFns<http::Request<B>>, R, C> {
+        self.ticket_from_extensions()
+            .priority(|req: &http::Request<B>| req.extensions().get::<Priority>().map_or(0, |p| p.0))
+    }
 }
+
+/// A request's priority for the bulkhead's line, as an `http::Request`
+/// extension (read by [`BulkheadLayer::from_extensions`] and the LLM
+/// preset): higher is served first; see
+/// [`BulkheadBuilder::min_share`](super::BulkheadBuilder::min_share) for
+/// guaranteed shares per priority class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Priority(pub i32);

@@ -1,6 +1,6 @@
 //! A bulkhead permit: one of its `max_concurrent` slots.
 
-use super::queue::Shared;
+use super::queue::{Holder, Shared};
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -18,7 +18,7 @@ pub struct BulkheadPermit {
 
 #[derive(Debug)]
 struct SlowPermit {
-    partition: Option<u64>,
+    holder: Holder,
     granted_at: Option<Instant>,
 }
 
@@ -31,12 +31,12 @@ impl BulkheadPermit {
 
     pub(crate) fn new(
         shared: Arc<Shared>,
-        partition: Option<u64>,
+        holder: Holder,
         granted_at: Option<Instant>,
     ) -> Self {
-        let slow = (partition.is_some() || granted_at.is_some()).then(|| {
+        let slow = (!holder.is_plain() || granted_at.is_some()).then(|| {
             Box::new(SlowPermit {
-                partition,
+                holder,
                 granted_at,
             })
         });
@@ -80,7 +80,7 @@ impl Drop for BulkheadPermit {
     fn drop(&mut self) {
         match self.slow.take() {
             None => self.shared.release(),
-            Some(s) => self.shared.release_slow(s.partition, s.granted_at),
+            Some(s) => self.shared.release_slow(s.holder, s.granted_at),
         }
     }
 }

@@ -61,6 +61,125 @@ pub(crate) struct Config {
     pub(crate) aging: Option<Duration>,
     pub(crate) max_per_key: Option<u32>,
     pub(crate) expected_service: Option<Duration>,
+    /// Guaranteed minimum shares of the limit per priority class.
+    pub(crate) shares: Box<[Share]>,
+}
+
+/// The most `min_share` classes one bulkhead takes.
+pub(crate) const MAX_CLASSES: usize = 16;
+
+/// A priority class (`lo ..= hi`) and its guaranteed share of the limit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Share {
+    pub(crate) lo: i64,
+    pub(crate) hi: i64,
+    pub(crate) share: f64,
+}
+
+impl Share {
+    pub(crate) fn validate(shares: &[Share]) -> Result<(), crate::ConfigError> {
+        let err = |reason: String| Err(crate::ConfigError::new("bulkhead", "min_share", reason));
+        if shares.len() > MAX_CLASSES {
+            return err(format!(
+                "at most {MAX_CLASSES} classes, got {}",
+                shares.len()
+            ));
+        }
+        let mut total = 0.0;
+        for (i, c) in shares.iter().enumerate() {
+            if c.lo > c.hi {
+                return err(format!("class {i}: the priority range is empty"));
+            }
+            if !(c.share > 0.0 && c.share <= 1.0) {
+                return err(format!(
+                    "class {i}: the share must be in (0, 1], got {}",
+                    c.share
+                ));
+            }
+            total += c.share;
+            if let Some(j) = shares[..i].iter().position(|d| c.lo <= d.hi && d.lo <= c.hi) {
+                return err(format!(
+                    "classes {j} and {i} overlap ({}..={} and {}..={})",
+                    shares[j].lo, shares[j].hi, c.lo, c.hi
+                ));
+            }
+        }
+        if total > 1.0 + 1e-9 {
+            return err(format!("the shares add up to {total}, above 1"));
+        }
+        Ok(())
+    }
+
+    /// Permits this class is guaranteed under `limit`: `⌊share × limit⌋`,
+    /// at least 1 (0 when the limit is 0).
+    #[inline]
+    fn guaranteed(&self, limit: u32) -> u32 {
+        if limit == 0 {
+            return 0;
+        }
+        // share ∈ (0, 1]: the product is in [0, limit], the cast saturates.
+        ((self.share * f64::from(limit)).floor() as u32).clamp(1, limit)
+    }
+}
+
+/// Whose a permit is: its partition and `min_share` class (counted while
+/// it is held).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Holder {
+    pub(crate) partition: Option<u64>,
+    pub(crate) class: Option<u8>,
+}
+
+impl Holder {
+    #[inline]
+    pub(crate) fn is_plain(self) -> bool {
+        self.partition.is_none() && self.class.is_none()
+    }
+}
+
+impl Queue {
+    /// Puts `key` in the line (and in its class's line).
+    fn enter_line(&mut self, key: LineKey) {
+        self.line.insert(key);
+        if let Some(c) = self.slots.get(key.2 as usize).and_then(|s| s.class) {
+            if let Some(cl) = self.classes.get_mut(usize::from(c)) {
+                cl.line.insert(key);
+            }
+        }
+    }
+
+    /// Takes `key` out of the line (and out of its class's line).
+    fn exit_line(&mut self, key: &LineKey) {
+        self.line.remove(key);
+        if let Some(c) = self.slots.get(key.2 as usize).and_then(|s| s.class) {
+            if let Some(cl) = self.classes.get_mut(usize::from(c)) {
+                cl.line.remove(key);
+            }
+        }
+    }
+
+    /// Counts a permit granted to `class`.
+    #[inline]
+    fn class_took(&mut self, class: Option<u8>) {
+        if let Some(cl) = class.and_then(|c| self.classes.get_mut(usize::from(c))) {
+            cl.in_flight += 1;
+        }
+    }
+
+    /// Counts a permit `class` gave back.
+    #[inline]
+    fn class_gave(&mut self, class: Option<u8>) {
+        if let Some(cl) = class.and_then(|c| self.classes.get_mut(usize::from(c))) {
+            cl.in_flight = cl.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+/// One `min_share` class's permits and waiters in the line.
+#[derive(Debug, Default)]
+pub(super) struct ClassLine {
+    pub(super) in_flight: u32,
+    pub(super) line: std::collections::BTreeSet<LineKey>,
 }
 
 #[derive(Debug, Default)]
@@ -104,6 +223,8 @@ pub(super) struct Slot {
     pub(super) seq: u64,
     pub(super) rank: i128,
     pub(super) partition: Option<u64>,
+    /// Its `min_share` class.
+    pub(super) class: Option<u8>,
     /// In the global line (eligible) rather than parked behind its partition's cap.
     pub(super) promoted: bool,
     pub(super) state: SlotState,
@@ -127,6 +248,8 @@ impl Partition {
 pub(super) struct Queue {
     pub(super) slots: Slab<Slot>,
     pub(super) line: OrderTree<LineKey>,
+    /// The `min_share` classes (empty without any).
+    pub(super) classes: Vec<ClassLine>,
     pub(super) partitions: HashMap<u64, Partition>,
     pub(super) parked_total: u32,
     pub(super) next_seq: u64,
@@ -158,12 +281,14 @@ pub(crate) enum Acquire {
 
 impl Shared {
     pub(crate) fn new(cfg: Config, limit: u32) -> Self {
+        let classes = cfg.shares.iter().map(|_| ClassLine::default()).collect();
         Shared {
             state: AtomicU64::new(0),
             limit: AtomicU32::new(limit),
             queue: Mutex::new(Queue {
                 slots: Slab::new(),
                 line: OrderTree::new(),
+                classes,
                 partitions: HashMap::new(),
                 parked_total: 0,
                 next_seq: 0,
@@ -267,19 +392,56 @@ impl Shared {
         u32::try_from(b).unwrap_or(u32::MAX)
     }
 
-    /// Refuses the line's last (lowest-ranked) waiter: `false` when the
-    /// line is empty.
+    /// The lowest-ranked waiter, in the line or parked behind its
+    /// partition's cap: `(rank, seq, parked in)`.
+    fn worst(q: &Queue) -> Option<(i128, u64, Option<u64>)> {
+        let in_line = q.line.last().map(|(r, s, _)| (r, s, None));
+        let parked = q
+            .partitions
+            .iter()
+            .filter_map(|(k, p)| p.parked.last_key_value().map(|(&(r, s), _)| (r, s, Some(*k))))
+            .max_by_key(|&(r, s, _)| (r, s));
+        match (in_line, parked) {
+            (Some(a), Some(b)) => Some(if (b.0, b.1) > (a.0, a.1) { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Refuses the lowest-ranked waiter — in the line or parked behind its
+    /// partition's cap: `false` when nobody waits.
     pub(super) fn shed_last(&self, q: &mut Queue) -> bool {
-        let Some(key) = q.line.last() else {
+        let Some((rank, seq, parked_in)) = Self::worst(q) else {
             return false;
         };
-        self.state.fetch_sub(WAITER, Ordering::AcqRel);
-        let partition = Self::leave_line(q, key, SlotState::Shed);
-        if let Some(k) = partition {
-            if let Some(p) = q.partitions.get_mut(&k) {
-                p.promoted = p.promoted.saturating_sub(1);
+        match parked_in {
+            Some(k) => {
+                let Some(p) = q.partitions.get_mut(&k) else {
+                    return false;
+                };
+                let Some(slot) = p.parked.remove(&(rank, seq)) else {
+                    return false;
+                };
+                q.parked_total = q.parked_total.saturating_sub(1);
+                if let Some(sl) = q.slots.get_mut(slot as usize) {
+                    sl.state = SlotState::Shed;
+                    if let Some(w) = sl.waker.take() {
+                        w.wake();
+                    }
+                }
             }
-            self.promote(q, k);
+            None => {
+                let Some(key) = q.line.last() else {
+                    return false;
+                };
+                self.state.fetch_sub(WAITER, Ordering::AcqRel);
+                let partition = Self::leave_line(q, key, SlotState::Shed);
+                if let Some(k) = partition {
+                    if let Some(p) = q.partitions.get_mut(&k) {
+                        p.promoted = p.promoted.saturating_sub(1);
+                    }
+                    self.promote(q, k);
+                }
+            }
         }
         true
     }
@@ -350,15 +512,16 @@ impl Shared {
     }
 
     /// The refusal of a waiter shed by a falling adaptive limit: come back
-    /// when the line has drained a place.
+    /// when the line has drained a place (the time between two admissions;
+    /// 1 s a round when no service time is known yet, as in
+    /// [`wait_estimate`](Self::wait_estimate)).
     pub(super) fn shed_rejection(&self, q: &Queue) -> Rejected {
-        let mut r = self
-            .rejection(RejectKind::QueueFull)
-            .with_detail("shed: the adaptive limit fell".to_owned());
-        if let Some(ra) = Self::drain_interval(q, &self.cfg, self.limit()) {
-            r = r.with_retry_after(ra);
-        }
-        r
+        let limit = self.limit();
+        let ra = Self::drain_interval(q, &self.cfg, limit)
+            .unwrap_or_else(|| Duration::from_secs(1) / limit.max(1));
+        self.rejection(RejectKind::QueueFull)
+            .with_detail("shed: the adaptive limit fell".to_owned())
+            .with_retry_after(ra)
     }
 
     /// A counted refusal of `kind`, told to the observers.
@@ -394,6 +557,7 @@ impl Shared {
     /// Admission under the lock: direct if possible, else a place in line.
     #[cold]
     pub(crate) fn acquire_slow(self: &Arc<Self>, priority: i32, partition: Option<u64>) -> Acquire {
+        let class = self.class_of(priority);
         let mut q = self.lock();
         let limit = self.limit.load(Ordering::Relaxed);
         let cap = self.cfg.max_per_key.unwrap_or(u32::MAX);
@@ -427,9 +591,10 @@ impl Shared {
                         if let Some(k) = partition {
                             q.partitions.entry(k).or_default().in_flight += 1;
                         }
+                        q.class_took(class);
                         return Acquire::Admitted(BulkheadPermit::new(
                             self.clone(),
-                            partition,
+                            Holder { partition, class },
                             None,
                         ));
                     }
@@ -456,7 +621,7 @@ impl Shared {
         let displaced = waiting >= bound
             && key_has_room
             && self.adaptive.is_some()
-            && q.line.last().is_some_and(|(r, _, _)| rank < r)
+            && Self::worst(&q).is_some_and(|(r, _, _)| rank < r)
             && self.shed_last(&mut q);
         if displaced {
             self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
@@ -480,12 +645,13 @@ impl Shared {
             seq,
             rank,
             partition,
+            class,
             promoted: key_has_room,
             state: SlotState::Waiting,
             waker: None,
         }) as u32;
         if key_has_room {
-            q.line.insert((rank, seq, slot));
+            q.enter_line((rank, seq, slot));
             self.state.fetch_add(WAITER, Ordering::AcqRel);
             if let Some(k) = partition {
                 q.partitions.entry(k).or_default().promoted += 1;
@@ -527,7 +693,7 @@ impl Shared {
             if s & CLOSED != 0 || waiters(s) == 0 || in_flight(s) >= limit {
                 return;
             }
-            let Some(key) = q.line.first() else {
+            let Some(key) = self.next_in_line(q, limit) else {
                 return; // unreachable: waiters(s) == line.len() under the lock
             };
             if self
@@ -544,13 +710,67 @@ impl Shared {
                     p.in_flight += 1;
                 }
             }
+            let class = q.slots.get(key.2 as usize).and_then(|s| s.class);
+            q.class_took(class);
         }
+    }
+
+    /// Who gets the next free permit: the first waiter of a `min_share`
+    /// class under its share (the best-ranked such one), else the line's
+    /// first.
+    #[inline]
+    fn next_in_line(&self, q: &Queue, limit: u32) -> Option<LineKey> {
+        let mut best: Option<LineKey> = None;
+        for (cl, share) in q.classes.iter().zip(self.cfg.shares.iter()) {
+            if cl.in_flight < share.guaranteed(limit) {
+                if let Some(&k) = cl.line.first() {
+                    if best.is_none_or(|b| k < b) {
+                        best = Some(k);
+                    }
+                }
+            }
+        }
+        best.or_else(|| q.line.first())
+    }
+
+    /// The `min_share` class of `priority`, if any.
+    #[inline]
+    pub(crate) fn class_of(&self, priority: i32) -> Option<u8> {
+        if self.cfg.shares.is_empty() {
+            return None;
+        }
+        let p = i64::from(priority);
+        self.cfg
+            .shares
+            .iter()
+            .position(|c| c.lo <= p && p <= c.hi)
+            .and_then(|i| u8::try_from(i).ok())
+    }
+
+    /// `try_permit` for a call of a `min_share` class: its permit is
+    /// counted under the lock.
+    pub(crate) fn try_class(self: &Arc<Self>, class: u8) -> Result<BulkheadPermit, Rejected> {
+        let mut q = self.lock();
+        if !self.try_fast() {
+            drop(q);
+            return Err(self.refuse_now(RejectKind::QueueFull));
+        }
+        q.class_took(Some(class));
+        drop(q);
+        Ok(BulkheadPermit::new(
+            self.clone(),
+            Holder {
+                partition: None,
+                class: Some(class),
+            },
+            None,
+        ))
     }
 
     /// Takes `key`'s waiter out of the line into `state` and wakes it;
     /// returns its partition. The caller counts the waiter bits.
     fn leave_line(q: &mut Queue, key: LineKey, state: SlotState) -> Option<u64> {
-        q.line.remove(&key);
+        q.exit_line(&key);
         let slot = &mut q.slots[key.2 as usize];
         slot.state = state;
         slot.promoted = false;
@@ -579,7 +799,7 @@ impl Shared {
             p.promoted += 1;
             q.parked_total -= 1;
             q.slots[slot as usize].promoted = true;
-            q.line.insert((rank, seq, slot));
+            q.enter_line((rank, seq, slot));
             self.state.fetch_add(WAITER, Ordering::AcqRel);
         }
     }
@@ -600,7 +820,7 @@ impl Shared {
     }
 
     #[cold]
-    pub(super) fn release_slow(&self, partition: Option<u64>, granted_at: Option<Instant>) {
+    pub(super) fn release_slow(&self, holder: Holder, granted_at: Option<Instant>) {
         let mut q = self.lock();
         if let Some(t) = granted_at {
             let secs = t.elapsed().as_secs_f64();
@@ -609,13 +829,14 @@ impl Shared {
                 Some(avg) => avg + 0.2 * (secs - avg),
             });
         }
-        self.release_locked(&mut q, partition);
+        self.release_locked(&mut q, holder);
     }
 
     /// Gives back one permit; the caller holds the lock.
-    pub(super) fn release_locked(&self, q: &mut Queue, partition: Option<u64>) {
+    pub(super) fn release_locked(&self, q: &mut Queue, holder: Holder) {
         self.state.fetch_sub(1, Ordering::AcqRel);
-        if let Some(k) = partition {
+        q.class_gave(holder.class);
+        if let Some(k) = holder.partition {
             if let Some(p) = q.partitions.get_mut(&k) {
                 p.in_flight = p.in_flight.saturating_sub(1);
             }
@@ -632,14 +853,21 @@ impl Shared {
         q: &mut Queue,
         slot_id: u32,
         seq: u64,
-    ) -> Option<(SlotState, Option<u64>)> {
+    ) -> Option<(SlotState, Holder)> {
         let slot = q.slots.get(slot_id as usize).filter(|s| s.seq == seq)?;
-        let (state, promoted, rank, partition) =
-            (slot.state, slot.promoted, slot.rank, slot.partition);
+        let (state, promoted, rank, partition, class) = (
+            slot.state,
+            slot.promoted,
+            slot.rank,
+            slot.partition,
+            slot.class,
+        );
+        if state == SlotState::Waiting && promoted {
+            q.exit_line(&(rank, seq, slot_id));
+        }
         q.slots.remove(slot_id as usize);
         match state {
             SlotState::Waiting if promoted => {
-                q.line.remove(&(rank, seq, slot_id));
                 self.state.fetch_sub(WAITER, Ordering::AcqRel);
                 if let Some(k) = partition {
                     if let Some(p) = q.partitions.get_mut(&k) {
@@ -661,7 +889,7 @@ impl Shared {
             }
             SlotState::Granted | SlotState::Rejected(_) | SlotState::Shed => {}
         }
-        Some((state, partition))
+        Some((state, Holder { partition, class }))
     }
 
     pub(crate) fn set_limit(&self, limit: u32) {
@@ -699,6 +927,9 @@ impl Shared {
         }
         let in_line = q.line.len() as u64;
         q.line.clear();
+        for cl in &mut q.classes {
+            cl.line.clear();
+        }
         self.state.fetch_sub(in_line * WAITER, Ordering::AcqRel);
         q.parked_total = 0;
         q.partitions.retain(|_, p| {
@@ -733,6 +964,13 @@ impl Shared {
                 .adaptive
                 .as_ref()
                 .map(|a| u64::from(a.nominal.load(Ordering::Relaxed))),
+            class_in_flight: {
+                let mut out = [0u64; MAX_CLASSES];
+                for (o, cl) in out.iter_mut().zip(&q.classes) {
+                    *o = u64::from(cl.in_flight);
+                }
+                out
+            },
         }
     }
 }

@@ -123,7 +123,11 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let partition = self.info.partition(&req, &self.shared.hasher);
         let ticket = self.info.ticket(&req);
-        if partition.is_none() && self.shared.try_fast() {
+        // A call of a `min_share` class is counted: it takes the lock.
+        let plain = partition.is_none()
+            && (self.shared.cfg.shares.is_empty()
+                || self.shared.class_of(self.info.priority(&req)).is_none());
+        if plain && self.shared.try_fast() {
             // `self.inner` was polled ready by our `poll_ready`: call it now.
             let permit = BulkheadPermit::fast(self.shared.clone());
             if let Some(t) = &ticket {

@@ -57,13 +57,16 @@ impl Waiter {
                 Poll::Pending
             }
             SlotState::Granted => {
-                let partition = slot.partition;
+                let holder = super::queue::Holder {
+                    partition: slot.partition,
+                    class: slot.class,
+                };
                 q.slots.remove(self.slot as usize);
                 self.done = true;
                 drop(q);
                 Poll::Ready(Ok(BulkheadPermit::new(
                     self.shared.clone(),
-                    partition,
+                    holder,
                     Some(Instant::now()),
                 )))
             }
@@ -96,9 +99,9 @@ impl Waiter {
         let before = shared.remove_waiter(&mut q, self.slot, self.seq);
         self.done = true;
         match before {
-            Some((SlotState::Granted, partition)) => {
+            Some((SlotState::Granted, holder)) => {
                 drop(q);
-                Ok(BulkheadPermit::new(shared, partition, Some(Instant::now())))
+                Ok(BulkheadPermit::new(shared, holder, Some(Instant::now())))
             }
             Some((SlotState::Rejected(kind), _)) => {
                 drop(q);
@@ -137,7 +140,7 @@ impl Drop for Waiter {
         let mut q = self.shared.lock();
         match self.shared.remove_waiter(&mut q, self.slot, self.seq) {
             // Granted but never taken: give the permit back.
-            Some((SlotState::Granted, partition)) => self.shared.release_locked(&mut q, partition),
+            Some((SlotState::Granted, holder)) => self.shared.release_locked(&mut q, holder),
             _ => self.shared.dispatch(&mut q),
         }
     }

@@ -556,7 +556,12 @@ impl LlmStackBuilder {
         self
     }
 
-    /// Replaces the bulkhead.
+    /// Replaces the bulkhead. The preset's bulkhead reads a request's
+    /// [`Priority`](crate::bulkhead::Priority) and
+    /// [`QueueTicket`](crate::bulkhead::QueueTicket) from its extensions,
+    /// so a bulkhead built with
+    /// [`min_share`](crate::bulkhead::BulkheadBuilder::min_share) keeps a
+    /// class's share (interactive requests ahead of a batch backlog).
     pub fn bulkhead(mut self, b: Bulkhead) -> Self {
         self.bulkhead = Some(b);
         self

@@ -411,7 +411,7 @@ impl<S> Layer<S> for LlmLayer {
         let limited = s
             .bulkhead
             .layer()
-            .ticket_from_extensions()
+            .from_extensions()
             .classify(LlmClassifier::new())
             .layer(retried);
         LlmService {
@@ -645,7 +645,7 @@ impl<S> Layer<S> for LlmStreamLayer {
         let limited = s
             .bulkhead
             .layer()
-            .ticket_from_extensions()
+            .from_extensions()
             .release_on_body_end()
             .classify(LlmHeadClassifier)
             .layer(retried);
