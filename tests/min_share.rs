@@ -136,9 +136,7 @@ async fn interactive_keeps_its_share_behind_an_older_batch_backlog() {
 #[tokio::test(start_paused = true)]
 async fn a_batch_floor_survives_strict_priority() {
     for floor in [true, false] {
-        let mut b = Bulkhead::builder(10)
-            .max_queue(2_000)
-            .priority_aging(None);
+        let mut b = Bulkhead::builder(10).max_queue(2_000).priority_aging(None);
         if floor {
             b = b.min_share(..=BATCH, 0.2);
         }
@@ -198,7 +196,9 @@ async fn the_share_is_lent_when_unused_and_follows_the_limit() {
     let mut tasks = Vec::new();
     for _ in 0..300 {
         let svc = svc.clone();
-        tasks.push(tokio::spawn(async move { svc.oneshot(BATCH).await.is_ok() }));
+        tasks.push(tokio::spawn(
+            async move { svc.oneshot(BATCH).await.is_ok() },
+        ));
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(counts.get(BATCH), 10, "the unused share is lent");
@@ -279,7 +279,10 @@ fn bad_shares_are_refused_with_the_reason() {
         (Bulkhead::builder(10).min_share(1.., -0.5), "(0, 1]"),
         (Bulkhead::builder(10).min_share(1.., 1.5), "(0, 1]"),
         (Bulkhead::builder(10).min_share(1.., f64::NAN), "(0, 1]"),
-        (Bulkhead::builder(10).min_share(1.., f64::INFINITY), "(0, 1]"),
+        (
+            Bulkhead::builder(10).min_share(1.., f64::INFINITY),
+            "(0, 1]",
+        ),
         (Bulkhead::builder(10).min_share(5..5, 0.5), "empty"),
         #[allow(clippy::reversed_empty_ranges)]
         (Bulkhead::builder(10).min_share(5..=4, 0.5), "empty"),

@@ -267,7 +267,9 @@ impl<R, C> BulkheadLayer<NoInfo, R, C> {
     /// ```
     pub fn from_extensions<B: 'static>(self) -> BulkheadLayer<InfoFns<http::Request<B>>, R, C> {
         self.ticket_from_extensions()
-            .priority(|req: &http::Request<B>| req.extensions().get::<Priority>().map_or(0, |p| p.0))
+            .priority(|req: &http::Request<B>| {
+                req.extensions().get::<Priority>().map_or(0, |p| p.0)
+            })
     }
 }
 

@@ -29,17 +29,9 @@ impl BulkheadPermit {
         BulkheadPermit { shared, slow: None }
     }
 
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        holder: Holder,
-        granted_at: Option<Instant>,
-    ) -> Self {
-        let slow = (!holder.is_plain() || granted_at.is_some()).then(|| {
-            Box::new(SlowPermit {
-                holder,
-                granted_at,
-            })
-        });
+    pub(crate) fn new(shared: Arc<Shared>, holder: Holder, granted_at: Option<Instant>) -> Self {
+        let slow = (!holder.is_plain() || granted_at.is_some())
+            .then(|| Box::new(SlowPermit { holder, granted_at }));
         BulkheadPermit { shared, slow }
     }
 }

@@ -97,7 +97,10 @@ impl Share {
                 ));
             }
             total += c.share;
-            if let Some(j) = shares[..i].iter().position(|d| c.lo <= d.hi && d.lo <= c.hi) {
+            if let Some(j) = shares[..i]
+                .iter()
+                .position(|d| c.lo <= d.hi && d.lo <= c.hi)
+            {
                 return err(format!(
                     "classes {j} and {i} overlap ({}..={} and {}..={})",
                     shares[j].lo, shares[j].hi, c.lo, c.hi
@@ -399,7 +402,11 @@ impl Shared {
         let parked = q
             .partitions
             .iter()
-            .filter_map(|(k, p)| p.parked.last_key_value().map(|(&(r, s), _)| (r, s, Some(*k))))
+            .filter_map(|(k, p)| {
+                p.parked
+                    .last_key_value()
+                    .map(|(&(r, s), _)| (r, s, Some(*k)))
+            })
             .max_by_key(|&(r, s, _)| (r, s));
         match (in_line, parked) {
             (Some(a), Some(b)) => Some(if (b.0, b.1) > (a.0, a.1) { b } else { a }),
