@@ -85,6 +85,23 @@ fn uncontended(c: &mut Criterion) {
         g.bench_function(label, |b| b.iter(|| once(&mut s, black_box(1))));
     }
 
+    // A call of a `min_share` class is counted under the lock; one outside
+    // every class keeps the lock-free path.
+    let shared = Bulkhead::builder(1000)
+        .max_queue(1000)
+        .min_share(1.., 0.8)
+        .build()
+        .unwrap();
+    for (label, p) in [
+        ("semaforo Bulkhead, min_share, call in the class", 1),
+        ("semaforo Bulkhead, min_share, call outside every class", 0),
+    ] {
+        let mut s = ServiceBuilder::new()
+            .layer(shared.layer().priority(move |_: &u64| p))
+            .service(bare());
+        g.bench_function(label, |b| b.iter(|| once(&mut s, black_box(1))));
+    }
+
     // Same, with the request-reading closures configured (priority + ticket, no partition).
     let mut s = ServiceBuilder::new()
         .layer(bh.layer().priority(|x: &u64| (*x % 3) as i32))

@@ -329,7 +329,7 @@ async fn a_falling_limit_sheds_the_lowest_priority_first() {
         "every low one first"
     );
     let r = bulkhead.snapshot();
-    assert_eq!(r.rejected_queue_full, 160);
+    assert_eq!((r.rejected_queue_full, r.shed), (160, 160));
 }
 
 /// Waiters parked behind their partition's cap count in the line and are
@@ -376,7 +376,8 @@ async fn a_falling_limit_sheds_parked_waiters_too() {
     let mut refused = refused.lock().unwrap().clone();
     refused.sort_unstable();
     assert_eq!(refused, (50..200).collect::<Vec<_>>(), "the latest first");
-    assert_eq!(bulkhead.snapshot().rejected_queue_full, 150);
+    let snap = bulkhead.snapshot();
+    assert_eq!((snap.rejected_queue_full, snap.shed), (150, 150));
 }
 
 proptest::proptest! {

@@ -190,6 +190,7 @@ pub(super) struct Stats {
     pub(super) queue_full: AtomicU64,
     pub(super) queue_timeout: AtomicU64,
     pub(super) shutting_down: AtomicU64,
+    pub(super) shed: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,15 +374,10 @@ impl Shared {
             if let Some(a) = &self.adaptive {
                 let nominal = a.nominal.load(Ordering::Relaxed);
                 let bound = Self::queue_bound(self.cfg.max_queue, nominal, a.max);
-                let mut shed = 0u64;
                 while q.line.len() as u32 + q.parked_total > bound {
                     if !self.shed_last(&mut q) {
                         break;
                     }
-                    shed += 1;
-                }
-                if shed > 0 {
-                    self.stats.queue_full.fetch_add(shed, Ordering::Relaxed);
                 }
             }
         }
@@ -416,6 +412,7 @@ impl Shared {
 
     /// Refuses the lowest-ranked waiter — in the line or parked behind its
     /// partition's cap: `false` when nobody waits.
+    /// Counted as `QueueFull` and as shed.
     pub(super) fn shed_last(&self, q: &mut Queue) -> bool {
         let Some((rank, seq, parked_in)) = Self::worst(q) else {
             return false;
@@ -450,6 +447,8 @@ impl Shared {
                 }
             }
         }
+        self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+        self.stats.shed.fetch_add(1, Ordering::Relaxed);
         true
     }
 
@@ -630,9 +629,6 @@ impl Shared {
             && self.adaptive.is_some()
             && Self::worst(&q).is_some_and(|(r, _, _)| rank < r)
             && self.shed_last(&mut q);
-        if displaced {
-            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
-        }
         if waiting >= bound && !displaced {
             let retry_after = Self::drain_interval(&q, &self.cfg, limit);
             drop(q);
@@ -960,6 +956,7 @@ impl Shared {
             max_queue: u64::from(self.cfg.max_queue),
             partitions: q.partitions.len() as u64,
             rejected_queue_full: self.stats.queue_full.load(Ordering::Relaxed),
+            shed: self.stats.shed.load(Ordering::Relaxed),
             rejected_queue_timeout: self.stats.queue_timeout.load(Ordering::Relaxed),
             rejected_shutting_down: self.stats.shutting_down.load(Ordering::Relaxed),
             closed: s & CLOSED != 0,

@@ -277,6 +277,7 @@ impl Health {
                     ("waiting", s.waiting as f64),
                     ("rejected_queue_full", s.rejected_queue_full as f64),
                     ("rejected_queue_timeout", s.rejected_queue_timeout as f64),
+                    ("shed", s.shed as f64),
                 ],
             }
         })
