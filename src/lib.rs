@@ -72,6 +72,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod bulkhead;
 pub mod classify;
+pub mod coalesce;
 mod close;
 mod error;
 pub mod eta;
@@ -86,6 +87,7 @@ pub mod quota;
 pub mod redis;
 pub mod retry;
 pub mod route;
+pub mod share;
 pub mod shutdown;
 mod striped;
 

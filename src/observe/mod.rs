@@ -43,6 +43,7 @@
 //! | `semaforo_adaptive_limit` | gauge | | the adaptive limit after each move |
 //! | `semaforo_routed_total` | counter | `deployment`, `why` (`first`, `failed_over`, `fell_back`, `hedge`) | every attempt a router sends |
 //! | `semaforo_hedges_settled_total` | counter | `outcome` (`hedge_won`, `hedge_lost`) | hedged calls answered |
+//! | `semaforo_shared_total` | counter | `outcome` (`hit`, `miss`, `stale_served`, `bypassed`, `evicted`, `coalesced`, `took_over`) | cache and coalesce |
 //!
 //! Levels — in flight, queue depth, breaker state, pace capacity, quota keys —
 //! are sampled rather than counted per call: register the layers with a
@@ -168,6 +169,47 @@ pub enum EventKind {
         /// Whether the hedge answered first.
         hedge_won: bool,
     },
+    /// A cache or a coalescing layer answered a call (or did not).
+    Shared {
+        /// What happened.
+        outcome: ShareOutcome,
+    },
+}
+
+/// What a cache or a coalescing layer did with a call (in
+/// [`EventKind::Shared`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ShareOutcome {
+    /// Answered from the cache.
+    Hit,
+    /// Not in the cache (or expired): the call went on.
+    Miss,
+    /// Served a stale answer kept for errors.
+    StaleServed,
+    /// The request asked not to be cached or coalesced, or has no key.
+    Bypassed,
+    /// An entry left the cache (size bound or expiry).
+    Evicted,
+    /// Waited for an identical call in flight and got its answer.
+    Coalesced,
+    /// The call it waited for was dropped: this one went on instead.
+    TookOver,
+}
+
+impl ShareOutcome {
+    /// A stable snake-case label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShareOutcome::Hit => "hit",
+            ShareOutcome::Miss => "miss",
+            ShareOutcome::StaleServed => "stale_served",
+            ShareOutcome::Bypassed => "bypassed",
+            ShareOutcome::Evicted => "evicted",
+            ShareOutcome::Coalesced => "coalesced",
+            ShareOutcome::TookOver => "took_over",
+        }
+    }
 }
 
 /// Why an adaptive limit moved (in [`EventKind::LimitChanged`]).
@@ -556,6 +598,13 @@ fn trace(e: &Event<'_>) {
             reason = reason.as_str(),
             "limit changed"
         ),
+        EventKind::Shared { outcome } => tracing::trace!(
+            target: "semaforo",
+            layer,
+            name,
+            outcome = outcome.as_str(),
+            "shared"
+        ),
         EventKind::HedgeSettled { winner, hedge_won } => tracing::debug!(
             target: "semaforo",
             layer,
@@ -639,6 +688,13 @@ mod metrics_out {
                 metrics::gauge!("semaforo_adaptive_limit", "layer" => layer, "name" => name)
                     .set(*to as f64)
             }
+            EventKind::Shared { outcome } => metrics::counter!(
+                "semaforo_shared_total",
+                "layer" => layer,
+                "name" => name,
+                "outcome" => outcome.as_str()
+            )
+            .increment(1),
             EventKind::HedgeSettled { hedge_won, .. } => metrics::counter!(
                 "semaforo_hedges_settled_total",
                 "layer" => layer,

@@ -1,0 +1,600 @@
+//! Singleflight: identical calls while one is in flight wait for its answer
+//! instead of calling again.
+//!
+//! The classroom scenario: 50 teachers ask for the same plan at once; the
+//! first call goes upstream, the other 49 wait for it and get its answer —
+//! one call paid, one place in the pacer, the bulkhead and the breaker.
+//!
+//! - **Which calls are the same**: a [`RequestKey`] (a closure
+//!   `Fn(&Req) -> Option<K>`, or the LLM preset's
+//!   [`LlmKey`](crate::llm::LlmKey)); `None` bypasses. Keys are compared with
+//!   `Eq`, never trusted on a hash.
+//! - **How the answer is shared**: a [`Share`] — [`Cloned`](crate::share::Cloned)
+//!   by default, [`WholeResponse`](crate::share::WholeResponse) for
+//!   `http::Response<Bytes>`. The caller whose call ran gets its answer as
+//!   it came; the others get [`Share::give`]'s copy (marked
+//!   [`Served::Coalesced`](crate::share::Served)).
+//! - **Errors** are shared too: every waiting caller gets the same error (a
+//!   [`SharedError`](crate::share::SharedError) that displays as the
+//!   original and has it as its `source`, so classifiers and
+//!   [`Rejected::find`](crate::Rejected::find) see through it); nothing is
+//!   retried here. Put a retry layer *inside* this one (the LLM preset
+//!   does) and the waiting callers ride along on the retries too — one
+//!   retried call for all of them.
+//! - **Cancellation**: when the caller whose call runs drops it, the call is
+//!   dropped (nothing else polls it) and one waiting caller takes over with
+//!   its own request (its own service clone, polled ready); the others wait
+//!   for that one. Nobody hangs, nobody gets an error for it.
+//! - **Readiness**: `poll_ready` asks the inner service; a caller that waits
+//!   for another's answer carries a clone and leaves the ready service for
+//!   the next call (it never holds the inner service's readiness).
+//!
+//! Cost: one key, one short lock on a map (no allocation but the flight of
+//! a call that runs).
+//!
+//! ```
+//! use semaforo::coalesce::CoalesceLayer;
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use std::sync::Arc;
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let calls = Arc::new(AtomicUsize::new(0));
+//! let c = calls.clone();
+//! let upstream = service_fn(move |topic: String| {
+//!     c.fetch_add(1, Ordering::SeqCst);
+//!     async move {
+//!         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+//!         Ok::<_, std::io::Error>(format!("plan: {topic}"))
+//!     }
+//! });
+//! // The key: the topic itself.
+//! let svc = CoalesceLayer::new(|t: &String| Some(t.clone())).layer(upstream);
+//! let answers = futures::future::join_all(
+//!     (0..50).map(|_| svc.clone().oneshot("el ciclo del agua".to_string())),
+//! )
+//! .await;
+//! assert!(answers.iter().all(|a| a.as_deref().ok() == Some("plan: el ciclo del agua")));
+//! assert_eq!(calls.load(Ordering::SeqCst), 1);
+//! # }
+//! ```
+
+use crate::error::BoxError;
+use crate::observe::{Event, EventKind, ListenerSlot, Observer, ShareOutcome};
+use crate::share::{Cloned, RequestKey, Served, Share, SharedError};
+use pin_project::pin_project;
+use slab::Slab;
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// What a finished flight left for its followers: `Result<Kept, SharedError>`.
+type Answer = Arc<dyn Any + Send + Sync>;
+
+enum FlightState {
+    Running { waiters: Slab<Option<Waker>> },
+    Done(Answer),
+    /// The caller whose call ran dropped it: a follower takes over.
+    Abandoned,
+}
+
+struct Flight {
+    state: Mutex<FlightState>,
+}
+
+impl Flight {
+    fn lock(&self) -> MutexGuard<'_, FlightState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Joins a running flight: `None` when it is not running.
+    fn join(&self) -> Option<usize> {
+        match &mut *self.lock() {
+            FlightState::Running { waiters } => Some(waiters.insert(None)),
+            _ => None,
+        }
+    }
+
+    /// Ends the flight in `state` and wakes its followers.
+    fn finish(&self, state: FlightState) {
+        let old = std::mem::replace(&mut *self.lock(), state);
+        if let FlightState::Running { waiters } = old {
+            for w in waiters.into_iter().filter_map(|(_, w)| w) {
+                w.wake();
+            }
+        }
+    }
+
+    fn followers(&self) -> usize {
+        match &*self.lock() {
+            FlightState::Running { waiters } => waiters.len(),
+            _ => 0,
+        }
+    }
+}
+
+struct Flights<K> {
+    map: Mutex<HashMap<K, Arc<Flight>>>,
+    obs: Observer,
+}
+
+impl<K: std::hash::Hash + Eq> Flights<K> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, Arc<Flight>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes `key`'s entry if it is still `flight`.
+    fn forget(map: &mut HashMap<K, Arc<Flight>>, key: &K, flight: &Arc<Flight>) {
+        if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            map.remove(key);
+        }
+    }
+}
+
+/// Joins the flight of `key` or starts one.
+enum Entry<K: std::hash::Hash + Eq> {
+    Follow(Follow),
+    Lead(Lead<K>),
+}
+
+fn enter<K: std::hash::Hash + Eq + Clone>(flights: &Arc<Flights<K>>, key: K) -> Entry<K> {
+    let mut map = flights.lock();
+    if let Some(f) = map.get(&key) {
+        // Joined under the map's lock: the leader's end (which takes the
+        // map's lock first) sees every follower.
+        if let Some(slot) = f.join() {
+            return Entry::Follow(Follow {
+                flight: f.clone(),
+                slot: Some(slot),
+            });
+        }
+    }
+    let flight = Arc::new(Flight {
+        state: Mutex::new(FlightState::Running {
+            waiters: Slab::new(),
+        }),
+    });
+    map.insert(key.clone(), flight.clone());
+    drop(map);
+    Entry::Lead(Lead {
+        flights: flights.clone(),
+        key,
+        flight,
+        finished: false,
+    })
+}
+
+/// The caller whose call runs: its flight ends when it does (or is
+/// abandoned if it is dropped first).
+struct Lead<K: std::hash::Hash + Eq> {
+    flights: Arc<Flights<K>>,
+    key: K,
+    flight: Arc<Flight>,
+    finished: bool,
+}
+
+impl<K: std::hash::Hash + Eq> Lead<K> {
+    /// Ends the flight with `res`: the leader's own output, after keeping
+    /// a copy for the followers (only if there are any).
+    fn finish<R, Sh: Share<R>>(
+        &mut self,
+        share: &Sh,
+        res: Result<R, BoxError>,
+    ) -> Result<Sh::Output, BoxError> {
+        self.finished = true;
+        let mut map = self.flights.lock();
+        Flights::forget(&mut map, &self.key, &self.flight);
+        let followers = self.flight.followers();
+        if followers == 0 {
+            self.flight.finish(FlightState::Abandoned);
+            drop(map);
+            return res.map(|r| share.pass(r));
+        }
+        let (out, answer): (Result<Sh::Output, BoxError>, Result<Sh::Kept, SharedError>) =
+            match res {
+                Ok(r) => {
+                    let (out, kept) = share.keep(r);
+                    (Ok(out), Ok(kept))
+                }
+                Err(e) => {
+                    let shared = SharedError::new(e);
+                    (Err(Box::new(shared.clone())), Err(shared))
+                }
+            };
+        self.flight.finish(FlightState::Done(Arc::new(answer)));
+        drop(map);
+        out
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Drop for Lead<K> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut map = self.flights.lock();
+            Flights::forget(&mut map, &self.key, &self.flight);
+            self.flight.finish(FlightState::Abandoned);
+        }
+    }
+}
+
+/// A caller waiting for another's answer.
+struct Follow {
+    flight: Arc<Flight>,
+    slot: Option<usize>,
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            if let FlightState::Running { waiters } = &mut *self.flight.lock() {
+                waiters.try_remove(slot);
+            }
+        }
+    }
+}
+
+/// The coalescing layer: see the [module docs](self).
+#[must_use = "a layer does nothing until it wraps a service"]
+pub struct CoalesceLayer<RK: RequestKey<Req>, Req, Sh = Cloned> {
+    key: RK,
+    share: Sh,
+    flights: Arc<Flights<RK::Key>>,
+    _req: std::marker::PhantomData<fn(Req)>,
+}
+
+impl<RK: RequestKey<Req>, Req, Sh: Clone> Clone for CoalesceLayer<RK, Req, Sh> {
+    fn clone(&self) -> Self {
+        CoalesceLayer {
+            key: self.key.clone(),
+            share: self.share.clone(),
+            flights: self.flights.clone(),
+            _req: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<RK: RequestKey<Req>, Req, Sh> fmt::Debug for CoalesceLayer<RK, Req, Sh> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoalesceLayer")
+            .field("name", &self.flights.obs.name)
+            .field("in_flight", &self.flights.lock().len())
+            .finish()
+    }
+}
+
+impl<RK: RequestKey<Req>, Req> CoalesceLayer<RK, Req, Cloned> {
+    /// Coalesces calls with equal keys (answers shared by cloning; see
+    /// [`share`](Self::share)). Every service this layer makes, and their
+    /// clones, share one set of calls in flight.
+    pub fn new(key: RK) -> Self {
+        CoalesceLayer {
+            key,
+            share: Cloned,
+            flights: Arc::new(Flights {
+                map: Mutex::new(HashMap::new()),
+                obs: Observer::new(None, None),
+            }),
+            _req: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<RK: RequestKey<Req>, Req, Sh> CoalesceLayer<RK, Req, Sh> {
+    /// How answers are shared (e.g. [`WholeResponse`](crate::share::WholeResponse)).
+    pub fn share<Sh2>(self, share: Sh2) -> CoalesceLayer<RK, Req, Sh2> {
+        CoalesceLayer {
+            key: self.key,
+            share,
+            flights: self.flights,
+            _req: std::marker::PhantomData,
+        }
+    }
+
+    /// Names this layer in events. (Starts a new set of calls in flight:
+    /// call it before making services.)
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        let listener = self.flights.obs.listener.clone();
+        self.flights = Arc::new(Flights {
+            map: Mutex::new(HashMap::new()),
+            obs: Observer::new(Some(name.into()), listener),
+        });
+        self
+    }
+
+    /// Calls `f` for each event ([`EventKind::Shared`] with `Coalesced`,
+    /// `TookOver`, `Bypassed`). Listeners add up. (Starts a new set of
+    /// calls in flight: call it before making services.)
+    pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        let mut slot = ListenerSlot(self.flights.obs.listener.clone());
+        slot.set(f);
+        self.flights = Arc::new(Flights {
+            map: Mutex::new(HashMap::new()),
+            obs: Observer::new(self.flights.obs.name.clone(), slot.0),
+        });
+        self
+    }
+
+    /// Calls in flight that others could join now.
+    pub fn in_flight(&self) -> usize {
+        self.flights.lock().len()
+    }
+}
+
+impl<S, RK: RequestKey<Req>, Req, Sh: Clone> Layer<S> for CoalesceLayer<RK, Req, Sh> {
+    type Service = CoalesceService<S, RK, Req, Sh>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CoalesceService {
+            inner,
+            key: self.key.clone(),
+            share: self.share.clone(),
+            flights: self.flights.clone(),
+        }
+    }
+}
+
+/// The service made by [`CoalesceLayer`].
+pub struct CoalesceService<S, RK: RequestKey<Req>, Req, Sh = Cloned> {
+    inner: S,
+    key: RK,
+    share: Sh,
+    flights: Arc<Flights<RK::Key>>,
+}
+
+impl<S: Clone, RK: RequestKey<Req>, Req, Sh: Clone> Clone for CoalesceService<S, RK, Req, Sh> {
+    fn clone(&self) -> Self {
+        CoalesceService {
+            inner: self.inner.clone(),
+            key: self.key.clone(),
+            share: self.share.clone(),
+            flights: self.flights.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, RK: RequestKey<Req>, Req, Sh> fmt::Debug for CoalesceService<S, RK, Req, Sh> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoalesceService")
+            .field("inner", &self.inner)
+            .field("name", &self.flights.obs.name)
+            .finish()
+    }
+}
+
+impl<S, RK, Req, Sh> Service<Req> for CoalesceService<S, RK, Req, Sh>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    RK: RequestKey<Req>,
+    Sh: Share<S::Response>,
+{
+    type Response = Sh::Output;
+    type Error = BoxError;
+    type Future = CoalesceFuture<S, RK, Req, Sh>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        let Some(key) = self.key.key(&req) else {
+            self.flights.obs.emit(
+                "coalesce",
+                EventKind::Shared {
+                    outcome: ShareOutcome::Bypassed,
+                },
+            );
+            let fut = self.inner.call(req);
+            return CoalesceFuture::new(self, State::Direct { fut });
+        };
+        self.key.remember(&mut req, &key);
+        let state = match enter(&self.flights, key.clone()) {
+            Entry::Lead(lead) => {
+                let fut = self.inner.call(req);
+                State::Lead { fut, lead }
+            }
+            // The ready service stays for the next call; this caller
+            // carries a clone in case it must take over.
+            Entry::Follow(follow) => State::Follow {
+                follow,
+                svc: Some(self.inner.clone()),
+                req: Some(req),
+                key: Some(key),
+            },
+        };
+        CoalesceFuture::new(self, state)
+    }
+}
+
+#[pin_project(project = StateProj)]
+enum State<S: Service<Req>, K: std::hash::Hash + Eq, Req> {
+    Direct {
+        #[pin]
+        fut: S::Future,
+    },
+    Lead {
+        #[pin]
+        fut: S::Future,
+        lead: Lead<K>,
+    },
+    Follow {
+        follow: Follow,
+        svc: Option<S>,
+        req: Option<Req>,
+        key: Option<K>,
+    },
+    /// Took over from an abandoned flight: getting its service ready.
+    Ready {
+        svc: S,
+        req: Option<Req>,
+        lead: Option<Lead<K>>,
+    },
+    Done,
+}
+
+/// The future of [`CoalesceService`].
+///
+/// Cancel safety: dropping the caller whose call runs drops that call and
+/// hands the flight to a waiting caller; dropping a waiting caller only
+/// leaves.
+#[pin_project]
+pub struct CoalesceFuture<S: Service<Req>, RK: RequestKey<Req>, Req, Sh> {
+    #[pin]
+    state: State<S, RK::Key, Req>,
+    share: Sh,
+    flights: Arc<Flights<RK::Key>>,
+}
+
+impl<S: Service<Req>, RK: RequestKey<Req>, Req, Sh> fmt::Debug for CoalesceFuture<S, RK, Req, Sh> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Direct { .. } => "direct",
+            State::Lead { .. } => "lead",
+            State::Follow { .. } => "follow",
+            State::Ready { .. } => "took over",
+            State::Done => "done",
+        };
+        f.debug_struct("CoalesceFuture").field("state", &state).finish()
+    }
+}
+
+impl<S: Service<Req>, RK: RequestKey<Req>, Req, Sh: Clone> CoalesceFuture<S, RK, Req, Sh> {
+    fn new(svc: &CoalesceService<S, RK, Req, Sh>, state: State<S, RK::Key, Req>) -> Self {
+        CoalesceFuture {
+            state,
+            share: svc.share.clone(),
+            flights: svc.flights.clone(),
+        }
+    }
+}
+
+impl<S, RK, Req, Sh> Future for CoalesceFuture<S, RK, Req, Sh>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    RK: RequestKey<Req>,
+    Sh: Share<S::Response>,
+{
+    type Output = Result<Sh::Output, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Direct { fut } => {
+                    let res = std::task::ready!(fut.poll(cx)).map_err(Into::into);
+                    this.state.set(State::Done);
+                    return Poll::Ready(res.map(|r| this.share.pass(r)));
+                }
+                StateProj::Lead { fut, lead } => {
+                    let res = std::task::ready!(fut.poll(cx)).map_err(Into::into);
+                    let out = lead.finish(this.share, res);
+                    this.state.set(State::Done);
+                    return Poll::Ready(out);
+                }
+                StateProj::Follow {
+                    follow,
+                    svc,
+                    req,
+                    key,
+                } => {
+                    let answer = {
+                        let mut st = follow.flight.lock();
+                        match &mut *st {
+                            FlightState::Running { waiters } => {
+                                match follow.slot.and_then(|s| waiters.get_mut(s)) {
+                                    Some(w) => match w {
+                                        Some(old) if old.will_wake(cx.waker()) => {}
+                                        w => *w = Some(cx.waker().clone()),
+                                    },
+                                    None => {
+                                        follow.slot = Some(waiters.insert(Some(cx.waker().clone())));
+                                    }
+                                }
+                                return Poll::Pending;
+                            }
+                            FlightState::Done(a) => Some(a.clone()),
+                            FlightState::Abandoned => None,
+                        }
+                    };
+                    follow.slot = None;
+                    let given = answer.as_ref().and_then(|a| {
+                        a.downcast_ref::<Result<Sh::Kept, SharedError>>()
+                            .map(|r| match r {
+                                Ok(kept) => Ok(this.share.give(kept, Served::Coalesced)),
+                                Err(e) => Err(Box::new(e.clone()) as BoxError),
+                            })
+                    });
+                    if let Some(out) = given {
+                        this.flights.obs.emit(
+                            "coalesce",
+                            EventKind::Shared {
+                                outcome: ShareOutcome::Coalesced,
+                            },
+                        );
+                        this.state.set(State::Done);
+                        return Poll::Ready(out);
+                    }
+                    // Abandoned (or another service's answer under the same
+                    // key): follow a newer flight, or take over.
+                    let (Some(s), Some(r), Some(k)) = (svc.take(), req.take(), key.take()) else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(polled_after_done()));
+                    };
+                    match enter(this.flights, k.clone()) {
+                        Entry::Follow(f) => this.state.set(State::Follow {
+                            follow: f,
+                            svc: Some(s),
+                            req: Some(r),
+                            key: Some(k),
+                        }),
+                        Entry::Lead(lead) => {
+                            this.flights.obs.emit(
+                                "coalesce",
+                                EventKind::Shared {
+                                    outcome: ShareOutcome::TookOver,
+                                },
+                            );
+                            this.state.set(State::Ready {
+                                svc: s,
+                                req: Some(r),
+                                lead: Some(lead),
+                            });
+                        }
+                    }
+                }
+                StateProj::Ready { svc, req, lead } => {
+                    let ready = std::task::ready!(svc.poll_ready(cx)).map_err(Into::into);
+                    let (Some(r), Some(l)) = (req.take(), lead.take()) else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(polled_after_done()));
+                    };
+                    match ready {
+                        Ok(()) => {
+                            let fut = svc.call(r);
+                            this.state.set(State::Lead { fut, lead: l });
+                        }
+                        Err(e) => {
+                            let mut l = l;
+                            let out = l.finish(this.share, Err(e));
+                            this.state.set(State::Done);
+                            return Poll::Ready(out);
+                        }
+                    }
+                }
+                StateProj::Done => return Poll::Ready(Err(polled_after_done())),
+            }
+        }
+    }
+}
+
+fn polled_after_done() -> BoxError {
+    "coalesce: future polled after completion".into()
+}

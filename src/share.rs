@@ -1,0 +1,234 @@
+//! How one answer reaches several callers: the callers of a coalesced call
+//! ([`coalesce`](crate::coalesce)) and the hits of a cache
+//! ([`cache`](crate::cache), feature `cache`).
+//!
+//! Two traits, one for each question either layer asks:
+//! - [`RequestKey`]: which requests are "the same" — a function of the
+//!   request, or `None` for one that must not share (bypass). Closures
+//!   `Fn(&Req) -> Option<K>` are keys; the LLM preset's key is
+//!   [`LlmKey`](crate::llm::LlmKey) (a canonical form of the JSON body and
+//!   the caller's credential). A semantic cache plugs in here too: a key
+//!   that maps a prompt to the id of its nearest cached neighbour (an
+//!   embedding lookup) makes near-identical prompts one key.
+//! - [`Share`]: how an answer is kept and handed out again. [`Cloned`] for
+//!   answers that are `Clone`; [`WholeResponse`] (feature `http`) for
+//!   `http::Response<Bytes>`, which is not `Clone` (its extensions are not):
+//!   the status, headers and body are kept, and each caller gets a new
+//!   response with a [`Served`] extension saying where it came from.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which requests are the same, for coalescing and caching.
+///
+/// `None` means "do not share this one" (it is called on its own, and not
+/// cached). Keys are compared with `Eq`: two requests share an answer only
+/// when their keys are equal, never on a hash alone.
+pub trait RequestKey<Req>: Clone + Send + Sync + 'static {
+    /// The key.
+    type Key: Hash + Eq + Clone + Send + Sync + 'static;
+
+    /// The key of `req`, or `None` to bypass.
+    fn key(&self, req: &Req) -> Option<Self::Key>;
+
+    /// Called with the key once it is known, before the request goes on:
+    /// a key that is costly to compute can leave it in the request for the
+    /// next layer (the LLM key puts itself in the request's extensions, so
+    /// a cache and a coalescing layer compute it once).
+    fn remember(&self, _req: &mut Req, _key: &Self::Key) {}
+
+    /// The key's size in bytes, counted in a cache's size bound (default 0).
+    fn key_size(&self, _key: &Self::Key) -> usize {
+        0
+    }
+}
+
+impl<Req, K, F> RequestKey<Req> for F
+where
+    F: Fn(&Req) -> Option<K> + Clone + Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Key = K;
+
+    fn key(&self, req: &Req) -> Option<K> {
+        self(req)
+    }
+}
+
+/// Where an answer handed out by [`Share::give`] came from (an
+/// `http::Response` extension with [`WholeResponse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Served {
+    /// From a cache; `age` since it was stored, `stale` when past its TTL
+    /// (kept for errors).
+    Cache {
+        /// Since it was stored.
+        age: Duration,
+        /// Past its TTL.
+        stale: bool,
+    },
+    /// The answer of an identical call that was in flight.
+    Coalesced,
+}
+
+/// How an answer is kept and handed to more than one caller.
+pub trait Share<R>: Clone + Send + Sync + 'static {
+    /// What is kept (cloned for each caller: keep it cheap, e.g. an `Arc`).
+    type Kept: Clone + Send + Sync + 'static;
+    /// What each caller gets.
+    type Output;
+
+    /// The answer of the call that ran: what its own caller gets, and what
+    /// is kept for the others.
+    fn keep(&self, res: R) -> (Self::Output, Self::Kept);
+
+    /// The answer of a call nobody else waited for (nothing is kept).
+    fn pass(&self, res: R) -> Self::Output;
+
+    /// An answer for another caller.
+    fn give(&self, kept: &Self::Kept, served: Served) -> Self::Output;
+
+    /// The kept answer's size in bytes, for a cache's size bound (default
+    /// 0).
+    fn size(&self, _kept: &Self::Kept) -> usize {
+        0
+    }
+}
+
+/// Shares answers that are `Clone` by cloning them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cloned;
+
+impl<R: Clone + Send + Sync + 'static> Share<R> for Cloned {
+    type Kept = R;
+    type Output = R;
+
+    fn keep(&self, res: R) -> (R, R) {
+        (res.clone(), res)
+    }
+
+    fn pass(&self, res: R) -> R {
+        res
+    }
+
+    fn give(&self, kept: &R, _served: Served) -> R {
+        kept.clone()
+    }
+}
+
+/// Shares `http::Response<Bytes>`: status, version, headers and body are
+/// kept (one `Arc`; the body's `Bytes` is not copied); each other caller
+/// gets a new response carrying a [`Served`] extension, and a cache hit an
+/// `age` header (seconds, RFC 9111). The original response's extensions
+/// stay with the caller whose call ran.
+#[cfg(feature = "http")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WholeResponse;
+
+/// A kept `http::Response<Bytes>`.
+#[cfg(feature = "http")]
+#[derive(Debug)]
+pub struct KeptResponse {
+    status: http::StatusCode,
+    version: http::Version,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+}
+
+#[cfg(feature = "http")]
+impl KeptResponse {
+    /// Its status.
+    pub fn status(&self) -> http::StatusCode {
+        self.status
+    }
+
+    /// Its body.
+    pub fn body(&self) -> &bytes::Bytes {
+        &self.body
+    }
+}
+
+#[cfg(feature = "http")]
+impl Share<http::Response<bytes::Bytes>> for WholeResponse {
+    type Kept = Arc<KeptResponse>;
+    type Output = http::Response<bytes::Bytes>;
+
+    fn keep(
+        &self,
+        res: http::Response<bytes::Bytes>,
+    ) -> (http::Response<bytes::Bytes>, Arc<KeptResponse>) {
+        let kept = Arc::new(KeptResponse {
+            status: res.status(),
+            version: res.version(),
+            headers: res.headers().clone(),
+            body: res.body().clone(),
+        });
+        (res, kept)
+    }
+
+    fn pass(&self, res: http::Response<bytes::Bytes>) -> http::Response<bytes::Bytes> {
+        res
+    }
+
+    fn give(&self, kept: &Arc<KeptResponse>, served: Served) -> http::Response<bytes::Bytes> {
+        let mut res = http::Response::new(kept.body.clone());
+        *res.status_mut() = kept.status;
+        *res.version_mut() = kept.version;
+        *res.headers_mut() = kept.headers.clone();
+        if let Served::Cache { age, .. } = served {
+            res.headers_mut()
+                .insert(http::header::AGE, http::HeaderValue::from(age.as_secs()));
+        }
+        res.extensions_mut().insert(served);
+        res
+    }
+
+    fn size(&self, kept: &Arc<KeptResponse>) -> usize {
+        let headers: usize = kept
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        kept.body.len() + headers + std::mem::size_of::<KeptResponse>()
+    }
+}
+
+/// An error handed to more than one caller (the call they shared failed):
+/// it displays as the original, and the original is its
+/// [`source`](StdError::source), so [`Rejected::find`](crate::Rejected::find)
+/// and the classifiers see through it.
+#[derive(Clone)]
+pub struct SharedError(Arc<dyn StdError + Send + Sync>);
+
+impl SharedError {
+    pub(crate) fn new(e: crate::BoxError) -> Self {
+        SharedError(Arc::from(e))
+    }
+
+    /// The original error.
+    pub fn original(&self) -> &(dyn StdError + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl fmt::Debug for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl StdError for SharedError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.0)
+    }
+}
