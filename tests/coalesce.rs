@@ -27,9 +27,8 @@ impl Upstream {
     fn service(
         &self,
         work: Duration,
-    ) -> impl Service<String, Response = String, Error = std::io::Error, Future = impl Send>
-           + Clone
-           + Send {
+    ) -> impl Service<String, Response = String, Error = std::io::Error, Future = impl Send> + Clone + Send
+    {
         let up = self.clone();
         tower::service_fn(move |topic: String| {
             let up = up.clone();
@@ -79,16 +78,17 @@ async fn fifty_identical_calls_pay_once_and_fifty_different_pay_fifty() {
         .all(|a| a.as_deref().unwrap() == "answer to el ciclo del agua"));
     assert_eq!(layer.in_flight(), 0);
 
-    let answers = futures::future::join_all(
-        (0..50).map(|i| svc.clone().oneshot(format!("tema {i}"))),
-    )
-    .await;
+    let answers =
+        futures::future::join_all((0..50).map(|i| svc.clone().oneshot(format!("tema {i}")))).await;
     assert_eq!(up.calls.load(Ordering::SeqCst), 51);
     for (i, a) in answers.iter().enumerate() {
         assert_eq!(a.as_deref().unwrap(), format!("answer to tema {i}"));
     }
     // A call after the first finished is a new call (nothing is cached).
-    svc.clone().oneshot("el ciclo del agua".to_string()).await.unwrap();
+    svc.clone()
+        .oneshot("el ciclo del agua".to_string())
+        .await
+        .unwrap();
     assert_eq!(up.calls.load(Ordering::SeqCst), 52);
 }
 
@@ -122,11 +122,17 @@ async fn a_dropped_leader_hands_over_to_a_follower() {
     assert_eq!(up.most_at_once.load(Ordering::SeqCst), 1);
     let outcomes = outcomes.lock().unwrap().clone();
     assert_eq!(
-        outcomes.iter().filter(|o| **o == ShareOutcome::TookOver).count(),
+        outcomes
+            .iter()
+            .filter(|o| **o == ShareOutcome::TookOver)
+            .count(),
         1
     );
     assert_eq!(
-        outcomes.iter().filter(|o| **o == ShareOutcome::Coalesced).count(),
+        outcomes
+            .iter()
+            .filter(|o| **o == ShareOutcome::Coalesced)
+            .count(),
         9
     );
     assert_eq!(layer.in_flight(), 0);
@@ -171,7 +177,10 @@ async fn followers_get_the_leaders_error() {
         let original: BoxError = Rejected::new("upstream", RejectKind::QueueFull)
             .with_retry_after(Duration::from_secs(7))
             .into();
-        assert_eq!(classify_error(e.as_ref()), classify_error(original.as_ref()));
+        assert_eq!(
+            classify_error(e.as_ref()),
+            classify_error(original.as_ref())
+        );
         assert_eq!(e.to_string(), original.to_string());
     }
     // Alone, the caller gets the original error itself.
@@ -205,7 +214,9 @@ async fn a_retry_inside_serves_every_follower() {
     let answers =
         futures::future::join_all((0..10).map(|_| svc.clone().oneshot("x".to_string()))).await;
     assert_eq!(calls.load(Ordering::SeqCst), 2);
-    assert!(answers.iter().all(|a| a.as_deref().unwrap() == "answer to x"));
+    assert!(answers
+        .iter()
+        .all(|a| a.as_deref().unwrap() == "answer to x"));
 }
 
 /// `None` bypasses: every such call goes on its own.

@@ -199,7 +199,7 @@ async fn scenario(seen: &Seen) {
 
 const EXPECTED: &[&str] = &[
     "bulkhead db queued at 0",
-    "bulkhead db rejected queue full retry_after=None",
+    "bulkhead db rejected queue full retry_after=Some(1s)",
     "bulkhead db admitted after 5s",
     "retry api retried transient after attempt 1",
     "breaker api Closed -> Open (consecutive failures)",

@@ -181,8 +181,10 @@ impl BulkheadBuilder {
     /// the pacer's business), `Permanent` and this crate's own refusals are
     /// not samples. When the limit falls, the line shrinks with it (it holds
     /// at most `max_queue × limit / max_concurrent`), shedding its
-    /// lowest-ranked waiters first (`QueueFull`); a newcomer that outranks
-    /// the last waiter of a full line takes its place.
+    /// lowest-ranked waiters first (`QueueFull`, with a `retry_after`); a
+    /// newcomer that outranks the last waiter of a full line takes its
+    /// place — unless its partition is at its `max_per_key` cap (it could
+    /// not run sooner than the one it would displace).
     ///
     /// ```
     /// use semaforo::bulkhead::{Bulkhead, Vegas};

@@ -208,8 +208,9 @@ pub(crate) struct Adaptive {
     pub(crate) ctrl: Mutex<super::adaptive::Controller>,
     /// One call in `every` is a sample.
     pub(crate) every: u32,
-    /// The builder's `max_concurrent` (the line is sized by `nominal`
-    /// over it).
+    /// The builder's `max_concurrent`, which `max_queue` was sized for:
+    /// the line holds `max_queue × nominal / max` (never above
+    /// `max_queue`, also when `set_max_concurrent` raised the ceiling).
     pub(crate) max: u32,
     /// The limit outside a probe: a probe pins the limit low for a moment
     /// and must not shrink the line.
@@ -365,30 +366,38 @@ impl Shared {
         }
     }
 
-    /// Sets the limit; an adaptive one that fell sheds the line's
-    /// lowest-ranked waiters beyond its share of `max_queue`.
+    /// Sets the limit; under an adaptive one, sheds the line's
+    /// lowest-ranked waiters beyond its bound (which follows the nominal
+    /// limit: it falls with it even while a probe pins the limit).
     fn apply_limit(&self, limit: u32) {
-        let before = self.limit.swap(limit.min(MAX_COUNT), Ordering::Relaxed);
+        self.limit.store(limit.min(MAX_COUNT), Ordering::Relaxed);
         let mut q = self.lock();
-        if limit < before {
-            if let Some(a) = &self.adaptive {
-                let nominal = a.nominal.load(Ordering::Relaxed);
-                let bound = Self::queue_bound(self.cfg.max_queue, nominal, a.max);
-                while q.line.len() as u32 + q.parked_total > bound {
-                    if !self.shed_last(&mut q) {
-                        break;
-                    }
-                }
+        let bound = self.line_bound();
+        while q.line.len() as u32 + q.parked_total > bound {
+            if !self.shed_last(&mut q) {
+                break;
             }
         }
         self.dispatch(&mut q);
     }
 
-    /// The line's bound under an adaptive limit: `max_queue × limit / max`.
+    /// How many may wait: `max_queue`, or under an adaptive limit
+    /// `max_queue × nominal limit / max` (never above `max_queue`).
     #[inline]
-    pub(super) fn queue_bound(max_queue: u32, limit: u32, max: u32) -> u32 {
+    pub(super) fn line_bound(&self) -> u32 {
+        match &self.adaptive {
+            None => self.cfg.max_queue,
+            Some(a) => {
+                Self::queue_bound(self.cfg.max_queue, a.nominal.load(Ordering::Relaxed), a.max)
+            }
+        }
+    }
+
+    /// `max_queue × limit / max`, at most `max_queue`.
+    #[inline]
+    fn queue_bound(max_queue: u32, limit: u32, max: u32) -> u32 {
         let b = u64::from(max_queue) * u64::from(limit) / u64::from(max.max(1));
-        u32::try_from(b).unwrap_or(u32::MAX)
+        u32::try_from(b.min(u64::from(max_queue))).unwrap_or(max_queue)
     }
 
     /// The lowest-ranked waiter, in the line or parked behind its
@@ -522,12 +531,15 @@ impl Shared {
     /// 1 s a round when no service time is known yet, as in
     /// [`wait_estimate`](Self::wait_estimate)).
     pub(super) fn shed_rejection(&self, q: &Queue) -> Rejected {
-        let limit = self.limit();
-        let ra = Self::drain_interval(q, &self.cfg, limit)
-            .unwrap_or_else(|| Duration::from_secs(1) / limit.max(1));
         self.rejection(RejectKind::QueueFull)
             .with_detail("shed: the adaptive limit fell".to_owned())
-            .with_retry_after(ra)
+            .with_retry_after(Self::retry_hint(q, &self.cfg, self.limit()))
+    }
+
+    /// When a refused caller may find a place: the time between two
+    /// admissions (1 s a round before any service time is known).
+    pub(super) fn retry_hint(q: &Queue, cfg: &Config, limit: u32) -> Duration {
+        Self::drain_interval(q, cfg, limit).unwrap_or_else(|| Duration::from_secs(1) / limit.max(1))
     }
 
     /// A counted refusal of `kind`, told to the observers.
@@ -614,12 +626,7 @@ impl Shared {
         }
 
         let waiting = q.line.len() as u32 + q.parked_total;
-        let bound = match &self.adaptive {
-            Some(a) => {
-                Self::queue_bound(self.cfg.max_queue, a.nominal.load(Ordering::Relaxed), a.max)
-            }
-            None => self.cfg.max_queue,
-        };
+        let bound = self.line_bound();
         // Under an adaptive limit, a newcomer that outranks the last waiter
         // of a full line takes its place (the last one is shed).
         let now = Instant::now();
@@ -630,15 +637,13 @@ impl Shared {
             && Self::worst(&q).is_some_and(|(r, _, _)| rank < r)
             && self.shed_last(&mut q);
         if waiting >= bound && !displaced {
-            let retry_after = Self::drain_interval(&q, &self.cfg, limit);
+            let retry_after = Self::retry_hint(&q, &self.cfg, limit);
             drop(q);
             self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
-            let mut r = self
+            let r = self
                 .rejection(RejectKind::QueueFull)
-                .with_detail(format!("{waiting}/{}", self.cfg.max_queue));
-            if let Some(ra) = retry_after {
-                r = r.with_retry_after(ra);
-            }
+                .with_detail(format!("{waiting}/{bound}"))
+                .with_retry_after(retry_after);
             return Acquire::Rejected(self.refuse(r));
         }
 

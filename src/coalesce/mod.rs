@@ -79,7 +79,9 @@ use tower_service::Service;
 type Answer = Arc<dyn Any + Send + Sync>;
 
 enum FlightState {
-    Running { waiters: Slab<Option<Waker>> },
+    Running {
+        waiters: Slab<Option<Waker>>,
+    },
     Done(Answer),
     /// The caller whose call ran dropped it: a follower takes over.
     Abandoned,
@@ -197,17 +199,17 @@ impl<K: std::hash::Hash + Eq> Lead<K> {
             drop(map);
             return res.map(|r| share.pass(r));
         }
-        let (out, answer): (Result<Sh::Output, BoxError>, Result<Sh::Kept, SharedError>) =
-            match res {
-                Ok(r) => {
-                    let (out, kept) = share.keep(r);
-                    (Ok(out), Ok(kept))
-                }
-                Err(e) => {
-                    let shared = SharedError::new(e);
-                    (Err(Box::new(shared.clone())), Err(shared))
-                }
-            };
+        let (out, answer): (Result<Sh::Output, BoxError>, Result<Sh::Kept, SharedError>) = match res
+        {
+            Ok(r) => {
+                let (out, kept) = share.keep(r);
+                (Ok(out), Ok(kept))
+            }
+            Err(e) => {
+                let shared = SharedError::new(e);
+                (Err(Box::new(shared.clone())), Err(shared))
+            }
+        };
         self.flight.finish(FlightState::Done(Arc::new(answer)));
         drop(map);
         out
@@ -461,7 +463,9 @@ impl<S: Service<Req>, RK: RequestKey<Req>, Req, Sh> fmt::Debug for CoalesceFutur
             State::Ready { .. } => "took over",
             State::Done => "done",
         };
-        f.debug_struct("CoalesceFuture").field("state", &state).finish()
+        f.debug_struct("CoalesceFuture")
+            .field("state", &state)
+            .finish()
     }
 }
 
@@ -515,7 +519,8 @@ where
                                         w => *w = Some(cx.waker().clone()),
                                     },
                                     None => {
-                                        follow.slot = Some(waiters.insert(Some(cx.waker().clone())));
+                                        follow.slot =
+                                            Some(waiters.insert(Some(cx.waker().clone())));
                                     }
                                 }
                                 return Poll::Pending;
