@@ -71,6 +71,8 @@ pub(crate) use inner_access;
 pub mod backoff;
 pub mod breaker;
 pub mod bulkhead;
+#[cfg(feature = "cache")]
+pub mod cache;
 pub mod classify;
 mod close;
 pub mod coalesce;

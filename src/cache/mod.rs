@@ -1,0 +1,685 @@
+//! A response cache for successful answers (feature `cache`).
+//!
+//! The classroom scenario's arithmetic: 50 teachers ask for "El ciclo del
+//! agua"; the first answer is kept, and the next 49 who ask within the TTL
+//! cost nothing (98 % saved).
+//!
+//! - **What is kept**: answers whose class is `Success` (the layer's
+//!   [`Classify`]; never a refusal, an error or an error status), no larger
+//!   than [`max_entry_bytes`](CacheBuilder::max_entry_bytes). Streamed
+//!   answers are not cached (a stream is shared while it runs by
+//!   [`coalesce`](crate::coalesce) instead).
+//! - **Keys**: a [`RequestKey`] (a closure, or the LLM preset's
+//!   [`LlmKey`](crate::llm::LlmKey)); `None` bypasses the cache (neither
+//!   read nor written). With `http` requests, [`http_cache_control`] honours
+//!   the caller's `Cache-Control: no-store` (bypass) and `no-cache` (not
+//!   served from the cache; the fresh answer is stored).
+//! - **Time**: every entry carries its own `tokio::time::Instant`s (fresh
+//!   until `ttl`, kept for errors until `ttl + stale_for`), checked on read
+//!   — the crate's one clock, so paused-time tests are exact. An answer
+//!   past its TTL is a miss; until `ttl + stale_for` it is still there for
+//!   [`Cache::stale`], which a fallback reads to answer with the last good
+//!   answer when the upstream fails (through this shared handle, not by
+//!   one layer calling another).
+//! - **Size**: the store is [moka](https://docs.rs/moka)'s (a well-kept
+//!   concurrent cache, TinyLFU admission, size-bounded by weight): each
+//!   entry weighs its bytes (the key's and the answer's, from
+//!   [`RequestKey::key_size`] and [`Share::size`]) and at least
+//!   `max_bytes / max_entries`, so both bounds hold. moka's own clock is
+//!   not used (no moka TTL): it only bounds the size.
+//! - **Served answers** are marked: [`Served::Cache`] in the response's
+//!   extensions and an `age` header with [`WholeResponse`](crate::share::WholeResponse).
+//!
+//! Order: put it outside a [`CoalesceLayer`](crate::coalesce::CoalesceLayer)
+//! (a miss then goes through the singleflight: 50 identical misses at once
+//! are one call) and outside quotas, bulkheads and pacers (a hit costs no
+//! quota and waits in no line). The LLM preset does both.
+//!
+//! ```
+//! use semaforo::cache::Cache;
+//! use std::time::Duration;
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), semaforo::BoxError> {
+//! let cache: Cache<String, String> = Cache::builder()
+//!     .ttl(Duration::from_secs(300))
+//!     .max_entries(10_000)
+//!     .build()?;
+//! let svc = cache
+//!     .layer(|topic: &String| Some(topic.clone()))
+//!     .layer(service_fn(|topic: String| async move {
+//!         Ok::<_, std::io::Error>(format!("plan: {topic}"))
+//!     }));
+//! assert_eq!(svc.clone().oneshot("el ciclo del agua".into()).await?, "plan: el ciclo del agua");
+//! assert_eq!(svc.oneshot("el ciclo del agua".into()).await?, "plan: el ciclo del agua");
+//! assert_eq!(cache.snapshot().hits, 1);
+//! # Ok(()) }
+//! ```
+
+use crate::classify::{Class, Classify, ErrorClassifier};
+use crate::error::{BoxError, ConfigError};
+use crate::observe::{Event, EventKind, ListenerSlot, Observer, ShareOutcome};
+use crate::share::{Cloned, RequestKey, Served, Share};
+use pin_project::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// What a request says about caching (see [`http_cache_control`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CacheControl {
+    /// Read and write the cache.
+    #[default]
+    Use,
+    /// Do not serve from the cache; store the fresh answer.
+    Refresh,
+    /// Neither read nor write.
+    Bypass,
+}
+
+/// Reads a request's `Cache-Control`: `no-store` → [`CacheControl::Bypass`],
+/// `no-cache` or `max-age=0` → [`CacheControl::Refresh`] (RFC 9111 §5.2.1).
+#[cfg(feature = "http")]
+pub fn http_cache_control<B>(req: &http::Request<B>) -> CacheControl {
+    let mut out = CacheControl::Use;
+    for v in req.headers().get_all(http::header::CACHE_CONTROL) {
+        let Ok(v) = v.to_str() else { continue };
+        for d in v.split(',').map(|d| d.trim().to_ascii_lowercase()) {
+            match d.as_str() {
+                "no-store" => return CacheControl::Bypass,
+                "no-cache" | "max-age=0" => out = CacheControl::Refresh,
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+struct Entry<V> {
+    value: V,
+    /// Its weight: the key's and the answer's bytes.
+    bytes: u32,
+    stored: Instant,
+    fresh_until: Instant,
+    keep_until: Instant,
+}
+
+#[derive(Default)]
+struct Stats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stores: AtomicU64,
+    bypassed: AtomicU64,
+    stale_served: AtomicU64,
+    evicted: AtomicU64,
+}
+
+struct Inner<K, V> {
+    store: moka::sync::Cache<K, Arc<Entry<V>>>,
+    ttl: Duration,
+    stale_for: Duration,
+    max_entry_bytes: usize,
+    obs: Observer,
+    stats: Arc<Stats>,
+}
+
+/// A response cache: the store and its settings, shared by every layer it
+/// makes (cheap to clone). `K` is the key type, `V` what is kept (a
+/// [`Share::Kept`]: the answer itself with [`Cloned`], an
+/// `Arc<KeptResponse>` with [`WholeResponse`](crate::share::WholeResponse)).
+pub struct Cache<K, V> {
+    inner: Arc<Inner<K, V>>,
+}
+
+impl<K, V> Clone for Cache<K, V> {
+    fn clone(&self) -> Self {
+        Cache {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for Cache<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("name", &self.inner.obs.name)
+            .field("ttl", &self.inner.ttl)
+            .field("stale_for", &self.inner.stale_for)
+            .finish()
+    }
+}
+
+/// Builder for a [`Cache`]; [`build`](Self::build) validates it.
+#[derive(Debug, Clone)]
+#[must_use = "call .build() to get a Cache"]
+pub struct CacheBuilder {
+    name: Option<Arc<str>>,
+    listener: ListenerSlot,
+    ttl: Duration,
+    stale_for: Duration,
+    max_entries: u64,
+    max_bytes: u64,
+    max_entry_bytes: usize,
+}
+
+/// A counts-only view of a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheSnapshot {
+    /// Entries held (moka's count: pending insertions and evictions may
+    /// lag a little; see [`Cache::run_pending_tasks`]).
+    pub entries: u64,
+    /// Bytes held, as weighed (each entry at least `max_bytes / max_entries`).
+    pub bytes: u64,
+    /// Calls answered from the cache.
+    pub hits: u64,
+    /// Calls that went on (not there, or past their TTL).
+    pub misses: u64,
+    /// Answers stored.
+    pub stores: u64,
+    /// Calls that bypassed the cache.
+    pub bypassed: u64,
+    /// Stale answers handed out by [`Cache::stale`].
+    pub stale_served: u64,
+    /// Entries evicted to keep the size bounds.
+    pub evicted: u64,
+}
+
+impl Cache<(), ()> {
+    /// Starts a builder: TTL 5 minutes, nothing kept past it, 10,000
+    /// entries, 64 MiB, 1 MiB per answer.
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder {
+            name: None,
+            listener: ListenerSlot::default(),
+            ttl: Duration::from_secs(300),
+            stale_for: Duration::ZERO,
+            max_entries: 10_000,
+            max_bytes: 64 << 20,
+            max_entry_bytes: 1 << 20,
+        }
+    }
+}
+
+impl CacheBuilder {
+    /// Names the cache in events.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Calls `f` for each event ([`EventKind::Shared`]: hit, miss, bypassed,
+    /// stale served, evicted). Listeners add up.
+    pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        self.listener.set(f);
+        self
+    }
+
+    /// How long an answer is served (default 5 minutes).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long past its TTL an answer is kept for [`Cache::stale`]
+    /// (stale-if-error, RFC 5861; default 0: not kept).
+    pub fn stale_for(mut self, d: Duration) -> Self {
+        self.stale_for = d;
+        self
+    }
+
+    /// The most entries held (default 10,000).
+    pub fn max_entries(mut self, n: u64) -> Self {
+        self.max_entries = n;
+        self
+    }
+
+    /// The most bytes held, keys and answers (default 64 MiB).
+    pub fn max_bytes(mut self, n: u64) -> Self {
+        self.max_bytes = n;
+        self
+    }
+
+    /// The largest answer stored (default 1 MiB; larger ones are passed on
+    /// and not kept).
+    pub fn max_entry_bytes(mut self, n: usize) -> Self {
+        self.max_entry_bytes = n;
+        self
+    }
+
+    /// Validates and builds.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the field: `ttl` zero, `max_entries` or
+    /// `max_bytes` zero, `max_entry_bytes` zero or above `max_bytes`.
+    pub fn build<K, V>(self) -> Result<Cache<K, V>, ConfigError>
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        let err = |field, reason: &str| Err(ConfigError::new("cache", field, reason.to_owned()));
+        if self.ttl.is_zero() {
+            return err("ttl", "must be above zero");
+        }
+        if self.max_entries == 0 {
+            return err("max_entries", "must be at least 1");
+        }
+        if self.max_bytes == 0 {
+            return err("max_bytes", "must be at least 1");
+        }
+        if self.max_entry_bytes == 0 || self.max_entry_bytes as u64 > self.max_bytes {
+            return err("max_entry_bytes", "must be between 1 and max_bytes");
+        }
+        let floor = self.max_bytes.div_ceil(self.max_entries).max(1);
+        let stats = Arc::new(Stats::default());
+        let obs = Observer::new(self.name, self.listener.0);
+        let (s, o) = (stats.clone(), obs.clone());
+        let store = moka::sync::Cache::builder()
+            .max_capacity(self.max_bytes)
+            .weigher(move |_k: &K, e: &Arc<Entry<V>>| {
+                e.bytes.max(u32::try_from(floor).unwrap_or(u32::MAX))
+            })
+            .eviction_listener(move |_k, _v, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    s.evicted.fetch_add(1, Ordering::Relaxed);
+                    o.emit(
+                        "cache",
+                        EventKind::Shared {
+                            outcome: ShareOutcome::Evicted,
+                        },
+                    );
+                }
+            })
+            .build();
+        Ok(Cache {
+            inner: Arc::new(Inner {
+                store,
+                ttl: self.ttl,
+                stale_for: self.stale_for,
+                max_entry_bytes: self.max_entry_bytes,
+                obs,
+                stats,
+            }),
+        })
+    }
+}
+
+impl<K, V> Cache<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// A layer reading and filling this cache, keyed by `key`, sharing
+    /// answers by cloning ([`Cloned`]); see [`CacheLayer::share`] and
+    /// [`CacheLayer::classify`].
+    pub fn layer<RK, Req>(&self, key: RK) -> CacheLayer<RK, Req, K, V>
+    where
+        RK: RequestKey<Req, Key = K>,
+    {
+        CacheLayer {
+            cache: self.clone(),
+            key,
+            share: Cloned,
+            classify: ErrorClassifier,
+            control: None,
+            _req: std::marker::PhantomData,
+        }
+    }
+
+    /// The answer kept for `key` even past its TTL (until `ttl +
+    /// stale_for`), with its age — for a fallback that answers with the
+    /// last good answer when the upstream fails. Counted as stale served
+    /// when past its TTL.
+    pub fn stale(&self, key: &K) -> Option<(V, Duration)> {
+        let e = self.inner.store.get(key)?;
+        let now = Instant::now();
+        if now >= e.keep_until && now >= e.fresh_until {
+            self.inner.store.invalidate(key);
+            return None;
+        }
+        if now >= e.fresh_until {
+            self.inner.stats.stale_served.fetch_add(1, Ordering::Relaxed);
+            self.inner.obs.emit(
+                "cache",
+                EventKind::Shared {
+                    outcome: ShareOutcome::StaleServed,
+                },
+            );
+        }
+        Some((e.value.clone(), now.saturating_duration_since(e.stored)))
+    }
+
+    /// The fresh answer for `key`, if any (no counters moved).
+    pub fn get(&self, key: &K) -> Option<V> {
+        let e = self.inner.store.get(key)?;
+        (Instant::now() < e.fresh_until).then(|| e.value.clone())
+    }
+
+    /// Removes `key`'s answer.
+    pub fn invalidate(&self, key: &K) {
+        self.inner.store.invalidate(key);
+    }
+
+    /// Removes every answer.
+    pub fn clear(&self) {
+        self.inner.store.invalidate_all();
+    }
+
+    /// Runs moka's pending maintenance (insertions, evictions) now; the
+    /// counts in [`snapshot`](Self::snapshot) are exact after it.
+    pub fn run_pending_tasks(&self) {
+        self.inner.store.run_pending_tasks();
+    }
+
+    /// Counts for a health endpoint.
+    pub fn snapshot(&self) -> CacheSnapshot {
+        let s = &self.inner.stats;
+        CacheSnapshot {
+            entries: self.inner.store.entry_count(),
+            bytes: self.inner.store.weighted_size(),
+            hits: s.hits.load(Ordering::Relaxed),
+            misses: s.misses.load(Ordering::Relaxed),
+            stores: s.stores.load(Ordering::Relaxed),
+            bypassed: s.bypassed.load(Ordering::Relaxed),
+            stale_served: s.stale_served.load(Ordering::Relaxed),
+            evicted: s.evicted.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A fresh hit for `key`: the kept answer and its age.
+    fn lookup(&self, key: &K) -> Option<(V, Duration)> {
+        let e = self.inner.store.get(key)?;
+        let now = Instant::now();
+        if now < e.fresh_until {
+            return Some((e.value.clone(), now.saturating_duration_since(e.stored)));
+        }
+        if now >= e.keep_until {
+            self.inner.store.invalidate(key);
+        }
+        None
+    }
+
+    fn store(&self, key: K, value: V, bytes: usize) {
+        if bytes > self.inner.max_entry_bytes {
+            return;
+        }
+        let now = Instant::now();
+        let fresh_until = crate::time::after(now, self.inner.ttl);
+        let entry = Entry {
+            value,
+            // At most `max_entry_bytes`, which is at most `max_bytes`.
+            bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
+            stored: now,
+            fresh_until,
+            keep_until: crate::time::after(fresh_until, self.inner.stale_for),
+        };
+        self.inner.stats.stores.fetch_add(1, Ordering::Relaxed);
+        self.inner.store.insert(key, Arc::new(entry));
+    }
+
+    fn count(&self, outcome: ShareOutcome) {
+        let s = &self.inner.stats;
+        let c = match outcome {
+            ShareOutcome::Hit => &s.hits,
+            ShareOutcome::Miss => &s.misses,
+            ShareOutcome::Bypassed => &s.bypassed,
+            _ => return,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        self.inner.obs.emit("cache", EventKind::Shared { outcome });
+    }
+}
+
+type ControlFn<Req> = Arc<dyn Fn(&Req) -> CacheControl + Send + Sync>;
+
+/// The layer of a [`Cache`].
+#[must_use = "a layer does nothing until it wraps a service"]
+pub struct CacheLayer<RK, Req, K, V, Sh = Cloned, C = ErrorClassifier> {
+    cache: Cache<K, V>,
+    key: RK,
+    share: Sh,
+    classify: C,
+    control: Option<ControlFn<Req>>,
+    _req: std::marker::PhantomData<fn(Req)>,
+}
+
+impl<RK: Clone, Req, K, V, Sh: Clone, C: Clone> Clone for CacheLayer<RK, Req, K, V, Sh, C> {
+    fn clone(&self) -> Self {
+        CacheLayer {
+            cache: self.cache.clone(),
+            key: self.key.clone(),
+            share: self.share.clone(),
+            classify: self.classify.clone(),
+            control: self.control.clone(),
+            _req: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<RK, Req, K, V, Sh, C> fmt::Debug for CacheLayer<RK, Req, K, V, Sh, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheLayer").field("cache", &self.cache).finish()
+    }
+}
+
+impl<RK, Req, K, V, Sh, C> CacheLayer<RK, Req, K, V, Sh, C> {
+    /// How answers are kept and handed out (e.g.
+    /// [`WholeResponse`](crate::share::WholeResponse) for
+    /// `http::Response<Bytes>`; its `Kept` must be the cache's `V`).
+    pub fn share<Sh2>(self, share: Sh2) -> CacheLayer<RK, Req, K, V, Sh2, C> {
+        CacheLayer {
+            cache: self.cache,
+            key: self.key,
+            share,
+            classify: self.classify,
+            control: self.control,
+            _req: std::marker::PhantomData,
+        }
+    }
+
+    /// Which answers are kept: those classified `Success` (default
+    /// [`ErrorClassifier`]: every `Ok`; use
+    /// [`HttpClassifier`](crate::classify::HttpClassifier) or the LLM
+    /// classifier to keep only good statuses).
+    pub fn classify<C2>(self, classify: C2) -> CacheLayer<RK, Req, K, V, Sh, C2> {
+        CacheLayer {
+            cache: self.cache,
+            key: self.key,
+            share: self.share,
+            classify,
+            control: self.control,
+            _req: std::marker::PhantomData,
+        }
+    }
+
+    /// What each request says about caching (e.g. [`http_cache_control`]).
+    pub fn control(mut self, f: impl Fn(&Req) -> CacheControl + Send + Sync + 'static) -> Self {
+        self.control = Some(Arc::new(f));
+        self
+    }
+}
+
+impl<S, RK: Clone, Req, K, V, Sh: Clone, C: Clone> Layer<S> for CacheLayer<RK, Req, K, V, Sh, C> {
+    type Service = CacheService<S, RK, Req, K, V, Sh, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CacheService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service made by [`CacheLayer`].
+pub struct CacheService<S, RK, Req, K, V, Sh = Cloned, C = ErrorClassifier> {
+    inner: S,
+    layer: CacheLayer<RK, Req, K, V, Sh, C>,
+}
+
+impl<S: Clone, RK: Clone, Req, K, V, Sh: Clone, C: Clone> Clone
+    for CacheService<S, RK, Req, K, V, Sh, C>
+{
+    fn clone(&self) -> Self {
+        CacheService {
+            inner: self.inner.clone(),
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, RK, Req, K, V, Sh, C> fmt::Debug for CacheService<S, RK, Req, K, V, Sh, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheService")
+            .field("inner", &self.inner)
+            .field("cache", &self.layer.cache)
+            .finish()
+    }
+}
+
+impl<S, RK, Req, K, V, Sh, C> Service<Req> for CacheService<S, RK, Req, K, V, Sh, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    RK: RequestKey<Req, Key = K>,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    Sh: Share<S::Response, Kept = V>,
+    C: Classify<S::Response, BoxError> + Clone,
+{
+    type Response = Sh::Output;
+    type Error = BoxError;
+    type Future = CacheFuture<S::Future, S::Response, K, V, Sh, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        let l = &self.layer;
+        let control = l.control.as_ref().map_or(CacheControl::Use, |f| f(&req));
+        let key = match control {
+            CacheControl::Bypass => None,
+            _ => l.key.key(&req),
+        };
+        let Some(key) = key else {
+            l.cache.count(ShareOutcome::Bypassed);
+            return CacheFuture::new(self.inner.call(req), None, &self.layer);
+        };
+        if control == CacheControl::Use {
+            if let Some((kept, age)) = l.cache.lookup(&key) {
+                l.cache.count(ShareOutcome::Hit);
+                let out = l.share.give(&kept, Served::Cache { age, stale: false });
+                return CacheFuture {
+                    state: CacheState::Hit { out: Some(out) },
+                    share: l.share.clone(),
+                    classify: l.classify.clone(),
+                    cache: l.cache.clone(),
+                    key_size: 0,
+                };
+            }
+        }
+        l.cache.count(ShareOutcome::Miss);
+        l.key.remember(&mut req, &key);
+        let key_size = l.key.key_size(&key);
+        let mut fut = CacheFuture::new(self.inner.call(req), Some(key), &self.layer);
+        fut.key_size = key_size;
+        fut
+    }
+}
+
+#[pin_project(project = CacheStateProj)]
+enum CacheState<F, K, O> {
+    Hit {
+        out: Option<O>,
+    },
+    Call {
+        #[pin]
+        fut: F,
+        key: Option<K>,
+    },
+}
+
+/// The future of [`CacheService`]: a hit is ready at once; a miss is the
+/// inner call, stored when it succeeds. Cancel safety: dropping it drops
+/// the inner call; nothing is stored.
+#[pin_project]
+pub struct CacheFuture<F, R, K, V, Sh: Share<R>, C> {
+    #[pin]
+    state: CacheState<F, K, Sh::Output>,
+    share: Sh,
+    classify: C,
+    cache: Cache<K, V>,
+    key_size: usize,
+}
+
+impl<F, R, K, V, Sh: Share<R>, C> fmt::Debug for CacheFuture<F, R, K, V, Sh, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            CacheState::Hit { .. } => "hit",
+            CacheState::Call { .. } => "call",
+        };
+        f.debug_struct("CacheFuture").field("state", &state).finish()
+    }
+}
+
+impl<F, R, K, V, Sh, C> CacheFuture<F, R, K, V, Sh, C>
+where
+    Sh: Share<R> + Clone,
+    C: Clone,
+{
+    fn new<RK, Req>(fut: F, key: Option<K>, l: &CacheLayer<RK, Req, K, V, Sh, C>) -> Self {
+        CacheFuture {
+            state: CacheState::Call { fut, key },
+            share: l.share.clone(),
+            classify: l.classify.clone(),
+            cache: l.cache.clone(),
+            key_size: 0,
+        }
+    }
+}
+
+impl<F, E, R, K, V, Sh, C> Future for CacheFuture<F, R, K, V, Sh, C>
+where
+    F: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    Sh: Share<R, Kept = V>,
+    C: Classify<R, BoxError>,
+{
+    type Output = Result<Sh::Output, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.state.project() {
+            CacheStateProj::Hit { out } => Poll::Ready(
+                out.take()
+                    .ok_or_else(|| BoxError::from("cache: future polled after completion")),
+            ),
+            CacheStateProj::Call { fut, key } => {
+                let res = std::task::ready!(fut.poll(cx)).map_err(Into::into)?;
+                let Some(key) = key.take() else {
+                    return Poll::Ready(Ok(this.share.pass(res)));
+                };
+                if !matches!(this.classify.classify(Ok(&res)), Class::Success) {
+                    return Poll::Ready(Ok(this.share.pass(res)));
+                }
+                let (out, kept) = this.share.keep(res);
+                let bytes = this.share.size(&kept).saturating_add(*this.key_size);
+                this.cache.store(key, kept, bytes);
+                Poll::Ready(Ok(out))
+            }
+        }
+    }
+}
