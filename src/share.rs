@@ -92,6 +92,13 @@ pub trait Share<R>: Clone + Send + Sync + 'static {
     /// An answer for another caller.
     fn give(&self, kept: &Self::Kept, served: Served) -> Self::Output;
 
+    /// Whether `res` is already a copy handed out by a layer below (a
+    /// coalesced or cached answer): a cache does not store it again
+    /// (default: never known).
+    fn served(&self, _res: &R) -> Option<Served> {
+        None
+    }
+
     /// The kept answer's size in bytes, for a cache's size bound (default
     /// 0).
     fn size(&self, _kept: &Self::Kept) -> usize {
@@ -185,6 +192,10 @@ impl Share<http::Response<bytes::Bytes>> for WholeResponse {
         }
         res.extensions_mut().insert(served);
         res
+    }
+
+    fn served(&self, res: &http::Response<bytes::Bytes>) -> Option<Served> {
+        res.extensions().get::<Served>().copied()
     }
 
     fn size(&self, kept: &Arc<KeptResponse>) -> usize {

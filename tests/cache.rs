@@ -62,9 +62,15 @@ async fn the_ttl_is_exact_on_the_crate_clock() {
         .unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = cache.layer(by_topic).layer(counted(&calls));
-    assert_eq!(svc.clone().oneshot("a".into()).await.unwrap(), "answer to a");
+    assert_eq!(
+        svc.clone().oneshot("a".into()).await.unwrap(),
+        "answer to a"
+    );
     tokio::time::sleep(Duration::from_millis(59_999)).await;
-    assert_eq!(svc.clone().oneshot("a".into()).await.unwrap(), "answer to a");
+    assert_eq!(
+        svc.clone().oneshot("a".into()).await.unwrap(),
+        "answer to a"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     tokio::time::sleep(Duration::from_millis(1)).await;
     svc.clone().oneshot("a".into()).await.unwrap();
@@ -174,15 +180,32 @@ async fn http_answers_are_kept_marked_and_bypassed_on_request() {
         })
     );
     // no-store: neither read nor written.
-    let r = svc.clone().oneshot(get("/a", Some("no-store"))).await.unwrap();
+    let r = svc
+        .clone()
+        .oneshot(get("/a", Some("no-store")))
+        .await
+        .unwrap();
     assert_eq!(r.body(), "body 1");
-    assert_eq!(svc.clone().oneshot(get("/a", None)).await.unwrap().body(), "body 0");
+    assert_eq!(
+        svc.clone().oneshot(get("/a", None)).await.unwrap().body(),
+        "body 0"
+    );
     // no-cache: a fresh answer, which replaces the kept one.
-    let r = svc.clone().oneshot(get("/a", Some("max-age=0, no-cache"))).await.unwrap();
+    let r = svc
+        .clone()
+        .oneshot(get("/a", Some("max-age=0, no-cache")))
+        .await
+        .unwrap();
     assert_eq!(r.body(), "body 2");
-    assert_eq!(svc.clone().oneshot(get("/a", None)).await.unwrap().body(), "body 2");
+    assert_eq!(
+        svc.clone().oneshot(get("/a", None)).await.unwrap().body(),
+        "body 2"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 3);
-    assert_eq!(http_cache_control(&get("/", Some("No-Store"))), CacheControl::Bypass);
+    assert_eq!(
+        http_cache_control(&get("/", Some("No-Store"))),
+        CacheControl::Bypass
+    );
 
     // A 503 is passed on and never kept.
     let calls = Arc::new(AtomicUsize::new(0));
@@ -261,7 +284,10 @@ async fn dropped_misses_store_nothing() {
     svc.ready().await.unwrap().call("a".into()).await.unwrap();
     let mut hit = Box::pin(svc.ready().await.unwrap().call("a".into()));
     assert!(hit.as_mut().poll(&mut cx).is_ready());
-    assert!(matches!(hit.as_mut().poll(&mut cx), std::task::Poll::Ready(Err(_))));
+    assert!(matches!(
+        hit.as_mut().poll(&mut cx),
+        std::task::Poll::Ready(Err(_))
+    ));
 }
 
 proptest! {

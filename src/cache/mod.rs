@@ -91,8 +91,14 @@ pub enum CacheControl {
 /// `no-cache` or `max-age=0` → [`CacheControl::Refresh`] (RFC 9111 §5.2.1).
 #[cfg(feature = "http")]
 pub fn http_cache_control<B>(req: &http::Request<B>) -> CacheControl {
+    http_cache_control_headers(req.headers())
+}
+
+/// [`http_cache_control`] of a header map.
+#[cfg(feature = "http")]
+pub fn http_cache_control_headers(headers: &http::HeaderMap) -> CacheControl {
     let mut out = CacheControl::Use;
-    for v in req.headers().get_all(http::header::CACHE_CONTROL) {
+    for v in headers.get_all(http::header::CACHE_CONTROL) {
         let Ok(v) = v.to_str() else { continue };
         for d in v.split(',').map(|d| d.trim().to_ascii_lowercase()) {
             match d.as_str() {
@@ -328,7 +334,7 @@ where
         RK: RequestKey<Req, Key = K>,
     {
         CacheLayer {
-            cache: self.clone(),
+            cache: Some(self.clone()),
             key,
             share: Cloned,
             classify: ErrorClassifier,
@@ -349,7 +355,10 @@ where
             return None;
         }
         if now >= e.fresh_until {
-            self.inner.stats.stale_served.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .stats
+                .stale_served
+                .fetch_add(1, Ordering::Relaxed);
             self.inner.obs.emit(
                 "cache",
                 EventKind::Shared {
@@ -446,7 +455,8 @@ type ControlFn<Req> = Arc<dyn Fn(&Req) -> CacheControl + Send + Sync>;
 /// The layer of a [`Cache`].
 #[must_use = "a layer does nothing until it wraps a service"]
 pub struct CacheLayer<RK, Req, K, V, Sh = Cloned, C = ErrorClassifier> {
-    cache: Cache<K, V>,
+    /// `None`: passes every call on (a preset without a cache).
+    cache: Option<Cache<K, V>>,
     key: RK,
     share: Sh,
     classify: C,
@@ -469,11 +479,31 @@ impl<RK: Clone, Req, K, V, Sh: Clone, C: Clone> Clone for CacheLayer<RK, Req, K,
 
 impl<RK, Req, K, V, Sh, C> fmt::Debug for CacheLayer<RK, Req, K, V, Sh, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CacheLayer").field("cache", &self.cache).finish()
+        f.debug_struct("CacheLayer")
+            .field("cache", &self.cache)
+            .finish()
     }
 }
 
 impl<RK, Req, K, V, Sh, C> CacheLayer<RK, Req, K, V, Sh, C> {
+    /// The cache it reads and fills (`None` for a pass-through layer).
+    pub fn cache(&self) -> Option<&Cache<K, V>> {
+        self.cache.as_ref()
+    }
+
+    /// A layer that passes every call on, untouched.
+    #[cfg(feature = "llm")]
+    pub(crate) fn off(key: RK, share: Sh, classify: C) -> Self {
+        CacheLayer {
+            cache: None,
+            key,
+            share,
+            classify,
+            control: None,
+            _req: std::marker::PhantomData,
+        }
+    }
+
     /// How answers are kept and handed out (e.g.
     /// [`WholeResponse`](crate::share::WholeResponse) for
     /// `http::Response<Bytes>`; its `Kept` must be the cache's `V`).
@@ -567,29 +597,32 @@ where
 
     fn call(&mut self, mut req: Req) -> Self::Future {
         let l = &self.layer;
+        let Some(cache) = &l.cache else {
+            return CacheFuture::new(self.inner.call(req), None, &self.layer);
+        };
         let control = l.control.as_ref().map_or(CacheControl::Use, |f| f(&req));
         let key = match control {
             CacheControl::Bypass => None,
             _ => l.key.key(&req),
         };
         let Some(key) = key else {
-            l.cache.count(ShareOutcome::Bypassed);
+            cache.count(ShareOutcome::Bypassed);
             return CacheFuture::new(self.inner.call(req), None, &self.layer);
         };
         if control == CacheControl::Use {
-            if let Some((kept, age)) = l.cache.lookup(&key) {
-                l.cache.count(ShareOutcome::Hit);
+            if let Some((kept, age)) = cache.lookup(&key) {
+                cache.count(ShareOutcome::Hit);
                 let out = l.share.give(&kept, Served::Cache { age, stale: false });
                 return CacheFuture {
                     state: CacheState::Hit { out: Some(out) },
                     share: l.share.clone(),
                     classify: l.classify.clone(),
-                    cache: l.cache.clone(),
+                    cache: Some(cache.clone()),
                     key_size: 0,
                 };
             }
         }
-        l.cache.count(ShareOutcome::Miss);
+        cache.count(ShareOutcome::Miss);
         l.key.remember(&mut req, &key);
         let key_size = l.key.key_size(&key);
         let mut fut = CacheFuture::new(self.inner.call(req), Some(key), &self.layer);
@@ -619,7 +652,7 @@ pub struct CacheFuture<F, R, K, V, Sh: Share<R>, C> {
     state: CacheState<F, K, Sh::Output>,
     share: Sh,
     classify: C,
-    cache: Cache<K, V>,
+    cache: Option<Cache<K, V>>,
     key_size: usize,
 }
 
@@ -629,7 +662,9 @@ impl<F, R, K, V, Sh: Share<R>, C> fmt::Debug for CacheFuture<F, R, K, V, Sh, C> 
             CacheState::Hit { .. } => "hit",
             CacheState::Call { .. } => "call",
         };
-        f.debug_struct("CacheFuture").field("state", &state).finish()
+        f.debug_struct("CacheFuture")
+            .field("state", &state)
+            .finish()
     }
 }
 
@@ -669,15 +704,19 @@ where
             ),
             CacheStateProj::Call { fut, key } => {
                 let res = std::task::ready!(fut.poll(cx)).map_err(Into::into)?;
-                let Some(key) = key.take() else {
+                let (Some(key), Some(cache)) = (key.take(), this.cache.as_ref()) else {
                     return Poll::Ready(Ok(this.share.pass(res)));
                 };
-                if !matches!(this.classify.classify(Ok(&res)), Class::Success) {
+                // A copy from below (coalesced) was stored by the caller
+                // whose call ran.
+                if this.share.served(&res).is_some()
+                    || !matches!(this.classify.classify(Ok(&res)), Class::Success)
+                {
                     return Poll::Ready(Ok(this.share.pass(res)));
                 }
                 let (out, kept) = this.share.keep(res);
                 let bytes = this.share.size(&kept).saturating_add(*this.key_size);
-                this.cache.store(key, kept, bytes);
+                cache.store(key, kept, bytes);
                 Poll::Ready(Ok(out))
             }
         }

@@ -245,6 +245,8 @@ impl Drop for Follow {
 /// The coalescing layer: see the [module docs](self).
 #[must_use = "a layer does nothing until it wraps a service"]
 pub struct CoalesceLayer<RK: RequestKey<Req>, Req, Sh = Cloned> {
+    /// Passes every call on (a preset without coalescing).
+    off: bool,
     key: RK,
     share: Sh,
     flights: Arc<Flights<RK::Key>>,
@@ -254,6 +256,7 @@ pub struct CoalesceLayer<RK: RequestKey<Req>, Req, Sh = Cloned> {
 impl<RK: RequestKey<Req>, Req, Sh: Clone> Clone for CoalesceLayer<RK, Req, Sh> {
     fn clone(&self) -> Self {
         CoalesceLayer {
+            off: self.off,
             key: self.key.clone(),
             share: self.share.clone(),
             flights: self.flights.clone(),
@@ -277,6 +280,7 @@ impl<RK: RequestKey<Req>, Req> CoalesceLayer<RK, Req, Cloned> {
     /// clones, share one set of calls in flight.
     pub fn new(key: RK) -> Self {
         CoalesceLayer {
+            off: false,
             key,
             share: Cloned,
             flights: Arc::new(Flights {
@@ -292,6 +296,7 @@ impl<RK: RequestKey<Req>, Req, Sh> CoalesceLayer<RK, Req, Sh> {
     /// How answers are shared (e.g. [`WholeResponse`](crate::share::WholeResponse)).
     pub fn share<Sh2>(self, share: Sh2) -> CoalesceLayer<RK, Req, Sh2> {
         CoalesceLayer {
+            off: self.off,
             key: self.key,
             share,
             flights: self.flights,
@@ -323,6 +328,13 @@ impl<RK: RequestKey<Req>, Req, Sh> CoalesceLayer<RK, Req, Sh> {
         self
     }
 
+    /// A layer that passes every call on, untouched.
+    #[cfg(feature = "llm")]
+    pub(crate) fn off(mut self) -> Self {
+        self.off = true;
+        self
+    }
+
     /// Calls in flight that others could join now.
     pub fn in_flight(&self) -> usize {
         self.flights.lock().len()
@@ -334,6 +346,7 @@ impl<S, RK: RequestKey<Req>, Req, Sh: Clone> Layer<S> for CoalesceLayer<RK, Req,
 
     fn layer(&self, inner: S) -> Self::Service {
         CoalesceService {
+            off: self.off,
             inner,
             key: self.key.clone(),
             share: self.share.clone(),
@@ -344,6 +357,7 @@ impl<S, RK: RequestKey<Req>, Req, Sh: Clone> Layer<S> for CoalesceLayer<RK, Req,
 
 /// The service made by [`CoalesceLayer`].
 pub struct CoalesceService<S, RK: RequestKey<Req>, Req, Sh = Cloned> {
+    off: bool,
     inner: S,
     key: RK,
     share: Sh,
@@ -353,6 +367,7 @@ pub struct CoalesceService<S, RK: RequestKey<Req>, Req, Sh = Cloned> {
 impl<S: Clone, RK: RequestKey<Req>, Req, Sh: Clone> Clone for CoalesceService<S, RK, Req, Sh> {
     fn clone(&self) -> Self {
         CoalesceService {
+            off: self.off,
             inner: self.inner.clone(),
             key: self.key.clone(),
             share: self.share.clone(),
@@ -386,6 +401,10 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
+        if self.off {
+            let fut = self.inner.call(req);
+            return CoalesceFuture::new(self, State::Direct { fut });
+        }
         let Some(key) = self.key.key(&req) else {
             self.flights.obs.emit(
                 "coalesce",

@@ -90,6 +90,7 @@ use crate::shutdown::Shutdown;
 use crate::timeout::Timeout;
 
 mod cost;
+mod key;
 mod model;
 mod price;
 mod profile;
@@ -104,6 +105,7 @@ pub use cost::{
     estimate_cost, estimate_cost_with, usage_cost, usage_tokens, DEFAULT_MAX_OUTPUT,
     NON_TEXT_PART_TOKENS,
 };
+pub use key::{LlmKey, LlmRequestKey};
 pub use model::ModelField;
 pub use price::{Price, PriceTable, DEFAULT_PRICES_DATE};
 pub use profile::Profile;
@@ -151,9 +153,24 @@ pub struct LlmStack {
     pace: KeyedPace,
     timeout: Timeout,
     stream_timeout: Timeout,
+    /// The answer cache (a pass-through layer without one).
+    cache: service::LlmCacheLayer,
+    /// Singleflight of identical requests (a pass-through layer when off).
+    coalesce: service::LlmCoalesceLayer,
 }
 
+/// The preset's answer cache: keyed by [`LlmRequestKey`], keeping whole
+/// answers ([`KeptResponse`](crate::share::KeptResponse)). Build one with
+/// [`Cache::builder`](crate::cache::Cache::builder) and give it to
+/// [`LlmStackBuilder::cache`].
+pub type LlmCache = crate::cache::Cache<LlmRequestKey, std::sync::Arc<crate::share::KeptResponse>>;
+
 impl LlmStack {
+    /// The answer cache, if the stack has one.
+    pub fn cache(&self) -> Option<&LlmCache> {
+        self.cache.cache()
+    }
+
     /// Graceful shutdown; it closes the bulkhead's and the pacer's lines when triggered.
     pub fn shutdown(&self) -> &Shutdown {
         &self.shutdown
@@ -352,6 +369,9 @@ pub struct LlmStackBuilder {
     timeout: Option<Timeout>,
     stream_timeout: Option<Timeout>,
     listener: ListenerSlot,
+    cache: Option<LlmCache>,
+    coalesce: bool,
+    key: LlmKey,
 }
 
 impl LlmStack {
@@ -410,6 +430,9 @@ impl LlmStack {
             timeout: None,
             stream_timeout: None,
             listener: ListenerSlot::default(),
+            cache: None,
+            coalesce: false,
+            key: LlmKey::new(),
         }
     }
 
@@ -584,6 +607,49 @@ impl LlmStackBuilder {
         limit: impl Into<crate::bulkhead::Limit>,
     ) -> Self {
         self.adaptive = Some((max_concurrent, limit.into()));
+        self
+    }
+
+    /// Answers whole (not streamed) requests from `cache` while fresh, and
+    /// keeps each successful answer (the [`LlmClassifier`](crate::classify::LlmClassifier)'s
+    /// `Success`: a 2xx without an error body) — outside the quota, the
+    /// bulkhead and the pacer, so a hit costs no quota, waits in no line
+    /// and spends no tokens. Which requests are the same:
+    /// [`cache_key`](Self::cache_key) (default [`LlmKey::new`]: identical
+    /// deterministic requests of one credential). Streamed requests go
+    /// around it.
+    ///
+    /// ```
+    /// use semaforo::cache::Cache;
+    /// use semaforo::llm::{LlmCache, LlmStack, Tier};
+    /// use std::time::Duration;
+    ///
+    /// let cache: LlmCache = Cache::builder().ttl(Duration::from_secs(3_600)).max_bytes(256 << 20).build()?;
+    /// let stack = LlmStack::openai(Tier { requests_per_minute: 500, tokens_per_minute: 30_000 })
+    ///     .cache(cache)
+    ///     .coalesce(true)
+    ///     .build()?;
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
+    pub fn cache(mut self, cache: LlmCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Identical whole requests in flight at once make one call upstream;
+    /// the others wait for its answer (see [`coalesce`](crate::coalesce)).
+    /// Placed inside the cache and outside the quota: 50 identical misses
+    /// at once are one call, one quota unit, one place in line. Keys:
+    /// [`cache_key`](Self::cache_key). Default off.
+    pub fn coalesce(mut self, yes: bool) -> Self {
+        self.coalesce = yes;
+        self
+    }
+
+    /// Which requests the cache and coalescing treat as the same (default
+    /// [`LlmKey::new`]).
+    pub fn cache_key(mut self, key: LlmKey) -> Self {
+        self.key = key;
         self
     }
 
@@ -807,7 +873,7 @@ impl LlmStackBuilder {
                 .build()?,
         };
         let shutdown = self.shutdown.unwrap_or_default();
-        if let Some(l) = listener {
+        if let Some(l) = listener.clone() {
             shutdown.on_event(move |e: &Event<'_>| l(e));
         }
         shutdown.watch(bulkhead.clone());
@@ -864,7 +930,31 @@ impl LlmStackBuilder {
                 .unwrap_or_else(|| std::sync::Arc::new(CharsPerToken::new())),
             prices: std::sync::Arc::new(self.prices),
         };
+        let cache = match self.cache {
+            Some(c) => c
+                .layer(self.key.clone())
+                .share(crate::share::WholeResponse)
+                .classify(crate::classify::LlmClassifier::new())
+                .control(crate::cache::http_cache_control),
+            None => crate::cache::CacheLayer::off(
+                self.key.clone(),
+                crate::share::WholeResponse,
+                crate::classify::LlmClassifier::new(),
+            ),
+        };
+        let coalesce = {
+            let l = heard!(crate::coalesce::CoalesceLayer::new(self.key.clone())
+                .share(crate::share::WholeResponse)
+                .name(name));
+            if self.coalesce {
+                l
+            } else {
+                l.off()
+            }
+        };
         Ok(LlmStack {
+            cache,
+            coalesce,
             weigh,
             shutdown,
             quota: self.quota,

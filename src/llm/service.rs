@@ -240,32 +240,67 @@ pub struct LlmLayer {
     pub(super) stack: LlmStack,
 }
 
+/// The preset's cache layer (see [`LlmStackBuilder::cache`](super::LlmStackBuilder::cache)).
+pub(super) type LlmCacheLayer = crate::cache::CacheLayer<
+    super::LlmKey,
+    http::Request<Bytes>,
+    super::LlmRequestKey,
+    std::sync::Arc<crate::share::KeptResponse>,
+    crate::share::WholeResponse,
+    LlmClassifier,
+>;
+
+/// The preset's coalescing layer.
+pub(super) type LlmCoalesceLayer = crate::coalesce::CoalesceLayer<
+    super::LlmKey,
+    http::Request<Bytes>,
+    crate::share::WholeResponse,
+>;
+
+/// The cache and coalescing layers around a stack.
+type Shared<S> = crate::cache::CacheService<
+    crate::coalesce::CoalesceService<
+        S,
+        super::LlmKey,
+        http::Request<Bytes>,
+        crate::share::WholeResponse,
+    >,
+    super::LlmKey,
+    http::Request<Bytes>,
+    super::LlmRequestKey,
+    std::sync::Arc<crate::share::KeptResponse>,
+    crate::share::WholeResponse,
+    LlmClassifier,
+>;
+
 /// The stack inside [`LlmService`].
 type Inner<S> = ShutdownService<
-    QuotaService<
-        BulkheadService<
-            RetryService<
-                BreakerService<
-                    KeyedPaceService<
-                        TimeoutService<Stamp<S>, Whole>,
-                        AskedModel,
-                        Weigh,
-                        PricedUsage,
+    Shared<
+        QuotaService<
+            BulkheadService<
+                RetryService<
+                    BreakerService<
+                        KeyedPaceService<
+                            TimeoutService<Stamp<S>, Whole>,
+                            AskedModel,
+                            Weigh,
+                            PricedUsage,
+                            LlmClassifier,
+                        >,
                         LlmClassifier,
+                        OnResponse,
                     >,
                     LlmClassifier,
-                    OnResponse,
+                    HttpRequests,
                 >,
+                InfoFns<http::Request<Bytes>>,
+                OnResponse,
                 LlmClassifier,
-                HttpRequests,
             >,
-            InfoFns<http::Request<Bytes>>,
-            OnResponse,
-            LlmClassifier,
+            String,
+            HeaderKey,
+            UnitCost,
         >,
-        String,
-        HeaderKey,
-        UnitCost,
     >,
     OnResponse,
 >;
@@ -414,8 +449,13 @@ impl<S> Layer<S> for LlmLayer {
             .from_extensions()
             .classify(LlmClassifier::new())
             .layer(retried);
+        // shutdown → cache → coalesce → quota: a cached or coalesced answer
+        // costs no quota and waits in no line.
+        let shared = s
+            .cache
+            .layer(s.coalesce.layer(s.quota_layer().layer(limited)));
         LlmService {
-            inner: s.shutdown.layer().layer(s.quota_layer().layer(limited)),
+            inner: s.shutdown.layer().layer(shared),
             weigh: s.weigh.clone(),
         }
     }
