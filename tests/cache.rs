@@ -49,6 +49,7 @@ fn counted(
     })
 }
 
+#[allow(clippy::ptr_arg)] // a key of `String` requests reads `&String`
 fn by_topic(t: &String) -> Option<String> {
     Some(t.clone())
 }

@@ -57,6 +57,7 @@ impl Upstream {
     }
 }
 
+#[allow(clippy::ptr_arg)] // a key of `String` requests reads `&String`
 fn by_topic(t: &String) -> Option<String> {
     Some(t.clone())
 }

@@ -80,9 +80,7 @@ mod waiter;
 
 pub use adaptive::{Aimd, Gradient2, Limit, Vegas};
 pub use future::ResponseFuture;
-#[cfg(feature = "http")]
-pub use layer::Priority;
-pub use layer::{BulkheadLayer, InfoFns, NoInfo, RequestInfo};
+pub use layer::{BulkheadLayer, InfoFns, NoInfo, Priority, RequestInfo};
 pub use permit::BulkheadPermit;
 pub use service::BulkheadService;
 pub use ticket::{QueueStatus, QueueTicket, TicketStatus};
