@@ -10,6 +10,7 @@
 //! cargo run --example llm_client -- --provider anthropic            # a mock Anthropic account: RPM, ITPM, OTPM
 //! cargo run --example llm_client -- --provider azure                # a mock Azure deployment: 10 s windows
 //! cargo run --example llm_client -- --deployments 2                 # phase 2 routed over two accounts of the tier
+//! cargo run --example llm_client -- --same-prompt                   # everyone asks the same plan: cache + coalescing
 //! cargo run --example llm_client -- --base-url https://api.openai.com/v1   # a real server, OPENAI_API_KEY
 //! ```
 
@@ -23,8 +24,10 @@ use http_client::{chat_request, HttpClient};
 use indicatif::{ProgressBar, ProgressStyle};
 use mock_provider::{MockConfig, MockProvider, Shape};
 use semaforo::bulkhead::{Bulkhead, QueueTicket, TicketStatus};
-use semaforo::llm::{LlmDeployment, LlmStack, LlmStackBuilder, Tier};
+use semaforo::cache::Cache;
+use semaforo::llm::{LlmCache, LlmDeployment, LlmStack, LlmStackBuilder, Tier};
 use semaforo::observe::{EventKind, RouteReason};
+use semaforo::share::Served;
 use semaforo::BoxError;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -81,6 +84,11 @@ struct Args {
     /// that could start it soonest. With the mock only.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     deployments: u32,
+    /// Every teacher asks for the same plan ("El ciclo del agua",
+    /// temperature 0); phase 2 adds the answer cache and coalescing: the
+    /// first call pays, the others ride along.
+    #[arg(long)]
+    same_prompt: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +145,10 @@ struct Phase {
     retries: u64,
     latencies: Vec<Duration>,
     makespan: Duration,
+    /// Calls the provider saw (with `--same-prompt`).
+    upstream_calls: Option<u64>,
+    /// A line printed under the table.
+    note: Option<String>,
 }
 
 /// What one call ended with: its status and body (or error) and how long it took.
@@ -154,6 +166,8 @@ impl Phase {
             retries: 0,
             latencies: Vec::new(),
             makespan: Duration::ZERO,
+            upstream_calls: None,
+            note: None,
         }
     }
 
@@ -197,7 +211,7 @@ async fn direct(client: HttpClient, args: &Args) -> Phase {
     let mut tasks = Vec::new();
     for teacher in 1..=args.teachers {
         let mut c = client.clone();
-        let req = chat_request(&args.model, args.tokens, teacher, None);
+        let req = request(args, teacher, None);
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
             let res = c.call(req).await;
@@ -237,14 +251,69 @@ fn stack_builder(args: &Args, scale: f64) -> Result<LlmStackBuilder, BoxError> {
     ))
 }
 
+/// Teacher `teacher`'s request: their own plan, or with `--same-prompt`
+/// everyone's same one (deterministic: temperature 0).
+fn request(
+    args: &Args,
+    teacher: usize,
+    ticket: Option<QueueTicket>,
+) -> http::Request<bytes::Bytes> {
+    if !args.same_prompt {
+        return chat_request(&args.model, args.tokens, teacher, ticket);
+    }
+    let body = serde_json::json!({
+        "model": args.model,
+        "temperature": 0,
+        "max_tokens": args.tokens.saturating_sub(12).max(1),
+        "messages": [{"role": "user", "content": "Plan de clase: el ciclo del agua, 4º grado."}],
+    });
+    let mut req = http::Request::post("/v1/chat/completions")
+        .body(bytes::Bytes::from(body.to_string()))
+        .expect("a valid request");
+    if let Some(t) = ticket {
+        req.extensions_mut().insert(t);
+    }
+    req
+}
+
 async fn stacked(client: HttpClient, args: &Args, scale: f64) -> Result<Phase, BoxError> {
-    let stack = stack_builder(args, scale)?.build()?;
+    let mut builder = stack_builder(args, scale)?;
+    if args.same_prompt {
+        let cache: LlmCache = Cache::builder()
+            .ttl(Duration::from_secs_f64(3_600.0 / scale))
+            .build()?;
+        builder = builder.cache(cache).coalesce(true);
+    }
+    let stack = builder.build()?;
     let svc = ServiceBuilder::new()
         .layer(stack.layer())
         .service(client.clone());
     let mut phase = run("semaforo", svc, args, scale).await;
     phase.provider_429 = client.seen.throttled.load(Ordering::Relaxed);
     phase.retries = stack.retry().retries();
+    if args.same_prompt {
+        let calls = client.seen.ok.load(Ordering::Relaxed)
+            + client.seen.throttled.load(Ordering::Relaxed)
+            + client.seen.other.load(Ordering::Relaxed);
+        phase.upstream_calls = Some(calls);
+        // A second class asks the same a minute later: from the cache.
+        let again = ServiceBuilder::new()
+            .layer(stack.layer())
+            .service(client.clone());
+        let hit = again.oneshot(request(args, 0, None)).await?;
+        let after = client.seen.ok.load(Ordering::Relaxed)
+            + client.seen.throttled.load(Ordering::Relaxed)
+            + client.seen.other.load(Ordering::Relaxed);
+        let from_cache = hit.extensions().get::<Served>().is_some();
+        phase.note = Some(format!(
+            "{} teachers asked for the same plan: {calls} call{} upstream, {} saved; a later ask: {} ({} more calls).",
+            args.teachers,
+            if calls == 1 { "" } else { "s" },
+            args.teachers as u64 - calls.min(args.teachers as u64),
+            if from_cache { "from the cache" } else { "not from the cache" },
+            after - calls,
+        ));
+    }
     Ok(phase)
 }
 
@@ -303,7 +372,7 @@ where
     for teacher in 1..=args.teachers {
         let ticket = QueueTicket::new();
         tickets.push(ticket.clone());
-        let req = chat_request(&args.model, args.tokens, teacher, Some(ticket));
+        let req = request(args, teacher, Some(ticket));
         // The future made here, then spawned (see the README on rustc and
         // `BoxError` inner services in spawned async blocks).
         let call = svc.clone().oneshot(req);
@@ -374,6 +443,10 @@ fn bound(args: &Args, scale: f64, phase: &Phase) -> Duration {
         .fold(0.0, f64::max)
         / scale;
     let generation = phase.latencies.iter().min().copied().unwrap_or_default();
+    // Calls the tier paid for: with one call upstream, one plan's time.
+    if phase.upstream_calls.is_some_and(|c| c <= 1) {
+        return phase.latencies.iter().max().copied().unwrap_or_default();
+    }
     Duration::from_secs_f64(refill) + generation
 }
 
@@ -433,6 +506,9 @@ fn print_table(phases: &[Phase], scale: f64, bounds: &[Duration], teachers: usiz
         "The bound is what the tier allows: the first plans fit the token bucket, then one every"
     );
     println!("tokens/(TPM/60) s, plus one plan's generation time (the phase's fastest call).");
+    for note in phases.iter().filter_map(|p| p.note.as_ref()) {
+        println!("{note}");
+    }
     print_failures(phases);
 }
 
@@ -525,7 +601,11 @@ async fn main() -> Result<(), BoxError> {
         let clients = mocks.iter().map(|m| client(m.base_url())).collect();
         phases.push(routed(clients, &args, scale).await?);
     } else {
-        println!("Phase 2: through semaforo (shutdown → quota → bulkhead → retry → breaker → pace → timeout)…");
+        if args.same_prompt {
+            println!("Phase 2: through semaforo (shutdown → cache → coalesce → quota → bulkhead → retry → breaker → pace → timeout)…");
+        } else {
+            println!("Phase 2: through semaforo (shutdown → quota → bulkhead → retry → breaker → pace → timeout)…");
+        }
         let (base, _mock) = provider(&args, &mock_cfg).await?;
         phases.push(stacked(client(base), &args, scale).await?);
     }

@@ -3,12 +3,23 @@
 //! a Gemini project ([`Profile`], feature `llm`).
 //!
 //! ```text
-//! shutdown → quota → bulkhead → retry (with budget) → breaker → pace → attempt timeout → your HTTP client
+//! shutdown → cache → coalesce → quota → bulkhead → retry (with budget) → breaker → pace → attempt timeout → your HTTP client
 //! ```
 //!
 //! Why this order (and what breaks if you change it):
 //! - **shutdown outermost**, so draining sees every call and refuses new ones
 //!   before they queue anywhere.
+//! - **cache, then coalesce** (both off unless [`LlmStackBuilder::cache`] /
+//!   [`LlmStackBuilder::coalesce`] are set; whole answers only, a stream goes
+//!   around them): a cached answer, or the answer of an identical request in
+//!   flight, costs no quota, waits in no line and spends no token. The
+//!   cache outside the singleflight: 50 identical misses at once are one
+//!   call, stored once. Inside the quota, every hit would spend a user's
+//!   quota; inside the pacer, every coalesced caller would reserve tokens
+//!   for a call it never makes. Which requests are the same: [`LlmKey`]
+//!   (identical deterministic requests of one credential by default). The
+//!   request's key is one more read of its body (a JSON tree for the
+//!   canonical form), only with a cache or coalescing on.
 //! - **quota next** (off unless [`LlmStackBuilder::quota`] is set): a user over
 //!   their quota is refused at once, before taking a place in line or a token of
 //!   the shared budget.
