@@ -9,13 +9,13 @@
 //!   `Fn(&Req) -> Option<K>`, or the LLM preset's
 //!   [`LlmKey`](crate::llm::LlmKey)); `None` bypasses. Keys are compared with
 //!   `Eq`, never trusted on a hash.
-//! - **How the answer is shared**: a [`Share`] — [`Cloned`](crate::share::Cloned)
+//! - **How the answer is shared**: a [`Share`] — [`Cloned`]
 //!   by default, [`WholeResponse`](crate::share::WholeResponse) for
 //!   `http::Response<Bytes>`. The caller whose call ran gets its answer as
 //!   it came; the others get [`Share::give`]'s copy (marked
 //!   [`Served::Coalesced`](crate::share::Served)).
 //! - **Errors** are shared too: every waiting caller gets the same error (a
-//!   [`SharedError`](crate::share::SharedError) that displays as the
+//!   [`SharedError`] that displays as the
 //!   original and has it as its `source`, so classifiers and
 //!   [`Rejected::find`](crate::Rejected::find) see through it); nothing is
 //!   retried here. Put a retry layer *inside* this one (the LLM preset
