@@ -146,7 +146,13 @@ enum Entry<K: std::hash::Hash + Eq> {
     Lead(Lead<K>),
 }
 
-fn enter<K: std::hash::Hash + Eq + Clone>(flights: &Arc<Flights<K>>, key: K) -> Entry<K> {
+/// `live` says whether a finished flight's answer can still be joined (a
+/// stream being read).
+fn enter<K: std::hash::Hash + Eq + Clone>(
+    flights: &Arc<Flights<K>>,
+    key: K,
+    live: impl Fn(&Answer) -> bool,
+) -> Entry<K> {
     let mut map = flights.lock();
     if let Some(f) = map.get(&key) {
         // Joined under the map's lock: the leader's end (which takes the
@@ -155,6 +161,17 @@ fn enter<K: std::hash::Hash + Eq + Clone>(flights: &Arc<Flights<K>>, key: K) -> 
             return Entry::Follow(Follow {
                 flight: f.clone(),
                 slot: Some(slot),
+            });
+        }
+        let done = match &*f.lock() {
+            FlightState::Done(a) => Some(a.clone()),
+            _ => None,
+        };
+        if done.as_ref().is_some_and(live) {
+            // Finished but still joinable: its answer at once.
+            return Entry::Follow(Follow {
+                flight: f.clone(),
+                slot: None,
             });
         }
     }
@@ -182,7 +199,7 @@ struct Lead<K: std::hash::Hash + Eq> {
     finished: bool,
 }
 
-impl<K: std::hash::Hash + Eq> Lead<K> {
+impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
     /// Ends the flight with `res`: the leader's own output, after keeping
     /// a copy for the followers (only if there are any).
     fn finish<R, Sh: Share<R>>(
@@ -192,9 +209,9 @@ impl<K: std::hash::Hash + Eq> Lead<K> {
     ) -> Result<Sh::Output, BoxError> {
         self.finished = true;
         let mut map = self.flights.lock();
-        Flights::forget(&mut map, &self.key, &self.flight);
         let followers = self.flight.followers();
-        if followers == 0 {
+        if followers == 0 && !share.late_joiners() {
+            Flights::forget(&mut map, &self.key, &self.flight);
             self.flight.finish(FlightState::Abandoned);
             drop(map);
             return res.map(|r| share.pass(r));
@@ -210,8 +227,30 @@ impl<K: std::hash::Hash + Eq> Lead<K> {
                 (Err(Box::new(shared.clone())), Err(shared))
             }
         };
+        // A stream being read stays joinable: its entry goes when the
+        // stream settles (ends, passes its replay buffer, or loses its
+        // last reader).
+        let joinable = matches!(&answer, Ok(k) if share.joinable(k));
+        let settle = match &answer {
+            Ok(k) if joinable => Some(k.clone()),
+            _ => None,
+        };
+        if !joinable {
+            Flights::forget(&mut map, &self.key, &self.flight);
+        }
         self.flight.finish(FlightState::Done(Arc::new(answer)));
         drop(map);
+        if let Some(kept) = settle {
+            let (flights, key, flight) =
+                (self.flights.clone(), self.key.clone(), self.flight.clone());
+            share.on_settled(
+                &kept,
+                Box::new(move || {
+                    let mut map = flights.lock();
+                    Flights::forget(&mut map, &key, &flight);
+                }),
+            );
+        }
         out
     }
 }
@@ -416,7 +455,10 @@ where
             return CoalesceFuture::new(self, State::Direct { fut });
         };
         self.key.remember(&mut req, &key);
-        let state = match enter(&self.flights, key.clone()) {
+        let share = &self.share;
+        let state = match enter(&self.flights, key.clone(), |a| {
+            live::<S::Response, Sh>(share, a)
+        }) {
             Entry::Lead(lead) => {
                 let fut = self.inner.call(req);
                 State::Lead { fut, lead }
@@ -549,11 +591,18 @@ where
                         }
                     };
                     follow.slot = None;
+                    // A stream that can no longer be joined from its start is
+                    // no answer for this caller: it goes on its own.
                     let given = answer.as_ref().and_then(|a| {
                         a.downcast_ref::<Result<Sh::Kept, SharedError>>()
-                            .map(|r| match r {
-                                Ok(kept) => Ok(this.share.give(kept, Served::Coalesced)),
-                                Err(e) => Err(Box::new(e.clone()) as BoxError),
+                            .and_then(|r| match r {
+                                Ok(kept)
+                                    if this.share.late_joiners() && !this.share.joinable(kept) =>
+                                {
+                                    None
+                                }
+                                Ok(kept) => Some(Ok(this.share.give(kept, Served::Coalesced))),
+                                Err(e) => Some(Err(Box::new(e.clone()) as BoxError)),
                             })
                     });
                     if let Some(out) = given {
@@ -572,7 +621,10 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Err(polled_after_done()));
                     };
-                    match enter(this.flights, k.clone()) {
+                    let share = &*this.share;
+                    match enter(this.flights, k.clone(), |a| {
+                        live::<S::Response, Sh>(share, a)
+                    }) {
                         Entry::Follow(f) => this.state.set(State::Follow {
                             follow: f,
                             svc: Some(s),
@@ -617,6 +669,12 @@ where
             }
         }
     }
+}
+
+/// Whether a finished flight's answer can still be joined.
+fn live<R, Sh: Share<R>>(share: &Sh, a: &Answer) -> bool {
+    a.downcast_ref::<Result<Sh::Kept, SharedError>>()
+        .is_some_and(|r| matches!(r, Ok(k) if share.joinable(k)))
 }
 
 fn polled_after_done() -> BoxError {

@@ -652,6 +652,30 @@ impl LlmStackBuilder {
     /// Placed inside the cache and outside the quota: 50 identical misses
     /// at once are one call, one quota unit, one place in line. Keys:
     /// [`cache_key`](Self::cache_key). Default off.
+    ///
+    /// Streams: put a [`CoalesceLayer`](crate::coalesce::CoalesceLayer)
+    /// sharing with [`FanOut`](crate::share::FanOut) around the
+    /// [`stream_layer`](LlmStack::stream_layer) — identical streamed
+    /// requests are then one call through the bulkhead, the pacer and the
+    /// provider, and every caller reads the same chunks:
+    ///
+    /// ```
+    /// use semaforo::coalesce::CoalesceLayer;
+    /// use semaforo::llm::{LlmKey, LlmStack, Tier};
+    /// use semaforo::share::FanOut;
+    /// use tower::Layer;
+    ///
+    /// # fn main() -> Result<(), semaforo::BoxError> {
+    /// let stack = LlmStack::openai(Tier { requests_per_minute: 500, tokens_per_minute: 30_000 }).build()?;
+    /// let client = tower::service_fn(|_req: http::Request<bytes::Bytes>| async {
+    ///     Ok::<_, std::io::Error>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+    /// });
+    /// let llm = CoalesceLayer::new(LlmKey::new())
+    ///     .share(FanOut::default()) // 1 MiB replay buffer for late joiners
+    ///     .layer(stack.stream_layer().layer(client));
+    /// # let _ = llm;
+    /// # Ok(()) }
+    /// ```
     pub fn coalesce(mut self, yes: bool) -> Self {
         self.coalesce = yes;
         self

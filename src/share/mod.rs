@@ -14,7 +14,15 @@
 //!   answers that are `Clone`; [`WholeResponse`] (feature `http`) for
 //!   `http::Response<Bytes>`, which is not `Clone` (its extensions are not):
 //!   the status, headers and body are kept, and each caller gets a new
-//!   response with a [`Served`] extension saying where it came from.
+//!   response with a [`Served`] extension saying where it came from;
+//!   [`FanOut`] (feature `http`) for a streamed `http::Response<B>`: one
+//!   upstream body read once, its chunks handed to every caller (late
+//!   joiners replayed from a bounded buffer).
+
+#[cfg(feature = "http")]
+mod fanout;
+#[cfg(feature = "http")]
+pub use fanout::{FanOut, FanOutBody, KeptStream};
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -91,6 +99,25 @@ pub trait Share<R>: Clone + Send + Sync + 'static {
 
     /// An answer for another caller.
     fn give(&self, kept: &Self::Kept, served: Served) -> Self::Output;
+
+    /// Whether a caller may still join after the answer arrived (a stream
+    /// being read): then the coalescing layer keeps the answer joinable
+    /// until [`on_settled`](Self::on_settled) fires (default `false`).
+    fn late_joiners(&self) -> bool {
+        false
+    }
+
+    /// Whether a caller arriving now can still get the whole answer from
+    /// `kept` (default `false`).
+    fn joinable(&self, _kept: &Self::Kept) -> bool {
+        false
+    }
+
+    /// Calls `f` once `kept` can no longer be joined (at once by default,
+    /// or if it already cannot).
+    fn on_settled(&self, _kept: &Self::Kept, f: Box<dyn FnOnce() + Send>) {
+        f();
+    }
 
     /// Whether `res` is already a copy handed out by a layer below (a
     /// coalesced or cached answer): a cache does not store it again
