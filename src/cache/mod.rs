@@ -57,6 +57,10 @@
 //! # Ok(()) }
 //! ```
 
+mod tier;
+
+pub use tier::{RemoteTier, TierCall, TierFuture, TierLayer, TierService};
+
 use crate::classify::{Class, Classify, ErrorClassifier};
 use crate::error::{BoxError, ConfigError};
 use crate::observe::{Event, EventKind, ListenerSlot, Observer, ShareOutcome};
@@ -419,17 +423,19 @@ where
         None
     }
 
-    fn store(&self, key: K, value: V, bytes: usize) {
-        if bytes > self.inner.max_entry_bytes {
+    /// Keeps `value`, `age` old already (a lower tier's answer).
+    fn store(&self, key: K, value: V, bytes: usize, age: Duration) {
+        if bytes > self.inner.max_entry_bytes || age >= self.inner.ttl {
             return;
         }
         let now = Instant::now();
-        let fresh_until = crate::time::after(now, self.inner.ttl);
+        let stored = now.checked_sub(age).unwrap_or(now);
+        let fresh_until = crate::time::after(now, self.inner.ttl - age);
         let entry = Entry {
             value,
             // At most `max_entry_bytes`, which is at most `max_bytes`.
             bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
-            stored: now,
+            stored,
             fresh_until,
             keep_until: crate::time::after(fresh_until, self.inner.stale_for),
         };
@@ -707,16 +713,19 @@ where
                 let (Some(key), Some(cache)) = (key.take(), this.cache.as_ref()) else {
                     return Poll::Ready(Ok(this.share.pass(res)));
                 };
-                // A copy from below (coalesced) was stored by the caller
-                // whose call ran.
-                if this.share.served(&res).is_some()
-                    || !matches!(this.classify.classify(Ok(&res)), Class::Success)
-                {
+                // A coalesced copy was stored by the caller whose call ran;
+                // a lower tier's hit is kept for what is left of its TTL.
+                let age = match this.share.served(&res) {
+                    None => Duration::ZERO,
+                    Some(Served::Cache { age, stale: false }) => age,
+                    Some(_) => return Poll::Ready(Ok(this.share.pass(res))),
+                };
+                if !matches!(this.classify.classify(Ok(&res)), Class::Success) {
                     return Poll::Ready(Ok(this.share.pass(res)));
                 }
                 let (out, kept) = this.share.keep(res);
                 let bytes = this.share.size(&kept).saturating_add(*this.key_size);
-                cache.store(key, kept, bytes);
+                cache.store(key, kept, bytes, age);
                 Poll::Ready(Ok(out))
             }
         }

@@ -142,7 +142,7 @@ impl LlmKey {
         if !self.across_credentials {
             for name in CREDENTIAL_HEADERS {
                 for v in headers.get_all(name) {
-                    let (a, b) = sip128(v.as_bytes());
+                    let (a, b) = crate::share::sip128(v.as_bytes());
                     out.extend_from_slice(name.as_bytes());
                     out.extend_from_slice(&a.to_le_bytes());
                     out.extend_from_slice(&b.to_le_bytes());
@@ -172,17 +172,6 @@ impl LlmKey {
             bytes: Arc::from(out),
         })
     }
-}
-
-/// Two SipHash-1-3 hashes with different fixed keys: 128 bits.
-fn sip128(bytes: &[u8]) -> (u64, u64) {
-    let mut a = std::collections::hash_map::DefaultHasher::new();
-    0u8.hash(&mut a);
-    bytes.hash(&mut a);
-    let mut b = std::collections::hash_map::DefaultHasher::new();
-    1u8.hash(&mut b);
-    bytes.hash(&mut b);
-    (a.finish(), b.finish())
 }
 
 fn write_str(s: &str, out: &mut Vec<u8>) {
@@ -298,6 +287,10 @@ impl RequestKey<http::Request<Bytes>> for LlmKey {
 
     fn remember(&self, req: &mut http::Request<Bytes>, key: &LlmRequestKey) {
         req.extensions_mut().insert(key.clone());
+    }
+
+    fn key_bytes<'k>(&self, key: &'k LlmRequestKey) -> Option<std::borrow::Cow<'k, [u8]>> {
+        Some(std::borrow::Cow::Borrowed(&key.bytes))
     }
 
     fn key_size(&self, key: &LlmRequestKey) -> usize {

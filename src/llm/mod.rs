@@ -168,6 +168,8 @@ pub struct LlmStack {
     cache: service::LlmCacheLayer,
     /// Singleflight of identical requests (a pass-through layer when off).
     coalesce: service::LlmCoalesceLayer,
+    /// The cache tier shared by a fleet (a pass-through layer without one).
+    tier: service::LlmTierLayer,
 }
 
 /// The preset's answer cache: keyed by [`LlmRequestKey`], keeping whole
@@ -383,6 +385,7 @@ pub struct LlmStackBuilder {
     cache: Option<LlmCache>,
     coalesce: bool,
     key: LlmKey,
+    tier: Option<std::sync::Arc<dyn crate::cache::RemoteTier>>,
 }
 
 impl LlmStack {
@@ -444,6 +447,7 @@ impl LlmStack {
             cache: None,
             coalesce: false,
             key: LlmKey::new(),
+            tier: None,
         }
     }
 
@@ -678,6 +682,17 @@ impl LlmStackBuilder {
     /// ```
     pub fn coalesce(mut self, yes: bool) -> Self {
         self.coalesce = yes;
+        self
+    }
+
+    /// A cache tier shared by a fleet under the in-process cache (e.g.
+    /// [`redis::CacheTier`](crate::redis::CacheTier)), in the order
+    /// cache → coalesce → tier → quota: an instance's identical requests
+    /// are one call to the tier, and across the fleet the first instance
+    /// pays (its fill lock) while the others wait for its answer. A tier in
+    /// trouble never fails a call. See [`TierLayer`](crate::cache::TierLayer).
+    pub fn cache_tier(mut self, tier: impl crate::cache::RemoteTier) -> Self {
+        self.tier = Some(std::sync::Arc::new(tier));
         self
     }
 
@@ -987,7 +1002,18 @@ impl LlmStackBuilder {
                 l.off()
             }
         };
+        let tier = crate::cache::TierLayer::new(
+            self.tier,
+            self.key.clone(),
+            crate::share::WholeResponse,
+            crate::classify::LlmClassifier::new(),
+        )
+        .observed(crate::observe::Observer::new(
+            Some(std::sync::Arc::from(name)),
+            listener.clone(),
+        ));
         Ok(LlmStack {
+            tier,
             cache,
             coalesce,
             weigh,

@@ -257,10 +257,14 @@ pub(super) type LlmCoalesceLayer = crate::coalesce::CoalesceLayer<
     crate::share::WholeResponse,
 >;
 
-/// The cache and coalescing layers around a stack.
+/// The preset's shared cache tier layer.
+pub(super) type LlmTierLayer =
+    crate::cache::TierLayer<super::LlmKey, crate::share::WholeResponse, LlmClassifier>;
+
+/// The cache, coalescing and shared-tier layers around a stack.
 type Shared<S> = crate::cache::CacheService<
     crate::coalesce::CoalesceService<
-        S,
+        crate::cache::TierService<S, super::LlmKey, crate::share::WholeResponse, LlmClassifier>,
         super::LlmKey,
         http::Request<Bytes>,
         crate::share::WholeResponse,
@@ -360,7 +364,8 @@ impl<S: fmt::Debug> fmt::Debug for LlmService<S> {
 
 impl<S> Service<http::Request<Bytes>> for LlmService<S>
 where
-    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>> + Clone,
+    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>> + Clone + Send + 'static,
+    S::Future: Send,
     S::Error: Into<BoxError>,
 {
     type Response = http::Response<Bytes>;
@@ -387,7 +392,8 @@ where
 #[pin_project]
 pub struct LlmFuture<S>
 where
-    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>> + Clone,
+    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>> + Clone + Send + 'static,
+    S::Future: Send,
     S::Error: Into<BoxError>,
 {
     #[pin]
@@ -396,7 +402,8 @@ where
 
 impl<S> Future for LlmFuture<S>
 where
-    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>> + Clone,
+    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>> + Clone + Send + 'static,
+    S::Future: Send,
     S::Error: Into<BoxError>,
 {
     type Output = Result<http::Response<Bytes>, BoxError>;
@@ -409,7 +416,8 @@ where
 
 impl<S> fmt::Debug for LlmFuture<S>
 where
-    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>> + Clone,
+    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>> + Clone + Send + 'static,
+    S::Future: Send,
     S::Error: Into<BoxError>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -449,11 +457,12 @@ impl<S> Layer<S> for LlmLayer {
             .from_extensions()
             .classify(LlmClassifier::new())
             .layer(retried);
-        // shutdown → cache → coalesce → quota: a cached or coalesced answer
-        // costs no quota and waits in no line.
-        let shared = s
-            .cache
-            .layer(s.coalesce.layer(s.quota_layer().layer(limited)));
+        // shutdown → cache → coalesce → shared tier → quota: a cached or
+        // coalesced answer costs no quota and waits in no line.
+        let shared = s.cache.layer(
+            s.coalesce
+                .layer(s.tier.layer(s.quota_layer().layer(limited))),
+        );
         LlmService {
             inner: s.shutdown.layer().layer(shared),
             weigh: s.weigh.clone(),

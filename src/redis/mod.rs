@@ -67,10 +67,14 @@
 //! trip, beside which one allocation does not show (see `benches/redis.rs`).
 
 mod budget;
+#[cfg(feature = "cache")]
+mod cache_tier;
 mod scripts;
 mod semaphore;
 
 pub use budget::{Budget, BudgetBuilder, BudgetKey, BudgetLayer, BudgetService, Grant, NoKey};
+#[cfg(feature = "cache")]
+pub use cache_tier::{CacheTier, CacheTierBuilder};
 pub use scripts::RESERVE_LUA;
 pub use semaphore::{Lease, Semaphore, SemaphoreBuilder, SemaphoreLayer, SemaphoreService};
 
@@ -124,7 +128,7 @@ impl FailurePolicy {
 pub(crate) struct Eval {
     script: &'static Script,
     keys: Vec<String>,
-    args: Vec<String>,
+    args: Vec<Vec<u8>>,
 }
 
 /// Runs scripts over one multiplexed connection (concurrent calls are
@@ -296,6 +300,21 @@ impl RedisBackend {
         script: &'static Script,
         keys: Vec<String>,
         args: Vec<String>,
+    ) -> Result<redis::Value, BoxError> {
+        self.eval_bytes(
+            script,
+            keys,
+            args.into_iter().map(String::into_bytes).collect(),
+        )
+        .await
+    }
+
+    /// [`eval`](Self::eval) with binary arguments.
+    pub(crate) async fn eval_bytes(
+        &self,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<Vec<u8>>,
     ) -> Result<redis::Value, BoxError> {
         let mut svc = self.svc.clone();
         std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;

@@ -48,6 +48,13 @@ pub trait RequestKey<Req>: Clone + Send + Sync + 'static {
     /// a cache and a coalescing layer compute it once).
     fn remember(&self, _req: &mut Req, _key: &Self::Key) {}
 
+    /// The key as bytes, for a store shared by a fleet (default `None`:
+    /// such a store is not used). Two keys with the same bytes must be
+    /// equal.
+    fn key_bytes<'k>(&self, _key: &'k Self::Key) -> Option<std::borrow::Cow<'k, [u8]>> {
+        None
+    }
+
     /// The key's size in bytes, counted in a cache's size bound (default 0).
     fn key_size(&self, _key: &Self::Key) -> usize {
         0
@@ -99,6 +106,18 @@ pub trait Share<R>: Clone + Send + Sync + 'static {
 
     /// An answer for another caller.
     fn give(&self, kept: &Self::Kept, served: Served) -> Self::Output;
+
+    /// `kept` as bytes, for a store shared by a fleet (default `None`: not
+    /// stored there).
+    fn encode(&self, _kept: &Self::Kept) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// What [`encode`](Self::encode) wrote, back (`None` when it cannot be
+    /// read: treated as a miss).
+    fn decode(&self, _bytes: &[u8]) -> Option<Self::Kept> {
+        None
+    }
 
     /// Whether a caller may still join after the answer arrived (a stream
     /// being read): then the coalescing layer keeps the answer joinable
@@ -225,6 +244,43 @@ impl Share<http::Response<bytes::Bytes>> for WholeResponse {
         res.extensions().get::<Served>().copied()
     }
 
+    fn encode(&self, kept: &Arc<KeptResponse>) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(kept.body.len() + 256);
+        out.extend_from_slice(&kept.status.as_u16().to_le_bytes());
+        out.push(version_code(kept.version));
+        out.extend_from_slice(&u32::try_from(kept.headers.len()).ok()?.to_le_bytes());
+        for (name, value) in &kept.headers {
+            for part in [name.as_str().as_bytes(), value.as_bytes()] {
+                out.extend_from_slice(&u32::try_from(part.len()).ok()?.to_le_bytes());
+                out.extend_from_slice(part);
+            }
+        }
+        out.extend_from_slice(&kept.body);
+        Some(out)
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Option<Arc<KeptResponse>> {
+        let mut r = Reader(bytes);
+        let status =
+            http::StatusCode::from_u16(u16::from_le_bytes(r.take(2)?.try_into().ok()?)).ok()?;
+        let version = version_of(r.take(1)?[0])?;
+        let count = u32::from_le_bytes(r.take(4)?.try_into().ok()?);
+        let mut headers = http::HeaderMap::new();
+        for _ in 0..count {
+            let n = u32::from_le_bytes(r.take(4)?.try_into().ok()?) as usize;
+            let name = http::HeaderName::from_bytes(r.take(n)?).ok()?;
+            let n = u32::from_le_bytes(r.take(4)?.try_into().ok()?) as usize;
+            let value = http::HeaderValue::from_bytes(r.take(n)?).ok()?;
+            headers.append(name, value);
+        }
+        Some(Arc::new(KeptResponse {
+            status,
+            version,
+            headers,
+            body: bytes::Bytes::copy_from_slice(r.0),
+        }))
+    }
+
     fn size(&self, kept: &Arc<KeptResponse>) -> usize {
         let headers: usize = kept
             .headers
@@ -269,4 +325,56 @@ impl StdError for SharedError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         Some(&*self.0)
     }
+}
+
+/// Reads length-prefixed parts of an encoded answer.
+#[cfg(feature = "http")]
+struct Reader<'a>(&'a [u8]);
+
+#[cfg(feature = "http")]
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.0.len() {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+}
+
+#[cfg(feature = "http")]
+fn version_code(v: http::Version) -> u8 {
+    match v {
+        http::Version::HTTP_09 => 0,
+        http::Version::HTTP_10 => 1,
+        http::Version::HTTP_2 => 3,
+        http::Version::HTTP_3 => 4,
+        _ => 2,
+    }
+}
+
+#[cfg(feature = "http")]
+fn version_of(c: u8) -> Option<http::Version> {
+    Some(match c {
+        0 => http::Version::HTTP_09,
+        1 => http::Version::HTTP_10,
+        2 => http::Version::HTTP_11,
+        3 => http::Version::HTTP_2,
+        4 => http::Version::HTTP_3,
+        _ => return None,
+    })
+}
+
+/// Two SipHash-1-3 hashes of `bytes` with different fixed keys: 128 bits,
+/// the same in every process (names of shared entries, hashed credentials).
+pub(crate) fn sip128(bytes: &[u8]) -> (u64, u64) {
+    use std::hash::Hasher;
+    let mut a = std::collections::hash_map::DefaultHasher::new();
+    a.write_u8(0);
+    a.write(bytes);
+    let mut b = std::collections::hash_map::DefaultHasher::new();
+    b.write_u8(1);
+    b.write(bytes);
+    (a.finish(), b.finish())
 }
