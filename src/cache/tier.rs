@@ -106,6 +106,7 @@ impl<RK, Sh, C> TierLayer<RK, Sh, C> {
         }
     }
 
+    #[cfg(feature = "llm")]
     pub(crate) fn observed(mut self, obs: Observer) -> Self {
         self.obs = obs;
         self

@@ -368,6 +368,7 @@ fn version_of(c: u8) -> Option<http::Version> {
 
 /// Two SipHash-1-3 hashes of `bytes` with different fixed keys: 128 bits,
 /// the same in every process (names of shared entries, hashed credentials).
+#[cfg(any(feature = "llm", all(feature = "redis", feature = "cache")))]
 pub(crate) fn sip128(bytes: &[u8]) -> (u64, u64) {
     use std::hash::Hasher;
     let mut a = std::collections::hash_map::DefaultHasher::new();
