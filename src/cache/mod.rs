@@ -5,8 +5,13 @@
 //! cost nothing (98 % saved).
 //!
 //! - **What is kept**: answers whose class is `Success` (the layer's
-//!   [`Classify`]; never a refusal, an error or an error status), no larger
-//!   than [`max_entry_bytes`](CacheBuilder::max_entry_bytes). Streamed
+//!   [`Classify`]; never a refusal or an error) and that their
+//!   [`Share::storable`] allows ([`WholeResponse`](crate::share::WholeResponse):
+//!   2xx without `Cache-Control: no-store` or `private`), no larger
+//!   than [`max_entry_bytes`](CacheBuilder::max_entry_bytes).
+//! - **Readiness**: with a store, the service is always ready; a hit waits
+//!   for nothing, a miss polls a clone of the inner service ready in its
+//!   future. Streamed
 //!   answers are not cached (a stream is shared while it runs by
 //!   [`coalesce`](crate::coalesce) instead).
 //! - **Keys**: a [`RequestKey`] (a closure, or the LLM preset's
@@ -585,7 +590,7 @@ impl<S: fmt::Debug, RK, Req, K, V, Sh, C> fmt::Debug for CacheService<S, RK, Req
 
 impl<S, RK, Req, K, V, Sh, C> Service<Req> for CacheService<S, RK, Req, K, V, Sh, C>
 where
-    S: Service<Req>,
+    S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     RK: RequestKey<Req, Key = K>,
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -595,16 +600,22 @@ where
 {
     type Response = Sh::Output;
     type Error = BoxError;
-    type Future = CacheFuture<S::Future, S::Response, K, V, Sh, C>;
+    type Future = CacheFuture<S, Req, K, V, Sh, C>;
 
+    /// Always ready (with a cache): a hit waits for nothing; a miss polls a
+    /// clone of the inner service ready in its future.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        if self.layer.cache.is_none() {
+            return self.inner.poll_ready(cx).map_err(Into::into);
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
         let l = &self.layer;
         let Some(cache) = &l.cache else {
-            return CacheFuture::new(self.inner.call(req), None, &self.layer);
+            let fut = self.inner.call(req);
+            return CacheFuture::new(CacheState::Call { fut, key: None }, None, &self.layer);
         };
         let control = l.control.as_ref().map_or(CacheControl::Use, |f| f(&req));
         let key = match control {
@@ -613,59 +624,75 @@ where
         };
         let Some(key) = key else {
             cache.count(ShareOutcome::Bypassed);
-            return CacheFuture::new(self.inner.call(req), None, &self.layer);
+            let state = CacheState::Ready {
+                svc: self.inner.clone(),
+                req: Some(req),
+                key: None,
+            };
+            return CacheFuture::new(state, Some(cache.clone()), &self.layer);
         };
         if control == CacheControl::Use {
             if let Some((kept, age)) = cache.lookup(&key) {
                 cache.count(ShareOutcome::Hit);
                 let out = l.share.give(&kept, Served::Cache { age, stale: false });
-                return CacheFuture {
-                    state: CacheState::Hit { out: Some(out) },
-                    share: l.share.clone(),
-                    classify: l.classify.clone(),
-                    cache: Some(cache.clone()),
-                    key_size: 0,
-                };
+                return CacheFuture::new(
+                    CacheState::Hit { out: Some(out) },
+                    Some(cache.clone()),
+                    &self.layer,
+                );
             }
         }
         cache.count(ShareOutcome::Miss);
         l.key.remember(&mut req, &key);
         let key_size = l.key.key_size(&key);
-        let mut fut = CacheFuture::new(self.inner.call(req), Some(key), &self.layer);
+        let state = CacheState::Ready {
+            svc: self.inner.clone(),
+            req: Some(req),
+            key: Some(key),
+        };
+        let mut fut = CacheFuture::new(state, Some(cache.clone()), &self.layer);
         fut.key_size = key_size;
         fut
     }
 }
 
 #[pin_project(project = CacheStateProj)]
-enum CacheState<F, K, O> {
+enum CacheState<S: Service<Req>, Req, K, O> {
     Hit {
         out: Option<O>,
     },
+    Ready {
+        svc: S,
+        req: Option<Req>,
+        key: Option<K>,
+    },
     Call {
         #[pin]
-        fut: F,
+        fut: S::Future,
         key: Option<K>,
     },
 }
 
-/// The future of [`CacheService`]: a hit is ready at once; a miss is the
-/// inner call, stored when it succeeds. Cancel safety: dropping it drops
-/// the inner call; nothing is stored.
+/// The future of [`CacheService`]: a hit is ready at once; a miss gets a
+/// clone of the inner service ready, calls it, and stores a `Success`.
+/// Cancel safety: dropping it drops the inner call; nothing is stored.
 #[pin_project]
-pub struct CacheFuture<F, R, K, V, Sh: Share<R>, C> {
+pub struct CacheFuture<S: Service<Req>, Req, K, V, Sh: Share<S::Response>, C> {
     #[pin]
-    state: CacheState<F, K, Sh::Output>,
+    state: CacheState<S, Req, K, Sh::Output>,
     share: Sh,
     classify: C,
     cache: Option<Cache<K, V>>,
     key_size: usize,
 }
 
-impl<F, R, K, V, Sh: Share<R>, C> fmt::Debug for CacheFuture<F, R, K, V, Sh, C> {
+impl<S: Service<Req>, Req, K, V, Sh: Share<S::Response>, C> fmt::Debug
+    for CacheFuture<S, Req, K, V, Sh, C>
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             CacheState::Hit { .. } => "hit",
+            CacheState::Ready { .. } => "getting ready",
             CacheState::Call { .. } => "call",
         };
         f.debug_struct("CacheFuture")
@@ -674,59 +701,81 @@ impl<F, R, K, V, Sh: Share<R>, C> fmt::Debug for CacheFuture<F, R, K, V, Sh, C> 
     }
 }
 
-impl<F, R, K, V, Sh, C> CacheFuture<F, R, K, V, Sh, C>
+impl<S: Service<Req>, Req, K, V, Sh, C> CacheFuture<S, Req, K, V, Sh, C>
 where
-    Sh: Share<R> + Clone,
+    Sh: Share<S::Response> + Clone,
     C: Clone,
 {
-    fn new<RK, Req>(fut: F, key: Option<K>, l: &CacheLayer<RK, Req, K, V, Sh, C>) -> Self {
+    fn new<RK>(
+        state: CacheState<S, Req, K, Sh::Output>,
+        cache: Option<Cache<K, V>>,
+        l: &CacheLayer<RK, Req, K, V, Sh, C>,
+    ) -> Self {
         CacheFuture {
-            state: CacheState::Call { fut, key },
+            state,
             share: l.share.clone(),
             classify: l.classify.clone(),
-            cache: l.cache.clone(),
+            cache,
             key_size: 0,
         }
     }
 }
 
-impl<F, E, R, K, V, Sh, C> Future for CacheFuture<F, R, K, V, Sh, C>
+impl<S, Req, K, V, Sh, C> Future for CacheFuture<S, Req, K, V, Sh, C>
 where
-    F: Future<Output = Result<R, E>>,
-    E: Into<BoxError>,
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
-    Sh: Share<R, Kept = V>,
-    C: Classify<R, BoxError>,
+    Sh: Share<S::Response, Kept = V>,
+    C: Classify<S::Response, BoxError>,
 {
     type Output = Result<Sh::Output, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        match this.state.project() {
-            CacheStateProj::Hit { out } => Poll::Ready(
-                out.take()
-                    .ok_or_else(|| BoxError::from("cache: future polled after completion")),
-            ),
-            CacheStateProj::Call { fut, key } => {
-                let res = std::task::ready!(fut.poll(cx)).map_err(Into::into)?;
-                let (Some(key), Some(cache)) = (key.take(), this.cache.as_ref()) else {
-                    return Poll::Ready(Ok(this.share.pass(res)));
-                };
-                // A coalesced copy was stored by the caller whose call ran;
-                // a lower tier's hit is kept for what is left of its TTL.
-                let age = match this.share.served(&res) {
-                    None => Duration::ZERO,
-                    Some(Served::Cache { age, stale: false }) => age,
-                    Some(_) => return Poll::Ready(Ok(this.share.pass(res))),
-                };
-                if !matches!(this.classify.classify(Ok(&res)), Class::Success) {
-                    return Poll::Ready(Ok(this.share.pass(res)));
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                CacheStateProj::Hit { out } => {
+                    return Poll::Ready(
+                        out.take()
+                            .ok_or_else(|| BoxError::from("cache: future polled after completion")),
+                    )
                 }
-                let (out, kept) = this.share.keep(res);
-                let bytes = this.share.size(&kept).saturating_add(*this.key_size);
-                cache.store(key, kept, bytes, age);
-                Poll::Ready(Ok(out))
+                CacheStateProj::Ready { svc, req, key } => {
+                    std::task::ready!(svc.poll_ready(cx)).map_err(Into::into)?;
+                    let Some(r) = req.take() else {
+                        return Poll::Ready(Err(BoxError::from(
+                            "cache: future polled after completion",
+                        )));
+                    };
+                    let key = key.take();
+                    let fut = svc.call(r);
+                    this.state.set(CacheState::Call { fut, key });
+                }
+                CacheStateProj::Call { fut, key } => {
+                    let res = std::task::ready!(fut.poll(cx)).map_err(Into::into)?;
+                    let (Some(key), Some(cache)) = (key.take(), this.cache.as_ref()) else {
+                        return Poll::Ready(Ok(this.share.pass(res)));
+                    };
+                    // A coalesced copy was stored by the caller whose call
+                    // ran; a lower tier's hit is kept for what is left of
+                    // its TTL.
+                    let age = match this.share.served(&res) {
+                        None => Duration::ZERO,
+                        Some(Served::Cache { age, stale: false }) => age,
+                        Some(_) => return Poll::Ready(Ok(this.share.pass(res))),
+                    };
+                    if !this.share.storable(&res)
+                        || !matches!(this.classify.classify(Ok(&res)), Class::Success)
+                    {
+                        return Poll::Ready(Ok(this.share.pass(res)));
+                    }
+                    let (out, kept) = this.share.keep(res);
+                    let bytes = this.share.size(&kept).saturating_add(*this.key_size);
+                    cache.store(key, kept, bytes, age);
+                    return Poll::Ready(Ok(out));
+                }
             }
         }
     }

@@ -280,6 +280,7 @@ where
                 let out = match res {
                     Ok(r)
                         if share.served(&r).is_none()
+                            && share.storable(&r)
                             && matches!(classify.classify(Ok(&r)), Class::Success) =>
                     {
                         let (out, kept) = share.keep(r);

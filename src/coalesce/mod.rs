@@ -25,9 +25,11 @@
 //!   dropped (nothing else polls it) and one waiting caller takes over with
 //!   its own request (its own service clone, polled ready); the others wait
 //!   for that one. Nobody hangs, nobody gets an error for it.
-//! - **Readiness**: `poll_ready` asks the inner service; a caller that waits
-//!   for another's answer carries a clone and leaves the ready service for
-//!   the next call (it never holds the inner service's readiness).
+//! - **Readiness**: `poll_ready` is always ready; a call that goes on polls a
+//!   clone of the inner service ready in its future, and a caller that waits
+//!   for another's answer never waits for (nor holds) the inner service's
+//!   readiness — behind a busy `ConcurrencyLimit`, 5 identical calls are
+//!   still one.
 //!
 //! Cost: one key, one short lock on a map (no allocation but the flight of
 //! a call that runs).
@@ -435,8 +437,14 @@ where
     type Error = BoxError;
     type Future = CoalesceFuture<S, RK, Req, Sh>;
 
+    /// Always ready (unless off): a caller that will wait for another's
+    /// answer must not wait for the inner service's readiness; each call
+    /// that goes on polls a clone of the inner service ready in its future.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        if self.off {
+            return self.inner.poll_ready(cx).map_err(Into::into);
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
@@ -451,20 +459,27 @@ where
                     outcome: ShareOutcome::Bypassed,
                 },
             );
-            let fut = self.inner.call(req);
-            return CoalesceFuture::new(self, State::Direct { fut });
+            let svc = self.inner.clone();
+            return CoalesceFuture::new(
+                self,
+                State::Ready {
+                    svc,
+                    req: Some(req),
+                    lead: None,
+                },
+            );
         };
         self.key.remember(&mut req, &key);
         let share = &self.share;
         let state = match enter(&self.flights, key.clone(), |a| {
             live::<S::Response, Sh>(share, a)
         }) {
-            Entry::Lead(lead) => {
-                let fut = self.inner.call(req);
-                State::Lead { fut, lead }
-            }
-            // The ready service stays for the next call; this caller
-            // carries a clone in case it must take over.
+            Entry::Lead(lead) => State::Ready {
+                svc: self.inner.clone(),
+                req: Some(req),
+                lead: Some(lead),
+            },
+            // This caller carries a clone in case it must take over.
             Entry::Follow(follow) => State::Follow {
                 follow,
                 svc: Some(self.inner.clone()),
@@ -493,7 +508,7 @@ enum State<S: Service<Req>, K: std::hash::Hash + Eq, Req> {
         req: Option<Req>,
         key: Option<K>,
     },
-    /// Took over from an abandoned flight: getting its service ready.
+    /// Getting its service ready, to lead a flight (or to call alone).
     Ready {
         svc: S,
         req: Option<Req>,
@@ -521,7 +536,7 @@ impl<S: Service<Req>, RK: RequestKey<Req>, Req, Sh> fmt::Debug for CoalesceFutur
             State::Direct { .. } => "direct",
             State::Lead { .. } => "lead",
             State::Follow { .. } => "follow",
-            State::Ready { .. } => "took over",
+            State::Ready { .. } => "getting ready",
             State::Done => "done",
         };
         f.debug_struct("CoalesceFuture")
@@ -648,20 +663,27 @@ where
                 }
                 StateProj::Ready { svc, req, lead } => {
                     let ready = std::task::ready!(svc.poll_ready(cx)).map_err(Into::into);
-                    let (Some(r), Some(l)) = (req.take(), lead.take()) else {
+                    let Some(r) = req.take() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(polled_after_done()));
                     };
-                    match ready {
-                        Ok(()) => {
+                    match (ready, lead.take()) {
+                        (Ok(()), Some(l)) => {
                             let fut = svc.call(r);
                             this.state.set(State::Lead { fut, lead: l });
                         }
-                        Err(e) => {
-                            let mut l = l;
+                        (Ok(()), None) => {
+                            let fut = svc.call(r);
+                            this.state.set(State::Direct { fut });
+                        }
+                        (Err(e), Some(mut l)) => {
                             let out = l.finish(this.share, Err(e));
                             this.state.set(State::Done);
                             return Poll::Ready(out);
+                        }
+                        (Err(e), None) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(e));
                         }
                     }
                 }

@@ -19,16 +19,17 @@ use std::sync::Arc;
 ///   `user` and `metadata` by default ([`ignore`](Self::ignore) adds more,
 ///   [`keep`](Self::keep) puts one back).
 /// - **Deterministic requests only**: a request shares only when its
-///   `temperature` is `0`; an absent `temperature` is the provider's
+///   `temperature` is `0` (Gemini's `generationConfig.temperature` too); an absent `temperature` is the provider's
 ///   default (OpenAI: 1.0), so it does not — unless
 ///   [`nondeterministic`](Self::nondeterministic) says sharing a sampled
 ///   answer is fine (the classroom case: 50 identical prompts, one answer).
 /// - **Per credential**: the `authorization`, `x-api-key`, `api-key` and
-///   `x-goog-api-key` headers are part of the key (as a 128-bit SipHash,
-///   not in clear), so no answer is shared across API keys unless
+///   `x-goog-api-key` headers and the URL's query (Gemini's `?key=`) are
+///   part of the key (as 128-bit SipHashes, not in clear), so no answer is shared across API keys unless
 ///   [`across_credentials`](Self::across_credentials) says so.
-/// - A body that is not a JSON object, or a request with
-///   `cache-control: no-store`, has no key (it is neither cached nor
+/// - A body that is not a JSON object, a whole number past 2^53 (its
+///   digits were lost in parsing), nesting deeper than 128, or a request
+///   with `cache-control: no-store` has no key (it is neither cached nor
 ///   coalesced).
 ///
 /// Keys compare by their bytes, never by a hash alone. Cost: one JSON parse
@@ -124,20 +125,38 @@ impl LlmKey {
     }
 
     /// The key of a request's parts, or `None`.
-    pub fn of(&self, path: &str, headers: &http::HeaderMap, body: &Bytes) -> Option<LlmRequestKey> {
+    pub fn of(
+        &self,
+        path: &str,
+        query: Option<&str>,
+        headers: &http::HeaderMap,
+        body: &Bytes,
+    ) -> Option<LlmRequestKey> {
         if crate::cache::http_cache_control_headers(headers) == crate::cache::CacheControl::Bypass {
             return None;
         }
         let v: Value = serde_json::from_slice(body).ok()?;
         let obj = v.as_object()?;
         if !self.nondeterministic {
-            let t = obj.get("temperature")?.as_f64()?;
+            // OpenAI / Anthropic at the top; Gemini in `generationConfig`.
+            let t = obj
+                .get("temperature")
+                .or_else(|| obj.get("generationConfig")?.get("temperature"))?
+                .as_f64()?;
             if t != 0.0 {
                 return None;
             }
         }
         let mut out = Vec::with_capacity(body.len() + 64);
         out.extend_from_slice(path.as_bytes());
+        out.push(0);
+        // The query (Gemini's `?key=`, Azure's `api-version`), hashed: a
+        // credential there keeps answers apart and is not kept in clear.
+        if let Some(q) = query.filter(|q| !q.is_empty()) {
+            let (a, b) = crate::share::sip128(q.as_bytes());
+            out.extend_from_slice(&a.to_le_bytes());
+            out.extend_from_slice(&b.to_le_bytes());
+        }
         out.push(0);
         if !self.across_credentials {
             for name in CREDENTIAL_HEADERS {
@@ -190,15 +209,21 @@ fn write_canonical(v: &Value, out: &mut Vec<u8>, depth: usize) -> Option<()> {
         Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         Value::Number(n) => {
             // One form per number: integers as integers (also when written
-            // `1.0` or `1e0`), others as the shortest float.
+            // `1.0` or `1e0`), others as the shortest float. A whole number
+            // beyond an integer's range or 2^53 lost digits in parsing:
+            // such a request has no key (two different ones could look
+            // alike).
             match (n.as_i64(), n.as_u64(), n.as_f64()) {
                 (Some(i), _, _) => out.extend_from_slice(i.to_string().as_bytes()),
                 (_, Some(u), _) => out.extend_from_slice(u.to_string().as_bytes()),
-                (_, _, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                (_, _, Some(f)) if f.fract() == 0.0 => {
+                    if f.abs() >= 9_007_199_254_740_992.0 {
+                        return None;
+                    }
                     out.extend_from_slice((f as i64).to_string().as_bytes());
                 }
                 (_, _, Some(f)) => out.extend_from_slice(format!("{f:?}").as_bytes()),
-                _ => out.extend_from_slice(n.to_string().as_bytes()),
+                _ => return None,
             }
         }
         Value::String(s) => write_str(s, out),
@@ -282,7 +307,12 @@ impl RequestKey<http::Request<Bytes>> for LlmKey {
         if let Some(k) = req.extensions().get::<LlmRequestKey>() {
             return Some(k.clone());
         }
-        self.of(req.uri().path(), req.headers(), req.body())
+        self.of(
+            req.uri().path(),
+            req.uri().query(),
+            req.headers(),
+            req.body(),
+        )
     }
 
     fn remember(&self, req: &mut http::Request<Bytes>, key: &LlmRequestKey) {

@@ -87,6 +87,10 @@ impl fmt::Debug for KeptStream {
 
 struct Tee {
     state: Mutex<TeeState>,
+    /// Readers waiting for the next chunk: a lock of its own, so an
+    /// upstream that wakes inside its own `poll_frame` (while the state's
+    /// lock is held) does not deadlock.
+    wakers: Mutex<Vec<Waker>>,
     max_buffer: usize,
 }
 
@@ -100,8 +104,6 @@ struct TeeState {
     end: Option<Result<Option<http::HeaderMap>, SharedError>>,
     /// Each reader's next chunk (`None`: cut).
     readers: Slab<Option<usize>>,
-    /// Readers waiting for the next chunk.
-    wakers: Vec<Waker>,
     /// No chunk has been trimmed: a new reader can start from the first.
     joinable: bool,
     /// Called once the stream can no longer be joined.
@@ -113,6 +115,20 @@ impl Tee {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn wait(&self, w: &Waker) {
+        let mut ws = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        if !ws.iter().any(|x| x.will_wake(w)) {
+            ws.push(w.clone());
+        }
+    }
+
+    fn wake_all(&self) {
+        let ws = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in ws {
+            w.wake();
+        }
+    }
+
     /// Ends joinability (once), calling the settle hook outside the lock.
     fn settle(st: &mut TeeState) -> Option<Box<dyn FnOnce() + Send>> {
         st.joinable = false;
@@ -120,8 +136,10 @@ impl Tee {
     }
 }
 
-/// Wakes every reader waiting for the upstream's next chunk.
-struct WakeAll(Arc<Tee>);
+/// Wakes every reader waiting for the upstream's next chunk. Weak: the
+/// upstream keeps this waker, and must not keep the tee (and so itself)
+/// alive.
+struct WakeAll(std::sync::Weak<Tee>);
 
 impl Wake for WakeAll {
     fn wake(self: Arc<Self>) {
@@ -129,9 +147,8 @@ impl Wake for WakeAll {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let wakers = std::mem::take(&mut self.0.lock().wakers);
-        for w in wakers {
-            w.wake();
+        if let Some(tee) = self.0.upgrade() {
+            tee.wake_all();
         }
     }
 }
@@ -168,16 +185,17 @@ impl Drop for FanOutBody {
         let hook = {
             let mut st = self.tee.lock();
             st.readers.try_remove(self.reader);
+            // Nobody reads: nobody can join (a new caller would wait on a
+            // stream nobody pulls). The upstream body goes with the last
+            // handle on the stream: the readers and the callers still
+            // about to read (the upstream's waker holds none).
             let hook = if st.readers.is_empty() {
-                // Nobody reads: nobody can join (a new caller would wait on
-                // a stream nobody pulls); the upstream goes when the last
-                // handle does.
                 Tee::settle(&mut st)
             } else {
                 None
             };
-            trim(&mut st, self.tee.max_buffer);
-            hook
+            let trimmed = trim(&mut st, self.tee.max_buffer);
+            hook.or(trimmed)
         };
         if let Some(h) = hook {
             h();
@@ -201,7 +219,10 @@ fn trim(st: &mut TeeState, max: usize) -> Option<Box<dyn FnOnce() + Send>> {
                 st.base += 1;
             }
         }
-        if st.bytes <= max {
+        // The newest chunk is allowed on top of the bound: a reader that
+        // has not yet taken it is not behind.
+        let newest = st.chunks.back().map_or(0, Bytes::len);
+        if st.bytes.saturating_sub(newest) <= max {
             return hook;
         }
         if st.joinable {
@@ -277,13 +298,12 @@ impl Body for FanOutBody {
                     st.end = Some(Ok(None));
                     continue;
                 };
-                let waker = Waker::from(Arc::new(WakeAll(tee.clone())));
+                // Registered first: a wake during the poll reaches this reader.
+                tee.wait(cx.waker());
+                let waker = Waker::from(Arc::new(WakeAll(Arc::downgrade(&tee))));
                 let mut ucx = Context::from_waker(&waker);
                 match up.as_mut().poll_frame(&mut ucx) {
                     Poll::Pending => {
-                        if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                            st.wakers.push(cx.waker().clone());
-                        }
                         break Poll::Pending;
                     }
                     Poll::Ready(None) => {
@@ -298,10 +318,7 @@ impl Body for FanOutBody {
                         Ok(data) => {
                             st.bytes += data.len();
                             st.chunks.push_back(data);
-                            let wakers = std::mem::take(&mut st.wakers);
-                            for w in wakers {
-                                w.wake();
-                            }
+                            tee.wake_all();
                         }
                         Err(frame) => {
                             if let Ok(t) = frame.into_trailers() {
@@ -314,10 +331,7 @@ impl Body for FanOutBody {
                 if st.end.is_some() {
                     // Ended: nobody can join any more; wake the others.
                     hook = Tee::settle(&mut st).or(hook);
-                    let wakers = std::mem::take(&mut st.wakers);
-                    for w in wakers {
-                        w.wake();
-                    }
+                    tee.wake_all();
                 }
             }
         };
@@ -361,10 +375,10 @@ where
                 bytes: 0,
                 end: None,
                 readers: Slab::new(),
-                wakers: Vec::new(),
                 joinable: true,
                 on_settled: None,
             }),
+            wakers: Mutex::new(Vec::new()),
             max_buffer: self.max_buffer,
         });
         let out = FanOutBody::new(&tee);

@@ -107,6 +107,14 @@ pub trait Share<R>: Clone + Send + Sync + 'static {
     /// An answer for another caller.
     fn give(&self, kept: &Self::Kept, served: Served) -> Self::Output;
 
+    /// Whether a cache may keep `res` at all (default `true`);
+    /// [`WholeResponse`] keeps only 2xx answers that do not say
+    /// `Cache-Control: no-store` or `private` (RFC 9111 §5.2.2.5, §5.2.2.7:
+    /// this cache is shared by every caller of the service).
+    fn storable(&self, _res: &R) -> bool {
+        true
+    }
+
     /// `kept` as bytes, for a store shared by a fleet (default `None`: not
     /// stored there).
     fn encode(&self, _kept: &Self::Kept) -> Option<Vec<u8>> {
@@ -242,6 +250,18 @@ impl Share<http::Response<bytes::Bytes>> for WholeResponse {
 
     fn served(&self, res: &http::Response<bytes::Bytes>) -> Option<Served> {
         res.extensions().get::<Served>().copied()
+    }
+
+    fn storable(&self, res: &http::Response<bytes::Bytes>) -> bool {
+        res.status().is_success()
+            && !res
+                .headers()
+                .get_all(http::header::CACHE_CONTROL)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(|d| d.trim().to_ascii_lowercase())
+                .any(|d| d == "no-store" || d == "private" || d.starts_with("private="))
     }
 
     fn encode(&self, kept: &Arc<KeptResponse>) -> Option<Vec<u8>> {
