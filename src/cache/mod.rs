@@ -635,11 +635,7 @@ where
             if let Some((kept, age)) = cache.lookup(&key) {
                 cache.count(ShareOutcome::Hit);
                 let out = l.share.give(&kept, Served::Cache { age, stale: false });
-                return CacheFuture::new(
-                    CacheState::Hit { out: Some(out) },
-                    Some(cache.clone()),
-                    &self.layer,
-                );
+                return CacheFuture::new(CacheState::Hit { out: Some(out) }, None, &self.layer);
             }
         }
         cache.count(ShareOutcome::Miss);

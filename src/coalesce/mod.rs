@@ -124,19 +124,43 @@ impl Flight {
     }
 }
 
+/// A key's call in flight: its id, and its flight once someone else
+/// joined (a call nobody joins allocates nothing).
+struct Slot {
+    id: u64,
+    flight: Option<Arc<Flight>>,
+}
+
+fn running() -> Arc<Flight> {
+    Arc::new(Flight {
+        state: Mutex::new(FlightState::Running {
+            waiters: Slab::new(),
+        }),
+    })
+}
+
 struct Flights<K> {
-    map: Mutex<HashMap<K, Arc<Flight>>>,
+    map: Mutex<HashMap<K, Slot>>,
+    next_id: std::sync::atomic::AtomicU64,
     obs: Observer,
 }
 
 impl<K: std::hash::Hash + Eq> Flights<K> {
-    fn lock(&self) -> MutexGuard<'_, HashMap<K, Arc<Flight>>> {
+    fn new(obs: Observer) -> Self {
+        Flights {
+            map: Mutex::new(HashMap::new()),
+            next_id: std::sync::atomic::AtomicU64::new(0),
+            obs,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, Slot>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Removes `key`'s entry if it is still `flight`.
-    fn forget(map: &mut HashMap<K, Arc<Flight>>, key: &K, flight: &Arc<Flight>) {
-        if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+    /// Removes `key`'s entry if it is still call `id`'s.
+    fn forget(map: &mut HashMap<K, Slot>, key: &K, id: u64) {
+        if map.get(key).is_some_and(|s| s.id == id) {
             map.remove(key);
         }
     }
@@ -156,13 +180,14 @@ fn enter<K: std::hash::Hash + Eq + Clone>(
     live: impl Fn(&Answer) -> bool,
 ) -> Entry<K> {
     let mut map = flights.lock();
-    if let Some(f) = map.get(&key) {
+    if let Some(slot) = map.get_mut(&key) {
         // Joined under the map's lock: the leader's end (which takes the
         // map's lock first) sees every follower.
-        if let Some(slot) = f.join() {
+        let f = slot.flight.get_or_insert_with(running).clone();
+        if let Some(w) = f.join() {
             return Entry::Follow(Follow {
-                flight: f.clone(),
-                slot: Some(slot),
+                flight: f,
+                slot: Some(w),
             });
         }
         let done = match &*f.lock() {
@@ -172,22 +197,20 @@ fn enter<K: std::hash::Hash + Eq + Clone>(
         if done.as_ref().is_some_and(live) {
             // Finished but still joinable: its answer at once.
             return Entry::Follow(Follow {
-                flight: f.clone(),
+                flight: f,
                 slot: None,
             });
         }
     }
-    let flight = Arc::new(Flight {
-        state: Mutex::new(FlightState::Running {
-            waiters: Slab::new(),
-        }),
-    });
-    map.insert(key.clone(), flight.clone());
+    let id = flights
+        .next_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    map.insert(key.clone(), Slot { id, flight: None });
     drop(map);
     Entry::Lead(Lead {
         flights: flights.clone(),
         key,
-        flight,
+        id,
         finished: false,
     })
 }
@@ -197,7 +220,7 @@ fn enter<K: std::hash::Hash + Eq + Clone>(
 struct Lead<K: std::hash::Hash + Eq> {
     flights: Arc<Flights<K>>,
     key: K,
-    flight: Arc<Flight>,
+    id: u64,
     finished: bool,
 }
 
@@ -211,24 +234,43 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
     ) -> Result<Sh::Output, BoxError> {
         self.finished = true;
         let mut map = self.flights.lock();
-        let followers = self.flight.followers();
-        if followers == 0 && !share.late_joiners() {
-            Flights::forget(&mut map, &self.key, &self.flight);
-            self.flight.finish(FlightState::Abandoned);
-            drop(map);
-            return res.map(|r| share.pass(r));
-        }
-        let (out, answer): (Result<Sh::Output, BoxError>, Result<Sh::Kept, SharedError>) = match res
-        {
-            Ok(r) => {
-                let (out, kept) = share.keep(r);
-                (Ok(out), Ok(kept))
+        let flight = map
+            .get(&self.key)
+            .filter(|s| s.id == self.id)
+            .and_then(|s| s.flight.clone());
+        let flight = match flight {
+            Some(f) => f,
+            None if !share.late_joiners() => {
+                // Nobody joined: nothing to keep.
+                Flights::forget(&mut map, &self.key, self.id);
+                drop(map);
+                return res.map(|r| share.pass(r));
             }
-            Err(e) => {
-                let shared = SharedError::new(e);
-                (Err(Box::new(shared.clone())), Err(shared))
+            None => {
+                let f = running();
+                if let Some(s) = map.get_mut(&self.key).filter(|s| s.id == self.id) {
+                    s.flight = Some(f.clone());
+                }
+                f
             }
         };
+        let (out, answer): (Result<Sh::Output, BoxError>, Result<Sh::Kept, SharedError>) =
+            match res {
+                Ok(r) => {
+                    let (out, kept) = share.keep(r);
+                    (Ok(out), Ok(kept))
+                }
+                Err(e) if flight.followers() == 0 => {
+                    // Alone: the original error, nothing to join.
+                    Flights::forget(&mut map, &self.key, self.id);
+                    flight.finish(FlightState::Abandoned);
+                    return Err(e);
+                }
+                Err(e) => {
+                    let shared = SharedError::new(e);
+                    (Err(Box::new(shared.clone())), Err(shared))
+                }
+            };
         // A stream being read stays joinable: its entry goes when the
         // stream settles (ends, passes its replay buffer, or loses its
         // last reader).
@@ -238,18 +280,17 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
             _ => None,
         };
         if !joinable {
-            Flights::forget(&mut map, &self.key, &self.flight);
+            Flights::forget(&mut map, &self.key, self.id);
         }
-        self.flight.finish(FlightState::Done(Arc::new(answer)));
+        flight.finish(FlightState::Done(Arc::new(answer)));
         drop(map);
         if let Some(kept) = settle {
-            let (flights, key, flight) =
-                (self.flights.clone(), self.key.clone(), self.flight.clone());
+            let (flights, key, id) = (self.flights.clone(), self.key.clone(), self.id);
             share.on_settled(
                 &kept,
                 Box::new(move || {
                     let mut map = flights.lock();
-                    Flights::forget(&mut map, &key, &flight);
+                    Flights::forget(&mut map, &key, id);
                 }),
             );
         }
@@ -261,8 +302,14 @@ impl<K: std::hash::Hash + Eq> Drop for Lead<K> {
     fn drop(&mut self) {
         if !self.finished {
             let mut map = self.flights.lock();
-            Flights::forget(&mut map, &self.key, &self.flight);
-            self.flight.finish(FlightState::Abandoned);
+            let flight = map
+                .get(&self.key)
+                .filter(|s| s.id == self.id)
+                .and_then(|s| s.flight.clone());
+            Flights::forget(&mut map, &self.key, self.id);
+            if let Some(f) = flight {
+                f.finish(FlightState::Abandoned);
+            }
         }
     }
 }
@@ -324,10 +371,7 @@ impl<RK: RequestKey<Req>, Req> CoalesceLayer<RK, Req, Cloned> {
             off: false,
             key,
             share: Cloned,
-            flights: Arc::new(Flights {
-                map: Mutex::new(HashMap::new()),
-                obs: Observer::new(None, None),
-            }),
+            flights: Arc::new(Flights::new(Observer::new(None, None))),
             _req: std::marker::PhantomData,
         }
     }
@@ -349,10 +393,7 @@ impl<RK: RequestKey<Req>, Req, Sh> CoalesceLayer<RK, Req, Sh> {
     /// call it before making services.)
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         let listener = self.flights.obs.listener.clone();
-        self.flights = Arc::new(Flights {
-            map: Mutex::new(HashMap::new()),
-            obs: Observer::new(Some(name.into()), listener),
-        });
+        self.flights = Arc::new(Flights::new(Observer::new(Some(name.into()), listener)));
         self
     }
 
@@ -362,10 +403,10 @@ impl<RK: RequestKey<Req>, Req, Sh> CoalesceLayer<RK, Req, Sh> {
     pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
         let mut slot = ListenerSlot(self.flights.obs.listener.clone());
         slot.set(f);
-        self.flights = Arc::new(Flights {
-            map: Mutex::new(HashMap::new()),
-            obs: Observer::new(self.flights.obs.name.clone(), slot.0),
-        });
+        self.flights = Arc::new(Flights::new(Observer::new(
+            self.flights.obs.name.clone(),
+            slot.0,
+        )));
         self
     }
 
