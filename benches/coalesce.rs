@@ -29,6 +29,10 @@ fn cache_and_coalesce(c: &mut Criterion) {
     moka.insert(7, 8);
     g.bench_function("moka get (u64 key)", |b| b.iter(|| moka.get(black_box(&7))));
 
+    g.bench_function("tokio::time::Instant::now (the cache's clock read)", |b| {
+        b.iter(tokio::time::Instant::now)
+    });
+
     let cache: Cache<u64, u64> = Cache::builder().build().unwrap();
     let mut s = cache.layer(|x: &u64| Some(*x)).layer(bare());
     once(&mut s, 7); // stored

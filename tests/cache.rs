@@ -360,3 +360,29 @@ proptest! {
         })?;
     }
 }
+
+/// A health report names the cache's counts and bytes.
+#[tokio::test(start_paused = true)]
+async fn the_health_report_shows_the_cache() {
+    let cache: Cache<String, String> = Cache::builder().build().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = cache.layer(by_topic).layer(counted(&calls));
+    svc.clone().oneshot("a".into()).await.unwrap();
+    svc.clone().oneshot("a".into()).await.unwrap();
+    cache.run_pending_tasks();
+    let shutdown = semaforo::shutdown::Shutdown::default();
+    let report = semaforo::health::Health::new(&shutdown)
+        .cache("plans", &cache)
+        .report();
+    let c = report
+        .components
+        .iter()
+        .find(|c| c.name == "plans")
+        .unwrap();
+    let get = |k: &str| c.details.iter().find(|(n, _)| *n == k).unwrap().1;
+    assert_eq!(
+        (get("entries"), get("hits"), get("misses")),
+        (1.0, 1.0, 1.0)
+    );
+    assert!(get("bytes") > 0.0);
+}

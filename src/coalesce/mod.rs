@@ -254,23 +254,23 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
                 f
             }
         };
-        let (out, answer): (Result<Sh::Output, BoxError>, Result<Sh::Kept, SharedError>) =
-            match res {
-                Ok(r) => {
-                    let (out, kept) = share.keep(r);
-                    (Ok(out), Ok(kept))
-                }
-                Err(e) if flight.followers() == 0 => {
-                    // Alone: the original error, nothing to join.
-                    Flights::forget(&mut map, &self.key, self.id);
-                    flight.finish(FlightState::Abandoned);
-                    return Err(e);
-                }
-                Err(e) => {
-                    let shared = SharedError::new(e);
-                    (Err(Box::new(shared.clone())), Err(shared))
-                }
-            };
+        let (out, answer): (Result<Sh::Output, BoxError>, Result<Sh::Kept, SharedError>) = match res
+        {
+            Ok(r) => {
+                let (out, kept) = share.keep(r);
+                (Ok(out), Ok(kept))
+            }
+            Err(e) if flight.followers() == 0 => {
+                // Alone: the original error, nothing to join.
+                Flights::forget(&mut map, &self.key, self.id);
+                flight.finish(FlightState::Abandoned);
+                return Err(e);
+            }
+            Err(e) => {
+                let shared = SharedError::new(e);
+                (Err(Box::new(shared.clone())), Err(shared))
+            }
+        };
         // A stream being read stays joinable: its entry goes when the
         // stream settles (ends, passes its replay buffer, or loses its
         // last reader).

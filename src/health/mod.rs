@@ -283,6 +283,36 @@ impl Health {
         })
     }
 
+    /// Reports a response cache (always `Ok`): entries and bytes held
+    /// (`semaforo_cache_bytes` with `record_metrics`), hits, misses, stores,
+    /// bypasses, stale answers served, evictions.
+    #[cfg(feature = "cache")]
+    pub fn cache<K, V>(self, name: &str, cache: &crate::cache::Cache<K, V>) -> Self
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        let (name, c) = (name.to_owned(), cache.clone());
+        self.with(move || {
+            let s = c.snapshot();
+            Component {
+                name: name.clone(),
+                kind: "cache",
+                status: Status::Ok,
+                details: vec![
+                    ("entries", s.entries as f64),
+                    ("bytes", s.bytes as f64),
+                    ("hits", s.hits as f64),
+                    ("misses", s.misses as f64),
+                    ("stores", s.stores as f64),
+                    ("bypassed", s.bypassed as f64),
+                    ("stale_served", s.stale_served as f64),
+                    ("evicted", s.evicted as f64),
+                ],
+            }
+        })
+    }
+
     /// Reports a quota's keys and counts (always `Ok`: refusing over-quota
     /// callers is its job, not a fault).
     pub fn quota<K: Hash + Eq + Clone + Send + Sync + 'static>(

@@ -320,7 +320,7 @@ impl LlmStack {
 
     /// Registers every part with `health` under `name`: the bulkhead, the
     /// breaker, the pacer of every model ([`Health::keyed_pace`](crate::health::Health::keyed_pace))
-    /// and the quota, if any. Build `health` from this stack's
+    /// and the quota and the cache, if there are. Build `health` from this stack's
     /// [`shutdown`](Self::shutdown) (the same one for every stack of a
     /// process: [`LlmStackBuilder::shutdown`]).
     ///
@@ -343,8 +343,12 @@ impl LlmStack {
             .bulkhead(name, &self.bulkhead)
             .breaker(name, &self.breaker)
             .keyed_pace(name, &self.pace);
-        match self.quota() {
+        let h = match self.quota() {
             Some(q) => h.quota(name, q),
+            None => h,
+        };
+        match self.cache() {
+            Some(c) => h.cache(name, c),
             None => h,
         }
     }
