@@ -13,30 +13,6 @@ use std::task::{Context, Poll, Wake, Waker};
 
 type Upstream = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
 
-/// A body whose error is boxed.
-#[pin_project::pin_project]
-struct ErrInto<B>(#[pin] B);
-
-impl<B> Body for ErrInto<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.project().0.poll_frame(cx).map_err(Into::into)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.is_end_stream()
-    }
-}
-
 /// Shares a streamed `http::Response<B>`: every caller gets the same
 /// status, headers and chunks; the upstream body is read once, by whichever
 /// caller asks first for the next chunk (so the caller whose call ran may
@@ -369,7 +345,7 @@ where
         let (parts, body) = res.into_parts();
         let tee = Arc::new(Tee {
             state: Mutex::new(TeeState {
-                upstream: Some(Box::pin(ErrInto(body))),
+                upstream: Some(Box::pin(http_body_util::BodyExt::map_err(body, Into::into))),
                 chunks: VecDeque::new(),
                 base: 0,
                 bytes: 0,
