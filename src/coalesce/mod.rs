@@ -179,8 +179,27 @@ fn enter<K: std::hash::Hash + Eq + Clone>(
     key: K,
     live: impl Fn(&Answer) -> bool,
 ) -> Entry<K> {
+    use std::collections::hash_map::Entry as MapEntry;
     let mut map = flights.lock();
-    if let Some(slot) = map.get_mut(&key) {
+    let id = flights
+        .next_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // One hash: the entry is looked up once.
+    let mut occupied = match map.entry(key.clone()) {
+        MapEntry::Vacant(v) => {
+            v.insert(Slot { id, flight: None });
+            drop(map);
+            return Entry::Lead(Lead {
+                flights: flights.clone(),
+                key,
+                id,
+                finished: false,
+            });
+        }
+        MapEntry::Occupied(o) => o,
+    };
+    {
+        let slot = occupied.get_mut();
         // Joined under the map's lock: the leader's end (which takes the
         // map's lock first) sees every follower.
         let f = slot.flight.get_or_insert_with(running).clone();
@@ -202,10 +221,8 @@ fn enter<K: std::hash::Hash + Eq + Clone>(
             });
         }
     }
-    let id = flights
-        .next_id
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    map.insert(key.clone(), Slot { id, flight: None });
+    // Finished and not joinable (or abandoned): a new call.
+    occupied.insert(Slot { id, flight: None });
     drop(map);
     Entry::Lead(Lead {
         flights: flights.clone(),
@@ -234,25 +251,24 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
     ) -> Result<Sh::Output, BoxError> {
         self.finished = true;
         let mut map = self.flights.lock();
-        let flight = map
-            .get(&self.key)
-            .filter(|s| s.id == self.id)
-            .and_then(|s| s.flight.clone());
-        let flight = match flight {
+        // Taken out at once (one hash); put back only while a stream can
+        // still be joined.
+        let mine = match map.remove(&self.key) {
+            Some(s) if s.id == self.id => s.flight,
+            Some(other) => {
+                map.insert(self.key.clone(), other);
+                None
+            }
+            None => None,
+        };
+        let flight = match mine {
             Some(f) => f,
             None if !share.late_joiners() => {
                 // Nobody joined: nothing to keep.
-                Flights::forget(&mut map, &self.key, self.id);
                 drop(map);
                 return res.map(|r| share.pass(r));
             }
-            None => {
-                let f = running();
-                if let Some(s) = map.get_mut(&self.key).filter(|s| s.id == self.id) {
-                    s.flight = Some(f.clone());
-                }
-                f
-            }
+            None => running(),
         };
         let (out, answer): (Result<Sh::Output, BoxError>, Result<Sh::Kept, SharedError>) = match res
         {
@@ -262,7 +278,6 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
             }
             Err(e) if flight.followers() == 0 => {
                 // Alone: the original error, nothing to join.
-                Flights::forget(&mut map, &self.key, self.id);
                 flight.finish(FlightState::Abandoned);
                 return Err(e);
             }
@@ -279,8 +294,14 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
             Ok(k) if joinable => Some(k.clone()),
             _ => None,
         };
-        if !joinable {
-            Flights::forget(&mut map, &self.key, self.id);
+        if joinable {
+            map.insert(
+                self.key.clone(),
+                Slot {
+                    id: self.id,
+                    flight: Some(flight.clone()),
+                },
+            );
         }
         flight.finish(FlightState::Done(Arc::new(answer)));
         drop(map);
