@@ -120,6 +120,9 @@ pub fn http_cache_control_headers(headers: &http::HeaderMap) -> CacheControl {
     out
 }
 
+/// An answer and its times (moka clones it on each read: keep `V` cheap to
+/// clone, e.g. an `Arc`).
+#[derive(Clone)]
 struct Entry<V> {
     value: V,
     /// Its weight: the key's and the answer's bytes.
@@ -140,7 +143,7 @@ struct Stats {
 }
 
 struct Inner<K, V> {
-    store: moka::sync::Cache<K, Arc<Entry<V>>>,
+    store: moka::sync::Cache<K, Entry<V>>,
     ttl: Duration,
     stale_for: Duration,
     max_entry_bytes: usize,
@@ -302,7 +305,7 @@ impl CacheBuilder {
         let (s, o) = (stats.clone(), obs.clone());
         let store = moka::sync::Cache::builder()
             .max_capacity(self.max_bytes)
-            .weigher(move |_k: &K, e: &Arc<Entry<V>>| {
+            .weigher(move |_k: &K, e: &Entry<V>| {
                 e.bytes.max(u32::try_from(floor).unwrap_or(u32::MAX))
             })
             .eviction_listener(move |_k, _v, cause| {
@@ -445,7 +448,7 @@ where
             keep_until: crate::time::after(fresh_until, self.inner.stale_for),
         };
         self.inner.stats.stores.fetch_add(1, Ordering::Relaxed);
-        self.inner.store.insert(key, Arc::new(entry));
+        self.inner.store.insert(key, entry);
     }
 
     fn count(&self, outcome: ShareOutcome) {
