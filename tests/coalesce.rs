@@ -349,3 +349,38 @@ proptest! {
         })?;
     }
 }
+
+/// A quota below refuses the caller whose call ran (its user is over its
+/// quota): the waiting caller of another user is not handed that refusal;
+/// it goes on with its own request and gets an answer.
+#[tokio::test(start_paused = true)]
+async fn a_quota_refusal_is_not_shared() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    // The "quota": user "over" is refused after 1 s; others are answered.
+    let upstream = tower::service_fn(move |req: (String, String)| {
+        let c = c.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if req.0 == "over" {
+                return Err(BoxError::from(Rejected::new(
+                    "quota",
+                    RejectKind::QuotaExceeded,
+                )));
+            }
+            c.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, BoxError>(format!("answer to {}", req.1))
+        }
+    });
+    let svc = CoalesceLayer::new(|r: &(String, String)| Some(r.1.clone())).layer(upstream);
+    let leader = svc.clone().oneshot(("over".to_string(), "x".to_string()));
+    let follower = svc.clone().oneshot(("fine".to_string(), "x".to_string()));
+    let (l, f) = tokio::join!(leader, follower);
+    let e = l.unwrap_err();
+    assert_eq!(
+        Rejected::from_box(&e).unwrap().kind(),
+        RejectKind::QuotaExceeded
+    );
+    assert_eq!(f.unwrap(), "answer to x");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

@@ -14,13 +14,16 @@
 //!   `http::Response<Bytes>`. The caller whose call ran gets its answer as
 //!   it came; the others get [`Share::give`]'s copy (marked
 //!   [`Served::Coalesced`](crate::share::Served)).
-//! - **Errors** are shared too: every waiting caller gets the same error (a
+//! - **Errors** from the upstream are shared too: every waiting caller gets
+//!   the same error (a
 //!   [`SharedError`] that displays as the
 //!   original and has it as its `source`, so classifiers and
 //!   [`Rejected::find`](crate::Rejected::find) see through it); nothing is
 //!   retried here. Put a retry layer *inside* this one (the LLM preset
 //!   does) and the waiting callers ride along on the retries too — one
-//!   retried call for all of them.
+//!   retried call for all of them. A quota's refusal (`QuotaExceeded`) is
+//!   not shared: it is a verdict on the caller it refused, keyed by who it
+//!   is; a waiting caller then goes on with its own request.
 //! - **Cancellation**: when the caller whose call runs drops it, the call is
 //!   dropped (nothing else polls it) and one waiting caller takes over with
 //!   its own request (its own service clone, polled ready); the others wait
@@ -276,8 +279,15 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
                 let (out, kept) = share.keep(r);
                 (Ok(out), Ok(kept))
             }
-            Err(e) if flight.followers() == 0 => {
-                // Alone: the original error, nothing to join.
+            // Alone, or refused by a quota below (a verdict on this
+            // caller, keyed by who it is, not an answer): the original
+            // error to this caller; the others, if any, go on (one takes
+            // over, the rest follow it).
+            Err(e)
+                if flight.followers() == 0
+                    || crate::Rejected::find(e.as_ref())
+                        .is_some_and(|r| r.kind() == crate::RejectKind::QuotaExceeded) =>
+            {
                 flight.finish(FlightState::Abandoned);
                 return Err(e);
             }
