@@ -464,7 +464,9 @@ where
             _ => return,
         };
         c.fetch_add(1, Ordering::Relaxed);
-        self.inner.obs.emit("cache", EventKind::Shared { outcome });
+        self.inner
+            .obs
+            .emit_often("cache", EventKind::Shared { outcome });
     }
 }
 

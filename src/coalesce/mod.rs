@@ -525,7 +525,7 @@ where
             return CoalesceFuture::new(self, State::Direct { fut });
         }
         let Some(key) = self.key.key(&req) else {
-            self.flights.obs.emit(
+            self.flights.obs.emit_often(
                 "coalesce",
                 EventKind::Shared {
                     outcome: ShareOutcome::Bypassed,
@@ -693,7 +693,7 @@ where
                             })
                     });
                     if let Some(out) = given {
-                        this.flights.obs.emit(
+                        this.flights.obs.emit_often(
                             "coalesce",
                             EventKind::Shared {
                                 outcome: ShareOutcome::Coalesced,

@@ -443,6 +443,20 @@ impl Observer {
         Observer { name, listener }
     }
 
+    /// [`emit`](Self::emit) for an event of the fast path (a cache hit, a
+    /// coalesced answer): skipped without a function call when nothing would
+    /// see it (no listener, no `metrics` feature, `semaforo` tracing below
+    /// `DEBUG`).
+    #[inline]
+    pub(crate) fn emit_often(&self, layer: &'static str, kind: EventKind) {
+        if self.listener.is_some()
+            || cfg!(feature = "metrics")
+            || tracing::enabled!(target: "semaforo", tracing::Level::DEBUG)
+        {
+            self.emit(layer, kind);
+        }
+    }
+
     /// Emits `kind` from `layer`: tracing, metrics, then the listener.
     #[cold]
     #[inline(never)]
