@@ -402,6 +402,13 @@ pub struct RetryAfterTooLong {
     pub source: BoxError,
 }
 
+/// The error of a future polled again after it completed (a caller's bug;
+/// never a panic).
+#[cold]
+pub(crate) fn polled_after_done(layer: &'static str) -> BoxError {
+    format!("{layer}: future polled after completion").into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -73,11 +73,15 @@ pub mod breaker;
 pub mod bulkhead;
 #[cfg(feature = "cache")]
 pub mod cache;
+#[cfg(feature = "chaos")]
+pub mod chaos;
 pub mod classify;
 mod close;
 pub mod coalesce;
+pub mod degrade;
 mod error;
 pub mod eta;
+pub mod fallback;
 pub mod guard;
 pub mod health;
 #[cfg(feature = "llm")]

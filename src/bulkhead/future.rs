@@ -143,7 +143,7 @@ where
                 } => {
                     let result = ready!(fut.poll(cx)).map_err(Into::into);
                     let Some(permit) = permit.take() else {
-                        return Poll::Ready(Err("bulkhead future polled after completion".into()));
+                        return Poll::Ready(Err(crate::error::polled_after_done("bulkhead")));
                     };
                     if let Some(t0) = started.take() {
                         permit.sample(t0, this.classify, &result);
@@ -232,7 +232,7 @@ where
         return Poll::Ready(Err(e.into()));
     }
     let Some(request) = req.take() else {
-        return Poll::Ready(Err("bulkhead future polled after completion".into()));
+        return Poll::Ready(Err(crate::error::polled_after_done("bulkhead")));
     };
     Poll::Ready(Ok((svc.call(request), permit.take())))
 }

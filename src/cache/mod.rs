@@ -359,6 +359,11 @@ where
         }
     }
 
+    /// How long an answer is served fresh.
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
     /// The answer kept for `key` even past its TTL (until `ttl +
     /// stale_for`), with its age — for a fallback that answers with the
     /// last good answer when the upstream fails. Counted as stale served
@@ -744,15 +749,13 @@ where
                 CacheStateProj::Hit { out } => {
                     return Poll::Ready(
                         out.take()
-                            .ok_or_else(|| BoxError::from("cache: future polled after completion")),
+                            .ok_or_else(|| crate::error::polled_after_done("cache")),
                     )
                 }
                 CacheStateProj::Ready { svc, req, key } => {
                     std::task::ready!(svc.poll_ready(cx)).map_err(Into::into)?;
                     let Some(r) = req.take() else {
-                        return Poll::Ready(Err(BoxError::from(
-                            "cache: future polled after completion",
-                        )));
+                        return Poll::Ready(Err(crate::error::polled_after_done("cache")));
                     };
                     let key = key.take();
                     let fut = svc.call(r);

@@ -392,6 +392,35 @@ pub struct StreamFailed {
     pub data: String,
 }
 
+/// An error that states its own class: what [`classify_error`] answers for
+/// it (the chaos layer's injected errors; usable for errors of your own).
+///
+/// ```
+/// use semaforo::classify::{classify_error, Class, ClassError};
+///
+/// let e = ClassError::new(Class::Overloaded { retry_after: None }, "injected outage");
+/// assert_eq!(classify_error(&e), Class::Overloaded { retry_after: None });
+/// assert_eq!(e.to_string(), "injected outage (overloaded)");
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message} ({class})", class = .class.as_str())]
+pub struct ClassError {
+    /// Its class.
+    pub class: Class,
+    /// What happened.
+    pub message: std::borrow::Cow<'static, str>,
+}
+
+impl ClassError {
+    /// An error of `class`.
+    pub fn new(class: Class, message: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+        ClassError {
+            class,
+            message: message.into(),
+        }
+    }
+}
+
 /// Classifies an error by walking its `source()` chain.
 ///
 /// - [`RetryAfterTooLong`](crate::error::RetryAfterTooLong) → `Throttled` with its wait.
@@ -404,7 +433,7 @@ pub struct StreamFailed {
 ///   `RetryBudgetExhausted` → `Permanent` (trying again now cannot help).
 /// - an [`std::io::Error`] → see [`classify_io_error`].
 /// - a tokio [`Elapsed`](tokio::time::error::Elapsed) → `Transient`.
-/// - a [`StreamFailed`] → its class.
+/// - a [`StreamFailed`] or a [`ClassError`] → its class.
 /// - anything else: `Transient` (unknown failures are retried, within the retry budget).
 pub fn classify_error(err: &(dyn StdError + 'static)) -> Class {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
@@ -425,6 +454,9 @@ pub fn classify_error(err: &(dyn StdError + 'static)) -> Class {
             return Class::Transient;
         }
         if let Some(f) = e.downcast_ref::<StreamFailed>() {
+            return f.class;
+        }
+        if let Some(f) = e.downcast_ref::<ClassError>() {
             return f.class;
         }
         cur = e.source();

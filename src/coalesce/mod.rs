@@ -706,7 +706,7 @@ where
                     // key): follow a newer flight, or take over.
                     let (Some(s), Some(r), Some(k)) = (svc.take(), req.take(), key.take()) else {
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(polled_after_done()));
+                        return Poll::Ready(Err(crate::error::polled_after_done("coalesce")));
                     };
                     let share = &*this.share;
                     match enter(this.flights, k.clone(), |a| {
@@ -737,7 +737,7 @@ where
                     let ready = std::task::ready!(svc.poll_ready(cx)).map_err(Into::into);
                     let Some(r) = req.take() else {
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(polled_after_done()));
+                        return Poll::Ready(Err(crate::error::polled_after_done("coalesce")));
                     };
                     match (ready, lead.take()) {
                         (Ok(()), Some(l)) => {
@@ -759,7 +759,9 @@ where
                         }
                     }
                 }
-                StateProj::Done => return Poll::Ready(Err(polled_after_done())),
+                StateProj::Done => {
+                    return Poll::Ready(Err(crate::error::polled_after_done("coalesce")))
+                }
             }
         }
     }
@@ -769,8 +771,4 @@ where
 fn live<R, Sh: Share<R>>(share: &Sh, a: &Answer) -> bool {
     a.downcast_ref::<Result<Sh::Kept, SharedError>>()
         .is_some_and(|r| matches!(r, Ok(k) if share.joinable(k)))
-}
-
-fn polled_after_done() -> BoxError {
-    "coalesce: future polled after completion".into()
 }

@@ -283,6 +283,30 @@ impl Health {
         })
     }
 
+    /// Reports a degradation switch: degraded while its level is not
+    /// `Normal`; details `level` (0 normal, 1 reduced, 2 minimal, also the
+    /// `semaforo_degrade_level` gauge with `record_metrics`) and `manual`
+    /// (1 while a manual override is in force).
+    pub fn degrade(self, name: &str, degrade: &crate::degrade::Degrade) -> Self {
+        let (name, d) = (name.to_owned(), degrade.clone());
+        self.with(move || {
+            let level = d.level();
+            Component {
+                name: name.clone(),
+                kind: "degrade",
+                status: if level == crate::degrade::Level::Normal {
+                    Status::Ok
+                } else {
+                    Status::Degraded
+                },
+                details: vec![
+                    ("level", f64::from(level.as_u8())),
+                    ("manual", f64::from(u8::from(d.manual().is_some()))),
+                ],
+            }
+        })
+    }
+
     /// Reports a response cache (always `Ok`): entries and bytes held
     /// (`semaforo_cache_bytes` with `record_metrics`), hits, misses, stores,
     /// bypasses, stale answers served, evictions.

@@ -174,6 +174,29 @@ pub enum EventKind {
         /// What happened.
         outcome: ShareOutcome,
     },
+    /// A fallback layer answered a failure from its source (`answered`), or
+    /// its source failed too and the caller got the original result.
+    Fallback {
+        /// The class of the inner result.
+        class: Class,
+        /// Whether the fallback answered.
+        answered: bool,
+    },
+    /// A chaos layer injected a fault into a call.
+    Injected {
+        /// `"latency"`, `"error"`, `"response"`, `"hang"`, `"cut_stream"`,
+        /// `"stall_stream"`.
+        fault: &'static str,
+    },
+    /// A degradation switch changed level.
+    LevelChanged {
+        /// The level before.
+        from: crate::degrade::Level,
+        /// The level now.
+        to: crate::degrade::Level,
+        /// Why.
+        reason: crate::degrade::LevelReason,
+    },
 }
 
 /// What a cache or a coalescing layer did with a call (in
@@ -612,6 +635,26 @@ fn trace(e: &Event<'_>) {
             reason = reason.as_str(),
             "limit changed"
         ),
+        EventKind::Fallback { class, answered } => tracing::debug!(
+            target: "semaforo",
+            layer,
+            name,
+            class = class.as_str(),
+            answered,
+            "fallback"
+        ),
+        EventKind::LevelChanged { from, to, reason } => tracing::info!(
+            target: "semaforo",
+            layer,
+            name,
+            from = from.as_str(),
+            to = to.as_str(),
+            reason = reason.as_str(),
+            "degradation level changed"
+        ),
+        EventKind::Injected { fault } => {
+            tracing::trace!(target: "semaforo", layer, name, fault, "fault injected")
+        }
         EventKind::Shared { outcome } => tracing::trace!(
             target: "semaforo",
             layer,
@@ -702,6 +745,30 @@ mod metrics_out {
                 metrics::gauge!("semaforo_adaptive_limit", "layer" => layer, "name" => name)
                     .set(*to as f64)
             }
+            EventKind::Fallback { class, answered } => metrics::counter!(
+                "semaforo_fallbacks_total",
+                "layer" => layer,
+                "name" => name,
+                "class" => class.as_str(),
+                "outcome" => if *answered { "answered" } else { "failed" }
+            )
+            .increment(1),
+            // The level itself: the `semaforo_degrade_level` gauge of `Health::degrade`.
+            EventKind::LevelChanged { to, reason, .. } => metrics::counter!(
+                "semaforo_level_changes_total",
+                "layer" => layer,
+                "name" => name,
+                "to" => to.as_str(),
+                "reason" => reason.as_str()
+            )
+            .increment(1),
+            EventKind::Injected { fault } => metrics::counter!(
+                "semaforo_faults_injected_total",
+                "layer" => layer,
+                "name" => name,
+                "fault" => *fault
+            )
+            .increment(1),
             EventKind::Shared { outcome } => metrics::counter!(
                 "semaforo_shared_total",
                 "layer" => layer,

@@ -551,7 +551,7 @@ where
                         return Poll::Ready(Err(e.into()));
                     }
                     let Some(req) = w.req.take() else {
-                        return Poll::Ready(Err("quota future polled after completion".into()));
+                        return Poll::Ready(Err(crate::error::polled_after_done("quota")));
                     };
                     let fut = w.svc.call(req);
                     state.set(State::Called { fut });

@@ -474,7 +474,7 @@ where
                 }
             }
             let Some(retry) = this.retry.as_mut() else {
-                return Poll::Ready(Err("retry future polled after completion".into()));
+                return Poll::Ready(Err(crate::error::polled_after_done("retry")));
             };
             if let Some(b) = retry.backing_off.as_mut() {
                 if !b.sleep.is_elapsed() {

@@ -146,7 +146,7 @@ where
             *this.held = Some((parts, body));
         }
         let Some((parts, body)) = this.held.as_mut() else {
-            return Poll::Ready(Err("FirstChunkFuture polled after it finished".into()));
+            return Poll::Ready(Err(crate::error::polled_after_done("first chunk")));
         };
         // A success: until the first data, then whatever is ready at once.
         // An error answer: whole (within the same bounds), for a classifier
@@ -195,7 +195,7 @@ where
         }
         match this.held.take() {
             Some((parts, body)) => Poll::Ready(Ok(http::Response::from_parts(parts, body))),
-            None => Poll::Ready(Err("FirstChunkFuture polled after it finished".into())),
+            None => Poll::Ready(Err(crate::error::polled_after_done("first chunk"))),
         }
     }
 }

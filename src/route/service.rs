@@ -876,9 +876,7 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if self.done {
-            return Poll::Ready(Err(
-                "RouteFuture polled after it completed (no call was sent)".into(),
-            ));
+            return Poll::Ready(Err(crate::error::polled_after_done("route")));
         }
         let out = self.as_mut().attempts(cx);
         if out.is_ready() {

@@ -367,7 +367,7 @@ where
             } => {
                 if let Poll::Ready(result) = fut.poll(cx) {
                     let Some(guard) = in_flight.take() else {
-                        return Poll::Ready(Err("shutdown future polled after completion".into()));
+                        return Poll::Ready(Err(crate::error::polled_after_done("shutdown")));
                     };
                     return Poll::Ready(match result {
                         Ok(res) => Ok(R::hold(res, guard)),
