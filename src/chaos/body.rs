@@ -1,6 +1,6 @@
 //! Provider-shaped refusals and faulty streams (feature `http`).
 
-use super::{ChaosResponse, Fault, Kind};
+use super::{Chaos, ChaosFuture, Fault, Kind, Wrap};
 use crate::classify::{Class, StreamFailed};
 use crate::error::{BoxError, ConfigError};
 use bytes::Bytes;
@@ -9,6 +9,8 @@ use pin_project::pin_project;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tower_layer::Layer;
+use tower_service::Service;
 
 /// A 429 as OpenAI sends it: `retry-after` (whole seconds, rounded up),
 /// `retry-after-ms`, `x-ratelimit-remaining-requests: 0`,
@@ -96,10 +98,12 @@ impl<B> Fault<http::Response<ChaosBody<B>>> {
     }
 }
 
-impl<B> ChaosResponse<http::Response<B>> for http::Response<ChaosBody<B>> {
-    type Out = http::Response<ChaosBody<B>>;
+/// An `http::Response`'s body wrapped in a [`ChaosBody`].
+#[derive(Debug, Clone, Copy)]
+pub struct Streams;
 
-    fn pass(inner: http::Response<B>, stream: Option<StreamFault>) -> Self::Out {
+impl<B> Wrap<http::Response<B>, http::Response<ChaosBody<B>>> for Streams {
+    fn wrap(inner: http::Response<B>, stream: Option<StreamFault>) -> http::Response<ChaosBody<B>> {
         let fault = stream.filter(|_| inner.status().is_success());
         inner.map(|body| ChaosBody {
             inner: Some(body),
@@ -107,9 +111,92 @@ impl<B> ChaosResponse<http::Response<B>> for http::Response<ChaosBody<B>> {
             chunks: 0,
         })
     }
+}
 
-    fn injected(res: Self) -> Self {
-        res
+impl<B> Chaos<http::Response<ChaosBody<B>>> {
+    /// A layer for services answering `http::Response<B>`: their answers
+    /// come out as `http::Response<ChaosBody<B>>`, so streams can be cut
+    /// or stalled ([`Fault::cut_stream`], [`Fault::stall_stream`]); the
+    /// other faults as with [`layer`](Chaos::layer).
+    pub fn stream_layer(&self) -> ChaosStreamLayer<B> {
+        ChaosStreamLayer {
+            chaos: self.clone(),
+        }
+    }
+}
+
+/// The layer of [`Chaos::stream_layer`].
+pub struct ChaosStreamLayer<B> {
+    chaos: Chaos<http::Response<ChaosBody<B>>>,
+}
+
+impl<B> Clone for ChaosStreamLayer<B> {
+    fn clone(&self) -> Self {
+        ChaosStreamLayer {
+            chaos: self.chaos.clone(),
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for ChaosStreamLayer<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChaosStreamLayer")
+            .field("chaos", &self.chaos)
+            .finish()
+    }
+}
+
+impl<S, B> Layer<S> for ChaosStreamLayer<B> {
+    type Service = ChaosStreamService<S, B>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ChaosStreamService {
+            inner,
+            chaos: self.chaos.clone(),
+        }
+    }
+}
+
+/// The service of a [`ChaosStreamLayer`].
+pub struct ChaosStreamService<S, B> {
+    inner: S,
+    chaos: Chaos<http::Response<ChaosBody<B>>>,
+}
+
+impl<S: Clone, B> Clone for ChaosStreamService<S, B> {
+    fn clone(&self) -> Self {
+        ChaosStreamService {
+            inner: self.inner.clone(),
+            chaos: self.chaos.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, B> std::fmt::Debug for ChaosStreamService<S, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChaosStreamService")
+            .field("inner", &self.inner)
+            .field("chaos", &self.chaos)
+            .finish()
+    }
+}
+
+impl<S, Req, B> Service<Req> for ChaosStreamService<S, B>
+where
+    S: Service<Req, Response = http::Response<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = http::Response<ChaosBody<B>>;
+    type Error = BoxError;
+    type Future = ChaosFuture<S::Future, http::Response<ChaosBody<B>>, Streams>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let plan = self.chaos.plan();
+        ChaosFuture::new(plan, || self.inner.call(req))
     }
 }
 

@@ -18,8 +18,9 @@
 //!   `Retry-After` and `x-ratelimit-*` headers, and [`overloaded`],
 //!   Anthropic's 529 `overloaded_error`), and [`hang`](Fault::hang) (a call
 //!   that never answers: your timeout's job). Streams cut or stalled
-//!   mid-way: [`ChaosBody`] through [`Fault::cut_stream`] /
-//!   [`Fault::stall_stream`] on an `http::Response` (feature `http`).
+//!   mid-way: [`Fault::cut_stream`] / [`Fault::stall_stream`] through
+//!   [`Chaos::stream_layer`] (feature `http`: a service answering
+//!   `http::Response<B>` then answers `http::Response<ChaosBody<B>>`).
 //! - **Rate and schedule**: each fault hits a call with probability
 //!   [`rate`](Fault::rate), only while the time since [`Chaos::enable`] is
 //!   in [`between(from, until)`](Fault::between).
@@ -89,7 +90,12 @@ use tower_service::Service;
 #[cfg(feature = "http")]
 mod body;
 #[cfg(feature = "http")]
-pub use body::{overloaded, rate_limited, ChaosBody, StreamFault};
+pub use body::{
+    overloaded, rate_limited, ChaosBody, ChaosStreamLayer, ChaosStreamService, StreamFault, Streams,
+};
+
+/// The most faults a [`Chaos`] holds.
+pub const MAX_FAULTS: usize = 64;
 
 /// The longest delay a [`Latency`] gives (a long tail's draw is capped here).
 pub const MAX_LATENCY: Duration = Duration::from_secs(3600);
@@ -370,8 +376,11 @@ impl<Res> ChaosBuilder<Res> {
     /// [`ConfigError`] for a rate outside [0, 1] (or NaN), a schedule that
     /// ends before it starts, a uniform latency with `min > max`, a long
     /// tail with a zero median or a p99 below its median, a stream fault
-    /// after 0 chunks.
+    /// after 0 chunks, more than 64 faults.
     pub fn build(self) -> Result<Chaos<Res>, ConfigError> {
+        if self.faults.len() > MAX_FAULTS {
+            return Err(ConfigError::new("chaos", "fault", "at most 64 faults"));
+        }
         for f in &self.faults {
             f.check()?;
         }
@@ -424,7 +433,7 @@ impl<Res> fmt::Debug for Chaos<Res> {
 }
 
 /// What chaos decided for one call.
-struct Plan<Res> {
+pub(crate) struct Plan<Res> {
     delay: Duration,
     outcome: Option<Kind<Res>>,
 }
@@ -497,7 +506,7 @@ impl<Res> Chaos<Res> {
         );
         // Every fault's draw first, so a fault's rate never depends on
         // the others.
-        let mut hits = [false; 64];
+        let mut hits = [false; MAX_FAULTS];
         for (i, f) in self.inner.faults.iter().enumerate() {
             let u: f64 = rng.random();
             if let Some(h) = hits.get_mut(i) {
@@ -590,61 +599,40 @@ impl<S: fmt::Debug, Res> fmt::Debug for ChaosService<S, Res> {
 
 impl<S, Req, Res> Service<Req> for ChaosService<S, Res>
 where
-    S: Service<Req>,
+    S: Service<Req, Response = Res>,
     S::Error: Into<BoxError>,
-    Res: ChaosResponse<S::Response>,
 {
-    type Response = Res::Out;
+    type Response = Res;
     type Error = BoxError;
-    type Future = ChaosFuture<S::Future, Res>;
+    type Future = ChaosFuture<S::Future, Res, Plain>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let Some(plan) = self.chaos.plan() else {
-            return ChaosFuture {
-                state: State::Pass {
-                    fut: self.inner.call(req),
-                    stream: None,
-                },
-            };
-        };
-        let then = match plan.outcome {
-            None => Then::Call(self.inner.call(req), None),
-            Some(Kind::Error(f)) => Then::Error(f()),
-            Some(Kind::Respond(f)) => Then::Respond(f()),
-            Some(Kind::Hang) => Then::Hang,
-            #[cfg(feature = "http")]
-            Some(Kind::Stream(s)) => Then::Call(self.inner.call(req), Some(s)),
-            Some(Kind::Latency(_)) => Then::Call(self.inner.call(req), None),
-        };
-        let state = if plan.delay.is_zero() {
-            State::from_then(then)
-        } else {
-            State::Delay {
-                sleep: tokio::time::sleep(plan.delay),
-                then: Some(then),
-            }
-        };
-        ChaosFuture { state }
+        let plan = self.chaos.plan();
+        ChaosFuture::new(plan, || self.inner.call(req))
     }
 }
 
-/// How chaos fits the inner service's response type: `Res` itself for
-/// every type; with feature `http`, an `http::Response<B>` can also become
-/// `http::Response<ChaosBody<B>>` for stream faults (a [`Chaos`] of that
-/// type).
-pub trait ChaosResponse<Inner>: Sized {
-    /// What callers get.
-    type Out;
+/// How an inner answer becomes the caller's: itself ([`Plain`]), or with
+/// its body wrapped for stream faults (feature `http`). Named in the
+/// futures' types; not for implementing.
+pub trait Wrap<Inner, Res> {
     /// An inner answer, with a stream fault if one was drawn.
     #[doc(hidden)]
-    fn pass(inner: Inner, stream: Option<StreamFaultArg>) -> Self::Out;
-    /// An injected answer.
-    #[doc(hidden)]
-    fn injected(res: Self) -> Self::Out;
+    fn wrap(inner: Inner, stream: Option<StreamFaultArg>) -> Res;
+}
+
+/// The answer as the inner service gave it.
+#[derive(Debug, Clone, Copy)]
+pub struct Plain;
+
+impl<T> Wrap<T, T> for Plain {
+    fn wrap(inner: T, _: Option<StreamFaultArg>) -> T {
+        inner
+    }
 }
 
 #[cfg(feature = "http")]
@@ -653,16 +641,6 @@ pub type StreamFaultArg = StreamFault;
 #[cfg(not(feature = "http"))]
 #[doc(hidden)]
 pub type StreamFaultArg = std::convert::Infallible;
-
-impl<T> ChaosResponse<T> for T {
-    type Out = T;
-    fn pass(inner: T, _: Option<StreamFaultArg>) -> T {
-        inner
-    }
-    fn injected(res: T) -> T {
-        res
-    }
-}
 
 enum Then<F, Res> {
     Call(F, Option<StreamFaultArg>),
@@ -702,12 +680,49 @@ impl<F, Res> State<F, Res> {
 /// or replaced by an injected answer, or never done. Cancel safety:
 /// dropping it drops the inner call and the delay.
 #[pin_project]
-pub struct ChaosFuture<F, Res> {
+pub struct ChaosFuture<F, Res, W> {
     #[pin]
     state: State<F, Res>,
+    _wrap: std::marker::PhantomData<fn() -> W>,
 }
 
-impl<F, Res> fmt::Debug for ChaosFuture<F, Res> {
+impl<F, Res, W> ChaosFuture<F, Res, W> {
+    /// The future of a call with `plan`; `call` makes the inner call
+    /// (unless an injected answer replaces it).
+    pub(crate) fn new(plan: Option<Plan<Res>>, call: impl FnOnce() -> F) -> Self {
+        let Some(plan) = plan else {
+            return ChaosFuture {
+                state: State::Pass {
+                    fut: call(),
+                    stream: None,
+                },
+                _wrap: std::marker::PhantomData,
+            };
+        };
+        let then = match plan.outcome {
+            None | Some(Kind::Latency(_)) => Then::Call(call(), None),
+            Some(Kind::Error(f)) => Then::Error(f()),
+            Some(Kind::Respond(f)) => Then::Respond(f()),
+            Some(Kind::Hang) => Then::Hang,
+            #[cfg(feature = "http")]
+            Some(Kind::Stream(s)) => Then::Call(call(), Some(s)),
+        };
+        let state = if plan.delay.is_zero() {
+            State::from_then(then)
+        } else {
+            State::Delay {
+                sleep: tokio::time::sleep(plan.delay),
+                then: Some(then),
+            }
+        };
+        ChaosFuture {
+            state,
+            _wrap: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<F, Res, W> fmt::Debug for ChaosFuture<F, Res, W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Pass { .. } => "call",
@@ -721,13 +736,13 @@ impl<F, Res> fmt::Debug for ChaosFuture<F, Res> {
     }
 }
 
-impl<F, T, E, Res> Future for ChaosFuture<F, Res>
+impl<F, T, E, Res, W> Future for ChaosFuture<F, Res, W>
 where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
-    Res: ChaosResponse<T>,
+    W: Wrap<T, Res>,
 {
-    type Output = Result<Res::Out, BoxError>;
+    type Output = Result<Res, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -735,7 +750,7 @@ where
             match this.state.as_mut().project() {
                 StateProj::Pass { fut, stream } => {
                     let out = std::task::ready!(fut.poll(cx)).map_err(Into::into)?;
-                    return Poll::Ready(Ok(Res::pass(out, stream.take())));
+                    return Poll::Ready(Ok(W::wrap(out, stream.take())));
                 }
                 StateProj::Delay { sleep, then } => {
                     std::task::ready!(sleep.poll(cx));
@@ -746,7 +761,7 @@ where
                 }
                 StateProj::Ready(out) => {
                     return Poll::Ready(match out.take() {
-                        Some(r) => r.map(Res::injected),
+                        Some(r) => r,
                         None => Err(crate::error::polled_after_done("chaos")),
                     });
                 }

@@ -1,0 +1,289 @@
+//! The degradation switch: scripted signals on paused time, hysteresis,
+//! manual overrides, what it tells.
+
+use semaforo::degrade::{Degrade, Level, LevelReason, Rule};
+use semaforo::observe::EventKind;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::{sleep, Instant};
+
+fn flag() -> (Arc<AtomicBool>, impl Fn() -> bool + Send + Sync + 'static) {
+    let f = Arc::new(AtomicBool::new(false));
+    let g = f.clone();
+    (f, move || g.load(Ordering::SeqCst))
+}
+
+type Changes = Arc<Mutex<Vec<(u64, Level, Level, LevelReason)>>>;
+
+fn recorder(
+    start: Instant,
+) -> (
+    Changes,
+    impl Fn(&semaforo::observe::Event<'_>) + Send + Sync,
+) {
+    let changes: Changes = Arc::default();
+    let c = changes.clone();
+    (changes, move |e: &semaforo::observe::Event<'_>| {
+        if let EventKind::LevelChanged { from, to, reason } = e.kind {
+            c.lock()
+                .unwrap()
+                .push((start.elapsed().as_secs(), from, to, reason));
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_scripted_signal_gives_exactly_the_expected_changes() {
+    let start = Instant::now();
+    let (changes, listener) = recorder(start);
+    let (reduced, reduced_signal) = flag();
+    let (minimal, minimal_signal) = flag();
+    let switch = Degrade::builder()
+        .rule(
+            Rule::new(Level::Reduced, reduced_signal)
+                .after(Duration::from_secs(3))
+                .recover_after(Duration::from_secs(10)),
+        )
+        .rule(
+            Rule::new(Level::Minimal, minimal_signal)
+                .after(Duration::from_secs(5))
+                .recover_after(Duration::from_secs(5)),
+        )
+        .on_event(listener)
+        .build()
+        .unwrap();
+    let _task = switch.spawn();
+    // The script, one step a second: (from, to, reduced, minimal).
+    let script: &[(u64, u64, bool, bool)] = &[
+        (0, 10, false, false),
+        (10, 40, true, false),   // Reduced from 10 + 3 = 13
+        (40, 50, true, true),    // Minimal from 40 + 5 = 45
+        (50, 60, true, false),   // back to Reduced at 50 + 5 = 55
+        (60, 100, false, false), // Normal at 60 + 10 = 70
+    ];
+    for &(from, to, r, m) in script {
+        reduced.store(r, Ordering::SeqCst);
+        minimal.store(m, Ordering::SeqCst);
+        sleep(Duration::from_secs(to - from)).await;
+    }
+    // The interval ticks at 0, 1, 2 …: a signal set at t is seen at t.
+    assert_eq!(
+        *changes.lock().unwrap(),
+        vec![
+            (13, Level::Normal, Level::Reduced, LevelReason::Rules),
+            (45, Level::Reduced, Level::Minimal, LevelReason::Rules),
+            (55, Level::Minimal, Level::Reduced, LevelReason::Rules),
+            (70, Level::Reduced, Level::Normal, LevelReason::Rules),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_signal_oscillating_around_its_threshold_does_not_flap() {
+    let start = Instant::now();
+    let (changes, listener) = recorder(start);
+    let (on, signal) = flag();
+    let switch = Degrade::builder()
+        .rule(
+            Rule::new(Level::Reduced, signal)
+                .after(Duration::from_secs(3))
+                .recover_after(Duration::from_secs(10)),
+        )
+        .on_event(listener)
+        .build()
+        .unwrap();
+    let _task = switch.spawn();
+    // On 2 s, off 1 s, for 5 minutes: never 3 s in a row.
+    for _ in 0..100 {
+        on.store(true, Ordering::SeqCst);
+        sleep(Duration::from_secs(2)).await;
+        on.store(false, Ordering::SeqCst);
+        sleep(Duration::from_secs(1)).await;
+    }
+    assert!(changes.lock().unwrap().is_empty());
+    // Once active, an oscillation with gaps shorter than 10 s keeps it.
+    on.store(true, Ordering::SeqCst);
+    sleep(Duration::from_secs(4)).await;
+    assert_eq!(switch.level(), Level::Reduced);
+    for _ in 0..100 {
+        on.store(false, Ordering::SeqCst);
+        sleep(Duration::from_secs(9)).await;
+        on.store(true, Ordering::SeqCst);
+        sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(changes.lock().unwrap().len(), 1, "one change in 1,000 s");
+    assert_eq!(switch.level(), Level::Reduced);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_manual_override_wins_until_released_or_expired() {
+    let start = Instant::now();
+    let (changes, listener) = recorder(start);
+    let (on, signal) = flag();
+    let switch = Degrade::builder()
+        .rule(Rule::new(Level::Reduced, signal).recover_after(Duration::from_secs(2)))
+        .on_event(listener)
+        .build()
+        .unwrap();
+    let _task = switch.spawn();
+    sleep(Duration::from_millis(500)).await;
+    switch.set(Level::Normal);
+    on.store(true, Ordering::SeqCst);
+    sleep(Duration::from_secs(10)).await;
+    assert_eq!(switch.level(), Level::Normal, "the override wins");
+    assert_eq!(switch.rules_level(), Level::Reduced);
+    switch.release(); // t = 10.5
+    assert_eq!(switch.level(), Level::Reduced);
+    switch.set_for(Level::Minimal, Duration::from_secs(20)); // until 30.5
+    sleep(Duration::from_secs(19)).await;
+    assert_eq!(switch.level(), Level::Minimal);
+    sleep(Duration::from_secs(1)).await;
+    // Read at 30.5: expired, the rules again.
+    assert_eq!(switch.level(), Level::Reduced);
+    assert_eq!(switch.manual(), None);
+    assert_eq!(
+        *changes.lock().unwrap(),
+        vec![
+            (10, Level::Normal, Level::Reduced, LevelReason::Released),
+            (10, Level::Reduced, Level::Minimal, LevelReason::Manual),
+            (
+                30,
+                Level::Minimal,
+                Level::Reduced,
+                LevelReason::OverrideExpired
+            ),
+        ]
+    );
+    // No reader: the task notices the expiry too.
+    switch.set_for(Level::Minimal, Duration::from_millis(1500));
+    sleep(Duration::from_secs(3)).await;
+    assert_eq!(changes.lock().unwrap().len(), 5);
+    assert_eq!(changes.lock().unwrap()[4].3, LevelReason::OverrideExpired);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_rules_over_our_own_layers_and_what_it_tells() {
+    use semaforo::breaker::Breaker;
+    use semaforo::degrade;
+    use tower::{service_fn, Layer, ServiceExt};
+    let breaker = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let switch = Degrade::builder()
+        .name("plans")
+        .rule(
+            Rule::new(Level::Reduced, degrade::breaker_open(&breaker))
+                .after(Duration::from_secs(4))
+                .recover_after(Duration::from_secs(5)),
+        )
+        .build()
+        .unwrap();
+    let _task = switch.spawn();
+    let failing = breaker.layer().layer(service_fn(|_: ()| async {
+        Err::<(), _>(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+    }));
+    let opened = Instant::now();
+    assert!(failing.oneshot(()).await.is_err());
+    let health = semaforo::health::Health::new(&semaforo::shutdown::Shutdown::new())
+        .degrade("plans", &switch);
+    sleep(Duration::from_millis(3900)).await;
+    assert_eq!(switch.level(), Level::Normal);
+    sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        switch.level(),
+        Level::Reduced,
+        "open at the tick of t = 0, Reduced at the tick of t = 4"
+    );
+    let report = health.report();
+    let c = report
+        .components
+        .iter()
+        .find(|c| c.kind == "degrade")
+        .unwrap();
+    assert_eq!(c.status, semaforo::health::Status::Degraded);
+    assert_eq!(c.details[0], ("level", 1.0));
+    // The breaker half-opens at 30 s (nothing calls, so it stays half-open:
+    // still not closed) — reset it: closed from 40 s, Normal 5 s later.
+    sleep_until(opened, 40).await;
+    breaker.reset();
+    sleep_until(opened, 44).await;
+    assert_eq!(switch.level(), Level::Reduced);
+    sleep_until(opened, 46).await;
+    assert_eq!(switch.level(), Level::Normal);
+}
+
+async fn sleep_until(start: Instant, secs: u64) {
+    tokio::time::sleep_until(start + Duration::from_secs(secs)).await;
+}
+
+#[test]
+fn the_builder_refuses_a_zero_interval() {
+    let e = Degrade::builder()
+        .every(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!((e.component, e.field), ("degrade", "every"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_task_ends_with_the_last_handle() {
+    let switch = Degrade::builder().build().unwrap();
+    let task = switch.spawn();
+    sleep(Duration::from_secs(3)).await;
+    assert!(!task.is_finished());
+    drop(switch);
+    sleep(Duration::from_secs(2)).await;
+    assert!(task.is_finished());
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Against a model: the rule is active once its signal has held at
+        /// every evaluation for `after`, inactive once it has been absent
+        /// for `recover_after`; the level changes only then.
+        #[test]
+        fn the_level_follows_the_hysteresis_model(
+            steps in proptest::collection::vec(any::<bool>(), 1..200),
+            after in 0u64..6,
+            recover in 0u64..6,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+            rt.block_on(async {
+                let (on, signal) = flag();
+                let switch = Degrade::builder()
+                    .rule(Rule::new(Level::Minimal, signal)
+                        .after(Duration::from_secs(after))
+                        .recover_after(Duration::from_secs(recover)))
+                    .build()
+                    .unwrap();
+                let (mut active, mut since): (bool, Option<u64>) = (false, None);
+                for (t, &s) in steps.iter().enumerate() {
+                    let t = t as u64;
+                    on.store(s, Ordering::SeqCst);
+                    let got = switch.evaluate();
+                    if s == active {
+                        since = None;
+                    } else {
+                        let from = *since.get_or_insert(t);
+                        let wait = if active { recover } else { after };
+                        if t - from >= wait {
+                            active = s;
+                            since = None;
+                        }
+                    }
+                    let want = if active { Level::Minimal } else { Level::Normal };
+                    prop_assert_eq!(got, want, "step {}", t);
+                    tokio::time::advance(Duration::from_secs(1)).await;
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
