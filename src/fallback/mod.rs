@@ -149,6 +149,48 @@ pub trait Source<Req, Res>: Send + Sync + 'static {
     fn answer(&self, memo: Self::Memo, failure: &Failure<'_>) -> Self::Future;
 }
 
+/// `None`: no fallback (every call's result passes unchanged).
+impl<Req, Res, Src: Source<Req, Res>> Source<Req, Res> for Option<Src> {
+    type Memo = Src::Memo;
+    type Future = MaybeAnswer<Src::Future>;
+
+    fn memo(&self, req: &mut Req) -> Option<Self::Memo> {
+        self.as_ref()?.memo(req)
+    }
+
+    fn answer(&self, memo: Self::Memo, failure: &Failure<'_>) -> Self::Future {
+        match self {
+            Some(s) => MaybeAnswer::Some(s.answer(memo, failure)),
+            None => MaybeAnswer::None,
+        }
+    }
+}
+
+/// The answer of an `Option` source: the source's, or (without one) a
+/// failed fallback.
+#[pin_project(project = MaybeProj)]
+#[derive(Debug)]
+pub enum MaybeAnswer<F> {
+    /// The source's answer.
+    Some(#[pin] F),
+    /// No source.
+    None,
+}
+
+impl<F, Res> Future for MaybeAnswer<F>
+where
+    F: Future<Output = Result<Res, BoxError>>,
+{
+    type Output = Result<Res, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            MaybeProj::Some(f) => f.poll(cx),
+            MaybeProj::None => Poll::Ready(Err("no fallback source".into())),
+        }
+    }
+}
+
 /// How the layer told a fallback answer apart: a [`MarkHttp`] response
 /// extension, and what [`Mark`] gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -170,6 +170,9 @@ pub struct LlmStack {
     coalesce: service::LlmCoalesceLayer,
     /// The cache tier shared by a fleet (a pass-through layer without one).
     tier: service::LlmTierLayer,
+    /// The last good answer on failure (a pass-through layer without
+    /// `stale_if_error`).
+    fallback: service::LlmFallbackLayer,
 }
 
 /// The preset's answer cache: keyed by [`LlmRequestKey`], keeping whole
@@ -390,6 +393,7 @@ pub struct LlmStackBuilder {
     coalesce: bool,
     key: LlmKey,
     tier: Option<std::sync::Arc<dyn crate::cache::RemoteTier>>,
+    stale_if_error: bool,
 }
 
 impl LlmStack {
@@ -452,6 +456,7 @@ impl LlmStack {
             coalesce: false,
             key: LlmKey::new(),
             tier: None,
+            stale_if_error: false,
         }
     }
 
@@ -689,6 +694,47 @@ impl LlmStackBuilder {
         self
     }
 
+    /// Answers a failure with the cache's last good answer for the same
+    /// request (stale-if-error, RFC 5861): a
+    /// [`FallbackLayer`](crate::fallback::FallbackLayer) between the
+    /// shutdown and the cache, on its default rule (`Overloaded`,
+    /// `Infrastructure`, an open breaker, a full line, a spent budget with
+    /// a time; never a `Permanent` answer nor a quota's refusal), serving
+    /// answers up to the cache's
+    /// [`stale_for`](crate::cache::CacheBuilder::stale_for) past their TTL.
+    /// The answer carries [`FellBack`](crate::fallback::FellBack) and
+    /// [`Served::Cache`](crate::share::Served) (its age, `stale`) in its
+    /// extensions, and an `age` header; it is never cached again and no
+    /// layer inside counts it. A request with nothing kept gets the
+    /// original failure. Default off.
+    ///
+    /// The retry inside honours a wait the upstream or the open breaker
+    /// asks for up to its ceiling before the failure reaches the fallback:
+    /// with this on, the preset's own retry caps it at 5 s instead of 60 s
+    /// (a caller gets the stale answer now rather than a fresh one in 30 s);
+    /// a [`retry`](Self::retry) of your own keeps its own ceiling.
+    ///
+    /// ```
+    /// use semaforo::cache::Cache;
+    /// use semaforo::llm::{LlmCache, LlmStack, Tier};
+    /// use std::time::Duration;
+    ///
+    /// let cache: LlmCache = Cache::builder()
+    ///     .ttl(Duration::from_secs(600))
+    ///     .stale_for(Duration::from_secs(86_400)) // a day of last good answers
+    ///     .build()?;
+    /// let stack = LlmStack::openai(Tier { requests_per_minute: 500, tokens_per_minute: 30_000 })
+    ///     .cache(cache)
+    ///     .stale_if_error(true)
+    ///     .build()?;
+    /// # let _ = stack;
+    /// # Ok::<(), semaforo::ConfigError>(())
+    /// ```
+    pub fn stale_if_error(mut self, yes: bool) -> Self {
+        self.stale_if_error = yes;
+        self
+    }
+
     /// A cache tier shared by a fleet under the in-process cache (e.g.
     /// [`redis::CacheTier`](crate::redis::CacheTier)), in the order
     /// cache → coalesce → tier → quota: an instance's identical requests
@@ -866,7 +912,9 @@ impl LlmStackBuilder {
                         .jitter(Jitter::Full)
                         .build()?,
                 )
-                .retry_after_ceiling(t(60.0))
+                // With a stale answer to give, a wait longer than 5 s (an
+                // open breaker's, an upstream's) is answered stale at once.
+                .retry_after_ceiling(if self.stale_if_error { t(5.0) } else { t(60.0) })
                 .build()?,
         };
         let breaker = match self.breaker {
@@ -984,6 +1032,25 @@ impl LlmStackBuilder {
                 .unwrap_or_else(|| std::sync::Arc::new(CharsPerToken::new())),
             prices: std::sync::Arc::new(self.prices),
         };
+        if self.stale_if_error && self.cache.is_none() {
+            return Err(ConfigError::new(
+                "llm",
+                "stale_if_error",
+                "needs a cache (`cache(…)`) to take the last good answers from",
+            ));
+        }
+        let stale = match (&self.cache, self.stale_if_error) {
+            (Some(c), true) => Some(crate::fallback::stale(
+                c,
+                self.key.clone(),
+                crate::share::WholeResponse,
+            )),
+            _ => None,
+        };
+        let fallback = heard!(crate::fallback::FallbackLayer::new(stale)
+            .classify(crate::classify::LlmClassifier::new())
+            .mark(crate::fallback::MarkHttp)
+            .name(name));
         let cache = match self.cache {
             Some(c) => c
                 .layer(self.key.clone())
@@ -1018,6 +1085,7 @@ impl LlmStackBuilder {
         ));
         Ok(LlmStack {
             tier,
+            fallback,
             cache,
             coalesce,
             weigh,

@@ -261,6 +261,23 @@ pub(super) type LlmCoalesceLayer = crate::coalesce::CoalesceLayer<
 pub(super) type LlmTierLayer =
     crate::cache::TierLayer<super::LlmKey, crate::share::WholeResponse, LlmClassifier>;
 
+/// The preset's fallback to the cache's stale answers (a `None` source
+/// without `stale_if_error`).
+pub(super) type LlmFallbackLayer = crate::fallback::FallbackLayer<
+    Option<LlmStale>,
+    crate::fallback::DefaultWhen,
+    LlmClassifier,
+    crate::fallback::MarkHttp,
+>;
+
+/// The stale-answer source of [`LlmFallbackLayer`].
+pub(super) type LlmStale = crate::fallback::Stale<
+    super::LlmKey,
+    super::LlmRequestKey,
+    std::sync::Arc<crate::share::KeptResponse>,
+    crate::share::WholeResponse,
+>;
+
 /// The cache, coalescing and shared-tier layers around a stack.
 type Shared<S> = crate::cache::CacheService<
     crate::coalesce::CoalesceService<
@@ -279,32 +296,38 @@ type Shared<S> = crate::cache::CacheService<
 
 /// The stack inside [`LlmService`].
 type Inner<S> = ShutdownService<
-    Shared<
-        QuotaService<
-            BulkheadService<
-                RetryService<
-                    BreakerService<
-                        KeyedPaceService<
-                            TimeoutService<Stamp<S>, Whole>,
-                            AskedModel,
-                            Weigh,
-                            PricedUsage,
+    crate::fallback::Fallback<
+        Shared<
+            QuotaService<
+                BulkheadService<
+                    RetryService<
+                        BreakerService<
+                            KeyedPaceService<
+                                TimeoutService<Stamp<S>, Whole>,
+                                AskedModel,
+                                Weigh,
+                                PricedUsage,
+                                LlmClassifier,
+                            >,
                             LlmClassifier,
+                            OnResponse,
                         >,
                         LlmClassifier,
-                        OnResponse,
+                        HttpRequests,
                     >,
+                    InfoFns<http::Request<Bytes>>,
+                    OnResponse,
                     LlmClassifier,
-                    HttpRequests,
                 >,
-                InfoFns<http::Request<Bytes>>,
-                OnResponse,
-                LlmClassifier,
+                String,
+                HeaderKey,
+                UnitCost,
             >,
-            String,
-            HeaderKey,
-            UnitCost,
         >,
+        Option<LlmStale>,
+        crate::fallback::DefaultWhen,
+        LlmClassifier,
+        crate::fallback::MarkHttp,
     >,
     OnResponse,
 >;
@@ -457,14 +480,15 @@ impl<S> Layer<S> for LlmLayer {
             .from_extensions()
             .classify(LlmClassifier::new())
             .layer(retried);
-        // shutdown → cache → coalesce → shared tier → quota: a cached or
-        // coalesced answer costs no quota and waits in no line.
+        // shutdown → fallback → cache → coalesce → shared tier → quota: a
+        // cached or coalesced answer costs no quota and waits in no line; a
+        // fallback answer is never cached.
         let shared = s.cache.layer(
             s.coalesce
                 .layer(s.tier.layer(s.quota_layer().layer(limited))),
         );
         LlmService {
-            inner: s.shutdown.layer().layer(shared),
+            inner: s.shutdown.layer().layer(s.fallback.layer(shared)),
             weigh: s.weigh.clone(),
         }
     }
