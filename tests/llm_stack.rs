@@ -178,6 +178,10 @@ async fn injected_529s_and_midstream_errors_are_retried_and_429s_never_open_the_
     );
 }
 
+/// The provider down: the chaos layer answers the `503 server_error` the
+/// mock used to send while its `down` flag was set; "reached" counts the
+/// calls that got to the chaos layer, where the network is.
+#[cfg(feature = "chaos")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_down_breaker_opens_fails_fast_and_recovers_within_a_probe() {
     let scale = 60.0; // 5 simulated minutes = 5 s
@@ -195,17 +199,29 @@ async fn provider_down_breaker_opens_fails_fast_and_recovers_within_a_probe() {
         .bulkhead(Bulkhead::builder(8).max_queue(100).build().unwrap())
         .build()
         .unwrap();
+    let down = semaforo::chaos::Chaos::builder()
+        .fault(semaforo::chaos::Fault::respond(|| {
+            let body = r#"{"error":{"message":"The server is temporarily unavailable.","type":"server_error","param":null,"code":null}}"#;
+            http::Response::builder()
+                .status(503)
+                .header("content-type", "application/json")
+                .body(bytes::Bytes::from_static(body.as_bytes()))
+                .unwrap()
+        }))
+        .build()
+        .unwrap();
     let mut svc = ServiceBuilder::new()
         .layer(stack.layer())
+        .layer(down.layer())
         .service(HttpClient::new(&provider.base_url(), None));
-    provider.down.store(true, Ordering::SeqCst);
+    down.enable();
     let outage_end = Instant::now() + Duration::from_secs(5);
     let (mut fast_rejections, mut slowest_rejection) = (0, Duration::ZERO);
     let mut reached_while_open = 0;
     let mut n = 0;
     while Instant::now() < outage_end {
         n += 1;
-        let before = Stats::get(&provider.stats.requests);
+        let before = down.calls();
         // Open and not yet due for a probe (with a margin for the call's own time).
         let was_open = breaker
             .snapshot()
@@ -226,7 +242,7 @@ async fn provider_down_breaker_opens_fails_fast_and_recovers_within_a_probe() {
             }
         }
         if was_open {
-            reached_while_open += Stats::get(&provider.stats.requests) - before;
+            reached_while_open += down.calls() - before;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -246,7 +262,7 @@ async fn provider_down_breaker_opens_fails_fast_and_recovers_within_a_probe() {
         "no request reached the provider while open"
     );
     // The provider comes back: traffic recovers within one probe period.
-    provider.down.store(false, Ordering::SeqCst);
+    down.disable();
     let back = Instant::now();
     loop {
         let res = svc

@@ -39,15 +39,13 @@ fn weigh(req: &http::Request<Bytes>) -> Cost {
 /// `client`, classified as an LLM answer.
 fn deployment<S>(name: &'static str, client: S, weight: u32) -> (Deployment<Client>, Pace)
 where
-    S: tower::Service<
-            http::Request<Bytes>,
-            Response = http::Response<Bytes>,
-            Error = std::io::Error,
-        > + Clone
+    S: tower::Service<http::Request<Bytes>, Response = http::Response<Bytes>>
+        + Clone
         + Send
         + Sync
         + 'static,
     S::Future: Send + 'static,
+    S::Error: Into<BoxError> + semaforo::classify::AsErrorRef,
 {
     let pace = Pace::builder()
         .limit(Limit::tokens_per_minute(30_000).headroom(5))
@@ -206,19 +204,33 @@ async fn a_429_fails_over_at_once_and_a_permanent_answer_is_returned() {
     );
 }
 
-/// A answers 529 to everything; its breaker trips after 3: the failures
-/// that reach A are those 3, each failed over to B, and every call succeeds.
+/// A answers 529 to everything (the chaos layer injecting Anthropic's
+/// `overloaded_error` after 100 ms, where a hand-made failing service used to
+/// be); its breaker trips after 3: the failures that reach A are those 3,
+/// each failed over to B, and every call succeeds.
+#[cfg(feature = "chaos")]
 #[tokio::test(start_paused = true)]
 async fn an_overloaded_deployment_trips_its_breaker_and_calls_go_elsewhere() {
+    use semaforo::chaos::{overloaded, Chaos, Fault, Latency};
     let (a_calls, b_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let overloaded =
-        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+    let chaos = Chaos::builder()
+        .fault(Fault::latency(Latency::Fixed(Duration::from_millis(100))))
+        .fault(Fault::respond(overloaded::<Bytes>()))
+        .build()
+        .unwrap();
+    chaos.enable();
     let breaker = Breaker::builder()
         .consecutive_failures(3)
         .open_for(Duration::from_secs(30))
         .build()
         .unwrap();
-    let (a, pa) = deployment("a", answering(529, overloaded, None, a_calls.clone()), 100);
+    let (a, pa) = deployment(
+        "a",
+        chaos
+            .layer()
+            .layer(answering(200, OK, None, a_calls.clone())),
+        100,
+    );
     let a = Deployment::new(
         "a",
         BoxCloneSyncService::new(
@@ -243,7 +255,12 @@ async fn an_overloaded_deployment_trips_its_breaker_and_calls_go_elsewhere() {
         let res = router.clone().oneshot(chat(100)).await.unwrap();
         assert_eq!(res.status(), 200);
     }
-    assert_eq!(a_calls.load(Ordering::SeqCst), 3, "the trip threshold");
+    assert_eq!(chaos.calls(), 3, "the trip threshold");
+    assert_eq!(
+        a_calls.load(Ordering::SeqCst),
+        0,
+        "A's own service never answered"
+    );
     assert_eq!(b_calls.load(Ordering::SeqCst), 20);
 }
 

@@ -312,3 +312,40 @@ fn the_example_exits_0_after_draining_on_sigterm() {
         t0.elapsed()
     );
 }
+
+/// The template's `/lesson` reads the degradation level: the full plan at
+/// `Normal`, a simplified one (a quarter of the work) at `Reduced`, the level
+/// in the `x-degrade-level` header and in `/healthz`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lesson_handler_serves_a_simplified_answer_when_reduced() {
+    let _one = SERIAL.lock().await;
+    let (base, guards) = serve(ServerConfig::default()).await;
+    let client = reqwest::Client::new();
+    let get = |path: &'static str| client.get(format!("{base}{path}")).send();
+    let res = get("/lesson").await.unwrap();
+    assert!(res.headers().get("x-degrade-level").is_none());
+    assert!(res.text().await.unwrap().starts_with("full lesson plan"));
+
+    guards.degrade.set(semaforo::degrade::Level::Reduced);
+    let res = get("/lesson").await.unwrap();
+    assert_eq!(res.headers()["x-degrade-level"], "reduced");
+    assert_eq!(
+        res.text().await.unwrap(),
+        "lesson plan: objectives and activities"
+    );
+    let health: serde_json::Value = get("/healthz").await.unwrap().json().await.unwrap();
+    let degrade = health["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "degrade")
+        .unwrap();
+    assert_eq!(degrade["status"], "degraded");
+    assert_eq!(degrade["details"]["level"], 1.0);
+    assert_eq!(degrade["details"]["manual"], 1.0);
+
+    guards.degrade.release();
+    let res = get("/lesson").await.unwrap();
+    assert!(res.headers().get("x-degrade-level").is_none());
+    assert!(res.text().await.unwrap().starts_with("full lesson plan"));
+}

@@ -1,6 +1,8 @@
 //! The axum server of `examples/axum_server.rs`, shared with the tests: an
 //! expensive backend of capacity K guarded by shutdown → per-API-key quota →
-//! bulkhead (fail fast when the line is full) → timeout.
+//! bulkhead (fail fast when the line is full) → timeout; and a degradation
+//! switch (`Reduced` while the backend's line stays more than half full)
+//! that `/lesson` reads to serve a simplified answer.
 #![allow(dead_code)]
 
 use axum::error_handling::HandleErrorLayer;
@@ -10,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use semaforo::bulkhead::Bulkhead;
+use semaforo::degrade::{self, Degrade, DegradeLayer, Level, Rule};
 use semaforo::health::Health;
 use semaforo::quota::{Quota, Rate};
 use semaforo::shutdown::Shutdown;
@@ -63,6 +66,8 @@ pub struct Guards {
     pub bulkhead: Bulkhead,
     pub quota: Quota<String>,
     pub health: Health,
+    /// The degradation switch `/lesson` reads.
+    pub degrade: Degrade,
     /// `(status, time in the server)` of every `/work` answer.
     pub answers: Arc<std::sync::Mutex<Vec<(u16, Duration)>>>,
 }
@@ -80,6 +85,30 @@ async fn work(State(b): State<Backend>) -> Response {
     tokio::time::sleep(b.cfg.service_time.mul_f64(slowdown)).await;
     b.busy.fetch_sub(1, Ordering::SeqCst);
     (StatusCode::OK, "done").into_response()
+}
+
+/// A lesson plan: the full one (the backend's whole work) at `Normal`; at
+/// `Reduced` or below, a simplified one for a quarter of the work. The
+/// level comes from the request's extensions (the `DegradeLayer` puts it
+/// there; the response carries it back in `x-degrade-level`).
+async fn lesson(
+    State(b): State<Backend>,
+    axum::Extension(level): axum::Extension<Level>,
+) -> Response {
+    match level {
+        Level::Normal => {
+            tokio::time::sleep(b.cfg.service_time).await;
+            (
+                StatusCode::OK,
+                "full lesson plan: objectives, activities, exercises, rubric",
+            )
+                .into_response()
+        }
+        Level::Reduced | Level::Minimal => {
+            tokio::time::sleep(b.cfg.service_time / 4).await;
+            (StatusCode::OK, "lesson plan: objectives and activities").into_response()
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -137,9 +166,24 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
         .name("backend")
         .total(cfg.timeout)
         .build()?;
+    // `Reduced` once the backend's line has stayed more than half full for
+    // 2 s, back 10 s after it has not (evaluated each second, on the
+    // runtime `app` is called from).
+    let degrade = Degrade::builder()
+        .name("backend")
+        .rule(
+            Rule::new(Level::Reduced, degrade::line_above(&bulkhead, 0.5))
+                .after(Duration::from_secs(2))
+                .recover_after(Duration::from_secs(10)),
+        )
+        .build()?;
+    if tokio::runtime::Handle::try_current().is_ok() {
+        degrade.spawn();
+    }
     let health = Health::new(&shutdown)
         .bulkhead("backend", &bulkhead)
-        .quota("api", &quota);
+        .quota("api", &quota)
+        .degrade("backend", &degrade);
     let backend = Backend {
         busy: Arc::new(AtomicUsize::new(0)),
         cfg: cfg.clone(),
@@ -227,9 +271,11 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
     );
     let router = Router::new()
         .route("/work", work_route)
+        .route("/lesson", get(lesson))
         .route("/stream", stream_route)
         .route("/readyz", get(readyz))
         .route("/healthz", get(healthz))
+        .layer(DegradeLayer::new(&degrade))
         .with_state(backend);
     Ok((
         router,
@@ -238,6 +284,7 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
             bulkhead,
             quota,
             health,
+            degrade,
             answers,
         },
     ))

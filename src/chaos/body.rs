@@ -195,6 +195,9 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        if !self.chaos.is_enabled() {
+            return ChaosFuture::pass(self.inner.call(req));
+        }
         let plan = self.chaos.plan();
         ChaosFuture::new(plan, || self.inner.call(req))
     }

@@ -486,6 +486,7 @@ impl<Res> Chaos<Res> {
     }
 
     /// Decides the faults of one call (`None`: pass untouched).
+    #[inline(never)]
     fn plan(&self) -> Option<Plan<Res>> {
         if !self.inner.enabled.load(Ordering::Acquire) {
             return None;
@@ -610,7 +611,11 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
+        if !self.chaos.inner.enabled.load(Ordering::Relaxed) {
+            return ChaosFuture::pass(self.inner.call(req));
+        }
         let plan = self.chaos.plan();
         ChaosFuture::new(plan, || self.inner.call(req))
     }
@@ -682,20 +687,34 @@ impl<F, Res> State<F, Res> {
 #[pin_project]
 pub struct ChaosFuture<F, Res, W> {
     #[pin]
-    state: State<F, Res>,
+    state: Outer<F, Res>,
     _wrap: std::marker::PhantomData<fn() -> W>,
 }
 
+/// An untouched call is the inner future alone (as small as a `MapErr`'s);
+/// a call chaos touches has its state on the heap (chaos is for drills).
+#[pin_project(project = OuterProj)]
+enum Outer<F, Res> {
+    Pass(#[pin] F),
+    Faulty(Pin<Box<State<F, Res>>>),
+}
+
 impl<F, Res, W> ChaosFuture<F, Res, W> {
+    /// The inner call, untouched.
+    #[inline]
+    pub(crate) fn pass(fut: F) -> Self {
+        ChaosFuture {
+            state: Outer::Pass(fut),
+            _wrap: std::marker::PhantomData,
+        }
+    }
+
     /// The future of a call with `plan`; `call` makes the inner call
     /// (unless an injected answer replaces it).
     pub(crate) fn new(plan: Option<Plan<Res>>, call: impl FnOnce() -> F) -> Self {
         let Some(plan) = plan else {
             return ChaosFuture {
-                state: State::Pass {
-                    fut: call(),
-                    stream: None,
-                },
+                state: Outer::Pass(call()),
                 _wrap: std::marker::PhantomData,
             };
         };
@@ -716,7 +735,7 @@ impl<F, Res, W> ChaosFuture<F, Res, W> {
             }
         };
         ChaosFuture {
-            state,
+            state: Outer::Faulty(Box::pin(state)),
             _wrap: std::marker::PhantomData,
         }
     }
@@ -725,10 +744,13 @@ impl<F, Res, W> ChaosFuture<F, Res, W> {
 impl<F, Res, W> fmt::Debug for ChaosFuture<F, Res, W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Pass { .. } => "call",
-            State::Delay { .. } => "delay",
-            State::Ready(_) => "injected",
-            State::Hang => "hang",
+            Outer::Pass(_) => "call",
+            Outer::Faulty(s) => match &**s {
+                State::Pass { .. } => "call",
+                State::Delay { .. } => "delay",
+                State::Ready(_) => "injected",
+                State::Hang => "hang",
+            },
         };
         f.debug_struct("ChaosFuture")
             .field("state", &state)
@@ -745,28 +767,45 @@ where
     type Output = Result<Res, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        loop {
-            match this.state.as_mut().project() {
-                StateProj::Pass { fut, stream } => {
-                    let out = std::task::ready!(fut.poll(cx)).map_err(Into::into)?;
-                    return Poll::Ready(Ok(W::wrap(out, stream.take())));
-                }
-                StateProj::Delay { sleep, then } => {
-                    std::task::ready!(sleep.poll(cx));
-                    let Some(then) = then.take() else {
-                        return Poll::Ready(Err(crate::error::polled_after_done("chaos")));
-                    };
-                    this.state.set(State::from_then(then));
-                }
-                StateProj::Ready(out) => {
-                    return Poll::Ready(match out.take() {
-                        Some(r) => r,
-                        None => Err(crate::error::polled_after_done("chaos")),
-                    });
-                }
-                StateProj::Hang => return Poll::Pending,
+        match self.project().state.project() {
+            OuterProj::Pass(fut) => {
+                let out = std::task::ready!(fut.poll(cx)).map_err(Into::into)?;
+                Poll::Ready(Ok(W::wrap(out, None)))
             }
+            OuterProj::Faulty(state) => poll_faulty::<F, T, E, Res, W>(state.as_mut(), cx),
+        }
+    }
+}
+
+fn poll_faulty<F, T, E, Res, W>(
+    mut state: Pin<&mut State<F, Res>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Res, BoxError>>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    W: Wrap<T, Res>,
+{
+    loop {
+        match state.as_mut().project() {
+            StateProj::Pass { fut, stream } => {
+                let out = std::task::ready!(fut.poll(cx)).map_err(Into::into)?;
+                return Poll::Ready(Ok(W::wrap(out, stream.take())));
+            }
+            StateProj::Delay { sleep, then } => {
+                std::task::ready!(sleep.poll(cx));
+                let Some(then) = then.take() else {
+                    return Poll::Ready(Err(crate::error::polled_after_done("chaos")));
+                };
+                state.set(State::from_then(then));
+            }
+            StateProj::Ready(out) => {
+                return Poll::Ready(match out.take() {
+                    Some(r) => r,
+                    None => Err(crate::error::polled_after_done("chaos")),
+                });
+            }
+            StateProj::Hang => return Poll::Pending,
         }
     }
 }

@@ -428,13 +428,17 @@ enum State<F, SF, Memo, Res> {
         fut: F,
         memo: Option<Memo>,
     },
-    Fallback {
-        #[pin]
-        fut: SF,
-        original: Option<Result<Res, BoxError>>,
-        class: Class,
-    },
+    /// On the heap: a healthy call's future stays the inner one's size.
+    Fallback(Pin<Box<Pending<SF, Res>>>),
     Done,
+}
+
+#[pin_project]
+struct Pending<SF, Res> {
+    #[pin]
+    fut: SF,
+    original: Option<Result<Res, BoxError>>,
+    class: Class,
 }
 
 /// The future of [`Fallback`]: the inner call, then (after a failure the
@@ -503,19 +507,16 @@ where
                         }
                     };
                     let fut = this.shared.source.answer(memo, &failure);
-                    this.state.set(State::Fallback {
+                    this.state.set(State::Fallback(Box::pin(Pending {
                         fut,
                         original: Some(result),
                         class,
-                    });
+                    })));
                 }
-                StateProj::Fallback {
-                    fut,
-                    original,
-                    class,
-                } => {
-                    let answer = std::task::ready!(fut.poll(cx));
-                    let (class, original) = (*class, original.take());
+                StateProj::Fallback(pending) => {
+                    let p = pending.as_mut().project();
+                    let answer = std::task::ready!(p.fut.poll(cx));
+                    let (class, original) = (*p.class, p.original.take());
                     this.state.set(State::Done);
                     let obs = &this.shared.obs;
                     return Poll::Ready(match (answer, original) {
