@@ -11,29 +11,49 @@
 //! | module | what it does |
 //! |---|---|
 //! | [`classify`] | the [`Class`](classify::Class) of a result (`Throttled`, `Overloaded`, `Transient`, `Infrastructure`, `Permanent`), HTTP and LLM-provider classifiers, rate-limit headers |
-//! | [`bulkhead`] | concurrency limit with a fair bounded line, priorities, partitions, queue tickets with ETAs |
+//! | [`bulkhead`] | concurrency limit with a fair bounded line, priorities, partitions, queue tickets with ETAs, a fixed or adaptive limit (AIMD, Vegas, Gradient2) |
 //! | [`quota`] | keyed admission limits per user / tenant / plan, and a global one |
-//! | [`pace`] | an upstream's budget (requests and tokens per minute or day), reserved before the call, learned from its headers |
+//! | [`pace`] | an upstream's budget (requests, tokens, spend per minute or day), reserved before the call, learned from its headers |
 //! | [`breaker`] | a circuit breaker that counts only upstream failures |
 //! | [`retry`] | retry by class with backoff, `Retry-After`, a budget and a deadline |
 //! | [`timeout`] | attempt, total, first-chunk and idle limits that follow a stream to its end |
+//! | [`route`] | one logical upstream over several deployments: soonest start, failover, fallback groups, hedging |
+//! | [`coalesce`] | singleflight: identical calls in flight share one call and its answer (streams fanned out) |
+//! | `cache` | a response cache for `Success` answers on moka, with a Redis tier (feature `cache`) |
+//! | [`share`] | how an answer is keyed and shared by coalescing, caches and fallbacks |
+//! | [`fallback`] | answer from elsewhere (a value, a service, the cache's last good answer) on chosen classes |
+//! | [`degrade`] | a shared degradation level (`Normal`, `Reduced`, `Minimal`), by hand or by rules over our own signals |
+//! | `chaos` | seeded, scheduled fault injection for drills and tests (feature `chaos`) |
 //! | [`shutdown`] | stop admitting, drain with a deadline, release every line, report |
 //! | [`health`] | shallow readiness and a deep report |
 //! | [`observe`] | one event model: `tracing`, listeners, metrics |
 //! | [`guard`] | the one body tap: hold something until a body or stream ends |
 //! | [`eta`] | how a layer below tells a line above when calls will start |
-//! | `llm` | the LLM client preset and its SSE reader (feature `llm`, default) |
-//! | `redis` | a budget and a semaphore shared by a fleet (feature `redis`) |
+//! | `llm` | the LLM client and router presets and their SSE reader (feature `llm`) |
+//! | `redis` | a budget, a semaphore and a cache tier shared by a fleet (feature `redis`) |
 //!
-//! The LLM preset's order, and why: `shutdown → quota → bulkhead → retry →
-//! breaker → pace → attempt timeout → client` (see the `llm` module docs).
+//! # Layer order
+//!
+//! Client side, outermost first: `shutdown → fallback → cache → coalesce →
+//! quota → bulkhead → retry → breaker → pace → attempt timeout → (chaos, in
+//! drills) → client`. Shutdown outermost so draining sees every call; the
+//! fallback outside the cache and everything that counts, so its answers are
+//! never cached nor counted as successes; a cached or coalesced answer costs
+//! no quota and waits in no line; the quota fails an over-quota caller before
+//! it queues; the bulkhead bounds concurrency across retries; the breaker
+//! sees every attempt; every attempt pays the pacer; the timeout bounds one
+//! attempt; chaos stands where the network would fail. The LLM preset builds
+//! this order (see the `llm` module docs); with several deployments, `route`
+//! takes the place of `retry`.
 //!
 //! Start with `cargo run --example llm_client` (the Sunday-night classroom scenario
 //! against an in-process mock provider, without and with the stack) and the
-//! README's quick start; `examples/axum_server.rs` is the server template.
+//! README's quick start; `examples/axum_server.rs` is the server template and
+//! `cargo run --example drill` rehearses a provider outage.
 //!
-//! Features: `llm` and `signal` by default; `http`, `serde`, `metrics`,
-//! `redis` on request.
+//! Features: none by default (the tower layers alone); `llm` (implies `http`
+//! and `cache`), `http`, `cache`, `redis`, `metrics`, `serde`, `signal`,
+//! `tiktoken`, `chaos` on request.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]

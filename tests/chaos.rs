@@ -365,18 +365,13 @@ mod http_faults {
         );
     }
 
-    fn streaming() -> impl Service<
-        http::Request<()>,
-        Response = http::Response<
-            http_body_util::StreamBody<
-                futures::stream::Iter<
-                    std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>,
-                >,
-            >,
-        >,
-        Error = Infallible,
-        Future = impl Send,
-    > + Clone {
+    type Frames =
+        futures::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>;
+    type Streamed = http::Response<http_body_util::StreamBody<Frames>>;
+
+    fn streaming(
+    ) -> impl Service<http::Request<()>, Response = Streamed, Error = Infallible, Future = impl Send>
+           + Clone {
         service_fn(|_: http::Request<()>| async {
             let frames: Vec<Result<http_body::Frame<Bytes>, Infallible>> = (0..10)
                 .map(|i| Ok(http_body::Frame::data(Bytes::from(format!("chunk {i}\n")))))

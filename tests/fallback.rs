@@ -1,8 +1,8 @@
 //! Fallback: answers from elsewhere on chosen classes, counted (not timed).
 
 use semaforo::breaker::Breaker;
-use semaforo::classify::{Class, HttpClassifier, Permanent};
-use semaforo::fallback::{self, FallbackLayer, FellBack, MarkHttp};
+use semaforo::classify::{Class, Permanent};
+use semaforo::fallback::{self, FallbackLayer};
 use semaforo::observe::EventKind;
 use semaforo::{BoxError, RejectKind, Rejected};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -104,12 +104,9 @@ async fn permanent_and_throttled_pass_unchanged_and_successes_are_untouched() {
     // `InvalidInput` is Permanent: the same error, unchanged.
     let e = svc.clone().oneshot(1).await.unwrap_err();
     assert_eq!(e.to_string(), "bad request");
-    assert_eq!(
-        semaforo::classify::classify_error(&*e)
-            .permanent_reason()
-            .is_some(),
-        true
-    );
+    assert!(semaforo::classify::classify_error(&*e)
+        .permanent_reason()
+        .is_some());
     // A quota's verdict on the caller is not answered.
     let e = svc.clone().oneshot(2).await.unwrap_err();
     assert_eq!(
@@ -145,9 +142,16 @@ async fn a_failing_fallback_returns_the_original_error_and_a_529_response() {
     let r = Rejected::find(&*e).expect("the original refusal");
     assert_eq!(r.kind(), RejectKind::CircuitOpen);
     assert_eq!(r.detail(), Some("the original"));
+}
 
-    // An `Ok` 529 classified Overloaded: the fallback answers, marked; when
-    // the fallback fails the original 529 comes back.
+/// An `Ok` 529 classified Overloaded: the fallback answers, marked; when
+/// the fallback fails the original 529 comes back.
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn a_529_response_is_answered_and_marked_and_comes_back_when_the_fallback_fails() {
+    use semaforo::classify::HttpClassifier;
+    use semaforo::fallback::{FellBack, MarkHttp};
+
     let upstream = service_fn(|_: http::Request<()>| async {
         Ok::<_, std::io::Error>(
             http::Response::builder()
@@ -270,7 +274,7 @@ async fn dropped_at_each_await_the_call_it_waits_for_is_dropped() {
 mod stale {
     use super::*;
     use semaforo::cache::Cache;
-    use semaforo::share::Served;
+    use semaforo::fallback::FellBack;
 
     #[tokio::test(start_paused = true)]
     async fn the_last_good_answer_is_served_stale_and_marked_and_never_cached_back() {
@@ -331,7 +335,9 @@ mod stale {
     #[tokio::test(start_paused = true)]
     async fn a_stale_http_answer_carries_its_age_and_the_fallback_mark() {
         use bytes::Bytes;
-        use semaforo::share::{KeptResponse, WholeResponse};
+        use semaforo::classify::HttpClassifier;
+        use semaforo::fallback::MarkHttp;
+        use semaforo::share::{KeptResponse, Served, WholeResponse};
         let cache: Cache<u32, Arc<KeptResponse>> = Cache::builder()
             .ttl(Duration::from_secs(60))
             .stale_for(Duration::from_secs(600))

@@ -9,7 +9,6 @@ mod mock_provider;
 use http_client::{chat_request, HttpClient};
 use mock_provider::{MockConfig, MockProvider, Stats};
 use semaforo::breaker::{Breaker, BreakerState};
-use semaforo::bulkhead::Bulkhead;
 use semaforo::llm::{LlmStack, Tier};
 use semaforo::observe::EventKind;
 use semaforo::retry::Retry;
@@ -196,7 +195,12 @@ async fn provider_down_breaker_opens_fails_fast_and_recovers_within_a_probe() {
         .time_scale(scale)
         .breaker(breaker.clone())
         .retry(Retry::builder().max_attempts(1).build().unwrap()) // see the breaker itself
-        .bulkhead(Bulkhead::builder(8).max_queue(100).build().unwrap())
+        .bulkhead(
+            semaforo::bulkhead::Bulkhead::builder(8)
+                .max_queue(100)
+                .build()
+                .unwrap(),
+        )
         .build()
         .unwrap();
     let down = semaforo::chaos::Chaos::builder()

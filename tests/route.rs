@@ -264,6 +264,7 @@ async fn an_overloaded_deployment_trips_its_breaker_and_calls_go_elsewhere() {
     assert_eq!(b_calls.load(Ordering::SeqCst), 20);
 }
 
+#[cfg(feature = "chaos")]
 fn a_service(d: Deployment<Client>) -> Client {
     d.service().clone()
 }

@@ -61,6 +61,30 @@ async fn every_service_reaches_its_inner_service() {
         .unwrap();
     let plan = quota.plan_id("p").unwrap();
     reaches_inner!(quota.layer(move |_: &()| (0u8, plan)).layer(inner.clone()));
+    reaches_inner!(
+        semaforo::coalesce::CoalesceLayer::<_, (), _>::new(|_: &()| Some(0u8)).layer(inner.clone())
+    );
+    reaches_inner!(
+        semaforo::fallback::FallbackLayer::new(semaforo::fallback::value(0u8)).layer(inner.clone())
+    );
+    #[cfg(feature = "http")]
+    reaches_inner!(semaforo::degrade::DegradeLayer::new(
+        &semaforo::degrade::Degrade::builder().build().unwrap()
+    )
+    .layer(inner.clone()));
+    #[cfg(feature = "cache")]
+    {
+        let cache: semaforo::cache::Cache<u8, u8> =
+            semaforo::cache::Cache::builder().build().unwrap();
+        reaches_inner!(cache.layer(|_: &()| Some(0u8)).layer(inner.clone()));
+    }
+    #[cfg(feature = "chaos")]
+    {
+        let chaos: semaforo::chaos::Chaos<u8> = semaforo::chaos::Chaos::builder().build().unwrap();
+        reaches_inner!(chaos.layer().layer(inner.clone()));
+    }
+    #[cfg(feature = "http")]
+    reaches_inner!(semaforo::route::FirstChunkLayer::new().layer(inner.clone()));
 }
 
 #[test]

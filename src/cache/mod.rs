@@ -788,3 +788,5 @@ where
         }
     }
 }
+
+crate::inner_access!([S, RK, Req, K, V, Sh, C] CacheService<S, RK, Req, K, V, Sh, C>);

@@ -303,3 +303,5 @@ where
         }
     }
 }
+
+crate::inner_access!([S, RK, Sh, C] TierService<S, RK, Sh, C>);

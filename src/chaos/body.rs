@@ -289,3 +289,5 @@ where
         }
     }
 }
+
+crate::inner_access!([S, B] ChaosStreamService<S, B>);

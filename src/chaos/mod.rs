@@ -809,3 +809,5 @@ where
         }
     }
 }
+
+crate::inner_access!([S, Res] ChaosService<S, Res>);

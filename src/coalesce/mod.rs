@@ -772,3 +772,5 @@ fn live<R, Sh: Share<R>>(share: &Sh, a: &Answer) -> bool {
     a.downcast_ref::<Result<Sh::Kept, SharedError>>()
         .is_some_and(|r| matches!(r, Ok(k) if share.joinable(k)))
 }
+
+crate::inner_access!([S, RK: RequestKey<Req>, Req, Sh] CoalesceService<S, RK, Req, Sh>);

@@ -124,3 +124,5 @@ where
         })
     }
 }
+
+crate::inner_access!([S] DegradeService<S>);

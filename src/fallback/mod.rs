@@ -554,3 +554,5 @@ where
 
 /// A [`Source`]'s ready answer.
 pub type ReadyAnswer<Res> = Ready<Result<Res, BoxError>>;
+
+crate::inner_access!([S, Src, W, C, M] Fallback<S, Src, W, C, M>);

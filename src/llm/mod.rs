@@ -3,12 +3,17 @@
 //! a Gemini project ([`Profile`], feature `llm`).
 //!
 //! ```text
-//! shutdown → cache → coalesce → quota → bulkhead → retry (with budget) → breaker → pace → attempt timeout → your HTTP client
+//! shutdown → fallback → cache → coalesce → quota → bulkhead → retry (with budget) → breaker → pace → attempt timeout → your HTTP client
 //! ```
 //!
 //! Why this order (and what breaks if you change it):
 //! - **shutdown outermost**, so draining sees every call and refuses new ones
 //!   before they queue anywhere.
+//! - **fallback next** (off unless [`LlmStackBuilder::stale_if_error`]): a
+//!   failure is answered with the cache's last good answer for the same
+//!   request. Outside the cache and every layer that counts, so a fallback
+//!   answer is never cached and never a success for the breaker, the pacer
+//!   or the metrics (they saw the failure).
 //! - **cache, then coalesce** (both off unless [`LlmStackBuilder::cache`] /
 //!   [`LlmStackBuilder::coalesce`] are set; whole answers only, a stream goes
 //!   around them): a cached answer, or the answer of an identical request in

@@ -288,3 +288,4 @@ where
         }
     }
 }
+crate::inner_access!([S] FirstChunk<S>);
