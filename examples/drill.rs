@@ -208,7 +208,7 @@ pub async fn run() -> Result<Drill, BoxError> {
         .layer()
         .layer(chaos.layer().layer(provider(&upstream_calls)));
 
-    let _evaluating = switch.spawn();
+    let _evaluating = switch.spawn()?;
     chaos.enable();
     let seconds = Arc::new(Mutex::new(vec![
         Second::default();

@@ -53,7 +53,7 @@ async fn a_scripted_signal_gives_exactly_the_expected_changes() {
         .on_event(listener)
         .build()
         .unwrap();
-    let _task = switch.spawn();
+    let _task = switch.spawn().unwrap();
     // The script, one step a second: (from, to, reduced, minimal).
     let script: &[(u64, u64, bool, bool)] = &[
         (0, 10, false, false),
@@ -93,7 +93,7 @@ async fn a_signal_oscillating_around_its_threshold_does_not_flap() {
         .on_event(listener)
         .build()
         .unwrap();
-    let _task = switch.spawn();
+    let _task = switch.spawn().unwrap();
     // On 2 s, off 1 s, for 5 minutes: never 3 s in a row.
     for _ in 0..100 {
         on.store(true, Ordering::SeqCst);
@@ -126,7 +126,7 @@ async fn a_manual_override_wins_until_released_or_expired() {
         .on_event(listener)
         .build()
         .unwrap();
-    let _task = switch.spawn();
+    let _task = switch.spawn().unwrap();
     sleep(Duration::from_millis(500)).await;
     switch.set(Level::Normal);
     on.store(true, Ordering::SeqCst);
@@ -181,7 +181,7 @@ async fn the_rules_over_our_own_layers_and_what_it_tells() {
         )
         .build()
         .unwrap();
-    let _task = switch.spawn();
+    let _task = switch.spawn().unwrap();
     let failing = breaker.layer().layer(service_fn(|_: ()| async {
         Err::<(), _>(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
     }));
@@ -231,7 +231,7 @@ fn the_builder_refuses_a_zero_interval() {
 #[tokio::test(start_paused = true)]
 async fn the_task_ends_with_the_last_handle() {
     let switch = Degrade::builder().build().unwrap();
-    let task = switch.spawn();
+    let task = switch.spawn().unwrap();
     sleep(Duration::from_secs(3)).await;
     assert!(!task.is_finished());
     drop(switch);
@@ -286,4 +286,51 @@ mod props {
             })?;
         }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listener_and_a_signal_may_read_the_switch() {
+    let cell: Arc<std::sync::OnceLock<Degrade>> = Arc::default();
+    let (c1, c2) = (cell.clone(), cell.clone());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let switch = Degrade::builder()
+        // Minimal once Reduced has been in force for 2 s (a signal reading
+        // the switch itself).
+        .rule(
+            Rule::new(Level::Minimal, move || {
+                c1.get()
+                    .is_some_and(|d| d.manual().is_some() && d.level() >= Level::Reduced)
+            })
+            .after(Duration::from_secs(2)),
+        )
+        .on_event(move |_| {
+            if let Some(d) = c2.get() {
+                s.lock().unwrap().push((d.level(), d.manual().map(|m| m.0)));
+            }
+        })
+        .build()
+        .unwrap();
+    assert!(cell.set(switch.clone()).is_ok());
+    switch.set(Level::Reduced);
+    for _ in 0..3 {
+        switch.evaluate();
+        sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(switch.rules_level(), Level::Minimal);
+    switch.release();
+    assert_eq!(switch.level(), Level::Minimal);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            (Level::Reduced, Some(Level::Reduced)),
+            (Level::Minimal, None)
+        ]
+    );
+}
+
+#[test]
+fn spawn_outside_a_runtime_is_an_error_not_a_panic() {
+    let switch = Degrade::builder().build().unwrap();
+    assert!(switch.spawn().is_err());
 }

@@ -293,7 +293,7 @@ impl<Res> Fault<Res> {
     }
 
     /// Only from `from` after [`Chaos::enable`], for ever.
-    pub fn from(mut self, from: Duration) -> Self {
+    pub fn since(mut self, from: Duration) -> Self {
         self.from = from;
         self.until = None;
         self

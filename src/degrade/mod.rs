@@ -20,6 +20,8 @@
 //! - **Evaluation**: every [`every`](DegradeBuilder::every) (default 1 s)
 //!   in a task started by [`Degrade::spawn`] (it ends when the last
 //!   `Degrade` clone is dropped), or when you call [`Degrade::evaluate`].
+//!   Signals are read outside the switch's lock and events are told after
+//!   it is released, so a signal or a listener may read the switch.
 //! - **By hand**: [`Degrade::set`] / [`Degrade::set_for`] (an override with
 //!   an expiry) win over the rules until [`Degrade::release`] or the expiry.
 //! - **Seen**: [`EventKind::LevelChanged`] on every change (tracing at
@@ -290,15 +292,20 @@ impl DegradeBuilder {
                 "must be at least 1 ms",
             ));
         }
-        let rules = self
+        let (signals, rules) = self
             .rules
             .into_iter()
-            .map(|rule| RuleState {
-                rule,
-                active: false,
-                since: None,
+            .map(|r| {
+                let state = RuleState {
+                    level: r.level,
+                    after: r.after,
+                    recover_after: r.recover_after,
+                    active: false,
+                    since: None,
+                };
+                (r.signal, state)
             })
-            .collect();
+            .unzip();
         Ok(Degrade {
             inner: Arc::new(Inner {
                 level: AtomicU8::new(Level::Normal.as_u8()),
@@ -308,6 +315,7 @@ impl DegradeBuilder {
                     rules_level: Level::Normal,
                     manual: None,
                 }),
+                signals,
                 every,
                 obs: Observer::new(self.name, self.listener.0),
             }),
@@ -316,7 +324,9 @@ impl DegradeBuilder {
 }
 
 struct RuleState {
-    rule: Rule,
+    level: Level,
+    after: Duration,
+    recover_after: Duration,
     active: bool,
     /// Since when the signal has been seen in the state that would flip
     /// `active` (held while inactive, absent while active).
@@ -336,9 +346,16 @@ struct Inner {
     /// A manual override with an expiry is set (`level()` checks it).
     expiring: AtomicBool,
     state: Mutex<State>,
+    /// Each rule's signal (read outside the lock: a signal may read this
+    /// switch).
+    signals: Vec<Box<dyn Signal>>,
     every: Duration,
     obs: Observer,
 }
+
+/// A change to tell once the lock is released (a listener may read the
+/// switch).
+type Change = Option<(Level, Level, LevelReason)>;
 
 /// The shared degradation switch (see the [module docs](self)). Cheap to
 /// clone; every clone is the same switch.
@@ -366,44 +383,41 @@ impl Degrade {
     /// with an expiry is set, a clock read).
     pub fn level(&self) -> Level {
         if self.inner.expiring.load(Ordering::Acquire) {
-            let mut st = self.state();
-            self.settle(&mut st, Instant::now(), LevelReason::OverrideExpired);
+            self.locked(|_, _| LevelReason::OverrideExpired);
         }
         Level::from_u8(self.inner.level.load(Ordering::Acquire))
     }
 
     /// The manual override in force, if any, with its expiry.
     pub fn manual(&self) -> Option<(Level, Option<Instant>)> {
-        let mut st = self.state();
-        self.settle(&mut st, Instant::now(), LevelReason::OverrideExpired);
-        st.manual
+        // An expired one is settled (and told) first.
+        self.locked(|_, _| LevelReason::OverrideExpired);
+        self.state().manual
     }
 
     /// Sets `level` by hand until [`release`](Self::release); it wins over
     /// the rules.
     pub fn set(&self, level: Level) {
-        let mut st = self.state();
-        st.manual = Some((level, None));
-        self.inner.expiring.store(false, Ordering::Release);
-        self.settle(&mut st, Instant::now(), LevelReason::Manual);
+        self.locked(|st, _| {
+            st.manual = Some((level, None));
+            LevelReason::Manual
+        });
     }
 
     /// Sets `level` by hand for `d`, then back to the rules.
     pub fn set_for(&self, level: Level, d: Duration) {
-        let now = Instant::now();
-        let mut st = self.state();
-        st.manual = Some((level, Some(crate::time::after(now, d))));
-        self.inner.expiring.store(true, Ordering::Release);
-        self.settle(&mut st, now, LevelReason::Manual);
+        self.locked(|st, now| {
+            st.manual = Some((level, Some(crate::time::after(now, d))));
+            LevelReason::Manual
+        });
     }
 
     /// Ends a manual override: the rules decide again.
     pub fn release(&self) {
-        let mut st = self.state();
-        if st.manual.take().is_some() {
-            self.inner.expiring.store(false, Ordering::Release);
-            self.settle(&mut st, Instant::now(), LevelReason::Released);
-        }
+        self.locked(|st, _| {
+            st.manual = None;
+            LevelReason::Released
+        });
     }
 
     /// The level the rules alone give (what is in force without an
@@ -412,46 +426,61 @@ impl Degrade {
         self.state().rules_level
     }
 
-    /// Evaluates every rule now and returns the level in force.
+    /// Evaluates every rule now and returns the level in force. The
+    /// signals are read before the switch's lock is taken.
     pub fn evaluate(&self) -> Level {
-        let now = Instant::now();
-        let mut st = self.state();
-        let mut level = Level::Normal;
-        for r in &mut st.rules {
-            let holds = r.rule.signal.holds();
-            if holds == r.active {
-                // Nothing pulls it the other way.
-                r.since = None;
-            } else {
-                let since = *r.since.get_or_insert(now);
-                let wait = if r.active {
-                    r.rule.recover_after
-                } else {
-                    r.rule.after
-                };
-                if now.saturating_duration_since(since) >= wait {
-                    r.active = holds;
+        let holds: Vec<bool> = self.inner.signals.iter().map(|s| s.holds()).collect();
+        self.locked(|st, now| {
+            let mut level = Level::Normal;
+            for (r, &holds) in st.rules.iter_mut().zip(&holds) {
+                if holds == r.active {
+                    // Nothing pulls it the other way.
                     r.since = None;
+                } else {
+                    let since = *r.since.get_or_insert(now);
+                    let wait = if r.active { r.recover_after } else { r.after };
+                    if now.saturating_duration_since(since) >= wait {
+                        r.active = holds;
+                        r.since = None;
+                    }
+                }
+                if r.active {
+                    level = level.max(r.level);
                 }
             }
-            if r.active {
-                level = level.max(r.rule.level);
-            }
+            st.rules_level = level;
+            LevelReason::Rules
+        })
+    }
+
+    /// Runs `f` on the state under the lock, puts the level in force in the
+    /// atomic, and tells a change once the lock is released.
+    fn locked(&self, f: impl FnOnce(&mut State, Instant) -> LevelReason) -> Level {
+        let now = Instant::now();
+        let (to, change) = {
+            let mut st = self.state();
+            let reason = f(&mut st, now);
+            self.settle(&mut st, now, reason)
+        };
+        if let Some((from, to, reason)) = change {
+            self.inner
+                .obs
+                .emit("degrade", EventKind::LevelChanged { from, to, reason });
         }
-        st.rules_level = level;
-        self.settle(&mut st, now, LevelReason::Rules)
+        to
     }
 
     /// Starts a task on the current tokio runtime that evaluates the rules
-    /// every [`every`](DegradeBuilder::every); it ends when every clone of
-    /// this switch is dropped.
+    /// every [`every`](DegradeBuilder::every) (the first at once); it ends
+    /// when every clone of this switch is dropped.
     ///
-    /// # Panics
-    /// Outside a tokio runtime (as `tokio::spawn`).
-    pub fn spawn(&self) -> tokio::task::JoinHandle<()> {
+    /// # Errors
+    /// Outside a tokio runtime, tokio's error (nothing is started).
+    pub fn spawn(&self) -> Result<tokio::task::JoinHandle<()>, tokio::runtime::TryCurrentError> {
+        let runtime = tokio::runtime::Handle::try_current()?;
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let every = self.inner.every;
-        tokio::spawn(async move {
+        Ok(runtime.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -459,7 +488,7 @@ impl Degrade {
                 let Some(inner) = weak.upgrade() else { return };
                 Degrade { inner }.evaluate();
             }
-        })
+        }))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -469,23 +498,19 @@ impl Degrade {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Puts the level in force in the atomic and tells a change.
-    fn settle(&self, st: &mut State, now: Instant, reason: LevelReason) -> Level {
+    /// Puts the level in force in the atomic; the change to tell.
+    fn settle(&self, st: &mut State, now: Instant, reason: LevelReason) -> (Level, Change) {
         let mut reason = reason;
         if let Some((_, Some(until))) = st.manual {
             if now >= until {
                 st.manual = None;
-                self.inner.expiring.store(false, Ordering::Release);
                 reason = LevelReason::OverrideExpired;
             }
         }
+        let expiring = matches!(st.manual, Some((_, Some(_))));
+        self.inner.expiring.store(expiring, Ordering::Release);
         let to = st.manual.map_or(st.rules_level, |(l, _)| l);
         let from = Level::from_u8(self.inner.level.swap(to.as_u8(), Ordering::AcqRel));
-        if from != to {
-            self.inner
-                .obs
-                .emit("degrade", EventKind::LevelChanged { from, to, reason });
-        }
-        to
+        (to, (from != to).then_some((from, to, reason)))
     }
 }
