@@ -111,14 +111,11 @@ pub fn http_cache_control<B>(req: &http::Request<B>) -> CacheControl {
 #[cfg(feature = "http")]
 pub fn http_cache_control_headers(headers: &http::HeaderMap) -> CacheControl {
     let mut out = CacheControl::Use;
-    for v in headers.get_all(http::header::CACHE_CONTROL) {
-        let Ok(v) = v.to_str() else { continue };
-        for d in v.split(',').map(|d| d.trim().to_ascii_lowercase()) {
-            match d.as_str() {
-                "no-store" => return CacheControl::Bypass,
-                "no-cache" | "max-age=0" => out = CacheControl::Refresh,
-                _ => {}
-            }
+    for d in crate::classify::headers::cache_control_directives(headers) {
+        match d.as_str() {
+            "no-store" => return CacheControl::Bypass,
+            "no-cache" | "max-age=0" => out = CacheControl::Refresh,
+            _ => {}
         }
     }
     out

@@ -433,6 +433,21 @@ impl RateLimitInfo {
     }
 }
 
+/// The directives of every `Cache-Control` header in `headers`, trimmed
+/// and lowercased (`no-store`, `max-age=0`, `private="x"`; RFC 9111 §5.2),
+/// for the cache and the answers it may keep.
+#[cfg(feature = "http")]
+pub(crate) fn cache_control_directives(
+    headers: &http::HeaderMap,
+) -> impl Iterator<Item = String> + '_ {
+    headers
+        .get_all(http::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.trim().to_ascii_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

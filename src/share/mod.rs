@@ -254,13 +254,7 @@ impl Share<http::Response<bytes::Bytes>> for WholeResponse {
 
     fn storable(&self, res: &http::Response<bytes::Bytes>) -> bool {
         res.status().is_success()
-            && !res
-                .headers()
-                .get_all(http::header::CACHE_CONTROL)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(|d| d.trim().to_ascii_lowercase())
+            && !crate::classify::headers::cache_control_directives(res.headers())
                 .any(|d| d == "no-store" || d == "private" || d.starts_with("private="))
     }
 
