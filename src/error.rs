@@ -64,6 +64,21 @@ impl RejectKind {
         }
     }
 
+    /// Whether the refusal is a verdict on who is calling (their own quota)
+    /// rather than on the upstream or the shared capacity: such a refusal
+    /// is not shared with other callers of an identical request
+    /// ([`coalesce`](crate::coalesce)) and not answered by a
+    /// [`fallback`](crate::fallback) (that would lift the caller's limit).
+    ///
+    /// ```
+    /// use semaforo::RejectKind;
+    /// assert!(RejectKind::QuotaExceeded.is_about_the_caller());
+    /// assert!(!RejectKind::CircuitOpen.is_about_the_caller());
+    /// ```
+    pub fn is_about_the_caller(self) -> bool {
+        matches!(self, RejectKind::QuotaExceeded)
+    }
+
     /// A short lower-case description used in `Display` ("queue full").
     pub fn as_str(self) -> &'static str {
         match self {

@@ -286,7 +286,7 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
             Err(e)
                 if flight.followers() == 0
                     || crate::Rejected::find(e.as_ref())
-                        .is_some_and(|r| r.kind() == crate::RejectKind::QuotaExceeded) =>
+                        .is_some_and(|r| r.kind().is_about_the_caller()) =>
             {
                 flight.finish(FlightState::Abandoned);
                 return Err(e);

@@ -119,6 +119,9 @@ impl When for DefaultWhen {
             return false;
         }
         if let Some(r) = f.rejected {
+            if r.kind().is_about_the_caller() {
+                return false;
+            }
             if matches!(
                 r.kind(),
                 RejectKind::CircuitOpen | RejectKind::QueueFull | RejectKind::BudgetExceeded
