@@ -231,7 +231,7 @@ pub async fn run() -> Result<Drill, BoxError> {
         let (svc, seconds) = (llm.clone(), seconds.clone());
         calls.push(tokio::spawn(async move {
             let out = svc.oneshot(ask(i % TOPICS)).await;
-            if let (Ok(mut s), Some(_)) = (seconds.lock(), Some(())) {
+            if let Ok(mut s) = seconds.lock() {
                 if let Some(s) = s.get_mut(sec) {
                     match out {
                         Ok(res) if res.extensions().get::<FellBack>().is_some() => s.stale += 1,

@@ -290,7 +290,8 @@ mod props {
 
 #[tokio::test(start_paused = true)]
 async fn a_listener_and_a_signal_may_read_the_switch() {
-    let cell: Arc<std::sync::OnceLock<Degrade>> = Arc::default();
+    // Weak handles: a `Degrade` inside its own listener would keep it alive.
+    let cell: Arc<std::sync::OnceLock<semaforo::degrade::WeakDegrade>> = Arc::default();
     let (c1, c2) = (cell.clone(), cell.clone());
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
@@ -300,18 +301,19 @@ async fn a_listener_and_a_signal_may_read_the_switch() {
         .rule(
             Rule::new(Level::Minimal, move || {
                 c1.get()
+                    .and_then(|w| w.upgrade())
                     .is_some_and(|d| d.manual().is_some() && d.level() >= Level::Reduced)
             })
             .after(Duration::from_secs(2)),
         )
         .on_event(move |_| {
-            if let Some(d) = c2.get() {
+            if let Some(d) = c2.get().and_then(|w| w.upgrade()) {
                 s.lock().unwrap().push((d.level(), d.manual().map(|m| m.0)));
             }
         })
         .build()
         .unwrap();
-    assert!(cell.set(switch.clone()).is_ok());
+    assert!(cell.set(switch.downgrade()).is_ok());
     switch.set(Level::Reduced);
     for _ in 0..3 {
         switch.evaluate();
@@ -333,4 +335,82 @@ async fn a_listener_and_a_signal_may_read_the_switch() {
 fn spawn_outside_a_runtime_is_an_error_not_a_panic() {
     let switch = Degrade::builder().build().unwrap();
     assert!(switch.spawn().is_err());
+}
+
+/// A forced-open breaker refuses whatever its state machine says: the
+/// signal holds (found by a newcomer: `state()` stays `Closed`).
+#[tokio::test(start_paused = true)]
+async fn a_forced_open_breaker_is_open_for_the_rules() {
+    let breaker = semaforo::breaker::Breaker::builder().build().unwrap();
+    let switch = Degrade::builder()
+        .rule(
+            Rule::new(Level::Reduced, semaforo::degrade::breaker_open(&breaker))
+                .after(Duration::from_secs(5))
+                .recover_after(Duration::from_secs(2)),
+        )
+        .build()
+        .unwrap();
+    breaker.force_open();
+    for _ in 0..5 {
+        assert_eq!(switch.evaluate(), Level::Normal);
+        sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(switch.evaluate(), Level::Reduced, "forced open for 5 s");
+    breaker.reset();
+    switch.evaluate();
+    sleep(Duration::from_secs(2)).await;
+    assert_eq!(switch.evaluate(), Level::Normal);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_made_by_a_listener_is_told_after_the_one_it_heard() {
+    let weak: Arc<std::sync::OnceLock<semaforo::degrade::WeakDegrade>> = Arc::default();
+    let w = weak.clone();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let o = order.clone();
+    let switch = Degrade::builder()
+        // The first listener undoes a manual `Reduced` at once …
+        .on_event(move |e| {
+            if let EventKind::LevelChanged {
+                to: Level::Reduced, ..
+            } = e.kind
+            {
+                if let Some(d) = w.get().and_then(|w| w.upgrade()) {
+                    d.release();
+                }
+            }
+        })
+        // … the second hears both changes, in the order they were made.
+        .on_event(move |e| {
+            if let EventKind::LevelChanged { to, reason, .. } = e.kind {
+                o.lock().unwrap().push((to, reason));
+            }
+        })
+        .build()
+        .unwrap();
+    assert!(weak.set(switch.downgrade()).is_ok());
+    switch.set(Level::Reduced);
+    assert_eq!(switch.level(), Level::Normal);
+    assert_eq!(
+        *order.lock().unwrap(),
+        vec![
+            (Level::Reduced, LevelReason::Manual),
+            (Level::Normal, LevelReason::Released)
+        ]
+    );
+    // The spawned task ends as soon as the last handle goes, not at its
+    // next tick an hour later.
+    let slow = Degrade::builder()
+        .every(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let task = slow.spawn().unwrap();
+    tokio::task::yield_now().await;
+    drop(slow);
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1));
 }

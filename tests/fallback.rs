@@ -208,7 +208,7 @@ async fn another_service_gets_a_clone_of_the_request_and_when_replaces_the_rule(
     assert!(svc.oneshot(7).await.is_err());
     // … answered with a rule that says so.
     let svc = FallbackLayer::new(fallback::service(backup))
-        .when(|f: &fallback::Failure<'_>| f.class() == Class::Transient)
+        .when(|f| f.class() == Class::Transient)
         .layer(upstream);
     assert_eq!(svc.oneshot(7).await.unwrap(), "backup 7");
     assert_eq!(*seen.lock().unwrap(), vec![7]);
@@ -274,7 +274,6 @@ async fn dropped_at_each_await_the_call_it_waits_for_is_dropped() {
 mod stale {
     use super::*;
     use semaforo::cache::Cache;
-    use semaforo::fallback::FellBack;
 
     #[tokio::test(start_paused = true)]
     async fn the_last_good_answer_is_served_stale_and_marked_and_never_cached_back() {
@@ -301,7 +300,7 @@ mod stale {
         let marks = Arc::new(Mutex::new(Vec::new()));
         let m = marks.clone();
         let svc = FallbackLayer::new(fallback::stale(&cache, key, semaforo::share::Cloned))
-            .mark(move |_: &mut String, f: &FellBack| m.lock().unwrap().push(f.class))
+            .mark_fn(move |_: &mut String, f| m.lock().unwrap().push(f.class))
             .layer(cache.layer(key).layer(upstream));
 
         assert_eq!(svc.clone().oneshot(1).await.unwrap(), "plan 1");
@@ -336,7 +335,7 @@ mod stale {
     async fn a_stale_http_answer_carries_its_age_and_the_fallback_mark() {
         use bytes::Bytes;
         use semaforo::classify::HttpClassifier;
-        use semaforo::fallback::MarkHttp;
+        use semaforo::fallback::{FellBack, MarkHttp};
         use semaforo::share::{KeptResponse, Served, WholeResponse};
         let cache: Cache<u32, Arc<KeptResponse>> = Cache::builder()
             .ttl(Duration::from_secs(60))

@@ -480,7 +480,10 @@ impl Breaker {
         }
     }
 
-    /// The current state.
+    /// The state machine's state. A breaker in a manual mode
+    /// ([`force_open`](Self::force_open), [`disable`](Self::disable),
+    /// [`metrics_only`](Self::metrics_only)) keeps its state but refuses or
+    /// passes by its mode: read [`snapshot`](Self::snapshot)'s `mode` too.
     pub fn state(&self) -> BreakerState {
         self.shared.state()
     }

@@ -361,6 +361,11 @@ where
         self.inner.ttl
     }
 
+    /// How long past its TTL an answer is kept for [`stale`](Self::stale).
+    pub fn stale_for(&self) -> Duration {
+        self.inner.stale_for
+    }
+
     /// The answer kept for `key` even past its TTL (until `ttl +
     /// stale_for`), with its age — for a fallback that answers with the
     /// last good answer when the upstream fails. Counted as stale served

@@ -16,7 +16,10 @@ use tower_service::Service;
 /// `retry-after-ms`, `x-ratelimit-remaining-requests: 0`,
 /// `x-ratelimit-reset-requests`, and a `rate_limit_exceeded` JSON error
 /// body — what our classifier and pacer read (`Throttled` with that wait;
-/// the pacer pauses for it).
+/// the pacer pauses for it). It is an `Ok` response: a layer reads it as a
+/// failure only with a classifier that reads responses
+/// (`.classify(HttpClassifier)` or `LlmClassifier`; the LLM preset's layers
+/// have one), not with the default `ErrorClassifier`.
 pub fn rate_limited<B: From<Bytes>>(
     retry_after: Duration,
 ) -> impl Fn() -> http::Response<B> + Send + Sync + 'static {

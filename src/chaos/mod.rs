@@ -24,11 +24,11 @@
 //! - **Rate and schedule**: each fault hits a call with probability
 //!   [`rate`](Fault::rate), only while the time since [`Chaos::enable`] is
 //!   in [`between(from, until)`](Fault::between).
-//! - **Repeatable**: call *n* since `enable()` draws from a generator seeded
-//!   with the [`seed`](ChaosBuilder::seed) and *n* (rand's `SmallRng`,
-//!   seeded through SplitMix64), so the same seed gives the same fault on
+//! - **Repeatable**: call *n* since `enable()` draws from a generator keyed
+//!   by the [`seed`](ChaosBuilder::seed) and *n* (rand's `StdRng`, ChaCha12,
+//!   the pair as its 256-bit key), so the same seed gives the same fault on
 //!   the same call — whatever the timing — with the same semaforo and rand
-//!   versions. Each fault gets its own draw, so its rate does not depend on
+//!   versions, and different seeds give independent sequences. Each fault gets its own draw, so its rate does not depend on
 //!   the faults before it.
 //! - **Which fault**: the delays of every latency fault that hits add up;
 //!   then the first outcome fault (error, response, hang) that hits, in the
@@ -74,7 +74,7 @@ use crate::classify::{Class, ClassError};
 use crate::error::{BoxError, ConfigError};
 use crate::observe::{Event, EventKind, ListenerSlot, Observer};
 use pin_project::pin_project;
-use rand::rngs::SmallRng;
+use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::fmt;
 use std::future::Future;
@@ -137,7 +137,7 @@ impl Latency {
         }
     }
 
-    fn sample(&self, rng: &mut SmallRng) -> Duration {
+    fn sample(&self, rng: &mut StdRng) -> Duration {
         let d = match *self {
             Latency::Fixed(d) => d,
             Latency::Uniform { min, max } => {
@@ -498,13 +498,13 @@ impl<Res> Chaos<Res> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .map_or(Duration::ZERO, |t| t.elapsed());
         let n = self.inner.calls.fetch_add(1, Ordering::Relaxed);
-        // One generator per call: seed and call number mixed (SplitMix64's
-        // increment), expanded by `seed_from_u64`.
-        let mut rng = SmallRng::seed_from_u64(
-            self.inner
-                .seed
-                .wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-        );
+        // One generator per call, keyed by (seed, call number) as a
+        // 256-bit ChaCha key: distinct pairs give independent draws (no
+        // seed is another seed's sequence shifted).
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&self.inner.seed.to_le_bytes());
+        key[8..16].copy_from_slice(&n.to_le_bytes());
+        let mut rng = StdRng::from_seed(key);
         // Every fault's draw first, so a fault's rate never depends on
         // the others.
         let mut hits = [false; MAX_FAULTS];

@@ -14,14 +14,20 @@
 //!   at every evaluation for [`recover_after`](Rule::recover_after) — the
 //!   hysteresis: a signal oscillating around its threshold faster than
 //!   either delay moves nothing. The level of the rules is the highest
-//!   level among the active ones.
+//!   level among the active ones. Signals are sampled, so a change is seen
+//!   at the first evaluation after it: a rule turns active between `after`
+//!   and `after + every` after its condition starts (and inactive likewise);
+//!   in tests, evaluate by hand or use a small `every`.
 //! - **Signals** over our own layers: [`breaker_open`], [`line_above`],
 //!   [`pace_wait_above`], [`limit_below`]; any `Fn() -> bool` is a signal.
 //! - **Evaluation**: every [`every`](DegradeBuilder::every) (default 1 s)
 //!   in a task started by [`Degrade::spawn`] (it ends when the last
 //!   `Degrade` clone is dropped), or when you call [`Degrade::evaluate`].
 //!   Signals are read outside the switch's lock and events are told after
-//!   it is released, so a signal or a listener may read the switch.
+//!   it is released, in the order of the changes, so a signal or a listener
+//!   may read or set the switch — through a [`WeakDegrade`]
+//!   ([`Degrade::downgrade`]): a `Degrade` held inside its own listener or
+//!   signal would keep it alive for ever.
 //! - **By hand**: [`Degrade::set`] / [`Degrade::set_for`] (an override with
 //!   an expiry) win over the rules until [`Degrade::release`] or the expiry.
 //! - **Seen**: [`EventKind::LevelChanged`] on every change (tracing at
@@ -61,7 +67,9 @@ use crate::bulkhead::Bulkhead;
 use crate::error::ConfigError;
 use crate::observe::{Event, EventKind, ListenerSlot, Observer};
 use crate::pace::Pace;
+use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -157,10 +165,15 @@ impl<F: Fn() -> bool + Send + Sync + 'static> Signal for F {
     }
 }
 
-/// Holds while `breaker` is not closed (open, half-open, or forced open).
+/// Holds while `breaker` refuses or probes: open, half-open, or forced
+/// open ([`Breaker::force_open`], which refuses whatever the state machine's
+/// state).
 pub fn breaker_open(breaker: &Breaker) -> impl Signal {
     let b = breaker.clone();
-    move || b.state() != BreakerState::Closed
+    move || {
+        let s = b.snapshot();
+        s.state != BreakerState::Closed || s.mode == crate::breaker::Mode::ForcedOpen
+    }
 }
 
 /// Holds while more than `fraction` (0.0–1.0) of `bulkhead`'s line is
@@ -306,6 +319,7 @@ impl DegradeBuilder {
                 (r.signal, state)
             })
             .unzip();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
         Ok(Degrade {
             inner: Arc::new(Inner {
                 level: AtomicU8::new(Level::Normal.as_u8()),
@@ -318,6 +332,10 @@ impl DegradeBuilder {
                 signals,
                 every,
                 obs: Observer::new(self.name, self.listener.0),
+                pending: Mutex::new(VecDeque::new()),
+                telling: AtomicBool::new(false),
+                _stop: stop,
+                stopped: Mutex::new(Some(stopped)),
             }),
         })
     }
@@ -351,11 +369,35 @@ struct Inner {
     signals: Vec<Box<dyn Signal>>,
     every: Duration,
     obs: Observer,
+    /// Changes to tell, in the order they were made (queued under the
+    /// state's lock, told after it is released: a listener may change the
+    /// switch, and its change is told after the one it heard).
+    pending: Mutex<VecDeque<(Level, Level, LevelReason)>>,
+    /// Someone is telling `pending`.
+    telling: AtomicBool,
+    /// Dropped with the last handle: ends a spawned task at once.
+    _stop: tokio::sync::oneshot::Sender<()>,
+    stopped: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 /// A change to tell once the lock is released (a listener may read the
 /// switch).
 type Change = Option<(Level, Level, LevelReason)>;
+
+/// A handle that does not keep the switch alive: what a listener or a
+/// signal reading its own switch should hold (a [`Degrade`] inside one of
+/// them would keep the switch, and its spawned task, alive for ever).
+#[derive(Clone, Debug)]
+pub struct WeakDegrade {
+    inner: Weak<Inner>,
+}
+
+impl WeakDegrade {
+    /// The switch, while some [`Degrade`] still holds it.
+    pub fn upgrade(&self) -> Option<Degrade> {
+        self.inner.upgrade().map(|inner| Degrade { inner })
+    }
+}
 
 /// The shared degradation switch (see the [module docs](self)). Cheap to
 /// clone; every clone is the same switch.
@@ -457,17 +499,51 @@ impl Degrade {
     /// atomic, and tells a change once the lock is released.
     fn locked(&self, f: impl FnOnce(&mut State, Instant) -> LevelReason) -> Level {
         let now = Instant::now();
-        let (to, change) = {
+        let to = {
             let mut st = self.state();
             let reason = f(&mut st, now);
-            self.settle(&mut st, now, reason)
+            let (to, change) = self.settle(&mut st, now, reason);
+            if let Some(c) = change {
+                lock(&self.inner.pending).push_back(c);
+            }
+            to
         };
-        if let Some((from, to, reason)) = change {
-            self.inner
-                .obs
-                .emit("degrade", EventKind::LevelChanged { from, to, reason });
-        }
+        self.tell();
         to
+    }
+
+    /// Tells the queued changes in order, unless someone (maybe a listener
+    /// up this very stack) is already telling them.
+    fn tell(&self) {
+        loop {
+            if self.inner.telling.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            loop {
+                // Popped in a statement of its own: the queue's lock must
+                // not be held while a listener runs.
+                let next = lock(&self.inner.pending).pop_front();
+                let Some((from, to, reason)) = next else {
+                    break;
+                };
+                self.inner
+                    .obs
+                    .emit("degrade", EventKind::LevelChanged { from, to, reason });
+            }
+            self.inner.telling.store(false, Ordering::Release);
+            // A change queued between the last pop and the store above.
+            if lock(&self.inner.pending).is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// A handle that does not keep the switch alive (for a listener or a
+    /// signal that reads it).
+    pub fn downgrade(&self) -> WeakDegrade {
+        WeakDegrade {
+            inner: Arc::downgrade(&self.inner),
+        }
     }
 
     /// Starts a task on the current tokio runtime that evaluates the rules
@@ -480,11 +556,25 @@ impl Degrade {
         let runtime = tokio::runtime::Handle::try_current()?;
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let every = self.inner.every;
+        // The first task takes the receiver; later ones end with the
+        // switch too (they find it gone at their next tick).
+        let mut stopped = lock(&self.inner.stopped).take();
         Ok(runtime.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                let ticked = std::future::poll_fn(|cx| {
+                    if let Some(rx) = stopped.as_mut() {
+                        if std::pin::Pin::new(rx).poll(cx).is_ready() {
+                            return std::task::Poll::Ready(false);
+                        }
+                    }
+                    tick.poll_tick(cx).map(|_| true)
+                })
+                .await;
+                if !ticked {
+                    return;
+                }
                 let Some(inner) = weak.upgrade() else { return };
                 Degrade { inner }.evaluate();
             }
@@ -492,10 +582,7 @@ impl Degrade {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.inner.state)
     }
 
     /// Puts the level in force in the atomic; the change to tell.
@@ -513,4 +600,8 @@ impl Degrade {
         let from = Level::from_u8(self.inner.level.swap(to.as_u8(), Ordering::AcqRel));
         (to, (from != to).then_some((from, to, reason)))
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

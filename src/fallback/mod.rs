@@ -28,6 +28,12 @@
 //!   counted. Metrics and listeners get [`EventKind::Fallback`].
 //! - **A fallback that fails** returns the original result (error or failed
 //!   response), unchanged.
+//! - **Types**: the service answers the inner service's response type, and
+//!   errors as [`BoxError`] (the tower convention); a [`Rejected`] or an
+//!   inner error stays findable in it (`Rejected::find`, `downcast_ref`).
+//! - **With a retry inside** (the LLM preset), the failure reaches the
+//!   fallback once the retry gives up: after its attempts, or at once when
+//!   the wait asked for is above its ceiling.
 //!
 //! Cancel safety: dropping the future drops the inner call or the fallback
 //! call it is waiting for; nothing is kept.
@@ -93,6 +99,10 @@ impl<'a> Failure<'a> {
 
 /// Whether a failure is answered by the fallback. Closures
 /// `Fn(&Failure) -> bool` are rules.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a fallback rule",
+    label = "give a `Fn(&fallback::Failure<'_>) -> bool + Clone + Send + Sync` (through `.when(…)`) or a type implementing `fallback::When`"
+)]
 pub trait When: Clone + Send + Sync + 'static {
     /// `true`: answer from the fallback.
     fn when(&self, failure: &Failure<'_>) -> bool;
@@ -133,12 +143,31 @@ impl When for DefaultWhen {
     }
 }
 
+/// Stale-if-error's rule (RFC 5861 §4: a stale answer on 500, 502, 503,
+/// 504): [`DefaultWhen`] and every `Transient` failure too (a 5xx, a
+/// timeout, a stream cut); the LLM preset's
+/// [`stale_if_error`](crate::llm::LlmStackBuilder::stale_if_error) uses it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StaleIfError;
+
+impl When for StaleIfError {
+    fn when(&self, f: &Failure<'_>) -> bool {
+        let about_the_caller = f.rejected.is_some_and(|r| r.kind().is_about_the_caller());
+        DefaultWhen.when(f) || (f.class == Class::Transient && !about_the_caller)
+    }
+}
+
 /// Where a fallback answer comes from.
 ///
 /// [`memo`](Source::memo) runs before the inner call, with the request (a
 /// service source clones it, a stale-cache source computes its key and may
 /// leave it in the request for the cache inside);
 /// [`answer`](Source::answer) runs only after a failure the rule accepts.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot answer a `{Req}` with a `{Res}`",
+    label = "the fallback must give the inner service's response type `{Res}` (e.g. `fallback::value(x)` with `x: {Res}`)",
+    note = "sources: `fallback::value`, `fallback::from_fn`, `fallback::service` (its `Req` must be `Clone`), `fallback::stale` (its cache's share must give `{Res}`)"
+)]
 pub trait Source<Req, Res>: Send + Sync + 'static {
     /// What is kept of the request until the inner call ends.
     type Memo;
@@ -205,6 +234,10 @@ pub struct FellBack {
 
 /// Marks a fallback answer so its caller can tell it from a real one.
 /// Closures `Fn(&mut Res, &FellBack)` are marks.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot mark a `{Res}`",
+    label = "`MarkHttp` marks `http::Response`s; for `{Res}` use `.mark_fn(|res: &mut {Res}, f| …)` or leave answers unmarked"
+)]
 pub trait Mark<Res>: Send + Sync + 'static {
     /// Marks `res`.
     fn mark(&self, res: &mut Res, why: &FellBack);
@@ -216,6 +249,25 @@ where
 {
     fn mark(&self, res: &mut Res, why: &FellBack) {
         self(res, why)
+    }
+}
+
+/// A closure marking fallback answers (see [`FallbackLayer::mark_fn`]).
+#[derive(Clone)]
+pub struct MarkFn<F>(F);
+
+impl<F> fmt::Debug for MarkFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MarkFn")
+    }
+}
+
+impl<Res, F> Mark<Res> for MarkFn<F>
+where
+    F: Fn(&mut Res, &FellBack) + Send + Sync + 'static,
+{
+    fn mark(&self, res: &mut Res, why: &FellBack) {
+        (self.0)(res, why)
     }
 }
 
@@ -297,8 +349,18 @@ impl<Src> FallbackLayer<Src> {
 }
 
 impl<Src, W, C, M> FallbackLayer<Src, W, C, M> {
-    /// Which failures the fallback answers (replaces [`DefaultWhen`]).
-    pub fn when<W2: When>(self, when: W2) -> FallbackLayer<Src, W2, C, M> {
+    /// Which failures the fallback answers, as a closure (replaces
+    /// [`DefaultWhen`]):
+    /// `.when(|f| f.class() == Class::Transient || DefaultWhen.when(f))`.
+    pub fn when<F>(self, f: F) -> FallbackLayer<Src, F, C, M>
+    where
+        F: Fn(&Failure<'_>) -> bool + Clone + Send + Sync + 'static,
+    {
+        self.when_rule(f)
+    }
+
+    /// Which failures the fallback answers, as a [`When`] of your own.
+    pub fn when_rule<W2: When>(self, when: W2) -> FallbackLayer<Src, W2, C, M> {
         FallbackLayer {
             source: self.source,
             mark: self.mark,
@@ -321,7 +383,18 @@ impl<Src, W, C, M> FallbackLayer<Src, W, C, M> {
         }
     }
 
-    /// How a fallback answer is marked ([`MarkHttp`] for `http::Response`).
+    /// Marks a fallback answer with a closure of your own (for a response
+    /// type without extensions: `.mark_fn(|res: &mut Answer, f|
+    /// res.degraded = Some(f.class))`).
+    pub fn mark_fn<Res, F>(self, f: F) -> FallbackLayer<Src, W, C, MarkFn<F>>
+    where
+        F: Fn(&mut Res, &FellBack) + Send + Sync + 'static,
+    {
+        self.mark(MarkFn(f))
+    }
+
+    /// How a fallback answer is marked: [`MarkHttp`] for `http::Response`,
+    /// any [`Mark`] (see [`mark_fn`](Self::mark_fn) for a closure).
     pub fn mark<M2>(self, mark: M2) -> FallbackLayer<Src, W, C, M2> {
         FallbackLayer {
             source: self.source,

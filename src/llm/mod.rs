@@ -702,16 +702,24 @@ impl LlmStackBuilder {
     /// Answers a failure with the cache's last good answer for the same
     /// request (stale-if-error, RFC 5861): a
     /// [`FallbackLayer`](crate::fallback::FallbackLayer) between the
-    /// shutdown and the cache, on its default rule (`Overloaded`,
-    /// `Infrastructure`, an open breaker, a full line, a spent budget with
-    /// a time; never a `Permanent` answer nor a quota's refusal), serving
-    /// answers up to the cache's
-    /// [`stale_for`](crate::cache::CacheBuilder::stale_for) past their TTL.
+    /// shutdown and the cache, on the
+    /// [`StaleIfError`](crate::fallback::StaleIfError) rule (RFC 5861:
+    /// `Overloaded`, `Infrastructure`, `Transient` — a 5xx, a timeout — an
+    /// open breaker, a full line, a spent budget with a time; never a
+    /// `Permanent` answer nor a quota's refusal), serving answers up to the
+    /// cache's [`stale_for`](crate::cache::CacheBuilder::stale_for) past
+    /// their TTL.
     /// The answer carries [`FellBack`](crate::fallback::FellBack) and
     /// [`Served::Cache`](crate::share::Served) (its age, `stale`) in its
     /// extensions, and an `age` header; it is never cached again and no
     /// layer inside counts it. A request with nothing kept gets the
     /// original failure. Default off.
+    ///
+    /// Only requests the cache keeps can be answered stale: by default
+    /// those [`LlmKey`] gives a key, deterministic ones (`"temperature": 0`).
+    /// For a last good answer to any request, sampled ones included, give
+    /// [`cache_key(LlmKey::new().nondeterministic(true))`](Self::cache_key)
+    /// (the fresh cache and coalescing then share sampled answers too).
     ///
     /// The retry inside honours a wait the upstream or the open breaker
     /// asks for up to its ceiling before the failure reaches the fallback:
@@ -866,7 +874,8 @@ impl LlmStackBuilder {
     ///
     /// A [`ConfigError`] on `time_scale` outside [0.001, 1,000,000] (or not
     /// finite), `shared_limit` given with a pacer of your own
-    /// ([`pace`](Self::pace)), or the error of a part's builder (a tier of 0 requests or
+    /// ([`pace`](Self::pace)), `stale_if_error` without a cache that keeps
+    /// answers past their TTL, or the error of a part's builder (a tier of 0 requests or
     /// tokens per minute: the pacer's `limit`).
     pub fn build(self) -> Result<LlmStack, ConfigError> {
         let scale = self.time_scale;
@@ -1037,11 +1046,11 @@ impl LlmStackBuilder {
                 .unwrap_or_else(|| std::sync::Arc::new(CharsPerToken::new())),
             prices: std::sync::Arc::new(self.prices),
         };
-        if self.stale_if_error && self.cache.is_none() {
+        if self.stale_if_error && self.cache.as_ref().is_none_or(|c| c.stale_for().is_zero()) {
             return Err(ConfigError::new(
                 "llm",
                 "stale_if_error",
-                "needs a cache (`cache(…)`) to take the last good answers from",
+                "needs a cache (`cache(…)`) that keeps answers past their TTL (`stale_for` above 0)",
             ));
         }
         let stale = match (&self.cache, self.stale_if_error) {
@@ -1053,6 +1062,7 @@ impl LlmStackBuilder {
             _ => None,
         };
         let fallback = heard!(crate::fallback::FallbackLayer::new(stale)
+            .when_rule(crate::fallback::StaleIfError)
             .classify(crate::classify::LlmClassifier::new())
             .mark(crate::fallback::MarkHttp)
             .name(name));

@@ -265,7 +265,7 @@ pub(super) type LlmTierLayer =
 /// without `stale_if_error`).
 pub(super) type LlmFallbackLayer = crate::fallback::FallbackLayer<
     Option<LlmStale>,
-    crate::fallback::DefaultWhen,
+    crate::fallback::StaleIfError,
     LlmClassifier,
     crate::fallback::MarkHttp,
 >;
@@ -325,7 +325,7 @@ type Inner<S> = ShutdownService<
             >,
         >,
         Option<LlmStale>,
-        crate::fallback::DefaultWhen,
+        crate::fallback::StaleIfError,
         LlmClassifier,
         crate::fallback::MarkHttp,
     >,

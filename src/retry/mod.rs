@@ -1,8 +1,13 @@
 //! Retry by error class, with backoff, `Retry-After`, a retry budget and a
 //! total deadline.
 //!
-//! Decisions come from the [`Class`] of each result (an `Ok` response can fail
-//! too: a `429` is `Ok(response)` classified `Throttled`):
+//! Decisions come from the [`Class`] of each result. An `Ok` response can
+//! fail too — a `429` is `Ok(response)` classified `Throttled` — but only
+//! with a classifier that reads responses: the layer's default
+//! ([`ErrorClassifier`]) counts every `Ok`
+//! as a success; for `http::Response`s give
+//! `retry.layer().classify(HttpClassifier)` (or the
+//! [`LlmClassifier`](crate::classify::LlmClassifier) for provider bodies):
 //!
 //! | class | decision |
 //! |---|---|
