@@ -389,13 +389,13 @@ where
                 },
             );
         }
-        Some((e.value.clone(), now.saturating_duration_since(e.stored)))
+        Some((e.value, now.saturating_duration_since(e.stored)))
     }
 
     /// The fresh answer for `key`, if any (no counters moved).
     pub fn get(&self, key: &K) -> Option<V> {
         let e = self.inner.store.get(key)?;
-        (Instant::now() < e.fresh_until).then(|| e.value.clone())
+        (Instant::now() < e.fresh_until).then_some(e.value)
     }
 
     /// Removes `key`'s answer.
@@ -429,12 +429,19 @@ where
         }
     }
 
-    /// A fresh hit for `key`: the kept answer and its age.
-    fn lookup(&self, key: &K) -> Option<(V, Duration)> {
+    /// A fresh hit for `key`: the kept answer and its age (0 unless
+    /// `with_age`).
+    #[inline]
+    fn lookup(&self, key: &K, with_age: bool) -> Option<(V, Duration)> {
         let e = self.inner.store.get(key)?;
         let now = Instant::now();
         if now < e.fresh_until {
-            return Some((e.value.clone(), now.saturating_duration_since(e.stored)));
+            let age = if with_age {
+                now.saturating_duration_since(e.stored)
+            } else {
+                Duration::ZERO
+            };
+            return Some((e.value, age));
         }
         if now >= e.keep_until {
             self.inner.store.invalidate(key);
@@ -631,7 +638,7 @@ where
         let l = &self.layer;
         let Some(cache) = &l.cache else {
             let fut = self.inner.call(req);
-            return CacheFuture::new(CacheState::Call { fut, key: None }, None, &self.layer);
+            return CacheFuture::new(CacheState::Pass { fut }, None, &self.layer);
         };
         let control = l.control.as_ref().map_or(CacheControl::Use, |f| f(&req));
         let key = match control {
@@ -640,15 +647,15 @@ where
         };
         let Some(key) = key else {
             cache.count(ShareOutcome::Bypassed);
-            let state = CacheState::Ready {
+            let state = CacheState::Miss(Box::pin(Miss::Ready {
                 svc: self.inner.clone(),
                 req: Some(req),
                 key: None,
-            };
+            }));
             return CacheFuture::new(state, Some(cache.clone()), &self.layer);
         };
         if control == CacheControl::Use {
-            if let Some((kept, age)) = cache.lookup(&key) {
+            if let Some((kept, age)) = cache.lookup(&key, Sh::READS_SERVED) {
                 cache.count(ShareOutcome::Hit);
                 let out = l.share.give(&kept, Served::Cache { age, stale: false });
                 return CacheFuture::new(CacheState::Hit { out: Some(out) }, None, &self.layer);
@@ -657,11 +664,11 @@ where
         cache.count(ShareOutcome::Miss);
         l.key.remember(&mut req, &key);
         let key_size = l.key.key_size(&key);
-        let state = CacheState::Ready {
+        let state = CacheState::Miss(Box::pin(Miss::Ready {
             svc: self.inner.clone(),
             req: Some(req),
             key: Some(key),
-        };
+        }));
         let mut fut = CacheFuture::new(state, Some(cache.clone()), &self.layer);
         fut.key_size = key_size;
         fut
@@ -673,6 +680,18 @@ enum CacheState<S: Service<Req>, Req, K, O> {
     Hit {
         out: Option<O>,
     },
+    /// No cache (a preset without one): the inner call, nothing kept.
+    Pass {
+        #[pin]
+        fut: S::Future,
+    },
+    /// On the heap: a hit's future stays as small as its answer (a miss
+    /// goes upstream, where an allocation is noise).
+    Miss(Pin<Box<Miss<S, Req, K>>>),
+}
+
+#[pin_project(project = MissProj)]
+enum Miss<S: Service<Req>, Req, K> {
     Ready {
         svc: S,
         req: Option<Req>,
@@ -704,8 +723,11 @@ impl<S: Service<Req>, Req, K, V, Sh: Share<S::Response>, C> fmt::Debug
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             CacheState::Hit { .. } => "hit",
-            CacheState::Ready { .. } => "getting ready",
-            CacheState::Call { .. } => "call",
+            CacheState::Pass { .. } => "call",
+            CacheState::Miss(m) => match &**m {
+                Miss::Ready { .. } => "getting ready",
+                Miss::Call { .. } => "call",
+            },
         };
         f.debug_struct("CacheFuture")
             .field("state", &state)
@@ -754,38 +776,44 @@ where
                             .ok_or_else(|| crate::error::polled_after_done("cache")),
                     )
                 }
-                CacheStateProj::Ready { svc, req, key } => {
-                    std::task::ready!(svc.poll_ready(cx)).map_err(Into::into)?;
-                    let Some(r) = req.take() else {
-                        return Poll::Ready(Err(crate::error::polled_after_done("cache")));
-                    };
-                    let key = key.take();
-                    let fut = svc.call(r);
-                    this.state.set(CacheState::Call { fut, key });
-                }
-                CacheStateProj::Call { fut, key } => {
+                CacheStateProj::Pass { fut } => {
                     let res = std::task::ready!(fut.poll(cx)).map_err(Into::into)?;
-                    let (Some(key), Some(cache)) = (key.take(), this.cache.as_ref()) else {
-                        return Poll::Ready(Ok(this.share.pass(res)));
-                    };
-                    // A coalesced copy was stored by the caller whose call
-                    // ran; a lower tier's hit is kept for what is left of
-                    // its TTL.
-                    let age = match this.share.served(&res) {
-                        None => Duration::ZERO,
-                        Some(Served::Cache { age, stale: false }) => age,
-                        Some(_) => return Poll::Ready(Ok(this.share.pass(res))),
-                    };
-                    if !this.share.storable(&res)
-                        || !matches!(this.classify.classify(Ok(&res)), Class::Success)
-                    {
-                        return Poll::Ready(Ok(this.share.pass(res)));
-                    }
-                    let (out, kept) = this.share.keep(res);
-                    let bytes = this.share.size(&kept).saturating_add(*this.key_size);
-                    cache.store(key, kept, bytes, age);
-                    return Poll::Ready(Ok(out));
+                    return Poll::Ready(Ok(this.share.pass(res)));
                 }
+                CacheStateProj::Miss(miss) => match miss.as_mut().project() {
+                    MissProj::Ready { svc, req, key } => {
+                        std::task::ready!(svc.poll_ready(cx)).map_err(Into::into)?;
+                        let Some(r) = req.take() else {
+                            return Poll::Ready(Err(crate::error::polled_after_done("cache")));
+                        };
+                        let key = key.take();
+                        let fut = svc.call(r);
+                        miss.set(Miss::Call { fut, key });
+                    }
+                    MissProj::Call { fut, key } => {
+                        let res = std::task::ready!(fut.poll(cx)).map_err(Into::into)?;
+                        let (Some(key), Some(cache)) = (key.take(), this.cache.as_ref()) else {
+                            return Poll::Ready(Ok(this.share.pass(res)));
+                        };
+                        // A coalesced copy was stored by the caller whose call
+                        // ran; a lower tier's hit is kept for what is left of
+                        // its TTL.
+                        let age = match this.share.served(&res) {
+                            None => Duration::ZERO,
+                            Some(Served::Cache { age, stale: false }) => age,
+                            Some(_) => return Poll::Ready(Ok(this.share.pass(res))),
+                        };
+                        if !this.share.storable(&res)
+                            || !matches!(this.classify.classify(Ok(&res)), Class::Success)
+                        {
+                            return Poll::Ready(Ok(this.share.pass(res)));
+                        }
+                        let (out, kept) = this.share.keep(res);
+                        let bytes = this.share.size(&kept).saturating_add(*this.key_size);
+                        cache.store(key, kept, bytes, age);
+                        return Poll::Ready(Ok(out));
+                    }
+                },
             }
         }
     }

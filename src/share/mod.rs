@@ -104,6 +104,11 @@ pub trait Share<R>: Clone + Send + Sync + 'static {
     /// The answer of a call nobody else waited for (nothing is kept).
     fn pass(&self, res: R) -> Self::Output;
 
+    /// Whether [`give`](Self::give) reads its `served` argument (default
+    /// `true`). A share that ignores it ([`Cloned`]) spares a cache hit the
+    /// arithmetic of the answer's age.
+    const READS_SERVED: bool = true;
+
     /// An answer for another caller.
     fn give(&self, kept: &Self::Kept, served: Served) -> Self::Output;
 
@@ -167,6 +172,7 @@ pub struct Cloned;
 impl<R: Clone + Send + Sync + 'static> Share<R> for Cloned {
     type Kept = R;
     type Output = R;
+    const READS_SERVED: bool = false;
 
     fn keep(&self, res: R) -> (R, R) {
         (res.clone(), res)
