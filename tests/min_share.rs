@@ -327,7 +327,12 @@ async fn try_permit_counts_in_its_class() {
     let a = bulkhead.try_permit().unwrap();
     let b = bulkhead.try_permit().unwrap();
     assert_eq!(bulkhead.snapshot().class_in_flight[0], 2);
-    assert!(bulkhead.try_permit().is_err());
+    let refused = bulkhead.try_permit().unwrap_err();
+    // 1 s a round over a limit of 2 before any service time is known.
+    assert_eq!(
+        refused.retry_after(),
+        Some(std::time::Duration::from_millis(500))
+    );
     drop((a, b));
     assert_eq!(bulkhead.snapshot().class_in_flight[0], 0);
     assert_eq!(bulkhead.snapshot().in_flight, 0);
@@ -552,4 +557,25 @@ async fn the_llm_preset_keeps_the_interactive_share() {
     for t in tasks {
         assert!(t.await.unwrap());
     }
+}
+
+/// A `try_permit` refused for want of a free permit says when to come back,
+/// as a full line does (the time between two admissions).
+#[tokio::test(start_paused = true)]
+async fn a_refused_try_permit_has_a_retry_after() {
+    let bulkhead = Bulkhead::builder(4)
+        .expected_service_time(std::time::Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let held: Vec<_> = (0..4).map(|_| bulkhead.try_permit().unwrap()).collect();
+    let r = bulkhead.try_permit().unwrap_err();
+    assert_eq!(r.kind(), semaforo::RejectKind::QueueFull);
+    assert_eq!(
+        r.retry_after(),
+        Some(std::time::Duration::from_millis(500)),
+        "2 s / 4"
+    );
+    assert_eq!(bulkhead.snapshot().rejected_queue_full, 1);
+    drop(held);
+    assert!(bulkhead.try_permit().is_ok());
 }

@@ -394,7 +394,11 @@ impl Bulkhead {
 
     /// Takes a slot now without a call (released when the permit drops), or
     /// refuses with `QueueFull` when none is free or callers are waiting (they
-    /// come first).
+    /// come first), with a `retry_after`: the time between two admissions
+    /// (1 s a round before any service time is known), as a full line's.
+    ///
+    /// # Errors
+    /// [`Rejected`](crate::Rejected) `QueueFull` as above.
     /// A permit taken this way has priority 0 (it counts in the
     /// [`min_share`](BulkheadBuilder::min_share) class holding 0, if any).
     pub fn try_permit(&self) -> Result<BulkheadPermit, crate::Rejected> {
@@ -404,7 +408,7 @@ impl Bulkhead {
         if self.shared.try_fast() {
             Ok(BulkheadPermit::fast(self.shared.clone()))
         } else {
-            Err(self.shared.refuse_now(crate::RejectKind::QueueFull))
+            Err(self.shared.refuse_no_permit())
         }
     }
 

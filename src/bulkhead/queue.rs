@@ -542,12 +542,17 @@ impl Shared {
         Self::drain_interval(q, cfg, limit).unwrap_or_else(|| Duration::from_secs(1) / limit.max(1))
     }
 
-    /// A counted refusal of `kind`, told to the observers.
-    pub(crate) fn refuse_now(&self, kind: RejectKind) -> Rejected {
-        if kind == RejectKind::QueueFull {
-            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
-        }
-        self.refuse(self.rejection(kind))
+    /// A `try_permit` without a free permit: counted, with when one may be
+    /// (the time between two admissions), told to the observers. Takes the
+    /// line's lock: call it without holding it.
+    pub(crate) fn refuse_no_permit(&self) -> Rejected {
+        let retry_after = Self::retry_hint(&self.lock(), &self.cfg, self.limit());
+        self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+        self.refuse(
+            self.rejection(RejectKind::QueueFull)
+                .with_detail("no permit free".to_owned())
+                .with_retry_after(retry_after),
+        )
     }
 
     /// Hands `r` out, telling the observers.
@@ -761,7 +766,7 @@ impl Shared {
         let mut q = self.lock();
         if !self.try_fast() {
             drop(q);
-            return Err(self.refuse_now(RejectKind::QueueFull));
+            return Err(self.refuse_no_permit());
         }
         q.class_took(Some(class));
         drop(q);
