@@ -414,3 +414,35 @@ async fn a_change_made_by_a_listener_is_told_after_the_one_it_heard() {
         .unwrap();
     assert!(t.elapsed() < Duration::from_secs(1));
 }
+
+/// `DegradeLayer`'s future dropped while the inner call waits: the inner
+/// call goes with it.
+#[cfg(feature = "http")]
+#[tokio::test(start_paused = true)]
+async fn a_dropped_degrade_future_drops_the_inner_call() {
+    use futures::FutureExt;
+    use semaforo::degrade::DegradeLayer;
+    use tower::{Layer, Service, ServiceExt};
+    struct Tracked(Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let drops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let d = drops.clone();
+    let switch = Degrade::builder().build().unwrap();
+    let mut svc =
+        DegradeLayer::new(&switch).layer(tower::service_fn(move |_: http::Request<()>| {
+            let t = Tracked(d.clone());
+            async move {
+                let _t = t;
+                sleep(Duration::from_secs(10)).await;
+                Ok::<_, std::io::Error>(http::Response::new(()))
+            }
+        }));
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(http::Request::new(())));
+    assert!((&mut fut).now_or_never().is_none());
+    drop(fut);
+    assert_eq!(drops.load(Ordering::SeqCst), 1);
+}
