@@ -111,6 +111,8 @@ pub mod pace;
 pub mod quota;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "reqwest")]
+pub mod reqwest;
 pub mod retry;
 pub mod route;
 pub mod share;

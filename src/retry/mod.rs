@@ -89,6 +89,25 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Attempt(pub u32);
 
+/// A request extension that forbids retrying this one request: the
+/// [`HttpRequests`] policy (and so the LLM preset) never retries an
+/// `http::Request` that carries it. The [`reqwest`](crate::reqwest) adapter
+/// puts it on a request whose body is a stream (it cannot be sent twice);
+/// a gRPC call marks a non-idempotent method with it.
+///
+/// ```
+/// # #[cfg(feature = "http")] {
+/// use semaforo::retry::{HttpRequests, NoRetry, RequestPolicy};
+///
+/// let mut req = http::Request::get("/report").body(()).unwrap();
+/// assert!(HttpRequests::default().retryable(&req));
+/// req.extensions_mut().insert(NoRetry);
+/// assert!(!HttpRequests::default().retryable(&req));
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct NoRetry;
+
 pub use crate::error::RetryAfterTooLong;
 
 /// What the layer decided after one attempt.

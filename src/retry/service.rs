@@ -118,7 +118,8 @@ impl<Req> RequestPolicy<Req> for RequestFns<Req> {
 
 /// `http::Request` policy (feature `http`): retries idempotent methods, `POST`
 /// and `PATCH` only with an `Idempotency-Key` header (or with
-/// [`allow_non_idempotent`](Self::allow_non_idempotent)), and puts the attempt
+/// [`allow_non_idempotent`](Self::allow_non_idempotent)), never a request
+/// carrying [`NoRetry`](super::NoRetry), and puts the attempt
 /// number in the request extensions as [`Attempt`](crate::retry::Attempt).
 #[cfg(feature = "http")]
 #[derive(Debug, Clone, Copy, Default)]
@@ -140,6 +141,9 @@ impl HttpRequests {
 impl<B: Clone> RequestPolicy<http::Request<B>> for HttpRequests {
     fn retryable(&self, req: &http::Request<B>) -> bool {
         use http::Method;
+        if req.extensions().get::<super::NoRetry>().is_some() {
+            return false;
+        }
         self.allow_non_idempotent
             || matches!(
                 *req.method(),
