@@ -78,6 +78,8 @@ use tokio::sync::{mpsc, oneshot};
 use tower_layer::Layer;
 use tower_service::Service;
 
+/// The future of one attempt's answer.
+type Answering<B> = Pin<Box<dyn Future<Output = Result<http::Response<B>, BoxError>> + Send>>;
 type Reply = oneshot::Sender<reqwest_middleware::Result<reqwest::Response>>;
 type Outbound = (reqwest::Request, Reply);
 
@@ -104,9 +106,7 @@ pub trait Answer: crate::sealed::Sealed + Send + Sync + 'static {
     /// The body the stack's bottom answers with.
     type Body: Send + 'static;
     #[doc(hidden)]
-    fn read(
-        res: reqwest::Response,
-    ) -> Pin<Box<dyn Future<Output = Result<http::Response<Self::Body>, BoxError>> + Send>>;
+    fn read(res: reqwest::Response) -> Answering<Self::Body>;
 }
 
 impl crate::sealed::Sealed for Streamed {}
@@ -135,9 +135,7 @@ impl Answer for Streamed {
 
 impl Answer for Whole {
     type Body = Bytes;
-    fn read(
-        res: reqwest::Response,
-    ) -> Pin<Box<dyn Future<Output = Result<http::Response<Bytes>, BoxError>> + Send>> {
+    fn read(res: reqwest::Response) -> Answering<Bytes> {
         let url = with_url(&res);
         let res = http::Response::<reqwest::Body>::from(res);
         Box::pin(async move {
@@ -191,7 +189,7 @@ pub enum UpstreamError {
 impl<A: Answer> Service<http::Request<Bytes>> for Upstream<A> {
     type Response = http::Response<A::Body>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<http::Response<A::Body>, BoxError>> + Send>>;
+    type Future = Answering<A::Body>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
