@@ -3,7 +3,6 @@
 //! run in real time, with bounds that hold on a loaded machine).
 
 #[path = "../examples/common/http_client.rs"]
-#[allow(dead_code)]
 mod http_client;
 #[path = "../examples/common/mock_provider.rs"]
 mod mock_provider;
