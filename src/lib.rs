@@ -88,6 +88,8 @@ macro_rules! inner_access {
 }
 pub(crate) use inner_access;
 
+#[cfg(feature = "axum")]
+pub mod axum;
 pub mod backoff;
 pub mod breaker;
 pub mod bulkhead;
@@ -97,6 +99,7 @@ pub mod cache;
 pub mod chaos;
 pub mod classify;
 mod close;
+pub mod closure;
 pub mod coalesce;
 pub mod degrade;
 mod error;

@@ -10,14 +10,14 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use semaforo::bulkhead::Bulkhead;
 use semaforo::degrade::{self, Degrade, DegradeLayer, Level, Rule};
 use semaforo::health::Health;
 use semaforo::quota::{Quota, Rate};
 use semaforo::shutdown::Shutdown;
 use semaforo::timeout::Timeout;
-use semaforo::{BoxError, Rejected};
+use semaforo::BoxError;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,15 +135,6 @@ async fn stream_answer(axum::extract::Query(p): axum::extract::Query<StreamParam
         .into_response()
 }
 
-/// Any refusal becomes 429 (quota) or 503 (everything else), with
-/// `Retry-After` and the `RateLimit` headers.
-pub async fn refusal(err: BoxError) -> Response {
-    let Some(r) = Rejected::from_box(&err) else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response();
-    };
-    r.http_response(r.to_string()).into_response()
-}
-
 pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
     let shutdown = Shutdown::new();
     let quota = Quota::builder()
@@ -192,7 +183,7 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
     } else {
         post(work).route_layer(
             ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(refusal))
+                .layer(HandleErrorLayer::new(semaforo::axum::handle_error))
                 .layer(shutdown.layer())
                 .layer(quota.layer(move |req: &axum::extract::Request| {
                     let key = req
@@ -212,32 +203,6 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
                 )
                 .layer(timeout.layer()),
         )
-    };
-    let readyz = {
-        let health = health.clone();
-        move || async move {
-            if health.is_ready() {
-                (StatusCode::OK, "ready")
-            } else {
-                (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
-            }
-        }
-    };
-    let healthz = {
-        let health = health.clone();
-        move || async move {
-            let r = health.report();
-            Json(serde_json::json!({
-                "status": format!("{:?}", r.status).to_lowercase(),
-                "ready": r.ready,
-                "in_flight": r.in_flight,
-                "components": r.components.iter().map(|c| serde_json::json!({
-                    "name": c.name, "kind": c.kind,
-                    "status": format!("{:?}", c.status).to_lowercase(),
-                    "details": c.details.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
-                })).collect::<Vec<_>>(),
-            }))
-        }
     };
     let answers: Arc<std::sync::Mutex<Vec<(u16, Duration)>>> = Arc::default();
     let timing = {
@@ -260,7 +225,7 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
     // chunk and cut with an SSE error event at the drain deadline.
     let stream_route = get(stream_answer).route_layer(
         ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(refusal))
+            .layer(HandleErrorLayer::new(semaforo::axum::handle_error))
             .layer(tower::util::MapResponseLayer::new(
                 |r: http::Response<
                     semaforo::guard::Tapped<axum::body::Body, semaforo::shutdown::DrainCut>,
@@ -272,8 +237,14 @@ pub fn app(cfg: ServerConfig) -> Result<(Router, Guards), BoxError> {
         .route("/work", work_route)
         .route("/lesson", get(lesson))
         .route("/stream", stream_route)
-        .route("/readyz", get(readyz))
-        .route("/healthz", get(healthz))
+        .route(
+            "/readyz",
+            get(semaforo::axum::ready).with_state(health.clone()),
+        )
+        .route(
+            "/healthz",
+            get(semaforo::axum::health).with_state(health.clone()),
+        )
         .layer(DegradeLayer::new(&degrade))
         .with_state(backend);
     Ok((
