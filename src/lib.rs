@@ -105,6 +105,8 @@ pub mod degrade;
 mod error;
 pub mod eta;
 pub mod fallback;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod guard;
 pub mod health;
 #[cfg(feature = "llm")]

@@ -49,7 +49,10 @@ mod timed;
 
 #[cfg(feature = "http")]
 pub use service::WholeBody;
-pub use service::{ResponseFuture, Timed, TimeoutLayer, TimeoutService, Whole, WholeStream};
+pub use service::{
+    NoRequestLimit, RequestLimit, ResponseFuture, Timed, TimeoutLayer, TimeoutService, Whole,
+    WholeStream,
+};
 pub use timed::Deadlines;
 
 use crate::error::ConfigError;

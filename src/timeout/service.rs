@@ -92,21 +92,75 @@ where
     }
 }
 
-/// The tower [`Layer`] of a [`Timeout`](super::Timeout).
-#[must_use = "a layer does nothing until it wraps a service"]
-pub struct TimeoutLayer<M = Whole> {
-    limits: Limits,
-    obs: Option<Arc<Observer>>,
-    _mode: PhantomData<fn() -> M>,
+/// The caller's own limit for one request, tighter than the layer's
+/// `total` when it is sooner: gRPC's `grpc-timeout` header
+/// ([`GrpcTimeout`](crate::grpc::GrpcTimeout), feature `grpc`), a deadline
+/// the caller put in the request. Any `Fn(&Req) -> Option<Duration>` is one.
+///
+/// ```
+/// use semaforo::timeout::Timeout;
+/// use std::time::Duration;
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), semaforo::BoxError> {
+/// let timeout = Timeout::builder().total(Duration::from_secs(30)).build()?;
+/// // The request is the caller's budget in ms.
+/// let svc = ServiceBuilder::new()
+///     .layer(timeout.layer().per_request(|ms: &u64| Some(Duration::from_millis(*ms))))
+///     .service(service_fn(|_: u64| async {
+///         tokio::time::sleep(Duration::from_secs(5)).await;
+///         Ok::<_, std::io::Error>("done")
+///     }));
+/// let t0 = tokio::time::Instant::now();
+/// assert!(svc.oneshot(1_500).await.is_err());
+/// assert_eq!(t0.elapsed(), Duration::from_millis(1_500));
+/// # Ok(()) }
+/// ```
+pub trait RequestLimit<Req> {
+    /// This request's own limit from the call to its end, if it has one.
+    fn limit(&self, req: &Req) -> Option<Duration>;
 }
 
-impl<M> Clone for TimeoutLayer<M> {
-    fn clone(&self) -> Self {
-        TimeoutLayer::new(self.limits, self.obs.clone())
+/// No request sets its own limit (the default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRequestLimit;
+
+impl<Req> RequestLimit<Req> for NoRequestLimit {
+    #[inline]
+    fn limit(&self, _req: &Req) -> Option<Duration> {
+        None
     }
 }
 
-impl<M> fmt::Debug for TimeoutLayer<M> {
+impl<Req, F: Fn(&Req) -> Option<Duration>> RequestLimit<Req> for F {
+    #[inline]
+    fn limit(&self, req: &Req) -> Option<Duration> {
+        self(req)
+    }
+}
+
+/// The tower [`Layer`] of a [`Timeout`](super::Timeout).
+#[must_use = "a layer does nothing until it wraps a service"]
+pub struct TimeoutLayer<M = Whole, D = NoRequestLimit> {
+    limits: Limits,
+    obs: Option<Arc<Observer>>,
+    per_request: D,
+    _mode: PhantomData<fn() -> M>,
+}
+
+impl<M, D: Clone> Clone for TimeoutLayer<M, D> {
+    fn clone(&self) -> Self {
+        TimeoutLayer {
+            limits: self.limits,
+            obs: self.obs.clone(),
+            per_request: self.per_request.clone(),
+            _mode: PhantomData,
+        }
+    }
+}
+
+impl<M, D> fmt::Debug for TimeoutLayer<M, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TimeoutLayer")
             .field("limits", &self.limits)
@@ -120,55 +174,77 @@ impl<M> TimeoutLayer<M> {
         TimeoutLayer {
             limits,
             obs,
+            per_request: NoRequestLimit,
+            _mode: PhantomData,
+        }
+    }
+}
+
+impl<M, D> TimeoutLayer<M, D> {
+    fn with<M2, D2>(self, per_request: impl FnOnce(D) -> D2) -> TimeoutLayer<M2, D2> {
+        TimeoutLayer {
+            limits: self.limits,
+            obs: self.obs,
+            per_request: per_request(self.per_request),
             _mode: PhantomData,
         }
     }
 
     /// Follow a `Stream` response to its end (first-chunk, idle and total limits).
-    pub fn until_stream_end(self) -> TimeoutLayer<WholeStream> {
-        TimeoutLayer::new(self.limits, self.obs)
+    pub fn until_stream_end(self) -> TimeoutLayer<WholeStream, D> {
+        self.with(|d| d)
     }
 
     /// Follow an `http::Response` body to its end (feature `http`).
     #[cfg(feature = "http")]
-    pub fn until_body_end(self) -> TimeoutLayer<WholeBody> {
-        TimeoutLayer::new(self.limits, self.obs)
+    pub fn until_body_end(self) -> TimeoutLayer<WholeBody, D> {
+        self.with(|d| d)
+    }
+
+    /// Lets each request tighten `total` with its own limit (see
+    /// [`RequestLimit`]): the call ends at the sooner of the two, with a
+    /// `Timeout` refusal that says "request deadline".
+    pub fn per_request<D2>(self, limit: D2) -> TimeoutLayer<M, D2> {
+        self.with(|_| limit)
     }
 }
 
-impl<S, M> Layer<S> for TimeoutLayer<M> {
-    type Service = TimeoutService<S, M>;
+impl<S, M, D: Clone> Layer<S> for TimeoutLayer<M, D> {
+    type Service = TimeoutService<S, M, D>;
 
     fn layer(&self, inner: S) -> Self::Service {
         TimeoutService {
             inner,
             limits: self.limits,
             obs: self.obs.clone(),
+            per_request: self.per_request.clone(),
             _mode: PhantomData,
         }
     }
 }
 
 /// The service of a [`TimeoutLayer`].
-pub struct TimeoutService<S, M = Whole> {
+pub struct TimeoutService<S, M = Whole, D = NoRequestLimit> {
     inner: S,
     limits: Limits,
     obs: Option<Arc<Observer>>,
+    per_request: D,
     _mode: PhantomData<fn() -> M>,
 }
 
-impl<S: Clone, M> Clone for TimeoutService<S, M> {
+impl<S: Clone, M, D: Clone> Clone for TimeoutService<S, M, D> {
     fn clone(&self) -> Self {
         TimeoutService {
             inner: self.inner.clone(),
             limits: self.limits,
             obs: self.obs.clone(),
+            per_request: self.per_request.clone(),
             _mode: PhantomData,
         }
     }
 }
 
-impl<S: fmt::Debug, M> fmt::Debug for TimeoutService<S, M> {
+impl<S: fmt::Debug, M, D> fmt::Debug for TimeoutService<S, M, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TimeoutService")
             .field("inner", &self.inner)
@@ -177,11 +253,12 @@ impl<S: fmt::Debug, M> fmt::Debug for TimeoutService<S, M> {
     }
 }
 
-impl<S, M, Req> Service<Req> for TimeoutService<S, M>
+impl<S, M, D, Req> Service<Req> for TimeoutService<S, M, D>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
     M: Timed<S::Response>,
+    D: RequestLimit<Req>,
 {
     type Response = M::Response;
     type Error = BoxError;
@@ -193,12 +270,19 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let l = self.limits;
+        let mut l = self.limits;
+        let mut total_name = "total";
+        if let Some(own) = self.per_request.limit(&req) {
+            if l.total.is_none_or(|t| own < t) {
+                l.total = Some(own);
+                total_name = "request deadline";
+            }
+        }
         // Until the response: the attempt limit, or the total one if sooner.
         let until_response = match (l.attempt, l.total) {
-            (Some(a), Some(t)) if t < a => Some((t, "total")),
+            (Some(a), Some(t)) if t < a => Some((t, total_name)),
             (Some(a), _) => Some((a, "attempt")),
-            (None, Some(t)) => Some((t, "total")),
+            (None, Some(t)) => Some((t, total_name)),
             (None, None) => None,
         };
         ResponseFuture {
@@ -271,4 +355,4 @@ where
     }
 }
 
-crate::inner_access!([S, M] TimeoutService<S, M>);
+crate::inner_access!([S, M, D] TimeoutService<S, M, D>);
