@@ -70,11 +70,29 @@ async fn the_documented_series_exist_with_plausible_values() {
         get(r#"semaforo_call_seconds_count{layer="breaker",name="openai",class="success"}"#),
         calls as f64
     );
-    let p50 = get(
-        r#"semaforo_call_seconds{layer="breaker",name="openai",class="success",quantile="0.5"}"#,
-    );
-    // A completion takes 5 s simulated = 0.25 s real at ×20.
-    assert!((0.2..5.0).contains(&p50), "p50 {p50}");
+    // Histograms with the recommended buckets (10 ms … 10 min), not
+    // summaries: they add up across a fleet.
+    for h in semaforo::observe::HISTOGRAMS {
+        assert!(
+            body.contains(&format!("# TYPE {h} histogram")),
+            "{h} is not a histogram:\n{body}"
+        );
+    }
+    assert!(!body.contains("quantile="), "no summaries:\n{body}");
+    let bucket = |le: &str| {
+        get(&format!(
+            r#"semaforo_call_seconds_bucket{{layer="breaker",name="openai",class="success",le="{le}"}}"#
+        ))
+    };
+    for le in semaforo::observe::LATENCY_BUCKETS {
+        let _ = bucket(&le.to_string());
+    }
+    assert_eq!(bucket("+Inf"), calls as f64);
+    // A completion takes 5 s simulated = 0.25 s real at ×20: the median
+    // lies between 0.1 s and 5 s, and none took 10 ms.
+    assert_eq!(bucket("0.01"), 0.0);
+    assert!(bucket("0.1") < calls as f64 / 2.0, "{}", bucket("0.1"));
+    assert!(bucket("5") >= calls as f64 / 2.0, "{}", bucket("5"));
     // Nothing was refused or retried on this healthy run.
     assert!(!body.contains("semaforo_rejected_total"), "{body}");
     assert!(!body.contains("semaforo_retries_total"), "{body}");

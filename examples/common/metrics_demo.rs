@@ -3,7 +3,7 @@
 
 use crate::http_client::{chat_request, HttpClient};
 use crate::mock_provider::{MockConfig, MockProvider};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use semaforo::bulkhead::Bulkhead;
 use semaforo::health::Health;
 use semaforo::llm::{LlmStack, Tier};
@@ -30,8 +30,13 @@ pub async fn run(
     tokens: u64,
     time_scale: f64,
 ) -> Result<Summary, BoxError> {
+    // Buckets, not quantiles: histograms add up across instances.
     PrometheusBuilder::new()
         .with_http_listener(listen)
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            semaforo::observe::LATENCY_BUCKETS,
+        )?
         .install()?;
     let tier = Tier {
         requests_per_minute: 500,

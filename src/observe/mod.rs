@@ -44,6 +44,39 @@
 //! | `semaforo_routed_total` | counter | `deployment`, `why` (`first`, `failed_over`, `fell_back`, `hedge`) | every attempt a router sends |
 //! | `semaforo_hedges_settled_total` | counter | `outcome` (`hedge_won`, `hedge_lost`) | hedged calls answered |
 //! | `semaforo_shared_total` | counter | `outcome` (`hit`, `miss`, `stale_served`, `bypassed`, `evicted`, `coalesced`, `took_over`) | cache and coalesce |
+//! | `semaforo_fallbacks_total` | counter | `class`, `outcome` (`answered`, `failed`) | a fallback asked |
+//! | `semaforo_level_changes_total` | counter | `to`, `reason` | a degradation switch moved |
+//! | `semaforo_faults_injected_total` | counter | `fault` | chaos injected a fault |
+//!
+//! ## Histograms that add up across a fleet
+//!
+//! Whether the facade's histograms come out as Prometheus summaries
+//! (quantiles per instance, which cannot be added across instances) or as
+//! histograms (buckets, which can) is the exporter's setting. Give it
+//! [`LATENCY_BUCKETS`] — 10 ms to 10 min, the span of an LLM call from a
+//! cached answer to a long generation — for the `_seconds` series:
+//!
+//! ```text
+//! PrometheusBuilder::new()
+//!     .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), semaforo::observe::LATENCY_BUCKETS)?
+//! ```
+//!
+//! (as `examples/prometheus.rs` does). `dashboards/semaforo.json` is a Grafana
+//! dashboard for these series (import it, pick the Prometheus data source).
+//!
+//! ## OpenTelemetry
+//!
+//! - Metrics: install the `metrics-exporter-otel` crate's
+//!   `OpenTelemetryRecorder` (over an `opentelemetry_sdk` meter provider with
+//!   an `opentelemetry-otlp` exporter) as the facade's recorder, and give it
+//!   the same bounds (`set_histogram_bounds`); or keep the Prometheus
+//!   endpoint and let the OpenTelemetry Collector's `prometheus` receiver
+//!   scrape it.
+//! - Traces: the events and the `semaforo.wait` / `semaforo.retry` spans are
+//!   `tracing`'s: the `tracing-opentelemetry` layer turns them into
+//!   OpenTelemetry spans and span events, exported with
+//!   `opentelemetry-otlp`. A call that waited or retried shows its wait as a
+//!   child span of the caller's.
 //!
 //! Levels — in flight, queue depth, breaker state, pace capacity, quota keys —
 //! are sampled rather than counted per call: register the layers with a
@@ -82,6 +115,17 @@
 //! assert!(matches!(seen[1], ("breaker", EventKind::Rejected { .. })));
 //! # Ok(()) }
 //! ```
+
+/// Histogram bounds for latencies and waits, in seconds, from 10 ms to
+/// 10 min (16 buckets): what an LLM call spans, from a cache hit to a long
+/// generation. Give them to the exporter for the `*_seconds` series
+/// (see [Histograms that add up across a fleet](self#histograms-that-add-up-across-a-fleet)).
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// The histograms the crate records (the series `LATENCY_BUCKETS` are for).
+pub const HISTOGRAMS: &[&str] = &["semaforo_call_seconds", "semaforo_wait_seconds"];
 
 use crate::classify::Class;
 use crate::error::{RejectKind, Rejected};
