@@ -344,12 +344,14 @@ where
     }
 }
 
-/// Watches each answer's body for a gRPC status in its trailers and leaves
-/// a failure's class in a [`BodyFailure`] (in the response's extensions),
-/// for the layers that record at the body's end
+/// The bottom of a gRPC client stack, right above the channel: sends each
+/// request with tonic's body (a [`ReplayBody`] that [`GrpcRequests`] read
+/// becomes one again), boxes the channel's errors (for the classifiers
+/// above), and watches each answer's body for a gRPC status in its
+/// trailers, leaving a failure's class in a [`BodyFailure`] (in the
+/// response's extensions) for the layers that record at the body's end
 /// (`breaker.layer().record_on_body_end()`); a body that ends without any
-/// status (the stream was cut) is a `Transient` failure. Put it at the
-/// bottom of a client stack, above the channel.
+/// status (the stream was cut) is a `Transient` failure.
 #[derive(Debug, Clone, Copy, Default)]
 #[must_use = "a layer does nothing until it wraps a service"]
 pub struct StatusWatchLayer;
@@ -377,22 +379,24 @@ pub struct StatusWatch<S> {
 
 crate::inner_access!([S] StatusWatch<S>);
 
-impl<S, Req, B> Service<Req> for StatusWatch<S>
+impl<S, Req, B> Service<http::Request<Req>> for StatusWatch<S>
 where
-    S: Service<Req, Response = http::Response<B>>,
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<B>>,
+    S::Error: Into<BoxError>,
+    Req: Into<tonic::body::Body>,
     B: Body,
 {
     type Response = http::Response<Tapped<B, TrailersTap>>;
-    type Error = S::Error;
+    type Error = BoxError;
     type Future = StatusWatchFuture<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, req: http::Request<Req>) -> Self::Future {
         StatusWatchFuture {
-            fut: self.inner.call(req),
+            fut: self.inner.call(req.map(Into::into)),
         }
     }
 }
@@ -413,12 +417,13 @@ impl<F> fmt::Debug for StatusWatchFuture<F> {
 impl<F, B, E> Future for StatusWatchFuture<F>
 where
     F: Future<Output = Result<http::Response<B>, E>>,
+    E: Into<BoxError>,
     B: Body,
 {
-    type Output = Result<http::Response<Tapped<B, TrailersTap>>, E>;
+    type Output = Result<http::Response<Tapped<B, TrailersTap>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut res = ready!(self.project().fut.poll(cx))?;
+        let mut res = ready!(self.project().fut.poll(cx)).map_err(Into::into)?;
         let failure = BodyFailure::new();
         res.extensions_mut().insert(failure.clone());
         // A trailers-only answer said its status in the head.
