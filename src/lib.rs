@@ -31,6 +31,10 @@
 //! | [`eta`] | how a layer below tells a line above when calls will start |
 //! | `llm` | the LLM client and router presets and their SSE reader (feature `llm`) |
 //! | `redis` | a budget, a semaphore and a cache tier shared by a fleet (feature `redis`) |
+//! | [`closure`] | any policy or stack around a plain `async` closure, without tower |
+//! | `reqwest` | any stack (or the LLM preset) as a reqwest-middleware `Middleware` (feature `reqwest`) |
+//! | `grpc` | tonic status codes as classes, pushback, gRPC retry rules, `grpc-timeout`, refusals as statuses (feature `grpc`) |
+//! | `axum` | refusals as axum responses, a `HandleErrorLayer` handler, health handlers (feature `axum`) |
 //!
 //! # Layer order
 //!
@@ -53,7 +57,7 @@
 //!
 //! Features: none by default (the tower layers alone); `llm` (implies `http`
 //! and `cache`), `http`, `cache`, `redis`, `metrics`, `serde`, `signal`,
-//! `tiktoken`, `chaos` on request.
+//! `tiktoken`, `chaos`, `reqwest`, `grpc`, `axum` on request.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]

@@ -22,7 +22,7 @@
 //! way back `Response::url()`, the status, headers, extensions and the body.
 //!
 //! A request body that is a stream (`Body::wrap_stream`) cannot be sent twice:
-//! the request carries [`NoRetry`](crate::retry::NoRetry), so
+//! the request carries [`NoRetry`], so
 //! [`HttpRequests`](crate::retry::HttpRequests) — the preset's policy — never
 //! retries it, and the stack's layers see an empty `Bytes` body in its place
 //! (the LLM preset then estimates no prompt tokens for it).
