@@ -1,6 +1,7 @@
-//! A tonic server behind the server-side stack (shutdown → bulkhead →
-//! timeout, refusals answered `RESOURCE_EXHAUSTED` with a pushback), and a
-//! tonic client behind retry + breaker that honours the pushback.
+//! A tonic server behind the server-side stack (shutdown → per-API-key
+//! quota → bulkhead → timeout, refusals answered `RESOURCE_EXHAUSTED` with a
+//! pushback), and a tonic client behind retry + breaker that honours the
+//! pushback.
 //!
 //! ```text
 //! cargo run --example grpc                  # 200 calls at once, the server takes 20 at a time
@@ -15,6 +16,7 @@ use semaforo::backoff::{Backoff, Jitter};
 use semaforo::breaker::Breaker;
 use semaforo::bulkhead::Bulkhead;
 use semaforo::grpc::{GrpcClassifier, GrpcRequests, GrpcTimeout, RefusalLayer, StatusWatchLayer};
+use semaforo::quota::{HeaderKey, Quota, Rate};
 use semaforo::retry::{HttpRequests, Retry};
 use semaforo::shutdown::Shutdown;
 use semaforo::timeout::Timeout;
@@ -41,6 +43,9 @@ struct Args {
     /// How long the handler works on a call.
     #[arg(long, default_value_t = 50)]
     work_ms: u64,
+    /// Calls each API key may make per minute.
+    #[arg(long, default_value_t = 10_000)]
+    per_key_per_minute: u32,
 }
 
 /// The handler: answers SERVING after `work`, counting the calls it saw.
@@ -74,9 +79,16 @@ impl Health for Slow {
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
 
-    // The server: shutdown → bulkhead (no line) → timeout (the caller's
-    // grpc-timeout if sooner), refusals as statuses with a pushback.
+    // The server: shutdown → quota per `x-api-key` metadata → bulkhead (no
+    // line) → timeout (the caller's grpc-timeout if sooner), refusals as
+    // statuses with a pushback.
     let shutdown = Shutdown::new();
+    let quota = Quota::builder()
+        .name("health")
+        .plan("default", Rate::per_minute(args.per_key_per_minute))
+        .build::<String>()?;
+    let plan = quota.plan_id("default").ok_or("no default plan")?;
+    shutdown.watch(quota.clone());
     let bulkhead = Bulkhead::builder(args.capacity)
         .name("health")
         .max_queue(0)
@@ -97,6 +109,10 @@ async fn main() -> Result<(), BoxError> {
         let stack = ServiceBuilder::new()
             .layer(RefusalLayer::new())
             .layer(shutdown.layer())
+            .layer(quota.layer(HeaderKey::new(
+                http::HeaderName::from_static("x-api-key"),
+                plan,
+            )))
             .layer(bulkhead.layer().release_on_body_end())
             .layer(timeout.layer().per_request(GrpcTimeout));
         let mut ready = shutdown.readiness();
@@ -162,6 +178,10 @@ async fn main() -> Result<(), BoxError> {
             tokio::spawn(async move {
                 let mut req = tonic::Request::new(HealthCheckRequest::default());
                 req.set_timeout(Duration::from_secs(5));
+                req.metadata_mut().insert(
+                    "x-api-key",
+                    tonic::metadata::MetadataValue::from_static("classroom-7"),
+                );
                 client.check(req).await
             })
         })
@@ -182,7 +202,7 @@ async fn main() -> Result<(), BoxError> {
         args.calls, args.capacity, args.work_ms
     );
     println!(
-        "  the server refused {} with RESOURCE_EXHAUSTED + pushback, handled {}",
+        "  the bulkhead refused {} with RESOURCE_EXHAUSTED + pushback; the handler saw {}",
         snap.rejected_queue_full,
         handled.load(Ordering::Relaxed)
     );

@@ -320,3 +320,67 @@ async fn a_streamed_answer_holds_its_bulkhead_permit_until_the_last_chunk() {
     assert_eq!(second.text().await.unwrap(), "second");
     assert_eq!(arrivals.lock().unwrap().len(), 2);
 }
+
+/// The LLM preset's classifier reads the provider's error body through the
+/// middleware, and the caller still gets it whole: a 429 whose body says
+/// `insufficient_quota` (the billing quota, not a rate limit) is not
+/// retried; a 429 `rate_limit_exceeded` with `retry-after-ms: 300` is,
+/// 300 ms later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_preset_reads_error_bodies_through_the_middleware_and_the_caller_gets_them() {
+    const QUOTA: &str = r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+    const RATE: &str = r#"{"error":{"message":"Rate limit reached for gpt-4o-mini","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+    let (base, arrivals) = server(|n| match n {
+        0 => status(429, &[("content-type", "application/json")], QUOTA),
+        1 => status(
+            429,
+            &[
+                ("content-type", "application/json"),
+                ("retry-after-ms", "300"),
+            ],
+            RATE,
+        ),
+        _ => status(
+            200,
+            &[("content-type", "application/json")],
+            r#"{"choices":[],"usage":{"total_tokens":12}}"#,
+        ),
+    })
+    .await;
+    let stack = LlmStack::openai(TIER).build().unwrap();
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(SemaforoMiddleware::whole(stack.layer()))
+        .build();
+    let body =
+        r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hola"}]}"#;
+    let res = client
+        .post(format!("{base}/v1/chat/completions"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(
+        res.text().await.unwrap(),
+        QUOTA,
+        "the caller gets the body whole"
+    );
+    assert_eq!(
+        arrivals.lock().unwrap().len(),
+        1,
+        "insufficient_quota is not retried"
+    );
+
+    let res = client
+        .post(format!("{base}/v1/chat/completions"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let at = arrivals.lock().unwrap().clone();
+    assert_eq!(at.len(), 3, "the rate limit was retried once");
+    let gap = at[2] - at[1];
+    assert!(gap >= Duration::from_millis(300), "retried after {gap:?}");
+    assert!(gap < Duration::from_secs(5), "retried after {gap:?}");
+}

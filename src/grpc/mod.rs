@@ -74,8 +74,10 @@
 //! # let _ = stack; Ok(()) }
 //! ```
 //!
-//! A client behind retry + breaker (`HealthClient::new(stack)` takes it as
-//! its channel):
+//! A client behind retry + breaker (`HealthClient::new(stack.service(channel))`;
+//! put `timeout.layer().per_request(GrpcTimeout)` above the retry and the
+//! caller's deadline, `tonic::Request::set_timeout`, bounds all the attempts
+//! together):
 //!
 //! ```
 //! use semaforo::breaker::Breaker;
