@@ -17,8 +17,8 @@
 //! classifier sees it boxed (`Result<&T, &BoxError>`), and the answer is
 //! `Result<T, BoxError>` (downcast to get `E` back, or a
 //! [`Rejected`](crate::Rejected)).
-//! Retrying calls the closure again, so it must be `FnMut` and `Clone`
-//! (a closure that captures references or `Arc`s is).
+//! Retrying calls the closure again, so it is an `FnMut` (called once per
+//! attempt, never twice at once); it need not be `Clone`.
 //!
 //! | tower | closure |
 //! |---|---|
@@ -56,14 +56,21 @@ use crate::error::BoxError;
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
 
 /// An `async` closure as a service of `()` (what a layer wraps in [`run`]);
-/// its error is boxed.
-#[derive(Clone)]
-pub struct Closure<F>(F);
+/// its error is boxed. Clones share the closure (a retry clones the
+/// service it wraps), so any `FnMut` will do.
+pub struct Closure<F>(Arc<Mutex<F>>);
+
+impl<F> Clone for Closure<F> {
+    fn clone(&self) -> Self {
+        Closure(self.0.clone())
+    }
+}
 
 impl<F> fmt::Debug for Closure<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -74,7 +81,7 @@ impl<F> fmt::Debug for Closure<F> {
 impl<F> Closure<F> {
     /// The closure as a service.
     pub fn new(f: F) -> Self {
-        Closure(f)
+        Closure(Arc::new(Mutex::new(f)))
     }
 }
 
@@ -93,7 +100,9 @@ where
     }
 
     fn call(&mut self, _req: ()) -> Self::Future {
-        ClosureFuture((self.0)())
+        // Held only while the closure makes its future, not while it runs.
+        let mut f = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        ClosureFuture((*f)())
     }
 }
 
@@ -136,7 +145,7 @@ where
     L::Service: Service<(), Response = T>,
     <L::Service as Service<()>>::Error: Into<BoxError>,
 {
-    let mut svc = layer.layer(Closure(f));
+    let mut svc = layer.layer(Closure::new(f));
     poll_fn(|cx| svc.poll_ready(cx)).await.map_err(Into::into)?;
     svc.call(()).await.map_err(Into::into)
 }

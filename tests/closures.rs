@@ -376,3 +376,49 @@ async fn run_takes_a_classified_layer_and_a_stack() {
         "the success reset the count"
     );
 }
+
+/// A closure that owns something it cannot clone (a connection) still
+/// retries: it is called again, not cloned.
+#[tokio::test(start_paused = true)]
+async fn a_closure_that_cannot_be_cloned_is_retried() {
+    struct Connection {
+        attempts: u32,
+    }
+    let mut conn = Connection { attempts: 0 };
+    let retry = Retry::builder()
+        .max_attempts(3)
+        .backoff(
+            Backoff::exponential(secs(1))
+                .jitter(Jitter::None)
+                .build()
+                .unwrap(),
+        )
+        .no_budget()
+        .build()
+        .unwrap();
+    let ok = retry
+        .call(move || {
+            conn.attempts += 1;
+            let n = conn.attempts;
+            async move {
+                if n < 3 {
+                    Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok, 3);
+    let bulkhead = Bulkhead::builder(1).build().unwrap();
+    let owned = String::from("only one");
+    let got = bulkhead
+        .call(move || {
+            let s = owned.clone();
+            async move { Ok::<_, std::io::Error>(s) }
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, "only one");
+}

@@ -364,7 +364,7 @@ impl Bulkhead {
     /// bulkhead refused the call.
     pub async fn call<F, Fut, T, E>(&self, f: F) -> Result<T, crate::BoxError>
     where
-        F: FnMut() -> Fut + Clone,
+        F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
         E: Into<crate::BoxError>,
     {

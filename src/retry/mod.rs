@@ -382,14 +382,14 @@ impl Retry {
     /// Runs the `async` closure `f` through this retry, with its default
     /// classification: the same as [`layer`](Self::layer) around a service,
     /// without tower (see [`closure`](crate::closure)).
-    /// The closure is called again for each attempt, so it must be `Clone`.
+    /// The closure is called again for each attempt.
     ///
     /// # Errors
     /// The closure's error, boxed, or a [`Rejected`](crate::Rejected) when the
     /// retry refused the call.
     pub async fn call<F, Fut, T, E>(&self, f: F) -> Result<T, crate::BoxError>
     where
-        F: FnMut() -> Fut + Clone,
+        F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
         E: Into<crate::BoxError>,
     {
