@@ -1,11 +1,14 @@
 //! A pace / quota budget whose GCRA cells live in Redis.
 
-use super::{in_background, pair, scripts, unavailable, FailurePolicy, RedisBackend};
+use super::{
+    in_background_until_done, may_have_run, pair, scripts, unavailable, FailurePolicy, RedisBackend,
+};
 use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
 use crate::pace::{Cost, Pace, PaceBuilder, Unit, Weigh};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -54,7 +57,20 @@ struct Inner {
     local: Option<Pace>,
     /// Closed by a shutdown: calls waiting for their reserved start give up.
     closing: crate::close::Closing,
+    /// Unique per process and budget: reservation markers are `{instance}:{n}`.
+    instance: u64,
+    next: AtomicU64,
+    /// How long a reservation's marker lives (ms): long enough for an undo
+    /// sent after a timeout to find it.
+    marker_ms: u64,
+    /// The time a full burst takes to come back: past it, a refund no
+    /// longer matters.
+    refill: Duration,
 }
+
+/// How many times a waiting call re-makes a reservation whose state Redis
+/// lost before it starts anyway.
+const MAX_REMAKES: u32 = 3;
 
 /// A budget (RPM, TPM, per day…) shared by every instance using the same
 /// Redis and name. Cheap to clone.
@@ -140,6 +156,15 @@ impl BudgetBuilder {
             FailurePolicy::Local { share } => Some(limits.scaled(share).build()?),
             _ => None,
         };
+        let refill_us = dims
+            .iter()
+            .map(|(d, _)| d.largest * d.per_unit_us)
+            .fold(0.0, f64::max)
+            .clamp(0.0, 86_400e6 * 366.0);
+        let marker_ms = u64::try_from(self.backend.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(200)
+            .max(10_000);
         Ok(Budget {
             inner: Arc::new(Inner {
                 backend: self.backend,
@@ -149,6 +174,11 @@ impl BudgetBuilder {
                 policy: self.policy,
                 local,
                 closing: crate::close::Closing::default(),
+                instance: rand::Rng::random(&mut rand::rng()),
+                next: AtomicU64::new(0),
+                marker_ms,
+                refill: Duration::from_micros(refill_us as u64)
+                    .saturating_add(Duration::from_secs(1)),
             }),
         })
     }
@@ -189,16 +219,22 @@ impl Budget {
         }
     }
 
-    fn keys(&self, key: Option<&str>) -> Vec<String> {
+    /// The Redis key of `what` (a cell's label, `gen`, a marker) in this
+    /// budget, for `key`: the hash tag keeps all of a budget's (or a key's)
+    /// keys on one cluster slot, so one script may touch them all.
+    fn redis_key(&self, key: Option<&str>, what: &str) -> String {
         let b = &self.inner.backend;
+        match key {
+            Some(k) => b.key(&["budget", &self.inner.name, &format!("{{{k}}}"), what]),
+            None => b.key(&["budget", &format!("{{{}}}", self.inner.name), what]),
+        }
+    }
+
+    fn keys(&self, key: Option<&str>) -> Vec<String> {
         self.inner
             .dims
             .iter()
-            .map(|(_, label)| match key {
-                // The hash tag keeps a key's cells on one cluster slot.
-                Some(k) => b.key(&["budget", &self.inner.name, &format!("{{{k}}}"), label]),
-                None => b.key(&["budget", &format!("{{{}}}", self.inner.name), label]),
-            })
+            .map(|(_, label)| self.redis_key(key, label))
             .collect()
     }
 
@@ -218,13 +254,30 @@ impl Budget {
     /// [layer](Self::layer) does that by itself for calls dropped before they
     /// start.
     pub async fn reserve(&self, key: Option<&str>, cost: &Cost) -> Result<Grant, Rejected> {
-        let mut args = Vec::with_capacity(1 + 3 * self.inner.dims.len());
+        self.reserve_marked(key, cost).await.map(|(g, _)| g)
+    }
+
+    /// [`reserve`](Self::reserve), with the generation of the state a Redis
+    /// grant was made against.
+    ///
+    /// Each reservation carries a marker: when its reply does not come back
+    /// (a timeout, a lost connection — the script may still run, late, on a
+    /// paused Redis), an undo follows it in the background, until it lands:
+    /// it gives the cost back if the script ran, and stops it from running
+    /// if it has not yet.
+    async fn reserve_marked(
+        &self,
+        key: Option<&str>,
+        cost: &Cost,
+    ) -> Result<(Grant, Option<String>), Rejected> {
+        let mut args = Vec::with_capacity(2 + 4 * self.inner.dims.len());
         // No max_wait: any wait (10¹⁸ µs is 31,000 years).
         let max_wait = self
             .inner
             .max_wait
             .map_or(1e18, |d| (d.as_micros() as f64).min(1e18));
         args.push(max_wait.to_string());
+        args.push(self.inner.marker_ms.to_string());
         for (d, label) in &self.inner.dims {
             let n = d.amount(cost);
             if n > d.largest {
@@ -235,16 +288,30 @@ impl Budget {
             }
             args.extend([d.per_unit_us, d.burst, n, d.max_wait_us].map(|x| x.to_string()));
         }
-        let result = self
-            .inner
-            .backend
-            .eval(&scripts::RESERVE, self.keys(key), args)
-            .await;
-        match result.map(|v| pair(&v)) {
-            Ok(Some((1, wait_us))) => {
-                Ok(Grant::Redis(Duration::from_micros(wait_us.max(0) as u64)))
+        let marker = format!(
+            "r:{:x}:{}",
+            self.inner.instance,
+            self.inner.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut keys = self.keys(key);
+        keys.push(self.redis_key(key, "gen"));
+        keys.push(self.redis_key(key, &marker));
+        let result = self.inner.backend.eval(&scripts::RESERVE, keys, args).await;
+        let reply = match result {
+            Ok(v) => v,
+            Err(e) => {
+                if may_have_run(&e) {
+                    self.undo_in_background(key, cost, marker);
+                }
+                return self.on_failure(e).map(|g| (g, None));
             }
-            Ok(Some((_, retry_us))) => {
+        };
+        match (pair(&reply), generation(&reply)) {
+            (Some((1, wait_us)), gen) => Ok((
+                Grant::Redis(Duration::from_micros(wait_us.max(0) as u64)),
+                gen,
+            )),
+            (Some((0, retry_us)), _) => {
                 let wait = Duration::from_micros(retry_us.max(0) as u64);
                 Err(self
                     .refused(format!(
@@ -253,9 +320,50 @@ impl Budget {
                     ))
                     .with_retry_after(wait))
             }
-            Ok(None) => self.on_failure("unexpected script reply".into()),
-            Err(e) => self.on_failure(e),
+            _ => self
+                .on_failure("unexpected script reply".into())
+                .map(|g| (g, None)),
         }
+    }
+
+    /// Follows a reservation whose reply was lost with its undo, until the
+    /// undo lands (or a full burst's time has passed: by then it no longer
+    /// matters).
+    fn undo_in_background(&self, key: Option<&str>, cost: &Cost, marker: String) {
+        let mut keys = self.keys(key);
+        keys.push(self.redis_key(key, &marker));
+        let mut args = vec![self.inner.marker_ms.to_string()];
+        for (d, _) in &self.inner.dims {
+            args.extend([d.per_unit_us, d.amount(cost)].map(|x| x.to_string()));
+        }
+        let budget = self.clone();
+        in_background_until_done(self.inner.refill, move || {
+            let (budget, keys, args) = (budget.clone(), keys.clone(), args.clone());
+            async move {
+                budget
+                    .inner
+                    .backend
+                    .eval(&scripts::UNDO, keys, args)
+                    .await
+                    .map(|_| ())
+            }
+        });
+    }
+
+    /// Whether the state a reservation of generation `gen` was made against
+    /// is gone (Redis lost its data: flushed, restarted empty, a replica
+    /// promoted without it); `Err` when Redis does not answer.
+    async fn state_lost(&self, key: Option<&str>, gen: &str) -> Result<bool, BoxError> {
+        let r = self
+            .inner
+            .backend
+            .eval(
+                &scripts::GENERATION,
+                vec![self.redis_key(key, "gen")],
+                vec![gen.to_owned()],
+            )
+            .await?;
+        Ok(matches!(r, redis::Value::Int(0)))
     }
 
     fn on_failure(&self, cause: BoxError) -> Result<Grant, Rejected> {
@@ -275,15 +383,31 @@ impl Budget {
         estimate: &Cost,
         real: &Cost,
     ) -> Result<(), BoxError> {
-        let mut args = Vec::with_capacity(2 * self.inner.dims.len());
+        self.adjust_in(key, estimate, real, "").await
+    }
+
+    /// [`adjust`](Self::adjust), only while the cells are still those of
+    /// generation `gen` (`""`: any): a refund for a reservation made
+    /// against a state Redis has lost would hand out capacity twice.
+    async fn adjust_in(
+        &self,
+        key: Option<&str>,
+        estimate: &Cost,
+        real: &Cost,
+        gen: &str,
+    ) -> Result<(), BoxError> {
+        let mut args = Vec::with_capacity(1 + 2 * self.inner.dims.len());
+        args.push(gen.to_owned());
         for (d, _) in &self.inner.dims {
             args.extend(
                 [d.per_unit_us, d.amount(real) - d.amount(estimate)].map(|x| x.to_string()),
             );
         }
+        let mut keys = self.keys(key);
+        keys.push(self.redis_key(key, "gen"));
         self.inner
             .backend
-            .eval(&scripts::ADJUST, self.keys(key), args)
+            .eval(&scripts::ADJUST, keys, args)
             .await
             .map(|_| ())
     }
@@ -423,35 +547,79 @@ where
         let mut svc = self.inner.clone();
         Box::pin(async move {
             let mut unstarted = None;
-            match budget.reserve(key.as_deref(), &cost).await? {
-                Grant::Redis(wait) => {
-                    // From here until the inner call starts, a drop (or a
-                    // failed `poll_ready`) gives the reservation back.
-                    unstarted = Some(Unstarted {
-                        budget: budget.clone(),
-                        key,
-                        cost,
-                        spent: false,
-                    });
-                    // A close wakes the wait: the reservation goes back (the
-                    // `Unstarted` drop) and the caller is answered at once.
-                    if !wait.is_zero() && !budget.inner.closing.sleep(wait).await {
-                        return Err(budget.shutting_down().into());
-                    }
-                }
-                Grant::Open => {}
-                Grant::Local => {
-                    if let Some(local) = budget.local() {
-                        // The local pacer learns nothing from results here.
-                        let classify = |r: Result<&S::Response, &S::Error>| match r {
-                            Ok(_) => crate::classify::Class::Success,
-                            Err(_) => crate::classify::Class::Transient,
+            let mut remade = 0;
+            let mut local = false;
+            loop {
+                match budget.reserve_marked(key.as_deref(), &cost).await? {
+                    (Grant::Redis(wait), gen) => {
+                        // From here until the inner call starts, a drop (or
+                        // a failed `poll_ready`) gives the reservation back.
+                        unstarted = Some(Unstarted {
+                            budget: budget.clone(),
+                            key: key.clone(),
+                            cost,
+                            gen: gen.clone(),
+                            spent: false,
+                        });
+                        if wait.is_zero() {
+                            break;
+                        }
+                        // A close wakes the wait: the reservation goes back
+                        // (the `Unstarted` drop) and the caller is answered
+                        // at once.
+                        if !budget.inner.closing.sleep(wait).await {
+                            return Err(budget.shutting_down().into());
+                        }
+                        // Made against a state Redis has since lost: the
+                        // cells now hand out a fresh burst, and this call
+                        // starting on the old schedule would come on top of
+                        // it. It is made again against the new state.
+                        let lost = match &gen {
+                            Some(g) if remade < MAX_REMAKES => {
+                                budget.state_lost(key.as_deref(), g).await
+                            }
+                            _ => Ok(false),
                         };
-                        let mut paced = local.layer().weigh(weigh).classify(classify).layer(svc);
-                        std::future::poll_fn(|cx| paced.poll_ready(cx)).await?;
-                        return paced.call(req).await;
+                        match lost {
+                            Ok(false) => break,
+                            Ok(true) => {
+                                remade += 1;
+                                // Nothing to give back: it went with the state.
+                                if let Some(u) = unstarted.take() {
+                                    u.started();
+                                }
+                            }
+                            // Redis does not answer: whether the state is
+                            // still there is unknown, so the failure policy
+                            // decides, as for a new call (the reservation
+                            // goes back, if its state still exists, when
+                            // `unstarted` drops).
+                            Err(e) => match budget.on_failure(e)? {
+                                Grant::Local => {
+                                    local = true;
+                                    break;
+                                }
+                                _ => break,
+                            },
+                        }
+                    }
+                    (Grant::Open, _) => break,
+                    (Grant::Local, _) => {
+                        local = true;
+                        break;
                     }
                 }
+            }
+            if let (true, Some(pace)) = (local, budget.local()) {
+                drop(unstarted);
+                // The local pacer learns nothing from results here.
+                let classify = |r: Result<&S::Response, &S::Error>| match r {
+                    Ok(_) => crate::classify::Class::Success,
+                    Err(_) => crate::classify::Class::Transient,
+                };
+                let mut paced = pace.layer().weigh(weigh).classify(classify).layer(svc);
+                std::future::poll_fn(|cx| paced.poll_ready(cx)).await?;
+                return paced.call(req).await;
             }
             std::future::poll_fn(|cx| svc.poll_ready(cx))
                 .await
@@ -471,6 +639,8 @@ struct Unstarted {
     budget: Budget,
     key: Option<String>,
     cost: Cost,
+    /// The state it was made against (its refund applies to it only).
+    gen: Option<String>,
     spent: bool,
 }
 
@@ -487,8 +657,17 @@ impl Drop for Unstarted {
             return;
         }
         let (budget, key, cost) = (self.budget.clone(), self.key.take(), self.cost);
-        in_background(async move {
-            let _ = budget.adjust(key.as_deref(), &cost, &Cost::default()).await;
+        let gen = self.gen.take().unwrap_or_default();
+        // Retried until it lands: a refund lost to a Redis blip would leave
+        // the next callers waiting for a call that never ran.
+        let give_up = budget.inner.refill;
+        in_background_until_done(give_up, move || {
+            let (budget, key, gen) = (budget.clone(), key.clone(), gen.clone());
+            async move {
+                budget
+                    .adjust_in(key.as_deref(), &cost, &Cost::default(), &gen)
+                    .await
+            }
         });
     }
 }
@@ -498,5 +677,17 @@ crate::inner_access!([S, W, K] BudgetService<S, W, K>);
 impl crate::close::Close for Budget {
     fn close(&self) -> u64 {
         Budget::close(self)
+    }
+}
+
+/// The generation in a reserve script's reply.
+fn generation(v: &redis::Value) -> Option<String> {
+    match v {
+        redis::Value::Array(items) => match items.get(2)? {
+            redis::Value::BulkString(b) if !b.is_empty() => String::from_utf8(b.clone()).ok(),
+            redis::Value::SimpleString(s) if !s.is_empty() => Some(s.clone()),
+            _ => None,
+        },
+        _ => None,
     }
 }

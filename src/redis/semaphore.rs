@@ -1,6 +1,6 @@
 //! A concurrency limit shared by a fleet: leases in a Redis sorted set.
 
-use super::{in_background, pair, scripts, unavailable, FailurePolicy, RedisBackend};
+use super::{in_background_until_done, pair, scripts, unavailable, FailurePolicy, RedisBackend};
 use crate::bulkhead::Bulkhead;
 use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
 use crate::guard::{Guard, Hold, OnResponse, OnStreamEnd, StreamEnd};
@@ -201,8 +201,8 @@ impl Drop for Lease {
         } = &mut self.kind
         {
             renew.abort();
-            // Give the slot back now; if that fails (or no runtime is left),
-            // the lease expires by itself.
+            // Give the slot back now, and again while Redis is away; with no
+            // runtime left, the lease expires by itself.
             sem.release_in_background(std::mem::take(holder));
         }
     }
@@ -402,16 +402,22 @@ impl Semaphore {
         }
     }
 
-    /// Removes `holder`'s lease (if Redis has one) without waiting.
+    /// Removes `holder`'s lease (if Redis has one) without waiting; tried
+    /// again every [`RETRY_EVERY`](super::RETRY_EVERY) while Redis is slow,
+    /// down or behind its open breaker, until it lands or the lease has run
+    /// out by itself (a release is idempotent).
     fn release_in_background(&self, holder: String) {
         let sem = self.clone();
-        in_background(async move {
-            let key = sem.inner.key.clone();
-            let _ = sem
-                .inner
-                .backend
-                .eval(&scripts::RELEASE, vec![key], vec![holder])
-                .await;
+        in_background_until_done(self.inner.lease, move || {
+            let (sem, holder) = (sem.clone(), holder.clone());
+            async move {
+                let key = sem.inner.key.clone();
+                sem.inner
+                    .backend
+                    .eval(&scripts::RELEASE, vec![key], vec![holder])
+                    .await
+                    .map(|_| ())
+            }
         });
     }
 
