@@ -20,6 +20,45 @@
 //! Retrying calls the closure again, so it is an `FnMut` (called once per
 //! attempt, never twice at once); it need not be `Clone`.
 //!
+//! An `Err` of a type the classifiers do not know is `Transient`, so it is
+//! retried and counts against a breaker. Say what your errors mean with a
+//! classifier (the closure's error arrives boxed):
+//!
+//! ```
+//! use semaforo::classify::{classify_error, Class, Permanent};
+//! use semaforo::retry::Retry;
+//! use semaforo::{closure, BoxError};
+//!
+//! #[derive(Debug)]
+//! enum DbError { NotFound, Busy }
+//! impl std::fmt::Display for DbError {
+//!     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { write!(f, "{self:?}") }
+//! }
+//! impl std::error::Error for DbError {}
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), BoxError> {
+//! let by_kind = |r: Result<&String, &BoxError>| match r {
+//!     Ok(_) => Class::Success,
+//!     Err(e) => match e.downcast_ref::<DbError>() {
+//!         Some(DbError::NotFound) => Class::permanent(Permanent::NotFound),
+//!         Some(DbError::Busy) => Class::Overloaded { retry_after: None },
+//!         None => classify_error(e.as_ref()),
+//!     },
+//! };
+//! let retry = Retry::builder().max_attempts(3).build()?;
+//! let calls = std::sync::atomic::AtomicU32::new(0);
+//! let err = closure::run(&retry.layer().classify(by_kind), || async {
+//!     calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+//!     Err::<String, _>(DbError::NotFound)
+//! })
+//! .await
+//! .unwrap_err();
+//! assert!(matches!(err.downcast_ref::<DbError>(), Some(DbError::NotFound)));
+//! assert_eq!(calls.into_inner(), 1, "NotFound is not retried");
+//! # Ok(()) }
+//! ```
+//!
 //! | tower | closure |
 //! |---|---|
 //! | `ServiceBuilder::new().layer(breaker.layer()).service(svc)` then `svc.ready().await?.call(req).await` | `breaker.call(\|\| async { … }).await` |

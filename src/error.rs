@@ -327,6 +327,15 @@ impl Rejected {
             if let Some(r) = e.downcast_ref::<Rejected>() {
                 return Some(r);
             }
+            // reqwest-middleware's error is `#[error(transparent)]`: its
+            // `source()` skips what it wraps.
+            #[cfg(feature = "reqwest")]
+            if let Some(reqwest_middleware::Error::Middleware(a)) =
+                e.downcast_ref::<reqwest_middleware::Error>()
+            {
+                cur = Some(a.as_ref());
+                continue;
+            }
             cur = e.source();
         }
         None

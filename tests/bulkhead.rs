@@ -169,7 +169,7 @@ async fn queue_full_rejects_at_once_without_calling_inner() {
     assert_eq!(kind(&err), RejectKind::QueueFull);
     assert_eq!(
         err.to_string(),
-        "bulkhead 'openai': queue full (1/1), retry after 4 s"
+        "bulkhead 'openai': queue full (1/1 waiting), retry after 4 s"
     );
     assert_eq!(
         Rejected::from_box(&err).unwrap().retry_after(),

@@ -7,7 +7,11 @@
 //! - [`Rejected`] implements [`IntoResponse`]: the status and headers of
 //!   [`Rejected::http_response`] (the one mapping, shared with every other
 //!   adapter) and a JSON body (below);
-//! - [`handle_error`] is the function `HandleErrorLayer::new` takes: a
+//! - [`handle_error`] is the function `HandleErrorLayer::new` takes (axum
+//!   routes need services that never fail — `Error = Infallible` — and our
+//!   layers fail with a [`BoxError`], so `HandleErrorLayer` goes outermost
+//!   in the `ServiceBuilder`; without it the compiler says `expected
+//!   Infallible, found Box<dyn Error + Send + Sync>`): a
 //!   refusal anywhere in the error's `source()` chain answers as above, a
 //!   timeout of tower's own `Timeout` layer as 504, anything else as 500
 //!   without the error's text (it is logged through `tracing` instead);
@@ -26,7 +30,7 @@
 //!
 //! ```json
 //! {"error":{"kind":"queue_full","layer":"bulkhead","name":"backend",
-//!           "message":"bulkhead 'backend': queue full (45/45), retry after 2 s",
+//!           "message":"bulkhead 'backend': queue full (45/45 waiting), retry after 2 s",
 //!           "retry_after_ms":1500}}
 //! ```
 //!

@@ -8,7 +8,12 @@
 //!   callers wait in line; one more gets [`RejectKind::QueueFull`] at once,
 //!   without touching the inner service (fail fast before expensive work).
 //!   A caller that waited `max_wait` gets [`RejectKind::QueueTimeout`] with a
-//!   `retry_after` estimate.
+//!   `retry_after` estimate. A full line's `retry_after` is the time between
+//!   two admissions: the service time (measured, or
+//!   [`expected_service_time`](BulkheadBuilder::expected_service_time) until
+//!   measured) divided by the limit; with neither, 1 s divided by the limit
+//!   (so a `Retry-After` of 1 s once rounded up to whole seconds: set
+//!   `expected_service_time` for a better first answer).
 //! - **Order**: FIFO. With [`BulkheadLayer::priority`], higher priorities first,
 //!   FIFO within a priority. **Starvation guard** (on by default,
 //!   [`BulkheadBuilder::priority_aging`], 5 s per level): a caller of priority `p`
@@ -122,7 +127,7 @@ pub struct BulkheadBuilder {
 pub const DEFAULT_PRIORITY_AGING: Duration = Duration::from_secs(5);
 
 impl BulkheadBuilder {
-    /// Names this bulkhead in errors ("bulkhead 'openai': queue full (45/45)").
+    /// Names this bulkhead in errors ("bulkhead 'openai': queue full (45/45 waiting)").
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into());
         self
@@ -221,7 +226,7 @@ impl BulkheadBuilder {
     /// on [`QueueTicket`]s follow the line's order and do not see this
     /// jump.)
     ///
-    /// Seed scenario: interactive requests (priority 1) keep 80 % of the
+    /// Scenario: interactive requests (priority 1) keep 80 % of the
     /// upstream while a batch backlog that arrived first (priority 0) waits,
     /// and the batch keeps 20 % under strict priority instead of starving:
     ///

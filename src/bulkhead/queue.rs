@@ -647,7 +647,11 @@ impl Shared {
             self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
             let r = self
                 .rejection(RejectKind::QueueFull)
-                .with_detail(format!("{waiting}/{bound}"))
+                .with_detail(if bound == 0 {
+                    format!("{limit} of {limit} running, no line")
+                } else {
+                    format!("{waiting}/{bound} waiting")
+                })
                 .with_retry_after(retry_after);
             return Acquire::Rejected(self.refuse(r));
         }

@@ -463,6 +463,16 @@ pub fn classify_error(err: &(dyn StdError + 'static)) -> Class {
         if let Some(s) = e.downcast_ref::<tonic::Status>() {
             return crate::grpc::status_class(s);
         }
+        // Both variants are `#[error(transparent)]`: their `source()` skips
+        // what they wrap, so step into it here.
+        #[cfg(feature = "reqwest")]
+        if let Some(m) = e.downcast_ref::<reqwest_middleware::Error>() {
+            cur = Some(match m {
+                reqwest_middleware::Error::Middleware(a) => a.as_ref(),
+                reqwest_middleware::Error::Reqwest(r) => r,
+            });
+            continue;
+        }
         cur = e.source();
     }
     Class::Transient

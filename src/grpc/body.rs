@@ -11,7 +11,9 @@ use std::task::{Context, Poll};
 
 /// A gRPC request body that [`GrpcRequests`](super::GrpcRequests) read whole
 /// (a clone sends the same bytes again) or passes on as a stream (sent once:
-/// a clone of it fails at its first poll, saying so — the request carries
+/// a clone of it fails at its first poll with a
+/// [`ClassError`](crate::classify::ClassError) of class
+/// `Permanent(DoNotRetry)` — the request carries
 /// [`NoRetry`](crate::retry::NoRetry), so the retry never makes one).
 ///
 /// Becomes tonic's body with `tonic::body::Body::from(body)` (what a
@@ -26,11 +28,6 @@ enum Inner {
     },
     Gone,
 }
-
-/// The error of a clone of a streamed [`ReplayBody`].
-#[derive(Debug, thiserror::Error)]
-#[error("a streamed gRPC request body cannot be sent twice")]
-pub struct BodyAlreadySent;
 
 impl ReplayBody {
     pub(crate) fn whole(bytes: Bytes) -> Self {
@@ -88,7 +85,11 @@ impl Body for ReplayBody {
             }
             Inner::Gone => {
                 self.0 = Inner::Whole(None);
-                Poll::Ready(Some(Err(BodyAlreadySent.into())))
+                Poll::Ready(Some(Err(crate::classify::ClassError::new(
+                    crate::classify::Class::permanent(crate::classify::Permanent::DoNotRetry),
+                    "a streamed gRPC request body cannot be sent twice",
+                )
+                .into())))
             }
         }
     }

@@ -11,12 +11,16 @@
 //! | `RESOURCE_EXHAUSTED` | `Throttled { retry_after: pushback }` | after the pushback | not a failure |
 //! | `UNAVAILABLE` | `Overloaded { retry_after: pushback }` | backoff | failure |
 //! | `DEADLINE_EXCEEDED`, `ABORTED`, `INTERNAL`, `UNKNOWN` | `Transient` | backoff | failure |
-//! | `INVALID_ARGUMENT`, `OUT_OF_RANGE`, `FAILED_PRECONDITION` | `Permanent(InvalidRequest)` | never | not a failure |
-//! | `UNAUTHENTICATED` | `Permanent(Authentication)` | never | not a failure |
-//! | `PERMISSION_DENIED` | `Permanent(PermissionDenied)` | never | not a failure |
-//! | `NOT_FOUND` | `Permanent(NotFound)` | never | not a failure |
-//! | `CANCELLED`, `ALREADY_EXISTS`, `UNIMPLEMENTED`, `DATA_LOSS` | `Permanent(Other)` | never | not a failure |
-//! | any code with a negative or malformed pushback | `Permanent(DoNotRetry)` | never | not a failure |
+//! | `INVALID_ARGUMENT`, `OUT_OF_RANGE`, `FAILED_PRECONDITION` | `Class::permanent(Permanent::InvalidRequest)` | never | not a failure |
+//! | `UNAUTHENTICATED` | `Class::permanent(Permanent::Authentication)` | never | not a failure |
+//! | `PERMISSION_DENIED` | `Class::permanent(Permanent::PermissionDenied)` | never | not a failure |
+//! | `NOT_FOUND` | `Class::permanent(Permanent::NotFound)` | never | not a failure |
+//! | `CANCELLED`, `ALREADY_EXISTS`, `UNIMPLEMENTED`, `DATA_LOSS` | `Class::permanent(Permanent::Other)` | never | not a failure |
+//! | any code with a negative or malformed pushback | `Class::permanent(Permanent::DoNotRetry)` | never | not a failure |
+//!
+//! (`Permanent` is [`classify::Permanent`](crate::classify::Permanent).)
+//! A `grpc-status` is read as tonic reads it: exactly `0` to `16`, anything
+//! else `UNKNOWN`; trailers without one are a success, as tonic takes them.
 //!
 //! The pushback is the `grpc-retry-pushback-ms` metadata of gRFC A6 (retry
 //! design): milliseconds to wait; negative or not a number means "do not
@@ -101,7 +105,7 @@
 mod body;
 mod service;
 
-pub use body::{BodyAlreadySent, ReplayBody};
+pub use body::ReplayBody;
 pub use service::{
     GrpcRequests, GrpcRequestsFuture, GrpcRequestsLayer, GrpcRequestsService, RefusalFuture,
     RefusalLayer, RefusalService, StatusWatch, StatusWatchFuture, StatusWatchLayer, TrailersTap,
@@ -204,12 +208,14 @@ pub fn http_code(status: http::StatusCode) -> Code {
     }
 }
 
-/// The status a set of headers or trailers carries: `grpc-status` (a
-/// missing or malformed one is `None`).
+/// The status a set of headers or trailers carries: `grpc-status`, read as
+/// tonic reads it (`None` when missing; a malformed one is `UNKNOWN`).
 pub fn header_code(headers: &http::HeaderMap) -> Option<Code> {
-    let v = headers.get("grpc-status")?;
-    let n: i32 = v.to_str().ok()?.trim().parse().ok()?;
-    Some(Code::from_i32(n))
+    // tonic's own reading (a malformed value is `UNKNOWN`), so a status
+    // means here what it means to the caller.
+    headers
+        .get("grpc-status")
+        .map(|v| Code::from_bytes(v.as_bytes()))
 }
 
 /// Classifies gRPC `http::Response`s: `grpc-status` in the headers (a

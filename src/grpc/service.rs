@@ -446,9 +446,12 @@ impl<D, E> Tap<http_body::Frame<D>, E> for TrailersTap {
     type Error = E;
 
     fn item(&mut self, frame: &http_body::Frame<D>) -> Flow {
+        // Trailers are the last frame: judged here, not at the end, which a
+        // client that stops reading after them (tonic) reports as a drop.
+        // Trailers without `grpc-status` are a success, as tonic reads them.
         if let Some(t) = frame.trailers_ref() {
+            self.seen = true;
             if let Some(code) = header_code(t) {
-                self.seen = true;
                 let class = code_class(code, pushback(t));
                 if !class.is_success() {
                     self.failure.set(class);

@@ -64,7 +64,8 @@ pub struct Component {
     /// Its status.
     pub status: Status,
     /// Its numbers, as `(label, value)` pairs (serialized as a JSON object
-    /// of named fields: `{"in_flight": 3, "waiting": 0, …}`).
+    /// of named fields, every value a JSON number with a fraction:
+    /// `{"in_flight": 3.0, "waiting": 0.0, …}`; read counts with `as_f64`).
     #[cfg_attr(feature = "serde", serde(serialize_with = "details_as_object"))]
     pub details: Vec<(&'static str, f64)>,
 }
@@ -248,7 +249,14 @@ impl Health {
                     Status::Ok
                 },
                 details: vec![
-                    ("open", f64::from(u8::from(s.state == BreakerState::Open))),
+                    // Forced open refuses every call as an open breaker
+                    // does (its state machine stays `Closed`).
+                    (
+                        "open",
+                        f64::from(u8::from(
+                            s.state == BreakerState::Open || s.mode == Mode::ForcedOpen,
+                        )),
+                    ),
                     ("failure_rate", s.failure_rate),
                     ("consecutive_failures", f64::from(s.consecutive_failures)),
                     ("rejected", s.rejected as f64),

@@ -1,8 +1,8 @@
 //! Keyed admission quotas per user, tenant, API key or plan — fail fast,
 //! before any expensive work, with the exact `retry_after`.
 //!
-//! Seeds: 003 (Free 60/min, Pro 1000/min), 004 (3 per hour per user, a global
-//! 1000/min per endpoint), 001 (limits per subscription tier).
+//! Scenarios: plans per subscription tier (Free 60/min, Pro 1,000/min), a
+//! per-user limit of 3 an hour beside a global 1,000/min for an endpoint.
 //!
 //! - A closure reads the key (and its plan) from each request. Each plan is a
 //!   governor keyed limiter; a user whose plan changes is checked against the new
@@ -380,7 +380,9 @@ pub struct QuotaBuilder {
 }
 
 impl QuotaBuilder {
-    /// Names the quota in errors and `RateLimit-Policy`.
+    /// Names the quota in errors (`quota 'api': quota exceeded …`) and
+    /// events. The `RateLimit-Policy` header names the *plan* the caller is
+    /// on (`"free";q=60;w=60`), which is what a client can act on.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into());
         self

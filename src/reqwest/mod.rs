@@ -21,11 +21,19 @@
 //! also see, e.g. a [`QueueTicket`](crate::bulkhead::QueueTicket)); on the
 //! way back `Response::url()`, the status, headers, extensions and the body.
 //!
-//! A request body that is a stream (`Body::wrap_stream`) cannot be sent twice:
-//! the request carries [`NoRetry`], so
-//! [`HttpRequests`](crate::retry::HttpRequests) — the preset's policy — never
-//! retries it, and the stack's layers see an empty `Bytes` body in its place
-//! (the LLM preset then estimates no prompt tokens for it).
+//! **A retry layer of your own: give it `.requests(HttpRequests::default())`**
+//! ([`HttpRequests`](crate::retry::HttpRequests), the LLM preset's policy):
+//! it retries idempotent methods only (a `POST` with an `Idempotency-Key`, or
+//! `.allow_non_idempotent()`), and never a request carrying [`NoRetry`].
+//! The layer's default policy copies any request, whatever its method. A
+//! request body that is a stream (`Body::wrap_stream`) cannot be sent twice:
+//! the request carries [`NoRetry`]; a policy that ignores it gets, for the
+//! second attempt, an error of class `Permanent(DoNotRetry)` saying so
+//! instead of the first attempt's answer. The stack's layers see an empty
+//! `Bytes` body in the stream's place (the LLM preset then estimates no
+//! prompt tokens for it).
+//!
+//! "Streamed" below is about the *response* body.
 //!
 //! Errors come back as [`reqwest_middleware::Error`]: reqwest's own as
 //! `Error::Reqwest`, a refusal by a layer as `Error::Middleware` around the
@@ -153,10 +161,15 @@ impl Answer for Whole {
 /// as it arrives; [`Whole`]: read whole first).
 ///
 /// # Errors
-/// reqwest's and the later middlewares' errors, boxed
-/// ([`reqwest_middleware::Error`]); a request that did not come through a
-/// [`SemaforoMiddleware`], or a second attempt of a request whose body was a
-/// stream, is refused with an error that says so.
+/// reqwest's own error (`reqwest::Error`) or a later middleware's (its
+/// `anyhow` error, boxed so that the original — a [`Rejected`], a
+/// `tonic::Status` — is what the classifiers and [`Rejected::find`] see);
+/// an [`UpstreamError`] for a request that did not come through a
+/// [`SemaforoMiddleware`]; a second attempt of a request whose body was a
+/// stream fails with a [`ClassError`](crate::classify::ClassError) of class
+/// `Permanent(DoNotRetry)` (a retry policy that honours
+/// [`NoRetry`], such as [`HttpRequests`](crate::retry::HttpRequests), never
+/// makes one).
 pub struct Upstream<A = Streamed>(PhantomData<fn() -> A>);
 
 impl<A> Clone for Upstream<A> {
@@ -178,9 +191,6 @@ pub enum UpstreamError {
     /// The request did not come through a [`SemaforoMiddleware`].
     #[error("semaforo::reqwest::Upstream was called outside a SemaforoMiddleware")]
     NoMiddleware,
-    /// A streamed request body was already sent by an earlier attempt.
-    #[error("the request body is a stream and was already sent: it cannot be sent again")]
-    BodyAlreadySent,
     /// The middleware call ended before the attempt's answer.
     #[error("the middleware call ended before the request was answered")]
     Ended,
@@ -207,13 +217,24 @@ impl<A: Answer> Service<http::Request<Bytes>> for Upstream<A> {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .take()
-                    .ok_or(UpstreamError::BodyAlreadySent)?,
+                    .ok_or_else(body_already_sent)?,
                 None => reqwest::Body::from(bytes),
             };
             let req = reqwest::Request::try_from(http::Request::from_parts(parts, body))?;
             let (tx, rx) = oneshot::channel();
             tunnel.0.send((req, tx)).map_err(|_| UpstreamError::Ended)?;
-            let res = rx.await.map_err(|_| UpstreamError::Ended)??;
+            let res = match rx.await.map_err(|_| UpstreamError::Ended)? {
+                Ok(res) => res,
+                // Unwrapped, so the classifiers see the original: both
+                // variants are `#[error(transparent)]`, whose `source()`
+                // skips what they wrap.
+                Err(reqwest_middleware::Error::Reqwest(e)) => {
+                    return Err(BoxError::from(e));
+                }
+                Err(reqwest_middleware::Error::Middleware(e)) => {
+                    return Err(e.reallocate_into_boxed_dyn_error_without_backtrace());
+                }
+            };
             A::read(res).await
         })
     }
@@ -311,7 +332,7 @@ impl fmt::Display for StackError {
 
 impl std::error::Error for StackError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0.source()
+        Some(&*self.0)
     }
 }
 
@@ -336,12 +357,23 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    reqwest::Body::wrap(SyncBody(sync_wrapper::SyncWrapper::new(Box::pin(body))))
+    let hint = body.size_hint();
+    let ended = body.is_end_stream();
+    reqwest::Body::wrap(SyncBody {
+        inner: sync_wrapper::SyncWrapper::new(Box::pin(body)),
+        hint,
+        ended,
+    })
 }
 
 /// A body made `Sync` (reqwest's `Body::wrap` asks for it; a body is only
-/// ever polled through `Pin<&mut>`, so `SyncWrapper` costs nothing).
-struct SyncBody<B>(sync_wrapper::SyncWrapper<B>);
+/// ever polled through `Pin<&mut>`, so `SyncWrapper` costs nothing). Its
+/// size hint and end, which need shared access, are read after each frame.
+struct SyncBody<B> {
+    inner: sync_wrapper::SyncWrapper<B>,
+    hint: http_body::SizeHint,
+    ended: bool,
+}
 
 impl<B> http_body::Body for SyncBody<Pin<Box<B>>>
 where
@@ -355,18 +387,36 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        self.0
-            .get_mut()
+        let this = &mut *self;
+        let body = this.inner.get_mut();
+        let out = body
             .as_mut()
             .poll_frame(cx)
-            .map(|f| f.map(|r| r.map_err(Into::into)))
+            .map(|f| f.map(|r| r.map_err(Into::into)));
+        if out.is_ready() {
+            this.hint = body.size_hint();
+            this.ended = body.is_end_stream() || matches!(out, Poll::Ready(None));
+        }
+        out
     }
 
     fn is_end_stream(&self) -> bool {
-        // `SyncWrapper` gives no shared access; hyper asks, and reads on
-        // until `poll_frame` says `None`, which is always right.
-        false
+        self.ended
     }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.hint
+    }
+}
+
+/// A second attempt of a request whose body was a stream: not retryable.
+fn body_already_sent() -> BoxError {
+    crate::classify::ClassError::new(
+        crate::classify::Class::permanent(crate::classify::Permanent::DoNotRetry),
+        "the request body is a stream and was already sent: it cannot be sent again \
+         (give the retry `.requests(HttpRequests::default())`, which honours `NoRetry`)",
+    )
+    .into()
 }
 
 /// The middleware's side of one call: runs the stack and, meanwhile, every
