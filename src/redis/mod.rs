@@ -68,6 +68,36 @@
 //! | Redis unreachable for `T`, `Local { share }` | `R · W + B` + `N · share · (R · T + B)` |
 //! | Redis loses its state (flush, empty restart, failover to a replica without the writes) | `R · W + 2 · B` |
 //!
+//! # High availability
+//!
+//! [`RedisBackend::builder`] (one server), [`RedisBackend::sentinel`] (the
+//! primary a set of Sentinels names) or [`RedisBackend::cluster`] (a Redis
+//! Cluster's seed nodes):
+//!
+//! - **Sentinel**: the primary is asked of the sentinels on first use and
+//!   again when its connection breaks, when it refuses a write
+//!   (`READONLY`: it was demoted) or after three calls in a row cut by
+//!   their timeout (a primary that vanished without closing anything).
+//!   Calls meanwhile fail fast (the breaker), and the failure policy
+//!   answers. After a failover the new primary holds what the replica had
+//!   received: with asynchronous replication, the last writes may be gone,
+//!   which is a state loss as above (the generation check bounds it).
+//!   Passwords: the sentinels' in their URLs, the servers' with
+//!   [`node_auth`](RedisBackendBuilder::node_auth).
+//! - **Cluster**: each script's keys share one hash tag (`{name}`, or
+//!   `{key}` for a keyed budget), so each script runs on the one node that
+//!   owns the slot; the client follows `MOVED` and `ASK` (a slot being
+//!   moved), so resharding needs nothing from us. A script that meets a slot
+//!   half-moved (`TRYAGAIN`) fails like any Redis error, for the failure
+//!   policy to answer, and is retried by the next call.
+//! - `NOSCRIPT` after a node restart or a failover: the script is loaded
+//!   again and the call retried, by itself.
+//!
+//! Which to choose: one server when a Redis restart may cost a burst and a
+//! few seconds of the failure policy; Sentinel when the budget must survive
+//! the loss of its server; Cluster when one server cannot carry the calls
+//! (many keyed budgets spread over the slots).
+//!
 //! # Clean-up that survives an outage
 //!
 //! What a dropped caller gives back — a semaphore's lease, a budget's
@@ -171,10 +201,99 @@ pub(crate) struct Eval {
 }
 
 /// Runs scripts over one multiplexed connection (concurrent calls are
-/// pipelined on it).
+/// pipelined on it): to one server, to the primary a Sentinel set names
+/// (found again after a failover), or to a cluster (the node owning each
+/// script's slot; `MOVED` and `ASK` followed by the client).
 #[derive(Clone)]
-pub(crate) struct Runner {
-    conn: ConnectionManager,
+pub(crate) enum Runner {
+    Single(ConnectionManager),
+    Sentinel(Arc<SentinelConn>),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// The connection to the primary a Sentinel set names: resolved on first
+/// use, and again after it broke, refused writes (`READONLY`: a demoted
+/// primary) or stopped answering (three calls in a row cut by their
+/// timeout): that is how a failover is followed without a restart.
+pub(crate) struct SentinelConn {
+    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    primary: std::sync::RwLock<Option<redis::aio::MultiplexedConnection>>,
+    config: redis::AsyncConnectionConfig,
+    /// Calls in a row that were cut before an answer.
+    unanswered: std::sync::atomic::AtomicU32,
+}
+
+impl SentinelConn {
+    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        // One resolution at a time; the others wait for it.
+        let mut client = self.client.lock().await;
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let c = client
+            .get_async_connection_with_config(&self.config)
+            .await?;
+        *self
+            .primary
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(c.clone());
+        Ok(c)
+    }
+
+    fn current(&self) -> Option<redis::aio::MultiplexedConnection> {
+        self.primary
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Forget the primary: the next call asks the sentinels again.
+    fn forget(&self) {
+        *self
+            .primary
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.unanswered
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What a call's outcome says about the primary.
+    fn outcome(&self, r: &redis::RedisResult<redis::Value>) {
+        use std::sync::atomic::Ordering;
+        match r {
+            Ok(_) => self.unanswered.store(0, Ordering::Relaxed),
+            Err(e)
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.kind() == redis::ErrorKind::ReadOnly
+                    || e.code() == Some("MASTERDOWN") =>
+            {
+                self.forget()
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Counts a sentinel call cut before its answer (by its timeout): three in
+/// a row and the primary is looked up again.
+struct Unanswered(Option<Arc<SentinelConn>>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            let n = s
+                .unanswered
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n + 1 >= 3 {
+                s.forget();
+            }
+        }
+    }
 }
 
 impl Service<Eval> for Runner {
@@ -187,7 +306,7 @@ impl Service<Eval> for Runner {
     }
 
     fn call(&mut self, req: Eval) -> Self::Future {
-        let mut conn = self.conn.clone();
+        let runner = self.clone();
         Box::pin(async move {
             let mut inv = req.script.prepare_invoke();
             for k in &req.keys {
@@ -196,7 +315,20 @@ impl Service<Eval> for Runner {
             for a in &req.args {
                 inv.arg(a);
             }
-            inv.invoke_async(&mut conn).await
+            match runner {
+                Runner::Single(mut conn) => inv.invoke_async(&mut conn).await,
+                Runner::Cluster(mut conn) => inv.invoke_async(&mut conn).await,
+                Runner::Sentinel(s) => {
+                    let mut cut = Unanswered(Some(s.clone()));
+                    let r = match s.connection().await {
+                        Ok(mut conn) => inv.invoke_async(&mut conn).await,
+                        Err(e) => Err(e),
+                    };
+                    cut.0 = None;
+                    s.outcome(&r);
+                    r
+                }
+            }
         })
     }
 }
@@ -223,11 +355,24 @@ impl fmt::Debug for RedisBackend {
     }
 }
 
+/// Where the Redis of a [`RedisBackend`] is.
+#[derive(Debug, Clone)]
+enum Topology {
+    Single(String),
+    Sentinel {
+        sentinels: Vec<String>,
+        primary: String,
+        username: Option<String>,
+        password: Option<String>,
+    },
+    Cluster(Vec<String>),
+}
+
 /// Builder for [`RedisBackend`].
 #[derive(Debug, Clone)]
 #[must_use = "call .connect() to get a RedisBackend"]
 pub struct RedisBackendBuilder {
-    url: String,
+    topology: Topology,
     timeout: Duration,
     prefix: String,
     failures: u32,
@@ -256,6 +401,23 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// The credentials of the Redis servers a Sentinel set names (its
+    /// `requirepass` / ACL user); the sentinels' own go in their URLs
+    /// (`redis://:password@host:26379`). Ignored for the other topologies,
+    /// whose URLs carry theirs.
+    pub fn node_auth(mut self, username: Option<String>, password: impl Into<String>) -> Self {
+        if let Topology::Sentinel {
+            username: u,
+            password: p,
+            ..
+        } = &mut self.topology
+        {
+            *u = username;
+            *p = Some(password.into());
+        }
+        self
+    }
+
     /// Validates, connects (Redis must answer now) and builds.
     ///
     /// # Errors
@@ -271,13 +433,64 @@ impl RedisBackendBuilder {
         if self.timeout.is_zero() {
             return Err(ConfigError::new("redis", "timeout", "must be above zero").into());
         }
-        let client = redis::Client::open(self.url.as_str())?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(self.timeout.max(Duration::from_millis(100)))
-            .set_response_timeout(self.timeout)
-            .set_number_of_retries(1)
-            .set_max_delay(100);
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let connect_timeout = self.timeout.max(Duration::from_millis(100));
+        let runner = match &self.topology {
+            Topology::Single(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(connect_timeout)
+                    .set_response_timeout(self.timeout)
+                    .set_number_of_retries(1)
+                    .set_max_delay(100);
+                Runner::Single(ConnectionManager::new_with_config(client, config).await?)
+            }
+            Topology::Sentinel {
+                sentinels,
+                primary,
+                username,
+                password,
+            } => {
+                if sentinels.is_empty() {
+                    return Err(ConfigError::new("redis", "sentinels", "give at least one").into());
+                }
+                let node = redis::sentinel::SentinelNodeConnectionInfo {
+                    tls_mode: None,
+                    redis_connection_info: Some(redis::RedisConnectionInfo {
+                        username: username.clone(),
+                        password: password.clone(),
+                        ..Default::default()
+                    }),
+                };
+                let client = redis::sentinel::SentinelClient::build(
+                    sentinels.iter().map(String::as_str).collect(),
+                    primary.clone(),
+                    Some(node),
+                    redis::sentinel::SentinelServerType::Master,
+                )?;
+                let conn = Arc::new(SentinelConn {
+                    client: tokio::sync::Mutex::new(client),
+                    primary: std::sync::RwLock::new(None),
+                    config: redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(connect_timeout)
+                        .set_response_timeout(self.timeout),
+                    unanswered: std::sync::atomic::AtomicU32::new(0),
+                });
+                // The primary must answer now, as a single server must.
+                conn.connection().await?;
+                Runner::Sentinel(conn)
+            }
+            Topology::Cluster(seeds) => {
+                if seeds.is_empty() {
+                    return Err(ConfigError::new("redis", "seeds", "give at least one").into());
+                }
+                let client = redis::cluster::ClusterClient::builder(seeds.clone())
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(self.timeout)
+                    .retries(2)
+                    .build()?;
+                Runner::Cluster(client.get_async_connection().await?)
+            }
+        };
         let breaker = Breaker::builder()
             .name("redis")
             .consecutive_failures(self.failures)
@@ -287,9 +500,7 @@ impl RedisBackendBuilder {
             .name("redis")
             .attempt(self.timeout)
             .build()?;
-        let svc = breaker
-            .layer()
-            .layer(timeout.layer().layer(Runner { conn }));
+        let svc = breaker.layer().layer(timeout.layer().layer(runner));
         Ok(RedisBackend {
             svc,
             breaker,
@@ -300,10 +511,44 @@ impl RedisBackendBuilder {
 }
 
 impl RedisBackend {
-    /// A builder for `url` (`redis://host:port/db`, `redis+unix:///path`).
+    /// A builder for one server at `url` (`redis://host:port/db`,
+    /// `redis://:password@host:port`, `redis+unix:///path`).
     pub fn builder(url: impl Into<String>) -> RedisBackendBuilder {
+        RedisBackend::with_topology(Topology::Single(url.into()))
+    }
+
+    /// A builder for the primary that a set of Sentinels names `primary`
+    /// (`redis://host:26379` each, with `:password@` for sentinels that
+    /// require one; the servers' own credentials with
+    /// [`node_auth`](RedisBackendBuilder::node_auth)). After a failover the
+    /// new primary is found by asking the sentinels again, without a
+    /// restart (see [High availability](self#high-availability)).
+    pub fn sentinel(
+        sentinels: impl IntoIterator<Item = impl Into<String>>,
+        primary: impl Into<String>,
+    ) -> RedisBackendBuilder {
+        RedisBackend::with_topology(Topology::Sentinel {
+            sentinels: sentinels.into_iter().map(Into::into).collect(),
+            primary: primary.into(),
+            username: None,
+            password: None,
+        })
+    }
+
+    /// A builder for a Redis Cluster reached through its seed nodes
+    /// (`redis://host:port` each, with credentials in the URL). Every key
+    /// of a budget, of a budget's key, or of a semaphore carries one hash
+    /// tag (`{openai}`), so each script touches one slot; keyed budgets
+    /// spread over the slots.
+    pub fn cluster(seeds: impl IntoIterator<Item = impl Into<String>>) -> RedisBackendBuilder {
+        RedisBackend::with_topology(Topology::Cluster(
+            seeds.into_iter().map(Into::into).collect(),
+        ))
+    }
+
+    fn with_topology(topology: Topology) -> RedisBackendBuilder {
         RedisBackendBuilder {
-            url: url.into(),
+            topology,
             timeout: Duration::from_millis(50),
             prefix: "semaforo".into(),
             failures: 3,
@@ -398,10 +643,19 @@ where
     });
 }
 
-/// Whether a failed Redis call may have run its script: everything but
-/// our own breaker's refusal (then nothing was sent).
+/// Whether a failed Redis call may have run its script: a call cut by its
+/// timeout or whose connection broke (the script may run, or have run,
+/// without its reply reaching us). Not our breaker's refusal (nothing was
+/// sent), not an error reply from Redis (`TRYAGAIN`, `NOSCRIPT`, `OOM`: it
+/// did not run).
 fn may_have_run(err: &BoxError) -> bool {
-    !Rejected::find(err.as_ref()).is_some_and(|r| r.kind() == RejectKind::CircuitOpen)
+    if let Some(r) = Rejected::find(err.as_ref()) {
+        return r.kind() != RejectKind::CircuitOpen;
+    }
+    match err.downcast_ref::<redis::RedisError>() {
+        Some(e) => e.is_io_error() || e.is_connection_dropped() || e.is_timeout(),
+        None => true,
+    }
 }
 
 /// `{ok, n}` from a script (a longer reply: its first two).
