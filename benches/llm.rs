@@ -41,8 +41,16 @@ where
     S: Service<http::Request<Bytes>, Response = http::Response<Bytes>>,
     S::Error: std::fmt::Debug,
 {
+    call_with(svc, Bytes::from_static(REQUEST))
+}
+
+fn call_with<S>(svc: &mut S, body: Bytes) -> u16
+where
+    S: Service<http::Request<Bytes>, Response = http::Response<Bytes>>,
+    S::Error: std::fmt::Debug,
+{
     let req = http::Request::post("/v1/chat/completions")
-        .body(Bytes::from_static(REQUEST))
+        .body(body)
         .expect("a request");
     let svc = svc
         .ready()
@@ -83,6 +91,39 @@ fn preset(c: &mut Criterion) {
         r#"{{"messages":[{{"role":"user","content":"{}"}}],"max_tokens":100,"model":"gpt-4o-mini"}}"#,
         "a".repeat(2_000)
     );
+    // The whole preset on that 2 KB request: the body read once for its
+    // cost, its model and its key.
+    let stack = LlmStack::openai(tier).build().expect("a stack");
+    let mut big = tower::ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(client(200, SUCCESS));
+    let big_body = Bytes::from(body.clone());
+    g.bench_function("success, 2 KB request", |b| {
+        b.iter(|| black_box(call_with(&mut big, big_body.clone())))
+    });
+    // One typed parse of the same body (serde_json into the fields a
+    // client reads), for scale.
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Chat<'a> {
+        model: &'a str,
+        max_tokens: Option<u64>,
+        #[serde(borrow)]
+        messages: Vec<Message<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Message<'a> {
+        role: &'a str,
+        #[serde(borrow)]
+        content: std::borrow::Cow<'a, str>,
+    }
+    g.bench_function("one typed parse of the 2 KB body (serde_json)", |b| {
+        b.iter(|| {
+            let c: Chat<'_> = serde_json::from_slice(black_box(body.as_bytes())).expect("json");
+            black_box(c.messages.len())
+        })
+    });
     g.bench_function("model read from a 2 KB body (ModelField)", |b| {
         b.iter(|| black_box(semaforo::llm::ModelField::read(black_box(body.as_bytes())).is_some()))
     });

@@ -5,7 +5,8 @@
 //! follow paused time in tests; the difference is the price of that clock.
 //! Two threads on their own hot keys show what the layer shares between cores.
 //! Then one global limit: tower's `RateLimit`, tower-resilience's
-//! `RateLimiter`, governor direct, and a one-key semaforo quota.
+//! `RateLimiter`, governor direct, a one-key semaforo quota and semaforo's
+//! unkeyed `RateLimit` (one atomic GCRA cell).
 
 mod common;
 use common::{bare, once, try_once};
@@ -160,6 +161,14 @@ fn one_limit(c: &mut Criterion) {
         .layer(q.layer(move |_: &u64| (0u64, plan)))
         .service(bare());
     g.bench_function("semaforo Quota layer, one key", |b| {
+        b.iter(|| once(&mut s, black_box(1)))
+    });
+    // One atomic GCRA cell: no key, no map.
+    let limit = semaforo::quota::RateLimit::builder(Rate::new(u32::MAX, Duration::from_secs(1)))
+        .build()
+        .expect("valid limit");
+    let mut s = ServiceBuilder::new().layer(limit.layer()).service(bare());
+    g.bench_function("semaforo RateLimit", |b| {
         b.iter(|| once(&mut s, black_box(1)))
     });
     g.finish();

@@ -48,6 +48,11 @@ impl Cell {
         }
     }
 
+    /// Whether `n` units can ever be taken at once (within the burst).
+    pub(crate) fn fits(&self, n: u32) -> bool {
+        self.unit_ns.saturating_mul(u64::from(n)) <= self.tau_ns
+    }
+
     /// Gives back `n` units taken by a call that was refused elsewhere.
     pub(crate) fn give_back(&self, n: u32) {
         let cost = self.unit_ns.saturating_mul(u64::from(n));

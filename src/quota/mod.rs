@@ -58,10 +58,12 @@
 //! ```
 
 mod cell;
+mod limit;
 mod service;
 mod wait;
 
 #[cfg(feature = "http")]
+pub use limit::{RateLimit, RateLimitBuilder, RateLimitFuture, RateLimitLayer, RateLimitService};
 pub use service::HeaderKey;
 pub use service::{QuotaCost, QuotaKey, QuotaLayer, QuotaService, ResponseFuture, UnitCost};
 
