@@ -619,7 +619,7 @@ async fn a_lease_that_ran_out_is_reported_lost() {
         return;
     };
     let redis = backend(&server).await;
-    let mut conn = raw(&server).await;
+    let conn = raw(&server).await;
     let sem = Semaphore::builder(&redis, "lost", 1)
         .lease(Duration::from_millis(300))
         .build()
@@ -629,13 +629,23 @@ async fn a_lease_that_ran_out_is_reported_lost() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(!lease.is_lost());
     assert_eq!(sem.holders().await.unwrap(), 1);
-    // The lease disappears behind its holder's back (as when it runs out
-    // while Redis is unreachable): the next renewal finds it gone.
-    let () = redis::cmd("DEL")
-        .arg("semaforo:sem:{lost}")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    // The lease disappears behind its holder's back (Redis lost its state)
+    // while the slot is free: the next renewal takes it again.
+    let del = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let () = redis::cmd("DEL")
+            .arg("semaforo:sem:{lost}")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    };
+    del(conn.clone()).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(!lease.is_lost(), "taken again: there was room");
+    assert_eq!(sem.holders().await.unwrap(), 1);
+    // Gone again, and someone else takes the only slot first: the next
+    // renewal finds no room and reports the lease lost.
+    del(conn.clone()).await;
+    let other = sem.acquire().await.unwrap();
     let deleted = Instant::now();
     while !lease.is_lost() {
         assert!(
@@ -644,9 +654,10 @@ async fn a_lease_that_ran_out_is_reported_lost() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // It is not renewed back into existence.
+    // It is not renewed into a second slot.
     tokio::time::sleep(Duration::from_millis(250)).await;
-    assert_eq!(sem.holders().await.unwrap(), 0);
+    assert_eq!(sem.holders().await.unwrap(), 1);
+    drop(other);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

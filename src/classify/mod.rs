@@ -459,6 +459,10 @@ pub fn classify_error(err: &(dyn StdError + 'static)) -> Class {
         if let Some(f) = e.downcast_ref::<ClassError>() {
             return f.class;
         }
+        #[cfg(feature = "redis")]
+        if let Some(r) = e.downcast_ref::<redis::RedisError>() {
+            return crate::redis::redis_error_class(r);
+        }
         #[cfg(feature = "grpc")]
         if let Some(s) = e.downcast_ref::<tonic::Status>() {
             return crate::grpc::status_class(s);

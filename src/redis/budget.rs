@@ -59,18 +59,34 @@ struct Inner {
     closing: crate::close::Closing,
     /// Unique per process and budget: reservation markers are `{instance}:{n}`.
     instance: u64,
+    /// Undos of lost replies running now (at most [`MAX_PENDING_UNDOS`]).
+    pending_undos: Arc<std::sync::atomic::AtomicUsize>,
     next: AtomicU64,
-    /// How long a reservation's marker lives (ms): long enough for an undo
-    /// sent after a timeout to find it.
+    /// How long a reservation's marker outlives its start (ms): long
+    /// enough for an undo sent after a timeout to find it.
     marker_ms: u64,
-    /// The time a full burst takes to come back: past it, a refund no
-    /// longer matters.
-    refill: Duration,
+    /// How long a clean-up for a reservation whose wait is unknown (its
+    /// reply was lost) is tried: the longest wait, then the marker's life.
+    undo_for: Duration,
 }
 
 /// How many times a waiting call re-makes a reservation whose state Redis
 /// lost before it starts anyway.
 const MAX_REMAKES: u32 = 3;
+
+/// The longest window, refill or `max_wait` a Redis budget takes.
+const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// How long (past the marker's own 10 s) the undo of a reservation whose
+/// reply was lost is tried: its wait is unknown, up to `max_wait`; past
+/// this, a late reserve that did run keeps its cost (the budget admits a
+/// little less, never more).
+const UNKNOWN_WAIT: Duration = Duration::from_secs(10);
+
+/// Undos of lost replies in flight per budget, at most: a Redis that times
+/// out on every call for long spawns no more (those past it are not
+/// followed: the same "a little less, never more").
+const MAX_PENDING_UNDOS: usize = 64;
 
 /// A budget (RPM, TPM, per day…) shared by every instance using the same
 /// Redis and name. Cheap to clone.
@@ -156,15 +172,28 @@ impl BudgetBuilder {
             FailurePolicy::Local { share } => Some(limits.scaled(share).build()?),
             _ => None,
         };
-        let refill_us = dims
+        // Redis keeps a TTL in ms in a signed 64-bit count: a cell, or a
+        // marker, of centuries would fail every call (and open the shared
+        // breaker); 100 years is far beyond any budget.
+        let longest_us = dims
             .iter()
             .map(|(d, _)| d.largest * d.per_unit_us)
-            .fold(0.0, f64::max)
-            .clamp(0.0, 86_400e6 * 366.0);
-        let marker_ms = u64::try_from(self.backend.timeout.as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_mul(200)
-            .max(10_000);
+            .fold(0.0, f64::max);
+        if longest_us > MAX_SPAN.as_micros() as f64
+            || limits.max_wait_value().is_some_and(|w| w > MAX_SPAN)
+        {
+            return Err(ConfigError::new(
+                "redis budget",
+                "limits",
+                "a window, a burst's refill or max_wait longer than 100 years",
+            ));
+        }
+        let marker_ms = 10_000;
+        let undo_for = limits
+            .max_wait_value()
+            .unwrap_or(UNKNOWN_WAIT)
+            .min(UNKNOWN_WAIT)
+            .saturating_add(Duration::from_millis(marker_ms));
         Ok(Budget {
             inner: Arc::new(Inner {
                 backend: self.backend,
@@ -175,10 +204,10 @@ impl BudgetBuilder {
                 local,
                 closing: crate::close::Closing::default(),
                 instance: rand::Rng::random(&mut rand::rng()),
+                pending_undos: Arc::default(),
                 next: AtomicU64::new(0),
                 marker_ms,
-                refill: Duration::from_micros(refill_us as u64)
-                    .saturating_add(Duration::from_secs(1)),
+                undo_for,
             }),
         })
     }
@@ -219,7 +248,7 @@ impl Budget {
         }
     }
 
-    /// The Redis key of `what` (a cell's label, `gen`, a marker) in this
+    /// The Redis key of `what` (a cell's label, a marker) in this
     /// budget, for `key`: the hash tag keeps all of a budget's (or a key's)
     /// keys on one cluster slot, so one script may touch them all.
     fn redis_key(&self, key: Option<&str>, what: &str) -> String {
@@ -257,19 +286,18 @@ impl Budget {
         self.reserve_marked(key, cost).await.map(|(g, _)| g)
     }
 
-    /// [`reserve`](Self::reserve), with the generation of the state a Redis
-    /// grant was made against.
+    /// [`reserve`](Self::reserve), with the marker of a Redis grant.
     ///
-    /// Each reservation carries a marker: when its reply does not come back
-    /// (a timeout, a lost connection — the script may still run, late, on a
-    /// paused Redis), an undo follows it in the background, until it lands:
-    /// it gives the cost back if the script ran, and stops it from running
-    /// if it has not yet.
+    /// Each reservation carries a marker, written with the cells: when its
+    /// reply does not come back (a timeout, a lost connection, the caller
+    /// dropped — the script may still run, late, on a paused Redis), an
+    /// undo follows it in the background until it lands: it gives the cost
+    /// back if the script ran, and stops it from running if it has not yet.
     async fn reserve_marked(
         &self,
         key: Option<&str>,
         cost: &Cost,
-    ) -> Result<(Grant, Option<String>), Rejected> {
+    ) -> Result<(Grant, Option<Marker>), Rejected> {
         let mut args = Vec::with_capacity(2 + 4 * self.inner.dims.len());
         // No max_wait: any wait (10¹⁸ µs is 31,000 years).
         let max_wait = self
@@ -288,30 +316,41 @@ impl Budget {
             }
             args.extend([d.per_unit_us, d.burst, n, d.max_wait_us].map(|x| x.to_string()));
         }
-        let marker = format!(
-            "r:{:x}:{}",
-            self.inner.instance,
-            self.inner.next.fetch_add(1, Ordering::Relaxed)
-        );
+        let marker = Marker(self.redis_key(
+            key,
+            &format!(
+                "r:{:x}:{}",
+                self.inner.instance,
+                self.inner.next.fetch_add(1, Ordering::Relaxed)
+            ),
+        ));
         let mut keys = self.keys(key);
-        keys.push(self.redis_key(key, "gen"));
-        keys.push(self.redis_key(key, &marker));
+        keys.push(marker.0.clone());
+        // Dropped before the reply (the caller gave up): undone.
+        let mut in_flight = InFlight {
+            budget: self,
+            key,
+            cost,
+            marker: Some(&marker),
+        };
         let result = self.inner.backend.eval(&scripts::RESERVE, keys, args).await;
+        in_flight.marker = None;
+        drop(in_flight);
         let reply = match result {
             Ok(v) => v,
             Err(e) => {
                 if may_have_run(&e) {
-                    self.undo_in_background(key, cost, marker);
+                    self.undo_lost_reply(key, cost, &marker);
                 }
                 return self.on_failure(e).map(|g| (g, None));
             }
         };
-        match (pair(&reply), generation(&reply)) {
-            (Some((1, wait_us)), gen) => Ok((
+        match pair(&reply) {
+            Some((1, wait_us)) => Ok((
                 Grant::Redis(Duration::from_micros(wait_us.max(0) as u64)),
-                gen,
+                Some(marker),
             )),
-            (Some((0, retry_us)), _) => {
+            Some((0, retry_us)) => {
                 let wait = Duration::from_micros(retry_us.max(0) as u64);
                 Err(self
                     .refused(format!(
@@ -326,18 +365,49 @@ impl Budget {
         }
     }
 
-    /// Follows a reservation whose reply was lost with its undo, until the
-    /// undo lands (or a full burst's time has passed: by then it no longer
-    /// matters).
-    fn undo_in_background(&self, key: Option<&str>, cost: &Cost, marker: String) {
+    /// Follows a reserve whose reply was lost with its undo, within the
+    /// budget's cap of pending undos.
+    fn undo_lost_reply(&self, key: Option<&str>, cost: &Cost, marker: &Marker) {
+        let pending = &self.inner.pending_undos;
+        if pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_UNDOS {
+            pending.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let slot = PendingUndo(pending.clone());
+        self.undo_with(key, cost, marker, self.inner.undo_for, Some(slot));
+    }
+
+    /// Gives the reservation behind `marker` back, once (see
+    /// [`scripts::UNDO`]), retried in the background until it lands or
+    /// `give_up_after` of Redis being reachable has passed.
+    fn undo_in_background(
+        &self,
+        key: Option<&str>,
+        cost: &Cost,
+        marker: &Marker,
+        give_up_after: Duration,
+    ) {
+        self.undo_with(key, cost, marker, give_up_after, None);
+    }
+
+    fn undo_with(
+        &self,
+        key: Option<&str>,
+        cost: &Cost,
+        marker: &Marker,
+        give_up_after: Duration,
+        slot: Option<PendingUndo>,
+    ) {
         let mut keys = self.keys(key);
-        keys.push(self.redis_key(key, &marker));
-        let mut args = vec![self.inner.marker_ms.to_string()];
+        keys.push(marker.0.clone());
+        let mut args = vec![self.inner.undo_for.as_millis().to_string()];
         for (d, _) in &self.inner.dims {
             args.extend([d.per_unit_us, d.amount(cost)].map(|x| x.to_string()));
         }
         let budget = self.clone();
-        in_background_until_done(self.inner.refill, move || {
+        in_background_until_done(give_up_after, move || {
+            // Held by the task: the count goes down when it ends.
+            let _slot = &slot;
             let (budget, keys, args) = (budget.clone(), keys.clone(), args.clone());
             async move {
                 budget
@@ -350,18 +420,14 @@ impl Budget {
         });
     }
 
-    /// Whether the state a reservation of generation `gen` was made against
-    /// is gone (Redis lost its data: flushed, restarted empty, a replica
-    /// promoted without it); `Err` when Redis does not answer.
-    async fn state_lost(&self, key: Option<&str>, gen: &str) -> Result<bool, BoxError> {
+    /// Whether the reservation behind `marker` is gone with the state it was
+    /// made in (Redis flushed, restarted empty, or a replica promoted
+    /// without the write); `Err` when Redis does not answer.
+    async fn state_lost(&self, marker: &Marker) -> Result<bool, BoxError> {
         let r = self
             .inner
             .backend
-            .eval(
-                &scripts::GENERATION,
-                vec![self.redis_key(key, "gen")],
-                vec![gen.to_owned()],
-            )
+            .eval(&scripts::MARKER, vec![marker.0.clone()], Vec::new())
             .await?;
         Ok(matches!(r, redis::Value::Int(0)))
     }
@@ -383,31 +449,15 @@ impl Budget {
         estimate: &Cost,
         real: &Cost,
     ) -> Result<(), BoxError> {
-        self.adjust_in(key, estimate, real, "").await
-    }
-
-    /// [`adjust`](Self::adjust), only while the cells are still those of
-    /// generation `gen` (`""`: any): a refund for a reservation made
-    /// against a state Redis has lost would hand out capacity twice.
-    async fn adjust_in(
-        &self,
-        key: Option<&str>,
-        estimate: &Cost,
-        real: &Cost,
-        gen: &str,
-    ) -> Result<(), BoxError> {
-        let mut args = Vec::with_capacity(1 + 2 * self.inner.dims.len());
-        args.push(gen.to_owned());
+        let mut args = Vec::with_capacity(2 * self.inner.dims.len());
         for (d, _) in &self.inner.dims {
             args.extend(
                 [d.per_unit_us, d.amount(real) - d.amount(estimate)].map(|x| x.to_string()),
             );
         }
-        let mut keys = self.keys(key);
-        keys.push(self.redis_key(key, "gen"));
         self.inner
             .backend
-            .eval(&scripts::ADJUST, keys, args)
+            .eval(&scripts::ADJUST, self.keys(key), args)
             .await
             .map(|_| ())
     }
@@ -551,14 +601,15 @@ where
             let mut local = false;
             loop {
                 match budget.reserve_marked(key.as_deref(), &cost).await? {
-                    (Grant::Redis(wait), gen) => {
+                    (Grant::Redis(wait), marker) => {
                         // From here until the inner call starts, a drop (or
                         // a failed `poll_ready`) gives the reservation back.
                         unstarted = Some(Unstarted {
                             budget: budget.clone(),
                             key: key.clone(),
                             cost,
-                            gen: gen.clone(),
+                            marker: marker.clone(),
+                            wait,
                             spent: false,
                         });
                         if wait.is_zero() {
@@ -574,10 +625,8 @@ where
                         // cells now hand out a fresh burst, and this call
                         // starting on the old schedule would come on top of
                         // it. It is made again against the new state.
-                        let lost = match &gen {
-                            Some(g) if remade < MAX_REMAKES => {
-                                budget.state_lost(key.as_deref(), g).await
-                            }
+                        let lost = match &marker {
+                            Some(m) if remade < MAX_REMAKES => budget.state_lost(m).await,
                             _ => Ok(false),
                         };
                         match lost {
@@ -639,8 +688,10 @@ struct Unstarted {
     budget: Budget,
     key: Option<String>,
     cost: Cost,
-    /// The state it was made against (its refund applies to it only).
-    gen: Option<String>,
+    /// Its marker: the refund applies once, to the state it was made in.
+    marker: Option<Marker>,
+    /// Its wait: the refund is tried as long as it could matter.
+    wait: Duration,
     spent: bool,
 }
 
@@ -656,19 +707,44 @@ impl Drop for Unstarted {
         if self.spent {
             return;
         }
-        let (budget, key, cost) = (self.budget.clone(), self.key.take(), self.cost);
-        let gen = self.gen.take().unwrap_or_default();
         // Retried until it lands: a refund lost to a Redis blip would leave
         // the next callers waiting for a call that never ran.
-        let give_up = budget.inner.refill;
-        in_background_until_done(give_up, move || {
-            let (budget, key, gen) = (budget.clone(), key.clone(), gen.clone());
-            async move {
-                budget
-                    .adjust_in(key.as_deref(), &cost, &Cost::default(), &gen)
-                    .await
-            }
-        });
+        if let Some(marker) = self.marker.take() {
+            let give_up = self
+                .wait
+                .saturating_add(Duration::from_millis(self.budget.inner.marker_ms));
+            self.budget
+                .undo_in_background(self.key.as_deref(), &self.cost, &marker, give_up);
+        }
+    }
+}
+
+/// One of a budget's pending undos: counted down when dropped.
+struct PendingUndo(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for PendingUndo {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A reservation's marker key (see [`scripts::RESERVE`]).
+#[derive(Debug, Clone)]
+struct Marker(String);
+
+/// A reserve whose reply has not come back: undone if its caller drops it.
+struct InFlight<'a> {
+    budget: &'a Budget,
+    key: Option<&'a str>,
+    cost: &'a Cost,
+    marker: Option<&'a Marker>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = self.marker.take() {
+            self.budget.undo_lost_reply(self.key, self.cost, m);
+        }
     }
 }
 
@@ -677,17 +753,5 @@ crate::inner_access!([S, W, K] BudgetService<S, W, K>);
 impl crate::close::Close for Budget {
     fn close(&self) -> u64 {
         Budget::close(self)
-    }
-}
-
-/// The generation in a reserve script's reply.
-fn generation(v: &redis::Value) -> Option<String> {
-    match v {
-        redis::Value::Array(items) => match items.get(2)? {
-            redis::Value::BulkString(b) if !b.is_empty() => String::from_utf8(b.clone()).ok(),
-            redis::Value::SimpleString(s) if !s.is_empty() => Some(s.clone()),
-            _ => None,
-        },
-        _ => None,
     }
 }

@@ -46,27 +46,32 @@
 //! # When Redis loses its state
 //!
 //! `FLUSHALL`, a restart without persistence, a replica promoted before it
-//! had the latest writes: the cells are empty again, and hand out a fresh
-//! burst. Over any window `W` the fleet then admits at most
+//! had the latest writes: the cells are empty again (or older), and hand
+//! out a fresh burst. Over any window `W` the fleet then admits at most
 //! `R · W + 2 · B` — what the old state allowed (`R · W + B`) and one more
-//! burst — because a call that was waiting for a reservation made against
-//! the old state does not start on the old schedule: each budget's state
-//! carries a generation (made by the script when the budget has none), a
-//! reservation remembers the one it was made against, and a call that had
-//! to wait checks it before it starts; if it changed, the reservation is
-//! made again against the new state (at most three times). If Redis does
-//! not answer that check, the failure policy decides, as for a new call.
-//! A refund (a dropped caller's, a reconciliation) applies only to the
-//! state it was made for. Measured in `tests/redis.rs` (4 instances × 32
-//! tasks, 10/s, burst 10): worst window excess over `R · W` 19.0 after a
-//! `FLUSHALL` and 10.0 after a kill and an empty restart (bound 20); 49.9
-//! and 34.1 without the check.
+//! burst — because a call that was waiting for a reservation made in the
+//! old state does not start on the old schedule: each reservation leaves a
+//! marker, written by the same script as the cells (a Redis that has the
+//! marker has the reservation), and a call that had to wait checks it
+//! before it starts; if it is gone, the reservation is made again in the
+//! new state (at most three times). If Redis does not answer that check,
+//! the failure policy decides, as for a new call. A refund goes through the
+//! marker too: it applies once, and only to the state it was made in.
+//! Measured in `tests/redis.rs` (4 instances × 32 tasks, 10/s, burst 10):
+//! worst window excess over `R · W` 19.0 after a `FLUSHALL` and 10.0 after
+//! a kill and an empty restart (bound 20); 49.9 and 34.1 without the check.
+//!
+//! A semaphore whose set is lost admits new holders beside the old ones
+//! until each old holder's next renewal (every third of the lease): a
+//! renewal that finds its lease gone takes it again while there is room,
+//! else reports it lost ([`Lease::is_lost`]). So for up to a third of the
+//! lease, up to `2 · max_concurrent` calls may run.
 //!
 //! | event | admitted over any window `W` |
 //! |---|---|
 //! | normal running | `R · W + B` |
 //! | Redis unreachable for `T`, `Local { share }` | `R · W + B` + `N · share · (R · T + B)` |
-//! | Redis loses its state (flush, empty restart, failover to a replica without the writes) | `R · W + 2 · B` |
+//! | Redis loses its state (flush, empty restart, failover to a replica without the writes) | `R · W + 2 · B`; a semaphore up to `2 · max_concurrent` for a third of the lease |
 //!
 //! # High availability
 //!
@@ -81,7 +86,7 @@
 //!   Calls meanwhile fail fast (the breaker), and the failure policy
 //!   answers. After a failover the new primary holds what the replica had
 //!   received: with asynchronous replication, the last writes may be gone,
-//!   which is a state loss as above (the generation check bounds it).
+//!   which is a state loss as above (the marker check bounds it).
 //!   Passwords: the sentinels' in their URLs, the servers' with
 //!   [`node_auth`](RedisBackendBuilder::node_auth).
 //! - **Cluster**: each script's keys share one hash tag (`{name}`, or
@@ -102,15 +107,25 @@
 //!
 //! What a dropped caller gives back — a semaphore's lease, a budget's
 //! reservation — is retried in the background every 250 ms while Redis is
-//! slow, down or behind its open breaker, until it lands (each is
-//! idempotent) or no longer matters (the lease ran out; a full burst's time
-//! passed). A script whose reply never came (a timeout on a paused Redis:
-//! it may still run when Redis resumes) is followed by its undo: the
-//! semaphore releases the holder it may have added; the budget's reserve
-//! leaves a marker (`…:r:<id>`, kept 10 s or 200 × the timeout) that the
-//! undo reads to give the cost back if the reserve ran, or to stop it from
-//! running if it has not yet. Redis `TIME` stays the only clock: no client
-//! deadline is compared inside a script.
+//! slow, down or behind its open breaker, until it lands or no longer
+//! matters: for a lease, once Redis was reachable for the lease's length;
+//! for a reservation, for its wait plus 10 s (time behind the open breaker
+//! does not count; an hour out of reach ends the task). Each is applied
+//! once: a release is a `ZREM`; a refund goes through the reservation's
+//! marker (`…:r:<id>`, living until 10 s past the reservation's start),
+//! which says whether it was already given back. A script whose reply
+//! never came — a timeout on a paused Redis, a caller that dropped the
+//! call in flight: it may still run when Redis resumes — is followed by its
+//! undo: the budget's undo gives the cost back if the reserve ran, or marks
+//! the marker `cancelled` so a late reserve takes nothing; the semaphore's
+//! release leaves a tombstone (`…:gone:<holder>`, for a lease) so a late
+//! acquire takes no slot. The undo of a reply that never came is tried for
+//! `min(max_wait, 10 s) + 10 s` of Redis being reachable, at most 64 at once
+//! per budget: past those, a late reserve that did run keeps its cost (the
+//! budget admits a little less, never more). Redis `TIME` stays the only clock:
+//! no client deadline is compared inside a script. A Redis error reply (a
+//! value Redis refuses) is not an outage: it is `Permanent`, and does not
+//! open the breaker the other budgets and semaphores share.
 //!
 //! ```no_run
 //! use semaforo::pace::{Cost, Pace};
@@ -619,26 +634,41 @@ fn in_background(work: impl Future<Output = ()> + Send + 'static) {
 /// is tried again.
 pub(crate) const RETRY_EVERY: Duration = Duration::from_millis(250);
 
+/// The longest a clean-up is tried while Redis stays out of reach (its
+/// breaker open): then the task ends whatever happens.
+const CLEAN_UP_AT_MOST: Duration = Duration::from_secs(3_600);
+
 /// Runs the idempotent clean-up `op` in the background until it succeeds,
-/// trying again every [`RETRY_EVERY`] for at most `give_up_after` (past it
-/// the clean-up no longer matters: the lease or the reservation has run
-/// out by itself). Without a runtime nothing runs (see [`in_background`]).
+/// trying again every [`RETRY_EVERY`]. It gives up once Redis has been
+/// reachable (tried, not refused by the breaker) for `give_up_after` in all
+/// — past it the clean-up no longer matters: the lease or the reservation
+/// has run out by itself — or after an hour out of reach. Time behind an
+/// open breaker does not count, so a late script (Redis paused, then
+/// resuming) still meets its clean-up. Without a runtime nothing runs (see
+/// [`in_background`]).
 fn in_background_until_done<F, Fut>(give_up_after: Duration, mut op: F)
 where
     F: FnMut() -> Fut + Send + 'static,
     Fut: Future<Output = Result<(), BoxError>> + Send,
 {
     in_background(async move {
-        let until = crate::time::after(tokio::time::Instant::now(), give_up_after);
+        let started = tokio::time::Instant::now();
+        let mut reachable = Duration::ZERO;
         loop {
-            if op().await.is_ok() {
+            match op().await {
+                Ok(()) => return,
+                Err(e) => {
+                    let refused = Rejected::find(e.as_ref())
+                        .is_some_and(|r| r.kind() == RejectKind::CircuitOpen);
+                    if !refused {
+                        reachable = reachable.saturating_add(RETRY_EVERY);
+                    }
+                }
+            }
+            if reachable >= give_up_after || started.elapsed() >= CLEAN_UP_AT_MOST {
                 return;
             }
-            let now = tokio::time::Instant::now();
-            if now >= until {
-                return;
-            }
-            tokio::time::sleep(RETRY_EVERY.min(until - now)).await;
+            tokio::time::sleep(RETRY_EVERY).await;
         }
     });
 }
@@ -653,8 +683,43 @@ fn may_have_run(err: &BoxError) -> bool {
         return r.kind() != RejectKind::CircuitOpen;
     }
     match err.downcast_ref::<redis::RedisError>() {
+        // A refused connection sent nothing.
+        Some(e) if e.is_connection_refusal() => false,
         Some(e) => e.is_io_error() || e.is_connection_dropped() || e.is_timeout(),
         None => true,
+    }
+}
+
+/// The class of a Redis error, for the backend's breaker and the failure
+/// policy: the connection (refused, reset, cut by its timeout) is
+/// `Infrastructure`; a busy, loading, out-of-memory or reorganising server
+/// (`BUSY`, `LOADING`, `OOM`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`,
+/// `READONLY`) is `Overloaded`; any other error reply (a script's argument
+/// Redis refuses) is `Permanent`: Redis is fine, retrying the same call
+/// cannot help, and it must not open the breaker the other budgets share.
+pub(crate) fn redis_error_class(e: &redis::RedisError) -> crate::classify::Class {
+    use crate::classify::{Class, Permanent};
+    use redis::ErrorKind;
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return Class::Infrastructure;
+    }
+    match e.kind() {
+        ErrorKind::BusyLoadingError
+        | ErrorKind::TryAgain
+        | ErrorKind::ClusterDown
+        | ErrorKind::MasterDown
+        | ErrorKind::ReadOnly
+        | ErrorKind::Moved
+        | ErrorKind::Ask => Class::Overloaded { retry_after: None },
+        _ if e.code() == Some("OOM") || e.code() == Some("BUSY") => {
+            Class::Overloaded { retry_after: None }
+        }
+        ErrorKind::ResponseError
+        | ErrorKind::TypeError
+        | ErrorKind::ExecAbortError
+        | ErrorKind::ExtensionError
+        | ErrorKind::CrossSlot => Class::permanent(Permanent::Other),
+        _ => Class::Infrastructure,
     }
 }
 

@@ -331,6 +331,11 @@ impl Semaphore {
         }
     }
 
+    /// The key of `holder`'s tombstone (same hash tag as the set).
+    fn tombstone(&self, holder: &str) -> String {
+        format!("{}:gone:{holder}", self.inner.key)
+    }
+
     /// One acquire script call: `Ok(None)` held, `Ok(Some(d))` full (the
     /// earliest lease ends in `d`).
     async fn try_acquire(
@@ -343,7 +348,7 @@ impl Semaphore {
             .backend
             .eval(
                 &scripts::ACQUIRE,
-                vec![self.inner.key.clone()],
+                vec![self.inner.key.clone(), self.tombstone(holder)],
                 vec![
                     self.inner.max_concurrent.to_string(),
                     lease_ms.to_owned(),
@@ -353,7 +358,10 @@ impl Semaphore {
             .await?;
         match pair(&v) {
             Some((1, _)) => Ok(None),
-            Some((_, ms)) => Ok(Some(Duration::from_millis(ms.max(1) as u64))),
+            Some((0, ms)) => Ok(Some(Duration::from_millis(ms.max(1) as u64))),
+            // Released before it ran: its caller is gone (a holder id is
+            // used once, so this reply reaches nobody).
+            Some(_) => Err("the acquire ran after its release".into()),
             None => Err("unexpected script reply".into()),
         }
     }
@@ -366,6 +374,7 @@ impl Semaphore {
         let renew = tokio::spawn(async move {
             let every = sem.inner.lease / 3;
             let lease_ms = sem.inner.lease.as_millis().to_string();
+            let limit = sem.inner.max_concurrent.to_string();
             loop {
                 tokio::time::sleep(every).await;
                 let renewed = sem
@@ -374,7 +383,7 @@ impl Semaphore {
                     .eval(
                         &scripts::RENEW,
                         vec![sem.inner.key.clone()],
-                        vec![lease_ms.clone(), h.clone()],
+                        vec![lease_ms.clone(), h.clone(), limit.clone()],
                     )
                     .await;
                 // An error (Redis slow or down) may leave the lease valid:
@@ -386,7 +395,7 @@ impl Semaphore {
                         layer = "redis_semaphore",
                         name = &*sem.inner.name,
                         holder = %h,
-                        "lease lost: it ran out before it could be renewed",
+                        "lease lost: gone (it ran out, or Redis lost its state) and no room to take it again",
                     );
                     return;
                 }
@@ -411,10 +420,11 @@ impl Semaphore {
         in_background_until_done(self.inner.lease, move || {
             let (sem, holder) = (sem.clone(), holder.clone());
             async move {
-                let key = sem.inner.key.clone();
+                let keys = vec![sem.inner.key.clone(), sem.tombstone(&holder)];
+                let lease_ms = sem.inner.lease.as_millis().to_string();
                 sem.inner
                     .backend
-                    .eval(&scripts::RELEASE, vec![key], vec![holder])
+                    .eval(&scripts::RELEASE, keys, vec![holder, lease_ms])
                     .await
                     .map(|_| ())
             }
