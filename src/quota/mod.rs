@@ -62,8 +62,8 @@ mod limit;
 mod service;
 mod wait;
 
-#[cfg(feature = "http")]
 pub use limit::{RateLimit, RateLimitBuilder, RateLimitFuture, RateLimitLayer, RateLimitService};
+#[cfg(feature = "http")]
 pub use service::HeaderKey;
 pub use service::{QuotaCost, QuotaKey, QuotaLayer, QuotaService, ResponseFuture, UnitCost};
 
