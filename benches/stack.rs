@@ -1,5 +1,7 @@
 //! The whole client stack next to the bare service and to an equivalent stack
-//! built from peers, in the same run, uncontended and with 2 threads.
+//! built from peers, in the same run, uncontended and with 2 threads; then
+//! throughput (calls per second) through each layer and the whole stack with
+//! 1, 16 and 256 concurrent tasks on a 2-worker runtime, peers beside.
 //!
 //! semaforo: shutdown → bulkhead → retry (budget) → breaker → pace (RPM + TPM) →
 //! attempt timeout. Peers: tower's ConcurrencyLimit → tower RateLimit → tower
@@ -96,8 +98,14 @@ fn peer_stack() -> impl Service<u64, Response = u64, Error = impl std::fmt::Debu
 
 /// The same, with tower-resilience's `RateLimiter` (which is `Clone`) in
 /// place of tower's `RateLimit`, so two threads can share it.
-fn peer_stack_clone(
-) -> impl Service<u64, Response = u64, Error = impl std::fmt::Debug> + Clone + Send + 'static {
+fn peer_stack_clone() -> impl Service<
+    u64,
+    Response = u64,
+    Error = impl std::fmt::Debug + Send,
+    Future = impl Future + Send,
+> + Clone
+       + Send
+       + 'static {
     let breaker = tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
         .failure_rate_threshold(0.5)
         .build()
@@ -150,9 +158,137 @@ fn stacks(c: &mut Criterion) {
     g.finish();
 }
 
+/// `iters` calls split over `tasks` tokio tasks on a 2-worker runtime, each
+/// driving clones of `svc` (`ready` then `call`); the wall time.
+fn on_tasks<S>(rt: &tokio::runtime::Runtime, svc: &S, tasks: u64, iters: u64) -> Duration
+where
+    S: Service<u64, Response = u64> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug + Send,
+{
+    use tower::ServiceExt;
+    rt.block_on(async {
+        let t0 = std::time::Instant::now();
+        let handles: Vec<_> = (0..tasks)
+            .map(|i| {
+                let mut s = svc.clone();
+                let n = iters / tasks + u64::from(i < iters % tasks);
+                tokio::spawn(async move {
+                    for k in 0..n {
+                        black_box(s.ready().await.expect("ready").call(k).await.expect("ok"));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.await.expect("a task");
+        }
+        t0.elapsed()
+    })
+}
+
+/// Calls per second (1 / time per call) through each layer and through the
+/// whole stack, with 1, 16 and 256 concurrent tasks on a 2-worker runtime,
+/// next to the peers in the same run.
+fn throughput(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let _guard = rt.enter();
+    let big = u32::MAX as u64 * 60;
+    for tasks in [1u64, 16, 256] {
+        let mut g = c.benchmark_group(format!("throughput/{tasks}_tasks"));
+        g.warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(2))
+            .throughput(criterion::Throughput::Elements(1));
+        // Bulkhead vs tower's ConcurrencyLimit (room for every task).
+        let s = ServiceBuilder::new()
+            .layer(Bulkhead::builder(1_000).build().unwrap().layer())
+            .service(bare());
+        g.bench_function("semaforo Bulkhead", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        let s = ServiceBuilder::new()
+            .concurrency_limit(1_000)
+            .service(bare());
+        g.bench_function("tower ConcurrencyLimit", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        // Breaker vs tower-resilience's.
+        let s = ServiceBuilder::new()
+            .layer(Breaker::builder().build().unwrap().layer())
+            .service(bare());
+        g.bench_function("semaforo Breaker", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        let s = ServiceBuilder::new()
+            .layer(
+                tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+                    .failure_rate_threshold(0.5)
+                    .build()
+                    .unwrap(),
+            )
+            .service(bare());
+        g.bench_function("tower-resilience CircuitBreaker", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        // One rate limit shared by every task (tower's RateLimit is not
+        // Clone: tower-resilience's RateLimiter is the shared peer).
+        let limit = semaforo::quota::RateLimit::builder(semaforo::quota::Rate::new(
+            u32::MAX,
+            Duration::from_secs(1),
+        ))
+        .build()
+        .unwrap();
+        let s = ServiceBuilder::new().layer(limit.layer()).service(bare());
+        g.bench_function("semaforo RateLimit", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        let s = ServiceBuilder::new()
+            .layer(
+                tower_resilience::ratelimiter::RateLimiterLayer::builder()
+                    .limit_for_period(usize::MAX / 4)
+                    .refresh_period(Duration::from_secs(1))
+                    .build()
+                    .unwrap(),
+            )
+            .service(bare());
+        g.bench_function("tower-resilience RateLimiter", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        // The pacer (RPM + TPM).
+        let s = ServiceBuilder::new()
+            .layer(
+                Pace::builder()
+                    .requests_per_minute(big)
+                    .tokens_per_minute(big)
+                    .build()
+                    .unwrap()
+                    .layer()
+                    .weigh(|_: &u64| Cost::tokens(7)),
+            )
+            .service(bare());
+        g.bench_function("semaforo Pace (RPM + TPM)", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        // The whole stacks.
+        let s = semaforo_stack();
+        g.bench_function("semaforo stack (6 layers)", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        let s = peer_stack_clone();
+        g.bench_function("tower + tower-resilience (5 layers, Clone)", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        g.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = stacks
+    targets = stacks, throughput
 }
 criterion_main!(benches);
