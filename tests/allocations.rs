@@ -142,6 +142,110 @@ fn hot_paths_do_not_allocate() {
         "quota, hot key"
     );
 
+    let limit = semaforo::quota::RateLimit::builder(Rate::per_second(1_000_000))
+        .build()
+        .unwrap();
+    let mut s = ServiceBuilder::new().layer(limit.layer()).service(bare());
+    call(&mut s);
+    assert_eq!(
+        allocations(|| {
+            call(&mut s);
+        }),
+        0,
+        "unkeyed rate limit"
+    );
+
+    let big = u32::MAX as u64 * 60;
+    let pace = semaforo::pace::Pace::builder()
+        .requests_per_minute(big)
+        .tokens_per_minute(big)
+        .build()
+        .unwrap();
+    let mut s = ServiceBuilder::new()
+        .layer(
+            pace.layer()
+                .weigh(|_: &u64| semaforo::pace::Cost::tokens(7)),
+        )
+        .service(bare());
+    call(&mut s);
+    assert_eq!(
+        allocations(|| {
+            call(&mut s);
+        }),
+        0,
+        "pace, RPM + TPM, reserve and go"
+    );
+
+    for (retry, what) in [
+        (
+            semaforo::retry::Retry::builder()
+                .max_attempts(3)
+                .no_budget()
+                .build()
+                .unwrap(),
+            "retry, success path, no budget",
+        ),
+        (
+            semaforo::retry::Retry::builder()
+                .max_attempts(3)
+                .build()
+                .unwrap(),
+            "retry, success path, with a budget",
+        ),
+    ] {
+        let mut s = ServiceBuilder::new().layer(retry.layer()).service(bare());
+        call(&mut s);
+        assert_eq!(
+            allocations(|| {
+                call(&mut s);
+            }),
+            0,
+            "{what}"
+        );
+    }
+
+    let timeout = semaforo::timeout::Timeout::builder()
+        .attempt(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut s = ServiceBuilder::new().layer(timeout.layer()).service(bare());
+    call(&mut s);
+    assert_eq!(
+        allocations(|| {
+            call(&mut s);
+        }),
+        0,
+        "attempt timeout, answered at once"
+    );
+
+    // The whole generic stack (shutdown → bulkhead → retry → breaker →
+    // pace → timeout).
+    let mut s = ServiceBuilder::new()
+        .layer(semaforo::shutdown::Shutdown::new().layer())
+        .layer(Bulkhead::builder(1_000).build().unwrap().layer())
+        .layer(
+            semaforo::retry::Retry::builder()
+                .max_attempts(3)
+                .build()
+                .unwrap()
+                .layer(),
+        )
+        .layer(Breaker::builder().build().unwrap().layer())
+        .layer(
+            pace.layer()
+                .weigh(|_: &u64| semaforo::pace::Cost::tokens(7)),
+        )
+        .layer(timeout.layer())
+        .service(bare());
+    call(&mut s);
+    assert_eq!(
+        allocations(|| {
+            call(&mut s);
+        }),
+        0,
+        "the whole stack"
+    );
+
     // A sanity check that the counter sees allocations at all.
     assert!(allocations(|| drop(std::hint::black_box(Box::new(1u64)))) >= 1);
 }
