@@ -100,6 +100,34 @@ use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
 
+/// The `call` method of a policy handle with a `layer()`: the closure run
+/// through that layer (written once for every handle).
+macro_rules! call_method {
+    ($what:literal) => {
+        #[doc = concat!(
+                    "Runs the `async` closure `f` through this ", $what,
+                    ", with its default classification: the same as [`layer`](Self::layer) ",
+                    "around a service, without tower (see [`closure`](crate::closure)). ",
+                    "A retry calls the closure again for each attempt."
+                )]
+        ///
+        /// # Errors
+        #[doc = concat!(
+                    "The closure's error, boxed, or a [`Rejected`](crate::Rejected) when the ",
+                    $what, " refused the call."
+                )]
+        pub async fn call<F, Fut, T, E>(&self, f: F) -> Result<T, crate::BoxError>
+        where
+            F: FnMut() -> Fut,
+            Fut: std::future::Future<Output = Result<T, E>>,
+            E: Into<crate::BoxError>,
+        {
+            crate::closure::run(&self.layer(), f).await
+        }
+    };
+}
+pub(crate) use call_method;
+
 /// An `async` closure as a service of `()` (what a layer wraps in [`run`]);
 /// its error is boxed. Clones share the closure (a retry clones the
 /// service it wraps), so any `FnMut` will do.

@@ -470,21 +470,7 @@ impl Breaker {
         }
     }
 
-    /// Runs the `async` closure `f` through this breaker, with its default
-    /// classification: the same as [`layer`](Self::layer) around a service,
-    /// without tower (see [`closure`](crate::closure)).
-    ///
-    /// # Errors
-    /// The closure's error, boxed, or a [`Rejected`](crate::Rejected) when the
-    /// breaker refused the call.
-    pub async fn call<F, Fut, T, E>(&self, f: F) -> Result<T, crate::BoxError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
-        E: Into<crate::BoxError>,
-    {
-        crate::closure::run(&self.layer(), f).await
-    }
+    crate::closure::call_method!("breaker");
 
     /// A tower layer sharing this breaker, classifying with [`ErrorClassifier`]
     /// (any `Ok` is a success); change it with [`BreakerLayer::classify`].

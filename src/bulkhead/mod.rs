@@ -360,21 +360,7 @@ impl Bulkhead {
         }
     }
 
-    /// Runs the `async` closure `f` through this bulkhead, with its default
-    /// classification: the same as [`layer`](Self::layer) around a service,
-    /// without tower (see [`closure`](crate::closure)).
-    ///
-    /// # Errors
-    /// The closure's error, boxed, or a [`Rejected`](crate::Rejected) when the
-    /// bulkhead refused the call.
-    pub async fn call<F, Fut, T, E>(&self, f: F) -> Result<T, crate::BoxError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
-        E: Into<crate::BoxError>,
-    {
-        crate::closure::run(&self.layer(), f).await
-    }
+    crate::closure::call_method!("bulkhead");
 
     /// A tower layer sharing this bulkhead. Add priorities, partitions, tickets
     /// and streamed release on it.

@@ -379,22 +379,7 @@ impl Retry {
         }
     }
 
-    /// Runs the `async` closure `f` through this retry, with its default
-    /// classification: the same as [`layer`](Self::layer) around a service,
-    /// without tower (see [`closure`](crate::closure)).
-    /// The closure is called again for each attempt.
-    ///
-    /// # Errors
-    /// The closure's error, boxed, or a [`Rejected`](crate::Rejected) when the
-    /// retry refused the call.
-    pub async fn call<F, Fut, T, E>(&self, f: F) -> Result<T, crate::BoxError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
-        E: Into<crate::BoxError>,
-    {
-        crate::closure::run(&self.layer(), f).await
-    }
+    crate::closure::call_method!("retry");
 
     /// A layer retrying `Clone` requests, classifying with [`ErrorClassifier`]
     /// (set another with [`RetryLayer::classify`], the request policy with

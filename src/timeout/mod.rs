@@ -188,21 +188,7 @@ impl Timeout {
         TimeoutBuilder::default()
     }
 
-    /// Runs the `async` closure `f` through this timeout, with its default
-    /// classification: the same as [`layer`](Self::layer) around a service,
-    /// without tower (see [`closure`](crate::closure)).
-    ///
-    /// # Errors
-    /// The closure's error, boxed, or a [`Rejected`](crate::Rejected) when the
-    /// timeout refused the call.
-    pub async fn call<F, Fut, T, E>(&self, f: F) -> Result<T, crate::BoxError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
-        E: Into<crate::BoxError>,
-    {
-        crate::closure::run(&self.layer(), f).await
-    }
+    crate::closure::call_method!("timeout");
 
     /// A layer for plain responses: `attempt` and `total` bound the call.
     /// Use [`TimeoutLayer::until_stream_end`] or [`TimeoutLayer::until_body_end`] to follow a
