@@ -1,0 +1,142 @@
+//! Runs N calls through one layer's healthy path (or the whole stack), for
+//! `scripts/instructions`, which counts the instructions under callgrind —
+//! a count that does not depend on what else the machine is doing, unlike a
+//! time.
+//!
+//! ```text
+//! hotpaths <layer> <calls>     layer: bulkhead breaker retry retry-budget timeout rate-limit quota pace stack
+//! ```
+
+#[path = "../common/mod.rs"]
+mod common;
+use common::{bare, once};
+
+use semaforo::breaker::Breaker;
+use semaforo::bulkhead::Bulkhead;
+use semaforo::pace::{Cost, Pace};
+use semaforo::quota::{Quota, Rate, RateLimit};
+use semaforo::retry::Retry;
+use semaforo::shutdown::Shutdown;
+use semaforo::timeout::Timeout;
+use std::hint::black_box;
+use std::time::Duration;
+use tower::{Service, ServiceBuilder};
+
+fn run<S>(mut svc: S, calls: u64)
+where
+    S: Service<u64, Response = u64>,
+    S::Error: std::fmt::Debug,
+{
+    for i in 0..calls {
+        black_box(once(&mut svc, black_box(i)));
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let layer = args.next().unwrap_or_default();
+    let calls: u64 = args.next().and_then(|n| n.parse().ok()).unwrap_or(1_000);
+    let rt = common::runtime();
+    let _guard = rt.enter();
+    let big = u32::MAX as u64 * 60;
+    let pace = || {
+        Pace::builder()
+            .requests_per_minute(big)
+            .tokens_per_minute(big)
+            .build()
+            .expect("pace")
+            .layer()
+            .weigh(|_: &u64| Cost::tokens(7))
+    };
+    match layer.as_str() {
+        "bulkhead" => run(
+            ServiceBuilder::new()
+                .layer(Bulkhead::builder(1_000).build().expect("bulkhead").layer())
+                .service(bare()),
+            calls,
+        ),
+        "breaker" => run(
+            ServiceBuilder::new()
+                .layer(Breaker::builder().build().expect("breaker").layer())
+                .service(bare()),
+            calls,
+        ),
+        "retry" => run(
+            ServiceBuilder::new()
+                .layer(
+                    Retry::builder()
+                        .max_attempts(3)
+                        .no_budget()
+                        .build()
+                        .expect("retry")
+                        .layer(),
+                )
+                .service(bare()),
+            calls,
+        ),
+        "retry-budget" => run(
+            ServiceBuilder::new()
+                .layer(Retry::builder().max_attempts(3).build().expect("retry").layer())
+                .service(bare()),
+            calls,
+        ),
+        "timeout" => run(
+            ServiceBuilder::new()
+                .layer(
+                    Timeout::builder()
+                        .attempt(Duration::from_secs(30))
+                        .build()
+                        .expect("timeout")
+                        .layer(),
+                )
+                .service(bare()),
+            calls,
+        ),
+        "rate-limit" => run(
+            ServiceBuilder::new()
+                .layer(
+                    RateLimit::builder(Rate::new(u32::MAX, Duration::from_secs(1)))
+                        .build()
+                        .expect("rate limit")
+                        .layer(),
+                )
+                .service(bare()),
+            calls,
+        ),
+        "quota" => {
+            let q = Quota::builder()
+                .plan("p", Rate::new(u32::MAX, Duration::from_secs(60)))
+                .build::<u64>()
+                .expect("quota");
+            let plan = q.plan_id("p").expect("plan");
+            run(
+                ServiceBuilder::new()
+                    .layer(q.layer(move |_: &u64| (7u64, plan)))
+                    .service(bare()),
+                calls,
+            )
+        }
+        "pace" => run(ServiceBuilder::new().layer(pace()).service(bare()), calls),
+        "stack" => run(
+            ServiceBuilder::new()
+                .layer(Shutdown::new().layer())
+                .layer(Bulkhead::builder(1_000).max_queue(1_000).build().expect("b").layer())
+                .layer(Retry::builder().max_attempts(3).build().expect("r").layer())
+                .layer(Breaker::builder().build().expect("br").layer())
+                .layer(pace())
+                .layer(
+                    Timeout::builder()
+                        .attempt(Duration::from_secs(30))
+                        .build()
+                        .expect("t")
+                        .layer(),
+                )
+                .service(bare()),
+            calls,
+        ),
+        other => {
+            eprintln!("unknown layer {other:?}");
+            std::process::exit(2);
+        }
+    }
+}
