@@ -76,7 +76,13 @@ fn main() {
         ),
         "retry-budget" => run(
             ServiceBuilder::new()
-                .layer(Retry::builder().max_attempts(3).build().expect("retry").layer())
+                .layer(
+                    Retry::builder()
+                        .max_attempts(3)
+                        .build()
+                        .expect("retry")
+                        .layer(),
+                )
                 .service(bare()),
             calls,
         ),
@@ -120,7 +126,13 @@ fn main() {
         "stack" => run(
             ServiceBuilder::new()
                 .layer(Shutdown::new().layer())
-                .layer(Bulkhead::builder(1_000).max_queue(1_000).build().expect("b").layer())
+                .layer(
+                    Bulkhead::builder(1_000)
+                        .max_queue(1_000)
+                        .build()
+                        .expect("b")
+                        .layer(),
+                )
                 .layer(Retry::builder().max_attempts(3).build().expect("r").layer())
                 .layer(Breaker::builder().build().expect("br").layer())
                 .layer(pace())

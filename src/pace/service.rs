@@ -476,6 +476,11 @@ impl Shared {
                         )),
                 );
             }
+            // Nobody waiting and room now: reserved, nothing else to decide
+            // (a call that waits for nothing passes every `max_wait`).
+            if st.try_fast(cost, now, parent.as_deref_mut()) {
+                break 'decide Admit::Now;
+            }
             // A limit with a max wait of its own (a spend budget): refused
             // when it could not take the call soon enough — here or on the
             // shared cells, whichever keeps it longest.

@@ -520,21 +520,42 @@ impl State {
 
     /// Reserve now if nobody waits and it fits — here and on the cells of
     /// `parent` (a pacer shared below keyed ones), together.
-    pub(crate) fn try_now(&mut self, cost: &Cost, now: Instant, parent: Option<&mut State>) -> Fit {
+    /// The fast path: when nobody waits here (nor on the parent's cells)
+    /// and `cost` fits now, it is reserved and `true` comes back. Such a
+    /// call can never be refused by a budget's `max_wait` (it waits for
+    /// nothing), so the pacer tries this first.
+    pub(crate) fn try_fast(
+        &mut self,
+        cost: &Cost,
+        now: Instant,
+        parent: Option<&mut State>,
+    ) -> bool {
+        if !self.line.is_empty() {
+            return false;
+        }
         let n = secs(self.epoch, now);
         let s = self.start_secs(cost, None, n);
         // The parent's cells are free for it when nobody waits for them.
         let parent_free = parent
             .as_deref()
             .is_none_or(|p| p.line.is_empty() && p.cells_due(cost, now).0);
-        if self.line.is_empty() && self.due(s, n, now) && parent_free {
+        if self.due(s, n, now) && parent_free {
             self.reserve_at(cost, n);
             if let Some(p) = parent {
                 p.reserve_cells(cost, now);
             }
             self.started(cost, now);
+            return true;
+        }
+        false
+    }
+
+    pub(crate) fn try_now(&mut self, cost: &Cost, now: Instant, parent: Option<&mut State>) -> Fit {
+        let mut parent = parent;
+        if self.try_fast(cost, now, parent.as_deref_mut()) {
             return Fit::Now;
         }
+        let n = secs(self.epoch, now);
         // Where it would start after everyone in line — and, on the
         // parent's cells, after everyone in the parent's line and in ours.
         let s = self.start_secs(cost, Some(&self.queued), n);
