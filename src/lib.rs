@@ -12,7 +12,7 @@
 //! |---|---|
 //! | [`classify`] | the [`Class`](classify::Class) of a result (`Throttled`, `Overloaded`, `Transient`, `Infrastructure`, `Permanent`), HTTP and LLM-provider classifiers, rate-limit headers |
 //! | [`bulkhead`] | concurrency limit with a fair bounded line, priorities, partitions, queue tickets with ETAs, a fixed or adaptive limit (AIMD, Vegas, Gradient2) |
-//! | [`quota`] | keyed admission limits per user / tenant / plan, and a global one |
+//! | [`quota`] | keyed admission limits per user / tenant / plan, a global one beside them, and an unkeyed [`RateLimit`](quota::RateLimit) (one atomic cell) |
 //! | [`pace`] | an upstream's budget (requests, tokens, spend per minute or day), reserved before the call, learned from its headers |
 //! | [`breaker`] | a circuit breaker that counts only upstream failures |
 //! | [`retry`] | retry by class with backoff, `Retry-After`, a budget and a deadline |
