@@ -851,15 +851,22 @@ async fn two_instances_share_one_dollar_a_day() {
         .is_err());
 }
 
+/// How late a start may come after the time Redis reserved for it on a
+/// loaded machine (a sleep overrun, a task not scheduled).
+const LATE: f64 = 1.0;
+
 /// Admission instants of a fleet run, and the worst excess over the rate:
-/// max over every window [tᵢ, tⱼ] of (admitted in it − R·(tⱼ − tᵢ)).
+/// max over every window [tᵢ, tⱼ] of (admitted in it − R·(tⱼ − tᵢ + LATE)).
+/// Starts up to `LATE` after their reserved times can only crowd a window
+/// with calls reserved up to `LATE` before it, so the bound the budget
+/// keeps on its reservations (R·W + B) holds here as R·(W + LATE) + B.
 fn worst_excess(starts: &mut [Instant], rate: f64) -> f64 {
     starts.sort();
     let mut worst = 0.0f64;
     for i in 0..starts.len() {
         for j in i..starts.len() {
             let w = (starts[j] - starts[i]).as_secs_f64();
-            worst = worst.max((j - i + 1) as f64 - rate * w);
+            worst = worst.max((j - i + 1) as f64 - rate * (w + LATE));
         }
     }
     worst
@@ -955,13 +962,12 @@ async fn fleet_through_a_state_loss(loss: Loss) {
     let n = starts.len();
     let worst = worst_excess(&mut starts, R);
     println!(
-        "{loss:?}: {n} admitted in 7 s; worst window excess over R·W: {worst:.1} (bound 2B = {})",
+        "{loss:?}: {n} admitted in 7 s; worst window excess over R·(W + 1 s): {worst:.1} (bound 2B = {})",
         2.0 * B
     );
-    // A loaded machine delays some starts and bunches them: one more call.
     assert!(
-        worst <= 2.0 * B + 1.0,
-        "{loss:?}: {worst} over R·W (bound {})",
+        worst <= 2.0 * B,
+        "{loss:?}: {worst} over R·(W + 1 s) (bound {})",
         2.0 * B
     );
     // And the budget was used: not a fleet that stopped.

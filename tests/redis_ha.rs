@@ -31,14 +31,18 @@ fn ten_per_second() -> semaforo::pace::PaceBuilder {
         .max_wait(Duration::from_secs(3))
 }
 
-/// max over every window [tᵢ, tⱼ] of (admitted in it − R·(tⱼ − tᵢ)).
+/// max over every window [tᵢ, tⱼ] of (admitted in it − R·(tⱼ − tᵢ + 1 s)):
+/// a start may come up to 1 s after the time Redis reserved for it on a
+/// loaded machine, which crowds a window with calls reserved up to 1 s
+/// before it; the budget's bound on reservations (R·W + B) holds here as
+/// R·(W + 1 s) + B.
 fn worst_excess(starts: &mut [Instant]) -> f64 {
     starts.sort();
     let mut worst = 0.0f64;
     for i in 0..starts.len() {
         for j in i..starts.len() {
             let w = (starts[j] - starts[i]).as_secs_f64();
-            worst = worst.max((j - i + 1) as f64 - R * w);
+            worst = worst.max((j - i + 1) as f64 - R * (w + 1.0));
         }
     }
     worst
@@ -167,10 +171,10 @@ async fn a_sentinel_failover_is_followed_without_a_restart() {
     );
     let worst = worst_excess(&mut starts);
     println!(
-        "worst window excess over R·W: {worst:.1} (bound 2B = {})",
+        "worst window excess over R·(W + 1 s): {worst:.1} (bound 2B = {})",
         2.0 * B
     );
-    assert!(worst <= 2.0 * B + 1.0, "{worst}");
+    assert!(worst <= 2.0 * B, "{worst}");
 }
 
 /// A 3-primary cluster shared by 4 instances × 8 tasks; 2 s in, the
@@ -237,6 +241,6 @@ async fn a_cluster_shares_the_budget_while_its_slot_moves() {
         after.len()
     );
     let worst = worst_excess(&mut starts);
-    println!("worst window excess over R·W: {worst:.1} (bound B = {B})");
-    assert!(worst <= B + 1.0, "{worst}");
+    println!("worst window excess over R·(W + 1 s): {worst:.1} (bound B = {B})");
+    assert!(worst <= B, "{worst}");
 }
