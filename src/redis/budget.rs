@@ -379,17 +379,8 @@ impl Budget {
 
     /// Gives the reservation behind `marker` back, once (see
     /// [`scripts::UNDO`]), retried in the background until it lands or
-    /// `give_up_after` of Redis being reachable has passed.
-    fn undo_in_background(
-        &self,
-        key: Option<&str>,
-        cost: &Cost,
-        marker: &Marker,
-        give_up_after: Duration,
-    ) {
-        self.undo_with(key, cost, marker, give_up_after, None);
-    }
-
+    /// `give_up_after` of Redis being reachable has passed; `slot` (an undo
+    /// of a lost reply) is held by the task and counted down when it ends.
     fn undo_with(
         &self,
         key: Option<&str>,
@@ -714,7 +705,7 @@ impl Drop for Unstarted {
                 .wait
                 .saturating_add(Duration::from_millis(self.budget.inner.marker_ms));
             self.budget
-                .undo_in_background(self.key.as_deref(), &self.cost, &marker, give_up);
+                .undo_with(self.key.as_deref(), &self.cost, &marker, give_up, None);
         }
     }
 }
