@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! hotpaths <layer> <calls>     layer: bulkhead breaker retry retry-budget timeout rate-limit quota pace stack
+//! SIZES=1 hotpaths <layer> 1    also prints the size of the layer's response future
 //! ```
 
 #[path = "../common/mod.rs"]
@@ -27,6 +28,15 @@ where
     S: Service<u64, Response = u64>,
     S::Error: std::fmt::Debug,
 {
+    if std::env::var_os("SIZES").is_some() {
+        let f = svc.call(0);
+        eprintln!(
+            "future {} bytes: {}",
+            std::mem::size_of_val(&f),
+            std::any::type_name_of_val(&f)
+        );
+        drop(f);
+    }
     for i in 0..calls {
         black_box(once(&mut svc, black_box(i)));
     }

@@ -440,6 +440,10 @@ impl Shared {
                 .with_detail(detail)
         };
         let mut st = self.lock();
+        // The healthy path of a pacer without a parent: one pass, no more.
+        if self.parent.is_none() && !st.closed && st.try_rolling(cost, now) {
+            return Admit::Now;
+        }
         if st.closed {
             return Admit::Rejected(
                 Rejected::new("pace", RejectKind::ShuttingDown)

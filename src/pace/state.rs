@@ -166,8 +166,11 @@ pub(crate) struct State {
     pub(crate) max_pause: Duration,
     /// The window of the limits upstreams announce.
     pub(crate) header_window: Duration,
+    /// Every cell is a rolling GCRA one (no calendar window): the one-pass
+    /// fast path applies.
+    rolling_only: bool,
     /// When the most recent calls started (for ETAs of lines above).
-    recent: std::collections::VecDeque<Instant>,
+    recent: Recent,
     /// A typical call's cost (smoothed, per part: requests, input, cached
     /// input, output), for projecting calls not seen yet.
     typical: Option<[f64; PARTS]>,
@@ -178,6 +181,31 @@ const PARTS: usize = 5;
 
 /// How many recent starts the pacer remembers for projections.
 const RECENT: usize = 256;
+
+/// The last [`RECENT`] start instants, in a ring (a write a call, no shifting).
+#[derive(Debug, Default)]
+struct Recent {
+    at: Vec<Instant>,
+    /// Where the next one goes: once the ring is full, the oldest.
+    next: usize,
+}
+
+impl Recent {
+    #[inline]
+    fn push(&mut self, now: Instant) {
+        match self.at.get_mut(self.next) {
+            Some(slot) => *slot = now,
+            None => self.at.push(now),
+        }
+        self.next = (self.next + 1) % RECENT;
+    }
+
+    /// Oldest first (before the ring is full, `next` is its length).
+    fn oldest_first(&self) -> impl Iterator<Item = Instant> + '_ {
+        let (newer, older) = self.at.split_at(self.next.min(self.at.len()));
+        older.iter().chain(newer).copied()
+    }
+}
 /// How many calls of its line a projection copies (the bulkhead simulates
 /// at most 10,000 positions).
 const PROJECTED: usize = 10_000;
@@ -282,6 +310,7 @@ impl State {
         let n = dims.len();
         let spu = dims.iter().map(|d| d.secs_per_unit).collect();
         State {
+            rolling_only: dims.iter().all(|d| d.calendar.is_none()),
             spu,
             dims,
             tat: vec![0.0; n],
@@ -299,17 +328,14 @@ impl State {
             closed: false,
             max_pause: DEFAULT_MAX_PAUSE,
             header_window: DEFAULT_HEADER_WINDOW,
-            recent: std::collections::VecDeque::new(),
+            recent: Recent::default(),
             typical: None,
         }
     }
 
     /// A call of `cost` started at `now`.
     fn started(&mut self, cost: &Cost, now: Instant) {
-        if self.recent.len() == RECENT {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(now);
+        self.recent.push(now);
         let now = parts(cost);
         self.typical = Some(match self.typical {
             None => now,
@@ -355,7 +381,7 @@ impl State {
             queued,
             waiting: self.line.len(),
             typical,
-            recent: self.recent.iter().copied().collect(),
+            recent: self.recent.oldest_first().collect(),
         }
     }
 
@@ -516,6 +542,32 @@ impl State {
             Some(p) => at.max(p.start_after(cost, &self.queued_parts, now)),
             None => at,
         })
+    }
+
+    /// The healthy path in one pass over the cells: nobody waits, no pause,
+    /// every cell a rolling one (no calendar window), and `cost` fits every
+    /// cell now, within its largest cost. Then it is reserved and `true`
+    /// comes back — exactly what [`try_fast`](Self::try_fast) would do (the
+    /// same GCRA expressions, the start being `now`). `false` decides nothing:
+    /// the caller goes on with the general path.
+    #[inline]
+    pub(crate) fn try_rolling(&mut self, cost: &Cost, now: Instant) -> bool {
+        if !self.rolling_only || !self.line.is_empty() || self.paused_until.is_some() {
+            return false;
+        }
+        let n = secs(self.epoch, now);
+        for ((dim, tat), t) in self.dims.iter().zip(&self.tat).zip(&self.spu) {
+            let a = dim.amount(cost);
+            // `Dim::start` with nothing ahead: fits now when the start is not after `n`.
+            if a > dim.largest_cost || tat.max(n) - (dim.capacity - a.min(dim.capacity)) * t > n {
+                return false;
+            }
+        }
+        for ((dim, tat), t) in self.dims.iter().zip(&mut self.tat).zip(&self.spu) {
+            *tat = tat.max(n) + dim.amount(cost) * t;
+        }
+        self.started(cost, now);
+        true
     }
 
     /// Reserve now if nobody waits and it fits — here and on the cells of

@@ -76,10 +76,10 @@ impl std::fmt::Debug for Lines {
 pub(crate) struct Shared {
     pub(crate) triggered: AtomicBool,
     pub(crate) in_flight: AtomicU64,
+    /// Calls that ended after the trigger (an end before it is not counted:
+    /// the drain reports only what ended after it).
     pub(crate) completed: AtomicU64,
     pub(crate) cancelled: AtomicU64,
-    /// `completed` when the trigger came: the drain reports only what ended after it.
-    completed_at_trigger: AtomicU64,
     pub(crate) rejected: AtomicU64,
     released: AtomicU64,
     pub(crate) idle: Notify,
@@ -156,7 +156,6 @@ impl Shutdown {
                 in_flight: AtomicU64::new(0),
                 completed: AtomicU64::new(0),
                 cancelled: AtomicU64::new(0),
-                completed_at_trigger: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
                 released: AtomicU64::new(0),
                 idle: Notify::new(),
@@ -218,13 +217,10 @@ impl Shutdown {
     /// Stop admitting: readiness turns false, new calls are refused, watched
     /// lines are closed. Idempotent.
     pub fn trigger(&self) {
-        if self.shared.triggered.swap(true, Ordering::AcqRel) {
+        // SeqCst: see `InFlight`'s drop.
+        if self.shared.triggered.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.shared.completed_at_trigger.store(
-            self.shared.completed.load(Ordering::Acquire),
-            Ordering::Release,
-        );
         self.shared.ready.send_replace(false);
         self.shared.emit(EventKind::Shutdown {
             phase: ShutdownPhase::Draining,
@@ -250,7 +246,7 @@ impl Shutdown {
 
     /// Calls in flight now.
     pub fn in_flight(&self) -> u64 {
-        self.shared.in_flight.load(Ordering::Acquire)
+        self.shared.in_flight.load(Ordering::SeqCst)
     }
 
     /// Triggers (if not yet), waits for in-flight calls up to `deadline`, then
@@ -294,11 +290,7 @@ impl Shutdown {
             },
         });
         DrainReport {
-            completed: self
-                .shared
-                .completed
-                .load(Ordering::Acquire)
-                .saturating_sub(self.shared.completed_at_trigger.load(Ordering::Acquire)),
+            completed: self.shared.completed.load(Ordering::Acquire),
             cancelled: self.shared.cancelled.load(Ordering::Acquire),
             rejected: self.shared.rejected.load(Ordering::Acquire),
             queued_released: self.shared.released.load(Ordering::Acquire),

@@ -23,14 +23,24 @@ pub struct InFlight {
 }
 
 impl Drop for InFlight {
+    /// Before the trigger a call's end costs one `fetch_sub` and one load:
+    /// nobody drains, nothing is reported. After it, the end is counted and
+    /// the last one wakes the drain. `SeqCst` on both sides (here the
+    /// decrement then the look at `triggered`; in the drain the trigger then
+    /// the look at `in_flight`): either this end sees the trigger, or the
+    /// drain sees this end.
     fn drop(&mut self) {
+        let before = self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if !self.shared.triggered.load(Ordering::SeqCst) {
+            return;
+        }
         let counter = if self.cancelled {
             &self.shared.cancelled
         } else {
             &self.shared.completed
         };
         counter.fetch_add(1, Ordering::AcqRel);
-        if self.shared.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if before == 1 {
             self.shared.idle.notify_waiters();
         }
     }
@@ -282,12 +292,12 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         // Count first, then look: a call that slips past a concurrent trigger
         // is counted, and the drain waits for it.
-        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
         let in_flight = InFlight {
             shared: self.shared.clone(),
             cancelled: false,
         };
-        if self.shared.triggered.load(Ordering::Acquire) {
+        if self.shared.triggered.load(Ordering::SeqCst) {
             // Not admitted: undo without counting it as completed.
             std::mem::forget(in_flight);
             if self.shared.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
