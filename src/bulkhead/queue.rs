@@ -264,7 +264,7 @@ pub(super) struct Queue {
 
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(super) state: AtomicU64,
+    pub(super) state: OwnLine,
     pub(super) limit: AtomicU32,
     pub(super) queue: Mutex<Queue>,
     pub(super) stats: Stats,
@@ -275,6 +275,21 @@ pub(crate) struct Shared {
     pub(super) eta_source: std::sync::RwLock<Option<Arc<dyn crate::eta::EtaSource>>>,
     /// The controller of an adaptive limit.
     pub(crate) adaptive: Option<Adaptive>,
+}
+
+/// The permit count on a cache line of its own (128 bytes: CPUs prefetch
+/// lines in pairs): every call changes it, and the `Arc`'s counts and the
+/// configuration every call reads stay off the line the cores pass around.
+#[repr(align(128))]
+#[derive(Debug)]
+pub(super) struct OwnLine(AtomicU64);
+
+impl std::ops::Deref for OwnLine {
+    type Target = AtomicU64;
+    #[inline]
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
 }
 
 /// What `acquire` decided.
@@ -288,7 +303,7 @@ impl Shared {
     pub(crate) fn new(cfg: Config, limit: u32) -> Self {
         let classes = cfg.shares.iter().map(|_| ClassLine::default()).collect();
         Shared {
-            state: AtomicU64::new(0),
+            state: OwnLine(AtomicU64::new(0)),
             limit: AtomicU32::new(limit),
             queue: Mutex::new(Queue {
                 slots: Slab::new(),

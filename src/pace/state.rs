@@ -174,10 +174,17 @@ pub(crate) struct State {
     /// A typical call's cost (smoothed, per part: requests, input, cached
     /// input, output), for projecting calls not seen yet.
     typical: Option<[f64; PARTS]>,
+    /// A cost whose smoothing left `typical` as it was (a pacer whose
+    /// calls all cost the same): the next such call need not smooth.
+    settled: Option<Cost>,
 }
 
 /// The parts of a cost: requests, input, cached input, output, spend.
 const PARTS: usize = 5;
+
+/// The most cells the one-pass healthy path takes (RPM, TPM, ITPM, OTPM,
+/// a daily cap… a pacer with more goes the general way).
+const FAST_CELLS: usize = 8;
 
 /// How many recent starts the pacer remembers for projections.
 const RECENT: usize = 256;
@@ -330,13 +337,20 @@ impl State {
             header_window: DEFAULT_HEADER_WINDOW,
             recent: Recent::default(),
             typical: None,
+            settled: None,
         }
     }
 
     /// A call of `cost` started at `now`.
     fn started(&mut self, cost: &Cost, now: Instant) {
         self.recent.push(now);
+        // The smoothing with a cost that left it unchanged last time leaves
+        // it unchanged again (same numbers in, same numbers out): skipped.
+        if self.settled == Some(*cost) {
+            return;
+        }
         let now = parts(cost);
+        let before = self.typical;
         self.typical = Some(match self.typical {
             None => now,
             Some(mut t) => {
@@ -346,6 +360,7 @@ impl State {
                 t
             }
         });
+        self.settled = (before == self.typical).then_some(*cost);
     }
 
     /// A copy of the state to play forward (see [`crate::eta`]).
@@ -555,16 +570,30 @@ impl State {
         if !self.rolling_only || !self.line.is_empty() || self.paused_until.is_some() {
             return false;
         }
+        // The new `tat` of each cell, kept until every cell has said yes
+        // (a pacer of more cells than this goes the general way).
+        let mut next = [0.0f64; FAST_CELLS];
+        if self.dims.len() > FAST_CELLS {
+            return false;
+        }
         let n = secs(self.epoch, now);
-        for ((dim, tat), t) in self.dims.iter().zip(&self.tat).zip(&self.spu) {
+        for (((dim, tat), t), next) in self
+            .dims
+            .iter()
+            .zip(&self.tat)
+            .zip(&self.spu)
+            .zip(&mut next)
+        {
             let a = dim.amount(cost);
+            let full = tat.max(n);
             // `Dim::start` with nothing ahead: fits now when the start is not after `n`.
-            if a > dim.largest_cost || tat.max(n) - (dim.capacity - a.min(dim.capacity)) * t > n {
+            if a > dim.largest_cost || full - (dim.capacity - a.min(dim.capacity)) * t > n {
                 return false;
             }
+            *next = full + a * t;
         }
-        for ((dim, tat), t) in self.dims.iter().zip(&mut self.tat).zip(&self.spu) {
-            *tat = tat.max(n) + dim.amount(cost) * t;
+        for (tat, next) in self.tat.iter_mut().zip(next) {
+            *tat = next;
         }
         self.started(cost, now);
         true
@@ -1172,5 +1201,58 @@ impl Projection {
             cost,
             s,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn dim(unit: Unit, capacity: f64, spu: f64, largest: f64) -> Dim {
+        Dim {
+            unit,
+            per: Duration::from_secs(60),
+            capacity,
+            secs_per_unit: spu,
+            configured_capacity: capacity,
+            configured_spu: spu,
+            largest_cost: largest,
+            calendar: None,
+            max_wait: None,
+        }
+    }
+
+    proptest! {
+        /// The one-pass healthy path decides exactly as the general one: the
+        /// same calls admitted, the cells left with the same bits.
+        #[test]
+        fn one_pass_path_is_the_general_path(
+            cells in proptest::collection::vec((any::<bool>(), 1u32..200, 1u32..2_000, 100u32..150), 1..4),
+            calls in proptest::collection::vec((0u64..3_000, 0u32..3, 0u64..300), 1..200),
+        ) {
+            let dims: Vec<Dim> = cells
+                .iter()
+                .map(|&(tokens, cap, spu_ms, largest_pct)| {
+                    let unit = if tokens { Unit::Tokens } else { Unit::Requests };
+                    let cap = f64::from(cap);
+                    dim(unit, cap, f64::from(spu_ms) / 1e3, cap * f64::from(largest_pct) / 100.0)
+                })
+                .collect();
+            let mut fast = State::new(dims.clone());
+            let mut general = State::new(dims);
+            general.epoch = fast.epoch;
+            let mut now = fast.epoch;
+            for (ms, requests, tokens) in calls {
+                now += Duration::from_millis(ms);
+                let cost = Cost { requests, input_tokens: tokens, ..Cost::default() };
+                let a = fast.try_rolling(&cost, now)
+                    || (fast.never_fits(&cost).is_none() && fast.try_fast(&cost, now, None));
+                let b = general.never_fits(&cost).is_none() && general.try_fast(&cost, now, None);
+                prop_assert_eq!(a, b);
+                let bits = |s: &State| s.tat.iter().map(|t| t.to_bits()).collect::<Vec<_>>();
+                prop_assert_eq!(bits(&fast), bits(&general));
+            }
+        }
     }
 }
