@@ -66,34 +66,6 @@ impl<K: Ord + Copy> OrderTree<K> {
         (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as u32
     }
 
-    /// Splits `t` into keys `< key` (or `<= key` when `inclusive`) and the rest.
-    fn split(&mut self, t: u32, key: &K, inclusive: bool) -> (u32, u32) {
-        if t == NIL {
-            return (NIL, NIL);
-        }
-        let goes_left = {
-            let k = &self.nodes[t as usize].key;
-            if inclusive {
-                k <= key
-            } else {
-                k < key
-            }
-        };
-        if goes_left {
-            let right = self.nodes[t as usize].right;
-            let (l, r) = self.split(right, key, inclusive);
-            self.nodes[t as usize].right = l;
-            self.fix(t);
-            (t, r)
-        } else {
-            let left = self.nodes[t as usize].left;
-            let (l, r) = self.split(left, key, inclusive);
-            self.nodes[t as usize].left = r;
-            self.fix(t);
-            (l, t)
-        }
-    }
-
     fn merge(&mut self, a: u32, b: u32) -> u32 {
         if a == NIL {
             return b;
@@ -137,28 +109,90 @@ impl<K: Ord + Copy> OrderTree<K> {
             }
         };
         let root = self.root;
-        let (l, r) = self.split(root, &key, false);
-        let l = self.merge(l, idx);
-        self.root = self.merge(l, r);
+        self.root = self.insert_at(root, idx, &key);
+    }
+
+    /// Puts node `idx` in its place under `t` by descent, then rotates it up
+    /// while its priority is higher than its parent's: one walk down and back,
+    /// where a split and two merges rebuilt the path (a line's join costs a
+    /// third of what it did).
+    fn insert_at(&mut self, t: u32, idx: u32, key: &K) -> u32 {
+        if t == NIL {
+            return idx;
+        }
+        self.nodes[t as usize].size += 1;
+        if *key < self.nodes[t as usize].key {
+            let left = self.nodes[t as usize].left;
+            let l = self.insert_at(left, idx, key);
+            self.nodes[t as usize].left = l;
+            if self.nodes[l as usize].prio > self.nodes[t as usize].prio {
+                return self.rotate_right(t);
+            }
+        } else {
+            let right = self.nodes[t as usize].right;
+            let r = self.insert_at(right, idx, key);
+            self.nodes[t as usize].right = r;
+            if self.nodes[r as usize].prio > self.nodes[t as usize].prio {
+                return self.rotate_left(t);
+            }
+        }
+        t
+    }
+
+    /// `t`'s left child takes its place; returns it.
+    fn rotate_right(&mut self, t: u32) -> u32 {
+        let l = self.nodes[t as usize].left;
+        self.nodes[t as usize].left = self.nodes[l as usize].right;
+        self.nodes[l as usize].right = t;
+        self.fix(t);
+        self.fix(l);
+        l
+    }
+
+    /// `t`'s right child takes its place; returns it.
+    fn rotate_left(&mut self, t: u32) -> u32 {
+        let r = self.nodes[t as usize].right;
+        self.nodes[t as usize].right = self.nodes[r as usize].left;
+        self.nodes[r as usize].left = t;
+        self.fix(t);
+        self.fix(r);
+        r
     }
 
     /// Removes `key`; returns whether it was present.
     pub(crate) fn remove(&mut self, key: &K) -> bool {
         let root = self.root;
-        let (l, r) = self.split(root, key, false);
-        let (m, r) = self.split(r, key, true);
-        let found = m != NIL;
-        if found {
-            // Keys are unique, so `m` is a single node.
-            let (ml, mr) = (self.nodes[m as usize].left, self.nodes[m as usize].right);
-            self.free.push(m);
-            let rest = self.merge(ml, mr);
-            let r = self.merge(rest, r);
-            self.root = self.merge(l, r);
-        } else {
-            self.root = self.merge(l, r);
-        }
+        let (root, found) = self.remove_at(root, key);
+        self.root = root;
         found
+    }
+
+    /// Finds `key` under `t` by descent and puts the merge of its children in
+    /// its place, one smaller on the way back.
+    fn remove_at(&mut self, t: u32, key: &K) -> (u32, bool) {
+        if t == NIL {
+            return (NIL, false);
+        }
+        let (k, left, right) = {
+            let n = &self.nodes[t as usize];
+            (n.key, n.left, n.right)
+        };
+        let found = if *key < k {
+            let (l, found) = self.remove_at(left, key);
+            self.nodes[t as usize].left = l;
+            found
+        } else if k < *key {
+            let (r, found) = self.remove_at(right, key);
+            self.nodes[t as usize].right = r;
+            found
+        } else {
+            self.free.push(t);
+            return (self.merge(left, right), true);
+        };
+        if found {
+            self.nodes[t as usize].size -= 1;
+        }
+        (t, found)
     }
 
     /// The smallest key.
@@ -208,6 +242,25 @@ impl<K: Ord + Copy> OrderTree<K> {
         self.root = NIL;
     }
 
+    /// Every node's size counts its subtree, and its priority is not below
+    /// its children's (a treap; the keys' order is checked by `keys`).
+    #[cfg(test)]
+    fn check(&self, t: u32) -> u32 {
+        if t == NIL {
+            return 0;
+        }
+        let n = &self.nodes[t as usize];
+        for c in [n.left, n.right] {
+            assert!(
+                c == NIL || self.nodes[c as usize].prio <= n.prio,
+                "heap order"
+            );
+        }
+        let size = 1 + self.check(n.left) + self.check(n.right);
+        assert_eq!(size, n.size, "subtree size");
+        size
+    }
+
     /// All keys in order.
     #[cfg(test)]
     pub(crate) fn keys(&self) -> Vec<K> {
@@ -249,6 +302,7 @@ mod tests {
                 }
                 prop_assert_eq!(tree.len(), model.len());
                 prop_assert_eq!(tree.first(), model.first().copied());
+                prop_assert_eq!(tree.check(tree.root) as usize, model.len());
             }
             prop_assert_eq!(tree.keys(), model.iter().copied().collect::<Vec<_>>());
         }
