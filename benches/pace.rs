@@ -55,6 +55,21 @@ fn reserve(c: &mut Criterion) {
         b.iter(|| black_box(limiter.check_n(n)))
     });
 
+    // Two cells on the tokio clock (each check reads it, as two limiters do).
+    let clock = common::TokioClock::new();
+    let tokens = RateLimiter::direct_with_clock(
+        Quota::per_second(NonZeroU32::new(u32::MAX).unwrap()),
+        clock,
+    );
+    let requests = RateLimiter::direct_with_clock(
+        Quota::per_second(NonZeroU32::new(u32::MAX).unwrap()),
+        clock,
+    );
+    g.bench_function(
+        "governor direct check_n ×2 (RPM + TPM cells, tokio clock)",
+        |b| b.iter(|| black_box((requests.check(), tokens.check_n(n)))),
+    );
+
     let pace = Pace::builder()
         .requests_per_minute(u32::MAX as u64 * 60)
         .tokens_per_minute(u32::MAX as u64 * 60)
