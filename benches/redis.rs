@@ -46,7 +46,7 @@ where
 }
 
 /// One bare `EVALSHA` of the reserve script, with the keys and arguments
-/// `Budget::reserve` sends (one cell, the generation, a marker).
+/// `Budget::reserve` sends (one cell, then its marker).
 async fn bare<C: redis::aio::ConnectionLike>(
     script: &redis::Script,
     conn: &mut C,
@@ -58,7 +58,6 @@ async fn bare<C: redis::aio::ConnectionLike>(
         .key(format!(
             "semaforo:budget:{{{name}}}:requests-per-60000000us"
         ))
-        .key(format!("semaforo:budget:{{{name}}}:gen"))
         .key(format!("semaforo:budget:{{{name}}}:r:bare"))
         .arg("1e18")
         // The marker's life (ms).

@@ -1121,3 +1121,60 @@ async fn scripts_of_callers_who_gave_up_take_nothing_when_redis_resumes() {
         "the whole burst, none of it taken by the 8 that gave up"
     );
 }
+
+/// `RESERVE_LUA` answers as its docs say when called with the documented
+/// keys and arguments (the benchmark's bare `EVALSHA` calls it this way: it
+/// broke silently once when the script's keys changed).
+#[tokio::test]
+async fn the_reserve_script_follows_its_documented_calling_convention() {
+    let Some((_turn, server)) = setup().await else {
+        return;
+    };
+    let mut conn = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let script = redis::Script::new(semaforo::redis::RESERVE_LUA);
+    let call = |marker: &'static str| {
+        let mut inv = script.prepare_invoke();
+        inv.key("t:{conv}:cell")
+            .key(marker)
+            // The call's longest wait: none; the marker outlives it by 10 s.
+            .arg(0)
+            .arg(10_000)
+            // One cell: 1 s a unit, a burst of 2, a cost of 1, no wait of its own.
+            .arg(1_000_000)
+            .arg(2)
+            .arg(1)
+            .arg("1e18");
+        inv
+    };
+    let mut answers = Vec::new();
+    for marker in ["t:{conv}:r:1", "t:{conv}:r:2", "t:{conv}:r:3"] {
+        let a: (i64, i64) = call(marker).invoke_async(&mut conn).await.unwrap();
+        answers.push(a);
+    }
+    assert_eq!(answers[0], (1, 0), "the burst's first unit at once");
+    assert_eq!(answers[1], (1, 0), "its second at once");
+    assert_eq!(answers[2].0, 0, "a third would wait 1 s: refused");
+    assert!(
+        (990_000..=1_000_000).contains(&answers[2].1),
+        "late by about 1 s: {:?}",
+        answers[2]
+    );
+    let mark: String = redis::cmd("GET")
+        .arg("t:{conv}:r:1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mark, "reserved");
+    let _: () = redis::cmd("SET")
+        .arg("t:{conv}:r:4")
+        .arg("cancelled")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let a: (i64, i64) = call("t:{conv}:r:4").invoke_async(&mut conn).await.unwrap();
+    assert_eq!(a, (2, 0), "a cancelled reservation never runs");
+}

@@ -29,6 +29,14 @@ use std::sync::LazyLock;
 pub(crate) static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESERVE_LUA));
 
 /// The Lua source of the budget's reserve script (for audits and benchmarks).
+///
+/// Called with `KEYS` = the `n` cells, then the reservation's marker; `ARGV[1]`
+/// = the call's longest wait (µs), `ARGV[2]` = how long the marker outlives
+/// the wait (ms), then four per cell `i` (from `ARGV[4i − 1]`): microseconds
+/// per unit, burst (units), cost (units), the cell's own longest wait (µs).
+/// Answers `{1, wait}` (reserved, start in `wait` µs), `{0, late}` (refused:
+/// `late` µs beyond a longest wait) or `{2, 0}` (the marker says the
+/// reservation was cancelled before it ran). Times are Redis's `TIME`.
 pub const RESERVE_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
