@@ -380,29 +380,46 @@ pub struct RateLimitInfo {
 impl RateLimitInfo {
     /// Reads OpenAI and Anthropic rate-limit headers (whichever are present).
     pub fn from_headers<H: HeaderSource + ?Sized>(headers: &H, now: SystemTime) -> Self {
-        let openai = |dim: &str| {
-            RateLimitWindow::read(
-                headers,
-                &format!("x-ratelimit-limit-{dim}"),
-                &format!("x-ratelimit-remaining-{dim}"),
-                &format!("x-ratelimit-reset-{dim}"),
-                now,
-            )
-        };
-        let anthropic = |dim: &str| {
-            RateLimitWindow::read(
-                headers,
-                &format!("anthropic-ratelimit-{dim}-limit"),
-                &format!("anthropic-ratelimit-{dim}-remaining"),
-                &format!("anthropic-ratelimit-{dim}-reset"),
-                now,
-            )
+        // The names written out: nothing is built per response (this runs on
+        // every answer the LLM preset reads).
+        let read = |[limit, remaining, reset]: [&str; 3]| {
+            RateLimitWindow::read(headers, limit, remaining, reset, now)
         };
         RateLimitInfo {
-            requests: openai("requests").or_else(|| anthropic("requests")),
-            tokens: openai("tokens").or_else(|| anthropic("tokens")),
-            input_tokens: anthropic("input-tokens"),
-            output_tokens: anthropic("output-tokens"),
+            requests: read([
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ])
+            .or_else(|| {
+                read([
+                    "anthropic-ratelimit-requests-limit",
+                    "anthropic-ratelimit-requests-remaining",
+                    "anthropic-ratelimit-requests-reset",
+                ])
+            }),
+            tokens: read([
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ])
+            .or_else(|| {
+                read([
+                    "anthropic-ratelimit-tokens-limit",
+                    "anthropic-ratelimit-tokens-remaining",
+                    "anthropic-ratelimit-tokens-reset",
+                ])
+            }),
+            input_tokens: read([
+                "anthropic-ratelimit-input-tokens-limit",
+                "anthropic-ratelimit-input-tokens-remaining",
+                "anthropic-ratelimit-input-tokens-reset",
+            ]),
+            output_tokens: read([
+                "anthropic-ratelimit-output-tokens-limit",
+                "anthropic-ratelimit-output-tokens-remaining",
+                "anthropic-ratelimit-output-tokens-reset",
+            ]),
             retry_after: retry_after_from_headers(headers, now),
         }
     }
