@@ -191,11 +191,7 @@ where
 /// whole stack, with 1, 16 and 256 concurrent tasks on a 2-worker runtime,
 /// next to the peers in the same run.
 fn throughput(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime");
+    let rt = common::two_workers();
     let _guard = rt.enter();
     let big = u32::MAX as u64 * 60;
     for tasks in [1u64, 16, 256] {

@@ -25,6 +25,9 @@
 //!   unified into every benchmark of this workspace and slow each clock read
 //!   the peers are timed on.
 
+#[path = "../common/mod.rs"]
+mod common;
+
 use semaforo::bulkhead::Bulkhead;
 use semaforo::pace::{Limit, Pace};
 use std::convert::Infallible;
@@ -200,11 +203,7 @@ fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(3)
         .max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime");
+    let rt = common::two_workers();
     let _guard = rt.enter();
     println!("**Lines under {TASKS} tasks** (2 workers, {CALLS} calls each; median of {runs} runs; time from `ready()` to the answer)");
     println!();

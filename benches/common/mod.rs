@@ -46,6 +46,16 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("a runtime")
 }
 
+/// A multi-thread runtime of 2 workers (the machine's 2 cores), for the
+/// throughput and line benchmarks.
+pub fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
 /// `iters` calls split over 2 threads hammering clones of `svc` (the machine
 /// has 2 cores). Every call is driven by `block_on`: a peer's lock may make a
 /// call wait under contention, so everyone gets the same executor.
