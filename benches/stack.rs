@@ -10,55 +10,16 @@
 //! in its place (a `Buffer` would measure the buffer).
 
 mod common;
-use common::{bare, once, two_threads};
+use common::{bare, once, semaforo_stack, two_threads};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use semaforo::breaker::Breaker;
 use semaforo::bulkhead::Bulkhead;
 use semaforo::pace::{Cost, Pace};
-use semaforo::retry::Retry;
-use semaforo::shutdown::Shutdown;
-use semaforo::timeout::Timeout;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 use tower::{Service, ServiceBuilder};
-
-fn semaforo_stack(
-) -> impl Service<u64, Response = u64, Error = semaforo::BoxError, Future = impl Future + Send>
-       + Clone
-       + Send
-       + 'static {
-    let big = u32::MAX as u64 * 60;
-    ServiceBuilder::new()
-        .layer(Shutdown::new().layer())
-        .layer(
-            Bulkhead::builder(1_000)
-                .max_queue(1_000)
-                .build()
-                .unwrap()
-                .layer(),
-        )
-        .layer(Retry::builder().max_attempts(3).build().unwrap().layer())
-        .layer(Breaker::builder().build().unwrap().layer())
-        .layer(
-            Pace::builder()
-                .requests_per_minute(big)
-                .tokens_per_minute(big)
-                .build()
-                .unwrap()
-                .layer()
-                .weigh(|_: &u64| Cost::tokens(7)),
-        )
-        .layer(
-            Timeout::builder()
-                .attempt(Duration::from_secs(30))
-                .build()
-                .unwrap()
-                .layer(),
-        )
-        .service(bare())
-}
 
 #[derive(Clone)]
 struct Attempts(u32);

@@ -17,7 +17,6 @@ use semaforo::bulkhead::Bulkhead;
 use semaforo::pace::{Cost, Pace};
 use semaforo::quota::{Quota, Rate, RateLimit};
 use semaforo::retry::Retry;
-use semaforo::shutdown::Shutdown;
 use semaforo::timeout::Timeout;
 use std::hint::black_box;
 use std::time::Duration;
@@ -133,29 +132,7 @@ fn main() {
             )
         }
         "pace" => run(ServiceBuilder::new().layer(pace()).service(bare()), calls),
-        "stack" => run(
-            ServiceBuilder::new()
-                .layer(Shutdown::new().layer())
-                .layer(
-                    Bulkhead::builder(1_000)
-                        .max_queue(1_000)
-                        .build()
-                        .expect("b")
-                        .layer(),
-                )
-                .layer(Retry::builder().max_attempts(3).build().expect("r").layer())
-                .layer(Breaker::builder().build().expect("br").layer())
-                .layer(pace())
-                .layer(
-                    Timeout::builder()
-                        .attempt(Duration::from_secs(30))
-                        .build()
-                        .expect("t")
-                        .layer(),
-                )
-                .service(bare()),
-            calls,
-        ),
+        "stack" => run(common::semaforo_stack(), calls),
         other => {
             eprintln!("unknown layer {other:?}");
             std::process::exit(2);

@@ -110,3 +110,55 @@ impl governor::clock::Clock for TokioClock {
         )
     }
 }
+
+/// The whole semaforo stack of the benchmarks: shutdown → bulkhead → retry
+/// (budget) → breaker → pace (RPM + TPM) → attempt timeout, over [`bare`].
+pub fn semaforo_stack() -> impl Service<
+    u64,
+    Response = u64,
+    Error = semaforo::BoxError,
+    Future = impl std::future::Future + Send,
+> + Clone
+       + Send
+       + 'static {
+    let big = u32::MAX as u64 * 60;
+    tower::ServiceBuilder::new()
+        .layer(semaforo::shutdown::Shutdown::new().layer())
+        .layer(
+            semaforo::bulkhead::Bulkhead::builder(1_000)
+                .max_queue(1_000)
+                .build()
+                .unwrap()
+                .layer(),
+        )
+        .layer(
+            semaforo::retry::Retry::builder()
+                .max_attempts(3)
+                .build()
+                .unwrap()
+                .layer(),
+        )
+        .layer(
+            semaforo::breaker::Breaker::builder()
+                .build()
+                .unwrap()
+                .layer(),
+        )
+        .layer(
+            semaforo::pace::Pace::builder()
+                .requests_per_minute(big)
+                .tokens_per_minute(big)
+                .build()
+                .unwrap()
+                .layer()
+                .weigh(|_: &u64| semaforo::pace::Cost::tokens(7)),
+        )
+        .layer(
+            semaforo::timeout::Timeout::builder()
+                .attempt(std::time::Duration::from_secs(30))
+                .build()
+                .unwrap()
+                .layer(),
+        )
+        .service(bare())
+}
