@@ -5,6 +5,7 @@ use crate::share::RequestKey;
 use bytes::Bytes;
 use serde_json::Value;
 use std::hash::{Hash, Hasher};
+use std::io::Write as _;
 use std::sync::Arc;
 
 /// The key of LLM requests for [`cache`](crate::cache) and
@@ -214,15 +215,23 @@ fn write_canonical(v: &Value, out: &mut Vec<u8>, depth: usize) -> Option<()> {
             // such a request has no key (two different ones could look
             // alike).
             match (n.as_i64(), n.as_u64(), n.as_f64()) {
-                (Some(i), _, _) => out.extend_from_slice(i.to_string().as_bytes()),
-                (_, Some(u), _) => out.extend_from_slice(u.to_string().as_bytes()),
+                // Written straight into the key (no `String` a number:
+                // writing to a `Vec` cannot fail).
+                (Some(i), _, _) => {
+                    let _ = write!(out, "{i}");
+                }
+                (_, Some(u), _) => {
+                    let _ = write!(out, "{u}");
+                }
                 (_, _, Some(f)) if f.fract() == 0.0 => {
                     if f.abs() >= 9_007_199_254_740_992.0 {
                         return None;
                     }
-                    out.extend_from_slice((f as i64).to_string().as_bytes());
+                    let _ = write!(out, "{}", f as i64);
                 }
-                (_, _, Some(f)) => out.extend_from_slice(format!("{f:?}").as_bytes()),
+                (_, _, Some(f)) => {
+                    let _ = write!(out, "{f:?}");
+                }
                 _ => return None,
             }
         }
