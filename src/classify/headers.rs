@@ -48,11 +48,28 @@ const MAX_HINT_NANOS: u128 = MAX_HINT.as_nanos();
 pub trait HeaderSource {
     /// The first value of header `name` (ASCII case-insensitive), as raw bytes.
     fn header_bytes(&self, name: &str) -> Option<&[u8]>;
+
+    /// Calls `f` with every header in order (name, value), repeated names
+    /// once per value, and returns `true`; or returns `false` without
+    /// calling `f` when the source cannot list its headers (the default).
+    ///
+    /// The parsers that read many names ([`RateLimitInfo::from_headers`]
+    /// reads 20) then take them in one pass over what is there instead of
+    /// a lookup per name — on `http::HeaderMap` each lookup by `&str`
+    /// parses the name first. Names may come in any case.
+    fn each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8])) -> bool {
+        let _ = f;
+        false
+    }
 }
 
 impl<T: HeaderSource + ?Sized> HeaderSource for &T {
     fn header_bytes(&self, name: &str) -> Option<&[u8]> {
         (**self).header_bytes(name)
+    }
+
+    fn each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8])) -> bool {
+        (**self).each_header(f)
     }
 }
 
@@ -62,11 +79,22 @@ impl<K: AsRef<str>, V: AsRef<[u8]>> HeaderSource for [(K, V)] {
             .find(|(k, _)| k.as_ref().eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_ref())
     }
+
+    fn each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8])) -> bool {
+        for (k, v) in self {
+            f(k.as_ref(), v.as_ref());
+        }
+        true
+    }
 }
 
 impl<K: AsRef<str>, V: AsRef<[u8]>, const N: usize> HeaderSource for [(K, V); N] {
     fn header_bytes(&self, name: &str) -> Option<&[u8]> {
         self[..].header_bytes(name)
+    }
+
+    fn each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8])) -> bool {
+        self[..].each_header(f)
     }
 }
 
@@ -74,12 +102,82 @@ impl<K: AsRef<str>, V: AsRef<[u8]>> HeaderSource for Vec<(K, V)> {
     fn header_bytes(&self, name: &str) -> Option<&[u8]> {
         self[..].header_bytes(name)
     }
+
+    fn each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8])) -> bool {
+        self[..].each_header(f)
+    }
 }
 
 #[cfg(feature = "http")]
 impl HeaderSource for http::HeaderMap {
     fn header_bytes(&self, name: &str) -> Option<&[u8]> {
         self.get(name).map(|v| v.as_bytes())
+    }
+
+    fn each_header<'a>(&'a self, f: &mut dyn FnMut(&'a str, &'a [u8])) -> bool {
+        for (k, v) in self {
+            f(k.as_str(), v.as_bytes());
+        }
+        true
+    }
+}
+
+/// The headers [`RateLimitInfo::from_headers`] reads, in the order of
+/// [`Known`]'s slots: four windows of (limit, remaining, reset), then
+/// `retry-after-ms` and `retry-after`.
+const KNOWN: [&str; 20] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "anthropic-ratelimit-requests-limit",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "anthropic-ratelimit-tokens-limit",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-tokens-reset",
+    "anthropic-ratelimit-input-tokens-limit",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-reset",
+    "anthropic-ratelimit-output-tokens-limit",
+    "anthropic-ratelimit-output-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-reset",
+    "retry-after-ms",
+    "retry-after",
+];
+
+/// The first value of each [`KNOWN`] header present.
+struct Known<'a>([Option<&'a [u8]>; KNOWN.len()]);
+
+impl<'a> Known<'a> {
+    /// One pass over the headers when the source lists them, else a lookup
+    /// per name.
+    fn read<H: HeaderSource + ?Sized>(h: &'a H) -> Self {
+        let mut slots = [None; KNOWN.len()];
+        let listed = h.each_header(&mut |name, value| {
+            // Every known name starts with `x-`, `a` or `r`: most headers
+            // (content-type, date, server…) stop at their first byte.
+            if !matches!(
+                name.as_bytes().first(),
+                Some(b'x' | b'X' | b'a' | b'A' | b'r' | b'R')
+            ) {
+                return;
+            }
+            if let Some(i) = KNOWN.iter().position(|k| k.eq_ignore_ascii_case(name)) {
+                // The first value, as `header_bytes` gives.
+                if slots[i].is_none() {
+                    slots[i] = Some(value);
+                }
+            }
+        });
+        if !listed {
+            for (slot, name) in slots.iter_mut().zip(KNOWN) {
+                *slot = h.header_bytes(name);
+            }
+        }
+        Known(slots)
     }
 }
 
@@ -345,17 +443,15 @@ pub struct RateLimitWindow {
 }
 
 impl RateLimitWindow {
-    fn read<H: HeaderSource + ?Sized>(
-        h: &H,
-        limit: &str,
-        remaining: &str,
-        reset: &str,
-        now: SystemTime,
+    /// The window from its three header values; `None` when none parses.
+    fn from_values(
+        [limit, remaining, reset]: [Option<&[u8]>; 3],
+        now: &mut impl FnMut() -> SystemTime,
     ) -> Option<Self> {
         let w = RateLimitWindow {
-            limit: h.header_bytes(limit).and_then(parse_count),
-            remaining: h.header_bytes(remaining).and_then(parse_count),
-            reset: h.header_bytes(reset).and_then(|v| parse_reset(v, now)),
+            limit: limit.and_then(parse_count),
+            remaining: remaining.and_then(parse_count),
+            reset: reset.and_then(|v| parse_reset(v, now())),
         };
         (w != RateLimitWindow::default()).then_some(w)
     }
@@ -380,47 +476,34 @@ pub struct RateLimitInfo {
 impl RateLimitInfo {
     /// Reads OpenAI and Anthropic rate-limit headers (whichever are present).
     pub fn from_headers<H: HeaderSource + ?Sized>(headers: &H, now: SystemTime) -> Self {
-        // The names written out: nothing is built per response (this runs on
-        // every answer the LLM preset reads).
-        let read = |[limit, remaining, reset]: [&str; 3]| {
-            RateLimitWindow::read(headers, limit, remaining, reset, now)
-        };
+        Self::from_headers_with(headers, || now)
+    }
+
+    /// As [`from_headers`](Self::from_headers), reading the wall clock only
+    /// when a value present needs it (an instant, an HTTP-date): the LLM
+    /// preset reads every answer's headers, most of which carry none.
+    pub(crate) fn from_headers_with<H: HeaderSource + ?Sized>(
+        headers: &H,
+        now: impl FnOnce() -> SystemTime,
+    ) -> Self {
+        let Known(k) = Known::read(headers);
+        if k.iter().all(Option::is_none) {
+            return RateLimitInfo::default();
+        }
+        let mut clock = Some(now);
+        let mut read_at = None;
+        let mut now =
+            || *read_at.get_or_insert_with(|| clock.take().map_or(SystemTime::UNIX_EPOCH, |f| f()));
+        let mut window =
+            |i: usize| RateLimitWindow::from_values([k[i], k[i + 1], k[i + 2]], &mut now);
         RateLimitInfo {
-            requests: read([
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ])
-            .or_else(|| {
-                read([
-                    "anthropic-ratelimit-requests-limit",
-                    "anthropic-ratelimit-requests-remaining",
-                    "anthropic-ratelimit-requests-reset",
-                ])
-            }),
-            tokens: read([
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ])
-            .or_else(|| {
-                read([
-                    "anthropic-ratelimit-tokens-limit",
-                    "anthropic-ratelimit-tokens-remaining",
-                    "anthropic-ratelimit-tokens-reset",
-                ])
-            }),
-            input_tokens: read([
-                "anthropic-ratelimit-input-tokens-limit",
-                "anthropic-ratelimit-input-tokens-remaining",
-                "anthropic-ratelimit-input-tokens-reset",
-            ]),
-            output_tokens: read([
-                "anthropic-ratelimit-output-tokens-limit",
-                "anthropic-ratelimit-output-tokens-remaining",
-                "anthropic-ratelimit-output-tokens-reset",
-            ]),
-            retry_after: retry_after_from_headers(headers, now),
+            requests: window(0).or_else(|| window(3)),
+            tokens: window(6).or_else(|| window(9)),
+            input_tokens: window(12),
+            output_tokens: window(15),
+            retry_after: k[18]
+                .and_then(parse_retry_after_ms)
+                .or_else(|| k[19].and_then(|v| parse_retry_after(v, now()))),
         }
     }
 
@@ -703,6 +786,49 @@ mod tests {
         fn delta_seconds_roundtrip(n in 0u64..(366 * 24 * 3600)) {
             prop_assert_eq!(parse_delta_seconds(n.to_string().as_bytes()), Some(Duration::from_secs(n)));
             prop_assert_eq!(parse_retry_after_ms(n.to_string().as_bytes()), Some(Duration::from_millis(n)));
+        }
+
+        /// The one pass over listed headers reads what a lookup per name
+        /// reads: first values, any case, repeated and unknown names, on
+        /// pairs and on an `http::HeaderMap`.
+        #[test]
+        fn one_pass_reads_what_lookups_read(
+            picks in proptest::collection::vec((0usize..KNOWN.len() + 3, any::<bool>(), 0usize..6), 0..24),
+        ) {
+            let values = ["7", "0", "1m30.5s", "2024-05-01T12:00:30Z", "Sun, 06 Nov 1994 08:49:37 GMT", "x"];
+            let pairs: Vec<(String, &str)> = picks
+                .iter()
+                .map(|&(i, upper, v)| {
+                    let name = KNOWN.get(i).copied().unwrap_or_else(|| ["content-type", "x-request-id", "age"][i - KNOWN.len()]);
+                    (if upper { name.to_ascii_uppercase() } else { name.to_string() }, values[v])
+                })
+                .collect();
+            /// The same pairs, seen only through `header_bytes`.
+            struct Lookups<'a>(&'a [(String, &'a str)]);
+            impl HeaderSource for Lookups<'_> {
+                fn header_bytes(&self, name: &str) -> Option<&[u8]> {
+                    self.0.header_bytes(name)
+                }
+            }
+            let now = at(784_111_777);
+            let looked_up = RateLimitInfo::from_headers(&Lookups(&pairs), now);
+            prop_assert_eq!(RateLimitInfo::from_headers(&pairs[..], now), looked_up);
+            #[cfg(feature = "http")]
+            {
+                let mut map = http::HeaderMap::new();
+                for (k, v) in &pairs {
+                    map.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), http::HeaderValue::from_static(v));
+                }
+                prop_assert_eq!(RateLimitInfo::from_headers(&map, now), looked_up);
+            }
+        }
+
+        /// No header the parsers read: nothing else is read, the wall clock neither.
+        #[test]
+        fn no_known_header_reads_no_clock(n in 0usize..4) {
+            let h: Vec<(&str, &str)> = [("content-type", "application/json"), ("date", "x"), ("server", "y"), ("x-request-id", "z")][..n].to_vec();
+            let info = RateLimitInfo::from_headers_with(&h, || panic!("the clock was read"));
+            prop_assert!(info.is_empty());
         }
     }
 }

@@ -208,13 +208,17 @@ pub fn http_code(status: http::StatusCode) -> Code {
     }
 }
 
+// The names as `HeaderName`s: a lookup by `&str` parses the name on every call.
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
 /// The status a set of headers or trailers carries: `grpc-status`, read as
 /// tonic reads it (`None` when missing; a malformed one is `UNKNOWN`).
 pub fn header_code(headers: &http::HeaderMap) -> Option<Code> {
     // tonic's own reading (a malformed value is `UNKNOWN`), so a status
     // means here what it means to the caller.
     headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .map(|v| Code::from_bytes(v.as_bytes()))
 }
 
@@ -323,7 +327,7 @@ pub struct GrpcTimeout;
 
 impl<B> crate::timeout::RequestLimit<http::Request<B>> for GrpcTimeout {
     fn limit(&self, req: &http::Request<B>) -> Option<Duration> {
-        parse_timeout(req.headers().get("grpc-timeout")?.as_bytes())
+        parse_timeout(req.headers().get(&GRPC_TIMEOUT)?.as_bytes())
     }
 }
 

@@ -33,7 +33,7 @@ use tower_service::Service;
 
 /// Rate-limit headers only (for streamed answers: the usage comes in the body).
 pub fn observe_headers<B>(res: &http::Response<B>) -> Observed {
-    let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
+    let info = RateLimitInfo::from_headers_with(res.headers(), SystemTime::now);
     Observed {
         usage: None,
         info: (!info.is_empty()).then_some(info),
@@ -58,7 +58,7 @@ pub fn observe_response(res: &http::Response<Bytes>) -> Observed {
         .is_success()
         .then(|| usage_cost(res.body()))
         .flatten();
-    let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
+    let info = RateLimitInfo::from_headers_with(res.headers(), SystemTime::now);
     Observed {
         usage,
         info: (!info.is_empty()).then_some(info),
@@ -162,7 +162,7 @@ impl crate::pace::Observe<http::Response<Bytes>> for PricedUsage {
             }
             asked.priced(usage)
         });
-        let info = RateLimitInfo::from_headers(res.headers(), SystemTime::now());
+        let info = RateLimitInfo::from_headers_with(res.headers(), SystemTime::now);
         Observed {
             usage,
             info: (!info.is_empty()).then_some(info),

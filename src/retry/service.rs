@@ -137,6 +137,10 @@ impl HttpRequests {
     }
 }
 
+/// A `HeaderName` (a lookup by `&str` parses the name on every call).
+#[cfg(feature = "http")]
+static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+
 #[cfg(feature = "http")]
 impl<B: Clone> RequestPolicy<http::Request<B>> for HttpRequests {
     fn retryable(&self, req: &http::Request<B>) -> bool {
@@ -154,7 +158,7 @@ impl<B: Clone> RequestPolicy<http::Request<B>> for HttpRequests {
                     | Method::DELETE
                     | Method::TRACE
             )
-            || req.headers().contains_key("idempotency-key")
+            || req.headers().contains_key(&IDEMPOTENCY_KEY)
     }
 
     fn clone_request(&self, req: &http::Request<B>) -> Option<http::Request<B>> {
