@@ -112,6 +112,7 @@ pub mod fallback;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod guard;
+mod hashing;
 pub mod health;
 #[cfg(feature = "llm")]
 pub mod llm;

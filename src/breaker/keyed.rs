@@ -10,7 +10,7 @@ use super::{Breaker, BreakerBuilder, BreakerSnapshot, BreakerState};
 use crate::classify::{Classify, ErrorClassifier};
 use crate::error::{BoxError, ConfigError};
 use crate::guard::OnResponse;
-use std::collections::HashMap;
+use crate::hashing::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::{Arc, RwLock};
@@ -70,7 +70,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedBreaker<K> {
             map: Arc::new(Map {
                 template,
                 max_keys,
-                breakers: RwLock::new(HashMap::new()),
+                breakers: RwLock::new(HashMap::default()),
             }),
         })
     }

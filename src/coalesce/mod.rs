@@ -66,12 +66,12 @@
 //! ```
 
 use crate::error::BoxError;
+use crate::hashing::HashMap;
 use crate::observe::{Event, EventKind, ListenerSlot, Observer, ShareOutcome};
 use crate::share::{Cloned, RequestKey, Served, Share, SharedError};
 use pin_project::pin_project;
 use slab::Slab;
 use std::any::Any;
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -151,7 +151,7 @@ struct Flights<K> {
 impl<K: std::hash::Hash + Eq> Flights<K> {
     fn new(obs: Observer) -> Self {
         Flights {
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(HashMap::default()),
             next_id: std::sync::atomic::AtomicU64::new(0),
             obs,
         }

@@ -1016,7 +1016,7 @@ impl LlmStackBuilder {
                 .find(|(name, _)| name == m)
                 .map_or(&self.profile, |(_, p)| p)
         };
-        let mut models: std::collections::HashMap<String, service::Unset> = self
+        let mut models: crate::hashing::HashMap<String, service::Unset> = self
             .models
             .iter()
             .map(|(m, profile)| {

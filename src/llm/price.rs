@@ -2,8 +2,8 @@
 //! prices each call with (its reservation and its real usage), for spend
 //! limits ([`Limit::spend_per_day`](crate::pace::Limit::spend_per_day)).
 
+use crate::hashing::HashMap;
 use crate::pace::Cost;
-use std::collections::HashMap;
 
 /// A model's price, in micro-dollars per million tokens (1,000,000 µ$ =
 /// $1.00): input not read from the cache, input read from the cache, output.

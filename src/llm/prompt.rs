@@ -3,9 +3,9 @@
 //! model's ratio from the `usage` its answers report).
 
 use super::cost::{read_request, NON_TEXT_PART_TOKENS};
+use crate::hashing::HashMap;
 use crate::pace::Cost;
 use bytes::Bytes;
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -287,7 +287,7 @@ impl CharsPerToken {
         CharsPerToken {
             start: 4.0,
             max_models: 1_024,
-            models: RwLock::new(HashMap::new()),
+            models: RwLock::new(HashMap::default()),
             other: AtomicU64::new(4.0f64.to_bits()),
         }
     }

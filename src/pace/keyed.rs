@@ -44,8 +44,8 @@ use super::service::{call_through, AtResponse, NoObserve, OneRequest, ResponseFu
 use super::{Deliver, Observe, Pace, PaceBuilder, Shared, Weigh};
 use crate::classify::Classify;
 use crate::error::{BoxError, ConfigError};
+use crate::hashing::HashMap;
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -235,7 +235,7 @@ impl KeyedPaceBuilder {
         }
         .with_parent(parent.clone())
         .build()?;
-        let mut given = HashMap::with_capacity(self.given.len());
+        let mut given = HashMap::with_capacity_and_hasher(self.given.len(), Default::default());
         for (key, b) in self.given {
             let pace = named(b, &key).build()?;
             if given.insert(key.clone(), pace).is_some() {
@@ -250,7 +250,7 @@ impl KeyedPaceBuilder {
             inner: Arc::new(Keyed {
                 name: self.name,
                 given,
-                built: RwLock::new(HashMap::new()),
+                built: RwLock::new(HashMap::default()),
                 template: Some(self.template),
                 max_keys: self.max_keys,
                 overflow,
@@ -513,8 +513,8 @@ impl From<Pace> for KeyedPace {
         KeyedPace {
             inner: Arc::new(Keyed {
                 name: pace.name().map(Arc::from),
-                given: HashMap::new(),
-                built: RwLock::new(HashMap::new()),
+                given: HashMap::default(),
+                built: RwLock::new(HashMap::default()),
                 template: None,
                 max_keys: 0,
                 overflow: pace,

@@ -6,7 +6,10 @@
 //!
 //! - A closure reads the key (and its plan) from each request. Each plan is a
 //!   governor keyed limiter; a user whose plan changes is checked against the new
-//!   plan from its next call.
+//!   plan from its next call. Its key map hashes with foldhash (hashbrown's
+//!   default) instead of governor's default SipHash, which was a third of a hot
+//!   key's check; the seed is random per map, so a client cannot tell which
+//!   keys collide.
 //! - An optional **global** limit sits beside the keyed ones: a call must pass
 //!   both, and a call refused by one consumes nothing from the other. governor
 //!   cannot give a token back, so the global cell is our own small GCRA that can:
@@ -126,7 +129,14 @@ impl Clock for TokioClock {
     }
 }
 
-type Limiter<K> = RateLimiter<K, DefaultKeyedStateStore<K>, TokioClock, NoOpMiddleware<Nanos>>;
+/// governor's keyed store (a `DashMap`) with our hasher (see `crate::hashing`):
+/// SipHash was a third of a hot key's check.
+type Limiter<K> = RateLimiter<
+    K,
+    DefaultKeyedStateStore<K, crate::hashing::RandomState>,
+    TokioClock,
+    NoOpMiddleware<Nanos>,
+>;
 
 /// A rate: `count` per `per`, with a burst (default `count`).
 ///
@@ -468,7 +478,11 @@ impl QuotaBuilder {
                 }),
                 name,
                 rate,
-                limiter: RateLimiter::new(quota, DefaultKeyedStateStore::default(), clock),
+                limiter: RateLimiter::dashmap_with_clock_and_hasher(
+                    quota,
+                    clock,
+                    Default::default(),
+                ),
             });
         }
         let global = match self.global {

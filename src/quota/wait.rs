@@ -10,8 +10,9 @@
 use super::service::Refusal;
 use super::{PlanId, Shared};
 use crate::error::Rejected;
+use crate::hashing::HashMap;
 use crate::observe::EventKind;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -60,7 +61,7 @@ impl<K: Hash + Eq + Clone> Lines<K> {
             waiting: AtomicUsize::new(0),
             inner: Mutex::new(Inner {
                 next_id: 0,
-                lines: HashMap::new(),
+                lines: HashMap::default(),
                 closed: false,
             }),
         }
