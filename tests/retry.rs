@@ -554,3 +554,115 @@ fn bad_configuration_is_an_error() {
         "max_attempts"
     );
 }
+
+/// An upstream that counts its clones; the first attempt of every call fails
+/// (transient), retries answer the upstream's `version`.
+struct Versioned {
+    version: u32,
+    clones: Arc<AtomicUsize>,
+    fail_first: bool,
+}
+
+impl Clone for Versioned {
+    fn clone(&self) -> Self {
+        self.clones.fetch_add(1, Ordering::SeqCst);
+        Versioned {
+            version: self.version,
+            clones: self.clones.clone(),
+            fail_first: self.fail_first,
+        }
+    }
+}
+
+impl Service<u32> for Versioned {
+    type Response = u32;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<u32, std::io::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, attempt: u32) -> Self::Future {
+        std::future::ready(if self.fail_first && attempt == 1 {
+            Err(std::io::Error::from(std::io::ErrorKind::TimedOut))
+        } else {
+            Ok(self.version)
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_that_succeeds_at_once_clones_no_service() {
+    let clones = Arc::new(AtomicUsize::new(0));
+    let upstream = Versioned {
+        version: 1,
+        clones: clones.clone(),
+        fail_first: false,
+    };
+    let retry = Retry::builder()
+        .max_attempts(3)
+        .no_budget()
+        .build()
+        .unwrap();
+    let mut svc = ServiceBuilder::new().layer(retry.layer()).service(upstream);
+    let at_layer = clones.load(Ordering::SeqCst);
+    assert_eq!(
+        at_layer, 1,
+        "one copy for retries, made when the layer wraps it"
+    );
+    for _ in 0..100 {
+        assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+    }
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        at_layer,
+        "100 successes, no clone"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_go_to_a_clone_of_the_service_as_changed_by_get_mut() {
+    let clones = Arc::new(AtomicUsize::new(0));
+    let upstream = Versioned {
+        version: 1,
+        clones: clones.clone(),
+        fail_first: true,
+    };
+    let retry = Retry::builder()
+        .max_attempts(3)
+        .backoff(no_jitter(Duration::ZERO))
+        .no_budget()
+        .build()
+        .unwrap();
+    // The attempt number is the request: attempt 1 fails, the retry answers.
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            retry.layer().requests(
+                semaforo::retry::RequestFns::new(|n: &u32| Some(*n))
+                    .on_attempt(|n: &mut u32, a| *n = a),
+            ),
+        )
+        .service(upstream);
+    let before = clones.load(Ordering::SeqCst);
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        before + 1,
+        "one clone for the call's retries"
+    );
+    svc.get_mut().version = 2;
+    assert_eq!(svc.get_ref().version, 2);
+    assert_eq!(
+        svc.ready().await.unwrap().call(1).await.unwrap(),
+        2,
+        "the retry went to the service as changed"
+    );
+    // A clone of the service shares its copy for retries.
+    let mut other = svc.clone();
+    assert_eq!(other.ready().await.unwrap().call(1).await.unwrap(), 2);
+    assert_eq!(svc.into_inner().version, 2);
+}

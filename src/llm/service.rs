@@ -448,7 +448,7 @@ where
     }
 }
 
-impl<S> Layer<S> for LlmLayer {
+impl<S: Clone> Layer<S> for LlmLayer {
     type Service = LlmService<S>;
 
     fn layer(&self, client: S) -> Self::Service {
@@ -683,7 +683,7 @@ where
     }
 }
 
-impl<S> Layer<S> for LlmStreamLayer {
+impl<S: Clone> Layer<S> for LlmStreamLayer {
     type Service = LlmStreamService<S>;
 
     fn layer(&self, client: S) -> Self::Service {

@@ -216,34 +216,66 @@ impl<C, P> RetryLayer<C, P> {
     }
 }
 
-impl<S, C: Clone, P: Clone> Layer<S> for RetryLayer<C, P> {
+impl<S: Clone, C: Clone, P: Clone> Layer<S> for RetryLayer<C, P> {
     type Service = RetryService<S, C, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
         RetryService {
+            spare: Arc::new(Spare::new(self.shared.clone(), &inner)),
             inner,
-            shared: self.shared.clone(),
             classify: self.classify.clone(),
             requests: self.requests.clone(),
+            stale: false,
         }
     }
 }
 
+/// What a call's future keeps for its retries, one `Arc` for all the calls
+/// of a service and its clones: the configuration, and a copy of the inner
+/// service that the retries of a call clone when the first one fails. A call
+/// that succeeds at once clones no service (tower's `Retry` clones the
+/// service and the policy on every call).
+struct Spare<S> {
+    shared: Arc<Shared>,
+    svc: std::sync::Mutex<S>,
+}
+
+impl<S: Clone> Spare<S> {
+    fn new(shared: Arc<Shared>, svc: &S) -> Self {
+        Spare {
+            shared,
+            svc: std::sync::Mutex::new(svc.clone()),
+        }
+    }
+
+    /// A copy of the inner service for another attempt (to be polled ready).
+    fn service(&self) -> S {
+        self.svc.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// The service of a [`RetryLayer`].
+///
+/// The first attempt of a call goes to the service this wraps; its retries
+/// go to a clone of it, taken when the first attempt fails (from a copy
+/// made when the layer wrapped it, refreshed after [`get_mut`](Self::get_mut)).
 pub struct RetryService<S, C = crate::classify::ErrorClassifier, P = CloneRequests> {
     inner: S,
-    shared: Arc<Shared>,
+    spare: Arc<Spare<S>>,
     classify: C,
     requests: P,
+    /// `inner` was handed out mutably: the spare copy may differ from it.
+    stale: bool,
 }
 
 impl<S: Clone, C: Clone, P: Clone> Clone for RetryService<S, C, P> {
     fn clone(&self) -> Self {
         RetryService {
             inner: self.inner.clone(),
-            shared: self.shared.clone(),
+            spare: self.spare.clone(),
             classify: self.classify.clone(),
             requests: self.requests.clone(),
+            stale: self.stale,
         }
     }
 }
@@ -252,8 +284,27 @@ impl<S: fmt::Debug, C, P> fmt::Debug for RetryService<S, C, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryService")
             .field("inner", &self.inner)
-            .field("retry", &self.shared)
+            .field("retry", &self.spare.shared)
             .finish_non_exhaustive()
+    }
+}
+
+impl<S, C, P> RetryService<S, C, P> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably. Retries of later calls go to clones
+    /// of it as changed.
+    pub fn get_mut(&mut self) -> &mut S {
+        self.stale = true;
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }
 
@@ -275,41 +326,34 @@ where
 
     #[inline]
     fn call(&mut self, mut req: Req) -> Self::Future {
-        if let Some(b) = &self.shared.budget {
+        let shared = &self.spare.shared;
+        if let Some(b) = &shared.budget {
             b.deposit();
         }
-        let backup = if self.shared.max_attempts > 1 && self.requests.retryable(&req) {
+        let backup = if shared.max_attempts > 1 && self.requests.retryable(&req) {
             self.requests.clone_request(&req)
         } else {
             None
         };
         self.requests.on_attempt(&mut req, 1);
         // Boxed: only calls with a deadline pay for (and allocate) the timer.
-        let deadline = self
-            .shared
-            .deadline
-            .map(|d| Box::pin(tokio::time::sleep(d)));
-        let (fut, retry) = match backup {
-            None => (self.inner.call(req), None),
-            Some(backup) => {
-                // Keep the service that was polled ready for this and later
-                // attempts; leave a clone for the next `poll_ready`.
-                let clone = self.inner.clone();
-                let mut svc = std::mem::replace(&mut self.inner, clone);
-                let fut = svc.call(req);
-                let retry = Retrying {
-                    svc,
-                    backup: Some(backup),
-                    requests: self.requests.clone(),
-                    shared: self.shared.clone(),
-                    attempt: 1,
-                    backing_off: None,
-                };
-                (fut, Some(retry))
-            }
-        };
+        let deadline = shared.deadline.map(|d| Box::pin(tokio::time::sleep(d)));
+        if self.stale {
+            // The service was changed through `get_mut`: later retries clone
+            // it as it is now (a spare of its own; its clones' stay shared).
+            self.spare = Arc::new(Spare::new(self.spare.shared.clone(), &self.inner));
+            self.stale = false;
+        }
+        let retry = backup.map(|backup| Retrying {
+            spare: self.spare.clone(),
+            svc: None,
+            backup: Some(backup),
+            requests: self.requests.clone(),
+            attempt: 1,
+            backing_off: None,
+        });
         ResponseFuture {
-            fut: Some(fut),
+            fut: Some(self.inner.call(req)),
             retry,
             deadline,
             classify: self.classify.clone(),
@@ -320,10 +364,11 @@ where
 
 /// What a retryable call keeps between attempts.
 struct Retrying<S, Req, P> {
-    svc: S,
+    spare: Arc<Spare<S>>,
+    /// The service of the retries: cloned from the spare at the first one.
+    svc: Option<S>,
     backup: Option<Req>,
     requests: P,
-    shared: Arc<Shared>,
     attempt: u32,
     /// Allocated at the first retry, so a call that does not fail carries
     /// (and moves, and drops) none of it.
@@ -354,7 +399,7 @@ fn decide<S, Req, P>(
     class: &crate::classify::Class,
     left: Option<Duration>,
 ) -> Decision {
-    retry.shared.decide(
+    retry.spare.shared.decide(
         class,
         retry.attempt,
         retry
@@ -374,7 +419,7 @@ fn too_long<S, Req, P>(
 ) -> BoxError {
     RetryAfterTooLong {
         retry_after,
-        ceiling: retry.shared.ceiling,
+        ceiling: retry.spare.shared.ceiling,
         source: e.into(),
     }
     .into()
@@ -403,7 +448,7 @@ fn start_sleep<S, Req, P>(retry: &mut Retrying<S, Req, P>, delay: Duration) {
             retry.backing_off = Some(Box::new(BackingOff {
                 sleep: Box::pin(tokio::time::sleep(delay)),
                 prev_delay: delay,
-                span: retry.shared.obs.span("retry", "retry"),
+                span: retry.spare.shared.obs.span("retry", "retry"),
             }))
         }
     }
@@ -425,7 +470,7 @@ fn deadline_error(shared: Option<&Arc<Shared>>, total: Option<Duration>) -> BoxE
 
 impl<S, Req, C, P> Future for ResponseFuture<S, Req, C, P>
 where
-    S: Service<Req>,
+    S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     C: Classify<S::Response, S::Error>,
     P: RequestPolicy<Req>,
@@ -446,7 +491,7 @@ where
         loop {
             if let Some(d) = this.deadline.as_mut() {
                 if d.as_mut().poll(cx).is_ready() {
-                    let shared = this.retry.as_ref().map(|r| &r.shared);
+                    let shared = this.retry.as_ref().map(|r| &r.spare.shared);
                     let total = shared.and_then(|s| s.deadline);
                     return Poll::Ready(Err(deadline_error(shared, total)));
                 }
@@ -489,10 +534,11 @@ where
                     ready!(b.sleep.as_mut().poll(cx));
                 }
             }
-            if let Err(e) = ready!(retry.svc.poll_ready(cx)) {
+            let svc = retry.svc.get_or_insert_with(|| retry.spare.service());
+            if let Err(e) = ready!(svc.poll_ready(cx)) {
                 return Poll::Ready(Err(e.into()));
             }
-            let mut req = if retry.attempt >= retry.shared.max_attempts {
+            let mut req = if retry.attempt >= retry.spare.shared.max_attempts {
                 retry.backup.take()
             } else {
                 retry
@@ -504,10 +550,8 @@ where
                 return Poll::Ready(Err("retry: the request could not be copied".into()));
             };
             retry.requests.on_attempt(&mut req, retry.attempt);
-            let fut = retry.svc.call(req);
+            let fut = svc.call(req);
             this.fut.set(Some(fut));
         }
     }
 }
-
-crate::inner_access!([S, C, P] RetryService<S, C, P>);
