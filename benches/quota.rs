@@ -5,8 +5,8 @@
 //! follow paused time in tests; the difference is the price of that clock.
 //! Two threads on their own hot keys show what the layer shares between cores.
 //! Then one global limit: tower's `RateLimit`, tower-resilience's
-//! `RateLimiter`, governor direct, a one-key semaforo quota and semaforo's
-//! unkeyed `RateLimit` (one atomic GCRA cell).
+//! `RateLimiter`, governor direct (its clock and the tokio clock), a one-key
+//! semaforo quota and semaforo's unkeyed `RateLimit` (one atomic GCRA cell).
 
 mod common;
 use common::{bare, once, try_once};
@@ -138,6 +138,11 @@ fn one_limit(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(2));
     let gov = RateLimiter::direct(GQuota::per_second(big()));
     g.bench_function("governor direct check", |b| {
+        b.iter(|| black_box(gov.check()))
+    });
+    // The same check on the clock our layers must read (tokio's, pausable).
+    let gov = RateLimiter::direct_with_clock(GQuota::per_second(big()), TokioClock::new());
+    g.bench_function("governor direct check (tokio clock)", |b| {
         b.iter(|| black_box(gov.check()))
     });
     let mut s = ServiceBuilder::new()
