@@ -115,9 +115,57 @@ fn reserve(c: &mut Criterion) {
     g.finish();
 }
 
+/// Two threads reserving on one pacer (RPM + TPM) next to two governor cells
+/// shared by both threads, on the same (tokio) clock.
+fn contended(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pace/contended_2_threads");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let big = NonZeroU32::new(u32::MAX).unwrap();
+    let clock = common::TokioClock::new();
+    let cells = std::sync::Arc::new((
+        RateLimiter::direct_with_clock(Quota::per_second(big), clock),
+        RateLimiter::direct_with_clock(Quota::per_second(big), clock),
+    ));
+    let n = NonZeroU32::new(7).unwrap();
+    g.bench_function(
+        "governor direct check_n ×2 (RPM + TPM cells, tokio clock)",
+        |b| {
+            b.iter_custom(|iters| {
+                common::two_callers(iters, || {
+                    let cells = cells.clone();
+                    move |_| {
+                        let _ = black_box((cells.0.check(), cells.1.check_n(n)));
+                    }
+                })
+            })
+        },
+    );
+    let pace = Pace::builder()
+        .requests_per_minute(u32::MAX as u64 * 60)
+        .tokens_per_minute(u32::MAX as u64 * 60)
+        .build()
+        .unwrap();
+    g.bench_function("semaforo Pace layer (RPM + TPM, call included)", |b| {
+        b.iter_custom(|iters| {
+            common::two_callers(iters, || {
+                let mut s = ServiceBuilder::new()
+                    .layer(pace.layer().weigh(|_: &u64| Cost::tokens(7)))
+                    .service(service_fn(|x: u64| {
+                        std::future::ready(Ok::<_, Infallible>(x))
+                    }));
+                move |x| {
+                    once(&mut s, x);
+                }
+            })
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30);
-    targets = reserve
+    targets = reserve, contended
 }
 criterion_main!(benches);

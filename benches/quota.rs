@@ -179,31 +179,6 @@ fn one_limit(c: &mut Criterion) {
     g.finish();
 }
 
-/// `iters` calls split over 2 threads, each on its own hot key (two users on
-/// two cores): what stays shared between them is the limiter's own state.
-/// `make` gives each thread its caller.
-fn two_hot_keys<F: FnMut(u64) + Send + 'static>(iters: u64, make: impl Fn() -> F) -> Duration {
-    let callers: Vec<F> = (0..2).map(|_| make()).collect();
-    let start = std::time::Instant::now();
-    let threads: Vec<_> = callers
-        .into_iter()
-        .zip(1u64..)
-        .map(|(mut call, key)| {
-            std::thread::spawn(move || {
-                let rt = common::runtime();
-                let _g = rt.enter();
-                for _ in 0..iters / 2 {
-                    call(black_box(key));
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("a bench thread");
-    }
-    start.elapsed()
-}
-
 fn contended(c: &mut Criterion) {
     let mut g = c.benchmark_group("quota/two_threads_own_keys");
     g.warm_up_time(Duration::from_millis(500))
@@ -211,7 +186,7 @@ fn contended(c: &mut Criterion) {
     let gov = std::sync::Arc::new(RateLimiter::keyed(GQuota::per_second(big())));
     g.bench_function("governor keyed check_key", |b| {
         b.iter_custom(|iters| {
-            two_hot_keys(iters, || {
+            common::two_callers(iters, || {
                 let gov = gov.clone();
                 move |k| {
                     black_box(gov.check_key(&k).is_ok());
@@ -222,7 +197,7 @@ fn contended(c: &mut Criterion) {
     let (q, plan) = quota();
     g.bench_function("semaforo Quota layer (call included)", |b| {
         b.iter_custom(|iters| {
-            two_hot_keys(iters, || {
+            common::two_callers(iters, || {
                 let mut s = keyed_by_request(&q, plan);
                 move |k| {
                     once(&mut s, k);

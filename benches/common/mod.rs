@@ -85,6 +85,34 @@ where
     start.elapsed()
 }
 
+/// `iters` calls split over 2 threads, each thread calling its own caller
+/// from `make` with its own number (1 or 2: a hot key of its own, say): what
+/// stays shared between them is the limiter's state.
+pub fn two_callers<F: FnMut(u64) + Send + 'static>(
+    iters: u64,
+    make: impl Fn() -> F,
+) -> std::time::Duration {
+    let callers: Vec<F> = (0..2).map(|_| make()).collect();
+    let start = std::time::Instant::now();
+    let threads: Vec<_> = callers
+        .into_iter()
+        .zip(1u64..)
+        .map(|(mut call, key)| {
+            std::thread::spawn(move || {
+                let rt = runtime();
+                let _g = rt.enter();
+                for _ in 0..iters / 2 {
+                    call(std::hint::black_box(key));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a bench thread");
+    }
+    start.elapsed()
+}
+
 /// governor's clock read from `tokio::time`, as semaforo's quota reads it (so
 /// the peer is timed on the same clock; semaforo's own is internal).
 #[derive(Debug, Clone, Copy)]
