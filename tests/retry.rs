@@ -666,3 +666,36 @@ async fn retries_go_to_a_clone_of_the_service_as_changed_by_get_mut() {
     assert_eq!(other.ready().await.unwrap().call(1).await.unwrap(), 2);
     assert_eq!(svc.into_inner().version, 2);
 }
+
+/// A retryable call's future polled again after it answered calls the
+/// upstream no more (it made a new attempt before).
+#[tokio::test(start_paused = true)]
+async fn poll_after_ready_does_not_call_the_upstream_again() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let upstream = tower::service_fn(move |_: u32| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<u32, std::io::Error>(5) }
+    });
+    let retry = Retry::builder()
+        .max_attempts(3)
+        .no_budget()
+        .build()
+        .unwrap();
+    let mut svc = tower::Layer::layer(&retry.layer(), upstream);
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(1));
+    assert!(matches!(
+        futures::poll!(fut.as_mut()),
+        std::task::Poll::Ready(Ok(5))
+    ));
+    let again = futures::poll!(fut.as_mut());
+    assert!(
+        matches!(again, std::task::Poll::Ready(Err(_))),
+        "polled after done: an error"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "polled after done: a second upstream call"
+    );
+}

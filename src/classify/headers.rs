@@ -265,12 +265,17 @@ pub fn parse_retry_after_ms(value: &[u8]) -> Option<Duration> {
 /// assert_eq!(parse_retry_after(b"soon", now), None);
 /// ```
 pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
+    parse_retry_after_with(value, &mut || now)
+}
+
+/// [`parse_retry_after`], reading the wall clock only for an HTTP-date.
+fn parse_retry_after_with(value: &[u8], now: &mut dyn FnMut() -> SystemTime) -> Option<Duration> {
     let s = trimmed_str(value)?;
     if let Some(d) = parse_decimal(s, 1_000_000_000) {
         return Some(d);
     }
     match httpdate::parse_http_date(s) {
-        Ok(at) => Some(until(at, now)),
+        Ok(at) => Some(until(at, now())),
         // `httpdate` refuses years before 1970; such a date is in the past,
         // and a date in the past means "now", as documented above.
         Err(_) if http_date_before_1970(s) => Some(Duration::ZERO),
@@ -346,6 +351,11 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
 /// An RFC 3339 instant (`2024-05-01T12:00:30Z`, `…+02:00`, fractional seconds
 /// allowed) as the time left until it, from `now` (past instants give zero).
 pub fn parse_rfc3339_until(value: &[u8], now: SystemTime) -> Option<Duration> {
+    parse_rfc3339_until_with(value, &mut || now)
+}
+
+/// [`parse_rfc3339_until`], reading the wall clock only for a valid instant.
+fn parse_rfc3339_until_with(value: &[u8], now: &mut dyn FnMut() -> SystemTime) -> Option<Duration> {
     let s = trimmed_str(value)?;
     // humantime accepts only UTC (`Z`); apply a numeric offset ourselves.
     let (base, offset_secs): (std::borrow::Cow<'_, str>, i64) = match s.len().checked_sub(6) {
@@ -372,16 +382,21 @@ pub fn parse_rfc3339_until(value: &[u8], now: SystemTime) -> Option<Duration> {
     } else {
         utc_as_if_local.checked_add(Duration::from_secs(offset_secs.unsigned_abs()))?
     };
-    Some(until(at, now))
+    Some(until(at, now()))
 }
 
 /// A reset value in any of the forms providers use: a Go duration (OpenAI), an
 /// RFC 3339 instant (Anthropic) or plain seconds.
 pub fn parse_reset(value: &[u8], now: SystemTime) -> Option<Duration> {
+    parse_reset_with(value, &mut || now)
+}
+
+/// [`parse_reset`], reading the wall clock only for an RFC 3339 instant.
+fn parse_reset_with(value: &[u8], now: &mut dyn FnMut() -> SystemTime) -> Option<Duration> {
     let s = trimmed_str(value)?;
     parse_decimal(s, 1_000_000_000)
         .or_else(|| parse_go_duration(s))
-        .or_else(|| parse_rfc3339_until(value, now))
+        .or_else(|| parse_rfc3339_until_with(value, now))
 }
 
 /// The wait an upstream asked for: `retry-after-ms` when present (more precise),
@@ -446,12 +461,12 @@ impl RateLimitWindow {
     /// The window from its three header values; `None` when none parses.
     fn from_values(
         [limit, remaining, reset]: [Option<&[u8]>; 3],
-        now: &mut impl FnMut() -> SystemTime,
+        now: &mut dyn FnMut() -> SystemTime,
     ) -> Option<Self> {
         let w = RateLimitWindow {
             limit: limit.and_then(parse_count),
             remaining: remaining.and_then(parse_count),
-            reset: reset.and_then(|v| parse_reset(v, now())),
+            reset: reset.and_then(|v| parse_reset_with(v, now)),
         };
         (w != RateLimitWindow::default()).then_some(w)
     }
@@ -503,7 +518,7 @@ impl RateLimitInfo {
             output_tokens: window(15),
             retry_after: k[18]
                 .and_then(parse_retry_after_ms)
-                .or_else(|| k[19].and_then(|v| parse_retry_after(v, now()))),
+                .or_else(|| k[19].and_then(|v| parse_retry_after_with(v, &mut now))),
         }
     }
 
@@ -821,6 +836,23 @@ mod tests {
                 }
                 prop_assert_eq!(RateLimitInfo::from_headers(&map, now), looked_up);
             }
+        }
+
+        /// Durations and seconds (what OpenAI sends) need no wall clock; an
+        /// instant or an HTTP-date reads it once.
+        #[test]
+        fn only_instants_and_dates_read_the_clock(secs in 0u64..100_000) {
+            let go = format!("{}m{}s", secs / 60, secs % 60);
+            let n = secs.to_string();
+            let h = [("x-ratelimit-reset-tokens", go.as_str()), ("x-ratelimit-reset-requests", n.as_str()), ("retry-after", n.as_str())];
+            let info = RateLimitInfo::from_headers_with(&h[..], || panic!("the clock was read"));
+            prop_assert_eq!(info.tokens.unwrap().reset, Some(Duration::from_secs(secs)));
+            prop_assert_eq!(info.retry_after, Some(Duration::from_secs(secs)));
+            let reads = std::cell::Cell::new(0);
+            let h = [("anthropic-ratelimit-tokens-reset", "2024-05-01T12:00:30Z"), ("retry-after", "Sun, 06 Nov 1994 08:49:37 GMT"), ("x-ratelimit-reset-requests", n.as_str())];
+            let info = RateLimitInfo::from_headers_with(&h[..], || { reads.set(reads.get() + 1); at(784_111_777) });
+            prop_assert_eq!(reads.get(), 1, "read once, shared by both values");
+            prop_assert!(info.tokens.is_some() && info.retry_after.is_some());
         }
 
         /// No header the parsers read: nothing else is read, the wall clock neither.

@@ -221,6 +221,7 @@ impl<S: Clone, C: Clone, P: Clone> Layer<S> for RetryLayer<C, P> {
 
     fn layer(&self, inner: S) -> Self::Service {
         RetryService {
+            config: CallConfig::of(&self.shared),
             spare: Arc::new(Spare::new(self.shared.clone(), &inner)),
             inner,
             classify: self.classify.clone(),
@@ -254,6 +255,25 @@ impl<S: Clone> Spare<S> {
     }
 }
 
+/// The part of the configuration every call reads, kept by value in the
+/// service (no pointer to follow on the way in).
+#[derive(Debug, Clone, Copy)]
+struct CallConfig {
+    max_attempts: u32,
+    deadline: Option<Duration>,
+    budget: bool,
+}
+
+impl CallConfig {
+    fn of(shared: &Shared) -> Self {
+        CallConfig {
+            max_attempts: shared.max_attempts,
+            deadline: shared.deadline,
+            budget: shared.budget.is_some(),
+        }
+    }
+}
+
 /// The service of a [`RetryLayer`].
 ///
 /// The first attempt of a call goes to the service this wraps; its retries
@@ -261,6 +281,8 @@ impl<S: Clone> Spare<S> {
 /// made when the layer wrapped it, refreshed after [`get_mut`](Self::get_mut)).
 pub struct RetryService<S, C = crate::classify::ErrorClassifier, P = CloneRequests> {
     inner: S,
+    /// What `call` reads, copied out of the shared configuration.
+    config: CallConfig,
     spare: Arc<Spare<S>>,
     classify: C,
     requests: P,
@@ -272,6 +294,7 @@ impl<S: Clone, C: Clone, P: Clone> Clone for RetryService<S, C, P> {
     fn clone(&self) -> Self {
         RetryService {
             inner: self.inner.clone(),
+            config: self.config,
             spare: self.spare.clone(),
             classify: self.classify.clone(),
             requests: self.requests.clone(),
@@ -326,18 +349,22 @@ where
 
     #[inline]
     fn call(&mut self, mut req: Req) -> Self::Future {
-        let shared = &self.spare.shared;
-        if let Some(b) = &shared.budget {
-            b.deposit();
+        if self.config.budget {
+            if let Some(b) = &self.spare.shared.budget {
+                b.deposit();
+            }
         }
-        let backup = if shared.max_attempts > 1 && self.requests.retryable(&req) {
+        let backup = if self.config.max_attempts > 1 && self.requests.retryable(&req) {
             self.requests.clone_request(&req)
         } else {
             None
         };
         self.requests.on_attempt(&mut req, 1);
         // Boxed: only calls with a deadline pay for (and allocate) the timer.
-        let deadline = shared.deadline.map(|d| Box::pin(tokio::time::sleep(d)));
+        let deadline = self
+            .config
+            .deadline
+            .map(|d| Box::pin(tokio::time::sleep(d)));
         if self.stale {
             // The service was changed through `get_mut`: later retries clone
             // it as it is now (a spare of its own; its clones' stay shared).
@@ -479,8 +506,32 @@ where
 
     /// One state machine: each attempt's result is classified once (and the
     /// class carried outward, see [`Classify::classify_and_carry`]); a call
-    /// that is not retryable returns its first result unclassified.
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    /// that is not retryable returns its first result unclassified. Polled
+    /// again once it has answered, it answers an error and calls nothing.
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let out = self.as_mut().poll_attempts(cx);
+        if out.is_ready() {
+            // Done: what a retry needed goes now (and a later poll finds
+            // neither an attempt nor a retry to make).
+            let this = self.project();
+            *this.retry = None;
+            *this.deadline = None;
+        }
+        out
+    }
+}
+
+impl<S, Req, C, P> ResponseFuture<S, Req, C, P>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response, S::Error>,
+    P: RequestPolicy<Req>,
+{
+    fn poll_attempts(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<S::Response, BoxError>> {
         let mut this = self.project();
         // Inside the `semaforo.retry` span once the call has been retried.
         let mut _in_span = this
