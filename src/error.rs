@@ -433,6 +433,49 @@ pub(crate) fn polled_after_done(layer: &'static str) -> BoxError {
     format!("{layer}: future polled after completion").into()
 }
 
+/// A future that answers once: polled again after its answer, it answers
+/// [`polled_after_done`] instead of resuming what produced it (an `async`
+/// block would panic, a state machine might call upstream again).
+#[cfg(any(feature = "cache", feature = "redis", feature = "reqwest"))]
+#[pin_project::pin_project]
+pub(crate) struct AnswerOnce<F> {
+    #[pin]
+    fut: Option<F>,
+    layer: &'static str,
+}
+
+#[cfg(any(feature = "cache", feature = "redis", feature = "reqwest"))]
+impl<F> AnswerOnce<F> {
+    pub(crate) fn new(layer: &'static str, fut: F) -> Self {
+        AnswerOnce {
+            fut: Some(fut),
+            layer,
+        }
+    }
+}
+
+#[cfg(any(feature = "cache", feature = "redis", feature = "reqwest"))]
+impl<F, T, E> std::future::Future for AnswerOnce<F>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    E: From<BoxError>,
+{
+    type Output = Result<T, E>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let mut this = self.project();
+        let Some(fut) = this.fut.as_mut().as_pin_mut() else {
+            return std::task::Poll::Ready(Err(E::from(polled_after_done(this.layer))));
+        };
+        let out = std::task::ready!(fut.poll(cx));
+        this.fut.set(None);
+        std::task::Poll::Ready(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

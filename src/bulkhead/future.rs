@@ -159,7 +159,12 @@ where
                             started,
                         })
                     }
-                    Err(e) => return Poll::Ready(Err(e)),
+                    Err(e) => {
+                        // Done: the permit (if granted), the request and the
+                        // ticket go now; polled again, an error and no call.
+                        state.set(State::Rejected { rejected: None });
+                        return Poll::Ready(Err(e));
+                    }
                 },
                 StateProj::Rejected { rejected } => {
                     return Poll::Ready(Err(crate::error::take_rejection(rejected, "bulkhead")));

@@ -688,6 +688,8 @@ enum CacheState<S: Service<Req>, Req, K, O> {
     /// On the heap: a hit's future stays as small as its answer (a miss
     /// goes upstream, where an allocation is noise).
     Miss(Pin<Box<Miss<S, Req, K>>>),
+    /// Answered: polled again, an error (no second call).
+    Done,
 }
 
 #[pin_project(project = MissProj)]
@@ -728,6 +730,7 @@ impl<S: Service<Req>, Req, K, V, Sh: Share<S::Response>, C> fmt::Debug
                 Miss::Ready { .. } => "getting ready",
                 Miss::Call { .. } => "call",
             },
+            CacheState::Done => "done",
         };
         f.debug_struct("CacheFuture")
             .field("state", &state)
@@ -766,10 +769,34 @@ where
 {
     type Output = Result<Sh::Output, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let out = self.as_mut().poll_state(cx);
+        if out.is_ready() {
+            self.project().state.set(CacheState::Done);
+        }
+        out
+    }
+}
+
+impl<S, Req, K, V, Sh, C> CacheFuture<S, Req, K, V, Sh, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    Sh: Share<S::Response, Kept = V>,
+    C: Classify<S::Response, BoxError>,
+{
+    fn poll_state(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Sh::Output, BoxError>> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
+                CacheStateProj::Done => {
+                    return Poll::Ready(Err(crate::error::polled_after_done("cache")))
+                }
                 CacheStateProj::Hit { out } => {
                     return Poll::Ready(
                         out.take()

@@ -234,7 +234,7 @@ where
         std::mem::swap(&mut svc, &mut self.inner);
         let (share, classify, obs) = (l.share.clone(), l.classify.clone(), l.obs.clone());
         TierCall::Remote {
-            fut: Box::pin(async move {
+            fut: Box::pin(crate::error::AnswerOnce::new("tier", async move {
                 let hit = |bytes: Vec<u8>, age: Duration| {
                     share.decode(&bytes).map(|kept| {
                         obs.emit(
@@ -299,7 +299,7 @@ where
                     let _ = tier.unlock(&kb, t).await;
                 }
                 out
-            }),
+            })),
         }
     }
 }

@@ -103,8 +103,13 @@ where
 
 #[pin_project(project = CallProj)]
 enum Call<S: Service<Req>, Req> {
-    Ready { svc: S, req: Option<Req> },
-    Call(#[pin] S::Future),
+    Ready {
+        svc: S,
+        req: Option<Req>,
+    },
+    Calling(#[pin] S::Future),
+    /// Answered (or failed to get ready): polled again, an error.
+    Done,
 }
 
 /// The fallback call of a [`ServiceSource`]: the service polled ready, then
@@ -131,19 +136,26 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            match this.state.as_mut().project() {
-                CallProj::Ready { svc, req } => {
-                    std::task::ready!(svc.poll_ready(cx)).map_err(Into::into)?;
-                    let Some(req) = req.take() else {
-                        return Poll::Ready(Err(crate::error::polled_after_done(
-                            "fallback service",
-                        )));
-                    };
-                    let fut = svc.call(req);
-                    this.state.set(Call::Call(fut));
+            let out = match this.state.as_mut().project() {
+                CallProj::Done => {
+                    return Poll::Ready(Err(crate::error::polled_after_done("fallback service")))
                 }
-                CallProj::Call(fut) => return fut.poll(cx).map_err(Into::into),
-            }
+                CallProj::Ready { svc, req } => match std::task::ready!(svc.poll_ready(cx)) {
+                    Err(e) => Err(e.into()),
+                    Ok(()) => {
+                        let Some(req) = req.take() else {
+                            this.state.set(Call::Done);
+                            continue;
+                        };
+                        let fut = svc.call(req);
+                        this.state.set(Call::Calling(fut));
+                        continue;
+                    }
+                },
+                CallProj::Calling(fut) => std::task::ready!(fut.poll(cx)).map_err(Into::into),
+            };
+            this.state.set(Call::Done);
+            return Poll::Ready(out);
         }
     }
 }

@@ -695,6 +695,9 @@ where
                 }
                 StateProj::Calling { fut } => {
                     let mut result = ready!(fut.poll(cx));
+                    // Answered: polled again, an error — the call is not
+                    // classified nor reconciled twice.
+                    this.state.set(State::Rejected { rejected: None });
                     let class = this
                         .classify
                         .classify_and_carry(result.as_mut().map_err(|e| &*e));

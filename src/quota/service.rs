@@ -543,11 +543,16 @@ where
             match state.as_mut().project() {
                 Proj::Called { fut } => return fut.poll(cx).map_err(Into::into),
                 Proj::Waiting { waiting } => {
+                    // A refusal or a failed readiness ends the call: the
+                    // waiter goes (its request with it), and a later poll
+                    // finds `Rejected` empty — an error, no call upstream.
                     if let Err(r) = ready!(waiting.as_mut().poll_turn(cx)) {
+                        state.set(State::Rejected { rejected: None });
                         return Poll::Ready(Err(r.into()));
                     }
                     let w = waiting.as_mut().project();
                     if let Err(e) = ready!(w.svc.poll_ready(cx)) {
+                        state.set(State::Rejected { rejected: None });
                         return Poll::Ready(Err(e.into()));
                     }
                     let Some(req) = w.req.take() else {

@@ -586,7 +586,7 @@ where
         // A fresh clone is readied after the wait (readiness held through a
         // wait could hold an inner limiter's permit).
         let mut svc = self.inner.clone();
-        Box::pin(async move {
+        Box::pin(crate::error::AnswerOnce::new("redis budget", async move {
             let mut unstarted = None;
             let mut remade = 0;
             let mut local = false;
@@ -668,7 +668,7 @@ where
                 u.started();
             }
             svc.call(req).await.map_err(Into::into)
-        })
+        }))
     }
 }
 

@@ -581,14 +581,17 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let sem = self.sem.clone();
         let mut svc = self.inner.clone();
-        Box::pin(async move {
-            let lease = sem.acquire().await?;
-            std::future::poll_fn(|cx| svc.poll_ready(cx))
-                .await
-                .map_err(Into::into)?;
-            let res = svc.call(req).await.map_err(Into::into)?;
-            Ok(H::hold(res, lease))
-        })
+        Box::pin(crate::error::AnswerOnce::new(
+            "redis semaphore",
+            async move {
+                let lease = sem.acquire().await?;
+                std::future::poll_fn(|cx| svc.poll_ready(cx))
+                    .await
+                    .map_err(Into::into)?;
+                let res = svc.call(req).await.map_err(Into::into)?;
+                Ok(H::hold(res, lease))
+            },
+        ))
     }
 }
 

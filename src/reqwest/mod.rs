@@ -146,12 +146,12 @@ impl Answer for Whole {
     fn read(res: reqwest::Response) -> Answering<Bytes> {
         let url = with_url(&res);
         let res = http::Response::<reqwest::Body>::from(res);
-        Box::pin(async move {
+        Box::pin(crate::error::AnswerOnce::new("reqwest", async move {
             let (mut parts, body) = res.into_parts();
             let bytes = http_body_util::BodyExt::collect(body).await?.to_bytes();
             parts.extensions.extend(url);
             Ok(http::Response::from_parts(parts, bytes))
-        })
+        }))
     }
 }
 
@@ -206,7 +206,7 @@ impl<A: Answer> Service<http::Request<Bytes>> for Upstream<A> {
     }
 
     fn call(&mut self, req: http::Request<Bytes>) -> Self::Future {
-        Box::pin(async move {
+        Box::pin(crate::error::AnswerOnce::new("reqwest", async move {
             let (mut parts, bytes) = req.into_parts();
             let tunnel = parts
                 .extensions
@@ -236,7 +236,7 @@ impl<A: Answer> Service<http::Request<Bytes>> for Upstream<A> {
                 }
             };
             A::read(res).await
-        })
+        }))
     }
 }
 

@@ -292,6 +292,7 @@ where
             limits: l,
             started: None,
             obs: self.obs.clone(),
+            done: false,
             _mode: PhantomData,
         }
     }
@@ -309,6 +310,8 @@ pub struct ResponseFuture<F, M> {
     limits: Limits,
     started: Option<Instant>,
     obs: Option<Arc<Observer>>,
+    /// Answered: polled again, an error (the timeout is not reported twice).
+    done: bool,
     _mode: PhantomData<fn() -> M>,
 }
 
@@ -329,7 +332,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        if *this.done {
+            return Poll::Ready(Err(crate::error::polled_after_done("timeout")));
+        }
         if let Poll::Ready(result) = this.fut.poll(cx) {
+            *this.done = true;
             return Poll::Ready(match result {
                 Ok(res) => Ok(M::wrap(res, *this.limits, *this.started, this.obs.clone())),
                 Err(e) => Err(e.into()),
@@ -348,6 +355,7 @@ where
                     .with_name_opt(this.obs.as_ref().and_then(|o| o.name.as_ref()))
                     .with_detail(format!("{which} {}", crate::time::Human(d)));
                 super::timed::observe(this.obs.as_deref(), &r);
+                *this.done = true;
                 return Poll::Ready(Err(r.into()));
             }
         }
