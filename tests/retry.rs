@@ -699,3 +699,44 @@ async fn poll_after_ready_does_not_call_the_upstream_again() {
         "polled after done: a second upstream call"
     );
 }
+
+/// An answered call polled again after its deadline passed reports no
+/// deadline (and calls nothing).
+#[tokio::test(start_paused = true)]
+async fn an_answered_call_polled_after_its_deadline_reports_nothing() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let rejected = Arc::new(AtomicUsize::new(0));
+    let (c, r) = (calls.clone(), rejected.clone());
+    let upstream = tower::service_fn(move |_: u32| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<u32, std::io::Error>(5) }
+    });
+    let retry = Retry::builder()
+        .max_attempts(3)
+        .deadline(Duration::from_secs(1))
+        .no_budget()
+        .on_event(move |e| {
+            if matches!(e.kind, EventKind::Rejected { .. }) {
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .build()
+        .unwrap();
+    let mut svc = tower::Layer::layer(&retry.layer(), upstream);
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(1));
+    assert!(matches!(
+        futures::poll!(fut.as_mut()),
+        std::task::Poll::Ready(Ok(5))
+    ));
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(matches!(
+        futures::poll!(fut.as_mut()),
+        std::task::Poll::Ready(Err(_))
+    ));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        rejected.load(Ordering::SeqCst),
+        0,
+        "no deadline reported for an answered call"
+    );
+}

@@ -377,6 +377,7 @@ where
             backup: Some(backup),
             requests: self.requests.clone(),
             attempt: 1,
+            due: false,
             backing_off: None,
         });
         ResponseFuture {
@@ -397,6 +398,10 @@ struct Retrying<S, Req, P> {
     backup: Option<Req>,
     requests: P,
     attempt: u32,
+    /// A retry is due: set when an attempt failed and another one is
+    /// decided, cleared when it is called (or cannot be). Only then does a
+    /// poll without an attempt in flight make one.
+    due: bool,
     /// Allocated at the first retry, so a call that does not fail carries
     /// (and moves, and drops) none of it.
     backing_off: Option<Box<BackingOff>>,
@@ -464,6 +469,7 @@ struct BackingOff {
 /// first retry, with the span).
 fn start_sleep<S, Req, P>(retry: &mut Retrying<S, Req, P>, delay: Duration) {
     retry.attempt += 1;
+    retry.due = true;
     match retry.backing_off.as_mut() {
         Some(b) => {
             b.prev_delay = delay;
@@ -507,32 +513,15 @@ where
     /// One state machine: each attempt's result is classified once (and the
     /// class carried outward, see [`Classify::classify_and_carry`]); a call
     /// that is not retryable returns its first result unclassified. Polled
-    /// again once it has answered, it answers an error and calls nothing.
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let out = self.as_mut().poll_attempts(cx);
-        if out.is_ready() {
-            // Done: what a retry needed goes now (and a later poll finds
-            // neither an attempt nor a retry to make).
-            let this = self.project();
-            *this.retry = None;
-            *this.deadline = None;
-        }
-        out
-    }
-}
-
-impl<S, Req, C, P> ResponseFuture<S, Req, C, P>
-where
-    S: Service<Req> + Clone,
-    S::Error: Into<BoxError>,
-    C: Classify<S::Response, S::Error>,
-    P: RequestPolicy<Req>,
-{
-    fn poll_attempts(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<S::Response, BoxError>> {
+    /// again once it has answered, it answers an error and calls nothing:
+    /// the retry section runs only while a retry is due (`due`).
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        // Answered already (no attempt in flight, none due): an error, no
+        // call, no deadline reported.
+        if this.fut.is_none() && !this.retry.as_ref().is_some_and(|r| r.due) {
+            return Poll::Ready(Err(crate::error::polled_after_done("retry")));
+        }
         // Inside the `semaforo.retry` span once the call has been retried.
         let mut _in_span = this
             .retry
@@ -544,7 +533,12 @@ where
                 if d.as_mut().poll(cx).is_ready() {
                     let shared = this.retry.as_ref().map(|r| &r.spare.shared);
                     let total = shared.and_then(|s| s.deadline);
-                    return Poll::Ready(Err(deadline_error(shared, total)));
+                    let e = deadline_error(shared, total);
+                    // Answered: no later poll reports the deadline again.
+                    *this.deadline = None;
+                    this.fut.set(None);
+                    *this.retry = None;
+                    return Poll::Ready(Err(e));
                 }
             }
             if let Some(fut) = this.fut.as_mut().as_pin_mut() {
@@ -558,6 +552,7 @@ where
                     .classify_and_carry(result.as_mut().map_err(|e| &*e));
                 if !class.is_retryable() {
                     // The common case decides without a clock read or an RNG.
+                    // (`due` is false: a later poll calls nothing.)
                     return Poll::Ready(result.map_err(Into::into));
                 }
                 let left = this
@@ -577,7 +572,7 @@ where
                     }
                 }
             }
-            let Some(retry) = this.retry.as_mut() else {
+            let Some(retry) = this.retry.as_mut().filter(|r| r.due) else {
                 return Poll::Ready(Err(crate::error::polled_after_done("retry")));
             };
             if let Some(b) = retry.backing_off.as_mut() {
@@ -587,6 +582,7 @@ where
             }
             let svc = retry.svc.get_or_insert_with(|| retry.spare.service());
             if let Err(e) = ready!(svc.poll_ready(cx)) {
+                retry.due = false;
                 return Poll::Ready(Err(e.into()));
             }
             let mut req = if retry.attempt >= retry.spare.shared.max_attempts {
@@ -598,10 +594,12 @@ where
                     .and_then(|b| retry.requests.clone_request(b))
             };
             let Some(mut req) = req.take() else {
+                retry.due = false;
                 return Poll::Ready(Err("retry: the request could not be copied".into()));
             };
             retry.requests.on_attempt(&mut req, retry.attempt);
             let fut = svc.call(req);
+            retry.due = false;
             this.fut.set(Some(fut));
         }
     }
