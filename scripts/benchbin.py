@@ -11,9 +11,15 @@ import subprocess
 import sys
 
 
-def bench_binary(root, name):
-    """Builds (or finds up to date) benches/bin/<name>.rs; returns its path."""
-    out = subprocess.run(["cargo", "bench", "--no-run", "--quiet", "--bench", "stack",
+def bench_binary(root, name, package_only=False):
+    """Builds (or finds up to date) benches/bin/<name>.rs; returns its path.
+
+    `package_only`: as `cargo bench -p semaforo-benches` builds it (what
+    bench-table times: without the library's dev-dependencies, so tokio's
+    `test-util` is not unified in and the clock is the peers'). Otherwise as
+    `cargo bench` at the root builds it (what .ci/run has just built)."""
+    scope = ["-p", "semaforo-benches"] if package_only else []
+    out = subprocess.run(["cargo", "bench", "--no-run", "--quiet", *scope, "--bench", "stack",
                           "--message-format=json"],
                          cwd=root, check=True, capture_output=True, text=True)
     for line in out.stdout.splitlines():
