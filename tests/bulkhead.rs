@@ -654,3 +654,102 @@ fn bad_configuration_is_an_error_not_a_panic() {
     );
     assert_eq!(field(Bulkhead::builder(1).max_per_key(0)), "max_per_key");
 }
+
+/// A waiter granted a permit but not yet polled still starts before a
+/// newcomer of the same instant: the newcomer queues behind it instead of
+/// taking the permit freed next through the fast path.
+#[tokio::test(start_paused = true)]
+async fn a_newcomer_starts_after_a_granted_waiter_not_yet_polled() {
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::oneshot;
+    use tower::Layer;
+    let bulkhead = Bulkhead::builder(2).max_queue(10).build().unwrap();
+    let log = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let l = log.clone();
+    let svc = bulkhead.layer().layer(tower::service_fn(
+        move |(id, gate): (u32, Option<oneshot::Receiver<()>>)| {
+            l.lock().unwrap().push(id);
+            async move {
+                if let Some(g) = gate {
+                    let _ = g.await;
+                }
+                Ok::<u32, BoxError>(id)
+            }
+        },
+    ));
+    let (open_a, gate_a) = oneshot::channel();
+    let (open_b, gate_b) = oneshot::channel();
+    let a = tokio::spawn(svc.clone().oneshot((0, Some(gate_a))));
+    let b = tokio::spawn(svc.clone().oneshot((1, Some(gate_b))));
+    while log.lock().unwrap().len() < 2 {
+        tokio::task::yield_now().await;
+    }
+    let mut c = Box::pin(svc.clone().oneshot((2, None)));
+    assert!(futures::poll!(&mut c).is_pending(), "both permits are held");
+    assert_eq!(bulkhead.snapshot().waiting, 1);
+    // A's permit goes to C (not polled yet); B's permit is then free.
+    open_a.send(()).unwrap();
+    open_b.send(()).unwrap();
+    assert_eq!(a.await.unwrap().unwrap(), 0);
+    assert_eq!(b.await.unwrap().unwrap(), 1);
+    let mut d = Box::pin(svc.clone().oneshot((3, None)));
+    let _ = futures::poll!(&mut d);
+    assert_eq!(*log.lock().unwrap(), vec![0, 1], "D started before C");
+    assert_eq!(c.await.unwrap(), 2);
+    assert_eq!(d.await.unwrap(), 3);
+    assert_eq!(*log.lock().unwrap(), vec![0, 1, 2, 3]);
+    let snap = bulkhead.snapshot();
+    assert_eq!((snap.in_flight, snap.waiting), (0, 0));
+    // The next call takes the fast path again.
+    assert_eq!(svc.clone().oneshot((4, None)).await.unwrap(), 4);
+}
+
+/// Dropped while granted and not polled (both the earlier waiter and a
+/// newcomer that yielded to it): the permits come back and the waiter count
+/// clears, so the next call takes the fast path.
+#[tokio::test(start_paused = true)]
+async fn granted_waiters_dropped_before_polling_give_everything_back() {
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::oneshot;
+    use tower::Layer;
+    let bulkhead = Bulkhead::builder(2).max_queue(10).build().unwrap();
+    let log = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let l = log.clone();
+    let svc = bulkhead.layer().layer(tower::service_fn(
+        move |(id, gate): (u32, Option<oneshot::Receiver<()>>)| {
+            l.lock().unwrap().push(id);
+            async move {
+                if let Some(g) = gate {
+                    let _ = g.await;
+                }
+                Ok::<u32, BoxError>(id)
+            }
+        },
+    ));
+    let (open_a, gate_a) = oneshot::channel();
+    let (open_b, gate_b) = oneshot::channel();
+    let a = tokio::spawn(svc.clone().oneshot((0, Some(gate_a))));
+    let b = tokio::spawn(svc.clone().oneshot((1, Some(gate_b))));
+    while log.lock().unwrap().len() < 2 {
+        tokio::task::yield_now().await;
+    }
+    let mut c = Box::pin(svc.clone().oneshot((2, None)));
+    assert!(futures::poll!(&mut c).is_pending());
+    open_a.send(()).unwrap();
+    open_b.send(()).unwrap();
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    let mut d = Box::pin(svc.clone().oneshot((3, None)));
+    assert!(futures::poll!(&mut d).is_pending(), "D yields to C once");
+    assert_eq!(bulkhead.snapshot().in_flight, 2, "C and D hold permits");
+    drop(d);
+    drop(c);
+    let snap = bulkhead.snapshot();
+    assert_eq!((snap.in_flight, snap.waiting), (0, 0));
+    let mut e = Box::pin(svc.clone().oneshot((4, None)));
+    assert!(
+        matches!(futures::poll!(&mut e), std::task::Poll::Ready(Ok(4))),
+        "the fast path again"
+    );
+    assert_eq!(*log.lock().unwrap(), vec![0, 1, 4]);
+}

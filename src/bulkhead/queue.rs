@@ -671,6 +671,13 @@ impl Shared {
             return Acquire::Rejected(self.refuse(r));
         }
 
+        // Waiters granted a permit but not yet polled: if the dispatch
+        // below grants this newcomer at once, it yields once so that they
+        // start first (they were woken earlier, so they run first on a
+        // current-thread runtime; on a multi-thread runtime it is the
+        // scheduler's order).
+        let defer =
+            key_has_room && waiters(self.state.load(Ordering::Acquire)) as usize > q.line.len();
         let seq = q.next_seq;
         q.next_seq += 1;
         let slot = q.slots.insert(Slot {
@@ -713,6 +720,7 @@ impl Shared {
             slot,
             seq,
             done: false,
+            defer,
             deadline: self.cfg.max_wait.map(|w| crate::time::after(now, w)),
         })
     }
@@ -726,11 +734,15 @@ impl Shared {
                 return;
             }
             let Some(key) = self.next_in_line(q, limit) else {
-                return; // unreachable: waiters(s) == line.len() under the lock
+                return; // the waiters left are granted, not yet picked up
             };
+            // The waiter stays counted under WAITER until it picks its
+            // permit up (`Waiter::poll_permit`), so a newcomer in the same
+            // instant queues behind it instead of taking a free permit
+            // through the fast path and starting first.
             if self
                 .state
-                .compare_exchange(s, s + 1 - WAITER, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(s, s + 1, Ordering::AcqRel, Ordering::Acquire)
                 .is_err()
             {
                 continue;
@@ -919,7 +931,12 @@ impl Shared {
                     }
                 }
             }
-            SlotState::Granted | SlotState::Rejected(_) | SlotState::Shed => {}
+            // Granted, not picked up: still counted as waiting (see
+            // `dispatch`); the permit is the caller's to take or give back.
+            SlotState::Granted => {
+                self.state.fetch_sub(WAITER, Ordering::AcqRel);
+            }
+            SlotState::Rejected(_) | SlotState::Shed => {}
         }
         Some((state, Holder { partition, class }))
     }

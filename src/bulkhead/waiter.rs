@@ -17,6 +17,9 @@ pub(crate) struct Waiter {
     pub(super) slot: u32,
     pub(super) seq: u64,
     pub(super) done: bool,
+    /// Granted while earlier grants were not yet picked up: yield once
+    /// before taking the permit, so that they start first.
+    pub(super) defer: bool,
     pub(crate) deadline: Option<Instant>,
 }
 
@@ -56,7 +59,17 @@ impl Waiter {
                 }
                 Poll::Pending
             }
+            SlotState::Granted if self.defer => {
+                self.defer = false;
+                drop(q);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
             SlotState::Granted => {
+                // Picked up: no longer counted as waiting (see `dispatch`).
+                self.shared
+                    .state
+                    .fetch_sub(super::queue::WAITER, Ordering::AcqRel);
                 let holder = super::queue::Holder {
                     partition: slot.partition,
                     class: slot.class,
