@@ -753,3 +753,48 @@ async fn granted_waiters_dropped_before_polling_give_everything_back() {
     );
     assert_eq!(*log.lock().unwrap(), vec![0, 1, 4]);
 }
+
+/// A newcomer never waits for an earlier call's granted future to be polled:
+/// that future may not be polled again before the newcomer is awaited
+/// (`let c = svc.call(..); let d = svc.call(..); d.await; c.await`).
+#[tokio::test(start_paused = true)]
+async fn a_newcomer_does_not_wait_for_an_unpolled_grant() {
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::oneshot;
+    use tower::Layer;
+    let bulkhead = Bulkhead::builder(2).max_queue(10).build().unwrap();
+    let log = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let l = log.clone();
+    let svc = bulkhead.layer().layer(tower::service_fn(
+        move |(id, gate): (u32, Option<oneshot::Receiver<()>>)| {
+            l.lock().unwrap().push(id);
+            async move {
+                if let Some(g) = gate {
+                    let _ = g.await;
+                }
+                Ok::<u32, BoxError>(id)
+            }
+        },
+    ));
+    let (open_a, gate_a) = oneshot::channel();
+    let (open_b, gate_b) = oneshot::channel();
+    let a = tokio::spawn(svc.clone().oneshot((0, Some(gate_a))));
+    let b = tokio::spawn(svc.clone().oneshot((1, Some(gate_b))));
+    while log.lock().unwrap().len() < 2 {
+        tokio::task::yield_now().await;
+    }
+    let mut c = Box::pin(svc.clone().oneshot((2, None)));
+    assert!(futures::poll!(&mut c).is_pending());
+    open_a.send(()).unwrap();
+    open_b.send(()).unwrap();
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    // C is granted and not polled again until D has answered.
+    let t0 = Instant::now();
+    let d = tokio::time::timeout(secs(1), svc.clone().oneshot((3, None))).await;
+    assert_eq!(d.expect("D does not wait for C").unwrap(), 3);
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert_eq!(c.await.unwrap(), 2);
+    let snap = bulkhead.snapshot();
+    assert_eq!((snap.in_flight, snap.waiting), (0, 0));
+}

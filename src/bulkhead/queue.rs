@@ -672,12 +672,17 @@ impl Shared {
         }
 
         // Waiters granted a permit but not yet polled: if the dispatch
-        // below grants this newcomer at once, it yields once so that they
-        // start first (they were woken earlier, so they run first on a
-        // current-thread runtime; on a multi-thread runtime it is the
-        // scheduler's order).
-        let defer =
-            key_has_room && waiters(self.state.load(Ordering::Acquire)) as usize > q.line.len();
+        // below grants this newcomer at once, on a current-thread runtime
+        // it yields once so that they start first (they were woken earlier,
+        // so they run first). On a multi-thread runtime the start of calls
+        // granted in one instant is the scheduler's order whatever we do,
+        // and a yield there would only cost throughput. It is never a wait
+        // for them: an earlier call's future may never be polled again
+        // before this one is awaited.
+        let defer = key_has_room
+            && waiters(self.state.load(Ordering::Acquire)) as usize > q.line.len()
+            && tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
         let seq = q.next_seq;
         q.next_seq += 1;
         let slot = q.slots.insert(Slot {
