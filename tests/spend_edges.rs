@@ -219,6 +219,60 @@ async fn a_refund_of_yesterday_is_credited_to_today() {
     );
 }
 
+/// The same at any hour (the test above catches the fault only in the first
+/// hour after midnight UTC): a zone is chosen where midnight was less than an
+/// hour ago, so the second call waits over 23 h for tomorrow and the third,
+/// admitted by the fluid estimate, would wait a day more at the head of the
+/// line — the head's check counts its wait since arrival and refuses it.
+#[tokio::test(start_paused = true)]
+async fn a_limit_max_wait_counts_the_wait_in_line_at_any_hour() {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Local time = UTC + offset hours: the local hour is 0 with an offset
+    // of -(UTC hour), or 24 - (UTC hour) to stay within -12..=14.
+    let hour = (now % 86_400 / 3_600) as i64;
+    let offset = if hour <= 12 { -hour } else { 24 - hour };
+    // IANA's Etc zones have the sign inverted: Etc/GMT-3 is UTC+3.
+    let zone = match offset {
+        0 => "Etc/GMT".to_string(),
+        o if o > 0 => format!("Etc/GMT-{o}"),
+        o => format!("Etc/GMT+{}", -o),
+    };
+    let local = (now as i64 + offset * 3_600).rem_euclid(86_400) as f64;
+    let until = 86_400.0 - local;
+    assert!(until > 82_800.0, "midnight in {zone} is {until} s away");
+    let max = Duration::from_secs_f64(until + 3_600.0);
+    let pace = Pace::builder()
+        .limit(
+            Limit::new(Unit::Requests, 3, Duration::from_secs(86_400))
+                .resets_daily(zone.as_str())
+                .max_wait(max),
+        )
+        .build()
+        .unwrap();
+    let svc = pace
+        .layer()
+        .weigh(|n: &u64| Cost::requests(*n as u32))
+        .layer(echo());
+    let t0 = Instant::now();
+    svc.clone().oneshot(2).await.unwrap(); // today
+    let c2 = tokio::spawn(svc.clone().oneshot(2)); // tomorrow
+    tokio::task::yield_now().await;
+    let c3 = tokio::spawn(svc.clone().oneshot(2)); // the day after: refused
+    tokio::task::yield_now().await;
+    c2.await.unwrap().unwrap();
+    let e = c3.await.unwrap().unwrap_err();
+    assert_eq!(rejected(&e).kind(), RejectKind::BudgetExceeded);
+    // Refused when it reached the head (tomorrow), not left to start late.
+    let at = t0.elapsed().as_secs_f64();
+    assert!(
+        (at - until).abs() < 2.0,
+        "refused at {at} s, midnight at {until} s"
+    );
+}
+
 /// A calendar window with a max_wait: calls of 2 units on a window of 3
 /// can only go one a day, but the admission check packs them as a fluid
 /// (`used + ahead + n` over whole windows) and admits a call that will

@@ -515,7 +515,7 @@ impl Shared {
                         ),
                         None => {
                             queued_at = Some(st.line_len());
-                            let (slot, seq) = st.enqueue(*cost);
+                            let (slot, seq) = st.enqueue(*cost, now);
                             Admit::Queued(slot, seq)
                         }
                     }

@@ -134,6 +134,9 @@ struct Waiting {
     /// Its place in the parent's line (a keyed pacer's shared cells), taken
     /// once it is the head here and its own cells have room.
     parent_ticket: Option<(u32, u64)>,
+    /// When the call arrived: a limit's `max_wait` counts from here, the
+    /// wait in line included.
+    arrived: Instant,
 }
 
 #[derive(Debug)]
@@ -465,9 +468,14 @@ impl State {
         &self,
         cost: &Cost,
         now: Instant,
+        arrived: Instant,
         ahead: impl Fn(usize, &Dim) -> f64,
     ) -> Option<Refusal> {
         let n = secs(self.epoch, now);
+        // The wait counts from the call's arrival: a call at the head of
+        // the line has waited already (the admission's estimate packs the
+        // line as a fluid; the head's start is exact).
+        let waited = n - secs(self.epoch, arrived.min(now));
         let mut worst: Option<Refusal> = None;
         for (d, dim) in self.dims.iter().enumerate() {
             let Some(max) = dim.max_wait else { continue };
@@ -479,7 +487,7 @@ impl State {
                 n,
                 ahead(d, dim),
             );
-            let wait = s - n;
+            let wait = s - n + waited;
             if wait <= max {
                 continue;
             }
@@ -517,9 +525,9 @@ impl State {
         now: Instant,
         parent: Option<&State>,
     ) -> Option<Refusal> {
-        let own = self.budget_refusal(cost, now, |d, _| self.queued[d]);
+        let own = self.budget_refusal(cost, now, now, |d, _| self.queued[d]);
         let theirs = parent.and_then(|p| {
-            p.budget_refusal(cost, now, |d, dim| {
+            p.budget_refusal(cost, now, now, |d, dim| {
                 p.queued[d] + amount_of_parts(dim.unit, &self.queued_parts)
             })
             .map(|mut r| {
@@ -736,7 +744,8 @@ impl State {
         }
     }
 
-    pub(crate) fn enqueue(&mut self, cost: Cost) -> (u32, u64) {
+    /// Puts a call of `cost` that arrived at `arrived` at the end of the line.
+    pub(crate) fn enqueue(&mut self, cost: Cost, arrived: Instant) -> (u32, u64) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let slot = self.waiting.insert(Waiting {
@@ -744,6 +753,7 @@ impl State {
             cost,
             waker: None,
             parent_ticket: None,
+            arrived,
         }) as u32;
         self.line.insert(seq, slot);
         for (d, dim) in self.dims.iter().enumerate() {
@@ -841,7 +851,8 @@ impl State {
         }
         let cost = w.cost;
         let ticket = w.parent_ticket;
-        if let Some(r) = self.budget_refusal(&cost, now, |_, _| 0.0) {
+        let arrived = w.arrived;
+        if let Some(r) = self.budget_refusal(&cost, now, arrived, |_, _| 0.0) {
             self.leave(slot, seq, parent);
             return Err(Turn::Refused(r));
         }
@@ -876,7 +887,7 @@ impl State {
         let (ps, pq) = match ticket {
             Some(t) => t,
             None => {
-                let t = p.enqueue(cost);
+                let t = p.enqueue(cost, arrived);
                 if let Some(w) = self.waiting.get_mut(slot as usize) {
                     w.parent_ticket = Some(t);
                 }
@@ -889,7 +900,7 @@ impl State {
             self.keep_waker(slot, waker);
             return Err(Turn::Wait(None));
         }
-        if let Some(mut r) = p.budget_refusal(&cost, now, |_, _| 0.0) {
+        if let Some(mut r) = p.budget_refusal(&cost, now, arrived, |_, _| 0.0) {
             r.parent = true;
             self.leave(slot, seq, Some(p));
             return Err(Turn::Refused(r));
