@@ -639,3 +639,51 @@ fn the_code_table() {
         Class::Success
     );
 }
+
+/// A retry tells the server what is left of the caller's `grpc-timeout`
+/// (counted from the call's start), not the original total: 10 s, then
+/// 9.9 s after the 100 ms backoff, then 9.7 s after the 200 ms one.
+#[tokio::test(start_paused = true)]
+async fn each_retry_sends_the_grpc_timeout_left() {
+    use tower::ServiceExt;
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    let svc = ServiceBuilder::new()
+        .layer(
+            retry(3)
+                .layer()
+                .classify(GrpcClassifier)
+                .requests(HttpRequests::default().allow_non_idempotent()),
+        )
+        .service(tower::service_fn(move |req: http::Request<()>| {
+            let mut log = log.lock().unwrap();
+            log.push(
+                req.headers()
+                    .get("grpc-timeout")
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default(),
+            );
+            let unavailable = log.len() < 3;
+            async move {
+                let mut res = http::Response::new(());
+                if unavailable {
+                    *res.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                Ok::<_, BoxError>(res)
+            }
+        }));
+    let req = http::Request::post(CHECK)
+        .header("grpc-timeout", "10S")
+        .body(())
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), http::StatusCode::OK);
+    assert_eq!(*seen.lock().unwrap(), ["10S", "9900000u", "9700000u"]);
+    // Spent: a retry is told 0.
+    assert_eq!(semaforo::grpc::format_timeout(Duration::ZERO), "0n");
+    assert_eq!(
+        semaforo::grpc::format_timeout(Duration::MAX),
+        "99999999H",
+        "the longest the header can say"
+    );
+}

@@ -695,3 +695,80 @@ async fn a_restored_limit_rescales_what_is_owed() {
         t0.elapsed()
     );
 }
+
+/// The pacer's `max_wait` counts from arrival, at every look: calls that
+/// joined the line on a good estimate (1 s, 2 s) are refused when a 429's
+/// pause pushes their start past it — not left to start 30 s later — with a
+/// `retry_after` that is exact for a call coming then.
+#[tokio::test(start_paused = true)]
+async fn max_wait_holds_for_calls_already_in_line_when_a_pause_comes() {
+    let pace = Pace::builder()
+        .limit(Limit::new(
+            semaforo::pace::Unit::Requests,
+            1,
+            Duration::from_secs(1),
+        ))
+        .max_wait(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let svc = ServiceBuilder::new()
+        .layer(
+            pace.layer()
+                .classify(|r: Result<&bool, &std::io::Error>| match r {
+                    Ok(true) => semaforo::classify::Class::Throttled {
+                        retry_after: Some(Duration::from_secs(30)),
+                    },
+                    _ => semaforo::classify::Class::Success,
+                }),
+        )
+        .service(tower::service_fn({
+            let starts = starts.clone();
+            move |throttle: bool| {
+                starts.lock().unwrap().push(t0.elapsed());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Ok::<_, std::io::Error>(throttle)
+                }
+            }
+        }));
+    let a = tokio::spawn(svc.clone().oneshot(true)); // answers a 429 at 0.5 s
+    tokio::task::yield_now().await;
+    let b = tokio::spawn(svc.clone().oneshot(false)); // due at 1 s
+    let c = tokio::spawn(svc.clone().oneshot(false)); // due at 2 s
+    tokio::task::yield_now().await;
+    assert_eq!(pace.snapshot().waiting, 2, "both joined the line");
+    a.await.unwrap().unwrap();
+    let mut hints = Vec::new();
+    for (name, call) in [("b", b), ("c", c)] {
+        let err = call.await.unwrap().unwrap_err();
+        let r = Rejected::from_box(&err).unwrap_or_else(|| panic!("{name}: {err}"));
+        assert_eq!(r.kind(), RejectKind::BudgetExceeded, "{name}");
+        hints.push(r.retry_after().unwrap());
+    }
+    // Refused as soon as the 429 (answered at 0.5 s) made their start late.
+    assert_eq!(t0.elapsed(), Duration::from_millis(500));
+    assert_eq!(
+        *starts.lock().unwrap(),
+        vec![Duration::ZERO],
+        "only A started"
+    );
+    assert_eq!(pace.snapshot().waiting, 0);
+    // The hint is exact for a call coming now: the pause puts a fresh
+    // call's start at 30.5 s, 20 s past max_wait.
+    assert_eq!(hints, [Duration::from_secs(20); 2]);
+    // A call a little earlier than the hint is still refused; at the hint,
+    // it is admitted and starts max_wait later.
+    tokio::time::sleep(Duration::from_millis(19_900)).await;
+    assert!(svc.clone().oneshot(false).await.is_err());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    svc.clone().oneshot(false).await.unwrap();
+    // 10 s in line, then the upstream's 0.5 s.
+    assert_eq!(t.elapsed(), Duration::from_millis(10_500));
+    assert_eq!(
+        starts.lock().unwrap().last(),
+        Some(&Duration::from_millis(30_500))
+    );
+}

@@ -134,3 +134,48 @@ async fn redis_spend_retry_after() {
     // $1 of $3 a 30-day month: 10 days.
     assert!((ra - 864_000.0).abs() < 1.0, "{ra}");
 }
+
+/// A reservation made again after Redis lost the state it was made in
+/// (`FLUSHALL`) keeps `max_wait` counted from the call's arrival: B waits
+/// 4 s of its 6 s, finds its reservation gone, and would wait 5 s more in the
+/// new state (two calls came meanwhile) — it is refused, not started 9 s
+/// after it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remade_reservation_counts_max_wait_from_arrival() {
+    let Some((_s, server, backend)) = setup().await else {
+        return;
+    };
+    let budget = Budget::builder(
+        &backend,
+        "remade",
+        Pace::builder()
+            .limit(Limit::new(Unit::Requests, 1, Duration::from_secs(4)))
+            .max_wait(Duration::from_secs(6)),
+    )
+    .build()
+    .unwrap();
+    let svc = budget.layer().layer(tower::service_fn(|_: ()| async {
+        Ok::<_, semaforo::BoxError>(())
+    }));
+    let t0 = std::time::Instant::now();
+    svc.clone().oneshot(()).await.unwrap(); // A: the burst
+    let b = tokio::spawn(svc.clone().oneshot(())); // B: 4 s in line
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut conn = server
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    // The new state: C at once, D 4 s later (its start at ~5 s).
+    svc.clone().oneshot(()).await.unwrap();
+    let d = tokio::spawn(svc.clone().oneshot(()));
+    let err = b.await.unwrap().unwrap_err();
+    let r = semaforo::Rejected::from_box(&err).unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(r.kind(), semaforo::RejectKind::BudgetExceeded, "{err}");
+    let at = t0.elapsed();
+    assert!(at < Duration::from_secs(5), "refused at {at:?}");
+    // A call coming now would wait 5 s, within max_wait: the hint is 1 µs.
+    assert_eq!(r.retry_after(), Some(Duration::from_micros(1)), "{r:?}");
+    d.await.unwrap().unwrap();
+}

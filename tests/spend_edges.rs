@@ -219,6 +219,109 @@ async fn a_refund_of_yesterday_is_credited_to_today() {
     );
 }
 
+/// The same for a call that waited in line: it reserves at 23:59:57, but
+/// its inner service is ready only at 00:00:09 — the refund of what it did
+/// not spend still goes to yesterday's window (charged at the reservation,
+/// not when the inner service was ready).
+#[tokio::test(start_paused = true)]
+async fn a_queued_call_ready_after_midnight_is_refunded_to_its_reservations_day() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+    /// Answers `billed` (its request's second field). The service handed to
+    /// the layer is ready (the call gets in line); the copy a waiter takes
+    /// for its turn is ready only once the gate opens.
+    #[derive(Default)]
+    struct Gated {
+        open: Arc<AtomicBool>,
+        waker: Arc<Mutex<Option<Waker>>>,
+        copy: bool,
+    }
+    impl Clone for Gated {
+        fn clone(&self) -> Self {
+            Gated {
+                open: self.open.clone(),
+                waker: self.waker.clone(),
+                copy: true,
+            }
+        }
+    }
+    impl tower::Service<(u64, u64)> for Gated {
+        type Response = u64;
+        type Error = std::io::Error;
+        type Future = std::future::Ready<Result<u64, std::io::Error>>;
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            if !self.copy || self.open.load(Ordering::SeqCst) {
+                return Poll::Ready(Ok(()));
+            }
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+        fn call(&mut self, r: (u64, u64)) -> Self::Future {
+            std::future::ready(Ok(r.1))
+        }
+    }
+    let until = until_utc_midnight();
+    let pace = Pace::builder()
+        .limit(Limit::spend_per_day(1_000_000).resets_daily("UTC"))
+        .limit(Limit::new(Unit::Requests, 1, Duration::from_secs(10)))
+        .build()
+        .unwrap();
+    let paced = |inner: Gated| {
+        pace.layer()
+            .weigh(|r: &(u64, u64)| spend(r.0))
+            .observe(|res: &u64| Observed {
+                usage: Some(spend(*res)),
+                info: None,
+            })
+            .layer(inner)
+    };
+    let gate = Gated::default();
+    let open = Gated::default();
+    open.open.store(true, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs_f64(until - 14.0)).await;
+    // 23:59:46: the request cell's next slot is 23:59:56.
+    paced(open.clone()).oneshot((0, 0)).await.unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    // 23:59:47: waits in line (its turn is at 23:59:56), reserves $0.50
+    // at 23:59:57; its service is not ready before the gate opens.
+    let front = Gated {
+        open: gate.open.clone(),
+        waker: gate.waker.clone(),
+        copy: false,
+    };
+    let queued = tokio::spawn(paced(front).oneshot((500_000, 0)));
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(pace.snapshot().waiting, 1);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(pace.snapshot().waiting, 0, "reserved at 23:59:57");
+    assert_eq!(avail(&pace, Unit::Spend), 500_000.0);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    // 00:00:08: today's first call (the request slot after 23:59:57), $0.50.
+    paced(open.clone())
+        .oneshot((500_000, 500_000))
+        .await
+        .unwrap();
+    assert_eq!(avail(&pace, Unit::Spend), 500_000.0);
+    // 00:00:09: the waiting call's service is ready; it spent nothing.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    gate.open.store(true, Ordering::SeqCst);
+    if let Some(w) = gate.waker.lock().unwrap().take() {
+        w.wake();
+    }
+    assert_eq!(queued.await.unwrap().unwrap(), 0);
+    assert_eq!(
+        avail(&pace, Unit::Spend),
+        500_000.0,
+        "yesterday's refund went to today's window"
+    );
+}
+
 /// The same at any hour (the test above catches the fault only in the first
 /// hour after midnight UTC): a zone is chosen where midnight was less than an
 /// hour ago, so the second call waits over 23 h for tomorrow and the third,

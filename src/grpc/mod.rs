@@ -331,6 +331,71 @@ impl<B> crate::timeout::RequestLimit<http::Request<B>> for GrpcTimeout {
     }
 }
 
+/// When a call's `grpc-timeout` runs out: stamped on the copy retry keeps
+/// for later attempts, so each retry tells the server what is left.
+#[derive(Debug, Clone, Copy)]
+struct GrpcDeadline(tokio::time::Instant);
+
+/// Stamps `req` (retry's copy, taken as the call starts) with the instant its
+/// `grpc-timeout` runs out. Nothing without the header.
+pub(crate) fn stamp_deadline<B>(req: &mut http::Request<B>) {
+    if req.extensions().get::<GrpcDeadline>().is_some() {
+        return;
+    }
+    let Some(t) = req
+        .headers()
+        .get(&GRPC_TIMEOUT)
+        .and_then(|v| parse_timeout(v.as_bytes()))
+    else {
+        return;
+    };
+    let at = crate::time::after(tokio::time::Instant::now(), t);
+    req.extensions_mut().insert(GrpcDeadline(at));
+}
+
+/// A retry's `grpc-timeout`: what is left of the call's (a server told the
+/// original total would work past the moment the caller gives up).
+pub(crate) fn rewrite_timeout<B>(req: &mut http::Request<B>) {
+    let Some(&GrpcDeadline(at)) = req.extensions().get::<GrpcDeadline>() else {
+        return;
+    };
+    let left = at.saturating_duration_since(tokio::time::Instant::now());
+    if let Ok(v) = http::HeaderValue::from_str(&format_timeout(left)) {
+        req.headers_mut().insert(GRPC_TIMEOUT.clone(), v);
+    }
+}
+
+/// A `grpc-timeout` value for `d`: the finest unit whose count fits the
+/// spec's 8 digits, rounded down (the server's deadline is never later than
+/// the caller's). `"0n"` when nothing is left; past 99,999,999 hours, that.
+///
+/// ```
+/// use semaforo::grpc::{format_timeout, parse_timeout};
+/// use std::time::Duration;
+/// assert_eq!(format_timeout(Duration::from_millis(1_500)), "1500000u");
+/// assert_eq!(format_timeout(Duration::from_secs(3_600)), "3600000m");
+/// assert_eq!(parse_timeout(format_timeout(Duration::from_secs(7)).as_bytes()), Some(Duration::from_secs(7)));
+/// ```
+pub fn format_timeout(d: Duration) -> String {
+    const MAX: u128 = 99_999_999;
+    let units: [(u128, char); 6] = [
+        (1, 'n'),
+        (1_000, 'u'),
+        (1_000_000, 'm'),
+        (1_000_000_000, 'S'),
+        (60_000_000_000, 'M'),
+        (3_600_000_000_000, 'H'),
+    ];
+    let nanos = d.as_nanos();
+    for (per, unit) in units {
+        let n = nanos / per;
+        if n <= MAX {
+            return format!("{n}{unit}");
+        }
+    }
+    format!("{MAX}H")
+}
+
 /// Parses a `grpc-timeout` value (`"1500m"`, `"2S"`).
 pub fn parse_timeout(v: &[u8]) -> Option<Duration> {
     let (&unit, digits) = v.split_last()?;

@@ -38,8 +38,13 @@
 //! - **pace inside retry**: every attempt pays for its tokens. Outside, retries
 //!   would be free and would blow the tokens-per-minute budget exactly when the
 //!   upstream is already saying 429.
-//! - **timeout innermost**: it bounds one attempt; the retry's own deadline
-//!   bounds the whole call.
+//! - **timeout innermost**: it bounds one attempt. The whole call is bounded
+//!   by a retry [`deadline`](crate::retry::RetryBuilder::deadline), which the
+//!   default retry does not set: its waits add up (the bulkhead's line up to
+//!   600 s, then per attempt the pacer's up to 600 s and the attempt's
+//!   timeout, 4 attempts, backoffs up to 30 s). For a bound, give
+//!   [`LlmStackBuilder::retry`] a retry with `.deadline(…)`, or put a timeout
+//!   around the stack.
 //!
 //! The request is an `http::Request<Bytes>` with an OpenAI-, Anthropic- or
 //! Gemini-style JSON body; the response an `http::Response<Bytes>`. The body

@@ -1,4 +1,4 @@
-use super::state::{Fit, Turn};
+use super::state::{Fit, Refusal, Turn};
 use super::{Cost, Shared};
 use crate::classify::{Class, Classify, RateLimitInfo};
 use crate::error::{BoxError, RejectKind, Rejected};
@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -380,7 +381,7 @@ where
         Admit::Now => State::Calling {
             fut: inner.call(req),
         },
-        Admit::Queued(slot, seq) => waiting(&shared, inner, slot, seq, req),
+        Admit::Queued(slot, seq) => waiting(&shared, inner, slot, seq, req, now),
         Admit::Rejected(r) => {
             shared.obs.rejected(&r);
             State::Rejected {
@@ -401,7 +402,14 @@ where
 
 /// A place in line (out of line, so the reserve-and-go path stays small).
 #[inline(never)]
-fn waiting<S, Req>(shared: &Shared, inner: &S, slot: u32, seq: u64, req: Req) -> State<S, Req>
+fn waiting<S, Req>(
+    shared: &Shared,
+    inner: &S,
+    slot: u32,
+    seq: u64,
+    req: Req,
+    now: Instant,
+) -> State<S, Req>
 where
     S: Service<Req> + Clone,
 {
@@ -412,7 +420,8 @@ where
     State::Waiting {
         waiting: Some(Box::new(Waiting {
             span: shared.obs.span("pace", "wait"),
-            since: Instant::now(),
+            since: now,
+            deadline: shared.max_wait.map(|m| crate::time::after(now, m)),
             admitted: false,
             slot,
             seq,
@@ -431,6 +440,32 @@ pub(crate) enum Admit {
 }
 
 impl Shared {
+    /// The refusal of a waiter past the pacer's `max_wait` (it has left the
+    /// line): `retry_after` is how much longer than `max_wait` a call coming
+    /// now would wait (1 µs when it would not).
+    fn overdue(
+        &self,
+        st: &super::state::State,
+        parent: Option<&super::state::State>,
+        cost: &Cost,
+        now: Instant,
+        waited: Duration,
+    ) -> Refusal {
+        let max = self.max_wait.unwrap_or(Duration::ZERO);
+        let fresh = st
+            .peek_start(cost, now, parent)
+            .map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
+        Refusal {
+            late_secs: fresh.saturating_sub(max).as_secs_f64(),
+            parent: false,
+            detail: format!(
+                "waited {} in line, max_wait {}",
+                crate::time::Human(waited),
+                crate::time::Human(max)
+            ),
+        }
+    }
+
     /// Reserve now, join the line, or refuse (cost above a burst, or a wait
     /// above `max_wait`, with the exact `retry_after`).
     pub(crate) fn admit(&self, cost: &Cost, now: Instant) -> Admit {
@@ -536,7 +571,12 @@ impl Shared {
 struct Waiting<S, Req> {
     /// `semaforo.wait`, entered while this call waits.
     span: tracing::Span,
+    /// When it arrived.
     since: Instant,
+    /// `since + max_wait`: a call still in line then, or whose start is
+    /// projected past it, is refused (what joined on an estimate may wait
+    /// longer: a 429's pause, a debt, a calendar window that packs calls).
+    deadline: Option<Instant>,
     admitted: bool,
     slot: u32,
     seq: u64,
@@ -634,8 +674,25 @@ where
                             return Poll::Ready(Err(r.into()));
                         }
                         let mut parent = this.shared.parent.as_ref().map(|p| p.lock());
-                        let turn =
+                        let mut turn =
                             st.poll_turn(w.slot, w.seq, cx.waker(), now, parent.as_deref_mut());
+                        // The pacer's `max_wait` counts from arrival.
+                        if let (Err(Turn::Wait(at)), Some(deadline)) = (&turn, w.deadline) {
+                            let late = match at {
+                                Some(at) => *at > deadline,
+                                None => now >= deadline,
+                            };
+                            if late {
+                                st.leave(w.slot, w.seq, parent.as_deref_mut());
+                                turn = Err(Turn::Refused(this.shared.overdue(
+                                    &st,
+                                    parent.as_deref(),
+                                    this.cost,
+                                    now,
+                                    now.saturating_duration_since(w.since),
+                                )));
+                            }
+                        }
                         let resumed = turn.is_ok() && st.resume_if_due(now);
                         (turn, resumed)
                     };
@@ -660,6 +717,10 @@ where
                         Ok(()) => {
                             if !w.admitted {
                                 w.admitted = true;
+                                // Reserved now: the window its cost is
+                                // charged to (not when the inner service
+                                // is ready, which may be later).
+                                *this.sent = now;
                                 this.shared.obs.emit(
                                     "pace",
                                     EventKind::Admitted {
@@ -668,7 +729,20 @@ where
                                 );
                             }
                         }
-                        Err(Turn::Wait(None)) => return Poll::Pending,
+                        Err(Turn::Wait(None)) => {
+                            // Woken by the line, or at the deadline.
+                            if let Some(d) = w.deadline {
+                                match w.sleep.as_mut() {
+                                    Some(s) => s.as_mut().reset(d),
+                                    None => w.sleep = Some(Box::pin(tokio::time::sleep_until(d))),
+                                }
+                                if let Some(s) = w.sleep.as_mut() {
+                                    ready!(s.as_mut().poll(cx));
+                                }
+                                continue;
+                            }
+                            return Poll::Pending;
+                        }
                         Err(Turn::Wait(Some(at))) => {
                             match w.sleep.as_mut() {
                                 Some(s) => s.as_mut().reset(at),
@@ -690,7 +764,6 @@ where
                     };
                     let fut = w.svc.call(req);
                     *waiting = None;
-                    *this.sent = now;
                     this.state.set(State::Calling { fut });
                 }
                 StateProj::Calling { fut } => {

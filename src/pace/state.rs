@@ -472,9 +472,11 @@ impl State {
         ahead: impl Fn(usize, &Dim) -> f64,
     ) -> Option<Refusal> {
         let n = secs(self.epoch, now);
-        // The wait counts from the call's arrival: a call at the head of
-        // the line has waited already (the admission's estimate packs the
-        // line as a fluid; the head's start is exact).
+        // A limit that still holds the call back counts from the call's
+        // arrival: at the head of the line it has waited already (the
+        // admission's estimate packs a calendar line as a fluid; the head's
+        // start is exact). A limit that lets it go now refuses nothing,
+        // however long other limits kept it in line.
         let waited = n - secs(self.epoch, arrived.min(now));
         let mut worst: Option<Refusal> = None;
         for (d, dim) in self.dims.iter().enumerate() {
@@ -488,10 +490,11 @@ impl State {
                 ahead(d, dim),
             );
             let wait = s - n + waited;
-            if wait <= max {
+            if s <= n || wait <= max {
                 continue;
             }
-            let late = wait - max;
+            // The hint is for a call coming now: its wait is what is left.
+            let late = (s - n - max).max(0.0);
             if worst.as_ref().is_some_and(|w| w.late_secs >= late) {
                 continue;
             }

@@ -283,7 +283,9 @@ impl Budget {
     /// [layer](Self::layer) does that by itself for calls dropped before they
     /// start.
     pub async fn reserve(&self, key: Option<&str>, cost: &Cost) -> Result<Grant, Rejected> {
-        self.reserve_marked(key, cost).await.map(|(g, _)| g)
+        self.reserve_marked(key, cost, Duration::ZERO)
+            .await
+            .map(|(g, _)| g)
     }
 
     /// [`reserve`](Self::reserve), with the marker of a Redis grant.
@@ -293,17 +295,23 @@ impl Budget {
     /// dropped — the script may still run, late, on a paused Redis), an
     /// undo follows it in the background until it lands: it gives the cost
     /// back if the script ran, and stops it from running if it has not yet.
+    ///
+    /// `waited`: how long the call has already waited (a reservation made
+    /// again after Redis lost the state it was made in): `max_wait`, the
+    /// budget's and each limit's, counts from the call's arrival, so what
+    /// is left of them is what the script gets.
     async fn reserve_marked(
         &self,
         key: Option<&str>,
         cost: &Cost,
+        waited: Duration,
     ) -> Result<(Grant, Option<Marker>), Rejected> {
         let mut args = Vec::with_capacity(2 + 4 * self.inner.dims.len());
+        let waited_us = waited.as_micros() as f64;
         // No max_wait: any wait (10¹⁸ µs is 31,000 years).
-        let max_wait = self
-            .inner
-            .max_wait
-            .map_or(1e18, |d| (d.as_micros() as f64).min(1e18));
+        let max_wait = self.inner.max_wait.map_or(1e18, |d| {
+            (d.as_micros() as f64 - waited_us).clamp(0.0, 1e18)
+        });
         args.push(max_wait.to_string());
         args.push(self.inner.marker_ms.to_string());
         for (d, label) in &self.inner.dims {
@@ -314,7 +322,10 @@ impl Budget {
                     d.largest
                 )));
             }
-            args.extend([d.per_unit_us, d.burst, n, d.max_wait_us].map(|x| x.to_string()));
+            // A limit that does not hold the call back refuses nothing (its
+            // wait is 0, never above what is left).
+            let own = (d.max_wait_us - waited_us).max(0.0);
+            args.extend([d.per_unit_us, d.burst, n, own].map(|x| x.to_string()));
         }
         let marker = Marker(self.redis_key(
             key,
@@ -351,7 +362,11 @@ impl Budget {
                 Some(marker),
             )),
             Some((0, retry_us)) => {
-                let wait = Duration::from_micros(retry_us.max(0) as u64);
+                // The script's hint is against what was left of max_wait; a
+                // call coming now has all of it.
+                let wait = Duration::from_micros(retry_us.max(0) as u64)
+                    .saturating_sub(waited)
+                    .max(Duration::from_micros(1));
                 Err(self
                     .refused(format!(
                         "would wait longer than max_wait {} (or a limit's own)",
@@ -590,8 +605,10 @@ where
             let mut unstarted = None;
             let mut remade = 0;
             let mut local = false;
+            // Waited so far on reservations Redis then lost.
+            let mut waited = Duration::ZERO;
             loop {
-                match budget.reserve_marked(key.as_deref(), &cost).await? {
+                match budget.reserve_marked(key.as_deref(), &cost, waited).await? {
                     (Grant::Redis(wait), marker) => {
                         // From here until the inner call starts, a drop (or
                         // a failed `poll_ready`) gives the reservation back.
@@ -612,6 +629,7 @@ where
                         if !budget.inner.closing.sleep(wait).await {
                             return Err(budget.shutting_down().into());
                         }
+                        waited = waited.saturating_add(wait);
                         // Made against a state Redis has since lost: the
                         // cells now hand out a fresh burst, and this call
                         // starting on the old schedule would come on top of

@@ -121,6 +121,9 @@ impl<Req> RequestPolicy<Req> for RequestFns<Req> {
 /// [`allow_non_idempotent`](Self::allow_non_idempotent)), never a request
 /// carrying [`NoRetry`](super::NoRetry), and puts the attempt
 /// number in the request extensions as [`Attempt`](crate::retry::Attempt).
+/// With the `grpc` feature, a retry's `grpc-timeout` header is what is left
+/// of the first attempt's (counted from the call's start), not the original
+/// total.
 #[cfg(feature = "http")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HttpRequests {
@@ -162,11 +165,21 @@ impl<B: Clone> RequestPolicy<http::Request<B>> for HttpRequests {
     }
 
     fn clone_request(&self, req: &http::Request<B>) -> Option<http::Request<B>> {
-        Some(req.clone())
+        #[allow(unused_mut)]
+        let mut copy = req.clone();
+        // The first copy is taken as the call starts: when its gRPC
+        // deadline runs out (retries send what is left of it).
+        #[cfg(feature = "grpc")]
+        crate::grpc::stamp_deadline(&mut copy);
+        Some(copy)
     }
 
     fn on_attempt(&self, req: &mut http::Request<B>, attempt: u32) {
         req.extensions_mut().insert(super::Attempt(attempt));
+        #[cfg(feature = "grpc")]
+        if attempt > 1 {
+            crate::grpc::rewrite_timeout(req);
+        }
     }
 }
 
