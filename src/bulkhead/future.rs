@@ -10,6 +10,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
@@ -85,6 +86,7 @@ impl<S: Service<Req>, Req, R, C> ResponseFuture<S, Req, R, C> {
         classify: C,
     ) -> Self {
         let timeout = waiter.deadline.map(tokio::time::sleep_until);
+        let enqueued_at = waiter.enqueued_at;
         Self::with(
             State::Queued {
                 queued: Box::pin(Queued {
@@ -94,7 +96,7 @@ impl<S: Service<Req>, Req, R, C> ResponseFuture<S, Req, R, C> {
                     svc,
                     req: Some(req),
                     ticket,
-                    enqueued_at: Instant::now(),
+                    enqueued_at,
                     timeout,
                 }),
             },
@@ -217,12 +219,15 @@ where
                 if let Some(t) = ticket {
                     t.finished(TicketStatus::Admitted);
                 }
-                waiter.shared().cfg.obs.emit(
-                    "bulkhead",
-                    EventKind::Admitted {
-                        waited: enqueued_at.elapsed(),
-                    },
-                );
+                // From the clock read at the grant: none more here.
+                let waited = p.granted_at().map_or(Duration::ZERO, |g| {
+                    g.saturating_duration_since(*enqueued_at)
+                });
+                waiter
+                    .shared()
+                    .cfg
+                    .obs
+                    .emit_often("bulkhead", EventKind::Admitted { waited });
                 *permit = Some(p);
             }
             Err(rejected) => {

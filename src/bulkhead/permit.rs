@@ -37,6 +37,12 @@ impl BulkheadPermit {
 }
 
 impl BulkheadPermit {
+    /// When a waiter was granted this permit (none for one taken at once).
+    #[inline]
+    pub(crate) fn granted_at(&self) -> Option<Instant> {
+        self.slow.as_ref().and_then(|s| s.granted_at)
+    }
+
     /// When the call under this permit starts, if it is a sample of an
     /// adaptive limit.
     #[inline]

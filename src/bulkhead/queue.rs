@@ -23,7 +23,6 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Waker;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -233,7 +232,38 @@ pub(super) struct Slot {
     /// In the global line (eligible) rather than parked behind its partition's cap.
     pub(super) promoted: bool,
     pub(super) state: SlotState,
-    pub(super) waker: Option<Waker>,
+    /// What the waiter reads without the lock.
+    pub(super) node: Arc<Node>,
+}
+
+/// A waiter's grant, shared with the line: the waiter learns it was granted
+/// and takes its permit without the line's lock (the lock is what queued
+/// callers contend on). Every other state change is read under the lock.
+#[derive(Debug, Default)]
+pub(crate) struct Node {
+    /// `NODE_*`: written under the lock, except `NODE_PICKED` (by the
+    /// waiter, once granted).
+    pub(super) state: std::sync::atomic::AtomicU8,
+    pub(super) waker: atomic_waker::AtomicWaker,
+}
+
+/// In line or parked.
+pub(super) const NODE_WAITING: u8 = 0;
+/// Granted a permit, not picked up yet: its slot is gone from the line's
+/// slab (the waiter holds what it needs: its `Holder`).
+pub(super) const NODE_GRANTED: u8 = 1;
+/// The waiter took its permit.
+pub(super) const NODE_PICKED: u8 = 2;
+/// Rejected or shed: the waiter reads why under the lock.
+pub(super) const NODE_SETTLED: u8 = 3;
+
+impl Node {
+    /// Sets the state (under the lock) and wakes the waiter.
+    #[inline]
+    pub(super) fn settle(&self, state: u8) {
+        self.state.store(state, Ordering::Release);
+        self.waker.wake();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -452,9 +482,7 @@ impl Shared {
                 q.parked_total = q.parked_total.saturating_sub(1);
                 if let Some(sl) = q.slots.get_mut(slot as usize) {
                     sl.state = SlotState::Shed;
-                    if let Some(w) = sl.waker.take() {
-                        w.wake();
-                    }
+                    sl.node.settle(NODE_SETTLED);
                 }
             }
             None => {
@@ -596,6 +624,11 @@ impl Shared {
     #[cold]
     pub(crate) fn acquire_slow(self: &Arc<Self>, priority: i32, partition: Option<u64>) -> Acquire {
         let class = self.class_of(priority);
+        // Read and allocated before the lock: the lock is what queued
+        // callers contend on (the node is dropped unused by a call that
+        // finds a permit after all).
+        let now = Instant::now();
+        let node = Arc::new(Node::default());
         let mut q = self.lock();
         let limit = self.limit.load(Ordering::Relaxed);
         let cap = self.cfg.max_per_key.unwrap_or(u32::MAX);
@@ -649,7 +682,6 @@ impl Shared {
         let bound = self.line_bound();
         // Under an adaptive limit, a newcomer that outranks the last waiter
         // of a full line takes its place (the last one is shed).
-        let now = Instant::now();
         let rank = self.rank(priority, now);
         let displaced = waiting >= bound
             && key_has_room
@@ -692,7 +724,7 @@ impl Shared {
             class,
             promoted: key_has_room,
             state: SlotState::Waiting,
-            waker: None,
+            node: node.clone(),
         }) as u32;
         if key_has_room {
             q.enter_line((rank, seq, slot));
@@ -708,7 +740,11 @@ impl Shared {
                 .insert((rank, seq), slot);
             q.parked_total += 1;
         }
-        let position = if key_has_room {
+        // Only an event reads it (a rank in the order tree: under the lock).
+        let listening = self.cfg.obs.listening();
+        let position = if !listening {
+            0
+        } else if key_has_room {
             q.line.rank(&(rank, seq, slot))
         } else {
             waiting as usize
@@ -717,16 +753,21 @@ impl Shared {
         // (it will dispatch too, but do not make it wait for us).
         self.dispatch(&mut q);
         drop(q);
-        self.cfg
-            .obs
-            .emit("bulkhead", EventKind::Queued { position });
+        if listening {
+            self.cfg
+                .obs
+                .emit("bulkhead", EventKind::Queued { position });
+        }
         Acquire::Queued(Waiter {
             shared: self.clone(),
             slot,
             seq,
             done: false,
             defer,
+            node,
+            holder: Holder { partition, class },
             deadline: self.cfg.max_wait.map(|w| crate::time::after(now, w)),
+            enqueued_at: now,
         })
     }
 
@@ -752,6 +793,7 @@ impl Shared {
             {
                 continue;
             }
+            let class = q.slots.get(key.2 as usize).and_then(|s| s.class);
             let partition = Self::leave_line(q, key, SlotState::Granted);
             if let Some(k) = partition {
                 if let Some(p) = q.partitions.get_mut(&k) {
@@ -759,7 +801,6 @@ impl Shared {
                     p.in_flight += 1;
                 }
             }
-            let class = q.slots.get(key.2 as usize).and_then(|s| s.class);
             q.class_took(class);
         }
     }
@@ -817,15 +858,19 @@ impl Shared {
     }
 
     /// Takes `key`'s waiter out of the line into `state` and wakes it;
-    /// returns its partition. The caller counts the waiter bits.
+    /// returns its partition. The caller counts the waiter bits. A granted
+    /// waiter's slot is freed here: it takes its permit without the lock.
     fn leave_line(q: &mut Queue, key: LineKey, state: SlotState) -> Option<u64> {
         q.exit_line(&key);
+        if state == SlotState::Granted {
+            let slot = q.slots.remove(key.2 as usize);
+            slot.node.settle(NODE_GRANTED);
+            return slot.partition;
+        }
         let slot = &mut q.slots[key.2 as usize];
         slot.state = state;
         slot.promoted = false;
-        if let Some(w) = slot.waker.take() {
-            w.wake();
-        }
+        slot.node.settle(NODE_SETTLED);
         slot.partition
     }
 
@@ -870,9 +915,9 @@ impl Shared {
 
     #[cold]
     pub(super) fn release_slow(&self, holder: Holder, granted_at: Option<Instant>) {
+        let secs = granted_at.map(|t| t.elapsed().as_secs_f64());
         let mut q = self.lock();
-        if let Some(t) = granted_at {
-            let secs = t.elapsed().as_secs_f64();
+        if let Some(secs) = secs {
             q.service_ewma = Some(match q.service_ewma {
                 None => secs,
                 Some(avg) => avg + 0.2 * (secs - avg),
@@ -895,8 +940,9 @@ impl Shared {
     }
 
     /// Removes a waiter that is leaving the line (dropped or timed out).
-    /// Returns its state before removal and its partition; a `Granted` waiter's
-    /// permit is the caller's to take or give back.
+    /// Returns its state before removal and its partition. A granted waiter
+    /// has no slot any more (see `leave_line`): its permit is settled by the
+    /// waiter.
     pub(super) fn remove_waiter(
         &self,
         q: &mut Queue,
@@ -936,12 +982,9 @@ impl Shared {
                     }
                 }
             }
-            // Granted, not picked up: still counted as waiting (see
-            // `dispatch`); the permit is the caller's to take or give back.
-            SlotState::Granted => {
-                self.state.fetch_sub(WAITER, Ordering::AcqRel);
-            }
-            SlotState::Rejected(_) | SlotState::Shed => {}
+            // A granted waiter's slot is gone (see `leave_line`): the
+            // waiter settles it (`Waiter::take_granted`).
+            SlotState::Granted | SlotState::Rejected(_) | SlotState::Shed => {}
         }
         Some((state, Holder { partition, class }))
     }
@@ -974,9 +1017,7 @@ impl Shared {
                 slot.state = SlotState::Rejected(RejectKind::ShuttingDown);
                 slot.promoted = false;
                 released += 1;
-                if let Some(w) = slot.waker.take() {
-                    w.wake();
-                }
+                slot.node.settle(NODE_SETTLED);
             }
         }
         let in_line = q.line.len() as u64;

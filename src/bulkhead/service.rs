@@ -83,7 +83,7 @@ impl<S, X, R, C: Clone> BulkheadService<S, X, R, C> {
             }
             Acquire::Queued(waiter) => {
                 if let Some(t) = &ticket {
-                    t.queued(waiter.shared(), waiter.id());
+                    t.queued(waiter.shared(), waiter.id(), waiter.node());
                 }
                 // A waiter must not hold the inner service's readiness (an
                 // inner `Buffer` slot, a limiter's permit): the service polled

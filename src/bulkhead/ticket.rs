@@ -74,6 +74,8 @@ enum Link {
         shared: Weak<Shared>,
         slot: u32,
         seq: u64,
+        /// Says when it was granted (its slot is then gone).
+        node: Arc<super::queue::Node>,
     },
     Done(TicketStatus),
 }
@@ -108,11 +110,17 @@ impl QueueTicket {
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) = link;
     }
 
-    pub(crate) fn queued(&self, shared: &Arc<Shared>, (slot, seq): (u32, u64)) {
+    pub(crate) fn queued(
+        &self,
+        shared: &Arc<Shared>,
+        (slot, seq): (u32, u64),
+        node: &Arc<super::queue::Node>,
+    ) {
         self.set(Link::Queued {
             shared: Arc::downgrade(shared),
             slot,
             seq,
+            node: node.clone(),
         });
     }
 
@@ -127,7 +135,18 @@ impl QueueTicket {
             match &*link {
                 Link::Idle => return TicketStatus::Idle,
                 Link::Done(s) => return *s,
-                Link::Queued { shared, slot, seq } => (shared.clone(), *slot, *seq),
+                Link::Queued {
+                    shared,
+                    slot,
+                    seq,
+                    node,
+                } => {
+                    let n = node.state.load(std::sync::atomic::Ordering::Acquire);
+                    if n == super::queue::NODE_GRANTED || n == super::queue::NODE_PICKED {
+                        return TicketStatus::Admitted;
+                    }
+                    (shared.clone(), *slot, *seq)
+                }
             }
         };
         shared

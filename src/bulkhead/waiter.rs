@@ -1,7 +1,7 @@
 //! A caller's place in a bulkhead's line.
 
 use super::permit::BulkheadPermit;
-use super::queue::{Shared, SlotState};
+use super::queue::{Shared, SlotState, NODE_GRANTED, NODE_PICKED, NODE_WAITING};
 use crate::error::{RejectKind, Rejected};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,7 +20,13 @@ pub(crate) struct Waiter {
     /// Granted while earlier grants were not yet picked up: yield once
     /// before taking the permit, so that they start first.
     pub(super) defer: bool,
+    /// Its grant, read without the lock.
+    pub(super) node: Arc<super::queue::Node>,
+    /// Whose permit it takes.
+    pub(super) holder: super::queue::Holder,
     pub(crate) deadline: Option<Instant>,
+    /// When it took its place (the clock read of its arrival).
+    pub(crate) enqueued_at: Instant,
 }
 
 impl Waiter {
@@ -34,6 +40,11 @@ impl Waiter {
         &self.shared
     }
 
+    #[inline]
+    pub(crate) fn node(&self) -> &Arc<super::queue::Node> {
+        &self.node
+    }
+
     /// Ready with a permit once granted, or with the rejection (closed).
     pub(crate) fn poll_permit(
         &mut self,
@@ -42,6 +53,26 @@ impl Waiter {
         if self.done {
             return Poll::Ready(Err(self.shared.rejection(RejectKind::ShuttingDown)));
         }
+        // Granted: taken without the line's lock (its slot was freed at the
+        // grant). Registered before the second look, so a grant in between
+        // wakes this task.
+        let mut node = self.node.state.load(Ordering::Acquire);
+        if node == NODE_WAITING {
+            self.node.waker.register(cx.waker());
+            node = self.node.state.load(Ordering::Acquire);
+            if node == NODE_WAITING {
+                return Poll::Pending;
+            }
+        }
+        if node == NODE_GRANTED {
+            if self.defer {
+                self.defer = false;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            return Poll::Ready(Ok(self.take_granted()));
+        }
+        // Rejected or shed: why is read under the lock.
         let mut q = self.shared.lock();
         let Some(slot) = q
             .slots
@@ -52,37 +83,9 @@ impl Waiter {
             return Poll::Ready(Err(self.shared.rejection(RejectKind::ShuttingDown)));
         };
         match slot.state {
-            SlotState::Waiting => {
-                match &mut slot.waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    w => *w = Some(cx.waker().clone()),
-                }
-                Poll::Pending
-            }
-            SlotState::Granted if self.defer => {
-                self.defer = false;
-                drop(q);
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            SlotState::Granted => {
-                // Picked up: no longer counted as waiting (see `dispatch`).
-                self.shared
-                    .state
-                    .fetch_sub(super::queue::WAITER, Ordering::AcqRel);
-                let holder = super::queue::Holder {
-                    partition: slot.partition,
-                    class: slot.class,
-                };
-                q.slots.remove(self.slot as usize);
-                self.done = true;
-                drop(q);
-                Poll::Ready(Ok(BulkheadPermit::new(
-                    self.shared.clone(),
-                    holder,
-                    Some(Instant::now()),
-                )))
-            }
+            // Not reached: the node is settled together with the slot,
+            // under the lock, and a granted slot is gone from the slab.
+            SlotState::Waiting | SlotState::Granted => Poll::Pending,
             SlotState::Rejected(kind) => {
                 q.slots.remove(self.slot as usize);
                 self.done = true;
@@ -99,11 +102,28 @@ impl Waiter {
         }
     }
 
+    /// Takes the permit granted to this waiter (its node says `GRANTED`;
+    /// with or without the lock: only this waiter changes that state).
+    fn take_granted(&mut self) -> BulkheadPermit {
+        // No longer counted as waiting (see `Shared::dispatch`).
+        self.shared
+            .state
+            .fetch_sub(super::queue::WAITER, Ordering::AcqRel);
+        self.node.state.store(NODE_PICKED, Ordering::Release);
+        self.done = true;
+        BulkheadPermit::new(self.shared.clone(), self.holder, Some(Instant::now()))
+    }
+
     /// The `max_wait` deadline passed: leave the line with `QueueTimeout` — unless
     /// a permit was granted in the meantime, which is then taken.
     pub(crate) fn expire(&mut self, waited: Duration) -> Result<BulkheadPermit, Rejected> {
         let shared = self.shared.clone();
         let mut q = shared.lock();
+        // Grants are made under the lock: this look is final.
+        if self.node.state.load(Ordering::Acquire) == NODE_GRANTED {
+            drop(q);
+            return Ok(self.take_granted());
+        }
         let position = q
             .slots
             .get(self.slot as usize)
@@ -112,10 +132,6 @@ impl Waiter {
         let before = shared.remove_waiter(&mut q, self.slot, self.seq);
         self.done = true;
         match before {
-            Some((SlotState::Granted, holder)) => {
-                drop(q);
-                Ok(BulkheadPermit::new(shared, holder, Some(Instant::now())))
-            }
             Some((SlotState::Rejected(kind), _)) => {
                 drop(q);
                 Err(shared.refuse(shared.rejection(kind)))
@@ -151,10 +167,16 @@ impl Drop for Waiter {
             return;
         }
         let mut q = self.shared.lock();
-        match self.shared.remove_waiter(&mut q, self.slot, self.seq) {
-            // Granted but never taken: give the permit back.
-            Some((SlotState::Granted, holder)) => self.shared.release_locked(&mut q, holder),
-            _ => self.shared.dispatch(&mut q),
+        // Granted but never taken: give the permit back. Grants are made
+        // under the lock, so this look is final.
+        if self.node.state.load(Ordering::Acquire) == NODE_GRANTED {
+            self.shared
+                .state
+                .fetch_sub(super::queue::WAITER, Ordering::AcqRel);
+            self.shared.release_locked(&mut q, self.holder);
+            return;
         }
+        self.shared.remove_waiter(&mut q, self.slot, self.seq);
+        self.shared.dispatch(&mut q);
     }
 }

@@ -516,12 +516,18 @@ impl Observer {
     /// `DEBUG`).
     #[inline]
     pub(crate) fn emit_often(&self, layer: &'static str, kind: EventKind) {
-        if self.listener.is_some()
-            || cfg!(feature = "metrics")
-            || tracing::enabled!(target: "semaforo", tracing::Level::DEBUG)
-        {
+        if self.listening() {
             self.emit(layer, kind);
         }
+    }
+
+    /// Someone takes the frequent (`DEBUG`) events: a listener, metrics or a
+    /// `tracing` subscriber. Lets a caller skip what only an event needs.
+    #[inline]
+    pub(crate) fn listening(&self) -> bool {
+        self.listener.is_some()
+            || cfg!(feature = "metrics")
+            || tracing::enabled!(target: "semaforo", tracing::Level::DEBUG)
     }
 
     /// Emits `kind` from `layer`: tracing, metrics, then the listener.
