@@ -15,7 +15,12 @@
 //!   (so a `Retry-After` of 1 s once rounded up to whole seconds: set
 //!   `expected_service_time` for a better first answer).
 //! - **Order**: FIFO. With [`BulkheadLayer::priority`], higher priorities first,
-//!   FIFO within a priority. **Starvation guard** (on by default,
+//!   FIFO within a priority. Permits are granted in that order, and a caller
+//!   granted one counts as waiting until its task picks it up, so a newcomer
+//!   never takes a free permit ahead of it. On a current-thread runtime calls
+//!   also start in that order (when permits are released on that runtime's
+//!   thread); on a multi-thread runtime, calls granted in the same instant
+//!   start in the scheduler's order. **Starvation guard** (on by default,
 //!   [`BulkheadBuilder::priority_aging`], 5 s per level): a caller of priority `p`
 //!   is served as if it had arrived `p × aging` earlier. So a low-priority caller
 //!   is only ever overtaken by callers that arrive less than `Δp × aging` after it —
@@ -42,8 +47,11 @@
 //!
 //! Cost: with a free permit and nobody waiting, admission is one CAS and release
 //! one `fetch_sub` (no lock, no allocation, no clock read). Waiting, priorities,
-//! partitions and tickets go through one mutex; every line operation is
-//! O(log n) (an order-statistic tree), also at 100,000 waiters.
+//! partitions and tickets go through one mutex (taken to join the line and to
+//! release; a granted caller picks its permit up without it); every line
+//! operation is O(log n) (an order-statistic tree), also at 100,000 waiters.
+//! A queued call reads the clock three times: on arrival, at its grant and
+//! at its end (the service time behind ETAs and `retry_after`).
 //!
 //! Why not `tokio::sync::Semaphore`: it is FIFO but has no priorities, no
 //! partitions, no positions, and cannot tell a caller where it stands.
@@ -401,7 +409,9 @@ impl Bulkhead {
 
     /// Takes a slot now without a call (released when the permit drops), or
     /// refuses with `QueueFull` when none is free or callers are waiting (they
-    /// come first), with a `retry_after`: the time between two admissions
+    /// come first: in line, or granted a permit their task has not picked up
+    /// yet — [`snapshot`](Self::snapshot)'s `waiting` counts only the
+    /// former), with a `retry_after`: the time between two admissions
     /// (1 s a round before any service time is known), as a full line's.
     ///
     /// # Errors

@@ -706,7 +706,8 @@ impl Shared {
         // Waiters granted a permit but not yet polled: if the dispatch
         // below grants this newcomer at once, on a current-thread runtime
         // it yields once so that they start first (they were woken earlier,
-        // so they run first). On a multi-thread runtime the start of calls
+        // so they run first — when they were woken on the runtime's own
+        // thread: a wake from another thread is picked up later). On a multi-thread runtime the start of calls
         // granted in one instant is the scheduler's order whatever we do,
         // and a yield there would only cost throughput. It is never a wait
         // for them: an earlier call's future may never be polled again
@@ -758,6 +759,9 @@ impl Shared {
                 .obs
                 .emit("bulkhead", EventKind::Queued { position });
         }
+        // Only a newcomer granted at once yields: one granted later is woken
+        // in line order with the others.
+        let defer = defer && node.state.load(Ordering::Acquire) == NODE_GRANTED;
         Acquire::Queued(Waiter {
             shared: self.clone(),
             slot,

@@ -170,6 +170,10 @@ impl Drop for Waiter {
         // Granted but never taken: give the permit back. Grants are made
         // under the lock, so this look is final.
         if self.node.state.load(Ordering::Acquire) == NODE_GRANTED {
+            // Not admitted after all: a ticket reads `Cancelled`.
+            self.node
+                .state
+                .store(super::queue::NODE_SETTLED, Ordering::Release);
             self.shared
                 .state
                 .fetch_sub(super::queue::WAITER, Ordering::AcqRel);
