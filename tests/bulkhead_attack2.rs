@@ -317,8 +317,7 @@ async fn try_permit_while_a_granted_caller_has_not_picked_up() {
     assert_eq!((s.in_flight, s.waiting, s.limit), (1, 0, 2));
     let e = b
         .try_permit()
-        .err()
-        .expect("refused while C has not picked up");
+        .expect_err("refused while C has not picked up");
     assert_eq!(e.kind(), RejectKind::QueueFull);
     // C picks its permit up (and answers): the free permit is taken.
     assert_eq!(c.await.unwrap(), 1);
