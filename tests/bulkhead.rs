@@ -660,38 +660,7 @@ fn bad_configuration_is_an_error_not_a_panic() {
 /// taking the permit freed next through the fast path.
 #[tokio::test(start_paused = true)]
 async fn a_newcomer_starts_after_a_granted_waiter_not_yet_polled() {
-    use std::sync::{Arc, Mutex};
-    use tokio::sync::oneshot;
-    use tower::Layer;
-    let bulkhead = Bulkhead::builder(2).max_queue(10).build().unwrap();
-    let log = Arc::new(Mutex::new(Vec::<u32>::new()));
-    let l = log.clone();
-    let svc = bulkhead.layer().layer(tower::service_fn(
-        move |(id, gate): (u32, Option<oneshot::Receiver<()>>)| {
-            l.lock().unwrap().push(id);
-            async move {
-                if let Some(g) = gate {
-                    let _ = g.await;
-                }
-                Ok::<u32, BoxError>(id)
-            }
-        },
-    ));
-    let (open_a, gate_a) = oneshot::channel();
-    let (open_b, gate_b) = oneshot::channel();
-    let a = tokio::spawn(svc.clone().oneshot((0, Some(gate_a))));
-    let b = tokio::spawn(svc.clone().oneshot((1, Some(gate_b))));
-    while log.lock().unwrap().len() < 2 {
-        tokio::task::yield_now().await;
-    }
-    let mut c = Box::pin(svc.clone().oneshot((2, None)));
-    assert!(futures::poll!(&mut c).is_pending(), "both permits are held");
-    assert_eq!(bulkhead.snapshot().waiting, 1);
-    // A's permit goes to C (not polled yet); B's permit is then free.
-    open_a.send(()).unwrap();
-    open_b.send(()).unwrap();
-    assert_eq!(a.await.unwrap().unwrap(), 0);
-    assert_eq!(b.await.unwrap().unwrap(), 1);
+    let (bulkhead, svc, log, c) = granted::one_granted_one_free().await;
     let mut d = Box::pin(svc.clone().oneshot((3, None)));
     let _ = futures::poll!(&mut d);
     assert_eq!(*log.lock().unwrap(), vec![0, 1], "D started before C");
@@ -709,36 +678,7 @@ async fn a_newcomer_starts_after_a_granted_waiter_not_yet_polled() {
 /// clears, so the next call takes the fast path.
 #[tokio::test(start_paused = true)]
 async fn granted_waiters_dropped_before_polling_give_everything_back() {
-    use std::sync::{Arc, Mutex};
-    use tokio::sync::oneshot;
-    use tower::Layer;
-    let bulkhead = Bulkhead::builder(2).max_queue(10).build().unwrap();
-    let log = Arc::new(Mutex::new(Vec::<u32>::new()));
-    let l = log.clone();
-    let svc = bulkhead.layer().layer(tower::service_fn(
-        move |(id, gate): (u32, Option<oneshot::Receiver<()>>)| {
-            l.lock().unwrap().push(id);
-            async move {
-                if let Some(g) = gate {
-                    let _ = g.await;
-                }
-                Ok::<u32, BoxError>(id)
-            }
-        },
-    ));
-    let (open_a, gate_a) = oneshot::channel();
-    let (open_b, gate_b) = oneshot::channel();
-    let a = tokio::spawn(svc.clone().oneshot((0, Some(gate_a))));
-    let b = tokio::spawn(svc.clone().oneshot((1, Some(gate_b))));
-    while log.lock().unwrap().len() < 2 {
-        tokio::task::yield_now().await;
-    }
-    let mut c = Box::pin(svc.clone().oneshot((2, None)));
-    assert!(futures::poll!(&mut c).is_pending());
-    open_a.send(()).unwrap();
-    open_b.send(()).unwrap();
-    a.await.unwrap().unwrap();
-    b.await.unwrap().unwrap();
+    let (bulkhead, svc, log, c) = granted::one_granted_one_free().await;
     let mut d = Box::pin(svc.clone().oneshot((3, None)));
     assert!(futures::poll!(&mut d).is_pending(), "D yields to C once");
     assert_eq!(bulkhead.snapshot().in_flight, 2, "C and D hold permits");
@@ -759,42 +699,70 @@ async fn granted_waiters_dropped_before_polling_give_everything_back() {
 /// (`let c = svc.call(..); let d = svc.call(..); d.await; c.await`).
 #[tokio::test(start_paused = true)]
 async fn a_newcomer_does_not_wait_for_an_unpolled_grant() {
-    use std::sync::{Arc, Mutex};
-    use tokio::sync::oneshot;
-    use tower::Layer;
-    let bulkhead = Bulkhead::builder(2).max_queue(10).build().unwrap();
-    let log = Arc::new(Mutex::new(Vec::<u32>::new()));
-    let l = log.clone();
-    let svc = bulkhead.layer().layer(tower::service_fn(
-        move |(id, gate): (u32, Option<oneshot::Receiver<()>>)| {
-            l.lock().unwrap().push(id);
-            async move {
-                if let Some(g) = gate {
-                    let _ = g.await;
-                }
-                Ok::<u32, BoxError>(id)
-            }
-        },
-    ));
-    let (open_a, gate_a) = oneshot::channel();
-    let (open_b, gate_b) = oneshot::channel();
-    let a = tokio::spawn(svc.clone().oneshot((0, Some(gate_a))));
-    let b = tokio::spawn(svc.clone().oneshot((1, Some(gate_b))));
-    while log.lock().unwrap().len() < 2 {
-        tokio::task::yield_now().await;
-    }
-    let mut c = Box::pin(svc.clone().oneshot((2, None)));
-    assert!(futures::poll!(&mut c).is_pending());
-    open_a.send(()).unwrap();
-    open_b.send(()).unwrap();
-    a.await.unwrap().unwrap();
-    b.await.unwrap().unwrap();
+    let (bulkhead, svc, log, c) = granted::one_granted_one_free().await;
     // C is granted and not polled again until D has answered.
     let t0 = Instant::now();
     let d = tokio::time::timeout(secs(1), svc.clone().oneshot((3, None))).await;
     assert_eq!(d.expect("D does not wait for C").unwrap(), 3);
     assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert_eq!(*log.lock().unwrap(), vec![0, 1, 3], "C not polled: D first");
     assert_eq!(c.await.unwrap(), 2);
     let snap = bulkhead.snapshot();
     assert_eq!((snap.in_flight, snap.waiting), (0, 0));
+}
+
+/// The three tests above: the state after which a newcomer meets a grant
+/// not yet picked up.
+mod granted {
+    use super::*;
+    use futures::future::BoxFuture;
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::oneshot;
+    use tower::util::BoxCloneService;
+    use tower::Layer;
+
+    /// A call: its id, and a gate that holds its permit until opened.
+    pub type Call = (u32, Option<oneshot::Receiver<()>>);
+
+    /// A bulkhead of 2 permits around a service that logs each start. A (0)
+    /// and B (1) hold both permits, C (2) queues; A and B end: C is granted
+    /// (its future, returned, not polled since) and one permit is free.
+    pub async fn one_granted_one_free() -> (
+        Bulkhead,
+        BoxCloneService<Call, u32, BoxError>,
+        Arc<Mutex<Vec<u32>>>,
+        BoxFuture<'static, Result<u32, BoxError>>,
+    ) {
+        let bulkhead = Bulkhead::builder(2).max_queue(10).build().unwrap();
+        let log = Arc::new(Mutex::new(Vec::<u32>::new()));
+        let l = log.clone();
+        let svc = BoxCloneService::new(bulkhead.layer().layer(tower::service_fn(
+            move |(id, gate): Call| {
+                l.lock().unwrap().push(id);
+                async move {
+                    if let Some(g) = gate {
+                        let _ = g.await;
+                    }
+                    Ok::<u32, BoxError>(id)
+                }
+            },
+        )));
+        let (open_a, gate_a) = oneshot::channel();
+        let (open_b, gate_b) = oneshot::channel();
+        let a = tokio::spawn(svc.clone().oneshot((0, Some(gate_a))));
+        let b = tokio::spawn(svc.clone().oneshot((1, Some(gate_b))));
+        while log.lock().unwrap().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let mut c: BoxFuture<'static, Result<u32, BoxError>> =
+            Box::pin(svc.clone().oneshot((2, None)));
+        assert!(futures::poll!(&mut c).is_pending(), "both permits are held");
+        assert_eq!(bulkhead.snapshot().waiting, 1);
+        // A's permit goes to C (not polled yet); B's permit is then free.
+        open_a.send(()).unwrap();
+        open_b.send(()).unwrap();
+        assert_eq!(a.await.unwrap().unwrap(), 0);
+        assert_eq!(b.await.unwrap().unwrap(), 1);
+        (bulkhead, svc, log, c)
+    }
 }
