@@ -729,21 +729,13 @@ where
                                 );
                             }
                         }
-                        Err(Turn::Wait(None)) => {
-                            // Woken by the line, or at the deadline.
-                            if let Some(d) = w.deadline {
-                                match w.sleep.as_mut() {
-                                    Some(s) => s.as_mut().reset(d),
-                                    None => w.sleep = Some(Box::pin(tokio::time::sleep_until(d))),
-                                }
-                                if let Some(s) = w.sleep.as_mut() {
-                                    ready!(s.as_mut().poll(cx));
-                                }
-                                continue;
-                            }
-                            return Poll::Pending;
-                        }
-                        Err(Turn::Wait(Some(at))) => {
+                        Err(Turn::Wait(at)) => {
+                            // Woken by the line, at its projected start (not
+                            // past the deadline: refused above), or at the
+                            // deadline.
+                            let Some(at) = at.or(w.deadline) else {
+                                return Poll::Pending;
+                            };
                             match w.sleep.as_mut() {
                                 Some(s) => s.as_mut().reset(at),
                                 None => w.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
