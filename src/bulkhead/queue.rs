@@ -194,8 +194,9 @@ pub(super) struct Stats {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum SlotState {
+    /// In line or parked. A granted waiter has no slot any more: its grant
+    /// is in its [`Node`].
     Waiting,
-    Granted,
     Rejected(RejectKind),
     /// Shed from a line that shrank with an adaptive limit (`QueueFull`).
     Shed,
@@ -798,7 +799,7 @@ impl Shared {
                 continue;
             }
             let class = q.slots.get(key.2 as usize).and_then(|s| s.class);
-            let partition = Self::leave_line(q, key, SlotState::Granted);
+            let partition = Self::grant(q, key);
             if let Some(k) = partition {
                 if let Some(p) = q.partitions.get_mut(&k) {
                     p.promoted -= 1;
@@ -861,16 +862,20 @@ impl Shared {
         ))
     }
 
-    /// Takes `key`'s waiter out of the line into `state` and wakes it;
-    /// returns its partition. The caller counts the waiter bits. A granted
-    /// waiter's slot is freed here: it takes its permit without the lock.
+    /// Grants `key`'s waiter a permit: out of the line, its slot freed (it
+    /// takes its permit without the lock, from its node), woken; returns its
+    /// partition. The caller counts the permit.
+    fn grant(q: &mut Queue, key: LineKey) -> Option<u64> {
+        q.exit_line(&key);
+        let slot = q.slots.remove(key.2 as usize);
+        slot.node.settle(NODE_GRANTED);
+        slot.partition
+    }
+
+    /// Takes `key`'s waiter out of the line into `state` (refused) and wakes
+    /// it; returns its partition. The caller counts the waiter bits.
     fn leave_line(q: &mut Queue, key: LineKey, state: SlotState) -> Option<u64> {
         q.exit_line(&key);
-        if state == SlotState::Granted {
-            let slot = q.slots.remove(key.2 as usize);
-            slot.node.settle(NODE_GRANTED);
-            return slot.partition;
-        }
         let slot = &mut q.slots[key.2 as usize];
         slot.state = state;
         slot.promoted = false;
@@ -945,7 +950,7 @@ impl Shared {
 
     /// Removes a waiter that is leaving the line (dropped or timed out).
     /// Returns its state before removal and its partition. A granted waiter
-    /// has no slot any more (see `leave_line`): its permit is settled by the
+    /// has no slot any more (see `grant`): its permit is settled by the
     /// waiter.
     pub(super) fn remove_waiter(
         &self,
@@ -986,9 +991,9 @@ impl Shared {
                     }
                 }
             }
-            // A granted waiter's slot is gone (see `leave_line`): the
+            // A granted waiter's slot is gone (see `grant`): the
             // waiter settles it (`Waiter::take_granted`).
-            SlotState::Granted | SlotState::Rejected(_) | SlotState::Shed => {}
+            SlotState::Rejected(_) | SlotState::Shed => {}
         }
         Some((state, Holder { partition, class }))
     }

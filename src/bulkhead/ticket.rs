@@ -225,7 +225,6 @@ impl Shared {
                     eta: Self::eta(&q, &self.cfg, limit, position),
                 }
             }
-            SlotState::Granted => return Some(TicketStatus::Admitted),
             SlotState::Rejected(kind) => return Some(TicketStatus::Rejected(kind)),
             SlotState::Shed => return Some(TicketStatus::Rejected(RejectKind::QueueFull)),
         };

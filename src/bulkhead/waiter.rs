@@ -84,8 +84,8 @@ impl Waiter {
         };
         match slot.state {
             // Not reached: the node is settled together with the slot,
-            // under the lock, and a granted slot is gone from the slab.
-            SlotState::Waiting | SlotState::Granted => Poll::Pending,
+            // under the lock.
+            SlotState::Waiting => Poll::Pending,
             SlotState::Rejected(kind) => {
                 q.slots.remove(self.slot as usize);
                 self.done = true;
