@@ -248,3 +248,18 @@ proptest! {
         })?;
     }
 }
+
+/// `Duration::MAX` ("no limit" as many spell it) neither panics nor fires:
+/// a call that answers after 20 years answers (tokio's timers end at 30).
+#[tokio::test(start_paused = true)]
+async fn a_limit_of_duration_max_never_fires() {
+    let t = Timeout::builder()
+        .attempt(Duration::MAX)
+        .total(Duration::MAX)
+        .build()
+        .unwrap();
+    let years = Duration::from_secs(86_400 * 365 * 20);
+    let (at, err) = run(&t, years, vec![ms(1)]).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(at, vec![years + ms(1)]);
+}

@@ -386,7 +386,6 @@ where
         }
         let retry = backup.map(|backup| Retrying {
             spare: self.spare.clone(),
-            svc: None,
             backup: Some(backup),
             requests: self.requests.clone(),
             attempt: 1,
@@ -406,8 +405,6 @@ where
 /// What a retryable call keeps between attempts.
 struct Retrying<S, Req, P> {
     spare: Arc<Spare<S>>,
-    /// The service of the retries: cloned from the spare at the first one.
-    svc: Option<S>,
     backup: Option<Req>,
     requests: P,
     attempt: u32,
@@ -416,8 +413,10 @@ struct Retrying<S, Req, P> {
     /// poll without an attempt in flight make one.
     due: bool,
     /// Allocated at the first retry, so a call that does not fail carries
-    /// (and moves, and drops) none of it.
-    backing_off: Option<Box<BackingOff>>,
+    /// (and moves, and drops) none of it — the inner service's clone
+    /// included, which would otherwise sit in every call's future (and be
+    /// copied with it through every layer above).
+    backing_off: Option<Box<BackingOff<S>>>,
 }
 
 /// The response future of [`RetryService`].
@@ -471,11 +470,14 @@ fn too_long<S, Req, P>(
 }
 
 /// What a call keeps once it has been retried: the backoff timer, the last
-/// delay (decorrelated jitter grows from it) and the `semaforo.retry` span.
-struct BackingOff {
+/// delay (decorrelated jitter grows from it), the `semaforo.retry` span and
+/// the service of the retries (cloned from the spare at the first one, once
+/// the backoff is over).
+struct BackingOff<S> {
     sleep: Pin<Box<Sleep>>,
     prev_delay: Duration,
     span: tracing::Span,
+    svc: Option<S>,
 }
 
 /// Counts the next attempt and arms the backoff timer (allocated at the
@@ -495,6 +497,7 @@ fn start_sleep<S, Req, P>(retry: &mut Retrying<S, Req, P>, delay: Duration) {
                 sleep: Box::pin(tokio::time::sleep(delay)),
                 prev_delay: delay,
                 span: retry.spare.shared.obs.span("retry", "retry"),
+                svc: None,
             }))
         }
     }
@@ -588,12 +591,15 @@ where
             let Some(retry) = this.retry.as_mut().filter(|r| r.due) else {
                 return Poll::Ready(Err(crate::error::polled_after_done("retry")));
             };
-            if let Some(b) = retry.backing_off.as_mut() {
-                if !b.sleep.is_elapsed() {
-                    ready!(b.sleep.as_mut().poll(cx));
-                }
+            // A retry is due only once `start_sleep` has armed the backoff.
+            let Some(b) = retry.backing_off.as_mut() else {
+                retry.due = false;
+                return Poll::Ready(Err(crate::error::polled_after_done("retry")));
+            };
+            if !b.sleep.is_elapsed() {
+                ready!(b.sleep.as_mut().poll(cx));
             }
-            let svc = retry.svc.get_or_insert_with(|| retry.spare.service());
+            let svc = b.svc.get_or_insert_with(|| retry.spare.service());
             if let Err(e) = ready!(svc.poll_ready(cx)) {
                 retry.due = false;
                 return Poll::Ready(Err(e.into()));

@@ -73,6 +73,74 @@ pub struct Limits {
     pub idle: Option<Duration>,
 }
 
+/// [`Limits`] as a call's future carries them: each limit in whole
+/// nanoseconds, [`Packed::NONE`] for "no limit" (32 bytes where `Limits` takes
+/// 64: every layer above copies the future, so its size is paid on every
+/// call). A limit above ~584 years is kept as ~584 years, later than any
+/// timer can fire (timers saturate at 30 years, see [`crate::time::FAR`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Packed {
+    attempt: u64,
+    total: u64,
+    first_chunk: u64,
+    idle: u64,
+}
+
+impl Packed {
+    /// No limit (larger than any limit, so "sooner" is a plain `<`).
+    pub(crate) const NONE: u64 = u64::MAX;
+
+    #[inline]
+    pub(crate) fn nanos(d: Option<Duration>) -> u64 {
+        d.map_or(Self::NONE, |d| {
+            u64::try_from(d.as_nanos()).map_or(Self::NONE - 1, |n| n.min(Self::NONE - 1))
+        })
+    }
+
+    #[inline]
+    fn duration(n: u64) -> Option<Duration> {
+        (n != Self::NONE).then(|| Duration::from_nanos(n))
+    }
+
+    pub(crate) fn of(l: Limits) -> Self {
+        Packed {
+            attempt: Self::nanos(l.attempt),
+            total: Self::nanos(l.total),
+            first_chunk: Self::nanos(l.first_chunk),
+            idle: Self::nanos(l.idle),
+        }
+    }
+
+    pub(crate) fn limits(self) -> Limits {
+        Limits {
+            attempt: Self::duration(self.attempt),
+            total: Self::duration(self.total),
+            first_chunk: Self::duration(self.first_chunk),
+            idle: Self::duration(self.idle),
+        }
+    }
+
+    /// Tightens `total` to `own` nanoseconds when that is sooner.
+    #[inline]
+    pub(crate) fn tighten_total(&mut self, own: u64) -> bool {
+        let sooner = own < self.total;
+        if sooner {
+            self.total = own;
+        }
+        sooner
+    }
+
+    /// The limit until the response: `attempt`, or `total` if sooner.
+    #[inline]
+    pub(crate) fn until_response(self) -> Option<(Duration, bool)> {
+        if self.total < self.attempt {
+            Some((Duration::from_nanos(self.total), true))
+        } else {
+            Self::duration(self.attempt).map(|d| (d, false))
+        }
+    }
+}
+
 /// A set of timeouts; make layers with [`Timeout::layer`].
 #[derive(Debug, Clone)]
 pub struct Timeout {
@@ -195,5 +263,65 @@ impl Timeout {
     /// streamed answer to its end.
     pub fn layer(&self) -> TimeoutLayer<Whole> {
         TimeoutLayer::new(self.limits, self.obs.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Limits, Packed};
+    use std::time::Duration;
+
+    #[test]
+    fn packed_limits_keep_what_a_timer_can_tell_apart() {
+        let l = Limits {
+            attempt: Some(Duration::from_nanos(1)),
+            total: None,
+            first_chunk: Some(Duration::ZERO),
+            idle: Some(Duration::from_secs(20)),
+        };
+        assert_eq!(Packed::of(l).limits(), l);
+        // Beyond ~584 years: kept as ~584 years (no timer fires before).
+        let huge = Packed::of(Limits {
+            attempt: Some(Duration::MAX),
+            ..Limits::default()
+        })
+        .limits();
+        let kept = huge.attempt.expect("still a limit");
+        assert!(kept > Duration::from_secs(86_400 * 365 * 584), "{kept:?}");
+        assert_eq!(huge.total, None);
+    }
+
+    #[test]
+    fn the_limit_until_the_response_is_the_sooner_one() {
+        let p = |attempt, total| {
+            Packed::of(Limits {
+                attempt,
+                total,
+                ..Limits::default()
+            })
+        };
+        let s = Duration::from_secs;
+        assert_eq!(p(None, None).until_response(), None);
+        assert_eq!(p(Some(s(3)), None).until_response(), Some((s(3), false)));
+        assert_eq!(p(None, Some(s(5))).until_response(), Some((s(5), true)));
+        assert_eq!(
+            p(Some(s(3)), Some(s(5))).until_response(),
+            Some((s(3), false))
+        );
+        assert_eq!(
+            p(Some(s(5)), Some(s(3))).until_response(),
+            Some((s(3), true))
+        );
+        // Equal: the attempt names it (as before the packing).
+        assert_eq!(
+            p(Some(s(4)), Some(s(4))).until_response(),
+            Some((s(4), false))
+        );
+        let mut q = p(Some(s(9)), Some(s(5)));
+        assert!(!q.tighten_total(Packed::nanos(Some(s(5)))), "not sooner");
+        assert!(q.tighten_total(Packed::nanos(Some(s(2)))));
+        assert_eq!(q.until_response(), Some((s(2), true)));
+        let mut none = p(None, None);
+        assert!(none.tighten_total(Packed::nanos(Some(Duration::MAX))));
     }
 }

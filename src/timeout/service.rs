@@ -1,5 +1,5 @@
 use super::timed::Deadlines;
-use super::Limits;
+use super::{Limits, Packed};
 use crate::error::{BoxError, RejectKind, Rejected};
 use crate::guard::Tapped;
 use crate::observe::Observer;
@@ -215,7 +215,7 @@ impl<S, M, D: Clone> Layer<S> for TimeoutLayer<M, D> {
     fn layer(&self, inner: S) -> Self::Service {
         TimeoutService {
             inner,
-            limits: self.limits,
+            limits: Packed::of(self.limits),
             obs: self.obs.clone(),
             per_request: self.per_request.clone(),
             _mode: PhantomData,
@@ -226,7 +226,7 @@ impl<S, M, D: Clone> Layer<S> for TimeoutLayer<M, D> {
 /// The service of a [`TimeoutLayer`].
 pub struct TimeoutService<S, M = Whole, D = NoRequestLimit> {
     inner: S,
-    limits: Limits,
+    limits: Packed,
     obs: Option<Arc<Observer>>,
     per_request: D,
     _mode: PhantomData<fn() -> M>,
@@ -248,7 +248,7 @@ impl<S: fmt::Debug, M, D> fmt::Debug for TimeoutService<S, M, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TimeoutService")
             .field("inner", &self.inner)
-            .field("limits", &self.limits)
+            .field("limits", &self.limits.limits())
             .finish()
     }
 }
@@ -270,28 +270,18 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let mut l = self.limits;
-        let mut total_name = "total";
-        if let Some(own) = self.per_request.limit(&req) {
-            if l.total.is_none_or(|t| own < t) {
-                l.total = Some(own);
-                total_name = "request deadline";
-            }
-        }
-        // Until the response: the attempt limit, or the total one if sooner.
-        let until_response = match (l.attempt, l.total) {
-            (Some(a), Some(t)) if t < a => Some((t, total_name)),
-            (Some(a), _) => Some((a, "attempt")),
-            (None, Some(t)) => Some((t, total_name)),
-            (None, None) => None,
-        };
+        let mut limits = self.limits;
+        let own = self
+            .per_request
+            .limit(&req)
+            .is_some_and(|own| limits.tighten_total(Packed::nanos(Some(own))));
         ResponseFuture {
             fut: self.inner.call(req),
             sleep: None,
-            which: until_response,
-            limits: l,
+            limits,
             started: None,
             obs: self.obs.clone(),
+            request_deadline: own,
             done: false,
             _mode: PhantomData,
         }
@@ -306,10 +296,12 @@ pub struct ResponseFuture<F, M> {
     /// Armed at the first `Pending`: a call that answers at once reads no clock
     /// and registers no timer (the limit counts from that first poll).
     sleep: Option<Pin<Box<Sleep>>>,
-    which: Option<(Duration, &'static str)>,
-    limits: Limits,
+    /// Packed: every layer above copies this future.
+    limits: Packed,
     started: Option<Instant>,
     obs: Option<Arc<Observer>>,
+    /// `total` is the request's own limit (named "request deadline").
+    request_deadline: bool,
     /// Answered: polled again, an error (the timeout is not reported twice).
     done: bool,
     _mode: PhantomData<fn() -> M>,
@@ -338,19 +330,28 @@ where
         if let Poll::Ready(result) = this.fut.poll(cx) {
             *this.done = true;
             return Poll::Ready(match result {
-                Ok(res) => Ok(M::wrap(res, *this.limits, *this.started, this.obs.clone())),
+                Ok(res) => Ok(M::wrap(
+                    res,
+                    this.limits.limits(),
+                    *this.started,
+                    this.obs.clone(),
+                )),
                 Err(e) => Err(e.into()),
             });
         }
         let started = *this.started.get_or_insert_with(Instant::now);
+        let until_response = this.limits.until_response();
         if this.sleep.is_none() {
-            *this.sleep = this
-                .which
-                .map(|(d, _)| Box::pin(crate::time::sleep_for(started, d)));
+            *this.sleep = until_response.map(|(d, _)| Box::pin(crate::time::sleep_for(started, d)));
         }
         if let Some(sleep) = this.sleep.as_mut() {
             if sleep.as_mut().poll(cx).is_ready() {
-                let (d, which) = this.which.unwrap_or((Duration::ZERO, "attempt"));
+                let (d, which) = match until_response {
+                    Some((d, false)) => (d, "attempt"),
+                    Some((d, true)) if *this.request_deadline => (d, "request deadline"),
+                    Some((d, true)) => (d, "total"),
+                    None => (Duration::ZERO, "attempt"),
+                };
                 let r = Rejected::new("timeout", RejectKind::Timeout)
                     .with_name_opt(this.obs.as_ref().and_then(|o| o.name.as_ref()))
                     .with_detail(format!("{which} {}", crate::time::Human(d)));
