@@ -7,7 +7,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
@@ -517,6 +517,14 @@ fn deadline_error(shared: Option<&Arc<Shared>>, total: Option<Duration>) -> BoxE
     r.into()
 }
 
+/// What one pass of [`ResponseFuture::step`] came to.
+enum Step<T> {
+    Done(Poll<T>),
+    /// A first retry was just decided outside the `semaforo.retry` span:
+    /// step again inside it (the backoff and the new attempt are the retry's).
+    EnterSpan,
+}
+
 impl<S, Req, C, P> Future for ResponseFuture<S, Req, C, P>
 where
     S: Service<Req> + Clone,
@@ -530,20 +538,55 @@ where
     /// class carried outward, see [`Classify::classify_and_carry`]); a call
     /// that is not retryable returns its first result unclassified. Polled
     /// again once it has answered, it answers an error and calls nothing:
-    /// the retry section runs only while a retry is due (`due`).
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    /// the retry section runs only while a retry is due (`due`). Inside the
+    /// `semaforo.retry` span once the call has been retried; a call that
+    /// was not touches no span at all.
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let retried = self.retry.as_ref().is_some_and(|r| r.backing_off.is_some());
+            let step = if retried {
+                let span = self
+                    .retry
+                    .as_ref()
+                    .and_then(|r| r.backing_off.as_ref())
+                    .map(|b| b.span.clone())
+                    .unwrap_or_else(tracing::Span::none);
+                let _in_span = span.enter();
+                self.as_mut().step(cx, true)
+            } else {
+                self.as_mut().step(cx, false)
+            };
+            match step {
+                Step::Done(p) => return p,
+                Step::EnterSpan => continue,
+            }
+        }
+    }
+}
+
+impl<S, Req, C, P> ResponseFuture<S, Req, C, P>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response, S::Error>,
+    P: RequestPolicy<Req>,
+{
+    /// Polls the attempt in flight and makes the next one when it is due.
+    /// `in_span`: the caller entered the retry span (else a first retry
+    /// returns [`Step::EnterSpan`] as soon as it is decided).
+    #[inline(always)]
+    fn step(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        in_span: bool,
+    ) -> Step<Result<S::Response, BoxError>> {
+        use Step::Done;
         let mut this = self.project();
         // Answered already (no attempt in flight, none due): an error, no
         // call, no deadline reported.
         if this.fut.is_none() && !this.retry.as_ref().is_some_and(|r| r.due) {
-            return Poll::Ready(Err(crate::error::polled_after_done("retry")));
+            return Done(Poll::Ready(Err(crate::error::polled_after_done("retry"))));
         }
-        // Inside the `semaforo.retry` span once the call has been retried.
-        let mut _in_span = this
-            .retry
-            .as_ref()
-            .and_then(|r| r.backing_off.as_ref())
-            .map(|b| b.span.clone().entered());
         loop {
             if let Some(d) = this.deadline.as_mut() {
                 if d.as_mut().poll(cx).is_ready() {
@@ -554,14 +597,16 @@ where
                     *this.deadline = None;
                     this.fut.set(None);
                     *this.retry = None;
-                    return Poll::Ready(Err(e));
+                    return Done(Poll::Ready(Err(e)));
                 }
             }
             if let Some(fut) = this.fut.as_mut().as_pin_mut() {
-                let mut result = ready!(fut.poll(cx));
+                let Poll::Ready(mut result) = fut.poll(cx) else {
+                    return Done(Poll::Pending);
+                };
                 this.fut.set(None);
                 let Some(retry) = this.retry.as_mut() else {
-                    return Poll::Ready(result.map_err(Into::into));
+                    return Done(Poll::Ready(result.map_err(Into::into)));
                 };
                 let class = this
                     .classify
@@ -569,40 +614,46 @@ where
                 if !class.is_retryable() {
                     // The common case decides without a clock read or an RNG.
                     // (`due` is false: a later poll calls nothing.)
-                    return Poll::Ready(result.map_err(Into::into));
+                    return Done(Poll::Ready(result.map_err(Into::into)));
                 }
                 let left = this
                     .deadline
                     .as_ref()
                     .map(|d| d.deadline().saturating_duration_since(Instant::now()));
                 match decide(retry, &class, left) {
-                    Decision::Return => return Poll::Ready(result.map_err(Into::into)),
+                    Decision::Return => return Done(Poll::Ready(result.map_err(Into::into))),
                     Decision::TooLong(retry_after) => {
-                        return Poll::Ready(result.map_err(|e| too_long(retry, retry_after, e)))
+                        return Done(Poll::Ready(
+                            result.map_err(|e| too_long(retry, retry_after, e)),
+                        ))
                     }
                     Decision::Retry(delay) => {
                         start_sleep(retry, delay);
-                        if _in_span.is_none() {
-                            _in_span = retry.backing_off.as_ref().map(|b| b.span.clone().entered());
+                        if !in_span {
+                            return Step::EnterSpan;
                         }
                     }
                 }
             }
             let Some(retry) = this.retry.as_mut().filter(|r| r.due) else {
-                return Poll::Ready(Err(crate::error::polled_after_done("retry")));
+                return Done(Poll::Ready(Err(crate::error::polled_after_done("retry"))));
             };
             // A retry is due only once `start_sleep` has armed the backoff.
             let Some(b) = retry.backing_off.as_mut() else {
                 retry.due = false;
-                return Poll::Ready(Err(crate::error::polled_after_done("retry")));
+                return Done(Poll::Ready(Err(crate::error::polled_after_done("retry"))));
             };
-            if !b.sleep.is_elapsed() {
-                ready!(b.sleep.as_mut().poll(cx));
+            if !b.sleep.is_elapsed() && b.sleep.as_mut().poll(cx).is_pending() {
+                return Done(Poll::Pending);
             }
             let svc = b.svc.get_or_insert_with(|| retry.spare.service());
-            if let Err(e) = ready!(svc.poll_ready(cx)) {
-                retry.due = false;
-                return Poll::Ready(Err(e.into()));
+            match svc.poll_ready(cx) {
+                Poll::Pending => return Done(Poll::Pending),
+                Poll::Ready(Err(e)) => {
+                    retry.due = false;
+                    return Done(Poll::Ready(Err(e.into())));
+                }
+                Poll::Ready(Ok(())) => {}
             }
             let mut req = if retry.attempt >= retry.spare.shared.max_attempts {
                 retry.backup.take()
@@ -614,7 +665,9 @@ where
             };
             let Some(mut req) = req.take() else {
                 retry.due = false;
-                return Poll::Ready(Err("retry: the request could not be copied".into()));
+                return Done(Poll::Ready(Err(
+                    "retry: the request could not be copied".into()
+                )));
             };
             retry.requests.on_attempt(&mut req, retry.attempt);
             let fut = svc.call(req);
