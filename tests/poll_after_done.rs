@@ -484,3 +484,93 @@ async fn reqwest_upstream_polled_again_does_not_panic() {
         "reqwest Upstream: polled after done: {again:?}"
     );
 }
+
+// ------------------------------------------------- every layer, async upstream
+
+/// Polls `svc`'s call to its answer, then again: the second poll must answer
+/// an error on its own — with an `async` upstream (which panics when resumed
+/// after completion) a layer that polls its inner future again panics.
+async fn answers_once<S>(layer: &str, mut svc: S) -> Option<String>
+where
+    S: Service<u32>,
+    S::Error: std::fmt::Debug,
+    S::Response: std::fmt::Debug,
+{
+    let svc = ServiceExt::<u32>::ready(&mut svc).await.expect("ready");
+    let mut fut = Box::pin(svc.call(1));
+    let first = poll_catch(fut.as_mut());
+    if !matches!(first, Ok(Poll::Ready(Ok(_)))) {
+        return Some(format!("{layer}: first poll {first:?}"));
+    }
+    match poll_catch(fut.as_mut()) {
+        Ok(Poll::Ready(Err(_))) => None,
+        other => Some(format!("{layer}: polled again {other:?}")),
+    }
+}
+
+fn async_up() -> impl Service<
+    u32,
+    Response = u32,
+    Error = std::io::Error,
+    Future = impl Future<Output = Result<u32, std::io::Error>>,
+> + Clone {
+    tower::service_fn(|x: u32| async move { Ok::<_, std::io::Error>(x) })
+}
+
+/// Found by an outside trial (chaos re-polled its inner future), then swept
+/// over every layer: none resumes an answered inner future.
+#[tokio::test(start_paused = true)]
+async fn no_layer_resumes_an_answered_inner_future() {
+    use semaforo::quota::{Quota, Rate, RateLimit};
+    let mut failures = Vec::new();
+    let limit = RateLimit::builder(Rate::per_second(100)).build().unwrap();
+    failures.extend(answers_once("rate limit", limit.layer().layer(async_up())).await);
+    let quota = Quota::builder()
+        .plan("p", Rate::per_second(100))
+        .build::<u32>()
+        .unwrap();
+    let plan = quota.plan_id("p").unwrap();
+    failures.extend(
+        answers_once(
+            "quota",
+            quota.layer(move |_: &u32| (0u32, plan)).layer(async_up()),
+        )
+        .await,
+    );
+    let pace = semaforo::pace::Pace::builder()
+        .requests_per_minute(600)
+        .build()
+        .unwrap();
+    failures.extend(answers_once("pace", pace.layer().layer(async_up())).await);
+    let bh = semaforo::bulkhead::Bulkhead::builder(4).build().unwrap();
+    failures.extend(answers_once("bulkhead", bh.layer().layer(async_up())).await);
+    let br = semaforo::breaker::Breaker::builder().build().unwrap();
+    failures.extend(answers_once("breaker", br.layer().layer(async_up())).await);
+    let sd = semaforo::shutdown::Shutdown::new();
+    failures.extend(answers_once("shutdown", sd.layer().layer(async_up())).await);
+    let to = semaforo::timeout::Timeout::builder()
+        .attempt(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    failures.extend(answers_once("timeout", to.layer().layer(async_up())).await);
+    let rt = semaforo::retry::Retry::builder()
+        .max_attempts(3)
+        .build()
+        .unwrap();
+    failures.extend(answers_once("retry", rt.layer().layer(async_up())).await);
+    let chaos = semaforo::chaos::Chaos::builder()
+        .fault(semaforo::chaos::Fault::error(semaforo::classify::Class::Transient).rate(0.0))
+        .build()
+        .unwrap();
+    failures.extend(answers_once("chaos (off)", chaos.layer().layer(async_up())).await);
+    chaos.enable();
+    failures.extend(answers_once("chaos (on)", chaos.layer().layer(async_up())).await);
+    failures.extend(
+        answers_once(
+            "coalesce",
+            semaforo::coalesce::CoalesceLayer::new(|r: &u32| Some(*r)).layer(async_up()),
+        )
+        .await,
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -287,6 +287,11 @@ where
                 call,
                 classify,
             } => {
+                // The call is taken with the answer: without it, the future
+                // has answered (its inner future is not resumed).
+                if call.is_none() {
+                    return Poll::Ready(Err(crate::error::polled_after_done("breaker")));
+                }
                 let mut result = ready!(fut.poll(cx));
                 let class = classify.classify_and_carry(result.as_mut().map_err(|e| &*e));
                 Poll::Ready(match result {

@@ -143,6 +143,11 @@ where
                     permit,
                     started,
                 } => {
+                    // The permit goes with the answer: without it, the call
+                    // has answered (its future is not resumed).
+                    if permit.is_none() {
+                        return Poll::Ready(Err(crate::error::polled_after_done("bulkhead")));
+                    }
                     let result = ready!(fut.poll(cx)).map_err(Into::into);
                     let Some(permit) = permit.take() else {
                         return Poll::Ready(Err(crate::error::polled_after_done("bulkhead")));

@@ -697,6 +697,8 @@ pub struct ChaosFuture<F, Res, W> {
 enum Outer<F, Res> {
     Pass(#[pin] F),
     Faulty(Pin<Box<State<F, Res>>>),
+    /// Answered: polled again, an error (the inner future is not resumed).
+    Done,
 }
 
 impl<F, Res, W> ChaosFuture<F, Res, W> {
@@ -745,6 +747,7 @@ impl<F, Res, W> fmt::Debug for ChaosFuture<F, Res, W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             Outer::Pass(_) => "call",
+            Outer::Done => "done",
             Outer::Faulty(s) => match &**s {
                 State::Pass { .. } => "call",
                 State::Delay { .. } => "delay",
@@ -767,12 +770,15 @@ where
     type Output = Result<Res, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
+        let mut state = self.project().state;
+        match state.as_mut().project() {
             OuterProj::Pass(fut) => {
-                let out = std::task::ready!(fut.poll(cx)).map_err(Into::into)?;
-                Poll::Ready(Ok(W::wrap(out, None)))
+                let out = std::task::ready!(fut.poll(cx));
+                state.set(Outer::Done);
+                Poll::Ready(out.map(|out| W::wrap(out, None)).map_err(Into::into))
             }
-            OuterProj::Faulty(state) => poll_faulty::<F, T, E, Res, W>(state.as_mut(), cx),
+            OuterProj::Faulty(faulty) => poll_faulty::<F, T, E, Res, W>(faulty.as_mut(), cx),
+            OuterProj::Done => Poll::Ready(Err(crate::error::polled_after_done("chaos"))),
         }
     }
 }
@@ -789,8 +795,11 @@ where
     loop {
         match state.as_mut().project() {
             StateProj::Pass { fut, stream } => {
-                let out = std::task::ready!(fut.poll(cx)).map_err(Into::into)?;
-                return Poll::Ready(Ok(W::wrap(out, stream.take())));
+                let out = std::task::ready!(fut.poll(cx));
+                let stream = stream.take();
+                // Answered: polled again, an error (see `State::Ready(None)`).
+                state.set(State::Ready(None));
+                return Poll::Ready(out.map(|out| W::wrap(out, stream)).map_err(Into::into));
             }
             StateProj::Delay { sleep, then } => {
                 std::task::ready!(sleep.poll(cx));

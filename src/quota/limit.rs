@@ -10,7 +10,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -257,9 +257,15 @@ where
     type Output = Result<T, BoxError>;
 
     #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            RateLimitProj::Admitted { fut } => fut.poll(cx).map_err(Into::into),
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.as_mut().project() {
+            RateLimitProj::Admitted { fut } => {
+                let out = ready!(fut.poll(cx));
+                // Answered: polled again, an error (`Refused` with nothing
+                // left); the inner future is not resumed.
+                self.set(RateLimitFuture::Refused { refusal: None });
+                Poll::Ready(out.map_err(Into::into))
+            }
             RateLimitProj::Refused { refusal } => Poll::Ready(Err(match refusal.take() {
                 Some(r) => r as BoxError,
                 None => crate::error::polled_after_done("quota"),

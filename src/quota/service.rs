@@ -541,7 +541,13 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                Proj::Called { fut } => return fut.poll(cx).map_err(Into::into),
+                Proj::Called { fut } => {
+                    let out = ready!(fut.poll(cx));
+                    // Answered: a later poll finds `Rejected` empty (an
+                    // error; the inner future is not resumed).
+                    state.set(State::Rejected { rejected: None });
+                    return Poll::Ready(out.map_err(Into::into));
+                }
                 Proj::Waiting { waiting } => {
                     // A refusal or a failed readiness ends the call: the
                     // waiter goes (its request with it), and a later poll

@@ -293,13 +293,9 @@ where
         // Count first, then look: a call that slips past a concurrent trigger
         // is counted, and the drain waits for it.
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
-        let in_flight = InFlight {
-            shared: self.shared.clone(),
-            cancelled: false,
-        };
         if self.shared.triggered.load(Ordering::SeqCst) {
-            // Not admitted: undo without counting it as completed.
-            std::mem::forget(in_flight);
+            // Not admitted: undo without counting it as completed (no
+            // `InFlight` was made, so none ends).
             if self.shared.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.shared.idle.notify_waiters();
             }
@@ -317,6 +313,10 @@ where
                 _hold: PhantomData,
             };
         }
+        let in_flight = InFlight {
+            shared: self.shared.clone(),
+            cancelled: false,
+        };
         ResponseFuture {
             state: State::Running {
                 fut: self.inner.call(req),
@@ -375,6 +375,11 @@ where
                 in_flight,
                 cancelled,
             } => {
+                // The guard goes with the answer (or the cancellation):
+                // without it, the call is over (its future is not resumed).
+                if in_flight.is_none() {
+                    return Poll::Ready(Err(crate::error::polled_after_done("shutdown")));
+                }
                 if let Poll::Ready(result) = fut.poll(cx) {
                     let Some(guard) = in_flight.take() else {
                         return Poll::Ready(Err(crate::error::polled_after_done("shutdown")));
