@@ -273,10 +273,16 @@ where
                     }
                     Err(_) => None,
                 };
-                std::future::poll_fn(|cx| svc.poll_ready(cx))
+                // A failed readiness ends the call too: the lock is given
+                // back below all the same (only a dropped call leaves it to
+                // expire).
+                let ready: Result<(), BoxError> = std::future::poll_fn(|cx| svc.poll_ready(cx))
                     .await
-                    .map_err(Into::into)?;
-                let res = svc.call(req).await.map_err(Into::into);
+                    .map_err(Into::into);
+                let res = match ready {
+                    Ok(()) => svc.call(req).await.map_err(Into::into),
+                    Err(e) => Err(e),
+                };
                 let out = match res {
                     Ok(r)
                         if share.served(&r).is_none()

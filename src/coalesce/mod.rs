@@ -273,6 +273,10 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
             }
             None => running(),
         };
+        // Until the flight is finished below, a panic (the answer's `clone`
+        // in `keep` is the caller's code) abandons it: its followers wake,
+        // one takes over, none hangs.
+        let mut unwinding = AbandonOnDrop(Some(flight.clone()));
         let (out, answer): (Result<Sh::Output, BoxError>, Result<Sh::Kept, SharedError>) = match res
         {
             Ok(r) => {
@@ -288,6 +292,7 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
                     || crate::Rejected::find(e.as_ref())
                         .is_some_and(|r| r.kind().is_about_the_caller()) =>
             {
+                unwinding.0 = None;
                 flight.finish(FlightState::Abandoned);
                 return Err(e);
             }
@@ -299,6 +304,11 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
         // A stream being read stays joinable: its entry goes when the
         // stream settles (ends, passes its replay buffer, or loses its
         // last reader).
+        // The callers waiting now get the whole answer, however much of
+        // it this caller reads before they are polled.
+        if let Ok(k) = &answer {
+            share.reserve(k, flight.followers());
+        }
         let joinable = matches!(&answer, Ok(k) if share.joinable(k));
         let settle = match &answer {
             Ok(k) if joinable => Some(k.clone()),
@@ -314,6 +324,7 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
             );
         }
         flight.finish(FlightState::Done(Arc::new(answer)));
+        unwinding.0 = None;
         drop(map);
         if let Some(kept) = settle {
             let (flights, key, id) = (self.flights.clone(), self.key.clone(), self.id);
@@ -326,6 +337,18 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
             );
         }
         out
+    }
+}
+
+/// Abandons its flight when dropped while still armed (a leader's end that
+/// panicked half-way).
+struct AbandonOnDrop(Option<Arc<Flight>>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f.finish(FlightState::Abandoned);
+        }
     }
 }
 
@@ -677,12 +700,17 @@ where
                             FlightState::Abandoned => None,
                         }
                     };
-                    follow.slot = None;
+                    // Waiting when the answer came (its slot was still
+                    // there): an answer was reserved for it.
+                    let waited = follow.slot.take().is_some();
                     // A stream that can no longer be joined from its start is
-                    // no answer for this caller: it goes on its own.
+                    // no answer for a caller that joined late: it goes on its own.
                     let given = answer.as_ref().and_then(|a| {
                         a.downcast_ref::<Result<Sh::Kept, SharedError>>()
                             .and_then(|r| match r {
+                                Ok(kept) if waited => {
+                                    Some(Ok(this.share.give_reserved(kept, Served::Coalesced)))
+                                }
                                 Ok(kept)
                                     if this.share.late_joiners() && !this.share.joinable(kept) =>
                                 {

@@ -61,6 +61,17 @@ impl fmt::Debug for KeptStream {
     }
 }
 
+impl KeptStream {
+    fn response(&self, body: FanOutBody, served: Served) -> http::Response<FanOutBody> {
+        let mut res = http::Response::new(body);
+        *res.status_mut() = self.status;
+        *res.version_mut() = self.version;
+        *res.headers_mut() = self.headers.clone();
+        res.extensions_mut().insert(served);
+        res
+    }
+}
+
 struct Tee {
     state: Mutex<TeeState>,
     /// Readers waiting for the next chunk: a lock of its own, so an
@@ -84,6 +95,11 @@ struct TeeState {
     joinable: bool,
     /// Called once the stream can no longer be joined.
     on_settled: Option<Box<dyn FnOnce() + Send>>,
+    /// Readers registered at the first chunk for callers that were waiting
+    /// when the answer came ([`Share::reserve`]): each is handed to one of
+    /// them. One never handed out is a reader that does not read: cut once
+    /// it is `max_buffer` behind, like any slow reader.
+    reserved: Vec<usize>,
 }
 
 impl Tee {
@@ -142,6 +158,20 @@ impl fmt::Debug for FanOutBody {
 }
 
 impl FanOutBody {
+    /// The body of a caller that was waiting when the answer came: a
+    /// reader registered for it at the start ([`Share::reserve`]), or a
+    /// new one if none is left.
+    fn reserved(tee: &Arc<Tee>) -> Self {
+        let reader = tee.lock().reserved.pop();
+        match reader {
+            Some(reader) => FanOutBody {
+                tee: tee.clone(),
+                reader,
+            },
+            None => FanOutBody::new(tee),
+        }
+    }
+
     fn new(tee: &Arc<Tee>) -> Self {
         let mut st = tee.lock();
         // A stream no longer joinable from its start: this reader is cut
@@ -164,8 +194,10 @@ impl Drop for FanOutBody {
             // Nobody reads: nobody can join (a new caller would wait on a
             // stream nobody pulls). The upstream body goes with the last
             // handle on the stream: the readers and the callers still
-            // about to read (the upstream's waker holds none).
-            let hook = if st.readers.is_empty() {
+            // about to read (the upstream's waker holds none). Readers
+            // reserved for waiting callers do not count: such a caller
+            // still reads, through its own handle on the stream.
+            let hook = if st.readers.len() <= st.reserved.len() {
                 Tee::settle(&mut st)
             } else {
                 None
@@ -353,6 +385,7 @@ where
                 readers: Slab::new(),
                 joinable: true,
                 on_settled: None,
+                reserved: Vec::new(),
             }),
             wakers: Mutex::new(Vec::new()),
             max_buffer: self.max_buffer,
@@ -372,12 +405,21 @@ where
     }
 
     fn give(&self, kept: &Arc<KeptStream>, served: Served) -> http::Response<FanOutBody> {
-        let mut res = http::Response::new(FanOutBody::new(&kept.tee));
-        *res.status_mut() = kept.status;
-        *res.version_mut() = kept.version;
-        *res.headers_mut() = kept.headers.clone();
-        res.extensions_mut().insert(served);
-        res
+        kept.response(FanOutBody::new(&kept.tee), served)
+    }
+
+    /// Registers `callers` readers at the stream's start, before the
+    /// caller whose call ran can read (and trim) anything.
+    fn reserve(&self, kept: &Arc<KeptStream>, callers: usize) {
+        let mut st = kept.tee.lock();
+        for _ in 0..callers {
+            let reader = st.readers.insert(Some(0));
+            st.reserved.push(reader);
+        }
+    }
+
+    fn give_reserved(&self, kept: &Arc<KeptStream>, served: Served) -> http::Response<FanOutBody> {
+        kept.response(FanOutBody::reserved(&kept.tee), served)
     }
 
     fn late_joiners(&self) -> bool {

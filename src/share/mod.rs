@@ -145,6 +145,18 @@ pub trait Share<R>: Clone + Send + Sync + 'static {
         false
     }
 
+    /// `callers` callers were waiting when the answer arrived: each will
+    /// get it with [`give_reserved`](Self::give_reserved), however much of
+    /// it the caller whose call ran reads first (a stream keeps its head
+    /// for them). Default: nothing to do (an answer kept whole).
+    fn reserve(&self, _kept: &Self::Kept, _callers: usize) {}
+
+    /// An answer for a caller that was waiting when it arrived (counted
+    /// in [`reserve`](Self::reserve)). Default: [`give`](Self::give).
+    fn give_reserved(&self, kept: &Self::Kept, served: Served) -> Self::Output {
+        self.give(kept, served)
+    }
+
     /// Calls `f` once `kept` can no longer be joined (at once by default,
     /// or if it already cannot).
     fn on_settled(&self, _kept: &Self::Kept, f: Box<dyn FnOnce() + Send>) {
