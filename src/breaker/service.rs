@@ -154,15 +154,20 @@ where
     match shared.admit() {
         Ok(ticket) => {
             let start = shared.needs_clock().then(Instant::now);
+            // The ticket (a half-open probe's place) is held by `Call`
+            // before the inner service is called: if that call (or the
+            // classifier's clone) panics, `Call`'s drop gives it back.
+            let call = Call {
+                shared: shared.clone(),
+                ticket,
+                start,
+            };
+            let classify = classify.clone();
             ResponseFuture {
                 state: State::Running {
                     fut: inner.call(req),
-                    call: Some(Call {
-                        shared: shared.clone(),
-                        ticket,
-                        start,
-                    }),
-                    classify: classify.clone(),
+                    call: Some(call),
+                    classify,
                 },
                 _hold: PhantomData,
             }

@@ -576,7 +576,19 @@ impl Degrade {
                     return;
                 }
                 let Some(inner) = weak.upgrade() else { return };
-                Degrade { inner }.evaluate();
+                // A signal that panics (the caller's code) must not end the
+                // evaluator: the level would stay where it is for good. The
+                // panic is reported; the next tick evaluates again.
+                let d = Degrade { inner };
+                let evaluated =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.evaluate()));
+                if evaluated.is_err() {
+                    tracing::error!(
+                        target: "semaforo",
+                        layer = "degrade",
+                        "a signal panicked while the rules were evaluated (caught; evaluated again at the next tick)"
+                    );
+                }
             }
         }))
     }

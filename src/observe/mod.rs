@@ -22,6 +22,10 @@
 //! Every builder takes `.on_event(|e: &Event| …)`; the LLM preset passes one
 //! listener to all its layers. The listener runs inline, on the thread that
 //! caused the event: keep it short (push to a channel if it must do more).
+//! A listener that panics is caught (the panic is logged at `ERROR` under the
+//! `semaforo` target) and the call goes on: an observer never breaks the
+//! traffic it observes, nor leaves a layer half-way (a caller in a line, a
+//! breaker probe taken).
 //!
 //! # Metrics (feature `metrics`)
 //!
@@ -543,7 +547,24 @@ impl Observer {
         #[cfg(feature = "metrics")]
         metrics_out::record(&event);
         if let Some(listener) = &self.listener {
-            listener(&event);
+            // A listener that panics must not leave the layer half-way
+            // (a caller in a line with no future to take it out, a flag
+            // never cleared): the panic is caught and reported, the call
+            // goes on.
+            let heard = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| listener(&event)));
+            if let Err(panic) = heard {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("a non-string payload");
+                tracing::error!(
+                    target: "semaforo",
+                    layer,
+                    name = self.name.as_deref().unwrap_or(""),
+                    "an on_event listener panicked (caught; the call goes on): {what}"
+                );
+            }
         }
     }
 

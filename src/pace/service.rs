@@ -415,8 +415,12 @@ where
 {
     // A waiter must not hold the inner service's readiness: the service
     // polled ready stays for the next caller, and this call carries a fresh
-    // clone that it polls ready once its turn has come.
+    // clone that it polls ready once its turn has come. If that clone (the
+    // caller's code) panics, the place in line goes with it: nobody would
+    // ever take it out, and everyone behind would wait on it.
+    let place = Place { shared, slot, seq };
     let svc = inner.clone();
+    std::mem::forget(place);
     State::Waiting {
         waiting: Some(Box::new(Waiting {
             span: shared.obs.span("pace", "wait"),
@@ -429,6 +433,22 @@ where
             req: Some(req),
             sleep: None,
         })),
+    }
+}
+
+/// A place in line not yet held by a future: left if dropped (a panic
+/// before the future exists); forgotten once the future holds it.
+struct Place<'a> {
+    shared: &'a Shared,
+    slot: u32,
+    seq: u64,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        let mut parent = self.shared.parent.as_ref().map(|p| p.lock());
+        st.leave(self.slot, self.seq, parent.as_deref_mut());
     }
 }
 

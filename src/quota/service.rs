@@ -356,7 +356,15 @@ impl<S, K: Hash + Eq + Clone, F, W> QuotaService<S, K, F, W> {
                 // The ready service stays here; the waiter readies its own clone
                 // once admitted (holding readiness through a wait could hold a
                 // permit of an inner limiter).
+                // If the clone (the caller's code) panics, the place in
+                // line goes with it (nobody else would take it out).
+                let place = Place {
+                    shared,
+                    key: &key,
+                    id,
+                };
                 let svc = self.inner.clone();
+                std::mem::forget(place);
                 let now = Instant::now();
                 ResponseFuture::waiting(Waiting {
                     span: shared.obs.span("quota", "wait"),
@@ -419,6 +427,20 @@ struct Waiting<S, Req, K: Hash + Eq + Clone> {
     /// Until the cost fits (at the front) or until the deadline (behind).
     #[pin]
     sleep: tokio::time::Sleep,
+}
+
+/// A place in a key's line not yet held by a [`Waiting`]: left if dropped
+/// (a panic before the future exists); forgotten once the future holds it.
+struct Place<'a, K: Hash + Eq + Clone> {
+    shared: &'a Shared<K>,
+    key: &'a K,
+    id: u64,
+}
+
+impl<K: Hash + Eq + Clone> Drop for Place<'_, K> {
+    fn drop(&mut self) {
+        self.shared.lines.leave(self.key, self.id);
+    }
 }
 
 #[pin_project::pinned_drop]

@@ -310,7 +310,18 @@ impl Body for FanOutBody {
                 tee.wait(cx.waker());
                 let waker = Waker::from(Arc::new(WakeAll(Arc::downgrade(&tee))));
                 let mut ucx = Context::from_waker(&waker);
-                match up.as_mut().poll_frame(&mut ucx) {
+                // The upstream body is the caller's code: if it panics, the
+                // stream ends in an error for every reader (they would
+                // otherwise wait for a chunk nobody pulls any more).
+                let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    up.as_mut().poll_frame(&mut ucx)
+                }))
+                .unwrap_or_else(|_| {
+                    Poll::Ready(Some(Err(BoxError::from(
+                        "coalesce: the shared upstream body panicked",
+                    ))))
+                });
+                match polled {
                     Poll::Pending => {
                         break Poll::Pending;
                     }
