@@ -384,3 +384,40 @@ async fn a_quota_refusal_is_not_shared() {
     assert_eq!(f.unwrap(), "answer to x");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+/// A call is in flight until the future of the caller whose call ran is
+/// dropped: a caller coming after the answer but before that drop gets the
+/// same answer (a cache above stores it in that interval); after the drop,
+/// a new call goes upstream. An error is not given to a late caller.
+#[tokio::test(start_paused = true)]
+async fn an_answer_stays_joinable_until_its_callers_future_is_dropped() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let svc = CoalesceLayer::new(|t: &String| Some(t.clone())).layer(tower::service_fn(
+        move |t: String| {
+            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                if t == "bad" {
+                    return Err::<String, BoxError>("upstream failed".into());
+                }
+                Ok(format!("{t} #{n}"))
+            }
+        },
+    ));
+    let mut s1 = svc.clone();
+    let mut first = Box::pin(s1.ready().await.unwrap().call("a".to_string()));
+    match futures::poll!(first.as_mut()) {
+        Poll::Ready(Ok(a)) => assert_eq!(a, "a #1"),
+        other => panic!("{other:?}"),
+    }
+    // Answered, its future still held: a new caller gets that answer.
+    assert_eq!(svc.clone().oneshot("a".to_string()).await.unwrap(), "a #1");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    drop(first);
+    assert_eq!(svc.clone().oneshot("a".to_string()).await.unwrap(), "a #2");
+    // An error: a caller coming after it calls again.
+    let mut bad = Box::pin(s1.ready().await.unwrap().call("bad".to_string()));
+    assert!(matches!(futures::poll!(bad.as_mut()), Poll::Ready(Err(_))));
+    assert!(svc.clone().oneshot("bad".to_string()).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+}

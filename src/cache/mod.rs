@@ -43,12 +43,12 @@
 //! (a miss then goes through the singleflight: 50 identical misses at once
 //! are one call) and outside quotas, bulkheads and pacers (a hit costs no
 //! quota and waits in no line). The LLM preset does both. A miss looks the
-//! key up again at its first poll, so a call made while an identical one
-//! was in flight and polled after it was stored is a hit. The limit: a miss
-//! that looks in the instant between the flight's answer and its storing
-//! (the same poll of the caller whose call ran, a few microseconds), on
-//! another thread, calls again (seen under 64 tasks × 100 calls on 16 keys,
-//! 4 workers: a few keys called twice in 6,400 calls).
+//! key up again at its first poll, just after it joined (or started) the
+//! key's flight below: an answer that came and is not stored yet is still
+//! the flight's (it stays joinable until the caller whose call ran drops
+//! its future, after storing it), and one stored already is a hit — so
+//! identical calls go upstream once however they interleave (64 tasks ×
+//! 100 calls on 16 keys, 4 workers: 16 upstream calls).
 //!
 //! ```
 //! use semaforo::cache::Cache;
@@ -845,9 +845,21 @@ where
                         key,
                         look,
                     } => {
+                        std::task::ready!(svc.poll_ready(cx)).map_err(Into::into)?;
+                        let Some(r) = req.take() else {
+                            return Poll::Ready(Err(crate::error::polled_after_done("cache")));
+                        };
+                        let key = key.take();
+                        // The inner call first: under a coalescing layer it
+                        // joins the key's flight (an answer that came and is
+                        // not yet stored is still there) or, if none is left,
+                        // the answer was stored before — and this look finds
+                        // it (the inner future is then dropped unpolled).
+                        let fut = svc.call(r);
                         if std::mem::take(look) {
                             if let (Some(k), Some(cache)) = (key.as_ref(), this.cache.as_ref()) {
                                 if let Some((kept, age)) = cache.lookup(k, Sh::READS_SERVED) {
+                                    drop(fut);
                                     cache.count(ShareOutcome::Hit);
                                     let served = Served::Cache { age, stale: false };
                                     return Poll::Ready(Ok(this.share.give(&kept, served)));
@@ -855,12 +867,6 @@ where
                                 cache.count(ShareOutcome::Miss);
                             }
                         }
-                        std::task::ready!(svc.poll_ready(cx)).map_err(Into::into)?;
-                        let Some(r) = req.take() else {
-                            return Poll::Ready(Err(crate::error::polled_after_done("cache")));
-                        };
-                        let key = key.take();
-                        let fut = svc.call(r);
                         miss.set(Miss::Call { fut, key });
                     }
                     MissProj::Call { fut, key } => {

@@ -14,6 +14,13 @@
 //!   `http::Response<Bytes>`. The caller whose call ran gets its answer as
 //!   it came; the others get [`Share::give`]'s copy (marked
 //!   [`Served::Coalesced`](crate::share::Served)).
+//! - **Until when**: a call is in flight until the future of the caller
+//!   whose call ran is dropped — a caller arriving after the answer came
+//!   but before that future is dropped gets the same answer. A cache above
+//!   stores the answer in that interval, so no identical call falls between
+//!   the flight and the cache. (`.await` drops a future as it answers; one
+//!   kept after its answer keeps its answer joinable.) An error is not
+//!   given to callers arriving after it came: they call again.
 //! - **Errors** from the upstream are shared too: every waiting caller gets
 //!   the same error (a
 //!   [`SharedError`] that displays as the
@@ -132,6 +139,11 @@ impl Flight {
 struct Slot {
     id: u64,
     flight: Option<Arc<Flight>>,
+    /// Its answer came and the caller whose call ran still holds its
+    /// future: a caller arriving now gets that answer (a cache above stores
+    /// it before that future is dropped, so no caller falls between the
+    /// flight's end and the cache).
+    answered: bool,
 }
 
 fn running() -> Arc<Flight> {
@@ -190,13 +202,18 @@ fn enter<K: std::hash::Hash + Eq + Clone>(
     // One hash: the entry is looked up once.
     let mut occupied = match map.entry(key.clone()) {
         MapEntry::Vacant(v) => {
-            v.insert(Slot { id, flight: None });
+            v.insert(Slot {
+                id,
+                flight: None,
+                answered: false,
+            });
             drop(map);
             return Entry::Lead(Lead {
                 flights: flights.clone(),
                 key,
                 id,
                 finished: false,
+                holds_slot: false,
             });
         }
         MapEntry::Occupied(o) => o,
@@ -216,8 +233,9 @@ fn enter<K: std::hash::Hash + Eq + Clone>(
             FlightState::Done(a) => Some(a.clone()),
             _ => None,
         };
-        if done.as_ref().is_some_and(live) {
-            // Finished but still joinable: its answer at once.
+        if slot.answered || done.as_ref().is_some_and(live) {
+            // Answered, its caller's future still held (or a stream still
+            // joinable): its answer at once.
             return Entry::Follow(Follow {
                 flight: f,
                 slot: None,
@@ -225,13 +243,18 @@ fn enter<K: std::hash::Hash + Eq + Clone>(
         }
     }
     // Finished and not joinable (or abandoned): a new call.
-    occupied.insert(Slot { id, flight: None });
+    occupied.insert(Slot {
+        id,
+        flight: None,
+        answered: false,
+    });
     drop(map);
     Entry::Lead(Lead {
         flights: flights.clone(),
         key,
         id,
         finished: false,
+        holds_slot: false,
     })
 }
 
@@ -242,46 +265,37 @@ struct Lead<K: std::hash::Hash + Eq> {
     key: K,
     id: u64,
     finished: bool,
+    /// The answered slot stays in the map until this is dropped.
+    holds_slot: bool,
 }
 
 impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
     /// Ends the flight with `res`: the leader's own output, after keeping
-    /// a copy for the followers (only if there are any).
+    /// a copy for the callers that waited or come while this caller's
+    /// future is held (a stream: while it can be joined).
+    ///
+    /// `finished` is set last: if the caller's code panics on the way (the
+    /// answer's `clone` in `keep`), [`Lead`]'s drop abandons the flight and
+    /// one waiting caller takes over — none hangs.
     fn finish<R, Sh: Share<R>>(
         &mut self,
         share: &Sh,
         res: Result<R, BoxError>,
     ) -> Result<Sh::Output, BoxError> {
-        self.finished = true;
         let mut map = self.flights.lock();
-        // Taken out at once (one hash); put back only while a stream can
-        // still be joined.
-        let mine = match map.remove(&self.key) {
-            Some(s) if s.id == self.id => s.flight,
-            Some(other) => {
-                map.insert(self.key.clone(), other);
-                None
-            }
-            None => None,
+        let Some(slot) = map.get_mut(&self.key).filter(|s| s.id == self.id) else {
+            // Not ours any more (cannot happen while this lead lives).
+            self.finished = true;
+            drop(map);
+            return res.map(|r| share.pass(r));
         };
-        let flight = match mine {
-            Some(f) => f,
-            None if !share.late_joiners() => {
-                // Nobody joined: nothing to keep.
-                drop(map);
-                return res.map(|r| share.pass(r));
-            }
-            None => running(),
-        };
-        // Until the flight is finished below, a panic (the answer's `clone`
-        // in `keep` is the caller's code) abandons it: its followers wake,
-        // one takes over, none hangs.
-        let mut unwinding = AbandonOnDrop(Some(flight.clone()));
-        let (out, answer): (Result<Sh::Output, BoxError>, Result<Sh::Kept, SharedError>) = match res
-        {
+        let flight = slot.flight.get_or_insert_with(running).clone();
+        let answer: Result<Sh::Kept, SharedError>;
+        let out = match res {
             Ok(r) => {
                 let (out, kept) = share.keep(r);
-                (Ok(out), Ok(kept))
+                answer = Ok(kept);
+                Ok(out)
             }
             // Alone, or refused by a quota below (a verdict on this
             // caller, keyed by who it is, not an answer): the original
@@ -292,39 +306,40 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
                     || crate::Rejected::find(e.as_ref())
                         .is_some_and(|r| r.kind().is_about_the_caller()) =>
             {
-                unwinding.0 = None;
+                map.remove(&self.key);
+                self.finished = true;
                 flight.finish(FlightState::Abandoned);
                 return Err(e);
             }
             Err(e) => {
                 let shared = SharedError::new(e);
-                (Err(Box::new(shared.clone())), Err(shared))
+                answer = Err(shared.clone());
+                Err(Box::new(shared) as BoxError)
             }
         };
-        // A stream being read stays joinable: its entry goes when the
-        // stream settles (ends, passes its replay buffer, or loses its
-        // last reader).
         // The callers waiting now get the whole answer, however much of
         // it this caller reads before they are polled.
         if let Ok(k) = &answer {
             share.reserve(k, flight.followers());
         }
+        // A stream being read stays joinable: its entry goes when the
+        // stream settles (ends, passes its replay buffer, or loses its
+        // last reader). A whole answer stays until this caller's future is
+        // dropped; an error goes now (a later caller calls again).
         let joinable = matches!(&answer, Ok(k) if share.joinable(k));
         let settle = match &answer {
             Ok(k) if joinable => Some(k.clone()),
             _ => None,
         };
-        if joinable {
-            map.insert(
-                self.key.clone(),
-                Slot {
-                    id: self.id,
-                    flight: Some(flight.clone()),
-                },
-            );
+        let held = answer.is_ok() && !share.late_joiners();
+        if held {
+            slot.answered = true;
+        } else if !joinable {
+            map.remove(&self.key);
         }
         flight.finish(FlightState::Done(Arc::new(answer)));
-        unwinding.0 = None;
+        self.finished = true;
+        self.holds_slot = held;
         drop(map);
         if let Some(kept) = settle {
             let (flights, key, id) = (self.flights.clone(), self.key.clone(), self.id);
@@ -340,21 +355,13 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Lead<K> {
     }
 }
 
-/// Abandons its flight when dropped while still armed (a leader's end that
-/// panicked half-way).
-struct AbandonOnDrop(Option<Arc<Flight>>);
-
-impl Drop for AbandonOnDrop {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f.finish(FlightState::Abandoned);
-        }
-    }
-}
-
 impl<K: std::hash::Hash + Eq> Drop for Lead<K> {
     fn drop(&mut self) {
-        if !self.finished {
+        if self.holds_slot {
+            // Its answer was there for callers coming meanwhile: no more.
+            let mut map = self.flights.lock();
+            Flights::forget(&mut map, &self.key, self.id);
+        } else if !self.finished {
             let mut map = self.flights.lock();
             let flight = map
                 .get(&self.key)
@@ -595,7 +602,12 @@ enum State<S: Service<Req>, K: std::hash::Hash + Eq, Req> {
     Lead {
         #[pin]
         fut: S::Future,
-        lead: Lead<K>,
+        lead: Option<Lead<K>>,
+    },
+    /// Led and answered: the lead is kept (its answer joinable) until the
+    /// future is dropped. Polled again, an error.
+    Answered {
+        lead: Option<Lead<K>>,
     },
     Follow {
         follow: Follow,
@@ -630,6 +642,7 @@ impl<S: Service<Req>, RK: RequestKey<Req>, Req, Sh> fmt::Debug for CoalesceFutur
         let state = match &self.state {
             State::Direct { .. } => "direct",
             State::Lead { .. } => "lead",
+            State::Answered { .. } => "answered",
             State::Follow { .. } => "follow",
             State::Ready { .. } => "getting ready",
             State::Done => "done",
@@ -670,9 +683,16 @@ where
                 }
                 StateProj::Lead { fut, lead } => {
                     let res = std::task::ready!(fut.poll(cx)).map_err(Into::into);
-                    let out = lead.finish(this.share, res);
-                    this.state.set(State::Done);
+                    let Some(mut l) = lead.take() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(crate::error::polled_after_done("coalesce")));
+                    };
+                    let out = l.finish(this.share, res);
+                    this.state.set(State::Answered { lead: Some(l) });
                     return Poll::Ready(out);
+                }
+                StateProj::Answered { .. } => {
+                    return Poll::Ready(Err(crate::error::polled_after_done("coalesce")));
                 }
                 StateProj::Follow {
                     follow,
@@ -770,7 +790,7 @@ where
                     match (ready, lead.take()) {
                         (Ok(()), Some(l)) => {
                             let fut = svc.call(r);
-                            this.state.set(State::Lead { fut, lead: l });
+                            this.state.set(State::Lead { fut, lead: Some(l) });
                         }
                         (Ok(()), None) => {
                             let fut = svc.call(r);
