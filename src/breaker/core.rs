@@ -556,6 +556,18 @@ impl Shared {
         state_of(self.word.load(Ordering::Acquire))
     }
 
+    /// The state as a caller meets it (one load): open while forced open,
+    /// closed while disabled or in metrics-only mode, else the state
+    /// machine's.
+    pub(crate) fn effective_state(&self) -> BreakerState {
+        let w = self.word.load(Ordering::Acquire);
+        match mode_of(w) {
+            Mode::Normal => state_of(w),
+            Mode::ForcedOpen => BreakerState::Open,
+            Mode::Disabled | Mode::MetricsOnly => BreakerState::Closed,
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> BreakerSnapshot {
         let inner = self.lock();
         let w = self.word.load(Ordering::Acquire);

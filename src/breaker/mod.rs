@@ -490,6 +490,13 @@ impl Breaker {
         self.shared.state()
     }
 
+    /// The state as a caller meets it: `Open` while forced open, `Closed`
+    /// while disabled or metrics-only, else [`state`](Self::state) (what the
+    /// router and health read).
+    pub(crate) fn effective_state(&self) -> BreakerState {
+        self.shared.effective_state()
+    }
+
     /// A `watch` receiver that sees every state change.
     pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
         self.shared.subscribe()

@@ -25,8 +25,10 @@ use std::time::Duration;
 /// same load. Vegas and Gradient2 compare latencies with the upstream's
 /// unloaded latency, measured as Envoy's adaptive concurrency filter does:
 /// the limit is pinned to 3 calls (or the strategy's `min`, if higher)
-/// until 10 calls ended with no more than that in flight, their lowest
-/// latency is the baseline, and the limit goes back where it was — at the
+/// until 10 calls ended with no more than that in flight, their median
+/// latency is the baseline (Envoy's minRTT is that window's aggregate
+/// percentile, 50 by default: one fast outlier, a cache hit upstream, does
+/// not collapse the limit), and the limit goes back where it was — at the
 /// start, then every 60 s. With a `min` of 10 or more a probe lasts about
 /// one latency; with 3, about four (a storm arriving at a fresh bulkhead
 /// finds a narrow door for that long). Choose `min` at or under what the
@@ -126,8 +128,8 @@ impl Default for Aimd {
     }
 }
 
-/// Vegas (Netflix `VegasLimit`): with `rtt₀` the lowest latency seen (the
-/// upstream unloaded) and `rtt` a sample's, the calls queued upstream are
+/// Vegas (Netflix `VegasLimit`): with `rtt₀` the baseline latency (the
+/// upstream unloaded, measured by the probes below) and `rtt` a sample's, the calls queued upstream are
 /// `queue = ⌈limit × (1 − rtt₀ / rtt)⌉`; with `α = a·log₁₀ limit`,
 /// `β = b·log₁₀ limit` (a = 3, b = 6 by default, [`Vegas::queue`]): a drop takes `log₁₀ limit` off; `queue ≤ log₁₀ limit`
 /// adds `β`; `queue < α` adds `log₁₀ limit`; `queue > β` takes `log₁₀ limit`
@@ -346,7 +348,7 @@ pub(crate) struct Sample {
 /// How a Vegas or Gradient2 controller learns the upstream's unloaded
 /// latency (Envoy's adaptive concurrency filter, "minRTT calculation"): the
 /// limit is pinned to `PROBE_CONCURRENCY` until `MIN_WINDOW` calls ended
-/// with no more than that many in flight; their lowest latency is the
+/// with no more than that many in flight; their median latency is the
 /// baseline; the limit goes back where it was. At the start, then every
 /// `PROBE_INTERVAL`.
 pub(crate) const PROBE_CONCURRENCY: u32 = 3;
@@ -386,9 +388,13 @@ pub(crate) const MIN_WINDOW: u32 = 10;
 enum Probe {
     /// AIMD needs no baseline.
     None,
-    /// Pinned low: `seen` calls ended with few in flight, the lowest
-    /// latency `best`; then back to `restore`.
-    Measuring { restore: f64, seen: u32, best: f64 },
+    /// Pinned low: `seen` calls ended with few in flight, their latencies
+    /// in `rtts`; then back to `restore`.
+    Measuring {
+        restore: f64,
+        seen: u32,
+        rtts: [f64; MIN_WINDOW as usize],
+    },
     /// Measured `base`; measured again from `next`.
     Known {
         base: f64,
@@ -421,7 +427,7 @@ impl Controller {
             _ => Probe::Measuring {
                 restore: initial,
                 seen: 0,
-                best: f64::INFINITY,
+                rtts: [0.0; MIN_WINDOW as usize],
             },
         };
         Some(Controller {
@@ -476,17 +482,24 @@ impl Controller {
             Probe::Measuring {
                 restore,
                 seen,
-                best,
+                rtts,
             } => {
                 let probe = (PROBE_CONCURRENCY as f64).clamp(self.min, self.max) as u32;
                 if s.in_flight <= probe && !s.dropped {
+                    if let Some(slot) = rtts.get_mut(*seen as usize) {
+                        *slot = rtt;
+                    }
                     *seen += 1;
-                    *best = best.min(rtt);
                 }
                 if *seen < MIN_WINDOW {
                     return self.limit();
                 }
-                let (base, restore) = (best.max(1e-9), *restore);
+                // The median of the window, as Envoy's minRTT (its
+                // `sample_aggregate_percentile`, 50 by default): one fast
+                // outlier (a cache hit upstream) is not the baseline.
+                rtts.sort_by(f64::total_cmp);
+                let median = rtts[(MIN_WINDOW as usize - 1) / 2];
+                let (base, restore) = (median.max(1e-9), *restore);
                 self.limit = restore;
                 self.reason = crate::observe::LimitReason::Probe;
                 self.probe = Probe::Known {
@@ -501,7 +514,7 @@ impl Controller {
                     self.probe = Probe::Measuring {
                         restore: self.limit,
                         seen: 0,
-                        best: f64::INFINITY,
+                        rtts: [0.0; MIN_WINDOW as usize],
                     };
                     self.reason = crate::observe::LimitReason::Probe;
                     return self.limit();

@@ -465,6 +465,9 @@ pub struct BulkheadSnapshot {
     pub limit: u64,
     /// The configured `max_queue`.
     pub max_queue: u64,
+    /// How many may wait now: `max_queue`, or under an adaptive limit
+    /// `max_queue × limit / max` (the line shrinks with the limit).
+    pub line_bound: u64,
     /// Partition keys with running or waiting calls.
     pub partitions: u64,
     /// Calls refused because the line was full.

@@ -1055,6 +1055,7 @@ impl Shared {
             waiting: q.line.len() as u64 + u64::from(q.parked_total),
             limit: u64::from(self.limit.load(Ordering::Relaxed)),
             max_queue: u64::from(self.cfg.max_queue),
+            line_bound: u64::from(self.line_bound()),
             partitions: q.partitions.len() as u64,
             rejected_queue_full: self.stats.queue_full.load(Ordering::Relaxed),
             shed: self.stats.shed.load(Ordering::Relaxed),

@@ -96,7 +96,10 @@ where
 }
 
 /// The future of [`DegradeService`]: the inner call, its response marked.
-/// Cancel safety: dropping it drops the inner call.
+/// Cancel safety: dropping it drops the inner call. Polled again after its
+/// answer, it polls the inner future again: its error type is the inner
+/// service's (an axum service's is `Infallible`), so unlike the crate's
+/// other futures it has no error of its own to answer with.
 #[pin_project]
 #[derive(Debug)]
 pub struct DegradeFuture<F> {

@@ -177,13 +177,16 @@ pub fn breaker_open(breaker: &Breaker) -> impl Signal {
 }
 
 /// Holds while more than `fraction` (0.0–1.0) of `bulkhead`'s line is
-/// taken (a NaN fraction never holds; a bulkhead without a line never
-/// holds).
+/// taken — the line as an adaptive limit has shrunk it (`line_bound`), so a
+/// line shrunk to nothing is taken whole (a NaN fraction never holds; a
+/// bulkhead without a line never holds).
 pub fn line_above(bulkhead: &Bulkhead, fraction: f64) -> impl Signal {
     let b = bulkhead.clone();
     move || {
         let s = b.snapshot();
-        s.max_queue > 0 && s.waiting as f64 > fraction * s.max_queue as f64
+        s.max_queue > 0
+            && !fraction.is_nan()
+            && (s.line_bound == 0 || s.waiting as f64 > fraction * s.line_bound as f64)
     }
 }
 

@@ -265,12 +265,13 @@ impl Health {
         })
     }
 
-    /// Reports a bulkhead: degraded while its line is full.
+    /// Reports a bulkhead: degraded while its line is full (under an
+    /// adaptive limit, the line as the limit has shrunk it: `line_bound`).
     pub fn bulkhead(self, name: &str, bulkhead: &Bulkhead) -> Self {
         let (name, b) = (name.to_owned(), bulkhead.clone());
         self.with(move || {
             let s = b.snapshot();
-            let full = s.max_queue > 0 && s.waiting >= s.max_queue;
+            let full = s.max_queue > 0 && s.waiting >= s.line_bound;
             Component {
                 name: name.clone(),
                 kind: "bulkhead",

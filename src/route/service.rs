@@ -592,7 +592,7 @@ impl<S> Inner<S> {
             if let Some(b) = d
                 .breaker
                 .as_ref()
-                .filter(|b| b.state() == BreakerState::Open)
+                .filter(|b| b.effective_state() == BreakerState::Open)
             {
                 let snap = b.snapshot();
                 let forced = snap.mode == crate::breaker::Mode::ForcedOpen;
@@ -699,7 +699,7 @@ impl<S> Inner<S> {
         let d = &self.deployments[pick];
         if d.breaker
             .as_ref()
-            .is_some_and(|b| b.state() != BreakerState::Closed)
+            .is_some_and(|b| b.effective_state() != BreakerState::Closed)
             || d.bulkhead.as_ref().is_some_and(|b| !b.free_now())
         {
             return None;
@@ -1212,9 +1212,27 @@ where
                 if let (Some(backoff), Some((_, class))) =
                     (this.inner.backoff.as_ref(), this.last_failed.as_ref())
                 {
-                    let delay = backoff.delay_for(class, *this.retries, *this.prev_delay);
+                    let drawn = backoff.delay_for(class, *this.retries, *this.prev_delay);
+                    // As the retry layer: an upstream's `Retry-After` is
+                    // waited for (the longer of the two); one above the
+                    // retry layer's default ceiling, or a wait that would
+                    // end past the call's deadline, is not slept: the last
+                    // answer comes back now.
+                    let delay = class.retry_after().map_or(drawn, |ra| ra.max(drawn));
+                    let too_long = class
+                        .retry_after()
+                        .is_some_and(|ra| ra > crate::retry::DEFAULT_RETRY_AFTER_CEILING)
+                        || this
+                            .deadline
+                            .as_ref()
+                            .is_some_and(|(dl, _)| crate::time::after(now, delay) >= *dl);
+                    if too_long {
+                        if let Some(last) = this.last.take() {
+                            return Poll::Ready(last);
+                        }
+                    }
                     *this.retries = this.retries.saturating_add(1);
-                    *this.prev_delay = delay;
+                    *this.prev_delay = drawn;
                     if !delay.is_zero() {
                         *this.backoff = Some(Box::pin(tokio::time::sleep_until(
                             crate::time::after(now, delay),
