@@ -558,13 +558,16 @@ async fn no_layer_resumes_an_answered_inner_future() {
         .build()
         .unwrap();
     failures.extend(answers_once("retry", rt.layer().layer(async_up())).await);
-    let chaos = semaforo::chaos::Chaos::builder()
-        .fault(semaforo::chaos::Fault::error(semaforo::classify::Class::Transient).rate(0.0))
-        .build()
-        .unwrap();
-    failures.extend(answers_once("chaos (off)", chaos.layer().layer(async_up())).await);
-    chaos.enable();
-    failures.extend(answers_once("chaos (on)", chaos.layer().layer(async_up())).await);
+    #[cfg(feature = "chaos")]
+    {
+        let chaos = semaforo::chaos::Chaos::builder()
+            .fault(semaforo::chaos::Fault::error(semaforo::classify::Class::Transient).rate(0.0))
+            .build()
+            .unwrap();
+        failures.extend(answers_once("chaos (off)", chaos.layer().layer(async_up())).await);
+        chaos.enable();
+        failures.extend(answers_once("chaos (on)", chaos.layer().layer(async_up())).await);
+    }
     failures.extend(
         answers_once(
             "coalesce",

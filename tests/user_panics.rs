@@ -336,6 +336,7 @@ async fn degrade_a_panicking_signal_does_not_end_the_evaluator() {
 
 /// The shared upstream body of a `FanOut` answer panics: every reader gets
 /// an error (they waited for ever for a chunk nobody would pull).
+#[cfg(feature = "http")]
 #[tokio::test(start_paused = true)]
 async fn fanout_a_panicking_upstream_body_ends_every_reader_in_an_error() {
     use bytes::Bytes;
@@ -383,4 +384,69 @@ async fn fanout_a_panicking_upstream_body_ends_every_reader_in_an_error() {
     .expect("no hang");
     assert_eq!(got.0, "a");
     assert!(matches!(got.1, Some(Err(_))));
+}
+
+// ------------------------------------------- manual modes, as callers meet them
+
+/// Found by the audit after the router read a forced-open breaker as
+/// closed: health, `degrade::breaker_open` and the keyed breaker's eviction
+/// read the breaker as callers meet it. A disabled breaker whose state
+/// machine sits at `Open` refuses nothing: not degraded; a forced-open one
+/// (state `Closed`) refuses everything: degraded, and never the one evicted.
+#[tokio::test(start_paused = true)]
+async fn manual_modes_are_read_as_callers_meet_them() {
+    use semaforo::degrade::{self, Degrade, Level, Rule};
+    use semaforo::health::{Health, Status};
+    let b = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let mut svc = b.layer().layer(Up::default());
+    let _ = svc.ready().await.unwrap().call(u32::MAX).await;
+    assert_eq!(b.state(), BreakerState::Open);
+    b.disable();
+    let health = Health::new(&semaforo::shutdown::Shutdown::new()).breaker("b", &b);
+    let switch = Degrade::builder()
+        .rule(Rule::new(Level::Reduced, degrade::breaker_open(&b)))
+        .build()
+        .unwrap();
+    assert_eq!(
+        health.report().components[0].status,
+        Status::Ok,
+        "disabled refuses nothing"
+    );
+    assert_eq!(switch.evaluate(), Level::Normal);
+    b.reset();
+    b.force_open();
+    assert_eq!(b.state(), BreakerState::Closed, "the state machine's");
+    assert_eq!(health.report().components[0].status, Status::Degraded);
+    assert_eq!(switch.evaluate(), Level::Reduced);
+
+    // Keyed, 2 keys: "a" forced open (state Closed), "b" open. A third key
+    // evicts "b", not the operator's forced-open "a".
+    let keyed = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(Duration::from_secs(60))
+        .keyed::<&'static str>(2)
+        .unwrap();
+    keyed.get(&"a").force_open();
+    let mut kb =
+        keyed
+            .layer(|k: &&'static str| *k)
+            .layer(tower::service_fn(|k: &'static str| async move {
+                if k == "b" {
+                    Err::<u32, BoxError>("down".into())
+                } else {
+                    Ok(1)
+                }
+            }));
+    let _ = kb.ready().await.unwrap().call("b").await;
+    assert_eq!(keyed.get(&"b").state(), BreakerState::Open);
+    let _ = kb.ready().await.unwrap().call("c").await;
+    let refused = kb.ready().await.unwrap().call("a").await;
+    assert!(
+        refused.is_err(),
+        "\"a\" is still forced open after an eviction"
+    );
 }

@@ -556,6 +556,10 @@ impl Shared {
         state_of(self.word.load(Ordering::Acquire))
     }
 
+    pub(crate) fn is_normal(&self) -> bool {
+        mode_of(self.word.load(Ordering::Acquire)) == Mode::Normal
+    }
+
     /// The state as a caller meets it (one load): open while forced open,
     /// closed while disabled or in metrics-only mode, else the state
     /// machine's.

@@ -91,11 +91,14 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedBreaker<K> {
             return b.clone();
         }
         if map.len() >= self.map.max_keys {
-            // A closed breaker's state is cheapest to lose; with none, any:
-            // `max_keys` bounds the memory whatever the keys' states.
+            // A closed breaker in normal mode is cheapest to lose (one in a
+            // manual mode keeps an operator's `force_open` or `disable`);
+            // then a breaker in normal mode; with none, any: `max_keys`
+            // bounds the memory whatever the keys' states.
             let victim = map
                 .iter()
-                .find(|(_, b)| b.state() == BreakerState::Closed)
+                .find(|(_, b)| b.is_normal() && b.state() == BreakerState::Closed)
+                .or_else(|| map.iter().find(|(_, b)| b.is_normal()))
                 .or_else(|| map.iter().next())
                 .map(|(k, _)| k.clone());
             if let Some(k) = victim {

@@ -497,6 +497,11 @@ impl Breaker {
         self.shared.effective_state()
     }
 
+    /// In normal mode (no `force_open`, `disable` or `metrics_only`).
+    pub(crate) fn is_normal(&self) -> bool {
+        self.shared.is_normal()
+    }
+
     /// A `watch` receiver that sees every state change.
     pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
         self.shared.subscribe()

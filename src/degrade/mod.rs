@@ -167,13 +167,11 @@ impl<F: Fn() -> bool + Send + Sync + 'static> Signal for F {
 
 /// Holds while `breaker` refuses or probes: open, half-open, or forced
 /// open ([`Breaker::force_open`], which refuses whatever the state machine's
-/// state).
+/// state) — not while it is disabled or metrics-only (it refuses nothing
+/// then, whatever its state machine's state).
 pub fn breaker_open(breaker: &Breaker) -> impl Signal {
     let b = breaker.clone();
-    move || {
-        let s = b.snapshot();
-        s.state != BreakerState::Closed || s.mode == crate::breaker::Mode::ForcedOpen
-    }
+    move || b.effective_state() != BreakerState::Closed
 }
 
 /// Holds while more than `fraction` (0.0–1.0) of `bulkhead`'s line is

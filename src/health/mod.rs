@@ -234,12 +234,20 @@ impl Health {
         self
     }
 
-    /// Reports a breaker: degraded while not closed or forced open.
+    /// Reports a breaker: degraded while it refuses or probes (open,
+    /// half-open, forced open) — not while disabled or metrics-only, which
+    /// refuse nothing whatever the state machine's state (the `mode` detail
+    /// shows them: 0 normal, 1 forced open, 2 disabled, 3 metrics-only).
     pub fn breaker(self, name: &str, breaker: &Breaker) -> Self {
         let (name, b) = (name.to_owned(), breaker.clone());
         self.with(move || {
             let s = b.snapshot();
-            let degraded = s.state != BreakerState::Closed || s.mode == Mode::ForcedOpen;
+            let effective = match s.mode {
+                Mode::ForcedOpen => BreakerState::Open,
+                Mode::Disabled | Mode::MetricsOnly => BreakerState::Closed,
+                _ => s.state,
+            };
+            let degraded = effective != BreakerState::Closed;
             Component {
                 name: name.clone(),
                 kind: "breaker",
@@ -249,13 +257,18 @@ impl Health {
                     Status::Ok
                 },
                 details: vec![
-                    // Forced open refuses every call as an open breaker
-                    // does (its state machine stays `Closed`).
+                    // As callers meet it: forced open refuses every call
+                    // as an open breaker does (its state machine stays
+                    // `Closed`); disabled or metrics-only refuses none.
+                    ("open", f64::from(u8::from(effective == BreakerState::Open))),
                     (
-                        "open",
-                        f64::from(u8::from(
-                            s.state == BreakerState::Open || s.mode == Mode::ForcedOpen,
-                        )),
+                        "mode",
+                        match s.mode {
+                            Mode::ForcedOpen => 1.0,
+                            Mode::Disabled => 2.0,
+                            Mode::MetricsOnly => 3.0,
+                            _ => 0.0,
+                        },
                     ),
                     ("failure_rate", s.failure_rate),
                     ("consecutive_failures", f64::from(s.consecutive_failures)),

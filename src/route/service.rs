@@ -1185,6 +1185,11 @@ where
             };
             if let Some((dl, _)) = this.deadline.as_ref() {
                 if start > *dl {
+                    // An upstream's answer already in hand says more than
+                    // "too late": it comes back.
+                    if let Some(last) = this.last.take() {
+                        return Poll::Ready(last);
+                    }
                     let name = &this.inner.deployments[i].name;
                     return Poll::Ready(Err(this
                         .inner
