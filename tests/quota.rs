@@ -622,3 +622,41 @@ async fn what_a_60_per_minute_plan_admits_in_a_minute() {
         }
     }
 }
+
+/// A key's line cannot move faster than the global limit refills (found by
+/// an audit): plan 10/s, global 1/s, `max_wait` 3 s. The first call passes;
+/// the next three join (they start at 1 s, 2 s, 3 s); the fifth would start
+/// at 4 s and is refused at once with a `retry_after` of 4 s — it joined on
+/// an estimate of 0.4 s (the plan's unit alone) and was refused at 3 s with
+/// 100 ms.
+#[tokio::test(start_paused = true)]
+async fn wait_mode_estimates_a_line_at_the_global_limit() {
+    let quota: Quota<u32> = Quota::builder()
+        .plan("p", Rate::per_second(10).burst(1))
+        .global(Rate::per_second(1).burst(1))
+        .max_wait(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let p = quota.plan_id("p").unwrap();
+    let (svc, log) = recording(&quota);
+    spawn_call(&svc, (7, p, 1, 0)).await.unwrap().unwrap();
+    let mut joined = Vec::new();
+    for n in 1..4 {
+        joined.push(spawn_call(&svc, (7, p, 1, n)));
+        tokio::task::yield_now().await;
+    }
+    let t0 = tokio::time::Instant::now();
+    let fifth = spawn_call(&svc, (7, p, 1, 4)).await.unwrap();
+    let r = fifth.expect_err("refused");
+    assert_eq!(t0.elapsed(), Duration::ZERO, "at once");
+    assert_eq!(r.retry_after(), Some(Duration::from_secs(4)));
+    for j in joined {
+        j.await.unwrap().unwrap();
+    }
+    let starts: Vec<Duration> = log.lock().unwrap().iter().map(|e| e.2).collect();
+    assert_eq!(
+        starts,
+        [0, 1, 2, 3].map(Duration::from_secs).to_vec(),
+        "the line moves at the global rate"
+    );
+}

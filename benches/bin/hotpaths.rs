@@ -58,52 +58,6 @@ fn main() {
             .weigh(|_: &u64| Cost::tokens(7))
     };
     match layer.as_str() {
-        "tower-retry" => {
-            #[derive(Clone)]
-            struct Shared {
-                config: std::sync::Arc<(Duration, std::sync::atomic::AtomicU64)>,
-                left: u32,
-            }
-            impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for Shared {
-                type Future = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-                fn retry(
-                    &mut self,
-                    _req: &mut Req,
-                    result: &mut Result<Res, E>,
-                ) -> Option<Self::Future> {
-                    match result {
-                        Ok(_) => None,
-                        Err(_) if self.left > 1 => {
-                            self.left -= 1;
-                            let n = self
-                                .config
-                                .1
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            Some(Box::pin(tokio::time::sleep(
-                                self.config.0 * 2u32.saturating_pow(n as u32 % 8),
-                            )))
-                        }
-                        Err(_) => None,
-                    }
-                }
-                fn clone_request(&mut self, req: &Req) -> Option<Req> {
-                    Some(req.clone())
-                }
-            }
-            let p = Shared {
-                config: std::sync::Arc::new((
-                    Duration::from_millis(500),
-                    std::sync::atomic::AtomicU64::new(0),
-                )),
-                left: 3,
-            };
-            run(
-                ServiceBuilder::new()
-                    .layer(tower::retry::RetryLayer::new(p))
-                    .service(bare()),
-                calls,
-            )
-        }
         "bulkhead" => run(
             ServiceBuilder::new()
                 .layer(Bulkhead::builder(1_000).build().expect("bulkhead").layer())

@@ -48,6 +48,11 @@ impl Cell {
         }
     }
 
+    /// The time one unit takes to refill.
+    pub(crate) fn unit(&self) -> Duration {
+        Duration::from_nanos(self.unit_ns)
+    }
+
     /// Whether `n` units can ever be taken at once (within the burst).
     pub(crate) fn fits(&self, n: u32) -> bool {
         self.unit_ns.saturating_mul(u64::from(n)) <= self.tau_ns

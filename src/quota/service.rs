@@ -209,7 +209,14 @@ impl<K: Hash + Eq + Clone> Shared<K> {
     /// How long one unit of `plan` takes to refill.
     pub(crate) fn unit(&self, plan: PlanId) -> Duration {
         let rate = self.plan(plan).rate;
-        rate.per / rate.count
+        let own = rate.per / rate.count;
+        // A call of this key passes the global limit too: a line cannot
+        // move faster than it refills (other keys take from it as well, so
+        // this is still a floor).
+        match &self.global {
+            Some((_, cell)) => own.max(cell.unit()),
+            None => own,
+        }
     }
 
     /// A counted `QuotaExceeded` refusal of a cost that fits after `wait`.
