@@ -364,6 +364,67 @@ async fn manual_modes() {
     );
 }
 
+/// A manual mode that changes what callers meet is told on the `watch` and
+/// to listeners (reason `Manual`, the states callers meet); one that does not
+/// (disabled → metrics-only while closed) is told to nobody; a metrics-only
+/// breaker's shadow transitions reach listeners, not the `watch`. A
+/// forced-open refusal says so.
+#[tokio::test(start_paused = true)]
+async fn manual_modes_are_told() {
+    let seen: Arc<Mutex<Vec<(BreakerState, BreakerState, TransitionReason)>>> = Arc::default();
+    let breaker = Breaker::builder()
+        .consecutive_failures(1)
+        .on_event({
+            let seen = seen.clone();
+            move |e| {
+                if let EventKind::BreakerTransition { from, to, reason } = e.kind {
+                    seen.lock().unwrap().push((from, to, reason))
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let mut rx = breaker.subscribe();
+    use BreakerState::*;
+    breaker.force_open();
+    assert!(rx.has_changed().unwrap());
+    assert_eq!(*rx.borrow_and_update(), Open);
+    let up = Upstream::default();
+    let err = step(&mut up.behind(&breaker), Class::Success)
+        .await
+        .unwrap_err();
+    let r = Rejected::find(err.as_ref()).expect("the breaker's refusal");
+    assert_eq!(r.kind(), RejectKind::CircuitOpen);
+    assert_eq!(r.detail(), Some("forced open"));
+    assert_eq!(up.calls(), 0);
+    breaker.disable();
+    assert_eq!(*rx.borrow_and_update(), Closed);
+    breaker.metrics_only(); // closed → closed: nothing told
+    assert!(!rx.has_changed().unwrap());
+    let mut svc = up.behind(&breaker);
+    step(&mut svc, OVERLOADED).await.unwrap(); // shadow: opens, never refuses
+    assert_eq!(breaker.state(), Open);
+    assert!(
+        !rx.has_changed().unwrap(),
+        "callers still meet a closed breaker"
+    );
+    breaker.reset(); // normal and closed
+    breaker.force_open();
+    breaker.reset();
+    assert_eq!(*rx.borrow_and_update(), Closed);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            (Closed, Open, TransitionReason::Manual),
+            (Open, Closed, TransitionReason::Manual),
+            (Closed, Open, TransitionReason::ConsecutiveFailures),
+            (Open, Closed, TransitionReason::Reset),
+            (Closed, Open, TransitionReason::Manual),
+            (Open, Closed, TransitionReason::Reset),
+        ]
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn every_transition_is_observable() {
     let up = Upstream::default();
@@ -692,13 +753,14 @@ async fn a_listener_may_call_back_into_the_breaker() {
     tokio::time::sleep(secs(5)).await;
     step(&mut svc, Class::Success).await.unwrap();
     breaker.reset(); // already closed: nothing to tell
-    breaker.force_open();
+    breaker.force_open(); // told (its state machine stays closed)
     breaker.reset();
     assert_eq!(
         *seen.lock().unwrap(),
         vec![
             BreakerState::Open,
             BreakerState::HalfOpen,
+            BreakerState::Closed,
             BreakerState::Closed,
             BreakerState::Closed
         ]

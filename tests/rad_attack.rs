@@ -364,6 +364,64 @@ async fn r_a_retry_after_is_honoured_before_going_back_to_a_deployment() {
     }
 }
 
+/// Each deployment's own `Retry-After` is kept for the call: "a" asks 20 s,
+/// then "b" asks 1 s. The third attempt goes to "b" after 1 s — not to "a"
+/// after "b"'s 1 s (the last failure's wait, read for another deployment).
+/// (Added after the trial, with the fix.)
+#[tokio::test(start_paused = true)]
+async fn r_each_deployment_keeps_its_own_retry_after() {
+    // 20 → throttled 20 s; 1 → throttled 1 s; 0 → success.
+    fn classify(r: Result<&u64, &BoxError>) -> Class {
+        match r {
+            Ok(0) => Class::Success,
+            Ok(s) => Class::Throttled {
+                retry_after: Some(Duration::from_secs(*s)),
+            },
+            Err(e) => semaforo::classify::classify_error(e.as_ref()),
+        }
+    }
+    let log: Arc<Mutex<Vec<(&'static str, Duration)>>> = Arc::default();
+    let t0 = Instant::now();
+    let dep = |name: &'static str, first: u64| {
+        let (log, n) = (log.clone(), Arc::new(AtomicUsize::new(0)));
+        Deployment::new(
+            name,
+            BoxCloneSyncService::new(service_fn(move |_r: u64| {
+                log.lock().unwrap().push((name, t0.elapsed()));
+                let i = n.fetch_add(1, Ordering::SeqCst);
+                async move { Ok::<u64, BoxError>(if i == 0 { first } else { 0 }) }
+            })),
+        )
+    };
+    let router = Router::builder()
+        .deployment(dep("a", 20))
+        .deployment(dep("b", 1))
+        .classify(classify)
+        .max_attempts(3)
+        .build()
+        .unwrap();
+    assert_eq!(router.oneshot(1).await.unwrap(), 0);
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 3, "{log:?}");
+    assert_eq!((log[0].0, log[1].0), ("a", "b"), "{log:?}");
+    assert_eq!(log[2].0, "b", "the sooner deployment: {log:?}");
+    assert!(log[2].1 >= Duration::from_secs(1), "{log:?}");
+    assert!(log[2].1 < Duration::from_secs(20), "{log:?}");
+
+    // A lone deployment asking 20 s with a 5 s deadline: its answer comes
+    // back at once (the soonest start is past the deadline).
+    let router = Router::builder()
+        .deployment(dep("c", 20))
+        .classify(classify)
+        .max_attempts(3)
+        .deadline(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let t1 = Instant::now();
+    assert_eq!(router.oneshot(1).await.unwrap(), 20);
+    assert_eq!(t1.elapsed(), Duration::ZERO);
+}
+
 /// A hung upstream: with a deadline, the call ends at exactly the deadline
 /// with `Timeout`, the hung future is dropped, and nothing else is called
 /// (no hedge configured). The error says what happened.

@@ -47,6 +47,12 @@ fn mode_of(w: u32) -> Mode {
     }
 }
 
+/// The state as a caller meets it: open while forced open, closed while
+/// disabled or metrics-only, else the state machine's.
+fn effective_of(w: u32) -> BreakerState {
+    super::effective(mode_of(w), state_of(w))
+}
+
 fn mode_bits(m: Mode) -> u32 {
     (match m {
         Mode::Normal => 0,
@@ -217,7 +223,9 @@ impl Shared {
                     record: false,
                 })
             }
-            Mode::ForcedOpen => return Err(self.rejection(None)),
+            Mode::ForcedOpen => {
+                return Err(self.rejection(None).with_detail("forced open"));
+            }
             Mode::Normal | Mode::MetricsOnly => {}
         }
         let pass = mode == Mode::MetricsOnly;
@@ -353,8 +361,7 @@ impl Shared {
             to: state_of(next),
             reason,
         };
-        self.watch.send_replace(t.to);
-        let _ = news;
+        self.tell_watch(next, news);
         self.queued().push_back(t);
         next
     }
@@ -515,11 +522,36 @@ impl Shared {
         }
     }
 
+    /// Sets the manual mode. A change of the state callers meet is told as
+    /// a transition (reason [`TransitionReason::Manual`]) and on the `watch`.
     pub(crate) fn set_mode(&self, mode: Mode) {
-        let _inner = self.lock();
+        let inner = self.lock();
         let w = self.word.load(Ordering::Acquire);
-        self.word
-            .store((w & !MODE_MASK) | mode_bits(mode), Ordering::Release);
+        let next = (w & !MODE_MASK) | mode_bits(mode);
+        self.word.store(next, Ordering::Release);
+        let (from, to) = (effective_of(w), effective_of(next));
+        let mut news = Announce::default();
+        if from != to {
+            self.queued().push_back(Transition {
+                from,
+                to,
+                reason: TransitionReason::Manual,
+            });
+            self.tell_watch(next, &mut news);
+        }
+        drop(inner);
+        self.announce(news);
+    }
+
+    /// Puts the state callers meet on the `watch` (a shadow transition of a
+    /// metrics-only breaker changes nothing there; listeners hear it).
+    fn tell_watch(&self, word: u32, _news: &mut Announce) {
+        let now = effective_of(word);
+        self.watch.send_if_modified(|seen| {
+            let changed = *seen != now;
+            *seen = now;
+            changed
+        });
     }
 
     pub(crate) fn reset(&self) {
@@ -537,6 +569,13 @@ impl Shared {
         if w & (STATE_MASK | MODE_MASK) == CLOSED {
             return;
         }
+        // Told from the state listeners last heard: what callers met for a
+        // forced-open or disabled breaker, else the state machine's (a
+        // metrics-only breaker's shadow transitions are told).
+        let was = match mode_of(w) {
+            Mode::ForcedOpen | Mode::Disabled => effective_of(w),
+            Mode::Normal | Mode::MetricsOnly => state_of(w),
+        };
         let w = w & !MODE_MASK; // back to Normal
         self.word.store(w, Ordering::Release);
         let mut news = Announce::default();
@@ -548,6 +587,9 @@ impl Shared {
             TransitionReason::Reset,
             &mut news,
         );
+        if let Some(t) = self.queued().back_mut() {
+            t.from = was;
+        }
         drop(inner);
         self.announce(news);
     }
@@ -564,12 +606,7 @@ impl Shared {
     /// closed while disabled or in metrics-only mode, else the state
     /// machine's.
     pub(crate) fn effective_state(&self) -> BreakerState {
-        let w = self.word.load(Ordering::Acquire);
-        match mode_of(w) {
-            Mode::Normal => state_of(w),
-            Mode::ForcedOpen => BreakerState::Open,
-            Mode::Disabled | Mode::MetricsOnly => BreakerState::Closed,
-        }
+        effective_of(self.word.load(Ordering::Acquire))
     }
 
     pub(crate) fn snapshot(&self) -> BreakerSnapshot {

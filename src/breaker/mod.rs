@@ -135,6 +135,24 @@ pub struct BreakerSnapshot {
     pub retry_after: Option<Duration>,
 }
 
+impl BreakerSnapshot {
+    /// The state as a caller meets it: `Open` while forced open, `Closed`
+    /// while disabled or metrics-only, else [`state`](Self::state) (what
+    /// [`Health`](crate::health::Health) reports).
+    pub fn effective_state(&self) -> BreakerState {
+        effective(self.mode, self.state)
+    }
+}
+
+/// The one rule of the state callers meet, for a mode and a state machine's state.
+pub(crate) fn effective(mode: Mode, state: BreakerState) -> BreakerState {
+    match mode {
+        Mode::Normal => state,
+        Mode::ForcedOpen => BreakerState::Open,
+        Mode::Disabled | Mode::MetricsOnly => BreakerState::Closed,
+    }
+}
+
 /// `min_calls` when not set.
 const DEFAULT_MIN_CALLS: u64 = 10;
 
@@ -502,7 +520,10 @@ impl Breaker {
         self.shared.is_normal()
     }
 
-    /// A `watch` receiver that sees every state change.
+    /// A `watch` receiver of the state as callers meet it
+    /// ([`BreakerSnapshot::effective_state`]): every transition, and a manual
+    /// mode that changes it (`force_open` shows `Open`). A metrics-only
+    /// breaker's shadow transitions are told to listeners only.
     pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
         self.shared.subscribe()
     }

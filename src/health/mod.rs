@@ -242,11 +242,7 @@ impl Health {
         let (name, b) = (name.to_owned(), breaker.clone());
         self.with(move || {
             let s = b.snapshot();
-            let effective = match s.mode {
-                Mode::ForcedOpen => BreakerState::Open,
-                Mode::Disabled | Mode::MetricsOnly => BreakerState::Closed,
-                _ => s.state,
-            };
+            let effective = s.effective_state();
             let degraded = effective != BreakerState::Closed;
             Component {
                 name: name.clone(),

@@ -388,6 +388,10 @@ pub enum TransitionReason {
     ProbesSucceeded,
     /// `Breaker::reset`.
     Reset,
+    /// `Breaker::force_open`, `disable` or `metrics_only` changed the state
+    /// callers meet (`from` and `to` are that state, not the state machine's;
+    /// the breaker's snapshot gives the mode).
+    Manual,
 }
 
 impl TransitionReason {
@@ -402,6 +406,7 @@ impl TransitionReason {
             TransitionReason::ProbeTimedOut => "probe timed out",
             TransitionReason::ProbesSucceeded => "probes succeeded",
             TransitionReason::Reset => "reset",
+            TransitionReason::Manual => "manual mode",
         }
     }
 }

@@ -276,8 +276,11 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
     /// The wait before an attempt goes back to a deployment already tried
     /// (every one of the group was): by the last failure's class, as the
     /// retry layer's (default: exponential from 100 ms, capped at 5 s, full
-    /// jitter). Failing over to a deployment not tried yet never waits but
-    /// for its pacer. `None`: no wait.
+    /// jitter), and never before that deployment's own `Retry-After` (kept
+    /// per deployment for the call; the deployment whose wait ends soonest
+    /// is the one chosen). Failing over to a deployment not tried yet never
+    /// waits but for its pacer. `None`: no backoff (a `Retry-After` is still
+    /// waited for).
     pub fn backoff(mut self, backoff: Option<Backoff>) -> Self {
         self.backoff = Some(backoff);
         self
@@ -539,6 +542,17 @@ impl Tried {
     }
 }
 
+/// What a call met before its next attempt is chosen.
+#[derive(Clone, Copy)]
+struct Past<'a> {
+    /// The deployments already tried.
+    tried: &'a Tried,
+    /// The one that just failed (it loses its ties).
+    avoid: Option<usize>,
+    /// Each deployment's own `Retry-After`, as an instant.
+    held: Option<&'a [Option<Instant>]>,
+}
+
 /// Where the next attempt goes, or why none can.
 enum Choice {
     Go(usize, Instant),
@@ -560,11 +574,11 @@ impl<S> Inner<S> {
         &self,
         cost: &crate::pace::Cost,
         key: Option<&str>,
-        tried: &Tried,
-        avoid: Option<usize>,
+        past: Past<'_>,
         group: &Arc<str>,
         now: Instant,
     ) -> Choice {
+        let Past { tried, avoid, held } = past;
         let one_group = self.one_group;
         let in_group = |i: usize| {
             let g = &self.deployments[i].group;
@@ -575,8 +589,11 @@ impl<S> Inner<S> {
         // Once every one was tried, any may take the call again; the one
         // that just failed (`avoid`) loses its ties.
         let candidate = |i: usize| in_group(i) && (all_tried || !tried.get(i));
-        if let Some(go) = self.choose_fast(cost, key, &candidate, avoid, now) {
-            return go;
+        // A deployment's own `Retry-After` delays its start: the full scan.
+        if held.is_none() {
+            if let Some(go) = self.choose_fast(cost, key, &candidate, avoid, now) {
+                return go;
+            }
         }
         let mut starts: Vec<Option<Instant>> = Vec::with_capacity(self.deployments.len());
         let mut reopens: Option<Duration> = None;
@@ -616,6 +633,11 @@ impl<S> Inner<S> {
                     Some(s.max(crate::time::after(now, b.wait_estimate())))
                 }
                 (_, s) => s,
+            };
+            // Not before the time its own `Retry-After` asked for.
+            let start = match (start, held.and_then(|h| h.get(i).copied().flatten())) {
+                (Some(s), Some(h)) => Some(s.max(h)),
+                (s, _) => s,
             };
             starts.push(start);
         }
@@ -840,6 +862,9 @@ pub struct RouteFuture<S: Service<Req>, Req, C> {
     /// The deployment that failed last, and how (the next attempt avoids
     /// it; a retry of a deployment already tried backs off by the class).
     last_failed: Option<(usize, Class)>,
+    /// Each deployment's own `Retry-After`: not called again before this
+    /// instant (allocated at the first one a call meets).
+    held: Option<Box<[Option<Instant>]>>,
     /// Retries of deployments already tried, and the last backoff.
     retries: u32,
     prev_delay: Duration,
@@ -941,8 +966,11 @@ where
                         let choice = this.inner.choose(
                             this.cost,
                             this.key.as_deref(),
-                            &others,
-                            Some(this.current.0),
+                            Past {
+                                tried: &others,
+                                avoid: Some(this.current.0),
+                                held: this.held.as_deref(),
+                            },
                             this.group,
                             now,
                         );
@@ -1011,6 +1039,7 @@ where
                     this.hedge.set(None);
                     return Poll::Ready(result);
                 }
+                hold(this.held, this.inner.deployments.len(), from, &class);
                 if this.call.is_some() || this.hedge.is_some() {
                     // A failed answer while the other attempt still runs:
                     // wait for that one (the first failure that does not
@@ -1090,8 +1119,11 @@ where
                             let choice = this.inner.choose(
                                 this.cost,
                                 this.key.as_deref(),
-                                &others,
-                                Some(i),
+                                Past {
+                                    tried: &others,
+                                    avoid: Some(i),
+                                    held: this.held.as_deref(),
+                                },
                                 this.group,
                                 now,
                             );
@@ -1129,6 +1161,7 @@ where
                         if !fails_over(&class) || *this.attempts >= this.inner.max_attempts {
                             return Poll::Ready(result);
                         }
+                        hold(this.held, this.inner.deployments.len(), i, &class);
                         *this.why = RouteReason::FailedOver {
                             from: this.inner.deployments[i].name.clone(),
                             class,
@@ -1150,8 +1183,11 @@ where
             let choice = this.inner.choose(
                 this.cost,
                 this.key.as_deref(),
-                this.tried,
-                avoid,
+                Past {
+                    tried: this.tried,
+                    avoid,
+                    held: this.held.as_deref(),
+                },
                 this.group,
                 now,
             );
@@ -1214,35 +1250,41 @@ where
             // A deployment tried before (every one was): back off by how
             // the last attempt failed.
             if this.tried.get(i) {
-                if let (Some(backoff), Some((_, class))) =
-                    (this.inner.backoff.as_ref(), this.last_failed.as_ref())
-                {
-                    let drawn = backoff.delay_for(class, *this.retries, *this.prev_delay);
-                    // As the retry layer: an upstream's `Retry-After` is
-                    // waited for (the longer of the two); one above the
-                    // retry layer's default ceiling, or a wait that would
-                    // end past the call's deadline, is not slept: the last
-                    // answer comes back now.
-                    let delay = class.retry_after().map_or(drawn, |ra| ra.max(drawn));
-                    let too_long = class
-                        .retry_after()
-                        .is_some_and(|ra| ra > crate::retry::DEFAULT_RETRY_AFTER_CEILING)
-                        || this
-                            .deadline
-                            .as_ref()
-                            .is_some_and(|(dl, _)| crate::time::after(now, delay) >= *dl);
-                    if too_long {
-                        if let Some(last) = this.last.take() {
-                            return Poll::Ready(last);
-                        }
+                let drawn = match (this.inner.backoff.as_ref(), this.last_failed.as_ref()) {
+                    (Some(backoff), Some((_, class))) => {
+                        backoff.delay_for(class, *this.retries, *this.prev_delay)
                     }
-                    *this.retries = this.retries.saturating_add(1);
-                    *this.prev_delay = drawn;
-                    if !delay.is_zero() {
-                        *this.backoff = Some(Box::pin(tokio::time::sleep_until(
-                            crate::time::after(now, delay),
-                        )));
+                    _ => Duration::ZERO,
+                };
+                // As the retry layer: this deployment's own `Retry-After`
+                // (whichever attempt it answered) is waited for (the longer
+                // of the two, even with no backoff); one above the retry
+                // layer's default ceiling, or a wait that would end past the
+                // call's deadline, is not slept: the last answer comes back
+                // now.
+                let asked = this
+                    .held
+                    .as_deref()
+                    .and_then(|h| h.get(i).copied().flatten())
+                    .map(|h| h.saturating_duration_since(now));
+                let delay = asked.map_or(drawn, |ra| ra.max(drawn));
+                let too_long = asked
+                    .is_some_and(|ra| ra > crate::retry::DEFAULT_RETRY_AFTER_CEILING)
+                    || this
+                        .deadline
+                        .as_ref()
+                        .is_some_and(|(dl, _)| crate::time::after(now, delay) >= *dl);
+                if too_long {
+                    if let Some(last) = this.last.take() {
+                        return Poll::Ready(last);
                     }
+                }
+                *this.retries = this.retries.saturating_add(1);
+                *this.prev_delay = drawn;
+                if !delay.is_zero() {
+                    *this.backoff = Some(Box::pin(tokio::time::sleep_until(crate::time::after(
+                        now, delay,
+                    ))));
                 }
             }
             this.tried.set(i);
@@ -1257,6 +1299,19 @@ where
             }
             *this.svc = Some((i, this.inner.deployments[i].service.clone()));
         }
+    }
+}
+
+/// Keeps deployment `i`'s `Retry-After` (the later of two) in the call's
+/// `held` table, allocated at the first.
+fn hold(held: &mut Option<Box<[Option<Instant>]>>, n: usize, i: usize, class: &Class) {
+    let Some(ra) = class.retry_after() else {
+        return;
+    };
+    let until = crate::time::after(Instant::now(), ra);
+    let table = held.get_or_insert_with(|| vec![None; n].into_boxed_slice());
+    if let Some(slot) = table.get_mut(i) {
+        *slot = Some(slot.map_or(until, |h| h.max(until)));
     }
 }
 
@@ -1334,6 +1389,7 @@ where
             why: RouteReason::First,
             parked: None,
             last_failed: None,
+            held: None,
             retries: 0,
             prev_delay: Duration::ZERO,
             backoff: None,
