@@ -752,6 +752,108 @@ async fn r_every_bulkhead_full_the_error_says_queue_full() {
     }
 }
 
+/// A deployment whose own layers would refuse a call coming now (its
+/// bulkhead's line full, its pacer's start past the pacer's `max_wait`)
+/// goes after one that would take it, even a later one: with
+/// `max_attempts(1)` the call waits in "b"'s line and is answered, where it
+/// went to the sooner "a" and was refused at once. (Added after the trial,
+/// with the fix.)
+#[tokio::test(start_paused = true)]
+async fn r_a_deployment_that_would_refuse_goes_after_one_that_takes_the_call() {
+    let work = Duration::from_secs(10);
+    let held = |service: Duration| {
+        Bulkhead::builder(1)
+            .max_queue(10)
+            .expected_service_time(service)
+            .build()
+            .unwrap()
+    };
+    // Bulkheads: "a" (1 s a call, no line) and "b" (4 s a call, a line of
+    // 10), each running one call.
+    let c = counters(2);
+    let full = Bulkhead::builder(1)
+        .max_queue(0)
+        .expected_service_time(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let waits = held(Duration::from_secs(4));
+    let router = Router::builder()
+        .deployment(
+            Deployment::new(
+                "a",
+                BoxCloneSyncService::new(full.layer().layer(scripted(vec![0], work, c[0].clone()))),
+            )
+            .bulkhead(full.clone()),
+        )
+        .deployment(
+            Deployment::new(
+                "b",
+                BoxCloneSyncService::new(waits.layer().layer(scripted(
+                    vec![0],
+                    work,
+                    c[1].clone(),
+                ))),
+            )
+            .bulkhead(waits.clone()),
+        )
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    let h1 = tokio::spawn(router.clone().oneshot(1));
+    let h2 = tokio::spawn(router.clone().oneshot(2));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(load(&c), vec![1, 1]);
+    let t0 = Instant::now();
+    assert_eq!(router.clone().oneshot(3).await.unwrap(), 0);
+    assert_eq!(load(&c), vec![1, 2]);
+    assert!(
+        t0.elapsed() >= work,
+        "waited in b's line: {:?}",
+        t0.elapsed()
+    );
+    h1.await.unwrap().unwrap();
+    h2.await.unwrap().unwrap();
+
+    // Pacer: "a" allows 1 call a minute and waits at most 5 s (its next
+    // start, 60 s away, is refused at once); "b"'s bulkhead line is 100 s.
+    let c = counters(2);
+    let pace = semaforo::pace::Pace::builder()
+        .requests_per_minute(1)
+        .max_wait(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let slow = held(Duration::from_secs(100));
+    let router = Router::builder()
+        .deployment(
+            Deployment::new(
+                "a",
+                BoxCloneSyncService::new(pace.layer().layer(scripted(
+                    vec![0],
+                    Duration::ZERO,
+                    c[0].clone(),
+                ))),
+            )
+            .pace(pace.clone()),
+        )
+        .deployment(
+            Deployment::new(
+                "b",
+                BoxCloneSyncService::new(slow.layer().layer(scripted(vec![0], work, c[1].clone()))),
+            )
+            .bulkhead(slow.clone()),
+        )
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    assert_eq!(router.clone().oneshot(1).await.unwrap(), 0); // a's one call
+    let h = tokio::spawn(router.clone().oneshot(2)); // b's running call
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(load(&c), vec![1, 1]);
+    assert_eq!(router.clone().oneshot(3).await.unwrap(), 0);
+    assert_eq!(load(&c), vec![1, 2]);
+    h.await.unwrap().unwrap();
+}
+
 /// Cancellation storm on a multi-thread runtime: 64 tasks × 60 calls over
 /// three deployments behind bulkheads, half the upstream answers failing,
 /// each call dropped before its first poll, after a few polls, or awaited.

@@ -440,11 +440,13 @@ impl Bulkhead {
         self.shared.free_now()
     }
 
-    /// About how long a call arriving now would wait for a permit: the
-    /// callers ahead of it times the service time (smoothed, or the
-    /// configured expected one, else 1 s) over the limit.
-    pub(crate) fn wait_estimate(&self) -> Duration {
-        self.shared.wait_estimate()
+    /// About how long a call arriving now would wait for a permit (the
+    /// callers ahead of it times the service time — smoothed, or the
+    /// configured expected one, else 1 s — over the limit), and whether it
+    /// would be refused (closed, the line full, or its known ETA past
+    /// `max_wait`).
+    pub(crate) fn outlook(&self) -> (Duration, bool) {
+        self.shared.outlook()
     }
 
     /// The name given to the builder.

@@ -175,16 +175,23 @@ impl Shared {
         Duration::try_from_secs_f64(s / f64::from(limit.max(1))).ok()
     }
 
-    /// How long a caller arriving now would wait: the line's own ETA for
+    /// How long a caller arriving now would wait (the line's own ETA for
     /// the place after the last waiter, 1 s a round when no service time is
-    /// known yet.
-    pub(crate) fn wait_estimate(&self) -> Duration {
+    /// known yet), and whether it would be refused: closed (`ShuttingDown`), the line
+    /// full (`QueueFull` at once) or the line's known ETA past `max_wait`
+    /// (`QueueTimeout` after waiting it). One lock.
+    pub(crate) fn outlook(&self) -> (Duration, bool) {
         let q = self.lock();
         let waiting = (q.line.len() as u32).saturating_add(q.parked_total);
         let pos = waiting.saturating_add(1);
         let limit = self.limit();
-        Self::eta(&q, &self.cfg, limit, pos)
-            .unwrap_or_else(|| Duration::from_secs(u64::from(pos.div_ceil(limit.max(1)))))
+        let known = Self::eta(&q, &self.cfg, limit, pos);
+        let closed = self.state.load(Ordering::Acquire) & super::queue::CLOSED != 0;
+        let full = closed || waiting >= self.line_bound();
+        let late = matches!((known, self.cfg.max_wait), (Some(eta), Some(max)) if eta > max);
+        let estimate =
+            known.unwrap_or_else(|| Duration::from_secs(u64::from(pos.div_ceil(limit.max(1)))));
+        (estimate, full || late)
     }
 
     /// ETA for position `pos` (1-based): `ceil(pos / limit) × service time`.

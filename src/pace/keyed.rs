@@ -453,17 +453,31 @@ impl KeyedPace {
         cost: &super::Cost,
         now: tokio::time::Instant,
     ) -> Option<tokio::time::Instant> {
+        match self.outlook_at(key, cost, now) {
+            super::Outlook::Never => None,
+            super::Outlook::At(at) | super::Outlook::Refused(at) => Some(at),
+        }
+    }
+
+    /// [`start_for_at`](Self::start_for_at), and whether the pacer that
+    /// would take it refuses it at once for its `max_wait`.
+    pub(crate) fn outlook_at(
+        &self,
+        key: Option<&str>,
+        cost: &super::Cost,
+        now: tokio::time::Instant,
+    ) -> super::Outlook {
         if self.inner.template.is_none() {
-            return self.inner.overflow.start_for_at(cost, now);
+            return self.inner.overflow.outlook_at(cost, now);
         }
         let key = key.filter(|k| k.len() <= MAX_KEY_LEN);
         match key.and_then(|k| self.peek(k)) {
-            Some(p) => p.start_for_at(cost, now),
+            Some(p) => p.outlook_at(cost, now),
             None if key.is_some() => match &self.inner.shared {
-                Some(s) => s.start_for_at(cost, now),
-                None => Some(now),
+                Some(s) => s.outlook_at(cost, now),
+                None => super::Outlook::At(now),
             },
-            None => self.inner.overflow.start_for_at(cost, now),
+            None => self.inner.overflow.outlook_at(cost, now),
         }
     }
 

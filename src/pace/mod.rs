@@ -278,6 +278,17 @@ pub struct PaceSnapshot {
     pub throttled: u64,
 }
 
+/// What a pacer would do with a call coming now, reserving nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outlook {
+    /// It could never be paid, or a budget refuses it.
+    Never,
+    /// It would start then.
+    At(Instant),
+    /// It would start then, later than `max_wait`: refused at once.
+    Refused(Instant),
+}
+
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) obs: Observer,
@@ -855,6 +866,23 @@ impl Pace {
         match &self.shared.parent {
             Some(p) => st.peek_start(cost, now, Some(&p.lock())),
             None => st.peek_start(cost, now, None),
+        }
+    }
+
+    /// [`start_for_at`](Self::start_for_at), and whether a call coming now
+    /// would be refused at once for starting later than `max_wait` (the
+    /// pacer's own admission rule).
+    pub(crate) fn outlook_at(&self, cost: &Cost, now: Instant) -> Outlook {
+        match self.start_for_at(cost, now) {
+            None => Outlook::Never,
+            Some(at) => {
+                let wait = at.saturating_duration_since(now);
+                if self.shared.max_wait.is_some_and(|m| wait > m) {
+                    Outlook::Refused(at)
+                } else {
+                    Outlook::At(at)
+                }
+            }
         }
     }
 

@@ -11,7 +11,14 @@
 //! weighted round robin, so 3:1 weights get 3 calls of 4), and only that
 //! deployment reserves. No load balancer we know of routes by this: a
 //! deployment cooling down after a 429, or whose token budget is spent, is
-//! simply later, and the call goes where it can start now.
+//! simply later, and the call goes where it can start now. A deployment
+//! whose own layers would refuse a call coming now — its bulkhead closed or
+//! its line full, or the line's known wait past the bulkhead's `max_wait`;
+//! its pacer's start past the pacer's `max_wait` — goes after every
+//! deployment that would take the call, however much later; when every one
+//! would refuse, the soonest is tried and its refusal fails over as usual.
+//! A deployment's own `Retry-After`, once it answered one in this call, is
+//! part of its start.
 //!
 //! The router **owns the attempt loop** (a deployment must not retry by
 //! itself): a result classified `Overloaded`, `Transient` or

@@ -5,7 +5,7 @@ use crate::backoff::{Backoff, Jitter};
 use crate::classify::{Class, Classify, ErrorClassifier};
 use crate::error::{BoxError, ConfigError, RejectKind, Rejected};
 use crate::observe::{BreakerState, Event, EventKind, ListenerSlot, Observer, RouteReason};
-use crate::pace::{NoKey, OneRequest, PaceKey, Weigh};
+use crate::pace::{NoKey, OneRequest, Outlook, PaceKey, Weigh};
 use crate::retry::RetryBudget;
 use pin_project::pin_project;
 use std::fmt;
@@ -596,6 +596,7 @@ impl<S> Inner<S> {
             }
         }
         let mut starts: Vec<Option<Instant>> = Vec::with_capacity(self.deployments.len());
+        let mut busy: Vec<usize> = Vec::new();
         let mut reopens: Option<Duration> = None;
         let mut open = false;
         for (i, d) in self.deployments.iter().enumerate() {
@@ -623,14 +624,23 @@ impl<S> Inner<S> {
                     continue;
                 }
             }
-            let start = match &d.pace {
-                Some(p) => p.start_for_at(d.key.as_deref().or(key), cost, now),
-                None => Some(now),
+            // Whether the deployment's own layers would refuse a call
+            // coming now (its pacer's `max_wait`, its bulkhead's line): it
+            // goes after every deployment that would take it.
+            let (start, mut refuses) = match &d.pace {
+                Some(p) => match p.outlook_at(d.key.as_deref().or(key), cost, now) {
+                    Outlook::Never => (None, false),
+                    Outlook::At(at) => (Some(at), false),
+                    Outlook::Refused(at) => (Some(at), true),
+                },
+                None => (Some(now), false),
             };
-            // A full bulkhead: later by about its line's wait.
+            // A busy bulkhead: later by about its line's wait.
             let start = match (&d.bulkhead, start) {
                 (Some(b), Some(s)) if !b.free_now() => {
-                    Some(s.max(crate::time::after(now, b.wait_estimate())))
+                    let (wait, refused) = b.outlook();
+                    refuses |= refused;
+                    Some(s.max(crate::time::after(now, wait)))
                 }
                 (_, s) => s,
             };
@@ -640,13 +650,27 @@ impl<S> Inner<S> {
                 (s, _) => s,
             };
             starts.push(start);
+            if refuses && start.is_some() {
+                busy.push(i);
+            }
         }
-        let Some(first) = starts.iter().flatten().min().copied() else {
+        // Every deployment refusing: the soonest of them, whose own layer
+        // answers its refusal; else only those that would take the call.
+        let all_busy = busy.len() == starts.iter().flatten().count();
+        let takes = |i: usize| all_busy || !busy.contains(&i);
+        let Some(first) = starts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| takes(*i))
+            .filter_map(|(_, s)| *s)
+            .min()
+        else {
             return Choice::None { reopens, open };
         };
         let mut tied: Vec<usize> = starts
             .iter()
             .enumerate()
+            .filter(|(i, _)| takes(*i))
             .filter_map(|(i, s)| s.filter(|s| *s <= first + TIE).map(|_| i))
             .collect();
         if tied.len() > 1 {
@@ -727,7 +751,10 @@ impl<S> Inner<S> {
             return None;
         }
         let start = match &d.pace {
-            Some(p) => p.start_for_at(d.key.as_deref().or(key), cost, now)?,
+            Some(p) => match p.outlook_at(d.key.as_deref().or(key), cost, now) {
+                Outlook::At(at) => at,
+                Outlook::Never | Outlook::Refused(_) => return None,
+            },
             None => now,
         };
         // Within the tie window of now (the pacer reads its own clock).
