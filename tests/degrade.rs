@@ -446,3 +446,31 @@ async fn a_dropped_degrade_future_drops_the_inner_call() {
     drop(fut);
     assert_eq!(drops.load(Ordering::SeqCst), 1);
 }
+
+/// `pace_wait_above` reads when a typical call coming now would start: a
+/// pacer whose cells are spent ahead of now (60 calls of a 60-a-minute
+/// burst) holds a next call back by 1 s with nobody in line and no pause;
+/// the signal holds for any `wait` under that and not above, and stops
+/// holding once the debt is paid.
+#[tokio::test(start_paused = true)]
+async fn pace_wait_above_sees_the_cells_debt_with_nobody_in_line() {
+    use semaforo::degrade::{pace_wait_above, Signal};
+    use semaforo::pace::Pace;
+    use tower::{Layer, ServiceExt};
+    let pace = Pace::builder().requests_per_minute(60).build().unwrap();
+    let svc = pace.layer().layer(tower::service_fn(|_: u32| async {
+        Ok::<_, std::io::Error>(0u32)
+    }));
+    for i in 0..60 {
+        svc.clone().oneshot(i).await.unwrap();
+    }
+    let snap = pace.snapshot();
+    assert_eq!(
+        (snap.waiting, snap.next_start, snap.paused_until),
+        (0, None, None)
+    );
+    assert!(pace_wait_above(&pace, Duration::from_millis(900)).holds());
+    assert!(!pace_wait_above(&pace, Duration::from_millis(1_100)).holds());
+    sleep(Duration::from_secs(1)).await;
+    assert!(!pace_wait_above(&pace, Duration::ZERO).holds());
+}

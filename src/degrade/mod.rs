@@ -188,17 +188,17 @@ pub fn line_above(bulkhead: &Bulkhead, fraction: f64) -> impl Signal {
     }
 }
 
-/// Holds while a call given to `pace` now would wait longer than `wait`
-/// (behind its line, or a pause after a 429).
+/// Holds while a call of the typical (smoothed) cost given to `pace` now
+/// would wait longer than `wait` — behind its line, behind the debt of its
+/// cells at a rate cut after 429s, or a pause — or would be refused (a
+/// budget spent, the pacer closed). Before any call, the typical cost is
+/// one request.
 pub fn pace_wait_above(pace: &Pace, wait: Duration) -> impl Signal {
     let p = pace.clone();
     move || {
-        let s = p.snapshot();
         let now = Instant::now();
-        [s.next_start, s.paused_until]
-            .into_iter()
-            .flatten()
-            .any(|t| t.saturating_duration_since(now) > wait)
+        p.typical_start_at(now)
+            .is_none_or(|t| t.saturating_duration_since(now) > wait)
     }
 }
 

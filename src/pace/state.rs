@@ -367,6 +367,18 @@ impl State {
     }
 
     /// A copy of the state to play forward (see [`crate::eta`]).
+    /// A typical call's cost (smoothed), or one request before any call.
+    pub(crate) fn typical_cost(&self) -> Cost {
+        self.typical
+            .map_or(Cost::requests(1), |[r, i, c, o, m]| Cost {
+                requests: r.round() as u32,
+                input_tokens: i.round() as u64,
+                cached_input_tokens: c.round() as u64,
+                output_tokens: o.round() as u64,
+                spend: m.round() as u64,
+            })
+    }
+
     pub(crate) fn projection(&self, now: Instant) -> Projection {
         // The calls a projection can be asked about (see `eta`): the first
         // ones in line are copied, the rest counted.
@@ -376,13 +388,7 @@ impl State {
             .take(PROJECTED)
             .filter_map(|slot| self.waiting.get(*slot as usize).map(|w| w.cost))
             .collect();
-        let typical = self.typical.map(|[r, i, c, o, m]| Cost {
-            requests: r.round() as u32,
-            input_tokens: i.round() as u64,
-            cached_input_tokens: c.round() as u64,
-            output_tokens: o.round() as u64,
-            spend: m.round() as u64,
-        });
+        let typical = self.typical.map(|_| self.typical_cost());
         let n = secs(self.epoch, now);
         Projection {
             dims: self.dims.clone(),
