@@ -474,3 +474,38 @@ async fn pace_wait_above_sees_the_cells_debt_with_nobody_in_line() {
     sleep(Duration::from_secs(1)).await;
     assert!(!pace_wait_above(&pace, Duration::ZERO).holds());
 }
+
+/// … and holds while a typical call would be refused for the pacer's own
+/// `max_wait`: 1 call a second, `max_wait` 5 s, 5 calls waiting (the next
+/// one would start 6 s out): refused at once, so the signal holds for a
+/// `wait` of 10 s.
+#[tokio::test(start_paused = true)]
+async fn pace_wait_above_holds_while_calls_are_refused_for_max_wait() {
+    use semaforo::degrade::{pace_wait_above, Signal};
+    use semaforo::pace::{Limit, Pace};
+    use tower::{Layer, ServiceExt};
+    let pace = Pace::builder()
+        .limit(Limit::requests_per_minute(60).burst(1))
+        .max_wait(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let svc = pace.layer().layer(tower::service_fn(|_: u32| async {
+        Ok::<_, std::io::Error>(0u32)
+    }));
+    let signal = pace_wait_above(&pace, Duration::from_secs(10));
+    assert!(!signal.holds());
+    svc.clone().oneshot(0).await.unwrap();
+    let mut line = Vec::new();
+    for i in 1..=5 {
+        line.push(tokio::spawn(svc.clone().oneshot(i)));
+    }
+    tokio::task::yield_now().await;
+    assert_eq!(pace.snapshot().waiting, 5);
+    let refused = svc.clone().oneshot(9).await.unwrap_err();
+    assert!(refused.to_string().contains("max_wait"), "{refused}");
+    assert!(signal.holds(), "calls are refused at once");
+    for l in line {
+        l.await.unwrap().unwrap();
+    }
+    assert!(!signal.holds());
+}

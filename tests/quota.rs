@@ -660,3 +660,30 @@ async fn wait_mode_estimates_a_line_at_the_global_limit() {
         "the line moves at the global rate"
     );
 }
+
+/// A cost above the global limit's burst can never fit: `QuotaExceeded`
+/// without `retry_after`, at once, in both modes (it had a `retry_after` of
+/// 1 s that never came true, and wait mode waited its `max_wait` for it).
+#[tokio::test(start_paused = true)]
+async fn a_cost_above_the_global_burst_is_refused_for_good() {
+    for max_wait in [None, Some(Duration::from_secs(5))] {
+        let mut b = Quota::builder()
+            .plan("p", Rate::per_minute(1_000))
+            .global(Rate::per_second(50));
+        if let Some(w) = max_wait {
+            b = b.max_wait(w);
+        }
+        let quota: Quota<u32> = b.build().unwrap();
+        let p = quota.plan_id("p").unwrap();
+        let (svc, log) = recording(&quota);
+        let t0 = tokio::time::Instant::now();
+        let r = spawn_call(&svc, (7, p, 100, 0)).await.unwrap().unwrap_err();
+        assert_eq!(t0.elapsed(), Duration::ZERO, "{max_wait:?}");
+        assert_eq!(r.kind(), RejectKind::QuotaExceeded);
+        assert_eq!(r.retry_after(), None, "{max_wait:?}: {r}");
+        assert!(r.to_string().contains("global limit"), "{r}");
+        // A cost within both bursts still passes.
+        spawn_call(&svc, (7, p, 50, 1)).await.unwrap().unwrap();
+        assert_eq!(log.lock().unwrap().len(), 1);
+    }
+}

@@ -4,7 +4,7 @@
 //! time.
 //!
 //! ```text
-//! hotpaths <layer> <calls>     layer: bulkhead breaker retry retry-budget timeout rate-limit quota pace stack
+//! hotpaths <layer> <calls>     layer: bulkhead breaker retry retry-budget timeout rate-limit quota pace stack llm
 //! SIZES=1 hotpaths <layer> 1    also prints the size of the layer's response future
 //! ```
 
@@ -133,9 +133,53 @@ fn main() {
         }
         "pace" => run(ServiceBuilder::new().layer(pace()).service(bare()), calls),
         "stack" => run(common::semaforo_stack(), calls),
+        "llm" => llm(calls),
         other => {
             eprintln!("unknown layer {other:?}");
             std::process::exit(2);
         }
+    }
+}
+
+/// The LLM preset (`LlmStack::openai`) on a 2 KB chat request answered at
+/// once with a success whose `usage` is read (as `benches/llm.rs`'s "success,
+/// 2 KB request").
+fn llm(calls: u64) {
+    use bytes::Bytes;
+    use futures::FutureExt;
+    use semaforo::llm::{LlmStack, Tier};
+    use tower::ServiceExt;
+    const SUCCESS: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Bien, gracias."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}"#;
+    let tier = Tier {
+        requests_per_minute: 1 << 40,
+        tokens_per_minute: 1 << 50,
+    };
+    let stack = LlmStack::openai(tier).build().expect("a stack");
+    let mut svc = ServiceBuilder::new()
+        .layer(stack.layer())
+        .service(tower::service_fn(|_req: http::Request<Bytes>| {
+            std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(
+                Bytes::from_static(SUCCESS),
+            )))
+        }));
+    let body = Bytes::from(format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}}],"max_tokens":100,"model":"gpt-4o-mini"}}"#,
+        "a".repeat(2_000)
+    ));
+    for _ in 0..calls {
+        let req = http::Request::post("/v1/chat/completions")
+            .body(body.clone())
+            .expect("a request");
+        let ready = svc
+            .ready()
+            .now_or_never()
+            .expect("ready at once")
+            .expect("no error");
+        let res = ready
+            .call(req)
+            .now_or_never()
+            .expect("completes at once")
+            .expect("an answer");
+        black_box(res.status());
     }
 }

@@ -66,7 +66,7 @@ use crate::breaker::{Breaker, BreakerState};
 use crate::bulkhead::Bulkhead;
 use crate::error::ConfigError;
 use crate::observe::{Event, EventKind, ListenerSlot, Observer};
-use crate::pace::Pace;
+use crate::pace::{Outlook, Pace};
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
@@ -190,15 +190,17 @@ pub fn line_above(bulkhead: &Bulkhead, fraction: f64) -> impl Signal {
 
 /// Holds while a call of the typical (smoothed) cost given to `pace` now
 /// would wait longer than `wait` — behind its line, behind the debt of its
-/// cells at a rate cut after 429s, or a pause — or would be refused (a
-/// budget spent, the pacer closed). Before any call, the typical cost is
+/// cells at a rate cut after 429s, or a pause — or would be refused (past
+/// the pacer's `max_wait`, a budget spent, the pacer closed). Before any call, the typical cost is
 /// one request.
 pub fn pace_wait_above(pace: &Pace, wait: Duration) -> impl Signal {
     let p = pace.clone();
     move || {
         let now = Instant::now();
-        p.typical_start_at(now)
-            .is_none_or(|t| t.saturating_duration_since(now) > wait)
+        match p.typical_outlook_at(now) {
+            Outlook::At(t) => t.saturating_duration_since(now) > wait,
+            Outlook::Never | Outlook::Refused(_) => true,
+        }
     }
 }
 

@@ -869,16 +869,12 @@ impl Pace {
         }
     }
 
-    /// When a call of the typical (smoothed) cost coming now would start —
-    /// behind the line, the cells' debt at a cut rate, a pause —, `None`
-    /// when it would be refused (never fits, a budget, closed).
-    pub(crate) fn typical_start_at(&self, now: Instant) -> Option<Instant> {
-        let st = self.shared.lock();
-        let cost = st.typical_cost();
-        match &self.shared.parent {
-            Some(p) => st.peek_start(&cost, now, Some(&p.lock())),
-            None => st.peek_start(&cost, now, None),
-        }
+    /// [`outlook_at`](Self::outlook_at) for a call of the typical
+    /// (smoothed) cost coming now: its start behind the line, the cells'
+    /// debt at a cut rate, a pause.
+    pub(crate) fn typical_outlook_at(&self, now: Instant) -> Outlook {
+        let cost = self.shared.lock().typical_cost();
+        self.outlook_at(&cost, now)
     }
 
     /// [`start_for_at`](Self::start_for_at), and whether a call coming now

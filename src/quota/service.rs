@@ -264,8 +264,12 @@ impl<K: Hash + Eq + Clone> Shared<K> {
         if cost > plan.rate.burst {
             return Err(self.never(plan, cost));
         }
-        if let Some((_, cell)) = &self.global {
+        if let Some((policy, cell)) = &self.global {
             if let Err(wait) = cell.take(cost, Instant::now()) {
+                // Above the global burst: no wait makes it fit.
+                if !cell.fits(cost) {
+                    return Err(self.never_global(policy, cost));
+                }
                 return Err(Refusal::Wait(wait, true));
             }
         }
@@ -286,6 +290,21 @@ impl<K: Hash + Eq + Clone> Shared<K> {
             cell.give_back(cost);
         }
         Err(refused)
+    }
+
+    /// A cost above the global limit's burst: refused without `retry_after`.
+    #[cold]
+    fn never_global(&self, policy: &Arc<crate::error::RateLimitPolicy>, cost: u32) -> Refusal {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        let r = Rejected::new("quota", RejectKind::QuotaExceeded)
+            .with_name_opt(self.obs.name.as_ref())
+            .with_policy(policy.clone())
+            .with_detail(format!(
+                "a cost of {cost} can never fit the global limit ({} per {})",
+                policy.quota,
+                crate::time::Human(policy.window)
+            ));
+        Refusal::Never(r)
     }
 
     #[cold]
