@@ -386,3 +386,43 @@ async fn the_health_report_shows_the_cache() {
     );
     assert!(get("bytes") > 0.0);
 }
+
+/// An entry found past its keep time leaves the cache told as evicted: one
+/// `Shared { Evicted }` event and one in the snapshot's count (it was told
+/// only for the size bounds). An answer stored again meanwhile stays.
+#[tokio::test(start_paused = true)]
+async fn an_expired_entry_is_told_as_evicted() {
+    use semaforo::observe::{EventKind, ShareOutcome};
+    let evicted = Arc::new(AtomicUsize::new(0));
+    let cache: Cache<String, String> = Cache::builder()
+        .ttl(Duration::from_secs(1))
+        .on_event({
+            let evicted = evicted.clone();
+            move |e| {
+                if let EventKind::Shared {
+                    outcome: ShareOutcome::Evicted,
+                } = e.kind
+                {
+                    evicted.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = cache.layer(by_topic).layer(counted(&calls));
+    svc.clone().oneshot("a".into()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Found expired by the layer: removed (told), then called and stored again.
+    svc.clone().oneshot("a".into()).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(evicted.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.snapshot().evicted, 1);
+    assert_eq!(cache.get(&"a".to_owned()).as_deref(), Some("answer to a"));
+    // Found expired by `stale`: removed and told once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(cache.stale(&"a".to_owned()), None);
+    assert_eq!(cache.stale(&"a".to_owned()), None);
+    assert_eq!(evicted.load(Ordering::SeqCst), 2);
+    assert_eq!(cache.snapshot().evicted, 2);
+}

@@ -220,7 +220,8 @@ pub struct CacheSnapshot {
     pub bypassed: u64,
     /// Stale answers handed out by [`Cache::stale`].
     pub stale_served: u64,
-    /// Entries evicted to keep the size bounds.
+    /// Entries evicted: to keep the size bounds, or found past their keep
+    /// time (TTL, plus `stale_for`).
     pub evicted: u64,
 }
 
@@ -391,7 +392,7 @@ where
         let e = self.inner.store.get(key)?;
         let now = Instant::now();
         if now >= e.keep_until && now >= e.fresh_until {
-            self.inner.store.invalidate(key);
+            self.expire(key, now);
             return None;
         }
         if now >= e.fresh_until {
@@ -465,9 +466,35 @@ where
             return Some((e.value, age));
         }
         if now >= e.keep_until {
-            self.inner.store.invalidate(key);
+            self.expire(key, now);
         }
         None
+    }
+
+    /// Removes `key`'s entry if it is still past its keep time (an answer
+    /// stored for it meanwhile stays), told as [`ShareOutcome::Evicted`].
+    #[cold]
+    fn expire(&self, key: &K, now: Instant) {
+        use moka::ops::compute::{CompResult, Op};
+        let done = self
+            .inner
+            .store
+            .entry_by_ref(key)
+            .and_compute_with(|e| match e {
+                Some(e) if now >= e.value().keep_until && now >= e.value().fresh_until => {
+                    Op::Remove
+                }
+                _ => Op::Nop,
+            });
+        if matches!(done, CompResult::Removed(_)) {
+            self.inner.stats.evicted.fetch_add(1, Ordering::Relaxed);
+            self.inner.obs.emit(
+                "cache",
+                EventKind::Shared {
+                    outcome: ShareOutcome::Evicted,
+                },
+            );
+        }
     }
 
     /// Keeps `value`, `age` old already (a lower tier's answer).
