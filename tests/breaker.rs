@@ -409,6 +409,12 @@ async fn manual_modes_are_told() {
         "callers still meet a closed breaker"
     );
     breaker.reset(); // normal and closed
+                     // Reset of a disabled or metrics-only closed breaker: nothing to tell.
+    breaker.disable();
+    breaker.reset();
+    breaker.metrics_only();
+    breaker.reset();
+    assert!(!rx.has_changed().unwrap());
     breaker.force_open();
     breaker.reset();
     assert_eq!(*rx.borrow_and_update(), Closed);

@@ -687,3 +687,63 @@ async fn a_cost_above_the_global_burst_is_refused_for_good() {
         assert_eq!(log.lock().unwrap().len(), 1);
     }
 }
+
+/// The snapshot's counts add up to what callers met: a waiter dropped from
+/// the line is neither admitted nor refused, a `ShuttingDown` refusal (a
+/// waiter released by `close`, a call over its quota after it) is refused.
+#[tokio::test(start_paused = true)]
+async fn the_snapshot_counts_a_left_waiter_and_shutdown_refusals_as_they_were() {
+    let (quota, p) = one_per_second(Duration::from_secs(10));
+    let (svc, _log) = recording(&quota);
+    spawn_call(&svc, (1, p, 1, 0)).await.unwrap().unwrap();
+    // A waiter polled once, then dropped.
+    {
+        let mut s = svc.clone();
+        let fut = s.ready().await.unwrap().call((1, p, 1, 1));
+        let mut fut = std::pin::pin!(fut);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(std::future::Future::poll(fut.as_mut(), &mut cx).is_pending());
+        assert_eq!(quota.snapshot().waiting, 1);
+    }
+    let s = quota.snapshot();
+    assert_eq!((s.admitted, s.rejected, s.waiting), (1, 0, 0));
+    // A waiter released by `close`, then a call over its quota after it.
+    let waiter = spawn_call(&svc, (1, p, 1, 2));
+    tokio::task::yield_now().await;
+    assert_eq!(quota.snapshot().waiting, 1);
+    assert_eq!(quota.close(), 1);
+    let r = waiter.await.unwrap().unwrap_err();
+    assert_eq!(r.kind(), RejectKind::ShuttingDown);
+    let r = spawn_call(&svc, (1, p, 1, 3)).await.unwrap().unwrap_err();
+    assert_eq!(r.kind(), RejectKind::ShuttingDown);
+    let s = quota.snapshot();
+    assert_eq!((s.admitted, s.rejected, s.waiting), (1, 2, 0));
+}
+
+/// A rate whose unit would refill in under 1 ns is a configuration error
+/// for the global limit and for `RateLimit`, as for a plan (the global cell
+/// rounded it to 1 ns: 1e9 a second, not what was asked).
+#[test]
+fn a_rate_too_fine_is_refused_everywhere() {
+    let fine = Rate::new(u32::MAX, Duration::from_nanos(1));
+    let e = Quota::builder()
+        .plan("p", Rate::per_second(1))
+        .global(fine)
+        .build::<u32>()
+        .unwrap_err();
+    assert!(e.to_string().contains("too fine"), "{e}");
+    assert!(e.to_string().contains("global"), "{e}");
+    let e = Quota::builder().plan("p", fine).build::<u32>().unwrap_err();
+    assert!(e.to_string().contains("too fine"), "{e}");
+    let e = semaforo::quota::RateLimit::builder(fine)
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("too fine"), "{e}");
+    // The finest that fits: one unit a nanosecond.
+    assert!(
+        semaforo::quota::RateLimit::builder(Rate::new(1, Duration::from_nanos(1)))
+            .build()
+            .is_ok()
+    );
+}

@@ -564,11 +564,6 @@ impl Shared {
         if let Some(win) = &self.window {
             win.reset();
         }
-        // Already closed and in normal mode: nothing changes, nothing to tell
-        // (a listener that resets on `Closed` must not loop for ever).
-        if w & (STATE_MASK | MODE_MASK) == CLOSED {
-            return;
-        }
         // Told from the state listeners last heard: what callers met for a
         // forced-open or disabled breaker, else the state machine's (a
         // metrics-only breaker's shadow transitions are told).
@@ -576,6 +571,12 @@ impl Shared {
             Mode::ForcedOpen | Mode::Disabled => effective_of(w),
             Mode::Normal | Mode::MetricsOnly => state_of(w),
         };
+        // Closed as heard and closed: back to normal mode, untold (a
+        // listener that resets on `Closed` must not loop for ever).
+        if was == BreakerState::Closed && w & STATE_MASK == CLOSED {
+            self.word.store(w & !MODE_MASK, Ordering::Release);
+            return;
+        }
         let w = w & !MODE_MASK; // back to Normal
         self.word.store(w, Ordering::Release);
         let mut news = Announce::default();
@@ -587,8 +588,15 @@ impl Shared {
             TransitionReason::Reset,
             &mut news,
         );
-        if let Some(t) = self.queued().back_mut() {
-            t.from = was;
+        {
+            let mut queued = self.queued();
+            if was == BreakerState::Closed {
+                // A disabled breaker's state machine closed: a new
+                // generation, nothing anyone heard changes.
+                queued.pop_back();
+            } else if let Some(t) = queued.back_mut() {
+                t.from = was;
+            }
         }
         drop(inner);
         self.announce(news);

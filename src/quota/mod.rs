@@ -212,6 +212,17 @@ impl Rate {
         // The GCRA counts in u64 nanoseconds (about 584 years): a refill
         // period per unit, and a burst's worth of them, must fit.
         let unit = self.per / self.count;
+        if unit.is_zero() {
+            return Err(ConfigError::new(
+                "quota",
+                what,
+                format!(
+                    "{} per {} is too fine: one unit would refill in under 1 ns",
+                    self.count,
+                    crate::time::Human(self.per)
+                ),
+            ));
+        }
         if unit.saturating_mul(self.burst) > MAX_PERIOD {
             return Err(ConfigError::new(
                 "quota",
@@ -261,6 +272,8 @@ pub(crate) struct Shared<K: Hash + Eq + Clone> {
     pub(crate) lines: wait::Lines<K>,
     calls: crate::striped::StripedCount,
     pub(crate) rejected: AtomicU64,
+    /// Calls that left a line unanswered (their future dropped).
+    pub(crate) left: AtomicU64,
     sweeping: AtomicBool,
     /// Nudges the background sweeper (with the caller's tokio time).
     sweeper: Option<std::sync::mpsc::SyncSender<tokio::time::Instant>>,
@@ -513,6 +526,7 @@ impl QuotaBuilder {
                 lines: wait::Lines::new(),
                 calls: crate::striped::StripedCount::default(),
                 rejected: AtomicU64::new(0),
+                left: AtomicU64::new(0),
                 sweeping: AtomicBool::new(false),
                 sweeper: spawn_sweeper(weak.clone(), every),
                 sweeps: AtomicU64::new(0),
@@ -529,7 +543,7 @@ pub struct QuotaSnapshot {
     pub keys: u64,
     /// Calls admitted so far.
     pub admitted: u64,
-    /// Calls refused so far.
+    /// Calls refused so far (`ShuttingDown` after [`Quota::close`] included).
     pub rejected: u64,
     /// Calls waiting in line now (wait mode).
     pub waiting: u64,
@@ -612,6 +626,7 @@ impl<K: Hash + Eq + Clone> Quota<K> {
                 .calls
                 .sum()
                 .saturating_sub(rejected)
+                .saturating_sub(self.shared.left.load(Ordering::Relaxed))
                 .saturating_sub(self.shared.lines.waiting() as u64),
             rejected,
             waiting: self.shared.lines.waiting() as u64,

@@ -466,6 +466,7 @@ struct Place<'a, K: Hash + Eq + Clone> {
 impl<K: Hash + Eq + Clone> Drop for Place<'_, K> {
     fn drop(&mut self) {
         self.shared.lines.leave(self.key, self.id);
+        self.shared.left.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -473,7 +474,9 @@ impl<K: Hash + Eq + Clone> Drop for Place<'_, K> {
 impl<S, Req, K: Hash + Eq + Clone> PinnedDrop for Waiting<S, Req, K> {
     fn drop(self: Pin<&mut Self>) {
         if self.in_line {
+            // Left the line unanswered: neither admitted nor refused.
             self.shared.lines.leave(&self.key, self.id);
+            self.shared.left.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -244,6 +244,9 @@ impl<K: Hash + Eq + Clone> Lines<K> {
 
 /// The refusal of a call that would wait in a closed line.
 fn shutting_down<K: Hash + Eq + Clone>(shared: &Shared<K>) -> Rejected {
+    shared
+        .rejected
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Rejected::new("quota", crate::RejectKind::ShuttingDown)
         .with_name_opt(shared.obs.name.as_ref())
         .with_detail("the quota's lines are closed")
