@@ -9,7 +9,7 @@ use semaforo::{BoxError, RejectKind, Rejected};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::{timeout, Instant};
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 #[derive(Clone, Debug)]
 struct Req {
@@ -650,4 +650,40 @@ async fn multi_thread_stress_no_hang_and_bounds_hold() {
         assert_eq!(models.get(Some(&k)).snapshot().waiting, 0);
     }
     assert_eq!(models.get(None).snapshot().waiting, 0);
+}
+
+/// `start_for` of a key without a pacer yet asks the pacer its first call
+/// would get: a cost above the template's burst is `None` (the call is
+/// refused `BudgetExceeded`), not "now"; within it, the shared limits'
+/// line decides.
+#[tokio::test(start_paused = true)]
+async fn start_for_an_unbuilt_key_reads_the_template_and_the_shared_limits() {
+    let keyed = KeyedPace::builder(Pace::builder().tokens_per_minute(1_000))
+        .build()
+        .unwrap();
+    let now = Instant::now();
+    assert_eq!(keyed.start_for(Some("other"), &Cost::tokens(5_000)), None);
+    assert_eq!(
+        keyed.start_for(Some("other"), &Cost::tokens(1_000)),
+        Some(now)
+    );
+    assert!(keyed.keys().is_empty(), "asking builds nothing");
+
+    let keyed = KeyedPace::builder(Pace::builder().requests_per_minute(1_000))
+        .shared(Pace::builder().requests_per_minute(6))
+        .build()
+        .unwrap();
+    let svc = keyed
+        .layer()
+        .key(|_: &u32| Some("x".to_owned()))
+        .layer(tower::service_fn(|_: u32| async { Ok::<_, BoxError>(()) }));
+    for i in 0..6 {
+        svc.clone().oneshot(i).await.unwrap();
+    }
+    assert_eq!(Instant::now(), now);
+    assert_eq!(
+        keyed.start_for(Some("gpt"), &Cost::requests(1)),
+        Some(now + Duration::from_secs(10))
+    );
+    assert_eq!(keyed.keys(), vec!["x".to_owned()]);
 }

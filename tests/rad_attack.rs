@@ -854,6 +854,68 @@ async fn r_a_deployment_that_would_refuse_goes_after_one_that_takes_the_call() {
     h.await.unwrap().unwrap();
 }
 
+/// The same for a deployment whose key has no pacer yet: its first call
+/// would get a new pacer from the template (`max_wait` 2 s) under shared
+/// limits 10 s busy — refused at once — so the call goes to the deployment
+/// whose line is 100 s. (Added after the trial, with the fix.)
+#[tokio::test(start_paused = true)]
+async fn r_an_unbuilt_key_is_read_as_its_first_call_would_meet_it() {
+    use semaforo::pace::{KeyedPace, Pace};
+    let keyed = KeyedPace::builder(
+        Pace::builder()
+            .requests_per_minute(1_000)
+            .max_wait(Duration::from_secs(2)),
+    )
+    .shared(Pace::builder().requests_per_minute(6))
+    .build()
+    .unwrap();
+    let c = counters(3);
+    let paced = |key: &'static str, calls: Arc<AtomicUsize>| {
+        BoxCloneSyncService::new(
+            keyed
+                .layer()
+                .key(move |_: &u64| Some(key.to_owned()))
+                .layer(scripted(vec![0], Duration::ZERO, calls)),
+        )
+    };
+    // Another model spends the shared limits: the next start is 10 s out.
+    let other = paced("other", c[2].clone());
+    for i in 0..6 {
+        other.clone().oneshot(i).await.unwrap();
+    }
+    let slow = Bulkhead::builder(1)
+        .max_queue(10)
+        .expected_service_time(Duration::from_secs(100))
+        .build()
+        .unwrap();
+    let router = Router::builder()
+        .deployment(
+            Deployment::new("a", paced("gpt", c[0].clone()))
+                .pace(keyed.clone())
+                .key("gpt"),
+        )
+        .deployment(
+            Deployment::new(
+                "b",
+                BoxCloneSyncService::new(slow.layer().layer(scripted(
+                    vec![0],
+                    Duration::from_secs(10),
+                    c[1].clone(),
+                ))),
+            )
+            .bulkhead(slow.clone()),
+        )
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    let h = tokio::spawn(router.clone().oneshot(1)); // b's running call
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(load(&c), vec![0, 1, 6]);
+    assert_eq!(router.clone().oneshot(2).await.unwrap(), 0);
+    assert_eq!(load(&c), vec![0, 2, 6]);
+    h.await.unwrap().unwrap();
+}
+
 /// Cancellation storm on a multi-thread runtime: 64 tasks × 60 calls over
 /// three deployments behind bulkheads, half the upstream answers failing,
 /// each call dropped before its first poll, after a few polls, or awaited.

@@ -376,72 +376,24 @@ impl KeyedPace {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             return self.inner.overflow.clone();
         }
-        // Calls that went to the overflow pacer for want of a place still
-        // wait in its line: this key may be among them. A pacer of its own
-        // now would count their tokens as spent now, while they start
-        // later — its next calls could start early, measured from those
-        // starts. It stays on the overflow pacer until that line is empty.
-        if self
-            .inner
-            .overflowed
-            .load(std::sync::atomic::Ordering::Relaxed)
-            && self.inner.overflow.shared.lock().line_len() > 0
-        {
+        if self.overflow_now(cost) {
             return self.inner.overflow.clone();
         }
-        if let Some(cost) = cost {
-            let never = |p: &Pace| p.shared.lock().never_fits(cost).is_some();
-            // Refused by a budget of the shared cells now.
-            let now = tokio::time::Instant::now();
-            let over = |p: &Pace| {
-                p.shared
-                    .lock()
-                    .budget_refusal_with(cost, now, None)
-                    .is_some()
-            };
-            // The overflow pacer has the template's limits.
-            if never(&self.inner.overflow)
-                || self
-                    .inner
-                    .shared
-                    .as_ref()
-                    .is_some_and(|p| never(p) || over(p))
-            {
-                return self.inner.overflow.clone();
-            }
-        }
-        let b = match (&self.inner.name, template.has_name()) {
-            (Some(n), false) => template.clone().name(format!("{n}/{key}")),
-            _ => template.clone(),
-        }
-        .with_parent(self.inner.shared.as_ref().map(|p| p.shared.clone()));
-        // The template was built once already (the overflow pacer): it builds.
-        let Ok(pace) = b.build() else {
+        let Some(pace) = self.fresh(template, key) else {
             return self.inner.overflow.clone();
         };
-        if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
-            pace.close();
-        }
-        // It may have spent from the overflow pacer while it had no place:
-        // it starts as spent as that one is (never more than its budget).
-        if self
-            .inner
-            .overflowed
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            let now = tokio::time::Instant::now();
-            let from = self.inner.overflow.shared.lock();
-            pace.shared.lock().spend_like(&from, now);
-        }
         built.insert(key.to_owned(), pace.clone());
         pace
     }
 
     /// When a call of `cost` under `key` could start, reserving nothing and
-    /// building no pacer ([`Pace::start_for`] on the key's pacer, with the
-    /// shared limits): a key without a pacer yet is asked of the shared
-    /// limits alone (its own would be full), no key of the overflow pacer.
-    /// `None` when the call would be refused.
+    /// keeping no pacer ([`Pace::start_for`] on the key's pacer, with the
+    /// shared limits): a key without a pacer yet is asked of the pacer its
+    /// first call would get (a new one from the template, under the shared
+    /// limits; the overflow pacer when no place is left), no key of the
+    /// overflow pacer. `None` when the call would be refused (a cost above
+    /// the template's burst included). The pacer's own `max_wait` is not
+    /// applied (compare the answer with it).
     pub fn start_for(&self, key: Option<&str>, cost: &super::Cost) -> Option<tokio::time::Instant> {
         self.start_for_at(key, cost, tokio::time::Instant::now())
     }
@@ -467,17 +419,29 @@ impl KeyedPace {
         cost: &super::Cost,
         now: tokio::time::Instant,
     ) -> super::Outlook {
-        if self.inner.template.is_none() {
-            return self.inner.overflow.outlook_at(cost, now);
+        let overflow = || self.inner.overflow.outlook_at(cost, now);
+        let Some(key) = key else {
+            return overflow();
+        };
+        if let Some(p) = self.peek(key) {
+            return p.outlook_at(cost, now);
         }
-        let key = key.filter(|k| k.len() <= MAX_KEY_LEN);
-        match key.and_then(|k| self.peek(k)) {
+        // A key without a pacer yet: the one its first call would get —
+        // the overflow pacer (no template, a key too long, no place left,
+        // or `pick`'s other reasons), else a new one from the template,
+        // built here to be asked and dropped.
+        let Some(template) = &self.inner.template else {
+            return overflow();
+        };
+        if key.len() > MAX_KEY_LEN
+            || self.built().len() >= self.inner.max_keys
+            || self.overflow_now(Some(cost))
+        {
+            return overflow();
+        }
+        match self.fresh(template, key) {
             Some(p) => p.outlook_at(cost, now),
-            None if key.is_some() => match &self.inner.shared {
-                Some(s) => s.outlook_at(cost, now),
-                None => super::Outlook::At(now),
-            },
-            None => self.inner.overflow.outlook_at(cost, now),
+            None => overflow(),
         }
     }
 
@@ -504,6 +468,68 @@ impl KeyedPace {
 
     /// Whether a sweep of idle keys is due (one a second at most); `take`
     /// records one.
+    /// Whether a key that has room for a pacer of its own still goes to
+    /// the overflow pacer: calls that went there for want of a place still
+    /// wait in its line (this key may be among them: a pacer of its own now
+    /// would count their tokens as spent now, while they start later, and
+    /// its next calls could start early), or `cost` could never be paid, or
+    /// a budget of the shared cells refuses it now (a call that never
+    /// reaches the upstream takes no place among `max_keys`).
+    fn overflow_now(&self, cost: Option<&super::Cost>) -> bool {
+        if self
+            .inner
+            .overflowed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && self.inner.overflow.shared.lock().line_len() > 0
+        {
+            return true;
+        }
+        let Some(cost) = cost else {
+            return false;
+        };
+        let never = |p: &Pace| p.shared.lock().never_fits(cost).is_some();
+        let now = tokio::time::Instant::now();
+        let over = |p: &Pace| {
+            p.shared
+                .lock()
+                .budget_refusal_with(cost, now, None)
+                .is_some()
+        };
+        // The overflow pacer has the template's limits.
+        never(&self.inner.overflow)
+            || self
+                .inner
+                .shared
+                .as_ref()
+                .is_some_and(|p| never(p) || over(p))
+    }
+
+    /// A new pacer for `key` from the template, as its first call gets it:
+    /// under the shared cells, closed if the keyed pacer is, and as spent as
+    /// the overflow pacer when keys went there (never more than its budget).
+    fn fresh(&self, template: &PaceBuilder, key: &str) -> Option<Pace> {
+        let b = match (&self.inner.name, template.has_name()) {
+            (Some(n), false) => template.clone().name(format!("{n}/{key}")),
+            _ => template.clone(),
+        }
+        .with_parent(self.inner.shared.as_ref().map(|p| p.shared.clone()));
+        // The template was built once already (the overflow pacer): it builds.
+        let pace = b.build().ok()?;
+        if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+            pace.close();
+        }
+        if self
+            .inner
+            .overflowed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let now = tokio::time::Instant::now();
+            let from = self.inner.overflow.shared.lock();
+            pace.shared.lock().spend_like(&from, now);
+        }
+        Some(pace)
+    }
+
     fn may_sweep(&self, take: bool) -> bool {
         let now = tokio::time::Instant::now();
         let mut last = self.inner.swept.lock().unwrap_or_else(|e| e.into_inner());
