@@ -916,6 +916,102 @@ async fn r_an_unbuilt_key_is_read_as_its_first_call_would_meet_it() {
     h.await.unwrap().unwrap();
 }
 
+/// A deployment whose pacer refuses for now — a budget (a limit with a
+/// `max_wait` of its own) spent, the pacer closed — is not "a cost no
+/// deployment can ever admit" (413, no `retry_after`): its own refusal comes
+/// back, `BudgetExceeded` with the budget's `retry_after`, or
+/// `ShuttingDown`, at once. (Added after the trial, with the fix.)
+#[tokio::test(start_paused = true)]
+async fn r_a_budget_spent_or_a_closed_pacer_answers_its_own_refusal() {
+    use semaforo::pace::{Limit, Pace};
+    let pace = Pace::builder()
+        .limit(Limit::requests_per_minute(1).max_wait(Duration::from_secs(1)))
+        .build()
+        .unwrap();
+    let c = counters(1);
+    let router = Router::builder()
+        .deployment(
+            Deployment::new(
+                "a",
+                BoxCloneSyncService::new(pace.layer().layer(scripted(
+                    vec![0],
+                    Duration::ZERO,
+                    c[0].clone(),
+                ))),
+            )
+            .pace(pace.clone()),
+        )
+        .build()
+        .unwrap();
+    assert_eq!(router.clone().oneshot(1).await.unwrap(), 0);
+    let t0 = Instant::now();
+    let err = router.clone().oneshot(2).await.unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    let r = Rejected::from_box(&err).expect("a Rejected");
+    assert_eq!(r.kind(), RejectKind::BudgetExceeded, "{r}");
+    assert_eq!(r.http_status(), 503, "{r}");
+    let ra = r.retry_after().expect("the budget's retry_after");
+    assert!(
+        ra >= Duration::from_secs(58) && ra <= Duration::from_secs(60),
+        "{r}"
+    );
+    pace.close();
+    let err = router.clone().oneshot(3).await.unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    let r = Rejected::from_box(&err).expect("a Rejected");
+    assert_eq!(r.kind(), RejectKind::ShuttingDown, "{r}");
+    assert_eq!(load(&c), vec![1]);
+}
+
+/// A deployment whose breaker is half-open with its probe place taken
+/// refuses every other call: the router sends them elsewhere (they tied
+/// with it at "now", and half of them were refused `CircuitOpen`). (Added
+/// after an audit, with the fix.)
+#[tokio::test(start_paused = true)]
+async fn r_a_half_open_breaker_with_its_probe_taken_takes_no_call() {
+    let breaker = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let c = counters(2);
+    let a = {
+        let n = c[0].clone();
+        BoxCloneSyncService::new(breaker.layer().classify(classify).layer(service_fn(
+            move |_r: u64| {
+                let i = n.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if i == 0 {
+                        return Ok::<u64, BoxError>(500);
+                    }
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok(0)
+                }
+            },
+        )))
+    };
+    // Opened by a failure; 1 s later a probe goes and takes 5 s.
+    assert_eq!(a.clone().oneshot(0).await.unwrap(), 500);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let probe = tokio::spawn(a.clone().oneshot(0));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(breaker.state(), semaforo::breaker::BreakerState::HalfOpen);
+    let router = Router::builder()
+        .deployment(Deployment::new("a", a.clone()).breaker(breaker.clone()))
+        .deployment(Deployment::new(
+            "b",
+            scripted(vec![0], Duration::ZERO, c[1].clone()),
+        ))
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    for i in 0..10 {
+        assert_eq!(router.clone().oneshot(i).await.unwrap(), 0, "call {i}");
+    }
+    assert_eq!(load(&c), vec![2, 10]);
+    assert_eq!(probe.await.unwrap().unwrap(), 0);
+}
+
 /// Cancellation storm on a multi-thread runtime: 64 tasks × 60 calls over
 /// three deployments behind bulkheads, half the upstream answers failing,
 /// each call dropped before its first poll, after a few polls, or awaited.

@@ -606,6 +606,21 @@ impl Shared {
         state_of(self.word.load(Ordering::Acquire))
     }
 
+    /// A half-open breaker (normal mode) whose probe places are all taken
+    /// by probes still within `open_for`: a call now is refused. One lock,
+    /// only for a half-open breaker.
+    pub(crate) fn probes_full(&self) -> bool {
+        let w = self.word.load(Ordering::Acquire);
+        if w & (STATE_MASK | MODE_MASK) != HALF_OPEN {
+            return false;
+        }
+        let inner = self.lock();
+        let now = Instant::now();
+        let probes_due = crate::time::after(inner.last_probe_at, self.cfg.open_for);
+        inner.probes_in_flight + inner.probe_successes >= self.cfg.probes
+            && !(inner.probes_in_flight > 0 && now >= probes_due)
+    }
+
     pub(crate) fn is_normal(&self) -> bool {
         mode_of(self.word.load(Ordering::Acquire)) == Mode::Normal
     }

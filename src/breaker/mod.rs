@@ -515,6 +515,11 @@ impl Breaker {
         self.shared.effective_state()
     }
 
+    /// Half-open with every probe place taken: a call now is refused.
+    pub(crate) fn probes_full(&self) -> bool {
+        self.shared.probes_full()
+    }
+
     /// In normal mode (no `force_open`, `disable` or `metrics_only`).
     pub(crate) fn is_normal(&self) -> bool {
         self.shared.is_normal()

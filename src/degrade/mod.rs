@@ -199,7 +199,7 @@ pub fn pace_wait_above(pace: &Pace, wait: Duration) -> impl Signal {
         let now = Instant::now();
         match p.typical_outlook_at(now) {
             Outlook::At(t) => t.saturating_duration_since(now) > wait,
-            Outlook::Never | Outlook::Refused(_) => true,
+            Outlook::Never | Outlook::Late(_) | Outlook::Refused(_) => true,
         }
     }
 }

@@ -406,8 +406,8 @@ impl KeyedPace {
         now: tokio::time::Instant,
     ) -> Option<tokio::time::Instant> {
         match self.outlook_at(key, cost, now) {
-            super::Outlook::Never => None,
-            super::Outlook::At(at) | super::Outlook::Refused(at) => Some(at),
+            super::Outlook::Never | super::Outlook::Refused(_) => None,
+            super::Outlook::At(at) | super::Outlook::Late(at) => Some(at),
         }
     }
 

@@ -281,11 +281,14 @@ pub struct PaceSnapshot {
 /// What a pacer would do with a call coming now, reserving nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outlook {
-    /// It could never be paid, or a budget refuses it.
+    /// Its cost can never be paid.
     Never,
     /// It would start then.
     At(Instant),
-    /// It would start then, later than `max_wait`: refused at once.
+    /// Refused at once: it would start then, later than `max_wait`.
+    Late(Instant),
+    /// Refused at once until about then: a budget; or (now) the pacer is
+    /// closed.
     Refused(Instant),
 }
 
@@ -881,12 +884,22 @@ impl Pace {
     /// would be refused at once for starting later than `max_wait` (the
     /// pacer's own admission rule).
     pub(crate) fn outlook_at(&self, cost: &Cost, now: Instant) -> Outlook {
-        match self.start_for_at(cost, now) {
-            None => Outlook::Never,
-            Some(at) => {
+        let peek = {
+            let st = self.shared.lock();
+            match &self.shared.parent {
+                Some(p) => st.peek(cost, now, Some(&p.lock())),
+                None => st.peek(cost, now, None),
+            }
+        };
+        match peek {
+            state::Peek::Never => Outlook::Never,
+            // Closed: refused now and for good (`ShuttingDown`).
+            state::Peek::RefusedFor(Duration::MAX) => Outlook::Refused(now),
+            state::Peek::RefusedFor(d) => Outlook::Refused(crate::time::after(now, d)),
+            state::Peek::At(at) => {
                 let wait = at.saturating_duration_since(now);
                 if self.shared.max_wait.is_some_and(|m| wait > m) {
-                    Outlook::Refused(at)
+                    Outlook::Late(at)
                 } else {
                     Outlook::At(at)
                 }

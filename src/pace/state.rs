@@ -244,6 +244,16 @@ pub(crate) enum Turn {
     Refused(Refusal),
 }
 
+/// What a call coming now would meet, reserving nothing.
+pub(crate) enum Peek {
+    /// Its cost can never be paid.
+    Never,
+    /// Refused now, for about this long (a budget; `Duration::MAX`: closed).
+    RefusedFor(Duration),
+    /// It would start then.
+    At(Instant),
+}
+
 /// When a reservation can start, and which dimension decides it.
 pub(crate) enum Fit {
     Now,
@@ -560,17 +570,29 @@ impl State {
         now: Instant,
         parent: Option<&State>,
     ) -> Option<Instant> {
-        if self.closed
-            || self.never_fits(cost).is_some()
-            || parent.is_some_and(|p| p.never_fits(cost).is_some())
-            || self.budget_refusal_with(cost, now, parent).is_some()
-        {
-            return None;
+        match self.peek(cost, now, parent) {
+            Peek::At(at) => Some(at),
+            Peek::Never | Peek::RefusedFor(_) => None,
+        }
+    }
+
+    /// [`peek_start`](Self::peek_start), telling a cost that never fits
+    /// from a refusal for now: the pacer closed (for good, but not for the
+    /// call's cost: `Duration::MAX`), a budget (for its `retry_after`).
+    pub(crate) fn peek(&self, cost: &Cost, now: Instant, parent: Option<&State>) -> Peek {
+        if self.never_fits(cost).is_some() || parent.is_some_and(|p| p.never_fits(cost).is_some()) {
+            return Peek::Never;
+        }
+        if self.closed {
+            return Peek::RefusedFor(Duration::MAX);
+        }
+        if let Some(r) = self.budget_refusal_with(cost, now, parent) {
+            return Peek::RefusedFor(r.retry_after());
         }
         let n = secs(self.epoch, now);
         let s = self.start_secs(cost, Some(&self.queued), n);
         let at = self.instant(s).max(now);
-        Some(match parent {
+        Peek::At(match parent {
             Some(p) => at.max(p.start_after(cost, &self.queued_parts, now)),
             None => at,
         })

@@ -555,7 +555,9 @@ struct Past<'a> {
 
 /// Where the next attempt goes, or why none can.
 enum Choice {
-    Go(usize, Instant),
+    /// To this deployment, starting then; `true`: every deployment would
+    /// refuse the call now, this one (the soonest) answers its refusal.
+    Go(usize, Instant, bool),
     /// Every deployment is open or refuses the cost: the soonest one opens
     /// again after this long, if known.
     None {
@@ -625,13 +627,18 @@ impl<S> Inner<S> {
                 }
             }
             // Whether the deployment's own layers would refuse a call
-            // coming now (its pacer's `max_wait`, its bulkhead's line): it
-            // goes after every deployment that would take it.
+            // coming now (its breaker half-open with every probe place
+            // taken, its pacer's `max_wait`, its bulkhead's line): it goes
+            // after every deployment that would take it.
+            let probing = d
+                .breaker
+                .as_ref()
+                .is_some_and(crate::breaker::Breaker::probes_full);
             let (start, mut refuses) = match &d.pace {
                 Some(p) => match p.outlook_at(d.key.as_deref().or(key), cost, now) {
                     Outlook::Never => (None, false),
                     Outlook::At(at) => (Some(at), false),
-                    Outlook::Refused(at) => (Some(at), true),
+                    Outlook::Late(at) | Outlook::Refused(at) => (Some(at), true),
                 },
                 None => (Some(now), false),
             };
@@ -650,6 +657,7 @@ impl<S> Inner<S> {
                 (s, _) => s,
             };
             starts.push(start);
+            refuses |= probing;
             if refuses && start.is_some() {
                 busy.push(i);
             }
@@ -698,7 +706,7 @@ impl<S> Inner<S> {
             current[best] = current[best].saturating_sub(total);
             best
         };
-        Choice::Go(pick, starts[pick].unwrap_or(now))
+        Choice::Go(pick, starts[pick].unwrap_or(now), all_busy)
     }
 
     /// The fast path: the deployment smooth weighted round robin would pick
@@ -753,7 +761,7 @@ impl<S> Inner<S> {
         let start = match &d.pace {
             Some(p) => match p.outlook_at(d.key.as_deref().or(key), cost, now) {
                 Outlook::At(at) => at,
-                Outlook::Never | Outlook::Refused(_) => return None,
+                Outlook::Never | Outlook::Late(_) | Outlook::Refused(_) => return None,
             },
             None => now,
         };
@@ -767,7 +775,7 @@ impl<S> Inner<S> {
             }
         }
         current[pick] = current[pick].saturating_sub(total);
-        Some(Choice::Go(pick, start))
+        Some(Choice::Go(pick, start, false))
     }
 
     /// When the call to deployment `i` started at `at` should be hedged.
@@ -1001,8 +1009,15 @@ where
                             this.group,
                             now,
                         );
-                        if let Choice::Go(i, start) = choice {
+                        if let Choice::Go(i, start, false) = choice {
+                            // Only to a closed breaker (a half-open one
+                            // would spend a probe on a hedge).
+                            let closed = this.inner.deployments[i]
+                                .breaker
+                                .as_ref()
+                                .is_none_or(|b| b.effective_state() == BreakerState::Closed);
                             if i != this.current.0
+                                && closed
                                 && start <= now + TIE
                                 && *this.attempts < this.inner.max_attempts
                                 && this.inner.hedge_room()
@@ -1154,7 +1169,7 @@ where
                                 this.group,
                                 now,
                             );
-                            if let Choice::Go(j, start) = choice {
+                            if let Choice::Go(j, start, false) = choice {
                                 if j != i && start <= now + TIE {
                                     *this.why = RouteReason::FailedOver {
                                         from: this.inner.deployments[i].name.clone(),
@@ -1219,7 +1234,16 @@ where
                 now,
             );
             let (i, start) = match choice {
-                Choice::Go(i, start) => (i, start),
+                // Every deployment refuses now and this one was tried: its
+                // answer (or another's) is in hand, trying again after a
+                // backoff would meet the same refusal.
+                Choice::Go(i, _, true) if this.tried.get(i) && this.last.is_some() => {
+                    if let Some(last) = this.last.take() {
+                        return Poll::Ready(last);
+                    }
+                    continue;
+                }
+                Choice::Go(i, start, _) => (i, start),
                 Choice::None { reopens, open } => {
                     // Every deployment open or refusing: the last answer,
                     // else a refusal saying when one reopens, or that the
