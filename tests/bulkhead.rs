@@ -9,7 +9,7 @@ use semaforo::{BoxError, RejectKind, Rejected};
 use std::time::Duration;
 use support::{Job, Upstream};
 use tokio::time::Instant;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -765,4 +765,41 @@ mod granted {
         assert_eq!(b.await.unwrap().unwrap(), 1);
         (bulkhead, svc, log, c)
     }
+}
+
+/// Admissions paused (`set_max_concurrent(0)`): a waiter's ticket says no
+/// time (it said "about 2 s", as if one permit were still there), and the
+/// health report calls the bulkhead degraded with its line not full.
+#[tokio::test(start_paused = true)]
+async fn paused_admissions_give_no_eta_and_a_degraded_health() {
+    use semaforo::health::{Health, Status};
+    let bulkhead = Bulkhead::builder(1)
+        .max_queue(10)
+        .expected_service_time(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let shutdown = semaforo::shutdown::Shutdown::new();
+    let health = Health::new(&shutdown).bulkhead("b", &bulkhead);
+    assert_eq!(health.report().components[0].status, Status::Ok);
+    bulkhead.set_max_concurrent(0);
+    let svc = bulkhead
+        .layer()
+        .ticket(|r: &(u32, QueueTicket)| Some(r.1.clone()))
+        .layer(tower::service_fn(|r: (u32, QueueTicket)| async move {
+            Ok::<_, BoxError>(r.0)
+        }));
+    let t = QueueTicket::new();
+    let waiter = tokio::spawn(svc.clone().oneshot((1, t.clone())));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    match t.status() {
+        TicketStatus::Waiting(s) => {
+            assert_eq!((s.position, s.waiting), (1, 1));
+            assert_eq!(s.eta, None, "paused: no time to say");
+        }
+        other => panic!("waiting, not {other:?}"),
+    }
+    assert_eq!(health.report().components[0].status, Status::Degraded);
+    bulkhead.set_max_concurrent(1);
+    assert_eq!(waiter.await.unwrap().unwrap(), 1);
+    assert_eq!(health.report().components[0].status, Status::Ok);
 }

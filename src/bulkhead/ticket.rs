@@ -178,8 +178,9 @@ impl Shared {
     /// How long a caller arriving now would wait (the line's own ETA for
     /// the place after the last waiter, 1 s a round when no service time is
     /// known yet), and whether it would be refused: closed (`ShuttingDown`), the line
-    /// full (`QueueFull` at once) or the line's known ETA past `max_wait`
-    /// (`QueueTimeout` after waiting it). One lock.
+    /// full (`QueueFull` at once), the line's known ETA past `max_wait`
+    /// (`QueueTimeout` after waiting it), or admissions paused (limit 0: it
+    /// would wait until the limit rises). One lock.
     pub(crate) fn outlook(&self) -> (Duration, bool) {
         let q = self.lock();
         let waiting = (q.line.len() as u32).saturating_add(q.parked_total);
@@ -187,7 +188,9 @@ impl Shared {
         let limit = self.limit();
         let known = Self::eta(&q, &self.cfg, limit, pos);
         let closed = self.state.load(Ordering::Acquire) & super::queue::CLOSED != 0;
-        let full = closed || waiting >= self.line_bound();
+        // Paused (`set_max_concurrent(0)`): a caller would wait until the
+        // limit rises, whenever that is.
+        let full = closed || limit == 0 || waiting >= self.line_bound();
         let late = matches!((known, self.cfg.max_wait), (Some(eta), Some(max)) if eta > max);
         let estimate =
             known.unwrap_or_else(|| Duration::from_secs(u64::from(pos.div_ceil(limit.max(1)))));
@@ -197,6 +200,10 @@ impl Shared {
     /// ETA for position `pos` (1-based): `ceil(pos / limit) × service time`.
     #[inline]
     pub(super) fn eta(q: &Queue, cfg: &Config, limit: u32, pos: u32) -> Option<Duration> {
+        // Admissions paused (`set_max_concurrent(0)`): no time to say.
+        if limit == 0 {
+            return None;
+        }
         let s = q
             .service_ewma
             .or(cfg.expected_service.map(|d| d.as_secs_f64()))?;
@@ -240,8 +247,10 @@ impl Shared {
             .and_then(|s| Duration::try_from_secs_f64(s).ok()));
         drop(q);
         // With a source below (a pacer), its projected starts decide; asked
-        // without our lock held (the source takes its own).
-        if let (Some(service), Some(source)) = (service, self.eta_source()) {
+        // without our lock held (the source takes its own). Paused
+        // (limit 0): no time to say.
+        let paused = self.limit.load(Ordering::Relaxed) == 0;
+        if let (Some(service), Some(source), false) = (service, self.eta_source(), paused) {
             let now = Instant::now();
             let mut projection = source.projection(now);
             let in_flight = in_flight(self.state.load(Ordering::Acquire));

@@ -275,7 +275,8 @@ impl Health {
     }
 
     /// Reports a bulkhead: degraded while its line is full (under an
-    /// adaptive limit, the line as the limit has shrunk it: `line_bound`).
+    /// adaptive limit, the line as the limit has shrunk it: `line_bound`),
+    /// its admissions are paused (`set_max_concurrent(0)`), or it is closed.
     pub fn bulkhead(self, name: &str, bulkhead: &Bulkhead) -> Self {
         let (name, b) = (name.to_owned(), bulkhead.clone());
         self.with(move || {
@@ -284,7 +285,8 @@ impl Health {
             Component {
                 name: name.clone(),
                 kind: "bulkhead",
-                status: if full || s.closed {
+                // Admissions paused (`set_max_concurrent(0)`) too.
+                status: if full || s.closed || s.limit == 0 {
                     Status::Degraded
                 } else {
                     Status::Ok
