@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -889,4 +889,59 @@ fn listeners_hear_transitions_in_order() {
     assert_eq!(log.last().map(|t| t.1), Some(breaker.state()), "{log:?}");
     breaker.reset();
     slot.lock().unwrap().take();
+}
+
+/// Past `max_keys` with every breaker open, none is forgotten ("an open one
+/// is never forgotten"): new keys share the overflow breaker — which opens
+/// for them together — until a tracked breaker closes and may be evicted.
+#[tokio::test(start_paused = true)]
+async fn keyed_breakers_never_forget_an_open_one() {
+    let keyed = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(secs(60))
+        .keyed::<&'static str>(2)
+        .unwrap();
+    let mut svc = keyed
+        .layer(|(k, _): &(&'static str, Class)| *k)
+        .classify(|r: Result<&Class, &std::io::Error>| r.map_or(Class::Transient, |c| *c))
+        .layer(tower::service_fn(
+            |(_, c): (&'static str, Class)| async move { Ok::<_, std::io::Error>(c) },
+        ));
+    for k in ["x", "y"] {
+        svc.ready()
+            .await
+            .unwrap()
+            .call((k, OVERLOADED))
+            .await
+            .unwrap();
+    }
+    // "z" fails: the overflow opens, for "w" too; "x" and "y" stay open.
+    svc.ready()
+        .await
+        .unwrap()
+        .call(("z", OVERLOADED))
+        .await
+        .unwrap();
+    assert_eq!(keyed.overflow().state(), BreakerState::Open);
+    assert!(svc
+        .ready()
+        .await
+        .unwrap()
+        .call(("w", Class::Success))
+        .await
+        .is_err());
+    assert_eq!(keyed.len(), 2);
+    for k in ["x", "y"] {
+        assert_eq!(keyed.get(&k).state(), BreakerState::Open, "{k}");
+    }
+    // "x" closed again by hand: a place to evict, "w" gets its own.
+    keyed.get(&"x").reset();
+    svc.ready()
+        .await
+        .unwrap()
+        .call(("w", Class::Success))
+        .await
+        .unwrap();
+    assert_eq!(keyed.len(), 2);
+    assert_eq!(keyed.get(&"y").state(), BreakerState::Open);
 }

@@ -424,7 +424,8 @@ async fn manual_modes_are_read_as_callers_meet_them() {
     assert_eq!(switch.evaluate(), Level::Reduced);
 
     // Keyed, 2 keys: "a" forced open (state Closed), "b" open. A third key
-    // evicts "b", not the operator's forced-open "a".
+    // evicts neither (the operator's forced-open "a", the failing "b"): it
+    // shares the overflow breaker.
     let keyed = Breaker::builder()
         .consecutive_failures(1)
         .open_for(Duration::from_secs(60))
@@ -443,10 +444,16 @@ async fn manual_modes_are_read_as_callers_meet_them() {
             }));
     let _ = kb.ready().await.unwrap().call("b").await;
     assert_eq!(keyed.get(&"b").state(), BreakerState::Open);
-    let _ = kb.ready().await.unwrap().call("c").await;
+    assert_eq!(kb.ready().await.unwrap().call("c").await.unwrap(), 1);
     let refused = kb.ready().await.unwrap().call("a").await;
     assert!(
         refused.is_err(),
-        "\"a\" is still forced open after an eviction"
+        "\"a\" is still forced open after a third key"
+    );
+    assert_eq!(keyed.len(), 2);
+    assert_eq!(
+        keyed.get(&"b").state(),
+        BreakerState::Open,
+        "never forgotten"
     );
 }

@@ -2,8 +2,11 @@
 //!
 //! When one model or host of a provider is down, the others keep working; a
 //! single breaker would cut them all. The map is bounded: past `max_keys`, a new
-//! key evicts a closed breaker (an open one is never forgotten, or a failing
-//! upstream could be retried at full rate just by being evicted).
+//! key evicts a closed breaker in normal mode. An open or half-open one is
+//! never forgotten (a failing upstream could be retried at full rate just by
+//! being evicted), nor one an operator set to a manual mode: when every
+//! breaker tracked is such, the new key shares the overflow breaker
+//! ([`KeyedBreaker::overflow`]) until a place frees.
 
 use super::service::{call_through, ResponseFuture};
 use super::{Breaker, BreakerBuilder, BreakerSnapshot, BreakerState};
@@ -22,6 +25,8 @@ struct Map<K> {
     template: BreakerBuilder,
     max_keys: usize,
     breakers: RwLock<HashMap<K, Breaker>>,
+    /// Shared by the keys that found no place.
+    overflow: Breaker,
 }
 
 /// A bounded set of breakers, one per key, all configured alike.
@@ -68,6 +73,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedBreaker<K> {
         template.validate()?;
         Ok(KeyedBreaker {
             map: Arc::new(Map {
+                overflow: template.clone().assemble(),
                 template,
                 max_keys,
                 breakers: RwLock::new(HashMap::default()),
@@ -91,23 +97,32 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedBreaker<K> {
             return b.clone();
         }
         if map.len() >= self.map.max_keys {
-            // A closed breaker in normal mode is cheapest to lose (one in a
-            // manual mode keeps an operator's `force_open` or `disable`);
-            // then a breaker in normal mode; with none, any: `max_keys`
-            // bounds the memory whatever the keys' states.
+            // Only a closed breaker in normal mode is forgotten: an open or
+            // half-open one holds back a failing upstream, one in a manual
+            // mode an operator's `force_open` or `disable`. With none, the
+            // key shares the overflow breaker (`max_keys` bounds the memory
+            // whatever the keys' states).
             let victim = map
                 .iter()
                 .find(|(_, b)| b.is_normal() && b.state() == BreakerState::Closed)
-                .or_else(|| map.iter().find(|(_, b)| b.is_normal()))
-                .or_else(|| map.iter().next())
                 .map(|(k, _)| k.clone());
-            if let Some(k) = victim {
-                map.remove(&k);
+            match victim {
+                Some(k) => {
+                    map.remove(&k);
+                }
+                None => return self.map.overflow.clone(),
             }
         }
         let breaker = self.map.template.clone().assemble();
         map.insert(key.clone(), breaker.clone());
         breaker
+    }
+
+    /// The breaker shared by keys that found no place: past `max_keys`,
+    /// when every breaker tracked is open, half-open or in a manual mode
+    /// (none may be forgotten).
+    pub fn overflow(&self) -> &Breaker {
+        &self.map.overflow
     }
 
     /// Keys tracked now.
