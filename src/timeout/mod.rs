@@ -9,10 +9,19 @@
 //!
 //! | limit | measured from | to |
 //! |---|---|---|
-//! | `attempt` | the call | the response (headers) |
-//! | `total` | the call | the end of the body / stream |
+//! | `attempt` | the call's first poll that waits | the response (headers) |
+//! | `total` | the call's first poll that waits | the end of the body / stream |
 //! | `first_chunk` | the response | the first chunk or frame |
 //! | `idle` | a chunk | the next one |
+//!
+//! "The call" starts at the first poll of its future that has to wait, not
+//! at `Service::call`: a call answered at its first poll reads no clock and
+//! arms no timer (the healthy path's price). A caller that awaits the future
+//! it was given (`svc.ready().await?.call(req).await`) sees no difference; a
+//! future kept unpolled for a while (built now, awaited later) gets its
+//! limits from when it is first awaited — unlike tower's `Timeout`, whose
+//! timer starts in `call`. Bound the time before the first poll yourself
+//! (or put the timeout where the future is awaited).
 //!
 //! Expiry is a [`Rejected`](crate::Rejected) of kind
 //! [`Timeout`](crate::RejectKind::Timeout) (classified `Transient`) whose text
@@ -63,9 +72,10 @@ use std::time::Duration;
 /// The configured limits (see the table in the module docs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
-    /// From the call to the response.
+    /// From the call (its future's first poll that waits) to the response.
     pub attempt: Option<Duration>,
-    /// From the call to the end of the body or stream.
+    /// From the call (its future's first poll that waits) to the end of the
+    /// body or stream.
     pub total: Option<Duration>,
     /// From the response to its first chunk.
     pub first_chunk: Option<Duration>,
@@ -171,14 +181,15 @@ impl TimeoutBuilder {
         self
     }
 
-    /// From the call to the response.
+    /// From the call (its future's first poll that waits, see the module
+    /// docs) to the response.
     pub fn attempt(mut self, d: Duration) -> Self {
         self.limits.attempt = Some(d);
         self
     }
 
-    /// From the call to the end of the streamed body (or the response, for
-    /// responses that are not streamed).
+    /// From the call (its future's first poll that waits) to the end of the
+    /// streamed body (or the response, for responses that are not streamed).
     pub fn total(mut self, d: Duration) -> Self {
         self.limits.total = Some(d);
         self
