@@ -1012,6 +1012,49 @@ async fn r_a_half_open_breaker_with_its_probe_taken_takes_no_call() {
     assert_eq!(probe.await.unwrap().unwrap(), 0);
 }
 
+/// "Hedging: … a second goes to another deployment … — only one whose
+/// breaker is closed": a breaker whose open time is over (it would turn
+/// half-open and spend its probe on the hedge) takes no hedge. (Added after
+/// an audit, with the fix.)
+#[tokio::test(start_paused = true)]
+async fn r_a_hedge_never_goes_to_a_breaker_that_is_not_closed() {
+    let breaker = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let c = counters(2);
+    let b = BoxCloneSyncService::new(breaker.layer().classify(classify).layer(scripted(
+        vec![500, 0],
+        Duration::ZERO,
+        c[1].clone(),
+    )));
+    assert_eq!(b.clone().oneshot(0).await.unwrap(), 500);
+    tokio::time::sleep(Duration::from_secs(2)).await; // open time over
+    let router = Router::builder()
+        .deployment(
+            Deployment::new("a", scripted(vec![0], Duration::from_secs(5), c[0].clone()))
+                .preference(0),
+        )
+        .deployment(
+            Deployment::new("b", b)
+                .breaker(breaker.clone())
+                .preference(1),
+        )
+        .hedge(Hedge::After(Duration::from_secs(1)), 1.0)
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    assert_eq!(router.oneshot(1).await.unwrap(), 0);
+    assert_eq!(
+        t0.elapsed(),
+        Duration::from_secs(5),
+        "a's answer, not a hedge's"
+    );
+    assert_eq!(load(&c), vec![1, 1], "no hedge to b");
+    assert_eq!(breaker.state(), semaforo::breaker::BreakerState::Open);
+}
+
 /// Cancellation storm on a multi-thread runtime: 64 tasks × 60 calls over
 /// three deployments behind bulkheads, half the upstream answers failing,
 /// each call dropped before its first poll, after a few polls, or awaited.
