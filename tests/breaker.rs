@@ -945,3 +945,74 @@ async fn keyed_breakers_never_forget_an_open_one() {
     assert_eq!(keyed.len(), 2);
     assert_eq!(keyed.get(&"y").state(), BreakerState::Open);
 }
+
+/// A call admitted before `disable` (or a probe before `force_open`) moves
+/// nothing when it ends: "disabled … records nothing" — no transition told
+/// that callers never meet (a listener believed the breaker open for good).
+/// A manual change restarts `time_in_state`.
+#[tokio::test(start_paused = true)]
+async fn results_of_calls_admitted_before_a_manual_mode_move_nothing() {
+    let seen: Arc<Mutex<Vec<(BreakerState, BreakerState, TransitionReason)>>> = Arc::default();
+    let breaker = Breaker::builder()
+        .consecutive_failures(1)
+        .open_for(secs(5))
+        .on_event({
+            let seen = seen.clone();
+            move |e| {
+                if let EventKind::BreakerTransition { from, to, reason } = e.kind {
+                    seen.lock().unwrap().push((from, to, reason))
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let up = Upstream::default();
+    let svc = up.behind(&breaker);
+    // A failing call in flight, then `disable`.
+    let call = tokio::spawn(svc.clone().oneshot((OVERLOADED, secs(1))));
+    tokio::time::sleep(secs(0)).await;
+    tokio::task::yield_now().await;
+    breaker.disable();
+    call.await.unwrap().unwrap();
+    assert_eq!(
+        breaker.state(),
+        BreakerState::Closed,
+        "disabled records nothing"
+    );
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    breaker.reset();
+    // A probe in flight, then `force_open`: its success closes nothing.
+    svc.clone().oneshot((OVERLOADED, secs(0))).await.unwrap();
+    assert_eq!(breaker.state(), BreakerState::Open);
+    tokio::time::sleep(secs(5)).await;
+    let probe = tokio::spawn(svc.clone().oneshot((Class::Success, secs(1))));
+    tokio::task::yield_now().await;
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+    tokio::time::sleep(secs(0)).await;
+    breaker.force_open(); // callers met half-open (probing): now open
+    tokio::time::sleep(secs(10)).await;
+    assert_eq!(
+        breaker.snapshot().time_in_state,
+        secs(10),
+        "since force_open"
+    );
+    probe.await.unwrap().unwrap();
+    assert_eq!(
+        breaker.state(),
+        BreakerState::HalfOpen,
+        "the probe moved nothing"
+    );
+    use BreakerState::*;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            (Closed, Open, TransitionReason::ConsecutiveFailures),
+            (Open, HalfOpen, TransitionReason::OpenElapsed),
+            (HalfOpen, Open, TransitionReason::Manual),
+        ]
+    );
+}

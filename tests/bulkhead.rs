@@ -803,3 +803,16 @@ async fn paused_admissions_give_no_eta_and_a_degraded_health() {
     assert_eq!(waiter.await.unwrap().unwrap(), 1);
     assert_eq!(health.report().components[0].status, Status::Ok);
 }
+
+/// `try_permit` on a closed bulkhead: `ShuttingDown` (counted as such), not
+/// `QueueFull` with a `retry_after` that never comes true.
+#[tokio::test(start_paused = true)]
+async fn try_permit_after_close_is_shutting_down() {
+    let bulkhead = Bulkhead::builder(2).build().unwrap();
+    bulkhead.close();
+    let r = bulkhead.try_permit().unwrap_err();
+    assert_eq!(r.kind(), RejectKind::ShuttingDown, "{r}");
+    assert_eq!(r.retry_after(), None);
+    let s = bulkhead.snapshot();
+    assert_eq!((s.rejected_shutting_down, s.rejected_queue_full), (1, 0));
+}

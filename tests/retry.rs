@@ -740,3 +740,18 @@ async fn an_answered_call_polled_after_its_deadline_reports_nothing() {
         "no deadline reported for an answered call"
     );
 }
+
+/// A backoff ceiling below the base is a configuration error, as a cap below
+/// it is (every delay was flattened to the ceiling, the growth gone).
+#[test]
+fn a_backoff_ceiling_below_the_base_is_an_error() {
+    let e = Backoff::exponential(secs(2))
+        .ceiling(secs(1))
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field, "ceiling");
+    assert!(Backoff::exponential(secs(2))
+        .ceiling(secs(2))
+        .build()
+        .is_ok());
+}

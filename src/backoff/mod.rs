@@ -166,8 +166,8 @@ impl BackoffBuilder {
     ///
     /// # Errors
     ///
-    /// A [`ConfigError`] when the factor is not finite or below 1, the cap is
-    /// below the base, proportional jitter bounds are negative, not finite,
+    /// A [`ConfigError`] when the factor is not finite or below 1, the cap or
+    /// the ceiling is below the base, proportional jitter bounds are negative, not finite,
     /// `min > max` or `max > 100`, or a class multiplier is not finite or ≤ 0.
     pub fn build(self) -> Result<Backoff, ConfigError> {
         let err = |field, reason: String| Err(ConfigError::new("backoff", field, reason));
@@ -205,6 +205,18 @@ impl BackoffBuilder {
             }
         }
         let ceiling = self.ceiling.unwrap_or(cap);
+        // As the cap: a ceiling below the base would flatten every delay
+        // to it, the growth gone.
+        if ceiling < self.base {
+            return err(
+                "ceiling",
+                format!(
+                    "({}) is below base ({})",
+                    crate::time::Human(ceiling),
+                    crate::time::Human(self.base)
+                ),
+            );
+        }
         Ok(Backoff {
             base: self.base.as_secs_f64(),
             factor: self.factor,

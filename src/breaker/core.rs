@@ -47,6 +47,11 @@ fn mode_of(w: u32) -> Mode {
     }
 }
 
+/// The state machine runs (normal or metrics-only mode): results move it.
+fn runs(w: u32) -> bool {
+    matches!(mode_of(w), Mode::Normal | Mode::MetricsOnly)
+}
+
 /// The state as a caller meets it: open while forced open, closed while
 /// disabled or metrics-only, else the state machine's.
 fn effective_of(w: u32) -> BreakerState {
@@ -469,7 +474,9 @@ impl Shared {
         let mut inner = self.lock();
         let w = self.word.load(Ordering::Acquire);
         let mut news = Announce::default();
-        if gen_of(w) == gen && w & STATE_MASK == CLOSED {
+        // A call admitted before `disable` or `force_open` moves nothing:
+        // the state machine runs only in normal and metrics-only modes.
+        if gen_of(w) == gen && w & STATE_MASK == CLOSED && runs(w) {
             inner.reopens = 0;
             self.open(&mut inner, w, Instant::now(), reason, &mut news);
         }
@@ -485,6 +492,11 @@ impl Shared {
             return;
         }
         inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+        // A probe admitted before `disable` or `force_open`: its place
+        // freed, nothing moved.
+        if !runs(w) {
+            return;
+        }
         let now = Instant::now();
         let mut news = Announce::default();
         if failed {
@@ -525,13 +537,14 @@ impl Shared {
     /// Sets the manual mode. A change of the state callers meet is told as
     /// a transition (reason [`TransitionReason::Manual`]) and on the `watch`.
     pub(crate) fn set_mode(&self, mode: Mode) {
-        let inner = self.lock();
+        let mut inner = self.lock();
         let w = self.word.load(Ordering::Acquire);
         let next = (w & !MODE_MASK) | mode_bits(mode);
         self.word.store(next, Ordering::Release);
         let (from, to) = (effective_of(w), effective_of(next));
         let mut news = Announce::default();
         if from != to {
+            inner.since = Instant::now();
             self.queued().push_back(Transition {
                 from,
                 to,

@@ -590,6 +590,11 @@ impl Shared {
     /// (the time between two admissions), told to the observers. Takes the
     /// line's lock: call it without holding it.
     pub(crate) fn refuse_no_permit(&self) -> Rejected {
+        // Closed: no permit will ever be free.
+        if self.state.load(Ordering::Acquire) & CLOSED != 0 {
+            self.stats.shutting_down.fetch_add(1, Ordering::Relaxed);
+            return self.refuse(self.rejection(RejectKind::ShuttingDown));
+        }
         let retry_after = Self::retry_hint(&self.lock(), &self.cfg, self.limit());
         self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
         self.refuse(
