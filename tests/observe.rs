@@ -279,3 +279,52 @@ async fn a_waiting_call_runs_in_a_span_with_the_layer_name() {
         "{admitted}"
     );
 }
+
+/// A pacer's pauses are told in order: a 429 after a pause has run out but
+/// before any call was admitted tells `resumed` first (it told `paused`,
+/// `paused`, with no resume between); a later 429 that lengthens a running
+/// pause is told with the time it now lasts; one that does not is not told.
+#[tokio::test(start_paused = true)]
+async fn pace_pauses_are_told_in_order() {
+    let seen: Seen = Arc::default();
+    let pace = Pace::builder()
+        .name("openai")
+        .requests_per_minute(600)
+        .on_event(listener(&seen))
+        .build()
+        .unwrap();
+    // A request is (seconds the upstream takes, its Retry-After in seconds).
+    let paced = pace
+        .layer()
+        .weigh(|_: &(u64, u64)| Cost::tokens(0))
+        .classify(|r: Result<&u64, &BoxError>| match r {
+            Ok(0) | Err(_) => semaforo::classify::Class::Success,
+            Ok(s) => semaforo::classify::Class::Throttled {
+                retry_after: Some(Duration::from_secs(*s)),
+            },
+        })
+        .layer(service_fn(|(took, ra): (u64, u64)| async move {
+            tokio::time::sleep(Duration::from_secs(took)).await;
+            Ok::<u64, BoxError>(ra)
+        }));
+    // Three calls in flight, answering 429 at 2 s (5 s), 3 s (30 s) and
+    // 4 s (1 s); a fourth answers 429 (1 s) at once.
+    let late: Vec<_> = [(2, 5), (3, 30), (4, 1)]
+        .into_iter()
+        .map(|r| tokio::spawn(paced.clone().oneshot(r)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    paced.clone().oneshot((0, 1)).await.unwrap();
+    for l in late {
+        l.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            "pace openai paused 1s (throttled by the upstream)".to_owned(),
+            "pace openai resumed".to_owned(),
+            "pace openai paused 5s (throttled by the upstream)".to_owned(),
+            "pace openai paused 30s (throttled by the upstream)".to_owned(),
+        ]
+    );
+}

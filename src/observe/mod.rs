@@ -38,9 +38,9 @@
 //! | `semaforo_rejected_total` | counter | `kind` (`queue_full`, `quota_exceeded`, …) | every refusal |
 //! | `semaforo_queued_total` | counter | | calls that had to wait |
 //! | `semaforo_wait_seconds` | histogram | | wait of each call admitted after waiting |
-//! | `semaforo_retries_total` | counter | `class` (`throttled`, `overloaded`, …) | every retry |
+//! | `semaforo_retries_total` | counter | `class` (`throttled`, `overloaded`, …) | every retry decided (before its backoff) |
 //! | `semaforo_breaker_transitions_total` | counter | `to` (`open`, `half_open`, `closed`) | breaker |
-//! | `semaforo_pace_pauses_total` | counter | `reason` | pacer paused by the upstream |
+//! | `semaforo_pace_pauses_total` | counter | `reason` | pacer paused by the upstream (or a pause made longer) |
 //! | `semaforo_shutdown_phase` | gauge | | 0 serving, 1 draining, 2 drained |
 //! | `semaforo_call_seconds` | histogram | `class` (`success`, `throttled`, …) | latency of each call the breaker classified |
 //! | `semaforo_limit_changes_total` | counter | `reason` (`probe`, `grew`, `dropped`, `slower`, `max`) | an adaptive bulkhead limit moved |
@@ -177,9 +177,12 @@ pub enum EventKind {
         /// Why.
         reason: TransitionReason,
     },
-    /// A pacer stopped dispatching.
+    /// A pacer stopped dispatching — or, during a pause, a later 429 made
+    /// it longer (told again, with the time it now lasts). A pause that
+    /// ends is told as [`PaceResumed`](Self::PaceResumed) before the next
+    /// one.
     PacePaused {
-        /// For how long.
+        /// For how long, from now.
         pause: Duration,
         /// Why.
         reason: PauseReason,

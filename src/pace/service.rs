@@ -811,6 +811,7 @@ where
                     }
                     let mut st = this.shared.lock();
                     let mut paused = None;
+                    let mut resumed = false;
                     let now = Instant::now();
                     // A call that failed is not billed: its spend comes back
                     // (its tokens stand: the upstream may have counted them).
@@ -821,7 +822,8 @@ where
                     match class {
                         Class::Throttled { retry_after } => {
                             let info = observed.as_ref().and_then(|o| o.info.as_ref());
-                            paused = st.throttled(retry_after, this.cost, info, now, charged)
+                            (resumed, paused) =
+                                st.throttled(retry_after, this.cost, info, now, charged)
                         }
                         Class::Success => st.succeeded(now),
                         _ => {}
@@ -856,6 +858,9 @@ where
                         } else if let Some(unbilled) = &unbilled {
                             p.reconcile(this.cost, unbilled, now, charged);
                         }
+                    }
+                    if resumed {
+                        this.shared.obs.emit("pace", EventKind::PaceResumed);
                     }
                     if let Some(pause) = paused {
                         this.shared.obs.emit(

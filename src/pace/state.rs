@@ -1038,7 +1038,7 @@ impl State {
         info: Option<&RateLimitInfo>,
         now: Instant,
         charged: Instant,
-    ) -> Option<Duration> {
+    ) -> (bool, Option<Duration>) {
         self.throttled += 1;
         // Tokens back; the request itself stays counted (OpenAI: "unsuccessful
         // requests contribute to your per-minute limit").
@@ -1054,15 +1054,19 @@ impl State {
         if !explained {
             self.set_factor((self.factor * DECREASE).max(FLOOR), now);
         }
+        // A pause over but not yet told as over: over now, before any new one.
+        let resumed = self.resume_if_due(now);
         if pause.is_zero() {
-            return None;
+            return (resumed, None);
         }
         let until = crate::time::after(now, pause);
-        let started = self.paused_until.is_none_or(|p| p <= now);
+        // A new pause, or one made longer: told (with the time it lasts
+        // from now); one this 429 does not lengthen is not.
         if self.paused_until.is_none_or(|p| p < until) {
             self.paused_until = Some(until);
+            return (resumed, Some(pause));
         }
-        started.then_some(pause)
+        (resumed, None)
     }
 
     /// The headers show a window we pace with less left than `cost` needs.

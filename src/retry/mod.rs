@@ -388,7 +388,11 @@ impl Retry {
         RetryLayer::new(self.shared.clone(), ErrorClassifier, CloneRequests)
     }
 
-    /// Retries made so far.
+    /// Retries decided so far — each told as [`EventKind::Retried`] (and
+    /// counted in `semaforo_retries_total`) and, with a budget, paid for
+    /// when decided, before its backoff: a retry whose caller went away
+    /// during the backoff (a timeout above, a client gone) counts, though
+    /// it was never sent.
     pub fn retries(&self) -> u64 {
         self.shared.retries.load(Ordering::Relaxed)
     }
