@@ -42,7 +42,7 @@ fn governor_tokio_keyed() -> TokioKeyed {
 
 fn quota() -> (Quota<u64>, PlanId) {
     let quota = Quota::builder()
-        .plan("p", Rate::new(u32::MAX, Duration::from_secs(60)))
+        .plan("p", Rate::new(3_000_000_000, Duration::from_secs(60)))
         .build::<u64>()
         .expect("valid quota");
     let plan = quota.plan_id("p").expect("plan p");
@@ -169,9 +169,10 @@ fn one_limit(c: &mut Criterion) {
         b.iter(|| once(&mut s, black_box(1)))
     });
     // One atomic GCRA cell: no key, no map.
-    let limit = semaforo::quota::RateLimit::builder(Rate::new(u32::MAX, Duration::from_secs(1)))
-        .build()
-        .expect("valid limit");
+    let limit =
+        semaforo::quota::RateLimit::builder(Rate::new(1_000_000_000, Duration::from_secs(1)))
+            .build()
+            .expect("valid limit");
     let mut s = ServiceBuilder::new().layer(limit.layer()).service(bare());
     g.bench_function("semaforo RateLimit", |b| {
         b.iter(|| once(&mut s, black_box(1)))

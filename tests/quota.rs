@@ -740,6 +740,16 @@ fn a_rate_too_fine_is_refused_everywhere() {
         .build()
         .unwrap_err();
     assert!(e.to_string().contains("too fine"), "{e}");
+    // Rounded by more than 1 %: 3.33 ns kept as 3 (+11 %).
+    let e = semaforo::quota::RateLimit::builder(Rate::per_second(300_000_000))
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("too fine"), "{e}");
+    // Within 1 %: 1.01 µs kept as 1.010 µs.
+    assert!(Quota::builder()
+        .plan("p", Rate::per_second(990_000))
+        .build::<u32>()
+        .is_ok());
     // The finest that fits: one unit a nanosecond.
     assert!(
         semaforo::quota::RateLimit::builder(Rate::new(1, Duration::from_nanos(1)))

@@ -110,7 +110,7 @@ fn main() {
         "rate-limit" => run(
             ServiceBuilder::new()
                 .layer(
-                    RateLimit::builder(Rate::new(u32::MAX, Duration::from_secs(1)))
+                    RateLimit::builder(Rate::new(1_000_000_000, Duration::from_secs(1)))
                         .build()
                         .expect("rate limit")
                         .layer(),
@@ -120,7 +120,7 @@ fn main() {
         ),
         "quota" => {
             let q = Quota::builder()
-                .plan("p", Rate::new(u32::MAX, Duration::from_secs(60)))
+                .plan("p", Rate::new(3_000_000_000, Duration::from_secs(60)))
                 .build::<u64>()
                 .expect("quota");
             let plan = q.plan_id("p").expect("plan");

@@ -212,12 +212,16 @@ impl Rate {
         // The GCRA counts in u64 nanoseconds (about 584 years): a refill
         // period per unit, and a burst's worth of them, must fit.
         let unit = self.per / self.count;
-        if unit.is_zero() {
+        // Kept in whole nanoseconds (here and in governor): a unit rounded
+        // down by more than 1 % would admit more than 1 % over the rate.
+        let exact = self.per.as_nanos() as f64 / f64::from(self.count);
+        if unit.is_zero() || (exact - unit.as_nanos() as f64) / exact > 0.01 {
             return Err(ConfigError::new(
                 "quota",
                 what,
                 format!(
-                    "{} per {} is too fine: one unit would refill in under 1 ns",
+                    "{} per {} is too fine: one unit refills in {exact:.2} ns, kept in whole \
+                     nanoseconds (more than 1 % off); count in larger units",
                     self.count,
                     crate::time::Human(self.per)
                 ),
@@ -454,7 +458,9 @@ impl QuotaBuilder {
     /// # Errors
     ///
     /// A [`ConfigError`] naming the field: `plan` (no plan, a plan defined
-    /// twice, a rate of 0, a zero or too fine period, a refill above 100
+    /// twice, a rate of 0, a zero or too fine period — a unit's refill is
+    /// kept in whole nanoseconds, and one rounded by more than 1 % is refused
+    /// (`Rate::per_second(300_000_000)`: 3.33 ns) —, a refill above 100
     /// years), `global` (the same for the global limit), `max_wait` (zero).
     pub fn build<K: Hash + Eq + Clone + Send + Sync + 'static>(
         self,

@@ -116,7 +116,9 @@ pub const UNWIND: Duration = Duration::from_secs(1);
 pub struct DrainReport {
     /// Calls in flight at the trigger that finished during the drain (their
     /// response, or their stream, ended — with an answer or an error,
-    /// including a waiter released from a line with `ShuttingDown`).
+    /// including a waiter released from a line with `ShuttingDown` — or
+    /// their caller let go of them: a client that disconnects during the
+    /// drain counts here, the call no longer holds anything).
     pub completed: u64,
     /// Calls cut at the deadline.
     pub cancelled: u64,
