@@ -36,6 +36,13 @@ use std::time::{Duration, SystemTime};
 /// 3. `x-should-retry: false` makes any failure `Permanent`; `x-should-retry: true`
 ///    makes a `Permanent` failure `Transient` (the header wins, as in OpenAI's SDKs).
 ///
+/// A 2xx is a `Success` unless its body (at most [`MAX_ERROR_BODY`] bytes,
+/// looked into only when it holds the bytes `"error"`) has a top-level
+/// `error` that is not `null`: then it is classified as that error body
+/// alone ([`classify_error_body`](Self::classify_error_body); an overloaded
+/// model answered `200` is not kept by a cache, and is retried). A streamed
+/// 2xx has no body here: its error events are read by the stream.
+///
 /// ```
 /// use semaforo::classify::{Class, LlmClassifier, Permanent};
 ///
@@ -220,7 +227,8 @@ impl LlmClassifier {
         body: &[u8],
     ) -> Class {
         if (100..400).contains(&status) {
-            return Class::Success; // no clock read, no header lookup
+            // No clock read, no header lookup.
+            return self.success_unless_error_body(status, body);
         }
         self.classify_parts_at(status, headers, body, SystemTime::now())
     }
@@ -235,7 +243,7 @@ impl LlmClassifier {
         now: SystemTime,
     ) -> Class {
         if (100..400).contains(&status) {
-            return Class::Success;
+            return self.success_unless_error_body(status, body);
         }
         let header_ra = if status == 429 {
             throttle_wait_from_headers(headers, now)
@@ -252,6 +260,21 @@ impl LlmClassifier {
             }
         };
         apply_should_retry(class, headers.header_bytes("x-should-retry"))
+    }
+
+    /// A 1xx–3xx: `Success`, unless a 2xx body has a top-level `error`
+    /// (not `null`). A memchr scan first: a body without the bytes
+    /// `"error"` is not parsed.
+    #[inline]
+    fn success_unless_error_body(&self, status: u16, body: &[u8]) -> Class {
+        if (200..300).contains(&status)
+            && body.len() <= MAX_ERROR_BODY
+            && memchr::memmem::find(body, b"\"error\"").is_some()
+            && wire::error_of(body).is_some()
+        {
+            return self.classify_error_body(body);
+        }
+        Class::Success
     }
 
     /// Classifies an error payload on its own, e.g. the data of an SSE

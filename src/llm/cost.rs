@@ -452,7 +452,7 @@ impl<'de> Deserialize<'de> for Loose {
                 Ok(Loose(Some(Count(v.max(0.0).ceil() as u64))))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Loose, E> {
-                Ok(Loose(v.trim().parse::<u64>().ok().map(Count)))
+                Ok(Loose(count_of_str(v)))
             }
             fn visit_bool<E: de::Error>(self, _: bool) -> Result<Loose, E> {
                 Ok(Loose(None))
@@ -471,6 +471,18 @@ impl<'de> Deserialize<'de> for Loose {
         }
         d.deserialize_any(V)
     }
+}
+
+/// A number written as a string (`"100000"`, `" 2000.0 "`, `"1e3"`): what
+/// it says, as a [`Count`] reads a number — floats rounded up, saturated
+/// (`"99999999999999999999"` is `u64::MAX`, never "unset"); `None` when it
+/// is not a number.
+fn count_of_str(v: &str) -> Option<Count> {
+    let v = v.trim();
+    v.parse::<u64>()
+        .map(Count)
+        .or_else(|_| v.parse::<f64>().map(|f| Count(f.max(0.0).ceil() as u64)))
+        .ok()
 }
 
 /// A non-negative count: integers as they are, negatives as 0, floats rounded
@@ -498,11 +510,7 @@ impl<'de> Deserialize<'de> for Count {
             }
             // A number written as a string ("100000"): what it says.
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Count, E> {
-                let v = v.trim();
-                v.parse::<u64>()
-                    .map(Count)
-                    .or_else(|_| v.parse::<f64>().map(|f| Count(f.max(0.0).ceil() as u64)))
-                    .map_err(|_| E::custom("not a number"))
+                count_of_str(v).ok_or_else(|| E::custom("not a number"))
             }
         }
         d.deserialize_any(V)

@@ -256,7 +256,8 @@ impl<B> LlmDeployment<B> {
     }
 
     /// The model this deployment serves: the value of the request body's
-    /// top-level `model` is replaced by it, every other byte left as it was
+    /// top-level `model` is replaced by it (each of them, if the body names
+    /// it more than once), every other byte left as it was
     /// (a body that is not a JSON object, or without a top-level `model`
     /// such as Gemini's, is sent as it is) before its stack paces it — an
     /// Azure deployment's name, a dated snapshot, another provider's name
@@ -288,17 +289,21 @@ impl<B> LlmDeployment<B> {
 /// spellings, whitespace). A body that is not a JSON object, or has no
 /// top-level `model`, is left as it is.
 fn rename_model(req: &mut http::Request<Bytes>, model: &str) {
-    let Some(span) = model_span(req.body()) else {
+    let Some(spans) = model_spans(req.body()) else {
         return;
     };
     let Ok(value) = serde_json::to_vec(model) else {
         return;
     };
     let body = req.body();
-    let mut out = Vec::with_capacity(body.len() - span.len() + value.len());
-    out.extend_from_slice(&body[..span.start]);
-    out.extend_from_slice(&value);
-    out.extend_from_slice(&body[span.end..]);
+    let mut out = Vec::with_capacity(body.len().saturating_add(value.len()));
+    let mut from = 0;
+    for span in spans {
+        out.extend_from_slice(&body[from..span.start]);
+        out.extend_from_slice(&value);
+        from = span.end;
+    }
+    out.extend_from_slice(&body[from..]);
     if req.headers().contains_key(http::header::CONTENT_LENGTH) {
         req.headers_mut().insert(
             http::header::CONTENT_LENGTH,
@@ -308,11 +313,12 @@ fn rename_model(req: &mut http::Request<Bytes>, model: &str) {
     *req.body_mut() = Bytes::from(out);
 }
 
-/// Where the value of the top-level `model` key is, in a body that is one
-/// JSON object (the first one, if given twice); `None` when the body is
-/// not that or has none. Each key and value is read by serde_json (a string with its
-/// escapes, any value skipped without being built).
-fn model_span(body: &[u8]) -> Option<std::ops::Range<usize>> {
+/// Where the values of the top-level `model` key are, in a body that is
+/// one JSON object (every one, in order, if given more than once: JSON
+/// parsers differ on which one wins, so each is replaced); `None` when the
+/// body is not that or has none. Each key and value is read by serde_json
+/// (a string with its escapes, any value skipped without being built).
+fn model_spans(body: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
     use serde::de::IgnoredAny;
     use std::borrow::Cow;
     let ws = |mut i: usize| {
@@ -338,7 +344,7 @@ fn model_span(body: &[u8]) -> Option<std::ops::Range<usize>> {
     if body.get(i) == Some(&b'}') {
         return None;
     }
-    let mut found = None;
+    let mut found = Vec::new();
     loop {
         let (key, end) = value_end::<Cow<'_, str>>(body, i)?;
         i = ws(end);
@@ -347,14 +353,14 @@ fn model_span(body: &[u8]) -> Option<std::ops::Range<usize>> {
         }
         let start = ws(i + 1);
         let (_, end) = value_end::<IgnoredAny>(body, start)?;
-        if key == "model" && found.is_none() {
-            found = Some(start..end);
+        if key == "model" {
+            found.push(start..end);
         }
         i = ws(end);
         match body.get(i) {
             Some(b',') => i = ws(i + 1),
             // The whole body is one object: nothing after it.
-            Some(b'}') if ws(i + 1) == body.len() => return found,
+            Some(b'}') if ws(i + 1) == body.len() => return (!found.is_empty()).then_some(found),
             _ => return None,
         }
     }
