@@ -392,15 +392,19 @@ impl Shared {
             in_flight: in_flight(self.state.load(Ordering::Relaxed)),
             at: now,
         };
+        // The limit is set under the controller's lock, so two samples
+        // ending together set it in the controller's order (and each event's
+        // `from` is the limit the one before set); the line follows after.
         let (from, to, reason) = {
             let mut c = a.ctrl.lock().unwrap_or_else(|e| e.into_inner());
             let from = self.limit();
             let to = c.sample(sample, a.every);
             a.nominal.store(c.nominal(), Ordering::Relaxed);
+            self.store_limit(to);
             (from, to, c.reason())
         };
         if from != to {
-            self.apply_limit(to);
+            self.apply_limit();
             self.cfg.obs.emit(
                 "bulkhead",
                 EventKind::LimitChanged {
@@ -412,11 +416,15 @@ impl Shared {
         }
     }
 
-    /// Sets the limit; under an adaptive one, sheds the line's
-    /// lowest-ranked waiters beyond its bound (which follows the nominal
-    /// limit: it falls with it even while a probe pins the limit).
-    fn apply_limit(&self, limit: u32) {
+    fn store_limit(&self, limit: u32) {
         self.limit.store(limit.min(MAX_COUNT), Ordering::Relaxed);
+    }
+
+    /// Follows the limit set: under an adaptive one, sheds the line's
+    /// lowest-ranked waiters beyond its bound (which follows the nominal
+    /// limit: it falls with it even while a probe pins the limit), and
+    /// admits whom the limit lets in.
+    fn apply_limit(&self) {
         let mut q = self.lock();
         let bound = self.line_bound();
         while q.line.len() as u32 + q.parked_total > bound {
@@ -510,14 +518,16 @@ impl Shared {
         match &self.adaptive {
             None => self.set_limit(n),
             Some(a) => {
-                let from = self.limit();
-                let to = {
+                let (from, to) = {
                     let mut c = a.ctrl.lock().unwrap_or_else(|e| e.into_inner());
+                    let from = self.limit();
                     c.set_max(n);
                     a.nominal.store(c.nominal(), Ordering::Relaxed);
-                    c.limit()
+                    let to = c.limit();
+                    self.store_limit(to);
+                    (from, to)
                 };
-                self.apply_limit(to);
+                self.apply_limit();
                 if from != to {
                     self.cfg.obs.emit(
                         "bulkhead",

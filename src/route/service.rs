@@ -250,7 +250,8 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
     /// it). A failed answer while the other attempt runs waits for that
     /// one. At most `max_share` (in (0, 1]) of the recent calls are hedged
     /// (plus one: a fresh router may hedge its first late call; the counts
-    /// halve every 1,000 calls), and a hedge counts as an attempt (within
+    /// halve whenever the calls counted reach 1,000 — the cap looks back on
+    /// the last 500 to 1,000 calls), and a hedge counts as an attempt (within
     /// `max_attempts`). Only a first attempt is hedged.
     ///
     /// Hedging as in Dean and Barroso, "The Tail at Scale" (CACM 2013):
@@ -1401,8 +1402,10 @@ where
         let cost = self.weigh.weigh(&req);
         let key = self.key.key(&req).map(|k| Box::<str>::from(k.as_ref()));
         if self.inner.hedge.is_some() {
-            // The cap counts recent calls: both counts halve every 1,000
-            // calls (a quiet past does not pay for a slow present).
+            // The cap counts recent calls: both counts halve when the calls
+            // reach 1,000 (then 500 calls later, and so on: a window of the
+            // last 500 to 1,000 calls; a quiet past does not pay for a slow
+            // present).
             if self.inner.calls.fetch_add(1, Ordering::Relaxed) + 1 == HEDGE_WINDOW {
                 self.inner
                     .calls
