@@ -57,6 +57,25 @@ impl Upstream {
     }
 }
 
+type Told = Arc<Mutex<Vec<(BreakerState, BreakerState, TransitionReason)>>>;
+
+/// A breaker built from `builder`, and the transitions its listener hears.
+fn recorded(builder: semaforo::breaker::BreakerBuilder) -> (Breaker, Told) {
+    let seen: Told = Arc::default();
+    let breaker = builder
+        .on_event({
+            let seen = seen.clone();
+            move |e| {
+                if let EventKind::BreakerTransition { from, to, reason } = e.kind {
+                    seen.lock().unwrap().push((from, to, reason))
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    (breaker, seen)
+}
+
 async fn step<S>(svc: &mut S, class: Class) -> Result<Class, BoxError>
 where
     S: Service<Step, Response = Class, Error = BoxError>,
@@ -371,19 +390,7 @@ async fn manual_modes() {
 /// forced-open refusal says so.
 #[tokio::test(start_paused = true)]
 async fn manual_modes_are_told() {
-    let seen: Arc<Mutex<Vec<(BreakerState, BreakerState, TransitionReason)>>> = Arc::default();
-    let breaker = Breaker::builder()
-        .consecutive_failures(1)
-        .on_event({
-            let seen = seen.clone();
-            move |e| {
-                if let EventKind::BreakerTransition { from, to, reason } = e.kind {
-                    seen.lock().unwrap().push((from, to, reason))
-                }
-            }
-        })
-        .build()
-        .unwrap();
+    let (breaker, seen) = recorded(Breaker::builder().consecutive_failures(1));
     let mut rx = breaker.subscribe();
     use BreakerState::*;
     breaker.force_open();
@@ -434,20 +441,11 @@ async fn manual_modes_are_told() {
 #[tokio::test(start_paused = true)]
 async fn every_transition_is_observable() {
     let up = Upstream::default();
-    let seen: Arc<Mutex<Vec<(BreakerState, BreakerState, TransitionReason)>>> = Arc::default();
-    let breaker = Breaker::builder()
-        .consecutive_failures(2)
-        .open_for(secs(30))
-        .on_event({
-            let seen = seen.clone();
-            move |e| {
-                if let EventKind::BreakerTransition { from, to, reason } = e.kind {
-                    seen.lock().unwrap().push((from, to, reason))
-                }
-            }
-        })
-        .build()
-        .unwrap();
+    let (breaker, seen) = recorded(
+        Breaker::builder()
+            .consecutive_failures(2)
+            .open_for(secs(30)),
+    );
     let mut rx = breaker.subscribe();
     let mut svc = up.behind(&breaker);
     step(&mut svc, OVERLOADED).await.unwrap();
@@ -952,20 +950,7 @@ async fn keyed_breakers_never_forget_an_open_one() {
 /// A manual change restarts `time_in_state`.
 #[tokio::test(start_paused = true)]
 async fn results_of_calls_admitted_before_a_manual_mode_move_nothing() {
-    let seen: Arc<Mutex<Vec<(BreakerState, BreakerState, TransitionReason)>>> = Arc::default();
-    let breaker = Breaker::builder()
-        .consecutive_failures(1)
-        .open_for(secs(5))
-        .on_event({
-            let seen = seen.clone();
-            move |e| {
-                if let EventKind::BreakerTransition { from, to, reason } = e.kind {
-                    seen.lock().unwrap().push((from, to, reason))
-                }
-            }
-        })
-        .build()
-        .unwrap();
+    let (breaker, seen) = recorded(Breaker::builder().consecutive_failures(1).open_for(secs(5)));
     let up = Upstream::default();
     let svc = up.behind(&breaker);
     // A failing call in flight, then `disable`.

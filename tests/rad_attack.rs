@@ -59,6 +59,19 @@ fn scripted(script: Vec<u64>, delay: Duration, calls: Arc<AtomicUsize>) -> Svc {
     }))
 }
 
+/// Deployment `name`: `pace` in front of a client answering 0 at once.
+fn paced(
+    name: &'static str,
+    pace: &semaforo::pace::Pace,
+    calls: Arc<AtomicUsize>,
+) -> Deployment<Svc> {
+    Deployment::new(
+        name,
+        BoxCloneSyncService::new(pace.layer().layer(scripted(vec![0], Duration::ZERO, calls))),
+    )
+    .pace(pace.clone())
+}
+
 /// 0 → success; 429 → throttled, retry after 10 s; 503 → overloaded,
 /// retry after 10 s; 401 → permanent; anything else → transient.
 fn classify(r: Result<&u64, &BoxError>) -> Class {
@@ -824,17 +837,7 @@ async fn r_a_deployment_that_would_refuse_goes_after_one_that_takes_the_call() {
         .unwrap();
     let slow = held(Duration::from_secs(100));
     let router = Router::builder()
-        .deployment(
-            Deployment::new(
-                "a",
-                BoxCloneSyncService::new(pace.layer().layer(scripted(
-                    vec![0],
-                    Duration::ZERO,
-                    c[0].clone(),
-                ))),
-            )
-            .pace(pace.clone()),
-        )
+        .deployment(paced("a", &pace, c[0].clone()))
         .deployment(
             Deployment::new(
                 "b",
@@ -930,17 +933,7 @@ async fn r_a_budget_spent_or_a_closed_pacer_answers_its_own_refusal() {
         .unwrap();
     let c = counters(1);
     let router = Router::builder()
-        .deployment(
-            Deployment::new(
-                "a",
-                BoxCloneSyncService::new(pace.layer().layer(scripted(
-                    vec![0],
-                    Duration::ZERO,
-                    c[0].clone(),
-                ))),
-            )
-            .pace(pace.clone()),
-        )
+        .deployment(paced("a", &pace, c[0].clone()))
         .build()
         .unwrap();
     assert_eq!(router.clone().oneshot(1).await.unwrap(), 0);
