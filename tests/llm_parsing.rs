@@ -216,6 +216,15 @@ fn provider_errors_are_read_leniently() {
 fn numbers_written_as_strings_count() {
     let body = br#"{"max_tokens":"100000","messages":[{"role":"user","content":"abcd"}]}"#;
     assert_eq!(estimate_cost(body), Cost::split(1, 100_000));
+    // Read as a number is: floats rounded up, saturated; "NaN" is none.
+    let out = |mt: &str| {
+        let body = format!(r#"{{"max_tokens":{mt},"messages":[]}}"#);
+        estimate_cost(body.as_bytes()).output_tokens
+    };
+    assert_eq!(out(r#""2000.5""#), 2_001);
+    assert_eq!(out(r#""inf""#), u64::MAX);
+    assert_eq!(out(r#""99999999999999999999""#), u64::MAX);
+    assert_eq!(out(r#""NaN""#), out("null"), "not a number: the default");
 }
 
 /// A tier of 1 token per minute builds (its 95 % burst rounds to at least 1).

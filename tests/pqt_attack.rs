@@ -1009,7 +1009,7 @@ async fn timeout_duration_max_limits_build_and_never_fire_early() {
 // Resolved in the docs (the healthy path reads no clock at `call`); the
 // test now asserts the documented behaviour.
 #[tokio::test(start_paused = true)]
-async fn timeout_attempt_counts_from_the_call() {
+async fn timeout_attempt_counts_from_the_first_poll_that_waits() {
     let t = Timeout::builder().attempt(secs(3)).build().unwrap();
     let mut svc = t.layer().layer(service_fn(|_: ()| async {
         tokio::time::sleep(secs(10)).await;

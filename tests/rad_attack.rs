@@ -1002,6 +1002,13 @@ async fn r_a_half_open_breaker_with_its_probe_taken_takes_no_call() {
         assert_eq!(router.clone().oneshot(i).await.unwrap(), 0, "call {i}");
     }
     assert_eq!(load(&c), vec![2, 10]);
+    // The probe outlives `open_for` (a hung upstream): a call now would
+    // reopen the breaker and be refused — still not sent there.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..10 {
+        assert_eq!(router.clone().oneshot(i).await.unwrap(), 0, "call {i}");
+    }
+    assert_eq!(load(&c), vec![2, 20]);
     assert_eq!(probe.await.unwrap().unwrap(), 0);
 }
 

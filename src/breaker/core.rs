@@ -358,16 +358,34 @@ impl Shared {
         reason: TransitionReason,
         news: &mut Announce,
     ) -> u32 {
+        let told = Some((state_of(from_word), reason));
+        self.transition_as(inner, from_word, to, now, told, news)
+    }
+
+    /// [`transition`](Self::transition), told to the listeners as leaving
+    /// the state they last heard (`None`: not told, nothing they heard
+    /// changes) — decided before it is queued, so that no thread delivering
+    /// the queue meanwhile tells another.
+    fn transition_as(
+        &self,
+        inner: &mut Inner,
+        from_word: u32,
+        to: u32,
+        now: Instant,
+        told: Option<(BreakerState, TransitionReason)>,
+        news: &mut Announce,
+    ) -> u32 {
         let next = ((gen_of(from_word).wrapping_add(1)) << 4) | (from_word & MODE_MASK) | to;
         self.word.store(next, Ordering::Release);
         inner.since = now;
-        let t = Transition {
-            from: state_of(from_word),
-            to: state_of(next),
-            reason,
-        };
         self.tell_watch(next, news);
-        self.queued().push_back(t);
+        if let Some((from, reason)) = told {
+            self.queued().push_back(Transition {
+                from,
+                to: state_of(next),
+                reason,
+            });
+        }
         next
     }
 
@@ -593,24 +611,10 @@ impl Shared {
         let w = w & !MODE_MASK; // back to Normal
         self.word.store(w, Ordering::Release);
         let mut news = Announce::default();
-        self.transition(
-            &mut inner,
-            w,
-            CLOSED,
-            Instant::now(),
-            TransitionReason::Reset,
-            &mut news,
-        );
-        {
-            let mut queued = self.queued();
-            if was == BreakerState::Closed {
-                // A disabled breaker's state machine closed: a new
-                // generation, nothing anyone heard changes.
-                queued.pop_back();
-            } else if let Some(t) = queued.back_mut() {
-                t.from = was;
-            }
-        }
+        // A disabled breaker's state machine closed: a new generation,
+        // nothing anyone heard changes, nothing told.
+        let told = (was != BreakerState::Closed).then_some((was, TransitionReason::Reset));
+        self.transition_as(&mut inner, w, CLOSED, Instant::now(), told, &mut news);
         drop(inner);
         self.announce(news);
     }
@@ -619,19 +623,17 @@ impl Shared {
         state_of(self.word.load(Ordering::Acquire))
     }
 
-    /// A half-open breaker (normal mode) whose probe places are all taken
-    /// by probes still within `open_for`: a call now is refused. One lock,
-    /// only for a half-open breaker.
+    /// A half-open breaker (normal mode) whose probe places are all taken:
+    /// a call now is refused. One lock, only for a half-open breaker.
     pub(crate) fn probes_full(&self) -> bool {
         let w = self.word.load(Ordering::Acquire);
         if w & (STATE_MASK | MODE_MASK) != HALF_OPEN {
             return false;
         }
+        // Both of `admit_slow`'s refusals: every place taken (and, past
+        // `open_for`, a hung probe reopens the breaker: refused too).
         let inner = self.lock();
-        let now = Instant::now();
-        let probes_due = crate::time::after(inner.last_probe_at, self.cfg.open_for);
         inner.probes_in_flight + inner.probe_successes >= self.cfg.probes
-            && !(inner.probes_in_flight > 0 && now >= probes_due)
     }
 
     pub(crate) fn is_normal(&self) -> bool {

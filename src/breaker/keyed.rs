@@ -81,7 +81,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedBreaker<K> {
         })
     }
 
-    /// The breaker for `key`, created on first use.
+    /// The breaker for `key`, created on first use — or, past `max_keys`
+    /// with no closed breaker to evict, the shared [`overflow`](Self::overflow)
+    /// breaker (a `force_open` on it holds every key that shares it; once a
+    /// place frees, such a key gets a breaker of its own, closed).
+    /// [`snapshots`](Self::snapshots) lists the keys' own breakers only.
     pub fn get(&self, key: &K) -> Breaker {
         if let Some(b) = self
             .map

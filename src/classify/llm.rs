@@ -267,9 +267,11 @@ impl LlmClassifier {
     /// `"error"` is not parsed.
     #[inline]
     fn success_unless_error_body(&self, status: u16, body: &[u8]) -> Class {
+        static ERROR_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
         if (200..300).contains(&status)
             && body.len() <= MAX_ERROR_BODY
-            && memchr::memmem::find(body, b"\"error\"").is_some()
+            && ERROR_KEY.find(body).is_some()
             && wire::error_of(body).is_some()
         {
             return self.classify_error_body(body);

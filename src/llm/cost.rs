@@ -475,14 +475,16 @@ impl<'de> Deserialize<'de> for Loose {
 
 /// A number written as a string (`"100000"`, `" 2000.0 "`, `"1e3"`): what
 /// it says, as a [`Count`] reads a number — floats rounded up, saturated
-/// (`"99999999999999999999"` is `u64::MAX`, never "unset"); `None` when it
-/// is not a number.
+/// (`"99999999999999999999"` and `"inf"` are `u64::MAX`, never "unset");
+/// `None` when it is not a number (`"NaN"` included).
 fn count_of_str(v: &str) -> Option<Count> {
     let v = v.trim();
-    v.parse::<u64>()
-        .map(Count)
-        .or_else(|_| v.parse::<f64>().map(|f| Count(f.max(0.0).ceil() as u64)))
-        .ok()
+    if let Ok(n) = v.parse::<u64>() {
+        return Some(Count(n));
+    }
+    // "NaN" is not a number; "inf" is as large as any (saturated).
+    let f = v.parse::<f64>().ok().filter(|f| !f.is_nan())?;
+    Some(Count(f.max(0.0).ceil() as u64))
 }
 
 /// A non-negative count: integers as they are, negatives as 0, floats rounded

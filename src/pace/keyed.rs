@@ -411,6 +411,16 @@ impl KeyedPace {
         }
     }
 
+    /// Whether asking about `key` would build a pacer to ask (a key of the
+    /// template without a pacer yet): a router's fast path leaves it to the
+    /// full scan, which holds no lock of its own meanwhile.
+    pub(crate) fn unbuilt(&self, key: Option<&str>) -> bool {
+        match key {
+            Some(k) if self.inner.template.is_some() => self.peek(k).is_none(),
+            _ => false,
+        }
+    }
+
     /// [`start_for_at`](Self::start_for_at), and whether the pacer that
     /// would take it refuses it at once for its `max_wait`.
     pub(crate) fn outlook_at(
@@ -466,8 +476,6 @@ impl KeyedPace {
         all
     }
 
-    /// Whether a sweep of idle keys is due (one a second at most); `take`
-    /// records one.
     /// Whether a key that has room for a pacer of its own still goes to
     /// the overflow pacer: calls that went there for want of a place still
     /// wait in its line (this key may be among them: a pacer of its own now
@@ -530,6 +538,8 @@ impl KeyedPace {
         Some(pace)
     }
 
+    /// Whether a sweep of idle keys is due (one a second at most); `take`
+    /// records one.
     fn may_sweep(&self, take: bool) -> bool {
         let now = tokio::time::Instant::now();
         let mut last = self.inner.swept.lock().unwrap_or_else(|e| e.into_inner());

@@ -376,7 +376,6 @@ impl State {
         self.settled = (before == self.typical).then_some(*cost);
     }
 
-    /// A copy of the state to play forward (see [`crate::eta`]).
     /// A typical call's cost (smoothed), or one request before any call.
     pub(crate) fn typical_cost(&self) -> Cost {
         self.typical
@@ -389,6 +388,7 @@ impl State {
             })
     }
 
+    /// A copy of the state to play forward (see [`crate::eta`]).
     pub(crate) fn projection(&self, now: Instant) -> Projection {
         // The calls a projection can be asked about (see `eta`): the first
         // ones in line are copied, the rest counted.

@@ -760,6 +760,9 @@ impl<S> Inner<S> {
             return None;
         }
         let start = match &d.pace {
+            // A key without its pacer yet: asked by the full scan (it builds
+            // one to ask; not under the round robin's lock).
+            Some(p) if p.unbuilt(d.key.as_deref().or(key)) => return None,
             Some(p) => match p.outlook_at(d.key.as_deref().or(key), cost, now) {
                 Outlook::At(at) => at,
                 Outlook::Never | Outlook::Late(_) | Outlook::Refused(_) => return None,
