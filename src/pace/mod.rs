@@ -306,6 +306,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The pacer's `max_wait` when a call would wait longer than it
+    /// (refused at once): the admission's rule, and the outlook's.
+    #[inline]
+    pub(crate) fn past_max_wait(&self, wait: Duration) -> Option<Duration> {
+        self.max_wait.filter(|m| wait > *m)
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -898,7 +905,7 @@ impl Pace {
             state::Peek::RefusedFor(d) => Outlook::Refused(crate::time::after(now, d)),
             state::Peek::At(at) => {
                 let wait = at.saturating_duration_since(now);
-                if self.shared.max_wait.is_some_and(|m| wait > m) {
+                if self.shared.past_max_wait(wait).is_some() {
                     Outlook::Late(at)
                 } else {
                     Outlook::At(at)

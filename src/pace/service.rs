@@ -559,7 +559,7 @@ impl Shared {
                 Fit::Now => Admit::Now,
                 Fit::At(start) => {
                     let wait = start.saturating_duration_since(now);
-                    match self.max_wait.filter(|m| wait > *m) {
+                    match self.past_max_wait(wait) {
                         Some(max) => Admit::Rejected(
                             rejected(format!(
                                 "would wait {}, max_wait {}",
