@@ -195,6 +195,18 @@ fn contended(c: &mut Criterion) {
             })
         })
     });
+    // The same on the clock our layers must read (tokio's, pausable).
+    let gov = std::sync::Arc::new(governor_tokio_keyed());
+    g.bench_function("governor keyed check_key (tokio clock)", |b| {
+        b.iter_custom(|iters| {
+            common::two_callers(iters, || {
+                let gov = gov.clone();
+                move |k| {
+                    black_box(gov.check_key(&k).is_ok());
+                }
+            })
+        })
+    });
     let (q, plan) = quota();
     g.bench_function("semaforo Quota layer (call included)", |b| {
         b.iter_custom(|iters| {

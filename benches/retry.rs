@@ -2,7 +2,7 @@
 //! `tower::retry::Retry` with an equivalent policy, in the same run.
 
 mod common;
-use common::{bare, once};
+use common::{bare, once, AttemptsConfig, SharedAttempts};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use semaforo::retry::Retry;
@@ -31,45 +31,6 @@ impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for Attempts {
                 self.left -= 1;
                 let d = self.delay;
                 self.delay *= 2;
-                Some(Box::pin(tokio::time::sleep(d)))
-            }
-            Err(_) => None,
-        }
-    }
-
-    fn clone_request(&mut self, req: &Req) -> Option<Req> {
-        Some(req.clone())
-    }
-}
-
-/// tower's equivalent with the same reach as ours without a budget: its
-/// configuration and its count of retries are shared by every clone (ours:
-/// `Retry::retries()`), so the policy holds them in an `Arc`, as a tower policy
-/// that is configured once and observed from outside does.
-#[derive(Clone)]
-struct SharedAttempts {
-    config: Arc<AttemptsConfig>,
-    left: u32,
-}
-
-struct AttemptsConfig {
-    first_delay: Duration,
-    retries: std::sync::atomic::AtomicU64,
-}
-
-impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for SharedAttempts {
-    type Future = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
-        match result {
-            Ok(_) => None,
-            Err(_) if self.left > 1 => {
-                self.left -= 1;
-                let n = self
-                    .config
-                    .retries
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let d = self.config.first_delay * 2u32.saturating_pow(n as u32 % 8);
                 Some(Box::pin(tokio::time::sleep(d)))
             }
             Err(_) => None,

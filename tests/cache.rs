@@ -389,7 +389,9 @@ async fn the_health_report_shows_the_cache() {
 
 /// An entry found past its keep time leaves the cache told as evicted: one
 /// `Shared { Evicted }` event and one in the snapshot's count (it was told
-/// only for the size bounds). An answer stored again meanwhile stays.
+/// only for the size bounds). (That an answer stored again meanwhile stays
+/// is `cache::tests::expire_keeps_an_answer_stored_meanwhile`: it needs the
+/// two callers interleaved.)
 #[tokio::test(start_paused = true)]
 async fn an_expired_entry_is_told_as_evicted() {
     use semaforo::observe::{EventKind, ShareOutcome};

@@ -5,6 +5,8 @@
 //!
 //! ```text
 //! hotpaths <layer> <calls>     layer: bulkhead breaker retry retry-budget timeout rate-limit quota pace stack llm
+//! hotpaths <peer> <calls>      peer: tower-rate-limit tower-retry-shared governor-keyed-tokio (the peers of
+//!                              benches/, counted the same way to see where instructions differ; not in the guard)
 //! SIZES=1 hotpaths <layer> 1    also prints the size of the layer's response future
 //! ```
 
@@ -133,6 +135,39 @@ fn main() {
         }
         "pace" => run(ServiceBuilder::new().layer(pace()).service(bare()), calls),
         "stack" => run(common::semaforo_stack(), calls),
+        "tower-rate-limit" => run(
+            ServiceBuilder::new()
+                .rate_limit(u64::MAX / 4, Duration::from_secs(1))
+                .service(bare()),
+            calls,
+        ),
+        "tower-retry-shared" => run(
+            ServiceBuilder::new()
+                .layer(tower::retry::RetryLayer::new(common::SharedAttempts {
+                    config: std::sync::Arc::new(common::AttemptsConfig {
+                        first_delay: Duration::from_millis(500),
+                        retries: std::sync::atomic::AtomicU64::new(0),
+                    }),
+                    left: 3,
+                }))
+                .service(bare()),
+            calls,
+        ),
+        "governor-keyed-tokio" => {
+            let gov: governor::RateLimiter<
+                u64,
+                governor::state::keyed::DefaultKeyedStateStore<u64>,
+                common::TokioClock,
+                governor::middleware::NoOpMiddleware<governor::nanos::Nanos>,
+            > = governor::RateLimiter::new(
+                governor::Quota::per_second(std::num::NonZeroU32::MAX),
+                governor::state::keyed::DefaultKeyedStateStore::<u64>::default(),
+                common::TokioClock::new(),
+            );
+            for _ in 0..calls {
+                black_box(gov.check_key(black_box(&7)).is_ok());
+            }
+        }
         "llm" => llm(calls),
         other => {
             eprintln!("unknown layer {other:?}");

@@ -190,3 +190,43 @@ pub fn semaforo_stack() -> impl Service<
         )
         .service(bare())
 }
+
+/// tower's equivalent with the same reach as ours without a budget: its
+/// configuration and its count of retries are shared by every clone (ours:
+/// `Retry::retries()`), so the policy holds them in an `Arc`, as a tower policy
+/// that is configured once and observed from outside does.
+#[derive(Clone)]
+pub struct SharedAttempts {
+    pub config: std::sync::Arc<AttemptsConfig>,
+    pub left: u32,
+}
+
+pub struct AttemptsConfig {
+    pub first_delay: std::time::Duration,
+    pub retries: std::sync::atomic::AtomicU64,
+}
+
+impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for SharedAttempts {
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        match result {
+            Ok(_) => None,
+            Err(_) if self.left > 1 => {
+                self.left -= 1;
+                let n = self
+                    .config
+                    .retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let d = self.config.first_delay * 2u32.saturating_pow(n as u32 % 8);
+                Some(Box::pin(tokio::time::sleep(d)))
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+}
+

@@ -926,3 +926,36 @@ where
 }
 
 crate::inner_access!([S, RK, Req, K, V, Sh, C] CacheService<S, RK, Req, K, V, Sh, C>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A caller that found an entry expired removes it only if it is still
+    /// expired when it gets there: an answer stored meanwhile (by another
+    /// caller) stays, and nothing is told.
+    #[tokio::test(start_paused = true)]
+    async fn expire_keeps_an_answer_stored_meanwhile() {
+        let cache: Cache<String, String> = Cache::builder()
+            .ttl(Duration::from_secs(1))
+            .build()
+            .expect("a cache");
+        let key = "a".to_owned();
+        cache.store(key.clone(), "old".into(), 3, Duration::ZERO);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Found expired at `seen`; another caller stores a fresh answer
+        // before this one removes it.
+        let seen = Instant::now();
+        cache.store(key.clone(), "new".into(), 3, Duration::ZERO);
+        cache.expire(&key, seen);
+        assert_eq!(cache.get(&key).as_deref(), Some("new"));
+        assert_eq!(cache.snapshot().evicted, 0);
+        // Still expired when removed: removed and counted once.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cache.expire(&key, Instant::now());
+        cache.expire(&key, Instant::now());
+        cache.run_pending_tasks();
+        assert_eq!(cache.snapshot().entries, 0);
+        assert_eq!(cache.snapshot().evicted, 1);
+    }
+}

@@ -267,7 +267,10 @@ pub enum ShareOutcome {
     Evicted,
     /// Waited for an identical call in flight and got its answer.
     Coalesced,
-    /// The call it waited for was dropped: this one went on instead.
+    /// The call it waited for left no answer this one could take (it was
+    /// dropped, ended with a refusal or error of its own caller's, or is a
+    /// stream already under way that cannot be joined from its start): this
+    /// one went on instead, leading a flight of its own.
     TookOver,
 }
 
