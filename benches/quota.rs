@@ -180,33 +180,36 @@ fn one_limit(c: &mut Criterion) {
     g.finish();
 }
 
+/// Two threads calling `check` on their own keys (a clone each).
+fn two_keyed(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    check: impl Fn(u64) -> bool + Clone + Send + 'static,
+) {
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            common::two_callers(iters, || {
+                let check = check.clone();
+                move |k| {
+                    black_box(check(k));
+                }
+            })
+        })
+    });
+}
+
 fn contended(c: &mut Criterion) {
     let mut g = c.benchmark_group("quota/two_threads_own_keys");
     g.warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
+    // governor on its own clock, then on the clock our layers must read
+    // (tokio's, pausable): each thread checks its own key.
     let gov = std::sync::Arc::new(RateLimiter::keyed(GQuota::per_second(big())));
-    g.bench_function("governor keyed check_key", |b| {
-        b.iter_custom(|iters| {
-            common::two_callers(iters, || {
-                let gov = gov.clone();
-                move |k| {
-                    black_box(gov.check_key(&k).is_ok());
-                }
-            })
-        })
-    });
-    // The same on the clock our layers must read (tokio's, pausable).
+    let check = move |k: u64| gov.check_key(&k).is_ok();
+    two_keyed(&mut g, "governor keyed check_key", check);
     let gov = std::sync::Arc::new(governor_tokio_keyed());
-    g.bench_function("governor keyed check_key (tokio clock)", |b| {
-        b.iter_custom(|iters| {
-            common::two_callers(iters, || {
-                let gov = gov.clone();
-                move |k| {
-                    black_box(gov.check_key(&k).is_ok());
-                }
-            })
-        })
-    });
+    let check = move |k: u64| gov.check_key(&k).is_ok();
+    two_keyed(&mut g, "governor keyed check_key (tokio clock)", check);
     let (q, plan) = quota();
     g.bench_function("semaforo Quota layer (call included)", |b| {
         b.iter_custom(|iters| {
