@@ -1,7 +1,8 @@
 //! The whole client stack next to the bare service and to an equivalent stack
 //! built from peers, in the same run, uncontended and with 2 threads; then
 //! throughput (calls per second) through each layer and the whole stack with
-//! 1, 16 and 256 concurrent tasks on a 2-worker runtime, peers beside.
+//! 1, 16 and 256 concurrent tasks on a 2-worker runtime, peers beside (the
+//! pacer's and the quota's on the tokio clock, the one they must read).
 //!
 //! semaforo: shutdown → bulkhead → retry (budget) → breaker → pace (RPM + TPM) →
 //! attempt timeout. Peers: tower's ConcurrencyLimit → tower RateLimit → tower
@@ -228,6 +229,103 @@ fn throughput(c: &mut Criterion) {
             )
             .service(bare());
         g.bench_function("semaforo Pace (RPM + TPM)", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        // The pacer's peer: two governor cells (RPM + TPM) on the tokio
+        // clock, checked before the call.
+        let clock = common::TokioClock::new();
+        let cell = || {
+            std::sync::Arc::new(governor::RateLimiter::direct_with_clock(
+                governor::Quota::per_second(std::num::NonZeroU32::MAX),
+                clock,
+            ))
+        };
+        let (requests, tokens) = (cell(), cell());
+        let seven = std::num::NonZeroU32::new(7).expect("non-zero");
+        let s = tower::service_fn(move |x: u64| {
+            let admitted = requests.check().is_ok() && tokens.check_n(seven).is_ok();
+            std::future::ready(if admitted { Ok(x + 1) } else { Err("limited") })
+        });
+        g.bench_function("governor ×2 cells (RPM + TPM, tokio clock)", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        // A quota's hot key (every task on one key) vs governor's keyed
+        // check on the same clock.
+        let q = semaforo::quota::Quota::builder()
+            .plan(
+                "p",
+                semaforo::quota::Rate::new(3_000_000_000, Duration::from_secs(60)),
+            )
+            .build::<u64>()
+            .unwrap();
+        let plan = q.plan_id("p").unwrap();
+        let s = ServiceBuilder::new()
+            .layer(q.layer(move |_: &u64| (0u64, plan)))
+            .service(bare());
+        g.bench_function("semaforo Quota (one hot key)", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        let keyed: governor::RateLimiter<
+            u64,
+            governor::state::keyed::DefaultKeyedStateStore<u64>,
+            common::TokioClock,
+            governor::middleware::NoOpMiddleware<governor::nanos::Nanos>,
+        > = governor::RateLimiter::new(
+            governor::Quota::per_second(std::num::NonZeroU32::MAX),
+            Default::default(),
+            clock,
+        );
+        let keyed = std::sync::Arc::new(keyed);
+        let s = tower::service_fn(move |x: u64| {
+            let admitted = keyed.check_key(&0).is_ok();
+            std::future::ready(if admitted { Ok(x + 1) } else { Err("limited") })
+        });
+        g.bench_function("governor keyed check_key (one hot key, tokio clock)", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        // Retry without a budget vs a tower policy sharing its config.
+        let s = ServiceBuilder::new()
+            .layer(
+                semaforo::retry::Retry::builder()
+                    .max_attempts(3)
+                    .no_budget()
+                    .build()
+                    .unwrap()
+                    .layer(),
+            )
+            .service(bare());
+        g.bench_function("semaforo Retry (no budget)", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        let s = ServiceBuilder::new()
+            .layer(tower::retry::RetryLayer::new(common::SharedAttempts {
+                config: std::sync::Arc::new(common::AttemptsConfig {
+                    first_delay: Duration::from_millis(500),
+                    retries: std::sync::atomic::AtomicU64::new(0),
+                }),
+                left: 3,
+            }))
+            .service(bare());
+        g.bench_function("tower Retry (shared config)", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        // The attempt timeout vs tower's.
+        let s = ServiceBuilder::new()
+            .layer(
+                semaforo::timeout::Timeout::builder()
+                    .attempt(Duration::from_secs(30))
+                    .build()
+                    .unwrap()
+                    .layer(),
+            )
+            .service(bare());
+        g.bench_function("semaforo Timeout", |b| {
+            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
+        });
+        let s = ServiceBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .service(bare());
+        g.bench_function("tower Timeout", |b| {
             b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
         });
         // The whole stacks.

@@ -229,4 +229,3 @@ impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for SharedAttempts {
         Some(req.clone())
     }
 }
-

@@ -493,9 +493,14 @@ impl LlmStack {
     /// (`http_body_util::Full`, `http_body_util::StreamBody`, hyper's
     /// `Incoming`, or `http_body_util::combinators::UnsyncBoxBody` when a client
     /// builds bodies of several kinds).
-    /// The caller gets the same body wrapped: it holds the bulkhead permit and
-    /// the breaker's verdict until its end, and ends with a [`StreamFailed`]
-    /// error when the stream reports a failure.
+    /// The caller gets the same body wrapped: it holds the bulkhead permit,
+    /// the breaker's verdict and the shutdown's in-flight count until its
+    /// end, and ends with a [`StreamFailed`] error when the stream reports a
+    /// failure. A drain waits for it; at the drain's deadline an event stream
+    /// (`text/event-stream`) still open ends with
+    /// [`DRAIN_EVENT`](crate::shutdown::DRAIN_EVENT), an SSE error event, and
+    /// is counted `cancelled` (see
+    /// [`ShutdownLayer::cut_bodies_at_deadline`](crate::shutdown::ShutdownLayer::cut_bodies_at_deadline)).
     ///
     /// A streamed completion, with an in-memory client:
     ///

@@ -537,6 +537,15 @@ impl<B> LlmRouterBuilder<B> {
     /// `Health::new(&shutdown)` with
     /// [`Router::register_health`](crate::route::Router::register_health)
     /// reports them.
+    ///
+    /// Its counts are of the deployments' calls, which a router call makes
+    /// one per deployment it reaches: a call hedged to two deployments is two
+    /// calls in flight (and two in the drain report), and a call made after
+    /// the trigger is refused once per deployment it tries (two `rejected`
+    /// with two deployments). A router call waiting in the router's own
+    /// backoff holds no deployment, so the drain does not wait for it; it is
+    /// answered `ShuttingDown` when it tries again — nothing reaches a
+    /// provider after the trigger.
     pub fn shutdown(mut self, shutdown: crate::shutdown::Shutdown) -> Self {
         self.shutdown = Some(shutdown);
         self

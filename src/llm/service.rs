@@ -17,7 +17,7 @@ use crate::hashing::HashMap;
 use crate::pace::{Cost, KeyedPaceService, Observed, Reconcile, UsageFromBody};
 use crate::quota::{HeaderKey, QuotaService, UnitCost};
 use crate::retry::{HttpRequests, RetryService};
-use crate::shutdown::{InFlight, ShutdownService};
+use crate::shutdown::{CutAtDeadline, DrainCut, ShutdownService};
 use crate::timeout::{Deadlines, TimeoutService, Whole, WholeBody};
 use bytes::Bytes;
 use pin_project::pin_project;
@@ -529,18 +529,19 @@ type StreamInner<S> = ShutdownService<
         HeaderKey,
         UnitCost,
     >,
-    OnBodyEnd,
+    CutAtDeadline,
 >;
 
 /// The body inside [`LlmStreamBody`], innermost first: the SSE watch, the
 /// chunk timeouts, the pacer's reconciliation, the breaker's verdict, the
-/// bulkhead's permit, the shutdown's in-flight count.
+/// bulkhead's permit, the shutdown's in-flight count (which ends the stream
+/// with an SSE error event at the drain deadline).
 type StreamInnerBody<B> = Tapped<
     Tapped<
         Tapped<Tapped<Tapped<Tapped<B, SseScan>, Deadlines>, Option<Reconcile>>, BreakerOutcome>,
         BulkheadPermit,
     >,
-    InFlight,
+    DrainCut,
 >;
 
 /// The service [`LlmStreamLayer`] makes around an HTTP client `S` answering
@@ -726,7 +727,7 @@ impl<S: Clone> Layer<S> for LlmStreamLayer {
             inner: s
                 .shutdown
                 .layer()
-                .release_on_body_end()
+                .cut_bodies_at_deadline()
                 .layer(s.quota_layer().layer(limited)),
             weigh: s.weigh.clone(),
         }

@@ -330,9 +330,10 @@ impl KeyedPace {
     }
 
     /// The pacer of `key`; a key without one gets one built from the
-    /// template, unless `cost` could never be paid or a budget of the shared
-    /// cells refuses it now (it is refused: a call that never reaches the
-    /// upstream takes no place among `max_keys`).
+    /// template — kept, unless `cost` could never be paid or a budget of the
+    /// shared cells refuses it now: then the new pacer only refuses this
+    /// call (under the key's name) and is dropped, since a call that never
+    /// reaches the upstream takes no place among `max_keys`.
     fn pick(&self, key: Option<&str>, cost: Option<&super::Cost>) -> Pace {
         let Some(key) = key else {
             return self.inner.overflow.clone();
@@ -376,13 +377,17 @@ impl KeyedPace {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             return self.inner.overflow.clone();
         }
-        if self.overflow_now(cost) {
+        if self.overflow_waits() {
             return self.inner.overflow.clone();
         }
         let Some(pace) = self.fresh(template, key) else {
             return self.inner.overflow.clone();
         };
-        built.insert(key.to_owned(), pace.clone());
+        // Refused whatever pacer takes it: its own refuses it (the refusal
+        // and its events name this key's pacer), and is not kept.
+        if !self.refused_anyway(cost) {
+            built.insert(key.to_owned(), pace.clone());
+        }
         pace
     }
 
@@ -445,7 +450,7 @@ impl KeyedPace {
         };
         if key.len() > MAX_KEY_LEN
             || self.built().len() >= self.inner.max_keys
-            || self.overflow_now(Some(cost))
+            || self.overflow_waits()
         {
             return overflow();
         }
@@ -480,18 +485,19 @@ impl KeyedPace {
     /// the overflow pacer: calls that went there for want of a place still
     /// wait in its line (this key may be among them: a pacer of its own now
     /// would count their tokens as spent now, while they start later, and
-    /// its next calls could start early), or `cost` could never be paid, or
-    /// a budget of the shared cells refuses it now (a call that never
-    /// reaches the upstream takes no place among `max_keys`).
-    fn overflow_now(&self, cost: Option<&super::Cost>) -> bool {
-        if self
-            .inner
+    /// its next calls could start early).
+    fn overflow_waits(&self) -> bool {
+        self.inner
             .overflowed
             .load(std::sync::atomic::Ordering::Relaxed)
             && self.inner.overflow.shared.lock().line_len() > 0
-        {
-            return true;
-        }
+    }
+
+    /// Whether `cost` is refused whatever pacer takes it: it could never
+    /// be paid (the template's limits, or the shared cells'), or a budget
+    /// of the shared cells refuses it now. Such a call never reaches the
+    /// upstream, so it takes no place among `max_keys`.
+    fn refused_anyway(&self, cost: Option<&super::Cost>) -> bool {
         let Some(cost) = cost else {
             return false;
         };
