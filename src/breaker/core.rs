@@ -58,6 +58,16 @@ fn effective_of(w: u32) -> BreakerState {
     super::effective(mode_of(w), state_of(w))
 }
 
+/// The state listeners follow: what callers meet while forced open or
+/// disabled (the state machine stands still), else the state machine's (a
+/// metrics-only breaker's shadow transitions are told to them).
+fn heard_of(w: u32) -> BreakerState {
+    match mode_of(w) {
+        Mode::ForcedOpen | Mode::Disabled => effective_of(w),
+        Mode::Normal | Mode::MetricsOnly => state_of(w),
+    }
+}
+
 fn mode_bits(m: Mode) -> u32 {
     (match m {
         Mode::Normal => 0,
@@ -219,30 +229,47 @@ impl Shared {
 
     #[cold]
     fn admit_slow(&self, w: u32) -> Result<Ticket, Rejected> {
+        let mut w = w;
+        loop {
+            match self.admit_in_mode(w) {
+                Ok(decided) => return decided,
+                // The mode changed before the lock was taken: decided again
+                // in the new one (modes change only under the lock).
+                Err(now) => w = now,
+            }
+        }
+    }
+
+    /// [`admit_slow`](Self::admit_slow) in the mode of `w`; `Err(word)` when
+    /// the mode is another by the time the lock is held.
+    fn admit_in_mode(&self, w: u32) -> Result<Result<Ticket, Rejected>, u32> {
         let mode = mode_of(w);
         match mode {
             Mode::Disabled => {
-                return Ok(Ticket {
+                return Ok(Ok(Ticket {
                     gen: gen_of(w),
                     probe: false,
                     record: false,
-                })
+                }))
             }
             Mode::ForcedOpen => {
-                return Err(self.rejection(None).with_detail("forced open"));
+                return Ok(Err(self.rejection(None).with_detail("forced open")));
             }
             Mode::Normal | Mode::MetricsOnly => {}
         }
         let pass = mode == Mode::MetricsOnly;
         if pass && w & STATE_MASK == CLOSED {
-            return Ok(Ticket {
+            return Ok(Ok(Ticket {
                 gen: gen_of(w),
                 probe: false,
                 record: true,
-            });
+            }));
         }
         let mut inner = self.lock();
         let w = self.word.load(Ordering::Acquire);
+        if mode_of(w) != mode {
+            return Err(w);
+        }
         let now = Instant::now();
         let mut news = Announce::default();
         let decision = match w & STATE_MASK {
@@ -312,7 +339,7 @@ impl Shared {
         };
         drop(inner);
         self.announce(news);
-        decision.map_err(|retry_after| self.rejection(retry_after))
+        Ok(decision.map_err(|retry_after| self.rejection(retry_after)))
     }
 
     /// Tells the listeners of the transitions made under the lock, once it is
@@ -552,23 +579,27 @@ impl Shared {
         }
     }
 
-    /// Sets the manual mode. A change of the state callers meet is told as
-    /// a transition (reason [`TransitionReason::Manual`]) and on the `watch`.
+    /// Sets the manual mode. A change of the state listeners follow (see
+    /// [`heard_of`]) is told to them as a transition (reason
+    /// [`TransitionReason::Manual`]); a change of the state callers meet goes
+    /// on the `watch`.
     pub(crate) fn set_mode(&self, mode: Mode) {
         let mut inner = self.lock();
         let w = self.word.load(Ordering::Acquire);
         let next = (w & !MODE_MASK) | mode_bits(mode);
         self.word.store(next, Ordering::Release);
-        let (from, to) = (effective_of(w), effective_of(next));
         let mut news = Announce::default();
-        if from != to {
+        if effective_of(w) != effective_of(next) {
             inner.since = Instant::now();
+            self.tell_watch(next, &mut news);
+        }
+        let (from, to) = (heard_of(w), heard_of(next));
+        if from != to {
             self.queued().push_back(Transition {
                 from,
                 to,
                 reason: TransitionReason::Manual,
             });
-            self.tell_watch(next, &mut news);
         }
         drop(inner);
         self.announce(news);
@@ -595,13 +626,8 @@ impl Shared {
         if let Some(win) = &self.window {
             win.reset();
         }
-        // Told from the state listeners last heard: what callers met for a
-        // forced-open or disabled breaker, else the state machine's (a
-        // metrics-only breaker's shadow transitions are told).
-        let was = match mode_of(w) {
-            Mode::ForcedOpen | Mode::Disabled => effective_of(w),
-            Mode::Normal | Mode::MetricsOnly => state_of(w),
-        };
+        // Told from the state listeners last heard.
+        let was = heard_of(w);
         // Closed as heard and closed: back to normal mode, untold (a
         // listener that resets on `Closed` must not loop for ever).
         if was == BreakerState::Closed && w & STATE_MASK == CLOSED {

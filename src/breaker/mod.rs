@@ -23,8 +23,14 @@
 //! - **Events**: [`BreakerBuilder::on_event`] hears every transition
 //!   ([`EventKind::BreakerTransition`](crate::observe::EventKind::BreakerTransition),
 //!   told after the breaker's lock is released, in order: a listener may call
-//!   back into the breaker) and every refusal; [`Breaker::subscribe`] (a
-//!   `tokio::sync::watch` of the state);
+//!   back into the breaker) and every refusal. The transitions form one
+//!   chain (each starts where the last ended): of the state machine in
+//!   normal and metrics-only modes (a metrics-only breaker's shadow
+//!   transitions are told), of the state callers meet while forced open or
+//!   disabled; a mode change that moves the state followed is told with
+//!   [`TransitionReason::Manual`](crate::observe::TransitionReason::Manual).
+//!   [`Breaker::subscribe`] (a `tokio::sync::watch` of the state callers
+//!   meet);
 //!   [`Breaker::snapshot`] for deep health checks.
 //!
 //! Cost: admission in the closed state is one atomic load; a success is one more

@@ -2,7 +2,7 @@
 
 use super::{Guard, StreamEnd};
 use futures_core::Stream;
-use pin_project::{pin_project, pinned_drop};
+use pin_project::pin_project;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -115,18 +115,36 @@ impl<G: Guard, D, E> Tap<D, E> for G {
 /// After the end it is fused: it yields `None` and never polls the inner one
 /// again. Cancel safety: dropping it before the end tells the tap
 /// [`StreamEnd::Dropped`]. It is `Unpin` when the inner stream is.
-#[pin_project(PinnedDrop)]
+#[pin_project]
 pub struct Tapped<S, T> {
+    /// Declared first, so dropped first: a tap told "dropped" (a permit
+    /// given back, an in-flight count let go) finds the inner stream gone
+    /// already — a drain that sees the count fall sees nothing of it left.
     #[pin]
     inner: S,
-    /// `None` once the tap was told the end.
-    tap: Option<T>,
+    /// The tap, told [`StreamEnd::Dropped`] when dropped before the end.
+    tap: Slot<T>,
     /// The tap asked to end after the item just yielded.
     ending: bool,
+}
+
+/// The tap of a [`Tapped`] (`None` once told the end); dropped with it still
+/// there, it tells it [`StreamEnd::Dropped`] — after the inner stream, a
+/// field declared before it, was dropped.
+struct Slot<T> {
+    tap: Option<T>,
     /// Tells the tap it was dropped: `Drop` cannot name the item and error
     /// types `Tap::end` is reached through, so the constructor (which can)
     /// leaves this here.
     dropped: fn(T),
+}
+
+impl<T> Drop for Slot<T> {
+    fn drop(&mut self) {
+        if let Some(t) = self.tap.take() {
+            (self.dropped)(t);
+        }
+    }
 }
 
 impl<S, T> Tapped<S, T> {
@@ -142,9 +160,11 @@ impl<S, T> Tapped<S, T> {
     fn with(inner: S, tap: T, dropped: fn(T)) -> Self {
         Tapped {
             inner,
-            tap: Some(tap),
+            tap: Slot {
+                tap: Some(tap),
+                dropped,
+            },
             ending: false,
-            dropped,
         }
     }
 
@@ -161,7 +181,7 @@ impl<S, T> Tapped<S, T> {
             Tap::<http_body::Frame<S::Data>, S::Error>::end(t, StreamEnd::Dropped)
         });
         if ended {
-            end(&mut t.tap, StreamEnd::Completed);
+            end(&mut t.tap.tap, StreamEnd::Completed);
         }
         t
     }
@@ -173,12 +193,12 @@ impl<S, T> Tapped<S, T> {
 
     /// The tap, until it was told the end.
     pub fn tap(&self) -> Option<&T> {
-        self.tap.as_ref()
+        self.tap.tap.as_ref()
     }
 
     /// `true` once the tap was told the end.
     pub fn is_finished(&self) -> bool {
-        self.tap.is_none()
+        self.tap.tap.is_none()
     }
 }
 
@@ -251,21 +271,11 @@ where
     Poll::Ready(out)
 }
 
-#[pinned_drop]
-impl<S, T> PinnedDrop for Tapped<S, T> {
-    fn drop(self: Pin<&mut Self>) {
-        let this = self.project();
-        if let Some(t) = this.tap.take() {
-            (this.dropped)(t);
-        }
-    }
-}
-
 impl<S: std::fmt::Debug, T: std::fmt::Debug> std::fmt::Debug for Tapped<S, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tapped")
             .field("inner", &self.inner)
-            .field("tap", &self.tap)
+            .field("tap", &self.tap.tap)
             .field("ending", &self.ending)
             .finish()
     }
@@ -281,13 +291,18 @@ where
     #[inline]
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.project();
-        step(this.inner, this.tap, this.ending, cx, S::poll_next, |_| {
-            false
-        })
+        step(
+            this.inner,
+            &mut this.tap.tap,
+            this.ending,
+            cx,
+            S::poll_next,
+            |_| false,
+        )
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        match (&self.tap, self.ending) {
+        match (&self.tap.tap, self.ending) {
             (None, _) => (0, Some(0)),
             (Some(_), true) => (0, Some(1)),
             // The tap may end it early or append one item.
@@ -302,7 +317,7 @@ where
     T: Tap<D, E>,
 {
     fn is_terminated(&self) -> bool {
-        self.tap.is_none()
+        self.tap.tap.is_none()
     }
 }
 
@@ -323,7 +338,7 @@ where
         let this = self.project();
         step(
             this.inner,
-            this.tap,
+            &mut this.tap.tap,
             this.ending,
             cx,
             B::poll_frame,
@@ -336,7 +351,7 @@ where
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        match (&self.tap, self.ending) {
+        match (&self.tap.tap, self.ending) {
             (None, _) => true,
             // Something may still be appended.
             (Some(_), true) => false,
@@ -347,7 +362,7 @@ where
     /// The inner body's while it flows (a tap that cuts or appends is for
     /// streamed bodies, which have no exact length); exactly 0 after the end.
     fn size_hint(&self) -> http_body::SizeHint {
-        match (&self.tap, self.ending) {
+        match (&self.tap.tap, self.ending) {
             (None, _) => http_body::SizeHint::with_exact(0),
             (Some(_), true) => http_body::SizeHint::new(),
             (Some(_), false) => self.inner.size_hint(),

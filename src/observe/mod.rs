@@ -394,9 +394,11 @@ pub enum TransitionReason {
     ProbesSucceeded,
     /// `Breaker::reset`.
     Reset,
-    /// `Breaker::force_open`, `disable` or `metrics_only` changed the state
-    /// callers meet (`from` and `to` are that state, not the state machine's;
-    /// the breaker's snapshot gives the mode).
+    /// `Breaker::force_open`, `disable` or `metrics_only` (or leaving one)
+    /// changed the state listeners follow: what callers meet while forced
+    /// open or disabled, the state machine's in normal and metrics-only
+    /// modes (entering metrics-only from `Open` tells nothing: the shadow
+    /// state machine stays open; the breaker's snapshot gives the mode).
     Manual,
 }
 

@@ -25,7 +25,10 @@ struct Shared {
 /// `count` calls per window with a burst, as one GCRA cell updated by a
 /// compare-and-swap. A call over the limit is refused at once with
 /// [`RejectKind::QuotaExceeded`] and the exact `retry_after` (the time
-/// until it would fit), and the limit's `RateLimit-Policy` (429 through
+/// until it would fit, from the limit's clock read for this call: a thread
+/// preempted between that read and its compare-and-swap may see a cell
+/// other threads filled meanwhile, and wait that much longer), and the
+/// limit's `RateLimit-Policy` (429 through
 /// [`Rejected::http_response`]). The inner service is called only for
 /// admitted calls.
 ///
