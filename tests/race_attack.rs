@@ -3,6 +3,7 @@
 //! Every scenario is seeded (`RACE_SEED=<n>` replays from that base seed;
 //! `RACE_ITERS=<n>` changes the number of iterations) and asserts only
 //! invariants the public docs promise, never wall-clock speed.
+#![cfg(feature = "cache")]
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -283,13 +284,11 @@ async fn bulkhead_scenario(seed: u64) {
                 let cancel = pick_cancel(&mut trng, 0.3);
                 match drive(svc.clone(), req.clone(), cancel).await {
                     None => {}
-                    Some(Ok(w)) => {
-                        if w != req.work {
-                            bad.lock()
-                                .unwrap()
-                                .push(format!("answer {w} for work {}", req.work));
-                        }
-                    }
+                    Some(Ok(w)) if w != req.work => bad
+                        .lock()
+                        .unwrap()
+                        .push(format!("answer {w} for work {}", req.work)),
+                    Some(Ok(_)) => {}
                     Some(Err(e)) => match reject_of(&e) {
                         Some(r) if r.kind() == RejectKind::QueueFull => {
                             full.fetch_add(1, SeqCst);
@@ -1567,13 +1566,9 @@ async fn breaker_probe_scenario(seed: u64) {
                         .unwrap()
                         .push("a success from an upstream that always fails".into()),
                     Some(Err(e)) => match reject_of(&e) {
-                        Some(r) if r.kind() == RejectKind::CircuitOpen => {
-                            if r.retry_after().is_none() && trng.random_bool(0.0) {
-                                bad.lock()
-                                    .unwrap()
-                                    .push("CircuitOpen without retry_after".into());
-                            }
-                        }
+                        // A half-open breaker whose probes are out refuses
+                        // with or without a `retry_after`: both are right.
+                        Some(r) if r.kind() == RejectKind::CircuitOpen => {}
                         Some(r) => bad.lock().unwrap().push(format!("kind {:?}", r.kind())),
                         None => {}
                     },
@@ -1835,21 +1830,16 @@ async fn coalesce_scenario(seed: u64) {
                 };
                 let cancel = pick_cancel(&mut trng, 0.35);
                 match drive(svc.clone(), req.clone(), cancel).await {
-                    Some(Ok(a)) => {
-                        if !a.starts_with(&format!("{}:", req.key)) {
-                            bad.lock()
-                                .unwrap()
-                                .push(format!("key {} got answer {a}", req.key));
-                        }
+                    Some(Ok(a)) if !a.starts_with(&format!("{}:", req.key)) => bad
+                        .lock()
+                        .unwrap()
+                        .push(format!("key {} got answer {a}", req.key)),
+                    Some(Err(e)) if !e.to_string().starts_with(&format!("fail {}:", req.key)) => {
+                        bad.lock()
+                            .unwrap()
+                            .push(format!("key {} got error {e}", req.key))
                     }
-                    Some(Err(e)) => {
-                        if !e.to_string().starts_with(&format!("fail {}:", req.key)) {
-                            bad.lock()
-                                .unwrap()
-                                .push(format!("key {} got error {e}", req.key));
-                        }
-                    }
-                    None => {}
+                    _ => {}
                 }
             }
         });
@@ -2361,12 +2351,11 @@ async fn pace_quota_close_scenario(seed: u64) {
                     work: trng.random_range(0..20),
                 };
                 let cancel = pick_cancel(&mut trng, 0.2);
-                match drive(svc.clone(), req, cancel).await {
-                    Some(Err(e)) => match reject_of(&e).map(|r| r.kind()) {
+                if let Some(Err(e)) = drive(svc.clone(), req, cancel).await {
+                    match reject_of(&e).map(|r| r.kind()) {
                         Some(RejectKind::ShuttingDown) => {}
                         other => bad.lock().unwrap().push(format!("{other:?}: {e}")),
-                    },
-                    _ => {}
+                    }
                 }
                 if after {
                     break;
