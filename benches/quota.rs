@@ -13,31 +13,14 @@ use common::{bare, once, try_once};
 
 use common::TokioClock;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota as GQuota, RateLimiter};
 use semaforo::quota::{PlanId, Quota, Rate};
 use std::num::NonZeroU32;
 use std::time::Duration;
 use tower::ServiceBuilder;
 
-type TokioKeyed = RateLimiter<
-    u64,
-    DefaultKeyedStateStore<u64>,
-    TokioClock,
-    NoOpMiddleware<governor::nanos::Nanos>,
->;
-
 fn big() -> NonZeroU32 {
     NonZeroU32::new(u32::MAX).expect("non-zero")
-}
-
-fn governor_tokio_keyed() -> TokioKeyed {
-    RateLimiter::new(
-        GQuota::per_second(big()),
-        DefaultKeyedStateStore::default(),
-        TokioClock::new(),
-    )
 }
 
 fn quota() -> (Quota<u64>, PlanId) {
@@ -69,7 +52,7 @@ fn admission(c: &mut Criterion) {
     g.bench_function("governor keyed check_key", |b| {
         b.iter(|| black_box(gov.check_key(&7u64)))
     });
-    let gov = governor_tokio_keyed();
+    let gov = common::governor_tokio_keyed();
     g.bench_function("governor keyed check_key (tokio clock)", |b| {
         b.iter(|| black_box(gov.check_key(&7u64)))
     });
@@ -207,7 +190,7 @@ fn contended(c: &mut Criterion) {
     let gov = std::sync::Arc::new(RateLimiter::keyed(GQuota::per_second(big())));
     let check = move |k: u64| gov.check_key(&k).is_ok();
     two_keyed(&mut g, "governor keyed check_key", check);
-    let gov = std::sync::Arc::new(governor_tokio_keyed());
+    let gov = std::sync::Arc::new(common::governor_tokio_keyed());
     let check = move |k: u64| gov.check_key(&k).is_ok();
     two_keyed(&mut g, "governor keyed check_key (tokio clock)", check);
     let (q, plan) = quota();

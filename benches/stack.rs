@@ -265,16 +265,7 @@ fn throughput(c: &mut Criterion) {
         g.bench_function("semaforo Quota (one hot key)", |b| {
             b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
         });
-        let keyed: governor::RateLimiter<
-            u64,
-            governor::state::keyed::DefaultKeyedStateStore<u64>,
-            common::TokioClock,
-            governor::middleware::NoOpMiddleware<governor::nanos::Nanos>,
-        > = governor::RateLimiter::new(
-            governor::Quota::per_second(std::num::NonZeroU32::MAX),
-            Default::default(),
-            clock,
-        );
+        let keyed = common::governor_tokio_keyed();
         let keyed = std::sync::Arc::new(keyed);
         let s = tower::service_fn(move |x: u64| {
             let admitted = keyed.check_key(&0).is_ok();

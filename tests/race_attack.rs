@@ -69,6 +69,16 @@ fn iters(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// `scenario` for `iters(n)` seeds from the base seed, each under
+/// [`guarded`] (named `what` in its failure).
+async fn each_seed<F: Future<Output = ()>>(what: &str, n: u64, scenario: impl Fn(u64) -> F) {
+    let base = base_seed();
+    for i in 0..iters(n) {
+        let seed = base + i;
+        guarded(what, seed, scenario(seed)).await;
+    }
+}
+
 /// Runs one scenario body under a 60 s real-time guard: hitting it is a HANG.
 async fn guarded<F: Future<Output = ()>>(what: &str, seed: u64, f: F) {
     *CURRENT.lock().unwrap() = format!("{what} seed={seed}");
@@ -380,11 +390,7 @@ fn bulkhead_limit_and_no_leak_under_cancellation() {
 }
 
 async fn bulkhead_limit_and_no_leak_under_cancellation_body() {
-    let base = base_seed();
-    for i in 0..iters(60) {
-        let seed = base + i;
-        guarded("bulkhead_limit_and_no_leak", seed, bulkhead_scenario(seed)).await;
-    }
+    each_seed("bulkhead_limit_and_no_leak", 60, bulkhead_scenario).await;
 }
 
 /// FIFO (and strict priority): callers join the line one after another
@@ -612,16 +618,7 @@ fn bulkhead_partitions_priorities_shares() {
 }
 
 async fn bulkhead_partitions_priorities_shares_body() {
-    let base = base_seed();
-    for i in 0..iters(60) {
-        let seed = base + i;
-        guarded(
-            "bulkhead_partitions",
-            seed,
-            bulkhead_partition_scenario(seed),
-        )
-        .await;
-    }
+    each_seed("bulkhead_partitions", 60, bulkhead_partition_scenario).await;
 }
 
 /// The limit moved at run time while calls run and leave; then close()
@@ -750,16 +747,7 @@ fn bulkhead_resize_adaptive_and_close() {
 }
 
 async fn bulkhead_resize_adaptive_and_close_body() {
-    let base = base_seed();
-    for i in 0..iters(40) {
-        let seed = base + i;
-        guarded(
-            "bulkhead_resize_close",
-            seed,
-            bulkhead_resize_close_scenario(seed),
-        )
-        .await;
-    }
+    each_seed("bulkhead_resize_close", 40, bulkhead_resize_close_scenario).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -924,11 +912,7 @@ fn rate_limit_never_over_admits() {
 }
 
 async fn rate_limit_never_over_admits_body() {
-    let base = base_seed();
-    for i in 0..iters(30) {
-        let seed = base + i;
-        guarded("rate_limit", seed, rate_limit_scenario(seed)).await;
-    }
+    each_seed("rate_limit", 30, rate_limit_scenario).await;
 }
 
 async fn quota_scenario(seed: u64) {
@@ -1077,11 +1061,7 @@ fn quota_keyed_global_wait_never_over_admit() {
 }
 
 async fn quota_keyed_global_wait_never_over_admit_body() {
-    let base = base_seed();
-    for i in 0..iters(30) {
-        let seed = base + i;
-        guarded("quota", seed, quota_scenario(seed)).await;
-    }
+    each_seed("quota", 30, quota_scenario).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1213,11 +1193,7 @@ fn pace_never_over_admits_under_cancellation() {
 }
 
 async fn pace_never_over_admits_under_cancellation_body() {
-    let base = base_seed();
-    for i in 0..iters(30) {
-        let seed = base + i;
-        guarded("pace", seed, pace_scenario(seed)).await;
-    }
+    each_seed("pace", 30, pace_scenario).await;
 }
 
 /// The pacer's line is FIFO: a big call at the head holds back smaller ones
@@ -1297,11 +1273,7 @@ fn pace_fifo_line_across_threads() {
 }
 
 async fn pace_fifo_line_across_threads_body() {
-    let base = base_seed();
-    for i in 0..iters(8) {
-        let seed = base + i;
-        guarded("pace_fifo", seed, pace_fifo_scenario(seed)).await;
-    }
+    each_seed("pace_fifo", 8, pace_fifo_scenario).await;
 }
 
 /// A keyed pacer with shared limits and few places (idle keys give their
@@ -1625,11 +1597,7 @@ fn breaker_half_open_admits_at_most_probes() {
 }
 
 async fn breaker_half_open_admits_at_most_probes_body() {
-    let base = base_seed();
-    for i in 0..iters(25) {
-        let seed = base + i;
-        guarded("breaker_probes", seed, breaker_probe_scenario(seed)).await;
-    }
+    each_seed("breaker_probes", 25, breaker_probe_scenario).await;
 }
 
 /// Random outcomes, rate and consecutive policies, manual resets and
@@ -1746,11 +1714,7 @@ fn breaker_transitions_form_one_chain() {
 }
 
 async fn breaker_transitions_form_one_chain_body() {
-    let base = base_seed();
-    for i in 0..iters(25) {
-        let seed = base + i;
-        guarded("breaker_mixed", seed, breaker_mixed_scenario(seed)).await;
-    }
+    each_seed("breaker_mixed", 25, breaker_mixed_scenario).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1900,11 +1864,7 @@ fn coalesce_answers_right_key_and_empties() {
 }
 
 async fn coalesce_answers_right_key_and_empties_body() {
-    let base = base_seed();
-    for i in 0..iters(60) {
-        let seed = base + i;
-        guarded("coalesce", seed, coalesce_scenario(seed)).await;
-    }
+    each_seed("coalesce", 60, coalesce_scenario).await;
 }
 
 /// The cache's promise (module docs): a cache outside a coalescing layer
@@ -2136,11 +2096,7 @@ fn shutdown_drain_waits_for_everything_and_refuses_after() {
 }
 
 async fn shutdown_drain_waits_for_everything_and_refuses_after_body() {
-    let base = base_seed();
-    for i in 0..iters(60) {
-        let seed = base + i;
-        guarded("shutdown", seed, shutdown_scenario(seed)).await;
-    }
+    each_seed("shutdown", 60, shutdown_scenario).await;
 }
 
 /// (Not a race: the smallest replay of a chain break seen under
@@ -2288,11 +2244,7 @@ fn bulkhead_tickets_tell_the_truth() {
 }
 
 async fn bulkhead_tickets_tell_the_truth_body() {
-    let base = base_seed();
-    for i in 0..iters(40) {
-        let seed = base + i;
-        guarded("tickets", seed, ticket_scenario(seed)).await;
-    }
+    each_seed("tickets", 40, ticket_scenario).await;
 }
 
 /// close() on a pacer and on a quota's wait mode while callers wait and
@@ -2395,11 +2347,7 @@ fn pace_and_quota_close_release_every_waiter() {
 }
 
 async fn pace_and_quota_close_release_every_waiter_body() {
-    let base = base_seed();
-    for i in 0..iters(30) {
-        let seed = base + i;
-        guarded("pace_quota_close", seed, pace_quota_close_scenario(seed)).await;
-    }
+    each_seed("pace_quota_close", 30, pace_quota_close_scenario).await;
 }
 
 /// Idle-key sweeps (`evict_idle`, called in a loop from another task, and
@@ -2499,11 +2447,7 @@ fn quota_idle_sweeps_never_grant_a_second_burst() {
 }
 
 async fn quota_idle_sweeps_never_grant_a_second_burst_body() {
-    let base = base_seed();
-    for i in 0..iters(30) {
-        let seed = base + i;
-        guarded("quota_sweep", seed, quota_sweep_scenario(seed)).await;
-    }
+    each_seed("quota_sweep", 30, quota_sweep_scenario).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -2650,11 +2594,7 @@ fn streams_hold_permits_and_drain_waits_for_them() {
 }
 
 async fn streams_body() {
-    let base = base_seed();
-    for i in 0..iters(40) {
-        let seed = base + i;
-        guarded("streams", seed, stream_scenario(seed)).await;
-    }
+    each_seed("streams", 40, stream_scenario).await;
 }
 
 // ---------------------------------------------------------------------------

@@ -154,16 +154,7 @@ fn main() {
             calls,
         ),
         "governor-keyed-tokio" => {
-            let gov: governor::RateLimiter<
-                u64,
-                governor::state::keyed::DefaultKeyedStateStore<u64>,
-                common::TokioClock,
-                governor::middleware::NoOpMiddleware<governor::nanos::Nanos>,
-            > = governor::RateLimiter::new(
-                governor::Quota::per_second(std::num::NonZeroU32::MAX),
-                governor::state::keyed::DefaultKeyedStateStore::<u64>::default(),
-                common::TokioClock::new(),
-            );
+            let gov = common::governor_tokio_keyed();
             for _ in 0..calls {
                 black_box(gov.check_key(black_box(&7)).is_ok());
             }

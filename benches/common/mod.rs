@@ -229,3 +229,20 @@ impl<Req: Clone, Res, E> tower::retry::Policy<Req, Res, E> for SharedAttempts {
         Some(req.clone())
     }
 }
+
+/// governor's keyed limiter on the tokio clock ([`TokioClock`]).
+pub type TokioKeyed = governor::RateLimiter<
+    u64,
+    governor::state::keyed::DefaultKeyedStateStore<u64>,
+    TokioClock,
+    governor::middleware::NoOpMiddleware<governor::nanos::Nanos>,
+>;
+
+/// A keyed governor limiter that never limits, on the tokio clock.
+pub fn governor_tokio_keyed() -> TokioKeyed {
+    governor::RateLimiter::new(
+        governor::Quota::per_second(std::num::NonZeroU32::MAX),
+        governor::state::keyed::DefaultKeyedStateStore::default(),
+        TokioClock::new(),
+    )
+}
