@@ -257,16 +257,21 @@ impl Shutdown {
     pub async fn drain(&self, deadline: Duration) -> DrainReport {
         self.trigger();
         let until = crate::time::after(tokio::time::Instant::now(), deadline);
+        // `in_flight` also counts, for an instant, a call being refused after
+        // the trigger (counted, then taken back): once it has been seen at 0
+        // after the trigger nothing admitted is left, so only the deadline
+        // decides a cut, never a later reading.
+        let mut cut = false;
         loop {
             let idle = self.shared.idle.notified();
             if self.in_flight() == 0 {
                 break;
             }
             if tokio::time::timeout_at(until, idle).await.is_err() {
+                cut = self.in_flight() > 0;
                 break;
             }
         }
-        let cut = self.in_flight() > 0;
         if cut {
             self.shared.cancel.cancel();
             // Cancelled futures and cut bodies finish at their next poll, which
@@ -296,7 +301,7 @@ impl Shutdown {
             cancelled: self.shared.cancelled.load(Ordering::Acquire),
             rejected: self.shared.rejected.load(Ordering::Acquire),
             queued_released: self.shared.released.load(Ordering::Acquire),
-            still_streaming: self.in_flight(),
+            still_streaming: if cut { self.in_flight() } else { 0 },
         }
     }
 }
