@@ -149,6 +149,23 @@ where
     })
 }
 
+/// One throughput row: `svc` under `tasks` concurrent tasks.
+fn per_second<S>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    tasks: u64,
+    name: &str,
+    svc: &S,
+) where
+    S: Service<u64, Response = u64> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug + Send,
+{
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| on_tasks(rt, svc, tasks, iters))
+    });
+}
+
 /// Calls per second (1 / time per call) through each layer and through the
 /// whole stack, with 1, 16 and 256 concurrent tasks on a 2-worker runtime,
 /// next to the peers in the same run.
@@ -165,22 +182,16 @@ fn throughput(c: &mut Criterion) {
         let s = ServiceBuilder::new()
             .layer(Bulkhead::builder(1_000).build().unwrap().layer())
             .service(bare());
-        g.bench_function("semaforo Bulkhead", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "semaforo Bulkhead", &s);
         let s = ServiceBuilder::new()
             .concurrency_limit(1_000)
             .service(bare());
-        g.bench_function("tower ConcurrencyLimit", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "tower ConcurrencyLimit", &s);
         // Breaker vs tower-resilience's.
         let s = ServiceBuilder::new()
             .layer(Breaker::builder().build().unwrap().layer())
             .service(bare());
-        g.bench_function("semaforo Breaker", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "semaforo Breaker", &s);
         let s = ServiceBuilder::new()
             .layer(
                 tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
@@ -189,9 +200,7 @@ fn throughput(c: &mut Criterion) {
                     .unwrap(),
             )
             .service(bare());
-        g.bench_function("tower-resilience CircuitBreaker", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "tower-resilience CircuitBreaker", &s);
         // One rate limit shared by every task (tower's RateLimit is not
         // Clone: tower-resilience's RateLimiter is the shared peer).
         let limit = semaforo::quota::RateLimit::builder(semaforo::quota::Rate::new(
@@ -201,9 +210,7 @@ fn throughput(c: &mut Criterion) {
         .build()
         .unwrap();
         let s = ServiceBuilder::new().layer(limit.layer()).service(bare());
-        g.bench_function("semaforo RateLimit", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "semaforo RateLimit", &s);
         let s = ServiceBuilder::new()
             .layer(
                 tower_resilience::ratelimiter::RateLimiterLayer::builder()
@@ -213,9 +220,7 @@ fn throughput(c: &mut Criterion) {
                     .unwrap(),
             )
             .service(bare());
-        g.bench_function("tower-resilience RateLimiter", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "tower-resilience RateLimiter", &s);
         // The pacer (RPM + TPM).
         let s = ServiceBuilder::new()
             .layer(
@@ -228,9 +233,7 @@ fn throughput(c: &mut Criterion) {
                     .weigh(|_: &u64| Cost::tokens(7)),
             )
             .service(bare());
-        g.bench_function("semaforo Pace (RPM + TPM)", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "semaforo Pace (RPM + TPM)", &s);
         // The pacer's peer: two governor cells (RPM + TPM) on the tokio
         // clock, checked before the call.
         let clock = common::TokioClock::new();
@@ -246,9 +249,13 @@ fn throughput(c: &mut Criterion) {
             let admitted = requests.check().is_ok() && tokens.check_n(seven).is_ok();
             std::future::ready(if admitted { Ok(x + 1) } else { Err("limited") })
         });
-        g.bench_function("governor ×2 cells (RPM + TPM, tokio clock)", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(
+            &mut g,
+            &rt,
+            tasks,
+            "governor ×2 cells (RPM + TPM, tokio clock)",
+            &s,
+        );
         // A quota's hot key (every task on one key) vs governor's keyed
         // check on the same clock.
         let q = semaforo::quota::Quota::builder()
@@ -262,18 +269,20 @@ fn throughput(c: &mut Criterion) {
         let s = ServiceBuilder::new()
             .layer(q.layer(move |_: &u64| (0u64, plan)))
             .service(bare());
-        g.bench_function("semaforo Quota (one hot key)", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "semaforo Quota (one hot key)", &s);
         let keyed = common::governor_tokio_keyed();
         let keyed = std::sync::Arc::new(keyed);
         let s = tower::service_fn(move |x: u64| {
             let admitted = keyed.check_key(&0).is_ok();
             std::future::ready(if admitted { Ok(x + 1) } else { Err("limited") })
         });
-        g.bench_function("governor keyed check_key (one hot key, tokio clock)", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(
+            &mut g,
+            &rt,
+            tasks,
+            "governor keyed check_key (one hot key, tokio clock)",
+            &s,
+        );
         // Retry without a budget vs a tower policy sharing its config.
         let s = ServiceBuilder::new()
             .layer(
@@ -285,9 +294,7 @@ fn throughput(c: &mut Criterion) {
                     .layer(),
             )
             .service(bare());
-        g.bench_function("semaforo Retry (no budget)", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "semaforo Retry (no budget)", &s);
         let s = ServiceBuilder::new()
             .layer(tower::retry::RetryLayer::new(common::SharedAttempts {
                 config: std::sync::Arc::new(common::AttemptsConfig {
@@ -297,9 +304,7 @@ fn throughput(c: &mut Criterion) {
                 left: 3,
             }))
             .service(bare());
-        g.bench_function("tower Retry (shared config)", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "tower Retry (shared config)", &s);
         // The attempt timeout vs tower's.
         let s = ServiceBuilder::new()
             .layer(
@@ -310,24 +315,22 @@ fn throughput(c: &mut Criterion) {
                     .layer(),
             )
             .service(bare());
-        g.bench_function("semaforo Timeout", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "semaforo Timeout", &s);
         let s = ServiceBuilder::new()
             .timeout(Duration::from_secs(30))
             .service(bare());
-        g.bench_function("tower Timeout", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "tower Timeout", &s);
         // The whole stacks.
         let s = semaforo_stack();
-        g.bench_function("semaforo stack (6 layers)", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(&mut g, &rt, tasks, "semaforo stack (6 layers)", &s);
         let s = peer_stack_clone();
-        g.bench_function("tower + tower-resilience (5 layers, Clone)", |b| {
-            b.iter_custom(|iters| on_tasks(&rt, &s, tasks, iters))
-        });
+        per_second(
+            &mut g,
+            &rt,
+            tasks,
+            "tower + tower-resilience (5 layers, Clone)",
+            &s,
+        );
         g.finish();
     }
 }

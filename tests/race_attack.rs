@@ -385,12 +385,8 @@ async fn bulkhead_scenario(seed: u64) {
 fn bulkhead_limit_and_no_leak_under_cancellation() {
     run_test(
         "bulkhead_limit_and_no_leak_under_cancellation",
-        bulkhead_limit_and_no_leak_under_cancellation_body(),
+        each_seed("bulkhead_limit_and_no_leak", 60, bulkhead_scenario),
     );
-}
-
-async fn bulkhead_limit_and_no_leak_under_cancellation_body() {
-    each_seed("bulkhead_limit_and_no_leak", 60, bulkhead_scenario).await;
 }
 
 /// FIFO (and strict priority): callers join the line one after another
@@ -613,12 +609,8 @@ async fn bulkhead_partition_scenario(seed: u64) {
 fn bulkhead_partitions_priorities_shares() {
     run_test(
         "bulkhead_partitions_priorities_shares",
-        bulkhead_partitions_priorities_shares_body(),
+        each_seed("bulkhead_partitions", 60, bulkhead_partition_scenario),
     );
-}
-
-async fn bulkhead_partitions_priorities_shares_body() {
-    each_seed("bulkhead_partitions", 60, bulkhead_partition_scenario).await;
 }
 
 /// The limit moved at run time while calls run and leave; then close()
@@ -742,12 +734,8 @@ async fn bulkhead_resize_close_scenario(seed: u64) {
 fn bulkhead_resize_adaptive_and_close() {
     run_test(
         "bulkhead_resize_adaptive_and_close",
-        bulkhead_resize_adaptive_and_close_body(),
+        each_seed("bulkhead_resize_close", 40, bulkhead_resize_close_scenario),
     );
-}
-
-async fn bulkhead_resize_adaptive_and_close_body() {
-    each_seed("bulkhead_resize_close", 40, bulkhead_resize_close_scenario).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -907,12 +895,8 @@ async fn rate_limit_scenario(seed: u64) {
 fn rate_limit_never_over_admits() {
     run_test(
         "rate_limit_never_over_admits",
-        rate_limit_never_over_admits_body(),
+        each_seed("rate_limit", 30, rate_limit_scenario),
     );
-}
-
-async fn rate_limit_never_over_admits_body() {
-    each_seed("rate_limit", 30, rate_limit_scenario).await;
 }
 
 async fn quota_scenario(seed: u64) {
@@ -1056,12 +1040,8 @@ async fn quota_scenario(seed: u64) {
 fn quota_keyed_global_wait_never_over_admit() {
     run_test(
         "quota_keyed_global_wait_never_over_admit",
-        quota_keyed_global_wait_never_over_admit_body(),
+        each_seed("quota", 30, quota_scenario),
     );
-}
-
-async fn quota_keyed_global_wait_never_over_admit_body() {
-    each_seed("quota", 30, quota_scenario).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1188,12 +1168,8 @@ async fn pace_scenario(seed: u64) {
 fn pace_never_over_admits_under_cancellation() {
     run_test(
         "pace_never_over_admits_under_cancellation",
-        pace_never_over_admits_under_cancellation_body(),
+        each_seed("pace", 30, pace_scenario),
     );
-}
-
-async fn pace_never_over_admits_under_cancellation_body() {
-    each_seed("pace", 30, pace_scenario).await;
 }
 
 /// The pacer's line is FIFO: a big call at the head holds back smaller ones
@@ -1268,12 +1244,8 @@ async fn pace_fifo_scenario(seed: u64) {
 fn pace_fifo_line_across_threads() {
     run_test(
         "pace_fifo_line_across_threads",
-        pace_fifo_line_across_threads_body(),
+        each_seed("pace_fifo", 8, pace_fifo_scenario),
     );
-}
-
-async fn pace_fifo_line_across_threads_body() {
-    each_seed("pace_fifo", 8, pace_fifo_scenario).await;
 }
 
 /// A keyed pacer with shared limits and few places (idle keys give their
@@ -1592,12 +1564,8 @@ async fn breaker_probe_scenario(seed: u64) {
 fn breaker_half_open_admits_at_most_probes() {
     run_test(
         "breaker_half_open_admits_at_most_probes",
-        breaker_half_open_admits_at_most_probes_body(),
+        each_seed("breaker_probes", 25, breaker_probe_scenario),
     );
-}
-
-async fn breaker_half_open_admits_at_most_probes_body() {
-    each_seed("breaker_probes", 25, breaker_probe_scenario).await;
 }
 
 /// Random outcomes, rate and consecutive policies, manual resets and
@@ -1709,12 +1677,8 @@ async fn breaker_mixed_scenario(seed: u64) {
 fn breaker_transitions_form_one_chain() {
     run_test(
         "breaker_transitions_form_one_chain",
-        breaker_transitions_form_one_chain_body(),
+        each_seed("breaker_mixed", 25, breaker_mixed_scenario),
     );
-}
-
-async fn breaker_transitions_form_one_chain_body() {
-    each_seed("breaker_mixed", 25, breaker_mixed_scenario).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1859,12 +1823,8 @@ async fn coalesce_scenario(seed: u64) {
 fn coalesce_answers_right_key_and_empties() {
     run_test(
         "coalesce_answers_right_key_and_empties",
-        coalesce_answers_right_key_and_empties_body(),
+        each_seed("coalesce", 60, coalesce_scenario),
     );
-}
-
-async fn coalesce_answers_right_key_and_empties_body() {
-    each_seed("coalesce", 60, coalesce_scenario).await;
 }
 
 /// The cache's promise (module docs): a cache outside a coalescing layer
@@ -2091,12 +2051,8 @@ async fn shutdown_scenario(seed: u64) {
 fn shutdown_drain_waits_for_everything_and_refuses_after() {
     run_test(
         "shutdown_drain_waits_for_everything_and_refuses_after",
-        shutdown_drain_waits_for_everything_and_refuses_after_body(),
+        each_seed("shutdown", 60, shutdown_scenario),
     );
-}
-
-async fn shutdown_drain_waits_for_everything_and_refuses_after_body() {
-    each_seed("shutdown", 60, shutdown_scenario).await;
 }
 
 /// (Not a race: the smallest replay of a chain break seen under
@@ -2239,12 +2195,8 @@ async fn ticket_scenario(seed: u64) {
 fn bulkhead_tickets_tell_the_truth() {
     run_test(
         "bulkhead_tickets_tell_the_truth",
-        bulkhead_tickets_tell_the_truth_body(),
+        each_seed("tickets", 40, ticket_scenario),
     );
-}
-
-async fn bulkhead_tickets_tell_the_truth_body() {
-    each_seed("tickets", 40, ticket_scenario).await;
 }
 
 /// close() on a pacer and on a quota's wait mode while callers wait and
@@ -2342,12 +2294,8 @@ async fn pace_quota_close_scenario(seed: u64) {
 fn pace_and_quota_close_release_every_waiter() {
     run_test(
         "pace_and_quota_close_release_every_waiter",
-        pace_and_quota_close_release_every_waiter_body(),
+        each_seed("pace_quota_close", 30, pace_quota_close_scenario),
     );
-}
-
-async fn pace_and_quota_close_release_every_waiter_body() {
-    each_seed("pace_quota_close", 30, pace_quota_close_scenario).await;
 }
 
 /// Idle-key sweeps (`evict_idle`, called in a loop from another task, and
@@ -2442,12 +2390,8 @@ async fn quota_sweep_scenario(seed: u64) {
 fn quota_idle_sweeps_never_grant_a_second_burst() {
     run_test(
         "quota_idle_sweeps_never_grant_a_second_burst",
-        quota_idle_sweeps_never_grant_a_second_burst_body(),
+        each_seed("quota_sweep", 30, quota_sweep_scenario),
     );
-}
-
-async fn quota_idle_sweeps_never_grant_a_second_burst_body() {
-    each_seed("quota_sweep", 30, quota_sweep_scenario).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -2589,12 +2533,8 @@ async fn stream_scenario(seed: u64) {
 fn streams_hold_permits_and_drain_waits_for_them() {
     run_test(
         "streams_hold_permits_and_drain_waits_for_them",
-        streams_body(),
+        each_seed("streams", 40, stream_scenario),
     );
-}
-
-async fn streams_body() {
-    each_seed("streams", 40, stream_scenario).await;
 }
 
 // ---------------------------------------------------------------------------
