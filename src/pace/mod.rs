@@ -297,6 +297,9 @@ pub(crate) struct Shared {
     pub(crate) obs: Observer,
     pub(crate) max_wait: Option<Duration>,
     state: Mutex<State>,
+    /// The state's epoch, read without its lock: the healthy path turns its
+    /// clock reading into seconds before it locks.
+    pub(crate) epoch: Instant,
     /// The AIMD factor is below 1: successes must be recorded to recover.
     pub(crate) slowed: std::sync::atomic::AtomicBool,
     /// A pacer shared below this one (a [`KeyedPace`]'s shared limits): a
@@ -786,16 +789,15 @@ impl PaceBuilder {
                 max_wait: max_wait.map(|d| d.as_secs_f64()),
             });
         }
+        let mut st = State::new(dims);
+        st.max_pause = self.max_pause.unwrap_or(state::DEFAULT_MAX_PAUSE);
+        st.header_window = self.header_window.unwrap_or(state::DEFAULT_HEADER_WINDOW);
         Ok(Pace {
             shared: Arc::new(Shared {
                 obs: Observer::new(self.name, self.listener.0),
                 max_wait: self.max_wait,
-                state: Mutex::new({
-                    let mut st = State::new(dims);
-                    st.max_pause = self.max_pause.unwrap_or(state::DEFAULT_MAX_PAUSE);
-                    st.header_window = self.header_window.unwrap_or(state::DEFAULT_HEADER_WINDOW);
-                    st
-                }),
+                epoch: st.epoch(),
+                state: Mutex::new(st),
                 slowed: std::sync::atomic::AtomicBool::new(false),
                 parent: self.parent,
             }),

@@ -419,6 +419,11 @@ impl State {
         }
     }
 
+    /// The instant the cells count from (fixed when the pacer is built).
+    pub(crate) fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
     fn spu(&self, d: usize) -> f64 {
         self.spu[d]
     }
@@ -604,8 +609,10 @@ impl State {
     /// comes back — exactly what [`try_fast`](Self::try_fast) would do (the
     /// same GCRA expressions, the start being `now`). `false` decides nothing:
     /// the caller goes on with the general path.
+    /// `n` is `now` in seconds since the epoch (as `secs` computes it),
+    /// computed by the caller before it took the lock.
     #[inline]
-    pub(crate) fn try_rolling(&mut self, cost: &Cost, now: Instant) -> bool {
+    pub(crate) fn try_rolling(&mut self, cost: &Cost, now: Instant, n: f64) -> bool {
         if !self.rolling_only || !self.line.is_empty() || self.paused_until.is_some() {
             return false;
         }
@@ -615,7 +622,6 @@ impl State {
         if self.dims.len() > FAST_CELLS {
             return false;
         }
-        let n = secs(self.epoch, now);
         for (((dim, tat), t), next) in self
             .dims
             .iter()
@@ -1292,7 +1298,7 @@ mod tests {
             for (ms, requests, tokens) in calls {
                 now += Duration::from_millis(ms);
                 let cost = Cost { requests, input_tokens: tokens, ..Cost::default() };
-                let a = fast.try_rolling(&cost, now)
+                let a = fast.try_rolling(&cost, now, secs(fast.epoch, now))
                     || (fast.never_fits(&cost).is_none() && fast.try_fast(&cost, now, None));
                 let b = general.never_fits(&cost).is_none() && general.try_fast(&cost, now, None);
                 prop_assert_eq!(a, b);

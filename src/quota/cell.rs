@@ -28,6 +28,7 @@ impl Cell {
     }
 
     /// Takes `n` units now, or says how long until they fit.
+    #[inline]
     pub(crate) fn take(&self, n: u32, now: Instant) -> Result<(), Duration> {
         let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         let cost = self.unit_ns.saturating_mul(u64::from(n));

@@ -140,6 +140,7 @@ impl RateLimit {
     /// # Errors
     /// [`RejectKind::QuotaExceeded`] with the exact `retry_after` when the
     /// limit is spent (nothing is taken then).
+    #[inline]
     pub fn try_take(&self) -> Result<(), Rejected> {
         self.try_take_n(1)
     }
@@ -149,23 +150,30 @@ impl RateLimit {
     /// # Errors
     /// As [`try_take`](Self::try_take); a weight above the burst can never
     /// fit and is refused without `retry_after`.
+    #[inline]
     pub fn try_take_n(&self, n: u32) -> Result<(), Rejected> {
-        let s = &self.shared;
-        match s.cell.take(n, Instant::now()) {
+        match self.shared.cell.take(n, Instant::now()) {
             Ok(()) => Ok(()),
-            Err(wait) => {
-                let mut r = Rejected::new("quota", RejectKind::QuotaExceeded)
-                    .with_name_opt(s.obs.name.as_ref())
-                    .with_policy(s.policy.clone());
-                if s.cell.fits(n) {
-                    r = r.with_retry_after(wait);
-                } else {
-                    r = r.with_detail(format!("a weight of {n} is above the burst"));
-                }
-                s.obs.rejected(&r);
-                Err(r)
-            }
+            Err(wait) => Err(self.refused(n, wait)),
         }
+    }
+
+    /// The refusal of `n` units that fit after `wait` (out of line: the
+    /// admitted call's path stays a clock read and a compare-and-swap).
+    #[cold]
+    #[inline(never)]
+    fn refused(&self, n: u32, wait: std::time::Duration) -> Rejected {
+        let s = &self.shared;
+        let mut r = Rejected::new("quota", RejectKind::QuotaExceeded)
+            .with_name_opt(s.obs.name.as_ref())
+            .with_policy(s.policy.clone());
+        if s.cell.fits(n) {
+            r = r.with_retry_after(wait);
+        } else {
+            r = r.with_detail(format!("a weight of {n} is above the burst"));
+        }
+        s.obs.rejected(&r);
+        r
     }
 
     /// The layer: every call takes one unit.

@@ -325,6 +325,17 @@ impl<S: fmt::Debug, C, P> fmt::Debug for RetryService<S, C, P> {
     }
 }
 
+impl<S: Clone, C, P> RetryService<S, C, P> {
+    /// The service was changed through `get_mut`: later retries clone it as
+    /// it is now (a spare of its own; its clones' stay shared).
+    #[cold]
+    #[inline(never)]
+    fn refresh_spare(&mut self) {
+        self.spare = Arc::new(Spare::new(self.spare.shared.clone(), &self.inner));
+        self.stale = false;
+    }
+}
+
 impl<S, C, P> RetryService<S, C, P> {
     /// The wrapped service.
     pub fn get_ref(&self) -> &S {
@@ -379,10 +390,7 @@ where
             .deadline
             .map(|d| Box::pin(tokio::time::sleep(d)));
         if self.stale {
-            // The service was changed through `get_mut`: later retries clone
-            // it as it is now (a spare of its own; its clones' stay shared).
-            self.spare = Arc::new(Spare::new(self.spare.shared.clone(), &self.inner));
-            self.stale = false;
+            self.refresh_spare();
         }
         let retry = backup.map(|backup| Retrying {
             spare: self.spare.clone(),
