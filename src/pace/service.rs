@@ -347,6 +347,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let cost = self.weigh.weigh(&req);
         call_through(

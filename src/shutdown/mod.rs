@@ -92,6 +92,27 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A call that came after the trigger (counted in `in_flight` by the
+    /// caller, before it looked): the count is taken back without counting
+    /// it as completed (no `InFlight` was made, so none ends), and the
+    /// refusal is counted and told. Out of line: the admitted call's path
+    /// stays small.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn refuse_triggered(&self) -> Box<crate::error::Rejected> {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        let r = crate::error::Rejected::new("shutdown", crate::error::RejectKind::ShuttingDown)
+            .with_retry_after(self.retry_after);
+        self.emit(EventKind::Rejected {
+            kind: r.kind(),
+            retry_after: r.retry_after(),
+        });
+        Box::new(r)
+    }
+
     /// Emits `kind` (phases and refusals: never on a call that passes).
     pub(crate) fn emit(&self, kind: EventKind) {
         let listener = self

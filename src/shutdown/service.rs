@@ -289,26 +289,15 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         // Count first, then look: a call that slips past a concurrent trigger
         // is counted, and the drain waits for it.
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
         if self.shared.triggered.load(Ordering::SeqCst) {
-            // Not admitted: undo without counting it as completed (no
-            // `InFlight` was made, so none ends).
-            if self.shared.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-                self.shared.idle.notify_waiters();
-            }
-            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
-            let r = Rejected::new("shutdown", RejectKind::ShuttingDown)
-                .with_retry_after(self.shared.retry_after);
-            self.shared.emit(crate::observe::EventKind::Rejected {
-                kind: r.kind(),
-                retry_after: r.retry_after(),
-            });
             return ResponseFuture {
                 state: State::Rejected {
-                    rejected: Some(Box::new(r)),
+                    rejected: Some(self.shared.refuse_triggered()),
                 },
                 _hold: PhantomData,
             };
