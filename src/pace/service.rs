@@ -495,12 +495,15 @@ impl Shared {
                 .with_name_opt(self.obs.name.as_ref())
                 .with_detail(detail)
         };
-        // Seconds since the epoch before the lock: the critical section of
-        // the healthy path is the cells' arithmetic, not the clock's.
-        let n = now.saturating_duration_since(self.epoch).as_secs_f64();
-        let mut st = self.lock();
         // The healthy path of a pacer without a parent: one pass, no more.
-        if self.parent.is_none() && !st.closed && st.try_rolling(cost, now, n) {
+        // Its seconds since the epoch are read before the lock: the critical
+        // section is the cells' arithmetic, not the clock's.
+        let n = self
+            .parent
+            .is_none()
+            .then(|| super::state::secs(self.epoch, now));
+        let mut st = self.lock();
+        if n.is_some_and(|n| !st.closed && st.try_rolling(cost, now, n)) {
             return Admit::Now;
         }
         if st.closed {

@@ -283,7 +283,7 @@ fn parts(c: &Cost) -> [f64; PARTS] {
     ]
 }
 
-fn secs(epoch: Instant, t: Instant) -> f64 {
+pub(crate) fn secs(epoch: Instant, t: Instant) -> f64 {
     t.saturating_duration_since(epoch).as_secs_f64()
 }
 
@@ -609,8 +609,8 @@ impl State {
     /// comes back — exactly what [`try_fast`](Self::try_fast) would do (the
     /// same GCRA expressions, the start being `now`). `false` decides nothing:
     /// the caller goes on with the general path.
-    /// `n` is `now` in seconds since the epoch (as `secs` computes it),
-    /// computed by the caller before it took the lock.
+    /// `n` is `now` in seconds since the epoch ([`secs`]), computed by the
+    /// caller before it took the lock.
     #[inline]
     pub(crate) fn try_rolling(&mut self, cost: &Cost, now: Instant, n: f64) -> bool {
         if !self.rolling_only || !self.line.is_empty() || self.paused_until.is_some() {
