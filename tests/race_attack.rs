@@ -1976,22 +1976,40 @@ async fn shutdown_scenario(seed: u64) {
         .layer(bulkhead.layer())
         .service(inner);
     let triggered = Arc::new(AtomicBool::new(false));
+    // Calls that may have begun before the trigger and have not returned:
+    // counted before the look at `triggered` (so every call that saw it
+    // unset is counted before the trigger is set), taken back when the call
+    // returns or when it saw the trigger.
+    let racing = Arc::new(AtomicU64::new(0));
     let bad = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut handles = Vec::new();
     for t in 0..rng.random_range(10..200) {
         let mut trng = SmallRng::seed_from_u64(seed ^ (t << 50));
-        let (svc, bad, triggered, drained) =
-            (svc.clone(), bad.clone(), triggered.clone(), drained.clone());
+        let (svc, bad, triggered, drained, racing) = (
+            svc.clone(),
+            bad.clone(),
+            triggered.clone(),
+            drained.clone(),
+            racing.clone(),
+        );
         handles.push(tokio::spawn(async move {
             loop {
+                racing.fetch_add(1, SeqCst);
                 let after = triggered.load(SeqCst);
+                if after {
+                    racing.fetch_sub(1, SeqCst);
+                }
                 let req = Req {
                     key: 0,
                     prio: 0,
                     work: trng.random_range(0..40),
                 };
                 let cancel = pick_cancel(&mut trng, 0.25);
-                match drive(svc.clone(), req, cancel).await {
+                let out = drive(svc.clone(), req, cancel).await;
+                if !after {
+                    racing.fetch_sub(1, SeqCst);
+                }
+                match out {
                     Some(Ok(())) if after => bad
                         .lock()
                         .unwrap()
@@ -2018,6 +2036,7 @@ async fn shutdown_scenario(seed: u64) {
     triggered.store(true, SeqCst);
     let report = shutdown.drain(Duration::from_secs(20)).await;
     let inside_at_return = gauge.now();
+    let racing_at_return = racing.load(SeqCst);
     let in_flight_at_return = shutdown.in_flight();
     drained.store(true, SeqCst);
     for h in handles {
@@ -2030,9 +2049,13 @@ async fn shutdown_scenario(seed: u64) {
         &bad[..bad.len().min(5)]
     );
     assert_eq!(inside_at_return, 0, "seed={seed}: drain returned with {inside_at_return} inner calls running; report {report:?}");
-    assert_eq!(
-        in_flight_at_return, 0,
-        "seed={seed}: drain returned with in_flight {in_flight_at_return}; report {report:?}"
+    // `Shutdown::in_flight` may count, for an instant, a call that arrived
+    // as the trigger came and is being refused (its doc): only calls begun
+    // before the trigger can be such; none that saw the trigger is counted.
+    assert!(
+        in_flight_at_return <= racing_at_return,
+        "seed={seed}: drain returned with in_flight {in_flight_at_return}, \
+         {racing_at_return} calls begun before the trigger; report {report:?}"
     );
     assert_eq!(
         late.load(SeqCst),

@@ -264,15 +264,15 @@ impl<K: Hash + Eq + Clone> Shared<K> {
         if cost > plan.rate.burst {
             return Err(self.never(plan, cost));
         }
-        if let Some((policy, cell)) = &self.global {
-            if let Err(wait) = cell.take(cost, Instant::now()) {
+        let taken = match &self.global {
+            Some((policy, cell)) => match cell.take_undoable(cost, Instant::now()) {
+                Ok(taken) => Some(taken),
                 // Above the global burst: no wait makes it fit.
-                if !cell.fits(cost) {
-                    return Err(self.never_global(policy, cost));
-                }
-                return Err(Refusal::Wait(wait, true));
-            }
-        }
+                Err(_) if !cell.fits(cost) => return Err(self.never_global(policy, cost)),
+                Err(wait) => return Err(Refusal::Wait(wait, true)),
+            },
+            None => None,
+        };
         // `check_key` is governor's cheaper path for the common cost of 1.
         let checked = if cost == 1 {
             Ok(plan.limiter.check_key(key))
@@ -286,8 +286,8 @@ impl<K: Hash + Eq + Clone> Shared<K> {
             }
             Err(_insufficient) => self.never(plan, cost),
         };
-        if let Some((_, cell)) = &self.global {
-            cell.give_back(cost);
+        if let (Some((_, cell)), Some(taken)) = (&self.global, taken) {
+            cell.give_back(taken, Instant::now);
         }
         Err(refused)
     }

@@ -92,15 +92,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// A call that came after the trigger (counted in `in_flight` by the
-    /// caller, before it looked): the count is taken back without counting
-    /// it as completed (no `InFlight` was made, so none ends), and the
-    /// refusal is counted and told. Out of line: the admitted call's path
-    /// stays small.
+    /// A call that came after the trigger. If `counted` (it slipped past the
+    /// first look and was counted in `in_flight` before it looked again), the
+    /// count is taken back without counting it as completed (no `InFlight`
+    /// was made, so none ends). The refusal is counted and told. Out of line:
+    /// the admitted call's path stays small.
     #[cold]
     #[inline(never)]
-    pub(crate) fn refuse_triggered(&self) -> Box<crate::error::Rejected> {
-        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+    pub(crate) fn refuse_triggered(&self, counted: bool) -> Box<crate::error::Rejected> {
+        if counted && self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
         }
         self.rejected.fetch_add(1, Ordering::Relaxed);
@@ -267,7 +267,13 @@ impl Shutdown {
         self.shared.ready.subscribe()
     }
 
-    /// Calls in flight now.
+    /// Calls in flight now: admitted calls whose response (or streamed body)
+    /// is not over yet. A call refused after the trigger is never counted
+    /// once the trigger is visible to it; one that arrives *as* the trigger
+    /// comes may be counted for an instant before it is refused, so a reading
+    /// taken while such calls race the trigger can be one per racing call
+    /// above the admitted calls (the drain does not wait for those: it
+    /// returns once it has seen 0 after the trigger).
     pub fn in_flight(&self) -> u64 {
         self.shared.in_flight.load(Ordering::SeqCst)
     }

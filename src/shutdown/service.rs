@@ -291,13 +291,24 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        // Count first, then look: a call that slips past a concurrent trigger
-        // is counted, and the drain waits for it.
+        // A call that sees the trigger is refused without touching the count
+        // (so `in_flight` never counts a call that came after a trigger it
+        // could see). Otherwise count first, then look again: a call that
+        // slips past a concurrent trigger is counted, and the drain waits for
+        // it (or it sees the trigger now and takes its count back).
+        if self.shared.triggered.load(Ordering::Acquire) {
+            return ResponseFuture {
+                state: State::Rejected {
+                    rejected: Some(self.shared.refuse_triggered(false)),
+                },
+                _hold: PhantomData,
+            };
+        }
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
         if self.shared.triggered.load(Ordering::SeqCst) {
             return ResponseFuture {
                 state: State::Rejected {
-                    rejected: Some(self.shared.refuse_triggered()),
+                    rejected: Some(self.shared.refuse_triggered(true)),
                 },
                 _hold: PhantomData,
             };
