@@ -128,6 +128,11 @@ pub mod route;
 pub mod share;
 pub mod shutdown;
 mod striped;
+/// The throwaway `redis-server` of the integration tests, for the scripts'
+/// unit tests.
+#[cfg(all(test, feature = "redis"))]
+#[path = "../tests/support/redis_server.rs"]
+mod test_redis_server;
 
 /// Traits that exist for the crate's own wiring (how a layer holds its
 /// guard, times a response, counts a call in flight) are sealed: users pick

@@ -1168,7 +1168,15 @@ async fn the_reserve_script_follows_its_documented_calling_convention() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(mark, "reserved");
+    // `reserved`, then the cell's tat right after that reservation: the
+    // first unit of an empty cell, so 1 s before the cell's tat now (after
+    // the second unit).
+    let cell: i64 = redis::cmd("GET")
+        .arg("t:{conv}:cell")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mark, format!("reserved {}", cell - 1_000_000));
     let _: () = redis::cmd("SET")
         .arg("t:{conv}:r:4")
         .arg("cancelled")

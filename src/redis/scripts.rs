@@ -19,8 +19,9 @@ use std::sync::LazyLock;
 /// passed by) or `{2, 0}` (its caller gave up before it ran: the marker says
 /// `cancelled`; nothing reserved).
 ///
-/// The marker (`reserved`) is written with the cells, in the same script:
-/// a Redis that has it has the reservation. A call that waited checks it
+/// The marker (`reserved`, then each cell's `tat` after the reservation,
+/// which [`UNDO`] needs) is written with the cells, in the same script: a
+/// Redis that has it has the reservation. A call that waited checks it
 /// before its start ([`MARKER`]): gone means the state the reservation was
 /// made in is gone (a flush, an empty restart, a replica promoted without
 /// the write), and the reservation is made again. Refunds and undos go
@@ -36,7 +37,9 @@ pub(crate) static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESER
 /// per unit, burst (units), cost (units), the cell's own longest wait (µs).
 /// Answers `{1, wait}` (reserved, start in `wait` µs), `{0, late}` (refused:
 /// `late` µs beyond a longest wait) or `{2, 0}` (the marker says the
-/// reservation was cancelled before it ran). Times are Redis's `TIME`.
+/// reservation was cancelled before it ran). A reservation writes its marker
+/// as `reserved` followed by each cell's `tat` (µs) right after it, space
+/// separated. Times are Redis's `TIME`.
 pub const RESERVE_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -66,21 +69,26 @@ if wait - max_wait > late then late = wait - max_wait end
 if late > 0 then
   return {0, math.ceil(late)}
 end
+local m = 'reserved'
 for i = 1, n do
   local per = tonumber(ARGV[i * 4 - 1])
   local cost = tonumber(ARGV[i * 4 + 1])
   local new = tats[i] + cost * per
   local ttl = math.ceil((new - now) / 1000) + 1000
   redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', ttl)
+  m = m .. ' ' .. string.format('%.0f', new)
 end
-redis.call('SET', mark, 'reserved', 'PX', math.ceil(wait / 1000) + tonumber(ARGV[2]))
+redis.call('SET', mark, m, 'PX', math.ceil(wait / 1000) + tonumber(ARGV[2]))
 return {1, math.ceil(wait)}
 ";
 
 /// Whether a reservation still stands: its marker says `reserved`.
 /// KEYS[1]: the marker. Returns 1 or 0.
 pub(crate) static MARKER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new("if redis.call('GET', KEYS[1]) == 'reserved' then return 1 end return 0")
+    Script::new(
+        "local v = redis.call('GET', KEYS[1]) \
+         if v and string.sub(v, 1, 8) == 'reserved' then return 1 end return 0",
+    )
 });
 
 /// Gives a reservation back once: if it ran and still stands, its cost goes
@@ -89,8 +97,22 @@ pub(crate) static MARKER: LazyLock<Script> = LazyLock::new(|| {
 /// says `cancelled`); if it was already given back, or its state is gone,
 /// nothing moves. Idempotent.
 ///
-/// KEYS: the cells, then the marker. ARGV[1]: how long a `cancelled`
-/// marker lives (ms); then per cell: µs per unit, units to give back.
+/// What goes back to a cell is `min(cost, after − now)`, with `after` the
+/// cell's `tat` right after the reservation (recorded in the marker): a
+/// reservation that found the cell full started from `now`, not from the
+/// cell's `tat`, and giving its whole cost back would also give back the
+/// refill of the time the cell has stayed full since (the local quota's
+/// give-back, `quota::cell::Cell::give_back`, explains the rule). A
+/// reservation still waiting for its start is given back whole. When other
+/// give-backs of older reservations came between this reservation and its
+/// undo, the cell can end up emptier (more permissive) than exact by up to
+/// their amount (the local quota counts them; here each undo would have to
+/// know which give-backs came from older reservations: counting them all
+/// would keep back the give-backs of waiting reservations — left as is). A marker without
+/// the record (made by an older version) gives the whole cost back.
+///
+/// KEYS: the cells, then the marker. ARGV[1]: how long a `cancelled` marker
+/// lives (ms); then per cell: µs per unit, units to give back.
 pub(crate) static UNDO: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -99,17 +121,26 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local n = #KEYS - 1
 local mark = KEYS[n + 1]
 local state = redis.call('GET', mark)
-if state == 'reserved' then
+if state and string.sub(state, 1, 8) == 'reserved' then
+  local rec = {}
+  for w in string.gmatch(state, '%S+') do rec[#rec + 1] = w end
   for i = 1, n do
     local per = tonumber(ARGV[i * 2])
     local units = tonumber(ARGV[i * 2 + 1])
     local cur = redis.call('GET', KEYS[i])
     if cur then
-      local new = tonumber(cur) - units * per
-      if new > now then
-        redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
-      else
-        redis.call('DEL', KEYS[i])
+      local back = units * per
+      local after = tonumber(rec[i + 1])
+      if after then
+        back = math.min(back, math.max(0, after - now))
+      end
+      if back > 0 then
+        local new = tonumber(cur) - back
+        if new > now then
+          redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+        else
+          redis.call('DEL', KEYS[i])
+        end
       end
     end
   end
@@ -235,3 +266,121 @@ return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 ",
     )
 });
+
+#[cfg(test)]
+mod tests {
+    //! The scripts against a throwaway `redis-server`: a give-back never
+    //! leaves a cell emptier than it would be had the reservation never been
+    //! made (the fault of an undo that gave the whole cost back), and gives
+    //! a reservation still waiting for its start back whole.
+    use super::*;
+    use crate::test_redis_server as redis_server;
+    use redis::aio::MultiplexedConnection;
+
+    const CELL: &str = "t:{undo}:cell";
+    /// 10 units a second (100,000 µs each), a burst of 5.
+    const PER: i64 = 100_000;
+
+    async fn now_us(conn: &mut MultiplexedConnection) -> i64 {
+        let (s, us): (i64, i64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+        s * 1_000_000 + us
+    }
+
+    async fn tat(conn: &mut MultiplexedConnection) -> i64 {
+        let v: Option<String> = redis::cmd("GET").arg(CELL).query_async(conn).await.unwrap();
+        v.map_or(0, |v| v.parse().unwrap())
+    }
+
+    /// One unit, at once (the burst is 5) or after `wait_us`.
+    async fn reserve(conn: &mut MultiplexedConnection, marker: &str) -> i64 {
+        let (ok, wait): (i64, i64) = RESERVE
+            .key(CELL)
+            .key(marker)
+            .arg("1e18")
+            .arg(10_000)
+            .arg(PER)
+            .arg(5)
+            .arg(1)
+            .arg("1e18")
+            .invoke_async(conn)
+            .await
+            .unwrap();
+        assert_eq!(ok, 1, "{marker}: reserved");
+        wait
+    }
+
+    async fn undo(conn: &mut MultiplexedConnection, marker: &str) {
+        let _: i64 = UNDO
+            .key(CELL)
+            .key(marker)
+            .arg(10_000)
+            .arg(PER)
+            .arg(1)
+            .invoke_async(conn)
+            .await
+            .unwrap();
+    }
+
+    /// X finds the cell full; Y comes 30 ms later; X is given back. Had X
+    /// never come, the cell would hold only Y (`tat = t_Y + 100 ms`): it
+    /// must not be emptier than that. Giving the whole cost back left it
+    /// 30 ms emptier (the refill of the time the cell was full given twice).
+    #[tokio::test]
+    async fn a_give_back_never_leaves_the_cell_emptier_than_without_the_reservation() {
+        let Some(server) = redis_server::RedisServer::start() else {
+            return;
+        };
+        let mut conn = server
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        reserve(&mut conn, "t:{undo}:x").await;
+        let after_x = tat(&mut conn).await;
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        // Redis's clock before Y: Y came at or after it.
+        let t_y = now_us(&mut conn).await;
+        reserve(&mut conn, "t:{undo}:y").await;
+        undo(&mut conn, "t:{undo}:x").await;
+        let cell = tat(&mut conn).await;
+        assert!(
+            cell >= t_y + PER && cell <= now_us(&mut conn).await + PER,
+            "after X's give-back: cell {cell}, Y alone at least {}",
+            t_y + PER
+        );
+        assert!(
+            cell > after_x,
+            "X found the cell full: not all of it is owed back"
+        );
+        // Given back once: a second undo moves nothing.
+        undo(&mut conn, "t:{undo}:x").await;
+        assert_eq!(tat(&mut conn).await, cell);
+    }
+
+    /// Reservations waiting for their start (the burst spent), given back
+    /// in any order, are given back whole: the cell returns to where it was
+    /// before them.
+    #[tokio::test]
+    async fn waiting_reservations_are_given_back_whole_in_any_order() {
+        let Some(server) = redis_server::RedisServer::start() else {
+            return;
+        };
+        let mut conn = server
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        for i in 0..5 {
+            reserve(&mut conn, &format!("t:{{undo}}:burst{i}")).await;
+        }
+        let before = tat(&mut conn).await;
+        let markers: Vec<String> = (0..4).map(|i| format!("t:{{undo}}:w{i}")).collect();
+        for m in &markers {
+            assert!(reserve(&mut conn, m).await > 0, "{m} waits");
+        }
+        for m in [&markers[3], &markers[0], &markers[2], &markers[1]] {
+            undo(&mut conn, m).await;
+        }
+        assert_eq!(tat(&mut conn).await, before, "all four back");
+    }
+}
