@@ -131,6 +131,7 @@ mod striped;
 /// The throwaway `redis-server` of the integration tests, for the scripts'
 /// unit tests.
 #[cfg(all(test, feature = "redis"))]
+#[allow(unreachable_pub)]
 #[path = "../tests/support/redis_server.rs"]
 mod test_redis_server;
 
