@@ -153,7 +153,7 @@ impl RateLimit {
     #[inline]
     pub fn try_take_n(&self, n: u32) -> Result<(), Rejected> {
         match self.shared.cell.take(n, Instant::now()) {
-            Ok(_) => Ok(()),
+            Ok(()) => Ok(()),
             Err(wait) => Err(self.refused(n, wait)),
         }
     }

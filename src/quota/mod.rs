@@ -11,9 +11,16 @@
 //!   key's check; the seed is random per map, so a client cannot tell which
 //!   keys collide.
 //! - An optional **global** limit sits beside the keyed ones: a call must pass
-//!   both, and a call refused by one consumes nothing from the other. governor
-//!   cannot give a token back, so the global cell is our own small GCRA that can:
-//!   it is taken first and returned if the keyed check refuses.
+//!   both. The global cell is our own small GCRA with a look that takes
+//!   nothing (governor has none): it is looked at first, then the key's plan
+//!   is taken, then the global cell — so a call refused by the global limit
+//!   or by its key consumes nothing from the global limit, and one refused by
+//!   the global limit's look consumes nothing from its key. Never taking and
+//!   giving back is deliberate: a give-back cannot know how much refill a
+//!   cell it found full lost meanwhile, so it gives back too much or keeps
+//!   too much. The one cost: a call whose global room another call took in
+//!   the instant between its look and its take is refused by the global
+//!   limit with its key's units spent.
 //! - **Weighted cost** (`cost(&Req)`): a cost that can never fit a burst is a
 //!   clear `QuotaExceeded` without `retry_after`, not an endless wait.
 //! - Refusals are [`RejectKind::QuotaExceeded`](crate::RejectKind::QuotaExceeded)
@@ -434,7 +441,9 @@ impl QuotaBuilder {
         self
     }
 
-    /// A limit for all keys together (e.g. 1000/min per endpoint).
+    /// A limit for all keys together (e.g. 1000/min per endpoint): a call
+    /// passes both it and its key's plan (see the [module docs](self) for
+    /// the order they are checked in).
     pub fn global(mut self, rate: Rate) -> Self {
         self.global = Some(rate);
         self

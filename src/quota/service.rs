@@ -254,7 +254,18 @@ impl<K: Hash + Eq + Clone> Shared<K> {
         r
     }
 
-    /// Takes `cost` from the global limit and `key`'s plan, or neither.
+    /// Takes `cost` from `key`'s plan and the global limit, or refuses.
+    ///
+    /// The global limit is looked at first, taking nothing (a call it refuses
+    /// touches no key), then the key's plan is taken, then the global limit.
+    /// No global unit is ever taken and given back: a give-back cannot know
+    /// how much of the refill a cell it found full has lost since, so it
+    /// either gives back too much (more admitted than the limit) or keeps
+    /// units under contention (the limit starved by refused calls). The cost
+    /// of this order: a call whose global room another call took between the
+    /// look and the take is refused by the global limit with its key's units
+    /// spent (a race of a few hundred nanoseconds, only at the global
+    /// limit's edge).
     #[inline]
     pub(crate) fn check(&self, key: &K, plan_id: PlanId, cost: u32) -> Result<(), Refusal> {
         let Some(n) = NonZeroU32::new(cost) else {
@@ -264,13 +275,18 @@ impl<K: Hash + Eq + Clone> Shared<K> {
         if cost > plan.rate.burst {
             return Err(self.never(plan, cost));
         }
-        let taken = match &self.global {
-            Some((policy, cell)) => match cell.take_undoable(cost, Instant::now()) {
-                Ok(taken) => Some(taken),
-                // Above the global burst: no wait makes it fit.
-                Err(_) if !cell.fits(cost) => return Err(self.never_global(policy, cost)),
-                Err(wait) => return Err(Refusal::Wait(wait, true)),
-            },
+        let now = match &self.global {
+            Some((policy, cell)) => {
+                let now = Instant::now();
+                if let Err(wait) = cell.look(cost, now) {
+                    // Above the global burst: no wait makes it fit.
+                    if !cell.fits(cost) {
+                        return Err(self.never_global(policy, cost));
+                    }
+                    return Err(Refusal::Wait(wait, true));
+                }
+                Some(now)
+            }
             None => None,
         };
         // `check_key` is governor's cheaper path for the common cost of 1.
@@ -279,17 +295,21 @@ impl<K: Hash + Eq + Clone> Shared<K> {
         } else {
             plan.limiter.check_key_n(key, n)
         };
-        let refused = match checked {
-            Ok(Ok(())) => return Ok(()),
+        match checked {
+            Ok(Ok(())) => {}
             Ok(Err(not_until)) => {
-                Refusal::Wait(not_until.wait_time_from(plan.limiter.clock().now()), false)
+                return Err(Refusal::Wait(
+                    not_until.wait_time_from(plan.limiter.clock().now()),
+                    false,
+                ))
             }
-            Err(_insufficient) => self.never(plan, cost),
-        };
-        if let (Some((_, cell)), Some(taken)) = (&self.global, taken) {
-            cell.give_back(taken, Instant::now);
+            Err(_insufficient) => return Err(self.never(plan, cost)),
         }
-        Err(refused)
+        if let (Some((_, cell)), Some(now)) = (&self.global, now) {
+            cell.take(cost, now)
+                .map_err(|wait| Refusal::Wait(wait, true))?;
+        }
+        Ok(())
     }
 
     /// A cost above the global limit's burst: refused without `retry_after`.

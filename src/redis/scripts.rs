@@ -98,18 +98,21 @@ pub(crate) static MARKER: LazyLock<Script> = LazyLock::new(|| {
 /// nothing moves. Idempotent.
 ///
 /// What goes back to a cell is `min(cost, after − now)`, with `after` the
-/// cell's `tat` right after the reservation (recorded in the marker): a
+/// cell's `tat` right after the reservation (recorded in the marker). A
 /// reservation that found the cell full started from `now`, not from the
-/// cell's `tat`, and giving its whole cost back would also give back the
-/// refill of the time the cell has stayed full since (the local quota's
-/// give-back, `quota::cell::Cell::give_back`, explains the rule). A
-/// reservation still waiting for its start is given back whole. When other
-/// give-backs of older reservations came between this reservation and its
-/// undo, the cell can end up emptier (more permissive) than exact by up to
-/// their amount (the local quota counts them; here each undo would have to
-/// know which give-backs came from older reservations: counting them all
-/// would keep back the give-backs of waiting reservations — left as is). A marker without
-/// the record (made by an older version) gives the whole cost back.
+/// cell's `tat`; giving its whole cost back would also give back the refill
+/// of the time the cell has stayed full since. GCRA (ITU-T I.371) moves a
+/// cell by `tat ← max(tat, tᵢ) + cᵢ`, so after later reservations the cell
+/// holds `min(cost, minᵢ max(0, tatᵢ − tᵢ))` more than it would without
+/// this one; with no give-back between, every `tatᵢ ≥ after` and `tᵢ ≤ now`,
+/// and `min(cost, after − now)` is owed. A reservation still waiting for its
+/// start is given back whole (`after ≥ now + burst`). When a give-back of an
+/// older reservation came between this reservation and its undo, the cell
+/// can end up emptier (more permissive) than exact by up to that give-back
+/// (telling older from newer give-backs would need a log per cell; counting
+/// them all would keep back the give-backs of waiting reservations — left
+/// as is). A marker without the record (made by an older version) gives the
+/// whole cost back.
 ///
 /// KEYS: the cells, then the marker. ARGV[1]: how long a `cancelled` marker
 /// lives (ms); then per cell: µs per unit, units to give back.

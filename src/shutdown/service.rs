@@ -295,23 +295,15 @@ where
         // (so `in_flight` never counts a call that came after a trigger it
         // could see). Otherwise count first, then look again: a call that
         // slips past a concurrent trigger is counted, and the drain waits for
-        // it (or it sees the trigger now and takes its count back).
+        // it (or it sees the trigger now and takes its count back). The
+        // refusals are built out of line: the admitted path stays small
+        // enough for callers to inline.
         if self.shared.triggered.load(Ordering::Acquire) {
-            return ResponseFuture {
-                state: State::Rejected {
-                    rejected: Some(self.shared.refuse_triggered(false)),
-                },
-                _hold: PhantomData,
-            };
+            return ResponseFuture::refused(&self.shared, false);
         }
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
         if self.shared.triggered.load(Ordering::SeqCst) {
-            return ResponseFuture {
-                state: State::Rejected {
-                    rejected: Some(self.shared.refuse_triggered(true)),
-                },
-                _hold: PhantomData,
-            };
+            return ResponseFuture::refused(&self.shared, true);
         }
         let in_flight = InFlight {
             shared: self.shared.clone(),
@@ -348,6 +340,21 @@ enum State<F> {
     Rejected {
         rejected: Option<Box<Rejected>>,
     },
+}
+
+impl<F, R> ResponseFuture<F, R> {
+    /// The answer to a call after the trigger (`counted`: see
+    /// [`Shared::refuse_triggered`]).
+    #[cold]
+    #[inline(never)]
+    fn refused(shared: &Shared, counted: bool) -> Self {
+        ResponseFuture {
+            state: State::Rejected {
+                rejected: Some(shared.refuse_triggered(counted)),
+            },
+            _hold: PhantomData,
+        }
+    }
 }
 
 impl<F, R> fmt::Debug for ResponseFuture<F, R> {
