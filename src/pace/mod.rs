@@ -29,7 +29,13 @@
 //!   whole burst can never fit: refused at once too, without `retry_after`.
 //! - **Reconcile**: when the response says what the call really cost (its
 //!   `usage`: input, cached input, output), the estimate is replaced on every
-//!   dimension — refund or debt.
+//!   dimension — refund or debt. A refund moves the cell back by the
+//!   difference: exact while the cell has stayed busy since the call was
+//!   sent; when it ran full in between (the refill of that time was lost
+//!   whatever the call cost), the refund can leave up to the difference more
+//!   room than a replay with the real cost would. Exactness would need each
+//!   call's history; the Redis budget's undo and the quota's global check
+//!   (which never gives back) say more.
 //! - **Learn from the upstream**: a `Throttled` result pauses every dispatch until
 //!   its `retry_after` (one 429 must not become 50) and cuts the rate ×0.75 (not
 //!   below 25 %); each success gives back 2 % — AIMD, as TCP does, because a
