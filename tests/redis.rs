@@ -303,11 +303,7 @@ async fn script_flush_mid_run_reaches_no_caller() {
     .build()
     .unwrap();
     let sem = Semaphore::builder(&redis, "flush", 10).build().unwrap();
-    let mut raw = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut raw = server.connection().await;
     for i in 0..200 {
         if i % 50 == 25 {
             let _: () = redis::cmd("SCRIPT")
@@ -455,14 +451,6 @@ async fn reservations_wait_in_order_and_refunds_free_capacity() {
 
 /// A raw connection to the test's server, for what the scenario does behind
 /// semaforo's back (pausing Redis, deleting a key, reading a cell).
-async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
-    server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("a raw connection")
-}
-
 /// Keeps Redis busy (nothing else runs) for ARGV[1] µs.
 const SPIN_LUA: &str = r"
 local t = redis.call('TIME')
@@ -524,7 +512,7 @@ async fn a_call_dropped_while_it_waits_gives_its_reservation_back() {
         return;
     };
     let redis = backend(&server).await;
-    let mut conn = raw(&server).await;
+    let mut conn = server.connection().await;
     let budget = ten_per_second(&redis, "dropped");
     let calls = Arc::new(AtomicU32::new(0));
     let counted = calls.clone();
@@ -568,7 +556,7 @@ async fn an_acquire_that_times_out_or_is_dropped_leaves_no_lease_behind() {
         .connect()
         .await
         .unwrap();
-    let mut conn = raw(&server).await;
+    let mut conn = server.connection().await;
     let sem = Semaphore::builder(&redis, "orphans", 1)
         .lease(Duration::from_secs(30))
         .build()
@@ -619,7 +607,7 @@ async fn a_lease_that_ran_out_is_reported_lost() {
         return;
     };
     let redis = backend(&server).await;
-    let conn = raw(&server).await;
+    let conn = server.connection().await;
     let sem = Semaphore::builder(&redis, "lost", 1)
         .lease(Duration::from_millis(300))
         .build()
@@ -702,7 +690,7 @@ async fn a_call_dropped_while_its_service_is_not_ready_gives_its_reservation_bac
         return;
     };
     let redis = backend(&server).await;
-    let mut conn = raw(&server).await;
+    let mut conn = server.connection().await;
     let budget = ten_per_second(&redis, "unready");
     // A service ready once (when the caller checks), then never again (an
     // inner limit that filled up meanwhile).
@@ -752,7 +740,7 @@ async fn a_shutdown_releases_callers_waiting_on_redis() {
         return;
     };
     let redis = backend(&server).await;
-    let mut conn = raw(&server).await;
+    let mut conn = server.connection().await;
     let shutdown = semaforo::shutdown::Shutdown::new();
     let budget = ten_per_second(&redis, "closed");
     let sem = Semaphore::builder(&redis, "closed", 1)
@@ -950,7 +938,7 @@ async fn fleet_through_a_state_loss(loss: Loss) {
     tokio::time::sleep_until((t0 + Duration::from_secs(2)).into()).await;
     match loss {
         Loss::FlushAll => {
-            let mut conn = raw(&server).await;
+            let mut conn = server.connection().await;
             let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
         }
         Loss::KillAndRestartEmpty => server.restart(),
@@ -1089,14 +1077,14 @@ async fn scripts_of_callers_who_gave_up_take_nothing_when_redis_resumes() {
     // The budget's whole burst of 10 is there again, and the 3 slots.
     loop {
         let cell: Option<i64> = {
-            let mut conn = raw(&server).await;
+            let mut conn = server.connection().await;
             redis::cmd("GET")
                 .arg("semaforo:budget:{late}:requests-per-10000000us")
                 .query_async(&mut conn)
                 .await
                 .unwrap()
         };
-        let mut conn = raw(&server).await;
+        let mut conn = server.connection().await;
         let now = redis_now_us(&mut conn).await;
         let holders = sem.holders().await.unwrap_or(u64::MAX);
         if cell.is_none_or(|tat| tat <= now) && holders == 0 {
@@ -1130,11 +1118,7 @@ async fn the_reserve_script_follows_its_documented_calling_convention() {
     let Some((_turn, server)) = setup().await else {
         return;
     };
-    let mut conn = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = server.connection().await;
     let script = redis::Script::new(semaforo::redis::RESERVE_LUA);
     let call = |marker: &'static str| {
         let mut inv = script.prepare_invoke();

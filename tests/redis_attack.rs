@@ -29,14 +29,6 @@ async fn setup() -> Option<(tokio::sync::MutexGuard<'static, ()>, RedisServer)> 
     RedisServer::start().map(|server| (turn, server))
 }
 
-async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
-    server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("a raw connection")
-}
-
 async fn redis_now_us(conn: &mut redis::aio::MultiplexedConnection) -> i64 {
     let (s, us): (i64, i64) = redis::cmd("TIME").query_async(conn).await.unwrap();
     s * 1_000_000 + us
@@ -95,7 +87,7 @@ async fn was_fault_a_refund_retried_after_a_timeout_is_applied_several_times() {
         .unwrap();
     let budget = one_per_second(&redis, "double");
     let cell = "semaforo:budget:{double}:requests-per-1000000us";
-    let mut conn = raw(&server).await;
+    let mut conn = server.connection().await;
     let (svc, calls) = counting_svc(&budget);
     svc.clone().oneshot(()).await.unwrap();
     // Load every script once (in production they are: refunds are common),
@@ -178,7 +170,7 @@ async fn refunds_are_tried_until_the_reservations_would_run_out() {
     // The refunds land once the breaker lets a call through again (its
     // open time may have grown with a probe sent into the pause), well
     // before the reservations would have run out (10 s).
-    let mut conn = raw(&server).await;
+    let mut conn = server.connection().await;
     let back = Instant::now();
     let blocked = loop {
         let now = redis_now_us(&mut conn).await;
@@ -272,7 +264,7 @@ async fn a_state_loss_lets_a_semaphore_double_until_the_next_renewal() {
         .map(|_| tokio::spawn(svc.clone().oneshot(())))
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut conn = raw(&server).await;
+    let mut conn = server.connection().await;
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
     let second: Vec<_> = (0..5)
         .map(|_| tokio::spawn(svc.clone().oneshot(())))
@@ -382,7 +374,7 @@ async fn a_partial_state_loss_is_seen_by_the_markers() {
     .build()
     .unwrap();
     let cell = "semaforo:budget:{lag}:requests-per-1000000us";
-    let mut conn = raw(&server).await;
+    let mut conn = server.connection().await;
     // The generation exists long before (the replica has it).
     budget.reserve(None, &Cost::requests(1)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -649,7 +641,7 @@ async fn hundreds_of_callers_dropped_at_random_moments() {
     // Everything dropped has been given back: within a second the budget
     // is full (no reservation held for nobody).
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let mut conn = raw(&server).await;
+    let mut conn = server.connection().await;
     let now = redis_now_us(&mut conn).await;
     let tat = get_i64(&mut conn, "semaforo:budget:{random}:requests-per-1000000us").await;
     assert!(
@@ -672,7 +664,7 @@ async fn a_keyed_refund_for_a_flushed_state_moves_nothing() {
         .layer()
         .key(|k: &String| Some(k.clone()))
         .layer(service_fn(|_: String| async { Ok::<_, BoxError>(()) }));
-    let mut conn = raw(&server).await;
+    let mut conn = server.connection().await;
     svc.clone().oneshot("u1".into()).await.unwrap();
     let waiters: Vec<_> = (0..3)
         .map(|_| tokio::spawn(svc.clone().oneshot("u1".into())))
@@ -723,7 +715,7 @@ async fn marker_keys_per_reservation() {
     for _ in 0..2_000 {
         budget.reserve(None, &Cost::requests(1)).await.unwrap();
     }
-    let mut conn = raw(&server).await;
+    let mut conn = server.connection().await;
     let n: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
     let ttl: i64 = {
         let keys: Vec<String> = redis::cmd("KEYS")

@@ -161,11 +161,7 @@ async fn a_remade_reservation_counts_max_wait_from_arrival() {
     svc.clone().oneshot(()).await.unwrap(); // A: the burst
     let b = tokio::spawn(svc.clone().oneshot(())); // B: 4 s in line
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut conn = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = server.connection().await;
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
     // The new state: C at once, D 4 s later (its start at ~5 s).
     svc.clone().oneshot(()).await.unwrap();

@@ -284,6 +284,13 @@ mod tests {
     /// 10 units a second (100,000 µs each), a burst of 5.
     const PER: i64 = 100_000;
 
+    /// A throwaway server and a connection to it (`None`: skipped).
+    async fn start() -> Option<(redis_server::RedisServer, MultiplexedConnection)> {
+        let server = redis_server::RedisServer::start()?;
+        let conn = server.connection().await;
+        Some((server, conn))
+    }
+
     async fn now_us(conn: &mut MultiplexedConnection) -> i64 {
         let (s, us): (i64, i64) = redis::cmd("TIME").query_async(conn).await.unwrap();
         s * 1_000_000 + us
@@ -330,14 +337,9 @@ mod tests {
     /// 30 ms emptier (the refill of the time the cell was full given twice).
     #[tokio::test]
     async fn a_give_back_never_leaves_the_cell_emptier_than_without_the_reservation() {
-        let Some(server) = redis_server::RedisServer::start() else {
+        let Some((_server, mut conn)) = start().await else {
             return;
         };
-        let mut conn = server
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
         reserve(&mut conn, "t:{undo}:x").await;
         let after_x = tat(&mut conn).await;
         tokio::time::sleep(std::time::Duration::from_millis(30)).await;
@@ -365,14 +367,9 @@ mod tests {
     /// before them.
     #[tokio::test]
     async fn waiting_reservations_are_given_back_whole_in_any_order() {
-        let Some(server) = redis_server::RedisServer::start() else {
+        let Some((_server, mut conn)) = start().await else {
             return;
         };
-        let mut conn = server
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
         for i in 0..5 {
             reserve(&mut conn, &format!("t:{{undo}}:burst{i}")).await;
         }

@@ -143,6 +143,14 @@ impl RedisServer {
     pub fn client(&self) -> redis::Client {
         redis::Client::open(self.url.as_str()).expect("a valid url")
     }
+
+    /// A raw multiplexed connection (for reading and writing keys directly).
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("a raw connection")
+    }
 }
 
 fn rand_suffix() -> u64 {
