@@ -92,6 +92,31 @@ async fn a_success_is_not_recorded() {
     assert!(res.extensions().is_empty(), "nothing allocated on success");
 }
 
+/// A success the body-reading classifier had to scan for an `error` key is
+/// scanned once when the response already carries extensions (as the LLM
+/// preset's do): the layers outside read its record.
+#[tokio::test(start_paused = true)]
+async fn a_scanned_success_is_carried_when_extensions_are_there() {
+    let counting = Counting::default();
+    let retry = Retry::builder().max_attempts(3).build().unwrap();
+    let breaker = Breaker::builder().consecutive_failures(1).build().unwrap();
+    let pace = Pace::builder().requests_per_minute(6_000).build().unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(retry.layer().classify(counting.clone()))
+        .layer(breaker.layer().classify(counting.clone()))
+        .layer(pace.layer().classify(counting.clone()))
+        .service(service_fn(|_req: http::Request<Bytes>| async {
+            let mut res = http::Response::new(Bytes::from_static(br#"{"error":null,"id":"1"}"#));
+            res.extensions_mut().insert(7u8);
+            Ok::<_, BoxError>(res)
+        }));
+    let res = svc.oneshot(http::Request::new(Bytes::new())).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(counting.parsed.load(Ordering::Relaxed), 1);
+    assert_eq!(counting.carried.load(Ordering::Relaxed), 2);
+    assert_eq!(Classified::of(&res), Some(Class::Success));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_different_classifier_outside_classifies_on_its_own() {
     // The pacer's status-only classifier records a 400 as a bad request; the

@@ -80,7 +80,7 @@ impl<B, Err: AsErrorRef> Classify<http::Response<B>, Err> for HttpClassifier {
 
     fn classify_and_carry(&self, result: Result<&mut http::Response<B>, &Err>) -> Class {
         match result {
-            Ok(res) => Classified::carry::<Self, _>(res, |res| {
+            Ok(res) => Classified::carry::<Self, _>(res, false, |res| {
                 self.classify_parts(res.status(), res.headers())
             }),
             Err(e) => classify_error(e.as_error_ref()),
@@ -92,12 +92,15 @@ impl<B, Err: AsErrorRef> Classify<http::Response<B>, Err> for HttpClassifier {
 /// carried outward in its extensions so no layer classifies it again (see
 /// [`Classify`](super::Classify#classified-once)).
 ///
-/// Recorded by the shipped HTTP classifiers for every class but `Success`, and
-/// read back only by a classifier of the same type and for the same status.
-/// An outer layer with a different classifier classifies on its own (and
-/// records its class in place of the inner one); a layer in between that
-/// rewrites the status makes the record stale (it is ignored), and one that
-/// rewrites an error body under the same status should remove it
+/// Recorded by the shipped HTTP classifiers for every class but `Success`
+/// ([`LlmClassifier`](super::LlmClassifier) records a `Success` too when the
+/// response already carries extensions: it scans the body to know it), and
+/// read back only by a classifier of the
+/// same type and for the same status. An outer layer with a different
+/// classifier classifies on its own (and records its class in place of the
+/// inner one); a layer in between that rewrites the status makes the record
+/// stale (it is ignored), and one that rewrites a body under the same status
+/// should remove it
 /// (`res.extensions_mut().remove::<Classified>()`). Read it in your own code
 /// with [`Classified::of`].
 ///
@@ -149,17 +152,21 @@ impl Classified {
     }
 
     /// The class recorded by `C`, or `classify(res)` recorded for the layers
-    /// outside when it is a failure.
+    /// outside when it is a failure — or a success too, with
+    /// `record_success` (a classifier whose success costs more than a status
+    /// check: [`LlmClassifier`](super::LlmClassifier) scans the body) when
+    /// the response already carries extensions (no map is allocated for it).
     #[inline]
     pub(crate) fn carry<C: 'static, B>(
         res: &mut http::Response<B>,
+        record_success: bool,
         classify: impl FnOnce(&http::Response<B>) -> Class,
     ) -> Class {
         if let Some(class) = Self::read::<C, B>(res) {
             return class;
         }
         let class = classify(res);
-        if !class.is_success() {
+        if !class.is_success() || (record_success && !res.extensions().is_empty()) {
             let status = res.status();
             res.extensions_mut().insert(Classified {
                 class,

@@ -324,7 +324,7 @@ impl<B, Err: AsErrorRef> Classify<http::Response<B>, Err> for LlmHeadClassifier 
 
     fn classify_and_carry(&self, result: Result<&mut http::Response<B>, &Err>) -> Class {
         match result {
-            Ok(res) => Classified::carry::<Self, _>(res, head),
+            Ok(res) => Classified::carry::<Self, _>(res, false, head),
             Err(e) => classify_error(e.as_error_ref()),
         }
     }
@@ -345,7 +345,7 @@ impl<B: AsRef<[u8]>, Err: AsErrorRef> Classify<http::Response<B>, Err> for LlmCl
 
     fn classify_and_carry(&self, result: Result<&mut http::Response<B>, &Err>) -> Class {
         match result {
-            Ok(res) => Classified::carry::<Self, _>(res, |res| self.whole(res)),
+            Ok(res) => Classified::carry::<Self, _>(res, true, |res| self.whole(res)),
             Err(e) => classify_error(e.as_error_ref()),
         }
     }

@@ -241,9 +241,14 @@ impl Class {
 /// failure's class in the response's extensions as [`Classified`], and read
 /// it back instead of classifying again: in a stack of retry, breaker and
 /// pacer, an error body is parsed once, by the innermost layer, whatever the
-/// number of layers that read its class. A success is not recorded (its
-/// class costs a status check; recording it would allocate on the healthy
-/// path). An `Err` is classified by its type (a `source()` walk, no parsing)
+/// number of layers that read its class. [`HttpClassifier`] and
+/// [`LlmHeadClassifier`] do not record a success (its class costs a status
+/// check; recording it would allocate on the healthy path);
+/// [`LlmClassifier`] does when the response already carries extensions (the
+/// LLM preset's always do), since a 2xx is a success only once its body has
+/// been scanned for a top-level `error` — one boxed record in a map that is
+/// already there, where every layer would otherwise scan the body again. An
+/// `Err` is classified by its type (a `source()` walk, no parsing)
 /// wherever it is read. A classifier of your own can do the same for its
 /// response type by overriding `classify_and_carry`.
 pub trait Classify<Res, Err> {
