@@ -487,7 +487,8 @@ pub fn classify_error(err: &(dyn StdError + 'static)) -> Class {
     Class::Transient
 }
 
-fn classify_rejected(r: &Rejected) -> Class {
+/// The class of one of our own refusals (see [`classify_error`]).
+pub(crate) fn classify_rejected(r: &Rejected) -> Class {
     let retry_after = r.retry_after();
     match r.kind() {
         RejectKind::Timeout => Class::Transient,

@@ -18,7 +18,10 @@
 //! deployment that would take the call, however much later; when every one
 //! would refuse, the soonest is tried and its refusal fails over as usual.
 //! A deployment's own `Retry-After`, once it answered one in this call, is
-//! part of its start.
+//! part of its start — so is the `retry_after` of a refusal by its own
+//! layers (a quota or rate limit inside it, its breaker open): it is not
+//! asked again before then, and a wait past the deadline is not slept (the
+//! refusal comes back at once).
 //!
 //! The router **owns the attempt loop** (a deployment must not retry by
 //! itself): a result classified `Overloaded`, `Transient` or

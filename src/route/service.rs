@@ -1370,16 +1370,25 @@ fn hold(held: &mut Option<Box<[Option<Instant>]>>, n: usize, i: usize, class: &C
     }
 }
 
-/// The class of an attempt's result: a deployment's own refusal (its
-/// breaker, its budget) is `Transient` — another may take the call.
+/// The class of an attempt's result. A deployment's own refusal (its
+/// breaker, a quota or rate limit inside it) keeps its class and its
+/// `retry_after` ([`classify_rejected`](crate::classify::classify_rejected):
+/// the deployment is not asked again before then), except a `Permanent` one
+/// (a cost above its burst, its shutdown, its retry budget), which is
+/// `Transient`: another deployment may take the call.
 fn classify_result<R, C: Classify<R, BoxError>>(
     classify: &C,
     result: &Result<R, BoxError>,
 ) -> Class {
     match result {
         Ok(res) => classify.classify(Ok(res)),
-        Err(e) if Rejected::find(e.as_ref()).is_some() => Class::Transient,
-        Err(e) => classify.classify(Err(e)),
+        Err(e) => match Rejected::find(e.as_ref()) {
+            Some(r) => match crate::classify::classify_rejected(r) {
+                Class::Permanent { .. } => Class::Transient,
+                class => class,
+            },
+            None => classify.classify(Err(e)),
+        },
     }
 }
 
