@@ -395,7 +395,8 @@ impl KeyedPace {
     /// keeping no pacer ([`Pace::start_for`] on the key's pacer, with the
     /// shared limits): a key without a pacer yet is asked of the pacer its
     /// first call would get (a new one from the template, under the shared
-    /// limits; the overflow pacer when no place is left), no key of the
+    /// limits; the overflow pacer when no place is left, a place that the
+    /// sweep due at that call would free counting as left), no key of the
     /// overflow pacer. `None` when the call would be refused (a cost above
     /// the template's burst included). The pacer's own `max_wait` is not
     /// applied (compare the answer with it).
@@ -449,7 +450,7 @@ impl KeyedPace {
             return overflow();
         };
         if key.len() > MAX_KEY_LEN
-            || self.built().len() >= self.inner.max_keys
+            || (self.built().len() >= self.inner.max_keys && !self.sweep_frees_a_place(now))
             || self.overflow_waits()
         {
             return overflow();
@@ -546,6 +547,17 @@ impl KeyedPace {
 
     /// Whether a sweep of idle keys is due (one a second at most); `take`
     /// records one.
+    /// Whether the next key to be built would find a place: a sweep is due
+    /// and would forget a key ([`pick`](Self::pick)'s rule: a pacer like a
+    /// new one, held by no call). Only asked when every place is taken.
+    fn sweep_frees_a_place(&self, now: tokio::time::Instant) -> bool {
+        self.may_sweep(false)
+            && self
+                .built()
+                .values()
+                .any(|p| Arc::strong_count(&p.shared) == 1 && p.shared.lock().is_idle(now))
+    }
+
     fn may_sweep(&self, take: bool) -> bool {
         let now = tokio::time::Instant::now();
         let mut last = self.inner.swept.lock().unwrap_or_else(|e| e.into_inner());
