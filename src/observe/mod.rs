@@ -203,7 +203,9 @@ pub enum EventKind {
         /// Why this attempt.
         why: RouteReason,
     },
-    /// An adaptive bulkhead limit moved.
+    /// An adaptive bulkhead limit moved. Told in the order the limit moved,
+    /// one at a time (two changes on two threads included): each `from` is
+    /// the `to` before it, and the last `to` told is the limit in force.
     LimitChanged {
         /// The limit before.
         from: u64,
