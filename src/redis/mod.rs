@@ -17,6 +17,13 @@
 //!   until they are full again). A call through the layer that is dropped
 //!   while it waits for its start gives its reservation back (in the
 //!   background), so the next reservation is not held back by it.
+//!   **Not the same:** a budget does not learn from the answers — no pause
+//!   after a 429, no rate cut, no limits read from response headers (a
+//!   local [`Pace`](crate::pace::Pace) does all three). Behind an upstream
+//!   that answers 429s, keep a local `Pace` (or a
+//!   [`Breaker`](crate::breaker::Breaker)) inside the budget's layer: each
+//!   instance then pauses on its own 429s, while the budget keeps the fleet
+//!   within its share.
 //! - **A lease semaphore**: holders sit in a sorted set scored by lease expiry;
 //!   a crashed holder's slot comes back when its lease runs out; a live holder
 //!   renews every third of its lease; a dropped lease is released; an acquire

@@ -189,6 +189,15 @@ impl<S> Deployment<S> {
     /// (learned from the calls admitted from its line, else its
     /// `expected_service_time`, else 1 s) over its limit — so a call goes to
     /// one with a free permit first.
+    ///
+    /// The router does not know a call's priority (the bulkhead layer reads
+    /// it from the request): the line's wait counts every waiter as ahead of
+    /// the call, and a full line counts as refusing it. A call whose
+    /// priority would put it ahead of the waiters — or, under an adaptive
+    /// limit, let it take the place of the last one — can therefore be sent
+    /// to a later deployment. Where priorities matter, give such a
+    /// deployment no bulkhead here (the router then sees it as free, and a
+    /// refusal from its line fails over like any other).
     pub fn bulkhead(mut self, bulkhead: crate::bulkhead::Bulkhead) -> Self {
         self.bulkhead = Some(bulkhead);
         self
