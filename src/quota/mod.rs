@@ -5,38 +5,47 @@
 //! per-user limit of 3 an hour beside a global 1,000/min for an endpoint.
 //!
 //! - A closure reads the key (and its plan) from each request. Each plan is a
-//!   governor keyed limiter; a user whose plan changes is checked against the new
-//!   plan from its next call. Its key map hashes with foldhash (hashbrown's
-//!   default) instead of governor's default SipHash, which was a third of a hot
-//!   key's check; the seed is random per map, so a client cannot tell which
-//!   keys collide.
+//!   set of GCRA cells, one per key (the generic cell rate algorithm, as in
+//!   governor: a key's theoretical arrival time `tat` moves `per / count`
+//!   ahead per unit, and a call is admitted while `tat − now ≤ burst · per /
+//!   count`), held in a sharded concurrent map (`dashmap`); a user whose plan
+//!   changes is checked against the new plan from its next call. The map
+//!   hashes with foldhash (hashbrown's default) instead of SipHash, which
+//!   was a third of a hot key's check; the seed is random per map, so a
+//!   client cannot tell which keys collide. The cells are ours, not
+//!   governor's keyed store: governor cannot look at a key without taking
+//!   from it (see the global limit below).
 //! - An optional **global** limit sits beside the keyed ones: a call must pass
-//!   both. The global cell is our own small GCRA with a look that takes
-//!   nothing (governor has none): it is looked at first, then the key's plan
-//!   is taken, then the global cell — so a call refused by the global limit
-//!   or by its key consumes nothing from the global limit, and one refused by
-//!   the global limit's look consumes nothing from its key. Never taking and
-//!   giving back is deliberate: a give-back cannot know how much refill a
-//!   cell it found full lost meanwhile, so it gives back too much or keeps
-//!   too much. The one cost: a call whose global room another call took in
-//!   the instant between its look and its take is refused by the global
-//!   limit with its key's units spent.
+//!   both. It is looked at first, taking nothing, then the key's plan is
+//!   taken, then the global cell — so a call refused by the global limit or
+//!   by its key consumes nothing from the global limit, and one refused by
+//!   the global limit's look consumes nothing from its key. Its refusal's
+//!   `retry_after` is the longer of the global wait and the key's own
+//!   (looked at, taking nothing), and names the limit that waits longer: a
+//!   caller that comes back then is not refused by its plan instead. Never
+//!   taking and giving back is deliberate: a give-back cannot know how much
+//!   refill a cell it found full lost meanwhile, so it gives back too much
+//!   or keeps too much. The one cost: a call whose global room another call
+//!   took in the instant between its look and its take is refused by the
+//!   global limit with its key's units spent.
 //! - **Weighted cost** (`cost(&Req)`): a cost that can never fit a burst is a
 //!   clear `QuotaExceeded` without `retry_after`, not an endless wait.
 //! - Refusals are [`RejectKind::QuotaExceeded`](crate::RejectKind::QuotaExceeded)
-//!   with the exact `retry_after` governor computes, and the policy, so
+//!   with the exact `retry_after` (to the nanosecond, from the cells'
+//!   arithmetic), and the policy, so
 //!   [`Rejected::http_headers`](crate::Rejected::http_headers) gives `Retry-After`,
 //!   `RateLimit` and `RateLimit-Policy` for a 429 in one line.
-//! - **All time from `tokio::time`**: governor reads a clock we give it, backed by
+//! - **All time from `tokio::time`**: the cells count nanoseconds of
 //!   `tokio::time::Instant`, so tests run a one-hour quota on paused time in
 //!   milliseconds, and a server's quotas follow the same clock as its timeouts.
-//! - **Memory**: governor's keyed state grows with every key ever seen. Keys idle
+//! - **Memory**: a plan's map grows with every key seen. Keys idle
 //!   for longer than their refill period (the time a full burst takes to come
 //!   back) are indistinguishable from new ones; a background thread of the
 //!   quota sweeps them every half of the shortest refill period (at least
 //!   every second, at most every 10 minutes) and after every 65,536 calls of
 //!   a thread, so an idle key is gone 1× to 1.5× its refill period after its
-//!   last call. No request pays for a sweep: a call visits no key but its own
+//!   last call. A call refused on a key not seen leaves no key behind. No
+//!   request pays for a sweep: a call visits no key but its own
 //!   (K = 1). [`Quota::evict_idle`] sweeps at once, on the caller.
 //!   (Where no thread can be started, the 65,536th call sweeps.)
 //!
@@ -79,42 +88,11 @@ pub use service::{QuotaCost, QuotaKey, QuotaLayer, QuotaService, ResponseFuture,
 
 use crate::error::{ConfigError, RateLimitPolicy};
 use crate::observe::{Event, ListenerSlot, Observer};
-use cell::Cell;
-use governor::clock::Clock;
-use governor::middleware::NoOpMiddleware;
-use governor::nanos::Nanos;
-use governor::state::keyed::DefaultKeyedStateStore;
-use governor::RateLimiter;
+use cell::{Cell, KeyedCells};
 use std::hash::Hash;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// governor's clock, read from `tokio::time` (pausable in tests), as
-/// nanoseconds since the clock was made: governor's own arithmetic on them is
-/// plain `u64` math (on `std::time::Instant` it costs a few ns per check).
-///
-/// Internal: governor is a 0.x crate and stays out of the public API.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct TokioClock {
-    epoch: tokio::time::Instant,
-}
-
-impl TokioClock {
-    /// A clock starting now (on tokio's clock, paused or not).
-    pub(crate) fn new() -> Self {
-        TokioClock {
-            epoch: tokio::time::Instant::now(),
-        }
-    }
-}
-
-impl Default for TokioClock {
-    fn default() -> Self {
-        TokioClock::new()
-    }
-}
 
 thread_local! {
     /// The instant a background sweep evaluates idleness at (the tokio time of
@@ -123,27 +101,6 @@ thread_local! {
     static SWEEP_NOW: std::cell::Cell<Option<tokio::time::Instant>> =
         const { std::cell::Cell::new(None) };
 }
-
-impl Clock for TokioClock {
-    type Instant = Nanos;
-
-    #[inline]
-    fn now(&self) -> Nanos {
-        let now = SWEEP_NOW
-            .with(std::cell::Cell::get)
-            .unwrap_or_else(tokio::time::Instant::now);
-        Nanos::from(now.saturating_duration_since(self.epoch))
-    }
-}
-
-/// governor's keyed store (a `DashMap`) with our hasher (see `crate::hashing`):
-/// SipHash was a third of a hot key's check.
-type Limiter<K> = RateLimiter<
-    K,
-    DefaultKeyedStateStore<K, crate::hashing::RandomState>,
-    TokioClock,
-    NoOpMiddleware<Nanos>,
->;
 
 /// A rate: `count` per `per`, with a burst (default `count`).
 ///
@@ -219,7 +176,7 @@ impl Rate {
         // The GCRA counts in u64 nanoseconds (about 584 years): a refill
         // period per unit, and a burst's worth of them, must fit.
         let unit = self.per / self.count;
-        // Kept in whole nanoseconds (here and in governor): a unit rounded
+        // Kept in whole nanoseconds: a unit rounded
         // down by more than 1 % would admit more than 1 % over the rate.
         let exact = self.per.as_nanos() as f64 / f64::from(self.count);
         if unit.is_zero() || (exact - unit.as_nanos() as f64) / exact > 0.01 {
@@ -248,11 +205,6 @@ impl Rate {
         }
         Ok(())
     }
-
-    fn governor(&self) -> Option<governor::Quota> {
-        let quota = governor::Quota::with_period(self.per / self.count)?;
-        Some(quota.allow_burst(NonZeroU32::new(self.burst)?))
-    }
 }
 
 /// The longest refill of a full burst a [`Rate`] may have.
@@ -271,7 +223,7 @@ pub(crate) struct Plan<K: Hash + Eq + Clone> {
     pub(crate) name: Arc<str>,
     pub(crate) rate: Rate,
     pub(crate) policy: Arc<RateLimitPolicy>,
-    pub(crate) limiter: Limiter<K>,
+    pub(crate) cells: KeyedCells<K>,
 }
 
 pub(crate) struct Shared<K: Hash + Eq + Clone> {
@@ -320,9 +272,11 @@ impl<K: Hash + Eq + Clone> Shared<K> {
         if self.sweeping.swap(true, Ordering::Acquire) {
             return;
         }
+        let now = SWEEP_NOW
+            .with(std::cell::Cell::get)
+            .unwrap_or_else(tokio::time::Instant::now);
         for p in &self.plans {
-            p.limiter.retain_recent();
-            p.limiter.shrink_to_fit();
+            p.cells.retain_recent(now);
         }
         self.sweeps.fetch_add(1, Ordering::Relaxed);
         self.sweeping.store(false, Ordering::Release);
@@ -485,7 +439,7 @@ impl QuotaBuilder {
             ));
         }
         let mut plans = Vec::with_capacity(self.plans.len());
-        let clock = TokioClock::new();
+        let epoch = tokio::time::Instant::now();
         for (name, rate) in self.plans {
             rate.validate("plan")?;
             if plans.iter().any(|p: &Plan<K>| p.name == name) {
@@ -495,9 +449,6 @@ impl QuotaBuilder {
                     format!("plan '{name}' is defined twice"),
                 ));
             }
-            let quota = rate.governor().ok_or_else(|| {
-                ConfigError::new("quota", "plan", format!("plan '{name}' rate is too fine"))
-            })?;
             plans.push(Plan {
                 policy: Arc::new(RateLimitPolicy {
                     name: name.clone(),
@@ -506,11 +457,7 @@ impl QuotaBuilder {
                 }),
                 name,
                 rate,
-                limiter: RateLimiter::dashmap_with_clock_and_hasher(
-                    quota,
-                    clock,
-                    Default::default(),
-                ),
+                cells: KeyedCells::new(rate, epoch),
             });
         }
         let global = match self.global {
@@ -630,12 +577,7 @@ impl<K: Hash + Eq + Clone> Quota<K> {
     pub fn snapshot(&self) -> QuotaSnapshot {
         let rejected = self.shared.rejected.load(Ordering::Relaxed);
         QuotaSnapshot {
-            keys: self
-                .shared
-                .plans
-                .iter()
-                .map(|p| p.limiter.len() as u64)
-                .sum(),
+            keys: self.shared.plans.iter().map(|p| p.cells.len() as u64).sum(),
             admitted: self
                 .shared
                 .calls

@@ -2,12 +2,10 @@ use super::wait::Turn;
 use super::{PlanId, Shared};
 use crate::error::{BoxError, RejectKind, Rejected};
 use crate::observe::EventKind;
-use governor::clock::Clock;
 use pin_project::pin_project;
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
-use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -257,59 +255,78 @@ impl<K: Hash + Eq + Clone> Shared<K> {
     /// Takes `cost` from `key`'s plan and the global limit, or refuses.
     ///
     /// The global limit is looked at first, taking nothing (a call it refuses
-    /// touches no key), then the key's plan is taken, then the global limit.
-    /// No global unit is ever taken and given back: a give-back cannot know
-    /// how much of the refill a cell it found full has lost since, so it
-    /// either gives back too much (more admitted than the limit) or keeps
-    /// units under contention (the limit starved by refused calls). The cost
-    /// of this order: a call whose global room another call took between the
-    /// look and the take is refused by the global limit with its key's units
-    /// spent (a race of a few hundred nanoseconds, only at the global
-    /// limit's edge).
+    /// touches no key), then the key's plan is taken, then the global limit
+    /// (see the [module docs](super) for why nothing is ever given back). A
+    /// call the global limit refuses is told the longer of its two waits:
+    /// the key's plan is looked at too, taking nothing. The clock is read
+    /// once, after the key's cell is found (see
+    /// [`KeyedCells`](super::cell::KeyedCells) for why) — twice for a key
+    /// without a cell, whose cell is made only once the global limit let
+    /// the call through.
     #[inline]
     pub(crate) fn check(&self, key: &K, plan_id: PlanId, cost: u32) -> Result<(), Refusal> {
-        let Some(n) = NonZeroU32::new(cost) else {
+        if cost == 0 {
             return Ok(());
-        };
+        }
         let plan = self.plan(plan_id);
         if cost > plan.rate.burst {
             return Err(self.never(plan, cost));
         }
-        let now = match &self.global {
-            Some((policy, cell)) => {
-                let now = Instant::now();
-                if let Err(wait) = cell.look(cost, now) {
-                    // Above the global burst: no wait makes it fit.
-                    if !cell.fits(cost) {
-                        return Err(self.never_global(policy, cost));
-                    }
-                    return Err(Refusal::Wait(wait, true));
-                }
-                Some(now)
+        let cell = plan.cells.cell(key);
+        let now = Instant::now();
+        if let Some((policy, global)) = &self.global {
+            if let Err(wait) = global.look(cost, now) {
+                return Err(self.global_refusal(
+                    policy,
+                    global,
+                    plan,
+                    cell.as_ref(),
+                    cost,
+                    now,
+                    wait,
+                ));
             }
-            None => None,
-        };
-        // `check_key` is governor's cheaper path for the common cost of 1.
-        let checked = if cost == 1 {
-            Ok(plan.limiter.check_key(key))
-        } else {
-            plan.limiter.check_key_n(key, n)
-        };
-        match checked {
-            Ok(Ok(())) => {}
-            Ok(Err(not_until)) => {
-                return Err(Refusal::Wait(
-                    not_until.wait_time_from(plan.limiter.clock().now()),
-                    false,
-                ))
-            }
-            Err(_insufficient) => return Err(self.never(plan, cost)),
         }
-        if let (Some((_, cell)), Some(now)) = (&self.global, now) {
-            cell.take(cost, now)
+        match &cell {
+            Some(held) => plan.cells.take(held, cost, now),
+            None => {
+                let held = plan.cells.cell_or_new(key);
+                plan.cells.take(&held, cost, Instant::now())
+            }
+        }
+        .map_err(|wait| Refusal::Wait(wait, false))?;
+        drop(cell);
+        if let Some((_, global)) = &self.global {
+            global
+                .take(cost, now)
                 .map_err(|wait| Refusal::Wait(wait, true))?;
         }
         Ok(())
+    }
+
+    /// The global limit's look refused `cost`: above its burst (never), or
+    /// a wait — the longer of its own and the key's plan's (looked at,
+    /// taking nothing), naming the limit that waits longer.
+    #[cold]
+    #[allow(clippy::too_many_arguments)]
+    fn global_refusal(
+        &self,
+        policy: &Arc<crate::error::RateLimitPolicy>,
+        global: &super::cell::Cell,
+        plan: &super::Plan<K>,
+        cell: Option<&super::cell::Held<'_, K>>,
+        cost: u32,
+        now: Instant,
+        wait: Duration,
+    ) -> Refusal {
+        // Above the global burst: no wait makes it fit.
+        if !global.fits(cost) {
+            return self.never_global(policy, cost);
+        }
+        match plan.cells.look(cell, cost, now) {
+            Err(own) if own > wait => Refusal::Wait(own, false),
+            _ => Refusal::Wait(wait, true),
+        }
     }
 
     /// A cost above the global limit's burst: refused without `retry_after`.

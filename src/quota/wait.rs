@@ -2,7 +2,7 @@
 //! instead of failing at once.
 //!
 //! Each key with waiters has a FIFO line; only the call at the front checks the
-//! limiter (sleeping until governor says its cost fits), so later calls of the
+//! key's cell (sleeping until the cell says its cost fits), so later calls of the
 //! same key cannot overtake it. A call that arrives while its key has a line
 //! joins the back even if a token is free this instant: the front was promised
 //! that token. Keys without waiters never touch the lines (one atomic load).
