@@ -2,11 +2,15 @@
 //!
 //! When one model or host of a provider is down, the others keep working; a
 //! single breaker would cut them all. The map is bounded: past `max_keys`, a new
-//! key evicts a closed breaker in normal mode. An open or half-open one is
-//! never forgotten (a failing upstream could be retried at full rate just by
-//! being evicted), nor one an operator set to a manual mode: when every
-//! breaker tracked is such, the new key shares the overflow breaker
-//! ([`KeyedBreaker::overflow`]) until a place frees.
+//! key evicts a closed breaker in normal mode that nothing else holds. An
+//! open or half-open one is never forgotten (a failing upstream could be
+//! retried at full rate just by being evicted), nor one an operator set to a
+//! manual mode, nor one held elsewhere — a call in flight through it (a
+//! failing upstream's calls often end late, by a timeout: their failures
+//! must open the key's breaker, not a forgotten one) or a handle from
+//! [`KeyedBreaker::get`] (an operator's `force_open` on it must hold the
+//! key): when every breaker tracked is such, the new key shares the
+//! overflow breaker ([`KeyedBreaker::overflow`]) until a place frees.
 
 use super::service::{call_through, ResponseFuture};
 use super::{Breaker, BreakerBuilder, BreakerSnapshot, BreakerState};
@@ -82,7 +86,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedBreaker<K> {
     }
 
     /// The breaker for `key`, created on first use — or, past `max_keys`
-    /// with no closed breaker to evict, the shared [`overflow`](Self::overflow)
+    /// with no breaker to evict (see the [module docs](self): closed, in
+    /// normal mode, held by nothing but the map), the shared [`overflow`](Self::overflow)
     /// breaker (a `force_open` on it holds every key that shares it; once a
     /// place frees, such a key gets a breaker of its own, closed).
     /// [`snapshots`](Self::snapshots) lists the keys' own breakers only.
@@ -101,14 +106,20 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedBreaker<K> {
             return b.clone();
         }
         if map.len() >= self.map.max_keys {
-            // Only a closed breaker in normal mode is forgotten: an open or
-            // half-open one holds back a failing upstream, one in a manual
-            // mode an operator's `force_open` or `disable`. With none, the
+            // Only a closed breaker in normal mode that only the map holds
+            // is forgotten: an open or half-open one holds back a failing
+            // upstream, one in a manual mode an operator's `force_open` or
+            // `disable`, one held elsewhere a call in flight (its outcome is
+            // recorded on it) or a handle someone may set. With none, the
             // key shares the overflow breaker (`max_keys` bounds the memory
             // whatever the keys' states).
             let victim = map
                 .iter()
-                .find(|(_, b)| b.is_normal() && b.state() == BreakerState::Closed)
+                .find(|(_, b)| {
+                    Arc::strong_count(&b.shared) == 1
+                        && b.is_normal()
+                        && b.state() == BreakerState::Closed
+                })
                 .map(|(k, _)| k.clone());
             match victim {
                 Some(k) => {

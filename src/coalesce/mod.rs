@@ -25,7 +25,10 @@
 //!   the same error (a
 //!   [`SharedError`] that displays as the
 //!   original and has it as its `source`, so classifiers and
-//!   [`Rejected::find`](crate::Rejected::find) see through it); nothing is
+//!   [`Rejected::find`](crate::Rejected::find) see through it) — the caller
+//!   whose call ran as well when anyone waited for it (alone, it gets the
+//!   error as it came: walk `source()` rather than `downcast` the error
+//!   itself); nothing is
 //!   retried here. Put a retry layer *inside* this one (the LLM preset
 //!   does) and the waiting callers ride along on the retries too — one
 //!   retried call for all of them. A quota's refusal (`QuotaExceeded`) is
@@ -188,11 +191,14 @@ enum Entry<K: std::hash::Hash + Eq> {
 }
 
 /// `live` says whether a finished flight's answer can still be joined (a
-/// stream being read).
+/// stream being read), `takes` whether a caller joining now would take it
+/// (see [`takes`]): an answer it would not take is never followed — it
+/// would come back here, find the same answer and spin.
 fn enter<K: std::hash::Hash + Eq + Clone>(
     flights: &Arc<Flights<K>>,
     key: K,
     live: impl Fn(&Answer) -> bool,
+    takes: impl Fn(&Answer) -> bool,
 ) -> Entry<K> {
     use std::collections::hash_map::Entry as MapEntry;
     let mut map = flights.lock();
@@ -233,7 +239,10 @@ fn enter<K: std::hash::Hash + Eq + Clone>(
             FlightState::Done(a) => Some(a.clone()),
             _ => None,
         };
-        if slot.answered || done.as_ref().is_some_and(live) {
+        if done
+            .as_ref()
+            .is_some_and(|a| takes(a) && (slot.answered || live(a)))
+        {
             // Answered, its caller's future still held (or a stream still
             // joinable): its answer at once.
             return Entry::Follow(Follow {
@@ -426,7 +435,11 @@ impl<RK: RequestKey<Req>, Req, Sh> fmt::Debug for CoalesceLayer<RK, Req, Sh> {
 impl<RK: RequestKey<Req>, Req> CoalesceLayer<RK, Req, Cloned> {
     /// Coalesces calls with equal keys (answers shared by cloning; see
     /// [`share`](Self::share)). Every service this layer makes, and their
-    /// clones, share one set of calls in flight.
+    /// clones, share one set of calls in flight: two services of one layer
+    /// with the same key share answers — give each its own layer (or keys
+    /// of their own) when they call different things. A service answering
+    /// another type under the same key never takes that answer: it calls on
+    /// its own.
     pub fn new(key: RK) -> Self {
         CoalesceLayer {
             off: false,
@@ -573,9 +586,12 @@ where
         };
         self.key.remember(&mut req, &key);
         let share = &self.share;
-        let state = match enter(&self.flights, key.clone(), |a| {
-            live::<S::Response, Sh>(share, a)
-        }) {
+        let state = match enter(
+            &self.flights,
+            key.clone(),
+            |a| live::<S::Response, Sh>(share, a),
+            |a| takes::<S::Response, Sh>(share, a),
+        ) {
             Entry::Lead(lead) => State::Ready {
                 svc: self.inner.clone(),
                 req: Some(req),
@@ -757,9 +773,12 @@ where
                         return Poll::Ready(Err(crate::error::polled_after_done("coalesce")));
                     };
                     let share = &*this.share;
-                    match enter(this.flights, k.clone(), |a| {
-                        live::<S::Response, Sh>(share, a)
-                    }) {
+                    match enter(
+                        this.flights,
+                        k.clone(),
+                        |a| live::<S::Response, Sh>(share, a),
+                        |a| takes::<S::Response, Sh>(share, a),
+                    ) {
                         Entry::Follow(f) => this.state.set(State::Follow {
                             follow: f,
                             svc: Some(s),
@@ -819,6 +838,19 @@ where
 fn live<R, Sh: Share<R>>(share: &Sh, a: &Answer) -> bool {
     a.downcast_ref::<Result<Sh::Kept, SharedError>>()
         .is_some_and(|r| matches!(r, Ok(k) if share.joinable(k)))
+}
+
+/// Whether a caller joining a finished flight now would take its answer:
+/// one of its own service's type (another service of the same layer may
+/// answer another type under the same key), and for a stream one it can
+/// still read from its start. The same rule as a follower's when it finds
+/// the answer (`given` in the `Follow` state).
+fn takes<R, Sh: Share<R>>(share: &Sh, a: &Answer) -> bool {
+    a.downcast_ref::<Result<Sh::Kept, SharedError>>()
+        .is_some_and(|r| match r {
+            Ok(k) => !share.late_joiners() || share.joinable(k),
+            Err(_) => true,
+        })
 }
 
 crate::inner_access!([S, RK: RequestKey<Req>, Req, Sh] CoalesceService<S, RK, Req, Sh>);

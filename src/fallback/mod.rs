@@ -10,8 +10,9 @@
 //! - **When** ([`When`]): by default on an `Overloaded` or `Infrastructure`
 //!   class, and on our own `CircuitOpen`, `QueueFull` and `BudgetExceeded`
 //!   refusals — never on a `Permanent` class (a bad request stays a bad
-//!   request) and never on a quota's verdict on the caller (`QuotaExceeded`,
-//!   `Throttled`). The inner result is classified by the layer's
+//!   request; so is a `BudgetExceeded` without a `retry_after`, a cost above
+//!   the budget's burst that no wait makes fit) and never on a quota's
+//!   verdict on the caller (`QuotaExceeded`, `Throttled`). The inner result is classified by the layer's
 //!   [`Classify`] (an `http::Response` with status 529 is a failure under
 //!   [`HttpClassifier`](crate::classify::HttpClassifier) though it is `Ok`).
 //!   `.when(f)` replaces the rule.
@@ -119,7 +120,8 @@ where
 
 /// The default rule: `Overloaded` and `Infrastructure` classes, and our own
 /// `CircuitOpen`, `QueueFull` and `BudgetExceeded` refusals; never a
-/// `Permanent` class.
+/// `Permanent` class (a `BudgetExceeded` without a `retry_after` is one:
+/// see [`classify_error`](crate::classify::classify_error)).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultWhen;
 

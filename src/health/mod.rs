@@ -274,14 +274,19 @@ impl Health {
         })
     }
 
-    /// Reports a bulkhead: degraded while its line is full (under an
-    /// adaptive limit, the line as the limit has shrunk it: `line_bound`),
-    /// its admissions are paused (`set_max_concurrent(0)`), or it is closed.
+    /// Reports a bulkhead: degraded while it would refuse the next call
+    /// `QueueFull` — every permit taken and its line full (under an adaptive
+    /// limit, the line as the limit has shrunk it: `line_bound`; a bulkhead
+    /// without a line, once its permits are taken) —, while its admissions
+    /// are paused (`set_max_concurrent(0)`), or once it is closed.
     pub fn bulkhead(self, name: &str, bulkhead: &Bulkhead) -> Self {
         let (name, b) = (name.to_owned(), bulkhead.clone());
         self.with(move || {
             let s = b.snapshot();
-            let full = s.max_queue > 0 && s.waiting >= s.line_bound;
+            // The next call would be refused `QueueFull`: every permit
+            // taken and the line (if any) full — a bulkhead without a line
+            // is full once its permits are.
+            let full = s.in_flight >= s.limit && s.waiting >= s.line_bound;
             Component {
                 name: name.clone(),
                 kind: "bulkhead",
