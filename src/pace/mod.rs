@@ -74,7 +74,7 @@
 mod calendar;
 mod keyed;
 mod service;
-mod state;
+pub(crate) mod state;
 
 pub use keyed::{KeyedPace, KeyedPaceBuilder, KeyedPaceLayer, KeyedPaceService, NoKey, PaceKey};
 

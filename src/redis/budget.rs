@@ -337,6 +337,7 @@ impl Budget {
         ));
         let mut keys = self.keys(key);
         keys.push(marker.0.clone());
+        keys.push(self.redis_key(key, "pause"));
         // Dropped before the reply (the caller gave up): undone.
         let mut in_flight = InFlight {
             budget: self,
@@ -468,6 +469,31 @@ impl Budget {
             .map(|_| ())
     }
 
+    /// Pauses the budget (`key`'s cells, or the whole budget's with `None`)
+    /// for every instance sharing it: no reservation made from now on starts
+    /// before `pause` has passed (by Redis's clock; a longer pause already
+    /// set stays). What the upstream's `Retry-After` after a 429 asks of
+    /// the whole fleet — the [layer](Self::layer) does it by itself with
+    /// [`BudgetLayer::classify`]. Reservations already made keep their start;
+    /// the cells are not emptied (they refill through the pause). A pause
+    /// is capped at 100 years.
+    ///
+    /// # Errors
+    ///
+    /// The Redis error when the pause could not be set (nothing changed).
+    pub async fn pause(&self, key: Option<&str>, pause: Duration) -> Result<(), BoxError> {
+        let us = pause.min(MAX_SPAN).as_micros().max(1);
+        self.inner
+            .backend
+            .eval(
+                &scripts::PAUSE,
+                vec![self.redis_key(key, "pause")],
+                vec![us.to_string()],
+            )
+            .await
+            .map(|_| ())
+    }
+
     /// Answers every call waiting for its reserved start (through the
     /// [layer](Self::layer)) `ShuttingDown` now, giving its reservation back,
     /// and lets no call wait from now on. Returns how many were waiting. (A
@@ -495,6 +521,7 @@ impl Budget {
             budget: self.clone(),
             weigh: crate::pace::OneRequest,
             key: NoKey,
+            classify: NoPause,
         }
     }
 }
@@ -524,35 +551,69 @@ impl<Req, F: Fn(&Req) -> Option<String>> BudgetKey<Req> for F {
 /// The tower layer of a [`Budget`].
 #[derive(Debug, Clone)]
 #[must_use = "a layer does nothing until it wraps a service"]
-pub struct BudgetLayer<W, K> {
+pub struct BudgetLayer<W, K, C = NoPause> {
     budget: Budget,
     weigh: W,
     key: K,
+    classify: C,
 }
 
-impl<W, K> BudgetLayer<W, K> {
+/// The classifier of a budget layer that pauses nothing (the default): it
+/// calls every answer `Success`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPause;
+
+impl<Res, Err> crate::classify::Classify<Res, Err> for NoPause {
+    #[inline]
+    fn classify(&self, _: Result<&Res, &Err>) -> crate::classify::Class {
+        crate::classify::Class::Success
+    }
+}
+
+impl<W, K, C> BudgetLayer<W, K, C> {
     /// Weighs each request (e.g. its token estimate).
-    pub fn weigh<W2>(self, weigh: W2) -> BudgetLayer<W2, K> {
+    pub fn weigh<W2>(self, weigh: W2) -> BudgetLayer<W2, K, C> {
         BudgetLayer {
             budget: self.budget,
             weigh,
             key: self.key,
+            classify: self.classify,
         }
     }
 
     /// Keys each request (a user, a tenant): each key gets the whole budget
     /// for itself — a distributed keyed quota.
-    pub fn key<K2>(self, key: K2) -> BudgetLayer<W, K2> {
+    pub fn key<K2>(self, key: K2) -> BudgetLayer<W, K2, C> {
         BudgetLayer {
             budget: self.budget,
             weigh: self.weigh,
             key,
+            classify: self.classify,
+        }
+    }
+
+    /// Classifies each answer (e.g. [`HttpClassifier`](crate::classify::HttpClassifier),
+    /// [`LlmClassifier`](crate::classify::LlmClassifier)): one classified
+    /// `Throttled` (a 429) [pauses](Budget::pause) the budget — the call's
+    /// key, or the whole budget — for every instance, for its `retry_after`
+    /// (1 s without one, at most 60 s: the local pacer's rule), before the
+    /// answer is handed on, so a retry above sees the pause. One 429 then
+    /// does not become one per instance. Unlike the local
+    /// [`Pace`](crate::pace::Pace), the rate is not cut and no limit is read
+    /// from the answer's headers. Under [`FailurePolicy::Local`](super::FailurePolicy)
+    /// the local pacer is given this classifier too.
+    pub fn classify<C2>(self, classify: C2) -> BudgetLayer<W, K, C2> {
+        BudgetLayer {
+            budget: self.budget,
+            weigh: self.weigh,
+            key: self.key,
+            classify,
         }
     }
 }
 
-impl<S, W: Clone, K: Clone> Layer<S> for BudgetLayer<W, K> {
-    type Service = BudgetService<S, W, K>;
+impl<S, W: Clone, K: Clone, C: Clone> Layer<S> for BudgetLayer<W, K, C> {
+    type Service = BudgetService<S, W, K, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
         BudgetService {
@@ -560,29 +621,45 @@ impl<S, W: Clone, K: Clone> Layer<S> for BudgetLayer<W, K> {
             budget: self.budget.clone(),
             weigh: self.weigh.clone(),
             key: self.key.clone(),
+            classify: self.classify.clone(),
         }
     }
 }
 
 /// The service of a [`BudgetLayer`].
 #[derive(Debug, Clone)]
-pub struct BudgetService<S, W, K> {
+pub struct BudgetService<S, W, K, C = NoPause> {
     inner: S,
     budget: Budget,
     weigh: W,
     key: K,
+    classify: C,
+}
+
+/// The pause one `Throttled` answer imposes: its `retry_after`, 1 s without
+/// one, at most 60 s (the local pacer's defaults).
+fn pause_for(class: &crate::classify::Class) -> Option<Duration> {
+    match class {
+        crate::classify::Class::Throttled { retry_after } => Some(
+            retry_after
+                .unwrap_or(crate::pace::state::DEFAULT_PAUSE)
+                .min(crate::pace::state::DEFAULT_MAX_PAUSE),
+        ),
+        _ => None,
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
 
-impl<S, W, K, Req> Service<Req> for BudgetService<S, W, K>
+impl<S, W, K, C, Req> Service<Req> for BudgetService<S, W, K, C>
 where
     S: Service<Req> + Clone + Send + 'static,
     S::Future: Send,
-    S::Error: Into<BoxError>,
+    S::Error: Into<BoxError> + Send,
     S::Response: Send + 'static,
     W: Weigh<Req> + Clone + Send + 'static,
     K: BudgetKey<Req>,
+    C: crate::classify::Classify<S::Response, S::Error> + Clone + Send + Sync + 'static,
     Req: Send + 'static,
 {
     type Response = S::Response;
@@ -598,6 +675,7 @@ where
         let key = self.key.key(&req);
         let budget = self.budget.clone();
         let weigh = self.weigh.clone();
+        let classify = self.classify.clone();
         // A fresh clone is readied after the wait (readiness held through a
         // wait could hold an inner limiter's permit).
         let mut svc = self.inner.clone();
@@ -670,11 +748,8 @@ where
             }
             if let (true, Some(pace)) = (local, budget.local()) {
                 drop(unstarted);
-                // The local pacer learns nothing from results here.
-                let classify = |r: Result<&S::Response, &S::Error>| match r {
-                    Ok(_) => crate::classify::Class::Success,
-                    Err(_) => crate::classify::Class::Transient,
-                };
+                // The local pacer learns from the results as the layer's
+                // classifier says (nothing, by default).
                 let mut paced = pace.layer().weigh(weigh).classify(classify).layer(svc);
                 std::future::poll_fn(|cx| paced.poll_ready(cx)).await?;
                 return paced.call(req).await;
@@ -685,7 +760,13 @@ where
             if let Some(u) = unstarted {
                 u.started();
             }
-            svc.call(req).await.map_err(Into::into)
+            let result = svc.call(req).await;
+            if let Some(pause) = pause_for(&classify.classify(result.as_ref())) {
+                // Best effort: Redis out of reach sets no pause (each
+                // instance still answers its own caller the 429).
+                let _ = budget.pause(key.as_deref(), pause).await;
+            }
+            result.map_err(Into::into)
         }))
     }
 }

@@ -17,13 +17,13 @@
 //!   until they are full again). A call through the layer that is dropped
 //!   while it waits for its start gives its reservation back (in the
 //!   background), so the next reservation is not held back by it.
-//!   **Not the same:** a budget does not learn from the answers — no pause
-//!   after a 429, no rate cut, no limits read from response headers (a
-//!   local [`Pace`](crate::pace::Pace) does all three). Behind an upstream
-//!   that answers 429s, keep a local `Pace` (or a
-//!   [`Breaker`](crate::breaker::Breaker)) inside the budget's layer: each
-//!   instance then pauses on its own 429s, while the budget keeps the fleet
-//!   within its share.
+//! - **A 429 pauses the fleet**: with [`BudgetLayer::classify`], an answer
+//!   classified `Throttled` [pauses](Budget::pause) the budget (the call's
+//!   key, or the whole budget) in Redis for its `retry_after` — every
+//!   instance's next reservation starts after it, so one upstream 429 does
+//!   not become one per instance. **Not the same as the local pacer:** the
+//!   rate is not cut after a 429 (no AIMD) and no limit is read from the
+//!   answers' headers; reservations already made keep their start.
 //! - **A lease semaphore**: holders sit in a sorted set scored by lease expiry;
 //!   a crashed holder's slot comes back when its lease runs out; a live holder
 //!   renews every third of its lease; a dropped lease is released; an acquire
@@ -163,7 +163,9 @@ mod cache_tier;
 mod scripts;
 mod semaphore;
 
-pub use budget::{Budget, BudgetBuilder, BudgetKey, BudgetLayer, BudgetService, Grant, NoKey};
+pub use budget::{
+    Budget, BudgetBuilder, BudgetKey, BudgetLayer, BudgetService, Grant, NoKey, NoPause,
+};
 #[cfg(feature = "cache")]
 pub use cache_tier::{CacheTier, CacheTierBuilder};
 pub use scripts::RESERVE_LUA;

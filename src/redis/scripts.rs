@@ -9,7 +9,9 @@ use std::sync::LazyLock;
 
 /// Reserves a cost on every GCRA cell at once, or nothing.
 ///
-/// KEYS: one cell per dimension, then this reservation's marker. ARGV[1]:
+/// KEYS: one cell per dimension, then this reservation's marker, then
+/// (optional) the budget's or key's pause ([`PAUSE`]: no start before it).
+/// ARGV[1]:
 /// the longest wait accepted (µs); ARGV[2]: how long the marker outlives
 /// the reservation's start (ms); then per cell: µs per unit, burst (units),
 /// cost (units), the longest wait this cell accepts (µs; a budget's own
@@ -31,7 +33,9 @@ pub(crate) static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESER
 
 /// The Lua source of the budget's reserve script (for audits and benchmarks).
 ///
-/// Called with `KEYS` = the `n` cells, then the reservation's marker; `ARGV[1]`
+/// Called with `KEYS` = the `n` cells, then the reservation's marker, then
+/// optionally a pause key (its value: the instant, in µs of Redis `TIME`,
+/// before which no reservation starts; see `Budget::pause`); `ARGV[1]`
 /// = the call's longest wait (µs), `ARGV[2]` = how long the marker outlives
 /// the wait (ms), then four per cell `i` (from `ARGV[4i − 1]`): microseconds
 /// per unit, burst (units), cost (units), the cell's own longest wait (µs).
@@ -39,11 +43,13 @@ pub(crate) static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESER
 /// `late` µs beyond a longest wait) or `{2, 0}` (the marker says the
 /// reservation was cancelled before it ran). A reservation writes its marker
 /// as `reserved` followed by each cell's `tat` (µs) right after it, space
-/// separated. Times are Redis's `TIME`.
+/// separated. A start held back by a pause takes its cost from the pause's
+/// end (`tat ← max(tat, pause) + cost · per`): the cells are not emptied
+/// by a pause, they refill through it. Times are Redis's `TIME`.
 pub const RESERVE_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = #KEYS - 1
+local n = (#ARGV - 2) / 4
 local mark = KEYS[n + 1]
 if redis.call('GET', mark) == 'cancelled' then
   return {2, 0}
@@ -64,6 +70,11 @@ for i = 1, n do
   if s > start then start = s end
   if s - now - cell_max > late then late = s - now - cell_max end
 end
+local paused = 0
+if KEYS[n + 2] then
+  paused = tonumber(redis.call('GET', KEYS[n + 2]) or 0)
+  if paused > start then start = paused end
+end
 local wait = start - now
 if wait - max_wait > late then late = wait - max_wait end
 if late > 0 then
@@ -73,7 +84,7 @@ local m = 'reserved'
 for i = 1, n do
   local per = tonumber(ARGV[i * 4 - 1])
   local cost = tonumber(ARGV[i * 4 + 1])
-  local new = tats[i] + cost * per
+  local new = math.max(tats[i], paused) + cost * per
   local ttl = math.ceil((new - now) / 1000) + 1000
   redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', ttl)
   m = m .. ' ' .. string.format('%.0f', new)
@@ -81,6 +92,25 @@ end
 redis.call('SET', mark, m, 'PX', math.ceil(wait / 1000) + tonumber(ARGV[2]))
 return {1, math.ceil(wait)}
 ";
+
+/// Pauses a budget (or one key of it): no reservation starts before `now +
+/// pause` — a later pause already set stays. KEYS[1]: the pause key.
+/// ARGV[1]: the pause (µs). Returns 1.
+pub(crate) static PAUSE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local pause = tonumber(ARGV[1])
+local til = now + pause
+local cur = tonumber(redis.call('GET', KEYS[1]) or 0)
+if til > cur then
+  redis.call('SET', KEYS[1], string.format('%.0f', til), 'PX', math.ceil(pause / 1000) + 1000)
+end
+return 1
+",
+    )
+});
 
 /// Whether a reservation still stands: its marker says `reserved`.
 /// KEYS[1]: the marker. Returns 1 or 0.
