@@ -149,7 +149,13 @@
 //! .failure_policy(FailurePolicy::Local { share: 0.25 }) // 4 instances
 //! .build()?;
 //! let client = ServiceBuilder::new()
-//!     .layer(budget.layer().weigh(|prompt: &String| Cost::tokens(prompt.len() as u64 / 4 + 500)))
+//!     .layer(
+//!         budget
+//!             .layer()
+//!             .weigh(|prompt: &String| Cost::tokens(prompt.len() as u64 / 4 + 500))
+//!             // A 429 (an error classified `Throttled`) pauses all 4 instances.
+//!             .classify(semaforo::classify::ErrorClassifier),
+//!     )
 //!     .service(tower::service_fn(|_prompt: String| async { Ok::<_, std::io::Error>(()) }));
 //! # Ok(()) }
 //! ```
