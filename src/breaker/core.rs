@@ -130,10 +130,9 @@ pub(crate) struct Shared {
     window: Option<Window>,
     inner: Mutex<Inner>,
     rejected: AtomicU64,
-    /// Transitions made, not yet told to the listeners (in order).
-    announcements: Mutex<std::collections::VecDeque<Transition>>,
-    /// A thread is telling them.
-    announcing: std::sync::atomic::AtomicBool,
+    /// Transitions made, not yet told to the listeners: queued under the
+    /// lock, told in order outside it ([`InOrder`](crate::observe::InOrder)).
+    announcements: crate::observe::InOrder<Transition>,
     pub(crate) cfg: Config,
     watch: watch::Sender<BreakerState>,
     /// Latency by class (feature `metrics`).
@@ -177,8 +176,7 @@ impl Shared {
                 rng,
             }),
             rejected: AtomicU64::new(0),
-            announcements: Mutex::new(std::collections::VecDeque::new()),
-            announcing: std::sync::atomic::AtomicBool::new(false),
+            announcements: crate::observe::InOrder::default(),
             cfg,
             watch: watch::Sender::new(BreakerState::Closed),
             #[cfg(feature = "metrics")]
@@ -349,29 +347,16 @@ impl Shared {
     /// or by a listener itself, is delivered by the thread already delivering,
     /// after the current one).
     fn announce(&self, _news: Announce) {
-        loop {
-            if self.announcing.swap(true, Ordering::AcqRel) {
-                return;
-            }
-            while let Some(t) = self.queued().pop_front() {
-                self.cfg.obs.emit(
-                    "breaker",
-                    EventKind::BreakerTransition {
-                        from: t.from,
-                        to: t.to,
-                        reason: t.reason,
-                    },
-                );
-            }
-            self.announcing.store(false, Ordering::Release);
-            if self.queued().is_empty() {
-                return;
-            }
-        }
-    }
-
-    fn queued(&self) -> MutexGuard<'_, std::collections::VecDeque<Transition>> {
-        self.announcements.lock().unwrap_or_else(|e| e.into_inner())
+        self.announcements.tell(|t| {
+            self.cfg.obs.emit(
+                "breaker",
+                EventKind::BreakerTransition {
+                    from: t.from,
+                    to: t.to,
+                    reason: t.reason,
+                },
+            );
+        });
     }
 
     /// Moves to `to` (a new generation); caller holds the lock, and
@@ -407,7 +392,7 @@ impl Shared {
         inner.since = now;
         self.tell_watch(next, news);
         if let Some((from, reason)) = told {
-            self.queued().push_back(Transition {
+            self.announcements.push(Transition {
                 from,
                 to: state_of(next),
                 reason,
@@ -595,7 +580,7 @@ impl Shared {
         }
         let (from, to) = (heard_of(w), heard_of(next));
         if from != to {
-            self.queued().push_back(Transition {
+            self.announcements.push(Transition {
                 from,
                 to,
                 reason: TransitionReason::Manual,

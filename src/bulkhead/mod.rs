@@ -325,7 +325,7 @@ impl BulkheadBuilder {
         shared.adaptive = controller.map(|c| queue::Adaptive {
             nominal: std::sync::atomic::AtomicU32::new(c.nominal()),
             ctrl: std::sync::Mutex::new(c),
-            untold: std::sync::Mutex::default(),
+            untold: crate::observe::InOrder::default(),
             every: self.sample_every,
             max: self.max_concurrent,
         });

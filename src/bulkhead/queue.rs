@@ -215,33 +215,11 @@ pub(crate) struct Adaptive {
     /// The limit outside a probe: a probe pins the limit low for a moment
     /// and must not shrink the line.
     pub(crate) nominal: AtomicU32,
-    /// Limit changes not told yet, in the controller's order.
-    pub(crate) untold: Mutex<Untold>,
-}
-
-/// Limit changes waiting to be told, and whether a thread is telling them.
-///
-/// A change is queued under the controller's lock, so the queue is in the
-/// controller's order; it is told outside every lock (a listener may call
-/// back into the bulkhead) by one thread at a time, the one that found
-/// nobody telling: a listener therefore sees each change's `from` equal to
-/// the `to` before it, and the last `to` it sees is the limit in force —
-/// also when two changes end together on two threads, or a listener changes
-/// the limit itself (its change is told after the one it is told of).
-#[derive(Debug, Default)]
-pub(crate) struct Untold {
-    changes: std::collections::VecDeque<(u32, u32, crate::observe::LimitReason)>,
-    telling: bool,
-}
-
-impl Adaptive {
-    /// Queues a limit change (called under the controller's lock); `true`
-    /// when this thread is to tell it (nobody is telling).
-    fn queue_change(&self, from: u32, to: u32, reason: crate::observe::LimitReason) -> bool {
-        let mut u = self.untold.lock().unwrap_or_else(|e| e.into_inner());
-        u.changes.push_back((from, to, reason));
-        !std::mem::replace(&mut u.telling, true)
-    }
+    /// Limit changes, queued under the controller's lock and told in its
+    /// order outside every lock (see [`InOrder`](crate::observe::InOrder)):
+    /// a listener sees each change's `from` equal to the `to` before it,
+    /// and the last `to` it sees is the limit in force.
+    pub(crate) untold: crate::observe::InOrder<(u32, u32, crate::observe::LimitReason)>,
 }
 
 std::thread_local! {
@@ -428,7 +406,10 @@ impl Shared {
             let to = c.sample(sample, a.every);
             a.nominal.store(c.nominal(), Ordering::Relaxed);
             self.store_limit(to);
-            from != to && a.queue_change(from, to, c.reason())
+            if from != to {
+                a.untold.push((from, to, c.reason()));
+            }
+            from != to
         };
         if changed {
             self.apply_limit();
@@ -436,23 +417,10 @@ impl Shared {
         }
     }
 
-    /// Tells the queued limit changes in order, unless another thread is
-    /// telling them (it will tell these too).
+    /// Tells the queued limit changes, in order.
     #[cold]
     fn tell_changes(&self, a: &Adaptive) {
-        loop {
-            let next = {
-                let mut u = a.untold.lock().unwrap_or_else(|e| e.into_inner());
-                let next = u.changes.pop_front();
-                // Nothing left: the next change's thread tells it.
-                u.telling = next.is_some();
-                next
-            };
-            let Some((from, to, reason)) = next else {
-                return;
-            };
-            // A listener that panics is caught by `emit`: `telling` is
-            // always cleared by this loop.
+        a.untold.tell(|(from, to, reason)| {
             self.cfg.obs.emit(
                 "bulkhead",
                 EventKind::LimitChanged {
@@ -461,7 +429,7 @@ impl Shared {
                     reason,
                 },
             );
-        }
+        });
     }
 
     fn store_limit(&self, limit: u32) {
@@ -573,7 +541,10 @@ impl Shared {
                     a.nominal.store(c.nominal(), Ordering::Relaxed);
                     let to = c.limit();
                     self.store_limit(to);
-                    from != to && a.queue_change(from, to, crate::observe::LimitReason::Max)
+                    if from != to {
+                        a.untold.push((from, to, crate::observe::LimitReason::Max));
+                    }
+                    from != to
                 };
                 self.apply_limit();
                 if changed {

@@ -67,7 +67,6 @@ use crate::bulkhead::Bulkhead;
 use crate::error::ConfigError;
 use crate::observe::{Event, EventKind, ListenerSlot, Observer};
 use crate::pace::{Outlook, Pace};
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -335,8 +334,7 @@ impl DegradeBuilder {
                 signals,
                 every,
                 obs: Observer::new(self.name, self.listener.0),
-                pending: Mutex::new(VecDeque::new()),
-                telling: AtomicBool::new(false),
+                pending: crate::observe::InOrder::default(),
                 _stop: stop,
                 stopped: Mutex::new(Some(stopped)),
             }),
@@ -375,9 +373,7 @@ struct Inner {
     /// Changes to tell, in the order they were made (queued under the
     /// state's lock, told after it is released: a listener may change the
     /// switch, and its change is told after the one it heard).
-    pending: Mutex<VecDeque<(Level, Level, LevelReason)>>,
-    /// Someone is telling `pending`.
-    telling: AtomicBool,
+    pending: crate::observe::InOrder<(Level, Level, LevelReason)>,
     /// Dropped with the last handle: ends a spawned task at once.
     _stop: tokio::sync::oneshot::Sender<()>,
     stopped: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
@@ -507,7 +503,7 @@ impl Degrade {
             let reason = f(&mut st, now);
             let (to, change) = self.settle(&mut st, now, reason);
             if let Some(c) = change {
-                lock(&self.inner.pending).push_back(c);
+                self.inner.pending.push(c);
             }
             to
         };
@@ -518,27 +514,11 @@ impl Degrade {
     /// Tells the queued changes in order, unless someone (maybe a listener
     /// up this very stack) is already telling them.
     fn tell(&self) {
-        loop {
-            if self.inner.telling.swap(true, Ordering::AcqRel) {
-                return;
-            }
-            loop {
-                // Popped in a statement of its own: the queue's lock must
-                // not be held while a listener runs.
-                let next = lock(&self.inner.pending).pop_front();
-                let Some((from, to, reason)) = next else {
-                    break;
-                };
-                self.inner
-                    .obs
-                    .emit("degrade", EventKind::LevelChanged { from, to, reason });
-            }
-            self.inner.telling.store(false, Ordering::Release);
-            // A change queued between the last pop and the store above.
-            if lock(&self.inner.pending).is_empty() {
-                return;
-            }
-        }
+        self.inner.pending.tell(|(from, to, reason)| {
+            self.inner
+                .obs
+                .emit("degrade", EventKind::LevelChanged { from, to, reason });
+        });
     }
 
     /// A handle that does not keep the switch alive (for a listener or a

@@ -131,8 +131,10 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 /// The histograms the crate records (the series `LATENCY_BUCKETS` are for).
 pub const HISTOGRAMS: &[&str] = &["semaforo_call_seconds", "semaforo_wait_seconds"];
 
+mod in_order;
 use crate::classify::Class;
 use crate::error::{RejectKind, Rejected};
+pub(crate) use in_order::InOrder;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
