@@ -238,9 +238,7 @@ impl Rejected {
     /// ]);
     /// ```
     pub fn http_headers(&self) -> Vec<(&'static str, String)> {
-        let secs = self
-            .retry_after
-            .map(|d| d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0)));
+        let secs = self.retry_after.map(crate::time::ceil_secs);
         let mut h = Vec::with_capacity(3);
         if let Some(s) = secs {
             h.push(("retry-after", s.to_string()));

@@ -67,7 +67,7 @@ pub(crate) fn human(d: Duration) -> String {
             f => format!("{whole}.{f:02} s"),
         };
     }
-    let up = secs.saturating_add(u64::from(d.subsec_nanos() > 0));
+    let up = ceil_secs(d);
     if up < 3_600 {
         let (m, s) = (up / 60, up % 60);
         return if s == 0 {
@@ -95,6 +95,12 @@ impl std::fmt::Display for Human {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&human(self.0))
     }
+}
+
+/// `d` in whole seconds, rounded up (a `Retry-After` header's unit: never 0
+/// for a positive wait), saturating at `u64::MAX`.
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ pub fn rate_limited<B: From<Bytes>>(
 ) -> impl Fn() -> http::Response<B> + Send + Sync + 'static {
     move || {
         let ms = retry_after.as_millis();
-        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        let secs = crate::time::ceil_secs(retry_after);
         let body = r#"{"error":{"message":"Rate limit reached for requests (injected by chaos).","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
         let mut res = http::Response::new(B::from(Bytes::from_static(body.as_bytes())));
         *res.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;

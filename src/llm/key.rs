@@ -28,8 +28,10 @@ use std::sync::Arc;
 ///   `x-goog-api-key` headers and the URL's query (Gemini's `?key=`) are
 ///   part of the key (as 128-bit SipHashes, not in clear), so no answer is shared across API keys unless
 ///   [`across_credentials`](Self::across_credentials) says so.
-/// - A body that is not a JSON object, a whole number past 2^53 (its
-///   digits were lost in parsing), nesting deeper than 128, or a request
+/// - A body that is not a JSON object, a number whose digits were lost in
+///   parsing (an integer beyond `i64`/`u64`, or one written as a float —
+///   `9007199254740993.0` — past 2^53; integers within `i64`/`u64` are kept
+///   exactly), nesting deeper than 128, or a request
 ///   with `cache-control: no-store` has no key (it is neither cached nor
 ///   coalesced).
 ///

@@ -176,20 +176,57 @@ impl PriceTable {
     }
 }
 
-/// `YYYY-MM-DD` or `YYYYMMDD`.
+/// `YYYY-MM-DD` or `YYYYMMDD`, a day of the calendar (`2024-13-45` and
+/// `99999999` are not: such a suffix names another model).
 fn is_date(s: &str) -> bool {
     let b = s.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
-    match b.len() {
-        8 => digits(0..8),
-        10 => digits(0..4) && b[4] == b'-' && digits(5..7) && b[7] == b'-' && digits(8..10),
-        _ => false,
+    // Byte positions of the digits of the year, month and day.
+    let at: [usize; 8] = match b.len() {
+        8 => [0, 1, 2, 3, 4, 5, 6, 7],
+        10 if b[4] == b'-' && b[7] == b'-' => [0, 1, 2, 3, 5, 6, 8, 9],
+        _ => return false,
+    };
+    let mut n = [0u8; 8];
+    for (digit, &i) in n.iter_mut().zip(&at) {
+        match b[i] {
+            c @ b'0'..=b'9' => *digit = c - b'0',
+            _ => return false,
+        }
     }
+    let year = n[..4].iter().fold(0i16, |y, &d| y * 10 + i16::from(d));
+    let month = (n[4] * 10 + n[5]) as i8;
+    let day = (n[6] * 10 + n[7]) as i8;
+    jiff::civil::Date::new(year, month, day).is_ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_suffix_is_a_day_of_the_calendar() {
+        for yes in ["2024-08-06", "20241022", "2024-02-29", "0001-01-01"] {
+            assert!(is_date(yes), "{yes}");
+        }
+        for no in [
+            "2024-13-45",
+            "99999999",
+            "2023-02-29",
+            "20240230",
+            "2024-1-061",
+            "2024_08_06",
+            "2024-08-0é",
+            "202é0806",
+            "",
+            "2024-08-06x",
+        ] {
+            assert!(!is_date(no), "{no}");
+        }
+        let t = PriceTable::defaults();
+        assert_eq!(t.get("gpt-4o-2024-08-06"), t.get("gpt-4o"));
+        assert!(t.get("gpt-4o").is_some());
+        assert_ne!(t.get("gpt-4o-2024-13-45"), t.get("gpt-4o"));
+    }
 
     #[test]
     fn spend_rounds_up_and_saturates() {
