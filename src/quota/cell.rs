@@ -26,8 +26,15 @@ pub(crate) struct Gcra {
 
 impl Gcra {
     pub(crate) fn new(rate: Rate, epoch: Instant) -> Self {
-        let unit_ns = u64::try_from((rate.per.as_nanos() / u128::from(rate.count.max(1))).max(1))
-            .unwrap_or(u64::MAX);
+        // Rounded up: a rate is never exceeded (the builders refuse one a
+        // whole nanosecond per unit would make more than 1 % stricter).
+        let unit_ns = u64::try_from(
+            rate.per
+                .as_nanos()
+                .div_ceil(u128::from(rate.count.max(1)))
+                .max(1),
+        )
+        .unwrap_or(u64::MAX);
         Gcra {
             unit_ns,
             tau_ns: unit_ns.saturating_mul(u64::from(rate.burst)),

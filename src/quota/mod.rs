@@ -113,6 +113,10 @@ thread_local! {
 /// minute, give it a burst of 1 ([`burst`](Self::burst)): one a second, 60
 /// in the minute (61 counting both ends of a closed 60 s window).
 ///
+/// One unit's refill is kept in whole nanoseconds, rounded up: the bound
+/// always holds, and a rate whose unit the rounding would slow by more
+/// than 1 % is refused by the builders (count in larger units).
+///
 /// ```
 /// use semaforo::quota::Rate;
 /// let smooth = Rate::per_minute(60).burst(1);
@@ -175,11 +179,13 @@ impl Rate {
         }
         // The GCRA counts in u64 nanoseconds (about 584 years): a refill
         // period per unit, and a burst's worth of them, must fit.
-        let unit = self.per / self.count;
-        // Kept in whole nanoseconds: a unit rounded
-        // down by more than 1 % would admit more than 1 % over the rate.
+        // Kept in whole nanoseconds, rounded up (never over the rate): a
+        // unit rounded by more than 1 % would hold the rate more than 1 %
+        // under what was asked.
+        let unit_ns = self.per.as_nanos().div_ceil(u128::from(self.count));
+        let unit = Duration::from_nanos(u64::try_from(unit_ns).unwrap_or(u64::MAX));
         let exact = self.per.as_nanos() as f64 / f64::from(self.count);
-        if unit.is_zero() || (exact - unit.as_nanos() as f64) / exact > 0.01 {
+        if unit.is_zero() || (unit_ns as f64 - exact) / exact > 0.01 {
             return Err(ConfigError::new(
                 "quota",
                 what,

@@ -30,7 +30,10 @@ impl<Req, K, F: Fn(&Req) -> (K, PlanId)> QuotaKey<Req, K> for F {
 }
 
 /// The key is an `http::Request` header (an API key, a user id), every key on
-/// one plan; requests without the header share the key `"anonymous"`.
+/// one plan; requests without the header share the key `"anonymous"`. A
+/// value that is not visible ASCII (obs-text bytes) is its own key too: its
+/// bytes escaped after a NUL, which no header value holds, so it never
+/// shares a key with another value.
 #[cfg(feature = "http")]
 #[derive(Debug, Clone)]
 pub struct HeaderKey {
@@ -49,12 +52,14 @@ impl HeaderKey {
 #[cfg(feature = "http")]
 impl<B> QuotaKey<http::Request<B>, String> for HeaderKey {
     fn key(&self, req: &http::Request<B>) -> (String, PlanId) {
-        let key = req
-            .headers()
-            .get(&self.header)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("anonymous");
-        (key.to_owned(), self.plan)
+        let key = match req.headers().get(&self.header) {
+            None => "anonymous".to_owned(),
+            Some(v) => match v.to_str() {
+                Ok(s) => s.to_owned(),
+                Err(_) => format!("\0{}", v.as_bytes().escape_ascii()),
+            },
+        };
+        (key, self.plan)
     }
 }
 
@@ -302,6 +307,33 @@ impl<K: Hash + Eq + Clone> Shared<K> {
                 .map_err(|wait| Refusal::Wait(wait, true))?;
         }
         Ok(())
+    }
+
+    /// `Err(Refusal::Never)` when no wait makes `cost` fit: above the
+    /// plan's burst or the global limit's (counted and described).
+    pub(crate) fn fits_ever(&self, plan_id: PlanId, cost: u32) -> Result<(), Refusal> {
+        let plan = self.plan(plan_id);
+        if cost > plan.rate.burst {
+            return Err(self.never(plan, cost));
+        }
+        match &self.global {
+            Some((policy, global)) if !global.fits(cost) => Err(self.never_global(policy, cost)),
+            _ => Ok(()),
+        }
+    }
+
+    /// How long until `n` units fit `key`'s plan and the global limit, from
+    /// their state now, taking nothing: the wait of a call behind `n` less
+    /// its own cost in its key's line (exact for the key; for the global
+    /// limit a floor, other keys take from it too).
+    pub(crate) fn wait_for(&self, key: &K, plan_id: PlanId, n: u64) -> Duration {
+        let plan = self.plan(plan_id);
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let cell = plan.cells.cell(key);
+        let now = Instant::now();
+        let own = plan.cells.look(cell.as_ref(), n, now).err();
+        let global = self.global.as_ref().and_then(|(_, g)| g.look(n, now).err());
+        own.unwrap_or_default().max(global.unwrap_or_default())
     }
 
     /// The global limit's look refused `cost`: above its burst (never), or

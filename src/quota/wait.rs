@@ -88,6 +88,15 @@ impl<K: Hash + Eq + Clone> Lines<K> {
         cost: u32,
         max_wait: Duration,
     ) -> Result<Option<u64>, Rejected> {
+        // Free: admitted without a check, line or not.
+        if cost == 0 {
+            return Ok(None);
+        }
+        // A cost no wait makes fit is refused at once, line or not.
+        shared.fits_ever(plan, cost).map_err(|never| match never {
+            Refusal::Never(r) => r,
+            Refusal::Wait(wait, global) => shared.refusal(plan, global, wait, ""),
+        })?;
         if self.waiting.load(Ordering::Acquire) == 0 {
             match shared.check(key, plan, cost) {
                 Ok(()) => return Ok(None),
@@ -125,11 +134,9 @@ impl<K: Hash + Eq + Clone> Lines<K> {
             }
         };
         if ahead > 0 {
-            // Those ahead need their cost refilled before ours fits.
-            let unit = shared.unit(plan);
-            let estimate = unit.saturating_mul(
-                u32::try_from(ahead.saturating_add(u64::from(cost))).unwrap_or(u32::MAX),
-            );
+            // Those ahead take their cost first: ours fits once all of it
+            // does (the key's cell and the global one, from their state now).
+            let estimate = shared.wait_for(key, plan, ahead.saturating_add(u64::from(cost)));
             if estimate > max_wait {
                 return Err(shared.refusal(plan, false, estimate, "waiting would exceed max_wait"));
             }
