@@ -1748,14 +1748,13 @@ impl Service<u32> for NeverReady {
 
 /// Module docs: "A deployment whose `poll_ready` stays pending holds the
 /// call until the deadline — unless hedging is on: past the hedge delay,
-/// another deployment that can start the call now takes it". The move is
-/// told as a failover (`FailedOver`), and retry_budget says "One retry
-/// budget for every attempt after a call's first — failover, fallback and
-/// retry alike (hedges have their own cap)"; the hedge cap: "At most
-/// `max_share` ... of the recent calls are hedged (plus one)". With an empty
-/// retry budget and a 1 % hedge cap, at most one of 50 calls may move.
+/// another deployment that can start the call now takes it (nothing was sent
+/// to the first: the move is told as a failover, and draws on neither the
+/// retry budget nor the hedge cap, since nothing is sent twice)". With an
+/// empty retry budget and a 1 % hedge cap, every call moves, none reaches
+/// "a", and each is told as a failover.
 #[tokio::test(start_paused = true)]
-async fn router_readiness_moves_are_bounded_by_a_cap() {
+async fn router_readiness_moves_send_nothing_twice_and_draw_on_no_cap() {
     let polls = counter();
     let cb = counter();
     let events = Events::default();
@@ -1780,9 +1779,20 @@ async fn router_readiness_moves_are_bounded_by_a_cap() {
         }
     }
     let ev = events.take();
-    assert!(
-        moved <= 1,
-        "{moved} of 50 calls moved past a 1 % hedge cap and an empty retry budget; events: {:?}",
+    assert_eq!(moved, 50, "events: {:?}", &ev[..ev.len().min(4)]);
+    assert_eq!(
+        cb.load(Ordering::SeqCst),
+        50,
+        "each call answered by b once"
+    );
+    assert_eq!(
+        ev.iter().filter(|e| e.as_str() == "failover:a->b").count(),
+        50,
+        "{:?}",
         &ev[..ev.len().min(4)]
+    );
+    assert!(
+        !ev.iter().any(|e| e.starts_with("hedge")),
+        "no hedge: {ev:?}"
     );
 }

@@ -43,8 +43,8 @@
 //!
 //! A deployment whose `poll_ready` stays pending holds the call until the
 //! deadline — unless hedging is on: past the hedge delay, another
-//! deployment that can start the call now takes it (nothing was sent to the
-//! first). Set a deadline.
+//! first: the move is told as a failover, and draws on neither the retry
+//! budget nor the hedge cap, since nothing is sent twice). Set a deadline.
 //!
 //! A `Permanent` answer can move the call to another group of deployments
 //! once ([`RouterBuilder::fallback`]): a context-length error from a small

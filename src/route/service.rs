@@ -291,7 +291,9 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
     /// fallback and retry alike (hedges have their own cap): each call
     /// deposits, each further attempt withdraws, and a call whose budget is
     /// spent ends with its last answer. Share the `Arc` with other layers to
-    /// bound them together.
+    /// bound them together. A move off a deployment not ready by the hedge
+    /// delay (see the [module docs](super)) sends nothing twice: it draws
+    /// on neither this budget nor the hedge cap.
     pub fn retry_budget(mut self, budget: Arc<RetryBudget>) -> Self {
         self.budget = Some(budget);
         self
@@ -830,17 +832,21 @@ impl<S> Inner<S> {
     fn hedge_room(&self) -> bool {
         let calls = self.calls.load(Ordering::Relaxed) as f64;
         let hedged = self.hedged.load(Ordering::Relaxed) as f64;
-        hedged < self.hedge_share * calls + 1.0
+        // After this one: `hedged + 1 ≤ max_share · calls + 1`.
+        hedged <= self.hedge_share * calls
     }
 
-    /// A refusal of the router's own, told to its listener.
-    fn rejected(&self, kind: RejectKind) -> Rejected {
+    /// A refusal of the router's own, built by `build` from its kind and
+    /// name, then told to its listener (as the caller gets it: detail and
+    /// `retry_after` included).
+    fn rejected(&self, kind: RejectKind, build: impl FnOnce(Rejected) -> Rejected) -> BoxError {
         let r = match &self.name {
             Some(n) => Rejected::new("route", kind).with_name(n.clone()),
             None => Rejected::new("route", kind),
         };
+        let r = build(r);
         self.observer.rejected(&r);
-        r
+        r.into()
     }
 }
 
@@ -968,11 +974,9 @@ where
                         this.call.set(None);
                         this.hedge.set(None);
                         *this.svc = None;
-                        return Poll::Ready(Err(this
-                            .inner
-                            .rejected(RejectKind::Timeout)
-                            .with_detail("the call's deadline passed".to_owned())
-                            .into()));
+                        return Poll::Ready(Err(this.inner.rejected(RejectKind::Timeout, |r| {
+                            r.with_detail("the call's deadline passed".to_owned())
+                        })));
                     }
                 }
             }
@@ -1254,23 +1258,19 @@ where
                     // cost fits none.
                     return Poll::Ready(match this.last.take() {
                         Some(r) => r,
-                        None if open => {
-                            let mut r = this.inner.rejected(RejectKind::CircuitOpen);
-                            if let Some(ra) = reopens {
-                                r = r.with_retry_after(ra);
+                        None if open => Err(this.inner.rejected(RejectKind::CircuitOpen, |r| {
+                            let r = r.with_detail("no deployment can take the call".to_owned());
+                            match reopens {
+                                Some(ra) => r.with_retry_after(ra),
+                                None => r,
                             }
-                            Err(r
-                                .with_detail("no deployment can take the call".to_owned())
-                                .into())
-                        }
-                        None => Err(this
-                            .inner
-                            .rejected(RejectKind::BudgetExceeded)
-                            .with_detail(
+                        })),
+                        None => Err(this.inner.rejected(RejectKind::BudgetExceeded, |r| {
+                            r.with_detail(
                                 "the call's cost is above what any deployment can ever admit"
                                     .to_owned(),
                             )
-                            .into()),
+                        })),
                     });
                 }
             };
@@ -1282,28 +1282,20 @@ where
                         return Poll::Ready(last);
                     }
                     let name = &this.inner.deployments[i].name;
-                    return Poll::Ready(Err(this
-                        .inner
-                        .rejected(RejectKind::BudgetExceeded)
-                        .with_retry_after(start.saturating_duration_since(now))
-                        .with_detail(format!(
-                            "the soonest deployment ('{name}') starts after the deadline"
-                        ))
-                        .into()));
-                }
-            }
-            // Every attempt after the first draws from the retry budget.
-            if *this.attempts > 0 {
-                if let Some(budget) = &this.inner.budget {
-                    if !budget.try_withdraw() {
-                        if let Some(last) = this.last.take() {
-                            return Poll::Ready(last);
-                        }
-                    }
+                    return Poll::Ready(Err(this.inner.rejected(
+                        RejectKind::BudgetExceeded,
+                        |r| {
+                            r.with_retry_after(start.saturating_duration_since(now))
+                                .with_detail(format!(
+                                    "the soonest deployment ('{name}') starts after the deadline"
+                                ))
+                        },
+                    )));
                 }
             }
             // A deployment tried before (every one was): back off by how
             // the last attempt failed.
+            let mut back_off = None;
             if this.tried.get(i) {
                 let drawn = match (this.inner.backoff.as_ref(), this.last_failed.as_ref()) {
                     (Some(backoff), Some((_, class))) => {
@@ -1334,6 +1326,20 @@ where
                         return Poll::Ready(last);
                     }
                 }
+                back_off = Some((drawn, delay));
+            }
+            // Every attempt after the first draws from the retry budget —
+            // once it is sure to be sent (not one the backoff above gave up).
+            if *this.attempts > 0 {
+                if let Some(budget) = &this.inner.budget {
+                    if !budget.try_withdraw() {
+                        if let Some(last) = this.last.take() {
+                            return Poll::Ready(last);
+                        }
+                    }
+                }
+            }
+            if let Some((drawn, delay)) = back_off {
                 *this.retries = this.retries.saturating_add(1);
                 *this.prev_delay = drawn;
                 if !delay.is_zero() {
