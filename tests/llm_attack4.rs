@@ -34,7 +34,9 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 // ---------------------------------------------------------------- helpers
 
-type Res = http::Response<Bytes>;
+#[path = "support/llm_http.rs"]
+mod llm_http;
+use llm_http::{chat, ok, req, status, Res, USAGE_10};
 type Answer = Arc<dyn Fn(usize, &http::Request<Bytes>) -> Res + Send + Sync>;
 
 #[derive(Clone)]
@@ -105,34 +107,6 @@ impl Service<http::Request<Bytes>> for Slow {
             Ok(ok(USAGE_10))
         })
     }
-}
-
-fn ok(body: &str) -> Res {
-    http::Response::new(Bytes::from(body.to_owned()))
-}
-
-fn status(code: u16, headers: &[(&str, &str)], body: &str) -> Res {
-    let mut b = http::Response::builder().status(code);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(Bytes::from(body.to_owned())).unwrap()
-}
-
-const USAGE_10: &str = r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#;
-
-fn req(body: impl Into<Bytes>) -> http::Request<Bytes> {
-    http::Request::post("/v1/chat/completions")
-        .body(body.into())
-        .unwrap()
-}
-
-fn chat(model: &str, max_tokens: u64, content: &str) -> http::Request<Bytes> {
-    req(serde_json::json!({
-        "model": model, "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": content}],
-    })
-    .to_string())
 }
 
 /// A deterministic request (`temperature: 0`): cached and coalesced.
