@@ -496,7 +496,7 @@ async fn quota_wait_mode_a_panicking_clone_leaves_no_ghost_in_line() {
     svc.call(("k", 1)).await.unwrap();
     // Joins the line: the clone panics.
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = svc.call(("k", 1));
+        drop(svc.call(("k", 1)));
     }));
     assert!(caught.is_err());
     assert_eq!(quota.snapshot().waiting, 0, "a ghost stays in line");
@@ -530,7 +530,7 @@ async fn quota_a_panicking_key_closure_leaves_counts_consistent() {
         }))
         .service(service_fn(|_: Req| async { Ok::<_, std::io::Error>(()) }));
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = svc.call(("boom", 1));
+        drop(svc.call(("boom", 1)));
     }));
     assert!(caught.is_err());
     svc.call(("k", 1)).await.unwrap();
@@ -1474,8 +1474,7 @@ async fn quota_wait_mode_does_not_refuse_a_call_whose_wait_fits_max_wait() {
         panic!("a call whose wait (1.5 s) fits max_wait (1.8 s) was refused at arrival: {e}");
     }
     let (second, third) = futures::join!(second, third);
-    let second = Ok::<_, BoxError>(second);
-    let second = second.unwrap().unwrap();
+    let second = second.unwrap();
     assert!(second <= Duration::from_millis(1_001), "{second:?}");
     match third {
         Ok(at) => assert!(at <= Duration::from_millis(2_001), "{at:?}"),
