@@ -1,6 +1,7 @@
 //! Outside tester's attacks on fallback, KeyedBreaker, health and coalesce.
 //! Each test quotes the doc line it holds the crate to.
 #![allow(clippy::type_complexity)]
+#![cfg(all(feature = "cache", feature = "http"))]
 
 use semaforo::breaker::{Breaker, BreakerState};
 use semaforo::bulkhead::Bulkhead;
