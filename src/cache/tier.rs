@@ -39,7 +39,8 @@ pub trait RemoteTier: fmt::Debug + Send + Sync + 'static {
     /// The value under `key` and its age.
     fn get(&self, key: &[u8]) -> TierFuture<Option<(Vec<u8>, Duration)>>;
 
-    /// Stores `value` under `key` for [`ttl`](Self::ttl).
+    /// Stores `value` under `key` for [`ttl`](Self::ttl); a value above
+    /// [`max_value_bytes`](Self::max_value_bytes) is not stored (`Ok`).
     fn set(&self, key: &[u8], value: Vec<u8>) -> TierFuture<()>;
 
     /// Takes `key`'s fill lock: `Some(token)` when taken, `None` when

@@ -128,7 +128,10 @@ impl BudgetBuilder {
     ///
     /// Those of [`PaceBuilder::build`], and a [`ConfigError`] on `name`
     /// (empty, or with braces), `failure_policy` (a `Local` share outside
-    /// (0, 1]) or `resets` (a calendar window: the Redis cells roll).
+    /// (0, 1]), `resets` (a calendar window: the Redis cells roll) or
+    /// `limits` (a window, or a full burst's refill, longer than 100 years:
+    /// Redis keeps TTLs in signed 64-bit milliseconds). A `max_wait` longer
+    /// than 100 years (`Duration::MAX`) is no bound, as if unset.
     pub fn build(self) -> Result<Budget, ConfigError> {
         self.policy.validate("redis budget")?;
         if self.name.is_empty() || self.name.contains(['{', '}']) {
@@ -179,18 +182,18 @@ impl BudgetBuilder {
             .iter()
             .map(|(d, _)| d.largest * d.per_unit_us)
             .fold(0.0, f64::max);
-        if longest_us > MAX_SPAN.as_micros() as f64
-            || limits.max_wait_value().is_some_and(|w| w > MAX_SPAN)
-        {
+        if longest_us > MAX_SPAN.as_micros() as f64 {
             return Err(ConfigError::new(
                 "redis budget",
                 "limits",
-                "a window, a burst's refill or max_wait longer than 100 years",
+                "a window or a burst's refill longer than 100 years",
             ));
         }
+        // A `max_wait` past 100 years (`Duration::MAX`: "as long as it
+        // takes") is no bound: as if unset, as for the local pacer.
+        let max_wait = limits.max_wait_value().filter(|w| *w <= MAX_SPAN);
         let marker_ms = 10_000;
-        let undo_for = limits
-            .max_wait_value()
+        let undo_for = max_wait
             .unwrap_or(UNKNOWN_WAIT)
             .min(UNKNOWN_WAIT)
             .saturating_add(Duration::from_millis(marker_ms));
@@ -199,7 +202,7 @@ impl BudgetBuilder {
                 backend: self.backend,
                 name: self.name,
                 dims,
-                max_wait: limits.max_wait_value(),
+                max_wait,
                 policy: self.policy,
                 local,
                 closing: crate::close::Closing::default(),
@@ -496,7 +499,10 @@ impl Budget {
 
     /// Answers every call waiting for its reserved start (through the
     /// [layer](Self::layer)) `ShuttingDown` now, giving its reservation back,
-    /// and lets no call wait from now on. Returns how many were waiting. (A
+    /// and lets no call wait from now on. Returns how many were asleep for
+    /// their start at that instant (a call whose reservation was in a round
+    /// trip to Redis then is answered too when its reply comes — unless its
+    /// start is now: it goes — and is not counted). (A
     /// [`Shutdown`](crate::shutdown::Shutdown) calls it at its trigger once
     /// given the budget with [`watch`](crate::shutdown::Shutdown::watch).)
     pub fn close(&self) -> u64 {

@@ -220,6 +220,10 @@ impl RemoteTier for CacheTier {
     fn set(&self, key: &[u8], value: Vec<u8>) -> TierFuture<()> {
         let (me, key) = (self.clone(), key.to_vec());
         Box::pin(async move {
+            // Above the bound: not stored (whoever calls, not only the layer).
+            if value.len() > me.max_value_bytes {
+                return Ok(());
+            }
             let stored = wrap(&key, &value);
             let ms = me.ttl.as_millis().to_string().into_bytes();
             me.backend

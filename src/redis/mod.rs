@@ -44,7 +44,7 @@
 //! |---|---|---|
 //! | `FailOpen` | unbounded (everything) | nothing |
 //! | `FailClosed` | nothing | everything, as `BackendUnavailable` (class `Infrastructure`) |
-//! | `Local { share }` | at most `N · share · (R · T + B)` (each instance runs a local limiter with `share` of the budget; `share = 1/N` keeps the fleet within `R · T + B`) | the rest, as the local limiter refuses |
+//! | `Local { share }` | at most `N · share · (R · T + B)` (each instance runs a local limiter with `share` of the budget; `share = 1/N` keeps the fleet within `R · T + B`) — but never less than one unit per window and a burst of one per instance (a local limit is at least 1: with `share · R` or `share · B` below 1, `N · (T / window + 1)`) | the rest, as the local limiter refuses |
 //!
 //! When Redis comes back the cells it held are still there (or expired, i.e.
 //! full): what was admitted locally is not charged to them, so the fleet may

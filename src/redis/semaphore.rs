@@ -239,7 +239,10 @@ impl Semaphore {
 
     /// Answers every acquirer waiting for a slot `ShuttingDown` now, and
     /// refuses every acquire from now on, as [`Bulkhead::close`] does (held
-    /// leases are kept until released). Returns how many were waiting. (A
+    /// leases are kept until released; one whose script was running at the
+    /// close is given back and its acquirer refused). Returns how many were
+    /// asleep between two tries at that instant (one in a round trip to
+    /// Redis then is refused too when its reply comes, not counted). (A
     /// [`Shutdown`](crate::shutdown::Shutdown) calls it at its trigger once
     /// given the semaphore with [`watch`](crate::shutdown::Shutdown::watch).)
     pub fn close(&self) -> u64 {
@@ -298,7 +301,16 @@ impl Semaphore {
                 drop(in_flight);
             }
             match reply {
-                Ok(None) => return Ok(self.held(holder)),
+                Ok(None) => {
+                    let lease = self.held(holder);
+                    // Closed while the script ran: refused as promised (the
+                    // slot goes back as the lease drops).
+                    if inner.closing.is_closed() {
+                        drop(lease);
+                        return Err(self.shutting_down());
+                    }
+                    return Ok(lease);
+                }
                 Ok(Some(free_in)) => {
                     let now = Instant::now();
                     if now >= deadline {
