@@ -86,8 +86,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedBreaker<K> {
     }
 
     /// The breaker for `key`, created on first use — or, past `max_keys`
-    /// with no breaker to evict (see the [module docs](self): closed, in
-    /// normal mode, held by nothing but the map), the shared [`overflow`](Self::overflow)
+    /// with no breaker to evict (closed, in normal mode, held by nothing
+    /// but the map), the shared [`overflow`](Self::overflow)
     /// breaker (a `force_open` on it holds every key that shares it; once a
     /// place frees, such a key gets a breaker of its own, closed).
     /// [`snapshots`](Self::snapshots) lists the keys' own breakers only.

@@ -191,7 +191,8 @@ pub fn line_above(bulkhead: &Bulkhead, fraction: f64) -> impl Signal {
 /// would wait longer than `wait` — behind its line, behind the debt of its
 /// cells at a rate cut after 429s, or a pause — or would be refused (past
 /// the pacer's `max_wait`, a budget spent, the pacer closed). Before any call, the typical cost is
-/// one request.
+/// one request. For a keyed pacer (the LLM preset's, one per model), give it
+/// the model's: `pace_wait_above(&stack.pace().get(Some("gpt-4o-mini")), wait)`.
 pub fn pace_wait_above(pace: &Pace, wait: Duration) -> impl Signal {
     let p = pace.clone();
     move || {

@@ -59,7 +59,7 @@ pub enum Status {
 pub struct Component {
     /// The name it was registered under.
     pub name: String,
-    /// `"breaker"`, `"bulkhead"`, `"quota"`, `"pace"`.
+    /// `"breaker"`, `"bulkhead"`, `"quota"`, `"pace"`, `"degrade"` or `"cache"`.
     pub kind: &'static str,
     /// Its status.
     pub status: Status,

@@ -172,7 +172,10 @@ impl BudgetBuilder {
             dims.push((d, label));
         }
         let local = match self.policy {
-            FailurePolicy::Local { share } => Some(limits.scaled(share).build()?),
+            // Its refusals name the budget, as the Redis path's do.
+            FailurePolicy::Local { share } => {
+                Some(limits.scaled(share).name(self.name.clone()).build()?)
+            }
             _ => None,
         };
         // Redis keeps a TTL in ms in a signed 64-bit count: a cell, or a
@@ -225,7 +228,9 @@ pub enum Grant {
     /// Redis did not answer; the policy admits the call (`FailOpen`).
     Open,
     /// Redis did not answer; the call goes through the local limiter
-    /// (`FailurePolicy::Local`).
+    /// (`FailurePolicy::Local`): the [layer](Budget::layer) passes it
+    /// through [`Budget::local`]; a caller of [`Budget::reserve`] must do
+    /// so itself (the grant charges nothing by itself).
     Local,
 }
 

@@ -34,7 +34,9 @@
 //! failed over the same way. `Success` and `Permanent` answers are returned
 //! as they are. A total deadline bounds everything, the waits in a
 //! deployment's line included: a call whose earliest start is beyond it is
-//! refused at once with the exact `retry_after`. A call whose cost no
+//! refused at once with the exact `retry_after` — the time until that
+//! start (a call coming back then starts at once; a pacer's own refusal
+//! says less: its wait past its `max_wait`). A call whose cost no
 //! deployment could ever admit (above every burst) is refused
 //! `BudgetExceeded` without a `retry_after` (classified `Permanent`); when
 //! every deployment's breaker is open, `CircuitOpen` with the soonest
@@ -43,6 +45,7 @@
 //!
 //! A deployment whose `poll_ready` stays pending holds the call until the
 //! deadline — unless hedging is on: past the hedge delay, another
+//! deployment that can start the call now takes it (nothing was sent to the
 //! first: the move is told as a failover, and draws on neither the retry
 //! budget nor the hedge cap, since nothing is sent twice). Set a deadline.
 //!

@@ -235,7 +235,8 @@ impl<S, W, C, K> RouterBuilder<S, W, C, K> {
     /// by the deployment's own stream timeouts):
     /// waits in a deployment's line, attempts and failovers included
     /// (default: none). A call whose earliest start is beyond it is refused
-    /// at once (`BudgetExceeded` with the exact `retry_after`); one still
+    /// at once (`BudgetExceeded` with the exact `retry_after`: the time
+    /// until that start); one still
     /// running at it ends with `Timeout`.
     pub fn deadline(mut self, d: Duration) -> Self {
         self.deadline = Some(d);
