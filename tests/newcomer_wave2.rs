@@ -954,7 +954,7 @@ async fn llm_router_health() -> Result<(), semaforo::BoxError> {
         .deployment(LlmDeployment::new(
             "a",
             LlmStack::openai(tier),
-            client.clone(),
+            client,
         ))
         .deployment(LlmDeployment::new("b", LlmStack::openai(tier), client))
         .build()?;
