@@ -951,11 +951,7 @@ async fn llm_router_health() -> Result<(), semaforo::BoxError> {
     let shutdown = Shutdown::new();
     let router = LlmStack::router()
         .shutdown(shutdown.clone())
-        .deployment(LlmDeployment::new(
-            "a",
-            LlmStack::openai(tier),
-            client,
-        ))
+        .deployment(LlmDeployment::new("a", LlmStack::openai(tier), client))
         .deployment(LlmDeployment::new("b", LlmStack::openai(tier), client))
         .build()?;
     let health = router.register_health(Health::new(&shutdown), "llm");

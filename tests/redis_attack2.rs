@@ -577,7 +577,7 @@ async fn fail_closed_budget_and_semaphore_through_a_kill_and_empty_restart() {
     for _ in 0..50 {
         let r = b.reserve(None, &Cost::requests(1)).await.unwrap_err();
         assert_eq!(r.kind(), RejectKind::BackendUnavailable, "{r}");
-        let r = sem.acquire().await.err().expect("refused");
+        let r = sem.acquire().await.expect_err("refused");
         assert_eq!(r.kind(), RejectKind::BackendUnavailable, "{r}");
     }
     assert!(
@@ -670,9 +670,8 @@ async fn fail_open_while_redis_is_frozen_admits_without_hanging() {
     // Nothing taken in Redis by the stand-ins nor by the late scripts.
     let t0 = Instant::now();
     loop {
-        match sem.holders().await {
-            Ok(0) => break,
-            _ => {}
+        if matches!(sem.holders().await, Ok(0)) {
+            break;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(10),
@@ -737,7 +736,7 @@ async fn a_held_lease_outlives_many_lease_lengths_and_is_released() {
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(3) {
         assert_eq!(sem.holders().await.unwrap(), 1, "at {:?}", t0.elapsed());
-        let r = sem.acquire().await.err().expect("full");
+        let r = sem.acquire().await.expect_err("full");
         assert_eq!(r.kind(), RejectKind::QueueFull);
         let ra = r.retry_after().expect("a retry_after");
         assert!(
