@@ -857,6 +857,7 @@ async fn after_a_flushall_the_old_and_new_holders_settle_within_the_limit() {
 /// exactly `max_value_bytes` is, whatever the key's length); "each value
 /// holding the whole key (compared on read: two requests never share an
 /// answer on a hash)"; "The age of an answer is the TTL minus Redis' PTTL".
+#[cfg(feature = "cache")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_tier_sizes_keys_and_ages() {
     use semaforo::cache::RemoteTier;
@@ -911,6 +912,7 @@ async fn cache_tier_sizes_keys_and_ages() {
 /// "Redis trouble never fails a call: every command goes through the
 /// backend's timeout and breaker; an error is a miss". A frozen Redis: each
 /// command answers (an error or a miss) within a timeout, never hangs.
+#[cfg(feature = "cache")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_tier_on_a_frozen_redis_answers_fast() {
     use semaforo::cache::RemoteTier;
@@ -1001,6 +1003,7 @@ async fn concurrent_pauses_from_many_instances_keep_the_longest() {
 /// `CacheTier` docs: "values above `max_value_bytes` are not stored";
 /// `RemoteTier::max_value_bytes`: "The largest value stored (bytes)".
 /// Through the `RemoteTier` trait directly (a user's own layer).
+#[cfg(feature = "cache")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_tier_does_not_store_a_value_above_max_value_bytes() {
     use semaforo::cache::RemoteTier;
