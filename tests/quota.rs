@@ -383,19 +383,21 @@ async fn wait_mode_admits_in_arrival_order_at_the_refill_instants() {
     let (svc, log) = recording(&quota);
     let mut calls = Vec::new();
     // Ten calls of key 1, 100 ms apart: the first passes, the rest queue
-    // (call k would wait k − 0.1·k s; its estimate at arrival is k s ≤ 9 s).
+    // (call k would wait k − 0.1·k s, its estimate at arrival, ≤ 9 s).
     for seq in 0..10 {
         if seq > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         calls.push(spawn_call(&svc, (1, p, 1, seq)));
     }
-    // At 0.95 s nine calls are in line ahead of this one: 10 s > max_wait.
+    // At 0.95 s nine calls are in line ahead of this one: it would start at
+    // the tenth refill instant, 10 s, a wait of 9.05 s > max_wait — refused
+    // with that estimate (exact: the cells' wait for everything ahead).
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(quota.snapshot().waiting, 9, "{:?}", quota.snapshot());
     let over = spawn_call(&svc, (1, p, 1, 99)).await.unwrap().unwrap_err();
     assert_eq!(over.kind(), RejectKind::QuotaExceeded);
-    assert_eq!(over.retry_after(), Some(Duration::from_secs(10)));
+    assert_eq!(over.retry_after(), Some(Duration::from_millis(9_050)));
     // Another key is not held up by key 1's line.
     spawn_call(&svc, (2, p, 1, 0)).await.unwrap().unwrap();
     for c in calls {
