@@ -374,9 +374,7 @@ where
     #[inline]
     fn call(&mut self, mut req: Req) -> Self::Future {
         if self.config.budget {
-            if let Some(b) = &self.spare.shared.budget {
-                b.deposit();
-            }
+            deposit(&self.spare.shared);
         }
         let backup = if self.config.max_attempts > 1 && self.requests.retryable(&req) {
             self.requests.clone_request(&req)
@@ -385,10 +383,7 @@ where
         };
         self.requests.on_attempt(&mut req, 1);
         // Boxed: only calls with a deadline pay for (and allocate) the timer.
-        let deadline = self
-            .config
-            .deadline
-            .map(|d| Box::pin(tokio::time::sleep(d)));
+        let deadline = self.config.deadline.map(deadline_timer);
         if self.stale {
             self.refresh_spare();
         }
@@ -408,6 +403,21 @@ where
             _req: PhantomData,
         }
     }
+}
+
+/// A call's deposit into the retry budget, out of line: `call` stays small
+/// enough to be inlined into the layer above.
+#[inline(never)]
+fn deposit(shared: &Shared) {
+    if let Some(b) = &shared.budget {
+        b.deposit();
+    }
+}
+
+/// The timer of a call's overall deadline, out of line (as [`deposit`]).
+#[inline(never)]
+fn deadline_timer(d: Duration) -> Pin<Box<Sleep>> {
+    Box::pin(tokio::time::sleep(d))
 }
 
 /// What a retryable call keeps between attempts.
