@@ -176,6 +176,13 @@ impl RateLimit {
         r
     }
 
+    /// [`refused`](Self::refused) for one unit, boxed (the layer's refusal).
+    #[cold]
+    #[inline(never)]
+    fn refused_boxed(&self, wait: std::time::Duration) -> Box<Rejected> {
+        Box::new(self.refused(1, wait))
+    }
+
     /// The layer: every call takes one unit.
     pub fn layer(&self) -> RateLimitLayer {
         RateLimitLayer {
@@ -227,12 +234,14 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.limit.try_take() {
+        // The refusal is built out of line and boxed there: the admitted
+        // path keeps no room for a `Rejected` on its stack.
+        match self.limit.shared.cell.take(1, Instant::now()) {
             Ok(()) => RateLimitFuture::Admitted {
                 fut: self.inner.call(req),
             },
-            Err(r) => RateLimitFuture::Refused {
-                refusal: Some(Box::new(r)),
+            Err(wait) => RateLimitFuture::Refused {
+                refusal: Some(self.limit.refused_boxed(wait)),
             },
         }
     }
