@@ -43,9 +43,13 @@ pub(crate) static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESER
 /// `late` µs beyond a longest wait) or `{2, 0}` (the marker says the
 /// reservation was cancelled before it ran). A reservation writes its marker
 /// as `reserved` followed by each cell's `tat` (µs) right after it, space
-/// separated. A start held back by a pause takes its cost from the pause's
-/// end (`tat ← max(tat, pause) + cost · per`): the cells are not emptied
-/// by a pause, they refill through it. Times are Redis's `TIME`.
+/// separated. Every cell is charged from the reservation's start, the
+/// latest of what each cell and the pause allow (GCRA's `tat ← max(tat,
+/// start) + cost · per`, as the local pacer): a call held back by one cell
+/// (or by a pause) is not counted by the others as if it had gone at once,
+/// which let another call through them at the same start over their burst.
+/// The cells are not emptied by a wait, they refill through it. Times are
+/// Redis's `TIME`.
 pub const RESERVE_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -84,7 +88,7 @@ local m = 'reserved'
 for i = 1, n do
   local per = tonumber(ARGV[i * 4 - 1])
   local cost = tonumber(ARGV[i * 4 + 1])
-  local new = math.max(tats[i], paused) + cost * per
+  local new = math.max(tats[i], start) + cost * per
   local ttl = math.ceil((new - now) / 1000) + 1000
   redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', ttl)
   m = m .. ' ' .. string.format('%.0f', new)
@@ -390,6 +394,78 @@ mod tests {
         // Given back once: a second undo moves nothing.
         undo(&mut conn, "t:{undo}:x").await;
         assert_eq!(tat(&mut conn).await, cell);
+    }
+
+    /// Two calls that share a token cell, each held back by a requests
+    /// cell of its own (another key's) until the same instant `T`: the
+    /// second must start a token's time after the first — at `T` too (the
+    /// fault: the first was counted on the token cell as if it had gone at
+    /// once), two tokens would go at `T` through a burst of one.
+    #[tokio::test]
+    async fn a_call_held_back_by_one_cell_is_counted_by_the_others_from_its_start() {
+        let Some((_server, mut conn)) = start().await else {
+            return;
+        };
+        // Tokens: 100 ms a token, a burst of one, free now.
+        let tokens = "t:{held}:tokens";
+        let t0 = now_us(&mut conn).await;
+        let until = t0 + 1_000_000;
+        for cell in ["t:{held}:a", "t:{held}:b"] {
+            let _: () = redis::cmd("SET")
+                .arg(cell)
+                .arg(until)
+                .arg("PX")
+                .arg(10_000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let mut waits = Vec::new();
+        for (requests, marker) in [("t:{held}:a", "t:{held}:m1"), ("t:{held}:b", "t:{held}:m2")] {
+            let (ok, wait): (i64, i64) = RESERVE
+                .key(tokens)
+                .key(requests)
+                .key(marker)
+                .arg("1e18")
+                .arg(10_000)
+                .arg(PER)
+                .arg(1)
+                .arg(1)
+                .arg("1e18")
+                .arg(1)
+                .arg(1)
+                .arg(1)
+                .arg("1e18")
+                .invoke_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(ok, 1, "{marker}: reserved");
+            waits.push(wait);
+        }
+        let t1 = now_us(&mut conn).await;
+        // Each start is Redis's clock at the call (between t0 and t1) plus
+        // its wait. The first goes at `until`; the second a token later.
+        assert!(
+            t0 + waits[0] <= until && t1 + waits[0] >= until,
+            "first: wait {} from [{t0}, {t1}], until {until}",
+            waits[0]
+        );
+        assert!(
+            t1 + waits[1] >= until + PER,
+            "second: wait {} from at most {t1} starts before {}: two tokens at once through a burst of one",
+            waits[1],
+            until + PER
+        );
+        let cell: String = redis::cmd("GET")
+            .arg(tokens)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            cell.parse::<i64>().unwrap(),
+            until + 2 * PER,
+            "the token cell after both"
+        );
     }
 
     /// Reservations waiting for their start (the burst spent), given back
