@@ -412,7 +412,11 @@ impl QuotaBuilder {
     /// Wait mode: a call over its quota waits, first come first served per
     /// key, for at most `max_wait`, instead of failing at once. A call whose
     /// wait would be longer is refused at arrival with the estimate as
-    /// `retry_after`; one that reaches `max_wait` in line is refused then.
+    /// `retry_after`; one that reaches `max_wait` in line is refused then,
+    /// with how long it would still have waited as `retry_after` (for the
+    /// costs ahead of it and its own to fit, from the cells' state then:
+    /// another key can take the global limit meanwhile, so arrival
+    /// estimates are not promises).
     /// The line is per key: with a [`global`](Self::global) limit, the call at
     /// the front of one key's line and a call of another key compete for the
     /// global limit at the instant each checks.

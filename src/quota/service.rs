@@ -602,12 +602,17 @@ impl<S: Service<Req>, Req, K: Hash + Eq + Clone> Waiting<S, Req, K> {
                     if this.sleep.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    this.shared.lines.leave(this.key, *this.id);
+                    // Its retry_after: when it would have been admitted
+                    // (everything ahead of it and its own cost fitting).
+                    let wait = this
+                        .shared
+                        .lines
+                        .leave_behind(this.shared, this.key, *this.plan, *this.id)
+                        .unwrap_or_else(|| this.shared.unit(*this.plan));
                     *this.in_line = false;
-                    let unit = this.shared.unit(*this.plan);
                     let r = this
                         .shared
-                        .refusal(*this.plan, false, unit, "max_wait reached");
+                        .refusal(*this.plan, false, wait, "max_wait reached");
                     return Poll::Ready(Err(this.shared.told(r)));
                 }
             }

@@ -224,6 +224,32 @@ impl<K: Hash + Eq + Clone> Lines<K> {
 
     /// Takes the call `id` out of `key`'s line (admitted, timed out or dropped)
     /// and wakes the new front.
+    /// Takes the call `id` out of `key`'s line when its `max_wait` ran out
+    /// behind others, answering how long it would still have waited: until
+    /// the costs ahead of it and its own all fit, from the cells' state now
+    /// (the estimate a call arriving behind them gets). `None`: it was not
+    /// in the line.
+    pub(crate) fn leave_behind(
+        &self,
+        shared: &Shared<K>,
+        key: &K,
+        plan: PlanId,
+        id: u64,
+    ) -> Option<Duration> {
+        let mut inner = self.lock();
+        let units = inner.lines.get(key).and_then(|line| {
+            let at = line.iter().position(|e| e.id == id)?;
+            Some(
+                line.iter()
+                    .take(at.saturating_add(1))
+                    .fold(0u64, |n, e| n.saturating_add(u64::from(e.cost))),
+            )
+        });
+        self.remove(&mut inner, key, id);
+        drop(inner);
+        units.map(|n| shared.wait_for(key, plan, n))
+    }
+
     pub(crate) fn leave(&self, key: &K, id: u64) {
         let mut inner = self.lock();
         self.remove(&mut inner, key, id);
@@ -257,4 +283,61 @@ fn shutting_down<K: Hash + Eq + Clone>(shared: &Shared<K>) -> Rejected {
     Rejected::new("quota", crate::RejectKind::ShuttingDown)
         .with_name_opt(shared.obs.name.as_ref())
         .with_detail("the quota's lines are closed")
+}
+
+#[cfg(test)]
+mod tests {
+    //! A waiter refused at its `max_wait` while still behind another (its
+    //! deadline's timer and the front's wake-up at one instant, or the
+    //! front's task late on a loaded runtime) is told how long it would
+    //! still have waited — the estimate a call arriving behind the same
+    //! line gets — not one unit's refill, as before.
+    use super::*;
+    use crate::quota::{Quota, Rate};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_left_behind_is_told_its_wait_for_everything_ahead_and_its_own() {
+        // The global limit: one unit a second, a burst of 2; the plan is wide.
+        let quota: Quota<u32> = Quota::builder()
+            .plan("p", Rate::per_second(1_000).burst(1_000))
+            .global(Rate::per_second(1).burst(2))
+            .max_wait(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let p = quota.plan_id("p").unwrap();
+        let shared = &quota.shared;
+        let max_wait = Duration::from_secs(10);
+        // The burst taken; then a call of 2 units at the front, one of 1
+        // behind it.
+        assert!(shared.check(&1, p, 2).is_ok());
+        let front = shared
+            .lines
+            .admit_or_join(shared, &1, p, 2, max_wait)
+            .unwrap();
+        let behind = shared
+            .lines
+            .admit_or_join(shared, &1, p, 1, max_wait)
+            .unwrap();
+        let (Some(front), Some(behind)) = (front, behind) else {
+            panic!("both wait: {front:?} {behind:?}");
+        };
+        assert_eq!(shared.lines.waiting.load(Ordering::Acquire), 2);
+        // 1.5 s later: the front goes at 2 s (its 2 units), the other at 3 s
+        // (its unit): 1.5 s from now, not one unit's 1 s.
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        assert_eq!(
+            shared.lines.leave_behind(shared, &1, p, behind),
+            Some(Duration::from_millis(1_500))
+        );
+        assert_eq!(shared.lines.waiting.load(Ordering::Acquire), 1);
+        // Gone already: nothing to tell; the front stays.
+        assert_eq!(shared.lines.leave_behind(shared, &1, p, behind), None);
+        assert_eq!(shared.lines.waiting.load(Ordering::Acquire), 1);
+        // The front alone: its own 2 units, at 2 s.
+        assert_eq!(
+            shared.lines.leave_behind(shared, &1, p, front),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(shared.lines.waiting.load(Ordering::Acquire), 0);
+    }
 }
