@@ -12,10 +12,9 @@ use semaforo::llm::{
     LlmDeployment, LlmStack, Price, PriceTable, Profile, StreamFailed, Tier, TokenEstimator,
 };
 use semaforo::pace::{Limit, Pace, Unit, Weigh};
-use semaforo::retry::{Retry, RetryAfterTooLong};
+use semaforo::retry::RetryAfterTooLong;
 use semaforo::{BoxError, RejectKind, Rejected};
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +27,10 @@ use tower::{Layer, Service, ServiceExt};
 
 #[path = "support/llm_http.rs"]
 mod llm_http;
+#[path = "support/llm_stack.rs"]
+mod llm_stack;
 use llm_http::{chat, ok, req, status, Res, USAGE_10};
+use llm_stack::{assert_idle, big_tier, charged, no_retry, noop_poll, read_like_hyper};
 type Answer = Arc<dyn Fn(usize, &http::Request<Bytes>) -> Res + Send + Sync>;
 
 /// A whole-answer client that counts its calls and answers with `f(n, req)`.
@@ -66,25 +68,6 @@ impl Service<http::Request<Bytes>> for Mock {
     }
 }
 
-fn big_tier() -> Tier {
-    Tier {
-        requests_per_minute: 100_000,
-        tokens_per_minute: 1_000_000,
-    }
-}
-
-/// Units charged on the first dimension of `unit` (capacity less available;
-/// exact while paused time does not move).
-fn charged(p: &Pace, unit: Unit) -> f64 {
-    let s = p.snapshot();
-    let d = s
-        .dims
-        .iter()
-        .find(|d| d.unit == unit)
-        .unwrap_or_else(|| panic!("no {unit:?} dim in {s:?}"));
-    d.capacity - d.available
-}
-
 /// Every pacer of the stack (keyed and overflow).
 fn all_pacers(stack: &LlmStack) -> Vec<Pace> {
     let mut v: Vec<Pace> = stack.pace().pacers().into_iter().map(|(_, p)| p).collect();
@@ -94,20 +77,6 @@ fn all_pacers(stack: &LlmStack) -> Vec<Pace> {
 
 fn charged_all(stack: &LlmStack, unit: Unit) -> f64 {
     all_pacers(stack).iter().map(|p| charged(p, unit)).sum()
-}
-
-fn no_retry() -> Retry {
-    Retry::builder().max_attempts(1).build().unwrap()
-}
-
-fn assert_idle(stack: &LlmStack) {
-    let b = stack.bulkhead().snapshot();
-    assert_eq!((b.in_flight, b.waiting), (0, 0), "bulkhead not idle: {b:?}");
-    assert_eq!(
-        stack.shutdown().in_flight(),
-        0,
-        "shutdown in-flight count leaked"
-    );
 }
 
 /// A streamed body of given frames; `is_end_stream` once all are out (as
@@ -182,31 +151,6 @@ fn streamed_chat(model: &str, max_tokens: u64) -> http::Request<Bytes> {
         "messages": [{"role": "user", "content": "abcdefgh"}],
     })
     .to_string())
-}
-
-/// Reads a body the way hyper does: stops as soon as `is_end_stream()`.
-async fn read_like_hyper<B>(mut body: B) -> (Vec<u8>, Option<BoxError>)
-where
-    B: Body<Data = Bytes, Error = BoxError> + Unpin,
-{
-    let mut out = Vec::new();
-    while !body.is_end_stream() {
-        match body.frame().await {
-            None => break,
-            Some(Ok(f)) => {
-                if let Some(d) = f.data_ref() {
-                    out.extend_from_slice(d);
-                }
-            }
-            Some(Err(e)) => return (out, Some(e)),
-        }
-    }
-    (out, None)
-}
-
-fn noop_poll<F: Future + ?Sized>(f: Pin<&mut F>) -> Poll<F::Output> {
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    f.poll(&mut cx)
 }
 
 // ------------------------------------------------- 1. LlmStack, odd bodies

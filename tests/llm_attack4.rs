@@ -15,10 +15,8 @@ use semaforo::degrade::{Degrade, DegradeLayer, Level, Rule};
 use semaforo::fallback::FellBack;
 use semaforo::llm::{
     LlmCache, LlmDeployment, LlmKey, LlmStack, Price, PriceTable, Profile, Prompt, StreamFailed,
-    Tier,
 };
 use semaforo::pace::{Cost, KeyedPace, Limit, Pace, Unit, Weigh};
-use semaforo::retry::Retry;
 use semaforo::share::{RequestKey, Served};
 use semaforo::shutdown::Shutdown;
 use semaforo::{BoxError, RejectKind, Rejected};
@@ -36,7 +34,10 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 #[path = "support/llm_http.rs"]
 mod llm_http;
+#[path = "support/llm_stack.rs"]
+mod llm_stack;
 use llm_http::{chat, ok, req, status, Res, USAGE_10};
+use llm_stack::{assert_idle, big_tier, charged, no_retry, noop_poll, read_like_hyper};
 type Answer = Arc<dyn Fn(usize, &http::Request<Bytes>) -> Res + Send + Sync>;
 
 #[derive(Clone)]
@@ -116,37 +117,6 @@ fn det(content: &str) -> http::Request<Bytes> {
         "messages": [{"role": "user", "content": content}],
     })
     .to_string())
-}
-
-fn big_tier() -> Tier {
-    Tier {
-        requests_per_minute: 100_000,
-        tokens_per_minute: 1_000_000,
-    }
-}
-
-fn charged(p: &Pace, unit: Unit) -> f64 {
-    let s = p.snapshot();
-    let d = s
-        .dims
-        .iter()
-        .find(|d| d.unit == unit)
-        .unwrap_or_else(|| panic!("no {unit:?} dim in {s:?}"));
-    d.capacity - d.available
-}
-
-fn no_retry() -> Retry {
-    Retry::builder().max_attempts(1).build().unwrap()
-}
-
-fn assert_idle(stack: &LlmStack) {
-    let b = stack.bulkhead().snapshot();
-    assert_eq!((b.in_flight, b.waiting), (0, 0), "bulkhead not idle: {b:?}");
-    assert_eq!(
-        stack.shutdown().in_flight(),
-        0,
-        "shutdown in-flight count leaked"
-    );
 }
 
 /// A streamed body of given frames (data, trailers or errors);
@@ -238,33 +208,6 @@ const CHUNK1: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"ho\"}}]}\n
 const USAGE_CHUNK: &[u8] =
     b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n";
 const DONE: &[u8] = b"data: [DONE]\n\n";
-
-/// Reads a body the way hyper does: stops as soon as `is_end_stream()`.
-async fn read_like_hyper<B>(body: B) -> (Vec<u8>, Option<BoxError>)
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let mut body = Box::pin(body);
-    let mut out = Vec::new();
-    while !body.is_end_stream() {
-        match body.frame().await {
-            None => break,
-            Some(Ok(f)) => {
-                if let Some(d) = f.data_ref() {
-                    out.extend_from_slice(d);
-                }
-            }
-            Some(Err(e)) => return (out, Some(e.into())),
-        }
-    }
-    (out, None)
-}
-
-fn noop_poll<F: Future + ?Sized>(f: Pin<&mut F>) -> Poll<F::Output> {
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    f.poll(&mut cx)
-}
 
 fn stream_failed(e: &BoxError) -> Option<&StreamFailed> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&**e);
