@@ -43,6 +43,19 @@
 //!   Rate-limit headers (`x-ratelimit-remaining-*`) lower our count of what is
 //!   left whenever the upstream knows better.
 //!
+//! - **No lock on the healthy path** of a pacer of one or two rolling cells
+//!   (RPM + TPM, the common shape; no parent, no calendar window): while
+//!   nobody waits and nothing is paused, a call is reserved on both cells by
+//!   one 128-bit compare-and-swap of a word holding both cells' `tat`s — both
+//!   or neither, so no roll-back another caller could have seen. Anything
+//!   else (the line, a pause, a learned limit, a refund, a snapshot) takes
+//!   the state's lock, which takes the `tat`s out of the word for as long as
+//!   it is held; while anyone waits they stay there, so a newcomer always
+//!   joins the end of the line. Pacers of three cells or more take the lock
+//!   for one short pass. The record of recent starts and of the typical cost
+//!   (for ETAs and a router's outlook) is kept in atomics beside it: an
+//!   estimate that two calls at one instant may enter out of order.
+//!
 //! Why our own GCRA and not governor: governor cannot reserve a future slot for
 //! a waiter, refund an estimate or take a debt, and its cells are independent —
 //! checking RPM then TPM can consume one and fail the other.
@@ -72,9 +85,11 @@
 //! ```
 
 mod calendar;
+mod fast;
 mod keyed;
 mod service;
 pub(crate) mod state;
+mod stats;
 
 pub use keyed::{KeyedPace, KeyedPaceBuilder, KeyedPaceLayer, KeyedPaceService, NoKey, PaceKey};
 
@@ -89,6 +104,7 @@ use crate::classify::RateLimitInfo;
 use crate::error::ConfigError;
 use crate::observe::{Event, ListenerSlot, Observer};
 use state::{Dim, State};
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -312,6 +328,41 @@ pub(crate) struct Shared {
     /// call reserves on both at the same instant. Locked after this one's
     /// state, never the other way round.
     pub(crate) parent: Option<Arc<Shared>>,
+    /// The lock-free healthy path (a pacer of one or two rolling cells and
+    /// no parent; see [`fast`]).
+    pub(crate) fast: Option<fast::Fast>,
+    /// The state's record of started calls, written without its lock by the
+    /// lock-free path.
+    pub(crate) stats: Arc<stats::Stats>,
+}
+
+/// The state under its lock, with the cells' `tat`s taken back from the
+/// lock-free path for as long as it is held, and handed back when it is let
+/// go and the pacer is free (see [`fast`]).
+pub(crate) struct Locked<'a> {
+    st: MutexGuard<'a, State>,
+    fast: Option<(&'a fast::Fast, Option<u128>)>,
+}
+
+impl Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.st
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.st
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if let Some((fast, taken)) = self.fast {
+            self.st.hand_over(fast, taken);
+        }
+    }
 }
 
 impl Shared {
@@ -322,8 +373,27 @@ impl Shared {
         self.max_wait.filter(|m| wait > *m)
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn lock(&self) -> Locked<'_> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let fast = self.fast.as_ref().map(|f| {
+            let taken = st.take_back(f);
+            (f, taken)
+        });
+        Locked { st, fast }
+    }
+
+    /// The healthy path without the lock: `cost` reserved `since` the epoch
+    /// when nobody waits and it fits now (see [`fast`]); `false` decides
+    /// nothing.
+    #[inline]
+    pub(crate) fn try_lock_free(&self, cost: &Cost, since: Duration) -> bool {
+        match &self.fast {
+            Some(f) if f.try_take(cost, since.as_secs_f64()) => {
+                self.stats.started(cost, since);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Replaces an estimate by the real cost, here and on the parent.
@@ -803,6 +873,12 @@ impl PaceBuilder {
                 obs: Observer::new(self.name, self.listener.0),
                 max_wait: self.max_wait,
                 epoch: st.epoch(),
+                fast: self
+                    .parent
+                    .is_none()
+                    .then(|| fast::Fast::new(&st.dims))
+                    .flatten(),
+                stats: st.stats.clone(),
                 state: Mutex::new(st),
                 slowed: std::sync::atomic::AtomicBool::new(false),
                 parent: self.parent,

@@ -498,10 +498,12 @@ impl Shared {
         // The healthy path of a pacer without a parent: one pass, no more.
         // Its seconds since the epoch are read before the lock: the critical
         // section is the cells' arithmetic, not the clock's.
-        let n = self
-            .parent
-            .is_none()
-            .then(|| super::state::secs(self.epoch, now));
+        let since = now.saturating_duration_since(self.epoch);
+        // A pacer of one or two cells: one compare-and-swap, no lock.
+        if self.try_lock_free(cost, since) {
+            return Admit::Now;
+        }
+        let n = self.parent.is_none().then_some(since.as_secs_f64());
         let mut st = self.lock();
         if n.is_some_and(|n| !st.closed && st.try_rolling(cost, now, n)) {
             return Admit::Now;

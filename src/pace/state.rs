@@ -172,50 +172,17 @@ pub(crate) struct State {
     /// Every cell is a rolling GCRA one (no calendar window): the one-pass
     /// fast path applies.
     rolling_only: bool,
-    /// When the most recent calls started (for ETAs of lines above).
-    recent: Recent,
-    /// A typical call's cost (smoothed, per part: requests, input, cached
-    /// input, output), for projecting calls not seen yet.
-    typical: Option<[f64; PARTS]>,
-    /// A cost whose smoothing left `typical` as it was (a pacer whose
-    /// calls all cost the same): the next such call need not smooth.
-    settled: Option<Cost>,
+    /// When the most recent calls started and a typical call's cost, for
+    /// projections (shared with the lock-free path, see [`super::fast`]).
+    pub(crate) stats: Arc<Stats>,
 }
 
-/// The parts of a cost: requests, input, cached input, output, spend.
-const PARTS: usize = 5;
+use super::stats::{parts, Stats, PARTS};
+use std::sync::Arc;
 
 /// The most cells the one-pass healthy path takes (RPM, TPM, ITPM, OTPM,
 /// a daily cap… a pacer with more goes the general way).
 const FAST_CELLS: usize = 8;
-
-/// How many recent starts the pacer remembers for projections.
-const RECENT: usize = 256;
-
-/// The last [`RECENT`] start instants, in a ring (a write a call, no shifting).
-#[derive(Debug, Default)]
-struct Recent {
-    at: Vec<Instant>,
-    /// Where the next one goes: once the ring is full, the oldest.
-    next: usize,
-}
-
-impl Recent {
-    #[inline]
-    fn push(&mut self, now: Instant) {
-        match self.at.get_mut(self.next) {
-            Some(slot) => *slot = now,
-            None => self.at.push(now),
-        }
-        self.next = (self.next + 1) % RECENT;
-    }
-
-    /// Oldest first (before the ring is full, `next` is its length).
-    fn oldest_first(&self) -> impl Iterator<Item = Instant> + '_ {
-        let (newer, older) = self.at.split_at(self.next.min(self.at.len()));
-        older.iter().chain(newer).copied()
-    }
-}
 /// How many calls of its line a projection copies (the bulkhead simulates
 /// at most 10,000 positions).
 const PROJECTED: usize = 10_000;
@@ -273,16 +240,6 @@ fn amount_of_parts(unit: Unit, [r, i, c, o, m]: &[f64; PARTS]) -> f64 {
 }
 
 /// A cost's parts as numbers (requests, input, cached input, output, spend).
-fn parts(c: &Cost) -> [f64; PARTS] {
-    [
-        f64::from(c.requests),
-        c.input_tokens as f64,
-        c.cached_input_tokens as f64,
-        c.output_tokens as f64,
-        c.spend as f64,
-    ]
-}
-
 pub(crate) fn secs(epoch: Instant, t: Instant) -> f64 {
     t.saturating_duration_since(epoch).as_secs_f64()
 }
@@ -348,37 +305,20 @@ impl State {
             closed: false,
             max_pause: DEFAULT_MAX_PAUSE,
             header_window: DEFAULT_HEADER_WINDOW,
-            recent: Recent::default(),
-            typical: None,
-            settled: None,
+            stats: Arc::default(),
         }
     }
 
     /// A call of `cost` started at `now`.
-    fn started(&mut self, cost: &Cost, now: Instant) {
-        self.recent.push(now);
-        // The smoothing with a cost that left it unchanged last time leaves
-        // it unchanged again (same numbers in, same numbers out): skipped.
-        if self.settled == Some(*cost) {
-            return;
-        }
-        let now = parts(cost);
-        let before = self.typical;
-        self.typical = Some(match self.typical {
-            None => now,
-            Some(mut t) => {
-                for (t, x) in t.iter_mut().zip(now) {
-                    *t += 0.2 * (x - *t);
-                }
-                t
-            }
-        });
-        self.settled = (before == self.typical).then_some(*cost);
+    fn started(&self, cost: &Cost, now: Instant) {
+        self.stats
+            .started(cost, now.saturating_duration_since(self.epoch));
     }
 
     /// A typical call's cost (smoothed), or one request before any call.
     pub(crate) fn typical_cost(&self) -> Cost {
-        self.typical
+        self.stats
+            .typical()
             .map_or(Cost::requests(1), |[r, i, c, o, m]| Cost {
                 requests: r.round() as u32,
                 input_tokens: i.round() as u64,
@@ -398,7 +338,7 @@ impl State {
             .take(PROJECTED)
             .filter_map(|slot| self.waiting.get(*slot as usize).map(|w| w.cost))
             .collect();
-        let typical = self.typical.map(|_| self.typical_cost());
+        let typical = self.stats.typical().map(|_| self.typical_cost());
         let n = secs(self.epoch, now);
         Projection {
             dims: self.dims.clone(),
@@ -415,7 +355,12 @@ impl State {
             queued,
             waiting: self.line.len(),
             typical,
-            recent: self.recent.oldest_first().collect(),
+            recent: self
+                .stats
+                .recent()
+                .into_iter()
+                .map(|s| crate::time::after(self.epoch, s))
+                .collect(),
         }
     }
 
@@ -629,19 +574,54 @@ impl State {
             .zip(&self.spu)
             .zip(&mut next)
         {
-            let a = dim.amount(cost);
-            let full = tat.max(n);
             // `Dim::start` with nothing ahead: fits now when the start is not after `n`.
-            if a > dim.largest_cost || full - (dim.capacity - a.min(dim.capacity)) * t > n {
-                return false;
+            match super::fast::rolling_take(
+                *tat,
+                dim.capacity,
+                dim.largest_cost,
+                *t,
+                dim.amount(cost),
+                n,
+            ) {
+                Some(x) => *next = x,
+                None => return false,
             }
-            *next = full + a * t;
         }
         for (tat, next) in self.tat.iter_mut().zip(next) {
             *tat = next;
         }
         self.started(cost, now);
         true
+    }
+
+    /// Under the lock: the cells' `tat`s taken back from the lock-free path
+    /// (see [`super::fast`]); what the word held, for [`Self::hand_over`].
+    pub(crate) fn take_back(&mut self, fast: &super::fast::Fast) -> Option<u128> {
+        fast.take_back(&mut self.tat)
+    }
+
+    /// Nobody waits, nothing is paused, the pacer is open: calls may be
+    /// reserved without the lock.
+    pub(crate) fn is_free(&self) -> bool {
+        self.line.is_empty() && self.paused_until.is_none() && !self.closed
+    }
+
+    /// Before the lock is let go: the `tat`s handed back to the lock-free
+    /// path when the pacer is free (else the state keeps them).
+    pub(crate) fn hand_over(&self, fast: &super::fast::Fast, taken: Option<u128>) {
+        if self.is_free() {
+            fast.hand_over(&self.dims, &self.spu, &self.tat, taken, || {
+                secs(self.epoch, Instant::now())
+            });
+        }
+    }
+
+    /// [`hand_over`](Self::hand_over) at `n` seconds since the epoch.
+    #[cfg(test)]
+    fn hand_over_at(&self, fast: &super::fast::Fast, taken: Option<u128>, n: f64) {
+        if self.is_free() {
+            fast.hand_over(&self.dims, &self.spu, &self.tat, taken, || n);
+        }
     }
 
     /// Reserve now if nobody waits and it fits — here and on the cells of
@@ -1304,6 +1284,62 @@ mod tests {
                 prop_assert_eq!(a, b);
                 let bits = |s: &State| s.tat.iter().map(|t| t.to_bits()).collect::<Vec<_>>();
                 prop_assert_eq!(bits(&fast), bits(&general));
+            }
+        }
+
+        /// The lock-free path (one or two cells) decides exactly as the
+        /// general one, its `tat`s going back and forth between the word and
+        /// the locked state as a pacer's do (taken back under the lock when
+        /// it fails, handed back after), also across cuts and recoveries of
+        /// the rate (`set_factor`, what a 429 or a learned limit does): the
+        /// same calls admitted, the same cells. "The same": equal bits, but
+        /// for an idle cell the handover may have moved one step down (see
+        /// `Fast::hand_over`), so cells are compared as the GCRA reads them,
+        /// `max(tat, now)`.
+        #[test]
+        fn lock_free_path_is_the_general_path(
+            cells in proptest::collection::vec((any::<bool>(), 1u32..200, 1u32..2_000, 100u32..150), 1..=2),
+            calls in proptest::collection::vec((0u64..3_000, 0u32..3, 0u64..300, 0u8..8), 1..200),
+        ) {
+            let dims: Vec<Dim> = cells
+                .iter()
+                .map(|&(tokens, cap, spu_ms, largest_pct)| {
+                    let unit = if tokens { Unit::Tokens } else { Unit::Requests };
+                    let cap = f64::from(cap);
+                    dim(unit, cap, f64::from(spu_ms) / 1e3, cap * f64::from(largest_pct) / 100.0)
+                })
+                .collect();
+            let Some(lock_free) = super::super::fast::Fast::new(&dims) else {
+                return Err(TestCaseError::fail("one or two rolling cells have a fast path"));
+            };
+            let mut locked = State::new(dims.clone());
+            let mut general = State::new(dims);
+            general.epoch = locked.epoch;
+            let mut now = locked.epoch;
+            for (ms, requests, tokens, factor) in calls {
+                now += Duration::from_millis(ms);
+                let n = secs(locked.epoch, now);
+                let cost = Cost { requests, input_tokens: tokens, ..Cost::default() };
+                // A cut or a recovery of the rate now and then, under the lock.
+                if factor < 3 {
+                    let f = [FLOOR, DECREASE, 1.0][usize::from(factor)];
+                    let taken = locked.take_back(&lock_free);
+                    locked.set_factor(f, now);
+                    locked.hand_over_at(&lock_free, taken, n);
+                    general.set_factor(f, now);
+                }
+                let a = lock_free.try_take(&cost, n) || {
+                    let taken = locked.take_back(&lock_free);
+                    let admitted = locked.never_fits(&cost).is_none() && locked.try_fast(&cost, now, None);
+                    locked.hand_over_at(&lock_free, taken, n);
+                    admitted
+                };
+                let b = general.never_fits(&cost).is_none() && general.try_fast(&cost, now, None);
+                prop_assert_eq!(a, b);
+                let taken = locked.take_back(&lock_free);
+                let read = |s: &State| s.tat.iter().map(|t| t.max(n).to_bits()).collect::<Vec<_>>();
+                prop_assert_eq!(read(&locked), read(&general));
+                locked.hand_over_at(&lock_free, taken, n);
             }
         }
     }

@@ -1,0 +1,142 @@
+//! What the pacer remembers of the calls it let through, for projections
+//! (ETAs of the lines above it, a router's outlook): when the most recent ones
+//! started, and a typical call's cost (smoothed).
+//!
+//! Written by every admitted call — by the lock-free healthy path
+//! ([`super::fast`]) as well as under the state's lock — so it is kept in
+//! atomics of its own, not in the locked state. Both are estimates: two calls
+//! starting at once may land in the ring out of order, and two smoothings at
+//! once may lose one sample (each part is read, moved and stored, not
+//! compare-and-swapped); a projection never needs more.
+
+use super::fast::Padded;
+use super::Cost;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// How many recent starts the pacer remembers for projections.
+const RECENT: usize = 256;
+
+/// The parts of a cost: requests, input, cached input, output, spend.
+pub(crate) const PARTS: usize = 5;
+
+/// The weight of the newest cost in the smoothed typical one.
+const SMOOTHING: f64 = 0.2;
+
+#[derive(Debug)]
+pub(crate) struct Stats {
+    /// The last [`RECENT`] starts (nanoseconds since the pacer's epoch), in a
+    /// ring: a write a call, no shifting. Allocated at the first call (a
+    /// keyed pacer builds one pacer a key; many keys see few calls).
+    recent: OnceLock<Box<[AtomicU64]>>,
+    /// How many starts were recorded (the ring's next slot is this modulo
+    /// [`RECENT`]); alone on its lines, as every call moves it.
+    count: Padded<AtomicUsize>,
+    /// A typical call's cost per part (`f64` bits), once `seen`.
+    typical: [AtomicU64; PARTS],
+    seen: AtomicBool,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            recent: OnceLock::new(),
+            count: Padded(AtomicUsize::new(0)),
+            typical: Default::default(),
+            seen: AtomicBool::new(false),
+        }
+    }
+}
+
+pub(crate) fn parts(c: &Cost) -> [f64; PARTS] {
+    [
+        f64::from(c.requests),
+        c.input_tokens as f64,
+        c.cached_input_tokens as f64,
+        c.output_tokens as f64,
+        c.spend as f64,
+    ]
+}
+
+impl Stats {
+    /// A call of `cost` started `since` the pacer's epoch.
+    #[inline]
+    pub(crate) fn started(&self, cost: &Cost, since: Duration) {
+        let i = self.count.fetch_add(1, Relaxed);
+        let ring = self
+            .recent
+            .get_or_init(|| (0..RECENT).map(|_| AtomicU64::new(0)).collect());
+        if let Some(slot) = ring.get(i % RECENT) {
+            slot.store(u64::try_from(since.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+        }
+        let x = parts(cost);
+        if !self.seen.load(Relaxed) {
+            for (t, x) in self.typical.iter().zip(x) {
+                t.store(x.to_bits(), Relaxed);
+            }
+            self.seen.store(true, Relaxed);
+            return;
+        }
+        // A part the smoothing leaves as it was is not written again (a
+        // pacer whose calls all cost the same writes nothing here).
+        for (t, x) in self.typical.iter().zip(x) {
+            let old = f64::from_bits(t.load(Relaxed));
+            let new = old + SMOOTHING * (x - old);
+            if new.to_bits() != old.to_bits() {
+                t.store(new.to_bits(), Relaxed);
+            }
+        }
+    }
+
+    /// The typical cost's parts, before any call `None`.
+    pub(crate) fn typical(&self) -> Option<[f64; PARTS]> {
+        self.seen.load(Relaxed).then(|| {
+            self.typical
+                .each_ref()
+                .map(|t| f64::from_bits(t.load(Relaxed)))
+        })
+    }
+
+    /// The recorded starts (since the epoch), oldest first.
+    pub(crate) fn recent(&self) -> Vec<Duration> {
+        let Some(ring) = self.recent.get() else {
+            return Vec::new();
+        };
+        let count = self.count.load(Relaxed);
+        let len = count.min(RECENT);
+        (count - len..count)
+            .filter_map(|i| ring.get(i % RECENT))
+            .map(|s| Duration::from_nanos(s.load(Relaxed)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_keeps_the_last_starts_oldest_first() {
+        let s = Stats::default();
+        assert!(s.recent().is_empty());
+        assert_eq!(s.typical(), None);
+        for k in 0..(RECENT + 3) {
+            s.started(&Cost::requests(1), Duration::from_millis(k as u64));
+        }
+        let r = s.recent();
+        assert_eq!(r.len(), RECENT);
+        assert_eq!(r.first(), Some(&Duration::from_millis(3)));
+        assert_eq!(r.last(), Some(&Duration::from_millis(RECENT as u64 + 2)));
+    }
+
+    #[test]
+    fn the_typical_cost_is_smoothed_from_the_first_one() {
+        let s = Stats::default();
+        s.started(&Cost::tokens(100), Duration::ZERO);
+        assert_eq!(s.typical().map(|t| t[1]), Some(100.0));
+        s.started(&Cost::tokens(200), Duration::ZERO);
+        // 100 + 0.2 · (200 − 100)
+        assert_eq!(s.typical().map(|t| t[1]), Some(120.0));
+    }
+}
