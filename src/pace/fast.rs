@@ -180,6 +180,12 @@ impl Fast {
         }
     }
 
+    /// The word's bits (tests).
+    #[cfg(test)]
+    pub(crate) fn bits(&self) -> u128 {
+        self.word.load(Ordering::Relaxed)
+    }
+
     /// Under the state's lock: the `tat`s out of the word (which now says
     /// [`OWNED`]) into `tat`; nothing when the state owns them already.
     /// Returns the word taken (for [`hand_over`](Self::hand_over)).
@@ -195,13 +201,15 @@ impl Fast {
     }
 
     /// Under the state's lock, when the pacer is free again: the cells'
-    /// parameters, then the `tat`s back into the word. `taken` is what
-    /// [`take_back`](Self::take_back) returned; `now` gives the seconds since
-    /// the epoch, read only in the rare case below.
+    /// parameters, then the `tat`s back into the word. `taken` is the word
+    /// [`take_back`](Self::take_back) took them from (perhaps several locks
+    /// ago); `now` gives the seconds since the epoch, read only in the rare
+    /// case below.
     ///
     /// A fast caller who read the word before the lock was taken and swaps
     /// after it is let go succeeds only if the word is back to the very same
-    /// bits. That is harmless when the parameters did not change, and when
+    /// bits. That is harmless when the parameters did not change since the
+    /// word was taken (they are compared with the ones last handed over), and when
     /// a busy cell's rate changed (`set_factor` moved its `tat`, so the bits
     /// differ; a learned capacity alone does not move a `tat`, and a call
     /// just before it would have left the same cells). It is not when an idle

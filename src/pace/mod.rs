@@ -341,7 +341,7 @@ pub(crate) struct Shared {
 /// go and the pacer is free (see [`fast`]).
 pub(crate) struct Locked<'a> {
     st: MutexGuard<'a, State>,
-    fast: Option<(&'a fast::Fast, Option<u128>)>,
+    fast: Option<&'a fast::Fast>,
 }
 
 impl Deref for Locked<'_> {
@@ -359,8 +359,8 @@ impl DerefMut for Locked<'_> {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        if let Some((fast, taken)) = self.fast {
-            self.st.hand_over(fast, taken);
+        if let Some(fast) = self.fast {
+            self.st.hand_over(fast);
         }
     }
 }
@@ -375,11 +375,13 @@ impl Shared {
 
     pub(crate) fn lock(&self) -> Locked<'_> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let fast = self.fast.as_ref().map(|f| {
-            let taken = st.take_back(f);
-            (f, taken)
-        });
-        Locked { st, fast }
+        if let Some(f) = &self.fast {
+            st.take_back(f);
+        }
+        Locked {
+            st,
+            fast: self.fast.as_ref(),
+        }
     }
 
     /// The healthy path without the lock: `cost` reserved `since` the epoch

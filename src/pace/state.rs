@@ -175,6 +175,9 @@ pub(crate) struct State {
     /// When the most recent calls started and a typical call's cost, for
     /// projections (shared with the lock-free path, see [`super::fast`]).
     pub(crate) stats: Arc<Stats>,
+    /// The lock-free word's bits when the state took the `tat`s out of it,
+    /// until it hands them back (see `Fast::hand_over`).
+    handed: Option<u128>,
 }
 
 use super::stats::{parts, Stats, PARTS};
@@ -306,6 +309,7 @@ impl State {
             max_pause: DEFAULT_MAX_PAUSE,
             header_window: DEFAULT_HEADER_WINDOW,
             stats: Arc::default(),
+            handed: None,
         }
     }
 
@@ -595,9 +599,11 @@ impl State {
     }
 
     /// Under the lock: the cells' `tat`s taken back from the lock-free path
-    /// (see [`super::fast`]); what the word held, for [`Self::hand_over`].
-    pub(crate) fn take_back(&mut self, fast: &super::fast::Fast) -> Option<u128> {
-        fast.take_back(&mut self.tat)
+    /// (see [`super::fast`]), if it had them.
+    pub(crate) fn take_back(&mut self, fast: &super::fast::Fast) {
+        if let Some(w) = fast.take_back(&mut self.tat) {
+            self.handed = Some(w);
+        }
     }
 
     /// Nobody waits, nothing is paused, the pacer is open: calls may be
@@ -607,19 +613,22 @@ impl State {
     }
 
     /// Before the lock is let go: the `tat`s handed back to the lock-free
-    /// path when the pacer is free (else the state keeps them).
-    pub(crate) fn hand_over(&self, fast: &super::fast::Fast, taken: Option<u128>) {
+    /// path when the pacer is free (else the state keeps them, across as
+    /// many locks as it takes, and remembers the word it took them from).
+    pub(crate) fn hand_over(&mut self, fast: &super::fast::Fast) {
         if self.is_free() {
+            let (epoch, taken) = (self.epoch, self.handed.take());
             fast.hand_over(&self.dims, &self.spu, &self.tat, taken, || {
-                secs(self.epoch, Instant::now())
+                secs(epoch, Instant::now())
             });
         }
     }
 
     /// [`hand_over`](Self::hand_over) at `n` seconds since the epoch.
     #[cfg(test)]
-    fn hand_over_at(&self, fast: &super::fast::Fast, taken: Option<u128>, n: f64) {
+    fn hand_over_at(&mut self, fast: &super::fast::Fast, n: f64) {
         if self.is_free() {
+            let taken = self.handed.take();
             fast.hand_over(&self.dims, &self.spu, &self.tat, taken, || n);
         }
     }
@@ -1323,24 +1332,63 @@ mod tests {
                 // A cut or a recovery of the rate now and then, under the lock.
                 if factor < 3 {
                     let f = [FLOOR, DECREASE, 1.0][usize::from(factor)];
-                    let taken = locked.take_back(&lock_free);
+                    locked.take_back(&lock_free);
                     locked.set_factor(f, now);
-                    locked.hand_over_at(&lock_free, taken, n);
+                    locked.hand_over_at(&lock_free, n);
                     general.set_factor(f, now);
                 }
                 let a = lock_free.try_take(&cost, n) || {
-                    let taken = locked.take_back(&lock_free);
+                    locked.take_back(&lock_free);
                     let admitted = locked.never_fits(&cost).is_none() && locked.try_fast(&cost, now, None);
-                    locked.hand_over_at(&lock_free, taken, n);
+                    locked.hand_over_at(&lock_free, n);
                     admitted
                 };
                 let b = general.never_fits(&cost).is_none() && general.try_fast(&cost, now, None);
                 prop_assert_eq!(a, b);
-                let taken = locked.take_back(&lock_free);
+                locked.take_back(&lock_free);
                 let read = |s: &State| s.tat.iter().map(|t| t.max(n).to_bits()).collect::<Vec<_>>();
                 prop_assert_eq!(read(&locked), read(&general));
-                locked.hand_over_at(&lock_free, taken, n);
+                locked.hand_over_at(&lock_free, n);
             }
         }
+    }
+
+    /// A caller that read the lock-free word before the state took it, and
+    /// swaps after the state gave it back, must fail when an idle cell's
+    /// rate changed in between (else it is reserved at the old rate) — also
+    /// when the state kept the `tat`s across several locks (a waiter in line
+    /// meanwhile) and the rate changed under a later one (found by an
+    /// outside trial: the guard only looked at the lock that took the word).
+    #[test]
+    fn a_rate_change_on_idle_cells_under_a_later_lock_still_changes_the_word() {
+        let dims = vec![
+            dim(Unit::Requests, 10.0, 0.1, 10.0),
+            dim(Unit::Tokens, 1_000.0, 0.001, 1_000.0),
+        ];
+        let Some(lock_free) = super::super::fast::Fast::new(&dims) else {
+            panic!("two rolling cells have a fast path");
+        };
+        let mut st = State::new(dims);
+        let now = st.epoch + Duration::from_secs(5);
+        let n = secs(st.epoch, now);
+        let before = lock_free.bits();
+        // Lock 1: takes the word; a pause keeps the state owning it.
+        st.take_back(&lock_free);
+        st.paused_until = Some(now + Duration::from_secs(1));
+        st.hand_over_at(&lock_free, n);
+        // Lock 2: the rate is cut on idle cells (nothing moves); still paused.
+        st.take_back(&lock_free);
+        st.set_factor(DECREASE, now);
+        st.hand_over_at(&lock_free, n);
+        // Lock 3: the pause ends; the word is handed back.
+        st.take_back(&lock_free);
+        st.paused_until = None;
+        st.hand_over_at(&lock_free, n);
+        assert_ne!(lock_free.bits(), before, "a stale swap would succeed");
+        // Nothing changed: the same bits come back (no needless move).
+        let again = lock_free.bits();
+        st.take_back(&lock_free);
+        st.hand_over_at(&lock_free, n);
+        assert_eq!(lock_free.bits(), again);
     }
 }
