@@ -1264,6 +1264,24 @@ mod tests {
         }
     }
 
+    /// Cells drawn by a proptest: (tokens or requests, capacity, ms per
+    /// unit, largest cost in % of the capacity).
+    fn random_dims(cells: &[(bool, u32, u32, u32)]) -> Vec<Dim> {
+        cells
+            .iter()
+            .map(|&(tokens, cap, spu_ms, largest_pct)| {
+                let unit = if tokens { Unit::Tokens } else { Unit::Requests };
+                let cap = f64::from(cap);
+                dim(
+                    unit,
+                    cap,
+                    f64::from(spu_ms) / 1e3,
+                    cap * f64::from(largest_pct) / 100.0,
+                )
+            })
+            .collect()
+    }
+
     proptest! {
         /// The one-pass healthy path decides exactly as the general one: the
         /// same calls admitted, the cells left with the same bits.
@@ -1272,14 +1290,7 @@ mod tests {
             cells in proptest::collection::vec((any::<bool>(), 1u32..200, 1u32..2_000, 100u32..150), 1..4),
             calls in proptest::collection::vec((0u64..3_000, 0u32..3, 0u64..300), 1..200),
         ) {
-            let dims: Vec<Dim> = cells
-                .iter()
-                .map(|&(tokens, cap, spu_ms, largest_pct)| {
-                    let unit = if tokens { Unit::Tokens } else { Unit::Requests };
-                    let cap = f64::from(cap);
-                    dim(unit, cap, f64::from(spu_ms) / 1e3, cap * f64::from(largest_pct) / 100.0)
-                })
-                .collect();
+            let dims = random_dims(&cells);
             let mut fast = State::new(dims.clone());
             let mut general = State::new(dims);
             general.epoch = fast.epoch;
@@ -1310,14 +1321,7 @@ mod tests {
             cells in proptest::collection::vec((any::<bool>(), 1u32..200, 1u32..2_000, 100u32..150), 1..=2),
             calls in proptest::collection::vec((0u64..3_000, 0u32..3, 0u64..300, 0u8..8), 1..200),
         ) {
-            let dims: Vec<Dim> = cells
-                .iter()
-                .map(|&(tokens, cap, spu_ms, largest_pct)| {
-                    let unit = if tokens { Unit::Tokens } else { Unit::Requests };
-                    let cap = f64::from(cap);
-                    dim(unit, cap, f64::from(spu_ms) / 1e3, cap * f64::from(largest_pct) / 100.0)
-                })
-                .collect();
+            let dims = random_dims(&cells);
             let Some(lock_free) = super::super::fast::Fast::new(&dims) else {
                 return Err(TestCaseError::fail("one or two rolling cells have a fast path"));
             };
