@@ -495,14 +495,15 @@ impl Shared {
                 .with_name_opt(self.obs.name.as_ref())
                 .with_detail(detail)
         };
-        // The healthy path of a pacer without a parent: one pass, no more.
-        // Its seconds since the epoch are read before the lock: the critical
+        // The time since the epoch is converted before any lock: a critical
         // section is the cells' arithmetic, not the clock's.
         let since = now.saturating_duration_since(self.epoch);
-        // A pacer of one or two cells: one compare-and-swap, no lock.
+        // The healthy path of a pacer of one or two cells: one
+        // compare-and-swap, no lock (see `fast`).
         if self.try_lock_free(cost, since) {
             return Admit::Now;
         }
+        // That of any other pacer without a parent: one pass under the lock.
         let n = self.parent.is_none().then_some(since.as_secs_f64());
         let mut st = self.lock();
         if n.is_some_and(|n| !st.closed && st.try_rolling(cost, now, n)) {
