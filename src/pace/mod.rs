@@ -120,7 +120,8 @@ use tokio::time::Instant;
 /// limits" page) and its OTPM the output. An estimate reserves output at the
 /// request's `max_tokens`; the answer's `usage` replaces it.
 ///
-/// Every sum saturates: a cost of `u64::MAX` tokens is one no budget admits.
+/// Every sum saturates at `u64::MAX`: such a cost fits only a limit whose
+/// burst is `u64::MAX` itself, and is refused by any other (never fits).
 ///
 /// ```
 /// use semaforo::pace::{Cost, Unit};
