@@ -18,6 +18,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 
+#[path = "support/llm_stack.rs"]
+mod llm_stack;
+
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
@@ -554,27 +557,15 @@ fn stream_chat(content: &str, max_tokens: u64) -> http::Request<Bytes> {
         .unwrap()
 }
 
-/// Reads a body the way hyper does: frames until `is_end_stream()`.
+/// Reads a body the way hyper does (frames until `is_end_stream()`); the
+/// error as text.
 async fn read_hyper<B>(body: B) -> (Vec<u8>, Option<String>)
 where
     B: http_body::Body<Data = Bytes>,
-    B::Error: std::fmt::Display,
+    B::Error: Into<BoxError>,
 {
-    use http_body_util::BodyExt;
-    let mut body = Box::pin(body);
-    let mut out = Vec::new();
-    while !body.is_end_stream() {
-        match body.frame().await {
-            None => break,
-            Some(Ok(f)) => {
-                if let Some(d) = f.data_ref() {
-                    out.extend_from_slice(d);
-                }
-            }
-            Some(Err(e)) => return (out, Some(e.to_string())),
-        }
-    }
-    (out, None)
+    let (out, err) = llm_stack::read_like_hyper(body).await;
+    (out, err.map(|e| e.to_string()))
 }
 
 fn tokens_available(p: &semaforo::pace::Pace) -> f64 {

@@ -772,3 +772,90 @@ async fn max_wait_holds_for_calls_already_in_line_when_a_pause_comes() {
         Some(&Duration::from_millis(30_500))
     );
 }
+
+/// The whole burst at one instant, at many instants after the pacer was
+/// built: exactly the burst admitted with no wait, never one less (the `f64`
+/// rounding of `tat` used to leave the last call of 500 a hair late at about
+/// a third of these instants, refused with `max_wait(0)`), and never one
+/// more. One cell and two (the lock-free path), three (the locked one), a
+/// keyed pacer with shared limits (child and parent cells), and the
+/// projection of the last call.
+#[tokio::test(start_paused = true)]
+async fn a_whole_burst_fits_at_any_instant() {
+    use semaforo::pace::{KeyedPace, Limit, PaceBuilder, Unit};
+    let shapes: [(&str, fn() -> PaceBuilder); 3] = [
+        ("rpm", || Pace::builder().requests_per_minute(500)),
+        ("rpm+tpm", || {
+            Pace::builder()
+                .requests_per_minute(500)
+                .tokens_per_minute(30_000)
+        }),
+        ("rpm+tpm+itpm", || {
+            Pace::builder()
+                .requests_per_minute(500)
+                .tokens_per_minute(30_000)
+                .limit(Limit::new(
+                    Unit::InputTokens,
+                    30_000,
+                    Duration::from_secs(60),
+                ))
+        }),
+    ];
+    let mut at = Duration::ZERO;
+    for i in 1..=60u64 {
+        // Whole seconds, whole milliseconds and odd nanoseconds.
+        let step = match i % 3 {
+            0 => Duration::from_secs(i * 7_919),
+            1 => Duration::from_millis(i * 1_234_567),
+            _ => Duration::from_nanos(i * 987_654_321_987),
+        };
+        for (name, shape) in shapes {
+            let pace = shape().max_wait(Duration::ZERO).build().unwrap();
+            tokio::time::advance(step).await;
+            let svc = by_tokens(&pace);
+            for k in 0..500 {
+                assert_eq!(
+                    pace.start_for(&Cost::tokens(60)),
+                    Some(Instant::now()),
+                    "{name}, instant {i}: call {k} projected late"
+                );
+                let r = svc.clone().oneshot(60).await;
+                assert!(r.is_ok(), "{name}, instant {i}: call {k} refused: {r:?}");
+            }
+            let r = svc.clone().oneshot(60).await;
+            assert!(r.is_err(), "{name}, instant {i}: call 501 admitted");
+        }
+        // A keyed pacer whose own and shared cells both hold 500 at once.
+        let models = KeyedPace::builder(
+            Pace::builder()
+                .requests_per_minute(500)
+                .tokens_per_minute(30_000)
+                .max_wait(Duration::ZERO),
+        )
+        .shared(
+            Pace::builder()
+                .requests_per_minute(500)
+                .max_wait(Duration::ZERO),
+        )
+        .build()
+        .unwrap();
+        tokio::time::advance(step).await;
+        let svc = ServiceBuilder::new()
+            .layer(
+                models
+                    .layer()
+                    .key(|_: &u64| Some("m".to_owned()))
+                    .weigh(|n: &u64| Cost::tokens(*n)),
+            )
+            .service(tower::service_fn(|n: u64| async move {
+                Ok::<_, std::io::Error>(n)
+            }));
+        for k in 0..500 {
+            let r = svc.clone().oneshot(60).await;
+            assert!(r.is_ok(), "keyed, instant {i}: call {k} refused: {r:?}");
+        }
+        assert!(svc.clone().oneshot(60).await.is_err(), "keyed, instant {i}");
+        at += step;
+    }
+    assert!(at > Duration::from_secs(3_600 * 24 * 30), "{at:?}");
+}

@@ -73,7 +73,13 @@ impl Dim {
         match &self.calendar {
             None => {
                 let full = tat.max(now) + ahead * t;
-                full - (self.capacity - n) * t
+                let s = full - (self.capacity - n) * t;
+                // A hair after `now` by the `f64` rounding of `tat` only.
+                if super::fast::late(s, full, now, t) {
+                    s
+                } else {
+                    s.min(now)
+                }
             }
             Some(cal) => {
                 let (used, end) = if now >= end {
@@ -254,6 +260,19 @@ fn instant_at(epoch: Instant, s: f64) -> Instant {
     crate::time::after(epoch, Duration::from_micros(micros.max(0.0) as u64))
 }
 
+/// The instant of a start `s` found for a caller at `now` (`n` seconds since
+/// `epoch`): `now` itself when `s` is not after `n` — not `now` rounded up to
+/// the next microsecond, which would report a call that goes at once as
+/// waiting under a microsecond (and a `max_wait(0)` router as late) —
+/// else [`instant_at`].
+fn start_instant(epoch: Instant, s: f64, n: f64, now: Instant) -> Instant {
+    if s <= n {
+        now
+    } else {
+        instant_at(epoch, s)
+    }
+}
+
 /// The GCRA rule, for the pacer and its projections alike: the earliest
 /// start (seconds since the epoch) of `cost` on cells `tat` at `spu` seconds
 /// per unit, not before `now` nor a pause, after `extra[d]` units already in
@@ -411,6 +430,11 @@ impl State {
         instant_at(self.epoch, s)
     }
 
+    /// [`start_instant`] on this state's epoch.
+    fn start_at(&self, s: f64, n: f64, now: Instant) -> Instant {
+        start_instant(self.epoch, s, n, now)
+    }
+
     /// Earliest start for `cost` after everything in `extra` (per dimension)
     /// has been reserved, in seconds since the epoch.
     fn start_secs(&self, cost: &Cost, extra: Option<&[f64]>, now: f64) -> f64 {
@@ -545,7 +569,7 @@ impl State {
         }
         let n = secs(self.epoch, now);
         let s = self.start_secs(cost, Some(&self.queued), n);
-        let at = self.instant(s).max(now);
+        let at = self.start_at(s, n, now).max(now);
         Peek::At(match parent {
             Some(p) => at.max(p.start_after(cost, &self.queued_parts, now)),
             None => at,
@@ -674,7 +698,7 @@ impl State {
         // Where it would start after everyone in line — and, on the
         // parent's cells, after everyone in the parent's line and in ours.
         let s = self.start_secs(cost, Some(&self.queued), n);
-        let at = self.instant(s);
+        let at = self.start_at(s, n, now);
         Fit::At(match parent {
             Some(p) => at.max(p.start_after(cost, &self.queued_parts, now)),
             None => at,
@@ -691,7 +715,7 @@ impl State {
             .zip(&self.queued)
             .map(|(dim, q)| q + amount_of_parts(dim.unit, parts))
             .collect();
-        self.instant(self.start_secs(cost, Some(&extra), n))
+        self.start_at(self.start_secs(cost, Some(&extra), n), n, now)
     }
 
     /// For a parent: whether `cost` fits its cells now (its line is not
@@ -699,7 +723,7 @@ impl State {
     pub(crate) fn cells_due(&self, cost: &Cost, now: Instant) -> (bool, Instant) {
         let n = secs(self.epoch, now);
         let s = self.start_secs(cost, None, n);
-        (self.due(s, n, now), self.instant(s))
+        (self.due(s, n, now), self.start_at(s, n, now))
     }
 
     /// For a parent: reserves `cost` on its cells now.
@@ -894,7 +918,7 @@ impl State {
                 return Ok(());
             }
             self.keep_waker(slot, waker);
-            return Err(Turn::Wait(Some(self.instant(s))));
+            return Err(Turn::Wait(Some(self.start_at(s, n, now))));
         };
         if !own_due {
             // Its own cells first: in the parent's line it would hold back
@@ -906,7 +930,7 @@ impl State {
                 }
             }
             self.keep_waker(slot, waker);
-            return Err(Turn::Wait(Some(self.instant(s))));
+            return Err(Turn::Wait(Some(self.start_at(s, n, now))));
         }
         // Own cells have room: its turn on the parent's cells comes in the
         // parent's line, first come first served across keys.
@@ -1145,14 +1169,14 @@ impl State {
                     per: dim.per,
                     capacity: dim.capacity,
                     available: dim.available(self.tat[d], self.ends[d], t, n),
-                    full_at: self.instant(dim.full_at(self.tat[d], self.ends[d], n)),
+                    full_at: self.start_at(dim.full_at(self.tat[d], self.ends[d], n), n, now),
                 }
             })
             .collect();
         let next_start = self.line.first_key_value().and_then(|(_, slot)| {
             self.waiting
                 .get(*slot as usize)
-                .map(|w| self.instant(self.start_secs(&w.cost, None, n)))
+                .map(|w| self.start_at(self.start_secs(&w.cost, None, n), n, now))
         });
         PaceSnapshot {
             dims,
@@ -1228,7 +1252,7 @@ impl Projection {
             self.paused,
             None,
         );
-        Some(instant_at(self.epoch, start))
+        Some(start_instant(self.epoch, start, n, not_before))
     }
 
     /// Reserves `cost` on the copy of the cells from `start`.

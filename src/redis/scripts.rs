@@ -49,7 +49,10 @@ pub(crate) static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESER
 /// (or by a pause) is not counted by the others as if it had gone at once,
 /// which let another call through them at the same start over their burst.
 /// The cells are not emptied by a wait, they refill through it. Times are
-/// Redis's `TIME`.
+/// Redis's `TIME`. A `tat` is stored in whole microseconds, rounded up (here,
+/// in [`UNDO`] and in [`ADJUST`]): a fractional `per` (60.4 µs) rounded to
+/// the nearest let every call through 0.4 µs early — 0.7 % over the limit —
+/// where rounding up keeps it under, by at most 1 µs a call.
 pub const RESERVE_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -88,7 +91,7 @@ local m = 'reserved'
 for i = 1, n do
   local per = tonumber(ARGV[i * 4 - 1])
   local cost = tonumber(ARGV[i * 4 + 1])
-  local new = math.max(tats[i], start) + cost * per
+  local new = math.ceil(math.max(tats[i], start) + cost * per)
   local ttl = math.ceil((new - now) / 1000) + 1000
   redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', ttl)
   m = m .. ' ' .. string.format('%.0f', new)
@@ -172,7 +175,7 @@ if state and string.sub(state, 1, 8) == 'reserved' then
         back = math.min(back, math.max(0, after - now))
       end
       if back > 0 then
-        local new = tonumber(cur) - back
+        local new = math.ceil(tonumber(cur) - back)
         if new > now then
           redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
         else
@@ -207,7 +210,7 @@ for i = 1, #KEYS do
   if cur or units > 0 then
     local tat = tonumber(cur or now)
     if tat < now then tat = now end
-    local new = tat + units * per
+    local new = math.ceil(tat + units * per)
     if new > now then
       local ttl = math.ceil((new - now) / 1000) + 1000
       redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', ttl)
@@ -394,6 +397,56 @@ mod tests {
         // Given back once: a second undo moves nothing.
         undo(&mut conn, "t:{undo}:x").await;
         assert_eq!(tat(&mut conn).await, cell);
+    }
+
+    /// One-unit calls at 60.4 µs a unit (a fractional `per`) on a cell
+    /// that owes ten seconds, a burst no call reaches: each moves the cell by at least 60.4 µs — the rounding
+    /// to whole microseconds never charges less (to the nearest, each call
+    /// moved it by 60: 0.7 % over the limit) — and by at most 61.
+    #[tokio::test]
+    async fn a_fractional_per_is_never_charged_less() {
+        let Some((_server, mut conn)) = start().await else {
+            return;
+        };
+        let cell = "t:{frac}:cell";
+        // Ten seconds ahead of now: every call moves the cell from its
+        // `tat`, not from now.
+        let ahead = now_us(&mut conn).await + 10_000_000;
+        let _: () = redis::cmd("SET")
+            .arg(cell)
+            .arg(ahead)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut tats = vec![ahead];
+        for k in 0..200 {
+            let (ok, _): (i64, i64) = RESERVE
+                .key(cell)
+                .key(format!("t:{{frac}}:m{k}"))
+                .arg("1e18")
+                .arg(10_000)
+                .arg("60.4")
+                .arg(1_000_000_000)
+                .arg(1)
+                .arg("1e18")
+                .invoke_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(ok, 1);
+            let v: String = redis::cmd("GET")
+                .arg(cell)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            tats.push(v.parse::<i64>().unwrap());
+        }
+        let moved = tats[200] - tats[0];
+        assert!(
+            moved as f64 >= 200.0 * 60.4 && moved <= 200 * 61,
+            "200 calls moved the cell by {moved} µs, 200 × 60.4 = 12,080"
+        );
     }
 
     /// Two calls that share a token cell, each held back by a requests
