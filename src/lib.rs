@@ -116,6 +116,7 @@ mod hashing;
 pub mod health;
 #[cfg(feature = "llm")]
 pub mod llm;
+mod num;
 pub mod observe;
 pub mod pace;
 pub mod quota;

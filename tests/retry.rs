@@ -755,3 +755,29 @@ fn a_backoff_ceiling_below_the_base_is_an_error() {
         .build()
         .is_ok());
 }
+
+/// A ratio of the recent requests that is a whole number of retries gives
+/// exactly that many: 0.57 of 100 requests is 57 retries (in `f64`,
+/// 0.57 × 100 is 56.99999999999999, and the 57th was refused), 0.29 of 100
+/// is 29; never one more.
+#[tokio::test(start_paused = true)]
+async fn a_ratio_of_whole_retries_allows_exactly_that_many() {
+    for (ratio, requests, retries) in [
+        (0.57, 100, 57),
+        (0.29, 100, 29),
+        (0.1, 30, 3),
+        (0.25, 10, 2),
+    ] {
+        let budget = RetryBudget::new(ratio, 0.0, secs(10)).unwrap();
+        for _ in 0..requests {
+            budget.deposit();
+        }
+        let mut allowed = 0;
+        while budget.try_withdraw() {
+            allowed += 1;
+            assert!(allowed <= requests, "no end");
+        }
+        assert_eq!(allowed, retries, "{ratio} of {requests}");
+        assert_eq!(budget.exhausted(), 1);
+    }
+}

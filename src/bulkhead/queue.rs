@@ -120,7 +120,7 @@ impl Share {
             return 0;
         }
         // share ∈ (0, 1]: the product is in [0, limit], the cast saturates.
-        ((self.share * f64::from(limit)).floor() as u32).clamp(1, limit)
+        (crate::num::floor_of(self.share, f64::from(limit)) as u32).clamp(1, limit)
     }
 }
 
@@ -1105,5 +1105,29 @@ impl Shared {
                 out
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Share;
+
+    #[test]
+    fn a_share_of_a_whole_number_of_permits_is_that_number() {
+        let g = |share: f64, limit: u32| {
+            Share {
+                lo: 0,
+                hi: 0,
+                share,
+            }
+            .guaranteed(limit)
+        };
+        // 0.57 × 100 is 56.99999999999999 in `f64`: 57 permits, not 56.
+        assert_eq!(g(0.57, 100), 57);
+        assert_eq!(g(0.29, 100), 29);
+        assert_eq!(g(0.5, 3), 1);
+        assert_eq!(g(0.01, 10), 1, "at least one");
+        assert_eq!(g(1.0, 7), 7);
+        assert_eq!(g(0.3, 0), 0);
     }
 }

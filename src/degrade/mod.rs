@@ -183,7 +183,8 @@ pub fn line_above(bulkhead: &Bulkhead, fraction: f64) -> impl Signal {
         let s = b.snapshot();
         s.max_queue > 0
             && !fraction.is_nan()
-            && (s.line_bound == 0 || s.waiting as f64 > fraction * s.line_bound as f64)
+            && (s.line_bound == 0
+                || crate::num::exceeds(s.waiting as f64, fraction * s.line_bound as f64))
     }
 }
 

@@ -762,7 +762,7 @@ impl PaceBuilder {
     #[cfg(feature = "redis")]
     pub(crate) fn scaled(&self, share: f64) -> PaceBuilder {
         let mut b = self.clone();
-        let part = |n: u64| ((n as f64 * share).floor() as u64).max(1);
+        let part = |n: u64| (crate::num::floor_of(share, n as f64) as u64).max(1);
         for d in &mut b.dims {
             d.burst = Some(part(d.planned()));
             d.headroom = 0;

@@ -116,10 +116,12 @@ impl SemaphoreBuilder {
         self.policy.validate("redis semaphore")?;
         let local = match self.policy {
             FailurePolicy::Local { share } => Some(
-                Bulkhead::builder(((f64::from(self.max_concurrent) * share).floor() as u32).max(1))
-                    .name(self.name.clone())
-                    .max_queue(0)
-                    .build()?,
+                Bulkhead::builder(
+                    (crate::num::floor_of(share, f64::from(self.max_concurrent)) as u32).max(1),
+                )
+                .name(self.name.clone())
+                .max_queue(0)
+                .build()?,
             ),
             _ => None,
         };

@@ -140,7 +140,7 @@ impl RetryBudget {
             .map(|(_, n)| n)
             .sum();
         let allowed = self.ratio * recent + self.floor_per_sec * self.window.as_secs_f64();
-        if (spent + 1) as f64 > allowed {
+        if crate::num::exceeds((spent + 1) as f64, allowed) {
             drop(st);
             self.exhausted.fetch_add(1, Ordering::Relaxed);
             return false;

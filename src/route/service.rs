@@ -834,7 +834,7 @@ impl<S> Inner<S> {
         let calls = self.calls.load(Ordering::Relaxed) as f64;
         let hedged = self.hedged.load(Ordering::Relaxed) as f64;
         // After this one: `hedged + 1 ≤ max_share · calls + 1`.
-        hedged <= self.hedge_share * calls
+        !crate::num::exceeds(hedged, self.hedge_share * calls)
     }
 
     /// A refusal of the router's own, built by `build` from its kind and
