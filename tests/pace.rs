@@ -783,7 +783,8 @@ async fn max_wait_holds_for_calls_already_in_line_when_a_pause_comes() {
 #[tokio::test(start_paused = true)]
 async fn a_whole_burst_fits_at_any_instant() {
     use semaforo::pace::{KeyedPace, Limit, PaceBuilder, Unit};
-    let shapes: [(&str, fn() -> PaceBuilder); 3] = [
+    type Shape = fn() -> PaceBuilder;
+    let shapes: [(&str, Shape); 3] = [
         ("rpm", || Pace::builder().requests_per_minute(500)),
         ("rpm+tpm", || {
             Pace::builder()
