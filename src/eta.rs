@@ -16,6 +16,15 @@ use tokio::time::Instant;
 pub trait EtaSource: Send + Sync + fmt::Debug + 'static {
     /// A copy of the source's state at `now`, to play forward.
     fn projection(&self, now: Instant) -> Box<dyn Projection + '_>;
+
+    /// A line starts asking this source for projections (a bulkhead's
+    /// [`set_eta_source`](crate::bulkhead::Bulkhead::set_eta_source) calls
+    /// it): a source may record what its projections need from here on
+    /// only. The pacers do — the instants calls start, which nobody reads
+    /// otherwise; a first [`projection`](Self::projection) also starts
+    /// them, and does not see the calls that started before. By default,
+    /// nothing.
+    fn watch(&self) {}
 }
 
 /// What an [`EtaSource`] would do with more calls, played on a copy of its

@@ -840,6 +840,9 @@ async fn projection_after_many_lock_free_calls() {
         .tokens_per_minute(600_000)
         .build()
         .unwrap();
+    // A line watches it (as a bulkhead's `set_eta_source` does): its starts
+    // are recorded from here on.
+    pace.watch();
     let svc = service(&pace, new_log());
     let mut last = Instant::now();
     for _ in 0..1_000 {
@@ -913,6 +916,7 @@ fn projection_record_after_threads() {
         .tokens_per_minute(100_000_000)
         .build()
         .unwrap();
+    pace.watch();
     let n = Arc::new(AtomicUsize::new(0));
     rt.block_on(async {
         let svc = service(&pace, new_log());

@@ -9,6 +9,7 @@ use semaforo::retry::Retry;
 use semaforo::{BoxError, RejectKind, Rejected};
 use std::sync::Arc;
 use std::time::Duration;
+use support::by_tokens;
 use support::provider::{Chat, Provider, Reply};
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -44,23 +45,6 @@ where
         }
     }
     (ok, failed, t0.elapsed())
-}
-
-/// `pace` over a service that answers at once; each `u64` request costs that
-/// many tokens.
-fn by_tokens(
-    pace: &Pace,
-) -> impl Service<
-    u64,
-    Response = u64,
-    Error = BoxError,
-    Future = impl std::future::Future<Output = Result<u64, BoxError>> + Send,
-> + Clone {
-    ServiceBuilder::new()
-        .layer(pace.layer().weigh(|n: &u64| Cost::tokens(*n)))
-        .service(tower::service_fn(|n: u64| async move {
-            Ok::<_, std::io::Error>(n)
-        }))
 }
 
 fn pace(tpm: u64) -> Pace {
@@ -859,4 +843,51 @@ async fn a_whole_burst_fits_at_any_instant() {
         at += step;
     }
     assert!(at > Duration::from_secs(3_600 * 24 * 30), "{at:?}");
+}
+
+/// A pacer records the instants its calls start (what a line above needs for
+/// its ETAs) once a line watches it: set as a bulkhead's ETA source, or
+/// asked for a first projection — not before (nobody reads them). A keyed
+/// pacer's keys, built later included, share the watch.
+#[tokio::test(start_paused = true)]
+async fn starts_are_recorded_once_a_line_watches() {
+    use semaforo::bulkhead::Bulkhead;
+    use semaforo::eta::EtaSource;
+    use semaforo::pace::KeyedPace;
+    let pace = pace(30_000);
+    let svc = by_tokens(&pace);
+    svc.clone().oneshot(10).await.unwrap();
+    let t1 = Instant::now();
+    assert!(
+        pace.projection(t1).started().is_empty(),
+        "not watched: not recorded"
+    );
+    tokio::time::advance(Duration::from_millis(5)).await;
+    svc.clone().oneshot(10).await.unwrap();
+    assert_eq!(
+        pace.projection(Instant::now()).started(),
+        [t1 + Duration::from_millis(5)]
+    );
+
+    let models = KeyedPace::builder(Pace::builder().tokens_per_minute(30_000))
+        .build()
+        .unwrap();
+    let bulkhead = Bulkhead::builder(4).build().unwrap();
+    bulkhead.set_eta_source(Some(Arc::new(models.clone())));
+    let svc = ServiceBuilder::new()
+        .layer(
+            models
+                .layer()
+                .key(|n: &u64| Some(format!("m{}", n % 2)))
+                .weigh(|n: &u64| Cost::tokens(*n)),
+        )
+        .service(tower::service_fn(|n: u64| async move {
+            Ok::<_, std::io::Error>(n)
+        }));
+    for n in 10..13 {
+        svc.clone().oneshot(n).await.unwrap();
+        tokio::time::advance(Duration::from_millis(1)).await;
+    }
+    let started = models.projection(Instant::now()).started().len();
+    assert_eq!(started, 3, "two keys built after the watch");
 }

@@ -397,6 +397,9 @@ impl Bulkhead {
     /// ahead of it starts at the source. `None` goes back to this bulkhead's
     /// own estimate. The LLM preset wires its pacer here.
     pub fn set_eta_source(&self, source: Option<Arc<dyn crate::eta::EtaSource>>) {
+        if let Some(s) = &source {
+            s.watch();
+        }
         self.shared.set_eta_source(source);
     }
 

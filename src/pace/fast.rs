@@ -50,38 +50,48 @@ pub(crate) fn rolling_take(
     n: f64,
 ) -> Option<f64> {
     let full = tat.max(n);
-    if a > largest || late(full - (capacity - a.min(capacity)) * spu, full, n, spu) {
+    if a > largest
+        || late(
+            full - (capacity - a.min(capacity)) * spu,
+            full,
+            n,
+            spu,
+            capacity,
+        )
+    {
         return None;
     }
     Some(full + a * spu)
 }
 
 /// Whether a start `s` (seconds since the epoch), computed by the GCRA
-/// arithmetic of a cell at `spu` seconds per unit from `full` (the later of
-/// its `tat` and now, plus whatever is ahead in line), is after `n`,
-/// rounding aside. A `tat` is a sum of `f64`s — one addition a call since the
-/// cell was last idle, each rounded by up to half a step of its magnitude —
-/// so the last call of a burst that fits exactly (500 calls at one instant
-/// against 500 a minute) could land a few `f64` steps late and be refused,
-/// or wait under a microsecond; without this, 499 of 500 fitted at about a
-/// third of the instants of the first hour. A start counts as `n` within the
-/// smaller of 2⁻³⁶ of `full` (the rounding of 2¹⁷ such additions: 52 ns an
-/// hour after the pacer's first call, 1.3 µs after a day) and 2⁻¹⁰ of a
-/// unit's time (so it never lets a whole extra unit through: at most a
-/// thousandth of a unit ahead of the exact schedule). Beyond both — more
-/// than ~10⁴ calls at one frozen instant on a cell of under a millisecond a
-/// unit, days after its first call — the last call of such a burst may
-/// still wait under a microsecond. Every fit test of a rolling cell goes
+/// arithmetic of a cell of `capacity` units at `spu` seconds a unit from
+/// `full` (the later of its `tat` and now, plus whatever is ahead in line),
+/// is after `n`, rounding aside. A `tat` is a sum of `f64`s — one addition a
+/// call — each rounded by up to half a step of its magnitude, so the last
+/// call of a burst that fits exactly (500 calls at one instant against 500 a
+/// minute) could land a few `f64` steps late and be refused, or wait under a
+/// microsecond; without this, 499 of 500 fitted at about a third of the
+/// instants of the first hour. A start counts as `n` within the smaller of
+/// the rounding a burst's additions can accumulate (`capacity + 2` steps of
+/// `full`'s size, 2⁻⁵² each: at most one addition a unit) and 2⁻¹⁰ of a
+/// unit's time — so it never lets a whole extra unit through: at most a
+/// thousandth of a unit ahead of the exact schedule.
+///
+/// Where the sum's rounding is larger than that thousandth — a pacer running
+/// for weeks at tens of thousands of units a minute (60,000 a minute after 30
+/// days: 10 µs on a unit of 1 ms) — it stays: the last unit of a burst taken
+/// at one frozen instant may wait that long, and a cell that never idles may
+/// run that far ahead of the exact schedule (at 999,999 a minute after a
+/// year, 8 calls in a burst of a million). Exact time (integer nanoseconds)
+/// would remove both; it is not done. Every fit test of a rolling cell goes
 /// through here ([`rolling_take`] and the locked path's `Dim::start`, which
 /// the budgets' refusals and the projections use).
 #[inline(always)]
-pub(crate) fn late(s: f64, full: f64, n: f64, spu: f64) -> bool {
-    s - n > (full * ROUNDING).min(spu * UNIT_SLACK)
+pub(crate) fn late(s: f64, full: f64, n: f64, spu: f64, capacity: f64) -> bool {
+    s - n > (full * f64::EPSILON * (capacity + 2.0)).min(spu * UNIT_SLACK)
 }
 
-/// See [`late`]: the rounding 2¹⁷ additions of `f64`s can accumulate,
-/// relative to their magnitude (2⁻⁵³ each).
-const ROUNDING: f64 = 1.0 / (1u64 << 36) as f64;
 /// See [`late`]: the most of a unit's time a start may be taken early by.
 const UNIT_SLACK: f64 = 1.0 / 1024.0;
 

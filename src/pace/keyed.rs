@@ -137,6 +137,9 @@ struct Keyed {
     /// A key was sent to the overflow pacer for want of a place: a key
     /// built later may have spent from it.
     overflowed: std::sync::atomic::AtomicBool,
+    /// Every pacer here records its starts (see `stats`): one flag for
+    /// all, the keys built later included.
+    watched: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl fmt::Debug for KeyedPace {
@@ -210,12 +213,15 @@ impl KeyedPaceBuilder {
     /// The [`ConfigError`] of the template's or a key's pacer builder, or
     /// `key` when a key is given twice.
     pub fn build(self) -> Result<KeyedPace, ConfigError> {
+        let watched = Arc::<std::sync::atomic::AtomicBool>::default();
+        let template = self.template.watched_by(watched.clone());
         let shared = match self.shared {
             Some(b) => Some(
                 match &self.name {
                     Some(n) if !b.has_name() => b.name(format!("{n}#shared")),
                     _ => b,
                 }
+                .watched_by(watched.clone())
                 .build()?,
             ),
             None => None,
@@ -227,11 +233,12 @@ impl KeyedPaceBuilder {
                 _ => b,
             }
             .with_parent(parent.clone())
+            .watched_by(watched.clone())
         };
         // Named apart from every key (a key is always after a `/`).
-        let overflow = match (&self.name, self.template.has_name()) {
-            (Some(n), false) => self.template.clone().name(format!("{n}#overflow")),
-            _ => self.template.clone(),
+        let overflow = match (&self.name, template.has_name()) {
+            (Some(n), false) => template.clone().name(format!("{n}#overflow")),
+            _ => template.clone(),
         }
         .with_parent(parent.clone())
         .build()?;
@@ -251,13 +258,14 @@ impl KeyedPaceBuilder {
                 name: self.name,
                 given,
                 built: RwLock::new(HashMap::default()),
-                template: Some(self.template),
+                template: Some(template),
                 max_keys: self.max_keys,
                 overflow,
                 shared,
                 closed: std::sync::atomic::AtomicBool::new(false),
                 swept: std::sync::Mutex::new(None),
                 overflowed: std::sync::atomic::AtomicBool::new(false),
+                watched,
             }),
         })
     }
@@ -580,6 +588,7 @@ impl From<Pace> for KeyedPace {
     fn from(pace: Pace) -> KeyedPace {
         KeyedPace {
             inner: Arc::new(Keyed {
+                watched: pace.shared.stats.watched_flag(),
                 name: pace.name().map(Arc::from),
                 given: HashMap::default(),
                 built: RwLock::new(HashMap::default()),
@@ -596,6 +605,14 @@ impl From<Pace> for KeyedPace {
 }
 
 impl crate::eta::EtaSource for KeyedPace {
+    /// From now on, every pacer here records its starts, the keys built
+    /// later too (one flag for all).
+    fn watch(&self) {
+        self.inner
+            .watched
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Every key's line and the shared cells, played forward: the calls
     /// waiting in any key's line count as waiting (not running upstream),
     /// the starts of every key count as started, and each further call is

@@ -425,6 +425,9 @@ pub struct PaceBuilder {
     max_pause: Option<Duration>,
     header_window: Option<Duration>,
     parent: Option<Arc<Shared>>,
+    /// The flag saying its starts are recorded, shared with other pacers
+    /// (a keyed pacer's; see [`stats`]).
+    watched: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// One limit of a pacer: `n` units per period, with a burst (default `n`:
@@ -664,6 +667,12 @@ impl PaceBuilder {
         self
     }
 
+    /// The pacer records its starts while `flag` is set (see [`stats`]).
+    pub(crate) fn watched_by(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.watched = Some(flag);
+        self
+    }
+
     /// Calls `f` for each of this pacer's events (queued, admitted after a
     /// wait, rejected, paused by the upstream, resumed); see
     /// [`observe`](crate::observe).
@@ -869,6 +878,9 @@ impl PaceBuilder {
             });
         }
         let mut st = State::new(dims);
+        if let Some(flag) = self.watched {
+            st.stats = Arc::new(stats::Stats::watched_by(flag));
+        }
         st.max_pause = self.max_pause.unwrap_or(state::DEFAULT_MAX_PAUSE);
         st.header_window = self.header_window.unwrap_or(state::DEFAULT_HEADER_WINDOW);
         Ok(Pace {
@@ -895,6 +907,11 @@ impl crate::eta::EtaSource for Pace {
     /// it, then each further call of the typical (smoothed) cost, could start.
     fn projection(&self, now: Instant) -> Box<dyn crate::eta::Projection + '_> {
         Box::new(self.shared.lock().projection(now))
+    }
+
+    /// From now on, the pacer records its starts (the calls it sees run).
+    fn watch(&self) {
+        self.shared.stats.watch();
     }
 }
 

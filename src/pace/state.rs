@@ -75,7 +75,7 @@ impl Dim {
                 let full = tat.max(now) + ahead * t;
                 let s = full - (self.capacity - n) * t;
                 // A hair after `now` by the `f64` rounding of `tat` only.
-                if super::fast::late(s, full, now, t) {
+                if super::fast::late(s, full, now, t, self.capacity) {
                     s
                 } else {
                     s.min(now)
@@ -351,8 +351,10 @@ impl State {
             })
     }
 
-    /// A copy of the state to play forward (see [`crate::eta`]).
+    /// A copy of the state to play forward (see [`crate::eta`]). From the
+    /// first one on, the pacer records its starts (see [`super::stats`]).
     pub(crate) fn projection(&self, now: Instant) -> Projection {
+        self.stats.watch();
         // The calls a projection can be asked about (see `eta`): the first
         // ones in line are copied, the rest counted.
         let queued = self

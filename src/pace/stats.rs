@@ -8,11 +8,18 @@
 //! starting at once may land in the ring out of order, and two smoothings at
 //! once may lose one sample (each part is read, moved and stored, not
 //! compare-and-swapped); a projection never needs more.
+//!
+//! The starts are recorded only once the pacer is *watched* — set as a
+//! line's ETA source ([`EtaSource::watch`](crate::eta::EtaSource::watch)) or
+//! asked for a projection: the ring's count is one more cache line every
+//! call moves from core to core, which nobody reads otherwise (it cost a
+//! pacer a tenth of its calls a second under 256 tasks). The pacers of a
+//! [`KeyedPace`](super::KeyedPace) share one flag.
 
 use super::fast::Padded;
 use super::Cost;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// How many recent starts the pacer remembers for projections.
@@ -36,16 +43,14 @@ pub(crate) struct Stats {
     /// A typical call's cost per part (`f64` bits), once `seen`.
     typical: [AtomicU64; PARTS],
     seen: AtomicBool,
+    /// Starts are recorded (see the module docs); shared by a keyed
+    /// pacer's pacers.
+    watched: Arc<AtomicBool>,
 }
 
 impl Default for Stats {
     fn default() -> Self {
-        Stats {
-            recent: OnceLock::new(),
-            count: Padded(AtomicUsize::new(0)),
-            typical: Default::default(),
-            seen: AtomicBool::new(false),
-        }
+        Stats::watched_by(Arc::default())
     }
 }
 
@@ -60,15 +65,40 @@ pub(crate) fn parts(c: &Cost) -> [f64; PARTS] {
 }
 
 impl Stats {
+    /// Stats recording starts while `watched` is set.
+    pub(crate) fn watched_by(watched: Arc<AtomicBool>) -> Self {
+        Stats {
+            recent: OnceLock::new(),
+            count: Padded(AtomicUsize::new(0)),
+            typical: Default::default(),
+            seen: AtomicBool::new(false),
+            watched,
+        }
+    }
+
+    /// The flag (to share it with other pacers).
+    pub(crate) fn watched_flag(&self) -> Arc<AtomicBool> {
+        self.watched.clone()
+    }
+
+    /// From now on, starts are recorded.
+    pub(crate) fn watch(&self) {
+        if !self.watched.load(Relaxed) {
+            self.watched.store(true, Relaxed);
+        }
+    }
+
     /// A call of `cost` started `since` the pacer's epoch.
     #[inline]
     pub(crate) fn started(&self, cost: &Cost, since: Duration) {
-        let i = self.count.fetch_add(1, Relaxed);
-        let ring = self
-            .recent
-            .get_or_init(|| (0..RECENT).map(|_| AtomicU64::new(0)).collect());
-        if let Some(slot) = ring.get(i % RECENT) {
-            slot.store(u64::try_from(since.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+        if self.watched.load(Relaxed) {
+            let i = self.count.fetch_add(1, Relaxed);
+            let ring = self
+                .recent
+                .get_or_init(|| (0..RECENT).map(|_| AtomicU64::new(0)).collect());
+            if let Some(slot) = ring.get(i % RECENT) {
+                slot.store(u64::try_from(since.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+            }
         }
         let x = parts(cost);
         if !self.seen.load(Relaxed) {
@@ -121,6 +151,13 @@ mod tests {
         let s = Stats::default();
         assert!(s.recent().is_empty());
         assert_eq!(s.typical(), None);
+        s.started(&Cost::requests(1), Duration::from_millis(1));
+        assert!(s.recent().is_empty(), "not watched: nothing recorded");
+        assert!(
+            s.typical().is_some(),
+            "the typical cost is kept all the same"
+        );
+        s.watch();
         for k in 0..(RECENT + 3) {
             s.started(&Cost::requests(1), Duration::from_millis(k as u64));
         }

@@ -50,7 +50,7 @@ pub(crate) static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESER
 /// which let another call through them at the same start over their burst.
 /// The cells are not emptied by a wait, they refill through it. Times are
 /// Redis's `TIME`. A `tat` is stored in whole microseconds, rounded up (here,
-/// in [`UNDO`] and in [`ADJUST`]): a fractional `per` (60.4 µs) rounded to
+/// in the give-back and refund scripts): a fractional `per` (60.4 µs) rounded to
 /// the nearest let every call through 0.4 µs early — 0.7 % over the limit —
 /// where rounding up keeps it under, by at most 1 µs a call.
 pub const RESERVE_LUA: &str = r"

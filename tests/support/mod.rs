@@ -125,3 +125,23 @@ pub fn prioritised_and_partitioned(
         .service(up.service())
 }
 pub mod provider;
+
+/// `pace` over a service that answers at once; each `u64` request costs that
+/// many tokens.
+pub fn by_tokens(
+    pace: &semaforo::pace::Pace,
+) -> impl tower::Service<
+    u64,
+    Response = u64,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<u64, BoxError>> + Send,
+> + Clone {
+    tower::ServiceBuilder::new()
+        .layer(
+            pace.layer()
+                .weigh(|n: &u64| semaforo::pace::Cost::tokens(*n)),
+        )
+        .service(tower::service_fn(|n: u64| async move {
+            Ok::<_, std::io::Error>(n)
+        }))
+}
