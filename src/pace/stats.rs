@@ -25,6 +25,9 @@ use std::time::Duration;
 /// How many recent starts the pacer remembers for projections.
 const RECENT: usize = 256;
 
+/// A ring slot no start was written to.
+const UNWRITTEN: u64 = u64::MAX;
+
 /// The parts of a cost: requests, input, cached input, output, spend.
 pub(crate) const PARTS: usize = 5;
 
@@ -95,9 +98,11 @@ impl Stats {
             let i = self.count.fetch_add(1, Relaxed);
             let ring = self
                 .recent
-                .get_or_init(|| (0..RECENT).map(|_| AtomicU64::new(0)).collect());
+                .get_or_init(|| (0..RECENT).map(|_| AtomicU64::new(UNWRITTEN)).collect());
             if let Some(slot) = ring.get(i % RECENT) {
-                slot.store(u64::try_from(since.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+                // [`UNWRITTEN`] is no start (584 years after the epoch).
+                let ns = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+                slot.store(ns.min(UNWRITTEN - 1), Relaxed);
             }
         }
         let x = parts(cost);
@@ -128,7 +133,10 @@ impl Stats {
         })
     }
 
-    /// The recorded starts (since the epoch), oldest first.
+    /// The recorded starts (since the epoch), oldest first. A slot a call
+    /// has counted but not written yet is left out (it read as the epoch on
+    /// the ring's first lap — a start before the pacer's first call, found
+    /// by `tests/watch_attack.rs`).
     pub(crate) fn recent(&self) -> Vec<Duration> {
         let Some(ring) = self.recent.get() else {
             return Vec::new();
@@ -137,7 +145,9 @@ impl Stats {
         let len = count.min(RECENT);
         (count - len..count)
             .filter_map(|i| ring.get(i % RECENT))
-            .map(|s| Duration::from_nanos(s.load(Relaxed)))
+            .map(|s| s.load(Relaxed))
+            .filter(|&ns| ns != UNWRITTEN)
+            .map(Duration::from_nanos)
             .collect()
     }
 }
@@ -165,6 +175,19 @@ mod tests {
         assert_eq!(r.len(), RECENT);
         assert_eq!(r.first(), Some(&Duration::from_millis(3)));
         assert_eq!(r.last(), Some(&Duration::from_millis(RECENT as u64 + 2)));
+    }
+
+    /// A call counted but not written yet (another thread between the
+    /// count and the store) is left out, not read as the epoch; a start at
+    /// the epoch itself is kept.
+    #[test]
+    fn a_slot_counted_but_not_written_is_left_out() {
+        let s = Stats::default();
+        s.watch();
+        s.started(&Cost::requests(1), Duration::ZERO);
+        s.started(&Cost::requests(1), Duration::from_millis(5));
+        s.count.fetch_add(1, Relaxed);
+        assert_eq!(s.recent(), [Duration::ZERO, Duration::from_millis(5)]);
     }
 
     #[test]
