@@ -2,6 +2,8 @@
 //! one or two rolling cells reserved by one 128-bit compare-and-swap, the
 //! locked paths taking the `tat`s back. Public API only.
 
+mod support;
+
 use semaforo::classify::{Class, RateLimitInfo, RateLimitWindow};
 use semaforo::eta::EtaSource;
 use semaforo::pace::{Cost, Limit, Observed, Pace, Unit};
@@ -9,6 +11,7 @@ use semaforo::{BoxError, RejectKind, Rejected};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::Rng;
 use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -67,20 +70,6 @@ fn announce(requests: Option<(u64, u64)>, tokens: Option<(u64, u64)>) -> RateLim
         requests: requests.map(w),
         tokens: tokens.map(w),
         ..RateLimitInfo::default()
-    }
-}
-
-/// A tiny deterministic PRNG (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

@@ -10,7 +10,7 @@ use semaforo::retry::RetryBudget;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::by_tokens;
+use support::{by_tokens, Rng};
 use tokio::time::Instant;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 
@@ -379,20 +379,6 @@ async fn steady_high_rate(cases: &[(u64, Duration, Duration, usize)]) {
         }
     }
     assert!(fails.is_empty(), "{}", fails.join("\n"));
-}
-
-/// A tiny deterministic PRNG (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// Random costs on RPM + TPM (+ ITPM: locked path), random odd advances,
