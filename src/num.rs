@@ -5,8 +5,8 @@
 //! they are, `⌊0.57 × 100⌋` is 56 and "more than 0.57 of 100" holds at 57.
 //! Here a product within its rounding (2⁻⁴⁰ of its size — a product of two
 //! rounded numbers is off by a few 2⁻⁵³) of a whole number counts as that
-//! number. The pacer's cells, sums of many times, have their own allowance
-//! (`pace::fast::late`).
+//! number. The pacer's cells, sums of many times, count in whole ticks
+//! instead (`pace::tick`: exact sums).
 
 /// How close to a whole number, relative to it, a product counts as it.
 const ROUNDING: f64 = 1.0 / (1u64 << 40) as f64;

@@ -1,4 +1,4 @@
-//! An outside attack on the rounding changes (pace::fast::late, start_for
+//! An outside attack on the rounding changes (the pacer's slack, start_for
 //! reported as `now`, Redis tats rounded up, num.rs shares). Public API only.
 //! Every test collects all its mismatches and fails once with the list.
 
@@ -35,9 +35,10 @@ fn all_offsets() -> Vec<(&'static str, Duration)> {
     all
 }
 
-/// Weeks and a year after the pacer's build: where the `f64` sum of a
-/// cell's `tat` rounds by more than the allowance at high rates (a known
-/// limit, see `pace::fast::late`; the `#[ignore]`d tests below).
+/// Weeks and a year after the pacer's build: where the `f64` sum that a
+/// cell's `tat` was rounded by more than the allowance at high rates (the
+/// four `weeks_in` tests below failed then; integer ticks, `pace::tick`,
+/// fixed them).
 fn long_offsets() -> Vec<(&'static str, Duration)> {
     vec![
         ("30d", Duration::from_secs(30 * DAY)),
@@ -162,10 +163,9 @@ async fn whole_burst_at_one_instant_many_shapes_and_offsets() {
     whole_burst(offsets()).await;
 }
 
-/// The same weeks and a year in: 10,000 and 60,000 a minute leave the last
-/// call 10 µs late (known; integer-nanosecond time would fix it).
+/// The same weeks and a year in: 10,000 and 60,000 a minute left the last
+/// call 10 µs late with `f64` seconds.
 #[tokio::test(start_paused = true)]
-#[ignore = "known limit of f64 time: weeks in, at high rates"]
 async fn whole_burst_at_one_instant_weeks_in() {
     whole_burst(long_offsets()).await;
 }
@@ -201,9 +201,8 @@ async fn burst_of_999_999_rpm_at_one_instant() {
     burst_of_999_999(&[("1s", Duration::from_secs(1))]).await;
 }
 
-/// Weeks in: 1,000,000 at 30 days, 1,000,007 at a year (known, ppm).
+/// Weeks in: `f64` seconds admitted 1,000,000 at 30 days, 1,000,007 at a year.
 #[tokio::test(start_paused = true)]
-#[ignore = "known limit of f64 time: weeks in, at high rates"]
 async fn burst_of_999_999_rpm_weeks_in() {
     burst_of_999_999(&[
         ("30d", Duration::from_secs(30 * DAY)),
@@ -238,9 +237,8 @@ async fn keyed_shared_burst() {
     keyed_shared(&[(100_000, "1s", Duration::from_secs(1))]).await;
 }
 
-/// The same weeks and a year in (known: one short).
+/// The same weeks and a year in (`f64` seconds left one short).
 #[tokio::test(start_paused = true)]
-#[ignore = "known limit of f64 time: weeks in, at high rates"]
 async fn keyed_shared_burst_weeks_in() {
     keyed_shared(&[
         (100_000, "365d", Duration::from_secs(365 * DAY)),
@@ -343,10 +341,9 @@ async fn steady_high_rate_never_over_the_rate_bound() {
     .await;
 }
 
-/// Weeks in: 999,999 a minute over by 1.0 call in 0.6 s at 30 days, by 8.7
-/// at a year (known, ppm of the rate).
+/// Weeks in: 999,999 a minute ran over by 1.0 call in 0.6 s at 30 days, by
+/// 8.7 at a year, with `f64` seconds.
 #[tokio::test(start_paused = true)]
-#[ignore = "known limit of f64 time: weeks in, at high rates"]
 async fn steady_high_rate_weeks_in() {
     steady_high_rate(&[
         (

@@ -8,6 +8,7 @@
 //! is read once, when the pacer is built, and follows the pacer's clock
 //! from there (so paused-time tests cross midnights in milliseconds).
 
+use super::tick;
 use std::fmt;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -67,26 +68,28 @@ impl Resets {
 }
 
 impl Calendar {
-    /// The window's nominal length, in seconds (for projecting windows
+    /// The window's nominal length, in ticks (for projecting windows
     /// beyond the next: a day of 24 h, a month of 30 days).
-    pub(crate) fn nominal_secs(&self) -> f64 {
-        match self.every {
-            Every::Day => 86_400.0,
-            Every::Month => 30.0 * 86_400.0,
-        }
+    pub(crate) fn nominal(&self) -> u64 {
+        let days = match self.every {
+            Every::Day => 1,
+            Every::Month => 30,
+        };
+        tick::of(std::time::Duration::from_secs(days * 86_400))
     }
 
-    /// The end of the window holding `at` (seconds since the epoch): the
+    /// The end of the window holding `at` (ticks since the epoch): the
     /// next midnight (or first of the month) in the time zone, daylight
     /// saving included (a day may last 23 or 25 hours). Past the calendar's
     /// range, a nominal window from `at`.
-    pub(crate) fn next_end(&self, at: f64) -> f64 {
+    pub(crate) fn next_end(&self, at: u64) -> u64 {
         self.boundary_after(at)
-            .unwrap_or_else(|| at + self.nominal_secs())
+            .unwrap_or_else(|| at.saturating_add(self.nominal()).min(tick::LAST))
     }
 
-    fn boundary_after(&self, at: f64) -> Option<f64> {
-        let offset = jiff::SignedDuration::try_from_secs_f64(at.max(0.0)).ok()?;
+    fn boundary_after(&self, at: u64) -> Option<u64> {
+        let ns = i64::try_from(at / tick::PER_NS).ok()?;
+        let offset = jiff::SignedDuration::from_nanos(ns);
         let wall = self.wall0.checked_add(offset).ok()?;
         let zoned = wall.to_zoned(self.tz.clone());
         let start = match self.every {
@@ -103,15 +106,21 @@ impl Calendar {
             Every::Day => next.start_of_day().ok()?,
             Every::Month => next.first_of_month().ok()?.start_of_day().ok()?,
         };
-        let secs = next.timestamp().duration_since(self.wall0).as_secs_f64();
-        // Never a window ending at or before `at` (rounding of `at`).
-        (secs > at).then_some(secs).or(Some(at + 1e-6))
+        let end = next.timestamp().duration_since(self.wall0);
+        let end = tick::of(std::time::Duration::try_from(end).ok()?);
+        // Never a window ending at or before `at`.
+        Some(end.max(at.saturating_add(1)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `n` hours in ticks.
+    fn h(n: u64) -> u64 {
+        tick::of(std::time::Duration::from_secs(n * 3_600))
+    }
 
     fn calendar(zone: &str, every: Every, wall0: &str) -> Calendar {
         Calendar {
@@ -125,19 +134,19 @@ mod tests {
     fn midnight_pacific_across_daylight_saving() {
         // 2026-03-07 23:00 PST (UTC−8) = 2026-03-08 07:00Z: midnight in 1 h.
         let c = calendar("America/Los_Angeles", Every::Day, "2026-03-08T07:00:00Z");
-        assert_eq!(c.next_end(0.0), 3_600.0);
+        assert_eq!(c.next_end(0), h(1));
         // 2026-03-08 (clocks jump at 02:00 to 03:00): a day of 23 hours.
-        assert_eq!(c.next_end(3_600.0) - 3_600.0, 23.0 * 3_600.0);
+        assert_eq!(c.next_end(h(1)) - h(1), h(23));
         // Within the day: the same end.
-        assert_eq!(c.next_end(7_200.0), c.next_end(3_600.0));
+        assert_eq!(c.next_end(h(2)), c.next_end(h(1)));
     }
 
     #[test]
     fn first_of_the_month_in_utc() {
         let c = calendar("UTC", Every::Month, "2026-02-28T12:00:00Z");
-        assert_eq!(c.next_end(0.0), 12.0 * 3_600.0);
+        assert_eq!(c.next_end(0), h(12));
         // March has 31 days.
-        assert_eq!(c.next_end(12.0 * 3_600.0) - 12.0 * 3_600.0, 31.0 * 86_400.0);
+        assert_eq!(c.next_end(h(12)) - h(12), h(31 * 24));
     }
 
     #[test]

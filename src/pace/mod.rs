@@ -43,6 +43,15 @@
 //!   Rate-limit headers (`x-ratelimit-remaining-*`) lower our count of what is
 //!   left whenever the upstream knows better.
 //!
+//! - **Exact time**: a cell counts in whole ticks of 1/64 ns since the
+//!   pacer was built (integers, not `f64` seconds), so its sums are exact at
+//!   any uptime: a burst of `C` units at one instant fits exactly `C` a
+//!   year in as a second in. A unit's time is rounded up to a whole tick
+//!   (never faster than the limit: at most 1/64 ns a unit slower); a start
+//!   within a small slack of now (at most 1/1024 of a unit's time) counts as
+//!   now, so that a burst refilled after exactly its window fits again. The
+//!   clock's range is 9.1 years from the pacer's build; past it, times
+//!   saturate and the pacer stops holding calls back.
 //! - **No lock on the healthy path** of a pacer of one or two rolling cells
 //!   (RPM + TPM, the common shape; no parent, no calendar window): while
 //!   nobody waits and nothing is paused, a call is reserved on both cells by
@@ -90,6 +99,7 @@ mod keyed;
 mod service;
 pub(crate) mod state;
 mod stats;
+mod tick;
 
 pub use keyed::{KeyedPace, KeyedPaceBuilder, KeyedPaceLayer, KeyedPaceService, NoKey, PaceKey};
 
@@ -391,7 +401,7 @@ impl Shared {
     #[inline]
     pub(crate) fn try_lock_free(&self, cost: &Cost, since: Duration) -> bool {
         match &self.fast {
-            Some(f) if f.try_take(cost, since.as_secs_f64()) => {
+            Some(f) if f.try_take(cost, tick::of(since)) => {
                 self.stats.started(cost, since);
                 true
             }
@@ -864,17 +874,17 @@ impl PaceBuilder {
                 ));
             }
             let capacity = planned as f64;
-            let secs_per_unit = per.as_secs_f64() / n as f64;
+            let ticks_per_unit = tick::per_unit(per, n);
             dims.push(Dim {
                 unit,
                 per,
                 capacity,
-                secs_per_unit,
+                ticks_per_unit,
                 configured_capacity: capacity,
-                configured_spu: secs_per_unit,
-                largest_cost: largest as f64,
+                configured_tpu: ticks_per_unit,
+                largest_cost: largest,
                 calendar,
-                max_wait: max_wait.map(|d| d.as_secs_f64()),
+                max_wait: max_wait.map(tick::of),
             });
         }
         let mut st = State::new(dims);

@@ -477,7 +477,7 @@ impl Shared {
             .peek_start(cost, now, parent)
             .map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
         Refusal {
-            late_secs: fresh.saturating_sub(max).as_secs_f64(),
+            late: fresh.saturating_sub(max),
             parent: false,
             detail: format!(
                 "waited {} in line, max_wait {}",
@@ -504,7 +504,7 @@ impl Shared {
             return Admit::Now;
         }
         // That of any other pacer without a parent: one pass under the lock.
-        let n = self.parent.is_none().then_some(since.as_secs_f64());
+        let n = self.parent.is_none().then(|| super::tick::of(since));
         let mut st = self.lock();
         if n.is_some_and(|n| !st.closed && st.try_rolling(cost, now, n)) {
             return Admit::Now;

@@ -2,7 +2,8 @@
 //!
 //! Each dimension (requests/min, tokens/min, tokens/day…) is a GCRA cell: a
 //! "theoretical arrival time" `tat` at which its bucket would be full again, with
-//! capacity `C` and `T` seconds per unit. A cost `n` fits at
+//! capacity `C` and `T` ticks per unit (times are whole ticks of 1/64 ns since
+//! the pacer's epoch: exact sums, see [`super::tick`]). A cost `n` fits at
 //! `tat − (C − n)·T`; reserving it moves `tat` to `max(tat, start) + n·T`. A call's
 //! cost is reserved on every dimension at once, at the latest of their start
 //! times, so no dimension is ever overdrawn.
@@ -12,6 +13,7 @@
 //! never held anything, and everyone behind it moves up. The head sleeps until
 //! its start instant; the others sleep until the one before them leaves.
 
+use super::tick;
 use super::{Cost, DimSnapshot, PaceSnapshot, Unit};
 use crate::classify::RateLimitInfo;
 use slab::Slab;
@@ -37,96 +39,119 @@ pub(crate) const DEFAULT_HEADER_WINDOW: Duration = Duration::from_secs(60);
 pub(crate) struct Dim {
     pub(crate) unit: Unit,
     pub(crate) per: Duration,
-    /// Capacity (burst), in units.
+    /// Capacity (burst), in units (a whole number as configured; a learned
+    /// limit scales it).
     pub(crate) capacity: f64,
-    /// Seconds per unit at the rate in force: the configured one, or slower
+    /// Ticks per unit at the rate in force: the configured one, or slower
     /// when the upstream announced a lower limit.
-    pub(crate) secs_per_unit: f64,
+    pub(crate) ticks_per_unit: u64,
     /// As configured (what a higher announced limit brings back).
     pub(crate) configured_capacity: f64,
-    pub(crate) configured_spu: f64,
+    pub(crate) configured_tpu: u64,
     /// The largest cost one call may have: the whole configured burst,
     /// headroom included (above the planned capacity, a call waits for a
     /// full bucket and leaves a debt).
-    pub(crate) largest_cost: f64,
+    pub(crate) largest_cost: u64,
     /// A window that resets on the calendar (its cell counts what was used
     /// since the window began) instead of a rolling GCRA cell.
     pub(crate) calendar: Option<super::calendar::Calendar>,
-    /// A call that would wait longer than this (seconds) for this limit is
+    /// A call that would wait longer than this (ticks) for this limit is
     /// refused, whatever the pacer's `max_wait`.
-    pub(crate) max_wait: Option<f64>,
+    pub(crate) max_wait: Option<u64>,
 }
 
 impl Dim {
-    pub(crate) fn amount(&self, cost: &Cost) -> f64 {
-        self.unit.amount(cost)
+    #[inline]
+    pub(crate) fn amount(&self, cost: &Cost) -> u64 {
+        cost.amount(self.unit)
     }
 
-    /// The earliest start (seconds since the epoch) of `n` units on this
+    /// The burst's time at `t` ticks a unit: capacity × `t`.
+    #[inline]
+    pub(crate) fn tau(&self, t: u64) -> u64 {
+        tick::units(self.capacity, t)
+    }
+
+    /// How early a start on this cell may be taken ([`tick::slack`]).
+    #[inline]
+    pub(crate) fn slack(&self, t: u64) -> u64 {
+        tick::slack(t, tick::units(self.capacity.ceil(), 1))
+    }
+
+    /// The earliest start (ticks since the epoch) of `n` units on this
     /// cell, not before `now`, after `ahead` units already in line. A
     /// rolling cell: the GCRA rule (`tat` its theoretical arrival time, `t`
-    /// seconds per unit). A calendar cell: `tat` is what was used in the
+    /// ticks per unit). A calendar cell: `tat` is what was used in the
     /// window ending at `end`; a cost that does not fit waits for the window
     /// that has room (the next ones assumed of their nominal length).
-    fn start(&self, tat: f64, end: f64, t: f64, n: f64, now: f64, ahead: f64) -> f64 {
-        let n = n.min(self.capacity);
+    fn start(&self, tat: u64, end: u64, t: u64, n: u64, now: u64, ahead: u64) -> u64 {
         match &self.calendar {
             None => {
-                let full = tat.max(now) + ahead * t;
-                let s = full - (self.capacity - n) * t;
-                // A hair after `now` by the `f64` rounding of `tat` only.
-                if super::fast::late(s, full, now, t, self.capacity) {
+                let tau = self.tau(t);
+                let full = tat.max(now).saturating_add(tick::times(ahead, t));
+                // `full − tau + min(n·t, tau)`, at least 0.
+                let s = full
+                    .saturating_add(tick::times(n, t).min(tau))
+                    .saturating_sub(tau);
+                if tick::late(s, now, self.slack(t)) {
                     s
                 } else {
-                    s.min(now)
+                    now
                 }
             }
             Some(cal) => {
                 let (used, end) = if now >= end {
-                    (0.0, cal.next_end(now))
+                    (0, cal.next_end(now))
                 } else {
                     (tat, end)
                 };
-                let need = used + ahead + n;
+                let n = (n as f64).min(self.capacity);
+                let need = used as f64 + ahead as f64 + n;
                 if need <= self.capacity {
                     return now;
                 }
                 // Whole windows the overflow spills over, the first being
                 // the one starting at `end`.
                 let spill = ((need - self.capacity) / self.capacity).ceil().max(1.0);
-                end + (spill - 1.0) * cal.nominal_secs()
+                end.saturating_add(tick::scale(cal.nominal(), spill - 1.0))
+                    .min(tick::LAST)
             }
         }
     }
 
     /// Reserves `n` units on the cell from `start`.
-    fn take(&self, tat: &mut f64, end: &mut f64, t: f64, n: f64, start: f64) {
+    fn take(&self, tat: &mut u64, end: &mut u64, t: u64, n: u64, start: u64) {
         match &self.calendar {
-            None => *tat = tat.max(start) + n * t,
+            None => {
+                *tat = (*tat)
+                    .max(start)
+                    .saturating_add(tick::times(n, t))
+                    .min(tick::LAST)
+            }
             Some(cal) => {
                 if start >= *end {
-                    *tat = 0.0;
+                    *tat = 0;
                     *end = cal.next_end(start);
                 }
-                *tat += n;
+                *tat = tat.saturating_add(n);
             }
         }
     }
 
     /// Units available at `now`.
-    fn available(&self, tat: f64, end: f64, t: f64, now: f64) -> f64 {
+    fn available(&self, tat: u64, end: u64, t: u64, now: u64) -> f64 {
         match &self.calendar {
-            None => (self.capacity - (tat - now).max(0.0) / t).max(0.0),
+            None => (self.capacity - tat.saturating_sub(now) as f64 / t as f64).max(0.0),
             Some(_) if now >= end => self.capacity,
-            Some(_) => (self.capacity - tat).max(0.0),
+            Some(_) => (self.capacity - tat as f64).max(0.0),
         }
     }
 
-    /// When the cell is full again (seconds since the epoch).
-    fn full_at(&self, tat: f64, end: f64, now: f64) -> f64 {
+    /// When the cell is full again (ticks since the epoch).
+    fn full_at(&self, tat: u64, end: u64, now: u64) -> u64 {
         match &self.calendar {
             None => tat.max(now),
-            Some(_) if now >= end || tat <= 0.0 => now,
+            Some(_) if now >= end || tat == 0 => now,
             Some(_) => end,
         }
     }
@@ -148,25 +173,25 @@ struct Waiting {
 #[derive(Debug)]
 pub(crate) struct State {
     pub(crate) dims: Vec<Dim>,
-    /// Per dimension, seconds since `epoch` (a calendar window's: units
+    /// Per dimension, ticks since `epoch` (a calendar window's: units
     /// used in the window ending at `ends[d]`).
-    tat: Vec<f64>,
-    /// Per calendar dimension, the end of its current window (seconds
+    tat: Vec<u64>,
+    /// Per calendar dimension, the end of its current window (ticks
     /// since `epoch`); 0 for the others.
-    ends: Vec<f64>,
+    ends: Vec<u64>,
     line: BTreeMap<u64, u32>,
     waiting: Slab<Waiting>,
-    queued: Vec<f64>,
+    queued: Vec<u64>,
     /// The parts (requests, input, cached input, output, spend) of every
     /// cost in line: what the line will take from a parent's cells.
-    queued_parts: [f64; PARTS],
+    queued_parts: [u64; PARTS],
     next_seq: u64,
     paused_until: Option<Instant>,
     /// AIMD share of the configured rate, in [FLOOR, 1].
     factor: f64,
-    /// Seconds per unit now (`secs_per_unit / factor`), per dimension:
+    /// Ticks per unit now (`ticks_per_unit / factor`), per dimension:
     /// recomputed when the factor changes, not on every reservation.
-    spu: Vec<f64>,
+    spu: Vec<u64>,
     epoch: Instant,
     pub(crate) throttled: u64,
     /// Closed by a shutdown: waiters are answered `ShuttingDown`, new calls refused.
@@ -186,7 +211,7 @@ pub(crate) struct State {
     handed: Option<u128>,
 }
 
-use super::stats::{parts, Stats, PARTS};
+use super::stats::{Stats, PARTS};
 use std::sync::Arc;
 
 /// The most cells the one-pass healthy path takes (RPM, TPM, ITPM, OTPM,
@@ -200,16 +225,17 @@ const PROJECTED: usize = 10_000;
 #[derive(Debug)]
 pub(crate) struct Refusal {
     /// How long until it would be admitted (its wait less the bound).
-    pub(crate) late_secs: f64,
+    pub(crate) late: Duration,
     /// The limit is the parent's (a keyed pacer's shared cells).
     pub(crate) parent: bool,
     pub(crate) detail: String,
 }
 
 impl Refusal {
-    /// `late_secs` rounded up to the microsecond, at least 1 µs.
+    /// `late` rounded up to the microsecond, at least 1 µs.
     pub(crate) fn retry_after(&self) -> Duration {
-        Duration::from_micros((self.late_secs * 1e6).ceil().clamp(1.0, 1e18) as u64)
+        let micros = self.late.as_nanos().div_ceil(1_000).clamp(1, 1 << 60);
+        Duration::from_micros(micros as u64)
     }
 }
 
@@ -237,35 +263,32 @@ pub(crate) enum Fit {
 }
 
 /// How many of `unit` costs adding up to `parts` count.
-fn amount_of_parts(unit: Unit, [r, i, c, o, m]: &[f64; PARTS]) -> f64 {
+fn amount_of_parts(unit: Unit, [r, i, c, o, m]: &[u64; PARTS]) -> u64 {
     match unit {
         Unit::Requests => *r,
-        Unit::Tokens => i + c + o,
+        Unit::Tokens => i.saturating_add(*c).saturating_add(*o),
         Unit::InputTokens => *i,
-        Unit::PromptTokens => i + c,
+        Unit::PromptTokens => i.saturating_add(*c),
         Unit::OutputTokens => *o,
         Unit::Spend => *m,
     }
 }
 
-/// A cost's parts as numbers (requests, input, cached input, output, spend).
-pub(crate) fn secs(epoch: Instant, t: Instant) -> f64 {
-    t.saturating_duration_since(epoch).as_secs_f64()
+/// `t` in ticks since `epoch` (0 before it).
+pub(crate) fn ticks(epoch: Instant, t: Instant) -> u64 {
+    tick::of(t.saturating_duration_since(epoch))
 }
 
-/// `s` seconds after `epoch`, rounded up to the next microsecond: never
+/// `s` ticks after `epoch`, rounded up to the next nanosecond: never
 /// start early.
-fn instant_at(epoch: Instant, s: f64) -> Instant {
-    let micros = (s * 1e6).ceil();
-    crate::time::after(epoch, Duration::from_micros(micros.max(0.0) as u64))
+fn instant_at(epoch: Instant, s: u64) -> Instant {
+    crate::time::after(epoch, tick::duration(s))
 }
 
-/// The instant of a start `s` found for a caller at `now` (`n` seconds since
-/// `epoch`): `now` itself when `s` is not after `n` — not `now` rounded up to
-/// the next microsecond, which would report a call that goes at once as
-/// waiting under a microsecond (and a `max_wait(0)` router as late) —
-/// else [`instant_at`].
-fn start_instant(epoch: Instant, s: f64, n: f64, now: Instant) -> Instant {
+/// The instant of a start `s` found for a caller at `now` (`n` ticks since
+/// `epoch`): `now` itself when `s` is not after `n` (a start within a
+/// cell's slack is `n`), else [`instant_at`].
+fn start_instant(epoch: Instant, s: u64, n: u64, now: Instant) -> Instant {
     if s <= n {
         now
     } else {
@@ -273,32 +296,44 @@ fn start_instant(epoch: Instant, s: f64, n: f64, now: Instant) -> Instant {
     }
 }
 
+/// A cost's parts as whole numbers (requests, input, cached input, output,
+/// spend).
+fn whole_parts(c: &Cost) -> [u64; PARTS] {
+    [
+        u64::from(c.requests),
+        c.input_tokens,
+        c.cached_input_tokens,
+        c.output_tokens,
+        c.spend,
+    ]
+}
+
 /// The GCRA rule, for the pacer and its projections alike: the earliest
-/// start (seconds since the epoch) of `cost` on cells `tat` at `spu` seconds
+/// start (ticks since the epoch) of `cost` on cells `tat` at `spu` ticks
 /// per unit, not before `now` nor a pause, after `extra[d]` units already in
 /// line. A cost above a burst (a lower limit the upstream announced) starts
 /// once the bucket is full, and leaves a debt.
 #[allow(clippy::too_many_arguments)]
 fn earliest(
     dims: &[Dim],
-    tat: &[f64],
-    ends: &[f64],
-    spu: &[f64],
+    tat: &[u64],
+    ends: &[u64],
+    spu: &[u64],
     cost: &Cost,
-    now: f64,
-    paused: Option<f64>,
-    extra: Option<&[f64]>,
-) -> f64 {
-    let mut start = now.max(paused.unwrap_or(0.0));
+    now: u64,
+    paused: Option<u64>,
+    extra: Option<&[u64]>,
+) -> u64 {
+    let mut start = now.max(paused.unwrap_or(0));
     for (d, dim) in dims.iter().enumerate() {
-        let ahead = extra.map_or(0.0, |e| e[d]);
+        let ahead = extra.map_or(0, |e| e[d]);
         start = start.max(dim.start(tat[d], ends[d], spu[d], dim.amount(cost), now, ahead));
     }
     start
 }
 
 /// Reserves `cost` on every cell from `start`.
-fn reserve(dims: &[Dim], tat: &mut [f64], ends: &mut [f64], spu: &[f64], cost: &Cost, start: f64) {
+fn reserve(dims: &[Dim], tat: &mut [u64], ends: &mut [u64], spu: &[u64], cost: &Cost, start: u64) {
     for (d, dim) in dims.iter().enumerate() {
         dim.take(&mut tat[d], &mut ends[d], spu[d], dim.amount(cost), start);
     }
@@ -307,18 +342,18 @@ fn reserve(dims: &[Dim], tat: &mut [f64], ends: &mut [f64], spu: &[f64], cost: &
 impl State {
     pub(crate) fn new(dims: Vec<Dim>) -> Self {
         let n = dims.len();
-        let spu = dims.iter().map(|d| d.secs_per_unit).collect();
+        let spu = dims.iter().map(|d| d.ticks_per_unit).collect();
         State {
             rolling_only: dims.iter().all(|d| d.calendar.is_none()),
             spu,
             dims,
-            tat: vec![0.0; n],
+            tat: vec![0; n],
             // A calendar window's first end is found at its first use.
-            ends: vec![0.0; n],
+            ends: vec![0; n],
             line: BTreeMap::new(),
             waiting: Slab::new(),
-            queued: vec![0.0; n],
-            queued_parts: [0.0; PARTS],
+            queued: vec![0; n],
+            queued_parts: [0; PARTS],
             next_seq: 0,
             paused_until: None,
             factor: 1.0,
@@ -364,18 +399,24 @@ impl State {
             .filter_map(|slot| self.waiting.get(*slot as usize).map(|w| w.cost))
             .collect();
         let typical = self.stats.typical().map(|_| self.typical_cost());
-        let n = secs(self.epoch, now);
+        let n = ticks(self.epoch, now);
         Projection {
             dims: self.dims.clone(),
             tat: self
                 .tat
                 .iter()
                 .zip(&self.dims)
-                .map(|(t, d)| if d.calendar.is_some() { *t } else { t.max(n) })
+                .map(|(t, d)| {
+                    if d.calendar.is_some() {
+                        *t
+                    } else {
+                        (*t).max(n)
+                    }
+                })
                 .collect(),
             ends: self.ends.clone(),
             spu: self.spu.clone(),
-            paused: self.paused_until.map(|p| secs(self.epoch, p)),
+            paused: self.paused_until.map(|p| ticks(self.epoch, p)),
             epoch: self.epoch,
             queued,
             waiting: self.line.len(),
@@ -394,7 +435,7 @@ impl State {
         self.epoch
     }
 
-    fn spu(&self, d: usize) -> f64 {
+    fn spu(&self, d: usize) -> u64 {
         self.spu[d]
     }
 
@@ -403,50 +444,50 @@ impl State {
     /// What each cell owes (units not refilled yet) stays owed: a cut rate
     /// makes it refill slower, never frees units at once.
     fn set_factor(&mut self, factor: f64, now: Instant) {
-        let n = secs(self.epoch, now);
+        let n = ticks(self.epoch, now);
         self.factor = factor;
         for (d, dim) in self.dims.iter().enumerate() {
             let exempt = dim.calendar.is_some() || dim.unit == Unit::Spend;
             let spu = if exempt {
-                dim.secs_per_unit
+                dim.ticks_per_unit
             } else {
-                dim.secs_per_unit / factor
+                tick::scale(dim.ticks_per_unit, 1.0 / factor).max(1)
             };
             if spu != self.spu[d] && dim.calendar.is_none() && self.tat[d] > n {
-                self.tat[d] = n + (self.tat[d] - n) * spu / self.spu[d];
+                // Owed time rescaled, rounded up: what is owed stays owed.
+                let owed = tick::scale(self.tat[d] - n, spu as f64 / self.spu[d] as f64);
+                self.tat[d] = n.saturating_add(owed).min(tick::LAST);
             }
             self.spu[d] = spu;
         }
     }
 
-    /// A start `s` is due at `now` (`n` seconds since the epoch) — also when
-    /// float rounding puts `s` a hair after `n` although the instant we
-    /// would sleep until, `instant(s)`, has come: without this, a waiter woken
-    /// at `instant(s)` would find itself not due and sleep until the same
-    /// instant again, forever (found by `tests/pace_props.rs`).
-    fn due(&self, s: f64, n: f64, now: Instant) -> bool {
-        s <= n || self.instant(s) <= now
+    /// A start `s` is due at `now` (`n` ticks since the epoch). Exact:
+    /// the instant a waiter sleeps until, `instant(s)`, is `s` rounded up
+    /// to the nanosecond, so once it has come `n ≥ s`.
+    fn due(s: u64, n: u64) -> bool {
+        s <= n
     }
 
-    fn instant(&self, s: f64) -> Instant {
+    fn instant(&self, s: u64) -> Instant {
         instant_at(self.epoch, s)
     }
 
     /// [`start_instant`] on this state's epoch.
-    fn start_at(&self, s: f64, n: f64, now: Instant) -> Instant {
+    fn start_at(&self, s: u64, n: u64, now: Instant) -> Instant {
         start_instant(self.epoch, s, n, now)
     }
 
     /// Earliest start for `cost` after everything in `extra` (per dimension)
-    /// has been reserved, in seconds since the epoch.
-    fn start_secs(&self, cost: &Cost, extra: Option<&[f64]>, now: f64) -> f64 {
-        let paused = self.paused_until.map(|p| secs(self.epoch, p));
+    /// has been reserved, in ticks since the epoch.
+    fn start_ticks(&self, cost: &Cost, extra: Option<&[u64]>, now: u64) -> u64 {
+        let paused = self.paused_until.map(|p| ticks(self.epoch, p));
         earliest(
             &self.dims, &self.tat, &self.ends, &self.spu, cost, now, paused, extra,
         )
     }
 
-    fn reserve_at(&mut self, cost: &Cost, start: f64) {
+    fn reserve_at(&mut self, cost: &Cost, start: u64) {
         reserve(
             &self.dims,
             &mut self.tat,
@@ -465,15 +506,15 @@ impl State {
         cost: &Cost,
         now: Instant,
         arrived: Instant,
-        ahead: impl Fn(usize, &Dim) -> f64,
+        ahead: impl Fn(usize, &Dim) -> u64,
     ) -> Option<Refusal> {
-        let n = secs(self.epoch, now);
+        let n = ticks(self.epoch, now);
         // A limit that still holds the call back counts from the call's
         // arrival: at the head of the line it has waited already (the
         // admission's estimate packs a calendar line as a fluid; the head's
         // start is exact). A limit that lets it go now refuses nothing,
         // however long other limits kept it in line.
-        let waited = n - secs(self.epoch, arrived.min(now));
+        let waited = n - ticks(self.epoch, arrived.min(now));
         let mut worst: Option<Refusal> = None;
         for (d, dim) in self.dims.iter().enumerate() {
             let Some(max) = dim.max_wait else { continue };
@@ -485,13 +526,16 @@ impl State {
                 n,
                 ahead(d, dim),
             );
-            let wait = s - n + waited;
-            if s <= n || wait <= max {
+            if s <= n {
+                continue;
+            }
+            let wait = (s - n).saturating_add(waited);
+            if wait <= max {
                 continue;
             }
             // The hint is for a call coming now: its wait is what is left.
-            let late = (s - n - max).max(0.0);
-            if worst.as_ref().is_some_and(|w| w.late_secs >= late) {
+            let late = tick::duration((s - n).saturating_sub(max));
+            if worst.as_ref().is_some_and(|w| w.late >= late) {
                 continue;
             }
             let window = if dim.calendar.is_some() {
@@ -500,7 +544,7 @@ impl State {
                 crate::time::Human(dim.per).to_string()
             };
             worst = Some(Refusal {
-                late_secs: late,
+                late,
                 parent: false,
                 detail: format!(
                     "a cost of {} {} does not fit the limit of {} per {} for {}",
@@ -508,7 +552,7 @@ impl State {
                     dim.unit.as_str(),
                     dim.configured_capacity,
                     window,
-                    crate::time::Human(crate::time::secs_f64(wait)),
+                    crate::time::Human(tick::duration(wait)),
                 ),
             });
         }
@@ -527,7 +571,7 @@ impl State {
         let own = self.budget_refusal(cost, now, now, |d, _| self.queued[d]);
         let theirs = parent.and_then(|p| {
             p.budget_refusal(cost, now, now, |d, dim| {
-                p.queued[d] + amount_of_parts(dim.unit, &self.queued_parts)
+                p.queued[d].saturating_add(amount_of_parts(dim.unit, &self.queued_parts))
             })
             .map(|mut r| {
                 r.parent = true;
@@ -535,7 +579,7 @@ impl State {
             })
         });
         match (own, theirs) {
-            (Some(a), Some(b)) => Some(if b.late_secs > a.late_secs { b } else { a }),
+            (Some(a), Some(b)) => Some(if b.late > a.late { b } else { a }),
             (a, b) => a.or(b),
         }
     }
@@ -569,8 +613,8 @@ impl State {
         if let Some(r) = self.budget_refusal_with(cost, now, parent) {
             return Peek::RefusedFor(r.retry_after());
         }
-        let n = secs(self.epoch, now);
-        let s = self.start_secs(cost, Some(&self.queued), n);
+        let n = ticks(self.epoch, now);
+        let s = self.start_ticks(cost, Some(&self.queued), n);
         let at = self.start_at(s, n, now).max(now);
         Peek::At(match parent {
             Some(p) => at.max(p.start_after(cost, &self.queued_parts, now)),
@@ -584,16 +628,16 @@ impl State {
     /// comes back — exactly what [`try_fast`](Self::try_fast) would do (the
     /// same GCRA expressions, the start being `now`). `false` decides nothing:
     /// the caller goes on with the general path.
-    /// `n` is `now` in seconds since the epoch ([`secs`]), computed by the
+    /// `n` is `now` in ticks since the epoch ([`ticks`]), computed by the
     /// caller before it took the lock.
     #[inline]
-    pub(crate) fn try_rolling(&mut self, cost: &Cost, now: Instant, n: f64) -> bool {
+    pub(crate) fn try_rolling(&mut self, cost: &Cost, now: Instant, n: u64) -> bool {
         if !self.rolling_only || !self.line.is_empty() || self.paused_until.is_some() {
             return false;
         }
         // The new `tat` of each cell, kept until every cell has said yes
         // (a pacer of more cells than this goes the general way).
-        let mut next = [0.0f64; FAST_CELLS];
+        let mut next = [0u64; FAST_CELLS];
         if self.dims.len() > FAST_CELLS {
             return false;
         }
@@ -607,9 +651,10 @@ impl State {
             // `Dim::start` with nothing ahead: fits now when the start is not after `n`.
             match super::fast::rolling_take(
                 *tat,
-                dim.capacity,
+                dim.tau(*t),
                 dim.largest_cost,
                 *t,
+                dim.slack(*t),
                 dim.amount(cost),
                 n,
             ) {
@@ -642,21 +687,25 @@ impl State {
     /// path when the pacer is free (else the state keeps them, across as
     /// many locks as it takes, and remembers the word it took them from).
     pub(crate) fn hand_over(&mut self, fast: &super::fast::Fast) {
+        let epoch = self.epoch;
+        self.hand_over_with(fast, || ticks(epoch, Instant::now()));
+    }
+
+    /// [`hand_over`](Self::hand_over), `now` giving the ticks since the
+    /// epoch.
+    fn hand_over_with(&mut self, fast: &super::fast::Fast, now: impl FnOnce() -> u64) {
         if self.is_free() {
-            let (epoch, taken) = (self.epoch, self.handed.take());
-            fast.hand_over(&self.dims, &self.spu, &self.tat, taken, || {
-                secs(epoch, Instant::now())
-            });
+            let taken = self.handed.take();
+            if !fast.hand_over(&self.dims, &self.spu, &self.tat, taken, now) {
+                self.handed = taken;
+            }
         }
     }
 
-    /// [`hand_over`](Self::hand_over) at `n` seconds since the epoch.
+    /// [`hand_over`](Self::hand_over) at `n` ticks since the epoch.
     #[cfg(test)]
-    fn hand_over_at(&mut self, fast: &super::fast::Fast, n: f64) {
-        if self.is_free() {
-            let taken = self.handed.take();
-            fast.hand_over(&self.dims, &self.spu, &self.tat, taken, || n);
-        }
+    fn hand_over_at(&mut self, fast: &super::fast::Fast, n: u64) {
+        self.hand_over_with(fast, || n);
     }
 
     /// Reserve now if nobody waits and it fits — here and on the cells of
@@ -674,13 +723,13 @@ impl State {
         if !self.line.is_empty() {
             return false;
         }
-        let n = secs(self.epoch, now);
-        let s = self.start_secs(cost, None, n);
+        let n = ticks(self.epoch, now);
+        let s = self.start_ticks(cost, None, n);
         // The parent's cells are free for it when nobody waits for them.
         let parent_free = parent
             .as_deref()
             .is_none_or(|p| p.line.is_empty() && p.cells_due(cost, now).0);
-        if self.due(s, n, now) && parent_free {
+        if Self::due(s, n) && parent_free {
             self.reserve_at(cost, n);
             if let Some(p) = parent {
                 p.reserve_cells(cost, now);
@@ -696,10 +745,10 @@ impl State {
         if self.try_fast(cost, now, parent.as_deref_mut()) {
             return Fit::Now;
         }
-        let n = secs(self.epoch, now);
+        let n = ticks(self.epoch, now);
         // Where it would start after everyone in line — and, on the
         // parent's cells, after everyone in the parent's line and in ours.
-        let s = self.start_secs(cost, Some(&self.queued), n);
+        let s = self.start_ticks(cost, Some(&self.queued), n);
         let at = self.start_at(s, n, now);
         Fit::At(match parent {
             Some(p) => at.max(p.start_after(cost, &self.queued_parts, now)),
@@ -709,34 +758,34 @@ impl State {
 
     /// For a parent: when `cost` could start on its cells after its line and
     /// a line of a key whose costs add up to `parts`.
-    fn start_after(&self, cost: &Cost, parts: &[f64; PARTS], now: Instant) -> Instant {
-        let n = secs(self.epoch, now);
-        let extra: Vec<f64> = self
+    fn start_after(&self, cost: &Cost, parts: &[u64; PARTS], now: Instant) -> Instant {
+        let n = ticks(self.epoch, now);
+        let extra: Vec<u64> = self
             .dims
             .iter()
             .zip(&self.queued)
-            .map(|(dim, q)| q + amount_of_parts(dim.unit, parts))
+            .map(|(dim, q)| q.saturating_add(amount_of_parts(dim.unit, parts)))
             .collect();
-        self.start_at(self.start_secs(cost, Some(&extra), n), n, now)
+        self.start_at(self.start_ticks(cost, Some(&extra), n), n, now)
     }
 
     /// For a parent: whether `cost` fits its cells now (its line is not
     /// looked at: a parent has no callers of its own), and when it will.
     pub(crate) fn cells_due(&self, cost: &Cost, now: Instant) -> (bool, Instant) {
-        let n = secs(self.epoch, now);
-        let s = self.start_secs(cost, None, n);
-        (self.due(s, n, now), self.start_at(s, n, now))
+        let n = ticks(self.epoch, now);
+        let s = self.start_ticks(cost, None, n);
+        (Self::due(s, n), self.start_at(s, n, now))
     }
 
     /// For a parent: reserves `cost` on its cells now.
     pub(crate) fn reserve_cells(&mut self, cost: &Cost, now: Instant) {
-        let n = secs(self.epoch, now);
+        let n = ticks(self.epoch, now);
         self.reserve_at(cost, n);
         self.started(cost, now);
     }
 
     /// A cost above one of the cells' largest: it can never be paid.
-    pub(crate) fn never_fits(&self, cost: &Cost) -> Option<(f64, &Dim)> {
+    pub(crate) fn never_fits(&self, cost: &Cost) -> Option<(u64, &Dim)> {
         self.dims.iter().find_map(|dim| {
             let n = dim.amount(cost);
             (n > dim.largest_cost).then_some((n, dim))
@@ -746,12 +795,12 @@ impl State {
     /// Nothing to remember: no one in line, every cell full, no pause, no
     /// learned limit or cut rate — a pacer like a new one.
     pub(crate) fn is_idle(&self, now: Instant) -> bool {
-        let n = secs(self.epoch, now);
+        let n = ticks(self.epoch, now);
         self.line.is_empty()
             && self.paused_until.is_none_or(|p| p <= now)
             && self.factor >= 1.0
             && self.dims.iter().enumerate().all(|(d, dim)| {
-                dim.secs_per_unit == dim.configured_spu
+                dim.ticks_per_unit == dim.configured_tpu
                     && dim.available(self.tat[d], self.ends[d], self.spu[d], n) >= dim.capacity
             })
     }
@@ -761,19 +810,22 @@ impl State {
     /// may have spent part of the overflow pacer's budget before, or wait
     /// in its line.
     pub(crate) fn spend_like(&mut self, other: &State, now: Instant) {
-        let n = secs(self.epoch, now);
-        let on = secs(other.epoch, now);
+        let n = ticks(self.epoch, now);
+        let on = ticks(other.epoch, now);
         for d in 0..self.dims.len().min(other.dims.len()) {
             let dim = &self.dims[d];
             let left = other.dims[d].available(other.tat[d], other.ends[d], other.spu[d], on);
             // What its line will take counts too: the key may be waiting
             // there.
-            let spent = (dim.capacity - left).max(0.0) + other.queued[d];
+            let spent = (dim.capacity - left).max(0.0) + other.queued[d] as f64;
             match dim.calendar {
-                None => self.tat[d] = self.tat[d].max(n + spent * self.spu[d]),
+                None => {
+                    let owed = n.saturating_add(tick::units(spent, self.spu[d]));
+                    self.tat[d] = self.tat[d].max(owed.min(tick::LAST));
+                }
                 Some(_) if on < other.ends[d] => {
-                    self.tat[d] = spent;
-                    self.ends[d] = secs(self.epoch, other.instant(other.ends[d]));
+                    self.tat[d] = tick::units(spent.ceil(), 1);
+                    self.ends[d] = ticks(self.epoch, other.instant(other.ends[d]));
                 }
                 Some(_) => {}
             }
@@ -809,10 +861,10 @@ impl State {
         }) as u32;
         self.line.insert(seq, slot);
         for (d, dim) in self.dims.iter().enumerate() {
-            self.queued[d] += dim.amount(&cost);
+            self.queued[d] = self.queued[d].saturating_add(dim.amount(&cost));
         }
-        for (q, x) in self.queued_parts.iter_mut().zip(parts(&cost)) {
-            *q += x;
+        for (q, x) in self.queued_parts.iter_mut().zip(whole_parts(&cost)) {
+            *q = q.saturating_add(x);
         }
         (slot, seq)
     }
@@ -825,10 +877,10 @@ impl State {
         let w = self.waiting.remove(slot as usize);
         self.line.remove(&seq);
         for (d, dim) in self.dims.iter().enumerate() {
-            self.queued[d] = (self.queued[d] - dim.amount(&w.cost)).max(0.0);
+            self.queued[d] = self.queued[d].saturating_sub(dim.amount(&w.cost));
         }
-        for (q, x) in self.queued_parts.iter_mut().zip(parts(&w.cost)) {
-            *q = (*q - x).max(0.0);
+        for (q, x) in self.queued_parts.iter_mut().zip(whole_parts(&w.cost)) {
+            *q = q.saturating_sub(x);
         }
         true
     }
@@ -904,13 +956,13 @@ impl State {
         let cost = w.cost;
         let ticket = w.parent_ticket;
         let arrived = w.arrived;
-        if let Some(r) = self.budget_refusal(&cost, now, arrived, |_, _| 0.0) {
+        if let Some(r) = self.budget_refusal(&cost, now, arrived, |_, _| 0) {
             self.leave(slot, seq, parent);
             return Err(Turn::Refused(r));
         }
-        let n = secs(self.epoch, now);
-        let s = self.start_secs(&cost, None, n);
-        let own_due = self.due(s, n, now);
+        let n = ticks(self.epoch, now);
+        let s = self.start_ticks(&cost, None, n);
+        let own_due = Self::due(s, n);
         let Some(p) = parent else {
             if own_due {
                 self.unqueue(slot, seq);
@@ -952,7 +1004,7 @@ impl State {
             self.keep_waker(slot, waker);
             return Err(Turn::Wait(None));
         }
-        if let Some(mut r) = p.budget_refusal(&cost, now, arrived, |_, _| 0.0) {
+        if let Some(mut r) = p.budget_refusal(&cost, now, arrived, |_, _| 0) {
             r.parent = true;
             self.leave(slot, seq, Some(p));
             return Err(Turn::Refused(r));
@@ -1008,10 +1060,10 @@ impl State {
         now: Instant,
         charged: Instant,
     ) {
-        let n = secs(self.epoch, now);
+        let n = ticks(self.epoch, now);
         for d in 0..self.dims.len() {
-            let delta = self.dims[d].amount(real) - self.dims[d].amount(estimate);
-            if delta == 0.0 {
+            let (was, is) = (self.dims[d].amount(estimate), self.dims[d].amount(real));
+            if was == is {
                 continue;
             }
             // Money is owed in full: a spend debt is not capped at a cell.
@@ -1019,26 +1071,43 @@ impl State {
             if let Some(cal) = &self.dims[d].calendar {
                 // Only in the window the call was charged to: once that one
                 // is over, the next started afresh either way.
-                let at = secs(self.epoch, charged);
+                let at = ticks(self.epoch, charged);
                 if n < self.ends[d] && cal.next_end(at) == self.ends[d] {
-                    let cap = if spend {
-                        f64::MAX
+                    let used = self.tat[d];
+                    self.tat[d] = if is > was {
+                        let cap = if spend {
+                            u64::MAX
+                        } else {
+                            tick::units(self.dims[d].capacity, 1).max(used)
+                        };
+                        used.saturating_add(is - was).min(cap)
                     } else {
-                        self.dims[d].capacity.max(self.tat[d])
+                        used.saturating_sub(was - is)
                     };
-                    self.tat[d] = (self.tat[d] + delta).clamp(0.0, cap);
                 }
                 continue;
             }
             let t = self.spu(d);
-            let moved = self.tat[d] + delta * t;
-            self.tat[d] = if spend {
-                // A refund cannot make the cell fuller than full.
-                moved.max(n.min(self.tat[d]))
+            let tat = self.tat[d];
+            self.tat[d] = if is > was {
+                let moved = tat.saturating_add(tick::times(is - was, t));
+                if spend {
+                    moved
+                } else {
+                    // A debt can at most empty the cell.
+                    let empty = n.saturating_add(self.dims[d].tau(t));
+                    moved.min(empty.max(tat))
+                }
             } else {
-                let empty = n + self.dims[d].capacity * t;
-                moved.min(empty.max(self.tat[d]))
-            };
+                let moved = tat.saturating_sub(tick::times(was - is, t));
+                if spend {
+                    // A refund cannot make the cell fuller than full.
+                    moved.max(n.min(tat))
+                } else {
+                    moved
+                }
+            }
+            .min(tick::LAST);
         }
         self.wake_head();
     }
@@ -1096,7 +1165,7 @@ impl State {
             dim.unit
                 .window(info)
                 .and_then(|w| w.remaining)
-                .is_some_and(|left| (left as f64) < dim.amount(cost).max(1.0))
+                .is_some_and(|left| left < dim.amount(cost).max(1))
         })
     }
 
@@ -1117,8 +1186,8 @@ impl State {
     /// `remaining` is what it had when the call arrived (`sent`, the moment
     /// providers count a request), refilled at the rate since then.
     pub(crate) fn learn(&mut self, info: &RateLimitInfo, now: Instant, sent: Instant) {
-        let n = secs(self.epoch, now);
-        let since = now.saturating_duration_since(sent).as_secs_f64();
+        let n = ticks(self.epoch, now);
+        let since = tick::of(now.saturating_duration_since(sent));
         let mut changed = false;
         for d in 0..self.dims.len() {
             let window = self.dims[d].unit.window(info);
@@ -1128,14 +1197,15 @@ impl State {
             }
             if let Some(limit) = window.and_then(|w| w.limit).filter(|l| *l > 0) {
                 let dim = &mut self.dims[d];
-                let announced = self.header_window.as_secs_f64() / limit as f64;
-                let spu = announced.max(dim.configured_spu);
-                if spu != dim.secs_per_unit {
+                let announced = tick::per_unit(self.header_window, limit);
+                let spu = announced.max(dim.configured_tpu);
+                if spu != dim.ticks_per_unit {
                     // What is owed (units not yet refilled) is kept in units:
                     // at the new rate it refills in the new time
                     // (`set_factor` moves the cell).
-                    dim.secs_per_unit = spu;
-                    dim.capacity = (dim.configured_capacity * dim.configured_spu / spu).max(1.0);
+                    dim.ticks_per_unit = spu;
+                    dim.capacity =
+                        (dim.configured_capacity * dim.configured_tpu as f64 / spu as f64).max(1.0);
                     changed = true;
                 }
             }
@@ -1147,10 +1217,12 @@ impl State {
                 changed = false;
             }
             let t = self.spu(d);
-            let ours = self.dims[d].capacity - (self.tat[d] - n).max(0.0) / t;
-            let theirs = (remaining as f64 + since / t).min(self.dims[d].capacity);
+            let capacity = self.dims[d].capacity;
+            let ours = capacity - self.tat[d].saturating_sub(n) as f64 / t as f64;
+            let theirs = (remaining as f64 + since as f64 / t as f64).min(capacity);
             if theirs < ours {
-                self.tat[d] = n + (self.dims[d].capacity - theirs) * t;
+                let owed = tick::units(capacity - theirs, t);
+                self.tat[d] = n.saturating_add(owed).min(tick::LAST);
             }
         }
         if changed {
@@ -1159,7 +1231,7 @@ impl State {
     }
 
     pub(crate) fn snapshot(&self, now: Instant) -> PaceSnapshot {
-        let n = secs(self.epoch, now);
+        let n = ticks(self.epoch, now);
         let dims = self
             .dims
             .iter()
@@ -1178,7 +1250,7 @@ impl State {
         let next_start = self.line.first_key_value().and_then(|(_, slot)| {
             self.waiting
                 .get(*slot as usize)
-                .map(|w| self.start_at(self.start_secs(&w.cost, None, n), n, now))
+                .map(|w| self.start_at(self.start_ticks(&w.cost, None, n), n, now))
         });
         PaceSnapshot {
             dims,
@@ -1196,10 +1268,10 @@ impl State {
 #[derive(Debug)]
 pub(crate) struct Projection {
     dims: Vec<Dim>,
-    tat: Vec<f64>,
-    ends: Vec<f64>,
-    spu: Vec<f64>,
-    paused: Option<f64>,
+    tat: Vec<u64>,
+    ends: Vec<u64>,
+    spu: Vec<u64>,
+    paused: Option<u64>,
     epoch: Instant,
     queued: std::collections::VecDeque<Cost>,
     waiting: usize,
@@ -1243,7 +1315,7 @@ impl Projection {
         {
             return None;
         }
-        let n = secs(self.epoch, not_before);
+        let n = ticks(self.epoch, not_before);
         let start = earliest(
             &self.dims,
             &self.tat,
@@ -1259,7 +1331,7 @@ impl Projection {
 
     /// Reserves `cost` on the copy of the cells from `start`.
     pub(crate) fn reserve_from(&mut self, cost: &Cost, start: Instant) {
-        let s = secs(self.epoch, start);
+        let s = ticks(self.epoch, start);
         reserve(
             &self.dims,
             &mut self.tat,
@@ -1276,14 +1348,17 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn dim(unit: Unit, capacity: f64, spu: f64, largest: f64) -> Dim {
+    /// A rolling cell of `capacity` units at `spu` (a whole number of
+    /// nanoseconds) a unit.
+    fn dim(unit: Unit, capacity: u64, spu: Duration, largest: u64) -> Dim {
+        let t = tick::of(spu);
         Dim {
             unit,
             per: Duration::from_secs(60),
-            capacity,
-            secs_per_unit: spu,
-            configured_capacity: capacity,
-            configured_spu: spu,
+            capacity: capacity as f64,
+            ticks_per_unit: t,
+            configured_capacity: capacity as f64,
+            configured_tpu: t,
             largest_cost: largest,
             calendar: None,
             max_wait: None,
@@ -1297,12 +1372,12 @@ mod tests {
             .iter()
             .map(|&(tokens, cap, spu_ms, largest_pct)| {
                 let unit = if tokens { Unit::Tokens } else { Unit::Requests };
-                let cap = f64::from(cap);
+                let cap = u64::from(cap);
                 dim(
                     unit,
                     cap,
-                    f64::from(spu_ms) / 1e3,
-                    cap * f64::from(largest_pct) / 100.0,
+                    Duration::from_millis(u64::from(spu_ms)),
+                    cap * u64::from(largest_pct) / 100,
                 )
             })
             .collect()
@@ -1310,7 +1385,7 @@ mod tests {
 
     proptest! {
         /// The one-pass healthy path decides exactly as the general one: the
-        /// same calls admitted, the cells left with the same bits.
+        /// same calls admitted, the cells left with the same ticks.
         #[test]
         fn one_pass_path_is_the_general_path(
             cells in proptest::collection::vec((any::<bool>(), 1u32..200, 1u32..2_000, 100u32..150), 1..4),
@@ -1324,12 +1399,11 @@ mod tests {
             for (ms, requests, tokens) in calls {
                 now += Duration::from_millis(ms);
                 let cost = Cost { requests, input_tokens: tokens, ..Cost::default() };
-                let a = fast.try_rolling(&cost, now, secs(fast.epoch, now))
+                let a = fast.try_rolling(&cost, now, ticks(fast.epoch, now))
                     || (fast.never_fits(&cost).is_none() && fast.try_fast(&cost, now, None));
                 let b = general.never_fits(&cost).is_none() && general.try_fast(&cost, now, None);
                 prop_assert_eq!(a, b);
-                let bits = |s: &State| s.tat.iter().map(|t| t.to_bits()).collect::<Vec<_>>();
-                prop_assert_eq!(bits(&fast), bits(&general));
+                prop_assert_eq!(&fast.tat, &general.tat);
             }
         }
 
@@ -1338,8 +1412,8 @@ mod tests {
         /// the locked state as a pacer's do (taken back under the lock when
         /// it fails, handed back after), also across cuts and recoveries of
         /// the rate (`set_factor`, what a 429 or a learned limit does): the
-        /// same calls admitted, the same cells. "The same": equal bits, but
-        /// for an idle cell the handover may have moved one step down (see
+        /// same calls admitted, the same cells. "The same": equal ticks, but
+        /// for an idle cell the handover may have moved one tick (see
         /// `Fast::hand_over`), so cells are compared as the GCRA reads them,
         /// `max(tat, now)`.
         #[test]
@@ -1357,7 +1431,7 @@ mod tests {
             let mut now = locked.epoch;
             for (ms, requests, tokens, factor) in calls {
                 now += Duration::from_millis(ms);
-                let n = secs(locked.epoch, now);
+                let n = ticks(locked.epoch, now);
                 let cost = Cost { requests, input_tokens: tokens, ..Cost::default() };
                 // A cut or a recovery of the rate now and then, under the lock.
                 if factor < 3 {
@@ -1376,7 +1450,7 @@ mod tests {
                 let b = general.never_fits(&cost).is_none() && general.try_fast(&cost, now, None);
                 prop_assert_eq!(a, b);
                 locked.take_back(&lock_free);
-                let read = |s: &State| s.tat.iter().map(|t| t.max(n).to_bits()).collect::<Vec<_>>();
+                let read = |s: &State| s.tat.iter().map(|t| (*t).max(n)).collect::<Vec<_>>();
                 prop_assert_eq!(read(&locked), read(&general));
                 locked.hand_over_at(&lock_free, n);
             }
@@ -1392,15 +1466,15 @@ mod tests {
     #[test]
     fn a_rate_change_on_idle_cells_under_a_later_lock_still_changes_the_word() {
         let dims = vec![
-            dim(Unit::Requests, 10.0, 0.1, 10.0),
-            dim(Unit::Tokens, 1_000.0, 0.001, 1_000.0),
+            dim(Unit::Requests, 10, Duration::from_millis(100), 10),
+            dim(Unit::Tokens, 1_000, Duration::from_millis(1), 1_000),
         ];
         let Some(lock_free) = super::super::fast::Fast::new(&dims) else {
             panic!("two rolling cells have a fast path");
         };
         let mut st = State::new(dims);
         let now = st.epoch + Duration::from_secs(5);
-        let n = secs(st.epoch, now);
+        let n = ticks(st.epoch, now);
         let before = lock_free.bits();
         // Lock 1: takes the word; a pause keeps the state owning it.
         st.take_back(&lock_free);
@@ -1420,5 +1494,35 @@ mod tests {
         st.take_back(&lock_free);
         st.hand_over_at(&lock_free, n);
         assert_eq!(lock_free.bits(), again);
+    }
+
+    /// At the epoch itself an idle cell's `tat` (0) has no tick to move to
+    /// that stays idle: after a rate change there, the state keeps the
+    /// `tat`s (the word stays owned, nothing is lost) and hands them over,
+    /// moved, at a later instant.
+    #[test]
+    fn a_rate_change_at_the_epoch_keeps_the_word_until_a_later_instant() {
+        let dims = vec![dim(Unit::Requests, 10, Duration::from_millis(100), 10)];
+        let Some(lock_free) = super::super::fast::Fast::new(&dims) else {
+            panic!("a rolling cell has a fast path");
+        };
+        let mut st = State::new(dims);
+        let before = lock_free.bits();
+        st.take_back(&lock_free);
+        st.set_factor(DECREASE, st.epoch);
+        st.hand_over_at(&lock_free, 0);
+        assert_eq!(lock_free.bits(), u128::MAX, "kept by the state");
+        // A call at the epoch goes the locked way and sees the new rate.
+        assert!(!lock_free.try_take(&Cost::requests(1), 0));
+        st.take_back(&lock_free);
+        st.hand_over_at(&lock_free, 5);
+        let after = lock_free.bits();
+        assert_ne!(after, u128::MAX);
+        assert_ne!(after, before, "a stale swap would succeed");
+        // Still idle: 10 calls fit at once, an eleventh does not.
+        let fits = (0..11)
+            .filter(|_| lock_free.try_take(&Cost::requests(1), 5))
+            .count();
+        assert_eq!(fits, 10);
     }
 }

@@ -1,0 +1,146 @@
+//! The pacer's clock: whole **ticks of 1/64 ns** since the pacer's epoch, in
+//! a `u64` — exact sums, the same precision at any uptime.
+//!
+//! Why not `f64` seconds (what the pacer used before): a cell's `tat` is a
+//! sum of one addition a call, and a float sum rounds by half a step of its
+//! magnitude at each addition. Weeks after the epoch, at tens of thousands of
+//! units a minute, that rounding grew past a thousandth of a unit, both ways:
+//! 999,999 a minute admitted 1,000,000 at one instant after 30 days, a steady
+//! window ran 8.7 calls over after a year, and the last call of an exact burst
+//! waited 10 µs at 60,000 a minute after 30 days. In integer ticks a sum is
+//! exact: a burst of `C` units at one instant fits exactly `C`, whatever the
+//! uptime.
+//!
+//! What is rounded, and which way:
+//! - the time a unit takes is rounded **up** to a whole tick (a rate is never
+//!   faster than configured: at most 1/64 ns a unit slower — 0.005 % at
+//!   180,000,000 a minute, the fastest per-minute rate a provider lists);
+//! - a start is converted to an instant rounded up to the nanosecond (never
+//!   early); `now` is exact (an `Instant` counts nanoseconds).
+//!
+//! Range: 2⁶⁴ ticks are 9.1 years after the pacer was built; past that, times
+//! saturate at [`LAST`] (a cell's `tat` that far ahead means "never").
+
+use std::time::Duration;
+
+/// Ticks in a nanosecond.
+pub(crate) const PER_NS: u64 = 64;
+
+/// The latest time a cell holds (one below all ones: the lock-free word of
+/// two all-ones halves means "owned", see `fast`).
+pub(crate) const LAST: u64 = u64::MAX - 1;
+
+/// Ticks in `d`, saturated at [`LAST`].
+#[inline]
+pub(crate) fn of(d: Duration) -> u64 {
+    clamp(d.as_nanos().saturating_mul(u128::from(PER_NS)))
+}
+
+/// `t` ticks as a duration, rounded up to the nanosecond.
+#[inline]
+pub(crate) fn duration(t: u64) -> Duration {
+    Duration::from_nanos(t.div_ceil(PER_NS))
+}
+
+/// The ticks a unit takes when `n` units are allowed per `per`: rounded up
+/// (never faster than the limit), at least one.
+pub(crate) fn per_unit(per: Duration, n: u64) -> u64 {
+    let total = per.as_nanos().saturating_mul(u128::from(PER_NS));
+    clamp(total.div_ceil(u128::from(n.max(1)))).max(1)
+}
+
+/// `x` ticks scaled by a float `k` (a rate cut, a learned limit), rounded up.
+pub(crate) fn scale(x: u64, k: f64) -> u64 {
+    let y = (x as f64 * k).ceil();
+    if y.is_nan() || y <= 0.0 {
+        0
+    } else if y >= LAST as f64 {
+        LAST
+    } else {
+        y as u64
+    }
+}
+
+/// `units` (a float count: a share of a burst) times `t` ticks a unit,
+/// rounded down, saturated. Whole counts are multiplied exactly.
+pub(crate) fn units(units: f64, t: u64) -> u64 {
+    if units <= 0.0 || units.is_nan() {
+        return 0;
+    }
+    if units.fract() == 0.0 && units < u64::MAX as f64 {
+        return clamp(u128::from(units as u64) * u128::from(t));
+    }
+    let y = (units * t as f64).floor();
+    if y >= LAST as f64 {
+        LAST
+    } else {
+        y as u64
+    }
+}
+
+/// `a` whole units of `t` ticks, saturated.
+#[inline(always)]
+pub(crate) fn times(a: u64, t: u64) -> u64 {
+    clamp(u128::from(a) * u128::from(t))
+}
+
+/// How early a start may be taken by (see [`late`]): a unit's time rounded
+/// up to a whole tick accumulates up to one tick a unit over a burst
+/// refilling, so up to `capacity + 2` ticks — but never more than 1/1024 of
+/// a unit's time.
+#[inline(always)]
+pub(crate) fn slack(t: u64, capacity: u64) -> u64 {
+    (t >> 10).min(capacity.saturating_add(2))
+}
+
+/// Whether a start `s` found for a caller at `n` is after it, beyond the
+/// cell's [`slack`]. Sums of ticks are exact; what the slack absorbs is the
+/// rounding of a unit's time to a whole tick: after a full burst and exactly
+/// its refill time, the last unit of the next burst would otherwise wait up
+/// to a tick a unit of the burst. A start within the slack counts as now, so
+/// a cell is ahead of the exact schedule by at most 1/1024 of a unit's time
+/// (never a whole unit). Beyond the slack (a burst of over ~60,000 units a
+/// minute whose unit time is not a whole tick) the last units of such a
+/// refilled burst wait at most a tick each: 16 µs for a million.
+#[inline(always)]
+pub(crate) fn late(s: u64, n: u64, slack: u64) -> bool {
+    s > n.saturating_add(slack)
+}
+
+#[inline(always)]
+fn clamp(x: u128) -> u64 {
+    if x >= u128::from(LAST) {
+        LAST
+    } else {
+        x as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversions_round_the_safe_way_and_saturate() {
+        assert_eq!(of(Duration::from_nanos(3)), 192);
+        assert_eq!(of(Duration::MAX), LAST);
+        assert_eq!(duration(1), Duration::from_nanos(1));
+        assert_eq!(duration(128), Duration::from_nanos(2));
+        assert_eq!(duration(129), Duration::from_nanos(3));
+        // 500 a minute: exact.
+        assert_eq!(per_unit(Duration::from_secs(60), 500), 120_000_000 * 64);
+        // 7 a minute: rounded up, never faster.
+        let t = per_unit(Duration::from_secs(60), 7);
+        assert!(t * 7 >= 60 * 1_000_000_000 * 64 && (t - 1) * 7 < 60 * 1_000_000_000 * 64);
+        assert_eq!(per_unit(Duration::MAX, 1), LAST);
+        assert_eq!(per_unit(Duration::from_nanos(1), u64::MAX), 1);
+        assert_eq!(times(u64::MAX, u64::MAX), LAST);
+        assert_eq!(units(7.0, 3), 21);
+        assert_eq!(units(2.5, 3), 7);
+        assert_eq!(units(f64::NAN, 3), 0);
+        assert_eq!(units(1e300, 3), LAST);
+        assert_eq!(scale(10, 1.0 / 0.75), 14);
+        assert_eq!(scale(10, f64::INFINITY), LAST);
+        assert!(!late(10, 8, 2) && late(11, 8, 2) && !late(u64::MAX, LAST, 5));
+    }
+}
