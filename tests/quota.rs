@@ -759,3 +759,48 @@ fn a_rate_too_fine_is_refused_everywhere() {
             .is_ok()
     );
 }
+
+/// A burst drained and refilled for exactly its window fits whole again —
+/// per key and at the global limit — also when a unit's refill is not a
+/// whole number of nanoseconds (3 a second: 333,333,333.3 ns, kept rounded
+/// up; the last call of the refilled burst was refused for a nanosecond:
+/// 2 of 3). Never one more.
+#[tokio::test(start_paused = true)]
+async fn a_burst_refilled_for_exactly_its_window_fits_whole_again() {
+    let mut fails = Vec::new();
+    for rate in [
+        Rate::per_second(3),
+        Rate::per_minute(7),
+        Rate::per_minute(1_000),
+        Rate::per_hour(3),
+        Rate::per_second(10),
+    ] {
+        for global in [false, true] {
+            let quota: Quota<u32> = if global {
+                Quota::builder()
+                    .plan("p", Rate::per_second(1_000_000_000))
+                    .global(rate)
+            } else {
+                Quota::builder().plan("p", rate)
+            }
+            .build()
+            .unwrap();
+            let p = quota.plan_id("p").unwrap();
+            let mut svc = api(&quota);
+            tokio::time::advance(Duration::new(12, 345_678)).await;
+            for round in 0..10 {
+                let mut admitted = 0;
+                while admitted <= rate.burst && hit(&mut svc, 1, p).await.is_ok() {
+                    admitted += 1;
+                }
+                if admitted != rate.burst {
+                    fails.push(format!(
+                        "{rate:?} global {global} round {round}: {admitted}"
+                    ));
+                }
+                tokio::time::advance(rate.per).await;
+            }
+        }
+    }
+    assert!(fails.is_empty(), "{}", fails.join("\n"));
+}

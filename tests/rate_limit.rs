@@ -120,3 +120,42 @@ proptest! {
         }
     }
 }
+
+/// A burst drained and refilled for exactly its window fits whole again,
+/// also when a unit's refill is not a whole number of nanoseconds (3 a
+/// second: 2 of 3 came back, the last refused for a nanosecond; 7 a minute:
+/// 6 of 7) — and a call a nanosecond before an exact refill is still
+/// refused (no slack where nothing was rounded).
+#[tokio::test(start_paused = true)]
+async fn a_burst_refilled_for_exactly_its_window_fits_whole_again() {
+    let mut fails = Vec::new();
+    for rate in [
+        Rate::per_second(3),
+        Rate::per_minute(7),
+        Rate::per_minute(7_000),
+        Rate::per_second(10),
+    ] {
+        let l = RateLimit::builder(rate).build().unwrap();
+        tokio::time::advance(Duration::new(3_600, 1)).await;
+        for round in 0..10 {
+            let mut admitted = 0;
+            while admitted <= rate.burst && l.try_take().is_ok() {
+                admitted += 1;
+            }
+            if admitted != rate.burst {
+                fails.push(format!("{rate:?} round {round}: {admitted}"));
+            }
+            tokio::time::advance(rate.per).await;
+        }
+    }
+    assert!(fails.is_empty(), "{}", fails.join("\n"));
+    // Exact: 10 a second, one 100 ms; a nanosecond early is refused.
+    let l = RateLimit::builder(Rate::per_second(10).burst(1))
+        .build()
+        .unwrap();
+    l.try_take().unwrap();
+    tokio::time::advance(Duration::from_millis(100) - Duration::from_nanos(1)).await;
+    assert!(l.try_take().is_err());
+    tokio::time::advance(Duration::from_nanos(1)).await;
+    l.try_take().unwrap();
+}

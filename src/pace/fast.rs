@@ -295,11 +295,12 @@ mod tests {
     const REQUESTS: u64 = 8_000;
 
     /// How many calls of `a` units [`rolling_take`] admits at the one
-    /// instant `n` on a cell of `capacity` units at `t` ticks a unit, whose
-    /// `tat` is `tat` (stops one past the burst).
-    fn burst_from(tat: u64, capacity: u64, t: u64, a: u64, n: u64) -> u64 {
-        let cap = capacity as f64;
-        let (tau, slack) = (tick::units(cap, t), tick::slack(t, capacity));
+    /// instant `n` on a cell of `capacity` units at `t` ticks a unit (with
+    /// no slack when `t` is `exact`, as `Dim::slack`), whose `tat` is `tat`
+    /// (stops one past the burst).
+    fn burst_from(tat: u64, capacity: u64, (t, exact): (u64, bool), a: u64, n: u64) -> u64 {
+        let tau = tick::units(capacity as f64, t);
+        let slack = if exact { 0 } else { tick::slack(t) };
         let mut tat = tat;
         let mut k = 0;
         while let Some(next) = rolling_take(tat, tau, capacity, t, slack, a, n) {
@@ -312,6 +313,10 @@ mod tests {
         k
     }
 
+    fn per_minute(n: u64) -> (u64, bool) {
+        tick::per_unit(std::time::Duration::from_secs(60), n)
+    }
+
     proptest::proptest! {
         /// The whole burst at one instant, at any instant up to nine years
         /// after the epoch (whole seconds, milliseconds or nanoseconds), for
@@ -321,29 +326,29 @@ mod tests {
         #[test]
         fn a_whole_burst_fits_at_one_instant_and_again_once_refilled(
             capacity in 1u64..=100_000,
-            per_minute in 1u64..=10_000_000,
+            rate in 1u64..=10_000_000,
             a in 1u64..=8,
             now_ns in 0u64..=9 * 365 * 86_400 * 1_000_000_000,
             grain in 0usize..3,
         ) {
             let now_ns = [now_ns / 1_000_000_000 * 1_000_000_000, now_ns / 1_000_000 * 1_000_000, now_ns][grain];
             let n = tick::of(std::time::Duration::from_nanos(now_ns));
-            let t = tick::per_unit(std::time::Duration::from_secs(60), per_minute);
-            proptest::prop_assert_eq!(burst_from(0, capacity, t, a, n), capacity / a);
+            let unit = per_minute(rate);
+            let (t, exact) = unit;
+            proptest::prop_assert_eq!(burst_from(0, capacity, unit, a, n), capacity / a);
             // Drained to the last unit: the refill of the exact (not the
             // rounded) unit time later, the burst fits again — within the
             // slack's reach (a unit time that is a whole tick, or a burst
             // whose rounding the slack covers).
             let mut tat = n;
             for _ in 0..capacity {
-                tat = rolling_take(tat, tick::units(capacity as f64, t), capacity, t, tick::slack(t, capacity), 1, n)
+                tat = rolling_take(tat, tick::units(capacity as f64, t), capacity, t, 0, 1, n)
                     .ok_or_else(|| proptest::test_runner::TestCaseError::fail("drain"))?;
             }
-            let refill_ns = u128::from(capacity) * 60_000_000_000 / u128::from(per_minute);
-            let exact = 60_000_000_000u128 * 64 % u128::from(per_minute) == 0;
-            if (exact || capacity + 2 <= t >> 10) && refill_ns < 1 << 62 {
+            let refill_ns = u128::from(capacity) * 60_000_000_000 / u128::from(rate);
+            if (exact || capacity <= tick::slack(t)) && refill_ns < 1 << 62 {
                 let later = n + tick::of(std::time::Duration::from_nanos(refill_ns as u64 + 1));
-                proptest::prop_assert_eq!(burst_from(tat, capacity, t, a, later), capacity / a);
+                proptest::prop_assert_eq!(burst_from(tat, capacity, unit, a, later), capacity / a);
             }
         }
     }
@@ -359,12 +364,11 @@ mod tests {
                 std::time::Duration::from_secs(days * 86_400)
                     + std::time::Duration::from_nanos(123_456_789),
             );
-            for per_minute in [999_999, 60_000, 10_000] {
-                let t = tick::per_unit(std::time::Duration::from_secs(60), per_minute);
+            for rate in [999_999, 60_000, 10_000] {
                 assert_eq!(
-                    burst_from(0, per_minute, t, 1, n),
-                    per_minute,
-                    "{per_minute}/min at {days} d"
+                    burst_from(0, rate, per_minute(rate), 1, n),
+                    rate,
+                    "{rate}/min at {days} d"
                 );
             }
         }
@@ -375,7 +379,9 @@ mod tests {
     /// once, then exactly a minute later 7 again — without it, 6.
     #[test]
     fn the_slack_is_what_makes_a_refilled_burst_fit() {
-        let t = tick::per_unit(std::time::Duration::from_secs(60), 7);
+        let unit = per_minute(7);
+        let (t, exact) = unit;
+        assert!(!exact);
         let tau = tick::units(7.0, t);
         let n = tick::of(std::time::Duration::from_secs(1_000));
         let later = n + tick::of(std::time::Duration::from_secs(60));
@@ -390,9 +396,9 @@ mod tests {
             })
             .count();
         assert_eq!(strict, 6, "the check has no teeth");
-        assert_eq!(burst_from(drained, 7, t, 1, later), 7);
+        assert_eq!(burst_from(drained, 7, unit, 1, later), 7);
         // And the slack never lets an eighth through.
-        assert!(tick::slack(t, 7) < t / 1_000);
+        assert!(tick::slack(t) < t / 1_000);
     }
 
     fn rpm_tpm() -> Pace {

@@ -47,8 +47,8 @@
 //!   pacer was built (integers, not `f64` seconds), so its sums are exact at
 //!   any uptime: a burst of `C` units at one instant fits exactly `C` a
 //!   year in as a second in. A unit's time is rounded up to a whole tick
-//!   (never faster than the limit: at most 1/64 ns a unit slower); a start
-//!   within a small slack of now (at most 1/1024 of a unit's time) counts as
+//!   (never faster than the limit: at most 1/64 ns a unit slower); where it
+//!   was rounded, a start within 1/1024 of a unit's time of now counts as
 //!   now, so that a burst refilled after exactly its window fits again. The
 //!   clock's range is 9.1 years from the pacer's build; past it, times
 //!   saturate and the pacer stops holding calls back.
@@ -874,14 +874,16 @@ impl PaceBuilder {
                 ));
             }
             let capacity = planned as f64;
-            let ticks_per_unit = tick::per_unit(per, n);
+            let (ticks_per_unit, exact) = tick::per_unit(per, n);
             dims.push(Dim {
                 unit,
                 per,
                 capacity,
                 ticks_per_unit,
+                exact,
                 configured_capacity: capacity,
                 configured_tpu: ticks_per_unit,
+                configured_exact: exact,
                 largest_cost: largest,
                 calendar,
                 max_wait: max_wait.map(tick::of),

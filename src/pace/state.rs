@@ -45,9 +45,13 @@ pub(crate) struct Dim {
     /// Ticks per unit at the rate in force: the configured one, or slower
     /// when the upstream announced a lower limit.
     pub(crate) ticks_per_unit: u64,
+    /// Whether `ticks_per_unit` is exact (the window a whole number of ticks
+    /// a unit): then a start has no slack at that rate.
+    pub(crate) exact: bool,
     /// As configured (what a higher announced limit brings back).
     pub(crate) configured_capacity: f64,
     pub(crate) configured_tpu: u64,
+    pub(crate) configured_exact: bool,
     /// The largest cost one call may have: the whole configured burst,
     /// headroom included (above the planned capacity, a call waits for a
     /// full bucket and leaves a debt).
@@ -72,10 +76,15 @@ impl Dim {
         tick::units(self.capacity, t)
     }
 
-    /// How early a start on this cell may be taken ([`tick::slack`]).
+    /// How early a start on this cell at `t` ticks a unit may be taken
+    /// ([`tick::slack`]; none at an exact unit time — a cut rate's is not).
     #[inline]
     pub(crate) fn slack(&self, t: u64) -> u64 {
-        tick::slack(t, tick::units(self.capacity.ceil(), 1))
+        if self.exact && t == self.ticks_per_unit {
+            0
+        } else {
+            tick::slack(t)
+        }
     }
 
     /// The earliest start (ticks since the epoch) of `n` units on this
@@ -1197,9 +1206,14 @@ impl State {
             }
             if let Some(limit) = window.and_then(|w| w.limit).filter(|l| *l > 0) {
                 let dim = &mut self.dims[d];
-                let announced = tick::per_unit(self.header_window, limit);
-                let spu = announced.max(dim.configured_tpu);
+                let (announced, exact) = tick::per_unit(self.header_window, limit);
+                let (spu, exact) = if announced > dim.configured_tpu {
+                    (announced, exact)
+                } else {
+                    (dim.configured_tpu, dim.configured_exact)
+                };
                 if spu != dim.ticks_per_unit {
+                    dim.exact = exact;
                     // What is owed (units not yet refilled) is kept in units:
                     // at the new rate it refills in the new time
                     // (`set_factor` moves the cell).
@@ -1357,8 +1371,10 @@ mod tests {
             per: Duration::from_secs(60),
             capacity: capacity as f64,
             ticks_per_unit: t,
+            exact: true,
             configured_capacity: capacity as f64,
             configured_tpu: t,
+            configured_exact: true,
             largest_cost: largest,
             calendar: None,
             max_wait: None,

@@ -43,10 +43,12 @@ pub(crate) fn duration(t: u64) -> Duration {
 }
 
 /// The ticks a unit takes when `n` units are allowed per `per`: rounded up
-/// (never faster than the limit), at least one.
-pub(crate) fn per_unit(per: Duration, n: u64) -> u64 {
+/// (never faster than the limit), at least one; and whether that is exact.
+pub(crate) fn per_unit(per: Duration, n: u64) -> (u64, bool) {
     let total = per.as_nanos().saturating_mul(u128::from(PER_NS));
-    clamp(total.div_ceil(u128::from(n.max(1)))).max(1)
+    let n = u128::from(n.max(1));
+    let t = clamp(total.div_ceil(n)).max(1);
+    (t, total % n == 0 && u128::from(t) * n == total)
 }
 
 /// `x` ticks scaled by a float `k` (a rate cut, a learned limit), rounded up.
@@ -84,24 +86,24 @@ pub(crate) fn times(a: u64, t: u64) -> u64 {
     clamp(u128::from(a) * u128::from(t))
 }
 
-/// How early a start may be taken by (see [`late`]): a unit's time rounded
-/// up to a whole tick accumulates up to one tick a unit over a burst
-/// refilling, so up to `capacity + 2` ticks — but never more than 1/1024 of
-/// a unit's time.
+/// How early a start may be taken by (see [`late`]) when a unit's time was
+/// rounded up to a whole tick (none when it is exact): 1/1024 of a unit.
 #[inline(always)]
-pub(crate) fn slack(t: u64, capacity: u64) -> u64 {
-    (t >> 10).min(capacity.saturating_add(2))
+pub(crate) fn slack(t: u64) -> u64 {
+    t >> 10
 }
 
 /// Whether a start `s` found for a caller at `n` is after it, beyond the
 /// cell's [`slack`]. Sums of ticks are exact; what the slack absorbs is the
-/// rounding of a unit's time to a whole tick: after a full burst and exactly
-/// its refill time, the last unit of the next burst would otherwise wait up
-/// to a tick a unit of the burst. A start within the slack counts as now, so
-/// a cell is ahead of the exact schedule by at most 1/1024 of a unit's time
-/// (never a whole unit). Beyond the slack (a burst of over ~60,000 units a
-/// minute whose unit time is not a whole tick) the last units of such a
-/// refilled burst wait at most a tick each: 16 µs for a million.
+/// rounding of a unit's time up to a whole tick: a cell kept busy runs
+/// behind the exact schedule by up to a tick a unit, so after a burst and
+/// exactly its refill time the last unit of the next burst would wait a
+/// few ticks (7 a minute: 6 of 7 fitted a minute later). A start within the
+/// slack counts as now: a cell is never more than 1/1024 of a unit's time
+/// ahead of the exact schedule (never a whole unit), and the slack covers
+/// the rounding of the first `t / 1024` units of a busy spell (7 a minute:
+/// 500 million; 999,999 a minute: 3,750 — past that, the last unit of a
+/// refilled burst at one frozen instant waits a nanosecond or so).
 #[inline(always)]
 pub(crate) fn late(s: u64, n: u64, slack: u64) -> bool {
     s > n.saturating_add(slack)
@@ -128,12 +130,16 @@ mod tests {
         assert_eq!(duration(128), Duration::from_nanos(2));
         assert_eq!(duration(129), Duration::from_nanos(3));
         // 500 a minute: exact.
-        assert_eq!(per_unit(Duration::from_secs(60), 500), 120_000_000 * 64);
+        assert_eq!(
+            per_unit(Duration::from_secs(60), 500),
+            (120_000_000 * 64, true)
+        );
         // 7 a minute: rounded up, never faster.
-        let t = per_unit(Duration::from_secs(60), 7);
+        let (t, exact) = per_unit(Duration::from_secs(60), 7);
+        assert!(!exact);
         assert!(t * 7 >= 60 * 1_000_000_000 * 64 && (t - 1) * 7 < 60 * 1_000_000_000 * 64);
-        assert_eq!(per_unit(Duration::MAX, 1), LAST);
-        assert_eq!(per_unit(Duration::from_nanos(1), u64::MAX), 1);
+        assert_eq!(per_unit(Duration::MAX, 1), (LAST, false));
+        assert_eq!(per_unit(Duration::from_nanos(1), u64::MAX), (1, false));
         assert_eq!(times(u64::MAX, u64::MAX), LAST);
         assert_eq!(units(7.0, 3), 21);
         assert_eq!(units(2.5, 3), 7);
@@ -142,5 +148,6 @@ mod tests {
         assert_eq!(scale(10, 1.0 / 0.75), 14);
         assert_eq!(scale(10, f64::INFINITY), LAST);
         assert!(!late(10, 8, 2) && late(11, 8, 2) && !late(u64::MAX, LAST, 5));
+        assert_eq!(slack(2048), 2);
     }
 }
