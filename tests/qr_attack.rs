@@ -86,16 +86,11 @@ async fn quota_retry_after_is_exact_to_the_nanosecond_and_waiting_it_admits() {
         let r = rejected(&e);
         assert_eq!(r.kind(), RejectKind::QuotaExceeded);
         let ra = r.retry_after().expect("a retry_after");
-        // One unit: kept in whole nanoseconds rounded up, less the slack
-        // for that rounding when there is one (Gcra's docs: 1/1024 of a
-        // unit).
-        let unit = rate.per.as_nanos().div_ceil(u128::from(rate.count));
-        let exact = rate.per.as_nanos() as f64 / f64::from(rate.count);
-        let lowest = exact - exact / 1024.0 - 1.0;
-        assert!(
-            ra.as_nanos() <= unit && ra.as_nanos() as f64 >= lowest,
-            "{rate:?}: a full bucket refills one unit, told {ra:?}"
+        // One unit, kept in whole nanoseconds rounded up (Rate's docs).
+        let unit = Duration::from_nanos(
+            u64::try_from(rate.per.as_nanos().div_ceil(u128::from(rate.count))).unwrap(),
         );
+        assert_eq!(ra, unit, "{rate:?}: a full bucket refills one unit");
         // One nanosecond early: still refused, told 1 ns.
         tokio::time::advance(ra - Duration::from_nanos(1)).await;
         let e = call_now(&svc, ("k", 1)).unwrap_err();
@@ -119,10 +114,9 @@ async fn rate_limit_retry_after_is_exact_and_waiting_it_admits() {
     limit.try_take_n(2).unwrap();
     let r = limit.try_take_n(2).unwrap_err();
     assert_eq!(r.kind(), RejectKind::QuotaExceeded);
-    // Two units of 333,333,334 ns (a unit is rounded up to the nanosecond)
-    // less the slack for that rounding: 1/1024 of a unit, 325,520 ns.
-    assert_eq!(r.retry_after(), Some(Duration::from_nanos(666_341_148)));
-    tokio::time::advance(Duration::from_nanos(666_341_147)).await;
+    // Two units of 333,333,334 ns (a unit is rounded up to the nanosecond).
+    assert_eq!(r.retry_after(), Some(Duration::from_nanos(666_666_668)));
+    tokio::time::advance(Duration::from_nanos(666_666_667)).await;
     assert_eq!(
         limit.try_take_n(2).unwrap_err().retry_after(),
         Some(Duration::from_nanos(1))

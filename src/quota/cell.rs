@@ -16,28 +16,11 @@ use tokio::time::Instant;
 
 /// The GCRA rule of a rate: one unit every `unit_ns`, admitted while the
 /// theoretical arrival time `tat` (nanoseconds since `epoch`) after the
-/// call is at most `tau_ns` ahead of now (a burst of `tau_ns / unit_ns`),
-/// within `slack_ns`.
-///
-/// The slack: `unit_ns` is rounded up to a whole nanosecond, so a cell
-/// kept busy runs behind the exact schedule by up to a nanosecond a unit: a
-/// burst drained and refilled for exactly its window (`Rate::per_second(3)`:
-/// 3 calls, then 3 more a second later) came back short — the last call
-/// refused for a few nanoseconds (2 of 3 a second later; 6 of 7 a minute
-/// later at 7 a minute). When the unit is not a whole number of
-/// nanoseconds, a call within 1/1024 of a unit of fitting counts as
-/// fitting ([`Gcra::slack`]): that covers the rounding of the first 1,024
-/// units of a busy spell per nanosecond of a unit (3 a second: 488,000),
-/// and is never more than 1/1024 of a unit ahead of the exact schedule
-/// (never a whole extra call); a refusal's `retry_after` is the wait to fit
-/// by this rule. A unit that is exact has no slack. Sums of nanoseconds
-/// are exact (integers), so nothing else drifts. (The pacer's cells do the
-/// same in finer ticks, `crate::pace::tick`.)
+/// call is at most `tau_ns` ahead of now (a burst of `tau_ns / unit_ns`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Gcra {
     unit_ns: u64,
     tau_ns: u64,
-    slack_ns: u64,
     epoch: Instant,
 }
 
@@ -55,17 +38,7 @@ impl Gcra {
         Gcra {
             unit_ns,
             tau_ns: unit_ns.saturating_mul(u64::from(rate.burst)),
-            slack_ns: Self::slack(rate, unit_ns),
             epoch,
-        }
-    }
-
-    /// None when the unit is exact; else 1/1024 of a unit (see the type).
-    fn slack(rate: Rate, unit_ns: u64) -> u64 {
-        if rate.per.as_nanos() % u128::from(rate.count.max(1)) == 0 {
-            0
-        } else {
-            unit_ns >> 10
         }
     }
 
@@ -87,9 +60,8 @@ impl Gcra {
             .max(now_ns)
             .saturating_add(self.unit_ns.saturating_mul(u64::from(n)));
         let ahead = new - now_ns;
-        let most = self.tau_ns.saturating_add(self.slack_ns);
-        if ahead > most {
-            return Err(Duration::from_nanos(ahead - most));
+        if ahead > self.tau_ns {
+            return Err(Duration::from_nanos(ahead - self.tau_ns));
         }
         Ok(new)
     }

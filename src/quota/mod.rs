@@ -113,16 +113,16 @@ thread_local! {
 /// minute, give it a burst of 1 ([`burst`](Self::burst)): one a second, 60
 /// in the minute (61 counting both ends of a closed 60 s window).
 ///
-/// One unit's refill is kept in whole nanoseconds, rounded up, and a rate
-/// whose unit the rounding would slow by more than 1 % is refused by the
-/// builders (count in larger units). When the unit is not a whole number of
-/// nanoseconds (3 a second), a call within 1/1024 of a unit of fitting
-/// counts as fitting — so a burst drained and refilled for exactly its
-/// window fits whole again, round after round, where the rounding alone
-/// left the last call out — and the bound is then `count · W / per + burst`
-/// plus 1/1024 of a unit (never a whole extra call in a window that does
-/// not end within that of a refill). A refusal's `retry_after` is the wait
-/// to fit by this rule.
+/// One unit's refill is kept in whole nanoseconds, rounded up: the bound
+/// always holds, and a rate whose unit the rounding would slow by more
+/// than 1 % is refused by the builders (count in larger units). What the
+/// rounding costs: a cell kept busy runs behind the exact schedule by under
+/// a nanosecond a unit, so a burst drained and refilled for *exactly* its
+/// window at one instant (paused test time) may come back one short where
+/// the unit is not a whole number of nanoseconds (`Rate::per_second(3)`:
+/// 2, the third told to retry in a nanosecond or two). The pacer, which
+/// plans rather than polices, takes a start within 1/1024 of a unit as now
+/// instead (`pace`'s docs); a quota keeps the strict bound.
 ///
 /// ```
 /// use semaforo::quota::Rate;
