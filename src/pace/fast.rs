@@ -42,8 +42,8 @@ const OWNED: u128 = u128::MAX;
 /// (ticks since the epoch) fit when the bucket, full at `tat`, has room for
 /// them now and `a` is within the cell's largest cost; then the new `tat`.
 /// `tau` is the burst's time (capacity × `t`, the ticks a unit takes), so a
-/// start is `max(tat, n) − tau + min(a·t, tau)`, and it fits when that is not
-/// [`late`](tick::late) (within `slack`).
+/// start is `max(tat, n) − tau + min(a·t, tau)`, and it fits when that is
+/// not after `n` by more than `slack` ([`tick::slack`]).
 /// (GCRA, "virtual scheduling" form: ATM Forum TM 4.0, I.371.)
 #[inline(always)]
 pub(crate) fn rolling_take(
@@ -57,14 +57,10 @@ pub(crate) fn rolling_take(
 ) -> Option<u64> {
     let full = tat.max(n);
     let add = tick::times(a, t);
-    // `full + min(add, tau) − tau` compared without a subtraction.
-    if a > largest
-        || tick::late(
-            full.saturating_add(add.min(tau)),
-            n.saturating_add(tau),
-            slack,
-        )
-    {
+    // `full + min(add, tau) − tau ≤ n + slack`, exactly (in `u128`: a `tat`
+    // kept at the clock's last tick must still refuse).
+    let start = u128::from(full) + u128::from(add.min(tau));
+    if a > largest || start > u128::from(n) + u128::from(tau) + u128::from(slack) {
         return None;
     }
     Some(full.saturating_add(add).min(tick::LAST))
@@ -318,7 +314,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The whole burst at one instant, at any instant up to nine years
+        /// The whole burst at one instant, at any instant up to 36 years
         /// after the epoch (whole seconds, milliseconds or nanoseconds), for
         /// any rate up to ten million a minute and bursts up to 100,000:
         /// exactly `capacity / a` calls, never one less nor one more. Then,
@@ -328,7 +324,7 @@ mod tests {
             capacity in 1u64..=100_000,
             rate in 1u64..=10_000_000,
             a in 1u64..=8,
-            now_ns in 0u64..=9 * 365 * 86_400 * 1_000_000_000,
+            now_ns in 0u64..=36 * 365 * 86_400 * 1_000_000_000,
             grain in 0usize..3,
         ) {
             let now_ns = [now_ns / 1_000_000_000 * 1_000_000_000, now_ns / 1_000_000 * 1_000_000, now_ns][grain];

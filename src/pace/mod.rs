@@ -43,14 +43,14 @@
 //!   Rate-limit headers (`x-ratelimit-remaining-*`) lower our count of what is
 //!   left whenever the upstream knows better.
 //!
-//! - **Exact time**: a cell counts in whole ticks of 1/64 ns since the
+//! - **Exact time**: a cell counts in whole ticks of 1/16 ns since the
 //!   pacer was built (integers, not `f64` seconds), so its sums are exact at
 //!   any uptime: a burst of `C` units at one instant fits exactly `C` a
 //!   year in as a second in. A unit's time is rounded up to a whole tick
-//!   (never faster than the limit: at most 1/64 ns a unit slower); where it
+//!   (never faster than the limit: at most 1/16 ns a unit slower); where it
 //!   was rounded, a start within 1/1024 of a unit's time of now counts as
 //!   now, so that a burst refilled after exactly its window fits again. The
-//!   clock's range is 9.1 years from the pacer's build; past it, times
+//!   clock's range is 36 years from the pacer's build; past it, times
 //!   saturate and the pacer stops holding calls back.
 //! - **No lock on the healthy path** of a pacer of one or two rolling cells
 //!   (RPM + TPM, the common shape; no parent, no calendar window): while
@@ -879,6 +879,7 @@ impl PaceBuilder {
                 unit,
                 per,
                 capacity,
+                burst: planned,
                 ticks_per_unit,
                 exact,
                 configured_capacity: capacity,

@@ -805,7 +805,9 @@ where
                         && observed.is_none_or(|o| o.usage.is_none() && o.info.is_none());
                     let (shared, estimate, delivery) = (&*this.shared, *this.cost, &*this.deliver);
                     let charged = *this.sent;
-                    let deliver = |res| {
+                    // `estimate`: what the call stands charged for when the
+                    // delivery reconciles it later (a streamed usage).
+                    let deliver = |res, estimate| {
                         delivery.deliver(
                             res,
                             PendingRef {
@@ -817,18 +819,32 @@ where
                     };
                     if nothing_to_learn {
                         // The healthy path takes no lock on the way out.
-                        return Poll::Ready(result.map(deliver).map_err(Into::into));
+                        return Poll::Ready(
+                            result.map(|r| deliver(r, estimate)).map_err(Into::into),
+                        );
                     }
                     let mut st = this.shared.lock();
                     let mut paused = None;
                     let mut resumed = false;
                     let now = Instant::now();
-                    // A call that failed is not billed: its spend comes back
-                    // (its tokens stand: the upstream may have counted them).
-                    let unbilled = (!class.is_success()
-                        && !matches!(class, Class::Throttled { .. })
-                        && this.cost.spend > 0)
-                        .then(|| this.cost.with_spend(0));
+                    // What the call really cost, settled once, here and on a
+                    // parent: a 429 gives its tokens back (`throttled`); else
+                    // the usage the response reports, or the estimate; a
+                    // call that failed is not billed: no spend (its tokens
+                    // stand: the upstream may have counted them). Settling
+                    // a 429's usage too gave its tokens back twice.
+                    let throttled = matches!(class, Class::Throttled { .. });
+                    let settled = (!throttled)
+                        .then(|| {
+                            let real = observed.as_ref().and_then(|o| o.usage);
+                            let cost = real.unwrap_or(*this.cost);
+                            if class.is_success() {
+                                cost
+                            } else {
+                                cost.with_spend(0)
+                            }
+                        })
+                        .filter(|c| c != this.cost);
                     match class {
                         Class::Throttled { retry_after } => {
                             let info = observed.as_ref().and_then(|o| o.info.as_ref());
@@ -838,35 +854,28 @@ where
                         Class::Success => st.succeeded(now),
                         _ => {}
                     }
-                    if let Some(unbilled) = &unbilled {
-                        st.reconcile(this.cost, unbilled, now, charged);
+                    if let Some(real) = &settled {
+                        st.reconcile(this.cost, real, now, charged);
                     }
                     this.shared
                         .slowed
                         .store(st.is_slowed(), std::sync::atomic::Ordering::Relaxed);
-                    if let Some(o) = observed {
-                        if let Some(real) = o.usage {
-                            st.reconcile(this.cost, &real, now, charged);
-                        }
-                        if let Some(info) = o.info {
-                            st.learn(&info, now, *this.sent);
-                        }
+                    if let Some(info) = observed.as_ref().and_then(|o| o.info.as_ref()) {
+                        st.learn(info, now, *this.sent);
                     }
                     drop(st);
                     // A pacer shared below keyed ones counts the same cost.
                     if let Some(parent) = &this.shared.parent {
                         let mut p = parent.lock();
-                        if matches!(class, Class::Throttled { .. }) {
+                        if throttled {
                             p.reconcile(
                                 this.cost,
                                 &Cost::requests(this.cost.requests),
                                 now,
                                 charged,
                             );
-                        } else if let Some(real) = observed.as_ref().and_then(|o| o.usage) {
-                            p.reconcile(this.cost, &real, now, charged);
-                        } else if let Some(unbilled) = &unbilled {
-                            p.reconcile(this.cost, unbilled, now, charged);
+                        } else if let Some(real) = &settled {
+                            p.reconcile(this.cost, real, now, charged);
                         }
                     }
                     if resumed {
@@ -881,7 +890,14 @@ where
                             },
                         );
                     }
-                    return Poll::Ready(result.map(deliver).map_err(Into::into));
+                    // A later reconcile starts from what was settled here,
+                    // not from the estimate again.
+                    let stands = if throttled {
+                        Cost::requests(estimate.requests)
+                    } else {
+                        settled.unwrap_or(estimate)
+                    };
+                    return Poll::Ready(result.map(|r| deliver(r, stands)).map_err(Into::into));
                 }
             }
         }

@@ -2,7 +2,7 @@
 //!
 //! Each dimension (requests/min, tokens/min, tokens/day…) is a GCRA cell: a
 //! "theoretical arrival time" `tat` at which its bucket would be full again, with
-//! capacity `C` and `T` ticks per unit (times are whole ticks of 1/64 ns since
+//! capacity `C` and `T` ticks per unit (times are whole ticks of 1/16 ns since
 //! the pacer's epoch: exact sums, see [`super::tick`]). A cost `n` fits at
 //! `tat − (C − n)·T`; reserving it moves `tat` to `max(tat, start) + n·T`. A call's
 //! cost is reserved on every dimension at once, at the latest of their start
@@ -42,6 +42,8 @@ pub(crate) struct Dim {
     /// Capacity (burst), in units (a whole number as configured; a learned
     /// limit scales it).
     pub(crate) capacity: f64,
+    /// The configured capacity as the whole number it is.
+    pub(crate) burst: u64,
     /// Ticks per unit at the rate in force: the configured one, or slower
     /// when the upstream announced a lower limit.
     pub(crate) ticks_per_unit: u64,
@@ -70,10 +72,15 @@ impl Dim {
         cost.amount(self.unit)
     }
 
-    /// The burst's time at `t` ticks a unit: capacity × `t`.
+    /// The burst's time at `t` ticks a unit: capacity × `t` (the
+    /// configured burst exactly, a whole number beyond 2⁵³ too).
     #[inline]
     pub(crate) fn tau(&self, t: u64) -> u64 {
-        tick::units(self.capacity, t)
+        if self.capacity == self.configured_capacity {
+            tick::times(self.burst, t)
+        } else {
+            tick::units(self.capacity, t)
+        }
     }
 
     /// How early a start on this cell at `t` ticks a unit may be taken
@@ -96,14 +103,16 @@ impl Dim {
     fn start(&self, tat: u64, end: u64, t: u64, n: u64, now: u64, ahead: u64) -> u64 {
         match &self.calendar {
             None => {
-                let tau = self.tau(t);
-                let full = tat.max(now).saturating_add(tick::times(ahead, t));
-                // `full − tau + min(n·t, tau)`, at least 0.
+                // `full − tau + min(n·t, tau)`, at least 0, in `u128`:
+                // exact even with a `tat` kept at the clock's last tick.
+                let tau = u128::from(self.tau(t));
+                let full =
+                    u128::from(tat.max(now)).saturating_add(u128::from(ahead) * u128::from(t));
                 let s = full
-                    .saturating_add(tick::times(n, t).min(tau))
+                    .saturating_add((u128::from(n) * u128::from(t)).min(tau))
                     .saturating_sub(tau);
-                if tick::late(s, now, self.slack(t)) {
-                    s
+                if s > u128::from(now) + u128::from(self.slack(t)) {
+                    u64::try_from(s).unwrap_or(u64::MAX)
                 } else {
                     now
                 }
@@ -457,10 +466,12 @@ impl State {
         self.factor = factor;
         for (d, dim) in self.dims.iter().enumerate() {
             let exempt = dim.calendar.is_some() || dim.unit == Unit::Spend;
-            let spu = if exempt {
+            // At the full rate, the unit time itself (a float round trip
+            // could lose a tick of a long one); a cut one never faster.
+            let spu = if exempt || factor >= 1.0 {
                 dim.ticks_per_unit
             } else {
-                tick::scale(dim.ticks_per_unit, 1.0 / factor).max(1)
+                tick::scale(dim.ticks_per_unit, 1.0 / factor).max(dim.ticks_per_unit)
             };
             if spu != self.spu[d] && dim.calendar.is_none() && self.tat[d] > n {
                 // Owed time rescaled, rounded up: what is owed stays owed.
@@ -1370,6 +1381,7 @@ mod tests {
             unit,
             per: Duration::from_secs(60),
             capacity: capacity as f64,
+            burst: capacity,
             ticks_per_unit: t,
             exact: true,
             configured_capacity: capacity as f64,

@@ -1,4 +1,4 @@
-//! The pacer's clock: whole **ticks of 1/64 ns** since the pacer's epoch, in
+//! The pacer's clock: whole **ticks of 1/16 ns** since the pacer's epoch, in
 //! a `u64` — exact sums, the same precision at any uptime.
 //!
 //! Why not `f64` seconds (what the pacer used before): a cell's `tat` is a
@@ -13,18 +13,27 @@
 //!
 //! What is rounded, and which way:
 //! - the time a unit takes is rounded **up** to a whole tick (a rate is never
-//!   faster than configured: at most 1/64 ns a unit slower — 0.005 % at
+//!   faster than configured: at most 1/16 ns a unit slower — 0.02 % at
 //!   180,000,000 a minute, the fastest per-minute rate a provider lists);
 //! - a start is converted to an instant rounded up to the nanosecond (never
 //!   early); `now` is exact (an `Instant` counts nanoseconds).
 //!
-//! Range: 2⁶⁴ ticks are 9.1 years after the pacer was built; past that, times
-//! saturate at [`LAST`] (a cell's `tat` that far ahead means "never").
+//! Range: 2⁶⁴ ticks are 36.5 years after the pacer was built. A `tat` past
+//! that is kept at [`LAST`] and compared exactly (in `u128`), so a limit
+//! whose next unit falls past the range (1 per `Duration::MAX`) still
+//! refuses the second call. What the range costs (an outside trial's
+//! cases): a unit's time beyond it is kept at the last tick and so is the
+//! burst's, so such a limit's burst collapses to one call (1,000 per
+//! `Duration::MAX`: 1); a burst of 2⁶⁴ ticks (`tokens_per_day(u64::MAX − 1)`,
+//! one tick a token) lets one token over; within a burst's time of the
+//! range's end a `tat` kept at the last tick loses the debt beyond it (7 a
+//! minute, 30 s before the end: 12 at once); once `now` itself passes the
+//! range, times saturate and the pacer stops holding calls back.
 
 use std::time::Duration;
 
 /// Ticks in a nanosecond.
-pub(crate) const PER_NS: u64 = 64;
+pub(crate) const PER_NS: u64 = 16;
 
 /// The latest time a cell holds (one below all ones: the lock-free word of
 /// two all-ones halves means "owned", see `fast`).
@@ -86,28 +95,29 @@ pub(crate) fn times(a: u64, t: u64) -> u64 {
     clamp(u128::from(a) * u128::from(t))
 }
 
-/// How early a start may be taken by (see [`late`]) when a unit's time was
-/// rounded up to a whole tick (none when it is exact): 1/1024 of a unit.
-#[inline(always)]
-pub(crate) fn slack(t: u64) -> u64 {
-    t >> 10
-}
-
-/// Whether a start `s` found for a caller at `n` is after it, beyond the
-/// cell's [`slack`]. Sums of ticks are exact; what the slack absorbs is the
+/// How early a start may be taken by when a unit's time `t` was rounded up
+/// to a whole tick (none when it is exact): 1/1024 of a unit, at most a
+/// microsecond. A start within it of now counts as now. Sums of ticks are exact; what the slack absorbs is the
 /// rounding of a unit's time up to a whole tick: a cell kept busy runs
 /// behind the exact schedule by up to a tick a unit, so after a burst and
 /// exactly its refill time the last unit of the next burst would wait a
 /// few ticks (7 a minute: 6 of 7 fitted a minute later). A start within the
 /// slack counts as now: a cell is never more than 1/1024 of a unit's time
 /// ahead of the exact schedule (never a whole unit), and the slack covers
-/// the rounding of the first `t / 1024` units of a busy spell (7 a minute:
-/// 500 million; 999,999 a minute: 3,750 — past that, the last unit of a
-/// refilled burst at one frozen instant waits a nanosecond or so).
+/// the rounding of the first `min(t / 1024, 16,000)` units of a busy spell
+/// (7 a minute: 16,000 at least; 999,999 a minute: 937 — past that, the
+/// last unit of a refilled burst at one frozen instant waits up to a tick a
+/// unit, 28 µs for a burst of 450,000).
 #[inline(always)]
-pub(crate) fn late(s: u64, n: u64, slack: u64) -> bool {
-    s > n.saturating_add(slack)
+pub(crate) fn slack(t: u64) -> u64 {
+    (t >> 10).min(SLACK_CAP)
 }
+
+/// The most a slack is: a microsecond (16,000 ticks), so that a slow rate's
+/// 1/1024 of a unit (8 ms at 7 a minute) does not let a call through
+/// visibly early; it covers the rounding of at least 16,000 units of a busy
+/// spell.
+const SLACK_CAP: u64 = 16_000;
 
 #[inline(always)]
 fn clamp(x: u128) -> u64 {
@@ -124,20 +134,20 @@ mod tests {
 
     #[test]
     fn conversions_round_the_safe_way_and_saturate() {
-        assert_eq!(of(Duration::from_nanos(3)), 192);
+        assert_eq!(of(Duration::from_nanos(3)), 48);
         assert_eq!(of(Duration::MAX), LAST);
         assert_eq!(duration(1), Duration::from_nanos(1));
-        assert_eq!(duration(128), Duration::from_nanos(2));
-        assert_eq!(duration(129), Duration::from_nanos(3));
+        assert_eq!(duration(32), Duration::from_nanos(2));
+        assert_eq!(duration(33), Duration::from_nanos(3));
         // 500 a minute: exact.
         assert_eq!(
             per_unit(Duration::from_secs(60), 500),
-            (120_000_000 * 64, true)
+            (120_000_000 * 16, true)
         );
         // 7 a minute: rounded up, never faster.
         let (t, exact) = per_unit(Duration::from_secs(60), 7);
         assert!(!exact);
-        assert!(t * 7 >= 60 * 1_000_000_000 * 64 && (t - 1) * 7 < 60 * 1_000_000_000 * 64);
+        assert!(t * 7 >= 60 * 1_000_000_000 * 16 && (t - 1) * 7 < 60 * 1_000_000_000 * 16);
         assert_eq!(per_unit(Duration::MAX, 1), (LAST, false));
         assert_eq!(per_unit(Duration::from_nanos(1), u64::MAX), (1, false));
         assert_eq!(times(u64::MAX, u64::MAX), LAST);
@@ -147,7 +157,7 @@ mod tests {
         assert_eq!(units(1e300, 3), LAST);
         assert_eq!(scale(10, 1.0 / 0.75), 14);
         assert_eq!(scale(10, f64::INFINITY), LAST);
-        assert!(!late(10, 8, 2) && late(11, 8, 2) && !late(u64::MAX, LAST, 5));
         assert_eq!(slack(2048), 2);
+        assert_eq!(slack(u64::MAX), 16_000);
     }
 }
