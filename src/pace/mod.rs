@@ -256,12 +256,6 @@ impl Unit {
         }
     }
 
-    /// How many of this unit `cost` counts.
-    #[inline]
-    pub(crate) fn amount(self, cost: &Cost) -> f64 {
-        cost.amount(self) as f64
-    }
-
     /// The window of this unit in an upstream's rate-limit headers.
     pub(crate) fn window(self, info: &RateLimitInfo) -> Option<crate::classify::RateLimitWindow> {
         match self {

@@ -32,7 +32,7 @@ struct Dim {
 
 impl Dim {
     fn amount(&self, cost: &Cost) -> f64 {
-        self.unit.amount(cost)
+        cost.amount(self.unit) as f64
     }
 
     /// The cell's name in Redis: unit and window (to the microsecond), and
