@@ -337,12 +337,18 @@ struct Spy {
 struct SpyH(Arc<Spy>);
 
 impl TokenEstimator for SpyH {
+    /// Records where the parsed prompt's facts live (its model string, in
+    /// the `Arc` every clone of the prompt shares): one address when the
+    /// body was read once. (Not the `Prompt`'s own address: a retry clones
+    /// the request and its extensions, so each attempt's `Prompt` is a new
+    /// box — one that the allocator often, not always, puts where the last
+    /// one was: the old check failed now and then under load.)
     fn text_tokens(&self, prompt: &Prompt) -> u64 {
         self.0
             .prompts
             .lock()
             .unwrap()
-            .push(prompt as *const Prompt as usize);
+            .push(prompt.model().map_or(0, |m| m.as_ptr() as usize));
         self.0.answer
     }
     fn learn(&self, _prompt: &Prompt, text_tokens: u64) {
