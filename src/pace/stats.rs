@@ -60,11 +60,21 @@ impl Default for Stats {
 pub(crate) fn parts(c: &Cost) -> [f64; PARTS] {
     [
         f64::from(c.requests),
-        c.input_tokens as f64,
-        c.cached_input_tokens as f64,
-        c.output_tokens as f64,
-        c.spend as f64,
+        to_f64(c.input_tokens),
+        to_f64(c.cached_input_tokens),
+        to_f64(c.output_tokens),
+        to_f64(c.spend),
     ]
+}
+
+/// `x as f64`, by the one-instruction signed conversion below 2^63 (the
+/// same value: both round to nearest).
+#[inline(always)]
+fn to_f64(x: u64) -> f64 {
+    match i64::try_from(x) {
+        Ok(i) => i as f64,
+        Err(_) => x as f64,
+    }
 }
 
 impl Stats {
@@ -106,6 +116,24 @@ impl Stats {
             }
         }
         let x = parts(cost);
+        // A call of the typical cost itself changes nothing (the smoothing
+        // of `x` into `x` is `x`): checked first, nothing is written — a
+        // pacer whose calls all cost the same stops here.
+        if self.seen.load(Relaxed)
+            && self
+                .typical
+                .iter()
+                .zip(x)
+                .all(|(t, x)| t.load(Relaxed) == x.to_bits())
+        {
+            return;
+        }
+        self.smooth(x);
+    }
+
+    /// Moves the typical cost towards `x` (or starts it at `x`).
+    #[inline(never)]
+    fn smooth(&self, x: [f64; PARTS]) {
         if !self.seen.load(Relaxed) {
             for (t, x) in self.typical.iter().zip(x) {
                 t.store(x.to_bits(), Relaxed);
@@ -113,8 +141,7 @@ impl Stats {
             self.seen.store(true, Relaxed);
             return;
         }
-        // A part the smoothing leaves as it was is not written again (a
-        // pacer whose calls all cost the same writes nothing here).
+        // A part the smoothing leaves as it was is not written again.
         for (t, x) in self.typical.iter().zip(x) {
             let old = f64::from_bits(t.load(Relaxed));
             let new = old + SMOOTHING * (x - old);
@@ -188,6 +215,47 @@ mod tests {
         s.started(&Cost::requests(1), Duration::from_millis(5));
         s.count.fetch_add(1, Relaxed);
         assert_eq!(s.recent(), [Duration::ZERO, Duration::from_millis(5)]);
+    }
+
+    #[test]
+    fn the_conversion_is_the_plain_one_at_every_edge() {
+        for x in [
+            0,
+            1,
+            (1 << 53) + 1,
+            i64::MAX as u64,
+            1 << 63,
+            (1 << 63) + 1,
+            u64::MAX,
+        ] {
+            assert_eq!(to_f64(x).to_bits(), (x as f64).to_bits(), "{x}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The check that skips a call of the typical cost leaves the
+        /// typical cost exactly where the smoothing of every call puts it.
+        #[test]
+        fn skipping_the_typical_cost_changes_nothing(
+            costs in proptest::collection::vec(
+                (0u32..3, proptest::prop_oneof![0u64..4, proptest::num::u64::ANY]),
+                1..40,
+            )
+        ) {
+            let s = Stats::default();
+            let mut model: Option<[f64; PARTS]> = None;
+            for (r, t) in costs {
+                let cost = Cost { requests: r, input_tokens: t, ..Cost::default() };
+                s.started(&cost, Duration::ZERO);
+                let x = [f64::from(r), t as f64, 0.0, 0.0, 0.0];
+                model = Some(match model {
+                    None => x,
+                    Some(old) => std::array::from_fn(|i| old[i] + SMOOTHING * (x[i] - old[i])),
+                });
+                let bits = |a: [f64; PARTS]| a.map(f64::to_bits);
+                proptest::prop_assert_eq!(s.typical().map(bits), model.map(bits));
+            }
+        }
     }
 
     #[test]
