@@ -62,27 +62,24 @@ pub(crate) fn per_unit(per: Duration, n: u64) -> (u64, bool) {
 
 /// `x` ticks scaled by a float `k` (a rate cut, a learned limit), rounded up.
 pub(crate) fn scale(x: u64, k: f64) -> u64 {
-    let y = (x as f64 * k).ceil();
-    if y.is_nan() || y <= 0.0 {
-        0
-    } else if y >= LAST as f64 {
-        LAST
-    } else {
-        y as u64
-    }
+    saturate((x as f64 * k).ceil())
 }
 
 /// `units` (a float count: a share of a burst) times `t` ticks a unit,
 /// rounded down, saturated. Whole counts are multiplied exactly.
 pub(crate) fn units(units: f64, t: u64) -> u64 {
-    if units <= 0.0 || units.is_nan() {
-        return 0;
-    }
-    if units.fract() == 0.0 && units < u64::MAX as f64 {
+    if units > 0.0 && units.fract() == 0.0 && units < u64::MAX as f64 {
         return clamp(u128::from(units as u64) * u128::from(t));
     }
-    let y = (units * t as f64).floor();
-    if y >= LAST as f64 {
+    saturate((units * t as f64).floor())
+}
+
+/// A float count of ticks, already rounded by the caller, as ticks: 0 for
+/// none (or NaN), at most [`LAST`].
+fn saturate(y: f64) -> u64 {
+    if y.is_nan() || y <= 0.0 {
+        0
+    } else if y >= LAST as f64 {
         LAST
     } else {
         y as u64
