@@ -26,8 +26,10 @@
 //!   taking and giving back is deliberate: a give-back cannot know how much
 //!   refill a cell it found full lost meanwhile, so it gives back too much
 //!   or keeps too much. The one cost: a call whose global room another call
-//!   took in the instant between its look and its take is refused by the
-//!   global limit with its key's units spent.
+//!   took in the instant between its look and its take has its key's units
+//!   spent — refused by the global limit in reject mode; in wait mode it
+//!   waits for the global limit alone and is never charged on its key again
+//!   (a line's front that loses the race at a later turn likewise).
 //! - **Weighted cost** (`cost(&Req)`): a cost that can never fit a burst is a
 //!   clear `QuotaExceeded` without `retry_after`, not an endless wait.
 //! - Refusals are [`RejectKind::QuotaExceeded`](crate::RejectKind::QuotaExceeded)

@@ -183,12 +183,33 @@ impl<S: fmt::Debug, K: Hash + Eq + Clone, F, W> fmt::Debug for QuotaService<S, K
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Run once by this thread's next [`Shared::check`] between the global
+    /// limit's look and its key's take (tests: the race a lost global take
+    /// comes from, made deterministic).
+    pub(crate) static BETWEEN_LOOK_AND_TAKE: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+#[cfg(test)]
+fn between_look_and_take() {
+    if let Some(f) = BETWEEN_LOOK_AND_TAKE.with(|h| h.borrow_mut().take()) {
+        f()
+    }
+}
+
 /// Why a cost does not fit now.
 pub(crate) enum Refusal {
     /// It fits after this long (`true`: the global limit is the one short).
     Wait(Duration, bool),
     /// It can never fit (already counted and described).
     Never(Rejected),
+    /// Its key's units were taken, then the global limit refused it for
+    /// this long: another call took the global room between this one's
+    /// look and its take. What is left to take is the global limit's
+    /// ([`Shared::take_global`]), never the key's again.
+    Paid(Duration),
 }
 
 impl<K: Hash + Eq + Clone> Shared<K> {
@@ -201,6 +222,7 @@ impl<K: Hash + Eq + Clone> Shared<K> {
             Err(Refusal::Wait(wait, global)) => {
                 Err(self.told(self.refusal(plan, global, wait, "")))
             }
+            Err(Refusal::Paid(wait)) => Err(self.told(self.refusal(plan, true, wait, ""))),
             Err(Refusal::Never(r)) => Err(self.told(r)),
         }
     }
@@ -292,6 +314,8 @@ impl<K: Hash + Eq + Clone> Shared<K> {
                 ));
             }
         }
+        #[cfg(test)]
+        between_look_and_take();
         match &cell {
             Some(held) => plan.cells.take(held, cost, now),
             None => {
@@ -302,11 +326,18 @@ impl<K: Hash + Eq + Clone> Shared<K> {
         .map_err(|wait| Refusal::Wait(wait, false))?;
         drop(cell);
         if let Some((_, global)) = &self.global {
-            global
-                .take(cost, now)
-                .map_err(|wait| Refusal::Wait(wait, true))?;
+            global.take(cost, now).map_err(Refusal::Paid)?;
         }
         Ok(())
+    }
+
+    /// Takes `cost` from the global limit alone (a call whose key's units
+    /// were taken already: [`Refusal::Paid`]), or refuses as `Paid` again.
+    pub(crate) fn take_global(&self, cost: u32) -> Result<(), Refusal> {
+        match &self.global {
+            Some((_, global)) => global.take(cost, Instant::now()).map_err(Refusal::Paid),
+            None => Ok(()),
+        }
     }
 
     /// `Err(Refusal::Never)` when no wait makes `cost` fit: above the

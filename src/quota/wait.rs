@@ -24,6 +24,9 @@ use std::time::Duration;
 struct Entry {
     id: u64,
     cost: u32,
+    /// Its key's units are taken already ([`Refusal::Paid`]): at the front
+    /// it takes from the global limit alone.
+    paid: bool,
     waker: Option<Waker>,
 }
 
@@ -96,21 +99,30 @@ impl<K: Hash + Eq + Clone> Lines<K> {
         shared.fits_ever(plan, cost).map_err(|never| match never {
             Refusal::Never(r) => r,
             Refusal::Wait(wait, global) => shared.refusal(plan, global, wait, ""),
+            Refusal::Paid(wait) => shared.refusal(plan, true, wait, ""),
         })?;
+        // A call whose key's units were taken before the global limit
+        // refused it ([`Refusal::Paid`]) is never charged on its key again.
+        let mut paid = None;
         if self.waiting.load(Ordering::Acquire) == 0 {
             match shared.check(key, plan, cost) {
                 Ok(()) => return Ok(None),
                 Err(Refusal::Never(never)) => return Err(never),
                 Err(Refusal::Wait(..)) => {}
+                Err(Refusal::Paid(wait)) => paid = Some(wait),
             }
         }
         let mut inner = self.lock();
+        let check = || match paid {
+            Some(_) => shared.take_global(cost),
+            None => shared.check(key, plan, cost),
+        };
         if inner.closed {
             // Nobody waits any more; a call within its quota still passes.
-            return match shared.check(key, plan, cost) {
+            return match check() {
                 Ok(()) => Ok(None),
                 Err(Refusal::Never(never)) => Err(never),
-                Err(Refusal::Wait(..)) => Err(shutting_down(shared)),
+                Err(Refusal::Wait(..) | Refusal::Paid(_)) => Err(shutting_down(shared)),
             };
         }
         let ahead: u64 = match inner.lines.get(key) {
@@ -118,19 +130,24 @@ impl<K: Hash + Eq + Clone> Lines<K> {
             _ => {
                 // No line for this key: check again under the lock (a line may
                 // just have emptied).
-                match shared.check(key, plan, cost) {
+                let (wait, global) = match check() {
                     Ok(()) => return Ok(None),
                     Err(Refusal::Never(never)) => return Err(never),
-                    Err(Refusal::Wait(wait, global)) if wait > max_wait => {
-                        return Err(shared.refusal(
-                            plan,
-                            global,
-                            wait,
-                            "waiting would exceed max_wait",
-                        ))
+                    Err(Refusal::Wait(wait, global)) => (wait, global),
+                    Err(Refusal::Paid(wait)) => {
+                        paid = Some(wait);
+                        (wait, true)
                     }
-                    Err(Refusal::Wait(..)) => 0,
+                };
+                if wait > max_wait {
+                    return Err(shared.refusal(
+                        plan,
+                        global,
+                        wait,
+                        "waiting would exceed max_wait",
+                    ));
                 }
+                0
             }
         };
         if ahead > 0 {
@@ -148,6 +165,7 @@ impl<K: Hash + Eq + Clone> Lines<K> {
         line.push_back(Entry {
             id,
             cost,
+            paid: paid.is_some(),
             waker: None,
         });
         self.waiting.fetch_add(1, Ordering::AcqRel);
@@ -185,13 +203,24 @@ impl<K: Hash + Eq + Clone> Lines<K> {
         if !at_front {
             return Turn::Behind;
         }
-        let cost = line.front().map_or(0, |e| e.cost);
-        match shared.check(key, plan, cost) {
+        let (cost, paid) = line.front().map_or((0, false), |e| (e.cost, e.paid));
+        let checked = if paid {
+            shared.take_global(cost)
+        } else {
+            shared.check(key, plan, cost)
+        };
+        match checked {
             Ok(()) => {
                 self.remove(&mut inner, key, id);
                 Turn::Admitted
             }
             Err(Refusal::Wait(wait, global)) => Turn::Sleep(wait, global),
+            Err(Refusal::Paid(wait)) => {
+                if let Some(front) = line.front_mut() {
+                    front.paid = true;
+                }
+                Turn::Sleep(wait, true)
+            }
             Err(Refusal::Never(never)) => {
                 self.remove(&mut inner, key, id);
                 Turn::Refused(never)
@@ -339,5 +368,109 @@ mod tests {
             Some(Duration::from_millis(500))
         );
         assert_eq!(shared.lines.waiting.load(Ordering::Acquire), 0);
+    }
+
+    /// Units of `key`'s plan (the first one) free at `now`: the largest
+    /// count its cell would take, looked at (taking nothing).
+    fn key_room(quota: &Quota<u32>, key: u32) -> u32 {
+        let cells = &quota.shared.plans[0].cells;
+        let now = tokio::time::Instant::now();
+        let held = cells.cell(&key);
+        (0..=1_000u32)
+            .take_while(|&n| n == 0 || cells.look(held.as_ref(), n, now).is_ok())
+            .last()
+            .unwrap_or(0)
+    }
+
+    /// The race the quota's module docs describe: another call takes the
+    /// global room between a call's look at the global limit and its take,
+    /// after its key's units were taken. In wait mode the call then waits
+    /// for the global limit alone: admitted a second later (its key's plan
+    /// refills a unit in 6 s), its key has paid for it once — 9 of 10 units
+    /// left, not 8 (before, it was charged again at its admission).
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_lost_the_global_race_is_charged_on_its_key_once() {
+        let quota: Quota<u32> = Quota::builder()
+            .plan("p", Rate::per_minute(10).burst(10))
+            .global(Rate::per_second(1).burst(1))
+            .max_wait(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let p = quota.plan_id("p").unwrap();
+        let shared = quota.shared.clone();
+        let other = shared.clone();
+        super::super::service::BETWEEN_LOOK_AND_TAKE.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                assert!(other.check(&2, p, 1).is_ok(), "key 2 takes the global unit");
+            }))
+        });
+        let id = shared
+            .lines
+            .admit_or_join(&shared, &1, p, 1, Duration::from_secs(10))
+            .unwrap()
+            .expect("waits for the global limit");
+        assert_eq!(key_room(&quota, 1), 9, "key 1 paid once");
+        let waker = futures::task::noop_waker();
+        assert!(matches!(
+            shared.lines.poll_front(&shared, &1, p, id, &waker),
+            Turn::Sleep(_, true)
+        ));
+        assert_eq!(
+            key_room(&quota, 1),
+            9,
+            "a refused front is not charged again"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(matches!(
+            shared.lines.poll_front(&shared, &1, p, id, &waker),
+            Turn::Admitted
+        ));
+        assert_eq!(key_room(&quota, 1), 9, "admitted: still charged once");
+        assert!(shared.check(&3, p, 1).is_err(), "the global unit is taken");
+        assert_eq!(shared.lines.waiting(), 0);
+    }
+
+    /// The same race met by the front of a line at a later turn: marked
+    /// paid, it is admitted by the global limit alone.
+    #[tokio::test(start_paused = true)]
+    async fn a_front_that_lost_the_global_race_is_charged_on_its_key_once() {
+        let quota: Quota<u32> = Quota::builder()
+            .plan("p", Rate::per_minute(10).burst(10))
+            .global(Rate::per_second(1).burst(1))
+            .max_wait(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let p = quota.plan_id("p").unwrap();
+        let shared = quota.shared.clone();
+        assert!(shared.check(&3, p, 1).is_ok(), "the global unit taken");
+        let id = shared
+            .lines
+            .admit_or_join(&shared, &1, p, 1, Duration::from_secs(10))
+            .unwrap()
+            .expect("waits for the global limit");
+        assert_eq!(
+            key_room(&quota, 1),
+            10,
+            "refused by the look: nothing taken"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let other = shared.clone();
+        super::super::service::BETWEEN_LOOK_AND_TAKE.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                assert!(other.check(&2, p, 1).is_ok(), "key 2 takes the global unit");
+            }))
+        });
+        let waker = futures::task::noop_waker();
+        assert!(matches!(
+            shared.lines.poll_front(&shared, &1, p, id, &waker),
+            Turn::Sleep(_, true)
+        ));
+        assert_eq!(key_room(&quota, 1), 9);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(matches!(
+            shared.lines.poll_front(&shared, &1, p, id, &waker),
+            Turn::Admitted
+        ));
+        assert_eq!(key_room(&quota, 1), 9, "admitted: charged once");
     }
 }
