@@ -370,6 +370,30 @@ mod tests {
         assert_eq!(shared.lines.waiting.load(Ordering::Acquire), 0);
     }
 
+    /// A key's plan refilling a unit in 6 s under a global limit of one a
+    /// second, burst 1; wait mode.
+    fn racing() -> (Quota<u32>, PlanId) {
+        let quota: Quota<u32> = Quota::builder()
+            .plan("p", Rate::per_minute(10).burst(10))
+            .global(Rate::per_second(1).burst(1))
+            .max_wait(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let p = quota.plan_id("p").unwrap();
+        (quota, p)
+    }
+
+    /// The next check of this thread loses the global race: key 2 takes the
+    /// global unit between its look and its take.
+    fn key_2_takes_the_global_unit_next(quota: &Quota<u32>, p: PlanId) {
+        let other = quota.shared.clone();
+        super::super::service::BETWEEN_LOOK_AND_TAKE.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                assert!(other.check(&2, p, 1).is_ok(), "key 2 takes the global unit");
+            }))
+        });
+    }
+
     /// Units of `key`'s plan (the first one) free at `now`: the largest
     /// count its cell would take, looked at (taking nothing).
     fn key_room(quota: &Quota<u32>, key: u32) -> u32 {
@@ -390,20 +414,9 @@ mod tests {
     /// left, not 8 (before, it was charged again at its admission).
     #[tokio::test(start_paused = true)]
     async fn a_call_that_lost_the_global_race_is_charged_on_its_key_once() {
-        let quota: Quota<u32> = Quota::builder()
-            .plan("p", Rate::per_minute(10).burst(10))
-            .global(Rate::per_second(1).burst(1))
-            .max_wait(Duration::from_secs(10))
-            .build()
-            .unwrap();
-        let p = quota.plan_id("p").unwrap();
+        let (quota, p) = racing();
         let shared = quota.shared.clone();
-        let other = shared.clone();
-        super::super::service::BETWEEN_LOOK_AND_TAKE.with(|h| {
-            *h.borrow_mut() = Some(Box::new(move || {
-                assert!(other.check(&2, p, 1).is_ok(), "key 2 takes the global unit");
-            }))
-        });
+        key_2_takes_the_global_unit_next(&quota, p);
         let id = shared
             .lines
             .admit_or_join(&shared, &1, p, 1, Duration::from_secs(10))
@@ -434,13 +447,7 @@ mod tests {
     /// paid, it is admitted by the global limit alone.
     #[tokio::test(start_paused = true)]
     async fn a_front_that_lost_the_global_race_is_charged_on_its_key_once() {
-        let quota: Quota<u32> = Quota::builder()
-            .plan("p", Rate::per_minute(10).burst(10))
-            .global(Rate::per_second(1).burst(1))
-            .max_wait(Duration::from_secs(10))
-            .build()
-            .unwrap();
-        let p = quota.plan_id("p").unwrap();
+        let (quota, p) = racing();
         let shared = quota.shared.clone();
         assert!(shared.check(&3, p, 1).is_ok(), "the global unit taken");
         let id = shared
@@ -454,12 +461,7 @@ mod tests {
             "refused by the look: nothing taken"
         );
         tokio::time::advance(Duration::from_secs(1)).await;
-        let other = shared.clone();
-        super::super::service::BETWEEN_LOOK_AND_TAKE.with(|h| {
-            *h.borrow_mut() = Some(Box::new(move || {
-                assert!(other.check(&2, p, 1).is_ok(), "key 2 takes the global unit");
-            }))
-        });
+        key_2_takes_the_global_unit_next(&quota, p);
         let waker = futures::task::noop_waker();
         assert!(matches!(
             shared.lines.poll_front(&shared, &1, p, id, &waker),
