@@ -252,7 +252,9 @@ impl LlmStack {
     /// own pacer does it: each call reserves its [`estimate`](Self::estimate)
     /// on the pacer of its key and is reconciled with its priced usage
     /// ([`PricedUsage`]); a call that failed is billed nothing (a 429 gives
-    /// back everything). Requests without the header share the budget of
+    /// back everything) — a streamed answer that fails after its headers is
+    /// cut short and keeps its estimate, as in
+    /// [`stream_budget_layer`](Self::stream_budget_layer). Requests without the header share the budget of
     /// the overflow pacer; keep `max_keys` at least the users active in one
     /// window of the budget (idle keys give their place).
     ///
@@ -850,7 +852,9 @@ impl LlmStackBuilder {
     /// prices: the output is an upper bound, the input an estimate) and is
     /// reconciled with the spend of its real usage — a debt above the
     /// estimate is owed in full; a call that failed (not a 429, which gives
-    /// back everything) is billed nothing. A request whose model is not in
+    /// back everything) is billed nothing — but a streamed answer cut short
+    /// after its headers (dropped, failed mid-way, timed out) keeps its
+    /// estimate, as its tokens. A request whose model is not in
     /// the table costs nothing unless the table has a fallback.
     pub fn prices(mut self, prices: PriceTable) -> Self {
         self.prices = prices;

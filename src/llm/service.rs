@@ -411,7 +411,10 @@ where
 }
 
 /// The response future of [`LlmService`]. Dropping it at any point
-/// releases what the call held (its place in line, permit, reservation).
+/// releases what the call holds (its place in a line, its permit); a call
+/// dropped once its request was sent keeps its estimated cost, spend
+/// included (the upstream may have done the work), as the pacer's
+/// [`ResponseFuture`](crate::pace::ResponseFuture) says.
 #[pin_project]
 pub struct LlmFuture<S>
 where

@@ -29,7 +29,10 @@
 //!   whole burst can never fit: refused at once too, without `retry_after`.
 //! - **Reconcile**: when the response says what the call really cost (its
 //!   `usage`: input, cached input, output), the estimate is replaced on every
-//!   dimension — refund or debt. A refund moves the cell back by the
+//!   dimension — refund or debt. A debt of requests or tokens can at most
+//!   empty a cell (a usage of `u64::MAX` tokens must not stall the pacer for
+//!   ages: what is above empty is forgotten); a spend debt is owed in full.
+//!   A refund moves the cell back by the
 //!   difference: exact while the cell has stayed busy since the call was
 //!   sent; when it ran full in between (the refill of that time was lost
 //!   whatever the call cost), the refund can leave up to the difference more
@@ -37,7 +40,8 @@
 //!   call's history; the Redis budget's undo and the quota's global check
 //!   (which never gives back) say more.
 //! - **Learn from the upstream**: a `Throttled` result pauses every dispatch until
-//!   its `retry_after` (one 429 must not become 50) and cuts the rate ×0.75 (not
+//!   its `retry_after` (1 s when the answer gives none; none for a `Retry-After`
+//!   of 0; one 429 must not become 50) and cuts the rate ×0.75 (not
 //!   below 25 %); each success gives back 2 % — AIMD, as TCP does, because a
 //!   configured budget can be optimistic (a shared org key, a tier that changed).
 //!   Rate-limit headers (`x-ratelimit-remaining-*`) lower our count of what is
@@ -280,7 +284,8 @@ pub struct DimSnapshot {
     pub capacity: f64,
     /// Units available now (never below 0: a debt, left by a call above the
     /// planned burst or a usage above its estimate, shows as 0 and as a later
-    /// `full_at`).
+    /// `full_at`; a usage's debt of requests or tokens at most empties the
+    /// cell, a spend debt is owed in full).
     pub available: f64,
     /// When it is full again.
     pub full_at: Instant,
