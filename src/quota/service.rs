@@ -199,6 +199,29 @@ fn between_look_and_take() {
     }
 }
 
+/// Units a line holds for a key's plan and for the global limit (a call
+/// whose key paid already counts in the second only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Units {
+    pub(crate) key: u64,
+    pub(crate) global: u64,
+}
+
+impl Units {
+    /// These and a call of `cost` (`paid`: its key's units are taken).
+    pub(crate) fn and(self, cost: u32, paid: bool) -> Units {
+        let cost = u64::from(cost);
+        Units {
+            key: if paid {
+                self.key
+            } else {
+                self.key.saturating_add(cost)
+            },
+            global: self.global.saturating_add(cost),
+        }
+    }
+}
+
 /// Why a cost does not fit now.
 pub(crate) enum Refusal {
     /// It fits after this long (`true`: the global limit is the one short).
@@ -353,17 +376,21 @@ impl<K: Hash + Eq + Clone> Shared<K> {
         }
     }
 
-    /// How long until `n` units fit `key`'s plan and the global limit, from
-    /// their state now, taking nothing: the wait of a call behind `n` less
-    /// its own cost in its key's line (exact for the key; for the global
-    /// limit a floor, other keys take from it too).
-    pub(crate) fn wait_for(&self, key: &K, plan_id: PlanId, n: u64) -> Duration {
+    /// How long until `units` fit `key`'s plan and the global limit, from
+    /// their state now, taking nothing: the wait of a call behind `units`
+    /// less its own cost in its key's line (exact for the key; for the
+    /// global limit a floor, other keys take from it too). A call whose key
+    /// paid already ([`Refusal::Paid`]) counts in the global units only.
+    pub(crate) fn wait_for(&self, key: &K, plan_id: PlanId, units: Units) -> Duration {
         let plan = self.plan(plan_id);
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let n = |x: u64| u32::try_from(x).unwrap_or(u32::MAX);
         let cell = plan.cells.cell(key);
         let now = Instant::now();
-        let own = plan.cells.look(cell.as_ref(), n, now).err();
-        let global = self.global.as_ref().and_then(|(_, g)| g.look(n, now).err());
+        let own = plan.cells.look(cell.as_ref(), n(units.key), now).err();
+        let global = self
+            .global
+            .as_ref()
+            .and_then(|(_, g)| g.look(n(units.global), now).err());
         own.unwrap_or_default().max(global.unwrap_or_default())
     }
 

@@ -7,7 +7,7 @@
 //! joins the back even if a token is free this instant: the front was promised
 //! that token. Keys without waiters never touch the lines (one atomic load).
 
-use super::service::Refusal;
+use super::service::{Refusal, Units};
 use super::{PlanId, Shared};
 use crate::error::Rejected;
 use crate::hashing::HashMap;
@@ -125,8 +125,10 @@ impl<K: Hash + Eq + Clone> Lines<K> {
                 Err(Refusal::Wait(..) | Refusal::Paid(_)) => Err(shutting_down(shared)),
             };
         }
-        let ahead: u64 = match inner.lines.get(key) {
-            Some(line) if !line.is_empty() => line.iter().map(|e| u64::from(e.cost)).sum(),
+        let ahead = match inner.lines.get(key) {
+            Some(line) if !line.is_empty() => line
+                .iter()
+                .fold(Units::default(), |n, e| n.and(e.cost, e.paid)),
             _ => {
                 // No line for this key: check again under the lock (a line may
                 // just have emptied).
@@ -147,13 +149,13 @@ impl<K: Hash + Eq + Clone> Lines<K> {
                         "waiting would exceed max_wait",
                     ));
                 }
-                0
+                Units::default()
             }
         };
-        if ahead > 0 {
+        if ahead != Units::default() {
             // Those ahead take their cost first: ours fits once all of it
             // does (the key's cell and the global one, from their state now).
-            let estimate = shared.wait_for(key, plan, ahead.saturating_add(u64::from(cost)));
+            let estimate = shared.wait_for(key, plan, ahead.and(cost, paid.is_some()));
             if estimate > max_wait {
                 return Err(shared.refusal(plan, false, estimate, "waiting would exceed max_wait"));
             }
@@ -271,7 +273,7 @@ impl<K: Hash + Eq + Clone> Lines<K> {
             Some(
                 line.iter()
                     .take(at.saturating_add(1))
-                    .fold(0u64, |n, e| n.saturating_add(u64::from(e.cost))),
+                    .fold(Units::default(), |n, e| n.and(e.cost, e.paid)),
             )
         });
         self.remove(&mut inner, key, id);
@@ -474,5 +476,40 @@ mod tests {
             Turn::Admitted
         ));
         assert_eq!(key_room(&quota, 1), 9, "admitted: charged once");
+    }
+
+    /// A paid call ahead in its key's line counts for the global limit, not
+    /// again for the key: a newcomer behind it is told the global limit's
+    /// 2 s (its key has the unit it needs now), not the 6 s the key would
+    /// take to fit both calls' units — which would have refused it at a
+    /// `max_wait` of 3 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_paid_call_ahead_counts_for_the_global_limit_only() {
+        let quota: Quota<u32> = Quota::builder()
+            .plan("p", Rate::per_minute(10).burst(2))
+            .global(Rate::per_second(1).burst(2))
+            .max_wait(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        let p = quota.plan_id("p").unwrap();
+        let shared = quota.shared.clone();
+        let max_wait = Duration::from_secs(3);
+        assert!(shared.check(&3, p, 1).is_ok(), "one global unit left");
+        key_2_takes_the_global_unit_next(&quota, p);
+        let paid = shared.lines.admit_or_join(&shared, &1, p, 1, max_wait);
+        assert!(
+            matches!(paid, Ok(Some(_))),
+            "paid, waits for the global limit"
+        );
+        assert_eq!(key_room(&quota, 1), 1);
+        let behind = shared
+            .lines
+            .admit_or_join(&shared, &1, p, 1, max_wait)
+            .expect("its wait is the global limit's 2 s")
+            .expect("behind the paid call");
+        assert_eq!(
+            shared.lines.leave_behind(&shared, &1, p, behind),
+            Some(Duration::from_secs(2))
+        );
     }
 }
