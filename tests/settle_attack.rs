@@ -17,6 +17,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 
+#[path = "support/llm_stack.rs"]
+mod llm_stack;
+
 // ---------------------------------------------------------------- helpers
 
 /// A period so long that nothing measurable refills while a test runs
@@ -49,9 +52,14 @@ struct Call {
 
 impl Call {
     fn ok(est: Cost, usage: Option<Cost>) -> Self {
+        Call::answered(est, 200, usage)
+    }
+
+    /// Answered `status`, with `usage` if any, without `retry-after`.
+    fn answered(est: Cost, status: u16, usage: Option<Cost>) -> Self {
         Call {
             est,
-            status: 200,
+            status,
             usage,
             ra: None,
         }
@@ -181,17 +189,9 @@ async fn split_usage_with_cached_input_is_counted_per_unit() {
 async fn a_429_without_usage_gives_its_tokens_back_once() {
     let pace = tpm_rpm(1_000, 100);
     run(&pace, Call::ok(Cost::tokens(300), None)).await.unwrap();
-    let r = run(
-        &pace,
-        Call {
-            est: Cost::tokens(200),
-            status: 429,
-            usage: None,
-            ra: None,
-        },
-    )
-    .await
-    .unwrap();
+    let r = run(&pace, Call::answered(Cost::tokens(200), 429, None))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 429);
     assert_eq!(avail(&pace, Unit::Tokens), 700.0);
     assert_eq!(avail(&pace, Unit::Requests), 98.0);
@@ -203,12 +203,7 @@ async fn a_429_with_usage_gives_its_tokens_back_once() {
     run(&pace, Call::ok(Cost::tokens(300), None)).await.unwrap();
     let r = run(
         &pace,
-        Call {
-            est: Cost::tokens(200),
-            status: 429,
-            usage: Some(Cost::tokens(50)),
-            ra: None,
-        },
+        Call::answered(Cost::tokens(200), 429, Some(Cost::tokens(50))),
     )
     .await
     .unwrap();
@@ -230,24 +225,18 @@ async fn a_5xx_with_usage_is_charged_its_usage_and_no_spend() {
         .unwrap();
     let r = run(
         &pace,
-        Call {
-            est: Cost::tokens(200).with_spend(2_000),
-            status: 500,
-            usage: Some(Cost::tokens(50).with_spend(500)),
-            ra: None,
-        },
+        Call::answered(
+            Cost::tokens(200).with_spend(2_000),
+            500,
+            Some(Cost::tokens(50).with_spend(500)),
+        ),
     )
     .await
     .unwrap();
     assert_eq!(r.status(), 500);
     let r = run(
         &pace,
-        Call {
-            est: Cost::tokens(200).with_spend(2_000),
-            status: 503,
-            usage: None,
-            ra: None,
-        },
+        Call::answered(Cost::tokens(200).with_spend(2_000), 503, None),
     )
     .await
     .unwrap();
@@ -284,50 +273,20 @@ async fn spend_settles_once_per_outcome() {
         .await
         .unwrap(); // usage without spend: 0
     run(&pace, Call::ok(est, None)).await.unwrap(); // estimate: 1,000
+    run(&pace, Call::answered(est, 429, None)).await.unwrap(); // 0
     run(
         &pace,
-        Call {
-            est,
-            status: 429,
-            usage: None,
-            ra: None,
-        },
+        Call::answered(est, 429, Some(Cost::tokens(10).with_spend(100))),
     )
     .await
     .unwrap(); // 0
     run(
         &pace,
-        Call {
-            est,
-            status: 429,
-            usage: Some(Cost::tokens(10).with_spend(100)),
-            ra: None,
-        },
+        Call::answered(est, 500, Some(Cost::tokens(10).with_spend(100))),
     )
     .await
     .unwrap(); // 0
-    run(
-        &pace,
-        Call {
-            est,
-            status: 500,
-            usage: Some(Cost::tokens(10).with_spend(100)),
-            ra: None,
-        },
-    )
-    .await
-    .unwrap(); // 0
-    run(
-        &pace,
-        Call {
-            est,
-            status: 502,
-            usage: None,
-            ra: None,
-        },
-    )
-    .await
-    .unwrap(); // 0
+    run(&pace, Call::answered(est, 502, None)).await.unwrap(); // 0
     let spent = 1_500 + 100 + 1_000;
     assert_eq!(avail(&pace, Unit::Spend), (10_000 - spent) as f64);
     assert!(fits_now(
@@ -559,27 +518,13 @@ async fn keyed_reconcile_429_and_5xx_settle_on_key_and_shared_alike() {
     run_keyed(
         &keyed,
         "a",
-        Call {
-            est: Cost::tokens(200),
-            status: 500,
-            usage: Some(Cost::tokens(60)),
-            ra: None,
-        },
+        Call::answered(Cost::tokens(200), 500, Some(Cost::tokens(60))),
     )
     .await
     .unwrap(); // a: 60
-    run_keyed(
-        &keyed,
-        "b",
-        Call {
-            est: Cost::tokens(200),
-            status: 500,
-            usage: None,
-            ra: None,
-        },
-    )
-    .await
-    .unwrap(); // b: 200
+    run_keyed(&keyed, "b", Call::answered(Cost::tokens(200), 500, None))
+        .await
+        .unwrap(); // b: 200
     run_keyed(
         &keyed,
         "a",
@@ -589,27 +534,13 @@ async fn keyed_reconcile_429_and_5xx_settle_on_key_and_shared_alike() {
     .unwrap(); // a: 0
                // The 429s last: each pauses its key (time would then move).
     let t0 = Instant::now();
-    run_keyed(
-        &keyed,
-        "a",
-        Call {
-            est: Cost::tokens(200),
-            status: 429,
-            usage: None,
-            ra: None,
-        },
-    )
-    .await
-    .unwrap(); // a: 0
+    run_keyed(&keyed, "a", Call::answered(Cost::tokens(200), 429, None))
+        .await
+        .unwrap(); // a: 0
     run_keyed(
         &keyed,
         "b",
-        Call {
-            est: Cost::tokens(200),
-            status: 429,
-            usage: Some(Cost::tokens(7)),
-            ra: None,
-        },
+        Call::answered(Cost::tokens(200), 429, Some(Cost::tokens(7))),
     )
     .await
     .unwrap(); // b: 0
@@ -662,17 +593,9 @@ async fn a_429_cuts_the_rate_without_moving_the_budget() {
         .limit(Limit::new(Unit::Requests, 100_000, LONG))
         .build()
         .unwrap();
-    run(
-        &pace,
-        Call {
-            est: Cost::tokens(200),
-            status: 429,
-            usage: None,
-            ra: None,
-        },
-    )
-    .await
-    .unwrap();
+    run(&pace, Call::answered(Cost::tokens(200), 429, None))
+        .await
+        .unwrap();
     let s = pace.snapshot();
     assert_eq!(s.rate_factor, 0.75);
     assert!(s.paused_until.is_some_and(|p| p > now));
@@ -766,23 +689,10 @@ async fn concurrent_mixed_outcomes_conserve_the_budget() {
                         0,
                     ),
                     3 => (
-                        Call {
-                            est: Cost::tokens(100),
-                            status: 500,
-                            usage: Some(Cost::tokens(11)),
-                            ra: None,
-                        },
+                        Call::answered(Cost::tokens(100), 500, Some(Cost::tokens(11))),
                         11,
                     ),
-                    _ => (
-                        Call {
-                            est: Cost::tokens(100),
-                            status: 503,
-                            usage: None,
-                            ra: None,
-                        },
-                        100,
-                    ),
+                    _ => (Call::answered(Cost::tokens(100), 503, None), 100),
                 };
                 run(&pace, c.clone()).await.unwrap();
                 let key = if i % 2 == 0 { "a" } else { "b" };
@@ -1474,19 +1384,7 @@ mod preset {
             async move { Ok::<_, std::io::Error>(res) }
         })
     }
-
-    /// Reads a body as hyper does: stops at `is_end_stream` (never polls
-    /// past it), then drops it.
-    pub async fn read_like_hyper<B: http_body::Body + Unpin>(mut body: B) -> usize {
-        let mut frames = 0;
-        while !body.is_end_stream() {
-            match body.frame().await {
-                Some(Ok(_)) => frames += 1,
-                Some(Err(_)) | None => break,
-            }
-        }
-        frames
-    }
+    pub use crate::llm_stack::read_like_hyper;
 
     /// LlmStack::stream_layer (llm/mod.rs:72-80, 311-313): "reconciles the
     /// pacer with the stream's usage" when the body ends whole; read the
@@ -1499,8 +1397,8 @@ mod preset {
             .stream_layer()
             .layer(stream_client(vec![(200, full(&sse_ok(10, 30)))]));
         let res = svc.oneshot(req(SBODY)).await.unwrap();
-        let frames = read_like_hyper(res.into_body()).await;
-        assert!(frames >= 1);
+        let (bytes, failed) = read_like_hyper(res.into_body()).await;
+        assert!(!bytes.is_empty() && failed.is_none());
         tokio::task::yield_now().await;
         assert_eq!(charged(&pace), (40, 1, 10 + 60));
     }
@@ -1808,12 +1706,7 @@ mod more {
         run_keyed(
             &keyed,
             "d",
-            Call {
-                est: Cost::tokens(300),
-                status: 500,
-                usage: Some(Cost::tokens(9)),
-                ra: None,
-            },
+            Call::answered(Cost::tokens(300), 500, Some(Cost::tokens(9))),
         )
         .await
         .unwrap();
