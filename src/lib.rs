@@ -8,6 +8,15 @@
 //! panic; builders validate and return a [`ConfigError`]; all time goes through
 //! `tokio::time`, so tests run hours of traffic on a paused clock.
 //!
+//! Every wait ends on a tokio timer, and tokio's timers fire on whole
+//! milliseconds: a call due at `t` — to be admitted, refused at its
+//! `max_wait`, timed out, retried after a backoff — is woken at `t` rounded
+//! up to the timer's next millisecond, never before (later on a busy
+//! runtime; a paused clock jumps whole milliseconds from where it stands, so
+//! there up to 2 ms after `t`). A `max_wait` or a timeout can run over by
+//! that much; what the layers decide (a start instant, a `retry_after`,
+//! whether a wait fits `max_wait`) is exact to the nanosecond.
+//!
 //! | module | what it does |
 //! |---|---|
 //! | [`classify`] | the [`Class`](classify::Class) of a result (`Throttled`, `Overloaded`, `Transient`, `Infrastructure`, `Permanent`), HTTP and LLM-provider classifiers, rate-limit headers |

@@ -155,7 +155,9 @@ impl BulkheadBuilder {
         self
     }
 
-    /// The longest a caller waits in line before `QueueTimeout` (default: no limit).
+    /// The longest a caller waits in line before `QueueTimeout` (default: no
+    /// limit) — on tokio's timer, which fires a millisecond or so after (see
+    /// the [crate docs](crate)).
     pub fn max_wait(mut self, d: Duration) -> Self {
         self.max_wait = Some(d);
         self

@@ -759,7 +759,10 @@ impl PaceBuilder {
         self
     }
 
-    /// Refuse a call that would wait longer than this (default: wait as long as it takes).
+    /// Refuse a call that would wait longer than this (default: wait as long
+    /// as it takes). The start it is compared with is exact; the wake-up at
+    /// that start is tokio's timer, a millisecond or so later (see
+    /// the [crate docs](crate)).
     pub fn max_wait(mut self, d: Duration) -> Self {
         self.max_wait = Some(d);
         self

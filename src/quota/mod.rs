@@ -428,7 +428,9 @@ impl QuotaBuilder {
     /// estimates are not promises).
     /// The line is per key: with a [`global`](Self::global) limit, the call at
     /// the front of one key's line and a call of another key compete for the
-    /// global limit at the instant each checks.
+    /// global limit at the instant each checks. A call is woken when its cost
+    /// fits, on tokio's timer: a millisecond or so after (see the
+    /// [crate docs](crate)), so it may be admitted that much past `max_wait`.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.max_wait = Some(max_wait);
         self
