@@ -346,6 +346,7 @@ fn no_request_pays_for_the_quota_sweep() {
         }
         tokio::time::advance(std::time::Duration::from_secs(2)).await;
         let sweeps = quota.snapshot().sweeps;
+        park_once();
         let n = allocations(|| {
             for _ in 0..65_536 {
                 assert_eq!(call_quiet(&mut svc), Some(7));
@@ -362,6 +363,30 @@ fn no_request_pays_for_the_quota_sweep() {
         }
         assert!(swept, "{:?}", quota.snapshot());
     });
+}
+
+/// Parks this thread once on a `parking_lot` lock held by another thread.
+/// A call that meets a key-map shard the sweep holds waits for it, and the
+/// map's lock parks through `parking_lot_core`, whose first park on a thread
+/// sets up its thread data (allocating, once per thread — and its table,
+/// once per process): not the sweep's work, and not a request's. Done here,
+/// before the count, so the count sees only what the calls themselves do
+/// (it allocated 2 times in one CI run, where a timed sweep overlapped).
+fn park_once() {
+    let lock = std::sync::Arc::new(parking_lot::Mutex::new(()));
+    let (held, is_held) = std::sync::mpsc::channel();
+    let holder = {
+        let lock = lock.clone();
+        std::thread::spawn(move || {
+            let _guard = lock.lock();
+            held.send(()).unwrap();
+            // Long enough that the other thread stops spinning and parks.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        })
+    };
+    is_held.recv().unwrap();
+    drop(lock.lock());
+    holder.join().unwrap();
 }
 
 /// One call, refused or not.
