@@ -231,7 +231,7 @@ pub(crate) enum Refusal {
     /// Its key's units were taken, then the global limit refused it for
     /// this long: another call took the global room between this one's
     /// look and its take. What is left to take is the global limit's
-    /// ([`Shared::take_global`]), never the key's again.
+    /// ([`Shared::check_paid`]), never the key's again.
     Paid(Duration),
 }
 
@@ -354,12 +354,20 @@ impl<K: Hash + Eq + Clone> Shared<K> {
         Ok(())
     }
 
-    /// Takes `cost` from the global limit alone (a call whose key's units
-    /// were taken already: [`Refusal::Paid`]), or refuses as `Paid` again.
-    pub(crate) fn take_global(&self, cost: u32) -> Result<(), Refusal> {
+    /// [`check`](Self::check), or for a call whose key's units were taken
+    /// already (`paid`: [`Refusal::Paid`]) the global limit alone — refused
+    /// as `Paid` again.
+    pub(crate) fn check_paid(
+        &self,
+        key: &K,
+        plan_id: PlanId,
+        cost: u32,
+        paid: bool,
+    ) -> Result<(), Refusal> {
         match &self.global {
-            Some((_, global)) => global.take(cost, Instant::now()).map_err(Refusal::Paid),
-            None => Ok(()),
+            Some((_, global)) if paid => global.take(cost, Instant::now()).map_err(Refusal::Paid),
+            _ if paid => Ok(()),
+            _ => self.check(key, plan_id, cost),
         }
     }
 

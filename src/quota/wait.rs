@@ -103,20 +103,17 @@ impl<K: Hash + Eq + Clone> Lines<K> {
         })?;
         // A call whose key's units were taken before the global limit
         // refused it ([`Refusal::Paid`]) is never charged on its key again.
-        let mut paid = None;
+        let mut paid = false;
         if self.waiting.load(Ordering::Acquire) == 0 {
             match shared.check(key, plan, cost) {
                 Ok(()) => return Ok(None),
                 Err(Refusal::Never(never)) => return Err(never),
                 Err(Refusal::Wait(..)) => {}
-                Err(Refusal::Paid(wait)) => paid = Some(wait),
+                Err(Refusal::Paid(_)) => paid = true,
             }
         }
         let mut inner = self.lock();
-        let check = || match paid {
-            Some(_) => shared.take_global(cost),
-            None => shared.check(key, plan, cost),
-        };
+        let check = || shared.check_paid(key, plan, cost, paid);
         if inner.closed {
             // Nobody waits any more; a call within its quota still passes.
             return match check() {
@@ -137,7 +134,7 @@ impl<K: Hash + Eq + Clone> Lines<K> {
                     Err(Refusal::Never(never)) => return Err(never),
                     Err(Refusal::Wait(wait, global)) => (wait, global),
                     Err(Refusal::Paid(wait)) => {
-                        paid = Some(wait);
+                        paid = true;
                         (wait, true)
                     }
                 };
@@ -155,7 +152,7 @@ impl<K: Hash + Eq + Clone> Lines<K> {
         if ahead != Units::default() {
             // Those ahead take their cost first: ours fits once all of it
             // does (the key's cell and the global one, from their state now).
-            let estimate = shared.wait_for(key, plan, ahead.and(cost, paid.is_some()));
+            let estimate = shared.wait_for(key, plan, ahead.and(cost, paid));
             if estimate > max_wait {
                 return Err(shared.refusal(plan, false, estimate, "waiting would exceed max_wait"));
             }
@@ -167,7 +164,7 @@ impl<K: Hash + Eq + Clone> Lines<K> {
         line.push_back(Entry {
             id,
             cost,
-            paid: paid.is_some(),
+            paid,
             waker: None,
         });
         self.waiting.fetch_add(1, Ordering::AcqRel);
@@ -206,12 +203,7 @@ impl<K: Hash + Eq + Clone> Lines<K> {
             return Turn::Behind;
         }
         let (cost, paid) = line.front().map_or((0, false), |e| (e.cost, e.paid));
-        let checked = if paid {
-            shared.take_global(cost)
-        } else {
-            shared.check(key, plan, cost)
-        };
-        match checked {
+        match shared.check_paid(key, plan, cost, paid) {
             Ok(()) => {
                 self.remove(&mut inner, key, id);
                 Turn::Admitted
