@@ -163,7 +163,8 @@ fn one_limit(c: &mut Criterion) {
     g.finish();
 }
 
-/// Two threads calling `check` on their own keys (a clone each).
+/// Two threads calling `check` with their own numbers (a clone each; a
+/// keyed limiter's own keys).
 fn two_keyed(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
@@ -204,6 +205,39 @@ fn contended(c: &mut Criterion) {
             })
         })
     });
+    g.finish();
+    // One limit shared by both threads: every call of either passes through
+    // the same cell (tower's RateLimit is not `Clone`: nothing to share).
+    let mut g = c.benchmark_group("rate_limit/contended_2_threads");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let gov = std::sync::Arc::new(RateLimiter::direct(GQuota::per_second(big())));
+    two_keyed(&mut g, "governor direct check", move |_| {
+        gov.check().is_ok()
+    });
+    let gov = std::sync::Arc::new(RateLimiter::direct_with_clock(
+        GQuota::per_second(big()),
+        TokioClock::new(),
+    ));
+    two_keyed(&mut g, "governor direct check (tokio clock)", move |_| {
+        gov.check().is_ok()
+    });
+    let s = ServiceBuilder::new()
+        .layer(
+            tower_resilience::ratelimiter::RateLimiterLayer::builder()
+                .limit_for_period(usize::MAX / 4)
+                .refresh_period(Duration::from_secs(1))
+                .build()
+                .expect("valid rate limiter"),
+        )
+        .service(bare());
+    common::on_two_threads(&mut g, "tower-resilience RateLimiter", s);
+    let limit =
+        semaforo::quota::RateLimit::builder(Rate::new(1_000_000_000, Duration::from_secs(1)))
+            .build()
+            .expect("valid limit");
+    let s = ServiceBuilder::new().layer(limit.layer()).service(bare());
+    common::on_two_threads(&mut g, "semaforo RateLimit", s);
     g.finish();
 }
 

@@ -152,9 +152,55 @@ fn success_path(c: &mut Criterion) {
     g.finish();
 }
 
+/// Two threads calling clones of one service on the success path: what the
+/// clones share (our configuration and spare service, tower's policy `Arc`)
+/// is all that passes between the cores.
+fn contended(c: &mut Criterion) {
+    let mut g = c.benchmark_group("retry/contended_2_threads");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let policy = SharedAttempts {
+        config: Arc::new(AttemptsConfig {
+            first_delay: Duration::from_millis(500),
+            retries: std::sync::atomic::AtomicU64::new(0),
+        }),
+        left: 3,
+    };
+    let s = ServiceBuilder::new()
+        .layer(tower::retry::RetryLayer::new(policy))
+        .service(bare());
+    common::on_two_threads(
+        &mut g,
+        "tower Retry (3 attempts, shared config and retry count)",
+        s,
+    );
+    let budgeted = Budgeted {
+        attempts: Attempts {
+            left: 3,
+            delay: Duration::from_millis(500),
+        },
+        budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 1, 0.2)),
+    };
+    let s = ServiceBuilder::new()
+        .layer(tower::retry::RetryLayer::new(budgeted))
+        .service(bare());
+    common::on_two_threads(&mut g, "tower Retry (3 attempts, TpsBudget)", s);
+    let retry = Retry::builder()
+        .max_attempts(3)
+        .no_budget()
+        .build()
+        .unwrap();
+    let s = ServiceBuilder::new().layer(retry.layer()).service(bare());
+    common::on_two_threads(&mut g, "semaforo Retry (3 attempts, no budget)", s);
+    let retry = Retry::builder().max_attempts(3).build().unwrap();
+    let s = ServiceBuilder::new().layer(retry.layer()).service(bare());
+    common::on_two_threads(&mut g, "semaforo Retry (3 attempts, budget)", s);
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30);
-    targets = success_path
+    targets = success_path, contended
 }
 criterion_main!(benches);

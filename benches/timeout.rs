@@ -45,9 +45,29 @@ fn attempt(c: &mut Criterion) {
     g.finish();
 }
 
+/// Two threads calling clones of one service (each its own timer, nothing
+/// shared but the runtime's timer wheel, which a call that answers at once
+/// never reaches in semaforo).
+fn contended(c: &mut Criterion) {
+    let mut g = c.benchmark_group("timeout/contended_2_threads");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let s = ServiceBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .service(bare());
+    common::on_two_threads(&mut g, "tower Timeout", s);
+    let t = Timeout::builder()
+        .attempt(Duration::from_secs(30))
+        .build()
+        .expect("valid timeout");
+    let s = ServiceBuilder::new().layer(t.layer()).service(bare());
+    common::on_two_threads(&mut g, "semaforo Timeout (attempt)", s);
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30);
-    targets = attempt
+    targets = attempt, contended
 }
 criterion_main!(benches);

@@ -85,6 +85,28 @@ where
     start.elapsed()
 }
 
+/// A benchmark of two threads calling their own clones of `svc` on its
+/// healthy path (`once`: it answers at once), timed with [`two_callers`].
+pub fn on_two_threads<S>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    svc: S,
+) where
+    S: Service<u64, Response = u64> + Clone + Send + 'static,
+    S::Error: std::fmt::Debug,
+{
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            two_callers(iters, || {
+                let mut s = svc.clone();
+                move |k| {
+                    std::hint::black_box(once(&mut s, k));
+                }
+            })
+        })
+    });
+}
+
 /// `iters` calls split over 2 threads, each thread calling its own caller
 /// from `make` with its own number (1 or 2: a hot key of its own, say): what
 /// stays shared between them is the limiter's state.
