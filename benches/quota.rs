@@ -163,8 +163,21 @@ fn one_limit(c: &mut Criterion) {
     g.finish();
 }
 
+/// Keys each thread of [`contended`] goes round: with one key each, the
+/// two keys share a shard of the key map (its lock word, its table's
+/// lines) or not as the map's random seed falls, and a run measured that
+/// (×1 or ×4 between runs, for governor's map and ours alike); with 32
+/// each, both threads meet in every shard, every run.
+const OWN_KEYS: u64 = 32;
+
+/// The `n`-th call's key of the thread numbered `thread` (1 or 2): its own
+/// keys, disjoint from the other thread's, in turn.
+fn own_key(thread: u64, n: u64) -> u64 {
+    thread * 1_000 + n % OWN_KEYS
+}
+
 /// Two threads calling `check` with their own numbers (a clone each; a
-/// keyed limiter's own keys).
+/// keyed limiter's own keys, [`own_key`]).
 fn two_keyed(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
@@ -174,8 +187,28 @@ fn two_keyed(
         b.iter_custom(|iters| {
             common::two_callers(iters, || {
                 let check = check.clone();
+                let mut n = 0u64;
                 move |k| {
-                    black_box(check(k));
+                    n = n.wrapping_add(1);
+                    black_box(check(own_key(k, n)));
+                }
+            })
+        })
+    });
+}
+
+/// Two threads calling `check` on one limiter (a clone of its `Arc` each).
+fn two_direct(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    check: impl Fn() -> bool + Clone + Send + 'static,
+) {
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            common::two_callers(iters, || {
+                let check = check.clone();
+                move |_| {
+                    black_box(check());
                 }
             })
         })
@@ -187,7 +220,7 @@ fn contended(c: &mut Criterion) {
     g.warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
     // governor on its own clock, then on the clock our layers must read
-    // (tokio's, pausable): each thread checks its own key.
+    // (tokio's, pausable): each thread checks its own keys.
     let gov = std::sync::Arc::new(RateLimiter::keyed(GQuota::per_second(big())));
     let check = move |k: u64| gov.check_key(&k).is_ok();
     two_keyed(&mut g, "governor keyed check_key", check);
@@ -199,8 +232,10 @@ fn contended(c: &mut Criterion) {
         b.iter_custom(|iters| {
             common::two_callers(iters, || {
                 let mut s = keyed_by_request(&q, plan);
+                let mut n = 0u64;
                 move |k| {
-                    once(&mut s, k);
+                    n = n.wrapping_add(1);
+                    once(&mut s, own_key(k, n));
                 }
             })
         })
@@ -212,14 +247,12 @@ fn contended(c: &mut Criterion) {
     g.warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
     let gov = std::sync::Arc::new(RateLimiter::direct(GQuota::per_second(big())));
-    two_keyed(&mut g, "governor direct check", move |_| {
-        gov.check().is_ok()
-    });
+    two_direct(&mut g, "governor direct check", move || gov.check().is_ok());
     let gov = std::sync::Arc::new(RateLimiter::direct_with_clock(
         GQuota::per_second(big()),
         TokioClock::new(),
     ));
-    two_keyed(&mut g, "governor direct check (tokio clock)", move |_| {
+    two_direct(&mut g, "governor direct check (tokio clock)", move || {
         gov.check().is_ok()
     });
     let s = ServiceBuilder::new()
