@@ -133,13 +133,7 @@ fn one_limit(c: &mut Criterion) {
         .service(bare());
     g.bench_function("tower RateLimit", |b| b.iter(|| once(&mut s, black_box(1))));
     let mut s = ServiceBuilder::new()
-        .layer(
-            tower_resilience::ratelimiter::RateLimiterLayer::builder()
-                .limit_for_period(usize::MAX / 4)
-                .refresh_period(Duration::from_secs(1))
-                .build()
-                .expect("valid rate limiter"),
-        )
+        .layer(common::tower_resilience_rate_limiter())
         .service(bare());
     g.bench_function("tower-resilience RateLimiter", |b| {
         b.iter(|| once(&mut s, black_box(1)))
@@ -152,11 +146,9 @@ fn one_limit(c: &mut Criterion) {
         b.iter(|| once(&mut s, black_box(1)))
     });
     // One atomic GCRA cell: no key, no map.
-    let limit =
-        semaforo::quota::RateLimit::builder(Rate::new(1_000_000_000, Duration::from_secs(1)))
-            .build()
-            .expect("valid limit");
-    let mut s = ServiceBuilder::new().layer(limit.layer()).service(bare());
+    let mut s = ServiceBuilder::new()
+        .layer(common::semaforo_rate_limit())
+        .service(bare());
     g.bench_function("semaforo RateLimit", |b| {
         b.iter(|| once(&mut s, black_box(1)))
     });
@@ -256,20 +248,12 @@ fn contended(c: &mut Criterion) {
         gov.check().is_ok()
     });
     let s = ServiceBuilder::new()
-        .layer(
-            tower_resilience::ratelimiter::RateLimiterLayer::builder()
-                .limit_for_period(usize::MAX / 4)
-                .refresh_period(Duration::from_secs(1))
-                .build()
-                .expect("valid rate limiter"),
-        )
+        .layer(common::tower_resilience_rate_limiter())
         .service(bare());
     common::on_two_threads(&mut g, "tower-resilience RateLimiter", s);
-    let limit =
-        semaforo::quota::RateLimit::builder(Rate::new(1_000_000_000, Duration::from_secs(1)))
-            .build()
-            .expect("valid limit");
-    let s = ServiceBuilder::new().layer(limit.layer()).service(bare());
+    let s = ServiceBuilder::new()
+        .layer(common::semaforo_rate_limit())
+        .service(bare());
     common::on_two_threads(&mut g, "semaforo RateLimit", s);
     g.finish();
 }

@@ -72,11 +72,7 @@ fn peer_stack_clone() -> impl Service<
         .failure_rate_threshold(0.5)
         .build()
         .unwrap();
-    let rate = tower_resilience::ratelimiter::RateLimiterLayer::builder()
-        .limit_for_period(usize::MAX / 4)
-        .refresh_period(Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let rate = common::tower_resilience_rate_limiter();
     ServiceBuilder::new()
         .concurrency_limit(1_000)
         .layer(tower::retry::RetryLayer::new(Attempts(3)))
@@ -203,22 +199,12 @@ fn throughput(c: &mut Criterion) {
         per_second(&mut g, &rt, tasks, "tower-resilience CircuitBreaker", &s);
         // One rate limit shared by every task (tower's RateLimit is not
         // Clone: tower-resilience's RateLimiter is the shared peer).
-        let limit = semaforo::quota::RateLimit::builder(semaforo::quota::Rate::new(
-            1_000_000_000,
-            Duration::from_secs(1),
-        ))
-        .build()
-        .unwrap();
-        let s = ServiceBuilder::new().layer(limit.layer()).service(bare());
+        let s = ServiceBuilder::new()
+            .layer(common::semaforo_rate_limit())
+            .service(bare());
         per_second(&mut g, &rt, tasks, "semaforo RateLimit", &s);
         let s = ServiceBuilder::new()
-            .layer(
-                tower_resilience::ratelimiter::RateLimiterLayer::builder()
-                    .limit_for_period(usize::MAX / 4)
-                    .refresh_period(Duration::from_secs(1))
-                    .build()
-                    .unwrap(),
-            )
+            .layer(common::tower_resilience_rate_limiter())
             .service(bare());
         per_second(&mut g, &rt, tasks, "tower-resilience RateLimiter", &s);
         // The pacer (RPM + TPM).

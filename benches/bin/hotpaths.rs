@@ -17,7 +17,7 @@ use common::{bare, once};
 use semaforo::breaker::Breaker;
 use semaforo::bulkhead::Bulkhead;
 use semaforo::pace::{Cost, Pace};
-use semaforo::quota::{Quota, Rate, RateLimit};
+use semaforo::quota::{Quota, Rate};
 use semaforo::retry::Retry;
 use semaforo::timeout::Timeout;
 use std::hint::black_box;
@@ -111,12 +111,7 @@ fn main() {
         ),
         "rate-limit" => run(
             ServiceBuilder::new()
-                .layer(
-                    RateLimit::builder(Rate::new(1_000_000_000, Duration::from_secs(1)))
-                        .build()
-                        .expect("rate limit")
-                        .layer(),
-                )
+                .layer(common::semaforo_rate_limit())
                 .service(bare()),
             calls,
         ),

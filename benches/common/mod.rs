@@ -38,6 +38,27 @@ where
     svc.call(x).now_or_never().expect("completes at once")
 }
 
+/// tower-resilience's rate limiter set never to limit in a bench
+/// (`usize::MAX / 4` calls a second).
+pub fn tower_resilience_rate_limiter() -> tower_resilience::ratelimiter::RateLimiterLayer {
+    tower_resilience::ratelimiter::RateLimiterLayer::builder()
+        .limit_for_period(usize::MAX / 4)
+        .refresh_period(std::time::Duration::from_secs(1))
+        .build()
+        .expect("valid rate limiter")
+}
+
+/// Our one shared GCRA cell at 10⁹ calls a second (never limits in a bench).
+pub fn semaforo_rate_limit() -> semaforo::quota::RateLimitLayer {
+    semaforo::quota::RateLimit::builder(semaforo::quota::Rate::new(
+        1_000_000_000,
+        std::time::Duration::from_secs(1),
+    ))
+    .build()
+    .expect("valid limit")
+    .layer()
+}
+
 /// A current-thread runtime (entered by the caller) for layers that need tokio's clock.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
