@@ -168,42 +168,20 @@ fn own_key(thread: u64, n: u64) -> u64 {
     thread * 1_000 + n % OWN_KEYS
 }
 
-/// Two threads calling `check` with their own numbers (a clone each; a
-/// keyed limiter's own keys, [`own_key`]).
-fn two_keyed(
+/// Two threads, each calling its own caller from `make` with its own keys
+/// ([`own_key`]) in turn.
+fn two_keyed<F: FnMut(u64) + Send + 'static>(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
-    check: impl Fn(u64) -> bool + Clone + Send + 'static,
+    make: impl Fn() -> F,
 ) {
-    g.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            common::two_callers(iters, || {
-                let check = check.clone();
-                let mut n = 0u64;
-                move |k| {
-                    n = n.wrapping_add(1);
-                    black_box(check(own_key(k, n)));
-                }
-            })
-        })
-    });
-}
-
-/// Two threads calling `check` on one limiter (a clone of its `Arc` each).
-fn two_direct(
-    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    name: &str,
-    check: impl Fn() -> bool + Clone + Send + 'static,
-) {
-    g.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            common::two_callers(iters, || {
-                let check = check.clone();
-                move |_| {
-                    black_box(check());
-                }
-            })
-        })
+    common::on_two_callers(g, name, || {
+        let mut call = make();
+        let mut n = 0u64;
+        move |k| {
+            n = n.wrapping_add(1);
+            call(own_key(k, n));
+        }
     });
 }
 
@@ -214,23 +192,25 @@ fn contended(c: &mut Criterion) {
     // governor on its own clock, then on the clock our layers must read
     // (tokio's, pausable): each thread checks its own keys.
     let gov = std::sync::Arc::new(RateLimiter::keyed(GQuota::per_second(big())));
-    let check = move |k: u64| gov.check_key(&k).is_ok();
-    two_keyed(&mut g, "governor keyed check_key", check);
+    two_keyed(&mut g, "governor keyed check_key", || {
+        let gov = gov.clone();
+        move |k| {
+            black_box(gov.check_key(&k).is_ok());
+        }
+    });
     let gov = std::sync::Arc::new(common::governor_tokio_keyed());
-    let check = move |k: u64| gov.check_key(&k).is_ok();
-    two_keyed(&mut g, "governor keyed check_key (tokio clock)", check);
+    two_keyed(&mut g, "governor keyed check_key (tokio clock)", || {
+        let gov = gov.clone();
+        move |k| {
+            black_box(gov.check_key(&k).is_ok());
+        }
+    });
     let (q, plan) = quota();
-    g.bench_function("semaforo Quota layer (call included)", |b| {
-        b.iter_custom(|iters| {
-            common::two_callers(iters, || {
-                let mut s = keyed_by_request(&q, plan);
-                let mut n = 0u64;
-                move |k| {
-                    n = n.wrapping_add(1);
-                    once(&mut s, own_key(k, n));
-                }
-            })
-        })
+    two_keyed(&mut g, "semaforo Quota layer (call included)", || {
+        let mut s = keyed_by_request(&q, plan);
+        move |k| {
+            once(&mut s, k);
+        }
     });
     g.finish();
     // One limit shared by both threads: every call of either passes through
@@ -239,13 +219,21 @@ fn contended(c: &mut Criterion) {
     g.warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
     let gov = std::sync::Arc::new(RateLimiter::direct(GQuota::per_second(big())));
-    two_direct(&mut g, "governor direct check", move || gov.check().is_ok());
+    common::on_two_callers(&mut g, "governor direct check", || {
+        let gov = gov.clone();
+        move |_| {
+            black_box(gov.check().is_ok());
+        }
+    });
     let gov = std::sync::Arc::new(RateLimiter::direct_with_clock(
         GQuota::per_second(big()),
         TokioClock::new(),
     ));
-    two_direct(&mut g, "governor direct check (tokio clock)", move || {
-        gov.check().is_ok()
+    common::on_two_callers(&mut g, "governor direct check (tokio clock)", || {
+        let gov = gov.clone();
+        move |_| {
+            black_box(gov.check().is_ok());
+        }
     });
     let s = ServiceBuilder::new()
         .layer(common::tower_resilience_rate_limiter())

@@ -106,6 +106,16 @@ where
     start.elapsed()
 }
 
+/// A benchmark timed with [`two_callers`]: each thread calls its own caller
+/// from `make`.
+pub fn on_two_callers<F: FnMut(u64) + Send + 'static>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    make: impl Fn() -> F,
+) {
+    g.bench_function(name, |b| b.iter_custom(|iters| two_callers(iters, &make)));
+}
+
 /// A benchmark of two threads calling their own clones of `svc` on its
 /// healthy path (`once`: it answers at once), timed with [`two_callers`].
 pub fn on_two_threads<S>(
@@ -116,15 +126,11 @@ pub fn on_two_threads<S>(
     S: Service<u64, Response = u64> + Clone + Send + 'static,
     S::Error: std::fmt::Debug,
 {
-    g.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            two_callers(iters, || {
-                let mut s = svc.clone();
-                move |k| {
-                    std::hint::black_box(once(&mut s, k));
-                }
-            })
-        })
+    on_two_callers(g, name, || {
+        let mut s = svc.clone();
+        move |k| {
+            std::hint::black_box(once(&mut s, k));
+        }
     });
 }
 
