@@ -5,7 +5,10 @@
 //! fixed after the trial; the timeout one in the docs).
 #![allow(clippy::type_complexity)]
 
+#[path = "support/midnight.rs"]
+mod midnight;
 use futures::{Stream, StreamExt};
+use midnight::secs_to_utc_midnight;
 use semaforo::breaker::{Breaker, BreakerState};
 use semaforo::classify::Class;
 use semaforo::degrade::{self, Signal};
@@ -406,14 +409,6 @@ async fn pace_spend_per_day_refuses_at_once_with_time_until_enough_is_back() {
         ra,
         "admitted at once when retry_after has passed"
     );
-}
-
-fn secs_to_utc_midnight() -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    86_400 - now % 86_400
 }
 
 #[tokio::test(start_paused = true)]

@@ -8,8 +8,11 @@
 //! docs the tests cite.
 #![cfg(feature = "llm")]
 
+#[path = "support/midnight.rs"]
+mod midnight;
 use bytes::Bytes;
 use futures::FutureExt;
+use midnight::secs_to_utc_midnight;
 use semaforo::classify::HttpClassifier;
 use semaforo::pace::{Cost, KeyedPace, Limit, Observed, Pace, Unit};
 use semaforo::BoxError;
@@ -814,14 +817,6 @@ async fn a_spend_debt_is_owed_in_full() {
 }
 
 // ---------------------------------------------- reconcile across midnight
-
-fn secs_to_utc_midnight() -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    86_400 - now % 86_400
-}
 
 /// CHANGELOG:379 / mod.rs:530-540: a calendar window: a call charged
 /// before midnight and reconciled after lands in its own day only: the

@@ -5,13 +5,16 @@
 //! calendar days (tokio time, paused; the wall clock read once at build).
 #![cfg(feature = "llm")]
 
+#[path = "support/midnight.rs"]
+mod midnight;
 use bytes::Bytes;
+use midnight::until_utc_midnight;
 use semaforo::llm::{LlmStack, Price, PriceTable, Profile, Tier};
 use semaforo::pace::{Cost, Limit, Pace, Unit};
 use semaforo::{RejectKind, Rejected};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tower::{Layer, ServiceExt};
 
 /// $1.00 per million input tokens, $2.00 per million output tokens.
@@ -138,15 +141,6 @@ async fn reconciliation_moves_the_dollar_cell_both_ways() {
     let r = Rejected::from_box(&err).unwrap();
     // $0.15 missing at $1.00 a day: 0.15 × 86,400 s.
     assert_eq!(r.retry_after(), Some(Duration::from_secs(12_960)));
-}
-
-/// Seconds until the next midnight UTC, by the wall clock now.
-fn until_utc_midnight() -> f64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    86_400.0 - now % 86_400.0
 }
 
 /// `$1.00` a calendar day (UTC): the call that would exceed it is refused

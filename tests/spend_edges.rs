@@ -1,6 +1,9 @@
 //! At the edges (from an outside attack): spend limits, per-limit max_wait and calendar windows
 //! on the plain pacer (no features).
 
+#[path = "support/midnight.rs"]
+mod midnight;
+use midnight::until_utc_midnight;
 use semaforo::classify::Class;
 use semaforo::pace::{Cost, KeyedPace, Limit, Observed, Pace, Unit};
 use semaforo::{RejectKind, Rejected};
@@ -30,15 +33,6 @@ fn avail(p: &Pace, unit: Unit) -> f64 {
         .find(|d| d.unit == unit)
         .unwrap()
         .available
-}
-
-/// Seconds until the next midnight UTC by the wall clock.
-fn until_utc_midnight() -> f64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    86_400.0 - now % 86_400.0
 }
 
 /// Two limits with their own max_wait: the retry_after must be the time
