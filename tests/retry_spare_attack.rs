@@ -626,3 +626,78 @@ async fn closure_path_retries() {
     assert_eq!(r.unwrap(), 3);
     assert_eq!(n.load(Ordering::SeqCst), 2);
 }
+
+/// A clone shares its original's spare for its first 32 calls, then takes
+/// one of its own: one more clone of the inner service at its 32nd call and
+/// none after (nor on the original's calls); its retries keep working, on
+/// its own copy; everything is let go when the services are dropped.
+#[tokio::test(start_paused = true)]
+async fn a_clone_takes_a_spare_of_its_own_at_its_32nd_call_and_only_then() {
+    let stats = Arc::new(Stats::default());
+    let retry = retry_cfg(3, Duration::ZERO);
+    let mut svc = build(&retry, &stats, 1);
+    assert_eq!(stats.clones.load(Ordering::SeqCst), 1, "the layer's spare");
+    let mut worker = svc.clone();
+    assert_eq!(stats.clones.load(Ordering::SeqCst), 2, "the clone's inner");
+    for call in 1..=31 {
+        assert_eq!(once(&mut worker).await.unwrap(), 1);
+        assert_eq!(stats.clones.load(Ordering::SeqCst), 2, "call {call}");
+    }
+    assert_eq!(once(&mut worker).await.unwrap(), 1);
+    assert_eq!(
+        stats.clones.load(Ordering::SeqCst),
+        3,
+        "its own spare at its 32nd call"
+    );
+    assert_eq!(stats.alive.load(Ordering::SeqCst), 4, "2 inners, 2 spares");
+    for _ in 0..100 {
+        assert_eq!(once(&mut worker).await.unwrap(), 1);
+        assert_eq!(once(&mut svc).await.unwrap(), 1);
+    }
+    assert_eq!(stats.clones.load(Ordering::SeqCst), 3, "and never again");
+    // Its retries: one clone of its own spare each, as before.
+    stats.fail_below.store(2, Ordering::SeqCst);
+    assert_eq!(once(&mut worker).await.unwrap(), 1);
+    assert_eq!(stats.clones.load(Ordering::SeqCst), 4, "one retried call");
+    drop(svc);
+    assert_eq!(once(&mut worker).await.unwrap(), 1, "without its original");
+    drop(worker);
+    assert_eq!(stats.alive.load(Ordering::SeqCst), 0, "nothing kept");
+}
+
+/// A clone made of a clone before the latter has a spare of its own counts
+/// on from where the latter is; after `get_mut` the next call takes a spare
+/// of the changed service whatever the count (a clone's retries go to it).
+#[tokio::test(start_paused = true)]
+async fn a_clone_of_a_clone_counts_on_and_get_mut_still_takes_effect_at_once() {
+    let stats = Arc::new(Stats::default());
+    stats.fail_below.store(2, Ordering::SeqCst);
+    let retry = retry_cfg(3, Duration::ZERO);
+    let svc = build(&retry, &stats, 1);
+    let mut first = svc.clone();
+    for _ in 0..10 {
+        assert_eq!(once(&mut first).await.unwrap(), 1);
+    }
+    let mut second = first.clone();
+    let before = stats.clones.load(Ordering::SeqCst);
+    // 22 calls to go for `second`, each retried once (one clone each).
+    for _ in 0..21 {
+        assert_eq!(once(&mut second).await.unwrap(), 1);
+    }
+    assert_eq!(stats.clones.load(Ordering::SeqCst), before + 21);
+    assert_eq!(once(&mut second).await.unwrap(), 1);
+    assert_eq!(
+        stats.clones.load(Ordering::SeqCst),
+        before + 23,
+        "its 22nd call: its own spare, and the retry's clone"
+    );
+    let mut third = svc.clone();
+    third.get_mut().version = 7;
+    stats.fail_below.store(3, Ordering::SeqCst);
+    assert_eq!(
+        once(&mut third).await.unwrap(),
+        7,
+        "retries reach the change"
+    );
+    assert_eq!(once(&mut first).await.unwrap(), 1);
+}

@@ -239,7 +239,7 @@ impl<S: Clone, C: Clone, P: Clone> Layer<S> for RetryLayer<C, P> {
             inner,
             classify: self.classify.clone(),
             requests: self.requests.clone(),
-            stale: false,
+            own_spare_in: 0,
         }
     }
 }
@@ -287,11 +287,23 @@ impl CallConfig {
     }
 }
 
+/// Calls a clone makes on the spare it shares with the service it was cloned
+/// from before it takes one of its own (see [`RetryService`]).
+const SHARED_SPARE_CALLS: u32 = 32;
+
 /// The service of a [`RetryLayer`].
 ///
 /// The first attempt of a call goes to the service this wraps; its retries
-/// go to a clone of it, taken when the first attempt fails (from a copy
-/// made when the layer wrapped it, refreshed after [`get_mut`](Self::get_mut)).
+/// go to a clone of it, taken when the first attempt fails, from a spare
+/// copy made when the layer wrapped it (refreshed after
+/// [`get_mut`](Self::get_mut)). Every call's future holds that spare (one
+/// `Arc` count up and down a call).
+///
+/// A clone shares its original's spare for its first 32 calls, then takes
+/// one of its own (one allocation and one clone of the inner service, once):
+/// a clone made for a single request (axum and tonic clone the service for
+/// each) costs nothing more, and long-lived clones on different threads (a
+/// worker each) do not contend on one shared count at every call.
 pub struct RetryService<S, C = crate::classify::ErrorClassifier, P = CloneRequests> {
     inner: S,
     /// What `call` reads, copied out of the shared configuration.
@@ -299,8 +311,11 @@ pub struct RetryService<S, C = crate::classify::ErrorClassifier, P = CloneReques
     spare: Arc<Spare<S>>,
     classify: C,
     requests: P,
-    /// `inner` was handed out mutably: the spare copy may differ from it.
-    stale: bool,
+    /// Calls left before this service takes a spare of its own: 0 when it
+    /// has one; a clone starts at [`SHARED_SPARE_CALLS`]; 1 after
+    /// `get_mut` (the spare may differ from `inner`: replaced at the next
+    /// call).
+    own_spare_in: u32,
 }
 
 impl<S: Clone, C: Clone, P: Clone> Clone for RetryService<S, C, P> {
@@ -311,7 +326,10 @@ impl<S: Clone, C: Clone, P: Clone> Clone for RetryService<S, C, P> {
             spare: self.spare.clone(),
             classify: self.classify.clone(),
             requests: self.requests.clone(),
-            stale: self.stale,
+            own_spare_in: match self.own_spare_in {
+                0 => SHARED_SPARE_CALLS,
+                n => n,
+            },
         }
     }
 }
@@ -326,13 +344,14 @@ impl<S: fmt::Debug, C, P> fmt::Debug for RetryService<S, C, P> {
 }
 
 impl<S: Clone, C, P> RetryService<S, C, P> {
-    /// The service was changed through `get_mut`: later retries clone it as
-    /// it is now (a spare of its own; its clones' stay shared).
+    /// A spare of this service's own, a copy of `inner` as it is now: a
+    /// clone's after its first calls, or anyone's after `get_mut` (later
+    /// retries clone the service as changed; its clones keep theirs).
     #[cold]
     #[inline(never)]
-    fn refresh_spare(&mut self) {
+    fn own_spare(&mut self) {
         self.spare = Arc::new(Spare::new(self.spare.shared.clone(), &self.inner));
-        self.stale = false;
+        self.own_spare_in = 0;
     }
 }
 
@@ -345,7 +364,7 @@ impl<S, C, P> RetryService<S, C, P> {
     /// The wrapped service, mutably. Retries of later calls go to clones
     /// of it as changed.
     pub fn get_mut(&mut self) -> &mut S {
-        self.stale = true;
+        self.own_spare_in = 1;
         &mut self.inner
     }
 
@@ -384,8 +403,12 @@ where
         self.requests.on_attempt(&mut req, 1);
         // Boxed: only calls with a deadline pay for (and allocate) the timer.
         let deadline = self.config.deadline.map(deadline_timer);
-        if self.stale {
-            self.refresh_spare();
+        match self.own_spare_in {
+            0 => {}
+            // Counted down once the spare is taken: if the inner service's
+            // clone panics, the next call tries again.
+            1 => self.own_spare(),
+            n => self.own_spare_in = n - 1,
         }
         let retry = backup.map(|backup| Retrying {
             spare: self.spare.clone(),
