@@ -368,10 +368,10 @@ impl StdError for Rejected {
 /// Takes the rejection a refused call's future holds, unsized into a
 /// `BoxError` without boxing it twice (so `Rejected::from_box` finds it); a
 /// future polled again after it answered gets a plain error naming `layer`.
-pub(crate) fn take_rejection(slot: &mut Option<Box<Rejected>>, layer: &str) -> BoxError {
+pub(crate) fn take_rejection(slot: &mut Option<Box<Rejected>>, layer: &'static str) -> BoxError {
     match slot.take() {
         Some(r) => r,
-        None => format!("{layer} future polled after completion").into(),
+        None => polled_after_done(layer),
     }
 }
 

@@ -44,12 +44,20 @@ pub(crate) fn secs_f64(secs: f64) -> Duration {
     Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
 }
 
-/// A duration for people: `0.64 s`, `7 ms`, `3 min 5 s`, `2 h 1 min` —
-/// rounded up at the last digit shown so a positive wait never reads as zero.
+/// A duration for people: `250 ns`, `40 µs`, `0.64 s`, `7 ms`, `3 min 5 s`,
+/// `2 h 1 min` — rounded up at the last digit shown so a positive wait never
+/// reads as zero.
 pub(crate) fn human(d: Duration) -> String {
     let ms = d.as_millis();
     if d.is_zero() {
         return "0 s".into();
+    }
+    if d < Duration::from_micros(1) {
+        return format!("{} ns", d.subsec_nanos());
+    }
+    let us = d.as_nanos().div_ceil(1_000);
+    if us < 1_000 {
+        return format!("{us} µs");
     }
     if ms < 10 {
         // Below 10 ms: whole milliseconds, at least 1.
@@ -129,7 +137,12 @@ mod tests {
     #[test]
     fn human_rounds_up_for_people() {
         assert_eq!(human(Duration::from_nanos(632_159_703)), "0.64 s");
-        assert_eq!(human(Duration::from_nanos(1)), "1 ms");
+        assert_eq!(human(Duration::from_nanos(1)), "1 ns");
+        assert_eq!(human(Duration::from_nanos(999)), "999 ns");
+        assert_eq!(human(Duration::from_nanos(1_001)), "2 µs");
+        assert_eq!(human(Duration::from_micros(250)), "250 µs");
+        assert_eq!(human(Duration::from_nanos(999_001)), "1 ms");
+        assert_eq!(human(Duration::from_nanos(1_000_001)), "2 ms");
         assert_eq!(human(Duration::from_millis(1_632)), "1.64 s");
         assert_eq!(human(Duration::from_millis(1_500)), "1.5 s");
         assert_eq!(human(Duration::from_secs(4)), "4 s");

@@ -89,6 +89,9 @@ pub trait Hold<Res>: crate::sealed::Sealed {
     type Response<G: Guard>;
     /// Attaches `guard` to `res` (or finishes it at once).
     fn hold<G: Guard>(res: Res, guard: G) -> Self::Response<G>;
+    /// Whether the guard rides with the response's body or stream (`false`:
+    /// [`hold`](Self::hold) finishes it at once).
+    const STREAMS: bool = true;
     /// Where a reader of the body leaves a failure it finds in it (the
     /// response's [`BodyFailure`](crate::classify::BodyFailure) extension).
     #[inline]
@@ -108,6 +111,7 @@ impl crate::sealed::Sealed for OnBodyEnd {}
 
 impl<Res> Hold<Res> for OnResponse {
     type Response<G: Guard> = Res;
+    const STREAMS: bool = false;
 
     #[inline]
     fn hold<G: Guard>(res: Res, guard: G) -> Res {

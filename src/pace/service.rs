@@ -684,7 +684,7 @@ where
                 }
                 StateProj::Waiting { waiting } => {
                     let Some(w) = waiting.as_mut() else {
-                        return Poll::Ready(Err("pace future polled after completion".into()));
+                        return Poll::Ready(Err(crate::error::polled_after_done("pace")));
                     };
                     let _in_span = w.span.clone().entered();
                     let now = Instant::now();
@@ -782,7 +782,7 @@ where
                         return Poll::Ready(Err(e.into()));
                     }
                     let Some(req) = w.req.take() else {
-                        return Poll::Ready(Err("pace future polled after completion".into()));
+                        return Poll::Ready(Err(crate::error::polled_after_done("pace")));
                     };
                     let fut = w.svc.call(req);
                     *waiting = None;

@@ -10,13 +10,19 @@
 //!   [`RejectKind::ShuttingDown`](crate::RejectKind::ShuttingDown) at once (with a
 //!   retry-after hint for the load balancer's next pick), and readiness turns false
 //!   the same instant ([`Shutdown::readiness`]), so traffic moves away before
-//!   draining starts.
+//!   draining starts. A caller already waiting for the inner service to be
+//!   ready is woken by the trigger and refused the same way.
 //! - In-flight calls are counted until their response — or, with
 //!   `release_on_stream_end` / `release_on_body_end`, until the streamed body ends.
 //! - [`drain`](Shutdown::drain) waits for them up to a deadline; at the deadline
 //!   the calls still waiting for their response are cancelled (their inner futures
-//!   dropped, the caller answered `ShuttingDown`), and the report counts
-//!   completed, cancelled, refused and released-from-queue calls — each once.
+//!   dropped at their next poll, the caller answered `ShuttingDown`; a future
+//!   nobody polls any more is counted cancelled all the same), and the
+//!   [`DrainReport`] puts each call in flight at the trigger in exactly one of
+//!   completed, cancelled and still streaming, and counts the calls refused
+//!   after it. Waiters released from a watched line are also counted apart
+//!   (`queued_released`): those that came through this layer are among the
+//!   completed too.
 //! - Lines registered with [`watch`](Shutdown::watch) — a bulkhead's, a
 //!   pacer's, a quota's wait mode, the Redis semaphore's and budget's, or any
 //!   [`Close`] of yours — are closed at the trigger: their waiting callers are
@@ -82,8 +88,14 @@ pub(crate) struct Shared {
     pub(crate) cancelled: AtomicU64,
     pub(crate) rejected: AtomicU64,
     released: AtomicU64,
+    /// Counts now riding with a streamed response (its body or stream):
+    /// the rest of `in_flight` is waiting for a response.
+    pub(crate) streaming: AtomicU64,
     pub(crate) idle: Notify,
+    /// Cancelled at the drain deadline.
     pub(crate) cancel: CancellationToken,
+    /// Cancelled at the trigger: wakes callers waiting for readiness.
+    pub(crate) stop: CancellationToken,
     ready: watch::Sender<bool>,
     /// The lines closed at the trigger.
     lines: Mutex<Lines>,
@@ -141,14 +153,22 @@ pub struct DrainReport {
     /// their caller let go of them: a client that disconnects during the
     /// drain counts here, the call no longer holds anything).
     pub completed: u64,
-    /// Calls cut at the deadline.
+    /// Calls cut at the deadline: still waiting for their response (answered
+    /// `ShuttingDown` at their next poll, or dropped unpolled), or event
+    /// streams ended with the drain event (`DRAIN_EVENT`, feature `http`).
     pub cancelled: u64,
     /// Calls refused after the trigger.
     pub rejected: u64,
-    /// Callers waiting in a watched bulkhead's or pacer's line, answered `ShuttingDown`.
+    /// Callers waiting in a watched line (a bulkhead's, a pacer's, any
+    /// [`Close`]) answered `ShuttingDown` at the trigger. Not a part of the
+    /// partition above: those that came through this layer are counted in
+    /// `completed` as well (their call ended with that answer).
     pub queued_released: u64,
     /// Streamed bodies still open after the deadline (not cut: use
     /// `cut_bodies_at_deadline`; they are counted when the client lets go).
+    /// Only responses followed to their end (`release_on_stream_end`,
+    /// `release_on_body_end`, `cut_bodies_at_deadline`) stream: a call
+    /// still waiting for its response is never here.
     pub still_streaming: u64,
 }
 
@@ -181,8 +201,10 @@ impl Shutdown {
                 cancelled: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
                 released: AtomicU64::new(0),
+                streaming: AtomicU64::new(0),
                 idle: Notify::new(),
                 cancel: CancellationToken::new(),
+                stop: CancellationToken::new(),
                 ready: watch::Sender::new(true),
                 lines: Mutex::new(Lines::default()),
                 retry_after,
@@ -245,6 +267,7 @@ impl Shutdown {
             return;
         }
         self.shared.ready.send_replace(false);
+        self.shared.stop.cancel();
         self.shared.emit(EventKind::Shutdown {
             phase: ShutdownPhase::Draining,
         });
@@ -323,12 +346,29 @@ impl Shutdown {
                 ShutdownPhase::Drained
             },
         });
+        // Still counted after the unwind: open streams, and calls cut while
+        // waiting for their response whose futures were not polled since
+        // (they answer `ShuttingDown` at their next poll, and are counted
+        // cancelled then or when dropped: in this report already).
+        let (open, streaming) = if cut {
+            let open = self.in_flight();
+            (
+                open,
+                self.shared.streaming.load(Ordering::Acquire).min(open),
+            )
+        } else {
+            (0, 0)
+        };
         DrainReport {
             completed: self.shared.completed.load(Ordering::Acquire),
-            cancelled: self.shared.cancelled.load(Ordering::Acquire),
+            cancelled: self
+                .shared
+                .cancelled
+                .load(Ordering::Acquire)
+                .saturating_add(open - streaming),
             rejected: self.shared.rejected.load(Ordering::Acquire),
             queued_released: self.shared.released.load(Ordering::Acquire),
-            still_streaming: if cut { self.in_flight() } else { 0 },
+            still_streaming: streaming,
         }
     }
 }

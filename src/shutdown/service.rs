@@ -7,6 +7,7 @@ use pin_project::pin_project;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,7 +20,27 @@ use tower_service::Service;
 #[derive(Debug)]
 pub struct InFlight {
     shared: Arc<Shared>,
+    /// Cut at the drain deadline (a call waiting for its response, a body
+    /// ended with the drain event).
     cancelled: bool,
+    /// Its response has arrived.
+    answered: bool,
+    /// It rides with the response's body or stream (counted in
+    /// `Shared::streaming`).
+    streaming: bool,
+}
+
+impl InFlight {
+    /// The response arrived; the count rides with its body or stream from
+    /// now on if `streams`.
+    #[inline]
+    fn answered(&mut self, streams: bool) {
+        self.answered = true;
+        if streams {
+            self.streaming = true;
+            self.shared.streaming.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Drop for InFlight {
@@ -30,11 +51,18 @@ impl Drop for InFlight {
     /// the look at `in_flight`): either this end sees the trigger, or the
     /// drain sees this end.
     fn drop(&mut self) {
+        if self.streaming {
+            self.shared.streaming.fetch_sub(1, Ordering::AcqRel);
+        }
         let before = self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         if !self.shared.triggered.load(Ordering::SeqCst) {
             return;
         }
-        let counter = if self.cancelled {
+        // A call still waiting for its response when the deadline passed is
+        // cut, whether its future is polled again (answered `ShuttingDown`)
+        // or dropped unpolled.
+        let cut = self.cancelled || (!self.answered && self.shared.cancel.is_cancelled());
+        let counter = if cut {
             &self.shared.cancelled
         } else {
             &self.shared.completed
@@ -122,6 +150,7 @@ impl<S, R> Layer<S> for ShutdownLayer<R> {
         ShutdownService {
             inner,
             shared: self.shared.clone(),
+            stop: None,
             _hold: PhantomData,
         }
     }
@@ -131,6 +160,11 @@ impl<S, R> Layer<S> for ShutdownLayer<R> {
 pub struct ShutdownService<S, R = OnResponse> {
     inner: S,
     shared: Arc<Shared>,
+    /// The trigger, waited for while the inner service is not ready (armed
+    /// the first time it is not). Asserted unwind safe (tokio's wait is
+    /// not marked so): a panic leaves it a wait to poll again, no more, and
+    /// the service stays as unwind safe as its inner one.
+    stop: Option<AssertUnwindSafe<Pin<Box<WaitForCancellationFutureOwned>>>>,
     _hold: PhantomData<fn() -> R>,
 }
 
@@ -139,6 +173,7 @@ impl<S: Clone, R> Clone for ShutdownService<S, R> {
         ShutdownService {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            stop: None,
             _hold: PhantomData,
         }
     }
@@ -157,12 +192,16 @@ impl<S: fmt::Debug, R> fmt::Debug for ShutdownService<S, R> {
 pub trait HoldInFlight<Res>: crate::sealed::Sealed {
     /// What the caller receives.
     type Response;
+    /// Whether the count rides with the response's body or stream (`false`:
+    /// it ends at the response).
+    const STREAMS: bool = true;
     /// Attaches the count to the response.
     fn hold(res: Res, in_flight: InFlight) -> Self::Response;
 }
 
 impl<Res, H: Hold<Res>> HoldInFlight<Res> for H {
     type Response = H::Response<InFlight>;
+    const STREAMS: bool = H::STREAMS;
     fn hold(res: Res, in_flight: InFlight) -> Self::Response {
         H::hold(res, in_flight)
     }
@@ -285,8 +324,25 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<S::Future, R>;
 
+    /// The inner service's readiness until the trigger; from the trigger on,
+    /// ready at once (the call is refused without touching the inner
+    /// service), and a caller waiting for the inner service to be ready is
+    /// woken by the trigger to be refused.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        if self.shared.triggered.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(r) => Poll::Ready(r.map_err(Into::into)),
+            Poll::Pending => {
+                let shared = &self.shared;
+                let stop = self.stop.get_or_insert_with(|| {
+                    AssertUnwindSafe(Box::pin(shared.stop.clone().cancelled_owned()))
+                });
+                ready!(stop.as_mut().poll(cx));
+                Poll::Ready(Ok(()))
+            }
+        }
     }
 
     #[inline]
@@ -308,6 +364,8 @@ where
         let in_flight = InFlight {
             shared: self.shared.clone(),
             cancelled: false,
+            answered: false,
+            streaming: false,
         };
         ResponseFuture {
             state: State::Running {
@@ -372,8 +430,12 @@ where
 {
     type Output = Result<R::Response, BoxError>;
 
+    /// Once it has answered (or been cut), the inner future is dropped —
+    /// with whatever it holds — before the call leaves the count, and a
+    /// later poll answers an error.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
+        let mut state = self.project().state;
+        match state.as_mut().project() {
             StateProj::Rejected { rejected } => {
                 Poll::Ready(Err(crate::error::take_rejection(rejected, "shutdown")))
             }
@@ -382,17 +444,17 @@ where
                 in_flight,
                 cancelled,
             } => {
-                // The guard goes with the answer (or the cancellation):
-                // without it, the call is over (its future is not resumed).
-                if in_flight.is_none() {
-                    return Poll::Ready(Err(crate::error::polled_after_done("shutdown")));
-                }
                 if let Poll::Ready(result) = fut.poll(cx) {
-                    let Some(guard) = in_flight.take() else {
+                    let guard = in_flight.take();
+                    state.set(State::Rejected { rejected: None });
+                    let Some(mut guard) = guard else {
                         return Poll::Ready(Err(crate::error::polled_after_done("shutdown")));
                     };
                     return Poll::Ready(match result {
-                        Ok(res) => Ok(R::hold(res, guard)),
+                        Ok(res) => {
+                            guard.answered(R::STREAMS);
+                            Ok(R::hold(res, guard))
+                        }
                         Err(e) => Err(e.into()),
                     });
                 }
@@ -403,7 +465,9 @@ where
                     .get_or_insert_with(|| Box::pin(guard.shared.cancel.clone().cancelled_owned()));
                 ready!(wait.as_mut().poll(cx));
                 // The drain deadline passed: give up on the inner call.
-                if let Some(mut g) = in_flight.take() {
+                let guard = in_flight.take();
+                state.set(State::Rejected { rejected: None });
+                if let Some(mut g) = guard {
                     g.cancelled = true;
                 }
                 Poll::Ready(Err(Rejected::new("shutdown", RejectKind::ShuttingDown)

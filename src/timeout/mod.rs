@@ -25,7 +25,7 @@
 //!
 //! Expiry is a [`Rejected`](crate::Rejected) of kind
 //! [`Timeout`](crate::RejectKind::Timeout) (classified `Transient`) whose text
-//! names the limit ("timeout 'openai': timed out (no progress for 1200s)"); inside a
+//! names the limit ("timeout 'openai': timed out (no progress for 20 min)"); inside a
 //! stream it arrives as the stream's last item, an `Err`, so layers above (a
 //! bulkhead holding its permit, a breaker recording at the end) see a failure.
 //!

@@ -20,12 +20,15 @@ pub trait Timed<Res>: crate::sealed::Sealed {
     /// What the caller receives.
     type Response;
     /// Wraps the response under the limits that still apply; `started` is when
-    /// the call began (`None`: it answered at its first poll, i.e. now).
+    /// the call began (`None`: it answered at its first poll, i.e. now);
+    /// `request_deadline`: `total` is the request's own limit (see
+    /// [`TimeoutLayer::per_request`]), named so when it expires.
     fn wrap(
         res: Res,
         limits: Limits,
         started: Option<Instant>,
         obs: Option<Arc<Observer>>,
+        request_deadline: bool,
     ) -> Self::Response;
 }
 
@@ -41,7 +44,7 @@ impl crate::sealed::Sealed for WholeBody {}
 impl<Res> Timed<Res> for Whole {
     type Response = Res;
     #[inline]
-    fn wrap(res: Res, _: Limits, _: Option<Instant>, _: Option<Arc<Observer>>) -> Res {
+    fn wrap(res: Res, _: Limits, _: Option<Instant>, _: Option<Arc<Observer>>, _: bool) -> Res {
         res
     }
 }
@@ -62,9 +65,10 @@ where
         limits: Limits,
         started: Option<Instant>,
         obs: Option<Arc<Observer>>,
+        request_deadline: bool,
     ) -> Tapped<S, Deadlines> {
         let started = started.unwrap_or_else(Instant::now);
-        Tapped::new(res, Deadlines::new(limits, started, obs))
+        Tapped::new(res, Deadlines::new(limits, started, obs, request_deadline))
     }
 }
 
@@ -86,9 +90,10 @@ where
         limits: Limits,
         started: Option<Instant>,
         obs: Option<Arc<Observer>>,
+        request_deadline: bool,
     ) -> Self::Response {
         let started = started.unwrap_or_else(Instant::now);
-        res.map(|b| Tapped::body(b, Deadlines::new(limits, started, obs)))
+        res.map(|b| Tapped::body(b, Deadlines::new(limits, started, obs, request_deadline)))
     }
 }
 
@@ -276,23 +281,25 @@ where
             .limit(&req)
             .is_some_and(|own| limits.tighten_total(Packed::nanos(Some(own))));
         ResponseFuture {
-            fut: self.inner.call(req),
+            fut: Some(self.inner.call(req)),
             sleep: None,
             limits,
             started: None,
             obs: self.obs.clone(),
             request_deadline: own,
-            done: false,
             _mode: PhantomData,
         }
     }
 }
 
-/// The response future of [`TimeoutService`].
+/// The response future of [`TimeoutService`]. Once it has answered (the
+/// response, or the timeout), the inner future is dropped — with whatever
+/// it holds — and a later poll answers an error.
 #[pin_project]
 pub struct ResponseFuture<F, M> {
+    /// `None` once answered.
     #[pin]
-    fut: F,
+    fut: Option<F>,
     /// Armed at the first `Pending`: a call that answers at once reads no clock
     /// and registers no timer (the limit counts from that first poll).
     sleep: Option<Pin<Box<Sleep>>>,
@@ -302,8 +309,6 @@ pub struct ResponseFuture<F, M> {
     obs: Option<Arc<Observer>>,
     /// `total` is the request's own limit (named "request deadline").
     request_deadline: bool,
-    /// Answered: polled again, an error (the timeout is not reported twice).
-    done: bool,
     _mode: PhantomData<fn() -> M>,
 }
 
@@ -323,18 +328,20 @@ where
     type Output = Result<M::Response, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if *this.done {
+        let mut this = self.project();
+        // Answered: polled again, an error (the timeout is not reported twice).
+        let Some(fut) = this.fut.as_mut().as_pin_mut() else {
             return Poll::Ready(Err(crate::error::polled_after_done("timeout")));
-        }
-        if let Poll::Ready(result) = this.fut.poll(cx) {
-            *this.done = true;
+        };
+        if let Poll::Ready(result) = fut.poll(cx) {
+            this.fut.set(None);
             return Poll::Ready(match result {
                 Ok(res) => Ok(M::wrap(
                     res,
                     this.limits.limits(),
                     *this.started,
                     this.obs.clone(),
+                    *this.request_deadline,
                 )),
                 Err(e) => Err(e.into()),
             });
@@ -356,7 +363,10 @@ where
                     .with_name_opt(this.obs.as_ref().and_then(|o| o.name.as_ref()))
                     .with_detail(format!("{which} {}", crate::time::Human(d)));
                 super::timed::observe(this.obs.as_deref(), &r);
-                *this.done = true;
+                // Given up: the inner call goes now, not when the caller
+                // lets go of this future.
+                this.fut.set(None);
+                *this.sleep = None;
                 return Poll::Ready(Err(r.into()));
             }
         }

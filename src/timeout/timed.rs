@@ -25,12 +25,22 @@ enum Expired {
     FirstChunk(Duration),
     Idle(Duration),
     Total(Duration),
+    /// `total` tightened by the request's own limit.
+    RequestDeadline(Duration),
 }
 
 /// The [`Tap`] of a timeout that follows a streamed answer
 /// (`Tapped<S, Deadlines>`): the first-chunk, idle and total deadlines of one
 /// response. A deadline that passes while the stream waits yields one `Err` (a
 /// [`Rejected`] of kind `Timeout`, classified `Transient`) and ends the stream.
+///
+/// The deadlines are looked at when the stream is polled, after the
+/// upstream (as `tokio::time::timeout` does): an item the upstream has ready
+/// by then is handed over even if the poll comes after a deadline, and
+/// counts as progress. A stream polled late cannot tell an upstream that
+/// stalled from a reader (or a runtime) that was slow, and a slow reader
+/// must not lose an item that came in time; a stream that still has nothing
+/// when polled past its deadline ends at once.
 ///
 /// The timer is boxed (one allocation per streamed response) so the tapped
 /// stream stays `Unpin` when the inner one is: `.next().await` just works.
@@ -44,10 +54,17 @@ pub struct Deadlines {
     last_progress: Instant,
     got_first: bool,
     obs: Option<Arc<Observer>>,
+    /// `total` is the request's own limit ("request deadline").
+    request_deadline: bool,
 }
 
 impl Deadlines {
-    pub(crate) fn new(limits: Limits, started: Instant, obs: Option<Arc<Observer>>) -> Self {
+    pub(crate) fn new(
+        limits: Limits,
+        started: Instant,
+        obs: Option<Arc<Observer>>,
+        request_deadline: bool,
+    ) -> Self {
         let now = Instant::now();
         let total_at = limits.total.map(|t| crate::time::after(started, t));
         let first = [
@@ -68,6 +85,7 @@ impl Deadlines {
             last_progress: now,
             got_first: false,
             obs,
+            request_deadline,
         }
     }
 
@@ -82,10 +100,14 @@ impl Deadlines {
                 .map(|d| (d, Expired::FirstChunk(d)))
         };
         let gap = gap.map(|(d, e)| (crate::time::after(self.last_progress, d), e));
-        let total = self
-            .total_at
-            .zip(self.limits.total)
-            .map(|(at, d)| (at, Expired::Total(d)));
+        let total = self.total_at.zip(self.limits.total).map(|(at, d)| {
+            let what = if self.request_deadline {
+                Expired::RequestDeadline(d)
+            } else {
+                Expired::Total(d)
+            };
+            (at, what)
+        });
         match (gap, total) {
             (Some(g), Some(t)) => Some(if t.0 <= g.0 { t } else { g }),
             (g, t) => g.or(t),
@@ -129,6 +151,7 @@ fn timeout_error(obs: Option<&Arc<Observer>>, what: Expired) -> BoxError {
         Expired::FirstChunk(d) => format!("no first chunk within {}", crate::time::Human(d)),
         Expired::Idle(d) => format!("no progress for {}", crate::time::Human(d)),
         Expired::Total(d) => format!("total {}", crate::time::Human(d)),
+        Expired::RequestDeadline(d) => format!("request deadline {}", crate::time::Human(d)),
     };
     let r = Rejected::new("timeout", RejectKind::Timeout)
         .with_name_opt(obs.and_then(|o| o.name.as_ref()))
