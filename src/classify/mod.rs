@@ -51,7 +51,7 @@ use std::time::Duration;
 /// |---|---|---|---|
 /// | `Success` | no | success | reconcile |
 /// | `Throttled` | after `retry_after` | **not** a failure | pause everyone |
-/// | `Overloaded` | backoff (×1.5) | failure | — |
+/// | `Overloaded` | backoff (its own multiplier with [`Backoff::overloaded`](crate::backoff::BackoffBuilder::overloaded)), or its `retry_after` | failure | — |
 /// | `Transient` | backoff | failure | — |
 /// | `Infrastructure` | backoff | failure | — |
 /// | `Permanent` | never | **not** a failure | — |

@@ -6,9 +6,17 @@
 //! `1 / ratio`, so a small ratio truncates (tower#857) — 0.01 behaves like 0 or
 //! like "unlimited" depending on traffic. Here the arithmetic is in `f64`.
 //!
-//! Cost: every request is one relaxed `fetch_add` on a counter stripe of its
-//! thread's own (cores do not share it); the clock is read and the lock taken
-//! only when a retry asks to withdraw.
+//! Cost: every request is one add on a counter stripe of its thread's own
+//! (cores do not share it); the clock is read and the lock taken when a retry
+//! asks to withdraw, and at one request in 32 of a thread (a sample of the
+//! count, skipped if the lock is busy).
+//!
+//! How many requests the window holds is read from samples of the count:
+//! exact between two samples, and between the newest sample before the
+//! window and the first one in it, the requests are taken as spread evenly
+//! over that span. The samples at a thread's 1st, 33rd, 65th … request keep
+//! that span short once traffic comes back after a quiet spell (without
+//! them, 100 requests after a quiet 100 s read as 10 in a 10 s window).
 
 use crate::striped::StripedCount;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +25,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 const BUCKETS: usize = 10;
+
+/// A thread samples the request count at its 1st request of every this many.
+const SAMPLE_EVERY: u64 = 32;
 
 /// A retry budget shared by every clone of a retry layer (and, if you pass the
 /// same `Arc<RetryBudget>` to several layers, by all of them).
@@ -97,7 +108,70 @@ impl RetryBudget {
     /// Counts one original request (not a retry).
     #[inline]
     pub fn deposit(&self) {
-        self.requests.add_one();
+        if self.requests.add_one() % SAMPLE_EVERY == 1 {
+            self.sample();
+        }
+    }
+
+    /// Samples the count as it was before the request that asks (skipped if
+    /// another thread holds the lock: a sample is a hint, never waited for).
+    #[cold]
+    #[inline(never)]
+    fn sample(&self) {
+        let mut st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        let before = self.requests.sum().saturating_sub(1);
+        self.record(&mut st, Instant::now(), before);
+    }
+
+    /// Forgets the samples no window needs any more (all but the newest one
+    /// at least `window` old) and keeps `(now, count)` if the newest sample
+    /// is a bucket old.
+    fn record(&self, st: &mut State, now: Instant, count: u64) {
+        let horizon = now.checked_sub(self.window);
+        let keep_from = st
+            .samples
+            .iter()
+            .rposition(|(t, _)| horizon.is_none_or(|h| *t <= h))
+            .unwrap_or(0);
+        st.samples.drain(..keep_from);
+        let bucket_len = self.window / BUCKETS as u32;
+        if st
+            .samples
+            .last()
+            .is_none_or(|(t, _)| now.saturating_duration_since(*t) >= bucket_len)
+        {
+            st.samples.push((now, count));
+        }
+    }
+
+    /// Requests in the window ending `now` (see the module docs): exact
+    /// after the first sample in it, spread evenly before that.
+    fn recent(&self, st: &State, now: Instant, total: u64) -> f64 {
+        let Some(&(t0, c0)) = st.samples.first() else {
+            return total as f64;
+        };
+        let horizon = now.checked_sub(self.window);
+        let after = total.saturating_sub(c0) as f64;
+        let span = now.saturating_duration_since(t0);
+        if span <= self.window {
+            return after;
+        }
+        // The first sample in the window: what came after it is in it; of
+        // what came between `t0` and it, the share of that span in the window.
+        match (st.samples.get(1), horizon) {
+            (Some(&(t1, c1)), Some(h)) if t1 > h => {
+                let inside = total.saturating_sub(c1) as f64;
+                let between = c1.saturating_sub(c0) as f64;
+                let share = t1.saturating_duration_since(h).as_secs_f64()
+                    / t1.saturating_duration_since(t0).as_secs_f64();
+                inside + between * share
+            }
+            _ => after * self.window.as_secs_f64() / span.as_secs_f64(),
+        }
     }
 
     /// Asks for one retry; `false` when the budget is spent.
@@ -108,9 +182,8 @@ impl RetryBudget {
         let bucket_len = self.window / BUCKETS as u32;
         let bucket = (now.saturating_duration_since(st.epoch).as_nanos()
             / bucket_len.as_nanos().max(1)) as u64;
-
-        // Requests in the window: since the newest sample at least `window` old
-        // (scaled down to the window when that sample is older still).
+        // Samples before the window dropped first (the anchor is the newest
+        // one at least `window` old), then the estimate, then this sample.
         let horizon = now.checked_sub(self.window);
         let keep_from = st
             .samples
@@ -118,19 +191,8 @@ impl RetryBudget {
             .rposition(|(t, _)| horizon.is_none_or(|h| *t <= h))
             .unwrap_or(0);
         st.samples.drain(..keep_from);
-        let (t0, c0) = st.samples[0];
-        let elapsed = now.saturating_duration_since(t0);
-        let mut recent = (total - c0) as f64;
-        if elapsed > self.window {
-            recent *= self.window.as_secs_f64() / elapsed.as_secs_f64();
-        }
-        if st
-            .samples
-            .last()
-            .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= bucket_len)
-        {
-            st.samples.push((now, total));
-        }
+        let recent = self.recent(&st, now, total);
+        self.record(&mut st, now, total);
 
         let oldest_bucket = (bucket + 1).saturating_sub(BUCKETS as u64);
         let spent: u64 = st
@@ -203,6 +265,36 @@ mod tests {
         // 100 requests over 100 s → 10 in a 10 s window → 5 retries.
         let granted = (0..50).filter(|_| b.try_withdraw()).count();
         assert_eq!(granted, 5);
+    }
+
+    /// The case an outside trial found: 100 requests after a quiet 100 s
+    /// are 100 in the 10 s window (20 retries at 20 %), not 10.
+    #[tokio::test(start_paused = true)]
+    async fn requests_after_a_quiet_spell_count_whole() {
+        let b = RetryBudget::new(0.2, 0.0, Duration::from_secs(10)).unwrap();
+        tokio::time::advance(Duration::from_secs(100)).await;
+        for _ in 0..100 {
+            b.deposit();
+        }
+        let granted = (0..100).filter(|_| b.try_withdraw()).count();
+        assert_eq!(granted, 20);
+    }
+
+    /// Samples stay a window's worth, however long nobody withdraws.
+    #[tokio::test(start_paused = true)]
+    async fn samples_stay_bounded_without_withdrawals() {
+        let b = RetryBudget::new(0.2, 0.0, Duration::from_secs(10)).unwrap();
+        for _ in 0..10_000 {
+            for _ in 0..SAMPLE_EVERY {
+                b.deposit();
+            }
+            tokio::time::advance(Duration::from_millis(50)).await;
+        }
+        let n = b.state.lock().unwrap().samples.len();
+        assert!(n <= BUCKETS + 2, "{n} samples");
+        // 32 requests every 50 ms: 6,400 in a 10 s window, 1,280 retries.
+        let granted = (0..2_000).filter(|_| b.try_withdraw()).count();
+        assert!((1_270..=1_280).contains(&granted), "{granted}");
     }
 
     #[test]

@@ -13,15 +13,16 @@
 //! |---|---|
 //! | `Success` | return it |
 //! | `Permanent` | return it at once, never retried |
-//! | `Throttled` | wait `max(retry_after, backoff)`; a `retry_after` above the ceiling (default 60 s) is returned at once, with that `retry_after` attached ([`RetryAfterTooLong`]), instead of sleeping for an hour |
-//! | `Overloaded`, `Transient`, `Infrastructure` | backoff (per-class multipliers from [`Backoff`]) |
+//! | `Throttled` | wait `max(retry_after, backoff)`; a `retry_after` above the ceiling (default 60 s) is returned at once, with that `retry_after` attached ([`RetryAfterTooLong`]), instead of sleeping for an hour (when no attempt is left, the answer is returned as it came) |
+//! | `Overloaded`, `Transient`, `Infrastructure` | backoff (per-class multipliers from [`Backoff`]); an `Overloaded` with a `retry_after` (a `503` with `Retry-After`, a breaker's open refusal) is waited like `Throttled`'s, ceiling included |
 //!
 //! - `max_attempts` counts every attempt (default 3). A total `deadline` bounds
 //!   the whole call: no sleep ends past it, no attempt starts with less than
 //!   `min_attempt_time` left, and a running attempt is cut at it
 //!   ([`RejectKind::Timeout`]).
 //! - A [`RetryBudget`] shared by every clone caps retries at a ratio of recent
-//!   requests (default 20 % over 10 s) plus a floor (default 1/s): a failing
+//!   requests (default 20 % over 10 s) plus a floor (default 1/s of the
+//!   window: 10 in any 10 s, usable at once): a failing
 //!   upstream sees at most ~1.2× its normal load, not 3×. When it is spent the
 //!   last real result is returned, not a new error, and counted.
 //! - Retrying needs a copy of the request: `Req: Clone`, or your own
@@ -112,10 +113,11 @@ pub use crate::error::RetryAfterTooLong;
 
 /// What the layer decided after one attempt.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Decision {
+pub(crate) enum Decision<T> {
     Return,
     TooLong(Duration),
-    Retry(Duration),
+    /// After this delay, with this request.
+    Retry(Duration, T),
 }
 
 pub(crate) struct Shared {
@@ -145,14 +147,18 @@ impl fmt::Debug for Shared {
 impl Shared {
     /// The decision after attempt `attempt` (1-based) ended in `class`.
     /// `left` is the time left before the deadline, if there is one.
-    pub(crate) fn decide<R: rand::Rng + ?Sized>(
+    /// `next`: the request of the next attempt, asked for once every other
+    /// rule allows a retry, before the budget is drawn on or the retry
+    /// counted (`None`, no copy: the result is returned as it is).
+    pub(crate) fn decide<R: rand::Rng + ?Sized, T>(
         &self,
         class: &Class,
         attempt: u32,
         prev_delay: Duration,
         left: Option<Duration>,
         rng: &mut R,
-    ) -> Decision {
+        next: impl FnOnce() -> Option<T>,
+    ) -> Decision<T> {
         if !class.is_retryable() || attempt >= self.max_attempts {
             return Decision::Return;
         }
@@ -173,6 +179,9 @@ impl Shared {
                 return Decision::Return;
             }
         }
+        let Some(req) = next() else {
+            return Decision::Return;
+        };
         if let Some(b) = &self.budget {
             if !b.try_withdraw() {
                 self.gave_up_budget.fetch_add(1, Ordering::Relaxed);
@@ -195,7 +204,7 @@ impl Shared {
                 delay,
             },
         );
-        Decision::Retry(delay)
+        Decision::Retry(delay, req)
     }
 }
 
@@ -271,7 +280,8 @@ impl RetryBuilder {
         self
     }
 
-    /// The most a call may take, all attempts and waits included.
+    /// The most a call may take, all attempts and waits included; more than
+    /// zero ([`build`](Self::build) refuses zero: no call could answer).
     pub fn deadline(mut self, total: Duration) -> Self {
         self.deadline = Some(total);
         self
@@ -284,7 +294,9 @@ impl RetryBuilder {
     }
 
     /// Share this budget (across layers too). Default: a budget of its own,
-    /// 20 % of the last 10 s of requests plus 1 retry per second.
+    /// 20 % of the last 10 s of requests plus a floor of 1 retry per second
+    /// of the window — 10 retries in any 10 s, which a burst of failures
+    /// may take at once.
     pub fn budget(mut self, budget: Arc<RetryBudget>) -> Self {
         self.budget = BudgetChoice::Shared(budget);
         self
@@ -300,13 +312,20 @@ impl RetryBuilder {
     ///
     /// # Errors
     ///
-    /// A [`ConfigError`] on `max_attempts` 0.
+    /// A [`ConfigError`] on `max_attempts` 0 or a zero `deadline`.
     pub fn build(self) -> Result<Retry, ConfigError> {
         if self.max_attempts == 0 {
             return Err(ConfigError::new(
                 "retry",
                 "max_attempts",
                 "must be at least 1",
+            ));
+        }
+        if self.deadline == Some(Duration::ZERO) {
+            return Err(ConfigError::new(
+                "retry",
+                "deadline",
+                "must be more than zero (no call could answer in time)",
             ));
         }
         let backoff = match self.backoff {

@@ -402,7 +402,10 @@ where
         };
         self.requests.on_attempt(&mut req, 1);
         // Boxed: only calls with a deadline pay for (and allocate) the timer.
-        let deadline = self.config.deadline.map(deadline_timer);
+        let deadline = self
+            .config
+            .deadline
+            .map(|d| deadline_timer(d, &self.spare.shared));
         match self.own_spare_in {
             0 => {}
             // Counted down once the spare is taken: if the inner service's
@@ -437,10 +440,22 @@ fn deposit(shared: &Shared) {
     }
 }
 
+/// A call's overall deadline: its timer, and the layer to name when it
+/// passes (a call that is never retried holds no other way to it).
+#[pin_project]
+struct Deadline {
+    #[pin]
+    sleep: Sleep,
+    shared: Arc<Shared>,
+}
+
 /// The timer of a call's overall deadline, out of line (as [`deposit`]).
 #[inline(never)]
-fn deadline_timer(d: Duration) -> Pin<Box<Sleep>> {
-    Box::pin(tokio::time::sleep(d))
+fn deadline_timer(d: Duration, shared: &Arc<Shared>) -> Pin<Box<Deadline>> {
+    Box::pin(Deadline {
+        sleep: tokio::time::sleep(d),
+        shared: shared.clone(),
+    })
 }
 
 /// What a retryable call keeps between attempts.
@@ -457,7 +472,7 @@ struct Retrying<S, Req, P> {
     /// (and moves, and drops) none of it — the inner service's clone
     /// included, which would otherwise sit in every call's future (and be
     /// copied with it through every layer above).
-    backing_off: Option<Box<BackingOff<S>>>,
+    backing_off: Option<Box<BackingOff<S, Req>>>,
 }
 
 /// The response future of [`RetryService`].
@@ -466,7 +481,7 @@ pub struct ResponseFuture<S: Service<Req>, Req, C, P> {
     #[pin]
     fut: Option<S::Future>,
     retry: Option<Retrying<S, Req, P>>,
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Pin<Box<Deadline>>>,
     classify: C,
     _req: PhantomData<fn(Req)>,
 }
@@ -478,12 +493,17 @@ impl<S: Service<Req>, Req, C, P> fmt::Debug for ResponseFuture<S, Req, C, P> {
     }
 }
 
-/// The decision after `retry`'s latest attempt ended in `class`.
-fn decide<S, Req, P>(
-    retry: &Retrying<S, Req, P>,
+/// The decision after `retry`'s latest attempt ended in `class`, with the
+/// request of the next attempt if it is a retry: the kept copy itself for
+/// the last attempt, a copy of it before (a policy that cannot copy it
+/// ends the call with its last result).
+fn decide<S, Req, P: RequestPolicy<Req>>(
+    retry: &mut Retrying<S, Req, P>,
     class: &crate::classify::Class,
     left: Option<Duration>,
-) -> Decision {
+) -> Decision<Req> {
+    let last = retry.attempt.saturating_add(1) >= retry.spare.shared.max_attempts;
+    let (backup, requests) = (&mut retry.backup, &mut retry.requests);
     retry.spare.shared.decide(
         class,
         retry.attempt,
@@ -493,6 +513,13 @@ fn decide<S, Req, P>(
             .map_or(Duration::ZERO, |b| b.prev_delay),
         left,
         &mut rand::rng(),
+        || {
+            if last {
+                backup.take()
+            } else {
+                backup.as_ref().and_then(|b| requests.clone_request(b))
+            }
+        },
     )
 }
 
@@ -514,21 +541,24 @@ fn too_long<S, Req, P>(
 /// delay (decorrelated jitter grows from it), the `semaforo.retry` span and
 /// the service of the retries (cloned from the spare at the first one, once
 /// the backoff is over).
-struct BackingOff<S> {
+struct BackingOff<S, Req> {
     sleep: Pin<Box<Sleep>>,
     prev_delay: Duration,
     span: tracing::Span,
     svc: Option<S>,
+    /// The request of the attempt due (decided with the retry).
+    next: Option<Req>,
 }
 
-/// Counts the next attempt and arms the backoff timer (allocated at the
-/// first retry, with the span).
-fn start_sleep<S, Req, P>(retry: &mut Retrying<S, Req, P>, delay: Duration) {
+/// Counts the next attempt, keeps its request and arms the backoff timer
+/// (allocated at the first retry, with the span).
+fn start_sleep<S, Req, P>(retry: &mut Retrying<S, Req, P>, delay: Duration, next: Req) {
     retry.attempt += 1;
     retry.due = true;
     match retry.backing_off.as_mut() {
         Some(b) => {
             b.prev_delay = delay;
+            b.next = Some(next);
             b.sleep
                 .as_mut()
                 .reset(crate::time::after(Instant::now(), delay));
@@ -539,22 +569,24 @@ fn start_sleep<S, Req, P>(retry: &mut Retrying<S, Req, P>, delay: Duration) {
                 prev_delay: delay,
                 span: retry.spare.shared.obs.span("retry", "retry"),
                 svc: None,
+                next: Some(next),
             }))
         }
     }
 }
 
-fn deadline_error(shared: Option<&Arc<Shared>>, total: Option<Duration>) -> BoxError {
-    let mut r = Rejected::new("retry", RejectKind::Timeout);
-    if let Some(s) = shared {
-        r = r.with_name_opt(s.obs.name.as_ref());
-    }
-    if let Some(t) = total {
-        r = r.with_detail(format!("deadline {}", crate::time::Human(t)));
-    }
-    if let Some(s) = shared {
-        s.obs.rejected(&r);
-    }
+/// The call's deadline passed (`why`: more than its length, if any), named
+/// and told.
+fn deadline_error(shared: &Shared, why: Option<&str>) -> BoxError {
+    let total = crate::time::Human(shared.deadline.unwrap_or_default());
+    let detail = match why {
+        Some(why) => format!("deadline {total}: {why}"),
+        None => format!("deadline {total}"),
+    };
+    let r = Rejected::new("retry", RejectKind::Timeout)
+        .with_name_opt(shared.obs.name.as_ref())
+        .with_detail(detail);
+    shared.obs.rejected(&r);
     r.into()
 }
 
@@ -630,10 +662,8 @@ where
         }
         loop {
             if let Some(d) = this.deadline.as_mut() {
-                if d.as_mut().poll(cx).is_ready() {
-                    let shared = this.retry.as_ref().map(|r| &r.spare.shared);
-                    let total = shared.and_then(|s| s.deadline);
-                    let e = deadline_error(shared, total);
+                if d.as_mut().project().sleep.poll(cx).is_ready() {
+                    let e = deadline_error(&d.shared, None);
                     // Answered: no later poll reports the deadline again.
                     *this.deadline = None;
                     this.fut.set(None);
@@ -660,7 +690,7 @@ where
                 let left = this
                     .deadline
                     .as_ref()
-                    .map(|d| d.deadline().saturating_duration_since(Instant::now()));
+                    .map(|d| d.sleep.deadline().saturating_duration_since(Instant::now()));
                 match decide(retry, &class, left) {
                     Decision::Return => return Done(Poll::Ready(result.map_err(Into::into))),
                     Decision::TooLong(retry_after) => {
@@ -668,8 +698,8 @@ where
                             result.map_err(|e| too_long(retry, retry_after, e)),
                         ))
                     }
-                    Decision::Retry(delay) => {
-                        start_sleep(retry, delay);
+                    Decision::Retry(delay, next) => {
+                        start_sleep(retry, delay, next);
                         if !in_span {
                             return Step::EnterSpan;
                         }
@@ -696,19 +726,26 @@ where
                 }
                 Poll::Ready(Ok(())) => {}
             }
-            let mut req = if retry.attempt >= retry.spare.shared.max_attempts {
-                retry.backup.take()
-            } else {
-                retry
-                    .backup
-                    .as_ref()
-                    .and_then(|b| retry.requests.clone_request(b))
-            };
-            let Some(mut req) = req.take() else {
+            // Ready, perhaps long after the backoff: an attempt starts only
+            // with `min_attempt_time` left before the deadline.
+            if let Some(d) = this.deadline.as_ref() {
+                let shared = &d.shared;
+                let left = d.sleep.deadline().saturating_duration_since(Instant::now());
+                if left < shared.min_attempt_time {
+                    let why = format!(
+                        "{} left, less than the {} an attempt needs",
+                        crate::time::Human(left),
+                        crate::time::Human(shared.min_attempt_time)
+                    );
+                    let e = deadline_error(shared, Some(&why));
+                    retry.due = false;
+                    *this.deadline = None;
+                    return Done(Poll::Ready(Err(e)));
+                }
+            }
+            let Some(mut req) = b.next.take() else {
                 retry.due = false;
-                return Done(Poll::Ready(Err(
-                    "retry: the request could not be copied".into()
-                )));
+                return Done(Poll::Ready(Err(crate::error::polled_after_done("retry"))));
             };
             retry.requests.on_attempt(&mut req, retry.attempt);
             let fut = svc.call(req);
