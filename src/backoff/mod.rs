@@ -240,8 +240,14 @@ fn to_duration(secs: f64, cap: Duration) -> Duration {
     if micros >= cap.as_micros() as f64 {
         return cap;
     }
-    // micros < cap in µs, so it fits a u64.
-    Duration::from_micros(micros as u64).min(cap)
+    if micros < u64::MAX as f64 {
+        // Below 2⁶⁴ µs: exact in a u64.
+        Duration::from_micros(micros as u64).min(cap)
+    } else {
+        // Beyond 584,942 years an f64 holds no microseconds anyway: the
+        // seconds as they are (not the u64 µs limit, which is below `secs`).
+        crate::time::secs_f64(secs).min(cap)
+    }
 }
 
 impl Backoff {

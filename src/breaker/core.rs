@@ -115,10 +115,12 @@ impl fmt::Debug for Config {
 struct Inner {
     open_until: Instant,
     reopens: u32,
-    probes_in_flight: u32,
+    /// The probes running: their number and when each was let through,
+    /// oldest first.
+    probes: Vec<(u32, Instant)>,
+    /// The number of the next probe.
+    next_probe: u32,
     probe_successes: u32,
-    /// When the latest probe was let through.
-    last_probe_at: Instant,
     since: Instant,
     rng: SmallRng,
 }
@@ -151,8 +153,17 @@ struct Announce(());
 pub(crate) struct Ticket {
     pub(crate) gen: u32,
     pub(crate) probe: bool,
+    /// A probe's number (its entry in `Inner::probes`); 0 for other calls.
+    pub(crate) probe_no: u32,
     /// Record the outcome (false when disabled).
     pub(crate) record: bool,
+}
+
+/// Probe places taken: running probes and probes that succeeded.
+fn probes_taken(inner: &Inner) -> u32 {
+    u32::try_from(inner.probes.len())
+        .unwrap_or(u32::MAX)
+        .saturating_add(inner.probe_successes)
 }
 
 impl Shared {
@@ -169,9 +180,9 @@ impl Shared {
             inner: Mutex::new(Inner {
                 open_until: now,
                 reopens: 0,
-                probes_in_flight: 0,
+                probes: Vec::new(),
+                next_probe: 0,
                 probe_successes: 0,
-                last_probe_at: now,
                 since: now,
                 rng,
             }),
@@ -219,6 +230,7 @@ impl Shared {
             return Ok(Ticket {
                 gen: gen_of(w),
                 probe: false,
+                probe_no: 0,
                 record: true,
             });
         }
@@ -247,6 +259,7 @@ impl Shared {
                 return Ok(Ok(Ticket {
                     gen: gen_of(w),
                     probe: false,
+                    probe_no: 0,
                     record: false,
                 }))
             }
@@ -260,6 +273,7 @@ impl Shared {
             return Ok(Ok(Ticket {
                 gen: gen_of(w),
                 probe: false,
+                probe_no: 0,
                 record: true,
             }));
         }
@@ -274,6 +288,7 @@ impl Shared {
             CLOSED => Ok(Ticket {
                 gen: gen_of(w),
                 probe: false,
+                probe_no: 0,
                 record: true,
             }),
             OPEN if now < inner.open_until => {
@@ -281,6 +296,7 @@ impl Shared {
                     Ok(Ticket {
                         gen: gen_of(w),
                         probe: false,
+                        probe_no: 0,
                         record: true,
                     })
                 } else {
@@ -289,7 +305,7 @@ impl Shared {
             }
             _ => {
                 let w = if w & STATE_MASK == OPEN {
-                    inner.probes_in_flight = 0;
+                    inner.probes.clear();
                     inner.probe_successes = 0;
                     self.transition(
                         &mut inner,
@@ -302,23 +318,33 @@ impl Shared {
                 } else {
                     w
                 };
-                let probes_due = crate::time::after(inner.last_probe_at, self.cfg.open_for);
-                if inner.probes_in_flight + inner.probe_successes < self.cfg.probes {
-                    inner.probes_in_flight += 1;
-                    inner.last_probe_at = now;
+                // When the oldest running probe has had its `open_for`: past
+                // it, the upstream is taken as hung, free places or not (new
+                // probes would only hang behind it).
+                let probes_due = inner
+                    .probes
+                    .first()
+                    .map(|(_, at)| crate::time::after(*at, self.cfg.open_for));
+                let hung = probes_due.is_some_and(|due| now >= due);
+                if !hung && probes_taken(&inner) < self.cfg.probes {
+                    let no = inner.next_probe;
+                    inner.next_probe = no.wrapping_add(1);
+                    inner.probes.push((no, now));
                     Ok(Ticket {
                         gen: gen_of(w),
                         probe: true,
+                        probe_no: no,
                         record: true,
                     })
                 } else if pass {
                     Ok(Ticket {
                         gen: gen_of(w),
                         probe: false,
+                        probe_no: 0,
                         record: true,
                     })
-                } else if inner.probes_in_flight > 0 && now >= probes_due {
-                    // The probes outlived `open_for`: a hung upstream. Count it
+                } else if hung {
+                    // A probe outlived `open_for`: a hung upstream. Count it
                     // as a failed probe and open again, so that recovery goes on
                     // (their late results belong to an old generation).
                     inner.reopens = inner.reopens.saturating_add(1);
@@ -331,7 +357,7 @@ impl Shared {
                     );
                     Err(Some(inner.open_until.saturating_duration_since(now)))
                 } else {
-                    Err(Some(probes_due.saturating_duration_since(now)))
+                    Err(probes_due.map(|due| due.saturating_duration_since(now)))
                 }
             }
         };
@@ -477,6 +503,8 @@ impl Shared {
         if let Some(win) = &self.window {
             let now = win.needs_clock().then(Instant::now);
             win.record(failed, slow, now);
+            // The rates are looked at after a failure or a slow call only:
+            // a success never opens the breaker.
             if trip.is_none() && (failed || slow) {
                 trip = self.rate_trip(win.counts(now));
             }
@@ -521,7 +549,7 @@ impl Shared {
         if gen_of(w) != t.gen || w & STATE_MASK != HALF_OPEN {
             return;
         }
-        inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+        inner.probes.retain(|(no, _)| *no != t.probe_no);
         // A probe admitted before `disable` or `force_open`: its place
         // freed, nothing moved.
         if !runs(w) {
@@ -560,7 +588,7 @@ impl Shared {
         let mut inner = self.lock();
         let w = self.word.load(Ordering::Acquire);
         if gen_of(w) == t.gen && w & STATE_MASK == HALF_OPEN {
-            inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+            inner.probes.retain(|(no, _)| *no != t.probe_no);
         }
     }
 
@@ -605,7 +633,7 @@ impl Shared {
         let mut inner = self.lock();
         let w = self.word.load(Ordering::Acquire);
         inner.reopens = 0;
-        inner.probes_in_flight = 0;
+        inner.probes.clear();
         inner.probe_successes = 0;
         self.consecutive.store(0, Ordering::Relaxed);
         if let Some(win) = &self.window {
@@ -644,7 +672,7 @@ impl Shared {
         // Both of `admit_slow`'s refusals: every place taken (and, past
         // `open_for`, a hung probe reopens the breaker: refused too).
         let inner = self.lock();
-        inner.probes_in_flight + inner.probe_successes >= self.cfg.probes
+        probes_taken(&inner) >= self.cfg.probes
     }
 
     pub(crate) fn is_normal(&self) -> bool {

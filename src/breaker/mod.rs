@@ -9,7 +9,12 @@
 //!
 //! - **Trip policies**, any combination: consecutive failures; failure rate over
 //!   a sliding window (last N calls, or the last T split in buckets) once it
-//!   holds `min_calls`; slow-call rate (calls longer than a threshold).
+//!   holds `min_calls`; slow-call rate (calls longer than a threshold). The
+//!   rates are looked at when a failure or a slow call is recorded, never on
+//!   a success (as Polly's advanced breaker; Resilience4j looks after every
+//!   call): a window whose `min_calls`-th call is a success stays closed at
+//!   the threshold, and its next failure opens it — the latest answer was
+//!   good.
 //! - **Open**: calls fail at once with [`RejectKind::CircuitOpen`] and a
 //!   `retry_after` = time until half-open; no inner call. The open time can grow
 //!   on consecutive re-opens (capped) and take jitter so a fleet of instances does
@@ -234,7 +239,8 @@ impl BreakerBuilder {
         self
     }
 
-    /// Open when failures ÷ calls in the window reach `rate` (0 < rate ≤ 1).
+    /// Open when failures ÷ calls in the window reach `rate` (0 < rate ≤ 1),
+    /// looked at when a failure is recorded (never on a success).
     pub fn failure_rate(mut self, rate: f64) -> Self {
         self.failure_rate = Some(rate);
         self
@@ -290,13 +296,12 @@ impl BreakerBuilder {
     }
 
     /// Probe calls let through when half-open; that many successes close it
-    /// (default 1). Probes still running `open_for` after the latest of them
-    /// was let through no longer block recovery: the next call re-opens the
-    /// breaker (counted as a failed probe), and half-open starts again with
-    /// fresh probes after the open time. (With several probes, a hung one is
-    /// found at most `probes × open_for` after it started.) A probe whose
-    /// future is dropped frees its slot and counts nothing. Calls refused while the probes run carry a `retry_after`
-    /// (when the probes' time is up).
+    /// (default 1). A probe still running `open_for` after it was let through
+    /// is taken as a hung upstream: the next call re-opens the breaker
+    /// (counted as a failed probe; no more probes are sent behind it), and
+    /// half-open starts again with fresh probes after the open time. A probe whose future is dropped frees its place and counts
+    /// nothing. Calls refused while the probes run carry a `retry_after`
+    /// (when the oldest running probe's time is up).
     pub fn half_open_probes(mut self, n: u32) -> Self {
         self.probes = n;
         self
