@@ -196,12 +196,16 @@ impl TimeoutBuilder {
     }
 
     /// From the response to its first chunk (default: the idle limit).
+    /// Applies only to a response followed to its end
+    /// ([`TimeoutLayer::until_stream_end`], [`TimeoutLayer::until_body_end`]).
     pub fn first_chunk(mut self, d: Duration) -> Self {
         self.limits.first_chunk = Some(d);
         self
     }
 
-    /// The longest gap between two chunks ("no progress").
+    /// The longest gap between two chunks ("no progress"). Applies only to
+    /// a response followed to its end ([`TimeoutLayer::until_stream_end`],
+    /// [`TimeoutLayer::until_body_end`]).
     pub fn idle(mut self, d: Duration) -> Self {
         self.limits.idle = Some(d);
         self
@@ -269,9 +273,11 @@ impl Timeout {
 
     crate::closure::call_method!("timeout");
 
-    /// A layer for plain responses: `attempt` and `total` bound the call.
-    /// Use [`TimeoutLayer::until_stream_end`] or [`TimeoutLayer::until_body_end`] to follow a
-    /// streamed answer to its end.
+    /// A layer for plain responses: `attempt` and `total` bound the call (to
+    /// the response). Use [`TimeoutLayer::until_stream_end`] or
+    /// [`TimeoutLayer::until_body_end`] to follow a streamed answer to its
+    /// end: `first_chunk` and `idle` apply only there — a `Timeout` with
+    /// only those limits bounds nothing through this layer as it is.
     pub fn layer(&self) -> TimeoutLayer<Whole> {
         TimeoutLayer::new(self.limits, self.obs.clone())
     }
