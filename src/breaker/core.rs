@@ -148,15 +148,63 @@ pub(crate) struct Shared {
 #[must_use = "announce the transitions once the lock is released"]
 struct Announce(());
 
-/// What admission decided for one call.
+/// What admission decided for one call: the generation it was admitted in,
+/// and what it is — one word, so every call's future stays as small as it
+/// was with two flags.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ticket {
     pub(crate) gen: u32,
-    pub(crate) probe: bool,
-    /// A probe's number (its entry in `Inner::probes`); 0 for other calls.
-    pub(crate) probe_no: u32,
-    /// Record the outcome (false when disabled).
-    pub(crate) record: bool,
+    /// [`Ticket::PLAIN`], [`Ticket::UNRECORDED`], or a probe's number + 1
+    /// (its entry in `Inner::probes`).
+    kind: u32,
+}
+
+impl Ticket {
+    /// A call whose outcome is recorded (not a probe).
+    const PLAIN: u32 = 0;
+    /// A call whose outcome is not recorded (the breaker is disabled).
+    const UNRECORDED: u32 = u32::MAX;
+
+    fn plain(gen: u32) -> Self {
+        Ticket {
+            gen,
+            kind: Self::PLAIN,
+        }
+    }
+
+    fn unrecorded(gen: u32) -> Self {
+        Ticket {
+            gen,
+            kind: Self::UNRECORDED,
+        }
+    }
+
+    /// Probe number `no` (below `u32::MAX - 1`: probe numbers wrap there).
+    fn probe(gen: u32, no: u32) -> Self {
+        Ticket { gen, kind: no + 1 }
+    }
+
+    /// A half-open probe holding a place.
+    pub(crate) fn is_probe(&self) -> bool {
+        self.kind != Self::PLAIN && self.kind != Self::UNRECORDED
+    }
+
+    /// The probe's number (meaningful for a probe only).
+    fn probe_no(&self) -> u32 {
+        self.kind.wrapping_sub(1)
+    }
+
+    /// Its outcome is recorded.
+    fn records(&self) -> bool {
+        self.kind != Self::UNRECORDED
+    }
+
+    /// Recorded already: no place to give back when its future is dropped.
+    pub(crate) fn settle(&mut self) {
+        if self.is_probe() {
+            self.kind = Self::PLAIN;
+        }
+    }
 }
 
 /// Probe places taken: running probes and probes that succeeded.
@@ -227,12 +275,7 @@ impl Shared {
     pub(crate) fn admit(&self) -> Result<Ticket, Rejected> {
         let w = self.word.load(Ordering::Acquire);
         if w & (STATE_MASK | MODE_MASK) == CLOSED {
-            return Ok(Ticket {
-                gen: gen_of(w),
-                probe: false,
-                probe_no: 0,
-                record: true,
-            });
+            return Ok(Ticket::plain(gen_of(w)));
         }
         self.admit_slow(w)
     }
@@ -255,14 +298,7 @@ impl Shared {
     fn admit_in_mode(&self, w: u32) -> Result<Result<Ticket, Rejected>, u32> {
         let mode = mode_of(w);
         match mode {
-            Mode::Disabled => {
-                return Ok(Ok(Ticket {
-                    gen: gen_of(w),
-                    probe: false,
-                    probe_no: 0,
-                    record: false,
-                }))
-            }
+            Mode::Disabled => return Ok(Ok(Ticket::unrecorded(gen_of(w)))),
             Mode::ForcedOpen => {
                 return Ok(Err(self.rejection(None).with_detail("forced open")));
             }
@@ -270,12 +306,7 @@ impl Shared {
         }
         let pass = mode == Mode::MetricsOnly;
         if pass && w & STATE_MASK == CLOSED {
-            return Ok(Ok(Ticket {
-                gen: gen_of(w),
-                probe: false,
-                probe_no: 0,
-                record: true,
-            }));
+            return Ok(Ok(Ticket::plain(gen_of(w))));
         }
         let mut inner = self.lock();
         let w = self.word.load(Ordering::Acquire);
@@ -285,20 +316,10 @@ impl Shared {
         let now = Instant::now();
         let mut news = Announce::default();
         let decision = match w & STATE_MASK {
-            CLOSED => Ok(Ticket {
-                gen: gen_of(w),
-                probe: false,
-                probe_no: 0,
-                record: true,
-            }),
+            CLOSED => Ok(Ticket::plain(gen_of(w))),
             OPEN if now < inner.open_until => {
                 if pass {
-                    Ok(Ticket {
-                        gen: gen_of(w),
-                        probe: false,
-                        probe_no: 0,
-                        record: true,
-                    })
+                    Ok(Ticket::plain(gen_of(w)))
                 } else {
                     Err(Some(inner.open_until - now))
                 }
@@ -328,21 +349,11 @@ impl Shared {
                 let hung = probes_due.is_some_and(|due| now >= due);
                 if !hung && probes_taken(&inner) < self.cfg.probes {
                     let no = inner.next_probe;
-                    inner.next_probe = no.wrapping_add(1);
+                    inner.next_probe = (no + 1) % (u32::MAX - 1);
                     inner.probes.push((no, now));
-                    Ok(Ticket {
-                        gen: gen_of(w),
-                        probe: true,
-                        probe_no: no,
-                        record: true,
-                    })
+                    Ok(Ticket::probe(gen_of(w), no))
                 } else if pass {
-                    Ok(Ticket {
-                        gen: gen_of(w),
-                        probe: false,
-                        probe_no: 0,
-                        record: true,
-                    })
+                    Ok(Ticket::plain(gen_of(w)))
                 } else if hung {
                     // A probe outlived `open_for`: a hung upstream. Count it
                     // as a failed probe and open again, so that recovery goes on
@@ -478,12 +489,12 @@ impl Shared {
     /// is one load (and a store only if it ends a failure run).
     #[inline]
     pub(crate) fn record(&self, t: Ticket, class: &Class, elapsed: Option<Duration>) {
-        if !t.record {
+        if !t.records() {
             return;
         }
         let failed = self.is_failure(class);
         let slow = self.is_slow(elapsed);
-        if t.probe {
+        if t.is_probe() {
             return self.record_probe(t, failed || slow);
         }
         let w = self.word.load(Ordering::Acquire);
@@ -549,7 +560,7 @@ impl Shared {
         if gen_of(w) != t.gen || w & STATE_MASK != HALF_OPEN {
             return;
         }
-        inner.probes.retain(|(no, _)| *no != t.probe_no);
+        inner.probes.retain(|(no, _)| *no != t.probe_no());
         // A probe admitted before `disable` or `force_open`: its place
         // freed, nothing moved.
         if !runs(w) {
@@ -588,7 +599,7 @@ impl Shared {
         let mut inner = self.lock();
         let w = self.word.load(Ordering::Acquire);
         if gen_of(w) == t.gen && w & STATE_MASK == HALF_OPEN {
-            inner.probes.retain(|(no, _)| *no != t.probe_no);
+            inner.probes.retain(|(no, _)| *no != t.probe_no());
         }
     }
 

@@ -203,13 +203,13 @@ impl Call {
             );
         }
         self.shared.record(self.ticket, class, elapsed);
-        self.ticket.probe = false; // recorded: nothing to give back on drop
+        self.ticket.settle(); // recorded: nothing to give back on drop
     }
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
-        if self.ticket.probe {
+        if self.ticket.is_probe() {
             self.shared.abandon_probe(self.ticket);
         }
     }

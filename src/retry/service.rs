@@ -402,10 +402,7 @@ where
         };
         self.requests.on_attempt(&mut req, 1);
         // Boxed: only calls with a deadline pay for (and allocate) the timer.
-        let deadline = self
-            .config
-            .deadline
-            .map(|d| deadline_timer(d, &self.spare.shared));
+        let deadline = self.config.deadline.map(deadline_timer);
         match self.own_spare_in {
             0 => {}
             // Counted down once the spare is taken: if the inner service's
@@ -413,9 +410,11 @@ where
             1 => self.own_spare(),
             n => self.own_spare_in = n - 1,
         }
-        let retry = backup.map(|backup| Retrying {
+        // A call with a deadline keeps the layer at hand (its refusal names
+        // the layer) even if its request is not retried (`backup` none).
+        let retry = (backup.is_some() || deadline.is_some()).then(|| Retrying {
             spare: self.spare.clone(),
-            backup: Some(backup),
+            backup,
             requests: self.requests.clone(),
             attempt: 1,
             due: false,
@@ -440,27 +439,17 @@ fn deposit(shared: &Shared) {
     }
 }
 
-/// A call's overall deadline: its timer, and the layer to name when it
-/// passes (a call that is never retried holds no other way to it).
-#[pin_project]
-struct Deadline {
-    #[pin]
-    sleep: Sleep,
-    shared: Arc<Shared>,
-}
-
 /// The timer of a call's overall deadline, out of line (as [`deposit`]).
 #[inline(never)]
-fn deadline_timer(d: Duration, shared: &Arc<Shared>) -> Pin<Box<Deadline>> {
-    Box::pin(Deadline {
-        sleep: tokio::time::sleep(d),
-        shared: shared.clone(),
-    })
+fn deadline_timer(d: Duration) -> Pin<Box<Sleep>> {
+    Box::pin(tokio::time::sleep(d))
 }
 
-/// What a retryable call keeps between attempts.
+/// What a retryable call keeps between attempts (and a call with a
+/// deadline, for the layer's name).
 struct Retrying<S, Req, P> {
     spare: Arc<Spare<S>>,
+    /// The request's copy: `None` from the start when it is not retried.
     backup: Option<Req>,
     requests: P,
     attempt: u32,
@@ -481,7 +470,7 @@ pub struct ResponseFuture<S: Service<Req>, Req, C, P> {
     #[pin]
     fut: Option<S::Future>,
     retry: Option<Retrying<S, Req, P>>,
-    deadline: Option<Pin<Box<Deadline>>>,
+    deadline: Option<Pin<Box<Sleep>>>,
     classify: C,
     _req: PhantomData<fn(Req)>,
 }
@@ -576,8 +565,11 @@ fn start_sleep<S, Req, P>(retry: &mut Retrying<S, Req, P>, delay: Duration, next
 }
 
 /// The call's deadline passed (`why`: more than its length, if any), named
-/// and told.
-fn deadline_error(shared: &Shared, why: Option<&str>) -> BoxError {
+/// and told. (Every call with a deadline keeps `Retrying`, hence `shared`.)
+fn deadline_error(shared: Option<&Shared>, why: Option<&str>) -> BoxError {
+    let Some(shared) = shared else {
+        return Rejected::new("retry", RejectKind::Timeout).into();
+    };
     let total = crate::time::Human(shared.deadline.unwrap_or_default());
     let detail = match why {
         Some(why) => format!("deadline {total}: {why}"),
@@ -662,8 +654,9 @@ where
         }
         loop {
             if let Some(d) = this.deadline.as_mut() {
-                if d.as_mut().project().sleep.poll(cx).is_ready() {
-                    let e = deadline_error(&d.shared, None);
+                if d.as_mut().poll(cx).is_ready() {
+                    let shared = this.retry.as_ref().map(|r| &*r.spare.shared);
+                    let e = deadline_error(shared, None);
                     // Answered: no later poll reports the deadline again.
                     *this.deadline = None;
                     this.fut.set(None);
@@ -676,7 +669,13 @@ where
                     return Done(Poll::Pending);
                 };
                 this.fut.set(None);
-                let Some(retry) = this.retry.as_mut() else {
+                // Not retried (no copy of the request): returned as it came,
+                // unclassified.
+                let Some(retry) = this
+                    .retry
+                    .as_mut()
+                    .filter(|r| r.backup.is_some() || r.backing_off.is_some())
+                else {
                     return Done(Poll::Ready(result.map_err(Into::into)));
                 };
                 let class = this
@@ -690,7 +689,7 @@ where
                 let left = this
                     .deadline
                     .as_ref()
-                    .map(|d| d.sleep.deadline().saturating_duration_since(Instant::now()));
+                    .map(|d| d.deadline().saturating_duration_since(Instant::now()));
                 match decide(retry, &class, left) {
                     Decision::Return => return Done(Poll::Ready(result.map_err(Into::into))),
                     Decision::TooLong(retry_after) => {
@@ -729,15 +728,15 @@ where
             // Ready, perhaps long after the backoff: an attempt starts only
             // with `min_attempt_time` left before the deadline.
             if let Some(d) = this.deadline.as_ref() {
-                let shared = &d.shared;
-                let left = d.sleep.deadline().saturating_duration_since(Instant::now());
+                let shared = &retry.spare.shared;
+                let left = d.deadline().saturating_duration_since(Instant::now());
                 if left < shared.min_attempt_time {
                     let why = format!(
                         "{} left, less than the {} an attempt needs",
                         crate::time::Human(left),
                         crate::time::Human(shared.min_attempt_time)
                     );
-                    let e = deadline_error(shared, Some(&why));
+                    let e = deadline_error(Some(shared), Some(&why));
                     retry.due = false;
                     *this.deadline = None;
                     return Done(Poll::Ready(Err(e)));

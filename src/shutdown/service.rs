@@ -20,26 +20,38 @@ use tower_service::Service;
 #[derive(Debug)]
 pub struct InFlight {
     shared: Arc<Shared>,
-    /// Cut at the drain deadline (a call waiting for its response, a body
-    /// ended with the drain event).
-    cancelled: bool,
-    /// Its response has arrived.
-    answered: bool,
-    /// It rides with the response's body or stream (counted in
-    /// `Shared::streaming`).
-    streaming: bool,
+    /// [`InFlight::CUT`], [`InFlight::ANSWERED`], [`InFlight::STREAMING`]
+    /// (one byte: the guard rides in every call's future).
+    flags: u8,
 }
 
 impl InFlight {
+    /// Cut at the drain deadline (a call waiting for its response, a body
+    /// ended with the drain event).
+    const CUT: u8 = 1;
+    /// Its response has arrived.
+    const ANSWERED: u8 = 2;
+    /// It rides with the response's body or stream (counted in
+    /// `Shared::streaming`).
+    const STREAMING: u8 = 4;
+
     /// The response arrived; the count rides with its body or stream from
     /// now on if `streams`.
     #[inline]
     fn answered(&mut self, streams: bool) {
-        self.answered = true;
+        self.flags |= Self::ANSWERED;
         if streams {
-            self.streaming = true;
+            self.flags |= Self::STREAMING;
             self.shared.streaming.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    fn cut(&mut self) {
+        self.flags |= Self::CUT;
+    }
+
+    fn is(&self, flag: u8) -> bool {
+        self.flags & flag != 0
     }
 }
 
@@ -51,7 +63,7 @@ impl Drop for InFlight {
     /// the look at `in_flight`): either this end sees the trigger, or the
     /// drain sees this end.
     fn drop(&mut self) {
-        if self.streaming {
+        if self.is(Self::STREAMING) {
             self.shared.streaming.fetch_sub(1, Ordering::AcqRel);
         }
         let before = self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -61,7 +73,8 @@ impl Drop for InFlight {
         // A call still waiting for its response when the deadline passed is
         // cut, whether its future is polled again (answered `ShuttingDown`)
         // or dropped unpolled.
-        let cut = self.cancelled || (!self.answered && self.shared.cancel.is_cancelled());
+        let cut =
+            self.is(Self::CUT) || (!self.is(Self::ANSWERED) && self.shared.cancel.is_cancelled());
         let counter = if cut {
             &self.shared.cancelled
         } else {
@@ -267,7 +280,7 @@ pub struct DrainCut {
 impl fmt::Debug for DrainCut {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DrainCut")
-            .field("cut", &self.in_flight.cancelled)
+            .field("cut", &self.in_flight.is(InFlight::CUT))
             .finish_non_exhaustive()
     }
 }
@@ -307,7 +320,7 @@ impl<E> Tap<http_body::Frame<bytes::Bytes>, E> for DrainCut {
             .get_or_insert_with(|| Box::pin(shared.cancel.clone().cancelled_owned()));
         ready!(wait.as_mut().poll(cx));
         // Counted as cancelled when the tap is told the end (just after).
-        self.in_flight.cancelled = true;
+        self.in_flight.cut();
         Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
             DRAIN_EVENT.as_bytes(),
         )))))
@@ -363,9 +376,7 @@ where
         }
         let in_flight = InFlight {
             shared: self.shared.clone(),
-            cancelled: false,
-            answered: false,
-            streaming: false,
+            flags: 0,
         };
         ResponseFuture {
             state: State::Running {
@@ -430,9 +441,9 @@ where
 {
     type Output = Result<R::Response, BoxError>;
 
-    /// Once it has answered (or been cut), the inner future is dropped —
-    /// with whatever it holds — before the call leaves the count, and a
-    /// later poll answers an error.
+    /// Cut at the drain deadline, the inner future is dropped — with
+    /// whatever it holds — before the call leaves the count; answered or
+    /// cut, a later poll answers an error.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
         match state.as_mut().project() {
@@ -444,10 +455,13 @@ where
                 in_flight,
                 cancelled,
             } => {
+                // The guard goes with the answer: without it, the call is
+                // over (its future, answered, is not resumed).
+                if in_flight.is_none() {
+                    return Poll::Ready(Err(crate::error::polled_after_done("shutdown")));
+                }
                 if let Poll::Ready(result) = fut.poll(cx) {
-                    let guard = in_flight.take();
-                    state.set(State::Rejected { rejected: None });
-                    let Some(mut guard) = guard else {
+                    let Some(mut guard) = in_flight.take() else {
                         return Poll::Ready(Err(crate::error::polled_after_done("shutdown")));
                     };
                     return Poll::Ready(match result {
@@ -464,11 +478,12 @@ where
                 let wait = cancelled
                     .get_or_insert_with(|| Box::pin(guard.shared.cancel.clone().cancelled_owned()));
                 ready!(wait.as_mut().poll(cx));
-                // The drain deadline passed: give up on the inner call.
+                // The drain deadline passed: give up on the inner call, and
+                // drop it now (what it holds is let go of with the answer).
                 let guard = in_flight.take();
                 state.set(State::Rejected { rejected: None });
                 if let Some(mut g) = guard {
-                    g.cancelled = true;
+                    g.cut();
                 }
                 Poll::Ready(Err(Rejected::new("shutdown", RejectKind::ShuttingDown)
                     .with_detail("cancelled at the drain deadline")
