@@ -17,6 +17,13 @@
 //! that much; what the layers decide (a start instant, a `retry_after`,
 //! whether a wait fits `max_wait`) is exact to the nanosecond.
 //!
+//! A layer that gives up on a call still running below it — a timeout, the
+//! drain deadline's cut, a retry's deadline — drops the inner future when it
+//! answers, with whatever that future holds (a permit, a connection): not
+//! when the caller lets go of the answered future. A future polled again
+//! after its answer answers an error and resumes nothing. A completed inner
+//! future goes with the layer's own future, as in tower's layers.
+//!
 //! | module | what it does |
 //! |---|---|
 //! | [`classify`] | the [`Class`](classify::Class) of a result (`Throttled`, `Overloaded`, `Transient`, `Infrastructure`, `Permanent`), HTTP and LLM-provider classifiers, rate-limit headers |

@@ -68,12 +68,15 @@ pub(crate) fn human(d: Duration) -> String {
     if secs < 60 {
         // Hundredths of a second, rounded up.
         let cs = d.as_nanos().div_ceil(10_000_000);
-        let (whole, frac) = (cs / 100, cs % 100);
-        return match frac {
-            0 => format!("{whole} s"),
-            f if f % 10 == 0 => format!("{whole}.{} s", f / 10),
-            f => format!("{whole}.{f:02} s"),
-        };
+        // (Rounded up to 60 s: written in minutes below.)
+        if cs < 6_000 {
+            let (whole, frac) = (cs / 100, cs % 100);
+            return match frac {
+                0 => format!("{whole} s"),
+                f if f % 10 == 0 => format!("{whole}.{} s", f / 10),
+                f => format!("{whole}.{f:02} s"),
+            };
+        }
     }
     let up = ceil_secs(d);
     if up < 3_600 {
@@ -85,9 +88,11 @@ pub(crate) fn human(d: Duration) -> String {
         };
     }
     if up >= 86_400 * 365 {
-        return format!("{} days", up / 86_400);
+        return format!("{} days", up.div_ceil(86_400));
     }
-    let (h, m) = (up / 3_600, (up % 3_600).div_ceil(60));
+    // Whole minutes rounded up first: 1 h 59 min 30 s reads `2 h`.
+    let minutes = up.div_ceil(60);
+    let (h, m) = (minutes / 60, minutes % 60);
     if m == 0 {
         format!("{h} h")
     } else {
@@ -148,6 +153,13 @@ mod tests {
         assert_eq!(human(Duration::from_secs(4)), "4 s");
         assert_eq!(human(Duration::from_secs(90)), "1 min 30 s");
         assert_eq!(human(Duration::from_secs(3_600)), "1 h");
+        assert_eq!(human(Duration::from_secs(7_170)), "2 h");
+        assert_eq!(human(Duration::from_nanos(59_999_000_001)), "1 min");
+        assert_eq!(human(Duration::from_secs(59)), "59 s");
+        assert_eq!(human(Duration::from_secs(86_400 * 400 + 1)), "401 days");
+        assert_eq!(human(Duration::from_secs(7_141)), "2 h");
+        assert_eq!(human(Duration::from_secs(7_139)), "1 h 59 min");
+        assert_eq!(human(Duration::from_secs(3_601)), "1 h 1 min");
         assert_eq!(human(Duration::ZERO), "0 s");
         assert!(human(Duration::MAX).ends_with("days"));
     }

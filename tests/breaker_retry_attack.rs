@@ -275,10 +275,11 @@ async fn breaker_half_open_admits_exactly_probes_from_many_threads_and_drops_fre
     assert_eq!(breaker.state(), BreakerState::Closed);
 }
 
-// src/breaker/mod.rs:292-299: "Probes still running `open_for` after the
-// latest of them was let through no longer block recovery: the next call
-// re-opens the breaker (counted as a failed probe) ... Calls refused while
-// the probes run carry a `retry_after` (when the probes' time is up)."
+// `half_open_probes` (src/breaker/mod.rs): "A probe still running
+// `open_for` after it was let through is taken as a hung upstream: the next
+// call re-opens the breaker (counted as a failed probe ...) ... Calls refused
+// while the probes run carry a `retry_after` (when the oldest running
+// probe's time is up)."
 #[tokio::test(start_paused = true)]
 async fn breaker_hung_probe_refusals_and_reopen_follow_the_docs() {
     let (b, told, _) = listen(
@@ -836,26 +837,27 @@ async fn retry_budget_numbers_spent_and_refilled() {
     assert_eq!(budget.exhausted(), 30);
     assert_eq!(budget.requests(), 50);
     assert_eq!(up.calls(), 70);
-    let h = heard.lock().unwrap();
-    assert_eq!(
-        h.iter()
-            .filter(|k| matches!(k, EventKind::Retried { .. }))
-            .count(),
-        20
-    );
-    assert_eq!(
-        h.iter()
-            .filter(|k| matches!(
-                k,
-                EventKind::Rejected {
-                    kind: RejectKind::RetryBudgetExhausted,
-                    ..
-                }
-            ))
-            .count(),
-        30
-    );
-    drop(h);
+    {
+        let h = heard.lock().unwrap();
+        assert_eq!(
+            h.iter()
+                .filter(|k| matches!(k, EventKind::Retried { .. }))
+                .count(),
+            20
+        );
+        assert_eq!(
+            h.iter()
+                .filter(|k| matches!(
+                    k,
+                    EventKind::Rejected {
+                        kind: RejectKind::RetryBudgetExhausted,
+                        ..
+                    }
+                ))
+                .count(),
+            30
+        );
+    }
     tokio::time::advance(secs(11)).await;
     let _ = run(&mut svc, FAIL).await;
     assert_eq!(retry.retries(), 21, "refilled after the window");

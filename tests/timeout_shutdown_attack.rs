@@ -68,7 +68,7 @@ impl Body for ChanBody {
         self.rx.poll_recv(cx)
     }
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 
@@ -434,7 +434,7 @@ async fn futures_polled_after_ready_answer_an_error() {
     );
     let again = (&mut fut).await.unwrap_err();
     assert!(
-        Rejected::from_box(&again).map_or(true, |r| r.kind() != RejectKind::Timeout),
+        Rejected::from_box(&again).is_none_or(|r| r.kind() != RejectKind::Timeout),
         "the timeout is not reported twice: {again}"
     );
     // a refused one
@@ -812,7 +812,7 @@ async fn inner_panics_do_not_leak_the_in_flight_count() {
             }
         }));
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = svc.call(0);
+        drop(svc.call(0));
     }));
     assert!(caught.is_err());
     assert_eq!(

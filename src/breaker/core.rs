@@ -346,18 +346,18 @@ impl Shared {
                     .probes
                     .first()
                     .map(|(_, at)| crate::time::after(*at, self.cfg.open_for));
-                let hung = probes_due.is_some_and(|due| now >= due);
+                let hung = self.probe_hung(&inner, now);
                 if !hung && probes_taken(&inner) < self.cfg.probes {
                     let no = inner.next_probe;
                     inner.next_probe = (no + 1) % (u32::MAX - 1);
                     inner.probes.push((no, now));
                     Ok(Ticket::probe(gen_of(w), no))
-                } else if pass {
-                    Ok(Ticket::plain(gen_of(w)))
                 } else if hung {
                     // A probe outlived `open_for`: a hung upstream. Count it
                     // as a failed probe and open again, so that recovery goes on
-                    // (their late results belong to an old generation).
+                    // (their late results belong to an old generation). In
+                    // metrics-only mode the state machine moves the same and
+                    // the call passes.
                     inner.reopens = inner.reopens.saturating_add(1);
                     self.open(
                         &mut inner,
@@ -366,7 +366,13 @@ impl Shared {
                         TransitionReason::ProbeTimedOut,
                         &mut news,
                     );
-                    Err(Some(inner.open_until.saturating_duration_since(now)))
+                    if pass {
+                        Ok(Ticket::plain(gen_of(w)))
+                    } else {
+                        Err(Some(inner.open_until.saturating_duration_since(now)))
+                    }
+                } else if pass {
+                    Ok(Ticket::plain(gen_of(w)))
                 } else {
                     Err(probes_due.map(|due| due.saturating_duration_since(now)))
                 }
@@ -673,17 +679,24 @@ impl Shared {
         state_of(self.word.load(Ordering::Acquire))
     }
 
-    /// A half-open breaker (normal mode) whose probe places are all taken:
-    /// a call now is refused. One lock, only for a half-open breaker.
+    /// A half-open breaker (normal mode) that would refuse a call now:
+    /// every probe place taken, or a probe running past `open_for` (the
+    /// call would re-open it). One lock, only for a half-open breaker.
     pub(crate) fn probes_full(&self) -> bool {
         let w = self.word.load(Ordering::Acquire);
         if w & (STATE_MASK | MODE_MASK) != HALF_OPEN {
             return false;
         }
-        // Both of `admit_slow`'s refusals: every place taken (and, past
-        // `open_for`, a hung probe reopens the breaker: refused too).
         let inner = self.lock();
-        probes_taken(&inner) >= self.cfg.probes
+        probes_taken(&inner) >= self.cfg.probes || self.probe_hung(&inner, Instant::now())
+    }
+
+    /// A running probe has had its `open_for` (a hung upstream).
+    fn probe_hung(&self, inner: &Inner, now: Instant) -> bool {
+        inner
+            .probes
+            .first()
+            .is_some_and(|(_, at)| now >= crate::time::after(*at, self.cfg.open_for))
     }
 
     pub(crate) fn is_normal(&self) -> bool {

@@ -16,7 +16,10 @@
 //! window and the first one in it, the requests are taken as spread evenly
 //! over that span. The samples at a thread's 1st, 65th, 129th … request keep
 //! that span short once traffic comes back after a quiet spell (without
-//! them, 100 requests after a quiet 100 s read as 10 in a 10 s window).
+//! them, 100 requests after a quiet 100 s read as 10 in a 10 s window; with
+//! them, 100 if the thread's count sat at a sample, and at worst a thread's
+//! requests since its last sample — at most 63 — may still be read as
+//! spread over the quiet spell: 43.3 of those 100).
 
 use crate::striped::StripedCount;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,10 +130,9 @@ impl RetryBudget {
         self.record(&mut st, Instant::now(), before);
     }
 
-    /// Forgets the samples no window needs any more (all but the newest one
-    /// at least `window` old) and keeps `(now, count)` if the newest sample
-    /// is a bucket old.
-    fn record(&self, st: &mut State, now: Instant, count: u64) {
+    /// Forgets the samples no window ending `now` needs (all but the newest
+    /// one at least `window` old: the anchor of the window's count).
+    fn trim(&self, st: &mut State, now: Instant) {
         let horizon = now.checked_sub(self.window);
         let keep_from = st
             .samples
@@ -138,6 +140,12 @@ impl RetryBudget {
             .rposition(|(t, _)| horizon.is_none_or(|h| *t <= h))
             .unwrap_or(0);
         st.samples.drain(..keep_from);
+    }
+
+    /// [`trim`](Self::trim)s, and keeps `(now, count)` if the newest sample
+    /// is a bucket old.
+    fn record(&self, st: &mut State, now: Instant, count: u64) {
+        self.trim(st, now);
         let bucket_len = self.window / BUCKETS as u32;
         if st
             .samples
@@ -182,15 +190,9 @@ impl RetryBudget {
         let bucket_len = self.window / BUCKETS as u32;
         let bucket = (now.saturating_duration_since(st.epoch).as_nanos()
             / bucket_len.as_nanos().max(1)) as u64;
-        // Samples before the window dropped first (the anchor is the newest
-        // one at least `window` old), then the estimate, then this sample.
-        let horizon = now.checked_sub(self.window);
-        let keep_from = st
-            .samples
-            .iter()
-            .rposition(|(t, _)| horizon.is_none_or(|h| *t <= h))
-            .unwrap_or(0);
-        st.samples.drain(..keep_from);
+        // Samples before the window dropped first, then the estimate, then
+        // this sample.
+        self.trim(&mut st, now);
         let recent = self.recent(&st, now, total);
         self.record(&mut st, now, total);
 

@@ -661,6 +661,7 @@ where
                     *this.deadline = None;
                     this.fut.set(None);
                     *this.retry = None;
+                    *this.deadline = None;
                     return Done(Poll::Ready(Err(e)));
                 }
             }
@@ -676,6 +677,8 @@ where
                     .as_mut()
                     .filter(|r| r.backup.is_some() || r.backing_off.is_some())
                 else {
+                    *this.retry = None;
+                    *this.deadline = None;
                     return Done(Poll::Ready(result.map_err(Into::into)));
                 };
                 let class = this
@@ -683,7 +686,10 @@ where
                     .classify_and_carry(result.as_mut().map_err(|e| &*e));
                 if !class.is_retryable() {
                     // The common case decides without a clock read or an RNG.
-                    // (`due` is false: a later poll calls nothing.)
+                    // Answered: what retries would have needed goes now (a
+                    // later poll calls nothing).
+                    *this.retry = None;
+                    *this.deadline = None;
                     return Done(Poll::Ready(result.map_err(Into::into)));
                 }
                 let left = this
@@ -691,11 +697,16 @@ where
                     .as_ref()
                     .map(|d| d.deadline().saturating_duration_since(Instant::now()));
                 match decide(retry, &class, left) {
-                    Decision::Return => return Done(Poll::Ready(result.map_err(Into::into))),
+                    Decision::Return => {
+                        *this.retry = None;
+                        *this.deadline = None;
+                        return Done(Poll::Ready(result.map_err(Into::into)));
+                    }
                     Decision::TooLong(retry_after) => {
-                        return Done(Poll::Ready(
-                            result.map_err(|e| too_long(retry, retry_after, e)),
-                        ))
+                        let answer = result.map_err(|e| too_long(retry, retry_after, e));
+                        *this.retry = None;
+                        *this.deadline = None;
+                        return Done(Poll::Ready(answer));
                     }
                     Decision::Retry(delay, next) => {
                         start_sleep(retry, delay, next);
@@ -720,8 +731,10 @@ where
             match svc.poll_ready(cx) {
                 Poll::Pending => return Done(Poll::Pending),
                 Poll::Ready(Err(e)) => {
-                    retry.due = false;
-                    return Done(Poll::Ready(Err(e.into())));
+                    let e = e.into();
+                    *this.retry = None;
+                    *this.deadline = None;
+                    return Done(Poll::Ready(Err(e)));
                 }
                 Poll::Ready(Ok(())) => {}
             }
@@ -737,13 +750,16 @@ where
                         crate::time::Human(shared.min_attempt_time)
                     );
                     let e = deadline_error(Some(shared), Some(&why));
-                    retry.due = false;
+                    // Answered: the ready service (and what its readiness
+                    // holds), the request and the timers go now.
+                    *this.retry = None;
                     *this.deadline = None;
                     return Done(Poll::Ready(Err(e)));
                 }
             }
             let Some(mut req) = b.next.take() else {
-                retry.due = false;
+                *this.retry = None;
+                *this.deadline = None;
                 return Done(Poll::Ready(Err(crate::error::polled_after_done("retry"))));
             };
             retry.requests.on_attempt(&mut req, retry.attempt);

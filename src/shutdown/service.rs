@@ -469,7 +469,12 @@ where
                             guard.answered(R::STREAMS);
                             Ok(R::hold(res, guard))
                         }
-                        Err(e) => Err(e.into()),
+                        Err(e) => {
+                            // The upstream's own answer: completed, even
+                            // after the deadline.
+                            guard.answered(false);
+                            Err(e.into())
+                        }
                     });
                 }
                 let Some(guard) = in_flight.as_mut() else {
