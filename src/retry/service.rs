@@ -686,9 +686,12 @@ where
                     .classify_and_carry(result.as_mut().map_err(|e| &*e));
                 if !class.is_retryable() {
                     // The common case decides without a clock read or an RNG.
-                    // Answered: what retries would have needed goes now (a
-                    // later poll calls nothing).
-                    *this.retry = None;
+                    // Answered: the request's copy, the timers and a service
+                    // readied for a retry go now (field by field: the
+                    // healthy path stays inline; `due` is false, a later poll
+                    // calls nothing).
+                    retry.backup = None;
+                    retry.backing_off = None;
                     *this.deadline = None;
                     return Done(Poll::Ready(result.map_err(Into::into)));
                 }
