@@ -1,7 +1,9 @@
 //! Outside attack on `semaforo::timeout`, `semaforo::shutdown` and
 //! `semaforo::health`, through the public API only, held to what the docs
 //! promise. A failing test here is a finding; its doc comment quotes the
-//! sentence it holds the code to.
+//! sentence it holds the code to. (Bodies and the health report's JSON:
+//! features `http` and `serde`.)
+#![cfg(all(feature = "http", feature = "serde"))]
 
 use bytes::Bytes;
 use futures::{poll, stream, StreamExt};

@@ -287,7 +287,10 @@ impl RetryBuilder {
         self
     }
 
-    /// Do not start an attempt with less time than this left before the deadline.
+    /// Do not start an attempt with less time than this left before the
+    /// deadline: looked at when a retry is decided (no retry: the last result
+    /// is returned) and again once the service is ready for it (too late:
+    /// the call ends with the deadline's `Timeout` refusal, saying why).
     pub fn min_attempt_time(mut self, d: Duration) -> Self {
         self.min_attempt_time = d;
         self
