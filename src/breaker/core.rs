@@ -339,14 +339,11 @@ impl Shared {
                 } else {
                     w
                 };
-                // When the oldest running probe has had its `open_for`: past
-                // it, the upstream is taken as hung, free places or not (new
-                // probes would only hang behind it).
-                let probes_due = inner
-                    .probes
-                    .first()
-                    .map(|(_, at)| crate::time::after(*at, self.cfg.open_for));
-                let hung = self.probe_hung(&inner, now);
+                // Past the oldest running probe's due time the upstream is
+                // taken as hung, free places or not (new probes would only
+                // hang behind it).
+                let probes_due = self.probes_due(&inner);
+                let hung = probes_due.is_some_and(|due| now >= due);
                 if !hung && probes_taken(&inner) < self.cfg.probes {
                     let no = inner.next_probe;
                     inner.next_probe = (no + 1) % (u32::MAX - 1);
@@ -688,15 +685,19 @@ impl Shared {
             return false;
         }
         let inner = self.lock();
-        probes_taken(&inner) >= self.cfg.probes || self.probe_hung(&inner, Instant::now())
+        probes_taken(&inner) >= self.cfg.probes
+            || self
+                .probes_due(&inner)
+                .is_some_and(|due| Instant::now() >= due)
     }
 
-    /// A running probe has had its `open_for` (a hung upstream).
-    fn probe_hung(&self, inner: &Inner, now: Instant) -> bool {
+    /// When the oldest running probe has had its `open_for` (past it: a hung
+    /// upstream); `None` with no probe running.
+    fn probes_due(&self, inner: &Inner) -> Option<Instant> {
         inner
             .probes
             .first()
-            .is_some_and(|(_, at)| now >= crate::time::after(*at, self.cfg.open_for))
+            .map(|(_, at)| crate::time::after(*at, self.cfg.open_for))
     }
 
     pub(crate) fn is_normal(&self) -> bool {

@@ -582,6 +582,16 @@ fn deadline_error(shared: Option<&Shared>, why: Option<&str>) -> BoxError {
     r.into()
 }
 
+/// The call's answer: what it kept for retries (the request's copy, a
+/// service readied for the next attempt, the backoff) and its deadline's
+/// timer are let go of now, not when the caller drops the future; a later
+/// poll calls nothing (no retry is due).
+fn answer<R, T>(retry: &mut Option<R>, deadline: &mut Option<Pin<Box<Sleep>>>, out: T) -> Step<T> {
+    *retry = None;
+    *deadline = None;
+    Step::Done(Poll::Ready(out))
+}
+
 /// What one pass of [`ResponseFuture::step`] came to.
 enum Step<T> {
     Done(Poll<T>),
@@ -658,11 +668,8 @@ where
                     let shared = this.retry.as_ref().map(|r| &*r.spare.shared);
                     let e = deadline_error(shared, None);
                     // Answered: no later poll reports the deadline again.
-                    *this.deadline = None;
                     this.fut.set(None);
-                    *this.retry = None;
-                    *this.deadline = None;
-                    return Done(Poll::Ready(Err(e)));
+                    return answer(this.retry, this.deadline, Err(e));
                 }
             }
             if let Some(fut) = this.fut.as_mut().as_pin_mut() {
@@ -677,9 +684,7 @@ where
                     .as_mut()
                     .filter(|r| r.backup.is_some() || r.backing_off.is_some())
                 else {
-                    *this.retry = None;
-                    *this.deadline = None;
-                    return Done(Poll::Ready(result.map_err(Into::into)));
+                    return answer(this.retry, this.deadline, result.map_err(Into::into));
                 };
                 let class = this
                     .classify
@@ -701,15 +706,11 @@ where
                     .map(|d| d.deadline().saturating_duration_since(Instant::now()));
                 match decide(retry, &class, left) {
                     Decision::Return => {
-                        *this.retry = None;
-                        *this.deadline = None;
-                        return Done(Poll::Ready(result.map_err(Into::into)));
+                        return answer(this.retry, this.deadline, result.map_err(Into::into));
                     }
                     Decision::TooLong(retry_after) => {
-                        let answer = result.map_err(|e| too_long(retry, retry_after, e));
-                        *this.retry = None;
-                        *this.deadline = None;
-                        return Done(Poll::Ready(answer));
+                        let out = result.map_err(|e| too_long(retry, retry_after, e));
+                        return answer(this.retry, this.deadline, out);
                     }
                     Decision::Retry(delay, next) => {
                         start_sleep(retry, delay, next);
@@ -735,9 +736,7 @@ where
                 Poll::Pending => return Done(Poll::Pending),
                 Poll::Ready(Err(e)) => {
                     let e = e.into();
-                    *this.retry = None;
-                    *this.deadline = None;
-                    return Done(Poll::Ready(Err(e)));
+                    return answer(this.retry, this.deadline, Err(e));
                 }
                 Poll::Ready(Ok(())) => {}
             }
@@ -753,17 +752,13 @@ where
                         crate::time::Human(shared.min_attempt_time)
                     );
                     let e = deadline_error(Some(shared), Some(&why));
-                    // Answered: the ready service (and what its readiness
-                    // holds), the request and the timers go now.
-                    *this.retry = None;
-                    *this.deadline = None;
-                    return Done(Poll::Ready(Err(e)));
+                    // The ready service (and what its readiness holds) goes too.
+                    return answer(this.retry, this.deadline, Err(e));
                 }
             }
             let Some(mut req) = b.next.take() else {
-                *this.retry = None;
-                *this.deadline = None;
-                return Done(Poll::Ready(Err(crate::error::polled_after_done("retry"))));
+                let e = crate::error::polled_after_done("retry");
+                return answer(this.retry, this.deadline, Err(e));
             };
             retry.requests.on_attempt(&mut req, retry.attempt);
             let fut = svc.call(req);
